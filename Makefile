@@ -1,0 +1,44 @@
+# ftpipe: `make run` (whole pipeline on the demo task), `make test`, `make ui`, `make mlflow-ui`, `make bench`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TASK ?= ticket_triage
+export DAGSTER_HOME := $(CURDIR)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install run test ui mlflow-ui bench model demo-data clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+model: install
+	$(PY) -m ftpipe fetch-model
+
+run: install model
+	$(PY) -m ftpipe run $(TASK)
+
+test: install
+	$(PY) -m pytest ftpipe_tests
+
+ui: install
+	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000
+
+mlflow-ui: install
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/.ftpipe/mlflow.db}"
+
+bench: install
+	$(PY) bench/dedup.py
+
+demo-data: install
+	$(PY) data/generate_demo.py
+
+clean:
+	rm -rf .ftpipe .dagster

@@ -1,0 +1,137 @@
+"""Dedup throughput: ftpipe's dedup against a datasketch MinHash + MinHashLSH baseline, side by side.
+
+    python bench/dedup.py            # 100k rows
+    python bench/dedup.py --rows 1000000 --skip-baseline
+
+Generated instruction rows with planted exact and near duplicates; prints rows/s of each, the
+ratio, peak memory and precision/recall of near-duplicate detection against the planted truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import resource
+import time
+from multiprocessing import get_context
+
+from ftpipe.core import dedup
+
+VOCAB = [f"{a}{b}" for a in ("pro", "con", "re", "de", "in", "ex", "sub", "trans") for b in (
+    "duct", "cess", "tain", "form", "port", "ject", "vert", "mit", "sist", "tend", "pose", "spect",
+    "struct", "cline", "scribe", "fer", "press", "quire", "sume", "voke", "gress", "cede", "pel", "rupt")]
+TOPICS = ["billing", "shipping", "account", "refund", "login", "upgrade", "invoice", "password"]
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(VOCAB) for _ in range(rng.randint(40, 60)))
+
+
+def _row(key: str, prompt: str, answer: str) -> dict:
+    return {"id": key, "source": key, "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+
+def _edit(rng: random.Random, text: str) -> str:
+    words = text.split()
+    words[rng.randrange(len(words))] = rng.choice(VOCAB)
+    return " ".join(words)
+
+
+def make_rows(n: int, seed: int = 7) -> tuple[list[dict], dict[str, int]]:
+    """n rows: 80% unique, 10% exact copies (case/space changes), 10% one-word edits of a unique row.
+
+    Returns the rows and each row's planted group (a unique row, its copies and its edits).
+    """
+    rng = random.Random(seed)
+    rows, group = [], {}
+    unique = int(n * 0.8)
+    for i in range(unique):
+        rows.append(_row(f"u{i}", f"{rng.choice(TOPICS)}: {_sentence(rng)}", rng.choice(TOPICS)))
+        group[f"u{i}"] = i
+    for i in range(n - unique):
+        source = rng.randrange(unique)
+        prompt, answer = (m["content"] for m in rows[source]["messages"])
+        key = f"e{i}" if i % 2 else f"n{i}"
+        rows.append(_row(key, "  " + prompt.upper() if i % 2 else _edit(rng, prompt), answer))
+        group[key] = source
+    return rows, group
+
+
+def datasketch_baseline(rows: list[dict], threshold: float, num_perm: int, k: int) -> dict[str, str]:
+    """Exact dedup by normalised text, then MinHash per row + MinHashLSH; returns near-duplicate id -> kept id."""
+    from datasketch import MinHash, MinHashLSH
+
+    seen, removed, lsh = {}, {}, MinHashLSH(threshold=threshold, num_perm=num_perm)
+    for row in rows:
+        text = dedup.Keys.of(row["messages"]).conversation
+        if text in seen:
+            continue
+        seen[text] = row["id"]
+        words = text.split()
+        minhash = MinHash(num_perm=num_perm)
+        minhash.update_batch([" ".join(words[i : i + k]).encode() for i in range(max(1, len(words) - k + 1))])
+        match = lsh.query(minhash)
+        if match:
+            removed[row["id"]] = min(match)
+        else:
+            lsh.insert(row["id"], minhash)
+    return removed
+
+
+def ftpipe_dedup(rows: list[dict], threshold: float, num_perm: int, k: int) -> dict[str, str]:
+    result = dedup.deduplicate(rows, threshold=threshold, num_perm=num_perm, shingle_words=k)
+    return {r["id"]: r["duplicate_of"] for r in result.removed if r["reason"] == "near_duplicate"}
+
+
+def _quality(removed: dict[str, str], group: dict[str, int]) -> tuple[float, float]:
+    """Precision and recall of near-duplicate removals against the planted groups."""
+    correct = sum(group[a] == group[b] for a, b in removed.items())
+    planted = sum(key.startswith("n") for key in group)
+    return correct / max(1, len(removed)), correct / max(1, planted)
+
+
+def _measure(name: str, n: int, threshold: float, num_perm: int, k: int, queue) -> None:
+    rows, group = make_rows(n)
+    fn = {"ftpipe": ftpipe_dedup, "datasketch": datasketch_baseline}[name]
+    start = time.perf_counter()
+    removed = fn(rows, threshold, num_perm, k)
+    seconds = time.perf_counter() - start
+    precision, recall = _quality(removed, group)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"name": name, "rows_per_s": n / seconds, "seconds": seconds, "peak_mb": peak_mb,
+               "precision": precision, "recall": recall})
+
+
+def run(name: str, *args) -> dict:
+    """Measure in a fresh process so peak memory is that implementation's own."""
+    ctx = get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_measure, args=(name, *args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--num-perm", type=int, default=128)
+    parser.add_argument("--shingle-words", type=int, default=3)
+    parser.add_argument("--skip-baseline", action="store_true", help="only ftpipe (for the 1M-row memory run)")
+    args = parser.parse_args()
+    params = (args.rows, args.threshold, args.num_perm, args.shingle_words)
+    names = ["ftpipe"] if args.skip_baseline else ["ftpipe", "datasketch"]
+    results = {name: run(name, *params) for name in names}
+    print(f"dedup benchmark: {args.rows} rows, threshold {args.threshold}, {args.num_perm} permutations")
+    for r in results.values():
+        print(f"  {r['name']:<10} {r['rows_per_s']:>10.0f} rows/s  {r['seconds']:7.2f} s  peak {r['peak_mb']:7.0f} MB"
+              f"  near-dup precision {r['precision']:.3f} recall {r['recall']:.3f}")
+    if "datasketch" in results:
+        ratio = results["ftpipe"]["rows_per_s"] / results["datasketch"]["rows_per_s"]
+        print(f"  ratio ftpipe/datasketch: {ratio:.1f}x (target >= 10x)")
+
+
+if __name__ == "__main__":
+    main()

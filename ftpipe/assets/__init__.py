@@ -1,0 +1,1 @@
+"""Thin Dagster wiring around ftpipe.core, one module per asset group."""

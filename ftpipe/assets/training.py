@@ -1,0 +1,151 @@
+"""Training group: base_model (resolved, cached checkpoint) and lora_adapter (TRL SFT through Dagster Pipes)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from ftpipe.assets.common import TaskRunConfig, file_version, load_config
+from ftpipe.assets.data import heldout_split
+from ftpipe.core.storage import artifact_dir, home_dir, write_text
+from ftpipe.partitions import task_partitions
+from ftpipe.resources import MlflowTracking, ModelHub
+
+GROUP = "training"
+
+
+class AdapterRunConfig(TaskRunConfig):
+    force_retrain: bool = False
+
+
+def base_model_info(task: str) -> dict:
+    return json.loads((artifact_dir(task, "base_model") / "base_model.json").read_text())
+
+
+def split_files(task: str) -> list[Path]:
+    folder = artifact_dir(task, "heldout_split")
+    return [folder / "train.parquet", folder / "eval.parquet"]
+
+
+@dg.asset(partitions_def=task_partitions, group_name=GROUP, kinds={"safetensors"})
+def base_model(context: dg.AssetExecutionContext, config: TaskRunConfig, hub: ModelHub) -> dg.MaterializeResult:
+    """The task's base model as a local safetensors checkpoint with tokenizer and chat template (content-addressed cache)."""
+    from ftpipe.core.modeling import resolve_base_model
+
+    cfg = load_config(context, config)
+    context.log.info(f"resolving base model {cfg.base_model!r}")
+    info = resolve_base_model(cfg.base_model, home_dir() / "models", trust_remote_code=cfg.trust_remote_code, token=hub.token)
+    write_text(artifact_dir(context.partition_key, "base_model") / "base_model.json", json.dumps(info, indent=2))
+    return dg.MaterializeResult(
+        metadata={
+            "model_path": dg.MetadataValue.path(info["path"]),
+            "fingerprint": info["fingerprint"],
+            "architecture": info["architecture"],
+            "parameters": info["parameters"],
+            "dtype": info["dtype"],
+            "has_chat_template": info["has_chat_template"],
+            "chat_template_added": info["chat_template_added"],
+            "trust_remote_code": cfg.trust_remote_code,
+            "source": info["source"],
+        },
+        data_version=dg.DataVersion(info["fingerprint"]),
+    )
+
+
+def _code_version() -> str:
+    from importlib.metadata import version
+
+    root = Path(__file__).resolve().parents[2]
+    git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return f"ftpipe {version('ftpipe')}" + (f" ({git.stdout.strip()})" if git.returncode == 0 else "")
+
+
+def _spec(context: dg.AssetExecutionContext, cfg, mlflow: MlflowTracking, split_version: str, fingerprint: str) -> dict:
+    task = context.partition_key
+    base = base_model_info(task)
+    train, evaluation = split_files(task)
+    return {
+        "task": task,
+        "base_model_dir": base["path"],
+        "base_fingerprint": base["fingerprint"],
+        "train_path": str(train),
+        "eval_path": str(evaluation),
+        "output_dir": str(artifact_dir(task, "lora_adapter") / "adapter"),
+        "checkpoint_dir": str(home_dir() / "tasks" / task / "checkpoints" / fingerprint),
+        "training": cfg.training.model_dump(),
+        "trust_remote_code": cfg.trust_remote_code,
+        "mlflow": {
+            "experiment": mlflow.experiment(task),
+            "run_name": f"{task}-{fingerprint[:8]}",
+            "tracking_uri": mlflow.uri(),
+            "tags": {
+                "dagster_run_id": context.run.run_id,
+                "task": task,
+                "split_data_version": split_version,
+                "training_fingerprint": fingerprint,
+                "code_version": _code_version(),
+            },
+        },
+    }
+
+
+def _reuse(adapter_dir: Path, fingerprint: str, context: dg.AssetExecutionContext) -> dg.MaterializeResult | None:
+    """The previous adapter's result when it was trained with this exact fingerprint."""
+    marker = adapter_dir / "training_fingerprint"
+    if not marker.exists() or marker.read_text().strip() != fingerprint:
+        return None
+    from ftpipe.core.training import RESULT_FILE, pipes_metadata
+
+    context.log.info(f"training fingerprint {fingerprint} unchanged: reusing the adapter in {adapter_dir}")
+    metadata = json.loads((adapter_dir / RESULT_FILE).read_text())
+    return dg.MaterializeResult(
+        metadata={**_typed(pipes_metadata(metadata)), "reused": True},
+        data_version=file_version(adapter_dir / "adapter_model.safetensors"),
+    )
+
+
+def _typed(metadata: dict) -> dict:
+    kinds = {"md": dg.MetadataValue.md, "path": dg.MetadataValue.path, "text": dg.MetadataValue.text}
+    return {k: kinds[v["type"]](v["raw_value"]) if isinstance(v, dict) and "type" in v else v for k, v in metadata.items()}
+
+
+@dg.asset(
+    partitions_def=task_partitions, group_name=GROUP, kinds={"pytorch", "mlflow"}, deps=[heldout_split, base_model],
+    pool="gpu", retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
+)
+def lora_adapter(
+    context: dg.AssetExecutionContext,
+    config: AdapterRunConfig,
+    mlflow: MlflowTracking,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
+    """A LoRA / QLoRA / full fine-tune of the base model on the train split (TRL SFTTrainer), tracked in MLflow."""
+    from ftpipe.core.modeling import check_method
+    from ftpipe.core.training import training_fingerprint
+
+    task = context.partition_key
+    cfg = load_config(context, config)
+    try:
+        check_method(cfg.training.method)
+    except ValueError as error:
+        raise dg.Failure(description=str(error), allow_retries=False) from None
+    split_version = file_version(*split_files(task)).value
+    fingerprint = training_fingerprint(split_version, base_model_info(task)["fingerprint"], cfg.training.model_dump())
+    adapter_dir = artifact_dir(task, "lora_adapter") / "adapter"
+    reused = None if config.force_retrain else _reuse(adapter_dir, fingerprint, context)
+    if reused:
+        return reused
+    spec_path = artifact_dir(task, "lora_adapter") / "spec.json"
+    write_text(spec_path, json.dumps(_spec(context, cfg, mlflow, split_version, fingerprint), indent=2))
+    result = pipes_subprocess_client.run(
+        command=[sys.executable, "-m", "ftpipe.core.training", str(spec_path)], context=context
+    ).get_materialize_result()
+    write_text(adapter_dir / "training_fingerprint", fingerprint)
+    run_id = result.metadata["mlflow_run_id"]
+    run_id = getattr(run_id, "value", run_id)
+    return dg.MaterializeResult(
+        metadata={**result.metadata, "training_fingerprint": fingerprint, "mlflow_run": mlflow.run_url(run_id)},
+        data_version=result.data_version,
+    )

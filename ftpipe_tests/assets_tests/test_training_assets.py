@@ -1,0 +1,79 @@
+"""base_model and lora_adapter materialized for real: a tiny local model trained through Dagster Pipes."""
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ftpipe.assets import data, training
+from ftpipe.core.storage import home_dir
+from ftpipe.partitions import task_partitions
+from ftpipe.resources import default_resources
+from ftpipe_tests.conftest import make_task
+from ftpipe_tests.tiny_model import build_tiny_model, toy_rows
+
+TRAINING = "training: {method: lora, max_steps: 6, batch_size: 8, eval_steps: 3, logging_steps: 2, learning_rate: 0.01, max_length: 64, warmup_ratio: 0.0}\n"
+ASSETS = [data.raw_examples, data.deduplicated_examples, data.heldout_split, training.base_model, training.lora_adapter]
+
+
+@pytest.fixture
+def tiny_task(ftpipe_env: Path, tmp_path: Path) -> str:
+    model = build_tiny_model(tmp_path / "tiny")
+    rows = [{"messages": r["messages"]} for r in toy_rows(60, seed=3)]
+    make_task(ftpipe_env, "toy", {"rows.jsonl": rows}, f"base_model: {model}\nsplit: {{eval_fraction: 0.2}}\n{TRAINING}")
+    return "toy"
+
+
+def run(instance: dg.DagsterInstance, task: str, selection=None, run_config=None):
+    instance.add_dynamic_partitions(task_partitions.name, [task])
+    return dg.materialize(ASSETS, instance=instance, partition_key=task, resources=default_resources(),
+                          selection=selection, run_config=run_config)
+
+
+def materialization(result, asset: str) -> dict:
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset]
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def test_lora_adapter_trains_through_pipes_and_is_tracked(tiny_task: str) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with dg.instance_for_test() as instance:
+        result = run(instance, tiny_task)
+        assert result.success
+        base = materialization(result, "base_model")
+        assert base["fingerprint"] and base["architecture"] == "LlamaForCausalLM" and base["trust_remote_code"] is False
+        adapter = materialization(result, "lora_adapter")
+        for key in ("method", "adapter_path", "train_loss", "eval_loss", "trainable_params",
+                    "tokens_per_second", "rows_too_long", "mlflow_run_id"):
+            assert key in adapter
+        assert adapter["method"] == "lora" and adapter["trainable_params"] > 0
+        assert "data:image/png;base64" in adapter["loss_curve"]
+        logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
+        assert any("step 2/6" in m for m in logs), "progress lines from the training program reach the Dagster log"
+
+        run_info = MlflowClient(f"sqlite:///{home_dir() / 'mlflow.db'}").get_run(adapter["mlflow_run_id"])
+        assert run_info.info.status == "FINISHED"
+        assert run_info.data.tags["dagster_run_id"] == result.run_id
+        assert run_info.data.params["lora.r"] == "16"
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base["model_path"]), adapter["adapter_path"])
+        assert model.peft_config["default"].r == 16
+
+        again = run(instance, tiny_task, selection=[training.lora_adapter])
+        reused = materialization(again, "lora_adapter")
+        assert reused["reused"] is True and reused["mlflow_run_id"] == adapter["mlflow_run_id"]
+        version = lambda r: next(e.materialization.tags["dagster/data_version"] for e in r.get_asset_materialization_events()
+                                 if e.asset_key.to_user_string() == "lora_adapter")
+        assert version(again) == version(result)
+
+
+def test_qlora_without_cuda_fails_before_training(tiny_task: str) -> None:
+    overrides = {"ops": {"lora_adapter": {"config": {"overrides": "training: {method: qlora}"}}}}
+    with dg.instance_for_test() as instance:
+        run(instance, tiny_task, selection=[a for a in ASSETS if a is not training.lora_adapter])
+        with pytest.raises(Exception, match="needs a CUDA GPU.*Use method: lora"):
+            run(instance, tiny_task, selection=[training.lora_adapter], run_config=overrides)
+    assert not (home_dir() / "tasks" / tiny_task / "checkpoints").exists()

@@ -1,0 +1,109 @@
+"""Base model resolution (local dirs, content-addressed cache) and method checks, on a tiny local model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ftpipe.core import modeling
+from ftpipe.core.modeling import DEFAULT_CHAT_TEMPLATE, ModelResolutionError, check_method, resolve_base_model
+from ftpipe_tests.tiny_model import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_local_dir_is_cached_by_fingerprint_and_reused(tiny_dir, tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    info = resolve_base_model(str(tiny_dir), models)
+    cache = Path(info["path"])
+    assert cache == models / info["fingerprint"]
+    assert (cache / "model.safetensors").is_file() and (cache / "tokenizer.json").is_file()
+    assert info["architecture"] == "LlamaForCausalLM"
+    assert info["parameters"] > 0 and info["has_chat_template"] and not info["chat_template_added"]
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("a complete cache must not reload the model")
+
+    monkeypatch.setattr(modeling, "_load_source", no_reload)
+    assert resolve_base_model(str(tiny_dir), models) == info
+
+
+def test_changed_weights_give_a_new_fingerprint(tmp_path):
+    first = resolve_base_model(str(build_tiny_model(tmp_path / "a", seed=0)), tmp_path / "models")
+    second = resolve_base_model(str(build_tiny_model(tmp_path / "b", seed=1)), tmp_path / "models")
+    assert first["fingerprint"] != second["fingerprint"]
+    assert Path(first["path"]).is_dir() and Path(second["path"]).is_dir()
+
+
+def test_pickle_only_dir_is_refused(tiny_dir, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tiny_dir / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(ModelResolutionError, match="safetensors only"):
+        resolve_base_model(str(pickled), tmp_path / "models")
+    assert not list((tmp_path / "models").glob("[0-9a-f]*"))
+
+
+def test_missing_chat_template_gets_the_default(tmp_path):
+    from transformers import AutoTokenizer
+
+    info = resolve_base_model(str(build_tiny_model(tmp_path / "plain", chat_template=None)), tmp_path / "models")
+    assert info["chat_template_added"] and not info["has_chat_template"]
+    tokenizer = AutoTokenizer.from_pretrained(info["path"])
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenize=False
+    )
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    assert json.loads((Path(info["path"]) / modeling.INFO_FILE).read_text())["chat_template_added"] is True
+
+
+def test_unknown_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelResolutionError, match="not a .gguf file or a model directory"):
+        resolve_base_model(str(tmp_path / "nope"), tmp_path / "models")
+
+
+def test_gguf_hash_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 100)
+    first = modeling._gguf_sha256(gguf, tmp_path)
+    monkeypatch.setattr(modeling.hashlib, "file_digest", lambda *a: pytest.fail("rehashed an unchanged file"))
+    assert modeling._gguf_sha256(gguf, tmp_path) == first
+    monkeypatch.undo()
+    gguf.write_bytes(b"GGUF" + b"\1" * 100)
+    assert modeling._gguf_sha256(gguf, tmp_path) != first
+
+
+def test_qlora_without_cuda_is_refused(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError) as error:
+        check_method("qlora")
+    assert str(error.value) == (
+        "method 'qlora' needs a CUDA GPU (bitsandbytes 4-bit); none was found. Use method: lora"
+    )
+
+
+def test_auto_method_depends_on_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_method("auto") == "lora"
+    assert check_method("full") == "full"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert check_method("auto") == "qlora"
+
+
+def test_load_model_and_tokenizer_cpu_fp32(tiny_dir):
+    import torch
+
+    model, tokenizer = modeling.load_model_and_tokenizer(tiny_dir, method="lora")
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    assert tokenizer.pad_token is not None

@@ -1,0 +1,134 @@
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ftpipe.core import records
+from ftpipe.core.records import FormatSpec, RawDataError
+from ftpipe_tests.conftest import chat, make_task
+
+
+def read(folder: Path, spec: FormatSpec = FormatSpec()) -> records.ReadResult:
+    return records.read_raw_dir(folder / "raw", spec)
+
+
+def test_every_input_format_becomes_the_canonical_schema(ftpipe_env: Path) -> None:
+    folder = make_task(ftpipe_env, "t", {
+        "a.jsonl": [chat("hi", "hello", system="be nice")],
+        "b.json": json.dumps([{"instruction": "Add", "input": "1 and 2", "output": "3"}]),
+        "c.csv": 'prompt,completion\n"multi\nline, with comma","ok ""quoted"""\n',
+    })
+    pq.write_table(pa.table({"question": ["why?"], "reply": ["because"], "agent": ["x"]}), folder / "raw" / "d.parquet")
+    spec = FormatSpec(columns={"prompt": "question", "completion": "reply"})
+    result = read(folder, spec)
+    assert result.quarantine == []
+    by_source = {row["source"]: row["messages"] for row in result.examples}
+    assert by_source["a.jsonl:line 1"][0] == {"role": "system", "content": "be nice"}
+    assert by_source["b.json:row 1"][0] == {"role": "user", "content": "Add\n\n1 and 2"}
+    assert by_source["c.csv:line 2"] == [
+        {"role": "user", "content": "multi\nline, with comma"}, {"role": "assistant", "content": 'ok "quoted"'}]
+    assert by_source["d.parquet:row 1"][-1] == {"role": "assistant", "content": "because"}
+    assert all(len(row["id"]) == 16 for row in result.examples)
+
+
+def test_ids_are_stable_content_hashes() -> None:
+    messages = chat("a", "b")["messages"]
+    assert records.example_id(messages) == records.example_id([dict(m) for m in messages])
+    assert records.example_id(messages) != records.example_id(chat("a", "c")["messages"])
+
+
+def test_bom_crlf_and_blank_lines(ftpipe_env: Path) -> None:
+    text = "\ufeff" + json.dumps(chat("x", "y")) + "\r\n\r\n" + json.dumps(chat("p", "q")) + "\r\n"
+    result = read(make_task(ftpipe_env, "t", {"a.jsonl": text.encode("utf-8")}))
+    assert [r["source"] for r in result.examples] == ["a.jsonl:line 1", "a.jsonl:line 3"]
+    assert result.examples[0]["messages"][0]["content"] == "x"
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "does not end with an assistant"),
+        (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "expected one of system, user, assistant"),
+        (json.dumps({"prompt": "x", "completion": ""}), "field 'completion' is empty"),
+        (json.dumps({"prompt": "x", "completion": 3}), "must be text, got int"),
+        (json.dumps({"instruction": "x", "output": ["a"]}), "field 'output' must be text"),
+        (json.dumps({"text": "x"}), "unrecognised row format"),
+        (json.dumps(["a", "b"]), "expected an object"),
+        (json.dumps({"prompt": "a\u0000b", "completion": "c"}), "NUL"),
+    ],
+)
+def test_bad_rows_are_quarantined_with_a_reason(ftpipe_env: Path, line: str, reason: str) -> None:
+    good = json.dumps(chat("fine", "ok"))
+    result = read(make_task(ftpipe_env, "t", {"a.jsonl": f"{good}\n{line}\n"}))
+    assert len(result.examples) == 1
+    assert [q["source"] for q in result.quarantine] == ["a.jsonl:line 2"]
+    assert reason in result.quarantine[0]["reason"]
+    assert result.rows_read == 2
+
+
+def test_invalid_utf8_row_is_quarantined_and_others_survive(ftpipe_env: Path) -> None:
+    good = json.dumps(chat("fine", "ok")).encode()
+    bad = b'{"prompt": "caf\xe9", "completion": "x"}'
+    result = read(make_task(ftpipe_env, "t", {"a.jsonl": good + b"\n" + bad + b"\n"}))
+    assert len(result.examples) == 1
+    assert "not valid UTF-8" in result.quarantine[0]["reason"]
+
+
+def test_csv_rows_with_missing_or_extra_fields(ftpipe_env: Path) -> None:
+    text = "prompt,completion\na,b\nonly-one\nx,y,z\n"
+    result = read(make_task(ftpipe_env, "t", {"a.csv": text}))
+    assert len(result.examples) == 1
+    reasons = [q["reason"] for q in result.quarantine]
+    assert "fewer fields" in reasons[0] and "more field" in reasons[1]
+
+
+def test_unreadable_file_fails_naming_the_file(ftpipe_env: Path) -> None:
+    folder = make_task(ftpipe_env, "t", {"broken.json": "[{", "x.parquet": b"not parquet"})
+    with pytest.raises(RawDataError, match="broken.json"):
+        read(folder)
+
+
+def test_link_out_of_the_task_folder_is_quarantined(ftpipe_env: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "secret.jsonl"
+    outside.write_text(json.dumps(chat("a", "b")) + "\n")
+    folder = make_task(ftpipe_env, "t", {"a.jsonl": [chat("x", "y")]})
+    (folder / "raw" / "link.jsonl").symlink_to(outside)
+    result = read(folder)
+    assert len(result.examples) == 1
+    assert "outside the task folder" in result.quarantine[0]["reason"]
+
+
+def test_listing_order_does_not_matter_and_other_files_are_ignored(ftpipe_env: Path) -> None:
+    folder = make_task(ftpipe_env, "t", {"b.jsonl": [chat("b", "1")], "a.jsonl": [chat("a", "1")], "notes.txt": "hi"})
+    result = read(folder)
+    assert result.files == ["a.jsonl", "b.jsonl"]
+    assert result.ignored_files == ["notes.txt"]
+
+
+def test_build_raw_examples_counts_add_up_and_zero_valid_rows_fail(ftpipe_env: Path, tmp_path: Path) -> None:
+    folder = make_task(ftpipe_env, "t", {"a.jsonl": [chat("x", "y"), {"bad": 1}]})
+    summary = records.build_raw_examples(folder, tmp_path / "out", FormatSpec())
+    assert summary["rows_read"] == summary["rows_valid"] + summary["rows_quarantined"] == 2
+    assert len(records.read_examples(tmp_path / "out" / "examples.parquet")) == 1
+    assert (tmp_path / "out" / "quarantine.jsonl").read_text().count("\n") == 1
+    empty = make_task(ftpipe_env, "e", {"a.jsonl": [{"bad": 1}]})
+    with pytest.raises(RawDataError, match="no usable rows"):
+        records.build_raw_examples(empty, tmp_path / "out2", FormatSpec())
+
+
+def test_system_prompt_is_added_where_missing() -> None:
+    spec = FormatSpec(system_prompt="You triage tickets.")
+    assert records.to_messages(chat("a", "b"), spec)[0]["content"] == "You triage tickets."
+    assert records.to_messages(chat("a", "b", system="own"), spec)[0]["content"] == "own"
+
+
+def test_review_sample_is_seeded_and_bounded() -> None:
+    rows = [{"id": f"{i:04d}", "source": "s", **chat(f"q{i}", f"a{i}")} for i in range(250)]
+    first = records.review_sample(rows)
+    assert len(first) == 100
+    assert first == records.review_sample(list(reversed(rows)))
+    assert first != records.review_sample(rows, seed=1)
+    assert len(records.review_sample(rows[:7])) == 7

@@ -1,0 +1,94 @@
+"""MLflow tracking: default store location, run end states, stale-run sweep, URI redaction."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from ftpipe.core import tracking
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTPIPE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tracking.tracking_uri()
+
+
+def test_default_tracking_uri_is_sqlite_under_ftpipe_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTPIPE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    assert tracking.artifact_root() == tmp_path / "home" / "mlartifacts"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_redact_uri_hides_passwords_only():
+    assert tracking.redact_uri("postgresql://bob:s3cret@db:5432/mlflow") == "postgresql://bob:***@db:5432/mlflow"
+    assert tracking.redact_uri("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_sweep_marks_running_runs_of_dead_processes_killed(store, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    experiment_id = tracking.ensure_experiment(client, "sweep")
+    assert client.get_experiment(experiment_id).artifact_location == (tmp_path / "home/mlartifacts/sweep").as_uri()
+    host = socket.gethostname()
+
+    def running(pid: int, hostname: str) -> str:
+        tags = {tracking.PID_TAG: str(pid), tracking.HOST_TAG: hostname}
+        return client.create_run(experiment_id, tags=tags).info.run_id
+
+    dead, alive, elsewhere = running(_dead_pid(), host), running(os.getpid(), host), running(1, "other-host")
+    assert tracking.sweep_stale_runs("sweep", store) == [dead]
+    statuses = {run_id: client.get_run(run_id).info.status for run_id in (dead, alive, elsewhere)}
+    assert statuses == {dead: "KILLED", alive: "RUNNING", elsewhere: "RUNNING"}
+
+
+def test_tracked_run_ends_finished_failed_or_killed(store):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with tracking.tracked_run("states", run_name="ok", tags={"uri": "https://u:pw@host/x"}) as run:
+        run.log_params({"lr": 0.1})
+        run.log_metrics({"loss": 1.0}, step=1)
+        assert client.get_run(run.run_id).info.status == "RUNNING"
+    finished = client.get_run(run.run_id)
+    assert finished.info.status == "FINISHED" and finished.data.params == {"lr": "0.1"}
+    assert finished.data.tags["uri"] == "https://u:***@host/x"
+
+    with pytest.raises(RuntimeError), tracking.tracked_run("states", run_name="boom") as failing:
+        raise RuntimeError("boom")
+    assert client.get_run(failing.run_id).info.status == "FAILED"
+
+    with pytest.raises(tracking.RunInterrupted), tracking.tracked_run("states", run_name="term") as killed:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert client.get_run(killed.run_id).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) == handler_before
+
+
+def test_resumed_run_continues_the_same_run(store):
+    from mlflow import MlflowClient
+
+    with tracking.tracked_run("resume", run_name="first") as first:
+        pass
+    with tracking.tracked_run("resume", run_name="again", resume_run_id=first.run_id) as again:
+        assert MlflowClient(store).get_run(again.run_id).info.status == "RUNNING"
+    assert again.run_id == first.run_id
+    with tracking.tracked_run("resume", run_name="gone", resume_run_id="0" * 32) as fresh:
+        pass
+    assert fresh.run_id != first.run_id
