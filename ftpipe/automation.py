@@ -6,6 +6,14 @@ import dagster as dg
 from ftpipe.core.tasks import discover_tasks
 from ftpipe.partitions import task_partitions
 
+TRAINING_MAX_RUNTIME_SECONDS = 6 * 3600
+
+finetune_job = dg.define_asset_job(
+    "finetune_job", selection=dg.AssetSelection.all(),
+    tags={"dagster/max_runtime": str(TRAINING_MAX_RUNTIME_SECONDS)},
+    description="The whole graph for one task: data, training, evaluation, merge. Backfill it over all tasks to retrain every task.",
+)
+
 data_job = dg.define_asset_job(
     "data_job", selection=dg.AssetSelection.groups("data"),
     description="Read, clean, deduplicate and split one task's data.",

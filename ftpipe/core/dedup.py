@@ -23,14 +23,14 @@ from ftpipe.core.storage import atomic_dir
 _PAD = "\x00"
 _BAND_WEIGHTS = np.random.default_rng(0).integers(1, 2**63, size=1024, dtype=np.uint64) | np.uint64(1)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
-FULL_PAIRS_GROUP = 64
 CHUNK_ROWS = 20_000
 FALSE_POSITIVE_WEIGHT = 0.1  # candidates are verified, so a missed pair costs more than an extra one
 
 
 def normalize(text: str) -> str:
-    """Unicode NFKC, case-folded, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    """Unicode NFKC, case-folded, whitespace collapsed (ASCII text is already NFKC, and casefold is lower)."""
+    folded = text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(folded.split())
 
 
 def _render(messages: list[dict[str, str]]) -> str:
@@ -106,30 +106,20 @@ def _flag_candidates(texts: list[str], bands: int, threshold: float, k: int, num
     return np.flatnonzero(np.concatenate(flags))
 
 
-def _band_groups(signatures: np.ndarray, bands: int):
-    """Yield the arrays of row indices that share one band of their signatures (groups of two or more)."""
+def _band_pairs(signatures: np.ndarray, bands: int) -> np.ndarray:
+    """Candidate pairs (leader, member): rows sharing a band with the band's lowest row, as unique int64 pairs."""
     rows = signatures.shape[1] // bands
+    found = []
     for band in range(bands):
         block = signatures[:, band * rows : (band + 1) * rows].astype(np.uint64)
         keys = (block * _BAND_WEIGHTS[:rows]).sum(axis=1, dtype=np.uint64)
-        order = np.argsort(keys, kind="stable")
-        boundaries = np.flatnonzero(np.diff(keys[order])) + 1
-        starts = np.concatenate(([0], boundaries))
-        ends = np.concatenate((boundaries, [len(keys)]))
-        for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
-            yield order[start:end]
-
-
-def _band_pairs(signatures: np.ndarray, bands: int) -> set[tuple[int, int]]:
-    """Candidate pairs of rows sharing at least one band (large groups: each member with the first)."""
-    pairs: set[tuple[int, int]] = set()
-    for members in _band_groups(signatures, bands):
-        members = np.sort(members)
-        if len(members) <= FULL_PAIRS_GROUP:
-            pairs.update((int(a), int(b)) for i, a in enumerate(members) for b in members[i + 1 :])
-        else:
-            pairs.update((int(members[0]), int(b)) for b in members[1:])
-    return pairs
+        order = np.lexsort((np.arange(len(keys)), keys))
+        sorted_keys = keys[order]
+        run_start = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
+        leader = order[np.flatnonzero(run_start)[np.cumsum(run_start) - 1]]
+        members = leader != order
+        found.append(np.stack((leader[members], order[members]), axis=1))
+    return np.unique(np.concatenate(found), axis=0)
 
 
 def near_duplicate_pairs(
@@ -144,12 +134,10 @@ def near_duplicate_pairs(
         return []
     matrix = _signatures([texts[i] for i in flagged], shingle_words, num_perm, seed)
     signatures = np.asarray(matrix.to_rows(), dtype=np.uint32)
-    found = []
-    for a, b in sorted(_band_pairs(signatures, bands)):
-        similarity = float(np.mean(signatures[a] == signatures[b]))
-        if similarity >= threshold:
-            found.append((int(flagged[a]), int(flagged[b]), similarity))
-    return found
+    pairs = _band_pairs(signatures, bands)
+    similarity = (signatures[pairs[:, 0]] == signatures[pairs[:, 1]]).mean(axis=1)
+    keep = similarity >= threshold
+    return [(int(flagged[a]), int(flagged[b]), float(s)) for (a, b), s in zip(pairs[keep], similarity[keep])]
 
 
 def clusters(n: int, pairs: list[tuple[int, int, float]]) -> list[int]:
@@ -214,10 +202,10 @@ def _resolve_contradictions(rows: list[tuple[dict[str, Any], Keys]], removed: li
 
 
 def _remove_exact(rows: list[tuple[dict[str, Any], Keys]], removed: list[dict[str, Any]]):
-    first: dict[str, dict[str, Any]] = {}
+    first: dict[tuple[str, str], dict[str, Any]] = {}
     kept = []
     for row, keys in rows:
-        original = first.setdefault(keys.conversation, row)
+        original = first.setdefault((keys.prompt, keys.answer), row)
         if original is row:
             kept.append((row, keys))
         else:

@@ -212,7 +212,7 @@ def confusion_table(expected: list[str], predicted: list[str | None]) -> str:
     columns = labels + [c for c in (OTHER_LABEL, UNPARSEABLE) if c in column or c == UNPARSEABLE]
     counts = Counter(zip(expected, column))
     rows = [[label, *(counts[label, c] for c in columns)] for label in labels]
-    return markdown_table(["reference \\ predicted", *columns], rows)
+    return markdown_table(["reference / predicted", *columns], rows)
 
 
 def _mean(values: list[float]) -> float:
@@ -565,7 +565,8 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
         raise ValueError(f"{eval_path}: no held-out rows to evaluate")
     check_references(rows, config)
     probe = read_probe(Path(probe_path), probe_rows) if probe_path else []
-    model, tokenizer = load_model_and_tokenizer(base_model_dir, method="lora", trust_remote_code=trust_remote_code)
+    # full precision (never 4-bit), so a QLoRA adapter is judged on the weights a merge will use
+    model, tokenizer = load_model_and_tokenizer(base_model_dir, method="full", trust_remote_code=trust_remote_code)
     model.eval()
     key = base_cache_key(base_fingerprint=base_fingerprint, eval_version=eval_version, config=config,
                          probe_hash=file_sha256(Path(probe_path)) if probe_path else None,

@@ -1,0 +1,135 @@
+"""Merging: parity of the merged model with base + adapter, the servable dir, and the model registry's aliases."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ftpipe.core import merging
+from ftpipe.core.evaluation import generate
+from ftpipe_tests.core_tests.test_evaluation import load, lora_adapter, noisy_base
+from ftpipe_tests.tiny_model import toy_rows, write_chat_parquet
+
+CARD = {
+    "task": "toy", "base_model": "tiny-llama", "method": "lora", "description": "Names fruit colors.",
+    "data_versions": {"heldout_split": "abc123"}, "metrics": {"accuracy": 0.91, "delta": 0.2},
+    "hyperparameters": {"lora.r": 8, "learning_rate": 0.02},
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("merging")
+    noisy_base(root / "base")
+    lora_adapter(root / "base", root / "adapter", random_weights=True)
+    write_chat_parquet(root / "eval.parquet", toy_rows(20, seed=2))
+    return root
+
+
+def merge(root: Path, out: str, **kwargs) -> dict:
+    return merging.merge_adapter(base_model_dir=root / "base", adapter_dir=root / "adapter", out_dir=root / out,
+                                 eval_path=root / "eval.parquet", card=CARD, max_new_tokens=12, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def merged(workspace) -> tuple[Path, dict]:
+    return workspace, merge(workspace, "merged")
+
+
+def prompts() -> list[list[dict]]:
+    return [row["messages"][:-1] for row in toy_rows(6, seed=5)]
+
+
+def test_merged_model_matches_base_plus_adapter(merged):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root, result = merged
+    assert result["model_path"] == str(root / "merged")
+    assert result["parity_identical_outputs"] is True and result["parity_rows"] == 16
+    assert 0 <= result["parity_max_abs_diff"] < merging.PARITY_TOLERANCE["float32"]
+    plain = AutoModelForCausalLM.from_pretrained(root / "merged").eval()  # no peft needed
+    assert not hasattr(plain, "peft_config")
+    _, tokenizer = load(root / "merged")
+    base, _ = load(root / "base")
+    base_answers = generate(base, tokenizer, prompts(), max_new_tokens=8, batch_size=6)
+    adapted = PeftModel.from_pretrained(base, root / "adapter").eval()
+    adapted_answers = generate(adapted, tokenizer, prompts(), max_new_tokens=8, batch_size=6)
+    assert generate(plain, tokenizer, prompts(), max_new_tokens=8, batch_size=6) == adapted_answers
+    assert adapted_answers != base_answers  # the adapter matters, so parity is not trivial
+
+
+def test_merged_dir_is_servable(merged):
+    root, _ = merged
+    out = root / "merged"
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "chat_template.jinja", "README.md", "SERVING.md", "serve.sh", "Modelfile"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.bin")) and not list(root.glob(".merged.*"))
+    readme = (out / "README.md").read_text()
+    for fact in ("base_model: \"tiny-llama\"", "abc123", "| accuracy | 0.91 |", "| lora.r | 8 |", "Names fruit colors",
+                 "16 held-out prompts"):
+        assert fact in readme, fact
+    script = (out / "serve.sh").read_text()
+    assert f"vllm serve {out} --served-model-name ftpipe-toy" in script
+    assert f"vllm serve {root / 'base'} --enable-lora --lora-modules toy={root / 'adapter'} --max-lora-rank 8" in script
+    assert subprocess.run(["bash", "-n", str(out / "serve.sh")]).returncode == 0
+    assert "vllm serve" in (out / "SERVING.md").read_text() and "ollama create ftpipe-toy" in readme
+    modelfile = (out / "Modelfile").read_text()
+    assert modelfile.startswith(f"FROM {out}\n")
+    assert "<|im_start|>{{ .Role }}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_chat_replies_like_the_merged_model(merged):
+    root, _ = merged
+    model, tokenizer = load(root / "merged")
+    messages = prompts()[0]
+    assert merging.chat(root / "merged", messages, max_new_tokens=8) == generate(
+        model, tokenizer, [messages], max_new_tokens=8, batch_size=1)[0]
+
+
+def test_a_broken_merge_raises_parity_error_and_writes_nothing(workspace, monkeypatch):
+    import torch
+
+    real_merge = merging.merge
+
+    def corrupting_merge(peft_model):
+        model = real_merge(peft_model)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.5)
+        return model
+
+    monkeypatch.setattr(merging, "merge", corrupting_merge)
+    with pytest.raises(merging.ParityError, match=r"greedy outputs differ .* largest \|logit difference\|"):
+        merge(workspace, "broken")
+    assert not (workspace / "broken").exists()
+
+
+def test_registry_moves_champion_only_to_a_better_version_on_the_same_split(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("toy", artifact_location=(tmp_path / "artifacts").as_uri())
+    assert merging.champion_model_path("toy", tracking_uri=uri) is None
+
+    def register(version: int, score: float, split: str = "split-1") -> dict:
+        (tmp_path / f"model-{version}").mkdir()
+        run_id = client.create_run(experiment).info.run_id
+        return merging.register_model(task="toy", model_path=tmp_path / f"model-{version}", run_id=run_id,
+                                      eval_score=score, eval_version=split, tracking_uri=uri)
+
+    first = register(1, 0.70)
+    assert first == {"registered_model": "ftpipe-toy", "registered_version": 1, "champion": True,
+                     "previous_champion_version": None}
+    assert register(2, 0.60)["champion"] is False
+    assert int(client.get_model_version_by_alias("ftpipe-toy", "candidate").version) == 2
+    assert int(client.get_model_version_by_alias("ftpipe-toy", "champion").version) == 1
+    third = register(3, 0.80)
+    assert third["champion"] is True and third["previous_champion_version"] == 1
+    assert register(4, 0.99, split="split-2")["champion"] is False  # another split: not comparable
+    version = client.get_model_version("ftpipe-toy", "3")
+    assert version.run_id and version.tags == {"eval_score": "0.8", "eval_version": "split-1"}
+    assert merging.champion_model_path("toy", tracking_uri=uri) == (tmp_path / "model-3").resolve()

@@ -1,0 +1,91 @@
+"""The real demo: SmolLM2-135M-Instruct fine-tuned on the ticket_triage task through the whole graph, once.
+
+This is what `make run` does; the assertions are what a user checks afterwards.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from ftpipe.core.storage import REPO_ROOT
+from ftpipe.partitions import task_partitions
+
+TASK = "ticket_triage"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Materialize every asset of the demo task once (fresh instance and artifact home, shared model download)."""
+    from ftpipe.core.modeling import fetch_default_gguf
+
+    home = tmp_path_factory.mktemp("demo_home")
+    shared_downloads = REPO_ROOT / ".ftpipe" / "downloads"
+    gguf = fetch_default_gguf(shared_downloads)
+    (home / "downloads").mkdir()
+    (home / "downloads" / gguf.name).symlink_to(gguf)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("FTPIPE_HOME", str(home))
+    patch.setenv("FTPIPE_DATA_DIR", str(REPO_ROOT / "data"))
+    patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from ftpipe.definitions import defs
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(task_partitions.name, [TASK])
+        result = defs.resolve_job_def("finetune_job").execute_in_process(instance=instance, partition_key=TASK)
+        metadata = {
+            e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
+            for e in result.get_asset_materialization_events()
+        }
+        checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+        yield {"result": result, "metadata": metadata, "checks": checks, "home": home}
+    patch.undo()
+
+
+def test_every_asset_materialized(demo) -> None:
+    assert demo["result"].success
+    assert set(demo["metadata"]) == {"raw_examples", "deduplicated_examples", "review_sample", "heldout_split",
+                                     "base_model", "lora_adapter", "eval_report", "merged_model"}
+    raw, deduped = demo["metadata"]["raw_examples"], demo["metadata"]["deduplicated_examples"]
+    assert raw["rows_quarantined"] > 0 and deduped["exact_duplicates"] > 0
+    assert deduped["near_duplicates"] > 0 and deduped["contradictions"] > 0
+
+
+def test_fine_tuning_beats_the_base_and_passes_the_gate(demo) -> None:
+    report = demo["metadata"]["eval_report"]
+    assert report["primary_metric"] == "accuracy"
+    assert report["finetuned_score"] > report["base_score"]
+    assert report["delta_ci_low"] > 0
+    assert report["passed"] is True
+    assert demo["checks"]["eval_report_gate"].passed
+    assert demo["checks"]["heldout_split_no_leakage"].passed
+
+
+def test_merged_model_loads_plainly_and_answers_a_heldout_prompt(demo) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftpipe.core.evaluation import generate, parse_label
+    from ftpipe.core.records import read_examples
+
+    path = demo["metadata"]["merged_model"]["model_path"]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rows = read_examples(demo["home"] / "tasks" / TASK / "heldout_split" / "eval.parquet")[:8]
+    answers = generate(model, tokenizer, [r["messages"][:-1] for r in rows], max_new_tokens=24, batch_size=8)
+    correct = [parse_label(a, "category") == parse_label(r["messages"][-1]["content"], "category") for a, r in zip(answers, rows)]
+    assert sum(correct) >= 4, list(zip(answers, [r["messages"][-1]["content"] for r in rows]))
+    assert json.loads(answers[correct.index(True)].strip())
+
+
+def test_registry_has_the_version_with_its_aliases(demo) -> None:
+    from mlflow import MlflowClient
+
+    merged = demo["metadata"]["merged_model"]
+    client = MlflowClient(f"sqlite:///{demo['home'] / 'mlflow.db'}")
+    version = client.get_model_version_by_alias(f"ftpipe-{TASK}", "champion")
+    assert merged["registered_model"] == f"ftpipe-{TASK}"
+    assert version.version == str(merged["registered_version"])
+    assert client.get_model_version_by_alias(f"ftpipe-{TASK}", "candidate").version == version.version
+    assert merged["parity_max_abs_diff"] < 1e-3
