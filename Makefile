@@ -36,6 +36,8 @@ mlflow-ui: install
 
 bench: install
 	$(PY) bench/dedup.py
+	$(PY) bench/eval.py
+	$(PY) bench/train.py
 
 demo-data: install
 	$(PY) data/generate_demo.py

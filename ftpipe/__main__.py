@@ -1,11 +1,13 @@
-"""Command line: `python -m ftpipe tasks sync | fetch-model | run [TASK]`."""
+"""Command line: `python -m ftpipe tasks sync | fetch-model | run [TASK] | chat TASK [MESSAGE]`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEMO_TASK = "ticket_triage"
+PID_TAG = "ftpipe/pid"
 
 
 def sync_tasks() -> list[str]:
@@ -37,25 +39,63 @@ def run_task(task: str) -> int:
         print(f"no task folder named {task!r}", file=sys.stderr)
         return 2
     instance = dg.DagsterInstance.get()
-    result = defs.get_implicit_global_asset_job_def().execute_in_process(
-        instance=instance, partition_key=task, raise_on_error=False,
+    release_dead_runs(instance)
+    result = defs.resolve_job_def("finetune_job").execute_in_process(
+        instance=instance, partition_key=task, raise_on_error=False, tags={PID_TAG: str(os.getpid())},
         run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
     )
     print_summary(task, result)
     return 0 if result.success else 1
 
 
+def release_dead_runs(instance) -> None:
+    """Mark runs of this command whose process is gone as failed and free their pool slots.
+
+    (With `make ui`, the daemon's run monitoring does this for runs it launched.)
+    """
+    import dagster as dg
+
+    from ftpipe.core.tracking import process_alive
+
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        pid = run.tags.get(PID_TAG)
+        if pid and not process_alive(int(pid)):
+            instance.report_run_failed(run, f"the process running it ({pid}) is gone")
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            print(f"marked run {run.run_id} failed: its process {pid} is gone")
+
+
+def _materializations(result) -> dict[str, dict]:
+    return {
+        event.asset_key.to_user_string(): {k: v.value for k, v in event.materialization.metadata.items()}
+        for event in result.get_asset_materialization_events()
+    }
+
+
 def print_summary(task: str, result) -> None:
+    """Counts of every asset, the evaluation verdict, and where to look next."""
     from ftpipe.core.storage import home_dir
 
     print(f"\nftpipe run of task {task!r}: {'succeeded' if result.success else 'FAILED'} (run {result.run_id})")
-    for event in result.get_asset_materialization_events():
-        materialization = event.materialization
-        shown = {k: v.value for k, v in materialization.metadata.items()
-                 if isinstance(v.value, (int, float, str)) and len(str(v.value)) < 120}
-        print(f"  {materialization.asset_key.to_user_string():<24} " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    found = _materializations(result)
+    for asset, metadata in found.items():
+        shown = {k: v for k, v in metadata.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        print(f"  {asset:<22} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    report = found.get("eval_report")
+    if report:
+        print(f"\n{report['primary_metric']}: base {report['base_score']:.3f} -> fine-tuned {report['finetuned_score']:.3f} "
+              f"(delta {report['delta']:+.3f}, 95% CI [{report['delta_ci_low']:+.3f}, {report['delta_ci_high']:+.3f}]); "
+              f"forgetting {report['forgetting']:.3f}; gate {'PASSED' if report['passed'] else 'FAILED: ' + report['failed_conditions']}")
+    for check in result.get_asset_check_evaluations():
+        if not check.passed:
+            print(f"check {check.check_name} failed: {check.description}")
+    if "merged_model" in found:
+        merged = found["merged_model"]
+        print(f"merged model: {merged['model_path']} (registered as {merged['registered_model']} "
+              f"version {merged['registered_version']}); try it: python -m ftpipe chat {task} \"Hello\"")
     print(f"\nartifacts: {home_dir() / 'tasks' / task}")
-    print("open the Dagster UI: make ui   (http://127.0.0.1:3000)")
+    print("Dagster UI: make ui         (http://127.0.0.1:3000)")
+    print("MLflow UI:  make mlflow-ui  (http://127.0.0.1:5000)")
 
 
 def fetch_model() -> None:
@@ -66,11 +106,46 @@ def fetch_model() -> None:
     print(f"base model file: {fetch_default_gguf(home_dir() / 'downloads')}")
 
 
+def chat(task: str, message: str | None) -> int:
+    """Answer with the task's champion model (or its latest merged model); interactive without a message."""
+    from ftpipe.core import merging
+    from ftpipe.core.storage import artifact_dir
+    from ftpipe.core.tasks import task_config
+
+    latest = artifact_dir(task, "merged_model") / "model"
+    model_dir = merging.champion_model_path(task) or (latest if latest.exists() else None)
+    if model_dir is None:
+        print(f"task {task!r} has no merged model yet: run `make run TASK={task}` first", file=sys.stderr)
+        return 2
+    system = task_config(task).data.system_prompt
+    prefix = [{"role": "system", "content": system}] if system else []
+    print(f"model: {model_dir}", file=sys.stderr)
+    messages = [message] if message else _prompts()
+    for text in messages:
+        print(merging.chat(model_dir, prefix + [{"role": "user", "content": text}]))
+    return 0
+
+
+def _prompts():
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            return
+        if text in {"exit", "quit"}:
+            return
+        if text:
+            yield text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ftpipe", description="ftpipe command line")
     commands = parser.add_subparsers(dest="command", required=True)
     tasks = commands.add_parser("tasks", help="manage task partitions")
     tasks.add_argument("action", choices=["sync"])
+    talk = commands.add_parser("chat", help="talk to a task's fine-tuned model")
+    talk.add_argument("task")
+    talk.add_argument("message", nargs="?")
     commands.add_parser("fetch-model", help="download the default base model (SmolLM2-135M-Instruct GGUF)")
     run = commands.add_parser("run", help="materialize every asset of a task")
     run.add_argument("task", nargs="?", default=DEMO_TASK)
@@ -78,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tasks":
         sync_tasks()
         return 0
+    if args.command == "chat":
+        return chat(args.task, args.message)
     if args.command == "fetch-model":
         fetch_model()
         return 0

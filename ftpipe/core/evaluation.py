@@ -313,7 +313,8 @@ def check_references(rows: list[dict], config: EvaluationConfig) -> None:
 # ---------------------------------------------------------------- statistics and the gate
 
 
-def paired_bootstrap(base_scores, tuned_scores, samples: int, seed: int, chunk: int = 256) -> tuple[float, float, float]:
+def paired_bootstrap(base_scores, tuned_scores, samples: int, seed: int,
+                     chunk: int = 256) -> tuple[float, float, float]:
     """(mean(tuned - base), 2.5th and 97.5th percentile of that mean over `samples` paired resamples of rows)."""
     import numpy as np
 
@@ -425,6 +426,18 @@ def probe_accuracy(outputs: dict[str, Any], probe: list[dict]) -> float:
     return _mean([float(contains_reference(a, p["reference"])) for a, p in zip(outputs["probe_answers"], probe)])
 
 
+def cached_base_outputs(model, tokenizer, rows: list[dict], probe: list[dict], config: EvaluationConfig,
+                        cache_file: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], bool]:
+    """(base model outputs, whether they came from `cache_file`); generated and cached on a miss."""
+    cached = read_cached(cache_file, rows)
+    if cached is not None:
+        log(f"base: outputs from cache {cache_file.name}")
+        return cached, True
+    outputs = model_outputs(model, tokenizer, rows, probe, config, log, "base")
+    write_text(cache_file, json.dumps(outputs))
+    return outputs, False
+
+
 def load_tuned(base_model, adapter_dir: Path, trust_remote_code: bool):
     """The fine-tuned model: a LoRA/QLoRA adapter applied to `base_model`, or a full fine-tune loaded whole."""
     if (adapter_dir / "adapter_config.json").is_file():
@@ -438,7 +451,8 @@ def load_tuned(base_model, adapter_dir: Path, trust_remote_code: bool):
 # ---------------------------------------------------------------- comparison, report, outputs
 
 
-def compare(rows: list[dict], probe: list[dict], base: dict, tuned: dict, config: EvaluationConfig) -> tuple[dict, dict, dict]:
+def compare(rows: list[dict], probe: list[dict], base: dict, tuned: dict,
+            config: EvaluationConfig) -> tuple[dict, dict, dict]:
     """(result, base scores, tuned scores): metrics of both models, bootstrap CI of the primary metric's delta,
     forgetting and the gate."""
     references = [row["messages"][-1]["content"] for row in rows]
@@ -558,6 +572,12 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
     The base model is loaded once; its outputs come from `cache_dir` when this base, eval split, decoding setup
     and probe were evaluated before. The adapter is then applied to that same model. `probe_path` None skips
     the forgetting check (forgetting 0).
+
+    `out_dir` gets report.md, predictions.parquet (one row per held-out example: prompt, reference, both
+    answers, both models' per-row scores, delta) and metrics.json. The returned dict has the eval_report
+    contract keys (primary_metric, base_score, finetuned_score, delta, delta_ci_low, delta_ci_high, forgetting,
+    passed) and base_cached, failed_conditions, report_markdown, base/finetuned loss and perplexity, probe
+    accuracies and losses, rows, metrics (every metric of both models) and the paths of the three files.
     """
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
     rows = select_rows(read_examples(Path(eval_path)), config.max_rows)
@@ -571,13 +591,7 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
     key = base_cache_key(base_fingerprint=base_fingerprint, eval_version=eval_version, config=config,
                          probe_hash=file_sha256(Path(probe_path)) if probe_path else None,
                          probe_rows=len(probe), device=model.device.type)
-    cache_file = cache_dir / f"base-{key}.json"
-    base = read_cached(cache_file, rows)
-    base_cached = base is not None
-    log(f"base: outputs {'from cache ' + cache_file.name if base_cached else 'not cached; generating'}")
-    if base is None:
-        base = model_outputs(model, tokenizer, rows, probe, config, log, "base")
-        write_text(cache_file, json.dumps(base))
+    base, base_cached = cached_base_outputs(model, tokenizer, rows, probe, config, cache_dir / f"base-{key}.json", log)
     tuned = model_outputs(load_tuned(model, Path(adapter_dir), trust_remote_code), tokenizer, rows, probe, config,
                           log, "fine-tuned")
     result, base_scores, tuned_scores = compare(rows, probe, base, tuned, config)

@@ -93,7 +93,8 @@ def serving_commands(task: str, model_dir: Path, base_model_dir: Path, adapter_d
     return {
         "merged": f"vllm serve {shlex.quote(str(model_dir))} --served-model-name {name}",
         "lora": (f"vllm serve {shlex.quote(str(base_model_dir))} --enable-lora "
-                 f"--lora-modules {shlex.quote(f'{task}={adapter_dir}')} --max-lora-rank {vllm_lora_rank(adapter_dir)}"),
+                 f"--lora-modules {shlex.quote(f'{task}={adapter_dir}')} "
+                 f"--max-lora-rank {vllm_lora_rank(adapter_dir)}"),
         "ollama": f"ollama create {name} -f {shlex.quote(str(model_dir / 'Modelfile'))} && ollama run {name}",
     }
 

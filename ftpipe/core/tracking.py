@@ -68,7 +68,7 @@ def ensure_experiment(client, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +82,7 @@ def _is_stale(run) -> bool:
     tags = run.data.tags
     if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
         return False  # another machine's run (or not ours): we cannot tell if it is alive
-    return not _process_alive(int(tags[PID_TAG]))
+    return not process_alive(int(tags[PID_TAG]))
 
 
 def sweep_stale_runs(experiment: str, uri: str | None = None) -> list[str]:

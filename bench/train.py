@@ -1,0 +1,383 @@
+"""Training throughput: ftpipe's training program against a plain TRL `SFTTrainer` script, side by side.
+
+    python bench/train.py                       # random Llama (hidden 256, 4 layers), 30 steps
+    python bench/train.py --repeats 3           # median of 3 runs per side (steadier on a busy machine)
+    python bench/train.py --model DIR           # a real model dir (safetensors + tokenizer)
+
+1. Same settings: ftpipe (`python -m ftpipe.core.training SPEC.json`, the real program, with its
+   TrainingConfig defaults and method lora) and a plain TRL script with the same model, data, seed, steps,
+   batch size, max_length, LoRA config, schedule, eval/save cadence and completion-only loss. Prints tokens/s
+   of each and the ratio ftpipe / plain TRL (target >= 0.95).
+2. Defaults: those ftpipe runs against `SFTConfig` defaults with a default peft `LoraConfig`, the same number
+   of steps and the same data (prompt/completion); prints tokens/s and final eval loss.
+
+Every run is a fresh subprocess, run one after another. Both sides are measured the same way by a probe
+installed in the subprocess: wall time of `SFTTrainer.train()` (model load and data preparation excluded)
+and the non-padding tokens of the batches its training steps processed; also a steady-state figure that
+leaves out the first WARMUP_STEPS steps. ftpipe's own `tokens_per_second` (from `training_result.json`,
+train start to the last logged step) is printed beside it as a cross-check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import runpy
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from ftpipe.config import TrainingConfig  # noqa: E402
+from ftpipe_tests.tiny_model import CORPUS, build_tokenizer, toy_rows, write_chat_parquet  # noqa: E402
+
+TARGET_RATIO = 0.95
+TRAIN_ROWS, EVAL_ROWS = 256, 32
+WARMUP_STEPS = 3  # the first steps on CPU are several times slower (one-off initialisation)
+
+
+# ---------------------------------------------------------------- workspace
+
+
+def build_model(path: Path, hidden: int, layers: int) -> Path:
+    """A random LlamaForCausalLM (safetensors) with the tests' ChatML tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 32, 1),
+        num_key_value_heads=max(hidden // 64, 1),
+        max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def chat_rows(count: int, seed: int) -> list[dict]:
+    """toy_rows with 1-6 filler sentences before each question, so lengths vary and padding matters."""
+    rng = random.Random(seed)
+    rows = toy_rows(count, seed=seed)
+    for row in rows:
+        user = row["messages"][1]
+        user["content"] = " ".join(rng.choices(CORPUS, k=rng.randint(1, 6))) + " " + user["content"]
+    return rows
+
+
+def prepare(root: Path, args: argparse.Namespace) -> dict[str, str]:
+    model_dir = Path(args.model) if args.model else build_model(root / "model", args.hidden, args.layers)
+    return {
+        "model_dir": str(model_dir),
+        "train_path": str(write_chat_parquet(root / "train.parquet", chat_rows(TRAIN_ROWS, seed=1))),
+        "eval_path": str(write_chat_parquet(root / "eval.parquet", chat_rows(EVAL_ROWS, seed=2))),
+    }
+
+
+# ---------------------------------------------------------------- inside a run's subprocess
+
+
+def install_probe(result_path: Path) -> None:
+    """Time `SFTTrainer.train()` and count the non-padding tokens its training steps see; write them out.
+
+    Also the steady state: the same from the start of the first step after WARMUP_STEPS to the end of train().
+    """
+    from trl import SFTTrainer
+
+    train, training_step = SFTTrainer.train, SFTTrainer.training_step
+    counts, starts = [], []
+
+    def counting_step(self, model, inputs, *args, **kwargs):
+        starts.append(time.perf_counter())
+        mask = inputs.get("attention_mask")
+        counts.append(mask.sum() if mask is not None else inputs["input_ids"].numel())
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    def timed_train(self, *args, **kwargs):
+        counts.clear(), starts.clear()
+        started = time.perf_counter()
+        output = train(self, *args, **kwargs)
+        ended = time.perf_counter()
+        tokens = [int(count) for count in counts]
+        warm = min(WARMUP_STEPS, len(tokens) - 1)
+        timing = {
+            "seconds": ended - started,
+            "tokens": sum(tokens),
+            "steady_seconds": ended - starts[warm],
+            "steady_tokens": sum(tokens[warm:]),
+        }
+        result_path.write_text(json.dumps(timing))
+        return output
+
+    SFTTrainer.train, SFTTrainer.training_step = timed_train, counting_step
+
+
+def run_ftpipe_program(spec_path: str) -> None:
+    """`python -m ftpipe.core.training SPEC.json`, as __main__ (it exits with the program's status)."""
+    sys.argv = ["ftpipe.core.training", spec_path]
+    runpy.run_module("ftpipe.core.training", run_name="__main__", alter_sys=True)
+
+
+def plain_datasets(job: dict):
+    """Conversational prompt/completion datasets: TRL puts the loss on the completion only."""
+    import pandas as pd
+    from datasets import Dataset
+
+    def load(path: str) -> Dataset:
+        chats = [[dict(m) for m in messages] for messages in pd.read_parquet(path)["messages"]]
+        return Dataset.from_list([{"prompt": chat[:-1], "completion": chat[-1:]} for chat in chats])
+
+    return load(job["train_path"]), load(job["eval_path"])
+
+
+def same_settings_args(job: dict):
+    """SFTConfig + LoraConfig written out by hand with the values of ftpipe's TrainingConfig in the job."""
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    t, on_gpu = job["training"], torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=job["output_dir"],
+        num_train_epochs=t["epochs"],
+        max_steps=t["max_steps"],
+        per_device_train_batch_size=t["batch_size"],
+        per_device_eval_batch_size=t["batch_size"],
+        gradient_accumulation_steps=t["gradient_accumulation"],
+        learning_rate=t["learning_rate"],
+        lr_scheduler_type=t["scheduler"],
+        warmup_steps=t["warmup_ratio"],
+        weight_decay=t["weight_decay"],
+        seed=t["seed"],
+        max_length=t["max_length"],
+        packing=t["packing"],
+        completion_only_loss=True,
+        eval_strategy="steps",
+        eval_steps=t["eval_steps"],
+        save_steps=t["eval_steps"],
+        save_total_limit=t["save_total_limit"],
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=t["logging_steps"],
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not on_gpu,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        activation_checkpointing=on_gpu,
+        dataloader_num_workers=0,
+    )
+    lora = t["lora"]
+    peft = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        task_type="CAUSAL_LM",
+    )
+    return args, peft
+
+
+def default_args(job: dict):
+    """SFTConfig defaults (plus use_cpu, which TRL's bf16 default requires without a GPU) and LoraConfig()."""
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    args = SFTConfig(output_dir=job["output_dir"], max_steps=job["steps"], use_cpu=not torch.cuda.is_available())
+    return args, LoraConfig()
+
+
+def run_plain_trl(job_path: str, result_path: Path) -> None:
+    """The plain TRL script: load, SFTTrainer(...).train(), evaluate."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback
+    from trl import SFTTrainer
+
+    job = json.loads(Path(job_path).read_text())
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+    device_map = {"": torch.cuda.current_device()} if on_gpu else None
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype, device_map=device_map)
+    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    train, evals = plain_datasets(job)
+    same = job["mode"] == "same"
+    args, peft = same_settings_args(job) if same else default_args(job)
+    callbacks = [EarlyStoppingCallback(job["training"]["early_stopping_patience"])] if same else None
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=evals,
+        processing_class=tokenizer, peft_config=peft, callbacks=callbacks,
+    )
+    trainer.train()
+    eval_loss = trainer.evaluate()["eval_loss"]
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    result = json.loads(result_path.read_text())
+    result_path.write_text(json.dumps({**result, "eval_loss": eval_loss, "trainable_params": trainable}))
+
+
+def child(kind: str, job_path: str, result_path: str) -> None:
+    install_probe(Path(result_path))
+    if kind == "ftpipe":
+        run_ftpipe_program(job_path)
+    else:
+        run_plain_trl(job_path, Path(result_path))
+
+
+# ---------------------------------------------------------------- the parent: one subprocess per run
+
+
+def child_env(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DAGSTER_PIPES"))}
+    return {
+        **env,
+        "FTPIPE_HOME": str(root / "home"),
+        "PYTHONPATH": str(REPO_ROOT),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def run_child(root: Path, kind: str, name: str, job: dict) -> dict:
+    """Run one training in a fresh subprocess; its probe timing plus eval loss and trainable parameters."""
+    job_path, result_path, log_path = (root / f"{name}{suffix}" for suffix in (".json", ".result.json", ".log"))
+    job_path.write_text(json.dumps(job))
+    with log_path.open("w") as log:
+        command = [sys.executable, __file__, "_child", kind, str(job_path), str(result_path)]
+        status = subprocess.run(command, cwd=REPO_ROOT, env=child_env(root), stdout=log, stderr=subprocess.STDOUT)
+    if status.returncode != 0:
+        sys.exit(f"{name} failed (exit {status.returncode}):\n{log_path.read_text()[-4000:]}")
+    result = json.loads(result_path.read_text())
+    if kind == "ftpipe":
+        program = json.loads((Path(job["output_dir"]) / "training_result.json").read_text())
+        result.update({key: program[key] for key in ("eval_loss", "trainable_params")})
+        result["own_tokens_per_second"] = program["tokens_per_second"]
+    return {**result, "tokens_per_second": result["tokens"] / result["seconds"]}
+
+
+def ftpipe_job(root: Path, name: str, paths: dict, training: dict) -> dict:
+    return {
+        "task": "bench",
+        "base_model_dir": paths["model_dir"],
+        "base_fingerprint": "bench",
+        "train_path": paths["train_path"],
+        "eval_path": paths["eval_path"],
+        "output_dir": str(root / name / "adapter"),
+        "checkpoint_dir": str(root / name / "checkpoints"),
+        "training": training,
+        "mlflow": {"experiment": "bench", "run_name": name},
+    }
+
+
+def plain_job(root: Path, name: str, paths: dict, mode: str, training: dict) -> dict:
+    return {**paths, "mode": mode, "training": training, "steps": training["max_steps"],
+            "output_dir": str(root / name / "checkpoints")}
+
+
+def compare_same_settings(root: Path, paths: dict, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """ftpipe (TrainingConfig defaults, method pinned to lora) and plain TRL, same settings, order alternated."""
+    training = TrainingConfig(method="lora", max_steps=args.steps).model_dump()
+    runs = {"ftpipe": [], "plain TRL": []}
+    for repeat in range(args.repeats):
+        for kind in ("ftpipe", "plain")[:: 1 if repeat % 2 == 0 else -1]:  # alternate who goes first
+            name = f"{kind}-{repeat}"
+            if kind == "ftpipe":
+                runs["ftpipe"].append(run_child(root, kind, name, ftpipe_job(root, name, paths, training)))
+            else:
+                runs["plain TRL"].append(run_child(root, kind, name, plain_job(root, name, paths, "same", training)))
+    return runs
+
+
+def run_trl_defaults(root: Path, paths: dict, args: argparse.Namespace) -> dict:
+    """SFTConfig + LoraConfig defaults, `steps` steps."""
+    training = TrainingConfig(max_steps=args.steps).model_dump()
+    return run_child(root, "plain", "trl-defaults", plain_job(root, "trl-defaults", paths, "defaults", training))
+
+
+# ---------------------------------------------------------------- report
+
+
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda run: run["tokens_per_second"])[(len(runs) - 1) // 2]
+
+
+def steady_speed(run: dict) -> float:
+    return run["steady_tokens"] / run["steady_seconds"]
+
+
+def print_same_settings(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    print(f"\n1. same settings (ftpipe's TrainingConfig defaults: LoRA r16 a32 all-linear, lr 2e-4 cosine, "
+          f"batch 8, max_length 512, eval/save every 20 steps), {args.steps} steps, median of {args.repeats}")
+    print(f"{'side':<11}{'tokens/s':>10}{'train s':>9}{'tokens':>8}{'steady tok/s':>14}{'eval loss':>11}"
+          "   tokens/s of each run")
+    for side, side_runs in runs.items():
+        run = median_run(side_runs)
+        each = ", ".join(f"{r['tokens_per_second']:.0f}" for r in side_runs)
+        print(f"{side:<11}{run['tokens_per_second']:>10.0f}{run['seconds']:>9.1f}{run['tokens']:>8}"
+              f"{statistics.median(map(steady_speed, side_runs)):>14.0f}{run['eval_loss']:>11.4f}   {each}")
+    own = statistics.median(r["own_tokens_per_second"] for r in runs["ftpipe"])
+    print(f"ftpipe's own training_result.json tokens_per_second (train start to last logged step): {own:.0f}")
+    ratio = median_run(runs["ftpipe"])["tokens_per_second"] / median_run(runs["plain TRL"])["tokens_per_second"]
+    steady = statistics.median(map(steady_speed, runs["ftpipe"])) / statistics.median(
+        map(steady_speed, runs["plain TRL"]))
+    print(f"steady state (after {WARMUP_STEPS} warm-up steps) ftpipe/plain TRL: {steady:.2f}x")
+    print(f"ratio ftpipe/plain TRL: {ratio:.2f}x (target >= {TARGET_RATIO})")
+
+
+def print_defaults(ftpipe_run: dict, trl_run: dict, args: argparse.Namespace) -> None:
+    print(f"\n2. defaults, {args.steps} steps each (ftpipe: the median run above)")
+    rows = {
+        "ftpipe defaults": (ftpipe_run, "LoRA r16 a32 all-linear, lr 2e-4 cosine, warmup 5%, max_length 512, fp32"),
+        "TRL defaults": (trl_run, "LoRA r8 a8 (peft's q/v_proj), lr 2e-5 linear, max_length 1024, "
+                                  "gradient checkpointing, bf16"),
+    }
+    print(f"{'side':<17}{'tokens/s':>10}{'eval loss':>11}{'trainable':>11}   settings")
+    for side, (run, settings) in rows.items():
+        print(f"{side:<17}{run['tokens_per_second']:>10.0f}{run['eval_loss']:>11.4f}"
+              f"{run['trainable_params']:>11,}   {settings}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a local model dir (safetensors + tokenizer); default: a random Llama")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the random Llama")
+    parser.add_argument("--layers", type=int, default=4, help="layers of the random Llama")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per side in comparison 1 (median)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["_child"]:
+        child(*sys.argv[2:5])
+        return
+    args = parse_args()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ftpipe-bench-train-") as tmp:
+        root = Path(tmp)
+        paths = prepare(root, args)
+        runs = compare_same_settings(root, paths, args)
+        print_same_settings(runs, args)
+        print_defaults(median_run(runs["ftpipe"]), run_trl_defaults(root, paths, args), args)
+    print(f"\n(bench wall time {time.monotonic() - started:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
