@@ -471,6 +471,9 @@ evaluation:
   task_type: classification     # accuracy (and macro-F1) on one JSON field of the answer
   label_field: category
   max_new_tokens: 24            # one line of JSON
+  # A 135M model trained for a few CPU minutes loses part of its (small) general-probe accuracy; this demo
+  # accepts up to 35% relative worsening. Keep the default 0.10 for real models.
+  max_forgetting: 0.35
 """
 
 

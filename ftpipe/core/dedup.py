@@ -21,6 +21,7 @@ from ftpipe.core.records import read_examples, write_examples, write_jsonl
 from ftpipe.core.storage import atomic_dir
 
 _PAD = "\x00"
+FULL_PAIRS_GROUP = 64
 _BAND_WEIGHTS = np.random.default_rng(0).integers(1, 2**63, size=1024, dtype=np.uint64) | np.uint64(1)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 CHUNK_ROWS = 20_000
@@ -106,20 +107,32 @@ def _flag_candidates(texts: list[str], bands: int, threshold: float, k: int, num
     return np.flatnonzero(np.concatenate(flags))
 
 
+def _group_pairs(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Pairs within runs of `order`: every pair for runs up to FULL_PAIRS_GROUP rows, else each row with the first."""
+    pairs = [np.stack((order[starts[sizes == 2]], order[starts[sizes == 2] + 1]), axis=1)]
+    for start, size in zip(starts[sizes > 2], sizes[sizes > 2]):
+        members = order[start : start + size]
+        if size <= FULL_PAIRS_GROUP:
+            first, second = np.triu_indices(size, k=1)
+            pairs.append(np.stack((members[first], members[second]), axis=1))
+        else:
+            pairs.append(np.stack((np.full(size - 1, members[0]), members[1:]), axis=1))
+    return np.concatenate(pairs)
+
+
 def _band_pairs(signatures: np.ndarray, bands: int) -> np.ndarray:
-    """Candidate pairs (leader, member): rows sharing a band with the band's lowest row, as unique int64 pairs."""
+    """Unique candidate pairs (i < j) of rows sharing at least one LSH band."""
     rows = signatures.shape[1] // bands
-    found = []
+    found = [np.zeros((0, 2), dtype=np.int64)]
     for band in range(bands):
         block = signatures[:, band * rows : (band + 1) * rows].astype(np.uint64)
         keys = (block * _BAND_WEIGHTS[:rows]).sum(axis=1, dtype=np.uint64)
         order = np.lexsort((np.arange(len(keys)), keys))
-        sorted_keys = keys[order]
-        run_start = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
-        leader = order[np.flatnonzero(run_start)[np.cumsum(run_start) - 1]]
-        members = leader != order
-        found.append(np.stack((leader[members], order[members]), axis=1))
-    return np.unique(np.concatenate(found), axis=0)
+        starts = np.flatnonzero(np.concatenate(([True], keys[order][1:] != keys[order][:-1])))
+        sizes = np.diff(np.concatenate((starts, [len(keys)])))
+        found.append(_group_pairs(order, starts, sizes))
+    pairs = np.concatenate(found)
+    return np.unique(np.sort(pairs, axis=1), axis=0)
 
 
 def near_duplicate_pairs(

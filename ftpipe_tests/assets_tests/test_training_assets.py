@@ -77,3 +77,24 @@ def test_qlora_without_cuda_fails_before_training(tiny_task: str) -> None:
         with pytest.raises(Exception, match="needs a CUDA GPU.*Use method: lora"):
             run(instance, tiny_task, selection=[training.lora_adapter], run_config=overrides)
     assert not (home_dir() / "tasks" / tiny_task / "checkpoints").exists()
+
+
+def test_failed_gate_blocks_the_merge_and_a_passing_one_registers_it(tiny_task: str) -> None:
+    from ftpipe.definitions import defs
+
+    strict = {"ops": {"eval_report": {"config": {"overrides": "evaluation: {min_improvement: 0.5}"}}}}
+    lenient = {"ops": {"eval_report": {"config": {"overrides": "evaluation: {min_improvement: -1.0}"}}}}
+    job = defs.resolve_job_def("finetune_job")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(task_partitions.name, [tiny_task])
+        blocked = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=strict, raise_on_error=False)
+        assert not blocked.success
+        gate = next(c for c in blocked.get_asset_check_evaluations() if c.check_name == "eval_report_gate")
+        assert not gate.passed and "delta_ci_low" in gate.description and "min_improvement 0.5" in gate.description
+        assert "merged_model" not in {e.asset_key.to_user_string() for e in blocked.get_asset_materialization_events()}
+
+        passed = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=lenient)
+        merged = materialization(passed, "merged_model")
+        assert merged["registered_model"] == f"ftpipe-{tiny_task}" and merged["registered_version"] == 1
+        assert (Path(merged["model_path"]) / "README.md").is_file()
+        assert materialization(passed, "lora_adapter")["reused"] is True, "the unchanged adapter is not retrained"
