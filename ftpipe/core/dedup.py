@@ -45,18 +45,23 @@ def prompt_key(messages: list[dict[str, str]]) -> str:
 
 @dataclass(frozen=True)
 class Keys:
-    """Normalised views of one conversation, computed once."""
+    """The normalised conversation, computed once; prompt and answer are views of it."""
 
-    prompt: str
-    answer: str
+    conversation: str
+    prompt_end: int
 
     @classmethod
     def of(cls, messages: list[dict[str, str]]) -> "Keys":
-        return cls(prompt_key(messages), normalize(messages[-1]["content"]))
+        prompt = prompt_key(messages)
+        return cls(f"{prompt}\nassistant: {normalize(messages[-1]['content'])}", len(prompt))
 
     @property
-    def conversation(self) -> str:
-        return f"{self.prompt}\nassistant: {self.answer}"
+    def prompt(self) -> str:
+        return self.conversation[: self.prompt_end]
+
+    @property
+    def answer(self) -> str:
+        return self.conversation[self.prompt_end + len("\nassistant: ") :]
 
 
 def lsh_bands(threshold: float, num_perm: int) -> int:
@@ -215,10 +220,10 @@ def _resolve_contradictions(rows: list[tuple[dict[str, Any], Keys]], removed: li
 
 
 def _remove_exact(rows: list[tuple[dict[str, Any], Keys]], removed: list[dict[str, Any]]):
-    first: dict[tuple[str, str], dict[str, Any]] = {}
+    first: dict[str, dict[str, Any]] = {}
     kept = []
     for row, keys in rows:
-        original = first.setdefault((keys.prompt, keys.answer), row)
+        original = first.setdefault(keys.conversation, row)
         if original is row:
             kept.append((row, keys))
         else:
