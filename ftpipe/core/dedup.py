@@ -7,6 +7,7 @@ candidate pairs are verified on their signatures before they are merged into clu
 from __future__ import annotations
 
 import gc
+import hashlib
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -99,6 +100,15 @@ def _signatures(texts: list[str], k: int, num_perm: int, seed: int):
     return rensa.RMinHash.digest_matrix_from_flat_token_hashes(hashes, offsets, num_perm, seed)
 
 
+def _signature_array(texts: list[str], k: int, num_perm: int, seed: int) -> np.ndarray:
+    """Signatures as a uint32 array, converted chunk by chunk (rensa hands rows back as Python lists)."""
+    chunks = [
+        np.asarray(_signatures(texts[start : start + CHUNK_ROWS], k, num_perm, seed).to_rows(), dtype=np.uint32)
+        for start in range(0, len(texts), CHUNK_ROWS)
+    ]
+    return np.concatenate(chunks)
+
+
 def _flag_candidates(texts: list[str], bands: int, threshold: float, k: int, num_perm: int, seed: int) -> np.ndarray:
     """Indices of texts sharing an LSH band with another text, indexed chunk by chunk to bound memory."""
     import rensa
@@ -150,8 +160,7 @@ def near_duplicate_pairs(
     flagged = _flag_candidates(texts, bands, threshold, shingle_words, num_perm, seed)
     if len(flagged) < 2:
         return []
-    matrix = _signatures([texts[i] for i in flagged], shingle_words, num_perm, seed)
-    signatures = np.asarray(matrix.to_rows(), dtype=np.uint32)
+    signatures = _signature_array([texts[i] for i in flagged], shingle_words, num_perm, seed)
     pairs = _band_pairs(signatures, bands)
     similarity = (signatures[pairs[:, 0]] == signatures[pairs[:, 1]]).mean(axis=1)
     keep = similarity >= threshold
@@ -201,15 +210,21 @@ def _contradiction(row: dict[str, Any], answer: str, group: list[tuple[dict[str,
     return _removal(row, "contradiction", other, detail)
 
 
+def _prompt_digest(keys: Keys) -> bytes:
+    """A 128-bit digest of the normalised prompt: groups rows without keeping a copy of every prompt."""
+    return hashlib.blake2b(keys.prompt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 def _resolve_contradictions(rows: list[tuple[dict[str, Any], Keys]], removed: list[dict[str, Any]]):
     """Same prompt, different answers: keep the strict-majority answer's rows, else drop the group."""
-    groups: dict[str, list[tuple[dict[str, Any], str]]] = defaultdict(list)
-    for row, keys in rows:
-        groups[keys.prompt].append((row, keys.answer))
+    groups: dict[bytes, list[int]] = defaultdict(list)
+    for index, (_, keys) in enumerate(rows):
+        groups[_prompt_digest(keys)].append(index)
     dropped = set()
-    for group in groups.values():
-        votes = Counter(answer for _, answer in group) if len(group) > 1 else None
-        if not votes or len(votes) < 2:
+    for members in (m for m in groups.values() if len(m) > 1):
+        group = [(rows[i][0], rows[i][1].answer) for i in members]
+        votes = Counter(answer for _, answer in group)
+        if len(votes) < 2:
             continue
         for row, answer in group:
             removal = _contradiction(row, answer, group, votes)
