@@ -1,5 +1,8 @@
 """base_model and lora_adapter materialized for real: a tiny local model trained through Dagster Pipes."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -98,3 +101,7 @@ def test_failed_gate_blocks_the_merge_and_a_passing_one_registers_it(tiny_task: 
         assert merged["registered_model"] == f"ftpipe-{tiny_task}" and merged["registered_version"] == 1
         assert (Path(merged["model_path"]) / "README.md").is_file()
         assert materialization(passed, "lora_adapter")["reused"] is True, "the unchanged adapter is not retrained"
+        chat = subprocess.run([sys.executable, "-m", "ftpipe", "chat", tiny_task, "What color is the apple?"],
+                              capture_output=True, text=True, env=dict(os.environ), timeout=300)
+        assert chat.returncode == 0, chat.stderr[-2000:]
+        assert f"model: {merged['model_path']}" in chat.stderr, "the chat CLI answers with the champion model"
