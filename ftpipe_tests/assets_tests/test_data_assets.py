@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,7 +122,7 @@ def test_tasks_sync_cli_registers_partitions(ftpipe_env: Path, tmp_path: Path) -
     (ftpipe_env / "tasks" / "UPPER").mkdir()
     home = tmp_path / "dagster_home"
     home.mkdir()
-    env = {**__import__("os").environ, "DAGSTER_HOME": str(home)}
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
     done = subprocess.run([sys.executable, "-m", "ftpipe", "tasks", "sync"], capture_output=True, text=True, env=env, check=True)
     assert "alpha" in done.stdout and "'UPPER'" in done.stderr
     with dg.DagsterInstance.from_config(str(home)) as instance:
