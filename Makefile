@@ -25,8 +25,10 @@ model: install
 run: install model
 	$(PY) -m ftpipe run $(TASK)
 
+# One pytest worker per core, one torch thread per worker: the real-model demo runs beside the other tests
+# instead of before them, and two torch processes never fight over the same cores.
 test: install
-	$(PY) -m pytest ftpipe_tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadscope ftpipe_tests
 
 ui: install
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000

@@ -11,22 +11,24 @@ PID_TAG = "ftpipe/pid"
 
 
 def sync_tasks() -> list[str]:
-    """Register a `task` partition for every valid task folder; print refused folders."""
+    """Register a `task` partition for every valid task folder and record what its files are now; print refused folders."""
     import dagster as dg
 
-    from ftpipe.core.tasks import discover_tasks
+    from ftpipe.automation import task_changes
     from ftpipe.partitions import task_partitions
 
-    found = discover_tasks()
-    for reason in found.refused.values():
-        print(f"refused: {reason}", file=sys.stderr)
     instance = dg.DagsterInstance.get()
-    known = set(instance.get_dynamic_partitions(task_partitions.name))
-    new = [task for task in found.tasks if task not in known]
-    if new:
-        instance.add_dynamic_partitions(task_partitions.name, new)
-    print(f"tasks: {', '.join(found.tasks) or 'none'} ({len(new)} new)")
-    return found.tasks
+    added = task_changes(instance)
+    if added.new:
+        instance.add_dynamic_partitions(task_partitions.name, added.new)
+    changes = task_changes(instance)
+    for event in changes.observations():
+        instance.report_runless_asset_event(event)
+    for reason in changes.refused.values():
+        print(f"refused: {reason}", file=sys.stderr)
+    tasks = instance.get_dynamic_partitions(task_partitions.name)
+    print(f"tasks: {', '.join(tasks) or 'none'} ({len(added.new)} new, {len(changes.changed)} changed)")
+    return tasks
 
 
 def run_task(task: str) -> int:

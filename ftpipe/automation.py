@@ -1,12 +1,24 @@
-"""Jobs, schedules and sensors."""
+"""Jobs, schedules and sensors: task discovery, data-change detection and the retraining policy."""
 
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 import dagster as dg
 
-from ftpipe.core.tasks import discover_tasks
+from ftpipe.assets.data import task_files
+from ftpipe.assets.training import last_training_fingerprint, split_files, training_inputs
+from ftpipe.config import RetrainConfig, TaskConfigError
+from ftpipe.core.tasks import discover_tasks, task_config, task_files_version
 from ftpipe.partitions import task_partitions
 
 TRAINING_MAX_RUNTIME_SECONDS = 6 * 3600
+POLL_SECONDS = int(os.environ.get("FTPIPE_POLL_SECONDS", "30"))
+RETRAIN_CRON, RETRAIN_INTERVAL = "*/15 * * * *", timedelta(minutes=15)
+DATA_VERSION_TAG = "dagster/data_version"
+IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+               dg.DagsterRunStatus.STARTED]
 
 finetune_job = dg.define_asset_job(
     "finetune_job", selection=dg.AssetSelection.all(),
@@ -19,16 +31,136 @@ data_job = dg.define_asset_job(
     description="Read, clean, deduplicate and split one task's data.",
 )
 
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "automation_sensor", target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=POLL_SECONDS,
+    description="Refreshes the data assets when task files change; evaluates new adapters; merges what passed the gate.",
+)
 
-@dg.sensor(default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30)
-def task_discovery_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-    """Adds a `task` partition for every new task folder; refuses folders with invalid names."""
+
+@dataclass
+class TaskChanges:
+    """Task folders not yet partitions, known tasks whose files changed (new version), refused folders."""
+
+    new: list[str] = field(default_factory=list)
+    changed: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def observations(self) -> list[dg.AssetObservation]:
+        return [dg.AssetObservation(asset_key=task_files.key, partition=task, tags={DATA_VERSION_TAG: version})
+                for task, version in self.changed.items()]
+
+
+def last_observed_version(instance: dg.DagsterInstance, task: str) -> str | None:
+    records = instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=task_files.key, asset_partitions=[task]), limit=1
+    ).records
+    return records[0].asset_observation.tags.get(DATA_VERSION_TAG) if records else None
+
+
+def task_changes(instance: dg.DagsterInstance) -> TaskChanges:
+    """What changed in the task folders since the instance last looked (new partitions are observed once added)."""
     found = discover_tasks()
-    for folder, reason in found.refused.items():
+    known = set(instance.get_dynamic_partitions(task_partitions.name))
+    changes = TaskChanges(new=[t for t in found.tasks if t not in known], refused=found.refused)
+    for task in (t for t in found.tasks if t in known):
+        version = task_files_version(task)
+        if version != last_observed_version(instance, task):
+            changes.changed[task] = version
+    return changes
+
+
+@dg.sensor(default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=POLL_SECONDS)
+def task_files_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+    """Adds a `task` partition for every new task folder and observes `task_files` when a folder's files change."""
+    changes = task_changes(context.instance)
+    for reason in changes.refused.values():
         context.log.warning(reason)
-    known = set(context.instance.get_dynamic_partitions(task_partitions.name))
-    new = [task for task in found.tasks if task not in known]
-    if not new:
-        return dg.SkipReason(f"no new task folders ({len(found.tasks)} known, {len(found.refused)} refused)")
-    context.log.info(f"adding task partitions: {', '.join(new)}")
-    return dg.SensorResult(dynamic_partitions_requests=[task_partitions.build_add_request(new)])
+    if not changes.new and not changes.changed:
+        return dg.SkipReason(f"no new or changed task folders ({len(changes.refused)} refused)")
+    if changes.new:
+        context.log.info(f"adding task partitions: {', '.join(changes.new)}")
+    if changes.changed:
+        context.log.info("task files changed: " + ", ".join(f"{t} -> {v}" for t, v in changes.changed.items()))
+    return dg.SensorResult(
+        dynamic_partitions_requests=[task_partitions.build_add_request(changes.new)] if changes.new else [],
+        asset_events=changes.observations(),
+    )
+
+
+def training_due(instance: dg.DagsterInstance, task: str) -> tuple[bool, str]:
+    """Whether retraining the task would train anything new, and why (run in progress, fingerprint unchanged...)."""
+    if instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": task}, statuses=IN_PROGRESS), limit=1):
+        return False, f"{task}: a run is in progress"
+    try:
+        _, fingerprint = training_inputs(task, task_config(task).training)
+    except FileNotFoundError:
+        return True, f"{task}: no held-out split or base model yet"
+    last = last_training_fingerprint(task)
+    if fingerprint == last:
+        return False, f"{task}: training fingerprint {fingerprint} unchanged since the last adapter"
+    return True, f"{task}: training fingerprint {last or 'none'} -> {fingerprint}"
+
+
+def retrain_requests(instance: dg.DagsterInstance, tasks: list[str], trigger: str) -> tuple[list[dg.RunRequest], list[str]]:
+    """A `finetune_job` run for each task whose training would change; the reasons for the others."""
+    requests, skipped = [], []
+    for task in tasks:
+        due, reason = training_due(instance, task)
+        if due:
+            requests.append(dg.RunRequest(partition_key=task, tags={"ftpipe/retrain": trigger, "ftpipe/reason": reason}))
+        else:
+            skipped.append(reason)
+    return requests, skipped
+
+
+def tasks_by_policy(instance: dg.DagsterInstance, wanted: Callable[[RetrainConfig], bool]) -> tuple[list[str], list[str]]:
+    """The tasks whose retrain policy wants a run now, and the reasons for tasks whose task.yaml is broken."""
+    tasks, broken = [], []
+    for task in instance.get_dynamic_partitions(task_partitions.name):
+        try:
+            if wanted(task_config(task).retrain):
+                tasks.append(task)
+        except TaskConfigError as error:
+            broken.append(f"{task}: {error}")
+    return tasks, broken
+
+
+def _result(context, requests: list[dg.RunRequest], skipped: list[str], idle: str):
+    for reason in skipped:
+        context.log.info(reason)
+    return requests or dg.SkipReason("; ".join(skipped) or idle)
+
+
+@dg.sensor(job=finetune_job, default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=POLL_SECONDS)
+def retrain_on_data_change_sensor(context: dg.SensorEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
+    """Retrains tasks with `retrain.on_data_change: true` as soon as their training fingerprint changes."""
+    tasks, skipped = tasks_by_policy(context.instance, lambda policy: policy.on_data_change)
+    waiting = [task for task in tasks if not all(path.exists() for path in split_files(task))]
+    skipped += [f"{task}: waiting for the data assets to build the held-out split" for task in waiting]
+    requests, unchanged = retrain_requests(context.instance, [t for t in tasks if t not in waiting], "data_change")
+    return _result(context, requests, skipped + unchanged, "no task has retrain.on_data_change: true")
+
+
+def cron_fired(cron: str, after: datetime, until: datetime) -> bool:
+    """Whether `cron` has a tick in (after, until]."""
+    from croniter import croniter
+
+    return croniter(cron, after).get_next(datetime) <= until
+
+
+@dg.schedule(
+    cron_schedule=RETRAIN_CRON, job=finetune_job, execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+)
+def retrain_schedule(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
+    """Every 15 minutes: a run for each task whose `retrain.schedule` (cron, UTC) fell due, unless nothing changed."""
+    now = context.scheduled_execution_time
+    since = now - RETRAIN_INTERVAL
+
+    def due(policy: RetrainConfig) -> bool:
+        return policy.schedule is not None and cron_fired(policy.schedule, since, now)
+
+    tasks, skipped = tasks_by_policy(context.instance, due)
+    requests, unchanged = retrain_requests(context.instance, tasks, "schedule")
+    return _result(context, requests, skipped + unchanged, "no task's retrain.schedule fell due")

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+SECRET_NAME_RE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL", re.IGNORECASE)
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 
 
@@ -47,6 +48,38 @@ class LoraConfig(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class SecretRef(_Strict):
+    secret: str = Field(description="name of a Kubernetes Secret")
+    key: str = Field(description="key inside that Secret")
+
+
+class K8sConfig(_Strict):
+    """The training pod (launcher: k8s). Secrets are passed by reference only (secret_env)."""
+
+    image: str = Field(description="an image with ftpipe installed, e.g. registry.example.com/ftpipe:1.0")
+    namespace: str = "default"
+    service_account: str | None = None
+    gpus: int = Field(1, ge=0, description="nvidia.com/gpu limit")
+    cpu: str | None = Field(None, description="CPU request, e.g. '8'")
+    memory: str | None = Field(None, description="memory request and limit, e.g. '48Gi'")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    volumes: list[dict[str, Any]] = Field(default_factory=list, description="pod volumes; $FTPIPE_HOME must be on one")
+    volume_mounts: list[dict[str, Any]] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict, description="plain values; never secrets")
+    secret_env: dict[str, SecretRef] = Field(default_factory=dict)
+    image_pull_secrets: list[str] = Field(default_factory=list)
+
+    @field_validator("env")
+    @classmethod
+    def _no_inline_secrets(cls, env: dict[str, str]) -> dict[str, str]:
+        inline = [name for name in env if SECRET_NAME_RE.search(name)]
+        if inline:
+            raise ValueError(f"{', '.join(inline)} look(s) like secrets: pass them with secret_env "
+                             "({NAME: {secret: <Secret name>, key: <key>}}), never inline")
+        return env
+
+
 class TrainingConfig(_Strict):
     method: Literal["auto", "lora", "qlora", "full"] = "auto"
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -66,7 +99,28 @@ class TrainingConfig(_Strict):
     logging_steps: int = Field(5, ge=1)
     early_stopping_patience: int = Field(3, ge=1)
     save_total_limit: int = Field(2, ge=2)
-    launcher: Literal["subprocess"] = "subprocess"
+    launcher: Literal["subprocess", "torchrun", "k8s"] = "subprocess"
+    num_processes: int = Field(1, ge=1, description="processes per node, one per GPU (torchrun; k8s pods use torchrun when > 1)")
+    nnodes: int = Field(1, ge=1, description="nodes taking part (torchrun); more than 1 needs rdzv_endpoint")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the torchrun rendezvous for several nodes")
+    k8s: K8sConfig | None = None
+
+    @model_validator(mode="after")
+    def _launch(self) -> TrainingConfig:
+        world = self.num_processes * self.nnodes
+        if self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} is the global batch: it must divide evenly over {world} processes")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port reachable from every node)")
+        if self.launcher == "subprocess" and world > 1:
+            raise ValueError("several processes need launcher torchrun (or k8s)")
+        if self.launcher == "k8s" and self.k8s is None:
+            raise ValueError("launcher k8s needs a k8s section with at least an image")
+        return self
+
+    def recipe(self) -> dict[str, Any]:
+        """What decides the trained weights: everything but where and how the training is launched."""
+        return self.model_dump(exclude={"launcher", "num_processes", "nnodes", "rdzv_endpoint", "k8s"})
 
 
 class EvaluationConfig(_Strict):
@@ -81,14 +135,16 @@ class EvaluationConfig(_Strict):
 
 
 class RetrainConfig(_Strict):
-    on_data_change: bool = False
-    schedule: str = Field("0 3 * * 1", description="cron; default Mondays 03:00")
+    on_data_change: bool = Field(False, description="retrain as soon as the training fingerprint changes")
+    schedule: str | None = Field("0 3 * * 1", description="cron (UTC) for scheduled retraining; null for none")
 
     @field_validator("schedule")
     @classmethod
-    def _cron(cls, value: str) -> str:
-        if len(value.split()) != 5:
-            raise ValueError("a cron expression with 5 fields, e.g. '0 3 * * 1'")
+    def _cron(cls, value: str | None) -> str | None:
+        from croniter import croniter
+
+        if value is not None and (len(value.split()) != 5 or not croniter.is_valid(value)):
+            raise ValueError("a cron expression with 5 fields, e.g. '0 3 * * 1', or null")
         return value
 
 

@@ -3,7 +3,9 @@
 import dagster as dg
 
 from ftpipe.assets import data, evaluation, serving, training
-from ftpipe.automation import data_job, finetune_job, task_discovery_sensor
+from ftpipe.automation import (
+    automation_sensor, data_job, finetune_job, retrain_on_data_change_sensor, retrain_schedule, task_files_sensor,
+)
 from ftpipe.checks import eval_report_gate, heldout_split_no_leakage
 from ftpipe.resources import default_resources
 
@@ -11,6 +13,8 @@ defs = dg.Definitions(
     assets=dg.load_assets_from_modules([data, training, evaluation, serving]),
     asset_checks=[heldout_split_no_leakage, eval_report_gate],
     jobs=[finetune_job, data_job],
-    sensors=[task_discovery_sensor],
+    schedules=[retrain_schedule],
+    sensors=[task_files_sensor, retrain_on_data_change_sensor, automation_sensor],
     resources=default_resources(),
+    executor=dg.in_process_executor,
 )

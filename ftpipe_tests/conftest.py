@@ -34,3 +34,8 @@ def make_task(data_dir: Path, name: str, files: dict[str, list | str | bytes], t
             content = "".join(json.dumps(row) + "\n" for row in content)
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return folder
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Start the real-model demo (the longest test) first, so parallel workers finish at about the same time."""
+    items.sort(key=lambda item: item.path.name != "test_demo.py")

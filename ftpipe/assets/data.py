@@ -1,4 +1,7 @@
-"""Data group: raw_examples -> deduplicated_examples -> heldout_split, and review_sample."""
+"""Data group: task_files -> raw_examples -> deduplicated_examples -> heldout_split, and review_sample.
+
+The data assets refresh by themselves (declarative automation) whenever an upstream data version changes.
+"""
 
 
 import dagster as dg
@@ -6,17 +9,26 @@ import dagster as dg
 from ftpipe.assets.common import TaskRunConfig, file_version, load_config, markdown_table
 from ftpipe.core import dedup, records, split
 from ftpipe.core.storage import artifact_dir, task_dir
+from ftpipe.core.tasks import task_files_version
 from ftpipe.partitions import task_partitions
 
 GROUP = "data"
 PREVIEW_ROWS = 20
+REFRESH = dg.AutomationCondition.eager()
+
+
+@dg.observable_source_asset(partitions_def=task_partitions, group_name=GROUP)
+def task_files(context: dg.OpExecutionContext) -> dg.DataVersionsByPartition:
+    """A task folder's `task.yaml` and `raw/` files; its data version is a hash of their contents."""
+    tasks = context.instance.get_dynamic_partitions(task_partitions.name)
+    return dg.DataVersionsByPartition({task: task_files_version(task) for task in tasks})
 
 
 def _examples(task: str, asset: str, name: str = "examples.parquet"):
     return artifact_dir(task, asset) / name
 
 
-@dg.asset(partitions_def=task_partitions, group_name=GROUP, kinds={"parquet"})
+@dg.asset(partitions_def=task_partitions, group_name=GROUP, kinds={"parquet"}, deps=[task_files], automation_condition=REFRESH)
 def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg.MaterializeResult:
     """Every row of the task's raw/ files in the canonical chat schema; unusable rows quarantined with a reason."""
     task = context.partition_key
@@ -41,7 +53,9 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     )
 
 
-@dg.asset(partitions_def=task_partitions, group_name=GROUP, kinds={"parquet"}, deps=[raw_examples])
+@dg.asset(
+    partitions_def=task_partitions, group_name=GROUP, kinds={"parquet"}, deps=[raw_examples], automation_condition=REFRESH,
+)
 def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg.MaterializeResult:
     """Exact duplicates, near-duplicates (MinHash LSH) and contradicting labels removed; every removal kept with its reason."""
     task = context.partition_key
@@ -67,7 +81,9 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
     )
 
 
-@dg.asset(partitions_def=task_partitions, group_name=GROUP, kinds={"csv"}, deps=[deduplicated_examples])
+@dg.asset(
+    partitions_def=task_partitions, group_name=GROUP, kinds={"csv"}, deps=[deduplicated_examples], automation_condition=REFRESH,
+)
 def review_sample(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """100 random deduplicated examples (fixed seed) for a manual read before training."""
     task = context.partition_key
@@ -84,7 +100,9 @@ def review_sample(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     )
 
 
-@dg.asset(partitions_def=task_partitions, group_name=GROUP, kinds={"parquet"}, deps=[deduplicated_examples])
+@dg.asset(
+    partitions_def=task_partitions, group_name=GROUP, kinds={"parquet"}, deps=[deduplicated_examples], automation_condition=REFRESH,
+)
 def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg.MaterializeResult:
     """Train / eval rows by a stable hash of the prompt; near-duplicate prompts stay on one side."""
     task = context.partition_key

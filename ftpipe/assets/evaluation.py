@@ -5,7 +5,7 @@ import json
 import dagster as dg
 
 from ftpipe.assets.common import TaskRunConfig, file_version, load_config
-from ftpipe.assets.training import base_model, base_model_info, lora_adapter, split_files
+from ftpipe.assets.training import adapter_dir, base_model, base_model_info, lora_adapter, split_files
 from ftpipe.core.storage import artifact_dir, data_dir, home_dir
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking
@@ -15,7 +15,7 @@ CONTRACT = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_c
 
 
 def adapter_result(task: str) -> dict:
-    return json.loads((artifact_dir(task, "lora_adapter") / "adapter" / "training_result.json").read_text())
+    return json.loads((adapter_dir(task) / "training_result.json").read_text())
 
 
 def eval_metrics(task: str) -> dict:
@@ -23,7 +23,10 @@ def eval_metrics(task: str) -> dict:
     return json.loads((artifact_dir(task, "eval_report") / "metrics.json").read_text())
 
 
-@dg.asset(partitions_def=task_partitions, group_name=GROUP, kinds={"pytorch", "mlflow"}, deps=[lora_adapter, base_model], pool="gpu")
+@dg.asset(
+    partitions_def=task_partitions, group_name=GROUP, kinds={"pytorch", "mlflow"}, deps=[lora_adapter, base_model], pool="gpu",
+    automation_condition=dg.AutomationCondition.eager().allow(dg.AssetSelection.assets(lora_adapter)),
+)
 def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow: MlflowTracking) -> dg.MaterializeResult:
     """Base vs fine-tuned model on the held-out split (task metric with a bootstrap interval) and a forgetting check."""
     from ftpipe.core.evaluation import log_to_mlflow, run_evaluation
@@ -35,7 +38,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     probe = data_dir() / "general" / "probe.jsonl"
     result = run_evaluation(
         base_model_dir=base["path"], base_fingerprint=base["fingerprint"],
-        adapter_dir=artifact_dir(task, "lora_adapter") / "adapter",
+        adapter_dir=adapter_dir(task),
         eval_path=eval_path, eval_version=file_version(eval_path).value,
         probe_path=probe if probe.exists() else None, config=cfg.evaluation,
         cache_dir=home_dir() / "cache" / "eval_base", out_dir=artifact_dir(task, "eval_report"),

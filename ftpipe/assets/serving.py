@@ -29,6 +29,10 @@ def _card(task: str, cfg, training: dict, metrics: dict, base: dict) -> dict:
 @dg.asset(
     partitions_def=task_partitions, group_name=GROUP, kinds={"safetensors", "mlflow"},
     deps=[eval_report, lora_adapter, base_model],
+    automation_condition=(
+        dg.AutomationCondition.eager().allow(dg.AssetSelection.assets(eval_report))
+        & dg.AutomationCondition.all_deps_blocking_checks_passed()
+    ),
 )
 def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow: MlflowTracking) -> dg.MaterializeResult:
     """The adapter merged into a full-precision base, parity-checked, with a model card and serving files; registered in MLflow."""

@@ -2,13 +2,13 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import dagster as dg
 
 from ftpipe.assets.common import TaskRunConfig, file_version, load_config
 from ftpipe.assets.data import heldout_split
+from ftpipe.config import TrainingConfig
 from ftpipe.core.storage import artifact_dir, home_dir, write_text
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking, ModelHub
@@ -27,6 +27,24 @@ def base_model_info(task: str) -> dict:
 def split_files(task: str) -> list[Path]:
     folder = artifact_dir(task, "heldout_split")
     return [folder / "train.parquet", folder / "eval.parquet"]
+
+
+def adapter_dir(task: str) -> Path:
+    return artifact_dir(task, "lora_adapter") / "adapter"
+
+
+def training_inputs(task: str, training: TrainingConfig) -> tuple[str, str]:
+    """(split data version, training fingerprint) of a training on the task's current split and base model."""
+    from ftpipe.core.training import training_fingerprint
+
+    split_version = file_version(*split_files(task)).value
+    return split_version, training_fingerprint(split_version, base_model_info(task)["fingerprint"], training.recipe())
+
+
+def last_training_fingerprint(task: str) -> str | None:
+    """The fingerprint of the task's current adapter, if there is one."""
+    marker = adapter_dir(task) / "training_fingerprint"
+    return marker.read_text().strip() if marker.exists() else None
 
 
 @dg.asset(partitions_def=task_partitions, group_name=GROUP, kinds={"safetensors"})
@@ -72,7 +90,7 @@ def _spec(context: dg.AssetExecutionContext, cfg, mlflow: MlflowTracking, split_
         "base_fingerprint": base["fingerprint"],
         "train_path": str(train),
         "eval_path": str(evaluation),
-        "output_dir": str(artifact_dir(task, "lora_adapter") / "adapter"),
+        "output_dir": str(adapter_dir(task)),
         "checkpoint_dir": str(home_dir() / "tasks" / task / "checkpoints" / fingerprint),
         "training": cfg.training.model_dump(),
         "trust_remote_code": cfg.trust_remote_code,
@@ -91,19 +109,39 @@ def _spec(context: dg.AssetExecutionContext, cfg, mlflow: MlflowTracking, split_
     }
 
 
-def _reuse(adapter_dir: Path, fingerprint: str, context: dg.AssetExecutionContext) -> dg.MaterializeResult | None:
+def _reuse(task: str, fingerprint: str, context: dg.AssetExecutionContext) -> dg.MaterializeResult | None:
     """The previous adapter's result when it was trained with this exact fingerprint."""
-    marker = adapter_dir / "training_fingerprint"
-    if not marker.exists() or marker.read_text().strip() != fingerprint:
+    if last_training_fingerprint(task) != fingerprint:
         return None
     from ftpipe.core.training import RESULT_FILE, pipes_metadata
 
-    context.log.info(f"training fingerprint {fingerprint} unchanged: reusing the adapter in {adapter_dir}")
-    metadata = json.loads((adapter_dir / RESULT_FILE).read_text())
+    folder = adapter_dir(task)
+    context.log.info(f"training fingerprint {fingerprint} unchanged: reusing the adapter in {folder}")
+    metadata = json.loads((folder / RESULT_FILE).read_text())
     return dg.MaterializeResult(
         metadata={**_typed(pipes_metadata(metadata)), "reused": True},
-        data_version=file_version(adapter_dir / "adapter_model.safetensors"),
+        data_version=file_version(folder / "adapter_model.safetensors"),
     )
+
+
+def _launch(context: dg.AssetExecutionContext, training: TrainingConfig, spec_path: str, fingerprint: str,
+            pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.PipesClientCompletedInvocation:
+    """Run the training program here (one process or torchrun) or in a Kubernetes pod, through Dagster Pipes."""
+    from ftpipe.core.launch import PodSpecError, pod_spec, training_command
+
+    if training.launcher != "k8s":
+        if training.nnodes > 1:
+            joining = " ".join(training_command(training, spec_path, fingerprint, python="python"))
+            context.log.info(f"waiting for {training.nnodes - 1} more node(s); on each, with the same FTPIPE_HOME, run: {joining}")
+        return pipes_subprocess_client.run(command=training_command(training, spec_path, fingerprint), context=context)
+    from dagster_k8s import PipesK8sClient
+
+    try:
+        spec = pod_spec(training.k8s, training_command(training, spec_path, fingerprint, python="python"))
+    except PodSpecError as error:
+        raise dg.Failure(description=str(error), allow_retries=False) from None
+    context.log.info(f"starting the training pod in namespace {training.k8s.namespace!r} with image {training.k8s.image}")
+    return PipesK8sClient().run(context=context, namespace=training.k8s.namespace, base_pod_spec=spec)
 
 
 def _typed(metadata: dict) -> dict:
@@ -123,7 +161,6 @@ def lora_adapter(
 ) -> dg.MaterializeResult:
     """A LoRA / QLoRA / full fine-tune of the base model on the train split (TRL SFTTrainer), tracked in MLflow."""
     from ftpipe.core.modeling import check_method
-    from ftpipe.core.training import training_fingerprint
 
     task = context.partition_key
     cfg = load_config(context, config)
@@ -131,18 +168,14 @@ def lora_adapter(
         check_method(cfg.training.method)
     except ValueError as error:
         raise dg.Failure(description=str(error), allow_retries=False) from None
-    split_version = file_version(*split_files(task)).value
-    fingerprint = training_fingerprint(split_version, base_model_info(task)["fingerprint"], cfg.training.model_dump())
-    adapter_dir = artifact_dir(task, "lora_adapter") / "adapter"
-    reused = None if config.force_retrain else _reuse(adapter_dir, fingerprint, context)
+    split_version, fingerprint = training_inputs(task, cfg.training)
+    reused = None if config.force_retrain else _reuse(task, fingerprint, context)
     if reused:
         return reused
     spec_path = artifact_dir(task, "lora_adapter") / "spec.json"
     write_text(spec_path, json.dumps(_spec(context, cfg, mlflow, split_version, fingerprint), indent=2))
-    result = pipes_subprocess_client.run(
-        command=[sys.executable, "-m", "ftpipe.core.training", str(spec_path)], context=context
-    ).get_materialize_result()
-    write_text(adapter_dir / "training_fingerprint", fingerprint)
+    result = _launch(context, cfg.training, str(spec_path), fingerprint, pipes_subprocess_client).get_materialize_result()
+    write_text(adapter_dir(task) / "training_fingerprint", fingerprint)
     run_id = result.metadata["mlflow_run_id"]
     run_id = getattr(run_id, "value", run_id)
     return dg.MaterializeResult(

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftpipe.config import TaskConfig, TaskConfigError, check_task_name, load_task_config
-from ftpipe.core.storage import task_dir, tasks_dir
+from ftpipe.core.storage import sha256_of_files, task_dir, tasks_dir
 
 
 @dataclass
@@ -32,3 +32,11 @@ def discover_tasks(root: Path | None = None) -> Discovery:
 def task_config(task: str, overrides: str = "") -> TaskConfig:
     """The validated configuration of a task, with optional run overrides."""
     return load_task_config(task_dir(check_task_name(task)) / "task.yaml", overrides)
+
+
+def task_files_version(task: str) -> str:
+    """A hash of what the pipeline reads from a task folder: `task.yaml` and the files under `raw/`."""
+    folder = task_dir(task)
+    candidates = [folder / "task.yaml", *(folder / "raw").rglob("*")]
+    inside = [p for p in candidates if p.is_file() and folder in p.resolve().parents]
+    return sha256_of_files(inside, folder)[:16]

@@ -99,7 +99,9 @@ def sweep_stale_runs(experiment: str, uri: str | None = None) -> list[str]:
 
 
 class RunLogger:
-    """Thin logging handle on one MLflow run (client API, so nothing depends on global MLflow state)."""
+    """Thin logging handle on one MLflow run (client API, so nothing depends on global MLflow state).
+
+    Without a client (torchrun ranks other than 0) it logs nothing."""
 
     def __init__(self, client, run_id: str):
         self.client = client
@@ -108,6 +110,8 @@ class RunLogger:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
+        if self.client is None:
+            return
         self.client.log_batch(self.run_id, params=[Param(key, str(value)) for key, value in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -115,10 +119,12 @@ class RunLogger:
 
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        if batch:
+        if batch and self.client is not None:
             self.client.log_batch(self.run_id, metrics=batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.client is None:
+            return
         if path.is_dir():
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:

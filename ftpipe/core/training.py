@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,23 +77,37 @@ def training_fingerprint(split_version: str, base_fingerprint: str, training_con
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun (0 when launched alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 class Reporter:
-    """Log lines and the final materialization through Dagster Pipes; echoed to stdout when outside Dagster."""
+    """Log lines and the final materialization through Dagster Pipes (rank 0 only); echoed to stdout outside Dagster."""
 
     def __init__(self, pipes, echo: bool):
         self.pipes = pipes
         self.echo = echo
 
     def info(self, message: str) -> None:
-        self.pipes.log.info(message)
+        if self.pipes is not None:
+            self.pipes.log.info(message)
         if self.echo:
             print(message, flush=True)
 
 
 @contextmanager
 def pipes_reporter() -> Iterator[Reporter]:
+    """Rank 0 talks to Dagster through Pipes; other torchrun ranks stay silent."""
     from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 
+    if process_rank() != 0:
+        yield Reporter(None, echo=False)
+        return
     under_dagster = PipesEnvVarParamsLoader().is_dagster_pipes_process()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # outside Dagster it warns and returns a no-op mock
@@ -219,8 +233,8 @@ def sft_config(config: TrainingConfig, checkpoint_dir: Path):
         output_dir=str(checkpoint_dir),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
+        per_device_train_batch_size=config.batch_size // world_size(),  # batch_size is the global batch
+        per_device_eval_batch_size=config.batch_size // world_size(),
         gradient_accumulation_steps=config.gradient_accumulation,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.scheduler,
@@ -248,6 +262,7 @@ def sft_config(config: TrainingConfig, checkpoint_dir: Path):
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         activation_checkpointing=on_gpu,
         dataloader_num_workers=0,
+        ddp_backend="gloo" if world_size() > 1 and not on_gpu else None,
     )
 
 
@@ -399,8 +414,12 @@ def train(spec: TrainingSpec, reporter: Reporter) -> dict[str, Any]:
     tags = {"task": spec.task, "base_fingerprint": spec.base_fingerprint, **spec.mlflow.tags}
     uri = spec.mlflow.tracking_uri or tracking_uri()
     run_name = spec.mlflow.run_name or spec.task
-    with tracked_run(spec.mlflow.experiment, run_name=run_name, tags=tags, resume_run_id=resume_run_id, uri=uri) as run:
-        write_text(run_id_file, run.run_id)
+    lead = process_rank() == 0
+    tracking = (tracked_run(spec.mlflow.experiment, run_name=run_name, tags=tags, resume_run_id=resume_run_id, uri=uri)
+                if lead else nullcontext(RunLogger(None, "")))
+    with tracking as run:
+        if lead:
+            write_text(run_id_file, run.run_id)
         reporter.info(f"mlflow run {run.run_id} in experiment {spec.mlflow.experiment!r} at {redact_uri(uri)}")
         trainer, progress, rows_too_long = build_trainer(spec, config, method, reporter, run)
         if resume_run_id is None:
@@ -418,6 +437,8 @@ def train(spec: TrainingSpec, reporter: Reporter) -> dict[str, Any]:
             "mlflow_run_id": run.run_id,
             "resumed_from_step": checkpoint_step(checkpoint) if checkpoint else 0,
         }
+        if not lead:
+            return {}
         metadata = write_outputs(trainer, output_dir, config, facts)
         run.log_metrics({"final_eval_loss": eval_loss}, step=trainer.state.global_step)
         run.log_artifact(output_dir, "adapter")
@@ -479,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         except RunInterrupted as interrupted:
             reporter.info(f"training stopped: {interrupted}")
             return 128 + interrupted.signum
+        if process_rank() != 0:
+            return 0
         adapter = Path(metadata["adapter_path"])
         weights = next(adapter.glob("*.safetensors"))
         reporter.pipes.report_asset_materialization(

@@ -8,10 +8,10 @@ import dagster as dg
 import pytest
 
 from ftpipe.assets import data
-from ftpipe.automation import task_discovery_sensor
 from ftpipe.checks import heldout_split_no_leakage
 from ftpipe.core.records import example_id
 from ftpipe.core.storage import artifact_dir
+from ftpipe.core.tasks import task_files_version
 from ftpipe.partitions import task_partitions
 from ftpipe_tests.conftest import chat, make_task
 
@@ -85,21 +85,6 @@ def test_leakage_check_blocks_when_an_earlier_split_pinned_near_duplicates_apart
     assert check.metadata["leaked_eval_rows"].value == 1
 
 
-def test_discovery_sensor_adds_new_tasks_and_refuses_bad_names(ftpipe_env: Path) -> None:
-    make_task(ftpipe_env, "first", {"a.jsonl": ROWS})
-    (ftpipe_env / "tasks" / "Bad Name").mkdir()
-    with dg.instance_for_test() as instance:
-        result = task_discovery_sensor(dg.build_sensor_context(instance=instance))
-        [request] = result.dynamic_partitions_requests
-        assert list(request.partition_keys) == ["first"]
-        instance.add_dynamic_partitions(task_partitions.name, ["first"])
-        skipped = task_discovery_sensor(dg.build_sensor_context(instance=instance))
-        assert isinstance(skipped, dg.SkipReason) and "1 refused" in skipped.skip_message
-        make_task(ftpipe_env, "second", {"a.jsonl": ROWS})
-        [request] = task_discovery_sensor(dg.build_sensor_context(instance=instance)).dynamic_partitions_requests
-        assert list(request.partition_keys) == ["second"]
-
-
 def test_definitions_graph_and_no_heavy_imports() -> None:
     code = (
         "import sys, json; from ftpipe.definitions import defs; "
@@ -111,7 +96,8 @@ def test_definitions_graph_and_no_heavy_imports() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     info = json.loads(out.strip().splitlines()[-1])
     assert info["heavy"] == []
-    assert {"raw_examples", "deduplicated_examples", "review_sample", "heldout_split"} <= set(info["assets"])
+    assert {"task_files", "raw_examples", "deduplicated_examples", "review_sample", "heldout_split"} <= set(info["assets"])
+    assert info["deps"]["raw_examples"] == ["task_files"]
     assert info["deps"]["deduplicated_examples"] == ["raw_examples"]
     assert info["deps"]["heldout_split"] == ["deduplicated_examples"]
     assert info["deps"]["review_sample"] == ["deduplicated_examples"]
@@ -127,3 +113,7 @@ def test_tasks_sync_cli_registers_partitions(ftpipe_env: Path, tmp_path: Path) -
     assert "alpha" in done.stdout and "'UPPER'" in done.stderr
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert instance.get_dynamic_partitions(task_partitions.name) == ["alpha"]
+        [observed] = instance.fetch_observations(dg.AssetKey("task_files"), limit=5).records
+        assert observed.asset_observation.tags["dagster/data_version"] == task_files_version("alpha")
+    again = subprocess.run([sys.executable, "-m", "ftpipe", "tasks", "sync"], capture_output=True, text=True, env=env, check=True)
+    assert "(0 new, 0 changed)" in again.stdout

@@ -88,13 +88,21 @@ def test_failed_gate_blocks_the_merge_and_a_passing_one_registers_it(tiny_task: 
     strict = {"ops": {"eval_report": {"config": {"overrides": "evaluation: {min_improvement: 0.5}"}}}}
     lenient = {"ops": {"eval_report": {"config": {"overrides": "evaluation: {min_improvement: -1.0}"}}}}
     job = defs.resolve_job_def("finetune_job")
+    merge = dg.AssetSelection.assets("merged_model")
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(task_partitions.name, [tiny_task])
+        start = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=merge)
         blocked = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=strict, raise_on_error=False)
         assert not blocked.success
         gate = next(c for c in blocked.get_asset_check_evaluations() if c.check_name == "eval_report_gate")
         assert not gate.passed and "delta_ci_low" in gate.description and "min_improvement 0.5" in gate.description
         assert "merged_model" not in {e.asset_key.to_user_string() for e in blocked.get_asset_materialization_events()}
+        after_fail = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=merge, cursor=start.cursor)
+        assert after_fail.total_requested == 0, "automation never merges past a failed gate"
+
+        job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=lenient, asset_selection=[dg.AssetKey("eval_report")])
+        after_pass = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=merge, cursor=after_fail.cursor)
+        assert after_pass.get_requested_partitions(dg.AssetKey("merged_model")) == {tiny_task}, "a passing gate is merged"
 
         passed = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=lenient)
         merged = materialization(passed, "merged_model")
@@ -105,3 +113,30 @@ def test_failed_gate_blocks_the_merge_and_a_passing_one_registers_it(tiny_task: 
                               capture_output=True, text=True, env=dict(os.environ), timeout=300)
         assert chat.returncode == 0, chat.stderr[-2000:]
         assert f"model: {merged['model_path']}" in chat.stderr, "the chat CLI answers with the champion model"
+
+
+def test_k8s_launcher_hands_the_pod_spec_to_pipes_k8s_client(tiny_task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No cluster here: the client's `run` is replaced by one that records the pod and runs its container locally."""
+    from dagster_k8s import PipesK8sClient
+
+    pods = []
+
+    def run_pod_here(self, *, context, namespace, base_pod_spec, **_):
+        pods.append((namespace, base_pod_spec))
+        [container] = base_pod_spec["containers"]
+        command = [sys.executable if part == "python" else part for part in container["command"]]
+        env = {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
+        return dg.PipesSubprocessClient().run(command=command, context=context, env=env)
+
+    monkeypatch.setattr(PipesK8sClient, "run", run_pod_here)
+    k8s = ("training: {launcher: k8s, k8s: {image: 'registry.example.com/ftpipe:1.0', namespace: ml, gpus: 1, "
+           "env: {HF_HUB_OFFLINE: '1'}, secret_env: {HF_TOKEN: {secret: hf, key: token}}}}")
+    with dg.instance_for_test() as instance:
+        result = run(instance, tiny_task, run_config={"ops": {"lora_adapter": {"config": {"overrides": k8s}}}})
+    [(namespace, spec)] = pods
+    [container] = spec["containers"]
+    assert namespace == "ml" and container["image"] == "registry.example.com/ftpipe:1.0"
+    assert container["command"][:3] == ["python", "-m", "ftpipe.core.training"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in container["env"]
+    assert materialization(result, "lora_adapter")["mlflow_run_id"], "the pod's program reported back through Pipes"

@@ -1,0 +1,104 @@
+"""How the training program is started: a plain process, `torchrun`, or a Kubernetes pod.
+
+All three run the same program, `python -m ftpipe.core.training SPEC.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from ftpipe.config import K8sConfig, TrainingConfig
+
+TRAINING_PROGRAM = ["-m", "ftpipe.core.training"]
+CONTAINER_NAME = "training"
+
+
+class PodSpecError(ValueError):
+    """A pod spec the Kubernetes API would refuse, found before any pod is created."""
+
+
+def torchrun_arguments(training: TrainingConfig, run_id: str) -> list[str]:
+    if training.nnodes == 1:
+        return ["--standalone", "--nproc-per-node", str(training.num_processes)]
+    return ["--nnodes", str(training.nnodes), "--nproc-per-node", str(training.num_processes),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", training.rdzv_endpoint, "--rdzv-id", run_id]
+
+
+def training_command(training: TrainingConfig, spec_path: str, run_id: str, python: str = sys.executable) -> list[str]:
+    """The command line that runs one training: torchrun when asked for or when there are several processes."""
+    if training.launcher == "torchrun" or training.num_processes > 1:
+        return [python, "-m", "torch.distributed.run", *torchrun_arguments(training, run_id), *TRAINING_PROGRAM, spec_path]
+    return [python, *TRAINING_PROGRAM, spec_path]
+
+
+def _env(k8s: K8sConfig) -> list[dict[str, Any]]:
+    plain = [{"name": name, "value": value} for name, value in k8s.env.items()]
+    secret = [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref.secret, "key": ref.key}}}
+              for name, ref in k8s.secret_env.items()]
+    return plain + secret
+
+
+def _resources(k8s: K8sConfig) -> dict[str, dict[str, str]]:
+    requests = {key: value for key, value in (("cpu", k8s.cpu), ("memory", k8s.memory)) if value}
+    limits = {"memory": k8s.memory} if k8s.memory else {}
+    if k8s.gpus:
+        limits["nvidia.com/gpu"] = str(k8s.gpus)
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def pod_spec(k8s: K8sConfig, command: list[str]) -> dict[str, Any]:
+    """The training pod's spec (Kubernetes API field names), checked against the API's models."""
+    container = {
+        "name": CONTAINER_NAME,
+        "image": k8s.image,
+        "command": command,
+        "env": _env(k8s),
+        "resources": _resources(k8s),
+        "volumeMounts": k8s.volume_mounts,
+    }
+    spec = {
+        "containers": [{key: value for key, value in container.items() if value}],
+        "restartPolicy": "Never",
+        "serviceAccountName": k8s.service_account,
+        "nodeSelector": k8s.node_selector,
+        "tolerations": k8s.tolerations,
+        "volumes": k8s.volumes,
+        "imagePullSecrets": [{"name": name} for name in k8s.image_pull_secrets],
+    }
+    spec = {key: value for key, value in spec.items() if value}
+    check_pod_spec(spec)
+    return spec
+
+
+def check_pod_spec(spec: dict[str, Any]) -> None:
+    """Raise PodSpecError for a field the Kubernetes V1PodSpec model does not know, or a missing required one."""
+    from kubernetes.client import ApiClient, Configuration
+
+    class Response:
+        data = json.dumps(spec)
+
+    lenient = Configuration()
+    lenient.client_side_validation = False
+    client = ApiClient(lenient)
+    unknown = _unknown_fields(spec, client.sanitize_for_serialization(client.deserialize(Response(), "V1PodSpec")))
+    if unknown:
+        raise PodSpecError(f"training pod spec: unknown field(s) {', '.join(unknown)} (check training.k8s in task.yaml)")
+    try:
+        ApiClient().deserialize(Response(), "V1PodSpec")
+    except (ValueError, TypeError) as error:
+        raise PodSpecError(f"training pod spec: {error} (check training.k8s in task.yaml)") from None
+
+
+def _unknown_fields(given: Any, understood: Any, path: str = "") -> list[str]:
+    """Fields of `given` that did not survive a round trip through the Kubernetes models."""
+    if isinstance(given, dict):
+        understood = understood if isinstance(understood, dict) else {}
+        return [found for key, value in given.items()
+                for found in ([f"{path}{key}"] if key not in understood
+                              else _unknown_fields(value, understood[key], f"{path}{key}."))]
+    if isinstance(given, list) and isinstance(understood, list):
+        return [found for index, (a, b) in enumerate(zip(given, understood))
+                for found in _unknown_fields(a, b, f"{path}{index}.")]
+    return []

@@ -1,0 +1,124 @@
+"""Sensors, the retraining schedule and the automation conditions, evaluated against a real instance."""
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+
+from ftpipe.assets import data, training
+from ftpipe.automation import retrain_on_data_change_sensor, retrain_schedule, task_files_sensor
+from ftpipe.core.tasks import task_files_version
+from ftpipe.definitions import defs
+from ftpipe.partitions import task_partitions
+from ftpipe.resources import default_resources
+from ftpipe_tests.assets_tests.test_training_assets import TRAINING
+from ftpipe_tests.conftest import chat, make_task
+from ftpipe_tests.tiny_model import build_tiny_model, toy_rows
+
+ROWS = [chat(f"ticket {i}: my order {i * 7} never arrived", f"shipping-{i % 3}") for i in range(30)]
+MONDAY_3AM = datetime(2026, 11, 30, 3, 0, tzinfo=timezone.utc)
+MONDAY_2_45 = datetime(2026, 11, 30, 2, 45, tzinfo=timezone.utc)
+
+
+def sensor_tick(instance: dg.DagsterInstance):
+    """Evaluate the task files sensor and apply its result as the daemon does."""
+    result = task_files_sensor(dg.build_sensor_context(instance=instance))
+    if isinstance(result, dg.SensorResult):
+        for request in result.dynamic_partitions_requests:
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        for event in result.asset_events:
+            instance.report_runless_asset_event(event)
+    return result
+
+
+def test_task_files_sensor_new_folder_changed_file_unchanged(ftpipe_env: Path) -> None:
+    folder = make_task(ftpipe_env, "first", {"a.jsonl": ROWS})
+    (ftpipe_env / "tasks" / "Bad Name").mkdir()
+    with dg.instance_for_test() as instance:
+        [request] = sensor_tick(instance).dynamic_partitions_requests
+        assert list(request.partition_keys) == ["first"]
+        [observed] = sensor_tick(instance).asset_events
+        assert observed.partition == "first"
+        assert observed.tags["dagster/data_version"] == task_files_version("first")
+
+        unchanged = sensor_tick(instance)
+        assert isinstance(unchanged, dg.SkipReason) and "1 refused" in unchanged.skip_message
+        (folder / "raw" / "a.jsonl").write_text((folder / "raw" / "a.jsonl").read_text())
+        assert isinstance(sensor_tick(instance), dg.SkipReason), "rewriting the same bytes is no change"
+
+        with (folder / "raw" / "a.jsonl").open("a") as handle:
+            handle.write(json.dumps(chat("a new ticket", "billing")) + "\n")
+        [changed] = sensor_tick(instance).asset_events
+        assert changed.tags["dagster/data_version"] not in (observed.tags["dagster/data_version"], None)
+        (folder / "task.yaml").write_text("split: {seed: 1}\n")
+        assert sensor_tick(instance).asset_events, "an edit of task.yaml is a change too"
+
+        make_task(ftpipe_env, "second", {"a.jsonl": ROWS})
+        assert list(sensor_tick(instance).dynamic_partitions_requests[0].partition_keys) == ["second"]
+
+
+def requested(result: dg.EvaluateAutomationConditionsResult) -> dict[str, set]:
+    return {key.to_user_string(): result.get_requested_partitions(key) for key in defs.resolve_asset_graph().get_all_asset_keys()
+            if result.get_num_requested(key)}
+
+
+def test_data_assets_refresh_when_task_files_change(ftpipe_env: Path) -> None:
+    make_task(ftpipe_env, "shop", {"a.jsonl": ROWS})
+    with dg.instance_for_test() as instance:
+        start = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        sensor_tick(instance)
+        sensor_tick(instance)
+        first = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=start.cursor)
+        data_assets = {"raw_examples", "deduplicated_examples", "review_sample", "heldout_split"}
+        assert requested(first) == {name: {"shop"} for name in data_assets}, "a new task's data is built at once"
+
+        dg.materialize([data.raw_examples, data.deduplicated_examples, data.review_sample, data.heldout_split],
+                       instance=instance, partition_key="shop")
+        quiet = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+        assert requested(quiet) == {}
+
+        with (ftpipe_env / "tasks" / "shop" / "raw" / "b.jsonl").open("w") as handle:
+            handle.write(json.dumps(chat("another ticket", "billing")) + "\n")
+        sensor_tick(instance)
+        refresh = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=quiet.cursor)
+        assert requested(refresh) == {name: {"shop"} for name in data_assets}, "only the data assets refresh"
+
+
+def schedule_at(instance: dg.DagsterInstance, when: datetime):
+    return retrain_schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+
+
+def on_data_change(instance: dg.DagsterInstance):
+    return retrain_on_data_change_sensor(dg.build_sensor_context(instance=instance))
+
+
+def test_retraining_policy_due_not_due_and_unchanged(ftpipe_env: Path, tmp_path: Path) -> None:
+    model = build_tiny_model(tmp_path / "tiny")
+    config = f"base_model: {model}\nsplit: {{eval_fraction: 0.2}}\n{TRAINING}retrain: {{schedule: '0 3 * * 1'%s}}\n"
+    folder = make_task(ftpipe_env, "toy", {"rows.jsonl": [{"messages": r["messages"]} for r in toy_rows(60, seed=3)]},
+                       config % "")
+    assets = [data.raw_examples, data.deduplicated_examples, data.heldout_split, training.base_model, training.lora_adapter]
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(task_partitions.name, ["toy"])
+        not_due = schedule_at(instance, MONDAY_2_45)
+        assert isinstance(not_due, dg.SkipReason) and "fell due" in not_due.skip_message
+        [first] = schedule_at(instance, MONDAY_3AM)
+        assert first.partition_key == "toy" and "no held-out split" in first.tags["ftpipe/reason"]
+
+        dg.materialize(assets, instance=instance, partition_key="toy", resources=default_resources())
+        unchanged = schedule_at(instance, MONDAY_3AM)
+        assert isinstance(unchanged, dg.SkipReason) and "unchanged since the last adapter" in unchanged.skip_message
+
+        with (folder / "raw" / "more.jsonl").open("w") as handle:
+            for row in toy_rows(20, seed=11):
+                handle.write(json.dumps({"messages": row["messages"]}) + "\n")
+        dg.materialize(assets[:3], instance=instance, partition_key="toy")
+        [changed] = schedule_at(instance, MONDAY_3AM)
+        assert changed.tags["ftpipe/retrain"] == "schedule" and "->" in changed.tags["ftpipe/reason"]
+
+        off = on_data_change(instance)
+        assert isinstance(off, dg.SkipReason) and "on_data_change" in off.skip_message
+        (folder / "task.yaml").write_text(config % ", on_data_change: true")
+        [request] = on_data_change(instance)
+        assert request.partition_key == "toy" and request.tags["ftpipe/retrain"] == "data_change"

@@ -1,0 +1,115 @@
+"""Launching the training program: torchrun on CPU (gloo) for real, and the Kubernetes pod spec."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ftpipe.config import parse_task_config
+from ftpipe.core.launch import PodSpecError, pod_spec, training_command
+from ftpipe_tests.core_tests.test_training import program_env, workspace, write_spec  # noqa: F401 (fixture)
+
+K8S = """
+training:
+  launcher: k8s
+  num_processes: 2
+  k8s:
+    image: registry.example.com/ftpipe:1.0
+    namespace: ml
+    service_account: trainer
+    gpus: 2
+    cpu: "8"
+    memory: 48Gi
+    node_selector: {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}
+    tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+    volumes: [{name: home, persistentVolumeClaim: {claimName: ftpipe-home}}]
+    volume_mounts: [{name: home, mountPath: /mnt/ftpipe}]
+    env: {HF_HUB_OFFLINE: "1"}
+    secret_env: {HF_TOKEN: {secret: ftpipe-secrets, key: hf-token}}
+    image_pull_secrets: [registry]
+"""
+
+
+def train(spec, env, launcher: str) -> dict:
+    from ftpipe.config import TrainingConfig
+
+    config = TrainingConfig.model_validate({**json.loads(spec.read_text())["training"], "launcher": launcher,
+                                            "num_processes": 2 if launcher == "torchrun" else 1})
+    done = subprocess.run(training_command(config, str(spec), "test"), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((spec.parent / spec.stem / "adapter" / "training_result.json").read_text())
+
+
+def test_two_torchrun_processes_train_like_one_with_the_same_global_batch(workspace) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    env = program_env(workspace)
+    settings = {"max_steps": 8, "eval_steps": 4, "batch_size": 8, "lora": {"dropout": 0.0}}
+    single = train(write_spec(workspace, "single", **settings), env, "subprocess")
+    pair = train(write_spec(workspace, "pair", **settings), env, "torchrun")
+
+    assert pair["steps"] == single["steps"] == 8
+    assert pair["eval_loss"] == pytest.approx(single["eval_loss"], rel=0.05)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "base"), pair["adapter_path"])
+    assert model.peft_config["default"].r == 16
+    runs = MlflowClient(f"sqlite:///{workspace / 'home' / 'mlflow.db'}").search_runs(
+        [MlflowClient(f"sqlite:///{workspace / 'home' / 'mlflow.db'}").get_experiment_by_name("toy-pair").experiment_id])
+    assert [run.info.status for run in runs] == ["FINISHED"], "only rank 0 tracks the training"
+
+
+def test_torchrun_command_for_one_and_several_nodes() -> None:
+    one = parse_task_config("training: {launcher: torchrun, num_processes: 4}", "task.yaml").training
+    assert training_command(one, "spec.json", "fp", python="python") == [
+        "python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+        "-m", "ftpipe.core.training", "spec.json"]
+    several = parse_task_config("training: {launcher: torchrun, num_processes: 8, batch_size: 16, nnodes: 2, "
+                                "rdzv_endpoint: 'node0:29400'}", "task.yaml").training
+    command = training_command(several, "spec.json", "fp", python="python")
+    assert command[command.index("--rdzv-endpoint") + 1] == "node0:29400" and "--nnodes" in command
+    plain = parse_task_config("", "task.yaml").training
+    assert training_command(plain, "spec.json", "fp", python="python") == ["python", "-m", "ftpipe.core.training", "spec.json"]
+
+
+def test_pod_spec_from_task_yaml_is_a_valid_kubernetes_pod_spec() -> None:
+    from kubernetes.client import ApiClient
+
+    training = parse_task_config(K8S, "task.yaml").training
+    spec = pod_spec(training.k8s, training_command(training, "/mnt/ftpipe/spec.json", "fp", python="python"))
+
+    class Response:
+        data = json.dumps(spec)
+
+    model = ApiClient().deserialize(Response(), "V1PodSpec")
+    [container] = model.containers
+    assert container.image == "registry.example.com/ftpipe:1.0"
+    assert container.command[:3] == ["python", "-m", "torch.distributed.run"] and container.command[-1] == "/mnt/ftpipe/spec.json"
+    assert container.resources.limits == {"nvidia.com/gpu": "2", "memory": "48Gi"}
+    assert container.resources.requests == {"cpu": "8", "memory": "48Gi"}
+    secret = next(e for e in container.env if e.name == "HF_TOKEN")
+    assert secret.value is None and secret.value_from.secret_key_ref.name == "ftpipe-secrets"
+    assert container.volume_mounts[0].mount_path == "/mnt/ftpipe"
+    assert model.node_selector == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert model.tolerations[0].effect == "NoSchedule" and model.service_account_name == "trainer"
+    assert model.restart_policy == "Never" and model.image_pull_secrets[0].name == "registry"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("volume_mounts: [{name: home, mountpath: /mnt}]", "volumeMounts.0.mountpath"),
+    ("tolerations: [{key: a, operater: Exists}]", "tolerations.0.operater"),
+    ("volumes: [{persistentVolumeClaim: {claimName: x}}]", "`name`, must not be `None`"),
+])
+def test_pod_spec_typos_fail_before_any_pod(change: str, message: str) -> None:
+    training = parse_task_config(K8S, "task.yaml", f"training: {{k8s: {{{change}}}}}").training
+    with pytest.raises(PodSpecError, match=message):
+        pod_spec(training.k8s, ["python", "-m", "ftpipe.core.training", "spec.json"])
+
+
+def test_inline_secrets_are_refused_in_task_yaml() -> None:
+    from ftpipe.config import TaskConfigError
+
+    with pytest.raises(TaskConfigError, match="training.k8s.env.*HF_TOKEN.*secret_env"):
+        parse_task_config(K8S, "task.yaml", "training: {k8s: {env: {HF_TOKEN: hf_abc}}}")
