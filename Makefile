@@ -40,6 +40,8 @@ bench: install
 	$(PY) bench/dedup.py
 	$(PY) bench/eval.py
 	$(PY) bench/train.py
+	$(PY) bench/load.py
+	$(PY) bench/executors.py
 
 demo-data: install
 	$(PY) data/generate_demo.py
