@@ -18,16 +18,15 @@ def sync_tasks() -> list[str]:
     from ftpipe.partitions import task_partitions
 
     instance = dg.DagsterInstance.get()
-    added = task_changes(instance)
-    if added.new:
-        instance.add_dynamic_partitions(task_partitions.name, added.new)
     changes = task_changes(instance)
-    for event in changes.observations():
+    if changes.new:
+        instance.add_dynamic_partitions(task_partitions.name, changes.new)
+    for event in changes.observations(of_new=True):
         instance.report_runless_asset_event(event)
     for reason in changes.refused.values():
         print(f"refused: {reason}", file=sys.stderr)
     tasks = instance.get_dynamic_partitions(task_partitions.name)
-    print(f"tasks: {', '.join(tasks) or 'none'} ({len(added.new)} new, {len(changes.changed)} changed)")
+    print(f"tasks: {', '.join(tasks) or 'none'} ({len(changes.new)} new, {len(changes.changed) - len(changes.new)} changed)")
     return tasks
 
 

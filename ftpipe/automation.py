@@ -9,7 +9,7 @@ import dagster as dg
 
 from ftpipe.assets.data import task_files
 from ftpipe.assets.training import last_training_fingerprint, split_files, training_inputs
-from ftpipe.config import RetrainConfig, TaskConfigError
+from ftpipe.config import RetrainConfig, TaskConfig, TaskConfigError
 from ftpipe.core.tasks import discover_tasks, task_config, task_files_version
 from ftpipe.partitions import task_partitions
 
@@ -40,15 +40,16 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 
 @dataclass
 class TaskChanges:
-    """Task folders not yet partitions, known tasks whose files changed (new version), refused folders."""
+    """Task folders not yet partitions; tasks whose files changed or were never observed (new version); refused folders."""
 
     new: list[str] = field(default_factory=list)
     changed: dict[str, str] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
 
-    def observations(self) -> list[dg.AssetObservation]:
+    def observations(self, *, of_new: bool) -> list[dg.AssetObservation]:
+        """Observations of the changed tasks; of the new ones too when their partitions exist already."""
         return [dg.AssetObservation(asset_key=task_files.key, partition=task, tags={DATA_VERSION_TAG: version})
-                for task, version in self.changed.items()]
+                for task, version in self.changed.items() if of_new or task not in self.new]
 
 
 def last_observed_version(instance: dg.DagsterInstance, task: str) -> str | None:
@@ -59,11 +60,11 @@ def last_observed_version(instance: dg.DagsterInstance, task: str) -> str | None
 
 
 def task_changes(instance: dg.DagsterInstance) -> TaskChanges:
-    """What changed in the task folders since the instance last looked (new partitions are observed once added)."""
+    """What changed in the task folders since the instance last looked (a new folder counts as changed)."""
     found = discover_tasks()
     known = set(instance.get_dynamic_partitions(task_partitions.name))
     changes = TaskChanges(new=[t for t in found.tasks if t not in known], refused=found.refused)
-    for task in (t for t in found.tasks if t in known):
+    for task in found.tasks:
         version = task_files_version(task)
         if version != last_observed_version(instance, task):
             changes.changed[task] = version
@@ -76,24 +77,25 @@ def task_files_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | 
     changes = task_changes(context.instance)
     for reason in changes.refused.values():
         context.log.warning(reason)
-    if not changes.new and not changes.changed:
+    if not changes.changed:
         return dg.SkipReason(f"no new or changed task folders ({len(changes.refused)} refused)")
     if changes.new:
         context.log.info(f"adding task partitions: {', '.join(changes.new)}")
-    if changes.changed:
-        context.log.info("task files changed: " + ", ".join(f"{t} -> {v}" for t, v in changes.changed.items()))
+    observations = changes.observations(of_new=False)  # the daemon adds partitions after it records events
+    if observations:
+        context.log.info("task files changed: " + ", ".join(f"{o.partition} -> {o.tags[DATA_VERSION_TAG]}" for o in observations))
     return dg.SensorResult(
         dynamic_partitions_requests=[task_partitions.build_add_request(changes.new)] if changes.new else [],
-        asset_events=changes.observations(),
+        asset_events=observations,
     )
 
 
-def training_due(instance: dg.DagsterInstance, task: str) -> tuple[bool, str]:
+def training_due(instance: dg.DagsterInstance, task: str, config: TaskConfig) -> tuple[bool, str]:
     """Whether retraining the task would train anything new, and why (run in progress, fingerprint unchanged...)."""
     if instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": task}, statuses=IN_PROGRESS), limit=1):
         return False, f"{task}: a run is in progress"
     try:
-        _, fingerprint = training_inputs(task, task_config(task).training)
+        _, fingerprint = training_inputs(task, config.training)
     except FileNotFoundError:
         return True, f"{task}: no held-out split or base model yet"
     last = last_training_fingerprint(task)
@@ -102,11 +104,12 @@ def training_due(instance: dg.DagsterInstance, task: str) -> tuple[bool, str]:
     return True, f"{task}: training fingerprint {last or 'none'} -> {fingerprint}"
 
 
-def retrain_requests(instance: dg.DagsterInstance, tasks: list[str], trigger: str) -> tuple[list[dg.RunRequest], list[str]]:
+def retrain_requests(instance: dg.DagsterInstance, tasks: dict[str, TaskConfig],
+                     trigger: str) -> tuple[list[dg.RunRequest], list[str]]:
     """A `finetune_job` run for each task whose training would change; the reasons for the others."""
     requests, skipped = [], []
-    for task in tasks:
-        due, reason = training_due(instance, task)
+    for task, config in tasks.items():
+        due, reason = training_due(instance, task, config)
         if due:
             requests.append(dg.RunRequest(partition_key=task, tags={"ftpipe/retrain": trigger, "ftpipe/reason": reason}))
         else:
@@ -114,15 +117,18 @@ def retrain_requests(instance: dg.DagsterInstance, tasks: list[str], trigger: st
     return requests, skipped
 
 
-def tasks_by_policy(instance: dg.DagsterInstance, wanted: Callable[[RetrainConfig], bool]) -> tuple[list[str], list[str]]:
-    """The tasks whose retrain policy wants a run now, and the reasons for tasks whose task.yaml is broken."""
-    tasks, broken = [], []
+def tasks_by_policy(instance: dg.DagsterInstance,
+                    wanted: Callable[[RetrainConfig], bool]) -> tuple[dict[str, TaskConfig], list[str]]:
+    """The tasks (and their configs) whose retrain policy wants a run now; the reasons for broken task.yaml files."""
+    tasks, broken = {}, []
     for task in instance.get_dynamic_partitions(task_partitions.name):
         try:
-            if wanted(task_config(task).retrain):
-                tasks.append(task)
+            config = task_config(task)
         except TaskConfigError as error:
             broken.append(f"{task}: {error}")
+            continue
+        if wanted(config.retrain):
+            tasks[task] = config
     return tasks, broken
 
 
@@ -138,7 +144,8 @@ def retrain_on_data_change_sensor(context: dg.SensorEvaluationContext) -> list[d
     tasks, skipped = tasks_by_policy(context.instance, lambda policy: policy.on_data_change)
     waiting = [task for task in tasks if not all(path.exists() for path in split_files(task))]
     skipped += [f"{task}: waiting for the data assets to build the held-out split" for task in waiting]
-    requests, unchanged = retrain_requests(context.instance, [t for t in tasks if t not in waiting], "data_change")
+    ready = {task: config for task, config in tasks.items() if task not in waiting}
+    requests, unchanged = retrain_requests(context.instance, ready, "data_change")
     return _result(context, requests, skipped + unchanged, "no task has retrain.on_data_change: true")
 
 

@@ -94,11 +94,15 @@ def check_pod_spec(spec: dict[str, Any]) -> None:
 def _unknown_fields(given: Any, understood: Any, path: str = "") -> list[str]:
     """Fields of `given` that did not survive a round trip through the Kubernetes models."""
     if isinstance(given, dict):
-        understood = understood if isinstance(understood, dict) else {}
-        return [found for key, value in given.items()
-                for found in ([f"{path}{key}"] if key not in understood
-                              else _unknown_fields(value, understood[key], f"{path}{key}."))]
-    if isinstance(given, list) and isinstance(understood, list):
-        return [found for index, (a, b) in enumerate(zip(given, understood))
-                for found in _unknown_fields(a, b, f"{path}{index}.")]
-    return []
+        items, kept = given.items(), understood if isinstance(understood, dict) else {}
+    elif isinstance(given, list):
+        items, kept = enumerate(given), dict(enumerate(understood)) if isinstance(understood, list) else {}
+    else:
+        return []
+    unknown = []
+    for key, value in items:
+        if key in kept:
+            unknown += _unknown_fields(value, kept[key], f"{path}{key}.")
+        else:
+            unknown.append(f"{path}{key}")
+    return unknown

@@ -56,8 +56,8 @@ def test_two_torchrun_processes_train_like_one_with_the_same_global_batch(worksp
     assert pair["eval_loss"] == pytest.approx(single["eval_loss"], rel=0.05)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "base"), pair["adapter_path"])
     assert model.peft_config["default"].r == 16
-    runs = MlflowClient(f"sqlite:///{workspace / 'home' / 'mlflow.db'}").search_runs(
-        [MlflowClient(f"sqlite:///{workspace / 'home' / 'mlflow.db'}").get_experiment_by_name("toy-pair").experiment_id])
+    client = MlflowClient(f"sqlite:///{workspace / 'home' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("toy-pair").experiment_id])
     assert [run.info.status for run in runs] == ["FINISHED"], "only rank 0 tracks the training"
 
 

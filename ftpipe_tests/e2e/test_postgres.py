@@ -86,9 +86,10 @@ def test_two_tasks_at_once_with_dagster_and_mlflow_on_postgres(postgres: int, ft
             [record] = instance.fetch_materializations(
                 dg.AssetRecordsFilter(asset_key=dg.AssetKey("merged_model"), asset_partitions=[task]), limit=1).records
             assert record.asset_materialization.metadata["registered_model"].value == f"ftpipe-{task}"
-        heavy = [event for event in instance.get_event_records(dg.EventRecordsFilter(dg.DagsterEventType.STEP_START))
-                 if event.event_log_entry.step_key in ("lora_adapter", "eval_report")]
+        heavy = sorted((step.start_time, step.end_time) for run in instance.get_runs()
+                       for step in instance.get_run_step_stats(run.run_id) if step.step_key in ("lora_adapter", "eval_report"))
         assert len(heavy) == 4
+        assert all(later[0] >= earlier[1] for earlier, later in zip(heavy, heavy[1:])), "the gpu pool ran heavy steps at once"
     client = MlflowClient(mlflow_uri)
     for task in TASKS:
         experiment = client.get_experiment_by_name(f"ftpipe-{task}")
