@@ -42,6 +42,7 @@ bench: install
 	$(PY) bench/train.py
 	$(PY) bench/load.py
 	$(PY) bench/executors.py
+	$(PY) bench/pipeline.py
 
 demo-data: install
 	$(PY) data/generate_demo.py

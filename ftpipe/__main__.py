@@ -18,6 +18,7 @@ def sync_tasks() -> list[str]:
     from ftpipe.partitions import task_partitions
 
     instance = dg.DagsterInstance.get()
+    create_gpu_pool(instance)
     changes = task_changes(instance)
     if changes.new:
         instance.add_dynamic_partitions(task_partitions.name, changes.new)
@@ -28,6 +29,21 @@ def sync_tasks() -> list[str]:
     tasks = instance.get_dynamic_partitions(task_partitions.name)
     print(f"tasks: {', '.join(tasks) or 'none'} ({len(changes.new)} new, {len(changes.changed) - len(changes.new)} changed)")
     return tasks
+
+
+def create_gpu_pool(instance) -> None:
+    """Give the `gpu` pool its limit before any run needs it: two runs creating it at the same moment make
+    one of them fail on PostgreSQL (a unique-key violation inside Dagster)."""
+    from ftpipe.assets.common import GPU_POOL
+
+    storage = instance.event_log_storage
+    if GPU_POOL in storage.get_concurrency_keys():
+        return
+    try:
+        storage.initialize_concurrency_limit_to_default(GPU_POOL)
+    except Exception:  # another process created it first
+        if GPU_POOL not in storage.get_concurrency_keys():
+            raise
 
 
 def run_task(task: str) -> int:
@@ -56,7 +72,7 @@ def release_dead_runs(instance) -> None:
     """
     import dagster as dg
 
-    from ftpipe.core.tracking import process_alive
+    from ftpipe.core.storage import process_alive
 
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
         pid = run.tags.get(PID_TAG)
@@ -113,7 +129,7 @@ def chat(task: str, message: str | None) -> int:
     from ftpipe.core.storage import artifact_dir
     from ftpipe.core.tasks import task_config
 
-    latest = artifact_dir(task, "merged_model") / "model"
+    latest = artifact_dir(task, "merged_model") / "latest"
     model_dir = merging.champion_model_path(task) or (latest if latest.exists() else None)
     if model_dir is None:
         print(f"task {task!r} has no merged model yet: run `make run TASK={task}` first", file=sys.stderr)

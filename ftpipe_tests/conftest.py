@@ -9,12 +9,14 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def ftpipe_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point FTPIPE_DATA_DIR and FTPIPE_HOME at fresh folders; returns the data dir."""
+def ftpipe_env(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point FTPIPE_DATA_DIR and FTPIPE_HOME at fresh folders, and allow local models the tests build; returns
+    the data dir."""
     data = tmp_path / "data"
     (data / "tasks").mkdir(parents=True)
     monkeypatch.setenv("FTPIPE_DATA_DIR", str(data))
     monkeypatch.setenv("FTPIPE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FTPIPE_MODEL_DIRS", str(tmp_path_factory.getbasetemp()))
     return data
 
 

@@ -1,4 +1,4 @@
-"""The command line's own bookkeeping: runs left behind by a `python -m ftpipe run` whose process died."""
+"""The command line's own bookkeeping (runs left behind by a `python -m ftpipe run` whose process died) and the servers `make` starts."""
 
 import os
 import subprocess
@@ -38,3 +38,14 @@ def test_runs_of_dead_processes_fail_and_free_their_gpu_slot() -> None:
         assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.FAILURE
         assert instance.get_run_by_id(alive).status == dg.DagsterRunStatus.STARTED
         assert instance.event_log_storage.get_concurrency_info("gpu").active_run_ids == {alive}
+
+
+def test_the_servers_it_starts_listen_on_localhost_only() -> None:
+    import re
+
+    from ftpipe.core.storage import REPO_ROOT
+
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    commands = [line for line in makefile.splitlines() if re.search(r"dagster dev|dagster-webserver|mlflow (ui|server)", line)]
+    assert len(commands) == 2
+    assert all(re.search(r"(-h|--host) 127\.0\.0\.1 ", line) for line in commands), commands

@@ -12,6 +12,9 @@ from ftpipe.config import TaskConfig
 from ftpipe.core.tasks import task_config
 
 
+GPU_POOL = "gpu"  # training and evaluation: one step at a time per GPU (the limit is set in dagster.yaml)
+
+
 class TaskRunConfig(dg.Config):
     """Launchpad overrides of the task's task.yaml for one run, e.g. `overrides: "split: {seed: 3}"`."""
 

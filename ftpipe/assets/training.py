@@ -6,10 +6,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from ftpipe.assets.common import TaskRunConfig, file_version, load_config
+from ftpipe.assets.common import GPU_POOL, TaskRunConfig, file_version, load_config
 from ftpipe.assets.data import heldout_split
 from ftpipe.config import TrainingConfig
-from ftpipe.core.storage import artifact_dir, home_dir, write_text
+from ftpipe.core.storage import artifact_dir, home_dir, task_dir, write_text
+from ftpipe.core.tasks import base_model_source
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking, ModelHub
 
@@ -33,6 +34,11 @@ def adapter_dir(task: str) -> Path:
     return artifact_dir(task, "lora_adapter") / "adapter"
 
 
+def adapter_version(task: str) -> str:
+    """A hash of the current adapter's weights: what evaluation and merge results are keyed by."""
+    return file_version(*sorted(adapter_dir(task).glob("*.safetensors"))).value
+
+
 def training_inputs(task: str, training: TrainingConfig) -> tuple[str, str]:
     """(split data version, training fingerprint) of a training on the task's current split and base model."""
     from ftpipe.core.training import training_fingerprint
@@ -53,8 +59,9 @@ def base_model(context: dg.AssetExecutionContext, config: TaskRunConfig, hub: Mo
     from ftpipe.core.modeling import resolve_base_model
 
     cfg = load_config(context, config)
-    context.log.info(f"resolving base model {cfg.base_model!r}")
-    info = resolve_base_model(cfg.base_model, home_dir() / "models", trust_remote_code=cfg.trust_remote_code, token=hub.token)
+    source = base_model_source(cfg.base_model, task_dir(context.partition_key))
+    context.log.info(f"resolving base model {source!r}" + (" with trust_remote_code ON" if cfg.trust_remote_code else ""))
+    info = resolve_base_model(source, home_dir() / "models", trust_remote_code=cfg.trust_remote_code, token=hub.token)
     write_text(artifact_dir(context.partition_key, "base_model") / "base_model.json", json.dumps(info, indent=2))
     return dg.MaterializeResult(
         metadata={
@@ -97,7 +104,6 @@ def _spec(context: dg.AssetExecutionContext, cfg, mlflow: MlflowTracking, split_
         "mlflow": {
             "experiment": mlflow.experiment(task),
             "run_name": f"{task}-{fingerprint[:8]}",
-            "tracking_uri": mlflow.uri(),
             "tags": {
                 "dagster_run_id": context.run.run_id,
                 "task": task,
@@ -125,15 +131,21 @@ def _reuse(task: str, fingerprint: str, context: dg.AssetExecutionContext) -> dg
 
 
 def _launch(context: dg.AssetExecutionContext, training: TrainingConfig, spec_path: str, fingerprint: str,
-            pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.PipesClientCompletedInvocation:
-    """Run the training program here (one process or torchrun) or in a Kubernetes pod, through Dagster Pipes."""
-    from ftpipe.core.launch import PodSpecError, pod_spec, training_command
+            tracking_uri: str, pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.PipesClientCompletedInvocation:
+    """Run the training program here (one process or torchrun) or in a Kubernetes pod, through Dagster Pipes.
 
+    The tracking URI goes to the program in its environment, never into the spec file (it may hold a password);
+    a pod gets it only when it holds none, else from the pod's own `secret_env`.
+    """
+    from ftpipe.core.launch import PodSpecError, pod_spec, training_command
+    from ftpipe.core.tracking import redact_uri
+
+    env = {"MLFLOW_TRACKING_URI": tracking_uri}
     if training.launcher != "k8s":
         if training.nnodes > 1:
             joining = " ".join(training_command(training, spec_path, fingerprint, python="python"))
             context.log.info(f"waiting for {training.nnodes - 1} more node(s); on each, with the same FTPIPE_HOME, run: {joining}")
-        return pipes_subprocess_client.run(command=training_command(training, spec_path, fingerprint), context=context)
+        return pipes_subprocess_client.run(command=training_command(training, spec_path, fingerprint), context=context, env=env)
     from dagster_k8s import PipesK8sClient
 
     try:
@@ -141,7 +153,8 @@ def _launch(context: dg.AssetExecutionContext, training: TrainingConfig, spec_pa
     except PodSpecError as error:
         raise dg.Failure(description=str(error), allow_retries=False) from None
     context.log.info(f"starting the training pod in namespace {training.k8s.namespace!r} with image {training.k8s.image}")
-    return PipesK8sClient().run(context=context, namespace=training.k8s.namespace, base_pod_spec=spec)
+    env = env if redact_uri(tracking_uri) == tracking_uri and "MLFLOW_TRACKING_URI" not in training.k8s.secret_env else {}
+    return PipesK8sClient().run(context=context, namespace=training.k8s.namespace, base_pod_spec=spec, env=env)
 
 
 def _typed(metadata: dict) -> dict:
@@ -151,7 +164,7 @@ def _typed(metadata: dict) -> dict:
 
 @dg.asset(
     partitions_def=task_partitions, group_name=GROUP, kinds={"pytorch", "mlflow"}, deps=[heldout_split, base_model],
-    pool="gpu", retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
+    pool=GPU_POOL, retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
 )
 def lora_adapter(
     context: dg.AssetExecutionContext,
@@ -174,7 +187,7 @@ def lora_adapter(
         return reused
     spec_path = artifact_dir(task, "lora_adapter") / "spec.json"
     write_text(spec_path, json.dumps(_spec(context, cfg, mlflow, split_version, fingerprint), indent=2))
-    result = _launch(context, cfg.training, str(spec_path), fingerprint, pipes_subprocess_client).get_materialize_result()
+    result = _launch(context, cfg.training, str(spec_path), fingerprint, mlflow.uri(), pipes_subprocess_client).get_materialize_result()
     write_text(adapter_dir(task) / "training_fingerprint", fingerprint)
     run_id = result.metadata["mlflow_run_id"]
     run_id = getattr(run_id, "value", run_id)

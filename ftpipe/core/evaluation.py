@@ -20,7 +20,7 @@ from typing import Any
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.modeling import load_model_and_tokenizer
 from ftpipe.core.records import read_examples
-from ftpipe.core.storage import atomic_dir, write_text
+from ftpipe.core.storage import atomic_dir, file_sha256, write_text
 
 CACHE_FORMAT = "1"  # bump when the cached content or the decoding code changes
 PROBE_ROWS = 40
@@ -376,13 +376,6 @@ def contains_reference(answer: str, reference: str) -> bool:
 def select_rows(rows: list[dict], max_rows: int | None) -> list[dict]:
     """The first `max_rows` rows by id (all when None)."""
     return sorted(rows, key=lambda row: row["id"])[:max_rows]
-
-
-def file_sha256(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def base_cache_key(*, base_fingerprint: str, eval_version: str, config: EvaluationConfig, probe_hash: str | None,

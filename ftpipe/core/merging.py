@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ CHATML_OLLAMA_TEMPLATE = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 )
 SENTINEL = "<<ftpipe-prompt>>"
+PARITY_FILE = "parity.json"
+ADAPTER_COPY = "adapter"  # the adapter this model was merged from, for serving it as a LoRA module
 
 
 class ParityError(RuntimeError):
@@ -89,11 +92,13 @@ def vllm_lora_rank(adapter_dir: Path) -> int:
 
 
 def serving_commands(task: str, model_dir: Path, base_model_dir: Path, adapter_dir: Path) -> dict[str, str]:
+    """vLLM (bound to 127.0.0.1, like every server ftpipe starts) and Ollama commands; the LoRA one serves the copy
+    of `adapter_dir` inside `model_dir`."""
     name = f"ftpipe-{task}"
     return {
-        "merged": f"vllm serve {shlex.quote(str(model_dir))} --served-model-name {name}",
-        "lora": (f"vllm serve {shlex.quote(str(base_model_dir))} --enable-lora "
-                 f"--lora-modules {shlex.quote(f'{task}={adapter_dir}')} "
+        "merged": f"vllm serve {shlex.quote(str(model_dir))} --host 127.0.0.1 --served-model-name {name}",
+        "lora": (f"vllm serve {shlex.quote(str(base_model_dir))} --host 127.0.0.1 --enable-lora "
+                 f"--lora-modules {shlex.quote(f'{task}={model_dir / ADAPTER_COPY}')} "
                  f"--max-lora-rank {vllm_lora_rank(adapter_dir)}"),
         "ollama": f"ollama create {name} -f {shlex.quote(str(model_dir / 'Modelfile'))} && ollama run {name}",
     }
@@ -104,7 +109,8 @@ def serve_script(commands: dict[str, str]) -> str:
         "#!/usr/bin/env bash\n"
         "# OpenAI-compatible API on port 8000 with vLLM.\n"
         "#   ./serve.sh        the merged model\n"
-        "#   ./serve.sh lora   the base model with the LoRA adapter\n"
+        "#   ./serve.sh lora   the base model with the LoRA adapter (its copy in adapter/)\n"
+        "# It listens on 127.0.0.1 only; put an authenticating proxy in front before exposing it.\n"
         "set -euo pipefail\n"
         f'if [[ "${{1:-merged}}" == lora ]]; then\n  exec {commands["lora"]}\nfi\n'
         f"exec {commands['merged']}\n"
@@ -201,10 +207,24 @@ def merge_adapter(*, base_model_dir: Path | str, adapter_dir: Path | str, out_di
         "SERVING.md": f"# Serving ftpipe-{task}\n\n" + serving_markdown(task, commands),
         "serve.sh": serve_script(commands),
         "Modelfile": ollama_modelfile(out_dir, merged, tokenizer),
+        PARITY_FILE: json.dumps(parity, indent=2),
     }
     with atomic_dir(out_dir) as tmp:
         write_model_dir(tmp, merged, tokenizer, files)
+        (tmp / ADAPTER_COPY).mkdir()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(adapter_dir / name, tmp / ADAPTER_COPY / name)
     return {"model_path": str(out_dir), **parity}
+
+
+def is_merged(model_dir: Path) -> bool:
+    """True when `model_dir` holds a finished merge (weights and its parity record)."""
+    return (model_dir / PARITY_FILE).is_file() and any(model_dir.glob("*.safetensors"))
+
+
+def merge_facts(model_dir: Path) -> dict[str, Any]:
+    """The parity record of a finished merge."""
+    return json.loads((model_dir / PARITY_FILE).read_text())
 
 
 # ---------------------------------------------------------------- registry
@@ -241,9 +261,9 @@ def beats(version, eval_score: float, eval_version: str) -> bool:
 
 def register_model(*, task: str, model_path: Path | str, run_id: str, eval_score: float, eval_version: str,
                    tracking_uri: str | None = None) -> dict[str, Any]:
-    """Register the merged dir as a new version of `ftpipe-<task>` linked to the training run; alias it
-    `candidate`, and `champion` when there is no champion yet or it beats the champion's score on the same
-    eval split version (a champion scored on another split is not comparable and stays)."""
+    """Register the merged dir as a new version of `ftpipe-<task>` linked to the training run (once per dir);
+    alias it `candidate`, and `champion` when there is no champion yet or it beats the champion's score on the
+    same eval split version (a champion scored on another split is not comparable and stays)."""
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)
@@ -253,19 +273,38 @@ def register_model(*, task: str, model_path: Path | str, run_id: str, eval_score
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    tags = {SCORE_TAG: repr(float(eval_score)), EVAL_VERSION_TAG: eval_version}
-    version = client.create_model_version(name, source=str(Path(model_path).resolve()), run_id=run_id, tags=tags)
-    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    source = str(Path(model_path).absolute())
     previous = _version_by_alias(client, name, CHAMPION)
-    promote = beats(previous, eval_score, eval_version)
+    version = next((v for v in client.search_model_versions(f"name = '{name}'") if v.source == source), None)
+    if version is None:
+        tags = {SCORE_TAG: repr(float(eval_score)), EVAL_VERSION_TAG: eval_version}
+        version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    is_champion = previous is not None and previous.version == version.version
+    promote = not is_champion and beats(previous, eval_score, eval_version)
     if promote:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return {
         "registered_model": name,
         "registered_version": int(version.version),
-        "champion": promote,
+        "champion": is_champion or promote,
         "previous_champion_version": int(previous.version) if previous else None,
     }
+
+
+def prune_merged(folder: Path, task: str, tracking_uri: str | None = None) -> list[str]:
+    """Delete the merged models in `folder` that are neither the `champion` nor the `candidate`; return their names."""
+    from ftpipe.core.storage import discard
+
+    client = _client(tracking_uri)
+    kept = [_version_by_alias(client, registered_name(task), alias) for alias in (CHAMPION, CANDIDATE)]
+    keep = {Path(v.source).name for v in kept if v is not None}
+    removed = []
+    for child in sorted(folder.iterdir()):
+        if child.is_symlink() and not child.name.startswith(".") and child.name not in keep | {"latest"}:
+            discard(child)
+            removed.append(child.name)
+    return removed
 
 
 def champion_model_path(task: str, tracking_uri: str | None = None) -> Path | None:

@@ -2,7 +2,9 @@
 
 Canonical example: ``{"id": str, "messages": [{"role", "content"}, ...], "source": "file:line N"}``.
 Every row read ends up either as an example or as a quarantine entry with a reason, so
-``rows_read == rows_valid + rows_quarantined`` always holds.
+``rows_read == rows_valid + rows_quarantined`` always holds. A file that yields no row at all
+(unreadable, empty, a link out of the task folder) counts as one quarantine entry whose source is
+the file name, and the other files are still read. Rows over MAX_ROW_CHARS characters are quarantined.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import csv
 import hashlib
 import io
 import json
+import os
 import random
+import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +29,17 @@ from ftpipe.core.storage import UnsafePathError, atomic_dir, atomic_file, contai
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
+ROW_KEYS = {"messages", "instruction", "output", "prompt", "completion"}
 RAW_TEXT_LIMIT = 4096
+MAX_ROW_CHARS = 1_000_000
+CSV_DELIMITERS = ",;\t|"
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 EXAMPLE_SCHEMA = pa.schema([("id", pa.string()), ("messages", MESSAGE_TYPE), ("source", pa.string())])
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# A longer CSV field raises csv.Error, and its row is quarantined as too long.
+csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_CHARS))
+
+Rows = Iterator[tuple[str, Any, str | None]]
 
 
 class RawDataError(ValueError):
@@ -65,31 +77,63 @@ def example_id(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+def _too_long(size: int) -> str:
+    return f"row has {size:,} characters, more than the {MAX_ROW_CHARS:,} limit"
+
+
+def _invalid_char(ch: str) -> str:
+    if "\udc80" <= ch <= "\udcff":  # an undecodable byte, kept by the surrogateescape decoding
+        return f"contains bytes that are not valid UTF-8 (0x{ord(ch) - 0xDC00:02X})"
+    return f"contains a lone surrogate (U+{ord(ch):04X}), which is not valid Unicode"
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, float) and value != value:
+        return "NaN"
+    return "null" if value is None else type(value).__name__
+
+
 def _text(value: Any, name: str) -> str:
     if value is None:
-        raise BadRow(f"field '{name}' is missing")
+        raise BadRow(f"field '{name}' is missing or null")
     if not isinstance(value, str):
-        raise BadRow(f"field '{name}' must be text, got {type(value).__name__}")
+        raise BadRow(f"field '{name}' must be text, got {_type_name(value)}")
     if not value.strip():
-        raise BadRow(f"field '{name}' is empty")
+        raise BadRow(f"field '{name}' is empty or only whitespace")
     if "\x00" in value:
         raise BadRow(f"field '{name}' contains NUL bytes")
-    if any("\udc80" <= ch <= "\udcff" for ch in value):
-        raise BadRow(f"field '{name}' contains bytes that are not valid UTF-8")
+    if bad := _SURROGATE.search(value):
+        raise BadRow(f"field '{name}' {_invalid_char(bad.group())}")
     return value
 
 
+def _optional_text(value: Any, name: str) -> str | None:
+    """An optional field's text; None when it is absent or blank."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _text(value, name)
+
+
+def _role(value: Any, index: int) -> str:
+    role = value.strip().lower() if isinstance(value, str) else value
+    if role not in ROLES:
+        raise BadRow(f"messages[{index}].role is {value!r:.60}; expected one of {', '.join(ROLES)}")
+    return role
+
+
 def _chat(raw: Any) -> list[dict[str, str]]:
-    if not isinstance(raw, list) or not raw:
-        raise BadRow("field 'messages' must be a non-empty list of {role, content}")
+    if raw is None:
+        raise BadRow("field 'messages' is missing or null")
+    if not isinstance(raw, list):
+        raise BadRow(f"field 'messages' must be a list of {{role, content}} objects, got {_type_name(raw)}")
+    if not raw:
+        raise BadRow("field 'messages' is an empty list")
     messages = []
     for i, message in enumerate(raw):
         if not isinstance(message, dict):
-            raise BadRow(f"messages[{i}] must be an object with 'role' and 'content'")
-        role = message.get("role")
-        if role not in ROLES:
-            raise BadRow(f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
-        messages.append({"role": role, "content": _text(message.get("content"), f"messages[{i}].content")})
+            raise BadRow(f"messages[{i}] must be an object with 'role' and 'content', got {_type_name(message)}")
+        content = _text(message.get("content"), f"messages[{i}].content")
+        messages.append({"role": _role(message.get("role"), i), "content": content})
     if messages[-1]["role"] != "assistant":
         raise BadRow("the conversation does not end with an assistant message")
     if not any(m["role"] == "user" for m in messages):
@@ -104,20 +148,17 @@ def _pair(prompt: str, completion: str, system: str | None = None) -> list[dict[
 
 def _alpaca(row: dict[str, Any]) -> list[dict[str, str]]:
     instruction = _text(row.get("instruction"), "instruction")
-    extra = row.get("input")
-    if extra not in (None, "") and not isinstance(extra, str):
-        raise BadRow(f"field 'input' must be text, got {type(extra).__name__}")
-    prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    extra = _optional_text(row.get("input"), "input")
+    prompt = f"{instruction}\n\n{extra}" if extra else instruction
     return _pair(prompt, _text(row.get("output"), "output"))
 
 
 def _mapped(row: dict[str, Any], columns: dict[str, str]) -> list[dict[str, str]]:
     system_column = columns.get("system")
-    system = row.get(system_column) if system_column else None
     return _pair(
         _text(row.get(columns["prompt"]), columns["prompt"]),
         _text(row.get(columns["completion"]), columns["completion"]),
-        system if isinstance(system, str) and system.strip() else None,
+        _optional_text(row.get(system_column), system_column) if system_column else None,
     )
 
 
@@ -143,7 +184,7 @@ def detect_format(row: dict[str, Any], spec: FormatSpec) -> str:
 def to_messages(row: Any, spec: FormatSpec) -> list[dict[str, str]]:
     """Normalise one raw row to a canonical conversation, or raise BadRow with the reason."""
     if not isinstance(row, dict):
-        raise BadRow(f"expected an object/record, got {type(row).__name__}")
+        raise BadRow(f"expected an object/record, got {_type_name(row)}")
     fmt = detect_format(row, spec)
     if fmt == "messages":
         messages = _chat(row.get("messages"))
@@ -157,122 +198,250 @@ def to_messages(row: Any, spec: FormatSpec) -> list[dict[str, str]]:
         messages = _mapped(row, spec.columns)
     if spec.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": spec.system_prompt})
+    size = sum(len(m["content"]) for m in messages)
+    if size > MAX_ROW_CHARS:
+        raise BadRow(_too_long(size))
     return messages
 
 
-def _decode(data: bytes) -> str:
-    """Text of a file: UTF-8 (BOM optional) or UTF-16 with a BOM; bad bytes kept as surrogates."""
+def _utf16_codec(data: bytes) -> str | None:
+    """The UTF-16 codec of `data`: by its BOM, or by NUL bytes in every other position (mostly-ASCII text)."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16")
+        return "utf-16"
+    sample = data[:4096]
+    even, odd = sample[0::2].count(0), sample[1::2].count(0)
+    if odd > len(sample) * 0.15 and even * 10 < odd:
+        return "utf-16-le"
+    if even > len(sample) * 0.15 and odd * 10 < even:
+        return "utf-16-be"
+    return None
+
+
+def _decode(data: bytes) -> str:
+    """Text of a file: UTF-8 (BOM optional) or UTF-16; bad bytes and lone surrogates kept, for the row checks."""
+    codec = _utf16_codec(data)
+    if codec:
+        return data[: len(data) // 2 * 2].decode(codec, errors="surrogatepass")
     return data.decode("utf-8-sig", errors="surrogateescape")
 
 
-def _jsonl_rows(text: str) -> Iterator[tuple[str, Any, str | None]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+def _json_problem(exc: Exception, text: str) -> str:
+    """Why `text` is not JSON, in words."""
+    if isinstance(exc, RecursionError):
+        return "not valid JSON: nested too deeply to read"
+    if not isinstance(exc, json.JSONDecodeError):
+        return f"not valid JSON ({exc})"
+    where = f"line {exc.lineno}, column {exc.colno}" if "\n" in text.rstrip() else f"column {exc.colno}"
+    reason = f"not valid JSON ({exc.msg.removesuffix(' at')} at {where})"
+    if exc.msg.startswith("Unterminated string") or exc.pos >= len(text.rstrip()):
+        reason += "; the text ends before the JSON is complete (cut off?)"
+    if "\x00" in text:
+        reason += "; it contains NUL bytes"
+    elif _SURROGATE.search(text):
+        reason += "; it contains bytes that are not valid UTF-8"
+    return reason
+
+
+def _jsonl_rows(text: str) -> Rows:
+    # Only "\n" ends a line: str.splitlines would also split on U+2028 and others, which JSON strings may hold.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.lstrip("\ufeff")
         if not line.strip():
             continue
+        if len(line) > MAX_ROW_CHARS:
+            yield f"line {number}", line, _too_long(len(line))
+            continue
         try:
-            yield f"line {number}", json.loads(line), None
-        except json.JSONDecodeError as exc:
-            yield f"line {number}", line, f"not valid JSON ({exc.msg} at column {exc.colno})"
+            row, problem = json.loads(line), None
+        except (ValueError, RecursionError) as exc:
+            row, problem = line, _json_problem(exc, line)
+        yield f"line {number}", row, problem
 
 
-def _json_rows(text: str, name: str) -> Iterator[tuple[str, Any, str | None]]:
+def _json_rows(text: str) -> Rows:
+    """Rows of a JSON array, of an object holding one array, or of JSON Lines in a `.json` file."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RawDataError(f"{name}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        if exc.msg != "Extra data":
+            raise RawDataError(f"file is {_json_problem(exc, text)}") from None
+        yield from _jsonl_rows(text)
+        return
+    except (ValueError, RecursionError) as exc:
+        raise RawDataError(f"file is {_json_problem(exc, text)}") from None
     if isinstance(data, dict):
         lists = [value for value in data.values() if isinstance(value, list)]
-        if len(lists) != 1:
-            raise RawDataError(f"{name}: expected a JSON array of rows (or an object holding one array)")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise RawDataError(f"{name}: expected a JSON array of rows, got {type(data).__name__}")
-    for index, row in enumerate(data, start=1):
+        data = lists[0] if len(lists) == 1 and not ROW_KEYS & data.keys() else [data]
+    for index, row in enumerate(data if isinstance(data, list) else [data], start=1):
         yield f"row {index}", row, None
 
 
-def _csv_rows(text: str) -> Iterator[tuple[str, Any, str | None]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), restkey="__extra__", restval=None)
-    if reader.fieldnames is None:
-        return
-    start = reader.line_num + 1
-    for row in reader:
-        problem = None
-        if "__extra__" in row:
-            problem = f"has {len(row['__extra__'])} more field(s) than the header"
-        elif any(value is None for value in row.values()):
-            problem = "has fewer fields than the header"
-        yield f"line {start}", row, problem
-        start = reader.line_num + 1
-
-
-def _parquet_rows(path: Path, name: str) -> Iterator[tuple[str, Any, str | None]]:
+def _unclosed_quote(record: str, delimiter: str) -> bool:
     try:
-        table = pq.read_table(path)
+        list(csv.reader(io.StringIO(record, newline=""), delimiter=delimiter, strict=True))
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    return False
+
+
+def _csv_records(lines: list[str], first: int, header: list[str], delimiter: str) -> Generator[Any, None, int]:
+    """Rows of lines[first:]. An unclosed quote that swallows the rest of the file quarantines only its
+    own line; returns the index of the line to go on from (len(lines) when done)."""
+    reader = csv.reader(iter(lines[first:]), delimiter=delimiter)
+    while True:
+        begin = first + reader.line_num
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return len(lines)
+        except csv.Error as exc:
+            raw = "".join(lines[begin : first + reader.line_num])
+            yield f"line {begin + 1}", raw, _too_long(len(raw)) if len(raw) > MAX_ROW_CHARS else f"not valid CSV ({exc})"
+            continue
+        if not fields:
+            continue
+        end = first + reader.line_num
+        raw = "".join(lines[begin:end])
+        if end == len(lines) and end - begin > 1 and _unclosed_quote(raw, delimiter):
+            problem = (f"an unclosed quote starting on line {begin + 1} swallows the rest of the file "
+                       f"({end - begin} lines); only this line is quarantined, the later lines are read as rows")
+            yield f"line {begin + 1}", lines[begin], problem
+            return begin + 1
+        if len(fields) > len(header):
+            yield f"line {begin + 1}", raw, f"has {len(fields) - len(header)} more field(s) than the header"
+        elif len(fields) < len(header):
+            yield f"line {begin + 1}", raw, f"has fewer fields than the header ({len(fields)} of {len(header)})"
+        else:
+            yield f"line {begin + 1}", dict(zip(header, fields)), None
+
+
+def _csv_rows(text: str) -> Rows:
+    """Rows of a CSV file; the delimiter is the most frequent of , ; tab | in the header line."""
+    lines = io.StringIO(text, newline="").readlines()
+    if not lines:
+        return
+    delimiter = max(CSV_DELIMITERS, key=lines[0].count)
+    try:
+        header = [name.strip() for name in next(csv.reader(lines[:1], delimiter=delimiter))]
+    except csv.Error as exc:
+        raise RawDataError(f"the CSV header line cannot be read ({exc})") from None
+    start = 1
+    while start < len(lines):
+        start = yield from _csv_records(lines, start, header, delimiter)
+
+
+def _parquet_rows(path: Path) -> Rows:
+    try:
+        rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises several types for broken files
-        raise RawDataError(f"{name}: not a readable Parquet file ({exc})") from None
-    for index, row in enumerate(table.to_pylist(), start=1):
+        raise RawDataError(f"file not readable as Parquet ({str(exc).replace(str(path), path.name)})") from None
+    for index, row in enumerate(rows, start=1):
         yield f"row {index}", row, None
 
 
-def iter_file_rows(path: Path, name: str) -> Iterator[tuple[str, Any, str | None]]:
-    """(location, raw row, problem or None) for every row of one file."""
+def iter_file_rows(path: Path) -> Rows:
+    """(location, raw row, problem or None) for every row of one file; RawDataError if it cannot be read."""
     if path.suffix == ".parquet":
-        yield from _parquet_rows(path, name)
+        yield from _parquet_rows(path)
         return
-    try:
-        text = _decode(path.read_bytes())
-    except UnicodeDecodeError as exc:
-        raise RawDataError(f"{name}: cannot decode text ({exc})") from None
-    if path.suffix == ".jsonl":
-        yield from _jsonl_rows(text)
-    elif path.suffix == ".json":
-        yield from _json_rows(text, name)
-    else:
-        yield from _csv_rows(text)
+    text = _decode(path.read_bytes())
+    if not text.strip():
+        return
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows}
+    yield from readers.get(path.suffix, _csv_rows)(text)
+
+
+def _printable(text: str) -> str:
+    """`text` with lone surrogates (undecodable bytes) written as escapes, so it can be stored anywhere."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _raw_text(row: Any) -> str:
-    text = row if isinstance(row, str) else json.dumps(row, ensure_ascii=False, default=str)
-    return text if len(text) <= RAW_TEXT_LIMIT else text[:RAW_TEXT_LIMIT] + f"… [{len(text)} characters]"
+    try:
+        text = row if isinstance(row, str) else json.dumps(row, ensure_ascii=False, default=str)
+    except (TypeError, ValueError, RecursionError):
+        text = f"<{type(row).__name__} that cannot be shown as JSON>"
+    text = text if len(text) <= RAW_TEXT_LIMIT else text[:RAW_TEXT_LIMIT] + f"… [{len(text)} characters]"
+    return _printable(text)
+
+
+def _quarantine(result: ReadResult, source: str, reason: str, raw: Any = "") -> None:
+    result.quarantine.append({"source": source, "reason": _printable(reason), "raw": _raw_text(raw)})
 
 
 def read_file(path: Path, name: str, spec: FormatSpec, result: ReadResult) -> None:
-    """Append one file's examples and quarantined rows to `result`."""
-    for location, row, problem in iter_file_rows(path, name):
-        source = f"{name}:{location}"
-        try:
-            if problem:
-                raise BadRow(problem)
-            messages = to_messages(row, spec)
-        except BadRow as bad:
-            result.quarantine.append({"source": source, "reason": str(bad), "raw": _raw_text(row)})
-        else:
-            result.examples.append({"id": example_id(messages), "messages": messages, "source": source})
+    """Append one file's examples and quarantined rows to `result`; an unreadable or empty file is one entry."""
+    before = result.rows_read
+    try:
+        for location, row, problem in iter_file_rows(path):
+            try:
+                if problem:
+                    raise BadRow(problem)
+                messages = to_messages(row, spec)
+            except BadRow as bad:
+                _quarantine(result, f"{name}:{location}", str(bad), row)
+            else:
+                result.examples.append({"id": example_id(messages), "messages": messages, "source": f"{name}:{location}"})
+    except RawDataError as exc:
+        _quarantine(result, name, str(exc))
+    except OSError as exc:
+        _quarantine(result, name, f"file cannot be read ({exc.strerror or exc})")
+    if result.rows_read == before:
+        _quarantine(result, name, "file contains no rows (it is empty or holds only a header)")
+
+
+def _display_name(path: Path, raw_dir: Path) -> str:
+    """The path relative to raw/, with bytes that are not UTF-8 shown as U+FFFD (names are stored in Parquet)."""
+    return path.relative_to(raw_dir).as_posix().encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _not_readable(path: Path, task_folder: Path) -> str | None:
+    """Why a listed path must not be read, or None: a link out of the task folder, a link to a folder, not a file."""
+    kind = "folder" if path.is_dir() else "file"
+    try:
+        contained(task_folder, path.relative_to(task_folder).as_posix())
+    except UnsafePathError:
+        return f"link to a {kind} outside the task folder; not read"
+    except RuntimeError:
+        return "link that cannot be resolved (a loop of links); not read"
+    except OSError as exc:
+        return f"link that cannot be resolved ({exc.strerror}); not read"
+    if kind == "folder":
+        return "link to a folder; links to folders are not followed"
+    if not path.is_file():
+        return "link to a missing file; not read" if path.is_symlink() else "not a regular file (a pipe or a device); not read"
+    return None
 
 
 def list_raw_files(raw_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(supported files, ignored files) under raw/, sorted by name so the result never depends on listing order."""
+    """(files and folder links to read, ignored files) under raw/, sorted by name so listing order never matters.
+
+    Hidden paths and unsupported suffixes are ignored; links to folders are listed but never followed.
+    """
     if not raw_dir.is_dir():
         raise RawDataError(f"{raw_dir}: the task has no raw/ folder")
-    files = sorted((p for p in raw_dir.rglob("*") if not p.is_dir()), key=lambda p: p.relative_to(raw_dir).as_posix())
-    supported = [p for p in files if p.suffix in SUPPORTED_SUFFIXES and not p.name.startswith(".")]
-    return supported, [p for p in files if p not in supported]
+    found = []
+    for root, dirs, files in os.walk(raw_dir):
+        found += [Path(root, name) for name in dirs if Path(root, name).is_symlink()] + [Path(root, name) for name in files]
+    found.sort(key=lambda p: p.relative_to(raw_dir).as_posix())
+
+    def wanted(path: Path) -> bool:
+        hidden = any(part.startswith(".") for part in path.relative_to(raw_dir).parts)
+        return not hidden and (path.suffix in SUPPORTED_SUFFIXES or path.is_dir())
+
+    return [p for p in found if wanted(p)], [p for p in found if not wanted(p)]
 
 
 def read_raw_dir(raw_dir: Path, spec: FormatSpec) -> ReadResult:
-    """Read every supported file under `raw_dir`; a file outside the folder (via a link) is quarantined whole."""
+    """Read every supported file under `raw_dir`; a path that must not be read (see `_not_readable`) is quarantined whole."""
     result = ReadResult()
     supported, ignored = list_raw_files(raw_dir)
-    result.ignored_files = [p.relative_to(raw_dir).as_posix() for p in ignored]
+    result.ignored_files = [_display_name(p, raw_dir) for p in ignored]
     for path in supported:
-        name = path.relative_to(raw_dir).as_posix()
-        try:
-            contained(raw_dir.parent, path.relative_to(raw_dir.parent).as_posix())
-        except UnsafePathError:
-            result.quarantine.append({"source": name, "reason": "link to a file outside the task folder; not read", "raw": ""})
+        name = _display_name(path, raw_dir)
+        problem = _not_readable(path, raw_dir.parent)
+        if problem:
+            _quarantine(result, name, problem)
             continue
         result.files.append(name)
         read_file(path, name, spec, result)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ftpipe.config import check_task_name
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SUPERSEDED_GRACE_S = 600
 
 
 class UnsafePathError(ValueError):
@@ -26,11 +32,15 @@ def home_dir() -> Path:
 
 
 def contained(root: Path, *parts: str) -> Path:
-    """`root/parts...`, refusing anything (`..`, absolute parts, symlinks) that resolves outside root."""
+    """`root/parts...`, refusing anything (`..`, absolute parts, symlinks) that resolves outside root.
+
+    The path is returned unresolved, so a directory published by `atomic_dir` is named by its link.
+    """
     root = root.resolve()
-    path = root.joinpath(*parts).resolve()
-    if path != root and root not in path.parents:
-        raise UnsafePathError(f"{'/'.join(parts)!r} resolves to {path}, outside {root}")
+    path = root.joinpath(*parts)
+    resolved = path.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise UnsafePathError(f"{'/'.join(parts)!r} resolves to {resolved}, outside {root}")
     return path
 
 
@@ -39,19 +49,21 @@ def tasks_dir() -> Path:
 
 
 def task_dir(task: str) -> Path:
-    return contained(tasks_dir(), task)
+    """`<data dir>/tasks/<task>/`; `task` (a folder name or partition key) must be a valid task name."""
+    return contained(tasks_dir(), check_task_name(task))
 
 
 def artifact_dir(task: str, asset: str) -> Path:
     """`$FTPIPE_HOME/tasks/<task>/<asset>/` (written whole with `atomic_dir`)."""
-    return contained(home_dir(), "tasks", task, asset)
+    return contained(home_dir(), "tasks", check_task_name(task), asset)
 
 
 @contextmanager
 def atomic_file(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; it replaces `target` only if the block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_leftovers(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -63,30 +75,104 @@ def atomic_file(target: Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty directory beside `target`; it replaces `target` only if the block succeeds.
+    """Yield an empty directory beside `target`; it becomes `target` in one step only if the block succeeds.
 
-    Readers never see a partial directory: the old one is renamed aside, the new one renamed in,
-    and only then is the old one deleted.
+    `target` is a symlink to a hidden version directory, and publishing swaps the link with one rename: a
+    reader sees the old version or the new one whole, never a partial one, even if the writer is killed.
+    A replaced version is deleted by a later write, `SUPERSEDED_GRACE_S` after it was replaced, so a reader
+    that opened it just before the swap can finish.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_leftovers(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        version = tmp.with_suffix(".v")
+        os.rename(tmp, version)
+        point(target, version)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def point(link: Path, directory: Path) -> None:
+    """Make `link` a relative symlink to `directory` in one step; the version it replaces is marked superseded now.
+
+    A plain directory at `link` (written by an older ftpipe) is first moved aside as a hidden version.
+    """
+    previous = link.parent / os.readlink(link) if link.is_symlink() else None
+    if link.exists() and previous is None:
+        previous = link.with_name(f".{link.name}.{os.getpid()}.legacy.v")
+        os.replace(link, previous)
+    staged = link.with_name(f".{link.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.link")
+    os.symlink(os.path.relpath(directory, link.parent), staged)
+    os.replace(staged, link)
+    if previous is not None and previous.is_dir():
+        os.utime(previous)
+
+
+def discard(published: Path) -> None:
+    """Remove a directory published by `atomic_dir`: its link, then the version it points to."""
+    version = published.parent / os.readlink(published)
+    published.unlink()
+    _remove(version)
+
+
+def _remove(version: Path) -> None:
+    """Delete a version dir after renaming it, so nobody finds it half-deleted under its old name."""
+    doomed = version.with_suffix(".tmp")
+    os.rename(version, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _sibling_kind(target: Path, name: str) -> str | None:
+    """`tmp`, `v` or `link` when `name` is one of `atomic_dir`'s own siblings of `target`, else None."""
+    prefix = f".{target.name}."
+    parts = name.removeprefix(prefix).split(".") if name.startswith(prefix) else []
+    if len(parts) == 3 and parts[0].isdigit() and parts[2] in ("tmp", "v", "link"):
+        return parts[2]
+    return None
+
+
+def _is_leftover(path: Path, kind: str, live: str | None) -> bool:
+    """A version replaced over the grace period ago, or a temporary file of a writer that is gone."""
+    if kind == "v":
+        return path.name != live and time.time() - path.stat().st_mtime > SUPERSEDED_GRACE_S
+    pid = int(path.name.split(".")[-3])
+    return pid == os.getpid() or not process_alive(pid)
+
+
+def remove_leftovers(target: Path) -> None:
+    """Delete the old versions of `target` and what killed writers left beside it; never the live version."""
+    live = Path(os.readlink(target)).name if target.is_symlink() else None
+    for sibling in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        kind = _sibling_kind(target, sibling.name)
+        if not kind or not _is_leftover(sibling, kind, live):
+            continue
+        if kind == "link" or not sibling.is_dir():
+            sibling.unlink(missing_ok=True)
+        else:
+            _remove(sibling)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_text(target: Path, text: str) -> Path:
     with atomic_file(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return target
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def sha256_of_files(paths: list[Path], root: Path) -> str:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftpipe.config import TaskConfig, TaskConfigError, check_task_name, load_task_config
-from ftpipe.core.storage import sha256_of_files, task_dir, tasks_dir
+from ftpipe.config import DEFAULT_BASE_MODEL, TaskConfig, TaskConfigError, check_task_name, load_task_config
+from ftpipe.core.storage import data_dir, home_dir, sha256_of_files, task_dir, tasks_dir
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -30,8 +34,38 @@ def discover_tasks(root: Path | None = None) -> Discovery:
 
 
 def task_config(task: str, overrides: str = "") -> TaskConfig:
-    """The validated configuration of a task, with optional run overrides."""
-    return load_task_config(task_dir(check_task_name(task)) / "task.yaml", overrides)
+    """The validated configuration of a task, with optional run overrides; the base model is checked too."""
+    path = task_dir(task) / "task.yaml"
+    config = load_task_config(path, overrides)
+    try:
+        base_model_source(config.base_model, task_dir(task))
+    except ValueError as error:
+        raise TaskConfigError(f"{path}: invalid task configuration\n  base_model: {error} (got {config.base_model!r})") from None
+    return config
+
+
+def model_roots() -> list[Path]:
+    """Where local base models may live: the data dir, `$FTPIPE_HOME`, and the folders in `FTPIPE_MODEL_DIRS`."""
+    extra = [Path(p) for p in os.environ.get("FTPIPE_MODEL_DIRS", "").split(os.pathsep) if p]
+    return [data_dir(), home_dir(), *extra]
+
+
+def base_model_source(spec: str, folder: Path) -> str:
+    """What to resolve for `base_model`: the default alias, a hub id, or a local path (relative to the task folder)
+    that exists inside one of `model_roots()`. Raises ValueError saying what was expected."""
+    if spec == DEFAULT_BASE_MODEL:
+        return spec
+    path = folder / Path(spec).expanduser()
+    if not path.exists() and HUB_ID_RE.match(spec):
+        return spec
+    if not path.exists():
+        raise ValueError(f"expected {DEFAULT_BASE_MODEL!r}, a hub id like 'org/name', or an existing .gguf file "
+                         "or model folder (relative to the task folder)")
+    resolved = path.resolve()
+    if not any(root.resolve() in (resolved, *resolved.parents) for root in model_roots()):
+        raise ValueError(f"{resolved} is outside the data dir and $FTPIPE_HOME; "
+                         "list its folder in FTPIPE_MODEL_DIRS to allow local models there")
+    return str(resolved)
 
 
 def task_files_version(task: str) -> str:

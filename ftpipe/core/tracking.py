@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ftpipe.core.storage import home_dir
+from ftpipe.core.storage import home_dir, process_alive
 
 PID_TAG = "ftpipe.pid"
 HOST_TAG = "ftpipe.host"
@@ -66,16 +66,6 @@ def ensure_experiment(client, name: str) -> str:
     if not client.tracking_uri.startswith(REMOTE_SCHEMES):
         location = (artifact_root() / name).as_uri()
     return client.create_experiment(name, artifact_location=location)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _is_stale(run) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 
 from ftpipe.config import TrainingConfig
 from ftpipe.core.modeling import check_method, load_model_and_tokenizer
-from ftpipe.core.storage import atomic_dir, write_text
+from ftpipe.core.storage import atomic_dir, file_sha256, write_text
 from ftpipe.core.tracking import RunInterrupted, RunLogger, redact_uri, tracked_run, tracking_uri
 
 RESULT_FILE = "training_result.json"
@@ -383,11 +383,6 @@ def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def write_outputs(trainer, output_dir: Path, config: TrainingConfig, facts: dict[str, Any]) -> dict[str, Any]:
     """Write adapter (or full model) + tokenizer, loss curve, resolved config and the metadata as
     `training_result.json` into `output_dir` (replaced atomically); return the metadata."""
@@ -428,7 +423,7 @@ def train(spec: TrainingSpec, reporter: Reporter) -> dict[str, Any]:
             reporter.info(f"resuming from {checkpoint.name}")
         reporter.info(f"training: method {method}, {trainable_parameters(trainer.model):,} trainable parameters")
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        eval_loss = trainer.evaluate(metric_key_prefix="final_eval")["final_eval_loss"]
+        eval_loss = final_eval_loss(trainer)
         facts = {
             "method": method,
             "eval_loss": eval_loss,
@@ -446,6 +441,18 @@ def train(spec: TrainingSpec, reporter: Reporter) -> dict[str, Any]:
         run.log_artifact(output_dir / LOSS_CURVE_FILE)
     reporter.info(f"done: train_loss {metadata['train_loss']:.4f}, eval_loss {eval_loss:.4f} -> {output_dir}")
     return metadata
+
+
+def final_eval_loss(trainer) -> float:
+    """The eval loss of the model training ended with (the best checkpoint's).
+
+    The Trainer evaluates at the last step and loads the best checkpoint at the end, so it knows that loss
+    already; another pass over the eval rows would only repeat it. Evaluated only when no best checkpoint was kept.
+    """
+    best = trainer.state.best_model_checkpoint
+    if trainer.state.best_metric is not None and best is not None and Path(best).is_dir():
+        return float(trainer.state.best_metric)
+    return trainer.evaluate(metric_key_prefix="final_eval")["final_eval_loss"]
 
 
 def hyperparameters(config: TrainingConfig, method: str, spec: TrainingSpec, trainer) -> dict[str, Any]:

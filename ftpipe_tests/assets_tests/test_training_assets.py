@@ -10,7 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ftpipe.assets import data, training
-from ftpipe.core.storage import home_dir
+from ftpipe.assets.training import adapter_dir
+from ftpipe.core import merging
+from ftpipe.core.storage import home_dir, sha256_of_files
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import default_resources
 from ftpipe_tests.conftest import make_task
@@ -72,6 +74,11 @@ def test_lora_adapter_trains_through_pipes_and_is_tracked(tiny_task: str) -> Non
                                  if e.asset_key.to_user_string() == "lora_adapter")
         assert version(again) == version(result)
 
+        trusting = {"ops": {"base_model": {"config": {"overrides": "trust_remote_code: true"}}}}
+        opted_in = run(instance, tiny_task, selection=[training.base_model], run_config=trusting)
+        assert materialization(opted_in, "base_model")["trust_remote_code"] is True, "the UI shows a task turned it on"
+        assert any("trust_remote_code ON" in (e.message or "") for e in instance.all_logs(opted_in.run_id))
+
 
 def test_qlora_without_cuda_fails_before_training(tiny_task: str) -> None:
     overrides = {"ops": {"lora_adapter": {"config": {"overrides": "training: {method: qlora}"}}}}
@@ -82,7 +89,11 @@ def test_qlora_without_cuda_fails_before_training(tiny_task: str) -> None:
     assert not (home_dir() / "tasks" / tiny_task / "checkpoints").exists()
 
 
-def test_failed_gate_blocks_the_merge_and_a_passing_one_registers_it(tiny_task: str) -> None:
+def tree_digest(folder: Path) -> str:
+    return sha256_of_files([p for p in folder.rglob("*") if p.is_file()], folder)
+
+
+def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_champion(tiny_task: str) -> None:
     from ftpipe.definitions import defs
 
     strict = {"ops": {"eval_report": {"config": {"overrides": "evaluation: {min_improvement: 0.5}"}}}}
@@ -113,6 +124,18 @@ def test_failed_gate_blocks_the_merge_and_a_passing_one_registers_it(tiny_task: 
                               capture_output=True, text=True, env=dict(os.environ), timeout=300)
         assert chat.returncode == 0, chat.stderr[-2000:]
         assert f"model: {merged['model_path']}" in chat.stderr, "the chat CLI answers with the champion model"
+
+        again = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=lenient)
+        assert all(materialization(again, a)["reused"] for a in ("lora_adapter", "eval_report", "merged_model"))
+        assert materialization(again, "merged_model")["registered_version"] == 1, "an unchanged rerun registers nothing"
+
+        champion, adapter = Path(merged["model_path"]), adapter_dir(tiny_task)
+        before = tree_digest(champion), tree_digest(adapter)
+        broken = {"ops": {"lora_adapter": {"config": {"overrides": "training: {lora: {target_modules: [no_such_layer]}}"}}}}
+        failed = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=broken, raise_on_error=False)
+        assert not failed.success
+        assert (tree_digest(champion), tree_digest(adapter)) == before, "a failed training leaves every file as it was"
+        assert merging.champion_model_path(tiny_task) == champion
 
 
 def test_k8s_launcher_hands_the_pod_spec_to_pipes_k8s_client(tiny_task: str, monkeypatch: pytest.MonkeyPatch) -> None:

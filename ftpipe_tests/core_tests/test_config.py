@@ -1,8 +1,11 @@
+import os
 from pathlib import Path
 
 import pytest
 
 from ftpipe.config import TaskConfigError, check_task_name, load_task_config, parse_task_config
+from ftpipe.core.tasks import base_model_source, task_config
+from ftpipe_tests.conftest import chat, make_task
 
 
 def test_defaults_when_task_yaml_is_empty(tmp_path: Path) -> None:
@@ -61,3 +64,41 @@ def test_valid_task_names(name: str) -> None:
 def test_invalid_task_names_are_refused_with_the_folder(name: str) -> None:
     with pytest.raises(TaskConfigError, match="invalid name"):
         check_task_name(name)
+
+
+@pytest.mark.parametrize(
+    ("base_model", "expected"),
+    [
+        ("llama-7b", "a hub id like 'org/name', or an existing .gguf file or model folder"),
+        ("./models/missing.gguf", "an existing .gguf file or model folder"),
+        ("../../..", "outside the data dir and $FTPIPE_HOME"),
+        ("/etc", "outside the data dir and $FTPIPE_HOME"),
+        ("linked-model", "outside the data dir and $FTPIPE_HOME"),
+    ],
+)
+def test_unknown_or_escaping_base_models_fail_before_any_work(
+    ftpipe_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_model: str, expected: str
+) -> None:
+    monkeypatch.delenv("FTPIPE_MODEL_DIRS")
+    outside = tmp_path / "outside-model"
+    outside.mkdir()
+    folder = make_task(ftpipe_env, "t", {"a.jsonl": [chat("q", "a")]}, f"base_model: {base_model}\n")
+    (folder / "linked-model").symlink_to(outside)
+    with pytest.raises(TaskConfigError) as error:
+        task_config("t")
+    message = str(error.value)
+    assert message.startswith(f"{folder / 'task.yaml'}: invalid task configuration\n  base_model: ")
+    assert expected in message and f"(got {base_model!r})" in message
+
+
+def test_local_base_models_resolve_from_the_task_folder_or_allowed_dirs(
+    ftpipe_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (ftpipe_env / "models" / "tiny").mkdir(parents=True)
+    folder = make_task(ftpipe_env, "t", {"a.jsonl": [chat("q", "a")]})
+    assert base_model_source("../../models/tiny", folder) == str((ftpipe_env / "models" / "tiny").resolve())
+    assert base_model_source("HuggingFaceTB/SmolLM2-135M-Instruct", folder) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    shared = tmp_path / "shared-models"
+    (shared / "m").mkdir(parents=True)
+    monkeypatch.setenv("FTPIPE_MODEL_DIRS", f"/nonexistent{os.pathsep}{shared}")
+    assert base_model_source(str(shared / "m"), folder) == str((shared / "m").resolve())

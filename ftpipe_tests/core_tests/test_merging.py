@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -67,14 +68,17 @@ def test_merged_dir_is_servable(merged):
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                  "chat_template.jinja", "README.md", "SERVING.md", "serve.sh", "Modelfile"):
         assert (out / name).is_file(), name
-    assert not list(out.glob("*.bin")) and not list(root.glob(".merged.*"))
+    assert not list(out.glob("*.bin")) and not list(root.glob(".merged.*.tmp"))
+    assert [p.name for p in root.glob(".merged.*")] == [Path(os.readlink(out)).name]  # only the live version
     readme = (out / "README.md").read_text()
     for fact in ("base_model: \"tiny-llama\"", "abc123", "| accuracy | 0.91 |", "| lora.r | 8 |", "Names fruit colors",
                  "16 held-out prompts"):
         assert fact in readme, fact
     script = (out / "serve.sh").read_text()
-    assert f"vllm serve {out} --served-model-name ftpipe-toy" in script
-    assert f"vllm serve {root / 'base'} --enable-lora --lora-modules toy={root / 'adapter'} --max-lora-rank 8" in script
+    assert (f"vllm serve {root / 'base'} --host 127.0.0.1 --enable-lora --lora-modules toy={out / 'adapter'} "
+            "--max-lora-rank 8") in script
+    assert f"vllm serve {out} --host 127.0.0.1 --served-model-name ftpipe-toy" in script
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == (root / "adapter" / "adapter_model.safetensors").read_bytes()
     assert subprocess.run(["bash", "-n", str(out / "serve.sh")]).returncode == 0
     assert "vllm serve" in (out / "SERVING.md").read_text() and "ollama create ftpipe-toy" in readme
     modelfile = (out / "Modelfile").read_text()

@@ -50,6 +50,33 @@ def test_pickle_only_dir_is_refused(tiny_dir, tmp_path):
     assert not list((tmp_path / "models").glob("[0-9a-f]*"))
 
 
+class Booby:
+    """A pickle that, when loaded, creates the file `path`: what a malicious .bin/.pt file does."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_pickles_beside_safetensors_are_never_loaded(tiny_dir, tmp_path):
+    import pickle
+    import shutil
+
+    marker = tmp_path / "pickle-was-loaded"
+    booby = pickle.dumps(Booby(marker))
+    model_dir = shutil.copytree(tiny_dir, tmp_path / "with-pickles")
+    for name in ("pytorch_model.bin", "training_args.bin", "optimizer.pt"):
+        (model_dir / name).write_bytes(booby)
+    info = resolve_base_model(str(model_dir), tmp_path / "models")
+    assert not list(Path(info["path"]).glob("*.bin")), "pickles are not copied into the cache"
+    modeling.load_model_and_tokenizer(model_dir, method="full")
+    assert not marker.exists()
+    pickle.loads(booby)
+    assert marker.exists(), "the planted pickle does run code when loaded"
+
+
 def test_missing_chat_template_gets_the_default(tmp_path):
     from transformers import AutoTokenizer
 

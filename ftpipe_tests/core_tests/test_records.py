@@ -85,10 +85,14 @@ def test_csv_rows_with_missing_or_extra_fields(ftpipe_env: Path) -> None:
     assert "fewer fields" in reasons[0] and "more field" in reasons[1]
 
 
-def test_unreadable_file_fails_naming_the_file(ftpipe_env: Path) -> None:
-    folder = make_task(ftpipe_env, "t", {"broken.json": "[{", "x.parquet": b"not parquet"})
-    with pytest.raises(RawDataError, match="broken.json"):
-        read(folder)
+def test_unreadable_file_is_one_quarantine_entry_and_other_files_are_read(ftpipe_env: Path, tmp_path: Path) -> None:
+    files = {"broken.json": "[{", "x.parquet": b"not parquet"}
+    result = read(make_task(ftpipe_env, "t", {**files, "ok.jsonl": [chat("a", "b")]}))
+    assert len(result.examples) == 1
+    reasons = {q["source"]: q["reason"] for q in result.quarantine}
+    assert "not valid JSON" in reasons["broken.json"] and "not readable as Parquet" in reasons["x.parquet"]
+    with pytest.raises(RawDataError, match="no usable rows"):
+        records.build_raw_examples(make_task(ftpipe_env, "u", files), tmp_path / "out", FormatSpec())
 
 
 def test_link_out_of_the_task_folder_is_quarantined(ftpipe_env: Path, tmp_path: Path) -> None:

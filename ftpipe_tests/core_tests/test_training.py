@@ -96,6 +96,19 @@ def trained(workspace):
     return workspace, stdout, result
 
 
+def test_the_same_seed_gives_the_same_adapter_weights(trained):
+    from safetensors.torch import load_file
+
+    root, _, _ = trained
+    run_to_end(root, write_spec(root, "same-seed"))
+    run_to_end(root, write_spec(root, "other-seed", seed=7))
+    weights = {name: (root / name / "adapter" / "adapter_model.safetensors").read_bytes()
+               for name in ("main", "same-seed", "other-seed")}
+    assert weights["same-seed"] == weights["main"], "byte-identical adapter for the same data, config and seed"
+    main, other = (load_file(root / name / "adapter" / "adapter_model.safetensors") for name in ("main", "other-seed"))
+    assert main.keys() == other.keys() and any(not main[k].equal(other[k]) for k in main)
+
+
 def test_result_has_the_metadata_contract(trained):
     root, stdout, result = trained
     assert CONTRACT_KEYS <= result.keys()

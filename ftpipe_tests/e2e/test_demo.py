@@ -4,8 +4,6 @@ This is what `make run` does; the assertions are what a user checks afterwards.
 """
 
 import json
-import shutil
-from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -14,6 +12,7 @@ from ftpipe.core.storage import REPO_ROOT
 from ftpipe.partitions import task_partitions
 
 TASK = "ticket_triage"
+pytestmark = pytest.mark.timeout(1500)  # the real model on one CPU thread takes about 13 minutes on a quiet machine
 
 
 @pytest.fixture(scope="module")

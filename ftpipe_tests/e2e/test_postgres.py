@@ -1,4 +1,5 @@
-"""Dagster and MLflow on a real PostgreSQL server (started here on 127.0.0.1): two tasks run at the same time."""
+"""Dagster and MLflow on a real PostgreSQL server (started here on 127.0.0.1, with a password): two tasks run at
+the same time, and none of the secrets in their environment ends up in a log, a metadata value, MLflow or a file."""
 
 import os
 import shutil
@@ -6,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -18,6 +20,10 @@ from ftpipe_tests.conftest import make_task
 from ftpipe_tests.tiny_model import build_tiny_model, toy_rows
 
 TASKS = ["apples", "plums"]
+SECRET = uuid.uuid4().hex[:12]
+PG_PASSWORD = f"pg-pw-{SECRET}"
+PLANTED = {"HF_TOKEN": f"hf_planted{SECRET}", "OPENAI_API_KEY": f"sk-planted-{SECRET}",
+           "AWS_SECRET_ACCESS_KEY": f"aws/planted/{SECRET}", "DAGSTER_PG_PASSWORD": PG_PASSWORD}
 
 
 def postgres_bin(name: str) -> Path:
@@ -31,6 +37,20 @@ def as_postgres_user(command: list) -> list:
     return ["runuser", "-u", "postgres", "--", *map(str, command)] if os.geteuid() == 0 else list(map(str, command))
 
 
+def tiny_task_yaml(model: Path) -> str:
+    """A task on a tiny local model whose gate always passes, so every asset materializes."""
+    return (f"base_model: {model}\nsplit: {{eval_fraction: 0.2}}\n{TRAINING}"
+            "evaluation: {min_improvement: -1.0, max_forgetting: 1.0}\n")
+
+
+def assert_heavy_steps_one_at_a_time(instance: dg.DagsterInstance) -> None:
+    """The `gpu` pool ran the two runs' training and evaluation steps one after another, never together."""
+    heavy = sorted((step.start_time, step.end_time) for run in instance.get_runs()
+                   for step in instance.get_run_step_stats(run.run_id) if step.step_key in ("lora_adapter", "eval_report"))
+    assert len(heavy) == 4
+    assert all(later[0] >= earlier[1] for earlier, later in zip(heavy, heavy[1:])), "the gpu pool ran heavy steps at once"
+
+
 def run_checked(command: list, **kwargs) -> None:
     done = subprocess.run(command, capture_output=True, text=True, **kwargs)
     assert done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"
@@ -38,7 +58,8 @@ def run_checked(command: list, **kwargs) -> None:
 
 @pytest.fixture
 def postgres():
-    """A throwaway PostgreSQL cluster on 127.0.0.1 with `dagster` and `mlflow` databases; stopped afterwards."""
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (password needed over TCP) with `dagster` and `mlflow`
+    databases; stopped afterwards."""
     folder = Path(tempfile.mkdtemp(prefix="ftpipe-pg-"))  # outside pytest's private tmp, readable by `postgres`
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres")
@@ -46,38 +67,50 @@ def postgres():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     data = folder / "data"
-    run_checked(as_postgres_user([postgres_bin("initdb"), "-D", data, "-U", "postgres", "--auth=trust"]))
+    (folder / "pwfile").write_text(PG_PASSWORD)
+    run_checked(as_postgres_user([postgres_bin("initdb"), "-D", data, "-U", "postgres", "--auth-local=trust",
+                                  "--auth-host=scram-sha-256", f"--pwfile={folder / 'pwfile'}"]))
     options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={folder} -c max_connections=200"
     run_checked(as_postgres_user([postgres_bin("pg_ctl"), "-D", data, "-l", folder / "log", "-o", options, "-w", "start"]))
     try:
         for database in ("dagster", "mlflow"):
-            run_checked(as_postgres_user([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", port, "-U", "postgres", database]))
+            run_checked(as_postgres_user([postgres_bin("createdb"), "-h", folder, "-p", port, "-U", "postgres", database]))
         yield port
     finally:
         subprocess.run(as_postgres_user([postgres_bin("pg_ctl"), "-D", data, "-m", "fast", "-w", "stop"]), capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_two_tasks_at_once_with_dagster_and_mlflow_on_postgres(postgres: int, ftpipe_env: Path, tmp_path: Path) -> None:
+def two_tiny_tasks(ftpipe_env: Path, tmp_path: Path, dagster_yaml: Path) -> Path:
+    """The tasks in TASKS on a tiny local model, and a Dagster home holding `dagster_yaml`; returns the home."""
     model = build_tiny_model(tmp_path / "tiny")
     rows = [{"messages": r["messages"]} for r in toy_rows(60, seed=3)]
     for task in TASKS:
-        make_task(ftpipe_env, task, {"rows.jsonl": rows},
-                  f"base_model: {model}\nsplit: {{eval_fraction: 0.2}}\n{TRAINING}evaluation: {{min_improvement: -1.0, max_forgetting: 1.0}}\n")
+        make_task(ftpipe_env, task, {"rows.jsonl": rows}, tiny_task_yaml(model))
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copy(REPO_ROOT / "deploy" / "dagster.postgres.yaml", home / "dagster.yaml")
-    mlflow_uri = f"postgresql://postgres@127.0.0.1:{postgres}/mlflow"
-    env = {**os.environ, "DAGSTER_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_uri, "DAGSTER_PG_HOST": "127.0.0.1",
-           "DAGSTER_PG_PORT": str(postgres), "DAGSTER_PG_DB": "dagster", "DAGSTER_PG_USER": "postgres", "DAGSTER_PG_PASSWORD": ""}
-    run_checked([sys.executable, "-m", "ftpipe", "tasks", "sync"], env=env, cwd=home)
+    shutil.copy(dagster_yaml, home / "dagster.yaml")
+    return home
 
-    runs = [subprocess.Popen([sys.executable, "-m", "ftpipe", "run", task], env=env, cwd=home, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for task in TASKS]
-    outputs = [run.communicate(timeout=900)[0] for run in runs]
-    for run, output in zip(runs, outputs):
-        assert run.returncode == 0, output[-3000:]
+
+def run_at_once(commands: list[list[str]], env: dict, home: Path) -> list[str]:
+    """Start `commands` together in `home`; every one must succeed, none may meet a locked database."""
+    processes = [subprocess.Popen(command, env=env, cwd=home, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for command in commands]
+    outputs = [process.communicate(timeout=900)[0] for process in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
         assert "database is locked" not in output
+    return outputs
+
+
+def test_two_tasks_at_once_on_postgres_and_no_secret_leaks(postgres: int, ftpipe_env: Path, tmp_path: Path) -> None:
+    home = two_tiny_tasks(ftpipe_env, tmp_path, REPO_ROOT / "deploy" / "dagster.postgres.yaml")
+    mlflow_uri = f"postgresql://postgres:{PG_PASSWORD}@127.0.0.1:{postgres}/mlflow"
+    env = {**os.environ, **PLANTED, "DAGSTER_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_uri,
+           "DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(postgres), "DAGSTER_PG_DB": "dagster", "DAGSTER_PG_USER": "postgres"}
+    run_checked([sys.executable, "-m", "ftpipe", "tasks", "sync"], env=env, cwd=home)
+    outputs = run_at_once([[sys.executable, "-m", "ftpipe", "run", task] for task in TASKS], env, home)
 
     os.environ.update({key: env[key] for key in env if key.startswith("DAGSTER_PG_")})
     with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -86,15 +119,45 @@ def test_two_tasks_at_once_with_dagster_and_mlflow_on_postgres(postgres: int, ft
             [record] = instance.fetch_materializations(
                 dg.AssetRecordsFilter(asset_key=dg.AssetKey("merged_model"), asset_partitions=[task]), limit=1).records
             assert record.asset_materialization.metadata["registered_model"].value == f"ftpipe-{task}"
-        heavy = sorted((step.start_time, step.end_time) for run in instance.get_runs()
-                       for step in instance.get_run_step_stats(run.run_id) if step.step_key in ("lora_adapter", "eval_report"))
-        assert len(heavy) == 4
-        assert all(later[0] >= earlier[1] for earlier, later in zip(heavy, heavy[1:])), "the gpu pool ran heavy steps at once"
+        assert_heavy_steps_one_at_a_time(instance)
+        dagster_records = dagster_texts(instance)
     client = MlflowClient(mlflow_uri)
     for task in TASKS:
         experiment = client.get_experiment_by_name(f"ftpipe-{task}")
         assert [run.info.status for run in client.search_runs([experiment.experiment_id])] == ["FINISHED"]
         assert str(client.get_registered_model(f"ftpipe-{task}").aliases["candidate"]) == "1"
+
+    places = {"ftpipe run output": "\n".join(outputs), **dagster_records, **mlflow_texts(client),
+              **file_texts(home), **file_texts(Path(os.environ["FTPIPE_HOME"]))}
+    assert len(places) > 50 and any("mlflow" in text for text in places.values())
+    leaks = {place: name for place, text in places.items() for name, secret in PLANTED.items() if secret in text}
+    assert not leaks, f"secrets found: {leaks}"
+
+
+def dagster_texts(instance: dg.DagsterInstance) -> dict[str, str]:
+    """Every run's config and tags and every event it logged (messages, metadata), serialised."""
+    texts = {}
+    for run in instance.get_runs():
+        texts[f"dagster run {run.run_id}"] = dg.serialize_value(run)
+        texts[f"dagster events {run.run_id}"] = "\n".join(dg.serialize_value(e) for e in instance.all_logs(run.run_id))
+    return texts
+
+
+def mlflow_texts(client: MlflowClient) -> dict[str, str]:
+    """Every MLflow run's params, tags and metric names, and every registered model version."""
+    texts = {}
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id]):
+            texts[f"mlflow run {run.info.run_id}"] = repr((run.data.params, run.data.tags, list(run.data.metrics)))
+    for model in client.search_registered_models():
+        for version in client.search_model_versions(f"name = '{model.name}'"):
+            texts[f"model {model.name} v{version.version}"] = repr((version.source, version.tags, version.description))
+    return texts
+
+
+def file_texts(root: Path) -> dict[str, str]:
+    """Every file under `root` (logs, compute logs, artifacts, specs, model cards), decoded leniently."""
+    return {str(path): path.read_bytes().decode("utf-8", "replace") for path in root.rglob("*") if path.is_file()}
 
 
 def test_postgres_instance_differs_from_the_local_one_only_in_storage() -> None:
