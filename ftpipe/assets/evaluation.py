@@ -25,12 +25,12 @@ def eval_metrics(task: str) -> dict:
     return json.loads((artifact_dir(task, "eval_report") / "metrics.json").read_text())
 
 
-def evaluation_key(task: str, cfg, probe) -> str:
+def evaluation_key(task: str, base_fingerprint: str, eval_version: str, probe, cfg) -> str:
     """What decides an evaluation's result: base model, adapter weights, eval split, probe and settings."""
     parts = {
-        "base": base_model_info(task)["fingerprint"],
+        "base": base_fingerprint,
         "adapter": adapter_version(task),
-        "eval": file_version(split_files(task)[1]).value,
+        "eval": eval_version,
         "probe": file_version(probe).value if probe else None,
         "config": cfg.evaluation.model_dump(),
     }
@@ -74,8 +74,9 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     _, eval_path = split_files(task)
     probe = data_dir() / "general" / "probe.jsonl"
     probe = probe if probe.exists() else None
+    eval_version = file_version(eval_path).value
     run_id = adapter_result(task)["mlflow_run_id"]
-    key = evaluation_key(task, cfg, probe)
+    key = evaluation_key(task, base["fingerprint"], eval_version, probe, cfg)
     reused = _reuse(task, key, mlflow.run_url(run_id), context)
     if reused:
         return reused
@@ -83,7 +84,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     result = run_evaluation(
         base_model_dir=base["path"], base_fingerprint=base["fingerprint"],
         adapter_dir=adapter_dir(task),
-        eval_path=eval_path, eval_version=file_version(eval_path).value,
+        eval_path=eval_path, eval_version=eval_version,
         probe_path=probe, config=cfg.evaluation,
         cache_dir=home_dir() / "cache" / "eval_base", out_dir=out,
         trust_remote_code=cfg.trust_remote_code, log=context.log.info,
