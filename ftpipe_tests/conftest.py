@@ -20,6 +20,14 @@ def ftpipe_env(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeyp
     return data
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny random Llama model (and tokenizer) for the whole test session; treat it as read-only."""
+    from ftpipe_tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model") / "model")
+
+
 def chat(prompt: str, answer: str, system: str | None = None) -> dict:
     messages = [{"role": "system", "content": system}] if system else []
     return {"messages": messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
