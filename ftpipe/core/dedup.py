@@ -1,42 +1,35 @@
-"""Exact, near-duplicate and contradiction removal, every removed row kept with its reason.
+"""Exact-duplicate, contradiction and near-duplicate removal, every removed row kept with its reason.
 
-Near-duplicates use MinHash signatures over word shingles (computed by `rensa`) and LSH banding;
-candidate pairs are verified on their signatures before they are merged into clusters.
+Exact stages compare the canonical text (`text.canonical`) of whole prompts and conversations. The near stage
+compares what varies between rows (`similarity`): rows whose prompts are near-identical either agree on the
+answer (near-duplicates: the later row goes, naming a kept row it is itself similar to, so nothing chains) or
+disagree (a contradiction: the strict-majority answer stays, otherwise the whole group goes).
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
-import unicodedata
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from ftpipe.core.records import read_examples, write_examples, write_jsonl
-from ftpipe.core.storage import atomic_dir
+from ftpipe.core import similarity
+from ftpipe.core.records import read_examples, user_message, write_examples, write_jsonl
+from ftpipe.core.results import Result
+from ftpipe.core.storage import atomic_dir, file_sha256
+from ftpipe.core.text import canonical
 
-_PAD = "\x00"
-FULL_PAIRS_GROUP = 64
-_BAND_WEIGHTS = np.random.default_rng(0).integers(1, 2**63, size=1024, dtype=np.uint64) | np.uint64(1)
-_MIX = np.uint64(0x9E3779B97F4A7C15)
-CHUNK_ROWS = 20_000
-FALSE_POSITIVE_WEIGHT = 0.1  # candidates are verified, so a missed pair costs more than an extra one
-
-
-def normalize(text: str) -> str:
-    """Unicode NFKC, case-folded, whitespace collapsed (ASCII text is already NFKC, and casefold is lower)."""
-    folded = text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(folded.split())
+SHARED_TEXT_KEY = "ftpipe.shared_shingles"  # parquet metadata: the shared shingles the near stage left out
+MATCH_EXAMPLES = 10
 
 
 def _render(messages: list[dict[str, str]]) -> str:
-    return "\n".join(f"{m['role']}: {normalize(m['content'])}" for m in messages)
+    return "\n".join(f"{m['role']}: {canonical(m['content'])}" for m in messages)
 
 
 def prompt_key(messages: list[dict[str, str]]) -> str:
@@ -54,7 +47,7 @@ class Keys:
     @classmethod
     def of(cls, messages: list[dict[str, str]]) -> "Keys":
         prompt = prompt_key(messages)
-        return cls(f"{prompt}\nassistant: {normalize(messages[-1]['content'])}", len(prompt))
+        return cls(f"{prompt}\nassistant: {canonical(messages[-1]['content'])}", len(prompt))
 
     @property
     def prompt(self) -> str:
@@ -65,129 +58,11 @@ class Keys:
         return self.conversation[self.prompt_end + len("\nassistant: ") :]
 
 
-def lsh_bands(threshold: float, num_perm: int) -> int:
-    """Number of LSH bands minimising false positives + false negatives around `threshold`."""
-    xs = np.linspace(0.0, 1.0, 201)
-    best, best_error = 1, float("inf")
-    for bands in (b for b in range(1, num_perm + 1) if num_perm % b == 0):
-        rows = num_perm // bands
-        hit = 1.0 - (1.0 - xs**rows) ** bands
-        error = np.trapezoid(np.where(xs < threshold, FALSE_POSITIVE_WEIGHT * hit, 1.0 - hit), xs)
-        if error < best_error:
-            best, best_error = bands, error
-    return best
-
-
-def _shingle_hashes(texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flat uint64 hashes of the k-word shingles of every text, and the row offsets into them."""
-    words = [w if len(w) >= k else w + [_PAD] * (k - len(w)) for w in (t.split() for t in texts)]
-    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    flat = np.fromiter(chain.from_iterable(words), dtype=object, count=int(lengths.sum()))
-    word_hash = pd.util.hash_array(flat)
-    ends = np.repeat(np.cumsum(lengths), lengths)
-    starts = np.flatnonzero(np.arange(len(word_hash)) + k <= ends)
-    shingle = word_hash[starts]
-    for j in range(1, k):
-        shingle = shingle * _MIX + word_hash[starts + j]
-    return shingle, np.concatenate(([0], np.cumsum(lengths - k + 1))).astype(np.uint64)
-
-
-def _signatures(texts: list[str], k: int, num_perm: int, seed: int):
-    """rensa MinHash digest matrix of the texts' k-word shingles."""
-    import rensa
-
-    hashes, offsets = _shingle_hashes(texts, k)
-    return rensa.RMinHash.digest_matrix_from_flat_token_hashes(hashes, offsets, num_perm, seed)
-
-
-def _signature_array(texts: list[str], k: int, num_perm: int, seed: int) -> np.ndarray:
-    """Signatures as a uint32 array, converted chunk by chunk (rensa hands rows back as Python lists)."""
-    chunks = [
-        np.asarray(_signatures(texts[start : start + CHUNK_ROWS], k, num_perm, seed).to_rows(), dtype=np.uint32)
-        for start in range(0, len(texts), CHUNK_ROWS)
-    ]
-    return np.concatenate(chunks)
-
-
-def _flag_candidates(texts: list[str], bands: int, threshold: float, k: int, num_perm: int, seed: int) -> np.ndarray:
-    """Indices of texts sharing an LSH band with another text, indexed chunk by chunk to bound memory."""
-    import rensa
-
-    index = rensa.RMinHashLSH(threshold, num_perm, bands)
-    matrices = []
-    for start in range(0, len(texts), CHUNK_ROWS):
-        matrices.append(_signatures(texts[start : start + CHUNK_ROWS], k, num_perm, seed))
-        index.insert_matrix(matrices[-1], start_key=start)
-    flags = [np.asarray(index.query_duplicate_flags_matrix(matrix), dtype=bool) for matrix in matrices]
-    return np.flatnonzero(np.concatenate(flags))
-
-
-def _group_pairs(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Pairs within runs of `order`: every pair for runs up to FULL_PAIRS_GROUP rows, else each row with the first."""
-    pairs = [np.stack((order[starts[sizes == 2]], order[starts[sizes == 2] + 1]), axis=1)]
-    for start, size in zip(starts[sizes > 2], sizes[sizes > 2]):
-        members = order[start : start + size]
-        if size <= FULL_PAIRS_GROUP:
-            first, second = np.triu_indices(size, k=1)
-            pairs.append(np.stack((members[first], members[second]), axis=1))
-        else:
-            pairs.append(np.stack((np.full(size - 1, members[0]), members[1:]), axis=1))
-    return np.concatenate(pairs)
-
-
-def _band_pairs(signatures: np.ndarray, bands: int) -> np.ndarray:
-    """Unique candidate pairs (i < j) of rows sharing at least one LSH band."""
-    rows = signatures.shape[1] // bands
-    found = [np.zeros((0, 2), dtype=np.int64)]
-    for band in range(bands):
-        block = signatures[:, band * rows : (band + 1) * rows].astype(np.uint64)
-        keys = (block * _BAND_WEIGHTS[:rows]).sum(axis=1, dtype=np.uint64)
-        order = np.lexsort((np.arange(len(keys)), keys))
-        starts = np.flatnonzero(np.concatenate(([True], keys[order][1:] != keys[order][:-1])))
-        sizes = np.diff(np.concatenate((starts, [len(keys)])))
-        found.append(_group_pairs(order, starts, sizes))
-    pairs = np.concatenate(found)
-    return np.unique(np.sort(pairs, axis=1), axis=0)
-
-
-def near_duplicate_pairs(
-    texts: list[str], *, threshold: float = 0.8, num_perm: int = 128, shingle_words: int = 3, seed: int = 1
-) -> list[tuple[int, int, float]]:
-    """(i, j, estimated Jaccard) for every pair of texts at or above `threshold`, i < j, sorted."""
-    if len(texts) < 2:
-        return []
-    bands = lsh_bands(threshold, num_perm)
-    flagged = _flag_candidates(texts, bands, threshold, shingle_words, num_perm, seed)
-    if len(flagged) < 2:
-        return []
-    signatures = _signature_array([texts[i] for i in flagged], shingle_words, num_perm, seed)
-    pairs = _band_pairs(signatures, bands)
-    similarity = (signatures[pairs[:, 0]] == signatures[pairs[:, 1]]).mean(axis=1)
-    keep = similarity >= threshold
-    return [(int(flagged[a]), int(flagged[b]), float(s)) for (a, b), s in zip(pairs[keep], similarity[keep])]
-
-
-def clusters(n: int, pairs: list[tuple[int, int, float]]) -> list[int]:
-    """Union-find over the pairs: for each index, the smallest index of its cluster."""
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b, _ in pairs:
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return [root(i) for i in range(n)]
-
-
 @dataclass
 class DedupResult:
     kept: list[dict[str, Any]] = field(default_factory=list)
     removed: list[dict[str, Any]] = field(default_factory=list)
+    shared: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))  # shingles left out
 
     def count(self, reason: str) -> int:
         return sum(1 for row in self.removed if row["reason"] == reason)
@@ -246,59 +121,164 @@ def _remove_exact(rows: list[tuple[dict[str, Any], Keys]], removed: list[dict[st
     return kept
 
 
-def _remove_near(rows: list[tuple[dict[str, Any], Keys]], removed: list[dict[str, Any]], **lsh: Any):
-    pairs = near_duplicate_pairs([keys.conversation for _, keys in rows], **lsh)
-    similarity = {(a, b): s for a, b, s in pairs}
-    kept = []
-    for index, rep in enumerate(clusters(len(rows), pairs)):
-        row = rows[index][0]
-        if rep == index:
-            kept.append(row)
+
+
+class NearRows:
+    """The rows of the near stage: which prompts are near-identical (on what varies) and how alike their answers are."""
+
+    def __init__(self, rows: list[dict[str, Any]], settings: similarity.Settings):
+        self.rows = rows
+        self.settings = settings
+        prompts, self.shared = similarity.prompt_shingles(rows, settings.shingle_words)
+        self.similar = similarity.neighbours(len(rows), similarity.similar_pairs(prompts, settings))
+        paired = [index for index, similar in enumerate(self.similar) if similar]  # only their answers are compared
+        self._answer_of = {index: position for position, index in enumerate(paired)}
+        self._answers = similarity.answer_shingles([rows[i] for i in paired], settings.shingle_words)
+
+    def answer_jaccard(self, a: int, b: int) -> float:
+        return self._answers.jaccard(self._answer_of[a], self._answer_of[b])
+
+    def same_answer(self, a: int, b: int) -> bool:
+        return self.answer_jaccard(a, b) >= self.settings.threshold
+
+    def answer_camps(self, group: list[int]) -> list[list[int]]:
+        """`group` split by answer: each row joins the first camp whose first answer is near-identical to its own."""
+        camps: list[list[int]] = []
+        for index in group:
+            camp = next((c for c in camps if self.same_answer(c[0], index)), None)
+            camps.append([index]) if camp is None else camp.append(index)
+        return camps
+
+
+def _resolve_near_contradictions(near: NearRows, alive: list[bool], removed: list[dict[str, Any]]) -> None:
+    """Near-identical prompts, different answers: around each row in turn, the rows whose prompts are directly
+    near-identical to its own vote; the strict-majority answer's rows stay, otherwise all of them go."""
+    for center, similar in enumerate(near.similar):
+        if not alive[center] or not similar:
             continue
-        score = similarity.get((rep, index))
-        detail = f"estimated Jaccard {score:.2f}" if score is not None else "in the same near-duplicate cluster"
-        removed.append(_removal(row, "near_duplicate", rows[rep][0], detail))
-    return kept
+        camps = near.answer_camps([center, *sorted(i for i in similar if alive[i])])
+        if len(camps) < 2:
+            continue
+        size = sum(map(len, camps))
+        top = max(camps, key=len)
+        winner = top if len(top) * 2 > size else None
+        vote = (f"answer differs from the majority ({len(top)} of {size} rows)" if winner else
+                f"{len(camps)} different answers to near-identical prompts, none with a strict majority")
+        camp_of = {index: number for number, camp in enumerate(camps) for index in camp}
+        for camp in camps:
+            for index in [] if camp is winner else camp:
+                removed.append(_near_contradiction(near, index, center, camp_of, camps.index(top), vote))
+                alive[index] = False
+
+
+def _near_contradiction(near: NearRows, index: int, center: int, camp_of: dict[int, int], top: int, vote: str):
+    """The removal record of `index`, naming a row with another answer whose prompt is directly near-identical to
+    its own (one of the majority first); a row agreeing with the center that has none such names the center."""
+    others = sorted((i for i in near.similar[index] if camp_of.get(i, camp_of[index]) != camp_of[index]),
+                    key=lambda i: (camp_of[i] != top, i))
+    if others:
+        detail = f"prompt near-identical (Jaccard {near.similar[index][others[0]]:.2f}) to one with another answer; "
+        return _removal(near.rows[index], "contradiction", near.rows[others[0]], detail + vote)
+    detail = f"agrees with a near-identical prompt (Jaccard {near.similar[index][center]:.2f}) whose group "
+    return _removal(near.rows[index], "contradiction", near.rows[center], detail + vote)
+
+
+def _remove_near_duplicates(near: NearRows, alive: list[bool], removed: list[dict[str, Any]]) -> None:
+    """A row whose prompt and answer are both near-identical to a kept earlier row's goes, naming that row."""
+    for index, similar in enumerate(near.similar):
+        if not alive[index]:
+            continue
+        matches = [(score, other) for other, score in similar.items()
+                   if other < index and alive[other] and near.same_answer(other, index)]
+        if matches:
+            score, other = max(matches, key=lambda match: (match[0], -match[1]))  # most alike, then first
+            detail = f"prompt Jaccard {score:.2f}, answer Jaccard {near.answer_jaccard(other, index):.2f}"
+            removed.append(_removal(near.rows[index], "near_duplicate", near.rows[other], detail))
+            alive[index] = False
+
+
+def _remove_near(rows: list[dict[str, Any]], removed: list[dict[str, Any]], settings: similarity.Settings):
+    near = NearRows(rows, settings)
+    alive = [True] * len(rows)
+    _resolve_near_contradictions(near, alive, removed)
+    _remove_near_duplicates(near, alive, removed)
+    return [row for row, keep in zip(rows, alive) if keep], near.shared
 
 
 def deduplicate(
     rows: list[dict[str, Any]], *, threshold: float = 0.8, num_perm: int = 128, shingle_words: int = 3
 ) -> DedupResult:
-    """Remove contradictions, then exact duplicates, then near-duplicates.
+    """Remove exact-prompt contradictions, then exact duplicates, then near-prompt contradictions and
+    near-duplicates.
 
-    Rows are processed in (id, source) order and the first row of each cluster is kept, so the
+    Rows are processed in (id, source) order and the first row of each group is kept, so the
     result does not depend on the order of the input.
     """
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived strings; the collector alone costs a third of the time
     try:
-        return _deduplicate(rows, threshold, num_perm, shingle_words)
+        return _deduplicate(rows, similarity.Settings(threshold, num_perm, shingle_words))
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _deduplicate(rows: list[dict[str, Any]], threshold: float, num_perm: int, shingle_words: int) -> DedupResult:
+def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings) -> DedupResult:
     ordered = [(row, Keys.of(row["messages"])) for row in sorted(rows, key=lambda r: (r["id"], r["source"]))]
     result = DedupResult()
     remaining = _resolve_contradictions(ordered, result.removed)
     remaining = _remove_exact(remaining, result.removed)
-    result.kept = _remove_near(remaining, result.removed, threshold=threshold, num_perm=num_perm, shingle_words=shingle_words)
+    result.kept, result.shared = _remove_near([row for row, _ in remaining], result.removed, settings)
     return result
 
 
-def build_deduplicated(examples_path: Path, out_dir: Path, *, threshold: float, num_perm: int, shingle_words: int) -> dict[str, Any]:
-    """Deduplicate `examples_path` into `out_dir/examples.parquet` + `out_dir/removed.jsonl`; return the counts."""
+def removed_by_label(rows: list[dict[str, Any]], removed: list[dict[str, Any]],
+                     label_of: Callable[[str], str | None]) -> dict[str, dict[str, int]]:
+    """For each label (of the rows' answers), how many rows came in and how many cleaning removed."""
+
+    def label(row: dict[str, Any]) -> str:
+        return label_of(row["messages"][-1]["content"]) or "(no label)"
+
+    totals, gone = Counter(map(label, rows)), Counter(map(label, removed))
+    return {name: {"rows_in": totals[name], "removed": gone[name]} for name in sorted(totals)}
+
+
+def matched_examples(rows: list[dict[str, Any]], removed: list[dict[str, Any]],
+                     limit: int = MATCH_EXAMPLES) -> list[dict[str, str]]:
+    """Removed near-duplicates and contradictions next to the rows they were matched with (user message, answer)."""
+    by_id = {row["id"]: row for row in rows}
+    picked = [r for r in removed if r["reason"] != "exact_duplicate"][:limit]
+    return [{
+        "reason": r["reason"], "detail": r["detail"],
+        "removed_message": user_message(r["messages"]), "removed_answer": r["messages"][-1]["content"],
+        "matched_message": user_message(by_id[r["duplicate_of"]]["messages"]),
+        "matched_answer": by_id[r["duplicate_of"]]["messages"][-1]["content"],
+    } for r in picked]
+
+
+def build_deduplicated(examples_path: Path, out_dir: Path, *, threshold: float, num_perm: int, shingle_words: int,
+                       label_of: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+    """Deduplicate `examples_path` into `out_dir/examples.parquet` + `out_dir/removed.jsonl` (with a result);
+    return the counts, and the removals by label when `label_of` reads a row's label from its answer."""
     rows = read_examples(examples_path)
-    result = deduplicate(rows, threshold=threshold, num_perm=num_perm, shingle_words=shingle_words)
-    with atomic_dir(out_dir) as tmp:
-        write_examples(result.kept, tmp / "examples.parquet")
-        write_jsonl(result.removed, tmp / "removed.jsonl")
-    return {
+    settings = {"threshold": threshold, "num_perm": num_perm, "shingle_words": shingle_words}
+    result = deduplicate(rows, **settings)
+    summary = {
         "rows_in": len(rows),
         "rows_out": len(result.kept),
         "exact_duplicates": result.count("exact_duplicate"),
         "near_duplicates": result.count("near_duplicate"),
         "contradictions": result.count("contradiction"),
-        "removed": result.removed,
+        "shared_text_shingles": len(result.shared),
+        "removed_by_label": removed_by_label(rows, result.removed, label_of) if label_of else {},
+        "matched_examples": matched_examples(rows, result.removed),
     }
+    inputs = {"raw_examples": file_sha256(examples_path)[:16]}
+    key = hashlib.sha256(repr((inputs, sorted(settings.items()))).encode()).hexdigest()[:16]
+    with atomic_dir(out_dir) as tmp:
+        write_examples(result.kept, tmp / "examples.parquet",
+                       metadata={SHARED_TEXT_KEY: similarity.encode_shared(result.shared)})
+        write_jsonl(result.removed, tmp / "removed.jsonl")
+        Result("deduplicated_examples", key, {"examples": "examples.parquet", "removed": "removed.jsonl"},
+               inputs, summary).write(tmp)
+    return {**summary, "removed": result.removed}

@@ -153,7 +153,20 @@ def _alpaca(row: dict[str, Any]) -> list[dict[str, str]]:
     return _pair(prompt, _text(row.get("output"), "output"))
 
 
+def _keys(row: dict[str, Any]) -> str:
+    return ", ".join(sorted(map(str, row))[:10]) or "none"
+
+
+def _missing_columns(row: dict[str, Any], columns: dict[str, str]) -> str:
+    """The mapped columns the row lacks, as `'utterance' (data.columns.prompt)`, or ''."""
+    return " and ".join(f"{column!r} (data.columns.{field})" for field, column in sorted(columns.items())
+                        if column not in row)
+
+
 def _mapped(row: dict[str, Any], columns: dict[str, str]) -> list[dict[str, str]]:
+    missing = _missing_columns(row, columns)
+    if missing:
+        raise BadRow(f"mapped column {missing} is not in the file; its columns are: {_keys(row)}")
     system_column = columns.get("system")
     return _pair(
         _text(row.get(columns["prompt"]), columns["prompt"]),
@@ -172,12 +185,13 @@ def detect_format(row: dict[str, Any], spec: FormatSpec) -> str:
         return "alpaca"
     if "prompt" in row and "completion" in row:
         return "prompt_completion"
-    if {"prompt", "completion"} <= spec.columns.keys() and spec.columns["prompt"] in row:
+    mapped = {"prompt", "completion"} <= spec.columns.keys()
+    if mapped and spec.columns["prompt"] in row:
         return "columns"
-    keys = ", ".join(sorted(map(str, row))[:10]) or "none"
+    missing = f"the mapped column {_missing_columns(row, spec.columns)} is not in the file, and " if mapped else ""
     raise BadRow(
-        "unrecognised row format: expected 'messages', 'instruction'+'output', 'prompt'+'completion' "
-        f"or the columns mapped in task.yaml; the row has keys: {keys}"
+        f"unrecognised row format: {missing}expected 'messages', 'instruction'+'output', 'prompt'+'completion' "
+        f"or the columns mapped in task.yaml; the row has keys: {_keys(row)}"
     )
 
 
@@ -448,13 +462,24 @@ def read_raw_dir(raw_dir: Path, spec: FormatSpec) -> ReadResult:
     return result
 
 
-def write_examples(rows: list[dict[str, Any]], path: Path) -> None:
-    """Write canonical examples as Parquet (deterministic bytes for the same rows)."""
-    pq.write_table(pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA), path)
+def write_examples(rows: list[dict[str, Any]], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write canonical examples as Parquet (deterministic bytes for the same rows), with optional file metadata."""
+    schema = EXAMPLE_SCHEMA.with_metadata(metadata) if metadata else EXAMPLE_SCHEMA
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
 def read_examples(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
+
+
+def examples_metadata(path: Path) -> dict[str, str]:
+    """The file metadata written with `write_examples`."""
+    return {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
+
+
+def user_message(messages: list[dict[str, str]]) -> str:
+    """The last user turn of a conversation: what a person reads to know the example (not the shared system prompt)."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
@@ -468,10 +493,9 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec) -> di
     result = read_raw_dir(task_folder / "raw", spec)
     if not result.examples:
         reasons = Counter(row["reason"] for row in result.quarantine).most_common(3)
-        raise RawDataError(
-            f"{task_folder / 'raw'}: no usable rows in {len(result.files)} file(s) "
-            f"({result.rows_read} rows read; most common problems: {reasons or 'no rows at all'})"
-        )
+        problems = "; ".join(f"{reason} ({count} row{'s' * (count > 1)})" for reason, count in reasons) or "no rows at all"
+        raise RawDataError(f"{task_folder / 'raw'}: no usable rows in {len(result.files)} file(s), "
+                           f"{result.rows_read} rows read; most common problems: {problems}")
     with atomic_dir(out_dir) as tmp:
         write_examples(result.examples, tmp / "examples.parquet")
         write_jsonl(result.quarantine, tmp / "quarantine.jsonl")

@@ -1,8 +1,9 @@
 """Held-out split by a stable hash of the normalised prompt, with near-duplicate prompts kept together.
 
 A row's side depends only on its prompt (and the seed), never on which other rows exist, except that
-near-duplicate prompts share the side of their cluster; sides recorded by an earlier split are kept,
-so adding rows never moves an existing row between train and eval.
+near-duplicate prompts share the side of their group; sides recorded by an earlier split are kept,
+so adding rows never moves an existing row between train and eval. Near-duplicate prompts are those
+cleaning compares (`similarity`, leaving out the same shared text), and the leakage check uses the same test.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ftpipe.core.dedup import clusters, near_duplicate_pairs, prompt_key
-from ftpipe.core.records import read_examples, write_examples
+import numpy as np
+
+from ftpipe.core import similarity
+from ftpipe.core.dedup import SHARED_TEXT_KEY, prompt_key
+from ftpipe.core.records import examples_metadata, read_examples, write_examples
 from ftpipe.core.storage import atomic_dir
 
 TRAIN, EVAL = "train", "eval"
@@ -24,25 +28,30 @@ def hash_side(prompt: str, eval_fraction: float, seed: int) -> str:
     return EVAL if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else TRAIN
 
 
+def _similar_prompts(rows: list[dict[str, Any]], settings: similarity.Settings,
+                     shared: np.ndarray | None) -> list[tuple[int, int, float]]:
+    prompts, _ = similarity.prompt_shingles(rows, settings.shingle_words, shared)
+    return similarity.similar_pairs(prompts, settings)
+
+
 def assign_sides(
     rows: list[dict[str, Any]],
     *,
     eval_fraction: float,
     seed: int,
     previous: dict[str, str] | None = None,
-    threshold: float = 0.8,
-    num_perm: int = 128,
-    shingle_words: int = 3,
+    settings: similarity.Settings = similarity.Settings(),
+    shared: np.ndarray | None = None,
 ) -> dict[str, str]:
     """Map each row id to "train" or "eval".
 
-    Near-duplicate prompts form clusters; a cluster takes the side recorded for any of its rows in
-    `previous` (an earlier split with the same fraction and seed), else the hash side of its smallest prompt.
+    Rows with near-duplicate prompts form groups (connected, so no pair of them is split); a group takes the
+    side recorded for any of its rows in `previous` (an earlier split with the same fraction and seed), else
+    the hash side of its smallest prompt. `shared`: the shared shingles cleaning left out (found anew if None).
     """
     previous = previous or {}
     prompts = [prompt_key(row["messages"]) for row in rows]
-    pairs = near_duplicate_pairs(prompts, threshold=threshold, num_perm=num_perm, shingle_words=shingle_words)
-    roots = clusters(len(rows), pairs)
+    roots = similarity.components(len(rows), _similar_prompts(rows, settings, shared))
     members: dict[int, list[int]] = {}
     for index, root in enumerate(roots):
         members.setdefault(root, []).append(index)
@@ -56,21 +65,30 @@ def assign_sides(
 
 
 def find_leaks(
-    train: list[dict[str, Any]], evaluation: list[dict[str, Any]], *, threshold: float = 0.8,
-    num_perm: int = 128, shingle_words: int = 3,
+    train: list[dict[str, Any]], evaluation: list[dict[str, Any]], *,
+    settings: similarity.Settings = similarity.Settings(), shared: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """Eval rows whose prompt is an exact or near duplicate of a train prompt."""
-    prompts = [prompt_key(r["messages"]) for r in train] + [prompt_key(r["messages"]) for r in evaluation]
+    """Eval rows whose prompt is a near (or exact) duplicate of a train prompt, each with its closest train row."""
     n_train = len(train)
-    leaks = {}
-    exact = {p: i for i, p in enumerate(prompts[:n_train])}
-    for j, prompt in enumerate(prompts[n_train:]):
-        if prompt in exact:
-            leaks[j] = {"eval_id": evaluation[j]["id"], "train_id": train[exact[prompt]]["id"], "similarity": 1.0}
-    for a, b, similarity in near_duplicate_pairs(prompts, threshold=threshold, num_perm=num_perm, shingle_words=shingle_words):
-        if a < n_train <= b and (b - n_train) not in leaks:
-            leaks[b - n_train] = {"eval_id": evaluation[b - n_train]["id"], "train_id": train[a]["id"], "similarity": similarity}
+    leaks: dict[int, dict[str, Any]] = {}
+    for a, b, score in _similar_prompts(train + evaluation, settings, shared):
+        if a < n_train <= b and score > leaks.get(b - n_train, {}).get("similarity", -1.0):
+            leaks[b - n_train] = {"eval_id": evaluation[b - n_train]["id"], "train_id": train[a]["id"],
+                                  "similarity": round(score, 3)}
     return [leaks[j] for j in sorted(leaks)]
+
+
+def split_leaks(folder: Path, settings: similarity.Settings) -> list[dict[str, Any]]:
+    """The leaks of a split written by `build_split` into `folder`, judged as cleaning and the split judged."""
+    train_path = folder / "train.parquet"
+    return find_leaks(read_examples(train_path), read_examples(folder / "eval.parquet"), settings=settings,
+                      shared=_shared_text(train_path))
+
+
+def _shared_text(path: Path) -> np.ndarray | None:
+    """The shared shingles recorded in an examples file (None when it records none)."""
+    recorded = examples_metadata(path).get(SHARED_TEXT_KEY)
+    return None if recorded is None else similarity.decode_shared(recorded)
 
 
 def _previous_sides(path: Path, eval_fraction: float, seed: int) -> dict[str, str]:
@@ -82,16 +100,27 @@ def _previous_sides(path: Path, eval_fraction: float, seed: int) -> dict[str, st
     return recorded["sides"] if same else {}
 
 
-def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, seed: int, **near: Any) -> dict[str, Any]:
-    """Write `train.parquet`, `eval.parquet` and `split.json` (every id's side) into `out_dir`."""
+def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, seed: int, threshold: float = 0.8,
+                num_perm: int = 128, shingle_words: int = 3) -> dict[str, Any]:
+    """Write `train.parquet`, `eval.parquet` and `split.json` (every id's side) into `out_dir`.
+
+    The shared text cleaning left out (recorded in the examples file) is left out here too, and recorded again
+    in both halves for the leakage check.
+    """
     rows = sorted(read_examples(examples_path), key=lambda r: (r["id"], r["source"]))
+    settings = similarity.Settings(threshold, num_perm, shingle_words)
+    shared = _shared_text(examples_path)
+    if shared is None:
+        shared = similarity.prompt_shingles(rows, settings.shingle_words)[1]
+    metadata = {SHARED_TEXT_KEY: similarity.encode_shared(shared)}
     previous = _previous_sides(out_dir / "split.json", eval_fraction, seed)
-    sides = assign_sides(rows, eval_fraction=eval_fraction, seed=seed, previous=previous, **near)
+    sides = assign_sides(rows, eval_fraction=eval_fraction, seed=seed, previous=previous, settings=settings,
+                         shared=shared)
     train = [row for row in rows if sides[row["id"]] == TRAIN]
     evaluation = [row for row in rows if sides[row["id"]] == EVAL]
     record = {"eval_fraction": eval_fraction, "seed": seed, "sides": {row["id"]: sides[row["id"]] for row in rows}}
     with atomic_dir(out_dir) as tmp:
-        write_examples(train, tmp / "train.parquet")
-        write_examples(evaluation, tmp / "eval.parquet")
+        write_examples(train, tmp / "train.parquet", metadata)
+        write_examples(evaluation, tmp / "eval.parquet", metadata)
         (tmp / "split.json").write_text(json.dumps(record, indent=0, sort_keys=True), encoding="utf-8")
     return {"train_rows": len(train), "eval_rows": len(evaluation)}

@@ -2,25 +2,46 @@
 
 from __future__ import annotations
 
+import sys
 import unicodedata
+from functools import cache
 from typing import Any
 
 CELL_CHARS = 160
 
 
-def canonical(text: str) -> str:
-    """Unicode NFKC, case-folded, whitespace collapsed: what makes two rows the same row (cleaning, split).
+def _is_punctuation(code: int) -> bool:
+    return unicodedata.category(chr(code)).startswith("P")
 
-    ASCII text is already NFKC, and its casefold is lower(), so it takes the fast path.
-    """
-    folded = text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(folded.split())
+
+_ASCII_PUNCTUATION = dict.fromkeys(filter(_is_punctuation, range(128)))
+
+
+@cache
+def _punctuation() -> dict[int, None]:
+    """Every Unicode punctuation code point, mapped to None for `str.translate` (built on first need)."""
+    return dict.fromkeys(filter(_is_punctuation, range(sys.maxunicode + 1)))
+
+
+def _folded(text: str) -> str:
+    """Unicode NFKC and case-folded (ASCII text is already NFKC, and its casefold is lower(): the fast path)."""
+    return text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).casefold()
+
+
+def canonical(text: str) -> str:
+    """Unicode NFKC, case-folded, whitespace collapsed: what makes two rows the same row (cleaning, split)."""
+    return " ".join(_folded(text).split())
+
+
+def loose_words(text: str) -> list[str]:
+    """The words of `canonical(text)` with punctuation removed."""
+    folded = _folded(text)
+    return folded.translate(_ASCII_PUNCTUATION if folded.isascii() else _punctuation()).split()
 
 
 def loose(text: str) -> str:
     """`canonical` with punctuation removed: what makes two answers the same answer (metrics, labels)."""
-    kept = "".join(ch for ch in canonical(text) if not unicodedata.category(ch).startswith("P"))
-    return " ".join(kept.split())
+    return " ".join(loose_words(text))
 
 
 def cell(value: Any, limit: int = CELL_CHARS) -> str:

@@ -1,24 +1,17 @@
 import random
 
-from ftpipe.core import dedup
-from ftpipe.core.records import example_id
-from ftpipe_tests.conftest import chat
-
-WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
-
-
-def row(prompt: str, answer: str, source: str = "f:line 1") -> dict:
-    messages = chat(prompt, answer)["messages"]
-    return {"id": example_id(messages), "messages": messages, "source": source}
+from ftpipe.core import dedup, similarity
+from ftpipe.core.records import examples_metadata, write_examples
+from ftpipe.core.results import read_result
+from ftpipe.core.text import canonical, loose
+from ftpipe_tests.intents import SYSTEM_PROMPT, intent_task
+from ftpipe_tests.rows import row, sentence
 
 
-def sentence(rng: random.Random, n: int = 40) -> str:
-    return " ".join(rng.choice(WORDS) + str(rng.randrange(50)) for _ in range(n))
-
-
-def test_normalize_nfkc_casefold_whitespace() -> None:
-    assert dedup.normalize("  Ｈello\t WORLD \n ") == "hello world"
-    assert dedup.normalize("Straße") == dedup.normalize("STRASSE")
+def test_canonical_is_nfkc_casefold_whitespace_and_loose_drops_punctuation() -> None:
+    assert canonical("  Ｈello\t WORLD \n ") == "hello world"
+    assert canonical("Straße") == canonical("STRASSE")
+    assert loose("Hello, WORLD!") == "hello world" and canonical("Hello, WORLD!") == "hello, world!"
 
 
 def test_exact_duplicates_after_normalisation_keep_one() -> None:
@@ -48,7 +41,7 @@ def test_pairs_below_threshold_are_not_merged() -> None:
     rng = random.Random(1)
     a = sentence(rng, 10)
     b = " ".join(a.split()[:5] + sentence(rng, 5).split())
-    assert dedup.near_duplicate_pairs([dedup.normalize(a), dedup.normalize(b)], threshold=0.8) == []
+    assert similarity.similar_pairs(similarity.shingles([[("user", a)], [("user", b)]], 3)) == []
 
 
 def test_contradiction_with_majority_keeps_the_majority() -> None:
@@ -84,9 +77,76 @@ def test_counts_add_up_and_result_ignores_input_order() -> None:
 
 
 def test_lsh_bands_divide_the_permutations() -> None:
-    bands = dedup.lsh_bands(0.8, 128)
+    bands = similarity.lsh_bands(0.8, 128)
     assert 128 % bands == 0 and 4 <= bands <= 64
 
 
-def test_clusters_union_find() -> None:
-    assert dedup.clusters(5, [(3, 4, 0.9), (1, 3, 0.9)]) == [0, 1, 2, 1, 1]
+def test_components_union_find() -> None:
+    assert similarity.components(5, [(3, 4, 0.9), (1, 3, 0.9)]) == [0, 1, 2, 1, 1]
+
+
+def test_short_messages_with_a_long_shared_system_prompt_keep_their_labels() -> None:
+    task = intent_task()
+    result = dedup.deduplicate(task.rows)
+    label = {r["id"]: r["messages"][-1]["content"] for r in task.rows}
+    near = {r["id"]: r["duplicate_of"] for r in result.removed if r["reason"] == "near_duplicate"}
+    assert {frozenset(pair) for pair in near.items()} == {frozenset(p) for p in task.near_duplicates.items()}
+    assert all(label[a] == label[b] for a, b in near.items())
+    contradicted = {r["id"] for r in result.removed if r["reason"] == "contradiction"}
+    assert contradicted == set(task.contradictions) | set(task.contradictions.values())
+    assert len(result.removed) == len(task.near_duplicates) + 2 * len(task.contradictions)
+    assert len(result.shared) > 20  # the system prompt's shingles, left out of the comparison
+
+
+def test_a_repeated_preamble_inside_the_user_message_does_not_make_rows_similar() -> None:
+    preamble = "Classify the following message from a customer of our bank into one of the known intents. Message:"
+    rows = [row(f"{preamble} {text}", label) for text, label in (
+        ("how do i activate my card", "activate"), ("please give me a refund", "refund"),
+        ("how do I delete my account now", "terminate"), ("my pin is blocked", "pin"),
+        ("the transfer never arrived", "transfer"), ("why was my card declined", "declined"),
+        ("can my child open an account", "age"), ("my card has not arrived yet", "arrival"),
+        ("top up failed this morning", "top_up"), ("what exchange rate do you use", "rate"),
+    )]
+    result = dedup.deduplicate(rows)
+    assert result.removed == [] and len(result.kept) == 10
+
+
+def test_near_identical_prompts_with_different_answers_are_contradictions_not_duplicates() -> None:
+    rng = random.Random(5)
+    text = sentence(rng, 20)
+    rows = [row(text, "billing", "a"), row(text + " please", "billing", "b"), row(text + "!", "shipping", "c")]
+    result = dedup.deduplicate(rows + [row(sentence(rng, 20), "other", f"x{i}") for i in range(5)])
+    assert result.count("near_duplicate") == 1 and result.count("contradiction") == 1
+    contradiction = next(r for r in result.removed if r["reason"] == "contradiction")
+    assert contradiction["source"] == "c" and "majority (2 of 3 rows)" in contradiction["detail"]
+
+
+def test_near_duplicates_do_not_chain() -> None:
+    """a ~ b and b ~ c, but a is not like c: unless b comes first, b goes as a copy of a or c and both others stay."""
+    words = [f"w{i}" for i in range(30)]
+    texts = [" ".join(words[shift : shift + 24]) for shift in (0, 2, 4)]
+    prompts = similarity.shingles([[("user", t)] for t in texts], 3)
+    assert prompts.jaccard(0, 1) >= 0.8 and prompts.jaccard(1, 2) >= 0.8 and prompts.jaccard(0, 2) < 0.8
+    rows = [row(text, "x", "same source") for text in texts]
+    position = {r["id"]: index for index, r in enumerate(rows)}
+    result = dedup.deduplicate(rows)
+    removed = {position[r["id"]]: position[r["duplicate_of"]] for r in result.removed}
+    first = position[min(position)]
+    assert set(removed) == ({0, 2} if first == 1 else {1})
+    kept = {position[r["id"]] for r in result.kept}
+    assert all(of in kept and prompts.jaccard(gone, of) >= 0.8 for gone, of in removed.items())
+
+
+def test_build_deduplicated_reports_removals_by_label_with_matched_rows(tmp_path) -> None:
+    task = intent_task()
+    write_examples(task.rows, tmp_path / "raw.parquet")
+    summary = dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "out", threshold=0.8, num_perm=128,
+                                       shingle_words=3, label_of=str.strip)
+    by_label = summary["removed_by_label"]
+    assert sum(v["removed"] for v in by_label.values()) == len(summary["removed"])
+    assert sum(v["rows_in"] for v in by_label.values()) == len(task.rows)
+    example = summary["matched_examples"][0]
+    assert example["removed_message"] and example["matched_message"] and SYSTEM_PROMPT not in example["removed_message"]
+    result = read_result(tmp_path / "out", "deduplicated_examples")
+    assert result.metadata["near_duplicates"] == len(task.near_duplicates)
+    assert examples_metadata(tmp_path / "out" / "examples.parquet")[dedup.SHARED_TEXT_KEY].startswith("[")

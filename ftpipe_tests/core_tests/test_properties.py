@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from ftpipe.core import dedup, records, split
 from ftpipe.core.records import FormatSpec, example_id
+from ftpipe.core.text import loose
 from ftpipe_tests.conftest import chat
-
 
 
 def examples(n: int) -> settings:
@@ -104,6 +104,48 @@ def test_dedup_counts_add_up_and_ignore_input_order(data: list[tuple[str, str]],
     rng.shuffle(shuffled)
     again = dedup.deduplicate(shuffled)
     assert (again.kept, again.removed) == (result.kept, result.removed)
+
+
+def word_shingles(parts: list[tuple[str, str]], k: int = 3) -> set:
+    """A row's shingles written out plainly: each message's loosely normalised words, padded to k, in k-word
+    windows tagged with the message's role."""
+    found = set()
+    for role, content in parts:
+        words = loose(content).split()
+        words += [""] * (k - len(words))
+        found |= {(role, *words[i : i + k]) for i in range(len(words) - k + 1)}
+    return found
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b)
+
+
+SYSTEM = "Answer the question about the office printer with one short word, nothing else, ever."
+
+
+@examples(100)
+@given(st.lists(st.tuples(sentence, st.sampled_from(["a", "b", "a b c d"])), max_size=40), st.booleans())
+def test_every_removed_row_is_itself_similar_to_the_row_it_names(data: list[tuple[str, str]], system: bool) -> None:
+    rows = [row(p, a, f"s{i}") for i, (p, a) in enumerate(data)]
+    for r in rows if system else []:
+        r["messages"].insert(0, {"role": "system", "content": SYSTEM})
+    prompts = {r["id"]: word_shingles([(m["role"], m["content"]) for m in r["messages"][:-1]]) for r in rows}
+    answers = {r["id"]: word_shingles([("assistant", r["messages"][-1]["content"])]) for r in rows}
+    held = [s for shingles in prompts.values() for s in shingles]
+    shared = {s for s in set(held) if held.count(s) > max(0.5 * len(rows), 7)}
+    varying = {key: (value - shared) or value for key, value in prompts.items()}
+    result = dedup.deduplicate(rows)
+    kept = {r["id"] for r in result.kept}
+    for removed in result.removed:
+        this, other = removed["id"], removed["duplicate_of"]
+        if removed["reason"] == "near_duplicate":
+            assert other in kept
+            assert jaccard(varying[this], varying[other]) >= 0.8 and jaccard(answers[this], answers[other]) >= 0.8
+        elif removed["reason"] == "contradiction" and "near-identical" in removed["detail"]:
+            assert jaccard(varying[this], varying[other]) >= 0.8
+            agrees = removed["detail"].startswith("agrees")
+            assert (jaccard(answers[this], answers[other]) >= 0.8) == agrees
 
 
 @examples(40)

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ftpipe.core import records
-from ftpipe.core.records import FormatSpec, RawDataError
+from ftpipe.core.records import FormatSpec, RawDataError, build_raw_examples, read_raw_dir
 from ftpipe_tests.conftest import chat, make_task
 
 
@@ -136,3 +136,20 @@ def test_review_sample_is_seeded_and_bounded() -> None:
     assert first == records.review_sample(list(reversed(rows)))
     assert first != records.review_sample(rows, seed=1)
     assert len(records.review_sample(rows[:7])) == 7
+
+
+def test_a_mapped_column_missing_from_the_file_is_named_with_the_columns_it_has(tmp_path: Path) -> None:
+    folder = tmp_path / "task"
+    (folder / "raw").mkdir(parents=True)
+    (folder / "raw" / "intents.csv").write_text("text,category\nHow do I activate my card,activate_my_card\n")
+    spec = FormatSpec(columns={"prompt": "utterance", "completion": "category"})
+    result = read_raw_dir(folder / "raw", spec)
+    (entry,) = result.quarantine
+    assert "mapped column 'utterance' (data.columns.prompt) is not in the file" in entry["reason"]
+    assert "category, text" in entry["reason"]
+    explicit = read_raw_dir(folder / "raw", FormatSpec("columns", {"prompt": "utterance", "completion": "label"}))
+    assert "'label' (data.columns.completion) and 'utterance' (data.columns.prompt)" in explicit.quarantine[0]["reason"]
+    with pytest.raises(RawDataError) as failure:
+        build_raw_examples(folder, tmp_path / "out", spec)
+    message = str(failure.value)
+    assert "\n" not in message and "[(" not in message and "(1 row)" in message

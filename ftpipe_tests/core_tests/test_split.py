@@ -2,9 +2,10 @@ import json
 import random
 from pathlib import Path
 
-from ftpipe.core import split
-from ftpipe.core.records import read_examples, write_examples
-from ftpipe_tests.core_tests.test_dedup import row, sentence
+from ftpipe.core import dedup, similarity, split
+from ftpipe.core.records import examples_metadata, read_examples, write_examples
+from ftpipe_tests.intents import intent_task
+from ftpipe_tests.rows import row, sentence
 
 
 def rows(n: int, seed: int = 0) -> list[dict]:
@@ -60,3 +61,38 @@ def test_build_split_is_deterministic_and_records_sides(tmp_path: Path) -> None:
     assert len(read_examples(tmp_path / "a" / "eval.parquet")) == first["eval_rows"]
     recorded = json.loads((tmp_path / "a" / "split.json").read_text())
     assert len(recorded["sides"]) == 120 and recorded["eval_fraction"] == 0.15
+
+
+def test_a_shared_system_prompt_neither_groups_rows_nor_makes_leaks(tmp_path: Path) -> None:
+    task = intent_task()
+    write_examples(task.rows, tmp_path / "rows.parquet")
+    counts = split.build_split(tmp_path / "rows.parquet", tmp_path / "split", eval_fraction=0.15, seed=0)
+    assert 0.08 < counts["eval_rows"] / len(task.rows) < 0.25
+    sides = json.loads((tmp_path / "split" / "split.json").read_text())["sides"]
+    assert all(sides[copy] == sides[original] for copy, original in task.near_duplicates.items())
+    assert split.split_leaks(tmp_path / "split", similarity.Settings()) == []
+
+
+def test_cleaning_the_split_and_the_leak_check_agree(tmp_path: Path) -> None:
+    """After cleaning no two prompts are near-identical, so the split groups nothing and finds no leak."""
+    task = intent_task(seed=1)
+    write_examples(task.rows, tmp_path / "raw.parquet")
+    dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "clean", threshold=0.8, num_perm=128,
+                             shingle_words=3)
+    clean = read_examples(tmp_path / "clean" / "examples.parquet")
+    shared = similarity.decode_shared(
+        examples_metadata(tmp_path / "clean" / "examples.parquet")[dedup.SHARED_TEXT_KEY])
+    prompts, _ = similarity.prompt_shingles(clean, 3, shared)
+    assert similarity.similar_pairs(prompts) == []
+    split.build_split(tmp_path / "clean" / "examples.parquet", tmp_path / "split", eval_fraction=0.5, seed=0)
+    assert split.split_leaks(tmp_path / "split", similarity.Settings()) == []
+
+
+def test_leak_check_ignores_the_shared_system_prompt_but_finds_a_copied_message() -> None:
+    train = intent_task(seed=2).rows
+    copied = dict(train[0], id="copy", messages=[*train[0]["messages"][:-1], {"role": "assistant", "content": "x"}])
+    copied["messages"][1] = {"role": "user", "content": train[0]["messages"][1]["content"].upper() + "!"}
+    fresh = intent_task(seed=3).rows[:5]
+    fresh = [r for r in fresh if r["messages"][1]["content"] not in {t["messages"][1]["content"] for t in train}]
+    leaks = split.find_leaks(train, [copied, *fresh])
+    assert [(leak["eval_id"], leak["train_id"]) for leak in leaks] == [("copy", train[0]["id"])]
