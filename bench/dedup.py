@@ -87,7 +87,7 @@ def datasketch_baseline(rows: list[dict], threshold: float, num_perm: int, k: in
 
 
 def ftpipe_dedup(rows: list[dict], threshold: float, num_perm: int, k: int) -> dict[str, str]:
-    result = dedup.deduplicate(rows, threshold=threshold, num_perm=num_perm, shingle_words=k)
+    result = dedup.deduplicate(rows, similarity.Settings(threshold, num_perm, k))
     return {r["id"]: r["duplicate_of"] for r in result.removed if r["reason"] == "near_duplicate"}
 
 
@@ -155,7 +155,7 @@ def intent_quality(threshold: float, num_perm: int, k: int) -> tuple[float, floa
     planted = {frozenset(pair) for pair in task.near_duplicates.items()}
     planted |= {frozenset((row, other)) for pair in task.contradictions.items() for row in pair
                 for other in pair if row != other}
-    result = dedup.deduplicate(task.rows, threshold=threshold, num_perm=num_perm, shingle_words=k)
+    result = dedup.deduplicate(task.rows, similarity.Settings(threshold, num_perm, k))
     found = {frozenset((r["id"], r["duplicate_of"])) for r in result.removed}
     return len(found & planted) / max(1, len(found)), len(found & planted) / max(1, len(planted)), len(task.rows)
 
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--num-perm", type=int, default=128)
-    parser.add_argument("--shingle-words", type=int, default=3)
+    parser.add_argument("--shingle-words", type=int, default=similarity.Settings().shingle_words)
     parser.add_argument("--skip-baseline", action="store_true", help="only ftpipe (for the 1M-row memory run)")
     args = parser.parse_args()
     params = (args.rows, args.threshold, args.num_perm, args.shingle_words)

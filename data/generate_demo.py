@@ -1,4 +1,4 @@
-"""Generate the demo task `tasks/ticket_triage/` and the general-skills probe `general/probe.jsonl`.
+"""Generate the demo task `tasks/ticket_triage/` (the general-skills probe has its own `generate_probe.py`).
 
 Support tickets are labelled with one line of JSON, ``{"category": ..., "priority": ...}``, and
 spread over four raw files in four formats. Exact duplicates, near-duplicates, contradicting
@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 SEED = 1234
 DATA = Path(__file__).resolve().parent
 TASK = DATA / "tasks" / "ticket_triage"
-PROBE = DATA / "general" / "probe.jsonl"
 
 CATEGORIES = ("billing", "technical", "account", "shipping", "feature_request")
 PRIORITIES = ("low", "medium", "high")
@@ -499,124 +498,11 @@ def write_task(rng: random.Random) -> dict[str, int]:
     return {name: len(rows) for name, rows in files.items()}
 
 
-# ---------------------------------------------------------------- general-skills probe
-
-FACTS = (
-    ("What is the capital of France?", "Paris"), ("What is the capital of Japan?", "Tokyo"),
-    ("What is the capital of Italy?", "Rome"), ("What is the capital of Germany?", "Berlin"),
-    ("What is the capital of Spain?", "Madrid"), ("What is the capital of the United Kingdom?", "London"),
-    ("What is the capital of Russia?", "Moscow"), ("What is the capital of Egypt?", "Cairo"),
-    ("What color is the sky on a clear day?", "blue"), ("What color is fresh grass?", "green"),
-    ("What planet do we live on?", "Earth"), ("What is frozen water called?", "ice"),
-    ("What is the largest ocean on Earth?", "Pacific"), ("Which animal is called the king of the jungle?", "lion"),
-    ("What is the opposite of hot?", "cold"), ("What is the opposite of up?", "down"),
-    ("Which day comes after Monday?", "Tuesday"), ("Which month comes after January?", "February"),
-    ("What is the largest planet in the solar system?", "Jupiter"), ("What do bees make?", "honey"),
-    ("Which planet is closest to the Sun?", "Mercury"), ("What language is mainly spoken in Brazil?", "Portuguese"),
-    ("In which country are the pyramids of Giza?", "Egypt"), ("What is the chemical symbol for gold?", "Au"),
-)
-NUMBER_FACTS = (
-    ("How many days are in a week?", "7"), ("How many legs does a spider have?", "8"),
-    ("How many months are in a year?", "12"), ("How many hours are in a day?", "24"),
-    ("How many minutes are in an hour?", "60"), ("How many sides does a triangle have?", "3"),
-    ("At how many degrees Celsius does water boil at sea level?", "100"), ("How many continents are there?", "7"),
-)
-REPLY_WORDS = ("yes", "hello", "blue", "ocean", "banana", "ready", "river", "tiger")
-REPEAT_PHRASES = ("the cat sat", "good morning", "open the door", "see you soon", "red apple", "happy birthday")
-YES_NO = (("Is the sun hot?", "yes"), ("Can fish swim?", "yes"), ("Is snow black?", "no"), ("Do cats bark?", "no"),
-          ("Is 10 greater than 3?", "yes"), ("Is 2 greater than 9?", "no"))
-PICK_ONE = (("a fruit", ("car", "apple", "chair"), "apple"), ("an animal", ("table", "horse", "book"), "horse"),
-            ("a color", ("spoon", "shoe", "purple"), "purple"), ("a vegetable", ("carrot", "lamp", "sock"), "carrot"))
-SENTENCES = ("The dog likes to run", "Birds fly south in winter", "We ate bread for lunch",
-             "My sister plays the piano")
-FORMAT_WORDS = ("apple", "house", "river", "green", "table", "music", "cloud", "pencil", "water", "light")
-SHORT_WORDS = ("cat", "dog", "sun", "book")
-COMPOUNDS = (("sun", "flower"), ("rain", "bow"), ("foot", "ball"))
-WORD_TRIPLES = (("red", "green", "blue"), ("one", "two", "three"), ("cat", "dog", "bird"), ("up", "down", "left"))
-
-
-ARITHMETIC = (  # (question, range of a, range of b, answer, how many)
-    ("What is {a} + {b}?", (2, 9), (2, 9), lambda a, b: a + b, 8),
-    ("What is {a} plus {b}?", (11, 60), (11, 39), lambda a, b: a + b, 8),
-    ("What is {a} - {b}?", (25, 99), (2, 15), lambda a, b: a - b, 8),
-    ("What is {a} times {b}?", (2, 12), (5, 12), lambda a, b: a * b, 5),
-    ("Tom has {a} apples and buys {b} more. How many apples does he have now?", (3, 15), (10, 20),
-     lambda a, b: a + b, 3),
-)
-
-
-def arithmetic(rng: random.Random) -> list[tuple[str, str]]:
-    """32 distinct sums, differences and products with results of at least 10, computed here."""
-    rows: dict[str, str] = {}
-    for template, (a_low, a_high), (b_low, b_high), compute, count in ARITHMETIC:
-        target = len(rows) + count
-        while len(rows) < target:
-            a, b = rng.randint(a_low, a_high), rng.randint(b_low, b_high)
-            if compute(a, b) >= 10:
-                rows.setdefault(template.format(a=a, b=b) + " Answer with the number only.", str(compute(a, b)))
-    return list(rows.items())
-
-
-def facts(rng: random.Random) -> list[tuple[str, str]]:
-    return [(f"{q} Answer with one word.", a) for q, a in FACTS] + [
-        (f"{q} Answer with the number only.", a) for q, a in NUMBER_FACTS]
-
-
-def instructions(rng: random.Random) -> list[tuple[str, str]]:
-    rows = [(f"Reply with only the word {w}.", w) for w in REPLY_WORDS]
-    rows += [(f"Repeat this phrase exactly: {p}", p) for p in REPEAT_PHRASES]
-    rows += [(f"Answer yes or no: {q}", a) for q, a in YES_NO]
-    rows += [(f"Which of these is {kind}: {', '.join(words)}? Answer with one word.", a) for kind, words, a in PICK_ONE]
-    rows += [(f"What is the last word of this sentence: '{s}'? Answer with that word only.", s.split()[-1])
-             for s in SENTENCES]
-    rows += [(f"Say the word '{w}' and nothing else.", w) for w in ("goodbye", "thanks", "welcome", "sunshine")]
-    return rows
-
-
-def formatting(rng: random.Random) -> list[tuple[str, str]]:
-    rows = [(f"Write the word '{w}' in uppercase letters.", w.upper()) for w in FORMAT_WORDS[:6]]
-    rows += [(f"Write the word '{w.upper()}' in lowercase letters.", w) for w in FORMAT_WORDS[6:]]
-    rows += [(f"Write the word '{w}' three times, separated by spaces.", f"{w} {w} {w}") for w in SHORT_WORDS]
-    rows += [(f"Spell the word '{w}' with a space between each letter.", " ".join(w)) for w in SHORT_WORDS]
-    rows += [(f"Reverse the order of these words: {' '.join(t)}. Reply with the words only.", " ".join(t[::-1]))
-             for t in WORD_TRIPLES]
-    for _ in range(4):
-        numbers = rng.sample(range(1, 30), 3)
-        rows.append((f"Sort these numbers from smallest to largest: {', '.join(map(str, numbers))}. "
-                     "Reply with the numbers separated by spaces.", " ".join(map(str, sorted(numbers)))))
-    rows += [(f"Join the words '{a}' and '{b}' into one word.", a + b) for a, b in COMPOUNDS]
-    rows += [("Write the numbers from 1 to 5 separated by spaces.", "1 2 3 4 5"),
-             ("Write the first three letters of the alphabet, separated by spaces.", "a b c"),
-             ("Write the number twelve using digits.", "12")]
-    return rows
-
-
-def write_probe(rng: random.Random) -> Counter:
-    """Write the probe with skills interleaved, so any prefix of the file mixes all four."""
-    skills = {name: make(rng) for name, make in
-              (("arithmetic", arithmetic), ("facts", facts), ("instruction", instructions), ("formatting", formatting))}
-    for rows in skills.values():
-        rng.shuffle(rows)
-    lines = []
-    for i in range(max(map(len, skills.values()))):
-        for skill, rows in skills.items():
-            if i < len(rows):
-                question, reference = rows[i]
-                row = {"id": f"{skill}-{i + 1:02d}", "skill": skill,
-                       "messages": [{"role": "user", "content": question}], "reference": reference}
-                lines.append(json.dumps(row, ensure_ascii=False))
-    PROBE.parent.mkdir(parents=True, exist_ok=True)
-    PROBE.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
-    return Counter({skill: len(rows) for skill, rows in skills.items()})
-
-
 def main() -> None:
     rows = write_task(random.Random(SEED))
     print(f"rows per file ({sum(rows.values())} in all):")
     for name, count in rows.items():
         print(f"  raw/{name:58} {count}")
-    probe = write_probe(random.Random(SEED))
-    print(f"probe: {PROBE.relative_to(DATA.parent)} {sum(probe.values())} rows {dict(probe)}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass, field
 from itertools import product
 
-from ftpipe.core.similarity import prompt_shingles
+from ftpipe.core.similarity import Settings, prompt_shingles
 
 CARDS = ["card", "debit card", "credit card", "new card", "virtual card", "visa", "mastercard"]
 PLACES = ["in Spain", "at the airport", "online", "abroad", "at a shop", "in Berlin", "on holiday", "at an ATM"]
@@ -82,7 +82,7 @@ def _paraphrase(message: str, rng: random.Random) -> str:
 def _distinct(rows: list[dict], threshold: float) -> list[dict]:
     """The rows minus any whose message happens to be near-identical to an earlier one's, so the planted truth is
     all there is (checked pair by pair, without LSH)."""
-    prompts, _ = prompt_shingles(rows, 3)
+    prompts, _ = prompt_shingles(rows, Settings().shingle_words)
     kept: list[int] = []
     for index in range(len(rows)):
         if all(prompts.jaccard(index, other) < threshold for other in kept):

@@ -205,9 +205,7 @@ def _remove_near(rows: list[dict[str, Any]], removed: list[dict[str, Any]], sett
     return [row for row, keep in zip(rows, alive) if keep], near.shared
 
 
-def deduplicate(
-    rows: list[dict[str, Any]], *, threshold: float = 0.8, num_perm: int = 128, shingle_words: int = 3
-) -> DedupResult:
+def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = similarity.Settings()) -> DedupResult:
     """Remove exact-prompt contradictions, then exact duplicates, then near-prompt contradictions and
     near-duplicates.
 
@@ -217,7 +215,7 @@ def deduplicate(
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived strings; the collector alone costs a third of the time
     try:
-        return _deduplicate(rows, similarity.Settings(threshold, num_perm, shingle_words))
+        return _deduplicate(rows, settings)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -256,13 +254,12 @@ def matched_examples(rows: list[dict[str, Any]], removed: list[dict[str, Any]],
     } for r in picked]
 
 
-def build_deduplicated(examples_path: Path, out_dir: Path, *, threshold: float, num_perm: int, shingle_words: int,
+def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.Settings = similarity.Settings(),
                        label_of: Callable[[str], str | None] | None = None) -> dict[str, Any]:
     """Deduplicate `examples_path` into `out_dir/examples.parquet` + `out_dir/removed.jsonl` (with a result);
     return the counts, and the removals by label when `label_of` reads a row's label from its answer."""
     rows = read_examples(examples_path)
-    settings = {"threshold": threshold, "num_perm": num_perm, "shingle_words": shingle_words}
-    result = deduplicate(rows, **settings)
+    result = deduplicate(rows, settings)
     summary = {
         "rows_in": len(rows),
         "rows_out": len(result.kept),
@@ -274,7 +271,7 @@ def build_deduplicated(examples_path: Path, out_dir: Path, *, threshold: float, 
         "matched_examples": matched_examples(rows, result.removed),
     }
     inputs = {"raw_examples": file_sha256(examples_path)[:16]}
-    key = hashlib.sha256(repr((inputs, sorted(settings.items()))).encode()).hexdigest()[:16]
+    key = hashlib.sha256(repr((inputs, settings)).encode()).hexdigest()[:16]
     with atomic_dir(out_dir) as tmp:
         write_examples(result.kept, tmp / "examples.parquet",
                        metadata={SHARED_TEXT_KEY: similarity.encode_shared(result.shared)})

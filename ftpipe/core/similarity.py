@@ -17,6 +17,7 @@ from itertools import chain
 import numpy as np
 import pandas as pd
 
+from ftpipe.config import DedupConfig
 from ftpipe.core.text import loose_words
 
 _PAD = "\x00"
@@ -36,7 +37,12 @@ class Settings:
 
     threshold: float = 0.8
     num_perm: int = 128
-    shingle_words: int = 3
+    shingle_words: int = 2
+
+    @classmethod
+    def of(cls, dedup: DedupConfig) -> Settings:
+        """The settings of a task's `dedup` section."""
+        return cls(dedup.near_threshold, dedup.num_perm, dedup.shingle_words)
 
 
 @dataclass

@@ -100,15 +100,14 @@ def _previous_sides(path: Path, eval_fraction: float, seed: int) -> dict[str, st
     return recorded["sides"] if same else {}
 
 
-def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, seed: int, threshold: float = 0.8,
-                num_perm: int = 128, shingle_words: int = 3) -> dict[str, Any]:
+def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, seed: int,
+                settings: similarity.Settings = similarity.Settings()) -> dict[str, Any]:
     """Write `train.parquet`, `eval.parquet` and `split.json` (every id's side) into `out_dir`.
 
     The shared text cleaning left out (recorded in the examples file) is left out here too, and recorded again
     in both halves for the leakage check.
     """
     rows = sorted(read_examples(examples_path), key=lambda r: (r["id"], r["source"]))
-    settings = similarity.Settings(threshold, num_perm, shingle_words)
     shared = _shared_text(examples_path)
     if shared is None:
         shared = similarity.prompt_shingles(rows, settings.shingle_words)[1]

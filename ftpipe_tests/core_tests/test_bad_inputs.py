@@ -293,7 +293,7 @@ def test_the_whole_corpus_flows_through_raw_dedup_and_split(ftpipe_env: Path, tm
     assert raw["rows_quarantined"] == sum(len(case.bad) for case in CASES)
     assert raw["rows_read"] == raw["rows_valid"] + raw["rows_quarantined"]
     deduplicated = dedup.build_deduplicated(
-        tmp_path / "raw" / "examples.parquet", tmp_path / "dedup", threshold=0.8, num_perm=128, shingle_words=3)
+        tmp_path / "raw" / "examples.parquet", tmp_path / "dedup")
     assert deduplicated["rows_in"] == raw["rows_valid"]
     assert deduplicated["rows_in"] == deduplicated["rows_out"] + len(deduplicated["removed"])
     sides = split.build_split(tmp_path / "dedup" / "examples.parquet", tmp_path / "split", eval_fraction=0.2, seed=0)

@@ -140,8 +140,7 @@ def test_near_duplicates_do_not_chain() -> None:
 def test_build_deduplicated_reports_removals_by_label_with_matched_rows(tmp_path) -> None:
     task = intent_task()
     write_examples(task.rows, tmp_path / "raw.parquet")
-    summary = dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "out", threshold=0.8, num_perm=128,
-                                       shingle_words=3, label_of=str.strip)
+    summary = dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "out", label_of=str.strip)
     by_label = summary["removed_by_label"]
     assert sum(v["removed"] for v in by_label.values()) == len(summary["removed"])
     assert sum(v["rows_in"] for v in by_label.values()) == len(task.rows)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from ftpipe.core import dedup, records, split
 from ftpipe.core.records import FormatSpec, example_id
+from ftpipe.core.similarity import Settings
 from ftpipe.core.text import loose
 from ftpipe_tests.conftest import chat
 
@@ -106,7 +107,7 @@ def test_dedup_counts_add_up_and_ignore_input_order(data: list[tuple[str, str]],
     assert (again.kept, again.removed) == (result.kept, result.removed)
 
 
-def word_shingles(parts: list[tuple[str, str]], k: int = 3) -> set:
+def word_shingles(parts: list[tuple[str, str]], k: int = Settings().shingle_words) -> set:
     """A row's shingles written out plainly: each message's loosely normalised words, padded to k, in k-word
     windows tagged with the message's role."""
     found = set()

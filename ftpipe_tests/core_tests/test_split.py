@@ -77,12 +77,11 @@ def test_cleaning_the_split_and_the_leak_check_agree(tmp_path: Path) -> None:
     """After cleaning no two prompts are near-identical, so the split groups nothing and finds no leak."""
     task = intent_task(seed=1)
     write_examples(task.rows, tmp_path / "raw.parquet")
-    dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "clean", threshold=0.8, num_perm=128,
-                             shingle_words=3)
+    dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "clean")
     clean = read_examples(tmp_path / "clean" / "examples.parquet")
     shared = similarity.decode_shared(
         examples_metadata(tmp_path / "clean" / "examples.parquet")[dedup.SHARED_TEXT_KEY])
-    prompts, _ = similarity.prompt_shingles(clean, 3, shared)
+    prompts, _ = similarity.prompt_shingles(clean, 2, shared)
     assert similarity.similar_pairs(prompts) == []
     split.build_split(tmp_path / "clean" / "examples.parquet", tmp_path / "split", eval_fraction=0.5, seed=0)
     assert split.split_leaks(tmp_path / "split", similarity.Settings()) == []
