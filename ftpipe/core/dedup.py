@@ -126,10 +126,9 @@ def _remove_exact(rows: list[tuple[dict[str, Any], Keys]], removed: list[dict[st
 class NearRows:
     """The rows of the near stage: which prompts are near-identical (on what varies) and how alike their answers are."""
 
-    def __init__(self, rows: list[dict[str, Any]], settings: similarity.Settings):
+    def __init__(self, rows: list[dict[str, Any]], prompts: similarity.Shingles, settings: similarity.Settings):
         self.rows = rows
         self.settings = settings
-        prompts, self.shared = similarity.prompt_shingles(rows, settings.shingle_words)
         self.similar = similarity.neighbours(len(rows), similarity.similar_pairs(prompts, settings))
         paired = [index for index, similar in enumerate(self.similar) if similar]  # only their answers are compared
         self._answer_of = {index: position for position, index in enumerate(paired)}
@@ -197,12 +196,13 @@ def _remove_near_duplicates(near: NearRows, alive: list[bool], removed: list[dic
             alive[index] = False
 
 
-def _remove_near(rows: list[dict[str, Any]], removed: list[dict[str, Any]], settings: similarity.Settings):
-    near = NearRows(rows, settings)
+def _remove_near(rows: list[dict[str, Any]], prompts: similarity.Shingles, removed: list[dict[str, Any]],
+                 settings: similarity.Settings) -> list[dict[str, Any]]:
+    near = NearRows(rows, prompts, settings)
     alive = [True] * len(rows)
     _resolve_near_contradictions(near, alive, removed)
     _remove_near_duplicates(near, alive, removed)
-    return [row for row, keep in zip(rows, alive) if keep], near.shared
+    return [row for row, keep in zip(rows, alive) if keep]
 
 
 def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = similarity.Settings()) -> DedupResult:
@@ -222,11 +222,15 @@ def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = simi
 
 
 def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings) -> DedupResult:
+    """Shared text is judged on every row (the most evidence); the near stage compares the rows the exact stages
+    left, on what varies."""
     ordered = [(row, Keys.of(row["messages"])) for row in sorted(rows, key=lambda r: (r["id"], r["source"]))]
-    result = DedupResult()
-    remaining = _resolve_contradictions(ordered, result.removed)
-    remaining = _remove_exact(remaining, result.removed)
-    result.kept, result.shared = _remove_near([row for row, _ in remaining], result.removed, settings)
+    full = similarity.shingles([similarity.prompt_parts(row["messages"]) for row, _ in ordered], settings.shingle_words)
+    result = DedupResult(shared=similarity.shared_shingles(full))
+    remaining = _remove_exact(_resolve_contradictions(ordered, result.removed), result.removed)
+    position = {id(row): index for index, (row, _) in enumerate(ordered)}
+    prompts = similarity.without(full.subset([position[id(row)] for row, _ in remaining]), result.shared)
+    result.kept = _remove_near([row for row, _ in remaining], prompts, result.removed, settings)
     return result
 
 

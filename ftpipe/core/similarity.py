@@ -74,6 +74,12 @@ class Shingles:
         begin, end = self.offsets[start], self.offsets[stop]
         return Shingles(self.hashes[begin:end], self.offsets[start : stop + 1] - begin)
 
+    def subset(self, indices: list[int] | np.ndarray) -> Shingles:
+        """The rows at `indices`, in that order."""
+        picked = [self.row(i) for i in indices]
+        offsets = np.concatenate(([0], np.cumsum([len(row) for row in picked], dtype=np.int64)))
+        return Shingles(np.concatenate(picked) if picked else self.hashes[:0], offsets)
+
 
 def _word_shingles(texts: list[list[str]], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Flat uint64 hashes of the k-word shingles of every text's words (short texts padded), and each count."""
@@ -101,8 +107,9 @@ def shingles(rows: list[list[tuple[str, str]]], k: int) -> Shingles:
 
 
 def shared_shingles(rows: Shingles, share: float = SHARED_SHARE, min_rows: int = MIN_SHARED_ROWS) -> np.ndarray:
-    """The sorted shingles held by more than `share` of the rows (and by at least `min_rows` rows): shared text."""
-    floor = max(share * len(rows), min_rows - 1)
+    """The sorted shingles held by more than `share` of the rows and by at least `min_rows` rows (every row, when
+    there are fewer): shared text."""
+    floor = max(share * len(rows), min(min_rows, len(rows)) - 1)
     counts = pd.Series(rows.hashes).value_counts(sort=False)
     frequent = np.sort(counts.index[counts.to_numpy() > floor].to_numpy(dtype=np.uint64))
     if not len(frequent):
@@ -182,9 +189,7 @@ def _signature_array(rows: Shingles, indices: np.ndarray, num_perm: int) -> np.n
     chunks = []
     for start in range(0, len(indices), CHUNK_ROWS):
         picked = indices[start : start + CHUNK_ROWS]
-        subset = [rows.row(i) for i in picked]
-        flat = Shingles(np.concatenate(subset), np.concatenate(([0], np.cumsum([len(s) for s in subset]))))
-        chunks.append(np.asarray(_signatures(flat, num_perm).to_rows(), dtype=np.uint32))
+        chunks.append(np.asarray(_signatures(rows.subset(picked), num_perm).to_rows(), dtype=np.uint32))
     return np.concatenate(chunks)
 
 

@@ -134,7 +134,7 @@ def test_every_removed_row_is_itself_similar_to_the_row_it_names(data: list[tupl
     prompts = {r["id"]: word_shingles([(m["role"], m["content"]) for m in r["messages"][:-1]]) for r in rows}
     answers = {r["id"]: word_shingles([("assistant", r["messages"][-1]["content"])]) for r in rows}
     held = [s for shingles in prompts.values() for s in shingles]
-    shared = {s for s in set(held) if held.count(s) > max(0.5 * len(rows), 7)}
+    shared = {s for s in set(held) if held.count(s) > max(0.5 * len(rows), min(8, len(rows)) - 1)}
     varying = {key: (value - shared) or value for key, value in prompts.items()}
     result = dedup.deduplicate(rows)
     kept = {r["id"] for r in result.kept}

@@ -30,10 +30,11 @@ def test_near_duplicate_prompts_share_a_side_and_pinned_sides_win() -> None:
     base = rows(1, seed=3)[0]
     words = base["messages"][0]["content"].split()
     near = row(" ".join(words[:-1] + ["other"]), "b")
-    sides = split.assign_sides([base, near] + rows(50), eval_fraction=0.5, seed=0)
+    others = rows(50)
+    sides = split.assign_sides([base, near] + others, eval_fraction=0.5, seed=0)
     assert sides[base["id"]] == sides[near["id"]]
     flipped = "train" if sides[base["id"]] == "eval" else "eval"
-    pinned = split.assign_sides([base, near], eval_fraction=0.5, seed=0, previous={base["id"]: flipped})
+    pinned = split.assign_sides([base, near] + others, eval_fraction=0.5, seed=0, previous={base["id"]: flipped})
     assert pinned[near["id"]] == flipped
 
 
