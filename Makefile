@@ -1,4 +1,5 @@
-# ftpipe: `make run` (whole pipeline on the demo task), `make test`, `make ui`, `make mlflow-ui`, `make bench`.
+# ftpipe: `make run` (whole pipeline on the demo task), `make test`, `make test-fast`, `make ui`, `make mlflow-ui`,
+# `make bench`.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,7 @@ TASK ?= ticket_triage
 export DAGSTER_HOME := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test ui mlflow-ui bench model demo-data clean
+.PHONY: install run test test-fast ui mlflow-ui bench model demo-data clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,10 @@ run: install model
 # instead of before them, and two torch processes never fight over the same cores.
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadscope ftpipe_tests
+
+# The quick tests for iteration: everything but real trainings (`slow`) and whole stacks (`e2e`).
+test-fast: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadscope -m "not slow and not e2e" ftpipe_tests
 
 ui: install
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000

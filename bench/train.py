@@ -5,16 +5,18 @@
     python bench/train.py --model DIR           # a real model dir (safetensors + tokenizer)
 
 1. Same settings: ftpipe (`python -m ftpipe.core.training SPEC.json`, the real program, with its
-   TrainingConfig defaults and method lora) and a plain TRL script with the same model, data, seed, steps,
-   batch size, max_length, LoRA config, schedule, eval/save cadence and completion-only loss. Prints tokens/s
-   of each and the ratio ftpipe / plain TRL (target >= 0.95).
+   TrainingConfig defaults and a 16/32-bit LoRA adapter) and a plain TRL script with the same model, data, seed,
+   steps, batch size, max_length, LoRA config, schedule, eval/save cadence and completion-only loss. The plain
+   script writes its SFTConfig and LoraConfig out by hand; before any run the bench checks that they equal the
+   ones ftpipe builds, so the ratio compares like with like. Prints tokens/s of each and the ratio
+   ftpipe / plain TRL (target >= 0.95).
 2. Defaults: those ftpipe runs against `SFTConfig` defaults with a default peft `LoraConfig`, the same number
    of steps and the same data (prompt/completion); prints tokens/s and final eval loss.
 
 Every run is a fresh subprocess, run one after another. Both sides are measured the same way by a probe
 installed in the subprocess: wall time of `SFTTrainer.train()` (model load and data preparation excluded)
 and the non-padding tokens of the batches its training steps processed; also a steady-state figure that
-leaves out the first WARMUP_STEPS steps. ftpipe's own `tokens_per_second` (from `training_result.json`,
+leaves out the first WARMUP_STEPS steps. ftpipe's own `tokens_per_second` (from its `result.json`,
 train start to the last logged step) is printed beside it as a cross-check.
 """
 
@@ -36,6 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from ftpipe.config import TrainingConfig  # noqa: E402
+from ftpipe.core.results import read_result  # noqa: E402
 from ftpipe_tests.tiny_model import CORPUS, build_tokenizer, toy_rows, write_chat_parquet  # noqa: E402
 
 TARGET_RATIO = 0.95
@@ -175,6 +178,7 @@ def same_settings_args(job: dict):
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
+        restore_callback_states_from_checkpoint=True,
         logging_steps=t["logging_steps"],
         include_num_input_tokens_seen="non_padding",
         report_to="none",
@@ -193,6 +197,29 @@ def same_settings_args(job: dict):
         task_type="CAUSAL_LM",
     )
     return args, peft
+
+
+def settings_differences(ours, plain, ignored: set[str]) -> list[str]:
+    """`name: ours != plain` for each setting of two configs (TRL args or peft configs) that differs."""
+    ours, plain = ours.to_dict(), plain.to_dict()
+    return [f"{key}: {ours.get(key)!r} != {plain.get(key)!r}" for key in sorted(ours.keys() | plain.keys())
+            if key not in ignored and ours.get(key) != plain.get(key)]
+
+
+def check_same_settings(root: Path, training: dict) -> None:
+    """Exit unless the plain script's SFTConfig and LoraConfig equal the ones ftpipe's program builds."""
+    from ftpipe.core.training.setup import lora_config, trainer_arguments
+    from ftpipe.core.training.sft import sft_config
+
+    config = TrainingConfig.model_validate(training)
+    plain_args, plain_lora = same_settings_args({"training": training, "output_dir": str(root / "plain-check")})
+    differences = [
+        *settings_differences(sft_config(config, trainer_arguments(config, root / "ftpipe-check")), plain_args,
+                              ignored={"output_dir", "logging_dir"}),
+        *settings_differences(lora_config(config), plain_lora, ignored=set()),
+    ]
+    if differences:
+        sys.exit("the plain TRL baseline does not train like ftpipe (ftpipe != plain):\n  " + "\n  ".join(differences))
 
 
 def default_args(job: dict):
@@ -266,7 +293,7 @@ def run_child(root: Path, kind: str, name: str, job: dict) -> dict:
         sys.exit(f"{name} failed (exit {status.returncode}):\n{log_path.read_text()[-4000:]}")
     result = json.loads(result_path.read_text())
     if kind == "ftpipe":
-        program = json.loads((Path(job["output_dir"]) / "training_result.json").read_text())
+        program = read_result(Path(job["output_dir"]), "lora_adapter").metadata
         result.update({key: program[key] for key in ("eval_loss", "trainable_params")})
         result["own_tokens_per_second"] = program["tokens_per_second"]
     return {**result, "tokens_per_second": result["tokens"] / result["seconds"]}
@@ -277,6 +304,7 @@ def ftpipe_job(root: Path, name: str, paths: dict, training: dict) -> dict:
         "task": "bench",
         "base_model_dir": paths["model_dir"],
         "base_fingerprint": "bench",
+        "split_version": "bench",
         "train_path": paths["train_path"],
         "eval_path": paths["eval_path"],
         "output_dir": str(root / name / "adapter"),
@@ -292,8 +320,9 @@ def plain_job(root: Path, name: str, paths: dict, mode: str, training: dict) -> 
 
 
 def compare_same_settings(root: Path, paths: dict, args: argparse.Namespace) -> dict[str, list[dict]]:
-    """ftpipe (TrainingConfig defaults, method pinned to lora) and plain TRL, same settings, order alternated."""
-    training = TrainingConfig(method="lora", max_steps=args.steps).model_dump()
+    """ftpipe (TrainingConfig defaults, a 16/32-bit LoRA adapter) and plain TRL, same settings, order alternated."""
+    training = TrainingConfig(adapter="lora", quantization="none", max_steps=args.steps).model_dump()
+    check_same_settings(root, training)
     runs = {"ftpipe": [], "plain TRL": []}
     for repeat in range(args.repeats):
         for kind in ("ftpipe", "plain")[:: 1 if repeat % 2 == 0 else -1]:  # alternate who goes first
@@ -333,7 +362,7 @@ def print_same_settings(runs: dict[str, list[dict]], args: argparse.Namespace) -
         print(f"{side:<11}{run['tokens_per_second']:>10.0f}{run['seconds']:>9.1f}{run['tokens']:>8}"
               f"{statistics.median(map(steady_speed, side_runs)):>14.0f}{run['eval_loss']:>11.4f}   {each}")
     own = statistics.median(r["own_tokens_per_second"] for r in runs["ftpipe"])
-    print(f"ftpipe's own training_result.json tokens_per_second (train start to last logged step): {own:.0f}")
+    print(f"ftpipe's own result.json tokens_per_second (train start to last logged step): {own:.0f}")
     ratio = median_run(runs["ftpipe"])["tokens_per_second"] / median_run(runs["plain TRL"])["tokens_per_second"]
     steady = statistics.median(map(steady_speed, runs["ftpipe"])) / statistics.median(
         map(steady_speed, runs["plain TRL"]))

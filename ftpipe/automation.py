@@ -7,16 +7,17 @@ from datetime import datetime, timedelta
 
 import dagster as dg
 
-from ftpipe.assets.data import task_files
-from ftpipe.assets.training import last_training_fingerprint, split_files, training_inputs
 from ftpipe.config import RetrainConfig, TaskConfig, TaskConfigError
-from ftpipe.core.tasks import discover_tasks, task_config, task_files_version
+from ftpipe.core.layout import TaskLayout
+from ftpipe.core.results import read_result
+from ftpipe.core.tasks import discover_tasks, task_config, task_files_version, training_inputs
 from ftpipe.partitions import task_partitions
 
 TRAINING_MAX_RUNTIME_SECONDS = 6 * 3600
 POLL_SECONDS = int(os.environ.get("FTPIPE_POLL_SECONDS", "30"))
 RETRAIN_CRON, RETRAIN_INTERVAL = "*/15 * * * *", timedelta(minutes=15)
 DATA_VERSION_TAG = "dagster/data_version"
+TASK_FILES = dg.AssetKey("task_files")
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                dg.DagsterRunStatus.STARTED]
 
@@ -48,13 +49,13 @@ class TaskChanges:
 
     def observations(self, *, of_new: bool) -> list[dg.AssetObservation]:
         """Observations of the changed tasks; of the new ones too when their partitions exist already."""
-        return [dg.AssetObservation(asset_key=task_files.key, partition=task, tags={DATA_VERSION_TAG: version})
+        return [dg.AssetObservation(asset_key=TASK_FILES, partition=task, tags={DATA_VERSION_TAG: version})
                 for task, version in self.changed.items() if of_new or task not in self.new]
 
 
 def last_observed_version(instance: dg.DagsterInstance, task: str) -> str | None:
     records = instance.fetch_observations(
-        dg.AssetRecordsFilter(asset_key=task_files.key, asset_partitions=[task]), limit=1
+        dg.AssetRecordsFilter(asset_key=TASK_FILES, asset_partitions=[task]), limit=1
     ).records
     return records[0].asset_observation.tags.get(DATA_VERSION_TAG) if records else None
 
@@ -95,10 +96,11 @@ def training_due(instance: dg.DagsterInstance, task: str, config: TaskConfig) ->
     if instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": task}, statuses=IN_PROGRESS), limit=1):
         return False, f"{task}: a run is in progress"
     try:
-        _, fingerprint = training_inputs(task, config.training)
+        fingerprint = training_inputs(task, config.training).fingerprint
     except FileNotFoundError:
         return True, f"{task}: no held-out split or base model yet"
-    last = last_training_fingerprint(task)
+    adapter = read_result(TaskLayout(task).output("lora_adapter"), "lora_adapter")
+    last = adapter.reuse_key if adapter else None
     if fingerprint == last:
         return False, f"{task}: training fingerprint {fingerprint} unchanged since the last adapter"
     return True, f"{task}: training fingerprint {last or 'none'} -> {fingerprint}"
@@ -142,7 +144,7 @@ def _result(context, requests: list[dg.RunRequest], skipped: list[str], idle: st
 def retrain_on_data_change_sensor(context: dg.SensorEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
     """Retrains tasks with `retrain.on_data_change: true` as soon as their training fingerprint changes."""
     tasks, skipped = tasks_by_policy(context.instance, lambda policy: policy.on_data_change)
-    waiting = [task for task in tasks if not all(path.exists() for path in split_files(task))]
+    waiting = [task for task in tasks if not all(path.exists() for path in TaskLayout(task).split_files)]
     skipped += [f"{task}: waiting for the data assets to build the held-out split" for task in waiting]
     ready = {task: config for task, config in tasks.items() if task not in waiting}
     requests, unchanged = retrain_requests(context.instance, ready, "data_change")

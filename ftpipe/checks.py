@@ -1,25 +1,23 @@
-"""Asset checks, beside the assets they check."""
+"""Asset checks, beside the assets they check.
 
+A check judges an asset with the configuration that asset ran with: task.yaml plus the launchpad overrides this
+run gave the asset (task.yaml alone when the check runs without it).
+"""
 
 import dagster as dg
 
-from ftpipe.assets.data import heldout_split
-from ftpipe.assets.evaluation import eval_metrics, eval_report
-from ftpipe.core import records, split
-from ftpipe.core.storage import artifact_dir
-from ftpipe.core.tasks import task_config
+from ftpipe.assets.common import effective_config, run_overrides, similarity_settings, table, upstream
+from ftpipe.core import dedup, split
+from ftpipe.core.layout import TaskLayout
 from ftpipe.partitions import task_partitions
 
 
-@dg.asset_check(asset=heldout_split, blocking=True, partitions_def=task_partitions)
+@dg.asset_check(asset="heldout_split", blocking=True, partitions_def=task_partitions)
 def heldout_split_no_leakage(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     """No eval prompt is an exact or near duplicate of a train prompt."""
-    folder = artifact_dir(context.partition_key, "heldout_split")
-    near = task_config(context.partition_key).dedup
-    leaks = split.find_leaks(
-        records.read_examples(folder / "train.parquet"), records.read_examples(folder / "eval.parquet"),
-        threshold=near.near_threshold, num_perm=near.num_perm, shingle_words=near.shingle_words,
-    )
+    task = context.partition_key
+    cleaning = effective_config(task, run_overrides(context, "heldout_split")).dedup
+    leaks = split.split_leaks(TaskLayout(task).asset("heldout_split"), similarity_settings(cleaning))
     return dg.AssetCheckResult(
         passed=not leaks,
         metadata={"leaked_eval_rows": len(leaks), "examples": dg.MetadataValue.json(leaks[:20])},
@@ -27,18 +25,42 @@ def heldout_split_no_leakage(context: dg.AssetCheckExecutionContext) -> dg.Asset
     )
 
 
-@dg.asset_check(asset=eval_report, blocking=True, partitions_def=task_partitions)
+@dg.asset_check(asset="eval_report", blocking=True, partitions_def=task_partitions)
 def eval_report_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    """Passes only when the gain's 95% interval clears `min_improvement` and forgetting stays within `max_forgetting`."""
-    metrics = eval_metrics(context.partition_key)
-    evaluation = task_config(context.partition_key).evaluation
-    failed = metrics["failed_conditions"]
+    """Passes only when the gain's 95% interval clears `min_improvement` and forgetting stays within `max_forgetting`;
+    decided from the stored measurements, so changing a threshold never re-runs the evaluation."""
+    from ftpipe.core.evaluation import read_evaluation
+
+    task = context.partition_key
+    evaluation = effective_config(task, run_overrides(context, "eval_report")).evaluation
+    report = read_evaluation(TaskLayout(task).output("eval_report"), evaluation)
+    failed = report["failed_conditions"]
     return dg.AssetCheckResult(
-        passed=bool(metrics["passed"]),
+        passed=report["passed"],
         description="; ".join(failed) if failed else "fine-tuning helped on held-out data without costing general skills",
         metadata={
-            "delta_ci_low": metrics["delta_ci_low"], "min_improvement": evaluation.min_improvement,
-            "forgetting": metrics["forgetting"], "max_forgetting": evaluation.max_forgetting,
+            "delta_ci_low": report["delta_ci_low"], "min_improvement": evaluation.min_improvement,
+            "forgetting": report["forgetting"], "max_forgetting": evaluation.max_forgetting,
             "failed_conditions": "; ".join(failed) or "none",
         },
+    )
+
+
+@dg.asset_check(asset="deduplicated_examples", blocking=False, partitions_def=task_partitions)
+def deduplicated_examples_removal_share(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    """Warns when cleaning removed more than `dedup.max_removed_share` of the rows, or of any one label's rows,
+    with removed rows next to the rows they were matched with."""
+    task = context.partition_key
+    limit = effective_config(task, run_overrides(context, "deduplicated_examples")).dedup.max_removed_share
+    summary = upstream(task, "deduplicated_examples").metadata
+    heavy = dedup.heavy_removals(summary, limit)
+    flagged = set(heavy) - {None}
+    examples = [row for row in summary["matched_examples"] if not flagged or row["label"] in flagged]
+    return dg.AssetCheckResult(
+        passed=not heavy,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=("; ".join(heavy.values()) + f" (more than {limit:.0%}): read the matched examples before training")
+        if heavy else f"cleaning removed at most {limit:.0%} of the rows and of each label",
+        metadata={"max_removed_share": limit, "over_the_limit": "; ".join(heavy.values()) or "none",
+                  "matched_examples": table(examples, list(dedup.MATCH_COLUMNS))},
     )

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ftpipe.core.training.methods import (
+    Adapter,
+    Objective,
+    Quantization,
+    Shorthand,
+    expand_shorthand,
+    settle_quantization,
+    settings_without_effect,
+)
 
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 SECRET_NAME_RE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL", re.IGNORECASE)
@@ -15,7 +27,12 @@ DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 
 
 class TaskConfigError(ValueError):
-    """A task folder or `task.yaml` that cannot be used; the message names the file and the field."""
+    """A task folder or `task.yaml` that cannot be used: one line per problem, `<file>: <field path>: <problem>`."""
+
+    @classmethod
+    def listing(cls, source: str, problems: list[str]) -> TaskConfigError:
+        """The error for `problems` (each `<field path>: <problem>`) found in `source`."""
+        return cls("\n".join(f"{source}: {problem}" for problem in problems))
 
 
 class _Strict(BaseModel):
@@ -23,29 +40,45 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    format: Literal["auto", "messages", "alpaca", "prompt_completion", "columns"] = "auto"
+    """How the files under `raw/` are read."""
+
+    format: Literal["auto", "messages", "alpaca", "prompt_completion", "columns"] = Field(
+        "auto", description="how rows are read; auto recognises each row's format from its keys"
+    )
     columns: dict[Literal["system", "prompt", "completion"], str] = Field(
-        default_factory=dict, description="map canonical fields to your column names (format: columns)"
+        default_factory=dict, description="your column names, e.g. {prompt: ticket_text, completion: triage}"
     )
     system_prompt: str | None = Field(None, description="system message added to rows that have none")
 
 
 class DedupConfig(_Strict):
-    near_threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity for near-duplicates")
-    num_perm: int = Field(128, ge=16, le=1024)
-    shingle_words: int = Field(3, ge=1, le=10)
+    """Exact and near-duplicate removal. Rows are compared on what varies between them: text shared by most rows
+    (a system prompt, a repeated preamble) is left out, and both the prompt and the answer must be alike."""
+
+    near_threshold: float = Field(0.8, gt=0.0, le=1.0,
+                                  description="Jaccard similarity of word shingles that makes a near-duplicate")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: exacter and slower)")
+    shingle_words: int = Field(2, ge=1, le=10, description="words per shingle (2 suits short messages)")
+    max_removed_share: float = Field(0.2, gt=0.0, le=1.0, description=(
+        "the cleaning check warns when more than this share of the rows, or of any one label's rows, is removed"))
 
 
 class SplitConfig(_Strict):
-    eval_fraction: float = Field(0.15, ge=0.05, le=0.5)
-    seed: int = 0
+    """The held-out split, assigned by content hash so new rows never move old ones."""
+
+    eval_fraction: float = Field(0.15, ge=0.05, le=0.5, description="share of rows held out (0.05 to 0.5)")
+    seed: int = Field(0, description="salt of the hash that assigns rows; change it for another split")
 
 
 class LoraConfig(_Strict):
-    r: int = Field(16, ge=1, le=1024)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """The LoRA adapter (adapter: lora)."""
+
+    r: int = Field(16, ge=1, le=1024, description="rank of the adapter matrices")
+    alpha: int = Field(32, ge=1, description="scaling: updates are multiplied by alpha / r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt, e.g. [q_proj, v_proj], or all-linear"
+    )
 
 
 class SecretRef(_Strict):
@@ -56,19 +89,22 @@ class SecretRef(_Strict):
 class K8sConfig(_Strict):
     """The training pod (launcher: k8s). Secrets are passed by reference only (secret_env)."""
 
-    image: str = Field(description="an image with ftpipe installed, e.g. registry.example.com/ftpipe:1.0")
-    namespace: str = "default"
-    service_account: str | None = None
+    image: str = Field(description="required: an image with ftpipe installed",
+                       examples=["registry.example.com/ftpipe:1.0"])
+    namespace: str = Field("default", description="namespace of the pod")
+    service_account: str | None = Field(None, description="service account of the pod")
     gpus: int = Field(1, ge=0, description="nvidia.com/gpu limit")
     cpu: str | None = Field(None, description="CPU request, e.g. '8'")
     memory: str | None = Field(None, description="memory request and limit, e.g. '48Gi'")
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    node_selector: dict[str, str] = Field(default_factory=dict, description="node labels the pod must run on")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="taints the pod tolerates")
     volumes: list[dict[str, Any]] = Field(default_factory=list, description="pod volumes; $FTPIPE_HOME must be on one")
-    volume_mounts: list[dict[str, Any]] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict, description="plain values; never secrets")
-    secret_env: dict[str, SecretRef] = Field(default_factory=dict)
-    image_pull_secrets: list[str] = Field(default_factory=list)
+    volume_mounts: list[dict[str, Any]] = Field(default_factory=list, description="where the volumes are mounted")
+    env: dict[str, str] = Field(default_factory=dict, description="plain environment values; never secrets")
+    secret_env: dict[str, SecretRef] = Field(
+        default_factory=dict, description="environment from Secrets: {NAME: {secret: <Secret name>, key: <key>}}"
+    )
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets for pulling the image")
 
     @field_validator("env")
     @classmethod
@@ -81,32 +117,57 @@ class K8sConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    method: Literal["auto", "lora", "qlora", "full"] = "auto"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    learning_rate: float = Field(2e-4, gt=0.0, lt=1.0)
-    epochs: float = Field(1.0, gt=0.0)
-    max_steps: int = Field(-1, ge=-1, description="-1: run all epochs")
-    batch_size: int = Field(8, ge=1)
-    gradient_accumulation: int = Field(1, ge=1)
-    max_length: int = Field(512, ge=16)
-    too_long: Literal["drop", "truncate"] = "drop"
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0.0)
-    seed: int = 42
-    packing: bool = False
-    eval_steps: int = Field(20, ge=1)
-    logging_steps: int = Field(5, ge=1)
-    early_stopping_patience: int = Field(3, ge=1)
-    save_total_limit: int = Field(2, ge=2)
-    launcher: Literal["subprocess", "torchrun", "k8s"] = "subprocess"
-    num_processes: int = Field(1, ge=1, description="processes per node, one per GPU (torchrun; k8s pods use torchrun when > 1)")
+    """How the model is trained, and where. The method is objective + adapter + quantization (see methods.py)."""
+
+    method: Shorthand | None = Field(
+        None, exclude=True,
+        description="shorthand for adapter + quantization; auto is LoRA, 4-bit where the training has a CUDA GPU",
+    )
+    objective: Objective = Field("sft", description="the training objective; sft is supervised fine-tuning")
+    adapter: Adapter = Field("lora", description="what is trained: a LoRA adapter, or (none) every weight")
+    quantization: Quantization = Field(
+        "auto", description="the base weights while training; 4bit needs CUDA and adapter lora; auto is 4bit on CUDA"
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter, when adapter is lora")
+    learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="peak learning rate")
+    epochs: float = Field(1.0, gt=0.0, description="passes over the training rows")
+    max_steps: int = Field(-1, ge=-1, description="stop after this many optimizer steps; -1: run all epochs")
+    batch_size: int = Field(8, ge=1, description="the global batch, split evenly over torchrun processes")
+    gradient_accumulation: int = Field(1, ge=1, description="batches per optimizer step")
+    max_length: int = Field(512, ge=16, description="tokens; longer rows are dropped or truncated (too_long)")
+    too_long: Literal["drop", "truncate"] = Field("drop", description="what happens to rows over max_length")
+    replay: float = Field(0.0, ge=0.0, le=0.5, description=(
+        "against forgetting: general rows added to the train rows as a share of them (0.2: 20 per 100), the base "
+        "model's own answers to general prompts that are not probe questions; 0: none"))
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="share of the steps that warm up the learning rate")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule"
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    seed: int = Field(42, description="the same data, config and seed give the same weights")
+    packing: bool = Field(False, description="pack several rows into one sequence")
+    eval_steps: int = Field(20, ge=1, description="eval loss (and a checkpoint) every N steps; early stopping uses it")
+    logging_steps: int = Field(5, ge=1, description="a progress line and train metrics every N steps")
+    early_stopping_patience: int = Field(3, ge=1, description="stop after N evaluations without a better eval loss")
+    save_total_limit: int = Field(2, ge=2, description="checkpoints kept (the best one is always kept)")
+    launcher: Literal["subprocess", "torchrun", "k8s"] = Field(
+        "subprocess", description="how the training is started (see docs/deploy.md)"
+    )
+    num_processes: int = Field(
+        1, ge=1, description="processes per node, one per GPU (torchrun; k8s pods use torchrun when > 1)"
+    )
     nnodes: int = Field(1, ge=1, description="nodes taking part (torchrun); more than 1 needs rdzv_endpoint")
     rdzv_endpoint: str | None = Field(None, description="host:port of the torchrun rendezvous for several nodes")
-    k8s: K8sConfig | None = None
+    k8s: K8sConfig | None = Field(None, description="the training pod, for launcher: k8s")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, values: Any) -> Any:
+        return expand_shorthand(values) if isinstance(values, dict) else values
 
     @model_validator(mode="after")
-    def _launch(self) -> TrainingConfig:
+    def _consistent(self) -> TrainingConfig:
+        self.quantization = settle_quantization(self.adapter, self.quantization)
         world = self.num_processes * self.nnodes
         if self.batch_size % world:
             raise ValueError(f"batch_size {self.batch_size} is the global batch: it must divide evenly over {world} processes")
@@ -119,23 +180,107 @@ class TrainingConfig(_Strict):
         return self
 
     def recipe(self) -> dict[str, Any]:
-        """What decides the trained weights: everything but where and how the training is launched."""
-        return self.model_dump(exclude={"launcher", "num_processes", "nnodes", "rdzv_endpoint", "k8s"})
+        """What decides the trained weights: neither where and how the training is launched, nor settings
+        without effect for this method. Equal recipes (with equal data and base model) give equal weights."""
+        launch = {"launcher", "num_processes", "nnodes", "rdzv_endpoint", "k8s"}
+        off = set() if self.replay else {"replay"}  # no replay: the recipe (and fingerprint) of a training without it
+        return self.model_dump(exclude=launch | off | settings_without_effect(self.adapter))
+
+
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+TASK_TYPE_SETTINGS = {"constrain_to_labels": "classification", "answer_pattern": "generation",
+                      "answer_field": "generation", "require_human_review": "generation"}
+
+
+class JudgeConfig(_Strict):
+    """An OpenAI-compatible chat endpoint that compares two answers to the same request (LLM-as-judge)."""
+
+    base_url: str = Field(description="required: the endpoint's base URL", examples=["http://127.0.0.1:8000/v1"])
+    model: str = Field(description="required: the judge model's name", examples=["gpt-4o-mini"])
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="environment variable holding the API key (never the key); null: none needed"
+    )
+    max_pairs: int = Field(50, ge=1, description="held-out rows judged, each in both orders (two requests)")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_variable_name(cls, name: str | None) -> str | None:
+        if name is not None and not ENV_NAME_RE.match(name):
+            raise ValueError("the name of an environment variable (e.g. OPENAI_API_KEY), never the key itself")
+        return name
 
 
 class EvaluationConfig(_Strict):
-    task_type: Literal["classification", "extraction", "generation"] = "generation"
-    label_field: str | None = Field(None, description="JSON field holding the label (classification)")
-    max_new_tokens: int = Field(48, ge=1, le=4096)
+    """The evaluation on the held-out rows, and the gate before a model is merged."""
+
+    task_type: Literal["classification", "extraction", "generation"] = Field(
+        "generation", description="decides the metric"
+    )
+    label_field: str | None = Field(
+        None, description="classification: the JSON field holding the label (else the whole answer)"
+    )
+    constrain_to_labels: bool = Field(
+        False, description="classification: every answer is the likeliest of the task's labels, never a made-up one"
+    )
+    answer_pattern: str | None = Field(
+        None, description="generation: regex whose one group is the final answer, e.g. '#### (\\S+)'; "
+                          "exact match on it becomes the primary metric"
+    )
+    answer_field: str | None = Field(
+        None, description="generation: JSON field holding the final answer (instead of answer_pattern)"
+    )
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="longest generated answer")
     max_rows: int | None = Field(None, ge=1, description="evaluate at most this many held-out rows")
-    batch_size: int = Field(16, ge=1)
-    min_improvement: float = 0.0
-    max_forgetting: float = Field(0.10, ge=0.0)
-    bootstrap_samples: int = Field(2000, ge=100)
+    batch_size: int = Field(16, ge=1, description="rows generated at once")
+    fewshot_k: int = Field(
+        5, ge=0, description="train examples in the few-shot baseline's prompt; 0: no few-shot baseline"
+    )
+    min_improvement: float = Field(0.0, description="gate: lower end of the 95% interval of the gain must reach this")
+    require_beats_fewshot: bool = Field(
+        False, description="gate: the gain over the few-shot baseline must reach min_improvement too"
+    )
+    max_forgetting: float = Field(
+        0.10, ge=0.0, description="gate: fails when the lower end of the 95% interval of forgetting (relative "
+                                  "worsening on the general-skills probe) is above this"
+    )
+    require_human_review: int = Field(
+        0, ge=0, description="gate (generation): wait for this many human verdicts in the task's reviews/ folder"
+    )
+    judge: JudgeConfig | None = Field(
+        None, description="LLM-as-judge of fine-tuned vs base answers, blind and in both orders"
+    )
+    bootstrap_samples: int = Field(2000, ge=100, description="resamples for the confidence intervals")
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _one_group(cls, pattern: str | None) -> str | None:
+        if pattern is None:
+            return None
+        try:
+            groups = re.compile(pattern).groups
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        if groups != 1:
+            raise ValueError(f"needs exactly one capture group (...) around the answer, has {groups}")
+        return pattern
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluationConfig:
+        if self.answer_pattern and self.answer_field:
+            raise ValueError("set answer_pattern or answer_field, not both")
+        misplaced = [f"{name} applies to task_type {kind} only" for name, kind in TASK_TYPE_SETTINGS.items()
+                     if getattr(self, name) and self.task_type != kind]
+        if misplaced:
+            raise ValueError(f"{'; '.join(misplaced)} (task_type is {self.task_type})")
+        return self
 
 
 class RetrainConfig(_Strict):
-    on_data_change: bool = Field(False, description="retrain as soon as the training fingerprint changes")
+    """When the task is trained again."""
+
+    on_data_change: bool = Field(
+        False, description="retrain as soon as the training fingerprint (split, base model, recipe) changes"
+    )
     schedule: str | None = Field("0 3 * * 1", description="cron (UTC) for scheduled retraining; null for none")
 
     @field_validator("schedule")
@@ -149,26 +294,73 @@ class RetrainConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    description: str = ""
-    data: DataConfig = Field(default_factory=DataConfig)
-    dedup: DedupConfig = Field(default_factory=DedupConfig)
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    base_model: str = DEFAULT_BASE_MODEL
-    trust_remote_code: bool = False
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    """A task's `task.yaml`."""
+
+    description: str = Field("", description="what the task is for; shown on the model card")
+    data: DataConfig = Field(default_factory=DataConfig, description="reading the raw files")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="duplicate removal")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="the held-out split")
+    base_model: str = Field(
+        DEFAULT_BASE_MODEL, description="the embedded default, a hub id, or a .gguf file / HF model dir (see below)"
+    )
+    trust_remote_code: bool = Field(
+        False, description="true runs the model's own Python code; the base_model asset's metadata shows it"
+    )
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="the fine-tune")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="evaluation and gate")
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig, description="automatic retraining")
 
 
-def _explain(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid task configuration"]
+# ---------------------------------------------------------------- errors
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field's type (`K8sConfig | None`, `dict[str, SecretRef]`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_nested_model, get_args(annotation))), None)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The model whose fields are valid at `loc` (a path of keys from the top of task.yaml)."""
+    model, parts = TaskConfig, list(loc)
+    while parts and model is not None:
+        field = model.model_fields.get(str(parts.pop(0)))
+        if field is None:
+            return None
+        if get_origin(field.annotation) in (dict, list):
+            parts = parts[1:]  # the key or index inside the container
+        model = _nested_model(field.annotation)
+    return model
+
+
+def _unknown_key(loc: tuple) -> str:
+    model = _model_at(loc[:-1])
+    valid = list(model.model_fields) if model else []
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    if close:
+        return f"unknown key; did you mean {close[0]}?"
+    return f"unknown key; valid keys: {', '.join(valid)}" if valid else "unknown key"
+
+
+def _problems(error: ValidationError) -> list[str]:
+    """One line per field: `<field path>: <what is wrong> (got <value>)`; the alternatives of a union are merged."""
+    found: dict[str, tuple[list[str], str]] = {}
     for item in error.errors():
-        path = ".".join(str(part) for part in item["loc"]) or "<root>"
+        loc = tuple(part for part in item["loc"] if "[" not in str(part))  # drop union member tags like list[str]
+        path = ".".join(str(part) for part in loc) or "<root>"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {path}: unknown key (allowed keys are listed in the README's task.yaml reference)")
+            message = _unknown_key(loc)
         else:
-            lines.append(f"  {path}: {item['msg']} (got {item.get('input')!r})")
-    return "\n".join(lines)
+            message = _one_line(item["msg"].removeprefix("Value error, "))
+        given = item.get("input")
+        shown = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
+        found.setdefault(path, ([], shown))[0].append(message)
+    return [f"{path}: {' or '.join(messages)}{shown}" for path, (messages, shown) in found.items()]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -185,7 +377,7 @@ def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise TaskConfigError(f"{source}: not valid YAML: {exc}") from exc
+        raise TaskConfigError(f"{source}: not valid YAML: {_one_line(str(exc))}") from None
     if not isinstance(values, dict):
         raise TaskConfigError(f"{source}: expected a mapping of keys to values, got {type(values).__name__}")
     return values
@@ -199,7 +391,7 @@ def parse_task_config(text: str, source: str, overrides: str = "") -> TaskConfig
     try:
         return TaskConfig.model_validate(values)
     except ValidationError as exc:
-        raise TaskConfigError(_explain(exc, source)) from None
+        raise TaskConfigError.listing(source, _problems(exc)) from None
 
 
 def load_task_config(path: Path, overrides: str = "") -> TaskConfig:
@@ -209,9 +401,65 @@ def load_task_config(path: Path, overrides: str = "") -> TaskConfig:
 
 
 def check_task_name(name: str) -> str:
+    """`name` when it is a valid task folder name, else TaskConfigError."""
     if not TASK_NAME_RE.match(name):
         raise TaskConfigError(
             f"task folder {name!r}: invalid name; use lowercase letters, digits, '_' or '-', "
             "starting with a letter or digit, at most 64 characters"
         )
     return name
+
+
+# ---------------------------------------------------------------- the reference in the README
+
+COMMENT_COLUMN = 30
+
+
+def _choices(annotation: Any) -> list[str]:
+    """The allowed values of a Literal field (also `Literal[...] | None`); none for any other type."""
+    if get_origin(annotation) is Literal:
+        return [str(value) for value in get_args(annotation)]
+    options = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and all(get_origin(arg) is Literal for arg in options):
+        return [choice for arg in options for choice in _choices(arg)]
+    return []
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("\n...\n").strip()
+
+
+def _line(indent: str, text: str, comment: str | None) -> str:
+    line = indent + text
+    return f"{line:<{COMMENT_COLUMN - 2}}  # {comment}" if comment else line
+
+
+def _comment(field: Any) -> str | None:
+    choices = _choices(field.annotation)
+    return f"{' | '.join(choices)}: {field.description}" if choices else field.description
+
+
+def _reference_lines(model: type[BaseModel], indent: str) -> list[str]:
+    """`key: default  # description` for every field of `model`; sections nested, null sections commented out."""
+    lines = []
+    for name, field in model.model_fields.items():
+        section = _nested_model(field.annotation) if get_origin(field.annotation) is not dict else None
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if section is not None and default is not None:
+            lines += [_line(indent, f"{name}:", field.description), *_reference_lines(section, indent + "  ")]
+        elif section is not None:
+            commented_out = _reference_lines(section, indent + "#   ")
+            lines += [_line(indent, f"{name}: null", f"{field.description}; its fields:"), *commented_out]
+        else:
+            value = field.examples[0] if field.is_required() else default
+            lines.append(_line(indent, f"{name}: {_yaml_value(value)}", _comment(field)))
+    return lines
+
+
+def reference_yaml() -> str:
+    """The task.yaml reference (every field, its default and its description), generated from the schema."""
+    return "\n".join(_reference_lines(TaskConfig, "")) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_yaml(), end="")

@@ -2,16 +2,16 @@
 
 import dagster as dg
 
+from ftpipe import checks
 from ftpipe.assets import data, evaluation, serving, training
 from ftpipe.automation import (
     automation_sensor, data_job, finetune_job, retrain_on_data_change_sensor, retrain_schedule, task_files_sensor,
 )
-from ftpipe.checks import eval_report_gate, heldout_split_no_leakage
 from ftpipe.resources import default_resources
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([data, training, evaluation, serving]),
-    asset_checks=[heldout_split_no_leakage, eval_report_gate],
+    asset_checks=dg.load_asset_checks_from_modules([checks]),
     jobs=[finetune_job, data_job],
     schedules=[retrain_schedule],
     sensors=[task_files_sensor, retrain_on_data_change_sensor, automation_sensor],

@@ -1,12 +1,16 @@
-"""Resources: MLflow tracking, the model hub token, and the Pipes launcher for training."""
+"""Resources: what differs between a laptop, a cluster and a test (MLflow tracking, training pods, the model hub).
 
-from typing import Optional
+Tests swap them (e.g. a pod client that runs the pod's command here) instead of patching code.
+"""
+
+from pathlib import Path
+from typing import Any, Optional
 
 import dagster as dg
 
 
 class MlflowTracking(dg.ConfigurableResource):
-    """Where training runs are tracked: `MLFLOW_TRACKING_URI`, else SQLite under `$FTPIPE_HOME`."""
+    """Where training runs are tracked and models registered: `MLFLOW_TRACKING_URI`, else SQLite under `$FTPIPE_HOME`."""
 
     tracking_uri: Optional[str] = None
 
@@ -28,6 +32,45 @@ class MlflowTracking(dg.ConfigurableResource):
             return f"{redact_uri(uri).rstrip('/')}/#/experiments/runs/{run_id}"
         return f"run {run_id} (open with: make mlflow-ui, http://127.0.0.1:5000)"
 
+    def log_evaluation(self, run_id: str, report: dict[str, Any]) -> None:
+        """Log an evaluation to the training run it judged."""
+        from ftpipe.core.tracking import log_evaluation
+
+        log_evaluation(run_id, report, self.uri())
+
+    def register_model(self, *, task: str, model_path: Path, run_id: str, eval_score: float,
+                       eval_version: str) -> dict[str, Any]:
+        """Register a servable model of `task` (once per folder); `champion` follows the best on the same eval split."""
+        from ftpipe.core.merging import register_model
+
+        return register_model(task=task, model_path=model_path, run_id=run_id, eval_score=eval_score,
+                              eval_version=eval_version, tracking_uri=self.uri())
+
+    def registered_folders(self, task: str) -> set[str]:
+        """The folder names of the task's `champion` and `candidate` models: what pruning must keep."""
+        from ftpipe.core.merging import aliased_model_names
+
+        return aliased_model_names(task, self.uri())
+
+
+class TrainingPods(dg.ConfigurableResource):
+    """Runs a training pod on Kubernetes through Dagster Pipes (`dagster-k8s`'s PipesK8sClient).
+
+    Without settings it uses the in-cluster configuration inside a cluster, else the default kubeconfig.
+    """
+
+    load_incluster_config: Optional[bool] = None
+    kubeconfig_file: Optional[str] = None
+    kube_context: Optional[str] = None
+
+    def run(self, *, context: dg.AssetExecutionContext, namespace: str, pod_spec: dict[str, Any],
+            env: dict[str, str]) -> dg.PipesClientCompletedInvocation:
+        from dagster_k8s import PipesK8sClient
+
+        client = PipesK8sClient(load_incluster_config=self.load_incluster_config,
+                                kubeconfig_file=self.kubeconfig_file, kube_context=self.kube_context)
+        return client.run(context=context, namespace=namespace, base_pod_spec=pod_spec, env=env)
+
 
 class ModelHub(dg.ConfigurableResource):
     """Access to a model hub for base models given as hub ids; the token comes from `HF_TOKEN`."""
@@ -40,6 +83,7 @@ def default_resources() -> dict:
         "mlflow": MlflowTracking(),
         "hub": ModelHub(token=dg.EnvVar("HF_TOKEN") if _has_env("HF_TOKEN") else None),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        "training_pods": TrainingPods(),
     }
 
 

@@ -1,11 +1,13 @@
-"""Shared fixtures: a temporary data dir and artifact home for every test."""
+"""Shared fixtures: a temporary data dir and artifact home for every test, one tiny model per test session, and a
+task on it. Plain builders live in `ftpipe_tests.builders`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+
+from ftpipe_tests.builders import toy_task
 
 
 @pytest.fixture(autouse=True)
@@ -17,6 +19,7 @@ def ftpipe_env(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeyp
     monkeypatch.setenv("FTPIPE_DATA_DIR", str(data))
     monkeypatch.setenv("FTPIPE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FTPIPE_MODEL_DIRS", str(tmp_path_factory.getbasetemp()))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return data
 
 
@@ -28,22 +31,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model") / "model")
 
 
-def chat(prompt: str, answer: str, system: str | None = None) -> dict:
-    messages = [{"role": "system", "content": system}] if system else []
-    return {"messages": messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
-
-
-def make_task(data_dir: Path, name: str, files: dict[str, list | str | bytes], task_yaml: str = "") -> Path:
-    """Create `tasks/<name>/` with task.yaml and raw files (lists of rows become JSONL)."""
-    folder = data_dir / "tasks" / name
-    (folder / "raw").mkdir(parents=True)
-    (folder / "task.yaml").write_text(task_yaml)
-    for filename, content in files.items():
-        path = folder / "raw" / filename
-        if isinstance(content, list):
-            content = "".join(json.dumps(row) + "\n" for row in content)
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    return folder
+@pytest.fixture
+def tiny_task(ftpipe_env: Path, tiny_model_dir: Path) -> str:
+    """The task `toy`: 60 learnable rows on the session's tiny model, trained for a few steps."""
+    toy_task(ftpipe_env, "toy", tiny_model_dir)
+    return "toy"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -3,12 +3,13 @@
 The data assets refresh by themselves (declarative automation) whenever an upstream data version changes.
 """
 
-
 import dagster as dg
 
-from ftpipe.assets.common import TaskRunConfig, file_version, load_config, markdown_table
+from ftpipe.assets.common import TaskRunConfig, file_version, load_config, similarity_settings, table
 from ftpipe.core import dedup, records, split
-from ftpipe.core.storage import artifact_dir, task_dir
+from ftpipe.core.evaluation.metrics import label_reader
+from ftpipe.core.layout import QUARANTINE, REMOVED, REVIEW_CSV, TaskLayout
+from ftpipe.core.storage import task_dir
 from ftpipe.core.tasks import task_files_version
 from ftpipe.partitions import task_partitions
 
@@ -24,16 +25,13 @@ def task_files(context: dg.OpExecutionContext) -> dg.DataVersionsByPartition:
     return dg.DataVersionsByPartition({task: task_files_version(task) for task in tasks})
 
 
-def _examples(task: str, asset: str, name: str = "examples.parquet"):
-    return artifact_dir(task, asset) / name
-
-
 @dg.asset(partitions_def=task_partitions, group_name=GROUP, kinds={"parquet"}, deps=[task_files], automation_condition=REFRESH)
 def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg.MaterializeResult:
     """Every row of the task's raw/ files in the canonical chat schema; unusable rows quarantined with a reason."""
     task = context.partition_key
     data = load_config(context, config).data
-    out = artifact_dir(task, "raw_examples")
+    paths = TaskLayout(task)
+    out = paths.asset("raw_examples")
     spec = records.FormatSpec(data.format, dict(data.columns), data.system_prompt)
     summary = records.build_raw_examples(task_dir(task), out, spec)
     context.log.info(f"{task}: {summary['rows_valid']} valid and {summary['rows_quarantined']} quarantined "
@@ -42,14 +40,14 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     return dg.MaterializeResult(
         metadata={
             **{k: summary[k] for k in ("rows_read", "rows_valid", "rows_quarantined")},
-            "quarantine_path": dg.MetadataValue.path(str(out / "quarantine.jsonl")),
-            "examples_path": dg.MetadataValue.path(str(out / "examples.parquet")),
+            "quarantine_path": dg.MetadataValue.path(str(out / QUARANTINE)),
+            "examples_path": dg.MetadataValue.path(str(paths.examples("raw_examples"))),
             "files": summary["files"],
             "ignored_files": summary["ignored_files"],
             "quarantine_reasons": dg.MetadataValue.json(summary["quarantine_reasons"]),
-            "quarantine_preview": markdown_table(quarantine[:PREVIEW_ROWS], ["source", "reason", "raw"]),
+            "quarantine_preview": table(quarantine[:PREVIEW_ROWS], ["source", "reason", "raw"]),
         },
-        data_version=file_version(out / "examples.parquet", out / "quarantine.jsonl"),
+        data_version=file_version(paths.examples("raw_examples"), out / QUARANTINE),
     )
 
 
@@ -57,27 +55,32 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     partitions_def=task_partitions, group_name=GROUP, kinds={"parquet"}, deps=[raw_examples], automation_condition=REFRESH,
 )
 def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg.MaterializeResult:
-    """Exact duplicates, near-duplicates (MinHash LSH) and contradicting labels removed; every removal kept with its reason."""
+    """Exact duplicates, near-duplicates and contradicting answers removed, judged on what varies between rows;
+    every removal kept with its reason and the row it matched."""
     task = context.partition_key
-    cfg = load_config(context, config).dedup
-    out = artifact_dir(task, "deduplicated_examples")
-    summary = dedup.build_deduplicated(
-        _examples(task, "raw_examples"), out,
-        threshold=cfg.near_threshold, num_perm=cfg.num_perm, shingle_words=cfg.shingle_words,
-    )
+    cfg = load_config(context, config)
+    paths = TaskLayout(task)
+    out = paths.asset("deduplicated_examples")
+    summary = dedup.build_deduplicated(paths.examples("raw_examples"), out, similarity_settings(cfg.dedup),
+                                       label_of=label_reader(cfg.evaluation))
     removed = summary.pop("removed")
     context.log.info(f"{task}: kept {summary['rows_out']} of {summary['rows_in']} rows")
     return dg.MaterializeResult(
         metadata={
-            **summary,
-            "removed_path": dg.MetadataValue.path(str(out / "removed.jsonl")),
-            "removed_preview": markdown_table(
-                [{**r, "prompt": r["messages"][-2]["content"], "answer": r["messages"][-1]["content"]}
+            **{key: summary[key] for key in dedup.COUNTS},
+            "shared_text_shingles": summary["shared_text_shingles"],
+            "removed_by_label": table(
+                [{"label": label, **counts, "share": f"{counts['removed'] / counts['rows_in']:.0%}"}
+                 for label, counts in summary["removed_by_label"].items()], ["label", "rows_in", "removed", "share"]),
+            "matched_examples": table(summary["matched_examples"], list(dedup.MATCH_COLUMNS)),
+            "removed_path": dg.MetadataValue.path(str(out / REMOVED)),
+            "removed_preview": table(
+                [{**r, "message": records.user_message(r["messages"]), "answer": r["messages"][-1]["content"]}
                  for r in removed[:PREVIEW_ROWS]],
-                ["reason", "id", "duplicate_of", "detail", "prompt", "answer", "source"],
+                ["reason", "id", "duplicate_of", "detail", "message", "answer", "source"],
             ),
         },
-        data_version=file_version(out / "examples.parquet"),
+        data_version=file_version(paths.examples("deduplicated_examples")),
     )
 
 
@@ -86,15 +89,15 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
 )
 def review_sample(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """100 random deduplicated examples (fixed seed) for a manual read before training."""
-    task = context.partition_key
-    sample = records.review_sample(records.read_examples(_examples(task, "deduplicated_examples")))
-    path = artifact_dir(task, "review_sample") / "review_sample.csv"
+    paths = TaskLayout(context.partition_key)
+    sample = records.review_sample(records.read_examples(paths.examples("deduplicated_examples")))
+    path = paths.path("review_sample", REVIEW_CSV)
     records.write_csv(sample, path)
     return dg.MaterializeResult(
         metadata={
             "rows": len(sample),
             "csv_path": dg.MetadataValue.path(str(path)),
-            "sample": markdown_table(sample, ["prompt", "answer", "source"]),
+            "sample": table(sample, ["prompt", "answer", "source"]),
         },
         data_version=file_version(path),
     )
@@ -107,19 +110,19 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
     """Train / eval rows by a stable hash of the prompt; near-duplicate prompts stay on one side."""
     task = context.partition_key
     cfg = load_config(context, config)
-    out = artifact_dir(task, "heldout_split")
+    paths = TaskLayout(task)
     summary = split.build_split(
-        _examples(task, "deduplicated_examples"), out,
-        eval_fraction=cfg.split.eval_fraction, seed=cfg.split.seed,
-        threshold=cfg.dedup.near_threshold, num_perm=cfg.dedup.num_perm, shingle_words=cfg.dedup.shingle_words,
+        paths.examples("deduplicated_examples"), paths.asset("heldout_split"),
+        eval_fraction=cfg.split.eval_fraction, seed=cfg.split.seed, settings=similarity_settings(cfg.dedup),
     )
     context.log.info(f"{task}: {summary['train_rows']} train / {summary['eval_rows']} eval rows")
+    train, evaluation = paths.split_files
     return dg.MaterializeResult(
         metadata={
             **summary,
             "eval_fraction": cfg.split.eval_fraction,
-            "train_path": dg.MetadataValue.path(str(out / "train.parquet")),
-            "eval_path": dg.MetadataValue.path(str(out / "eval.parquet")),
+            "train_path": dg.MetadataValue.path(str(train)),
+            "eval_path": dg.MetadataValue.path(str(evaluation)),
         },
-        data_version=file_version(out / "train.parquet", out / "eval.parquet"),
+        data_version=file_version(train, evaluation),
     )

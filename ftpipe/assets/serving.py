@@ -2,77 +2,80 @@
 
 import dagster as dg
 
-from ftpipe.assets.common import TaskRunConfig, file_version, load_config
-from ftpipe.assets.evaluation import adapter_result, eval_metrics, eval_report
-from ftpipe.assets.training import adapter_version, base_model, base_model_info, lora_adapter, split_files
-from ftpipe.core.storage import artifact_dir, point
+from ftpipe.assets.common import GPU_POOL, TaskRunConfig, load_config, upstream
+from ftpipe.config import TaskConfig
+from ftpipe.core.layout import TaskLayout
+from ftpipe.core.results import Result
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking
 
 GROUP = "serving"
+CARD_METRICS = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_ci_low", "delta_ci_high", "forgetting")
 
 
-def _card(task: str, cfg, training: dict, metrics: dict, base: dict) -> dict:
-    train, evaluation = split_files(task)
+def _card(task: str, cfg: TaskConfig, base: Result, adapter: Result, evaluation: Result, report: dict) -> dict:
+    """The model card's facts: the task, what it was evaluated on and how well, and the base model, method and
+    settings the adapter was trained with."""
     return {
         "task": task,
-        "base_model": cfg.base_model,
-        "base_fingerprint": base["fingerprint"],
-        "split_data_version": file_version(train, evaluation).value,
-        "metrics": {key: metrics[key] for key in ("primary_metric", "base_score", "finetuned_score", "delta",
-                                                   "delta_ci_low", "delta_ci_high", "forgetting")},
-        "hyperparameters": {"method": training["method"], **cfg.training.model_dump()},
-        "mlflow_run_id": training["mlflow_run_id"],
+        "description": cfg.description,
+        "base_model": base.inputs["base_model"],
+        "method": adapter.produced["method"],
+        "data_versions": {"split": adapter.inputs["split_version"], "base_model": base.reuse_key,
+                          "eval": evaluation.inputs["eval_version"]},
+        "metrics": {key: report[key] for key in CARD_METRICS},
+        "hyperparameters": adapter.produced["training"],
+        "mlflow_run_id": adapter.metadata["mlflow_run_id"],
     }
 
 
 @dg.asset(
     partitions_def=task_partitions, group_name=GROUP, kinds={"safetensors", "mlflow"},
-    deps=[eval_report, lora_adapter, base_model],
+    deps=["eval_report", "lora_adapter", "base_model"], pool=GPU_POOL,
     automation_condition=(
-        dg.AutomationCondition.eager().allow(dg.AssetSelection.assets(eval_report))
+        dg.AutomationCondition.eager().allow(dg.AssetSelection.assets("eval_report"))
         & dg.AutomationCondition.all_deps_blocking_checks_passed()
     ),
 )
 def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow: MlflowTracking) -> dg.MaterializeResult:
-    """The adapter merged into a full-precision base, parity-checked, with a model card and serving files; registered in MLflow.
+    """The fine-tuned model ready to serve: an adapter merged into a full-precision base and parity-checked, or a full
+    fine-tune as trained; with a model card and serving files, registered in MLflow.
 
-    Each adapter gets its own folder, `merged_model/<base>-<adapter>/`, so a new merge never touches the champion's
-    files; `merged_model/latest` links to the newest. An adapter merged before is reused, not merged again.
+    Each fine-tuned model gets its own folder, `merged_model/<base>-<adapter>/`, so a new one never touches the
+    champion's files; `merged_model/latest` links to the newest. A model packaged before is reused, not packaged again.
     """
-    from ftpipe.core.merging import is_merged, merge_adapter, merge_facts, prune_merged, register_model
+    from ftpipe.core.evaluation import read_evaluation
+    from ftpipe.core.merging import card_body, package_model, packaged
 
     task = context.partition_key
     cfg = load_config(context, config)
-    base, training, metrics = base_model_info(task), adapter_result(task), eval_metrics(task)
-    _, eval_path = split_files(task)
-    folder = artifact_dir(task, "merged_model")
-    out = folder / f"{base['fingerprint'][:8]}-{adapter_version(task)}"
-    reused = is_merged(out)
-    if reused:
-        context.log.info(f"adapter already merged: reusing {out}")
-    else:
-        merge_adapter(
-            base_model_dir=base["path"], adapter_dir=training["adapter_path"], out_dir=out, eval_path=eval_path,
-            card=_card(task, cfg, training, metrics, base), trust_remote_code=cfg.trust_remote_code,
+    paths = TaskLayout(task)
+    base, adapter, evaluation = (upstream(task, asset) for asset in ("base_model", "lora_adapter", "eval_report"))
+    report = read_evaluation(paths.output("eval_report"), cfg.evaluation)
+    out = paths.merged(base.reuse_key, adapter.produced["data_version"])
+    key = f"{base.reuse_key}-{adapter.produced['data_version']}"
+    facts = packaged(out, key)
+    reused = facts is not None
+    if not reused:
+        facts = package_model(
+            base_model_dir=base.produced["path"], finetuned_dir=paths.output("lora_adapter"), out_dir=out,
+            eval_path=paths.split_files[1], card=_card(task, cfg, base, adapter, evaluation, report), reuse_key=key,
+            trust_remote_code=cfg.trust_remote_code,
         )
-    point(folder / "latest", out)
-    card = (out / "README.md").read_text()
-    registered = register_model(
-        task=task, model_path=out, run_id=training["mlflow_run_id"], eval_score=metrics["finetuned_score"],
-        eval_version=file_version(eval_path).value, tracking_uri=mlflow.uri(),
-    )
-    removed = prune_merged(folder, task, mlflow.uri())
-    context.log.info(f"merged model {out} ({'reused' if reused else 'written'}); removed older merges: {removed or 'none'}")
+    paths.mark_latest_merged(out)
+    registered = mlflow.register_model(task=task, model_path=out, run_id=adapter.metadata["mlflow_run_id"],
+                                       eval_score=report["finetuned_score"], eval_version=evaluation.inputs["eval_version"])
+    removed = paths.prune_merged(keep=mlflow.registered_folders(task))
+    context.log.info(f"model {out} ({'reused' if reused else 'written'}); removed older models: {removed or 'none'}")
     return dg.MaterializeResult(
         metadata={
             "model_path": dg.MetadataValue.path(str(out)),
-            "parity_max_abs_diff": merge_facts(out)["parity_max_abs_diff"],
+            "parity_max_abs_diff": facts["parity_max_abs_diff"],
             "registered_model": registered["registered_model"],
-            "registered_version": int(registered["registered_version"]),
+            "registered_version": registered["registered_version"],
             "champion": registered["champion"],
             "reused": reused,
-            "model_card": dg.MetadataValue.md(card),
+            "model_card": dg.MetadataValue.md(card_body(out)),
         },
-        data_version=file_version(*sorted(out.glob("*.safetensors"))),
+        data_version=dg.DataVersion(out.name),
     )

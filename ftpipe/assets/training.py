@@ -1,80 +1,53 @@
-"""Training group: base_model (resolved, cached checkpoint) and lora_adapter (TRL SFT through Dagster Pipes)."""
+"""Training group: base_model (resolved, cached checkpoint) and lora_adapter (the training program through
+Dagster Pipes)."""
 
 import json
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
 
-from ftpipe.assets.common import GPU_POOL, TaskRunConfig, file_version, load_config
-from ftpipe.assets.data import heldout_split
-from ftpipe.config import TrainingConfig
-from ftpipe.core.storage import artifact_dir, home_dir, task_dir, write_text
-from ftpipe.core.tasks import base_model_source
+from ftpipe.assets.common import GPU_POOL, TaskRunConfig, load_config
+from ftpipe.config import TaskConfig, TrainingConfig
+from ftpipe.core.layout import TaskLayout, models_dir, replay_cache_dir
+from ftpipe.core.results import Result, read_result, reusable
+from ftpipe.core.storage import atomic_dir, task_dir, write_text
+from ftpipe.core.tasks import TrainingInputs, base_model_source, general_replay_prompts, training_inputs
 from ftpipe.partitions import task_partitions
-from ftpipe.resources import MlflowTracking, ModelHub
+from ftpipe.resources import MlflowTracking, ModelHub, TrainingPods
 
 GROUP = "training"
+TYPED = {"loss_curve": dg.MetadataValue.md, "adapter_path": dg.MetadataValue.path}  # the rest shows as plain values
 
 
 class AdapterRunConfig(TaskRunConfig):
+    """Run settings of `lora_adapter`: `force_retrain` trains from step 0 in a new MLflow run, even when an
+    adapter of the same training fingerprint exists or an interrupted one could resume."""
+
     force_retrain: bool = False
-
-
-def base_model_info(task: str) -> dict:
-    return json.loads((artifact_dir(task, "base_model") / "base_model.json").read_text())
-
-
-def split_files(task: str) -> list[Path]:
-    folder = artifact_dir(task, "heldout_split")
-    return [folder / "train.parquet", folder / "eval.parquet"]
-
-
-def adapter_dir(task: str) -> Path:
-    return artifact_dir(task, "lora_adapter") / "adapter"
-
-
-def adapter_version(task: str) -> str:
-    """A hash of the current adapter's weights: what evaluation and merge results are keyed by."""
-    return file_version(*sorted(adapter_dir(task).glob("*.safetensors"))).value
-
-
-def training_inputs(task: str, training: TrainingConfig) -> tuple[str, str]:
-    """(split data version, training fingerprint) of a training on the task's current split and base model."""
-    from ftpipe.core.training import training_fingerprint
-
-    split_version = file_version(*split_files(task)).value
-    return split_version, training_fingerprint(split_version, base_model_info(task)["fingerprint"], training.recipe())
-
-
-def last_training_fingerprint(task: str) -> str | None:
-    """The fingerprint of the task's current adapter, if there is one."""
-    marker = adapter_dir(task) / "training_fingerprint"
-    return marker.read_text().strip() if marker.exists() else None
 
 
 @dg.asset(partitions_def=task_partitions, group_name=GROUP, kinds={"safetensors"})
 def base_model(context: dg.AssetExecutionContext, config: TaskRunConfig, hub: ModelHub) -> dg.MaterializeResult:
-    """The task's base model as a local safetensors checkpoint with tokenizer and chat template (content-addressed cache)."""
+    """The task's base model as a local safetensors checkpoint with tokenizer and chat template (content-addressed
+    cache)."""
     from ftpipe.core.modeling import resolve_base_model
 
     cfg = load_config(context, config)
     source = base_model_source(cfg.base_model, task_dir(context.partition_key))
-    context.log.info(f"resolving base model {source!r}" + (" with trust_remote_code ON" if cfg.trust_remote_code else ""))
-    info = resolve_base_model(source, home_dir() / "models", trust_remote_code=cfg.trust_remote_code, token=hub.token)
-    write_text(artifact_dir(context.partition_key, "base_model") / "base_model.json", json.dumps(info, indent=2))
+    trusting = " with trust_remote_code ON" if cfg.trust_remote_code else ""
+    context.log.info(f"resolving base model {source!r}{trusting}")
+    info = resolve_base_model(source, models_dir(), trust_remote_code=cfg.trust_remote_code, token=hub.token)
+    metadata = {key: info[key] for key in ("fingerprint", "architecture", "parameters", "dtype", "has_chat_template",
+                                           "chat_template_added", "source")}
+    result = Result(kind="base_model", reuse_key=info["fingerprint"], produced=info,
+                    inputs={"base_model": source, "trust_remote_code": cfg.trust_remote_code}, metadata=metadata)
+    with atomic_dir(TaskLayout(context.partition_key).output("base_model")) as tmp:
+        result.write(tmp)
     return dg.MaterializeResult(
-        metadata={
-            "model_path": dg.MetadataValue.path(info["path"]),
-            "fingerprint": info["fingerprint"],
-            "architecture": info["architecture"],
-            "parameters": info["parameters"],
-            "dtype": info["dtype"],
-            "has_chat_template": info["has_chat_template"],
-            "chat_template_added": info["chat_template_added"],
-            "trust_remote_code": cfg.trust_remote_code,
-            "source": info["source"],
-        },
+        metadata={"model_path": dg.MetadataValue.path(info["path"]), **metadata,
+                  "trust_remote_code": cfg.trust_remote_code},
         data_version=dg.DataVersion(info["fingerprint"]),
     )
 
@@ -87,51 +60,34 @@ def _code_version() -> str:
     return f"ftpipe {version('ftpipe')}" + (f" ({git.stdout.strip()})" if git.returncode == 0 else "")
 
 
-def _spec(context: dg.AssetExecutionContext, cfg, mlflow: MlflowTracking, split_version: str, fingerprint: str) -> dict:
-    task = context.partition_key
-    base = base_model_info(task)
-    train, evaluation = split_files(task)
-    return {
-        "task": task,
-        "base_model_dir": base["path"],
-        "base_fingerprint": base["fingerprint"],
-        "train_path": str(train),
-        "eval_path": str(evaluation),
-        "output_dir": str(adapter_dir(task)),
-        "checkpoint_dir": str(home_dir() / "tasks" / task / "checkpoints" / fingerprint),
-        "training": cfg.training.model_dump(),
-        "trust_remote_code": cfg.trust_remote_code,
-        "mlflow": {
+def _spec(context: dg.AssetExecutionContext, cfg: TaskConfig, inputs: TrainingInputs, mlflow: MlflowTracking,
+          force_retrain: bool):
+    from ftpipe.core.training.spec import TrainingSpec
+
+    task, paths = context.partition_key, TaskLayout(context.partition_key)
+    train, evaluation = paths.split_files
+    return TrainingSpec(
+        task=task, base_model_dir=inputs.base.produced["path"], base_fingerprint=inputs.base.reuse_key,
+        split_version=inputs.split_version, train_path=str(train), eval_path=str(evaluation),
+        output_dir=str(paths.output("lora_adapter")), checkpoint_dir=str(paths.checkpoints(inputs.fingerprint)),
+        training=cfg.training.model_dump(), fingerprint=inputs.fingerprint, force_retrain=force_retrain,
+        trust_remote_code=cfg.trust_remote_code, replay_prompts=_optional_path(general_replay_prompts()),
+        replay_cache_dir=str(replay_cache_dir()),
+        mlflow={
             "experiment": mlflow.experiment(task),
-            "run_name": f"{task}-{fingerprint[:8]}",
-            "tags": {
-                "dagster_run_id": context.run.run_id,
-                "task": task,
-                "split_data_version": split_version,
-                "training_fingerprint": fingerprint,
-                "code_version": _code_version(),
-            },
+            "run_name": f"{task}-{inputs.fingerprint[:8]}",
+            "tags": {"dagster_run_id": context.run.run_id, "task": task, "split_data_version": inputs.split_version,
+                     "training_fingerprint": inputs.fingerprint, "code_version": _code_version()},
         },
-    }
-
-
-def _reuse(task: str, fingerprint: str, context: dg.AssetExecutionContext) -> dg.MaterializeResult | None:
-    """The previous adapter's result when it was trained with this exact fingerprint."""
-    if last_training_fingerprint(task) != fingerprint:
-        return None
-    from ftpipe.core.training import RESULT_FILE, pipes_metadata
-
-    folder = adapter_dir(task)
-    context.log.info(f"training fingerprint {fingerprint} unchanged: reusing the adapter in {folder}")
-    metadata = json.loads((folder / RESULT_FILE).read_text())
-    return dg.MaterializeResult(
-        metadata={**_typed(pipes_metadata(metadata)), "reused": True},
-        data_version=file_version(folder / "adapter_model.safetensors"),
     )
 
 
-def _launch(context: dg.AssetExecutionContext, training: TrainingConfig, spec_path: str, fingerprint: str,
-            tracking_uri: str, pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.PipesClientCompletedInvocation:
+def _optional_path(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _launch(context: dg.AssetExecutionContext, training: TrainingConfig, spec_path: Path, fingerprint: str,
+            tracking_uri: str, subprocesses: dg.PipesSubprocessClient, pods: TrainingPods) -> None:
     """Run the training program here (one process or torchrun) or in a Kubernetes pod, through Dagster Pipes.
 
     The tracking URI goes to the program in its environment, never into the spec file (it may hold a password);
@@ -143,27 +99,31 @@ def _launch(context: dg.AssetExecutionContext, training: TrainingConfig, spec_pa
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
     if training.launcher != "k8s":
         if training.nnodes > 1:
-            joining = " ".join(training_command(training, spec_path, fingerprint, python="python"))
-            context.log.info(f"waiting for {training.nnodes - 1} more node(s); on each, with the same FTPIPE_HOME, run: {joining}")
-        return pipes_subprocess_client.run(command=training_command(training, spec_path, fingerprint), context=context, env=env)
-    from dagster_k8s import PipesK8sClient
-
+            joining = " ".join(training_command(training, str(spec_path), fingerprint, python="python"))
+            context.log.info(f"waiting for {training.nnodes - 1} more node(s); on each, with the same FTPIPE_HOME, "
+                             f"run: {joining}")
+        subprocesses.run(command=training_command(training, str(spec_path), fingerprint), context=context, env=env)
+        return
     try:
-        spec = pod_spec(training.k8s, training_command(training, spec_path, fingerprint, python="python"))
+        spec = pod_spec(training.k8s, training_command(training, str(spec_path), fingerprint, python="python"))
     except PodSpecError as error:
         raise dg.Failure(description=str(error), allow_retries=False) from None
     context.log.info(f"starting the training pod in namespace {training.k8s.namespace!r} with image {training.k8s.image}")
     env = env if redact_uri(tracking_uri) == tracking_uri and "MLFLOW_TRACKING_URI" not in training.k8s.secret_env else {}
-    return PipesK8sClient().run(context=context, namespace=training.k8s.namespace, base_pod_spec=spec, env=env)
+    pods.run(context=context, namespace=training.k8s.namespace, pod_spec=spec, env=env)
 
 
-def _typed(metadata: dict) -> dict:
-    kinds = {"md": dg.MetadataValue.md, "path": dg.MetadataValue.path, "text": dg.MetadataValue.text}
-    return {k: kinds[v["type"]](v["raw_value"]) if isinstance(v, dict) and "type" in v else v for k, v in metadata.items()}
+def _materialization(result: Result, mlflow: MlflowTracking, reused: bool) -> dg.MaterializeResult:
+    """The metadata the training reported (typed for the UI), a link to its MLflow run, and its weights' version."""
+    typed = {key: TYPED[key](value) if key in TYPED else value for key, value in result.metadata.items()}
+    return dg.MaterializeResult(
+        metadata={**typed, "mlflow_run": mlflow.run_url(result.metadata["mlflow_run_id"]), "reused": reused},
+        data_version=dg.DataVersion(result.produced["data_version"]),
+    )
 
 
 @dg.asset(
-    partitions_def=task_partitions, group_name=GROUP, kinds={"pytorch", "mlflow"}, deps=[heldout_split, base_model],
+    partitions_def=task_partitions, group_name=GROUP, kinds={"pytorch", "mlflow"}, deps=["heldout_split", "base_model"],
     pool=GPU_POOL, retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
 )
 def lora_adapter(
@@ -171,27 +131,27 @@ def lora_adapter(
     config: AdapterRunConfig,
     mlflow: MlflowTracking,
     pipes_subprocess_client: dg.PipesSubprocessClient,
+    training_pods: TrainingPods,
 ) -> dg.MaterializeResult:
-    """A LoRA / QLoRA / full fine-tune of the base model on the train split (TRL SFTTrainer), tracked in MLflow."""
-    from ftpipe.core.modeling import check_method
+    """A LoRA / QLoRA / full fine-tune of the base model on the train split (TRL), tracked in MLflow.
 
-    task = context.partition_key
+    Whether the method can run (e.g. 4-bit needs CUDA) is decided by the training program where it runs.
+    """
     cfg = load_config(context, config)
-    try:
-        check_method(cfg.training.method)
-    except ValueError as error:
-        raise dg.Failure(description=str(error), allow_retries=False) from None
-    split_version, fingerprint = training_inputs(task, cfg.training)
-    reused = None if config.force_retrain else _reuse(task, fingerprint, context)
+    paths = TaskLayout(context.partition_key)
+    inputs = training_inputs(context.partition_key, cfg.training)
+    reused = None if config.force_retrain else reusable(paths.output("lora_adapter"), "lora_adapter", inputs.fingerprint)
     if reused:
-        return reused
-    spec_path = artifact_dir(task, "lora_adapter") / "spec.json"
-    write_text(spec_path, json.dumps(_spec(context, cfg, mlflow, split_version, fingerprint), indent=2))
-    result = _launch(context, cfg.training, str(spec_path), fingerprint, mlflow.uri(), pipes_subprocess_client).get_materialize_result()
-    write_text(adapter_dir(task) / "training_fingerprint", fingerprint)
-    run_id = result.metadata["mlflow_run_id"]
-    run_id = getattr(run_id, "value", run_id)
-    return dg.MaterializeResult(
-        metadata={**result.metadata, "training_fingerprint": fingerprint, "mlflow_run": mlflow.run_url(run_id)},
-        data_version=result.data_version,
-    )
+        context.log.info(f"training fingerprint {inputs.fingerprint} unchanged: reusing {paths.output('lora_adapter')}")
+        return _materialization(reused, mlflow, reused=True)
+    spec = _spec(context, cfg, inputs, mlflow, config.force_retrain)
+    write_text(paths.spec_file, json.dumps(asdict(spec), indent=2))
+    _launch(context, cfg.training, paths.spec_file, inputs.fingerprint, mlflow.uri(), pipes_subprocess_client,
+            training_pods)
+    trained = read_result(paths.output("lora_adapter"), "lora_adapter")
+    if trained is None or trained.reuse_key != inputs.fingerprint:
+        raise dg.Failure(description=f"the training program published no result for fingerprint {inputs.fingerprint}")
+    stale = paths.prune_checkpoints(keep=inputs.fingerprint)
+    if stale:
+        context.log.info(f"removed the checkpoints of earlier trainings: {', '.join(stale)}")
+    return _materialization(trained, mlflow, reused=False)

@@ -25,7 +25,9 @@ from ftpipe.core.storage import atomic_dir, file_sha256
 from ftpipe.core.text import canonical
 
 SHARED_TEXT_KEY = "ftpipe.shared_shingles"  # parquet metadata: the shared shingles the near stage left out
-MATCH_EXAMPLES = 10
+MATCH_EXAMPLES = 3  # of each label (and in all, without labels)
+MATCH_COLUMNS = ("label", "reason", "removed_message", "removed_answer", "matched_message", "matched_answer", "detail")
+COUNTS = ("rows_in", "rows_out", "exact_duplicates", "near_duplicates", "contradictions")
 
 
 def _render(messages: list[dict[str, str]]) -> str:
@@ -234,28 +236,35 @@ def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings) -> D
     return result
 
 
+def _label(row: dict[str, Any], label_of: Callable[[str], str | None] | None) -> str:
+    return (label_of(row["messages"][-1]["content"]) or "(no label)") if label_of else ""
+
+
 def removed_by_label(rows: list[dict[str, Any]], removed: list[dict[str, Any]],
                      label_of: Callable[[str], str | None]) -> dict[str, dict[str, int]]:
     """For each label (of the rows' answers), how many rows came in and how many cleaning removed."""
-
-    def label(row: dict[str, Any]) -> str:
-        return label_of(row["messages"][-1]["content"]) or "(no label)"
-
-    totals, gone = Counter(map(label, rows)), Counter(map(label, removed))
+    totals = Counter(_label(row, label_of) for row in rows)
+    gone = Counter(_label(row, label_of) for row in removed)
     return {name: {"rows_in": totals[name], "removed": gone[name]} for name in sorted(totals)}
 
 
 def matched_examples(rows: list[dict[str, Any]], removed: list[dict[str, Any]],
-                     limit: int = MATCH_EXAMPLES) -> list[dict[str, str]]:
-    """Removed near-duplicates and contradictions next to the rows they were matched with (user message, answer)."""
+                     label_of: Callable[[str], str | None] | None = None,
+                     per_label: int = MATCH_EXAMPLES) -> list[dict[str, str]]:
+    """Removed near-duplicates and contradictions next to the rows they matched (user message, answer), up to
+    `per_label` of each label (of `per_label` in all without labels)."""
     by_id = {row["id"]: row for row in rows}
-    picked = [r for r in removed if r["reason"] != "exact_duplicate"][:limit]
-    return [{
-        "reason": r["reason"], "detail": r["detail"],
-        "removed_message": user_message(r["messages"]), "removed_answer": r["messages"][-1]["content"],
-        "matched_message": user_message(by_id[r["duplicate_of"]]["messages"]),
-        "matched_answer": by_id[r["duplicate_of"]]["messages"][-1]["content"],
-    } for r in picked]
+    shown: Counter = Counter()
+    found = []
+    for r in (r for r in removed if r["reason"] != "exact_duplicate"):
+        label = _label(r, label_of)
+        if shown[label] < per_label:
+            shown[label] += 1
+            matched = by_id[r["duplicate_of"]]["messages"]
+            found.append(dict(zip(MATCH_COLUMNS, (
+                label, r["reason"], user_message(r["messages"]), r["messages"][-1]["content"], user_message(matched),
+                matched[-1]["content"], r["detail"]))))
+    return found
 
 
 def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.Settings = similarity.Settings(),
@@ -272,7 +281,7 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         "contradictions": result.count("contradiction"),
         "shared_text_shingles": len(result.shared),
         "removed_by_label": removed_by_label(rows, result.removed, label_of) if label_of else {},
-        "matched_examples": matched_examples(rows, result.removed),
+        "matched_examples": matched_examples(rows, result.removed, label_of),
     }
     inputs = {"raw_examples": file_sha256(examples_path)[:16]}
     key = hashlib.sha256(repr((inputs, settings)).encode()).hexdigest()[:16]
@@ -283,3 +292,17 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         Result("deduplicated_examples", key, {"examples": "examples.parquet", "removed": "removed.jsonl"},
                inputs, summary).write(tmp)
     return {**summary, "removed": result.removed}
+
+
+def heavy_removals(summary: dict[str, Any], limit: float) -> dict[str | None, str]:
+    """Where cleaning removed more than `limit` of the rows (of a build summary), said in one line each, keyed by
+    label (None: all rows)."""
+    parts = {None: {"rows_in": summary["rows_in"], "removed": summary["rows_in"] - summary["rows_out"]},
+             **summary.get("removed_by_label", {})}
+    found = {}
+    for label, counts in parts.items():
+        share = counts["removed"] / max(counts["rows_in"], 1)
+        if share > limit:
+            name = "all rows" if label is None else f"label {label!r}"
+            found[label] = f"{name}: {share:.0%} removed ({counts['removed']} of {counts['rows_in']})"
+    return found

@@ -19,17 +19,21 @@ class PodSpecError(ValueError):
     """A pod spec the Kubernetes API would refuse, found before any pod is created."""
 
 
-def torchrun_arguments(training: TrainingConfig, run_id: str) -> list[str]:
+def torchrun_arguments(training: TrainingConfig, rdzv_id: str) -> list[str]:
+    """torchrun's options: one node standalone, or several nodes meeting at `rdzv_endpoint` under `rdzv_id`."""
     if training.nnodes == 1:
         return ["--standalone", "--nproc-per-node", str(training.num_processes)]
     return ["--nnodes", str(training.nnodes), "--nproc-per-node", str(training.num_processes),
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", training.rdzv_endpoint, "--rdzv-id", run_id]
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", training.rdzv_endpoint, "--rdzv-id", rdzv_id]
 
 
-def training_command(training: TrainingConfig, spec_path: str, run_id: str, python: str = sys.executable) -> list[str]:
-    """The command line that runs one training: torchrun when asked for or when there are several processes."""
+def training_command(training: TrainingConfig, spec_path: str, rdzv_id: str, python: str = sys.executable) -> list[str]:
+    """The command line that runs one training: torchrun when asked for or when there are several processes.
+
+    `rdzv_id` names the torchrun rendezvous that every node of one training joins (the training fingerprint).
+    """
     if training.launcher == "torchrun" or training.num_processes > 1:
-        return [python, "-m", "torch.distributed.run", *torchrun_arguments(training, run_id), *TRAINING_PROGRAM, spec_path]
+        return [python, "-m", "torch.distributed.run", *torchrun_arguments(training, rdzv_id), *TRAINING_PROGRAM, spec_path]
     return [python, *TRAINING_PROGRAM, spec_path]
 
 

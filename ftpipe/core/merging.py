@@ -1,6 +1,7 @@
-"""Merge an adapter into a full-precision base, prove parity, write a servable model dir (safetensors, tokenizer,
-chat template, model card, vLLM and Ollama files), and register it in the MLflow model registry where the
-`champion` alias follows the best evaluated version."""
+"""Package a fine-tuned model for serving: merge a LoRA adapter into a full-precision base and prove parity, or
+take a full fine-tune as trained (nothing to merge). Either way the model dir holds safetensors weights, the
+tokenizer with its chat template, a model card, vLLM and Ollama files and a typed result; the MLflow model
+registry's `champion` alias follows the best evaluated version."""
 
 from __future__ import annotations
 
@@ -10,11 +11,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ftpipe.core.evaluation import generate, greedy_batches, markdown_table, select_rows, stop_token_ids
-from ftpipe.core.modeling import load_model_and_tokenizer
+from ftpipe.core.evaluation import select_rows
+from ftpipe.core.evaluation.generation import (
+    ADAPTER_CONFIG, generate, greedy_batches, is_adapter, load_finetuned, load_model, stop_token_ids,
+)
+from ftpipe.core.layout import MODEL_CARD
 from ftpipe.core.records import read_examples
+from ftpipe.core.results import Result, reusable
 from ftpipe.core.storage import atomic_dir
+from ftpipe.core.text import markdown_table
+from ftpipe.core.tracking import mlflow_client
 
+RESULT_KIND = "merged_model"
 PARITY_MAX_NEW_TOKENS = 24
 PARITY_BATCH = 8
 PARITY_TOLERANCE = {"float32": 1e-3, "float16": 0.25, "bfloat16": 0.5}  # largest |logit difference| accepted
@@ -25,8 +33,13 @@ CHATML_OLLAMA_TEMPLATE = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 )
 SENTINEL = "<<ftpipe-prompt>>"
-PARITY_FILE = "parity.json"
-ADAPTER_COPY = "adapter"  # the adapter this model was merged from, for serving it as a LoRA module
+ADAPTER_COPY = "adapter"  # the adapter a model was merged from, for serving it as a LoRA module
+ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
+FULL_MODEL_PARITY = {
+    "parity_max_abs_diff": 0.0, "parity_rows": 0, "parity_identical_outputs": True,
+    "parity_check": "not needed: a full fine-tune is served with the very weights it was trained and evaluated "
+                    "with; nothing was merged",
+}
 
 
 class ParityError(RuntimeError):
@@ -70,7 +83,8 @@ def merge(peft_model):
 
 
 def check_parity(before: tuple[list[str], list], after: tuple[list[str], list], dtype: str) -> dict[str, Any]:
-    """{parity_max_abs_diff, parity_rows, parity_identical_outputs}; raises ParityError when they disagree."""
+    """{parity_max_abs_diff, parity_rows, parity_identical_outputs, parity_check}; raises ParityError when they
+    disagree."""
     differing = [i for i, (a, b) in enumerate(zip(before[0], after[0])) if a != b]
     diff = max_abs_diff(before[1], after[1])
     tolerance = PARITY_TOLERANCE.get(dtype, PARITY_TOLERANCE["bfloat16"])
@@ -79,57 +93,63 @@ def check_parity(before: tuple[list[str], list], after: tuple[list[str], list], 
             f"merged model differs from base + adapter: {len(differing)}/{len(before[0])} greedy outputs differ "
             f"(prompts {differing[:5]}), largest |logit difference| {diff:.3g} (tolerance {tolerance:g} for {dtype})"
         )
-    return {"parity_max_abs_diff": diff, "parity_rows": len(before[0]), "parity_identical_outputs": True}
+    return {"parity_max_abs_diff": diff, "parity_rows": len(before[0]), "parity_identical_outputs": True,
+            "parity_check": f"on {len(before[0])} held-out prompts the merged model's greedy outputs equal base + "
+                            f"adapter; largest |logit difference| {diff:.3g}"}
 
 
-# ---------------------------------------------------------------- serving files and model card
+# ---------------------------------------------------------------- serving files
 
 
 def vllm_lora_rank(adapter_dir: Path) -> int:
     """The smallest `--max-lora-rank` vLLM accepts for this adapter."""
-    rank = json.loads((adapter_dir / "adapter_config.json").read_text())["r"]
+    rank = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["r"]
     return next((allowed for allowed in VLLM_LORA_RANKS if allowed >= rank), rank)
 
 
-def serving_commands(task: str, model_dir: Path, base_model_dir: Path, adapter_dir: Path) -> dict[str, str]:
-    """vLLM (bound to 127.0.0.1, like every server ftpipe starts) and Ollama commands; the LoRA one serves the copy
-    of `adapter_dir` inside `model_dir`."""
+def serving_commands(task: str, model_dir: Path, lora: tuple[Path, Path] | None) -> dict[str, str]:
+    """vLLM (bound to 127.0.0.1, like every server ftpipe starts) and Ollama commands for `model_dir`; with
+    `lora` = (base model dir, adapter dir), also vLLM serving the base with the adapter's copy inside `model_dir`."""
     name = f"ftpipe-{task}"
-    return {
-        "merged": f"vllm serve {shlex.quote(str(model_dir))} --host 127.0.0.1 --served-model-name {name}",
-        "lora": (f"vllm serve {shlex.quote(str(base_model_dir))} --host 127.0.0.1 --enable-lora "
-                 f"--lora-modules {shlex.quote(f'{task}={model_dir / ADAPTER_COPY}')} "
-                 f"--max-lora-rank {vllm_lora_rank(adapter_dir)}"),
+    commands = {
+        "model": f"vllm serve {shlex.quote(str(model_dir))} --host 127.0.0.1 --served-model-name {name}",
         "ollama": f"ollama create {name} -f {shlex.quote(str(model_dir / 'Modelfile'))} && ollama run {name}",
     }
+    if lora:
+        base_model_dir, adapter_dir = lora
+        commands["lora"] = (f"vllm serve {shlex.quote(str(base_model_dir))} --host 127.0.0.1 --enable-lora "
+                            f"--lora-modules {shlex.quote(f'{task}={model_dir / ADAPTER_COPY}')} "
+                            f"--max-lora-rank {vllm_lora_rank(adapter_dir)}")
+    return commands
 
 
 def serve_script(commands: dict[str, str]) -> str:
+    usage = "#   ./serve.sh        the model\n"
+    lora = ""
+    if "lora" in commands:
+        usage += "#   ./serve.sh lora   the base model with the LoRA adapter (its copy in adapter/)\n"
+        lora = f'if [[ "${{1:-model}}" == lora ]]; then\n  exec {commands["lora"]}\nfi\n'
     return (
-        "#!/usr/bin/env bash\n"
-        "# OpenAI-compatible API on port 8000 with vLLM.\n"
-        "#   ./serve.sh        the merged model\n"
-        "#   ./serve.sh lora   the base model with the LoRA adapter (its copy in adapter/)\n"
-        "# It listens on 127.0.0.1 only; put an authenticating proxy in front before exposing it.\n"
-        "set -euo pipefail\n"
-        f'if [[ "${{1:-merged}}" == lora ]]; then\n  exec {commands["lora"]}\nfi\n'
-        f"exec {commands['merged']}\n"
+        "#!/usr/bin/env bash\n# OpenAI-compatible API on port 8000 with vLLM.\n" + usage
+        + "# It listens on 127.0.0.1 only; put an authenticating proxy in front before exposing it.\n"
+        + "set -euo pipefail\n" + lora + f"exec {commands['model']}\n"
     )
 
 
 def serving_markdown(task: str, commands: dict[str, str]) -> str:
     request = {"model": f"ftpipe-{task}", "messages": [{"role": "user", "content": "Hello"}]}
+    lora = (f"The base model with the adapter, hot-swappable (`./serve.sh lora`; the model name is `{task}`):\n\n"
+            f"```bash\n{commands['lora']}\n```\n\n") if "lora" in commands else ""
     return (
-        f"## How to serve\n\nThe merged model with vLLM (`./serve.sh`):\n\n```bash\n{commands['merged']}\n```\n\n"
-        f"The base model with the adapter, hot-swappable (`./serve.sh lora`; the model name is `{task}`):\n\n"
-        f"```bash\n{commands['lora']}\n```\n\nThen:\n\n```bash\ncurl http://127.0.0.1:8000/v1/chat/completions "
+        f"## How to serve\n\nThe model with vLLM (`./serve.sh`):\n\n```bash\n{commands['model']}\n```\n\n{lora}"
+        f"Then:\n\n```bash\ncurl http://127.0.0.1:8000/v1/chat/completions "
         f"-H 'Content-Type: application/json' -d '{json.dumps(request)}'\n```\n\n"
         f"With Ollama (the `Modelfile` approximates the chat template):\n\n```bash\n{commands['ollama']}\n```\n"
     )
 
 
 def ollama_modelfile(model_dir: Path, model, tokenizer) -> str:
-    """FROM the merged dir, a Go TEMPLATE for the chat template (ChatML exactly, anything else single-turn)
+    """FROM the model dir, a Go TEMPLATE for the chat template (ChatML exactly, anything else single-turn)
     and the stop tokens."""
     chat_template = tokenizer.chat_template or ""
     if "<|im_start|>" in chat_template:
@@ -144,6 +164,20 @@ def ollama_modelfile(model_dir: Path, model, tokenizer) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- model card
+
+
+def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as one level with dotted names (`lora.r`)."""
+    items: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            items.update(flat(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
 def _section(title: str, values: dict[str, Any]) -> str:
     if not values:
         return ""
@@ -151,91 +185,129 @@ def _section(title: str, values: dict[str, Any]) -> str:
     return f"## {title}\n\n{markdown_table(['name', 'value'], rows)}\n\n"
 
 
-def model_card(card: dict[str, Any], parity: dict[str, Any], serving: str) -> str:
-    """README.md: what the model is (base, task, data versions), how good (metrics, parity), how it was trained
-    and how to serve it. Known keys of `card`: task, base_model, description, method, data_versions, metrics,
-    hyperparameters; any other key is listed under Details."""
+def model_card(card: dict[str, Any], parity: dict[str, Any], serving: str, *, merged: bool) -> str:
+    """README.md: YAML front matter for model hubs, then what the model is (task description, base, how it was
+    trained), how good (metrics, parity), the training's own settings and how to serve it.
+
+    Known keys of `card`: task, description, base_model, method (as trained), data_versions, metrics,
+    hyperparameters (the training config as recorded by the training); any other key is listed under Details.
+    """
     known = {"task", "base_model", "description", "method", "data_versions", "metrics", "hyperparameters"}
-    task = card.get("task", "model")
-    front = f"---\nbase_model: {json.dumps(str(card.get('base_model', '')))}\nlibrary_name: transformers\n" \
-            f"tags: [ftpipe, {json.dumps(task)}, {json.dumps(card.get('method', 'lora'))}, merged]\n---\n\n"
-    intro = (f"# ftpipe-{task}\n\n{card.get('description', '')}\n\nBase model `{card.get('base_model', '?')}`, "
-             f"fine-tuned with {card.get('method', 'LoRA')} by ftpipe and merged into 16/32-bit weights.\n\n")
-    parity_line = (f"Parity: on {parity['parity_rows']} held-out prompts the merged model's greedy outputs equal "
-                   f"base + adapter; largest |logit difference| {parity['parity_max_abs_diff']:.3g}.\n\n")
+    task, method, base = card.get("task", "model"), card.get("method", "lora"), card.get("base_model", "?")
+    tags = ["ftpipe", task, method, "merged" if merged else "full-fine-tune"]
+    front = f"---\nbase_model: {json.dumps(str(base))}\nlibrary_name: transformers\ntags: {json.dumps(tags)}\n---\n\n"
+    how = ("and merged into 16/32-bit weights" if merged
+           else "as a full fine-tune: every weight was trained, so there was nothing to merge")
+    description = f"{card['description'].strip()}\n\n" if card.get("description") else ""
+    intro = f"# ftpipe-{task}\n\n{description}Base model `{base}`, fine-tuned with `{method}` by ftpipe {how}.\n\n"
     return (front + intro + _section("Data versions", card.get("data_versions", {}))
-            + _section("Evaluation", card.get("metrics", {})) + parity_line
-            + _section("Hyperparameters", card.get("hyperparameters", {}))
+            + _section("Evaluation", card.get("metrics", {})) + f"Parity: {parity['parity_check']}.\n\n"
+            + _section("Hyperparameters (as trained)", flat(card.get("hyperparameters", {})))
             + _section("Details", {k: v for k, v in card.items() if k not in known}) + serving)
 
 
-def write_model_dir(tmp: Path, merged, tokenizer, files: dict[str, str]) -> None:
+def card_body(model_dir: Path | str) -> str:
+    """The model card of `model_dir` without its YAML front matter, for Markdown views (the Dagster UI) that would
+    render the front matter as a heading."""
+    text = (Path(model_dir) / MODEL_CARD).read_text(encoding="utf-8")
+    return text.split("\n---\n", 1)[1].lstrip("\n") if text.startswith("---\n") else text
+
+
+# ---------------------------------------------------------------- the model dir
+
+
+def write_model_dir(tmp: Path, model, tokenizer, files: dict[str, str]) -> None:
     """Weights (safetensors), generation config, tokenizer with chat template, and the text `files`."""
-    merged.generation_config.eos_token_id = stop_token_ids(merged, tokenizer)
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    merged.save_pretrained(tmp, safe_serialization=True)
+    model.generation_config.eos_token_id = stop_token_ids(model, tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     for name, text in files.items():
         (tmp / name).write_text(text, encoding="utf-8")
     (tmp / "serve.sh").chmod(0o755)
 
 
+def _publish(out_dir: Path, model, tokenizer, card: dict[str, Any], parity: dict[str, Any], result: Result,
+             lora: tuple[Path, Path] | None) -> dict[str, Any]:
+    """Write the servable model dir atomically (with the adapter's copy for a merge); return its facts."""
+    task = card.get("task", "model")
+    commands = serving_commands(task, out_dir, lora)
+    files = {
+        MODEL_CARD: model_card(card, parity, serving_markdown(task, commands), merged=lora is not None),
+        "SERVING.md": f"# Serving ftpipe-{task}\n\n" + serving_markdown(task, commands),
+        "serve.sh": serve_script(commands),
+        "Modelfile": ollama_modelfile(out_dir, model, tokenizer),
+    }
+    with atomic_dir(out_dir) as tmp:
+        write_model_dir(tmp, model, tokenizer, files)
+        if lora:
+            (tmp / ADAPTER_COPY).mkdir()
+            for name in ADAPTER_FILES:
+                shutil.copy2(lora[1] / name, tmp / ADAPTER_COPY / name)
+        result.write(tmp)
+    return {"model_path": str(out_dir), **parity}
+
+
 def merge_adapter(*, base_model_dir: Path | str, adapter_dir: Path | str, out_dir: Path | str,
-                  eval_path: Path | str, card: dict[str, Any], trust_remote_code: bool = False,
+                  eval_path: Path | str, card: dict[str, Any], reuse_key: str, trust_remote_code: bool = False,
                   parity_rows: int = 16, max_new_tokens: int = PARITY_MAX_NEW_TOKENS) -> dict[str, Any]:
     """Merge `adapter_dir` into a freshly loaded full-precision base (fp32 on CPU, bf16 on GPU; never 4-bit, so a
     QLoRA adapter merges cleanly), check parity on `parity_rows` held-out prompts and write `out_dir` atomically.
 
-    Returns {model_path, parity_max_abs_diff, parity_rows, parity_identical_outputs}; raises ParityError.
+    Returns {model_path, parity_max_abs_diff, parity_rows, parity_identical_outputs, parity_check}; raises
+    ParityError.
     """
-    from peft import PeftModel
-
     base_model_dir, adapter_dir, out_dir = Path(base_model_dir), Path(adapter_dir), Path(out_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ValueError(f"{adapter_dir}: not a LoRA adapter (no adapter_config.json); a full fine-tune needs no merge")
-    model, tokenizer = load_model_and_tokenizer(base_model_dir, method="full", trust_remote_code=trust_remote_code)
-    adapted = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    if not is_adapter(adapter_dir):
+        raise ValueError(f"{adapter_dir}: not a LoRA adapter (no {ADAPTER_CONFIG}); package a full fine-tune "
+                         "with package_full_model")
+    adapted, tokenizer = load_finetuned(adapter_dir, lambda: load_model(base_model_dir, trust_remote_code))
     prompts = parity_prompts(Path(eval_path), parity_rows)
     before = greedy_with_logits(adapted, tokenizer, prompts, max_new_tokens)
     merged = merge(adapted).eval()
     parity = check_parity(before, greedy_with_logits(merged, tokenizer, prompts, max_new_tokens),
                           str(merged.dtype).removeprefix("torch."))
-    task = card.get("task", "model")
-    commands = serving_commands(task, out_dir, base_model_dir, adapter_dir)
-    files = {
-        "README.md": model_card(card, parity, serving_markdown(task, commands)),
-        "SERVING.md": f"# Serving ftpipe-{task}\n\n" + serving_markdown(task, commands),
-        "serve.sh": serve_script(commands),
-        "Modelfile": ollama_modelfile(out_dir, merged, tokenizer),
-        PARITY_FILE: json.dumps(parity, indent=2),
-    }
-    with atomic_dir(out_dir) as tmp:
-        write_model_dir(tmp, merged, tokenizer, files)
-        (tmp / ADAPTER_COPY).mkdir()
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy2(adapter_dir / name, tmp / ADAPTER_COPY / name)
-    return {"model_path": str(out_dir), **parity}
+    result = Result(kind=RESULT_KIND, reuse_key=reuse_key, produced={"merged": True, "parity": parity},
+                    inputs={"base_model": str(base_model_dir), "finetuned": str(adapter_dir)})
+    return _publish(out_dir, merged, tokenizer, card, parity, result, lora=(base_model_dir, adapter_dir))
 
 
-def is_merged(model_dir: Path) -> bool:
-    """True when `model_dir` holds a finished merge (weights and its parity record)."""
-    return (model_dir / PARITY_FILE).is_file() and any(model_dir.glob("*.safetensors"))
+def package_full_model(*, model_dir: Path | str, out_dir: Path | str, card: dict[str, Any], reuse_key: str,
+                       trust_remote_code: bool = False) -> dict[str, Any]:
+    """Package a full fine-tune for serving like a merge, without merging: its own weights and tokenizer, the
+    model card, serving files (no LoRA command: there is no adapter) and a parity record that says why no parity
+    check was needed. Returns the same keys as `merge_adapter`."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if is_adapter(model_dir):
+        raise ValueError(f"{model_dir}: a LoRA adapter, not a full model; merge it with merge_adapter")
+    model, tokenizer = load_model(model_dir, trust_remote_code)
+    result = Result(kind=RESULT_KIND, reuse_key=reuse_key, produced={"merged": False, "parity": FULL_MODEL_PARITY},
+                    inputs={"base_model": None, "finetuned": str(model_dir)})
+    return _publish(out_dir, model, tokenizer, card, FULL_MODEL_PARITY, result, lora=None)
 
 
-def merge_facts(model_dir: Path) -> dict[str, Any]:
-    """The parity record of a finished merge."""
-    return json.loads((model_dir / PARITY_FILE).read_text())
+def package_model(*, base_model_dir: Path | str, finetuned_dir: Path | str, out_dir: Path | str,
+                  eval_path: Path | str, card: dict[str, Any], reuse_key: str,
+                  trust_remote_code: bool = False) -> dict[str, Any]:
+    """The servable model of a training's output: `merge_adapter` for an adapter, `package_full_model` for a
+    full fine-tune."""
+    if is_adapter(finetuned_dir):
+        return merge_adapter(base_model_dir=base_model_dir, adapter_dir=finetuned_dir, out_dir=out_dir,
+                             eval_path=eval_path, card=card, reuse_key=reuse_key, trust_remote_code=trust_remote_code)
+    return package_full_model(model_dir=finetuned_dir, out_dir=out_dir, card=card, reuse_key=reuse_key,
+                              trust_remote_code=trust_remote_code)
+
+
+def packaged(model_dir: Path | str, reuse_key: str) -> dict[str, Any] | None:
+    """The facts (`package_model`'s return value) of the model published in `model_dir` from exactly these
+    inputs; None when there is none."""
+    found = reusable(Path(model_dir), RESULT_KIND, reuse_key)
+    if found is None:
+        return None
+    return {"model_path": str(model_dir), **found.produced["parity"]}
 
 
 # ---------------------------------------------------------------- registry
-
-
-def _client(tracking_uri: str | None):
-    from mlflow import MlflowClient
-
-    from ftpipe.core.tracking import tracking_uri as default_uri
-
-    return MlflowClient(tracking_uri=tracking_uri or default_uri())
 
 
 def registered_name(task: str) -> str:
@@ -266,7 +338,7 @@ def register_model(*, task: str, model_path: Path | str, run_id: str, eval_score
     same eval split version (a champion scored on another split is not comparable and stays)."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     name = registered_name(task)
     try:
         client.create_registered_model(name, description=f"ftpipe fine-tuned model for task {task}")
@@ -292,24 +364,16 @@ def register_model(*, task: str, model_path: Path | str, run_id: str, eval_score
     }
 
 
-def prune_merged(folder: Path, task: str, tracking_uri: str | None = None) -> list[str]:
-    """Delete the merged models in `folder` that are neither the `champion` nor the `candidate`; return their names."""
-    from ftpipe.core.storage import discard
-
-    client = _client(tracking_uri)
-    kept = [_version_by_alias(client, registered_name(task), alias) for alias in (CHAMPION, CANDIDATE)]
-    keep = {Path(v.source).name for v in kept if v is not None}
-    removed = []
-    for child in sorted(folder.iterdir()):
-        if child.is_symlink() and not child.name.startswith(".") and child.name not in keep | {"latest"}:
-            discard(child)
-            removed.append(child.name)
-    return removed
+def aliased_model_names(task: str, tracking_uri: str | None = None) -> set[str]:
+    """The folder names of the `champion` and `candidate` models: the merged models to keep when pruning."""
+    client = mlflow_client(tracking_uri)
+    versions = [_version_by_alias(client, registered_name(task), alias) for alias in (CHAMPION, CANDIDATE)]
+    return {Path(version.source).name for version in versions if version is not None}
 
 
 def champion_model_path(task: str, tracking_uri: str | None = None) -> Path | None:
     """The champion's model dir (else the latest version's); None when nothing is registered."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     name = registered_name(task)
     version = _version_by_alias(client, name, CHAMPION)
     if version is None:
@@ -318,7 +382,10 @@ def champion_model_path(task: str, tracking_uri: str | None = None) -> Path | No
     return Path(version.source) if version else None
 
 
+# ---------------------------------------------------------------- chat
+
+
 def chat(model_dir: Path | str, messages: list[dict], max_new_tokens: int = 128) -> str:
     """One greedy assistant reply to `messages`, formatted with the model's chat template."""
-    model, tokenizer = load_model_and_tokenizer(model_dir, method="full")
-    return generate(model.eval(), tokenizer, [messages], max_new_tokens=max_new_tokens, batch_size=1)[0]
+    model, tokenizer = load_model(model_dir)
+    return generate(model, tokenizer, [messages], max_new_tokens=max_new_tokens, batch_size=1)[0]

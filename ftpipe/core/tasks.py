@@ -1,4 +1,5 @@
-"""Task folders: `<data dir>/tasks/<task>/{task.yaml, raw/}`; each valid folder is one partition."""
+"""Task folders: `<data dir>/tasks/<task>/{task.yaml, raw/}`; each valid folder is one partition. And what a
+training of a task would start from now."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftpipe.config import DEFAULT_BASE_MODEL, TaskConfig, TaskConfigError, check_task_name, load_task_config
-from ftpipe.core.storage import data_dir, home_dir, sha256_of_files, task_dir, tasks_dir
+from ftpipe.config import (
+    DEFAULT_BASE_MODEL, TaskConfig, TaskConfigError, TrainingConfig, check_task_name, load_task_config,
+)
+from ftpipe.core.layout import TaskLayout
+from ftpipe.core.results import Result, read_result
+from ftpipe.core.storage import data_dir, file_sha256, home_dir, sha256_of_files, task_dir, tasks_dir
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -74,3 +79,44 @@ def task_files_version(task: str) -> str:
     candidates = [folder / "task.yaml", *(folder / "raw").rglob("*")]
     inside = [p for p in candidates if p.is_file() and folder in p.resolve().parents]
     return sha256_of_files(inside, folder)[:16]
+
+
+def general_probe() -> Path | None:
+    """The general-skills probe every task's forgetting check uses (`<data dir>/general/probe.jsonl`), if present."""
+    return _general("probe.jsonl")
+
+
+def general_replay_prompts() -> Path | None:
+    """The general prompts whose base-model answers `training.replay` mixes into training (disjoint from the probe)."""
+    return _general("replay_prompts.jsonl")
+
+
+def _general(name: str) -> Path | None:
+    path = data_dir() / "general" / name
+    return path if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class TrainingInputs:
+    """What a training of a task starts from: the split's data version, the base model's result, and the
+    training fingerprint (the reuse key of the adapter it makes)."""
+
+    split_version: str
+    base: Result
+    fingerprint: str
+
+
+def training_inputs(task: str, training: TrainingConfig) -> TrainingInputs:
+    """The inputs a training of `task` would have now; FileNotFoundError while the split or base model is missing."""
+    from ftpipe.core.training.spec import training_fingerprint
+
+    paths = TaskLayout(task)
+    base = read_result(paths.output("base_model"), "base_model")
+    if base is None or not all(path.is_file() for path in paths.split_files):
+        raise FileNotFoundError(f"{task}: the held-out split or the base model is not built yet")
+    split_version = file_sha256(*paths.split_files)[:16]
+    recipe = training.recipe()
+    if training.replay:  # the replayed prompts shape the weights too
+        prompts = general_replay_prompts()
+        recipe["replay_prompts"] = file_sha256(prompts)[:16] if prompts else None
+    return TrainingInputs(split_version, base, training_fingerprint(split_version, base.reuse_key, recipe))

@@ -1,5 +1,6 @@
 """MLflow tracking: where runs are stored, one run per training that always ends in a true state
-(FINISHED / FAILED / KILLED), and a sweep for runs whose process died without saying so."""
+(FINISHED / FAILED / KILLED), a sweep for runs whose process died without saying so, and an evaluation's
+results logged to the training run it judged."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def redact_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _client(uri: str | None = None):
+def mlflow_client(uri: str | None = None):
+    """An MLflow client on `uri` (default: `tracking_uri()`)."""
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri or tracking_uri())
@@ -77,7 +79,7 @@ def _is_stale(run) -> bool:
 
 def sweep_stale_runs(experiment: str, uri: str | None = None) -> list[str]:
     """Mark KILLED the RUNNING runs of `experiment` whose process (pid + host tags) is gone; return their ids."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
@@ -167,7 +169,7 @@ def tracked_run(
 
     Stale runs of the experiment are swept first. While inside, SIGTERM/SIGINT raise `RunInterrupted`.
     """
-    client = _client(uri)
+    client = mlflow_client(uri)
     experiment_id = ensure_experiment(client, experiment)
     sweep_stale_runs(experiment, client.tracking_uri)
     safe_tags = {key: redact_uri(str(value)) for key, value in (tags or {}).items()}
@@ -182,3 +184,20 @@ def tracked_run(
         raise
     finally:
         client.set_terminated(run_id, status=status)
+
+
+def log_evaluation(run_id: str, result: dict[str, Any], uri: str | None = None) -> None:
+    """Log an evaluation (`run_evaluation`'s result) to the training run it judged: its numbers as `eval_<name>`
+    metrics (each model's metrics as `eval_<model>_<metric>`), the gate as the `eval_passed` tag, the report and
+    the predictions table as artifacts under `evaluation/`."""
+    import pandas as pd
+
+    client = mlflow_client(uri)
+    numbers = {f"eval_{key}": float(value) for key, value in result.items() if isinstance(value, (int, float))}
+    for side, summary in result["metrics"].items():
+        numbers.update({f"eval_{side}_{name}": value for name, value in summary.items() if isinstance(value, float)})
+    RunLogger(client, run_id).log_metrics(numbers, step=0)
+    client.set_tag(run_id, "eval_passed", str(result["passed"]).lower())
+    client.log_text(run_id, result["report_markdown"], "evaluation/report.md")
+    client.log_table(run_id, data=pd.read_parquet(result["predictions_path"]),
+                     artifact_file="evaluation/predictions.json")

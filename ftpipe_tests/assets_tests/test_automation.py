@@ -5,6 +5,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from ftpipe.assets import data, training
 from ftpipe.automation import retrain_on_data_change_sensor, retrain_schedule, task_files_sensor
@@ -12,9 +13,7 @@ from ftpipe.core.tasks import task_files_version
 from ftpipe.definitions import defs
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import default_resources
-from ftpipe_tests.assets_tests.test_training_assets import TRAINING
-from ftpipe_tests.conftest import chat, make_task
-from ftpipe_tests.tiny_model import build_tiny_model, toy_rows
+from ftpipe_tests.builders import append_rows, chat, make_task
 
 ROWS = [chat(f"ticket {i}: my order {i * 7} never arrived", f"shipping-{i % 3}") for i in range(30)]
 MONDAY_3AM = datetime(2026, 11, 30, 3, 0, tzinfo=timezone.utc)
@@ -93,27 +92,25 @@ def on_data_change(instance: dg.DagsterInstance):
     return retrain_on_data_change_sensor(dg.build_sensor_context(instance=instance))
 
 
-def test_retraining_policy_due_not_due_and_unchanged(ftpipe_env: Path, tmp_path: Path) -> None:
-    model = build_tiny_model(tmp_path / "tiny")
-    config = f"base_model: {model}\nsplit: {{eval_fraction: 0.2}}\n{TRAINING}retrain: {{schedule: '0 3 * * 1'%s}}\n"
-    folder = make_task(ftpipe_env, "toy", {"rows.jsonl": [{"messages": r["messages"]} for r in toy_rows(60, seed=3)]},
-                       config % "")
+@pytest.mark.slow
+def test_retraining_policy_due_not_due_and_unchanged(ftpipe_env: Path, tiny_task: str) -> None:
+    folder = ftpipe_env / "tasks" / tiny_task
+    config = (folder / "task.yaml").read_text() + "retrain: {schedule: '0 3 * * 1'%s}\n"
+    (folder / "task.yaml").write_text(config % "")
     assets = [data.raw_examples, data.deduplicated_examples, data.heldout_split, training.base_model, training.lora_adapter]
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(task_partitions.name, ["toy"])
+        instance.add_dynamic_partitions(task_partitions.name, [tiny_task])
         not_due = schedule_at(instance, MONDAY_2_45)
         assert isinstance(not_due, dg.SkipReason) and "fell due" in not_due.skip_message
         [first] = schedule_at(instance, MONDAY_3AM)
-        assert first.partition_key == "toy" and "no held-out split" in first.tags["ftpipe/reason"]
+        assert first.partition_key == tiny_task and "no held-out split" in first.tags["ftpipe/reason"]
 
-        dg.materialize(assets, instance=instance, partition_key="toy", resources=default_resources())
+        dg.materialize(assets, instance=instance, partition_key=tiny_task, resources=default_resources())
         unchanged = schedule_at(instance, MONDAY_3AM)
         assert isinstance(unchanged, dg.SkipReason) and "unchanged since the last adapter" in unchanged.skip_message
 
-        with (folder / "raw" / "more.jsonl").open("w") as handle:
-            for row in toy_rows(20, seed=11):
-                handle.write(json.dumps({"messages": row["messages"]}) + "\n")
-        dg.materialize(assets[:3], instance=instance, partition_key="toy")
+        append_rows(folder, "more.jsonl", 20, seed=11)
+        dg.materialize(assets[:3], instance=instance, partition_key=tiny_task)
         [changed] = schedule_at(instance, MONDAY_3AM)
         assert changed.tags["ftpipe/retrain"] == "schedule" and "->" in changed.tags["ftpipe/reason"]
 
@@ -121,4 +118,4 @@ def test_retraining_policy_due_not_due_and_unchanged(ftpipe_env: Path, tmp_path:
         assert isinstance(off, dg.SkipReason) and "on_data_change" in off.skip_message
         (folder / "task.yaml").write_text(config % ", on_data_change: true")
         [request] = on_data_change(instance)
-        assert request.partition_key == "toy" and request.tags["ftpipe/retrain"] == "data_change"
+        assert request.partition_key == tiny_task and request.tags["ftpipe/retrain"] == "data_change"

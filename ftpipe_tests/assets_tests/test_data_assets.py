@@ -1,5 +1,9 @@
+"""The data assets and the leakage check, materialized against a real instance; the code location's shape."""
+
+import ast
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +13,11 @@ import pytest
 
 from ftpipe.assets import data
 from ftpipe.checks import heldout_split_no_leakage
+from ftpipe.core.layout import SPLIT_RECORD, TaskLayout
 from ftpipe.core.records import example_id
-from ftpipe.core.storage import artifact_dir
 from ftpipe.core.tasks import task_files_version
 from ftpipe.partitions import task_partitions
-from ftpipe_tests.conftest import chat, make_task
+from ftpipe_tests.builders import chat, check, make_task, materialization
 
 ROWS = [chat(f"ticket {i}: my order number {i * 7} never arrived at street {i}", f"shipping-{i % 3}") for i in range(60)]
 ASSETS = [data.raw_examples, data.deduplicated_examples, data.review_sample, data.heldout_split]
@@ -26,26 +30,21 @@ def materialize(instance: dg.DagsterInstance, task: str, run_config: dict | None
     )
 
 
-def metadata(result, asset: str) -> dict:
-    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset]
-    return {k: v.value for k, v in event.materialization.metadata.items()}
-
-
 def test_data_assets_materialize_with_contract_metadata(ftpipe_env: Path) -> None:
     dirty = ROWS + [ROWS[0], chat("ticket 1: my order number 7 never arrived at street 1", "billing"), {"oops": 1}]
     make_task(ftpipe_env, "shop", {"a.jsonl": dirty}, "split: {eval_fraction: 0.2}\n")
     with dg.instance_for_test() as instance:
         result = materialize(instance, "shop")
         assert result.success
-        raw = metadata(result, "raw_examples")
+        raw = materialization(result, "raw_examples")
         assert (raw["rows_read"], raw["rows_valid"], raw["rows_quarantined"]) == (63, 62, 1)
         assert Path(raw["quarantine_path"]).exists()
-        deduped = metadata(result, "deduplicated_examples")
+        deduped = materialization(result, "deduplicated_examples")
         assert deduped["rows_in"] == deduped["rows_out"] + deduped["exact_duplicates"] + deduped["near_duplicates"] + deduped["contradictions"]
         assert deduped["exact_duplicates"] == 1 and deduped["contradictions"] == 2  # a 1-vs-1 tie drops both
-        split = metadata(result, "heldout_split")
+        split = materialization(result, "heldout_split")
         assert split["train_rows"] + split["eval_rows"] == deduped["rows_out"]
-        assert metadata(result, "review_sample")["rows"] == deduped["rows_out"]
+        assert materialization(result, "review_sample")["rows"] == deduped["rows_out"]
         [check] = result.get_asset_check_evaluations()
         assert check.passed and check.check_name == "heldout_split_no_leakage"
         versions = {e.asset_key.to_user_string(): e.materialization.tags["dagster/data_version"]
@@ -60,7 +59,27 @@ def test_run_config_overrides_the_task_for_one_run(ftpipe_env: Path) -> None:
     override = {"ops": {"heldout_split": {"config": {"overrides": "split: {eval_fraction: 0.5}"}}}}
     with dg.instance_for_test() as instance:
         result = materialize(instance, "shop", override)
-    assert metadata(result, "heldout_split")["eval_fraction"] == 0.5
+    assert materialization(result, "heldout_split")["eval_fraction"] == 0.5
+
+
+def test_the_leakage_check_judges_with_the_runs_overrides(ftpipe_env: Path) -> None:
+    """Prompts one word apart (Jaccard about 0.7) are near-duplicates at task.yaml's threshold 0.5, not at the run's
+    0.95: the split may put such a pair on both sides, and the check must judge with 0.95 as the split did."""
+    from ftpipe.core import split
+    from ftpipe.core.similarity import Settings
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(40):
+        words = [f"w{rng.randrange(10**6)}" for _ in range(20)]
+        rows += [chat(" ".join(words), f"a{i}"), chat(" ".join(words[:10] + [f"x{i}"] + words[11:]), f"b{i}")]
+    make_task(ftpipe_env, "shop", {"a.jsonl": rows}, "dedup: {near_threshold: 0.5}\n")
+    strict = {"config": {"overrides": "dedup: {near_threshold: 0.95}"}}
+    with dg.instance_for_test() as instance:
+        result = materialize(instance, "shop", {"ops": {"deduplicated_examples": strict, "heldout_split": strict}})
+    assert result.success and check(result, "heldout_split_no_leakage").passed
+    assert split.split_leaks(TaskLayout("shop").asset("heldout_split"), Settings(threshold=0.5)), \
+        "task.yaml alone would call this split leaky"
 
 
 def test_zero_valid_rows_fails_naming_the_folder(ftpipe_env: Path) -> None:
@@ -70,19 +89,22 @@ def test_zero_valid_rows_fails_naming_the_folder(ftpipe_env: Path) -> None:
 
 
 def test_leakage_check_blocks_when_an_earlier_split_pinned_near_duplicates_apart(ftpipe_env: Path) -> None:
+    """Cleaning keeps two near-duplicate prompts (this run's cleaning is stricter), and an earlier split pinned them
+    to different sides: the check blocks."""
     prompt = " ".join(f"word{i}" for i in range(40))
     near = prompt.replace("word7", "other")
     a, b = chat(prompt, "alpha " * 30), chat(near, "omega " * 30)
     make_task(ftpipe_env, "shop", {"a.jsonl": ROWS + [a, b]})
-    folder = artifact_dir("shop", "heldout_split")
+    folder = TaskLayout("shop").asset("heldout_split")
     folder.mkdir(parents=True)
     pinned = {example_id(a["messages"]): "train", example_id(b["messages"]): "eval"}
-    (folder / "split.json").write_text(json.dumps({"eval_fraction": 0.15, "seed": 0, "sides": pinned}))
+    (folder / SPLIT_RECORD).write_text(json.dumps({"eval_fraction": 0.15, "seed": 0, "sides": pinned}))
     with dg.instance_for_test() as instance:
-        result = materialize(instance, "shop", raise_on_error=False)
-    [check] = result.get_asset_check_evaluations()
-    assert not result.success and not check.passed
-    assert check.metadata["leaked_eval_rows"].value == 1
+        strict_cleaning = {"ops": {"deduplicated_examples": {"config": {"overrides": "dedup: {near_threshold: 0.99}"}}}}
+        result = materialize(instance, "shop", strict_cleaning, raise_on_error=False)
+    leakage = check(result, "heldout_split_no_leakage")
+    assert not result.success and not leakage.passed
+    assert leakage.metadata["leaked_eval_rows"].value == 1
 
 
 def test_definitions_graph_and_no_heavy_imports() -> None:
@@ -101,6 +123,19 @@ def test_definitions_graph_and_no_heavy_imports() -> None:
     assert info["deps"]["deduplicated_examples"] == ["raw_examples"]
     assert info["deps"]["heldout_split"] == ["deduplicated_examples"]
     assert info["deps"]["review_sample"] == ["deduplicated_examples"]
+
+
+def test_asset_modules_checks_and_automation_import_no_asset_module() -> None:
+    """They name upstream assets by key; only `ftpipe.assets.common` is shared."""
+    from ftpipe.core.storage import REPO_ROOT
+
+    package = REPO_ROOT / "ftpipe"
+    for module in [*(package / "assets").glob("*.py"), package / "checks.py", package / "automation.py"]:
+        tree = ast.parse(module.read_text())
+        imported = {f"{node.module}.{alias.name}" if node.module == "ftpipe.assets" else node.module
+                    for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+        assets = {name for name in imported if name and name.startswith("ftpipe.assets.")}
+        assert assets <= {"ftpipe.assets.common"}, f"{module.name} imports {assets}"
 
 
 def test_tasks_sync_cli_registers_partitions(ftpipe_env: Path, tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
-"""base_model and lora_adapter materialized for real: a tiny local model trained through Dagster Pipes."""
+"""The training, evaluation and serving assets materialized for real: the tiny model trained through Dagster Pipes,
+evaluated, gated and registered; and what the training pods resource is handed."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,43 +12,102 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ftpipe.assets import data, training
-from ftpipe.assets.training import adapter_dir
 from ftpipe.core import merging
-from ftpipe.core.storage import home_dir, sha256_of_files
+from ftpipe.core.layout import TaskLayout, mlflow_db
+from ftpipe.core.results import read_result
+from ftpipe.core.storage import sha256_of_files
+from ftpipe.definitions import defs
 from ftpipe.partitions import task_partitions
-from ftpipe.resources import default_resources
-from ftpipe_tests.conftest import make_task
-from ftpipe_tests.tiny_model import build_tiny_model, toy_rows
+from ftpipe.resources import TrainingPods, default_resources
+from ftpipe_tests.builders import LENIENT_GATE, check, data_version, materialization
 
-TRAINING = "training: {method: lora, max_steps: 6, batch_size: 8, eval_steps: 3, logging_steps: 2, learning_rate: 0.01, max_length: 64, warmup_ratio: 0.0}\n"
-ASSETS = [data.raw_examples, data.deduplicated_examples, data.heldout_split, training.base_model, training.lora_adapter]
-
-
-@pytest.fixture
-def tiny_task(ftpipe_env: Path, tmp_path: Path) -> str:
-    model = build_tiny_model(tmp_path / "tiny")
-    rows = [{"messages": r["messages"]} for r in toy_rows(60, seed=3)]
-    make_task(ftpipe_env, "toy", {"rows.jsonl": rows}, f"base_model: {model}\nsplit: {{eval_fraction: 0.2}}\n{TRAINING}")
-    return "toy"
+UPSTREAM = [data.raw_examples, data.deduplicated_examples, data.heldout_split, training.base_model]
+K8S = ("training: {launcher: k8s, k8s: {image: 'registry.example.com/ftpipe:1.0', namespace: ml, gpus: 1, "
+       "env: {HF_HUB_OFFLINE: '1'}, secret_env: {HF_TOKEN: {secret: hf, key: token}}}}")
+PODS: list[tuple[str, dict]] = []
 
 
-def run(instance: dg.DagsterInstance, task: str, selection=None, run_config=None):
+def run(instance: dg.DagsterInstance, task: str, assets=(training.lora_adapter,), run_config=None, **resources):
+    """Materialize `assets` of `task` (with whatever upstream they need already built)."""
     instance.add_dynamic_partitions(task_partitions.name, [task])
-    return dg.materialize(ASSETS, instance=instance, partition_key=task, resources=default_resources(),
-                          selection=selection, run_config=run_config)
+    return dg.materialize(list(dict.fromkeys([*UPSTREAM, *assets])), instance=instance, partition_key=task, selection=list(assets),
+                          resources={**default_resources(), **resources}, run_config=run_config,
+                          raise_on_error=False)
 
 
-def materialization(result, asset: str) -> dict:
-    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset]
-    return {k: v.value for k, v in event.materialization.metadata.items()}
+def build_upstream(instance: dg.DagsterInstance, task: str) -> None:
+    assert run(instance, task, UPSTREAM).success
 
 
-def test_lora_adapter_trains_through_pipes_and_is_tracked(tiny_task: str) -> None:
+def overrides(asset: str, yaml: str) -> dict:
+    return {"ops": {asset: {"config": {"overrides": yaml}}}}
+
+
+def logged(instance: dg.DagsterInstance, result) -> str:
+    return "\n".join(e.message or "" for e in instance.all_logs(result.run_id))
+
+
+class PodsRecorded(TrainingPods):
+    """No cluster: records the pod and stops there."""
+
+    def run(self, *, context, namespace, pod_spec, env):
+        PODS.append((namespace, pod_spec))
+        raise dg.Failure(description="pod recorded; no cluster in this test", allow_retries=False)
+
+
+class PodsHere(TrainingPods):
+    """No cluster: records the pod, then runs its container's command here through Pipes."""
+
+    def run(self, *, context, namespace, pod_spec, env):
+        PODS.append((namespace, pod_spec))
+        [container] = pod_spec["containers"]
+        command = [sys.executable if part == "python" else part for part in container["command"]]
+        plain = {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
+        return dg.PipesSubprocessClient().run(command=command, context=context, env={**plain, **env})
+
+
+@pytest.fixture(autouse=True)
+def no_pods():
+    PODS.clear()
+
+
+def test_heavy_steps_share_the_gpu_pool() -> None:
+    pools = {key.to_user_string(): defs.resolve_assets_def(key).op.pool for key in defs.resolve_asset_graph().get_all_asset_keys()
+             if key.to_user_string() != "task_files"}
+    assert {asset for asset, pool in pools.items() if pool == "gpu"} == {"lora_adapter", "eval_report", "merged_model"}
+
+
+def test_k8s_qlora_is_accepted_on_a_cpu_only_host(tiny_task: str) -> None:
+    """Whether 4-bit can run is the training pod's question (it has the GPU), not the orchestrator's."""
+    with dg.instance_for_test() as instance:
+        build_upstream(instance, tiny_task)
+        qlora = K8S.replace("launcher: k8s,", "launcher: k8s, method: qlora,")
+        result = run(instance, tiny_task, run_config=overrides("lora_adapter", qlora), training_pods=PodsRecorded())
+    assert "pod recorded" in result.get_step_failure_events()[0].step_failure_data.user_failure_data.description
+    [(namespace, spec)] = PODS
+    [container] = spec["containers"]
+    assert namespace == "ml" and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    spec_file = Path(container["command"][-1])
+    assert spec_file == TaskLayout(tiny_task).spec_file
+    assert json.loads(spec_file.read_text())["training"]["quantization"] == "4bit"
+
+
+def test_qlora_without_cuda_is_refused_where_it_would_train(tiny_task: str) -> None:
+    with dg.instance_for_test() as instance:
+        build_upstream(instance, tiny_task)
+        result = run(instance, tiny_task, run_config=overrides("lora_adapter", "training: {method: qlora}"))
+        assert not result.success
+        assert "needs a CUDA GPU" in logged(instance, result)
+    assert not TaskLayout(tiny_task).path("checkpoints").exists(), "nothing was trained"
+
+
+@pytest.mark.slow
+def test_lora_adapter_trains_through_pipes_is_tracked_reused_and_retrained_on_demand(tiny_task: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     with dg.instance_for_test() as instance:
-        result = run(instance, tiny_task)
+        result = run(instance, tiny_task, [*UPSTREAM, training.lora_adapter])
         assert result.success
         base = materialization(result, "base_model")
         assert base["fingerprint"] and base["architecture"] == "LlamaForCausalLM" and base["trust_remote_code"] is False
@@ -54,50 +115,54 @@ def test_lora_adapter_trains_through_pipes_and_is_tracked(tiny_task: str) -> Non
         for key in ("method", "adapter_path", "train_loss", "eval_loss", "trainable_params",
                     "tokens_per_second", "rows_too_long", "mlflow_run_id"):
             assert key in adapter
-        assert adapter["method"] == "lora" and adapter["trainable_params"] > 0
+        assert adapter["method"] == "lora" and adapter["trainable_params"] > 0 and adapter["reused"] is False
         assert "data:image/png;base64" in adapter["loss_curve"]
-        logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
-        assert any("step 2/6" in m for m in logs), "progress lines from the training program reach the Dagster log"
+        assert any("step 2/6" in m for m in logged(instance, result).splitlines()), "progress reaches the Dagster log"
+        published = read_result(TaskLayout(tiny_task).output("lora_adapter"), "lora_adapter")
+        assert published.reuse_key == adapter["training_fingerprint"]
 
-        run_info = MlflowClient(f"sqlite:///{home_dir() / 'mlflow.db'}").get_run(adapter["mlflow_run_id"])
+        run_info = MlflowClient(f"sqlite:///{mlflow_db()}").get_run(adapter["mlflow_run_id"])
         assert run_info.info.status == "FINISHED"
         assert run_info.data.tags["dagster_run_id"] == result.run_id
         assert run_info.data.params["lora.r"] == "16"
-
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base["model_path"]), adapter["adapter_path"])
         assert model.peft_config["default"].r == 16
 
-        again = run(instance, tiny_task, selection=[training.lora_adapter])
-        reused = materialization(again, "lora_adapter")
-        assert reused["reused"] is True and reused["mlflow_run_id"] == adapter["mlflow_run_id"]
-        version = lambda r: next(e.materialization.tags["dagster/data_version"] for e in r.get_asset_materialization_events()
-                                 if e.asset_key.to_user_string() == "lora_adapter")
-        assert version(again) == version(result)
+        again = run(instance, tiny_task)
+        assert materialization(again, "lora_adapter")["reused"] is True
+        assert materialization(again, "lora_adapter")["mlflow_run_id"] == adapter["mlflow_run_id"]
+        assert data_version(again, "lora_adapter") == data_version(result, "lora_adapter")
 
-        trusting = {"ops": {"base_model": {"config": {"overrides": "trust_remote_code: true"}}}}
-        opted_in = run(instance, tiny_task, selection=[training.base_model], run_config=trusting)
+        forced = run(instance, tiny_task, run_config={"ops": {"lora_adapter": {"config": {"force_retrain": True}}}})
+        assert materialization(forced, "lora_adapter")["reused"] is False
+        assert materialization(forced, "lora_adapter")["mlflow_run_id"] != adapter["mlflow_run_id"]
+
+        opted_in = run(instance, tiny_task, [training.base_model], overrides("base_model", "trust_remote_code: true"))
         assert materialization(opted_in, "base_model")["trust_remote_code"] is True, "the UI shows a task turned it on"
-        assert any("trust_remote_code ON" in (e.message or "") for e in instance.all_logs(opted_in.run_id))
+        assert "trust_remote_code ON" in logged(instance, opted_in)
 
 
-def test_qlora_without_cuda_fails_before_training(tiny_task: str) -> None:
-    overrides = {"ops": {"lora_adapter": {"config": {"overrides": "training: {method: qlora}"}}}}
+@pytest.mark.slow
+def test_k8s_launcher_hands_the_pod_spec_to_the_training_pods_resource(tiny_task: str) -> None:
     with dg.instance_for_test() as instance:
-        run(instance, tiny_task, selection=[a for a in ASSETS if a is not training.lora_adapter])
-        with pytest.raises(Exception, match="needs a CUDA GPU.*Use method: lora"):
-            run(instance, tiny_task, selection=[training.lora_adapter], run_config=overrides)
-    assert not (home_dir() / "tasks" / tiny_task / "checkpoints").exists()
+        build_upstream(instance, tiny_task)
+        result = run(instance, tiny_task, run_config=overrides("lora_adapter", K8S), training_pods=PodsHere())
+    [(namespace, spec)] = PODS
+    [container] = spec["containers"]
+    assert namespace == "ml" and container["image"] == "registry.example.com/ftpipe:1.0"
+    assert container["command"][:3] == ["python", "-m", "ftpipe.core.training"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in container["env"]
+    assert materialization(result, "lora_adapter")["mlflow_run_id"], "the pod's program published its result"
 
 
 def tree_digest(folder: Path) -> str:
     return sha256_of_files([p for p in folder.rglob("*") if p.is_file()], folder)
 
 
+@pytest.mark.slow
 def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_champion(tiny_task: str) -> None:
-    from ftpipe.definitions import defs
-
-    strict = {"ops": {"eval_report": {"config": {"overrides": "evaluation: {min_improvement: 0.5}"}}}}
-    lenient = {"ops": {"eval_report": {"config": {"overrides": "evaluation: {min_improvement: -1.0}"}}}}
+    strict = overrides("eval_report", "evaluation: {min_improvement: 0.5}")
+    lenient = overrides("eval_report", "evaluation: {min_improvement: -1.0, max_forgetting: 1.0}")
     job = defs.resolve_job_def("finetune_job")
     merge = dg.AssetSelection.assets("merged_model")
     with dg.instance_for_test() as instance:
@@ -105,21 +170,27 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         start = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=merge)
         blocked = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=strict, raise_on_error=False)
         assert not blocked.success
-        gate = next(c for c in blocked.get_asset_check_evaluations() if c.check_name == "eval_report_gate")
+        gate = check(blocked, "eval_report_gate")
         assert not gate.passed and "delta_ci_low" in gate.description and "min_improvement 0.5" in gate.description
         assert "merged_model" not in {e.asset_key.to_user_string() for e in blocked.get_asset_materialization_events()}
         after_fail = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=merge, cursor=start.cursor)
         assert after_fail.total_requested == 0, "automation never merges past a failed gate"
 
-        job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=lenient, asset_selection=[dg.AssetKey("eval_report")])
+        regated = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=lenient,
+                                         asset_selection=[dg.AssetKey("eval_report")])
+        assert materialization(regated, "eval_report")["reused"] is True, "a new threshold generates nothing"
+        assert check(regated, "eval_report_gate").passed, "the gate is decided with the run's thresholds"
         after_pass = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=merge, cursor=after_fail.cursor)
         assert after_pass.get_requested_partitions(dg.AssetKey("merged_model")) == {tiny_task}, "a passing gate is merged"
 
-        passed = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=lenient)
+        card_config = {"ops": {**lenient["ops"], **overrides("merged_model", "training: {learning_rate: 0.5}")["ops"]}}
+        passed = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=card_config)
         merged = materialization(passed, "merged_model")
         assert merged["registered_model"] == f"ftpipe-{tiny_task}" and merged["registered_version"] == 1
-        assert (Path(merged["model_path"]) / "README.md").is_file()
         assert materialization(passed, "lora_adapter")["reused"] is True, "the unchanged adapter is not retrained"
+        card = merged["model_card"]
+        assert not card.startswith("---") and card.startswith("# ftpipe-"), "the UI shows the card without front matter"
+        assert "| learning_rate | 0.01 |" in card and "| quantization | none |" in card, "the card has what was trained"
         chat = subprocess.run([sys.executable, "-m", "ftpipe", "chat", tiny_task, "What color is the apple?"],
                               capture_output=True, text=True, env=dict(os.environ), timeout=300)
         assert chat.returncode == 0, chat.stderr[-2000:]
@@ -129,37 +200,29 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         assert all(materialization(again, a)["reused"] for a in ("lora_adapter", "eval_report", "merged_model"))
         assert materialization(again, "merged_model")["registered_version"] == 1, "an unchanged rerun registers nothing"
 
-        champion, adapter = Path(merged["model_path"]), adapter_dir(tiny_task)
+        champion, adapter = Path(merged["model_path"]), TaskLayout(tiny_task).output("lora_adapter")
         before = tree_digest(champion), tree_digest(adapter)
-        broken = {"ops": {"lora_adapter": {"config": {"overrides": "training: {lora: {target_modules: [no_such_layer]}}"}}}}
+        broken = overrides("lora_adapter", "training: {lora: {target_modules: [no_such_layer]}}")
         failed = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=broken, raise_on_error=False)
         assert not failed.success
         assert (tree_digest(champion), tree_digest(adapter)) == before, "a failed training leaves every file as it was"
         assert merging.champion_model_path(tiny_task) == champion
 
 
-def test_k8s_launcher_hands_the_pod_spec_to_pipes_k8s_client(tiny_task: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No cluster here: the client's `run` is replaced by one that records the pod and runs its container locally."""
-    from dagster_k8s import PipesK8sClient
-
-    pods = []
-
-    def run_pod_here(self, *, context, namespace, base_pod_spec, **_):
-        pods.append((namespace, base_pod_spec))
-        [container] = base_pod_spec["containers"]
-        command = [sys.executable if part == "python" else part for part in container["command"]]
-        env = {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
-        return dg.PipesSubprocessClient().run(command=command, context=context, env=env)
-
-    monkeypatch.setattr(PipesK8sClient, "run", run_pod_here)
-    k8s = ("training: {launcher: k8s, k8s: {image: 'registry.example.com/ftpipe:1.0', namespace: ml, gpus: 1, "
-           "env: {HF_HUB_OFFLINE: '1'}, secret_env: {HF_TOKEN: {secret: hf, key: token}}}}")
+@pytest.mark.slow
+def test_a_full_fine_tune_is_evaluated_gated_and_registered(ftpipe_env: Path, tiny_task: str) -> None:
+    task_yaml = ftpipe_env / "tasks" / tiny_task / "task.yaml"
+    task_yaml.write_text(task_yaml.read_text().replace("method: lora", "method: full") + LENIENT_GATE)
+    job = defs.resolve_job_def("finetune_job")
     with dg.instance_for_test() as instance:
-        result = run(instance, tiny_task, run_config={"ops": {"lora_adapter": {"config": {"overrides": k8s}}}})
-    [(namespace, spec)] = pods
-    [container] = spec["containers"]
-    assert namespace == "ml" and container["image"] == "registry.example.com/ftpipe:1.0"
-    assert container["command"][:3] == ["python", "-m", "ftpipe.core.training"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in container["env"]
-    assert materialization(result, "lora_adapter")["mlflow_run_id"], "the pod's program reported back through Pipes"
+        instance.add_dynamic_partitions(task_partitions.name, [tiny_task])
+        first = job.execute_in_process(instance=instance, partition_key=tiny_task)
+        adapter, merged = materialization(first, "lora_adapter"), materialization(first, "merged_model")
+        assert adapter["method"] == "full" and check(first, "eval_report_gate").passed
+        assert merged["registered_model"] == f"ftpipe-{tiny_task}" and merged["registered_version"] == 1
+        model = Path(merged["model_path"])
+        assert (model / "model.safetensors").is_file() and not (model / "adapter").exists()
+        assert "as a full fine-tune" in merged["model_card"]
+
+        again = job.execute_in_process(instance=instance, partition_key=tiny_task)
+        assert all(materialization(again, a)["reused"] for a in ("lora_adapter", "eval_report", "merged_model"))

@@ -16,7 +16,7 @@ import pytest
 
 from ftpipe.core import dedup, records, split
 from ftpipe.core.records import FormatSpec
-from ftpipe_tests.conftest import chat, make_task
+from ftpipe_tests.builders import chat, make_task
 
 Pair = tuple[str, str]
 

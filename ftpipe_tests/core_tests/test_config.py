@@ -1,18 +1,25 @@
 import os
+import re
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
-from ftpipe.config import TaskConfigError, check_task_name, load_task_config, parse_task_config
+from ftpipe import config as config_module
+from ftpipe.config import TaskConfig, TaskConfigError, check_task_name, load_task_config, parse_task_config, reference_yaml
+from ftpipe.core.storage import REPO_ROOT
 from ftpipe.core.tasks import base_model_source, task_config
-from ftpipe_tests.conftest import chat, make_task
+from ftpipe_tests.builders import chat, make_task
+
+DEMO_TASK = REPO_ROOT / "data" / "tasks" / "ticket_triage" / "task.yaml"
 
 
 def test_defaults_when_task_yaml_is_empty(tmp_path: Path) -> None:
     (tmp_path / "task.yaml").write_text("")
     config = load_task_config(tmp_path / "task.yaml")
     assert config.split.eval_fraction == 0.15
-    assert config.training.method == "auto"
+    assert (config.training.objective, config.training.adapter, config.training.quantization) == ("sft", "lora", "auto")
     assert config.training.learning_rate == 2e-4
     assert config.evaluation.max_forgetting == 0.10
     assert config.dedup.near_threshold == 0.8
@@ -24,8 +31,12 @@ def test_defaults_when_task_yaml_is_empty(tmp_path: Path) -> None:
         ("split: {eval_fraction: 0.9}", "split.eval_fraction", "less than or equal to 0.5"),
         ("training: {lora: {r: many}}", "training.lora.r", "valid integer"),
         ("training: {method: magic}", "training.method", "'auto', 'lora', 'qlora' or 'full'"),
-        ("dedupe: {}", "dedupe", "unknown key"),
+        ("dedupe: {}", "dedupe", "unknown key; did you mean dedup?"),
+        ("training: {max_step: 3}", "training.max_step", "unknown key; did you mean max_steps?"),
+        ("training: {lora: {rank: 8}}", "training.lora.rank", "unknown key; valid keys: r, alpha, dropout, target_modules"),
+        ("training: {lora: {target_modules: 5}}", "training.lora.target_modules", "a valid list or Input should be"),
         ("retrain: {schedule: 'weekly'}", "retrain.schedule", "cron expression"),
+        ("training: {replay: 0.8}", "training.replay", "less than or equal to 0.5"),
     ],
 )
 def test_mistakes_name_file_field_and_expectation(tmp_path: Path, text: str, field: str, expected: str) -> None:
@@ -33,10 +44,16 @@ def test_mistakes_name_file_field_and_expectation(tmp_path: Path, text: str, fie
     path.write_text(text)
     with pytest.raises(TaskConfigError) as error:
         load_task_config(path)
-    message = str(error.value)
-    assert str(path) in message
-    assert field in message
-    assert expected in message
+    assert str(error.value) == f"{path}: {field}: {str(error.value).split(': ', 2)[2]}", "one line: file, field, problem"
+    assert expected in str(error.value)
+
+
+def test_each_problem_is_one_line_naming_the_file_and_the_field() -> None:
+    with pytest.raises(TaskConfigError) as error:
+        parse_task_config("training: {max_step: 3, lora: {r: many}}\nsplit: {eval_fraction: 0.9}", "t/task.yaml")
+    lines = str(error.value).splitlines()
+    assert sorted(line.split(": ")[1] for line in lines) == ["split.eval_fraction", "training.lora.r", "training.max_step"]
+    assert all(line.startswith("t/task.yaml: ") for line in lines)
 
 
 def test_broken_yaml_and_non_mapping_are_refused() -> None:
@@ -87,7 +104,7 @@ def test_unknown_or_escaping_base_models_fail_before_any_work(
     with pytest.raises(TaskConfigError) as error:
         task_config("t")
     message = str(error.value)
-    assert message.startswith(f"{folder / 'task.yaml'}: invalid task configuration\n  base_model: ")
+    assert str(folder / "task.yaml") in message and "base_model: " in message
     assert expected in message and f"(got {base_model!r})" in message
 
 
@@ -102,3 +119,68 @@ def test_local_base_models_resolve_from_the_task_folder_or_allowed_dirs(
     (shared / "m").mkdir(parents=True)
     monkeypatch.setenv("FTPIPE_MODEL_DIRS", f"/nonexistent{os.pathsep}{shared}")
     assert base_model_source(str(shared / "m"), folder) == str((shared / "m").resolve())
+
+
+def test_the_demo_and_old_style_task_yaml_give_the_recipe_they_gave_before() -> None:
+    demo = load_task_config(DEMO_TASK).training
+    assert "method: auto" in DEMO_TASK.read_text()
+    assert (demo.objective, demo.adapter, demo.quantization) == ("sft", "lora", "auto")
+    assert demo.recipe() == {
+        "objective": "sft", "adapter": "lora", "quantization": "auto",
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "learning_rate": 0.0005, "epochs": 1.0, "max_steps": 28, "batch_size": 8, "gradient_accumulation": 1,
+        "max_length": 256, "too_long": "drop", "warmup_ratio": 0.05, "scheduler": "cosine", "weight_decay": 0.0,
+        "seed": 42, "packing": False, "eval_steps": 14, "logging_steps": 5, "early_stopping_patience": 3,
+        "save_total_limit": 2,
+    }
+    old_style = parse_task_config("training: {method: qlora, launcher: torchrun, learning_rate: 0.001}", "t.yaml").training
+    new_style = parse_task_config("training: {adapter: lora, quantization: 4bit, learning_rate: 0.001}", "t.yaml").training
+    assert old_style.recipe() == new_style.recipe()
+
+
+def test_replay_is_in_the_recipe_only_when_it_mixes_rows_in() -> None:
+    none, zero = parse_task_config("", "t.yaml").training, parse_task_config("training: {replay: 0}", "t.yaml").training
+    some = parse_task_config("training: {replay: 0.25}", "t.yaml").training
+    assert none.replay == 0.0 and zero.recipe() == none.recipe() and "replay" not in none.recipe()
+    assert some.recipe() == {**none.recipe(), "replay": 0.25}
+
+
+def all_models(model: type[BaseModel] = TaskConfig) -> set[type[BaseModel]]:
+    nested = {config_module._nested_model(field.annotation) for field in model.model_fields.values()} - {None}
+    return {model}.union(*(all_models(child) for child in nested))
+
+
+def test_every_task_yaml_field_is_described() -> None:
+    undescribed = [f"{model.__name__}.{name}" for model in all_models()
+                   for name, field in model.model_fields.items() if not field.description]
+    assert not undescribed
+
+
+def test_the_readme_reference_is_the_one_generated_from_the_schema() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## task.yaml reference", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)
+    assert block == reference_yaml(), "regenerate it: python -m ftpipe.config"
+
+
+def commented_out(reference: str) -> dict[tuple[str, ...], set[str]]:
+    """The fields shown commented out under each null section of the reference, by the section's path."""
+    found: dict[tuple[str, ...], set[str]] = {}
+    path: list[str] = []
+    for line in reference.splitlines():
+        text = line.lstrip()
+        if text.startswith("#   "):
+            found.setdefault(tuple(path), set()).add(text.removeprefix("#   ").split(":", 1)[0])
+        else:
+            path = path[: (len(line) - len(text)) // 2] + [text.split(":", 1)[0]]
+    return found
+
+
+def test_the_reference_is_valid_task_yaml_with_the_defaults() -> None:
+    values = yaml.safe_load(reference_yaml())
+    assert values["training"]["k8s"] is None and values["training"]["method"] is None
+    assert parse_task_config(reference_yaml(), "reference") == TaskConfig()
+    shown = commented_out(reference_yaml())
+    assert shown[("training", "k8s")] == set(config_module.K8sConfig.model_fields), "every k8s field is shown"
+    for path, fields in shown.items():
+        assert fields == set(config_module._model_at(path).model_fields), f"every field of {'.'.join(path)} is shown"

@@ -150,3 +150,11 @@ def test_build_deduplicated_reports_removals_by_label_with_matched_rows(tmp_path
     result = read_result(tmp_path / "out", "deduplicated_examples")
     assert result.metadata["near_duplicates"] == len(task.near_duplicates)
     assert examples_metadata(tmp_path / "out" / "examples.parquet")[dedup.SHARED_TEXT_KEY].startswith("[")
+
+
+def test_heavy_removals_name_the_rows_and_labels_over_the_limit() -> None:
+    summary = {"rows_in": 100, "rows_out": 74, "removed_by_label": {
+        "refund": {"rows_in": 20, "removed": 11}, "card": {"rows_in": 80, "removed": 15}}}
+    assert dedup.heavy_removals(summary, 0.2) == {None: "all rows: 26% removed (26 of 100)",
+                                                  "refund": "label 'refund': 55% removed (11 of 20)"}
+    assert dedup.heavy_removals(summary, 0.6) == {}

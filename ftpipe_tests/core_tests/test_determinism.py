@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from ftpipe.core import dedup, records, split
-from ftpipe_tests.conftest import make_task
+from ftpipe.core.similarity import Settings
+from ftpipe_tests.builders import make_task
 from ftpipe_tests.tiny_model import toy_rows
 
-NEAR = {"threshold": 0.8, "num_perm": 64, "shingle_words": 3}
+NEAR = Settings(threshold=0.8, num_perm=64, shingle_words=3)
 
 
 def raw_files() -> dict[str, str]:
@@ -30,8 +31,8 @@ def raw_files() -> dict[str, str]:
 def build(task_folder: Path, out: Path) -> dict[str, bytes]:
     """raw_examples -> deduplicated_examples -> heldout_split into `out`; every output file's bytes."""
     records.build_raw_examples(task_folder, out / "raw", records.FormatSpec())
-    dedup.build_deduplicated(out / "raw" / "examples.parquet", out / "dedup", **NEAR)
-    split.build_split(out / "dedup" / "examples.parquet", out / "split", eval_fraction=0.2, seed=0, **NEAR)
+    dedup.build_deduplicated(out / "raw" / "examples.parquet", out / "dedup", NEAR)
+    split.build_split(out / "dedup" / "examples.parquet", out / "split", eval_fraction=0.2, seed=0, settings=NEAR)
     return {f"{step}/{path.name}": path.read_bytes() for step in ("raw", "dedup", "split") for path in (out / step).iterdir()}
 
 

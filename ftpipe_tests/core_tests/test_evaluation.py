@@ -1,5 +1,7 @@
-"""Evaluation: metrics, bootstrap, forgetting, batched generation and scoring on a tiny model, and the whole
-run (eval gate, base-output cache, written files, MLflow logging)."""
+"""Evaluation on tiny models: batched generation, answer log-likelihoods and answers constrained to a label set,
+then whole runs (the gate, the base cache, reuse when only thresholds change, few-shot and label-likelihood
+baselines, constrained answers, checked final answers, a full fine-tune, the files, the LLM judge and a human
+review round trip)."""
 
 from __future__ import annotations
 
@@ -9,209 +11,35 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.config import EvaluationConfig
-from ftpipe.core import evaluation as ev
-from ftpipe_tests.tiny_model import COLORS, build_tiny_model, toy_rows, write_chat_parquet
+from ftpipe.config import EvaluationConfig, JudgeConfig
+from ftpipe.core.evaluation import evaluation_key, outputs, read_evaluation, run_evaluation
+from ftpipe.core.evaluation.generation import (
+    answer_tokens, continuation_logprobs, encode, generate, load_model, prompt_ids, reference_loss,
+)
+from ftpipe.core.evaluation.label_likelihood import constrained_answers, end_of_turn_ids
+from ftpipe.core.evaluation.review import read_verdicts, write_review_sample
+from ftpipe.core.results import read_result
+from ftpipe.core.storage import file_sha256
+from ftpipe_tests.reviewer import fill
+from ftpipe_tests.judge_endpoint import MODEL, prefers_the_reference, serving
+from ftpipe_tests.tiny_model import COLORS, toy_rows, write_chat_parquet
+from ftpipe_tests.trained_models import competent_base, lora_adapter, noisy_base, varied_prompts, write_probe
 
 EVAL_ROWS = 24
 
-
-# ---------------------------------------------------------------- helpers shared with test_merging
-
-
-def fit(model, tokenizer, rows: list[dict], *, steps: int, lr: float) -> None:
-    """AdamW steps on the loss of the assistant answers of `rows` (one full batch), in place."""
-    import torch
-
-    scored = [ev._scored_tokens(tokenizer, row["messages"]) for row in rows]
-    ids, mask = ev._pad([seq for seq, _ in scored], tokenizer.pad_token_id, left=False)
-    labels = ids.masked_fill(mask == 0, ev.IGNORE)
-    for row, (_, prompt_len) in enumerate(scored):
-        labels[row, :prompt_len] = ev.IGNORE
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(steps):
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-
-
-def load(path: Path):
-    from ftpipe.core.modeling import load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer(path, method="lora")
-    return model.eval(), tokenizer
-
-
-def lora_adapter(base_dir: Path, out: Path, *, random_weights: bool, train_rows: list[dict] | None = None) -> Path:
-    """A LoRA adapter on `base_dir`: identity (B = 0), random A and B, or trained on `train_rows`."""
-    from peft import LoraConfig, get_peft_model
-
-    model, tokenizer = load(base_dir)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=not random_weights,
-                        task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    if train_rows:
-        fit(peft_model, tokenizer, train_rows, steps=80, lr=2e-2)
-    peft_model.save_pretrained(out)
-    return out
-
-
-def competent_base(out: Path) -> Path:
-    """The tiny model fully trained to name the fruit colors (a base model worth regressing from)."""
-    model, tokenizer = load(build_tiny_model(out))
-    fit(model, tokenizer, toy_rows(32, seed=1), steps=80, lr=2e-2)
-    model.save_pretrained(out)
-    return out
-
-
-def noisy_base(out: Path) -> Path:
-    """The tiny random model with weights shaken up: varied text instead of one repeated token, and activations
-    large enough for a LoRA adapter on its linear layers to learn the colors."""
-    import torch
-
-    model, _ = load(build_tiny_model(out))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    model.save_pretrained(out)
-    return out
-
-
-def write_probe(path: Path) -> Path:
-    rows = [{"id": f"p{i}", "skill": "colors", "reference": color,
-             "messages": [{"role": "system", "content": "Answer with one word."},
-                          {"role": "user", "content": f"What color is the {fruit}? ({90 + i})"}]}
-            for i, (fruit, color) in enumerate(sorted(COLORS.items()))]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-# ---------------------------------------------------------------- parsing and metrics
-
-
-@pytest.mark.parametrize(("text", "field", "label"), [
-    ('{"label": "Billing"}', "label", "billing"),
-    ('Sure! Here it is: {"label": "Bug-Report", "x": {"y": 1}} hope that helps', "label", "bugreport"),
-    ('{"other": "a"} then {"label": "b"}', "label", None),  # the first {...} decides
-    ("not json at all", "label", None),
-    ('{"label": "billing"', "label", None),
-    ("  Red. ", None, "red"),
-    ("...", None, None),
-])
-def test_parse_label(text, field, label):
-    assert ev.parse_label(text, field) == label
-
-
-def test_classification_accuracy_macro_f1_and_unparseable_counts_wrong():
-    references = ['{"label": "a"}', '{"label": "a"}', '{"label": "b"}', '{"label": "b"}']
-    answers = ['{"label": "a"}', "I think a", '{"label": "b"}', '{"label": "a"}']
-    scores = ev.task_scores(EvaluationConfig(task_type="classification", label_field="label"), answers, references)
-    assert scores["rows"]["accuracy"] == [1.0, 0.0, 1.0, 0.0]
-    assert scores["summary"]["accuracy"] == 0.5
-    # a: tp 1, fp 1, fn 1 -> 0.5; b: tp 1, fp 0, fn 1 -> 2/3
-    assert scores["summary"]["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)
-    assert scores["labels"]["predicted"] == ["a", None, "b", "a"]
-
-
-def test_confusion_table_counts_reference_by_prediction():
-    table = ev.confusion_table(["a", "a", "b", "b", "b"], ["a", None, "b", "zzz", "a"])
-    lines = table.splitlines()
-    assert lines[0] == "| reference / predicted | a | b | (other) | (unparseable) |"
-    assert lines[2] == "| a | 1 | 0 | 0 | 1 |"
-    assert lines[3] == "| b | 1 | 1 | 1 | 0 |"
-
-
-def test_extraction_metrics():
-    references = ['{"name": "Ann", "age": 3}', '{"name": "Bob", "age": 4}', '{"name": "Cy", "age": 5}']
-    answers = ['Result: {"name": "Ann", "age": 3}.', '{"name": "Bob", "age": 40}', "no json here"]
-    scores = ev.task_scores(EvaluationConfig(task_type="extraction"), answers, references)
-    assert scores["rows"]["json_valid"] == [1.0, 1.0, 0.0]
-    assert scores["rows"]["exact_match"] == [1.0, 0.0, 0.0]
-    assert scores["rows"]["field_accuracy"] == [1.0, 0.5, 0.0]
-    assert scores["summary"]["field_accuracy_by_field"] == {"age": pytest.approx(1 / 3), "name": pytest.approx(2 / 3)}
-
-
-def test_generation_metrics():
-    references = ["The apple is red.", "The lime is green", "Grüße aus Köln"]
-    answers = ["the apple is red", "a lime is very green", "Grüße aus Bonn"]
-    scores = ev.task_scores(EvaluationConfig(task_type="generation"), answers, references)["rows"]
-    assert scores["exact_match"] == [1.0, 0.0, 0.0]
-    assert scores["rouge_l"][0] == pytest.approx(1.0)
-    # lcs "lime is green" = 3; P 3/5, R 3/4 -> F 2/3; token F1: overlap 3 -> 6/9
-    assert scores["rouge_l"][1] == pytest.approx(2 / 3)
-    assert scores["token_f1"][1] == pytest.approx(2 / 3)
-    assert scores["rouge_l"][2] == pytest.approx(2 / 3)  # non-ASCII words are words too
-
-
-def test_check_references_refuses_unreadable_references_before_generation():
-    rows = [{"id": "r1", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "plain"}]}]
-    with pytest.raises(ValueError, match="not a JSON object.*r1"):
-        ev.check_references(rows, EvaluationConfig(task_type="extraction"))
-    ev.check_references(rows, EvaluationConfig(task_type="generation"))
-
-
-def test_select_rows_takes_first_n_by_id():
-    rows = [{"id": i} for i in ("c", "a", "d", "b")]
-    assert [r["id"] for r in ev.select_rows(rows, 2)] == ["a", "b"]
-    assert len(ev.select_rows(rows, None)) == 4
-
-
-# ---------------------------------------------------------------- bootstrap and forgetting
-
-
-def test_bootstrap_ci_contains_true_delta_and_is_seeded():
-    import numpy as np
-
-    rng = np.random.default_rng(1)
-    base = rng.normal(0.5, 0.2, 400)
-    tuned = base + 0.05 + rng.normal(0, 0.1, 400)  # true delta 0.05
-    delta, low, high = ev.paired_bootstrap(base, tuned, samples=2000, seed=3)
-    assert low < 0.05 < high and low < delta < high
-    assert high - low < 0.05
-    assert ev.paired_bootstrap(base, tuned, samples=2000, seed=3) == (delta, low, high)
-    assert ev.paired_bootstrap(base, tuned, samples=2000, seed=4) != (delta, low, high)
-
-
-def test_bootstrap_excludes_zero_for_a_clear_gain_and_not_for_noise():
-    base = [0.0] * 50 + [1.0] * 50
-    clear = [1.0] * 90 + [0.0] * 10
-    assert ev.paired_bootstrap(base, clear, samples=1000, seed=0)[1] > 0
-    noise = [1.0] * 50 + [0.0] * 50  # same mean, every row flipped
-    _, low, high = ev.paired_bootstrap(base, noise, samples=1000, seed=0)
-    assert low < 0 < high
-
-
-def test_forgetting_is_the_larger_relative_worsening_floored_at_zero():
-    assert ev.forgetting_score(0.8, 0.6, 2.0, 2.1) == pytest.approx(0.25)  # accuracy drop dominates
-    assert ev.forgetting_score(0.8, 0.8, 2.0, 3.0) == pytest.approx(0.5)  # loss increase dominates
-    assert ev.forgetting_score(0.5, 0.9, 2.0, 1.0) == 0.0  # better on both
-    assert ev.forgetting_score(0.0, 0.0, 1.0, 1.0) == 0.0
-
-
-# ---------------------------------------------------------------- generation and scoring on a tiny model
+# ---------------------------------------------------------------- generation and scoring
 
 
 @pytest.fixture(scope="module")
-def noisy_model(tmp_path_factory):
-    return load(noisy_base(tmp_path_factory.mktemp("noisy") / "model"))
-
-
-def varied_prompts(count: int) -> list[list[dict]]:
-    rows = toy_rows(count, seed=3)
-    for i, row in enumerate(rows):
-        row["messages"][0]["content"] = "Answer with one word. " * (i % 6 + 1)
-    return [row["messages"][:-1] for row in rows]
+def noisy_model(tmp_path_factory, tiny_model_dir):
+    return load_model(noisy_base(tiny_model_dir, tmp_path_factory.mktemp("noisy") / "model"))
 
 
 def test_batched_generation_equals_one_at_a_time(noisy_model):
     model, tokenizer = noisy_model
     prompts = varied_prompts(20)
-    batched = ev.generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=8)
-    single = ev.generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=1)
+    batched = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=8)
+    single = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=1)
     assert batched == single
     assert len(set(batched)) > 5 and all(batched)  # real, varied outputs: padding errors would show
 
@@ -223,125 +51,288 @@ def test_reference_loss_scores_only_the_answer_tokens(noisy_model):
     model, tokenizer = noisy_model
     conversations = [prompt + [{"role": "assistant", "content": f"answer {i}"}]
                      for i, prompt in enumerate(varied_prompts(6))]
-    ids, prompt_len = ev._scored_tokens(tokenizer, conversations[0])
+    ids, prompt_len = answer_tokens(tokenizer, conversations[0])
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0]
     expected = F.cross_entropy(logits[prompt_len - 1:-1], torch.tensor(ids[prompt_len:])).item()
-    loss, perplexity = ev.reference_loss(model, tokenizer, conversations[:1], batch_size=1)
+    loss, perplexity = reference_loss(model, tokenizer, conversations[:1], batch_size=1)
     assert loss == pytest.approx(expected, rel=1e-5) and perplexity == pytest.approx(math.exp(expected), rel=1e-5)
-    batched = ev.reference_loss(model, tokenizer, conversations, batch_size=4)
-    assert batched == pytest.approx(ev.reference_loss(model, tokenizer, conversations, batch_size=1), rel=1e-5)
+    batched = reference_loss(model, tokenizer, conversations, batch_size=4)
+    assert batched == pytest.approx(reference_loss(model, tokenizer, conversations, batch_size=1), rel=1e-5)
 
 
-# ---------------------------------------------------------------- the whole run
+@pytest.mark.parametrize("texts", [
+    ['{"label": "red"', '{"label": "green"', '{"label": "purple"'],  # a shared start, then different
+    ["red", "reddish", "blue"],  # nothing shared
+    ["red", "red green"],  # one is the start of another
+    ["x"],
+])
+def test_continuation_log_likelihood_equals_scoring_each_sequence_whole(noisy_model, texts):
+    import torch
+
+    model, tokenizer = noisy_model
+    prompt = prompt_ids(tokenizer, varied_prompts(2)[1])
+    continuations = [encode(tokenizer, text) for text in texts]
+    expected = []
+    for continuation in continuations:
+        ids = prompt + continuation
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        expected.append(sum(logprobs[i - 1, ids[i]].item() for i in range(len(prompt), len(ids))))
+    assert continuation_logprobs(model, prompt, continuations) == pytest.approx(expected, rel=1e-4)
+
+
+def test_constrained_answers_are_always_one_of_the_labels(noisy_model):
+    import torch
+
+    model, tokenizer = noisy_model
+    labels = ["red", "reddish", "red green", '{"label": "purple"}', "x"]  # labels that start other labels too
+    prompts = varied_prompts(12)
+    answers = constrained_answers(model, tokenizer, prompts, labels)
+    assert set(answers) <= set(labels) and len(set(answers)) > 1
+    ending = end_of_turn_ids(model, tokenizer)
+    assert tokenizer.decode(ending) == "<|im_end|>"
+    for prompt, answer in zip(prompts[:3], answers):  # the likeliest whole answer, end of turn included
+        scores = []
+        for label in labels:
+            ids = prompt_ids(tokenizer, prompt) + encode(tokenizer, label) + ending
+            start = len(ids) - len(encode(tokenizer, label)) - len(ending)
+            with torch.no_grad():
+                logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+            scores.append(sum(logprobs[i - 1, ids[i]].item() for i in range(start, len(ids))))
+        assert answer == labels[scores.index(max(scores))]
+
+
+# ---------------------------------------------------------------- whole runs
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(tmp_path_factory, tiny_model_dir) -> Path:
     root = tmp_path_factory.mktemp("evaluation")
-    competent_base(root / "base")
+    competent_base(tiny_model_dir, root / "base")
     lora_adapter(root / "base", root / "bad_adapter", random_weights=True)
     lora_adapter(root / "base", root / "identity_adapter", random_weights=False)
     write_chat_parquet(root / "eval.parquet", toy_rows(EVAL_ROWS + 6, seed=2))
+    write_chat_parquet(root / "train.parquet", toy_rows(40, seed=7))
     write_probe(root / "probe.jsonl")
     return root
-
-
-def evaluate(root: Path, adapter: str, config: EvaluationConfig, base: str = "base", **kwargs) -> dict:
-    return ev.run_evaluation(
-        base_model_dir=root / base, base_fingerprint=base, adapter_dir=root / adapter,
-        eval_path=root / "eval.parquet", eval_version="v1", probe_path=root / "probe.jsonl", config=config,
-        cache_dir=root / "cache", out_dir=root / "out" / adapter, log=lambda line: None, **kwargs,
-    )
-
-
-@pytest.fixture()
-def generate_calls(monkeypatch) -> list[int]:
-    """Counts rows passed to `evaluation.generate`, one entry per call."""
-    calls: list[int] = []
-    real = ev.generate
-
-    def counting(model, tokenizer, prompts, **kwargs):
-        calls.append(len(prompts))
-        return real(model, tokenizer, prompts, **kwargs)
-
-    monkeypatch.setattr(ev, "generate", counting)
-    return calls
 
 
 CLASSIFY = EvaluationConfig(task_type="classification", max_new_tokens=6, max_rows=EVAL_ROWS, batch_size=8,
                             bootstrap_samples=500)
 
 
-def test_bad_adapter_fails_the_gate_then_the_base_comes_from_the_cache(workspace, generate_calls):
-    bad = evaluate(workspace, "bad_adapter", CLASSIFY)
-    assert not bad["base_cached"] and generate_calls == [EVAL_ROWS, len(COLORS), EVAL_ROWS, len(COLORS)]
+def evaluate(root: Path, adapter: Path | str, out: Path, *, config: EvaluationConfig = CLASSIFY,
+             base: Path | None = None, cache: Path | None = None) -> dict:
+    return run_evaluation(
+        base_model_dir=base or root / "base", base_fingerprint=str(base or "base"), adapter_dir=root / adapter,
+        adapter_version=str(adapter), eval_path=root / "eval.parquet", eval_version="v1",
+        train_path=root / "train.parquet", probe_path=root / "probe.jsonl", config=config,
+        cache_dir=cache or root / "cache", out_dir=out, log=lambda line: None,
+    )
+
+
+@pytest.fixture()
+def generate_calls(monkeypatch) -> list[int]:
+    """Counts the rows of every generation an evaluation runs, one entry per call."""
+    calls: list[int] = []
+    real = outputs.generate
+
+    def counting(model, tokenizer, prompts, **kwargs):
+        calls.append(len(prompts))
+        return real(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(outputs, "generate", counting)
+    return calls
+
+
+def test_bad_adapter_fails_the_gate_then_the_base_comes_from_the_cache(workspace, tmp_path, generate_calls):
+    cache = tmp_path / "cache"
+    bad = evaluate(workspace, "bad_adapter", tmp_path / "bad", cache=cache)
+    # base: held-out rows and probe; few-shot: held-out rows; fine-tuned: held-out rows and probe
+    assert generate_calls == [EVAL_ROWS, len(COLORS), EVAL_ROWS, EVAL_ROWS, len(COLORS)]
+    assert not bad["base_cached"] and not bad["reused"]
     assert bad["rows"] == EVAL_ROWS and bad["primary_metric"] == "accuracy"
     assert bad["base_score"] >= 0.9 and bad["finetuned_score"] <= 0.2
     assert bad["delta"] < 0 and bad["delta_ci_low"] <= bad["delta"] <= bad["delta_ci_high"] < 0
     assert bad["passed"] is False
-    assert any(c.startswith(f"delta_ci_low {bad['delta_ci_low']:.4f} < min_improvement 0.0000")
+    assert any(c.startswith(f"delta_ci_low {bad['delta_ci_low']:.3f} < min_improvement 0.000")
                for c in bad["failed_conditions"])
-    assert bad["probe_base_accuracy"] > bad["probe_finetuned_accuracy"] and bad["forgetting"] > 0.1
+    assert bad["probe_base_accuracy"] > bad["probe_finetuned_accuracy"] and bad["forgetting_ci_low"] > 0.1
     assert any(c.startswith("forgetting") for c in bad["failed_conditions"])
     assert bad["finetuned_loss"] > bad["base_loss"] and bad["base_perplexity"] == pytest.approx(
         math.exp(bad["base_loss"]))
 
     generate_calls.clear()
-    same = evaluate(workspace, "identity_adapter", CLASSIFY)
+    same = evaluate(workspace, "identity_adapter", tmp_path / "same", cache=cache)
     assert same["base_cached"] and generate_calls == [EVAL_ROWS, len(COLORS)]  # fine-tuned model only
     assert same["base_score"] == bad["base_score"] and same["base_loss"] == bad["base_loss"]
+    assert same["fewshot_score"] == bad["fewshot_score"]
     assert same["finetuned_score"] == same["base_score"] and same["delta"] == 0.0  # B = 0: same model
     assert same["finetuned_loss"] == pytest.approx(same["base_loss"], rel=1e-6)
     assert same["passed"] is True and same["failed_conditions"] == []
-    assert same["forgetting"] == pytest.approx(0, abs=1e-6)
+    assert same["forgetting"] == pytest.approx(0, abs=1e-6) and same["probe_changes"] == []
 
 
-def test_outputs_written_for_the_report(workspace):
+def test_changing_gate_thresholds_flips_the_gate_without_generating(workspace, tmp_path, generate_calls):
+    out = tmp_path / "out"
+    failed = evaluate(workspace, "bad_adapter", out)
+    assert failed["passed"] is False and "Eval gate: FAILED" in failed["report_markdown"]
+    written = (out / "metrics.json").stat().st_mtime_ns
+    generate_calls.clear()
+
+    lenient = CLASSIFY.model_copy(update={"min_improvement": -1.0, "max_forgetting": 1e4})
+    passed = evaluate(workspace, "bad_adapter", out, config=lenient)
+    assert generate_calls == [] and passed["reused"] is True
+    assert (out / "metrics.json").stat().st_mtime_ns == written
+    assert passed["failed_conditions"] == [] and passed["passed"] is True
+    assert "Eval gate: PASSED** (min_improvement -1, max_forgetting 10000)" in passed["report_markdown"]
+    assert passed["delta_ci_low"] == failed["delta_ci_low"]
+
+    evaluate(workspace, "bad_adapter", out, config=CLASSIFY.model_copy(update={"max_new_tokens": 5}))
+    assert generate_calls  # a setting that changes outputs does generate again
+
+
+def test_published_files_result_and_report(workspace, tmp_path):
     import pandas as pd
 
-    result = evaluate(workspace, "bad_adapter", CLASSIFY)
-    out = workspace / "out" / "bad_adapter"
+    out = tmp_path / "out"
+    result = evaluate(workspace, "bad_adapter", out)
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert len(predictions) == EVAL_ROWS and list(predictions["id"]) == sorted(predictions["id"])
-    assert {"prompt", "reference", "base_answer", "finetuned_answer", "base_accuracy", "finetuned_accuracy",
-            "base_label", "finetuned_label", "delta"} <= set(predictions.columns)
+    assert {"message", "prompt", "reference", "base_answer", "fewshot_answer", "finetuned_answer", "base_accuracy",
+            "finetuned_accuracy", "base_label", "finetuned_label", "finetuned_label_likelihood_accuracy", "delta",
+            "delta_vs_fewshot"} <= set(predictions.columns)
+    assert predictions["message"].str.startswith("What color is the").all()
     assert predictions["delta"].mean() == pytest.approx(result["delta"])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["delta_ci_low"] == result["delta_ci_low"] and "report_markdown" not in metrics
+    assert metrics["delta_ci_low"] == result["delta_ci_low"] and metrics["base_score"] == result["base_score"]
+    assert not {"passed", "failed_conditions", "report_markdown"} & set(metrics)  # the gate is decided on reading
+
+    stored = read_result(out, "eval_report")
+    assert stored.reuse_key == evaluation_key(
+        base_fingerprint="base", adapter_version="bad_adapter", eval_version="v1", probe_rows=None, config=CLASSIFY,
+        train_version=file_sha256(workspace / "train.parquet"), probe_hash=file_sha256(workspace / "probe.jsonl"))
+
     report = (out / "report.md").read_text()
     assert report == result["report_markdown"] and "Eval gate: FAILED" in report
-    assert "## Confusion table (fine-tuned)" in report and "(unparseable)" in report
-    regressions = report.split("## Worst regressions")[1]
+    assert "## Confusion table (fine-tuned)" in report and "## Confusion table (few-shot)" in report
+    regressions = report.split("## Worst regressions")[1].split("## General-skills probe")[0]
     assert regressions.count("\n| ") - 1 == min(10, int((predictions["delta"] < 0).sum()))
+    assert "| What color is the" in regressions and "Answer with one word" not in regressions
     assert report.split("## Largest improvements")[1].startswith("\n\n_none_")
+    assert "| base | few-shot | fine-tuned |" in report and f"| accuracy | {result['base_score']:.3f} |" in report
+    assert "| colors | 6 | 1.000 |" in report  # probe accuracy by skill
+    lost = report.split("### Rows that changed (base → fine-tuned)")[1]
+    assert lost.count("| lost |") == len([c for c in result["probe_changes"] if c["change"] == "lost"]) > 0
 
 
-def test_good_adapter_passes_with_a_positive_interval(tmp_path):
-    build_tiny_model(tmp_path / "random_base")
-    noisy_base(tmp_path / "noisy_base")
+def test_fewshot_and_label_likelihood_baselines(workspace, tmp_path):
+    import pandas as pd
+
+    result = evaluate(workspace, "bad_adapter", tmp_path / "out")
+    assert result["fewshot_examples"] == 5 and 0 <= result["fewshot_score"] <= 1
+    assert result["delta_vs_fewshot"] == pytest.approx(result["finetuned_score"] - result["fewshot_score"])
+    assert result["delta_vs_fewshot_ci_low"] <= result["delta_vs_fewshot"] <= result["delta_vs_fewshot_ci_high"]
+    assert result["fewshot_prompt_tokens"] > 3 * result["prompt_tokens"] > 0  # five extra exchanges per call
+    predictions = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    assert (predictions["fewshot_answer"] != predictions["base_answer"]).any()  # the examples reach the model
+    likelihood = {side: result["metrics"][side]["label_likelihood_accuracy"]
+                  for side in ("base", "fewshot", "finetuned")}
+    assert likelihood["base"] >= 0.9 and likelihood["finetuned"] < 0.5 and 0 <= likelihood["fewshot"] <= 1
+
+
+def test_a_full_finetune_is_evaluated_as_a_whole_model(workspace, tiny_model_dir, tmp_path, monkeypatch):
+    assert not list((workspace / "base").glob("adapter*"))  # the competent base: every weight trained
+    full = {"base": tiny_model_dir, "cache": tmp_path / "cache"}
+    result = evaluate(workspace, workspace / "base", tmp_path / "out", **full)
+    assert result["base_score"] <= 0.2 and result["finetuned_score"] >= 0.9
+    assert result["delta_ci_low"] > 0.5 and result["passed"] is True
+
+    def no_base_model(*args):
+        raise AssertionError("the base model was loaded although its outputs are cached")
+
+    monkeypatch.setattr(outputs, "load_model", no_base_model)
+    again = evaluate(workspace, workspace / "base", tmp_path / "again", **full)
+    assert again["base_cached"] and again["finetuned_score"] == result["finetuned_score"]
+
+
+def test_good_adapter_passes_with_a_positive_interval(tmp_path, tiny_model_dir):
+    noisy_base(tiny_model_dir, tmp_path / "noisy_base")
     lora_adapter(tmp_path / "noisy_base", tmp_path / "good", random_weights=False, train_rows=toy_rows(32, seed=1))
     write_chat_parquet(tmp_path / "eval.parquet", toy_rows(EVAL_ROWS, seed=2))
+    write_chat_parquet(tmp_path / "train.parquet", toy_rows(40, seed=7))
     write_probe(tmp_path / "probe.jsonl")
     config = EvaluationConfig(task_type="generation", max_new_tokens=6, batch_size=8, bootstrap_samples=500)
-    result = evaluate(tmp_path, "good", config, base="noisy_base")
+    result = evaluate(tmp_path, "good", tmp_path / "out", config=config, base=tmp_path / "noisy_base")
     assert result["primary_metric"] == "rouge_l" and result["base_score"] < 0.1 and result["finetuned_score"] >= 0.5
     assert result["delta_ci_low"] > 0.3 and result["passed"] is True and result["failed_conditions"] == []
     assert result["metrics"]["finetuned"]["exact_match"] >= 0.5
+    assert "label_likelihood_accuracy" not in result["metrics"]["base"]  # generation has no label set
 
 
-def test_log_to_mlflow_adds_metrics_and_table_to_the_training_run(workspace, tmp_path):
-    from mlflow import MlflowClient
+def test_answers_constrained_to_the_label_set_never_make_up_a_label(workspace, tmp_path, generate_calls):
+    import pandas as pd
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("toy", artifact_location=(tmp_path / "artifacts").as_uri())
-    run_id = client.create_run(experiment).info.run_id
-    result = evaluate(workspace, "bad_adapter", CLASSIFY)
-    ev.log_to_mlflow(run_id, result, result["predictions_path"], tracking_uri=uri)
-    run = client.get_run(run_id)
-    assert run.data.metrics["eval_delta"] == pytest.approx(result["delta"])
-    assert run.data.metrics["eval_passed"] == 0.0 and run.data.tags["eval_passed"] == "false"
-    assert run.data.metrics["eval_finetuned_macro_f1"] == pytest.approx(result["metrics"]["finetuned"]["macro_f1"])
-    logged = {item.path for item in client.list_artifacts(run_id, "evaluation")}
-    assert logged == {"evaluation/report.md", "evaluation/predictions.json"}
+    config = CLASSIFY.model_copy(update={"constrain_to_labels": True})
+    result = evaluate(workspace, "bad_adapter", tmp_path / "out", config=config)
+    assert generate_calls == [len(COLORS), len(COLORS)]  # the probe only: held-out answers are chosen, not generated
+    predictions = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    for side in ("base", "fewshot", "finetuned"):
+        assert set(predictions[f"{side}_answer"]) <= set(COLORS.values())  # even from random adapter weights
+    assert result["base_score"] >= 0.9 and result["finetuned_score"] < 0.5
+
+
+def test_final_answers_are_extracted_checked_and_shown(workspace, tmp_path, generate_calls):
+    import pandas as pd
+
+    config = EvaluationConfig(task_type="generation", answer_pattern=r"(\w+)", max_new_tokens=6, max_rows=EVAL_ROWS,
+                              batch_size=8, bootstrap_samples=500)
+    result = evaluate(workspace, "bad_adapter", tmp_path / "out", config=config)
+    assert result["primary_metric"] == "answer_exact_match" and result["base_score"] >= 0.9
+    predictions = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    assert (predictions["reference_final_answer"] == predictions["reference"]).all()
+    assert (predictions["base_final_answer"] == predictions["reference"]).mean() >= 0.9
+    assert "| user message | reference final answer | base final answer | few-shot final answer | fine-tuned final " \
+           "answer | fine-tuned answer | delta |" in result["report_markdown"]
+
+    generate_calls.clear()
+    refused = config.model_copy(update={"answer_pattern": r"#### (\S+)"})
+    with pytest.raises(ValueError, match=f"{EVAL_ROWS} held-out reference.* has no final answer matching"):
+        evaluate(workspace, "bad_adapter", tmp_path / "refused", config=refused)
+    assert generate_calls == []  # refused before any generation
+
+
+def picks_the_reference(row: dict, new_side: str) -> str:
+    """A reviewer who picks the answer equal to the reference (tie when neither or both are)."""
+    a, b = (row[side] == row["reference"] for side in ("answer_a", "answer_b"))
+    return "A" if a and not b else "B" if b and not a else "tie"
+
+
+def test_the_judge_and_a_human_review_round_trip_through_the_gate(workspace, tmp_path, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.setenv("JUDGE_KEY", "local")
+    with serving(prefers_the_reference) as endpoint:
+        judge = JudgeConfig(base_url=endpoint.base_url, model=MODEL, api_key_env="JUDGE_KEY", max_pairs=10)
+        config = EvaluationConfig(task_type="generation", max_new_tokens=6, max_rows=EVAL_ROWS, batch_size=8,
+                                  bootstrap_samples=500, min_improvement=-1.0, max_forgetting=1e4,
+                                  require_human_review=8, judge=judge)
+        result = evaluate(workspace, "bad_adapter", tmp_path / "out", config=config)
+    # the base names the colors, the random adapter does not: the judge prefers the base
+    assert result["judge_pairs"] == 10 and result["judge_losses"] >= 8 and result["judge_win_rate_ci_high"] < 0.5
+    assert result["passed"] is False and result["failed_conditions"] == ["waiting for 8 human verdicts (have 0)"]
+    assert "No human verdicts yet: the gate waits for 8." in result["report_markdown"]
+    assert result["human_verdicts"] == 0 and result["judge_human_agreement"] is None
+
+    records = pd.read_parquet(tmp_path / "out" / "predictions.parquet").to_dict("records")
+    sample = write_review_sample(records, tmp_path / "human_review", rows=10)
+    fill(tmp_path / "human_review", tmp_path / "reviews" / "ann.csv", picks_the_reference, reviewer="Ann")
+    verdicts = read_verdicts(tmp_path / "reviews", sample["review_key"])
+    reviewed = read_evaluation(tmp_path / "out", config, verdicts)
+    assert reviewed["passed"] is True and reviewed["failed_conditions"] == []
+    assert reviewed["human_verdicts"] == 10 and reviewed["human_losses"] == result["judge_losses"]
+    assert reviewed["judge_human_agreement"] == 1.0 and reviewed["judge_human_pairs"] == 10  # the same rows
+    report = reviewed["report_markdown"]
+    assert "Blind human review, 10 verdicts: the fine-tuned model against the base 0 wins" in report
+    assert "The judge agrees with 1.000 of the 10 human verdicts" in report

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from ftpipe.config import parse_task_config
 from ftpipe.core.launch import PodSpecError, pod_spec, training_command
-from ftpipe_tests.core_tests.test_training import program_env, workspace, write_spec  # noqa: F401 (fixture)
+from ftpipe_tests.training_program import output_result, program_env, toy_workspace, write_spec
 
 K8S = """
 training:
@@ -33,16 +33,23 @@ training:
 """
 
 
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_model_dir):
+    return toy_workspace(tmp_path_factory.mktemp("launch"), tiny_model_dir)
+
+
 def train(spec, env, launcher: str) -> dict:
+    """The metadata of a training of `spec` launched as `launcher` would launch it."""
     from ftpipe.config import TrainingConfig
 
     config = TrainingConfig.model_validate({**json.loads(spec.read_text())["training"], "launcher": launcher,
                                             "num_processes": 2 if launcher == "torchrun" else 1})
     done = subprocess.run(training_command(config, str(spec), "test"), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((spec.parent / spec.stem / "adapter" / "training_result.json").read_text())
+    return output_result(spec).metadata
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_train_like_one_with_the_same_global_batch(workspace) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -70,6 +77,7 @@ def test_torchrun_command_for_one_and_several_nodes() -> None:
                                 "rdzv_endpoint: 'node0:29400'}", "task.yaml").training
     command = training_command(several, "spec.json", "fp", python="python")
     assert command[command.index("--rdzv-endpoint") + 1] == "node0:29400" and "--nnodes" in command
+    assert command[command.index("--rdzv-id") + 1] == "fp"
     plain = parse_task_config("", "task.yaml").training
     assert training_command(plain, "spec.json", "fp", python="python") == ["python", "-m", "ftpipe.core.training", "spec.json"]
 
@@ -113,3 +121,13 @@ def test_inline_secrets_are_refused_in_task_yaml() -> None:
 
     with pytest.raises(TaskConfigError, match="training.k8s.env.*HF_TOKEN.*secret_env"):
         parse_task_config(K8S, "task.yaml", "training: {k8s: {env: {HF_TOKEN: hf_abc}}}")
+
+
+def test_a_qlora_pod_is_specified_without_any_gpu_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("launching must not look for a GPU"))
+    training = parse_task_config(K8S, "task.yaml", "training: {method: qlora}").training
+    spec = pod_spec(training.k8s, training_command(training, "/mnt/ftpipe/spec.json", "fp", python="python"))
+    assert spec["containers"][0]["command"][-3:] == ["-m", "ftpipe.core.training", "/mnt/ftpipe/spec.json"]
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"

@@ -1,4 +1,5 @@
-"""Merging: parity of the merged model with base + adapter, the servable dir, and the model registry's aliases."""
+"""Packaging for serving: parity of the merged model with base + adapter, a full fine-tune packaged without a
+merge, the servable dir and its model card, reuse by key, chat, and the model registry's aliases."""
 
 from __future__ import annotations
 
@@ -9,38 +10,50 @@ from pathlib import Path
 import pytest
 
 from ftpipe.core import merging
-from ftpipe.core.evaluation import generate
-from ftpipe_tests.core_tests.test_evaluation import load, lora_adapter, noisy_base
+from ftpipe.core.evaluation.generation import generate, load_model
+from ftpipe.core.results import read_result
 from ftpipe_tests.tiny_model import toy_rows, write_chat_parquet
+from ftpipe_tests.trained_models import full_finetune, lora_adapter, noisy_base
 
 CARD = {
     "task": "toy", "base_model": "tiny-llama", "method": "lora", "description": "Names fruit colors.",
     "data_versions": {"heldout_split": "abc123"}, "metrics": {"accuracy": 0.91, "delta": 0.2},
-    "hyperparameters": {"lora.r": 8, "learning_rate": 0.02},
+    "hyperparameters": {"lora": {"r": 8, "alpha": 16}, "learning_rate": 0.02},
 }
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(tmp_path_factory, tiny_model_dir) -> Path:
     root = tmp_path_factory.mktemp("merging")
-    noisy_base(root / "base")
+    noisy_base(tiny_model_dir, root / "base")
     lora_adapter(root / "base", root / "adapter", random_weights=True)
+    full_finetune(root / "base", root / "full", toy_rows(16, seed=4), steps=10)
     write_chat_parquet(root / "eval.parquet", toy_rows(20, seed=2))
     return root
 
 
-def merge(root: Path, out: str, **kwargs) -> dict:
-    return merging.merge_adapter(base_model_dir=root / "base", adapter_dir=root / "adapter", out_dir=root / out,
-                                 eval_path=root / "eval.parquet", card=CARD, max_new_tokens=12, **kwargs)
+def package(root: Path, finetuned: str, out: str, **card) -> dict:
+    return merging.package_model(base_model_dir=root / "base", finetuned_dir=root / finetuned, out_dir=root / out,
+                                 eval_path=root / "eval.parquet", card={**CARD, **card}, reuse_key=f"key-{out}")
 
 
 @pytest.fixture(scope="module")
 def merged(workspace) -> tuple[Path, dict]:
-    return workspace, merge(workspace, "merged")
+    return workspace, package(workspace, "adapter", "merged")
+
+
+@pytest.fixture(scope="module")
+def full(workspace) -> tuple[Path, dict]:
+    return workspace, package(workspace, "full", "full_model", method="full")
 
 
 def prompts() -> list[list[dict]]:
     return [row["messages"][:-1] for row in toy_rows(6, seed=5)]
+
+
+def answers(model_dir: Path) -> list[str]:
+    model, tokenizer = load_model(model_dir)
+    return generate(model, tokenizer, prompts(), max_new_tokens=8, batch_size=6)
 
 
 def test_merged_model_matches_base_plus_adapter(merged):
@@ -53,26 +66,25 @@ def test_merged_model_matches_base_plus_adapter(merged):
     assert 0 <= result["parity_max_abs_diff"] < merging.PARITY_TOLERANCE["float32"]
     plain = AutoModelForCausalLM.from_pretrained(root / "merged").eval()  # no peft needed
     assert not hasattr(plain, "peft_config")
-    _, tokenizer = load(root / "merged")
-    base, _ = load(root / "base")
-    base_answers = generate(base, tokenizer, prompts(), max_new_tokens=8, batch_size=6)
+    base, tokenizer = load_model(root / "base")
     adapted = PeftModel.from_pretrained(base, root / "adapter").eval()
     adapted_answers = generate(adapted, tokenizer, prompts(), max_new_tokens=8, batch_size=6)
     assert generate(plain, tokenizer, prompts(), max_new_tokens=8, batch_size=6) == adapted_answers
-    assert adapted_answers != base_answers  # the adapter matters, so parity is not trivial
+    assert adapted_answers != answers(root / "base")  # the adapter matters, so parity is not trivial
 
 
-def test_merged_dir_is_servable(merged):
+def test_merged_dir_is_servable_with_its_card(merged):
     root, _ = merged
     out = root / "merged"
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                 "chat_template.jinja", "README.md", "SERVING.md", "serve.sh", "Modelfile"):
+                 "chat_template.jinja", "README.md", "SERVING.md", "serve.sh", "Modelfile", "result.json"):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.bin")) and not list(root.glob(".merged.*.tmp"))
     assert [p.name for p in root.glob(".merged.*")] == [Path(os.readlink(out)).name]  # only the live version
     readme = (out / "README.md").read_text()
-    for fact in ("base_model: \"tiny-llama\"", "abc123", "| accuracy | 0.91 |", "| lora.r | 8 |", "Names fruit colors",
-                 "16 held-out prompts"):
+    assert readme.startswith('---\nbase_model: "tiny-llama"\n') and '"merged"]' in readme
+    for fact in ("abc123", "| accuracy | 0.91 |", "| lora.r | 8 |", "| learning_rate | 0.02 |", "Names fruit colors",
+                 "fine-tuned with `lora`", "16 held-out prompts"):
         assert fact in readme, fact
     script = (out / "serve.sh").read_text()
     assert (f"vllm serve {root / 'base'} --host 127.0.0.1 --enable-lora --lora-modules toy={out / 'adapter'} "
@@ -86,9 +98,48 @@ def test_merged_dir_is_servable(merged):
     assert "<|im_start|>{{ .Role }}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
+def test_card_body_leaves_the_front_matter_to_the_file(merged):
+    root, _ = merged
+    body = merging.card_body(root / "merged")
+    assert body.startswith("# ftpipe-toy\n\nNames fruit colors.") and "---" not in body.split("\n")[:3]
+    assert (root / "merged" / "README.md").read_text().endswith(body)
+
+
+def test_a_finished_model_is_found_again_only_by_its_key(merged):
+    root, result = merged
+    assert merging.packaged(root / "merged", "key-merged") == result
+    assert merging.packaged(root / "merged", "key-other") is None
+    assert merging.packaged(root / "missing", "key-merged") is None
+    assert read_result(root / "merged", "merged_model").inputs["finetuned"] == str(root / "adapter")
+
+
+def test_a_full_finetune_is_packaged_as_trained_without_a_merge(full):
+    root, result = full
+    out = root / "full_model"
+    assert result == {"model_path": str(out), **merging.FULL_MODEL_PARITY}
+    assert answers(out) == answers(root / "full") != answers(root / "base")
+    assert not (out / "adapter").exists() and not list(out.glob("adapter_*"))
+    script = (out / "serve.sh").read_text()
+    assert "--enable-lora" not in script and f"exec vllm serve {out} --host 127.0.0.1" in script
+    assert subprocess.run(["bash", "-n", str(out / "serve.sh")]).returncode == 0
+    readme = (out / "README.md").read_text()
+    assert '"full-fine-tune"]' in readme and "fine-tuned with `full`" in readme and "nothing to merge" in readme
+    assert "Parity: not needed: a full fine-tune" in readme and "--enable-lora" not in readme
+    assert merging.packaged(out, "key-full_model") == result
+
+
+def test_each_packaging_refuses_the_other_kind(workspace):
+    with pytest.raises(ValueError, match="package_full_model"):
+        merging.merge_adapter(base_model_dir=workspace / "base", adapter_dir=workspace / "full", out_dir=workspace / "x",
+                              eval_path=workspace / "eval.parquet", card=CARD, reuse_key="k")
+    with pytest.raises(ValueError, match="merge_adapter"):
+        merging.package_full_model(model_dir=workspace / "adapter", out_dir=workspace / "x", card=CARD, reuse_key="k")
+    assert not (workspace / "x").exists()
+
+
 def test_chat_replies_like_the_merged_model(merged):
     root, _ = merged
-    model, tokenizer = load(root / "merged")
+    model, tokenizer = load_model(root / "merged")
     messages = prompts()[0]
     assert merging.chat(root / "merged", messages, max_new_tokens=8) == generate(
         model, tokenizer, [messages], max_new_tokens=8, batch_size=1)[0]
@@ -107,7 +158,7 @@ def test_a_broken_merge_raises_parity_error_and_writes_nothing(workspace, monkey
 
     monkeypatch.setattr(merging, "merge", corrupting_merge)
     with pytest.raises(merging.ParityError, match=r"greedy outputs differ .* largest \|logit difference\|"):
-        merge(workspace, "broken")
+        package(workspace, "adapter", "broken")
     assert not (workspace / "broken").exists()
 
 
@@ -131,9 +182,11 @@ def test_registry_moves_champion_only_to_a_better_version_on_the_same_split(tmp_
     assert register(2, 0.60)["champion"] is False
     assert int(client.get_model_version_by_alias("ftpipe-toy", "candidate").version) == 2
     assert int(client.get_model_version_by_alias("ftpipe-toy", "champion").version) == 1
+    assert merging.aliased_model_names("toy", tracking_uri=uri) == {"model-1", "model-2"}
     third = register(3, 0.80)
     assert third["champion"] is True and third["previous_champion_version"] == 1
     assert register(4, 0.99, split="split-2")["champion"] is False  # another split: not comparable
     version = client.get_model_version("ftpipe-toy", "3")
     assert version.run_id and version.tags == {"eval_score": "0.8", "eval_version": "split-1"}
     assert merging.champion_model_path("toy", tracking_uri=uri) == (tmp_path / "model-3").resolve()
+    assert merging.aliased_model_names("toy", tracking_uri=uri) == {"model-3", "model-4"}

@@ -1,4 +1,4 @@
-"""Base model resolution (local dirs, content-addressed cache) and method checks, on a tiny local model."""
+"""Base model resolution (local dirs, content-addressed cache) and loading, on the tiny local model."""
 
 from __future__ import annotations
 
@@ -8,18 +8,13 @@ from pathlib import Path
 import pytest
 
 from ftpipe.core import modeling
-from ftpipe.core.modeling import DEFAULT_CHAT_TEMPLATE, ModelResolutionError, check_method, resolve_base_model
+from ftpipe.core.modeling import DEFAULT_CHAT_TEMPLATE, ModelResolutionError, resolve_base_model
 from ftpipe_tests.tiny_model import build_tiny_model
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def test_local_dir_is_cached_by_fingerprint_and_reused(tiny_dir, tmp_path, monkeypatch):
+def test_local_dir_is_cached_by_fingerprint_and_reused(tiny_model_dir, tmp_path, monkeypatch):
     models = tmp_path / "models"
-    info = resolve_base_model(str(tiny_dir), models)
+    info = resolve_base_model(str(tiny_model_dir), models)
     cache = Path(info["path"])
     assert cache == models / info["fingerprint"]
     assert (cache / "model.safetensors").is_file() and (cache / "tokenizer.json").is_file()
@@ -30,20 +25,20 @@ def test_local_dir_is_cached_by_fingerprint_and_reused(tiny_dir, tmp_path, monke
         raise AssertionError("a complete cache must not reload the model")
 
     monkeypatch.setattr(modeling, "_load_source", no_reload)
-    assert resolve_base_model(str(tiny_dir), models) == info
+    assert resolve_base_model(str(tiny_model_dir), models) == info
 
 
-def test_changed_weights_give_a_new_fingerprint(tmp_path):
-    first = resolve_base_model(str(build_tiny_model(tmp_path / "a", seed=0)), tmp_path / "models")
+def test_changed_weights_give_a_new_fingerprint(tiny_model_dir, tmp_path):
+    first = resolve_base_model(str(tiny_model_dir), tmp_path / "models")
     second = resolve_base_model(str(build_tiny_model(tmp_path / "b", seed=1)), tmp_path / "models")
     assert first["fingerprint"] != second["fingerprint"]
     assert Path(first["path"]).is_dir() and Path(second["path"]).is_dir()
 
 
-def test_pickle_only_dir_is_refused(tiny_dir, tmp_path):
+def test_pickle_only_dir_is_refused(tiny_model_dir, tmp_path):
     pickled = tmp_path / "pickled"
     pickled.mkdir()
-    (pickled / "config.json").write_text((tiny_dir / "config.json").read_text())
+    (pickled / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     (pickled / "pytorch_model.bin").write_bytes(b"not really a pickle")
     with pytest.raises(ModelResolutionError, match="safetensors only"):
         resolve_base_model(str(pickled), tmp_path / "models")
@@ -60,18 +55,18 @@ class Booby:
         return open, (str(self.path), "w")
 
 
-def test_pickles_beside_safetensors_are_never_loaded(tiny_dir, tmp_path):
+def test_pickles_beside_safetensors_are_never_loaded(tiny_model_dir, tmp_path):
     import pickle
     import shutil
 
     marker = tmp_path / "pickle-was-loaded"
     booby = pickle.dumps(Booby(marker))
-    model_dir = shutil.copytree(tiny_dir, tmp_path / "with-pickles")
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "with-pickles")
     for name in ("pytorch_model.bin", "training_args.bin", "optimizer.pt"):
         (model_dir / name).write_bytes(booby)
     info = resolve_base_model(str(model_dir), tmp_path / "models")
     assert not list(Path(info["path"]).glob("*.bin")), "pickles are not copied into the cache"
-    modeling.load_model_and_tokenizer(model_dir, method="full")
+    modeling.load_model_and_tokenizer(model_dir)
     assert not marker.exists()
     pickle.loads(booby)
     assert marker.exists(), "the planted pickle does run code when loaded"
@@ -107,30 +102,9 @@ def test_gguf_hash_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
     assert modeling._gguf_sha256(gguf, tmp_path) != first
 
 
-def test_qlora_without_cuda_is_refused(monkeypatch):
+def test_load_model_and_tokenizer_cpu_fp32(tiny_model_dir):
     import torch
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError) as error:
-        check_method("qlora")
-    assert str(error.value) == (
-        "method 'qlora' needs a CUDA GPU (bitsandbytes 4-bit); none was found. Use method: lora"
-    )
-
-
-def test_auto_method_depends_on_cuda(monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert check_method("auto") == "lora"
-    assert check_method("full") == "full"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert check_method("auto") == "qlora"
-
-
-def test_load_model_and_tokenizer_cpu_fp32(tiny_dir):
-    import torch
-
-    model, tokenizer = modeling.load_model_and_tokenizer(tiny_dir, method="lora")
+    model, tokenizer = modeling.load_model_and_tokenizer(tiny_model_dir)
     assert model.dtype == torch.float32 and model.device.type == "cpu"
     assert tokenizer.pad_token is not None

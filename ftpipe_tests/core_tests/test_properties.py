@@ -18,7 +18,7 @@ from ftpipe.core import dedup, records, split
 from ftpipe.core.records import FormatSpec, example_id
 from ftpipe.core.similarity import Settings
 from ftpipe.core.text import loose
-from ftpipe_tests.conftest import chat
+from ftpipe_tests.builders import chat
 
 
 def examples(n: int) -> settings:

@@ -7,7 +7,7 @@ import pytest
 
 from ftpipe.core import records
 from ftpipe.core.records import FormatSpec, RawDataError, build_raw_examples, read_raw_dir
-from ftpipe_tests.conftest import chat, make_task
+from ftpipe_tests.builders import chat, make_task
 
 
 def read(folder: Path, spec: FormatSpec = FormatSpec()) -> records.ReadResult:

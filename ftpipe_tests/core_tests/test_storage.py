@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from ftpipe.core import storage
-from ftpipe.core.storage import UnsafePathError, artifact_dir, atomic_dir, contained, task_dir
-from ftpipe_tests.conftest import make_task
+from ftpipe.core.layout import EVAL, EXAMPLES, QUARANTINE, REMOVED, SPLIT_RECORD, TRAIN, TaskLayout
+from ftpipe.core.results import RESULT_FILE
+from ftpipe.core.storage import UnsafePathError, atomic_dir, contained, file_sha256, task_dir
+from ftpipe_tests.builders import make_task
 from ftpipe_tests.tiny_model import toy_rows
 
 FILES = 5
@@ -106,19 +108,20 @@ DATA_STEPS = """
 import sys
 from pathlib import Path
 from ftpipe.core import dedup, records, split
+from ftpipe.core.similarity import Settings
 task, out = Path(sys.argv[1]), Path(sys.argv[2])
+near = Settings(threshold=0.8, num_perm=64, shingle_words=3)
 while True:
     records.build_raw_examples(task, out / "raw_examples", records.FormatSpec())
-    dedup.build_deduplicated(out / "raw_examples" / "examples.parquet", out / "deduplicated_examples",
-                             threshold=0.8, num_perm=64, shingle_words=3)
+    dedup.build_deduplicated(out / "raw_examples" / "examples.parquet", out / "deduplicated_examples", near)
     split.build_split(out / "deduplicated_examples" / "examples.parquet", out / "heldout_split",
-                      eval_fraction=0.2, seed=0, threshold=0.8, num_perm=64, shingle_words=3)
+                      eval_fraction=0.2, seed=0, settings=near)
     print("round", flush=True)
 """
 OUTPUTS = {
-    "raw_examples": ["examples.parquet", "quarantine.jsonl"],
-    "deduplicated_examples": ["examples.parquet", "removed.jsonl"],
-    "heldout_split": ["eval.parquet", "split.json", "train.parquet"],
+    "raw_examples": sorted([EXAMPLES, QUARANTINE]),
+    "deduplicated_examples": sorted([EXAMPLES, REMOVED, RESULT_FILE]),
+    "heldout_split": sorted([EVAL, SPLIT_RECORD, TRAIN]),
 }
 
 
@@ -136,6 +139,18 @@ def check_outputs(out: Path) -> None:
     assert split_rows > 0
 
 
+def writing(out: Path, pid: int) -> bool:
+    """Whether process `pid` has a temporary file or folder beside an output: a write it started and did not publish."""
+    return any(p.name.endswith(".tmp") and f".{pid}." in p.name for p in out.iterdir())
+
+
+def wait_until_writing(out: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not writing(out, process.pid):
+        assert process.poll() is None and time.monotonic() < deadline, "the data steps never started a write"
+        time.sleep(0.002)
+
+
 def test_killing_the_data_steps_at_random_moments_never_leaves_a_partial_output(ftpipe_env: Path, tmp_path: Path) -> None:
     folder = make_task(ftpipe_env, "big", {"rows.jsonl": [{"messages": r["messages"]} for r in toy_rows(3000, seed=1)]})
     out = tmp_path / "out"
@@ -144,12 +159,16 @@ def test_killing_the_data_steps_at_random_moments_never_leaves_a_partial_output(
     assert first.stdout.readline().strip() == "round"  # one whole version of every output exists
     first.kill()
     first.wait()
-    for delay in (0.05, 0.2, 0.35, 0.5, 0.8, 1.1):
+    killed_mid_write = 0
+    for delay in (0.0, 0.01, 0.05, 0.2, 0.5, 0.8):
         process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        time.sleep(2.0 + delay)  # past the imports, somewhere inside the three steps
+        wait_until_writing(out, process)
+        time.sleep(delay)  # somewhere inside the three steps, from that write on
         process.send_signal(signal.SIGKILL)
         process.wait()
+        killed_mid_write += writing(out, process.pid)
         check_outputs(out)
+    assert killed_mid_write, "no kill landed inside a write, so nothing was tested"
 
 
 @pytest.mark.parametrize("part", ["../escape", "/etc", "a/../../escape", "link"])
@@ -164,6 +183,15 @@ def test_paths_cannot_leave_their_root(tmp_path: Path, part: str) -> None:
 
 @pytest.mark.parametrize("key", ["../other", "..", "/tmp", "a/b", ".hidden", "Upper"])
 def test_task_names_and_partition_keys_cannot_escape(key: str) -> None:
-    for path_of in (task_dir, lambda task: artifact_dir(task, "raw_examples")):
+    for path_of in (task_dir, lambda task: TaskLayout(task).root):
         with pytest.raises(ValueError, match="invalid name"):
             path_of(key)
+
+
+def test_file_hash_streams_the_files_one_after_the_other(tmp_path: Path) -> None:
+    import hashlib
+
+    parts = [tmp_path / "a", tmp_path / "b"]
+    parts[0].write_bytes(b"x" * (3 << 20))
+    parts[1].write_bytes(b"tail")
+    assert file_sha256(*parts) == hashlib.sha256(b"x" * (3 << 20) + b"tail").hexdigest()

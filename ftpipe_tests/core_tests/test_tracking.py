@@ -1,4 +1,4 @@
-"""MLflow tracking: default store location, run end states, stale-run sweep, URI redaction."""
+"""MLflow tracking: default store location, run end states, stale-run sweep, URI redaction, evaluation logging."""
 
 from __future__ import annotations
 
@@ -92,3 +92,23 @@ def test_resumed_run_continues_the_same_run(store):
     with tracking.tracked_run("resume", run_name="gone", resume_run_id="0" * 32) as fresh:
         pass
     assert fresh.run_id != first.run_id
+
+
+def test_log_evaluation_adds_metrics_tag_report_and_table_to_the_training_run(store, tmp_path):
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    run_id = client.create_run(tracking.ensure_experiment(client, "toy")).info.run_id
+    predictions = tmp_path / "predictions.parquet"
+    pd.DataFrame({"id": ["a", "b"], "delta": [0.0, -1.0]}).to_parquet(predictions)
+    result = {"primary_metric": "accuracy", "delta": -0.5, "rows": 2, "passed": False, "fewshot_score": None,
+              "metrics": {"base": {"macro_f1": 0.75, "field_accuracy_by_field": {"x": 1.0}}, "finetuned": {"macro_f1": 0.25}},
+              "report_markdown": "# Evaluation", "predictions_path": str(predictions)}
+    tracking.log_evaluation(run_id, result, store)
+    run = client.get_run(run_id)
+    assert run.data.metrics == {"eval_delta": -0.5, "eval_rows": 2.0, "eval_passed": 0.0,
+                                "eval_base_macro_f1": 0.75, "eval_finetuned_macro_f1": 0.25}
+    assert run.data.tags["eval_passed"] == "false"
+    logged = {item.path for item in client.list_artifacts(run_id, "evaluation")}
+    assert logged == {"evaluation/report.md", "evaluation/predictions.json"}

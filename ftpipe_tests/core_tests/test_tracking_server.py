@@ -1,6 +1,5 @@
 """Training tracked by a real `mlflow server` process on 127.0.0.1."""
 
-import json
 import socket
 import subprocess
 import sys
@@ -10,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe_tests.core_tests.test_training import run_to_end, write_spec
-from ftpipe_tests.tiny_model import build_tiny_model, toy_rows, write_chat_parquet
+from ftpipe_tests.training_program import output_result, run_to_end, toy_workspace, write_spec
 
 
 def free_port() -> int:
@@ -43,22 +41,17 @@ def mlflow_server(tmp_path: Path):
         process.wait(timeout=30)
 
 
-def test_training_is_tracked_on_an_mlflow_server(tmp_path: Path, mlflow_server: str) -> None:
+@pytest.mark.slow
+def test_training_is_tracked_on_an_mlflow_server(tmp_path: Path, tiny_model_dir: Path, mlflow_server: str) -> None:
     from mlflow import MlflowClient
 
-    build_tiny_model(tmp_path / "base")
-    write_chat_parquet(tmp_path / "train.parquet", toy_rows(24, seed=1))
-    write_chat_parquet(tmp_path / "eval.parquet", toy_rows(8, seed=2))
-    spec_path = write_spec(tmp_path, "served", max_steps=4, eval_steps=2)
-    spec = json.loads(spec_path.read_text())
-    spec["mlflow"]["tracking_uri"] = mlflow_server
-    spec_path.write_text(json.dumps(spec))
-    run_to_end(tmp_path, spec_path)
-    result = json.loads((tmp_path / "served" / "adapter" / "training_result.json").read_text())
+    workspace = toy_workspace(tmp_path / "workspace", tiny_model_dir)
+    spec = write_spec(workspace, "served", tracking_uri=mlflow_server, max_steps=4, eval_steps=2)
+    run_to_end(workspace, spec)
     client = MlflowClient(mlflow_server)
-    run = client.get_run(result["mlflow_run_id"])
+    run = client.get_run(output_result(spec).metadata["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [2, 4]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "adapter" in artifacts
-    assert not (tmp_path / "home" / "mlflow.db").exists(), "nothing went to the local default store"
+    assert not (workspace / "home" / "mlflow.db").exists(), "nothing went to the local default store"

@@ -1,101 +1,51 @@
-"""The training program, run for real as a subprocess on a tiny random model, plus its pure helpers."""
+"""The training program, run for real as a subprocess on the tiny random model, plus its pure helpers."""
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from ftpipe.core import training
-from ftpipe.core.storage import REPO_ROOT
-from ftpipe_tests.tiny_model import build_tiny_model, toy_rows, write_chat_parquet
+from ftpipe.core.training import checkpoints, outputs
+from ftpipe.core.training.methods import Method
+from ftpipe.core.training.program import EXIT_REFUSED, build_trainer
+from ftpipe.core.training.reporting import NewStepsOnly
+from ftpipe.core.training.spec import TrainingSpec, training_fingerprint
+from ftpipe_tests.training_program import (
+    LONG_ROWS,
+    mlflow_client,
+    output_result,
+    run_to_end,
+    start,
+    toy_workspace,
+    write_spec,
+)
 
 CONTRACT_KEYS = {
     "method", "adapter_path", "train_loss", "eval_loss", "trainable_params",
     "tokens_per_second", "rows_too_long", "mlflow_run_id",
 }
-LONG_ROWS = 3
+STEP_LINE = re.compile(r"^step (\d+)/")
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    build_tiny_model(root / "base")
-    long_rows = toy_rows(LONG_ROWS, seed=9)
-    for row in long_rows:
-        row["messages"][1]["content"] = "What color is the apple? " * 20
-    write_chat_parquet(root / "train.parquet", toy_rows(40, seed=1) + long_rows)
-    write_chat_parquet(root / "eval.parquet", toy_rows(8, seed=2))
-    return root
-
-
-def write_spec(root: Path, name: str, **training) -> Path:
-    config = {"method": "lora", "max_steps": 12, "batch_size": 8, "eval_steps": 4, "logging_steps": 2,
-              "learning_rate": 1e-2, "max_length": 64, "warmup_ratio": 0.0, **training}
-    spec = {
-        "task": "toy",
-        "base_model_dir": str(root / "base"),
-        "base_fingerprint": "tiny",
-        "train_path": str(root / "train.parquet"),
-        "eval_path": str(root / "eval.parquet"),
-        "output_dir": str(root / name / "adapter"),
-        "checkpoint_dir": str(root / name / "checkpoints"),
-        "training": config,
-        "mlflow": {"experiment": f"toy-{name}", "run_name": name, "tags": {"dagster_run_id": f"run-{name}"}},
-    }
-    path = root / f"{name}.json"
-    path.write_text(json.dumps(spec))
-    return path
-
-
-def program_env(root: Path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DAGSTER_PIPES"))}
-    return {**env, "FTPIPE_HOME": str(root / "home"), "PYTHONPATH": str(REPO_ROOT)}
-
-
-def start(root: Path, spec: Path) -> subprocess.Popen:
-    log = (root / f"{spec.stem}.stderr").open("a")
-    return subprocess.Popen(
-        [sys.executable, "-m", "ftpipe.core.training", str(spec)],
-        cwd=REPO_ROOT, env=program_env(root), stdout=subprocess.PIPE, stderr=log, text=True,
-    )
-
-
-def run_to_end(root: Path, spec: Path) -> str:
-    process = start(root, spec)
-    stdout, _ = process.communicate(timeout=240)
-    assert process.returncode == 0, stdout + (root / f"{spec.stem}.stderr").read_text()[-3000:]
-    return stdout
-
-
-def wait_for_line(process: subprocess.Popen, prefix: str) -> list[str]:
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if line.startswith(prefix):
-            return lines
-    pytest.fail(f"program ended before printing {prefix!r}:\n{''.join(lines)}")
-
-
-def mlflow_client(root: Path):
-    from mlflow import MlflowClient
-
-    return MlflowClient(f"sqlite:///{root / 'home' / 'mlflow.db'}")
+def workspace(tmp_path_factory, tiny_model_dir) -> Path:
+    return toy_workspace(tmp_path_factory.mktemp("train"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
 def trained(workspace):
-    stdout = run_to_end(workspace, write_spec(workspace, "main"))
-    result = json.loads((workspace / "main" / "adapter" / training.RESULT_FILE).read_text())
-    return workspace, stdout, result
+    """A training with the default method (auto) on this CPU-only machine."""
+    spec = write_spec(workspace, "main")
+    stdout = run_to_end(workspace, spec)
+    return workspace, stdout, output_result(spec)
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_adapter_weights(trained):
     from safetensors.torch import load_file
 
@@ -109,25 +59,44 @@ def test_the_same_seed_gives_the_same_adapter_weights(trained):
     assert main.keys() == other.keys() and any(not main[k].equal(other[k]) for k in main)
 
 
+@pytest.mark.slow
 def test_result_has_the_metadata_contract(trained):
     root, stdout, result = trained
-    assert CONTRACT_KEYS <= result.keys()
-    assert result["method"] == "lora" and result["adapter_path"] == str(root / "main" / "adapter")
-    assert result["rows_too_long"] == LONG_ROWS
-    assert result["steps"] == 12 and result["resumed_from_step"] == 0
-    assert result["trainable_params"] > 0 and result["tokens_per_second"] > 0
-    assert result["train_loss"] > 0 and result["eval_loss"] > 0
-    assert result["loss_curve"].startswith("![loss curve](data:image/png;base64,")
+    metadata = result.metadata
+    assert CONTRACT_KEYS <= metadata.keys()
+    assert metadata["method"] == "lora" and metadata["adapter_path"] == str(root / "main" / "adapter")
+    assert metadata["rows_too_long"] == LONG_ROWS and metadata["replay_rows"] == 0
+    assert metadata["steps"] == 12 and metadata["resumed_from_step"] == 0
+    assert metadata["trainable_params"] > 0 and metadata["tokens_per_second"] > 0
+    assert metadata["train_loss"] > 0 and metadata["eval_loss"] > 0
+    assert metadata["loss_curve"].startswith("![loss curve](data:image/png;base64,")
     assert "step 12/12" in stdout and "resuming" not in stdout
 
 
+@pytest.mark.slow
+def test_result_names_what_was_trained_and_its_inputs(trained):
+    root, _, result = trained
+    spec = TrainingSpec.from_json(root / "main.json")
+    assert result.kind == "lora_adapter" and result.reuse_key == spec.fingerprint
+    assert result.reuse_key == training_fingerprint("toy-split", "tiny", spec.config().recipe())
+    assert result.inputs == {"split_version": "toy-split", "base_fingerprint": "tiny"}
+    produced = result.produced
+    assert produced["weights"] == ["adapter_model.safetensors"] and produced["peft_adapter"] is True
+    assert (produced["objective"], produced["adapter"], produced["quantization"]) == ("sft", "lora", "none")
+    assert produced["training"]["quantization"] == "none", "the config as it ran: auto resolved on this machine"
+    assert produced["training"]["learning_rate"] == 0.01
+    assert re.fullmatch(r"[0-9a-f]{16}", produced["data_version"])
+    assert (root / "main" / "adapter" / produced["loss_curve"]).is_file()
+
+
+@pytest.mark.slow
 def test_adapter_loads_and_changes_the_base_logits(trained):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     root, _, result = trained
-    adapter = Path(result["adapter_path"])
+    adapter = Path(result.metadata["adapter_path"])
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "loss_curve.png"):
         assert (adapter / name).is_file(), name
     assert not list(adapter.glob("*.bin"))
@@ -139,26 +108,60 @@ def test_adapter_loads_and_changes_the_base_logits(trained):
     assert (tuned_logits - base_logits).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_mlflow_run_has_params_metric_histories_and_finished(trained):
     root, _, result = trained
     client = mlflow_client(root)
-    run = client.get_run(result["mlflow_run_id"])
+    run = client.get_run(result.metadata["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["learning_rate"] == "0.01" and run.data.params["lora.r"] == "16"
+    params = run.data.params
+    assert params["learning_rate"] == "0.01" and params["lora.r"] == "16"
+    assert (params["method"], params["quantization"], params["split_version"]) == ("lora", "none", "toy-split")
+    assert (params["train_rows"], params["replay_rows"]) == ("40", "0") and "replay" not in params
     assert run.data.tags["dagster_run_id"] == "run-main" and run.data.tags["task"] == "toy"
     train_loss = client.get_metric_history(run.info.run_id, "train_loss")
     assert len(train_loss) == 6 and [m.step for m in train_loss] == [2, 4, 6, 8, 10, 12]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [4, 8, 12]
     assert {"learning_rate", "grad_norm", "tokens_per_second"} <= run.data.metrics.keys()
-    artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", training.CONFIG_FILE, training.LOSS_CURVE_FILE} <= artifacts
     adapter_files = {Path(item.path).name for item in client.list_artifacts(run.info.run_id, "adapter")}
-    assert "adapter_model.safetensors" in adapter_files
+    assert {"adapter_model.safetensors", "result.json", outputs.LOSS_CURVE_FILE} <= adapter_files
 
 
+@pytest.mark.slow
+def test_a_finished_training_leaves_nothing_to_resume(trained):
+    root, _, _ = trained
+    assert not (root / "main" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_publishes_whole_model_weights_named_in_its_result(workspace):
+    from transformers import AutoModelForCausalLM
+
+    spec = write_spec(workspace, "full", method="full", max_steps=4, eval_steps=2)
+    run_to_end(workspace, spec)
+    result = output_result(spec)
+    assert result.produced["weights"] == ["model.safetensors"] and result.produced["peft_adapter"] is False
+    assert result.metadata["method"] == "full" and result.produced["adapter"] == "none"
+    assert result.produced["training"]["adapter"] == "none"
+    model_dir = Path(result.metadata["adapter_path"])
+    assert not (model_dir / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert sum(p.numel() for p in model.parameters()) == result.metadata["trainable_params"]
+
+
+def test_4bit_without_cuda_is_refused_by_the_program_in_one_line(workspace):
+    spec = write_spec(workspace, "qlora-on-cpu", method="qlora")
+    process = start(workspace, spec)
+    stdout, _ = process.communicate(timeout=120)
+    stderr = (workspace / "qlora-on-cpu.stderr").read_text().strip()
+    assert process.returncode == EXIT_REFUSED, stdout + stderr
+    assert stderr.splitlines() == [stderr] and "Traceback" not in stderr
+    assert stderr.startswith("training refused: quantization 4bit (method qlora) needs a CUDA GPU")
+    assert not (workspace / "qlora-on-cpu" / "adapter").exists()
+
+
+@pytest.mark.slow
 def test_loss_is_masked_on_prompt_tokens(workspace):
-    from ftpipe.config import TrainingConfig
-
     class Quiet:
         def info(self, message):
             pass
@@ -166,9 +169,9 @@ def test_loss_is_masked_on_prompt_tokens(workspace):
         def log_metrics(self, metrics, step):
             pass
 
-    spec = training.TrainingSpec.from_json(write_spec(workspace, "masking"))
-    config = TrainingConfig.model_validate(spec.training)
-    trainer, _, _ = training.build_trainer(spec, config, "lora", Quiet(), Quiet())
+    spec = TrainingSpec.from_json(write_spec(workspace, "masking"))
+    trainer, _, facts = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), Quiet(), Quiet())
+    assert facts == {"rows_too_long": LONG_ROWS, "replay_rows": 0}
     tokenizer = trainer.processing_class
     example = trainer.train_dataset[0]
     labels, input_ids = example["labels"], example["input_ids"]
@@ -181,37 +184,65 @@ def test_loss_is_masked_on_prompt_tokens(workspace):
     assert labels[first_trained:] == input_ids[first_trained:]
 
 
-def test_killed_training_resumes_from_its_checkpoint_in_the_same_mlflow_run(workspace):
-    spec = write_spec(workspace, "resume", max_steps=24, logging_steps=1)
-    checkpoints = workspace / "resume" / "checkpoints"
-    process = start(workspace, spec)
+def kill_after_logging_past_a_checkpoint(root: Path, spec: Path, checkpoint_dir: Path) -> int:
+    """Start a training and SIGKILL it once it logged two steps past a complete checkpoint; that checkpoint's step."""
+    process = start(root, spec)
     deadline = time.monotonic() + 120
-    while not any(training.is_complete_checkpoint(p) for p in checkpoints.glob("checkpoint-*")):
-        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the program ended"
-        time.sleep(0.1)
-    process.kill()
-    process.wait()
-    first_run_id = (checkpoints / training.RUN_ID_FILE).read_text()
+    for line in process.stdout:
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        complete = [p for p in checkpoint_dir.glob("checkpoint-*") if checkpoints.is_complete_checkpoint(p)]
+        step = STEP_LINE.match(line)
+        if complete and step and int(step.group(1)) >= checkpoints.checkpoint_step(max(complete)) + 2:
+            process.kill()
+            process.wait()
+            return checkpoints.checkpoint_step(max(complete))
+    pytest.fail("the training ended before it could be killed")
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_in_the_same_mlflow_run_with_one_point_per_step(workspace):
+    spec = write_spec(workspace, "resume", max_steps=24, logging_steps=1)
+    checkpoint_dir = workspace / "resume" / "checkpoints"
+    kill_after_logging_past_a_checkpoint(workspace, spec, checkpoint_dir)
+    first_run_id = (checkpoint_dir / checkpoints.RUN_ID_FILE).read_text()
     assert not (workspace / "resume" / "adapter").exists()
 
     stdout = run_to_end(workspace, spec)
     resumed = [line for line in stdout.splitlines() if line.startswith("resuming from checkpoint-")]
     assert len(resumed) == 1 and int(resumed[0].rsplit("-", 1)[1]) > 0
-    result = json.loads((workspace / "resume" / "adapter" / training.RESULT_FILE).read_text())
-    assert result["mlflow_run_id"] == first_run_id and result["steps"] == 24
-    assert result["resumed_from_step"] == int(resumed[0].rsplit("-", 1)[1])
-    assert mlflow_client(workspace).get_run(first_run_id).info.status == "FINISHED"
+    metadata = output_result(spec).metadata
+    assert metadata["mlflow_run_id"] == first_run_id and metadata["steps"] == 24
+    assert metadata["resumed_from_step"] == int(resumed[0].rsplit("-", 1)[1])
+    client = mlflow_client(workspace)
+    assert client.get_run(first_run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(first_run_id, "train_loss")] == list(range(1, 25))
+    assert [m.step for m in client.get_metric_history(first_run_id, "eval_loss")] == [4, 8, 12, 16, 20, 24]
 
 
+@pytest.mark.slow
+def test_force_retrain_starts_from_step_zero_in_a_new_mlflow_run(workspace):
+    spec = write_spec(workspace, "forced", max_steps=24, logging_steps=1)
+    checkpoint_dir = workspace / "forced" / "checkpoints"
+    kill_after_logging_past_a_checkpoint(workspace, spec, checkpoint_dir)
+    first_run_id = (checkpoint_dir / checkpoints.RUN_ID_FILE).read_text()
+
+    stdout = run_to_end(workspace, write_spec(workspace, "forced", force_retrain=True, max_steps=24, logging_steps=1))
+    assert "resuming" not in stdout and "step 1/24" in stdout
+    metadata = output_result(spec).metadata
+    assert metadata["mlflow_run_id"] != first_run_id and metadata["resumed_from_step"] == 0
+    assert mlflow_client(workspace).get_run(first_run_id).info.status == "KILLED"
+
+
+@pytest.mark.slow
 def test_sigterm_ends_the_mlflow_run_killed(workspace):
     spec = write_spec(workspace, "sigterm", max_steps=200, logging_steps=1)
     process = start(workspace, spec)
-    wait_for_line(process, "step ")
+    next(line for line in process.stdout if line.startswith("step "))
     process.send_signal(signal.SIGTERM)
     stdout, _ = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM
     assert "training stopped: interrupted by SIGTERM" in stdout
-    run_id = (workspace / "sigterm" / "checkpoints" / training.RUN_ID_FILE).read_text()
+    run_id = (workspace / "sigterm" / "checkpoints" / checkpoints.RUN_ID_FILE).read_text()
     assert mlflow_client(workspace).get_run(run_id).info.status == "KILLED"
 
 
@@ -220,19 +251,19 @@ def test_overfitting_needs_rising_eval_and_falling_train_loss():
         return [{"step": s, "loss": v} for s, v in train] + [{"step": s, "eval_loss": v} for s, v in evals]
 
     train = [(2, 2.0), (4, 1.5), (6, 1.0), (8, 0.5)]
-    assert training.detect_overfitting(history(train, [(4, 1.0), (6, 1.1), (8, 1.2)]))
-    assert not training.detect_overfitting(history(train, [(4, 1.0), (6, 0.9), (8, 1.2)]))
-    assert not training.detect_overfitting(history([(2, 0.5), (4, 0.6), (6, 0.7), (8, 0.8)],
-                                                   [(4, 1.0), (6, 1.1), (8, 1.2)]))
-    assert not training.detect_overfitting(history(train, [(6, 1.1), (8, 1.2)]))
+    assert outputs.detect_overfitting(history(train, [(4, 1.0), (6, 1.1), (8, 1.2)]))
+    assert not outputs.detect_overfitting(history(train, [(4, 1.0), (6, 0.9), (8, 1.2)]))
+    assert not outputs.detect_overfitting(history([(2, 0.5), (4, 0.6), (6, 0.7), (8, 0.8)],
+                                                  [(4, 1.0), (6, 1.1), (8, 1.2)]))
+    assert not outputs.detect_overfitting(history(train, [(6, 1.1), (8, 1.2)]))
 
 
 def test_training_fingerprint_is_stable_and_sensitive():
     config = {"learning_rate": 1e-4, "lora": {"r": 8}}
-    fingerprint = training.training_fingerprint("split-1", "base-1", config)
-    assert fingerprint == training.training_fingerprint("split-1", "base-1", {"lora": {"r": 8}, "learning_rate": 1e-4})
-    assert fingerprint != training.training_fingerprint("split-2", "base-1", config)
-    assert fingerprint != training.training_fingerprint("split-1", "base-1", {**config, "lora": {"r": 16}})
+    fingerprint = training_fingerprint("split-1", "base-1", config)
+    assert fingerprint == training_fingerprint("split-1", "base-1", {"lora": {"r": 8}, "learning_rate": 1e-4})
+    assert fingerprint != training_fingerprint("split-2", "base-1", config)
+    assert fingerprint != training_fingerprint("split-1", "base-1", {**config, "lora": {"r": 16}})
 
 
 def test_incomplete_checkpoints_are_ignored_and_removed(tmp_path):
@@ -243,5 +274,42 @@ def test_incomplete_checkpoints_are_ignored_and_removed(tmp_path):
     (complete / "optimizer.pt").write_bytes(b"x")
     (complete / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
     (partial / "trainer_state.json").write_text('{"global_step": 8')  # torn write
-    assert training.latest_complete_checkpoint(tmp_path) == complete
+    assert checkpoints.latest_complete_checkpoint(tmp_path) == complete
     assert not partial.exists()
+
+
+def test_a_forced_retraining_ignores_checkpoints_and_the_previous_run(tmp_path):
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    for name in ("adapter_model.safetensors", "optimizer.pt"):
+        (checkpoint / name).write_bytes(b"x")
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    checkpoints.remember_run(tmp_path, "run-1")
+    assert checkpoints.resume_point(tmp_path, force_retrain=False) == (checkpoint, "run-1")
+    assert checkpoints.resume_point(tmp_path, force_retrain=True) == (None, None)
+    checkpoints.start_fresh(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resumed_run_logs_only_steps_it_does_not_have_yet():
+    class Metric:
+        def __init__(self, step):
+            self.step = step
+
+    class Client:
+        def get_metric_history(self, run_id, key):
+            return [Metric(step) for step in {"train_loss": [1, 2, 3, 4, 5], "eval_loss": [4]}.get(key, [])]
+
+    class Run:
+        client, run_id, logged = Client(), "run", []
+
+        def log_metrics(self, metrics, step):
+            self.logged.append((step, sorted(metrics)))
+
+    run = Run()
+    filtered = NewStepsOnly(run, resumed=True)
+    for step in (5, 6):
+        filtered.log_metrics({"train_loss": 1.0, "grad_norm": 0.1}, step=step)
+    filtered.log_metrics({"eval_loss": 1.0}, step=8)
+    assert run.logged == [(5, ["grad_norm"]), (6, ["grad_norm", "train_loss"]), (8, ["eval_loss"])]
+    assert NewStepsOnly(Run(), resumed=False).logged_through == {}

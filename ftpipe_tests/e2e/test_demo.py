@@ -12,25 +12,24 @@ from ftpipe.core.storage import REPO_ROOT
 from ftpipe.partitions import task_partitions
 
 TASK = "ticket_triage"
-pytestmark = pytest.mark.timeout(1500)  # the real model on one CPU thread takes about 13 minutes on a quiet machine
+# the real model on one CPU thread takes about 13 minutes on a quiet machine
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """Materialize every asset of the demo task once (fresh instance and artifact home, shared model download)."""
+    from ftpipe.core.layout import TaskLayout, downloads_dir, mlflow_db
     from ftpipe.core.modeling import fetch_default_gguf
-
-    home = tmp_path_factory.mktemp("demo_home")
-    shared_downloads = REPO_ROOT / ".ftpipe" / "downloads"
-    gguf = fetch_default_gguf(shared_downloads)
-    (home / "downloads").mkdir()
-    (home / "downloads" / gguf.name).symlink_to(gguf)
-    patch = pytest.MonkeyPatch()
-    patch.setenv("FTPIPE_HOME", str(home))
-    patch.setenv("FTPIPE_DATA_DIR", str(REPO_ROOT / "data"))
-    patch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from ftpipe.definitions import defs
 
+    gguf = fetch_default_gguf(downloads_dir())  # the download `make run` uses, before FTPIPE_HOME moves
+    patch = pytest.MonkeyPatch()
+    patch.setenv("FTPIPE_HOME", str(tmp_path_factory.mktemp("demo_home")))
+    patch.setenv("FTPIPE_DATA_DIR", str(REPO_ROOT / "data"))
+    patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    downloads_dir().mkdir()
+    (downloads_dir() / gguf.name).symlink_to(gguf)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(task_partitions.name, [TASK])
         result = defs.resolve_job_def("finetune_job").execute_in_process(instance=instance, partition_key=TASK)
@@ -39,7 +38,8 @@ def demo(tmp_path_factory):
             for e in result.get_asset_materialization_events()
         }
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
-        yield {"result": result, "metadata": metadata, "checks": checks, "home": home}
+        yield {"result": result, "metadata": metadata, "checks": checks, "eval_path": TaskLayout(TASK).split_files[1],
+               "mlflow_db": mlflow_db()}
     patch.undo()
 
 
@@ -65,13 +65,14 @@ def test_fine_tuning_beats_the_base_and_passes_the_gate(demo) -> None:
 def test_merged_model_loads_plainly_and_answers_a_heldout_prompt(demo) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftpipe.core.evaluation import generate, parse_label
+    from ftpipe.core.evaluation.generation import generate
+    from ftpipe.core.evaluation.metrics.classification import parse_label
     from ftpipe.core.records import read_examples
 
     path = demo["metadata"]["merged_model"]["model_path"]
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    rows = read_examples(demo["home"] / "tasks" / TASK / "heldout_split" / "eval.parquet")[:8]
+    rows = read_examples(demo["eval_path"])[:8]
     answers = generate(model, tokenizer, [r["messages"][:-1] for r in rows], max_new_tokens=24, batch_size=8)
     correct = [parse_label(a, "category") == parse_label(r["messages"][-1]["content"], "category") for a, r in zip(answers, rows)]
     assert any(correct), list(zip(answers, [r["messages"][-1]["content"] for r in rows]))
@@ -82,7 +83,7 @@ def test_registry_has_the_version_with_its_aliases(demo) -> None:
     from mlflow import MlflowClient
 
     merged = demo["metadata"]["merged_model"]
-    client = MlflowClient(f"sqlite:///{demo['home'] / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{demo['mlflow_db']}")
     version = client.get_model_version_by_alias(f"ftpipe-{TASK}", "champion")
     assert merged["registered_model"] == f"ftpipe-{TASK}"
     assert int(version.version) == merged["registered_version"]

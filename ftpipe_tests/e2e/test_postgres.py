@@ -15,11 +15,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ftpipe.core.storage import REPO_ROOT
-from ftpipe_tests.assets_tests.test_training_assets import TRAINING
-from ftpipe_tests.conftest import make_task
-from ftpipe_tests.tiny_model import build_tiny_model, toy_rows
+from ftpipe_tests.e2e.helpers import TASKS, assert_heavy_steps_one_at_a_time, run_at_once, run_checked, two_tiny_tasks
 
-TASKS = ["apples", "plums"]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SECRET = uuid.uuid4().hex[:12]
 PG_PASSWORD = f"pg-pw-{SECRET}"
 PLANTED = {"HF_TOKEN": f"hf_planted{SECRET}", "OPENAI_API_KEY": f"sk-planted-{SECRET}",
@@ -35,25 +33,6 @@ def postgres_bin(name: str) -> Path:
 def as_postgres_user(command: list) -> list:
     """initdb and postgres refuse to run as root; run them as the `postgres` system user then."""
     return ["runuser", "-u", "postgres", "--", *map(str, command)] if os.geteuid() == 0 else list(map(str, command))
-
-
-def tiny_task_yaml(model: Path) -> str:
-    """A task on a tiny local model whose gate always passes, so every asset materializes."""
-    return (f"base_model: {model}\nsplit: {{eval_fraction: 0.2}}\n{TRAINING}"
-            "evaluation: {min_improvement: -1.0, max_forgetting: 1.0}\n")
-
-
-def assert_heavy_steps_one_at_a_time(instance: dg.DagsterInstance) -> None:
-    """The `gpu` pool ran the two runs' training and evaluation steps one after another, never together."""
-    heavy = sorted((step.start_time, step.end_time) for run in instance.get_runs()
-                   for step in instance.get_run_step_stats(run.run_id) if step.step_key in ("lora_adapter", "eval_report"))
-    assert len(heavy) == 4
-    assert all(later[0] >= earlier[1] for earlier, later in zip(heavy, heavy[1:])), "the gpu pool ran heavy steps at once"
-
-
-def run_checked(command: list, **kwargs) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, **kwargs)
-    assert done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"
 
 
 @pytest.fixture
@@ -81,31 +60,9 @@ def postgres():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def two_tiny_tasks(ftpipe_env: Path, tmp_path: Path, dagster_yaml: Path) -> Path:
-    """The tasks in TASKS on a tiny local model, and a Dagster home holding `dagster_yaml`; returns the home."""
-    model = build_tiny_model(tmp_path / "tiny")
-    rows = [{"messages": r["messages"]} for r in toy_rows(60, seed=3)]
-    for task in TASKS:
-        make_task(ftpipe_env, task, {"rows.jsonl": rows}, tiny_task_yaml(model))
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(dagster_yaml, home / "dagster.yaml")
-    return home
-
-
-def run_at_once(commands: list[list[str]], env: dict, home: Path) -> list[str]:
-    """Start `commands` together in `home`; every one must succeed, none may meet a locked database."""
-    processes = [subprocess.Popen(command, env=env, cwd=home, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                 for command in commands]
-    outputs = [process.communicate(timeout=900)[0] for process in processes]
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output[-3000:]
-        assert "database is locked" not in output
-    return outputs
-
-
-def test_two_tasks_at_once_on_postgres_and_no_secret_leaks(postgres: int, ftpipe_env: Path, tmp_path: Path) -> None:
-    home = two_tiny_tasks(ftpipe_env, tmp_path, REPO_ROOT / "deploy" / "dagster.postgres.yaml")
+def test_two_tasks_at_once_on_postgres_and_no_secret_leaks(postgres: int, ftpipe_env: Path, tiny_model_dir: Path,
+                                                            tmp_path: Path) -> None:
+    home = two_tiny_tasks(ftpipe_env, tiny_model_dir, tmp_path, REPO_ROOT / "deploy" / "dagster.postgres.yaml")
     mlflow_uri = f"postgresql://postgres:{PG_PASSWORD}@127.0.0.1:{postgres}/mlflow"
     env = {**os.environ, **PLANTED, "DAGSTER_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_uri,
            "DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(postgres), "DAGSTER_PG_DB": "dagster", "DAGSTER_PG_USER": "postgres"}

@@ -10,31 +10,23 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ftpipe.core.storage import REPO_ROOT
-from ftpipe_tests.e2e.test_postgres import TASKS, assert_heavy_steps_one_at_a_time, run_at_once, run_checked, two_tiny_tasks
+from ftpipe_tests.e2e.helpers import TASKS, assert_heavy_steps_one_at_a_time, run_at_once, run_checked, two_tiny_tasks
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 RUN_ONE = """
 import sys
 import dagster as dg
-from ftpipe_tests.e2e.test_sqlite_concurrency import multiprocess_finetune_job
+from ftpipe_tests.e2e.helpers import multiprocess_finetune_job
 with dg.execute_job(dg.reconstructable(multiprocess_finetune_job), instance=dg.DagsterInstance.get(),
                     tags={"dagster/partition": sys.argv[1]}) as result:
     sys.exit(0 if result.success else 1)
 """
 
 
-def multiprocess_finetune_job() -> dg.JobDefinition:
-    """`finetune_job` with every step in its own process, forked from a server that imported the libraries once."""
-    from ftpipe.definitions import defs
-
-    preload = ["ftpipe.definitions", "torch", "transformers", "peft", "mlflow"]
-    executor = dg.multiprocess_executor.configured({"start_method": {"forkserver": {"preload_modules": preload}}})
-    return defs.resolve_job_def("finetune_job").with_executor_def(executor)
-
-
 def test_two_partitions_at_once_with_the_multiprocess_executor_on_sqlite(
-    ftpipe_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ftpipe_env: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    home = two_tiny_tasks(ftpipe_env, tmp_path, REPO_ROOT / "dagster.yaml")
+    home = two_tiny_tasks(ftpipe_env, tiny_model_dir, tmp_path, REPO_ROOT / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(REPO_ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
     run_checked([sys.executable, "-m", "ftpipe", "tasks", "sync"], env=env, cwd=home)

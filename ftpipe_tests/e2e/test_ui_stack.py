@@ -20,10 +20,10 @@ import psutil
 import pytest
 
 from ftpipe.core.storage import REPO_ROOT
-from ftpipe_tests.assets_tests.test_training_assets import TRAINING
-from ftpipe_tests.conftest import make_task
-from ftpipe_tests.tiny_model import build_tiny_model, toy_rows
+from ftpipe_tests.builders import LENIENT_GATE, append_rows, toy_task
+from ftpipe_tests.tiny_model import build_tiny_model
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TASK = "colors"
 ASSETS = ["raw_examples", "deduplicated_examples", "review_sample", "heldout_split",
           "base_model", "lora_adapter", "eval_report", "merged_model"]
@@ -116,12 +116,9 @@ def wait_for(condition, timeout: float, what: str, stack: Stack):
 
 
 @pytest.fixture
-def stack(ftpipe_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def stack(ftpipe_env: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: install Debian's chromium package (.ci/run does)"
-    model = build_tiny_model(tmp_path / "tiny")
-    rows = [{"messages": r["messages"]} for r in toy_rows(60, seed=3)]
-    make_task(ftpipe_env, TASK, {"rows.jsonl": rows}, f"base_model: {model}\nsplit: {{eval_fraction: 0.2}}\n{TRAINING}"
-              "evaluation: {min_improvement: -1.0, max_forgetting: 1.0}\nretrain: {on_data_change: true}\n")
+    toy_task(ftpipe_env, TASK, tiny_model_dir, LENIENT_GATE + "retrain: {on_data_change: true}\n")
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
@@ -130,7 +127,7 @@ def stack(ftpipe_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     subprocess.run([sys.executable, "-m", "ftpipe", "tasks", "sync"], env=env, cwd=home, check=True)
     monkeypatch.chdir(home)  # dagster.yaml's storage folder is relative to the working directory
     running = Stack(env, home)
-    running.env, running.home, running.task_yaml = env, home, ftpipe_env / "tasks" / TASK / "task.yaml"
+    running.env, running.home, running.task_folder = env, home, ftpipe_env / "tasks" / TASK
     try:
         running.wait_until_loaded()
         with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -176,7 +173,8 @@ def metadata(record) -> dict:
     return {k: v.value for k, v in record.asset_materialization.metadata.items()}
 
 
-def test_ui_stack_materializes_refreshes_retrains_and_shows_the_graph(stack: Stack, ftpipe_env: Path, tmp_path: Path) -> None:
+def test_ui_stack_materializes_refreshes_retrains_and_shows_the_graph(stack: Stack, tiny_model_dir: Path,
+                                                                     tmp_path: Path) -> None:
     instance = stack.instance
     started = time.monotonic()
     first = launch_whole_graph(stack)
@@ -189,9 +187,7 @@ def test_ui_stack_materializes_refreshes_retrains_and_shows_the_graph(stack: Sta
     rows_before = metadata(latest(instance, "raw_examples"))["rows_read"]
     adapter_before = latest(instance, "lora_adapter")
 
-    with (ftpipe_env / "tasks" / TASK / "raw" / "more.jsonl").open("w") as handle:
-        for row in toy_rows(20, seed=11):
-            handle.write(json.dumps({"messages": row["messages"]}) + "\n")
+    append_rows(stack.task_folder, "more.jsonl", 20, seed=11)
 
     refreshed = wait_for(lambda: (r := latest(instance, "heldout_split")) and r.run_id != first and r, 240,
                          "the daemon to refresh the data assets", stack)
@@ -219,18 +215,19 @@ def test_ui_stack_materializes_refreshes_retrains_and_shows_the_graph(stack: Sta
     assert len(runs_tagged(instance, "ftpipe/retrain", "data_change")) == 1
 
     print(f"skip: {time.monotonic() - started:.0f}s")
-    backfill_after_a_base_model_change(stack, tmp_path, retrain.run_id)
+    backfill_after_a_base_model_change(stack, tiny_model_dir, tmp_path, retrain.run_id)
     print(f"backfill: {time.monotonic() - started:.0f}s")
     show_asset_graph(stack)
     print(f"browser: {time.monotonic() - started:.0f}s")
 
 
-def backfill_after_a_base_model_change(stack: Stack, tmp_path: Path, previous_run: str) -> None:
+def backfill_after_a_base_model_change(stack: Stack, model: Path, tmp_path: Path, previous_run: str) -> None:
     """The README's recipe: change base_model in task.yaml, then backfill finetune_job over all tasks."""
     instance = stack.instance
     old_base = metadata(latest(instance, "base_model"))["fingerprint"]
     new_model = build_tiny_model(tmp_path / "tiny2", seed=1)
-    stack.task_yaml.write_text(stack.task_yaml.read_text().replace(str(tmp_path / "tiny"), str(new_model)))
+    task_yaml = stack.task_folder / "task.yaml"
+    task_yaml.write_text(task_yaml.read_text().replace(str(model), str(new_model)))
     refreshed = wait_for(lambda: (r := latest(instance, "heldout_split")).run_id != previous_run and r, 120,
                          "the data refresh after the task.yaml edit", stack)
     wait_for_run(stack, refreshed.run_id)

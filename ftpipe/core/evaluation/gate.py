@@ -1,0 +1,60 @@
+"""The eval gate, decided from stored measurements with the run's effective config: changing a threshold
+re-decides it without generating anything (the thresholds are not part of the evaluation's reuse key)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftpipe.config import EvaluationConfig
+
+GATE_FIELDS = frozenset({"min_improvement", "max_forgetting", "require_beats_fewshot", "require_human_review"})
+
+
+def _gain(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
+    if metrics["delta_ci_low"] >= config.min_improvement:
+        return None
+    return (f"delta_ci_low {metrics['delta_ci_low']:.3f} < min_improvement {config.min_improvement:.3f} "
+            f"({metrics['primary_metric']} {metrics['base_score']:.3f} -> {metrics['finetuned_score']:.3f})")
+
+
+def _forgetting(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
+    if metrics["forgetting_ci_low"] <= config.max_forgetting:
+        return None
+    return (f"forgetting {metrics['forgetting']:.3f} (95% CI {metrics['forgetting_ci_low']:.3f} … "
+            f"{metrics['forgetting_ci_high']:.3f}): CI low > max_forgetting {config.max_forgetting:.3f} "
+            f"(probe accuracy {metrics['probe_base_accuracy']:.3f} -> {metrics['probe_finetuned_accuracy']:.3f}, "
+            f"probe loss {metrics['probe_base_loss']:.3f} -> {metrics['probe_finetuned_loss']:.3f})")
+
+
+def _fewshot(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
+    if not config.require_beats_fewshot:
+        return None
+    if metrics["fewshot_score"] is None:
+        return "require_beats_fewshot, but no few-shot baseline was measured (no train rows or fewshot_k 0)"
+    if metrics["delta_vs_fewshot_ci_low"] >= config.min_improvement:
+        return None
+    return (f"delta_vs_fewshot_ci_low {metrics['delta_vs_fewshot_ci_low']:.3f} < min_improvement "
+            f"{config.min_improvement:.3f} ({metrics['primary_metric']} few-shot {metrics['fewshot_score']:.3f} "
+            f"-> fine-tuned {metrics['finetuned_score']:.3f})")
+
+
+def _human_review(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
+    have = metrics.get("human_verdicts") or 0
+    if have >= config.require_human_review:
+        return None
+    return f"waiting for {config.require_human_review} human verdicts (have {have})"
+
+
+def decide_gate(metrics: dict[str, Any], config: EvaluationConfig) -> tuple[bool, list[str]]:
+    """(passed, the unmet conditions as sentences with their numbers). The conditions:
+
+    - the primary metric's gain over the base model has a 95% CI low of at least `min_improvement`;
+    - forgetting fails only on evidence: when its 95% CI low is above `max_forgetting` (a few probe rows
+      changing by chance cannot fail the gate);
+    - with `require_beats_fewshot`, the gain over the few-shot baseline has a CI low of at least `min_improvement`;
+    - with `require_human_review` N (generation tasks), at least N human verdicts on the new model's answers
+      (`human_verdicts`, which `read_evaluation` adds from the verdicts it is given) exist.
+    """
+    checks = (_gain, _forgetting, _fewshot, _human_review)
+    failures = [failure for check in checks if (failure := check(metrics, config))]
+    return not failures, failures

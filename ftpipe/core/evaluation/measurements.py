@@ -1,0 +1,85 @@
+"""The measurements of an evaluation (what metrics.json stores) and one prediction record per held-out row."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation.forgetting import measure_forgetting
+from ftpipe.core.evaluation.metrics import Scores, TaskMetrics
+from ftpipe.core.evaluation.outputs import Heldout, ModelOutputs
+from ftpipe.core.evaluation.statistics import paired_bootstrap
+from ftpipe.core.records import user_message
+
+LABEL_LIKELIHOOD = "label_likelihood_accuracy"
+DELTA_SEED, FEWSHOT_SEED, FORGETTING_SEED = 0, 1, 2
+
+
+def side_scores(task: TaskMetrics, outputs: ModelOutputs, references: list[str]) -> Scores:
+    """The task metrics of one model's answers, with label log-likelihood accuracy when labels were ranked."""
+    scores = task.scores(outputs.answers, references)
+    if outputs.label_correct is None:
+        return scores
+    return replace(scores, rows={**scores.rows, LABEL_LIKELIHOOD: outputs.label_correct})
+
+
+def _versus_fewshot(scores: dict[str, Scores], outputs: dict[str, ModelOutputs], primary: str,
+                    config: EvaluationConfig) -> dict[str, Any]:
+    if "fewshot" not in outputs:
+        return dict.fromkeys(("fewshot_score", "delta_vs_fewshot", "delta_vs_fewshot_ci_low",
+                              "delta_vs_fewshot_ci_high", "fewshot_prompt_tokens"))
+    delta, low, high = paired_bootstrap(scores["fewshot"].rows[primary], scores["finetuned"].rows[primary],
+                                        config.bootstrap_samples, seed=FEWSHOT_SEED)
+    return {"fewshot_score": scores["fewshot"].summary[primary], "delta_vs_fewshot": delta,
+            "delta_vs_fewshot_ci_low": low, "delta_vs_fewshot_ci_high": high,
+            "fewshot_prompt_tokens": outputs["fewshot"].prompt_tokens}
+
+
+def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetrics, config: EvaluationConfig,
+            fewshot_examples: int) -> tuple[dict[str, Any], dict[str, Scores]]:
+    """(measurements, scores by side): every model's metrics, the primary metric's gain over the base and over
+    few-shot with 95% paired-bootstrap intervals, prompt tokens per call, losses and forgetting."""
+    references = [row["messages"][-1]["content"] for row in heldout.rows]
+    scores = {side: side_scores(task, produced, references) for side, produced in outputs.items()}
+    base, tuned, primary = outputs["base"], outputs["finetuned"], task.primary
+    delta, low, high = paired_bootstrap(scores["base"].rows[primary], scores["finetuned"].rows[primary],
+                                        config.bootstrap_samples, seed=DELTA_SEED)
+    metrics = {
+        "primary_metric": primary, "rows": len(heldout.rows),
+        "base_score": scores["base"].summary[primary], "finetuned_score": scores["finetuned"].summary[primary],
+        "delta": delta, "delta_ci_low": low, "delta_ci_high": high,
+        **_versus_fewshot(scores, outputs, primary, config), "fewshot_examples": fewshot_examples,
+        "prompt_tokens": tuned.prompt_tokens,
+        **measure_forgetting(heldout.probe, base, tuned, config.bootstrap_samples, seed=FORGETTING_SEED),
+        "base_loss": base.loss, "finetuned_loss": tuned.loss,
+        "base_perplexity": base.perplexity, "finetuned_perplexity": tuned.perplexity,
+        "metrics": {side: scored.summary for side, scored in scores.items()},
+    }
+    return metrics, scores
+
+
+def prediction_records(heldout: Heldout, outputs: dict[str, ModelOutputs], scores: dict[str, Scores],
+                       task: TaskMetrics) -> list[dict[str, Any]]:
+    """One record per held-out row: the user's message, the whole prompt, the reference, each model's answer,
+    per-row scores, label and final answer, and the primary metric's delta against the base (and few-shot)."""
+    records, primary = [], task.primary
+    for i, row in enumerate(heldout.rows):
+        reference = row["messages"][-1]["content"]
+        record = {"id": row["id"], "message": user_message(row["messages"]),
+                  "prompt": "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"][:-1]),
+                  "reference": reference}
+        if task.checks_answers:
+            record["reference_final_answer"] = task.final_answer(reference)
+        for side, scored in scores.items():
+            record[f"{side}_answer"] = outputs[side].answers[i]
+            record.update({f"{side}_{name}": values[i] for name, values in scored.rows.items()})
+            if scored.labels is not None:
+                record[f"{side}_label"] = scored.labels[i]
+            if scored.final_answers is not None:
+                record[f"{side}_final_answer"] = scored.final_answers[i]
+        record["delta"] = record[f"finetuned_{primary}"] - record[f"base_{primary}"]
+        if "fewshot" in scores:
+            record["delta_vs_fewshot"] = record[f"finetuned_{primary}"] - record[f"fewshot_{primary}"]
+        records.append(record)
+    return records

@@ -1,0 +1,35 @@
+"""Task metrics, one entry per task type (`evaluation.task_type`): add a type by adding a `TaskMetrics` subclass."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation.metrics.base import LabelChoices, Scores, TaskMetrics
+from ftpipe.core.evaluation.metrics.classification import Classification, raw_label
+from ftpipe.core.evaluation.metrics.extraction import Extraction
+from ftpipe.core.evaluation.metrics.generation import Generation
+
+TASK_TYPES: dict[str, type[TaskMetrics]] = {cls.name: cls for cls in (Classification, Extraction, Generation)}
+
+__all__ = ["TASK_TYPES", "LabelChoices", "Scores", "TaskMetrics", "check_references", "label_reader", "task_metrics"]
+
+
+def task_metrics(config: EvaluationConfig) -> TaskMetrics:
+    """The metrics of the configured task type."""
+    return TASK_TYPES[config.task_type](config)
+
+
+def label_reader(config: EvaluationConfig) -> Callable[[str], str | None] | None:
+    """How to read a row's label, as written, from its answer, for task types with labels (None for the others)."""
+    return partial(raw_label, label_field=config.label_field) if task_metrics(config).labelled else None
+
+
+def check_references(rows: list[dict], task: TaskMetrics) -> None:
+    """Refuse references the metrics cannot read (before any generation)."""
+    problems = [(row["id"], task.reference_problem(row["messages"][-1]["content"])) for row in rows]
+    bad = [(row_id, problem) for row_id, problem in problems if problem]
+    if bad:
+        raise ValueError(f"{len(bad)} held-out reference(s) {bad[0][1]} (task_type {task.name}); "
+                         f"ids: {[row_id for row_id, _ in bad[:5]]}")

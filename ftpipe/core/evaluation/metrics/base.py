@@ -1,0 +1,96 @@
+"""What every task type provides: per-row scores, a primary metric, a check of the references it can read, and
+optional extras (a label set to rank by log-likelihood or to constrain answers to, final answers to check, groups
+for picking few-shot examples, report sections)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ftpipe.config import EvaluationConfig
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def first_json_object(text: str) -> dict | None:
+    """The first `{...}` in `text` that parses as a JSON object (text around it is ignored)."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class Scores:
+    """`rows`: per-row score lists by metric name; `extra`: summary-only values; `labels`: each row's parsed
+    label (None when unreadable), for task types that have labels; `final_answers`: each row's extracted final
+    answer, when the task checks final answers."""
+
+    rows: dict[str, list[float]]
+    extra: dict[str, Any] = field(default_factory=dict)
+    labels: list[str | None] | None = None
+    final_answers: list[str | None] | None = None
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """Every metric's value: the mean of each per-row metric, then the summary-only values."""
+        return {**{name: mean(values) for name, values in self.rows.items()}, **self.extra}
+
+
+@dataclass(frozen=True)
+class LabelChoices:
+    """The label set of a classification, for ranking labels by log-likelihood: `names` (normalised labels),
+    each row's expected name, and each row's candidate answers (one per name, in the row's answer format)."""
+
+    names: list[str]
+    expected: list[str]
+    candidates: list[list[str]]
+
+
+class TaskMetrics:
+    """One task type's scoring (a subclass per type, registered in `metrics.TASK_TYPES` under `name`)."""
+
+    name: ClassVar[str]
+    primary: str  # the metric the gate judges
+    labelled: ClassVar[bool] = False  # answers carry a label from a fixed set
+    checks_answers: bool = False  # a final answer is extracted from each answer and checked
+
+    def __init__(self, config: EvaluationConfig):
+        self.config = config
+
+    def scores(self, answers: list[str], references: list[str]) -> Scores:
+        raise NotImplementedError
+
+    def reference_problem(self, reference: str) -> str | None:
+        """Why the metrics cannot read `reference` (None: they can)."""
+        return None
+
+    def group(self, reference: str) -> str:
+        """The group of a row for picking varied few-shot examples (one group unless a type has labels)."""
+        return ""
+
+    def label_choices(self, references: list[str]) -> LabelChoices | None:
+        """The label set to rank by log-likelihood (None: the type has no labels)."""
+        return None
+
+    def label_answers(self, references: list[str]) -> list[str] | None:
+        """The label set as complete answers, to constrain answers to (None: the type has no labels)."""
+        return None
+
+    def final_answer(self, text: str) -> str | None:
+        """The final answer extracted from `text`, when the task checks final answers."""
+        return None
+
+    def report_sections(self, records: list[dict[str, Any]], sides: dict[str, str]) -> list[tuple[str, str]]:
+        """Extra (title, Markdown) report sections built from the prediction records (`sides`: column prefix to
+        the model's name in titles)."""
+        return []

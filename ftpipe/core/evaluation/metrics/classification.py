@@ -1,0 +1,131 @@
+"""Classification: the answer is a label (the whole answer, or one JSON field of it). Accuracy (primary) and
+macro-F1, a confusion table per model, and the label set: for ranking labels by log-likelihood, and as complete
+answers to constrain generation to."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from typing import Any
+
+from ftpipe.core.evaluation.metrics.base import LabelChoices, Scores, TaskMetrics, first_json_object
+from ftpipe.core.text import loose, markdown_table
+
+UNPARSEABLE = "(unparseable)"
+OTHER_LABEL = "(other)"
+
+
+def raw_label(text: str, label_field: str | None = None) -> str | None:
+    """The label as written: JSON field `label_field` of the first JSON object when given, else the whole text."""
+    if not label_field:
+        return text.strip()
+    found = first_json_object(text)
+    if found is None or found.get(label_field) is None:
+        return None
+    return str(found[label_field])
+
+
+def parse_label(text: str, label_field: str | None = None) -> str | None:
+    """The normalised label in `text` (see `raw_label`); None when absent or empty."""
+    raw = raw_label(text, label_field)
+    return (loose(raw) or None) if raw is not None else None
+
+
+def most_common(values: list) -> Any:
+    """The most frequent value (the smallest of equally frequent ones)."""
+    return min(Counter(values).items(), key=lambda item: (-item[1], item[0]))[0]
+
+
+def macro_f1(expected: list[str], predicted: list[str | None]) -> float:
+    """Mean F1 over the labels seen in `expected` (a None prediction is wrong for every label)."""
+    scores = []
+    for label in sorted(set(expected)):
+        tp = sum(e == label and p == label for e, p in zip(expected, predicted))
+        fp = sum(e != label and p == label for e, p in zip(expected, predicted))
+        fn = sum(e == label and p != label for e, p in zip(expected, predicted))
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def confusion_table(expected: list[str], predicted: list[str | None]) -> str:
+    """Markdown counts, reference label × predicted label; labels never seen as a reference go to `(other)`."""
+    labels = sorted(set(expected))
+    column = [UNPARSEABLE if p is None else p if p in labels else OTHER_LABEL for p in predicted]
+    columns = labels + [c for c in (OTHER_LABEL, UNPARSEABLE) if c in column or c == UNPARSEABLE]
+    counts = Counter(zip(expected, column))
+    rows = [[label, *(counts[label, c] for c in columns)] for label in labels]
+    return markdown_table(["reference / predicted", *columns], rows)
+
+
+class Classification(TaskMetrics):
+    name = "classification"
+    primary = "accuracy"
+    labelled = True
+
+    def expected_label(self, reference: str) -> str:
+        return parse_label(reference, self.config.label_field) or loose(reference)
+
+    def scores(self, answers: list[str], references: list[str]) -> Scores:
+        expected = [self.expected_label(r) for r in references]
+        predicted = [parse_label(a, self.config.label_field) for a in answers]
+        return Scores(rows={"accuracy": [float(p == e) for e, p in zip(expected, predicted)]},
+                      extra={"macro_f1": macro_f1(expected, predicted)}, labels=predicted)
+
+    def reference_problem(self, reference: str) -> str | None:
+        field = self.config.label_field
+        if field and parse_label(reference, field) is None:
+            return f"has no JSON field {field!r}"
+        return None
+
+    def group(self, reference: str) -> str:
+        return self.expected_label(reference)
+
+    def spellings(self, references: list[str]) -> dict[str, str]:
+        """Each label of the references (by name, sorted) as the references most often write it."""
+        written: dict[str, list[str]] = {}
+        for reference in references:
+            written.setdefault(self.expected_label(reference), []).append(
+                raw_label(reference, self.config.label_field) or reference.strip())
+        return {name: most_common(written[name]) for name in sorted(written)}
+
+    def label_choices(self, references: list[str]) -> LabelChoices:
+        """Every label of the references; a row's candidates are its reference cut right after the label's
+        value, with each label in turn (or the bare label when the whole answer is the label)."""
+        spelling = self.spellings(references)
+        written = [self._written(label) for label in spelling.values()]
+        candidates = [[before + label for label in written] for before, _ in map(self._around_label, references)]
+        return LabelChoices(names=list(spelling), expected=[self.expected_label(r) for r in references],
+                            candidates=candidates)
+
+    def label_answers(self, references: list[str]) -> list[str]:
+        """One complete answer per label of the references (sorted by name): the label as the references most
+        often write it, inside the answer text the references most often have around their label (the JSON
+        object, with `label_field`); none without references."""
+        if not references:
+            return []
+        before, after = most_common([self._around_label(reference) for reference in references])
+        return [before + self._written(label) + after for label in self.spellings(references).values()]
+
+    def _written(self, label: str) -> str:
+        return json.dumps(label, ensure_ascii=False) if self.config.label_field else label
+
+    def _around_label(self, reference: str) -> tuple[str, str]:
+        """(text before, text after) the label's value in `reference` (both empty when the whole answer is the
+        label; a bare JSON object around it when the field cannot be found)."""
+        field = self.config.label_field
+        if not field:
+            return "", ""
+        key = re.search(rf'"{re.escape(field)}"\s*:\s*', reference)
+        if key is None:
+            return f"{{{json.dumps(field)}: ", "}"
+        try:
+            _, end = json.JSONDecoder().raw_decode(reference, key.end())
+        except json.JSONDecodeError:
+            return reference[: key.end()], "}"
+        return reference[: key.end()], reference[end:]
+
+    def report_sections(self, records: list[dict[str, Any]], sides: dict[str, str]) -> list[tuple[str, str]]:
+        expected = [self.expected_label(r["reference"]) for r in records]
+        return [(f"Confusion table ({title})", confusion_table(expected, [r[f"{side}_label"] for r in records]))
+                for side, title in sides.items() if records and f"{side}_label" in records[0]]

@@ -1,0 +1,44 @@
+"""Checkable final answers of generation tasks: the answer a regex group or a JSON field picks out of a longer text
+(e.g. `#### 42` closing a worked solution), compared as numbers when both are numbers."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from ftpipe.core.evaluation.metrics.base import first_json_object
+from ftpipe.core.text import loose
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")  # thousands separators allowed
+
+
+def to_number(text: str) -> float:
+    """A NUMBER match as a float (`1,000` -> 1000.0)."""
+    return float(text.replace(",", ""))
+
+
+def extract_answer(text: str, pattern: str | None = None, field: str | None = None) -> str | None:
+    """The final answer in `text`: group 1 of the first match of `pattern`, else JSON field `field` of the first
+    JSON object (a non-string value as JSON); None when there is none."""
+    if pattern:
+        found = re.search(pattern, text)
+        return found.group(1).strip() if found and found.group(1) is not None else None
+    value = (first_json_object(text) or {}).get(field)
+    return value if isinstance(value, str) or value is None else json.dumps(value)
+
+
+def as_number(answer: str) -> float | None:
+    """The answer as a number when the whole of it is one (a trailing full stop aside), else None."""
+    text = answer.strip().removesuffix(".")
+    return to_number(text) if NUMBER.fullmatch(text) else None
+
+
+def same_answer(answer: str | None, reference: str) -> bool:
+    """Whether two final answers agree: as numbers when both are numbers (`1,000` == `1000` == `1000.0`), else as
+    loose text (case, punctuation and spacing aside)."""
+    if answer is None:
+        return False
+    got, want = as_number(answer), as_number(reference)
+    if got is not None and want is not None:
+        return got == want
+    return loose(answer) == loose(reference)

@@ -1,0 +1,69 @@
+"""Generation: free text. ROUGE-L F1 (primary), SQuAD-style token F1 and exact match, on loose words; when the
+task names its final answer (`answer_pattern` or `answer_field`), exact match of the final answers is primary."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation.metrics.base import Scores, TaskMetrics
+from ftpipe.core.evaluation.metrics.final_answer import extract_answer, same_answer
+from ftpipe.core.text import loose
+
+ANSWER_MATCH = "answer_exact_match"
+
+
+def token_f1(answer: str, reference: str) -> float:
+    """SQuAD-style F1 over loose words."""
+    got, want = loose(answer).split(), loose(reference).split()
+    if not got or not want:
+        return float(got == want)
+    overlap = sum((Counter(got) & Counter(want)).values())
+    return 0.0 if overlap == 0 else 2 * overlap / (len(got) + len(want))
+
+
+class _WordTokenizer:
+    """Unicode-aware words for rouge_score (its default drops every non-ASCII character)."""
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return loose(text).split()
+
+
+class Generation(TaskMetrics):
+    name = "generation"
+    primary = "rouge_l"
+
+    def __init__(self, config: EvaluationConfig):
+        super().__init__(config)
+        self.checks_answers = bool(config.answer_pattern or config.answer_field)
+        if self.checks_answers:
+            self.primary = ANSWER_MATCH
+
+    def final_answer(self, text: str) -> str | None:
+        if not self.checks_answers:
+            return None
+        return extract_answer(text, self.config.answer_pattern, self.config.answer_field)
+
+    def scores(self, answers: list[str], references: list[str]) -> Scores:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WordTokenizer())
+        pairs = list(zip(answers, references))
+        rows = {
+            "rouge_l": [scorer.score(r, a)["rougeL"].fmeasure for a, r in pairs],
+            "token_f1": [token_f1(a, r) for a, r in pairs],
+            "exact_match": [float(loose(a) == loose(r)) for a, r in pairs],
+        }
+        if not self.checks_answers:
+            return Scores(rows=rows)
+        finals = [self.final_answer(a) for a in answers]
+        matches = [float(same_answer(f, self.final_answer(r) or "")) for f, r in zip(finals, references)]
+        return Scores(rows={ANSWER_MATCH: matches, **rows}, final_answers=finals)
+
+    def reference_problem(self, reference: str) -> str | None:
+        if not self.checks_answers or self.final_answer(reference) is not None:
+            return None
+        if self.config.answer_pattern:
+            return f"has no final answer matching answer_pattern `{self.config.answer_pattern}`"
+        return f"has no JSON field {self.config.answer_field!r} (answer_field)"

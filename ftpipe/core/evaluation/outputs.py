@@ -1,0 +1,147 @@
+"""What each model produced: answers (generated, or constrained to the label set) and label rankings on the
+held-out rows, their reference loss, and its probe answers and losses. The base model's outputs, zero-shot and
+few-shot, are cached on disk, so evaluating a new fine-tuned model only runs that model."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation.fewshot import fewshot_prompt
+from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS
+from ftpipe.core.evaluation.generation import (
+    answer_logprobs, answer_tokens, generate, inference_device, is_adapter, load_finetuned, load_model,
+    mean_prompt_tokens, reference_loss,
+)
+from ftpipe.core.evaluation.label_likelihood import constrained_answers, label_likelihood_correct
+from ftpipe.core.evaluation.metrics import LabelChoices, TaskMetrics
+from ftpipe.core.storage import write_text
+
+CACHE_FORMAT = "2"  # bump when the cached content or the decoding code changes
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ModelOutputs:
+    """One model (or prompting) on the held-out rows, and on the probe when it was run there."""
+
+    ids: list[str]
+    answers: list[str]
+    prompt_tokens: float  # mean per call
+    label_correct: list[float] | None = None  # the top label by log-likelihood is the expected one (classification)
+    loss: float | None = None
+    perplexity: float | None = None
+    probe_answers: list[str] = field(default_factory=list)
+    probe_logprobs: list[float] = field(default_factory=list)
+    probe_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Heldout:
+    """The held-out rows under evaluation, their prompts, the label set to rank (if any), the complete answers
+answers are constrained to (if they are) and the probe."""
+
+    rows: list[dict]
+    probe: list[dict]
+    choices: LabelChoices | None
+    labels: list[str] | None = None
+
+    @classmethod
+    def of(cls, rows: list[dict], probe: list[dict], task: TaskMetrics,
+           label_references: list[str] | None = None) -> Heldout:
+        """The rows and probe with the task type's label set over the rows' references; with `label_references`
+        (the references that make the task's label set), answers are constrained to that label set."""
+        labels = task.label_answers(label_references) if label_references is not None else None
+        return cls(rows=rows, probe=probe, choices=task.label_choices([r["messages"][-1]["content"] for r in rows]),
+                   labels=labels)
+
+    @property
+    def ids(self) -> list[str]:
+        return [row["id"] for row in self.rows]
+
+    @property
+    def prompts(self) -> list[list[dict]]:
+        return [row["messages"][:-1] for row in self.rows]
+
+
+def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout, config: EvaluationConfig, log: Log,
+                  name: str, *, full: bool = True) -> ModelOutputs:
+    """One model's outputs for `prompts` (one per held-out row); `full` adds the reference loss and the probe."""
+    if heldout.labels is not None:
+        answers = constrained_answers(model, tokenizer, prompts, heldout.labels)
+        log(f"{name}: answered {len(prompts)} held-out rows with one of {len(heldout.labels)} labels")
+    else:
+        answers = generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                           batch_size=config.batch_size,
+                           progress=lambda done, total: log(f"{name}: generated {done}/{total} held-out rows"))
+    outputs = ModelOutputs(ids=heldout.ids, answers=answers, prompt_tokens=mean_prompt_tokens(tokenizer, prompts))
+    if heldout.choices is not None:
+        outputs.label_correct = label_likelihood_correct(model, tokenizer, prompts, heldout.choices)
+    if full:
+        outputs.loss, outputs.perplexity = reference_loss(model, tokenizer, [r["messages"] for r in heldout.rows],
+                                                          config.batch_size)
+        log(f"{name}: held-out loss {outputs.loss:.4f} (perplexity {outputs.perplexity:.2f})")
+        _add_probe(model, tokenizer, heldout.probe, config.batch_size, outputs)
+    return outputs
+
+
+def _add_probe(model, tokenizer, probe: list[dict], batch_size: int, outputs: ModelOutputs) -> None:
+    if not probe:
+        return
+    outputs.probe_answers = generate(model, tokenizer, [p["messages"] for p in probe],
+                                     max_new_tokens=PROBE_MAX_NEW_TOKENS, batch_size=batch_size)
+    conversations = [p["messages"] + [{"role": "assistant", "content": p["reference"]}] for p in probe]
+    sums = answer_logprobs(model, tokenizer, [answer_tokens(tokenizer, c) for c in conversations], batch_size)
+    outputs.probe_logprobs = [logprob for logprob, _ in sums]
+    outputs.probe_tokens = [count for _, count in sums]
+
+
+def cache_key(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_outputs(path: Path, ids: list[str], compute: Callable[[], ModelOutputs],
+                   log: Log) -> tuple[ModelOutputs, bool]:
+    """(outputs, whether they came from `path`): read when made for exactly these rows, else computed and cached."""
+    if path.is_file():
+        cached = ModelOutputs(**json.loads(path.read_text()))
+        if cached.ids == ids:
+            log(f"outputs from cache {path.name}")
+            return cached, True
+    outputs = compute()
+    write_text(path, json.dumps(asdict(outputs)))
+    return outputs, False
+
+
+def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], adapter_dir: Path, heldout: Heldout,
+                examples: list[dict], config: EvaluationConfig, cache_dir: Path, trust_remote_code: bool,
+                log: Log) -> tuple[dict[str, ModelOutputs], bool]:
+    """({base, fewshot (when there are examples), finetuned: outputs}, whether the base's came from the cache).
+
+    The base model is loaded at most once, and only when needed: for outputs not in the cache, and for an adapter
+    to be applied to. A full fine-tune is loaded whole after the base model is released.
+    """
+    base = functools.cache(lambda: load_model(base_model_dir, trust_remote_code))
+    key = cache_key(**base_key, device=inference_device())
+    outputs: dict[str, ModelOutputs] = {}
+    outputs["base"], base_cached = cached_outputs(
+        cache_dir / f"base-{key}.json", heldout.ids,
+        lambda: model_outputs(*base(), heldout.prompts, heldout, config, log, "base"), log)
+    if examples:
+        prompts = [fewshot_prompt(p, examples) for p in heldout.prompts]
+        fewshot_key = cache_key(base=key, examples=[e["id"] for e in examples])
+        outputs["fewshot"], _ = cached_outputs(
+            cache_dir / f"fewshot-{fewshot_key}.json", heldout.ids,
+            lambda: model_outputs(*base(), prompts, heldout, config, log, "few-shot", full=False), log)
+    if not is_adapter(adapter_dir):
+        base.cache_clear()
+    tuned, tokenizer = load_finetuned(adapter_dir, base, trust_remote_code)
+    outputs["finetuned"] = model_outputs(tuned, tokenizer, heldout.prompts, heldout, config, log, "fine-tuned")
+    return outputs, base_cached

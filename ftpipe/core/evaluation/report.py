@@ -1,0 +1,162 @@
+"""The evaluation report in Markdown, rendered from the stored measurements and prediction records with the gate
+decided for the run's config (a reused evaluation shows the verdict of the thresholds in force)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation.gate import decide_gate
+from ftpipe.core.evaluation.metrics import task_metrics
+from ftpipe.core.text import markdown_table
+
+SIDES = {"base": "base", "fewshot": "few-shot", "finetuned": "fine-tuned"}
+SHOWCASE_ROWS = 10
+PROBE_CHANGES_SHOWN = 30
+
+
+def number(value: Any, signed: bool = False) -> str:
+    """A value for reading: floats to 3 decimals (exact values stay in metrics.json), None as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:+.3f}" if signed else f"{value:.3f}"
+    return str(value)
+
+
+def _interval(low: float, high: float, signed: bool = True) -> str:
+    return f"95% paired-bootstrap CI {number(low, signed)} … {number(high, signed)}"
+
+
+def verdict(passed: bool, failed: list[str], config: EvaluationConfig) -> str:
+    thresholds = f"min_improvement {config.min_improvement:g}, max_forgetting {config.max_forgetting:g}"
+    if config.require_beats_fewshot:
+        thresholds += ", must beat few-shot"
+    if config.require_human_review:
+        thresholds += f", {config.require_human_review} human verdicts"
+    if passed:
+        return f"**Eval gate: PASSED** ({thresholds})"
+    return f"**Eval gate: FAILED** ({thresholds}): " + "; ".join(failed)
+
+
+def overview(metrics: dict[str, Any]) -> str:
+    """The verdict's evidence in a few sentences."""
+    m = metrics
+    parts = [f"Primary metric `{m['primary_metric']}` on {m['rows']} held-out rows: base {number(m['base_score'])}, "
+             f"fine-tuned {number(m['finetuned_score'])}, delta {number(m['delta'], True)} "
+             f"({_interval(m['delta_ci_low'], m['delta_ci_high'])})."]
+    if m["fewshot_score"] is not None:
+        parts.append(
+            f"Base model with {m['fewshot_examples']} train examples in the prompt (few-shot): "
+            f"{number(m['fewshot_score'])}; fine-tuned vs few-shot {number(m['delta_vs_fewshot'], True)} "
+            f"({_interval(m['delta_vs_fewshot_ci_low'], m['delta_vs_fewshot_ci_high'])}), at "
+            f"{m['prompt_tokens']:.0f} instead of {m['fewshot_prompt_tokens']:.0f} prompt tokens per call.")
+    if m["probe_rows"]:
+        interval = _interval(m["forgetting_ci_low"], m["forgetting_ci_high"], signed=False)
+        parts.append(f"Forgetting {number(m['forgetting'])} ({interval}) on {m['probe_rows']} probe rows.")
+    else:
+        parts.append("Forgetting not checked (no probe file).")
+    parts.append(f"Base outputs {'from cache' if m['base_cached'] else 'generated'}.")
+    return " ".join(parts)
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    """Every metric of every model side by side, with the fine-tuned model's change over the base."""
+    scores = metrics["metrics"]
+    sides = [side for side in SIDES if side in scores]
+    names = [name for name, value in scores["base"].items() if isinstance(value, float)]
+    rows = [[name, *(number(scores[side][name]) for side in sides),
+             number(scores["finetuned"][name] - scores["base"][name], True)] for name in names]
+    tokens = {side: round(metrics[key]) for side, key in
+              (("base", "prompt_tokens"), ("fewshot", "fewshot_prompt_tokens"), ("finetuned", "prompt_tokens"))
+              if metrics[key] is not None}
+    facts = {
+        "held-out loss": {"base": metrics["base_loss"], "finetuned": metrics["finetuned_loss"]},
+        "held-out perplexity": {"base": metrics["base_perplexity"], "finetuned": metrics["finetuned_perplexity"]},
+        "prompt tokens per call": tokens,
+        "probe accuracy": {"base": metrics["probe_base_accuracy"], "finetuned": metrics["probe_finetuned_accuracy"]},
+        "probe loss": {"base": metrics["probe_base_loss"], "finetuned": metrics["probe_finetuned_loss"]},
+    }
+    rows += [[label, *(number(values.get(side)) for side in sides), ""] for label, values in facts.items()]
+    return markdown_table(["metric", *(SIDES[side] for side in sides), "fine-tuned − base"], rows)
+
+
+def showcase(records: list[dict[str, Any]], improvements: bool) -> str:
+    """The SHOWCASE_ROWS largest improvements (or worst regressions) of the primary metric, side by side; with
+    final answers, the extracted final answers and the fine-tuned model's whole answer."""
+    sign = 1 if improvements else -1
+    picked = sorted((r for r in records if sign * r["delta"] > 0), key=lambda r: (-sign * r["delta"], r["id"]))
+    if not picked:
+        return "_none_"
+    sides = [side for side in SIDES if f"{side}_answer" in picked[0]]
+    if "reference_final_answer" in picked[0]:
+        header = ["user message", "reference final answer", *(f"{SIDES[s]} final answer" for s in sides),
+                  "fine-tuned answer", "delta"]
+        rows = [[r["message"], r["reference_final_answer"], *(number(r[f"{side}_final_answer"]) for side in sides),
+                 r["finetuned_answer"], number(r["delta"], True)] for r in picked[:SHOWCASE_ROWS]]
+        return markdown_table(header, rows)
+    rows = [[r["message"], r["reference"], *(r[f"{side}_answer"] for side in sides), number(r["delta"], True)]
+            for r in picked[:SHOWCASE_ROWS]]
+    return markdown_table(["user message", "reference", *(f"{SIDES[s]} answer" for s in sides), "delta"], rows)
+
+
+def _preference(metrics: dict[str, Any], prefix: str, what: str) -> str:
+    low, high = metrics[f"{prefix}_win_rate_ci_low"], metrics[f"{prefix}_win_rate_ci_high"]
+    return (f"{what}: the fine-tuned model against the base {metrics[f'{prefix}_wins']} wins, "
+            f"{metrics[f'{prefix}_ties']} ties, {metrics[f'{prefix}_losses']} losses; win rate "
+            f"{number(metrics[f'{prefix}_win_rate'])} (a tie counts half, 0.5 is no preference; 95% bootstrap CI "
+            f"{number(low)} … {number(high)}).")
+
+
+def preferences(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
+    """The LLM judge's and the human reviewers' pairwise verdicts, and how far they agree (None: neither)."""
+    parts = []
+    if metrics["judge_pairs"]:
+        unclear = metrics["judge_unclear_replies"]
+        parts.append(_preference(metrics, "judge", f"LLM judge on {metrics['judge_pairs']} pairs, each asked in both "
+                                                   "orders (a win only when both agree)")
+                     + (f" {unclear} replies were not A, B or tie." if unclear else ""))
+    if metrics["human_verdicts"]:
+        parts.append(_preference(metrics, "human", f"Blind human review, {metrics['human_verdicts']} verdicts"))
+    elif config.require_human_review:
+        parts.append(f"No human verdicts yet: the gate waits for {config.require_human_review}.")
+    if metrics["judge_human_agreement"] is not None:
+        parts.append(f"The judge agrees with {number(metrics['judge_human_agreement'])} of the "
+                     f"{metrics['judge_human_pairs']} human verdicts on rows it judged.")
+    return "\n\n".join(parts) or None
+
+
+def skill_table(skills: dict[str, dict[str, float]]) -> str:
+    """Probe accuracy of both models for each skill."""
+    rows = [[skill, s["rows"], number(s["base"]), number(s["finetuned"]), number(s["finetuned"] - s["base"], True)]
+            for skill, s in skills.items()]
+    return markdown_table(["skill", "rows", "base", "fine-tuned", "change"], rows)
+
+
+def probe_changes(changes: list[dict[str, Any]]) -> str:
+    """The probe rows the fine-tuned model lost (then gained) against the base, side by side."""
+    if not changes:
+        return "_none_"
+    rows = [[c["id"], c["skill"], c["message"], c["reference"], c["base_answer"], c["finetuned_answer"], c["change"]]
+            for c in changes[:PROBE_CHANGES_SHOWN]]
+    table = markdown_table(["id", "skill", "message", "reference", "base answer", "fine-tuned answer", "change"], rows)
+    hidden = len(changes) - PROBE_CHANGES_SHOWN
+    return table + (f"\n\n{hidden} more in metrics.json (`probe_changes`)." if hidden > 0 else "")
+
+
+def report_markdown(metrics: dict[str, Any], records: list[dict[str, Any]], config: EvaluationConfig) -> str:
+    """The whole report: gate verdict, overview, metrics table, the task type's sections, the judge's and the human
+    verdicts, the largest improvements and regressions, and the probe rows that changed."""
+    passed, failed = decide_gate(metrics, config)
+    titles = {side: SIDES[side] for side in ("finetuned", "fewshot", "base") if side in metrics["metrics"]}
+    parts = ["# Evaluation: base vs fine-tuned", verdict(passed, failed, config), overview(metrics),
+             summary_table(metrics)]
+    for title, section in task_metrics(config).report_sections(records, titles):
+        parts += [f"## {title}", section]
+    if (preferred := preferences(metrics, config)) is not None:
+        parts += ["## Pairwise preference (fine-tuned vs base)", preferred]
+    parts += ["## Largest improvements", showcase(records, True), "## Worst regressions", showcase(records, False)]
+    if metrics["probe_rows"]:
+        parts += ["## General-skills probe", skill_table(metrics["probe_accuracy_by_skill"]),
+                  "### Rows that changed (base → fine-tuned)", probe_changes(metrics["probe_changes"])]
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,158 @@
+"""The evaluation's entry points: its reuse key, running it (or reusing the published one), and reading a
+published one with the gate decided for the run's config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation.fewshot import choose_examples
+from ftpipe.core.evaluation.gate import GATE_FIELDS, decide_gate
+from ftpipe.core.evaluation.judge import judge_metrics
+from ftpipe.core.evaluation.measurements import measure, prediction_records
+from ftpipe.core.evaluation.metrics import TaskMetrics, check_references, task_metrics
+from ftpipe.core.evaluation.outputs import Heldout, Log, all_outputs
+from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS, read_probe
+from ftpipe.core.evaluation.report import report_markdown
+from ftpipe.core.evaluation.review import Verdicts, human_metrics
+from ftpipe.core.layout import METRICS, PREDICTIONS, REPORT
+from ftpipe.core.records import read_examples
+from ftpipe.core.results import Result, reusable
+from ftpipe.core.storage import atomic_dir, file_sha256
+
+KIND = "eval_report"
+FORMAT = "4"  # bump when what an evaluation measures or writes changes
+PROBE_ROWS = None  # all rows of the probe
+
+
+def select_rows(rows: list[dict], max_rows: int | None) -> list[dict]:
+    """The first `max_rows` rows by id (all when None)."""
+    return sorted(rows, key=lambda row: row["id"])[:max_rows]
+
+
+def output_settings(config: EvaluationConfig) -> dict[str, Any]:
+    """The evaluation settings that change its outputs: every one but the gate's thresholds."""
+    return config.model_dump(exclude=set(GATE_FIELDS))
+
+
+def evaluation_key(*, base_fingerprint: str, adapter_version: str, eval_version: str, train_version: str | None,
+                   probe_hash: str | None, probe_rows: int | None, config: EvaluationConfig) -> str:
+    """The reuse key of an evaluation: base model, fine-tuned weights, eval split, train split (the few-shot
+    examples), probe and the settings that change outputs; not the gate thresholds."""
+    parts = {"format": FORMAT, "base": base_fingerprint, "adapter": adapter_version, "eval": eval_version,
+             "train": train_version, "probe": probe_hash, "probe_rows": probe_rows, "settings": output_settings(config)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_evaluation(out_dir: Path | str, config: EvaluationConfig,
+                    verdicts: Verdicts | None = None) -> dict[str, Any]:
+    """A published evaluation with the gate decided for `config` and the human `verdicts` (`read_verdicts`; those on
+    the evaluated model's answers count): metrics.json's measurements, `human_metrics`, `passed`,
+    `failed_conditions`, `report_markdown` and the paths of the report, predictions and metrics files."""
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    metrics = json.loads((out_dir / METRICS).read_text(encoding="utf-8"))
+    records = pq.read_table(out_dir / PREDICTIONS).to_pylist()
+    metrics.update(human_metrics(records, verdicts, config.bootstrap_samples))
+    passed, failed = decide_gate(metrics, config)
+    return {**metrics, "passed": passed, "failed_conditions": failed,
+            "report_markdown": report_markdown(metrics, records, config), "report_path": str(out_dir / REPORT),
+            "predictions_path": str(out_dir / PREDICTIONS), "metrics_path": str(out_dir / METRICS)}
+
+
+def _examples(train_rows: list[dict], exclude_ids: set[str], task: TaskMetrics, config: EvaluationConfig) -> list[dict]:
+    """The few-shot examples (none without train rows or with fewshot_k 0)."""
+    return choose_examples(train_rows, config.fewshot_k, exclude_ids,
+                           group=lambda row: task.group(row["messages"][-1]["content"]))
+
+
+def _label_references(rows: list[dict], train_rows: list[dict], config: EvaluationConfig) -> list[str] | None:
+    """The references whose labels answers are constrained to (train and held-out rows), when they are."""
+    if not config.constrain_to_labels:
+        return None
+    return [row["messages"][-1]["content"] for row in train_rows + rows]
+
+
+def _publish(out_dir: Path, metrics: dict[str, Any], records: list[dict], config: EvaluationConfig,
+             result: Result, verdicts: Verdicts | None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    reviewed = {**metrics, **human_metrics(records, verdicts, config.bootstrap_samples)}
+    with atomic_dir(out_dir) as tmp:
+        (tmp / REPORT).write_text(report_markdown(reviewed, records, config), encoding="utf-8")
+        pq.write_table(pa.Table.from_pylist(records), tmp / PREDICTIONS)
+        (tmp / METRICS).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        result.write(tmp)
+
+
+def _measure(*, base_model_dir: Path, base_fingerprint: str, adapter_dir: Path, eval_path: Path, eval_version: str,
+             train_path: Path | None, probe_path: Path | None, probe_hash: str | None, probe_rows: int | None,
+             config: EvaluationConfig, cache_dir: Path, trust_remote_code: bool,
+             log: Log) -> tuple[dict[str, Any], list[dict]]:
+    """(measurements, prediction records) of a new evaluation."""
+    eval_rows = read_examples(eval_path)
+    rows = select_rows(eval_rows, config.max_rows)
+    if not rows:
+        raise ValueError(f"{eval_path}: no held-out rows to evaluate")
+    task = task_metrics(config)
+    check_references(rows, task)
+    train_rows = read_examples(train_path) if train_path else []
+    heldout = Heldout.of(rows, read_probe(probe_path, probe_rows) if probe_path else [], task,
+                         _label_references(rows, train_rows, config))
+    examples = _examples(train_rows, {row["id"] for row in eval_rows}, task, config)
+    base_key = {"base": base_fingerprint, "eval": eval_version, "probe": probe_hash, "probe_rows": len(heldout.probe),
+                "probe_max_new_tokens": PROBE_MAX_NEW_TOKENS, "labels": heldout.labels,
+                **config.model_dump(include={"task_type", "label_field", "max_rows", "max_new_tokens", "batch_size"})}
+    outputs, base_cached = all_outputs(
+        base_model_dir=base_model_dir, base_key=base_key, adapter_dir=adapter_dir, heldout=heldout, examples=examples,
+        config=config, cache_dir=cache_dir, trust_remote_code=trust_remote_code, log=log)
+    metrics, scores = measure(heldout, outputs, task, config, len(examples))
+    records = prediction_records(heldout, outputs, scores, task)
+    judged = judge_metrics(records, config.judge, config.bootstrap_samples, log)
+    return {**metrics, **judged, "base_cached": base_cached}, records
+
+
+def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter_dir: Path | str,
+                   adapter_version: str, eval_path: Path | str, eval_version: str, train_path: Path | str | None,
+                   probe_path: Path | str | None, config: EvaluationConfig, cache_dir: Path | str,
+                   out_dir: Path | str, trust_remote_code: bool = False, log: Log = print,
+                   probe_rows: int | None = PROBE_ROWS, verdicts: Verdicts | None = None) -> dict[str, Any]:
+    """Evaluate the base model zero-shot and few-shot, and the fine-tuned model (an adapter on the base, or a full
+    fine-tune), on the held-out rows and the probe; publish `out_dir`; return `read_evaluation`'s dict plus
+    `reused`.
+
+    When `out_dir` already holds an evaluation with this `evaluation_key`, nothing is generated: it is read back
+    with the gate decided for `config`. The base model's outputs come from `cache_dir` when this base, eval split,
+    decoding setup and probe were evaluated before. `train_path` None (or fewshot_k 0) skips the few-shot
+    baseline; `probe_path` None skips the forgetting check (forgetting 0); `probe_rows` caps the probe rows used.
+    With `evaluation.judge`, an LLM judge compares fine-tuned and base answers; `verdicts` are the human ones.
+
+    `out_dir` gets report.md, predictions.parquet (one row per held-out example), metrics.json (the measurements,
+    not the gate) and result.json (the reuse key and the inputs' versions).
+    """
+    out_dir = Path(out_dir)
+    train_path, probe_path = (Path(path) if path else None for path in (train_path, probe_path))
+    inputs = {"base_fingerprint": base_fingerprint, "adapter_version": adapter_version, "eval_version": eval_version,
+              "train_version": file_sha256(train_path) if train_path else None,
+              "probe_hash": file_sha256(probe_path) if probe_path else None, "probe_rows": probe_rows}
+    key = evaluation_key(**inputs, config=config)
+    if reusable(out_dir, KIND, key):
+        log(f"evaluation inputs unchanged (key {key}): reusing {out_dir}")
+        return {**read_evaluation(out_dir, config, verdicts), "reused": True}
+    metrics, records = _measure(
+        base_model_dir=Path(base_model_dir), base_fingerprint=base_fingerprint, adapter_dir=Path(adapter_dir),
+        eval_path=Path(eval_path), eval_version=eval_version, train_path=train_path, probe_path=probe_path,
+        probe_hash=inputs["probe_hash"], probe_rows=probe_rows, config=config, cache_dir=Path(cache_dir),
+        trust_remote_code=trust_remote_code, log=log)
+    produced = {"report": REPORT, "predictions": PREDICTIONS, "metrics": METRICS}
+    _publish(out_dir, metrics, records, config, Result(kind=KIND, reuse_key=key, inputs=inputs, produced=produced),
+             verdicts)
+    result = {**read_evaluation(out_dir, config, verdicts), "reused": False}
+    log(f"eval gate {'passed' if result['passed'] else 'failed'}: {result['primary_metric']} "
+        f"{result['base_score']:.4f} -> {result['finetuned_score']:.4f}, forgetting {result['forgetting']:.4f}")
+    return result

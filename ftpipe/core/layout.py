@@ -1,0 +1,145 @@
+"""Where artifacts live: every folder and file name under `$FTPIPE_HOME`, and the housekeeping that keeps it bounded.
+
+    $FTPIPE_HOME/
+      models/<fingerprint>/              resolved base models, shared by every task
+      downloads/                         the default base model's GGUF file
+      mlflow.db, mlartifacts/            the local MLflow store
+      cache/replay/                      the base models' answers to the replay prompts (training.replay)
+      tasks/<task>/
+        raw_examples/                    examples.parquet, quarantine.jsonl
+        deduplicated_examples/           examples.parquet, removed.jsonl, result.json
+        review_sample/                   review_sample.csv
+        heldout_split/                   train.parquet, eval.parquet, split.json
+        base_model/                      result.json: the resolved model's folder and fingerprint
+        lora_adapter/                    spec.json (the training program's input); adapter/ (weights, result.json)
+        checkpoints/<fingerprint>/       the checkpoints of the training with that fingerprint
+        eval_report/                     report.md, predictions.parquet, metrics.json, result.json
+        merged_model/<base>-<adapter>/   one servable model per adapter (result.json inside); `latest` links to the newest
+        cache/eval_base/                 the base model's outputs on the held-out rows
+
+Every task path is checked to stay inside the task's folder (`storage.contained`), so neither a task name nor a
+fingerprint nor a symlink can point a write elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftpipe.config import check_task_name
+from ftpipe.core.storage import SUPERSEDED_GRACE_S, contained, discard, home_dir, point, remove_tree
+
+EXAMPLES = "examples.parquet"
+QUARANTINE = "quarantine.jsonl"
+REMOVED = "removed.jsonl"
+REVIEW_CSV = "review_sample.csv"
+TRAIN, EVAL, SPLIT_RECORD = "train.parquet", "eval.parquet", "split.json"
+SPEC = "spec.json"
+REPORT, PREDICTIONS, METRICS = "report.md", "predictions.parquet", "metrics.json"
+MODEL_CARD = "README.md"
+LATEST = "latest"
+OUTPUTS = {"lora_adapter": ("lora_adapter", "adapter"), "merged_model": ("merged_model", LATEST)}
+
+
+def models_dir() -> Path:
+    return home_dir() / "models"
+
+
+def downloads_dir() -> Path:
+    return home_dir() / "downloads"
+
+
+def mlflow_db() -> Path:
+    return home_dir() / "mlflow.db"
+
+
+def mlartifacts_dir() -> Path:
+    return home_dir() / "mlartifacts"
+
+
+def replay_cache_dir() -> Path:
+    return home_dir() / "cache" / "replay"
+
+
+@dataclass(frozen=True)
+class TaskLayout:
+    """The artifact paths of one task (a valid task name: the partition key)."""
+
+    task: str
+
+    def __post_init__(self) -> None:
+        check_task_name(self.task)
+
+    @property
+    def root(self) -> Path:
+        return contained(home_dir(), "tasks", self.task)
+
+    def path(self, *parts: str) -> Path:
+        """`root/parts...`, refused when it resolves outside the task's folder."""
+        return contained(self.root, *parts)
+
+    def asset(self, name: str) -> Path:
+        """The folder of an asset's files (named after the asset)."""
+        return self.path(name)
+
+    def output(self, asset: str) -> Path:
+        """The folder an asset publishes whole, with its `Result` inside (its asset folder unless OUTPUTS says)."""
+        return self.path(*OUTPUTS.get(asset, (asset,)))
+
+    def examples(self, asset: str) -> Path:
+        """The canonical examples an asset wrote (`raw_examples` or `deduplicated_examples`)."""
+        return self.path(asset, EXAMPLES)
+
+    @property
+    def split_files(self) -> tuple[Path, Path]:
+        """(train, eval) rows of the held-out split."""
+        return self.path("heldout_split", TRAIN), self.path("heldout_split", EVAL)
+
+    @property
+    def spec_file(self) -> Path:
+        return self.path("lora_adapter", SPEC)
+
+    def checkpoints(self, fingerprint: str) -> Path:
+        return self.path("checkpoints", fingerprint)
+
+    def merged(self, base_fingerprint: str, adapter_version: str) -> Path:
+        """The merged model of one adapter on one base (a new adapter never touches an older model's folder)."""
+        return self.path("merged_model", f"{base_fingerprint[:8]}-{adapter_version}")
+
+    def mark_latest_merged(self, folder: Path) -> None:
+        """Point `merged_model/latest` (the asset's output) at the merged model in `folder`."""
+        point(self.output("merged_model"), folder)
+
+    @property
+    def eval_base_cache(self) -> Path:
+        return self.path("cache", "eval_base")
+
+    def prune_checkpoints(self, keep: str) -> list[str]:
+        """Delete the checkpoint folders of fingerprints other than `keep` that no training touched for a grace
+        period (a training still writing one is spared); return their names."""
+        folder = self.path("checkpoints")
+        stale = [child for child in _children(folder) if child.name != keep and _idle(child)]
+        for child in stale:
+            remove_tree(self.path("checkpoints", child.name))
+        return [child.name for child in stale]
+
+    def prune_merged(self, keep: set[str]) -> list[str]:
+        """Delete the merged models whose folder name is not in `keep` (nor `latest`'s target); return their names."""
+        folder = self.path("merged_model")
+        latest = os.readlink(self.output("merged_model")) if self.output("merged_model").is_symlink() else None
+        doomed = [child.name for child in _children(folder)
+                  if child.is_symlink() and child.name not in keep | {LATEST, latest}]
+        for name in doomed:
+            discard(self.path("merged_model", name))
+        return doomed
+
+
+def _children(folder: Path) -> list[Path]:
+    """The visible entries of `folder` (none when it does not exist); hidden ones are `atomic_dir`'s own."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def _idle(folder: Path) -> bool:
+    return time.time() - folder.stat().st_mtime > SUPERSEDED_GRACE_S

@@ -1,0 +1,5 @@
+import sys
+
+from ftpipe.core.training.program import main
+
+sys.exit(main())

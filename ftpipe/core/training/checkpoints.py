@@ -1,0 +1,65 @@
+"""A training's checkpoint dir: where an interrupted training resumes from, and in which MLflow run.
+
+A finished training's dir is removed once its output is published, so a finished training is never resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ftpipe.core.storage import write_text
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix("checkpoint-"))
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A checkpoint-N dir whose trainer state (written last) parses, with weights and optimizer beside it."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    has_weights = any(path.glob("*.safetensors"))
+    return has_weights and (path / "optimizer.pt").is_file() and state.get("global_step") == checkpoint_step(path)
+
+
+def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete checkpoint; incomplete ones (a killed save) are deleted."""
+    candidates = sorted(checkpoint_dir.glob("checkpoint-[0-9]*"), key=checkpoint_step)
+    complete = [path for path in candidates if is_complete_checkpoint(path)]
+    for path in set(candidates) - set(complete):
+        shutil.rmtree(path, ignore_errors=True)
+    return complete[-1] if complete else None
+
+
+def resume_point(checkpoint_dir: Path, force_retrain: bool) -> tuple[Path | None, str | None]:
+    """(checkpoint to resume from, MLflow run id to continue), both None for a fresh start (always when forced)."""
+    if force_retrain:
+        return None, None
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = latest_complete_checkpoint(checkpoint_dir)
+    run_id_file = checkpoint_dir / RUN_ID_FILE
+    run_id = run_id_file.read_text().strip() if checkpoint and run_id_file.is_file() else None
+    return checkpoint, run_id
+
+
+def start_fresh(checkpoint_dir: Path) -> None:
+    """Forget every checkpoint and the MLflow run of a previous attempt (before a forced retraining)."""
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+
+def remember_run(checkpoint_dir: Path, run_id: str) -> None:
+    """Record the MLflow run of this training, so a resumed attempt continues it."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    write_text(checkpoint_dir / RUN_ID_FILE, run_id)
+
+
+def finish(checkpoint_dir: Path) -> None:
+    """Remove a finished training's checkpoints (its output is published): nothing is left to resume."""
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)

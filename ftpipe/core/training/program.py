@@ -1,0 +1,158 @@
+"""Fine-tuning with TRL as an ordinary program:
+
+    python -m ftpipe.core.training SPEC.json
+
+It reports through Dagster Pipes when Dagster launched it (and prints to stdout otherwise), tracks the run in
+MLflow, resumes an interrupted training from its latest complete checkpoint, and publishes the output dir
+atomically with `result.json` inside (see `outputs`). Exit status: 0 done, 2 refused before any training
+(unusable spec, or a method this machine cannot run; retrying cannot help), 128 + signal number when stopped
+by SIGTERM/SIGINT (the MLflow run is then KILLED, and the next attempt resumes).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from ftpipe.config import TrainingConfig
+from ftpipe.core.results import Result
+from ftpipe.core.tracking import RunInterrupted, RunLogger, redact_uri, tracked_run, tracking_uri
+from ftpipe.core.training import checkpoints, replay
+from ftpipe.core.training.methods import Method, resolve_method
+from ftpipe.core.training.outputs import pipes_metadata, publish, trainable_parameters
+from ftpipe.core.training.reporting import (
+    NewStepsOnly,
+    Reporter,
+    pipes_reporter,
+    process_rank,
+    progress_callback,
+    quiet_libraries,
+)
+from ftpipe.core.training.setup import objective_module, trainer_setup
+from ftpipe.core.training.spec import TrainingSpec
+
+EXIT_REFUSED = 2
+
+
+def prepare(spec_path: Path) -> tuple[TrainingSpec, TrainingConfig, Method]:
+    """The spec, its config and the method resolved on this machine; ValueError when it cannot run here."""
+    import torch
+
+    spec = TrainingSpec.from_json(spec_path)
+    config = spec.config()
+    replay.check(spec, config)
+    return spec, config, resolve_method(config, cuda_available=torch.cuda.is_available())
+
+
+def build_trainer(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: Reporter, run):
+    """(trainer, progress callback, facts: the objective's and `replay_rows`): the shared setup handed to the
+    objective's module."""
+    from transformers import PrinterCallback
+
+    progress = progress_callback(reporter, run)
+    setup = trainer_setup(spec, config, method, callbacks=[progress], info=reporter.info)
+    trainer, facts = objective_module(method.objective).build_trainer(setup)
+    trainer.remove_callback(PrinterCallback)  # the progress callback prints one concise line instead
+    return trainer, progress, {**facts, "replay_rows": setup.replay_rows}
+
+
+def hyperparameters(spec: TrainingSpec, config: TrainingConfig, method: Method, trainer,
+                    replay_rows: int) -> dict[str, Any]:
+    """The MLflow params of a training: its recipe flattened, the resolved method, the inputs' versions and the
+    rows trained on."""
+    recipe = config.recipe()
+    values = {key: value for key, value in recipe.items() if key != "lora"}
+    values.update({f"lora.{key}": value for key, value in recipe.get("lora", {}).items()})
+    values.update(
+        method.facts(),
+        base_fingerprint=spec.base_fingerprint,
+        split_version=spec.split_version,
+        training_fingerprint=spec.fingerprint,
+        train_rows=len(trainer.train_dataset),
+        eval_rows=len(trainer.eval_dataset),
+        replay_rows=replay_rows,
+        trainable_params=trainable_parameters(trainer.model),
+    )
+    return values
+
+
+def final_eval_loss(trainer) -> float:
+    """The eval loss of the model training ended with (the best checkpoint's).
+
+    The Trainer evaluates at the last step and loads the best checkpoint at the end, so it knows that loss
+    already; another pass over the eval rows would only repeat it. Evaluated only when no best checkpoint was kept.
+    """
+    best = trainer.state.best_model_checkpoint
+    if trainer.state.best_metric is not None and best is not None and Path(best).is_dir():
+        return float(trainer.state.best_metric)
+    return trainer.evaluate(metric_key_prefix="final_eval")["final_eval_loss"]
+
+
+def tracking(spec: TrainingSpec, resume_run_id: str | None):
+    """The MLflow run of this training (rank 0), continued when resuming; a silent logger on other ranks."""
+    if process_rank() != 0:
+        return nullcontext(RunLogger(None, ""))
+    tags = {"task": spec.task, "base_fingerprint": spec.base_fingerprint, **spec.mlflow.tags}
+    return tracked_run(spec.mlflow.experiment, run_name=spec.mlflow.run_name or spec.task, tags=tags,
+                       resume_run_id=resume_run_id, uri=spec.mlflow.tracking_uri or tracking_uri())
+
+
+def train(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: Reporter) -> Result | None:
+    """Run one training (resuming when possible); the published result on rank 0, None on other ranks."""
+    quiet_libraries()
+    checkpoint_dir, lead = Path(spec.checkpoint_dir), process_rank() == 0
+    if spec.force_retrain and lead:
+        checkpoints.start_fresh(checkpoint_dir)
+    checkpoint, resume_run_id = checkpoints.resume_point(checkpoint_dir, spec.force_retrain)
+    with tracking(spec, resume_run_id) as run:
+        if lead:
+            checkpoints.remember_run(checkpoint_dir, run.run_id)
+        uri = redact_uri(spec.mlflow.tracking_uri or tracking_uri())
+        reporter.info(f"mlflow run {run.run_id} in experiment {spec.mlflow.experiment!r} at {uri}")
+        trainer, progress, facts = build_trainer(spec, config, method, reporter, NewStepsOnly(run, bool(resume_run_id)))
+        if resume_run_id is None:
+            run.log_params(hyperparameters(spec, config, method, trainer, facts["replay_rows"]))
+        if checkpoint:
+            reporter.info(f"resuming from {checkpoint.name}")
+        reporter.info(f"training: method {method.label} ({method.objective}), "
+                      f"{trainable_parameters(trainer.model):,} trainable parameters")
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        eval_loss = final_eval_loss(trainer)
+        if not lead:
+            return None
+        facts.update(
+            eval_loss=eval_loss,
+            tokens_per_second=round(progress.session_tokens_per_second, 1),
+            mlflow_run_id=run.run_id,
+            resumed_from_step=checkpoints.checkpoint_step(checkpoint) if checkpoint else 0,
+        )
+        result = publish(trainer, spec, config, method, facts)
+        run.log_metrics({"final_eval_loss": eval_loss}, step=trainer.state.global_step)
+        run.log_artifact(Path(spec.output_dir), "adapter")
+    checkpoints.finish(checkpoint_dir)
+    train_loss = result.metadata["train_loss"]
+    reporter.info(f"done: train_loss {train_loss:.4f}, eval_loss {eval_loss:.4f} -> {spec.output_dir}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m ftpipe.core.training SPEC.json", file=sys.stderr)
+        return EXIT_REFUSED
+    with pipes_reporter() as reporter:
+        try:
+            spec, config, method = prepare(Path(args[0]))
+        except (OSError, TypeError, ValueError) as error:
+            reporter.error(f"training refused: {' '.join(str(error).split())}")
+            return EXIT_REFUSED
+        try:
+            result = train(spec, config, method, reporter)
+        except RunInterrupted as interrupted:
+            reporter.info(f"training stopped: {interrupted}")
+            return 128 + interrupted.signum
+        if result is not None:
+            reporter.materialization(pipes_metadata(result.metadata), result.produced["data_version"])
+    return 0

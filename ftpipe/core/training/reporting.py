@@ -1,0 +1,139 @@
+"""What the training tells people and Dagster: log lines through Pipes (or stdout), progress as MLflow metrics."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+PROGRESS_METRICS = ("train_loss", "learning_rate", "grad_norm", "tokens_per_second", "eval_loss")
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun (0 when launched alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+class Reporter:
+    """Log lines and the final materialization through Dagster Pipes (rank 0 only); echoed to stdout outside Dagster."""
+
+    def __init__(self, pipes, echo: bool):
+        self.pipes = pipes
+        self.echo = echo
+
+    def info(self, message: str) -> None:
+        if self.pipes is not None:
+            self.pipes.log.info(message)
+        if self.echo:
+            print(message, flush=True)
+
+    def error(self, message: str) -> None:
+        """One line on stderr (always) and in the Dagster log."""
+        if self.pipes is not None:
+            self.pipes.log.error(message)
+        print(message, file=sys.stderr, flush=True)
+
+    def materialization(self, metadata: dict[str, Any], data_version: str) -> None:
+        if self.pipes is not None:
+            self.pipes.report_asset_materialization(metadata=metadata, data_version=data_version)
+
+
+@contextmanager
+def pipes_reporter() -> Iterator[Reporter]:
+    """Rank 0 talks to Dagster through Pipes; other torchrun ranks stay silent."""
+    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+    if process_rank() != 0:
+        yield Reporter(None, echo=False)
+        return
+    under_dagster = PipesEnvVarParamsLoader().is_dagster_pipes_process()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # outside Dagster it warns and returns a no-op mock
+        context = open_dagster_pipes()
+    with context as pipes:
+        yield Reporter(pipes, echo=not under_dagster)
+
+
+def quiet_libraries() -> None:
+    """Keep the log readable: errors only from transformers / TRL / datasets, no progress bars."""
+    import datasets
+    import transformers
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|trl|peft)\.")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class NewStepsOnly:
+    """Logs a metric only at steps past the last one the MLflow run already has for it.
+
+    A resumed training repeats the steps between its checkpoint and the moment the previous attempt stopped;
+    those were logged then, so every metric history keeps one point per step however often the run resumes.
+    """
+
+    def __init__(self, run, resumed: bool):
+        self.run = run
+        self.logged_through = last_logged_steps(run) if resumed else {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        fresh = {key: value for key, value in metrics.items() if step > self.logged_through.get(key, -1)}
+        self.run.log_metrics(fresh, step=step)
+
+
+def last_logged_steps(run) -> dict[str, int]:
+    """The last step of each progress metric already in the run (a tracking.RunLogger; none without a client)."""
+    if run.client is None:
+        return {}
+    steps = {key: [m.step for m in run.client.get_metric_history(run.run_id, key)] for key in PROGRESS_METRICS}
+    return {key: max(found) for key, found in steps.items() if found}
+
+
+def progress_callback(reporter: Reporter, run):
+    """A TrainerCallback: one progress line per logging step and per evaluation, mirrored as MLflow metrics."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = self.last_time = time.monotonic()
+            self.start_step = state.global_step
+            self.start_tokens = self.last_tokens = state.num_input_tokens_seen
+            self.session_tokens_per_second = 0.0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" in logs:
+                self._train_line(state, logs)
+            if "eval_loss" in logs:
+                reporter.info(f"eval step {state.global_step}/{state.max_steps}: eval_loss {logs['eval_loss']:.4f}")
+                run.log_metrics({"eval_loss": logs["eval_loss"]}, step=state.global_step)
+
+        def _train_line(self, state, logs):
+            now, tokens = time.monotonic(), state.num_input_tokens_seen
+            speed = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+            self.last_time, self.last_tokens = now, tokens
+            self.session_tokens_per_second = (tokens - self.start_tokens) / max(now - self.started, 1e-9)
+            done = state.global_step - self.start_step
+            eta = (now - self.started) / max(done, 1) * (state.max_steps - state.global_step)
+            reporter.info(
+                f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}, "
+                f"lr {logs.get('learning_rate', 0.0):.2e}, {speed:.0f} tokens/s, ETA {eta:.0f}s"
+            )
+            metrics = {
+                "train_loss": logs["loss"],
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens_per_second": speed,
+            }
+            run.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=state.global_step)
+
+    return Progress()

@@ -1,0 +1,129 @@
+"""What every objective's trainer shares: the model and tokenizer, the TrainingArguments common to all TRL
+trainers, the LoRA adapter, the callbacks, the extra (replay) train rows; and the registry lookup of an objective's
+module."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ftpipe.config import TrainingConfig
+from ftpipe.core.training.methods import OBJECTIVES, Method
+from ftpipe.core.training.spec import TrainingSpec
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class TrainerSetup:
+    """Everything an objective needs to build its trainer; `arguments` go into its TRL config class."""
+
+    spec: TrainingSpec
+    config: TrainingConfig
+    method: Method
+    model: Any
+    tokenizer: Any
+    peft_config: Any  # a peft LoraConfig, or None for a full fine-tune
+    arguments: dict[str, Any]
+    callbacks: list[Any] = field(default_factory=list)
+    info: Any = print  # one progress line for people
+    replay_rows: int = 0  # general rows handed out by extra_train_rows
+
+    def extra_train_rows(self, train_rows: int) -> list[list[dict[str, str]]]:
+        """Chat rows (ending with the assistant) for an objective to add to its `train_rows` task rows, never to its
+        eval rows: replay of the base model's general behaviour (`training.replay`), none when it is off. Call it
+        before the trainer wraps `model`."""
+        from ftpipe.core.training.replay import replay_rows
+
+        rows = replay_rows(self, train_rows)
+        self.replay_rows = len(rows)
+        return rows
+
+
+def chat_length(tokenizer, messages: list[dict[str, str]]) -> int:
+    """Tokens of a conversation in the model's chat template."""
+    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
+def objective_module(objective: str) -> ModuleType:
+    """The module of an objective: `build_trainer(setup) -> (trainer, facts)` (facts: extra result metadata)."""
+    return importlib.import_module(OBJECTIVES[objective].module)
+
+
+def trainer_arguments(config: TrainingConfig, checkpoint_dir: Path) -> dict[str, Any]:
+    """TrainingArguments shared by every objective: schedule, batch, evaluation and checkpoint cadence, device."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size // world_size(),  # batch_size is the global batch
+        per_device_eval_batch_size=config.batch_size // world_size(),
+        gradient_accumulation_steps=config.gradient_accumulation,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=config.warmup_ratio,  # a value below 1 is a fraction of all steps
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.eval_steps,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        restore_callback_states_from_checkpoint=True,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not on_gpu,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        activation_checkpointing=on_gpu,
+        dataloader_num_workers=0,
+        ddp_backend="gloo" if world_size() > 1 and not on_gpu else None,
+    )
+
+
+def lora_config(config: TrainingConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def trainer_setup(spec: TrainingSpec, config: TrainingConfig, method: Method, callbacks: list, info) -> TrainerSetup:
+    """Load the base model for `method` and gather the shared trainer settings."""
+    from transformers import EarlyStoppingCallback
+
+    from ftpipe.core.modeling import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(
+        spec.base_model_dir, load_in_4bit=method.load_in_4bit, trust_remote_code=spec.trust_remote_code
+    )
+    return TrainerSetup(
+        spec=spec,
+        config=config,
+        method=method,
+        model=model,
+        tokenizer=tokenizer,
+        peft_config=lora_config(config) if method.peft_adapter else None,
+        arguments=trainer_arguments(config, Path(spec.checkpoint_dir)),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience), *callbacks],
+        info=info,
+    )

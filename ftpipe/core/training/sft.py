@@ -1,0 +1,83 @@
+"""The `sft` objective: supervised fine-tuning on chat rows, the loss on the final assistant turn only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ftpipe.config import TrainingConfig
+from ftpipe.core.training.setup import TrainerSetup, chat_length
+
+
+def read_chat_rows(path: Path) -> list[list[dict[str, str]]]:
+    """The `messages` of every row of a canonical parquet file."""
+    import pandas as pd
+
+    frame = pd.read_parquet(path, columns=["messages"])
+    return [[{"role": m["role"], "content": m["content"]} for m in messages] for messages in frame["messages"]]
+
+
+def to_prompt_completion(messages: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    """Conversational prompt/completion: TRL then puts the loss on the final assistant turn only."""
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"a training row must end with an assistant message, got {messages[-1]['role']!r}")
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def fit_rows(conversations, tokenizer, max_length: int, too_long: str) -> tuple[list[dict], int]:
+    """Prompt/completion rows, over-long ones dropped (too_long=drop) or kept for TRL to truncate; and their count."""
+    rows, over = [], 0
+    for messages in conversations:
+        is_long = chat_length(tokenizer, messages) > max_length
+        over += is_long
+        if not (is_long and too_long == "drop"):
+            rows.append(to_prompt_completion(messages))
+    return rows, over
+
+
+def build_datasets(setup: TrainerSetup):
+    """(train, eval) datasets, the train rows with the setup's extra (replay) rows mixed in, and the count of task
+    rows over max_length."""
+    from datasets import Dataset
+
+    config = setup.config
+
+    def fitted(path: str) -> tuple[list[dict], int]:
+        return fit_rows(read_chat_rows(Path(path)), setup.tokenizer, config.max_length, config.too_long)
+
+    (train, train_over), (evals, eval_over) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
+    if not train or not evals:
+        raise ValueError(
+            f"no {'training' if not train else 'eval'} rows left: every row is longer than "
+            f"max_length={config.max_length} tokens; raise training.max_length or use too_long: truncate"
+        )
+    extra = [to_prompt_completion(messages) for messages in setup.extra_train_rows(len(train))]
+    rows_too_long = train_over + eval_over
+    action = "dropped" if config.too_long == "drop" else "truncated"
+    setup.info(f"data: {len(train)} train rows + {len(extra)} general (replay) / {len(evals)} eval rows; "
+               f"{rows_too_long} over {config.max_length} tokens {action}")
+    return Dataset.from_list(train + extra), Dataset.from_list(evals), rows_too_long
+
+
+def sft_config(config: TrainingConfig, arguments: dict[str, Any]):
+    """The SFTConfig of a training: the shared trainer `arguments` plus sequence length, packing, completion loss."""
+    from trl import SFTConfig
+
+    return SFTConfig(**arguments, max_length=config.max_length, packing=config.packing, completion_only_loss=True)
+
+
+def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
+    """An SFTTrainer on the task's chat rows, and the `rows_too_long` fact."""
+    from trl import SFTTrainer
+
+    train, evals, rows_too_long = build_datasets(setup)
+    trainer = SFTTrainer(
+        model=setup.model,
+        args=sft_config(setup.config, setup.arguments),
+        train_dataset=train,
+        eval_dataset=evals,
+        processing_class=setup.tokenizer,
+        peft_config=setup.peft_config,
+        callbacks=setup.callbacks,
+    )
+    return trainer, {"rows_too_long": rows_too_long}

@@ -1,0 +1,62 @@
+"""The training program's input: one JSON file, and the fingerprint that identifies a training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftpipe.config import TrainingConfig
+
+
+def training_fingerprint(split_version: str, base_fingerprint: str, recipe: dict[str, Any]) -> str:
+    """Identity of a training (data split, base model, `TrainingConfig.recipe()`): its reuse key, and the name
+    of its checkpoint dir, so an interrupted training resumes."""
+    canonical = json.dumps({"split": split_version, "base": base_fingerprint, "training": recipe}, sort_keys=True,
+                           default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass
+class MlflowSpec:
+    experiment: str
+    run_name: str | None = None
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under $FTPIPE_HOME
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. dagster run id, data versions, code version
+
+
+@dataclass
+class TrainingSpec:
+    """The JSON file given to `python -m ftpipe.core.training` (all paths absolute or relative to the cwd)."""
+
+    task: str
+    base_model_dir: str  # resolved base model (modeling.resolve_base_model()["path"])
+    base_fingerprint: str
+    split_version: str  # data version of the train + eval split
+    train_path: str  # parquet: id, messages (list of {role, content}, last one assistant), source
+    eval_path: str
+    output_dir: str  # published atomically with the weights and result.json
+    checkpoint_dir: str  # this training's own dir (keyed by fingerprint): checkpoint-N/ and the MLflow run id
+    training: dict[str, Any]  # ftpipe.config.TrainingConfig
+    fingerprint: str | None = None  # the reuse key; None: training_fingerprint() of the inputs and recipe
+    force_retrain: bool = False  # start from step 0 in a new MLflow run, whatever checkpoints exist
+    trust_remote_code: bool = False
+    mlflow: MlflowSpec | dict[str, Any] | None = None  # a dict is read as MlflowSpec; experiment defaults to task
+    data_version: str | None = None  # reported to Dagster; None: a hash of the weight files
+    replay_prompts: str | None = None  # training.replay: JSONL of general prompts ({"id", "messages": [user turn]})
+    replay_cache_dir: str | None = None  # training.replay: the base model's answers to them, shared by trainings
+
+    def __post_init__(self):
+        if not isinstance(self.mlflow, MlflowSpec):
+            self.mlflow = MlflowSpec(**{"experiment": self.task, **(self.mlflow or {})})
+        if self.fingerprint is None:
+            self.fingerprint = training_fingerprint(self.split_version, self.base_fingerprint, self.config().recipe())
+
+    def config(self) -> TrainingConfig:
+        return TrainingConfig.model_validate(self.training)
+
+    @classmethod
+    def from_json(cls, path: Path) -> TrainingSpec:
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))

@@ -1,0 +1,64 @@
+"""Cleaning on data shaped like users' data (a CSV of short messages, a long system prompt in task.yaml, a dozen
+labels) and its non-blocking check, materialized against a real instance."""
+
+import csv
+import io
+import random
+from pathlib import Path
+
+import dagster as dg
+
+from ftpipe.assets import data
+from ftpipe.checks import deduplicated_examples_removal_share
+from ftpipe.partitions import task_partitions
+from ftpipe_tests.builders import make_task, materialization
+from ftpipe_tests.intents import SYSTEM_PROMPT, intent_task
+
+TASK_YAML = f"""
+data:
+  system_prompt: {SYSTEM_PROMPT!r}
+  columns: {{prompt: text, completion: category}}
+evaluation: {{task_type: classification}}
+"""
+TOLERANT = "dedup: {max_removed_share: 0.4}\n"
+
+
+def intents_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["text", "category"])
+    writer.writerows([r["messages"][1]["content"], r["messages"][2]["content"]] for r in rows)
+    return out.getvalue()
+
+
+def clean(ftpipe_env: Path, rows: list[dict], extra_yaml: str = ""):
+    make_task(ftpipe_env, "banking", {"intents.csv": intents_csv(rows)}, TASK_YAML + extra_yaml)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(task_partitions.name, ["banking"])
+        result = dg.materialize([data.raw_examples, data.deduplicated_examples, deduplicated_examples_removal_share],
+                                instance=instance, partition_key="banking")
+    assert result.success
+    [check] = result.get_asset_check_evaluations()
+    return materialization(result, "deduplicated_examples"), check
+
+
+def test_cleaning_keeps_distinct_short_messages_and_reports_removals_by_label(ftpipe_env: Path) -> None:
+    task = intent_task()
+    deduped, check = clean(ftpipe_env, task.rows, TOLERANT)
+    assert deduped["near_duplicates"] == len(task.near_duplicates)
+    assert deduped["contradictions"] == 2 * len(task.contradictions)
+    assert deduped["shared_text_shingles"] > 20  # the system prompt from task.yaml, left out of the comparison
+    assert "| activate_my_card |" in deduped["removed_by_label"]
+    assert check.passed and check.severity == dg.AssetCheckSeverity.WARN and check.metadata["max_removed_share"].value == 0.4
+
+
+def test_check_warns_when_one_label_loses_too_many_rows(ftpipe_env: Path) -> None:
+    task = intent_task()
+    rng = random.Random(0)
+    refunds = [r for r in task.rows if r["messages"][2]["content"] == "request_refund"]
+    copies = [{**r, "messages": [r["messages"][0], {"role": "user", "content": r["messages"][1]["content"] + "!!"},
+                                 r["messages"][2]]} for r in rng.sample(refunds, len(refunds) // 2)]
+    deduped, check = clean(ftpipe_env, task.rows + copies)
+    assert not check.passed
+    assert "label 'request_refund'" in check.description and "read the matched examples" in check.description
+    assert "!!" in check.metadata["matched_examples"].value

@@ -1,0 +1,199 @@
+"""Task metrics, one entry per task type: label parsing, scores, references they cannot read, the label set for
+log-likelihood ranking, and the confusion table; and the general-skills probe's checks."""
+
+from __future__ import annotations
+
+import re
+import typing
+
+import pytest
+
+from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation import select_rows
+from ftpipe.core.evaluation.metrics import TASK_TYPES, check_references, task_metrics
+from ftpipe.core.evaluation.metrics.classification import confusion_table, parse_label
+from ftpipe.core.evaluation.metrics.final_answer import same_answer
+from ftpipe.core.evaluation.probe import CHECKS, probe_correct, read_probe
+from ftpipe.core.storage import REPO_ROOT
+
+
+def scores(task_type: str, answers: list[str], references: list[str], **settings):
+    return task_metrics(EvaluationConfig(task_type=task_type, **settings)).scores(answers, references)
+
+
+def test_every_configurable_task_type_has_one_entry_whose_primary_metric_it_scores():
+    configurable = typing.get_args(EvaluationConfig.model_fields["task_type"].annotation)
+    assert set(TASK_TYPES) == set(configurable)
+    for name in configurable:
+        task = task_metrics(EvaluationConfig(task_type=name))
+        assert task.name == name and task.primary in task.scores(['{"a": "x"}'], ['{"a": "x"}']).rows
+
+
+@pytest.mark.parametrize(("text", "field", "label"), [
+    ('{"label": "Billing"}', "label", "billing"),
+    ('Sure! Here it is: {"label": "Bug-Report", "x": {"y": 1}} hope that helps', "label", "bugreport"),
+    ('{"other": "a"} then {"label": "b"}', "label", None),  # the first {...} decides
+    ("not json at all", "label", None),
+    ('{"label": "billing"', "label", None),
+    ("  Red. ", None, "red"),
+    ("...", None, None),
+])
+def test_parse_label(text, field, label):
+    assert parse_label(text, field) == label
+
+
+def test_classification_accuracy_macro_f1_and_unparseable_counts_wrong():
+    references = ['{"label": "a"}', '{"label": "a"}', '{"label": "b"}', '{"label": "b"}']
+    answers = ['{"label": "a"}', "I think a", '{"label": "b"}', '{"label": "a"}']
+    found = scores("classification", answers, references, label_field="label")
+    assert found.rows["accuracy"] == [1.0, 0.0, 1.0, 0.0]
+    assert found.summary["accuracy"] == 0.5
+    # a: tp 1, fp 1, fn 1 -> 0.5; b: tp 1, fp 0, fn 1 -> 2/3
+    assert found.summary["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert found.labels == ["a", None, "b", "a"]
+
+
+def test_confusion_table_counts_reference_by_prediction():
+    table = confusion_table(["a", "a", "b", "b", "b"], ["a", None, "b", "zzz", "a"])
+    lines = table.splitlines()
+    assert lines[0] == "| reference / predicted | a | b | (other) | (unparseable) |"
+    assert lines[2] == "| a | 1 | 0 | 0 | 1 |"
+    assert lines[3] == "| b | 1 | 1 | 1 | 0 |"
+
+
+def test_label_choices_put_each_label_where_the_reference_has_its_label():
+    task = task_metrics(EvaluationConfig(task_type="classification", label_field="category"))
+    references = ['{"category": "feature_request", "priority": "low"}', '{"priority": "high", "category":"billing"}']
+    choices = task.label_choices(references)
+    assert choices.names == ["billing", "featurerequest"] and choices.expected == ["featurerequest", "billing"]
+    assert choices.candidates[0] == ['{"category": "billing"', '{"category": "feature_request"']
+    assert choices.candidates[1] == ['{"priority": "high", "category":"billing"',
+                                     '{"priority": "high", "category":"feature_request"']
+    plain = task_metrics(EvaluationConfig(task_type="classification")).label_choices(["Red", "green ", "red."])
+    assert plain.names == ["green", "red"] and plain.candidates[0] == ["green", "Red"]
+
+
+def test_label_answers_are_complete_answers_written_as_the_references_write_them():
+    task = task_metrics(EvaluationConfig(task_type="classification", label_field="intent"))
+    references = ['{"intent": "card_arrival"}', '{"intent":"top_up"}', '{"intent": "top_up"}', '{"intent": "Top_Up"}',
+                  'Sure: {"intent": "lost_card", "why": "x"}']
+    assert task.label_answers(references) == ['{"intent": "card_arrival"}', '{"intent": "lost_card"}',
+                                              '{"intent": "top_up"}']
+    plain = task_metrics(EvaluationConfig(task_type="classification"))
+    assert plain.label_answers(["Red", "green", "red", "red"]) == ["green", "red"]  # the usual spelling
+    assert task_metrics(EvaluationConfig()).label_answers(["x"]) is None  # generation has no labels
+
+
+@pytest.mark.parametrize(("answer", "reference", "same"), [
+    ("1,000", "1000", True),
+    ("1000.0", "1,000", True),
+    ("72.", "72", True),
+    ("-3", "-3.00", True),
+    ("72", "27", False),
+    ("Paris", "paris.", True),
+    ("$18", "18", False),  # not a number: compared as text
+    (None, "18", False),
+])
+def test_final_answers_compare_as_numbers_when_both_are_numbers(answer, reference, same):
+    assert same_answer(answer, reference) is same
+
+
+def test_a_final_answer_pattern_makes_exact_match_on_final_answers_primary():
+    task = task_metrics(EvaluationConfig(answer_pattern=r"#### (\S+)"))
+    references = ["She has 3 + 4 = 7 apples.\n#### 7", "1000 * 2 = 2000\n#### 2,000", "So 5.\n#### 5"]
+    answers = ["3 + 4 = 7\n#### 7", "It is 2000.\n#### 2000.0", "I think 5"]
+    found = task.scores(answers, references)
+    assert task.primary == "answer_exact_match" and list(found.rows)[0] == "answer_exact_match"
+    assert found.rows["answer_exact_match"] == [1.0, 1.0, 0.0] and found.rows["exact_match"] == [0.0, 0.0, 0.0]
+    assert found.final_answers == ["7", "2000.0", None]
+    assert task.final_answer(references[1]) == "2,000"
+    assert task_metrics(EvaluationConfig()).primary == "rouge_l"
+
+
+def test_a_final_answer_field_reads_json_and_references_without_one_are_refused():
+    task = task_metrics(EvaluationConfig(answer_field="answer"))
+    found = task.scores(['{"answer": 12, "work": "..."}', '{"answer": "no"}'],
+                        ['{"answer": "12"}', '{"answer": "yes"}'])
+    assert found.rows["answer_exact_match"] == [1.0, 0.0] and found.final_answers == ["12", "no"]
+    rows = [{"id": "r1", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "7"}]}]
+    with pytest.raises(ValueError, match="no JSON field 'answer'.*r1"):
+        check_references(rows, task)
+    with pytest.raises(ValueError, match=re.escape("no final answer matching answer_pattern `#### (\\S+)`")):
+        check_references(rows, task_metrics(EvaluationConfig(answer_pattern=r"#### (\S+)")))
+
+
+@pytest.mark.parametrize(("settings", "problem"), [
+    ({"answer_pattern": "#### \\S+"}, "needs exactly one capture group"),
+    ({"answer_pattern": "(a)(b)"}, "needs exactly one capture group"),
+    ({"answer_pattern": "(unclosed"}, "not a regular expression"),
+    ({"answer_pattern": "(x)", "answer_field": "y"}, "not both"),
+    ({"task_type": "classification", "answer_field": "y"}, "answer_field applies to task_type generation only"),
+    ({"constrain_to_labels": True}, "constrain_to_labels applies to task_type classification only"),
+    ({"task_type": "extraction", "require_human_review": 2}, "require_human_review applies to task_type generation"),
+    ({"judge": {"base_url": "http://127.0.0.1:1/v1", "model": "m", "api_key_env": "sk-123"}}, "never the key itself"),
+    ({"fewshot_k": -1}, "greater than or equal to 0"),
+])
+def test_evaluation_settings_that_cannot_work_are_refused(settings, problem):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=problem):
+        EvaluationConfig(**settings)
+
+
+def test_extraction_metrics():
+    references = ['{"name": "Ann", "age": 3}', '{"name": "Bob", "age": 4}', '{"name": "Cy", "age": 5}']
+    answers = ['Result: {"name": "Ann", "age": 3}.', '{"name": "Bob", "age": 40}', "no json here"]
+    found = scores("extraction", answers, references)
+    assert found.rows["json_valid"] == [1.0, 1.0, 0.0]
+    assert found.rows["exact_match"] == [1.0, 0.0, 0.0]
+    assert found.rows["field_accuracy"] == [1.0, 0.5, 0.0]
+    assert found.summary["field_accuracy_by_field"] == {"age": pytest.approx(1 / 3), "name": pytest.approx(2 / 3)}
+
+
+def test_generation_metrics():
+    references = ["The apple is red.", "The lime is green", "Grüße aus Köln"]
+    answers = ["the apple is red", "a lime is very green", "Grüße aus Bonn"]
+    rows = scores("generation", answers, references).rows
+    assert rows["exact_match"] == [1.0, 0.0, 0.0]
+    assert rows["rouge_l"][0] == pytest.approx(1.0)
+    # lcs "lime is green" = 3; P 3/5, R 3/4 -> F 2/3; token F1: overlap 3 -> 6/9
+    assert rows["rouge_l"][1] == pytest.approx(2 / 3)
+    assert rows["token_f1"][1] == pytest.approx(2 / 3)
+    assert rows["rouge_l"][2] == pytest.approx(2 / 3)  # non-ASCII words are words too
+
+
+def test_check_references_refuses_unreadable_references_before_generation():
+    rows = [{"id": "r1", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "plain"}]}]
+    with pytest.raises(ValueError, match="not a JSON object.*r1"):
+        check_references(rows, task_metrics(EvaluationConfig(task_type="extraction")))
+    with pytest.raises(ValueError, match="no JSON field 'label'.*r1"):
+        check_references(rows, task_metrics(EvaluationConfig(task_type="classification", label_field="label")))
+    check_references(rows, task_metrics(EvaluationConfig(task_type="generation")))
+
+
+def test_select_rows_takes_first_n_by_id():
+    rows = [{"id": i} for i in ("c", "a", "d", "b")]
+    assert [r["id"] for r in select_rows(rows, 2)] == ["a", "b"]
+    assert len(select_rows(rows, None)) == 4
+
+
+@pytest.mark.parametrize(("check", "answer", "reference", "correct"), [
+    ("contains", "The sky is Blue.", "blue", True),
+    ("contains", "blueish", "blue", False),
+    ("exact", "See you soon!", "see you soon", True),
+    ("exact", "see you soon, friend", "see you soon", False),
+    ("exact_case", "APPLE.", "APPLE", True),
+    ("exact_case", "Apple", "APPLE", False),
+    ("number", "The answer is 1,024 apples", "1024", True),
+    ("number", "96 or 97", "97", False),
+    ("number", "no idea", "0", False),
+])
+def test_probe_rows_are_scored_with_their_own_check(check, answer, reference, correct):
+    assert probe_correct(answer, {"check": check, "reference": reference}) is correct
+
+
+def test_every_row_of_the_shipped_probe_has_a_known_check_its_reference_passes():
+    rows = read_probe(REPO_ROOT / "data" / "general" / "probe.jsonl")
+    assert len(rows) >= 300 and len({row["skill"] for row in rows}) >= 4
+    for row in rows:
+        assert row.get("check", "contains") in CHECKS and probe_correct(row["reference"], row), row["id"]

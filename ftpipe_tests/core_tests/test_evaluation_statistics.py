@@ -1,0 +1,185 @@
+"""Statistics and decisions of an evaluation, on planted numbers (no model): paired bootstrap, forgetting with its
+interval and changed probe rows, the gate, the reuse key, and the choice of few-shot examples."""
+
+from __future__ import annotations
+
+import pytest
+
+from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation import decide_gate, evaluation_key
+from ftpipe.core.evaluation.fewshot import choose_examples, fewshot_prompt
+from ftpipe.core.evaluation.forgetting import forgetting_score, measure_forgetting
+from ftpipe.core.evaluation.outputs import ModelOutputs
+from ftpipe.core.evaluation.statistics import paired_bootstrap, pairwise_summary
+from ftpipe_tests.rows import row
+
+# ---------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_ci_contains_true_delta_and_is_seeded():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(0.5, 0.2, 400)
+    tuned = base + 0.05 + rng.normal(0, 0.1, 400)  # true delta 0.05
+    delta, low, high = paired_bootstrap(base, tuned, samples=2000, seed=3)
+    assert low < 0.05 < high and low < delta < high
+    assert high - low < 0.05
+    assert paired_bootstrap(base, tuned, samples=2000, seed=3) == (delta, low, high)
+    assert paired_bootstrap(base, tuned, samples=2000, seed=4) != (delta, low, high)
+
+
+def test_bootstrap_excludes_zero_for_a_clear_gain_and_not_for_noise():
+    base = [0.0] * 50 + [1.0] * 50
+    clear = [1.0] * 90 + [0.0] * 10
+    assert paired_bootstrap(base, clear, samples=1000, seed=0)[1] > 0
+    noise = [1.0] * 50 + [0.0] * 50  # same mean, every row flipped
+    _, low, high = paired_bootstrap(base, noise, samples=1000, seed=0)
+    assert low < 0 < high
+
+
+# ---------------------------------------------------------------- forgetting
+
+
+def test_forgetting_is_the_larger_relative_worsening_floored_at_zero():
+    assert forgetting_score(0.8, 0.6, 2.0, 2.1) == pytest.approx(0.25)  # accuracy drop dominates
+    assert forgetting_score(0.8, 0.8, 2.0, 3.0) == pytest.approx(0.5)  # loss increase dominates
+    assert forgetting_score(0.5, 0.9, 2.0, 1.0) == 0.0  # better on both
+    assert forgetting_score(0.0, 0.0, 1.0, 1.0) == 0.0
+
+
+def planted_probe(size: int, base_right: int, tuned_right: int) -> tuple[list[dict], ModelOutputs, ModelOutputs]:
+    """A probe of `size` rows answered right by the base on the first `base_right`, by the fine-tuned model on the
+    first `tuned_right`; both models have the same reference loss on every row."""
+    probe = [{"id": f"p{i:03d}", "skill": "facts", "reference": "yes",
+              "messages": [{"role": "system", "content": "Shared."}, {"role": "user", "content": f"Question {i}?"}]}
+             for i in range(size)]
+
+    def outputs(right: int) -> ModelOutputs:
+        return ModelOutputs(ids=[], answers=[], prompt_tokens=0.0, probe_logprobs=[-2.0] * size,
+                            probe_tokens=[2] * size, probe_answers=["yes" if i < right else "no" for i in range(size)])
+
+    return probe, outputs(base_right), outputs(tuned_right)
+
+
+def test_forgetting_comes_with_an_interval_that_narrows_with_more_probe_rows():
+    small = measure_forgetting(*planted_probe(20, base_right=16, tuned_right=14), samples=2000, seed=0)
+    large = measure_forgetting(*planted_probe(400, base_right=320, tuned_right=280), samples=2000, seed=0)
+    for found in (small, large):
+        assert found["forgetting"] == pytest.approx(0.125)  # 0.8 -> 0.7
+        assert found["forgetting_ci_low"] <= found["forgetting"] <= found["forgetting_ci_high"]
+    assert small["forgetting_ci_low"] == 0.0  # 2 rows of 20: no evidence
+    assert large["forgetting_ci_low"] > 0.05
+    small_width, large_width = (found["forgetting_ci_high"] - found["forgetting_ci_low"] for found in (small, large))
+    assert large_width < small_width
+
+
+def test_changed_probe_rows_are_listed_lost_first_with_the_users_message():
+    probe, base, tuned = planted_probe(6, base_right=4, tuned_right=2)
+    tuned.probe_answers[5] = "yes"  # gained one
+    changes = measure_forgetting(probe, base, tuned, samples=200, seed=0)["probe_changes"]
+    assert [(c["id"], c["change"]) for c in changes] == [("p002", "lost"), ("p003", "lost"), ("p005", "gained")]
+    assert changes[0] == {"id": "p002", "skill": "facts", "message": "Question 2?", "reference": "yes",
+                          "base_answer": "yes", "finetuned_answer": "no", "change": "lost"}
+
+
+def test_no_probe_means_no_forgetting():
+    found = measure_forgetting([], None, None, samples=200, seed=0)
+    assert (found["forgetting"], found["forgetting_ci_low"], found["probe_rows"]) == (0.0, 0.0, 0)
+
+
+# ---------------------------------------------------------------- the gate
+
+
+def measured(**values) -> dict:
+    metrics = {"primary_metric": "accuracy", "base_score": 0.2, "finetuned_score": 0.8, "delta_ci_low": 0.4,
+               "forgetting": 0.3, "forgetting_ci_low": 0.05, "forgetting_ci_high": 0.5, "probe_base_accuracy": 0.9,
+               "probe_finetuned_accuracy": 0.63, "probe_base_loss": 1.0, "probe_finetuned_loss": 1.1,
+               "fewshot_score": 0.7, "delta_vs_fewshot_ci_low": -0.05}
+    return {**metrics, **values}
+
+
+def test_forgetting_fails_the_gate_only_when_its_interval_is_above_the_threshold():
+    config = EvaluationConfig(max_forgetting=0.1)
+    assert decide_gate(measured(), config) == (True, [])  # point estimate 0.3 > 0.1, but the CI low is 0.05
+    passed, failed = decide_gate(measured(forgetting_ci_low=0.15), config)
+    assert not passed and failed == [
+        "forgetting 0.300 (95% CI 0.150 … 0.500): CI low > max_forgetting 0.100 "
+        "(probe accuracy 0.900 -> 0.630, probe loss 1.000 -> 1.100)"]
+
+
+def test_the_gate_follows_the_thresholds_it_is_given():
+    metrics = measured(delta_ci_low=0.1)
+    assert decide_gate(metrics, EvaluationConfig(min_improvement=0.05))[0] is True
+    passed, failed = decide_gate(metrics, EvaluationConfig(min_improvement=0.2))
+    assert not passed and failed[0].startswith("delta_ci_low 0.100 < min_improvement 0.200 (accuracy 0.200 -> 0.800)")
+
+
+def test_the_gate_can_require_beating_few_shot():
+    strict = EvaluationConfig(require_beats_fewshot=True)
+    passed, failed = decide_gate(measured(), strict)
+    assert not passed and failed[0].startswith("delta_vs_fewshot_ci_low -0.050 < min_improvement 0.000")
+    assert decide_gate(measured(delta_vs_fewshot_ci_low=0.02), strict) == (True, [])
+    assert "no few-shot baseline" in decide_gate(measured(fewshot_score=None), strict)[1][0]
+
+
+def test_the_gate_waits_for_human_verdicts():
+    config = EvaluationConfig(require_human_review=3)
+    assert decide_gate(measured(), config) == (False, ["waiting for 3 human verdicts (have 0)"])
+    assert decide_gate(measured(human_verdicts=2), config)[1] == ["waiting for 3 human verdicts (have 2)"]
+    assert decide_gate(measured(human_verdicts=3), config) == (True, [])
+    assert decide_gate(measured(), EvaluationConfig()) == (True, [])  # 0: no review needed
+
+
+def test_win_rate_counts_a_tie_half_with_a_bootstrap_interval():
+    outcomes = ["win"] * 30 + ["tie"] * 10 + ["loss"] * 10
+    found = pairwise_summary("human", outcomes, samples=2000, seed=0)
+    assert (found["human_wins"], found["human_ties"], found["human_losses"]) == (30, 10, 10)
+    assert found["human_win_rate"] == pytest.approx(0.7)
+    assert 0.5 < found["human_win_rate_ci_low"] < 0.7 < found["human_win_rate_ci_high"] < 0.85
+    assert pairwise_summary("judge", ["tie"] * 8, samples=500, seed=0)["judge_win_rate_ci_low"] == 0.5
+    empty = pairwise_summary("judge", [], samples=500, seed=0)
+    assert empty["judge_wins"] == 0 and empty["judge_win_rate"] is None and empty["judge_win_rate_ci_low"] is None
+
+
+# ---------------------------------------------------------------- the reuse key
+
+
+def test_the_evaluation_key_ignores_gate_thresholds_but_not_what_changes_outputs():
+    inputs = {"base_fingerprint": "b", "adapter_version": "a", "eval_version": "e", "train_version": "t",
+              "probe_hash": "p", "probe_rows": 40}
+    key = evaluation_key(**inputs, config=EvaluationConfig())
+    gate = EvaluationConfig(min_improvement=0.3, max_forgetting=0.5, require_beats_fewshot=True, require_human_review=5)
+    assert evaluation_key(**inputs, config=gate) == key
+    assert evaluation_key(**inputs, config=EvaluationConfig(max_new_tokens=7)) != key
+    assert evaluation_key(**inputs, config=EvaluationConfig(fewshot_k=2)) != key
+    assert evaluation_key(**inputs, config=EvaluationConfig(answer_pattern="#### (\\S+)")) != key
+    assert evaluation_key(**inputs, config=EvaluationConfig(bootstrap_samples=500)) != key
+    for name in inputs:
+        assert evaluation_key(**{**inputs, name: "other"}, config=EvaluationConfig()) != key, name
+
+
+# ---------------------------------------------------------------- few-shot examples
+
+
+def labelled(label: str, index: int) -> dict:
+    return row(f"Ticket {index}", f'{{"label": "{label}"}}', system="Classify.")
+
+
+def test_fewshot_examples_are_reproducible_cover_the_labels_and_never_held_out_rows():
+    train = [labelled("a", i) for i in range(20)] + [labelled("b", i) for i in range(20, 24)] + [labelled("c", 99)]
+    held_out = {train[-1]["id"], train[0]["id"]}
+    label_of = lambda example: example["messages"][-1]["content"]  # noqa: E731
+    picked = choose_examples(train, 5, held_out, group=label_of)
+    assert len(picked) == 5 and not {p["id"] for p in picked} & held_out
+    assert {label_of(p) for p in picked} == {'{"label": "a"}', '{"label": "b"}'}  # c only in a held-out row
+    assert choose_examples(list(reversed(train)), 5, held_out, group=label_of) == picked
+    assert choose_examples(train[:2], 5, set(), group=label_of) == choose_examples(train[:2], 2, set(), label_of)
+
+
+def test_fewshot_prompt_puts_the_examples_between_system_prompt_and_question():
+    examples = [labelled("a", 1), labelled("b", 2)]
+    prompt = labelled("c", 3)["messages"][:-1]
+    assert [(m["role"], m["content"]) for m in fewshot_prompt(prompt, examples)] == [
+        ("system", "Classify."), ("user", "Ticket 1"), ("assistant", '{"label": "a"}'),
+        ("user", "Ticket 2"), ("assistant", '{"label": "b"}'), ("user", "Ticket 3")]

@@ -1,0 +1,84 @@
+"""Running the training program for real in tests: toy data beside a (shared, read-only) tiny base model, a spec,
+the program's environment, and starting or waiting for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ftpipe.core.results import Result, read_result
+from ftpipe.core.storage import REPO_ROOT
+from ftpipe_tests.tiny_model import toy_rows, write_chat_parquet
+
+LONG_ROWS = 3  # training rows over the specs' max_length of 64 tokens
+SMALL_TRAINING = {"max_steps": 12, "batch_size": 8, "eval_steps": 4, "logging_steps": 2, "learning_rate": 1e-2,
+                  "max_length": 64, "warmup_ratio": 0.0}
+
+
+def toy_workspace(root: Path, base_model_dir: Path) -> Path:
+    """`root` with `base` (a link to the base model), `train.parquet` (40 rows + LONG_ROWS long ones), `eval.parquet`."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "base").symlink_to(base_model_dir)
+    long_rows = toy_rows(LONG_ROWS, seed=9)
+    for row in long_rows:
+        row["messages"][1]["content"] = "What color is the apple? " * 20
+    write_chat_parquet(root / "train.parquet", toy_rows(40, seed=1) + long_rows)
+    write_chat_parquet(root / "eval.parquet", toy_rows(8, seed=2))
+    return root
+
+
+def write_spec(root: Path, name: str, *, force_retrain: bool = False, tracking_uri: str | None = None,
+               **training) -> Path:
+    """`root/<name>.json`: a training of the workspace's base on its toy split; outputs under `root/<name>/`."""
+    spec = {
+        "task": "toy",
+        "base_model_dir": str(root / "base"),
+        "base_fingerprint": "tiny",
+        "split_version": "toy-split",
+        "train_path": str(root / "train.parquet"),
+        "eval_path": str(root / "eval.parquet"),
+        "output_dir": str(root / name / "adapter"),
+        "checkpoint_dir": str(root / name / "checkpoints"),
+        "training": {**SMALL_TRAINING, **training},
+        "force_retrain": force_retrain,
+        "mlflow": {"experiment": f"toy-{name}", "run_name": name, "tags": {"dagster_run_id": f"run-{name}"},
+                   "tracking_uri": tracking_uri},
+    }
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def output_result(spec: Path) -> Result:
+    """The result the training of `spec` published."""
+    return read_result(Path(json.loads(spec.read_text())["output_dir"]), "lora_adapter")
+
+
+def program_env(root: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DAGSTER_PIPES"))}
+    return {**env, "FTPIPE_HOME": str(root / "home"), "PYTHONPATH": str(REPO_ROOT)}
+
+
+def start(root: Path, spec: Path) -> subprocess.Popen:
+    log = (root / f"{spec.stem}.stderr").open("a")
+    return subprocess.Popen(
+        [sys.executable, "-m", "ftpipe.core.training", str(spec)],
+        cwd=REPO_ROOT, env=program_env(root), stdout=subprocess.PIPE, stderr=log, text=True,
+    )
+
+
+def run_to_end(root: Path, spec: Path) -> str:
+    """Run the program on `spec` to a successful end; its stdout."""
+    process = start(root, spec)
+    stdout, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, stdout + (root / f"{spec.stem}.stderr").read_text()[-3000:]
+    return stdout
+
+
+def mlflow_client(root: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{root / 'home' / 'mlflow.db'}")
