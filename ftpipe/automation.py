@@ -10,14 +10,14 @@ import dagster as dg
 from ftpipe.config import RetrainConfig, TaskConfig, TaskConfigError
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.results import read_result
-from ftpipe.core.tasks import discover_tasks, task_config, task_files_version, training_inputs
+from ftpipe.core.tasks import discover_tasks, reviews_dir, reviews_version, task_config, task_files_version, training_inputs
 from ftpipe.partitions import task_partitions
 
 TRAINING_MAX_RUNTIME_SECONDS = 6 * 3600
 POLL_SECONDS = int(os.environ.get("FTPIPE_POLL_SECONDS", "30"))
 RETRAIN_CRON, RETRAIN_INTERVAL = "*/15 * * * *", timedelta(minutes=15)
 DATA_VERSION_TAG = "dagster/data_version"
-TASK_FILES = dg.AssetKey("task_files")
+TASK_FILES, REVIEW_VERDICTS = dg.AssetKey("task_files"), dg.AssetKey("review_verdicts")
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                dg.DagsterRunStatus.STARTED]
 
@@ -53,9 +53,9 @@ class TaskChanges:
                 for task, version in self.changed.items() if of_new or task not in self.new]
 
 
-def last_observed_version(instance: dg.DagsterInstance, task: str) -> str | None:
+def last_observed_version(instance: dg.DagsterInstance, task: str, asset: dg.AssetKey = TASK_FILES) -> str | None:
     records = instance.fetch_observations(
-        dg.AssetRecordsFilter(asset_key=TASK_FILES, asset_partitions=[task]), limit=1
+        dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[task]), limit=1
     ).records
     return records[0].asset_observation.tags.get(DATA_VERSION_TAG) if records else None
 
@@ -89,6 +89,22 @@ def task_files_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | 
         dynamic_partitions_requests=[task_partitions.build_add_request(changes.new)] if changes.new else [],
         asset_events=observations,
     )
+
+
+@dg.sensor(default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=POLL_SECONDS)
+def review_verdicts_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+    """Observes `review_verdicts` when the review files in a task's `reviews/` folder change, so `human_review` counts
+    the new verdicts and a merge waiting for them can go ahead."""
+    observations = []
+    for task in context.instance.get_dynamic_partitions(task_partitions.name):
+        version = reviews_version(task)
+        if reviews_dir(task).is_dir() and version != last_observed_version(context.instance, task, REVIEW_VERDICTS):
+            observations.append(dg.AssetObservation(asset_key=REVIEW_VERDICTS, partition=task,
+                                                    tags={DATA_VERSION_TAG: version}))
+    if not observations:
+        return dg.SkipReason("no new review files")
+    context.log.info("review files changed: " + ", ".join(o.partition for o in observations))
+    return dg.SensorResult(asset_events=observations)
 
 
 def training_due(instance: dg.DagsterInstance, task: str, config: TaskConfig) -> tuple[bool, str]:

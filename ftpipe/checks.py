@@ -8,7 +8,8 @@ import dagster as dg
 
 from ftpipe.assets.common import effective_config, run_overrides, similarity_settings, table, upstream
 from ftpipe.core import dedup, split
-from ftpipe.core.layout import TaskLayout
+from ftpipe.core.layout import PREDICTIONS, TaskLayout
+from ftpipe.core.tasks import reviews_dir
 from ftpipe.partitions import task_partitions
 
 
@@ -63,4 +64,24 @@ def deduplicated_examples_removal_share(context: dg.AssetCheckExecutionContext) 
         if heavy else f"cleaning removed at most {limit:.0%} of the rows and of each label",
         metadata={"max_removed_share": limit, "over_the_limit": "; ".join(heavy.values()) or "none",
                   "matched_examples": table(examples, list(dedup.MATCH_COLUMNS))},
+    )
+
+
+@dg.asset_check(asset="human_review", blocking=True, partitions_def=task_partitions)
+def human_review_verdicts(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    """With `evaluation.require_human_review` N, passes once N human verdicts on the new model's answers exist; the
+    merge waits for it. Dropping more verdicts in the task's `reviews/` folder re-runs it."""
+    from ftpipe.core.evaluation import waiting_for_reviews
+    from ftpipe.core.evaluation.review import sample_verdicts
+
+    task = context.partition_key
+    paths = TaskLayout(task)
+    evaluation = effective_config(task, run_overrides(context, "human_review")).evaluation
+    verdicts = sample_verdicts(paths.path("eval_report", PREDICTIONS), paths.asset("human_review"), reviews_dir(task))
+    have = len(verdicts.verdicts)
+    waiting = waiting_for_reviews(have, evaluation)
+    return dg.AssetCheckResult(
+        passed=waiting is None,
+        description=waiting or f"{have} human verdicts (needed: {evaluation.require_human_review})",
+        metadata={"human_verdicts": have, "require_human_review": evaluation.require_human_review},
     )

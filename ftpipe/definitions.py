@@ -5,7 +5,8 @@ import dagster as dg
 from ftpipe import checks
 from ftpipe.assets import data, evaluation, serving, training
 from ftpipe.automation import (
-    automation_sensor, data_job, finetune_job, retrain_on_data_change_sensor, retrain_schedule, task_files_sensor,
+    automation_sensor, data_job, finetune_job, retrain_on_data_change_sensor, retrain_schedule, review_verdicts_sensor,
+    task_files_sensor,
 )
 from ftpipe.resources import default_resources
 
@@ -14,7 +15,7 @@ defs = dg.Definitions(
     asset_checks=dg.load_asset_checks_from_modules([checks]),
     jobs=[finetune_job, data_job],
     schedules=[retrain_schedule],
-    sensors=[task_files_sensor, retrain_on_data_change_sensor, automation_sensor],
+    sensors=[task_files_sensor, review_verdicts_sensor, retrain_on_data_change_sensor, automation_sensor],
     resources=default_resources(),
     executor=dg.in_process_executor,
 )

@@ -4,8 +4,8 @@ blocking check `eval_report_gate`."""
 import dagster as dg
 
 from ftpipe.assets.common import GPU_POOL, TaskRunConfig, file_version, load_config, upstream
-from ftpipe.core.layout import METRICS, TaskLayout
-from ftpipe.core.tasks import general_probe
+from ftpipe.core.layout import METRICS, PREDICTIONS, TaskLayout
+from ftpipe.core.tasks import general_probe, reviews_dir, reviews_version
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking
 
@@ -55,4 +55,42 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     return dg.MaterializeResult(
         metadata=_metadata(report, mlflow.run_url(run_id)),
         data_version=file_version(paths.path("eval_report", METRICS)),
+    )
+
+
+@dg.observable_source_asset(partitions_def=task_partitions, group_name=GROUP)
+def review_verdicts(context: dg.OpExecutionContext) -> dg.DataVersionsByPartition:
+    """The filled-in review CSV files reviewers drop in a task's `reviews/` folder; its version is their hash."""
+    tasks = context.instance.get_dynamic_partitions(task_partitions.name)
+    return dg.DataVersionsByPartition({task: reviews_version(task) for task in tasks})
+
+
+@dg.asset(
+    partitions_def=task_partitions, group_name=GROUP, kinds={"html", "csv"}, deps=["eval_report", "review_verdicts"],
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def human_review(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg.MaterializeResult:
+    """A blind, randomised A/B sample of held-out rows (base vs fine-tuned answers) as a CSV and a self-contained HTML
+    page for a reviewer, and the verdicts found so far in the task's `reviews/` folder with the win rate's interval."""
+    import pyarrow.parquet as pq
+
+    from ftpipe.core.evaluation.review import sample_verdicts, write_review_sample
+
+    task = context.partition_key
+    cfg = load_config(context, config).evaluation
+    paths = TaskLayout(task)
+    predictions, out = paths.path("eval_report", PREDICTIONS), paths.asset("human_review")
+    sample = write_review_sample(pq.read_table(predictions).to_pylist(), out)
+    verdicts = sample_verdicts(predictions, out, reviews_dir(task)).summary(cfg.bootstrap_samples)
+    context.log.info(f"{task}: review sample {sample['review_sample']} of {sample['review_rows']} rows; "
+                     f"{verdicts['human_verdicts']} verdicts so far")
+    return dg.MaterializeResult(
+        metadata={
+            **verdicts,
+            "review_rows": sample["review_rows"],
+            "review_html": dg.MetadataValue.path(sample["review_html"]),
+            "review_csv": dg.MetadataValue.path(sample["review_csv"]),
+            "reviews_folder": dg.MetadataValue.path(str(reviews_dir(task))),
+        },
+        data_version=dg.DataVersion(f"{sample['review_sample']}-{verdicts['human_verdicts']}"),
     )

@@ -76,7 +76,20 @@ def base_model_source(spec: str, folder: Path) -> str:
 def task_files_version(task: str) -> str:
     """A hash of what the pipeline reads from a task folder: `task.yaml` and the files under `raw/`."""
     folder = task_dir(task)
-    candidates = [folder / "task.yaml", *(folder / "raw").rglob("*")]
+    return _files_version(folder, [folder / "task.yaml", *(folder / "raw").rglob("*")])
+
+
+def reviews_dir(task: str) -> Path:
+    """`<task folder>/reviews/`: where reviewers drop their filled-in review CSV files."""
+    return task_dir(task) / "reviews"
+
+
+def reviews_version(task: str) -> str:
+    """A hash of the review CSV files in the task's `reviews/` folder."""
+    return _files_version(task_dir(task), list(reviews_dir(task).glob("*.csv")))
+
+
+def _files_version(folder: Path, candidates: list[Path]) -> str:
     inside = [p for p in candidates if p.is_file() and folder in p.resolve().parents]
     return sha256_of_files(inside, folder)[:16]
 

@@ -121,7 +121,7 @@ def test_local_base_models_resolve_from_the_task_folder_or_allowed_dirs(
     assert base_model_source(str(shared / "m"), folder) == str((shared / "m").resolve())
 
 
-def test_the_demo_and_old_style_task_yaml_give_the_recipe_they_gave_before() -> None:
+def test_the_demo_and_old_style_task_yaml_give_the_recipe_they_gave_before_plus_replay() -> None:
     demo = load_task_config(DEMO_TASK).training
     assert "method: auto" in DEMO_TASK.read_text()
     assert (demo.objective, demo.adapter, demo.quantization) == ("sft", "lora", "auto")
@@ -131,7 +131,7 @@ def test_the_demo_and_old_style_task_yaml_give_the_recipe_they_gave_before() -> 
         "learning_rate": 0.0005, "epochs": 1.0, "max_steps": 28, "batch_size": 8, "gradient_accumulation": 1,
         "max_length": 256, "too_long": "drop", "warmup_ratio": 0.05, "scheduler": "cosine", "weight_decay": 0.0,
         "seed": 42, "packing": False, "eval_steps": 14, "logging_steps": 5, "early_stopping_patience": 3,
-        "save_total_limit": 2,
+        "save_total_limit": 2, "replay": 0.2,
     }
     old_style = parse_task_config("training: {method: qlora, launcher: torchrun, learning_rate: 0.001}", "t.yaml").training
     new_style = parse_task_config("training: {adapter: lora, quantization: 4bit, learning_rate: 0.001}", "t.yaml").training

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ftpipe.config import EvaluationConfig
-from ftpipe.core.evaluation import decide_gate, evaluation_key
+from ftpipe.core.evaluation import decide_gate, evaluation_key, waiting_for_reviews
 from ftpipe.core.evaluation.fewshot import choose_examples, fewshot_prompt
 from ftpipe.core.evaluation.forgetting import forgetting_score, measure_forgetting
 from ftpipe.core.evaluation.outputs import ModelOutputs
@@ -123,12 +123,12 @@ def test_the_gate_can_require_beating_few_shot():
     assert "no few-shot baseline" in decide_gate(measured(fewshot_score=None), strict)[1][0]
 
 
-def test_the_gate_waits_for_human_verdicts():
-    config = EvaluationConfig(require_human_review=3)
-    assert decide_gate(measured(), config) == (False, ["waiting for 3 human verdicts (have 0)"])
-    assert decide_gate(measured(human_verdicts=2), config)[1] == ["waiting for 3 human verdicts (have 2)"]
-    assert decide_gate(measured(human_verdicts=3), config) == (True, [])
-    assert decide_gate(measured(), EvaluationConfig()) == (True, [])  # 0: no review needed
+def test_the_review_gate_waits_for_human_verdicts_apart_from_the_metric_gate():
+    config = EvaluationConfig(task_type="generation", require_human_review=3)
+    assert waiting_for_reviews(0, config) == "waiting for 3 human verdicts (have 0)"
+    assert waiting_for_reviews(2, config) == "waiting for 3 human verdicts (have 2)"
+    assert waiting_for_reviews(3, config) is None and waiting_for_reviews(0, EvaluationConfig()) is None
+    assert decide_gate(measured(), config) == (True, [])  # verdicts come later: the metric gate does not wait
 
 
 def test_win_rate_counts_a_tie_half_with_a_bootstrap_interval():

@@ -181,3 +181,12 @@ def human_metrics(records: list[dict], verdicts: Verdicts | None, samples: int) 
     pairs = [(judged[v.row], v.outcome) for v in current.verdicts if judged.get(v.row)]
     agreement = sum(judge == human for judge, human in pairs) / len(pairs) if pairs else None
     return {**current.summary(samples), "judge_human_agreement": agreement, "judge_human_pairs": len(pairs)}
+
+
+def sample_verdicts(predictions: Path | str, sample_dir: Path | str, reviews_dir: Path | str) -> Verdicts:
+    """The verdicts in `reviews_dir` on the review sample written into `sample_dir`, on the answers of the evaluation
+    whose predictions.parquet is `predictions` (verdicts on an older model's answers left out)."""
+    import pyarrow.parquet as pq
+
+    records = pq.read_table(predictions).to_pylist()
+    return read_verdicts(reviews_dir, Path(sample_dir) / REVIEW_KEY).about(records)
