@@ -33,6 +33,7 @@ import dagster as dg
 import pandas as pd
 import yaml
 
+from ftpipe.core.layout import TaskLayout, downloads_dir
 from ftpipe.core.storage import REPO_ROOT
 
 GROUPS = {"raw_examples": "data", "deduplicated_examples": "data", "review_sample": "data", "heldout_split": "data",
@@ -54,9 +55,10 @@ def prepare(root: Path, task: str, base_model: str | None) -> dict[str, str]:
     data, home, dagster_home = root / "data", root / "home", root / "dagster"
     shutil.copytree(REPO_ROOT / "data" / "tasks" / task, data / "tasks" / task)
     shutil.copytree(REPO_ROOT / "data" / "general", data / "general")
-    gguf = fetch_default_gguf(REPO_ROOT / ".ftpipe" / "downloads")  # downloads only when it is missing
-    (home / "downloads").mkdir(parents=True)
-    (home / "downloads" / gguf.name).symlink_to(gguf)
+    gguf = fetch_default_gguf(downloads_dir())  # the repository's copy; downloaded only when it is missing
+    local_downloads = under(home, downloads_dir)
+    local_downloads.mkdir(parents=True)
+    (local_downloads / gguf.name).symlink_to(gguf)
     instance = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
     for key in ("storage", "local_artifact_storage", "compute_logs"):  # the defaults keep them in DAGSTER_HOME
         instance.pop(key, None)
@@ -127,9 +129,19 @@ def print_run(title: str, facts: dict, wall: float, code: int) -> None:
           + f", process start and task sync {wall - facts['run_wall']:.1f} s")
 
 
+def under(home: Path, place):
+    """What `place()` (a layout function) names in the artifact home `home`."""
+    saved = os.environ.get("FTPIPE_HOME")
+    os.environ["FTPIPE_HOME"] = str(home)
+    try:
+        return place()
+    finally:
+        os.environ.pop("FTPIPE_HOME") if saved is None else os.environ.update(FTPIPE_HOME=saved)
+
+
 def known_prompts(home: Path, task: str) -> list[str]:
-    split = home / "tasks" / task / "heldout_split"
-    frames = [pd.read_parquet(split / name, columns=["messages"]) for name in ("train.parquet", "eval.parquet")]
+    split_files = under(home, lambda: TaskLayout(task).split_files)
+    frames = [pd.read_parquet(path, columns=["messages"]) for path in split_files]
     return [next(m["content"] for m in messages if m["role"] == "user")
             for frame in frames for messages in frame["messages"]]
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ftpipe.core.storage import home_dir, process_alive
+from ftpipe.core.layout import mlartifacts_dir, mlflow_db
+from ftpipe.core.storage import process_alive
 
 PID_TAG = "ftpipe.pid"
 HOST_TAG = "ftpipe.host"
@@ -33,14 +34,14 @@ def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI`, else `sqlite:///$FTPIPE_HOME/mlflow.db`."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    home = home_dir()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'mlflow.db'}"
+    database = mlflow_db()
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{database}"
 
 
 def artifact_root() -> Path:
     """Artifact root for local (non-server) tracking stores: `$FTPIPE_HOME/mlartifacts`."""
-    return home_dir() / "mlartifacts"
+    return mlartifacts_dir()
 
 
 def redact_uri(uri: str) -> str:
