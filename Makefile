@@ -48,6 +48,8 @@ bench: install
 	$(PY) bench/load.py
 	$(PY) bench/executors.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/replay.py
+	$(PY) bench/replay.py --task intents
 
 demo-data: install
 	$(PY) data/generate_demo.py

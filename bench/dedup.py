@@ -14,13 +14,17 @@ from __future__ import annotations
 import argparse
 import random
 import resource
+import sys
 import time
 from multiprocessing import get_context
 
 import numpy as np
 
 from ftpipe.core import dedup, similarity
-from ftpipe_tests.intents import SYSTEM_PROMPT, intent_task
+from ftpipe.core.storage import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))  # the tests' generator writes the intent task
+from ftpipe_tests.intents import SYSTEM_PROMPT, intent_task  # noqa: E402
 
 VOCAB = [f"{a}{b}" for a in ("pro", "con", "re", "de", "in", "ex", "sub", "trans") for b in (
     "duct", "cess", "tain", "form", "port", "ject", "vert", "mit", "sist", "tend", "pose", "spect",

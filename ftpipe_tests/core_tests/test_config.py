@@ -7,7 +7,8 @@ import yaml
 from pydantic import BaseModel
 
 from ftpipe import config as config_module
-from ftpipe.config import TaskConfig, TaskConfigError, check_task_name, load_task_config, parse_task_config, reference_yaml
+from ftpipe.config import TaskConfig, TaskConfigError, check_task_name, load_task_config, parse_task_config
+from ftpipe.config_reference import reference_yaml
 from ftpipe.core.storage import REPO_ROOT
 from ftpipe.core.tasks import base_model_source, task_config
 from ftpipe_tests.builders import chat, make_task
@@ -146,7 +147,7 @@ def test_replay_is_in_the_recipe_only_when_it_mixes_rows_in() -> None:
 
 
 def all_models(model: type[BaseModel] = TaskConfig) -> set[type[BaseModel]]:
-    nested = {config_module._nested_model(field.annotation) for field in model.model_fields.values()} - {None}
+    nested = {config_module.nested_model(field.annotation) for field in model.model_fields.values()} - {None}
     return {model}.union(*(all_models(child) for child in nested))
 
 
@@ -160,7 +161,7 @@ def test_the_readme_reference_is_the_one_generated_from_the_schema() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     section = readme.split("## task.yaml reference", 1)[1]
     block = re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)
-    assert block == reference_yaml(), "regenerate it: python -m ftpipe.config"
+    assert block == reference_yaml(), "regenerate it: python -m ftpipe.config_reference"
 
 
 def commented_out(reference: str) -> dict[tuple[str, ...], set[str]]:

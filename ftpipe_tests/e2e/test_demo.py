@@ -46,17 +46,26 @@ def demo(tmp_path_factory):
 def test_every_asset_materialized(demo) -> None:
     assert demo["result"].success
     assert set(demo["metadata"]) == {"raw_examples", "deduplicated_examples", "review_sample", "heldout_split",
-                                     "base_model", "lora_adapter", "eval_report", "merged_model"}
+                                     "base_model", "lora_adapter", "eval_report", "human_review", "merged_model"}
     raw, deduped = demo["metadata"]["raw_examples"], demo["metadata"]["deduplicated_examples"]
     assert raw["rows_quarantined"] > 0 and deduped["exact_duplicates"] > 0
-    assert deduped["near_duplicates"] > 0 and deduped["contradictions"] > 0
+    assert (deduped["exact_duplicates"], deduped["near_duplicates"], deduped["contradictions"]) == (48, 40, 22)
+    assert demo["checks"]["deduplicated_examples_removal_share"].passed
 
 
-def test_fine_tuning_beats_the_base_and_passes_the_gate(demo) -> None:
+def test_fine_tuning_beats_the_base_and_few_shot_and_passes_the_gate_at_the_default_forgetting(demo) -> None:
+    from ftpipe.core.tasks import task_config
+
+    assert task_config(TASK).evaluation.max_forgetting == 0.10  # the default: no demo-only threshold
     report = demo["metadata"]["eval_report"]
     assert report["primary_metric"] == "accuracy"
     assert report["finetuned_score"] > report["base_score"]
-    assert report["delta_ci_low"] > 0
+    assert report["delta_ci_low"] > 0.25
+    assert report["fewshot_score"] is not None and report["delta_vs_fewshot_ci_low"] > 0
+    assert report["fewshot_prompt_tokens"] > 0
+    assert report["forgetting_ci_low"] <= report["forgetting"] <= report["forgetting_ci_high"]
+    assert report["forgetting_ci_low"] <= 0.10
+    assert demo["metadata"]["lora_adapter"]["replay_rows"] > 0
     assert report["passed"] is True
     assert demo["checks"]["eval_report_gate"].passed
     assert demo["checks"]["heldout_split_no_leakage"].passed
