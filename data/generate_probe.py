@@ -159,6 +159,12 @@ SKILLS = {"arithmetic": (arithmetic, "number"), "facts": (facts, "contains"), "i
           "formatting": (formatting, "exact_case"), "reasoning": (reasoning, "contains")}
 
 
+def interleave(groups: dict[str, list]) -> list[tuple[str, int, object]]:
+    """(group, position, item) of every group's items, group by group: any prefix mixes all groups."""
+    return [(name, i, items[i]) for i in range(max(map(len, groups.values()), default=0))
+            for name, items in groups.items() if i < len(items)]
+
+
 def probe_rows(rng: random.Random) -> list[dict]:
     """Every skill's rows (shuffled, distinct questions), interleaved skill by skill."""
     skills = {}
@@ -166,14 +172,9 @@ def probe_rows(rng: random.Random) -> list[dict]:
         rows = list(dict(make(rng)).items())
         rng.shuffle(rows)
         skills[name] = rows[:ROWS_PER_SKILL]
-    found = []
-    for i in range(max(map(len, skills.values()))):
-        for skill, rows in skills.items():
-            if i < len(rows):
-                question, reference = rows[i]
-                found.append({"id": f"{skill}-{i + 1:02d}", "skill": skill, "check": SKILLS[skill][1],
-                              "messages": [{"role": "user", "content": question}], "reference": reference})
-    return found
+    return [{"id": f"{skill}-{i + 1:02d}", "skill": skill, "check": SKILLS[skill][1],
+             "messages": [{"role": "user", "content": question}], "reference": reference}
+            for skill, i, (question, reference) in interleave(skills)]
 
 
 def main() -> None:

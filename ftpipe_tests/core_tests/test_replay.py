@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -90,7 +91,8 @@ def test_the_replay_prompts_share_no_question_with_the_probe() -> None:
 
 
 def test_the_replay_prompts_file_is_what_its_generator_writes() -> None:
-    location = importlib.util.spec_from_file_location("generate_replay", GENERAL / "generate_replay.py")
+    sys.path.insert(0, str(GENERAL.parent))  # the generator imports its sibling generate_probe
+    location = importlib.util.spec_from_file_location("generate_replay", GENERAL.parent / "generate_replay.py")
     generator = importlib.util.module_from_spec(location)
     location.loader.exec_module(generator)
     rows = generator.replay_prompts(random.Random(generator.SEED))

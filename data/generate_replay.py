@@ -1,7 +1,7 @@
 """Generate `general/replay_prompts.jsonl`, the general prompts whose base-model answers `training.replay` mixes
 into a training (seeded, byte-identical).
 
-    python data/general/generate_replay.py
+    python data/generate_replay.py
 
 Six kinds, interleaved so any prefix of the file mixes them: facts, arithmetic, instruction following,
 formatting, reasoning and short explanations. Every item and phrasing differs from the general-skills probe
@@ -15,8 +15,10 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from generate_probe import interleave
+
 SEED = 11
-PROMPTS = Path(__file__).resolve().parent / "replay_prompts.jsonl"
+PROMPTS = Path(__file__).resolve().parent / "general" / "replay_prompts.jsonl"
 ROWS_PER_KIND = 56
 
 COUNTRIES = ("Chile", "Jamaica", "India", "Australia", "Kazakhstan", "Turkey", "the Netherlands", "Belgium", "Denmark",
@@ -178,12 +180,8 @@ def replay_prompts(rng: random.Random) -> list[dict]:
         prompts = list(dict.fromkeys(make(rng)))
         rng.shuffle(prompts)
         kinds[name] = prompts[:ROWS_PER_KIND]
-    found = []
-    for i in range(max(map(len, kinds.values()))):
-        for kind, prompts in kinds.items():
-            if i < len(prompts):
-                found.append({"id": f"{kind}-{i + 1:02d}", "messages": [{"role": "user", "content": prompts[i]}]})
-    return found
+    return [{"id": f"{kind}-{i + 1:02d}", "messages": [{"role": "user", "content": prompt}]}
+            for kind, i, prompt in interleave(kinds)]
 
 
 def main() -> None:
