@@ -84,23 +84,26 @@ def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout,
     outputs = ModelOutputs(ids=heldout.ids, answers=answers, prompt_tokens=mean_prompt_tokens(tokenizer, prompts))
     if heldout.choices is not None:
         outputs.label_correct = label_likelihood_correct(model, tokenizer, prompts, heldout.choices)
+        log(f"{name}: ranked the labels by likelihood on {len(prompts)} held-out rows")
     if full:
         outputs.loss, outputs.perplexity = reference_loss(model, tokenizer, [r["messages"] for r in heldout.rows],
                                                           config.batch_size)
         log(f"{name}: held-out loss {outputs.loss:.4f} (perplexity {outputs.perplexity:.2f})")
-        _add_probe(model, tokenizer, heldout.probe, config.batch_size, outputs)
+        _add_probe(model, tokenizer, heldout.probe, config.batch_size, outputs, lambda text: log(f"{name}: {text}"))
     return outputs
 
 
-def _add_probe(model, tokenizer, probe: list[dict], batch_size: int, outputs: ModelOutputs) -> None:
+def _add_probe(model, tokenizer, probe: list[dict], batch_size: int, outputs: ModelOutputs, log: Log) -> None:
     if not probe:
         return
     outputs.probe_answers = generate(model, tokenizer, [p["messages"] for p in probe],
-                                     max_new_tokens=PROBE_MAX_NEW_TOKENS, batch_size=batch_size)
+                                     max_new_tokens=PROBE_MAX_NEW_TOKENS, batch_size=batch_size,
+                                     progress=lambda done, total: log(f"answered {done}/{total} probe rows"))
     conversations = [p["messages"] + [{"role": "assistant", "content": p["reference"]}] for p in probe]
     sums = answer_logprobs(model, tokenizer, [answer_tokens(tokenizer, c) for c in conversations], batch_size)
     outputs.probe_logprobs = [logprob for logprob, _ in sums]
     outputs.probe_tokens = [count for _, count in sums]
+    log(f"scored the references of {len(probe)} probe rows")
 
 
 def cache_key(**parts: Any) -> str:
