@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
+import socket
 import sys
 
 DEMO_TASK = "ticket_triage"
@@ -48,14 +48,17 @@ def create_gpu_pool(instance) -> None:
 def run_task(task: str) -> int:
     """Materialize every asset of one task partition in this process, recorded in the Dagster instance.
 
-    A task.yaml that does not validate is reported before any run starts, one line per problem.
+    A task.yaml that does not validate is reported before any run starts, one line per problem. Runs whose worker
+    died are ended first and their pool slots freed; while a step waits for the `gpu` pool, the log says which run
+    holds it and since when; Ctrl-C or SIGTERM stops the run (and its training) and frees its slot.
     """
     import dagster as dg
 
     from ftpipe.config import TaskConfigError
     from ftpipe.core.tasks import task_config
-    from ftpipe.core.tracking import PID_TAG
+    from ftpipe.core.tracking import HOST_TAG
     from ftpipe.definitions import defs
+    from ftpipe.launcher import release_dead_runs
 
     if task not in sync_tasks():
         print(f"no task folder named {task!r}", file=sys.stderr)
@@ -66,31 +69,14 @@ def run_task(task: str) -> int:
         print(f"ftpipe run of task {task!r}: FAILED before starting: {error}", file=sys.stderr)
         return 2
     instance = dg.DagsterInstance.get()
-    release_dead_runs(instance)
+    for line in release_dead_runs(instance):
+        print(line)
     result = defs.resolve_job_def("finetune_job").execute_in_process(
-        instance=instance, partition_key=task, raise_on_error=False, tags={PID_TAG: str(os.getpid())},
+        instance=instance, partition_key=task, raise_on_error=False, tags={HOST_TAG: socket.gethostname()},
         run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
     )
     print_summary(task, result)
     return 0 if result.success else 1
-
-
-def release_dead_runs(instance) -> None:
-    """Mark runs of this command whose process is gone as failed and free their pool slots.
-
-    (With `make ui`, the daemon's run monitoring does this for runs it launched.)
-    """
-    import dagster as dg
-
-    from ftpipe.core.storage import process_alive
-    from ftpipe.core.tracking import PID_TAG
-
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
-        pid = run.tags.get(PID_TAG)
-        if pid and not process_alive(int(pid)):
-            instance.report_run_failed(run, f"the process running it ({pid}) is gone")
-            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-            print(f"marked run {run.run_id} failed: its process {pid} is gone")
 
 
 def _materializations(result) -> dict[str, dict]:

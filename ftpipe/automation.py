@@ -1,4 +1,5 @@
-"""Jobs, schedules and sensors: task discovery, data-change detection and the retraining policy."""
+"""Jobs, schedules and sensors: task discovery, data-change detection, the retraining policy, and closing the MLflow
+runs of trainings whose run stopped."""
 
 import os
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from ftpipe.core.layout import TaskLayout
 from ftpipe.core.results import read_result
 from ftpipe.core.tasks import discover_tasks, reviews_dir, reviews_version, task_config, task_files_version, training_inputs
 from ftpipe.partitions import task_partitions
+from ftpipe.resources import MlflowTracking
 
 TRAINING_MAX_RUNTIME_SECONDS = 6 * 3600
 POLL_SECONDS = int(os.environ.get("FTPIPE_POLL_SECONDS", "30"))
@@ -20,6 +22,7 @@ DATA_VERSION_TAG = "dagster/data_version"
 TASK_FILES, REVIEW_VERDICTS = dg.AssetKey("task_files"), dg.AssetKey("review_verdicts")
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                dg.DagsterRunStatus.STARTED]
+STOPPED = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 finetune_job = dg.define_asset_job(
     "finetune_job", selection=dg.AssetSelection.all(),
@@ -189,3 +192,18 @@ def retrain_schedule(context: dg.ScheduleEvaluationContext) -> list[dg.RunReques
     tasks, skipped = tasks_by_policy(context.instance, due)
     requests, unchanged = retrain_requests(context.instance, tasks, "schedule")
     return _result(context, requests, skipped + unchanged, "no task's retrain.schedule fell due")
+
+
+@dg.sensor(default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=POLL_SECONDS)
+def stopped_training_sensor(context: dg.SensorEvaluationContext, mlflow: MlflowTracking) -> dg.SkipReason:
+    """Marks KILLED the MLflow runs left RUNNING by trainings whose run failed or was canceled: a training killed with
+    its run worker (a crash, an OOM kill, `kill -9`) could not end its own."""
+    from ftpipe.core.tracking import LAUNCHED_BY_TAG, end_runs_left_running
+
+    def stopped(tags: dict[str, str]) -> bool:
+        run = context.instance.get_run_by_id(tags[LAUNCHED_BY_TAG]) if tags.get(LAUNCHED_BY_TAG) else None
+        return run is not None and run.status in STOPPED
+
+    ended = [run_id for task in context.instance.get_dynamic_partitions(task_partitions.name)
+             for run_id in end_runs_left_running(mlflow.experiment(task), stopped, mlflow.uri())]
+    return dg.SkipReason(f"marked KILLED: {', '.join(ended)}" if ended else "no training left running by a stopped run")

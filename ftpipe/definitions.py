@@ -2,20 +2,23 @@
 
 import dagster as dg
 
-from ftpipe import checks
+from ftpipe import checks, pool
 from ftpipe.assets import data, evaluation, serving, training
 from ftpipe.automation import (
     automation_sensor, data_job, finetune_job, retrain_on_data_change_sensor, retrain_schedule, review_verdicts_sensor,
-    task_files_sensor,
+    stopped_training_sensor, task_files_sensor,
 )
 from ftpipe.resources import default_resources
+
+pool.install()  # how runs wait for the gpu pool (see ftpipe/pool.py): here, so every run worker and the CLI have it
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([data, training, evaluation, serving]),
     asset_checks=dg.load_asset_checks_from_modules([checks]),
     jobs=[finetune_job, data_job],
     schedules=[retrain_schedule],
-    sensors=[task_files_sensor, review_verdicts_sensor, retrain_on_data_change_sensor, automation_sensor],
+    sensors=[task_files_sensor, review_verdicts_sensor, retrain_on_data_change_sensor, automation_sensor,
+             stopped_training_sensor],
     resources=default_resources(),
     executor=dg.in_process_executor,
 )

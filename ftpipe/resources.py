@@ -52,6 +52,12 @@ class MlflowTracking(dg.ConfigurableResource):
 
         return aliased_model_names(task, self.uri())
 
+    def mark_removed_versions(self, task: str) -> list[int]:
+        """Tag `files: removed` the registered versions of `task` whose folder pruning removed; return them."""
+        from ftpipe.core.merging import mark_removed_versions
+
+        return mark_removed_versions(task, self.uri())
+
 
 class TrainingPods(dg.ConfigurableResource):
     """Runs a training pod on Kubernetes through Dagster Pipes (`dagster-k8s`'s PipesK8sClient).

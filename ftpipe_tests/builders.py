@@ -33,11 +33,11 @@ def make_task(data_dir: Path, name: str, files: dict[str, list | str | bytes], t
     return folder
 
 
-def toy_task(data_dir: Path, name: str, model: Path, extra_yaml: str = "") -> Path:
-    """A task of 60 learnable chat rows on the tiny model in `model`, trained for a few steps (TRAINING)."""
+def toy_task(data_dir: Path, name: str, model: Path, extra_yaml: str = "", training: str = TRAINING) -> Path:
+    """A task of 60 learnable chat rows on the tiny model in `model`, trained for a few steps (`training`)."""
     rows = [{"messages": r["messages"]} for r in toy_rows(60, seed=3)]
     return make_task(data_dir, name, {"rows.jsonl": rows},
-                     f"base_model: {model}\nsplit: {{eval_fraction: 0.2}}\n{TRAINING}{extra_yaml}")
+                     f"base_model: {model}\nsplit: {{eval_fraction: 0.2}}\n{training}{extra_yaml}")
 
 
 def append_rows(folder: Path, name: str, count: int, seed: int) -> None:
@@ -61,3 +61,14 @@ def data_version(result: dg.ExecuteInProcessResult, asset: str) -> str:
 def check(result: dg.ExecuteInProcessResult, name: str) -> dg.AssetCheckEvaluation:
     [found] = [c for c in result.get_asset_check_evaluations() if c.check_name == name]
     return found
+
+
+@dg.op
+def _noop() -> None:
+    pass
+
+
+@dg.job
+def pool_holding_job() -> None:
+    """The job of runs that tests create to hold a pool slot (never executed)."""
+    _noop()

@@ -1,5 +1,5 @@
-"""The command line: what a failed run says, its own bookkeeping (runs left behind by a `python -m ftpipe run` whose
-process died) and the servers `make` starts."""
+"""The command line: what a failed run says and the servers `make` starts (how it waits for the pool and stops:
+e2e/test_operator.py)."""
 
 import os
 import shutil
@@ -7,43 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dagster as dg
-
-from ftpipe.__main__ import release_dead_runs
 from ftpipe.core.storage import REPO_ROOT
-from ftpipe.core.tracking import PID_TAG
 from ftpipe_tests.builders import chat, make_task
-
-
-@dg.op
-def noop() -> None:
-    pass
-
-
-@dg.job
-def tiny_job() -> None:
-    noop()
-
-
-def started_run(instance: dg.DagsterInstance, pid: int) -> str:
-    run = instance.create_run_for_job(tiny_job, tags={PID_TAG: str(pid)}, status=dg.DagsterRunStatus.STARTED)
-    instance.event_log_storage.claim_concurrency_slot("gpu", run.run_id, "lora_adapter")
-    return run.run_id
-
-
-def test_runs_of_dead_processes_fail_and_free_their_gpu_slot() -> None:
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    with dg.instance_for_test() as instance:
-        instance.event_log_storage.set_concurrency_slots("gpu", 2)
-        dead, alive = started_run(instance, gone.pid), started_run(instance, os.getpid())
-        assert instance.event_log_storage.get_concurrency_info("gpu").active_slot_count == 2
-
-        release_dead_runs(instance)
-
-        assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.FAILURE
-        assert instance.get_run_by_id(alive).status == dg.DagsterRunStatus.STARTED
-        assert instance.event_log_storage.get_concurrency_info("gpu").active_run_ids == {alive}
 
 
 def ftpipe_run(task: str, tmp_path: Path) -> tuple[str, int]:

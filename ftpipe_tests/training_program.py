@@ -62,11 +62,12 @@ def program_env(root: Path) -> dict[str, str]:
     return {**env, "FTPIPE_HOME": str(root / "home"), "PYTHONPATH": str(REPO_ROOT)}
 
 
-def start(root: Path, spec: Path) -> subprocess.Popen:
+def start(root: Path, spec: Path, **env: str) -> subprocess.Popen:
+    """The program training `spec`, with `env` added to its environment."""
     log = (root / f"{spec.stem}.stderr").open("a")
     return subprocess.Popen(
         [sys.executable, "-m", "ftpipe.core.training", str(spec)],
-        cwd=REPO_ROOT, env=program_env(root), stdout=subprocess.PIPE, stderr=log, text=True,
+        cwd=REPO_ROOT, env={**program_env(root), **env}, stdout=subprocess.PIPE, stderr=log, text=True,
     )
 
 

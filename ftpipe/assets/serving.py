@@ -66,6 +66,7 @@ def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflo
     registered = mlflow.register_model(task=task, model_path=out, run_id=adapter.metadata["mlflow_run_id"],
                                        eval_score=report["finetuned_score"], eval_version=evaluation.inputs["eval_version"])
     removed = paths.prune_merged(keep=mlflow.registered_folders(task))
+    mlflow.mark_removed_versions(task)
     context.log.info(f"model {out} ({'reused' if reused else 'written'}); removed older models: {removed or 'none'}")
     return dg.MaterializeResult(
         metadata={

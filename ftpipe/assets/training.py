@@ -2,11 +2,14 @@
 Dagster Pipes)."""
 
 import json
+import os
+import re
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.errors import DagsterPipesExecutionError
 
 from ftpipe.assets.common import GPU_POOL, TaskRunConfig, load_config
 from ftpipe.config import TaskConfig, TrainingConfig
@@ -23,7 +26,8 @@ TYPED = {"loss_curve": dg.MetadataValue.md, "adapter_path": dg.MetadataValue.pat
 
 class AdapterRunConfig(TaskRunConfig):
     """Run settings of `lora_adapter`: `force_retrain` trains from step 0 in a new MLflow run, even when an
-    adapter of the same training fingerprint exists or an interrupted one could resume."""
+    adapter of the same training fingerprint exists or an interrupted one could resume. A retry (of the step, or of
+    a run whose worker died) continues that training instead of starting it over."""
 
     force_retrain: bool = False
 
@@ -62,6 +66,7 @@ def _code_version() -> str:
 
 def _spec(context: dg.AssetExecutionContext, cfg: TaskConfig, inputs: TrainingInputs, mlflow: MlflowTracking,
           force_retrain: bool):
+    from ftpipe.core.tracking import LAUNCHED_BY_TAG
     from ftpipe.core.training.spec import TrainingSpec
 
     task, paths = context.partition_key, TaskLayout(context.partition_key)
@@ -76,7 +81,7 @@ def _spec(context: dg.AssetExecutionContext, cfg: TaskConfig, inputs: TrainingIn
         mlflow={
             "experiment": mlflow.experiment(task),
             "run_name": f"{task}-{inputs.fingerprint[:8]}",
-            "tags": {"dagster_run_id": context.run.run_id, "task": task, "split_data_version": inputs.split_version,
+            "tags": {LAUNCHED_BY_TAG: context.run.run_id, "task": task, "split_data_version": inputs.split_version,
                      "training_fingerprint": inputs.fingerprint, "code_version": _code_version()},
         },
     )
@@ -102,7 +107,7 @@ def _launch(context: dg.AssetExecutionContext, training: TrainingConfig, spec_pa
             joining = " ".join(training_command(training, str(spec_path), fingerprint, python="python"))
             context.log.info(f"waiting for {training.nnodes - 1} more node(s); on each, with the same FTPIPE_HOME, "
                              f"run: {joining}")
-        subprocesses.run(command=training_command(training, str(spec_path), fingerprint), context=context, env=env)
+        _run_here(context, subprocesses, training_command(training, str(spec_path), fingerprint), env)
         return
     try:
         spec = pod_spec(training.k8s, training_command(training, str(spec_path), fingerprint, python="python"))
@@ -111,6 +116,47 @@ def _launch(context: dg.AssetExecutionContext, training: TrainingConfig, spec_pa
     context.log.info(f"starting the training pod in namespace {training.k8s.namespace!r} with image {training.k8s.image}")
     env = env if redact_uri(tracking_uri) == tracking_uri and "MLFLOW_TRACKING_URI" not in training.k8s.secret_env else {}
     pods.run(context=context, namespace=training.k8s.namespace, pod_spec=spec, env=env)
+
+
+def _run_here(context: dg.AssetExecutionContext, subprocesses: dg.PipesSubprocessClient, command: list[str],
+              env: dict[str, str]) -> None:
+    """Run the training program on this machine through Pipes; it stops by itself when this process is gone.
+
+    A stop (Terminate, `dagster run terminate`, Ctrl-C or SIGTERM) or a refused spec fails the step for good, so the
+    run ends CANCELED or FAILED; any other failure (a crash, an OOM kill) is left to the RetryPolicy, which resumes.
+    """
+    from ftpipe.core.launch import LAUNCHER_PID_ENV
+
+    try:
+        subprocesses.run(command=command, context=context, env={**env, LAUNCHER_PID_ENV: str(os.getpid())})
+    except (dg.DagsterExecutionInterruptedError, subprocess.TimeoutExpired) as stop:
+        raise dg.Failure(description="training stopped: the run was interrupted", allow_retries=False) from stop
+    except DagsterPipesExecutionError as error:
+        reason = _not_retryable(context, _exit_status(error))
+        if reason:
+            raise dg.Failure(description=reason, allow_retries=False) from error
+        raise
+
+
+def _exit_status(error: DagsterPipesExecutionError) -> int | None:
+    """The exit status in Dagster's "External execution process failed with code N"."""
+    found = re.search(r"failed with code (-?\d+)", str(error))
+    return int(found.group(1)) if found else None
+
+
+def _not_retryable(context: dg.AssetExecutionContext, exit_status: int | None) -> str | None:
+    """Why a training that failed with `exit_status` must not be retried (a refused spec, a stop request); None when
+    a retry may help (a crash)."""
+    from ftpipe.core.launch import EXIT_REFUSED, stop_signal
+
+    if exit_status == EXIT_REFUSED:
+        return "the training program refused its spec (see its error above)"
+    stopped = stop_signal(exit_status) if exit_status is not None else None
+    if stopped:
+        return f"training stopped by {stopped}"
+    if context.instance.get_run_by_id(context.run_id).status == dg.DagsterRunStatus.CANCELING:
+        return "training stopped: the run is being canceled"
+    return None
 
 
 def _materialization(result: Result, mlflow: MlflowTracking, reused: bool) -> dg.MaterializeResult:
@@ -144,7 +190,8 @@ def lora_adapter(
     if reused:
         context.log.info(f"training fingerprint {inputs.fingerprint} unchanged: reusing {paths.output('lora_adapter')}")
         return _materialization(reused, mlflow, reused=True)
-    spec = _spec(context, cfg, inputs, mlflow, config.force_retrain)
+    starts_over = config.force_retrain and context.retry_number == 0 and context.run.parent_run_id is None
+    spec = _spec(context, cfg, inputs, mlflow, starts_over)
     write_text(paths.spec_file, json.dumps(asdict(spec), indent=2))
     _launch(context, cfg.training, paths.spec_file, inputs.fingerprint, mlflow.uri(), pipes_subprocess_client,
             training_pods)

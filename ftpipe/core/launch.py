@@ -6,6 +6,7 @@ All three run the same program, `python -m ftpipe.core.training SPEC.json`.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import Any
 
@@ -13,6 +14,9 @@ from ftpipe.config import K8sConfig, TrainingConfig
 
 TRAINING_PROGRAM = ["-m", "ftpipe.core.training"]
 CONTAINER_NAME = "training"
+EXIT_REFUSED = 2  # the program refused its spec before training: retrying cannot help
+LAUNCHER_PID_ENV = "FTPIPE_LAUNCHER_PID"  # the process that started the training; the training stops when it is gone
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class PodSpecError(ValueError):
@@ -35,6 +39,13 @@ def training_command(training: TrainingConfig, spec_path: str, rdzv_id: str, pyt
     if training.launcher == "torchrun" or training.num_processes > 1:
         return [python, "-m", "torch.distributed.run", *torchrun_arguments(training, rdzv_id), *TRAINING_PROGRAM, spec_path]
     return [python, *TRAINING_PROGRAM, spec_path]
+
+
+def stop_signal(exit_status: int) -> str | None:
+    """The name of the stop request (SIGINT, SIGTERM) that ended the training program with `exit_status` (128 + the
+    signal when it stopped itself, minus the signal when the signal killed it); None for any other end."""
+    number = exit_status - 128 if exit_status > 128 else -exit_status
+    return next((sig.name for sig in STOP_SIGNALS if sig == number), None)
 
 
 def _env(k8s: K8sConfig) -> list[dict[str, Any]]:

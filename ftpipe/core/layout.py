@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftpipe.config import check_task_name
-from ftpipe.core.storage import SUPERSEDED_GRACE_S, contained, discard, home_dir, point, remove_tree
+from ftpipe.core.storage import (
+    SUPERSEDED_GRACE_S, contained, discard, home_dir, point, remove_leftovers_in, remove_tree,
+)
 
 EXAMPLES = "examples.parquet"
 QUARANTINE = "quarantine.jsonl"
@@ -126,13 +128,16 @@ class TaskLayout:
         return [child.name for child in stale]
 
     def prune_merged(self, keep: set[str]) -> list[str]:
-        """Delete the merged models whose folder name is not in `keep` (nor `latest`'s target); return their names."""
+        """Delete the merged models whose folder name is not in `keep` (nor `latest`'s target), and the versions of
+        any merged model that were replaced over the grace period ago; return the names of the deleted models."""
         folder = self.path("merged_model")
         latest = os.readlink(self.output("merged_model")) if self.output("merged_model").is_symlink() else None
         doomed = [child.name for child in _children(folder)
                   if child.is_symlink() and child.name not in keep | {LATEST, latest}]
         for name in doomed:
             discard(self.path("merged_model", name))
+        if folder.is_dir():
+            remove_leftovers_in(folder)
         return doomed
 
 

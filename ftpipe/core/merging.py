@@ -18,7 +18,7 @@ from ftpipe.core.evaluation.generation import (
 from ftpipe.core.layout import MODEL_CARD
 from ftpipe.core.records import read_examples
 from ftpipe.core.results import Result, reusable
-from ftpipe.core.storage import atomic_dir
+from ftpipe.core.storage import atomic_dir, exclusive
 from ftpipe.core.text import markdown_table
 from ftpipe.core.tracking import mlflow_client
 
@@ -28,7 +28,7 @@ PARITY_BATCH = 8
 PARITY_TOLERANCE = {"float32": 1e-3, "float16": 0.25, "bfloat16": 0.5}  # largest |logit difference| accepted
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 CANDIDATE, CHAMPION = "candidate", "champion"
-SCORE_TAG, EVAL_VERSION_TAG = "eval_score", "eval_version"
+SCORE_TAG, EVAL_VERSION_TAG, FILES_TAG = "eval_score", "eval_version", "files"
 CHATML_OLLAMA_TEMPLATE = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 )
@@ -290,12 +290,17 @@ def package_model(*, base_model_dir: Path | str, finetuned_dir: Path | str, out_
                   eval_path: Path | str, card: dict[str, Any], reuse_key: str,
                   trust_remote_code: bool = False) -> dict[str, Any]:
     """The servable model of a training's output: `merge_adapter` for an adapter, `package_full_model` for a
-    full fine-tune."""
-    if is_adapter(finetuned_dir):
-        return merge_adapter(base_model_dir=base_model_dir, adapter_dir=finetuned_dir, out_dir=out_dir,
-                             eval_path=eval_path, card=card, reuse_key=reuse_key, trust_remote_code=trust_remote_code)
-    return package_full_model(model_dir=finetuned_dir, out_dir=out_dir, card=card, reuse_key=reuse_key,
-                              trust_remote_code=trust_remote_code)
+    full fine-tune. One writer at a time: a model another run packaged meanwhile is reused, not written again."""
+    with exclusive(Path(out_dir).parent):
+        found = packaged(out_dir, reuse_key)
+        if found is not None:
+            return found
+        if is_adapter(finetuned_dir):
+            return merge_adapter(base_model_dir=base_model_dir, adapter_dir=finetuned_dir, out_dir=out_dir,
+                                 eval_path=eval_path, card=card, reuse_key=reuse_key,
+                                 trust_remote_code=trust_remote_code)
+        return package_full_model(model_dir=finetuned_dir, out_dir=out_dir, card=card, reuse_key=reuse_key,
+                                  trust_remote_code=trust_remote_code)
 
 
 def packaged(model_dir: Path | str, reuse_key: str) -> dict[str, Any] | None:
@@ -369,6 +374,18 @@ def aliased_model_names(task: str, tracking_uri: str | None = None) -> set[str]:
     client = mlflow_client(tracking_uri)
     versions = [_version_by_alias(client, registered_name(task), alias) for alias in (CHAMPION, CANDIDATE)]
     return {Path(version.source).name for version in versions if version is not None}
+
+
+def mark_removed_versions(task: str, tracking_uri: str | None = None) -> list[int]:
+    """Tag `files: removed` the registered versions of `task` whose model folder no longer exists (pruning removed
+    it), so the registry never offers them as loadable; return the versions tagged now."""
+    client = mlflow_client(tracking_uri)
+    name = registered_name(task)
+    gone = [v for v in client.search_model_versions(f"name = '{name}'")
+            if FILES_TAG not in v.tags and not Path(v.source).exists()]
+    for version in gone:
+        client.set_model_version_tag(name, version.version, FILES_TAG, "removed")
+    return [int(version.version) for version in gone]
 
 
 def champion_model_path(task: str, tracking_uri: str | None = None) -> Path | None:

@@ -149,14 +149,35 @@ def remove_leftovers(target: Path) -> None:
             remove_tree(sibling)
 
 
-def process_alive(pid: int) -> bool:
+def remove_leftovers_in(folder: Path) -> None:
+    """`remove_leftovers` for every target in `folder` with hidden siblings, also targets whose link was removed."""
+    names = {sibling.name[1:].rsplit(".", 3)[0] for sibling in folder.glob(".*.*.*.*")}
+    for name in sorted(names):
+        remove_leftovers(folder / name)
+
+
+@contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (its `.lock` file) for the block; another process waits until it is free."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def process_alive(pid: int, started_by: float | None = None) -> bool:
+    """Whether process `pid` runs (a zombie does not); with `started_by` (a Unix time), also whether it had started
+    by then, so a later process that reuses the pid of one that ended does not count."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        running = process.status() != psutil.STATUS_ZOMBIE
+        return running and (started_by is None or process.create_time() <= started_by + 1)
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_text(target: Path, text: str) -> Path:

@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from ftpipe.core.storage import process_alive
 
 PID_TAG = "ftpipe.pid"
 HOST_TAG = "ftpipe.host"
+LAUNCHED_BY_TAG = "dagster_run_id"  # the Dagster run that launched a training
 REMOTE_SCHEMES = ("http", "https", "databricks")
 
 
@@ -71,24 +72,30 @@ def ensure_experiment(client, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def _is_stale(run) -> bool:
-    tags = run.data.tags
+def _is_stale(tags: dict[str, str]) -> bool:
     if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
         return False  # another machine's run (or not ours): we cannot tell if it is alive
     return not process_alive(int(tags[PID_TAG]))
 
 
-def sweep_stale_runs(experiment: str, uri: str | None = None) -> list[str]:
-    """Mark KILLED the RUNNING runs of `experiment` whose process (pid + host tags) is gone; return their ids."""
+def end_runs_left_running(experiment: str, ended: Callable[[dict[str, str]], bool],
+                          uri: str | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs of `experiment` whose tags `ended` says belong to a training that is over; return
+    their ids."""
     client = mlflow_client(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
     running = client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'")
-    stale = [run.info.run_id for run in running if _is_stale(run)]
-    for run_id in stale:
+    over = [run.info.run_id for run in running if ended(run.data.tags)]
+    for run_id in over:
         client.set_terminated(run_id, status="KILLED")
-    return stale
+    return over
+
+
+def sweep_stale_runs(experiment: str, uri: str | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs of `experiment` whose process (pid + host tags) is gone; return their ids."""
+    return end_runs_left_running(experiment, _is_stale, uri)
 
 
 class RunLogger:
@@ -127,6 +134,10 @@ class RunLogger:
 @contextmanager
 def _signals_raise_interrupted() -> Iterator[None]:
     def handler(signum, _frame):
+        # One stop request is enough: a second one (Ctrl-C reaches the whole process group, and the run worker forwards
+        # it too) is ignored, so it cannot cut short the cleanup that ends the MLflow run KILLED.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
         raise RunInterrupted(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -168,7 +179,7 @@ def tracked_run(
 ) -> Iterator[RunLogger]:
     """One MLflow run (new, or `resume_run_id` continued) that ends FINISHED, FAILED, or KILLED on SIGTERM/SIGINT.
 
-    Stale runs of the experiment are swept first. While inside, SIGTERM/SIGINT raise `RunInterrupted`.
+    Stale runs of the experiment are swept first. While inside, the first SIGTERM/SIGINT raises `RunInterrupted`.
     """
     client = mlflow_client(uri)
     experiment_id = ensure_experiment(client, experiment)
@@ -176,15 +187,15 @@ def tracked_run(
     safe_tags = {key: redact_uri(str(value)) for key, value in (tags or {}).items()}
     run_id = _open_run(client, experiment_id, run_name, safe_tags, resume_run_id)
     status = "FAILED"
-    try:
-        with _signals_raise_interrupted():
+    with _signals_raise_interrupted():
+        try:
             yield RunLogger(client, run_id)
-        status = "FINISHED"
-    except (RunInterrupted, KeyboardInterrupt):
-        status = "KILLED"
-        raise
-    finally:
-        client.set_terminated(run_id, status=status)
+            status = "FINISHED"
+        except (RunInterrupted, KeyboardInterrupt):
+            status = "KILLED"
+            raise
+        finally:
+            client.set_terminated(run_id, status=status)
 
 
 def log_evaluation(run_id: str, result: dict[str, Any], uri: str | None = None) -> None:

@@ -98,6 +98,7 @@ def test_qlora_without_cuda_is_refused_where_it_would_train(tiny_task: str) -> N
         result = run(instance, tiny_task, run_config=overrides("lora_adapter", "training: {method: qlora}"))
         assert not result.success
         assert "needs a CUDA GPU" in logged(instance, result)
+        assert not instance.all_logs(result.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY), "refused for good"
     assert not TaskLayout(tiny_task).path("checkpoints").exists(), "nothing was trained"
 
 
@@ -177,7 +178,7 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         assert after_fail.total_requested == 0, "automation never merges past a failed gate"
 
         regated = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=lenient,
-                                         asset_selection=[dg.AssetKey("eval_report")])
+                                         asset_selection=[dg.AssetKey("eval_report"), dg.AssetKey("human_review")])
         assert materialization(regated, "eval_report")["reused"] is True, "a new threshold generates nothing"
         assert check(regated, "eval_report_gate").passed, "the gate is decided with the run's thresholds"
         after_pass = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=merge, cursor=after_fail.cursor)

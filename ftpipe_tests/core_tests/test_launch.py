@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ftpipe.config import parse_task_config
-from ftpipe.core.launch import PodSpecError, pod_spec, training_command
+from ftpipe.core.launch import PodSpecError, pod_spec, stop_signal, training_command
 from ftpipe_tests.training_program import output_result, program_env, toy_workspace, write_spec
 
 K8S = """
@@ -131,3 +131,8 @@ def test_a_qlora_pod_is_specified_without_any_gpu_here(monkeypatch: pytest.Monke
     spec = pod_spec(training.k8s, training_command(training, "/mnt/ftpipe/spec.json", "fp", python="python"))
     assert spec["containers"][0]["command"][-3:] == ["-m", "ftpipe.core.training", "/mnt/ftpipe/spec.json"]
     assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+def test_a_stop_request_is_told_from_a_crash_by_the_exit_status():
+    assert [stop_signal(status) for status in (130, 143, -2, -15)] == ["SIGINT", "SIGTERM", "SIGINT", "SIGTERM"]
+    assert [stop_signal(status) for status in (-9, 137, 1, 2, 0)] == [None] * 5, "killed or failed: a crash"

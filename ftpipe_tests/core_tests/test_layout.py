@@ -68,3 +68,23 @@ def test_pruning_merged_models_keeps_the_named_ones_and_the_latest() -> None:
     assert champion.is_dir() and newest.is_dir() and not old.exists()
     assert paths.output("merged_model").resolve() == newest.resolve()
     assert not any(p.name.startswith(f".{old.name}.") for p in paths.path("merged_model").iterdir()), "its version went too"
+
+
+def test_pruning_merged_models_removes_replaced_versions_of_every_model() -> None:
+    """A model written twice (two runs merging the same adapter) leaves its first copy beside it; so does a model whose
+    link is gone. Pruning removes such copies once the grace period for readers of an old copy has passed."""
+    paths = TaskLayout("shop")
+    twice, gone = merged_model(paths, "twice000"), merged_model(paths, "gone0000")
+    merged_model(paths, "twice000")
+    gone.unlink()
+    paths.mark_latest_merged(twice)
+    folder = paths.path("merged_model")
+    copies = [p for p in folder.iterdir() if p.name.endswith(".v") and p.resolve() != twice.resolve()]
+    assert len(copies) == 2
+    assert paths.prune_merged(keep={twice.name}) == [] and all(p.is_dir() for p in copies), "readers get time"
+    for copy in copies:
+        os.utime(copy, (LONG_AGO, LONG_AGO))
+    assert paths.prune_merged(keep={twice.name}) == []
+    assert not any(p.exists() for p in copies)
+    assert paths.output("merged_model").resolve() == twice.resolve() and (twice / "model.safetensors").is_file()
+    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".v")) == [os.readlink(twice)]

@@ -113,6 +113,15 @@ def test_a_finished_model_is_found_again_only_by_its_key(merged):
     assert read_result(root / "merged", "merged_model").inputs["finetuned"] == str(root / "adapter")
 
 
+def test_two_runs_packaging_the_same_model_at_once_write_it_once(workspace):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: package(workspace, "adapter", "twice"), range(2))
+    assert first == second
+    assert len(list(workspace.glob(".twice.*"))) == 1, "one copy: the second run reused the first one's"
+
+
 def test_a_full_finetune_is_packaged_as_trained_without_a_merge(full):
     root, result = full
     out = root / "full_model"
@@ -190,3 +199,9 @@ def test_registry_moves_champion_only_to_a_better_version_on_the_same_split(tmp_
     assert version.run_id and version.tags == {"eval_score": "0.8", "eval_version": "split-1"}
     assert merging.champion_model_path("toy", tracking_uri=uri) == (tmp_path / "model-3").resolve()
     assert merging.aliased_model_names("toy", tracking_uri=uri) == {"model-3", "model-4"}
+
+    (tmp_path / "model-1").rmdir()  # what pruning does to a model that is neither champion nor candidate
+    assert merging.mark_removed_versions("toy", tracking_uri=uri) == [1]
+    assert client.get_model_version("ftpipe-toy", "1").tags["files"] == "removed"
+    assert "files" not in client.get_model_version("ftpipe-toy", "2").tags
+    assert merging.mark_removed_versions("toy", tracking_uri=uri) == []

@@ -195,3 +195,14 @@ def test_file_hash_streams_the_files_one_after_the_other(tmp_path: Path) -> None
     parts[0].write_bytes(b"x" * (3 << 20))
     parts[1].write_bytes(b"tail")
     assert file_sha256(*parts) == hashlib.sha256(b"x" * (3 << 20) + b"tail").hexdigest()
+
+
+def test_a_process_is_alive_until_it_ends_and_a_later_one_with_its_pid_is_another() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while storage.process_alive(child.pid) and time.monotonic() < deadline:  # a zombie until waited for: not alive
+        time.sleep(0.1)
+    assert not storage.process_alive(child.pid)
+    child.wait()
+    assert storage.process_alive(os.getpid()) and storage.process_alive(os.getpid(), started_by=time.time())
+    assert not storage.process_alive(os.getpid(), started_by=0), "this process started after time 0"

@@ -81,6 +81,37 @@ def test_tracked_run_ends_finished_failed_or_killed(store):
     assert signal.getsignal(signal.SIGTERM) == handler_before
 
 
+def test_a_second_stop_request_does_not_cut_the_first_ones_cleanup_short(store, monkeypatch):
+    """Ctrl-C reaches the training program twice: from the terminal, and forwarded by the run worker."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    terminated = client.set_terminated
+
+    def set_terminated_during_another_sigint(run_id, status):
+        os.kill(os.getpid(), signal.SIGINT)
+        terminated(run_id, status=status)
+
+    monkeypatch.setattr(tracking, "mlflow_client", lambda uri=None: client)
+    monkeypatch.setattr(client, "set_terminated", set_terminated_during_another_sigint)
+    with pytest.raises(tracking.RunInterrupted), tracking.tracked_run("states", run_name="twice") as stopped:
+        os.kill(os.getpid(), signal.SIGINT)
+    assert client.get_run(stopped.run_id).info.status == "KILLED"
+
+
+def test_runs_left_running_by_a_training_that_is_over_are_killed(store):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    experiment_id = tracking.ensure_experiment(client, "left")
+    over, going = (client.create_run(experiment_id, tags={tracking.LAUNCHED_BY_TAG: run}).info.run_id
+                   for run in ("canceled-run", "started-run"))
+    assert tracking.end_runs_left_running("left", lambda tags: tags[tracking.LAUNCHED_BY_TAG] == "canceled-run",
+                                          store) == [over]
+    assert [client.get_run(run_id).info.status for run_id in (over, going)] == ["KILLED", "RUNNING"]
+    assert tracking.end_runs_left_running("none-such", lambda tags: True, store) == []
+
+
 def test_resumed_run_continues_the_same_run(store):
     from mlflow import MlflowClient
 

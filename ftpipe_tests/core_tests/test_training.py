@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from ftpipe.core.launch import LAUNCHER_PID_ENV
 from ftpipe.core.training import checkpoints, outputs
 from ftpipe.core.training.methods import Method
 from ftpipe.core.training.program import EXIT_REFUSED, build_trainer
@@ -243,6 +245,23 @@ def test_sigterm_ends_the_mlflow_run_killed(workspace):
     assert process.returncode == 128 + signal.SIGTERM
     assert "training stopped: interrupted by SIGTERM" in stdout
     run_id = (workspace / "sigterm" / "checkpoints" / checkpoints.RUN_ID_FILE).read_text()
+    assert mlflow_client(workspace).get_run(run_id).info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_a_training_stops_when_the_process_that_started_it_is_gone(workspace):
+    """A run worker killed outright (`kill -9`, an OOM kill) leaves no training behind."""
+    launcher = subprocess.Popen(["sleep", "600"])
+    spec = write_spec(workspace, "orphan", max_steps=2000, logging_steps=1)
+    process = start(workspace, spec, **{LAUNCHER_PID_ENV: str(launcher.pid)})
+    next(line for line in process.stdout if line.startswith("step "))
+    launcher.kill()
+    launcher.wait()
+    stopped = time.monotonic()
+    stdout, _ = process.communicate(timeout=60)
+    assert time.monotonic() - stopped < 10 and process.returncode == 128 + signal.SIGTERM
+    assert "training stopped: interrupted by SIGTERM" in stdout
+    run_id = (workspace / "orphan" / "checkpoints" / checkpoints.RUN_ID_FILE).read_text()
     assert mlflow_client(workspace).get_run(run_id).info.status == "KILLED"
 
 

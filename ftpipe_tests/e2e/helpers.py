@@ -1,13 +1,22 @@
-"""What the end-to-end tests share: two tiny tasks run as separate processes against one instance."""
+"""What the end-to-end tests share: two tiny tasks run as separate processes against one instance, and the real UI
+stack (dagster-webserver and dagster-daemon on 127.0.0.1) driven through the GraphQL API the UI's buttons use."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import dagster as dg
+import psutil
+import yaml
 
+from ftpipe.core.storage import REPO_ROOT
 from ftpipe_tests.builders import LENIENT_GATE, toy_task
 
 TASKS = ["apples", "plums"]
@@ -56,3 +65,145 @@ def multiprocess_finetune_job() -> dg.JobDefinition:
     preload = ["ftpipe.definitions", "torch", "transformers", "peft", "mlflow"]
     executor = dg.multiprocess_executor.configured({"start_method": {"forkserver": {"preload_modules": preload}}})
     return defs.resolve_job_def("finetune_job").with_executor_def(executor)
+
+
+REPOSITORY = {"repositoryLocationName": "ftpipe", "repositoryName": "__repository__"}
+LAUNCH = """
+mutation Launch($params: ExecutionParams!) {
+  launchPipelineExecution(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}"""
+RUN_STATUS = "query Run($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+LOCATION = "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }"
+FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
+SENSOR = "query Sensor($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) { ... on Sensor { id } } }"
+STOP_SENSOR = "mutation Stop($id: String) { stopSensor(id: $id) { __typename } }"
+
+
+def dagster_home(tmp_path: Path, **settings: dict) -> Path:
+    """A Dagster home holding the project's dagster.yaml, with the sections in `settings` updated (e.g. a shorter
+    `run_monitoring` poll interval for a test)."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    config = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
+    for section, values in settings.items():
+        config[section] = {**config.get(section, {}), **values}
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    return home
+
+
+class Stack:
+    """The webserver and daemon processes (and what they start: code servers, run workers, trainings), and the
+    GraphQL endpoint."""
+
+    def __init__(self, env: dict, cwd: Path):
+        self.env, self.home, self.logs = env, cwd, cwd / "stack.log"
+        self.start()
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        bin_dir = Path(sys.executable).parent
+        workspace = ["-w", str(REPO_ROOT / "workspace.yaml")]
+        out, env, cwd = self.logs.open("a"), self.env, self.home
+        self.processes = [
+            subprocess.Popen([bin_dir / "dagster-daemon", "run", *workspace], env=env, cwd=cwd, stdout=out, stderr=out),
+            subprocess.Popen([bin_dir / "dagster-webserver", "-h", "127.0.0.1", "-p", str(self.port), *workspace],
+                             env=env, cwd=cwd, stdout=out, stderr=out),
+        ]
+
+    def graphql(self, query: str, **variables) -> dict:
+        body = json.dumps({"query": query, "variables": variables}).encode()
+        request = urllib.request.Request(f"{self.url}/graphql", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.load(response)
+        assert "errors" not in answer, answer
+        return answer["data"]
+
+    def wait_until_loaded(self) -> None:
+        def loaded():
+            try:
+                entries = self.graphql(LOCATION)["workspaceOrError"]["locationEntries"]
+            except OSError:
+                return False
+            return all(e["loadStatus"] == "LOADED" for e in entries) and entries
+
+        wait_for(loaded, 180, "the webserver to load the ftpipe code location", self)
+
+    def stop_sensors(self, *names: str) -> None:
+        """What the UI's sensor toggle does, for each sensor in `names`."""
+        for name in names:
+            sensor = self.graphql(SENSOR, selector={**REPOSITORY, "sensorName": name})["sensorOrError"]
+            assert self.graphql(STOP_SENSOR, id=sensor["id"])["stopSensor"]["__typename"] == "StopSensorMutationResult"
+
+    def family(self) -> list[psutil.Process]:
+        """Both processes and everything they started."""
+        members = []
+        for process in self.processes:
+            try:
+                members += [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        return members
+
+    def stop(self) -> None:
+        """Stop the whole family by process id: SIGTERM, then SIGKILL for what is still there 20 s later."""
+        family = self.family()
+        for member in family:
+            member.terminate()
+        _, alive = psutil.wait_procs(family, timeout=20)
+        self.kill(alive)
+
+    def kill(self, family: list[psutil.Process] | None = None) -> None:
+        """SIGKILL the whole family at once (a crash of the machine, as far as these processes can tell)."""
+        family = self.family() if family is None else family
+        for member in family:
+            try:
+                member.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(family, timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, stack: Stack, every: float = 2.0):
+    """`condition()`'s first true value, polled every `every` seconds for up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; log tail:\n{stack.logs.read_text()[-4000:]}")
+
+
+def launch(stack: Stack, selector: dict, task: str, run_config: dict | None = None) -> str:
+    """What the UI's Materialize and Launch buttons send for one partition; the new run's id."""
+    params = {"mode": "default", "selector": {**REPOSITORY, **selector},
+              "executionMetadata": {"tags": [{"key": "dagster/partition", "value": task}]},
+              "runConfigData": run_config or {}}
+    launched = stack.graphql(LAUNCH, params=params)["launchPipelineExecution"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return launched["run"]["runId"]
+
+
+def run_status(stack: Stack, run_id: str) -> str:
+    return stack.graphql(RUN_STATUS, id=run_id)["runOrError"]["status"]
+
+
+def wait_for_run(stack: Stack, run_id: str, timeout: float = 600) -> str:
+    """The status `run_id` ends with."""
+    def finished():
+        status = run_status(stack, run_id)
+        return status if status in FINISHED else None
+
+    return wait_for(finished, timeout, f"run {run_id}", stack)

@@ -5,129 +5,45 @@ API (what the Materialize button sends), appends rows and lets the daemon refres
 the task's policy, then opens the asset graph in headless Chromium and saves a screenshot.
 """
 
-import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import dagster as dg
-import psutil
 import pytest
 
 from ftpipe.core.storage import REPO_ROOT
 from ftpipe_tests.builders import LENIENT_GATE, append_rows, toy_task
+from ftpipe_tests.e2e.helpers import REPOSITORY, Stack, dagster_home, launch, wait_for, wait_for_run
 from ftpipe_tests.tiny_model import build_tiny_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TASK = "colors"
 ASSETS = ["raw_examples", "deduplicated_examples", "review_sample", "heldout_split",
-          "base_model", "lora_adapter", "eval_report", "merged_model"]
-CHECKS = [("heldout_split", "heldout_split_no_leakage"), ("eval_report", "eval_report_gate")]
-REPOSITORY = {"repositoryLocationName": "ftpipe", "repositoryName": "__repository__"}
+          "base_model", "lora_adapter", "eval_report", "human_review", "merged_model"]
+CHECKS = [("deduplicated_examples", "deduplicated_examples_removal_share"), ("heldout_split", "heldout_split_no_leakage"),
+          ("eval_report", "eval_report_gate"), ("human_review", "human_review_verdicts")]
 SCREENSHOT = REPO_ROOT / "test-artifacts" / "asset_graph.png"
 CHROMIUM = "/usr/bin/chromium"
-
-LAUNCH = """
-mutation Launch($params: ExecutionParams!) {
-  launchPipelineExecution(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-  }
-}"""
-RUN_STATUS = "query Run($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
-LOCATION = "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }"
 TICKS = """
 query Ticks($selector: SensorSelector!) {
   sensorOrError(sensorSelector: $selector) { ... on Sensor { sensorState { ticks(limit: 3) { status skipReason } } } }
 }"""
 
 
-class Stack:
-    """The webserver and daemon processes, and the GraphQL endpoint."""
-
-    def __init__(self, env: dict, cwd: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        bin_dir = Path(sys.executable).parent
-        workspace = ["-w", str(REPO_ROOT / "workspace.yaml")]
-        self.logs = cwd / "stack.log"
-        out = self.logs.open("w")
-        self.processes = [
-            subprocess.Popen([bin_dir / "dagster-daemon", "run", *workspace], env=env, cwd=cwd, stdout=out, stderr=out),
-            subprocess.Popen([bin_dir / "dagster-webserver", "-h", "127.0.0.1", "-p", str(self.port), *workspace],
-                             env=env, cwd=cwd, stdout=out, stderr=out),
-        ]
-
-    def graphql(self, query: str, **variables) -> dict:
-        body = json.dumps({"query": query, "variables": variables}).encode()
-        request = urllib.request.Request(f"{self.url}/graphql", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.load(response)
-        assert "errors" not in answer, answer
-        return answer["data"]
-
-    def wait_until_loaded(self) -> None:
-        def loaded():
-            try:
-                entries = self.graphql(LOCATION)["workspaceOrError"]["locationEntries"]
-            except OSError:
-                return False
-            return all(e["loadStatus"] == "LOADED" for e in entries) and entries
-
-        wait_for(loaded, 180, "the webserver to load the ftpipe code location", self)
-
-    def stop(self) -> None:
-        """Stop both processes and everything they started (code servers, runs), by process id."""
-        family = []
-        for process in self.processes:
-            try:
-                family += [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for member in family:
-            member.terminate()
-        _, alive = psutil.wait_procs(family, timeout=20)
-        for member in alive:
-            member.kill()
-        psutil.wait_procs(alive, timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(condition, timeout: float, what: str, stack: Stack):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; log tail:\n{stack.logs.read_text()[-4000:]}")
-
-
 @pytest.fixture
 def stack(ftpipe_env: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: install Debian's chromium package (.ci/run does)"
     toy_task(ftpipe_env, TASK, tiny_model_dir, LENIENT_GATE + "retrain: {on_data_change: true}\n")
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    home = dagster_home(tmp_path)
     env = {**os.environ, "DAGSTER_HOME": str(home), "FTPIPE_POLL_SECONDS": "5"}
     env.pop("MLFLOW_TRACKING_URI", None)
     subprocess.run([sys.executable, "-m", "ftpipe", "tasks", "sync"], env=env, cwd=home, check=True)
     monkeypatch.chdir(home)  # dagster.yaml's storage folder is relative to the working directory
     running = Stack(env, home)
-    running.env, running.home, running.task_folder = env, home, ftpipe_env / "tasks" / TASK
+    running.task_folder = ftpipe_env / "tasks" / TASK
     try:
         running.wait_until_loaded()
         with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -139,25 +55,13 @@ def stack(ftpipe_env: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: p
 
 def launch_whole_graph(stack: Stack) -> str:
     """What the UI's Materialize button sends for all assets of one partition."""
-    params = {
-        "mode": "default",
-        "selector": {**REPOSITORY, "pipelineName": "__ASSET_JOB",
-                     "assetSelection": [{"path": [name]} for name in ASSETS],
-                     "assetCheckSelection": [{"assetKey": {"path": [asset]}, "name": name} for asset, name in CHECKS]},
-        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": TASK}]},
-        "runConfigData": {},
-    }
-    launched = stack.graphql(LAUNCH, params=params)["launchPipelineExecution"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    return launched["run"]["runId"]
+    selector = {"pipelineName": "__ASSET_JOB", "assetSelection": [{"path": [name]} for name in ASSETS],
+                "assetCheckSelection": [{"assetKey": {"path": [asset]}, "name": name} for asset, name in CHECKS]}
+    return launch(stack, selector, TASK)
 
 
-def wait_for_run(stack: Stack, run_id: str, timeout: float = 600) -> None:
-    def finished():
-        status = stack.graphql(RUN_STATUS, id=run_id)["runOrError"]["status"]
-        return status if status in ("SUCCESS", "FAILURE", "CANCELED") else None
-
-    assert wait_for(finished, timeout, f"run {run_id}", stack) == "SUCCESS", stack.instance.all_logs(run_id)[-5:]
+def wait_for_success(stack: Stack, run_id: str) -> None:
+    assert wait_for_run(stack, run_id) == "SUCCESS", stack.instance.all_logs(run_id)[-5:]
 
 
 def latest(instance: dg.DagsterInstance, asset: str):
@@ -178,7 +82,7 @@ def test_ui_stack_materializes_refreshes_retrains_and_shows_the_graph(stack: Sta
     instance = stack.instance
     started = time.monotonic()
     first = launch_whole_graph(stack)
-    wait_for_run(stack, first)
+    wait_for_success(stack, first)
     print(f"whole graph: {time.monotonic() - started:.0f}s")
     assert {name: getattr(latest(instance, name), "run_id", None) for name in ASSETS} == {name: first for name in ASSETS}
     [gate] = [e for e in instance.all_logs(first, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
@@ -198,7 +102,7 @@ def test_ui_stack_materializes_refreshes_retrains_and_shows_the_graph(stack: Sta
     print(f"refresh: {time.monotonic() - started:.0f}s")
     retrain = wait_for(lambda: runs_tagged(instance, "ftpipe/retrain", "data_change"), 120, "the retraining run", stack)
     [retrain] = retrain
-    wait_for_run(stack, retrain.run_id)
+    wait_for_success(stack, retrain.run_id)
     print(f"retrain: {time.monotonic() - started:.0f}s")
     adapter = latest(instance, "lora_adapter")
     assert adapter.run_id == retrain.run_id and not metadata(adapter).get("reused")
@@ -230,12 +134,12 @@ def backfill_after_a_base_model_change(stack: Stack, model: Path, tmp_path: Path
     task_yaml.write_text(task_yaml.read_text().replace(str(model), str(new_model)))
     refreshed = wait_for(lambda: (r := latest(instance, "heldout_split")).run_id != previous_run and r, 120,
                          "the data refresh after the task.yaml edit", stack)
-    wait_for_run(stack, refreshed.run_id)
+    wait_for_success(stack, refreshed.run_id)
     subprocess.run([Path(sys.executable).parent / "dagster", "job", "backfill", "-j", "finetune_job", "--all",
                     "-w", str(REPO_ROOT / "workspace.yaml"), "-l", "ftpipe", "--noprompt"],
                    env=stack.env, cwd=stack.home, check=True, capture_output=True, timeout=120)
     [run] = wait_for(lambda: [r for r in instance.get_runs() if r.tags.get("dagster/backfill")], 60, "the backfill run", stack)
-    wait_for_run(stack, run.run_id)
+    wait_for_success(stack, run.run_id)
     assert metadata(latest(instance, "base_model"))["fingerprint"] != old_base
     adapter = latest(instance, "lora_adapter")
     assert adapter.run_id == run.run_id and not metadata(adapter).get("reused"), "a new base model retrains the adapter"
@@ -251,7 +155,7 @@ def show_asset_graph(stack: Stack) -> None:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
         try:
-            page = browser.new_page(viewport={"width": 2400, "height": 1400})
+            page = browser.new_page(viewport={"width": 3200, "height": 1800})
             page.goto(f"{stack.url}/asset-groups", wait_until="networkidle", timeout=120_000)
             expand_all_groups(page)
             for name in ASSETS:

@@ -6,18 +6,25 @@ It reports through Dagster Pipes when Dagster launched it (and prints to stdout 
 MLflow, resumes an interrupted training from its latest complete checkpoint, and publishes the output dir
 atomically with `result.json` inside (see `outputs`). Exit status: 0 done, 2 refused before any training
 (unusable spec, or a method this machine cannot run; retrying cannot help), 128 + signal number when stopped
-by SIGTERM/SIGINT (the MLflow run is then KILLED, and the next attempt resumes).
+by SIGTERM/SIGINT (the MLflow run is then KILLED, and the next attempt resumes). Started by a run worker (which
+names itself in `FTPIPE_LAUNCHER_PID`), it stops the same way when that process is gone.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from ftpipe.config import TrainingConfig
+from ftpipe.core.launch import EXIT_REFUSED, LAUNCHER_PID_ENV
 from ftpipe.core.results import Result
+from ftpipe.core.storage import process_alive
 from ftpipe.core.tracking import RunInterrupted, RunLogger, redact_uri, tracked_run, tracking_uri
 from ftpipe.core.training import checkpoints, replay
 from ftpipe.core.training.methods import Method, resolve_method
@@ -33,7 +40,8 @@ from ftpipe.core.training.reporting import (
 from ftpipe.core.training.setup import objective_module, trainer_setup
 from ftpipe.core.training.spec import TrainingSpec
 
-EXIT_REFUSED = 2
+LAUNCHER_POLL_SECONDS = 2.0
+STOP_GRACE_SECONDS = 60.0
 
 
 def prepare(spec_path: Path) -> tuple[TrainingSpec, TrainingConfig, Method]:
@@ -129,16 +137,35 @@ def train(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: 
             resumed_from_step=checkpoints.checkpoint_step(checkpoint) if checkpoint else 0,
         )
         result = publish(trainer, spec, config, method, facts)
+        checkpoints.finish(checkpoint_dir)  # before the MLflow run is FINISHED: a finished training is never resumed
         run.log_metrics({"final_eval_loss": eval_loss}, step=trainer.state.global_step)
         run.log_artifact(Path(spec.output_dir), "adapter")
-    checkpoints.finish(checkpoint_dir)
     train_loss = result.metadata["train_loss"]
     reporter.info(f"done: train_loss {train_loss:.4f}, eval_loss {eval_loss:.4f} -> {spec.output_dir}")
     return result
 
 
+def stop_with_launcher() -> None:
+    """When `FTPIPE_LAUNCHER_PID` names the process that started this training (its run worker), stop once that
+    process is gone, as on SIGTERM (the MLflow run ends KILLED, the next attempt resumes); exit outright if that has
+    not ended the program `STOP_GRACE_SECONDS` later. No training outlives the run that started it."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    if not launcher.isdigit():
+        return
+
+    def watch() -> None:
+        while process_alive(int(launcher)):
+            time.sleep(LAUNCHER_POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STOP_GRACE_SECONDS)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    stop_with_launcher()
     if len(args) != 1:
         print("usage: python -m ftpipe.core.training SPEC.json", file=sys.stderr)
         return EXIT_REFUSED
