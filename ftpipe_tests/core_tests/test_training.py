@@ -202,11 +202,16 @@ def kill_after_logging_past_a_checkpoint(root: Path, spec: Path, checkpoint_dir:
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_in_the_same_mlflow_run_with_one_point_per_step(workspace):
-    spec = write_spec(workspace, "resume", max_steps=24, logging_steps=1)
-    checkpoint_dir = workspace / "resume" / "checkpoints"
+def killed_training(workspace, name: str) -> tuple:
+    """(spec, the MLflow run id) of a 24-step training killed after it logged past a checkpoint."""
+    spec = write_spec(workspace, name, max_steps=24, logging_steps=1)
+    checkpoint_dir = workspace / name / "checkpoints"
     kill_after_logging_past_a_checkpoint(workspace, spec, checkpoint_dir)
-    first_run_id = (checkpoint_dir / checkpoints.RUN_ID_FILE).read_text()
+    return spec, (checkpoint_dir / checkpoints.RUN_ID_FILE).read_text()
+
+
+def test_killed_training_resumes_in_the_same_mlflow_run_with_one_point_per_step(workspace):
+    spec, first_run_id = killed_training(workspace, "resume")
     assert not (workspace / "resume" / "adapter").exists()
 
     stdout = run_to_end(workspace, spec)
@@ -223,10 +228,7 @@ def test_killed_training_resumes_in_the_same_mlflow_run_with_one_point_per_step(
 
 @pytest.mark.slow
 def test_force_retrain_starts_from_step_zero_in_a_new_mlflow_run(workspace):
-    spec = write_spec(workspace, "forced", max_steps=24, logging_steps=1)
-    checkpoint_dir = workspace / "forced" / "checkpoints"
-    kill_after_logging_past_a_checkpoint(workspace, spec, checkpoint_dir)
-    first_run_id = (checkpoint_dir / checkpoints.RUN_ID_FILE).read_text()
+    spec, first_run_id = killed_training(workspace, "forced")
 
     stdout = run_to_end(workspace, write_spec(workspace, "forced", force_retrain=True, max_steps=24, logging_steps=1))
     assert "resuming" not in stdout and "step 1/24" in stdout
