@@ -16,6 +16,7 @@ from ftpipe.config import TaskConfig, TrainingConfig
 from ftpipe.core.layout import TaskLayout, models_dir, replay_cache_dir
 from ftpipe.core.results import Result, read_result, reusable
 from ftpipe.core.storage import atomic_dir, task_dir, write_text
+from ftpipe.core.training.methods import describe_method
 from ftpipe.core.tasks import TrainingInputs, base_model_source, general_replay_prompts, training_inputs
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking, ModelHub, TrainingPods
@@ -193,6 +194,7 @@ def lora_adapter(
     starts_over = config.force_retrain and context.retry_number == 0 and context.run.parent_run_id is None
     spec = _spec(context, cfg, inputs, mlflow, starts_over)
     write_text(paths.spec_file, json.dumps(asdict(spec), indent=2))
+    context.log.info(f"training {context.partition_key}: {describe_method(cfg.training)}")
     _launch(context, cfg.training, paths.spec_file, inputs.fingerprint, mlflow.uri(), pipes_subprocess_client,
             training_pods)
     trained = read_result(paths.output("lora_adapter"), "lora_adapter")

@@ -21,6 +21,7 @@ import numpy as np
 from ftpipe.core import similarity
 from ftpipe.core.records import read_examples, user_message, write_examples, write_jsonl
 from ftpipe.core.results import Result
+from ftpipe.core.layout import EXAMPLES, REMOVED
 from ftpipe.core.storage import atomic_dir, file_sha256
 from ftpipe.core.text import canonical
 
@@ -286,10 +287,10 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     inputs = {"raw_examples": file_sha256(examples_path)[:16]}
     key = hashlib.sha256(repr((inputs, settings)).encode()).hexdigest()[:16]
     with atomic_dir(out_dir) as tmp:
-        write_examples(result.kept, tmp / "examples.parquet",
+        write_examples(result.kept, tmp / EXAMPLES,
                        metadata={SHARED_TEXT_KEY: similarity.encode_shared(result.shared)})
-        write_jsonl(result.removed, tmp / "removed.jsonl")
-        Result("deduplicated_examples", key, {"examples": "examples.parquet", "removed": "removed.jsonl"},
+        write_jsonl(result.removed, tmp / REMOVED)
+        Result("deduplicated_examples", key, {"examples": EXAMPLES, "removed": REMOVED},
                inputs, summary).write(tmp)
     return {**summary, "removed": result.removed}
 

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ftpipe.core.raw_files import MAX_ROW_CHARS, SURROGATE, RawDataError, iter_file_rows, too_long
+from ftpipe.core.layout import EXAMPLES, QUARANTINE
 from ftpipe.core.storage import UnsafePathError, atomic_dir, atomic_file, contained
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -334,8 +335,8 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec) -> di
         raise RawDataError(f"{task_folder / 'raw'}: no usable rows in {len(result.files)} file(s), "
                            f"{result.rows_read} rows read; most common problems: {problems}")
     with atomic_dir(out_dir) as tmp:
-        write_examples(result.examples, tmp / "examples.parquet")
-        write_jsonl(result.quarantine, tmp / "quarantine.jsonl")
+        write_examples(result.examples, tmp / EXAMPLES)
+        write_jsonl(result.quarantine, tmp / QUARANTINE)
     return {
         "rows_read": result.rows_read,
         "rows_valid": len(result.examples),

@@ -18,6 +18,7 @@ import numpy as np
 from ftpipe.core import similarity
 from ftpipe.core.dedup import SHARED_TEXT_KEY, prompt_key
 from ftpipe.core.records import examples_metadata, read_examples, write_examples
+from ftpipe.core.layout import EVAL as EVAL_FILE, SPLIT_RECORD, TRAIN as TRAIN_FILE
 from ftpipe.core.storage import atomic_dir
 
 TRAIN, EVAL = "train", "eval"
@@ -80,8 +81,8 @@ def find_leaks(
 
 def split_leaks(folder: Path, settings: similarity.Settings) -> list[dict[str, Any]]:
     """The leaks of a split written by `build_split` into `folder`, judged as cleaning and the split judged."""
-    train_path = folder / "train.parquet"
-    return find_leaks(read_examples(train_path), read_examples(folder / "eval.parquet"), settings=settings,
+    train_path = folder / TRAIN_FILE
+    return find_leaks(read_examples(train_path), read_examples(folder / EVAL_FILE), settings=settings,
                       shared=_shared_text(train_path))
 
 
@@ -112,14 +113,14 @@ def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, see
     if shared is None:
         shared = similarity.prompt_shingles(rows, settings.shingle_words)[1]
     metadata = {SHARED_TEXT_KEY: similarity.encode_shared(shared)}
-    previous = _previous_sides(out_dir / "split.json", eval_fraction, seed)
+    previous = _previous_sides(out_dir / SPLIT_RECORD, eval_fraction, seed)
     sides = assign_sides(rows, eval_fraction=eval_fraction, seed=seed, previous=previous, settings=settings,
                          shared=shared)
     train = [row for row in rows if sides[row["id"]] == TRAIN]
     evaluation = [row for row in rows if sides[row["id"]] == EVAL]
     record = {"eval_fraction": eval_fraction, "seed": seed, "sides": {row["id"]: sides[row["id"]] for row in rows}}
     with atomic_dir(out_dir) as tmp:
-        write_examples(train, tmp / "train.parquet", metadata)
-        write_examples(evaluation, tmp / "eval.parquet", metadata)
-        (tmp / "split.json").write_text(json.dumps(record, indent=0, sort_keys=True), encoding="utf-8")
+        write_examples(train, tmp / TRAIN_FILE, metadata)
+        write_examples(evaluation, tmp / EVAL_FILE, metadata)
+        (tmp / SPLIT_RECORD).write_text(json.dumps(record, indent=0, sort_keys=True), encoding="utf-8")
     return {"train_rows": len(train), "eval_rows": len(evaluation)}

@@ -83,6 +83,7 @@ def test_k8s_qlora_is_accepted_on_a_cpu_only_host(tiny_task: str) -> None:
         build_upstream(instance, tiny_task)
         qlora = K8S.replace("launcher: k8s,", "launcher: k8s, method: qlora,")
         result = run(instance, tiny_task, run_config=overrides("lora_adapter", qlora), training_pods=PodsRecorded())
+        assert "LoRA adapter, 4-bit NF4 base (needs a CUDA GPU)" in logged(instance, result)
     assert "pod recorded" in result.get_step_failure_events()[0].step_failure_data.user_failure_data.description
     [(namespace, spec)] = PODS
     [container] = spec["containers"]
