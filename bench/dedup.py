@@ -22,6 +22,7 @@ import numpy as np
 
 from ftpipe.core import dedup, similarity
 from ftpipe.core.storage import REPO_ROOT
+from ftpipe.core.text import canonical
 
 sys.path.insert(0, str(REPO_ROOT))  # the tests' generator writes the intent task
 from ftpipe_tests.intents import SYSTEM_PROMPT, intent_task  # noqa: E402
@@ -69,13 +70,18 @@ def make_rows(n: int, seed: int = 7, system: str | None = None) -> tuple[list[di
     return rows, group
 
 
+def conversation(row: dict) -> str:
+    """The row's normalised conversation (what makes two rows exact duplicates)."""
+    return "\n".join(f"{m['role']}: {canonical(m['content'])}" for m in row["messages"])
+
+
 def datasketch_baseline(rows: list[dict], threshold: float, num_perm: int, k: int) -> dict[str, str]:
     """Exact dedup by normalised text, then MinHash per row + MinHashLSH; returns near-duplicate id -> kept id."""
     from datasketch import MinHash, MinHashLSH
 
     seen, removed, lsh = {}, {}, MinHashLSH(threshold=threshold, num_perm=num_perm)
     for row in rows:
-        text = dedup.Keys.of(row["messages"]).conversation
+        text = conversation(row)
         if text in seen:
             continue
         seen[text] = row["id"]
@@ -105,7 +111,7 @@ def expected_removals(rows: list[dict], group: dict[str, int], threshold: float,
     total = 0
     for found in members.values():
         seen: set[str] = set()
-        unique = [r for r in found if not _seen(seen, dedup.Keys.of(r["messages"]).conversation)]
+        unique = [r for r in found if not _seen(seen, conversation(r))]
         prompts, _ = similarity.prompt_shingles(unique, k, shared=np.zeros(0, dtype=np.uint64))
         kept: list[int] = []
         for index in range(len(unique)):

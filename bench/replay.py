@@ -69,7 +69,8 @@ def line(result: dict) -> str:
     return (f"  replay {result['replay']:.2f}: {result['primary_metric']} {result['base_score']:.3f} -> "
             f"{result['finetuned_score']:.3f} (gain {result['delta']:+.3f}, 95% CI {result['delta_ci_low']:+.3f} … "
             f"{result['delta_ci_high']:+.3f}); forgetting {result['forgetting']:.3f} (95% CI "
-            f"{result['forgetting_ci_low']:.3f} … {result['forgetting_ci_high']:.3f}); gate "
+            f"{result['forgetting_ci_low']:.3f} … {result['forgetting_ci_high']:.3f}); few-shot "
+            f"{result['fewshot_score']:.3f} (fine-tuned vs few-shot 95% CI low {result['delta_vs_fewshot_ci_low']:+.3f}); gate "
             f"{'passed' if result['passed'] else 'FAILED'}; {result['wall']:.0f} s")
 
 

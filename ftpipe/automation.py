@@ -1,6 +1,7 @@
 """Jobs, schedules and sensors: task discovery, data-change detection, the retraining policy, and closing the MLflow
 runs of trainings whose run stopped."""
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -9,9 +10,14 @@ from datetime import datetime, timedelta
 import dagster as dg
 
 from ftpipe.config import RetrainConfig, TaskConfig, TaskConfigError
+from ftpipe.assets.common import table
+from ftpipe.core import readable
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.results import read_result
-from ftpipe.core.tasks import discover_tasks, reviews_dir, reviews_version, task_config, task_files_version, training_inputs
+from ftpipe.core.storage import task_dir
+from ftpipe.core.tasks import (
+    discover_tasks, reviews_dir, reviews_version, task_config, task_files, task_files_version, training_inputs,
+)
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking
 
@@ -42,6 +48,17 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 )
 
 
+def described(decorator: Callable, **settings) -> Callable:
+    """`decorator(**settings)` with the function's docstring as the description the UI shows."""
+    return lambda fn: decorator(description=inspect.cleandoc(fn.__doc__ or ""), **settings)(fn)
+
+
+def sensor(**settings) -> Callable:
+    """A sensor that runs by default every POLL_SECONDS, described by its docstring."""
+    return described(dg.sensor, default_status=dg.DefaultSensorStatus.RUNNING,
+                     minimum_interval_seconds=POLL_SECONDS, **settings)
+
+
 @dataclass
 class TaskChanges:
     """Task folders not yet partitions; tasks whose files changed or were never observed (new version); refused folders."""
@@ -52,8 +69,17 @@ class TaskChanges:
 
     def observations(self, *, of_new: bool) -> list[dg.AssetObservation]:
         """Observations of the changed tasks; of the new ones too when their partitions exist already."""
-        return [dg.AssetObservation(asset_key=TASK_FILES, partition=task, tags={DATA_VERSION_TAG: version})
+        return [dg.AssetObservation(asset_key=TASK_FILES, partition=task, tags={DATA_VERSION_TAG: version},
+                                    metadata=task_files_metadata(task, version))
                 for task, version in self.changed.items() if of_new or task not in self.new]
+
+
+def task_files_metadata(task: str, version: str) -> dict[str, dg.MetadataValue]:
+    """What an observation of `task_files` shows: the content hash and each file with its size."""
+    folder = task_dir(task)
+    rows = [{"file": path.relative_to(folder).as_posix(), "size": readable.size(path.stat().st_size)}
+            for path in task_files(task)]
+    return {"content_hash": dg.MetadataValue.text(version), "files": table(rows, ["file", "size"])}
 
 
 def last_observed_version(instance: dg.DagsterInstance, task: str, asset: dg.AssetKey = TASK_FILES) -> str | None:
@@ -75,7 +101,7 @@ def task_changes(instance: dg.DagsterInstance) -> TaskChanges:
     return changes
 
 
-@dg.sensor(default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=POLL_SECONDS)
+@sensor()
 def task_files_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     """Adds a `task` partition for every new task folder and observes `task_files` when a folder's files change."""
     changes = task_changes(context.instance)
@@ -94,7 +120,7 @@ def task_files_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | 
     )
 
 
-@dg.sensor(default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=POLL_SECONDS)
+@sensor()
 def review_verdicts_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     """Observes `review_verdicts` when the review files in a task's `reviews/` folder change, so `human_review` counts
     the new verdicts and a merge waiting for them can go ahead."""
@@ -159,7 +185,7 @@ def _result(context, requests: list[dg.RunRequest], skipped: list[str], idle: st
     return requests or dg.SkipReason("; ".join(skipped) or idle)
 
 
-@dg.sensor(job=finetune_job, default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=POLL_SECONDS)
+@sensor(job=finetune_job)
 def retrain_on_data_change_sensor(context: dg.SensorEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
     """Retrains tasks with `retrain.on_data_change: true` as soon as their training fingerprint changes."""
     tasks, skipped = tasks_by_policy(context.instance, lambda policy: policy.on_data_change)
@@ -177,10 +203,8 @@ def cron_fired(cron: str, after: datetime, until: datetime) -> bool:
     return croniter(cron, after).get_next(datetime) <= until
 
 
-@dg.schedule(
-    cron_schedule=RETRAIN_CRON, job=finetune_job, execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-)
+@described(dg.schedule, cron_schedule=RETRAIN_CRON, job=finetune_job, execution_timezone="UTC",
+           default_status=dg.DefaultScheduleStatus.RUNNING)
 def retrain_schedule(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
     """Every 15 minutes: a run for each task whose `retrain.schedule` (cron, UTC) fell due, unless nothing changed."""
     now = context.scheduled_execution_time
@@ -194,7 +218,7 @@ def retrain_schedule(context: dg.ScheduleEvaluationContext) -> list[dg.RunReques
     return _result(context, requests, skipped + unchanged, "no task's retrain.schedule fell due")
 
 
-@dg.sensor(default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=POLL_SECONDS)
+@sensor()
 def stopped_training_sensor(context: dg.SensorEvaluationContext, mlflow: MlflowTracking) -> dg.SkipReason:
     """Marks KILLED the MLflow runs left RUNNING by trainings whose run failed or was canceled: a training killed with
     its run worker (a crash, an OOM kill, `kill -9`) could not end its own."""

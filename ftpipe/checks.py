@@ -6,8 +6,9 @@ run gave the asset (task.yaml alone when the check runs without it).
 
 import dagster as dg
 
-from ftpipe.assets.common import effective_config, run_overrides, similarity_settings, table, upstream
+from ftpipe.assets.common import effective_config, readable, run_overrides, table, upstream
 from ftpipe.core import dedup, split
+from ftpipe.core.similarity import Settings
 from ftpipe.core.layout import PREDICTIONS, TaskLayout
 from ftpipe.core.tasks import reviews_dir
 from ftpipe.partitions import task_partitions
@@ -18,7 +19,7 @@ def heldout_split_no_leakage(context: dg.AssetCheckExecutionContext) -> dg.Asset
     """No eval prompt is an exact or near duplicate of a train prompt."""
     task = context.partition_key
     cleaning = effective_config(task, run_overrides(context, "heldout_split")).dedup
-    leaks = split.split_leaks(TaskLayout(task).asset("heldout_split"), similarity_settings(cleaning))
+    leaks = split.split_leaks(TaskLayout(task).asset("heldout_split"), Settings.of(cleaning))
     return dg.AssetCheckResult(
         passed=not leaks,
         metadata={"leaked_eval_rows": len(leaks), "examples": dg.MetadataValue.json(leaks[:20])},
@@ -39,11 +40,11 @@ def eval_report_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckRes
     return dg.AssetCheckResult(
         passed=report["passed"],
         description="; ".join(failed) if failed else "fine-tuning helped on held-out data without costing general skills",
-        metadata={
+        metadata=readable({
             "delta_ci_low": report["delta_ci_low"], "min_improvement": evaluation.min_improvement,
             "forgetting": report["forgetting"], "max_forgetting": evaluation.max_forgetting,
             "failed_conditions": "; ".join(failed) or "none",
-        },
+        }),
     )
 
 

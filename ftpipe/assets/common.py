@@ -7,11 +7,12 @@ from typing import Any
 
 import dagster as dg
 
-from ftpipe.config import DedupConfig, TaskConfig, TaskConfigError
+from ftpipe.config import TaskConfig, TaskConfigError
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.results import Result, read_result
 from ftpipe.core.storage import file_sha256
 from ftpipe.core.tasks import task_config
+from ftpipe.core.readable import rounded
 from ftpipe.core.text import markdown_table
 
 GPU_POOL = "gpu"  # training, evaluation and merging: one step at a time per GPU (the limit is set in dagster.yaml)
@@ -50,16 +51,14 @@ def upstream(task: str, asset: str) -> Result:
     return found
 
 
-def similarity_settings(dedup: DedupConfig):
-    """What makes two rows near-duplicates, as cleaning, the split and the leakage check compare them."""
-    from ftpipe.core.similarity import Settings
-
-    return Settings(threshold=dedup.near_threshold, num_perm=dedup.num_perm, shingle_words=dedup.shingle_words)
-
-
 def file_version(*paths: Path) -> dg.DataVersion:
     """A data version from the bytes of the files an asset wrote."""
     return dg.DataVersion(file_sha256(*paths)[:16])
+
+
+def readable(metadata: dict[str, Any]) -> dict[str, Any]:
+    """`metadata` with its floats rounded for reading (the files keep the exact values)."""
+    return {key: rounded(value) if isinstance(value, float) else value for key, value in metadata.items()}
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> dg.MetadataValue:

@@ -5,9 +5,10 @@ The data assets refresh by themselves (declarative automation) whenever an upstr
 
 import dagster as dg
 
-from ftpipe.assets.common import TaskRunConfig, file_version, load_config, similarity_settings, table
+from ftpipe.assets.common import TaskRunConfig, file_version, load_config, table
 from ftpipe.core import dedup, records, split
 from ftpipe.core.evaluation.metrics import label_reader
+from ftpipe.core.similarity import Settings
 from ftpipe.core.layout import QUARANTINE, REMOVED, REVIEW_CSV, TaskLayout
 from ftpipe.core.storage import task_dir
 from ftpipe.core.tasks import task_files_version
@@ -61,7 +62,7 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
     cfg = load_config(context, config)
     paths = TaskLayout(task)
     out = paths.asset("deduplicated_examples")
-    summary = dedup.build_deduplicated(paths.examples("raw_examples"), out, similarity_settings(cfg.dedup),
+    summary = dedup.build_deduplicated(paths.examples("raw_examples"), out, Settings.of(cfg.dedup),
                                        label_of=label_reader(cfg.evaluation))
     removed = summary.pop("removed")
     context.log.info(f"{task}: kept {summary['rows_out']} of {summary['rows_in']} rows")
@@ -90,9 +91,8 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
 def review_sample(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """100 random deduplicated examples (fixed seed) for a manual read before training."""
     paths = TaskLayout(context.partition_key)
-    sample = records.review_sample(records.read_examples(paths.examples("deduplicated_examples")))
+    sample = records.build_review_sample(paths.examples("deduplicated_examples"), paths.asset("review_sample"))
     path = paths.path("review_sample", REVIEW_CSV)
-    records.write_csv(sample, path)
     return dg.MaterializeResult(
         metadata={
             "rows": len(sample),
@@ -113,7 +113,7 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
     paths = TaskLayout(task)
     summary = split.build_split(
         paths.examples("deduplicated_examples"), paths.asset("heldout_split"),
-        eval_fraction=cfg.split.eval_fraction, seed=cfg.split.seed, settings=similarity_settings(cfg.dedup),
+        eval_fraction=cfg.split.eval_fraction, seed=cfg.split.seed, settings=Settings.of(cfg.dedup),
     )
     context.log.info(f"{task}: {summary['train_rows']} train / {summary['eval_rows']} eval rows")
     train, evaluation = paths.split_files

@@ -5,6 +5,7 @@ import dagster as dg
 from ftpipe.assets.common import GPU_POOL, TaskRunConfig, load_config, upstream
 from ftpipe.config import TaskConfig
 from ftpipe.core.layout import TaskLayout
+from ftpipe.core.readable import rounded
 from ftpipe.core.results import Result
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking
@@ -19,11 +20,12 @@ def _card(task: str, cfg: TaskConfig, base: Result, adapter: Result, evaluation:
     return {
         "task": task,
         "description": cfg.description,
+        "system_prompt": cfg.data.system_prompt,
         "base_model": base.inputs["base_model"],
         "method": adapter.produced["method"],
         "data_versions": {"split": adapter.inputs["split_version"], "base_model": base.reuse_key,
                           "eval": evaluation.inputs["eval_version"]},
-        "metrics": {key: report[key] for key in CARD_METRICS},
+        "metrics": {key: rounded(report[key]) if isinstance(report[key], float) else report[key] for key in CARD_METRICS},
         "hyperparameters": adapter.produced["training"],
         "mlflow_run_id": adapter.metadata["mlflow_run_id"],
     }
@@ -71,7 +73,7 @@ def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflo
     return dg.MaterializeResult(
         metadata={
             "model_path": dg.MetadataValue.path(str(out)),
-            "parity_max_abs_diff": facts["parity_max_abs_diff"],
+            "parity_max_abs_diff": rounded(facts["parity_max_abs_diff"]),
             "registered_model": registered["registered_model"],
             "registered_version": registered["registered_version"],
             "champion": registered["champion"],

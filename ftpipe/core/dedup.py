@@ -9,9 +9,8 @@ disagree (a contradiction: the strict-majority answer stays, otherwise the whole
 from __future__ import annotations
 
 import gc
-import hashlib
-from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 
 from ftpipe.core import similarity
 from ftpipe.core.records import read_examples, user_message, write_examples, write_jsonl
-from ftpipe.core.results import Result
+from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.layout import EXAMPLES, REMOVED
 from ftpipe.core.storage import atomic_dir, file_sha256
 from ftpipe.core.text import canonical
@@ -31,34 +30,32 @@ MATCH_COLUMNS = ("label", "reason", "removed_message", "removed_answer", "matche
 COUNTS = ("rows_in", "rows_out", "exact_duplicates", "near_duplicates", "contradictions")
 
 
-def _render(messages: list[dict[str, str]]) -> str:
-    return "\n".join(f"{m['role']}: {canonical(m['content'])}" for m in messages)
-
-
 def prompt_key(messages: list[dict[str, str]]) -> str:
-    """The normalised conversation up to (not including) the final assistant answer."""
-    return _render(messages[:-1])
+    """The normalised conversation up to (not including) the final answer: one `role: canonical text` line per
+    message."""
+    return "\n".join(f"{m['role']}: {canonical(m['content'])}" for m in messages[:-1])
+
+
+def _ids(values: Iterable[str], count: int) -> np.ndarray:
+    """An integer per value, equal for equal values, numbered in order of first appearance."""
+    seen: dict[str, int] = {}
+    return np.fromiter((seen.setdefault(value, len(seen)) for value in values), dtype=np.int64, count=count)
 
 
 @dataclass(frozen=True)
-class Keys:
-    """The normalised conversation, computed once; prompt and answer are views of it."""
+class ExactKeys:
+    """Per row, an id of its normalised prompt and of its normalised answer: equal ids, equal texts."""
 
-    conversation: str
-    prompt_end: int
+    prompt: np.ndarray
+    answer: np.ndarray
 
     @classmethod
-    def of(cls, messages: list[dict[str, str]]) -> "Keys":
-        prompt = prompt_key(messages)
-        return cls(f"{prompt}\nassistant: {canonical(messages[-1]['content'])}", len(prompt))
+    def of(cls, rows: list[dict[str, Any]]) -> ExactKeys:
+        prompts = _ids((prompt_key(row["messages"]) for row in rows), len(rows))
+        return cls(prompts, _ids((canonical(row["messages"][-1]["content"]) for row in rows), len(rows)))
 
-    @property
-    def prompt(self) -> str:
-        return self.conversation[: self.prompt_end]
-
-    @property
-    def answer(self) -> str:
-        return self.conversation[self.prompt_end + len("\nassistant: ") :]
+    def conversation(self) -> np.ndarray:
+        return self.prompt * (int(self.answer.max(initial=0)) + 1) + self.answer
 
 
 @dataclass
@@ -75,7 +72,7 @@ def _removal(row: dict[str, Any], reason: str, of: dict[str, Any], detail: str) 
     return {**row, "reason": reason, "duplicate_of": of["id"], "duplicate_of_source": of["source"], "detail": detail}
 
 
-def _contradiction(row: dict[str, Any], answer: str, group: list[tuple[dict[str, Any], str]], votes: Counter):
+def _contradiction(row: dict[str, Any], answer: int, group: list[tuple[dict[str, Any], int]], votes: Counter):
     """The removal record for `row` if its answer loses in its prompt group, else None."""
     (winner, top), = votes.most_common(1)
     if top * 2 > len(group):
@@ -88,42 +85,36 @@ def _contradiction(row: dict[str, Any], answer: str, group: list[tuple[dict[str,
     return _removal(row, "contradiction", other, detail)
 
 
-def _prompt_digest(keys: Keys) -> bytes:
-    """A 128-bit digest of the normalised prompt: groups rows without keeping a copy of every prompt."""
-    return hashlib.blake2b(keys.prompt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
-def _resolve_contradictions(rows: list[tuple[dict[str, Any], Keys]], removed: list[dict[str, Any]]):
-    """Same prompt, different answers: keep the strict-majority answer's rows, else drop the group."""
-    groups: dict[bytes, list[int]] = defaultdict(list)
-    for index, (_, keys) in enumerate(rows):
-        groups[_prompt_digest(keys)].append(index)
-    dropped = set()
-    for members in (m for m in groups.values() if len(m) > 1):
-        group = [(rows[i][0], rows[i][1].answer) for i in members]
-        votes = Counter(answer for _, answer in group)
-        if len(votes) < 2:
+def _resolve_contradictions(rows: list[dict[str, Any]], keys: ExactKeys, removed: list[dict[str, Any]]) -> np.ndarray:
+    """Same prompt, different answers: keep the strict-majority answer's rows, else drop the group. Returns the
+    indices of the rows that stay."""
+    alive = np.ones(len(rows), dtype=bool)
+    order = np.argsort(keys.prompt, kind="stable")
+    bounds = np.flatnonzero(np.diff(keys.prompt[order])) + 1
+    for members in np.split(order, bounds):
+        if len(members) < 2 or len(set(keys.answer[members].tolist())) < 2:
             continue
-        for row, answer in group:
+        group = [(rows[i], int(keys.answer[i])) for i in members]
+        votes = Counter(answer for _, answer in group)
+        for index, (row, answer) in zip(members, group):
             removal = _contradiction(row, answer, group, votes)
             if removal:
                 removed.append(removal)
-                dropped.add(id(row))
-    return [(row, keys) for row, keys in rows if id(row) not in dropped]
+                alive[index] = False
+    return np.flatnonzero(alive)
 
 
-def _remove_exact(rows: list[tuple[dict[str, Any], Keys]], removed: list[dict[str, Any]]):
-    first: dict[str, dict[str, Any]] = {}
-    kept = []
-    for row, keys in rows:
-        original = first.setdefault(keys.conversation, row)
-        if original is row:
-            kept.append((row, keys))
-        else:
-            removed.append(_removal(row, "exact_duplicate", original, "same conversation after normalisation"))
-    return kept
-
-
+def _remove_exact(rows: list[dict[str, Any]], keys: ExactKeys, alive: np.ndarray,
+                  removed: list[dict[str, Any]]) -> np.ndarray:
+    """The first of rows with the same conversation stays; returns the indices that stay."""
+    conversation = keys.conversation()[alive]
+    _, first = np.unique(conversation, return_index=True)
+    is_first = np.zeros(len(alive), dtype=bool)
+    is_first[first] = True
+    first_of = dict(zip(conversation[first].tolist(), alive[first].tolist()))
+    for index, conv in zip(alive[~is_first].tolist(), conversation[~is_first].tolist()):
+        removed.append(_removal(rows[index], "exact_duplicate", rows[first_of[conv]], "same conversation after normalisation"))
+    return alive[is_first]
 
 
 class NearRows:
@@ -227,13 +218,14 @@ def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = simi
 def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings) -> DedupResult:
     """Shared text is judged on every row (the most evidence); the near stage compares the rows the exact stages
     left, on what varies."""
-    ordered = [(row, Keys.of(row["messages"])) for row in sorted(rows, key=lambda r: (r["id"], r["source"]))]
-    full = similarity.shingles([similarity.prompt_parts(row["messages"]) for row, _ in ordered], settings.shingle_words)
-    result = DedupResult(shared=similarity.shared_shingles(full))
-    remaining = _remove_exact(_resolve_contradictions(ordered, result.removed), result.removed)
-    position = {id(row): index for index, (row, _) in enumerate(ordered)}
-    prompts = similarity.without(full.subset([position[id(row)] for row, _ in remaining]), result.shared)
-    result.kept = _remove_near([row for row, _ in remaining], prompts, result.removed, settings)
+    ordered = sorted(rows, key=lambda r: (r["id"], r["source"]))
+    messages = similarity.Messages.of([similarity.prompt_parts(row["messages"]) for row in ordered],
+                                      settings.shingle_words)
+    result = DedupResult(shared=messages.shared())
+    keys = ExactKeys.of(ordered)
+    remaining = _remove_exact(ordered, keys, _resolve_contradictions(ordered, keys, result.removed), result.removed)
+    prompts = similarity.without(messages.rows().subset(remaining), result.shared)
+    result.kept = _remove_near([ordered[i] for i in remaining.tolist()], prompts, result.removed, settings)
     return result
 
 
@@ -285,7 +277,7 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         "matched_examples": matched_examples(rows, result.removed, label_of),
     }
     inputs = {"raw_examples": file_sha256(examples_path)[:16]}
-    key = hashlib.sha256(repr((inputs, settings)).encode()).hexdigest()[:16]
+    key = reuse_key(inputs, settings)
     with atomic_dir(out_dir) as tmp:
         write_examples(result.kept, tmp / EXAMPLES,
                        metadata={SHARED_TEXT_KEY: similarity.encode_shared(result.shared)})

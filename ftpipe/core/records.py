@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ftpipe.core.raw_files import MAX_ROW_CHARS, SURROGATE, RawDataError, iter_file_rows, too_long
-from ftpipe.core.layout import EXAMPLES, QUARANTINE
-from ftpipe.core.storage import UnsafePathError, atomic_dir, atomic_file, contained
+from ftpipe.core.layout import EXAMPLES, QUARANTINE, REVIEW_CSV
+from ftpipe.core.results import Result, reuse_key
+from ftpipe.core.storage import UnsafePathError, atomic_dir, contained, file_sha256, sha256_of_files
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
@@ -334,18 +335,27 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec) -> di
         problems = "; ".join(f"{reason} ({count} row{'s' * (count > 1)})" for reason, count in reasons) or "no rows at all"
         raise RawDataError(f"{task_folder / 'raw'}: no usable rows in {len(result.files)} file(s), "
                            f"{result.rows_read} rows read; most common problems: {problems}")
-    with atomic_dir(out_dir) as tmp:
-        write_examples(result.examples, tmp / EXAMPLES)
-        write_jsonl(result.quarantine, tmp / QUARANTINE)
-    return {
+    summary = {
         "rows_read": result.rows_read,
         "rows_valid": len(result.examples),
         "rows_quarantined": len(result.quarantine),
         "files": result.files,
         "ignored_files": result.ignored_files,
         "quarantine_reasons": dict(Counter(row["reason"] for row in result.quarantine).most_common()),
-        "quarantine": result.quarantine,
     }
+    inputs = {"raw_files": _raw_version(task_folder / "raw"), "format": repr(spec)}
+    with atomic_dir(out_dir) as tmp:
+        write_examples(result.examples, tmp / EXAMPLES)
+        write_jsonl(result.quarantine, tmp / QUARANTINE)
+        Result("raw_examples", reuse_key(inputs), {"examples": EXAMPLES, "quarantine": QUARANTINE},
+               inputs, summary).write(tmp)
+    return {**summary, "quarantine": result.quarantine}
+
+
+def _raw_version(raw_dir: Path) -> str:
+    """A hash of the names and contents of the files read from `raw_dir`."""
+    supported, _ = list_raw_files(raw_dir)
+    return sha256_of_files([p for p in supported if p.is_file()], raw_dir)[:16]
 
 
 def review_sample(rows: list[dict[str, Any]], size: int = 100, seed: int = 0) -> list[dict[str, Any]]:
@@ -364,8 +374,18 @@ def review_sample(rows: list[dict[str, Any]], size: int = 100, seed: int = 0) ->
     ]
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as handle:
+def build_review_sample(examples_path: Path, out_dir: Path) -> list[dict[str, Any]]:
+    """Write `review_sample(...)` of the examples as `out_dir/review_sample.csv` (with a result); return its rows."""
+    sample = review_sample(read_examples(examples_path))
+    inputs = {"examples": file_sha256(examples_path)[:16]}
+    with atomic_dir(out_dir) as tmp:
+        _write_csv(sample, tmp / REVIEW_CSV)
+        Result("review_sample", reuse_key(inputs), {"csv": REVIEW_CSV}, inputs, {"rows": len(sample)}).write(tmp)
+    return sample
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["id"])
         writer.writeheader()
         writer.writerows(rows)

@@ -8,6 +8,7 @@ result whose `reuse_key` equals the key of the inputs at hand is reused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,11 @@ class Result:
         path = Path(folder) / RESULT_FILE
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True, default=str), encoding="utf-8")
         return path
+
+
+def reuse_key(*parts: Any) -> str:
+    """A short hash of everything that decides a result's content."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
 def read_result(folder: Path, kind: str | None = None) -> Result | None:

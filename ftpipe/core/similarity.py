@@ -10,17 +10,19 @@ Cleaning, the held-out split and the leakage check all use this one definition.
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from dataclasses import dataclass, field
-from itertools import chain
 
 import numpy as np
 import pandas as pd
 
 from ftpipe.config import DedupConfig
-from ftpipe.core.text import loose_words
+from ftpipe.core.text import ASCII_PUNCTUATION, loose_words
 
-_PAD = "\x00"
+_PAD_HASH = pd.util.hash_array(np.array(["\x00"], dtype=object))[0]  # the word short texts are padded with
+_ASCII_PUNCTUATION_CLASS = "[" + re.escape("".join(map(chr, ASCII_PUNCTUATION))) + "]"
+_ASCII_SEPARATORS = "[\x1c-\x1f]"  # whitespace to `str.split` that Arrow's ASCII split keeps in words
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _BAND_WEIGHTS = np.random.default_rng(0).integers(1, 2**63, size=1024, dtype=np.uint64) | np.uint64(1)
 FULL_PAIRS_GROUP = 64
@@ -81,12 +83,39 @@ class Shingles:
         return Shingles(np.concatenate(picked) if picked else self.hashes[:0], offsets)
 
 
-def _word_shingles(texts: list[list[str]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flat uint64 hashes of the k-word shingles of every text's words (short texts padded), and each count."""
-    words = [w if len(w) >= k else w + [_PAD] * (k - len(w)) for w in texts]
-    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    flat = np.fromiter(chain.from_iterable(words), dtype=object, count=int(lengths.sum()))
-    word_hash = pd.util.hash_array(flat)
+def _word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The hash of every word of `loose_words(text)` for each text, flat, and each text's word count.
+
+    ASCII text (most text) is normalised and split by Arrow's vectorised string kernels, which do exactly what
+    `loose_words` does to ASCII; other text goes through `loose_words` first."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    prepared = pa.array([t if t.isascii() else " ".join(loose_words(t)) for t in texts], type=pa.large_string())
+    prepared = pc.replace_substring_regex(pc.ascii_lower(prepared), _ASCII_PUNCTUATION_CLASS, "")
+    split = pc.ascii_split_whitespace(pc.replace_substring_regex(prepared, _ASCII_SEPARATORS, " "))
+    words, owner = pc.list_flatten(split), pc.list_parent_indices(split)
+    nonempty = pc.greater(pc.binary_length(words), 0)
+    encoded = words.filter(nonempty).dictionary_encode()
+    vocabulary = pd.util.hash_array(encoded.dictionary.to_numpy(zero_copy_only=False).astype(object))
+    counts = np.bincount(owner.filter(nonempty).to_numpy(), minlength=len(texts)).astype(np.int64)
+    return vocabulary[encoded.indices.to_numpy()], counts
+
+
+def _padded(word_hash: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Texts of fewer than k words padded to k words with the pad word."""
+    if not (lengths < k).any():
+        return word_hash, lengths
+    padded = np.maximum(lengths, k)
+    out = np.full(int(padded.sum()), _PAD_HASH, dtype=np.uint64)
+    within = np.arange(len(word_hash)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[np.repeat(np.cumsum(padded) - padded, lengths) + within] = word_hash
+    return out, padded
+
+
+def _word_shingles(texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat uint64 hashes of the k-word shingles of every text's loose words (short texts padded), and each count."""
+    word_hash, lengths = _padded(*_word_hashes(texts), k)
     ends = np.repeat(np.cumsum(lengths), lengths)
     starts = np.flatnonzero(np.arange(len(word_hash)) + k <= ends)
     shingle = word_hash[starts]
@@ -98,27 +127,56 @@ def _word_shingles(texts: list[list[str]], k: int) -> tuple[np.ndarray, np.ndarr
 def shingles(rows: list[list[tuple[str, str]]], k: int) -> Shingles:
     """The shingles of rows given as (role, text) parts: each part's words loosely normalised and shingled on
     their own (no shingle spans two messages), salted by role so a user's words differ from an assistant's."""
-    parts = [part for row in rows for part in row]
-    hashes, counts = _word_shingles([loose_words(text) for _, text in parts], k)
-    salts = np.array([zlib.crc32(role.encode()) for role, _ in parts], dtype=np.uint64)
-    hashes ^= np.repeat(salts * _MIX, counts)
-    per_row = np.add.reduceat(counts, np.cumsum([0] + [len(row) for row in rows[:-1]])) if rows else counts
-    return Shingles(hashes, np.concatenate(([0], np.cumsum(per_row))).astype(np.int64))
+    return Messages.of(rows, k).rows()
 
 
-def shared_shingles(rows: Shingles, share: float = SHARED_SHARE, min_rows: int = MIN_SHARED_ROWS) -> np.ndarray:
-    """The sorted shingles held by more than `share` of the rows and by at least `min_rows` rows (every row, when
-    there are fewer): shared text."""
-    floor = max(share * len(rows), min(min_rows, len(rows)) - 1)
-    counts = pd.Series(rows.hashes).value_counts(sort=False)
-    frequent = np.sort(counts.index[counts.to_numpy() > floor].to_numpy(dtype=np.uint64))
-    if not len(frequent):
-        return frequent
-    held = _member(rows.hashes, frequent)
-    row_of = np.repeat(np.arange(len(rows)), np.diff(rows.offsets))[held]
-    pairs = np.unique(row_of * len(frequent) + np.searchsorted(frequent, rows.hashes[held]))
-    rows_holding = np.bincount(pairs % len(frequent), minlength=len(frequent))
-    return frequent[rows_holding > floor]
+@dataclass
+class Messages:
+    """The distinct messages of some rows, each shingled once (a system prompt shared by every row is read once),
+    and which messages each row holds."""
+
+    shingles: Shingles  # one entry per distinct (role, text)
+    held_by: np.ndarray  # how many rows hold each distinct message
+    codes: np.ndarray  # each row's messages, in order, as indices of the distinct messages
+    per_row: np.ndarray  # how many messages each row has
+
+    @classmethod
+    def of(cls, rows: list[list[tuple[str, str]]], k: int) -> Messages:
+        index: dict[tuple[str, str], int] = {}
+        codes = np.fromiter((index.setdefault(part, len(index)) for row in rows for part in row), dtype=np.int64)
+        distinct = list(index)
+        hashes, counts = _word_shingles([text for _, text in distinct], k)
+        salts = np.array([zlib.crc32(role.encode()) for role, _ in distinct], dtype=np.uint64)
+        hashes ^= np.repeat(salts * _MIX, counts)
+        offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        per_row = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        return cls(Shingles(hashes, offsets), np.bincount(codes, minlength=len(distinct)), codes, per_row)
+
+    def rows(self) -> Shingles:
+        """Every row's shingles: its messages' shingles one after the other."""
+        sizes = np.diff(self.shingles.offsets)[self.codes]
+        starts = np.repeat(self.shingles.offsets[self.codes] - (np.cumsum(sizes) - sizes), sizes)
+        message_ends = np.concatenate(([0], np.cumsum(sizes)))
+        row_ends = message_ends[np.concatenate(([0], np.cumsum(self.per_row)))]
+        return Shingles(self.shingles.hashes[np.arange(len(starts)) + starts], row_ends.astype(np.int64))
+
+    def shared(self, share: float = SHARED_SHARE, min_rows: int = MIN_SHARED_ROWS) -> np.ndarray:
+        """The sorted shingles held by more than `share` of the rows and by at least `min_rows` rows (every row,
+        when there are fewer): shared text. A row holding a shingle in two of its messages counts twice."""
+        count = len(self.per_row)
+        floor = max(share * count, min(min_rows, count) - 1)
+        flat = self.shingles.hashes
+        weight = np.repeat(self.held_by, np.diff(self.shingles.offsets))
+        codes, uniques = pd.factorize(flat)
+        frequent = np.sort(uniques[np.bincount(codes, weights=weight) > floor].astype(np.uint64))
+        if not len(frequent):
+            return frequent
+        held = _member(flat, frequent)  # each distinct message counts a shingle once, for every row holding it
+        message_of = np.repeat(np.arange(len(self.held_by)), np.diff(self.shingles.offsets))[held]
+        pairs, first = np.unique(message_of * len(frequent) + np.searchsorted(frequent, flat[held]), return_index=True)
+        rows_holding = np.bincount(pairs % len(frequent), weights=self.held_by[message_of[first]],
+                                   minlength=len(frequent))
+        return frequent[rows_holding > floor]
 
 
 def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
@@ -278,9 +336,9 @@ def prompt_shingles(rows: list[dict], k: int, shared: np.ndarray | None = None) 
 
     `shared` given: leave out exactly those (so a later stage compares as an earlier one did); else find them.
     """
-    full = shingles([prompt_parts(row["messages"]) for row in rows], k)
-    shared = shared_shingles(full) if shared is None else shared
-    return without(full, shared), shared
+    messages = Messages.of([prompt_parts(row["messages"]) for row in rows], k)
+    shared = messages.shared() if shared is None else shared
+    return without(messages.rows(), shared), shared
 
 
 def answer_shingles(rows: list[dict], k: int) -> Shingles:

@@ -19,7 +19,8 @@ from ftpipe.core import similarity
 from ftpipe.core.dedup import SHARED_TEXT_KEY, prompt_key
 from ftpipe.core.records import examples_metadata, read_examples, write_examples
 from ftpipe.core.layout import EVAL as EVAL_FILE, SPLIT_RECORD, TRAIN as TRAIN_FILE
-from ftpipe.core.storage import atomic_dir
+from ftpipe.core.results import Result, reuse_key
+from ftpipe.core.storage import atomic_dir, file_sha256
 
 TRAIN, EVAL = "train", "eval"
 
@@ -118,9 +119,13 @@ def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, see
                          shared=shared)
     train = [row for row in rows if sides[row["id"]] == TRAIN]
     evaluation = [row for row in rows if sides[row["id"]] == EVAL]
+    summary = {"train_rows": len(train), "eval_rows": len(evaluation)}
+    inputs = {"deduplicated_examples": file_sha256(examples_path)[:16], "eval_fraction": eval_fraction, "seed": seed}
     record = {"eval_fraction": eval_fraction, "seed": seed, "sides": {row["id"]: sides[row["id"]] for row in rows}}
     with atomic_dir(out_dir) as tmp:
         write_examples(train, tmp / TRAIN_FILE, metadata)
         write_examples(evaluation, tmp / EVAL_FILE, metadata)
         (tmp / SPLIT_RECORD).write_text(json.dumps(record, indent=0, sort_keys=True), encoding="utf-8")
-    return {"train_rows": len(train), "eval_rows": len(evaluation)}
+        Result("heldout_split", reuse_key(inputs, settings), {"train": TRAIN_FILE, "eval": EVAL_FILE, "sides": SPLIT_RECORD},
+               inputs, summary).write(tmp)
+    return summary

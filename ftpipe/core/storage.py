@@ -204,6 +204,6 @@ def sha256_of_files(paths: list[Path], root: Path) -> str:
     """A hash over the relative names and contents of files (order-independent)."""
     digest = hashlib.sha256()
     for path in sorted(paths, key=lambda p: p.relative_to(root).as_posix()):
-        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.relative_to(root).as_posix().encode("utf-8", "surrogateescape"))
         _feed(digest, path)
     return digest.hexdigest()

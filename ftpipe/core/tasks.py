@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftpipe.config import (
-    DEFAULT_BASE_MODEL, TaskConfig, TaskConfigError, TrainingConfig, check_task_name, load_task_config,
+    DEFAULT_BASE_MODEL, EvaluationConfig, TaskConfig, TaskConfigError, TrainingConfig, check_task_name,
+    load_task_config,
 )
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.results import Result, read_result
@@ -73,10 +74,15 @@ def base_model_source(spec: str, folder: Path) -> str:
     return str(resolved)
 
 
-def task_files_version(task: str) -> str:
-    """A hash of what the pipeline reads from a task folder: `task.yaml` and the files under `raw/`."""
+def task_files(task: str) -> list[Path]:
+    """What the pipeline reads from a task folder: `task.yaml` and the files under `raw/`, sorted."""
     folder = task_dir(task)
-    return _files_version(folder, [folder / "task.yaml", *(folder / "raw").rglob("*")])
+    return sorted(_inside(folder, [folder / "task.yaml", *(folder / "raw").rglob("*")]))
+
+
+def task_files_version(task: str) -> str:
+    """A hash of the names and contents of `task_files`."""
+    return sha256_of_files(task_files(task), task_dir(task))[:16]
 
 
 def reviews_dir(task: str) -> Path:
@@ -89,9 +95,13 @@ def reviews_version(task: str) -> str:
     return _files_version(task_dir(task), list(reviews_dir(task).glob("*.csv")))
 
 
+def _inside(folder: Path, candidates: list[Path]) -> list[Path]:
+    """The candidates that are files inside `folder` (links out of it left out)."""
+    return [p for p in candidates if p.is_file() and folder in p.resolve().parents]
+
+
 def _files_version(folder: Path, candidates: list[Path]) -> str:
-    inside = [p for p in candidates if p.is_file() and folder in p.resolve().parents]
-    return sha256_of_files(inside, folder)[:16]
+    return sha256_of_files(_inside(folder, candidates), folder)[:16]
 
 
 def general_probe() -> Path | None:
@@ -133,3 +143,15 @@ def training_inputs(task: str, training: TrainingConfig) -> TrainingInputs:
         prompts = general_replay_prompts()
         recipe["replay_prompts"] = file_sha256(prompts)[:16] if prompts else None
     return TrainingInputs(split_version, base, training_fingerprint(split_version, base.reuse_key, recipe))
+
+
+def label_answers(task: str, evaluation: EvaluationConfig) -> list[str] | None:
+    """The complete answers a task's evaluation constrains answers to (from its split's references), or None when
+    it does not constrain them."""
+    from ftpipe.core.evaluation.metrics import task_metrics
+    from ftpipe.core.records import read_examples
+
+    if not evaluation.constrain_to_labels:
+        return None
+    rows = [row for path in TaskLayout(task).split_files if path.is_file() for row in read_examples(path)]
+    return task_metrics(evaluation).label_answers([row["messages"][-1]["content"] for row in rows]) or None

@@ -40,6 +40,8 @@ def test_task_files_sensor_new_folder_changed_file_unchanged(ftpipe_env: Path) -
         [observed] = sensor_tick(instance).asset_events
         assert observed.partition == "first"
         assert observed.tags["dagster/data_version"] == task_files_version("first")
+        assert observed.metadata["content_hash"].value == task_files_version("first")
+        assert "| raw/a.jsonl | " in observed.metadata["files"].value and "KiB |" in observed.metadata["files"].value
 
         unchanged = sensor_tick(instance)
         assert isinstance(unchanged, dg.SkipReason) and "1 refused" in unchanged.skip_message
@@ -55,6 +57,13 @@ def test_task_files_sensor_new_folder_changed_file_unchanged(ftpipe_env: Path) -
 
         make_task(ftpipe_env, "second", {"a.jsonl": ROWS})
         assert list(sensor_tick(instance).dynamic_partitions_requests[0].partition_keys) == ["second"]
+
+
+def test_every_sensor_and_schedule_says_what_it_does() -> None:
+    automations = [*defs.sensors, *defs.schedules]
+    assert {a.name for a in automations} >= {"task_files_sensor", "retrain_on_data_change_sensor", "retrain_schedule"}
+    for automation in automations:
+        assert automation.description and len(automation.description) > 30, automation.name
 
 
 def requested(result: dg.EvaluateAutomationConditionsResult) -> dict[str, set]:

@@ -129,9 +129,9 @@ def test_the_demo_and_old_style_task_yaml_give_the_recipe_they_gave_before_plus_
     assert demo.recipe() == {
         "objective": "sft", "adapter": "lora", "quantization": "auto",
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-        "learning_rate": 0.0005, "epochs": 1.0, "max_steps": 28, "batch_size": 8, "gradient_accumulation": 1,
+        "learning_rate": 0.0005, "epochs": 1.0, "max_steps": 36, "batch_size": 8, "gradient_accumulation": 1,
         "max_length": 256, "too_long": "drop", "warmup_ratio": 0.05, "scheduler": "cosine", "weight_decay": 0.0,
-        "seed": 42, "packing": False, "eval_steps": 14, "logging_steps": 5, "early_stopping_patience": 3,
+        "seed": 42, "packing": False, "eval_steps": 18, "logging_steps": 5, "early_stopping_patience": 3,
         "save_total_limit": 2, "replay": 0.2,
     }
     old_style = parse_task_config("training: {method: qlora, launcher: torchrun, learning_rate: 0.001}", "t.yaml").training

@@ -14,10 +14,13 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from ftpipe.core import dedup, records, split
+import numpy as np
+import pandas as pd
+
+from ftpipe.core import dedup, records, similarity, split
 from ftpipe.core.records import FormatSpec, example_id
 from ftpipe.core.similarity import Settings
-from ftpipe.core.text import loose
+from ftpipe.core.text import loose, loose_words
 from ftpipe_tests.builders import chat
 
 
@@ -90,6 +93,20 @@ def test_any_bytes_never_crash_and_a_good_line_among_them_survives(bom: bytes, b
     files = {entry["source"].split(":")[0] for entry in result.quarantine + result.examples}
     assert {f"garbage{s}" for s in (".jsonl", ".json", ".csv", ".parquet")} <= files
     assert good in kept(result, "mixed.jsonl")
+
+
+ANY_TEXT = st.text(st.characters(exclude_categories=("Cs",)) | st.sampled_from("\x1c\x1d\x1e\x1f\x85\u00a0 \t!-_."),
+                   max_size=30)
+
+
+@examples(300)
+@given(st.lists(ANY_TEXT, max_size=8))
+def test_vectorised_words_are_the_loose_words_of_any_text(texts: list[str]) -> None:
+    words = [loose_words(t) for t in texts]
+    hashes, counts = similarity._word_hashes(texts)
+    flat = np.array([w for found in words for w in found], dtype=object)
+    assert counts.tolist() == [len(found) for found in words]
+    assert hashes.tolist() == (pd.util.hash_array(flat).tolist() if len(flat) else [])
 
 
 @examples(100)

@@ -119,9 +119,9 @@ while True:
     print("round", flush=True)
 """
 OUTPUTS = {
-    "raw_examples": sorted([EXAMPLES, QUARANTINE]),
+    "raw_examples": sorted([EXAMPLES, QUARANTINE, RESULT_FILE]),
     "deduplicated_examples": sorted([EXAMPLES, REMOVED, RESULT_FILE]),
-    "heldout_split": sorted([EVAL, SPLIT_RECORD, TRAIN]),
+    "heldout_split": sorted([EVAL, RESULT_FILE, SPLIT_RECORD, TRAIN]),
 }
 
 
