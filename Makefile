@@ -23,8 +23,10 @@ install: $(VENV)/.installed
 model: install
 	$(PY) -m ftpipe fetch-model
 
+# SET="training.max_steps=10 split.seed=3" changes task.yaml settings for this run (read from the environment, so
+# any quoting in the values reaches ftpipe as typed).
 run: install model
-	$(PY) -m ftpipe run $(TASK)
+	$(PY) -m ftpipe run $(TASK) $(if $(SET),--set "$$SET")
 
 # One pytest worker per core, one torch thread per worker: the real-model demo runs beside the other tests
 # instead of before them, and two torch processes never fight over the same cores.
@@ -38,8 +40,11 @@ test-fast: install
 ui: install
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000
 
+# One web worker (MLFLOW_UI_WORKERS=4 on a big machine) and no GenAI job runners: two processes, about 0.5 GB.
 mlflow-ui: install
-	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/.ftpipe/mlflow.db}"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
+		--workers "$${MLFLOW_UI_WORKERS:-1}" \
+		--backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$${FTPIPE_HOME:-$(CURDIR)/.ftpipe}/mlflow.db}"
 
 bench: install
 	$(PY) bench/dedup.py

@@ -1,4 +1,4 @@
-"""Command line: `python -m ftpipe tasks sync | fetch-model | run [TASK] | chat TASK [MESSAGE]`."""
+"""Command line: `python -m ftpipe tasks sync | fetch-model | run [TASK] [--set KEY=VALUE] | chat TASK [MESSAGE]`."""
 
 from __future__ import annotations
 
@@ -7,17 +7,16 @@ import socket
 import sys
 
 DEMO_TASK = "ticket_triage"
-
-
 def sync_tasks() -> list[str]:
     """Register a `task` partition for every valid task folder and record what its files are now; print refused folders."""
     import dagster as dg
 
-    from ftpipe.automation import task_changes
+    from ftpipe.automation import show_automation_running, task_changes
     from ftpipe.partitions import task_partitions
 
     instance = dg.DagsterInstance.get()
     create_gpu_pool(instance)
+    show_automation_running(instance)
     changes = task_changes(instance)
     if changes.new:
         instance.add_dynamic_partitions(task_partitions.name, changes.new)
@@ -45,16 +44,18 @@ def create_gpu_pool(instance) -> None:
             raise
 
 
-def run_task(task: str) -> int:
+def run_task(task: str, settings: str = "") -> int:
     """Materialize every asset of one task partition in this process, recorded in the Dagster instance.
 
-    A task.yaml that does not validate is reported before any run starts, one line per problem. Runs whose worker
+    `settings` (`key.path=value` pairs) change task.yaml for this run: every asset gets them as its launchpad
+    `overrides`. A task.yaml (with settings) that does not validate is reported before any run starts, one line per
+    problem. Runs whose worker
     died are ended first and their pool slots freed; while a step waits for the `gpu` pool, the log says which run
     holds it and since when; Ctrl-C or SIGTERM stops the run (and its training) and frees its slot.
     """
     import dagster as dg
 
-    from ftpipe.config import TaskConfigError
+    from ftpipe.config import TaskConfigError, settings_overrides
     from ftpipe.core.tasks import task_config
     from ftpipe.core.tracking import HOST_TAG
     from ftpipe.definitions import defs
@@ -64,19 +65,30 @@ def run_task(task: str) -> int:
         print(f"no task folder named {task!r}", file=sys.stderr)
         return 2
     try:
-        task_config(task)
+        overrides = settings_overrides(settings)
+        task_config(task, overrides)
     except TaskConfigError as error:
         print(f"ftpipe run of task {task!r}: FAILED before starting: {error}", file=sys.stderr)
         return 2
     instance = dg.DagsterInstance.get()
     for line in release_dead_runs(instance):
         print(line)
-    result = defs.resolve_job_def("finetune_job").execute_in_process(
+    job = defs.resolve_job_def("finetune_job")
+    result = job.execute_in_process(
         instance=instance, partition_key=task, raise_on_error=False, tags={HOST_TAG: socket.gethostname()},
-        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}, **overrides_config(job, overrides)},
     )
     print_summary(task, result)
     return 0 if result.success else 1
+
+
+def overrides_config(job, overrides: str) -> dict:
+    """Run config giving `overrides` (YAML merged over task.yaml) to every op of `job` that takes them."""
+    if not overrides:
+        return {}
+    schemas = {node.name: node.definition.config_schema for node in job.graph.nodes}
+    takes = [name for name, schema in schemas.items() if "overrides" in getattr(schema.config_type, "fields", {})]
+    return {"ops": {name: {"config": {"overrides": overrides}} for name in takes}}
 
 
 def _materializations(result) -> dict[str, dict]:
@@ -140,23 +152,41 @@ def fetch_model() -> None:
 
 
 def chat(task: str, message: str | None) -> int:
-    """Answer with the task's champion model (or its latest merged model); interactive without a message."""
+    """Answer with the task's champion model (or its latest merged model); interactive without a message.
+    Answers of a task whose evaluation constrains them to its labels are constrained the same way."""
     from ftpipe.core import merging
     from ftpipe.core.layout import TaskLayout
-    from ftpipe.core.tasks import task_config
+    from ftpipe.core.registry import champion_model_path
+    from ftpipe.core.tasks import label_answers, task_config
 
+    config = task_config(task)
     latest = TaskLayout(task).output("merged_model")
-    model_dir = merging.champion_model_path(task) or (latest if latest.exists() else None)
+    model_dir = champion_model_path(task) or (latest if latest.exists() else None)
     if model_dir is None:
-        print(f"task {task!r} has no merged model yet: run `make run TASK={task}` first", file=sys.stderr)
+        print(_why_no_model(task, config), file=sys.stderr)
         return 2
-    system = task_config(task).data.system_prompt
+    system = config.data.system_prompt
     prefix = [{"role": "system", "content": system}] if system else []
-    print(f"model: {model_dir}", file=sys.stderr)
+    labels = label_answers(task, config.evaluation)
+    print(f"model: {model_dir}" + (f" (answers constrained to {len(labels)} labels)" if labels else ""), file=sys.stderr)
     messages = [message] if message else _prompts()
     for text in messages:
-        print(merging.chat(model_dir, prefix + [{"role": "user", "content": text}]))
+        print(merging.chat(model_dir, prefix + [{"role": "user", "content": text}], labels=labels))
     return 0
+
+
+def _why_no_model(task: str, config) -> str:
+    """Why a task has no merged model: its eval gate failed (the conditions and the report), or it never ran."""
+    from ftpipe.core.evaluation.run import read_evaluation
+    from ftpipe.core.layout import METRICS, TaskLayout
+
+    report = TaskLayout(task).output("eval_report")
+    if (report / METRICS).is_file():
+        found = read_evaluation(report, config.evaluation)
+        if not found["passed"]:
+            return (f"task {task!r} has no merged model: its eval gate failed: {'; '.join(found['failed_conditions'])}"
+                    f". Report: {found['report_path']}")
+    return f"task {task!r} has no merged model yet: run `make run TASK={task}` first"
 
 
 def _prompts():
@@ -182,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("fetch-model", help="download the default base model (SmolLM2-135M-Instruct GGUF)")
     run = commands.add_parser("run", help="materialize every asset of a task")
     run.add_argument("task", nargs="?", default=DEMO_TASK)
+    run.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                     help="change a task.yaml setting for this run, e.g. training.max_steps=10 (several: separated "
+                          "by spaces or commas, or more --set)")
     args = parser.parse_args(argv)
     if args.command == "tasks":
         sync_tasks()
@@ -191,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fetch-model":
         fetch_model()
         return 0
-    return run_task(args.task)
+    return run_task(args.task, " ".join(args.settings))
 
 
 if __name__ == "__main__":

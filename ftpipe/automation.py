@@ -89,6 +89,16 @@ def last_observed_version(instance: dg.DagsterInstance, task: str, asset: dg.Ass
     return records[0].asset_observation.tags.get(DATA_VERSION_TAG) if records else None
 
 
+def show_automation_running(instance: dg.DagsterInstance) -> None:
+    """Automation conditions are evaluated by `automation_sensor`. The UI's "Auto-materialize" tag reads the
+    instance's older global switch instead, which starts paused although nothing reads it when sensors evaluate
+    the conditions: switch it on so the tag agrees with what runs."""
+    from dagster._daemon.asset_daemon import get_auto_materialize_paused, set_auto_materialize_paused
+
+    if instance.auto_materialize_use_sensors and get_auto_materialize_paused(instance):
+        set_auto_materialize_paused(instance, False)
+
+
 def task_changes(instance: dg.DagsterInstance) -> TaskChanges:
     """What changed in the task folders since the instance last looked (a new folder counts as changed)."""
     found = discover_tasks()
@@ -104,6 +114,7 @@ def task_changes(instance: dg.DagsterInstance) -> TaskChanges:
 @sensor()
 def task_files_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     """Adds a `task` partition for every new task folder and observes `task_files` when a folder's files change."""
+    show_automation_running(context.instance)
     changes = task_changes(context.instance)
     for reason in changes.refused.values():
         context.log.warning(reason)

@@ -6,7 +6,7 @@ run gave the asset (task.yaml alone when the check runs without it).
 
 import dagster as dg
 
-from ftpipe.assets.common import effective_config, readable, run_overrides, table, upstream
+from ftpipe.assets.common import effective_config, rounded_floats, run_overrides, table, upstream
 from ftpipe.core import dedup, split
 from ftpipe.core.similarity import Settings
 from ftpipe.core.layout import PREDICTIONS, TaskLayout
@@ -40,7 +40,7 @@ def eval_report_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckRes
     return dg.AssetCheckResult(
         passed=report["passed"],
         description="; ".join(failed) if failed else "fine-tuning helped on held-out data without costing general skills",
-        metadata=readable({
+        metadata=rounded_floats({
             "delta_ci_low": report["delta_ci_low"], "min_improvement": evaluation.min_improvement,
             "forgetting": report["forgetting"], "max_forgetting": evaluation.max_forgetting,
             "failed_conditions": "; ".join(failed) or "none",

@@ -10,9 +10,13 @@ import dagster as dg
 
 
 class MlflowTracking(dg.ConfigurableResource):
-    """Where training runs are tracked and models registered: `MLFLOW_TRACKING_URI`, else SQLite under `$FTPIPE_HOME`."""
+    """Where training runs are tracked and models registered: `MLFLOW_TRACKING_URI`, else SQLite under `$FTPIPE_HOME`.
+
+    Run links open the tracking server's own UI, or `ui_url` (`make mlflow-ui`) for a store that is not a server.
+    """
 
     tracking_uri: Optional[str] = None
+    ui_url: str = "http://127.0.0.1:5000"
 
     def uri(self) -> str:
         from ftpipe.core.tracking import tracking_uri
@@ -24,13 +28,12 @@ class MlflowTracking(dg.ConfigurableResource):
         return f"ftpipe-{task}"
 
     def run_url(self, run_id: str) -> str:
-        """A link to the run, when the store is an MLflow server; else the `make mlflow-ui` hint."""
-        from ftpipe.core.tracking import redact_uri
+        """The run's page in the MLflow UI that shows this store."""
+        from ftpipe.core.tracking import run_page, without_credentials
 
         uri = self.uri()
-        if uri.startswith("http"):
-            return f"{redact_uri(uri).rstrip('/')}/#/experiments/runs/{run_id}"
-        return f"run {run_id} (open with: make mlflow-ui, http://127.0.0.1:5000)"
+        ui = without_credentials(uri) if uri.startswith(("http://", "https://")) else self.ui_url
+        return run_page(ui, run_id, uri)
 
     def log_evaluation(self, run_id: str, report: dict[str, Any]) -> None:
         """Log an evaluation to the training run it judged."""
@@ -41,20 +44,20 @@ class MlflowTracking(dg.ConfigurableResource):
     def register_model(self, *, task: str, model_path: Path, run_id: str, eval_score: float,
                        eval_version: str) -> dict[str, Any]:
         """Register a servable model of `task` (once per folder); `champion` follows the best on the same eval split."""
-        from ftpipe.core.merging import register_model
+        from ftpipe.core.registry import register_model
 
         return register_model(task=task, model_path=model_path, run_id=run_id, eval_score=eval_score,
                               eval_version=eval_version, tracking_uri=self.uri())
 
     def registered_folders(self, task: str) -> set[str]:
         """The folder names of the task's `champion` and `candidate` models: what pruning must keep."""
-        from ftpipe.core.merging import aliased_model_names
+        from ftpipe.core.registry import aliased_model_names
 
         return aliased_model_names(task, self.uri())
 
     def mark_removed_versions(self, task: str) -> list[int]:
         """Tag `files: removed` the registered versions of `task` whose folder pruning removed; return them."""
-        from ftpipe.core.merging import mark_removed_versions
+        from ftpipe.core.registry import mark_removed_versions
 
         return mark_removed_versions(task, self.uri())
 

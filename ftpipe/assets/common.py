@@ -56,7 +56,7 @@ def file_version(*paths: Path) -> dg.DataVersion:
     return dg.DataVersion(file_sha256(*paths)[:16])
 
 
-def readable(metadata: dict[str, Any]) -> dict[str, Any]:
+def rounded_floats(metadata: dict[str, Any]) -> dict[str, Any]:
     """`metadata` with its floats rounded for reading (the files keep the exact values)."""
     return {key: rounded(value) if isinstance(value, float) else value for key, value in metadata.items()}
 

@@ -3,7 +3,7 @@ blocking check `eval_report_gate`."""
 
 import dagster as dg
 
-from ftpipe.assets.common import GPU_POOL, TaskRunConfig, file_version, load_config, upstream
+from ftpipe.assets.common import GPU_POOL, TaskRunConfig, file_version, load_config, rounded_floats, upstream
 from ftpipe.core.layout import METRICS, PREDICTIONS, TaskLayout
 from ftpipe.core.tasks import general_probe, reviews_dir, reviews_version
 from ftpipe.partitions import task_partitions
@@ -16,15 +16,15 @@ CONTRACT = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_c
 
 
 def _metadata(report: dict, run_url: str) -> dict:
-    return {
+    return rounded_floats({
         **{key: report[key] for key in CONTRACT if key in report},
         "base_cached": report["base_cached"],
         "failed_conditions": "; ".join(report["failed_conditions"]) or "none",
         "report": dg.MetadataValue.md(report["report_markdown"]),
         "report_path": dg.MetadataValue.path(report["report_path"]),
-        "mlflow_run": run_url,
+        "mlflow_run": dg.MetadataValue.url(run_url),
         "reused": report["reused"],
-    }
+    })
 
 
 @dg.asset(
@@ -86,7 +86,7 @@ def human_review(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
                      f"{verdicts['human_verdicts']} verdicts so far")
     return dg.MaterializeResult(
         metadata={
-            **verdicts,
+            **rounded_floats(verdicts),
             "review_rows": sample["review_rows"],
             "review_html": dg.MetadataValue.path(sample["review_html"]),
             "review_csv": dg.MetadataValue.path(sample["review_csv"]),

@@ -5,16 +5,19 @@ import json
 import os
 import re
 import subprocess
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
 from dagster._core.errors import DagsterPipesExecutionError
+from dagster._core.storage.tags import MAX_RUNTIME_SECONDS_TAG
 
-from ftpipe.assets.common import GPU_POOL, TaskRunConfig, load_config
+from ftpipe.assets.common import GPU_POOL, TaskRunConfig, load_config, rounded_floats
+from ftpipe.core import readable
 from ftpipe.config import TaskConfig, TrainingConfig
 from ftpipe.core.layout import TaskLayout, models_dir, replay_cache_dir
-from ftpipe.core.results import Result, read_result, reusable
+from ftpipe.core.results import Result, reusable
 from ftpipe.core.storage import atomic_dir, task_dir, write_text
 from ftpipe.core.training.methods import describe_method
 from ftpipe.core.tasks import TrainingInputs, base_model_source, general_replay_prompts, training_inputs
@@ -22,7 +25,14 @@ from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking, ModelHub, TrainingPods
 
 GROUP = "training"
-TYPED = {"loss_curve": dg.MetadataValue.md, "adapter_path": dg.MetadataValue.path}  # the rest shows as plain values
+def _epochs(value: float) -> dg.MetadataValue:
+    return dg.MetadataValue.text(f"{value:.2f} of an epoch" if value < 1 else f"{value:.2f} epochs")
+
+
+TYPED = {  # the rest shows as plain values, floats rounded
+    "loss_curve": dg.MetadataValue.md, "adapter_path": dg.MetadataValue.path, "epochs": _epochs,
+    "trainable_params": lambda value: dg.MetadataValue.text(readable.count(value)),
+}
 
 
 class AdapterRunConfig(TaskRunConfig):
@@ -52,6 +62,7 @@ def base_model(context: dg.AssetExecutionContext, config: TaskRunConfig, hub: Mo
         result.write(tmp)
     return dg.MaterializeResult(
         metadata={"model_path": dg.MetadataValue.path(info["path"]), **metadata,
+                  "parameters": dg.MetadataValue.text(readable.count(info["parameters"])),
                   "trust_remote_code": cfg.trust_remote_code},
         data_version=dg.DataVersion(info["fingerprint"]),
     )
@@ -75,7 +86,7 @@ def _spec(context: dg.AssetExecutionContext, cfg: TaskConfig, inputs: TrainingIn
     return TrainingSpec(
         task=task, base_model_dir=inputs.base.produced["path"], base_fingerprint=inputs.base.reuse_key,
         split_version=inputs.split_version, train_path=str(train), eval_path=str(evaluation),
-        output_dir=str(paths.output("lora_adapter")), checkpoint_dir=str(paths.checkpoints(inputs.fingerprint)),
+        output_dir=str(paths.adapter(inputs.fingerprint)), checkpoint_dir=str(paths.checkpoints(inputs.fingerprint)),
         training=cfg.training.model_dump(), fingerprint=inputs.fingerprint, force_retrain=force_retrain,
         trust_remote_code=cfg.trust_remote_code, replay_prompts=_optional_path(general_replay_prompts()),
         replay_cache_dir=str(replay_cache_dir()),
@@ -155,16 +166,17 @@ def _not_retryable(context: dg.AssetExecutionContext, exit_status: int | None) -
     stopped = stop_signal(exit_status) if exit_status is not None else None
     if stopped:
         return f"training stopped by {stopped}"
-    if context.instance.get_run_by_id(context.run_id).status == dg.DagsterRunStatus.CANCELING:
+    if context.instance.get_run_by_id(context.run.run_id).status == dg.DagsterRunStatus.CANCELING:
         return "training stopped: the run is being canceled"
     return None
 
 
 def _materialization(result: Result, mlflow: MlflowTracking, reused: bool) -> dg.MaterializeResult:
     """The metadata the training reported (typed for the UI), a link to its MLflow run, and its weights' version."""
-    typed = {key: TYPED[key](value) if key in TYPED else value for key, value in result.metadata.items()}
+    typed = {key: TYPED[key](value) if key in TYPED else value for key, value in rounded_floats(result.metadata).items()}
     return dg.MaterializeResult(
-        metadata={**typed, "mlflow_run": mlflow.run_url(result.metadata["mlflow_run_id"]), "reused": reused},
+        metadata={**typed, "mlflow_run": dg.MetadataValue.url(mlflow.run_url(result.metadata["mlflow_run_id"])),
+                  "reused": reused},
         data_version=dg.DataVersion(result.produced["data_version"]),
     )
 
@@ -182,25 +194,75 @@ def lora_adapter(
 ) -> dg.MaterializeResult:
     """A LoRA / QLoRA / full fine-tune of the base model on the train split (TRL), tracked in MLflow.
 
-    Whether the method can run (e.g. 4-bit needs CUDA) is decided by the training program where it runs.
+    Each finished training is kept in `lora_adapter/<fingerprint>/` (`lora_adapter/adapter` links to the current one),
+    so a training fingerprint met again, even after others, is reused as it is. Whether the method can run (e.g.
+    4-bit needs CUDA) is decided by the training program where it runs.
     """
     cfg = load_config(context, config)
     paths = TaskLayout(context.partition_key)
     inputs = training_inputs(context.partition_key, cfg.training)
-    reused = None if config.force_retrain else reusable(paths.output("lora_adapter"), "lora_adapter", inputs.fingerprint)
+    version = paths.adapter(inputs.fingerprint)
+    reused = None if config.force_retrain else reusable(version, "lora_adapter", inputs.fingerprint)
     if reused:
-        context.log.info(f"training fingerprint {inputs.fingerprint} unchanged: reusing {paths.output('lora_adapter')}")
-        return _materialization(reused, mlflow, reused=True)
+        context.log.info(f"training fingerprint {inputs.fingerprint} finished before: reusing {version}")
+    result, sizing = (reused, {}) if reused else _train(context, config, cfg, inputs, mlflow, pipes_subprocess_client,
+                                                          training_pods)
+    paths.mark_current_adapter(version)
+    removed = paths.prune_adapters()
+    if removed:
+        context.log.info(f"removed the adapters of earlier trainings: {', '.join(removed)}")
+    materialization = _materialization(result, mlflow, reused=reused is not None)
+    return dg.MaterializeResult(metadata={**materialization.metadata, **sizing},
+                                data_version=materialization.data_version)
+
+
+def _train(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: TaskConfig, inputs: TrainingInputs,
+           mlflow: MlflowTracking, subprocesses: dg.PipesSubprocessClient,
+           pods: TrainingPods) -> tuple[Result, dict]:
+    """Size and launch the training of `inputs.fingerprint`; the result it published and the sizing metadata."""
+    paths = TaskLayout(context.partition_key)
     starts_over = config.force_retrain and context.retry_number == 0 and context.run.parent_run_id is None
     spec = _spec(context, cfg, inputs, mlflow, starts_over)
     write_text(paths.spec_file, json.dumps(asdict(spec), indent=2))
     context.log.info(f"training {context.partition_key}: {describe_method(cfg.training)}")
-    _launch(context, cfg.training, paths.spec_file, inputs.fingerprint, mlflow.uri(), pipes_subprocess_client,
-            training_pods)
-    trained = read_result(paths.output("lora_adapter"), "lora_adapter")
-    if trained is None or trained.reuse_key != inputs.fingerprint:
+    estimate = _size(context, spec, paths.spec_file, cfg.training)
+    started = time.monotonic()
+    _launch(context, cfg.training, paths.spec_file, inputs.fingerprint, mlflow.uri(), subprocesses, pods)
+    trained = reusable(paths.adapter(inputs.fingerprint), "lora_adapter", inputs.fingerprint)
+    if trained is None:
         raise dg.Failure(description=f"the training program published no result for fingerprint {inputs.fingerprint}")
     stale = paths.prune_checkpoints(keep=inputs.fingerprint)
     if stale:
         context.log.info(f"removed the checkpoints of earlier trainings: {', '.join(stale)}")
-    return _materialization(trained, mlflow, reused=False)
+    return trained, _sizing_metadata(estimate, trained, time.monotonic() - started)
+
+
+def _size(context: dg.AssetExecutionContext, spec, spec_path: Path, training: TrainingConfig):
+    """Log what the training will cost here (`sizing`); warn when it would outlast the run's max runtime."""
+    from ftpipe.core.training.sizing import estimate
+
+    found = estimate(spec, spec_path, may_calibrate=training.launcher == "subprocess")
+    context.log.info(found.line())
+    left = _runtime_left(context)
+    if found.seconds is not None and left is not None and found.seconds > left:
+        context.log.warning(
+            f"sizing: the training needs ~{found.seconds / 60:.1f} min but this run's {MAX_RUNTIME_SECONDS_TAG} leaves "
+            f"{max(left, 0) / 60:.1f} min: it will be stopped first; lower training.max_steps or raise the limit")
+    return found
+
+
+def _runtime_left(context: dg.AssetExecutionContext) -> float | None:
+    """Seconds the run may still take under its `dagster/max_runtime` tag; None without the tag."""
+    limit = context.run.tags.get(MAX_RUNTIME_SECONDS_TAG)
+    if limit is None:
+        return None
+    started = context.instance.get_run_stats(context.run.run_id).start_time
+    return float(limit) - (time.time() - started if started else 0.0)
+
+
+def _sizing_metadata(estimate, result: Result, seconds: float) -> dict:
+    """The estimate's entries and, for a training from step 0, `estimate_ratio`: its actual time over the estimate."""
+    found = estimate.metadata()
+    if estimate.seconds and not result.metadata.get("resumed_from_step"):
+        found["estimate_ratio"] = readable.rounded(seconds / estimate.seconds)
+    return found

@@ -11,7 +11,9 @@
         review_sample/                   review_sample.csv
         heldout_split/                   train.parquet, eval.parquet, split.json
         base_model/                      result.json: the resolved model's folder and fingerprint
-        lora_adapter/                    spec.json (the training program's input); adapter/ (weights, result.json)
+        lora_adapter/<fingerprint>/      a finished training (weights, result.json); `adapter` links to the current
+                                         one, and the ADAPTERS_KEPT most recently current others are kept
+        lora_adapter/spec.json           the training program's input
         checkpoints/<fingerprint>/       the checkpoints of the training with that fingerprint
         eval_report/                     report.md, predictions.parquet, metrics.json, result.json
         merged_model/<base>-<adapter>/   one servable model per adapter (result.json inside); `latest` links to the newest
@@ -41,8 +43,9 @@ TRAIN, EVAL, SPLIT_RECORD = "train.parquet", "eval.parquet", "split.json"
 SPEC = "spec.json"
 REPORT, PREDICTIONS, METRICS = "report.md", "predictions.parquet", "metrics.json"
 MODEL_CARD = "README.md"
-LATEST = "latest"
-OUTPUTS = {"lora_adapter": ("lora_adapter", "adapter"), "merged_model": ("merged_model", LATEST)}
+LATEST, ADAPTER = "latest", "adapter"
+OUTPUTS = {"lora_adapter": ("lora_adapter", ADAPTER), "merged_model": ("merged_model", LATEST)}
+ADAPTERS_KEPT = 3  # finished trainings kept besides the current one, so a recipe tried again is reused, not retrained
 
 
 def models_dir() -> Path:
@@ -106,6 +109,14 @@ class TaskLayout:
     def checkpoints(self, fingerprint: str) -> Path:
         return self.path("checkpoints", fingerprint)
 
+    def adapter(self, fingerprint: str) -> Path:
+        """The published output of the training with this fingerprint."""
+        return self.path("lora_adapter", fingerprint)
+
+    def mark_current_adapter(self, folder: Path) -> None:
+        """Point `lora_adapter/adapter` (the asset's output) at the finished training in `folder`."""
+        point(self.output("lora_adapter"), folder)
+
     def merged(self, base_fingerprint: str, adapter_version: str) -> Path:
         """The merged model of one adapter on one base (a new adapter never touches an older model's folder)."""
         return self.path("merged_model", f"{base_fingerprint[:8]}-{adapter_version}")
@@ -126,6 +137,23 @@ class TaskLayout:
         for child in stale:
             remove_tree(self.path("checkpoints", child.name))
         return [child.name for child in stale]
+
+    def prune_adapters(self) -> list[str]:
+        """Delete the finished trainings beyond the current one and the `ADAPTERS_KEPT` most recently current (a
+        version is touched when it stops being current), sparing any published within the grace period, and
+        replaced versions; return the fingerprints deleted."""
+        folder = self.path("lora_adapter")
+        current = self.output("lora_adapter")
+        live = os.readlink(current) if current.is_symlink() else None
+        others = [child for child in _children(folder) if child.is_symlink() and child.exists()
+                  and child.name not in {ADAPTER, live}]
+        others.sort(key=lambda child: child.stat().st_mtime, reverse=True)
+        doomed = [child.name for child in others[ADAPTERS_KEPT:] if _idle(child)]
+        for name in doomed:
+            discard(self.path("lora_adapter", name))
+        if folder.is_dir():
+            remove_leftovers_in(folder)
+        return doomed
 
     def prune_merged(self, keep: set[str]) -> list[str]:
         """Delete the merged models whose folder name is not in `keep` (nor `latest`'s target), and the versions of

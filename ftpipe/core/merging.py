@@ -1,12 +1,10 @@
 """Package a fine-tuned model for serving: merge a LoRA adapter into a full-precision base and prove parity, or
 take a full fine-tune as trained (nothing to merge). Either way the model dir holds safetensors weights, the
-tokenizer with its chat template, a model card, vLLM and Ollama files and a typed result; the MLflow model
-registry's `champion` alias follows the best evaluated version."""
+tokenizer with its chat template, a model card, vLLM and Ollama files (`serving_files`) and a typed result."""
 
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,20 +18,14 @@ from ftpipe.core.records import read_examples
 from ftpipe.core.results import Result, reusable
 from ftpipe.core.storage import atomic_dir, exclusive
 from ftpipe.core.text import markdown_table
-from ftpipe.core.tracking import mlflow_client
+from ftpipe.core.serving_files import (
+    ADAPTER_COPY, default_system_prompt, ollama_modelfile, serve_script, serving_commands, serving_markdown,
+)
 
 RESULT_KIND = "merged_model"
 PARITY_MAX_NEW_TOKENS = 24
 PARITY_BATCH = 8
 PARITY_TOLERANCE = {"float32": 1e-3, "float16": 0.25, "bfloat16": 0.5}  # largest |logit difference| accepted
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-CANDIDATE, CHAMPION = "candidate", "champion"
-SCORE_TAG, EVAL_VERSION_TAG, FILES_TAG = "eval_score", "eval_version", "files"
-CHATML_OLLAMA_TEMPLATE = (
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
-)
-SENTINEL = "<<ftpipe-prompt>>"
-ADAPTER_COPY = "adapter"  # the adapter a model was merged from, for serving it as a LoRA module
 ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
 FULL_MODEL_PARITY = {
     "parity_max_abs_diff": 0.0, "parity_rows": 0, "parity_identical_outputs": True,
@@ -98,72 +90,6 @@ def check_parity(before: tuple[list[str], list], after: tuple[list[str], list], 
                             f"adapter; largest |logit difference| {diff:.3g}"}
 
 
-# ---------------------------------------------------------------- serving files
-
-
-def vllm_lora_rank(adapter_dir: Path) -> int:
-    """The smallest `--max-lora-rank` vLLM accepts for this adapter."""
-    rank = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["r"]
-    return next((allowed for allowed in VLLM_LORA_RANKS if allowed >= rank), rank)
-
-
-def serving_commands(task: str, model_dir: Path, lora: tuple[Path, Path] | None) -> dict[str, str]:
-    """vLLM (bound to 127.0.0.1, like every server ftpipe starts) and Ollama commands for `model_dir`; with
-    `lora` = (base model dir, adapter dir), also vLLM serving the base with the adapter's copy inside `model_dir`."""
-    name = f"ftpipe-{task}"
-    commands = {
-        "model": f"vllm serve {shlex.quote(str(model_dir))} --host 127.0.0.1 --served-model-name {name}",
-        "ollama": f"ollama create {name} -f {shlex.quote(str(model_dir / 'Modelfile'))} && ollama run {name}",
-    }
-    if lora:
-        base_model_dir, adapter_dir = lora
-        commands["lora"] = (f"vllm serve {shlex.quote(str(base_model_dir))} --host 127.0.0.1 --enable-lora "
-                            f"--lora-modules {shlex.quote(f'{task}={model_dir / ADAPTER_COPY}')} "
-                            f"--max-lora-rank {vllm_lora_rank(adapter_dir)}")
-    return commands
-
-
-def serve_script(commands: dict[str, str]) -> str:
-    usage = "#   ./serve.sh        the model\n"
-    lora = ""
-    if "lora" in commands:
-        usage += "#   ./serve.sh lora   the base model with the LoRA adapter (its copy in adapter/)\n"
-        lora = f'if [[ "${{1:-model}}" == lora ]]; then\n  exec {commands["lora"]}\nfi\n'
-    return (
-        "#!/usr/bin/env bash\n# OpenAI-compatible API on port 8000 with vLLM.\n" + usage
-        + "# It listens on 127.0.0.1 only; put an authenticating proxy in front before exposing it.\n"
-        + "set -euo pipefail\n" + lora + f"exec {commands['model']}\n"
-    )
-
-
-def serving_markdown(task: str, commands: dict[str, str]) -> str:
-    request = {"model": f"ftpipe-{task}", "messages": [{"role": "user", "content": "Hello"}]}
-    lora = (f"The base model with the adapter, hot-swappable (`./serve.sh lora`; the model name is `{task}`):\n\n"
-            f"```bash\n{commands['lora']}\n```\n\n") if "lora" in commands else ""
-    return (
-        f"## How to serve\n\nThe model with vLLM (`./serve.sh`):\n\n```bash\n{commands['model']}\n```\n\n{lora}"
-        f"Then:\n\n```bash\ncurl http://127.0.0.1:8000/v1/chat/completions "
-        f"-H 'Content-Type: application/json' -d '{json.dumps(request)}'\n```\n\n"
-        f"With Ollama (the `Modelfile` approximates the chat template):\n\n```bash\n{commands['ollama']}\n```\n"
-    )
-
-
-def ollama_modelfile(model_dir: Path, model, tokenizer) -> str:
-    """FROM the model dir, a Go TEMPLATE for the chat template (ChatML exactly, anything else single-turn)
-    and the stop tokens."""
-    chat_template = tokenizer.chat_template or ""
-    if "<|im_start|>" in chat_template:
-        template = CHATML_OLLAMA_TEMPLATE
-    else:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], tokenize=False,
-                                                 add_generation_prompt=True)
-        template = rendered.replace(SENTINEL, "{{ .Prompt }}")
-    stops = dict.fromkeys(tokenizer.convert_ids_to_tokens(stop_token_ids(model, tokenizer)))
-    lines = [f"FROM {model_dir}", f'TEMPLATE """{template}"""', *(f'PARAMETER stop "{s}"' for s in stops),
-             "PARAMETER temperature 0"]
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------- model card
 
 
@@ -189,10 +115,11 @@ def model_card(card: dict[str, Any], parity: dict[str, Any], serving: str, *, me
     """README.md: YAML front matter for model hubs, then what the model is (task description, base, how it was
     trained), how good (metrics, parity), the training's own settings and how to serve it.
 
-    Known keys of `card`: task, description, base_model, method (as trained), data_versions, metrics,
+    Known keys of `card`: task, description, system_prompt, base_model, method (as trained), data_versions, metrics,
     hyperparameters (the training config as recorded by the training); any other key is listed under Details.
     """
-    known = {"task", "base_model", "description", "method", "data_versions", "metrics", "hyperparameters"}
+    known = {"task", "base_model", "description", "system_prompt", "method", "data_versions", "metrics",
+             "hyperparameters"}
     task, method, base = card.get("task", "model"), card.get("method", "lora"), card.get("base_model", "?")
     tags = ["ftpipe", task, method, "merged" if merged else "full-fine-tune"]
     front = f"---\nbase_model: {json.dumps(str(base))}\nlibrary_name: transformers\ntags: {json.dumps(tags)}\n---\n\n"
@@ -200,6 +127,8 @@ def model_card(card: dict[str, Any], parity: dict[str, Any], serving: str, *, me
            else "as a full fine-tune: every weight was trained, so there was nothing to merge")
     description = f"{card['description'].strip()}\n\n" if card.get("description") else ""
     intro = f"# ftpipe-{task}\n\n{description}Base model `{base}`, fine-tuned with `{method}` by ftpipe {how}.\n\n"
+    if card.get("system_prompt"):
+        intro += f"System prompt (the default when a conversation has none):\n\n> {card['system_prompt']}\n\n"
     return (front + intro + _section("Data versions", card.get("data_versions", {}))
             + _section("Evaluation", card.get("metrics", {})) + f"Parity: {parity['parity_check']}.\n\n"
             + _section("Hyperparameters (as trained)", flat(card.get("hyperparameters", {})))
@@ -230,14 +159,16 @@ def write_model_dir(tmp: Path, model, tokenizer, files: dict[str, str]) -> None:
 def _publish(out_dir: Path, model, tokenizer, card: dict[str, Any], parity: dict[str, Any], result: Result,
              lora: tuple[Path, Path] | None) -> dict[str, Any]:
     """Write the servable model dir atomically (with the adapter's copy for a merge); return its facts."""
-    task = card.get("task", "model")
+    task, system = card.get("task", "model"), card.get("system_prompt")
     commands = serving_commands(task, out_dir, lora)
+    serving = serving_markdown(task, commands, system)
     files = {
-        MODEL_CARD: model_card(card, parity, serving_markdown(task, commands), merged=lora is not None),
-        "SERVING.md": f"# Serving ftpipe-{task}\n\n" + serving_markdown(task, commands),
+        MODEL_CARD: model_card(card, parity, serving, merged=lora is not None),
+        "SERVING.md": f"# Serving ftpipe-{task}\n\n" + serving,
         "serve.sh": serve_script(commands),
-        "Modelfile": ollama_modelfile(out_dir, model, tokenizer),
+        "Modelfile": ollama_modelfile(out_dir, model, tokenizer, system),
     }
+    default_system_prompt(tokenizer, system)
     with atomic_dir(out_dir) as tmp:
         write_model_dir(tmp, model, tokenizer, files)
         if lora:
@@ -312,97 +243,15 @@ def packaged(model_dir: Path | str, reuse_key: str) -> dict[str, Any] | None:
     return {"model_path": str(model_dir), **found.produced["parity"]}
 
 
-# ---------------------------------------------------------------- registry
-
-
-def registered_name(task: str) -> str:
-    return f"ftpipe-{task}"
-
-
-def _version_by_alias(client, name: str, alias: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
-def beats(version, eval_score: float, eval_version: str) -> bool:
-    """True when `version` is None, or was scored on the same eval split with a lower score."""
-    if version is None:
-        return True
-    same_split = version.tags.get(EVAL_VERSION_TAG) == eval_version
-    return same_split and eval_score > float(version.tags.get(SCORE_TAG, "-inf"))
-
-
-def register_model(*, task: str, model_path: Path | str, run_id: str, eval_score: float, eval_version: str,
-                   tracking_uri: str | None = None) -> dict[str, Any]:
-    """Register the merged dir as a new version of `ftpipe-<task>` linked to the training run (once per dir);
-    alias it `candidate`, and `champion` when there is no champion yet or it beats the champion's score on the
-    same eval split version (a champion scored on another split is not comparable and stays)."""
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow_client(tracking_uri)
-    name = registered_name(task)
-    try:
-        client.create_registered_model(name, description=f"ftpipe fine-tuned model for task {task}")
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    source = str(Path(model_path).absolute())
-    previous = _version_by_alias(client, name, CHAMPION)
-    version = next((v for v in client.search_model_versions(f"name = '{name}'") if v.source == source), None)
-    if version is None:
-        tags = {SCORE_TAG: repr(float(eval_score)), EVAL_VERSION_TAG: eval_version}
-        version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
-    client.set_registered_model_alias(name, CANDIDATE, version.version)
-    is_champion = previous is not None and previous.version == version.version
-    promote = not is_champion and beats(previous, eval_score, eval_version)
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-    return {
-        "registered_model": name,
-        "registered_version": int(version.version),
-        "champion": is_champion or promote,
-        "previous_champion_version": int(previous.version) if previous else None,
-    }
-
-
-def aliased_model_names(task: str, tracking_uri: str | None = None) -> set[str]:
-    """The folder names of the `champion` and `candidate` models: the merged models to keep when pruning."""
-    client = mlflow_client(tracking_uri)
-    versions = [_version_by_alias(client, registered_name(task), alias) for alias in (CHAMPION, CANDIDATE)]
-    return {Path(version.source).name for version in versions if version is not None}
-
-
-def mark_removed_versions(task: str, tracking_uri: str | None = None) -> list[int]:
-    """Tag `files: removed` the registered versions of `task` whose model folder no longer exists (pruning removed
-    it), so the registry never offers them as loadable; return the versions tagged now."""
-    client = mlflow_client(tracking_uri)
-    name = registered_name(task)
-    gone = [v for v in client.search_model_versions(f"name = '{name}'")
-            if FILES_TAG not in v.tags and not Path(v.source).exists()]
-    for version in gone:
-        client.set_model_version_tag(name, version.version, FILES_TAG, "removed")
-    return [int(version.version) for version in gone]
-
-
-def champion_model_path(task: str, tracking_uri: str | None = None) -> Path | None:
-    """The champion's model dir (else the latest version's); None when nothing is registered."""
-    client = mlflow_client(tracking_uri)
-    name = registered_name(task)
-    version = _version_by_alias(client, name, CHAMPION)
-    if version is None:
-        versions = client.search_model_versions(f"name = '{name}'")
-        version = max(versions, key=lambda v: int(v.version), default=None)
-    return Path(version.source) if version else None
-
-
 # ---------------------------------------------------------------- chat
 
 
-def chat(model_dir: Path | str, messages: list[dict], max_new_tokens: int = 128) -> str:
-    """One greedy assistant reply to `messages`, formatted with the model's chat template."""
+def chat(model_dir: Path | str, messages: list[dict], max_new_tokens: int = 128, labels: list[str] | None = None) -> str:
+    """One greedy assistant reply to `messages`, formatted with the model's chat template; with `labels`, the
+    likeliest of them (`constrained_answers`)."""
     model, tokenizer = load_model(model_dir)
+    if labels:
+        from ftpipe.core.evaluation.label_likelihood import constrained_answers
+
+        return constrained_answers(model, tokenizer, [messages], labels)[0]
     return generate(model, tokenizer, [messages], max_new_tokens=max_new_tokens, batch_size=1)[0]

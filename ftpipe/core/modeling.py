@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,35 @@ DEFAULT_CHAT_TEMPLATE = (
 
 class ModelResolutionError(ValueError):
     """A base model spec that cannot be turned into a safetensors checkpoint."""
+
+
+def _not_cpu_kernel_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# Notices that tell a user nothing, printed wherever a model is loaded (peft imports bitsandbytes even for a plain
+# LoRA): bitsandbytes' optional CPU 4-bit kernel (ftpipe trains 4-bit on CUDA only), and peft reading a property
+# that transformers renamed. Set here, before any peft import.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_cpu_kernel_notice)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                        module=r"transformers\.modeling_utils")
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """No progress bars while a model is converted, loaded or saved: in a run log they are lines of noise."""
+    from transformers import modeling_gguf_pytorch_utils as gguf
+    from transformers.utils import logging as transformers_logging
+
+    shown, bar = transformers_logging.is_progress_bar_enabled(), gguf.tqdm
+    transformers_logging.disable_progress_bar()
+    gguf.tqdm = partial(bar, disable=True)  # the GGUF conversion uses tqdm directly
+    try:
+        yield
+    finally:
+        gguf.tqdm = bar
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def fetch_default_gguf(folder: Path) -> Path:
@@ -154,7 +188,8 @@ def resolve_base_model(
     cache = models_dir / fingerprint
     if _is_complete(cache):
         return json.loads((cache / INFO_FILE).read_text())
-    model, tokenizer = _load_source(source, trust_remote_code, token)
+    with _no_progress_bars():
+        model, tokenizer = _load_source(source, trust_remote_code, token)
     has_chat_template = bool(tokenizer.chat_template)
     if not has_chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
@@ -168,7 +203,7 @@ def resolve_base_model(
         "chat_template_added": not has_chat_template,
         "source": source["source"],
     }
-    with atomic_dir(cache) as tmp:
+    with atomic_dir(cache) as tmp, _no_progress_bars():
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
@@ -201,7 +236,8 @@ def load_model_and_tokenizer(path: Path | str, *, load_in_4bit: bool = False, tr
             bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True,
         )
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    with _no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -21,6 +21,9 @@ PID_TAG = "ftpipe.pid"
 HOST_TAG = "ftpipe.host"
 LAUNCHED_BY_TAG = "dagster_run_id"  # the Dagster run that launched a training
 REMOTE_SCHEMES = ("http", "https", "databricks")
+# MLflow 3's experiment kind: training runs, not GenAI traces.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+ML_VIEW = "workflowType=machine_learning"  # the MLflow UI's model-training view of a page
 
 
 class RunInterrupted(BaseException):
@@ -54,6 +57,12 @@ def redact_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def without_credentials(uri: str) -> str:
+    """`uri` without its `user:password@` part (a link a browser can open and anyone can read)."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def mlflow_client(uri: str | None = None):
     """An MLflow client on `uri` (default: `tracking_uri()`)."""
     from mlflow import MlflowClient
@@ -62,14 +71,26 @@ def mlflow_client(uri: str | None = None):
 
 
 def ensure_experiment(client, name: str) -> str:
-    """Id of experiment `name`, created on first use (artifacts under `artifact_root()` for local stores)."""
+    """Id of experiment `name`, created on first use as an experiment of training runs (artifacts under
+    `artifact_root()` for local stores)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     location = None
     if not client.tracking_uri.startswith(REMOTE_SCHEMES):
         location = (artifact_root() / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+
+
+def run_page(ui_url: str, run_id: str, uri: str | None = None) -> str:
+    """The page of run `run_id` in the MLflow UI at `ui_url`, in its model-training view."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        route = f"experiments/{mlflow_client(uri).get_run(run_id).info.experiment_id}/runs/{run_id}"
+    except MlflowException:
+        route = f"runs/{run_id}"  # not in this store (it changed since the run): the UI's route by run id alone
+    return f"{ui_url.rstrip('/')}/#/{route}?{ML_VIEW}"
 
 
 def _is_stale(tags: dict[str, str]) -> bool:
@@ -199,17 +220,26 @@ def tracked_run(
 
 
 def log_evaluation(run_id: str, result: dict[str, Any], uri: str | None = None) -> None:
-    """Log an evaluation (`run_evaluation`'s result) to the training run it judged: its numbers as `eval_<name>`
-    metrics (each model's metrics as `eval_<model>_<metric>`), the gate as the `eval_passed` tag, the report and
-    the predictions table as artifacts under `evaluation/`."""
+    """Log an evaluation (`run_evaluation`'s result) to the training run it judged: its numbers as `eval_<name>` tags
+    (each model's metrics as `eval_<model>_<metric>`; single results, so the run's metric charts are the training
+    curves), the gate as the `eval_passed` tag, the report and the predictions table as artifacts under
+    `evaluation/`."""
     import pandas as pd
+    from mlflow.entities import RunTag
 
     client = mlflow_client(uri)
-    numbers = {f"eval_{key}": float(value) for key, value in result.items() if isinstance(value, (int, float))}
+    numbers = {f"eval_{key}": value for key, value in result.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
     for side, summary in result["metrics"].items():
         numbers.update({f"eval_{side}_{name}": value for name, value in summary.items() if isinstance(value, float)})
-    RunLogger(client, run_id).log_metrics(numbers, step=0)
-    client.set_tag(run_id, "eval_passed", str(result["passed"]).lower())
+    tags = {**{key: _shown(value) for key, value in numbers.items()}, "eval_passed": str(result["passed"]).lower()}
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
     client.log_text(run_id, result["report_markdown"], "evaluation/report.md")
     client.log_table(run_id, data=pd.read_parquet(result["predictions_path"]),
                      artifact_file="evaluation/predictions.json")
+
+
+def _shown(value: int | float) -> str:
+    """A result as a tag: an integer as it is, another number to 4 significant digits (the evaluation's files keep
+    the exact values)."""
+    return str(value) if isinstance(value, int) else f"{value:.4g}"

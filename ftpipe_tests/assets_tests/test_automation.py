@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._daemon.asset_daemon import get_auto_materialize_paused
 
 from ftpipe.assets import data, training
 from ftpipe.automation import retrain_on_data_change_sensor, retrain_schedule, task_files_sensor
@@ -35,7 +36,9 @@ def test_task_files_sensor_new_folder_changed_file_unchanged(ftpipe_env: Path) -
     folder = make_task(ftpipe_env, "first", {"a.jsonl": ROWS})
     (ftpipe_env / "tasks" / "Bad Name").mkdir()
     with dg.instance_for_test() as instance:
+        assert get_auto_materialize_paused(instance), "a new instance's switch starts paused"
         [request] = sensor_tick(instance).dynamic_partitions_requests
+        assert not get_auto_materialize_paused(instance), "the UI's Auto-materialize tag shows what runs"
         assert list(request.partition_keys) == ["first"]
         [observed] = sensor_tick(instance).asset_events
         assert observed.partition == "first"

@@ -3,6 +3,7 @@ evaluated, gated and registered; and what the training pods resource is handed."
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ftpipe.assets import data, training
-from ftpipe.core import merging
-from ftpipe.core.layout import TaskLayout, mlflow_db
+from ftpipe.core import registry
+from ftpipe.core.layout import REPORT, TaskLayout, mlflow_db
 from ftpipe.core.results import read_result
-from ftpipe.core.storage import sha256_of_files
+from ftpipe.core.storage import sha256_of_files, task_dir
 from ftpipe.definitions import defs
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import TrainingPods, default_resources
@@ -117,7 +118,10 @@ def test_lora_adapter_trains_through_pipes_is_tracked_reused_and_retrained_on_de
         for key in ("method", "adapter_path", "train_loss", "eval_loss", "trainable_params",
                     "tokens_per_second", "rows_too_long", "mlflow_run_id"):
             assert key in adapter
-        assert adapter["method"] == "lora" and adapter["trainable_params"] > 0 and adapter["reused"] is False
+        assert adapter["method"] == "lora" and adapter["reused"] is False
+        assert re.fullmatch(r"\d+(\.\d)?[kMB]?", adapter["trainable_params"]), "counts read as 1.8M, not 1843200"
+        assert re.fullmatch(r"\d\.\d\d (of an epoch|epochs)", adapter["epochs"])
+        assert adapter["train_loss"] == float(f"{adapter['train_loss']:.4g}"), "floats are rounded for reading"
         assert "data:image/png;base64" in adapter["loss_curve"]
         assert any("step 2/6" in m for m in logged(instance, result).splitlines()), "progress reaches the Dagster log"
         published = read_result(TaskLayout(tiny_task).output("lora_adapter"), "lora_adapter")
@@ -157,6 +161,18 @@ def test_k8s_launcher_hands_the_pod_spec_to_the_training_pods_resource(tiny_task
     assert materialization(result, "lora_adapter")["mlflow_run_id"], "the pod's program published its result"
 
 
+def chat_cli(task: str, task_yaml_extra: str = "") -> subprocess.CompletedProcess:
+    """`python -m ftpipe chat TASK "What color is the apple?"`, with `task_yaml_extra` appended to task.yaml for it."""
+    config = task_dir(task) / "task.yaml"
+    before = config.read_text()
+    config.write_text(before + task_yaml_extra)
+    try:
+        return subprocess.run([sys.executable, "-m", "ftpipe", "chat", task, "What color is the apple?"],
+                              capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    finally:
+        config.write_text(before)
+
+
 def tree_digest(folder: Path) -> str:
     return sha256_of_files([p for p in folder.rglob("*") if p.is_file()], folder)
 
@@ -177,6 +193,9 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         assert "merged_model" not in {e.asset_key.to_user_string() for e in blocked.get_asset_materialization_events()}
         after_fail = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=merge, cursor=start.cursor)
         assert after_fail.total_requested == 0, "automation never merges past a failed gate"
+        told = chat_cli(tiny_task, task_yaml_extra="evaluation: {min_improvement: 0.5}\n")
+        assert told.returncode == 2 and "eval gate failed: delta_ci_low" in told.stderr, told.stderr[-2000:]
+        assert str(TaskLayout(tiny_task).output("eval_report") / REPORT) in told.stderr, "chat names the report"
 
         regated = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=lenient,
                                          asset_selection=[dg.AssetKey("eval_report"), dg.AssetKey("human_review")])
@@ -193,8 +212,7 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         card = merged["model_card"]
         assert not card.startswith("---") and card.startswith("# ftpipe-"), "the UI shows the card without front matter"
         assert "| learning_rate | 0.01 |" in card and "| quantization | none |" in card, "the card has what was trained"
-        chat = subprocess.run([sys.executable, "-m", "ftpipe", "chat", tiny_task, "What color is the apple?"],
-                              capture_output=True, text=True, env=dict(os.environ), timeout=300)
+        chat = chat_cli(tiny_task)
         assert chat.returncode == 0, chat.stderr[-2000:]
         assert f"model: {merged['model_path']}" in chat.stderr, "the chat CLI answers with the champion model"
 
@@ -208,7 +226,7 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         failed = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=broken, raise_on_error=False)
         assert not failed.success
         assert (tree_digest(champion), tree_digest(adapter)) == before, "a failed training leaves every file as it was"
-        assert merging.champion_model_path(tiny_task) == champion
+        assert registry.champion_model_path(tiny_task) == champion
 
 
 @pytest.mark.slow

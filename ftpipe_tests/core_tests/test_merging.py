@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.core import merging
+from ftpipe.core import merging, registry
 from ftpipe.core.evaluation.generation import generate, load_model
 from ftpipe.core.results import read_result
 from ftpipe_tests.tiny_model import toy_rows, write_chat_parquet
@@ -98,6 +98,22 @@ def test_merged_dir_is_servable_with_its_card(merged):
     assert "<|im_start|>{{ .Role }}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
+def test_the_task_system_prompt_is_the_served_default(workspace):
+    system = 'Name the fruit\'s color. Reply with "one word".'
+    package(workspace, "adapter", "merged_system", system_prompt=system)
+    out = workspace / "merged_system"
+    _, tokenizer = load_model(out)
+    user = prompts()[0][-1:]
+    assert system in tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    own = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, *user], tokenize=False)
+    assert "Be brief." in own and system not in own, "a caller's own system message replaces the default"
+    assert merging.chat(out, user, max_new_tokens=8) == merging.chat(
+        out, [{"role": "system", "content": system}, *user], max_new_tokens=8), "callers need not add it"
+    assert f'SYSTEM """{system}"""' in (out / "Modelfile").read_text()
+    assert "callers send only the user's message" in (out / "SERVING.md").read_text()
+    assert system in (out / "README.md").read_text()
+
+
 def test_card_body_leaves_the_front_matter_to_the_file(merged):
     root, _ = merged
     body = merging.card_body(root / "merged")
@@ -154,6 +170,12 @@ def test_chat_replies_like_the_merged_model(merged):
         model, tokenizer, [messages], max_new_tokens=8, batch_size=1)[0]
 
 
+def test_chat_with_labels_answers_one_of_them(merged):
+    root, _ = merged
+    labels = ['{"category": "billing"}', '{"category": "shipping"}', "red"]
+    assert {merging.chat(root / "merged", messages, labels=labels) for messages in prompts()} <= set(labels)
+
+
 def test_a_broken_merge_raises_parity_error_and_writes_nothing(workspace, monkeypatch):
     import torch
 
@@ -171,18 +193,21 @@ def test_a_broken_merge_raises_parity_error_and_writes_nothing(workspace, monkey
     assert not (workspace / "broken").exists()
 
 
-def test_registry_moves_champion_only_to_a_better_version_on_the_same_split(tmp_path):
+def test_registry_moves_champion_only_to_a_better_version_on_the_same_split(tmp_path, merged):
+    import shutil
+    from urllib.parse import urlsplit
+
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("toy", artifact_location=(tmp_path / "artifacts").as_uri())
-    assert merging.champion_model_path("toy", tracking_uri=uri) is None
+    assert registry.champion_model_path("toy", tracking_uri=uri) is None
 
     def register(version: int, score: float, split: str = "split-1") -> dict:
-        (tmp_path / f"model-{version}").mkdir()
+        shutil.copytree(merged[0] / "merged", tmp_path / f"model-{version}")
         run_id = client.create_run(experiment).info.run_id
-        return merging.register_model(task="toy", model_path=tmp_path / f"model-{version}", run_id=run_id,
+        return registry.register_model(task="toy", model_path=tmp_path / f"model-{version}", run_id=run_id,
                                       eval_score=score, eval_version=split, tracking_uri=uri)
 
     first = register(1, 0.70)
@@ -191,17 +216,60 @@ def test_registry_moves_champion_only_to_a_better_version_on_the_same_split(tmp_
     assert register(2, 0.60)["champion"] is False
     assert int(client.get_model_version_by_alias("ftpipe-toy", "candidate").version) == 2
     assert int(client.get_model_version_by_alias("ftpipe-toy", "champion").version) == 1
-    assert merging.aliased_model_names("toy", tracking_uri=uri) == {"model-1", "model-2"}
+    assert registry.aliased_model_names("toy", tracking_uri=uri) == {"model-1", "model-2"}
     third = register(3, 0.80)
     assert third["champion"] is True and third["previous_champion_version"] == 1
     assert register(4, 0.99, split="split-2")["champion"] is False  # another split: not comparable
     version = client.get_model_version("ftpipe-toy", "3")
-    assert version.run_id and version.tags == {"eval_score": "0.8", "eval_version": "split-1"}
-    assert merging.champion_model_path("toy", tracking_uri=uri) == (tmp_path / "model-3").resolve()
-    assert merging.aliased_model_names("toy", tracking_uri=uri) == {"model-3", "model-4"}
+    assert version.run_id and version.tags == {"eval_score": "0.8", "eval_version": "split-1",
+                                               "model_path": str(tmp_path / "model-3")}
+    assert registry.champion_model_path("toy", tracking_uri=uri) == (tmp_path / "model-3").resolve()
+    assert registry.aliased_model_names("toy", tracking_uri=uri) == {"model-3", "model-4"}
 
-    (tmp_path / "model-1").rmdir()  # what pruning does to a model that is neither champion nor candidate
-    assert merging.mark_removed_versions("toy", tracking_uri=uri) == [1]
+    shutil.rmtree(tmp_path / "model-1")  # what pruning does to a model that is neither champion nor candidate
+    assert registry.mark_removed_versions("toy", tracking_uri=uri) == [1]
     assert client.get_model_version("ftpipe-toy", "1").tags["files"] == "removed"
+    logged = [Path(urlsplit(client.get_model_version("ftpipe-toy", v).source).path) / "MLmodel" for v in ("1", "2")]
+    assert [path.exists() for path in logged] == [False, True], "the MLflow copy of a pruned model goes with it"
     assert "files" not in client.get_model_version("ftpipe-toy", "2").tags
-    assert merging.mark_removed_versions("toy", tracking_uri=uri) == []
+    assert registry.mark_removed_versions("toy", tracking_uri=uri) == []
+
+
+def test_a_registered_version_is_an_mlflow_transformers_model_of_the_merged_weights(merged, tmp_path, monkeypatch):
+    """The registry's champion loads with `mlflow.transformers.load_model` (the merged weights and tokenizer) and with
+    MLflow's pyfunc serving (an OpenAI-style chat signature, with an input example)."""
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftpipe.core.tracking import ensure_experiment
+
+    root, _ = merged
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    run_id = client.create_run(ensure_experiment(client, "ftpipe-toy")).info.run_id
+
+    def register() -> dict:
+        return registry.register_model(task="toy", model_path=root / "merged", run_id=run_id, eval_score=0.5,
+                                      eval_version="split-1", tracking_uri=uri)
+
+    registered = register()
+    assert register()["registered_version"] == registered["registered_version"] == 1, "once per folder"
+    version = client.get_model_version("ftpipe-toy", "1")
+    assert version.tags["model_path"] == str(root / "merged") and version.run_id == run_id
+    [output] = client.get_run(run_id).outputs.model_outputs  # the logged model is an output of the training run
+    assert client.get_logged_model(output.model_id).artifact_location == version.source
+    assert registry.champion_model_path("toy", tracking_uri=uri) == root / "merged"
+    info = mlflow.models.get_model_info("models:/ftpipe-toy@champion")
+    assert "transformers" in info.flavors and info.signature.inputs.input_names()[0] == "messages"
+    assert info.saved_input_example_info is not None
+
+    pipeline = mlflow.transformers.load_model("models:/ftpipe-toy@champion")
+    stored = AutoModelForCausalLM.from_pretrained(root / "merged", dtype="auto").state_dict()
+    loaded = pipeline.model.state_dict()
+    assert loaded.keys() == stored.keys() and all(torch.equal(loaded[name], stored[name]) for name in stored)
+    assert pipeline.tokenizer.chat_template == AutoTokenizer.from_pretrained(root / "merged").chat_template
+    reply = mlflow.pyfunc.load_model("models:/ftpipe-toy@champion").predict(registry.CHAT_EXAMPLE)
+    assert reply[0]["choices"][0]["message"]["role"] == "assistant"

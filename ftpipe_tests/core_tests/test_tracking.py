@@ -32,6 +32,18 @@ def test_default_tracking_uri_is_sqlite_under_ftpipe_home(tmp_path, monkeypatch)
 def test_redact_uri_hides_passwords_only():
     assert tracking.redact_uri("postgresql://bob:s3cret@db:5432/mlflow") == "postgresql://bob:***@db:5432/mlflow"
     assert tracking.redact_uri("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    assert tracking.without_credentials("https://bob:s3cret@mlflow.example:8443/x") == "https://mlflow.example:8443/x"
+    assert tracking.without_credentials("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_experiments_are_created_as_model_training_experiments(store):
+    """An experiment without a kind is taken for a GenAI one (traces); ftpipe's say they hold training runs."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment(tracking.ensure_experiment(client, "kind"))
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tracking.ensure_experiment(client, "kind") == experiment.experiment_id
 
 
 def _dead_pid() -> int:
@@ -136,10 +148,12 @@ def test_log_evaluation_adds_metrics_tag_report_and_table_to_the_training_run(st
     result = {"primary_metric": "accuracy", "delta": -0.5, "rows": 2, "passed": False, "fewshot_score": None,
               "metrics": {"base": {"macro_f1": 0.75, "field_accuracy_by_field": {"x": 1.0}}, "finetuned": {"macro_f1": 0.25}},
               "report_markdown": "# Evaluation", "predictions_path": str(predictions)}
+    result["metrics"]["finetuned"]["accuracy"] = 0.26326375007629393
     tracking.log_evaluation(run_id, result, store)
     run = client.get_run(run_id)
-    assert run.data.metrics == {"eval_delta": -0.5, "eval_rows": 2.0, "eval_passed": 0.0,
-                                "eval_base_macro_f1": 0.75, "eval_finetuned_macro_f1": 0.25}
-    assert run.data.tags["eval_passed"] == "false"
+    assert run.data.metrics == {}, "single results stay out of the metric charts, which are the training curves"
+    assert {key: value for key, value in run.data.tags.items() if key.startswith("eval_")} == {
+        "eval_delta": "-0.5", "eval_rows": "2", "eval_passed": "false", "eval_base_macro_f1": "0.75",
+        "eval_finetuned_macro_f1": "0.25", "eval_finetuned_accuracy": "0.2633"}
     logged = {item.path for item in client.list_artifacts(run_id, "evaluation")}
     assert logged == {"evaluation/report.md", "evaluation/predictions.json"}

@@ -1,6 +1,7 @@
 """A training's checkpoint dir: where an interrupted training resumes from, and in which MLflow run.
 
-A finished training's dir is removed once its output is published, so a finished training is never resumed.
+A finished training's dir is removed once its output is published, and a checkpoint saved as a training ended is
+never resumed: the Trainer checks its step budget only after a step, so resuming one would train a step past the end.
 """
 
 from __future__ import annotations
@@ -18,14 +19,25 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.removeprefix("checkpoint-"))
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """A checkpoint-N dir whose trainer state (written last) parses, with weights and optimizer beside it."""
+def trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer state (written last); empty when it is missing or torn."""
     try:
-        state = json.loads((path / "trainer_state.json").read_text())
+        return json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
-        return False
-    has_weights = any(path.glob("*.safetensors"))
-    return has_weights and (path / "optimizer.pt").is_file() and state.get("global_step") == checkpoint_step(path)
+        return {}
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A checkpoint-N dir whose trainer state parses, with weights and optimizer beside it."""
+    has_weights, step = any(path.glob("*.safetensors")), trainer_state(path).get("global_step")
+    return has_weights and (path / "optimizer.pt").is_file() and step == checkpoint_step(path)
+
+
+def is_final_checkpoint(path: Path) -> bool:
+    """A checkpoint saved as its training ended: at its last step, or when early stopping stopped it."""
+    state = trainer_state(path)
+    control = state.get("stateful_callbacks", {}).get("TrainerControl", {}).get("args", {})
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0) or bool(control.get("should_training_stop"))
 
 
 def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -38,18 +50,21 @@ def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def resume_point(checkpoint_dir: Path, force_retrain: bool) -> tuple[Path | None, str | None]:
-    """(checkpoint to resume from, MLflow run id to continue), both None for a fresh start (always when forced)."""
+    """(checkpoint to resume from, MLflow run id to continue), both None for a fresh start: when forced, when there is
+    no complete checkpoint, or when the latest is final (a training that ended before it was published)."""
     if force_retrain:
         return None, None
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = latest_complete_checkpoint(checkpoint_dir)
+    if checkpoint is None or is_final_checkpoint(checkpoint):
+        return None, None
     run_id_file = checkpoint_dir / RUN_ID_FILE
-    run_id = run_id_file.read_text().strip() if checkpoint and run_id_file.is_file() else None
+    run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
     return checkpoint, run_id
 
 
 def start_fresh(checkpoint_dir: Path) -> None:
-    """Forget every checkpoint and the MLflow run of a previous attempt (before a forced retraining)."""
+    """Forget every checkpoint and the MLflow run of a previous attempt (before a training with nothing to resume)."""
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
 

@@ -15,6 +15,7 @@ from ftpipe.config import TrainingConfig
 from ftpipe.core.results import Result
 from ftpipe.core.storage import atomic_dir, sha256_of_files
 from ftpipe.core.training.methods import Method
+from ftpipe.core.training.sizing import peak_memory_gib, process_seconds
 from ftpipe.core.training.spec import TrainingSpec
 
 RESULT_KIND = "lora_adapter"
@@ -92,8 +93,16 @@ def result_metadata(trainer, spec: TrainingSpec, method: Method, facts: dict[str
         "overfitting": detect_overfitting(history),
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 3),
+        **measured_costs(trainer),
         "loss_curve": markdown_image(loss_curve),
     }
+
+
+def measured_costs(trainer) -> dict[str, Any]:
+    """What the next training's sizing reads: tokens trained (counted as `tokens_per_second` counts them), this
+    program's seconds so far and its peak memory (`sizing`)."""
+    return {"tokens_trained": trainer.state.num_input_tokens_seen, "program_seconds": round(process_seconds(), 1),
+            "peak_memory_gib": round(peak_memory_gib(), 3)}
 
 
 def publish(trainer, spec: TrainingSpec, config: TrainingConfig, method: Method, facts: dict[str, Any]) -> Result:

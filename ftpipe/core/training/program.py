@@ -111,9 +111,9 @@ def train(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: 
     """Run one training (resuming when possible); the published result on rank 0, None on other ranks."""
     quiet_libraries()
     checkpoint_dir, lead = Path(spec.checkpoint_dir), process_rank() == 0
-    if spec.force_retrain and lead:
-        checkpoints.start_fresh(checkpoint_dir)
     checkpoint, resume_run_id = checkpoints.resume_point(checkpoint_dir, spec.force_retrain)
+    if checkpoint is None and lead:
+        checkpoints.start_fresh(checkpoint_dir)  # nothing to resume: forget what an earlier attempt left
     with tracking(spec, resume_run_id) as run:
         if lead:
             checkpoints.remember_run(checkpoint_dir, run.run_id)

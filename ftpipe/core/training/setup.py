@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from ftpipe.config import TrainingConfig
+from ftpipe.core.modeling import load_model_and_tokenizer  # at import: it quiets what loading a model prints
 from ftpipe.core.training.methods import OBJECTIVES, Method
 from ftpipe.core.training.spec import TrainingSpec
 
@@ -110,8 +111,6 @@ def lora_config(config: TrainingConfig):
 def trainer_setup(spec: TrainingSpec, config: TrainingConfig, method: Method, callbacks: list, info) -> TrainerSetup:
     """Load the base model for `method` and gather the shared trainer settings."""
     from transformers import EarlyStoppingCallback
-
-    from ftpipe.core.modeling import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(
         spec.base_model_dir, load_in_4bit=method.load_in_4bit, trust_remote_code=spec.trust_remote_code

@@ -1,0 +1,278 @@
+"""Sizing a training before it starts: the optimizer steps it will run, the tokens it will process, and the time and
+peak memory it will take on this machine.
+
+Steps and tokens follow the training program: the train rows that fit `max_length` (or are truncated to it) plus the
+replay rows, `batch_size` rows a batch, `gradient_accumulation` batches a step, for `max_steps` or `epochs` (the
+Trainer's schedule). Tokens are counted as `tokens_per_second` counts them: the rows' tokens in the chat template,
+padding left out. Time is overhead + tokens / rate, taken from the most recent finished training of the task on the
+same base model (its `tokens_per_second`; its overhead: the rest of its program's time), or, without one, from a
+calibration: a short program that starts as the training does, loads the model the same way and times a few optimizer
+steps on the first batch of train rows (it leaves out evaluations and replay answers, so it runs low). Peak memory is
+measured the same way: the previous training's, or the calibration's.
+
+    python -m ftpipe.core.training.sizing SPEC.json   # the calibration; prints one JSON line
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ftpipe.config import TrainingConfig
+from ftpipe.core import readable
+from ftpipe.core.layout import TaskLayout
+from ftpipe.core.results import RESULT_FILE, read_result
+from ftpipe.core.training.spec import TrainingSpec
+
+CALIBRATION_STEPS = 2  # timed optimizer steps, after one warm-up step
+CALIBRATION_TIMEOUT_S = 600
+REPLAY_ANSWER_TOKENS = 43  # a replay answer, taken as half of the longest kept (replay.COMPLETE_BELOW)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a training will go through: optimizer steps, train rows (repeats counted) and their tokens."""
+
+    steps: int
+    rows: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Cost:
+    """How fast this machine trains: tokens a second, the program's other seconds, its peak memory (GiB)."""
+
+    tokens_per_second: float
+    overhead_seconds: float
+    peak_memory_gib: float
+    source: str = "calibration"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A plan and, when known, what it costs here (`no_cost` says why not)."""
+
+    plan: Plan
+    cost: Cost | None
+    no_cost: str = ""
+
+    @property
+    def seconds(self) -> float | None:
+        if self.cost is None:
+            return None
+        return self.cost.overhead_seconds + self.plan.tokens / self.cost.tokens_per_second
+
+    def line(self) -> str:
+        """`sizing: 36 steps, ~120.0k tokens, ~6.1 min at 330 tokens/s (previous run 3f2c1a9e), peak ~1.2 GiB`"""
+        text = f"sizing: {self.plan.steps} steps, ~{readable.count(self.plan.tokens)} tokens"
+        if self.cost is None:
+            return f"{text}; no time estimate: {self.no_cost}"
+        return (f"{text}, ~{self.seconds / 60:.1f} min at {self.cost.tokens_per_second:.0f} tokens/s "
+                f"({self.cost.source}), peak ~{_gib(self.cost.peak_memory_gib)}")
+
+    def metadata(self) -> dict[str, Any]:
+        """The `estimated_*` materialization entries."""
+        found = {"estimated_steps": self.plan.steps, "estimated_tokens": self.plan.tokens,
+                 "estimate_source": self.cost.source if self.cost else f"none: {self.no_cost}"}
+        if self.cost:
+            found.update(estimated_minutes=readable.rounded(self.seconds / 60),
+                         estimated_peak_memory=f"{_gib(self.cost.peak_memory_gib)} ({self.cost.source})")
+        return found
+
+
+def _gib(value: float) -> str:
+    return readable.size(int(value * 2**30))
+
+
+def steps_per_epoch(rows: int, config: TrainingConfig) -> int:
+    """Optimizer steps in one pass over `rows` train rows (a step on the epoch's last, shorter group of batches)."""
+    world = config.num_processes * config.nnodes
+    batches = math.ceil(math.ceil(rows / world) / (config.batch_size // world))
+    return max(math.ceil(batches / config.gradient_accumulation), 1)
+
+
+def optimizer_steps(rows: int, config: TrainingConfig) -> int:
+    """The steps the Trainer runs: `max_steps` when set, else `epochs` passes rounded up to a whole step."""
+    return config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * steps_per_epoch(rows, config))
+
+
+def plan(lengths: list[int], config: TrainingConfig) -> Plan:
+    """The plan over train rows of these token lengths: whole passes, then `batch_size x gradient_accumulation` rows a
+    step (at their mean length, the order being shuffled)."""
+    steps = optimizer_steps(len(lengths), config)
+    passes, rest = divmod(steps, steps_per_epoch(len(lengths), config))
+    partial = min(len(lengths), rest * config.batch_size * config.gradient_accumulation)
+    mean = sum(lengths) / max(len(lengths), 1)  # no rows at all: the program refuses the training
+    tokens = passes * sum(lengths) + round(partial * mean)
+    return Plan(steps=steps, rows=passes * len(lengths) + partial, tokens=tokens)
+
+
+def task_rows(spec: TrainingSpec, config: TrainingConfig, tokenizer) -> list[list[int]]:
+    """The token ids of the train rows the program keeps (`too_long: drop`) or truncates, in file order."""
+    from ftpipe.core.training.sft import read_chat_rows
+
+    encoded = [_encode(tokenizer, messages) for messages in read_chat_rows(Path(spec.train_path))]
+    kept = [ids for ids in encoded if config.too_long == "truncate" or len(ids) <= config.max_length]
+    return [ids[: config.max_length] for ids in kept]
+
+
+def _encode(tokenizer, messages: list[dict[str, str]], **options) -> list[int]:
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **options)["input_ids"]
+
+
+def replay_lengths(spec: TrainingSpec, config: TrainingConfig, tokenizer, train_rows: int) -> list[int]:
+    """Lengths of the replay rows: the prompts taken in the training's seeded order, each with an answer of
+    `REPLAY_ANSWER_TOKENS` tokens."""
+    from ftpipe.core.training.replay import read_prompts
+
+    wanted = round(config.replay * train_rows)
+    if not wanted or not spec.replay_prompts:
+        return []
+    prompts = read_prompts(Path(spec.replay_prompts))
+    order = random.Random(config.seed).sample(prompts, len(prompts))
+    prompt_tokens = [len(_encode(tokenizer, order[i % len(order)]["messages"], add_generation_prompt=True))
+                     for i in range(wanted)]
+    return [min(tokens + REPLAY_ANSWER_TOKENS, config.max_length) for tokens in prompt_tokens]
+
+
+def train_lengths(spec: TrainingSpec, config: TrainingConfig) -> list[int]:
+    """Token lengths of every row the training of `spec` goes through in one pass (task rows, then replay rows)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir, trust_remote_code=spec.trust_remote_code)
+    kept = [len(ids) for ids in task_rows(spec, config, tokenizer)]
+    return kept + replay_lengths(spec, config, tokenizer, len(kept))
+
+
+def previous_cost(kept: Path, base_fingerprint: str) -> Cost | None:
+    """The cost the most recent finished training in `kept` (a task's `lora_adapter/` folder) measured on this base
+    model, from step 0; None when there is none."""
+    found = [((folder / RESULT_FILE).stat().st_mtime, result) for folder in sorted(kept.glob("*"))
+             if not folder.name.startswith(".") and (result := read_result(folder, "lora_adapter"))
+             and _measured(result, base_fingerprint)]
+    if not found:
+        return None
+    result = max(found, key=lambda pair: pair[0])[1]
+    facts = result.metadata
+    explained = facts["tokens_trained"] / facts["tokens_per_second"]
+    return Cost(tokens_per_second=facts["tokens_per_second"],
+                overhead_seconds=max(facts["program_seconds"] - explained, 0.0),
+                peak_memory_gib=facts["peak_memory_gib"], source=f"previous run {result.reuse_key[:8]}")
+
+
+def _measured(result, base_fingerprint: str) -> bool:
+    facts = result.metadata
+    return (result.inputs.get("base_fingerprint") == base_fingerprint and facts.get("tokens_per_second", 0) > 0
+            and "program_seconds" in facts and not facts.get("resumed_from_step"))
+
+
+def calibrate(spec_path: Path) -> Cost:
+    """Run the calibration on `spec_path` in its own process (no model or device memory stays here)."""
+    done = subprocess.run([sys.executable, "-m", "ftpipe.core.training.sizing", str(spec_path)], capture_output=True,
+                          text=True, timeout=CALIBRATION_TIMEOUT_S, check=True)
+    return Cost(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def estimate(spec: TrainingSpec, spec_path: Path, may_calibrate: bool) -> Estimate:
+    """The estimate for the training of `spec` (written at `spec_path`): at the previous training's rate, else
+    calibrated here when `may_calibrate` (the training runs on this machine)."""
+    config = spec.config()
+    found = plan(train_lengths(spec, config), config)
+    cost = previous_cost(TaskLayout(spec.task).path("lora_adapter"), spec.base_fingerprint)
+    if cost or not may_calibrate:
+        return Estimate(found, cost, "" if cost else "no earlier training of this task on this base model here")
+    try:
+        return Estimate(found, calibrate(spec_path))
+    except (subprocess.SubprocessError, ValueError) as error:
+        return Estimate(found, None, f"the calibration failed: {_reason(error)}")
+
+
+def _reason(error: Exception) -> str:
+    """The last line the calibration wrote on stderr when it failed, else the error."""
+    lines = (error.stderr or "").strip().splitlines() if isinstance(error, subprocess.CalledProcessError) else []
+    return lines[-1] if lines else str(error)
+
+
+def process_seconds() -> float:
+    """Seconds since this process started."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+def peak_memory_gib() -> float:
+    """This process's peak memory: allocated CUDA memory on a GPU, else resident memory (GiB)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def measure(spec: TrainingSpec) -> Cost:
+    """Start as the training program does, load the model as it will, and time `CALIBRATION_STEPS` optimizer steps
+    on the first batch of train rows, after a warm-up step."""
+    import mlflow  # noqa: F401  the training program imports both: their start is part of its overhead
+    import torch
+    import trl  # noqa: F401
+
+    model, tokenizer = _trainable_model(spec)
+    overhead = process_seconds()
+    batch = _first_batch(spec, tokenizer, model.device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.config().learning_rate)
+    model.train()
+    _step(model, optimizer, batch)
+    started = time.monotonic()
+    for _ in range(CALIBRATION_STEPS):
+        _step(model, optimizer, batch)
+    seconds = time.monotonic() - started
+    rate = CALIBRATION_STEPS * int(batch["attention_mask"].sum()) / seconds
+    return Cost(tokens_per_second=rate, overhead_seconds=overhead, peak_memory_gib=peak_memory_gib())
+
+
+def _trainable_model(spec: TrainingSpec):
+    """(model, tokenizer) as the training program sets them up: its method's weights, LoRA adapter, checkpointing."""
+    import torch
+
+    from ftpipe.core.modeling import load_model_and_tokenizer
+    from ftpipe.core.training.methods import resolve_method
+    from ftpipe.core.training.setup import lora_config
+
+    config = spec.config()
+    method = resolve_method(config, cuda_available=torch.cuda.is_available())
+    model, tokenizer = load_model_and_tokenizer(spec.base_model_dir, load_in_4bit=method.load_in_4bit,
+                                                trust_remote_code=spec.trust_remote_code)
+    if torch.cuda.is_available():  # the Trainer checkpoints activations on a GPU (setup.trainer_arguments)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method.peft_adapter:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(config))
+    return model, tokenizer
+
+
+def _first_batch(spec: TrainingSpec, tokenizer, device) -> dict[str, Any]:
+    """The first per-process batch of train rows, padded to its longest row as the collator does."""
+    config = spec.config()
+    rows = task_rows(spec, config, tokenizer)[: config.batch_size // (config.num_processes * config.nnodes)]
+    batch = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return {key: value.to(device) for key, value in {**batch, "labels": labels}.items()}
+
+
+def _step(model, optimizer, batch: dict[str, Any]) -> None:
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+if __name__ == "__main__":
+    print(json.dumps(asdict(measure(TrainingSpec.from_json(Path(sys.argv[1]))))))

@@ -1,0 +1,51 @@
+"""`lora_adapter` sizes its training before launching it: steps and tokens as trained, minutes from a calibration
+or the previous training's rate, and a warning when the run's max runtime is too short; checked against real runs."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from ftpipe.assets import data, training
+from ftpipe.partitions import task_partitions
+from ftpipe.resources import default_resources
+from ftpipe_tests.builders import materialization
+
+RATE_FACTOR = 2.0  # an estimate from the previous training's rate is within 2x of the measured time
+CALIBRATION_FACTOR = 4.0  # the calibration leaves out evaluations and the end of the program: looser
+TWO_EPOCHS = {"ops": {"lora_adapter": {"config": {"overrides": "training: {max_steps: -1, epochs: 2, eval_steps: 6}"}}}}
+ASSETS = [data.raw_examples, data.deduplicated_examples, data.heldout_split, training.base_model, training.lora_adapter]
+
+
+def train(instance: dg.DagsterInstance, task: str, run_config=None, tags=None) -> tuple[dict, str]:
+    """Materialize `lora_adapter` (and its upstream); (its metadata, the run's log)."""
+    result = dg.materialize(ASSETS, instance=instance, partition_key=task, resources=default_resources(),
+                            run_config=run_config, tags=tags)
+    log = "\n".join(event.message or "" for event in instance.all_logs(result.run_id))
+    return materialization(result, "lora_adapter"), log
+
+
+def within(ratio: float, factor: float) -> bool:
+    return 1 / factor <= ratio <= factor
+
+
+@pytest.mark.slow
+def test_the_estimate_is_calibrated_then_taken_from_the_previous_training_and_holds(tiny_task: str) -> None:
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(task_partitions.name, [tiny_task])
+        first, first_log = train(instance, tiny_task)
+        second, second_log = train(instance, tiny_task, TWO_EPOCHS, tags={"dagster/max_runtime": "5"})
+
+    print(f"calibration: {first['estimated_minutes']} min, actual/estimate {first['estimate_ratio']}; "
+          f"previous run: {second['estimated_minutes']} min, actual/estimate {second['estimate_ratio']}")
+    assert first["estimate_source"] == "calibration" and "sizing: 6 steps" in first_log
+    assert first["estimated_steps"] == first["steps"] == 6
+    assert within(first["estimate_ratio"], CALIBRATION_FACTOR)
+    assert "max_runtime" not in first_log
+
+    previous = f"previous run {first['training_fingerprint'][:8]}"
+    assert second["estimate_source"] == previous and second["estimated_peak_memory"].endswith(f"({previous})")
+    assert second["estimated_steps"] == second["steps"] > 6
+    assert second["estimated_tokens"] == second["tokens_trained"]  # whole passes, no replay: exact
+    assert within(second["estimate_ratio"], RATE_FACTOR)
+    assert "but this run's dagster/max_runtime leaves" in second_log

@@ -1,0 +1,116 @@
+"""Sizing a training before it starts: the Trainer's step schedule, the tokens of the rows it keeps (and replays),
+and the rate of the most recent finished training of the task on the same base model."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from ftpipe.config import TrainingConfig
+from ftpipe.core.layout import TaskLayout
+from ftpipe.core.results import Result
+from ftpipe.core.storage import REPO_ROOT
+from ftpipe.core.training import sizing
+from ftpipe.core.training.setup import chat_length
+from ftpipe.core.training.sft import read_chat_rows
+from ftpipe.core.training.spec import TrainingSpec
+from ftpipe_tests.training_program import LONG_ROWS, SMALL_TRAINING, toy_workspace
+
+PROMPTS = REPO_ROOT / "data" / "general" / "replay_prompts.jsonl"
+LENGTHS = list(range(1, 11))  # ten rows of 1..10 tokens: 55 tokens a pass
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    # 10 rows in batches of 4: 3 batches, 2 steps a pass (the second takes the last batch alone)
+    ({"batch_size": 4, "gradient_accumulation": 2, "epochs": 2.5}, sizing.Plan(steps=5, rows=28, tokens=154)),
+    # 3 steps a pass: 2 passes, then one step of 4 rows at the mean length
+    ({"batch_size": 4, "max_steps": 7}, sizing.Plan(steps=7, rows=24, tokens=132)),
+    ({"batch_size": 16, "epochs": 3}, sizing.Plan(steps=3, rows=30, tokens=165)),
+    ({"batch_size": 2, "epochs": 0.5}, sizing.Plan(steps=3, rows=6, tokens=33)),
+])
+def test_the_plan_follows_the_trainers_schedule(settings: dict, expected: sizing.Plan) -> None:
+    assert sizing.plan(LENGTHS, TrainingConfig(**settings)) == expected
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_model_dir) -> Path:
+    return toy_workspace(tmp_path_factory.mktemp("sizing"), tiny_model_dir)
+
+
+def spec_of(workspace: Path, **training) -> TrainingSpec:
+    return TrainingSpec(
+        task="toy", base_model_dir=str(workspace / "base"), base_fingerprint="tiny", split_version="toy-split",
+        train_path=str(workspace / "train.parquet"), eval_path=str(workspace / "eval.parquet"),
+        output_dir=str(workspace / "out" / "adapter"), checkpoint_dir=str(workspace / "out" / "checkpoints"),
+        training={**SMALL_TRAINING, **training}, replay_prompts=str(PROMPTS),
+    )
+
+
+def test_train_lengths_are_the_kept_rows_in_the_chat_template_then_the_replay_rows(workspace: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "base")
+    full = [chat_length(tokenizer, messages) for messages in read_chat_rows(workspace / "train.parquet")]
+    fitting = [length for length in full if length <= 64]
+    assert len(fitting) == len(full) - LONG_ROWS
+
+    assert sizing.train_lengths(spec_of(workspace, too_long="drop"), spec_of(workspace).config()) == fitting
+    truncated = spec_of(workspace, too_long="truncate")
+    assert sizing.train_lengths(truncated, truncated.config()) == [min(length, 64) for length in full]
+    replayed = spec_of(workspace, replay=0.25)
+    lengths = sizing.train_lengths(replayed, replayed.config())
+    assert lengths[: len(fitting)] == fitting and len(lengths) == len(fitting) + 10  # round(0.25 x 40)
+    assert all(sizing.REPLAY_ANSWER_TOKENS < length <= 64 for length in lengths[len(fitting):])
+
+
+def kept_training(task: str, fingerprint: str, base: str, age_s: float, **facts) -> None:
+    """A finished training in the task's `lora_adapter/<fingerprint>/`, published `age_s` seconds ago."""
+    folder = TaskLayout(task).adapter(fingerprint)
+    folder.mkdir(parents=True)
+    measured = {"tokens_per_second": 100.0, "tokens_trained": 2000, "program_seconds": 50.0, "peak_memory_gib": 1.5}
+    written = Result(kind="lora_adapter", reuse_key=fingerprint, inputs={"base_fingerprint": base},
+                     metadata={**measured, **facts}).write(folder)
+    stamp = written.stat().st_mtime - age_s
+    os.utime(written, (stamp, stamp))
+
+
+def test_the_rate_is_the_latest_finished_training_of_the_same_base_model_from_step_0() -> None:
+    kept = TaskLayout("toy").path("lora_adapter")
+    assert sizing.previous_cost(kept, "base-a") is None
+    kept_training("toy", "aaaa0000aaaa0000", "base-a", age_s=300, tokens_per_second=80.0)
+    kept_training("toy", "bbbb0000bbbb0000", "base-a", age_s=200)
+    kept_training("toy", "cccc0000cccc0000", "base-a", age_s=100, resumed_from_step=4)
+    kept_training("toy", "dddd0000dddd0000", "base-b", age_s=0, tokens_per_second=500.0)
+
+    cost = sizing.previous_cost(kept, "base-a")
+    # 2000 tokens at 100 tokens/s explain 20 of its 50 seconds
+    assert cost == sizing.Cost(tokens_per_second=100.0, overhead_seconds=30.0, peak_memory_gib=1.5,
+                               source="previous run bbbb0000")
+    found = sizing.Estimate(sizing.Plan(steps=12, rows=96, tokens=9000), cost)
+    assert found.seconds == 120.0
+    assert found.line() == ("sizing: 12 steps, ~9.0k tokens, ~2.0 min at 100 tokens/s (previous run bbbb0000), "
+                            "peak ~1.5 GiB")
+    assert found.metadata() == {"estimated_steps": 12, "estimated_tokens": 9000, "estimated_minutes": 2.0,
+                                "estimate_source": "previous run bbbb0000",
+                                "estimated_peak_memory": "1.5 GiB (previous run bbbb0000)"}
+
+
+def test_without_a_previous_training_the_calibration_measures_this_machine(workspace: Path) -> None:
+    spec = spec_of(workspace)
+    path = workspace / "calibration.json"
+    path.write_text(json.dumps(asdict(spec)))
+
+    found = sizing.estimate(spec, path, may_calibrate=True)
+    assert found.cost is not None and found.cost.source == "calibration"
+    assert found.cost.tokens_per_second > 0 and found.cost.overhead_seconds > 0
+    assert 0.1 < found.cost.peak_memory_gib < 8  # torch and a 2-layer model
+    assert found.plan.steps == SMALL_TRAINING["max_steps"] and found.seconds > found.cost.overhead_seconds
+
+    unmeasured = sizing.estimate(spec, path, may_calibrate=False)
+    assert unmeasured.cost is None and unmeasured.plan == found.plan
+    assert "no time estimate: no earlier training" in unmeasured.line()
+    assert "estimated_minutes" not in unmeasured.metadata()

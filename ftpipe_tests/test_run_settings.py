@@ -1,0 +1,66 @@
+"""`python -m ftpipe run TASK --set key=value` (`make run SET=...`): settings for one run, validated like task.yaml
+and handed to every asset as its launchpad overrides; and a run's console free of Dagster's preview notices."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from ftpipe.config import TaskConfigError, settings_overrides
+from ftpipe.core.storage import REPO_ROOT
+from ftpipe_tests.builders import chat, make_task
+
+
+def ftpipe_run(tmp_path: Path, *args: str) -> tuple[str, int, Path]:
+    """What `python -m ftpipe run ARGS...` prints (stdout and stderr together), its exit status, and its Dagster home."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    done = subprocess.run([sys.executable, "-m", "ftpipe", "run", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env={**os.environ, "DAGSTER_HOME": str(home)}, cwd=home,
+                          timeout=600)
+    return done.stdout, done.returncode, home
+
+
+def recorded_runs(home: Path, monkeypatch: pytest.MonkeyPatch) -> list[dg.DagsterRun]:
+    monkeypatch.chdir(home)  # the instance's storage folders are relative to it
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        return list(instance.get_runs())
+
+
+def test_settings_become_an_overrides_snippet() -> None:
+    found = settings_overrides("training.max_steps=10, split.seed=3 training.lora.target_modules=[q_proj, v_proj]")
+    assert yaml.safe_load(found) == {"training": {"max_steps": 10, "lora": {"target_modules": ["q_proj", "v_proj"]}},
+                                     "split": {"seed": 3}}
+    assert yaml.safe_load(settings_overrides("data.system_prompt=Answer briefly, in one word")) == {
+        "data": {"system_prompt": "Answer briefly, in one word"}}
+    assert settings_overrides("  ") == ""
+    with pytest.raises(TaskConfigError, match=r"^--set 'max_steps': expected key=value"):
+        settings_overrides("max_steps")
+
+
+def test_a_bad_setting_fails_before_any_run_in_one_line_naming_the_key(ftpipe_env: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    make_task(ftpipe_env, "typo", {"a.jsonl": [chat("hi", "hello")]})
+    output, status, home = ftpipe_run(tmp_path, "typo", "--set", "split.seed=3 training.max_step=10")
+    assert status == 2 and "Traceback" not in output
+    [line] = [line for line in output.splitlines() if "training.max_step" in line]
+    assert "FAILED before starting" in line and "unknown key; did you mean max_steps?" in line
+    assert recorded_runs(home, monkeypatch) == []
+
+
+def test_settings_reach_every_assets_run_config_and_dagster_notices_stay_quiet(
+        ftpipe_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_task(ftpipe_env, "empty", {"a.jsonl": [{"nothing": 1}]})
+    output, status, home = ftpipe_run(tmp_path, "empty", "--set", "split.seed=3,training.max_steps=10")
+    assert status == 1 and output.strip().splitlines()[-1].startswith("FAILED: raw_examples: "), output[-2000:]
+    assert "PreviewWarning" not in output and "BetaWarning" not in output, output[:3000]
+    [run] = recorded_runs(home, monkeypatch)
+    given = {op: yaml.safe_load(settings["config"]["overrides"]) for op, settings in run.run_config["ops"].items()}
+    assert set(given) >= {"raw_examples", "heldout_split", "lora_adapter", "eval_report", "merged_model"}
+    assert all(found == {"split": {"seed": 3}, "training": {"max_steps": 10}} for found in given.values())
