@@ -89,10 +89,10 @@ def _resolve_contradictions(rows: list[dict[str, Any]], keys: ExactKeys, removed
     """Same prompt, different answers: keep the strict-majority answer's rows, else drop the group. Returns the
     indices of the rows that stay."""
     alive = np.ones(len(rows), dtype=bool)
-    order = np.argsort(keys.prompt, kind="stable")
-    bounds = np.flatnonzero(np.diff(keys.prompt[order])) + 1
-    for members in np.split(order, bounds):
-        if len(members) < 2 or len(set(keys.answer[members].tolist())) < 2:
+    grouped = np.flatnonzero(np.bincount(keys.prompt)[keys.prompt] > 1)  # rows whose prompt another row has too
+    order = grouped[np.argsort(keys.prompt[grouped], kind="stable")]
+    for members in np.split(order, np.flatnonzero(np.diff(keys.prompt[order])) + 1):
+        if len(set(keys.answer[members].tolist())) < 2:
             continue
         group = [(rows[i], int(keys.answer[i])) for i in members]
         votes = Counter(answer for _, answer in group)

@@ -10,7 +10,6 @@ Cleaning, the held-out split and the leakage check all use this one definition.
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -18,11 +17,9 @@ import numpy as np
 import pandas as pd
 
 from ftpipe.config import DedupConfig
-from ftpipe.core.text import ASCII_PUNCTUATION, loose_words
+from ftpipe.core.text import loose_words
 
 _PAD_HASH = pd.util.hash_array(np.array(["\x00"], dtype=object))[0]  # the word short texts are padded with
-_ASCII_PUNCTUATION_CLASS = "[" + re.escape("".join(map(chr, ASCII_PUNCTUATION))) + "]"
-_ASCII_SEPARATORS = "[\x1c-\x1f]"  # whitespace to `str.split` that Arrow's ASCII split keeps in words
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _BAND_WEIGHTS = np.random.default_rng(0).integers(1, 2**63, size=1024, dtype=np.uint64) | np.uint64(1)
 FULL_PAIRS_GROUP = 64
@@ -83,23 +80,29 @@ class Shingles:
         return Shingles(np.concatenate(picked) if picked else self.hashes[:0], offsets)
 
 
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """`range(start, start + length)` for each pair, one after the other, as one index array."""
+    return np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+
+
 def _word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The hash of every word of `loose_words(text)` for each text, flat, and each text's word count.
 
-    ASCII text (most text) is normalised and split by Arrow's vectorised string kernels, which do exactly what
-    `loose_words` does to ASCII; other text goes through `loose_words` first."""
+    Arrow splits the texts at ASCII whitespace (where `str.split` splits too) and finds the distinct pieces;
+    `loose_words` normalises each distinct piece once, which may drop it (punctuation only) or split it further
+    (at other whitespace), so the words are exactly `loose_words(text)`'s."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    prepared = pa.array([t if t.isascii() else " ".join(loose_words(t)) for t in texts], type=pa.large_string())
-    prepared = pc.replace_substring_regex(pc.ascii_lower(prepared), _ASCII_PUNCTUATION_CLASS, "")
-    split = pc.ascii_split_whitespace(pc.replace_substring_regex(prepared, _ASCII_SEPARATORS, " "))
-    words, owner = pc.list_flatten(split), pc.list_parent_indices(split)
-    nonempty = pc.greater(pc.binary_length(words), 0)
-    encoded = words.filter(nonempty).dictionary_encode()
-    vocabulary = pd.util.hash_array(encoded.dictionary.to_numpy(zero_copy_only=False).astype(object))
-    counts = np.bincount(owner.filter(nonempty).to_numpy(), minlength=len(texts)).astype(np.int64)
-    return vocabulary[encoded.indices.to_numpy()], counts
+    pieces = pc.ascii_split_whitespace(pa.array(texts, type=pa.large_string()))
+    encoded = pc.list_flatten(pieces).dictionary_encode()
+    words = [loose_words(piece) for piece in encoded.dictionary.to_pylist()]
+    sizes = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    vocabulary = pd.util.hash_array(np.array([w for found in words for w in found] or [""], dtype=object))
+    piece = encoded.indices.to_numpy()
+    flat = vocabulary[_ranges((np.cumsum(sizes) - sizes)[piece], sizes[piece])]
+    owner = pc.list_parent_indices(pieces).to_numpy()
+    return flat, np.bincount(owner, weights=sizes[piece], minlength=len(texts)).astype(np.int64)
 
 
 def _padded(word_hash: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,10 +158,9 @@ class Messages:
     def rows(self) -> Shingles:
         """Every row's shingles: its messages' shingles one after the other."""
         sizes = np.diff(self.shingles.offsets)[self.codes]
-        starts = np.repeat(self.shingles.offsets[self.codes] - (np.cumsum(sizes) - sizes), sizes)
         message_ends = np.concatenate(([0], np.cumsum(sizes)))
         row_ends = message_ends[np.concatenate(([0], np.cumsum(self.per_row)))]
-        return Shingles(self.shingles.hashes[np.arange(len(starts)) + starts], row_ends.astype(np.int64))
+        return Shingles(self.shingles.hashes[_ranges(self.shingles.offsets[self.codes], sizes)], row_ends.astype(np.int64))
 
     def shared(self, share: float = SHARED_SHARE, min_rows: int = MIN_SHARED_ROWS) -> np.ndarray:
         """The sorted shingles held by more than `share` of the rows and by at least `min_rows` rows (every row,

@@ -14,7 +14,7 @@ def _is_punctuation(code: int) -> bool:
     return unicodedata.category(chr(code)).startswith("P")
 
 
-ASCII_PUNCTUATION = dict.fromkeys(filter(_is_punctuation, range(128)))
+_ASCII_PUNCTUATION = dict.fromkeys(filter(_is_punctuation, range(128)))
 
 
 @cache
@@ -36,7 +36,7 @@ def canonical(text: str) -> str:
 def loose_words(text: str) -> list[str]:
     """The words of `canonical(text)` with punctuation removed."""
     folded = _folded(text)
-    return folded.translate(ASCII_PUNCTUATION if folded.isascii() else _punctuation()).split()
+    return folded.translate(_ASCII_PUNCTUATION if folded.isascii() else _punctuation()).split()
 
 
 def loose(text: str) -> str:

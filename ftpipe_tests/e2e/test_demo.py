@@ -60,18 +60,19 @@ def test_fine_tuning_beats_the_base_and_few_shot_and_passes_the_gate_at_the_defa
     report = demo["metadata"]["eval_report"]
     assert report["primary_metric"] == "accuracy"
     assert report["finetuned_score"] > report["base_score"]
-    assert report["delta_ci_low"] > 0.15
+    assert report["delta_ci_low"] > 0.25  # the target the demo is sized for (0.40 measured)
     assert report["fewshot_score"] is not None and report["delta_vs_fewshot_ci_low"] is not None
     assert report["fewshot_prompt_tokens"] > 300  # five tickets in every prompt: the cost fine-tuning saves
     assert report["forgetting_ci_low"] <= report["forgetting"] <= report["forgetting_ci_high"]
     assert report["forgetting_ci_low"] <= 0.10
     assert demo["metadata"]["lora_adapter"]["replay_rows"] > 0
+    assert demo["metadata"]["lora_adapter"]["estimated_minutes"] > 0, "the training was sized before it started"
     assert report["passed"] is True
     assert demo["checks"]["eval_report_gate"].passed
     assert demo["checks"]["heldout_split_no_leakage"].passed
 
 
-def test_merged_model_loads_plainly_and_answers_a_heldout_prompt(demo) -> None:
+def test_merged_model_loads_plainly_and_answers_a_heldout_prompt_without_its_system_prompt(demo) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftpipe.core.evaluation.generation import generate
@@ -82,7 +83,8 @@ def test_merged_model_loads_plainly_and_answers_a_heldout_prompt(demo) -> None:
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = read_examples(demo["eval_path"])[:8]
-    answers = generate(model, tokenizer, [r["messages"][:-1] for r in rows], max_new_tokens=24, batch_size=8)
+    asked = [[m for m in r["messages"][:-1] if m["role"] != "system"] for r in rows]  # the model adds the task's own
+    answers = generate(model, tokenizer, asked, max_new_tokens=24, batch_size=8)
     correct = [parse_label(a, "category") == parse_label(r["messages"][-1]["content"], "category") for a, r in zip(answers, rows)]
     assert any(correct), list(zip(answers, [r["messages"][-1]["content"] for r in rows]))
     assert json.loads(answers[correct.index(True)].strip())
