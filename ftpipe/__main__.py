@@ -55,7 +55,8 @@ def run_task(task: str, settings: str = "") -> int:
     """
     import dagster as dg
 
-    from ftpipe.config import TaskConfigError, settings_overrides
+    from ftpipe.config import TaskConfigError
+    from ftpipe.overrides import settings_overrides
     from ftpipe.core.tasks import task_config
     from ftpipe.core.tracking import HOST_TAG
     from ftpipe.definitions import defs

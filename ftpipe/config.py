@@ -23,8 +23,6 @@ from ftpipe.core.training.methods import (
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 SECRET_NAME_RE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL", re.IGNORECASE)
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
-SETTING_KEY_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-SETTING_SEPARATOR_RE = re.compile(r"[,\s]+(?=[A-Za-z_][\w.]*=)")  # a comma or space before the next `key=`
 
 
 class TaskConfigError(ValueError):
@@ -393,27 +391,6 @@ def parse_task_config(text: str, source: str, overrides: str = "") -> TaskConfig
         return TaskConfig.model_validate(values)
     except ValidationError as exc:
         raise TaskConfigError.listing(source, _problems(exc)) from None
-
-
-def settings_overrides(settings: str) -> str:
-    """`key.path=value` pairs (separated by spaces or commas; each value read as YAML) as an overrides snippet for
-    `parse_task_config`; TaskConfigError naming the first pair that is not `key=value`."""
-    values: dict[str, Any] = {}
-    for pair in SETTING_SEPARATOR_RE.split(settings.strip()) if settings.strip() else []:
-        key, equals, value = pair.partition("=")
-        if not equals or not SETTING_KEY_RE.fullmatch(key):
-            raise TaskConfigError(f"--set {pair!r}: expected key=value, e.g. training.max_steps=10")
-        *parents, leaf = key.split(".")
-        node = values
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise TaskConfigError(f"--set {pair!r}: {part} is set to a value already")
-        try:
-            node[leaf] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise TaskConfigError(f"--set {pair!r}: the value is not valid YAML") from None
-    return yaml.safe_dump(values, sort_keys=False) if values else ""
 
 
 def load_task_config(path: Path, overrides: str = "") -> TaskConfig:

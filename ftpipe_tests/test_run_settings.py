@@ -11,7 +11,8 @@ import dagster as dg
 import pytest
 import yaml
 
-from ftpipe.config import TaskConfigError, settings_overrides
+from ftpipe.config import TaskConfigError
+from ftpipe.overrides import settings_overrides
 from ftpipe.core.storage import REPO_ROOT
 from ftpipe_tests.builders import chat, make_task
 

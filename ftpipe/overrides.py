@@ -1,0 +1,35 @@
+"""Task settings given on the command line (`--set training.max_steps=10`), as the overrides YAML the Dagster
+launchpad takes."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+from ftpipe.config import TaskConfigError
+
+SETTING_KEY_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+SETTING_SEPARATOR_RE = re.compile(r"[,\s]+(?=[A-Za-z_][\w.]*=)")  # a comma or space before the next `key=`
+
+
+def settings_overrides(settings: str) -> str:
+    """`key.path=value` pairs (separated by spaces or commas; each value read as YAML) as an overrides snippet for
+    `parse_task_config`; TaskConfigError naming the first pair that is not `key=value`."""
+    values: dict[str, Any] = {}
+    for pair in SETTING_SEPARATOR_RE.split(settings.strip()) if settings.strip() else []:
+        key, equals, value = pair.partition("=")
+        if not equals or not SETTING_KEY_RE.fullmatch(key):
+            raise TaskConfigError(f"--set {pair!r}: expected key=value, e.g. training.max_steps=10")
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise TaskConfigError(f"--set {pair!r}: {part} is set to a value already")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise TaskConfigError(f"--set {pair!r}: the value is not valid YAML") from None
+    return yaml.safe_dump(values, sort_keys=False) if values else ""
