@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ftpipe.core.readable import rounded
 from ftpipe.core.layout import mlartifacts_dir, mlflow_db
 from ftpipe.core.storage import process_alive
 
@@ -143,6 +144,12 @@ class RunLogger:
         if batch and self.client is not None:
             self.client.log_batch(self.run_id, metrics=batch)
 
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        if tags and self.client is not None:
+            self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.client is None:
             return
@@ -242,4 +249,4 @@ def log_evaluation(run_id: str, result: dict[str, Any], uri: str | None = None) 
 def _shown(value: int | float) -> str:
     """A result as a tag: an integer as it is, another number to 4 significant digits (the evaluation's files keep
     the exact values)."""
-    return str(value) if isinstance(value, int) else f"{value:.4g}"
+    return str(value) if isinstance(value, int) else str(rounded(value))

@@ -125,6 +125,8 @@ def test_mlflow_run_has_params_metric_histories_and_finished(trained):
     assert len(train_loss) == 6 and [m.step for m in train_loss] == [2, 4, 6, 8, 10, 12]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [4, 8, 12]
     assert {"learning_rate", "grad_norm", "tokens_per_second"} <= run.data.metrics.keys()
+    assert "final_eval_loss" not in run.data.metrics, "one number is a tag, not a one-point chart"
+    assert float(run.data.tags["final_eval_loss"]) == pytest.approx(result.metadata["eval_loss"], rel=1e-3)
     adapter_files = {Path(item.path).name for item in client.list_artifacts(run.info.run_id, "adapter")}
     assert {"adapter_model.safetensors", "result.json", outputs.LOSS_CURVE_FILE} <= adapter_files
 

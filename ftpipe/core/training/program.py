@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.config import TrainingConfig
+from ftpipe.core.readable import rounded
 from ftpipe.core.launch import EXIT_REFUSED, LAUNCHER_PID_ENV
 from ftpipe.core.results import Result
 from ftpipe.core.storage import process_alive
@@ -138,7 +139,7 @@ def train(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: 
         )
         result = publish(trainer, spec, config, method, facts)
         checkpoints.finish(checkpoint_dir)  # before the MLflow run is FINISHED: a finished training is never resumed
-        run.log_metrics({"final_eval_loss": eval_loss}, step=trainer.state.global_step)
+        run.set_tags({"final_eval_loss": rounded(eval_loss)})  # one number: a tag, not a one-point chart
         run.log_artifact(Path(spec.output_dir), "adapter")
     train_loss = result.metadata["train_loss"]
     reporter.info(f"done: train_loss {train_loss:.4f}, eval_loss {eval_loss:.4f} -> {spec.output_dir}")
