@@ -28,8 +28,8 @@ model: install
 run: install model
 	$(PY) -m ftpipe run $(TASK) $(if $(SET),--set "$$SET")
 
-# One pytest worker per core, one torch thread per worker: the real-model demo runs beside the other tests (and
-# takes every core once the other worker is done) instead of before them.
+# One pytest worker per core, one torch thread per worker: the real-model demo runs beside the other tests
+# instead of before them, and two torch processes never fight over the same cores.
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadscope ftpipe_tests
 

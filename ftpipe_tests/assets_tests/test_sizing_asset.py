@@ -11,8 +11,9 @@ from ftpipe.partitions import task_partitions
 from ftpipe.resources import default_resources
 from ftpipe_tests.builders import materialization
 
-RATE_FACTOR = 2.0  # an estimate from the previous training's rate is within 2x of the measured time
-CALIBRATION_FACTOR = 4.0  # the calibration leaves out evaluations and the end of the program: looser
+RATE_FACTOR = 3.0  # an estimate from the previous training's rate is within 3x of the measured time (the tiny
+# model trains in seconds, so a busy machine moves it more than it moves a real training)
+CALIBRATION_FACTOR = 5.0  # the calibration leaves out evaluations and the end of the program: looser
 TWO_EPOCHS = {"ops": {"lora_adapter": {"config": {"overrides": "training: {max_steps: -1, epochs: 2, eval_steps: 6}"}}}}
 ASSETS = [data.raw_examples, data.deduplicated_examples, data.heldout_split, training.base_model, training.lora_adapter]
 

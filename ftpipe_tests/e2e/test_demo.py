@@ -4,7 +4,6 @@ This is what `make run` does; the assertions are what a user checks afterwards.
 """
 
 import json
-import os
 
 import dagster as dg
 import pytest
@@ -20,8 +19,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3000)]
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """Materialize every asset of the demo task once (fresh instance and artifact home, shared model download)."""
-    import torch
-
     from ftpipe.core.layout import TaskLayout, downloads_dir, mlflow_db
     from ftpipe.core.modeling import fetch_default_gguf
     from ftpipe.definitions import defs
@@ -31,10 +28,6 @@ def demo(tmp_path_factory):
     patch.setenv("FTPIPE_HOME", str(tmp_path_factory.mktemp("demo_home")))
     patch.setenv("FTPIPE_DATA_DIR", str(REPO_ROOT / "data"))
     patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    # every core, as `make run` has: the other test worker finishes long before the demo does
-    patch.setenv("OMP_NUM_THREADS", str(os.cpu_count()))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count())
     downloads_dir().mkdir()
     (downloads_dir() / gguf.name).symlink_to(gguf)
     with dg.instance_for_test() as instance:
@@ -48,7 +41,6 @@ def demo(tmp_path_factory):
         yield {"result": result, "metadata": metadata, "checks": checks, "eval_path": TaskLayout(TASK).split_files[1],
                "mlflow_db": mlflow_db()}
     patch.undo()
-    torch.set_num_threads(threads)
 
 
 def test_every_asset_materialized(demo) -> None:
