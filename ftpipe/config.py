@@ -12,9 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ftpipe.core.training.methods import (
     Adapter,
+    PREFERENCE_OBJECTIVES,
     Objective,
     Quantization,
     Shorthand,
+    check_stages,
     expand_shorthand,
     settle_quantization,
     settings_without_effect,
@@ -44,8 +46,10 @@ class DataConfig(_Strict):
     format: Literal["auto", "messages", "alpaca", "prompt_completion", "columns"] = Field(
         "auto", description="how rows are read; auto recognises each row's format from its keys"
     )
-    columns: dict[Literal["system", "prompt", "completion"], str] = Field(
-        default_factory=dict, description="your column names, e.g. {prompt: ticket_text, completion: triage}"
+    columns: dict[Literal["system", "prompt", "completion", "chosen", "rejected", "label"], str] = Field(
+        default_factory=dict, description=(
+            "your column names, e.g. {prompt: ticket_text, completion: triage}; preference rows map chosen and "
+            "rejected (paired), or completion and label (unpaired, true = desirable)")
     )
     system_prompt: str | None = Field(None, description="system message added to rows that have none")
 
@@ -115,6 +119,15 @@ class K8sConfig(_Strict):
         return env
 
 
+class PreferenceConfig(_Strict):
+    """The preference stage (dpo, orpo or kto in `training.stages`): what differs from the SFT stage's settings."""
+
+    beta: float = Field(0.1, gt=0.0, description="how far the model may move from the reference (orpo: the odds-ratio weight)")
+    learning_rate: float = Field(5e-5, gt=0.0, lt=1.0, description="peak learning rate of the preference stage")
+    epochs: float = Field(1.0, gt=0.0, description="passes over the preference pairs")
+    max_steps: int = Field(-1, ge=-1, description="stop after this many optimizer steps; -1: run all epochs")
+
+
 class TrainingConfig(_Strict):
     """How the model is trained, and where. The method is objective + adapter + quantization (see methods.py)."""
 
@@ -122,7 +135,11 @@ class TrainingConfig(_Strict):
         None, exclude=True,
         description="shorthand for adapter + quantization; auto is LoRA, 4-bit where the training has a CUDA GPU",
     )
-    objective: Objective = Field("sft", description="the training objective; sft is supervised fine-tuning")
+    stages: list[Objective] = Field(["sft"], description=(
+        "the trainings, one after the other: [sft], or [sft, dpo|orpo|kto] for preference tuning from the SFT model "
+        "on the task's preference rows"))
+    objective: Objective = Field("sft", description="the objective of one training (set per stage from stages)")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="the preference stage")
     adapter: Adapter = Field("lora", description="what is trained: a LoRA adapter, or (none) every weight")
     quantization: Quantization = Field(
         "auto", description="the base weights while training; 4bit needs CUDA and adapter lora; auto is 4bit on CUDA"
@@ -176,13 +193,28 @@ class TrainingConfig(_Strict):
             raise ValueError("several processes need launcher torchrun (or k8s)")
         if self.launcher == "k8s" and self.k8s is None:
             raise ValueError("launcher k8s needs a k8s section with at least an image")
+        check_stages(self.stages)
         return self
+
+    @property
+    def preference_objective(self) -> str | None:
+        """The preference stage's objective (dpo, orpo or kto), None without one."""
+        return next((stage for stage in self.stages if stage in PREFERENCE_OBJECTIVES), None)
+
+    def for_stage(self, objective: str) -> TrainingConfig:
+        """The settings of one stage's training: the preference stage trains with its own rate, length and schedule."""
+        if objective == "sft":
+            return self.model_copy(update={"objective": "sft"})
+        found = self.preference
+        return self.model_copy(update={"objective": objective, "learning_rate": found.learning_rate,
+                                       "epochs": found.epochs, "max_steps": found.max_steps, "replay": 0.0})
 
     def recipe(self) -> dict[str, Any]:
         """What decides the trained weights: neither where and how the training is launched, nor settings
         without effect for this method. Equal recipes (with equal data and base model) give equal weights."""
         launch = {"launcher", "num_processes", "nnodes", "rdzv_endpoint", "k8s"}
         off = set() if self.replay else {"replay"}  # no replay: the recipe (and fingerprint) of a training without it
+        off |= {"stages"} | (set() if self.objective in PREFERENCE_OBJECTIVES else {"preference"})  # per stage
         return self.model_dump(exclude=launch | off | settings_without_effect(self.adapter))
 
 
@@ -235,6 +267,9 @@ class EvaluationConfig(_Strict):
         5, ge=0, description="train examples in the few-shot baseline's prompt; 0: no few-shot baseline"
     )
     min_improvement: float = Field(0.0, description="gate: lower end of the 95% interval of the gain must reach this")
+    min_preference_gain: float = Field(0.0, description=(
+        "gate, with a preference stage: lower end of the 95% interval of the preference-accuracy gain over the SFT "
+        "model must reach this"))
     require_beats_fewshot: bool = Field(
         False, description="gate: the gain over the few-shot baseline must reach min_improvement too"
     )

@@ -223,11 +223,11 @@ def _train(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: Tas
     paths = TaskLayout(context.partition_key)
     starts_over = config.force_retrain and context.retry_number == 0 and context.run.parent_run_id is None
     spec = _spec(context, cfg, inputs, mlflow, starts_over)
-    write_text(paths.spec_file, json.dumps(asdict(spec), indent=2))
+    write_text(paths.spec_file(), json.dumps(asdict(spec), indent=2))
     context.log.info(f"training {context.partition_key}: {describe_method(cfg.training)}")
-    estimate = _size(context, spec, paths.spec_file, cfg.training)
+    estimate = _size(context, spec, paths.spec_file(), cfg.training)
     started = time.monotonic()
-    _launch(context, cfg.training, paths.spec_file, inputs.fingerprint, mlflow.uri(), subprocesses, pods)
+    _launch(context, cfg.training, paths.spec_file(), inputs.fingerprint, mlflow.uri(), subprocesses, pods)
     trained = reusable(paths.adapter(inputs.fingerprint), "lora_adapter", inputs.fingerprint)
     if trained is None:
         raise dg.Failure(description=f"the training program published no result for fingerprint {inputs.fingerprint}")

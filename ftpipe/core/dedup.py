@@ -36,10 +36,23 @@ def prompt_key(messages: list[dict[str, str]]) -> str:
     return "\n".join(f"{m['role']}: {canonical(m['content'])}" for m in messages[:-1])
 
 
-def _ids(values: Iterable[str], count: int) -> np.ndarray:
+def _ids(values: Iterable[Any], count: int) -> np.ndarray:
     """An integer per value, equal for equal values, numbered in order of first appearance."""
-    seen: dict[str, int] = {}
+    seen: dict[Any, int] = {}
     return np.fromiter((seen.setdefault(value, len(seen)) for value in values), dtype=np.int64, count=count)
+
+
+def _canonical_ids(texts: Iterable[str], count: int) -> np.ndarray:
+    """An integer per text, equal for equal canonical texts; each distinct raw text is normalised once."""
+    canonical_of: dict[str, str] = {}
+
+    def canonical_once(text: str) -> str:
+        found = canonical_of.get(text)
+        if found is None:
+            found = canonical_of[text] = canonical(text)
+        return found
+
+    return _ids(map(canonical_once, texts), count)
 
 
 @dataclass(frozen=True)
@@ -50,9 +63,11 @@ class ExactKeys:
     answer: np.ndarray
 
     @classmethod
-    def of(cls, rows: list[dict[str, Any]]) -> ExactKeys:
-        prompts = _ids((prompt_key(row["messages"]) for row in rows), len(rows))
-        return cls(prompts, _ids((canonical(row["messages"][-1]["content"]) for row in rows), len(rows)))
+    def of(cls, rows: list[dict[str, Any]], prompts: similarity.Messages) -> ExactKeys:
+        """The keys of `rows`, whose prompt messages are `prompts` (each distinct message normalised once)."""
+        message_ids = _ids(((role, canonical(text)) for role, text in prompts.distinct), len(prompts.distinct))
+        answers = _canonical_ids((row["messages"][-1]["content"] for row in rows), len(rows))
+        return cls(prompts.row_ids(message_ids), answers)
 
     def conversation(self) -> np.ndarray:
         return self.prompt * (int(self.answer.max(initial=0)) + 1) + self.answer
@@ -222,9 +237,9 @@ def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings) -> D
     messages = similarity.Messages.of([similarity.prompt_parts(row["messages"]) for row in ordered],
                                       settings.shingle_words)
     result = DedupResult(shared=messages.shared())
-    keys = ExactKeys.of(ordered)
+    keys = ExactKeys.of(ordered, messages)
     remaining = _remove_exact(ordered, keys, _resolve_contradictions(ordered, keys, result.removed), result.removed)
-    prompts = similarity.without(messages.rows().subset(remaining), result.shared)
+    prompts = messages.rows(result.shared, remaining)
     result.kept = _remove_near([ordered[i] for i in remaining.tolist()], prompts, result.removed, settings)
     return result
 

@@ -6,14 +6,18 @@
       mlflow.db, mlartifacts/            the local MLflow store
       cache/replay/                      the base models' answers to the replay prompts (training.replay)
       tasks/<task>/
-        raw_examples/                    examples.parquet, quarantine.jsonl
-        deduplicated_examples/           examples.parquet, removed.jsonl, result.json
+        raw_examples/                    examples.parquet, preferences.parquet, quarantine.jsonl
+        deduplicated_examples/           examples.parquet, preferences.parquet, removed.jsonl, result.json
         review_sample/                   review_sample.csv
-        heldout_split/                   train.parquet, eval.parquet, split.json
+        heldout_split/                   train.parquet, eval.parquet, train_preferences.parquet,
+                                         eval_preferences.parquet, split.json
         base_model/                      result.json: the resolved model's folder and fingerprint
         lora_adapter/<fingerprint>/      a finished training (weights, result.json); `adapter` links to the current
                                          one, and the ADAPTERS_KEPT most recently current others are kept
         lora_adapter/spec.json           the training program's input
+        preference_adapter/<fingerprint>/, preference_adapter/spec.json
+                                         the preference stage, laid out as lora_adapter (its adapter applies to the
+                                         base model: the SFT and preference updates together)
         checkpoints/<fingerprint>/       the checkpoints of the training with that fingerprint
         eval_report/                     report.md, predictions.parquet, metrics.json, result.json
         merged_model/<base>-<adapter>/   one servable model per adapter (result.json inside); `latest` links to the newest
@@ -36,6 +40,8 @@ from ftpipe.core.storage import (
 )
 
 EXAMPLES = "examples.parquet"
+PREFERENCES = "preferences.parquet"  # preference rows (see `preferences`), beside the chat examples
+TRAIN_PREFERENCES, EVAL_PREFERENCES = "train_preferences.parquet", "eval_preferences.parquet"
 QUARANTINE = "quarantine.jsonl"
 REMOVED = "removed.jsonl"
 REVIEW_CSV = "review_sample.csv"
@@ -44,7 +50,8 @@ SPEC = "spec.json"
 REPORT, PREDICTIONS, METRICS = "report.md", "predictions.parquet", "metrics.json"
 MODEL_CARD = "README.md"
 LATEST, ADAPTER = "latest", "adapter"
-OUTPUTS = {"lora_adapter": ("lora_adapter", ADAPTER), "merged_model": ("merged_model", LATEST)}
+TRAININGS = ("lora_adapter", "preference_adapter")  # the assets that run the training program, one per stage
+OUTPUTS = {**{asset: (asset, ADAPTER) for asset in TRAININGS}, "merged_model": ("merged_model", LATEST)}
 ADAPTERS_KEPT = 3  # finished trainings kept besides the current one, so a recipe tried again is reused, not retrained
 
 
@@ -97,25 +104,34 @@ class TaskLayout:
         """The canonical examples an asset wrote (`raw_examples` or `deduplicated_examples`)."""
         return self.path(asset, EXAMPLES)
 
+    def preferences(self, asset: str) -> Path:
+        """The preference rows an asset wrote (`raw_examples` or `deduplicated_examples`)."""
+        return self.path(asset, PREFERENCES)
+
     @property
     def split_files(self) -> tuple[Path, Path]:
         """(train, eval) rows of the held-out split."""
         return self.path("heldout_split", TRAIN), self.path("heldout_split", EVAL)
 
     @property
-    def spec_file(self) -> Path:
-        return self.path("lora_adapter", SPEC)
+    def preference_split_files(self) -> tuple[Path, Path]:
+        """(train, eval) preference rows of the held-out split."""
+        return self.path("heldout_split", TRAIN_PREFERENCES), self.path("heldout_split", EVAL_PREFERENCES)
+
+    def spec_file(self, asset: str = "lora_adapter") -> Path:
+        """The training program's input, for a training asset (`TRAININGS`)."""
+        return self.path(asset, SPEC)
 
     def checkpoints(self, fingerprint: str) -> Path:
         return self.path("checkpoints", fingerprint)
 
-    def adapter(self, fingerprint: str) -> Path:
+    def adapter(self, fingerprint: str, asset: str = "lora_adapter") -> Path:
         """The published output of the training with this fingerprint."""
-        return self.path("lora_adapter", fingerprint)
+        return self.path(asset, fingerprint)
 
-    def mark_current_adapter(self, folder: Path) -> None:
-        """Point `lora_adapter/adapter` (the asset's output) at the finished training in `folder`."""
-        point(self.output("lora_adapter"), folder)
+    def mark_current_adapter(self, folder: Path, asset: str = "lora_adapter") -> None:
+        """Point `<asset>/adapter` (the training asset's output) at the finished training in `folder`."""
+        point(self.output(asset), folder)
 
     def merged(self, base_fingerprint: str, adapter_version: str) -> Path:
         """The merged model of one adapter on one base (a new adapter never touches an older model's folder)."""
@@ -138,19 +154,19 @@ class TaskLayout:
             remove_tree(self.path("checkpoints", child.name))
         return [child.name for child in stale]
 
-    def prune_adapters(self) -> list[str]:
+    def prune_adapters(self, asset: str = "lora_adapter") -> list[str]:
         """Delete the finished trainings beyond the current one and the `ADAPTERS_KEPT` most recently current (a
         version is touched when it stops being current), sparing any published within the grace period, and
         replaced versions; return the fingerprints deleted."""
-        folder = self.path("lora_adapter")
-        current = self.output("lora_adapter")
+        folder = self.path(asset)
+        current = self.output(asset)
         live = os.readlink(current) if current.is_symlink() else None
         others = [child for child in _children(folder) if child.is_symlink() and child.exists()
                   and child.name not in {ADAPTER, live}]
         others.sort(key=lambda child: child.stat().st_mtime, reverse=True)
         doomed = [child.name for child in others[ADAPTERS_KEPT:] if _idle(child)]
         for name in doomed:
-            discard(self.path("lora_adapter", name))
+            discard(self.path(asset, name))
         if folder.is_dir():
             remove_leftovers_in(folder)
         return doomed

@@ -75,9 +75,14 @@ class Shingles:
 
     def subset(self, indices: list[int] | np.ndarray) -> Shingles:
         """The rows at `indices`, in that order."""
-        picked = [self.row(i) for i in indices]
-        offsets = np.concatenate(([0], np.cumsum([len(row) for row in picked], dtype=np.int64)))
-        return Shingles(np.concatenate(picked) if picked else self.hashes[:0], offsets)
+        indices = np.asarray(indices, dtype=np.int64)
+        sizes = np.diff(self.offsets)[indices]
+        return Shingles(self.hashes[_ranges(self.offsets[indices], sizes)], _offsets(sizes))
+
+
+def _offsets(sizes: np.ndarray) -> np.ndarray:
+    """Where each of the consecutive runs of `sizes` starts, and the end of the last."""
+    return np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -100,9 +105,13 @@ def _word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     sizes = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     vocabulary = pd.util.hash_array(np.array([w for found in words for w in found] or [""], dtype=object))
     piece = encoded.indices.to_numpy()
-    flat = vocabulary[_ranges((np.cumsum(sizes) - sizes)[piece], sizes[piece])]
+    first, per_piece = np.cumsum(sizes) - sizes, sizes[piece]
+    if per_piece.max(initial=0) <= 1:  # usually: no piece splits further, so no ranges to expand
+        flat = vocabulary[first[piece[per_piece == 1]]]
+    else:
+        flat = vocabulary[_ranges(first[piece], per_piece)]
     owner = pc.list_parent_indices(pieces).to_numpy()
-    return flat, np.bincount(owner, weights=sizes[piece], minlength=len(texts)).astype(np.int64)
+    return flat, np.bincount(owner, weights=per_piece, minlength=len(texts)).astype(np.int64)
 
 
 def _padded(word_hash: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,7 +147,8 @@ class Messages:
     """The distinct messages of some rows, each shingled once (a system prompt shared by every row is read once),
     and which messages each row holds."""
 
-    shingles: Shingles  # one entry per distinct (role, text)
+    distinct: list[tuple[str, str]]  # the distinct (role, text) messages
+    shingles: Shingles  # one entry per distinct message
     held_by: np.ndarray  # how many rows hold each distinct message
     codes: np.ndarray  # each row's messages, in order, as indices of the distinct messages
     per_row: np.ndarray  # how many messages each row has
@@ -151,16 +161,37 @@ class Messages:
         hashes, counts = _word_shingles([text for _, text in distinct], k)
         salts = np.array([zlib.crc32(role.encode()) for role, _ in distinct], dtype=np.uint64)
         hashes ^= np.repeat(salts * _MIX, counts)
-        offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        offsets = _offsets(counts)
         per_row = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-        return cls(Shingles(hashes, offsets), np.bincount(codes, minlength=len(distinct)), codes, per_row)
+        return cls(distinct, Shingles(hashes, offsets), np.bincount(codes, minlength=len(distinct)), codes, per_row)
 
-    def rows(self) -> Shingles:
-        """Every row's shingles: its messages' shingles one after the other."""
-        sizes = np.diff(self.shingles.offsets)[self.codes]
-        message_ends = np.concatenate(([0], np.cumsum(sizes)))
-        row_ends = message_ends[np.concatenate(([0], np.cumsum(self.per_row)))]
-        return Shingles(self.shingles.hashes[_ranges(self.shingles.offsets[self.codes], sizes)], row_ends.astype(np.int64))
+    def rows(self, shared: np.ndarray | None = None, indices: np.ndarray | None = None) -> Shingles:
+        """Every row's shingles (or those of the rows at `indices`): its messages' shingles one after the other,
+        leaving out the `shared` ones, except in a row made only of shared text (it keeps all of its shingles)."""
+        starts, counts = np.cumsum(self.per_row) - self.per_row, self.per_row
+        if indices is not None:
+            starts, counts = starts[indices], counts[indices]
+        codes = self.codes[_ranges(starts, counts)]
+        if shared is None or not len(shared):
+            return _gather(self.shingles, codes, counts)
+        both = _stacked(_without(self.shingles, shared), self.shingles)  # message m without shared text; m + M whole
+        bare = _segment_sums(np.diff(both.offsets)[codes], counts) == 0
+        return _gather(both, codes + len(self.held_by) * np.repeat(bare, counts), counts)
+
+    def row_ids(self, message_ids: np.ndarray) -> np.ndarray:
+        """An id per row, equal for rows whose messages have equal `message_ids` (one per distinct message) in the
+        same order, numbered in order of first appearance."""
+        labels = message_ids[self.codes]
+        starts = np.cumsum(self.per_row) - self.per_row
+        ids = np.zeros(len(self.per_row), dtype=np.int64)
+        for count in np.unique(self.per_row).tolist():
+            members = np.flatnonzero(self.per_row == count)
+            _, inverse = np.unique(labels[starts[members, None] + np.arange(count)], axis=0, return_inverse=True)
+            ids[members] = inverse.ravel() + ids.max() + 1
+        _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+        rank = np.empty(len(first), dtype=np.int64)
+        rank[np.argsort(first)] = np.arange(len(first))
+        return rank[inverse]
 
     def shared(self, share: float = SHARED_SHARE, min_rows: int = MIN_SHARED_ROWS) -> np.ndarray:
         """The sorted shingles held by more than `share` of the rows and by at least `min_rows` rows (every row,
@@ -189,14 +220,29 @@ def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[at] == values
 
 
-def without(rows: Shingles, shared: np.ndarray) -> Shingles:
-    """`rows` with the shared shingles left out; a row made only of shared text keeps all of its shingles."""
-    if not len(rows) or not len(shared):
-        return rows
+def _without(rows: Shingles, shared: np.ndarray) -> Shingles:
+    """`rows` with the `shared` shingles left out."""
     keep = ~_member(rows.hashes, shared)
-    keep |= np.repeat(np.add.reduceat(keep.astype(np.int64), rows.offsets[:-1]) == 0, np.diff(rows.offsets))
-    counts = np.add.reduceat(keep.astype(np.int64), rows.offsets[:-1])
-    return Shingles(rows.hashes[keep], np.concatenate(([0], np.cumsum(counts))).astype(np.int64))
+    return Shingles(rows.hashes[keep], _offsets(_segment_sums(keep, np.diff(rows.offsets))))
+
+
+def _stacked(first: Shingles, second: Shingles) -> Shingles:
+    """The rows of `first`, then those of `second`."""
+    offsets = np.concatenate((first.offsets[:-1], first.offsets[-1] + second.offsets))
+    return Shingles(np.concatenate((first.hashes, second.hashes)), offsets)
+
+
+def _gather(messages: Shingles, codes: np.ndarray, counts: np.ndarray) -> Shingles:
+    """Rows made of the messages at `codes`, one after the other, `counts` messages per row."""
+    sizes = np.diff(messages.offsets)[codes]
+    return Shingles(messages.hashes[_ranges(messages.offsets[codes], sizes)], _offsets(sizes)[_offsets(counts)])
+
+
+def _segment_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The sums of consecutive runs of `values`, `counts` values per run (an empty run sums to 0)."""
+    totals = np.concatenate(([0], np.cumsum(values, dtype=np.int64)))
+    ends = _offsets(counts)
+    return totals[ends[1:]] - totals[ends[:-1]]
 
 
 def encode_shared(shared: np.ndarray) -> str:
@@ -340,7 +386,7 @@ def prompt_shingles(rows: list[dict], k: int, shared: np.ndarray | None = None) 
     """
     messages = Messages.of([prompt_parts(row["messages"]) for row in rows], k)
     shared = messages.shared() if shared is None else shared
-    return without(messages.rows(), shared), shared
+    return messages.rows(shared), shared
 
 
 def answer_shingles(rows: list[dict], k: int) -> Shingles:

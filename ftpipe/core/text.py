@@ -30,7 +30,14 @@ def _folded(text: str) -> str:
 
 def canonical(text: str) -> str:
     """Unicode NFKC, case-folded, whitespace collapsed: what makes two rows the same row (cleaning, split)."""
-    return " ".join(_folded(text).split())
+    folded = _folded(text)
+    return folded if _single_spaced(folded) else " ".join(folded.split())
+
+
+def _single_spaced(text: str) -> bool:
+    """Whether `text` is its own whitespace-collapsed form, found without building a list of its words: printable
+    ASCII (no tabs, newlines or other control characters) with no double, leading or trailing space."""
+    return text.isascii() and text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " "
 
 
 def loose_words(text: str) -> list[str]:

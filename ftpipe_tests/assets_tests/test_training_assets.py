@@ -90,7 +90,7 @@ def test_k8s_qlora_is_accepted_on_a_cpu_only_host(tiny_task: str) -> None:
     [container] = spec["containers"]
     assert namespace == "ml" and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     spec_file = Path(container["command"][-1])
-    assert spec_file == TaskLayout(tiny_task).spec_file
+    assert spec_file == TaskLayout(tiny_task).spec_file()
     assert json.loads(spec_file.read_text())["training"]["quantization"] == "4bit"
 
 

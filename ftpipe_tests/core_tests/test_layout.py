@@ -31,7 +31,7 @@ def merged_model(paths: TaskLayout, name: str) -> Path:
 
 def test_every_path_is_under_the_tasks_folder() -> None:
     paths = TaskLayout("shop")
-    found = [paths.asset("raw_examples"), paths.examples("deduplicated_examples"), *paths.split_files, paths.spec_file,
+    found = [paths.asset("raw_examples"), paths.examples("deduplicated_examples"), *paths.split_files, paths.spec_file(),
              paths.output("lora_adapter"), paths.output("merged_model"), paths.checkpoints("f" * 16),
              paths.merged("b" * 16, "a" * 16), paths.eval_base_cache]
     assert all(home_dir() / "tasks" / "shop" in path.parents for path in found)

@@ -20,7 +20,7 @@ import pandas as pd
 from ftpipe.core import dedup, records, similarity, split
 from ftpipe.core.records import FormatSpec, example_id
 from ftpipe.core.similarity import Settings
-from ftpipe.core.text import loose, loose_words
+from ftpipe.core.text import _folded, canonical, loose, loose_words
 from ftpipe_tests.builders import chat
 
 
@@ -107,6 +107,12 @@ def test_vectorised_words_are_the_loose_words_of_any_text(texts: list[str]) -> N
     flat = np.array([w for found in words for w in found], dtype=object)
     assert counts.tolist() == [len(found) for found in words]
     assert hashes.tolist() == (pd.util.hash_array(flat).tolist() if len(flat) else [])
+
+
+@examples(300)
+@given(ANY_TEXT)
+def test_canonical_is_the_single_spaced_folded_words_of_any_text(text: str) -> None:
+    assert canonical(text) == " ".join(_folded(text).split())
 
 
 @examples(100)

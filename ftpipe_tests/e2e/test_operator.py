@@ -81,7 +81,7 @@ def stack(module_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
 
 def trainings(task: str, processes: list[psutil.Process]) -> list[psutil.Process]:
     """The training programs of `task` among `processes`."""
-    spec = str(TaskLayout(task).spec_file)
+    spec = str(TaskLayout(task).spec_file())
     found = []
     for process in processes:
         try:

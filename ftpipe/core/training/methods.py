@@ -2,7 +2,8 @@
 
 A method is three orthogonal settings of `training` in task.yaml:
 
-- `objective`: what the trainer optimises (`sft`; each objective is one module of this package, see OBJECTIVES),
+- `objective`: what the trainer optimises (`sft`, or a preference objective `dpo`/`orpo`/`kto`; each objective is one
+  module of this package, see OBJECTIVES); `training.stages` says which run one after the other,
 - `adapter`: `lora` trains a LoRA adapter on the frozen base, `none` trains every weight (a full fine-tune),
 - `quantization`: `none` trains on 16/32-bit base weights, `4bit` on NF4 weights (QLoRA: needs CUDA and an
   adapter), `auto` picks `4bit` where the training runs on a CUDA GPU and `none` elsewhere.
@@ -23,7 +24,13 @@ class ObjectiveEntry:
     description: str
 
 
-OBJECTIVES = {"sft": ObjectiveEntry("ftpipe.core.training.sft", "supervised fine-tuning")}
+OBJECTIVES = {
+    "sft": ObjectiveEntry("ftpipe.core.training.sft", "supervised fine-tuning"),
+    "dpo": ObjectiveEntry("ftpipe.core.training.dpo", "direct preference optimisation"),
+    "orpo": ObjectiveEntry("ftpipe.core.training.orpo", "odds-ratio preference optimisation"),
+    "kto": ObjectiveEntry("ftpipe.core.training.kto", "Kahneman-Tversky optimisation"),
+}
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "kto")  # trained on preference rows, after sft
 
 Objective = Literal[tuple(OBJECTIVES)]
 Adapter = Literal["lora", "none"]
@@ -87,6 +94,13 @@ def expand_shorthand(values: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"method {shorthand} means {key}: {implied}, but {key}: {given} is set; keep one of them")
         expanded[key] = implied
     return expanded
+
+
+def check_stages(stages: list[str]) -> None:
+    """ValueError unless `stages` is [sft] or [sft, <one preference objective>]."""
+    preference = " | ".join(PREFERENCE_OBJECTIVES)
+    if stages[:1] != ["sft"] or len(stages) > 2 or stages[1:] and stages[1] not in PREFERENCE_OBJECTIVES:
+        raise ValueError(f"stages must be [sft] or [sft, {preference}], got {stages}")
 
 
 def settle_quantization(adapter: str, quantization: str) -> str:
