@@ -55,6 +55,7 @@ bench: install
 	$(PY) bench/pipeline.py
 	$(PY) bench/replay.py
 	$(PY) bench/replay.py --task intents
+	$(PY) bench/dpo.py
 
 demo-data: install
 	$(PY) data/generate_demo.py

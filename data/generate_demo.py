@@ -3,6 +3,8 @@
 Support tickets are labelled with one line of JSON, ``{"category": ..., "priority": ...}``, and
 spread over four raw files in four formats. Exact duplicates, near-duplicates, contradicting
 labels and malformed rows are planted on purpose so that every data-cleaning stage has work to do.
+`raw/preferences.jsonl` holds preference pairs for the DPO stage: the correct triage over a wrong field, a
+chatty answer or broken JSON, with duplicate, reversed and malformed pairs planted the same way.
 
 Deterministic: ``python data/generate_demo.py`` rewrites byte-identical files.
 """
@@ -422,6 +424,47 @@ def write_parquet(rng: random.Random, rows: list, path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(records, schema=schema), path)
 
 
+PREFERENCE_PAIRS = 300
+REJECTED_KINDS = ("wrong field", "wrong field", "wrong field", "chatty", "broken JSON")  # mostly a wrong field
+
+
+def rejected_answer(rng: random.Random, kind: str, category: str, priority: str) -> str:
+    """A worse answer than the correct triage: another label, a chatty reply or JSON that does not parse."""
+    if kind == "wrong field":
+        return other_label(rng, category, priority)
+    if kind == "chatty":
+        return (f"Sure! This looks like a {category.replace('_', ' ')} ticket, and I'd say the priority is "
+                f"{priority}. Let me know if you need anything else!")
+    return answer(category, priority)[: -rng.randint(1, 3)]
+
+
+def preference_pairs(rng: random.Random) -> tuple[list[object], Counter]:
+    """Preference rows (prompt, chosen, rejected) on fresh tickets, with planted problems; and their counts."""
+    pairs, planted = [], Counter()
+    for text, category, priority in base_tickets(rng, PREFERENCE_PAIRS):
+        kind = rng.choice(REJECTED_KINDS)
+        pairs.append({"prompt": text, "chosen": answer(category, priority),
+                      "rejected": rejected_answer(rng, kind, category, priority)})
+        planted[f"pair: correct over {kind}"] += 1
+    for pair in rng.sample(pairs, 6):
+        pairs.append(dict(pair))
+        planted["pair: exact duplicate"] += 1
+    for pair in rng.sample(pairs[:PREFERENCE_PAIRS], 4):
+        pairs.append({**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]})
+        planted["pair: reversed (a tied contradiction)"] += 1
+    pairs.append({"prompt": pairs[0]["prompt"], "chosen": pairs[0]["chosen"], "rejected": pairs[0]["chosen"]})
+    pairs.append({"prompt": pairs[1]["prompt"], "chosen": pairs[1]["chosen"], "rejected": ""})
+    planted["pair: malformed (chosen equals rejected, empty side)"] += 2
+    return pairs, planted
+
+
+def write_preferences(rng: random.Random, path: Path) -> Counter:
+    pairs, planted = preference_pairs(rng)
+    rng.shuffle(pairs)
+    path.write_bytes("".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs).encode("utf-8"))
+    return planted
+
+
 WRITERS = {"tickets_chat.jsonl": write_chat, "tickets_alpaca.json": write_alpaca,
            "tickets_export.csv": write_csv, "helpdesk.parquet": write_parquet}
 
@@ -468,6 +511,11 @@ training:
   max_length: 256               # tokens; tickets are under 60 words
   eval_steps: 18
   logging_steps: 5
+  stages: [sft, dpo]            # then DPO from the SFT model on raw/preferences.jsonl (correct triage over worse ones)
+  preference:
+    beta: 0.1
+    learning_rate: 0.0002
+    max_steps: 12               # 96 pairs
 
 evaluation:
   task_type: classification     # accuracy (and macro-F1) on one JSON field of the answer
@@ -492,6 +540,7 @@ def write_task(rng: random.Random) -> dict[str, int]:
     for name, rows in files.items():
         rng.shuffle(rows)
         WRITERS[name](rng, rows, TASK / "raw" / name)
+    planted.update(write_preferences(random.Random(SEED + 1), TASK / "raw" / "preferences.jsonl"))
     print("planted:")
     for kind, count in planted.items():
         print(f"  {kind:62} {count}")

@@ -16,7 +16,8 @@ from ftpipe.core.layout import TaskLayout
 from ftpipe.core.results import read_result
 from ftpipe.core.storage import task_dir
 from ftpipe.core.tasks import (
-    discover_tasks, reviews_dir, reviews_version, task_config, task_files, task_files_version, training_inputs,
+    discover_tasks, reviews_dir, reviews_version, task_config, task_files, task_files_version, training_asset,
+    training_inputs,
 )
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking
@@ -148,18 +149,21 @@ def review_verdicts_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResu
 
 
 def training_due(instance: dg.DagsterInstance, task: str, config: TaskConfig) -> tuple[bool, str]:
-    """Whether retraining the task would train anything new, and why (run in progress, fingerprint unchanged...)."""
+    """Whether retraining the task would train anything new, and why (run in progress, fingerprints unchanged...)."""
     if instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": task}, statuses=IN_PROGRESS), limit=1):
         return False, f"{task}: a run is in progress"
-    try:
-        fingerprint = training_inputs(task, config.training).fingerprint
-    except FileNotFoundError:
-        return True, f"{task}: no held-out split or base model yet"
-    adapter = read_result(TaskLayout(task).output("lora_adapter"), "lora_adapter")
-    last = adapter.reuse_key if adapter else None
-    if fingerprint == last:
-        return False, f"{task}: training fingerprint {fingerprint} unchanged since the last adapter"
-    return True, f"{task}: training fingerprint {last or 'none'} -> {fingerprint}"
+    for stage in config.training.stages:
+        try:
+            fingerprint = training_inputs(task, config.training.for_stage(stage)).fingerprint
+        except FileNotFoundError:
+            return True, f"{task}: no held-out split or base model yet"
+        asset = training_asset(stage)
+        adapter = read_result(TaskLayout(task).output(asset), asset)
+        last = adapter.reuse_key if adapter else None
+        if fingerprint != last:
+            named = "" if stage == "sft" else f"{stage} "
+            return True, f"{task}: {named}training fingerprint {last or 'none'} -> {fingerprint}"
+    return False, f"{task}: training fingerprint {fingerprint} unchanged since the last adapter"
 
 
 def retrain_requests(instance: dg.DagsterInstance, tasks: dict[str, TaskConfig],

@@ -16,7 +16,8 @@ from ftpipe.partitions import task_partitions
 
 @dg.asset_check(asset="heldout_split", blocking=True, partitions_def=task_partitions)
 def heldout_split_no_leakage(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    """No eval prompt is an exact or near duplicate of a train prompt."""
+    """No eval prompt, of a chat row or a preference row, is an exact or near duplicate of a train prompt of either
+    kind."""
     task = context.partition_key
     cleaning = effective_config(task, run_overrides(context, "heldout_split")).dedup
     leaks = split.split_leaks(TaskLayout(task).asset("heldout_split"), Settings.of(cleaning))
@@ -29,8 +30,9 @@ def heldout_split_no_leakage(context: dg.AssetCheckExecutionContext) -> dg.Asset
 
 @dg.asset_check(asset="eval_report", blocking=True, partitions_def=task_partitions)
 def eval_report_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    """Passes only when the gain's 95% interval clears `min_improvement` and forgetting stays within `max_forgetting`;
-    decided from the stored measurements, so changing a threshold never re-runs the evaluation."""
+    """Passes only when the gain's 95% interval clears `min_improvement`, forgetting stays within `max_forgetting` and,
+    after a preference stage, the preference-accuracy gain's interval clears `min_preference_gain`; decided from the
+    stored measurements, so changing a threshold never re-runs the evaluation."""
     from ftpipe.core.evaluation import read_evaluation
 
     task = context.partition_key
@@ -43,6 +45,8 @@ def eval_report_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckRes
         metadata=rounded_floats({
             "delta_ci_low": report["delta_ci_low"], "min_improvement": evaluation.min_improvement,
             "forgetting": report["forgetting"], "max_forgetting": evaluation.max_forgetting,
+            **({"preference_delta_ci_low": report["preference_delta_ci_low"],
+                "min_preference_gain": evaluation.min_preference_gain} if "preference_delta_ci_low" in report else {}),
             "failed_conditions": "; ".join(failed) or "none",
         }),
     )

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
 from ftpipe.core.results import Result, read_result
+from ftpipe.core.training import checkpoints
 from ftpipe.core.storage import REPO_ROOT
 from ftpipe_tests.tiny_model import toy_rows, write_chat_parquet
 
 LONG_ROWS = 3  # training rows over the specs' max_length of 64 tokens
 SMALL_TRAINING = {"max_steps": 12, "batch_size": 8, "eval_steps": 4, "logging_steps": 2, "learning_rate": 1e-2,
                   "max_length": 64, "warmup_ratio": 0.0}
+STEP_LINE = re.compile(r"^step (\d+)/")  # the progress line of an optimizer step
 
 
 def toy_workspace(root: Path, base_model_dir: Path) -> Path:
@@ -83,3 +89,18 @@ def mlflow_client(root: Path):
     from mlflow import MlflowClient
 
     return MlflowClient(f"sqlite:///{root / 'home' / 'mlflow.db'}")
+
+
+def kill_after_logging_past_a_checkpoint(root: Path, spec: Path, checkpoint_dir: Path) -> int:
+    """Start a training and SIGKILL it once it logged two steps past a complete checkpoint; that checkpoint's step."""
+    process = start(root, spec)
+    deadline = time.monotonic() + 120
+    for line in process.stdout:
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        complete = [p for p in checkpoint_dir.glob("checkpoint-*") if checkpoints.is_complete_checkpoint(p)]
+        step = STEP_LINE.match(line)
+        if complete and step and int(step.group(1)) >= checkpoints.checkpoint_step(max(complete)) + 2:
+            process.kill()
+            process.wait()
+            return checkpoints.checkpoint_step(max(complete))
+    pytest.fail("the training ended before it could be killed")

@@ -6,9 +6,10 @@ The data assets refresh by themselves (declarative automation) whenever an upstr
 import dagster as dg
 
 from ftpipe.assets.common import TaskRunConfig, file_version, load_config, table
-from ftpipe.core import dedup, records, split
+from ftpipe.core import dedup, records, review_sample as review, split
 from ftpipe.core.evaluation.metrics import label_reader
 from ftpipe.core.similarity import Settings
+from ftpipe.core.preferences import as_chat
 from ftpipe.core.layout import QUARANTINE, REMOVED, REVIEW_CSV, TaskLayout
 from ftpipe.core.storage import task_dir
 from ftpipe.core.tasks import task_files_version
@@ -40,7 +41,7 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     quarantine = summary.pop("quarantine")
     return dg.MaterializeResult(
         metadata={
-            **{k: summary[k] for k in ("rows_read", "rows_valid", "rows_quarantined")},
+            **{k: summary[k] for k in ("rows_read", "rows_valid", "rows_quarantined", "preference_rows")},
             "quarantine_path": dg.MetadataValue.path(str(out / QUARANTINE)),
             "examples_path": dg.MetadataValue.path(str(paths.examples("raw_examples"))),
             "files": summary["files"],
@@ -48,7 +49,7 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
             "quarantine_reasons": dg.MetadataValue.json(summary["quarantine_reasons"]),
             "quarantine_preview": table(quarantine[:PREVIEW_ROWS], ["source", "reason", "raw"]),
         },
-        data_version=file_version(paths.examples("raw_examples"), out / QUARANTINE),
+        data_version=file_version(paths.examples("raw_examples"), out / QUARANTINE, paths.preferences("raw_examples")),
     )
 
 
@@ -68,7 +69,7 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
     context.log.info(f"{task}: kept {summary['rows_out']} of {summary['rows_in']} rows")
     return dg.MaterializeResult(
         metadata={
-            **{key: summary[key] for key in dedup.COUNTS},
+            **{key: summary[key] for key in (*dedup.COUNTS, "preference_rows_in", "preference_rows_out")},
             "shared_text_shingles": summary["shared_text_shingles"],
             "removed_by_label": table(
                 [{"label": label, **counts, "share": f"{counts['removed'] / counts['rows_in']:.0%}"}
@@ -76,12 +77,12 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
             "matched_examples": table(summary["matched_examples"], list(dedup.MATCH_COLUMNS)),
             "removed_path": dg.MetadataValue.path(str(out / REMOVED)),
             "removed_preview": table(
-                [{**r, "message": records.user_message(r["messages"]), "answer": r["messages"][-1]["content"]}
-                 for r in removed[:PREVIEW_ROWS]],
+                [{**r, "message": records.user_message(chat["messages"]), "answer": chat["messages"][-1]["content"]}
+                 for r in removed[:PREVIEW_ROWS] for chat in [r if "messages" in r else as_chat(r)]],
                 ["reason", "id", "duplicate_of", "detail", "message", "answer", "source"],
             ),
         },
-        data_version=file_version(paths.examples("deduplicated_examples")),
+        data_version=file_version(paths.examples("deduplicated_examples"), paths.preferences("deduplicated_examples")),
     )
 
 
@@ -91,7 +92,7 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
 def review_sample(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """100 random deduplicated examples (fixed seed) for a manual read before training."""
     paths = TaskLayout(context.partition_key)
-    sample = records.build_review_sample(paths.examples("deduplicated_examples"), paths.asset("review_sample"))
+    sample = review.build_review_sample(paths.examples("deduplicated_examples"), paths.asset("review_sample"))
     path = paths.path("review_sample", REVIEW_CSV)
     return dg.MaterializeResult(
         metadata={
@@ -124,5 +125,5 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
             "train_path": dg.MetadataValue.path(str(train)),
             "eval_path": dg.MetadataValue.path(str(evaluation)),
         },
-        data_version=file_version(train, evaluation),
+        data_version=file_version(train, evaluation, *paths.preference_split_files),
     )

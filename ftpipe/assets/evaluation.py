@@ -5,14 +5,16 @@ import dagster as dg
 
 from ftpipe.assets.common import GPU_POOL, TaskRunConfig, file_version, load_config, rounded_floats, upstream
 from ftpipe.core.layout import METRICS, PREDICTIONS, TaskLayout
-from ftpipe.core.tasks import general_probe, reviews_dir, reviews_version
+from ftpipe.core.tasks import final_training, general_probe, reviews_dir, reviews_version
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking
 
 GROUP = "evaluation"
 CONTRACT = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_ci_low", "delta_ci_high", "forgetting",
             "passed", "fewshot_score", "delta_vs_fewshot", "delta_vs_fewshot_ci_low", "fewshot_prompt_tokens",
-            "forgetting_ci_low", "forgetting_ci_high")
+            "forgetting_ci_low", "forgetting_ci_high", "preference_accuracy_base", "preference_accuracy_sft",
+            "preference_accuracy_final", "preference_delta_ci_low", "preference_delta_ci_high", "sft_score", "delta_vs_sft",
+            "sft_forgetting")
 
 
 def _metadata(report: dict, run_url: str) -> dict:
@@ -29,22 +31,27 @@ def _metadata(report: dict, run_url: str) -> dict:
 
 @dg.asset(
     partitions_def=task_partitions, group_name=GROUP, kinds={"pytorch", "mlflow"},
-    deps=["lora_adapter", "base_model", "heldout_split"], pool=GPU_POOL,
-    automation_condition=dg.AutomationCondition.eager().allow(dg.AssetSelection.assets("lora_adapter")),
+    deps=["preference_adapter", "base_model", "heldout_split"], pool=GPU_POOL,
+    automation_condition=dg.AutomationCondition.eager().allow(dg.AssetSelection.assets("preference_adapter")),
 )
 def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow: MlflowTracking) -> dg.MaterializeResult:
     """Base (zero- and few-shot) vs fine-tuned model on the held-out split (task metric with a bootstrap interval)
-    and a forgetting check; an evaluation of the same inputs is reused without generating anything."""
+    and a forgetting check, and with a preference stage the SFT model beside them and preference accuracy on the
+    held-out pairs; an evaluation of the same inputs is reused without generating anything."""
     from ftpipe.core.evaluation import run_evaluation
 
     task = context.partition_key
     cfg = load_config(context, config)
     paths = TaskLayout(task)
-    base, adapter = upstream(task, "base_model"), upstream(task, "lora_adapter")
+    final = final_training(cfg.training)
+    base, adapter = upstream(task, "base_model"), upstream(task, final)
+    sft = upstream(task, "lora_adapter") if final != "lora_adapter" else None
     train, evaluation = paths.split_files
     report = run_evaluation(
         base_model_dir=base.produced["path"], base_fingerprint=base.reuse_key,
-        adapter_dir=paths.output("lora_adapter"), adapter_version=adapter.produced["data_version"],
+        adapter_dir=paths.output(final), adapter_version=adapter.produced["data_version"],
+        sft_adapter_dir=sft and paths.output("lora_adapter"), sft_adapter_version=sft and sft.produced["data_version"],
+        preference_eval_path=sft and paths.preference_split_files[1],
         eval_path=evaluation, eval_version=file_version(evaluation).value, train_path=train,
         probe_path=general_probe(), config=cfg.evaluation, cache_dir=paths.eval_base_cache,
         out_dir=paths.output("eval_report"), trust_remote_code=cfg.trust_remote_code, log=context.log.info,

@@ -7,6 +7,7 @@ from ftpipe.config import TaskConfig
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.readable import rounded
 from ftpipe.core.results import Result
+from ftpipe.core.tasks import final_training
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking
 
@@ -33,7 +34,7 @@ def _card(task: str, cfg: TaskConfig, base: Result, adapter: Result, evaluation:
 
 @dg.asset(
     partitions_def=task_partitions, group_name=GROUP, kinds={"safetensors", "mlflow"},
-    deps=["eval_report", "human_review", "lora_adapter", "base_model"], pool=GPU_POOL,
+    deps=["eval_report", "human_review", "preference_adapter", "base_model"], pool=GPU_POOL,
     automation_condition=(
         dg.AutomationCondition.eager().allow(dg.AssetSelection.assets("eval_report", "human_review"))
         & dg.AutomationCondition.all_deps_blocking_checks_passed()
@@ -52,7 +53,8 @@ def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflo
     task = context.partition_key
     cfg = load_config(context, config)
     paths = TaskLayout(task)
-    base, adapter, evaluation = (upstream(task, asset) for asset in ("base_model", "lora_adapter", "eval_report"))
+    final = final_training(cfg.training)
+    base, adapter, evaluation = (upstream(task, asset) for asset in ("base_model", final, "eval_report"))
     report = read_evaluation(paths.output("eval_report"), cfg.evaluation)
     out = paths.merged(base.reuse_key, adapter.produced["data_version"])
     key = f"{base.reuse_key}-{adapter.produced['data_version']}"
@@ -60,7 +62,7 @@ def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflo
     reused = facts is not None
     if not reused:
         facts = package_model(
-            base_model_dir=base.produced["path"], finetuned_dir=paths.output("lora_adapter"), out_dir=out,
+            base_model_dir=base.produced["path"], finetuned_dir=paths.output(final), out_dir=out,
             eval_path=paths.split_files[1], card=_card(task, cfg, base, adapter, evaluation, report), reuse_key=key,
             trust_remote_code=cfg.trust_remote_code,
         )

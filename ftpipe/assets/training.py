@@ -1,5 +1,6 @@
-"""Training group: base_model (resolved, cached checkpoint) and lora_adapter (the training program through
-Dagster Pipes)."""
+"""Training group: base_model (resolved, cached checkpoint), lora_adapter (the SFT training) and preference_adapter
+(the preference stage from the SFT model, when `training.stages` has one): the training program through Dagster
+Pipes."""
 
 import json
 import os
@@ -13,14 +14,16 @@ import dagster as dg
 from dagster._core.errors import DagsterPipesExecutionError
 from dagster._core.storage.tags import MAX_RUNTIME_SECONDS_TAG
 
-from ftpipe.assets.common import GPU_POOL, TaskRunConfig, load_config, rounded_floats
+from ftpipe.assets.common import GPU_POOL, TaskRunConfig, load_config, rounded_floats, upstream
 from ftpipe.core import readable
 from ftpipe.config import TaskConfig, TrainingConfig
 from ftpipe.core.layout import TaskLayout, models_dir, replay_cache_dir
 from ftpipe.core.results import Result, reusable
 from ftpipe.core.storage import atomic_dir, task_dir, write_text
 from ftpipe.core.training.methods import describe_method
-from ftpipe.core.tasks import TrainingInputs, base_model_source, general_replay_prompts, training_inputs
+from ftpipe.core.tasks import (
+    TrainingInputs, base_model_source, general_replay_prompts, training_asset, training_inputs,
+)
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking, ModelHub, TrainingPods
 
@@ -30,7 +33,7 @@ def _epochs(value: float) -> dg.MetadataValue:
 
 
 TYPED = {  # the rest shows as plain values, floats rounded
-    "loss_curve": dg.MetadataValue.md, "adapter_path": dg.MetadataValue.path, "epochs": _epochs,
+    "loss_curve": dg.MetadataValue.md, "reward_curve": dg.MetadataValue.md, "adapter_path": dg.MetadataValue.path, "epochs": _epochs,
     "trainable_params": lambda value: dg.MetadataValue.text(readable.count(value)),
 }
 
@@ -76,25 +79,27 @@ def _code_version() -> str:
     return f"ftpipe {version('ftpipe')}" + (f" ({git.stdout.strip()})" if git.returncode == 0 else "")
 
 
-def _spec(context: dg.AssetExecutionContext, cfg: TaskConfig, inputs: TrainingInputs, mlflow: MlflowTracking,
-          force_retrain: bool):
+def _spec(context: dg.AssetExecutionContext, cfg: TrainingConfig, inputs: TrainingInputs, mlflow: MlflowTracking,
+          force_retrain: bool, trust_remote_code: bool):
     from ftpipe.core.tracking import LAUNCHED_BY_TAG
     from ftpipe.core.training.spec import TrainingSpec
 
-    task, paths = context.partition_key, TaskLayout(context.partition_key)
-    train, evaluation = paths.split_files
+    task, paths, asset = context.partition_key, TaskLayout(context.partition_key), training_asset(cfg.objective)
+    stage = "" if cfg.objective == "sft" else f"-{cfg.objective}"
     return TrainingSpec(
         task=task, base_model_dir=inputs.base.produced["path"], base_fingerprint=inputs.base.reuse_key,
-        split_version=inputs.split_version, train_path=str(train), eval_path=str(evaluation),
-        output_dir=str(paths.adapter(inputs.fingerprint)), checkpoint_dir=str(paths.checkpoints(inputs.fingerprint)),
-        training=cfg.training.model_dump(), fingerprint=inputs.fingerprint, force_retrain=force_retrain,
-        trust_remote_code=cfg.trust_remote_code, replay_prompts=_optional_path(general_replay_prompts()),
+        split_version=inputs.split_version, train_path=str(inputs.train_path), eval_path=str(inputs.eval_path),
+        output_dir=str(paths.adapter(inputs.fingerprint, asset)), checkpoint_dir=str(paths.checkpoints(inputs.fingerprint)),
+        training=cfg.model_dump(), fingerprint=inputs.fingerprint, force_retrain=force_retrain,
+        trust_remote_code=trust_remote_code, replay_prompts=_optional_path(general_replay_prompts()),
         replay_cache_dir=str(replay_cache_dir()),
+        start_adapter=str(paths.adapter(inputs.start.reuse_key)) if inputs.start else None,
         mlflow={
             "experiment": mlflow.experiment(task),
-            "run_name": f"{task}-{inputs.fingerprint[:8]}",
+            "run_name": f"{task}{stage}-{inputs.fingerprint[:8]}",
             "tags": {LAUNCHED_BY_TAG: context.run.run_id, "task": task, "split_data_version": inputs.split_version,
-                     "training_fingerprint": inputs.fingerprint, "code_version": _code_version()},
+                     "training_fingerprint": inputs.fingerprint, "code_version": _code_version(),
+                     "stage": cfg.objective},
         },
     )
 
@@ -181,10 +186,11 @@ def _materialization(result: Result, mlflow: MlflowTracking, reused: bool) -> dg
     )
 
 
-@dg.asset(
-    partitions_def=task_partitions, group_name=GROUP, kinds={"pytorch", "mlflow"}, deps=["heldout_split", "base_model"],
-    pool=GPU_POOL, retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
-)
+TRAINING = dict(partitions_def=task_partitions, group_name=GROUP, kinds={"pytorch", "mlflow"}, pool=GPU_POOL,
+                retry_policy=dg.RetryPolicy(max_retries=1, delay=5))
+
+
+@dg.asset(deps=["heldout_split", "base_model"], **TRAINING)
 def lora_adapter(
     context: dg.AssetExecutionContext,
     config: AdapterRunConfig,
@@ -199,16 +205,50 @@ def lora_adapter(
     4-bit needs CUDA) is decided by the training program where it runs.
     """
     cfg = load_config(context, config)
-    paths = TaskLayout(context.partition_key)
-    inputs = training_inputs(context.partition_key, cfg.training)
-    version = paths.adapter(inputs.fingerprint)
-    reused = None if config.force_retrain else reusable(version, "lora_adapter", inputs.fingerprint)
+    return _stage(context, config, cfg, cfg.training.for_stage("sft"), mlflow, pipes_subprocess_client, training_pods)
+
+
+@dg.asset(deps=["lora_adapter", "heldout_split", "base_model"],
+          automation_condition=dg.AutomationCondition.eager().allow(dg.AssetSelection.assets("lora_adapter")),
+          **TRAINING)
+def preference_adapter(
+    context: dg.AssetExecutionContext,
+    config: AdapterRunConfig,
+    mlflow: MlflowTracking,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+    training_pods: TrainingPods,
+) -> dg.MaterializeResult:
+    """The preference stage (`training.stages: [sft, dpo | orpo | kto]`): preference tuning from the SFT model on the
+    train split's preference pairs, tracked in MLflow; its adapter applies to the base model (SFT and preference
+    updates together). Without a preference stage, the SFT adapter is the fine-tuned model and nothing is trained.
+    """
+    cfg = load_config(context, config)
+    objective = cfg.training.preference_objective
+    if objective is None:
+        sft = upstream(context.partition_key, "lora_adapter")
+        context.log.info("no preference stage in training.stages: the SFT adapter is the fine-tuned model")
+        return dg.MaterializeResult(metadata={"objective": "none", "adapter_path": dg.MetadataValue.path(
+            str(TaskLayout(context.partition_key).output("lora_adapter")))},
+            data_version=dg.DataVersion(sft.produced["data_version"]))
+    return _stage(context, config, cfg, cfg.training.for_stage(objective), mlflow, pipes_subprocess_client,
+                  training_pods)
+
+
+def _stage(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: TaskConfig, stage: TrainingConfig,
+           mlflow: MlflowTracking, subprocesses: dg.PipesSubprocessClient, pods: TrainingPods) -> dg.MaterializeResult:
+    """Train one stage (or reuse its finished training), keep its output current and the folder bounded."""
+    asset, paths = training_asset(stage.objective), TaskLayout(context.partition_key)
+    try:
+        inputs = training_inputs(context.partition_key, stage)
+    except FileNotFoundError as missing:
+        raise dg.Failure(description=str(missing)) from None
+    version = paths.adapter(inputs.fingerprint, asset)
+    reused = None if config.force_retrain else reusable(version, asset, inputs.fingerprint)
     if reused:
         context.log.info(f"training fingerprint {inputs.fingerprint} finished before: reusing {version}")
-    result, sizing = (reused, {}) if reused else _train(context, config, cfg, inputs, mlflow, pipes_subprocess_client,
-                                                          training_pods)
-    paths.mark_current_adapter(version)
-    removed = paths.prune_adapters()
+    result, sizing = (reused, {}) if reused else _train(context, config, cfg, stage, inputs, mlflow, subprocesses, pods)
+    paths.mark_current_adapter(version, asset)
+    removed = paths.prune_adapters(asset)
     if removed:
         context.log.info(f"removed the adapters of earlier trainings: {', '.join(removed)}")
     materialization = _materialization(result, mlflow, reused=reused is not None)
@@ -216,19 +256,20 @@ def lora_adapter(
                                 data_version=materialization.data_version)
 
 
-def _train(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: TaskConfig, inputs: TrainingInputs,
-           mlflow: MlflowTracking, subprocesses: dg.PipesSubprocessClient,
+def _train(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: TaskConfig, stage: TrainingConfig,
+           inputs: TrainingInputs, mlflow: MlflowTracking, subprocesses: dg.PipesSubprocessClient,
            pods: TrainingPods) -> tuple[Result, dict]:
     """Size and launch the training of `inputs.fingerprint`; the result it published and the sizing metadata."""
-    paths = TaskLayout(context.partition_key)
+    asset, paths = training_asset(stage.objective), TaskLayout(context.partition_key)
     starts_over = config.force_retrain and context.retry_number == 0 and context.run.parent_run_id is None
-    spec = _spec(context, cfg, inputs, mlflow, starts_over)
-    write_text(paths.spec_file(), json.dumps(asdict(spec), indent=2))
-    context.log.info(f"training {context.partition_key}: {describe_method(cfg.training)}")
-    estimate = _size(context, spec, paths.spec_file(), cfg.training)
+    spec = _spec(context, stage, inputs, mlflow, starts_over, cfg.trust_remote_code)
+    spec_file = paths.spec_file(asset)
+    write_text(spec_file, json.dumps(asdict(spec), indent=2))
+    context.log.info(f"training {context.partition_key}: {describe_method(stage)}")
+    estimate = _size(context, spec, spec_file, stage) if stage.objective == "sft" else None  # sizes SFT rows only
     started = time.monotonic()
-    _launch(context, cfg.training, paths.spec_file(), inputs.fingerprint, mlflow.uri(), subprocesses, pods)
-    trained = reusable(paths.adapter(inputs.fingerprint), "lora_adapter", inputs.fingerprint)
+    _launch(context, stage, spec_file, inputs.fingerprint, mlflow.uri(), subprocesses, pods)
+    trained = reusable(paths.adapter(inputs.fingerprint, asset), asset, inputs.fingerprint)
     if trained is None:
         raise dg.Failure(description=f"the training program published no result for fingerprint {inputs.fingerprint}")
     stale = paths.prune_checkpoints(keep=inputs.fingerprint)
@@ -262,6 +303,8 @@ def _runtime_left(context: dg.AssetExecutionContext) -> float | None:
 
 def _sizing_metadata(estimate, result: Result, seconds: float) -> dict:
     """The estimate's entries and, for a training from step 0, `estimate_ratio`: its actual time over the estimate."""
+    if estimate is None:
+        return {}
     found = estimate.metadata()
     if estimate.seconds and not result.metadata.get("resumed_from_step"):
         found["estimate_ratio"] = readable.rounded(seconds / estimate.seconds)

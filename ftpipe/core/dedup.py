@@ -20,7 +20,7 @@ import numpy as np
 from ftpipe.core import similarity
 from ftpipe.core.records import read_examples, user_message, write_examples, write_jsonl
 from ftpipe.core.results import Result, reuse_key
-from ftpipe.core.layout import EXAMPLES, REMOVED
+from ftpipe.core.layout import EXAMPLES, PREFERENCES, REMOVED
 from ftpipe.core.storage import atomic_dir, file_sha256
 from ftpipe.core.text import canonical
 
@@ -83,7 +83,7 @@ class DedupResult:
         return sum(1 for row in self.removed if row["reason"] == reason)
 
 
-def _removal(row: dict[str, Any], reason: str, of: dict[str, Any], detail: str) -> dict[str, Any]:
+def removal(row: dict[str, Any], reason: str, of: dict[str, Any], detail: str) -> dict[str, Any]:
     return {**row, "reason": reason, "duplicate_of": of["id"], "duplicate_of_source": of["source"], "detail": detail}
 
 
@@ -94,10 +94,10 @@ def _contradiction(row: dict[str, Any], answer: int, group: list[tuple[dict[str,
         if answer == winner:
             return None
         other = next(r for r, a in group if a == winner)
-        return _removal(row, "contradiction", other, f"answer differs from the majority ({top} of {len(group)} rows)")
+        return removal(row, "contradiction", other, f"answer differs from the majority ({top} of {len(group)} rows)")
     other = next(r for r, a in group if a != answer)
     detail = f"{len(votes)} different answers to the same prompt, none with a strict majority"
-    return _removal(row, "contradiction", other, detail)
+    return removal(row, "contradiction", other, detail)
 
 
 def _resolve_contradictions(rows: list[dict[str, Any]], keys: ExactKeys, removed: list[dict[str, Any]]) -> np.ndarray:
@@ -128,7 +128,7 @@ def _remove_exact(rows: list[dict[str, Any]], keys: ExactKeys, alive: np.ndarray
     is_first[first] = True
     first_of = dict(zip(conversation[first].tolist(), alive[first].tolist()))
     for index, conv in zip(alive[~is_first].tolist(), conversation[~is_first].tolist()):
-        removed.append(_removal(rows[index], "exact_duplicate", rows[first_of[conv]], "same conversation after normalisation"))
+        removed.append(removal(rows[index], "exact_duplicate", rows[first_of[conv]], "same conversation after normalisation"))
     return alive[is_first]
 
 
@@ -186,9 +186,9 @@ def _near_contradiction(near: NearRows, index: int, center: int, camp_of: dict[i
                     key=lambda i: (camp_of[i] != top, i))
     if others:
         detail = f"prompt near-identical (Jaccard {near.similar[index][others[0]]:.2f}) to one with another answer; "
-        return _removal(near.rows[index], "contradiction", near.rows[others[0]], detail + vote)
+        return removal(near.rows[index], "contradiction", near.rows[others[0]], detail + vote)
     detail = f"agrees with a near-identical prompt (Jaccard {near.similar[index][center]:.2f}) whose group "
-    return _removal(near.rows[index], "contradiction", near.rows[center], detail + vote)
+    return removal(near.rows[index], "contradiction", near.rows[center], detail + vote)
 
 
 def _remove_near_duplicates(near: NearRows, alive: list[bool], removed: list[dict[str, Any]]) -> None:
@@ -201,7 +201,7 @@ def _remove_near_duplicates(near: NearRows, alive: list[bool], removed: list[dic
         if matches:
             score, other = max(matches, key=lambda match: (match[0], -match[1]))  # most alike, then first
             detail = f"prompt Jaccard {score:.2f}, answer Jaccard {near.answer_jaccard(other, index):.2f}"
-            removed.append(_removal(near.rows[index], "near_duplicate", near.rows[other], detail))
+            removed.append(removal(near.rows[index], "near_duplicate", near.rows[other], detail))
             alive[index] = False
 
 
@@ -277,8 +277,12 @@ def matched_examples(rows: list[dict[str, Any]], removed: list[dict[str, Any]],
 
 def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.Settings = similarity.Settings(),
                        label_of: Callable[[str], str | None] | None = None) -> dict[str, Any]:
-    """Deduplicate `examples_path` into `out_dir/examples.parquet` + `out_dir/removed.jsonl` (with a result);
-    return the counts, and the removals by label when `label_of` reads a row's label from its answer."""
+    """Deduplicate `examples_path` into `out_dir/examples.parquet`, and the preference rows beside it into
+    `out_dir/preferences.parquet`, every removed row of either kind into `out_dir/removed.jsonl` (with a result);
+    return the counts (`rows_in`, `rows_out`: chat rows; the removals of both kinds), and the removals by label when
+    `label_of` reads a row's label from its answer."""
+    from ftpipe.core.preference_cleaning import build_clean_preferences
+
     rows = read_examples(examples_path)
     result = deduplicate(rows, settings)
     summary = {
@@ -291,15 +295,20 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         "removed_by_label": removed_by_label(rows, result.removed, label_of) if label_of else {},
         "matched_examples": matched_examples(rows, result.removed, label_of),
     }
-    inputs = {"raw_examples": file_sha256(examples_path)[:16]}
+    preferences = examples_path.parent / PREFERENCES
+    inputs = {"raw_examples": file_sha256(examples_path)[:16],
+              "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None}
     key = reuse_key(inputs, settings)
     with atomic_dir(out_dir) as tmp:
+        cleaned = build_clean_preferences(preferences, tmp, settings)
+        removed = result.removed + cleaned.pop("removed")
+        summary.update({name: summary[name] + cleaned.pop(name) for name in COUNTS[2:]}, **cleaned)
         write_examples(result.kept, tmp / EXAMPLES,
                        metadata={SHARED_TEXT_KEY: similarity.encode_shared(result.shared)})
-        write_jsonl(result.removed, tmp / REMOVED)
-        Result("deduplicated_examples", key, {"examples": EXAMPLES, "removed": REMOVED},
+        write_jsonl(removed, tmp / REMOVED)
+        Result("deduplicated_examples", key, {"examples": EXAMPLES, "preferences": PREFERENCES, "removed": REMOVED},
                inputs, summary).write(tmp)
-    return {**summary, "removed": result.removed}
+    return {**summary, "removed": removed}
 
 
 def heavy_removals(summary: dict[str, Any], limit: float) -> dict[str | None, str]:

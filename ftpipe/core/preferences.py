@@ -15,7 +15,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ftpipe.core.records import MESSAGE_TYPE
+from ftpipe.core.records import (
+    MESSAGE_TYPE, BadRow, FormatSpec, check_size, example_id, message_list, optional_text, text_field, type_name,
+    with_system_prompt,
+)
+from ftpipe.core.text import canonical
+
+OWN_COLUMNS = {name: name for name in ("prompt", "chosen", "rejected", "completion", "label")}
+LABELS = {"true": True, "1": True, "false": False, "0": False}  # JSON and CSV spellings of a label
 
 PREFERENCE_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", MESSAGE_TYPE), ("chosen", pa.string()), ("rejected", pa.string()),
@@ -35,3 +42,91 @@ def write_preferences(rows: list[dict[str, Any]], path: Path) -> None:
 def read_preferences(path: Path) -> list[dict[str, Any]]:
     """The rows of a preferences file; none when the file does not exist."""
     return pq.read_table(path).to_pylist() if Path(path).is_file() else []
+
+
+def to_preference(row: Any, spec: FormatSpec, source: str) -> dict[str, Any] | None:
+    """The canonical preference row of a raw row, None when it is not one (a chat example), or BadRow with the reason.
+
+    A preference row is recognised by its own keys (`chosen` or `rejected`; `prompt` and `label`), else by the
+    columns mapped in data.columns (`chosen` or `rejected`; `label`). Configured formats other than auto and
+    columns read chat examples only.
+    """
+    naming = _naming(row, spec) if isinstance(row, dict) and spec.format in ("auto", "columns") else None
+    if naming is None:
+        return None
+    paired, columns = naming
+    system = optional_text(row.get(columns["system"]), columns["system"]) if "system" in columns else None
+    prompt = with_system_prompt(_prompt(row.get(columns["prompt"]), columns["prompt"], system), spec.system_prompt)
+    answers = _paired_answers(row, columns) if paired else _unpaired_answer(row, columns)
+    check_size([*(m["content"] for m in prompt), *(a for a in answers.values() if isinstance(a, str))])
+    fields = {"prompt": prompt, "chosen": None, "rejected": None, "completion": None, "label": None, **answers}
+    return {"id": example_id(list(fields.values())), **fields, "source": source}
+
+
+def _naming(row: dict[str, Any], spec: FormatSpec) -> tuple[bool, dict[str, str]] | None:
+    """(paired, the column of each field) when `row` is a preference row: by its own keys, else by the mapping.
+    An unmapped `label` never makes a row of mapped columns unpaired (`label` may be an SFT row's answer column)."""
+    for columns in (OWN_COLUMNS, {**OWN_COLUMNS, **spec.columns}):
+        if columns["chosen"] in row or columns["rejected"] in row:
+            return True, columns
+        if columns["label"] in row and columns["prompt"] in row and (columns is OWN_COLUMNS or "label" in spec.columns):
+            return False, columns
+    return None
+
+
+def _prompt(value: Any, name: str, system: str | None) -> list[dict[str, str]]:
+    """The prompt as messages ending with a user turn: a text (the user's turn) or a list of messages."""
+    if not isinstance(value, list):
+        return with_system_prompt([{"role": "user", "content": text_field(value, name)}], system)
+    messages = message_list(value, name)
+    last = messages[-1]["role"]
+    if last != "user":
+        raise BadRow(f"field '{name}' must end with a user message, but its last message has role '{last}'")
+    return messages
+
+
+def _answer(value: Any, name: str) -> str:
+    """An answer's text: a text, an assistant message, or a list holding one (TRL's conversational form)."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        return text_field(value, name)
+    if len(value) != 1:
+        raise BadRow(f"field '{name}' must hold one assistant message, got a list of {len(value)}")
+    (message,) = message_list(value, name)
+    if message["role"] != "assistant":
+        raise BadRow(f"field '{name}' must be an assistant message, but it has role '{message['role']}'")
+    return message["content"]
+
+
+def _paired_answers(row: dict[str, Any], columns: dict[str, str]) -> dict[str, str]:
+    chosen = _answer(row.get(columns["chosen"]), columns["chosen"])
+    rejected = _answer(row.get(columns["rejected"]), columns["rejected"])
+    if canonical(chosen) == canonical(rejected):
+        names = f"'{columns['chosen']}' and '{columns['rejected']}'"
+        raise BadRow(f"fields {names} are the same answer after normalisation")
+    return {"chosen": chosen, "rejected": rejected}
+
+
+def _unpaired_answer(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    return {"completion": _answer(row.get(columns["completion"]), columns["completion"]),
+            "label": _label(row.get(columns["label"]), columns["label"])}
+
+
+def _label(value: Any, name: str) -> bool:
+    """A label as a boolean: true or false, or their JSON and CSV spellings 1, 0, "true", "false", "1", "0"."""
+    if isinstance(value, bool):
+        return value
+    spelling = str(value).strip().lower() if isinstance(value, (int, str)) else None
+    if spelling not in LABELS:
+        shown = "null" if value is None else f"{type_name(value)} {value!r:.60}"
+        raise BadRow(f"field '{name}' must be a boolean (true or false), got {shown}")
+    return LABELS[spelling]
+
+
+def as_chat(row: dict[str, Any]) -> dict[str, Any]:
+    """A preference row as a chat example (its prompt, then its chosen or only answer), for what compares prompts:
+    similarity, the split's hash."""
+    answer = row["chosen"] if is_paired(row) else row["completion"]
+    return {"id": row["id"], "messages": [*row["prompt"], {"role": "assistant", "content": answer}],
+            "source": row["source"]}

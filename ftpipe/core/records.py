@@ -1,7 +1,8 @@
-"""Read raw task files in any supported format into canonical chat examples, quarantining bad rows.
+"""Read raw task files in any supported format into canonical chat examples and preference rows (`preferences`),
+quarantining bad rows.
 
 Canonical example: ``{"id": str, "messages": [{"role", "content"}, ...], "source": "file:line N"}``.
-Every row read ends up either as an example or as a quarantine entry with a reason, so
+Every row read ends up as an example, a preference row or a quarantine entry with a reason, so
 ``rows_read == rows_valid + rows_quarantined`` always holds. A file that yields no row at all
 (unreadable, empty, a link out of the task folder) counts as one quarantine entry whose source is
 the file name, and the other files are still read. Rows over MAX_ROW_CHARS characters are quarantined.
@@ -9,12 +10,11 @@ the file name, and the other files are still read. Rows over MAX_ROW_CHARS chara
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
-import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ftpipe.core.raw_files import MAX_ROW_CHARS, SURROGATE, RawDataError, iter_file_rows, too_long
-from ftpipe.core.layout import EXAMPLES, QUARANTINE, REVIEW_CSV
+from ftpipe.core.layout import EXAMPLES, PREFERENCES, QUARANTINE
 from ftpipe.core.results import Result, reuse_key
-from ftpipe.core.storage import UnsafePathError, atomic_dir, contained, file_sha256, sha256_of_files
+from ftpipe.core.storage import UnsafePathError, atomic_dir, contained, sha256_of_files
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
@@ -52,18 +52,23 @@ class FormatSpec:
 @dataclass
 class ReadResult:
     examples: list[dict[str, Any]] = field(default_factory=list)
+    preferences: list[dict[str, Any]] = field(default_factory=list)
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     ignored_files: list[str] = field(default_factory=list)
 
     @property
+    def rows_valid(self) -> int:
+        return len(self.examples) + len(self.preferences)
+
+    @property
     def rows_read(self) -> int:
-        return len(self.examples) + len(self.quarantine)
+        return self.rows_valid + len(self.quarantine)
 
 
-def example_id(messages: list[dict[str, str]]) -> str:
-    """A stable id: the hash of the conversation's exact content."""
-    canonical = json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
+def example_id(content: Any) -> str:
+    """A stable id: the hash of the exact content (a conversation, or a preference row's fields)."""
+    canonical = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
@@ -73,17 +78,17 @@ def _invalid_char(ch: str) -> str:
     return f"contains a lone surrogate (U+{ord(ch):04X}), which is not valid Unicode"
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     if isinstance(value, float) and value != value:
         return "NaN"
     return "null" if value is None else type(value).__name__
 
 
-def _text(value: Any, name: str) -> str:
+def text_field(value: Any, name: str) -> str:
     if value is None:
         raise BadRow(f"field '{name}' is missing or null")
     if not isinstance(value, str):
-        raise BadRow(f"field '{name}' must be text, got {_type_name(value)}")
+        raise BadRow(f"field '{name}' must be text, got {type_name(value)}")
     if not value.strip():
         raise BadRow(f"field '{name}' is empty or only whitespace")
     if "\x00" in value:
@@ -93,33 +98,39 @@ def _text(value: Any, name: str) -> str:
     return value
 
 
-def _optional_text(value: Any, name: str) -> str | None:
+def optional_text(value: Any, name: str) -> str | None:
     """An optional field's text; None when it is absent or blank."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    return _text(value, name)
+    return text_field(value, name)
 
 
-def _role(value: Any, index: int) -> str:
+def _role(value: Any, name: str) -> str:
     role = value.strip().lower() if isinstance(value, str) else value
     if role not in ROLES:
-        raise BadRow(f"messages[{index}].role is {value!r:.60}; expected one of {', '.join(ROLES)}")
+        raise BadRow(f"{name}.role is {value!r:.60}; expected one of {', '.join(ROLES)}")
     return role
 
 
-def _chat(raw: Any) -> list[dict[str, str]]:
+def message_list(raw: Any, name: str) -> list[dict[str, str]]:
+    """The `{role, content}` messages of field `name`, each role and text checked."""
     if raw is None:
-        raise BadRow("field 'messages' is missing or null")
+        raise BadRow(f"field '{name}' is missing or null")
     if not isinstance(raw, list):
-        raise BadRow(f"field 'messages' must be a list of {{role, content}} objects, got {_type_name(raw)}")
+        raise BadRow(f"field '{name}' must be a list of {{role, content}} objects, got {type_name(raw)}")
     if not raw:
-        raise BadRow("field 'messages' is an empty list")
+        raise BadRow(f"field '{name}' is an empty list")
     messages = []
     for i, message in enumerate(raw):
         if not isinstance(message, dict):
-            raise BadRow(f"messages[{i}] must be an object with 'role' and 'content', got {_type_name(message)}")
-        content = _text(message.get("content"), f"messages[{i}].content")
-        messages.append({"role": _role(message.get("role"), i), "content": content})
+            raise BadRow(f"{name}[{i}] must be an object with 'role' and 'content', got {type_name(message)}")
+        content = text_field(message.get("content"), f"{name}[{i}].content")
+        messages.append({"role": _role(message.get("role"), f"{name}[{i}]"), "content": content})
+    return messages
+
+
+def _chat(raw: Any) -> list[dict[str, str]]:
+    messages = message_list(raw, "messages")
     if messages[-1]["role"] != "assistant":
         raise BadRow("the conversation does not end with an assistant message")
     if not any(m["role"] == "user" for m in messages):
@@ -133,10 +144,10 @@ def _pair(prompt: str, completion: str, system: str | None = None) -> list[dict[
 
 
 def _alpaca(row: dict[str, Any]) -> list[dict[str, str]]:
-    instruction = _text(row.get("instruction"), "instruction")
-    extra = _optional_text(row.get("input"), "input")
+    instruction = text_field(row.get("instruction"), "instruction")
+    extra = optional_text(row.get("input"), "input")
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    return _pair(prompt, _text(row.get("output"), "output"))
+    return _pair(prompt, text_field(row.get("output"), "output"))
 
 
 def _keys(row: dict[str, Any]) -> str:
@@ -155,9 +166,9 @@ def _mapped(row: dict[str, Any], columns: dict[str, str]) -> list[dict[str, str]
         raise BadRow(f"mapped column {missing} is not in the file; its columns are: {_keys(row)}")
     system_column = columns.get("system")
     return _pair(
-        _text(row.get(columns["prompt"]), columns["prompt"]),
-        _text(row.get(columns["completion"]), columns["completion"]),
-        _optional_text(row.get(system_column), system_column) if system_column else None,
+        text_field(row.get(columns["prompt"]), columns["prompt"]),
+        text_field(row.get(columns["completion"]), columns["completion"]),
+        optional_text(row.get(system_column), system_column) if system_column else None,
     )
 
 
@@ -176,32 +187,44 @@ def detect_format(row: dict[str, Any], spec: FormatSpec) -> str:
         return "columns"
     missing = f"the mapped column {_missing_columns(row, spec.columns)} is not in the file, and " if mapped else ""
     raise BadRow(
-        f"unrecognised row format: {missing}expected 'messages', 'instruction'+'output', 'prompt'+'completion' "
-        f"or the columns mapped in task.yaml; the row has keys: {_keys(row)}"
+        f"unrecognised row format: {missing}expected 'messages', 'instruction'+'output', 'prompt'+'completion', "
+        f"'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label' or the columns mapped in task.yaml; "
+        f"the row has keys: {_keys(row)}"
     )
 
 
 def to_messages(row: Any, spec: FormatSpec) -> list[dict[str, str]]:
     """Normalise one raw row to a canonical conversation, or raise BadRow with the reason."""
     if not isinstance(row, dict):
-        raise BadRow(f"expected an object/record, got {_type_name(row)}")
+        raise BadRow(f"expected an object/record, got {type_name(row)}")
     fmt = detect_format(row, spec)
     if fmt == "messages":
         messages = _chat(row.get("messages"))
     elif fmt == "alpaca":
         messages = _alpaca(row)
     elif fmt == "prompt_completion":
-        messages = _pair(_text(row.get("prompt"), "prompt"), _text(row.get("completion"), "completion"))
+        messages = _pair(text_field(row.get("prompt"), "prompt"), text_field(row.get("completion"), "completion"))
     else:
         if not {"prompt", "completion"} <= spec.columns.keys():
             raise BadRow("format 'columns' needs data.columns.prompt and data.columns.completion in task.yaml")
         messages = _mapped(row, spec.columns)
-    if spec.system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": spec.system_prompt})
-    size = sum(len(m["content"]) for m in messages)
+    messages = with_system_prompt(messages, spec.system_prompt)
+    check_size(m["content"] for m in messages)
+    return messages
+
+
+def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """`messages` with `system_prompt` (data.system_prompt) first, unless they start with a system message."""
+    if system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def check_size(texts: Iterable[str]) -> None:
+    """Raise BadRow when the texts of one row hold more than MAX_ROW_CHARS characters together."""
+    size = sum(map(len, texts))
     if size > MAX_ROW_CHARS:
         raise BadRow(too_long(size))
-    return messages
 
 
 def _printable(text: str) -> str:
@@ -223,18 +246,25 @@ def _quarantine(result: ReadResult, source: str, reason: str, raw: Any = "") -> 
 
 
 def read_file(path: Path, name: str, spec: FormatSpec, result: ReadResult) -> None:
-    """Append one file's examples and quarantined rows to `result`; an unreadable or empty file is one entry."""
+    """Append one file's examples, preference rows and quarantined rows to `result`; an unreadable or empty file is
+    one entry."""
+    from ftpipe.core.preferences import to_preference  # preferences builds on this module's row checks
+
     before = result.rows_read
     try:
         for location, row, problem in iter_file_rows(path):
+            source = f"{name}:{location}"
             try:
                 if problem:
                     raise BadRow(problem)
-                messages = to_messages(row, spec)
+                preference = to_preference(row, spec, source)
+                if preference is None:
+                    messages = to_messages(row, spec)
+                    result.examples.append({"id": example_id(messages), "messages": messages, "source": source})
+                else:
+                    result.preferences.append(preference)
             except BadRow as bad:
-                _quarantine(result, f"{name}:{location}", str(bad), row)
-            else:
-                result.examples.append({"id": example_id(messages), "messages": messages, "source": f"{name}:{location}"})
+                _quarantine(result, source, str(bad), row)
     except RawDataError as exc:
         _quarantine(result, name, str(exc))
     except OSError as exc:
@@ -328,17 +358,21 @@ def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec) -> dict[str, Any]:
-    """Read a task's raw/ into `out_dir/examples.parquet` and `out_dir/quarantine.jsonl`; return the counts."""
+    """Read a task's raw/ into `out_dir/examples.parquet`, `out_dir/preferences.parquet` and
+    `out_dir/quarantine.jsonl`; return the counts."""
+    from ftpipe.core.preferences import write_preferences  # preferences builds on this module's row checks
+
     result = read_raw_dir(task_folder / "raw", spec)
-    if not result.examples:
+    if not result.rows_valid:
         reasons = Counter(row["reason"] for row in result.quarantine).most_common(3)
         problems = "; ".join(f"{reason} ({count} row{'s' * (count > 1)})" for reason, count in reasons) or "no rows at all"
         raise RawDataError(f"{task_folder / 'raw'}: no usable rows in {len(result.files)} file(s), "
                            f"{result.rows_read} rows read; most common problems: {problems}")
     summary = {
         "rows_read": result.rows_read,
-        "rows_valid": len(result.examples),
+        "rows_valid": result.rows_valid,
         "rows_quarantined": len(result.quarantine),
+        "preference_rows": len(result.preferences),
         "files": result.files,
         "ignored_files": result.ignored_files,
         "quarantine_reasons": dict(Counter(row["reason"] for row in result.quarantine).most_common()),
@@ -346,9 +380,10 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec) -> di
     inputs = {"raw_files": _raw_version(task_folder / "raw"), "format": repr(spec)}
     with atomic_dir(out_dir) as tmp:
         write_examples(result.examples, tmp / EXAMPLES)
+        write_preferences(result.preferences, tmp / PREFERENCES)
         write_jsonl(result.quarantine, tmp / QUARANTINE)
-        Result("raw_examples", reuse_key(inputs), {"examples": EXAMPLES, "quarantine": QUARANTINE},
-               inputs, summary).write(tmp)
+        produced = {"examples": EXAMPLES, "preferences": PREFERENCES, "quarantine": QUARANTINE}
+        Result("raw_examples", reuse_key(inputs), produced, inputs, summary).write(tmp)
     return {**summary, "quarantine": result.quarantine}
 
 
@@ -356,36 +391,3 @@ def _raw_version(raw_dir: Path) -> str:
     """A hash of the names and contents of the files read from `raw_dir`."""
     supported, _ = list_raw_files(raw_dir)
     return sha256_of_files([p for p in supported if p.is_file()], raw_dir)[:16]
-
-
-def review_sample(rows: list[dict[str, Any]], size: int = 100, seed: int = 0) -> list[dict[str, Any]]:
-    """`size` rows drawn with a fixed seed (all rows if fewer), flattened to prompt/answer columns."""
-    ordered = sorted(rows, key=lambda r: r["id"])
-    picked = random.Random(seed).sample(ordered, min(size, len(ordered)))
-    return [
-        {
-            "id": row["id"],
-            "system": next((m["content"] for m in row["messages"] if m["role"] == "system"), ""),
-            "prompt": "\n".join(m["content"] for m in row["messages"][:-1] if m["role"] == "user"),
-            "answer": row["messages"][-1]["content"],
-            "source": row["source"],
-        }
-        for row in sorted(picked, key=lambda r: r["id"])
-    ]
-
-
-def build_review_sample(examples_path: Path, out_dir: Path) -> list[dict[str, Any]]:
-    """Write `review_sample(...)` of the examples as `out_dir/review_sample.csv` (with a result); return its rows."""
-    sample = review_sample(read_examples(examples_path))
-    inputs = {"examples": file_sha256(examples_path)[:16]}
-    with atomic_dir(out_dir) as tmp:
-        _write_csv(sample, tmp / REVIEW_CSV)
-        Result("review_sample", reuse_key(inputs), {"csv": REVIEW_CSV}, inputs, {"rows": len(sample)}).write(tmp)
-    return sample
-
-
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["id"])
-        writer.writeheader()
-        writer.writerows(rows)

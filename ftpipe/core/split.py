@@ -4,6 +4,8 @@ A row's side depends only on its prompt (and the seed), never on which other row
 near-duplicate prompts share the side of their group; sides recorded by an earlier split are kept,
 so adding rows never moves an existing row between train and eval. Near-duplicate prompts are those
 cleaning compares (`similarity`, leaving out the same shared text), and the leakage check uses the same test.
+Preference rows are split with the chat examples, by their prompts: near-identical prompts of either kind share a
+side, so all the rows of one prompt are on one side.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import numpy as np
 
 from ftpipe.core import similarity
 from ftpipe.core.dedup import SHARED_TEXT_KEY, prompt_key
+from ftpipe.core.layout import (
+    EVAL as EVAL_FILE, EVAL_PREFERENCES, PREFERENCES, SPLIT_RECORD, TRAIN as TRAIN_FILE, TRAIN_PREFERENCES,
+)
+from ftpipe.core.preferences import as_chat, read_preferences, write_preferences
 from ftpipe.core.records import examples_metadata, read_examples, write_examples
-from ftpipe.core.layout import EVAL as EVAL_FILE, SPLIT_RECORD, TRAIN as TRAIN_FILE
 from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.storage import atomic_dir, file_sha256
 
@@ -81,16 +86,30 @@ def find_leaks(
 
 
 def split_leaks(folder: Path, settings: similarity.Settings) -> list[dict[str, Any]]:
-    """The leaks of a split written by `build_split` into `folder`, judged as cleaning and the split judged."""
+    """The leaks of a split written by `build_split` into `folder`, judged as cleaning and the split judged: eval rows
+    and eval preference prompts near a train row's or a train preference row's prompt."""
     train_path = folder / TRAIN_FILE
-    return find_leaks(read_examples(train_path), read_examples(folder / EVAL_FILE), settings=settings,
-                      shared=_shared_text(train_path))
+    train_pairs, eval_pairs = ([as_chat(row) for row in read_preferences(folder / name)]
+                               for name in (TRAIN_PREFERENCES, EVAL_PREFERENCES))
+    shared = _shared_text(train_path)
+    if shared is not None:
+        shared = _with_preference_text(shared, train_pairs + eval_pairs, settings)
+    return find_leaks(read_examples(train_path) + train_pairs, read_examples(folder / EVAL_FILE) + eval_pairs,
+                      settings=settings, shared=shared)
 
 
 def _shared_text(path: Path) -> np.ndarray | None:
     """The shared shingles recorded in an examples file (None when it records none)."""
     recorded = examples_metadata(path).get(SHARED_TEXT_KEY)
     return None if recorded is None else similarity.decode_shared(recorded)
+
+
+def _with_preference_text(shared: np.ndarray, prompts: list[dict[str, Any]],
+                          settings: similarity.Settings) -> np.ndarray:
+    """`shared` and the text shared by the preference `prompts` (found among them as among the chat rows)."""
+    if not prompts:
+        return shared
+    return np.union1d(shared, similarity.prompt_shingles(prompts, settings.shingle_words)[1])
 
 
 def _previous_sides(path: Path, eval_fraction: float, seed: int) -> dict[str, str]:
@@ -104,28 +123,38 @@ def _previous_sides(path: Path, eval_fraction: float, seed: int) -> dict[str, st
 
 def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, seed: int,
                 settings: similarity.Settings = similarity.Settings()) -> dict[str, Any]:
-    """Write `train.parquet`, `eval.parquet` and `split.json` (every id's side) into `out_dir`.
+    """Write `train.parquet`, `eval.parquet`, `train_preferences.parquet`, `eval_preferences.parquet` (the rows of
+    `preferences.parquet` beside `examples_path`, none without it) and `split.json` (every id's side) into `out_dir`.
 
     The shared text cleaning left out (recorded in the examples file) is left out here too, and recorded again
-    in both halves for the leakage check.
+    in both halves for the leakage check; preference prompts are compared leaving out their own shared text too.
     """
     rows = sorted(read_examples(examples_path), key=lambda r: (r["id"], r["source"]))
+    preferences_path = examples_path.parent / PREFERENCES
+    pairs = sorted(read_preferences(preferences_path), key=lambda r: (r["id"], r["source"]))
     shared = _shared_text(examples_path)
     if shared is None:
         shared = similarity.prompt_shingles(rows, settings.shingle_words)[1]
     metadata = {SHARED_TEXT_KEY: similarity.encode_shared(shared)}
     previous = _previous_sides(out_dir / SPLIT_RECORD, eval_fraction, seed)
-    sides = assign_sides(rows, eval_fraction=eval_fraction, seed=seed, previous=previous, settings=settings,
-                         shared=shared)
-    train = [row for row in rows if sides[row["id"]] == TRAIN]
-    evaluation = [row for row in rows if sides[row["id"]] == EVAL]
-    summary = {"train_rows": len(train), "eval_rows": len(evaluation)}
-    inputs = {"deduplicated_examples": file_sha256(examples_path)[:16], "eval_fraction": eval_fraction, "seed": seed}
-    record = {"eval_fraction": eval_fraction, "seed": seed, "sides": {row["id"]: sides[row["id"]] for row in rows}}
+    prompts = [as_chat(row) for row in pairs]
+    sides = assign_sides(rows + prompts, eval_fraction=eval_fraction, seed=seed, previous=previous, settings=settings,
+                         shared=_with_preference_text(shared, prompts, settings))
+    train, evaluation = ([row for row in rows if sides[row["id"]] == side] for side in (TRAIN, EVAL))
+    train_pairs, eval_pairs = ([row for row in pairs if sides[row["id"]] == side] for side in (TRAIN, EVAL))
+    summary = {"train_rows": len(train), "eval_rows": len(evaluation),
+               "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
+    inputs = {"deduplicated_examples": file_sha256(examples_path)[:16], "eval_fraction": eval_fraction, "seed": seed,
+              "deduplicated_preferences": file_sha256(preferences_path)[:16] if preferences_path.is_file() else None}
+    record = {"eval_fraction": eval_fraction, "seed": seed,
+              "sides": {row["id"]: sides[row["id"]] for row in rows + pairs}}
+    produced = {"train": TRAIN_FILE, "eval": EVAL_FILE, "train_preferences": TRAIN_PREFERENCES,
+                "eval_preferences": EVAL_PREFERENCES, "sides": SPLIT_RECORD}
     with atomic_dir(out_dir) as tmp:
         write_examples(train, tmp / TRAIN_FILE, metadata)
         write_examples(evaluation, tmp / EVAL_FILE, metadata)
+        write_preferences(train_pairs, tmp / TRAIN_PREFERENCES)
+        write_preferences(eval_pairs, tmp / EVAL_PREFERENCES)
         (tmp / SPLIT_RECORD).write_text(json.dumps(record, indent=0, sort_keys=True), encoding="utf-8")
-        Result("heldout_split", reuse_key(inputs, settings), {"train": TRAIN_FILE, "eval": EVAL_FILE, "sides": SPLIT_RECORD},
-               inputs, summary).write(tmp)
+        Result("heldout_split", reuse_key(inputs, settings), produced, inputs, summary).write(tmp)
     return summary

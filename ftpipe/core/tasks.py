@@ -121,28 +121,49 @@ def _general(name: str) -> Path | None:
 
 @dataclass(frozen=True)
 class TrainingInputs:
-    """What a training of a task starts from: the split's data version, the base model's result, and the
-    training fingerprint (the reuse key of the adapter it makes)."""
+    """What one stage's training of a task starts from: its train and eval files and their data version, the base
+    model's result, the finished SFT training a preference stage starts from (None for sft), and the training
+    fingerprint (the reuse key of the adapter it makes)."""
 
+    train_path: Path
+    eval_path: Path
     split_version: str
     base: Result
     fingerprint: str
+    start: Result | None = None
+
+
+def training_asset(objective: str) -> str:
+    """The asset that runs a stage's training: lora_adapter for sft, preference_adapter for dpo, orpo and kto."""
+    return "lora_adapter" if objective == "sft" else "preference_adapter"
 
 
 def training_inputs(task: str, training: TrainingConfig) -> TrainingInputs:
-    """The inputs a training of `task` would have now; FileNotFoundError while the split or base model is missing."""
+    """The inputs the training of `training.objective` (a `TrainingConfig.for_stage`) would have now;
+    FileNotFoundError while the split, the base model or (for a preference stage) the SFT adapter is missing."""
     from ftpipe.core.training.spec import training_fingerprint
 
     paths = TaskLayout(task)
+    sft = training.objective == "sft"
+    files = paths.split_files if sft else paths.preference_split_files
     base = read_result(paths.output("base_model"), "base_model")
-    if base is None or not all(path.is_file() for path in paths.split_files):
-        raise FileNotFoundError(f"{task}: the held-out split or the base model is not built yet")
-    split_version = file_sha256(*paths.split_files)[:16]
+    start = None if sft else read_result(paths.output("lora_adapter"), "lora_adapter")
+    if base is None or not all(path.is_file() for path in files) or not (sft or start):
+        raise FileNotFoundError(f"{task}: the held-out split, the base model or the SFT adapter is not built yet")
+    split_version = file_sha256(*files)[:16]
     recipe = training.recipe()
     if training.replay:  # the replayed prompts shape the weights too
         prompts = general_replay_prompts()
         recipe["replay_prompts"] = file_sha256(prompts)[:16] if prompts else None
-    return TrainingInputs(split_version, base, training_fingerprint(split_version, base.reuse_key, recipe))
+    if start:
+        recipe["start"] = start.produced["data_version"]
+    fingerprint = training_fingerprint(split_version, base.reuse_key, recipe)
+    return TrainingInputs(*files, split_version, base, fingerprint, start)
+
+
+def final_training(training: TrainingConfig) -> str:
+    """The training asset whose adapter is the task's fine-tuned model: the preference stage's when there is one."""
+    return training_asset(training.preference_objective or "sft")
 
 
 def label_answers(task: str, evaluation: EvaluationConfig) -> list[str] | None:

@@ -75,7 +75,8 @@ def no_pods():
 def test_heavy_steps_share_the_gpu_pool() -> None:
     pools = {key.to_user_string(): defs.resolve_assets_def(key).op.pool for key in defs.resolve_asset_graph().get_all_asset_keys()
              if key.to_user_string() != "task_files"}
-    assert {asset for asset, pool in pools.items() if pool == "gpu"} == {"lora_adapter", "eval_report", "merged_model"}
+    assert {asset for asset, pool in pools.items() if pool == "gpu"} == {
+        "lora_adapter", "preference_adapter", "eval_report", "merged_model"}
 
 
 def test_k8s_qlora_is_accepted_on_a_cpu_only_host(tiny_task: str) -> None:

@@ -123,6 +123,19 @@ def test_the_gate_can_require_beating_few_shot():
     assert "no few-shot baseline" in decide_gate(measured(fewshot_score=None), strict)[1][0]
 
 
+def test_the_gate_requires_a_preference_gain_only_when_preference_pairs_were_evaluated():
+    pairs = {"preference_pairs": 50, "preference_baseline": "sft", "preference_accuracy_sft": 0.7,
+             "preference_accuracy_final": 0.66, "preference_delta_ci_low": -0.1}
+    assert decide_gate(measured(), EvaluationConfig(min_preference_gain=0.5)) == (True, [])  # no pairs: as before
+    passed, failed = decide_gate(measured(**pairs), EvaluationConfig())
+    assert not passed and failed == [
+        "preference_delta_ci_low -0.100 < min_preference_gain 0.000 (preference accuracy sft 0.700 -> final 0.660)"]
+    assert decide_gate(measured(**pairs), EvaluationConfig(min_preference_gain=-0.2)) == (True, [])
+    versus_base = {**pairs, "preference_baseline": "base", "preference_accuracy_base": 0.5}
+    assert "(preference accuracy base 0.500 -> final 0.660)" in decide_gate(measured(**versus_base),
+                                                                             EvaluationConfig())[1][0]
+
+
 def test_the_review_gate_waits_for_human_verdicts_apart_from_the_metric_gate():
     config = EvaluationConfig(task_type="generation", require_human_review=3)
     assert waiting_for_reviews(0, config) == "waiting for 3 human verdicts (have 0)"
@@ -147,9 +160,10 @@ def test_win_rate_counts_a_tie_half_with_a_bootstrap_interval():
 
 def test_the_evaluation_key_ignores_gate_thresholds_but_not_what_changes_outputs():
     inputs = {"base_fingerprint": "b", "adapter_version": "a", "eval_version": "e", "train_version": "t",
-              "probe_hash": "p", "probe_rows": 40}
+              "probe_hash": "p", "probe_rows": 40, "sft_adapter_version": "s", "preference_version": "v"}
     key = evaluation_key(**inputs, config=EvaluationConfig())
-    gate = EvaluationConfig(min_improvement=0.3, max_forgetting=0.5, require_beats_fewshot=True, require_human_review=5)
+    gate = EvaluationConfig(min_improvement=0.3, max_forgetting=0.5, require_beats_fewshot=True, require_human_review=5,
+                            min_preference_gain=0.1)
     assert evaluation_key(**inputs, config=gate) == key
     assert evaluation_key(**inputs, config=EvaluationConfig(max_new_tokens=7)) != key
     assert evaluation_key(**inputs, config=EvaluationConfig(fewshot_k=2)) != key

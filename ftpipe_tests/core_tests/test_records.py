@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ftpipe.core import records
+from ftpipe.core import records, review_sample as review
 from ftpipe.core.records import FormatSpec, RawDataError, build_raw_examples, read_raw_dir
 from ftpipe_tests.builders import chat, make_task
 
@@ -131,11 +131,11 @@ def test_system_prompt_is_added_where_missing() -> None:
 
 def test_review_sample_is_seeded_and_bounded() -> None:
     rows = [{"id": f"{i:04d}", "source": "s", **chat(f"q{i}", f"a{i}")} for i in range(250)]
-    first = records.review_sample(rows)
+    first = review.review_sample(rows)
     assert len(first) == 100
-    assert first == records.review_sample(list(reversed(rows)))
-    assert first != records.review_sample(rows, seed=1)
-    assert len(records.review_sample(rows[:7])) == 7
+    assert first == review.review_sample(list(reversed(rows)))
+    assert first != review.review_sample(rows, seed=1)
+    assert len(review.review_sample(rows[:7])) == 7
 
 
 def test_a_mapped_column_missing_from_the_file_is_named_with_the_columns_it_has(tmp_path: Path) -> None:
@@ -153,3 +153,21 @@ def test_a_mapped_column_missing_from_the_file_is_named_with_the_columns_it_has(
         build_raw_examples(folder, tmp_path / "out", spec)
     message = str(failure.value)
     assert "\n" not in message and "[(" not in message and "(1 row)" in message
+
+
+def test_preference_rows_beside_mapped_chat_columns_are_read_by_their_keys(ftpipe_env: Path, tmp_path: Path) -> None:
+    folder = make_task(ftpipe_env, "t", {
+        "helpdesk.csv": "ticket_text,triage\nprinter broken,technical\n",
+        "pairs.jsonl": [{"prompt": "refund me", "chosen": "billing", "rejected": "shipping"},
+                        {"prompt": "refund me", "chosen": "billing", "rejected": ""}],
+    })
+    spec = FormatSpec(columns={"prompt": "ticket_text", "completion": "triage"}, system_prompt="Triage.")
+    summary = build_raw_examples(folder, tmp_path / "out", spec)
+    assert (summary["rows_read"], summary["rows_valid"], summary["rows_quarantined"]) == (3, 2, 1)
+    assert summary["preference_rows"] == 1
+    assert summary["quarantine_reasons"] == {"field 'rejected' is empty or only whitespace": 1}
+    (example,) = records.read_examples(tmp_path / "out" / "examples.parquet")
+    assert example["messages"][-1]["content"] == "technical"
+    (preference,) = pq.read_table(tmp_path / "out" / "preferences.parquet").to_pylist()
+    assert preference["prompt"] == [{"role": "system", "content": "Triage."}, {"role": "user", "content": "refund me"}]
+    assert preference["source"] == "pairs.jsonl:line 1"

@@ -3,8 +3,10 @@ import random
 from pathlib import Path
 
 from ftpipe.core import dedup, similarity, split
-from ftpipe.core.records import examples_metadata, read_examples, write_examples
-from ftpipe_tests.intents import intent_task
+from ftpipe.core.preferences import read_preferences, to_preference, write_preferences
+from ftpipe.core.records import FormatSpec, examples_metadata, read_examples, write_examples
+from ftpipe.core.results import read_result
+from ftpipe_tests.intents import SYSTEM_PROMPT, intent_task
 from ftpipe_tests.rows import row, sentence
 
 
@@ -96,3 +98,88 @@ def test_leak_check_ignores_the_shared_system_prompt_but_finds_a_copied_message(
     fresh = [r for r in fresh if r["messages"][1]["content"] not in {t["messages"][1]["content"] for t in train}]
     leaks = split.find_leaks(train, [copied, *fresh])
     assert [(leak["eval_id"], leak["train_id"]) for leak in leaks] == [("copy", train[0]["id"])]
+
+
+def pair(prompt: str, chosen: str = "good", rejected: str = "bad", source: str = "p:line 1") -> dict:
+    return to_preference({"prompt": prompt, "chosen": chosen, "rejected": rejected}, FormatSpec(), source)
+
+
+def build(folder: Path, chat: list[dict], pairs: list[dict] | None, out: Path, eval_fraction: float = 0.5) -> dict:
+    """Split `chat` rows and `pairs` (no preferences file when None) written as a deduplicated folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_examples(chat, folder / "examples.parquet")
+    if pairs is not None:
+        write_preferences(pairs, folder / "preferences.parquet")
+    return split.build_split(folder / "examples.parquet", out, eval_fraction=eval_fraction, seed=0)
+
+
+def test_all_rows_of_one_prompt_are_on_one_side_and_adding_rows_never_moves_them(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    prompts = [sentence(rng, 12) for _ in range(30)]
+    pairs = [pair(p, chosen, rejected, f"p:line {i}") for i, p in enumerate(prompts)
+             for chosen, rejected in (("a", "b"), ("a", "c"), ("b", "c"))]
+    pairs += [to_preference({"prompt": p, "completion": "a", "label": True}, FormatSpec(), "k:line 1") for p in prompts]
+    summary = build(tmp_path / "one", rows(40), pairs, tmp_path / "split")
+    assert summary["train_pairs"] + summary["eval_pairs"] == len(pairs) and summary["eval_pairs"] > 0
+    train, evaluation = (read_preferences(tmp_path / "split" / name)
+                         for name in ("train_preferences.parquet", "eval_preferences.parquet"))
+    assert len(evaluation) == summary["eval_pairs"] and len(train) == summary["train_pairs"]
+    side = {row["id"]: "train" for row in train} | {row["id"]: "eval" for row in evaluation}
+    for prompt in prompts:
+        assert len({side[row["id"]] for row in pairs if row["prompt"][-1]["content"] == prompt}) == 1
+    before = json.loads((tmp_path / "split" / "split.json").read_text())["sides"]
+    assert all(before[row["id"]] == side[row["id"]] for row in pairs)
+    more = [pair(sentence(rng, 12), source=f"q:line {i}") for i in range(60)]
+    build(tmp_path / "two", rows(40) + rows(30, seed=8), pairs + more, tmp_path / "split")
+    after = json.loads((tmp_path / "split" / "split.json").read_text())["sides"]
+    assert all(after[key] == value for key, value in before.items())
+    assert read_result(tmp_path / "split").produced["eval_preferences"] == "eval_preferences.parquet"
+
+
+def test_a_preference_prompt_near_a_chat_prompt_takes_its_side(tmp_path: Path) -> None:
+    chat = rows(60)
+    near = [pair(" ".join(row["messages"][0]["content"].split()[:-1] + ["zulu"]), source=f"p:line {i}")
+            for i, row in enumerate(chat[:12])]
+    build(tmp_path / "in", chat, near, tmp_path / "split")
+    sides = json.loads((tmp_path / "split" / "split.json").read_text())["sides"]
+    assert all(sides[p["id"]] == sides[row["id"]] for p, row in zip(near, chat))
+    assert len({sides[row["id"]] for row in chat[:12]}) == 2
+    assert split.split_leaks(tmp_path / "split", similarity.Settings()) == []
+
+
+def test_the_leak_check_finds_a_planted_preference_leak(tmp_path: Path) -> None:
+    chat = rows(40)
+    pairs = [pair(sentence(random.Random(i), 15), source=f"p:line {i}") for i in range(20)]
+    build(tmp_path / "in", chat, pairs, tmp_path / "split")
+    train_chat = read_examples(tmp_path / "split" / "train.parquet")
+    train_pairs = read_preferences(tmp_path / "split" / "train_preferences.parquet")
+    evaluation = read_preferences(tmp_path / "split" / "eval_preferences.parquet")
+    near_chat = pair(train_chat[0]["messages"][0]["content"].upper() + "!", source="x:line 1")
+    near_pair = pair(" ".join(train_pairs[0]["prompt"][-1]["content"].split()[:-1] + ["zulu"]), "x", "y", "x:line 2")
+    write_preferences(evaluation + [near_chat, near_pair], tmp_path / "split" / "eval_preferences.parquet")
+    leaks = split.split_leaks(tmp_path / "split", similarity.Settings())
+    assert {(leak["eval_id"], leak["train_id"]) for leak in leaks} == {
+        (near_chat["id"], train_chat[0]["id"]), (near_pair["id"], train_pairs[0]["id"])}
+
+
+def test_a_task_without_preference_rows_splits_to_the_same_chat_files(tmp_path: Path) -> None:
+    """No preferences file, an empty one, or preference prompts unlike every chat prompt: the same chat files (the
+    SFT training fingerprint hashes them)."""
+    chat = intent_task(seed=1).rows
+    unlike = [pair(sentence(random.Random(i), 15), source=f"p:line {i}") for i in range(10)]
+    for name, pairs in (("none", None), ("empty", []), ("unlike", unlike)):
+        summary = build(tmp_path / f"in_{name}", chat, pairs, tmp_path / name, eval_fraction=0.15)
+        assert summary["train_pairs"] + summary["eval_pairs"] == len(pairs or [])
+    for file in ("train.parquet", "eval.parquet"):
+        assert (tmp_path / "none" / file).read_bytes() == (tmp_path / "empty" / file).read_bytes()
+        assert (tmp_path / "none" / file).read_bytes() == (tmp_path / "unlike" / file).read_bytes()
+    assert (tmp_path / "none" / "split.json").read_bytes() == (tmp_path / "empty" / "split.json").read_bytes()
+
+
+def test_a_system_prompt_shared_by_preference_rows_does_not_group_them(tmp_path: Path) -> None:
+    spec = FormatSpec(system_prompt=SYSTEM_PROMPT)
+    pairs = [to_preference({"prompt": row["messages"][1]["content"], "chosen": "yes", "rejected": "no"}, spec,
+                           f"p:line {i}") for i, row in enumerate(intent_task(seed=4).rows[:200])]
+    summary = build(tmp_path / "in", [], pairs, tmp_path / "split", eval_fraction=0.2)
+    assert 0.1 < summary["eval_pairs"] / len(pairs) < 0.3
+    assert split.split_leaks(tmp_path / "split", similarity.Settings()) == []

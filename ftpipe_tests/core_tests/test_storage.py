@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from ftpipe.core import storage
-from ftpipe.core.layout import EVAL, EXAMPLES, QUARANTINE, REMOVED, SPLIT_RECORD, TRAIN, TaskLayout
+from ftpipe.core.layout import (
+    EVAL, EVAL_PREFERENCES, EXAMPLES, PREFERENCES, QUARANTINE, REMOVED, SPLIT_RECORD, TRAIN, TRAIN_PREFERENCES, TaskLayout,
+)
 from ftpipe.core.results import RESULT_FILE
 from ftpipe.core.storage import UnsafePathError, atomic_dir, contained, file_sha256, task_dir
 from ftpipe_tests.builders import make_task
@@ -119,9 +121,9 @@ while True:
     print("round", flush=True)
 """
 OUTPUTS = {
-    "raw_examples": sorted([EXAMPLES, QUARANTINE, RESULT_FILE]),
-    "deduplicated_examples": sorted([EXAMPLES, REMOVED, RESULT_FILE]),
-    "heldout_split": sorted([EVAL, RESULT_FILE, SPLIT_RECORD, TRAIN]),
+    "raw_examples": sorted([EXAMPLES, PREFERENCES, QUARANTINE, RESULT_FILE]),
+    "deduplicated_examples": sorted([EXAMPLES, PREFERENCES, REMOVED, RESULT_FILE]),
+    "heldout_split": sorted([EVAL, EVAL_PREFERENCES, RESULT_FILE, SPLIT_RECORD, TRAIN, TRAIN_PREFERENCES]),
 }
 
 

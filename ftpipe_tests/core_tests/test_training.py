@@ -19,6 +19,7 @@ from ftpipe.core.training.reporting import NewStepsOnly
 from ftpipe.core.training.spec import TrainingSpec, training_fingerprint
 from ftpipe_tests.training_program import (
     LONG_ROWS,
+    kill_after_logging_past_a_checkpoint,
     mlflow_client,
     output_result,
     run_to_end,
@@ -31,7 +32,6 @@ CONTRACT_KEYS = {
     "method", "adapter_path", "train_loss", "eval_loss", "trainable_params",
     "tokens_per_second", "rows_too_long", "mlflow_run_id",
 }
-STEP_LINE = re.compile(r"^step (\d+)/")
 
 
 @pytest.fixture(scope="module")
@@ -186,21 +186,6 @@ def test_loss_is_masked_on_prompt_tokens(workspace):
     assert trained_text in {f"{color}<|im_end|>\n" for color in ("red", "yellow", "purple", "green", "violet", "brown")}
     assert all(label == -100 for label in labels[:first_trained])
     assert labels[first_trained:] == input_ids[first_trained:]
-
-
-def kill_after_logging_past_a_checkpoint(root: Path, spec: Path, checkpoint_dir: Path) -> int:
-    """Start a training and SIGKILL it once it logged two steps past a complete checkpoint; that checkpoint's step."""
-    process = start(root, spec)
-    deadline = time.monotonic() + 120
-    for line in process.stdout:
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        complete = [p for p in checkpoint_dir.glob("checkpoint-*") if checkpoints.is_complete_checkpoint(p)]
-        step = STEP_LINE.match(line)
-        if complete and step and int(step.group(1)) >= checkpoints.checkpoint_step(max(complete)) + 2:
-            process.kill()
-            process.wait()
-            return checkpoints.checkpoint_step(max(complete))
-    pytest.fail("the training ended before it could be killed")
 
 
 @pytest.mark.slow

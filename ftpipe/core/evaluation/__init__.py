@@ -6,6 +6,7 @@
 - `fewshot`, `label_likelihood`: the few-shot baseline, label ranking by log-likelihood and answers constrained to
   the label set (also for serving);
 - `statistics`, `forgetting`, `gate`: bootstrap intervals, forgetting on the general-skills probe, the gate;
+- `preference`: preference accuracy on held-out preference pairs (base, SFT and final model);
 - `review`, `review_page`, `judge`: the blind human review and its verdicts, and the LLM judge;
 - `outputs`, `measurements`, `report`, `run`: each model's outputs (base cached), metrics.json, report.md, and the
   entry points below.

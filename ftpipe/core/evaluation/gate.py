@@ -7,7 +7,8 @@ from typing import Any
 
 from ftpipe.config import EvaluationConfig
 
-GATE_FIELDS = frozenset({"min_improvement", "max_forgetting", "require_beats_fewshot", "require_human_review"})
+GATE_FIELDS = frozenset({"min_improvement", "min_preference_gain", "max_forgetting", "require_beats_fewshot",
+                         "require_human_review"})
 
 
 def _gain(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
@@ -38,6 +39,16 @@ def _fewshot(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
             f"-> fine-tuned {metrics['finetuned_score']:.3f})")
 
 
+def _preference_gain(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
+    low = metrics.get("preference_delta_ci_low")  # None: no preference pairs were evaluated
+    if low is None or low >= config.min_preference_gain:
+        return None
+    baseline = metrics["preference_baseline"]
+    return (f"preference_delta_ci_low {low:.3f} < min_preference_gain {config.min_preference_gain:.3f} "
+            f"(preference accuracy {baseline} {metrics[f'preference_accuracy_{baseline}']:.3f} -> final "
+            f"{metrics['preference_accuracy_final']:.3f})")
+
+
 def waiting_for_reviews(have: int, config: EvaluationConfig) -> str | None:
     """With `require_human_review` N, why the model waits (fewer than N human verdicts on its answers), else None."""
     if have >= config.require_human_review:
@@ -51,10 +62,12 @@ def decide_gate(metrics: dict[str, Any], config: EvaluationConfig) -> tuple[bool
     - the primary metric's gain over the base model has a 95% CI low of at least `min_improvement`;
     - forgetting fails only on evidence: when its 95% CI low is above `max_forgetting` (a few probe rows
       changing by chance cannot fail the gate);
-    - with `require_beats_fewshot`, the gain over the few-shot baseline has a CI low of at least `min_improvement`.
+    - with `require_beats_fewshot`, the gain over the few-shot baseline has a CI low of at least `min_improvement`;
+    - with held-out preference pairs, the final model's preference-accuracy gain over the SFT model (over the base
+      without one) has a CI low of at least `min_preference_gain`.
 
     Human verdicts arrive after the evaluation, so `waiting_for_reviews` is a gate of its own (on `human_review`).
     """
-    checks = (_gain, _forgetting, _fewshot)
+    checks = (_gain, _forgetting, _fewshot, _preference_gain)
     failures = [failure for check in checks if (failure := check(metrics, config))]
     return not failures, failures

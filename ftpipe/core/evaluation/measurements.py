@@ -9,11 +9,12 @@ from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.forgetting import measure_forgetting
 from ftpipe.core.evaluation.metrics import Scores, TaskMetrics
 from ftpipe.core.evaluation.outputs import Heldout, ModelOutputs
+from ftpipe.core.evaluation.preference import measure_preference
 from ftpipe.core.evaluation.statistics import paired_bootstrap
 from ftpipe.core.records import user_message
 
 LABEL_LIKELIHOOD = "label_likelihood_accuracy"
-DELTA_SEED, FEWSHOT_SEED, FORGETTING_SEED = 0, 1, 2
+DELTA_SEED, FEWSHOT_SEED, FORGETTING_SEED, PREFERENCE_SEED, SFT_SEED = 0, 1, 2, 3, 4
 
 
 def side_scores(task: TaskMetrics, outputs: ModelOutputs, references: list[str]) -> Scores:
@@ -36,10 +37,30 @@ def _versus_fewshot(scores: dict[str, Scores], outputs: dict[str, ModelOutputs],
             "fewshot_prompt_tokens": outputs["fewshot"].prompt_tokens}
 
 
+def _versus_sft(heldout: Heldout, scores: dict[str, Scores], outputs: dict[str, ModelOutputs], primary: str,
+                config: EvaluationConfig) -> dict[str, Any]:
+    """The SFT model before a preference stage: its score, loss and forgetting, and what the preference stage
+    changed in the primary metric (`delta_vs_sft`, final minus SFT, with its interval); nothing without one."""
+    if "sft" not in outputs:
+        return {}
+    sft = outputs["sft"]
+    delta, low, high = paired_bootstrap(scores["sft"].rows[primary], scores["finetuned"].rows[primary],
+                                        config.bootstrap_samples, seed=SFT_SEED)
+    forgetting = measure_forgetting(heldout.probe, outputs["base"], sft, config.bootstrap_samples,
+                                    seed=FORGETTING_SEED)
+    return {"sft_score": scores["sft"].summary[primary], "delta_vs_sft": delta, "delta_vs_sft_ci_low": low,
+            "delta_vs_sft_ci_high": high, "sft_loss": sft.loss, "sft_perplexity": sft.perplexity,
+            "sft_forgetting": forgetting["forgetting"], "sft_forgetting_ci_low": forgetting["forgetting_ci_low"],
+            "sft_forgetting_ci_high": forgetting["forgetting_ci_high"],
+            "probe_sft_accuracy": forgetting["probe_finetuned_accuracy"],
+            "probe_sft_loss": forgetting["probe_finetuned_loss"]}
+
+
 def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetrics, config: EvaluationConfig,
             fewshot_examples: int) -> tuple[dict[str, Any], dict[str, Scores]]:
     """(measurements, scores by side): every model's metrics, the primary metric's gain over the base and over
-    few-shot with 95% paired-bootstrap intervals, prompt tokens per call, losses and forgetting."""
+    few-shot with 95% paired-bootstrap intervals, prompt tokens per call, losses and forgetting; with an SFT model
+    before a preference stage, its measurements too, and with preference pairs each model's preference accuracy."""
     references = [row["messages"][-1]["content"] for row in heldout.rows]
     scores = {side: side_scores(task, produced, references) for side, produced in outputs.items()}
     base, tuned, primary = outputs["base"], outputs["finetuned"], task.primary
@@ -55,6 +76,8 @@ def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetric
         "base_loss": base.loss, "finetuned_loss": tuned.loss,
         "base_perplexity": base.perplexity, "finetuned_perplexity": tuned.perplexity,
         "metrics": {side: scored.summary for side, scored in scores.items()},
+        **_versus_sft(heldout, scores, outputs, primary, config),
+        **measure_preference(outputs, config.bootstrap_samples, seed=PREFERENCE_SEED),
     }
     return metrics, scores
 

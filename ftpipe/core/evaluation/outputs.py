@@ -1,6 +1,7 @@
 """What each model produced: answers (generated, or constrained to the label set) and label rankings on the
-held-out rows, their reference loss, and its probe answers and losses. The base model's outputs, zero-shot and
-few-shot, are cached on disk, so evaluating a new fine-tuned model only runs that model."""
+held-out rows, their reference loss, its probe answers and losses, and which answer of each held-out preference pair
+it prefers. The base model's outputs, zero-shot and few-shot, are cached on disk, so evaluating a new fine-tuned
+model only runs that model (and the SFT model it was preference-tuned from)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from ftpipe.core.evaluation.generation import (
 )
 from ftpipe.core.evaluation.label_likelihood import constrained_answers, label_likelihood_correct
 from ftpipe.core.evaluation.metrics import LabelChoices, TaskMetrics
+from ftpipe.core.evaluation.preference import preference_correct
 from ftpipe.core.storage import write_text
 
 CACHE_FORMAT = "2"  # bump when the cached content or the decoding code changes
 
 Log = Callable[[str], None]
+TUNED = {"sft": "SFT", "finetuned": "fine-tuned"}  # the trained models, in the order they are evaluated
 
 
 @dataclass
@@ -41,26 +44,28 @@ class ModelOutputs:
     probe_answers: list[str] = field(default_factory=list)
     probe_logprobs: list[float] = field(default_factory=list)
     probe_tokens: list[int] = field(default_factory=list)
+    preference_correct: list[float] | None = None  # per held-out preference pair: the chosen answer is preferred
 
 
 @dataclass(frozen=True)
 class Heldout:
     """The held-out rows under evaluation, their prompts, the label set to rank (if any), the complete answers
-answers are constrained to (if they are) and the probe."""
+answers are constrained to (if they are), the probe and the held-out preference pairs."""
 
     rows: list[dict]
     probe: list[dict]
     choices: LabelChoices | None
     labels: list[str] | None = None
+    pairs: list[dict] = field(default_factory=list)
 
     @classmethod
     def of(cls, rows: list[dict], probe: list[dict], task: TaskMetrics,
-           label_references: list[str] | None = None) -> Heldout:
-        """The rows and probe with the task type's label set over the rows' references; with `label_references`
-        (the references that make the task's label set), answers are constrained to that label set."""
+           label_references: list[str] | None = None, pairs: list[dict] | None = None) -> Heldout:
+        """The rows, probe and preference `pairs` with the task type's label set over the rows' references; with
+        `label_references` (the references that make the task's label set), answers are constrained to that set."""
         labels = task.label_answers(label_references) if label_references is not None else None
         return cls(rows=rows, probe=probe, choices=task.label_choices([r["messages"][-1]["content"] for r in rows]),
-                   labels=labels)
+                   labels=labels, pairs=pairs or [])
 
     @property
     def ids(self) -> list[str]:
@@ -73,7 +78,8 @@ answers are constrained to (if they are) and the probe."""
 
 def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout, config: EvaluationConfig, log: Log,
                   name: str, *, full: bool = True) -> ModelOutputs:
-    """One model's outputs for `prompts` (one per held-out row); `full` adds the reference loss and the probe."""
+    """One model's outputs for `prompts` (one per held-out row); `full` adds the reference loss, the probe and the
+    preference pairs."""
     if heldout.labels is not None:
         answers = constrained_answers(model, tokenizer, prompts, heldout.labels)
         log(f"{name}: answered {len(prompts)} held-out rows with one of {len(heldout.labels)} labels")
@@ -90,6 +96,10 @@ def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout,
                                                           config.batch_size)
         log(f"{name}: held-out loss {outputs.loss:.4f} (perplexity {outputs.perplexity:.2f})")
         _add_probe(model, tokenizer, heldout.probe, config.batch_size, outputs, lambda text: log(f"{name}: {text}"))
+        if heldout.pairs:
+            outputs.preference_correct = preference_correct(model, tokenizer, heldout.pairs, config.batch_size)
+            log(f"{name}: prefers the chosen answer in {sum(outputs.preference_correct):.0f}/{len(heldout.pairs)} "
+                "held-out preference pairs")
     return outputs
 
 
@@ -123,13 +133,21 @@ def cached_outputs(path: Path, ids: list[str], compute: Callable[[], ModelOutput
     return outputs, False
 
 
-def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], adapter_dir: Path, heldout: Heldout,
+def _tuned_outputs(folder: Path, base: Callable[[], tuple], heldout: Heldout, config: EvaluationConfig,
+                   trust_remote_code: bool, log: Log, name: str) -> ModelOutputs:
+    model, tokenizer = load_finetuned(folder, base, trust_remote_code)
+    return model_outputs(model, tokenizer, heldout.prompts, heldout, config, log, name)
+
+
+def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[str, Path], heldout: Heldout,
                 examples: list[dict], config: EvaluationConfig, cache_dir: Path, trust_remote_code: bool,
                 log: Log) -> tuple[dict[str, ModelOutputs], bool]:
-    """({base, fewshot (when there are examples), finetuned: outputs}, whether the base's came from the cache).
+    """({base, fewshot (when there are examples), sft and finetuned (the keys of `tuned`, TUNED's): outputs},
+    whether the base's came from the cache). `tuned` maps each trained model to its folder (adapter or full).
 
-    The base model is loaded at most once, and only when needed: for outputs not in the cache, and for an adapter
-    to be applied to. A full fine-tune is loaded whole after the base model is released.
+    The base model is loaded only when needed: for outputs not in the cache, and for an adapter to be applied to;
+    the first adapter gets the loaded one, a later adapter a fresh one (an adapter changes its base in place). A full
+    fine-tune is loaded whole after the base model is released.
     """
     base = functools.cache(lambda: load_model(base_model_dir, trust_remote_code))
     key = cache_key(**base_key, device=inference_device())
@@ -143,8 +161,8 @@ def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], adapter_dir: 
         outputs["fewshot"], _ = cached_outputs(
             cache_dir / f"fewshot-{fewshot_key}.json", heldout.ids,
             lambda: model_outputs(*base(), prompts, heldout, config, log, "few-shot", full=False), log)
-    if not is_adapter(adapter_dir):
-        base.cache_clear()
-    tuned, tokenizer = load_finetuned(adapter_dir, base, trust_remote_code)
-    outputs["finetuned"] = model_outputs(tuned, tokenizer, heldout.prompts, heldout, config, log, "fine-tuned")
+    for order, side in enumerate(side for side in TUNED if side in tuned):
+        if order or not is_adapter(tuned[side]):
+            base.cache_clear()  # a full fine-tune needs no base model; a second adapter needs one the first left alone
+        outputs[side] = _tuned_outputs(tuned[side], base, heldout, config, trust_remote_code, log, TUNED[side])
     return outputs, base_cached

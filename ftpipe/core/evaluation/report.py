@@ -10,7 +10,8 @@ from ftpipe.core.evaluation.gate import decide_gate
 from ftpipe.core.evaluation.metrics import task_metrics
 from ftpipe.core.text import markdown_table
 
-SIDES = {"base": "base", "fewshot": "few-shot", "finetuned": "fine-tuned"}
+SIDES = {"base": "base", "fewshot": "few-shot", "sft": "SFT", "finetuned": "fine-tuned"}
+STAGES = {"base": "base", "sft": "SFT", "final": "final"}  # the models of a preference-tuning report
 SHOWCASE_ROWS = 10
 PROBE_CHANGES_SHOWN = 30
 
@@ -28,8 +29,11 @@ def _interval(low: float, high: float, signed: bool = True) -> str:
     return f"95% paired-bootstrap CI {number(low, signed)} … {number(high, signed)}"
 
 
-def verdict(passed: bool, failed: list[str], config: EvaluationConfig) -> str:
+def verdict(passed: bool, failed: list[str], config: EvaluationConfig, preference: bool = False) -> str:
+    """The gate's verdict with its thresholds (`preference`: preference pairs were evaluated, so it has one more)."""
     thresholds = f"min_improvement {config.min_improvement:g}, max_forgetting {config.max_forgetting:g}"
+    if preference:
+        thresholds += f", min_preference_gain {config.min_preference_gain:g}"
     if config.require_beats_fewshot:
         thresholds += ", must beat few-shot"
     if config.require_human_review:
@@ -68,17 +72,49 @@ def summary_table(metrics: dict[str, Any]) -> str:
     rows = [[name, *(number(scores[side][name]) for side in sides),
              number(scores["finetuned"][name] - scores["base"][name], True)] for name in names]
     tokens = {side: round(metrics[key]) for side, key in
-              (("base", "prompt_tokens"), ("fewshot", "fewshot_prompt_tokens"), ("finetuned", "prompt_tokens"))
+              (("base", "prompt_tokens"), ("fewshot", "fewshot_prompt_tokens"), ("sft", "prompt_tokens"),
+               ("finetuned", "prompt_tokens"))
               if metrics[key] is not None}
     facts = {
-        "held-out loss": {"base": metrics["base_loss"], "finetuned": metrics["finetuned_loss"]},
-        "held-out perplexity": {"base": metrics["base_perplexity"], "finetuned": metrics["finetuned_perplexity"]},
+        "held-out loss": {"base": metrics["base_loss"], "sft": metrics.get("sft_loss"),
+                          "finetuned": metrics["finetuned_loss"]},
+        "held-out perplexity": {"base": metrics["base_perplexity"], "sft": metrics.get("sft_perplexity"),
+                                "finetuned": metrics["finetuned_perplexity"]},
         "prompt tokens per call": tokens,
-        "probe accuracy": {"base": metrics["probe_base_accuracy"], "finetuned": metrics["probe_finetuned_accuracy"]},
-        "probe loss": {"base": metrics["probe_base_loss"], "finetuned": metrics["probe_finetuned_loss"]},
+        "probe accuracy": {"base": metrics["probe_base_accuracy"], "sft": metrics.get("probe_sft_accuracy"),
+                           "finetuned": metrics["probe_finetuned_accuracy"]},
+        "probe loss": {"base": metrics["probe_base_loss"], "sft": metrics.get("probe_sft_loss"),
+                       "finetuned": metrics["probe_finetuned_loss"]},
     }
     rows += [[label, *(number(values.get(side)) for side in sides), ""] for label, values in facts.items()]
     return markdown_table(["metric", *(SIDES[side] for side in sides), "fine-tuned − base"], rows)
+
+
+def preference_tuning(metrics: dict[str, Any]) -> str | None:
+    """The base, SFT and final models side by side (preference accuracy, primary metric, forgetting) and what the
+    preference stage changed, with intervals (None: neither an SFT model nor preference pairs were evaluated)."""
+    m, pairs = metrics, metrics.get("preference_pairs")
+    if not pairs and "sft_score" not in m:
+        return None
+    sides = [side for side in STAGES if side != "sft" or "sft_score" in m]
+    scores = {"base": m["base_score"], "sft": m.get("sft_score"), "final": m["finetuned_score"]}
+    forgetting = {"base": 0.0, "sft": m.get("sft_forgetting"), "final": m["forgetting"]}
+    rows = [[m["primary_metric"], *(number(scores[side]) for side in sides)],
+            ["forgetting", *(number(forgetting[side]) for side in sides)]]
+    if pairs:
+        rows.insert(0, [f"preference accuracy ({pairs} pairs)",
+                        *(number(m[f"preference_accuracy_{side}"]) for side in sides)])
+    parts = [markdown_table(["metric", *(STAGES[side] for side in sides)], rows)]
+    if pairs:
+        parts.append(f"Preference accuracy: the share of held-out pairs whose chosen answer the model finds likelier "
+                     f"per token than the rejected one. Final vs {STAGES[m['preference_baseline']]} "
+                     f"{number(m['preference_delta'], True)} "
+                     f"({_interval(m['preference_delta_ci_low'], m['preference_delta_ci_high'])}).")
+    if "sft_score" in m:
+        parts.append(f"The preference stage changed `{m['primary_metric']}` by {number(m['delta_vs_sft'], True)} "
+                     f"({_interval(m['delta_vs_sft_ci_low'], m['delta_vs_sft_ci_high'])}) and forgetting from "
+                     f"{number(m['sft_forgetting'])} to {number(m['forgetting'])}.")
+    return "\n\n".join(parts)
 
 
 def showcase(records: list[dict[str, Any]], improvements: bool) -> str:
@@ -145,12 +181,15 @@ def probe_changes(changes: list[dict[str, Any]]) -> str:
 
 
 def report_markdown(metrics: dict[str, Any], records: list[dict[str, Any]], config: EvaluationConfig) -> str:
-    """The whole report: gate verdict, overview, metrics table, the task type's sections, the judge's and the human
-    verdicts, the largest improvements and regressions, and the probe rows that changed."""
+    """The whole report: gate verdict, overview, metrics table, the models before and after a preference stage, the
+    task type's sections, the judge's and the human verdicts, the largest improvements and regressions, and the
+    probe rows that changed."""
     passed, failed = decide_gate(metrics, config)
     titles = {side: SIDES[side] for side in ("finetuned", "fewshot", "base") if side in metrics["metrics"]}
-    parts = ["# Evaluation: base vs fine-tuned", verdict(passed, failed, config), overview(metrics),
-             summary_table(metrics)]
+    parts = ["# Evaluation: base vs fine-tuned", verdict(passed, failed, config, "preference_pairs" in metrics),
+             overview(metrics), summary_table(metrics)]
+    if (stages := preference_tuning(metrics)) is not None:
+        parts += ["## Preference tuning", stages]
     for title, section in task_metrics(config).report_sections(records, titles):
         parts += [f"## {title}", section]
     if (preferred := preferences(metrics, config)) is not None:

@@ -15,6 +15,7 @@ from ftpipe.core.evaluation.judge import judge_metrics
 from ftpipe.core.evaluation.measurements import measure, prediction_records
 from ftpipe.core.evaluation.metrics import TaskMetrics, check_references, task_metrics
 from ftpipe.core.evaluation.outputs import Heldout, Log, all_outputs
+from ftpipe.core.evaluation.preference import read_pairs
 from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS, read_probe
 from ftpipe.core.evaluation.report import report_markdown
 from ftpipe.core.evaluation.review import Verdicts, human_metrics
@@ -24,7 +25,7 @@ from ftpipe.core.results import Result, reusable
 from ftpipe.core.storage import atomic_dir, file_sha256
 
 KIND = "eval_report"
-FORMAT = "4"  # bump when what an evaluation measures or writes changes
+FORMAT = "5"  # bump when what an evaluation measures or writes changes
 PROBE_ROWS = None  # all rows of the probe
 
 
@@ -39,11 +40,14 @@ def output_settings(config: EvaluationConfig) -> dict[str, Any]:
 
 
 def evaluation_key(*, base_fingerprint: str, adapter_version: str, eval_version: str, train_version: str | None,
-                   probe_hash: str | None, probe_rows: int | None, config: EvaluationConfig) -> str:
-    """The reuse key of an evaluation: base model, fine-tuned weights, eval split, train split (the few-shot
-    examples), probe and the settings that change outputs; not the gate thresholds."""
-    parts = {"format": FORMAT, "base": base_fingerprint, "adapter": adapter_version, "eval": eval_version,
-             "train": train_version, "probe": probe_hash, "probe_rows": probe_rows, "settings": output_settings(config)}
+                   probe_hash: str | None, probe_rows: int | None, config: EvaluationConfig,
+                   sft_adapter_version: str | None = None, preference_version: str | None = None) -> str:
+    """The reuse key of an evaluation: base model, fine-tuned weights (and the SFT stage's, before a preference
+    stage), eval split, held-out preference pairs, train split (the few-shot examples), probe and the settings that
+    change outputs; not the gate thresholds."""
+    parts = {"format": FORMAT, "base": base_fingerprint, "adapter": adapter_version, "sft": sft_adapter_version,
+             "eval": eval_version, "preferences": preference_version, "train": train_version, "probe": probe_hash,
+             "probe_rows": probe_rows, "settings": output_settings(config)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -90,10 +94,10 @@ def _publish(out_dir: Path, metrics: dict[str, Any], records: list[dict], config
         result.write(tmp)
 
 
-def _measure(*, base_model_dir: Path, base_fingerprint: str, adapter_dir: Path, eval_path: Path, eval_version: str,
-             train_path: Path | None, probe_path: Path | None, probe_hash: str | None, probe_rows: int | None,
-             config: EvaluationConfig, cache_dir: Path, trust_remote_code: bool,
-             log: Log) -> tuple[dict[str, Any], list[dict]]:
+def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, Path], eval_path: Path,
+             eval_version: str, preference_eval_path: Path | None, train_path: Path | None, probe_path: Path | None,
+             probe_hash: str | None, probe_rows: int | None, config: EvaluationConfig, cache_dir: Path,
+             trust_remote_code: bool, log: Log) -> tuple[dict[str, Any], list[dict]]:
     """(measurements, prediction records) of a new evaluation."""
     eval_rows = read_examples(eval_path)
     rows = select_rows(eval_rows, config.max_rows)
@@ -102,14 +106,16 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, adapter_dir: Path, 
     task = task_metrics(config)
     check_references(rows, task)
     train_rows = read_examples(train_path) if train_path else []
+    pairs = read_pairs(preference_eval_path, config.max_rows)
     heldout = Heldout.of(rows, read_probe(probe_path, probe_rows) if probe_path else [], task,
-                         _label_references(rows, train_rows, config))
+                         _label_references(rows, train_rows, config), pairs)
     examples = _examples(train_rows, {row["id"] for row in eval_rows}, task, config)
     base_key = {"base": base_fingerprint, "eval": eval_version, "probe": probe_hash, "probe_rows": len(heldout.probe),
                 "probe_max_new_tokens": PROBE_MAX_NEW_TOKENS, "labels": heldout.labels,
-                **config.model_dump(include={"task_type", "label_field", "max_rows", "max_new_tokens", "batch_size"})}
+                **config.model_dump(include={"task_type", "label_field", "max_rows", "max_new_tokens", "batch_size"}),
+                **({"preference_pairs": [pair["id"] for pair in pairs]} if pairs else {})}  # keeps older caches valid
     outputs, base_cached = all_outputs(
-        base_model_dir=base_model_dir, base_key=base_key, adapter_dir=adapter_dir, heldout=heldout, examples=examples,
+        base_model_dir=base_model_dir, base_key=base_key, tuned=tuned, heldout=heldout, examples=examples,
         config=config, cache_dir=cache_dir, trust_remote_code=trust_remote_code, log=log)
     metrics, scores = measure(heldout, outputs, task, config, len(examples))
     records = prediction_records(heldout, outputs, scores, task)
@@ -121,10 +127,17 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
                    adapter_version: str, eval_path: Path | str, eval_version: str, train_path: Path | str | None,
                    probe_path: Path | str | None, config: EvaluationConfig, cache_dir: Path | str,
                    out_dir: Path | str, trust_remote_code: bool = False, log: Log = print,
-                   probe_rows: int | None = PROBE_ROWS, verdicts: Verdicts | None = None) -> dict[str, Any]:
+                   probe_rows: int | None = PROBE_ROWS, verdicts: Verdicts | None = None,
+                   sft_adapter_dir: Path | str | None = None, sft_adapter_version: str | None = None,
+                   preference_eval_path: Path | str | None = None) -> dict[str, Any]:
     """Evaluate the base model zero-shot and few-shot, and the fine-tuned model (an adapter on the base, or a full
     fine-tune), on the held-out rows and the probe; publish `out_dir`; return `read_evaluation`'s dict plus
     `reused`.
+
+    After a preference stage, `adapter_dir` is the final model and `sft_adapter_dir` (with `sft_adapter_version`)
+    the SFT model it was tuned from, evaluated the same way (`sft_score`, `sft_forgetting`, ...). The paired rows of
+    `preference_eval_path` (held-out preference rows; a missing file has none) give each model's preference
+    accuracy and the final model's gain over the SFT model (over the base without one), which the gate checks.
 
     When `out_dir` already holds an evaluation with this `evaluation_key`, nothing is generated: it is read back
     with the gate decided for `config`. The base model's outputs come from `cache_dir` when this base, eval split,
@@ -135,24 +148,35 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
     `out_dir` gets report.md, predictions.parquet (one row per held-out example), metrics.json (the measurements,
     not the gate) and result.json (the reuse key and the inputs' versions).
     """
+    if (sft_adapter_dir is None) != (sft_adapter_version is None):
+        raise ValueError("sft_adapter_dir and sft_adapter_version are given together or not at all")
     out_dir = Path(out_dir)
-    train_path, probe_path = (Path(path) if path else None for path in (train_path, probe_path))
+    train_path, probe_path, preference_eval_path = (Path(path) if path else None
+                                                    for path in (train_path, probe_path, preference_eval_path))
     inputs = {"base_fingerprint": base_fingerprint, "adapter_version": adapter_version, "eval_version": eval_version,
               "train_version": file_sha256(train_path) if train_path else None,
-              "probe_hash": file_sha256(probe_path) if probe_path else None, "probe_rows": probe_rows}
+              "probe_hash": file_sha256(probe_path) if probe_path else None, "probe_rows": probe_rows,
+              "sft_adapter_version": sft_adapter_version,
+              "preference_version": (file_sha256(preference_eval_path)
+                                     if preference_eval_path and preference_eval_path.is_file() else None)}
     key = evaluation_key(**inputs, config=config)
     if reusable(out_dir, KIND, key):
         log(f"evaluation inputs unchanged (key {key}): reusing {out_dir}")
         return {**read_evaluation(out_dir, config, verdicts), "reused": True}
+    tuned = {"sft": Path(sft_adapter_dir)} if sft_adapter_dir else {}
     metrics, records = _measure(
-        base_model_dir=Path(base_model_dir), base_fingerprint=base_fingerprint, adapter_dir=Path(adapter_dir),
-        eval_path=Path(eval_path), eval_version=eval_version, train_path=train_path, probe_path=probe_path,
+        base_model_dir=Path(base_model_dir), base_fingerprint=base_fingerprint,
+        tuned={**tuned, "finetuned": Path(adapter_dir)}, eval_path=Path(eval_path), eval_version=eval_version,
+        preference_eval_path=preference_eval_path, train_path=train_path, probe_path=probe_path,
         probe_hash=inputs["probe_hash"], probe_rows=probe_rows, config=config, cache_dir=Path(cache_dir),
         trust_remote_code=trust_remote_code, log=log)
     produced = {"report": REPORT, "predictions": PREDICTIONS, "metrics": METRICS}
     _publish(out_dir, metrics, records, config, Result(kind=KIND, reuse_key=key, inputs=inputs, produced=produced),
              verdicts)
     result = {**read_evaluation(out_dir, config, verdicts), "reused": False}
+    preference = (f", preference accuracy {result['preference_accuracy_final']:.4f}"
+                  if "preference_pairs" in result else "")
     log(f"eval gate {'passed' if result['passed'] else 'failed'}: {result['primary_metric']} "
-        f"{result['base_score']:.4f} -> {result['finetuned_score']:.4f}, forgetting {result['forgetting']:.4f}")
+        f"{result['base_score']:.4f} -> {result['finetuned_score']:.4f}, forgetting {result['forgetting']:.4f}"
+        f"{preference}")
     return result

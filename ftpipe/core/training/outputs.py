@@ -1,8 +1,10 @@
 """A finished training's published folder: the weights, the tokenizer, a loss curve and the typed result.
 
-`result.json` (`ftpipe.core.results.Result`, kind `lora_adapter`) says what was written: the weight files, the
-method it was trained with, the training config actually used and the data version; its `reuse_key` is the
-training fingerprint and its `metadata` the materialization metadata.
+`result.json` (`ftpipe.core.results.Result`, kind `lora_adapter`, or `preference_adapter` for a preference objective)
+says what was written: the weight files, the method it was trained with, the training config actually used and the
+data version; its `reuse_key` is the training fingerprint and its `metadata` the materialization metadata. A
+preference training also gets a reward curve, its final eval rewards and the likelihood-displacement warning, and its
+adapter applies to the base model (SFT and preference updates together, see `preference.publishable_adapter`).
 """
 
 from __future__ import annotations
@@ -14,20 +16,36 @@ from typing import Any
 from ftpipe.config import TrainingConfig
 from ftpipe.core.results import Result
 from ftpipe.core.storage import atomic_dir, sha256_of_files
-from ftpipe.core.training.methods import Method
+from ftpipe.core.training import preference
+from ftpipe.core.training.checkpoints import checkpoint_step
+from ftpipe.core.training.methods import PREFERENCE_OBJECTIVES, Method
 from ftpipe.core.training.sizing import peak_memory_gib, process_seconds
 from ftpipe.core.training.spec import TrainingSpec
 
-RESULT_KIND = "lora_adapter"
 LOSS_CURVE_FILE = "loss_curve.png"
+REWARD_CURVE_FILE = "reward_curve.png"
 OVERFIT_WINDOW = 3
 
+Points = list[tuple[int, float]]
 
-def loss_points(log_history: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+
+def is_preference(method: Method) -> bool:
+    return method.objective in PREFERENCE_OBJECTIVES
+
+
+def result_kind(method: Method) -> str:
+    """The kind of the published result: `preference_adapter` for a preference objective, else `lora_adapter`."""
+    return "preference_adapter" if is_preference(method) else "lora_adapter"
+
+
+def points(log_history: list[dict], key: str) -> Points:
+    """(step, value) pairs of one logged value from a Trainer log history."""
+    return [(entry["step"], entry[key]) for entry in log_history if key in entry]
+
+
+def loss_points(log_history: list[dict]) -> tuple[Points, Points]:
     """(train, eval) loss as (step, loss) pairs from a Trainer log history."""
-    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
-    evals = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
-    return train, evals
+    return points(log_history, "loss"), points(log_history, "eval_loss")
 
 
 def detect_overfitting(log_history: list[dict], window: int = OVERFIT_WINDOW) -> bool:
@@ -43,30 +61,53 @@ def detect_overfitting(log_history: list[dict], window: int = OVERFIT_WINDOW) ->
     return eval_rising and bool(train_then) and bool(train_now) and train_now[-1] < train_then[-1]
 
 
-def plot_loss_curve(log_history: list[dict], target: Path) -> Path:
+def likelihood_displacement(log_history: list[dict]) -> bool:
+    """True when the chosen answers' log-probabilities fell from the first to the last logged training step while the
+    reward margin grew: the preference is learnt by pushing both answers down (the common DPO failure)."""
+    chosen, margins = points(log_history, "logps/chosen"), points(log_history, "rewards/margins")
+    if len(chosen) < 2 or len(margins) < 2:
+        return False
+    return chosen[-1][1] < chosen[0][1] and margins[-1][1] > margins[0][1]
+
+
+def plot_panels(panels: dict[str, dict[str, Points]], target: Path) -> Path:
+    """Charts side by side, one per panel ({y label: {line label: points}}), saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, evals = loss_points(log_history)
-    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for points, label, style in ((train, "train loss", "-"), (evals, "eval loss", "o-")):
-        if points:
-            axes.plot(*zip(*points), style, label=label)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.legend()
-    axes.grid(alpha=0.3)
+    figure, all_axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), dpi=100, squeeze=False)
+    for axes, (ylabel, lines) in zip(all_axes[0], panels.items()):
+        for label, found in lines.items():
+            if found:
+                axes.plot(*zip(*found), "o-", markersize=3, label=label)
+        axes.set_xlabel("step")
+        axes.set_ylabel(ylabel)
+        axes.legend()
+        axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(target)
     plt.close(figure)
     return target
 
 
-def markdown_image(png: Path) -> str:
+def plot_loss_curve(log_history: list[dict], target: Path) -> Path:
+    train, evals = loss_points(log_history)
+    return plot_panels({"loss": {"train loss": train, "eval loss": evals}}, target)
+
+
+def plot_reward_curve(log_history: list[dict], target: Path) -> Path:
+    """Train rewards (chosen, rejected, margin, accuracy) and log-probabilities (chosen, rejected) by step."""
+    rewards = {label: points(log_history, f"rewards/{name}") for label, name in
+               (("chosen", "chosen"), ("rejected", "rejected"), ("margin", "margins"), ("accuracy", "accuracies"))}
+    logps = {name: points(log_history, f"logps/{name}") for name in ("chosen", "rejected")}
+    return plot_panels({"reward": rewards, "log-probability": logps}, target)
+
+
+def markdown_image(png: Path, title: str) -> str:
     encoded = base64.b64encode(png.read_bytes()).decode()
-    return f"![loss curve](data:image/png;base64,{encoded})"
+    return f"![{title}](data:image/png;base64,{encoded})"
 
 
 def trainable_parameters(model) -> int:
@@ -78,10 +119,32 @@ def used_config(config: TrainingConfig, method: Method) -> dict[str, Any]:
     return config.model_copy(update={"quantization": method.quantization}).model_dump()
 
 
-def result_metadata(trainer, spec: TrainingSpec, method: Method, facts: dict[str, Any], loss_curve: Path) -> dict:
-    """The `lora_adapter` metadata contract (DESIGN.md) plus extras; `facts` adds the run's and objective's own."""
+def final_evaluation(trainer) -> dict[str, float]:
+    """The last eval log of the model training ended with: the best checkpoint's, else the latest one."""
+    evals = [entry for entry in trainer.state.log_history if any(key.startswith("eval_") for key in entry)]
+    best = trainer.state.best_model_checkpoint
+    best_step = checkpoint_step(Path(best)) if best else None
+    return next((entry for entry in reversed(evals) if entry["step"] == best_step), evals[-1] if evals else {})
+
+
+def reward_metadata(trainer, reward_curve: Path) -> dict[str, Any]:
+    """The preference stage's own metadata: final eval reward accuracy and margin (NaN where the trainer logs none,
+    e.g. no accuracy for kto's unpaired rows), the likelihood-displacement warning and the reward curve."""
+    final = final_evaluation(trainer)
+    return {
+        "reward_accuracy": final.get("eval_rewards/accuracies", float("nan")),
+        "reward_margin": final.get("eval_rewards/margins", float("nan")),
+        "likelihood_displacement": likelihood_displacement(trainer.state.log_history),
+        "reward_curve": markdown_image(reward_curve, "reward curve"),
+    }
+
+
+def result_metadata(trainer, spec: TrainingSpec, method: Method, facts: dict[str, Any], folder: Path) -> dict:
+    """The `lora_adapter` / preference-stage metadata contract (DESIGN.md) plus extras; `facts` adds the run's and
+    objective's own; the curves are read from `folder`."""
     history = trainer.state.log_history
     train, _ = loss_points(history)
+    rewards = reward_metadata(trainer, folder / REWARD_CURVE_FILE) if is_preference(method) else {}
     return {
         "method": method.label,
         "objective": method.objective,
@@ -89,12 +152,13 @@ def result_metadata(trainer, spec: TrainingSpec, method: Method, facts: dict[str
         "train_loss": train[-1][1] if train else float("nan"),
         "trainable_params": trainable_parameters(trainer.model),
         **facts,
+        **rewards,
         "training_fingerprint": spec.fingerprint,
         "overfitting": detect_overfitting(history),
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 3),
         **measured_costs(trainer),
-        "loss_curve": markdown_image(loss_curve),
+        "loss_curve": markdown_image(folder / LOSS_CURVE_FILE, "loss curve"),
     }
 
 
@@ -105,26 +169,43 @@ def measured_costs(trainer) -> dict[str, Any]:
             "peak_memory_gib": round(peak_memory_gib(), 3)}
 
 
+def write_curves(trainer, method: Method, folder: Path) -> dict[str, str]:
+    """The loss curve, and for a preference objective the reward curve, as PNGs in `folder`: {name: file}."""
+    history = trainer.state.log_history
+    plot_loss_curve(history, folder / LOSS_CURVE_FILE)
+    if not is_preference(method):
+        return {"loss_curve": LOSS_CURVE_FILE}
+    plot_reward_curve(history, folder / REWARD_CURVE_FILE)
+    return {"loss_curve": LOSS_CURVE_FILE, "reward_curve": REWARD_CURVE_FILE}
+
+
+def result_inputs(spec: TrainingSpec) -> dict[str, Any]:
+    """The versions a training was made from: the split and base model, and the training it started from, if any."""
+    inputs = {"split_version": spec.split_version, "base_fingerprint": spec.base_fingerprint}
+    return {**inputs, "start_adapter": spec.start_adapter} if spec.start_adapter else inputs
+
+
 def publish(trainer, spec: TrainingSpec, config: TrainingConfig, method: Method, facts: dict[str, Any]) -> Result:
-    """Write the weights (adapter or whole model) + tokenizer, the loss curve and `result.json` into the output
-    dir, replaced atomically; return the result."""
+    """Write the weights (an adapter on the base model, or a whole model) + tokenizer, the curves and `result.json`
+    into the output dir, replaced atomically; return the result."""
     with atomic_dir(Path(spec.output_dir)) as tmp:
         trainer.save_model(str(tmp))
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in the result
-        curve = plot_loss_curve(trainer.state.log_history, tmp / LOSS_CURVE_FILE)
+        preference.publishable_adapter(tmp, spec, method)
+        curves = write_curves(trainer, method, tmp)
         weights = sorted(tmp.glob("*.safetensors"))
         result = Result(
-            kind=RESULT_KIND,
+            kind=result_kind(method),
             reuse_key=spec.fingerprint,
             produced={
                 "weights": [path.name for path in weights],
                 **method.facts(),
                 "training": used_config(config, method),
-                "loss_curve": LOSS_CURVE_FILE,
+                **curves,
                 "data_version": spec.data_version or sha256_of_files(weights, tmp)[:16],
             },
-            inputs={"split_version": spec.split_version, "base_fingerprint": spec.base_fingerprint},
-            metadata=result_metadata(trainer, spec, method, facts, curve),
+            inputs=result_inputs(spec),
+            metadata=result_metadata(trainer, spec, method, facts, tmp),
         )
         result.write(tmp)
     return result
@@ -132,5 +213,6 @@ def publish(trainer, spec: TrainingSpec, config: TrainingConfig, method: Method,
 
 def pipes_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     """Metadata typed for Dagster Pipes (markdown image, path)."""
-    typed = {"loss_curve": "md", "adapter_path": "path", "mlflow_run_id": "text", "training_fingerprint": "text"}
+    typed = {"loss_curve": "md", "reward_curve": "md", "adapter_path": "path", "mlflow_run_id": "text",
+             "training_fingerprint": "text"}
     return {key: {"raw_value": value, "type": typed[key]} if key in typed else value for key, value in metadata.items()}

@@ -27,7 +27,7 @@ from ftpipe.core.launch import EXIT_REFUSED, LAUNCHER_PID_ENV
 from ftpipe.core.results import Result
 from ftpipe.core.storage import process_alive
 from ftpipe.core.tracking import RunInterrupted, RunLogger, redact_uri, tracked_run, tracking_uri
-from ftpipe.core.training import checkpoints, replay
+from ftpipe.core.training import checkpoints, preference, replay
 from ftpipe.core.training.methods import Method, resolve_method
 from ftpipe.core.training.outputs import pipes_metadata, publish, trainable_parameters
 from ftpipe.core.training.reporting import (
@@ -52,6 +52,7 @@ def prepare(spec_path: Path) -> tuple[TrainingSpec, TrainingConfig, Method]:
     spec = TrainingSpec.from_json(spec_path)
     config = spec.config()
     replay.check(spec, config)
+    preference.check(spec, config)
     return spec, config, resolve_method(config, cuda_available=torch.cuda.is_available())
 
 
@@ -69,11 +70,12 @@ def build_trainer(spec: TrainingSpec, config: TrainingConfig, method: Method, re
 
 def hyperparameters(spec: TrainingSpec, config: TrainingConfig, method: Method, trainer,
                     replay_rows: int) -> dict[str, Any]:
-    """The MLflow params of a training: its recipe flattened, the resolved method, the inputs' versions and the
-    rows trained on."""
-    recipe = config.recipe()
-    values = {key: value for key, value in recipe.items() if key != "lora"}
-    values.update({f"lora.{key}": value for key, value in recipe.get("lora", {}).items()})
+    """The MLflow params of a training: its recipe flattened (`lora.r`, `preference.beta`), the resolved method, the
+    inputs' versions and the rows trained on."""
+    values = {}
+    for key, value in config.recipe().items():
+        values.update({f"{key}.{inner}": found for inner, found in value.items()} if isinstance(value, dict)
+                      else {key: value})
     values.update(
         method.facts(),
         base_fingerprint=spec.base_fingerprint,

@@ -11,7 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-PROGRESS_METRICS = ("train_loss", "learning_rate", "grad_norm", "tokens_per_second", "eval_loss")
+REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                  "logps/rejected")  # logged by TRL's preference trainers (kto: no accuracies), and with eval_ in front
+PROGRESS_METRICS = ("train_loss", "learning_rate", "grad_norm", "tokens_per_second", "eval_loss", *REWARD_METRICS,
+                    *(f"eval_{name}" for name in REWARD_METRICS))
 
 
 def process_rank() -> int:
@@ -98,6 +101,12 @@ def last_logged_steps(run) -> dict[str, int]:
     return {key: max(found) for key, found in steps.items() if found}
 
 
+def reward_text(logs: dict[str, float], prefix: str = "") -> str:
+    """`, reward margin 0.12, accuracy 0.75` from a preference trainer's logs; empty for other trainers."""
+    shown = {"reward margin": f"{prefix}rewards/margins", "accuracy": f"{prefix}rewards/accuracies"}
+    return "".join(f", {label} {logs[key]:.3f}" for label, key in shown.items() if key in logs)
+
+
 def progress_callback(reporter: Reporter, run):
     """A TrainerCallback: one progress line per logging step and per evaluation, mirrored as MLflow metrics."""
     from transformers import TrainerCallback
@@ -114,8 +123,10 @@ def progress_callback(reporter: Reporter, run):
             if "loss" in logs:
                 self._train_line(state, logs)
             if "eval_loss" in logs:
-                reporter.info(f"eval step {state.global_step}/{state.max_steps}: eval_loss {logs['eval_loss']:.4f}")
-                run.log_metrics({"eval_loss": logs["eval_loss"]}, step=state.global_step)
+                reporter.info(f"eval step {state.global_step}/{state.max_steps}: eval_loss {logs['eval_loss']:.4f}"
+                              f"{reward_text(logs, 'eval_')}")
+                evals = ("eval_loss", *(f"eval_{name}" for name in REWARD_METRICS))
+                run.log_metrics({key: logs[key] for key in evals if key in logs}, step=state.global_step)
 
         def _train_line(self, state, logs):
             now, tokens = time.monotonic(), state.num_input_tokens_seen
@@ -125,7 +136,7 @@ def progress_callback(reporter: Reporter, run):
             done = state.global_step - self.start_step
             eta = (now - self.started) / max(done, 1) * (state.max_steps - state.global_step)
             reporter.info(
-                f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}, "
+                f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{reward_text(logs)}, "
                 f"lr {logs.get('learning_rate', 0.0):.2e}, {speed:.0f} tokens/s, ETA {eta:.0f}s"
             )
             metrics = {
@@ -133,6 +144,7 @@ def progress_callback(reporter: Reporter, run):
                 "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
                 "tokens_per_second": speed,
+                **{name: logs.get(name) for name in REWARD_METRICS},
             }
             run.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=state.global_step)
 

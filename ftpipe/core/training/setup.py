@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from ftpipe.config import TrainingConfig
+from ftpipe.core.evaluation.generation import is_adapter
 from ftpipe.core.modeling import load_model_and_tokenizer  # at import: it quiets what loading a model prints
 from ftpipe.core.training.methods import OBJECTIVES, Method
 from ftpipe.core.training.spec import TrainingSpec
@@ -30,7 +31,7 @@ class TrainerSetup:
     method: Method
     model: Any
     tokenizer: Any
-    peft_config: Any  # a peft LoraConfig, or None for a full fine-tune
+    peft_config: Any  # a peft LoraConfig; None for a full fine-tune, or when `model` carries the adapter to train
     arguments: dict[str, Any]
     callbacks: list[Any] = field(default_factory=list)
     info: Any = print  # one progress line for people
@@ -50,6 +51,18 @@ class TrainerSetup:
 def chat_length(tokenizer, messages: list[dict[str, str]]) -> int:
     """Tokens of a conversation in the model's chat template."""
     return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
+def within_max_length(items: list, length_of, max_length: int, too_long: str) -> tuple[list, int]:
+    """The items, those over `max_length` tokens (`length_of(item)`) dropped (too_long=drop) or kept for TRL to
+    truncate; and how many were over."""
+    kept, over = [], 0
+    for item in items:
+        is_long = length_of(item) > max_length
+        over += is_long
+        if not (is_long and too_long == "drop"):
+            kept.append(item)
+    return kept, over
 
 
 def objective_module(objective: str) -> ModuleType:
@@ -108,20 +121,39 @@ def lora_config(config: TrainingConfig):
     )
 
 
+def load_start_model(spec: TrainingSpec, method: Method):
+    """(model, tokenizer) the training starts from: the base model, or the model of `spec.start_adapter`.
+
+    A whole model folder (a full fine-tune) is loaded as it is. A LoRA adapter is merged into the base weights, so a
+    new adapter trains on the SFT model and disabling it gives the SFT model back (the DPO/KTO reference, without a
+    second copy). On 4-bit weights, where merging is not exact, the adapter is loaded trainable instead and training
+    continues it (TRL then keeps a frozen copy of it for the reference)."""
+    from peft import PeftModel
+
+    start = Path(spec.start_adapter) if spec.start_adapter else None
+    if start and not is_adapter(start):
+        return load_model_and_tokenizer(start, trust_remote_code=spec.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(spec.base_model_dir, load_in_4bit=method.load_in_4bit,
+                                                trust_remote_code=spec.trust_remote_code)
+    if start is None:
+        return model, tokenizer
+    model = PeftModel.from_pretrained(model, str(start), is_trainable=method.load_in_4bit)
+    return (model if method.load_in_4bit else model.merge_and_unload()), tokenizer
+
+
 def trainer_setup(spec: TrainingSpec, config: TrainingConfig, method: Method, callbacks: list, info) -> TrainerSetup:
-    """Load the base model for `method` and gather the shared trainer settings."""
+    """Load the model training starts from and gather the shared trainer settings."""
+    from peft import PeftModel
     from transformers import EarlyStoppingCallback
 
-    model, tokenizer = load_model_and_tokenizer(
-        spec.base_model_dir, load_in_4bit=method.load_in_4bit, trust_remote_code=spec.trust_remote_code
-    )
+    model, tokenizer = load_start_model(spec, method)
     return TrainerSetup(
         spec=spec,
         config=config,
         method=method,
         model=model,
         tokenizer=tokenizer,
-        peft_config=lora_config(config) if method.peft_adapter else None,
+        peft_config=lora_config(config) if method.peft_adapter and not isinstance(model, PeftModel) else None,
         arguments=trainer_arguments(config, Path(spec.checkpoint_dir)),
         callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience), *callbacks],
         info=info,

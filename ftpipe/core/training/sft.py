@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.config import TrainingConfig
-from ftpipe.core.training.setup import TrainerSetup, chat_length
+from ftpipe.core.training.setup import TrainerSetup, chat_length, within_max_length
 
 
 def read_chat_rows(path: Path) -> list[list[dict[str, str]]]:
@@ -26,13 +26,9 @@ def to_prompt_completion(messages: list[dict[str, str]]) -> dict[str, list[dict[
 
 def fit_rows(conversations, tokenizer, max_length: int, too_long: str) -> tuple[list[dict], int]:
     """Prompt/completion rows, over-long ones dropped (too_long=drop) or kept for TRL to truncate; and their count."""
-    rows, over = [], 0
-    for messages in conversations:
-        is_long = chat_length(tokenizer, messages) > max_length
-        over += is_long
-        if not (is_long and too_long == "drop"):
-            rows.append(to_prompt_completion(messages))
-    return rows, over
+    kept, over = within_max_length(conversations, lambda messages: chat_length(tokenizer, messages), max_length,
+                                   too_long)
+    return [to_prompt_completion(messages) for messages in kept], over
 
 
 def build_datasets(setup: TrainerSetup):

@@ -9,14 +9,27 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.config import TrainingConfig
+from ftpipe.core.storage import sha256_of_files
 
 
-def training_fingerprint(split_version: str, base_fingerprint: str, recipe: dict[str, Any]) -> str:
-    """Identity of a training (data split, base model, `TrainingConfig.recipe()`): its reuse key, and the name
-    of its checkpoint dir, so an interrupted training resumes."""
-    canonical = json.dumps({"split": split_version, "base": base_fingerprint, "training": recipe}, sort_keys=True,
-                           default=str)
+def training_fingerprint(split_version: str, base_fingerprint: str, recipe: dict[str, Any],
+                         start: str | None = None) -> str:
+    """Identity of a training (data split, base model, `TrainingConfig.recipe()`, and the identity of the training it
+    starts from, if any): its reuse key, and the name of its checkpoint dir, so an interrupted training resumes."""
+    inputs = {"split": split_version, "base": base_fingerprint, "training": recipe}
+    if start is not None:
+        inputs["start"] = start
+    canonical = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def start_identity(folder: Path) -> str:
+    """Identity of the training a spec starts from: a hash of its folder's weights and configs; ValueError when the
+    folder holds no weights."""
+    files = [*folder.glob("*.safetensors"), *folder.glob("*config.json")]
+    if not any(path.suffix == ".safetensors" for path in files):
+        raise ValueError(f"start_adapter {folder}: no weights (*.safetensors) there")
+    return sha256_of_files(files, folder)[:16]
 
 
 @dataclass
@@ -35,7 +48,8 @@ class TrainingSpec:
     base_model_dir: str  # resolved base model (modeling.resolve_base_model()["path"])
     base_fingerprint: str
     split_version: str  # data version of the train + eval split
-    train_path: str  # parquet: id, messages (list of {role, content}, last one assistant), source
+    train_path: str  # parquet: id, messages (list of {role, content}, last one assistant), source; or, for a
+    #                  preference objective, preference rows (ftpipe.core.preferences)
     eval_path: str
     output_dir: str  # published atomically with the weights and result.json
     checkpoint_dir: str  # this training's own dir (keyed by fingerprint): checkpoint-N/ and the MLflow run id
@@ -47,12 +61,15 @@ class TrainingSpec:
     data_version: str | None = None  # reported to Dagster; None: a hash of the weight files
     replay_prompts: str | None = None  # training.replay: JSONL of general prompts ({"id", "messages": [user turn]})
     replay_cache_dir: str | None = None  # training.replay: the base model's answers to them, shared by trainings
+    start_adapter: str | None = None  # the finished training this one starts from (a PEFT adapter or model folder)
 
     def __post_init__(self):
         if not isinstance(self.mlflow, MlflowSpec):
             self.mlflow = MlflowSpec(**{"experiment": self.task, **(self.mlflow or {})})
         if self.fingerprint is None:
-            self.fingerprint = training_fingerprint(self.split_version, self.base_fingerprint, self.config().recipe())
+            start = start_identity(Path(self.start_adapter)) if self.start_adapter else None
+            self.fingerprint = training_fingerprint(self.split_version, self.base_fingerprint, self.config().recipe(),
+                                                    start)
 
     def config(self) -> TrainingConfig:
         return TrainingConfig.model_validate(self.training)

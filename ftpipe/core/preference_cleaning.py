@@ -1,0 +1,122 @@
+"""Cleaning of preference rows, with the reasons, records and counts of the chat examples' cleaning (`dedup`).
+
+Rows are compared on their normalised text (`text.canonical`). For one prompt, a pair and its reverse (A over B and
+B over A), or one completion labelled both desirable and undesirable, contradict each other: the strict-majority
+direction's rows stay, otherwise the whole group goes. Of identical rows the first stays (exact duplicates). A row
+whose prompt is near-identical (`similarity`, on what varies between the prompts) to a kept earlier row's, with the
+same answers, goes too, naming that row (near-duplicates; nothing chains).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from ftpipe.core import similarity
+from ftpipe.core.dedup import removal
+from ftpipe.core.layout import PREFERENCES
+from ftpipe.core.preferences import as_chat, is_paired, read_preferences, write_preferences
+from ftpipe.core.text import canonical
+
+COUNTS = {"exact_duplicate": "exact_duplicates", "near_duplicate": "near_duplicates", "contradiction": "contradictions"}
+ANSWERS = {True: "chosen and rejected", False: "completion and label"}  # by whether the row is paired
+OPPOSED = {True: "the reverse pair appears for the same prompt",
+           False: "the same prompt and completion also carry the opposite label"}
+
+
+class Key(NamedTuple):
+    """What a row says, normalised: its prompt, its answers without their order, and their order (the label)."""
+
+    prompt: tuple[tuple[str, str], ...]
+    answers: tuple[str, ...]  # paired: both answers, sorted; unpaired: the completion
+    direction: bool  # paired: whether the chosen answer sorts first; unpaired: the label
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> Key:
+        prompt = tuple((m["role"], canonical(m["content"])) for m in row["prompt"])
+        if not is_paired(row):
+            return cls(prompt, (canonical(row["completion"]),), row["label"])
+        chosen, rejected = canonical(row["chosen"]), canonical(row["rejected"])
+        return cls(prompt, (min(chosen, rejected), max(chosen, rejected)), chosen < rejected)
+
+
+def _resolve_contradictions(rows: list[dict[str, Any]], keys: list[Key], removed: list[dict[str, Any]]) -> list[int]:
+    """The same prompt and answers in both directions: the strict-majority direction's rows stay, else the group
+    goes, each removed row naming the first of the other direction. Returns the indices that stay."""
+    groups: dict[tuple, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault((key.prompt, key.answers), []).append(index)
+    alive = [True] * len(rows)
+    for members in groups.values():
+        votes = Counter(keys[i].direction for i in members)
+        if len(votes) < 2:
+            continue
+        (winner, top), (_, other) = votes.most_common()
+        vote = (f"the majority ({top} of {len(members)} rows) is the other way" if top > other else
+                f"no strict majority ({top} against {other}): the whole group goes")
+        for index in members:
+            if top == other or keys[index].direction != winner:
+                named = next(i for i in members if keys[i].direction != keys[index].direction)
+                detail = f"{OPPOSED[is_paired(rows[index])]}; {vote}"
+                removed.append(removal(rows[index], "contradiction", rows[named], detail))
+                alive[index] = False
+    return [index for index, keep in enumerate(alive) if keep]
+
+
+def _remove_exact(rows: list[dict[str, Any]], keys: list[Key], indices: list[int],
+                  removed: list[dict[str, Any]]) -> list[int]:
+    """The first of identical rows stays; returns the indices that stay."""
+    first: dict[Key, int] = {}
+    kept = []
+    for index in indices:
+        original = first.setdefault(keys[index], index)
+        if original == index:
+            kept.append(index)
+        else:
+            detail = f"same prompt, {ANSWERS[is_paired(rows[index])]} after normalisation"
+            removed.append(removal(rows[index], "exact_duplicate", rows[original], detail))
+    return kept
+
+
+def _remove_near(rows: list[dict[str, Any]], keys: list[Key], removed: list[dict[str, Any]],
+                 settings: similarity.Settings) -> list[dict[str, Any]]:
+    """A row whose prompt is near-identical to a kept earlier row's, with the same answers, goes, naming the most
+    alike such row. Returns the rows that stay."""
+    prompts, _ = similarity.prompt_shingles([as_chat(row) for row in rows], settings.shingle_words)
+    similar = similarity.neighbours(len(rows), similarity.similar_pairs(prompts, settings))
+    alive = [True] * len(rows)
+    for index, neighbours in enumerate(similar):
+        matches = [(score, other) for other, score in neighbours.items()
+                   if other < index and alive[other] and keys[other][1:] == keys[index][1:]]
+        if matches:
+            score, other = max(matches, key=lambda match: (match[0], -match[1]))  # most alike, then first
+            detail = f"prompt Jaccard {score:.2f}, same {ANSWERS[is_paired(rows[index])]}"
+            removed.append(removal(rows[index], "near_duplicate", rows[other], detail))
+            alive[index] = False
+    return [row for row, keep in zip(rows, alive) if keep]
+
+
+def clean_preferences(rows: list[dict[str, Any]], settings: similarity.Settings = similarity.Settings(),
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, removed) preference rows: contradictions resolved, then exact and near-duplicates removed; removed
+    rows carry `reason`, `duplicate_of`, `duplicate_of_source` and `detail`. Rows are taken in (id, source) order,
+    so the result does not depend on the order of the input."""
+    ordered = sorted(rows, key=lambda r: (r["id"], r["source"]))
+    keys = [Key.of(row) for row in ordered]
+    removed: list[dict[str, Any]] = []
+    remaining = _remove_exact(ordered, keys, _resolve_contradictions(ordered, keys, removed), removed)
+    kept = _remove_near([ordered[i] for i in remaining], [keys[i] for i in remaining], removed, settings)
+    return kept, removed
+
+
+def build_clean_preferences(raw_path: Path, out_dir: Path,
+                            settings: similarity.Settings = similarity.Settings()) -> dict[str, Any]:
+    """Clean the preference rows of `raw_path` (none when it does not exist) into `out_dir/preferences.parquet`;
+    return `preference_rows_in`, `preference_rows_out`, the counts by reason under `dedup`'s names, and `removed`."""
+    rows = read_preferences(raw_path)
+    kept, removed = clean_preferences(rows, settings)
+    write_preferences(kept, out_dir / PREFERENCES)
+    reasons = Counter(row["reason"] for row in removed)
+    return {"preference_rows_in": len(rows), "preference_rows_out": len(kept),
+            **{name: reasons[reason] for reason, name in COUNTS.items()}, "removed": removed}

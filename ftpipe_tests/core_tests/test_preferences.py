@@ -1,0 +1,207 @@
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ftpipe.core import preference_cleaning, records, similarity
+from ftpipe.core.preferences import as_chat, read_preferences, to_preference, write_preferences
+from ftpipe.core.records import FormatSpec, RawDataError
+from ftpipe.core.results import read_result
+from ftpipe_tests.builders import chat, make_task
+from ftpipe_tests.rows import sentence
+
+SYSTEM = "You triage tickets."
+
+
+def pair(prompt: str, chosen: str, rejected: str, source: str = "p.jsonl:line 1") -> dict:
+    return to_preference({"prompt": prompt, "chosen": chosen, "rejected": rejected}, FormatSpec(), source)
+
+
+def single(prompt: str, completion: str, label: bool, source: str = "k.jsonl:line 1") -> dict:
+    return to_preference({"prompt": prompt, "completion": completion, "label": label}, FormatSpec(), source)
+
+
+def read(folder: Path, spec: FormatSpec = FormatSpec()) -> records.ReadResult:
+    return records.read_raw_dir(folder / "raw", spec)
+
+
+def test_every_preference_format_becomes_the_canonical_row(ftpipe_env: Path) -> None:
+    conversational = {"prompt": [{"role": "system", "content": "own"}, {"role": "user", "content": "q2"}],
+                      "chosen": [{"role": "assistant", "content": "good"}],
+                      "rejected": {"role": "assistant", "content": "bad"}}
+    folder = make_task(ftpipe_env, "t", {
+        "pairs.jsonl": [{"prompt": "q1", "chosen": "yes", "rejected": "no"}, conversational],
+        "kto.json": json.dumps([{"prompt": "q3", "completion": "fine", "label": True},
+                                {"prompt": "q4", "completion": "rude", "label": 0}]),
+        "kto.csv": "prompt,completion,label\nq5,nice,true\nq6,mean,FALSE\n",
+        "sft.jsonl": [chat("q7", "answer"), {"prompt": "q8", "completion": "no label: an SFT row"}],
+    })
+    pq.write_table(pa.table({"ticket": ["q9"], "good": ["a"], "bad": ["b"]}), folder / "raw" / "mapped.parquet")
+    result = read(folder, FormatSpec(columns={"prompt": "ticket", "chosen": "good", "rejected": "bad"},
+                                     system_prompt=SYSTEM))
+    assert result.quarantine == [] and len(result.examples) == 2
+    rows = {row["source"]: row for row in result.preferences}
+    assert rows["pairs.jsonl:line 1"]["prompt"] == [{"role": "system", "content": SYSTEM},
+                                                    {"role": "user", "content": "q1"}]
+    assert (rows["pairs.jsonl:line 1"]["chosen"], rows["pairs.jsonl:line 1"]["rejected"]) == ("yes", "no")
+    assert rows["pairs.jsonl:line 2"]["prompt"][0] == {"role": "system", "content": "own"}
+    assert (rows["pairs.jsonl:line 2"]["chosen"], rows["pairs.jsonl:line 2"]["rejected"]) == ("good", "bad")
+    labels = {row["prompt"][-1]["content"]: row["label"] for row in result.preferences if row["chosen"] is None}
+    assert labels == {"q3": True, "q4": False, "q5": True, "q6": False}
+    assert (rows["mapped.parquet:row 1"]["chosen"], rows["mapped.parquet:row 1"]["completion"]) == ("a", None)
+    assert len({row["id"] for row in result.preferences}) == len(result.preferences) == 7
+
+
+def test_mapped_columns_make_unpaired_rows(ftpipe_env: Path) -> None:
+    folder = make_task(ftpipe_env, "t", {})
+    table = pa.table({"ticket": ["q", "r"], "reply": ["c", "d"], "ok": ["1", "0"]})
+    pq.write_table(table, folder / "raw" / "k.parquet")
+    result = read(folder, FormatSpec(columns={"prompt": "ticket", "completion": "reply", "label": "ok"}))
+    assert result.examples == [] and result.quarantine == []
+    assert [(row["completion"], row["label"]) for row in result.preferences] == [("c", True), ("d", False)]
+
+
+def test_a_mapped_sft_answer_column_named_label_stays_an_sft_row(ftpipe_env: Path) -> None:
+    folder = make_task(ftpipe_env, "t", {"intents.csv": "text,label\nmy card is lost,lost_card\n",
+                                         "pairs.jsonl": [{"prompt": "q", "chosen": "a", "rejected": "b"}]})
+    result = read(folder, FormatSpec(columns={"prompt": "text", "completion": "label"}))
+    assert [row["messages"][-1]["content"] for row in result.examples] == ["lost_card"]
+    assert [row["prompt"][-1]["content"] for row in result.preferences] == ["q"]
+
+
+@pytest.mark.parametrize(("row", "reason"), [
+    ({"prompt": "q", "chosen": "a", "rejected": "  "}, "field 'rejected' is empty"),
+    ({"prompt": "q", "chosen": "a"}, "field 'rejected' is missing"),
+    ({"chosen": "a", "rejected": "b"}, "field 'prompt' is missing"),
+    ({"prompt": "q", "chosen": "Same  answer", "rejected": "same answer"},
+     "fields 'chosen' and 'rejected' are the same answer after normalisation"),
+    ({"prompt": "q", "completion": "a", "label": "yes"},
+     "field 'label' must be a boolean (true or false), got str 'yes'"),
+    ({"prompt": "q", "completion": "a", "label": 2}, "field 'label' must be a boolean"),
+    ({"prompt": "q", "completion": "a", "label": None}, "field 'label' must be a boolean (true or false), got null"),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "a",
+      "rejected": "b"}, "field 'prompt' must end with a user message, but its last message has role 'assistant'"),
+    ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
+     "field 'chosen' must be an assistant message, but it has role 'user'"),
+    ({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}] * 2, "rejected": "b"},
+     "field 'chosen' must hold one assistant message, got a list of 2"),
+])
+def test_bad_preference_rows_are_quarantined_with_a_reason(ftpipe_env: Path, row: dict, reason: str) -> None:
+    good = {"prompt": "fine", "chosen": "ok", "rejected": "not ok"}
+    result = read(make_task(ftpipe_env, "t", {"a.jsonl": [good, row]}))
+    assert len(result.preferences) == 1
+    (entry,) = result.quarantine
+    assert entry["source"] == "a.jsonl:line 2" and reason in entry["reason"] and "\n" not in entry["reason"]
+
+
+def test_a_task_of_preference_rows_only_builds_and_its_counts_add_up(ftpipe_env: Path, tmp_path: Path) -> None:
+    folder = make_task(ftpipe_env, "t", {"a.jsonl": [{"prompt": "q", "chosen": "a", "rejected": "b"},
+                                                    {"prompt": "q", "completion": "a", "label": "maybe"},
+                                                    {"prompt": "r", "completion": "a", "label": False}]})
+    summary = records.build_raw_examples(folder, tmp_path / "out", FormatSpec())
+    assert (summary["rows_read"], summary["rows_valid"], summary["rows_quarantined"]) == (3, 2, 1)
+    assert summary["preference_rows"] == 2
+    assert records.read_examples(tmp_path / "out" / "examples.parquet") == []
+    assert len(read_preferences(tmp_path / "out" / "preferences.parquet")) == 2
+    assert read_result(tmp_path / "out").produced["preferences"] == "preferences.parquet"
+    with pytest.raises(RawDataError, match="no usable rows"):
+        records.build_raw_examples(make_task(ftpipe_env, "u", {"a.jsonl": [{"prompt": "q", "chosen": "a"}]}),
+                                   tmp_path / "none", FormatSpec())
+
+
+def test_identical_pairs_after_normalisation_keep_one() -> None:
+    first, copy = pair("Reset my password", "Done.", "No."), pair("reset  my PASSWORD", "done.", " no.", "b:line 9")
+    other = pair("Reset my password", "Done.", "Maybe.")
+    kept, removed = preference_cleaning.clean_preferences([copy, other, first])
+    assert len(kept) == 2 and other in kept
+    (gone,) = removed
+    assert gone["reason"] == "exact_duplicate"
+    assert {gone["id"], gone["duplicate_of"]} == {first["id"], copy["id"]}
+    assert gone["duplicate_of_source"] in {first["source"], copy["source"]} and "after normalisation" in gone["detail"]
+
+
+def prompt_jaccard(a: dict, b: dict) -> float:
+    prompts, _ = similarity.prompt_shingles([as_chat(a), as_chat(b)], 2, np.zeros(0, dtype=np.uint64))
+    return prompts.jaccard(0, 1)
+
+
+def test_near_duplicate_prompts_with_the_same_answers_keep_one_without_chaining() -> None:
+    """A ~ B and B ~ C, but A and C are not alike: each removed row names a kept row it is itself alike to."""
+    rng = random.Random(0)
+    a = sentence(rng, 60).split()
+    b = a[:56] + ["b1", "b2", "b3", "b4"]
+    c = b[:50] + ["c1", "c2", "c3", "c4"] + b[54:]
+    chain = [pair(" ".join(words), "good", "bad", f"p:line {i}") for i, words in enumerate((a, b, c))]
+    assert prompt_jaccard(chain[0], chain[1]) >= 0.8 and prompt_jaccard(chain[1], chain[2]) >= 0.8
+    assert prompt_jaccard(chain[0], chain[2]) < 0.8
+    other_answers = pair(" ".join(a), "bad", "worse")
+    unrelated = [pair(sentence(rng, 60), "good", "bad", f"u:line {i}") for i in range(5)]
+    kept, removed = preference_cleaning.clean_preferences(chain + [other_answers] + unrelated)
+    assert other_answers in kept and all(row in kept for row in unrelated)
+    assert removed and {row["reason"] for row in removed} == {"near_duplicate"}
+    kept_by_id = {row["id"]: row for row in kept}
+    for gone in removed:
+        assert prompt_jaccard(gone, kept_by_id[gone["duplicate_of"]]) >= 0.8
+        assert gone["detail"].startswith("prompt Jaccard 0.") and gone["detail"].endswith("same chosen and rejected")
+    assert len(kept) + len(removed) == 9
+
+
+def test_a_reversed_pair_is_a_contradiction_resolved_by_strict_majority() -> None:
+    a_over_b = [pair("Which is right?", "A", "B", f"x:line {i}") for i in range(2)]
+    b_over_a = pair("Which is right?", "B", "A", "y:line 1")
+    kept, removed = preference_cleaning.clean_preferences([b_over_a, *a_over_b])
+    assert kept == [min(a_over_b, key=lambda r: r["source"])]
+    reasons = {row["source"]: row["reason"] for row in removed}
+    assert reasons == {"y:line 1": "contradiction", "x:line 1": "exact_duplicate"}
+    contradiction = next(row for row in removed if row["reason"] == "contradiction")
+    assert contradiction["duplicate_of"] == a_over_b[0]["id"]
+    assert "reverse pair" in contradiction["detail"] and "2 of 3" in contradiction["detail"]
+
+
+def test_a_reversed_pair_without_a_majority_drops_the_group() -> None:
+    rows = [pair("Which is right?", "A", "B"), pair("which is RIGHT?", "B", "A", "y:line 1")]
+    keep = pair("Which is right?", "A", "C")
+    kept, removed = preference_cleaning.clean_preferences([*rows, keep])
+    assert kept == [keep]
+    assert [row["reason"] for row in removed] == ["contradiction"] * 2
+    assert all("no strict majority (1 against 1)" in row["detail"] for row in removed)
+    assert {row["duplicate_of"] for row in removed} == {row["id"] for row in rows}
+
+
+def test_unpaired_rows_opposite_labels_are_contradictions_and_copies_duplicates() -> None:
+    good = [single("Greet me", "Hello!", True, f"k:line {i}") for i in range(3)]
+    bad = single("Greet me", "hello!", False, "k:line 9")
+    tie = [single("Bye", "Ciao", True), single("Bye", "Ciao", False)]
+    kept, removed = preference_cleaning.clean_preferences([*good, bad, *tie])
+    assert kept == [good[0]]
+    assert sorted(row["reason"] for row in removed) == ["contradiction"] * 3 + ["exact_duplicate"] * 2
+    (lost,) = [row for row in removed if row["source"] == "k:line 9"]
+    assert lost["reason"] == "contradiction" and "opposite label" in lost["detail"] and "3 of 4" in lost["detail"]
+
+
+def test_cleaning_does_not_depend_on_the_order_of_the_rows() -> None:
+    rng = random.Random(4)
+    rows = [pair(sentence(rng, 12), rng.choice("ab"), rng.choice("cd"), f"f:line {i}") for i in range(30)]
+    rows += [dict(row, source="g:line 1") for row in rows[:5]] + [pair(rows[6]["prompt"][-1]["content"],
+                                                                       rows[6]["rejected"], rows[6]["chosen"])]
+    forward, backward = (preference_cleaning.clean_preferences(order) for order in (rows, rows[::-1]))
+    assert forward == backward and len(forward[1]) == 7
+
+
+def test_build_clean_preferences_writes_the_kept_rows_and_counts_by_reason(tmp_path: Path) -> None:
+    rows = [pair("q", "a", "b"), pair("Q", "a", "b", "g:line 2"), pair("q", "b", "a", "h:line 3"),
+            single("r", "c", True)]
+    write_preferences(rows, tmp_path / "raw.parquet")
+    (tmp_path / "out").mkdir()
+    summary = preference_cleaning.build_clean_preferences(tmp_path / "raw.parquet", tmp_path / "out")
+    removed = summary.pop("removed")
+    assert summary == {"preference_rows_in": 4, "preference_rows_out": 2, "exact_duplicates": 1,
+                       "near_duplicates": 0, "contradictions": 1}
+    assert len(removed) == 2 and all(row["reason"] in ("exact_duplicate", "contradiction") for row in removed)
+    assert len(read_preferences(tmp_path / "out" / "preferences.parquet")) == 2
+    empty = preference_cleaning.build_clean_preferences(tmp_path / "missing.parquet", tmp_path / "out")
+    assert empty["preference_rows_in"] == 0 and read_preferences(tmp_path / "out" / "preferences.parquet") == []
