@@ -39,7 +39,9 @@ from ftpipe.config import TrainingConfig  # noqa: E402
 from ftpipe.core.preferences import read_preferences, write_preferences  # noqa: E402
 from ftpipe.core.results import read_result  # noqa: E402
 from ftpipe_tests.tiny_model import COLORS, CORPUS, build_tiny_model  # noqa: E402
-from train import child_env, run_ftpipe_program, settings_differences  # noqa: E402
+from train import (  # noqa: E402
+    child_env, hand_written_arguments, hand_written_lora, run_ftpipe_program, settings_differences,
+)
 
 TARGET_RATIO = 0.95
 TRAIN_PAIRS, EVAL_PAIRS = 128, 16
@@ -138,46 +140,11 @@ def plain_datasets(job: dict):
 
 def same_settings_args(job: dict):
     """DPOConfig + LoraConfig written out by hand with the values of ftpipe's TrainingConfig in the job."""
-    import torch
-    from peft import LoraConfig
     from trl import DPOConfig
 
-    t, on_gpu = job["training"], torch.cuda.is_available()
-    args = DPOConfig(
-        output_dir=job["output_dir"],
-        num_train_epochs=t["epochs"],
-        max_steps=t["max_steps"],
-        per_device_train_batch_size=t["batch_size"],
-        per_device_eval_batch_size=t["batch_size"],
-        gradient_accumulation_steps=t["gradient_accumulation"],
-        learning_rate=t["learning_rate"],
-        lr_scheduler_type=t["scheduler"],
-        warmup_steps=t["warmup_ratio"],
-        weight_decay=t["weight_decay"],
-        seed=t["seed"],
-        beta=t["preference"]["beta"],
-        max_length=t["max_length"],
-        eval_strategy="steps",
-        eval_steps=t["eval_steps"],
-        save_steps=t["eval_steps"],
-        save_total_limit=t["save_total_limit"],
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        restore_callback_states_from_checkpoint=True,
-        logging_steps=t["logging_steps"],
-        include_num_input_tokens_seen="non_padding",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=not on_gpu,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        activation_checkpointing=on_gpu,
-        dataloader_num_workers=0,
-    )
-    lora = t["lora"]
-    peft = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
-    return args, peft
+    t = job["training"]
+    args = DPOConfig(**hand_written_arguments(t, job["output_dir"]), beta=t["preference"]["beta"])
+    return args, hand_written_lora(t)
 
 
 def check_same_settings(root: Path, training: dict) -> None:

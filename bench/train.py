@@ -149,15 +149,14 @@ def plain_datasets(job: dict):
     return load(job["train_path"]), load(job["eval_path"])
 
 
-def same_settings_args(job: dict):
-    """SFTConfig + LoraConfig written out by hand with the values of ftpipe's TrainingConfig in the job."""
+def hand_written_arguments(t: dict, output_dir: str) -> dict:
+    """The TrainingArguments every TRL config of a plain script gets, written out by hand from the values of a
+    TrainingConfig dump `t` (the baseline never calls ftpipe's own code)."""
     import torch
-    from peft import LoraConfig
-    from trl import SFTConfig
 
-    t, on_gpu = job["training"], torch.cuda.is_available()
-    args = SFTConfig(
-        output_dir=job["output_dir"],
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=output_dir,
         num_train_epochs=t["epochs"],
         max_steps=t["max_steps"],
         per_device_train_batch_size=t["batch_size"],
@@ -169,16 +168,16 @@ def same_settings_args(job: dict):
         weight_decay=t["weight_decay"],
         seed=t["seed"],
         max_length=t["max_length"],
-        packing=t["packing"],
-        completion_only_loss=True,
         eval_strategy="steps",
         eval_steps=t["eval_steps"],
+        save_strategy="steps",
         save_steps=t["eval_steps"],
         save_total_limit=t["save_total_limit"],
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         restore_callback_states_from_checkpoint=True,
+        logging_strategy="steps",
         logging_steps=t["logging_steps"],
         include_num_input_tokens_seen="non_padding",
         report_to="none",
@@ -187,16 +186,26 @@ def same_settings_args(job: dict):
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         activation_checkpointing=on_gpu,
         dataloader_num_workers=0,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not on_gpu else None,
     )
+
+
+def hand_written_lora(t: dict):
+    """The LoraConfig of a plain script, written out by hand from a TrainingConfig dump `t`."""
+    from peft import LoraConfig
+
     lora = t["lora"]
-    peft = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=lora["target_modules"],
-        task_type="CAUSAL_LM",
-    )
-    return args, peft
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+
+
+def same_settings_args(job: dict):
+    """SFTConfig + LoraConfig written out by hand with the values of ftpipe's TrainingConfig in the job."""
+    from trl import SFTConfig
+
+    t = job["training"]
+    args = SFTConfig(**hand_written_arguments(t, job["output_dir"]), packing=t["packing"], completion_only_loss=True)
+    return args, hand_written_lora(t)
 
 
 def settings_differences(ours, plain, ignored: set[str]) -> list[str]:

@@ -424,14 +424,17 @@ def write_parquet(rng: random.Random, rows: list, path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(records, schema=schema), path)
 
 
-PREFERENCE_PAIRS = 300
-REJECTED_KINDS = ("wrong field", "wrong field", "wrong field", "chatty", "broken JSON")  # mostly a wrong field
+PREFERENCE_PAIRS = 600
+REJECTED_KINDS = ("wrong priority", "wrong priority", "wrong category", "chatty", "broken JSON")  # mostly the subtle
 
 
 def rejected_answer(rng: random.Random, kind: str, category: str, priority: str) -> str:
-    """A worse answer than the correct triage: another label, a chatty reply or JSON that does not parse."""
-    if kind == "wrong field":
-        return other_label(rng, category, priority)
+    """A worse answer than the correct triage: another priority or category, a chatty reply or JSON that does not
+    parse."""
+    if kind == "wrong priority":
+        return answer(category, rng.choice([p for p in PRIORITIES if p != priority]))
+    if kind == "wrong category":
+        return answer(rng.choice([c for c in CATEGORIES if c != category]), priority)
     if kind == "chatty":
         return (f"Sure! This looks like a {category.replace('_', ' ')} ticket, and I'd say the priority is "
                 f"{priority}. Let me know if you need anything else!")
@@ -511,11 +514,8 @@ training:
   max_length: 256               # tokens; tickets are under 60 words
   eval_steps: 18
   logging_steps: 5
-  stages: [sft, dpo]            # then DPO from the SFT model on raw/preferences.jsonl (correct triage over worse ones)
-  preference:
-    beta: 0.1
-    learning_rate: 0.0002
-    max_steps: 12               # 96 pairs
+  stages: [sft]                 # [sft, dpo]: then DPO from the SFT model on raw/preferences.jsonl (the correct
+                                # triage over worse ones); see the README's Preference tuning
 
 evaluation:
   task_type: classification     # accuracy (and macro-F1) on one JSON field of the answer

@@ -130,6 +130,11 @@ def print_summary(task: str, result) -> None:
         print(f"\n{report['primary_metric']}: base {report['base_score']:.3f} -> fine-tuned {report['finetuned_score']:.3f} "
               f"(delta {report['delta']:+.3f}, 95% CI [{report['delta_ci_low']:+.3f}, {report['delta_ci_high']:+.3f}]); "
               f"forgetting {report['forgetting']:.3f}; gate {'PASSED' if report['passed'] else 'FAILED: ' + report['failed_conditions']}")
+    if report and report.get("preference_accuracy_final") is not None:
+        print(f"preference accuracy: base {report['preference_accuracy_base']:.3f}, SFT "
+              f"{report['preference_accuracy_sft']:.3f} -> {found['preference_adapter']['objective']} "
+              f"{report['preference_accuracy_final']:.3f} (gain over SFT, 95% CI low "
+              f"{report['preference_delta_ci_low']:+.3f})")
     for check in result.get_asset_check_evaluations():
         if not check.passed:
             print(f"check {check.check_name} failed: {check.description}")

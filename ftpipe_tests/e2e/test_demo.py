@@ -49,7 +49,8 @@ def test_every_asset_materialized(demo) -> None:
                                      "base_model", "lora_adapter", "preference_adapter", "eval_report", "human_review",
                                      "merged_model"}
     raw, deduped = demo["metadata"]["raw_examples"], demo["metadata"]["deduplicated_examples"]
-    assert raw["rows_quarantined"] > 0 and raw["preference_rows"] == 310
+    assert raw["rows_quarantined"] > 0 and raw["preference_rows"] == 610
+    assert demo["metadata"]["preference_adapter"]["objective"] == "none", "no preference stage: the SFT model is final"
     # chat rows (48, 40, 22) and preference pairs (6 copies, 4 reversed pairs dropped with the pairs they reverse)
     assert (deduped["exact_duplicates"], deduped["near_duplicates"], deduped["contradictions"]) == (54, 40, 30)
     assert demo["checks"]["deduplicated_examples_removal_share"].passed
@@ -72,15 +73,6 @@ def test_fine_tuning_beats_the_base_and_few_shot_and_passes_the_gate_at_the_defa
     assert report["passed"] is True
     assert demo["checks"]["eval_report_gate"].passed
     assert demo["checks"]["heldout_split_no_leakage"].passed
-
-
-def test_dpo_after_sft_raises_preference_accuracy_over_the_sft_model(demo) -> None:
-    stage, report = demo["metadata"]["preference_adapter"], demo["metadata"]["eval_report"]
-    assert stage["objective"] == "dpo" and stage["pairs_train"] > 200
-    assert "data:image/png;base64" in stage["reward_curve"]
-    assert report["preference_accuracy_final"] > report["preference_accuracy_sft"]
-    assert report["preference_delta_ci_low"] > 0  # the gain over the SFT model, with a 95% interval clear of 0
-    assert report["sft_score"] is not None, "the SFT model's task accuracy is reported beside the final model's"
 
 
 def test_merged_model_loads_plainly_and_answers_a_heldout_prompt_without_its_system_prompt(demo) -> None:
