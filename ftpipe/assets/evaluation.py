@@ -31,7 +31,7 @@ def _metadata(report: dict, run_url: str) -> dict:
 
 @dg.asset(
     partitions_def=task_partitions, group_name=GROUP, kinds={"pytorch", "mlflow"},
-    deps=["preference_adapter", "base_model", "heldout_split"], pool=GPU_POOL,
+    deps=["lora_adapter", "preference_adapter", "base_model", "heldout_split"], pool=GPU_POOL,  # reads both adapters
     automation_condition=dg.AutomationCondition.eager().allow(dg.AssetSelection.assets("preference_adapter")),
 )
 def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow: MlflowTracking) -> dg.MaterializeResult:

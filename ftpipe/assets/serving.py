@@ -34,7 +34,7 @@ def _card(task: str, cfg: TaskConfig, base: Result, adapter: Result, evaluation:
 
 @dg.asset(
     partitions_def=task_partitions, group_name=GROUP, kinds={"safetensors", "mlflow"},
-    deps=["eval_report", "human_review", "preference_adapter", "base_model"], pool=GPU_POOL,
+    deps=["eval_report", "human_review", "lora_adapter", "preference_adapter", "base_model"], pool=GPU_POOL,
     automation_condition=(
         dg.AutomationCondition.eager().allow(dg.AssetSelection.assets("eval_report", "human_review"))
         & dg.AutomationCondition.all_deps_blocking_checks_passed()

@@ -22,7 +22,7 @@ from ftpipe_tests.tiny_model import build_tiny_model
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TASK = "colors"
 ASSETS = ["raw_examples", "deduplicated_examples", "review_sample", "heldout_split",
-          "base_model", "lora_adapter", "eval_report", "human_review", "merged_model"]
+          "base_model", "lora_adapter", "preference_adapter", "eval_report", "human_review", "merged_model"]
 CHECKS = [("deduplicated_examples", "deduplicated_examples_removal_share"), ("heldout_split", "heldout_split_no_leakage"),
           ("eval_report", "eval_report_gate"), ("human_review", "human_review_verdicts")]
 SCREENSHOT = REPO_ROOT / "test-artifacts" / "asset_graph.png"
