@@ -29,9 +29,11 @@ def fit(model, tokenizer, rows: list[dict], *, steps: int, lr: float) -> None:
 
 def lora_adapter(base_dir: Path, out: Path, *, random_weights: bool, train_rows: list[dict] | None = None) -> Path:
     """A LoRA adapter on `base_dir`: identity (B = 0), random A and B, or trained on `train_rows`."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     model, tokenizer = load_model(base_dir)
+    torch.manual_seed(0)  # the adapter's initial weights: the same whichever tests ran before
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=not random_weights,
                         task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)

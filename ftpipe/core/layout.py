@@ -21,7 +21,7 @@
         checkpoints/<fingerprint>/       the checkpoints of the training with that fingerprint
         eval_report/                     report.md, predictions.parquet, metrics.json, result.json
         merged_model/<base>-<adapter>/   one servable model per adapter (result.json inside); `latest` links to the newest
-        cache/eval_base/                 the base model's outputs on the held-out rows
+        cache/eval_base/                 the base and trained models' outputs on the held-out rows, by weights version
 
 Every task path is checked to stay inside the task's folder (`storage.contained`), so neither a task name nor a
 fingerprint nor a symlink can point a write elsewhere.

@@ -87,12 +87,12 @@ def workspace(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def evaluate(root: Path, final: str, out: Path, *, sft: str | None, preferences: str | None,
-             config: EvaluationConfig = CONFIG, cache: Path | None = None) -> dict:
+             config: EvaluationConfig = CONFIG, cache: Path | None = None, log=lambda line: None) -> dict:
     return run_evaluation(
         base_model_dir=root / "base", base_fingerprint="base", adapter_dir=root / final, adapter_version=final,
         eval_path=root / "eval.parquet", eval_version="v1", train_path=root / "train.parquet",
         probe_path=root / "probe.jsonl", config=config, cache_dir=cache or out.parent / "cache", out_dir=out,
-        log=lambda line: None, sft_adapter_dir=root / sft if sft else None, sft_adapter_version=sft,
+        log=log, sft_adapter_dir=root / sft if sft else None, sft_adapter_version=sft,
         preference_eval_path=root / preferences if preferences else None,
     )
 
@@ -233,3 +233,16 @@ def test_without_preference_pairs_the_measurements_are_those_of_before(workspace
         KEYS_WITHOUT_PREFERENCES | PREFERENCE_KEYS)
     assert paired["preference_baseline"] == "base" and paired["preference_accuracy_sft"] is None
     assert "| metric | base | final |" in paired["report_markdown"]
+
+
+def test_a_new_final_model_is_evaluated_alone_beside_its_unchanged_sft_model(workspace, tmp_path):
+    cache = tmp_path / "cache"
+    first = evaluate(workspace, "random", tmp_path / "one", sft="identity", preferences="pairs.parquet", cache=cache)
+    lines: list[str] = []
+    second = evaluate(workspace, "identity_queries", tmp_path / "two", sft="identity", preferences="pairs.parquet",
+                      cache=cache, log=lines.append)
+    assert any(line.startswith("fine-tuned: ") for line in lines), "the new final model is evaluated"
+    assert not any(line.startswith(("SFT: ", "base: ")) for line in lines), "the SFT and base outputs are cached"
+    assert (second["sft_score"], second["preference_accuracy_sft"]) == (first["sft_score"],
+                                                                         first["preference_accuracy_sft"])
+    assert second["finetuned_score"] == second["sft_score"], "both are the base model itself (B = 0)"

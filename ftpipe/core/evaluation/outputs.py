@@ -133,21 +133,17 @@ def cached_outputs(path: Path, ids: list[str], compute: Callable[[], ModelOutput
     return outputs, False
 
 
-def _tuned_outputs(folder: Path, base: Callable[[], tuple], heldout: Heldout, config: EvaluationConfig,
-                   trust_remote_code: bool, log: Log, name: str) -> ModelOutputs:
-    model, tokenizer = load_finetuned(folder, base, trust_remote_code)
-    return model_outputs(model, tokenizer, heldout.prompts, heldout, config, log, name)
-
-
-def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[str, Path], heldout: Heldout,
-                examples: list[dict], config: EvaluationConfig, cache_dir: Path, trust_remote_code: bool,
-                log: Log) -> tuple[dict[str, ModelOutputs], bool]:
+def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[str, tuple[Path, str]],
+                heldout: Heldout, examples: list[dict], config: EvaluationConfig, cache_dir: Path,
+                trust_remote_code: bool, log: Log) -> tuple[dict[str, ModelOutputs], bool]:
     """({base, fewshot (when there are examples), sft and finetuned (the keys of `tuned`, TUNED's): outputs},
-    whether the base's came from the cache). `tuned` maps each trained model to its folder (adapter or full).
+    whether the base's came from the cache). `tuned` maps each trained model to its folder (adapter or full) and the
+    version of its weights.
 
-    The base model is loaded only when needed: for outputs not in the cache, and for an adapter to be applied to;
-    the first adapter gets the loaded one, a later adapter a fresh one (an adapter changes its base in place). A full
-    fine-tune is loaded whole after the base model is released.
+    Every model's outputs are cached by its version (a preference stage trained again does not evaluate its
+    unchanged SFT model again). The base model is loaded only when needed: for outputs not in the cache, and for an
+    adapter to be applied to; the first adapter gets the loaded one, a later adapter a fresh one (an adapter changes
+    its base in place). A full fine-tune is loaded whole after the base model is released.
     """
     base = functools.cache(lambda: load_model(base_model_dir, trust_remote_code))
     key = cache_key(**base_key, device=inference_device())
@@ -161,8 +157,17 @@ def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[s
         outputs["fewshot"], _ = cached_outputs(
             cache_dir / f"fewshot-{fewshot_key}.json", heldout.ids,
             lambda: model_outputs(*base(), prompts, heldout, config, log, "few-shot", full=False), log)
-    for order, side in enumerate(side for side in TUNED if side in tuned):
-        if order or not is_adapter(tuned[side]):
+    applied: list[Path] = []  # the adapters applied to the loaded base model so far
+
+    def tuned_outputs(side: str, folder: Path) -> ModelOutputs:
+        if applied or not is_adapter(folder):
             base.cache_clear()  # a full fine-tune needs no base model; a second adapter needs one the first left alone
-        outputs[side] = _tuned_outputs(tuned[side], base, heldout, config, trust_remote_code, log, TUNED[side])
+        applied.append(folder)
+        model, tokenizer = load_finetuned(folder, base, trust_remote_code)
+        return model_outputs(model, tokenizer, heldout.prompts, heldout, config, log, TUNED[side])
+
+    for side in (side for side in TUNED if side in tuned):
+        folder, version = tuned[side]
+        outputs[side], _ = cached_outputs(cache_dir / f"tuned-{cache_key(base=key, weights=version)}.json",
+                                          heldout.ids, lambda: tuned_outputs(side, folder), log)
     return outputs, base_cached

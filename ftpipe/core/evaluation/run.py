@@ -94,7 +94,7 @@ def _publish(out_dir: Path, metrics: dict[str, Any], records: list[dict], config
         result.write(tmp)
 
 
-def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, Path], eval_path: Path,
+def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tuple[Path, str]], eval_path: Path,
              eval_version: str, preference_eval_path: Path | None, train_path: Path | None, probe_path: Path | None,
              probe_hash: str | None, probe_rows: int | None, config: EvaluationConfig, cache_dir: Path,
              trust_remote_code: bool, log: Log) -> tuple[dict[str, Any], list[dict]]:
@@ -163,10 +163,11 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
     if reusable(out_dir, KIND, key):
         log(f"evaluation inputs unchanged (key {key}): reusing {out_dir}")
         return {**read_evaluation(out_dir, config, verdicts), "reused": True}
-    tuned = {"sft": Path(sft_adapter_dir)} if sft_adapter_dir else {}
+    tuned = {"sft": (Path(sft_adapter_dir), sft_adapter_version)} if sft_adapter_dir else {}
     metrics, records = _measure(
         base_model_dir=Path(base_model_dir), base_fingerprint=base_fingerprint,
-        tuned={**tuned, "finetuned": Path(adapter_dir)}, eval_path=Path(eval_path), eval_version=eval_version,
+        tuned={**tuned, "finetuned": (Path(adapter_dir), adapter_version)}, eval_path=Path(eval_path),
+        eval_version=eval_version,
         preference_eval_path=preference_eval_path, train_path=train_path, probe_path=probe_path,
         probe_hash=inputs["probe_hash"], probe_rows=probe_rows, config=config, cache_dir=Path(cache_dir),
         trust_remote_code=trust_remote_code, log=log)
