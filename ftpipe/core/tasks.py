@@ -155,9 +155,7 @@ def training_inputs(task: str, training: TrainingConfig) -> TrainingInputs:
     if training.replay:  # the replayed prompts shape the weights too
         prompts = general_replay_prompts()
         recipe["replay_prompts"] = file_sha256(prompts)[:16] if prompts else None
-    if start:
-        recipe["start"] = start.produced["data_version"]
-    fingerprint = training_fingerprint(split_version, base.reuse_key, recipe)
+    fingerprint = training_fingerprint(split_version, base.reuse_key, recipe, start and start.produced["data_version"])
     return TrainingInputs(*files, split_version, base, fingerprint, start)
 
 
