@@ -165,10 +165,15 @@ class Messages:
         per_row = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         return cls(distinct, Shingles(hashes, offsets), np.bincount(codes, minlength=len(distinct)), codes, per_row)
 
+    @property
+    def row_starts(self) -> np.ndarray:
+        """Where each row's messages start in `codes`."""
+        return np.cumsum(self.per_row) - self.per_row
+
     def rows(self, shared: np.ndarray | None = None, indices: np.ndarray | None = None) -> Shingles:
         """Every row's shingles (or those of the rows at `indices`): its messages' shingles one after the other,
         leaving out the `shared` ones, except in a row made only of shared text (it keeps all of its shingles)."""
-        starts, counts = np.cumsum(self.per_row) - self.per_row, self.per_row
+        starts, counts = self.row_starts, self.per_row
         if indices is not None:
             starts, counts = starts[indices], counts[indices]
         codes = self.codes[_ranges(starts, counts)]
@@ -181,8 +186,7 @@ class Messages:
     def row_ids(self, message_ids: np.ndarray) -> np.ndarray:
         """An id per row, equal for rows whose messages have equal `message_ids` (one per distinct message) in the
         same order, numbered in order of first appearance."""
-        labels = message_ids[self.codes]
-        starts = np.cumsum(self.per_row) - self.per_row
+        labels, starts = message_ids[self.codes], self.row_starts
         ids = np.zeros(len(self.per_row), dtype=np.int64)
         for count in np.unique(self.per_row).tolist():
             members = np.flatnonzero(self.per_row == count)

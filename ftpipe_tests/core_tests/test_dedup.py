@@ -1,5 +1,7 @@
 import random
 
+import numpy as np
+
 from ftpipe.core import dedup, similarity
 from ftpipe.core.records import examples_metadata, write_examples
 from ftpipe.core.results import read_result
@@ -158,3 +160,16 @@ def test_heavy_removals_name_the_rows_and_labels_over_the_limit() -> None:
     assert dedup.heavy_removals(summary, 0.2) == {None: "all rows: 26% removed (26 of 100)",
                                                   "refund": "label 'refund': 55% removed (11 of 20)"}
     assert dedup.heavy_removals(summary, 0.6) == {}
+
+
+def test_rows_leave_out_shared_text_unless_it_is_all_a_row_has_and_can_be_picked() -> None:
+    system = ("system", "Classify the message into one of the labels below and answer with the label only")
+    rows = [[system, ("user", f"message number {i} about topic {i * 7}")] for i in range(12)] + [[system]]
+    messages = similarity.Messages.of(rows, 2)
+    shared = messages.shared()
+    whole, kept = messages.rows(), messages.rows(shared)
+    assert len(shared) and all(not set(kept.row(i).tolist()) & set(shared.tolist()) for i in range(12))
+    assert all(set(kept.row(i).tolist()) == set(whole.row(i).tolist()) - set(shared.tolist()) for i in range(12))
+    assert kept.row(12).tolist() == whole.row(12).tolist(), "a row of shared text only keeps all its shingles"
+    picked = messages.rows(shared, np.array([12, 3, 3]))
+    assert [picked.row(i).tolist() for i in range(3)] == [kept.row(i).tolist() for i in (12, 3, 3)]
