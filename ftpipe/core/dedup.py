@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import gc
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ftpipe.core import similarity
 from ftpipe.core.records import read_examples, user_message, write_examples, write_jsonl
 from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.layout import EXAMPLES, PREFERENCES, REMOVED
 from ftpipe.core.storage import atomic_dir, file_sha256
-from ftpipe.core.text import canonical
+from ftpipe.core.text import canonical, canonical_codes
 
 SHARED_TEXT_KEY = "ftpipe.shared_shingles"  # parquet metadata: the shared shingles the near stage left out
 MATCH_EXAMPLES = 3  # of each label (and in all, without labels)
@@ -36,25 +38,6 @@ def prompt_key(messages: list[dict[str, str]]) -> str:
     return "\n".join(f"{m['role']}: {canonical(m['content'])}" for m in messages[:-1])
 
 
-def _ids(values: Iterable[Any], count: int) -> np.ndarray:
-    """An integer per value, equal for equal values, numbered in order of first appearance."""
-    seen: dict[Any, int] = {}
-    return np.fromiter((seen.setdefault(value, len(seen)) for value in values), dtype=np.int64, count=count)
-
-
-def _canonical_ids(texts: Iterable[str], count: int) -> np.ndarray:
-    """An integer per text, equal for equal canonical texts; each distinct raw text is normalised once."""
-    canonical_of: dict[str, str] = {}
-
-    def canonical_once(text: str) -> str:
-        found = canonical_of.get(text)
-        if found is None:
-            found = canonical_of[text] = canonical(text)
-        return found
-
-    return _ids(map(canonical_once, texts), count)
-
-
 @dataclass(frozen=True)
 class ExactKeys:
     """Per row, an id of its normalised prompt and of its normalised answer: equal ids, equal texts."""
@@ -65,9 +48,10 @@ class ExactKeys:
     @classmethod
     def of(cls, rows: list[dict[str, Any]], prompts: similarity.Messages) -> ExactKeys:
         """The keys of `rows`, whose prompt messages are `prompts` (each distinct message normalised once)."""
-        message_ids = _ids(((role, canonical(text)) for role, text in prompts.distinct), len(prompts.distinct))
-        answers = _canonical_ids((row["messages"][-1]["content"] for row in rows), len(rows))
-        return cls(prompts.row_ids(message_ids), answers)
+        roles = pd.factorize(np.array([role for role, _ in prompts.distinct], dtype=object))[0]
+        texts = canonical_codes([text for _, text in prompts.distinct])
+        message_ids = texts * (int(roles.max(initial=0)) + 1) + roles
+        return cls(prompts.row_ids(message_ids), canonical_codes([row["messages"][-1]["content"] for row in rows]))
 
     def conversation(self) -> np.ndarray:
         return self.prompt * (int(self.answer.max(initial=0)) + 1) + self.answer
@@ -135,16 +119,26 @@ def _remove_exact(rows: list[dict[str, Any]], keys: ExactKeys, alive: np.ndarray
 class NearRows:
     """The rows of the near stage: which prompts are near-identical (on what varies) and how alike their answers are."""
 
-    def __init__(self, rows: list[dict[str, Any]], prompts: similarity.Shingles, settings: similarity.Settings):
+    def __init__(self, rows: list[dict[str, Any]], prompts: similarity.Shingles, answers: np.ndarray,
+                 settings: similarity.Settings):
         self.rows = rows
+        self.answers = answers  # equal ids: equal normalised answers
         self.settings = settings
         self.similar = similarity.neighbours(len(rows), similarity.similar_pairs(prompts, settings))
-        paired = [index for index, similar in enumerate(self.similar) if similar]  # only their answers are compared
-        self._answer_of = {index: position for position, index in enumerate(paired)}
-        self._answers = similarity.answer_shingles([rows[i] for i in paired], settings.shingle_words)
+
+    @cached_property
+    def _answer_shingles(self) -> tuple[dict[int, int], similarity.Shingles]:
+        """The answers' shingles of the rows with a near-identical prompt (only theirs are compared), and where
+        each row's are."""
+        paired = [index for index, similar in enumerate(self.similar) if similar]
+        position = {index: at for at, index in enumerate(paired)}
+        return position, similarity.answer_shingles([self.rows[i] for i in paired], self.settings.shingle_words)
 
     def answer_jaccard(self, a: int, b: int) -> float:
-        return self._answers.jaccard(self._answer_of[a], self._answer_of[b])
+        if self.answers[a] == self.answers[b]:
+            return 1.0
+        position, shingles = self._answer_shingles
+        return shingles.jaccard(position[a], position[b])
 
     def same_answer(self, a: int, b: int) -> bool:
         return self.answer_jaccard(a, b) >= self.settings.threshold
@@ -205,9 +199,9 @@ def _remove_near_duplicates(near: NearRows, alive: list[bool], removed: list[dic
             alive[index] = False
 
 
-def _remove_near(rows: list[dict[str, Any]], prompts: similarity.Shingles, removed: list[dict[str, Any]],
-                 settings: similarity.Settings) -> list[dict[str, Any]]:
-    near = NearRows(rows, prompts, settings)
+def _remove_near(rows: list[dict[str, Any]], prompts: similarity.Shingles, answers: np.ndarray,
+                 removed: list[dict[str, Any]], settings: similarity.Settings) -> list[dict[str, Any]]:
+    near = NearRows(rows, prompts, answers, settings)
     alive = [True] * len(rows)
     _resolve_near_contradictions(near, alive, removed)
     _remove_near_duplicates(near, alive, removed)
@@ -240,7 +234,8 @@ def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings) -> D
     keys = ExactKeys.of(ordered, messages)
     remaining = _remove_exact(ordered, keys, _resolve_contradictions(ordered, keys, result.removed), result.removed)
     prompts = messages.rows(result.shared, remaining)
-    result.kept = _remove_near([ordered[i] for i in remaining.tolist()], prompts, result.removed, settings)
+    result.kept = _remove_near([ordered[i] for i in remaining.tolist()], prompts, keys.answer[remaining],
+                               result.removed, settings)
     return result
 
 

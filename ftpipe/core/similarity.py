@@ -105,11 +105,10 @@ def _word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     sizes = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     vocabulary = pd.util.hash_array(np.array([w for found in words for w in found] or [""], dtype=object))
     piece = encoded.indices.to_numpy()
+    if (sizes == 1).all():  # usually: every piece is one word, so pieces and words correspond one to one
+        return vocabulary[piece], pc.list_value_length(pieces).to_numpy().astype(np.int64)
     first, per_piece = np.cumsum(sizes) - sizes, sizes[piece]
-    if per_piece.max(initial=0) <= 1:  # usually: no piece splits further, so no ranges to expand
-        flat = vocabulary[first[piece[per_piece == 1]]]
-    else:
-        flat = vocabulary[_ranges(first[piece], per_piece)]
+    flat = vocabulary[_ranges(first[piece], per_piece)]
     owner = pc.list_parent_indices(pieces).to_numpy()
     return flat, np.bincount(owner, weights=per_piece, minlength=len(texts)).astype(np.int64)
 
@@ -127,13 +126,15 @@ def _padded(word_hash: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndar
 
 def _word_shingles(texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Flat uint64 hashes of the k-word shingles of every text's loose words (short texts padded), and each count."""
-    word_hash, lengths = _padded(*_word_hashes(texts), k)
-    ends = np.repeat(np.cumsum(lengths), lengths)
-    starts = np.flatnonzero(np.arange(len(word_hash)) + k <= ends)
-    shingle = word_hash[starts]
+    word_hash, lengths = _padded(*_word_hashes(texts), k)  # every text has at least k words now
+    count = max(len(word_hash) - k + 1, 0)
+    shingle = word_hash[:count]
     for j in range(1, k):
-        shingle = shingle * _MIX + word_hash[starts + j]
-    return shingle, lengths - k + 1
+        shingle = shingle * _MIX + word_hash[j : j + count]
+    spanning = (np.cumsum(lengths)[:, None] - np.arange(1, k)).ravel()  # starts of shingles running into the next text
+    keep = np.ones(count, dtype=bool)
+    keep[spanning[spanning < count]] = False
+    return shingle[keep], lengths - k + 1
 
 
 def shingles(rows: list[list[tuple[str, str]]], k: int) -> Shingles:

@@ -7,6 +7,8 @@ import unicodedata
 from functools import cache
 from typing import Any
 
+import numpy as np
+
 CELL_CHARS = 160
 
 
@@ -32,6 +34,24 @@ def canonical(text: str) -> str:
     """Unicode NFKC, case-folded, whitespace collapsed: what makes two rows the same row (cleaning, split)."""
     folded = _folded(text)
     return folded if _single_spaced(folded) else " ".join(folded.split())
+
+
+def canonical_codes(texts: list[str]) -> np.ndarray:
+    """An integer per text, equal exactly when the texts' `canonical` forms are equal, numbered in order of first
+    appearance. Printable ASCII texts (most) are normalised by Arrow in bulk, any other by `canonical`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    array = pa.array(texts, type=pa.large_string())
+    plain = pc.and_(pc.string_is_ascii(array), pc.ascii_is_printable(array))
+    folded = pc.utf8_trim(pc.replace_substring_regex(pc.ascii_lower(array), " {2,}", " "), " ")
+    others = np.flatnonzero(~plain.to_numpy(zero_copy_only=False))
+    if len(others):
+        fixed = folded.to_pylist()
+        for index in others.tolist():
+            fixed[index] = canonical(texts[index])
+        folded = pa.array(fixed, type=pa.large_string())
+    return pc.dictionary_encode(folded).indices.to_numpy().astype(np.int64)
 
 
 def _single_spaced(text: str) -> bool:

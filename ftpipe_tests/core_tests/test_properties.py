@@ -20,7 +20,7 @@ import pandas as pd
 from ftpipe.core import dedup, records, similarity, split
 from ftpipe.core.records import FormatSpec, example_id
 from ftpipe.core.similarity import Settings
-from ftpipe.core.text import _folded, canonical, loose, loose_words
+from ftpipe.core.text import _folded, canonical, canonical_codes, loose, loose_words
 from ftpipe_tests.builders import chat
 
 
@@ -109,10 +109,35 @@ def test_vectorised_words_are_the_loose_words_of_any_text(texts: list[str]) -> N
     assert hashes.tolist() == (pd.util.hash_array(flat).tolist() if len(flat) else [])
 
 
+@examples(200)
+@given(st.lists(ANY_TEXT, max_size=6), st.integers(1, 3))
+def test_vectorised_shingles_are_each_texts_own_k_word_windows(texts: list[str], k: int) -> None:
+    expected = []
+    for text in texts:
+        words = pd.util.hash_array(np.array(loose_words(text) or [], dtype=object)).tolist() if loose_words(text) else []
+        words += [int(similarity._PAD_HASH)] * (k - len(words))
+        for start in range(len(words) - k + 1):
+            value = words[start]
+            for word in words[start + 1 : start + k]:
+                value = (value * int(similarity._MIX) + word) % 2**64
+            expected.append(value)
+    hashes, counts = similarity._word_shingles(texts, k)
+    assert hashes.tolist() == expected
+    assert counts.sum() == len(expected)
+
+
 @examples(300)
 @given(ANY_TEXT)
 def test_canonical_is_the_single_spaced_folded_words_of_any_text(text: str) -> None:
     assert canonical(text) == " ".join(_folded(text).split())
+
+
+@examples(300)
+@given(st.lists(st.one_of(ANY_TEXT, st.sampled_from(["", " a  B ", "a b", "A\tb", "a\x7fb", "é  É"])), max_size=10))
+def test_bulk_canonical_codes_are_equal_exactly_when_canonical_texts_are(texts: list[str]) -> None:
+    codes = canonical_codes(texts).tolist()
+    forms = [canonical(t) for t in texts]
+    assert codes == [list(dict.fromkeys(forms)).index(form) for form in forms]
 
 
 @examples(100)
