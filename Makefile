@@ -1,5 +1,5 @@
 # ftpipe: `make run` (whole pipeline on the demo task), `make test`, `make test-fast`, `make ui`, `make mlflow-ui`,
-# `make bench`.
+# `make serve`, `make bench`.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ TASK ?= ticket_triage
 export DAGSTER_HOME := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-fast ui mlflow-ui bench model demo-data clean
+.PHONY: install run test test-fast ui mlflow-ui serve bench model demo-data clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ mlflow-ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 		--workers "$${MLFLOW_UI_WORKERS:-1}" \
 		--backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$${FTPIPE_HOME:-$(CURDIR)/.ftpipe}/mlflow.db}"
+
+# Every task's champion (and `<task>@candidate`) through an OpenAI-compatible API; FTPIPE_API_KEY=... requires a key.
+serve: install
+	$(PY) -m ftpipe serve --host 127.0.0.1 --port $${PORT:-8000}
 
 bench: install
 	$(PY) bench/dedup.py

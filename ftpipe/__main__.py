@@ -221,7 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                      help="change a task.yaml setting for this run, e.g. training.max_steps=10 (several: separated "
                           "by spaces or commas, or more --set)")
+    serve = commands.add_parser("serve", help="serve every task's champion through an OpenAI-compatible API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--refresh-seconds", type=float, default=10.0,
+                       help="how often the registry is read, so a moved champion is served without a restart")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        from ftpipe.core.server.app import serve as run_server
+
+        run_server(args.host, args.port, refresh_seconds=args.refresh_seconds)
+        return 0
     if args.command == "tasks":
         sync_tasks()
         return 0

@@ -327,6 +327,14 @@ class RetrainConfig(_Strict):
         return value
 
 
+class ServingConfig(_Strict):
+    """What `python -m ftpipe serve` keeps of this task's traffic."""
+
+    log_content: bool = Field(
+        True, description="keep requests' messages and outputs in the request log; false keeps only hashes and sizes"
+    )
+
+
 class TaskConfig(_Strict):
     """A task's `task.yaml`."""
 
@@ -343,6 +351,7 @@ class TaskConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="the fine-tune")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="evaluation and gate")
     retrain: RetrainConfig = Field(default_factory=RetrainConfig, description="automatic retraining")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="the request log of `ftpipe serve`")
 
 
 # ---------------------------------------------------------------- errors

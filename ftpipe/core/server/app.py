@@ -1,0 +1,305 @@
+"""The OpenAI-compatible HTTP API: `/v1/models`, `/v1/chat/completions` (streamed or not) and `/health`, with an
+optional bearer key. Every chat request, answered or refused, is appended to the request log of its task."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ftpipe.core.evaluation.generation import encode
+from ftpipe.core.server.catalog import Catalog, Route, releases
+from ftpipe.core.server.engine import Engine, Job
+from ftpipe.core.server.request_log import RequestLog
+
+DEFAULT_MAX_TOKENS = 256
+REFRESH_SECONDS = 10.0
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+
+    @property
+    def token_budget(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
+
+
+class ApiError(Exception):
+    """A refused request: HTTP status, OpenAI error type and code, and a one-line message."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _validation_message(error: ValidationError) -> tuple[str, str]:
+    """(one line naming the first bad field and why, the field)."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    return f"{where}: {first['msg']}", where
+
+
+@dataclass
+class Server:
+    """The catalog of served models, the engine decoding for it, the request log, and the refresh of the catalog
+    from the registry (so a moved champion alias is served without a restart)."""
+
+    tracking_uri: str | None = None
+    api_key: str | None = None
+    log: RequestLog = field(default_factory=RequestLog)
+    refresh_seconds: float = REFRESH_SECONDS
+    catalog: Catalog = field(default_factory=Catalog)
+    engine: Engine = field(default_factory=Engine)
+    served: dict[str, int] = field(default_factory=dict)
+    _wanted: list = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def refresh(self) -> dict[str, int]:
+        """Serve the registry's current champions and candidates (loading on the engine thread)."""
+        wanted = releases(self.tracking_uri)
+        self.log.without_content = {r.task for r in wanted if not _logs_content(r.task)}
+        if wanted != self._wanted:
+            self.served = self.engine.call(lambda: self.catalog.sync(wanted)).result()
+            self._wanted = wanted
+        return self.served
+
+    def start(self) -> None:
+        self.refresh()
+        threading.Thread(target=self._watch, name="ftpipe-registry-watch", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.engine.stop()
+        self.log.close()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.refresh_seconds):
+            try:
+                self.refresh()
+                self.log.rotate()
+            except Exception as error:  # noqa: BLE001 - the server keeps serving what it has
+                print(f"ftpipe serve: registry refresh failed: {error}", flush=True)
+
+    def route(self, name: str) -> Route:
+        route = self.catalog.routes.get(name)
+        if route is None:
+            names = ", ".join(sorted(self.catalog.routes)) or "none"
+            raise ApiError(404, f"model {name!r} is not served; served models: {names}", code="model_not_found",
+                           param="model")
+        return route
+
+    def authorized(self, header: str | None) -> bool:
+        if not self.api_key:
+            return True
+        scheme, _, token = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), self.api_key)
+
+
+def _logs_content(task: str) -> bool:
+    """The task's `serving.log_content` (the default, true, without a task.yaml; false when it does not load, so a
+    broken file never exposes what a working one keeps private)."""
+    from ftpipe.config import TaskConfigError, load_task_config
+    from ftpipe.core.storage import task_dir
+
+    try:
+        return load_task_config(task_dir(task) / "task.yaml").serving.log_content
+    except TaskConfigError:
+        return False
+
+
+@dataclass
+class Completion:
+    """One chat request on its way through the engine: tokens arrive on the event loop's queue."""
+
+    server: Server
+    route: Route
+    request: ChatRequest
+    prompt: list[int]
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
+    tokens: list[int] = field(default_factory=list)
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def submit(self) -> None:
+        loop = asyncio.get_running_loop()
+        put = lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item)  # noqa: E731
+        self.server.engine.submit(Job(
+            self.route.model, self.route.adapter, self.prompt, self.request.token_budget, self.request.temperature,
+            self.request.top_p, self.route.stops, self.route.pad_id, emit=put, fail=put))
+
+    async def pieces(self):
+        """The answer's text as it is decoded, piece by piece (a piece ends where the text is whole characters)."""
+        shown = ""
+        while (item := await self.queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            self.tokens.append(item)
+            text = self.text
+            if not text.endswith("\ufffd") and len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+        if len(self.text) > len(shown):
+            yield self.text[len(shown):]
+
+    @property
+    def text(self) -> str:
+        return self.route.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    @property
+    def finish_reason(self) -> str:
+        return "length" if len(self.tokens) >= self.request.token_budget else "stop"
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
+                "total_tokens": len(self.prompt) + len(self.tokens)}
+
+    def response(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.request.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text},
+                             "finish_reason": self.finish_reason}], "usage": self.usage}
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.request.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def record(self, status: int, error: str | None = None) -> None:
+        release = self.route.release
+        self.server.log.append({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+            "task": release.task, "model": release.name, "version": release.version, "request_id": self.id,
+            "messages": [m.model_dump() for m in self.request.messages], "output": self.text,
+            "latency_ms": round((time.perf_counter() - self.started) * 1000, 1), **self.usage, "status": status,
+            "error": error})
+
+
+def create_app(server: Server):
+    """The FastAPI application serving `server` (stopped, its log segments finished, when the app shuts down)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        server.stop()
+
+    app = FastAPI(title="ftpipe", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def refused(request: Request, error: ApiError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if request.url.path.startswith("/v1/") and not server.authorized(request.headers.get("authorization")):
+            error = ApiError(401, "missing or wrong API key: send it as `Authorization: Bearer <key>`",
+                             kind="authentication_error", code="invalid_api_key")
+            return JSONResponse(error.body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": server.served}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "ftpipe", "version": version}
+            for name, version in sorted(server.served.items())]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        completion = _completion(server, await request.body())
+        completion.submit()
+        if completion.request.stream:
+            return StreamingResponse(_stream(completion), media_type="text/event-stream")
+        try:
+            async for _ in completion.pieces():
+                pass
+        except Exception as error:
+            completion.record(500, str(error))
+            raise ApiError(500, f"generation failed: {error}", kind="server_error") from error
+        completion.record(200)
+        return completion.response()
+
+    return app
+
+
+def _completion(server: Server, body: bytes) -> Completion:
+    """The completion a request body asks for, or the ApiError that says why not."""
+    try:
+        request = ChatRequest.model_validate_json(body)
+    except ValidationError as error:
+        message, param = _validation_message(error)
+        if param == "body" or error.errors()[0]["type"] == "json_invalid":
+            raise ApiError(400, f"the request body is not valid JSON: {message}") from None
+        raise ApiError(400, message, param=param) from None
+    route = server.route(request.model)
+    messages = [m.model_dump() for m in request.messages]
+    if messages[-1]["role"] == "assistant":
+        raise ApiError(400, "messages: the last message must be the user's (or the system's), not the assistant's",
+                       param="messages")
+    prompt = encode(route.tokenizer, route.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                         add_generation_prompt=True))
+    completion = Completion(server, route, request, prompt)
+    if len(prompt) + request.token_budget > route.context_length:
+        message = (f"this request needs {len(prompt)} prompt tokens + {request.token_budget} completion tokens, "
+                   f"more than the model's context length of {route.context_length}")
+        completion.record(400, message)
+        raise ApiError(400, message, code="context_length_exceeded", param="messages")
+    return completion
+
+
+async def _stream(completion: Completion):
+    yield completion.chunk({"role": "assistant", "content": ""})
+    try:
+        async for piece in completion.pieces():
+            yield completion.chunk({"content": piece})
+    except Exception as error:  # noqa: BLE001 - the client gets it as the stream's last event
+        completion.record(500, str(error))
+        yield f"data: {json.dumps(ApiError(500, f'generation failed: {error}', kind='server_error').body())}\n\n"
+        return
+    yield completion.chunk({}, completion.finish_reason)
+    yield "data: [DONE]\n\n"
+    completion.record(200)
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, tracking_uri: str | None = None,
+          refresh_seconds: float = REFRESH_SECONDS) -> None:
+    """Run the server until interrupted (the API key from `FTPIPE_API_KEY`, when set)."""
+    import os
+
+    import uvicorn
+
+    server = Server(tracking_uri, os.environ.get("FTPIPE_API_KEY") or None, refresh_seconds=refresh_seconds)
+    server.start()
+    print(f"ftpipe serve: http://{host}:{port}/v1 serving {', '.join(server.served) or 'no models yet'}", flush=True)
+    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

@@ -1,0 +1,120 @@
+"""The serving request log: every request and response as one JSON line, in segments per task.
+
+    $FTPIPE_HOME/tasks/<task>/requests/
+      <start>-<pid>-<n>.jsonl.open    the segment being written (each record flushed as it is appended)
+      <start>-<pid>-<n>.jsonl         a finished segment: fsynced, then renamed, so it is whole or absent
+
+A crash loses at most the open segment's unflushed tail; readers take the open segments' whole lines too.
+For a task with `serving.log_content: false`, messages and outputs are kept only as hashes and sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ftpipe.core.layout import TaskLayout
+
+OPEN_SUFFIX = ".open"
+SEGMENT_SUFFIX = ".jsonl"
+SEGMENT_RECORDS = 1000
+SEGMENT_SECONDS = 60.0
+
+
+def requests_dir(task: str) -> Path:
+    return TaskLayout(task).path("requests")
+
+
+def redacted(text: str) -> dict[str, Any]:
+    """What is kept of a text when content logging is off: its hash and size."""
+    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "chars": len(text)}
+
+
+@dataclass
+class _Segment:
+    path: Path
+    handle: IO[str]
+    opened: float
+    records: int = 0
+
+
+@dataclass
+class RequestLog:
+    """Appends records to the open segment of their task; thread-safe."""
+
+    without_content: set[str] = field(default_factory=set)  # tasks whose messages and outputs are kept as hashes
+    segment_records: int = SEGMENT_RECORDS
+    segment_seconds: float = SEGMENT_SECONDS
+    _open: dict[str, _Segment] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _count: int = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write `record` (it names its `task`; `messages` and `output` are redacted for `without_content` tasks)."""
+        if record["task"] in self.without_content:
+            record = {**record, "messages": redacted(json.dumps(record.get("messages"))),
+                      "output": redacted(record.get("output") or "")}
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with self._lock:
+            segment = self._segment(record["task"])
+            segment.handle.write(line)
+            segment.handle.flush()
+            segment.records += 1
+            if segment.records >= self.segment_records:
+                self._finish(record["task"])
+
+    def rotate(self, now: float | None = None) -> None:
+        """Finish every segment open longer than `segment_seconds` (called from time to time)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            for task in [t for t, s in self._open.items() if now - s.opened >= self.segment_seconds]:
+                self._finish(task)
+
+    def close(self) -> None:
+        with self._lock:
+            for task in list(self._open):
+                self._finish(task)
+
+    def _segment(self, task: str) -> _Segment:
+        found = self._open.get(task)
+        if found is None:
+            folder = requests_dir(task)
+            folder.mkdir(parents=True, exist_ok=True)
+            self._count += 1
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            path = folder / f"{stamp}-{os.getpid()}-{self._count}{SEGMENT_SUFFIX}{OPEN_SUFFIX}"
+            found = self._open[task] = _Segment(path, path.open("a", encoding="utf-8"), time.time())
+        return found
+
+    def _finish(self, task: str) -> None:
+        segment = self._open.pop(task)
+        os.fsync(segment.handle.fileno())
+        segment.handle.close()
+        segment.path.rename(segment.path.with_name(segment.path.name.removesuffix(OPEN_SUFFIX)))
+
+
+def segments(task: str) -> list[Path]:
+    """The task's segments, finished and open, oldest first."""
+    folder = requests_dir(task)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.endswith((SEGMENT_SUFFIX, SEGMENT_SUFFIX + OPEN_SUFFIX)))
+
+
+def read_records(task: str) -> list[dict[str, Any]]:
+    """Every whole record of the task's segments, oldest segment first (a torn last line of a crashed writer's
+    open segment is left out)."""
+    records = []
+    for path in segments(task):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
