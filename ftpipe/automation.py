@@ -27,19 +27,25 @@ POLL_SECONDS = int(os.environ.get("FTPIPE_POLL_SECONDS", "30"))
 RETRAIN_CRON, RETRAIN_INTERVAL = "*/15 * * * *", timedelta(minutes=15)
 DATA_VERSION_TAG = "dagster/data_version"
 TASK_FILES, REVIEW_VERDICTS = dg.AssetKey("task_files"), dg.AssetKey("review_verdicts")
+PRODUCTION_REQUESTS = dg.AssetKey("production_requests")
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                dg.DagsterRunStatus.STARTED]
 STOPPED = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 finetune_job = dg.define_asset_job(
-    "finetune_job", selection=dg.AssetSelection.all(),
+    "finetune_job", selection=dg.AssetSelection.all() - dg.AssetSelection.groups("monitoring"),
     tags={"dagster/max_runtime": str(TRAINING_MAX_RUNTIME_SECONDS)},
-    description="The whole graph for one task: data, training, evaluation, merge. Backfill it over all tasks to retrain every task.",
+    description="The whole graph for one task but monitoring: data, training, evaluation, merge. Backfill it over all tasks to retrain every task.",
 )
 
 data_job = dg.define_asset_job(
     "data_job", selection=dg.AssetSelection.groups("data"),
     description="Read, clean, deduplicate and split one task's data.",
+)
+
+monitoring_job = dg.define_asset_job(
+    "monitoring_job", selection=dg.AssetSelection.groups("monitoring"),
+    description="The production report of one task's served requests, and its health and drift checks.",
 )
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
@@ -145,6 +151,24 @@ def review_verdicts_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResu
     if not observations:
         return dg.SkipReason("no new review files")
     context.log.info("review files changed: " + ", ".join(o.partition for o in observations))
+    return dg.SensorResult(asset_events=observations)
+
+
+@sensor()
+def production_requests_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+    """Observes `production_requests` when a task's request log gets a new segment or grows, so the production report
+    is refreshed."""
+    from ftpipe.core.monitoring import requests_version
+    from ftpipe.core.server.request_log import segments
+
+    observations = []
+    for task in context.instance.get_dynamic_partitions(task_partitions.name):
+        version = requests_version(task)
+        if segments(task) and version != last_observed_version(context.instance, task, PRODUCTION_REQUESTS):
+            observations.append(dg.AssetObservation(asset_key=PRODUCTION_REQUESTS, partition=task,
+                                                    tags={DATA_VERSION_TAG: version}))
+    if not observations:
+        return dg.SkipReason("no new requests")
     return dg.SensorResult(asset_events=observations)
 
 

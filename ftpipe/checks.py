@@ -90,3 +90,44 @@ def human_review_verdicts(context: dg.AssetCheckExecutionContext) -> dg.AssetChe
         description=waiting or f"{have} human verdicts (needed: {evaluation.require_human_review})",
         metadata={"human_verdicts": have, "require_human_review": evaluation.require_human_review},
     )
+
+
+def _production_check(context: dg.AssetCheckExecutionContext, check: str, problems_of, severity, fine: str):
+    """A check of the production report's figures; when it fails and `monitoring.alert_webhook` is set, the webhook
+    gets the task, the check, the problems and the figures."""
+    from ftpipe.core import monitoring
+    from ftpipe.core.alerts import post_alert
+
+    task = context.partition_key
+    watch = effective_config(task, run_overrides(context, "production_report")).monitoring
+    figures = monitoring.read_figures(TaskLayout(task).asset("production_report"))
+    problems = problems_of(figures, watch)
+    alert = None
+    if problems and watch.alert_webhook:
+        alert = post_alert(watch.alert_webhook, {"task": task, "check": check, "severity": severity.value,
+                                                 "problems": problems, "figures": figures})
+        if alert:
+            context.log.warning(alert)
+    return dg.AssetCheckResult(
+        passed=not problems, severity=severity, description="; ".join(problems) or fine,
+        metadata={**rounded_floats({k: v for k, v in figures.items() if isinstance(v, float)}),
+                  "alerted": bool(problems and watch.alert_webhook and not alert)},
+    )
+
+
+@dg.asset_check(asset="production_report", partitions_def=task_partitions)
+def production_health(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    """Fails (ERROR) when the served traffic's error rate or p95 latency is above the task's `monitoring` limits."""
+    from ftpipe.core.monitoring import health_problems
+
+    return _production_check(context, "production_health", health_problems, dg.AssetCheckSeverity.ERROR,
+                             "error rate and p95 latency within the limits")
+
+
+@dg.asset_check(asset="production_report", partitions_def=task_partitions)
+def production_drift(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    """Warns when production prompts drift from the training prompts beyond the task's `monitoring` limits."""
+    from ftpipe.core.monitoring import drift_problems
+
+    return _production_check(context, "production_drift", drift_problems, dg.AssetCheckSeverity.WARN,
+                             "production prompts look like the training prompts")

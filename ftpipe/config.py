@@ -335,6 +335,26 @@ class ServingConfig(_Strict):
     )
 
 
+class MonitoringConfig(_Strict):
+    """The production report on the request log of `ftpipe serve`, and its checks."""
+
+    window_hours: float = Field(24.0, gt=0, description="the report covers the requests of this many last hours")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="production_health fails above this share of errors")
+    max_latency_p95_ms: float = Field(10_000.0, gt=0, description="production_health fails above this p95 latency")
+    max_drift: float = Field(
+        0.3, ge=0, le=1, description="production_drift warns above this drift score (the larger of the length and "
+                                     "vocabulary shifts against the training prompts)"
+    )
+    max_novel_share: float = Field(
+        0.5, ge=0, le=1, description="production_drift warns when more than this share of prompts has no near "
+                                     "neighbour among the training prompts"
+    )
+    neighbour_threshold: float = Field(
+        0.5, gt=0, le=1, description="word Jaccard similarity that makes a training prompt a near neighbour"
+    )
+    alert_webhook: str | None = Field(None, description="URL that gets a JSON POST when a production check fails")
+
+
 class TaskConfig(_Strict):
     """A task's `task.yaml`."""
 
@@ -352,6 +372,7 @@ class TaskConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="evaluation and gate")
     retrain: RetrainConfig = Field(default_factory=RetrainConfig, description="automatic retraining")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="the request log of `ftpipe serve`")
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig, description="production monitoring")
 
 
 # ---------------------------------------------------------------- errors

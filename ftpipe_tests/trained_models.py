@@ -27,13 +27,14 @@ def fit(model, tokenizer, rows: list[dict], *, steps: int, lr: float) -> None:
     model.eval()
 
 
-def lora_adapter(base_dir: Path, out: Path, *, random_weights: bool, train_rows: list[dict] | None = None) -> Path:
-    """A LoRA adapter on `base_dir`: identity (B = 0), random A and B, or trained on `train_rows`."""
+def lora_adapter(base_dir: Path, out: Path, *, random_weights: bool, train_rows: list[dict] | None = None,
+                 seed: int = 0) -> Path:
+    """A LoRA adapter on `base_dir`: identity (B = 0), random A and B (from `seed`), or trained on `train_rows`."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     model, tokenizer = load_model(base_dir)
-    torch.manual_seed(0)  # the adapter's initial weights: the same whichever tests ran before
+    torch.manual_seed(seed)  # the adapter's initial weights: the same whichever tests ran before
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=not random_weights,
                         task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)

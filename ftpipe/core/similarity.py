@@ -180,9 +180,16 @@ class Messages:
         codes = self.codes[_ranges(starts, counts)]
         if shared is None or not len(shared):
             return _gather(self.shingles, codes, counts)
-        both = _stacked(_without(self.shingles, shared), self.shingles)  # message m without shared text; m + M whole
-        bare = _segment_sums(np.diff(both.offsets)[codes], counts) == 0
-        return _gather(both, codes + len(self.held_by) * np.repeat(bare, counts), counts)
+        messages = len(self.held_by)
+        owner = np.repeat(np.arange(messages), np.diff(self.shingles.offsets))
+        touched = np.unique(owner[_member(self.shingles.hashes, shared)])  # the messages holding shared text
+        both = _stacked(_without(self.shingles.subset(touched), shared), self.shingles)  # trimmed ones, then all whole
+        where = np.full(messages, -1)
+        where[touched] = np.arange(len(touched))
+        whole = codes + len(touched)
+        trimmed = np.where(where[codes] >= 0, where[codes], whole)
+        bare = np.repeat(_segment_sums(np.diff(both.offsets)[trimmed], counts) == 0, counts)
+        return _gather(both, np.where(bare, whole, trimmed), counts)
 
     def row_ids(self, message_ids: np.ndarray) -> np.ndarray:
         """An id per row, equal for rows whose messages have equal `message_ids` (one per distinct message) in the
@@ -203,18 +210,15 @@ class Messages:
         when there are fewer): shared text. A row holding a shingle in two of its messages counts twice."""
         count = len(self.per_row)
         floor = max(share * count, min(min_rows, count) - 1)
-        flat = self.shingles.hashes
-        weight = np.repeat(self.held_by, np.diff(self.shingles.offsets))
-        codes, uniques = pd.factorize(flat)
-        frequent = np.sort(uniques[np.bincount(codes, weights=weight) > floor].astype(np.uint64))
-        if not len(frequent):
-            return frequent
-        held = _member(flat, frequent)  # each distinct message counts a shingle once, for every row holding it
-        message_of = np.repeat(np.arange(len(self.held_by)), np.diff(self.shingles.offsets))[held]
-        pairs, first = np.unique(message_of * len(frequent) + np.searchsorted(frequent, flat[held]), return_index=True)
-        rows_holding = np.bincount(pairs % len(frequent), weights=self.held_by[message_of[first]],
-                                   minlength=len(frequent))
-        return frequent[rows_holding > floor]
+        sizes = np.diff(self.shingles.offsets)
+        codes, uniques = pd.factorize(self.shingles.hashes)
+        frequent = np.bincount(codes, weights=np.repeat(self.held_by, sizes), minlength=len(uniques)) > floor
+        held = frequent[codes]  # each distinct message counts a frequent shingle once, for every row holding it
+        message_of = np.repeat(np.arange(len(self.held_by)), sizes)[held]
+        pairs, first = np.unique(message_of * len(uniques) + codes[held], return_index=True)
+        rows_holding = np.bincount(pairs % max(len(uniques), 1), weights=self.held_by[message_of[first]],
+                                   minlength=len(uniques))
+        return np.sort(uniques[rows_holding > floor].astype(np.uint64))
 
 
 def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:

@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -17,16 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.core import merging, registry
+from ftpipe.core import merging
 from ftpipe.core.evaluation.generation import generate, load_model
 from ftpipe.core.server.request_log import read_records, segments
-from ftpipe.core.storage import REPO_ROOT
-from ftpipe_tests.e2e.helpers import free_port
+from ftpipe_tests.served import KEY, Served, register
 from ftpipe_tests.tiny_model import toy_rows, write_chat_parquet
 from ftpipe_tests.trained_models import full_finetune, lora_adapter, noisy_base
 
 pytestmark = pytest.mark.e2e
-KEY = "test-key-123"
 MAX_TOKENS = 12
 CARD = {"task": "toy", "description": "toy", "method": "lora"}
 
@@ -46,55 +42,10 @@ def models(tmp_path_factory, tiny_model_dir) -> Path:
     return root
 
 
-def register(uri: str, task: str, folder: Path, score: float) -> None:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(task)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(task)
-    run_id = client.create_run(experiment_id).info.run_id
-    registry.register_model(task=task, model_path=folder, run_id=run_id, eval_score=score, eval_version="split",
-                            tracking_uri=uri)
-
-
 def expected(folder: Path, prompts: list[list[dict]]) -> list[str]:
     """The packaged model's own greedy answers, loaded on its own."""
     model, tokenizer = load_model(folder)
     return generate(model, tokenizer, prompts, max_new_tokens=MAX_TOKENS, batch_size=1)
-
-
-class Served:
-    def __init__(self, home: Path, env: dict):
-        self.home, self.env, self.port = home, env, free_port()
-        self.log = (home / "serve.log").open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ftpipe", "serve", "--port", str(self.port), "--refresh-seconds", "1"],
-            env=env, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while not self.healthy():
-            assert self.process.poll() is None and time.monotonic() < deadline, (home / "serve.log").read_text()
-            time.sleep(0.5)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def healthy(self) -> dict | None:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                return json.loads(response.read())
-        except OSError:
-            return None
-
-    def client(self, key: str | None = KEY):
-        from openai import OpenAI
-
-        return OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=120)
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        self.process.send_signal(sig)
-        self.process.wait(timeout=60)
-        self.log.close()
 
 
 @pytest.fixture
@@ -108,7 +59,7 @@ def stack(models, ftpipe_env, tmp_path):
     (ftpipe_env / "tasks" / "beta").mkdir()
     (ftpipe_env / "tasks" / "beta" / "task.yaml").write_text("serving:\n  log_content: false\n")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "FTPIPE_API_KEY": KEY, "OMP_NUM_THREADS": "2"}
-    server = Served(tmp_path, env)
+    server = Served(tmp_path, env, refresh_seconds=1)
     yield server, uri
     if server.process.poll() is None:
         server.stop()
@@ -192,6 +143,53 @@ def test_key_bad_requests_and_a_hot_swap_of_the_champion(stack, models, tmp_path
         time.sleep(0.5)
     assert ask(client, "alpha@candidate", prompt) == before
     assert [r["status"] for r in read_records("alpha")][:1] == [400]  # the over-long request is logged
+
+
+def post(server: Served, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{server.url}{path}", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_correction_of_a_served_answer_becomes_a_raw_row_of_its_task(stack, ftpipe_env):
+    server, _ = stack
+    prompt = [{"role": "user", "content": "What color is a plum?"}]
+    answer = server.client().chat.completions.create(model="alpha", messages=prompt, max_tokens=MAX_TOKENS)
+    status, added = post(server, "/v1/feedback", {"request_id": answer.id, "output": "purple"})
+    assert status == 200 and added["task"] == "alpha", added
+    [row] = [json.loads(line) for line in (ftpipe_env / "tasks" / "alpha" / "raw" / "feedback.jsonl").open()]
+    assert row["messages"] == [*prompt, {"role": "assistant", "content": "purple"}]
+    assert row["feedback_for"] == answer.id and row["served_by"] == "alpha v1"
+    assert row["served_output"] == answer.choices[0].message.content
+    status, refused = post(server, "/v1/feedback", {"request_id": "chatcmpl-unknown", "output": "purple"})
+    assert status == 404 and "not in the request log of alpha, beta, gamma" in refused["error"]["message"]
+    status, refused = post(server, "/v1/feedback", {"request_id": answer.id, "output": ""})
+    assert status == 400 and refused["error"]["param"] == "output"
+
+
+def test_64_clients_send_500_requests_over_two_adapters_without_an_error_or_a_lost_record(stack):
+    import statistics
+
+    server, _ = stack
+    client = server.client()
+
+    def one(i: int) -> float:
+        started = time.perf_counter()
+        ask(client, "alpha" if i % 2 else "beta", [{"role": "user", "content": f"question {i}: what color?"}])
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(64) as pool:
+        latencies = sorted(pool.map(one, range(500)))
+    server.stop()
+    records = read_records("alpha") + read_records("beta")
+    assert len(records) == 500 and len({r["request_id"] for r in records}) == 500
+    assert {r["status"] for r in records} == {200}
+    p95 = latencies[int(0.95 * len(latencies))]
+    print(f"500 requests from 64 clients: p50 {statistics.median(latencies) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
 
 
 def test_a_killed_server_leaves_every_answered_request_readable(stack):

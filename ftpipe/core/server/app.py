@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API: `/v1/models`, `/v1/chat/completions` (streamed or not) and `/health`, with an
-optional bearer key. Every chat request, answered or refused, is appended to the request log of its task."""
+optional bearer key, and `/v1/feedback` for corrections of served answers. Every chat request to a served model is
+appended to the request log of its task."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ftpipe.core.evaluation.generation import encode
 from ftpipe.core.server.catalog import Catalog, Route, releases
-from ftpipe.core.server.engine import Engine, Job
-from ftpipe.core.server.request_log import RequestLog
+from ftpipe.core.server.engine import MAX_BATCH, Engine, Job
+from ftpipe.core.feedback import FEEDBACK_FILE, FeedbackError, add_feedback
+from ftpipe.core.server.request_log import RequestLog, read_records
 
 DEFAULT_MAX_TOKENS = 256
 REFRESH_SECONDS = 10.0
@@ -46,6 +48,17 @@ class ChatRequest(BaseModel):
     @property
     def token_budget(self) -> int:
         return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
+
+
+class FeedbackRequest(BaseModel):
+    """A correction: the served request's id and the answer it should have given (`model` narrows the search;
+    `messages` stand in for a request logged without content)."""
+
+    model_config = ConfigDict(extra="ignore")
+    request_id: str
+    output: str = Field(min_length=1)
+    model: str | None = None
+    messages: list[Message] | None = None
 
 
 class ApiError(Exception):
@@ -102,9 +115,9 @@ class Server:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.refresh_seconds):
+            self.log.rotate()
             try:
                 self.refresh()
-                self.log.rotate()
             except Exception as error:  # noqa: BLE001 - the server keeps serving what it has
                 print(f"ftpipe serve: registry refresh failed: {error}", flush=True)
 
@@ -250,18 +263,46 @@ def create_app(server: Server):
         completion.record(200)
         return completion.response()
 
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        correction = _parsed(FeedbackRequest, await request.body())
+        return await asyncio.to_thread(_add_feedback, server, correction)
+
     return app
+
+
+def _add_feedback(server: Server, correction: FeedbackRequest) -> dict[str, Any]:
+    """Add the correction to the raw data of the task that served its request."""
+    tasks = ([server.route(correction.model).release.task] if correction.model
+             else sorted({route.release.task for route in server.catalog.routes.values()}))
+    messages = [m.model_dump() for m in correction.messages] if correction.messages else None
+    for task in tasks:
+        records = read_records(task)
+        if any(r["request_id"] == correction.request_id for r in records):
+            try:
+                row = add_feedback(task, correction.request_id, correction.output, messages, records)
+            except FeedbackError as error:
+                raise ApiError(400, str(error), param=str(error).split(":")[0]) from None
+            return {"object": "feedback", "task": task, "request_id": correction.request_id,
+                    "row": row["messages"], "file": f"raw/{FEEDBACK_FILE}"}
+    raise ApiError(404, f"request_id: {correction.request_id!r} is not in the request log of "
+                        f"{', '.join(tasks) or 'any served task'}", code="request_not_found", param="request_id")
+
+
+def _parsed(model: type[BaseModel], body: bytes):
+    """The request body as `model`, or the ApiError naming the first bad field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        message, param = _validation_message(error)
+        if error.errors()[0]["type"] == "json_invalid":
+            raise ApiError(400, f"the request body is not valid JSON: {message}") from None
+        raise ApiError(400, message, param=param) from None
 
 
 def _completion(server: Server, body: bytes) -> Completion:
     """The completion a request body asks for, or the ApiError that says why not."""
-    try:
-        request = ChatRequest.model_validate_json(body)
-    except ValidationError as error:
-        message, param = _validation_message(error)
-        if param == "body" or error.errors()[0]["type"] == "json_invalid":
-            raise ApiError(400, f"the request body is not valid JSON: {message}") from None
-        raise ApiError(400, message, param=param) from None
+    request = _parsed(ChatRequest, body)
     route = server.route(request.model)
     messages = [m.model_dump() for m in request.messages]
     if messages[-1]["role"] == "assistant":
@@ -293,13 +334,14 @@ async def _stream(completion: Completion):
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, tracking_uri: str | None = None,
-          refresh_seconds: float = REFRESH_SECONDS) -> None:
+          refresh_seconds: float = REFRESH_SECONDS, max_batch: int = MAX_BATCH) -> None:
     """Run the server until interrupted (the API key from `FTPIPE_API_KEY`, when set)."""
     import os
 
     import uvicorn
 
-    server = Server(tracking_uri, os.environ.get("FTPIPE_API_KEY") or None, refresh_seconds=refresh_seconds)
+    server = Server(tracking_uri, os.environ.get("FTPIPE_API_KEY") or None, refresh_seconds=refresh_seconds,
+                    engine=Engine(max_batch))
     server.start()
     print(f"ftpipe serve: http://{host}:{port}/v1 serving {', '.join(server.served) or 'no models yet'}", flush=True)
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

@@ -9,11 +9,11 @@ adapter applies to the base model (SFT and preference updates together, see `pre
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 from typing import Any
 
 from ftpipe.config import TrainingConfig
+from ftpipe.core.plots import Points, markdown_image, plot_panels
 from ftpipe.core.results import Result
 from ftpipe.core.storage import atomic_dir, sha256_of_files
 from ftpipe.core.training import preference
@@ -25,8 +25,6 @@ from ftpipe.core.training.spec import TrainingSpec
 LOSS_CURVE_FILE = "loss_curve.png"
 REWARD_CURVE_FILE = "reward_curve.png"
 OVERFIT_WINDOW = 3
-
-Points = list[tuple[int, float]]
 
 
 def is_preference(method: Method) -> bool:
@@ -70,28 +68,6 @@ def likelihood_displacement(log_history: list[dict]) -> bool:
     return chosen[-1][1] < chosen[0][1] and margins[-1][1] > margins[0][1]
 
 
-def plot_panels(panels: dict[str, dict[str, Points]], target: Path) -> Path:
-    """Charts side by side, one per panel ({y label: {line label: points}}), saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, all_axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), dpi=100, squeeze=False)
-    for axes, (ylabel, lines) in zip(all_axes[0], panels.items()):
-        for label, found in lines.items():
-            if found:
-                axes.plot(*zip(*found), "o-", markersize=3, label=label)
-        axes.set_xlabel("step")
-        axes.set_ylabel(ylabel)
-        axes.legend()
-        axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(target)
-    plt.close(figure)
-    return target
-
-
 def plot_loss_curve(log_history: list[dict], target: Path) -> Path:
     train, evals = loss_points(log_history)
     return plot_panels({"loss": {"train loss": train, "eval loss": evals}}, target)
@@ -103,11 +79,6 @@ def plot_reward_curve(log_history: list[dict], target: Path) -> Path:
                (("chosen", "chosen"), ("rejected", "rejected"), ("margin", "margins"), ("accuracy", "accuracies"))}
     logps = {name: points(log_history, f"logps/{name}") for name in ("chosen", "rejected")}
     return plot_panels({"reward": rewards, "log-probability": logps}, target)
-
-
-def markdown_image(png: Path, title: str) -> str:
-    encoded = base64.b64encode(png.read_bytes()).decode()
-    return f"![{title}](data:image/png;base64,{encoded})"
 
 
 def trainable_parameters(model) -> int:

@@ -78,6 +78,10 @@ class TaskMetrics:
         """The group of a row for picking varied few-shot examples (one group unless a type has labels)."""
         return ""
 
+    def valid_outputs(self, answers: list[str], references: list[str]) -> list[bool]:
+        """Per answer, whether it has the form of the task's answers (judged against the training `references`)."""
+        return [bool(answer.strip()) for answer in answers]
+
     def label_choices(self, references: list[str]) -> LabelChoices | None:
         """The label set to rank by log-likelihood (None: the type has no labels)."""
         return None

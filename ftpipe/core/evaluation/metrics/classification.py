@@ -66,6 +66,11 @@ class Classification(TaskMetrics):
     def expected_label(self, reference: str) -> str:
         return parse_label(reference, self.config.label_field) or loose(reference)
 
+    def valid_outputs(self, answers: list[str], references: list[str]) -> list[bool]:
+        """A label of the training set."""
+        labels = {self.expected_label(r) for r in references}
+        return [parse_label(answer, self.config.label_field) in labels for answer in answers]
+
     def scores(self, answers: list[str], references: list[str]) -> Scores:
         expected = [self.expected_label(r) for r in references]
         predicted = [parse_label(a, self.config.label_field) for a in answers]

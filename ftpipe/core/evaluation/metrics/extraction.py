@@ -15,6 +15,11 @@ class Extraction(TaskMetrics):
     name = "extraction"
     primary = "exact_match"
 
+    def valid_outputs(self, answers: list[str], references: list[str]) -> list[bool]:
+        """A JSON object with every field all the training answers have."""
+        required = set.intersection(*(set(first_json_object(r) or {}) for r in references)) if references else set()
+        return [(found := first_json_object(answer)) is not None and required <= set(found) for answer in answers]
+
     def scores(self, answers: list[str], references: list[str]) -> Scores:
         wanted = [first_json_object(r) or {} for r in references]
         got = [first_json_object(a) for a in answers]

@@ -1,0 +1,80 @@
+"""Corrections of served answers become training rows: a correction names a logged request and gives the right
+output; the request's conversation with that output is appended to the task's `raw/feedback.jsonl`, with its
+provenance, and the data-change automation and retraining policy take it from there.
+
+Corrections arrive through the server (`POST /v1/feedback`) or as JSON-lines files dropped in the task's
+`feedback/` folder (`{"request_id": ..., "output": ...}` per line; `messages` too when the task's log keeps no
+content); the production report applies dropped files and moves them to `feedback/applied/`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ftpipe.core.server.request_log import read_records
+from ftpipe.core.storage import task_dir
+
+FEEDBACK_FILE = "feedback.jsonl"
+APPLIED = "applied"
+
+
+class FeedbackError(ValueError):
+    """A correction that cannot become a row, with the reason in one line."""
+
+
+def feedback_dir(task: str) -> Path:
+    return task_dir(task) / "feedback"
+
+
+def add_feedback(task: str, request_id: str, output: str, messages: list[dict[str, str]] | None = None,
+                 records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Append the logged request `request_id` answered with `output` to the task's raw data; returns the row.
+    `messages` stand in for a request logged without content; `records` are the log's (read when not given)."""
+    if not isinstance(output, str) or not output.strip():
+        raise FeedbackError("output: the corrected answer must be a non-empty string")
+    found = next((r for r in (read_records(task) if records is None else records) if r["request_id"] == request_id),
+                 None)
+    if found is None:
+        raise FeedbackError(f"request_id: {request_id!r} is not in task {task!r}'s request log")
+    conversation = messages or found["messages"]
+    if not isinstance(conversation, list):
+        raise FeedbackError(f"messages: task {task!r} logs no content, so the correction must bring the messages")
+    row = {"messages": [*conversation, {"role": "assistant", "content": output}], "feedback_for": request_id,
+           "served_by": f"{found['model']} v{found['version']}", "served_output": found["output"],
+           "corrected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _append(task_dir(task) / "raw" / FEEDBACK_FILE, row)
+    return row
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    """One whole line per row, on disk before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def apply_dropped_feedback(task: str) -> tuple[int, list[str]]:
+    """Add the corrections in the files dropped in the task's `feedback/` folder, then move each file to
+    `feedback/applied/`; returns (rows added, one line per correction refused: file, line and reason)."""
+    folder = feedback_dir(task)
+    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    records = read_records(task) if files else []
+    added, refused = 0, []
+    for path in files:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                add_feedback(task, item.get("request_id"), item.get("output"), item.get("messages"), records)
+                added += 1
+            except (json.JSONDecodeError, AttributeError, FeedbackError) as error:
+                refused.append(f"{path.name}:{number}: {error}")
+        (folder / APPLIED).mkdir(exist_ok=True)
+        path.rename(folder / APPLIED / path.name)
+    return added, refused

@@ -1,0 +1,198 @@
+"""Production monitoring of a task's served traffic (the request log of `ftpipe serve`) over a time window: volume,
+errors and latency; whether outputs have the form of the task's answers; the predicted labels against the training
+labels; and how far production prompts drift from the training prompts (prompts with no near neighbour among them,
+found with the cleaning's MinHash code, and shifts of length and vocabulary)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftpipe.config import MonitoringConfig, TaskConfig
+from ftpipe.core import similarity
+from ftpipe.core.evaluation.metrics import label_reader, task_metrics
+from ftpipe.core.feedback import apply_dropped_feedback, feedback_dir
+from ftpipe.core.plots import markdown_image, plot_panels
+from ftpipe.core.records import read_examples, user_message
+from ftpipe.core.server.request_log import read_records, segments
+from ftpipe.core.storage import atomic_dir
+from ftpipe.core.text import loose_words, markdown_table
+
+REPORT, FIGURES, OVER_TIME = "report.md", "metrics.json", "over_time.png"
+TIME_BINS = 12
+NOVEL_EXAMPLES = 5
+
+
+def requests_version(task: str) -> str:
+    """Changes when a segment of the task's request log appears, grows or is finished, or a correction file is
+    dropped in its `feedback/` folder."""
+    folder = feedback_dir(task)
+    dropped = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    found = [(p.name, p.stat().st_size) for p in segments(task) + dropped]
+    return hashlib.sha256(json.dumps(found).encode()).hexdigest()[:16]
+
+
+def _seconds(record: dict[str, Any]) -> float:
+    return datetime.fromisoformat(record["time"]).timestamp()
+
+
+def in_window(records: list[dict[str, Any]], hours: float, now: float) -> list[dict[str, Any]]:
+    return [r for r in records if now - hours * 3600 <= _seconds(r) <= now]
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def health(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Volume, the share of requests that failed, and latency percentiles of the answered ones."""
+    latencies = [r["latency_ms"] for r in records if r["status"] == 200]
+    return {"requests": len(records),
+            "error_rate": sum(r["status"] != 200 for r in records) / len(records) if records else 0.0,
+            **{f"latency_p{q}_ms": _percentile(latencies, q) for q in (50, 95, 99)}}
+
+
+def _with_content(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The answered records that kept their messages and output (not only hashes)."""
+    return [r for r in records if r["status"] == 200 and isinstance(r["output"], str)]
+
+
+def novel(prompts: list[str], known: list[str], threshold: float) -> list[bool]:
+    """Per prompt, whether no `known` prompt is a near neighbour (word Jaccard at least `threshold`)."""
+    rows = [[("user", text)] for text in known + prompts]
+    pairs = similarity.similar_pairs(similarity.shingles(rows, 1), similarity.Settings(threshold, 128, 1))
+    near = {b - len(known) for a, b, _ in pairs if a < len(known) <= b}
+    return [index not in near for index in range(len(prompts))]
+
+
+def length_shift(prompts: list[str], known: list[str]) -> float:
+    """The Kolmogorov-Smirnov distance between the prompts' and the known prompts' lengths in words (0 to 1)."""
+    ours, theirs = (np.sort([len(loose_words(t)) for t in texts]) for texts in (prompts, known))
+    if not len(ours) or not len(theirs):
+        return 0.0
+    grid = np.union1d(ours, theirs)
+    cdf = lambda values: np.searchsorted(values, grid, side="right") / len(values)  # noqa: E731
+    return float(np.abs(cdf(ours) - cdf(theirs)).max())
+
+
+def vocabulary_shift(prompts: list[str], known: list[str]) -> float:
+    """The share of the prompts' words that no known prompt uses."""
+    vocabulary = {word for text in known for word in loose_words(text)}
+    words = [word for text in prompts for word in loose_words(text)]
+    return sum(word not in vocabulary for word in words) / len(words) if words else 0.0
+
+
+def drift(prompts: list[str], known: list[str], threshold: float) -> dict[str, Any]:
+    """How far `prompts` are from the `known` (training) prompts; None for every figure without prompts."""
+    if not prompts:
+        return dict.fromkeys(("novel_input_share", "length_shift", "vocabulary_shift", "drift_score")) | {"novel": []}
+    flags = novel(prompts, known, threshold)
+    shifts = {"length_shift": length_shift(prompts, known), "vocabulary_shift": vocabulary_shift(prompts, known)}
+    return {"novel_input_share": sum(flags) / len(flags), **shifts,
+            "drift_score": max(shifts.values()), "novel": flags}
+
+
+def label_shares(outputs: list[str], train_answers: list[str], label_of) -> list[dict[str, Any]]:
+    """Per label, its share of the training answers and of the production outputs."""
+    train = Counter(label_of(a) or "(none)" for a in train_answers)
+    production = Counter(label_of(o) or "(none)" for o in outputs)
+    return [{"label": label, "training_share": train[label] / max(len(train_answers), 1),
+             "production_share": production[label] / max(len(outputs), 1)}
+            for label in sorted(set(train) | set(production), key=lambda name: (-train[name], name))]
+
+
+def over_time(answered: list[dict[str, Any]], novel_flags: list[bool], target: Path) -> Path:
+    """p95 latency and the share of novel prompts of the answered requests in equal time bins, as a PNG."""
+    times = np.array([_seconds(r) for r in answered])
+    latency, novelty = [], []
+    if len(times):
+        width = max(times.max() - times.min(), 1e-6) / TIME_BINS
+        bins = np.minimum(((times - times.min()) / width).astype(int), TIME_BINS - 1)
+        for index in np.unique(bins).tolist():
+            members = np.flatnonzero(bins == index).tolist()
+            minutes = index * width / 60
+            latency.append((minutes, _percentile([answered[i]["latency_ms"] for i in members], 95)))
+            novelty.append((minutes, sum(novel_flags[i] for i in members) / len(members)))
+    return plot_panels({"p95 latency (ms)": {"p95 latency": latency}, "novel prompts (share)": {"novel": novelty}},
+                       target, xlabel="minutes into the window")
+
+
+def production_report(task: str, train_path: Path, config: TaskConfig, out_dir: Path,
+                      now: float | None = None) -> dict[str, Any]:
+    """The report of the task's requests in the last `monitoring.window_hours` against the training split, written
+    to `out_dir` (report.md, metrics.json, over_time.png); returns the figures, the Markdown and the plot. Corrections
+    dropped in the task's `feedback/` folder are added to its raw data first (`feedback_rows`, `feedback_refused`)."""
+    watch: MonitoringConfig = config.monitoring
+    feedback_rows, refused = apply_dropped_feedback(task)
+    now = datetime.now(timezone.utc).timestamp() if now is None else now
+    records = in_window(read_records(task), watch.window_hours, now)
+    train = read_examples(train_path)
+    answers = [row["messages"][-1]["content"] for row in train]
+    answered = _with_content(records)
+    outputs = [r["output"] for r in answered]
+    valid = task_metrics(config.evaluation).valid_outputs(outputs, answers)
+    found = drift([user_message(r["messages"]) for r in answered], [user_message(r["messages"]) for r in train],
+                  watch.neighbour_threshold)
+    label_of = label_reader(config.evaluation)
+    figures = {**health(records), "validity": sum(valid) / len(valid) if valid else None,
+               **{k: v for k, v in found.items() if k != "novel"}, "window_hours": watch.window_hours}
+    labels = label_shares(outputs, answers, label_of) if label_of else []
+    novel_prompts = [user_message(r["messages"]) for r, flag in zip(answered, found["novel"]) if flag]
+    with atomic_dir(out_dir) as tmp:
+        over_time(answered, found["novel"], tmp / OVER_TIME)
+        markdown = _markdown(task, figures, labels, novel_prompts, markdown_image(tmp / OVER_TIME, "over time"))
+        (tmp / REPORT).write_text(markdown, encoding="utf-8")
+        (tmp / FIGURES).write_text(json.dumps({**figures, "labels": labels}, indent=1), encoding="utf-8")
+    return {**figures, "labels": labels, "report_markdown": markdown, "feedback_rows": feedback_rows,
+            "feedback_refused": refused, "over_time": markdown_image(
+        out_dir / OVER_TIME, "over time"), "report_path": str(out_dir / REPORT)}
+
+
+def health_problems(figures: dict[str, Any], watch: MonitoringConfig) -> list[str]:
+    """Why the task's traffic is unhealthy (nothing: healthy), one line each."""
+    problems = []
+    if figures["error_rate"] > watch.max_error_rate:
+        problems.append(f"error rate {figures['error_rate']:.1%} above {watch.max_error_rate:.1%}")
+    p95 = figures["latency_p95_ms"]
+    if p95 is not None and p95 > watch.max_latency_p95_ms:
+        problems.append(f"p95 latency {p95:.0f} ms above {watch.max_latency_p95_ms:.0f} ms")
+    return problems
+
+
+def drift_problems(figures: dict[str, Any], watch: MonitoringConfig) -> list[str]:
+    """How production prompts drifted from the training prompts beyond the limits (nothing: they did not)."""
+    problems = []
+    if figures["drift_score"] is None:  # no prompt kept its content
+        return problems
+    if figures["drift_score"] > watch.max_drift:
+        problems.append(f"drift score {figures['drift_score']:.2f} above {watch.max_drift:.2f} (length shift "
+                        f"{figures['length_shift']:.2f}, vocabulary shift {figures['vocabulary_shift']:.2f})")
+    if figures["novel_input_share"] > watch.max_novel_share:
+        problems.append(f"{figures['novel_input_share']:.0%} of prompts have no near neighbour in the training data "
+                        f"(limit {watch.max_novel_share:.0%})")
+    return problems
+
+
+def read_figures(out_dir: Path) -> dict[str, Any]:
+    return json.loads((out_dir / FIGURES).read_text(encoding="utf-8"))
+
+
+def _markdown(task: str, figures: dict[str, Any], labels: list[dict[str, Any]], novel_prompts: list[str],
+              image: str) -> str:
+    shown = [[name, "n/a" if value is None else round(value, 3) if isinstance(value, float) else value]
+             for name, value in figures.items()]
+    parts = [f"# Production report: {task}\n", markdown_table(["figure", "value"], shown), "", image, ""]
+    if labels:
+        rows = [[row["label"], f"{row['training_share']:.1%}", f"{row['production_share']:.1%}"] for row in labels]
+        parts += ["## Predicted labels against the training labels\n", markdown_table(
+            ["label", "training", "production"], rows), ""]
+    if novel_prompts:
+        parts += ["## Prompts with no near neighbour in the training data\n",
+                  markdown_table(["prompt"], [[p] for p in novel_prompts[:NOVEL_EXAMPLES]]), ""]
+    return "\n".join(parts)

@@ -1,0 +1,71 @@
+"""Corrections close the loop: answers the server logged for a trained task are corrected in a file dropped in the
+task's `feedback/` folder; the production report turns them into raw rows, the data assets clean and split them,
+and with `retrain.on_data_change` the retraining sensor asks for a new training."""
+
+import json
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from ftpipe.assets import data, training
+from ftpipe.automation import retrain_on_data_change_sensor
+from ftpipe.core.feedback import FEEDBACK_FILE, feedback_dir
+from ftpipe.core.layout import TaskLayout
+from ftpipe.core.records import read_examples
+from ftpipe.core.server.request_log import RequestLog
+from ftpipe.definitions import defs
+from ftpipe.partitions import task_partitions
+from ftpipe.resources import default_resources
+from ftpipe_tests.builders import materialization
+from ftpipe_tests.tiny_model import COLORS
+
+FRUITS = sorted(COLORS)[:6]
+
+
+def served(task: str) -> list[str]:
+    """Requests the server answered wrongly for `task`, logged as it logs them; their ids."""
+    log = RequestLog()
+    ids = []
+    for number, fruit in enumerate(FRUITS):
+        ids.append(f"chatcmpl-{number}")
+        log.append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "task": task, "model": task,
+                    "version": 1, "request_id": ids[-1], "messages": [
+                        {"role": "user", "content": f"Customer {number} asks: what color is the {fruit} I bought?"}],
+                    "output": "blue", "latency_ms": 50.0, "prompt_tokens": 12, "completion_tokens": 1,
+                    "total_tokens": 13, "status": 200, "error": None})
+    log.close()
+    return ids
+
+
+@pytest.mark.slow
+def test_dropped_corrections_become_training_rows_and_trigger_retraining(ftpipe_env: Path, tiny_task: str) -> None:
+    folder = ftpipe_env / "tasks" / tiny_task
+    (folder / "task.yaml").write_text((folder / "task.yaml").read_text() + "retrain: {on_data_change: true}\n")
+    assets = [data.raw_examples, data.deduplicated_examples, data.heldout_split, training.base_model,
+              training.lora_adapter]
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(task_partitions.name, [tiny_task])
+        dg.materialize(assets, instance=instance, partition_key=tiny_task, resources=default_resources())
+        assert isinstance(retrain_on_data_change_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+
+        ids = served(tiny_task)
+        feedback_dir(tiny_task).mkdir()
+        lines = [{"request_id": i, "output": COLORS[fruit]} for i, fruit in zip(ids, FRUITS)]
+        lines.append({"request_id": "chatcmpl-never-served", "output": "red"})
+        (feedback_dir(tiny_task) / "monday.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        report = defs.resolve_job_def("monitoring_job").execute_in_process(instance=instance, partition_key=tiny_task)
+        figures = materialization(report, "production_report")
+        assert figures["feedback_rows"] == 6 and figures["feedback_refused"] == 1 and figures["requests"] == 6
+        assert figures["validity"] == 1.0  # a non-empty answer is a valid generation
+        assert (feedback_dir(tiny_task) / "applied" / "monday.jsonl").is_file()
+        assert not list(feedback_dir(tiny_task).glob("*.jsonl"))
+
+        dg.materialize(assets[:3], instance=instance, partition_key=tiny_task)
+        train, evaluation = (read_examples(path) for path in TaskLayout(tiny_task).split_files)
+        corrected = {row["messages"][-1]["content"] for row in train + evaluation
+                     if row["source"].startswith(FEEDBACK_FILE)}
+        assert corrected == {COLORS[fruit] for fruit in FRUITS}
+        [request] = retrain_on_data_change_sensor(dg.build_sensor_context(instance=instance))
+        assert request.partition_key == tiny_task and request.tags["ftpipe/retrain"] == "data_change"

@@ -1,0 +1,99 @@
+"""The production report on a request log shaped like real traffic: a bank's intent classifier (short messages, a
+shared system prompt, 12 labels) answering new customers, or drifting to another task's prompts."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from ftpipe.config import parse_task_config
+from ftpipe.core import monitoring
+from ftpipe.core.records import write_examples
+from ftpipe.core.server.request_log import RequestLog
+from ftpipe_tests.intents import SYSTEM_PROMPT, intent_task
+from ftpipe_tests.tiny_model import toy_rows
+
+TASK = "bank"
+CONFIG = parse_task_config("evaluation: {task_type: classification}\n", "task.yaml")
+
+
+def stamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def record(message: str, output: str, *, at: float, status: int = 200, latency: float = 100.0) -> dict:
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": message}]
+    return {"time": stamp(at), "task": TASK, "model": TASK, "version": 1, "request_id": f"r{at}-{message[:8]}",
+            "messages": messages, "output": output, "latency_ms": latency, "prompt_tokens": 90,
+            "completion_tokens": 3, "total_tokens": 93, "status": status, "error": None}
+
+
+def log(records: list[dict], **settings) -> None:
+    writer = RequestLog(**settings)
+    for found in records:
+        writer.append(found)
+    writer.close()
+
+
+@pytest.fixture
+def train_path(tmp_path) -> Path:
+    write_examples(intent_task(seed=0).rows, tmp_path / "train.parquet")
+    return tmp_path / "train.parquet"
+
+
+def report(train_path: Path, tmp_path: Path, **kwargs) -> dict:
+    return monitoring.production_report(TASK, train_path, CONFIG, tmp_path / "report", **kwargs)
+
+
+def new_customers(count: int) -> list[tuple[str, str]]:
+    """(message, label) of customers the training never saw: the same intents, other wordings of the details."""
+    rows = intent_task(seed=7).rows[:count]
+    return [(row["messages"][1]["content"], row["messages"][2]["content"]) for row in rows]
+
+
+def test_volume_errors_latency_validity_and_labels(train_path, tmp_path):
+    now = time.time()
+    answered = [record(m, label, at=now - 60 * i, latency=10.0 * (i + 1)) for i, (m, label) in
+                enumerate(new_customers(40))]
+    answered[0]["output"] = answered[1]["output"] = "I think it is about your card"  # not a label
+    failed = [record("my card", "", at=now - 5, status=500) for _ in range(4)]
+    old = [record("ancient", "pin_blocked", at=now - 3 * 86400)]  # outside the 24 h window
+    log(answered + failed + old)
+    found = report(train_path, tmp_path, now=now)
+    assert found["requests"] == 44 and found["error_rate"] == pytest.approx(4 / 44)
+    assert found["latency_p50_ms"] == pytest.approx(205.0) and found["latency_p95_ms"] == pytest.approx(380.5)
+    assert found["validity"] == pytest.approx(38 / 40)
+    shares = {row["label"]: row for row in found["labels"]}
+    assert sum(row["production_share"] for row in found["labels"]) == pytest.approx(1.0)
+    assert shares["activate_my_card"]["training_share"] > shares["top_up_failed"]["training_share"] > 0
+    assert "Predicted labels against the training labels" in found["report_markdown"]
+    assert (tmp_path / "report" / monitoring.OVER_TIME).stat().st_size > 1000
+    assert monitoring.read_figures(tmp_path / "report")["requests"] == 44
+    assert monitoring.health_problems(found, CONFIG.monitoring) == ["error rate 9.1% above 5.0%"]
+
+
+def test_prompts_from_another_task_drift_and_new_customers_do_not(train_path, tmp_path):
+    now = time.time()
+    log([record(m, label, at=now - i) for i, (m, label) in enumerate(new_customers(60))])
+    usual = report(train_path, tmp_path, now=now)
+    assert usual["novel_input_share"] < 0.2 and usual["drift_score"] < 0.3, usual
+    assert monitoring.drift_problems(usual, CONFIG.monitoring) == []
+
+    fruit = [row["messages"][0]["content"] for row in toy_rows(60, seed=1)]
+    log([record(question, "card_arrival", at=now - i) for i, question in enumerate(fruit)])
+    mixed = report(train_path, tmp_path, now=now + 1)
+    assert mixed["requests"] == 120 and mixed["novel_input_share"] > 0.45, mixed
+    problems = monitoring.drift_problems(mixed, CONFIG.monitoring)
+    assert problems and problems[0].startswith("drift score"), problems
+    assert "Prompts with no near neighbour" in mixed["report_markdown"]
+
+
+def test_a_log_without_content_is_counted_but_not_judged(train_path, tmp_path):
+    now = time.time()
+    log([record(m, label, at=now - i) for i, (m, label) in enumerate(new_customers(10))], without_content={TASK})
+    found = report(train_path, tmp_path, now=now)
+    assert found["requests"] == 10 and found["validity"] is None and found["drift_score"] is None
+    assert monitoring.drift_problems(found, CONFIG.monitoring) == []

@@ -1,0 +1,67 @@
+"""A real `python -m ftpipe serve` process for tests and benchmarks, and models registered for it to serve."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from ftpipe.core import registry
+from ftpipe.core.storage import REPO_ROOT
+from ftpipe_tests.e2e.helpers import free_port
+
+KEY = "test-key-123"
+
+
+def register(uri: str, task: str, folder: Path, score: float) -> None:
+    """Register the packaged model in `folder` as a new version of `task`'s model in the MLflow store at `uri`."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(task)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(task)
+    run_id = client.create_run(experiment_id).info.run_id
+    registry.register_model(task=task, model_path=folder, run_id=run_id, eval_score=score, eval_version="split",
+                            tracking_uri=uri)
+
+
+class Served:
+    """The server on a free port of 127.0.0.1 with `env` (its output in `home/serve.log`), started and healthy."""
+
+    def __init__(self, home: Path, env: dict, *options: str, refresh_seconds: float = 10):
+        self.home, self.env, self.port = home, env, free_port()
+        self.log = (home / "serve.log").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ftpipe", "serve", "--port", str(self.port), "--refresh-seconds",
+             str(refresh_seconds), *options], env=env, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while not self.healthy():
+            assert self.process.poll() is None and time.monotonic() < deadline, (home / "serve.log").read_text()
+            time.sleep(0.5)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def healthy(self) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                return json.loads(response.read())
+        except OSError:
+            return None
+
+    def client(self, key: str | None = KEY):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=120)
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        self.process.send_signal(sig)
+        self.process.wait(timeout=60)
+        self.log.close()
+
+
