@@ -20,9 +20,9 @@ from ftpipe.core import merging
 from ftpipe.core.storage import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))  # the test helpers build the models and run the server
-from ftpipe_tests.served import KEY, Served, register  # noqa: E402
-from ftpipe_tests.tiny_model import build_tiny_model, toy_rows, write_chat_parquet  # noqa: E402
-from ftpipe_tests.trained_models import lora_adapter, noisy_base  # noqa: E402
+from ftpipe_tests.served import KEY, Served, packaged_lora, register  # noqa: E402
+from ftpipe_tests.tiny_model import build_tiny_model  # noqa: E402
+from ftpipe_tests.trained_models import noisy_base  # noqa: E402
 
 TASKS = ("apples", "plums")
 CLIENTS = (1, 8, 32, 64)
@@ -32,13 +32,9 @@ CARD = {"task": "bench", "description": "serving benchmark", "method": "lora"}
 def packaged_models(base: Path, root: Path) -> dict[str, dict[str, Path]]:
     """Per task, its adapter packaged on `base` (`lora`) and the same weights merged as a model of its own
     (`merged`: packaged without a base, so the server loads it whole)."""
-    write_chat_parquet(root / "eval.parquet", toy_rows(4, seed=2))
     found = {}
     for seed, task in enumerate(TASKS):
-        adapter = lora_adapter(base, root / f"adapter-{task}", random_weights=True, seed=seed)
-        lora = root / f"lora-{task}"
-        merging.package_model(base_model_dir=base, finetuned_dir=adapter, out_dir=lora,
-                              eval_path=root / "eval.parquet", card=CARD, reuse_key=task)
+        lora = packaged_lora(base, root, f"lora-{task}", seed)
         merged = root / f"merged-{task}"
         merging.package_full_model(model_dir=lora, out_dir=merged, card=CARD, reuse_key=task)
         found[task] = {"lora": lora, "merged": merged}

@@ -227,11 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--refresh-seconds", type=float, default=10.0,
                        help="how often the registry is read, so a moved champion is served without a restart")
     serve.add_argument("--max-batch", type=int, default=64, help="the most requests decoded together")
+    serve.add_argument("--segment-records", type=int, default=1000,
+                       help="requests per finished segment of the request log (a segment also closes every minute)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         from ftpipe.core.server.app import serve as run_server
 
-        run_server(args.host, args.port, refresh_seconds=args.refresh_seconds, max_batch=args.max_batch)
+        run_server(args.host, args.port, refresh_seconds=args.refresh_seconds, max_batch=args.max_batch,
+                   segment_records=args.segment_records)
         return 0
     if args.command == "tasks":
         sync_tasks()

@@ -327,6 +327,52 @@ class RetrainConfig(_Strict):
         return value
 
 
+class TeacherConfig(_Strict):
+    """An OpenAI-compatible endpoint that answers the task's prompts (OpenAI, vLLM, Ollama, `ftpipe serve`...)."""
+
+    base_url: str = Field(description="the API's base URL", examples=["https://api.openai.com/v1"])
+    model: str = Field(description="the teacher model's name at that endpoint", examples=["gpt-4o-mini"])
+    api_key_env: str | None = Field(
+        None, description="the name of the environment variable holding the API key (never the key itself)"
+    )
+
+
+class BudgetConfig(_Strict):
+    """What one materialization of teacher_examples may spend; the next one continues where it stopped."""
+
+    max_requests: int | None = Field(None, ge=1, description="teacher requests per materialization; null: no limit")
+    max_tokens: int | None = Field(None, ge=1, description="teacher tokens (prompt + answer) per materialization")
+
+
+class AcceptConfig(_Strict):
+    """What a teacher answer must be to become a row (at most one rule; none: any non-empty answer)."""
+
+    labels: list[str] | None = Field(None, description="the answer is one of these labels")
+    json_schema: dict[str, Any] | None = Field(None, description="the answer is JSON valid against this schema")
+    regex: str | None = Field(None, description="the whole answer matches this regular expression")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> AcceptConfig:
+        if sum(rule is not None for rule in (self.labels, self.json_schema, self.regex)) > 1:
+            raise ValueError("set one of labels, json_schema and regex")
+        return self
+
+
+class DistillConfig(_Strict):
+    """Distillation: a teacher model answers the prompts in the task's `prompts/` folder, and its answers become
+    training rows (the asset teacher_examples)."""
+
+    teacher: TeacherConfig = Field(description="the teacher endpoint")
+    prompt_column: str = Field("prompt", description="the column of prompts/*.jsonl|csv holding the prompt")
+    examples: int | None = Field(None, ge=1, description="how many prompts to answer (the first ones); null: all")
+    temperature: float = Field(0.0, ge=0, le=2, description="the teacher's sampling temperature")
+    max_tokens: int = Field(256, ge=1, description="the longest teacher answer, in tokens")
+    concurrency: int = Field(4, ge=1, le=256, description="teacher requests in flight at once")
+    timeout_seconds: float = Field(60.0, gt=0, description="how long one teacher request may take")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="spending per materialization")
+    accept: AcceptConfig = Field(default_factory=AcceptConfig, description="what makes a teacher answer usable")
+
+
 class ServingConfig(_Strict):
     """What `python -m ftpipe serve` keeps of this task's traffic."""
 
@@ -371,6 +417,7 @@ class TaskConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="the fine-tune")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="evaluation and gate")
     retrain: RetrainConfig = Field(default_factory=RetrainConfig, description="automatic retraining")
+    distill: DistillConfig | None = Field(None, description="teacher-written training data (see Distillation)")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="the request log of `ftpipe serve`")
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig, description="production monitoring")
 

@@ -42,12 +42,13 @@ def _comment(field: Any) -> str | None:
 
 
 def _reference_lines(model: type[BaseModel], indent: str) -> list[str]:
-    """`key: default  # description` for every field of `model`; sections nested, null sections commented out."""
+    """`key: default  # description` for every field of `model`; sections nested, null sections commented out (a
+    required section inside one is shown with its fields)."""
     lines = []
     for name, field in model.model_fields.items():
         section = nested_model(field.annotation) if get_origin(field.annotation) is not dict else None
         default = None if field.is_required() else field.get_default(call_default_factory=True)
-        if section is not None and default is not None:
+        if section is not None and (default is not None or (field.is_required() and "#" in indent)):
             lines += [_line(indent, f"{name}:", field.description), *_reference_lines(section, indent + "  ")]
         elif section is not None:
             commented_out = _reference_lines(section, indent + "#   ")

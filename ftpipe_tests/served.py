@@ -65,3 +65,16 @@ class Served:
         self.log.close()
 
 
+
+
+def packaged_lora(base: Path, root: Path, name: str = "lora", seed: int = 0) -> Path:
+    """A random LoRA adapter on `base`, packaged for serving in `root/<name>` (merged, with the adapter's copy)."""
+    from ftpipe.core import merging
+    from ftpipe_tests.tiny_model import toy_rows, write_chat_parquet
+    from ftpipe_tests.trained_models import lora_adapter
+
+    write_chat_parquet(root / "parity.parquet", toy_rows(4, seed=2))
+    adapter = lora_adapter(base, root / f"adapter-{name}", random_weights=True, seed=seed)
+    merging.package_model(base_model_dir=base, finetuned_dir=adapter, out_dir=root / name,
+                          eval_path=root / "parity.parquet", card={"task": name, "method": "lora"}, reuse_key=name)
+    return root / name

@@ -1,4 +1,4 @@
-"""Data group: task_files -> raw_examples -> deduplicated_examples -> heldout_split, and review_sample.
+"""Data group: task_files -> teacher_examples -> raw_examples -> deduplicated_examples -> heldout_split, and review_sample.
 
 The data assets refresh by themselves (declarative automation) whenever an upstream data version changes.
 """
@@ -6,7 +6,7 @@ The data assets refresh by themselves (declarative automation) whenever an upstr
 import dagster as dg
 
 from ftpipe.assets.common import TaskRunConfig, file_version, load_config, table
-from ftpipe.core import dedup, records, review_sample as review, split
+from ftpipe.core import dedup, records, review_sample as review, split, teacher
 from ftpipe.core.evaluation.metrics import label_reader
 from ftpipe.core.similarity import Settings
 from ftpipe.core.preferences import as_chat
@@ -18,6 +18,8 @@ from ftpipe.partitions import task_partitions
 GROUP = "data"
 PREVIEW_ROWS = 20
 REFRESH = dg.AutomationCondition.eager()
+TEACHER_FIGURES = ("teacher_requests", "cache_hits", "teacher_tokens", "answers_rejected", "prompts", "rows",
+                   "failed_requests", "unanswered")
 
 
 @dg.observable_source_asset(partitions_def=task_partitions, group_name=GROUP)
@@ -27,15 +29,40 @@ def task_files(context: dg.OpExecutionContext) -> dg.DataVersionsByPartition:
     return dg.DataVersionsByPartition({task: task_files_version(task) for task in tasks})
 
 
-@dg.asset(partitions_def=task_partitions, group_name=GROUP, kinds={"parquet"}, deps=[task_files], automation_condition=REFRESH)
-def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg.MaterializeResult:
-    """Every row of the task's raw/ files in the canonical chat schema; unusable rows quarantined with a reason."""
+@dg.asset(partitions_def=task_partitions, group_name=GROUP, kinds={"openai"}, deps=[task_files],
+          automation_condition=REFRESH)
+def teacher_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg.MaterializeResult:
+    """With a `distill` section: the teacher's answers to the prompts in the task's `prompts/` folder, asked only for
+    prompts without a cached answer, within the budget, and checked (rejected answers kept with the reason)."""
     task = context.partition_key
-    data = load_config(context, config).data
+    cfg = load_config(context, config)
+    out = TaskLayout(task).asset("teacher_examples")
+    try:
+        summary = teacher.build_teacher_examples(task, cfg, out, log=context.log.info)
+    except (teacher.TeacherError, ValueError) as error:
+        raise dg.Failure(description=f"{task}: {error}") from None
+    return dg.MaterializeResult(
+        metadata={**{key: summary[key] for key in TEACHER_FIGURES}, "stopped": summary["stopped"] or "no",
+                  "rows_path": dg.MetadataValue.path(str(out / teacher.TEACHER_FILE)),
+                  "rejected_path": dg.MetadataValue.path(str(out / teacher.REJECTED_FILE))},
+        data_version=file_version(out / teacher.TEACHER_FILE),
+    )
+
+
+@dg.asset(partitions_def=task_partitions, group_name=GROUP, kinds={"parquet"}, deps=[task_files, teacher_examples],
+          automation_condition=REFRESH)
+def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg.MaterializeResult:
+    """Every row of the task's raw/ files, and the teacher's rows, in the canonical chat schema; unusable rows
+    quarantined with a reason."""
+    task = context.partition_key
+    cfg = load_config(context, config)
+    data = cfg.data
     paths = TaskLayout(task)
     out = paths.asset("raw_examples")
     spec = records.FormatSpec(data.format, dict(data.columns), data.system_prompt)
-    summary = records.build_raw_examples(task_dir(task), out, spec)
+    teacher_rows = paths.path("teacher_examples", teacher.TEACHER_FILE)
+    extra = ((teacher_rows, f"teacher {cfg.distill.teacher.model}"),) if cfg.distill else ()
+    summary = records.build_raw_examples(task_dir(task), out, spec, extra)
     context.log.info(f"{task}: {summary['rows_valid']} valid and {summary['rows_quarantined']} quarantined "
                      f"rows from {len(summary['files'])} file(s)")
     quarantine = summary.pop("quarantine")

@@ -357,12 +357,19 @@ def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec) -> dict[str, Any]:
-    """Read a task's raw/ into `out_dir/examples.parquet`, `out_dir/preferences.parquet` and
-    `out_dir/quarantine.jsonl`; return the counts."""
+def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
+                       extra: tuple[tuple[Path, str], ...] = ()) -> dict[str, Any]:
+    """Read a task's raw/ (and the `extra` (file, source name) files, e.g. teacher rows) into
+    `out_dir/examples.parquet`, `out_dir/preferences.parquet` and `out_dir/quarantine.jsonl`; return the counts.
+    A task with extra rows needs no raw/ folder."""
     from ftpipe.core.preferences import write_preferences  # preferences builds on this module's row checks
 
-    result = read_raw_dir(task_folder / "raw", spec)
+    raw = task_folder / "raw"
+    extra = tuple((path, name) for path, name in extra if path.is_file() and path.stat().st_size)
+    result = read_raw_dir(raw, spec) if raw.is_dir() or not extra else ReadResult()
+    for path, name in extra:
+        result.files.append(name)
+        read_file(path, name, spec, result)
     if not result.rows_valid:
         reasons = Counter(row["reason"] for row in result.quarantine).most_common(3)
         problems = "; ".join(f"{reason} ({count} row{'s' * (count > 1)})" for reason, count in reasons) or "no rows at all"

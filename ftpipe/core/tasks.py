@@ -75,9 +75,9 @@ def base_model_source(spec: str, folder: Path) -> str:
 
 
 def task_files(task: str) -> list[Path]:
-    """What the pipeline reads from a task folder: `task.yaml` and the files under `raw/`, sorted."""
+    """What the pipeline reads from a task folder: `task.yaml` and the files under `raw/` and `prompts/`, sorted."""
     folder = task_dir(task)
-    return sorted(_inside(folder, [folder / "task.yaml", *(folder / "raw").rglob("*")]))
+    return sorted(_inside(folder, [folder / "task.yaml", *(folder / "raw").rglob("*"), *(folder / "prompts").rglob("*")]))
 
 
 def task_files_version(task: str) -> str:

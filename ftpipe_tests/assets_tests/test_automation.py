@@ -81,11 +81,11 @@ def test_data_assets_refresh_when_task_files_change(ftpipe_env: Path) -> None:
         sensor_tick(instance)
         sensor_tick(instance)
         first = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=start.cursor)
-        data_assets = {"raw_examples", "deduplicated_examples", "review_sample", "heldout_split"}
+        data_assets = {"teacher_examples", "raw_examples", "deduplicated_examples", "review_sample", "heldout_split"}
         assert requested(first) == {name: {"shop"} for name in data_assets}, "a new task's data is built at once"
 
-        dg.materialize([data.raw_examples, data.deduplicated_examples, data.review_sample, data.heldout_split],
-                       instance=instance, partition_key="shop")
+        dg.materialize([data.teacher_examples, data.raw_examples, data.deduplicated_examples, data.review_sample,
+                        data.heldout_split], instance=instance, partition_key="shop")
         quiet = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
         assert requested(quiet) == {}
 

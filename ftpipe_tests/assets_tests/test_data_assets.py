@@ -119,7 +119,9 @@ def test_definitions_graph_and_no_heavy_imports() -> None:
     info = json.loads(out.strip().splitlines()[-1])
     assert info["heavy"] == []
     assert {"task_files", "raw_examples", "deduplicated_examples", "review_sample", "heldout_split"} <= set(info["assets"])
-    assert info["deps"]["raw_examples"] == ["task_files"]
+    assert info["deps"]["raw_examples"] == ["task_files", "teacher_examples"]
+    assert info["deps"]["teacher_examples"] == ["task_files"]
+    assert info["deps"]["production_report"] == ["heldout_split", "production_requests"]
     assert info["deps"]["deduplicated_examples"] == ["raw_examples"]
     assert info["deps"]["heldout_split"] == ["deduplicated_examples"]
     assert info["deps"]["review_sample"] == ["deduplicated_examples"]

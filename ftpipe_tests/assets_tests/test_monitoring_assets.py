@@ -14,7 +14,7 @@ from ftpipe.automation import production_requests_sensor
 from ftpipe.definitions import defs
 from ftpipe.partitions import task_partitions
 from ftpipe_tests.builders import check, make_task, materialization
-from ftpipe_tests.core_tests.test_monitoring import log, new_customers, record
+from ftpipe_tests.traffic import log, new_customers, record
 from ftpipe_tests.intents import intent_task
 from ftpipe_tests.tiny_model import toy_rows
 

@@ -165,15 +165,19 @@ def test_the_readme_reference_is_the_one_generated_from_the_schema() -> None:
 
 
 def commented_out(reference: str) -> dict[tuple[str, ...], set[str]]:
-    """The fields shown commented out under each null section of the reference, by the section's path."""
+    """The fields shown commented out under each null section of the reference (and its sections), by path."""
     found: dict[tuple[str, ...], set[str]] = {}
     path: list[str] = []
+    inner: list[str] = []
     for line in reference.splitlines():
         text = line.lstrip()
         if text.startswith("#   "):
-            found.setdefault(tuple(path), set()).add(text.removeprefix("#   ").split(":", 1)[0])
+            rest = text.removeprefix("#   ")
+            body = rest.lstrip()
+            inner = inner[: (len(rest) - len(body)) // 2] + [body.split(":", 1)[0]]
+            found.setdefault(tuple(path + inner[:-1]), set()).add(inner[-1])
         else:
-            path = path[: (len(line) - len(text)) // 2] + [text.split(":", 1)[0]]
+            path, inner = path[: (len(line) - len(text)) // 2] + [text.split(":", 1)[0]], []
     return found
 
 

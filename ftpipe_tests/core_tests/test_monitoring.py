@@ -4,7 +4,6 @@ shared system prompt, 12 labels) answering new customers, or drifting to another
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -12,30 +11,11 @@ import pytest
 from ftpipe.config import parse_task_config
 from ftpipe.core import monitoring
 from ftpipe.core.records import write_examples
-from ftpipe.core.server.request_log import RequestLog
-from ftpipe_tests.intents import SYSTEM_PROMPT, intent_task
+from ftpipe_tests.intents import intent_task
 from ftpipe_tests.tiny_model import toy_rows
+from ftpipe_tests.traffic import TASK, log, new_customers, record
 
-TASK = "bank"
 CONFIG = parse_task_config("evaluation: {task_type: classification}\n", "task.yaml")
-
-
-def stamp(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def record(message: str, output: str, *, at: float, status: int = 200, latency: float = 100.0) -> dict:
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": message}]
-    return {"time": stamp(at), "task": TASK, "model": TASK, "version": 1, "request_id": f"r{at}-{message[:8]}",
-            "messages": messages, "output": output, "latency_ms": latency, "prompt_tokens": 90,
-            "completion_tokens": 3, "total_tokens": 93, "status": status, "error": None}
-
-
-def log(records: list[dict], **settings) -> None:
-    writer = RequestLog(**settings)
-    for found in records:
-        writer.append(found)
-    writer.close()
 
 
 @pytest.fixture
@@ -46,12 +26,6 @@ def train_path(tmp_path) -> Path:
 
 def report(train_path: Path, tmp_path: Path, **kwargs) -> dict:
     return monitoring.production_report(TASK, train_path, CONFIG, tmp_path / "report", **kwargs)
-
-
-def new_customers(count: int) -> list[tuple[str, str]]:
-    """(message, label) of customers the training never saw: the same intents, other wordings of the details."""
-    rows = intent_task(seed=7).rows[:count]
-    return [(row["messages"][1]["content"], row["messages"][2]["content"]) for row in rows]
 
 
 def test_volume_errors_latency_validity_and_labels(train_path, tmp_path):

@@ -22,7 +22,7 @@ from ftpipe.core.evaluation.generation import encode
 from ftpipe.core.server.catalog import Catalog, Route, releases
 from ftpipe.core.server.engine import MAX_BATCH, Engine, Job
 from ftpipe.core.feedback import FEEDBACK_FILE, FeedbackError, add_feedback
-from ftpipe.core.server.request_log import RequestLog, read_records
+from ftpipe.core.server.request_log import SEGMENT_RECORDS, RequestLog, read_records
 
 DEFAULT_MAX_TOKENS = 256
 REFRESH_SECONDS = 10.0
@@ -334,14 +334,15 @@ async def _stream(completion: Completion):
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, tracking_uri: str | None = None,
-          refresh_seconds: float = REFRESH_SECONDS, max_batch: int = MAX_BATCH) -> None:
+          refresh_seconds: float = REFRESH_SECONDS, max_batch: int = MAX_BATCH,
+          segment_records: int = SEGMENT_RECORDS) -> None:
     """Run the server until interrupted (the API key from `FTPIPE_API_KEY`, when set)."""
     import os
 
     import uvicorn
 
-    server = Server(tracking_uri, os.environ.get("FTPIPE_API_KEY") or None, refresh_seconds=refresh_seconds,
-                    engine=Engine(max_batch))
+    server = Server(tracking_uri, os.environ.get("FTPIPE_API_KEY") or None, RequestLog(segment_records=segment_records),
+                    refresh_seconds=refresh_seconds, engine=Engine(max_batch))
     server.start()
     print(f"ftpipe serve: http://{host}:{port}/v1 serving {', '.join(server.served) or 'no models yet'}", flush=True)
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

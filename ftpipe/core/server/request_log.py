@@ -1,8 +1,8 @@
 """The serving request log: every request and response as one JSON line, in segments per task.
 
     $FTPIPE_HOME/tasks/<task>/requests/
-      <start>-<pid>-<n>.jsonl.open    the segment being written (each record flushed as it is appended)
-      <start>-<pid>-<n>.jsonl         a finished segment: fsynced, then renamed, so it is whole or absent
+      <start>-<pid>-<token>.jsonl.open    the segment being written (each record flushed as it is appended)
+      <start>-<pid>-<token>.jsonl         a finished segment: fsynced, then renamed, so it is whole or absent
 
 A crash loses at most the open segment's unflushed tail; readers take the open segments' whole lines too.
 For a task with `serving.log_content: false`, messages and outputs are kept only as hashes and sizes.
@@ -15,6 +15,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -53,7 +54,6 @@ class RequestLog:
     segment_seconds: float = SEGMENT_SECONDS
     _open: dict[str, _Segment] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _count: int = 0
 
     def append(self, record: dict[str, Any]) -> None:
         """Write `record` (it names its `task`; `messages` and `output` are redacted for `without_content` tasks)."""
@@ -86,9 +86,9 @@ class RequestLog:
         if found is None:
             folder = requests_dir(task)
             folder.mkdir(parents=True, exist_ok=True)
-            self._count += 1
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-            path = folder / f"{stamp}-{os.getpid()}-{self._count}{SEGMENT_SUFFIX}{OPEN_SUFFIX}"
+            now = time.time_ns()  # names sort by start; the token keeps apart two started at once
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now / 1e9)) + f".{now % 1_000_000_000:09d}"
+            path = folder / f"{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}{SEGMENT_SUFFIX}{OPEN_SUFFIX}"
             found = self._open[task] = _Segment(path, path.open("a", encoding="utf-8"), time.time())
         return found
 

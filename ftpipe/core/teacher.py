@@ -1,0 +1,249 @@
+"""Teacher-written training data: an OpenAI-compatible teacher answers the prompts in a task's `prompts/` folder
+(the official `openai` client, so any compatible endpoint works), and its accepted answers become chat rows that
+`raw_examples` reads beside `raw/`, with the teacher and model as their source.
+
+Never paid twice: every answer (accepted or not) is cached under `$FTPIPE_HOME/cache/teacher/<task>.jsonl`, keyed by
+the prompt, the teacher, the model and the decoding settings, so a materialization asks only for prompts without a
+cached answer. Failures lose nothing: the client retries timeouts, 429 and 5xx with backoff; a request that still
+fails, the budget running out, or the teacher going away stop the run cleanly with every answer so far cached, and
+the next run continues. The API key is read from the environment variable the task names and never written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftpipe.config import AcceptConfig, DistillConfig, TaskConfig
+from ftpipe.core.raw_files import iter_file_rows
+from ftpipe.core.records import write_jsonl
+from ftpipe.core.storage import atomic_dir, home_dir, task_dir
+from ftpipe.core.text import loose
+
+PROMPT_SUFFIXES = (".jsonl", ".csv")
+TEACHER_FILE, REJECTED_FILE = "teacher.jsonl", "rejected.jsonl"
+MAX_RETRIES = 5
+PROGRESS_EVERY_SECONDS = 10.0
+
+
+class TeacherError(RuntimeError):
+    """The teacher cannot be used at all (unreachable, or refusing the key), said in one line."""
+
+
+def prompts_dir(task: str) -> Path:
+    return task_dir(task) / "prompts"
+
+
+def read_prompts(task: str, column: str) -> list[tuple[str, str]]:
+    """(source, prompt) of every row of the task's `prompts/*.jsonl|csv`, in file and row order; a row without a
+    usable prompt raises ValueError naming the file, row and column."""
+    folder = prompts_dir(task)
+    found = []
+    for path in sorted(p for p in folder.glob("*") if p.suffix in PROMPT_SUFFIXES) if folder.is_dir() else []:
+        for location, row, problem in iter_file_rows(path):
+            text = row.get(column) if isinstance(row, dict) else None
+            if problem or not isinstance(text, str) or not text.strip():
+                columns = ", ".join(sorted(row)) if isinstance(row, dict) else "none"
+                raise ValueError(f"{path.name}:{location}: {problem or f'no prompt in column {column!r}'} (the row's "
+                                 f"columns: {columns}; distill.prompt_column names the column)")
+            found.append((f"{path.name}:{location}", text))
+    return found
+
+
+def messages_of(prompt: str, system: str | None) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def answer_key(messages: list[dict[str, str]], distill: DistillConfig) -> str:
+    """What decides a teacher's answer: the conversation, the endpoint, the model and the decoding settings."""
+    parts = [messages, distill.teacher.base_url, distill.teacher.model, distill.temperature, distill.max_tokens]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def accepted(answer: str, accept: AcceptConfig) -> tuple[str, str | None]:
+    """(the answer to train on, why it is not usable or None): an accepted label is written as the label is."""
+    if not answer.strip():
+        return answer, "empty answer"
+    if accept.labels is not None:
+        label = {loose(name): name for name in accept.labels}.get(loose(answer))
+        return (label, None) if label is not None else (answer, f"not one of the labels {', '.join(accept.labels)}")
+    if accept.regex is not None and not re.fullmatch(accept.regex, answer.strip(), flags=re.DOTALL):
+        return answer, f"does not match the regex {accept.regex}"
+    if accept.json_schema is not None:
+        import jsonschema
+
+        try:
+            jsonschema.validate(json.loads(answer), accept.json_schema)
+        except json.JSONDecodeError as error:
+            return answer, f"not JSON: {error.msg}"
+        except jsonschema.ValidationError as error:
+            return answer, f"JSON not valid against the schema: {error.message}"
+    return answer, None
+
+
+@dataclass
+class AnswerCache:
+    """Cached teacher answers, one JSON line each (appended as they arrive, so a crash keeps what was paid for)."""
+
+    path: Path
+    answers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def of(cls, task: str) -> AnswerCache:
+        path = home_dir() / "cache" / "teacher" / f"{task}.jsonl"
+        cache = cls(path)
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a torn last line of an interrupted run
+                    continue
+                cache.answers[entry["key"]] = entry
+        return cache
+
+    def add(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self.answers[entry["key"]] = entry
+
+
+@dataclass
+class Spending:
+    """Requests and tokens of this materialization, against the budget."""
+
+    distill: DistillConfig
+    requests: int = 0
+    tokens: int = 0
+    failed: int = 0
+    answered: int = 0
+
+    def exhausted(self) -> str | None:
+        budget = self.distill.budget
+        if budget.max_requests is not None and self.requests >= budget.max_requests:
+            return f"budget of {budget.max_requests} requests spent"
+        if budget.max_tokens is not None and self.tokens >= budget.max_tokens:
+            return f"budget of {budget.max_tokens} tokens spent"
+        return None
+
+
+def _client(distill: DistillConfig):
+    from openai import OpenAI
+
+    variable = distill.teacher.api_key_env
+    key = os.environ.get(variable) if variable else None
+    if variable and not key:
+        raise TeacherError(f"distill.teacher.api_key_env names {variable}, which is not set in the environment")
+    return OpenAI(base_url=distill.teacher.base_url, api_key=key or "none", max_retries=MAX_RETRIES,
+                  timeout=distill.timeout_seconds)
+
+
+def _ask(client, messages: list[dict[str, str]], distill: DistillConfig) -> tuple[str, int]:
+    """(the teacher's answer, tokens it cost)."""
+    response = client.chat.completions.create(model=distill.teacher.model, messages=messages,
+                                              temperature=distill.temperature, max_tokens=distill.max_tokens)
+    usage = response.usage
+    return response.choices[0].message.content or "", (usage.total_tokens if usage else 0)
+
+
+def ask_teacher(pending: list[tuple[str, list[dict[str, str]]]], distill: DistillConfig, cache: AnswerCache,
+                log: Callable[[str], None]) -> tuple[Spending, str | None]:
+    """Ask the teacher for every (key, messages) in `pending`, `concurrency` at a time, caching each answer as it
+    arrives, until done or the budget is spent; returns the spending and why it stopped early (None: it did not)."""
+    import openai
+
+    spent, stopped = Spending(distill), None
+    client, started, last_report = _client(distill), time.monotonic(), time.monotonic()
+    queue = list(reversed(pending))
+    with ThreadPoolExecutor(distill.concurrency) as pool:
+        running: dict = {}
+        while queue or running:
+            while queue and stopped is None and len(running) < distill.concurrency:
+                stopped = spent.exhausted()
+                if stopped is None:
+                    key, messages = queue.pop()
+                    spent.requests += 1
+                    running[pool.submit(_ask, client, messages, distill)] = key
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                key = running.pop(future)
+                try:
+                    answer, tokens = future.result()
+                except openai.APIConnectionError as error:  # timeouts too, after the retries
+                    if not cache.answers and not spent.answered:
+                        raise TeacherError(f"the teacher at {distill.teacher.base_url} cannot be reached: "
+                                           f"{error.__cause__ or error}") from None
+                    spent.failed += 1
+                    stopped = stopped or f"the teacher at {distill.teacher.base_url} went away"
+                    continue
+                except openai.AuthenticationError:
+                    raise TeacherError(f"the teacher at {distill.teacher.base_url} refused the API key in "
+                                       f"{distill.teacher.api_key_env or '(none given)'}") from None
+                except (openai.APIError, ValueError) as error:  # still failing after retries, or a malformed body
+                    spent.failed += 1
+                    log(f"teacher request failed after {MAX_RETRIES} retries: {type(error).__name__}: {error}")
+                    continue
+                spent.tokens += tokens
+                spent.answered += 1
+                cache.add({"key": key, "answer": answer, "tokens": tokens, "model": distill.teacher.model})
+            if time.monotonic() - last_report >= PROGRESS_EVERY_SECONDS:
+                last_report = time.monotonic()
+                _progress(spent, len(queue) + len(running), time.monotonic() - started, log)
+    return spent, stopped
+
+
+def _progress(spent: Spending, left: int, seconds: float, log: Callable[[str], None]) -> None:
+    rate = spent.answered / seconds if seconds else 0.0
+    eta = f", about {left / rate / 60:.1f} min left" if rate else ""
+    log(f"teacher: {spent.answered} answers so far ({rate:.1f}/s, {spent.tokens} tokens){eta}")
+
+
+def build_teacher_examples(task: str, config: TaskConfig, out_dir: Path,
+                           log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Ask the teacher for the task's prompts without a cached answer and write every prompt's accepted answer as
+    a chat row to `out_dir/teacher.jsonl` (the rejected ones, with the reason, to `rejected.jsonl`); return the
+    figures. A task without a `distill` section writes no rows."""
+    distill = config.distill
+    rows, rejected = [], []
+    figures = {"prompts": 0, "teacher_requests": 0, "cache_hits": 0, "teacher_tokens": 0, "answers_rejected": 0,
+               "failed_requests": 0, "unanswered": 0, "stopped": None}
+    if distill is not None:
+        prompts = read_prompts(task, distill.prompt_column)[: distill.examples]
+        asked = [(source, messages_of(text, config.data.system_prompt)) for source, text in prompts]
+        keyed = [(source, messages, answer_key(messages, distill)) for source, messages in asked]
+        cache = AnswerCache.of(task)
+        pending = [(key, messages) for _, messages, key in keyed if key not in cache.answers]
+        log(f"teacher {distill.teacher.model} at {distill.teacher.base_url}: {len(prompts)} prompts, "
+            f"{len(prompts) - len(pending)} answered before, {len(pending)} to ask")
+        spent, stopped = ask_teacher(pending, distill, cache, log) if pending else (Spending(distill), None)
+        teacher = f"teacher {distill.teacher.model} ({distill.teacher.base_url})"
+        for source, messages, key in keyed:
+            entry = cache.answers.get(key)
+            if entry is None:
+                continue
+            answer, problem = accepted(entry["answer"], distill.accept)
+            row = {"messages": [*messages, {"role": "assistant", "content": answer}],
+                   "teacher": teacher, "prompt_source": source}
+            (rejected.append({**row, "reason": problem}) if problem else rows.append(row))
+        figures.update(prompts=len(prompts), teacher_requests=spent.requests, teacher_tokens=spent.tokens,
+                       cache_hits=len(prompts) - len(pending), answers_rejected=len(rejected),
+                       failed_requests=spent.failed, unanswered=len(prompts) - len(rows) - len(rejected),
+                       stopped=stopped)
+        if stopped:
+            log(f"teacher: stopped early ({stopped}); every answer so far is cached, the next run continues")
+    with atomic_dir(out_dir) as tmp:
+        write_jsonl(rows, tmp / TEACHER_FILE)
+        write_jsonl(rejected, tmp / REJECTED_FILE)
+    return {**figures, "rows": len(rows)}

@@ -1,0 +1,37 @@
+"""The serving request log: segments finished by count, by age and at close, never overwritten, a crashed writer's
+torn last line left out, and content kept as hashes for a task that asks for it."""
+
+import time
+
+from ftpipe.core.server.request_log import RequestLog, read_records, redacted, segments
+
+
+def entry(number: int, task: str = "bank") -> dict:
+    return {"task": task, "request_id": f"r{number}", "messages": [{"role": "user", "content": f"hi {number}"}],
+            "output": f"answer {number}", "status": 200}
+
+
+def test_segments_finish_by_count_age_and_close_and_two_logs_never_collide():
+    log = RequestLog(segment_records=3)
+    for number in range(7):
+        log.append(entry(number))
+    assert [p.name.endswith(".open") for p in segments("bank")] == [False, False, True]
+    log.rotate(now=time.time() + 3600)
+    assert not any(p.name.endswith(".open") for p in segments("bank"))
+    other = RequestLog()  # a second writer in the same second
+    other.append(entry(7))
+    other.close()
+    assert [r["request_id"] for r in read_records("bank")] == [f"r{n}" for n in range(8)]
+
+
+def test_a_torn_last_line_is_left_out_and_content_can_be_kept_as_hashes():
+    log = RequestLog(without_content={"private"})
+    log.append(entry(1))
+    log.append(entry(2, task="private"))
+    [open_segment] = segments("bank")
+    with open_segment.open("a") as handle:  # what a writer killed mid-line leaves
+        handle.write('{"task": "bank", "request_id": "r2", "mess')
+    assert [r["request_id"] for r in read_records("bank")] == ["r1"]
+    [hidden] = read_records("private")
+    assert hidden["output"] == redacted("answer 2") and hidden["messages"]["chars"] > 0
+    assert "hi 2" not in segments("private")[0].read_text()

@@ -1,0 +1,34 @@
+"""What makes a teacher's answer a row (labels written as configured, a JSON schema, a regex) and a prompts file
+row that cannot be used, named by file, row and column."""
+
+import pytest
+
+from ftpipe.config import AcceptConfig, TaskConfigError, parse_task_config
+from ftpipe.core.teacher import accepted, read_prompts
+from ftpipe.core.storage import task_dir
+
+
+def test_answers_are_accepted_by_label_schema_or_regex():
+    labels = AcceptConfig(labels=["card_arrival", "pin_blocked"])
+    assert accepted(" Card_Arrival. ", labels) == ("card_arrival", None)
+    assert accepted("it is about a card", labels)[1] == "not one of the labels card_arrival, pin_blocked"
+    schema = AcceptConfig(json_schema={"type": "object", "required": ["city"]})
+    assert accepted('{"city": "Paris"}', schema) == ('{"city": "Paris"}', None)
+    assert accepted('{"town": "Paris"}', schema)[1].startswith("JSON not valid against the schema: 'city'")
+    assert accepted("Paris", schema)[1].startswith("not JSON")
+    assert accepted("42", AcceptConfig(regex=r"\d+")) == ("42", None)
+    assert accepted("forty-two", AcceptConfig(regex=r"\d+"))[1] == r"does not match the regex \d+"
+    assert accepted("  ", AcceptConfig())[1] == "empty answer"
+    with pytest.raises(TaskConfigError, match="set one of labels, json_schema and regex"):
+        parse_task_config("distill: {teacher: {base_url: x, model: m}, accept: {labels: [a], regex: a}}", "task.yaml")
+
+
+def test_a_prompts_row_without_its_column_is_named(ftpipe_env):
+    folder = task_dir("student") / "prompts"
+    folder.mkdir(parents=True)
+    (folder / "a.csv").write_text("prompt,topic\nwhat is a card?,cards\n")
+    (folder / "b.jsonl").write_text('{"prompt": "hello"}\n{"question": "no prompt here"}\n')
+    with pytest.raises(ValueError, match=r"b.jsonl:line 2: no prompt in column 'prompt' \(the row's columns: question"):
+        read_prompts("student", "prompt")
+    (folder / "b.jsonl").write_text('{"prompt": "hello"}\n')
+    assert [text for _, text in read_prompts("student", "prompt")] == ["what is a card?", "hello"]
