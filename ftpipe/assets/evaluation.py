@@ -1,6 +1,8 @@
 """Evaluation group: eval_report (base vs fine-tuned on held-out rows and the general-skills probe); its gate is the
 blocking check `eval_report_gate`."""
 
+from functools import partial
+
 import dagster as dg
 
 from ftpipe.assets.common import GPU_POOL, TaskRunConfig, file_version, load_config, rounded_floats, upstream
@@ -14,7 +16,8 @@ CONTRACT = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_c
             "passed", "fewshot_score", "delta_vs_fewshot", "delta_vs_fewshot_ci_low", "fewshot_prompt_tokens",
             "forgetting_ci_low", "forgetting_ci_high", "preference_accuracy_base", "preference_accuracy_sft",
             "preference_accuracy_final", "preference_delta_ci_low", "preference_delta_ci_high", "sft_score", "delta_vs_sft",
-            "sft_forgetting")
+            "sft_forgetting", "teacher_score", "student_to_teacher_ratio", "student_to_teacher_ratio_ci_low",
+            "student_to_teacher_ratio_ci_high", "student_latency_ms", "teacher_latency_ms")
 
 
 def _metadata(report: dict, run_url: str) -> dict:
@@ -39,6 +42,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     and a forgetting check, and with a preference stage the SFT model beside them and preference accuracy on the
     held-out pairs; an evaluation of the same inputs is reused without generating anything."""
     from ftpipe.core.evaluation import run_evaluation
+    from ftpipe.core.teacher import teacher_outputs, teacher_version
 
     task = context.partition_key
     cfg = load_config(context, config)
@@ -47,6 +51,8 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     base, adapter = upstream(task, "base_model"), upstream(task, final)
     sft = upstream(task, "lora_adapter") if final != "lora_adapter" else None
     train, evaluation = paths.split_files
+    distill = cfg.distill  # with a teacher, it answers the held-out rows too
+    teacher = partial(teacher_outputs, task, distill, log=context.log.info) if distill else None
     report = run_evaluation(
         base_model_dir=base.produced["path"], base_fingerprint=base.reuse_key,
         adapter_dir=paths.output(final), adapter_version=adapter.produced["data_version"],
@@ -55,6 +61,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
         eval_path=evaluation, eval_version=file_version(evaluation).value, train_path=train,
         probe_path=general_probe(), config=cfg.evaluation, cache_dir=paths.eval_base_cache,
         out_dir=paths.output("eval_report"), trust_remote_code=cfg.trust_remote_code, log=context.log.info,
+        teacher=teacher, teacher_version=teacher_version(distill) if distill else None,
     )
     run_id = adapter.metadata["mlflow_run_id"]
     if not report["reused"]:

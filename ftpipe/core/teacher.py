@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftpipe.config import AcceptConfig, DistillConfig, TaskConfig
+from ftpipe.config import AcceptConfig, BudgetConfig, DistillConfig, TaskConfig
+from ftpipe.core.evaluation.outputs import ModelOutputs
 from ftpipe.core.raw_files import iter_file_rows
 from ftpipe.core.records import write_jsonl
 from ftpipe.core.storage import atomic_dir, home_dir, task_dir
@@ -148,12 +149,15 @@ def _client(distill: DistillConfig):
                   timeout=distill.timeout_seconds)
 
 
-def _ask(client, messages: list[dict[str, str]], distill: DistillConfig) -> tuple[str, int]:
-    """(the teacher's answer, tokens it cost)."""
+def _ask(client, messages: list[dict[str, str]], distill: DistillConfig) -> dict[str, Any]:
+    """The teacher's answer, the tokens it cost (prompt and total) and how long it took."""
+    started = time.perf_counter()
     response = client.chat.completions.create(model=distill.teacher.model, messages=messages,
                                               temperature=distill.temperature, max_tokens=distill.max_tokens)
     usage = response.usage
-    return response.choices[0].message.content or "", (usage.total_tokens if usage else 0)
+    return {"answer": response.choices[0].message.content or "", "tokens": usage.total_tokens if usage else 0,
+            "prompt_tokens": usage.prompt_tokens if usage else 0,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
 def ask_teacher(pending: list[tuple[str, list[dict[str, str]]]], distill: DistillConfig, cache: AnswerCache,
@@ -180,7 +184,7 @@ def ask_teacher(pending: list[tuple[str, list[dict[str, str]]]], distill: Distil
             for future in done:
                 key = running.pop(future)
                 try:
-                    answer, tokens = future.result()
+                    answered = future.result()
                 except openai.APIConnectionError as error:  # timeouts too, after the retries
                     if not cache.answers and not spent.answered:
                         raise TeacherError(f"the teacher at {distill.teacher.base_url} cannot be reached: "
@@ -195,9 +199,9 @@ def ask_teacher(pending: list[tuple[str, list[dict[str, str]]]], distill: Distil
                     spent.failed += 1
                     log(f"teacher request failed after {MAX_RETRIES} retries: {type(error).__name__}: {error}")
                     continue
-                spent.tokens += tokens
+                spent.tokens += answered["tokens"]
                 spent.answered += 1
-                cache.add({"key": key, "answer": answer, "tokens": tokens, "model": distill.teacher.model})
+                cache.add({"key": key, **answered, "model": distill.teacher.model})
             if time.monotonic() - last_report >= PROGRESS_EVERY_SECONDS:
                 last_report = time.monotonic()
                 _progress(spent, len(queue) + len(running), time.monotonic() - started, log)
@@ -208,6 +212,31 @@ def _progress(spent: Spending, left: int, seconds: float, log: Callable[[str], N
     rate = spent.answered / seconds if seconds else 0.0
     eta = f", about {left / rate / 60:.1f} min left" if rate else ""
     log(f"teacher: {spent.answered} answers so far ({rate:.1f}/s, {spent.tokens} tokens){eta}")
+
+
+def teacher_outputs(task: str, distill: DistillConfig, ids: list[str], prompts: list[list[dict[str, str]]],
+                    log: Callable[[str], None] = print) -> ModelOutputs:
+    """The teacher's answers to held-out `prompts` (conversations up to the answer), asked through the task's answer
+    cache (without a budget: an evaluation needs every row), as one side of the evaluation; a row the teacher could
+    not answer counts as an empty answer."""
+    unbounded = distill.model_copy(update={"budget": BudgetConfig()})
+    keys = [answer_key(messages, unbounded) for messages in prompts]
+    cache = AnswerCache.of(task)
+    pending = [(key, messages) for key, messages in zip(keys, prompts) if key not in cache.answers]
+    if pending:
+        log(f"teacher {distill.teacher.model}: answering {len(pending)} held-out rows ({len(prompts) - len(pending)} "
+            "cached)")
+        ask_teacher(pending, unbounded, cache, log)
+    found = [cache.answers.get(key) for key in keys]
+    answered = [entry for entry in found if entry]
+    return ModelOutputs(ids=ids, answers=[entry["answer"] if entry else "" for entry in found],
+                        prompt_tokens=sum(e.get("prompt_tokens", 0) for e in answered) / max(len(answered), 1),
+                        seconds_per_row=sum(e.get("latency_ms", 0.0) for e in answered) / 1000 / max(len(answered), 1))
+
+
+def teacher_version(distill: DistillConfig) -> str:
+    """What decides the teacher's answers, for the evaluation's reuse key."""
+    return answer_key([], distill)
 
 
 def build_teacher_examples(task: str, config: TaskConfig, out_dir: Path,

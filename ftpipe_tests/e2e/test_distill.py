@@ -20,7 +20,8 @@ from ftpipe.core.records import read_examples
 from ftpipe.core.server.request_log import read_records
 from ftpipe.core.storage import home_dir
 from ftpipe.partitions import task_partitions
-from ftpipe_tests.builders import make_task, materialization
+from ftpipe.definitions import defs
+from ftpipe_tests.builders import LENIENT_GATE, TRAINING, make_task, materialization
 from ftpipe_tests.served import KEY, Served, packaged_lora, register
 from ftpipe_tests.trained_models import noisy_base
 
@@ -83,6 +84,29 @@ def test_served_teacher_answers_30_prompts_within_budgets_and_never_twice(teache
             leaked = [p for p in folder.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
             assert leaked == [], leaked
     assert len(read_records("teacher")) == 30  # the teacher was paid once per prompt
+
+
+def test_the_whole_graph_distils_the_served_teacher_into_a_student(teacher, ftpipe_env, tiny_model_dir):
+    distill = (f"teacher: {{base_url: '{teacher.url}/v1', model: teacher, api_key_env: {KEY_VARIABLE}}}, "
+               "max_tokens: 6, accept: {regex: '.+'}")
+    student_task(ftpipe_env, 40, distill)
+    (ftpipe_env / "tasks" / "student" / "task.yaml").write_text(
+        f"base_model: {tiny_model_dir}\nsplit: {{eval_fraction: 0.25}}\n{TRAINING}{LENIENT_GATE}distill: {{{distill}}}\n")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(task_partitions.name, ["student"])
+        result = defs.resolve_job_def("finetune_job").execute_in_process(
+            instance=instance, partition_key="student", raise_on_error=False)
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        taught = materialization(result, "teacher_examples")
+        report = materialization(result, "eval_report")
+    assert taught["teacher_requests"] == 40 and materialization(result, "merged_model")["registered_version"] == 1
+    assert report["teacher_score"] == 1.0  # the held-out references are the teacher's own (cached) answers
+    assert report["student_to_teacher_ratio"] == pytest.approx(report["finetuned_score"], abs=1e-3)
+    assert report["student_to_teacher_ratio_ci_low"] <= report["student_to_teacher_ratio"]
+    assert report["teacher_latency_ms"] > 0 and report["student_latency_ms"] > 0
+    assert len(read_records("teacher")) == 40  # evaluating the teacher asked it nothing new
+    records = read_examples(TaskLayout("student").split_files[1])
+    assert records and all(row["source"].startswith("teacher teacher:") for row in records)
 
 
 class Flaky(BaseHTTPRequestHandler):

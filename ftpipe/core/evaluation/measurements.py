@@ -10,11 +10,11 @@ from ftpipe.core.evaluation.forgetting import measure_forgetting
 from ftpipe.core.evaluation.metrics import Scores, TaskMetrics
 from ftpipe.core.evaluation.outputs import Heldout, ModelOutputs
 from ftpipe.core.evaluation.preference import measure_preference
-from ftpipe.core.evaluation.statistics import paired_bootstrap
+from ftpipe.core.evaluation.statistics import paired_bootstrap, ratio_bootstrap
 from ftpipe.core.records import user_message
 
 LABEL_LIKELIHOOD = "label_likelihood_accuracy"
-DELTA_SEED, FEWSHOT_SEED, FORGETTING_SEED, PREFERENCE_SEED, SFT_SEED = 0, 1, 2, 3, 4
+DELTA_SEED, FEWSHOT_SEED, FORGETTING_SEED, PREFERENCE_SEED, SFT_SEED, TEACHER_SEED = 0, 1, 2, 3, 4, 5
 
 
 def side_scores(task: TaskMetrics, outputs: ModelOutputs, references: list[str]) -> Scores:
@@ -56,6 +56,22 @@ def _versus_sft(heldout: Heldout, scores: dict[str, Scores], outputs: dict[str, 
             "probe_sft_loss": forgetting["probe_finetuned_loss"]}
 
 
+def _versus_teacher(scores: dict[str, Scores], outputs: dict[str, ModelOutputs], primary: str,
+                    config: EvaluationConfig) -> dict[str, Any]:
+    """With a teacher: its score, how much of it the fine-tuned student reaches (with a 95% paired-bootstrap
+    interval; none when the teacher scores 0) and each one's time per held-out row."""
+    if "teacher" not in outputs:
+        return {}
+    teacher, student = scores["teacher"].rows[primary], scores["finetuned"].rows[primary]
+    ratio, low, high = (ratio_bootstrap(teacher, student, config.bootstrap_samples, seed=TEACHER_SEED)
+                        if sum(teacher) > 0 else (None, None, None))
+    latency = {side: outputs[side].seconds_per_row for side in ("teacher", "finetuned")}
+    return {"teacher_score": scores["teacher"].summary[primary], "student_to_teacher_ratio": ratio,
+            "student_to_teacher_ratio_ci_low": low, "student_to_teacher_ratio_ci_high": high,
+            **{f"{'student' if side == 'finetuned' else side}_latency_ms": None if value is None else value * 1000
+               for side, value in latency.items()}}
+
+
 def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetrics, config: EvaluationConfig,
             fewshot_examples: int) -> tuple[dict[str, Any], dict[str, Scores]]:
     """(measurements, scores by side): every model's metrics, the primary metric's gain over the base and over
@@ -78,6 +94,7 @@ def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetric
         "metrics": {side: scored.summary for side, scored in scores.items()},
         **_versus_sft(heldout, scores, outputs, primary, config),
         **measure_preference(outputs, config.bootstrap_samples, seed=PREFERENCE_SEED),
+        **_versus_teacher(scores, outputs, primary, config),
     }
     return metrics, scores
 

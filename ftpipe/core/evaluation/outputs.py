@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class ModelOutputs:
     probe_logprobs: list[float] = field(default_factory=list)
     probe_tokens: list[int] = field(default_factory=list)
     preference_correct: list[float] | None = None  # per held-out preference pair: the chosen answer is preferred
+    seconds_per_row: float | None = None  # answering the held-out rows, per row (batched for a local model)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout,
                   name: str, *, full: bool = True) -> ModelOutputs:
     """One model's outputs for `prompts` (one per held-out row); `full` adds the reference loss, the probe and the
     preference pairs."""
+    started = time.perf_counter()
     if heldout.labels is not None:
         answers = constrained_answers(model, tokenizer, prompts, heldout.labels)
         log(f"{name}: answered {len(prompts)} held-out rows with one of {len(heldout.labels)} labels")
@@ -87,7 +90,8 @@ def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout,
         answers = generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
                            batch_size=config.batch_size,
                            progress=lambda done, total: log(f"{name}: generated {done}/{total} held-out rows"))
-    outputs = ModelOutputs(ids=heldout.ids, answers=answers, prompt_tokens=mean_prompt_tokens(tokenizer, prompts))
+    outputs = ModelOutputs(ids=heldout.ids, answers=answers, prompt_tokens=mean_prompt_tokens(tokenizer, prompts),
+                           seconds_per_row=(time.perf_counter() - started) / max(len(prompts), 1))
     if heldout.choices is not None:
         outputs.label_correct = label_likelihood_correct(model, tokenizer, prompts, heldout.choices)
         log(f"{name}: ranked the labels by likelihood on {len(prompts)} held-out rows")

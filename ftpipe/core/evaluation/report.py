@@ -10,7 +10,7 @@ from ftpipe.core.evaluation.gate import decide_gate
 from ftpipe.core.evaluation.metrics import task_metrics
 from ftpipe.core.text import markdown_table
 
-SIDES = {"base": "base", "fewshot": "few-shot", "sft": "SFT", "finetuned": "fine-tuned"}
+SIDES = {"base": "base", "fewshot": "few-shot", "sft": "SFT", "finetuned": "fine-tuned", "teacher": "teacher"}
 STAGES = {"base": "base", "sft": "SFT", "final": "final"}  # the models of a preference-tuning report
 SHOWCASE_ROWS = 10
 PROBE_CHANGES_SHOWN = 30
@@ -55,6 +55,13 @@ def overview(metrics: dict[str, Any]) -> str:
             f"{number(m['fewshot_score'])}; fine-tuned vs few-shot {number(m['delta_vs_fewshot'], True)} "
             f"({_interval(m['delta_vs_fewshot_ci_low'], m['delta_vs_fewshot_ci_high'])}), at "
             f"{m['prompt_tokens']:.0f} instead of {m['fewshot_prompt_tokens']:.0f} prompt tokens per call.")
+    if m.get("teacher_score") is not None:
+        reach = (f"reaches {number(m['student_to_teacher_ratio'])} of it "
+                 f"({_interval(m['student_to_teacher_ratio_ci_low'], m['student_to_teacher_ratio_ci_high'], False)})"
+                 if m["student_to_teacher_ratio"] is not None else "cannot be compared with a score of 0")
+        parts.append(f"Teacher {number(m['teacher_score'])}: the fine-tuned student {reach}, in "
+                     f"{number(m['student_latency_ms'])} ms per held-out row against the teacher's "
+                     f"{number(m['teacher_latency_ms'])} ms.")
     if m["probe_rows"]:
         interval = _interval(m["forgetting_ci_low"], m["forgetting_ci_high"], signed=False)
         parts.append(f"Forgetting {number(m['forgetting'])} ({interval}) on {m['probe_rows']} probe rows.")
@@ -69,7 +76,7 @@ def summary_table(metrics: dict[str, Any]) -> str:
     scores = metrics["metrics"]
     sides = [side for side in SIDES if side in scores]
     names = [name for name, value in scores["base"].items() if isinstance(value, float)]
-    rows = [[name, *(number(scores[side][name]) for side in sides),
+    rows = [[name, *(number(scores[side].get(name)) for side in sides),
              number(scores["finetuned"][name] - scores["base"][name], True)] for name in names]
     tokens = {side: round(metrics[key]) for side, key in
               (("base", "prompt_tokens"), ("fewshot", "fewshot_prompt_tokens"), ("sft", "prompt_tokens"),
@@ -81,6 +88,8 @@ def summary_table(metrics: dict[str, Any]) -> str:
         "held-out perplexity": {"base": metrics["base_perplexity"], "sft": metrics.get("sft_perplexity"),
                                 "finetuned": metrics["finetuned_perplexity"]},
         "prompt tokens per call": tokens,
+        "seconds per held-out row": {"finetuned": _per_thousand(metrics.get("student_latency_ms")),
+                                     "teacher": _per_thousand(metrics.get("teacher_latency_ms"))},
         "probe accuracy": {"base": metrics["probe_base_accuracy"], "sft": metrics.get("probe_sft_accuracy"),
                            "finetuned": metrics["probe_finetuned_accuracy"]},
         "probe loss": {"base": metrics["probe_base_loss"], "sft": metrics.get("probe_sft_loss"),
@@ -88,6 +97,10 @@ def summary_table(metrics: dict[str, Any]) -> str:
     }
     rows += [[label, *(number(values.get(side)) for side in sides), ""] for label, values in facts.items()]
     return markdown_table(["metric", *(SIDES[side] for side in sides), "fine-tuned − base"], rows)
+
+
+def _per_thousand(milliseconds: float | None) -> float | None:
+    return None if milliseconds is None else milliseconds / 1000
 
 
 def preference_tuning(metrics: dict[str, Any]) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from ftpipe.core.evaluation.gate import GATE_FIELDS, decide_gate
 from ftpipe.core.evaluation.judge import judge_metrics
 from ftpipe.core.evaluation.measurements import measure, prediction_records
 from ftpipe.core.evaluation.metrics import TaskMetrics, check_references, task_metrics
-from ftpipe.core.evaluation.outputs import Heldout, Log, all_outputs
+from ftpipe.core.evaluation.outputs import Heldout, Log, ModelOutputs, all_outputs
 from ftpipe.core.evaluation.preference import read_pairs
 from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS, read_probe
 from ftpipe.core.evaluation.report import report_markdown
@@ -23,6 +24,8 @@ from ftpipe.core.layout import METRICS, PREDICTIONS, REPORT
 from ftpipe.core.records import read_examples
 from ftpipe.core.results import Result, reusable
 from ftpipe.core.storage import atomic_dir, file_sha256
+
+Teacher = Callable[[list[str], list[list[dict]]], ModelOutputs]  # (row ids, prompts) -> a teacher's outputs
 
 KIND = "eval_report"
 FORMAT = "5"  # bump when what an evaluation measures or writes changes
@@ -41,13 +44,15 @@ def output_settings(config: EvaluationConfig) -> dict[str, Any]:
 
 def evaluation_key(*, base_fingerprint: str, adapter_version: str, eval_version: str, train_version: str | None,
                    probe_hash: str | None, probe_rows: int | None, config: EvaluationConfig,
-                   sft_adapter_version: str | None = None, preference_version: str | None = None) -> str:
+                   sft_adapter_version: str | None = None, preference_version: str | None = None,
+                   teacher_version: str | None = None) -> str:
     """The reuse key of an evaluation: base model, fine-tuned weights (and the SFT stage's, before a preference
     stage), eval split, held-out preference pairs, train split (the few-shot examples), probe and the settings that
     change outputs; not the gate thresholds."""
     parts = {"format": FORMAT, "base": base_fingerprint, "adapter": adapter_version, "sft": sft_adapter_version,
              "eval": eval_version, "preferences": preference_version, "train": train_version, "probe": probe_hash,
-             "probe_rows": probe_rows, "settings": output_settings(config)}
+             "probe_rows": probe_rows, "settings": output_settings(config),
+             **({"teacher": teacher_version} if teacher_version else {})}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -97,7 +102,7 @@ def _publish(out_dir: Path, metrics: dict[str, Any], records: list[dict], config
 def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tuple[Path, str]], eval_path: Path,
              eval_version: str, preference_eval_path: Path | None, train_path: Path | None, probe_path: Path | None,
              probe_hash: str | None, probe_rows: int | None, config: EvaluationConfig, cache_dir: Path,
-             trust_remote_code: bool, log: Log) -> tuple[dict[str, Any], list[dict]]:
+             trust_remote_code: bool, log: Log, teacher: Teacher | None) -> tuple[dict[str, Any], list[dict]]:
     """(measurements, prediction records) of a new evaluation."""
     eval_rows = read_examples(eval_path)
     rows = select_rows(eval_rows, config.max_rows)
@@ -117,6 +122,8 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
     outputs, base_cached = all_outputs(
         base_model_dir=base_model_dir, base_key=base_key, tuned=tuned, heldout=heldout, examples=examples,
         config=config, cache_dir=cache_dir, trust_remote_code=trust_remote_code, log=log)
+    if teacher is not None:
+        outputs["teacher"] = teacher(heldout.ids, heldout.prompts)
     metrics, scores = measure(heldout, outputs, task, config, len(examples))
     records = prediction_records(heldout, outputs, scores, task)
     judged = judge_metrics(records, config.judge, config.bootstrap_samples, log)
@@ -129,7 +136,8 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
                    out_dir: Path | str, trust_remote_code: bool = False, log: Log = print,
                    probe_rows: int | None = PROBE_ROWS, verdicts: Verdicts | None = None,
                    sft_adapter_dir: Path | str | None = None, sft_adapter_version: str | None = None,
-                   preference_eval_path: Path | str | None = None) -> dict[str, Any]:
+                   preference_eval_path: Path | str | None = None, teacher: Teacher | None = None,
+                   teacher_version: str | None = None) -> dict[str, Any]:
     """Evaluate the base model zero-shot and few-shot, and the fine-tuned model (an adapter on the base, or a full
     fine-tune), on the held-out rows and the probe; publish `out_dir`; return `read_evaluation`'s dict plus
     `reused`.
@@ -144,6 +152,8 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
     decoding setup and probe were evaluated before. `train_path` None (or fewshot_k 0) skips the few-shot
     baseline; `probe_path` None skips the forgetting check (forgetting 0); `probe_rows` caps the probe rows used.
     With `evaluation.judge`, an LLM judge compares fine-tuned and base answers; `verdicts` are the human ones.
+    `teacher(ids, prompts)` gives a distillation teacher's outputs on the held-out prompts (`teacher_version` names
+    it): the report adds its score, how much of it the student reaches, and each one's time per row.
 
     `out_dir` gets report.md, predictions.parquet (one row per held-out example), metrics.json (the measurements,
     not the gate) and result.json (the reuse key and the inputs' versions).
@@ -156,7 +166,7 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
     inputs = {"base_fingerprint": base_fingerprint, "adapter_version": adapter_version, "eval_version": eval_version,
               "train_version": file_sha256(train_path) if train_path else None,
               "probe_hash": file_sha256(probe_path) if probe_path else None, "probe_rows": probe_rows,
-              "sft_adapter_version": sft_adapter_version,
+              "sft_adapter_version": sft_adapter_version, "teacher_version": teacher_version,
               "preference_version": (file_sha256(preference_eval_path)
                                      if preference_eval_path and preference_eval_path.is_file() else None)}
     key = evaluation_key(**inputs, config=config)
@@ -170,7 +180,7 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
         eval_version=eval_version,
         preference_eval_path=preference_eval_path, train_path=train_path, probe_path=probe_path,
         probe_hash=inputs["probe_hash"], probe_rows=probe_rows, config=config, cache_dir=Path(cache_dir),
-        trust_remote_code=trust_remote_code, log=log)
+        trust_remote_code=trust_remote_code, log=log, teacher=teacher)
     produced = {"report": REPORT, "predictions": PREDICTIONS, "metrics": METRICS}
     _publish(out_dir, metrics, records, config, Result(kind=KIND, reuse_key=key, inputs=inputs, produced=produced),
              verdicts)

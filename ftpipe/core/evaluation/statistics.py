@@ -36,6 +36,23 @@ def paired_bootstrap(base_scores, tuned_scores, samples: int, seed: int) -> tupl
     return float(diffs.mean()), low, high
 
 
+def ratio_bootstrap(reference_scores, scores, samples: int, seed: int) -> tuple[float, float, float]:
+    """(mean(scores) / mean(reference_scores), the 2.5th and 97.5th percentile of that ratio over `samples` paired
+    resamples of rows); NaN where the reference's mean is 0."""
+    import numpy as np
+
+    reference, ours = np.asarray(reference_scores, dtype=float), np.asarray(scores, dtype=float)
+
+    def ratio(rows):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(reference[rows].mean(axis=1) > 0, ours[rows].mean(axis=1) / reference[rows].mean(axis=1),
+                            np.nan)
+
+    low, high = bootstrap_interval(reference.size, ratio, samples, seed)
+    whole = ours.mean() / reference.mean() if reference.mean() > 0 else float("nan")
+    return float(whole), low, high
+
+
 def seeded_rank(row_id: str, seed: int) -> str:
     """A row's place in a pseudo-random order fixed by `seed` (sort by it: the same rows come first every time)."""
     return hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
