@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ftpipe.core.training.methods import (
     Adapter,
     PREFERENCE_OBJECTIVES,
+    SUPERVISED_OBJECTIVES,
     Objective,
     Quantization,
     Shorthand,
@@ -136,10 +137,16 @@ class TrainingConfig(_Strict):
         description="shorthand for adapter + quantization; auto is LoRA, 4-bit where the training has a CUDA GPU",
     )
     stages: list[Objective] = Field(["sft"], description=(
-        "the trainings, one after the other: [sft], or [sft, dpo|orpo|kto] for preference tuning from the SFT model "
-        "on the task's preference rows"))
+        "the trainings, one after the other: [sft] (or [distill], from teacher_model's logits), then optionally "
+        "dpo|orpo|kto for preference tuning from that model on the task's preference rows"))
     objective: Objective = Field("sft", description="the objective of one training (set per stage from stages)")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="the preference stage")
+    teacher_model: str | None = Field(
+        None, description="distill: the teacher, given like base_model, sharing the base model's tokenizer"
+    )
+    distill_on_policy: float | None = Field(None, ge=0.0, le=1.0, description=(
+        "distill: the share of batches the student answers itself (GKD's lambda); null: 0 (supervised) on a CPU, "
+        "0.5 on a GPU"))
     adapter: Adapter = Field("lora", description="what is trained: a LoRA adapter, or (none) every weight")
     quantization: Quantization = Field(
         "auto", description="the base weights while training; 4bit needs CUDA and adapter lora; auto is 4bit on CUDA"
@@ -194,6 +201,8 @@ class TrainingConfig(_Strict):
         if self.launcher == "k8s" and self.k8s is None:
             raise ValueError("launcher k8s needs a k8s section with at least an image")
         check_stages(self.stages)
+        if self.stages[0] == "distill" and not self.teacher_model:
+            raise ValueError("stages starting with distill need teacher_model (the model to distil from)")
         return self
 
     @property
@@ -203,8 +212,8 @@ class TrainingConfig(_Strict):
 
     def for_stage(self, objective: str) -> TrainingConfig:
         """The settings of one stage's training: the preference stage trains with its own rate, length and schedule."""
-        if objective == "sft":
-            return self.model_copy(update={"objective": "sft"})
+        if objective in SUPERVISED_OBJECTIVES:
+            return self.model_copy(update={"objective": objective})
         found = self.preference
         return self.model_copy(update={"objective": objective, "learning_rate": found.learning_rate,
                                        "epochs": found.epochs, "max_steps": found.max_steps, "replay": 0.0})
@@ -215,6 +224,7 @@ class TrainingConfig(_Strict):
         launch = {"launcher", "num_processes", "nnodes", "rdzv_endpoint", "k8s"}
         off = set() if self.replay else {"replay"}  # no replay: the recipe (and fingerprint) of a training without it
         off |= {"stages"} | (set() if self.objective in PREFERENCE_OBJECTIVES else {"preference"})  # per stage
+        off |= set() if self.objective == "distill" else {"teacher_model", "distill_on_policy"}
         return self.model_dump(exclude=launch | off | settings_without_effect(self.adapter))
 
 

@@ -198,14 +198,16 @@ def lora_adapter(
     pipes_subprocess_client: dg.PipesSubprocessClient,
     training_pods: TrainingPods,
 ) -> dg.MaterializeResult:
-    """A LoRA / QLoRA / full fine-tune of the base model on the train split (TRL), tracked in MLflow.
+    """A LoRA / QLoRA / full fine-tune of the base model on the train split (TRL: SFT, or GKD distillation from
+    `training.teacher_model`), tracked in MLflow.
 
     Each finished training is kept in `lora_adapter/<fingerprint>/` (`lora_adapter/adapter` links to the current one),
     so a training fingerprint met again, even after others, is reused as it is. Whether the method can run (e.g.
     4-bit needs CUDA) is decided by the training program where it runs.
     """
     cfg = load_config(context, config)
-    return _stage(context, config, cfg, cfg.training.for_stage("sft"), mlflow, pipes_subprocess_client, training_pods)
+    stage = cfg.training.for_stage(cfg.training.stages[0])
+    return _stage(context, config, cfg, stage, mlflow, pipes_subprocess_client, training_pods)
 
 
 @dg.asset(deps=["lora_adapter", "heldout_split", "base_model"],

@@ -13,6 +13,7 @@ from ftpipe.config import (
     load_task_config,
 )
 from ftpipe.core.layout import TaskLayout
+from ftpipe.core.training.methods import SUPERVISED_OBJECTIVES
 from ftpipe.core.results import Result, read_result
 from ftpipe.core.storage import data_dir, file_sha256, home_dir, sha256_of_files, task_dir, tasks_dir
 
@@ -134,8 +135,9 @@ class TrainingInputs:
 
 
 def training_asset(objective: str) -> str:
-    """The asset that runs a stage's training: lora_adapter for sft, preference_adapter for dpo, orpo and kto."""
-    return "lora_adapter" if objective == "sft" else "preference_adapter"
+    """The asset that runs a stage's training: lora_adapter for sft and distill, preference_adapter for dpo, orpo
+    and kto."""
+    return "lora_adapter" if objective in SUPERVISED_OBJECTIVES else "preference_adapter"
 
 
 def training_inputs(task: str, training: TrainingConfig) -> TrainingInputs:
@@ -144,7 +146,7 @@ def training_inputs(task: str, training: TrainingConfig) -> TrainingInputs:
     from ftpipe.core.training.spec import training_fingerprint
 
     paths = TaskLayout(task)
-    sft = training.objective == "sft"
+    sft = training.objective in SUPERVISED_OBJECTIVES
     files = paths.split_files if sft else paths.preference_split_files
     base = read_result(paths.output("base_model"), "base_model")
     start = None if sft else read_result(paths.output("lora_adapter"), "lora_adapter")
@@ -161,7 +163,7 @@ def training_inputs(task: str, training: TrainingConfig) -> TrainingInputs:
 
 def final_training(training: TrainingConfig) -> str:
     """The training asset whose adapter is the task's fine-tuned model: the preference stage's when there is one."""
-    return training_asset(training.preference_objective or "sft")
+    return training_asset(training.preference_objective or training.stages[0])
 
 
 def label_answers(task: str, evaluation: EvaluationConfig) -> list[str] | None:

@@ -2,8 +2,9 @@
 
 A method is three orthogonal settings of `training` in task.yaml:
 
-- `objective`: what the trainer optimises (`sft`, or a preference objective `dpo`/`orpo`/`kto`; each objective is one
-  module of this package, see OBJECTIVES); `training.stages` says which run one after the other,
+- `objective`: what the trainer optimises (`sft` or `distill` on chat rows, then optionally a preference objective
+  `dpo`/`orpo`/`kto`; each objective is one module of this package, see OBJECTIVES); `training.stages` says which
+  run one after the other,
 - `adapter`: `lora` trains a LoRA adapter on the frozen base, `none` trains every weight (a full fine-tune),
 - `quantization`: `none` trains on 16/32-bit base weights, `4bit` on NF4 weights (QLoRA: needs CUDA and an
   adapter), `auto` picks `4bit` where the training runs on a CUDA GPU and `none` elsewhere.
@@ -29,8 +30,10 @@ OBJECTIVES = {
     "dpo": ObjectiveEntry("ftpipe.core.training.dpo", "direct preference optimisation"),
     "orpo": ObjectiveEntry("ftpipe.core.training.orpo", "odds-ratio preference optimisation"),
     "kto": ObjectiveEntry("ftpipe.core.training.kto", "Kahneman-Tversky optimisation"),
+    "distill": ObjectiveEntry("ftpipe.core.training.distill", "logit distillation from a local teacher (GKD)"),
 }
-PREFERENCE_OBJECTIVES = ("dpo", "orpo", "kto")  # trained on preference rows, after sft
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "kto")  # trained on preference rows, after the supervised stage
+SUPERVISED_OBJECTIVES = ("sft", "distill")  # trained on chat rows: the first stage
 
 Objective = Literal[tuple(OBJECTIVES)]
 Adapter = Literal["lora", "none"]
@@ -97,10 +100,11 @@ def expand_shorthand(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_stages(stages: list[str]) -> None:
-    """ValueError unless `stages` is [sft] or [sft, <one preference objective>]."""
-    preference = " | ".join(PREFERENCE_OBJECTIVES)
-    if stages[:1] != ["sft"] or len(stages) > 2 or stages[1:] and stages[1] not in PREFERENCE_OBJECTIVES:
-        raise ValueError(f"stages must be [sft] or [sft, {preference}], got {stages}")
+    """ValueError unless `stages` is [sft | distill] or [sft | distill, <one preference objective>]."""
+    supervised, preference = " | ".join(SUPERVISED_OBJECTIVES), " | ".join(PREFERENCE_OBJECTIVES)
+    if (stages[:1] and stages[0]) not in SUPERVISED_OBJECTIVES or len(stages) > 2 or (
+            stages[1:] and stages[1] not in PREFERENCE_OBJECTIVES):
+        raise ValueError(f"stages must be [{supervised}] or [{supervised}, {preference}], got {stages}")
 
 
 def settle_quantization(adapter: str, quantization: str) -> str:
