@@ -32,3 +32,25 @@ def test_a_prompts_row_without_its_column_is_named(ftpipe_env):
         read_prompts("student", "prompt")
     (folder / "b.jsonl").write_text('{"prompt": "hello"}\n')
     assert [text for _, text in read_prompts("student", "prompt")] == ["what is a card?", "hello"]
+
+
+def test_an_unreachable_teacher_fails_naming_its_url_and_a_missing_key_names_its_variable(ftpipe_env, monkeypatch):
+    import socket
+
+    from ftpipe.core import teacher
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folder = task_dir("student") / "prompts"
+    folder.mkdir(parents=True)
+    (folder / "a.jsonl").write_text('{"prompt": "hello"}\n')
+    monkeypatch.setattr(teacher, "MAX_RETRIES", 0)
+    url = f"http://127.0.0.1:{port}/v1"
+    config = parse_task_config(f"distill: {{teacher: {{base_url: '{url}', model: m}}}}", "task.yaml")
+    with pytest.raises(teacher.TeacherError, match=f"the teacher at {url} cannot be reached"):
+        teacher.build_teacher_examples("student", config, ftpipe_env / "out")
+    keyed = parse_task_config(f"distill: {{teacher: {{base_url: '{url}', model: m, api_key_env: NO_SUCH_KEY}}}}", "t")
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    with pytest.raises(teacher.TeacherError, match="api_key_env names NO_SUCH_KEY, which is not set"):
+        teacher.build_teacher_examples("student", keyed, ftpipe_env / "out")
