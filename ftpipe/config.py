@@ -157,6 +157,10 @@ class TrainingConfig(_Strict):
     max_steps: int = Field(-1, ge=-1, description="stop after this many optimizer steps; -1: run all epochs")
     batch_size: int = Field(8, ge=1, description="the global batch, split evenly over torchrun processes")
     gradient_accumulation: int = Field(1, ge=1, description="batches per optimizer step")
+    micro_batch_size: int | None = Field(None, ge=1, description=(
+        "rows per forward pass, the batch reached by accumulating gradients (the same update): fewer rows pad less "
+        "and hold less memory; null: on a CPU, sized from the rows' lengths (long rows one at a time), else the "
+        "whole batch"))
     max_length: int = Field(512, ge=16, description="tokens; longer rows are dropped or truncated (too_long)")
     too_long: Literal["drop", "truncate"] = Field("drop", description="what happens to rows over max_length")
     replay: float = Field(0.0, ge=0.0, le=0.5, description=(
@@ -194,6 +198,9 @@ class TrainingConfig(_Strict):
         world = self.num_processes * self.nnodes
         if self.batch_size % world:
             raise ValueError(f"batch_size {self.batch_size} is the global batch: it must divide evenly over {world} processes")
+        if self.micro_batch_size and (self.batch_size // world) % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide each process's batch of "
+                             f"{self.batch_size // world} rows")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port reachable from every node)")
         if self.launcher == "subprocess" and world > 1:
@@ -221,7 +228,7 @@ class TrainingConfig(_Strict):
     def recipe(self) -> dict[str, Any]:
         """What decides the trained weights: neither where and how the training is launched, nor settings
         without effect for this method. Equal recipes (with equal data and base model) give equal weights."""
-        launch = {"launcher", "num_processes", "nnodes", "rdzv_endpoint", "k8s"}
+        launch = {"launcher", "num_processes", "nnodes", "rdzv_endpoint", "k8s", "micro_batch_size"}
         off = set() if self.replay else {"replay"}  # no replay: the recipe (and fingerprint) of a training without it
         off |= {"stages"} | (set() if self.objective in PREFERENCE_OBJECTIVES else {"preference"})  # per stage
         off |= set() if self.objective == "distill" else {"teacher_model", "distill_on_policy"}

@@ -12,7 +12,7 @@ from typing import Any
 from ftpipe.core.modeling import load_model_and_tokenizer, resolve_base_model
 from ftpipe.core.layout import models_dir
 from ftpipe.core.training.methods import TrainingRefused
-from ftpipe.core.training.setup import TrainerSetup, chat_length, within_max_length
+from ftpipe.core.training.setup import TrainerSetup, chat_length, micro_batching, within_max_length
 from ftpipe.core.training.sft import read_chat_rows
 
 BETA = 0.5  # the generalised JSD's interpolation: 0.5 is the symmetric Jensen-Shannon divergence
@@ -50,6 +50,8 @@ def build_datasets(setup: TrainerSetup):
                                  config.max_length, config.too_long)
 
     (train, train_over), (evals, eval_over) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
+    setup.arguments.update(micro_batching(config, [min(chat_length(setup.tokenizer, m), config.max_length)
+                                                   for m in train]))
     if not train or not evals:
         raise ValueError(f"no {'training' if not train else 'eval'} rows within max_length={config.max_length}")
     extra = setup.extra_train_rows(len(train))

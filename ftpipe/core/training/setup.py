@@ -18,6 +18,9 @@ from ftpipe.core.training.methods import OBJECTIVES, Method
 from ftpipe.core.training.spec import TrainingSpec
 
 
+CPU_PASS_TOKENS = 512  # tokens of one forward pass on a CPU (see micro_batching)
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -71,17 +74,21 @@ def objective_module(objective: str) -> ModuleType:
 
 
 def trainer_arguments(config: TrainingConfig, checkpoint_dir: Path) -> dict[str, Any]:
-    """TrainingArguments shared by every objective: schedule, batch, evaluation and checkpoint cadence, device."""
+    """TrainingArguments shared by every objective: schedule, batch, evaluation and checkpoint cadence, device. A batch
+    is `micro_batch_size` rows per forward pass (the whole batch by default) with gradients accumulated to the
+    batch."""
     import torch
 
     on_gpu = torch.cuda.is_available()
+    per_process = config.batch_size // world_size()  # batch_size is the global batch
+    micro = config.micro_batch_size or per_process  # an objective may size it from its rows (micro_batching)
     return dict(
         output_dir=str(checkpoint_dir),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size // world_size(),  # batch_size is the global batch
-        per_device_eval_batch_size=config.batch_size // world_size(),
-        gradient_accumulation_steps=config.gradient_accumulation,
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=config.gradient_accumulation * per_process // micro,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.scheduler,
         warmup_steps=config.warmup_ratio,  # a value below 1 is a fraction of all steps
@@ -107,6 +114,23 @@ def trainer_arguments(config: TrainingConfig, checkpoint_dir: Path) -> dict[str,
         dataloader_num_workers=0,
         ddp_backend="gloo" if world_size() > 1 and not on_gpu else None,
     )
+
+
+def micro_batching(config: TrainingConfig, lengths: list[int]) -> dict[str, int]:
+    """The micro-batch settings for rows of these token `lengths`, unless `micro_batch_size` is set or the training
+    runs on a GPU: on a CPU as many rows per forward pass as keep a pass of rows as long as the 95th percentile
+    within CPU_PASS_TOKENS (short rows share a pass, which is faster; long ones go one at a time, which bounds the
+    memory of activations and logits)."""
+    import torch
+
+    if config.micro_batch_size or torch.cuda.is_available() or not lengths:
+        return {}
+    per_process = config.batch_size // world_size()
+    long_row = sorted(lengths)[int(0.95 * (len(lengths) - 1))]
+    micro = max((d for d in range(1, per_process + 1) if per_process % d == 0 and d * long_row <= CPU_PASS_TOKENS),
+                default=1)
+    return {"per_device_train_batch_size": micro, "per_device_eval_batch_size": micro,
+            "gradient_accumulation_steps": config.gradient_accumulation * per_process // micro}
 
 
 def lora_config(config: TrainingConfig):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.config import TrainingConfig
-from ftpipe.core.training.setup import TrainerSetup, chat_length, within_max_length
+from ftpipe.core.training.setup import TrainerSetup, chat_length, micro_batching, within_max_length
 
 
 def read_chat_rows(path: Path) -> list[list[dict[str, str]]]:
@@ -24,11 +24,18 @@ def to_prompt_completion(messages: list[dict[str, str]]) -> dict[str, list[dict[
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
-def fit_rows(conversations, tokenizer, max_length: int, too_long: str) -> tuple[list[dict], int]:
-    """Prompt/completion rows, over-long ones dropped (too_long=drop) or kept for TRL to truncate; and their count."""
-    kept, over = within_max_length(conversations, lambda messages: chat_length(tokenizer, messages), max_length,
-                                   too_long)
-    return [to_prompt_completion(messages) for messages in kept], over
+def fit_rows(conversations, tokenizer, max_length: int, too_long: str) -> tuple[list[dict], int, list[int]]:
+    """Prompt/completion rows, over-long ones dropped (too_long=drop) or kept for TRL to truncate; their count; and
+    the kept rows' lengths in tokens (at most max_length)."""
+    lengths = {}
+
+    def length(messages) -> int:
+        lengths[id(messages)] = chat_length(tokenizer, messages)
+        return lengths[id(messages)]
+
+    kept, over = within_max_length(conversations, length, max_length, too_long)
+    return ([to_prompt_completion(messages) for messages in kept], over,
+            [min(lengths[id(messages)], max_length) for messages in kept])
 
 
 def build_datasets(setup: TrainerSetup):
@@ -38,10 +45,11 @@ def build_datasets(setup: TrainerSetup):
 
     config = setup.config
 
-    def fitted(path: str) -> tuple[list[dict], int]:
+    def fitted(path: str) -> tuple[list[dict], int, list[int]]:
         return fit_rows(read_chat_rows(Path(path)), setup.tokenizer, config.max_length, config.too_long)
 
-    (train, train_over), (evals, eval_over) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
+    (train, train_over, lengths), (evals, eval_over, _) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
+    setup.arguments.update(micro_batching(config, lengths))
     if not train or not evals:
         raise ValueError(
             f"no {'training' if not train else 'eval'} rows left: every row is longer than "
