@@ -5,7 +5,9 @@
       downloads/                         the default base model's GGUF file
       mlflow.db, mlartifacts/            the local MLflow store
       cache/replay/                      the base models' answers to the replay prompts (training.replay)
+      cache/teacher/<task>.jsonl         every answer a distillation teacher gave for the task (never asked twice)
       tasks/<task>/
+        teacher_examples/                teacher.jsonl (the teacher's accepted answers as chat rows), rejected.jsonl
         raw_examples/                    examples.parquet, preferences.parquet, quarantine.jsonl
         deduplicated_examples/           examples.parquet, preferences.parquet, removed.jsonl, result.json
         review_sample/                   review_sample.csv
@@ -22,6 +24,8 @@
         eval_report/                     report.md, predictions.parquet, metrics.json, result.json
         merged_model/<base>-<adapter>/   one servable model per adapter (result.json inside); `latest` links to the newest
         cache/eval_base/                 the base and trained models' outputs on the held-out rows, by weights version
+        requests/                        the request log of `ftpipe serve` (see server.request_log)
+        production_report/               report.md, metrics.json, over_time.png
 
 Every task path is checked to stay inside the task's folder (`storage.contained`), so neither a task name nor a
 fingerprint nor a symlink can point a write elsewhere.
@@ -75,6 +79,11 @@ def replay_cache_dir() -> Path:
     return home_dir() / "cache" / "replay"
 
 
+def teacher_cache(task: str) -> Path:
+    """The answers a distillation teacher gave for `task` (checked like a task name)."""
+    return contained(home_dir() / "cache" / "teacher", f"{check_task_name(task)}.jsonl")
+
+
 @dataclass(frozen=True)
 class TaskLayout:
     """The artifact paths of one task (a valid task name: the partition key)."""
@@ -117,6 +126,11 @@ class TaskLayout:
     def preference_split_files(self) -> tuple[Path, Path]:
         """(train, eval) preference rows of the held-out split."""
         return self.path("heldout_split", TRAIN_PREFERENCES), self.path("heldout_split", EVAL_PREFERENCES)
+
+    @property
+    def requests_dir(self) -> Path:
+        """The request log of `ftpipe serve` for this task."""
+        return self.path("requests")
 
     def spec_file(self, asset: str = "lora_adapter") -> Path:
         """The training program's input, for a training asset (`TRAININGS`)."""

@@ -26,7 +26,8 @@ from ftpipe.config import AcceptConfig, BudgetConfig, DistillConfig, TaskConfig
 from ftpipe.core.evaluation.outputs import ModelOutputs
 from ftpipe.core.raw_files import iter_file_rows
 from ftpipe.core.records import write_jsonl
-from ftpipe.core.storage import atomic_dir, home_dir, task_dir
+from ftpipe.core.layout import teacher_cache
+from ftpipe.core.storage import atomic_dir, task_dir
 from ftpipe.core.text import loose
 
 PROMPT_SUFFIXES = (".jsonl", ".csv")
@@ -100,7 +101,7 @@ class AnswerCache:
 
     @classmethod
     def of(cls, task: str) -> AnswerCache:
-        path = home_dir() / "cache" / "teacher" / f"{task}.jsonl"
+        path = teacher_cache(task)
         cache = cls(path)
         if path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():

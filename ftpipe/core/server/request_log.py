@@ -29,7 +29,7 @@ SEGMENT_SECONDS = 60.0
 
 
 def requests_dir(task: str) -> Path:
-    return TaskLayout(task).path("requests")
+    return TaskLayout(task).requests_dir
 
 
 def redacted(text: str) -> dict[str, Any]:
