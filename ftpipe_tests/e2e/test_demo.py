@@ -45,9 +45,10 @@ def demo(tmp_path_factory):
 
 def test_every_asset_materialized(demo) -> None:
     assert demo["result"].success
-    assert set(demo["metadata"]) == {"raw_examples", "deduplicated_examples", "review_sample", "heldout_split",
-                                     "base_model", "lora_adapter", "preference_adapter", "eval_report", "human_review",
-                                     "merged_model"}
+    assert set(demo["metadata"]) == {"teacher_examples", "raw_examples", "deduplicated_examples", "review_sample",
+                                     "heldout_split", "base_model", "lora_adapter", "preference_adapter", "eval_report",
+                                     "human_review", "merged_model"}
+    assert demo["metadata"]["teacher_examples"]["teacher_requests"] == 0, "no distill section: no teacher asked"
     raw, deduped = demo["metadata"]["raw_examples"], demo["metadata"]["deduplicated_examples"]
     assert raw["rows_quarantined"] > 0 and raw["preference_rows"] == 610
     assert demo["metadata"]["preference_adapter"]["objective"] == "none", "no preference stage: the SFT model is final"
