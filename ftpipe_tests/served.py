@@ -23,7 +23,9 @@ def register(uri: str, task: str, folder: Path, score: float) -> None:
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(task)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(task)
+    artifacts = folder.parent / "mlartifacts"  # beside the model, never the working directory's ./mlruns
+    experiment_id = (experiment.experiment_id if experiment
+                     else client.create_experiment(task, artifact_location=artifacts.as_uri()))
     run_id = client.create_run(experiment_id).info.run_id
     registry.register_model(task=task, model_path=folder, run_id=run_id, eval_score=score, eval_version="split",
                             tracking_uri=uri)
