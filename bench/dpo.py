@@ -2,6 +2,7 @@
 
     python bench/dpo.py                   # the tests' tiny Llama, 20 steps
     python bench/dpo.py --real            # SmolLM2-135M-Instruct, the default base model (from its GGUF file)
+    python bench/dpo.py --model DIR       # any local model folder (safetensors + tokenizer)
     python bench/dpo.py --steps 10 --repeats 3
 
 Every side starts from the same SFT model (the base with a LoRA adapter merged in) and trains a new LoRA adapter
@@ -65,9 +66,11 @@ def preference_rows(count: int, seed: int) -> list[dict]:
     return rows
 
 
-def base_model(root: Path, real: bool) -> Path:
-    """The tiny random Llama of the tests, or the default base model resolved (and cached) as the pipeline does."""
-    if not real:
+def base_model(root: Path, args: argparse.Namespace) -> Path:
+    """`--model`, the default base model resolved (and cached) as the pipeline does, or the tests' tiny random Llama."""
+    if args.model:
+        return Path(args.model)
+    if not args.real:
         return build_tiny_model(root / "model")
     from ftpipe.core.layout import models_dir
     from ftpipe.core.modeling import DEFAULT_MODEL_ALIAS, resolve_base_model
@@ -88,7 +91,7 @@ def sft_adapter(model_dir: Path, out: Path, training: dict) -> Path:
 
 
 def prepare(root: Path, args: argparse.Namespace, training: dict) -> dict[str, str]:
-    model_dir = base_model(root, args.real)
+    model_dir = base_model(root, args)
     train, evals = root / "train_preferences.parquet", root / "eval_preferences.parquet"
     write_preferences(preference_rows(TRAIN_PAIRS, seed=1), train)
     write_preferences(preference_rows(EVAL_PAIRS, seed=2), evals)
@@ -260,9 +263,21 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace, model: str) ->
           f"(the separate reference's weights: {weights:.1f} MiB)")
 
 
+def run(root: Path, args: argparse.Namespace, model: str) -> None:
+    """Check the settings match, prepare the SFT model and pairs under `root`, run every side and print the table."""
+    training = TrainingConfig.model_validate({
+        "stages": ["sft", "dpo"], "adapter": "lora", "quantization": "none", "preference": {"max_steps": args.steps},
+    }).for_stage("dpo").model_dump()
+    root.mkdir(parents=True, exist_ok=True)
+    check_same_settings(root, training)
+    paths = prepare(root, args, training)
+    report(compare(root, paths, training, args.repeats), args, model)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct instead of the tiny test model")
+    parser.add_argument("--model", help="a local model folder (safetensors + tokenizer)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1, help="runs per side (median)")
     return parser.parse_args()
@@ -274,15 +289,8 @@ def main() -> None:
         return
     args = parse_args()
     started = time.monotonic()
-    training = TrainingConfig.model_validate({
-        "stages": ["sft", "dpo"], "adapter": "lora", "quantization": "none", "preference": {"max_steps": args.steps},
-    }).for_stage("dpo").model_dump()
     with tempfile.TemporaryDirectory(prefix="ftpipe-bench-dpo-") as tmp:
-        root = Path(tmp)
-        check_same_settings(root, training)
-        paths = prepare(root, args, training)
-        report(compare(root, paths, training, args.repeats), args,
-               "SmolLM2-135M-Instruct" if args.real else "tiny random Llama")
+        run(Path(tmp), args, args.model or ("SmolLM2-135M-Instruct" if args.real else "tiny random Llama"))
     print(f"\n(bench wall time {time.monotonic() - started:.0f}s)")
 
 

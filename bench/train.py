@@ -4,6 +4,7 @@
     python bench/train.py --repeats 3           # median of 3 runs per side (steadier on a busy machine)
     python bench/train.py --model DIR           # a real model dir (safetensors + tokenizer)
     python bench/train.py --model DIR --long --steps 4   # long rows: peak memory of each side
+    python bench/train.py --model DIR --quantization 4bit   # QLoRA (CUDA only)
 
 1. Same settings: ftpipe (`python -m ftpipe.core.training SPEC.json`, the real program, with its
    TrainingConfig defaults and a 16/32-bit LoRA adapter) and a plain TRL script with the same model, data, seed,
@@ -15,7 +16,8 @@
 2. Defaults: those ftpipe runs against `SFTConfig` defaults with a default peft `LoraConfig`, the same number
    of steps and the same data (prompt/completion); prints tokens/s and final eval loss.
 
-Every run is a fresh subprocess, run one after another. Both sides are measured the same way by a probe
+Peak memory is the process's resident memory on a CPU, its allocated CUDA memory on a GPU. Every run is a fresh
+subprocess, run one after another. Both sides are measured the same way by a probe
 installed in the subprocess: wall time of `SFTTrainer.train()` (model load and data preparation excluded)
 and the non-padding tokens of the batches its training steps processed; also a steady-state figure that
 leaves out the first WARMUP_STEPS steps. ftpipe's own `tokens_per_second` (from its `result.json`,
@@ -28,7 +30,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import runpy
 import statistics
 import subprocess
@@ -110,6 +111,8 @@ def install_probe(result_path: Path) -> None:
     """
     from trl import SFTTrainer
 
+    from ftpipe.core.training.sizing import peak_memory_gib
+
     train, training_step = SFTTrainer.train, SFTTrainer.training_step
     counts, starts = [], []
 
@@ -127,7 +130,7 @@ def install_probe(result_path: Path) -> None:
         tokens = [int(count) for count in counts]
         warm = min(WARMUP_STEPS, len(tokens) - 1)
         timing = {
-            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_memory_mb": peak_memory_gib() * 1024,
             "seconds": ended - started,
             "tokens": sum(tokens),
             "steady_seconds": ended - starts[warm],
@@ -207,6 +210,17 @@ def hand_written_lora(t: dict):
                       target_modules=lora["target_modules"], task_type="CAUSAL_LM")
 
 
+def hand_written_quantization(t: dict):
+    """QLoRA's usual BitsAndBytesConfig (NF4, double quantization, bf16 compute) for `quantization: 4bit`, else None."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if t["quantization"] != "4bit":
+        return None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def same_settings_args(job: dict):
     """SFTConfig + LoraConfig written out by hand with the values of ftpipe's TrainingConfig in the job."""
     from trl import SFTConfig
@@ -263,7 +277,8 @@ def run_plain_trl(job_path: str, result_path: Path) -> None:
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
     device_map = {"": torch.cuda.current_device()} if on_gpu else None
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype, device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype, device_map=device_map,
+                                                 quantization_config=hand_written_quantization(job["training"]))
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     train, evals = plain_datasets(job)
@@ -297,7 +312,7 @@ def child_env(root: Path) -> dict[str, str]:
     return {
         **env,
         "FTPIPE_HOME": str(root / "home"),
-        "PYTHONPATH": str(REPO_ROOT),
+        "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH")))),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
     }
@@ -341,8 +356,9 @@ def plain_job(root: Path, name: str, paths: dict, mode: str, training: dict) -> 
 
 
 def compare_same_settings(root: Path, paths: dict, args: argparse.Namespace) -> dict[str, list[dict]]:
-    """ftpipe (TrainingConfig defaults, a 16/32-bit LoRA adapter) and plain TRL, same settings, order alternated."""
-    training = TrainingConfig(adapter="lora", quantization="none", max_steps=args.steps).model_dump()
+    """ftpipe (TrainingConfig defaults, a LoRA adapter on 16/32-bit or NF4 weights) and plain TRL, same settings,
+    order alternated."""
+    training = TrainingConfig(adapter="lora", quantization=args.quantization, max_steps=args.steps).model_dump()
     check_same_settings(root, training)
     runs = {"ftpipe": [], "plain TRL": []}
     for repeat in range(args.repeats):
@@ -373,8 +389,9 @@ def steady_speed(run: dict) -> float:
 
 
 def print_same_settings(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
-    print(f"\n1. same settings (ftpipe's TrainingConfig defaults: LoRA r16 a32 all-linear, lr 2e-4 cosine, "
-          f"batch 8 (ftpipe: in micro-batches, 1 row per forward pass on a CPU), max_length 512, eval/save every 20 "
+    weights = "NF4 weights (QLoRA)" if args.quantization == "4bit" else "16/32-bit weights"
+    print(f"\n1. same settings (ftpipe's TrainingConfig defaults: LoRA r16 a32 all-linear on {weights}, lr 2e-4 "
+          f"cosine, batch 8 (ftpipe: in micro-batches sized from the rows on a CPU), max_length 512, eval/save every 20 "
           f"steps), {args.steps} steps, median of {args.repeats}; tokens are real (non-padding) tokens")
     print(f"{'side':<11}{'tokens/s':>10}{'train s':>9}{'tokens':>8}{'steady tok/s':>14}{'eval loss':>11}"
           f"{'peak MB':>9}   tokens/s of each run")
@@ -414,6 +431,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=1, help="runs per side in comparison 1 (median)")
     parser.add_argument("--long", action="store_true", help="rows of 300-450 tokens (memory), not short ones")
+    parser.add_argument("--quantization", choices=["none", "4bit"], default="none",
+                        help="4bit: QLoRA on NF4 weights (CUDA only)")
     return parser.parse_args()
 
 
