@@ -7,7 +7,8 @@
    (the run's wall time minus the time inside its steps);
 2. a second run with nothing changed: which steps really worked (training, generation, merge) and the
    ratio of its wall time to the first run's (target: under 10 %);
-3. a third run after appending 1 % new, distinct rows to the task's raw data.
+3. a third run after appending 1 % new, distinct rows to the task's raw data;
+4. the versions of each output left on disk after the three runs (the live one and those a reader may still read).
 
 The task folder and the general-skills probe are copied into a temporary data dir, so the repository's
 data is never touched; the base model file is shared with the repository's `.ftpipe/downloads`.
@@ -36,8 +37,9 @@ import yaml
 from ftpipe.core.layout import TaskLayout, downloads_dir
 from ftpipe.core.storage import REPO_ROOT
 
-GROUPS = {"raw_examples": "data", "deduplicated_examples": "data", "review_sample": "data", "heldout_split": "data",
-          "task_files": "data", "base_model": "base model", "lora_adapter": "training", "eval_report": "evaluation",
+GROUPS = {"teacher_examples": "data", "raw_examples": "data", "deduplicated_examples": "data", "review_sample": "data",
+          "heldout_split": "data", "task_files": "data", "base_model": "base model", "lora_adapter": "training",
+          "preference_adapter": "training", "eval_report": "evaluation", "human_review": "evaluation",
           "merged_model": "merge"}
 WORK = {"lora_adapter": ("trained", "reused"), "eval_report": ("generated", "reused"), "merged_model": ("merged", "reused")}
 TARGET = 0.10
@@ -139,6 +141,16 @@ def under(home: Path, place):
         os.environ.pop("FTPIPE_HOME") if saved is None else os.environ.update(FTPIPE_HOME=saved)
 
 
+def versions_on_disk(home: Path, task: str) -> dict[str, int]:
+    """How many published versions of each of the task's outputs are on disk (hidden `.NAME.PID.RANDOM.v` folders)."""
+    root = under(home, lambda: TaskLayout(task).root)
+    counts: dict[str, int] = {}
+    for version in root.rglob(".*.v"):
+        name = str(version.parent.relative_to(root) / version.name[1:].rsplit(".", 3)[0])
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def known_prompts(home: Path, task: str) -> list[str]:
     split_files = under(home, lambda: TaskLayout(task).split_files)
     frames = [pd.read_parquet(path, columns=["messages"]) for path in split_files]
@@ -195,6 +207,9 @@ def main() -> None:
         third_wall, code = run_pipeline(env, args.task, root / "run3.log")
         print_run(f"3. after appending {added} new rows (1% of {valid} valid rows)", run_facts(env["DAGSTER_HOME"]),
                   third_wall, code)
+        kept = versions_on_disk(home, args.task)
+        print(f"\n4. versions on disk after three runs ({sum(kept.values())} folders): "
+              + ", ".join(f"{name} {count}" for name, count in kept.items()))
     finally:
         if args.keep:
             print(f"\nkept {root}")

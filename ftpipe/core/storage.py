@@ -74,7 +74,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
     `target` is a symlink to a hidden version directory, and publishing swaps the link with one rename: a
     reader sees the old version or the new one whole, never a partial one, even if the writer is killed.
-    A replaced version is deleted by a later write, `SUPERSEDED_GRACE_S` after it was replaced, so a reader
+    Only the version replaced last is kept, until a write `SUPERSEDED_GRACE_S` after it was replaced, so a reader
     that opened it just before the swap can finish.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +85,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         version = tmp.with_suffix(".v")
         os.rename(tmp, version)
         point(target, version)
+        remove_leftovers(target)  # the version replaced before the one just replaced
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -128,25 +129,32 @@ def _sibling_kind(target: Path, name: str) -> str | None:
     return None
 
 
-def _is_leftover(path: Path, kind: str, live: str | None) -> bool:
-    """A version replaced over the grace period ago, or a temporary file of a writer that is gone."""
-    if kind == "v":
-        return path.name != live and time.time() - path.stat().st_mtime > SUPERSEDED_GRACE_S
+def _writer_gone(path: Path) -> bool:
+    """A temporary file or link of this process or of a writer that is gone."""
     pid = int(path.name.split(".")[-3])
     return pid == os.getpid() or not process_alive(pid)
 
 
 def remove_leftovers(target: Path) -> None:
-    """Delete the old versions of `target` and what killed writers left beside it; never the live version."""
+    """Delete what no reader of `target` can still need: every replaced version but the one replaced last, which stays
+    `SUPERSEDED_GRACE_S` for a reader that opened it just before the swap, and what killed writers left; never the
+    live version."""
     live = Path(os.readlink(target)).name if target.is_symlink() else None
-    for sibling in target.parent.glob(f".{glob.escape(target.name)}.*"):
-        kind = _sibling_kind(target, sibling.name)
-        if not kind or not _is_leftover(sibling, kind, live):
-            continue
-        if kind == "link" or not sibling.is_dir():
-            sibling.unlink(missing_ok=True)
-        else:
+    siblings = [(sibling, _sibling_kind(target, sibling.name))
+                for sibling in target.parent.glob(f".{glob.escape(target.name)}.*")]
+    replaced = sorted((sibling for sibling, kind in siblings if kind == "v" and sibling.name != live),
+                      key=lambda version: version.stat().st_mtime, reverse=True)
+    doomed = [*replaced[1:], *(replaced[:1] if replaced and _superseded_long_ago(replaced[0]) else []),
+              *(sibling for sibling, kind in siblings if kind in ("tmp", "link") and _writer_gone(sibling))]
+    for sibling in doomed:
+        if sibling.is_dir() and not sibling.is_symlink():
             remove_tree(sibling)
+        else:
+            sibling.unlink(missing_ok=True)
+
+
+def _superseded_long_ago(version: Path) -> bool:
+    return time.time() - version.stat().st_mtime > SUPERSEDED_GRACE_S
 
 
 def remove_leftovers_in(folder: Path) -> None:

@@ -92,10 +92,21 @@ def test_a_writer_killed_mid_write_leaves_the_previous_version_then_its_leftover
     assert versions_seen(target) == {"3"}
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()), "the next write removed the leftovers"
     monkeypatch.setattr(storage, "SUPERSEDED_GRACE_S", 0)
-    third = os.readlink(target)
     publish(target, 4)
     hidden = {p.name for p in tmp_path.iterdir() if p.name.startswith(".")}
-    assert hidden == {third, os.readlink(target)}, "older versions go once their grace period is over"
+    assert hidden == {os.readlink(target)}, "a replaced version goes once its grace period is over"
+
+
+def test_re_publishing_keeps_the_live_version_and_only_the_one_it_replaced(tmp_path: Path) -> None:
+    target = tmp_path / "asset"
+    replaced = []
+    for version in range(1, 5):
+        if target.is_symlink():
+            replaced.append(os.readlink(target))
+        publish(target, version)
+        hidden = {p.name for p in tmp_path.iterdir() if p.name.startswith(".")}
+        assert hidden == {os.readlink(target), *replaced[-1:]}, f"after {version} writes: {sorted(hidden)}"
+    assert versions_seen(target) == {"4"} and versions_seen(tmp_path / replaced[-1]) == {"3"}
 
 
 def test_a_file_write_removes_what_a_killed_writer_left(tmp_path: Path) -> None:
