@@ -23,7 +23,8 @@
         checkpoints/<fingerprint>/       the checkpoints of the training with that fingerprint
         eval_report/                     report.md, predictions.parquet, metrics.json, result.json
         merged_model/<base>-<adapter>/   one servable model per adapter (result.json inside); `latest` links to the newest
-        cache/eval_base/                 the base and trained models' outputs on the held-out rows, by weights version
+        cache/eval_base/                 each model's outputs on the held-out rows, and its answers per prompt,
+                                         by weights version
         requests/                        the request log of `ftpipe serve` (see server.request_log)
         production_report/               report.md, metrics.json, over_time.png
 

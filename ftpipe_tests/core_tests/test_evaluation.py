@@ -128,7 +128,7 @@ def evaluate(root: Path, adapter: Path | str, out: Path, *, config: EvaluationCo
         base_model_dir=base or root / "base", base_fingerprint=str(base or "base"), adapter_dir=root / adapter,
         adapter_version=str(adapter), eval_path=root / "eval.parquet", eval_version="v1",
         train_path=root / "train.parquet", probe_path=root / "probe.jsonl", config=config,
-        cache_dir=cache or root / "cache", out_dir=out, log=lambda line: None,
+        cache_dir=cache or out.parent / "cache", out_dir=out, log=lambda line: None,
     )
 
 
@@ -172,6 +172,27 @@ def test_bad_adapter_fails_the_gate_then_the_base_comes_from_the_cache(workspace
     assert same["finetuned_loss"] == pytest.approx(same["base_loss"], rel=1e-6)
     assert same["passed"] is True and same["failed_conditions"] == []
     assert same["forgetting"] == pytest.approx(0, abs=1e-6) and same["probe_changes"] == []
+
+
+def test_a_grown_eval_split_generates_only_its_new_rows_and_answers_as_a_cold_run(workspace, tmp_path, generate_calls):
+    cache, first_rows = tmp_path / "cache", EVAL_ROWS - 8
+
+    def answers(result: dict) -> list[dict]:
+        import pyarrow.parquet as pq
+
+        columns = ["id", "base_answer", "fewshot_answer", "finetuned_answer"]
+        return pq.read_table(result["predictions_path"], columns=columns).to_pylist()
+
+    evaluate(workspace, "bad_adapter", tmp_path / "first", cache=cache,
+             config=CLASSIFY.model_copy(update={"max_rows": first_rows}))
+    generate_calls.clear()
+    grown = evaluate(workspace, "bad_adapter", tmp_path / "grown", cache=cache)
+    # base, few-shot and fine-tuned answer the 8 new rows; nobody answers the probe again
+    assert generate_calls == [8, 8, 8] and not grown["base_cached"]
+    cold = evaluate(workspace, "bad_adapter", tmp_path / "cold", cache=tmp_path / "cold-cache")
+    assert answers(grown) == answers(cold) and len(answers(cold)) == EVAL_ROWS
+    for name in ("base_score", "fewshot_score", "finetuned_score", "probe_base_accuracy", "probe_finetuned_accuracy"):
+        assert grown[name] == cold[name], name
 
 
 def test_changing_gate_thresholds_flips_the_gate_without_generating(workspace, tmp_path, generate_calls):

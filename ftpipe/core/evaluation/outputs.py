@@ -1,7 +1,8 @@
 """What each model produced: answers (generated, or constrained to the label set) and label rankings on the
 held-out rows, their reference loss, its probe answers and losses, and which answer of each held-out preference pair
 it prefers. The base model's outputs, zero-shot and few-shot, are cached on disk, so evaluating a new fine-tuned
-model only runs that model (and the SFT model it was preference-tuned from)."""
+model only runs that model (and the SFT model it was preference-tuned from); every model's generated answers are
+also cached per prompt, so a grown eval split generates only its new rows."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation.answer_rows import AnswerRows
 from ftpipe.core.evaluation.fewshot import fewshot_prompt
 from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS
 from ftpipe.core.evaluation.generation import (
@@ -79,17 +81,17 @@ answers are constrained to (if they are), the probe and the held-out preference 
 
 
 def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout, config: EvaluationConfig, log: Log,
-                  name: str, *, full: bool = True) -> ModelOutputs:
-    """One model's outputs for `prompts` (one per held-out row); `full` adds the reference loss, the probe and the
-    preference pairs."""
+                  name: str, answered: AnswerRows, *, full: bool = True) -> ModelOutputs:
+    """One model's outputs for `prompts` (one per held-out row), its answers generated only for prompts not in
+    `answered`; `full` adds the reference loss, the probe and the preference pairs."""
     started = time.perf_counter()
     if heldout.labels is not None:
         answers = constrained_answers(model, tokenizer, prompts, heldout.labels)
         log(f"{name}: answered {len(prompts)} held-out rows with one of {len(heldout.labels)} labels")
     else:
-        answers = generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                           batch_size=config.batch_size,
-                           progress=lambda done, total: log(f"{name}: generated {done}/{total} held-out rows"))
+        answers = answered.answers(prompts, config.max_new_tokens, lambda missing: generate(
+            model, tokenizer, missing, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+            progress=lambda done, total: log(f"{name}: generated {done}/{total} held-out rows not answered before")))
     outputs = ModelOutputs(ids=heldout.ids, answers=answers, prompt_tokens=mean_prompt_tokens(tokenizer, prompts),
                            seconds_per_row=(time.perf_counter() - started) / max(len(prompts), 1))
     if heldout.choices is not None:
@@ -99,7 +101,8 @@ def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout,
         outputs.loss, outputs.perplexity = reference_loss(model, tokenizer, [r["messages"] for r in heldout.rows],
                                                           config.batch_size)
         log(f"{name}: held-out loss {outputs.loss:.4f} (perplexity {outputs.perplexity:.2f})")
-        _add_probe(model, tokenizer, heldout.probe, config.batch_size, outputs, lambda text: log(f"{name}: {text}"))
+        _add_probe(model, tokenizer, heldout.probe, config.batch_size, outputs, answered,
+                   lambda text: log(f"{name}: {text}"))
         if heldout.pairs:
             outputs.preference_correct = preference_correct(model, tokenizer, heldout.pairs, config.batch_size)
             log(f"{name}: prefers the chosen answer in {sum(outputs.preference_correct):.0f}/{len(heldout.pairs)} "
@@ -107,12 +110,15 @@ def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout,
     return outputs
 
 
-def _add_probe(model, tokenizer, probe: list[dict], batch_size: int, outputs: ModelOutputs, log: Log) -> None:
+def _add_probe(model, tokenizer, probe: list[dict], batch_size: int, outputs: ModelOutputs, answered: AnswerRows,
+               log: Log) -> None:
     if not probe:
         return
-    outputs.probe_answers = generate(model, tokenizer, [p["messages"] for p in probe],
-                                     max_new_tokens=PROBE_MAX_NEW_TOKENS, batch_size=batch_size,
-                                     progress=lambda done, total: log(f"answered {done}/{total} probe rows"))
+    outputs.probe_answers = answered.answers(
+        [p["messages"] for p in probe], PROBE_MAX_NEW_TOKENS,
+        lambda missing: generate(model, tokenizer, missing, max_new_tokens=PROBE_MAX_NEW_TOKENS, batch_size=batch_size,
+                                 progress=lambda done, total: log(f"answered {done}/{total} probe rows not answered "
+                                                                  "before")))
     conversations = [p["messages"] + [{"role": "assistant", "content": p["reference"]}] for p in probe]
     sums = answer_logprobs(model, tokenizer, [answer_tokens(tokenizer, c) for c in conversations], batch_size)
     outputs.probe_logprobs = [logprob for logprob, _ in sums]
@@ -151,27 +157,30 @@ def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[s
     """
     base = functools.cache(lambda: load_model(base_model_dir, trust_remote_code))
     key = cache_key(**base_key, device=inference_device())
+    base_weights = cache_key(base=base_key["base"], device=inference_device())
+    base_answers = AnswerRows(cache_dir / f"answers-{base_weights}.jsonl")
     outputs: dict[str, ModelOutputs] = {}
     outputs["base"], base_cached = cached_outputs(
         cache_dir / f"base-{key}.json", heldout.ids,
-        lambda: model_outputs(*base(), heldout.prompts, heldout, config, log, "base"), log)
+        lambda: model_outputs(*base(), heldout.prompts, heldout, config, log, "base", base_answers), log)
     if examples:
         prompts = [fewshot_prompt(p, examples) for p in heldout.prompts]
         fewshot_key = cache_key(base=key, examples=[e["id"] for e in examples])
         outputs["fewshot"], _ = cached_outputs(
             cache_dir / f"fewshot-{fewshot_key}.json", heldout.ids,
-            lambda: model_outputs(*base(), prompts, heldout, config, log, "few-shot", full=False), log)
+            lambda: model_outputs(*base(), prompts, heldout, config, log, "few-shot", base_answers, full=False), log)
     applied: list[Path] = []  # the adapters applied to the loaded base model so far
 
-    def tuned_outputs(side: str, folder: Path) -> ModelOutputs:
+    def tuned_outputs(side: str, folder: Path, version: str) -> ModelOutputs:
         if applied or not is_adapter(folder):
             base.cache_clear()  # a full fine-tune needs no base model; a second adapter needs one the first left alone
         applied.append(folder)
         model, tokenizer = load_finetuned(folder, base, trust_remote_code)
-        return model_outputs(model, tokenizer, heldout.prompts, heldout, config, log, TUNED[side])
+        answered = AnswerRows(cache_dir / f"answers-{cache_key(base=base_weights, weights=version)}.jsonl")
+        return model_outputs(model, tokenizer, heldout.prompts, heldout, config, log, TUNED[side], answered)
 
     for side in (side for side in TUNED if side in tuned):
         folder, version = tuned[side]
         outputs[side], _ = cached_outputs(cache_dir / f"tuned-{cache_key(base=key, weights=version)}.json",
-                                          heldout.ids, lambda: tuned_outputs(side, folder), log)
+                                          heldout.ids, lambda: tuned_outputs(side, folder, version), log)
     return outputs, base_cached
