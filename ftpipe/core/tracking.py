@@ -134,7 +134,8 @@ class RunLogger:
 
         if self.client is None:
             return
-        self.client.log_batch(self.run_id, params=[Param(key, str(value)) for key, value in params.items()])
+        with _whole_write():
+            self.client.log_batch(self.run_id, params=[Param(key, str(value)) for key, value in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -142,21 +143,41 @@ class RunLogger:
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         if batch and self.client is not None:
-            self.client.log_batch(self.run_id, metrics=batch)
+            with _whole_write():
+                self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         if tags and self.client is not None:
-            self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+            with _whole_write():
+                self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.client is None:
             return
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with _whole_write():
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+_stop = {"writing": 0, "deferred": None}  # writes to the store in progress; a stop request that arrived during one
+
+
+@contextmanager
+def _whole_write() -> Iterator[None]:
+    """A write to the tracking store that a stop request does not cut in half (a SQLite commit cut short leaves the
+    database locked, and the run could not be ended KILLED): the request is raised right after it."""
+    _stop["writing"] += 1
+    try:
+        yield
+    finally:
+        _stop["writing"] -= 1
+    if not _stop["writing"] and _stop["deferred"] is not None:
+        signum, _stop["deferred"] = _stop["deferred"], None
+        raise RunInterrupted(signum)
 
 
 @contextmanager
@@ -166,8 +187,12 @@ def _signals_raise_interrupted() -> Iterator[None]:
         # it too) is ignored, so it cannot cut short the cleanup that ends the MLflow run KILLED.
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
+        if _stop["writing"]:
+            _stop["deferred"] = signum
+            return
         raise RunInterrupted(signum)
 
+    _stop["deferred"] = None
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield

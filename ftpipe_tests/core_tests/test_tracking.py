@@ -111,6 +111,26 @@ def test_a_second_stop_request_does_not_cut_the_first_ones_cleanup_short(store, 
     assert client.get_run(stopped.run_id).info.status == "KILLED"
 
 
+def test_a_stop_request_during_a_write_to_the_store_waits_for_the_write(store, monkeypatch):
+    """SIGTERM arriving inside an MLflow write: the write completes, then the run stops and ends KILLED."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    log_batch = client.log_batch
+
+    def log_batch_during_a_sigterm(run_id, **batch):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode, inside this write
+        log_batch(run_id, **batch)
+
+    monkeypatch.setattr(tracking, "mlflow_client", lambda uri=None: client)
+    with pytest.raises(tracking.RunInterrupted), tracking.tracked_run("states", run_name="mid-write") as stopped:
+        monkeypatch.setattr(client, "log_batch", log_batch_during_a_sigterm)
+        stopped.log_metrics({"loss": 0.5}, step=3)
+        raise AssertionError("the stop request was not raised after the write")
+    run = client.get_run(stopped.run_id)
+    assert run.info.status == "KILLED" and run.data.metrics == {"loss": 0.5}
+
+
 def test_runs_left_running_by_a_training_that_is_over_are_killed(store):
     from mlflow import MlflowClient
 
