@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -12,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ftpipe.config import check_task_name
 
@@ -155,6 +157,33 @@ def remove_leftovers(target: Path) -> None:
 
 def _superseded_long_ago(version: Path) -> bool:
     return time.time() - version.stat().st_mtime > SUPERSEDED_GRACE_S
+
+
+def read_keyed_lines(path: Path) -> dict[str, dict[str, Any]]:
+    """The JSON lines of an append-only file by their `key` (a later line wins); a line a crash cut short is skipped."""
+    entries: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            entries[entry["key"]] = entry
+    return entries
+
+
+def append_lines(path: Path, entries: list[dict[str, Any]]) -> None:
+    """Append `entries` as JSON lines and fsync them; after a line a crash cut short, on a line of their own."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries)
+    with path.open("ab+") as file:  # appends go to the end wherever the file was read
+        end = file.seek(0, os.SEEK_END)
+        if end:
+            file.seek(end - 1)
+            text = text if file.read(1) == b"\n" else "\n" + text
+        file.write(text.encode("utf-8"))
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def remove_leftovers_in(folder: Path) -> None:

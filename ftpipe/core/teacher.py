@@ -27,7 +27,7 @@ from ftpipe.core.evaluation.outputs import ModelOutputs
 from ftpipe.core.raw_files import iter_file_rows
 from ftpipe.core.records import write_jsonl
 from ftpipe.core.layout import teacher_cache
-from ftpipe.core.storage import atomic_dir, task_dir
+from ftpipe.core.storage import append_lines, atomic_dir, read_keyed_lines, task_dir
 from ftpipe.core.text import loose
 
 PROMPT_SUFFIXES = (".jsonl", ".csv")
@@ -102,21 +102,11 @@ class AnswerCache:
     @classmethod
     def of(cls, task: str) -> AnswerCache:
         path = teacher_cache(task)
-        cache = cls(path)
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:  # a torn last line of an interrupted run
-                    continue
-                cache.answers[entry["key"]] = entry
-        return cache
+        return cls(path, read_keyed_lines(path))
 
     def add(self, entry: dict[str, Any]) -> None:
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            append_lines(self.path, [entry])
             self.answers[entry["key"]] = entry
 
 

@@ -134,8 +134,7 @@ class RunLogger:
 
         if self.client is None:
             return
-        with _whole_write():
-            self.client.log_batch(self.run_id, params=[Param(key, str(value)) for key, value in params.items()])
+        self._log_batch(params=[Param(key, str(value)) for key, value in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -143,15 +142,17 @@ class RunLogger:
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         if batch and self.client is not None:
-            with _whole_write():
-                self.client.log_batch(self.run_id, metrics=batch)
+            self._log_batch(metrics=batch)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         if tags and self.client is not None:
-            with _whole_write():
-                self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+            self._log_batch(tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+    def _log_batch(self, **batch) -> None:
+        with _whole_write():
+            self.client.log_batch(self.run_id, **batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.client is None:

@@ -219,3 +219,12 @@ def test_a_process_is_alive_until_it_ends_and_a_later_one_with_its_pid_is_anothe
     child.wait()
     assert storage.process_alive(os.getpid()) and storage.process_alive(os.getpid(), started_by=time.time())
     assert not storage.process_alive(os.getpid(), started_by=0), "this process started after time 0"
+
+
+def test_keyed_lines_appended_after_a_line_a_crash_cut_short_are_all_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "cache.jsonl"
+    storage.append_lines(path, [{"key": "a", "answer": "1"}])
+    with path.open("a") as file:
+        file.write('{"key": "b", "ans')  # a crash mid-line
+    storage.append_lines(path, [{"key": "c", "answer": "3"}, {"key": "a", "answer": "4"}])
+    assert storage.read_keyed_lines(path) == {"a": {"key": "a", "answer": "4"}, "c": {"key": "c", "answer": "3"}}

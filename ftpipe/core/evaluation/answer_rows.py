@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
+
+from ftpipe.core.storage import append_lines, read_keyed_lines
 
 Generate = Callable[[list[list[dict]]], list[str]]  # prompts -> greedy answers, in order
 
@@ -28,39 +29,11 @@ class AnswerRows:
     def answers(self, prompts: list[list[dict]], max_new_tokens: int, generate: Generate) -> list[str]:
         """The answer to each prompt, calling `generate` once with the prompts never answered before (in order)."""
         keys = [prompt_key(prompt, max_new_tokens) for prompt in prompts]
-        known = self._read()
+        known = {key: entry["answer"] for key, entry in read_keyed_lines(self.path).items()}
         first_of = {key: index for index, key in reversed(list(enumerate(keys))) if key not in known}
         missing = sorted(first_of.values())
         if missing:
             fresh = dict(zip((keys[i] for i in missing), generate([prompts[i] for i in missing]), strict=True))
-            self._append(fresh)
+            append_lines(self.path, [{"key": key, "answer": answer} for key, answer in fresh.items()])
             known.update(fresh)
         return [known[key] for key in keys]
-
-    def _read(self) -> dict[str, str]:
-        if not self.path.is_file():
-            return {}
-        known = {}
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            known[record["key"]] = record["answer"]
-        return known
-
-    def _append(self, answers: dict[str, str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines = "".join(json.dumps({"key": key, "answer": answer}, ensure_ascii=False) + "\n"
-                        for key, answer in answers.items())
-        with self.path.open("a+", encoding="utf-8") as file:
-            if file.tell() and not self._ends_with_newline():
-                lines = "\n" + lines  # after a line a crash cut short
-            file.write(lines)
-            file.flush()
-            os.fsync(file.fileno())
-
-    def _ends_with_newline(self) -> bool:
-        with self.path.open("rb") as file:
-            file.seek(-1, os.SEEK_END)
-            return file.read(1) == b"\n"
