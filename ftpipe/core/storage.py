@@ -19,6 +19,7 @@ from ftpipe.config import check_task_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SUPERSEDED_GRACE_S = 600
+READ_GRACE_S = 60
 
 
 class UnsafePathError(ValueError):
@@ -76,8 +77,9 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
     `target` is a symlink to a hidden version directory, and publishing swaps the link with one rename: a
     reader sees the old version or the new one whole, never a partial one, even if the writer is killed.
-    Only the version replaced last is kept, until a write `SUPERSEDED_GRACE_S` after it was replaced, so a reader
-    that opened it just before the swap can finish.
+    The version replaced last is kept until a write `SUPERSEDED_GRACE_S` after it was replaced, so a reader that
+    opened it just before the swap can finish; older ones only `READ_GRACE_S`, for a reader that two quick swaps
+    overtook.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
@@ -138,15 +140,15 @@ def _writer_gone(path: Path) -> bool:
 
 
 def remove_leftovers(target: Path) -> None:
-    """Delete what no reader of `target` can still need: every replaced version but the one replaced last, which stays
-    `SUPERSEDED_GRACE_S` for a reader that opened it just before the swap, and what killed writers left; never the
-    live version."""
+    """Delete what no reader of `target` can still need: replaced versions past their grace (`SUPERSEDED_GRACE_S` for
+    the one replaced last, `READ_GRACE_S` for older ones) and what killed writers left; never the live version."""
     live = Path(os.readlink(target)).name if target.is_symlink() else None
     siblings = [(sibling, _sibling_kind(target, sibling.name))
                 for sibling in target.parent.glob(f".{glob.escape(target.name)}.*")]
     replaced = sorted((sibling for sibling, kind in siblings if kind == "v" and sibling.name != live),
                       key=lambda version: version.stat().st_mtime, reverse=True)
-    doomed = [*replaced[1:], *(replaced[:1] if replaced and _superseded_long_ago(replaced[0]) else []),
+    doomed = [*(version for rank, version in enumerate(replaced)
+                if _replaced_before(version, SUPERSEDED_GRACE_S if rank == 0 else READ_GRACE_S)),
               *(sibling for sibling, kind in siblings if kind in ("tmp", "link") and _writer_gone(sibling))]
     for sibling in doomed:
         if sibling.is_dir() and not sibling.is_symlink():
@@ -155,8 +157,8 @@ def remove_leftovers(target: Path) -> None:
             sibling.unlink(missing_ok=True)
 
 
-def _superseded_long_ago(version: Path) -> bool:
-    return time.time() - version.stat().st_mtime > SUPERSEDED_GRACE_S
+def _replaced_before(version: Path, seconds: float) -> bool:
+    return time.time() - version.stat().st_mtime > seconds
 
 
 def read_keyed_lines(path: Path) -> dict[str, dict[str, Any]]:

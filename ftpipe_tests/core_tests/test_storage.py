@@ -97,7 +97,10 @@ def test_a_writer_killed_mid_write_leaves_the_previous_version_then_its_leftover
     assert hidden == {os.readlink(target)}, "a replaced version goes once its grace period is over"
 
 
-def test_re_publishing_keeps_the_live_version_and_only_the_one_it_replaced(tmp_path: Path) -> None:
+def test_re_publishing_keeps_the_live_version_and_only_the_one_it_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage, "READ_GRACE_S", 0)  # writes minutes apart, as re-materializations are
     target = tmp_path / "asset"
     replaced = []
     for version in range(1, 5):
