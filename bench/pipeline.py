@@ -7,8 +7,11 @@
    (the run's wall time minus the time inside its steps);
 2. a second run with nothing changed: which steps really worked (training, generation, merge) and the
    ratio of its wall time to the first run's (target: under 10 %);
-3. a third run after appending 1 % new, distinct rows to the task's raw data;
-4. the versions of each output left on disk after the three runs (the live one and those a reader may still read).
+3. a third run after appending 1 % new, distinct rows to the task's raw data, with `retrain.warm_start` on: the
+   adapter continues on the new rows and a replayed sample of the old ones;
+4. the same split trained from step 0 (warm start off; the data steps are reused), and the two side by side: time,
+   task score and forgetting with their intervals;
+5. the versions of each output left on disk after the runs (the live one and those a reader may still read).
 
 The task folder and the general-skills probe are copied into a temporary data dir, so the repository's
 data is never touched; the base model file is shared with the repository's `.ftpipe/downloads`.
@@ -77,12 +80,12 @@ def prepare(root: Path, task: str, base_model: str | None) -> dict[str, str]:
     return env
 
 
-def run_pipeline(env: dict[str, str], task: str, log: Path) -> tuple[float, int]:
-    """(wall seconds, exit code) of `python -m ftpipe run TASK`; its output goes to `log`."""
+def run_pipeline(env: dict[str, str], task: str, log: Path, settings: str = "") -> tuple[float, int]:
+    """(wall seconds, exit code) of `python -m ftpipe run TASK [--set settings]`; its output goes to `log`."""
     start = time.perf_counter()
     with log.open("w") as out:
-        done = subprocess.run([sys.executable, "-m", "ftpipe", "run", task], cwd=REPO_ROOT, env=env, stdout=out,
-                              stderr=subprocess.STDOUT)
+        done = subprocess.run([sys.executable, "-m", "ftpipe", "run", task, *(["--set", settings] if settings else [])],
+                              cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     return time.perf_counter() - start, done.returncode
 
 
@@ -129,6 +132,21 @@ def print_run(title: str, facts: dict, wall: float, code: int) -> None:
     print("  by group: " + ", ".join(f"{group} {seconds:.1f} s" for group, seconds in totals.items())
           + f", orchestration overhead {facts['run_wall'] - inside:.1f} s (run wall time - steps)"
           + f", process start and task sync {wall - facts['run_wall']:.1f} s")
+
+
+def print_comparison(runs: dict[str, tuple[dict, float]], first_wall: float) -> None:
+    """Warm start against training from step 0: run and training time, task score and forgetting with intervals."""
+    print(f"  {'':<14}{'run':>9}{'training':>10}  {'delta (95% CI)':<24}{'forgetting (95% CI)':<24}")
+    for name, (facts, wall) in runs.items():
+        report, adapter = facts["metadata"]["eval_report"], facts["metadata"]["lora_adapter"]
+        print(f"  {name:<14}{wall:8.1f}s{facts['steps'].get('lora_adapter', 0.0):9.1f}s  "
+              f"{interval(report, 'delta', 'delta_ci'):<24}{interval(report, 'forgetting', 'forgetting_ci'):<24}"
+              f"{adapter.get('steps')} steps, warm_started={adapter.get('warm_started')}, "
+              f"{wall / first_wall:.1%} of the first run")
+
+
+def interval(report: dict, value: str, bounds: str) -> str:
+    return f"{report[value]:+.3f} [{report[bounds + '_low']:+.3f}, {report[bounds + '_high']:+.3f}]"
 
 
 def under(home: Path, place):
@@ -204,11 +222,16 @@ def main() -> None:
 
         valid = first["metadata"].get("raw_examples", {}).get("rows_valid", 0)
         added = append_rows(data, home, args.task, max(1, round(valid / 100)))
-        third_wall, code = run_pipeline(env, args.task, root / "run3.log")
-        print_run(f"3. after appending {added} new rows (1% of {valid} valid rows)", run_facts(env["DAGSTER_HOME"]),
-                  third_wall, code)
+        third_wall, code = run_pipeline(env, args.task, root / "run3.log", "retrain.warm_start=true")
+        warm = run_facts(env["DAGSTER_HOME"])
+        print_run(f"3. after appending {added} new rows (1% of {valid} valid rows), warm start", warm, third_wall, code)
+        print(f"  third / first wall time: {third_wall / first_wall:.1%}")
+        scratch_wall, code = run_pipeline(env, args.task, root / "run4.log")
+        scratch = run_facts(env["DAGSTER_HOME"])
+        print_run("4. the same split, trained from step 0 (data steps reused)", scratch, scratch_wall, code)
+        print_comparison({"warm start": (warm, third_wall), "from step 0": (scratch, scratch_wall)}, first_wall)
         kept = versions_on_disk(home, args.task)
-        print(f"\n4. versions on disk after three runs ({sum(kept.values())} folders): "
+        print(f"\n5. versions on disk after the runs ({sum(kept.values())} folders): "
               + ", ".join(f"{name} {count}" for name, count in kept.items()))
     finally:
         if args.keep:

@@ -178,7 +178,7 @@ def training_due(instance: dg.DagsterInstance, task: str, config: TaskConfig) ->
         return False, f"{task}: a run is in progress"
     for stage in config.training.stages:
         try:
-            fingerprint = training_inputs(task, config.training.for_stage(stage)).fingerprint
+            fingerprint = training_inputs(task, config.training.for_stage(stage), config.retrain).fingerprint
         except FileNotFoundError:
             return True, f"{task}: no held-out split or base model yet"
         asset = training_asset(stage)

@@ -333,6 +333,10 @@ class RetrainConfig(_Strict):
         False, description="retrain as soon as the training fingerprint (split, base model, recipe) changes"
     )
     schedule: str | None = Field("0 3 * * 1", description="cron (UTC) for scheduled retraining; null for none")
+    warm_start: bool = Field(False, description=(
+        "when the train split only grew a little, train the SFT adapter further on the new rows (README: Warm start)"))
+    warm_start_max_growth: float = Field(0.1, gt=0.0, le=1.0, description=(
+        "train from step 0 once the rows added since the last training from step 0 exceed this share of its rows"))
 
     @field_validator("schedule")
     @classmethod

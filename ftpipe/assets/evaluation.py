@@ -20,10 +20,11 @@ CONTRACT = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_c
             "student_to_teacher_ratio_ci_high", "student_latency_ms", "teacher_latency_ms")
 
 
-def _metadata(report: dict, run_url: str) -> dict:
+def _metadata(report: dict, run_url: str, warm_started: bool) -> dict:
     return rounded_floats({
         **{key: report[key] for key in CONTRACT if key in report},
         "base_cached": report["base_cached"],
+        "warm_started": warm_started,  # the SFT adapter continued the previous one (retrain.warm_start)
         "failed_conditions": "; ".join(report["failed_conditions"]) or "none",
         "report": dg.MetadataValue.md(report["report_markdown"]),
         "report_path": dg.MetadataValue.path(report["report_path"]),
@@ -67,7 +68,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     if not report["reused"]:
         mlflow.log_evaluation(run_id, report)
     return dg.MaterializeResult(
-        metadata=_metadata(report, mlflow.run_url(run_id)),
+        metadata=_metadata(report, mlflow.run_url(run_id), (sft or adapter).metadata.get("warm_started", False)),
         data_version=file_version(paths.path("eval_report", METRICS)),
     )
 

@@ -21,6 +21,7 @@ from ftpipe.core.layout import TaskLayout, models_dir, replay_cache_dir
 from ftpipe.core.results import Result, reusable
 from ftpipe.core.storage import atomic_dir, task_dir, write_text
 from ftpipe.core.training.methods import describe_method
+from ftpipe.core.training.warm_start import describe, record_train_ids, write_warm_rows
 from ftpipe.core.tasks import (
     TrainingInputs, base_model_source, general_replay_prompts, training_asset, training_inputs,
 )
@@ -86,14 +87,22 @@ def _spec(context: dg.AssetExecutionContext, cfg: TrainingConfig, inputs: Traini
 
     task, paths, asset = context.partition_key, TaskLayout(context.partition_key), training_asset(cfg.objective)
     stage = "" if cfg.objective == "sft" else f"-{cfg.objective}"
+    start, train_path, warm_start = inputs.start, inputs.train_path, None
+    if inputs.warm:
+        start, warm_start = inputs.warm.start, inputs.warm.spec_entry(cfg.batch_size)
+        cfg = cfg.model_copy(update={"max_steps": -1})  # `epochs` over the few warm rows, not the recipe's steps
+        train_path = write_warm_rows(inputs.warm, inputs.train_path, cfg.batch_size, cfg.seed,
+                                     paths.warm_start_cache / f"rows-{inputs.fingerprint}.parquet")
+        context.log.info(describe(warm_start))
     return TrainingSpec(
         task=task, base_model_dir=inputs.base.produced["path"], base_fingerprint=inputs.base.reuse_key,
-        split_version=inputs.split_version, train_path=str(inputs.train_path), eval_path=str(inputs.eval_path),
+        split_version=inputs.split_version, train_path=str(train_path), eval_path=str(inputs.eval_path),
         output_dir=str(paths.adapter(inputs.fingerprint, asset)), checkpoint_dir=str(paths.checkpoints(inputs.fingerprint)),
         training=cfg.model_dump(), fingerprint=inputs.fingerprint, force_retrain=force_retrain,
         trust_remote_code=trust_remote_code, replay_prompts=_optional_path(general_replay_prompts()),
         replay_cache_dir=str(replay_cache_dir()),
-        start_adapter=str(paths.adapter(inputs.start.reuse_key)) if inputs.start else None,
+        start_adapter=str(paths.adapter(start.reuse_key)) if start else None, warm_start=warm_start,
+        recipe_version=inputs.recipe_version,
         mlflow={
             "experiment": mlflow.experiment(task),
             "run_name": f"{task}{stage}-{inputs.fingerprint[:8]}",
@@ -241,9 +250,11 @@ def _stage(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: Tas
     """Train one stage (or reuse its finished training), keep its output current and the folder bounded."""
     asset, paths = training_asset(stage.objective), TaskLayout(context.partition_key)
     try:
-        inputs = training_inputs(context.partition_key, stage)
+        inputs = training_inputs(context.partition_key, stage, None if config.force_retrain else cfg.retrain)
     except FileNotFoundError as missing:
         raise dg.Failure(description=str(missing)) from None
+    if stage.objective == "sft":  # the next training's warm start needs to know which rows this one learnt
+        record_train_ids(paths.warm_start_cache, inputs.split_version, inputs.train_path)
     version = paths.adapter(inputs.fingerprint, asset)
     reused = None if config.force_retrain else reusable(version, asset, inputs.fingerprint)
     if reused:

@@ -25,6 +25,8 @@
         merged_model/<base>-<adapter>/   one servable model per adapter (result.json inside); `latest` links to the newest
         cache/eval_base/                 each model's outputs on the held-out rows, and its answers per prompt,
                                          by weights version
+        cache/warm_start/                train-ids-<split version>.txt of each SFT training's split, and
+                                         rows-<fingerprint>.parquet, the rows of each warm start (retrain.warm_start)
         requests/                        the request log of `ftpipe serve` (see server.request_log)
         production_report/               report.md, metrics.json, over_time.png
 
@@ -159,6 +161,11 @@ class TaskLayout:
     @property
     def eval_base_cache(self) -> Path:
         return self.path("cache", "eval_base")
+
+    @property
+    def warm_start_cache(self) -> Path:
+        """The train rows' ids of each split version an SFT training ran on, and the rows of each warm start."""
+        return self.path("cache", "warm_start")
 
     def prune_checkpoints(self, keep: str) -> list[str]:
         """Delete the checkpoint folders of fingerprints other than `keep` that no training touched for a grace

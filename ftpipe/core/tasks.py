@@ -3,18 +3,20 @@ training of a task would start from now."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ftpipe.config import (
-    DEFAULT_BASE_MODEL, EvaluationConfig, TaskConfig, TaskConfigError, TrainingConfig, check_task_name,
+    DEFAULT_BASE_MODEL, EvaluationConfig, RetrainConfig, TaskConfig, TaskConfigError, TrainingConfig, check_task_name,
     load_task_config,
 )
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.training.methods import SUPERVISED_OBJECTIVES
-from ftpipe.core.results import Result, read_result
+from ftpipe.core.results import Result, read_result, reuse_key
+from ftpipe.core.training.warm_start import WarmStart, plan_warm_start
 from ftpipe.core.storage import data_dir, file_sha256, home_dir, sha256_of_files, task_dir, tasks_dir
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -123,15 +125,18 @@ def _general(name: str) -> Path | None:
 @dataclass(frozen=True)
 class TrainingInputs:
     """What one stage's training of a task starts from: its train and eval files and their data version, the base
-    model's result, the finished SFT training a preference stage starts from (None for sft), and the training
-    fingerprint (the reuse key of the adapter it makes)."""
+    model's result, the training fingerprint (the reuse key of the adapter it makes), the version of its recipe, the
+    finished SFT training a preference stage starts from (None for sft), and an SFT training's warm start (None for a
+    training from step 0)."""
 
     train_path: Path
     eval_path: Path
     split_version: str
     base: Result
     fingerprint: str
+    recipe_version: str
     start: Result | None = None
+    warm: WarmStart | None = None
 
 
 def training_asset(objective: str) -> str:
@@ -140,9 +145,10 @@ def training_asset(objective: str) -> str:
     return "lora_adapter" if objective in SUPERVISED_OBJECTIVES else "preference_adapter"
 
 
-def training_inputs(task: str, training: TrainingConfig) -> TrainingInputs:
-    """The inputs the training of `training.objective` (a `TrainingConfig.for_stage`) would have now;
-    FileNotFoundError while the split, the base model or (for a preference stage) the SFT adapter is missing."""
+def training_inputs(task: str, training: TrainingConfig, retrain: RetrainConfig | None = None) -> TrainingInputs:
+    """The inputs the training of `training.objective` (a `TrainingConfig.for_stage`) would have now, warm-started
+    when `retrain` allows it (`warm_start.plan_warm_start`); FileNotFoundError while the split, the base model or (for
+    a preference stage) the SFT adapter is missing."""
     from ftpipe.core.training.spec import training_fingerprint
 
     paths = TaskLayout(task)
@@ -157,8 +163,33 @@ def training_inputs(task: str, training: TrainingConfig) -> TrainingInputs:
     if training.replay:  # the replayed prompts shape the weights too
         prompts = general_replay_prompts()
         recipe["replay_prompts"] = file_sha256(prompts)[:16] if prompts else None
-    fingerprint = training_fingerprint(split_version, base.reuse_key, recipe, start and start.produced["data_version"])
-    return TrainingInputs(*files, split_version, base, fingerprint, start)
+    recipe_version = reuse_key(json.dumps(recipe, sort_keys=True, default=str))
+    found = TrainingInputs(*files, split_version, base, training_fingerprint(
+        split_version, base.reuse_key, recipe, start and start.produced["data_version"]), recipe_version, start)
+    if training.objective != "sft" or retrain is None or not retrain.warm_start:
+        return found
+    return _warm_started(found, read_result(paths.output("lora_adapter"), "lora_adapter"), paths, recipe,
+                         retrain.warm_start_max_growth)
+
+
+def _warm_started(found: TrainingInputs, previous: Result | None, paths: TaskLayout, recipe: dict,
+                  max_growth: float) -> TrainingInputs:
+    """`found` as a warm start of the `previous` SFT training when one is due; the previous training itself when it
+    is a warm start onto this very split (so it is reused)."""
+    from ftpipe.core.training.spec import training_fingerprint
+
+    unchanged = previous is not None and previous.inputs.get("recipe_version") == found.recipe_version and (
+        previous.inputs["split_version"], previous.inputs["base_fingerprint"]) == (found.split_version, found.base.reuse_key)
+    if unchanged:
+        return replace(found, fingerprint=previous.reuse_key)
+    warm = plan_warm_start(paths.warm_start_cache, previous, split_version=found.split_version,
+                           train_path=found.train_path, base_fingerprint=found.base.reuse_key,
+                           recipe_version=found.recipe_version, max_growth=max_growth)
+    if warm is None:
+        return found
+    start = {"warm_start_from": previous.produced["data_version"]}
+    return replace(found, warm=warm, fingerprint=training_fingerprint(found.split_version, found.base.reuse_key,
+                                                                      {**recipe, **start}))
 
 
 def final_training(training: TrainingConfig) -> str:

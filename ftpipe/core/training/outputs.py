@@ -125,12 +125,21 @@ def result_metadata(trainer, spec: TrainingSpec, method: Method, facts: dict[str
         **facts,
         **rewards,
         "training_fingerprint": spec.fingerprint,
+        **warm_start_metadata(spec),
         "overfitting": detect_overfitting(history),
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 3),
         **measured_costs(trainer),
         "loss_curve": markdown_image(folder / LOSS_CURVE_FILE, "loss curve"),
     }
+
+
+def warm_start_metadata(spec: TrainingSpec) -> dict[str, Any]:
+    """Whether an SFT training was warm-started (`retrain.warm_start`) and from which training, on how many rows."""
+    if spec.warm_start is None:
+        return {"warm_started": False} if spec.start_adapter is None else {}
+    return {"warm_started": True, "warm_start_from": spec.warm_start["from"],
+            "warm_start_new_rows": spec.warm_start["new_rows"], "warm_start_replayed_rows": spec.warm_start["replayed_rows"]}
 
 
 def measured_costs(trainer) -> dict[str, Any]:
@@ -152,9 +161,11 @@ def write_curves(trainer, method: Method, folder: Path) -> dict[str, str]:
 
 
 def result_inputs(spec: TrainingSpec) -> dict[str, Any]:
-    """The versions a training was made from: the split and base model, and the training it started from, if any."""
-    inputs = {"split_version": spec.split_version, "base_fingerprint": spec.base_fingerprint}
-    return {**inputs, "start_adapter": spec.start_adapter} if spec.start_adapter else inputs
+    """The versions a training was made from: the split, base model and recipe, the training it started from and
+    its warm start, if any."""
+    inputs = {"split_version": spec.split_version, "base_fingerprint": spec.base_fingerprint,
+              "recipe_version": spec.recipe_version, "start_adapter": spec.start_adapter, "warm_start": spec.warm_start}
+    return {key: value for key, value in inputs.items() if value is not None}
 
 
 def publish(trainer, spec: TrainingSpec, config: TrainingConfig, method: Method, facts: dict[str, Any]) -> Result:

@@ -191,8 +191,8 @@ def publishable_adapter(folder: Path, spec: TrainingSpec, method: Method) -> Non
     """Make the adapter a training saved in `folder` apply to the base model as its start (SFT) and this training
     together: on 16/32-bit weights the start adapter is combined with the new one; on 4-bit weights the continued
     start adapter already does, and the frozen reference copy saved beside it goes. Nothing to do for a whole model
-    or a training from the base model."""
-    if not (spec.start_adapter and method.peft_adapter):
+    or a training from the base model, and for a warm start, which trained the start adapter further."""
+    if not (spec.start_adapter and method.peft_adapter) or spec.warm_start:
         return
     if method.load_in_4bit:
         shutil.rmtree(folder / REFERENCE_ADAPTER, ignore_errors=True)

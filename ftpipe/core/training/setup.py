@@ -151,7 +151,7 @@ def load_start_model(spec: TrainingSpec, method: Method):
     A whole model folder (a full fine-tune) is loaded as it is. A LoRA adapter is merged into the base weights, so a
     new adapter trains on the SFT model and disabling it gives the SFT model back (the DPO/KTO reference, without a
     second copy). On 4-bit weights, where merging is not exact, the adapter is loaded trainable instead and training
-    continues it (TRL then keeps a frozen copy of it for the reference)."""
+    continues it (TRL then keeps a frozen copy of it for the reference); a warm start continues it too."""
     from peft import PeftModel
 
     start = Path(spec.start_adapter) if spec.start_adapter else None
@@ -161,8 +161,9 @@ def load_start_model(spec: TrainingSpec, method: Method):
                                                 trust_remote_code=spec.trust_remote_code)
     if start is None:
         return model, tokenizer
-    model = PeftModel.from_pretrained(model, str(start), is_trainable=method.load_in_4bit)
-    return (model if method.load_in_4bit else model.merge_and_unload()), tokenizer
+    continued = method.load_in_4bit or spec.warm_start is not None
+    model = PeftModel.from_pretrained(model, str(start), is_trainable=continued)
+    return (model if continued else model.merge_and_unload()), tokenizer
 
 
 def trainer_setup(spec: TrainingSpec, config: TrainingConfig, method: Method, callbacks: list, info) -> TrainerSetup:

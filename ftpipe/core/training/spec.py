@@ -62,6 +62,8 @@ class TrainingSpec:
     replay_prompts: str | None = None  # training.replay: JSONL of general prompts ({"id", "messages": [user turn]})
     replay_cache_dir: str | None = None  # training.replay: the base model's answers to them, shared by trainings
     start_adapter: str | None = None  # the finished training this one starts from (a PEFT adapter or model folder)
+    warm_start: dict[str, Any] | None = None  # warm_start.WarmStart.spec_entry: start_adapter is trained further
+    recipe_version: str | None = None  # a hash of the recipe (TrainingInputs.recipe_version), for later warm starts
 
     def __post_init__(self):
         if not isinstance(self.mlflow, MlflowSpec):
