@@ -17,7 +17,10 @@ from ftpipe.core.evaluation.generation import (
     answer_tokens, continuation_logprobs, encode, generate, load_model, prompt_ids, reference_loss,
 )
 from ftpipe.core.evaluation.label_likelihood import constrained_answers, end_of_turn_ids
+from ftpipe.core.evaluation.metrics import task_metrics
 from ftpipe.core.evaluation.review import read_verdicts, write_review_sample
+from ftpipe.core.evaluation.run import select_rows
+from ftpipe.core.records import read_examples
 from ftpipe.core.results import read_result
 from ftpipe.core.storage import file_sha256
 from ftpipe_tests.reviewer import fill
@@ -146,6 +149,25 @@ def generate_calls(monkeypatch) -> list[int]:
     return calls
 
 
+def labels(rows: list[dict]) -> list[str]:
+    return task_metrics(CLASSIFY).label_choices([row["messages"][-1]["content"] for row in rows]).names
+
+
+@pytest.fixture()
+def scoring_calls(monkeypatch) -> dict[str, list[int]]:
+    """Counts the label candidates scored and the answers scored in every call an evaluation makes."""
+    calls: dict[str, list[int]] = {"candidate_logprobs": [], "conversation_logprobs": []}
+    for name in calls:
+        real = getattr(outputs, name)
+
+        def counting(model, tokenizer, items, *args, real=real, name=name, **kwargs):
+            calls[name].append(len(items))
+            return real(model, tokenizer, items, *args, **kwargs)
+
+        monkeypatch.setattr(outputs, name, counting)
+    return calls
+
+
 def test_bad_adapter_fails_the_gate_then_the_base_comes_from_the_cache(workspace, tmp_path, generate_calls):
     cache = tmp_path / "cache"
     bad = evaluate(workspace, "bad_adapter", tmp_path / "bad", cache=cache)
@@ -174,7 +196,8 @@ def test_bad_adapter_fails_the_gate_then_the_base_comes_from_the_cache(workspace
     assert same["forgetting"] == pytest.approx(0, abs=1e-6) and same["probe_changes"] == []
 
 
-def test_a_grown_eval_split_generates_only_its_new_rows_and_answers_as_a_cold_run(workspace, tmp_path, generate_calls):
+def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as_a_cold_run(
+        workspace, tmp_path, generate_calls, scoring_calls):
     cache, first_rows = tmp_path / "cache", EVAL_ROWS - 8
 
     def answers(result: dict) -> list[dict]:
@@ -186,13 +209,25 @@ def test_a_grown_eval_split_generates_only_its_new_rows_and_answers_as_a_cold_ru
     evaluate(workspace, "bad_adapter", tmp_path / "first", cache=cache,
              config=CLASSIFY.model_copy(update={"max_rows": first_rows}))
     generate_calls.clear()
+    for calls in scoring_calls.values():
+        calls.clear()
     grown = evaluate(workspace, "bad_adapter", tmp_path / "grown", cache=cache)
-    # base, few-shot and fine-tuned answer the 8 new rows; nobody answers the probe again
+    # base, few-shot and fine-tuned answer the 8 new rows and rank their labels, and the label the new rows brought
+    # on the old ones; base and fine-tuned score only the new references; nobody answers or scores the probe again
     assert generate_calls == [8, 8, 8] and not grown["base_cached"]
+    rows = read_examples(workspace / "eval.parquet")
+    before, after = (len(labels(select_rows(rows, n))) for n in (first_rows, EVAL_ROWS))
+    assert after > before, "the new rows bring a label"
+    ranked = 8 * after + first_rows * (after - before)
+    assert scoring_calls == {"candidate_logprobs": [ranked] * 3, "conversation_logprobs": [8, 8]}
     cold = evaluate(workspace, "bad_adapter", tmp_path / "cold", cache=tmp_path / "cold-cache")
     assert answers(grown) == answers(cold) and len(answers(cold)) == EVAL_ROWS
-    for name in ("base_score", "fewshot_score", "finetuned_score", "probe_base_accuracy", "probe_finetuned_accuracy"):
+    for name in ("base_score", "fewshot_score", "finetuned_score", "probe_base_accuracy", "probe_finetuned_accuracy",
+                 "metrics"):  # "metrics": every column's scores, label likelihood accuracy included
         assert grown[name] == cold[name], name
+    assert "label_likelihood_accuracy" in cold["metrics"]["fewshot"]
+    for name in ("base_loss", "finetuned_loss", "forgetting"):  # sums over rows batched differently
+        assert grown[name] == pytest.approx(cold[name], rel=1e-5, abs=1e-6), name
 
 
 def test_changing_gate_thresholds_flips_the_gate_without_generating(workspace, tmp_path, generate_calls):

@@ -12,9 +12,11 @@ import pytest
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation import run_evaluation
-from ftpipe.core.evaluation.generation import load_model
+from ftpipe.core.evaluation.generation import conversation_logprobs, load_model
 from ftpipe.core.evaluation.outputs import ModelOutputs
-from ftpipe.core.evaluation.preference import mean_logprobs, measure_preference, preference_correct
+from ftpipe.core.evaluation.preference import (
+    mean_pair_logprobs, measure_preference, pair_conversations, preference_correct,
+)
 from ftpipe.core.preferences import write_preferences
 from ftpipe_tests.tiny_model import COLORS, toy_rows, write_chat_parquet
 from ftpipe_tests.trained_models import competent_base, lora_adapter, write_probe
@@ -115,6 +117,10 @@ def direct_mean_logprob(model, tokenizer, prompt: list[dict], answer: str) -> fl
 
 def flat(pairs: list[tuple[float, float]]) -> list[float]:
     return [value for both in pairs for value in both]
+
+
+def mean_logprobs(model, tokenizer, pairs: list[dict], batch_size: int) -> list[tuple[float, float]]:
+    return mean_pair_logprobs(conversation_logprobs(model, tokenizer, pair_conversations(pairs), batch_size))
 
 
 def test_pairs_are_scored_by_the_mean_token_log_probability_of_each_answer(workspace):

@@ -196,11 +196,21 @@ def answer_logprobs(model, tokenizer, scored: list[Scored], batch_size: int) -> 
     return results
 
 
-def reference_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> tuple[float, float]:
-    """(mean token loss, perplexity) of each conversation's last (assistant) message given the rest."""
-    sums = answer_logprobs(model, tokenizer, [answer_tokens(tokenizer, c) for c in conversations], batch_size)
+def conversation_logprobs(model, tokenizer, conversations: list[list[dict]],
+                          batch_size: int) -> list[tuple[float, int]]:
+    """(summed log-probability, token count) of each conversation's last (assistant) message given the rest."""
+    return answer_logprobs(model, tokenizer, [answer_tokens(tokenizer, c) for c in conversations], batch_size)
+
+
+def loss_of(sums: list[tuple[float, int]]) -> tuple[float, float]:
+    """(mean token loss, perplexity) over answers' (summed log-probability, token count)."""
     mean = -sum(logprob for logprob, _ in sums) / max(sum(count for _, count in sums), 1)
     return mean, math.exp(min(mean, 700.0))
+
+
+def reference_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> tuple[float, float]:
+    """(mean token loss, perplexity) of each conversation's last (assistant) message given the rest."""
+    return loss_of(conversation_logprobs(model, tokenizer, conversations, batch_size))
 
 
 def _shared_length(sequences: list[list[int]]) -> int:

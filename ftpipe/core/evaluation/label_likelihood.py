@@ -5,6 +5,8 @@ no made-up label is ever returned."""
 
 from __future__ import annotations
 
+import json
+
 from ftpipe.core.evaluation.generation import continuation_logprobs, encode, prompt_ids, stop_token_ids
 from ftpipe.core.evaluation.metrics import LabelChoices
 
@@ -17,16 +19,35 @@ def likeliest(model, tokenizer, prompt: list[dict], continuations: list[list[int
     return max(range(len(logprobs)), key=logprobs.__getitem__)
 
 
-def ranked_labels(model, tokenizer, prompts: list[list[dict]], choices: LabelChoices) -> list[str]:
-    """Each row's label whose candidate answer has the highest summed log-probability given the row's prompt."""
-    return [choices.names[likeliest(model, tokenizer, prompt, [encode(tokenizer, text) for text in candidates])]
-            for prompt, candidates in zip(prompts, choices.candidates)]
+def candidate_logprobs(model, tokenizer, candidates: list[tuple[list[dict], str]]) -> list[float]:
+    """The summed log-probability of each (chat prompt, candidate answer) pair's candidate as the start of the
+    prompt's answer; the candidates of one prompt share one pass over it."""
+    by_prompt: dict[str, list[int]] = {}
+    for index, (prompt, _) in enumerate(candidates):
+        by_prompt.setdefault(json.dumps(prompt, sort_keys=True), []).append(index)
+    logprobs = [0.0] * len(candidates)
+    for indices in by_prompt.values():
+        prompt = prompt_ids(tokenizer, candidates[indices[0]][0])
+        found = continuation_logprobs(model, prompt, [encode(tokenizer, candidates[i][1]) for i in indices])
+        for index, logprob in zip(indices, found):
+            logprobs[index] = logprob
+    return logprobs
 
 
-def label_likelihood_correct(model, tokenizer, prompts: list[list[dict]], choices: LabelChoices) -> list[float]:
-    """Per row, 1.0 when the top-ranked label is the expected one."""
-    ranked = ranked_labels(model, tokenizer, prompts, choices)
-    return [float(label == expected) for label, expected in zip(ranked, choices.expected)]
+def top_label_correct(choices: LabelChoices, logprobs: list[float]) -> list[float]:
+    """Per row, 1.0 when its likeliest candidate is its expected label; `logprobs` has one per candidate, row by
+    row (the order of `label_candidates`)."""
+    scores = iter(logprobs)
+    correct = []
+    for candidates, expected in zip(choices.candidates, choices.expected):
+        row = [next(scores) for _ in candidates]
+        correct.append(float(choices.names[row.index(max(row))] == expected))
+    return correct
+
+
+def label_candidates(prompts: list[list[dict]], choices: LabelChoices) -> list[tuple[list[dict], str]]:
+    """(prompt, candidate answer) for every candidate of every row, row by row."""
+    return [(prompt, text) for prompt, candidates in zip(prompts, choices.candidates) for text in candidates]
 
 
 def end_of_turn_ids(model, tokenizer) -> list[int]:

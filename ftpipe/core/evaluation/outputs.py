@@ -1,34 +1,36 @@
 """What each model produced: answers (generated, or constrained to the label set) and label rankings on the
 held-out rows, their reference loss, its probe answers and losses, and which answer of each held-out preference pair
 it prefers. The base model's outputs, zero-shot and few-shot, are cached on disk, so evaluating a new fine-tuned
-model only runs that model (and the SFT model it was preference-tuned from); every model's generated answers are
-also cached per prompt, so a grown eval split generates only its new rows."""
+model only runs that model (and the SFT model it was preference-tuned from); every model's results are also cached
+per row (answers, top labels, answer log-probabilities: `RowCache`), so a grown eval split runs the models on its
+new rows only."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ftpipe.config import EvaluationConfig
-from ftpipe.core.evaluation.answer_rows import AnswerRows
 from ftpipe.core.evaluation.fewshot import fewshot_prompt
 from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS
 from ftpipe.core.evaluation.generation import (
-    answer_logprobs, answer_tokens, generate, inference_device, is_adapter, load_finetuned, load_model,
-    mean_prompt_tokens, reference_loss,
+    conversation_logprobs, generate, inference_device, is_adapter, load_finetuned, load_model, loss_of,
+    mean_prompt_tokens,
 )
-from ftpipe.core.evaluation.label_likelihood import constrained_answers, label_likelihood_correct
+from ftpipe.core.evaluation.label_likelihood import (
+    candidate_logprobs, constrained_answers, label_candidates, top_label_correct,
+)
 from ftpipe.core.evaluation.metrics import LabelChoices, TaskMetrics
-from ftpipe.core.evaluation.preference import preference_correct
+from ftpipe.core.evaluation.preference import chosen_preferred, pair_conversations
+from ftpipe.core.evaluation.row_cache import RowCache
 from ftpipe.core.storage import write_text
 
-CACHE_FORMAT = "2"  # bump when the cached content or the decoding code changes
+CACHE_FORMAT = "3"  # bump when the cached content or the decoding code changes
 
 Log = Callable[[str], None]
 TUNED = {"sft": "SFT", "finetuned": "fine-tuned"}  # the trained models, in the order they are evaluated
@@ -81,46 +83,58 @@ answers are constrained to (if they are), the probe and the held-out preference 
 
 
 def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout, config: EvaluationConfig, log: Log,
-                  name: str, answered: AnswerRows, *, full: bool = True) -> ModelOutputs:
-    """One model's outputs for `prompts` (one per held-out row), its answers generated only for prompts not in
-    `answered`; `full` adds the reference loss, the probe and the preference pairs."""
-    started = time.perf_counter()
-    if heldout.labels is not None:
-        answers = constrained_answers(model, tokenizer, prompts, heldout.labels)
-        log(f"{name}: answered {len(prompts)} held-out rows with one of {len(heldout.labels)} labels")
-    else:
-        answers = answered.answers(prompts, config.max_new_tokens, lambda missing: generate(
-            model, tokenizer, missing, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-            progress=lambda done, total: log(f"{name}: generated {done}/{total} held-out rows not answered before")))
+                  name: str, rows: RowCache, *, full: bool = True) -> ModelOutputs:
+    """One model's outputs for `prompts` (one per held-out row), computed only for inputs not in `rows`; `full`
+    adds the reference loss, the probe and the preference pairs."""
+    answers, seconds_per_row = _answers(model, tokenizer, prompts, heldout, config, rows, log, name)
     outputs = ModelOutputs(ids=heldout.ids, answers=answers, prompt_tokens=mean_prompt_tokens(tokenizer, prompts),
-                           seconds_per_row=(time.perf_counter() - started) / max(len(prompts), 1))
+                           seconds_per_row=seconds_per_row)
     if heldout.choices is not None:
-        outputs.label_correct = label_likelihood_correct(model, tokenizer, prompts, heldout.choices)
+        logprobs = rows.values("label logprob", label_candidates(prompts, heldout.choices),
+                               functools.partial(candidate_logprobs, model, tokenizer))
+        outputs.label_correct = top_label_correct(heldout.choices, logprobs)
         log(f"{name}: ranked the labels by likelihood on {len(prompts)} held-out rows")
     if full:
-        outputs.loss, outputs.perplexity = reference_loss(model, tokenizer, [r["messages"] for r in heldout.rows],
-                                                          config.batch_size)
+        def logprobs(conversations: list[list[dict]]) -> list[tuple[float, int]]:
+            return rows.values("answer logprob", conversations, lambda missing: conversation_logprobs(
+                model, tokenizer, missing, config.batch_size))
+
+        outputs.loss, outputs.perplexity = loss_of(logprobs([r["messages"] for r in heldout.rows]))
         log(f"{name}: held-out loss {outputs.loss:.4f} (perplexity {outputs.perplexity:.2f})")
-        _add_probe(model, tokenizer, heldout.probe, config.batch_size, outputs, answered,
+        _add_probe(model, tokenizer, heldout.probe, config.batch_size, outputs, rows, logprobs,
                    lambda text: log(f"{name}: {text}"))
         if heldout.pairs:
-            outputs.preference_correct = preference_correct(model, tokenizer, heldout.pairs, config.batch_size)
+            outputs.preference_correct = chosen_preferred(logprobs(pair_conversations(heldout.pairs)))
             log(f"{name}: prefers the chosen answer in {sum(outputs.preference_correct):.0f}/{len(heldout.pairs)} "
                 "held-out preference pairs")
     return outputs
 
 
-def _add_probe(model, tokenizer, probe: list[dict], batch_size: int, outputs: ModelOutputs, answered: AnswerRows,
-               log: Log) -> None:
+def _answers(model, tokenizer, prompts: list[list[dict]], heldout: Heldout, config: EvaluationConfig,
+             rows: RowCache, log: Log, name: str) -> tuple[list[str], float | None]:
+    """(the answer to each prompt, the seconds answering took per row)."""
+    if heldout.labels is not None:
+        kind, settings = "constrained answer", heldout.labels
+        log(f"{name}: answering {len(prompts)} held-out rows with one of {len(heldout.labels)} labels")
+        compute = functools.partial(constrained_answers, model, tokenizer, labels=heldout.labels)
+    else:
+        kind, settings = "answer", config.max_new_tokens
+        compute = functools.partial(
+            generate, model, tokenizer, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+            progress=lambda done, total: log(f"{name}: generated {done}/{total} held-out rows not answered before"))
+    return rows.values(kind, prompts, compute, settings), rows.seconds_per_item(kind, prompts, settings)
+
+
+def _add_probe(model, tokenizer, probe: list[dict], batch_size: int, outputs: ModelOutputs, rows: RowCache,
+               logprobs: Callable[[list[list[dict]]], list[tuple[float, int]]], log: Log) -> None:
     if not probe:
         return
-    outputs.probe_answers = answered.answers(
-        [p["messages"] for p in probe], PROBE_MAX_NEW_TOKENS,
+    outputs.probe_answers = rows.values(
+        "answer", [p["messages"] for p in probe],
         lambda missing: generate(model, tokenizer, missing, max_new_tokens=PROBE_MAX_NEW_TOKENS, batch_size=batch_size,
                                  progress=lambda done, total: log(f"answered {done}/{total} probe rows not answered "
-                                                                  "before")))
-    conversations = [p["messages"] + [{"role": "assistant", "content": p["reference"]}] for p in probe]
-    sums = answer_logprobs(model, tokenizer, [answer_tokens(tokenizer, c) for c in conversations], batch_size)
+                                                                  "before")), PROBE_MAX_NEW_TOKENS)
+    sums = logprobs([p["messages"] + [{"role": "assistant", "content": p["reference"]}] for p in probe])
     outputs.probe_logprobs = [logprob for logprob, _ in sums]
     outputs.probe_tokens = [count for _, count in sums]
     log(f"scored the references of {len(probe)} probe rows")
@@ -158,17 +172,17 @@ def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[s
     base = functools.cache(lambda: load_model(base_model_dir, trust_remote_code))
     key = cache_key(**base_key, device=inference_device())
     base_weights = cache_key(base=base_key["base"], device=inference_device())
-    base_answers = AnswerRows(cache_dir / f"answers-{base_weights}.jsonl")
+    base_rows = RowCache(cache_dir / f"rows-{base_weights}.jsonl")
     outputs: dict[str, ModelOutputs] = {}
     outputs["base"], base_cached = cached_outputs(
         cache_dir / f"base-{key}.json", heldout.ids,
-        lambda: model_outputs(*base(), heldout.prompts, heldout, config, log, "base", base_answers), log)
+        lambda: model_outputs(*base(), heldout.prompts, heldout, config, log, "base", base_rows), log)
     if examples:
         prompts = [fewshot_prompt(p, examples) for p in heldout.prompts]
         fewshot_key = cache_key(base=key, examples=[e["id"] for e in examples])
         outputs["fewshot"], _ = cached_outputs(
             cache_dir / f"fewshot-{fewshot_key}.json", heldout.ids,
-            lambda: model_outputs(*base(), prompts, heldout, config, log, "few-shot", base_answers, full=False), log)
+            lambda: model_outputs(*base(), prompts, heldout, config, log, "few-shot", base_rows, full=False), log)
     applied: list[Path] = []  # the adapters applied to the loaded base model so far
 
     def tuned_outputs(side: str, folder: Path, version: str) -> ModelOutputs:
@@ -176,8 +190,8 @@ def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[s
             base.cache_clear()  # a full fine-tune needs no base model; a second adapter needs one the first left alone
         applied.append(folder)
         model, tokenizer = load_finetuned(folder, base, trust_remote_code)
-        answered = AnswerRows(cache_dir / f"answers-{cache_key(base=base_weights, weights=version)}.jsonl")
-        return model_outputs(model, tokenizer, heldout.prompts, heldout, config, log, TUNED[side], answered)
+        rows = RowCache(cache_dir / f"rows-{cache_key(base=base_weights, weights=version)}.jsonl")
+        return model_outputs(model, tokenizer, heldout.prompts, heldout, config, log, TUNED[side], rows)
 
     for side in (side for side in TUNED if side in tuned):
         folder, version = tuned[side]

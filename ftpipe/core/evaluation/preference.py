@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftpipe.core.evaluation.generation import answer_logprobs, answer_tokens
+from ftpipe.core.evaluation.generation import conversation_logprobs
 from ftpipe.core.evaluation.statistics import paired_bootstrap
 from ftpipe.core.preferences import is_paired, read_preferences
 
@@ -24,19 +24,25 @@ def read_pairs(path: Path | None, max_rows: int | None) -> list[dict]:
     return sorted(pairs, key=lambda row: row["id"])[:max_rows]
 
 
-def mean_logprobs(model, tokenizer, pairs: list[dict], batch_size: int) -> list[tuple[float, float]]:
-    """(chosen, rejected) mean token log-probability of each pair's answers after its prompt in the chat template
-    (the answer's end-of-turn tokens included)."""
-    conversations = [pair["prompt"] + [{"role": "assistant", "content": pair[answer]}]
-                     for pair in pairs for answer in ANSWERS]
-    sums = answer_logprobs(model, tokenizer, [answer_tokens(tokenizer, c) for c in conversations], batch_size)
+def pair_conversations(pairs: list[dict]) -> list[list[dict]]:
+    """Each pair's prompt with its chosen answer, then with its rejected one."""
+    return [pair["prompt"] + [{"role": "assistant", "content": pair[answer]}] for pair in pairs for answer in ANSWERS]
+
+
+def mean_pair_logprobs(sums: list[tuple[float, int]]) -> list[tuple[float, float]]:
+    """(chosen, rejected) mean token log-probability per pair, from `pair_conversations`' (sum, token count)."""
     means = [logprob / max(count, 1) for logprob, count in sums]
     return list(zip(means[::2], means[1::2]))
 
 
+def chosen_preferred(sums: list[tuple[float, int]]) -> list[float]:
+    """Per pair, 1.0 when the chosen answer has the strictly higher mean token log-probability, else 0.0."""
+    return [float(chosen > rejected) for chosen, rejected in mean_pair_logprobs(sums)]
+
+
 def preference_correct(model, tokenizer, pairs: list[dict], batch_size: int) -> list[float]:
     """Per pair, 1.0 when the chosen answer has the strictly higher mean token log-probability, else 0.0."""
-    return [float(chosen > rejected) for chosen, rejected in mean_logprobs(model, tokenizer, pairs, batch_size)]
+    return chosen_preferred(conversation_logprobs(model, tokenizer, pair_conversations(pairs), batch_size))
 
 
 def measure_preference(outputs: dict[str, ModelOutputs], samples: int, seed: int) -> dict[str, Any]:

@@ -1,0 +1,53 @@
+"""One model's per-row results cached on disk: greedy answers, constrained answers, top-ranked labels and answer
+log-probabilities, each keyed by its kind, the settings that produced it and its input (a prompt, a conversation).
+A file belongs to one model (the version of its weights, on one device), so an eval split that gained rows runs
+the model on its new rows only, and the probe is not run again when only the split changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ftpipe.core.storage import append_lines, read_keyed_lines
+
+Compute = Callable[[list], list]  # items -> one JSON value per item, in order
+
+
+def row_key(kind: str, settings: Any, item: Any) -> str:
+    text = json.dumps([kind, settings, item], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class RowCache:
+    """Results by key in a JSON-lines file, each with the seconds it took (its call's time over its items); lines
+    are only ever appended (a line cut short by a crash is skipped when read)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def values(self, kind: str, items: list, compute: Compute, settings: Any = None) -> list:
+        """The result of `kind` for each item, calling `compute` once with the items never computed before (in
+        order); results come back as JSON gives them (a tuple as a list)."""
+        keys = [row_key(kind, settings, item) for item in items]
+        known = read_keyed_lines(self.path)
+        first_of = {key: index for index, key in reversed(list(enumerate(keys))) if key not in known}
+        missing = sorted(first_of.values())
+        if missing:
+            started = time.perf_counter()
+            fresh = compute([items[i] for i in missing])
+            seconds = (time.perf_counter() - started) / len(missing)
+            entries = [{"key": keys[i], "value": value, "seconds": seconds}
+                       for i, value in zip(missing, fresh, strict=True)]
+            append_lines(self.path, entries)
+            known.update((entry["key"], json.loads(json.dumps(entry))) for entry in entries)
+        return [known[key]["value"] for key in keys]
+
+    def seconds_per_item(self, kind: str, items: list, settings: Any = None) -> float | None:
+        """The mean seconds computing `kind` took per item, over those computed (None: none was)."""
+        known = read_keyed_lines(self.path)
+        seconds = [entry["seconds"] for item in items if (entry := known.get(row_key(kind, settings, item)))]
+        return sum(seconds) / len(seconds) if seconds else None
