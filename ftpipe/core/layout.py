@@ -23,8 +23,8 @@
         checkpoints/<fingerprint>/       the checkpoints of the training with that fingerprint
         eval_report/                     report.md, predictions.parquet, metrics.json, result.json
         merged_model/<base>-<adapter>/   one servable model per adapter (result.json inside); `latest` links to the newest
-        cache/eval_base/                 each model's outputs on the held-out rows, and its answers per prompt,
-                                         by weights version
+        cache/eval_base/                 each model's outputs on the held-out rows, and rows-<weights>.jsonl, its
+                                         results per row (answers, label and answer log-probabilities)
         cache/warm_start/                train-ids-<split version>.txt of each SFT training's split, and
                                          rows-<fingerprint>.parquet, the rows of each warm start (retrain.warm_start)
         requests/                        the request log of `ftpipe serve` (see server.request_log)

@@ -14,7 +14,8 @@ import pytest
 from ftpipe.config import EvaluationConfig, JudgeConfig
 from ftpipe.core.evaluation import evaluation_key, outputs, read_evaluation, run_evaluation, waiting_for_reviews
 from ftpipe.core.evaluation.generation import (
-    answer_tokens, continuation_logprobs, encode, generate, load_model, prompt_ids, reference_loss,
+    answer_tokens, continuation_logprobs, conversation_logprobs, encode, generate, load_model, prompt_ids,
+    reference_loss, shared_prefix,
 )
 from ftpipe.core.evaluation.label_likelihood import constrained_answers, end_of_turn_ids
 from ftpipe.core.evaluation.metrics import task_metrics
@@ -45,6 +46,28 @@ def test_batched_generation_equals_one_at_a_time(noisy_model):
     single = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=1)
     assert batched == single
     assert len(set(batched)) > 5 and all(batched)  # real, varied outputs: padding errors would show
+
+
+def test_a_long_shared_system_prompt_runs_once_and_changes_no_answer_or_score(noisy_model, monkeypatch):
+    from ftpipe.core.evaluation import generation
+
+    model, tokenizer = noisy_model
+    system = {"role": "system", "content": "You triage support tickets for a shop. " * 12}
+    prompts = [[system, prompt[-1]] for prompt in varied_prompts(20)]
+    prefix = shared_prefix(model, [prompt_ids(tokenizer, p) for p in prompts])
+    assert prefix is not None and len(prefix.ids) > 100
+
+    def answers_and_scores():
+        answers = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=8)
+        conversations = [p + [{"role": "assistant", "content": a or "?"}] for p, a in zip(prompts, answers)]
+        return answers, conversation_logprobs(model, tokenizer, conversations, batch_size=8)
+
+    answers, scores = answers_and_scores()
+    monkeypatch.setattr(generation, "shared_prefix", lambda model, prompts: None)
+    unshared_answers, unshared_scores = answers_and_scores()
+    assert answers == unshared_answers and len(set(answers)) > 5 and all(answers)
+    assert [count for _, count in scores] == [count for _, count in unshared_scores]
+    assert [logprob for logprob, _ in scores] == pytest.approx([logprob for logprob, _ in unshared_scores], rel=1e-4)
 
 
 def test_reference_loss_scores_only_the_answer_tokens(noisy_model):
@@ -83,6 +106,13 @@ def test_continuation_log_likelihood_equals_scoring_each_sequence_whole(noisy_mo
             logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
         expected.append(sum(logprobs[i - 1, ids[i]].item() for i in range(len(prompt), len(ids))))
     assert continuation_logprobs(model, prompt, continuations) == pytest.approx(expected, rel=1e-4)
+    prefix = shared_prefix(model, [prompt, prompt_ids(tokenizer, varied_prompts(3)[2])])
+    assert prefix is not None and prefix.covers(prompt) and len(prefix.ids) > 5  # the system prompt at least
+    assert continuation_logprobs(model, prompt, continuations, prefix) == pytest.approx(expected, rel=1e-4)
+    other = prompt_ids(tokenizer, [{"role": "system", "content": "Another system prompt."}, varied_prompts(2)[1][-1]])
+    assert not prefix.covers(other)
+    assert continuation_logprobs(model, other, continuations, prefix) == continuation_logprobs(model, other,
+                                                                                              continuations)
 
 
 def test_constrained_answers_are_always_one_of_the_labels(noisy_model):

@@ -3,8 +3,10 @@ full fine-tune) for inference, batched greedy decoding, and the log-likelihood o
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +90,62 @@ def pad(sequences: list[list[int]], pad_id: int, *, left: bool):
     return ids, mask
 
 
+def prompt_batch(prompts: list[list[int]], pad_id: int, prefix: SharedPrefix | None):
+    """(input_ids, attention_mask) of a generation batch: left-padded, or with a shared `prefix` that every prompt
+    starts with, the prefix first and each rest left-padded after it (the padding masked, positions unchanged)."""
+    import torch
+
+    if prefix is None:
+        return pad(prompts, pad_id, left=True)
+    ids, mask = pad([prompt[len(prefix.ids):] for prompt in prompts], pad_id, left=True)
+    head = torch.tensor([prefix.ids] * len(prompts), dtype=torch.long)
+    return torch.cat([head, ids], dim=1), torch.cat([torch.ones_like(head), mask], dim=1)
+
+
 def pad_id_of(tokenizer, fallback: int = 0) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
 
 
 # ---------------------------------------------------------------- greedy decoding
+
+
+def _shared_length(sequences: list[list[int]]) -> int:
+    """How many leading tokens all `sequences` have in common."""
+    return next((i for i, column in enumerate(zip(*sequences)) if len(set(column)) > 1), min(map(len, sequences)))
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The token ids many prompts start with, and the model's KV cache after them (never changed: copied per use)."""
+
+    ids: list[int]
+    cache: Any
+
+    def covers(self, prompt: list[int]) -> bool:
+        """True when `prompt` starts with these ids and has at least one token after them."""
+        return len(prompt) > len(self.ids) and prompt[:len(self.ids)] == self.ids
+
+    def cache_for(self, rows: int):
+        """A copy of the cache for a batch of `rows` prompts."""
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+
+def shared_prefix(model, prompts: list[list[int]]) -> SharedPrefix | None:
+    """The KV cache of the tokens all `prompts` (two or more) start with, but the last of each (whose logits the
+    prompt's own pass must give); None when there are none."""
+    import torch
+
+    length = min(_shared_length(prompts), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
+    if length < 1:
+        return None
+    ids = prompts[0][:length]
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True, logits_to_keep=1)
+    return SharedPrefix(ids, out.cache)
+
+
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -110,7 +163,8 @@ def greedy_batches(model, tokenizer, prompts: list[list[dict]], *, max_new_token
                    output_logits: bool = False) -> Iterator[tuple[list[int], list[str], Any]]:
     """Yield (row indices, answers, per-step logits or None) per batch of greedy generation.
 
-    Rows are batched longest first (little padding), left-padded, and decoded with the KV cache.
+    Rows are batched longest first (little padding), left-padded, and decoded with the KV cache; the tokens all
+    prompts start with run once (`shared_prefix`), and each batch continues from a copy of their cache.
     """
     import torch
 
@@ -118,13 +172,15 @@ def greedy_batches(model, tokenizer, prompts: list[list[dict]], *, max_new_token
     order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
     stops = stop_token_ids(model, tokenizer)
     pad_id = pad_id_of(tokenizer, stops[0])
+    prefix = shared_prefix(model, encoded)
     for indices in chunks(order, batch_size):
-        ids, mask = pad([encoded[i] for i in indices], pad_id, left=True)
+        ids, mask = prompt_batch([encoded[i] for i in indices], pad_id, prefix)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,
                 do_sample=False, num_beams=1, repetition_penalty=1.0, use_cache=True, eos_token_id=stops,
                 pad_token_id=pad_id, return_dict_in_generate=True, output_logits=output_logits,
+                cache=prefix.cache_for(len(indices)) if prefix else None,
             )
         new_tokens = out.sequences[:, ids.shape[1]:].tolist()
         answers = [tokenizer.decode(_cut_at_stop(seq, stops), skip_special_tokens=True).strip() for seq in new_tokens]
@@ -171,13 +227,16 @@ def scoring_batch(scored: list[Scored], pad_id: int):
     return ids, mask, labels
 
 
-def _batch_logprobs(model, scored: list[Scored], pad_id: int) -> list[tuple[float, int]]:
+def _batch_logprobs(model, scored: list[Scored], pad_id: int, prefix: SharedPrefix | None) -> list[tuple[float, int]]:
     import torch
 
-    ids, mask, labels = scoring_batch(scored, pad_id)
-    start = max(min(prompt_len for _, prompt_len in scored) - 1, 0)  # logits only where an answer token follows
+    skip = len(prefix.ids) if prefix else 0  # every sequence starts with the prefix, and its prompt goes beyond it
+    ids, mask, labels = scoring_batch([(seq[skip:], prompt_len - skip) for seq, prompt_len in scored], pad_id)
+    start = max(min(prompt_len for _, prompt_len in scored) - skip - 1, 0)  # logits only where an answer token follows
+    attention = torch.cat([torch.ones(len(scored), skip, dtype=torch.long), mask], dim=1)
     with torch.inference_mode():
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+        logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
+                       cache=prefix.cache_for(len(scored)) if prefix else None,
                        logits_to_keep=ids.shape[1] - start).logits[:, :-1].float()
     targets = labels[:, start + 1:].to(logits.device)
     scored_mask = targets != IGNORE
@@ -187,11 +246,14 @@ def _batch_logprobs(model, scored: list[Scored], pad_id: int) -> list[tuple[floa
 
 
 def answer_logprobs(model, tokenizer, scored: list[Scored], batch_size: int) -> list[tuple[float, int]]:
-    """(summed log-probability, token count) of each sequence's answer part, in the order given."""
+    """(summed log-probability, token count) of each sequence's answer part, in the order given; the tokens all
+    prompts start with run once (`shared_prefix`)."""
     order = sorted(range(len(scored)), key=lambda i: -len(scored[i][0]))
+    prefix = shared_prefix(model, [seq[:prompt_len] for seq, prompt_len in scored])
     results: list[tuple[float, int]] = [(0.0, 0)] * len(scored)
     for indices in chunks(order, batch_size):
-        for index, value in zip(indices, _batch_logprobs(model, [scored[i] for i in indices], pad_id_of(tokenizer))):
+        batch = _batch_logprobs(model, [scored[i] for i in indices], pad_id_of(tokenizer), prefix)
+        for index, value in zip(indices, batch):
             results[index] = value
     return results
 
@@ -213,20 +275,19 @@ def reference_loss(model, tokenizer, conversations: list[list[dict]], batch_size
     return loss_of(conversation_logprobs(model, tokenizer, conversations, batch_size))
 
 
-def _shared_length(sequences: list[list[int]]) -> int:
-    """How many leading tokens all `sequences` have in common."""
-    return next((i for i, column in enumerate(zip(*sequences)) if len(set(column)) > 1), min(map(len, sequences)))
-
-
-def continuation_logprobs(model, prompt: list[int], continuations: list[list[int]]) -> list[float]:
-    """Summed log-probability of each continuation (token ids) right after the `prompt` ids. The prompt and the
-    continuations' common first tokens run once; the rest of each runs as one batch on copies of that KV cache."""
+def continuation_logprobs(model, prompt: list[int], continuations: list[list[int]],
+                          prefix: SharedPrefix | None = None) -> list[float]:
+    """Summed log-probability of each continuation (token ids) right after the `prompt` ids. The prompt (after the
+    `prefix`, when it starts with it) and the continuations' common first tokens run once; the rest of each runs as
+    one batch on copies of that KV cache."""
     import torch
 
     shared = _shared_length(continuations)
     head = prompt + continuations[0][:shared]
+    start, cache = (len(prefix.ids), copy.deepcopy(prefix.cache)) if prefix and prefix.covers(prompt) else (0, None)
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([head], device=model.device), use_cache=True, logits_to_keep=shared + 1)
+        out = model(input_ids=torch.tensor([head[start:]], device=model.device), cache=cache, use_cache=True,
+                    logits_to_keep=shared + 1)
         logprobs = out.logits[0].float().log_softmax(-1)  # rows predict the shared tokens, then the first of the rest
         shared_ids = torch.tensor(continuations[0][:shared], dtype=torch.long, device=logprobs.device).view(-1, 1)
         head_logprob = logprobs[:-1].gather(-1, shared_ids).sum().item()

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import json
 
-from ftpipe.core.evaluation.generation import continuation_logprobs, encode, prompt_ids, stop_token_ids
+from ftpipe.core.evaluation.generation import (
+    continuation_logprobs, encode, prompt_ids, shared_prefix, stop_token_ids,
+)
 from ftpipe.core.evaluation.metrics import LabelChoices
 
 SENTINEL = "<<ftpipe-answer>>"
 
 
-def likeliest(model, tokenizer, prompt: list[dict], continuations: list[list[int]]) -> int:
-    """The index of the continuation (token ids) with the highest summed log-probability after the chat `prompt`."""
-    logprobs = continuation_logprobs(model, prompt_ids(tokenizer, prompt), continuations)
-    return max(range(len(logprobs)), key=logprobs.__getitem__)
+def prompts_logprobs(model, prompts: list[list[int]], continuations: list[list[list[int]]]) -> list[list[float]]:
+    """For each prompt (token ids), the summed log-probability of each of its continuations (token ids); the tokens
+    all prompts start with (a long system prompt, few-shot examples) run once."""
+    prefix = shared_prefix(model, prompts)
+    return [continuation_logprobs(model, prompt, options, prefix) for prompt, options in zip(prompts, continuations)]
 
 
 def candidate_logprobs(model, tokenizer, candidates: list[tuple[list[dict], str]]) -> list[float]:
@@ -25,11 +28,12 @@ def candidate_logprobs(model, tokenizer, candidates: list[tuple[list[dict], str]
     by_prompt: dict[str, list[int]] = {}
     for index, (prompt, _) in enumerate(candidates):
         by_prompt.setdefault(json.dumps(prompt, sort_keys=True), []).append(index)
+    groups = list(by_prompt.values())
+    found = prompts_logprobs(model, [prompt_ids(tokenizer, candidates[group[0]][0]) for group in groups],
+                             [[encode(tokenizer, candidates[i][1]) for i in group] for group in groups])
     logprobs = [0.0] * len(candidates)
-    for indices in by_prompt.values():
-        prompt = prompt_ids(tokenizer, candidates[indices[0]][0])
-        found = continuation_logprobs(model, prompt, [encode(tokenizer, candidates[i][1]) for i in indices])
-        for index, logprob in zip(indices, found):
+    for group, values in zip(groups, found):
+        for index, logprob in zip(group, values):
             logprobs[index] = logprob
     return logprobs
 
@@ -67,4 +71,6 @@ def constrained_answers(model, tokenizer, prompts: list[list[dict]], labels: lis
         raise ValueError("constrained answers need at least one label")
     ending = end_of_turn_ids(model, tokenizer)
     continuations = [encode(tokenizer, label) + ending for label in labels]
-    return [labels[likeliest(model, tokenizer, prompt, continuations)] for prompt in prompts]
+    found = prompts_logprobs(model, [prompt_ids(tokenizer, prompt) for prompt in prompts],
+                             [continuations] * len(prompts))
+    return [labels[logprobs.index(max(logprobs))] for logprobs in found]
