@@ -31,7 +31,7 @@ run: install model
 # One pytest worker per core, one torch thread per worker: the real-model demo runs beside the other tests
 # instead of before them, and two torch processes never fight over the same cores.
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadscope ftpipe_tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadscope --durations=15 ftpipe_tests
 
 # The quick tests for iteration: everything but real trainings (`slow`) and whole stacks (`e2e`).
 test-fast: install

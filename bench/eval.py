@@ -1,21 +1,25 @@
 """Evaluation generation throughput: ftpipe's batched greedy generation (left padding, KV cache) against one
-`generate` call per row, side by side on the same prompts; and what answers constrained to a label set cost.
+`generate` call per row, side by side on the same prompts; what answers constrained to a label set cost; and
+prompts that share a long start (a system prompt of --shared-words words, as few-shot examples are), answered and
+label-ranked with that start run once (`shared_prefix`) against running it in every row.
 
     python bench/eval.py                                   # tiny random model, runs anywhere in about a minute
     python bench/eval.py --model .ftpipe/models/<fingerprint> --rows 32
 
-Prints rows/s of each, the ratio (target >= 4x on CPU), whether the outputs are identical, and rows/s of answers
-constrained to --labels labels (`evaluation.constrain_to_labels`).
+Prints rows/s of each, the ratios (target >= 4x on CPU for batching), whether the outputs are identical, and rows/s
+of answers constrained to --labels labels (`evaluation.constrain_to_labels`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from ftpipe.core.evaluation import generation, label_likelihood
 from ftpipe.core.evaluation.generation import generate, load_model
 from ftpipe.core.evaluation.label_likelihood import constrained_answers
 from ftpipe.core.storage import REPO_ROOT
@@ -51,6 +55,42 @@ def bench(model_dir: Path, rows: int, batch_size: int, max_new_tokens: int, labe
           + ("" if set(constrained) <= set(labels) else "  <-- AN ANSWER OUTSIDE THE LABELS"))
 
 
+@contextlib.contextmanager
+def every_row_runs_its_whole_prompt():
+    """The baseline: no shared prefix, in generation, label ranking and scoring alike."""
+    real = generation.shared_prefix
+    generation.shared_prefix = label_likelihood.shared_prefix = lambda model, prompts: None
+    try:
+        yield
+    finally:
+        generation.shared_prefix = label_likelihood.shared_prefix = real
+
+
+def bench_shared_prefix(model_dir: Path, rows: int, batch_size: int, max_new_tokens: int, label_count: int,
+                        shared_words: int) -> None:
+    model, tokenizer = load_model(model_dir)
+    system = {"role": "system", "content": " ".join(f"rule{i % 50}" for i in range(shared_words))}
+    prompts = [[system, prompt[-1]] for prompt in varied_prompts(rows)]
+    labels = [f"label_{i:02d}" for i in range(label_count)]
+
+    def answer():
+        answers, answer_s = timed(lambda: generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                                   batch_size=batch_size))
+        ranked, rank_s = timed(lambda: constrained_answers(model, tokenizer, prompts, labels))
+        return answers, answer_s, ranked, rank_s
+
+    shared = answer()
+    with every_row_runs_its_whole_prompt():
+        whole = answer()
+    prefix = len(generation.shared_prefix(model, [generation.prompt_ids(tokenizer, p) for p in prompts]).ids)
+    print(f"shared prompt start: {rows} prompts starting with the same {prefix} tokens")
+    for name, index in (("generation", 0), (f"{label_count} labels ranked", 2)):
+        same = sum(a == b for a, b in zip(shared[index], whole[index]))
+        print(f"  {name:<18} shared start run once {shared[index + 1]:7.2f} s, in every row {whole[index + 1]:7.2f} s:"
+              f" {whole[index + 1] / shared[index + 1]:.1f}x, identical outputs {same}/{rows}"
+              + ("" if same == rows else "  <-- MISMATCH"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a model dir (safetensors + tokenizer); default: tiny random model")
@@ -58,10 +98,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--labels", type=int, default=12, help="label set size for constrained answers")
+    parser.add_argument("--shared-words", type=int, default=80, help="words of the system prompt every row shares")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or noisy_base(build_tiny_model(Path(tmp) / "tiny"), Path(tmp) / "noisy")
         bench(model_dir, args.rows, args.batch_size, args.max_new_tokens, args.labels)
+        bench_shared_prefix(model_dir, args.rows, args.batch_size, args.max_new_tokens, args.labels, args.shared_words)
 
 
 if __name__ == "__main__":
