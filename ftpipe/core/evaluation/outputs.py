@@ -2,8 +2,8 @@
 held-out rows, their reference loss, its probe answers and losses, and which answer of each held-out preference pair
 it prefers. The base model's outputs, zero-shot and few-shot, are cached on disk, so evaluating a new fine-tuned
 model only runs that model (and the SFT model it was preference-tuned from); every model's results are also cached
-per row (answers, top labels, answer log-probabilities: `RowCache`), so a grown eval split runs the models on its
-new rows only."""
+per row (answers, label candidates' and answers' log-probabilities: `RowCache`), so a grown eval split runs the
+models on its new rows only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One model's per-row results cached on disk: greedy answers, constrained answers, top-ranked labels and answer
+"""One model's per-row results cached on disk: greedy answers, constrained answers, label candidates' and answers'
 log-probabilities, each keyed by its kind, the settings that produced it and its input (a prompt, a conversation).
 A file belongs to one model (the version of its weights, on one device), so an eval split that gained rows runs
 the model on its new rows only, and the probe is not run again when only the split changed."""
