@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ftpipe.config import TaskConfigError, parse_task_config
-from ftpipe.core.evaluation.generation import load_finetuned, load_model, reference_loss
+from ftpipe.core.evaluation.generation import conversation_logprobs, load_finetuned, load_model, loss_of
 from ftpipe.core.records import read_examples
 from ftpipe_tests.tiny_model import toy_rows
 from ftpipe_tests.trained_models import full_finetune
@@ -17,7 +17,8 @@ from ftpipe_tests.training_program import output_result, run_to_end, toy_workspa
 
 def held_out_loss(model_and_tokenizer, root: Path) -> float:
     model, tokenizer = model_and_tokenizer
-    return reference_loss(model, tokenizer, [r["messages"] for r in read_examples(root / "eval.parquet")], 8)[0]
+    rows = read_examples(root / "eval.parquet")
+    return loss_of(conversation_logprobs(model, tokenizer, [r["messages"] for r in rows], 8))[0]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from ftpipe.config import EvaluationConfig, JudgeConfig
 from ftpipe.core.evaluation import evaluation_key, outputs, read_evaluation, run_evaluation, waiting_for_reviews
 from ftpipe.core.evaluation.generation import (
     answer_tokens, continuation_logprobs, conversation_logprobs, encode, generate, load_model, prompt_ids,
-    reference_loss, shared_prefix,
+    loss_of, shared_prefix,
 )
 from ftpipe.core.evaluation.label_likelihood import constrained_answers, end_of_turn_ids
 from ftpipe.core.evaluation.metrics import task_metrics
@@ -68,6 +68,10 @@ def test_a_long_shared_system_prompt_runs_once_and_changes_no_answer_or_score(no
     assert answers == unshared_answers and len(set(answers)) > 5 and all(answers)
     assert [count for _, count in scores] == [count for _, count in unshared_scores]
     assert [logprob for logprob, _ in scores] == pytest.approx([logprob for logprob, _ in unshared_scores], rel=1e-4)
+
+
+def reference_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> tuple[float, float]:
+    return loss_of(conversation_logprobs(model, tokenizer, conversations, batch_size))
 
 
 def test_reference_loss_scores_only_the_answer_tokens(noisy_model):

@@ -15,7 +15,7 @@ from ftpipe.core.evaluation import run_evaluation
 from ftpipe.core.evaluation.generation import conversation_logprobs, load_model
 from ftpipe.core.evaluation.outputs import ModelOutputs
 from ftpipe.core.evaluation.preference import (
-    mean_pair_logprobs, measure_preference, pair_conversations, preference_correct,
+    chosen_preferred, mean_pair_logprobs, measure_preference, pair_conversations,
 )
 from ftpipe.core.preferences import write_preferences
 from ftpipe_tests.tiny_model import COLORS, toy_rows, write_chat_parquet
@@ -121,6 +121,10 @@ def flat(pairs: list[tuple[float, float]]) -> list[float]:
 
 def mean_logprobs(model, tokenizer, pairs: list[dict], batch_size: int) -> list[tuple[float, float]]:
     return mean_pair_logprobs(conversation_logprobs(model, tokenizer, pair_conversations(pairs), batch_size))
+
+
+def preference_correct(model, tokenizer, pairs: list[dict], batch_size: int) -> list[float]:
+    return chosen_preferred(conversation_logprobs(model, tokenizer, pair_conversations(pairs), batch_size))
 
 
 def test_pairs_are_scored_by_the_mean_token_log_probability_of_each_answer(workspace):

@@ -143,9 +143,9 @@ def shared_prefix(model, prompts: list[list[int]]) -> SharedPrefix | None:
     ids = prompts[0][:length]
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True, logits_to_keep=1)
+    if any(out.cache.is_linear) or any(out.cache.is_sliding):
+        return None  # a recurrent or sliding-window layer's cache cannot be continued after padding
     return SharedPrefix(ids, out.cache)
-
-
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -270,11 +270,6 @@ def loss_of(sums: list[tuple[float, int]]) -> tuple[float, float]:
     return mean, math.exp(min(mean, 700.0))
 
 
-def reference_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> tuple[float, float]:
-    """(mean token loss, perplexity) of each conversation's last (assistant) message given the rest."""
-    return loss_of(conversation_logprobs(model, tokenizer, conversations, batch_size))
-
-
 def continuation_logprobs(model, prompt: list[int], continuations: list[list[int]],
                           prefix: SharedPrefix | None = None) -> list[float]:
     """Summed log-probability of each continuation (token ids) right after the `prompt` ids. The prompt (after the
@@ -284,7 +279,7 @@ def continuation_logprobs(model, prompt: list[int], continuations: list[list[int
 
     shared = _shared_length(continuations)
     head = prompt + continuations[0][:shared]
-    start, cache = (len(prefix.ids), copy.deepcopy(prefix.cache)) if prefix and prefix.covers(prompt) else (0, None)
+    start, cache = (len(prefix.ids), prefix.cache_for(1)) if prefix and prefix.covers(prompt) else (0, None)
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([head[start:]], device=model.device), cache=cache, use_cache=True,
                     logits_to_keep=shared + 1)

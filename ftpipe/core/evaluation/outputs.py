@@ -90,9 +90,9 @@ def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout,
     outputs = ModelOutputs(ids=heldout.ids, answers=answers, prompt_tokens=mean_prompt_tokens(tokenizer, prompts),
                            seconds_per_row=seconds_per_row)
     if heldout.choices is not None:
-        logprobs = rows.values("label logprob", label_candidates(prompts, heldout.choices),
-                               functools.partial(candidate_logprobs, model, tokenizer))
-        outputs.label_correct = top_label_correct(heldout.choices, logprobs)
+        candidate_scores = rows.values("label logprob", label_candidates(prompts, heldout.choices),
+                                       functools.partial(candidate_logprobs, model, tokenizer))
+        outputs.label_correct = top_label_correct(heldout.choices, candidate_scores)
         log(f"{name}: ranked the labels by likelihood on {len(prompts)} held-out rows")
     if full:
         def logprobs(conversations: list[list[dict]]) -> list[tuple[float, int]]:

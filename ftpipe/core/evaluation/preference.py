@@ -40,11 +40,6 @@ def chosen_preferred(sums: list[tuple[float, int]]) -> list[float]:
     return [float(chosen > rejected) for chosen, rejected in mean_pair_logprobs(sums)]
 
 
-def preference_correct(model, tokenizer, pairs: list[dict], batch_size: int) -> list[float]:
-    """Per pair, 1.0 when the chosen answer has the strictly higher mean token log-probability, else 0.0."""
-    return chosen_preferred(conversation_logprobs(model, tokenizer, pair_conversations(pairs), batch_size))
-
-
 def measure_preference(outputs: dict[str, ModelOutputs], samples: int, seed: int) -> dict[str, Any]:
     """`preference_pairs`, `preference_accuracy_base`, `_sft` (None without an SFT model) and `_final`, and the final
     model's gain over `preference_baseline` (the SFT model, else the base) as `preference_delta` with its 95%

@@ -24,16 +24,23 @@ def row_key(kind: str, settings: Any, item: Any) -> str:
 
 class RowCache:
     """Results by key in a JSON-lines file, each with the seconds it took (its call's time over its items); lines
-    are only ever appended (a line cut short by a crash is skipped when read)."""
+    are only ever appended (a line cut short by a crash is skipped when read). The file is read once, at the first
+    call."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._known: dict[str, dict[str, Any]] | None = None
+
+    def _entries(self) -> dict[str, dict[str, Any]]:
+        if self._known is None:
+            self._known = read_keyed_lines(self.path)
+        return self._known
 
     def values(self, kind: str, items: list, compute: Compute, settings: Any = None) -> list:
         """The result of `kind` for each item, calling `compute` once with the items never computed before (in
         order); results come back as JSON gives them (a tuple as a list)."""
         keys = [row_key(kind, settings, item) for item in items]
-        known = read_keyed_lines(self.path)
+        known = self._entries()
         first_of = {key: index for index, key in reversed(list(enumerate(keys))) if key not in known}
         missing = sorted(first_of.values())
         if missing:
@@ -43,11 +50,11 @@ class RowCache:
             entries = [{"key": keys[i], "value": value, "seconds": seconds}
                        for i, value in zip(missing, fresh, strict=True)]
             append_lines(self.path, entries)
-            known.update((entry["key"], json.loads(json.dumps(entry))) for entry in entries)
+            known.update((entry["key"], json.loads(json.dumps(entry))) for entry in entries)  # as read back
         return [known[key]["value"] for key in keys]
 
     def seconds_per_item(self, kind: str, items: list, settings: Any = None) -> float | None:
         """The mean seconds computing `kind` took per item, over those computed (None: none was)."""
-        known = read_keyed_lines(self.path)
+        known = self._entries()
         seconds = [entry["seconds"] for item in items if (entry := known.get(row_key(kind, settings, item)))]
         return sum(seconds) / len(seconds) if seconds else None
