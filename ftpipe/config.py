@@ -279,7 +279,10 @@ class EvaluationConfig(_Strict):
     )
     max_new_tokens: int = Field(48, ge=1, le=4096, description="longest generated answer")
     max_rows: int | None = Field(None, ge=1, description="evaluate at most this many held-out rows")
-    batch_size: int = Field(16, ge=1, description="rows generated at once")
+    batch_size: int = Field(16, ge=1, description="rows scored at once (reference answers, preference pairs)")
+    batch_tokens: int = Field(8192, ge=1, description=(
+        "tokens generated at once: a batch holds as many rows as fit, each counted as the batch's longest prompt plus "
+        "max_new_tokens (at least one row), so short prompts run in large batches and long ones in small"))
     fewshot_k: int = Field(
         5, ge=0, description="train examples in the few-shot baseline's prompt; 0: no few-shot baseline"
     )

@@ -24,7 +24,7 @@ from ftpipe.core.serving_files import (
 
 RESULT_KIND = "merged_model"
 PARITY_MAX_NEW_TOKENS = 24
-PARITY_BATCH = 8
+PARITY_BATCH_TOKENS = 1024  # about 8 rows of short prompts: every batch's per-step logits are kept
 PARITY_TOLERANCE = {"float32": 1e-3, "float16": 0.25, "bfloat16": 0.5}  # largest |logit difference| accepted
 ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
 FULL_MODEL_PARITY = {
@@ -53,7 +53,7 @@ def greedy_with_logits(model, tokenizer, prompts: list[list[dict]], max_new_toke
     """Greedy answers (in prompt order) and each batch's per-step logits (batches in a fixed order)."""
     answers, logits = [""] * len(prompts), []
     for indices, texts, step_logits in greedy_batches(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                                      batch_size=PARITY_BATCH, output_logits=True):
+                                                      batch_tokens=PARITY_BATCH_TOKENS, output_logits=True):
         for index, text in zip(indices, texts):
             answers[index] = text
         logits.append(step_logits)
@@ -254,4 +254,4 @@ def chat(model_dir: Path | str, messages: list[dict], max_new_tokens: int = 128,
         from ftpipe.core.evaluation.label_likelihood import constrained_answers
 
         return constrained_answers(model, tokenizer, [messages], labels)[0]
-    return generate(model, tokenizer, [messages], max_new_tokens=max_new_tokens, batch_size=1)[0]
+    return generate(model, tokenizer, [messages], max_new_tokens=max_new_tokens, batch_tokens=1)[0]

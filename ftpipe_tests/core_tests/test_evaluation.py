@@ -15,7 +15,7 @@ from ftpipe.config import EvaluationConfig, JudgeConfig
 from ftpipe.core.evaluation import evaluation_key, outputs, read_evaluation, run_evaluation, waiting_for_reviews
 from ftpipe.core.evaluation.generation import (
     answer_tokens, continuation_logprobs, conversation_logprobs, encode, generate, load_model, prompt_ids,
-    loss_of, shared_prefix,
+    loss_of, shared_prefix, token_chunks,
 )
 from ftpipe.core.evaluation.label_likelihood import constrained_answers, end_of_turn_ids
 from ftpipe.core.evaluation.metrics import task_metrics
@@ -42,10 +42,17 @@ def noisy_model(tmp_path_factory, tiny_model_dir):
 def test_batched_generation_equals_one_at_a_time(noisy_model):
     model, tokenizer = noisy_model
     prompts = varied_prompts(20)
-    batched = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=8)
-    single = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=1)
+    batched = generate(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=400)
+    single = generate(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=1)
     assert batched == single
     assert len(set(batched)) > 5 and all(batched)  # real, varied outputs: padding errors would show
+
+
+def test_generation_batches_hold_many_short_rows_and_few_long_ones():
+    lengths = [500, 120, 100, 100, 30, 30, 30, 30, 30, 30, 9000]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = list(token_chunks(order, lengths, budget=400))
+    assert batches == [[10], [0], [1, 2, 3], [4, 5, 6, 7, 8, 9]]  # a row over the budget still runs, alone
 
 
 def test_a_long_shared_system_prompt_runs_once_and_changes_no_answer_or_score(noisy_model, monkeypatch):
@@ -58,7 +65,7 @@ def test_a_long_shared_system_prompt_runs_once_and_changes_no_answer_or_score(no
     assert prefix is not None and len(prefix.ids) > 100
 
     def answers_and_scores():
-        answers = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=8)
+        answers = generate(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=400)
         conversations = [p + [{"role": "assistant", "content": a or "?"}] for p, a in zip(prompts, answers)]
         return answers, conversation_logprobs(model, tokenizer, conversations, batch_size=8)
 

@@ -53,7 +53,7 @@ def prompts() -> list[list[dict]]:
 
 def answers(model_dir: Path) -> list[str]:
     model, tokenizer = load_model(model_dir)
-    return generate(model, tokenizer, prompts(), max_new_tokens=8, batch_size=6)
+    return generate(model, tokenizer, prompts(), max_new_tokens=8, batch_tokens=300)
 
 
 def test_merged_model_matches_base_plus_adapter(merged):
@@ -68,8 +68,8 @@ def test_merged_model_matches_base_plus_adapter(merged):
     assert not hasattr(plain, "peft_config")
     base, tokenizer = load_model(root / "base")
     adapted = PeftModel.from_pretrained(base, root / "adapter").eval()
-    adapted_answers = generate(adapted, tokenizer, prompts(), max_new_tokens=8, batch_size=6)
-    assert generate(plain, tokenizer, prompts(), max_new_tokens=8, batch_size=6) == adapted_answers
+    adapted_answers = generate(adapted, tokenizer, prompts(), max_new_tokens=8, batch_tokens=300)
+    assert generate(plain, tokenizer, prompts(), max_new_tokens=8, batch_tokens=300) == adapted_answers
     assert adapted_answers != answers(root / "base")  # the adapter matters, so parity is not trivial
 
 
@@ -167,7 +167,7 @@ def test_chat_replies_like_the_merged_model(merged):
     model, tokenizer = load_model(root / "merged")
     messages = prompts()[0]
     assert merging.chat(root / "merged", messages, max_new_tokens=8) == generate(
-        model, tokenizer, [messages], max_new_tokens=8, batch_size=1)[0]
+        model, tokenizer, [messages], max_new_tokens=8, batch_tokens=1)[0]
 
 
 def test_chat_with_labels_answers_one_of_them(merged):

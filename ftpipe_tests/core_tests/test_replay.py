@@ -39,7 +39,7 @@ class Generations:
     def __init__(self):
         self.calls = 0
 
-    def __call__(self, model, tokenizer, prompts, *, max_new_tokens, batch_size, progress=None):
+    def __call__(self, model, tokenizer, prompts, *, max_new_tokens, batch_tokens, progress=None):
         self.calls += 1
         return [answer(prompt[0]["content"]) for prompt in prompts]
 

@@ -88,7 +88,7 @@ def test_merged_model_loads_plainly_and_answers_a_heldout_prompt_without_its_sys
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = read_examples(demo["eval_path"])[:8]
     asked = [[m for m in r["messages"][:-1] if m["role"] != "system"] for r in rows]  # the model adds the task's own
-    answers = generate(model, tokenizer, asked, max_new_tokens=24, batch_size=8)
+    answers = generate(model, tokenizer, asked, max_new_tokens=24, batch_tokens=1024)
     correct = [parse_label(a, "category") == parse_label(r["messages"][-1]["content"], "category") for a, r in zip(answers, rows)]
     assert any(correct), list(zip(answers, [r["messages"][-1]["content"] for r in rows]))
     assert json.loads(answers[correct.index(True)].strip())

@@ -44,7 +44,7 @@ def models(tmp_path_factory, tiny_model_dir) -> Path:
 def expected(folder: Path, prompts: list[list[dict]]) -> list[str]:
     """The packaged model's own greedy answers, loaded on its own."""
     model, tokenizer = load_model(folder)
-    return generate(model, tokenizer, prompts, max_new_tokens=MAX_TOKENS, batch_size=1)
+    return generate(model, tokenizer, prompts, max_new_tokens=MAX_TOKENS, batch_tokens=1)
 
 
 @pytest.fixture

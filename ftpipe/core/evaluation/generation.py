@@ -61,6 +61,16 @@ def chunks(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
+def token_chunks(order: list[int], lengths: list[int], budget: int) -> Iterator[list[int]]:
+    """`order` (row indices, longest first) in batches of about `budget` tokens, each row counted as its batch's
+    first (longest) one: short rows go in large batches, long ones in small (at least one row each)."""
+    start = 0
+    while start < len(order):
+        size = max(1, budget // max(lengths[order[start]], 1))
+        yield order[start : start + size]
+        start += size
+
+
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of already-templated text (the chat template carries any special tokens itself)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -159,12 +169,13 @@ def _cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
     return next((ids[:i] for i, token in enumerate(ids) if token in stops), ids)
 
 
-def greedy_batches(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
+def greedy_batches(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_tokens: int,
                    output_logits: bool = False) -> Iterator[tuple[list[int], list[str], Any]]:
     """Yield (row indices, answers, per-step logits or None) per batch of greedy generation.
 
-    Rows are batched longest first (little padding), left-padded, and decoded with the KV cache; the tokens all
-    prompts start with run once (`shared_prefix`), and each batch continues from a copy of their cache.
+    Rows are batched longest first (little padding), as many as `batch_tokens` holds (each counted as its prompt
+    plus `max_new_tokens`: `token_chunks`), left-padded, and decoded with the KV cache; the tokens all prompts start
+    with run once (`shared_prefix`), and each batch continues from a copy of their cache.
     """
     import torch
 
@@ -173,7 +184,7 @@ def greedy_batches(model, tokenizer, prompts: list[list[dict]], *, max_new_token
     stops = stop_token_ids(model, tokenizer)
     pad_id = pad_id_of(tokenizer, stops[0])
     prefix = shared_prefix(model, encoded)
-    for indices in chunks(order, batch_size):
+    for indices in token_chunks(order, [len(ids) + max_new_tokens for ids in encoded], batch_tokens):
         ids, mask = prompt_batch([encoded[i] for i in indices], pad_id, prefix)
         with torch.inference_mode():
             out = model.generate(
@@ -187,13 +198,14 @@ def greedy_batches(model, tokenizer, prompts: list[list[dict]], *, max_new_token
         yield indices, answers, torch.stack(out.logits, dim=1).float().cpu() if output_logits else None
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
+def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_tokens: int,
              progress: Progress | None = None) -> list[str]:
-    """Greedy answers to chat `prompts` (in order), batched with left padding; `progress(done, total)` per batch."""
+    """Greedy answers to chat `prompts` (in order), batched by `batch_tokens` with left padding (`greedy_batches`);
+    `progress(done, total)` per batch."""
     answers: list[str] = [""] * len(prompts)
     done = 0
     for indices, texts, _ in greedy_batches(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                            batch_size=batch_size):
+                                            batch_tokens=batch_tokens):
         for index, text in zip(indices, texts):
             answers[index] = text
         done += len(indices)

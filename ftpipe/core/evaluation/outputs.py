@@ -101,7 +101,7 @@ def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout,
 
         outputs.loss, outputs.perplexity = loss_of(logprobs([r["messages"] for r in heldout.rows]))
         log(f"{name}: held-out loss {outputs.loss:.4f} (perplexity {outputs.perplexity:.2f})")
-        _add_probe(model, tokenizer, heldout.probe, config.batch_size, outputs, rows, logprobs,
+        _add_probe(model, tokenizer, heldout.probe, config.batch_tokens, outputs, rows, logprobs,
                    lambda text: log(f"{name}: {text}"))
         if heldout.pairs:
             outputs.preference_correct = chosen_preferred(logprobs(pair_conversations(heldout.pairs)))
@@ -120,18 +120,18 @@ def _answers(model, tokenizer, prompts: list[list[dict]], heldout: Heldout, conf
     else:
         kind, settings = "answer", config.max_new_tokens
         compute = functools.partial(
-            generate, model, tokenizer, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+            generate, model, tokenizer, max_new_tokens=config.max_new_tokens, batch_tokens=config.batch_tokens,
             progress=lambda done, total: log(f"{name}: generated {done}/{total} held-out rows not answered before"))
     return rows.values(kind, prompts, compute, settings), rows.seconds_per_item(kind, prompts, settings)
 
 
-def _add_probe(model, tokenizer, probe: list[dict], batch_size: int, outputs: ModelOutputs, rows: RowCache,
+def _add_probe(model, tokenizer, probe: list[dict], batch_tokens: int, outputs: ModelOutputs, rows: RowCache,
                logprobs: Callable[[list[list[dict]]], list[tuple[float, int]]], log: Log) -> None:
     if not probe:
         return
     outputs.probe_answers = rows.values(
         "answer", [p["messages"] for p in probe],
-        lambda missing: generate(model, tokenizer, missing, max_new_tokens=PROBE_MAX_NEW_TOKENS, batch_size=batch_size,
+        lambda missing: generate(model, tokenizer, missing, max_new_tokens=PROBE_MAX_NEW_TOKENS, batch_tokens=batch_tokens,
                                  progress=lambda done, total: log(f"answered {done}/{total} probe rows not answered "
                                                                   "before")), PROBE_MAX_NEW_TOKENS)
     sums = logprobs([p["messages"] + [{"role": "assistant", "content": p["reference"]}] for p in probe])

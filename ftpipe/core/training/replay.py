@@ -24,7 +24,7 @@ from ftpipe.core.training.spec import TrainingSpec
 CACHE_FORMAT = "1"  # bump when the cached content or the decoding changes
 MAX_NEW_TOKENS = 96
 COMPLETE_BELOW = 86  # answer tokens; a longer one probably stopped at MAX_NEW_TOKENS (its text re-encodes shorter)
-BATCH_SIZE = 16
+BATCH_TOKENS = 8192  # tokens generated at once (`generation.token_chunks`)
 OVERSAMPLE = 1.25  # prompts answered per row still wanted, as some answers are not usable
 
 Conversation = list[dict[str, str]]
@@ -60,7 +60,7 @@ def cached_answers(setup: TrainerSetup, prompts: list[dict], cache: Path) -> dic
     if missing:
         setup.info(f"replay: the base model answers general prompts ({len(missing)} new; cached in {cache.parent})")
         texts = generation.generate(setup.model, setup.tokenizer, [p["messages"] for p in missing],
-                                    max_new_tokens=MAX_NEW_TOKENS, batch_size=BATCH_SIZE)
+                                    max_new_tokens=MAX_NEW_TOKENS, batch_tokens=BATCH_TOKENS)
         answers.update(zip((prompt["id"] for prompt in missing), texts))
         write_text(cache, json.dumps(answers, ensure_ascii=False, sort_keys=True, indent=0))
     return answers
