@@ -121,7 +121,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or noisy_base(build_tiny_model(Path(tmp) / "tiny"), Path(tmp) / "noisy")
         bench(model_dir, args.rows, args.batch_tokens, args.max_new_tokens, args.labels)
-        bench_shared_prefix(model_dir, args.rows, args.batch_tokens, args.max_new_tokens, args.labels, args.shared_words)
+        bench_shared_prefix(model_dir, args.rows, args.batch_tokens, args.max_new_tokens, args.labels,
+                            args.shared_words)
 
 
 if __name__ == "__main__":

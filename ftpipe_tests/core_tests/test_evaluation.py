@@ -14,8 +14,8 @@ import pytest
 from ftpipe.config import EvaluationConfig, JudgeConfig
 from ftpipe.core.evaluation import evaluation_key, outputs, read_evaluation, run_evaluation, waiting_for_reviews
 from ftpipe.core.evaluation.generation import (
-    answer_tokens, continuation_logprobs, conversation_logprobs, encode, generate, load_model, prompt_ids,
-    loss_of, shared_prefix, token_chunks,
+    answer_tokens, continuation_logprobs, conversation_logprobs, encode, generate, greedy_batches, load_model,
+    loss_of, prompt_ids, shared_prefix, token_chunks,
 )
 from ftpipe.core.evaluation.label_likelihood import constrained_answers, end_of_turn_ids
 from ftpipe.core.evaluation.metrics import task_metrics
@@ -53,6 +53,23 @@ def test_generation_batches_hold_many_short_rows_and_few_long_ones():
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches = list(token_chunks(order, lengths, budget=400))
     assert batches == [[10], [0], [1, 2, 3], [4, 5, 6, 7, 8, 9]]  # a row over the budget still runs, alone
+
+
+def test_skewed_prompts_behind_a_long_system_prompt_fill_each_batch_to_its_token_budget(noisy_model):
+    model, tokenizer = noisy_model
+    system = {"role": "system", "content": "You triage support tickets for a shop. " * 12}
+    prompts = [[system, {"role": "user", "content": prompt[-1]["content"] * (40 if i % 5 == 0 else 1)}]
+               for i, prompt in enumerate(varied_prompts(20))]  # a few long tickets among short ones
+    needed = [len(prompt_ids(tokenizer, p)) + 12 for p in prompts]
+    budget = 4 * min(needed)
+    batches = [indices for indices, _, _ in greedy_batches(model, tokenizer, prompts, max_new_tokens=12,
+                                                           batch_tokens=budget)]
+    assert sorted(i for batch in batches for i in batch) == list(range(len(prompts)))
+    assert all(len(batch) * max(needed[i] for i in batch) <= budget for batch in batches)
+    assert [len(batch) for batch in batches[:2]] == [1, 1] and needed[batches[0][0]] == max(needed)  # long: alone
+    assert max(map(len, batches)) >= 3  # the short rows share batches
+    answers = generate(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=budget)
+    assert answers == generate(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=1)
 
 
 def test_a_long_shared_system_prompt_runs_once_and_changes_no_answer_or_score(noisy_model, monkeypatch):

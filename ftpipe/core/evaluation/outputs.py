@@ -131,9 +131,9 @@ def _add_probe(model, tokenizer, probe: list[dict], batch_tokens: int, outputs: 
         return
     outputs.probe_answers = rows.values(
         "answer", [p["messages"] for p in probe],
-        lambda missing: generate(model, tokenizer, missing, max_new_tokens=PROBE_MAX_NEW_TOKENS, batch_tokens=batch_tokens,
-                                 progress=lambda done, total: log(f"answered {done}/{total} probe rows not answered "
-                                                                  "before")), PROBE_MAX_NEW_TOKENS)
+        lambda missing: generate(model, tokenizer, missing, max_new_tokens=PROBE_MAX_NEW_TOKENS,
+                                 batch_tokens=batch_tokens, progress=lambda done, total: log(
+                                     f"answered {done}/{total} probe rows not answered before")), PROBE_MAX_NEW_TOKENS)
     sums = logprobs([p["messages"] + [{"role": "assistant", "content": p["reference"]}] for p in probe])
     outputs.probe_logprobs = [logprob for logprob, _ in sums]
     outputs.probe_tokens = [count for _, count in sums]

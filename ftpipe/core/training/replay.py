@@ -16,7 +16,7 @@ import math
 import random
 from pathlib import Path
 
-from ftpipe.config import TrainingConfig
+from ftpipe.config import EvaluationConfig, TrainingConfig
 from ftpipe.core.storage import file_sha256, write_text
 from ftpipe.core.training.setup import TrainerSetup, chat_length
 from ftpipe.core.training.spec import TrainingSpec
@@ -24,7 +24,7 @@ from ftpipe.core.training.spec import TrainingSpec
 CACHE_FORMAT = "1"  # bump when the cached content or the decoding changes
 MAX_NEW_TOKENS = 96
 COMPLETE_BELOW = 86  # answer tokens; a longer one probably stopped at MAX_NEW_TOKENS (its text re-encodes shorter)
-BATCH_TOKENS = 8192  # tokens generated at once (`generation.token_chunks`)
+BATCH_TOKENS = EvaluationConfig.model_fields["batch_tokens"].default  # generated at once, as in evaluation
 OVERSAMPLE = 1.25  # prompts answered per row still wanted, as some answers are not usable
 
 Conversation = list[dict[str, str]]
