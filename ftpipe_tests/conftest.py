@@ -3,6 +3,7 @@ task on it. Plain builders live in `ftpipe_tests.builders`."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,18 @@ def tiny_task(ftpipe_env: Path, tiny_model_dir: Path) -> str:
     return "toy"
 
 
+DEMO_MODULE = "test_demo.py"
+YIELD_TO_THE_DEMO = 10  # niceness of a worker once it runs anything but the demo
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Start the real-model demo (the longest test) first, so parallel workers finish at about the same time."""
-    items.sort(key=lambda item: item.path.name != "test_demo.py")
+    """Start the real-model demo (the longest test) first and the other whole stacks next, so parallel workers
+    finish at about the same time (`make test` keeps this order: --no-loadscope-reorder)."""
+    items.sort(key=lambda item: (item.path.name != DEMO_MODULE, item.path.parent.name != "e2e"))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The demo is the critical path of a parallel run: a worker running other tests lowers its priority (and that
+    of the processes it starts) once, so the demo keeps a core while the other workers share the rest."""
+    if item.path.name != DEMO_MODULE and os.nice(0) < YIELD_TO_THE_DEMO:
+        os.nice(YIELD_TO_THE_DEMO - os.nice(0))
