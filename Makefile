@@ -28,12 +28,10 @@ model: install
 run: install model
 	$(PY) -m ftpipe run $(TASK) $(if $(SET),--set "$$SET")
 
-# One torch thread per pytest worker, and one worker more than the cores: the real-model demo keeps a core (the
-# other workers lower their priority, see ftpipe_tests/conftest.py) while the rest share the others, and a worker
-# waiting on a server or a daemon leaves its core to another.
-WORKERS := $(shell echo $$(( $$(nproc) + 1 )))
+# One pytest worker per core, one torch thread per worker: the real-model demo runs beside the other tests
+# instead of before them, and two torch processes never fight over the same cores.
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(WORKERS) --dist loadscope --no-loadscope-reorder --durations=15 ftpipe_tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadscope --durations=15 ftpipe_tests
 
 # The quick tests for iteration: everything but real trainings (`slow`) and whole stacks (`e2e`).
 test-fast: install

@@ -3,7 +3,6 @@ task on it. Plain builders live in `ftpipe_tests.builders`."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -37,20 +36,3 @@ def tiny_task(ftpipe_env: Path, tiny_model_dir: Path) -> str:
     """The task `toy`: 60 learnable rows on the session's tiny model, trained for a few steps."""
     toy_task(ftpipe_env, "toy", tiny_model_dir)
     return "toy"
-
-
-DEMO_MODULE = "test_demo.py"
-YIELD_TO_THE_DEMO = 10  # niceness of a worker once it runs anything but the demo
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Start the real-model demo (the longest test) first and the other whole stacks next, so parallel workers
-    finish at about the same time (`make test` keeps this order: --no-loadscope-reorder)."""
-    items.sort(key=lambda item: (item.path.name != DEMO_MODULE, item.path.parent.name != "e2e"))
-
-
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """The demo is the critical path of a parallel run: a worker running other tests lowers its priority (and that
-    of the processes it starts) once, so the demo keeps a core while the other workers share the rest."""
-    if item.path.name != DEMO_MODULE and os.nice(0) < YIELD_TO_THE_DEMO:
-        os.nice(YIELD_TO_THE_DEMO - os.nice(0))
