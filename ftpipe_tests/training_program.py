@@ -77,9 +77,9 @@ def start(root: Path, spec: Path, **env: str) -> subprocess.Popen:
     )
 
 
-def run_to_end(root: Path, spec: Path) -> str:
-    """Run the program on `spec` to a successful end; its stdout."""
-    process = start(root, spec)
+def run_to_end(root: Path, spec: Path, **env: str) -> str:
+    """Run the program on `spec` to a successful end, with `env` added to its environment; its stdout."""
+    process = start(root, spec, **env)
     stdout, _ = process.communicate(timeout=240)
     assert process.returncode == 0, stdout + (root / f"{spec.stem}.stderr").read_text()[-3000:]
     return stdout

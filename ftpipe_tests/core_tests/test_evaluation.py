@@ -14,8 +14,8 @@ import pytest
 from ftpipe.config import EvaluationConfig, JudgeConfig
 from ftpipe.core.evaluation import evaluation_key, outputs, read_evaluation, run_evaluation, waiting_for_reviews
 from ftpipe.core.evaluation.generation import (
-    answer_tokens, continuation_logprobs, conversation_logprobs, encode, generate, greedy_batches, load_model,
-    loss_of, prompt_ids, shared_prefix, token_chunks,
+    answer_tokens, conversation_logprobs, encode, generate, greedy_batches, load_model,
+    loss_of, prompt_ids, rows_logprobs, shared_prefix, token_chunks,
 )
 from ftpipe.core.evaluation.label_likelihood import constrained_answers, end_of_turn_ids
 from ftpipe.core.evaluation.metrics import task_metrics
@@ -115,32 +115,43 @@ def test_reference_loss_scores_only_the_answer_tokens(noisy_model):
     assert batched == pytest.approx(reference_loss(model, tokenizer, conversations, batch_size=1), rel=1e-5)
 
 
-@pytest.mark.parametrize("texts", [
+CONTINUATIONS = [
     ['{"label": "red"', '{"label": "green"', '{"label": "purple"'],  # a shared start, then different
     ["red", "reddish", "blue"],  # nothing shared
     ["red", "red green"],  # one is the start of another
     ["x"],
-])
-def test_continuation_log_likelihood_equals_scoring_each_sequence_whole(noisy_model, texts):
+]
+
+
+def whole_sequence_logprob(model, prompt: list[int], continuation: list[int]) -> float:
     import torch
 
+    ids = prompt + continuation
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    return sum(logprobs[i - 1, ids[i]].item() for i in range(len(prompt), len(ids)))
+
+
+def test_continuation_log_likelihood_of_a_batch_of_prompts_equals_scoring_each_sequence_whole(noisy_model):
     model, tokenizer = noisy_model
-    prompt = prompt_ids(tokenizer, varied_prompts(2)[1])
-    continuations = [encode(tokenizer, text) for text in texts]
-    expected = []
-    for continuation in continuations:
-        ids = prompt + continuation
-        with torch.no_grad():
-            logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-        expected.append(sum(logprobs[i - 1, ids[i]].item() for i in range(len(prompt), len(ids))))
-    assert continuation_logprobs(model, prompt, continuations) == pytest.approx(expected, rel=1e-4)
-    prefix = shared_prefix(model, [prompt, prompt_ids(tokenizer, varied_prompts(3)[2])])
-    assert prefix is not None and prefix.covers(prompt) and len(prefix.ids) > 5  # the system prompt at least
-    assert continuation_logprobs(model, prompt, continuations, prefix) == pytest.approx(expected, rel=1e-4)
+    prompts = [prompt_ids(tokenizer, prompt) for prompt in varied_prompts(len(CONTINUATIONS))]
+    assert len({len(prompt) for prompt in prompts}) > 1, "prompts of different lengths: the batch is padded"
+    continuations = [[encode(tokenizer, text) for text in texts] for texts in CONTINUATIONS]
+    expected = [[whole_sequence_logprob(model, prompt, option) for option in options]
+                for prompt, options in zip(prompts, continuations)]
+    found = rows_logprobs(model, prompts, continuations)
+    assert [len(row) for row in found] == [len(row) for row in expected]
+    for row, want in zip(found, expected):
+        assert row == pytest.approx(want, rel=1e-4)
+    prefix = shared_prefix(model, prompts)
+    assert prefix is not None and all(prefix.covers(p) for p in prompts) and len(prefix.ids) > 5  # the system prompt
+    for row, want in zip(rows_logprobs(model, prompts, continuations, prefix), expected):
+        assert row == pytest.approx(want, rel=1e-4)
     other = prompt_ids(tokenizer, [{"role": "system", "content": "Another system prompt."}, varied_prompts(2)[1][-1]])
-    assert not prefix.covers(other)
-    assert continuation_logprobs(model, other, continuations, prefix) == continuation_logprobs(model, other,
-                                                                                              continuations)
+    assert not prefix.covers(other)  # a batch the prefix does not cover all of runs whole
+    mixed = rows_logprobs(model, [other, prompts[1]], continuations[:2], prefix)
+    assert mixed[0] == pytest.approx([whole_sequence_logprob(model, other, o) for o in continuations[0]], rel=1e-4)
+    assert mixed[1] == pytest.approx(expected[1], rel=1e-4)
 
 
 def test_constrained_answers_are_always_one_of_the_labels(noisy_model):

@@ -41,10 +41,18 @@ def workspace(tmp_path_factory, tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(workspace):
-    """A training with the default method (auto) on this CPU-only machine."""
+    """A training with the default method (auto) on this CPU-only machine; its stderr lists the modules it imported."""
     spec = write_spec(workspace, "main")
-    stdout = run_to_end(workspace, spec)
+    stdout = run_to_end(workspace, spec, PYTHONPROFILEIMPORTTIME="1")
     return workspace, stdout, output_result(spec)
+
+
+def test_a_training_without_4bit_weights_does_not_import_bitsandbytes(trained):
+    root, _, _ = trained
+    imported = {line.rsplit("|", 1)[-1].strip() for line in (root / "main.stderr").read_text().splitlines()
+                if line.startswith("import time:")}
+    assert {"torch", "peft", "trl"} <= imported  # (transformers and peft try "bitsandbytes" itself: refused at once)
+    assert not [name for name in imported if name.startswith("bitsandbytes.")]
 
 
 @pytest.mark.slow

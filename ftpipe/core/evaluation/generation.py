@@ -282,30 +282,42 @@ def loss_of(sums: list[tuple[float, int]]) -> tuple[float, float]:
     return mean, math.exp(min(mean, 700.0))
 
 
-def continuation_logprobs(model, prompt: list[int], continuations: list[list[int]],
-                          prefix: SharedPrefix | None = None) -> list[float]:
-    """Summed log-probability of each continuation (token ids) right after the `prompt` ids. The prompt (after the
-    `prefix`, when it starts with it) and the continuations' common first tokens run once; the rest of each runs as
-    one batch on copies of that KV cache."""
+def rows_logprobs(model, prompts: list[list[int]], continuations: list[list[list[int]]],
+                  prefix: SharedPrefix | None = None) -> list[list[float]]:
+    """For each prompt (token ids), the summed log-probability of each of its continuations (token ids) right after
+    it. The prompts (after the `prefix`, when they all start with it), each followed by its continuations' common first
+    tokens, run as one left-padded batch; the rest of every continuation runs as a second batch, each on a copy of its
+    prompt's KV cache. Positions are given explicitly, so padding changes nothing."""
     import torch
 
-    shared = _shared_length(continuations)
-    head = prompt + continuations[0][:shared]
-    start, cache = (len(prefix.ids), prefix.cache_for(1)) if prefix and prefix.covers(prompt) else (0, None)
+    skip = len(prefix.ids) if prefix and all(prefix.covers(p) for p in prompts) else 0
+    shared = [_shared_length(options) for options in continuations]
+    heads = [prompt[skip:] + options[0][:common] for prompt, options, common in zip(prompts, continuations, shared)]
+    ids, mask = pad(heads, 0, left=True)
+    attention = torch.cat([torch.ones(len(heads), skip, dtype=torch.long), mask], dim=1)
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    keep = max(shared) + 1  # rows predict their shared tokens, then the first of the rest
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([head[start:]], device=model.device), cache=cache, use_cache=True,
-                    logits_to_keep=shared + 1)
-        logprobs = out.logits[0].float().log_softmax(-1)  # rows predict the shared tokens, then the first of the rest
-        shared_ids = torch.tensor(continuations[0][:shared], dtype=torch.long, device=logprobs.device).view(-1, 1)
-        head_logprob = logprobs[:-1].gather(-1, shared_ids).sum().item()
-        rests = [sequence[shared:] for sequence in continuations]
+        out = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
+                    position_ids=positions[:, skip:].to(model.device), use_cache=True, logits_to_keep=keep,
+                    cache=prefix.cache_for(len(heads)) if skip else None)
+        logprobs = out.logits.float().log_softmax(-1)
+        head_logprobs = [logprobs[row, keep - 1 - common:-1].gather(
+            -1, torch.tensor(options[0][:common], dtype=torch.long, device=logprobs.device).view(-1, 1)).sum().item()
+            for row, (options, common) in enumerate(zip(continuations, shared))]
+        owners = [row for row, options in enumerate(continuations) for _ in options]
+        rests = [option[common:] for options, common in zip(continuations, shared) for option in options]
         if not any(rests):
-            return [head_logprob] * len(continuations)
-        ids, mask = pad(rests, 0, left=False)
-        out.cache.batch_repeat_interleave(len(rests))
-        attention = torch.cat([torch.ones(len(rests), len(head), dtype=torch.long), mask], dim=1)
-        later = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
+            return [[head_logprobs[row]] * len(options) for row, options in enumerate(continuations)]
+        rest_ids, rest_mask = pad(rests, 0, left=False)
+        index = torch.tensor(owners, dtype=torch.long)
+        out.cache.batch_select_indices(index.to(model.device))
+        lengths = attention.sum(dim=1)[index]
+        later = model(input_ids=rest_ids.to(model.device),
+                      attention_mask=torch.cat([attention[index], rest_mask], dim=1).to(model.device),
+                      position_ids=(lengths.view(-1, 1) + torch.arange(rest_ids.shape[1])).to(model.device),
                       cache=out.cache).logits.float().log_softmax(-1)
-    steps = torch.cat([logprobs[-1].expand(len(rests), 1, -1), later[:, :-1]], dim=1)
-    picked = steps.gather(-1, ids.to(steps.device).unsqueeze(-1)).squeeze(-1) * mask.to(steps.device)
-    return [head_logprob + value for value in picked.sum(dim=1).tolist()]
+    steps = torch.cat([logprobs[index.to(logprobs.device), -1].unsqueeze(1), later[:, :-1]], dim=1)
+    picked = steps.gather(-1, rest_ids.to(steps.device).unsqueeze(-1)).squeeze(-1) * rest_mask.to(steps.device)
+    values = iter(picked.sum(dim=1).tolist())
+    return [[head_logprobs[row] + next(values) for _ in options] for row, options in enumerate(continuations)]

@@ -8,18 +8,26 @@ from __future__ import annotations
 import json
 
 from ftpipe.core.evaluation.generation import (
-    continuation_logprobs, encode, prompt_ids, shared_prefix, stop_token_ids,
+    encode, prompt_ids, rows_logprobs, shared_prefix, stop_token_ids, token_chunks,
 )
 from ftpipe.core.evaluation.metrics import LabelChoices
 
 SENTINEL = "<<ftpipe-answer>>"
+BATCH_TOKENS = 8192  # KV cache tokens of one batch of prompts (about 0.4 GB for SmolLM2-135M)
 
 
 def prompts_logprobs(model, prompts: list[list[int]], continuations: list[list[list[int]]]) -> list[list[float]]:
     """For each prompt (token ids), the summed log-probability of each of its continuations (token ids); the tokens
-    all prompts start with (a long system prompt, few-shot examples) run once."""
+    all prompts start with (a long system prompt, few-shot examples) run once, and the prompts in batches of about
+    BATCH_TOKENS tokens of KV cache (a prompt with its continuations counts as one copy per continuation)."""
     prefix = shared_prefix(model, prompts)
-    return [continuation_logprobs(model, prompt, options, prefix) for prompt, options in zip(prompts, continuations)]
+    cached = [len(prompt) * len(options) for prompt, options in zip(prompts, continuations)]
+    found: list[list[float]] = [[] for _ in prompts]
+    for rows in token_chunks(sorted(range(len(prompts)), key=lambda i: -cached[i]), cached, BATCH_TOKENS):
+        for row, values in zip(rows, rows_logprobs(model, [prompts[i] for i in rows],
+                                                   [continuations[i] for i in rows], prefix)):
+            found[row] = values
+    return found
 
 
 def candidate_logprobs(model, tokenizer, candidates: list[tuple[list[dict], str]]) -> list[float]:

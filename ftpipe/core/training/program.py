@@ -28,7 +28,7 @@ from ftpipe.core.results import Result
 from ftpipe.core.storage import process_alive
 from ftpipe.core.tracking import RunInterrupted, RunLogger, redact_uri, tracked_run, tracking_uri
 from ftpipe.core.training import checkpoints, preference, replay
-from ftpipe.core.training.methods import Method, resolve_method
+from ftpipe.core.training.methods import Method, leave_out_bitsandbytes, resolve_method
 from ftpipe.core.training.outputs import pipes_metadata, publish, trainable_parameters
 from ftpipe.core.training.reporting import (
     NewStepsOnly,
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, TypeError, ValueError) as error:
             reporter.error(f"training refused: {' '.join(str(error).split())}")
             return EXIT_REFUSED
+        leave_out_bitsandbytes(method)
         try:
             result = train(spec, config, method, reporter)
         except RunInterrupted as interrupted:

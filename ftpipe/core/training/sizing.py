@@ -220,11 +220,16 @@ def peak_memory_gib() -> float:
 def measure(spec: TrainingSpec) -> Cost:
     """Start as the training program does, load the model as it will, and time `CALIBRATION_STEPS` optimizer steps
     on the first batch of train rows, after a warm-up step."""
-    import mlflow  # noqa: F401  the training program imports both: their start is part of its overhead
     import torch
+
+    from ftpipe.core.training.methods import leave_out_bitsandbytes, resolve_method
+
+    method = resolve_method(spec.config(), cuda_available=torch.cuda.is_available())
+    leave_out_bitsandbytes(method)  # as the training program does
+    import mlflow  # noqa: F401  the training program imports both: their start is part of its overhead
     import trl  # noqa: F401
 
-    model, tokenizer = _trainable_model(spec)
+    model, tokenizer = _trainable_model(spec, method)
     overhead = process_seconds()
     batch = _first_batch(spec, tokenizer, model.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.config().learning_rate)
@@ -238,16 +243,14 @@ def measure(spec: TrainingSpec) -> Cost:
     return Cost(tokens_per_second=rate, overhead_seconds=overhead, peak_memory_gib=peak_memory_gib())
 
 
-def _trainable_model(spec: TrainingSpec):
-    """(model, tokenizer) as the training program sets them up: its method's weights, LoRA adapter, checkpointing."""
+def _trainable_model(spec: TrainingSpec, method):
+    """(model, tokenizer) as the training program sets them up: its `method`'s weights, LoRA adapter,
+    checkpointing."""
     import torch
 
     from ftpipe.core.modeling import load_model_and_tokenizer
-    from ftpipe.core.training.methods import resolve_method
     from ftpipe.core.training.setup import lora_config
 
-    config = spec.config()
-    method = resolve_method(config, cuda_available=torch.cuda.is_available())
     model, tokenizer = load_model_and_tokenizer(spec.base_model_dir, load_in_4bit=method.load_in_4bit,
                                                 trust_remote_code=spec.trust_remote_code)
     if torch.cuda.is_available():  # the Trainer checkpoints activations on a GPU (setup.trainer_arguments)
@@ -255,7 +258,7 @@ def _trainable_model(spec: TrainingSpec):
     if method.peft_adapter:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(config))
+        model = get_peft_model(model, lora_config(spec.config()))
     return model, tokenizer
 
 
