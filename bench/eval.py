@@ -1,6 +1,6 @@
 """Evaluation generation throughput: ftpipe's batched greedy generation (left padding, KV cache, batches of
 --batch-tokens tokens) against batches of 16 rows whatever their length and against one `generate` call per row,
-side by side on the same prompts; what answers constrained to a label set cost; and
+side by side on the same prompts; what answers constrained to a label set cost, batched and one prompt at a time; and
 prompts that share a long start (a system prompt of --shared-words words, as few-shot examples are), answered and
 label-ranked with that start run once (`shared_prefix`) against running it in every row.
 
@@ -69,8 +69,24 @@ def bench(model_dir: Path, rows: int, batch_tokens: int, max_new_tokens: int, la
     print(f"  identical outputs: {same}/{rows}" + ("" if same == rows else "  <-- MISMATCH"))
     labels = [f"label_{i:02d}" for i in range(label_count)]
     constrained, constrained_s = timed(lambda: constrained_answers(model, tokenizer, prompts, labels))
+    with one_prompt_per_batch():
+        alone, alone_s = timed(lambda: constrained_answers(model, tokenizer, prompts, labels))
+    same = sum(a == b for a, b in zip(constrained, alone))
     print(f"  constrained to {label_count} labels {rows / constrained_s:8.2f} rows/s  {constrained_s:7.2f} s"
           + ("" if set(constrained) <= set(labels) else "  <-- AN ANSWER OUTSIDE THE LABELS"))
+    print(f"  the same, one prompt at a time {alone_s:7.2f} s: batched {alone_s / constrained_s:.2f}x, identical "
+          f"outputs {same}/{rows}" + ("" if same == rows else "  <-- MISMATCH"))
+
+
+@contextlib.contextmanager
+def one_prompt_per_batch():
+    """The baseline for label ranking: each prompt in a batch of its own, as before prompts were batched."""
+    real = label_likelihood.BATCH_TOKENS
+    label_likelihood.BATCH_TOKENS = 1
+    try:
+        yield
+    finally:
+        label_likelihood.BATCH_TOKENS = real
 
 
 @contextlib.contextmanager
