@@ -154,6 +154,28 @@ def test_continuation_log_likelihood_of_a_batch_of_prompts_equals_scoring_each_s
     assert mixed[1] == pytest.approx(expected[1], rel=1e-4)
 
 
+def test_many_labels_after_short_prompts_are_ranked_in_batches_within_the_memory_budget(noisy_model, monkeypatch):
+    from ftpipe.core.evaluation import label_likelihood
+
+    model, tokenizer = noisy_model
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": f"Ticket {i}: it broke."}]) for i in range(24)]
+    options = [encode(tokenizer, f"cat {i}") for i in range(40)]  # 40 labels of about 5 tokens
+    batches = []  # (prompts, continuation tokens) of each batch
+    real = label_likelihood.rows_logprobs
+
+    def recorded(model, rows, continuations, prefix=None):
+        batches.append((len(rows), sum(len(option) for options in continuations for option in options)))
+        return real(model, rows, continuations, prefix)
+
+    monkeypatch.setattr(label_likelihood, "rows_logprobs", recorded)
+    found = label_likelihood.prompts_logprobs(model, prompts, [options] * len(prompts))
+    assert max(rows for rows, _ in batches) > 1, "prompts are batched"
+    # at most 1,024 continuation tokens a batch: 200 MB of float log-probabilities over a 49k vocabulary
+    assert max(tokens for _, tokens in batches) <= 1024, batches
+    alone = real(model, prompts[:1], [options])
+    assert found[0] == pytest.approx(alone[0], rel=1e-4)
+
+
 def test_constrained_answers_are_always_one_of_the_labels(noisy_model):
     import torch
 

@@ -14,14 +14,17 @@ from ftpipe.core.evaluation.metrics import LabelChoices
 
 SENTINEL = "<<ftpipe-answer>>"
 BATCH_TOKENS = 8192  # KV cache tokens of one batch of prompts (about 0.4 GB for SmolLM2-135M)
+LOGITS_COST = 8  # KV cache tokens a continuation token counts as: its log-probabilities over the whole vocabulary
 
 
 def prompts_logprobs(model, prompts: list[list[int]], continuations: list[list[list[int]]]) -> list[list[float]]:
     """For each prompt (token ids), the summed log-probability of each of its continuations (token ids); the tokens
     all prompts start with (a long system prompt, few-shot examples) run once, and the prompts in batches of about
-    BATCH_TOKENS tokens of KV cache (a prompt with its continuations counts as one copy per continuation)."""
+    BATCH_TOKENS tokens of memory: a copy of the prompt's KV cache per continuation, and LOGITS_COST per continuation
+    token (many labels after short prompts stay within the budget)."""
     prefix = shared_prefix(model, prompts)
-    cached = [len(prompt) * len(options) for prompt, options in zip(prompts, continuations)]
+    cached = [len(prompt) * len(options) + LOGITS_COST * sum(map(len, options))
+              for prompt, options in zip(prompts, continuations)]
     found: list[list[float]] = [[] for _ in prompts]
     for rows in token_chunks(sorted(range(len(prompts)), key=lambda i: -cached[i]), cached, BATCH_TOKENS):
         for row, values in zip(rows, rows_logprobs(model, [prompts[i] for i in rows],
