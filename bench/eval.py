@@ -1,7 +1,8 @@
 """Evaluation generation throughput: ftpipe's batched greedy generation (left padding, KV cache, batches of
 --batch-tokens tokens) against batches of 16 rows whatever their length and against one `generate` call per row,
-side by side on the same prompts; what answers constrained to a label set cost, batched and one prompt at a time; and
-prompts that share a long start (a system prompt of --shared-words words, as few-shot examples are), answered and
+side by side on the same prompts; what answers constrained to a label set cost, batched and one prompt at a time; an
+evaluation's work on each prompt (answer it, rank the labels, score a reference) with one pass over the prompt against
+a pass for each; and prompts that share a long start (a system prompt of --shared-words words, as few-shot examples are), answered and
 label-ranked with that start run once (`shared_prefix`) against running it in every row.
 
     python bench/eval.py                                   # tiny random model, runs anywhere in about a minute
@@ -30,7 +31,7 @@ from ftpipe_tests.tiny_model import build_tiny_model  # noqa: E402
 from ftpipe_tests.trained_models import noisy_base, varied_prompts  # noqa: E402
 
 
-def timed(fn) -> tuple[list[str], float]:
+def timed(fn):
     start = time.perf_counter()
     answers = fn()
     return answers, time.perf_counter() - start
@@ -93,11 +94,11 @@ def one_prompt_per_batch():
 def every_row_runs_its_whole_prompt():
     """The baseline: no shared prefix, in generation, label ranking and scoring alike."""
     real = generation.shared_prefix
-    generation.shared_prefix = label_likelihood.shared_prefix = lambda model, prompts: None
+    generation.shared_prefix = lambda model, prompts: None
     try:
         yield
     finally:
-        generation.shared_prefix = label_likelihood.shared_prefix = real
+        generation.shared_prefix = real
 
 
 def bench_shared_prefix(model_dir: Path, rows: int, batch_tokens: int, max_new_tokens: int, label_count: int,
@@ -125,6 +126,36 @@ def bench_shared_prefix(model_dir: Path, rows: int, batch_tokens: int, max_new_t
               + ("" if same == rows else "  <-- MISMATCH"))
 
 
+def bench_one_pass(model_dir: Path, rows: int, batch_tokens: int, max_new_tokens: int, label_count: int) -> None:
+    """What an evaluation does with each held-out prompt (answer it, rank the labels after it, score its reference
+    answer) with one pass over the prompt, against one pass for each."""
+    model, tokenizer = load_model(model_dir)
+    prompts = varied_prompts(rows)
+    conversations = [p + [{"role": "assistant", "content": f"label_{i % label_count:02d}"}] for i, p in enumerate(prompts)]
+    labels = [generation.encode(tokenizer, f"label_{i:02d}") for i in range(label_count)]
+    references = [[ids[start:]] for ids, start in (generation.answer_tokens(tokenizer, c) for c in conversations)]
+
+    def one_pass_each():
+        answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_tokens=batch_tokens)
+        ranked = label_likelihood.prompts_logprobs(model, tokenizer, prompts, [labels] * rows)
+        scored = generation.conversation_logprobs(model, tokenizer, conversations, 16)
+        return answers, [row + [logprob] for row, (logprob, _) in zip(ranked, scored)]
+
+    def one_pass():
+        done = generation.answers_and_logprobs(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                               batch_tokens=batch_tokens,
+                                               continuations=[labels + reference for reference in references])
+        return done.answers, done.logprobs
+
+    (each, each_scores), each_s = timed(one_pass_each)
+    (once, once_scores), once_s = timed(one_pass)
+    same = sum(a == b for a, b in zip(each, once))
+    largest = max(abs(a - b) for x, y in zip(each_scores, once_scores) for a, b in zip(x, y))
+    print(f"answer, rank {label_count} labels and score the reference of {rows} prompts: one pass over each prompt "
+          f"{once_s:7.2f} s, one pass each {each_s:7.2f} s: {each_s / once_s:.2f}x, identical answers {same}/{rows}"
+          + ("" if same == rows else "  <-- MISMATCH") + f", log-probabilities within {largest:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a model dir (safetensors + tokenizer); default: tiny random model")
@@ -137,6 +168,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or noisy_base(build_tiny_model(Path(tmp) / "tiny"), Path(tmp) / "noisy")
         bench(model_dir, args.rows, args.batch_tokens, args.max_new_tokens, args.labels)
+        bench_one_pass(model_dir, args.rows, args.batch_tokens, args.max_new_tokens, args.labels)
         bench_shared_prefix(model_dir, args.rows, args.batch_tokens, args.max_new_tokens, args.labels,
                             args.shared_words)
 

@@ -52,11 +52,11 @@ def parity_prompts(eval_path: Path, count: int) -> list[list[dict]]:
 def greedy_with_logits(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> tuple[list[str], list]:
     """Greedy answers (in prompt order) and each batch's per-step logits (batches in a fixed order)."""
     answers, logits = [""] * len(prompts), []
-    for indices, texts, step_logits in greedy_batches(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                                      batch_tokens=PARITY_BATCH_TOKENS, output_logits=True):
-        for index, text in zip(indices, texts):
+    for batch in greedy_batches(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                batch_tokens=PARITY_BATCH_TOKENS, output_logits=True):
+        for index, text in zip(batch.indices, batch.answers):
             answers[index] = text
-        logits.append(step_logits)
+        logits.append(batch.logits)
     return answers, logits
 
 

@@ -14,8 +14,8 @@ import pytest
 from ftpipe.config import EvaluationConfig, JudgeConfig
 from ftpipe.core.evaluation import evaluation_key, outputs, read_evaluation, run_evaluation, waiting_for_reviews
 from ftpipe.core.evaluation.generation import (
-    answer_tokens, conversation_logprobs, encode, generate, greedy_batches, load_model,
-    loss_of, prompt_ids, rows_logprobs, shared_prefix, token_chunks,
+    answer_tokens, answers_and_logprobs, conversation_logprobs, encode, generate, greedy_batches, load_model,
+    loss_of, prompt_ids, shared_prefix, token_chunks,
 )
 from ftpipe.core.evaluation.label_likelihood import constrained_answers, end_of_turn_ids
 from ftpipe.core.evaluation.metrics import task_metrics
@@ -62,8 +62,8 @@ def test_skewed_prompts_behind_a_long_system_prompt_fill_each_batch_to_its_token
                for i, prompt in enumerate(varied_prompts(20))]  # a few long tickets among short ones
     needed = [len(prompt_ids(tokenizer, p)) + 12 for p in prompts]
     budget = 4 * min(needed)
-    batches = [indices for indices, _, _ in greedy_batches(model, tokenizer, prompts, max_new_tokens=12,
-                                                           batch_tokens=budget)]
+    batches = [batch.indices for batch in greedy_batches(model, tokenizer, prompts, max_new_tokens=12,
+                                                         batch_tokens=budget)]
     assert sorted(i for batch in batches for i in batch) == list(range(len(prompts)))
     assert all(len(batch) * max(needed[i] for i in batch) <= budget for batch in batches)
     assert [len(batch) for batch in batches[:2]] == [1, 1] and needed[batches[0][0]] == max(needed)  # long: alone
@@ -132,47 +132,51 @@ def whole_sequence_logprob(model, prompt: list[int], continuation: list[int]) ->
     return sum(logprobs[i - 1, ids[i]].item() for i in range(len(prompt), len(ids)))
 
 
-def test_continuation_log_likelihood_of_a_batch_of_prompts_equals_scoring_each_sequence_whole(noisy_model):
+@pytest.mark.parametrize("system", [None, "You triage support tickets for a shop. " * 12])
+def test_one_pass_over_each_prompt_answers_as_generation_does_and_scores_as_each_sequence_whole(noisy_model, system):
     model, tokenizer = noisy_model
-    prompts = [prompt_ids(tokenizer, prompt) for prompt in varied_prompts(len(CONTINUATIONS))]
-    assert len({len(prompt) for prompt in prompts}) > 1, "prompts of different lengths: the batch is padded"
+    prompts = varied_prompts(len(CONTINUATIONS))
+    if system:  # a long shared system prompt: it runs once, before every batch
+        prompts = [[{"role": "system", "content": system}, prompt[-1]] for prompt in prompts]
+        assert len(shared_prefix(model, [prompt_ids(tokenizer, p) for p in prompts]).ids) > 100
+    encoded = [prompt_ids(tokenizer, prompt) for prompt in prompts]
+    assert len({len(ids) for ids in encoded}) > 1, "prompts of different lengths: the batch is padded"
     continuations = [[encode(tokenizer, text) for text in texts] for texts in CONTINUATIONS]
-    expected = [[whole_sequence_logprob(model, prompt, option) for option in options]
-                for prompt, options in zip(prompts, continuations)]
-    found = rows_logprobs(model, prompts, continuations)
-    assert [len(row) for row in found] == [len(row) for row in expected]
-    for row, want in zip(found, expected):
+    expected = [[whole_sequence_logprob(model, ids, option) for option in options]
+                for ids, options in zip(encoded, continuations)]
+    done = answers_and_logprobs(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=400,
+                                continuations=continuations)
+    assert done.answers == generate(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=1)
+    assert len(set(done.answers)) > 1 and all(done.answers)
+    assert [len(row) for row in done.logprobs] == [len(row) for row in expected]
+    for row, want in zip(done.logprobs, expected):
         assert row == pytest.approx(want, rel=1e-4)
-    prefix = shared_prefix(model, prompts)
-    assert prefix is not None and all(prefix.covers(p) for p in prompts) and len(prefix.ids) > 5  # the system prompt
-    for row, want in zip(rows_logprobs(model, prompts, continuations, prefix), expected):
+    scored_only = answers_and_logprobs(model, tokenizer, prompts, max_new_tokens=0, batch_tokens=400,
+                                       continuations=continuations)
+    assert scored_only.answers == [""] * len(prompts)
+    for row, want in zip(scored_only.logprobs, expected):
         assert row == pytest.approx(want, rel=1e-4)
-    other = prompt_ids(tokenizer, [{"role": "system", "content": "Another system prompt."}, varied_prompts(2)[1][-1]])
-    assert not prefix.covers(other)  # a batch the prefix does not cover all of runs whole
-    mixed = rows_logprobs(model, [other, prompts[1]], continuations[:2], prefix)
-    assert mixed[0] == pytest.approx([whole_sequence_logprob(model, other, o) for o in continuations[0]], rel=1e-4)
-    assert mixed[1] == pytest.approx(expected[1], rel=1e-4)
 
 
 def test_many_labels_after_short_prompts_are_ranked_in_batches_within_the_memory_budget(noisy_model, monkeypatch):
-    from ftpipe.core.evaluation import label_likelihood
+    from ftpipe.core.evaluation import generation, label_likelihood
 
     model, tokenizer = noisy_model
-    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": f"Ticket {i}: it broke."}]) for i in range(24)]
+    prompts = [[{"role": "user", "content": f"Ticket {i}: it broke."}] for i in range(24)]
     options = [encode(tokenizer, f"cat {i}") for i in range(40)]  # 40 labels of about 5 tokens
-    batches = []  # (prompts, continuation tokens) of each batch
-    real = label_likelihood.rows_logprobs
+    padded = {True: [], False: []}  # prompt batches (left padding) and continuation batches: (rows, tokens)
+    real = generation.pad
 
-    def recorded(model, rows, continuations, prefix=None):
-        batches.append((len(rows), sum(len(option) for options in continuations for option in options)))
-        return real(model, rows, continuations, prefix)
+    def recorded(sequences, pad_id, *, left):
+        padded[left].append((len(sequences), sum(map(len, sequences))))
+        return real(sequences, pad_id, left=left)
 
-    monkeypatch.setattr(label_likelihood, "rows_logprobs", recorded)
-    found = label_likelihood.prompts_logprobs(model, prompts, [options] * len(prompts))
-    assert max(rows for rows, _ in batches) > 1, "prompts are batched"
+    monkeypatch.setattr(generation, "pad", recorded)
+    found = label_likelihood.prompts_logprobs(model, tokenizer, prompts, [options] * len(prompts))
+    assert max(rows for rows, _ in padded[True]) > 1, "prompts are batched"
     # at most 1,024 continuation tokens a batch: 200 MB of float log-probabilities over a 49k vocabulary
-    assert max(tokens for _, tokens in batches) <= 1024, batches
-    alone = real(model, prompts[:1], [options])
+    assert max(tokens for _, tokens in padded[False]) <= 1024, padded[False]
+    alone = label_likelihood.prompts_logprobs(model, tokenizer, prompts[:1], [options])
     assert found[0] == pytest.approx(alone[0], rel=1e-4)
 
 
@@ -227,43 +231,33 @@ def evaluate(root: Path, adapter: Path | str, out: Path, *, config: EvaluationCo
 
 
 @pytest.fixture()
-def generate_calls(monkeypatch) -> list[int]:
-    """Counts the rows of every generation an evaluation runs, one entry per call."""
-    calls: list[int] = []
-    real = outputs.generate
+def passes(monkeypatch) -> list[tuple[int, bool, int]]:
+    """Every pass over prompts an evaluation makes: (prompts, whether it answers them, continuations it scores)."""
+    calls: list[tuple[int, bool, int]] = []
+    real = outputs.answers_and_logprobs
 
-    def counting(model, tokenizer, prompts, **kwargs):
-        calls.append(len(prompts))
-        return real(model, tokenizer, prompts, **kwargs)
+    def counting(model, tokenizer, prompts, *, max_new_tokens, continuations, **kwargs):
+        calls.append((len(prompts), max_new_tokens > 0, sum(map(len, continuations))))
+        return real(model, tokenizer, prompts, max_new_tokens=max_new_tokens, continuations=continuations, **kwargs)
 
-    monkeypatch.setattr(outputs, "generate", counting)
+    monkeypatch.setattr(outputs, "answers_and_logprobs", counting)
     return calls
+
+
+def answered(passes: list[tuple[int, bool, int]]) -> list[int]:
+    """The rows of every pass that answered them."""
+    return [rows for rows, answers, _ in passes if answers]
 
 
 def labels(rows: list[dict]) -> list[str]:
     return task_metrics(CLASSIFY).label_choices([row["messages"][-1]["content"] for row in rows]).names
 
 
-@pytest.fixture()
-def scoring_calls(monkeypatch) -> dict[str, list[int]]:
-    """Counts the label candidates scored and the answers scored in every call an evaluation makes."""
-    calls: dict[str, list[int]] = {"candidate_logprobs": [], "conversation_logprobs": []}
-    for name in calls:
-        real = getattr(outputs, name)
-
-        def counting(model, tokenizer, items, *args, real=real, name=name, **kwargs):
-            calls[name].append(len(items))
-            return real(model, tokenizer, items, *args, **kwargs)
-
-        monkeypatch.setattr(outputs, name, counting)
-    return calls
-
-
-def test_bad_adapter_fails_the_gate_then_the_base_comes_from_the_cache(workspace, tmp_path, generate_calls):
+def test_bad_adapter_fails_the_gate_then_the_base_comes_from_the_cache(workspace, tmp_path, passes):
     cache = tmp_path / "cache"
     bad = evaluate(workspace, "bad_adapter", tmp_path / "bad", cache=cache)
     # base: held-out rows and probe; few-shot: held-out rows; fine-tuned: held-out rows and probe
-    assert generate_calls == [EVAL_ROWS, len(COLORS), EVAL_ROWS, EVAL_ROWS, len(COLORS)]
+    assert answered(passes) == [EVAL_ROWS, len(COLORS), EVAL_ROWS, EVAL_ROWS, len(COLORS)]
     assert not bad["base_cached"] and not bad["reused"]
     assert bad["rows"] == EVAL_ROWS and bad["primary_metric"] == "accuracy"
     assert bad["base_score"] >= 0.9 and bad["finetuned_score"] <= 0.2
@@ -276,9 +270,9 @@ def test_bad_adapter_fails_the_gate_then_the_base_comes_from_the_cache(workspace
     assert bad["finetuned_loss"] > bad["base_loss"] and bad["base_perplexity"] == pytest.approx(
         math.exp(bad["base_loss"]))
 
-    generate_calls.clear()
+    passes.clear()
     same = evaluate(workspace, "identity_adapter", tmp_path / "same", cache=cache)
-    assert same["base_cached"] and generate_calls == [EVAL_ROWS, len(COLORS)]  # fine-tuned model only
+    assert same["base_cached"] and answered(passes) == [EVAL_ROWS, len(COLORS)]  # fine-tuned model only
     assert same["base_score"] == bad["base_score"] and same["base_loss"] == bad["base_loss"]
     assert same["fewshot_score"] == bad["fewshot_score"]
     assert same["finetuned_score"] == same["base_score"] and same["delta"] == 0.0  # B = 0: same model
@@ -288,7 +282,7 @@ def test_bad_adapter_fails_the_gate_then_the_base_comes_from_the_cache(workspace
 
 
 def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as_a_cold_run(
-        workspace, tmp_path, generate_calls, scoring_calls):
+        workspace, tmp_path, passes):
     cache, first_rows = tmp_path / "cache", EVAL_ROWS - 8
 
     def answers(result: dict) -> list[dict]:
@@ -299,18 +293,17 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
 
     evaluate(workspace, "bad_adapter", tmp_path / "first", cache=cache,
              config=CLASSIFY.model_copy(update={"max_rows": first_rows}))
-    generate_calls.clear()
-    for calls in scoring_calls.values():
-        calls.clear()
+    passes.clear()
     grown = evaluate(workspace, "bad_adapter", tmp_path / "grown", cache=cache)
-    # base, few-shot and fine-tuned answer the 8 new rows and rank their labels, and the label the new rows brought
-    # on the old ones; base and fine-tuned score only the new references; nobody answers or scores the probe again
-    assert generate_calls == [8, 8, 8] and not grown["base_cached"]
+    # base, few-shot and fine-tuned answer the 8 new rows and rank their labels (base and fine-tuned score their
+    # references too), then rank the labels on the old rows, for the label the new rows brought; nobody answers or
+    # scores the probe again
     rows = read_examples(workspace / "eval.parquet")
     before, after = (len(labels(select_rows(rows, n))) for n in (first_rows, EVAL_ROWS))
     assert after > before, "the new rows bring a label"
-    ranked = 8 * after + first_rows * (after - before)
-    assert scoring_calls == {"candidate_logprobs": [ranked] * 3, "conversation_logprobs": [8, 8]}
+    new, old = (8, True, 8 * after), (first_rows, False, first_rows * after)
+    with_references = (8, True, 8 * after + 8)
+    assert passes == [with_references, old, new, old, with_references, old] and not grown["base_cached"]
     cold = evaluate(workspace, "bad_adapter", tmp_path / "cold", cache=tmp_path / "cold-cache")
     assert answers(grown) == answers(cold) and len(answers(cold)) == EVAL_ROWS
     for name in ("base_score", "fewshot_score", "finetuned_score", "probe_base_accuracy", "probe_finetuned_accuracy",
@@ -321,23 +314,23 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
         assert grown[name] == pytest.approx(cold[name], rel=1e-5, abs=1e-6), name
 
 
-def test_changing_gate_thresholds_flips_the_gate_without_generating(workspace, tmp_path, generate_calls):
+def test_changing_gate_thresholds_flips_the_gate_without_generating(workspace, tmp_path, passes):
     out = tmp_path / "out"
     failed = evaluate(workspace, "bad_adapter", out)
     assert failed["passed"] is False and "Eval gate: FAILED" in failed["report_markdown"]
     written = (out / "metrics.json").stat().st_mtime_ns
-    generate_calls.clear()
+    passes.clear()
 
     lenient = CLASSIFY.model_copy(update={"min_improvement": -1.0, "max_forgetting": 1e4})
     passed = evaluate(workspace, "bad_adapter", out, config=lenient)
-    assert generate_calls == [] and passed["reused"] is True
+    assert answered(passes) == [] and passed["reused"] is True
     assert (out / "metrics.json").stat().st_mtime_ns == written
     assert passed["failed_conditions"] == [] and passed["passed"] is True
     assert "Eval gate: PASSED** (min_improvement -1, max_forgetting 10000)" in passed["report_markdown"]
     assert passed["delta_ci_low"] == failed["delta_ci_low"]
 
     evaluate(workspace, "bad_adapter", out, config=CLASSIFY.model_copy(update={"max_new_tokens": 5}))
-    assert generate_calls  # a setting that changes outputs does generate again
+    assert answered(passes)  # a setting that changes outputs does generate again
 
 
 def test_published_files_result_and_report(workspace, tmp_path):
@@ -418,19 +411,19 @@ def test_good_adapter_passes_with_a_positive_interval(tmp_path, tiny_model_dir):
     assert "label_likelihood_accuracy" not in result["metrics"]["base"]  # generation has no label set
 
 
-def test_answers_constrained_to_the_label_set_never_make_up_a_label(workspace, tmp_path, generate_calls):
+def test_answers_constrained_to_the_label_set_never_make_up_a_label(workspace, tmp_path, passes):
     import pandas as pd
 
     config = CLASSIFY.model_copy(update={"constrain_to_labels": True})
     result = evaluate(workspace, "bad_adapter", tmp_path / "out", config=config)
-    assert generate_calls == [len(COLORS), len(COLORS)]  # the probe only: held-out answers are chosen, not generated
+    assert answered(passes) == [len(COLORS), len(COLORS)]  # the probe only: held-out answers are chosen, not generated
     predictions = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
     for side in ("base", "fewshot", "finetuned"):
         assert set(predictions[f"{side}_answer"]) <= set(COLORS.values())  # even from random adapter weights
     assert result["base_score"] >= 0.9 and result["finetuned_score"] < 0.5
 
 
-def test_final_answers_are_extracted_checked_and_shown(workspace, tmp_path, generate_calls):
+def test_final_answers_are_extracted_checked_and_shown(workspace, tmp_path, passes):
     import pandas as pd
 
     config = EvaluationConfig(task_type="generation", answer_pattern=r"(\w+)", max_new_tokens=6, max_rows=EVAL_ROWS,
@@ -443,11 +436,11 @@ def test_final_answers_are_extracted_checked_and_shown(workspace, tmp_path, gene
     assert "| user message | reference final answer | base final answer | few-shot final answer | fine-tuned final " \
            "answer | fine-tuned answer | delta |" in result["report_markdown"]
 
-    generate_calls.clear()
+    passes.clear()
     refused = config.model_copy(update={"answer_pattern": r"#### (\S+)"})
     with pytest.raises(ValueError, match=f"{EVAL_ROWS} held-out reference.* has no final answer matching"):
         evaluate(workspace, "bad_adapter", tmp_path / "refused", config=refused)
-    assert generate_calls == []  # refused before any generation
+    assert answered(passes) == []  # refused before any generation
 
 
 def picks_the_reference(row: dict, new_side: str) -> str:

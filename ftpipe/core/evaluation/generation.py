@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from ftpipe.core.modeling import load_model_and_tokenizer
 
 IGNORE = -100  # label of a token that is not scored
 ADAPTER_CONFIG = "adapter_config.json"
+SCORING_TOKENS = 8192  # KV cache tokens of one batch of continuations (about 0.4 GB for SmolLM2-135M)
+LOGITS_COST = 8  # KV cache tokens a continuation token counts as: its log-probabilities over the whole vocabulary
 
 Progress = Callable[[int, int], None]
 Scored = tuple[list[int], int]  # (token ids of prompt + answer, how many leading ids are prompt)
@@ -131,10 +134,6 @@ class SharedPrefix:
     ids: list[int]
     cache: Any
 
-    def covers(self, prompt: list[int]) -> bool:
-        """True when `prompt` starts with these ids and has at least one token after them."""
-        return len(prompt) > len(self.ids) and prompt[:len(self.ids)] == self.ids
-
     def cache_for(self, rows: int):
         """A copy of the cache for a batch of `rows` prompts."""
         cache = copy.deepcopy(self.cache)
@@ -169,49 +168,160 @@ def _cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
     return next((ids[:i] for i, token in enumerate(ids) if token in stops), ids)
 
 
-def greedy_batches(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_tokens: int,
-                   output_logits: bool = False) -> Iterator[tuple[list[int], list[str], Any]]:
-    """Yield (row indices, answers, per-step logits or None) per batch of greedy generation.
+@dataclass(frozen=True)
+class Batch:
+    """One batch of prompts: their indices, greedy answers (empty without decoding), per-step logits (when asked
+    for), each prompt's continuations' summed log-probabilities, and the seconds the answers took (scoring aside)."""
+
+    indices: list[int]
+    answers: list[str]
+    logits: Any
+    logprobs: list[list[float]]
+    answer_seconds: float
+
+
+def prompt_batches(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_tokens: int,
+                   continuations: list[list[list[int]]] | None = None, output_logits: bool = False) -> Iterator[Batch]:
+    """Greedy answers to `prompts` (token ids) and the log-likelihood of `continuations` (token ids scored right
+    after each prompt), with one pass over each prompt for both.
 
     Rows are batched longest first (little padding), as many as `batch_tokens` holds (each counted as its prompt
-    plus `max_new_tokens`: `token_chunks`), left-padded, and decoded with the KV cache; the tokens all prompts start
-    with run once (`shared_prefix`), and each batch continues from a copy of their cache.
+    plus `max_new_tokens`: `token_chunks`), left-padded; the tokens all prompts start with run once (`shared_prefix`),
+    and each batch continues from a copy of their cache. A batch with continuations runs its prompts first, scores
+    every continuation on copies of that KV cache (`continuation_logprobs`), then decodes from the same cache;
+    without, decoding runs the prompts itself. `max_new_tokens` 0 only scores.
     """
     import torch
 
-    encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
     stops = stop_token_ids(model, tokenizer)
     pad_id = pad_id_of(tokenizer, stops[0])
-    prefix = shared_prefix(model, encoded)
-    for indices in token_chunks(order, [len(ids) + max_new_tokens for ids in encoded], batch_tokens):
-        ids, mask = prompt_batch([encoded[i] for i in indices], pad_id, prefix)
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,
-                do_sample=False, num_beams=1, repetition_penalty=1.0, use_cache=True, eos_token_id=stops,
-                pad_token_id=pad_id, return_dict_in_generate=True, output_logits=output_logits,
-                cache=prefix.cache_for(len(indices)) if prefix else None,
-            )
-        new_tokens = out.sequences[:, ids.shape[1]:].tolist()
-        answers = [tokenizer.decode(_cut_at_stop(seq, stops), skip_special_tokens=True).strip() for seq in new_tokens]
-        yield indices, answers, torch.stack(out.logits, dim=1).float().cpu() if output_logits else None
+    prefix = shared_prefix(model, prompts)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    for indices in token_chunks(order, [len(ids) + max_new_tokens for ids in prompts], batch_tokens):
+        started = time.perf_counter()
+        ids, mask = prompt_batch([prompts[i] for i in indices], pad_id, prefix)
+        wanted = [continuations[i] for i in indices] if continuations else []
+        if any(wanted):
+            cache, logprobs, scoring = _prompts_then_continuations(model, ids, mask, prefix, wanted)
+        else:
+            cache, logprobs, scoring = prefix.cache_for(len(indices)) if prefix else None, [[]] * len(indices), 0.0
+        answers, logits = [""] * len(indices), None
+        if max_new_tokens:
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                    max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
+                    use_cache=True, eos_token_id=stops, pad_token_id=pad_id, return_dict_in_generate=True,
+                    output_logits=output_logits, cache=cache)
+            new_tokens = out.sequences[:, ids.shape[1]:].tolist()
+            answers = [tokenizer.decode(_cut_at_stop(seq, stops), skip_special_tokens=True).strip()
+                       for seq in new_tokens]
+            logits = torch.stack(out.logits, dim=1).float().cpu() if output_logits else None
+        yield Batch(indices, answers, logits, logprobs, time.perf_counter() - started - scoring)
+
+
+def _prompts_then_continuations(model, ids, mask, prefix: SharedPrefix | None, continuations: list[list[list[int]]]):
+    """(the KV cache of every prompt but its last token, ready for decoding; each prompt's continuations' summed
+    log-probabilities; the seconds scoring them took). Positions are given explicitly, so padding changes nothing."""
+    import torch
+
+    skip = len(prefix.ids) if prefix else 0
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        out = model(input_ids=ids[:, skip:].to(model.device), attention_mask=mask.to(model.device),
+                    position_ids=positions[:, skip:].to(model.device), use_cache=True, logits_to_keep=1,
+                    cache=prefix.cache_for(len(ids)) if prefix else None)
+    started = time.perf_counter()
+    first = out.logits[:, -1].float().log_softmax(-1)
+    logprobs = continuation_logprobs(model, out.cache, mask, first, continuations)
+    scoring = time.perf_counter() - started
+    if not out.cache.is_croppable:  # decoding runs the prompts again
+        return (prefix.cache_for(len(ids)) if prefix else None), logprobs, scoring
+    out.cache.crop(-1)  # decoding starts by running the last prompt token
+    return out.cache, logprobs, scoring
+
+
+def _rows_of(cache, index):
+    """A cache holding the rows `index` of `cache`, which stays as it is."""
+    picked = copy.copy(cache)
+    picked.layers = [copy.copy(layer) for layer in cache.layers]
+    picked.batch_select_indices(index)
+    return picked
+
+
+def continuation_logprobs(model, cache, attention, first, continuations: list[list[list[int]]]) -> list[list[float]]:
+    """For each prompt of a batch (its KV `cache`, `attention` mask and the log-probabilities `first` of the token
+    after it), the summed log-probability of each of its continuations; the continuations run in batches of about
+    SCORING_TOKENS of memory, each on a copy of its prompt's cache, with LOGITS_COST per continuation token (many
+    labels after short prompts stay within the budget)."""
+    import torch
+
+    lengths = attention.sum(dim=1)
+    cost = [attention.shape[1] * len(options) + LOGITS_COST * sum(map(len, options)) for options in continuations]
+    found: list[list[float]] = [[] for _ in continuations]
+    for rows in token_chunks(sorted(range(len(continuations)), key=lambda r: -cost[r]), cost, SCORING_TOKENS):
+        owners = [row for row in rows for _ in continuations[row]]
+        options = [option for row in rows for option in continuations[row]]
+        if not options:
+            continue
+        index = torch.tensor(owners, dtype=torch.long)
+        option_ids, option_mask = pad(options, 0, left=False)
+        steps = first[index.to(first.device)].unsqueeze(1)
+        if option_ids.shape[1] > 1:
+            with torch.inference_mode():
+                later = model(input_ids=option_ids[:, :-1].to(model.device),
+                              attention_mask=torch.cat([attention[index], option_mask[:, :-1]], dim=1).to(model.device),
+                              position_ids=(lengths[index].view(-1, 1) + torch.arange(option_ids.shape[1] - 1)).to(
+                                  model.device),
+                              cache=_rows_of(cache, index.to(model.device))).logits.float().log_softmax(-1)
+            steps = torch.cat([steps, later.to(first.device)], dim=1)
+        picked = steps.gather(-1, option_ids.to(first.device).unsqueeze(-1)).squeeze(-1) * option_mask.to(first.device)
+        values = iter(picked.sum(dim=1).tolist())
+        for row in rows:
+            found[row] = [next(values) for _ in continuations[row]]
+    return found
+
+
+def greedy_batches(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_tokens: int,
+                   output_logits: bool = False) -> Iterator[Batch]:
+    """`prompt_batches` of greedy answers to chat `prompts`."""
+    yield from prompt_batches(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts],
+                              max_new_tokens=max_new_tokens, batch_tokens=batch_tokens, output_logits=output_logits)
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_tokens: int,
              progress: Progress | None = None) -> list[str]:
     """Greedy answers to chat `prompts` (in order), batched by `batch_tokens` with left padding (`greedy_batches`);
     `progress(done, total)` per batch."""
+    return answers_and_logprobs(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_tokens=batch_tokens,
+                                progress=progress).answers
+
+
+@dataclass(frozen=True)
+class Answered:
+    """`answers_and_logprobs`'s results, in prompt order."""
+
+    answers: list[str]
+    logprobs: list[list[float]]
+    answer_seconds: float
+
+
+def answers_and_logprobs(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_tokens: int,
+                         continuations: list[list[list[int]]] | None = None,
+                         progress: Progress | None = None) -> Answered:
+    """Greedy answers to chat `prompts` and the summed log-probability of each prompt's `continuations` (token ids
+    right after its prompt), one pass over each prompt for both (`prompt_batches`); `progress(done, total)` per batch."""
     answers: list[str] = [""] * len(prompts)
-    done = 0
-    for indices, texts, _ in greedy_batches(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                            batch_tokens=batch_tokens):
-        for index, text in zip(indices, texts):
-            answers[index] = text
-        done += len(indices)
+    logprobs: list[list[float]] = [[] for _ in prompts]
+    done, seconds = 0, 0.0
+    for batch in prompt_batches(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts],
+                                max_new_tokens=max_new_tokens, batch_tokens=batch_tokens, continuations=continuations):
+        for position, index in enumerate(batch.indices):
+            answers[index], logprobs[index] = batch.answers[position], batch.logprobs[position]
+        done, seconds = done + len(batch.indices), seconds + batch.answer_seconds
         if progress:
             progress(done, len(prompts))
-    return answers
+    return Answered(answers, logprobs, seconds)
 
 
 # ---------------------------------------------------------------- log-likelihood of given answers
@@ -280,44 +390,3 @@ def loss_of(sums: list[tuple[float, int]]) -> tuple[float, float]:
     """(mean token loss, perplexity) over answers' (summed log-probability, token count)."""
     mean = -sum(logprob for logprob, _ in sums) / max(sum(count for _, count in sums), 1)
     return mean, math.exp(min(mean, 700.0))
-
-
-def rows_logprobs(model, prompts: list[list[int]], continuations: list[list[list[int]]],
-                  prefix: SharedPrefix | None = None) -> list[list[float]]:
-    """For each prompt (token ids), the summed log-probability of each of its continuations (token ids) right after
-    it. The prompts (after the `prefix`, when they all start with it), each followed by its continuations' common first
-    tokens, run as one left-padded batch; the rest of every continuation runs as a second batch, each on a copy of its
-    prompt's KV cache. Positions are given explicitly, so padding changes nothing."""
-    import torch
-
-    skip = len(prefix.ids) if prefix and all(prefix.covers(p) for p in prompts) else 0
-    shared = [_shared_length(options) for options in continuations]
-    heads = [prompt[skip:] + options[0][:common] for prompt, options, common in zip(prompts, continuations, shared)]
-    ids, mask = pad(heads, 0, left=True)
-    attention = torch.cat([torch.ones(len(heads), skip, dtype=torch.long), mask], dim=1)
-    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
-    keep = max(shared) + 1  # rows predict their shared tokens, then the first of the rest
-    with torch.inference_mode():
-        out = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
-                    position_ids=positions[:, skip:].to(model.device), use_cache=True, logits_to_keep=keep,
-                    cache=prefix.cache_for(len(heads)) if skip else None)
-        logprobs = out.logits.float().log_softmax(-1)
-        head_logprobs = [logprobs[row, keep - 1 - common:-1].gather(
-            -1, torch.tensor(options[0][:common], dtype=torch.long, device=logprobs.device).view(-1, 1)).sum().item()
-            for row, (options, common) in enumerate(zip(continuations, shared))]
-        owners = [row for row, options in enumerate(continuations) for _ in options]
-        rests = [option[common:] for options, common in zip(continuations, shared) for option in options]
-        if not any(rests):
-            return [[head_logprobs[row]] * len(options) for row, options in enumerate(continuations)]
-        rest_ids, rest_mask = pad(rests, 0, left=False)
-        index = torch.tensor(owners, dtype=torch.long)
-        out.cache.batch_select_indices(index.to(model.device))
-        lengths = attention.sum(dim=1)[index]
-        later = model(input_ids=rest_ids.to(model.device),
-                      attention_mask=torch.cat([attention[index], rest_mask], dim=1).to(model.device),
-                      position_ids=(lengths.view(-1, 1) + torch.arange(rest_ids.shape[1])).to(model.device),
-                      cache=out.cache).logits.float().log_softmax(-1)
-    steps = torch.cat([logprobs[index.to(logprobs.device), -1].unsqueeze(1), later[:, :-1]], dim=1)
-    picked = steps.gather(-1, rest_ids.to(steps.device).unsqueeze(-1)).squeeze(-1) * rest_mask.to(steps.device)
-    values = iter(picked.sum(dim=1).tolist())
-    return [[head_logprobs[row] + next(values) for _ in options] for row, options in enumerate(continuations)]

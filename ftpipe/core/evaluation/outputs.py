@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,18 +20,16 @@ from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.fewshot import fewshot_prompt
 from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS
 from ftpipe.core.evaluation.generation import (
-    conversation_logprobs, generate, inference_device, is_adapter, load_finetuned, load_model, loss_of,
-    mean_prompt_tokens,
+    answer_tokens, answers_and_logprobs, conversation_logprobs, encode, inference_device, is_adapter, load_finetuned,
+    load_model, loss_of, mean_prompt_tokens, prompt_ids,
 )
-from ftpipe.core.evaluation.label_likelihood import (
-    candidate_logprobs, constrained_answers, label_candidates, top_label_correct,
-)
+from ftpipe.core.evaluation.label_likelihood import likeliest, top_label_correct, whole_answers
 from ftpipe.core.evaluation.metrics import LabelChoices, TaskMetrics
 from ftpipe.core.evaluation.preference import chosen_preferred, pair_conversations
 from ftpipe.core.evaluation.row_cache import RowCache
 from ftpipe.core.storage import write_text
 
-CACHE_FORMAT = "3"  # bump when the cached content or the decoding code changes
+CACHE_FORMAT = "4"  # bump when the cached content or the decoding code changes
 
 Log = Callable[[str], None]
 TUNED = {"sft": "SFT", "finetuned": "fine-tuned"}  # the trained models, in the order they are evaluated
@@ -82,24 +81,125 @@ answers are constrained to (if they are), the probe and the held-out preference 
         return [row["messages"][:-1] for row in self.rows]
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """Continuations scored right after each prompt, stored as one RowCache `kind`: prompt i's `items`, their
+    `continuations` (token ids) and `value(logprobs, continuations)`, the values stored for the prompt's items."""
+
+    kind: str
+    items: list[list[Any]]
+    continuations: list[list[list[int]]]
+    value: Callable[[list[float], list[list[int]]], list[Any]]
+    settings: Any = None
+
+
+def _as_summed(logprobs: list[float], continuations: list[list[int]]) -> list[float]:
+    return logprobs
+
+
+def _with_counts(logprobs: list[float], continuations: list[list[int]]) -> list[list[float]]:
+    return [[logprob, len(ids)] for logprob, ids in zip(logprobs, continuations)]
+
+
+def _label_scoring(tokenizer, prompts: list[list[dict]], choices: LabelChoices) -> Scoring:
+    """Every label candidate of every row, as the start of its answer."""
+    items = [[(prompt, text) for text in candidates] for prompt, candidates in zip(prompts, choices.candidates)]
+    return Scoring("label logprob", items, [[encode(tokenizer, text) for _, text in row] for row in items], _as_summed)
+
+
+def _constrained_scoring(model, tokenizer, prompts: list[list[dict]], labels: list[str]) -> Scoring:
+    """Each prompt's answer constrained to `labels`: the likeliest whole answer."""
+    options = whole_answers(model, tokenizer, labels)
+    return Scoring("constrained answer", [[prompt] for prompt in prompts], [options] * len(prompts),
+                   lambda logprobs, _: [likeliest(labels, logprobs)], labels)
+
+
+def _reference_scoring(tokenizer, conversations: list[list[dict]]) -> Scoring:
+    """Each conversation's last message after the rest ((summed log-probability, tokens)); none for a conversation
+    whose chat template writes the prompt differently from the prompt alone (it is scored whole instead)."""
+    items, continuations = [], []
+    for conversation in conversations:
+        ids, prompt_length = answer_tokens(tokenizer, conversation)
+        fits = ids[:prompt_length] == prompt_ids(tokenizer, conversation[:-1])
+        items.append([conversation] if fits else [])
+        continuations.append([ids[prompt_length:]] if fits else [])
+    return Scoring("answer logprob", items, continuations, _with_counts)
+
+
+def _at_once(model, tokenizer, rows: RowCache, prompts: list[list[dict]], max_new_tokens: int,
+             scorings: list[Scoring], batch_tokens: int, progress) -> None:
+    """Store in `rows` what one pass over each prompt gives: its greedy answer (with `max_new_tokens`) and the values
+    of each of `scorings` it lacks. A prompt whose answer is stored is not answered again: a scoring it lacks (a
+    label that new rows brought) runs alone."""
+    unanswered = set(rows.missing("answer", prompts, max_new_tokens)) if max_new_tokens else set()
+    unscored: dict[int, list[Scoring]] = {}
+    for scoring in scorings:
+        owners = [row for row, items in enumerate(scoring.items) for _ in items]
+        items = [item for row_items in scoring.items for item in row_items]
+        for row in sorted({owners[index] for index in rows.missing(scoring.kind, items, scoring.settings)}):
+            unscored.setdefault(row, []).append(scoring)
+    if unanswered:
+        _one_pass(model, tokenizer, rows, prompts, {row: unscored.get(row, []) for row in unanswered},
+                  max_new_tokens, batch_tokens, progress)
+    if set(unscored) - unanswered:
+        _one_pass(model, tokenizer, rows, prompts,
+                  {row: wanted for row, wanted in unscored.items() if row not in unanswered}, 0, batch_tokens,
+                  None if max_new_tokens else progress)  # answers constrained to labels are scorings
+
+
+def _one_pass(model, tokenizer, rows: RowCache, prompts: list[list[dict]], work: dict[int, list[Scoring]],
+              max_new_tokens: int, batch_tokens: int, progress) -> None:
+    """Answer (with `max_new_tokens`) the prompts of indices `work` and score their scorings in `work`, storing what
+    `rows` lacks (each scoring value with its prompt's time)."""
+    todo = sorted(work)
+    started = time.perf_counter()
+    done = answers_and_logprobs(
+        model, tokenizer, [prompts[i] for i in todo], max_new_tokens=max_new_tokens, batch_tokens=batch_tokens,
+        continuations=[[ids for scoring in work[i] for ids in scoring.continuations[i]] for i in todo],
+        progress=progress)
+    seconds = (time.perf_counter() - started) / len(todo)
+    if max_new_tokens:
+        rows.add("answer", [prompts[i] for i in todo], done.answers, done.answer_seconds / len(todo), max_new_tokens)
+    scored: dict[str, tuple[Scoring, list, list]] = {}  # kind: (scoring, items, values)
+    for position, row in enumerate(todo):
+        found = iter(done.logprobs[position])
+        for scoring in work[row]:
+            _, items, values = scored.setdefault(scoring.kind, (scoring, [], []))
+            items += scoring.items[row]
+            values += scoring.value([next(found) for _ in scoring.continuations[row]], scoring.continuations[row])
+    for kind, (scoring, items, values) in scored.items():
+        rows.add(kind, items, values, seconds, scoring.settings)
+
+
 def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout, config: EvaluationConfig, log: Log,
                   name: str, rows: RowCache, *, full: bool = True) -> ModelOutputs:
-    """One model's outputs for `prompts` (one per held-out row), computed only for inputs not in `rows`; `full`
-    adds the reference loss, the probe and the preference pairs."""
-    answers, seconds_per_row = _answers(model, tokenizer, prompts, heldout, config, rows, log, name)
-    outputs = ModelOutputs(ids=heldout.ids, answers=answers, prompt_tokens=mean_prompt_tokens(tokenizer, prompts),
-                           seconds_per_row=seconds_per_row)
-    if heldout.choices is not None:
-        candidate_scores = rows.values("label logprob", label_candidates(prompts, heldout.choices),
-                                       functools.partial(candidate_logprobs, model, tokenizer))
-        outputs.label_correct = top_label_correct(heldout.choices, candidate_scores)
+    """One model's outputs for `prompts` (one per held-out row), computed only for inputs not in `rows`, with one
+    pass over each prompt for its answer, label ranking and reference; `full` adds the reference loss, the probe and
+    the preference pairs."""
+    conversations = [row["messages"] for row in heldout.rows]
+    ranked = _label_scoring(tokenizer, prompts, heldout.choices) if heldout.choices is not None else None
+    constrained = (_constrained_scoring(model, tokenizer, prompts, heldout.labels)
+                   if heldout.labels is not None else None)
+    references = _reference_scoring(tokenizer, conversations) if full else None
+    if constrained:
+        log(f"{name}: answering {len(prompts)} held-out rows with one of {len(heldout.labels)} labels")
+    _at_once(model, tokenizer, rows, prompts, 0 if constrained else config.max_new_tokens,
+             [scoring for scoring in (constrained, ranked, references) if scoring], config.batch_tokens,
+             lambda done, total: log(f"{name}: answered {done}/{total} held-out rows not answered before"))
+    kind, settings = ("constrained answer", heldout.labels) if constrained else ("answer", config.max_new_tokens)
+    outputs = ModelOutputs(ids=heldout.ids, answers=rows.stored(kind, prompts, settings),
+                           prompt_tokens=mean_prompt_tokens(tokenizer, prompts),
+                           seconds_per_row=rows.seconds_per_item(kind, prompts, settings))
+    if ranked:
+        candidates = [item for items in ranked.items for item in items]
+        outputs.label_correct = top_label_correct(heldout.choices, rows.stored(ranked.kind, candidates))
         log(f"{name}: ranked the labels by likelihood on {len(prompts)} held-out rows")
     if full:
         def logprobs(conversations: list[list[dict]]) -> list[tuple[float, int]]:
             return rows.values("answer logprob", conversations, lambda missing: conversation_logprobs(
                 model, tokenizer, missing, config.batch_size))
 
-        outputs.loss, outputs.perplexity = loss_of(logprobs([r["messages"] for r in heldout.rows]))
+        outputs.loss, outputs.perplexity = loss_of(logprobs(conversations))
         log(f"{name}: held-out loss {outputs.loss:.4f} (perplexity {outputs.perplexity:.2f})")
         _add_probe(model, tokenizer, heldout.probe, config.batch_tokens, outputs, rows, logprobs,
                    lambda text: log(f"{name}: {text}"))
@@ -110,31 +210,17 @@ def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout,
     return outputs
 
 
-def _answers(model, tokenizer, prompts: list[list[dict]], heldout: Heldout, config: EvaluationConfig,
-             rows: RowCache, log: Log, name: str) -> tuple[list[str], float | None]:
-    """(the answer to each prompt, the seconds answering took per row)."""
-    if heldout.labels is not None:
-        kind, settings = "constrained answer", heldout.labels
-        log(f"{name}: answering {len(prompts)} held-out rows with one of {len(heldout.labels)} labels")
-        compute = functools.partial(constrained_answers, model, tokenizer, labels=heldout.labels)
-    else:
-        kind, settings = "answer", config.max_new_tokens
-        compute = functools.partial(
-            generate, model, tokenizer, max_new_tokens=config.max_new_tokens, batch_tokens=config.batch_tokens,
-            progress=lambda done, total: log(f"{name}: generated {done}/{total} held-out rows not answered before"))
-    return rows.values(kind, prompts, compute, settings), rows.seconds_per_item(kind, prompts, settings)
-
-
 def _add_probe(model, tokenizer, probe: list[dict], batch_tokens: int, outputs: ModelOutputs, rows: RowCache,
                logprobs: Callable[[list[list[dict]]], list[tuple[float, int]]], log: Log) -> None:
+    """The probe's answers and the log-probabilities of its references, one pass over each prompt for both."""
     if not probe:
         return
-    outputs.probe_answers = rows.values(
-        "answer", [p["messages"] for p in probe],
-        lambda missing: generate(model, tokenizer, missing, max_new_tokens=PROBE_MAX_NEW_TOKENS,
-                                 batch_tokens=batch_tokens, progress=lambda done, total: log(
-                                     f"answered {done}/{total} probe rows not answered before")), PROBE_MAX_NEW_TOKENS)
-    sums = logprobs([p["messages"] + [{"role": "assistant", "content": p["reference"]}] for p in probe])
+    prompts = [row["messages"] for row in probe]
+    conversations = [row["messages"] + [{"role": "assistant", "content": row["reference"]}] for row in probe]
+    _at_once(model, tokenizer, rows, prompts, PROBE_MAX_NEW_TOKENS, [_reference_scoring(tokenizer, conversations)],
+             batch_tokens, lambda done, total: log(f"answered {done}/{total} probe rows not answered before"))
+    outputs.probe_answers = rows.stored("answer", prompts, PROBE_MAX_NEW_TOKENS)
+    sums = logprobs(conversations)
     outputs.probe_logprobs = [logprob for logprob, _ in sums]
     outputs.probe_tokens = [count for _, count in sums]
     log(f"scored the references of {len(probe)} probe rows")

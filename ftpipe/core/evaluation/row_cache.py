@@ -36,22 +36,39 @@ class RowCache:
             self._known = read_keyed_lines(self.path)
         return self._known
 
+    def missing(self, kind: str, items: list, settings: Any = None) -> list[int]:
+        """The indices of the items whose `kind` was never computed (the first of equal items only)."""
+        known = self._entries()
+        first_of: dict[str, int] = {}
+        for index, item in enumerate(items):
+            first_of.setdefault(row_key(kind, settings, item), index)
+        return sorted(index for key, index in first_of.items() if key not in known)
+
+    def add(self, kind: str, items: list, values: list, seconds: float, settings: Any = None) -> None:
+        """Store the `kind` value of each item (computed in `seconds` each) that is not stored yet."""
+        known, entries = self._entries(), {}
+        for item, value in zip(items, values, strict=True):
+            key = row_key(kind, settings, item)
+            if key not in known:
+                entries[key] = {"key": key, "value": value, "seconds": seconds}
+        if entries:
+            append_lines(self.path, list(entries.values()))
+            known.update((key, json.loads(json.dumps(entry))) for key, entry in entries.items())  # as read back
+
     def values(self, kind: str, items: list, compute: Compute, settings: Any = None) -> list:
         """The result of `kind` for each item, calling `compute` once with the items never computed before (in
         order); results come back as JSON gives them (a tuple as a list)."""
-        keys = [row_key(kind, settings, item) for item in items]
-        known = self._entries()
-        first_of = {key: index for index, key in reversed(list(enumerate(keys))) if key not in known}
-        missing = sorted(first_of.values())
+        missing = self.missing(kind, items, settings)
         if missing:
             started = time.perf_counter()
             fresh = compute([items[i] for i in missing])
-            seconds = (time.perf_counter() - started) / len(missing)
-            entries = [{"key": keys[i], "value": value, "seconds": seconds}
-                       for i, value in zip(missing, fresh, strict=True)]
-            append_lines(self.path, entries)
-            known.update((entry["key"], json.loads(json.dumps(entry))) for entry in entries)  # as read back
-        return [known[key]["value"] for key in keys]
+            self.add(kind, [items[i] for i in missing], fresh, (time.perf_counter() - started) / len(missing), settings)
+        return self.stored(kind, items, settings)
+
+    def stored(self, kind: str, items: list, settings: Any = None) -> list:
+        """The stored result of `kind` for each item (every one must be stored)."""
+        known = self._entries()
+        return [known[row_key(kind, settings, item)]["value"] for item in items]
 
     def seconds_per_item(self, kind: str, items: list, settings: Any = None) -> float | None:
         """The mean seconds computing `kind` took per item, over those computed (None: none was)."""
