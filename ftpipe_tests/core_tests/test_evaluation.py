@@ -158,11 +158,15 @@ def test_one_pass_over_each_prompt_answers_as_generation_does_and_scores_as_each
         assert row == pytest.approx(want, rel=1e-4)
 
 
-def test_many_labels_after_short_prompts_are_ranked_in_batches_within_the_memory_budget(noisy_model, monkeypatch):
+@pytest.mark.parametrize("system", [None, "You triage support tickets for a shop. " * 40])
+def test_many_labels_after_short_or_long_prompts_are_ranked_in_batches_within_the_memory_budget(noisy_model,
+                                                                                               monkeypatch, system):
     from ftpipe.core.evaluation import generation, label_likelihood
 
     model, tokenizer = noisy_model
-    prompts = [[{"role": "user", "content": f"Ticket {i}: it broke."}] for i in range(24)]
+    prompts = [([{"role": "system", "content": system}] if system else []) +
+               [{"role": "user", "content": f"Ticket {i}: it broke."}] for i in range(24)]
+    width = max(len(prompt_ids(tokenizer, prompt)) for prompt in prompts)
     options = [encode(tokenizer, f"cat {i}") for i in range(40)]  # 40 labels of about 5 tokens
     padded = {True: [], False: []}  # prompt batches (left padding) and continuation batches: (rows, tokens)
     real = generation.pad
@@ -174,7 +178,9 @@ def test_many_labels_after_short_prompts_are_ranked_in_batches_within_the_memory
     monkeypatch.setattr(generation, "pad", recorded)
     found = label_likelihood.prompts_logprobs(model, tokenizer, prompts, [options] * len(prompts))
     assert max(rows for rows, _ in padded[True]) > 1, "prompts are batched"
-    # at most 1,024 continuation tokens a batch: 200 MB of float log-probabilities over a 49k vocabulary
+    # every continuation runs on a copy of its prompt's KV cache: about 8,192 cached tokens a batch at most
+    assert max(rows for rows, _ in padded[False]) * width <= generation.SCORING_TOKENS, (width, padded[False])
+    # and at most 1,024 continuation tokens a batch: 200 MB of float log-probabilities over a 49k vocabulary
     assert max(tokens for _, tokens in padded[False]) <= 1024, padded[False]
     alone = label_likelihood.prompts_logprobs(model, tokenizer, prompts[:1], [options])
     assert found[0] == pytest.approx(alone[0], rel=1e-4)

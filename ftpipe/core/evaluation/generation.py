@@ -251,21 +251,18 @@ def _rows_of(cache, index):
 
 def continuation_logprobs(model, cache, attention, first, continuations: list[list[list[int]]]) -> list[list[float]]:
     """For each prompt of a batch (its KV `cache`, `attention` mask and the log-probabilities `first` of the token
-    after it), the summed log-probability of each of its continuations; the continuations run in batches of about
-    SCORING_TOKENS of memory, each on a copy of its prompt's cache, with LOGITS_COST per continuation token (many
-    labels after short prompts stay within the budget)."""
+    after it), the summed log-probability of each of its continuations. The continuations run in batches of about
+    SCORING_TOKENS of memory, each on a copy of its prompt's cache and counting LOGITS_COST per token (its
+    log-probabilities over the whole vocabulary), so many labels after long prompts stay within the budget."""
     import torch
 
     lengths = attention.sum(dim=1)
-    cost = [attention.shape[1] * len(options) + LOGITS_COST * sum(map(len, options)) for options in continuations]
-    found: list[list[float]] = [[] for _ in continuations]
-    for rows in token_chunks(sorted(range(len(continuations)), key=lambda r: -cost[r]), cost, SCORING_TOKENS):
-        owners = [row for row in rows for _ in continuations[row]]
-        options = [option for row in rows for option in continuations[row]]
-        if not options:
-            continue
-        index = torch.tensor(owners, dtype=torch.long)
-        option_ids, option_mask = pad(options, 0, left=False)
+    pairs = [(row, option) for row, options in enumerate(continuations) for option in options]
+    cost = [attention.shape[1] + LOGITS_COST * len(option) for _, option in pairs]
+    values: list[float] = [0.0] * len(pairs)
+    for chunk in token_chunks(sorted(range(len(pairs)), key=lambda i: -cost[i]), cost, SCORING_TOKENS):
+        index = torch.tensor([pairs[i][0] for i in chunk], dtype=torch.long)
+        option_ids, option_mask = pad([pairs[i][1] for i in chunk], 0, left=False)
         steps = first[index.to(first.device)].unsqueeze(1)
         if option_ids.shape[1] > 1:
             with torch.inference_mode():
@@ -276,10 +273,10 @@ def continuation_logprobs(model, cache, attention, first, continuations: list[li
                               cache=_rows_of(cache, index.to(model.device))).logits.float().log_softmax(-1)
             steps = torch.cat([steps, later.to(first.device)], dim=1)
         picked = steps.gather(-1, option_ids.to(first.device).unsqueeze(-1)).squeeze(-1) * option_mask.to(first.device)
-        values = iter(picked.sum(dim=1).tolist())
-        for row in rows:
-            found[row] = [next(values) for _ in continuations[row]]
-    return found
+        for i, value in zip(chunk, picked.sum(dim=1).tolist()):
+            values[i] = value
+    found = iter(values)
+    return [[next(found) for _ in options] for options in continuations]
 
 
 def greedy_batches(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_tokens: int,
