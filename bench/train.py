@@ -10,9 +10,9 @@
    TrainingConfig defaults and a 16/32-bit LoRA adapter) and a plain TRL script with the same model, data, seed,
    steps, batch size, max_length, LoRA config, schedule, eval/save cadence and completion-only loss. The plain
    script writes its SFTConfig and LoraConfig out by hand; before any run the bench checks that they equal the
-   ones ftpipe builds (but for ftpipe's micro-batches: the same rows per optimizer step), so the ratio compares
-   like with like. Prints real (non-padding) tokens/s and peak memory of each and the ratio ftpipe / plain TRL
-   (target >= 1.3).
+   ones ftpipe builds (but for how ftpipe runs a batch: padding-free micro-batches, the same rows per step), so the
+   ratio compares like with like. Prints real (non-padding) tokens/s and peak memory of each and the ratio
+   ftpipe / plain TRL (target >= 1.3).
 2. Defaults: those ftpipe runs against `SFTConfig` defaults with a default peft `LoraConfig`, the same number
    of steps and the same data (prompt/completion); prints tokens/s and final eval loss.
 
@@ -239,13 +239,13 @@ def settings_differences(ours, plain, ignored: set[str]) -> list[str]:
 
 def check_same_settings(root: Path, training: dict) -> None:
     """Exit unless the plain script's SFTConfig and LoraConfig equal the ones ftpipe's program builds, but for how a
-    batch is split into forward passes (ftpipe's micro-batches: the same rows per optimizer step)."""
+    batch goes through forward passes (ftpipe's micro-batches, padding-free: the same rows per optimizer step)."""
     from ftpipe.core.training.setup import lora_config, trainer_arguments
     from ftpipe.core.training.sft import sft_config
 
     config = TrainingConfig.model_validate(training)
     plain_args, plain_lora = same_settings_args({"training": training, "output_dir": str(root / "plain-check")})
-    ours = sft_config(config, trainer_arguments(config, root / "ftpipe-check"))
+    ours = sft_config(config, trainer_arguments(config, root / "ftpipe-check"), rows_fit=False)  # padded passes
     rows_per_step = [args.per_device_train_batch_size * args.gradient_accumulation_steps for args in (ours, plain_args)]
     differences = [
         *settings_differences(ours, plain_args, ignored={"output_dir", "logging_dir", *MICRO_BATCHING}),
@@ -391,8 +391,9 @@ def steady_speed(run: dict) -> float:
 def print_same_settings(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
     weights = "NF4 weights (QLoRA)" if args.quantization == "4bit" else "16/32-bit weights"
     print(f"\n1. same settings (ftpipe's TrainingConfig defaults: LoRA r16 a32 all-linear on {weights}, lr 2e-4 "
-          f"cosine, batch 8 (ftpipe: in micro-batches sized from the rows on a CPU), max_length 512, eval/save every 20 "
-          f"steps), {args.steps} steps, median of {args.repeats}; tokens are real (non-padding) tokens")
+          f"cosine, batch 8 (ftpipe: in padding-free micro-batches sized from the rows on a CPU), max_length 512, "
+          f"eval/save every 20 steps), {args.steps} steps, median of {args.repeats}; tokens are real (non-padding) "
+          "tokens")
     print(f"{'side':<11}{'tokens/s':>10}{'train s':>9}{'tokens':>8}{'steady tok/s':>14}{'eval loss':>11}"
           f"{'peak MB':>9}   tokens/s of each run")
     for side, side_runs in runs.items():

@@ -174,13 +174,6 @@ def test_4bit_without_cuda_is_refused_by_the_program_in_one_line(workspace):
 
 @pytest.mark.slow
 def test_loss_is_masked_on_prompt_tokens(workspace):
-    class Quiet:
-        def info(self, message):
-            pass
-
-        def log_metrics(self, metrics, step):
-            pass
-
     spec = TrainingSpec.from_json(write_spec(workspace, "masking"))
     trainer, _, facts = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), Quiet(), Quiet())
     assert facts == {"rows_too_long": LONG_ROWS, "replay_rows": 0}
@@ -194,6 +187,36 @@ def test_loss_is_masked_on_prompt_tokens(workspace):
     assert trained_text in {f"{color}<|im_end|>\n" for color in ("red", "yellow", "purple", "green", "violet", "brown")}
     assert all(label == -100 for label in labels[:first_trained])
     assert labels[first_trained:] == input_ids[first_trained:]
+
+
+def test_short_rows_share_a_pass_as_one_sequence_without_padding_and_the_loss_of_padded_rows(workspace):
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    spec = TrainingSpec.from_json(write_spec(workspace, "padding-free"))
+    trainer, _, _ = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), Quiet(), Quiet())
+    assert trainer.args.padding_free and trainer.args.per_device_train_batch_size > 1
+    rows = [trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)]
+    flat = trainer.data_collator(rows)
+    assert "attention_mask" not in flat and flat["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
+    padded = DataCollatorForLanguageModeling(pad_token_id=trainer.processing_class.pad_token_id)(rows)
+    assert int(padded["attention_mask"].eq(0).sum()) > 0, "rows of different lengths: padding to save"
+    trainer.model.eval()
+    with torch.no_grad():
+        losses = [float(trainer.compute_loss(trainer.model, dict(batch))) for batch in (flat, padded)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4), "a row attended to another row of its pass"
+
+    truncating = TrainingSpec.from_json(write_spec(workspace, "truncating", too_long="truncate"))
+    trainer, _, _ = build_trainer(truncating, truncating.config(), Method("sft", "lora", "none"), Quiet(), Quiet())
+    assert not trainer.args.padding_free and trainer.args.max_length == 64, "TRL truncates the long rows"
+
+
+class Quiet:
+    def info(self, message):
+        pass
+
+    def log_metrics(self, metrics, step):
+        pass
 
 
 @pytest.mark.slow

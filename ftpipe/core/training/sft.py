@@ -63,11 +63,24 @@ def build_datasets(setup: TrainerSetup):
     return Dataset.from_list(train + extra), Dataset.from_list(evals), rows_too_long
 
 
-def sft_config(config: TrainingConfig, arguments: dict[str, Any]):
-    """The SFTConfig of a training: the shared trainer `arguments` plus sequence length, packing, completion loss."""
+def padding_free(config: TrainingConfig, arguments: dict[str, Any], rows_fit: bool) -> bool:
+    """Whether the rows of a forward pass go through it as one sequence, no padding computed (attention kept within
+    each row by its positions): on a CPU, several rows a pass, no packing, and every row within max_length
+    (`rows_fit`), since TRL truncates no row then."""
+    return (arguments["use_cpu"] and arguments["per_device_train_batch_size"] > 1 and not config.packing
+            and rows_fit)
+
+
+def sft_config(config: TrainingConfig, arguments: dict[str, Any], rows_fit: bool):
+    """The SFTConfig of a training: the shared trainer `arguments` plus sequence length, packing, completion loss,
+    and padding-free passes where they apply (`padding_free`)."""
     from trl import SFTConfig
 
-    return SFTConfig(**arguments, max_length=config.max_length, packing=config.packing, completion_only_loss=True)
+    flat = padding_free(config, arguments, rows_fit)
+    if flat:  # every token of a padding-free pass is real: count them all (many tokenizers pad with their end token)
+        arguments = {**arguments, "include_num_input_tokens_seen": "all"}
+    return SFTConfig(**arguments, max_length=None if flat else config.max_length, padding_free=flat,
+                     packing=config.packing, completion_only_loss=True)
 
 
 def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
@@ -75,9 +88,10 @@ def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
     from trl import SFTTrainer
 
     train, evals, rows_too_long = build_datasets(setup)
+    rows_fit = setup.config.too_long == "drop" or rows_too_long == 0
     trainer = SFTTrainer(
         model=setup.model,
-        args=sft_config(setup.config, setup.arguments),
+        args=sft_config(setup.config, setup.arguments, rows_fit),
         train_dataset=train,
         eval_dataset=evals,
         processing_class=setup.tokenizer,
