@@ -24,6 +24,16 @@ SMALL_TRAINING = {"max_steps": 12, "batch_size": 8, "eval_steps": 4, "logging_st
 STEP_LINE = re.compile(r"^step (\d+)/")  # the progress line of an optimizer step
 
 
+class Quiet:
+    """The program's progress and metrics sinks, saying nothing: for building a trainer in a test."""
+
+    def info(self, message):
+        pass
+
+    def log_metrics(self, metrics, step):
+        pass
+
+
 def toy_workspace(root: Path, base_model_dir: Path) -> Path:
     """`root` with `base` (a link to the base model), `train.parquet` (40 rows + LONG_ROWS long ones), `eval.parquet`."""
     root.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from ftpipe.core.training import sizing
 from ftpipe.core.training.setup import chat_length
 from ftpipe.core.training.sft import read_chat_rows
 from ftpipe.core.training.spec import TrainingSpec
-from ftpipe_tests.training_program import LONG_ROWS, SMALL_TRAINING, toy_workspace
+from ftpipe_tests.training_program import LONG_ROWS, SMALL_TRAINING, Quiet, toy_workspace
 
 PROMPTS = REPO_ROOT / "data" / "general" / "replay_prompts.jsonl"
 LENGTHS = list(range(1, 11))  # ten rows of 1..10 tokens: 55 tokens a pass
@@ -114,3 +114,19 @@ def test_without_a_previous_training_the_calibration_measures_this_machine(works
     assert unmeasured.cost is None and unmeasured.plan == found.plan
     assert "no time estimate: no earlier training" in unmeasured.line()
     assert "estimated_minutes" not in unmeasured.metadata()
+
+
+def test_the_calibration_runs_the_first_batch_in_the_passes_the_training_runs_it_in(workspace: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from ftpipe.core.training.methods import Method
+    from ftpipe.core.training.program import build_trainer
+
+    spec = spec_of(workspace, batch_size=16)  # 16 toy rows exceed a CPU pass: two passes
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
+    passes, tokens = sizing._first_step(spec, tokenizer, "cpu")
+    trainer, _, _ = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), Quiet(), Quiet())
+    assert len(passes) == spec.config().batch_size // trainer.args.per_device_train_batch_size > 1
+    assert all("attention_mask" not in inputs for inputs in passes), "padding-free, as the training"
+    assert tokens == sum(inputs["input_ids"].numel() for inputs in passes)
+    assert tokens == sum(map(len, sizing.task_rows(spec, spec.config(), tokenizer)[:16]))

@@ -19,6 +19,7 @@ from ftpipe.core.training.reporting import NewStepsOnly
 from ftpipe.core.training.spec import TrainingSpec, training_fingerprint
 from ftpipe_tests.training_program import (
     LONG_ROWS,
+    Quiet,
     kill_after_logging_past_a_checkpoint,
     mlflow_client,
     output_result,
@@ -209,14 +210,6 @@ def test_short_rows_share_a_pass_as_one_sequence_without_padding_and_the_loss_of
     truncating = TrainingSpec.from_json(write_spec(workspace, "truncating", too_long="truncate"))
     trainer, _, _ = build_trainer(truncating, truncating.config(), Method("sft", "lora", "none"), Quiet(), Quiet())
     assert not trainer.args.padding_free and trainer.args.max_length == 64, "TRL truncates the long rows"
-
-
-class Quiet:
-    def info(self, message):
-        pass
-
-    def log_metrics(self, metrics, step):
-        pass
 
 
 @pytest.mark.slow

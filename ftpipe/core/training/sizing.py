@@ -7,8 +7,9 @@ Trainer's schedule). Tokens are counted as `tokens_per_second` counts them: the 
 padding left out. Time is overhead + tokens / rate, taken from the most recent finished training of the task on the
 same base model (its `tokens_per_second`; its overhead: the rest of its program's time), or, without one, from a
 calibration: a short program that starts as the training does, loads the model the same way and times a few optimizer
-steps on the first batch of train rows (it leaves out evaluations and replay answers, so it runs low). Peak memory is
-measured the same way: the previous training's, or the calibration's.
+steps on the first batch of train rows, in the forward passes the training runs them in (it leaves out evaluations
+and replay answers, so it runs low). Peak memory is measured the same way: the previous training's, or the
+calibration's.
 
     python -m ftpipe.core.training.sizing SPEC.json   # the calibration; prints one JSON line
 """
@@ -219,7 +220,7 @@ def peak_memory_gib() -> float:
 
 def measure(spec: TrainingSpec) -> Cost:
     """Start as the training program does, load the model as it will, and time `CALIBRATION_STEPS` optimizer steps
-    on the first batch of train rows, after a warm-up step."""
+    on the first batch of train rows (`_first_step`), after a warm-up step."""
     import torch
 
     from ftpipe.core.training.methods import leave_out_bitsandbytes, resolve_method
@@ -231,16 +232,16 @@ def measure(spec: TrainingSpec) -> Cost:
 
     model, tokenizer = _trainable_model(spec, method)
     overhead = process_seconds()
-    batch = _first_batch(spec, tokenizer, model.device)
+    passes, tokens = _first_step(spec, tokenizer, model.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.config().learning_rate)
     model.train()
-    _step(model, optimizer, batch)
+    _step(model, optimizer, passes)
     started = time.monotonic()
     for _ in range(CALIBRATION_STEPS):
-        _step(model, optimizer, batch)
+        _step(model, optimizer, passes)
     seconds = time.monotonic() - started
-    rate = CALIBRATION_STEPS * int(batch["attention_mask"].sum()) / seconds
-    return Cost(tokens_per_second=rate, overhead_seconds=overhead, peak_memory_gib=peak_memory_gib())
+    return Cost(tokens_per_second=CALIBRATION_STEPS * tokens / seconds, overhead_seconds=overhead,
+                peak_memory_gib=peak_memory_gib())
 
 
 def _trainable_model(spec: TrainingSpec, method):
@@ -262,17 +263,34 @@ def _trainable_model(spec: TrainingSpec, method):
     return model, tokenizer
 
 
-def _first_batch(spec: TrainingSpec, tokenizer, device) -> dict[str, Any]:
-    """The first per-process batch of train rows, padded to its longest row as the collator does."""
+def _first_step(spec: TrainingSpec, tokenizer, device) -> tuple[list[dict[str, Any]], int]:
+    """The forward passes of one process's first optimizer step as the sft objective runs them (its first batch of
+    train rows in micro-batches, each padding-free or padded to its longest row), and their real tokens."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from ftpipe.core.training.setup import micro_batching, trainer_arguments
+    from ftpipe.core.training.sft import padding_free
+
     config = spec.config()
-    rows = task_rows(spec, config, tokenizer)[: config.batch_size // (config.num_processes * config.nnodes)]
-    batch = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return {key: value.to(device) for key, value in {**batch, "labels": labels}.items()}
+    rows = task_rows(spec, config, tokenizer)
+    arguments = {**trainer_arguments(config, Path(spec.checkpoint_dir)),
+                 **micro_batching(config, [len(ids) for ids in rows])}
+    rows_fit = config.too_long == "drop" or all(len(ids) < config.max_length for ids in rows)
+    collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
+                                              padding_free=padding_free(config, arguments, rows_fit))
+    batch = rows[: config.batch_size // (config.num_processes * config.nnodes)]
+    micro = min(arguments["per_device_train_batch_size"], len(batch))
+    passes = [collate([{"input_ids": ids} for ids in batch[start:start + micro]])
+              for start in range(0, len(batch), micro)]
+    on_device = [{key: value.to(device) if torch.is_tensor(value) else value for key, value in inputs.items()}
+                 for inputs in passes]
+    return on_device, sum(map(len, batch))
 
 
-def _step(model, optimizer, batch: dict[str, Any]) -> None:
-    model(**batch).loss.backward()
+def _step(model, optimizer, passes: list[dict[str, Any]]) -> None:
+    for inputs in passes:
+        model(**inputs).loss.backward()
     optimizer.step()
     optimizer.zero_grad()
 
