@@ -29,16 +29,13 @@ run: install model
 	$(PY) -m ftpipe run $(TASK) $(if $(SET),--set "$$SET")
 
 # One pytest worker per core, one torch thread per worker: the real-model demo runs beside the other tests
-# instead of before them, and two torch processes never fight over the same cores. Modules are handed out longest
-# first, in the order ftpipe_tests/conftest.py sorts them (not by their number of tests).
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadscope --no-loadscope-reorder
-
+# instead of before them, and two torch processes never fight over the same cores.
 test: install
-	$(PYTEST) --durations=15 ftpipe_tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadscope --durations=15 ftpipe_tests
 
 # The quick tests for iteration: everything but real trainings (`slow`) and whole stacks (`e2e`).
 test-fast: install
-	$(PYTEST) -m "not slow and not e2e" ftpipe_tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadscope -m "not slow and not e2e" ftpipe_tests
 
 ui: install
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000
