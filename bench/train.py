@@ -245,7 +245,7 @@ def check_same_settings(root: Path, training: dict) -> None:
 
     config = TrainingConfig.model_validate(training)
     plain_args, plain_lora = same_settings_args({"training": training, "output_dir": str(root / "plain-check")})
-    ours = sft_config(config, trainer_arguments(config, root / "ftpipe-check"), rows_fit=False)  # padded passes
+    ours = sft_config(config, trainer_arguments(config, root / "ftpipe-check"), flat=False)  # padded passes
     rows_per_step = [args.per_device_train_batch_size * args.gradient_accumulation_steps for args in (ours, plain_args)]
     differences = [
         *settings_differences(ours, plain_args, ignored={"output_dir", "logging_dir", *MICRO_BATCHING}),

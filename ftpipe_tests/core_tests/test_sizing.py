@@ -124,8 +124,8 @@ def test_the_calibration_runs_the_first_batch_in_the_passes_the_training_runs_it
 
     spec = spec_of(workspace, batch_size=16)  # 16 toy rows exceed a CPU pass: two passes
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
-    passes, tokens = sizing._first_step(spec, tokenizer, "cpu")
     trainer, _, _ = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), Quiet(), Quiet())
+    passes, tokens = sizing._first_step(spec, trainer.model, tokenizer)
     assert len(passes) == spec.config().batch_size // trainer.args.per_device_train_batch_size > 1
     assert all("attention_mask" not in inputs for inputs in passes), "padding-free, as the training"
     assert tokens == sum(inputs["input_ids"].numel() for inputs in passes)

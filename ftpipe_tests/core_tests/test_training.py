@@ -212,6 +212,19 @@ def test_short_rows_share_a_pass_as_one_sequence_without_padding_and_the_loss_of
     assert not trainer.args.padding_free and trainer.args.max_length == 64, "TRL truncates the long rows"
 
 
+def test_a_model_that_attends_across_packed_rows_trains_on_padded_passes(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ftpipe.core.training.sft import packed_rows_stay_apart
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert packed_rows_stay_apart(model) and model.training is False
+    model.train()
+    original = model.forward
+    model.forward = lambda *args, position_ids=None, **kwargs: original(*args, **kwargs)  # as custom code may do
+    assert not packed_rows_stay_apart(model) and model.training, "the check leaves the model as it was"
+
+
 @pytest.mark.slow
 def killed_training(workspace, name: str) -> tuple:
     """(spec, the MLflow run id) of a 24-step training killed after it logged past a checkpoint."""

@@ -63,20 +63,40 @@ def build_datasets(setup: TrainerSetup):
     return Dataset.from_list(train + extra), Dataset.from_list(evals), rows_too_long
 
 
-def padding_free(config: TrainingConfig, arguments: dict[str, Any], rows_fit: bool) -> bool:
-    """Whether the rows of a forward pass go through it as one sequence, no padding computed (attention kept within
-    each row by its positions): on a CPU, several rows a pass, no packing, and every row within max_length
-    (`rows_fit`), since TRL truncates no row then."""
-    return (arguments["use_cpu"] and arguments["per_device_train_batch_size"] > 1 and not config.packing
-            and rows_fit)
+def padding_free(config: TrainingConfig, arguments: dict[str, Any], rows_fit: bool, model) -> bool:
+    """Whether the rows of a forward pass go through it as one sequence, no padding computed: on a CPU, several rows
+    a pass, no packing, every row within max_length (`rows_fit`: TRL truncates no row then), and a `model` that keeps
+    the rows apart by their positions."""
+    return (arguments["use_cpu"] and arguments["per_device_train_batch_size"] > 1 and not config.packing and rows_fit
+            and packed_rows_stay_apart(model))
 
 
-def sft_config(config: TrainingConfig, arguments: dict[str, Any], rows_fit: bool):
+def packed_rows_stay_apart(model) -> bool:
+    """Whether each row of a sequence of packed rows attends only to itself, told apart by its positions
+    (transformers' own attention masks do so; a model's own code may not): the second of two packed rows gets the
+    logits it gets alone."""
+    import torch
+
+    ids = torch.arange(1, 9, device=model.device)[None]  # two rows of four tokens
+    positions = torch.arange(4, device=model.device).repeat(2)[None]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, 4:]
+            alone = model(input_ids=ids[:, 4:], use_cache=False).logits
+    except TypeError:  # a forward without position_ids
+        return False
+    finally:
+        model.train(training)
+    return torch.allclose(packed, alone, rtol=1e-3, atol=1e-3)
+
+
+def sft_config(config: TrainingConfig, arguments: dict[str, Any], flat: bool):
     """The SFTConfig of a training: the shared trainer `arguments` plus sequence length, packing, completion loss,
-    and padding-free passes where they apply (`padding_free`)."""
+    and padding-free passes when `flat` (see `padding_free`)."""
     from trl import SFTConfig
 
-    flat = padding_free(config, arguments, rows_fit)
     if flat:  # every token of a padding-free pass is real: count them all (many tokenizers pad with their end token)
         arguments = {**arguments, "include_num_input_tokens_seen": "all"}
     return SFTConfig(**arguments, max_length=None if flat else config.max_length, padding_free=flat,
@@ -89,9 +109,12 @@ def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
 
     train, evals, rows_too_long = build_datasets(setup)
     rows_fit = setup.config.too_long == "drop" or rows_too_long == 0
+    flat = padding_free(setup.config, setup.arguments, rows_fit, setup.model)
+    setup.info(f"forward passes of {setup.arguments['per_device_train_batch_size']} rows, "
+               f"{'each row attending only to itself, no padding' if flat else 'padded to their longest row'}")
     trainer = SFTTrainer(
         model=setup.model,
-        args=sft_config(setup.config, setup.arguments, rows_fit),
+        args=sft_config(setup.config, setup.arguments, flat),
         train_dataset=train,
         eval_dataset=evals,
         processing_class=setup.tokenizer,

@@ -232,7 +232,7 @@ def measure(spec: TrainingSpec) -> Cost:
 
     model, tokenizer = _trainable_model(spec, method)
     overhead = process_seconds()
-    passes, tokens = _first_step(spec, tokenizer, model.device)
+    passes, tokens = _first_step(spec, model, tokenizer)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.config().learning_rate)
     model.train()
     _step(model, optimizer, passes)
@@ -263,7 +263,7 @@ def _trainable_model(spec: TrainingSpec, method):
     return model, tokenizer
 
 
-def _first_step(spec: TrainingSpec, tokenizer, device) -> tuple[list[dict[str, Any]], int]:
+def _first_step(spec: TrainingSpec, model, tokenizer) -> tuple[list[dict[str, Any]], int]:
     """The forward passes of one process's first optimizer step as the sft objective runs them (its first batch of
     train rows in micro-batches, each padding-free or padded to its longest row), and their real tokens."""
     import torch
@@ -278,12 +278,12 @@ def _first_step(spec: TrainingSpec, tokenizer, device) -> tuple[list[dict[str, A
                  **micro_batching(config, [len(ids) for ids in rows])}
     rows_fit = config.too_long == "drop" or all(len(ids) < config.max_length for ids in rows)
     collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
-                                              padding_free=padding_free(config, arguments, rows_fit))
+                                              padding_free=padding_free(config, arguments, rows_fit, model))
     batch = rows[: config.batch_size // (config.num_processes * config.nnodes)]
     micro = min(arguments["per_device_train_batch_size"], len(batch))
     passes = [collate([{"input_ids": ids} for ids in batch[start:start + micro]])
               for start in range(0, len(batch), micro)]
-    on_device = [{key: value.to(device) if torch.is_tensor(value) else value for key, value in inputs.items()}
+    on_device = [{key: value.to(model.device) if torch.is_tensor(value) else value for key, value in inputs.items()}
                  for inputs in passes]
     return on_device, sum(map(len, batch))
 
