@@ -194,9 +194,13 @@ def test_short_rows_share_a_pass_as_one_sequence_without_padding_and_the_loss_of
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+    said, progress = [], Quiet()
+    progress.info = said.append
     spec = TrainingSpec.from_json(write_spec(workspace, "padding-free"))
-    trainer, _, _ = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), Quiet(), Quiet())
+    trainer, _, _ = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), progress, Quiet())
     assert trainer.args.padding_free and trainer.args.per_device_train_batch_size > 1
+    assert any(line.endswith("each row attending only to itself, no padding") for line in said), said
+    assert trainer.args.include_num_input_tokens_seen == "all", "no pad token in a pass: every token is counted"
     rows = [trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)]
     flat = trainer.data_collator(rows)
     assert "attention_mask" not in flat and flat["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
@@ -208,21 +212,25 @@ def test_short_rows_share_a_pass_as_one_sequence_without_padding_and_the_loss_of
     assert losses[0] == pytest.approx(losses[1], rel=1e-4), "a row attended to another row of its pass"
 
     truncating = TrainingSpec.from_json(write_spec(workspace, "truncating", too_long="truncate"))
-    trainer, _, _ = build_trainer(truncating, truncating.config(), Method("sft", "lora", "none"), Quiet(), Quiet())
+    trainer, _, _ = build_trainer(truncating, truncating.config(), Method("sft", "lora", "none"), progress, Quiet())
     assert not trainer.args.padding_free and trainer.args.max_length == 64, "TRL truncates the long rows"
+    assert said[-1].endswith("padded to their longest row"), said
 
 
 def test_a_model_that_attends_across_packed_rows_trains_on_padded_passes(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from ftpipe.core.training.sft import packed_rows_stay_apart
+    from ftpipe.config import TrainingConfig
+    from ftpipe.core.training.sft import packed_rows_stay_apart, padding_free
 
+    config, arguments = TrainingConfig(), {"use_cpu": True, "per_device_train_batch_size": 4}
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert packed_rows_stay_apart(model) and model.training is False
+    assert padding_free(config, arguments, 0, model) and model.training is False
     model.train()
     original = model.forward
     model.forward = lambda *args, position_ids=None, **kwargs: original(*args, **kwargs)  # as custom code may do
-    assert not packed_rows_stay_apart(model) and model.training, "the check leaves the model as it was"
+    assert not padding_free(config, arguments, 0, model) and not packed_rows_stay_apart(model)
+    assert model.training, "the check leaves the model as it was"
 
 
 @pytest.mark.slow

@@ -63,10 +63,11 @@ def build_datasets(setup: TrainerSetup):
     return Dataset.from_list(train + extra), Dataset.from_list(evals), rows_too_long
 
 
-def padding_free(config: TrainingConfig, arguments: dict[str, Any], rows_fit: bool, model) -> bool:
+def padding_free(config: TrainingConfig, arguments: dict[str, Any], rows_too_long: int, model) -> bool:
     """Whether the rows of a forward pass go through it as one sequence, no padding computed: on a CPU, several rows
-    a pass, no packing, every row within max_length (`rows_fit`: TRL truncates no row then), and a `model` that keeps
-    the rows apart by their positions."""
+    a pass, no packing, no row left over max_length (dropped, or none of the `rows_too_long`: TRL truncates no row
+    then), and a `model` that keeps the rows apart by their positions."""
+    rows_fit = config.too_long == "drop" or rows_too_long == 0
     return (arguments["use_cpu"] and arguments["per_device_train_batch_size"] > 1 and not config.packing and rows_fit
             and packed_rows_stay_apart(model))
 
@@ -108,8 +109,7 @@ def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
     from trl import SFTTrainer
 
     train, evals, rows_too_long = build_datasets(setup)
-    rows_fit = setup.config.too_long == "drop" or rows_too_long == 0
-    flat = padding_free(setup.config, setup.arguments, rows_fit, setup.model)
+    flat = padding_free(setup.config, setup.arguments, rows_too_long, setup.model)
     setup.info(f"forward passes of {setup.arguments['per_device_train_batch_size']} rows, "
                f"{'each row attending only to itself, no padding' if flat else 'padded to their longest row'}")
     trainer = SFTTrainer(

@@ -276,9 +276,9 @@ def _first_step(spec: TrainingSpec, model, tokenizer) -> tuple[list[dict[str, An
     rows = task_rows(spec, config, tokenizer)
     arguments = {**trainer_arguments(config, Path(spec.checkpoint_dir)),
                  **micro_batching(config, [len(ids) for ids in rows])}
-    rows_fit = config.too_long == "drop" or all(len(ids) < config.max_length for ids in rows)
+    at_max_length = sum(len(ids) == config.max_length for ids in rows)  # truncated ones among them
     collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
-                                              padding_free=padding_free(config, arguments, rows_fit, model))
+                                              padding_free=padding_free(config, arguments, at_max_length, model))
     batch = rows[: config.batch_size // (config.num_processes * config.nnodes)]
     micro = min(arguments["per_device_train_batch_size"], len(batch))
     passes = [collate([{"input_ids": ids} for ids in batch[start:start + micro]])
