@@ -50,22 +50,21 @@ def parity_prompts(eval_path: Path, count: int) -> list[list[dict]]:
 
 
 def greedy_with_logits(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> tuple[list[str], list]:
-    """Greedy answers (in prompt order) and each batch's per-step logits (batches in a fixed order)."""
-    answers, logits = [""] * len(prompts), []
+    """Greedy answers and each row's per-step logits, in prompt order."""
+    answers, logits = [""] * len(prompts), [None] * len(prompts)
     for batch in greedy_batches(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                 batch_tokens=PARITY_BATCH_TOKENS, output_logits=True):
-        for index, text in zip(batch.indices, batch.answers):
-            answers[index] = text
-        logits.append(batch.logits)
+        for index, text, steps in zip(batch.indices, batch.answers, batch.logits):
+            answers[index], logits[index] = text, steps
     return answers, logits
 
 
 def max_abs_diff(left: list, right: list) -> float:
-    """Largest |a - b| over the decoding steps both runs made, batch by batch."""
+    """Largest |a - b| over the decoding steps both runs made, row by row."""
     largest = 0.0
     for a, b in zip(left, right):
-        steps = min(a.shape[1], b.shape[1])
-        largest = max(largest, float((a[:, :steps] - b[:, :steps]).abs().max()))
+        steps = min(a.shape[0], b.shape[0])
+        largest = max(largest, float((a[:steps] - b[:steps]).abs().max()))
     return largest
 
 

@@ -48,6 +48,47 @@ def test_batched_generation_equals_one_at_a_time(noisy_model):
     assert len(set(batched)) > 5 and all(batched)  # real, varied outputs: padding errors would show
 
 
+def test_rows_whose_answers_ended_leave_the_batch_and_no_answer_changes(noisy_model, monkeypatch):
+    model, tokenizer = noisy_model
+    prompts = varied_prompts(20)
+    full = [encode(tokenizer, answer) for answer in generate(model, tokenizer, prompts, max_new_tokens=12,
+                                                                 batch_tokens=1)]
+    first_at: dict[int, set[int]] = {}  # token: the positions where it first comes in an answer
+    for ids in full:
+        for token in set(ids):
+            first_at.setdefault(token, set()).add(ids.index(token))
+    stop = max(first_at, key=lambda token: len(first_at[token]))  # answers end early, each at its own step
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, stop])
+    decoding_rows: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: decoding_rows.append(len(kwargs["input_ids"]))
+        if kwargs["input_ids"].shape[1] == 1 else None, with_kwargs=True)
+    try:
+        batched = generate(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=10_000)
+    finally:
+        hook.remove()
+    assert batched == generate(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=1)
+    assert len(set(batched)) > 5
+    assert decoding_rows[0] == len(prompts) > decoding_rows[-1]  # one batch, fewer rows as answers end
+    assert sum(decoding_rows) < 0.8 * len(prompts) * 11  # 11 decoding steps after the prompts' pass
+
+
+def test_the_output_head_gets_the_last_positions_contiguous(noisy_model):
+    """Sliced hidden states would make the head's matmul broadcast its weight per row (a CPU's slowest path)."""
+    import torch
+
+    model, _ = noisy_model
+    contiguous: list[bool] = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: contiguous.append(args[0].is_contiguous()))
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.ones((3, 7), dtype=torch.long), logits_to_keep=1)
+    finally:
+        hook.remove()
+    assert contiguous == [True]
+
+
 def test_generation_batches_hold_many_short_rows_and_few_long_ones():
     lengths = [500, 120, 100, 100, 30, 30, 30, 30, 30, 30, 9000]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
