@@ -3,7 +3,9 @@
 side by side on the same prompts; what answers constrained to a label set cost, batched and one prompt at a time; an
 evaluation's work on each prompt (answer it, rank the labels, score a reference) with one pass over the prompt against
 a pass for each; and prompts that share a long start (a system prompt of --shared-words words, as few-shot examples are), answered and
-label-ranked with that start run once (`shared_prefix`) against running it in every row.
+label-ranked with that start run once (`shared_prefix`) against running it in every row; and the general-skills probe
+answered in decoding rounds whose ended rows leave the batch, with the output head given its last positions
+contiguous, against one `generate` call per batch on the sliced positions.
 
     python bench/eval.py                                   # tiny random model, runs anywhere in about a minute
     python bench/eval.py --model .ftpipe/models/<fingerprint> --rows 32
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +27,7 @@ from pathlib import Path
 from ftpipe.core.evaluation import generation, label_likelihood
 from ftpipe.core.evaluation.generation import generate, load_model
 from ftpipe.core.evaluation.label_likelihood import constrained_answers
+from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS, read_probe
 from ftpipe.core.storage import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))  # the test helpers build the tiny model and the prompts
@@ -156,6 +160,51 @@ def bench_one_pass(model_dir: Path, rows: int, batch_tokens: int, max_new_tokens
           + ("" if same == rows else "  <-- MISMATCH") + f", log-probabilities within {largest:.1e}")
 
 
+@contextlib.contextmanager
+def one_decoding_round(model, sliced_head: bool):
+    """The baselines for decoding: every row of a batch decoded for as long as the longest answer (one `generate`
+    call), and with `sliced_head` the output head's input left as transformers slices it."""
+    real, head = generation.ROUND_TOKENS, model.get_output_embeddings()
+    hooks = dict(head._forward_pre_hooks)
+    generation.ROUND_TOKENS = 10**6
+    if sliced_head:
+        head._forward_pre_hooks.clear()
+    try:
+        yield
+    finally:
+        generation.ROUND_TOKENS = real
+        head._forward_pre_hooks.update(hooks)
+
+
+def bench_decoding(model_dir: Path, adapter: Path | None, batch_tokens: int, repeats: int) -> None:
+    """The general-skills probe's prompts, whose answers end at different lengths (a fine-tuned model's, with
+    `adapter`, end earlier than a base model's), each way `repeats` times in turn; medians."""
+    model, tokenizer = (generation.load_finetuned(adapter, lambda: load_model(model_dir)) if adapter
+                        else load_model(model_dir))
+    prompts = [row["messages"] for row in read_probe(REPO_ROOT / "data/general/probe.jsonl")]
+
+    def answer():
+        return timed(lambda: generate(model, tokenizer, prompts, max_new_tokens=PROBE_MAX_NEW_TOKENS,
+                                      batch_tokens=batch_tokens))
+
+    generate(model, tokenizer, prompts[:8], max_new_tokens=4, batch_tokens=batch_tokens)  # warm-up
+    runs: dict[str, list] = {"ours": [], "one round": [], "sliced head": []}
+    for _ in range(repeats):
+        runs["ours"].append(answer())
+        with one_decoding_round(model, sliced_head=False):
+            runs["one round"].append(answer())
+        with one_decoding_round(model, sliced_head=True):
+            runs["sliced head"].append(answer())
+    seconds = {name: statistics.median(s for _, s in done) for name, done in runs.items()}
+    same = sum(len({answers[i] for done in runs.values() for answers, _ in done}) == 1 for i in range(len(prompts)))
+    print(f"decoding the probe's {len(prompts)} prompts ({PROBE_MAX_NEW_TOKENS} new tokens max, "
+          f"{'fine-tuned' if adapter else 'base'} model, median of {repeats}): rounds of {generation.ROUND_TOKENS} "
+          f"steps, ended rows leaving {seconds['ours']:6.2f} s; one round {seconds['one round']:6.2f} s "
+          f"({seconds['one round'] / seconds['ours']:.2f}x); one round and the head on sliced positions "
+          f"{seconds['sliced head']:6.2f} s ({seconds['sliced head'] / seconds['ours']:.2f}x); identical answers "
+          f"{same}/{len(prompts)}" + ("" if same == len(prompts) else "  <-- MISMATCH"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a model dir (safetensors + tokenizer); default: tiny random model")
@@ -164,6 +213,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--labels", type=int, default=12, help="label set size for constrained answers")
     parser.add_argument("--shared-words", type=int, default=80, help="words of the system prompt every row shares")
+    parser.add_argument("--adapter", type=Path, help="a LoRA adapter on --model for the decoding benchmark")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each way of decoding the probe")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or noisy_base(build_tiny_model(Path(tmp) / "tiny"), Path(tmp) / "noisy")
@@ -171,6 +222,7 @@ def main() -> None:
         bench_one_pass(model_dir, args.rows, args.batch_tokens, args.max_new_tokens, args.labels)
         bench_shared_prefix(model_dir, args.rows, args.batch_tokens, args.max_new_tokens, args.labels,
                             args.shared_words)
+        bench_decoding(model_dir, args.adapter, args.batch_tokens, args.repeats)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def test_rows_whose_answers_ended_leave_the_batch_and_no_answer_changes(noisy_mo
 
 
 def test_the_output_head_gets_the_last_positions_contiguous(noisy_model):
-    """Sliced hidden states would make the head's matmul broadcast its weight per row (a CPU's slowest path)."""
+    """Sliced hidden states would make a frozen head's matmul broadcast its weight per row (a CPU's slowest path)."""
     import torch
 
     model, _ = noisy_model

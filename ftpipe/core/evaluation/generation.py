@@ -36,8 +36,9 @@ def load_model(path: Path | str, trust_remote_code: bool = False):
 
 def _contiguous_input(module, args):
     """The output head's input made contiguous. The logits of a batch's last positions (`logits_to_keep`) come from a
-    slice of the hidden states, and on such a slice torch's matmul runs the head once per row against a broadcast
-    weight (on a CPU, 0.8 s for the last tokens of 136 prompts with a 49k vocabulary, against a few ms)."""
+    slice of the hidden states, and on such a slice a frozen head (under an adapter) makes torch's matmul run it once
+    per row against a broadcast weight: on a CPU, 0.71 s for the last tokens of 136 prompts with a 49k vocabulary,
+    against 0.07 s."""
     return (args[0].contiguous(), *args[1:])
 
 
