@@ -15,7 +15,7 @@ from ftpipe.config import EvaluationConfig, JudgeConfig
 from ftpipe.core.evaluation import evaluation_key, outputs, read_evaluation, run_evaluation, waiting_for_reviews
 from ftpipe.core.evaluation.generation import (
     answer_tokens, answers_and_logprobs, conversation_logprobs, encode, generate, greedy_batches, load_model,
-    loss_of, prompt_ids, shared_prefix, token_chunks,
+    loss_of, prompt_ids, rows_can_leave, shared_prefix, token_chunks,
 )
 from ftpipe.core.evaluation.label_likelihood import constrained_answers, end_of_turn_ids
 from ftpipe.core.evaluation.metrics import task_metrics
@@ -71,6 +71,13 @@ def test_rows_whose_answers_ended_leave_the_batch_and_no_answer_changes(noisy_mo
     assert len(set(batched)) > 5
     assert decoding_rows[0] == len(prompts) > decoding_rows[-1]  # one batch, fewer rows as answers end
     assert sum(decoding_rows) < 0.8 * len(prompts) * 11  # 11 decoding steps after the prompts' pass
+
+
+def test_rows_leave_only_a_dynamic_cache_of_attention_layers(noisy_model, monkeypatch):
+    model, _ = noisy_model
+    assert rows_can_leave(model)
+    monkeypatch.setattr(model.generation_config, "cache_implementation", "static")  # a fixed shape: one round
+    assert not rows_can_leave(model)
 
 
 def test_the_output_head_gets_the_last_positions_contiguous(noisy_model):

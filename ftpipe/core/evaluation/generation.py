@@ -178,13 +178,25 @@ def _cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
     return next((ids[:i] for i, token in enumerate(ids) if token in stops), ids)
 
 
+def rows_can_leave(model) -> bool:
+    """Whether decoding can drop rows between rounds: the model generates with a dynamic KV cache (a static one keeps
+    its shape) of attention layers only (a recurrent layer's state would not follow its rows)."""
+    from transformers import DynamicCache
+
+    if model.generation_config.cache_implementation not in (None, "dynamic"):
+        return False
+    return not any(DynamicCache(config=model.config).is_linear)
+
+
 def _decode(model, ids, mask, cache, *, max_new_tokens: int, stops: list[int], pad_id: int,
             output_logits: bool) -> tuple[list[list[int]], list[Any]]:
     """(new token ids, per-step logits or None) of each row of a batch, decoded greedily from `cache` in rounds of
     ROUND_TOKENS steps: a row that met a stop token leaves the batch at the end of its round, so the rows still
-    answering do not carry the finished ones (in one `generate` call every row runs as long as the longest)."""
+    answering do not carry the finished ones (in one `generate` call every row runs as long as the longest). One
+    round when the cache cannot drop rows (`rows_can_leave`)."""
     import torch
 
+    round_tokens = ROUND_TOKENS if rows_can_leave(model) else max_new_tokens
     rows = list(range(len(ids)))
     new: list[list[int]] = [[] for _ in rows]
     logits: list[list] = [[] for _ in rows]
@@ -192,7 +204,7 @@ def _decode(model, ids, mask, cache, *, max_new_tokens: int, stops: list[int], p
     while rows and (left := max_new_tokens - len(new[rows[0]])) > 0:
         with torch.inference_mode():
             out = model.generate(
-                input_ids=sequences, attention_mask=mask, max_new_tokens=min(left, ROUND_TOKENS), do_sample=False,
+                input_ids=sequences, attention_mask=mask, max_new_tokens=min(left, round_tokens), do_sample=False,
                 num_beams=1, repetition_penalty=1.0, use_cache=True, eos_token_id=stops, pad_token_id=pad_id,
                 return_dict_in_generate=True, output_logits=output_logits, cache=cache)
         fresh = out.sequences[:, sequences.shape[1]:]
@@ -232,10 +244,9 @@ def prompt_batches(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     plus `max_new_tokens`: `token_chunks`), left-padded; the tokens all prompts start with run once (`shared_prefix`),
     and each batch continues from a copy of their cache. A batch with continuations runs its prompts first, scores
     every continuation on copies of that KV cache (`continuation_logprobs`), then decodes from the same cache;
-    without, decoding runs the prompts itself. `max_new_tokens` 0 only scores.
+    without, decoding runs the prompts itself. Decoding drops the rows whose answers ended as it goes (`_decode`).
+    `max_new_tokens` 0 only scores.
     """
-    import torch
-
     stops = stop_token_ids(model, tokenizer)
     pad_id = pad_id_of(tokenizer, stops[0])
     prefix = shared_prefix(model, prompts)
