@@ -71,6 +71,9 @@ def test_rows_whose_answers_ended_leave_the_batch_and_no_answer_changes(noisy_mo
     assert len(set(batched)) > 5
     assert decoding_rows[0] == len(prompts) > decoding_rows[-1]  # one batch, fewer rows as answers end
     assert sum(decoding_rows) < 0.8 * len(prompts) * 11  # 11 decoding steps after the prompts' pass
+    scored = answers_and_logprobs(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=10_000,
+                                  continuations=[[encode(tokenizer, "red")] for _ in prompts])
+    assert scored.answers == batched, "decoding on from the cache of the prompts' scoring pass, as evaluation does"
 
 
 def test_rows_leave_only_a_dynamic_cache_of_attention_layers(noisy_model, monkeypatch):

@@ -276,7 +276,8 @@ def _first_step(spec: TrainingSpec, model, tokenizer) -> tuple[list[dict[str, An
     rows = task_rows(spec, config, tokenizer)
     arguments = {**trainer_arguments(config, Path(spec.checkpoint_dir)),
                  **micro_batching(config, [len(ids) for ids in rows])}
-    at_max_length = sum(len(ids) == config.max_length for ids in rows)  # truncated ones among them
+    at_max_length = sum(len(ids) == config.max_length for ids in rows)  # the truncated train rows, and any that
+    # were exactly that long (counted as over: padded passes); the eval rows are not read for an estimate
     collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
                                               padding_free=padding_free(config, arguments, at_max_length, model))
     batch = rows[: config.batch_size // (config.num_processes * config.nnodes)]
