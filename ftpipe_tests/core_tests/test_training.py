@@ -217,6 +217,25 @@ def test_short_rows_share_a_pass_as_one_sequence_without_padding_and_the_loss_of
     assert said[-1].endswith("padded to their longest row"), said
 
 
+def test_on_a_cpu_the_lm_head_scores_only_the_completion_positions_for_the_same_loss(workspace, monkeypatch):
+    import torch
+    import trl.trainer.utils as fused_head
+
+    spec = TrainingSpec.from_json(write_spec(workspace, "labelled-only"))
+    trainer, _, _ = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), Quiet(), Quiet())
+    scored, score = [], fused_head._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(fused_head._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *rest: scored.append(len(hidden)) or score(hidden, *rest))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)])
+    trainer.model.eval()
+    with torch.no_grad():
+        fused = float(trainer.compute_loss(trainer.model, dict(batch)))
+        full_logits = float(trainer.model(**batch).loss)  # the model's own loss, over every position's logits
+    labelled = int(batch["labels"][:, 1:].ne(-100).sum())
+    assert scored == [labelled] and labelled < batch["input_ids"].numel() / 2, "the prompt positions were scored"
+    assert fused == pytest.approx(full_logits, rel=1e-5)
+
+
 def test_a_model_that_attends_across_packed_rows_trains_on_padded_passes(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

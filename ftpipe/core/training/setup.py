@@ -166,11 +166,27 @@ def load_start_model(spec: TrainingSpec, method: Method):
     return (model if continued else model.merge_and_unload()), tokenizer
 
 
+def score_labelled_positions_only() -> None:
+    """Make TRL's fused LM head score only the positions that have a label on a CPU too.
+
+    TRL projects hidden states through the LM head (the whole vocabulary) only at labelled positions on Triton devices;
+    elsewhere it projects every position so that tile shapes stay fixed for graph compilers. A CPU runs eagerly, and
+    with the loss on the completion only, most of a chat row is prompt: there the head's work on prompt positions is
+    waste (a quarter of a step on the demo). The losses and gradients are the same."""
+    import trl.trainer.utils as fused_head
+
+    on_triton = fused_head._use_triton
+    if not getattr(on_triton, "scores_on_cpu", False):
+        fused_head._use_triton = lambda device: device.type == "cpu" or on_triton(device)
+        fused_head._use_triton.scores_on_cpu = True
+
+
 def trainer_setup(spec: TrainingSpec, config: TrainingConfig, method: Method, callbacks: list, info) -> TrainerSetup:
     """Load the model training starts from and gather the shared trainer settings."""
     from peft import PeftModel
     from transformers import EarlyStoppingCallback
 
+    score_labelled_positions_only()
     model, tokenizer = load_start_model(spec, method)
     return TrainerSetup(
         spec=spec,
