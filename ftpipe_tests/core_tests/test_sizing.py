@@ -129,4 +129,7 @@ def test_the_calibration_runs_the_first_batch_in_the_passes_the_training_runs_it
     assert len(passes) == spec.config().batch_size // trainer.args.per_device_train_batch_size > 1
     assert all("attention_mask" not in inputs for inputs in passes), "padding-free, as the training"
     assert tokens == sum(inputs["input_ids"].numel() for inputs in passes)
-    assert tokens == sum(map(len, sizing.task_rows(spec, spec.config(), tokenizer)[:16]))
+    assert tokens == sum(len(ids) for _, ids in sizing.task_rows(spec, spec.config(), tokenizer)[:16])
+    trained = trainer.data_collator([trainer.train_dataset[i] for i in range(16)])["labels"]
+    assert [int(label) for inputs in passes for label in inputs["labels"].flatten()] == trained.flatten().tolist(), \
+        "the loss on the same tokens: the completions"

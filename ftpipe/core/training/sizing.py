@@ -116,13 +116,14 @@ def plan(lengths: list[int], config: TrainingConfig) -> Plan:
     return Plan(steps=steps, rows=passes * len(lengths) + partial, tokens=tokens)
 
 
-def task_rows(spec: TrainingSpec, config: TrainingConfig, tokenizer) -> list[list[int]]:
-    """The token ids of the train rows the program keeps (`too_long: drop`) or truncates, in file order."""
+def task_rows(spec: TrainingSpec, config: TrainingConfig, tokenizer) -> list[tuple[list[dict[str, str]], list[int]]]:
+    """(messages, token ids) of the train rows the program keeps (`too_long: drop`) or truncates, in file order."""
     from ftpipe.core.training.sft import read_chat_rows
 
-    encoded = [_encode(tokenizer, messages) for messages in read_chat_rows(Path(spec.train_path))]
-    kept = [ids for ids in encoded if config.too_long == "truncate" or len(ids) <= config.max_length]
-    return [ids[: config.max_length] for ids in kept]
+    encoded = [(messages, _encode(tokenizer, messages)) for messages in read_chat_rows(Path(spec.train_path))]
+    kept = [(messages, ids) for messages, ids in encoded
+            if config.too_long == "truncate" or len(ids) <= config.max_length]
+    return [(messages, ids[: config.max_length]) for messages, ids in kept]
 
 
 def _encode(tokenizer, messages: list[dict[str, str]], **options) -> list[int]:
@@ -149,7 +150,7 @@ def train_lengths(spec: TrainingSpec, config: TrainingConfig) -> list[int]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir, trust_remote_code=spec.trust_remote_code)
-    kept = [len(ids) for ids in task_rows(spec, config, tokenizer)]
+    kept = [len(ids) for _, ids in task_rows(spec, config, tokenizer)]
     return kept + replay_lengths(spec, config, tokenizer, len(kept))
 
 
@@ -246,14 +247,17 @@ def measure(spec: TrainingSpec) -> Cost:
 
 def _trainable_model(spec: TrainingSpec, method):
     """(model, tokenizer) as the training program sets them up: its `method`'s weights, LoRA adapter,
-    checkpointing."""
+    checkpointing, and the sft objective's output head (TRL's fused head, on labelled positions only)."""
     import torch
+    from trl.trainer.utils import add_fused_lm_head
 
     from ftpipe.core.modeling import load_model_and_tokenizer
-    from ftpipe.core.training.setup import lora_config
+    from ftpipe.core.training.setup import lora_config, score_labelled_positions_only
 
     model, tokenizer = load_model_and_tokenizer(spec.base_model_dir, load_in_4bit=method.load_in_4bit,
                                                 trust_remote_code=spec.trust_remote_code)
+    score_labelled_positions_only()
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as the SFTTrainer adds it
     if torch.cuda.is_available():  # the Trainer checkpoints activations on a GPU (setup.trainer_arguments)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method.peft_adapter:
@@ -265,7 +269,8 @@ def _trainable_model(spec: TrainingSpec, method):
 
 def _first_step(spec: TrainingSpec, model, tokenizer) -> tuple[list[dict[str, Any]], int]:
     """The forward passes of one process's first optimizer step as the sft objective runs them (its first batch of
-    train rows in micro-batches, each padding-free or padded to its longest row), and their real tokens."""
+    train rows in micro-batches, each padding-free or padded to its longest row, labelled on the completion only),
+    and their real tokens."""
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -275,23 +280,32 @@ def _first_step(spec: TrainingSpec, model, tokenizer) -> tuple[list[dict[str, An
     config = spec.config()
     rows = task_rows(spec, config, tokenizer)
     arguments = {**trainer_arguments(config, Path(spec.checkpoint_dir)),
-                 **micro_batching(config, [len(ids) for ids in rows])}
-    at_max_length = sum(len(ids) == config.max_length for ids in rows)  # the truncated train rows, and any that
+                 **micro_batching(config, [len(ids) for _, ids in rows])}
+    at_max_length = sum(len(ids) == config.max_length for _, ids in rows)  # the truncated train rows, and any that
     # were exactly that long (counted as over: padded passes); the eval rows are not read for an estimate
     collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
                                               padding_free=padding_free(config, arguments, at_max_length, model))
-    batch = rows[: config.batch_size // (config.num_processes * config.nnodes)]
+    batch = [_completion_labelled(tokenizer, messages, ids)
+             for messages, ids in rows[: config.batch_size // (config.num_processes * config.nnodes)]]
     micro = min(arguments["per_device_train_batch_size"], len(batch))
-    passes = [collate([{"input_ids": ids} for ids in batch[start:start + micro]])
-              for start in range(0, len(batch), micro)]
+    passes = [collate(batch[start:start + micro]) for start in range(0, len(batch), micro)]
     on_device = [{key: value.to(model.device) if torch.is_tensor(value) else value for key, value in inputs.items()}
                  for inputs in passes]
-    return on_device, sum(map(len, batch))
+    return on_device, sum(len(row["input_ids"]) for row in batch)
+
+
+def _completion_labelled(tokenizer, messages: list[dict[str, str]], ids: list[int]) -> dict[str, list[int]]:
+    """A row as the sft objective trains on it: the loss on the final assistant turn only (the prompt, where TRL finds
+    it ends, labelled -100)."""
+    from trl.data_utils import common_prefix_length
+
+    prompt = common_prefix_length(_encode(tokenizer, messages[:-1], add_generation_prompt=True), ids)
+    return {"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]}
 
 
 def _step(model, optimizer, passes: list[dict[str, Any]]) -> None:
     for inputs in passes:
-        model(**inputs).loss.backward()
+        model(**inputs, fused_lm_head=True).loss.backward()
     optimizer.step()
     optimizer.zero_grad()
 
