@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -100,27 +101,39 @@ class Stack:
     """The webserver and daemon processes (and what they start: code servers, run workers, trainings), and the
     GraphQL endpoint."""
 
-    def __init__(self, env: dict, cwd: Path):
+    def __init__(self, env: dict, cwd: Path, stopped_sensors: tuple[str, ...] = ()):
         self.env, self.home, self.logs = env, cwd, cwd / "stack.log"
-        self.start()
+        self.start(stopped_sensors)
 
-    def start(self) -> None:
+    def start(self, stopped_sensors: tuple[str, ...] = ()) -> None:
+        """Start the webserver on a free port, then the daemon; the sensors in `stopped_sensors` are switched off in
+        between, so none of them ticks (and switching them off does not race the daemon's first write of their state)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        bin_dir = Path(sys.executable).parent
-        workspace = ["-w", str(REPO_ROOT / "workspace.yaml")]
-        out, env, cwd = self.logs.open("a"), self.env, self.home
-        self.processes = [
-            subprocess.Popen([bin_dir / "dagster-daemon", "run", *workspace], env=env, cwd=cwd, stdout=out, stderr=out),
-            subprocess.Popen([bin_dir / "dagster-webserver", "-h", "127.0.0.1", "-p", str(self.port), *workspace],
-                             env=env, cwd=cwd, stdout=out, stderr=out),
-        ]
+        self.processes = [self._start("dagster-webserver", "-h", "127.0.0.1", "-p", str(self.port))]
+        try:
+            if stopped_sensors:
+                self.wait_until_loaded()
+                self.stop_sensors(*stopped_sensors)
+        except BaseException:
+            self.stop()
+            raise
+        self.processes.append(self._start("dagster-daemon", "run"))
+
+    def _start(self, program: str, *arguments: str) -> subprocess.Popen:
+        out = self.logs.open("a")
+        command = [Path(sys.executable).parent / program, *arguments, "-w", str(REPO_ROOT / "workspace.yaml")]
+        return subprocess.Popen(command, env=self.env, cwd=self.home, stdout=out, stderr=out)
 
     def graphql(self, query: str, **variables) -> dict:
         body = json.dumps({"query": query, "variables": variables}).encode()
         request = urllib.request.Request(f"{self.url}/graphql", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.load(response)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                answer = json.load(response)
+        except urllib.error.HTTPError as error:
+            error.msg = f"{error.msg}: {error.read().decode()[:4000]}"  # the server's own error, in the message
+            raise
         assert "errors" not in answer, answer
         return answer["data"]
 

@@ -60,10 +60,8 @@ def module_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
     run_checked([sys.executable, "-m", "ftpipe", "tasks", "sync"], env=env, cwd=home)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(home)  # dagster.yaml's storage folder is relative to the working directory
-        running = Stack(env, home)
+        running = Stack(env, home, stopped_sensors=AUTOMATION)
         try:
-            running.wait_until_loaded()
-            running.stop_sensors(*AUTOMATION)
             with dg.DagsterInstance.from_config(str(home)) as instance:
                 running.instance = instance
                 yield running
