@@ -47,7 +47,7 @@ def toy_workspace(root: Path, base_model_dir: Path) -> Path:
 
 
 def write_spec(root: Path, name: str, *, force_retrain: bool = False, tracking_uri: str | None = None,
-               **training) -> Path:
+               sizing: dict | None = None, **training) -> Path:
     """`root/<name>.json`: a training of the workspace's base on its toy split; outputs under `root/<name>/`."""
     spec = {
         "task": "toy",
@@ -62,6 +62,7 @@ def write_spec(root: Path, name: str, *, force_retrain: bool = False, tracking_u
         "force_retrain": force_retrain,
         "mlflow": {"experiment": f"toy-{name}", "run_name": name, "tags": {"dagster_run_id": f"run-{name}"},
                    "tracking_uri": tracking_uri},
+        "sizing": sizing,
     }
     path = root / f"{name}.json"
     path.write_text(json.dumps(spec))

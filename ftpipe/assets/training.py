@@ -276,10 +276,10 @@ def _train(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: Tas
     asset, paths = training_asset(stage.objective), TaskLayout(context.partition_key)
     starts_over = config.force_retrain and context.retry_number == 0 and context.run.parent_run_id is None
     spec = _spec(context, stage, inputs, mlflow, starts_over, cfg.trust_remote_code)
+    context.log.info(f"training {context.partition_key}: {describe_method(stage)}")
+    estimate = _size(context, spec, stage) if stage.objective == "sft" else None  # sizes SFT rows only
     spec_file = paths.spec_file(asset)
     write_text(spec_file, json.dumps(asdict(spec), indent=2))
-    context.log.info(f"training {context.partition_key}: {describe_method(stage)}")
-    estimate = _size(context, spec, spec_file, stage) if stage.objective == "sft" else None  # sizes SFT rows only
     started = time.monotonic()
     _launch(context, stage, spec_file, inputs.fingerprint, mlflow.uri(), subprocesses, pods)
     trained = reusable(paths.adapter(inputs.fingerprint, asset), asset, inputs.fingerprint)
@@ -291,17 +291,19 @@ def _train(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: Tas
     return trained, _sizing_metadata(estimate, trained, time.monotonic() - started)
 
 
-def _size(context: dg.AssetExecutionContext, spec, spec_path: Path, training: TrainingConfig):
-    """Log what the training will cost here (`sizing`); warn when it would outlast the run's max runtime."""
-    from ftpipe.core.training.sizing import estimate
+def _size(context: dg.AssetExecutionContext, spec, training: TrainingConfig):
+    """Log what the training will cost here (`sizing`) and warn when it would outlast the run's max runtime; with no
+    earlier training's rate, a training on this machine calibrates and logs it itself (the spec's `sizing`)."""
+    from ftpipe.core.training.sizing import deferred, estimate, runtime_warning
 
-    found = estimate(spec, spec_path, may_calibrate=training.launcher == "subprocess")
+    found, left = estimate(spec), _runtime_left(context)
+    if found.cost is None and training.launcher == "subprocess":
+        spec.sizing = deferred(found, left)
+        return found
     context.log.info(found.line())
-    left = _runtime_left(context)
-    if found.seconds is not None and left is not None and found.seconds > left:
-        context.log.warning(
-            f"sizing: the training needs ~{found.seconds / 60:.1f} min but this run's {MAX_RUNTIME_SECONDS_TAG} leaves "
-            f"{max(left, 0) / 60:.1f} min: it will be stopped first; lower training.max_steps or raise the limit")
+    warning = runtime_warning(found, left)
+    if warning:
+        context.log.warning(warning)
     return found
 
 
@@ -316,8 +318,12 @@ def _runtime_left(context: dg.AssetExecutionContext) -> float | None:
 
 def _sizing_metadata(estimate, result: Result, seconds: float) -> dict:
     """The estimate's entries and, for a training from step 0, `estimate_ratio`: its actual time over the estimate."""
+    from ftpipe.core.training.sizing import Cost, Estimate
+
     if estimate is None:
         return {}
+    if estimate.cost is None and "calibration" in result.produced:
+        estimate = Estimate(estimate.plan, Cost(**result.produced["calibration"]))
     found = estimate.metadata()
     if estimate.seconds and not result.metadata.get("resumed_from_step"):
         found["estimate_ratio"] = readable.rounded(seconds / estimate.seconds)

@@ -3,9 +3,7 @@ and the rate of the most recent finished training of the task on the same base m
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -99,21 +97,40 @@ def test_the_rate_is_the_latest_finished_training_of_the_same_base_model_from_st
                                 "estimated_peak_memory": "1.5 GiB (previous run bbbb0000)"}
 
 
-def test_without_a_previous_training_the_calibration_measures_this_machine(workspace: Path) -> None:
+def test_an_estimate_past_the_time_the_run_has_left_warns() -> None:
+    found = sizing.Estimate(sizing.Plan(steps=12, rows=96, tokens=9000), sizing.Cost(100.0, 30.0, 1.5))
+    assert sizing.runtime_warning(found, None) is None and sizing.runtime_warning(found, 121) is None
+    assert sizing.runtime_warning(found, 60) == (
+        "sizing: the training needs ~2.0 min but this run's dagster/max_runtime leaves 1.0 min: it will be stopped "
+        "first; lower training.max_steps or raise the limit")
+
+
+def test_without_a_previous_training_the_program_calibrates_on_its_trainer_and_leaves_it_as_it_was(
+        workspace: Path) -> None:
+    import torch
+
+    from ftpipe.core.training.methods import Method
+    from ftpipe.core.training.program import build_trainer
+
     spec = spec_of(workspace)
-    path = workspace / "calibration.json"
-    path.write_text(json.dumps(asdict(spec)))
-
-    found = sizing.estimate(spec, path, may_calibrate=True)
-    assert found.cost is not None and found.cost.source == "calibration"
-    assert found.cost.tokens_per_second > 0 and found.cost.overhead_seconds > 0
-    assert 0.1 < found.cost.peak_memory_gib < 8  # torch and a 2-layer model
-    assert found.plan.steps == SMALL_TRAINING["max_steps"] and found.seconds > found.cost.overhead_seconds
-
-    unmeasured = sizing.estimate(spec, path, may_calibrate=False)
-    assert unmeasured.cost is None and unmeasured.plan == found.plan
-    assert "no time estimate: no earlier training" in unmeasured.line()
+    unmeasured = sizing.estimate(spec)
+    assert unmeasured.cost is None and "no time estimate: no earlier training" in unmeasured.line()
     assert "estimated_minutes" not in unmeasured.metadata()
+
+    spec.sizing = sizing.deferred(unmeasured, seconds_left=None)
+    trainer, _, _ = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), Quiet(), Quiet())
+    trained = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    found = sizing.calibrated(spec, trainer)
+    assert torch.equal(torch.rand(3), expected), "the random state the training starts from (adapter dropout drew)"
+    assert all(torch.equal(p, trained[name]) and p.grad is None
+               for name, p in trainer.model.named_parameters() if p.requires_grad), "weights as loaded, no gradients"
+    assert found.cost.source == "calibration" and found.cost.tokens_per_second > 0
+    assert found.cost.overhead_seconds > 0 and 0.1 < found.cost.peak_memory_gib < 8  # torch and a 2-layer model
+    assert found.plan == unmeasured.plan and found.plan.steps == SMALL_TRAINING["max_steps"]
+    assert found.seconds > found.cost.overhead_seconds
 
 
 def test_the_calibration_runs_the_first_batch_in_the_passes_the_training_runs_it_in(workspace: Path) -> None:

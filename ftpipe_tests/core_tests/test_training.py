@@ -57,11 +57,16 @@ def test_a_training_without_4bit_weights_does_not_import_bitsandbytes(trained):
 
 
 @pytest.mark.slow
-def test_the_same_seed_gives_the_same_adapter_weights(trained):
+def test_the_same_seed_gives_the_same_adapter_weights_with_or_without_a_calibration_first(trained):
     from safetensors.torch import load_file
 
     root, _, _ = trained
-    run_to_end(root, write_spec(root, "same-seed"))
+    plan = {"steps": 6, "rows": 48, "tokens": 2400}
+    calibrated = write_spec(root, "same-seed", sizing={"plan": plan, "seconds_left": 1.0})
+    stdout = run_to_end(root, calibrated)
+    assert re.search(r"sizing: 6 steps, ~2.4k tokens, ~[\d.]+ min at \d+ tokens/s \(calibration\)", stdout), stdout
+    assert "but this run's dagster/max_runtime leaves 0.0 min" in stdout
+    assert output_result(calibrated).produced["calibration"]["tokens_per_second"] > 0
     run_to_end(root, write_spec(root, "other-seed", seed=7))
     weights = {name: (root / name / "adapter" / "adapter_model.safetensors").read_bytes()
                for name in ("main", "same-seed", "other-seed")}

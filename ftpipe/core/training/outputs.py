@@ -168,9 +168,11 @@ def result_inputs(spec: TrainingSpec) -> dict[str, Any]:
     return {key: value for key, value in inputs.items() if value is not None}
 
 
-def publish(trainer, spec: TrainingSpec, config: TrainingConfig, method: Method, facts: dict[str, Any]) -> Result:
+def publish(trainer, spec: TrainingSpec, config: TrainingConfig, method: Method, facts: dict[str, Any],
+            calibration: dict[str, Any] | None = None) -> Result:
     """Write the weights (an adapter on the base model, or a whole model) + tokenizer, the curves and `result.json`
-    into the output dir, replaced atomically; return the result."""
+    into the output dir, replaced atomically; return the result (with the sizing `calibration` the program ran, if
+    any)."""
     with atomic_dir(Path(spec.output_dir)) as tmp:
         trainer.save_model(str(tmp))
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in the result
@@ -186,6 +188,7 @@ def publish(trainer, spec: TrainingSpec, config: TrainingConfig, method: Method,
                 "training": used_config(config, method),
                 **curves,
                 "data_version": spec.data_version or sha256_of_files(weights, tmp)[:16],
+                **({"calibration": calibration} if calibration else {}),
             },
             inputs=result_inputs(spec),
             metadata=result_metadata(trainer, spec, method, facts, tmp),

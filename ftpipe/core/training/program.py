@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from ftpipe.core.launch import EXIT_REFUSED, LAUNCHER_PID_ENV
 from ftpipe.core.results import Result
 from ftpipe.core.storage import process_alive
 from ftpipe.core.tracking import RunInterrupted, RunLogger, redact_uri, tracked_run, tracking_uri
-from ftpipe.core.training import checkpoints, preference, replay
+from ftpipe.core.training import checkpoints, preference, replay, sizing
 from ftpipe.core.training.methods import Method, leave_out_bitsandbytes, resolve_method
 from ftpipe.core.training.outputs import pipes_metadata, publish, trainable_parameters
 from ftpipe.core.training.reporting import (
@@ -110,6 +111,17 @@ def tracking(spec: TrainingSpec, resume_run_id: str | None):
                        resume_run_id=resume_run_id, uri=spec.mlflow.tracking_uri or tracking_uri())
 
 
+def calibrate(spec: TrainingSpec, trainer, reporter: Reporter) -> dict[str, Any]:
+    """Log the sizing of a training with no earlier one to take its rate from, timed on `trainer` before its first
+    step (`sizing.calibrated`), and warn when it outlasts the run's limit; the measured cost."""
+    found = sizing.calibrated(spec, trainer)
+    reporter.info(found.line())
+    warning = sizing.runtime_warning(found, spec.sizing["seconds_left"])
+    if warning:
+        reporter.warning(warning)
+    return asdict(found.cost)
+
+
 def train(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: Reporter) -> Result | None:
     """Run one training (resuming when possible); the published result on rank 0, None on other ranks."""
     quiet_libraries()
@@ -123,6 +135,7 @@ def train(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: 
         uri = redact_uri(spec.mlflow.tracking_uri or tracking_uri())
         reporter.info(f"mlflow run {run.run_id} in experiment {spec.mlflow.experiment!r} at {uri}")
         trainer, progress, facts = build_trainer(spec, config, method, reporter, NewStepsOnly(run, bool(resume_run_id)))
+        calibration = calibrate(spec, trainer, reporter) if spec.sizing and lead else None
         if resume_run_id is None:
             run.log_params(hyperparameters(spec, config, method, trainer, facts["replay_rows"]))
         if checkpoint:
@@ -139,7 +152,7 @@ def train(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: 
             mlflow_run_id=run.run_id,
             resumed_from_step=checkpoints.checkpoint_step(checkpoint) if checkpoint else 0,
         )
-        result = publish(trainer, spec, config, method, facts)
+        result = publish(trainer, spec, config, method, facts, calibration)
         checkpoints.finish(checkpoint_dir)  # before the MLflow run is FINISHED: a finished training is never resumed
         run.set_tags({"final_eval_loss": rounded(eval_loss)})  # one number: a tag, not a one-point chart
         run.log_artifact(Path(spec.output_dir), "adapter")

@@ -30,8 +30,14 @@ class Reporter:
         self.echo = echo
 
     def info(self, message: str) -> None:
+        self._log("info", message)
+
+    def warning(self, message: str) -> None:
+        self._log("warning", message)
+
+    def _log(self, level: str, message: str) -> None:
         if self.pipes is not None:
-            self.pipes.log.info(message)
+            getattr(self.pipes.log, level)(message)
         if self.echo:
             print(message, flush=True)
 

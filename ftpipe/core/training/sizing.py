@@ -6,12 +6,10 @@ replay rows, `batch_size` rows a batch, `gradient_accumulation` batches a step, 
 Trainer's schedule). Tokens are counted as `tokens_per_second` counts them: the rows' tokens in the chat template,
 padding left out. Time is overhead + tokens / rate, taken from the most recent finished training of the task on the
 same base model (its `tokens_per_second`; its overhead: the rest of its program's time), or, without one, from a
-calibration: a short program that starts as the training does, loads the model the same way and times a few optimizer
-steps on the first batch of train rows, in the forward passes the training runs them in (it leaves out evaluations
-and replay answers, so it runs low). Peak memory is measured the same way: the previous training's, or the
-calibration's.
-
-    python -m ftpipe.core.training.sizing SPEC.json   # the calibration; prints one JSON line
+calibration in the training program itself (`deferred`, then `calibrated`): once its trainer is set up, it times a
+few forward and backward passes of its first batch of train rows, as the training will run them, and logs the
+estimate before the first step (the calibration leaves out evaluations and the optimizer's update, so it runs low).
+Peak memory is measured the same way: the previous training's, or the program's own up to the calibration's end.
 """
 
 from __future__ import annotations
@@ -20,8 +18,6 @@ import json
 import math
 import random
 import resource
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,8 +29,7 @@ from ftpipe.core.layout import TaskLayout
 from ftpipe.core.results import RESULT_FILE, read_result
 from ftpipe.core.training.spec import TrainingSpec
 
-CALIBRATION_STEPS = 2  # timed optimizer steps, after one warm-up step
-CALIBRATION_TIMEOUT_S = 600
+CALIBRATION_STEPS = 2  # timed passes over the first batch, after a warm-up one
 REPLAY_ANSWER_TOKENS = 43  # a replay answer, taken as half of the longest kept (replay.COMPLETE_BELOW)
 
 
@@ -176,31 +171,33 @@ def _measured(result, base_fingerprint: str) -> bool:
             and "program_seconds" in facts and not facts.get("resumed_from_step"))
 
 
-def calibrate(spec_path: Path) -> Cost:
-    """Run the calibration on `spec_path` in its own process (no model or device memory stays here)."""
-    done = subprocess.run([sys.executable, "-m", "ftpipe.core.training.sizing", str(spec_path)], capture_output=True,
-                          text=True, timeout=CALIBRATION_TIMEOUT_S, check=True)
-    return Cost(**json.loads(done.stdout.strip().splitlines()[-1]))
-
-
-def estimate(spec: TrainingSpec, spec_path: Path, may_calibrate: bool) -> Estimate:
-    """The estimate for the training of `spec` (written at `spec_path`): at the previous training's rate, else
-    calibrated here when `may_calibrate` (the training runs on this machine)."""
+def estimate(spec: TrainingSpec) -> Estimate:
+    """The estimate for the training of `spec` at the previous training's rate; without one, no cost yet (`deferred`
+    hands the plan to the training program, which calibrates)."""
     config = spec.config()
     found = plan(train_lengths(spec, config), config)
     cost = previous_cost(TaskLayout(spec.task).path("lora_adapter"), spec.base_fingerprint)
-    if cost or not may_calibrate:
-        return Estimate(found, cost, "" if cost else "no earlier training of this task on this base model here")
-    try:
-        return Estimate(found, calibrate(spec_path))
-    except (subprocess.SubprocessError, ValueError) as error:
-        return Estimate(found, None, f"the calibration failed: {_reason(error)}")
+    return Estimate(found, cost, "" if cost else "no earlier training of this task on this base model here")
 
 
-def _reason(error: Exception) -> str:
-    """The last line the calibration wrote on stderr when it failed, else the error."""
-    lines = (error.stderr or "").strip().splitlines() if isinstance(error, subprocess.CalledProcessError) else []
-    return lines[-1] if lines else str(error)
+def deferred(found: Estimate, seconds_left: float | None) -> dict[str, Any]:
+    """The spec's `sizing` entry: the plan the training program prices with its calibration before its first step,
+    and the seconds the run has left (None: no limit)."""
+    return {"plan": asdict(found.plan), "seconds_left": seconds_left}
+
+
+def calibrated(spec: TrainingSpec, trainer) -> Estimate:
+    """The estimate for the plan of `spec.sizing`, at the rate `trainer` (set up, not yet trained) shows here."""
+    return Estimate(Plan(**spec.sizing["plan"]), measure(spec, trainer.model, trainer.processing_class))
+
+
+def runtime_warning(found: Estimate, seconds_left: float | None) -> str | None:
+    """The warning for an estimate that outlasts the seconds a run has left under `dagster/max_runtime`, else None."""
+    if found.seconds is None or seconds_left is None or found.seconds <= seconds_left:
+        return None
+    return (f"sizing: the training needs ~{found.seconds / 60:.1f} min but this run's dagster/max_runtime leaves "
+            f"{max(seconds_left, 0) / 60:.1f} min: it will be stopped first; lower training.max_steps or raise the "
+            "limit")
 
 
 def process_seconds() -> float:
@@ -219,52 +216,23 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def measure(spec: TrainingSpec) -> Cost:
-    """Start as the training program does, load the model as it will, and time `CALIBRATION_STEPS` optimizer steps
-    on the first batch of train rows (`_first_step`), after a warm-up step."""
+def measure(spec: TrainingSpec, model, tokenizer) -> Cost:
+    """Time `CALIBRATION_STEPS` forward and backward passes over the first batch of train rows (`_first_step`), after
+    a warm-up one, on the training's own `model`; its weights, gradients and random state stay as they were."""
     import torch
 
-    from ftpipe.core.training.methods import leave_out_bitsandbytes, resolve_method
-
-    method = resolve_method(spec.config(), cuda_available=torch.cuda.is_available())
-    leave_out_bitsandbytes(method)  # as the training program does
-    import mlflow  # noqa: F401  the training program imports both: their start is part of its overhead
-    import trl  # noqa: F401
-
-    model, tokenizer = _trainable_model(spec, method)
     overhead = process_seconds()
     passes, tokens = _first_step(spec, model, tokenizer)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.config().learning_rate)
     model.train()
-    _step(model, optimizer, passes)
-    started = time.monotonic()
-    for _ in range(CALIBRATION_STEPS):
-        _step(model, optimizer, passes)
-    seconds = time.monotonic() - started
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        _backward(model, passes)
+        started = time.monotonic()
+        for _ in range(CALIBRATION_STEPS):
+            _backward(model, passes)
+        seconds = time.monotonic() - started
+    model.zero_grad(set_to_none=True)
     return Cost(tokens_per_second=CALIBRATION_STEPS * tokens / seconds, overhead_seconds=overhead,
                 peak_memory_gib=peak_memory_gib())
-
-
-def _trainable_model(spec: TrainingSpec, method):
-    """(model, tokenizer) as the training program sets them up: its `method`'s weights, LoRA adapter,
-    checkpointing, and the sft objective's output head (TRL's fused head, on labelled positions only)."""
-    import torch
-    from trl.trainer.utils import add_fused_lm_head
-
-    from ftpipe.core.modeling import load_model_and_tokenizer
-    from ftpipe.core.training.setup import lora_config, score_labelled_positions_only
-
-    model, tokenizer = load_model_and_tokenizer(spec.base_model_dir, load_in_4bit=method.load_in_4bit,
-                                                trust_remote_code=spec.trust_remote_code)
-    score_labelled_positions_only()
-    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as the SFTTrainer adds it
-    if torch.cuda.is_available():  # the Trainer checkpoints activations on a GPU (setup.trainer_arguments)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if method.peft_adapter:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora_config(spec.config()))
-    return model, tokenizer
 
 
 def _first_step(spec: TrainingSpec, model, tokenizer) -> tuple[list[dict[str, Any]], int]:
@@ -303,12 +271,6 @@ def _completion_labelled(tokenizer, messages: list[dict[str, str]], ids: list[in
     return {"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]}
 
 
-def _step(model, optimizer, passes: list[dict[str, Any]]) -> None:
+def _backward(model, passes: list[dict[str, Any]]) -> None:
     for inputs in passes:
         model(**inputs, fused_lm_head=True).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-
-
-if __name__ == "__main__":
-    print(json.dumps(asdict(measure(TrainingSpec.from_json(Path(sys.argv[1]))))))

@@ -64,6 +64,7 @@ class TrainingSpec:
     start_adapter: str | None = None  # the finished training this one starts from (a PEFT adapter or model folder)
     warm_start: dict[str, Any] | None = None  # warm_start.WarmStart.spec_entry: start_adapter is trained further
     recipe_version: str | None = None  # a hash of the recipe (TrainingInputs.recipe_version), for later warm starts
+    sizing: dict[str, Any] | None = None  # sizing.deferred: the plan the program calibrates and logs before training
 
     def __post_init__(self):
         if not isinstance(self.mlflow, MlflowSpec):
