@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftpipe.core.evaluation.generation import conversation_logprobs
 from ftpipe.core.evaluation.statistics import paired_bootstrap
 from ftpipe.core.preferences import is_paired, read_preferences
 

@@ -14,7 +14,6 @@ Peak memory is measured the same way: the previous training's, or the program's 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import resource
