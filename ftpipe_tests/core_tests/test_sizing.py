@@ -135,6 +135,7 @@ def test_without_a_previous_training_the_program_calibrates_on_its_trainer_and_l
 
 def test_the_calibration_runs_the_first_batch_in_the_passes_the_training_runs_it_in(workspace: Path) -> None:
     from transformers import AutoTokenizer
+    from trl.data_utils import common_prefix_length
 
     from ftpipe.core.training.methods import Method
     from ftpipe.core.training.program import build_trainer
@@ -142,11 +143,13 @@ def test_the_calibration_runs_the_first_batch_in_the_passes_the_training_runs_it
     spec = spec_of(workspace, batch_size=16)  # 16 toy rows exceed a CPU pass: two passes
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
     trainer, _, _ = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), Quiet(), Quiet())
-    passes, tokens = sizing._first_step(spec, trainer.model, tokenizer)
+    passes, tokens = sizing._first_step(spec, trainer)
     assert len(passes) == spec.config().batch_size // trainer.args.per_device_train_batch_size > 1
     assert all("attention_mask" not in inputs for inputs in passes), "padding-free, as the training"
     assert tokens == sum(inputs["input_ids"].numel() for inputs in passes)
-    assert tokens == sum(len(ids) for _, ids in sizing.task_rows(spec, spec.config(), tokenizer)[:16])
-    trained = trainer.data_collator([trainer.train_dataset[i] for i in range(16)])["labels"]
-    assert [int(label) for inputs in passes for label in inputs["labels"].flatten()] == trained.flatten().tolist(), \
-        "the loss on the same tokens: the completions"
+    rows = sizing.task_rows(spec, spec.config(), tokenizer)[:16]
+    assert tokens == sum(len(ids) for _, ids in rows)
+    prompts = [sizing._encode(tokenizer, messages[:-1], add_generation_prompt=True) for messages, _ in rows]
+    completions = sum(len(ids) - common_prefix_length(prompt, ids) for prompt, (_, ids) in zip(prompts, rows))
+    labelled = sum(int((inputs["labels"] != -100).sum()) for inputs in passes)
+    assert labelled == completions, "the loss on the completions only"

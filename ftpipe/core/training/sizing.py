@@ -187,7 +187,7 @@ def deferred(found: Estimate, seconds_left: float | None) -> dict[str, Any]:
 
 def calibrated(spec: TrainingSpec, trainer) -> Estimate:
     """The estimate for the plan of `spec.sizing`, at the rate `trainer` (set up, not yet trained) shows here."""
-    return Estimate(Plan(**spec.sizing["plan"]), measure(spec, trainer.model, trainer.processing_class))
+    return Estimate(Plan(**spec.sizing["plan"]), measure(spec, trainer))
 
 
 def runtime_warning(found: Estimate, seconds_left: float | None) -> str | None:
@@ -215,13 +215,14 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def measure(spec: TrainingSpec, model, tokenizer) -> Cost:
-    """Time `CALIBRATION_STEPS` forward and backward passes over the first batch of train rows (`_first_step`), after
-    a warm-up one, on the training's own `model`; its weights, gradients and random state stay as they were."""
+def measure(spec: TrainingSpec, trainer) -> Cost:
+    """Time `CALIBRATION_STEPS` forward and backward passes over the trainer's first batch (`_first_step`), after a
+    warm-up one, on the training's own model; its weights, gradients and random state stay as they were."""
     import torch
 
     overhead = process_seconds()
-    passes, tokens = _first_step(spec, model, tokenizer)
+    passes, tokens = _first_step(spec, trainer)
+    model = trainer.model
     model.train()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         _backward(model, passes)
@@ -234,40 +235,21 @@ def measure(spec: TrainingSpec, model, tokenizer) -> Cost:
                 peak_memory_gib=peak_memory_gib())
 
 
-def _first_step(spec: TrainingSpec, model, tokenizer) -> tuple[list[dict[str, Any]], int]:
-    """The forward passes of one process's first optimizer step as the sft objective runs them (its first batch of
-    train rows in micro-batches, each padding-free or padded to its longest row, labelled on the completion only),
+def _first_step(spec: TrainingSpec, trainer) -> tuple[list[dict[str, Any]], int]:
+    """The forward passes of one process's first optimizer step as `trainer` runs them: the first batch of its train
+    rows (as it tokenized, labelled and cut them) in micro-batches of its per-device size, through its own collator;
     and their real tokens."""
     import torch
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    from ftpipe.core.training.setup import micro_batching, trainer_arguments
-    from ftpipe.core.training.sft import padding_free
 
     config = spec.config()
-    rows = task_rows(spec, config, tokenizer)
-    arguments = {**trainer_arguments(config, Path(spec.checkpoint_dir)),
-                 **micro_batching(config, [len(ids) for _, ids in rows])}
-    at_max_length = sum(len(ids) == config.max_length for _, ids in rows)  # the truncated train rows, and any that
-    # were exactly that long (counted as over: padded passes); the eval rows are not read for an estimate
-    collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
-                                              padding_free=padding_free(config, arguments, at_max_length, model))
-    batch = [_completion_labelled(tokenizer, messages, ids)
-             for messages, ids in rows[: config.batch_size // (config.num_processes * config.nnodes)]]
-    micro = min(arguments["per_device_train_batch_size"], len(batch))
-    passes = [collate(batch[start:start + micro]) for start in range(0, len(batch), micro)]
-    on_device = [{key: value.to(model.device) if torch.is_tensor(value) else value for key, value in inputs.items()}
-                 for inputs in passes]
-    return on_device, sum(len(row["input_ids"]) for row in batch)
-
-
-def _completion_labelled(tokenizer, messages: list[dict[str, str]], ids: list[int]) -> dict[str, list[int]]:
-    """A row as the sft objective trains on it: the loss on the final assistant turn only (the prompt, where TRL finds
-    it ends, labelled -100)."""
-    from trl.data_utils import common_prefix_length
-
-    prompt = common_prefix_length(_encode(tokenizer, messages[:-1], add_generation_prompt=True), ids)
-    return {"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]}
+    size = min(config.batch_size // (config.num_processes * config.nnodes), len(trainer.train_dataset))
+    rows = [trainer.train_dataset[index] for index in range(size)]
+    micro = trainer.args.per_device_train_batch_size
+    device = trainer.model.device
+    passes = [{key: value.to(device) if torch.is_tensor(value) else value
+               for key, value in trainer.data_collator(rows[start:start + micro]).items()}
+              for start in range(0, size, micro)]
+    return passes, sum(len(row["input_ids"]) for row in rows)
 
 
 def _backward(model, passes: list[dict[str, Any]]) -> None:
