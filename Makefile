@@ -28,10 +28,10 @@ model: install
 run: install model
 	$(PY) -m ftpipe run $(TASK) $(if $(SET),--set "$$SET")
 
-# One pytest worker per core, one torch thread per worker: the real-model demo runs beside the other tests
-# instead of before them, and two torch processes never fight over the same cores.
+# One pytest worker per core, one torch thread per worker, the longest modules handed out first (conftest.py): the
+# real-model demo runs beside the other tests from the start, and two torch processes never fight over the same cores.
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadscope --durations=15 ftpipe_tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadscope --no-loadscope-reorder --durations=15 ftpipe_tests
 
 # The quick tests for iteration: everything but real trainings (`slow`) and whole stacks (`e2e`).
 test-fast: install

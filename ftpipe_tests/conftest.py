@@ -36,3 +36,18 @@ def tiny_task(ftpipe_env: Path, tiny_model_dir: Path) -> str:
     """The task `toy`: 60 learnable rows on the session's tiny model, trained for a few steps."""
     toy_task(ftpipe_env, "toy", tiny_model_dir)
     return "toy"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest modules first, so no worker starts the real demo (a third of the suite's work) near the end: the demo,
+    then modules with whole stacks, then with real trainings, then the rest; a module's own order is kept (and
+    `--no-loadscope-reorder` keeps this one)."""
+    def weight(item: pytest.Item) -> int:
+        if item.path.name == "test_demo.py":
+            return 0
+        return 1 if item.get_closest_marker("e2e") else 2 if item.get_closest_marker("slow") else 3
+
+    module_weight: dict[Path, int] = {}
+    for item in items:
+        module_weight[item.path] = min(weight(item), module_weight.get(item.path, 3))
+    items.sort(key=lambda item: module_weight[item.path])
