@@ -217,12 +217,15 @@ def peak_memory_gib() -> float:
 
 def measure(spec: TrainingSpec, trainer) -> Cost:
     """Time `CALIBRATION_STEPS` forward and backward passes over the trainer's first batch (`_first_step`), after a
-    warm-up one, on the training's own model; its weights, gradients and random state stay as they were."""
+    warm-up one, on the training's own model with the activation checkpointing the training will use; its weights,
+    gradients and random state stay as they were."""
     import torch
 
     overhead = process_seconds()
     passes, tokens = _first_step(spec, trainer)
     model = trainer.model
+    if trainer.args.activation_checkpointing:  # set on a GPU; the Trainer turns it on only once `train()` starts
+        model.activation_checkpointing_enable(trainer.args.activation_checkpointing_kwargs)
     model.train()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         _backward(model, passes)
