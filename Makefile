@@ -19,7 +19,7 @@ $(PY):
 # newer Python's syntax) stays source only.
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
-	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" >/dev/null || true
+	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	touch $@
 
 install: $(VENV)/.installed

@@ -133,7 +133,6 @@ def test_without_a_previous_training_the_program_calibrates_on_its_trainer_and_l
     assert found.seconds > found.cost.overhead_seconds
 
 
-
 def test_the_calibration_times_the_passes_with_the_activation_checkpointing_the_training_uses(workspace: Path) -> None:
     from ftpipe.core.training.methods import Method
     from ftpipe.core.training.program import build_trainer
@@ -146,6 +145,7 @@ def test_the_calibration_times_the_passes_with_the_activation_checkpointing_the_
     found = sizing.calibrated(spec, trainer)
     assert trainer.model.is_activation_checkpointing, "the passes timed as the training runs them"
     assert found.cost.tokens_per_second > 0 and all(p.grad is None for p in trainer.model.parameters())
+
 
 def test_the_calibration_runs_the_first_batch_in_the_passes_the_training_runs_it_in(workspace: Path) -> None:
     from transformers import AutoTokenizer
