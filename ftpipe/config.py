@@ -174,7 +174,7 @@ class TrainingConfig(_Strict):
     seed: int = Field(42, description="the same data, config and seed give the same weights")
     packing: bool = Field(False, description="pack several rows into one sequence")
     eval_steps: int = Field(20, ge=1, description="eval loss (and a checkpoint) every N steps; early stopping uses it")
-    logging_steps: int = Field(5, ge=1, description="a progress line and train metrics every N steps")
+    logging_steps: int = Field(5, ge=1, description="a progress line and train metrics every N steps and at the last")
     early_stopping_patience: int = Field(3, ge=1, description="stop after N evaluations without a better eval loss")
     save_total_limit: int = Field(2, ge=2, description="checkpoints kept (the best one is always kept)")
     launcher: Literal["subprocess", "torchrun", "k8s"] = Field(

@@ -114,7 +114,8 @@ def reward_text(logs: dict[str, float], prefix: str = "") -> str:
 
 
 def progress_callback(reporter: Reporter, run):
-    """A TrainerCallback: one progress line per logging step and per evaluation, mirrored as MLflow metrics."""
+    """A TrainerCallback: one progress line per logging step, the last step and each evaluation, mirrored as MLflow
+    metrics."""
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -123,6 +124,10 @@ def progress_callback(reporter: Reporter, run):
             self.start_step = state.global_step
             self.start_tokens = self.last_tokens = state.num_input_tokens_seen
             self.session_tokens_per_second = 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:  # the last step is logged too, however short the run
+                control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
