@@ -157,13 +157,22 @@ def test_the_calibration_runs_the_first_batch_in_the_passes_the_training_runs_it
     spec = spec_of(workspace, batch_size=16)  # 16 toy rows exceed a CPU pass: two passes
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
     trainer, _, _ = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), Quiet(), Quiet())
-    passes, tokens = sizing._first_step(spec, trainer)
+    passes = sizing._first_step(spec, trainer)
     assert len(passes) == spec.config().batch_size // trainer.args.per_device_train_batch_size > 1
-    assert all("attention_mask" not in inputs for inputs in passes), "padding-free, as the training"
-    assert tokens == sum(inputs["input_ids"].numel() for inputs in passes)
+    assert all("attention_mask" not in inputs for inputs, _ in passes), "padding-free, as the training"
+    assert all(tokens == inputs["input_ids"].numel() for inputs, tokens in passes)
+    tokens = sum(tokens for _, tokens in passes)
     rows = sizing.task_rows(spec, spec.config(), tokenizer)[:16]
     assert tokens == sum(len(ids) for _, ids in rows)
     prompts = [sizing._encode(tokenizer, messages[:-1], add_generation_prompt=True) for messages, _ in rows]
     completions = sum(len(ids) - common_prefix_length(prompt, ids) for prompt, (_, ids) in zip(prompts, rows))
-    labelled = sum(int((inputs["labels"] != -100).sum()) for inputs in passes)
+    labelled = sum(int((inputs["labels"] != -100).sum()) for inputs, _ in passes)
     assert labelled == completions, "the loss on the completions only"
+
+
+def test_the_calibration_times_enough_tokens_in_a_few_passes_however_long_the_batch() -> None:
+    long_rows = [("row", 900)] * 8  # a batch of 8 rows with a long shared system prompt, one row per pass
+    assert sizing._timed(long_rows) == long_rows[:2]
+    short = [("a", 300), ("b", 200)]
+    assert sizing._timed(short) == [("a", 300), ("b", 200), ("a", 300), ("b", 200), ("a", 300)], "again from the first"
+    assert sum(tokens for _, tokens in sizing._timed(short)) >= sizing.CALIBRATION_TOKENS

@@ -14,6 +14,7 @@ Peak memory is measured the same way: the previous training's, or the program's 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import resource
@@ -28,7 +29,7 @@ from ftpipe.core.layout import TaskLayout
 from ftpipe.core.results import RESULT_FILE, read_result
 from ftpipe.core.training.spec import TrainingSpec
 
-CALIBRATION_STEPS = 2  # timed passes over the first batch, after a warm-up one
+CALIBRATION_TOKENS = 1024  # real tokens the calibration times (in two passes at least), after a warm-up pass
 REPLAY_ANSWER_TOKENS = 43  # a replay answer, taken as half of the longest kept (replay.COMPLETE_BELOW)
 
 
@@ -216,32 +217,33 @@ def peak_memory_gib() -> float:
 
 
 def measure(spec: TrainingSpec, trainer) -> Cost:
-    """Time `CALIBRATION_STEPS` forward and backward passes over the trainer's first batch (`_first_step`), after a
-    warm-up one, on the training's own model with the activation checkpointing the training will use; its weights,
-    gradients and random state stay as they were."""
+    """Time forward and backward passes of the trainer's first batch (`_first_step`), after a warm-up pass of its
+    largest one (its peak memory), until `CALIBRATION_TOKENS` real tokens went through (`_timed`), on the training's
+    own model with the activation checkpointing the training will use; its weights, gradients and random state stay
+    as they were."""
     import torch
 
     overhead = process_seconds()
-    passes, tokens = _first_step(spec, trainer)
+    passes = _first_step(spec, trainer)
+    timed = _timed(passes)
     model = trainer.model
     if trainer.args.activation_checkpointing:  # set on a GPU; the Trainer turns it on only once `train()` starts
         model.activation_checkpointing_enable(trainer.args.activation_checkpointing_kwargs)
     model.train()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        _backward(model, passes)
+        _backward(model, [max(passes, key=lambda one: one[1])])
         started = time.monotonic()
-        for _ in range(CALIBRATION_STEPS):
-            _backward(model, passes)
+        _backward(model, timed)
         seconds = time.monotonic() - started
     model.zero_grad(set_to_none=True)
-    return Cost(tokens_per_second=CALIBRATION_STEPS * tokens / seconds, overhead_seconds=overhead,
+    return Cost(tokens_per_second=sum(tokens for _, tokens in timed) / seconds, overhead_seconds=overhead,
                 peak_memory_gib=peak_memory_gib())
 
 
-def _first_step(spec: TrainingSpec, trainer) -> tuple[list[dict[str, Any]], int]:
+def _first_step(spec: TrainingSpec, trainer) -> list[tuple[dict[str, Any], int]]:
     """The forward passes of one process's first optimizer step as `trainer` runs them: the first batch of its train
     rows (as it tokenized, labelled and cut them) in micro-batches of its per-device size, through its own collator;
-    and their real tokens."""
+    each with its real tokens."""
     import torch
 
     config = spec.config()
@@ -249,12 +251,22 @@ def _first_step(spec: TrainingSpec, trainer) -> tuple[list[dict[str, Any]], int]
     rows = [trainer.train_dataset[index] for index in range(size)]
     micro = trainer.args.per_device_train_batch_size
     device = trainer.model.device
-    passes = [{key: value.to(device) if torch.is_tensor(value) else value
-               for key, value in trainer.data_collator(rows[start:start + micro]).items()}
-              for start in range(0, size, micro)]
-    return passes, sum(len(row["input_ids"]) for row in rows)
+    return [({key: value.to(device) if torch.is_tensor(value) else value
+              for key, value in trainer.data_collator(rows[start:start + micro]).items()},
+             sum(len(row["input_ids"]) for row in rows[start:start + micro]))
+            for start in range(0, size, micro)]
 
 
-def _backward(model, passes: list[dict[str, Any]]) -> None:
-    for inputs in passes:
+def _timed(passes: list[tuple[Any, int]]) -> list[tuple[Any, int]]:
+    """The passes to time: the first batch's in turn (from its first again when they run out) until
+    `CALIBRATION_TOKENS` real tokens, and two passes at least. A batch of long rows costs a few rows, not steps."""
+    timed = []
+    for one in itertools.cycle(passes):
+        timed.append(one)
+        if len(timed) >= 2 and sum(tokens for _, tokens in timed) >= CALIBRATION_TOKENS:
+            return timed
+
+
+def _backward(model, passes: list[tuple[dict[str, Any], int]]) -> None:
+    for inputs, _ in passes:
         model(**inputs, fused_lm_head=True).loss.backward()
