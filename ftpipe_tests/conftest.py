@@ -13,9 +13,10 @@ from ftpipe_tests.builders import toy_task
 @pytest.fixture(autouse=True)
 def ftpipe_env(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point FTPIPE_DATA_DIR and FTPIPE_HOME at fresh folders, and allow local models the tests build; returns
-    the data dir."""
+    the data dir. Its `general/` folder is empty (no probe, no replay prompts) unless a test adds to it."""
     data = tmp_path / "data"
     (data / "tasks").mkdir(parents=True)
+    (data / "general").mkdir()
     monkeypatch.setenv("FTPIPE_DATA_DIR", str(data))
     monkeypatch.setenv("FTPIPE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FTPIPE_MODEL_DIRS", str(tmp_path_factory.getbasetemp()))

@@ -17,7 +17,7 @@ from ftpipe.core.layout import TaskLayout
 from ftpipe.core.training.methods import SUPERVISED_OBJECTIVES
 from ftpipe.core.results import Result, read_result, reuse_key
 from ftpipe.core.training.warm_start import WarmStart, plan_warm_start
-from ftpipe.core.storage import data_dir, file_sha256, home_dir, sha256_of_files, task_dir, tasks_dir
+from ftpipe.core.storage import REPO_ROOT, data_dir, file_sha256, home_dir, sha256_of_files, task_dir, tasks_dir
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -108,7 +108,7 @@ def _files_version(folder: Path, candidates: list[Path]) -> str:
 
 
 def general_probe() -> Path | None:
-    """The general-skills probe every task's forgetting check uses (`<data dir>/general/probe.jsonl`), if present."""
+    """The general-skills probe every task's forgetting check uses (`general/probe.jsonl`, see `_general`)."""
     return _general("probe.jsonl")
 
 
@@ -118,7 +118,11 @@ def general_replay_prompts() -> Path | None:
 
 
 def _general(name: str) -> Path | None:
-    path = data_dir() / "general" / name
+    """`general/<name>` of the data dir, if present; a data dir without a `general/` folder (your own
+    `FTPIPE_DATA_DIR`, holding only tasks) uses the project's, so forgetting is measured and replay runs as with the
+    demo's."""
+    folder = data_dir() / "general"
+    path = (folder if folder.is_dir() else REPO_ROOT / "data" / "general") / name
     return path if path.is_file() else None
 
 

@@ -10,7 +10,7 @@ from ftpipe import config as config_module
 from ftpipe.config import TaskConfig, TaskConfigError, check_task_name, load_task_config, parse_task_config
 from ftpipe.config_reference import reference_yaml
 from ftpipe.core.storage import REPO_ROOT
-from ftpipe.core.tasks import base_model_source, task_config
+from ftpipe.core.tasks import base_model_source, general_probe, general_replay_prompts, task_config
 from ftpipe_tests.builders import chat, make_task
 
 DEMO_TASK = REPO_ROOT / "data" / "tasks" / "ticket_triage" / "task.yaml"
@@ -149,6 +149,17 @@ def test_replay_is_in_the_recipe_only_when_it_mixes_rows_in() -> None:
 def all_models(model: type[BaseModel] = TaskConfig) -> set[type[BaseModel]]:
     nested = {config_module.nested_model(field.annotation) for field in model.model_fields.values()} - {None}
     return {model}.union(*(all_models(child) for child in nested))
+
+
+def test_a_data_dir_without_a_general_folder_uses_the_projects_probe_and_replay_prompts(ftpipe_env: Path) -> None:
+    assert general_probe() is None and general_replay_prompts() is None, "its own general/, empty"
+    (ftpipe_env / "general" / "probe.jsonl").write_text("")
+    assert general_probe() == ftpipe_env / "general" / "probe.jsonl"
+    for path in (ftpipe_env / "general").iterdir():
+        path.unlink()
+    (ftpipe_env / "general").rmdir()  # only tasks in it, as a user's FTPIPE_DATA_DIR
+    shipped = REPO_ROOT / "data" / "general"
+    assert (general_probe(), general_replay_prompts()) == (shipped / "probe.jsonl", shipped / "replay_prompts.jsonl")
 
 
 def test_every_task_yaml_field_is_described() -> None:

@@ -52,6 +52,7 @@ def module_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
     root = tmp_path_factory.mktemp("operator")
     for task in TASKS:
         toy_task(root / "data", task, tiny_model_dir, LENIENT_GATE, training=TRAINING)
+    (root / "data" / "general").mkdir()  # no probe: the tests here time trainings, not evaluations
     home = dagster_home(root, run_monitoring={"poll_interval_seconds": POLL, "free_slots_after_run_end_seconds": 1})
     env = {**os.environ, "DAGSTER_HOME": str(home), "FTPIPE_DATA_DIR": str(root / "data"),
            "FTPIPE_HOME": str(root / "home"), "FTPIPE_MODEL_DIRS": str(tmp_path_factory.getbasetemp()),
