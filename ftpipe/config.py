@@ -286,12 +286,12 @@ class EvaluationConfig(_Strict):
     fewshot_k: int = Field(
         5, ge=0, description="train examples in the few-shot baseline's prompt; 0: no few-shot baseline"
     )
-    min_improvement: float = Field(0.0, description="gate: lower end of the 95% interval of the gain must reach this")
+    min_improvement: float = Field(0.0, description="gate: lower end of the 95% interval of the gain must be above this")
     min_preference_gain: float = Field(0.0, description=(
         "gate, with a preference stage: lower end of the 95% interval of the preference-accuracy gain over the SFT "
-        "model must reach this"))
+        "model must be above this"))
     require_beats_fewshot: bool = Field(
-        False, description="gate: the gain over the few-shot baseline must reach min_improvement too"
+        False, description="gate: the gain over the few-shot baseline must be above min_improvement too"
     )
     max_forgetting: float = Field(
         0.10, ge=0.0, description="gate: fails when the lower end of the 95% interval of forgetting (relative "

@@ -11,7 +11,7 @@ from ftpipe_tests.tiny_model import toy_rows
 
 TRAINING = ("training: {method: lora, max_steps: 6, batch_size: 8, eval_steps: 3, logging_steps: 2, learning_rate: 0.01, "
             "max_length: 64, warmup_ratio: 0.0}\n")
-LENIENT_GATE = "evaluation: {min_improvement: -1.0, max_forgetting: 1.0, min_preference_gain: -1.0}\n"
+LENIENT_GATE = "evaluation: {min_improvement: -2.0, max_forgetting: 1.0, min_preference_gain: -2.0}\n"  # every model passes
 
 
 def chat(prompt: str, answer: str, system: str | None = None) -> dict:

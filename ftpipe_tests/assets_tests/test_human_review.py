@@ -13,7 +13,7 @@ from ftpipe.partitions import task_partitions
 from ftpipe_tests.builders import check, materialization
 from ftpipe_tests.reviewer import fill, other, read_csv
 
-WAIT_FOR_THREE = "evaluation: {min_improvement: -1.0, max_forgetting: 1.0, require_human_review: 3, bootstrap_samples: 200}\n"
+WAIT_FOR_THREE = "evaluation: {min_improvement: -2.0, max_forgetting: 1.0, require_human_review: 3, bootstrap_samples: 200}\n"
 
 
 def prefers_the_new_model(row: dict, new_side: str) -> str:

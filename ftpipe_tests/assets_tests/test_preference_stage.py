@@ -91,7 +91,7 @@ def test_orpo_and_kto_train_from_the_sft_adapter(ftpipe_env: Path, tiny_model_di
 @pytest.mark.slow
 def test_the_gate_fails_when_the_stage_learned_to_prefer_worse_answers(ftpipe_env: Path, tiny_model_dir: Path) -> None:
     task = preference_task(ftpipe_env, tiny_model_dir, "dpo", swapped=True,
-                           gate="evaluation: {min_improvement: -1.0, max_forgetting: 1.0, min_preference_gain: 0.0}\n")
+                           gate="evaluation: {min_improvement: -2.0, max_forgetting: 1.0, min_preference_gain: 0.0}\n")
     with dg.instance_for_test() as instance:
         result = finetune(instance, task)
         gate = check(result, "eval_report_gate")

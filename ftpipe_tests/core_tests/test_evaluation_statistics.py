@@ -112,13 +112,20 @@ def test_the_gate_follows_the_thresholds_it_is_given():
     metrics = measured(delta_ci_low=0.1)
     assert decide_gate(metrics, EvaluationConfig(min_improvement=0.05))[0] is True
     passed, failed = decide_gate(metrics, EvaluationConfig(min_improvement=0.2))
-    assert not passed and failed[0].startswith("delta_ci_low 0.100 < min_improvement 0.200 (accuracy 0.200 -> 0.800)")
+    assert not passed and failed[0].startswith("delta_ci_low 0.100 <= min_improvement 0.200 (accuracy 0.200 -> 0.800)")
+
+
+def test_a_model_that_only_ties_the_base_does_not_pass_the_default_gate():
+    tie = measured(base_score=0.0, finetuned_score=0.0, delta_ci_low=0.0)  # e.g. one held-out row, both wrong
+    passed, failed = decide_gate(tie, EvaluationConfig())
+    assert not passed and failed == ["delta_ci_low 0.000 <= min_improvement 0.000 (accuracy 0.000 -> 0.000)"]
+    assert decide_gate(measured(delta_ci_low=0.01), EvaluationConfig()) == (True, [])
 
 
 def test_the_gate_can_require_beating_few_shot():
     strict = EvaluationConfig(require_beats_fewshot=True)
     passed, failed = decide_gate(measured(), strict)
-    assert not passed and failed[0].startswith("delta_vs_fewshot_ci_low -0.050 < min_improvement 0.000")
+    assert not passed and failed[0].startswith("delta_vs_fewshot_ci_low -0.050 <= min_improvement 0.000")
     assert decide_gate(measured(delta_vs_fewshot_ci_low=0.02), strict) == (True, [])
     assert "no few-shot baseline" in decide_gate(measured(fewshot_score=None), strict)[1][0]
 
@@ -129,7 +136,7 @@ def test_the_gate_requires_a_preference_gain_only_when_preference_pairs_were_eva
     assert decide_gate(measured(), EvaluationConfig(min_preference_gain=0.5)) == (True, [])  # no pairs: as before
     passed, failed = decide_gate(measured(**pairs), EvaluationConfig())
     assert not passed and failed == [
-        "preference_delta_ci_low -0.100 < min_preference_gain 0.000 (preference accuracy sft 0.700 -> final 0.660)"]
+        "preference_delta_ci_low -0.100 <= min_preference_gain 0.000 (preference accuracy sft 0.700 -> final 0.660)"]
     assert decide_gate(measured(**pairs), EvaluationConfig(min_preference_gain=-0.2)) == (True, [])
     versus_base = {**pairs, "preference_baseline": "base", "preference_accuracy_base": 0.5}
     assert "(preference accuracy base 0.500 -> final 0.660)" in decide_gate(measured(**versus_base),

@@ -12,9 +12,9 @@ GATE_FIELDS = frozenset({"min_improvement", "min_preference_gain", "max_forgetti
 
 
 def _gain(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
-    if metrics["delta_ci_low"] >= config.min_improvement:
+    if metrics["delta_ci_low"] > config.min_improvement:
         return None
-    return (f"delta_ci_low {metrics['delta_ci_low']:.3f} < min_improvement {config.min_improvement:.3f} "
+    return (f"delta_ci_low {metrics['delta_ci_low']:.3f} <= min_improvement {config.min_improvement:.3f} "
             f"({metrics['primary_metric']} {metrics['base_score']:.3f} -> {metrics['finetuned_score']:.3f})")
 
 
@@ -32,19 +32,19 @@ def _fewshot(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
         return None
     if metrics["fewshot_score"] is None:
         return "require_beats_fewshot, but no few-shot baseline was measured (no train rows or fewshot_k 0)"
-    if metrics["delta_vs_fewshot_ci_low"] >= config.min_improvement:
+    if metrics["delta_vs_fewshot_ci_low"] > config.min_improvement:
         return None
-    return (f"delta_vs_fewshot_ci_low {metrics['delta_vs_fewshot_ci_low']:.3f} < min_improvement "
+    return (f"delta_vs_fewshot_ci_low {metrics['delta_vs_fewshot_ci_low']:.3f} <= min_improvement "
             f"{config.min_improvement:.3f} ({metrics['primary_metric']} few-shot {metrics['fewshot_score']:.3f} "
             f"-> fine-tuned {metrics['finetuned_score']:.3f})")
 
 
 def _preference_gain(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
     low = metrics.get("preference_delta_ci_low")  # None: no preference pairs were evaluated
-    if low is None or low >= config.min_preference_gain:
+    if low is None or low > config.min_preference_gain:
         return None
     baseline = metrics["preference_baseline"]
-    return (f"preference_delta_ci_low {low:.3f} < min_preference_gain {config.min_preference_gain:.3f} "
+    return (f"preference_delta_ci_low {low:.3f} <= min_preference_gain {config.min_preference_gain:.3f} "
             f"(preference accuracy {baseline} {metrics[f'preference_accuracy_{baseline}']:.3f} -> final "
             f"{metrics['preference_accuracy_final']:.3f})")
 
@@ -59,12 +59,13 @@ def waiting_for_reviews(have: int, config: EvaluationConfig) -> str | None:
 def decide_gate(metrics: dict[str, Any], config: EvaluationConfig) -> tuple[bool, list[str]]:
     """(passed, the unmet conditions as sentences with their numbers). The conditions:
 
-    - the primary metric's gain over the base model has a 95% CI low of at least `min_improvement`;
+    - the primary metric's gain over the base model has a 95% CI low above `min_improvement` (by default: evidence of
+      a gain; a model that only ties the base is not promoted);
     - forgetting fails only on evidence: when its 95% CI low is above `max_forgetting` (a few probe rows
       changing by chance cannot fail the gate);
-    - with `require_beats_fewshot`, the gain over the few-shot baseline has a CI low of at least `min_improvement`;
+    - with `require_beats_fewshot`, the gain over the few-shot baseline has a CI low above `min_improvement`;
     - with held-out preference pairs, the final model's preference-accuracy gain over the SFT model (over the base
-      without one) has a CI low of at least `min_preference_gain`.
+      without one) has a CI low above `min_preference_gain`.
 
     Human verdicts arrive after the evaluation, so `waiting_for_reviews` is a gate of its own (on `human_review`).
     """
