@@ -19,6 +19,10 @@ LAUNCHER_PID_ENV = "FTPIPE_LAUNCHER_PID"  # the process that started the trainin
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class Refused(ValueError):
+    """A spec the training program cannot train on, found once it read its data: it exits `EXIT_REFUSED` too."""
+
+
 class PodSpecError(ValueError):
     """A pod spec the Kubernetes API would refuse, found before any pod is created."""
 

@@ -181,6 +181,18 @@ def test_4bit_without_cuda_is_refused_by_the_program_in_one_line(workspace):
 
 
 @pytest.mark.slow
+def test_a_split_with_no_row_within_max_length_is_refused_in_one_line_not_retried(workspace):
+    spec = write_spec(workspace, "too-short", max_length=16)
+    process = start(workspace, spec)
+    stdout, _ = process.communicate(timeout=120)
+    stderr = (workspace / "too-short.stderr").read_text().strip()
+    assert process.returncode == EXIT_REFUSED, stdout + stderr
+    assert "Traceback" not in stderr and stderr.splitlines()[-1] == (
+        "training refused: no training rows left: every row is longer than max_length=16 tokens; raise "
+        "training.max_length or use too_long: truncate")
+    assert not (workspace / "too-short" / "adapter").exists()
+
+
 def test_loss_is_masked_on_prompt_tokens(workspace):
     spec = TrainingSpec.from_json(write_spec(workspace, "masking"))
     trainer, _, facts = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), Quiet(), Quiet())

@@ -23,7 +23,7 @@ from ftpipe.config import TrainingConfig
 from ftpipe.core.evaluation.generation import ADAPTER_CONFIG, is_adapter
 from ftpipe.core.preferences import is_paired, read_preferences
 from ftpipe.core.training.methods import PREFERENCE_OBJECTIVES, Method
-from ftpipe.core.training.setup import TrainerSetup, chat_length, within_max_length, world_size
+from ftpipe.core.training.setup import TrainerSetup, chat_length, require_rows, within_max_length, world_size
 from ftpipe.core.training.spec import TrainingSpec
 
 UNPAIRED_OBJECTIVES = ("kto",)  # train on single rows marked desirable or not; the others need pairs
@@ -108,11 +108,7 @@ def build_datasets(setup: TrainerSetup, to_examples: ToExamples):
         return fit_examples(examples, setup.tokenizer, config.max_length, config.too_long)
 
     (train, train_over), (evals, eval_over) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
-    if not train or not evals:
-        raise ValueError(
-            f"no {'training' if not train else 'eval'} preference rows left: every row is longer than "
-            f"max_length={config.max_length} tokens; raise training.max_length or use too_long: truncate"
-        )
+    require_rows(train, evals, config, "preference ")
     rows_too_long = train_over + eval_over
     action = "dropped" if config.too_long == "drop" else "truncated"
     setup.info(f"data: {len(train)} train / {len(evals)} eval preference rows for {config.objective}; "

@@ -5,9 +5,10 @@
 It reports through Dagster Pipes when Dagster launched it (and prints to stdout otherwise), tracks the run in
 MLflow, resumes an interrupted training from its latest complete checkpoint, and publishes the output dir
 atomically with `result.json` inside (see `outputs`). Exit status: 0 done, 2 refused before any training
-(unusable spec, or a method this machine cannot run; retrying cannot help), 128 + signal number when stopped
-by SIGTERM/SIGINT (the MLflow run is then KILLED, and the next attempt resumes). Started by a run worker (which
-names itself in `FTPIPE_LAUNCHER_PID`), it stops the same way when that process is gone.
+(unusable spec, a method this machine cannot run, or no rows left within max_length; retrying cannot help),
+128 + signal number when stopped by SIGTERM/SIGINT (the MLflow run is then KILLED, and the next attempt resumes).
+Started by a run worker (which names itself in `FTPIPE_LAUNCHER_PID`), it stops the same way when that process is
+gone.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from ftpipe.config import TrainingConfig
 from ftpipe.core.readable import rounded
-from ftpipe.core.launch import EXIT_REFUSED, LAUNCHER_PID_ENV
+from ftpipe.core.launch import EXIT_REFUSED, LAUNCHER_PID_ENV, Refused
 from ftpipe.core.results import Result
 from ftpipe.core.storage import process_alive
 from ftpipe.core.tracking import RunInterrupted, RunLogger, redact_uri, tracked_run, tracking_uri
@@ -197,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         except RunInterrupted as interrupted:
             reporter.info(f"training stopped: {interrupted}")
             return 128 + interrupted.signum
+        except Refused as refused:
+            reporter.error(f"training refused: {refused}")
+            return EXIT_REFUSED
         if result is not None:
             reporter.materialization(pipes_metadata(result.metadata), result.produced["data_version"])
     return 0

@@ -13,6 +13,7 @@ from typing import Any
 
 from ftpipe.config import TrainingConfig
 from ftpipe.core.evaluation.generation import is_adapter
+from ftpipe.core.launch import Refused
 from ftpipe.core.modeling import load_model_and_tokenizer  # at import: it quiets what loading a model prints
 from ftpipe.core.training.methods import OBJECTIVES, Method
 from ftpipe.core.training.spec import TrainingSpec
@@ -66,6 +67,13 @@ def within_max_length(items: list, length_of, max_length: int, too_long: str) ->
         if not (is_long and too_long == "drop"):
             kept.append(item)
     return kept, over
+
+
+def require_rows(train: list, evals: list, config: TrainingConfig, kind: str = "") -> None:
+    """Refuse a training that has no train or no eval rows left once the rows over max_length are dropped."""
+    if not train or not evals:
+        raise Refused(f"no {'training' if not train else 'eval'} {kind}rows left: every row is longer than "
+                      f"max_length={config.max_length} tokens; raise training.max_length or use too_long: truncate")
 
 
 def objective_module(objective: str) -> ModuleType:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.config import TrainingConfig
-from ftpipe.core.training.setup import TrainerSetup, chat_length, micro_batching, within_max_length
+from ftpipe.core.training.setup import TrainerSetup, chat_length, micro_batching, require_rows, within_max_length
 
 
 def read_chat_rows(path: Path) -> list[list[dict[str, str]]]:
@@ -50,11 +50,7 @@ def build_datasets(setup: TrainerSetup):
 
     (train, train_over, lengths), (evals, eval_over, _) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
     setup.arguments.update(micro_batching(config, lengths))
-    if not train or not evals:
-        raise ValueError(
-            f"no {'training' if not train else 'eval'} rows left: every row is longer than "
-            f"max_length={config.max_length} tokens; raise training.max_length or use too_long: truncate"
-        )
+    require_rows(train, evals, config)
     extra = [to_prompt_completion(messages) for messages in setup.extra_train_rows(len(train))]
     rows_too_long = train_over + eval_over
     action = "dropped" if config.too_long == "drop" else "truncated"
