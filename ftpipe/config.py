@@ -519,14 +519,29 @@ def _parse_yaml(text: str, source: str) -> dict[str, Any]:
 
 
 def parse_task_config(text: str, source: str, overrides: str = "") -> TaskConfig:
-    """Validate task.yaml text, deep-merged with an optional YAML/JSON override snippet."""
+    """Validate task.yaml text, deep-merged with an optional YAML/JSON override snippet; a problem with a value the
+    snippet sets (an unknown key, a wrong value) is named as the run overrides', not as the file's."""
     values = _parse_yaml(text, source)
-    if overrides.strip():
-        values = _deep_merge(values, _parse_yaml(overrides, f"{source} (run overrides)"))
+    extra = _parse_yaml(overrides, f"{source} (run overrides)") if overrides.strip() else {}
     try:
-        return TaskConfig.model_validate(values)
+        return TaskConfig.model_validate(_deep_merge(values, extra))
     except ValidationError as exc:
-        raise TaskConfigError.listing(source, _problems(exc)) from None
+        problems = _problems(exc)
+    raise TaskConfigError("\n".join(
+        f"{source}{' (run overrides)' if _set_by(extra, problem.split(': ', 1)[0]) else ''}: {problem}"
+        for problem in problems))
+
+
+def _set_by(snippet: dict[str, Any], path: str) -> bool:
+    """Whether the dotted field `path` is a value `snippet` sets (not a section it only enters)."""
+    node: Any = snippet
+    for key in path.split("."):
+        if not isinstance(node, dict):
+            return True  # inside a list the snippet sets
+        if key not in node:
+            return False
+        node = node[key]
+    return not isinstance(node, dict)
 
 
 def load_task_config(path: Path, overrides: str = "") -> TaskConfig:

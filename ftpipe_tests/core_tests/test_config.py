@@ -71,6 +71,9 @@ def test_run_overrides_merge_deeply_and_are_validated() -> None:
     assert (config.training.lora.r, config.training.lora.alpha) == (8, 4)
     with pytest.raises(TaskConfigError, match="run overrides"):
         parse_task_config(base, "t.yaml", overrides="[1, 2")
+    with pytest.raises(TaskConfigError) as typo:
+        parse_task_config(base, "t.yaml", overrides="training: {max_step: 3}")
+    assert str(typo.value) == "t.yaml (run overrides): training.max_step: unknown key; did you mean max_steps?"
 
 
 @pytest.mark.parametrize("name", ["ok", "ticket_triage", "a-b_9", "9lives"])
