@@ -60,6 +60,16 @@ def holders(instance: dg.DagsterInstance, pool: str) -> str:
     return "held by " + "; ".join(held) if held else f"no slot is held (the pool's limit is {info.limit})"
 
 
+def unlimited_warning(instance: dg.DagsterInstance, pool: str) -> str | None:
+    """A warning when `instance` sets no limit on `pool` (a DAGSTER_HOME without the project's dagster.yaml), so
+    heavy steps could run at once on one GPU; None when it has one."""
+    if instance.event_log_storage.get_concurrency_info(pool).limit is not None:
+        return None
+    return (f"the Dagster instance (DAGSTER_HOME={os.environ.get('DAGSTER_HOME', 'unset')}) sets no limit on the "
+            f"{pool!r} pool, so trainings may run at once on one GPU: use the project's dagster.yaml there (its pool "
+            "limit, run monitoring and run launcher)")
+
+
 def step_concurrency_blocked(step_context, concurrency_key: str, initial: bool = True) -> DagsterEvent:
     """Dagster's "Step blocked by limit for pool" event, saying who holds the pool, and logged at INFO (not DEBUG) so
     that `python -m ftpipe run` shows it too."""

@@ -8,7 +8,7 @@ import dagster as dg
 from dagster._core.execution.plan import instance_concurrency_context
 from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
 
-from ftpipe.pool import holders, install, interval_to_next_claim_check
+from ftpipe.pool import holders, install, interval_to_next_claim_check, unlimited_warning
 from ftpipe_tests.builders import pool_holding_job
 
 
@@ -43,3 +43,10 @@ def test_the_holder_of_a_pool_is_named_with_its_task_step_and_since_when() -> No
         instance.event_log_storage.claim_concurrency_slot("gpu", holder.run_id, "lora_adapter")
         assert re.fullmatch(rf"held by run {holder.run_id[:8]} \(task colors, step lora_adapter\) "
                             r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", holders(instance, "gpu"))
+
+
+def test_an_instance_without_a_pool_limit_is_warned_about_and_one_with_the_projects_is_not() -> None:
+    with dg.instance_for_test() as bare:
+        assert "sets no limit on the 'gpu' pool, so trainings may run at once" in unlimited_warning(bare, "gpu")
+    with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as configured:
+        assert unlimited_warning(configured, "gpu") is None

@@ -26,6 +26,7 @@ from ftpipe.core.tasks import (
     TrainingInputs, base_model_source, general_replay_prompts, training_asset, training_inputs,
 )
 from ftpipe.partitions import task_partitions
+from ftpipe.pool import unlimited_warning
 from ftpipe.resources import MlflowTracking, ModelHub, TrainingPods
 
 GROUP = "training"
@@ -277,6 +278,9 @@ def _train(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: Tas
     starts_over = config.force_retrain and context.retry_number == 0 and context.run.parent_run_id is None
     spec = _spec(context, stage, inputs, mlflow, starts_over, cfg.trust_remote_code)
     context.log.info(f"training {context.partition_key}: {describe_method(stage)}")
+    unlimited = unlimited_warning(context.instance, GPU_POOL)
+    if unlimited:
+        context.log.warning(unlimited)
     estimate = _size(context, spec, stage) if stage.objective == "sft" else None  # sizes SFT rows only
     spec_file = paths.spec_file(asset)
     write_text(spec_file, json.dumps(asdict(spec), indent=2))
