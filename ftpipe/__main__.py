@@ -116,6 +116,20 @@ def failure_reason(result) -> str:
     return f"{failure.step_key}: {' '.join(message.split())}"
 
 
+def verdict_line(report: dict) -> str:
+    """The evaluation in one line: the base, few-shot and fine-tuned scores, the gain over the base and over few-shot
+    prompting with their intervals, forgetting and the gate."""
+    fewshot = report.get("fewshot_score")
+    return (f"{report['primary_metric']}: base {report['base_score']:.3f}"
+            + (f", few-shot {fewshot:.3f}" if fewshot is not None else "")
+            + f" -> fine-tuned {report['finetuned_score']:.3f} (delta {report['delta']:+.3f}, 95% CI "
+            f"[{report['delta_ci_low']:+.3f}, {report['delta_ci_high']:+.3f}]"
+            + (f"; over few-shot {report['delta_vs_fewshot']:+.3f}, CI low {report['delta_vs_fewshot_ci_low']:+.3f}"
+               if fewshot is not None else "")
+            + f"); forgetting {report['forgetting']:.3f}; "
+            f"gate {'PASSED' if report['passed'] else 'FAILED: ' + report['failed_conditions']}")
+
+
 def print_summary(task: str, result) -> None:
     """Counts of every asset, the evaluation verdict, and where to look next; a failed run ends with its reason."""
     from ftpipe.core.layout import TaskLayout
@@ -127,9 +141,7 @@ def print_summary(task: str, result) -> None:
         print(f"  {asset:<22} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     report = found.get("eval_report")
     if report:
-        print(f"\n{report['primary_metric']}: base {report['base_score']:.3f} -> fine-tuned {report['finetuned_score']:.3f} "
-              f"(delta {report['delta']:+.3f}, 95% CI [{report['delta_ci_low']:+.3f}, {report['delta_ci_high']:+.3f}]); "
-              f"forgetting {report['forgetting']:.3f}; gate {'PASSED' if report['passed'] else 'FAILED: ' + report['failed_conditions']}")
+        print(f"\n{verdict_line(report)}")
     if report and report.get("preference_accuracy_final") is not None:
         print(f"preference accuracy: base {report['preference_accuracy_base']:.3f}, SFT "
               f"{report['preference_accuracy_sft']:.3f} -> {found['preference_adapter']['objective']} "

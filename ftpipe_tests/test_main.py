@@ -48,3 +48,17 @@ def test_the_servers_it_starts_listen_on_localhost_only() -> None:
     commands = [line for line in makefile.splitlines() if re.search(r"dagster dev|dagster-webserver|mlflow (ui|server)", line)]
     assert len(commands) == 2
     assert all(re.search(r"(-h|--host) 127\.0\.0\.1 ", line) for line in commands), commands
+
+
+def test_the_verdict_line_shows_the_few_shot_baseline_beside_the_base() -> None:
+    from ftpipe.__main__ import verdict_line
+
+    report = {"primary_metric": "accuracy", "base_score": 0.645, "fewshot_score": 0.839, "finetuned_score": 0.806,
+              "delta": 0.161, "delta_ci_low": 0.05, "delta_ci_high": 0.27, "delta_vs_fewshot": -0.033,
+              "delta_vs_fewshot_ci_low": -0.12, "forgetting": 0.0, "passed": True, "failed_conditions": "none"}
+    assert verdict_line(report) == (
+        "accuracy: base 0.645, few-shot 0.839 -> fine-tuned 0.806 (delta +0.161, 95% CI [+0.050, +0.270]; over "
+        "few-shot -0.033, CI low -0.120); forgetting 0.000; gate PASSED")
+    without = {**report, "fewshot_score": None, "passed": False, "failed_conditions": "delta_ci_low ..."}
+    assert verdict_line(without) == ("accuracy: base 0.645 -> fine-tuned 0.806 (delta +0.161, 95% CI [+0.050, "
+                                     "+0.270]); forgetting 0.000; gate FAILED: delta_ci_low ...")

@@ -106,8 +106,12 @@ def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
 
     train, evals, rows_too_long = build_datasets(setup)
     flat = padding_free(setup.config, setup.arguments, rows_too_long, setup.model)
-    setup.info(f"forward passes of {setup.arguments['per_device_train_batch_size']} rows, "
-               f"{'each row attending only to itself, no padding' if flat else 'padded to their longest row'}")
+    rows = setup.arguments["per_device_train_batch_size"]
+    if rows == 1:
+        setup.info("forward passes of one row, no padding")
+    else:
+        setup.info(f"forward passes of {rows} rows, "
+                   f"{'each row attending only to itself, no padding' if flat else 'padded to their longest row'}")
     trainer = SFTTrainer(
         model=setup.model,
         args=sft_config(setup.config, setup.arguments, flat),
