@@ -61,6 +61,16 @@ def test_confusion_table_counts_reference_by_prediction():
     assert lines[3] == "| b | 1 | 1 | 1 | 0 |"
 
 
+def test_the_confusion_table_shows_labels_as_the_references_write_them():
+    task = task_metrics(EvaluationConfig(task_type="classification", label_field="intent"))
+    references = ['{"intent": "card_arrival"}', '{"intent": "age_limit"}']
+    records = [{"reference": r, "finetuned_label": task.expected_label(r)} for r in references]
+    [(title, table)] = task.report_sections(records, {"finetuned": "fine-tuned"})
+    assert title == "Confusion table (fine-tuned)"
+    assert table.splitlines()[0] == "| reference / predicted | age_limit | card_arrival | (unparseable) |"
+    assert table.splitlines()[3] == "| card_arrival | 0 | 1 | 0 |"
+
+
 def test_label_choices_put_each_label_where_the_reference_has_its_label():
     task = task_metrics(EvaluationConfig(task_type="classification", label_field="category"))
     references = ['{"category": "feature_request", "priority": "low"}', '{"priority": "high", "category":"billing"}']

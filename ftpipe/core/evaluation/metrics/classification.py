@@ -48,14 +48,16 @@ def macro_f1(expected: list[str], predicted: list[str | None]) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
-def confusion_table(expected: list[str], predicted: list[str | None]) -> str:
-    """Markdown counts, reference label × predicted label; labels never seen as a reference go to `(other)`."""
+def confusion_table(expected: list[str], predicted: list[str | None], written: dict[str, str] | None = None) -> str:
+    """Markdown counts, reference label × predicted label; labels never seen as a reference go to `(other)`. Labels
+    are shown as `written` spells them (`Classification.spellings`), else by their normalised name."""
     labels = sorted(set(expected))
     column = [UNPARSEABLE if p is None else p if p in labels else OTHER_LABEL for p in predicted]
     columns = labels + [c for c in (OTHER_LABEL, UNPARSEABLE) if c in column or c == UNPARSEABLE]
     counts = Counter(zip(expected, column))
-    rows = [[label, *(counts[label, c] for c in columns)] for label in labels]
-    return markdown_table(["reference / predicted", *columns], rows)
+    shown = written or {}
+    rows = [[shown.get(label, label), *(counts[label, c] for c in columns)] for label in labels]
+    return markdown_table(["reference / predicted", *(shown.get(c, c) for c in columns)], rows)
 
 
 class Classification(TaskMetrics):
@@ -132,5 +134,7 @@ class Classification(TaskMetrics):
 
     def report_sections(self, records: list[dict[str, Any]], sides: dict[str, str]) -> list[tuple[str, str]]:
         expected = [self.expected_label(r["reference"]) for r in records]
-        return [(f"Confusion table ({title})", confusion_table(expected, [r[f"{side}_label"] for r in records]))
+        written = self.spellings([r["reference"] for r in records])
+        return [(f"Confusion table ({title})",
+                 confusion_table(expected, [r[f"{side}_label"] for r in records], written))
                 for side, title in sides.items() if records and f"{side}_label" in records[0]]
