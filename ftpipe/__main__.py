@@ -130,6 +130,16 @@ def verdict_line(report: dict) -> str:
             f"gate {'PASSED' if report['passed'] else 'FAILED: ' + report['failed_conditions']}")
 
 
+def merged_line(task: str, merged: dict) -> str:
+    """Where the merged model is, its registered version, and whether `chat` answers with it (the champion)."""
+    where = (f"merged model: {merged['model_path']} (registered as {merged['registered_model']} version "
+             f"{merged['registered_version']})")
+    if merged["champion"]:
+        return f"{where}; try it: python -m ftpipe chat {task} \"Hello\""
+    return (f"{where}: the candidate, not the champion (it does not beat the champion's score on the same eval "
+            "split), so chat and serve answer with the champion")
+
+
 def print_summary(task: str, result) -> None:
     """Counts of every asset, the evaluation verdict, and where to look next; a failed run ends with its reason."""
     from ftpipe.core.layout import TaskLayout
@@ -151,9 +161,7 @@ def print_summary(task: str, result) -> None:
         if not check.passed:
             print(f"check {check.check_name} failed: {check.description}")
     if "merged_model" in found:
-        merged = found["merged_model"]
-        print(f"merged model: {merged['model_path']} (registered as {merged['registered_model']} "
-              f"version {merged['registered_version']}); try it: python -m ftpipe chat {task} \"Hello\"")
+        print(merged_line(task, found["merged_model"]))
     print(f"\nartifacts: {TaskLayout(task).root}")
     print("Dagster UI: make ui         (http://127.0.0.1:3000)")
     print("MLflow UI:  make mlflow-ui  (http://127.0.0.1:5000)")

@@ -62,3 +62,14 @@ def test_the_verdict_line_shows_the_few_shot_baseline_beside_the_base() -> None:
     without = {**report, "fewshot_score": None, "passed": False, "failed_conditions": "delta_ci_low ..."}
     assert verdict_line(without) == ("accuracy: base 0.645 -> fine-tuned 0.806 (delta +0.161, 95% CI [+0.050, "
                                      "+0.270]); forgetting 0.000; gate FAILED: delta_ci_low ...")
+
+
+def test_the_summary_says_whether_chat_answers_with_the_new_model() -> None:
+    from ftpipe.__main__ import merged_line
+
+    merged = {"model_path": "m/v2", "registered_model": "ftpipe-orders", "registered_version": 2, "champion": True}
+    assert merged_line("orders", merged) == ('merged model: m/v2 (registered as ftpipe-orders version 2); try it: '
+                                             'python -m ftpipe chat orders "Hello"')
+    assert merged_line("orders", {**merged, "champion": False}).endswith(
+        "version 2): the candidate, not the champion (it does not beat the champion's score on the same eval split), "
+        "so chat and serve answer with the champion")
