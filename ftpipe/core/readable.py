@@ -1,4 +1,4 @@
-"""Numbers as people read them: floats to four significant digits, counts and byte sizes with a unit.
+"""Numbers as people read them: floats to four significant digits, counts, byte sizes and durations with a unit.
 
 Files keep exact values; what the UI and the logs show goes through here.
 """
@@ -29,3 +29,11 @@ def size(value: int) -> str:
         if value >= unit_size:
             return f"{value / unit_size:.1f} {unit}"
     return f"{value} B"
+
+
+def duration(seconds: float) -> str:
+    """A time span: 42.4 -> '42 s', 1079 -> '18 min', 4500 -> '1 h 15 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"

@@ -17,3 +17,9 @@ def test_counts_and_sizes_carry_a_unit() -> None:
     assert readable.size(1536) == "1.5 KiB"
     assert readable.size(12) == "12 B"
     assert readable.size(3 * 2**30) == "3.0 GiB"
+
+
+def test_durations_read_in_seconds_minutes_or_hours() -> None:
+    assert readable.duration(42.4) == "42 s"
+    assert readable.duration(1079) == "18 min"
+    assert readable.duration(4500) == "1 h 15 min"

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ftpipe.core import readable
+
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                   "logps/rejected")  # logged by TRL's preference trainers (kto: no accuracies), and with eval_ in front
 PROGRESS_METRICS = ("train_loss", "learning_rate", "grad_norm", "tokens_per_second", "eval_loss", *REWARD_METRICS,
@@ -148,7 +150,7 @@ def progress_callback(reporter: Reporter, run):
             eta = (now - self.started) / max(done, 1) * (state.max_steps - state.global_step)
             reporter.info(
                 f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{reward_text(logs)}, "
-                f"lr {logs.get('learning_rate', 0.0):.2e}, {speed:.0f} tokens/s, ETA {eta:.0f}s"
+                f"lr {logs.get('learning_rate', 0.0):.2e}, {speed:.0f} tokens/s, ETA {readable.duration(eta)}"
             )
             metrics = {
                 "train_loss": logs["loss"],
