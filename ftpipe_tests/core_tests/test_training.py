@@ -65,6 +65,7 @@ def test_the_same_seed_gives_the_same_adapter_weights_with_or_without_a_calibrat
     plan = {"steps": 6, "rows": 48, "tokens": 2400}
     calibrated = write_spec(root, "same-seed", sizing={"plan": plan, "seconds_left": 1.0})
     stdout = run_to_end(root, calibrated)
+    assert "sizing: timing a few passes of the first batch" in stdout.split("sizing: 6 steps")[0], "said before"
     assert re.search(r"sizing: 6 steps, ~2.4k tokens, ~[\d.]+ min at \d+ tokens/s \(calibration\)", stdout), stdout
     assert "but this run's dagster/max_runtime leaves 0.0 min" in stdout
     assert output_result(calibrated).produced["calibration"]["tokens_per_second"] > 0

@@ -115,6 +115,7 @@ def tracking(spec: TrainingSpec, resume_run_id: str | None):
 def calibrate(spec: TrainingSpec, trainer, reporter: Reporter) -> dict[str, Any]:
     """Log the sizing of a training with no earlier one to take its rate from, timed on `trainer` before its first
     step (`sizing.calibrated`), and warn when it outlasts the run's limit; the measured cost."""
+    reporter.info("sizing: timing a few passes of the first batch (no earlier training of this task here)")
     found = sizing.calibrated(spec, trainer)
     reporter.info(found.line())
     warning = sizing.runtime_warning(found, spec.sizing["seconds_left"])
