@@ -13,6 +13,8 @@ from ftpipe.core.layout import PREDICTIONS, TaskLayout
 from ftpipe.core.tasks import reviews_dir
 from ftpipe.partitions import task_partitions
 
+SHOWN_LABELS = 3  # labels over the cleaning limit named in the check's one line
+
 
 @dg.asset_check(asset="heldout_split", blocking=True, partitions_def=task_partitions)
 def heldout_split_no_leakage(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
@@ -65,11 +67,20 @@ def deduplicated_examples_removal_share(context: dg.AssetCheckExecutionContext) 
     return dg.AssetCheckResult(
         passed=not heavy,
         severity=dg.AssetCheckSeverity.WARN,
-        description=("; ".join(heavy.values()) + f" (more than {limit:.0%}): read the matched examples before training")
-        if heavy else f"cleaning removed at most {limit:.0%} of the rows and of each label",
+        description=removal_warning(heavy, limit) if heavy else
+        f"cleaning removed at most {limit:.0%} of the rows and of each label",
         metadata={"max_removed_share": limit, "over_the_limit": "; ".join(heavy.values()) or "none",
                   "matched_examples": table(examples, list(dedup.MATCH_COLUMNS))},
     )
+
+
+def removal_warning(heavy: dict[str | None, str], limit: float) -> str:
+    """One line: all rows' share and the first `SHOWN_LABELS` labels over `limit`; the metadata lists every label."""
+    labels = [text for label, text in heavy.items() if label is not None]
+    more = len(labels) - SHOWN_LABELS
+    shown = ([heavy[None]] if None in heavy else []) + labels[:SHOWN_LABELS]
+    return ("; ".join(shown) + (f" and {more} more labels (over_the_limit)" if more > 0 else "")
+            + f" (more than {limit:.0%}): read the matched examples before training")
 
 
 @dg.asset_check(asset="human_review", blocking=True, partitions_def=task_partitions)

@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 
 from ftpipe.assets import data
-from ftpipe.checks import deduplicated_examples_removal_share
+from ftpipe.checks import deduplicated_examples_removal_share, removal_warning
 from ftpipe.partitions import task_partitions
 from ftpipe_tests.builders import make_task, materialization
 from ftpipe_tests.intents import SYSTEM_PROMPT, intent_task
@@ -62,3 +62,14 @@ def test_check_warns_when_one_label_loses_too_many_rows(ftpipe_env: Path) -> Non
     assert not check.passed
     assert "label 'request_refund'" in check.description and "read the matched examples" in check.description
     assert "!!" in check.metadata["matched_examples"].value
+
+
+def test_the_warning_names_a_few_labels_in_one_line_and_counts_the_rest() -> None:
+    heavy = {None: "all rows: 44% removed (185 of 425)",
+             **{f"l{i}": f"label 'l{i}': 50% removed (4 of 8)" for i in range(27)}}
+    assert removal_warning(heavy, 0.2) == (
+        "all rows: 44% removed (185 of 425); label 'l0': 50% removed (4 of 8); label 'l1': 50% removed (4 of 8); "
+        "label 'l2': 50% removed (4 of 8) and 24 more labels (over_the_limit) (more than 20%): read the matched "
+        "examples before training")
+    assert removal_warning({"x": "label 'x': 30% removed (3 of 10)"}, 0.25) == (
+        "label 'x': 30% removed (3 of 10) (more than 25%): read the matched examples before training")
