@@ -142,6 +142,8 @@ def merged_line(task: str, merged: dict) -> str:
 
 def print_summary(task: str, result) -> None:
     """Counts of every asset, the evaluation verdict, and where to look next; a failed run ends with its reason."""
+    import dagster as dg
+
     from ftpipe.core.layout import TaskLayout
 
     print(f"\nftpipe run of task {task!r}: {'succeeded' if result.success else 'FAILED'} (run {result.run_id})")
@@ -159,7 +161,8 @@ def print_summary(task: str, result) -> None:
               f"{report['preference_delta_ci_low']:+.3f})")
     for check in result.get_asset_check_evaluations():
         if not check.passed:
-            print(f"check {check.check_name} failed: {check.description}")
+            verdict = "warns" if check.severity == dg.AssetCheckSeverity.WARN else "failed"
+            print(f"check {check.check_name} {verdict}: {check.description}")
     if "merged_model" in found:
         print(merged_line(task, found["merged_model"]))
     print(f"\nartifacts: {TaskLayout(task).root}")

@@ -73,3 +73,26 @@ def test_the_summary_says_whether_chat_answers_with_the_new_model() -> None:
     assert merged_line("orders", {**merged, "champion": False}).endswith(
         "version 2): the candidate, not the champion (it does not beat the champion's score on the same eval split), "
         "so chat and serve answer with the champion")
+
+
+def test_a_warning_check_is_said_to_warn_and_a_blocking_one_to_fail(capsys) -> None:
+    import dagster as dg
+
+    from ftpipe.__main__ import print_summary
+
+    def check(name: str, severity: dg.AssetCheckSeverity) -> dg.AssetCheckEvaluation:
+        return dg.AssetCheckEvaluation(asset_key=dg.AssetKey("a"), check_name=name, passed=False, metadata={},
+                                       severity=severity, description=f"{name} said")
+
+    class Result:
+        success, run_id = True, "r1"
+
+        def get_asset_materialization_events(self):
+            return []
+
+        def get_asset_check_evaluations(self):
+            return [check("cleaning", dg.AssetCheckSeverity.WARN), check("gate", dg.AssetCheckSeverity.ERROR)]
+
+    print_summary("toy", Result())
+    printed = capsys.readouterr().out.splitlines()
+    assert "check cleaning warns: cleaning said" in printed and "check gate failed: gate said" in printed
