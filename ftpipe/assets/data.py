@@ -65,6 +65,9 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     summary = records.build_raw_examples(task_dir(task), out, spec, extra)
     context.log.info(f"{task}: {summary['rows_valid']} valid and {summary['rows_quarantined']} quarantined "
                      f"rows from {len(summary['files'])} file(s)")
+    if summary["unusable_files"]:
+        context.log.warning(f"{task}: every row of {', '.join(summary['unusable_files'])} went to the quarantine: "
+                            "read its reasons (quarantine_path)")
     quarantine = summary.pop("quarantine")
     return dg.MaterializeResult(
         metadata={
@@ -72,6 +75,7 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
             "quarantine_path": dg.MetadataValue.path(str(out / QUARANTINE)),
             "examples_path": dg.MetadataValue.path(str(paths.examples("raw_examples"))),
             "files": summary["files"],
+            "unusable_files": summary["unusable_files"],
             "ignored_files": summary["ignored_files"],
             "quarantine_reasons": dg.MetadataValue.json(summary["quarantine_reasons"]),
             "quarantine_preview": table(quarantine[:PREVIEW_ROWS], ["source", "reason", "raw"]),

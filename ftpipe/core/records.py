@@ -62,6 +62,12 @@ class ReadResult:
         return len(self.examples) + len(self.preferences)
 
     @property
+    def unusable_files(self) -> list[str]:
+        """The files read of which every row went to the quarantine."""
+        used = {row["source"].rsplit(":", 1)[0] for row in (*self.examples, *self.preferences)}
+        return [name for name in self.files if name not in used]
+
+    @property
     def rows_read(self) -> int:
         return self.rows_valid + len(self.quarantine)
 
@@ -381,6 +387,7 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
         "rows_quarantined": len(result.quarantine),
         "preference_rows": len(result.preferences),
         "files": result.files,
+        "unusable_files": result.unusable_files,
         "ignored_files": result.ignored_files,
         "quarantine_reasons": dict(Counter(row["reason"] for row in result.quarantine).most_common()),
     }

@@ -112,6 +112,12 @@ def test_listing_order_does_not_matter_and_other_files_are_ignored(ftpipe_env: P
     assert result.ignored_files == ["notes.txt"]
 
 
+def test_a_file_with_no_usable_row_is_named(ftpipe_env: Path, tmp_path: Path) -> None:
+    files = {"a.jsonl": [chat("a", "1")], "b.jsonl": [{"prompt": "no answer"}] * 3, "c.csv": "prompt,completion\nx,y\n"}
+    summary = records.build_raw_examples(make_task(ftpipe_env, "t", files), tmp_path / "out", FormatSpec())
+    assert summary["unusable_files"] == ["b.jsonl"] and summary["rows_quarantined"] == 3
+
+
 def test_build_raw_examples_counts_add_up_and_zero_valid_rows_fail(ftpipe_env: Path, tmp_path: Path) -> None:
     folder = make_task(ftpipe_env, "t", {"a.jsonl": [chat("x", "y"), {"bad": 1}]})
     summary = records.build_raw_examples(folder, tmp_path / "out", FormatSpec())
