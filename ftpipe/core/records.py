@@ -379,8 +379,10 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
     if not result.rows_valid:
         reasons = Counter(row["reason"] for row in result.quarantine).most_common(3)
         problems = "; ".join(f"{reason} ({count} row{'s' * (count > 1)})" for reason, count in reasons) or "no rows at all"
+        ignored = (f"; files left out (not {', '.join(SUPPORTED_SUFFIXES)}): {', '.join(result.ignored_files)}"
+                   if result.ignored_files else "")
         raise RawDataError(f"{task_folder / 'raw'}: no usable rows in {len(result.files)} file(s), "
-                           f"{result.rows_read} rows read; most common problems: {problems}")
+                           f"{result.rows_read} rows read; most common problems: {problems}{ignored}")
     summary = {
         "rows_read": result.rows_read,
         "rows_valid": result.rows_valid,

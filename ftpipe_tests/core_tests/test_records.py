@@ -118,6 +118,13 @@ def test_a_file_with_no_usable_row_is_named(ftpipe_env: Path, tmp_path: Path) ->
     assert summary["unusable_files"] == ["b.jsonl"] and summary["rows_quarantined"] == 3
 
 
+def test_a_raw_folder_of_unsupported_files_names_them_and_the_formats_read(ftpipe_env: Path, tmp_path: Path) -> None:
+    folder = make_task(ftpipe_env, "t", {"data.tsv": "prompt\tcompletion\nx\ty\n"})
+    with pytest.raises(RawDataError) as error:
+        records.build_raw_examples(folder, tmp_path / "out", FormatSpec())
+    assert str(error.value).endswith("no rows at all; files left out (not .jsonl, .json, .csv, .parquet): data.tsv")
+
+
 def test_build_raw_examples_counts_add_up_and_zero_valid_rows_fail(ftpipe_env: Path, tmp_path: Path) -> None:
     folder = make_task(ftpipe_env, "t", {"a.jsonl": [chat("x", "y"), {"bad": 1}]})
     summary = records.build_raw_examples(folder, tmp_path / "out", FormatSpec())
