@@ -124,9 +124,16 @@ def _local_dir_files(path: Path) -> list[Path]:
 
 
 def _hub_revision(repo_id: str, token: str | None) -> str:
+    """The hub's current commit of `repo_id`; ModelResolutionError naming the model when the hub cannot say (offline,
+    unreachable, no such model, or one that needs a token)."""
     from huggingface_hub import HfApi
 
-    return HfApi().model_info(repo_id, token=token).sha
+    try:
+        return HfApi().model_info(repo_id, token=token).sha
+    except Exception as exc:  # the hub client's network and HTTP errors differ between its versions
+        raise ModelResolutionError(
+            f"{repo_id!r} on the Hugging Face Hub: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}; without "
+            f"the hub, use {DEFAULT_MODEL_ALIAS}, a .gguf file or a local model folder") from None
 
 
 def _source_of(spec: str, models_dir: Path, token: str | None) -> dict[str, Any]:

@@ -91,6 +91,15 @@ def test_unknown_path_is_a_clear_error(tmp_path):
         resolve_base_model(str(tmp_path / "nope"), tmp_path / "models")
 
 
+def test_a_hub_id_the_hub_cannot_resolve_is_named_with_what_to_use_instead(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the hub
+    with pytest.raises(ModelResolutionError) as error:
+        resolve_base_model("HuggingFaceTB/SmolLM2-135M-Instructt", tmp_path / "models")
+    message = str(error.value)
+    assert message.startswith("'HuggingFaceTB/SmolLM2-135M-Instructt' on the Hugging Face Hub: ")
+    assert message.endswith("use smollm2-135m-instruct, a .gguf file or a local model folder") and "\n" not in message
+
+
 def test_gguf_hash_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 100)
