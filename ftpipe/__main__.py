@@ -62,8 +62,12 @@ def run_task(task: str, settings: str = "") -> int:
     from ftpipe.definitions import defs
     from ftpipe.launcher import release_dead_runs
 
-    if task not in sync_tasks():
-        print(f"no task folder named {task!r}", file=sys.stderr)
+    tasks = sync_tasks()
+    if task not in tasks:
+        from ftpipe.core.storage import tasks_dir
+
+        print(f"no task folder named {task!r} in {tasks_dir()}; tasks there: {', '.join(tasks) or 'none'}",
+              file=sys.stderr)
         return 2
     try:
         overrides = settings_overrides(settings)

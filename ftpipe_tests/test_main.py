@@ -15,7 +15,7 @@ def ftpipe_run(task: str, tmp_path: Path) -> tuple[str, int]:
     """What `python -m ftpipe run TASK` prints (stdout and stderr, as a terminal shows them) with the project's
     instance settings in a fresh Dagster home; and its exit status."""
     home = tmp_path / "dagster_home"
-    home.mkdir()
+    home.mkdir(parents=True)
     shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     done = subprocess.run([sys.executable, "-m", "ftpipe", "run", task], stdout=subprocess.PIPE,
@@ -30,6 +30,9 @@ def test_a_config_error_is_told_once_in_one_line_before_any_run(ftpipe_env: Path
     assert output.count("training.max_step:") == 1 and "Traceback" not in output and "Stack Trace" not in output
     last = output.strip().splitlines()[-1]
     assert "FAILED" in last and "task.yaml" in last and "training.max_step" in last and "unknown key" in last
+    output, status = ftpipe_run("tyop", tmp_path / "again")
+    assert status == 2 and output.strip().splitlines()[-1] == (
+        f"no task folder named 'tyop' in {ftpipe_env / 'tasks'}; tasks there: typo")
 
 
 def test_a_failed_run_ends_with_the_first_failed_steps_reason(ftpipe_env: Path, tiny_model_dir: Path,
