@@ -230,8 +230,10 @@ def tracked_run(
     tags: dict[str, str] | None = None,
     resume_run_id: str | None = None,
     uri: str | None = None,
+    discard_on: tuple[type[BaseException], ...] = (),
 ) -> Iterator[RunLogger]:
-    """One MLflow run (new, or `resume_run_id` continued) that ends FINISHED, FAILED, or KILLED on SIGTERM/SIGINT.
+    """One MLflow run (new, or `resume_run_id` continued) that ends FINISHED, FAILED, or KILLED on SIGTERM/SIGINT; a
+    new one that ends on an exception of `discard_on` (a spec refused before training) is deleted instead.
 
     Stale runs of the experiment are swept first. While inside, the first SIGTERM/SIGINT raises `RunInterrupted`.
     """
@@ -240,7 +242,7 @@ def tracked_run(
     sweep_stale_runs(experiment, client.tracking_uri)
     safe_tags = {key: redact_uri(str(value)) for key, value in (tags or {}).items()}
     run_id = _open_run(client, experiment_id, run_name, safe_tags, resume_run_id)
-    status = "FAILED"
+    status, discard = "FAILED", False
     with _signals_raise_interrupted():
         try:
             yield RunLogger(client, run_id)
@@ -248,8 +250,13 @@ def tracked_run(
         except (RunInterrupted, KeyboardInterrupt):
             status = "KILLED"
             raise
+        except discard_on:
+            discard = resume_run_id is None
+            raise
         finally:
             client.set_terminated(run_id, status=status)
+            if discard:
+                client.delete_run(run_id)
 
 
 def log_evaluation(run_id: str, result: dict[str, Any], uri: str | None = None) -> None:

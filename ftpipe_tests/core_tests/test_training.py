@@ -183,6 +183,8 @@ def test_4bit_without_cuda_is_refused_by_the_program_in_one_line(workspace):
 
 @pytest.mark.slow
 def test_a_split_with_no_row_within_max_length_is_refused_in_one_line_not_retried(workspace):
+    from mlflow.entities import ViewType
+
     spec = write_spec(workspace, "too-short", max_length=16)
     process = start(workspace, spec)
     stdout, _ = process.communicate(timeout=120)
@@ -192,6 +194,9 @@ def test_a_split_with_no_row_within_max_length_is_refused_in_one_line_not_retrie
         "training refused: no training rows left: every row is longer than max_length=16 tokens; raise "
         "training.max_length or use too_long: truncate")
     assert not (workspace / "too-short" / "adapter").exists()
+    experiment = mlflow_client(workspace).get_experiment_by_name("toy-too-short").experiment_id
+    runs = mlflow_client(workspace).search_runs([experiment], run_view_type=ViewType.ALL)
+    assert [run.info.lifecycle_stage for run in runs] == ["deleted"], "the run of a refused spec is not left FAILED"
 
 
 def test_loss_is_masked_on_prompt_tokens(workspace):

@@ -109,7 +109,8 @@ def tracking(spec: TrainingSpec, resume_run_id: str | None):
         return nullcontext(RunLogger(None, ""))
     tags = {"task": spec.task, "base_fingerprint": spec.base_fingerprint, **spec.mlflow.tags}
     return tracked_run(spec.mlflow.experiment, run_name=spec.mlflow.run_name or spec.task, tags=tags,
-                       resume_run_id=resume_run_id, uri=spec.mlflow.tracking_uri or tracking_uri())
+                       resume_run_id=resume_run_id, uri=spec.mlflow.tracking_uri or tracking_uri(),
+                       discard_on=(Refused,))
 
 
 def calibrate(spec: TrainingSpec, trainer, reporter: Reporter) -> dict[str, Any]:
