@@ -43,6 +43,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     and a forgetting check, and with a preference stage the SFT model beside them and preference accuracy on the
     held-out pairs; an evaluation of the same inputs is reused without generating anything."""
     from ftpipe.core.evaluation import run_evaluation
+    from ftpipe.core.evaluation.report import unheld_labels
     from ftpipe.core.teacher import teacher_outputs, teacher_version
 
     task = context.partition_key
@@ -64,6 +65,8 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
         out_dir=paths.output("eval_report"), trust_remote_code=cfg.trust_remote_code, log=context.log.info,
         teacher=teacher, teacher_version=teacher_version(distill) if distill else None,
     )
+    if report.get("labels_without_heldout_rows"):
+        context.log.warning(f"{task}: {unheld_labels(report['labels_without_heldout_rows'])}")
     run_id = adapter.metadata["mlflow_run_id"]
     if not report["reused"]:
         mlflow.log_evaluation(run_id, report)

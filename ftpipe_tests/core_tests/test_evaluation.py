@@ -307,7 +307,8 @@ def answered(passes: list[tuple[int, bool, int]]) -> list[int]:
 
 
 def labels(rows: list[dict]) -> list[str]:
-    return task_metrics(CLASSIFY).label_choices([row["messages"][-1]["content"] for row in rows]).names
+    """The labels of the held-out `rows` (as the references write them)."""
+    return list(task_metrics(CLASSIFY).spellings([row["messages"][-1]["content"] for row in rows]).values())
 
 
 def test_bad_adapter_fails_the_gate_then_the_base_comes_from_the_cache(workspace, tmp_path, passes):
@@ -349,19 +350,21 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
         columns = ["id", "base_answer", "fewshot_answer", "finetuned_answer"]
         return pq.read_table(result["predictions_path"], columns=columns).to_pylist()
 
-    evaluate(workspace, "bad_adapter", tmp_path / "first", cache=cache,
-             config=CLASSIFY.model_copy(update={"max_rows": first_rows}))
+    first = evaluate(workspace, "bad_adapter", tmp_path / "first", cache=cache,
+                     config=CLASSIFY.model_copy(update={"max_rows": first_rows}))
+    rows = read_examples(workspace / "eval.parquet")
+    before, every = labels(select_rows(rows, first_rows)), labels(read_examples(workspace / "train.parquet") + rows)
+    missing = [label for label in every if label not in before]
+    assert missing and first["labels_without_heldout_rows"] == missing, "the train rows have a label these have not"
+    assert f"({', '.join(missing)}) {'have' if len(missing) > 1 else 'has'} no held-out row" in first["report_markdown"]
     passes.clear()
     grown = evaluate(workspace, "bad_adapter", tmp_path / "grown", cache=cache)
-    # base, few-shot and fine-tuned answer the 8 new rows and rank their labels (base and fine-tuned score their
-    # references too), then rank the labels on the old rows, for the label the new rows brought; nobody answers or
-    # scores the probe again
-    rows = read_examples(workspace / "eval.parquet")
-    before, after = (len(labels(select_rows(rows, n))) for n in (first_rows, EVAL_ROWS))
-    assert after > before, "the new rows bring a label"
-    new, old = (8, True, 8 * after), (first_rows, False, first_rows * after)
-    with_references = (8, True, 8 * after + 8)
-    assert passes == [with_references, old, new, old, with_references, old] and not grown["base_cached"]
+    # base, few-shot and fine-tuned answer the 8 new rows and rank every label of the train and held-out rows on
+    # them (base and fine-tuned score their references too); the old rows had every label ranked already, and
+    # nobody answers or scores the probe again
+    new, with_references = (8, True, 8 * len(every)), (8, True, 8 * len(every) + 8)
+    assert passes == [with_references, new, with_references] and not grown["base_cached"]
+    assert grown["labels_without_heldout_rows"] == [] and "no held-out row" not in grown["report_markdown"]
     cold = evaluate(workspace, "bad_adapter", tmp_path / "cold", cache=tmp_path / "cold-cache")
     assert answers(grown) == answers(cold) and len(answers(cold)) == EVAL_ROWS
     for name in ("base_score", "fewshot_score", "finetuned_score", "probe_base_accuracy", "probe_finetuned_accuracy",
@@ -420,6 +423,7 @@ def test_published_files_result_and_report(workspace, tmp_path):
     assert "| What color is the" in regressions and "Answer with one word" not in regressions
     assert report.split("## Largest improvements")[1].startswith("\n\n_none_")
     assert "| base | few-shot | fine-tuned |" in report and f"| accuracy | {result['base_score']:.3f} |" in report
+    assert "| held-out loss |" in report and "seconds per held-out row" not in report, "no teacher: no time row"
     assert "| colors | 6 | 1.000 |" in report  # probe accuracy by skill
     lost = report.split("### Rows that changed (base → fine-tuned)")[1]
     assert lost.count("| lost |") == len([c for c in result["probe_changes"] if c["change"] == "lost"]) > 0

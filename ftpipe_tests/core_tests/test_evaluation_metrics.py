@@ -83,6 +83,16 @@ def test_label_choices_put_each_label_where_the_reference_has_its_label():
     assert plain.names == ["green", "red"] and plain.candidates[0] == ["green", "Red"]
 
 
+def test_label_choices_rank_the_labels_of_train_rows_too_and_name_those_without_a_heldout_row():
+    task = task_metrics(EvaluationConfig(task_type="classification", label_field="intent"))
+    train = ['{"intent": "top_up"}', '{"intent": "card_arrival"}', '{"intent": "card_arrival"}',
+             '{"intent": "Card_Arrival"}', "no JSON here"]
+    choices = task.label_choices(['{"intent": "top_up"}'], train)
+    assert choices.names == ["cardarrival", "topup"] and choices.expected == ["topup"]
+    assert choices.candidates == [['{"intent": "card_arrival"', '{"intent": "top_up"']]
+    assert choices.without_heldout_rows() == ["card_arrival"]  # as written; an unreadable train answer adds none
+
+
 def test_label_answers_are_complete_answers_written_as_the_references_write_them():
     task = task_metrics(EvaluationConfig(task_type="classification", label_field="intent"))
     references = ['{"intent": "card_arrival"}', '{"intent":"top_up"}', '{"intent": "top_up"}', '{"intent": "Top_Up"}',

@@ -84,6 +84,7 @@ def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetric
                                         config.bootstrap_samples, seed=DELTA_SEED)
     metrics = {
         "primary_metric": primary, "rows": len(heldout.rows),
+        "labels_without_heldout_rows": heldout.choices.without_heldout_rows() if heldout.choices else [],
         "base_score": scores["base"].summary[primary], "finetuned_score": scores["finetuned"].summary[primary],
         "delta": delta, "delta_ci_low": low, "delta_ci_high": high,
         **_versus_fewshot(scores, outputs, primary, config), "fewshot_examples": fewshot_examples,

@@ -64,12 +64,13 @@ answers are constrained to (if they are), the probe and the held-out preference 
     pairs: list[dict] = field(default_factory=list)
 
     @classmethod
-    def of(cls, rows: list[dict], probe: list[dict], task: TaskMetrics,
-           label_references: list[str] | None = None, pairs: list[dict] | None = None) -> Heldout:
-        """The rows, probe and preference `pairs` with the task type's label set over the rows' references; with
-        `label_references` (the references that make the task's label set), answers are constrained to that set."""
-        labels = task.label_answers(label_references) if label_references is not None else None
-        return cls(rows=rows, probe=probe, choices=task.label_choices([r["messages"][-1]["content"] for r in rows]),
+    def of(cls, rows: list[dict], probe: list[dict], task: TaskMetrics, train_rows: list[dict] = (),
+           constrained: bool = False, pairs: list[dict] | None = None) -> Heldout:
+        """The rows, probe and preference `pairs` with the task type's label set over the held-out and train rows'
+        references; `constrained`: answers are constrained to that set."""
+        references, train_references = ([row["messages"][-1]["content"] for row in part] for part in (rows, train_rows))
+        labels = task.label_answers(train_references + references) if constrained else None
+        return cls(rows=rows, probe=probe, choices=task.label_choices(references, train_references),
                    labels=labels, pairs=pairs or [])
 
     @property

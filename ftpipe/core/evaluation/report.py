@@ -43,12 +43,22 @@ def verdict(passed: bool, failed: list[str], config: EvaluationConfig, preferenc
     return f"**Eval gate: FAILED** ({thresholds}): " + "; ".join(failed)
 
 
+def unheld_labels(labels: list[str]) -> str:
+    """What a score on held-out rows cannot say: labels of train rows only (three named, the rest counted)."""
+    named = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+    return (f"{len(labels)} label{'s' if len(labels) > 1 else ''} of the train rows ({named}) "
+            f"{'have' if len(labels) > 1 else 'has'} no held-out row: the scores say nothing about "
+            f"{'them' if len(labels) > 1 else 'it'} (a larger split.eval_fraction gives more labels a held-out row).")
+
+
 def overview(metrics: dict[str, Any]) -> str:
     """The verdict's evidence in a few sentences."""
     m = metrics
     parts = [f"Primary metric `{m['primary_metric']}` on {m['rows']} held-out rows: base {number(m['base_score'])}, "
              f"fine-tuned {number(m['finetuned_score'])}, delta {number(m['delta'], True)} "
              f"({_interval(m['delta_ci_low'], m['delta_ci_high'])})."]
+    if m.get("labels_without_heldout_rows"):
+        parts.append(unheld_labels(m["labels_without_heldout_rows"]))
     if m["fewshot_score"] is not None:
         parts.append(
             f"Base model with {m['fewshot_examples']} train examples in the prompt (few-shot): "
@@ -72,7 +82,8 @@ def overview(metrics: dict[str, Any]) -> str:
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
-    """Every metric of every model side by side, with the fine-tuned model's change over the base."""
+    """Every metric of every model side by side, with the fine-tuned model's change over the base; a fact no model
+    has (the time per row without a teacher, the probe without general prompts) is left out."""
     scores = metrics["metrics"]
     sides = [side for side in SIDES if side in scores]
     names = [name for name, value in scores["base"].items() if isinstance(value, float)]
@@ -95,7 +106,8 @@ def summary_table(metrics: dict[str, Any]) -> str:
         "probe loss": {"base": metrics["probe_base_loss"], "sft": metrics.get("probe_sft_loss"),
                        "finetuned": metrics["probe_finetuned_loss"]},
     }
-    rows += [[label, *(number(values.get(side)) for side in sides), ""] for label, values in facts.items()]
+    rows += [[label, *(number(values.get(side)) for side in sides), ""] for label, values in facts.items()
+             if any(value is not None for value in values.values())]  # no row of n/a: nothing measured
     return markdown_table(["metric", *(SIDES[side] for side in sides), "fine-tuned − base"], rows)
 
 

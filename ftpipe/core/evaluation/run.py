@@ -79,13 +79,6 @@ def _examples(train_rows: list[dict], exclude_ids: set[str], task: TaskMetrics, 
                            group=lambda row: task.group(row["messages"][-1]["content"]))
 
 
-def _label_references(rows: list[dict], train_rows: list[dict], config: EvaluationConfig) -> list[str] | None:
-    """The references whose labels answers are constrained to (train and held-out rows), when they are."""
-    if not config.constrain_to_labels:
-        return None
-    return [row["messages"][-1]["content"] for row in train_rows + rows]
-
-
 def _publish(out_dir: Path, metrics: dict[str, Any], records: list[dict], config: EvaluationConfig,
              result: Result, verdicts: Verdicts | None) -> None:
     import pyarrow as pa
@@ -112,8 +105,8 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
     check_references(rows, task)
     train_rows = read_examples(train_path) if train_path else []
     pairs = read_pairs(preference_eval_path, config.max_rows)
-    heldout = Heldout.of(rows, read_probe(probe_path, probe_rows) if probe_path else [], task,
-                         _label_references(rows, train_rows, config), pairs)
+    heldout = Heldout.of(rows, read_probe(probe_path, probe_rows) if probe_path else [], task, train_rows,
+                         config.constrain_to_labels, pairs)
     examples = _examples(train_rows, {row["id"] for row in eval_rows}, task, config)
     base_key = {"base": base_fingerprint, "eval": eval_version, "probe": probe_hash, "probe_rows": len(heldout.probe),
                 "probe_max_new_tokens": PROBE_MAX_NEW_TOKENS, "labels": heldout.labels,

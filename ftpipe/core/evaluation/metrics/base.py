@@ -48,12 +48,19 @@ class Scores:
 
 @dataclass(frozen=True)
 class LabelChoices:
-    """The label set of a classification, for ranking labels by log-likelihood: `names` (normalised labels),
-    each row's expected name, and each row's candidate answers (one per name, in the row's answer format)."""
+    """The label set of a classification, for ranking labels by log-likelihood: `names` (normalised labels of the
+    held-out and train rows) and as `written`, each held-out row's expected name, and each row's candidate answers
+    (one per name, in the row's answer format)."""
 
     names: list[str]
+    written: list[str]
     expected: list[str]
     candidates: list[list[str]]
+
+    def without_heldout_rows(self) -> list[str]:
+        """The labels (as written) that only train rows have: the held-out scores say nothing about them."""
+        held = set(self.expected)
+        return [written for name, written in zip(self.names, self.written) if name not in held]
 
 
 class TaskMetrics:
@@ -82,8 +89,9 @@ class TaskMetrics:
         """Per answer, whether it has the form of the task's answers (judged against the training `references`)."""
         return [bool(answer.strip()) for answer in answers]
 
-    def label_choices(self, references: list[str]) -> LabelChoices | None:
-        """The label set to rank by log-likelihood (None: the type has no labels)."""
+    def label_choices(self, references: list[str], train_references: list[str] = ()) -> LabelChoices | None:
+        """The label set to rank by log-likelihood for the held-out `references`, the labels of the train rows'
+        included (None: the type has no labels)."""
         return None
 
     def label_answers(self, references: list[str]) -> list[str] | None:

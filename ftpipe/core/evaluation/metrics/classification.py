@@ -96,14 +96,16 @@ class Classification(TaskMetrics):
                 raw_label(reference, self.config.label_field) or reference.strip())
         return {name: most_common(written[name]) for name in sorted(written)}
 
-    def label_choices(self, references: list[str]) -> LabelChoices:
-        """Every label of the references; a row's candidates are its reference cut right after the label's
-        value, with each label in turn (or the bare label when the whole answer is the label)."""
-        spelling = self.spellings(references)
+    def label_choices(self, references: list[str], train_references: list[str] = ()) -> LabelChoices:
+        """Every label of the references and of the readable train references; a row's candidates are its
+        reference cut right after the label's value, with each label in turn (or the bare label when the whole
+        answer is the label)."""
+        readable = [reference for reference in train_references if self.reference_problem(reference) is None]
+        spelling = self.spellings([*references, *readable])
         written = [self._written(label) for label in spelling.values()]
         candidates = [[before + label for label in written] for before, _ in map(self._around_label, references)]
-        return LabelChoices(names=list(spelling), expected=[self.expected_label(r) for r in references],
-                            candidates=candidates)
+        return LabelChoices(names=list(spelling), written=list(spelling.values()),
+                            expected=[self.expected_label(r) for r in references], candidates=candidates)
 
     def label_answers(self, references: list[str]) -> list[str]:
         """One complete answer per label of the references (sorted by name): the label as the references most
