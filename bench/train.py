@@ -4,15 +4,18 @@
     python bench/train.py --repeats 3           # median of 3 runs per side (steadier on a busy machine)
     python bench/train.py --model DIR           # a real model dir (safetensors + tokenizer)
     python bench/train.py --model DIR --long --steps 4   # long rows: peak memory of each side
+    python bench/train.py --model DIR --skewed --steps 6 # 1 row in 12 long: also ftpipe with one row a pass
     python bench/train.py --model DIR --quantization 4bit   # QLoRA (CUDA only)
 
 1. Same settings: ftpipe (`python -m ftpipe.core.training SPEC.json`, the real program, with its
    TrainingConfig defaults and a 16/32-bit LoRA adapter) and a plain TRL script with the same model, data, seed,
    steps, batch size, max_length, LoRA config, schedule, eval/save cadence and completion-only loss. The plain
    script writes its SFTConfig and LoraConfig out by hand; before any run the bench checks that they equal the
-   ones ftpipe builds (but for how ftpipe runs a batch: padding-free micro-batches, the same rows per step), so the
+   ones ftpipe builds (but for how ftpipe runs a batch: padding-free passes, the same rows per step), so the
    ratio compares like with like. Prints real (non-padding) tokens/s and peak memory of each and the ratio
-   ftpipe / plain TRL (target >= 1.3).
+   ftpipe / plain TRL (target >= 1.3). With --skewed, a third side: ftpipe with `micro_batch_size: 1`, how it ran
+   a batch of such rows before its training passes had a token budget (micro-batches sized from the 95th
+   percentile row, here one row).
 2. Defaults: those ftpipe runs against `SFTConfig` defaults with a default peft `LoraConfig`, the same number
    of steps and the same data (prompt/completion); prints tokens/s and final eval loss.
 
@@ -49,6 +52,8 @@ TARGET_RATIO = 1.3
 TRAIN_ROWS, EVAL_ROWS = 256, 32
 WARMUP_STEPS = 3  # the first steps on CPU are several times slower (one-off initialisation)
 LONG_ROWS = (25, 40)  # filler sentences of --long rows: about 300-450 tokens, like worked solutions
+SKEWED_EVERY = 12  # --skewed: every 12th row long, the others short
+ROW_A_PASS = "ftpipe, a row a pass"
 MICRO_BATCHING = {"per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"}
 
 
@@ -80,24 +85,25 @@ def build_model(path: Path, hidden: int, layers: int) -> Path:
     return path
 
 
-def chat_rows(count: int, seed: int, sentences: tuple[int, int] = (1, 6)) -> list[dict]:
-    """toy_rows with filler sentences (between `sentences` counts) before each question, so lengths vary and
-    padding matters."""
+def chat_rows(count: int, seed: int, sentences: tuple[int, int] = (1, 6), long_every: int = 0) -> list[dict]:
+    """toy_rows with filler sentences (between `sentences` counts, LONG_ROWS for every `long_every`th row) before
+    each question, so lengths vary and padding matters."""
     rng = random.Random(seed)
     rows = toy_rows(count, seed=seed)
-    for row in rows:
+    for index, row in enumerate(rows):
         user = row["messages"][1]
-        user["content"] = " ".join(rng.choices(CORPUS, k=rng.randint(*sentences))) + " " + user["content"]
+        filler = LONG_ROWS if long_every and index % long_every == long_every - 1 else sentences
+        user["content"] = " ".join(rng.choices(CORPUS, k=rng.randint(*filler))) + " " + user["content"]
     return rows
 
 
 def prepare(root: Path, args: argparse.Namespace) -> dict[str, str]:
     model_dir = Path(args.model) if args.model else build_model(root / "model", args.hidden, args.layers)
-    sentences = LONG_ROWS if args.long else (1, 6)
+    sentences, long_every = (LONG_ROWS if args.long else (1, 6)), (SKEWED_EVERY if args.skewed else 0)
     return {
         "model_dir": str(model_dir),
-        "train_path": str(write_chat_parquet(root / "train.parquet", chat_rows(TRAIN_ROWS, 1, sentences))),
-        "eval_path": str(write_chat_parquet(root / "eval.parquet", chat_rows(EVAL_ROWS, 2, sentences))),
+        "train_path": str(write_chat_parquet(root / "train.parquet", chat_rows(TRAIN_ROWS, 1, sentences, long_every))),
+        "eval_path": str(write_chat_parquet(root / "eval.parquet", chat_rows(EVAL_ROWS, 2, sentences, long_every))),
     }
 
 
@@ -357,17 +363,20 @@ def plain_job(root: Path, name: str, paths: dict, mode: str, training: dict) -> 
 
 def compare_same_settings(root: Path, paths: dict, args: argparse.Namespace) -> dict[str, list[dict]]:
     """ftpipe (TrainingConfig defaults, a LoRA adapter on 16/32-bit or NF4 weights) and plain TRL, same settings,
-    order alternated."""
+    order alternated; with --skewed also ftpipe with one row a pass."""
     training = TrainingConfig(adapter="lora", quantization=args.quantization, max_steps=args.steps).model_dump()
     check_same_settings(root, training)
-    runs = {"ftpipe": [], "plain TRL": []}
+    sides = {"ftpipe": ("ftpipe", training), "plain TRL": ("plain", training)}
+    if args.skewed:
+        sides[ROW_A_PASS] = ("ftpipe", {**training, "micro_batch_size": 1})
+    runs = {side: [] for side in sides}
     for repeat in range(args.repeats):
-        for kind in ("ftpipe", "plain")[:: 1 if repeat % 2 == 0 else -1]:  # alternate who goes first
-            name = f"{kind}-{repeat}"
-            if kind == "ftpipe":
-                runs["ftpipe"].append(run_child(root, kind, name, ftpipe_job(root, name, paths, training)))
-            else:
-                runs["plain TRL"].append(run_child(root, kind, name, plain_job(root, name, paths, "same", training)))
+        for side in list(sides)[:: 1 if repeat % 2 == 0 else -1]:  # alternate who goes first
+            kind, settings = sides[side]
+            name = f"{side.replace(' ', '-').replace(',', '')}-{repeat}"
+            job = (ftpipe_job(root, name, paths, settings) if kind == "ftpipe"
+                   else plain_job(root, name, paths, "same", settings))
+            runs[side].append(run_child(root, kind, name, job))
     return runs
 
 
@@ -391,15 +400,15 @@ def steady_speed(run: dict) -> float:
 def print_same_settings(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
     weights = "NF4 weights (QLoRA)" if args.quantization == "4bit" else "16/32-bit weights"
     print(f"\n1. same settings (ftpipe's TrainingConfig defaults: LoRA r16 a32 all-linear on {weights}, lr 2e-4 "
-          f"cosine, batch 8 (ftpipe: in padding-free micro-batches sized from the rows on a CPU), max_length 512, "
+          f"cosine, batch 8 (ftpipe on a CPU: padding-free passes of whole rows up to 512 tokens), max_length 512, "
           f"eval/save every 20 steps), {args.steps} steps, median of {args.repeats}; tokens are real (non-padding) "
           "tokens")
-    print(f"{'side':<11}{'tokens/s':>10}{'train s':>9}{'tokens':>8}{'steady tok/s':>14}{'eval loss':>11}"
+    print(f"{'side':<22}{'tokens/s':>10}{'train s':>9}{'tokens':>8}{'steady tok/s':>14}{'eval loss':>11}"
           f"{'peak MB':>9}   tokens/s of each run")
     for side, side_runs in runs.items():
         run = median_run(side_runs)
         each = ", ".join(f"{r['tokens_per_second']:.0f}" for r in side_runs)
-        print(f"{side:<11}{run['tokens_per_second']:>10.0f}{run['seconds']:>9.1f}{run['tokens']:>8}"
+        print(f"{side:<22}{run['tokens_per_second']:>10.0f}{run['seconds']:>9.1f}{run['tokens']:>8}"
               f"{statistics.median(map(steady_speed, side_runs)):>14.0f}{run['eval_loss']:>11.4f}"
               f"{max(r['peak_memory_mb'] for r in side_runs):>9.0f}   {each}")
     own = statistics.median(r["own_tokens_per_second"] for r in runs["ftpipe"])
@@ -409,6 +418,9 @@ def print_same_settings(runs: dict[str, list[dict]], args: argparse.Namespace) -
         map(steady_speed, runs["plain TRL"]))
     print(f"steady state (after {WARMUP_STEPS} warm-up steps) ftpipe/plain TRL: {steady:.2f}x")
     print(f"ratio ftpipe/plain TRL: {ratio:.2f}x (target >= {TARGET_RATIO})")
+    if ROW_A_PASS in runs:
+        before = median_run(runs["ftpipe"])["tokens_per_second"] / median_run(runs[ROW_A_PASS])["tokens_per_second"]
+        print(f"ratio ftpipe/{ROW_A_PASS}: {before:.2f}x")
 
 
 def print_defaults(ftpipe_run: dict, trl_run: dict, args: argparse.Namespace) -> None:
@@ -432,6 +444,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=1, help="runs per side in comparison 1 (median)")
     parser.add_argument("--long", action="store_true", help="rows of 300-450 tokens (memory), not short ones")
+    parser.add_argument("--skewed", action="store_true", help="short rows with every 12th row long (300-450 tokens)")
     parser.add_argument("--quantization", choices=["none", "4bit"], default="none",
                         help="4bit: QLoRA on NF4 weights (CUDA only)")
     return parser.parse_args()

@@ -159,7 +159,7 @@ class TrainingConfig(_Strict):
     gradient_accumulation: int = Field(1, ge=1, description="batches per optimizer step")
     micro_batch_size: int | None = Field(None, ge=1, description=(
         "rows per forward pass, the batch reached by accumulating gradients (the same update): fewer rows pad less "
-        "and hold less memory; null: on a CPU, sized from the rows' lengths (long rows one at a time), else the "
+        "and hold less memory; null: on a CPU, passes of whole rows up to 512 tokens (a longer row alone), else the "
         "whole batch"))
     max_length: int = Field(512, ge=16, description="tokens; longer rows are dropped or truncated (too_long)")
     too_long: Literal["drop", "truncate"] = Field("drop", description="what happens to rows over max_length")

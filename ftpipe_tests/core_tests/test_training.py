@@ -242,6 +242,45 @@ def test_short_rows_share_a_pass_as_one_sequence_without_padding_and_the_loss_of
     assert said[-1].endswith("padded to their longest row"), said
 
 
+def test_a_batch_goes_in_passes_of_the_token_budget_each_as_collated_with_the_gradients_of_one_pass(workspace):
+    import torch
+
+    from ftpipe.core.training.setup import CPU_PASS_TOKENS
+
+    said, progress = [], Quiet()
+    progress.info = said.append
+    spec = TrainingSpec.from_json(write_spec(workspace, "passes", lora={"dropout": 0.0}))
+    trainer, _, _ = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), progress, Quiet())
+    assert trainer.pass_tokens == CPU_PASS_TOKENS and trainer.args.per_device_train_batch_size == 8, "a whole batch"
+    assert any(f"passes of whole rows up to {CPU_PASS_TOKENS} tokens" in line for line in said), said
+    rows = [trainer.train_dataset[i] for i in range(8)]
+    batch = trainer.data_collator(rows)
+    trainer.pass_tokens = batch["input_ids"].numel() // 3  # the toy rows are short: a budget a third of the batch
+    parts = trainer.forward_passes(batch)
+    assert len(parts) >= 3 and all(part["input_ids"].numel() <= trainer.pass_tokens for part in parts)
+    first = 0
+    for part in parts:  # each pass is what the collator makes of its rows alone
+        count = int((part["position_ids"] == 0).sum())
+        alone = trainer.data_collator(rows[first:first + count])
+        assert part.keys() == alone.keys()
+        assert all(torch.equal(torch.as_tensor(part[key]), torch.as_tensor(alone[key])) for key in alone), count
+        first += count
+    assert first == 8
+
+    trainer.current_gradient_accumulation_steps = 1  # as the training loop sets it
+
+    def step(pass_tokens):
+        trainer.pass_tokens = pass_tokens
+        trainer.model.zero_grad(set_to_none=True)
+        loss = float(trainer.training_step(trainer.model, dict(batch)))
+        return loss, [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
+
+    (split_loss, split_grads), (one_loss, one_grads) = step(batch["input_ids"].numel() // 3), step(None)
+    assert split_loss == pytest.approx(one_loss, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(split_grads, one_grads))
+    assert any(float(g.abs().sum()) > 0 for g in one_grads)
+
+
 def test_on_a_cpu_the_lm_head_scores_only_the_completion_positions_for_the_same_loss(workspace, monkeypatch):
     import torch
     import trl.trainer.utils as fused_head

@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.config import TrainingConfig
-from ftpipe.core.training.setup import TrainerSetup, chat_length, micro_batching, require_rows, within_max_length
+from ftpipe.core.training.passes import with_passes
+from ftpipe.core.training.setup import (
+    CPU_PASS_TOKENS,
+    TrainerSetup,
+    chat_length,
+    micro_batching,
+    require_rows,
+    within_max_length,
+)
 
 
 def read_chat_rows(path: Path) -> list[list[dict[str, str]]]:
@@ -39,8 +47,8 @@ def fit_rows(conversations, tokenizer, max_length: int, too_long: str) -> tuple[
 
 
 def build_datasets(setup: TrainerSetup):
-    """(train, eval) datasets, the train rows with the setup's extra (replay) rows mixed in, and the count of task
-    rows over max_length."""
+    """(train, eval) datasets, the train rows with the setup's extra (replay) rows mixed in, the count of task rows
+    over max_length and the task train rows' lengths in tokens."""
     from datasets import Dataset
 
     config = setup.config
@@ -49,14 +57,27 @@ def build_datasets(setup: TrainerSetup):
         return fit_rows(read_chat_rows(Path(path)), setup.tokenizer, config.max_length, config.too_long)
 
     (train, train_over, lengths), (evals, eval_over, _) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
-    setup.arguments.update(micro_batching(config, lengths))
     require_rows(train, evals, config)
     extra = [to_prompt_completion(messages) for messages in setup.extra_train_rows(len(train))]
     rows_too_long = train_over + eval_over
     action = "dropped" if config.too_long == "drop" else "truncated"
     setup.info(f"data: {len(train)} train rows + {len(extra)} general (replay) / {len(evals)} eval rows; "
                f"{rows_too_long} over {config.max_length} tokens {action}")
-    return Dataset.from_list(train + extra), Dataset.from_list(evals), rows_too_long
+    return Dataset.from_list(train + extra), Dataset.from_list(evals), rows_too_long, lengths
+
+
+def pass_settings(setup: TrainerSetup, lengths: list[int], rows_too_long: int) -> tuple[bool, int | None]:
+    """How batches go through the model: whether padding-free (`padding_free`), and the token budget of a training
+    pass (`passes`), set in the setup's arguments. On a CPU, padding-free without a configured `micro_batch_size`: the
+    whole batch a step, in passes of CPU_PASS_TOKENS (evaluation in micro-batches sized from the rows, as it keeps
+    no gradients). Otherwise micro-batches sized from the rows (`micro_batching`), none."""
+    flat = padding_free(setup.config, setup.arguments, rows_too_long, setup.model)
+    sizes = micro_batching(setup.config, lengths)
+    if flat and sizes:
+        setup.arguments["per_device_eval_batch_size"] = sizes["per_device_eval_batch_size"]
+        return True, CPU_PASS_TOKENS
+    setup.arguments.update(sizes)
+    return flat and setup.arguments["per_device_train_batch_size"] > 1, None
 
 
 def padding_free(config: TrainingConfig, arguments: dict[str, Any], rows_too_long: int, model) -> bool:
@@ -104,15 +125,18 @@ def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
     """An SFTTrainer on the task's chat rows, and the `rows_too_long` fact."""
     from trl import SFTTrainer
 
-    train, evals, rows_too_long = build_datasets(setup)
-    flat = padding_free(setup.config, setup.arguments, rows_too_long, setup.model)
+    train, evals, rows_too_long, lengths = build_datasets(setup)
+    flat, budget = pass_settings(setup, lengths, rows_too_long)
     rows = setup.arguments["per_device_train_batch_size"]
-    if rows == 1:
+    if budget:
+        setup.info(f"forward passes of whole rows up to {budget} tokens (a longer row alone), "
+                   "each row attending only to itself, no padding")
+    elif rows == 1:
         setup.info("forward passes of one row, no padding")
     else:
         setup.info(f"forward passes of {rows} rows, "
                    f"{'each row attending only to itself, no padding' if flat else 'padded to their longest row'}")
-    trainer = SFTTrainer(
+    trainer = with_passes(SFTTrainer, budget)(
         model=setup.model,
         args=sft_config(setup.config, setup.arguments, flat),
         train_dataset=train,

@@ -27,6 +27,7 @@ from ftpipe.config import TrainingConfig
 from ftpipe.core import readable
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.results import RESULT_FILE, read_result
+from ftpipe.core.training import passes
 from ftpipe.core.training.spec import TrainingSpec
 
 CALIBRATION_TOKENS = 1024  # real tokens the calibration times (in two passes at least), after a warm-up pass
@@ -242,19 +243,19 @@ def measure(spec: TrainingSpec, trainer) -> Cost:
 
 def _first_step(spec: TrainingSpec, trainer) -> list[tuple[dict[str, Any], int]]:
     """The forward passes of one process's first optimizer step as `trainer` runs them: the first batch of its train
-    rows (as it tokenized, labelled and cut them) in micro-batches of its per-device size, through its own collator;
-    each with its real tokens."""
+    rows (as it tokenized, labelled and cut them) in micro-batches of its per-device size, through its own collator,
+    each cut into its passes (`passes.TokenBudgetPasses`); each with its real tokens."""
     import torch
 
     config = spec.config()
     size = min(config.batch_size // (config.num_processes * config.nnodes), len(trainer.train_dataset))
     rows = [trainer.train_dataset[index] for index in range(size)]
     micro = trainer.args.per_device_train_batch_size
+    cut = getattr(trainer, "forward_passes", lambda inputs: [inputs])
     device = trainer.model.device
-    return [({key: value.to(device) if torch.is_tensor(value) else value
-              for key, value in trainer.data_collator(rows[start:start + micro]).items()},
-             sum(len(row["input_ids"]) for row in rows[start:start + micro]))
-            for start in range(0, size, micro)]
+    return [({key: value.to(device) if torch.is_tensor(value) else value for key, value in part.items()},
+             passes.tokens(part))
+            for start in range(0, size, micro) for part in cut(trainer.data_collator(rows[start:start + micro]))]
 
 
 def _timed(passes: list[tuple[Any, int]]) -> list[tuple[Any, int]]:
