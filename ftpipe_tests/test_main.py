@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ftpipe.core.storage import REPO_ROOT
 from ftpipe_tests.builders import chat, make_task
 
@@ -21,6 +23,21 @@ def ftpipe_run(task: str, tmp_path: Path) -> tuple[str, int]:
     done = subprocess.run([sys.executable, "-m", "ftpipe", "run", task], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env, cwd=home, timeout=600)
     return done.stdout, done.returncode
+
+
+def test_every_command_says_what_it_does_and_its_defaults_in_its_help(capsys) -> None:
+    from ftpipe.__main__ import main
+
+    helps = {}
+    for command in ("run", "chat", "serve", "tasks", "fetch-model"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        helps[command] = capsys.readouterr().out
+        assert done.value.code == 0 and helps[command].startswith(f"usage: ftpipe {command}")
+        description = helps[command].split("\n\n")[1]
+        assert len(description.split(". ", 1)[-1]) > 80, f"{command}: {description}"  # more than the one-line summary
+    assert "Exit status: 0 done, 1 a step failed" in " ".join(helps["run"].split())
+    assert "(default ticket_triage)" in helps["run"] and "(default 8000)" in helps["serve"]
 
 
 def test_a_config_error_is_told_once_in_one_line_before_any_run(ftpipe_env: Path, tmp_path: Path) -> None:
