@@ -217,3 +217,17 @@ def test_every_row_of_the_shipped_probe_has_a_known_check_its_reference_passes()
     assert len(rows) >= 300 and len({row["skill"] for row in rows}) >= 4
     for row in rows:
         assert row.get("check", "contains") in CHECKS and probe_correct(row["reference"], row), row["id"]
+
+
+def test_the_report_shows_each_models_score_by_message_length_when_lengths_vary():
+    from ftpipe.core.evaluation.report import MIN_LENGTH_ROWS, length_table
+
+    records = [{"message": " ".join(["word"] * words), "base_accuracy": 1.0, "finetuned_accuracy": float(words <= 12)}
+               for words in range(24, 0, -1)]
+    lines = length_table(records, "accuracy").splitlines()
+    assert lines[0] == "| message words | rows | base | fine-tuned | fine-tuned − base |"
+    assert lines[2:] == ["| 1–6 | 6 | 1.000 | 1.000 | +0.000 |", "| 7–12 | 6 | 1.000 | 1.000 | +0.000 |",
+                         "| 13–18 | 6 | 1.000 | 0.000 | -1.000 |", "| 19–24 | 6 | 1.000 | 0.000 | -1.000 |"]
+    assert length_table(records[:MIN_LENGTH_ROWS - 1], "accuracy") is None  # too few rows to say anything
+    same = [{**record, "message": "one length"} for record in records]
+    assert length_table(same, "accuracy") is None

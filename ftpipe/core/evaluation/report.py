@@ -13,6 +13,8 @@ from ftpipe.core.text import markdown_table
 SIDES = {"base": "base", "fewshot": "few-shot", "sft": "SFT", "finetuned": "fine-tuned", "teacher": "teacher"}
 STAGES = {"base": "base", "sft": "SFT", "final": "final"}  # the models of a preference-tuning report
 SHOWCASE_ROWS = 10
+LENGTH_GROUPS = 4  # quarters of the held-out rows by message length
+MIN_LENGTH_ROWS = 20  # fewer rows: no table by length (a handful of rows per group says nothing)
 PROBE_CHANGES_SHOWN = 30
 
 
@@ -161,6 +163,24 @@ def showcase(records: list[dict[str, Any]], improvements: bool) -> str:
     return markdown_table(["user message", "reference", *(f"{SIDES[s]} answer" for s in sides), "delta"], rows)
 
 
+def length_table(records: list[dict[str, Any]], primary: str) -> str | None:
+    """Each model's primary metric and the fine-tuned gain over the base per quarter of the held-out rows by the
+    length of the user's message (words): whether long inputs fare worse. None for fewer than MIN_LENGTH_ROWS rows
+    or messages of one length."""
+    import numpy as np
+
+    words = np.array([len(record["message"].split()) for record in records])
+    if len(records) < MIN_LENGTH_ROWS or words.min() == words.max():
+        return None
+    sides = [side for side in SIDES if f"{side}_{primary}" in records[0]]
+    rows = []
+    for group in np.array_split(np.argsort(words, kind="stable"), LENGTH_GROUPS):
+        mean = {side: float(np.mean([records[i][f"{side}_{primary}"] for i in group])) for side in sides}
+        rows.append([f"{words[group].min()}–{words[group].max()}", len(group), *(number(mean[s]) for s in sides),
+                     number(mean["finetuned"] - mean["base"], True)])
+    return markdown_table(["message words", "rows", *(SIDES[s] for s in sides), "fine-tuned − base"], rows)
+
+
 def _preference(metrics: dict[str, Any], prefix: str, what: str) -> str:
     low, high = metrics[f"{prefix}_win_rate_ci_low"], metrics[f"{prefix}_win_rate_ci_high"]
     return (f"{what}: the fine-tuned model against the base {metrics[f'{prefix}_wins']} wins, "
@@ -207,8 +227,8 @@ def probe_changes(changes: list[dict[str, Any]]) -> str:
 
 def report_markdown(metrics: dict[str, Any], records: list[dict[str, Any]], config: EvaluationConfig) -> str:
     """The whole report: gate verdict, overview, metrics table, the models before and after a preference stage, the
-    task type's sections, the judge's and the human verdicts, the largest improvements and regressions, and the
-    probe rows that changed."""
+    task type's sections, the judge's and the human verdicts, the scores by message length, the largest improvements
+    and regressions, and the probe rows that changed."""
     passed, failed = decide_gate(metrics, config)
     titles = {side: SIDES[side] for side in ("finetuned", "fewshot", "base") if side in metrics["metrics"]}
     parts = ["# Evaluation: base vs fine-tuned", verdict(passed, failed, config, "preference_pairs" in metrics),
@@ -219,6 +239,8 @@ def report_markdown(metrics: dict[str, Any], records: list[dict[str, Any]], conf
         parts += [f"## {title}", section]
     if (preferred := preferences(metrics, config)) is not None:
         parts += ["## Pairwise preference (fine-tuned vs base)", preferred]
+    if (by_length := length_table(records, metrics["primary_metric"])) is not None:
+        parts += [f"## {metrics['primary_metric']} by message length", by_length]
     parts += ["## Largest improvements", showcase(records, True), "## Worst regressions", showcase(records, False)]
     if metrics["probe_rows"]:
         parts += ["## General-skills probe", skill_table(metrics["probe_accuracy_by_skill"]),
