@@ -31,6 +31,7 @@ def split(inputs: dict[str, Any], budget: int) -> list[dict[str, Any]]:
 
 
 def _part(inputs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
+    """Tokens `start` to `end` of a padding-free batch, with their own row boundaries."""
     import torch
 
     part = {key: value[:, start:end] if key in FLAT_KEYS else value
