@@ -23,14 +23,14 @@ from ftpipe_tests.trained_models import competent_base, lora_adapter, write_prob
 
 EVAL_ROWS, PAIRS = 24, 30
 CONFIG = EvaluationConfig(task_type="generation", max_new_tokens=6, batch_size=8, bootstrap_samples=500)
-KEYS_WITHOUT_PREFERENCES = {  # metrics.json before preference tuning existed
+KEYS_WITHOUT_PREFERENCES = {  # metrics.json before preference tuning existed (and the labels without held-out rows)
     "base_cached", "base_loss", "base_perplexity", "base_score", "delta", "delta_ci_high", "delta_ci_low",
     "delta_vs_fewshot", "delta_vs_fewshot_ci_high", "delta_vs_fewshot_ci_low", "fewshot_examples",
     "fewshot_prompt_tokens", "fewshot_score", "finetuned_loss", "finetuned_perplexity", "finetuned_score",
     "forgetting", "forgetting_ci_high", "forgetting_ci_low", "judge_losses", "judge_pairs", "judge_ties",
     "judge_unclear_replies", "judge_win_rate", "judge_win_rate_ci_high", "judge_win_rate_ci_low", "judge_wins",
-    "metrics", "primary_metric", "probe_accuracy_by_skill", "probe_base_accuracy", "probe_base_loss",
-    "probe_changes", "probe_finetuned_accuracy", "probe_finetuned_loss", "probe_rows", "prompt_tokens", "rows"}
+    "labels_without_heldout_rows", "metrics", "primary_metric", "probe_accuracy_by_skill", "probe_base_accuracy",
+    "probe_base_loss", "probe_changes", "probe_finetuned_accuracy", "probe_finetuned_loss", "probe_rows", "prompt_tokens", "rows"}
 SFT_KEYS = {"sft_score", "delta_vs_sft", "delta_vs_sft_ci_low", "delta_vs_sft_ci_high", "sft_loss", "sft_perplexity",
             "sft_forgetting", "sft_forgetting_ci_low", "sft_forgetting_ci_high", "probe_sft_accuracy",
             "probe_sft_loss"}

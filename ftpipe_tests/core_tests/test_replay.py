@@ -73,7 +73,7 @@ def spec_of(workspace: Path, name: str, prompts: Path = PROMPTS, **training) -> 
 def datasets(spec: TrainingSpec):
     """(train rows, eval rows, replay rows handed out) as the sft objective builds them."""
     setup = trainer_setup(spec, spec.config(), Method("sft", "lora", "none"), callbacks=[], info=lambda line: None)
-    train, evals, _ = build_datasets(setup)
+    train, evals, _, _ = build_datasets(setup)
     return list(train), list(evals), setup.replay_rows
 
 
