@@ -190,7 +190,7 @@ def chat(task: str, message: str | None) -> int:
     from ftpipe.core import merging
     from ftpipe.core.layout import TaskLayout
     from ftpipe.core.registry import champion_model_path
-    from ftpipe.core.tasks import label_answers, task_config
+    from ftpipe.core.tasks import label_answers, task_config, task_system_prompt
 
     config = task_config(task)
     latest = TaskLayout(task).output("merged_model")
@@ -198,7 +198,7 @@ def chat(task: str, message: str | None) -> int:
     if model_dir is None:
         print(_why_no_model(task, config), file=sys.stderr)
         return 2
-    system = config.data.system_prompt
+    system = task_system_prompt(task, config)
     prefix = [{"role": "system", "content": system}] if system else []
     labels = label_answers(task, config.evaluation)
     print(f"model: {model_dir}" + (f" (answers constrained to {len(labels)} labels)" if labels else ""), file=sys.stderr)

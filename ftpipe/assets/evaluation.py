@@ -68,7 +68,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     if report.get("labels_without_heldout_rows"):
         context.log.warning(f"{task}: {unheld_labels(report['labels_without_heldout_rows'])}")
     run_id = adapter.metadata["mlflow_run_id"]
-    if not report["reused"]:
+    if not report["reused"] or report["report_rewritten"]:
         mlflow.log_evaluation(run_id, report)
     return dg.MaterializeResult(
         metadata=_metadata(report, mlflow.run_url(run_id), (sft or adapter).metadata.get("warm_started", False)),

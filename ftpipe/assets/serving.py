@@ -7,7 +7,7 @@ from ftpipe.config import TaskConfig
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.readable import rounded
 from ftpipe.core.results import Result
-from ftpipe.core.tasks import final_training
+from ftpipe.core.tasks import final_training, task_system_prompt
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking
 
@@ -21,7 +21,7 @@ def _card(task: str, cfg: TaskConfig, base: Result, adapter: Result, evaluation:
     return {
         "task": task,
         "description": cfg.description,
-        "system_prompt": cfg.data.system_prompt,
+        "system_prompt": task_system_prompt(task, cfg),
         "base_model": base.inputs["base_model"],
         "method": adapter.produced["method"],
         "data_versions": {"split": adapter.inputs["split_version"], "base_model": base.reuse_key,

@@ -226,6 +226,17 @@ def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None
     return messages
 
 
+def shared_system_prompt(conversations: Iterable[list[dict[str, str]]]) -> str | None:
+    """The system message every conversation starts with, or None when one starts without it or with another."""
+    shared = None
+    for messages in conversations:
+        first = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        if first is None or shared not in (None, first):
+            return None
+        shared = first
+    return shared
+
+
 def check_size(texts: Iterable[str]) -> None:
     """Raise BadRow when the texts of one row hold more than MAX_ROW_CHARS characters together."""
     size = sum(map(len, texts))

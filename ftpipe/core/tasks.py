@@ -201,6 +201,19 @@ def final_training(training: TrainingConfig) -> str:
     return training_asset(training.preference_objective or training.stages[0])
 
 
+def task_system_prompt(task: str, config: TaskConfig) -> str | None:
+    """The system prompt a conversation without one gets when the task's model answers it: `data.system_prompt`, or
+    else the one every train row of the split starts with (data that carries its own)."""
+    import pyarrow.parquet as pq
+
+    from ftpipe.core.records import shared_system_prompt
+
+    train = TaskLayout(task).split_files[0]
+    if config.data.system_prompt or not train.is_file():
+        return config.data.system_prompt
+    return shared_system_prompt(pq.read_table(train, columns=["messages"]).column("messages").to_pylist())
+
+
 def label_answers(task: str, evaluation: EvaluationConfig) -> list[str] | None:
     """The complete answers a task's evaluation constrains answers to (from its split's references), or None when
     it does not constrain them."""

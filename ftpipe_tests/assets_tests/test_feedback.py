@@ -11,15 +11,17 @@ import pytest
 
 from ftpipe.assets import data, training
 from ftpipe.automation import retrain_on_data_change_sensor
-from ftpipe.core.feedback import FEEDBACK_FILE, feedback_dir
+from ftpipe.core.feedback import FEEDBACK_FILE, add_feedback, feedback_dir
 from ftpipe.core.layout import TaskLayout
-from ftpipe.core.records import read_examples
+from ftpipe.core.records import read_examples, write_examples
 from ftpipe.core.server.request_log import RequestLog
 from ftpipe.definitions import defs
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import default_resources
+from ftpipe.core.storage import task_dir
+from ftpipe.core.tasks import task_config, task_system_prompt
 from ftpipe_tests.builders import materialization
-from ftpipe_tests.tiny_model import COLORS
+from ftpipe_tests.tiny_model import COLORS, toy_rows
 
 FRUITS = sorted(COLORS)[:6]
 
@@ -37,6 +39,27 @@ def served(task: str) -> list[str]:
                     "total_tokens": 13, "status": 200, "error": None})
     log.close()
     return ids
+
+
+def test_a_correction_keeps_the_system_prompt_the_model_answered_with(tiny_task: str) -> None:
+    rows = toy_rows(20)  # each starts with the same system message, and task.yaml sets none
+    train = TaskLayout(tiny_task).split_files[0]
+    train.parent.mkdir(parents=True)
+    write_examples(rows, train)
+    system = rows[0]["messages"][0]["content"]
+    assert task_system_prompt(tiny_task, task_config(tiny_task)) == system
+    [first, *_] = served(tiny_task)
+    row = add_feedback(tiny_task, first, "yellow")
+    assert row["messages"][0] == {"role": "system", "content": system}, "the correction trains with the served prompt"
+    assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+
+    config = task_dir(tiny_task) / "task.yaml"
+    config.write_text(config.read_text() + "data: {system_prompt: Name the color.}\n")
+    assert task_system_prompt(tiny_task, task_config(tiny_task)) == "Name the color.", "data.system_prompt wins"
+    config.write_text(config.read_text().replace("data: {system_prompt: Name the color.}\n", ""))
+    rows[3]["messages"][0]["content"] = "Answer in French."
+    write_examples(rows, train)
+    assert task_system_prompt(tiny_task, task_config(tiny_task)) is None, "rows with different prompts give no default"
 
 
 @pytest.mark.slow

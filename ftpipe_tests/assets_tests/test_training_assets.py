@@ -190,6 +190,12 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         blocked = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=strict, raise_on_error=False)
         assert not blocked.success
         gate = check(blocked, "eval_report_gate")
+        run_id = materialization(blocked, "lora_adapter")["mlflow_run_id"]
+
+        def verdict_in_mlflow() -> str:
+            return MlflowClient(f"sqlite:///{mlflow_db()}").get_run(run_id).data.tags["eval_passed"]
+
+        assert verdict_in_mlflow() == "false"
         assert not gate.passed and "delta_ci_low" in gate.description and "min_improvement 0.5" in gate.description
         assert "merged_model" not in {e.asset_key.to_user_string() for e in blocked.get_asset_materialization_events()}
         after_fail = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=merge, cursor=start.cursor)
@@ -202,6 +208,9 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
                                          asset_selection=[dg.AssetKey("eval_report"), dg.AssetKey("human_review")])
         assert materialization(regated, "eval_report")["reused"] is True, "a new threshold generates nothing"
         assert check(regated, "eval_report_gate").passed, "the gate is decided with the run's thresholds"
+        report = (TaskLayout(tiny_task).output("eval_report") / REPORT).read_text()
+        assert "Eval gate: PASSED" in report and "FAILED" not in report, "the report says the new verdict"
+        assert verdict_in_mlflow() == "true", "MLflow says the new verdict too"
         after_pass = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=merge, cursor=after_fail.cursor)
         assert after_pass.get_requested_partitions(dg.AssetKey("merged_model")) == {tiny_task}, "a passing gate is merged"
 
@@ -213,6 +222,7 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         card = merged["model_card"]
         assert not card.startswith("---") and card.startswith("# ftpipe-"), "the UI shows the card without front matter"
         assert "| learning_rate | 0.01 |" in card and "| quantization | none |" in card, "the card has what was trained"
+        assert "> Answer with one word." in card, "the system prompt the train rows carry is the served default"
         chat = chat_cli(tiny_task)
         assert chat.returncode == 0, chat.stderr[-2000:]
         assert f"model: {merged['model_path']}" in chat.stderr, "the chat CLI answers with the champion model"

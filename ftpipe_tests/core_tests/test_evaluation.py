@@ -364,6 +364,9 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
     # nobody answers or scores the probe again
     new, with_references = (8, True, 8 * len(every)), (8, True, 8 * len(every) + 8)
     assert passes == [with_references, new, with_references] and not grown["base_cached"]
+    assert grown["base_rows_run"] == 8
+    assert f"Base outputs generated for 8 of {EVAL_ROWS} held-out rows, the others from the cache." in (
+        grown["report_markdown"])
     assert grown["labels_without_heldout_rows"] == [] and "no held-out row" not in grown["report_markdown"]
     cold = evaluate(workspace, "bad_adapter", tmp_path / "cold", cache=tmp_path / "cold-cache")
     assert answers(grown) == answers(cold) and len(answers(cold)) == EVAL_ROWS

@@ -229,5 +229,8 @@ def test_the_report_shows_each_models_score_by_message_length_when_lengths_vary(
     assert lines[2:] == ["| 1–6 | 6 | 1.000 | 1.000 | +0.000 |", "| 7–12 | 6 | 1.000 | 1.000 | +0.000 |",
                          "| 13–18 | 6 | 1.000 | 0.000 | -1.000 |", "| 19–24 | 6 | 1.000 | 0.000 | -1.000 |"]
     assert length_table(records[:MIN_LENGTH_ROWS - 1], "accuracy") is None  # too few rows to say anything
+    skewed = [{**record, "message": "short"} for record in records[:20]] + records[20:]  # 20 rows of one word
+    assert length_table(skewed, "accuracy").splitlines()[2:] == [
+        "| 1 | 21 | 1.000 | 0.429 | -0.571 |", "| 2–4 | 3 | 1.000 | 1.000 | +0.000 |"], "one length, one group"
     same = [{**record, "message": "one length"} for record in records]
     assert length_table(same, "accuracy") is None

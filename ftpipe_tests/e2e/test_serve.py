@@ -90,11 +90,19 @@ def test_every_task_answers_as_its_own_model_alone_and_in_concurrent_mixed_batch
                                             stream=True)
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == own["beta"][0]
-    assert chunks[-1].choices[0].finish_reason in {"stop", "length"}
+    assert chunks[-1].choices[0].finish_reason in {"stop", "length"} and chunks[-1].usage is None
+    counted = list(client.chat.completions.create(model="beta", messages=prompts[0], max_tokens=MAX_TOKENS,
+                                                  temperature=0, stream=True, stream_options={"include_usage": True}))
+    *answer, usage = counted
+    assert "".join(c.choices[0].delta.content or "" for c in answer).strip() == own["beta"][0]
+    assert usage.choices == [] and all(c.usage is None for c in answer), "the usage comes last, alone"
+    assert 0 < usage.usage.completion_tokens <= MAX_TOKENS and usage.usage.total_tokens == (
+        usage.usage.prompt_tokens + usage.usage.completion_tokens)
 
     server.stop()
     records = {task: read_records(task) for task in own}
     assert len(records["alpha"]) == len(prompts) + 3 * len(prompts)
+    assert records["beta"][-1]["completion_tokens"] == usage.usage.completion_tokens
     assert len({r["request_id"] for rs in records.values() for r in rs}) == sum(map(len, records.values()))
     first = records["alpha"][0]
     assert first["messages"] == prompts[0] and first["output"].strip() == own["alpha"][0]

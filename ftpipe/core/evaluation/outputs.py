@@ -50,6 +50,7 @@ class ModelOutputs:
     probe_tokens: list[int] = field(default_factory=list)
     preference_correct: list[float] | None = None  # per held-out preference pair: the chosen answer is preferred
     seconds_per_row: float | None = None  # answering the held-out rows, per row (batched for a local model)
+    rows_run: int = 0  # held-out rows run when these outputs were made (the others' came from the per-row cache)
 
 
 @dataclass(frozen=True)
@@ -128,10 +129,10 @@ def _reference_scoring(tokenizer, conversations: list[list[dict]]) -> Scoring:
 
 
 def _at_once(model, tokenizer, rows: RowCache, prompts: list[list[dict]], max_new_tokens: int,
-             scorings: list[Scoring], batch_tokens: int, progress) -> None:
+             scorings: list[Scoring], batch_tokens: int, progress) -> int:
     """Store in `rows` what one pass over each prompt gives: its greedy answer (with `max_new_tokens`) and the values
-    of each of `scorings` it lacks. A prompt whose answer is stored is not answered again: a scoring it lacks (a
-    label that new rows brought) runs alone."""
+    of each of `scorings` it lacks; return how many prompts ran. A prompt whose answer is stored is not answered
+    again: a scoring it lacks (a label that new rows brought) runs alone."""
     unanswered = set(rows.missing("answer", prompts, max_new_tokens)) if max_new_tokens else set()
     unscored: dict[int, list[Scoring]] = {}
     for scoring in scorings:
@@ -146,6 +147,7 @@ def _at_once(model, tokenizer, rows: RowCache, prompts: list[list[dict]], max_ne
         _one_pass(model, tokenizer, rows, prompts,
                   {row: wanted for row, wanted in unscored.items() if row not in unanswered}, 0, batch_tokens,
                   None if max_new_tokens else progress)  # answers constrained to labels are scorings
+    return len(unanswered | set(unscored))
 
 
 def _one_pass(model, tokenizer, rows: RowCache, prompts: list[list[dict]], work: dict[int, list[Scoring]],
@@ -184,17 +186,20 @@ def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout,
     references = _reference_scoring(tokenizer, conversations) if full else None
     if constrained:
         log(f"{name}: answering {len(prompts)} held-out rows with one of {len(heldout.labels)} labels")
-    _at_once(model, tokenizer, rows, prompts, 0 if constrained else config.max_new_tokens,
-             [scoring for scoring in (constrained, ranked, references) if scoring], config.batch_tokens,
-             lambda done, total: log(f"{name}: answered {done}/{total} held-out rows not answered before"))
+    ran = _at_once(model, tokenizer, rows, prompts, 0 if constrained else config.max_new_tokens,
+                   [scoring for scoring in (constrained, ranked, references) if scoring], config.batch_tokens,
+                   lambda done, total: log(f"{name}: answered {done}/{total} held-out rows not answered before"))
+    if ran < len(prompts):
+        log(f"{name}: {len(prompts) - ran} of {len(prompts)} held-out rows' results from the per-row cache")
     kind, settings = ("constrained answer", heldout.labels) if constrained else ("answer", config.max_new_tokens)
     outputs = ModelOutputs(ids=heldout.ids, answers=rows.stored(kind, prompts, settings),
                            prompt_tokens=mean_prompt_tokens(tokenizer, prompts),
-                           seconds_per_row=rows.seconds_per_item(kind, prompts, settings))
+                           seconds_per_row=rows.seconds_per_item(kind, prompts, settings), rows_run=ran)
     if ranked:
         candidates = [item for items in ranked.items for item in items]
         outputs.label_correct = top_label_correct(heldout.choices, rows.stored(ranked.kind, candidates))
-        log(f"{name}: ranked the labels by likelihood on {len(prompts)} held-out rows")
+        log(f"{name}: the top label by likelihood is right on {sum(outputs.label_correct):.0f}/{len(prompts)} "
+            "held-out rows")
     if full:
         def logprobs(conversations: list[list[dict]]) -> list[tuple[float, int]]:
             return rows.values("answer logprob", conversations, lambda missing: conversation_logprobs(
@@ -218,13 +223,14 @@ def _add_probe(model, tokenizer, probe: list[dict], batch_tokens: int, outputs: 
         return
     prompts = [row["messages"] for row in probe]
     conversations = [row["messages"] + [{"role": "assistant", "content": row["reference"]}] for row in probe]
-    _at_once(model, tokenizer, rows, prompts, PROBE_MAX_NEW_TOKENS, [_reference_scoring(tokenizer, conversations)],
-             batch_tokens, lambda done, total: log(f"answered {done}/{total} probe rows not answered before"))
+    ran = _at_once(model, tokenizer, rows, prompts, PROBE_MAX_NEW_TOKENS,
+                   [_reference_scoring(tokenizer, conversations)], batch_tokens,
+                   lambda done, total: log(f"answered {done}/{total} probe rows not answered before"))
     outputs.probe_answers = rows.stored("answer", prompts, PROBE_MAX_NEW_TOKENS)
     sums = logprobs(conversations)
     outputs.probe_logprobs = [logprob for logprob, _ in sums]
     outputs.probe_tokens = [count for _, count in sums]
-    log(f"scored the references of {len(probe)} probe rows")
+    log(f"probe: {len(probe)} rows" + (f", {len(probe) - ran} from the per-row cache" if ran < len(probe) else ""))
 
 
 def cache_key(**parts: Any) -> str:
@@ -246,9 +252,9 @@ def cached_outputs(path: Path, ids: list[str], compute: Callable[[], ModelOutput
 
 def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[str, tuple[Path, str]],
                 heldout: Heldout, examples: list[dict], config: EvaluationConfig, cache_dir: Path,
-                trust_remote_code: bool, log: Log) -> tuple[dict[str, ModelOutputs], bool]:
+                trust_remote_code: bool, log: Log) -> tuple[dict[str, ModelOutputs], int]:
     """({base, fewshot (when there are examples), sft and finetuned (the keys of `tuned`, TUNED's): outputs},
-    whether the base's came from the cache). `tuned` maps each trained model to its folder (adapter or full) and the
+    how many held-out rows the base model ran zero-shot (none when its outputs came from the cache)). `tuned` maps each trained model to its folder (adapter or full) and the
     version of its weights.
 
     Every model's outputs are cached by its version (a preference stage trained again does not evaluate its
@@ -261,7 +267,7 @@ def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[s
     base_weights = cache_key(base=base_key["base"], device=inference_device())
     base_rows = RowCache(cache_dir / f"rows-{base_weights}.jsonl")
     outputs: dict[str, ModelOutputs] = {}
-    outputs["base"], base_cached = cached_outputs(
+    outputs["base"], base_from_file = cached_outputs(
         cache_dir / f"base-{key}.json", heldout.ids,
         lambda: model_outputs(*base(), heldout.prompts, heldout, config, log, "base", base_rows), log)
     if examples:
@@ -284,4 +290,4 @@ def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[s
         folder, version = tuned[side]
         outputs[side], _ = cached_outputs(cache_dir / f"tuned-{cache_key(base=key, weights=version)}.json",
                                           heldout.ids, lambda: tuned_outputs(side, folder, version), log)
-    return outputs, base_cached
+    return outputs, 0 if base_from_file else outputs["base"].rows_run

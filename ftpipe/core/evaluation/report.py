@@ -79,8 +79,18 @@ def overview(metrics: dict[str, Any]) -> str:
         parts.append(f"Forgetting {number(m['forgetting'])} ({interval}) on {m['probe_rows']} probe rows.")
     else:
         parts.append("Forgetting not checked (no probe file).")
-    parts.append(f"Base outputs {'from cache' if m['base_cached'] else 'generated'}.")
+    parts.append(_base_outputs(m))
     return " ".join(parts)
+
+
+def _base_outputs(m: dict[str, Any]) -> str:
+    """Where the base model's outputs came from: this evaluation, the cache, or both."""
+    run, rows = m.get("base_rows_run"), m["rows"]  # evaluations made before the count say only cached or not
+    if m["base_cached"]:
+        return "Base outputs from the cache."
+    if run is None or run == rows:
+        return "Base outputs generated."
+    return f"Base outputs generated for {run} of {rows} held-out rows, the others from the cache."
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
@@ -165,18 +175,22 @@ def showcase(records: list[dict[str, Any]], improvements: bool) -> str:
 
 def length_table(records: list[dict[str, Any]], primary: str) -> str | None:
     """Each model's primary metric and the fine-tuned gain over the base per quarter of the held-out rows by the
-    length of the user's message (words): whether long inputs fare worse. None for fewer than MIN_LENGTH_ROWS rows
-    or messages of one length."""
+    length of the user's message (words; rows of one length stay in one group, so groups may differ in size):
+    whether long inputs fare worse. None for fewer than MIN_LENGTH_ROWS rows or messages of one length."""
     import numpy as np
 
     words = np.array([len(record["message"].split()) for record in records])
     if len(records) < MIN_LENGTH_ROWS or words.min() == words.max():
         return None
     sides = [side for side in SIDES if f"{side}_{primary}" in records[0]]
+    shorter = np.searchsorted(np.sort(words), words)  # how many rows are shorter than each
+    quarters = shorter * LENGTH_GROUPS // len(words)
     rows = []
-    for group in np.array_split(np.argsort(words, kind="stable"), LENGTH_GROUPS):
+    for quarter in np.unique(quarters):
+        group = np.flatnonzero(quarters == quarter)
         mean = {side: float(np.mean([records[i][f"{side}_{primary}"] for i in group])) for side in sides}
-        rows.append([f"{words[group].min()}–{words[group].max()}", len(group), *(number(mean[s]) for s in sides),
+        low, high = words[group].min(), words[group].max()
+        rows.append([f"{low}–{high}" if low < high else str(low), len(group), *(number(mean[s]) for s in sides),
                      number(mean["finetuned"] - mean["base"], True)])
     return markdown_table(["message words", "rows", *(SIDES[s] for s in sides), "fine-tuned − base"], rows)
 

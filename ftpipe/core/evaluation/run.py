@@ -23,7 +23,7 @@ from ftpipe.core.evaluation.review import Verdicts, human_metrics
 from ftpipe.core.layout import METRICS, PREDICTIONS, REPORT
 from ftpipe.core.records import read_examples
 from ftpipe.core.results import Result, reusable
-from ftpipe.core.storage import atomic_dir, file_sha256
+from ftpipe.core.storage import atomic_dir, file_sha256, write_text
 
 Teacher = Callable[[list[str], list[list[dict]]], ModelOutputs]  # (row ids, prompts) -> a teacher's outputs
 
@@ -112,7 +112,7 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
                 "probe_max_new_tokens": PROBE_MAX_NEW_TOKENS, "labels": heldout.labels,
                 **config.model_dump(include={"task_type", "label_field", "max_rows", "max_new_tokens", "batch_size"}),
                 **({"preference_pairs": [pair["id"] for pair in pairs]} if pairs else {})}  # keeps older caches valid
-    outputs, base_cached = all_outputs(
+    outputs, base_rows_run = all_outputs(
         base_model_dir=base_model_dir, base_key=base_key, tuned=tuned, heldout=heldout, examples=examples,
         config=config, cache_dir=cache_dir, trust_remote_code=trust_remote_code, log=log)
     if teacher is not None:
@@ -120,7 +120,7 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
     metrics, scores = measure(heldout, outputs, task, config, len(examples))
     records = prediction_records(heldout, outputs, scores, task)
     judged = judge_metrics(records, config.judge, config.bootstrap_samples, log)
-    return {**metrics, **judged, "base_cached": base_cached}, records
+    return {**metrics, **judged, "base_cached": base_rows_run == 0, "base_rows_run": base_rows_run}, records
 
 
 def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter_dir: Path | str,
@@ -164,8 +164,13 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
                                      if preference_eval_path and preference_eval_path.is_file() else None)}
     key = evaluation_key(**inputs, config=config)
     if reusable(out_dir, KIND, key):
-        log(f"evaluation inputs unchanged (key {key}): reusing {out_dir}")
-        return {**read_evaluation(out_dir, config, verdicts), "reused": True}
+        found = read_evaluation(out_dir, config, verdicts)
+        rewritten = (out_dir / REPORT).read_text(encoding="utf-8") != found["report_markdown"]
+        if rewritten:  # the gate decided for this run's thresholds (or verdicts) differs from the stored report's
+            write_text(out_dir / REPORT, found["report_markdown"])
+        log(f"evaluation inputs unchanged (key {key}): reusing {out_dir}"
+            + (f"; the report rewritten: eval gate {'passed' if found['passed'] else 'failed'}" if rewritten else ""))
+        return {**found, "reused": True, "report_rewritten": rewritten}
     tuned = {"sft": (Path(sft_adapter_dir), sft_adapter_version)} if sft_adapter_dir else {}
     metrics, records = _measure(
         base_model_dir=Path(base_model_dir), base_fingerprint=base_fingerprint,
@@ -177,7 +182,7 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
     produced = {"report": REPORT, "predictions": PREDICTIONS, "metrics": METRICS}
     _publish(out_dir, metrics, records, config, Result(kind=KIND, reuse_key=key, inputs=inputs, produced=produced),
              verdicts)
-    result = {**read_evaluation(out_dir, config, verdicts), "reused": False}
+    result = {**read_evaluation(out_dir, config, verdicts), "reused": False, "report_rewritten": False}
     preference = (f", preference accuracy {result['preference_accuracy_final']:.4f}"
                   if "preference_pairs" in result else "")
     log(f"eval gate {'passed' if result['passed'] else 'failed'}: {result['primary_metric']} "

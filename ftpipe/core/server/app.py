@@ -34,6 +34,11 @@ class Message(BaseModel):
     content: str
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -44,6 +49,12 @@ class ChatRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def streams_usage(self) -> bool:
+        """The stream ends with a chunk of the usage alone (and the others carry `usage: null`), as OpenAI's does."""
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     @property
     def token_budget(self) -> int:
@@ -202,8 +213,15 @@ class Completion:
                              "finish_reason": self.finish_reason}], "usage": self.usage}
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        return self._event([{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+                           {"usage": None} if self.request.streams_usage else {})
+
+    def usage_chunk(self) -> str:
+        return self._event([], {"usage": self.usage})
+
+    def _event(self, choices: list[dict[str, Any]], extra: dict[str, Any]) -> str:
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.request.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+                "choices": choices, **extra}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def record(self, status: int, error: str | None = None) -> None:
@@ -329,6 +347,8 @@ async def _stream(completion: Completion):
         yield f"data: {json.dumps(ApiError(500, f'generation failed: {error}', kind='server_error').body())}\n\n"
         return
     yield completion.chunk({}, completion.finish_reason)
+    if completion.request.streams_usage:
+        yield completion.usage_chunk()
     yield "data: [DONE]\n\n"
     completion.record(200)
 
