@@ -155,6 +155,8 @@ def print_summary(task: str, result) -> None:
     for asset, metadata in found.items():
         shown = {k: v for k, v in metadata.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         print(f"  {asset:<22} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    for line in set_aside_lines(found):
+        print(line)
     report = found.get("eval_report")
     if report:
         print(f"\n{verdict_line(report)}")
@@ -174,6 +176,18 @@ def print_summary(task: str, result) -> None:
     print("MLflow UI:  make mlflow-ui  (http://127.0.0.1:5000)")
     if not result.success:
         print(f"\nFAILED: {failure_reason(result)}")
+
+
+def set_aside_lines(found: dict[str, dict]) -> list[str]:
+    """Where the rows the data assets set aside are, each with its reason: quarantined and removed by cleaning."""
+    raw, cleaned = found.get("raw_examples", {}), found.get("deduplicated_examples", {})
+    lines = []
+    if raw.get("rows_quarantined"):
+        lines.append(f"  {raw['rows_quarantined']} rows quarantined, each with its reason: {raw['quarantine_path']}")
+    if cleaned and cleaned["rows_in"] > cleaned["rows_out"]:
+        lines.append(f"  {cleaned['rows_in'] - cleaned['rows_out']} rows removed by cleaning, each with its reason: "
+                     f"{cleaned['removed_path']}")
+    return lines
 
 
 def fetch_model() -> None:
@@ -262,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                      "POST /v1/chat/completions (streamed or not) with model <task> (its champion) or "
                      "<task>@candidate, GET /v1/models, POST /v1/feedback for corrections of served answers, GET "
                      "/health; every chat request is logged for monitoring. FTPIPE_API_KEY=... requires that key "
-                     "as a bearer token.")
+                     "as a bearer token. Exit status 1 when the address is taken (another server on the port).")
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="the port to listen on (default %(default)s)")
     serve.add_argument("--refresh-seconds", type=float, default=10.0,
@@ -282,10 +296,14 @@ def main(argv: list[str] | None = None) -> int:
              "`run` converts it to a model folder.")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from ftpipe.core.server.app import serve as run_server
+        from ftpipe.core.server.app import AddressTaken, serve as run_server
 
-        run_server(args.host, args.port, refresh_seconds=args.refresh_seconds, max_batch=args.max_batch,
-                   segment_records=args.segment_records)
+        try:
+            run_server(args.host, args.port, refresh_seconds=args.refresh_seconds, max_batch=args.max_batch,
+                       segment_records=args.segment_records)
+        except AddressTaken as error:
+            print(f"ftpipe serve: {error}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "tasks":
         sync_tasks()

@@ -116,3 +116,14 @@ def test_a_warning_check_is_said_to_warn_and_a_blocking_one_to_fail(capsys) -> N
     print_summary("toy", Result())
     printed = capsys.readouterr().out.splitlines()
     assert "check cleaning warns: cleaning said" in printed and "check gate failed: gate said" in printed
+
+
+def test_the_summary_says_where_the_rows_set_aside_are() -> None:
+    from ftpipe.__main__ import set_aside_lines
+
+    found = {"raw_examples": {"rows_quarantined": 3, "quarantine_path": "raw/quarantine.jsonl"},
+             "deduplicated_examples": {"rows_in": 100, "rows_out": 90, "removed_path": "dedup/removed.jsonl"}}
+    assert set_aside_lines(found) == ["  3 rows quarantined, each with its reason: raw/quarantine.jsonl",
+                                 "  10 rows removed by cleaning, each with its reason: dedup/removed.jsonl"]
+    clean = {"raw_examples": {"rows_quarantined": 0}, "deduplicated_examples": {"rows_in": 9, "rows_out": 9}}
+    assert set_aside_lines(clean) == [] and set_aside_lines({}) == [], "nothing set aside, nothing said"

@@ -18,12 +18,12 @@ from ftpipe.assets.common import GPU_POOL, TaskRunConfig, load_config, rounded_f
 from ftpipe.core import readable
 from ftpipe.config import TaskConfig, TrainingConfig
 from ftpipe.core.layout import TaskLayout, models_dir, replay_cache_dir
-from ftpipe.core.results import Result, reusable
+from ftpipe.core.results import Result, read_result, reusable
 from ftpipe.core.storage import atomic_dir, task_dir, write_text
 from ftpipe.core.training.methods import describe_method
 from ftpipe.core.training.warm_start import describe, record_train_ids, write_warm_rows
 from ftpipe.core.tasks import (
-    TrainingInputs, base_model_source, general_replay_prompts, training_asset, training_inputs,
+    TrainingInputs, base_model_source, general_replay_prompts, training_asset, training_inputs, why_training_runs,
 )
 from ftpipe.partitions import task_partitions
 from ftpipe.pool import unlimited_warning
@@ -260,6 +260,10 @@ def _stage(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: Tas
     reused = None if config.force_retrain else reusable(version, asset, inputs.fingerprint)
     if reused:
         context.log.info(f"training fingerprint {inputs.fingerprint} finished before: reusing {version}")
+    else:
+        why = "force_retrain is set" if config.force_retrain else why_training_runs(
+            inputs, read_result(paths.output(asset), asset))
+        context.log.info(f"training {context.partition_key} ({asset}): {why}")
     result, sizing = (reused, {}) if reused else _train(context, config, cfg, stage, inputs, mlflow, subprocesses, pods)
     paths.mark_current_adapter(version, asset)
     removed = paths.prune_adapters(asset)

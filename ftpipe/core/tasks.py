@@ -196,6 +196,21 @@ def _warm_started(found: TrainingInputs, previous: Result | None, paths: TaskLay
                                                                       {**recipe, **start}))
 
 
+def why_training_runs(found: TrainingInputs, current: Result | None) -> str:
+    """Why the training of `found` runs rather than being reused, against the task's `current` adapter: the first
+    training, or what changed since that one."""
+    if current is None:
+        return "the task has no adapter yet"
+    if current.reuse_key == found.fingerprint:
+        return "the training of these inputs did not finish"
+    changed = [what for what, key, now in (("the held-out split", "split_version", found.split_version),
+                                           ("the base model", "base_fingerprint", found.base.reuse_key),
+                                           ("the training settings", "recipe_version", found.recipe_version))
+               if current.inputs.get(key) != now]
+    named = " and ".join([", ".join(changed[:-1]), changed[-1]] if len(changed) > 1 else changed)
+    return f"{named or 'the adapter it starts from'} changed since the current adapter"
+
+
 def final_training(training: TrainingConfig) -> str:
     """The training asset whose adapter is the task's fine-tuned model: the preference stage's when there is one."""
     return training_asset(training.preference_objective or training.stages[0])

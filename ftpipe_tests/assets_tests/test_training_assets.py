@@ -125,6 +125,7 @@ def test_lora_adapter_trains_through_pipes_is_tracked_reused_and_retrained_on_de
         assert adapter["train_loss"] == float(f"{adapter['train_loss']:.4g}"), "floats are rounded for reading"
         assert "data:image/png;base64" in adapter["loss_curve"]
         assert any("step 2/6" in m for m in logged(instance, result).splitlines()), "progress reaches the Dagster log"
+        assert f"training {tiny_task} (lora_adapter): the task has no adapter yet" in logged(instance, result)
         published = read_result(TaskLayout(tiny_task).output("lora_adapter"), "lora_adapter")
         assert published.reuse_key == adapter["training_fingerprint"]
 
@@ -143,6 +144,9 @@ def test_lora_adapter_trains_through_pipes_is_tracked_reused_and_retrained_on_de
         forced = run(instance, tiny_task, run_config={"ops": {"lora_adapter": {"config": {"force_retrain": True}}}})
         assert materialization(forced, "lora_adapter")["reused"] is False
         assert materialization(forced, "lora_adapter")["mlflow_run_id"] != adapter["mlflow_run_id"]
+        assert "(lora_adapter): force_retrain is set" in logged(instance, forced)
+        changed = run(instance, tiny_task, run_config=overrides("lora_adapter", "training: {learning_rate: 0.02}"))
+        assert "(lora_adapter): the training settings changed since the current adapter" in logged(instance, changed)
 
         opted_in = run(instance, tiny_task, [training.base_model], overrides("base_model", "trust_remote_code: true"))
         assert materialization(opted_in, "base_model")["trust_remote_code"] is True, "the UI shows a task turned it on"

@@ -61,6 +61,19 @@ def test_confusion_table_counts_reference_by_prediction():
     assert lines[3] == "| b | 1 | 1 | 1 | 0 |"
 
 
+def test_many_labels_list_what_each_was_confused_with_instead_of_a_wide_table():
+    labels = [f"intent_{n:02d}" for n in range(27)]
+    expected = labels * 2 + ["intent_00"]
+    predicted = labels * 2 + [None]
+    predicted[1] = predicted[28] = "intent_05"  # intent_01 predicted as intent_05 twice
+    predicted[2] = "no_such_intent"
+    lines = confusion_table(expected, predicted).splitlines()
+    assert lines[0] == "| reference | rows | right | predicted instead |" and len(lines) == 2 + len(labels)
+    assert lines[2] == "| intent_00 | 3 | 2 | (unparseable) ×1 |"
+    assert lines[3] == "| intent_01 | 2 | 0 | intent_05 ×2 |"
+    assert lines[4] == "| intent_02 | 2 | 1 | (other) ×1 |" and lines[5] == "| intent_03 | 2 | 2 |  |"
+
+
 def test_the_confusion_table_shows_labels_as_the_references_write_them():
     task = task_metrics(EvaluationConfig(task_type="classification", label_field="intent"))
     references = ['{"intent": "card_arrival"}', '{"intent": "age_limit"}']

@@ -34,6 +34,13 @@ def test_the_plan_follows_the_trainers_schedule(settings: dict, expected: sizing
     assert sizing.plan(LENGTHS, TrainingConfig(**settings)) == expected
 
 
+def test_the_plan_counts_an_evaluation_every_eval_steps_and_at_the_last_step() -> None:
+    config = TrainingConfig(batch_size=4, max_steps=7, eval_steps=3)  # evaluations at steps 3, 6 and 7
+    assert sizing.plan(LENGTHS, config, [5, 6]).eval_tokens == 3 * 11
+    found = sizing.Estimate(sizing.plan(LENGTHS, config, [5, 6]), sizing.Cost(10.0, 2.0, 1.0, eval_tokens_per_second=33))
+    assert found.seconds == 2.0 + 132 / 10 + 1.0, "the evaluations' time is added at their own rate"
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_model_dir) -> Path:
     return toy_workspace(tmp_path_factory.mktemp("sizing"), tiny_model_dir)
@@ -48,7 +55,7 @@ def spec_of(workspace: Path, **training) -> TrainingSpec:
     )
 
 
-def test_train_lengths_are_the_kept_rows_in_the_chat_template_then_the_replay_rows(workspace: Path) -> None:
+def test_row_lengths_are_the_kept_rows_in_the_chat_template_then_the_replay_rows_and_the_eval_rows(workspace: Path) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(workspace / "base")
@@ -56,11 +63,14 @@ def test_train_lengths_are_the_kept_rows_in_the_chat_template_then_the_replay_ro
     fitting = [length for length in full if length <= 64]
     assert len(fitting) == len(full) - LONG_ROWS
 
-    assert sizing.train_lengths(spec_of(workspace, too_long="drop"), spec_of(workspace).config()) == fitting
+    kept, evals = sizing.row_lengths(spec_of(workspace, too_long="drop"), spec_of(workspace).config())
+    assert kept == fitting
+    assert evals == [chat_length(tokenizer, m) for m in read_chat_rows(workspace / "eval.parquet")
+                     if chat_length(tokenizer, m) <= 64] and evals, "the eval rows the evaluations run"
     truncated = spec_of(workspace, too_long="truncate")
-    assert sizing.train_lengths(truncated, truncated.config()) == [min(length, 64) for length in full]
+    assert sizing.row_lengths(truncated, truncated.config())[0] == [min(length, 64) for length in full]
     replayed = spec_of(workspace, replay=0.25)
-    lengths = sizing.train_lengths(replayed, replayed.config())
+    lengths, _ = sizing.row_lengths(replayed, replayed.config())
     assert lengths[: len(fitting)] == fitting and len(lengths) == len(fitting) + 10  # round(0.25 x 40)
     assert all(sizing.REPLAY_ANSWER_TOKENS < length <= 64 for length in lengths[len(fitting):])
 
@@ -131,6 +141,8 @@ def test_without_a_previous_training_the_program_calibrates_on_its_trainer_and_l
     assert found.cost.overhead_seconds > 0 and 0.1 < found.cost.peak_memory_gib < 8  # torch and a 2-layer model
     assert found.plan == unmeasured.plan and found.plan.steps == SMALL_TRAINING["max_steps"]
     assert found.seconds > found.cost.overhead_seconds
+    assert found.cost.eval_tokens_per_second > found.cost.tokens_per_second, "forward only is faster"
+    assert found.plan.eval_tokens > 0 and "eval_tokens" in spec.sizing["plan"]
 
 
 def test_the_calibration_times_the_passes_with_the_activation_checkpointing_the_training_uses(workspace: Path) -> None:

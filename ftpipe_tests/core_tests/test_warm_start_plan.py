@@ -61,3 +61,19 @@ def test_a_training_starts_from_step_0_with(why: str, previous: Result, changed:
 
 def test_a_removed_or_changed_row_starts_from_step_0(cache: Path, tmp_path: Path) -> None:
     assert plan(cache, trained("v1"), split(tmp_path, "v2", [f"r{i:03}" for i in range(1, 102)])) is None
+
+
+def test_the_log_says_what_changed_since_the_current_adapter(tmp_path: Path) -> None:
+    from ftpipe.core.tasks import TrainingInputs, why_training_runs
+
+    base = Result(kind="base_model", reuse_key="base-1")
+    found = TrainingInputs(tmp_path / "train.parquet", tmp_path / "eval.parquet", "split-2", base, "fp-new", "recipe-1")
+    current = Result(kind="lora_adapter", reuse_key="fp-old",
+                     inputs={"split_version": "split-1", "base_fingerprint": "base-1", "recipe_version": "recipe-1"})
+    assert why_training_runs(found, None) == "the task has no adapter yet"
+    assert why_training_runs(found, current) == "the held-out split changed since the current adapter"
+    current.inputs.update(base_fingerprint="base-0", recipe_version="recipe-0")
+    assert why_training_runs(found, current) == (
+        "the held-out split, the base model and the training settings changed since the current adapter")
+    assert why_training_runs(found, Result(kind="lora_adapter", reuse_key="fp-new")) == (
+        "the training of these inputs did not finish")

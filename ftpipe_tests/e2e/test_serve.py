@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -121,6 +123,12 @@ def test_key_bad_requests_and_a_hot_swap_of_the_champion(stack, models, tmp_path
     prompt = [{"role": "user", "content": "What color is a banana?"}]
     with pytest.raises(openai.AuthenticationError, match="API key"):
         server.client(key="wrong").models.list()
+    second = subprocess.run([sys.executable, "-m", "ftpipe", "serve", "--port", str(server.port)], env=server.env,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1 and second.stdout == "", "a second server on the port says so and serves nothing"
+    assert second.stderr.strip().splitlines() == [
+        f"ftpipe serve: cannot listen on 127.0.0.1:{server.port}: Address already in use (another server on it? stop "
+        "it, or choose another with --port)"]
     with pytest.raises(openai.NotFoundError, match="'delta' is not served; served models: alpha, beta, gamma"):
         ask(client, "delta", prompt)
     with pytest.raises(openai.BadRequestError, match="temperature"):

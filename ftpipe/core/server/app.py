@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -70,6 +71,10 @@ class FeedbackRequest(BaseModel):
     output: str = Field(min_length=1)
     model: str | None = None
     messages: list[Message] | None = None
+
+
+class AddressTaken(OSError):
+    """The server's address cannot be listened on; the message says which and what to do."""
 
 
 class ApiError(Exception):
@@ -356,13 +361,28 @@ async def _stream(completion: Completion):
 def serve(host: str = "127.0.0.1", port: int = 8000, tracking_uri: str | None = None,
           refresh_seconds: float = REFRESH_SECONDS, max_batch: int = MAX_BATCH,
           segment_records: int = SEGMENT_RECORDS) -> None:
-    """Run the server until interrupted (the API key from `FTPIPE_API_KEY`, when set)."""
+    """Run the server until interrupted (the API key from `FTPIPE_API_KEY`, when set). Raises AddressTaken, before
+    loading a model, when the address cannot be listened on (another server on the port)."""
     import os
 
     import uvicorn
 
+    listening = _bound(host, port)
     server = Server(tracking_uri, os.environ.get("FTPIPE_API_KEY") or None, RequestLog(segment_records=segment_records),
                     refresh_seconds=refresh_seconds, engine=Engine(max_batch))
     server.start()
     print(f"ftpipe serve: http://{host}:{port}/v1 serving {', '.join(server.served) or 'no models yet'}", flush=True)
-    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning")).run(sockets=[listening])
+
+
+def _bound(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), or AddressTaken saying which address and what to do."""
+    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((host, port))
+    except OSError as error:
+        listening.close()
+        raise AddressTaken(f"cannot listen on {host}:{port}: {error.strerror} (another server on it? stop it, or "
+                      "choose another with --port)") from None
+    return listening

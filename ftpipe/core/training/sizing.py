@@ -7,8 +7,9 @@ Trainer's schedule). Tokens are counted as `tokens_per_second` counts them: the 
 padding left out. Time is overhead + tokens / rate, taken from the most recent finished training of the task on the
 same base model (its `tokens_per_second`; its overhead: the rest of its program's time), or, without one, from a
 calibration in the training program itself (`deferred`, then `calibrated`): once its trainer is set up, it times a
-few forward and backward passes of its first batch of train rows, as the training will run them, and logs the
-estimate before the first step (the calibration leaves out evaluations and the optimizer's update, so it runs low).
+few forward and backward passes of its first batch of train rows, as the training will run them, and the same
+passes forward only, as the evaluations every `eval_steps` run the eval rows, and logs the estimate before the first
+step (the optimizer's update is left out, so it runs a little low).
 Peak memory is measured the same way: the previous training's, or the program's own up to the calibration's end.
 """
 
@@ -36,21 +37,25 @@ REPLAY_ANSWER_TOKENS = 43  # a replay answer, taken as half of the longest kept 
 
 @dataclass(frozen=True)
 class Plan:
-    """What a training will go through: optimizer steps, train rows (repeats counted) and their tokens."""
+    """What a training will go through: optimizer steps, train rows (repeats counted) and their tokens, and the eval
+    rows' tokens of all its evaluations."""
 
     steps: int
     rows: int
     tokens: int
+    eval_tokens: int = 0
 
 
 @dataclass(frozen=True)
 class Cost:
-    """How fast this machine trains: tokens a second, the program's other seconds, its peak memory (GiB)."""
+    """How fast this machine trains: tokens a second, the program's other seconds, its peak memory (GiB), and eval
+    tokens a second (None: the other seconds hold the evaluations, as a previous training's do)."""
 
     tokens_per_second: float
     overhead_seconds: float
     peak_memory_gib: float
     source: str = "calibration"
+    eval_tokens_per_second: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,8 @@ class Estimate:
     def seconds(self) -> float | None:
         if self.cost is None:
             return None
-        return self.cost.overhead_seconds + self.plan.tokens / self.cost.tokens_per_second
+        evaluations = self.plan.eval_tokens / self.cost.eval_tokens_per_second if self.cost.eval_tokens_per_second else 0
+        return self.cost.overhead_seconds + self.plan.tokens / self.cost.tokens_per_second + evaluations
 
     def line(self) -> str:
         """`sizing: 36 steps, ~120.0k tokens, ~6.1 min at 330 tokens/s (previous run 3f2c1a9e), peak ~1.2 GiB`"""
@@ -101,22 +107,26 @@ def optimizer_steps(rows: int, config: TrainingConfig) -> int:
     return config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * steps_per_epoch(rows, config))
 
 
-def plan(lengths: list[int], config: TrainingConfig) -> Plan:
+def plan(lengths: list[int], config: TrainingConfig, eval_lengths: list[int] = ()) -> Plan:
     """The plan over train rows of these token lengths: whole passes, then `batch_size x gradient_accumulation` rows a
-    step (at their mean length, the order being shuffled)."""
+    step (at their mean length, the order being shuffled); and an evaluation of the eval rows of `eval_lengths` every
+    `eval_steps` steps and at the last."""
     steps = optimizer_steps(len(lengths), config)
     passes, rest = divmod(steps, steps_per_epoch(len(lengths), config))
     partial = min(len(lengths), rest * config.batch_size * config.gradient_accumulation)
     mean = sum(lengths) / max(len(lengths), 1)  # no rows at all: the program refuses the training
     tokens = passes * sum(lengths) + round(partial * mean)
-    return Plan(steps=steps, rows=passes * len(lengths) + partial, tokens=tokens)
+    return Plan(steps=steps, rows=passes * len(lengths) + partial, tokens=tokens,
+                eval_tokens=math.ceil(steps / config.eval_steps) * sum(eval_lengths))
 
 
-def task_rows(spec: TrainingSpec, config: TrainingConfig, tokenizer) -> list[tuple[list[dict[str, str]], list[int]]]:
-    """(messages, token ids) of the train rows the program keeps (`too_long: drop`) or truncates, in file order."""
+def task_rows(spec: TrainingSpec, config: TrainingConfig, tokenizer,
+              path: str | None = None) -> list[tuple[list[dict[str, str]], list[int]]]:
+    """(messages, token ids) of the train rows (those of `path`) the program keeps (`too_long: drop`) or truncates,
+    in file order."""
     from ftpipe.core.training.sft import read_chat_rows
 
-    encoded = [(messages, _encode(tokenizer, messages)) for messages in read_chat_rows(Path(spec.train_path))]
+    encoded = [(messages, _encode(tokenizer, messages)) for messages in read_chat_rows(Path(path or spec.train_path))]
     kept = [(messages, ids) for messages, ids in encoded
             if config.too_long == "truncate" or len(ids) <= config.max_length]
     return [(messages, ids[: config.max_length]) for messages, ids in kept]
@@ -141,13 +151,15 @@ def replay_lengths(spec: TrainingSpec, config: TrainingConfig, tokenizer, train_
     return [min(tokens + REPLAY_ANSWER_TOKENS, config.max_length) for tokens in prompt_tokens]
 
 
-def train_lengths(spec: TrainingSpec, config: TrainingConfig) -> list[int]:
-    """Token lengths of every row the training of `spec` goes through in one pass (task rows, then replay rows)."""
+def row_lengths(spec: TrainingSpec, config: TrainingConfig) -> tuple[list[int], list[int]]:
+    """Token lengths of every row the training of `spec` goes through in one pass (task rows, then replay rows), and
+    of the eval rows it keeps."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir, trust_remote_code=spec.trust_remote_code)
     kept = [len(ids) for _, ids in task_rows(spec, config, tokenizer)]
-    return kept + replay_lengths(spec, config, tokenizer, len(kept))
+    evals = [len(ids) for _, ids in task_rows(spec, config, tokenizer, spec.eval_path)]
+    return kept + replay_lengths(spec, config, tokenizer, len(kept)), evals
 
 
 def previous_cost(kept: Path, base_fingerprint: str) -> Cost | None:
@@ -176,7 +188,8 @@ def estimate(spec: TrainingSpec) -> Estimate:
     """The estimate for the training of `spec` at the previous training's rate; without one, no cost yet (`deferred`
     hands the plan to the training program, which calibrates)."""
     config = spec.config()
-    found = plan(train_lengths(spec, config), config)
+    lengths, eval_lengths = row_lengths(spec, config)
+    found = plan(lengths, config, eval_lengths)
     cost = previous_cost(TaskLayout(spec.task).path("lora_adapter"), spec.base_fingerprint)
     return Estimate(found, cost, "" if cost else "no earlier training of this task on this base model here")
 
@@ -220,8 +233,8 @@ def peak_memory_gib() -> float:
 def measure(spec: TrainingSpec, trainer) -> Cost:
     """Time forward and backward passes of the trainer's first batch (`_first_step`), after a warm-up pass of its
     largest one (its peak memory), until `CALIBRATION_TOKENS` real tokens went through (`_timed`), on the training's
-    own model with the activation checkpointing the training will use; its weights, gradients and random state stay
-    as they were."""
+    own model with the activation checkpointing the training will use; then the same passes forward only, as an
+    evaluation runs them. Its weights, gradients and random state stay as they were."""
     import torch
 
     overhead = process_seconds()
@@ -236,9 +249,17 @@ def measure(spec: TrainingSpec, trainer) -> Cost:
         started = time.monotonic()
         _backward(model, timed)
         seconds = time.monotonic() - started
+        model.eval()
+        started = time.monotonic()
+        with torch.no_grad():
+            for inputs, _ in timed:
+                model(**inputs)
+        eval_seconds = time.monotonic() - started
+        model.train()
     model.zero_grad(set_to_none=True)
-    return Cost(tokens_per_second=sum(tokens for _, tokens in timed) / seconds, overhead_seconds=overhead,
-                peak_memory_gib=peak_memory_gib())
+    tokens = sum(tokens for _, tokens in timed)
+    return Cost(tokens_per_second=tokens / seconds, overhead_seconds=overhead, peak_memory_gib=peak_memory_gib(),
+                eval_tokens_per_second=tokens / eval_seconds)
 
 
 def _first_step(spec: TrainingSpec, trainer) -> list[tuple[dict[str, Any], int]]:

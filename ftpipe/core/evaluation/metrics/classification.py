@@ -14,6 +14,7 @@ from ftpipe.core.text import loose, markdown_table
 
 UNPARSEABLE = "(unparseable)"
 OTHER_LABEL = "(other)"
+WIDE_LABELS = 12  # more labels than this: the confusion table lists what each label was confused with instead
 
 
 def raw_label(text: str, label_field: str | None = None) -> str | None:
@@ -50,12 +51,19 @@ def macro_f1(expected: list[str], predicted: list[str | None]) -> float:
 
 def confusion_table(expected: list[str], predicted: list[str | None], written: dict[str, str] | None = None) -> str:
     """Markdown counts, reference label × predicted label; labels never seen as a reference go to `(other)`. Labels
-    are shown as `written` spells them (`Classification.spellings`), else by their normalised name."""
+    are shown as `written` spells them (`Classification.spellings`), else by their normalised name. With more than
+    WIDE_LABELS labels, one row per reference label with its rows, how many were right and what was predicted
+    instead (most often first), so the table stays readable."""
     labels = sorted(set(expected))
     column = [UNPARSEABLE if p is None else p if p in labels else OTHER_LABEL for p in predicted]
-    columns = labels + [c for c in (OTHER_LABEL, UNPARSEABLE) if c in column or c == UNPARSEABLE]
     counts = Counter(zip(expected, column))
     shown = written or {}
+    if len(labels) > WIDE_LABELS:
+        return markdown_table(["reference", "rows", "right", "predicted instead"], [
+            [shown.get(label, label), sum(n for (e, _), n in counts.items() if e == label), counts[label, label],
+             ", ".join(f"{shown.get(p, p)} ×{n}" for (e, p), n in counts.most_common() if e == label and p != label)]
+            for label in labels])
+    columns = labels + [c for c in (OTHER_LABEL, UNPARSEABLE) if c in column or c == UNPARSEABLE]
     rows = [[shown.get(label, label), *(counts[label, c] for c in columns)] for label in labels]
     return markdown_table(["reference / predicted", *(shown.get(c, c) for c in columns)], rows)
 
