@@ -17,7 +17,7 @@ from typing import Any
 from ftpipe.core.records import with_system_prompt
 from ftpipe.core.server.request_log import read_records
 from ftpipe.core.storage import task_dir
-from ftpipe.core.tasks import task_config, task_system_prompt
+from ftpipe.core.tasks import split_system_prompt
 
 FEEDBACK_FILE = "feedback.jsonl"
 APPLIED = "applied"
@@ -33,8 +33,8 @@ def feedback_dir(task: str) -> Path:
 
 def add_feedback(task: str, request_id: str, output: str, messages: list[dict[str, str]] | None = None,
                  records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Append the logged request `request_id` answered with `output` to the task's raw data, with the task's system
-    prompt when the conversation had none (the model answered with it); returns the row.
+    """Append the logged request `request_id` answered with `output` to the task's raw data, with the system prompt
+    the train rows carry when the conversation had none (the model answered with it); returns the row.
     `messages` stand in for a request logged without content; `records` are the log's (read when not given)."""
     if not isinstance(output, str) or not output.strip():
         raise FeedbackError("output: the corrected answer must be a non-empty string")
@@ -45,7 +45,7 @@ def add_feedback(task: str, request_id: str, output: str, messages: list[dict[st
     conversation = messages or found["messages"]
     if not isinstance(conversation, list):
         raise FeedbackError(f"messages: task {task!r} logs no content, so the correction must bring the messages")
-    system = task_system_prompt(task, task_config(task))
+    system = split_system_prompt(task)  # data.system_prompt, when set, is added by cleaning as to every row
     row = {"messages": [*with_system_prompt(conversation, system), {"role": "assistant", "content": output}], "feedback_for": request_id,
            "served_by": f"{found['model']} v{found['version']}", "served_output": found["output"],
            "corrected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -219,13 +219,18 @@ def final_training(training: TrainingConfig) -> str:
 def task_system_prompt(task: str, config: TaskConfig) -> str | None:
     """The system prompt a conversation without one gets when the task's model answers it: `data.system_prompt`, or
     else the one every train row of the split starts with (data that carries its own)."""
+    return config.data.system_prompt or split_system_prompt(task)
+
+
+def split_system_prompt(task: str) -> str | None:
+    """The system message every train row of the task's split starts with (None: no split, or rows that differ)."""
     import pyarrow.parquet as pq
 
     from ftpipe.core.records import shared_system_prompt
 
     train = TaskLayout(task).split_files[0]
-    if config.data.system_prompt or not train.is_file():
-        return config.data.system_prompt
+    if not train.is_file():
+        return None
     return shared_system_prompt(pq.read_table(train, columns=["messages"]).column("messages").to_pylist())
 
 

@@ -52,8 +52,12 @@ def test_a_correction_keeps_the_system_prompt_the_model_answered_with(tiny_task:
     row = add_feedback(tiny_task, first, "yellow")
     assert row["messages"][0] == {"role": "system", "content": system}, "the correction trains with the served prompt"
     assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
-
     config = task_dir(tiny_task) / "task.yaml"
+    valid = config.read_text()
+    config.write_text(valid + "training: {max_step: 3}\n")  # a typo mid-edit does not lose a correction
+    assert add_feedback(tiny_task, first, "red")["messages"][0]["content"] == system
+    config.write_text(valid)
+
     config.write_text(config.read_text() + "data: {system_prompt: Name the color.}\n")
     assert task_system_prompt(tiny_task, task_config(tiny_task)) == "Name the color.", "data.system_prompt wins"
     config.write_text(config.read_text().replace("data: {system_prompt: Name the color.}\n", ""))
