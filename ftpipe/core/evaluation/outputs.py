@@ -230,7 +230,8 @@ def _add_probe(model, tokenizer, probe: list[dict], batch_tokens: int, outputs: 
     sums = logprobs(conversations)
     outputs.probe_logprobs = [logprob for logprob, _ in sums]
     outputs.probe_tokens = [count for _, count in sums]
-    log(f"probe: {len(probe)} rows" + (f", {len(probe) - ran} from the per-row cache" if ran < len(probe) else ""))
+    log(f"probe: {len(probe)} rows answered and their references scored"
+        + (f" ({len(probe) - ran} from the per-row cache)" if ran < len(probe) else ""))
 
 
 def cache_key(**parts: Any) -> str:
