@@ -64,10 +64,7 @@ def run_task(task: str, settings: str = "") -> int:
 
     tasks = sync_tasks()
     if task not in tasks:
-        from ftpipe.core.storage import tasks_dir
-
-        print(f"no task folder named {task!r} in {tasks_dir()}; tasks there: {', '.join(tasks) or 'none'}",
-              file=sys.stderr)
+        print(_no_task_folder(task, tasks), file=sys.stderr)
         return 2
     try:
         overrides = settings_overrides(settings)
@@ -154,6 +151,8 @@ def print_summary(task: str, result) -> None:
     found = _materializations(result)
     for asset, metadata in found.items():
         shown = {k: v for k, v in metadata.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if not any(shown.values()):  # no figures to show (a step with nothing to do, like a teacher without prompts)
+            continue
         print(f"  {asset:<22} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     for line in set_aside_lines(found):
         print(line)
@@ -204,8 +203,12 @@ def chat(task: str, message: str | None) -> int:
     from ftpipe.core import merging
     from ftpipe.core.layout import TaskLayout
     from ftpipe.core.registry import champion_model_path
-    from ftpipe.core.tasks import label_answers, task_config, task_system_prompt
+    from ftpipe.core.tasks import discover_tasks, label_answers, task_config, task_system_prompt
 
+    tasks = discover_tasks().tasks
+    if task not in tasks:
+        print(_no_task_folder(task, tasks), file=sys.stderr)
+        return 2
     config = task_config(task)
     latest = TaskLayout(task).output("merged_model")
     model_dir = champion_model_path(task) or (latest if latest.exists() else None)
@@ -220,6 +223,12 @@ def chat(task: str, message: str | None) -> int:
     for text in messages:
         print(merging.chat(model_dir, prefix + [{"role": "user", "content": text}], labels=labels))
     return 0
+
+
+def _no_task_folder(task: str, tasks: list[str]) -> str:
+    from ftpipe.core.storage import tasks_dir
+
+    return f"no task folder named {task!r} in {tasks_dir()}; tasks there: {', '.join(tasks) or 'none'}"
 
 
 def _why_no_model(task: str, config) -> str:
@@ -269,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     talk = _command(commands, "chat", "talk to a task's fine-tuned model",
                     "Answers with the task's champion (else its latest merged model), with the task's system prompt; "
                     "answers constrained to the labels when the task's evaluation constrains them. Exit status 2 "
-                    "when the task has no merged model (the message says why).")
+                    "when there is no such task or it has no merged model (the message says why).")
     talk.add_argument("task", help="the task folder's name")
     talk.add_argument("message", nargs="?", help="one message to answer; without it, a prompt until exit or EOF")
     serve = _command(commands, "serve", "serve every task's champion through an OpenAI-compatible API",

@@ -95,10 +95,15 @@ def test_the_summary_says_whether_chat_answers_with_the_new_model() -> None:
         "so chat and serve answer with the champion")
 
 
-def test_a_warning_check_is_said_to_warn_and_a_blocking_one_to_fail(capsys) -> None:
+def test_a_warning_check_is_said_to_warn_and_a_blocking_one_to_fail(capsys, monkeypatch) -> None:
     import dagster as dg
 
+    from ftpipe import __main__ as cli
     from ftpipe.__main__ import print_summary
+
+    monkeypatch.setattr(cli, "_materializations", lambda result: {
+        "teacher_examples": {"prompts": 0, "teacher_requests": 0}, "base_model": {"model_path": "m"},
+        "raw_examples": {"rows_read": 12, "rows_quarantined": 0}})
 
     def check(name: str, severity: dg.AssetCheckSeverity) -> dg.AssetCheckEvaluation:
         return dg.AssetCheckEvaluation(asset_key=dg.AssetKey("a"), check_name=name, passed=False, metadata={},
@@ -116,6 +121,7 @@ def test_a_warning_check_is_said_to_warn_and_a_blocking_one_to_fail(capsys) -> N
     print_summary("toy", Result())
     printed = capsys.readouterr().out.splitlines()
     assert "check cleaning warns: cleaning said" in printed and "check gate failed: gate said" in printed
+    assert [line.split()[0] for line in printed if line.startswith("  ")] == ["raw_examples"], "no empty lines"
 
 
 def test_the_summary_says_where_the_rows_set_aside_are() -> None:
@@ -127,3 +133,11 @@ def test_the_summary_says_where_the_rows_set_aside_are() -> None:
                                  "  10 rows removed by cleaning, each with its reason: dedup/removed.jsonl"]
     clean = {"raw_examples": {"rows_quarantined": 0}, "deduplicated_examples": {"rows_in": 9, "rows_out": 9}}
     assert set_aside_lines(clean) == [] and set_aside_lines({}) == [], "nothing set aside, nothing said"
+
+
+def test_chat_names_an_unknown_task_and_the_tasks_there(ftpipe_env: Path, capsys) -> None:
+    from ftpipe.__main__ import main
+
+    make_task(ftpipe_env, "orders", {"a.jsonl": [chat("hi", "hello")]})
+    assert main(["chat", "ordres", "hello"]) == 2
+    assert capsys.readouterr().err.strip() == f"no task folder named 'ordres' in {ftpipe_env / 'tasks'}; tasks there: orders"

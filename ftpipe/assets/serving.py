@@ -7,7 +7,7 @@ from ftpipe.config import TaskConfig
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.readable import rounded
 from ftpipe.core.results import Result
-from ftpipe.core.tasks import final_training, task_system_prompt
+from ftpipe.core.tasks import final_training, system_prompt_source, task_system_prompt
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking
 
@@ -61,6 +61,7 @@ def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflo
     facts = packaged(out, key)
     reused = facts is not None
     if not reused:
+        context.log.info(f"{task}: {system_prompt_source(task, cfg)}")
         facts = package_model(
             base_model_dir=base.produced["path"], finetuned_dir=paths.output(final), out_dir=out,
             eval_path=paths.split_files[1], card=_card(task, cfg, base, adapter, evaluation, report), reuse_key=key,

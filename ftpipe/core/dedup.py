@@ -3,7 +3,9 @@
 Exact stages compare the canonical text (`text.canonical`) of whole prompts and conversations. The near stage
 compares what varies between rows (`similarity`): rows whose prompts are near-identical either agree on the
 answer (near-duplicates: the later row goes, naming a kept row it is itself similar to, so nothing chains) or
-disagree (a contradiction: the strict-majority answer stays, otherwise the whole group goes).
+disagree (a contradiction: the strict-majority answer stays, otherwise the whole group goes). Two rows whose answers
+differ only in words their own prompts have and the other's has not (an order number, a date, the word that decides
+the label) are two examples of one rule: neither duplicates nor a contradiction, both stay.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ftpipe.core.records import read_examples, user_message, write_examples, wri
 from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.layout import EXAMPLES, PREFERENCES, REMOVED
 from ftpipe.core.storage import atomic_dir, file_sha256
-from ftpipe.core.text import canonical, canonical_codes
+from ftpipe.core.text import canonical, canonical_codes, loose_words
 
 SHARED_TEXT_KEY = "ftpipe.shared_shingles"  # parquet metadata: the shared shingles the near stage left out
 MATCH_EXAMPLES = 3  # of each label (and in all, without labels)
@@ -125,6 +127,7 @@ class NearRows:
         self.answers = answers  # equal ids: equal normalised answers
         self.settings = settings
         self.similar = similarity.neighbours(len(rows), similarity.similar_pairs(prompts, settings))
+        self._word_sets: dict[int, tuple[set[str], set[str]]] = {}
 
     @cached_property
     def _answer_shingles(self) -> tuple[dict[int, int], similarity.Shingles]:
@@ -143,11 +146,31 @@ class NearRows:
     def same_answer(self, a: int, b: int) -> bool:
         return self.answer_jaccard(a, b) >= self.settings.threshold
 
+    def answers_follow_prompts(self, a: int, b: int) -> bool:
+        """The answers differ, and only in words of their own prompt that the other prompt lacks."""
+        if self.answers[a] == self.answers[b]:
+            return False
+        (answer_a, prompt_a), (answer_b, prompt_b) = self._words(a), self._words(b)
+        return bool(answer_a ^ answer_b) and answer_a - answer_b <= prompt_a - prompt_b and (
+            answer_b - answer_a <= prompt_b - prompt_a)
+
+    def _words(self, index: int) -> tuple[set[str], set[str]]:
+        """(the words of a row's answer, of its prompt but the system message)."""
+        if index not in self._word_sets:
+            messages = self.rows[index]["messages"]
+            self._word_sets[index] = (set(loose_words(messages[-1]["content"])), {
+                word for m in messages[:-1] if m["role"] != "system" for word in loose_words(m["content"])})
+        return self._word_sets[index]
+
+    def consistent(self, a: int, b: int) -> bool:
+        """The answers agree, or differ only where the prompts do."""
+        return self.same_answer(a, b) or self.answers_follow_prompts(a, b)
+
     def answer_camps(self, group: list[int]) -> list[list[int]]:
-        """`group` split by answer: each row joins the first camp whose first answer is near-identical to its own."""
+        """`group` split by answer: each row joins the first camp whose first answer is consistent with its own."""
         camps: list[list[int]] = []
         for index in group:
-            camp = next((c for c in camps if self.same_answer(c[0], index)), None)
+            camp = next((c for c in camps if self.consistent(c[0], index)), None)
             camps.append([index]) if camp is None else camp.append(index)
         return camps
 
@@ -186,12 +209,13 @@ def _near_contradiction(near: NearRows, index: int, center: int, camp_of: dict[i
 
 
 def _remove_near_duplicates(near: NearRows, alive: list[bool], removed: list[dict[str, Any]]) -> None:
-    """A row whose prompt and answer are both near-identical to a kept earlier row's goes, naming that row."""
+    """A row whose prompt and answer are both near-identical to a kept earlier row's goes, naming that row, unless
+    the answers differ where the prompts do."""
     for index, similar in enumerate(near.similar):
         if not alive[index]:
             continue
-        matches = [(score, other) for other, score in similar.items()
-                   if other < index and alive[other] and near.same_answer(other, index)]
+        matches = [(score, other) for other, score in similar.items() if other < index and alive[other]
+                   and near.same_answer(other, index) and not near.answers_follow_prompts(other, index)]
         if matches:
             score, other = max(matches, key=lambda match: (match[0], -match[1]))  # most alike, then first
             detail = f"prompt Jaccard {score:.2f}, answer Jaccard {near.answer_jaccard(other, index):.2f}"

@@ -16,7 +16,7 @@ from typing import Any
 
 from ftpipe.core.records import with_system_prompt
 from ftpipe.core.server.request_log import read_records
-from ftpipe.core.storage import task_dir
+from ftpipe.core.storage import exclusive, task_dir, write_text
 from ftpipe.core.tasks import split_system_prompt
 
 FEEDBACK_FILE = "feedback.jsonl"
@@ -34,7 +34,7 @@ def feedback_dir(task: str) -> Path:
 def add_feedback(task: str, request_id: str, output: str, messages: list[dict[str, str]] | None = None,
                  records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Append the logged request `request_id` answered with `output` to the task's raw data, with the system prompt
-    the train rows carry when the conversation had none (the model answered with it); returns the row.
+    most train rows carry when the conversation had none (the model answered with it); returns the row.
     `messages` stand in for a request logged without content; `records` are the log's (read when not given)."""
     if not isinstance(output, str) or not output.strip():
         raise FeedbackError("output: the corrected answer must be a non-empty string")
@@ -45,11 +45,29 @@ def add_feedback(task: str, request_id: str, output: str, messages: list[dict[st
     conversation = messages or found["messages"]
     if not isinstance(conversation, list):
         raise FeedbackError(f"messages: task {task!r} logs no content, so the correction must bring the messages")
-    system = split_system_prompt(task)  # data.system_prompt, when set, is added by cleaning as to every row
-    row = {"messages": [*with_system_prompt(conversation, system), {"role": "assistant", "content": output}], "feedback_for": request_id,
-           "served_by": f"{found['model']} v{found['version']}", "served_output": found["output"],
-           "corrected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    _append(task_dir(task) / "raw" / FEEDBACK_FILE, row)
+    system = split_system_prompt(task)[0]  # data.system_prompt, when set, is added by cleaning as to every row
+    conversation = [*with_system_prompt(conversation, system), {"role": "assistant", "content": output}]
+    row = {"messages": conversation, "feedback_for": request_id, "served_by": f"{found['model']} v{found['version']}",
+           "served_output": found["output"], "corrected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with exclusive(feedback_dir(task)):  # the server's threads and the production report may add at once
+        return _record(task_dir(task) / "raw" / FEEDBACK_FILE, row)
+
+
+def _record(path: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """The correction's row in `path`: appended; the row already there when the same correction came before; or in
+    place of an earlier correction of the same request (the later one stands, rather than two answers that would
+    contradict each other)."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    earlier = [number for number, line in enumerate(lines)
+               if line.strip() and json.loads(line).get("feedback_for") == row["feedback_for"]]
+    if not earlier:
+        _append(path, row)
+        return row
+    before = json.loads(lines[earlier[-1]])
+    if before["messages"] == row["messages"]:
+        return before
+    kept = [line for number, line in enumerate(lines) if number not in earlier]
+    write_text(path, "".join(f"{line}\n" for line in [*kept, json.dumps(row, ensure_ascii=False)]))
     return row
 
 

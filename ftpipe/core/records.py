@@ -226,15 +226,11 @@ def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None
     return messages
 
 
-def shared_system_prompt(conversations: Iterable[list[dict[str, str]]]) -> str | None:
-    """The system message every conversation starts with, or None when one starts without it or with another."""
-    shared = None
-    for messages in conversations:
-        first = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-        if first is None or shared not in (None, first):
-            return None
-        shared = first
-    return shared
+def common_system_prompt(conversations: list[list[dict[str, str]]]) -> tuple[str | None, int]:
+    """(the system message more than half the conversations start with, or None; how many start with it)."""
+    counts = Counter(messages[0]["content"] for messages in conversations if messages[0]["role"] == "system")
+    prompt, count = counts.most_common(1)[0] if counts else (None, 0)
+    return (prompt, count) if count * 2 > len(conversations) else (None, 0)
 
 
 def check_size(texts: Iterable[str]) -> None:

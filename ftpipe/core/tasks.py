@@ -218,20 +218,33 @@ def final_training(training: TrainingConfig) -> str:
 
 def task_system_prompt(task: str, config: TaskConfig) -> str | None:
     """The system prompt a conversation without one gets when the task's model answers it: `data.system_prompt`, or
-    else the one every train row of the split starts with (data that carries its own)."""
-    return config.data.system_prompt or split_system_prompt(task)
+    else the one most train rows of the split start with (data that carries its own)."""
+    return config.data.system_prompt or split_system_prompt(task)[0]
 
 
-def split_system_prompt(task: str) -> str | None:
-    """The system message every train row of the task's split starts with (None: no split, or rows that differ)."""
+def split_system_prompt(task: str) -> tuple[str | None, int, int]:
+    """(the system message more than half the train rows of the task's split start with, or None; how many rows
+    start with it; how many rows there are)."""
     import pyarrow.parquet as pq
 
-    from ftpipe.core.records import shared_system_prompt
+    from ftpipe.core.records import common_system_prompt
 
     train = TaskLayout(task).split_files[0]
     if not train.is_file():
-        return None
-    return shared_system_prompt(pq.read_table(train, columns=["messages"]).column("messages").to_pylist())
+        return None, 0, 0
+    conversations = pq.read_table(train, columns=["messages"]).column("messages").to_pylist()
+    return *common_system_prompt(conversations), len(conversations)
+
+
+def system_prompt_source(task: str, config: TaskConfig) -> str:
+    """Where the task's default system prompt comes from, for the log (a train row without it is named)."""
+    if config.data.system_prompt:
+        return "the default system prompt is data.system_prompt"
+    prompt, holding, rows = split_system_prompt(task)
+    if prompt is None:
+        return "no default system prompt: no system message starts more than half the train rows"
+    others = f"; {rows - holding} start without it or with another" if holding < rows else ""
+    return f"the default system prompt is the one {holding} of {rows} train rows start with{others}"
 
 
 def label_answers(task: str, evaluation: EvaluationConfig) -> list[str] | None:

@@ -19,7 +19,7 @@ from ftpipe.definitions import defs
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import default_resources
 from ftpipe.core.storage import task_dir
-from ftpipe.core.tasks import task_config, task_system_prompt
+from ftpipe.core.tasks import system_prompt_source, task_config, task_system_prompt
 from ftpipe_tests.builders import materialization
 from ftpipe_tests.tiny_model import COLORS, toy_rows
 
@@ -52,6 +52,13 @@ def test_a_correction_keeps_the_system_prompt_the_model_answered_with(tiny_task:
     row = add_feedback(tiny_task, first, "yellow")
     assert row["messages"][0] == {"role": "system", "content": system}, "the correction trains with the served prompt"
     assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+    raw = task_dir(tiny_task) / "raw" / FEEDBACK_FILE
+    assert add_feedback(tiny_task, first, "yellow") == row and len(raw.read_text().splitlines()) == 1, "said twice"
+    second = served(tiny_task)[1]
+    add_feedback(tiny_task, second, "green")
+    add_feedback(tiny_task, first, "gold")
+    answers = [json.loads(line)["messages"][-1]["content"] for line in raw.read_text().splitlines()]
+    assert answers == ["green", "gold"], "a later correction of a request replaces the earlier one"
     config = task_dir(tiny_task) / "task.yaml"
     valid = config.read_text()
     config.write_text(valid + "training: {max_step: 3}\n")  # a typo mid-edit does not lose a correction
@@ -62,8 +69,16 @@ def test_a_correction_keeps_the_system_prompt_the_model_answered_with(tiny_task:
     assert task_system_prompt(tiny_task, task_config(tiny_task)) == "Name the color.", "data.system_prompt wins"
     config.write_text(config.read_text().replace("data: {system_prompt: Name the color.}\n", ""))
     rows[3]["messages"][0]["content"] = "Answer in French."
+    rows[4]["messages"] = rows[4]["messages"][1:]
     write_examples(rows, train)
-    assert task_system_prompt(tiny_task, task_config(tiny_task)) is None, "rows with different prompts give no default"
+    assert task_system_prompt(tiny_task, task_config(tiny_task)) == system, "the prompt most rows start with"
+    assert system_prompt_source(tiny_task, task_config(tiny_task)) == (
+        "the default system prompt is the one 18 of 20 train rows start with; 2 start without it or with another")
+    for other in rows[5:13]:  # 9 rows in French, 10 with the first prompt, one without
+        other["messages"][0]["content"] = "Answer in French."
+    write_examples(rows, train)
+    assert task_system_prompt(tiny_task, task_config(tiny_task)) is None, "no prompt of more than half the rows"
+    assert add_feedback(tiny_task, first, "red")["messages"][0]["role"] == "user"
 
 
 @pytest.mark.slow

@@ -123,6 +123,28 @@ def test_near_identical_prompts_with_different_answers_are_contradictions_not_du
     assert contradiction["source"] == "c" and "majority (2 of 3 rows)" in contradiction["detail"]
 
 
+def test_rows_whose_answers_differ_where_their_prompts_do_are_two_examples() -> None:
+    notice = ("Order {} from the Berlin warehouse was shipped on 3 May by express courier to the customer, who asked "
+              "us to confirm the delivery window and the tracking number as soon as possible, thank you")
+    extraction = [row(notice.format(number), f'{{"order": "{number}", "city": "Berlin"}}', f"e{number}")
+                  for number in ("A-10422", "A-10977", "A-31005")]
+    copied = [row(notice.format("A-10977") + ". Regards", '{"order": "A-10977", "city": "Berlin"}', "again")]
+    rng = random.Random(6)
+    others = [row(sentence(rng, 20), "other", f"x{i}") for i in range(12)]  # the notice is not most rows' text
+    result = dedup.deduplicate(extraction + copied + others)
+    assert sorted(r["messages"][-1]["content"] for r in result.kept if r not in others) == sorted(
+        r["messages"][-1]["content"] for r in extraction), "one row per order number"
+    [removed] = result.removed
+    assert removed["reason"] == "near_duplicate" and removed["source"] in {"again", "eA-10977"}, "a true duplicate"
+    text = sentence(rng, 20)
+    decided = [row(text + " about billing", "billing", "b"), row(text + " about shipping", "shipping", "s")]
+    assert len(dedup.deduplicate(decided).kept) == 2, "the prompts differ in the word that decides the label"
+    mislabelled = [row(text + " about billing", "billing", "b"), row(text + " about billing!", "refund", "r"),
+                   row(text + " about billing.", "billing", "b2")]
+    result = dedup.deduplicate(mislabelled)
+    assert [r["source"] for r in result.removed if r["reason"] == "contradiction"] == ["r"], "still a contradiction"
+
+
 def test_near_duplicates_do_not_chain() -> None:
     """a ~ b and b ~ c, but a is not like c: unless b comes first, b goes as a copy of a or c and both others stay."""
     words = [f"w{i}" for i in range(30)]

@@ -115,6 +115,17 @@ def test_every_task_answers_as_its_own_model_alone_and_in_concurrent_mixed_batch
     assert all(p.name.endswith(".jsonl") for task in own for p in segments(task))  # finished at shutdown
 
 
+def test_a_second_server_is_refused_the_port_even_before_the_first_serves():
+    from ftpipe.core.server.app import AddressTaken, bound_socket
+
+    first = bound_socket("127.0.0.1", 0)  # what a server holds while it loads its models
+    port = first.getsockname()[1]
+    with pytest.raises(AddressTaken, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+        bound_socket("127.0.0.1", port)
+    first.close()
+    bound_socket("127.0.0.1", port).close()  # free again once the first is gone
+
+
 def test_key_bad_requests_and_a_hot_swap_of_the_champion(stack, models, tmp_path):
     import openai
 

@@ -367,7 +367,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, tracking_uri: str | None = 
 
     import uvicorn
 
-    listening = _bound(host, port)
+    listening = bound_socket(host, port)
     server = Server(tracking_uri, os.environ.get("FTPIPE_API_KEY") or None, RequestLog(segment_records=segment_records),
                     refresh_seconds=refresh_seconds, engine=Engine(max_batch))
     server.start()
@@ -375,12 +375,15 @@ def serve(host: str = "127.0.0.1", port: int = 8000, tracking_uri: str | None = 
     uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning")).run(sockets=[listening])
 
 
-def _bound(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port), or AddressTaken saying which address and what to do."""
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on (host, port), or AddressTaken saying which address and what to do. It listens at once,
+    so a second server started while this one loads its models is refused too (two sockets may bind a port with
+    SO_REUSEADDR until one listens); requests wait in the backlog until the app serves."""
     listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listening.bind((host, port))
+        listening.listen(2048)
     except OSError as error:
         listening.close()
         raise AddressTaken(f"cannot listen on {host}:{port}: {error.strerror} (another server on it? stop it, or "
