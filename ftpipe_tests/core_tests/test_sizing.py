@@ -189,3 +189,28 @@ def test_the_calibration_times_enough_tokens_in_a_few_passes_however_long_the_ba
     short = [("a", 300), ("b", 200)]
     assert sizing._timed(short) == [("a", 300), ("b", 200), ("a", 300), ("b", 200), ("a", 300)], "again from the first"
     assert sum(tokens for _, tokens in sizing._timed(short)) >= sizing.CALIBRATION_TOKENS
+
+
+def test_the_progress_lines_speed_and_time_left_count_evaluations_at_their_own_pace(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from ftpipe.core.training import reporting
+
+    assert [reporting.evaluations_left(step, 7, 3) for step in (1, 3, 4, 6, 7)] == [3, 3, 2, 2, 1]
+    clock = [0.0]
+    monkeypatch.setattr(reporting.time, "monotonic", lambda: clock[0])
+    lines = []
+    progress = reporting.progress_callback(SimpleNamespace(info=lines.append), SimpleNamespace(log_metrics=lambda metrics, step: None))
+    state = SimpleNamespace(global_step=0, max_steps=6, num_input_tokens_seen=0)
+    progress.on_train_begin(SimpleNamespace(eval_steps=3), state, None)
+    control = SimpleNamespace(should_log=False)
+    for step in range(1, 5):  # 10 s and 100 tokens a step, an evaluation of 30 s after step 3
+        clock[0] += 10
+        state.global_step, state.num_input_tokens_seen = step, 100 * step
+        progress.on_step_end(None, state, control)
+        progress.on_log(None, state, control, logs={"loss": 1.0})
+        if step == 3:
+            clock[0] += 30
+            progress.on_evaluate(None, state, control)
+    assert lines[1].endswith("10 tokens/s, ETA 40 s"), "4 steps left, no evaluation timed yet"
+    assert lines[3].endswith("10 tokens/s, ETA 50 s"), "2 steps and the last evaluation: 20 s + 30 s"

@@ -115,6 +115,12 @@ def reward_text(logs: dict[str, float], prefix: str = "") -> str:
     return "".join(f", {label} {logs[key]:.3f}" for label, key in shown.items() if key in logs)
 
 
+def evaluations_left(step: int, max_steps: int, eval_steps: int) -> int:
+    """The evaluations a training whose step `step` just ended still runs (that step's included: it is logged before
+    it is evaluated): every `eval_steps` steps and at the last of `max_steps`."""
+    return max_steps // eval_steps - (step - 1) // eval_steps + (1 if max_steps % eval_steps else 0)
+
+
 def progress_callback(reporter: Reporter, run):
     """A TrainerCallback: one progress line per logging step, the last step and each evaluation, mirrored as MLflow
     metrics."""
@@ -122,14 +128,21 @@ def progress_callback(reporter: Reporter, run):
 
     class Progress(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.started = self.last_time = time.monotonic()
+            self.started = self.last_time = self.step_ended = time.monotonic()
             self.start_step = state.global_step
             self.start_tokens = self.last_tokens = state.num_input_tokens_seen
             self.session_tokens_per_second = 0.0
+            self.eval_seconds, self.evaluations, self.eval_seconds_at_last = 0.0, 0, 0.0
+            self.eval_steps = args.eval_steps
 
         def on_step_end(self, args, state, control, **kwargs):
+            self.step_ended = time.monotonic()
             if state.global_step >= state.max_steps:  # the last step is logged too, however short the run
                 control.should_log = True
+
+        def on_evaluate(self, args, state, control, **kwargs):  # an evaluation runs right after a step ends
+            self.eval_seconds += time.monotonic() - self.step_ended
+            self.evaluations += 1
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -142,12 +155,18 @@ def progress_callback(reporter: Reporter, run):
                 run.log_metrics({key: logs[key] for key in evals if key in logs}, step=state.global_step)
 
         def _train_line(self, state, logs):
+            """The step's loss, the training speed since the last line and the time left, evaluations apart: their
+            time is left out of the speed and counted in the time left at their own pace."""
             now, tokens = time.monotonic(), state.num_input_tokens_seen
-            speed = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
-            self.last_time, self.last_tokens = now, tokens
+            evaluating = self.eval_seconds - self.eval_seconds_at_last
+            speed = (tokens - self.last_tokens) / max(now - self.last_time - evaluating, 1e-9)
+            self.last_time, self.last_tokens, self.eval_seconds_at_last = now, tokens, self.eval_seconds
             self.session_tokens_per_second = (tokens - self.start_tokens) / max(now - self.started, 1e-9)
             done = state.global_step - self.start_step
-            eta = (now - self.started) / max(done, 1) * (state.max_steps - state.global_step)
+            per_step = (now - self.started - self.eval_seconds) / max(done, 1)
+            per_evaluation = self.eval_seconds / self.evaluations if self.evaluations else 0.0
+            eta = (per_step * (state.max_steps - state.global_step)
+                   + per_evaluation * evaluations_left(state.global_step, state.max_steps, self.eval_steps))
             reporter.info(
                 f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{reward_text(logs)}, "
                 f"lr {logs.get('learning_rate', 0.0):.2e}, {speed:.0f} tokens/s, ETA {readable.duration(eta)}"
