@@ -67,11 +67,13 @@ def test_many_labels_list_what_each_was_confused_with_instead_of_a_wide_table():
     predicted = labels * 2 + [None]
     predicted[1] = predicted[28] = "intent_05"  # intent_01 predicted as intent_05 twice
     predicted[2] = "no_such_intent"
+    predicted[31] = "i think the customer wants to know where the parcel is"  # an answer in prose
     lines = confusion_table(expected, predicted).splitlines()
     assert lines[0] == "| reference | rows | right | predicted instead |" and len(lines) == 2 + len(labels)
     assert lines[2] == "| intent_00 | 3 | 2 | (unparseable) ×1 |"
     assert lines[3] == "| intent_01 | 2 | 0 | intent_05 ×2 |"
-    assert lines[4] == "| intent_02 | 2 | 1 | (other) ×1 |" and lines[5] == "| intent_03 | 2 | 2 |  |"
+    assert lines[4] == "| intent_02 | 2 | 1 | no_such_intent ×1 |" and lines[5] == "| intent_03 | 2 | 2 |  |"
+    assert lines[6] == "| intent_04 | 2 | 1 | i think the customer wants to know wher… ×1 |", "what was answered"
 
 
 def test_the_confusion_table_shows_labels_as_the_references_write_them():

@@ -15,6 +15,7 @@ from ftpipe.core.text import loose, markdown_table
 UNPARSEABLE = "(unparseable)"
 OTHER_LABEL = "(other)"
 WIDE_LABELS = 12  # more labels than this: the confusion table lists what each label was confused with instead
+OTHER_CHARS = 40
 
 
 def raw_label(text: str, label_field: str | None = None) -> str | None:
@@ -52,20 +53,31 @@ def macro_f1(expected: list[str], predicted: list[str | None]) -> float:
 def confusion_table(expected: list[str], predicted: list[str | None], written: dict[str, str] | None = None) -> str:
     """Markdown counts, reference label × predicted label; labels never seen as a reference go to `(other)`. Labels
     are shown as `written` spells them (`Classification.spellings`), else by their normalised name. With more than
-    WIDE_LABELS labels, one row per reference label with its rows, how many were right and what was predicted
-    instead (most often first), so the table stays readable."""
+    WIDE_LABELS labels, a row per reference label instead (`_confusions`), so the table stays readable."""
     labels = sorted(set(expected))
-    column = [UNPARSEABLE if p is None else p if p in labels else OTHER_LABEL for p in predicted]
-    counts = Counter(zip(expected, column))
     shown = written or {}
     if len(labels) > WIDE_LABELS:
-        return markdown_table(["reference", "rows", "right", "predicted instead"], [
-            [shown.get(label, label), sum(n for (e, _), n in counts.items() if e == label), counts[label, label],
-             ", ".join(f"{shown.get(p, p)} ×{n}" for (e, p), n in counts.most_common() if e == label and p != label)]
-            for label in labels])
+        return _confusions(labels, expected, predicted, shown)
+    column = [UNPARSEABLE if p is None else p if p in labels else OTHER_LABEL for p in predicted]
+    counts = Counter(zip(expected, column))
     columns = labels + [c for c in (OTHER_LABEL, UNPARSEABLE) if c in column or c == UNPARSEABLE]
     rows = [[shown.get(label, label), *(counts[label, c] for c in columns)] for label in labels]
     return markdown_table(["reference / predicted", *(shown.get(c, c) for c in columns)], rows)
+
+
+def _confusions(labels: list[str], expected: list[str], predicted: list[str | None], shown: dict[str, str]) -> str:
+    """One row per reference label: its rows, how many were right, and what was answered instead, most often first
+    (an answer that is no label as it was written, cut to OTHER_CHARS characters)."""
+    counts = Counter(zip(expected, (UNPARSEABLE if p is None else p for p in predicted)))
+
+    def answer(value: str) -> str:
+        text = shown.get(value, value)
+        return text if len(text) <= OTHER_CHARS else text[:OTHER_CHARS - 1] + "…"
+
+    return markdown_table(["reference", "rows", "right", "predicted instead"], [
+        [shown.get(label, label), sum(n for (e, _), n in counts.items() if e == label), counts[label, label],
+         ", ".join(f"{answer(p)} ×{n}" for (e, p), n in counts.most_common() if e == label and p != label)]
+        for label in labels])
 
 
 class Classification(TaskMetrics):
