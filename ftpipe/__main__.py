@@ -101,10 +101,18 @@ def _materializations(result) -> dict[str, dict]:
 
 
 def failure_reason(result) -> str:
-    """The first failed step and its error (a Failure's description, else the innermost exception), on one line."""
+    """The first failed step and its error (a blocking check's verdict, a Failure's description, else the innermost
+    exception), on one line."""
+    import dagster as dg
+
     failure = next((event for event in result.all_events if event.is_step_failure), None)
     if failure is None:
         return "the run failed outside its steps (see the log above)"
+    blocked = next((check for check in result.get_asset_check_evaluations() if not check.passed
+                    and check.severity == dg.AssetCheckSeverity.ERROR and failure.step_key.endswith(check.check_name)),
+                   None)
+    if blocked is not None:
+        return f"check {blocked.check_name} failed: {' '.join((blocked.description or '').split())}"
     data = failure.step_failure_data
     if data.user_failure_data is not None and data.user_failure_data.description:
         message = data.user_failure_data.description

@@ -141,3 +141,19 @@ def test_chat_names_an_unknown_task_and_the_tasks_there(ftpipe_env: Path, capsys
     make_task(ftpipe_env, "orders", {"a.jsonl": [chat("hi", "hello")]})
     assert main(["chat", "ordres", "hello"]) == 2
     assert capsys.readouterr().err.strip() == f"no task folder named 'ordres' in {ftpipe_env / 'tasks'}; tasks there: orders"
+
+
+def test_a_run_stopped_by_the_gate_ends_with_the_gates_verdict_not_an_exception() -> None:
+    from types import SimpleNamespace
+
+    import dagster as dg
+
+    from ftpipe.__main__ import failure_reason
+
+    gate = dg.AssetCheckEvaluation(asset_key=dg.AssetKey("eval_report"), check_name="eval_report_gate", passed=False,
+                                   metadata={}, severity=dg.AssetCheckSeverity.ERROR,
+                                   description="delta_ci_low -0.02 <= min_improvement 0.00")
+    result = SimpleNamespace(
+        all_events=[SimpleNamespace(is_step_failure=True, step_key="eval_report_eval_report_gate")],
+        get_asset_check_evaluations=lambda: [gate])
+    assert failure_reason(result) == "check eval_report_gate failed: delta_ci_low -0.02 <= min_improvement 0.00"
