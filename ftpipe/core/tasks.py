@@ -237,7 +237,7 @@ def split_system_prompt(task: str) -> tuple[str | None, int, int]:
 
 
 def system_prompt_source(task: str, config: TaskConfig) -> str:
-    """Where the task's default system prompt comes from, for the log (a train row without it is named)."""
+    """Where the task's default system prompt comes from, and how many train rows start without it, for the log."""
     if config.data.system_prompt:
         return "the default system prompt is data.system_prompt"
     prompt, holding, rows = split_system_prompt(task)
