@@ -70,7 +70,8 @@ class Estimate:
     def seconds(self) -> float | None:
         if self.cost is None:
             return None
-        evaluations = self.plan.eval_tokens / self.cost.eval_tokens_per_second if self.cost.eval_tokens_per_second else 0
+        rate = self.cost.eval_tokens_per_second
+        evaluations = self.plan.eval_tokens / rate if rate else 0.0
         return self.cost.overhead_seconds + self.plan.tokens / self.cost.tokens_per_second + evaluations
 
     def line(self) -> str:
