@@ -1,4 +1,4 @@
-"""Waiting for a slot of a concurrency pool (the `gpu` pool): three repairs to how a Dagster 1.13 run waits, made by
+"""Waiting for a slot of a concurrency pool (the `gpu` pool): four repairs to how a Dagster 1.13 run waits, made by
 `install()` wherever runs execute (the code location's run workers and `python -m ftpipe run` both load
 `ftpipe.definitions`, which calls it).
 
@@ -10,6 +10,10 @@
   (CANCELED when it was terminated, else FAILURE); its pending claim is withdrawn as it exits.
 - **Explained.** "Step blocked by limit for pool gpu" names who holds the pool: run, task, step and since when; and
   it is logged at INFO, so the console of `python -m ftpipe run` shows it.
+- **Claimed once.** `SqlEventLogStorage._claim_concurrency_slot`, the slot rows' semaphore behind a claim, finds a
+  free slot with SELECT ... FOR UPDATE, then sets its owner by id; on PostgreSQL each statement commits on its own, so the lock is gone before the update and
+  two runs asking at the same moment both got the one slot (two trainings on one GPU). The update now takes the slot
+  only while it is still free; the run that loses waits, as for any taken slot.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
 from dagster._core.execution.plan.active import ActiveExecution
 from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
+from dagster._core.storage.event_log.schema import ConcurrencySlotsTable
+from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
+from dagster._utils.concurrency import ConcurrencySlotStatus
 from dagster._utils.interrupts import check_captured_interrupt, pop_captured_interrupt
 
 WAKE_SECONDS = 0.5  # how soon a waiting run notices an interrupt
@@ -90,8 +97,26 @@ def step_concurrency_blocked(step_context, concurrency_key: str, initial: bool =
     return event
 
 
+def claim_free_slot(storage, concurrency_key: str, run_id: str, step_key: str) -> ConcurrencySlotStatus:
+    """Claim a free slot of `concurrency_key` for the step: CLAIMED, or BLOCKED when none is free (or another run
+    took the one found first)."""
+    import sqlalchemy as db
+
+    slots = ConcurrencySlotsTable.c
+    free = db.and_(slots.concurrency_key == concurrency_key, slots.step_key.is_(None),
+                   slots.deleted == False)  # noqa: E712 - as Dagster writes it, for SQLite's 0/1
+    with storage.index_connection() as conn:
+        found = conn.execute(db.select(slots.id).where(free).with_for_update(skip_locked=True).limit(1)).fetchone()
+        if not found:
+            return ConcurrencySlotStatus.BLOCKED
+        taken = conn.execute(ConcurrencySlotsTable.update().values(run_id=run_id, step_key=step_key)
+                             .where(db.and_(slots.id == found[0], slots.step_key.is_(None)))).rowcount
+    return ConcurrencySlotStatus.CLAIMED if taken else ConcurrencySlotStatus.BLOCKED
+
+
 def install() -> None:
-    """Apply the three repairs (idempotent)."""
+    """Apply the four repairs (idempotent)."""
     InstanceConcurrencyContext.interval_to_next_pending_claim_check = interval_to_next_claim_check
     ActiveExecution.sleep_til_ready = sleep_til_ready
     DagsterEvent.step_concurrency_blocked = staticmethod(step_concurrency_blocked)
+    SqlEventLogStorage._claim_concurrency_slot = claim_free_slot
