@@ -11,9 +11,10 @@
 - **Explained.** "Step blocked by limit for pool gpu" names who holds the pool: run, task, step and since when; and
   it is logged at INFO, so the console of `python -m ftpipe run` shows it.
 - **Claimed once.** `SqlEventLogStorage._claim_concurrency_slot`, the slot rows' semaphore behind a claim, finds a
-  free slot with SELECT ... FOR UPDATE, then sets its owner by id; on PostgreSQL each statement commits on its own, so the lock is gone before the update and
-  two runs asking at the same moment both got the one slot (two trainings on one GPU). The update now takes the slot
-  only while it is still free; the run that loses waits, as for any taken slot.
+  free slot with SELECT ... FOR UPDATE, then sets its owner by id; on PostgreSQL each statement commits on its own,
+  so the lock is gone before the update and two runs asking at the same moment both got the one slot (two trainings
+  on one GPU). The update now takes the slot only while it is still free; the run that loses waits, as for any
+  taken slot.
 """
 
 from __future__ import annotations

@@ -50,3 +50,35 @@ def test_an_instance_without_a_pool_limit_is_warned_about_and_one_with_the_proje
         assert "sets no limit on the 'gpu' pool, so trainings may run at once" in unlimited_warning(bare, "gpu")
     with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as configured:
         assert unlimited_warning(configured, "gpu") is None
+
+
+def test_a_slot_another_run_took_after_it_was_found_free_is_not_claimed_again() -> None:
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    import sqlalchemy
+    from dagster._core.storage.event_log.schema import ConcurrencySlotsTable
+    from dagster._utils.concurrency import ConcurrencySlotStatus
+
+    from ftpipe.pool import claim_free_slot
+
+    with dg.instance_for_test() as instance:
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots("gpu", 1)
+        holder = instance.create_run_for_job(pool_holding_job)
+        assert claim_free_slot(storage, "gpu", holder.run_id, "lora_adapter") == ConcurrencySlotStatus.CLAIMED
+        with storage.index_connection() as conn:
+            [(slot,)] = conn.execute(sqlalchemy.select(ConcurrencySlotsTable.c.id)).fetchall()
+
+        @contextmanager
+        def found_before_it_was_taken():
+            """PostgreSQL's autocommit: the SELECT saw the slot free, and the holder's UPDATE committed first."""
+            with storage.index_connection() as conn:
+                yield SimpleNamespace(execute=lambda statement: SimpleNamespace(fetchone=lambda: (slot,))
+                                      if statement.is_select else conn.execute(statement))
+
+        waiting = instance.create_run_for_job(pool_holding_job)
+        racing = SimpleNamespace(index_connection=found_before_it_was_taken)
+        assert claim_free_slot(racing, "gpu", waiting.run_id, "lora_adapter") == ConcurrencySlotStatus.BLOCKED
+        [claimed] = storage.get_concurrency_info("gpu").claimed_slots
+        assert claimed.run_id == holder.run_id, "the slot stays the holder's"

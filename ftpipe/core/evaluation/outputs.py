@@ -255,8 +255,8 @@ def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[s
                 heldout: Heldout, examples: list[dict], config: EvaluationConfig, cache_dir: Path,
                 trust_remote_code: bool, log: Log) -> tuple[dict[str, ModelOutputs], int]:
     """({base, fewshot (when there are examples), sft and finetuned (the keys of `tuned`, TUNED's): outputs},
-    how many held-out rows the base model ran zero-shot (none when its outputs came from the cache)). `tuned` maps each trained model to its folder (adapter or full) and the
-    version of its weights.
+    how many held-out rows the base model ran zero-shot (none when its outputs came from the cache)). `tuned` maps
+    each trained model to its folder (adapter or full) and the version of its weights.
 
     Every model's outputs are cached by its version (a preference stage trained again does not evaluate its
     unchanged SFT model again). The base model is loaded only when needed: for outputs not in the cache, and for an
