@@ -14,8 +14,8 @@ import pytest
 from ftpipe.config import EvaluationConfig, JudgeConfig
 from ftpipe.core.evaluation import evaluation_key, outputs, read_evaluation, run_evaluation, waiting_for_reviews
 from ftpipe.core.evaluation.generation import (
-    answer_tokens, answers_and_logprobs, conversation_logprobs, encode, generate, greedy_batches, load_model,
-    loss_of, prompt_ids, rows_can_leave, shared_prefix, token_chunks,
+    answer_tokens, answers_and_logprobs, conversation_logprobs, encode, generate, greedy_batches, load_finetuned,
+    load_merged, load_model, loss_of, prompt_ids, rows_can_leave, shared_prefix, token_chunks,
 )
 from ftpipe.core.evaluation.label_likelihood import constrained_answers, end_of_turn_ids
 from ftpipe.core.evaluation.metrics import task_metrics
@@ -460,6 +460,25 @@ def test_a_full_finetune_is_evaluated_as_a_whole_model(workspace, tiny_model_dir
     monkeypatch.setattr(outputs, "load_model", no_base_model)
     again = evaluate(workspace, workspace / "base", tmp_path / "again", **full)
     assert again["base_cached"] and again["finetuned_score"] == result["finetuned_score"]
+
+
+def test_an_adapter_is_evaluated_merged_into_its_base_as_base_plus_adapter_answers(workspace):
+    def base():
+        return load_model(workspace / "base")
+
+    adapted, tokenizer = load_finetuned(workspace / "bad_adapter", base)
+    merged, _ = load_merged(workspace / "bad_adapter", base)
+    assert hasattr(adapted, "peft_config") and not hasattr(merged, "peft_config")  # no LoRA path left to run
+    prompts = varied_prompts(16)
+    answers = generate(adapted, tokenizer, prompts, max_new_tokens=8, batch_tokens=400)
+    assert generate(merged, tokenizer, prompts, max_new_tokens=8, batch_tokens=400) == answers
+    assert len(set(answers)) > 1  # the adapter changes the answers, differently per prompt
+    conversations = [prompt + [{"role": "assistant", "content": "red"}] for prompt in prompts]
+    pairs = zip(conversation_logprobs(adapted, tokenizer, conversations, 8),
+                conversation_logprobs(merged, tokenizer, conversations, 8))
+    assert all(abs(a[0] - b[0]) < 1e-4 and a[1] == b[1] for a, b in pairs)
+    full, _ = load_merged(workspace / "base", lambda: pytest.fail("a full fine-tune needs no base model"))
+    assert not hasattr(full, "peft_config")
 
 
 def test_good_adapter_passes_with_a_positive_interval(tmp_path, tiny_model_dir):

@@ -20,7 +20,7 @@ from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.fewshot import fewshot_prompt
 from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS
 from ftpipe.core.evaluation.generation import (
-    answer_tokens, answers_and_logprobs, conversation_logprobs, encode, inference_device, is_adapter, load_finetuned,
+    answer_tokens, answers_and_logprobs, conversation_logprobs, encode, inference_device, is_adapter, load_merged,
     load_model, loss_of, mean_prompt_tokens, prompt_ids,
 )
 from ftpipe.core.evaluation.label_likelihood import likeliest, top_label_correct, whole_answers
@@ -283,7 +283,7 @@ def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[s
         if applied or not is_adapter(folder):
             base.cache_clear()  # a full fine-tune needs no base model; a second adapter needs one the first left alone
         applied.append(folder)
-        model, tokenizer = load_finetuned(folder, base, trust_remote_code)
+        model, tokenizer = load_merged(folder, base, trust_remote_code)
         rows = RowCache(cache_dir / f"rows-{cache_key(base=base_weights, weights=version)}.jsonl")
         return model_outputs(model, tokenizer, heldout.prompts, heldout, config, log, TUNED[side], rows)
 
