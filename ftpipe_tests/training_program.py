@@ -25,10 +25,17 @@ STEP_LINE = re.compile(r"^step (\d+)/")  # the progress line of an optimizer ste
 
 
 class Quiet:
-    """The program's progress and metrics sinks, saying nothing: for building a trainer in a test."""
+    """The program's progress and metrics sinks, saying nothing (its warnings kept in `warnings`): for building a
+    trainer in a test."""
+
+    def __init__(self):
+        self.warnings = []
 
     def info(self, message):
         pass
+
+    def warning(self, message):
+        self.warnings.append(message)
 
     def log_metrics(self, metrics, step):
         pass

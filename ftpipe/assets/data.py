@@ -7,7 +7,7 @@ import dagster as dg
 
 from ftpipe.assets.common import TaskRunConfig, file_version, load_config, table
 from ftpipe.core import dedup, records, review_sample as review, split, teacher
-from ftpipe.core.evaluation.metrics import label_reader
+from ftpipe.core.evaluation.metrics import answer_problem, answer_rule, label_reader
 from ftpipe.core.similarity import Settings
 from ftpipe.core.preferences import as_chat
 from ftpipe.core.layout import QUARANTINE, REMOVED, REVIEW_CSV, TaskLayout
@@ -59,7 +59,8 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     data = cfg.data
     paths = TaskLayout(task)
     out = paths.asset("raw_examples")
-    spec = records.FormatSpec(data.format, dict(data.columns), data.system_prompt)
+    spec = records.FormatSpec(data.format, dict(data.columns), data.system_prompt, answer_rule(cfg.evaluation),
+                              answer_problem(cfg.evaluation))
     teacher_rows = paths.path("teacher_examples", teacher.TEACHER_FILE)
     extra = ((teacher_rows, f"teacher {cfg.distill.teacher.model}"),) if cfg.distill else ()
     summary = records.build_raw_examples(task_dir(task), out, spec, extra)

@@ -43,6 +43,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     and a forgetting check, and with a preference stage the SFT model beside them and preference accuracy on the
     held-out pairs; an evaluation of the same inputs is reused without generating anything."""
     from ftpipe.core.evaluation import run_evaluation
+    from ftpipe.core.evaluation.answer_budget import cut_off_warning
     from ftpipe.core.evaluation.report import unheld_labels
     from ftpipe.core.teacher import teacher_outputs, teacher_version
 
@@ -67,6 +68,8 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     )
     if report.get("labels_without_heldout_rows"):
         context.log.warning(f"{task}: {unheld_labels(report['labels_without_heldout_rows'])}")
+    if (cut_off := cut_off_warning(report)) is not None:
+        context.log.warning(f"{task}: {cut_off}")
     run_id = adapter.metadata["mlflow_run_id"]
     if not report["reused"] or report["report_rewritten"]:
         mlflow.log_evaluation(run_id, report)

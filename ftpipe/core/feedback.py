@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftpipe.core.evaluation.metrics import answer_problem
 from ftpipe.core.records import with_system_prompt
 from ftpipe.core.server.request_log import read_records
 from ftpipe.core.storage import exclusive, task_dir, write_text
-from ftpipe.core.tasks import split_system_prompt
+from ftpipe.core.tasks import split_system_prompt, task_config
 
 FEEDBACK_FILE = "feedback.jsonl"
 APPLIED = "applied"
@@ -34,10 +35,13 @@ def feedback_dir(task: str) -> Path:
 def add_feedback(task: str, request_id: str, output: str, messages: list[dict[str, str]] | None = None,
                  records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Append the logged request `request_id` answered with `output` to the task's raw data, with the system prompt
-    most train rows carry when the conversation had none (the model answered with it); returns the row.
+    most train rows carry when the conversation had none (the model answered with it); returns the row. An `output`
+    the task type cannot use as an answer is refused.
     `messages` stand in for a request logged without content; `records` are the log's (read when not given)."""
     if not isinstance(output, str) or not output.strip():
         raise FeedbackError("output: the corrected answer must be a non-empty string")
+    if problem := _answer_problem(task, output):
+        raise FeedbackError(f"output: {problem}")
     found = next((r for r in (read_records(task) if records is None else records) if r["request_id"] == request_id),
                  None)
     if found is None:
@@ -51,6 +55,16 @@ def add_feedback(task: str, request_id: str, output: str, messages: list[dict[st
            "served_output": found["output"], "corrected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with exclusive(feedback_dir(task)):  # the server's threads and the production report may add at once
         return _record(task_dir(task) / "raw" / FEEDBACK_FILE, row)
+
+
+def _answer_problem(task: str, output: str) -> str | None:
+    """Why the task type could not use `output` as an answer (extraction: not a JSON object); None when it could, or
+    when task.yaml does not read (mid-edit: `raw_examples` quarantines such a row when it reads it)."""
+    try:
+        check = answer_problem(task_config(task).evaluation)
+    except (OSError, ValueError):
+        return None
+    return check(output)
 
 
 def _record(path: Path, row: dict[str, Any]) -> dict[str, Any]:

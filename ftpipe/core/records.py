@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,11 +42,15 @@ class BadRow(ValueError):
 
 @dataclass(frozen=True)
 class FormatSpec:
-    """How rows map to messages: `format` as in task.yaml, `columns` the user's column mapping."""
+    """How rows map to messages: `format` as in task.yaml, `columns` the user's column mapping, and why an answer
+    cannot be used (`answer_problem`, the task type's check, which `answer_rule` names in the spec's repr, the
+    reuse key; None: any answer can)."""
 
     format: str = "auto"
     columns: dict[str, str] = field(default_factory=dict)
     system_prompt: str | None = None
+    answer_rule: str = ""
+    answer_problem: Callable[[str], str | None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -216,6 +220,8 @@ def to_messages(row: Any, spec: FormatSpec) -> list[dict[str, str]]:
         messages = _mapped(row, spec.columns)
     messages = with_system_prompt(messages, spec.system_prompt)
     check_size(m["content"] for m in messages)
+    if spec.answer_problem is not None and (problem := spec.answer_problem(messages[-1]["content"])):
+        raise BadRow(problem)
     return messages
 
 

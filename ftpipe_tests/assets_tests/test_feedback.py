@@ -11,7 +11,7 @@ import pytest
 
 from ftpipe.assets import data, training
 from ftpipe.automation import retrain_on_data_change_sensor
-from ftpipe.core.feedback import FEEDBACK_FILE, add_feedback, feedback_dir
+from ftpipe.core.feedback import FEEDBACK_FILE, FeedbackError, add_feedback, feedback_dir
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.records import read_examples, write_examples
 from ftpipe.core.server.request_log import RequestLog
@@ -79,6 +79,14 @@ def test_a_correction_keeps_the_system_prompt_the_model_answered_with(tiny_task:
     write_examples(rows, train)
     assert task_system_prompt(tiny_task, task_config(tiny_task)) is None, "no prompt of more than half the rows"
     assert add_feedback(tiny_task, first, "red")["messages"][0]["role"] == "user"
+
+    config.write_text(valid + "evaluation: {task_type: extraction}\n")
+    before = raw.read_text()
+    with pytest.raises(FeedbackError, match=r"^output: the answer is not a JSON object \(evaluation.task_type "
+                                            r"extraction\)$"):
+        add_feedback(tiny_task, first, "not json {")
+    assert raw.read_text() == before, "a correction the task cannot use replaces nothing"
+    assert add_feedback(tiny_task, first, '{"color": "red"}')["messages"][-1]["content"] == '{"color": "red"}'
 
 
 @pytest.mark.slow

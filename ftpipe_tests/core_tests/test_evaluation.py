@@ -13,6 +13,7 @@ import pytest
 
 from ftpipe.config import EvaluationConfig, JudgeConfig
 from ftpipe.core.evaluation import evaluation_key, outputs, read_evaluation, run_evaluation, waiting_for_reviews
+from ftpipe.core.evaluation.answer_budget import AnswerBudget
 from ftpipe.core.evaluation.generation import (
     answer_tokens, answers_and_logprobs, conversation_logprobs, encode, generate, greedy_batches, load_finetuned,
     load_merged, load_model, loss_of, prompt_ids, rows_can_leave, shared_prefix, token_chunks,
@@ -430,6 +431,31 @@ def test_published_files_result_and_report(workspace, tmp_path):
     assert "| colors | 6 | 1.000 |" in report  # probe accuracy by skill
     lost = report.split("### Rows that changed (base → fine-tuned)")[1]
     assert lost.count("| lost |") == len([c for c in result["probe_changes"] if c["change"] == "lost"]) > 0
+
+
+def test_answers_get_room_for_the_longest_reference_and_a_shorter_limit_set_is_reported(workspace, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "base")
+    fitted = AnswerBudget.of(None, ["red", "order " * 120], tokenizer)
+    longest = max(fitted.reference_tokens)
+    assert longest >= 120 and fitted.tokens == longest + longest // 4 and fitted.cut_off == 0
+    assert AnswerBudget.of(None, ["red"], tokenizer).tokens == 48  # short answers keep the default
+    default = evaluate(workspace, "bad_adapter", tmp_path / "default")
+    assert (default["answer_token_limit"], default["references_over_limit"]) == (CLASSIFY.max_new_tokens, 0)
+    assert "longer than the answers' limit" not in default["report_markdown"]
+
+    rows = toy_rows(8, seed=2)  # references of four words, answers limited to two tokens
+    for row in rows:
+        row["messages"][-1]["content"] = " ".join([row["messages"][-1]["content"]] * 4)
+    write_chat_parquet(tmp_path / "long" / "eval.parquet", rows)
+    for name in ("base", "bad_adapter", "train.parquet", "probe.jsonl"):
+        (tmp_path / "long" / name).symlink_to(workspace / name)
+    config = EvaluationConfig(task_type="generation", max_new_tokens=2, bootstrap_samples=200)
+    short = evaluate(tmp_path / "long", "bad_adapter", tmp_path / "short", config=config)
+    assert (short["answer_token_limit"], short["references_over_limit"]) == (2, 8)
+    assert "**8 of 8 reference answers are longer than the answers' limit of 2 tokens" in short["report_markdown"]
+    assert "leave it unset to fit the references" in short["report_markdown"]
 
 
 def test_fewshot_and_label_likelihood_baselines(workspace, tmp_path):

@@ -69,6 +69,20 @@ def test_bad_rows_are_quarantined_with_a_reason(ftpipe_env: Path, line: str, rea
     assert result.rows_read == 2
 
 
+def test_an_answer_the_task_type_cannot_read_is_quarantined(ftpipe_env: Path) -> None:
+    from ftpipe.config import EvaluationConfig
+    from ftpipe.core.evaluation.metrics import answer_problem, answer_rule
+
+    extraction = EvaluationConfig(task_type="extraction")
+    spec = FormatSpec(answer_rule=answer_rule(extraction), answer_problem=answer_problem(extraction))
+    rows = [chat("Order A-1 arrived broken.", '{"order_id": "A-1"}'), chat("Order A-2 is late.", "order A-2")]
+    result = read(make_task(ftpipe_env, "t", {"a.jsonl": "".join(json.dumps(r) + "\n" for r in rows)}), spec)
+    assert [r["messages"][-1]["content"] for r in result.examples] == ['{"order_id": "A-1"}']
+    assert result.quarantine[0]["source"] == "a.jsonl:line 2"
+    assert result.quarantine[0]["reason"] == "the answer is not a JSON object (evaluation.task_type extraction)"
+    assert "function" not in repr(spec) and "extraction" in repr(spec), "the reuse key names the rule, not an address"
+
+
 def test_invalid_utf8_row_is_quarantined_and_others_survive(ftpipe_env: Path) -> None:
     good = json.dumps(chat("fine", "ok")).encode()
     bad = b'{"prompt": "caf\xe9", "completion": "x"}'

@@ -100,8 +100,13 @@ def test_the_rate_is_the_latest_finished_training_of_the_same_base_model_from_st
                                source="previous run bbbb0000")
     found = sizing.Estimate(sizing.Plan(steps=12, rows=96, tokens=9000), cost)
     assert found.seconds == 120.0
-    assert found.line() == ("sizing: 12 steps, ~9.0k tokens, ~2.0 min at 100 tokens/s (previous run bbbb0000), "
+    assert found.line() == ("sizing: 12 steps, ~9.0k tokens at 100 tokens/s (previous run bbbb0000): ~2.0 min in all, "
                             "peak ~1.5 GiB")
+    calibrated = sizing.Estimate(sizing.Plan(steps=12, rows=96, tokens=9000, eval_tokens=3000),
+                                 sizing.Cost(100.0, 30.0, 1.5, eval_tokens_per_second=300.0))
+    assert calibrated.seconds == 130.0 and calibrated.line() == (
+        "sizing: 12 steps, ~9.0k tokens at 100 tokens/s (calibration), evaluations ~3.0k tokens at 300 tokens/s: "
+        "~2.2 min in all, peak ~1.5 GiB")
     assert found.metadata() == {"estimated_steps": 12, "estimated_tokens": 9000, "estimated_minutes": 2.0,
                                 "estimate_source": "previous run bbbb0000",
                                 "estimated_peak_memory": "1.5 GiB (previous run bbbb0000)"}

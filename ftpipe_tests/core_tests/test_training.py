@@ -66,7 +66,7 @@ def test_the_same_seed_gives_the_same_adapter_weights_with_or_without_a_calibrat
     calibrated = write_spec(root, "same-seed", sizing={"plan": plan, "seconds_left": 1.0})
     stdout = run_to_end(root, calibrated)
     assert "sizing: timing a few passes of the first batch" in stdout.split("sizing: 6 steps")[0], "said before"
-    assert re.search(r"sizing: 6 steps, ~2.4k tokens, ~[\d.]+ min at \d+ tokens/s \(calibration\)", stdout), stdout
+    assert re.search(r"sizing: 6 steps, ~2.4k tokens at \d+ tokens/s \(calibration\): ~[\d.]+ min in all", stdout), stdout
     assert "but this run's dagster/max_runtime leaves 0.0 min" in stdout
     assert output_result(calibrated).produced["calibration"]["tokens_per_second"] > 0
     run_to_end(root, write_spec(root, "other-seed", seed=7))
@@ -201,8 +201,12 @@ def test_a_split_with_no_row_within_max_length_is_refused_in_one_line_not_retrie
 
 def test_loss_is_masked_on_prompt_tokens(workspace):
     spec = TrainingSpec.from_json(write_spec(workspace, "masking"))
-    trainer, _, facts = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), Quiet(), Quiet())
+    reporter = Quiet()
+    trainer, _, facts = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), reporter, Quiet())
     assert facts == {"rows_too_long": LONG_ROWS, "replay_rows": 0}
+    [left_out] = reporter.warnings
+    assert left_out.startswith(f"{LONG_ROWS} of {len(trainer.train_dataset) + LONG_ROWS} train rows (") and (
+        "longer than training.max_length=64 tokens and were left out" in left_out)
     tokenizer = trainer.processing_class
     example = trainer.train_dataset[0]
     labels, input_ids = example["labels"], example["input_ids"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation.answer_budget import cut_off_warning
 from ftpipe.core.evaluation.gate import decide_gate
 from ftpipe.core.evaluation.metrics import task_metrics
 from ftpipe.core.text import markdown_table
@@ -80,6 +81,8 @@ def overview(metrics: dict[str, Any]) -> str:
     else:
         parts.append("Forgetting not checked (no probe file).")
     parts.append(_base_outputs(m))
+    if (cut_off := cut_off_warning(m)) is not None:
+        parts.append(f"**{cut_off[0].upper()}{cut_off[1:]}.**")
     return " ".join(parts)
 
 

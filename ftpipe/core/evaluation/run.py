@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation.answer_budget import AnswerBudget
 from ftpipe.core.evaluation.fewshot import choose_examples
 from ftpipe.core.evaluation.gate import GATE_FIELDS, decide_gate
 from ftpipe.core.evaluation.judge import judge_metrics
@@ -103,6 +104,8 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
         raise ValueError(f"{eval_path}: no held-out rows to evaluate")
     task = task_metrics(config)
     check_references(rows, task)
+    budget = _answer_budget(config, rows, base_model_dir, trust_remote_code)
+    config = config.model_copy(update={"max_new_tokens": budget.tokens})
     train_rows = read_examples(train_path) if train_path else []
     pairs = read_pairs(preference_eval_path, config.max_rows)
     heldout = Heldout.of(rows, read_probe(probe_path, probe_rows) if probe_path else [], task, train_rows,
@@ -120,7 +123,17 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
     metrics, scores = measure(heldout, outputs, task, config, len(examples))
     records = prediction_records(heldout, outputs, scores, task)
     judged = judge_metrics(records, config.judge, config.bootstrap_samples, log)
-    return {**metrics, **judged, "base_cached": base_rows_run == 0, "base_rows_run": base_rows_run}, records
+    return ({**metrics, **judged, **budget.metrics(), "base_cached": base_rows_run == 0, "base_rows_run": base_rows_run},
+            records)
+
+
+def _answer_budget(config: EvaluationConfig, rows: list[dict], base_model_dir: Path,
+                   trust_remote_code: bool) -> AnswerBudget:
+    """The answers' token limit for these held-out rows, their references counted in the base model's tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir), trust_remote_code=trust_remote_code)
+    return AnswerBudget.of(config.max_new_tokens, [row["messages"][-1]["content"] for row in rows], tokenizer)
 
 
 def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter_dir: Path | str,

@@ -64,7 +64,7 @@ def build_trainer(spec: TrainingSpec, config: TrainingConfig, method: Method, re
     from transformers import PrinterCallback
 
     progress = progress_callback(reporter, run)
-    setup = trainer_setup(spec, config, method, callbacks=[progress], info=reporter.info)
+    setup = trainer_setup(spec, config, method, callbacks=[progress], info=reporter.info, warning=reporter.warning)
     trainer, facts = objective_module(method.objective).build_trainer(setup)
     trainer.remove_callback(PrinterCallback)  # the progress callback prints one concise line instead
     return trainer, progress, {**facts, "replay_rows": setup.replay_rows}

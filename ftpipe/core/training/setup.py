@@ -39,6 +39,7 @@ class TrainerSetup:
     arguments: dict[str, Any]
     callbacks: list[Any] = field(default_factory=list)
     info: Any = print  # one progress line for people
+    warning: Any = print  # one line about something people should act on
     replay_rows: int = 0  # general rows handed out by extra_train_rows
 
     def extra_train_rows(self, train_rows: int) -> list[list[dict[str, str]]]:
@@ -190,7 +191,8 @@ def score_labelled_positions_only() -> None:
         fused_head._use_triton.scores_on_cpu = True
 
 
-def trainer_setup(spec: TrainingSpec, config: TrainingConfig, method: Method, callbacks: list, info) -> TrainerSetup:
+def trainer_setup(spec: TrainingSpec, config: TrainingConfig, method: Method, callbacks: list, info,
+                  warning=print) -> TrainerSetup:
     """Load the model training starts from and gather the shared trainer settings."""
     from peft import PeftModel
     from transformers import EarlyStoppingCallback
@@ -207,4 +209,5 @@ def trainer_setup(spec: TrainingSpec, config: TrainingConfig, method: Method, ca
         arguments=trainer_arguments(config, Path(spec.checkpoint_dir)),
         callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience), *callbacks],
         info=info,
+        warning=warning,
     )

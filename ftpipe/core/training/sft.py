@@ -46,6 +46,14 @@ def fit_rows(conversations, tokenizer, max_length: int, too_long: str) -> tuple[
             [min(lengths[id(messages)], max_length) for messages in kept])
 
 
+def left_out_warning(train_over: int, train_rows: int, eval_over: int, eval_rows: int, max_length: int) -> str:
+    """The line about task rows `too_long: drop` left out of a training."""
+    return (f"{train_over} of {train_rows} train rows ({train_over / max(train_rows, 1):.0%}) and {eval_over} of "
+            f"{eval_rows} eval rows are longer than training.max_length={max_length} tokens and were left out: the "
+            "model does not learn from them, though the evaluation scores the held-out ones; raise "
+            "training.max_length (a pass's memory grows with it) or set training.too_long: truncate")
+
+
 def build_datasets(setup: TrainerSetup):
     """(train, eval) datasets, the train rows with the setup's extra (replay) rows mixed in, the count of task rows
     over max_length and the task train rows' lengths in tokens."""
@@ -63,6 +71,9 @@ def build_datasets(setup: TrainerSetup):
     action = "dropped" if config.too_long == "drop" else "truncated"
     setup.info(f"data: {len(train)} train rows + {len(extra)} general (replay) / {len(evals)} eval rows; "
                f"{rows_too_long} over {config.max_length} tokens {action}")
+    if rows_too_long and config.too_long == "drop":
+        setup.warning(left_out_warning(train_over, len(train) + train_over, eval_over, len(evals) + eval_over,
+                                       config.max_length))
     return Dataset.from_list(train + extra), Dataset.from_list(evals), rows_too_long, lengths
 
 

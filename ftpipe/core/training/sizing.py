@@ -75,12 +75,16 @@ class Estimate:
         return self.cost.overhead_seconds + self.plan.tokens / self.cost.tokens_per_second + evaluations
 
     def line(self) -> str:
-        """`sizing: 36 steps, ~120.0k tokens, ~6.1 min at 330 tokens/s (previous run 3f2c1a9e), peak ~1.2 GiB`"""
+        """`sizing: 36 steps, ~25.8k tokens at 177 tokens/s (calibration), evaluations ~12.3k tokens at 323 tokens/s:
+        ~3.9 min in all, peak ~2.4 GiB` (the minutes count the program's start too)."""
         text = f"sizing: {self.plan.steps} steps, ~{readable.count(self.plan.tokens)} tokens"
         if self.cost is None:
             return f"{text}; no time estimate: {self.no_cost}"
-        return (f"{text}, ~{self.seconds / 60:.1f} min at {self.cost.tokens_per_second:.0f} tokens/s "
-                f"({self.cost.source}), peak ~{_gib(self.cost.peak_memory_gib)}")
+        rate = self.cost.eval_tokens_per_second
+        evaluations = (f", evaluations ~{readable.count(self.plan.eval_tokens)} tokens at {rate:.0f} tokens/s"
+                       if rate and self.plan.eval_tokens else "")
+        return (f"{text} at {self.cost.tokens_per_second:.0f} tokens/s ({self.cost.source}){evaluations}: "
+                f"~{self.seconds / 60:.1f} min in all, peak ~{_gib(self.cost.peak_memory_gib)}")
 
     def metadata(self) -> dict[str, Any]:
         """The `estimated_*` materialization entries."""

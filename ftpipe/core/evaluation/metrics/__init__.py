@@ -13,7 +13,8 @@ from ftpipe.core.evaluation.metrics.generation import Generation
 
 TASK_TYPES: dict[str, type[TaskMetrics]] = {cls.name: cls for cls in (Classification, Extraction, Generation)}
 
-__all__ = ["TASK_TYPES", "LabelChoices", "Scores", "TaskMetrics", "check_references", "label_reader", "task_metrics"]
+__all__ = ["TASK_TYPES", "LabelChoices", "Scores", "TaskMetrics", "answer_problem", "answer_rule", "check_references", "label_reader",
+           "task_metrics"]
 
 
 def task_metrics(config: EvaluationConfig) -> TaskMetrics:
@@ -24,6 +25,24 @@ def task_metrics(config: EvaluationConfig) -> TaskMetrics:
 def label_reader(config: EvaluationConfig) -> Callable[[str], str | None] | None:
     """How to read a row's label, as written, from its answer, for task types with labels (None for the others)."""
     return partial(raw_label, label_field=config.label_field) if task_metrics(config).labelled else None
+
+
+def answer_problem(config: EvaluationConfig) -> Callable[[str], str | None]:
+    """Why an answer could not serve as a reference of this task type, in one phrase naming the type (None: it
+    could): rows with such answers are quarantined and corrections refused, rather than trained on or failing the
+    evaluation that holds them out."""
+    task = task_metrics(config)
+
+    def problem(answer: str) -> str | None:
+        found = task.reference_problem(answer)
+        return f"the answer {found} (evaluation.task_type {task.name})" if found else None
+
+    return problem
+
+
+def answer_rule(config: EvaluationConfig) -> str:
+    """The settings `answer_problem` follows, as one string (for reuse keys)."""
+    return repr(sorted(config.model_dump(include={"task_type", "label_field", "answer_pattern", "answer_field"}).items()))
 
 
 def check_references(rows: list[dict], task: TaskMetrics) -> None:
