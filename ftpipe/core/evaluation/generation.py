@@ -61,8 +61,8 @@ def load_finetuned(finetuned_dir: Path | str, base: Callable[[], tuple], trust_r
 
 def load_merged(finetuned_dir: Path | str, base: Callable[[], tuple], trust_remote_code: bool = False):
     """`load_finetuned` with an adapter folded into the base weights: the model `merged_model` ships, and on a CPU
-    a fifth faster to evaluate than running each adapted projection's LoRA path beside it (the same greedy answers
-    on the demo, log-probabilities within 1e-4)."""
+    faster to evaluate than running each adapted projection's LoRA path beside it (8–19 % less time on the demo,
+    the same greedy answers, log-probabilities within 1e-4)."""
     model, tokenizer = load_finetuned(finetuned_dir, base, trust_remote_code)
     return (model.merge_and_unload().eval() if is_adapter(finetuned_dir) else model), tokenizer
 
