@@ -66,7 +66,8 @@ def test_the_same_seed_gives_the_same_adapter_weights_with_or_without_a_calibrat
     calibrated = write_spec(root, "same-seed", sizing={"plan": plan, "seconds_left": 1.0})
     stdout = run_to_end(root, calibrated)
     assert "sizing: timing a few passes of the first batch" in stdout.split("sizing: 6 steps")[0], "said before"
-    assert re.search(r"sizing: 6 steps, ~2.4k tokens at \d+ tokens/s \(calibration\): ~[\d.]+ min in all", stdout), stdout
+    line = r"sizing: 6 steps, ~2.4k tokens at \d+ tokens/s \(calibration\): ~[\d.]+ min in all"
+    assert re.search(line, stdout), stdout
     assert "but this run's dagster/max_runtime leaves 0.0 min" in stdout
     assert output_result(calibrated).produced["calibration"]["tokens_per_second"] > 0
     run_to_end(root, write_spec(root, "other-seed", seed=7))

@@ -13,8 +13,8 @@ from ftpipe.core.evaluation.metrics.generation import Generation
 
 TASK_TYPES: dict[str, type[TaskMetrics]] = {cls.name: cls for cls in (Classification, Extraction, Generation)}
 
-__all__ = ["TASK_TYPES", "LabelChoices", "Scores", "TaskMetrics", "answer_problem", "answer_rule", "check_references", "label_reader",
-           "task_metrics"]
+__all__ = ["TASK_TYPES", "LabelChoices", "Scores", "TaskMetrics", "answer_problem", "answer_rule", "check_references",
+           "label_reader", "task_metrics"]
 
 
 def task_metrics(config: EvaluationConfig) -> TaskMetrics:
@@ -42,7 +42,8 @@ def answer_problem(config: EvaluationConfig) -> Callable[[str], str | None]:
 
 def answer_rule(config: EvaluationConfig) -> str:
     """The settings `answer_problem` follows, as one string (for reuse keys)."""
-    return repr(sorted(config.model_dump(include={"task_type", "label_field", "answer_pattern", "answer_field"}).items()))
+    settings = config.model_dump(include={"task_type", "label_field", "answer_pattern", "answer_field"})
+    return repr(sorted(settings.items()))
 
 
 def check_references(rows: list[dict], task: TaskMetrics) -> None:
