@@ -82,6 +82,22 @@ def test_the_leakage_check_judges_with_the_runs_overrides(ftpipe_env: Path) -> N
         "task.yaml alone would call this split leaky"
 
 
+def test_answers_the_task_type_cannot_read_are_quarantined_and_a_changed_type_reads_the_files_again(
+        ftpipe_env: Path) -> None:
+    orders = [chat(f"order A-{i} arrived broken", json.dumps({"order_id": f"A-{i}"})) for i in range(30)]
+    orders[7] = chat("order A-7 arrived broken", "order A-7, broken")
+    folder = make_task(ftpipe_env, "orders", {"a.jsonl": orders}, "evaluation: {task_type: extraction}\n")
+    with dg.instance_for_test() as instance:
+        raw = materialization(materialize(instance, "orders"), "raw_examples")
+        assert (raw["rows_valid"], raw["rows_quarantined"]) == (29, 1)
+        [entry] = [json.loads(line) for line in Path(raw["quarantine_path"]).read_text().splitlines()]
+        assert entry["source"] == "a.jsonl:line 8"
+        assert entry["reason"] == "the answer is not a JSON object (evaluation.task_type extraction)"
+        (folder / "task.yaml").write_text("evaluation: {task_type: generation}\n")
+        raw = materialization(materialize(instance, "orders"), "raw_examples")
+    assert (raw["rows_valid"], raw["rows_quarantined"]) == (30, 0), "any answer is one of a generation task"
+
+
 def test_zero_valid_rows_fails_naming_the_folder(ftpipe_env: Path) -> None:
     make_task(ftpipe_env, "empty", {"a.jsonl": [{"nothing": 1}]})
     with dg.instance_for_test() as instance, pytest.raises(Exception, match="no usable rows"):

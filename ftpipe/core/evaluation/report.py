@@ -82,7 +82,7 @@ def overview(metrics: dict[str, Any]) -> str:
         parts.append("Forgetting not checked (no probe file).")
     parts.append(_base_outputs(m))
     if (cut_off := cut_off_warning(m)) is not None:
-        parts.append(f"**{cut_off[0].upper()}{cut_off[1:]}.**")
+        parts.append(f"**{cut_off}.**")
     return " ".join(parts)
 
 
