@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -60,10 +61,7 @@ def test_rows_whose_answers_ended_leave_the_batch_and_no_answer_changes(noisy_mo
             first_at.setdefault(token, set()).add(ids.index(token))
     stop = max(first_at, key=lambda token: len(first_at[token]))  # answers end early, each at its own step
     monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, stop])
-    decoding_rows: list[int] = []
-    hook = model.register_forward_pre_hook(
-        lambda module, args, kwargs: decoding_rows.append(len(kwargs["input_ids"]))
-        if kwargs["input_ids"].shape[1] == 1 else None, with_kwargs=True)
+    decoding_rows, hook = _decoding_rows(model)
     try:
         batched = generate(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=10_000)
     finally:
@@ -75,6 +73,59 @@ def test_rows_whose_answers_ended_leave_the_batch_and_no_answer_changes(noisy_mo
     scored = answers_and_logprobs(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=10_000,
                                   continuations=[[encode(tokenizer, "red")] for _ in prompts])
     assert scored.answers == batched, "decoding on from the cache of the prompts' scoring pass, as evaluation does"
+
+
+def _decoding_rows(model) -> tuple[list[int], object]:
+    """The rows of every decoding step (one new token per row) the model runs, and the hook that counts them."""
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(len(kwargs["input_ids"]))
+        if kwargs["input_ids"].shape[1] == 1 else None, with_kwargs=True)
+    return rows, hook
+
+
+def test_answers_complete_for_the_task_type_stop_early_and_are_the_full_answers_cut_there(noisy_model):
+    model, tokenizer = noisy_model
+    prompts = varied_prompts(20)
+
+    def first_word_end(text: str) -> int | None:  # a rule of the task type's kind: text after it changes nothing
+        found = re.search(r"[A-Za-z]{2,}(?=[^A-Za-z])", text)
+        return found.end() if found else None
+
+    full = generate(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=10_000)
+    decoding_rows, hook = _decoding_rows(model)
+    try:
+        cut = answers_and_logprobs(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=10_000,
+                                   answer_end=first_word_end).answers
+    finally:
+        hook.remove()
+    assert cut == [answer[:first_word_end(answer)] for answer in full]
+    assert sum(first_word_end(answer) is not None for answer in full) >= len(prompts) // 2, "the rule applies"
+    assert sum(decoding_rows) < 0.8 * len(prompts) * 11, "rows with a complete answer left the batch"
+
+
+@pytest.mark.parametrize("answer, end", [
+    ('{"category": "billing", "priority": "high"} because the card was charged twice', 43),
+    ('Sure: {"items": [{"sku": "A1"}], "note": "}"} and more', 45),
+    ('{"category": "billing", "priority": ', None),  # not closed yet
+    ("billing", None),
+    ('{category: billing} then {"category": "billing"}', None),  # the first object is not JSON: read on
+])
+def test_a_json_answer_is_complete_where_its_first_object_closes_and_scores_as_the_whole_answer(answer, end):
+    from ftpipe.core.evaluation.metrics.base import first_json_object, first_object_end
+
+    assert first_object_end(answer) == end
+    extraction = task_metrics(EvaluationConfig(task_type="extraction"))
+    classification = task_metrics(EvaluationConfig(task_type="classification", label_field="category"))
+    assert extraction.answer_end() is first_object_end and classification.answer_end() is first_object_end
+    assert task_metrics(EvaluationConfig(task_type="classification")).answer_end() is None, "a bare label: the turn"
+    for cut_at in range(len(answer) + 1):  # generation stops at the first prefix the rule finds complete
+        if (found := first_object_end(answer[:cut_at])) is not None:
+            kept = answer[:cut_at][:found]
+            assert first_json_object(kept) == first_json_object(answer)
+            for task, references in ((extraction, [answer]), (classification, ['{"category": "billing"}'])):
+                assert task.scores([kept], references).summary == task.scores([answer], references).summary
+            break
 
 
 def test_rows_leave_only_a_dynamic_cache_of_attention_layers(noisy_model, monkeypatch):
@@ -312,6 +363,14 @@ def labels(rows: list[dict]) -> list[str]:
     return list(task_metrics(CLASSIFY).spellings([row["messages"][-1]["content"] for row in rows]).values())
 
 
+def predicted(result: dict) -> list[dict]:
+    """Every column's answers of an evaluation, per held-out row."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(result["predictions_path"], columns=["base_answer", "fewshot_answer",
+                                                              "finetuned_answer"]).to_pylist()
+
+
 def test_bad_adapter_fails_the_gate_then_the_base_comes_from_the_cache(workspace, tmp_path, passes):
     cache = tmp_path / "cache"
     bad = evaluate(workspace, "bad_adapter", tmp_path / "bad", cache=cache)
@@ -345,12 +404,6 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
         workspace, tmp_path, passes):
     cache, first_rows = tmp_path / "cache", EVAL_ROWS - 8
 
-    def answers(result: dict) -> list[dict]:
-        import pyarrow.parquet as pq
-
-        columns = ["id", "base_answer", "fewshot_answer", "finetuned_answer"]
-        return pq.read_table(result["predictions_path"], columns=columns).to_pylist()
-
     first = evaluate(workspace, "bad_adapter", tmp_path / "first", cache=cache,
                      config=CLASSIFY.model_copy(update={"max_rows": first_rows}))
     rows = read_examples(workspace / "eval.parquet")
@@ -370,13 +423,33 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
         grown["report_markdown"])
     assert grown["labels_without_heldout_rows"] == [] and "no held-out row" not in grown["report_markdown"]
     cold = evaluate(workspace, "bad_adapter", tmp_path / "cold", cache=tmp_path / "cold-cache")
-    assert answers(grown) == answers(cold) and len(answers(cold)) == EVAL_ROWS
+    assert predicted(grown) == predicted(cold) and len(predicted(cold)) == EVAL_ROWS
     for name in ("base_score", "fewshot_score", "finetuned_score", "probe_base_accuracy", "probe_finetuned_accuracy",
                  "metrics"):  # "metrics": every column's scores, label likelihood accuracy included
         assert grown[name] == cold[name], name
     assert "label_likelihood_accuracy" in cold["metrics"]["fewshot"]
     for name in ("base_loss", "finetuned_loss", "forgetting"):  # sums over rows batched differently
         assert grown[name] == pytest.approx(cold[name], rel=1e-5, abs=1e-6), name
+
+
+def test_the_task_types_answer_end_cuts_every_columns_answers_and_keys_their_cache(
+        workspace, tmp_path, passes, monkeypatch):
+    from ftpipe.core.evaluation.metrics.classification import Classification
+
+    def two_letters(text: str) -> int | None:
+        return 2 if len(text) >= 2 else None
+
+    whole = Classification.answer_end
+    monkeypatch.setattr(Classification, "answer_end", lambda self: two_letters)
+    cut = evaluate(workspace, "bad_adapter", tmp_path / "cut", cache=tmp_path / "cache")
+    assert answered(passes) == [EVAL_ROWS, len(COLORS), EVAL_ROWS, EVAL_ROWS, len(COLORS)]
+    monkeypatch.setattr(Classification, "answer_end", whole)
+    passes.clear()
+    full = evaluate(workspace, "bad_adapter", tmp_path / "full", cache=tmp_path / "cache")
+    assert answered(passes) == [EVAL_ROWS] * 3, "answered again, each column; the probe's answers kept"
+    for short, long in zip(predicted(cut), predicted(full)):
+        assert all(len(short[column]) <= 2 and short[column] == long[column][:2] for column in short)
+    assert any(len(answer) > 2 for row in predicted(full) for answer in row.values())
 
 
 def test_changing_gate_thresholds_flips_the_gate_without_generating(workspace, tmp_path, passes):

@@ -20,6 +20,7 @@ LOGITS_COST = 8  # KV cache tokens a continuation token counts as: its log-proba
 ROUND_TOKENS = 4  # decoding steps between dropping the rows whose answers ended
 
 Progress = Callable[[int, int], None]
+AnswerEnd = Callable[[str], int | None]  # where an answer is complete (`TaskMetrics.answer_end`), None while not
 Scored = tuple[list[int], int]  # (token ids of prompt + answer, how many leading ids are prompt)
 
 
@@ -196,12 +197,12 @@ def rows_can_leave(model) -> bool:
     return not any(DynamicCache(config=model.config).is_linear)
 
 
-def _decode(model, ids, mask, cache, *, max_new_tokens: int, stops: list[int], pad_id: int,
-            output_logits: bool) -> tuple[list[list[int]], list[Any]]:
+def _decode(model, ids, mask, cache, *, max_new_tokens: int, stops: list[int], pad_id: int, output_logits: bool,
+            complete: Callable[[list[int]], bool]) -> tuple[list[list[int]], list[Any]]:
     """(new token ids, per-step logits or None) of each row of a batch, decoded greedily from `cache` in rounds of
-    ROUND_TOKENS steps: a row that met a stop token leaves the batch at the end of its round, so the rows still
-    answering do not carry the finished ones (in one `generate` call every row runs as long as the longest). One
-    round when the cache cannot drop rows (`rows_can_leave`)."""
+    ROUND_TOKENS steps: a row that met a stop token or whose answer is `complete` leaves the batch at the end of its
+    round, so the rows still answering do not carry the finished ones (in one `generate` call every row runs as long
+    as the longest). One round when the cache cannot drop rows (`rows_can_leave`)."""
     import torch
 
     round_tokens = ROUND_TOKENS if rows_can_leave(model) else max_new_tokens
@@ -221,7 +222,8 @@ def _decode(model, ids, mask, cache, *, max_new_tokens: int, stops: list[int], p
             new[row] += fresh[position].tolist()
             if output_logits:
                 logits[row].append(steps[position])
-        going = [position for position, row in enumerate(rows) if not set(new[row]) & set(stops)]
+        going = [position for position, row in enumerate(rows)
+                 if not set(new[row]) & set(stops) and not complete(new[row])]
         cache = out.cache
         cache.batch_select_indices(torch.tensor(going, dtype=torch.long, device=model.device))
         sequences = out.sequences[going]
@@ -243,8 +245,17 @@ class Batch:
     answer_seconds: float
 
 
+def answer_text(tokenizer, ids: list[int], stops: list[int], answer_end: AnswerEnd | None) -> str:
+    """The answer that generated token `ids` give: up to the first stop token, cut where `answer_end` finds it
+    complete."""
+    text = tokenizer.decode(_cut_at_stop(ids, stops), skip_special_tokens=True).strip()
+    end = answer_end(text) if answer_end else None
+    return text if end is None else text[:end]
+
+
 def prompt_batches(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_tokens: int,
-                   continuations: list[list[list[int]]] | None = None, output_logits: bool = False) -> Iterator[Batch]:
+                   continuations: list[list[list[int]]] | None = None, output_logits: bool = False,
+                   answer_end: AnswerEnd | None = None) -> Iterator[Batch]:
     """Greedy answers to `prompts` (token ids) and the log-likelihood of `continuations` (token ids scored right
     after each prompt), with one pass over each prompt for both.
 
@@ -252,11 +263,16 @@ def prompt_batches(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     plus `max_new_tokens`: `token_chunks`), left-padded; the tokens all prompts start with run once (`shared_prefix`),
     and each batch continues from a copy of their cache. A batch with continuations runs its prompts first, scores
     every continuation on copies of that KV cache (`continuation_logprobs`), then decodes from the same cache;
-    without, decoding runs the prompts itself. Decoding drops the rows whose answers ended as it goes (`_decode`).
+    without, decoding runs the prompts itself. Decoding drops the rows whose answers ended as it goes (`_decode`):
+    at a stop token, or where `answer_end` (of the text so far) finds the answer complete, and cut there.
     `max_new_tokens` 0 only scores.
     """
     stops = stop_token_ids(model, tokenizer)
     pad_id = pad_id_of(tokenizer, stops[0])
+
+    def complete(ids: list[int]) -> bool:
+        return answer_end is not None and answer_end(answer_text(tokenizer, ids, stops, None)) is not None
+
     prefix = shared_prefix(model, prompts)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     for indices in token_chunks(order, [len(ids) + max_new_tokens for ids in prompts], batch_tokens):
@@ -270,9 +286,8 @@ def prompt_batches(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
         answers, logits = [""] * len(indices), [None] * len(indices)
         if max_new_tokens:
             new_tokens, logits = _decode(model, ids, mask, cache, max_new_tokens=max_new_tokens, stops=stops,
-                                         pad_id=pad_id, output_logits=output_logits)
-            answers = [tokenizer.decode(_cut_at_stop(seq, stops), skip_special_tokens=True).strip()
-                       for seq in new_tokens]
+                                         pad_id=pad_id, output_logits=output_logits, complete=complete)
+            answers = [answer_text(tokenizer, seq, stops, answer_end) for seq in new_tokens]
         yield Batch(indices, answers, logits, logprobs, time.perf_counter() - started - scoring)
 
 
@@ -360,15 +375,17 @@ class Answered:
 
 
 def answers_and_logprobs(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_tokens: int,
-                         continuations: list[list[list[int]]] | None = None,
+                         continuations: list[list[list[int]]] | None = None, answer_end: AnswerEnd | None = None,
                          progress: Progress | None = None) -> Answered:
-    """Greedy answers to chat `prompts` and the summed log-probability of each prompt's `continuations` (token ids
-    right after its prompt), one pass over each prompt for both (`prompt_batches`); `progress(done, total)` per batch."""
+    """Greedy answers to chat `prompts` (each ending where `answer_end` finds it complete, if given) and the summed
+    log-probability of each prompt's `continuations` (token ids right after its prompt), one pass over each prompt for
+    both (`prompt_batches`); `progress(done, total)` per batch."""
     answers: list[str] = [""] * len(prompts)
     logprobs: list[list[float]] = [[] for _ in prompts]
     done, seconds = 0, 0.0
     for batch in prompt_batches(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts],
-                                max_new_tokens=max_new_tokens, batch_tokens=batch_tokens, continuations=continuations):
+                                max_new_tokens=max_new_tokens, batch_tokens=batch_tokens, continuations=continuations,
+                                answer_end=answer_end):
         for position, index in enumerate(batch.indices):
             answers[index], logprobs[index] = batch.answers[position], batch.logprobs[position]
         done, seconds = done + len(batch.indices), seconds + batch.answer_seconds

@@ -20,8 +20,8 @@ from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.fewshot import fewshot_prompt
 from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS
 from ftpipe.core.evaluation.generation import (
-    answer_tokens, answers_and_logprobs, conversation_logprobs, encode, inference_device, is_adapter, load_merged,
-    load_model, loss_of, mean_prompt_tokens, prompt_ids,
+    AnswerEnd, answer_tokens, answers_and_logprobs, conversation_logprobs, encode, inference_device, is_adapter,
+    load_merged, load_model, loss_of, mean_prompt_tokens, prompt_ids,
 )
 from ftpipe.core.evaluation.label_likelihood import likeliest, top_label_correct, whole_answers
 from ftpipe.core.evaluation.metrics import LabelChoices, TaskMetrics
@@ -29,7 +29,7 @@ from ftpipe.core.evaluation.preference import chosen_preferred, pair_conversatio
 from ftpipe.core.evaluation.row_cache import RowCache
 from ftpipe.core.storage import write_text
 
-CACHE_FORMAT = "4"  # bump when the cached content or the decoding code changes
+CACHE_FORMAT = "5"  # bump when the cached content or the decoding code changes
 
 Log = Callable[[str], None]
 TUNED = {"sft": "SFT", "finetuned": "fine-tuned"}  # the trained models, in the order they are evaluated
@@ -54,15 +54,32 @@ class ModelOutputs:
 
 
 @dataclass(frozen=True)
+class Answering:
+    """How answers are generated: at most `max_new_tokens` (0: none), ending at the end of the turn or where
+    `answer_end` (the task type's, if any) finds them complete."""
+
+    max_new_tokens: int
+    answer_end: AnswerEnd | None = None
+
+    @property
+    def settings(self) -> Any:
+        """The answers' settings in the per-row cache: the token limit, and the completion rule where there is one
+        (so answers made without one keep their keys)."""
+        return self.max_new_tokens if self.answer_end is None else [self.max_new_tokens, self.answer_end.__name__]
+
+
+@dataclass(frozen=True)
 class Heldout:
     """The held-out rows under evaluation, their prompts, the label set to rank (if any), the complete answers
-answers are constrained to (if they are), the probe and the held-out preference pairs."""
+answers are constrained to (if they are), the probe, the held-out preference pairs, and where the task type finds
+an answer complete (if anywhere before the end of the turn)."""
 
     rows: list[dict]
     probe: list[dict]
     choices: LabelChoices | None
     labels: list[str] | None = None
     pairs: list[dict] = field(default_factory=list)
+    answer_end: AnswerEnd | None = None
 
     @classmethod
     def of(cls, rows: list[dict], probe: list[dict], task: TaskMetrics, train_rows: list[dict] = (),
@@ -72,7 +89,7 @@ answers are constrained to (if they are), the probe and the held-out preference 
         references, train_references = ([row["messages"][-1]["content"] for row in part] for part in (rows, train_rows))
         labels = task.label_answers(train_references + references) if constrained else None
         return cls(rows=rows, probe=probe, choices=task.label_choices(references, train_references),
-                   labels=labels, pairs=pairs or [])
+                   labels=labels, pairs=pairs or [], answer_end=task.answer_end())
 
     @property
     def ids(self) -> list[str]:
@@ -128,12 +145,13 @@ def _reference_scoring(tokenizer, conversations: list[list[dict]]) -> Scoring:
     return Scoring("answer logprob", items, continuations, _with_counts)
 
 
-def _at_once(model, tokenizer, rows: RowCache, prompts: list[list[dict]], max_new_tokens: int,
+def _at_once(model, tokenizer, rows: RowCache, prompts: list[list[dict]], answering: Answering,
              scorings: list[Scoring], batch_tokens: int, progress) -> int:
-    """Store in `rows` what one pass over each prompt gives: its greedy answer (with `max_new_tokens`) and the values
-    of each of `scorings` it lacks; return how many prompts ran. A prompt whose answer is stored is not answered
-    again: a scoring it lacks (a label that new rows brought) runs alone."""
-    unanswered = set(rows.missing("answer", prompts, max_new_tokens)) if max_new_tokens else set()
+    """Store in `rows` what one pass over each prompt gives: its greedy answer (`answering`) and the values of each
+    of `scorings` it lacks; return how many prompts ran. A prompt whose answer is stored is not answered again: a
+    scoring it lacks (a label that new rows brought) runs alone."""
+    answers = answering.max_new_tokens > 0
+    unanswered = set(rows.missing("answer", prompts, answering.settings)) if answers else set()
     unscored: dict[int, list[Scoring]] = {}
     for scoring in scorings:
         owners = [row for row, items in enumerate(scoring.items) for _ in items]
@@ -142,27 +160,29 @@ def _at_once(model, tokenizer, rows: RowCache, prompts: list[list[dict]], max_ne
             unscored.setdefault(row, []).append(scoring)
     if unanswered:
         _one_pass(model, tokenizer, rows, prompts, {row: unscored.get(row, []) for row in unanswered},
-                  max_new_tokens, batch_tokens, progress)
+                  answering, batch_tokens, progress)
     if set(unscored) - unanswered:
         _one_pass(model, tokenizer, rows, prompts,
-                  {row: wanted for row, wanted in unscored.items() if row not in unanswered}, 0, batch_tokens,
-                  None if max_new_tokens else progress)  # answers constrained to labels are scorings
+                  {row: wanted for row, wanted in unscored.items() if row not in unanswered}, Answering(0),
+                  batch_tokens, None if answers else progress)  # answers constrained to labels are scorings
     return len(unanswered | set(unscored))
 
 
 def _one_pass(model, tokenizer, rows: RowCache, prompts: list[list[dict]], work: dict[int, list[Scoring]],
-              max_new_tokens: int, batch_tokens: int, progress) -> None:
-    """Answer (with `max_new_tokens`) the prompts of indices `work` and score their scorings in `work`, storing what
-    `rows` lacks (each scoring value with its prompt's time)."""
+              answering: Answering, batch_tokens: int, progress) -> None:
+    """Answer (`answering`) the prompts of indices `work` and score their scorings in `work`, storing what `rows`
+    lacks (each scoring value with its prompt's time)."""
     todo = sorted(work)
     started = time.perf_counter()
     done = answers_and_logprobs(
-        model, tokenizer, [prompts[i] for i in todo], max_new_tokens=max_new_tokens, batch_tokens=batch_tokens,
+        model, tokenizer, [prompts[i] for i in todo], max_new_tokens=answering.max_new_tokens,
+        batch_tokens=batch_tokens, answer_end=answering.answer_end,
         continuations=[[ids for scoring in work[i] for ids in scoring.continuations[i]] for i in todo],
         progress=progress)
     seconds = (time.perf_counter() - started) / len(todo)
-    if max_new_tokens:
-        rows.add("answer", [prompts[i] for i in todo], done.answers, done.answer_seconds / len(todo), max_new_tokens)
+    if answering.max_new_tokens:
+        rows.add("answer", [prompts[i] for i in todo], done.answers, done.answer_seconds / len(todo),
+                 answering.settings)
     scored: dict[str, tuple[Scoring, list, list]] = {}  # kind: (scoring, items, values)
     for position, row in enumerate(todo):
         found = iter(done.logprobs[position])
@@ -186,12 +206,13 @@ def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout,
     references = _reference_scoring(tokenizer, conversations) if full else None
     if constrained:
         log(f"{name}: answering {len(prompts)} held-out rows with one of {len(heldout.labels)} labels")
-    ran = _at_once(model, tokenizer, rows, prompts, 0 if constrained else config.max_new_tokens,
+    answering = Answering(0 if constrained else config.max_new_tokens, heldout.answer_end)
+    ran = _at_once(model, tokenizer, rows, prompts, answering,
                    [scoring for scoring in (constrained, ranked, references) if scoring], config.batch_tokens,
                    lambda done, total: log(f"{name}: answered {done}/{total} held-out rows not answered before"))
     if ran < len(prompts):
         log(f"{name}: {len(prompts) - ran} of {len(prompts)} held-out rows' results from the per-row cache")
-    kind, settings = ("constrained answer", heldout.labels) if constrained else ("answer", config.max_new_tokens)
+    kind, settings = ("constrained answer", heldout.labels) if constrained else ("answer", answering.settings)
     outputs = ModelOutputs(ids=heldout.ids, answers=rows.stored(kind, prompts, settings),
                            prompt_tokens=mean_prompt_tokens(tokenizer, prompts),
                            seconds_per_row=rows.seconds_per_item(kind, prompts, settings), rows_run=ran)
@@ -223,7 +244,7 @@ def _add_probe(model, tokenizer, probe: list[dict], batch_tokens: int, outputs: 
         return
     prompts = [row["messages"] for row in probe]
     conversations = [row["messages"] + [{"role": "assistant", "content": row["reference"]}] for row in probe]
-    ran = _at_once(model, tokenizer, rows, prompts, PROBE_MAX_NEW_TOKENS,
+    ran = _at_once(model, tokenizer, rows, prompts, Answering(PROBE_MAX_NEW_TOKENS),
                    [_reference_scoring(tokenizer, conversations)], batch_tokens,
                    lambda done, total: log(f"answered {done}/{total} probe rows not answered before"))
     outputs.probe_answers = rows.stored("answer", prompts, PROBE_MAX_NEW_TOKENS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,6 +28,16 @@ def first_json_object(text: str) -> dict | None:
         if isinstance(value, dict):
             return value
     return None
+
+
+def first_object_end(text: str) -> int | None:
+    """Where the JSON object opened by the first `{` of `text` closes (None: no `{`, not closed yet, or not JSON).
+    Text after it cannot change what `first_json_object` finds."""
+    start = text.find("{")
+    try:
+        return json.JSONDecoder().raw_decode(text, start)[1] if start >= 0 else None
+    except json.JSONDecodeError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,12 @@ class TaskMetrics:
     def group(self, reference: str) -> str:
         """The group of a row for picking varied few-shot examples (one group unless a type has labels)."""
         return ""
+
+    def answer_end(self) -> Callable[[str], int | None] | None:
+        """Where an answer being generated is complete, as far as every score of this type goes (a position in the
+        text so far, None while it is not): generation stops and the answer is cut there. None: the model's end of
+        turn ends the answer."""
+        return None
 
     def valid_outputs(self, answers: list[str], references: list[str]) -> list[bool]:
         """Per answer, whether it has the form of the task's answers (judged against the training `references`)."""

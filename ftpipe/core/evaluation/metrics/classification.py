@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
-from ftpipe.core.evaluation.metrics.base import LabelChoices, Scores, TaskMetrics, first_json_object
+from ftpipe.core.evaluation.metrics.base import LabelChoices, Scores, TaskMetrics, first_json_object, first_object_end
 from ftpipe.core.text import loose, markdown_table
 
 UNPARSEABLE = "(unparseable)"
@@ -87,6 +88,11 @@ class Classification(TaskMetrics):
 
     def expected_label(self, reference: str) -> str:
         return parse_label(reference, self.config.label_field) or loose(reference)
+
+    def answer_end(self) -> Callable[[str], int | None] | None:
+        """With a `label_field`, the first JSON object's closing brace (the label is read from that object only); a
+        bare label is the whole answer, so its end is the end of the turn."""
+        return first_object_end if self.config.label_field else None
 
     def valid_outputs(self, answers: list[str], references: list[str]) -> list[bool]:
         """A label of the training set."""

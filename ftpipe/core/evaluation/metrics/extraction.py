@@ -3,7 +3,9 @@ share of the reference's fields answered right (overall and by field)."""
 
 from __future__ import annotations
 
-from ftpipe.core.evaluation.metrics.base import Scores, TaskMetrics, first_json_object, mean
+from collections.abc import Callable
+
+from ftpipe.core.evaluation.metrics.base import Scores, TaskMetrics, first_json_object, first_object_end, mean
 
 
 def field_hits(wanted: dict, got: dict | None) -> dict[str, float]:
@@ -14,6 +16,10 @@ def field_hits(wanted: dict, got: dict | None) -> dict[str, float]:
 class Extraction(TaskMetrics):
     name = "extraction"
     primary = "exact_match"
+
+    def answer_end(self) -> Callable[[str], int | None]:
+        """The first JSON object's closing brace: every metric reads that object only."""
+        return first_object_end
 
     def valid_outputs(self, answers: list[str], references: list[str]) -> list[bool]:
         """A JSON object with every field all the training answers have."""
