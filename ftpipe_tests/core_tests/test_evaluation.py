@@ -104,6 +104,14 @@ def test_answers_complete_for_the_task_type_stop_early_and_are_the_full_answers_
     assert sum(decoding_rows) < 0.8 * len(prompts) * 11, "rows with a complete answer left the batch"
 
 
+def _cut_as_generation_would(answer: str, answer_end) -> str:
+    """`answer` as generation keeps it under `answer_end`: cut where the rule first finds a prefix complete."""
+    for length in range(len(answer) + 1):
+        if (found := answer_end(answer[:length])) is not None:
+            return answer[:length][:found]
+    return answer
+
+
 @pytest.mark.parametrize("answer, end", [
     ('{"category": "billing", "priority": "high"} because the card was charged twice', 43),
     ('Sure: {"items": [{"sku": "A1"}], "note": "}"} and more', 45),
@@ -112,20 +120,40 @@ def test_answers_complete_for_the_task_type_stop_early_and_are_the_full_answers_
     ('{category: billing} then {"category": "billing"}', None),  # the first object is not JSON: read on
 ])
 def test_a_json_answer_is_complete_where_its_first_object_closes_and_scores_as_the_whole_answer(answer, end):
-    from ftpipe.core.evaluation.metrics.base import first_json_object, first_object_end
+    from ftpipe.core.evaluation.metrics.base import FIRST_JSON_OBJECT, first_json_object
 
-    assert first_object_end(answer) == end
+    assert FIRST_JSON_OBJECT(answer) == end
+    references = ['{"category": "billing", "priority": "high"}']
     extraction = task_metrics(EvaluationConfig(task_type="extraction"))
     classification = task_metrics(EvaluationConfig(task_type="classification", label_field="category"))
-    assert extraction.answer_end() is first_object_end and classification.answer_end() is first_object_end
-    assert task_metrics(EvaluationConfig(task_type="classification")).answer_end() is None, "a bare label: the turn"
-    for cut_at in range(len(answer) + 1):  # generation stops at the first prefix the rule finds complete
-        if (found := first_object_end(answer[:cut_at])) is not None:
-            kept = answer[:cut_at][:found]
-            assert first_json_object(kept) == first_json_object(answer)
-            for task, references in ((extraction, [answer]), (classification, ['{"category": "billing"}'])):
-                assert task.scores([kept], references).summary == task.scores([answer], references).summary
-            break
+    assert extraction.answer_end(references) == classification.answer_end(references) == FIRST_JSON_OBJECT
+    kept = _cut_as_generation_would(answer, FIRST_JSON_OBJECT)
+    assert first_json_object(kept) == first_json_object(answer) and (end is None) == (kept == answer)
+    for task in (extraction, classification):
+        assert task.scores([kept], references).summary == task.scores([answer], references).summary
+
+
+@pytest.mark.parametrize("answer, kept", [
+    ("Billing", "Billing"),
+    ("feature request.", "feature request."),
+    ("Feature  REQUEST!\n", "Feature  REQUEST!\n"),  # spacing, case and punctuation aside, a label
+    ("Feature-Request", "Feature-R"),  # punctuation goes, so this is "featurerequest": no label
+    ("feature requests", "feature requests"),  # past the label at its last letter
+    ("billing\nThe customer was charged twice.", "billing\nT"),  # goes on past the label line
+    ("I'm sorry to hear that. Let me help.", "I"),  # no label starts so
+    ("bill", "bill"),  # may still become one
+])
+def test_a_bare_label_answer_is_complete_once_it_can_no_longer_become_a_label_and_scores_as_the_whole(
+        answer, kept):
+    references = ["billing", "Feature request", "account"]
+    classification = task_metrics(EvaluationConfig(task_type="classification"))
+    answer_end = classification.answer_end(references + ["Billing"])
+    assert answer_end.key == ["past the labels", (("account",), ("billing",), ("feature", "request"))]
+    assert _cut_as_generation_would(answer, answer_end) == kept
+    for reference in references:
+        assert classification.scores([kept], [reference]).summary == classification.scores(
+            [answer], [reference]).summary
+        assert classification.valid_outputs([kept], references) == classification.valid_outputs([answer], references)
 
 
 def test_rows_leave_only_a_dynamic_cache_of_attention_layers(noisy_model, monkeypatch):
@@ -432,24 +460,22 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
         assert grown[name] == pytest.approx(cold[name], rel=1e-5, abs=1e-6), name
 
 
-def test_the_task_types_answer_end_cuts_every_columns_answers_and_keys_their_cache(
+def test_answers_stop_past_the_labels_with_the_scores_of_whole_answers_and_keyed_apart_in_the_cache(
         workspace, tmp_path, passes, monkeypatch):
     from ftpipe.core.evaluation.metrics.classification import Classification
 
-    def two_letters(text: str) -> int | None:
-        return 2 if len(text) >= 2 else None
-
-    whole = Classification.answer_end
-    monkeypatch.setattr(Classification, "answer_end", lambda self: two_letters)
-    cut = evaluate(workspace, "bad_adapter", tmp_path / "cut", cache=tmp_path / "cache")
-    assert answered(passes) == [EVAL_ROWS, len(COLORS), EVAL_ROWS, EVAL_ROWS, len(COLORS)]
-    monkeypatch.setattr(Classification, "answer_end", whole)
+    past_the_labels = Classification.answer_end
+    monkeypatch.setattr(Classification, "answer_end", lambda self, references: None)  # to the end of the turn
+    whole = evaluate(workspace, "bad_adapter", tmp_path / "whole", cache=tmp_path / "cache")
+    monkeypatch.setattr(Classification, "answer_end", past_the_labels)
     passes.clear()
-    full = evaluate(workspace, "bad_adapter", tmp_path / "full", cache=tmp_path / "cache")
+    stopped = evaluate(workspace, "bad_adapter", tmp_path / "stopped", cache=tmp_path / "cache")
     assert answered(passes) == [EVAL_ROWS] * 3, "answered again, each column; the probe's answers kept"
-    for short, long in zip(predicted(cut), predicted(full)):
-        assert all(len(short[column]) <= 2 and short[column] == long[column][:2] for column in short)
-    assert any(len(answer) > 2 for row in predicted(full) for answer in row.values())
+    for name in ("base_score", "fewshot_score", "finetuned_score", "metrics", "passed"):
+        assert stopped[name] == whole[name], name
+    pairs = [(row[column], full[column]) for row, full in zip(predicted(stopped), predicted(whole)) for column in row]
+    assert all(full.startswith(cut) for cut, full in pairs)
+    assert sum(cut != full for cut, full in pairs) >= EVAL_ROWS // 2, "answers past the labels stop early"
 
 
 def test_changing_gate_thresholds_flips_the_gate_without_generating(workspace, tmp_path, passes):

@@ -20,11 +20,11 @@ from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.fewshot import fewshot_prompt
 from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS
 from ftpipe.core.evaluation.generation import (
-    AnswerEnd, answer_tokens, answers_and_logprobs, conversation_logprobs, encode, inference_device, is_adapter,
+    answer_tokens, answers_and_logprobs, conversation_logprobs, encode, inference_device, is_adapter,
     load_merged, load_model, loss_of, mean_prompt_tokens, prompt_ids,
 )
 from ftpipe.core.evaluation.label_likelihood import likeliest, top_label_correct, whole_answers
-from ftpipe.core.evaluation.metrics import LabelChoices, TaskMetrics
+from ftpipe.core.evaluation.metrics import AnswerEnd, LabelChoices, TaskMetrics
 from ftpipe.core.evaluation.preference import chosen_preferred, pair_conversations
 from ftpipe.core.evaluation.row_cache import RowCache
 from ftpipe.core.storage import write_text
@@ -65,7 +65,7 @@ class Answering:
     def settings(self) -> Any:
         """The answers' settings in the per-row cache: the token limit, and the completion rule where there is one
         (so answers made without one keep their keys)."""
-        return self.max_new_tokens if self.answer_end is None else [self.max_new_tokens, self.answer_end.__name__]
+        return self.max_new_tokens if self.answer_end is None else [self.max_new_tokens, self.answer_end.key]
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ an answer complete (if anywhere before the end of the turn)."""
         references, train_references = ([row["messages"][-1]["content"] for row in part] for part in (rows, train_rows))
         labels = task.label_answers(train_references + references) if constrained else None
         return cls(rows=rows, probe=probe, choices=task.label_choices(references, train_references),
-                   labels=labels, pairs=pairs or [], answer_end=task.answer_end())
+                   labels=labels, pairs=pairs or [], answer_end=task.answer_end(train_references + references))
 
     @property
     def ids(self) -> list[str]:

@@ -113,7 +113,7 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
     examples = _examples(train_rows, {row["id"] for row in eval_rows}, task, config)
     base_key = {"base": base_fingerprint, "eval": eval_version, "probe": probe_hash, "probe_rows": len(heldout.probe),
                 "probe_max_new_tokens": PROBE_MAX_NEW_TOKENS, "labels": heldout.labels,
-                "answer_end": heldout.answer_end.__name__ if heldout.answer_end else None,
+                "answer_end": heldout.answer_end.key if heldout.answer_end else None,
                 **config.model_dump(include={"task_type", "label_field", "max_rows", "max_new_tokens", "batch_size"}),
                 **({"preference_pairs": [pair["id"] for pair in pairs]} if pairs else {})}  # keeps older caches valid
     outputs, base_rows_run = all_outputs(

@@ -6,15 +6,15 @@ from collections.abc import Callable
 from functools import partial
 
 from ftpipe.config import EvaluationConfig
-from ftpipe.core.evaluation.metrics.base import LabelChoices, Scores, TaskMetrics
+from ftpipe.core.evaluation.metrics.base import AnswerEnd, LabelChoices, Scores, TaskMetrics
 from ftpipe.core.evaluation.metrics.classification import Classification, raw_label
 from ftpipe.core.evaluation.metrics.extraction import Extraction
 from ftpipe.core.evaluation.metrics.generation import Generation
 
 TASK_TYPES: dict[str, type[TaskMetrics]] = {cls.name: cls for cls in (Classification, Extraction, Generation)}
 
-__all__ = ["TASK_TYPES", "LabelChoices", "Scores", "TaskMetrics", "answer_problem", "answer_rule", "check_references",
-           "label_reader", "task_metrics"]
+__all__ = ["TASK_TYPES", "AnswerEnd", "LabelChoices", "Scores", "TaskMetrics", "answer_problem", "answer_rule",
+           "check_references", "label_reader", "task_metrics"]
 
 
 def task_metrics(config: EvaluationConfig) -> TaskMetrics:

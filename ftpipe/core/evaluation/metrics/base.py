@@ -41,6 +41,22 @@ def first_object_end(text: str) -> int | None:
 
 
 @dataclass(frozen=True)
+class AnswerEnd:
+    """Where an answer being generated is complete as far as every score of its task type goes: `find(text so far)`
+    is that position, None while it is not; generation stops and the answer is cut there. `key` names the rule and
+    what it depends on (the per-row cache keeps answers by it)."""
+
+    key: Any
+    find: Callable[[str], int | None]
+
+    def __call__(self, text: str) -> int | None:
+        return self.find(text)
+
+
+FIRST_JSON_OBJECT = AnswerEnd("first JSON object", first_object_end)
+
+
+@dataclass(frozen=True)
 class Scores:
     """`rows`: per-row score lists by metric name; `extra`: summary-only values; `labels`: each row's parsed
     label (None when unreadable), for task types that have labels; `final_answers`: each row's extracted final
@@ -96,10 +112,9 @@ class TaskMetrics:
         """The group of a row for picking varied few-shot examples (one group unless a type has labels)."""
         return ""
 
-    def answer_end(self) -> Callable[[str], int | None] | None:
-        """Where an answer being generated is complete, as far as every score of this type goes (a position in the
-        text so far, None while it is not): generation stops and the answer is cut there. None: the model's end of
-        turn ends the answer."""
+    def answer_end(self, references: list[str]) -> AnswerEnd | None:
+        """Where this type's answers are complete, given the `references` of the held-out and train rows (None: at
+        the model's end of turn)."""
         return None
 
     def valid_outputs(self, answers: list[str], references: list[str]) -> list[bool]:

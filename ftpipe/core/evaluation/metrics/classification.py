@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from ftpipe.core.evaluation.metrics.base import LabelChoices, Scores, TaskMetrics, first_json_object, first_object_end
-from ftpipe.core.text import loose, markdown_table
+from ftpipe.core.evaluation.metrics.base import (
+    FIRST_JSON_OBJECT, AnswerEnd, LabelChoices, Scores, TaskMetrics, first_json_object,
+)
+from ftpipe.core.text import loose, loose_words, markdown_table
 
 UNPARSEABLE = "(unparseable)"
 OTHER_LABEL = "(other)"
@@ -33,6 +35,29 @@ def parse_label(text: str, label_field: str | None = None) -> str | None:
     """The normalised label in `text` (see `raw_label`); None when absent or empty."""
     raw = raw_label(text, label_field)
     return (loose(raw) or None) if raw is not None else None
+
+
+def may_become_a_label(text: str, labels: tuple[tuple[str, ...], ...]) -> bool:
+    """Whether more text could still make `text` one of `labels` (each a label's `loose` words): its words so far
+    start one, the last taken as unfinished unless whitespace follows it."""
+    words = loose_words(text)
+    unfinished = words.pop() if words and not text[-1:].isspace() else ""
+    done = len(words)
+    return any(label[:done] == tuple(words) and (not unfinished or (len(label) > done
+                                                                   and label[done].startswith(unfinished)))
+               for label in labels)
+
+
+def past_the_labels(text: str, labels: tuple[tuple[str, ...], ...]) -> int | None:
+    """Where `text` stops being the start of any of `labels`: from there on it is wrong whatever follows (None while
+    it may still become one). Found by bisection: a text past the labels stays past them."""
+    if may_become_a_label(text, labels):
+        return None
+    could, cannot = 0, len(text)
+    while cannot - could > 1:
+        middle = (could + cannot) // 2
+        could, cannot = (middle, cannot) if may_become_a_label(text[:middle], labels) else (could, middle)
+    return cannot
 
 
 def most_common(values: list) -> Any:
@@ -89,10 +114,14 @@ class Classification(TaskMetrics):
     def expected_label(self, reference: str) -> str:
         return parse_label(reference, self.config.label_field) or loose(reference)
 
-    def answer_end(self) -> Callable[[str], int | None] | None:
-        """With a `label_field`, the first JSON object's closing brace (the label is read from that object only); a
-        bare label is the whole answer, so its end is the end of the turn."""
-        return first_object_end if self.config.label_field else None
+    def answer_end(self, references: list[str]) -> AnswerEnd:
+        """With a `label_field`, the first JSON object's closing brace (the label is read from that object only);
+        a bare label is the whole answer: where it can no longer become one of the references' labels (a model that
+        goes on past the label line, or answers something else, is wrong whatever follows)."""
+        if self.config.label_field:
+            return FIRST_JSON_OBJECT
+        labels = tuple(sorted({tuple(self.expected_label(r).split()) for r in references}))
+        return AnswerEnd(["past the labels", labels], partial(past_the_labels, labels=labels))
 
     def valid_outputs(self, answers: list[str], references: list[str]) -> list[bool]:
         """A label of the training set."""

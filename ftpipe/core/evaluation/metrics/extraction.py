@@ -3,9 +3,9 @@ share of the reference's fields answered right (overall and by field)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from ftpipe.core.evaluation.metrics.base import Scores, TaskMetrics, first_json_object, first_object_end, mean
+from ftpipe.core.evaluation.metrics.base import (
+    FIRST_JSON_OBJECT, AnswerEnd, Scores, TaskMetrics, first_json_object, mean,
+)
 
 
 def field_hits(wanted: dict, got: dict | None) -> dict[str, float]:
@@ -17,9 +17,9 @@ class Extraction(TaskMetrics):
     name = "extraction"
     primary = "exact_match"
 
-    def answer_end(self) -> Callable[[str], int | None]:
+    def answer_end(self, references: list[str]) -> AnswerEnd:
         """The first JSON object's closing brace: every metric reads that object only."""
-        return first_object_end
+        return FIRST_JSON_OBJECT
 
     def valid_outputs(self, answers: list[str], references: list[str]) -> list[bool]:
         """A JSON object with every field all the training answers have."""
