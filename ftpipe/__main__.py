@@ -100,6 +100,9 @@ def _materializations(result) -> dict[str, dict]:
     }
 
 
+INTERRUPTIONS = ("DagsterExecutionInterruptedError", "KeyboardInterrupt")  # a step stopped by Ctrl-C or SIGTERM
+
+
 def failure_reason(result) -> str:
     """The first failed step and its error (a blocking check's verdict, a Failure's description, else the innermost
     exception), on one line."""
@@ -122,6 +125,8 @@ def failure_reason(result) -> str:
             error = error.cause
         kind, _, text = error.message.partition(": ")
         message = f"{kind.rpartition('.')[2]}: {text}"
+        if error.cls_name in INTERRUPTIONS:
+            message = "stopped by Ctrl-C or SIGTERM (the same command carries on: the finished steps are reused)"
     return f"{failure.step_key}: {' '.join(message.split())}"
 
 

@@ -157,3 +157,19 @@ def test_a_run_stopped_by_the_gate_ends_with_the_gates_verdict_not_an_exception(
         all_events=[SimpleNamespace(is_step_failure=True, step_key="eval_report_eval_report_gate")],
         get_asset_check_evaluations=lambda: [gate])
     assert failure_reason(result) == "check eval_report_gate failed: delta_ci_low -0.02 <= min_improvement 0.00"
+
+
+def test_a_step_stopped_by_ctrl_c_ends_with_one_plain_line() -> None:
+    from types import SimpleNamespace
+
+    from dagster._utils.error import SerializableErrorInfo
+
+    from ftpipe.__main__ import failure_reason
+
+    error = SerializableErrorInfo("dagster._core.errors.DagsterExecutionInterruptedError\n", ["  File ..."],
+                                  "DagsterExecutionInterruptedError")
+    stopped = SimpleNamespace(is_step_failure=True, step_key="eval_report",
+                              step_failure_data=SimpleNamespace(user_failure_data=None, error=error))
+    result = SimpleNamespace(all_events=[stopped], get_asset_check_evaluations=lambda: [])
+    assert failure_reason(result) == ("eval_report: stopped by Ctrl-C or SIGTERM (the same command carries on: the "
+                                      "finished steps are reused)")

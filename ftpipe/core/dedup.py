@@ -5,7 +5,9 @@ compares what varies between rows (`similarity`): rows whose prompts are near-id
 answer (near-duplicates: the later row goes, naming a kept row it is itself similar to, so nothing chains) or
 disagree (a contradiction: the strict-majority answer stays, otherwise the whole group goes). Two rows whose answers
 differ only in words their own prompts have and the other's has not (an order number, a date, the word that decides
-the label) are two examples of one rule: neither duplicates nor a contradiction, both stay.
+the label) are two examples of one rule: neither duplicates nor a contradiction, both stay. So are two rows whose
+near-identical prompts differ in a number (a price, a quantity: a template's problems) and whose answers differ.
+Answers agree when their word shingles do (case and punctuation aside: `#### 325.` and `#### 325`), in both stages.
 """
 
 from __future__ import annotations
@@ -73,21 +75,23 @@ def removal(row: dict[str, Any], reason: str, of: dict[str, Any], detail: str) -
     return {**row, "reason": reason, "duplicate_of": of["id"], "duplicate_of_source": of["source"], "detail": detail}
 
 
-def _contradiction(row: dict[str, Any], answer: int, group: list[tuple[dict[str, Any], int]], votes: Counter):
-    """The removal record for `row` if its answer loses in its prompt group, else None."""
-    (winner, top), = votes.most_common(1)
-    if top * 2 > len(group):
-        if answer == winner:
-            return None
-        other = next(r for r, a in group if a == winner)
-        return removal(row, "contradiction", other, f"answer differs from the majority ({top} of {len(group)} rows)")
-    other = next(r for r, a in group if a != answer)
-    detail = f"{len(votes)} different answers to the same prompt, none with a strict majority"
-    return removal(row, "contradiction", other, detail)
+def _answer_camps(rows: list[dict[str, Any]], members: list[int], answers: np.ndarray,
+                  settings: similarity.Settings) -> list[list[int]]:
+    """`members` (row indices) split by answer: a row joins the first camp whose first answer is its own or agrees
+    with it as the near stage judges answers (`#### 325.` and `#### 325` agree)."""
+    shingles = similarity.answer_shingles([rows[i] for i in members], settings.shingle_words)
+    position = {index: at for at, index in enumerate(members)}
+    camps: list[list[int]] = []
+    for index in members:
+        camp = next((c for c in camps if answers[c[0]] == answers[index]
+                     or shingles.jaccard(position[c[0]], position[index]) >= settings.threshold), None)
+        camps.append([index]) if camp is None else camp.append(index)
+    return camps
 
 
-def _resolve_contradictions(rows: list[dict[str, Any]], keys: ExactKeys, removed: list[dict[str, Any]]) -> np.ndarray:
-    """Same prompt, different answers: keep the strict-majority answer's rows, else drop the group. Returns the
+def _resolve_contradictions(rows: list[dict[str, Any]], keys: ExactKeys, removed: list[dict[str, Any]],
+                            settings: similarity.Settings) -> np.ndarray:
+    """Same prompt, answers that disagree: keep the strict-majority answer's rows, else drop the group. Returns the
     indices of the rows that stay."""
     alive = np.ones(len(rows), dtype=bool)
     grouped = np.flatnonzero(np.bincount(keys.prompt)[keys.prompt] > 1)  # rows whose prompt another row has too
@@ -95,12 +99,15 @@ def _resolve_contradictions(rows: list[dict[str, Any]], keys: ExactKeys, removed
     for members in np.split(order, np.flatnonzero(np.diff(keys.prompt[order])) + 1):
         if len(set(keys.answer[members].tolist())) < 2:
             continue
-        group = [(rows[i], int(keys.answer[i])) for i in members]
-        votes = Counter(answer for _, answer in group)
-        for index, (row, answer) in zip(members, group):
-            removal = _contradiction(row, answer, group, votes)
-            if removal:
-                removed.append(removal)
+        camps = _answer_camps(rows, members.tolist(), keys.answer, settings)
+        top = max(camps, key=len)
+        winner = top if len(top) * 2 > len(members) else None
+        for camp in (camp for camp in camps if len(camps) > 1 and camp is not winner):
+            other = rows[(winner or next(c for c in camps if c is not camp))[0]]
+            detail = (f"answer differs from the majority ({len(top)} of {len(members)} rows)" if winner else
+                      f"{len(camps)} different answers to the same prompt, none with a strict majority")
+            for index in camp:
+                removed.append(removal(rows[index], "contradiction", other, detail))
                 alive[index] = False
     return np.flatnonzero(alive)
 
@@ -162,9 +169,15 @@ class NearRows:
                 word for m in messages[:-1] if m["role"] != "system" for word in loose_words(m["content"])})
         return self._word_sets[index]
 
+    def prompts_differ_in_a_number(self, a: int, b: int) -> bool:
+        """The prompts differ in a number: a price, an amount or a quantity can decide the answer."""
+        (_, prompt_a), (_, prompt_b) = self._words(a), self._words(b)
+        return any(character.isdigit() for word in prompt_a ^ prompt_b for character in word)
+
     def consistent(self, a: int, b: int) -> bool:
-        """The answers agree, or differ only where the prompts do."""
-        return self.same_answer(a, b) or self.answers_follow_prompts(a, b)
+        """The answers agree, differ only where the prompts do, or may differ because the prompts differ in a
+        number."""
+        return self.same_answer(a, b) or self.answers_follow_prompts(a, b) or self.prompts_differ_in_a_number(a, b)
 
     def answer_camps(self, group: list[int]) -> list[list[int]]:
         """`group` split by answer: each row joins the first camp whose first answer is consistent with its own."""
@@ -256,7 +269,8 @@ def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings) -> D
                                       settings.shingle_words)
     result = DedupResult(shared=messages.shared())
     keys = ExactKeys.of(ordered, messages)
-    remaining = _remove_exact(ordered, keys, _resolve_contradictions(ordered, keys, result.removed), result.removed)
+    remaining = _remove_exact(ordered, keys, _resolve_contradictions(ordered, keys, result.removed, settings),
+                              result.removed)
     prompts = messages.rows(result.shared, remaining)
     result.kept = _remove_near([ordered[i] for i in remaining.tolist()], prompts, keys.answer[remaining],
                                result.removed, settings)

@@ -145,6 +145,27 @@ def test_rows_whose_answers_differ_where_their_prompts_do_are_two_examples() -> 
     assert [r["source"] for r in result.removed if r["reason"] == "contradiction"] == ["r"], "still a contradiction"
 
 
+def test_an_answer_written_two_ways_is_one_answer_and_a_templates_problems_are_not_contradictions() -> None:
+    question = "A car drives at 65 km/h for 5 hours. How far does it go?"
+    solution = "Distance is speed times time: 65 * 5 = 325 km.\n#### 325"
+    written_twice = [row(question, solution + ".", "a"), row(question, solution, "b")]
+    problem = ("The regular price of a bike is ${}, and the shop takes 20% off in its spring sale. What does the bike "
+               "cost in the sale?")
+    template = [row(problem.format(price), f"20% of {price} is {price // 5}.\n#### {price - price // 5}", f"t{price}")
+                for price in (120, 150, 40, 1200)]
+    rng = random.Random(7)
+    others = [row(sentence(rng, 20), "other", f"x{i}") for i in range(12)]  # the template is not most rows' text
+    result = dedup.deduplicate(written_twice + template + others)
+    [removed] = result.removed
+    assert removed["reason"] == "near_duplicate" and {removed["source"], removed["duplicate_of_source"]} == {"a", "b"}
+    assert all(r in result.kept for r in template), "prices decide the answers"
+    assert similarity.similar_pairs(similarity.shingles([[("user", r["messages"][0]["content"])] for r in template],
+                                                        2)), "the template's prompts are near-identical"
+    worded = [row(problem.format(120), "#### 96", "w1"),
+              row(problem.format(120).replace("spring", "summer"), "#### 90", "w2")]
+    assert dedup.deduplicate(worded + others).count("contradiction") == 2, "a word, not a number: a contradiction"
+
+
 def test_near_duplicates_do_not_chain() -> None:
     """a ~ b and b ~ c, but a is not like c: unless b comes first, b goes as a copy of a or c and both others stay."""
     words = [f"w{i}" for i in range(30)]

@@ -358,12 +358,12 @@ CLASSIFY = EvaluationConfig(task_type="classification", max_new_tokens=6, max_ro
 
 
 def evaluate(root: Path, adapter: Path | str, out: Path, *, config: EvaluationConfig = CLASSIFY,
-             base: Path | None = None, cache: Path | None = None) -> dict:
+             base: Path | None = None, cache: Path | None = None, log=lambda line: None) -> dict:
     return run_evaluation(
         base_model_dir=base or root / "base", base_fingerprint=str(base or "base"), adapter_dir=root / adapter,
         adapter_version=str(adapter), eval_path=root / "eval.parquet", eval_version="v1",
         train_path=root / "train.parquet", probe_path=root / "probe.jsonl", config=config,
-        cache_dir=cache or out.parent / "cache", out_dir=out, log=lambda line: None,
+        cache_dir=cache or out.parent / "cache", out_dir=out, log=log,
     )
 
 
@@ -440,13 +440,16 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
     assert missing and first["labels_without_heldout_rows"] == missing, "the train rows have a label these have not"
     assert f"({', '.join(missing)}) {'have' if len(missing) > 1 else 'has'} no held-out row" in first["report_markdown"]
     passes.clear()
-    grown = evaluate(workspace, "bad_adapter", tmp_path / "grown", cache=cache)
+    logged: list[str] = []
+    grown = evaluate(workspace, "bad_adapter", tmp_path / "grown", cache=cache, log=logged.append)
     # base, few-shot and fine-tuned answer the 8 new rows and rank every label of the train and held-out rows on
     # them (base and fine-tuned score their references too); the old rows had every label ranked already, and
     # nobody answers or scores the probe again
     new, with_references = (8, True, 8 * len(every)), (8, True, 8 * len(every) + 8)
     assert passes == [with_references, new, with_references] and not grown["base_cached"]
     assert grown["base_rows_run"] == 8
+    started = logged.index("base: answering 8 held-out rows not answered before")  # before the work, for long work
+    assert "base: answered 8/8 held-out rows not answered before" in logged[started + 1:]
     assert f"Base outputs generated for 8 of {EVAL_ROWS} held-out rows, the others from the cache." in (
         grown["report_markdown"])
     assert grown["labels_without_heldout_rows"] == [] and "no held-out row" not in grown["report_markdown"]

@@ -20,7 +20,7 @@ from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.fewshot import fewshot_prompt
 from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS
 from ftpipe.core.evaluation.generation import (
-    answer_tokens, answers_and_logprobs, conversation_logprobs, encode, inference_device, is_adapter,
+    Progress, answer_tokens, answers_and_logprobs, conversation_logprobs, encode, inference_device, is_adapter,
     load_merged, load_model, loss_of, mean_prompt_tokens, prompt_ids,
 )
 from ftpipe.core.evaluation.label_likelihood import likeliest, top_label_correct, whole_answers
@@ -145,6 +145,15 @@ def _reference_scoring(tokenizer, conversations: list[list[dict]]) -> Scoring:
     return Scoring("answer logprob", items, continuations, _with_counts)
 
 
+def _progress(log: Log, rows: str) -> Progress:
+    """Progress lines of answering `rows` (e.g. "probe rows"): as it starts, then after each batch."""
+    def report(done: int, total: int) -> None:
+        log(f"answering {total} {rows} not answered before" if done == 0 else
+            f"answered {done}/{total} {rows} not answered before")
+
+    return report
+
+
 def _at_once(model, tokenizer, rows: RowCache, prompts: list[list[dict]], answering: Answering,
              scorings: list[Scoring], batch_tokens: int, progress) -> int:
     """Store in `rows` what one pass over each prompt gives: its greedy answer (`answering`) and the values of each
@@ -173,6 +182,8 @@ def _one_pass(model, tokenizer, rows: RowCache, prompts: list[list[dict]], work:
     """Answer (`answering`) the prompts of indices `work` and score their scorings in `work`, storing what `rows`
     lacks (each scoring value with its prompt's time)."""
     todo = sorted(work)
+    if progress:
+        progress(0, len(todo))
     started = time.perf_counter()
     done = answers_and_logprobs(
         model, tokenizer, [prompts[i] for i in todo], max_new_tokens=answering.max_new_tokens,
@@ -209,7 +220,7 @@ def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout,
     answering = Answering(0 if constrained else config.max_new_tokens, heldout.answer_end)
     ran = _at_once(model, tokenizer, rows, prompts, answering,
                    [scoring for scoring in (constrained, ranked, references) if scoring], config.batch_tokens,
-                   lambda done, total: log(f"{name}: answered {done}/{total} held-out rows not answered before"))
+                   _progress(lambda text: log(f"{name}: {text}"), "held-out rows"))
     if ran < len(prompts):
         log(f"{name}: {len(prompts) - ran} of {len(prompts)} held-out rows' results from the per-row cache")
     kind, settings = ("constrained answer", heldout.labels) if constrained else ("answer", answering.settings)
@@ -246,7 +257,7 @@ def _add_probe(model, tokenizer, probe: list[dict], batch_tokens: int, outputs: 
     conversations = [row["messages"] + [{"role": "assistant", "content": row["reference"]}] for row in probe]
     ran = _at_once(model, tokenizer, rows, prompts, Answering(PROBE_MAX_NEW_TOKENS),
                    [_reference_scoring(tokenizer, conversations)], batch_tokens,
-                   lambda done, total: log(f"answered {done}/{total} probe rows not answered before"))
+                   _progress(log, "probe rows"))
     outputs.probe_answers = rows.stored("answer", prompts, PROBE_MAX_NEW_TOKENS)
     sums = logprobs(conversations)
     outputs.probe_logprobs = [logprob for logprob, _ in sums]
