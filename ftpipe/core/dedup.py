@@ -7,7 +7,8 @@ disagree (a contradiction: the strict-majority answer stays, otherwise the whole
 differ only in words their own prompts have and the other's has not (an order number, a date, the word that decides
 the label) are two examples of one rule: neither duplicates nor a contradiction, both stay. So are two rows whose
 near-identical prompts differ in a number (a price, a quantity: a template's problems) and whose answers differ.
-Answers agree when their word shingles do (case and punctuation aside: `#### 325.` and `#### 325`), in both stages.
+Exact-prompt answers are compared as `loose` text, so `#### 325.` and `#### 325` are one answer (and the near stage
+finds the second row a near-duplicate of the first).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ftpipe.core.records import read_examples, user_message, write_examples, wri
 from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.layout import EXAMPLES, PREFERENCES, REMOVED
 from ftpipe.core.storage import atomic_dir, file_sha256
-from ftpipe.core.text import canonical, canonical_codes, loose_words
+from ftpipe.core.text import canonical, canonical_codes, loose, loose_words
 
 SHARED_TEXT_KEY = "ftpipe.shared_shingles"  # parquet metadata: the shared shingles the near stage left out
 MATCH_EXAMPLES = 3  # of each label (and in all, without labels)
@@ -75,39 +76,34 @@ def removal(row: dict[str, Any], reason: str, of: dict[str, Any], detail: str) -
     return {**row, "reason": reason, "duplicate_of": of["id"], "duplicate_of_source": of["source"], "detail": detail}
 
 
-def _answer_camps(rows: list[dict[str, Any]], members: list[int], answers: np.ndarray,
-                  settings: similarity.Settings) -> list[list[int]]:
-    """`members` (row indices) split by answer: a row joins the first camp whose first answer is its own or agrees
-    with it as the near stage judges answers (`#### 325.` and `#### 325` agree)."""
-    shingles = similarity.answer_shingles([rows[i] for i in members], settings.shingle_words)
-    position = {index: at for at, index in enumerate(members)}
-    camps: list[list[int]] = []
-    for index in members:
-        camp = next((c for c in camps if answers[c[0]] == answers[index]
-                     or shingles.jaccard(position[c[0]], position[index]) >= settings.threshold), None)
-        camps.append([index]) if camp is None else camp.append(index)
-    return camps
+def _contradiction(row: dict[str, Any], answer: str, group: list[tuple[dict[str, Any], str]], votes: Counter):
+    """The removal record for `row` if its answer loses in its prompt group, else None."""
+    (winner, top), = votes.most_common(1)
+    if top * 2 > len(group):
+        if answer == winner:
+            return None
+        other = next(r for r, a in group if a == winner)
+        return removal(row, "contradiction", other, f"answer differs from the majority ({top} of {len(group)} rows)")
+    other = next(r for r, a in group if a != answer)
+    detail = f"{len(votes)} different answers to the same prompt, none with a strict majority"
+    return removal(row, "contradiction", other, detail)
 
 
-def _resolve_contradictions(rows: list[dict[str, Any]], keys: ExactKeys, removed: list[dict[str, Any]],
-                            settings: similarity.Settings) -> np.ndarray:
-    """Same prompt, answers that disagree: keep the strict-majority answer's rows, else drop the group. Returns the
-    indices of the rows that stay."""
+def _resolve_contradictions(rows: list[dict[str, Any]], keys: ExactKeys, removed: list[dict[str, Any]]) -> np.ndarray:
+    """Same prompt, different answers (as `loose` compares them: `#### 325.` and `#### 325` are one answer): keep the
+    strict-majority answer's rows, else drop the group. Returns the indices of the rows that stay."""
     alive = np.ones(len(rows), dtype=bool)
     grouped = np.flatnonzero(np.bincount(keys.prompt)[keys.prompt] > 1)  # rows whose prompt another row has too
     order = grouped[np.argsort(keys.prompt[grouped], kind="stable")]
     for members in np.split(order, np.flatnonzero(np.diff(keys.prompt[order])) + 1):
         if len(set(keys.answer[members].tolist())) < 2:
             continue
-        camps = _answer_camps(rows, members.tolist(), keys.answer, settings)
-        top = max(camps, key=len)
-        winner = top if len(top) * 2 > len(members) else None
-        for camp in (camp for camp in camps if len(camps) > 1 and camp is not winner):
-            other = rows[(winner or next(c for c in camps if c is not camp))[0]]
-            detail = (f"answer differs from the majority ({len(top)} of {len(members)} rows)" if winner else
-                      f"{len(camps)} different answers to the same prompt, none with a strict majority")
-            for index in camp:
-                removed.append(removal(rows[index], "contradiction", other, detail))
+        group = [(rows[i], loose(rows[i]["messages"][-1]["content"])) for i in members]
+        votes = Counter(answer for _, answer in group)
+        for index, (row, answer) in zip(members, group):
+            removal = _contradiction(row, answer, group, votes)
+            if removal:
+                removed.append(removal)
                 alive[index] = False
     return np.flatnonzero(alive)
 
@@ -269,8 +265,7 @@ def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings) -> D
                                       settings.shingle_words)
     result = DedupResult(shared=messages.shared())
     keys = ExactKeys.of(ordered, messages)
-    remaining = _remove_exact(ordered, keys, _resolve_contradictions(ordered, keys, result.removed, settings),
-                              result.removed)
+    remaining = _remove_exact(ordered, keys, _resolve_contradictions(ordered, keys, result.removed), result.removed)
     prompts = messages.rows(result.shared, remaining)
     result.kept = _remove_near([ordered[i] for i in remaining.tolist()], prompts, keys.answer[remaining],
                                result.removed, settings)

@@ -164,6 +164,8 @@ def test_an_answer_written_two_ways_is_one_answer_and_a_templates_problems_are_n
     worded = [row(problem.format(120), "#### 96", "w1"),
               row(problem.format(120).replace("spring", "summer"), "#### 90", "w2")]
     assert dedup.deduplicate(worded + others).count("contradiction") == 2, "a word, not a number: a contradiction"
+    miscounted = [row(question, solution, "c"), row(question, solution.replace("#### 325", "#### 330"), "d")]
+    assert dedup.deduplicate(miscounted + others).count("contradiction") == 2, "another final answer disagrees"
 
 
 def test_near_duplicates_do_not_chain() -> None:
