@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from ftpipe import checks, pool
+from ftpipe import checks, console, pool
 from ftpipe.assets import data, evaluation, monitoring, serving, training
 from ftpipe.automation import (
     automation_sensor, data_job, finetune_job, monitoring_job, production_requests_sensor, retrain_on_data_change_sensor,
@@ -21,4 +21,5 @@ defs = dg.Definitions(
              stopped_training_sensor, production_requests_sensor],
     resources=default_resources(),
     executor=dg.in_process_executor,
+    loggers={"console": console.console},
 )

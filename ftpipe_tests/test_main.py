@@ -52,13 +52,14 @@ def test_a_config_error_is_told_once_in_one_line_before_any_run(ftpipe_env: Path
         f"no task folder named 'tyop' in {ftpipe_env / 'tasks'}; tasks there: typo")
 
 
-def test_a_failed_run_ends_with_the_first_failed_steps_reason(ftpipe_env: Path, tiny_model_dir: Path,
-                                                              tmp_path: Path) -> None:
+def test_a_failed_run_says_its_reason_once_at_the_end(ftpipe_env: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     make_task(ftpipe_env, "empty", {"a.jsonl": [{"nothing": 1}]}, f"base_model: {tiny_model_dir}\n")
     output, status = ftpipe_run("empty", tmp_path)
     assert status == 1
     last = output.strip().splitlines()[-1]
     assert last.startswith("FAILED: raw_examples: ") and "no usable rows" in last
+    assert output.count("no usable rows") == 1 and "Stack Trace" not in output, output
+    assert 'Execution of step "raw_examples" failed.' in output and "Not executing" not in output, output
 
 
 def test_the_servers_it_starts_listen_on_localhost_only() -> None:

@@ -1,9 +1,10 @@
-"""Held-out split by a stable hash of the normalised prompt, with near-duplicate prompts kept together.
+"""Held-out split by a stable hash of the normalised prompt, with near-duplicate prompts and paraphrases kept together.
 
 A row's side depends only on its prompt (and the seed), never on which other rows exist, except that
-near-duplicate prompts share the side of their group; sides recorded by an earlier split are kept,
-so adding rows never moves an existing row between train and eval. Near-duplicate prompts are those
-cleaning compares (`similarity`, leaving out the same shared text), and the leakage check uses the same test.
+near-duplicate prompts, and rows giving the same distinctive answer, share the side of their group; sides recorded
+by an earlier split are kept, so adding rows never moves an existing row between train and eval. Near-duplicate
+prompts are those cleaning compares (`similarity`, leaving out the same shared text), and the leakage check uses the
+same tests.
 Preference rows are split with the chat examples, by their prompts: near-identical prompts of either kind share a
 side, so all the rows of one prompt are on one side.
 """
@@ -26,8 +27,14 @@ from ftpipe.core.preferences import as_chat, read_preferences, write_preferences
 from ftpipe.core.records import examples_metadata, read_examples, write_examples
 from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.storage import atomic_dir, file_sha256
+from ftpipe.core.text import cell, loose_words
 
 TRAIN, EVAL = "train", "eval"
+# The same answer word for word (as `loose` reads it), of at least this many words and given by at most this many
+# rows, makes rows paraphrases of one question (a worked solution under each rewording); a shorter or more common
+# answer is a label or a stock reply many questions share.
+ANSWER_MIN_WORDS = 6
+ANSWER_MAX_ROWS = 5
 
 
 def hash_side(prompt: str, eval_fraction: float, seed: int) -> str:
@@ -41,6 +48,16 @@ def _similar_prompts(rows: list[dict[str, Any]], settings: similarity.Settings,
     return similarity.similar_pairs(prompts, settings)
 
 
+def _same_answers(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(i, j), i < j, linking the rows that give the same distinctive answer (see ANSWER_MIN_WORDS)."""
+    by_answer: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        words = loose_words(row["messages"][-1]["content"])
+        if len(words) >= ANSWER_MIN_WORDS:
+            by_answer.setdefault(" ".join(words), []).append(index)
+    return [(group[0], other) for group in by_answer.values() if len(group) <= ANSWER_MAX_ROWS for other in group[1:]]
+
+
 def assign_sides(
     rows: list[dict[str, Any]],
     *,
@@ -52,13 +69,15 @@ def assign_sides(
 ) -> dict[str, str]:
     """Map each row id to "train" or "eval".
 
-    Rows with near-duplicate prompts form groups (connected, so no pair of them is split); a group takes the
+    Rows with near-duplicate prompts or the same distinctive answer form groups (connected, so no pair of them is
+    split); a group takes the
     side recorded for any of its rows in `previous` (an earlier split with the same fraction and seed), else
     the hash side of its smallest prompt. `shared`: the shared shingles cleaning left out (found anew if None).
     """
     previous = previous or {}
     prompts = [prompt_key(row["messages"]) for row in rows]
-    roots = similarity.components(len(rows), _similar_prompts(rows, settings, shared))
+    links = _similar_prompts(rows, settings, shared) + [(i, j, 1.0) for i, j in _same_answers(rows)]
+    roots = similarity.components(len(rows), links)
     members: dict[int, list[int]] = {}
     for index, root in enumerate(roots):
         members.setdefault(root, []).append(index)
@@ -75,13 +94,17 @@ def find_leaks(
     train: list[dict[str, Any]], evaluation: list[dict[str, Any]], *,
     settings: similarity.Settings = similarity.Settings(), shared: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """Eval rows whose prompt is a near (or exact) duplicate of a train prompt, each with its closest train row."""
-    n_train = len(train)
+    """Eval rows whose prompt is a near (or exact) duplicate of a train prompt, each with its closest train row, and
+    eval rows giving a train row's distinctive answer (a paraphrase), each with that row and the answer."""
+    n_train, rows = len(train), train + evaluation
     leaks: dict[int, dict[str, Any]] = {}
-    for a, b, score in _similar_prompts(train + evaluation, settings, shared):
+    for a, b in _same_answers(rows):
+        if a < n_train <= b:
+            leaks[b - n_train] = {"eval_id": rows[b]["id"], "train_id": rows[a]["id"],
+                                  "same_answer": cell(rows[a]["messages"][-1]["content"], 80)}
+    for a, b, score in _similar_prompts(rows, settings, shared):
         if a < n_train <= b and score > leaks.get(b - n_train, {}).get("similarity", -1.0):
-            leaks[b - n_train] = {"eval_id": evaluation[b - n_train]["id"], "train_id": train[a]["id"],
-                                  "similarity": round(score, 3)}
+            leaks[b - n_train] = {"eval_id": rows[b]["id"], "train_id": rows[a]["id"], "similarity": round(score, 3)}
     return [leaks[j] for j in sorted(leaks)]
 
 

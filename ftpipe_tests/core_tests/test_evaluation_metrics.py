@@ -126,7 +126,13 @@ def test_label_answers_are_complete_answers_written_as_the_references_write_them
     ("-3", "-3.00", True),
     ("72", "27", False),
     ("Paris", "paris.", True),
-    ("$18", "18", False),  # not a number: compared as text
+    ("$18", "18", True),
+    ("45$", "45.00", True),
+    ("£1,200.", "1200", True),
+    (".5", "0.5", True),
+    ("-.5", "0.5", False),
+    ("$18", "81", False),
+    ("18 dollars", "18", False),  # not a number: compared as text
     (None, "18", False),
 ])
 def test_final_answers_compare_as_numbers_when_both_are_numbers(answer, reference, same):

@@ -196,7 +196,7 @@ def test_the_calibration_times_enough_tokens_in_a_few_passes_however_long_the_ba
     assert sum(tokens for _, tokens in sizing._timed(short)) >= sizing.CALIBRATION_TOKENS
 
 
-def test_the_progress_lines_speed_and_time_left_count_evaluations_at_their_own_pace(monkeypatch) -> None:
+def test_the_speeds_and_time_left_count_evaluations_at_their_own_pace(monkeypatch) -> None:
     from types import SimpleNamespace
 
     from ftpipe.core.training import reporting
@@ -219,3 +219,4 @@ def test_the_progress_lines_speed_and_time_left_count_evaluations_at_their_own_p
             progress.on_evaluate(None, state, control)
     assert lines[1].endswith("10 tokens/s, ETA 40 s"), "4 steps left, no evaluation timed yet"
     assert lines[3].endswith("10 tokens/s, ETA 50 s"), "2 steps and the last evaluation: 20 s + 30 s"
+    assert progress.session_tokens_per_second == 10, "the training's speed (its metadata): evaluations left out"

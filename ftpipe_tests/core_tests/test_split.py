@@ -40,6 +40,40 @@ def test_near_duplicate_prompts_share_a_side_and_pinned_sides_win() -> None:
     assert pinned[near["id"]] == flipped
 
 
+def paraphrases(n: int) -> list[tuple[dict, dict]]:
+    """`n` word problems, each asked two ways with the same worked solution (as a math dataset's rewordings are)."""
+    pairs = []
+    for i in range(n):
+        pens, friends = 20 + 2 * i, 2 + i % 5
+        solution = f"Each friend gets {pens} / {friends} = {pens / friends:g}\n#### {pens / friends:g}"
+        pairs.append((row(f"If Yuki divides {pens} pencils equally among {friends} friends, how many does each get?",
+                          solution),
+                      row(f"Yuki has {pens} pencils and shares them equally among {friends} friends. How many pencils "
+                          "does each friend get?", solution + ".")))
+    return pairs
+
+
+def test_paraphrases_with_the_same_worked_solution_share_a_side_but_labels_and_stock_replies_do_not() -> None:
+    asked_twice = paraphrases(40)
+    stock = [row(sentence(random.Random(i), 12), "Thanks for reaching out, a colleague will reply within one day")
+             for i in range(200)]
+    sides = split.assign_sides([r for p in asked_twice for r in p] + stock + rows(200), eval_fraction=0.3, seed=0)
+    assert all(sides[first["id"]] == sides[second["id"]] for first, second in asked_twice)
+    assert {sides[first["id"]] for first, _ in asked_twice} == {split.TRAIN, split.EVAL}
+    for group in (stock, rows(200)):  # the same long reply 200 times, the same one-word label 200 times
+        share = sum(sides[r["id"]] == split.EVAL for r in group) / len(group)
+        assert 0.2 < share < 0.4
+
+
+def test_find_leaks_finds_a_paraphrase_by_its_answer_and_names_the_answer() -> None:
+    (train_row, eval_row), *others = paraphrases(3)
+    leaks = split.find_leaks([train_row, *(first for first, _ in others)], [eval_row])
+    assert leaks == [{"eval_id": eval_row["id"], "train_id": train_row["id"],
+                      "same_answer": "Each friend gets 20 / 2 = 10 #### 10"}]
+    short = [row(p["messages"][0]["content"], "#### 10") for p in (train_row, eval_row)]
+    assert split.find_leaks(short[:1], short[1:]) == [], "a short answer is no sign of the same question"
+
+
 def test_find_leaks_detects_exact_and_near_prompts() -> None:
     train = rows(40)
     words = train[0]["messages"][0]["content"].split()

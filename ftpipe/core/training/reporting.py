@@ -161,7 +161,8 @@ def progress_callback(reporter: Reporter, run):
             evaluating = self.eval_seconds - self.eval_seconds_at_last
             speed = (tokens - self.last_tokens) / max(now - self.last_time - evaluating, 1e-9)
             self.last_time, self.last_tokens, self.eval_seconds_at_last = now, tokens, self.eval_seconds
-            self.session_tokens_per_second = (tokens - self.start_tokens) / max(now - self.started, 1e-9)
+            self.session_tokens_per_second = (tokens - self.start_tokens) / max(
+                now - self.started - self.eval_seconds, 1e-9)
             done = state.global_step - self.start_step
             per_step = (now - self.started - self.eval_seconds) / max(done, 1)
             per_evaluation = self.eval_seconds / self.evaluations if self.evaluations else 0.0

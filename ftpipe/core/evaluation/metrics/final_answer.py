@@ -9,7 +9,8 @@ import re
 from ftpipe.core.evaluation.metrics.base import first_json_object
 from ftpipe.core.text import loose
 
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")  # thousands separators allowed
+NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")  # thousands separators allowed, `.5` too
+CURRENCY = "$€£¥₹"
 
 
 def to_number(text: str) -> float:
@@ -28,8 +29,9 @@ def extract_answer(text: str, pattern: str | None = None, field: str | None = No
 
 
 def as_number(answer: str) -> float | None:
-    """The answer as a number when the whole of it is one (a trailing full stop aside), else None."""
-    text = answer.strip().removesuffix(".")
+    """The answer as a number when the whole of it is one (a trailing full stop and a currency sign aside), else
+    None."""
+    text = answer.strip().removesuffix(".").strip(CURRENCY)
     return to_number(text) if NUMBER.fullmatch(text) else None
 
 

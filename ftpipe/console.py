@@ -1,0 +1,31 @@
+"""The console logger of ftpipe's jobs: Dagster's coloured lines, with a failure said once.
+
+A failed step or run keeps the first line of its message (`Execution of step "raw_examples" failed.`) and leaves the
+error and its stack trace to the run's event log (the Dagster UI); `ftpipe run` ends with the reason in one line. The
+steps a failure left unrun get no line each.
+"""
+
+import logging
+
+import dagster as dg
+
+ABANDONED = "Dependencies for step "  # how Dagster begins its line for each step a failure left unrun
+
+
+class FailuresOnce(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        meta = getattr(record, "dagster_meta", None) or {}
+        if str(meta.get("orig_message", "")).startswith(ABANDONED):
+            return False
+        event = meta.get("dagster_event")
+        if event is not None and (event.is_step_failure or event.is_run_failure):
+            record.msg, record.args = record.getMessage().split("\n", 1)[0], ()
+        return True
+
+
+@dg.logger(config_schema=dg.colored_console_logger.config_schema.config_type,
+           description="Dagster's coloured console lines; a failure in one line, its stack trace in the event log.")
+def console(init_context: dg.InitLoggerContext) -> logging.Logger:
+    logger = dg.colored_console_logger.logger_fn(init_context)
+    logger.addFilter(FailuresOnce())
+    return logger
