@@ -411,15 +411,16 @@ class MonitoringConfig(_Strict):
     """The production report on the request log of `ftpipe serve`, and its checks."""
 
     window_hours: float = Field(24.0, gt=0, description="the report covers the requests of this many last hours")
-    max_error_rate: float = Field(0.05, ge=0, le=1, description="production_health fails above this share of errors")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="production_health fails above this share of requests "
+                                                                "the server failed (5xx; refusals, 4xx, are not errors)")
     max_latency_p95_ms: float = Field(10_000.0, gt=0, description="production_health fails above this p95 latency")
     max_drift: float = Field(
         0.3, ge=0, le=1, description="production_drift warns above this drift score (the larger of the length and "
                                      "vocabulary shifts against the training prompts)"
     )
     max_novel_share: float = Field(
-        0.5, ge=0, le=1, description="production_drift warns when more than this share of prompts has no near "
-                                     "neighbour among the training prompts"
+        0.25, ge=0, le=1, description="production_drift warns when the share of prompts with no near neighbour among "
+                                      "the training prompts exceeds the held-out prompts' share by more than this"
     )
     neighbour_threshold: float = Field(
         0.5, gt=0, le=1, description="word Jaccard similarity that makes a training prompt a near neighbour"

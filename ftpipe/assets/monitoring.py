@@ -11,7 +11,8 @@ from ftpipe.partitions import task_partitions
 GROUP = "monitoring"
 CONTRACT = ("requests", "error_rate", "latency_p95_ms", "validity", "novel_input_share", "drift_score")
 SHARES = ("training_share", "production_share")
-DETAILS = ("latency_p50_ms", "latency_p99_ms", "length_shift", "vocabulary_shift", "window_hours")
+DETAILS = ("refused_rate", "latency_p50_ms", "latency_p99_ms", "heldout_novel_share", "length_shift", "vocabulary_shift",
+           "window_hours")
 
 
 @dg.observable_source_asset(partitions_def=task_partitions, group_name=GROUP)
@@ -32,11 +33,13 @@ def production_report(context: dg.AssetExecutionContext, config: TaskRunConfig) 
     task = context.partition_key
     paths = TaskLayout(task)
     out = paths.asset("production_report")
-    report = monitoring.production_report(task, paths.split_files[0], load_config(context, config), out)
+    train, heldout = paths.split_files
+    report = monitoring.production_report(task, train, load_config(context, config), out, heldout_path=heldout)
     for line in report["feedback_refused"]:
         context.log.warning(f"{task}: correction refused: {line}")
+    drift = "n/a (no prompt logged with its content)" if report["drift_score"] is None else f"{report['drift_score']:.2f}"
     context.log.info(f"{task}: {report['requests']} requests in the last {report['window_hours']:g} h, "
-                     f"error rate {report['error_rate']:.1%}, drift score {report['drift_score']:.2f}")
+                     f"error rate {report['error_rate']:.1%}, refused {report['refused_rate']:.1%}, drift score {drift}")
     return dg.MaterializeResult(
         metadata={
             **rounded_floats({key: report[key] for key in CONTRACT + DETAILS}),

@@ -22,6 +22,7 @@ from ftpipe.core.tasks import split_system_prompt, task_config
 
 FEEDBACK_FILE = "feedback.jsonl"
 APPLIED = "applied"
+ADDED, UNCHANGED, REPLACED = "added", "unchanged", "replaced"
 
 
 class FeedbackError(ValueError):
@@ -33,10 +34,10 @@ def feedback_dir(task: str) -> Path:
 
 
 def add_feedback(task: str, request_id: str, output: str, messages: list[dict[str, str]] | None = None,
-                 records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                 records: list[dict[str, Any]] | None = None) -> tuple[dict[str, Any], str]:
     """Append the logged request `request_id` answered with `output` to the task's raw data, with the system prompt
-    most train rows carry when the conversation had none (the model answered with it); returns the row. An `output`
-    the task type cannot use as an answer is refused.
+    most train rows carry when the conversation had none (the model answered with it); returns (the row, what
+    happened: ADDED, UNCHANGED or REPLACED). An `output` the task type cannot use as an answer is refused.
     `messages` stand in for a request logged without content; `records` are the log's (read when not given)."""
     if not isinstance(output, str) or not output.strip():
         raise FeedbackError("output: the corrected answer must be a non-empty string")
@@ -46,6 +47,8 @@ def add_feedback(task: str, request_id: str, output: str, messages: list[dict[st
                  None)
     if found is None:
         raise FeedbackError(f"request_id: {request_id!r} is not in task {task!r}'s request log")
+    if messages is not None and not _is_conversation(messages):
+        raise FeedbackError('messages: a list of {"role": ..., "content": "..."} objects')
     conversation = messages or found["messages"]
     if not isinstance(conversation, list):
         raise FeedbackError(f"messages: task {task!r} logs no content, so the correction must bring the messages")
@@ -55,6 +58,11 @@ def add_feedback(task: str, request_id: str, output: str, messages: list[dict[st
            "served_output": found["output"], "corrected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with exclusive(feedback_dir(task)):  # the server's threads and the production report may add at once
         return _record(task_dir(task) / "raw" / FEEDBACK_FILE, row)
+
+
+def _is_conversation(messages: Any) -> bool:
+    return isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
 
 
 def _answer_problem(task: str, output: str) -> str | None:
@@ -67,22 +75,22 @@ def _answer_problem(task: str, output: str) -> str | None:
     return check(output)
 
 
-def _record(path: Path, row: dict[str, Any]) -> dict[str, Any]:
-    """The correction's row in `path`: appended; the row already there when the same correction came before; or in
-    place of an earlier correction of the same request (the later one stands, rather than two answers that would
-    contradict each other)."""
+def _record(path: Path, row: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The correction's row in `path` and what happened: appended (ADDED); the row already there when the same
+    correction came before (UNCHANGED); or in place of an earlier correction of the same request (REPLACED: the later
+    one stands, rather than two answers that would contradict each other)."""
     lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
     earlier = [number for number, line in enumerate(lines)
                if line.strip() and json.loads(line).get("feedback_for") == row["feedback_for"]]
     if not earlier:
         _append(path, row)
-        return row
+        return row, ADDED
     before = json.loads(lines[earlier[-1]])
     if before["messages"] == row["messages"]:
-        return before
+        return before, UNCHANGED
     kept = [line for number, line in enumerate(lines) if number not in earlier]
     write_text(path, "".join(f"{line}\n" for line in [*kept, json.dumps(row, ensure_ascii=False)]))
-    return row
+    return row, REPLACED
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
@@ -95,22 +103,43 @@ def _append(path: Path, row: dict[str, Any]) -> None:
 
 
 def apply_dropped_feedback(task: str) -> tuple[int, list[str]]:
-    """Add the corrections in the files dropped in the task's `feedback/` folder, then move each file to
-    `feedback/applied/`; returns (rows added, one line per correction refused: file, line and reason)."""
+    """Add the corrections in the `*.jsonl` files dropped in the task's `feedback/` folder, then move each file to
+    `feedback/applied/` (under a free name); returns (rows added or replaced, one line per correction refused: file,
+    line and reason, and one per other file, left in place)."""
     folder = feedback_dir(task)
-    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    dropped = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    files = [p for p in dropped if p.suffix == ".jsonl"]
+    refused = [f"{p.name}: not a .jsonl file (one correction a line), left where it is"
+               for p in dropped if p not in files and not p.name.startswith(".")]
     records = read_records(task) if files else []
-    added, refused = 0, []
+    changed = 0
     for path in files:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                add_feedback(task, item.get("request_id"), item.get("output"), item.get("messages"), records)
-                added += 1
-            except (json.JSONDecodeError, AttributeError, FeedbackError) as error:
-                refused.append(f"{path.name}:{number}: {error}")
-        (folder / APPLIED).mkdir(exist_ok=True)
-        path.rename(folder / APPLIED / path.name)
-    return added, refused
+            if line.strip():
+                try:
+                    changed += _apply_line(task, line, records) != UNCHANGED
+                except FeedbackError as error:
+                    refused.append(f"{path.name}:{number}: {error}")
+        path.rename(_free_name(folder / APPLIED, path.name))
+    return changed, refused
+
+
+def _apply_line(task: str, line: str, records: list[dict[str, Any]]) -> str:
+    """What one line of a dropped file did (ADDED, UNCHANGED, REPLACED); FeedbackError says why it could not."""
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise FeedbackError(f"not valid JSON ({error})") from None
+    if not isinstance(item, dict):
+        raise FeedbackError('not a JSON object: {"request_id": "...", "output": "..."}')
+    return add_feedback(task, item.get("request_id"), item.get("output"), item.get("messages"), records)[1]
+
+
+def _free_name(folder: Path, name: str) -> Path:
+    """`folder/name`, or `folder/<stem>.2.jsonl`, `.3`, ... when taken: an applied file is never overwritten."""
+    folder.mkdir(exist_ok=True)
+    path, stem, number = folder / name, Path(name).stem, 1
+    while path.exists():
+        number += 1
+        path = folder / f"{stem}.{number}{Path(name).suffix}"
+    return path

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ftpipe.config import MonitoringConfig, TaskConfig
-from ftpipe.core import similarity
+from ftpipe.core import readable, similarity
 from ftpipe.core.evaluation.metrics import label_reader, task_metrics
 from ftpipe.core.feedback import apply_dropped_feedback, feedback_dir
 from ftpipe.core.plots import markdown_image, plot_panels
@@ -51,10 +51,12 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def health(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Volume, the share of requests that failed, and latency percentiles of the answered ones."""
+    """Volume; the shares of requests the server failed (5xx: errors) and that ended on the client's side (4xx: too
+    long for the model, invalid, a stream closed early); latency percentiles of the answered ones."""
     latencies = [r["latency_ms"] for r in records if r["status"] == 200]
-    return {"requests": len(records),
-            "error_rate": sum(r["status"] != 200 for r in records) / len(records) if records else 0.0,
+    share = lambda keep: sum(map(keep, records)) / len(records) if records else 0.0  # noqa: E731
+    return {"requests": len(records), "error_rate": share(lambda r: r["status"] >= 500),
+            "refused_rate": share(lambda r: 400 <= r["status"] < 500),
             **{f"latency_p{q}_ms": _percentile(latencies, q) for q in (50, 95, 99)}}
 
 
@@ -88,13 +90,17 @@ def vocabulary_shift(prompts: list[str], known: list[str]) -> float:
     return sum(word not in vocabulary for word in words) / len(words) if words else 0.0
 
 
-def drift(prompts: list[str], known: list[str], threshold: float) -> dict[str, Any]:
-    """How far `prompts` are from the `known` (training) prompts; None for every figure without prompts."""
+def drift(prompts: list[str], known: list[str], heldout: list[str], threshold: float) -> dict[str, Any]:
+    """How far `prompts` are from the `known` (training) prompts, and the share of novel prompts among the `heldout`
+    ones (what traffic like the training data shows); None for every figure without prompts."""
     if not prompts:
-        return dict.fromkeys(("novel_input_share", "length_shift", "vocabulary_shift", "drift_score")) | {"novel": []}
+        return dict.fromkeys(("novel_input_share", "heldout_novel_share", "length_shift", "vocabulary_shift",
+                              "drift_score")) | {"novel": []}
     flags = novel(prompts, known, threshold)
+    expected = novel(heldout, known, threshold)
     shifts = {"length_shift": length_shift(prompts, known), "vocabulary_shift": vocabulary_shift(prompts, known)}
-    return {"novel_input_share": sum(flags) / len(flags), **shifts,
+    return {"novel_input_share": sum(flags) / len(flags),
+            "heldout_novel_share": sum(expected) / len(expected) if expected else 0.0, **shifts,
             "drift_score": max(shifts.values()), "novel": flags}
 
 
@@ -123,9 +129,10 @@ def over_time(answered: list[dict[str, Any]], novel_flags: list[bool], target: P
                        target, xlabel="minutes into the window")
 
 
-def production_report(task: str, train_path: Path, config: TaskConfig, out_dir: Path,
-                      now: float | None = None) -> dict[str, Any]:
-    """The report of the task's requests in the last `monitoring.window_hours` against the training split, written
+def production_report(task: str, train_path: Path, config: TaskConfig, out_dir: Path, now: float | None = None,
+                      heldout_path: Path | None = None) -> dict[str, Any]:
+    """The report of the task's requests in the last `monitoring.window_hours` against the training split (and the
+    held-out split's prompts, how novel traffic like the training data is; none without `heldout_path`), written
     to `out_dir` (report.md, metrics.json, over_time.png); returns the figures, the Markdown and the plot. Corrections
     dropped in the task's `feedback/` folder are added to its raw data first (`feedback_rows`, `feedback_refused`)."""
     watch: MonitoringConfig = config.monitoring
@@ -137,7 +144,8 @@ def production_report(task: str, train_path: Path, config: TaskConfig, out_dir: 
     answered = _with_content(records)
     outputs = [r["output"] for r in answered]
     valid = task_metrics(config.evaluation).valid_outputs(outputs, answers)
-    found = drift([user_message(r["messages"]) for r in answered], [user_message(r["messages"]) for r in train],
+    heldout = read_examples(heldout_path) if heldout_path else []
+    found = drift(*([user_message(r["messages"]) for r in rows] for rows in (answered, train, heldout)),
                   watch.neighbour_threshold)
     label_of = label_reader(config.evaluation)
     figures = {**health(records), "validity": sum(valid) / len(valid) if valid else None,
@@ -173,9 +181,10 @@ def drift_problems(figures: dict[str, Any], watch: MonitoringConfig) -> list[str
     if figures["drift_score"] > watch.max_drift:
         problems.append(f"drift score {figures['drift_score']:.2f} above {watch.max_drift:.2f} (length shift "
                         f"{figures['length_shift']:.2f}, vocabulary shift {figures['vocabulary_shift']:.2f})")
-    if figures["novel_input_share"] > watch.max_novel_share:
-        problems.append(f"{figures['novel_input_share']:.0%} of prompts have no near neighbour in the training data "
-                        f"(limit {watch.max_novel_share:.0%})")
+    novel_share, expected = figures["novel_input_share"], figures.get("heldout_novel_share") or 0.0
+    if novel_share - expected > watch.max_novel_share:
+        problems.append(f"{novel_share:.0%} of prompts have no near neighbour in the training data, against "
+                        f"{expected:.0%} of the held-out prompts (limit {watch.max_novel_share:.0%} more)")
     return problems
 
 
@@ -185,7 +194,7 @@ def read_figures(out_dir: Path) -> dict[str, Any]:
 
 def _markdown(task: str, figures: dict[str, Any], labels: list[dict[str, Any]], novel_prompts: list[str],
               image: str) -> str:
-    shown = [[name, "n/a" if value is None else round(value, 3) if isinstance(value, float) else value]
+    shown = [[name, "n/a" if value is None else readable.rounded(value) if isinstance(value, float) else value]
              for name, value in figures.items()]
     parts = [f"# Production report: {task}\n", markdown_table(["figure", "value"], shown), "", image, ""]
     if labels:

@@ -22,7 +22,10 @@ def plot_panels(panels: dict[str, dict[str, Points]], target: Path, xlabel: str 
                 axes.plot(*zip(*found), "o-", markersize=3, label=label)
         axes.set_xlabel(xlabel)
         axes.set_ylabel(ylabel)
-        axes.legend()
+        if any(lines.values()):
+            axes.legend()
+        else:
+            axes.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=axes.transAxes, color="grey")
         axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(target)

@@ -58,13 +58,15 @@ def task_dir(task: str) -> Path:
 
 @contextmanager
 def atomic_file(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; it replaces `target` only if the block succeeds."""
+    """Yield a temporary path beside `target`; it replaces `target` only if the block succeeds, with `target`'s
+    permissions (a new file `rw-r--r--`, not a temporary file's `rw-------`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

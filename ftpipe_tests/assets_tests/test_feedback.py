@@ -11,7 +11,7 @@ import pytest
 
 from ftpipe.assets import data, training
 from ftpipe.automation import retrain_on_data_change_sensor
-from ftpipe.core.feedback import FEEDBACK_FILE, FeedbackError, add_feedback, feedback_dir
+from ftpipe.core.feedback import ADDED, FEEDBACK_FILE, REPLACED, UNCHANGED, FeedbackError, add_feedback, feedback_dir
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.records import read_examples, write_examples
 from ftpipe.core.server.request_log import RequestLog
@@ -49,20 +49,21 @@ def test_a_correction_keeps_the_system_prompt_the_model_answered_with(tiny_task:
     system = rows[0]["messages"][0]["content"]
     assert task_system_prompt(tiny_task, task_config(tiny_task)) == system
     [first, *_] = served(tiny_task)
-    row = add_feedback(tiny_task, first, "yellow")
+    row, outcome = add_feedback(tiny_task, first, "yellow")
+    assert outcome == ADDED
     assert row["messages"][0] == {"role": "system", "content": system}, "the correction trains with the served prompt"
     assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
     raw = task_dir(tiny_task) / "raw" / FEEDBACK_FILE
-    assert add_feedback(tiny_task, first, "yellow") == row and len(raw.read_text().splitlines()) == 1, "said twice"
+    assert add_feedback(tiny_task, first, "yellow") == (row, UNCHANGED) and len(raw.read_text().splitlines()) == 1
     second = served(tiny_task)[1]
     add_feedback(tiny_task, second, "green")
-    add_feedback(tiny_task, first, "gold")
+    assert add_feedback(tiny_task, first, "gold")[1] == REPLACED
     answers = [json.loads(line)["messages"][-1]["content"] for line in raw.read_text().splitlines()]
     assert answers == ["green", "gold"], "a later correction of a request replaces the earlier one"
     config = task_dir(tiny_task) / "task.yaml"
     valid = config.read_text()
     config.write_text(valid + "training: {max_step: 3}\n")  # a typo mid-edit does not lose a correction
-    assert add_feedback(tiny_task, first, "red")["messages"][0]["content"] == system
+    assert add_feedback(tiny_task, first, "red")[0]["messages"][0]["content"] == system
     config.write_text(valid)
 
     config.write_text(config.read_text() + "data: {system_prompt: Name the color.}\n")
@@ -78,7 +79,7 @@ def test_a_correction_keeps_the_system_prompt_the_model_answered_with(tiny_task:
         other["messages"][0]["content"] = "Answer in French."
     write_examples(rows, train)
     assert task_system_prompt(tiny_task, task_config(tiny_task)) is None, "no prompt of more than half the rows"
-    assert add_feedback(tiny_task, first, "red")["messages"][0]["role"] == "user"
+    assert add_feedback(tiny_task, first, "red")[0]["messages"][0]["role"] == "user"
 
     config.write_text(valid + "evaluation: {task_type: extraction}\n")
     before = raw.read_text()
@@ -86,7 +87,9 @@ def test_a_correction_keeps_the_system_prompt_the_model_answered_with(tiny_task:
                                             r"extraction\)$"):
         add_feedback(tiny_task, first, "not json {")
     assert raw.read_text() == before, "a correction the task cannot use replaces nothing"
-    assert add_feedback(tiny_task, first, '{"color": "red"}')["messages"][-1]["content"] == '{"color": "red"}'
+    assert add_feedback(tiny_task, first, '{"color": "red"}')[0]["messages"][-1]["content"] == '{"color": "red"}'
+    with pytest.raises(FeedbackError, match=r"^messages: a list of"):
+        add_feedback(tiny_task, first, '{"color": "red"}', messages="oops")
 
 
 @pytest.mark.slow
@@ -103,14 +106,26 @@ def test_dropped_corrections_become_training_rows_and_trigger_retraining(ftpipe_
         ids = served(tiny_task)
         feedback_dir(tiny_task).mkdir()
         lines = [{"request_id": i, "output": COLORS[fruit]} for i, fruit in zip(ids, FRUITS)]
-        lines.append({"request_id": "chatcmpl-never-served", "output": "red"})
-        (feedback_dir(tiny_task) / "monday.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        lines += [lines[0], {"request_id": "chatcmpl-never-served", "output": "red"}, [ids[0], "red"]]
+        (feedback_dir(tiny_task) / "monday.jsonl").write_text(
+            "".join(json.dumps(line) + "\n" for line in lines) + '{"request_id": "chatcmpl-0", "output": red}\n')
+        (feedback_dir(tiny_task) / "tuesday.json").write_text(json.dumps(lines[1]))
         report = defs.resolve_job_def("monitoring_job").execute_in_process(instance=instance, partition_key=tiny_task)
         figures = materialization(report, "production_report")
-        assert figures["feedback_rows"] == 6 and figures["feedback_refused"] == 1 and figures["requests"] == 6
+        assert figures["feedback_rows"] == 6, "the repeated correction adds nothing and is not counted"
+        assert figures["feedback_refused"] == 4 and figures["requests"] == 6
+        refused = [r.user_message for r in instance.all_logs(report.run_id) if "correction refused" in r.user_message]
+        assert any("monday.jsonl:10: not valid JSON" in line for line in refused), refused
+        assert any("monday.jsonl:9: not a JSON object" in line for line in refused), refused
+        assert any("tuesday.json: not a .jsonl file" in line for line in refused), refused
         assert figures["validity"] == 1.0  # a non-empty answer is a valid generation
         assert (feedback_dir(tiny_task) / "applied" / "monday.jsonl").is_file()
         assert not list(feedback_dir(tiny_task).glob("*.jsonl"))
+        (feedback_dir(tiny_task) / "monday.jsonl").write_text(json.dumps(lines[1]) + "\n")  # the same name again
+        report = defs.resolve_job_def("monitoring_job").execute_in_process(instance=instance, partition_key=tiny_task)
+        assert materialization(report, "production_report")["feedback_rows"] == 0
+        assert sorted(p.name for p in (feedback_dir(tiny_task) / "applied").iterdir()) == [
+            "monday.2.jsonl", "monday.jsonl"], "an applied file is never overwritten"
 
         dg.materialize(assets[:3], instance=instance, partition_key=tiny_task)
         train, evaluation = (read_examples(path) for path in TaskLayout(tiny_task).split_files)

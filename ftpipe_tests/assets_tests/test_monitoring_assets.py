@@ -49,13 +49,16 @@ def test_drift_from_another_task_warns_and_alerts_while_new_customers_pass(ftpip
         assert defs.resolve_job_def("data_job").execute_in_process(instance=instance, partition_key=task).success
         with dg.build_sensor_context(instance=instance) as context:
             assert isinstance(production_requests_sensor(context), dg.SkipReason)  # nothing served yet
+        monitoring_job = defs.resolve_job_def("monitoring_job")
+        empty = materialization(monitoring_job.execute_in_process(instance=instance, partition_key=task),
+                                "production_report")
+        assert empty["requests"] == 0 and empty["drift_score"] is None, "a report before any traffic"
 
         now = time.time()
         log([record(m, label, at=now - i) for i, (m, label) in enumerate(new_customers(50))])
         with dg.build_sensor_context(instance=instance) as context:
             observed = production_requests_sensor(context)
         assert [event.partition for event in observed.asset_events] == [task]
-        monitoring_job = defs.resolve_job_def("monitoring_job")
         usual = monitoring_job.execute_in_process(instance=instance, partition_key=task, raise_on_error=False)
         figures = materialization(usual, "production_report")
         assert all(key in figures for key in CONTRACT), sorted(figures)

@@ -34,10 +34,12 @@ def test_volume_errors_latency_validity_and_labels(train_path, tmp_path):
                 enumerate(new_customers(40))]
     answered[0]["output"] = answered[1]["output"] = "I think it is about your card"  # not a label
     failed = [record("my card", "", at=now - 5, status=500) for _ in range(4)]
+    too_long = [record("my card " * 5000, "", at=now - 6, status=400) for _ in range(6)]  # refused, not failed
     old = [record("ancient", "pin_blocked", at=now - 3 * 86400)]  # outside the 24 h window
-    log(answered + failed + old)
+    log(answered + failed + too_long + old)
     found = report(train_path, tmp_path, now=now)
-    assert found["requests"] == 44 and found["error_rate"] == pytest.approx(4 / 44)
+    assert found["requests"] == 50 and found["error_rate"] == pytest.approx(4 / 50)
+    assert found["refused_rate"] == pytest.approx(6 / 50)
     assert found["latency_p50_ms"] == pytest.approx(205.0) and found["latency_p95_ms"] == pytest.approx(380.5)
     assert found["validity"] == pytest.approx(38 / 40)
     shares = {row["label"]: row for row in found["labels"]}
@@ -45,8 +47,8 @@ def test_volume_errors_latency_validity_and_labels(train_path, tmp_path):
     assert shares["activate_my_card"]["training_share"] > shares["top_up_failed"]["training_share"] > 0
     assert "Predicted labels against the training labels" in found["report_markdown"]
     assert (tmp_path / "report" / monitoring.OVER_TIME).stat().st_size > 1000
-    assert monitoring.read_figures(tmp_path / "report")["requests"] == 44
-    assert monitoring.health_problems(found, CONFIG.monitoring) == ["error rate 9.1% above 5.0%"]
+    assert monitoring.read_figures(tmp_path / "report")["requests"] == 50
+    assert monitoring.health_problems(found, CONFIG.monitoring) == ["error rate 8.0% above 5.0%"]
 
 
 def test_prompts_from_another_task_drift_and_new_customers_do_not(train_path, tmp_path):
@@ -71,3 +73,22 @@ def test_a_log_without_content_is_counted_but_not_judged(train_path, tmp_path):
     found = report(train_path, tmp_path, now=now)
     assert found["requests"] == 10 and found["validity"] is None and found["drift_score"] is None
     assert monitoring.drift_problems(found, CONFIG.monitoring) == []
+
+
+def test_novel_prompts_are_judged_against_the_novelty_of_the_held_out_prompts(train_path, tmp_path):
+    """Short or varied prompts rarely have a near neighbour even when they are like the training data: the share of
+    novel prompts warns only where it exceeds the held-out prompts' own share by more than the limit."""
+    now = time.time()
+    log([record(m, label, at=now - i) for i, (m, label) in enumerate(new_customers(40))])
+    heldout = tmp_path / "eval.parquet"
+    write_examples(intent_task(seed=5).rows[:40], heldout)
+    assert report(train_path, tmp_path, now=now, heldout_path=heldout)["heldout_novel_share"] < 0.2
+    write_examples(toy_rows(40, seed=2), heldout)  # held-out prompts with no near neighbour in training
+    assert report(train_path, tmp_path, now=now, heldout_path=heldout)["heldout_novel_share"] == 1.0
+
+    figures = {"drift_score": 0.1, "novel_input_share": 0.7}
+    like_the_heldout, beyond_it = ({**figures, "heldout_novel_share": share} for share in (0.6, 0.3))
+    assert monitoring.drift_problems(like_the_heldout, CONFIG.monitoring) == []
+    assert monitoring.drift_problems(beyond_it, CONFIG.monitoring) == [
+        "70% of prompts have no near neighbour in the training data, against 30% of the held-out prompts "
+        "(limit 25% more)"]

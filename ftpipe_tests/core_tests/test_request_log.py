@@ -35,3 +35,30 @@ def test_a_torn_last_line_is_left_out_and_content_can_be_kept_as_hashes():
     [hidden] = read_records("private")
     assert hidden["output"] == redacted("answer 2") and hidden["messages"]["chars"] > 0
     assert "hi 2" not in segments("private")[0].read_text()
+
+
+def test_a_stream_the_client_closes_early_is_logged_as_closed_by_the_client() -> None:
+    import asyncio
+
+    from ftpipe.core.server import app
+
+    class Answering:  # the part of a Completion the stream uses: chunks of an answer of three pieces
+        recorded: list[tuple] = []
+
+        def chunk(self, delta, finish_reason=None):
+            return f"data: {delta}\n\n"
+
+        async def pieces(self):
+            for piece in ("a", "b", "c"):
+                yield piece
+
+        def record(self, status, error=None):
+            self.recorded.append((status, error))
+
+    async def read_two_chunks_and_close():
+        stream = app._stream(Answering())
+        [await anext(stream) for _ in range(2)]
+        await stream.aclose()
+
+    asyncio.run(read_two_chunks_and_close())
+    assert Answering.recorded == [(499, "the client closed the stream before the answer ended")]

@@ -231,3 +231,12 @@ def test_keyed_lines_appended_after_a_line_a_crash_cut_short_are_all_read_back(t
         file.write('{"key": "b", "ans')  # a crash mid-line
     storage.append_lines(path, [{"key": "c", "answer": "3"}, {"key": "a", "answer": "4"}])
     assert storage.read_keyed_lines(path) == {"a": {"key": "a", "answer": "4"}, "c": {"key": "c", "answer": "3"}}
+
+
+def test_a_file_written_whole_keeps_its_permissions_and_a_new_one_is_readable_by_all(tmp_path: Path) -> None:
+    new, kept = tmp_path / "new.jsonl", tmp_path / "kept.jsonl"
+    storage.write_text(new, "{}\n")
+    kept.write_text("")
+    kept.chmod(0o664)
+    storage.write_text(kept, "{}\n")
+    assert (new.stat().st_mode & 0o777, kept.stat().st_mode & 0o777) == (0o644, 0o664)

@@ -186,7 +186,8 @@ def test_a_correction_of_a_served_answer_becomes_a_raw_row_of_its_task(stack, ft
     prompt = [{"role": "user", "content": "What color is a plum?"}]
     answer = server.client().chat.completions.create(model="alpha", messages=prompt, max_tokens=MAX_TOKENS)
     status, added = post(server, "/v1/feedback", {"request_id": answer.id, "output": "purple"})
-    assert status == 200 and added["task"] == "alpha", added
+    assert status == 200 and added["task"] == "alpha" and added["outcome"] == "added", added
+    assert post(server, "/v1/feedback", {"request_id": answer.id, "output": "purple"})[1]["outcome"] == "unchanged"
     [row] = [json.loads(line) for line in (ftpipe_env / "tasks" / "alpha" / "raw" / "feedback.jsonl").open()]
     assert row["messages"] == [*prompt, {"role": "assistant", "content": "purple"}]
     assert row["feedback_for"] == answer.id and row["served_by"] == "alpha v1"

@@ -27,6 +27,7 @@ from ftpipe.core.server.request_log import SEGMENT_RECORDS, RequestLog, read_rec
 
 DEFAULT_MAX_TOKENS = 256
 REFRESH_SECONDS = 10.0
+CLIENT_CLOSED = 499  # the status logged for a stream the client closed early (a client-side status, as in nginx)
 
 
 class Message(BaseModel):
@@ -303,10 +304,10 @@ def _add_feedback(server: Server, correction: FeedbackRequest) -> dict[str, Any]
         records = read_records(task)
         if any(r["request_id"] == correction.request_id for r in records):
             try:
-                row = add_feedback(task, correction.request_id, correction.output, messages, records)
+                row, outcome = add_feedback(task, correction.request_id, correction.output, messages, records)
             except FeedbackError as error:
                 raise ApiError(400, str(error), param=str(error).split(":")[0]) from None
-            return {"object": "feedback", "task": task, "request_id": correction.request_id,
+            return {"object": "feedback", "task": task, "request_id": correction.request_id, "outcome": outcome,
                     "row": row["messages"], "file": f"raw/{FEEDBACK_FILE}"}
     raise ApiError(404, f"request_id: {correction.request_id!r} is not in the request log of "
                         f"{', '.join(tasks) or 'any served task'}", code="request_not_found", param="request_id")
@@ -351,6 +352,9 @@ async def _stream(completion: Completion):
         completion.record(500, str(error))
         yield f"data: {json.dumps(ApiError(500, f'generation failed: {error}', kind='server_error').body())}\n\n"
         return
+    except (asyncio.CancelledError, GeneratorExit):
+        completion.record(CLIENT_CLOSED, "the client closed the stream before the answer ended")
+        raise
     yield completion.chunk({}, completion.finish_reason)
     if completion.request.streams_usage:
         yield completion.usage_chunk()
