@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.core.evaluation.metrics import answer_problem
-from ftpipe.core.records import with_system_prompt
+from ftpipe.core.records import BadRow, message_list, with_system_prompt
 from ftpipe.core.server.request_log import read_records
 from ftpipe.core.storage import exclusive, task_dir, write_text
 from ftpipe.core.tasks import split_system_prompt, task_config
@@ -47,22 +47,24 @@ def add_feedback(task: str, request_id: str, output: str, messages: list[dict[st
                  None)
     if found is None:
         raise FeedbackError(f"request_id: {request_id!r} is not in task {task!r}'s request log")
-    if messages is not None and not _is_conversation(messages):
-        raise FeedbackError('messages: a list of {"role": ..., "content": "..."} objects')
-    conversation = messages or found["messages"]
+    conversation = _checked(messages) if messages is not None else found["messages"]
     if not isinstance(conversation, list):
         raise FeedbackError(f"messages: task {task!r} logs no content, so the correction must bring the messages")
     system = split_system_prompt(task)[0]  # data.system_prompt, when set, is added by cleaning as to every row
-    conversation = [*with_system_prompt(conversation, system), {"role": "assistant", "content": output}]
+    conversation = _checked([*with_system_prompt(conversation, system), {"role": "assistant", "content": output}])
     row = {"messages": conversation, "feedback_for": request_id, "served_by": f"{found['model']} v{found['version']}",
            "served_output": found["output"], "corrected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with exclusive(feedback_dir(task)):  # the server's threads and the production report may add at once
         return _record(task_dir(task) / "raw" / FEEDBACK_FILE, row)
 
 
-def _is_conversation(messages: Any) -> bool:
-    return isinstance(messages, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+def _checked(messages: Any) -> list[dict[str, str]]:
+    """`messages` as a row's messages are read (`records.message_list`), or the FeedbackError of the row that
+    `raw_examples` would quarantine."""
+    try:
+        return message_list(messages, "messages")
+    except BadRow as error:
+        raise FeedbackError(f"messages: {error}") from None
 
 
 def _answer_problem(task: str, output: str) -> str | None:

@@ -88,8 +88,10 @@ def test_a_correction_keeps_the_system_prompt_the_model_answered_with(tiny_task:
         add_feedback(tiny_task, first, "not json {")
     assert raw.read_text() == before, "a correction the task cannot use replaces nothing"
     assert add_feedback(tiny_task, first, '{"color": "red"}')[0]["messages"][-1]["content"] == '{"color": "red"}'
-    with pytest.raises(FeedbackError, match=r"^messages: a list of"):
+    with pytest.raises(FeedbackError, match=r"^messages: field 'messages' must be a list of \{role, content\} objects"):
         add_feedback(tiny_task, first, '{"color": "red"}', messages="oops")
+    with pytest.raises(FeedbackError, match=r"^messages: field 'messages\[0\].content' is empty or only whitespace"):
+        add_feedback(tiny_task, first, '{"color": "red"}', messages=[{"role": "user", "content": " "}])
 
 
 @pytest.mark.slow

@@ -153,7 +153,14 @@ def test_key_bad_requests_and_a_hot_swap_of_the_champion(stack, models, tmp_path
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 400 and "not valid JSON" in json.loads(refused.value.read())["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="stop: not supported by this server"):
+        ask(client, "alpha", prompt, stop=["."])  # refused, not ignored: it would change the answer
+    with pytest.raises(openai.BadRequestError, match="response_format: not supported by this server"):
+        ask(client, "alpha", prompt, response_format={"type": "json_object"})
     before = ask(client, "alpha", prompt)  # still serving after every refusal
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Answer briefly."}]},
+             {"role": "user", "content": [{"type": "text", "text": prompt[0]["content"]}]}]
+    assert ask(client, "alpha", parts) == ask(client, "alpha", [{"role": "system", "content": "Answer briefly."}, *prompt])
 
     shutil.copytree(models / "model-adapter-b", tmp_path / "alpha-2")
     register(uri, "alpha", tmp_path / "alpha-2", 0.9)  # better: the champion alias moves to version 2

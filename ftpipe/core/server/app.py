@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from ftpipe.core.evaluation.generation import encode
 from ftpipe.core.server.catalog import Catalog, Route, releases
@@ -31,9 +32,26 @@ CLIENT_CLOSED = 499  # the status logged for a stream the client closed early (a
 
 
 class Message(BaseModel):
+    """A chat message; as the openai client may send it, the `developer` role is the system's and content may be a
+    list of text parts (joined by newlines)."""
+
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
     content: str
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _developer_is_system(cls, role: Any) -> Any:
+        return "system" if role == "developer" else role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _joined_text_parts(cls, content: Any) -> Any:
+        if not isinstance(content, list):
+            return content
+        if not all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+            raise PydanticCustomError("text_only", "only parts of type text: the models read text")
+        return "\n".join(str(part.get("text", "")) for part in content)
 
 
 class StreamOptions(BaseModel):
@@ -52,6 +70,18 @@ class ChatRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    logprobs: bool | None = None
+
+    @field_validator("stop", "response_format", "tools", "logprobs")
+    @classmethod
+    def _unsupported(cls, value: Any) -> Any:
+        """Options that would change the answer are refused rather than ignored (their defaults pass)."""
+        if value in (None, False, [], {"type": "text"}):
+            return value
+        raise PydanticCustomError("unsupported", "not supported by this server; leave it out")
 
     @property
     def streams_usage(self) -> bool:
