@@ -26,6 +26,8 @@ def sync_tasks() -> list[str]:
         print(f"refused: {reason}", file=sys.stderr)
     tasks = instance.get_dynamic_partitions(task_partitions.name)
     print(f"tasks: {', '.join(tasks) or 'none'} ({len(changes.new)} new, {len(changes.changed) - len(changes.new)} changed)")
+    if changes.gone:
+        print(f"no task folder any more for: {', '.join(changes.gone)} (their partitions and history are kept)")
     return tasks
 
 

@@ -68,11 +68,13 @@ def sensor(**settings) -> Callable:
 
 @dataclass
 class TaskChanges:
-    """Task folders not yet partitions; tasks whose files changed or were never observed (new version); refused folders."""
+    """Task folders not yet partitions; tasks whose files changed or were never observed (new version); refused folders;
+    partitions whose task folder is gone."""
 
     new: list[str] = field(default_factory=list)
     changed: dict[str, str] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    gone: list[str] = field(default_factory=list)
 
     def observations(self, *, of_new: bool) -> list[dg.AssetObservation]:
         """Observations of the changed tasks; of the new ones too when their partitions exist already."""
@@ -110,7 +112,8 @@ def task_changes(instance: dg.DagsterInstance) -> TaskChanges:
     """What changed in the task folders since the instance last looked (a new folder counts as changed)."""
     found = discover_tasks()
     known = set(instance.get_dynamic_partitions(task_partitions.name))
-    changes = TaskChanges(new=[t for t in found.tasks if t not in known], refused=found.refused)
+    changes = TaskChanges(new=[t for t in found.tasks if t not in known], refused=found.refused,
+                          gone=sorted(known - set(found.tasks) - set(found.refused)))
     for task in found.tasks:
         version = task_files_version(task)
         if version != last_observed_version(instance, task):

@@ -4,6 +4,7 @@ import ast
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -169,4 +170,7 @@ def test_tasks_sync_cli_registers_partitions(ftpipe_env: Path, tmp_path: Path) -
         [observed] = instance.fetch_observations(dg.AssetKey("task_files"), limit=5).records
         assert observed.asset_observation.tags["dagster/data_version"] == task_files_version("alpha")
     again = subprocess.run([sys.executable, "-m", "ftpipe", "tasks", "sync"], capture_output=True, text=True, env=env, check=True)
-    assert "(0 new, 0 changed)" in again.stdout
+    assert "(0 new, 0 changed)" in again.stdout and "no task folder" not in again.stdout
+    shutil.rmtree(ftpipe_env / "tasks" / "alpha")
+    gone = subprocess.run([sys.executable, "-m", "ftpipe", "tasks", "sync"], capture_output=True, text=True, env=env, check=True)
+    assert "no task folder any more for: alpha (their partitions and history are kept)" in gone.stdout
