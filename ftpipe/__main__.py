@@ -234,7 +234,7 @@ def chat(task: str, message: str | None) -> int:
     prefix = [{"role": "system", "content": system}] if system else []
     labels = label_answers(task, config.evaluation)
     print(f"model: {model_dir}" + (f" (answers constrained to {len(labels)} labels)" if labels else ""), file=sys.stderr)
-    messages = [message] if message else _prompts()
+    messages = [message] if message else _prompts() if sys.stdin.isatty() else [sys.stdin.read().strip()]
     for text in messages:
         print(merging.chat(model_dir, prefix + [{"role": "user", "content": text}], labels=labels))
     return 0

@@ -35,11 +35,11 @@ class MlflowTracking(dg.ConfigurableResource):
         ui = without_credentials(uri) if uri.startswith(("http://", "https://")) else self.ui_url
         return run_page(ui, run_id, uri)
 
-    def log_evaluation(self, run_id: str, report: dict[str, Any]) -> None:
-        """Log an evaluation to the training run it judged."""
+    def log_evaluation(self, run_id: str, report: dict[str, Any], gate: dict[str, Any]) -> None:
+        """Log an evaluation, and the gate thresholds it was decided with, to the training run it judged."""
         from ftpipe.core.tracking import log_evaluation
 
-        log_evaluation(run_id, report, self.uri())
+        log_evaluation(run_id, report, self.uri(), gate)
 
     def register_model(self, *, task: str, model_path: Path, run_id: str, eval_score: float,
                        eval_version: str) -> dict[str, Any]:

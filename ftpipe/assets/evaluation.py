@@ -72,7 +72,9 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
         context.log.warning(f"{task}: {cut_off}")
     run_id = adapter.metadata["mlflow_run_id"]
     if not report["reused"] or report["report_rewritten"]:
-        mlflow.log_evaluation(run_id, report)
+        from ftpipe.core.evaluation.gate import GATE_FIELDS
+
+        mlflow.log_evaluation(run_id, report, cfg.evaluation.model_dump(include=GATE_FIELDS))
     return dg.MaterializeResult(
         metadata=_metadata(report, mlflow.run_url(run_id), (sft or adapter).metadata.get("warm_started", False)),
         data_version=file_version(paths.path("eval_report", METRICS)),

@@ -48,7 +48,7 @@ def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflo
     champion's files; `merged_model/latest` links to the newest. A model packaged before is reused, not packaged again.
     """
     from ftpipe.core.evaluation import read_evaluation
-    from ftpipe.core.merging import card_body, package_model, packaged
+    from ftpipe.core.merging import PARITY_ROWS, card_body, package_model, packaged
 
     task = context.partition_key
     cfg = load_config(context, config)
@@ -62,6 +62,8 @@ def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflo
     reused = facts is not None
     if not reused:
         context.log.info(f"{task}: {system_prompt_source(task, cfg)}")
+        context.log.info(f"{task}: packaging {out.name}: merging an adapter into the base and checking parity on up "
+                         f"to {PARITY_ROWS} held-out prompts (a full fine-tune is copied as it is)")
         facts = package_model(
             base_model_dir=base.produced["path"], finetuned_dir=paths.output(final), out_dir=out,
             eval_path=paths.split_files[1], card=_card(task, cfg, base, adapter, evaluation, report), reuse_key=key,

@@ -4,6 +4,8 @@ tokenizer with its chat template, a model card, vLLM and Ollama files (`serving_
 
 from __future__ import annotations
 
+import functools
+
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +26,7 @@ from ftpipe.core.serving_files import (
 
 RESULT_KIND = "merged_model"
 PARITY_MAX_NEW_TOKENS = 24
+PARITY_ROWS = 16  # held-out prompts the merged model must answer as base + adapter does
 PARITY_BATCH_TOKENS = 1024  # about 8 rows of short prompts: every batch's per-step logits are kept
 PARITY_TOLERANCE = {"float32": 1e-3, "float16": 0.25, "bfloat16": 0.5}  # largest |logit difference| accepted
 ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
@@ -180,7 +183,7 @@ def _publish(out_dir: Path, model, tokenizer, card: dict[str, Any], parity: dict
 
 def merge_adapter(*, base_model_dir: Path | str, adapter_dir: Path | str, out_dir: Path | str,
                   eval_path: Path | str, card: dict[str, Any], reuse_key: str, trust_remote_code: bool = False,
-                  parity_rows: int = 16, max_new_tokens: int = PARITY_MAX_NEW_TOKENS) -> dict[str, Any]:
+                  parity_rows: int = PARITY_ROWS, max_new_tokens: int = PARITY_MAX_NEW_TOKENS) -> dict[str, Any]:
     """Merge `adapter_dir` into a freshly loaded full-precision base (fp32 on CPU, bf16 on GPU; never 4-bit, so a
     QLoRA adapter merges cleanly), check parity on `parity_rows` held-out prompts and write `out_dir` atomically.
 
@@ -247,10 +250,15 @@ def packaged(model_dir: Path | str, reuse_key: str) -> dict[str, Any] | None:
 
 def chat(model_dir: Path | str, messages: list[dict], max_new_tokens: int = 128, labels: list[str] | None = None) -> str:
     """One greedy assistant reply to `messages`, formatted with the model's chat template; with `labels`, the
-    likeliest of them (`constrained_answers`)."""
-    model, tokenizer = load_model(model_dir)
+    likeliest of them (`constrained_answers`). The model stays loaded for the next reply."""
+    model, tokenizer = _loaded(str(model_dir))
     if labels:
         from ftpipe.core.evaluation.label_likelihood import constrained_answers
 
         return constrained_answers(model, tokenizer, [messages], labels)[0]
     return generate(model, tokenizer, [messages], max_new_tokens=max_new_tokens, batch_tokens=1)[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded(model_dir: str):
+    return load_model(model_dir)

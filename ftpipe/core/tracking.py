@@ -259,11 +259,12 @@ def tracked_run(
                 client.delete_run(run_id)
 
 
-def log_evaluation(run_id: str, result: dict[str, Any], uri: str | None = None) -> None:
+def log_evaluation(run_id: str, result: dict[str, Any], uri: str | None = None,
+                   gate: dict[str, Any] | None = None) -> None:
     """Log an evaluation (`run_evaluation`'s result) to the training run it judged: its numbers as `eval_<name>` tags
     (each model's metrics as `eval_<model>_<metric>`; single results, so the run's metric charts are the training
-    curves), the gate as the `eval_passed` tag, the report and the predictions table as artifacts under
-    `evaluation/`."""
+    curves), the gate as the `eval_passed` tag with the thresholds it was decided with (`gate`: `eval_gate_<name>`)
+    and the conditions that failed, the report and the predictions table as artifacts under `evaluation/`."""
     import pandas as pd
     from mlflow.entities import RunTag
 
@@ -272,7 +273,10 @@ def log_evaluation(run_id: str, result: dict[str, Any], uri: str | None = None) 
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     for side, summary in result["metrics"].items():
         numbers.update({f"eval_{side}_{name}": value for name, value in summary.items() if isinstance(value, float)})
-    tags = {**{key: _shown(value) for key, value in numbers.items()}, "eval_passed": str(result["passed"]).lower()}
+    tags = {**{key: _shown(value) for key, value in numbers.items()}, "eval_passed": str(result["passed"]).lower(),
+            **{f"eval_gate_{name}": str(value) for name, value in (gate or {}).items()}}
+    if gate is not None:
+        tags["eval_failed_conditions"] = "; ".join(result.get("failed_conditions", [])) or "none"
     client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
     client.log_text(run_id, result["report_markdown"], "evaluation/report.md")
     client.log_table(run_id, data=pd.read_parquet(result["predictions_path"]),

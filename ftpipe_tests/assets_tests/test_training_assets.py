@@ -166,14 +166,16 @@ def test_k8s_launcher_hands_the_pod_spec_to_the_training_pods_resource(tiny_task
     assert materialization(result, "lora_adapter")["mlflow_run_id"], "the pod's program published its result"
 
 
-def chat_cli(task: str, task_yaml_extra: str = "") -> subprocess.CompletedProcess:
-    """`python -m ftpipe chat TASK "What color is the apple?"`, with `task_yaml_extra` appended to task.yaml for it."""
+def chat_cli(task: str, task_yaml_extra: str = "", message: str | None = "What color is the apple?",
+             piped: str = "") -> subprocess.CompletedProcess:
+    """`python -m ftpipe chat TASK "What color is the apple?"` (or `message`, or without one and `piped` as its
+    input), with `task_yaml_extra` appended to task.yaml for it."""
     config = task_dir(task) / "task.yaml"
     before = config.read_text()
     config.write_text(before + task_yaml_extra)
     try:
-        return subprocess.run([sys.executable, "-m", "ftpipe", "chat", task, "What color is the apple?"],
-                              capture_output=True, text=True, env=dict(os.environ), timeout=300)
+        return subprocess.run([sys.executable, "-m", "ftpipe", "chat", task, *([message] if message else [])],
+                              input=piped, capture_output=True, text=True, env=dict(os.environ), timeout=300)
     finally:
         config.write_text(before)
 
@@ -230,6 +232,9 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         chat = chat_cli(tiny_task)
         assert chat.returncode == 0, chat.stderr[-2000:]
         assert f"model: {merged['model_path']}" in chat.stderr, "the chat CLI answers with the champion model"
+        pasted = "What color is the apple?\nAnd what color is the lemon?\n"
+        as_one = chat_cli(tiny_task, message=pasted.strip()).stdout
+        assert chat_cli(tiny_task, message=None, piped=pasted).stdout == as_one, "a text piped in is one message"
 
         again = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=lenient)
         assert all(materialization(again, a)["reused"] for a in ("lora_adapter", "eval_report", "merged_model"))

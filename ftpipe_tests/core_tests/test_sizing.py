@@ -208,8 +208,8 @@ def test_the_speeds_and_time_left_count_evaluations_at_their_own_pace(monkeypatc
     progress = reporting.progress_callback(SimpleNamespace(info=lines.append), SimpleNamespace(log_metrics=lambda metrics, step: None))
     state = SimpleNamespace(global_step=0, max_steps=6, num_input_tokens_seen=0)
     progress.on_train_begin(SimpleNamespace(eval_steps=3), state, None)
-    control = SimpleNamespace(should_log=False)
     for step in range(1, 5):  # 10 s and 100 tokens a step, an evaluation of 30 s after step 3
+        control = SimpleNamespace(should_log=True, should_evaluate=step == 3)  # every step logged
         clock[0] += 10
         state.global_step, state.num_input_tokens_seen = step, 100 * step
         progress.on_step_end(None, state, control)
@@ -218,5 +218,9 @@ def test_the_speeds_and_time_left_count_evaluations_at_their_own_pace(monkeypatc
             clock[0] += 30
             progress.on_evaluate(None, state, control)
     assert lines[1].endswith("10 tokens/s, ETA 40 s"), "4 steps left, no evaluation timed yet"
-    assert lines[3].endswith("10 tokens/s, ETA 50 s"), "2 steps and the last evaluation: 20 s + 30 s"
+    assert lines[2:4] == [lines[2], "step 3/6: evaluating on the eval rows"], "said as the evaluation starts"
+    assert lines[4].endswith("10 tokens/s, ETA 50 s"), "2 steps and the last evaluation: 20 s + 30 s"
+    state.global_step = 5
+    progress.on_step_end(None, state, SimpleNamespace(should_log=False, should_evaluate=True))
+    assert lines[-1] == "step 5/6: evaluating on the eval rows", "said on a step without a line of its own too"
     assert progress.session_tokens_per_second == 10, "the training's speed (its metadata): evaluations left out"

@@ -169,11 +169,13 @@ def test_log_evaluation_adds_metrics_tag_report_and_table_to_the_training_run(st
               "metrics": {"base": {"macro_f1": 0.75, "field_accuracy_by_field": {"x": 1.0}}, "finetuned": {"macro_f1": 0.25}},
               "report_markdown": "# Evaluation", "predictions_path": str(predictions)}
     result["metrics"]["finetuned"]["accuracy"] = 0.26326375007629393
-    tracking.log_evaluation(run_id, result, store)
+    result["failed_conditions"] = ["delta_ci_low -0.600 <= min_improvement -0.050"]
+    tracking.log_evaluation(run_id, result, store, gate={"min_improvement": -0.05, "max_forgetting": 0.1})
     run = client.get_run(run_id)
     assert run.data.metrics == {}, "single results stay out of the metric charts, which are the training curves"
     assert {key: value for key, value in run.data.tags.items() if key.startswith("eval_")} == {
         "eval_delta": "-0.5", "eval_rows": "2", "eval_passed": "false", "eval_base_macro_f1": "0.75",
-        "eval_finetuned_macro_f1": "0.25", "eval_finetuned_accuracy": "0.2633"}
+        "eval_finetuned_macro_f1": "0.25", "eval_finetuned_accuracy": "0.2633", "eval_gate_min_improvement": "-0.05",
+        "eval_gate_max_forgetting": "0.1", "eval_failed_conditions": "delta_ci_low -0.600 <= min_improvement -0.050"}
     logged = {item.path for item in client.list_artifacts(run_id, "evaluation")}
     assert logged == {"evaluation/report.md", "evaluation/predictions.json"}

@@ -206,8 +206,8 @@ def test_loss_is_masked_on_prompt_tokens(workspace):
     trainer, _, facts = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), reporter, Quiet())
     assert facts == {"rows_too_long": LONG_ROWS, "replay_rows": 0}
     [left_out] = reporter.warnings
-    assert left_out.startswith(f"{LONG_ROWS} of {len(trainer.train_dataset) + LONG_ROWS} train rows (") and (
-        "longer than training.max_length=64 tokens and were left out" in left_out)
+    assert left_out.startswith(f"rows longer than training.max_length=64 tokens: {LONG_ROWS} of "
+                               f"{len(trainer.train_dataset) + LONG_ROWS} train rows (") and "eval rows" not in left_out
     tokenizer = trainer.processing_class
     example = trainer.train_dataset[0]
     labels, input_ids = example["labels"], example["input_ids"]

@@ -139,6 +139,8 @@ def progress_callback(reporter: Reporter, run):
             self.step_ended = time.monotonic()
             if state.global_step >= state.max_steps:  # the last step is logged too, however short the run
                 control.should_log = True
+            if control.should_evaluate and not control.should_log:  # else said after the step's line
+                self._evaluating(state)
 
         def on_evaluate(self, args, state, control, **kwargs):  # an evaluation runs right after a step ends
             self.eval_seconds += time.monotonic() - self.step_ended
@@ -148,11 +150,17 @@ def progress_callback(reporter: Reporter, run):
             logs = logs or {}
             if "loss" in logs:
                 self._train_line(state, logs)
+                if control.should_evaluate:
+                    self._evaluating(state)
             if "eval_loss" in logs:
                 reporter.info(f"eval step {state.global_step}/{state.max_steps}: eval_loss {logs['eval_loss']:.4f}"
                               f"{reward_text(logs, 'eval_')}")
                 evals = ("eval_loss", *(f"eval_{name}" for name in REWARD_METRICS))
                 run.log_metrics({key: logs[key] for key in evals if key in logs}, step=state.global_step)
+
+        def _evaluating(self, state):
+            """Said as an evaluation starts: on long rows it takes minutes."""
+            reporter.info(f"step {state.global_step}/{state.max_steps}: evaluating on the eval rows")
 
         def _train_line(self, state, logs):
             """The step's loss, the training speed since the last line and the time left, evaluations apart: their

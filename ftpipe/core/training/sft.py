@@ -47,10 +47,13 @@ def fit_rows(conversations, tokenizer, max_length: int, too_long: str) -> tuple[
 
 
 def left_out_warning(train_over: int, train_rows: int, eval_over: int, eval_rows: int, max_length: int) -> str:
-    """The line about task rows `too_long: drop` left out of a training."""
-    return (f"{train_over} of {train_rows} train rows ({train_over / max(train_rows, 1):.0%}) and {eval_over} of "
-            f"{eval_rows} eval rows are longer than training.max_length={max_length} tokens and were left out: the "
-            "model does not learn from them, though the evaluation scores the held-out ones; raise "
+    """The line about task rows `too_long: drop` left out of a training, naming only the sides that had such rows."""
+    parts = [f"{train_over} of {train_rows} train rows ({train_over / max(train_rows, 1):.0%}) left out of training: "
+             "the model does not learn from them"] if train_over else []
+    if eval_over:
+        parts.append(f"{eval_over} of {eval_rows} eval rows left out of the training's eval loss (eval_report still "
+                     "scores them, on inputs longer than any the model trained on)")
+    return (f"rows longer than training.max_length={max_length} tokens: {'; '.join(parts)}. Raise "
             "training.max_length (a pass's memory grows with it) or set training.too_long: truncate")
 
 
