@@ -143,7 +143,9 @@ def verdict_line(report: dict) -> str:
             + (f"; over few-shot {report['delta_vs_fewshot']:+.3f}, CI low {report['delta_vs_fewshot_ci_low']:+.3f}"
                if fewshot is not None else "")
             + f"); forgetting {report['forgetting']:.3f}; "
-            f"gate {'PASSED' if report['passed'] else 'FAILED: ' + report['failed_conditions']}")
+            f"gate {'PASSED' if report['passed'] else 'FAILED: ' + report['failed_conditions']}"
+            + (" (few-shot prompting scores higher: see the report)"
+               if report["passed"] and (report.get("delta_vs_fewshot_ci_high") or 0) < 0 else ""))
 
 
 def merged_line(task: str, merged: dict) -> str:
@@ -198,8 +200,9 @@ def set_aside_lines(found: dict[str, dict]) -> list[str]:
     lines = []
     if raw.get("rows_quarantined"):
         lines.append(f"  {raw['rows_quarantined']} rows quarantined, each with its reason: {raw['quarantine_path']}")
-    if cleaned and cleaned["rows_in"] > cleaned["rows_out"]:
-        lines.append(f"  {cleaned['rows_in'] - cleaned['rows_out']} rows removed by cleaning, each with its reason: "
+    removed = sum(cleaned.get(f"{kind}rows_in", 0) - cleaned.get(f"{kind}rows_out", 0) for kind in ("", "preference_"))
+    if removed:
+        lines.append(f"  {removed} rows removed by cleaning (chat and preference rows), each with its reason: "
                      f"{cleaned['removed_path']}")
     return lines
 

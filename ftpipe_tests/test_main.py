@@ -80,6 +80,8 @@ def test_the_verdict_line_shows_the_few_shot_baseline_beside_the_base() -> None:
     assert verdict_line(report) == (
         "accuracy: base 0.645, few-shot 0.839 -> fine-tuned 0.806 (delta +0.161, 95% CI [+0.050, +0.270]; over "
         "few-shot -0.033, CI low -0.120); forgetting 0.000; gate PASSED")
+    behind = {**report, "delta_vs_fewshot_ci_high": -0.01}
+    assert verdict_line(behind).endswith("gate PASSED (few-shot prompting scores higher: see the report)")
     without = {**report, "fewshot_score": None, "passed": False, "failed_conditions": "delta_ci_low ..."}
     assert verdict_line(without) == ("accuracy: base 0.645 -> fine-tuned 0.806 (delta +0.161, 95% CI [+0.050, "
                                      "+0.270]); forgetting 0.000; gate FAILED: delta_ci_low ...")
@@ -131,7 +133,10 @@ def test_the_summary_says_where_the_rows_set_aside_are() -> None:
     found = {"raw_examples": {"rows_quarantined": 3, "quarantine_path": "raw/quarantine.jsonl"},
              "deduplicated_examples": {"rows_in": 100, "rows_out": 90, "removed_path": "dedup/removed.jsonl"}}
     assert set_aside_lines(found) == ["  3 rows quarantined, each with its reason: raw/quarantine.jsonl",
-                                 "  10 rows removed by cleaning, each with its reason: dedup/removed.jsonl"]
+                                 "  10 rows removed by cleaning (chat and preference rows), each with its reason: "
+                                 "dedup/removed.jsonl"]
+    found["deduplicated_examples"].update(preference_rows_in=247, preference_rows_out=239)
+    assert set_aside_lines(found)[1].startswith("  18 rows removed by cleaning"), "preference rows count too"
     clean = {"raw_examples": {"rows_quarantined": 0}, "deduplicated_examples": {"rows_in": 9, "rows_out": 9}}
     assert set_aside_lines(clean) == [] and set_aside_lines({}) == [], "nothing set aside, nothing said"
 

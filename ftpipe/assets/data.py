@@ -98,7 +98,9 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
     summary = dedup.build_deduplicated(paths.examples("raw_examples"), out, Settings.of(cfg.dedup),
                                        label_of=label_reader(cfg.evaluation))
     removed = summary.pop("removed")
-    context.log.info(f"{task}: kept {summary['rows_out']} of {summary['rows_in']} rows")
+    pairs = (f" and {summary['preference_rows_out']} of {summary['preference_rows_in']} preference rows"
+             if summary["preference_rows_in"] else "")
+    context.log.info(f"{task}: kept {summary['rows_out']} of {summary['rows_in']} chat rows{pairs}")
     return dg.MaterializeResult(
         metadata={
             **{key: summary[key] for key in (*dedup.COUNTS, "preference_rows_in", "preference_rows_out")},

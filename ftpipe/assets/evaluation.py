@@ -13,11 +13,12 @@ from ftpipe.resources import MlflowTracking
 
 GROUP = "evaluation"
 CONTRACT = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_ci_low", "delta_ci_high", "forgetting",
-            "passed", "fewshot_score", "delta_vs_fewshot", "delta_vs_fewshot_ci_low", "fewshot_prompt_tokens",
-            "forgetting_ci_low", "forgetting_ci_high", "preference_accuracy_base", "preference_accuracy_sft",
-            "preference_accuracy_final", "preference_delta_ci_low", "preference_delta_ci_high", "sft_score", "delta_vs_sft",
-            "sft_forgetting", "teacher_score", "student_to_teacher_ratio", "student_to_teacher_ratio_ci_low",
-            "student_to_teacher_ratio_ci_high", "student_latency_ms", "teacher_latency_ms")
+            "passed", "fewshot_score", "delta_vs_fewshot", "delta_vs_fewshot_ci_low", "delta_vs_fewshot_ci_high",
+            "fewshot_prompt_tokens", "forgetting_ci_low", "forgetting_ci_high", "preference_accuracy_base",
+            "preference_accuracy_sft", "preference_accuracy_final", "preference_delta_ci_low", "preference_delta_ci_high",
+            "sft_score", "delta_vs_sft", "sft_forgetting", "teacher_score", "student_to_teacher_ratio",
+            "student_to_teacher_ratio_ci_low", "student_to_teacher_ratio_ci_high", "student_latency_ms",
+            "teacher_latency_ms")
 
 
 def _metadata(report: dict, run_url: str, warm_started: bool) -> dict:
@@ -44,6 +45,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     held-out pairs; an evaluation of the same inputs is reused without generating anything."""
     from ftpipe.core.evaluation import run_evaluation
     from ftpipe.core.evaluation.answer_budget import cut_off_warning
+    from ftpipe.core.evaluation.gate import fewshot_caveat
     from ftpipe.core.evaluation.report import unheld_labels
     from ftpipe.core.teacher import teacher_outputs, teacher_version
 
@@ -70,6 +72,8 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
         context.log.warning(f"{task}: {unheld_labels(report['labels_without_heldout_rows'])}")
     if (cut_off := cut_off_warning(report)) is not None:
         context.log.warning(f"{task}: {cut_off}")
+    if report["passed"] and (caveat := fewshot_caveat(report, cfg.evaluation)) is not None:
+        context.log.warning(f"{task}: the gate passed, but {caveat}")
     run_id = adapter.metadata["mlflow_run_id"]
     if not report["reused"] or report["report_rewritten"]:
         from ftpipe.core.evaluation.gate import GATE_FIELDS

@@ -49,6 +49,17 @@ def _preference_gain(metrics: dict[str, Any], config: EvaluationConfig) -> str |
             f"{metrics['preference_accuracy_final']:.3f})")
 
 
+def fewshot_caveat(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
+    """What a passed gate does not say: that few-shot prompting of the base model scores higher (the gain over it
+    has a 95% CI high below 0) while the gate does not require beating it; None otherwise."""
+    high = metrics.get("delta_vs_fewshot_ci_high")
+    if config.require_beats_fewshot or high is None or high >= 0:
+        return None
+    return (f"few-shot prompting of the base model scores higher ({metrics['fewshot_score']:.3f} against "
+            f"{metrics['finetuned_score']:.3f}, the gain over it has a 95% CI high of {high:+.3f}); "
+            "evaluation.require_beats_fewshot: true holds such a model back")
+
+
 def waiting_for_reviews(have: int, config: EvaluationConfig) -> str | None:
     """With `require_human_review` N, why the model waits (fewer than N human verdicts on its answers), else None."""
     if have >= config.require_human_review:

@@ -7,7 +7,7 @@ from typing import Any
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.answer_budget import cut_off_warning
-from ftpipe.core.evaluation.gate import decide_gate
+from ftpipe.core.evaluation.gate import decide_gate, fewshot_caveat
 from ftpipe.core.evaluation.metrics import task_metrics
 from ftpipe.core.text import markdown_table
 
@@ -32,8 +32,10 @@ def _interval(low: float, high: float, signed: bool = True) -> str:
     return f"95% paired-bootstrap CI {number(low, signed)} … {number(high, signed)}"
 
 
-def verdict(passed: bool, failed: list[str], config: EvaluationConfig, preference: bool = False) -> str:
-    """The gate's verdict with its thresholds (`preference`: preference pairs were evaluated, so it has one more)."""
+def verdict(passed: bool, failed: list[str], config: EvaluationConfig, preference: bool = False,
+            caveat: str | None = None) -> str:
+    """The gate's verdict with its thresholds (`preference`: preference pairs were evaluated, so it has one more),
+    and after a pass what it does not say (`caveat`)."""
     thresholds = f"min_improvement {config.min_improvement:g}, max_forgetting {config.max_forgetting:g}"
     if preference:
         thresholds += f", min_preference_gain {config.min_preference_gain:g}"
@@ -42,7 +44,7 @@ def verdict(passed: bool, failed: list[str], config: EvaluationConfig, preferenc
     if config.require_human_review:
         thresholds += f", {config.require_human_review} human verdicts"
     if passed:
-        return f"**Eval gate: PASSED** ({thresholds})"
+        return f"**Eval gate: PASSED** ({thresholds})" + (f". **But {caveat}.**" if caveat else "")
     return f"**Eval gate: FAILED** ({thresholds}): " + "; ".join(failed)
 
 
@@ -77,7 +79,10 @@ def overview(metrics: dict[str, Any]) -> str:
                      f"{number(m['teacher_latency_ms'])} ms.")
     if m["probe_rows"]:
         interval = _interval(m["forgetting_ci_low"], m["forgetting_ci_high"], signed=False)
-        parts.append(f"Forgetting {number(m['forgetting'])} ({interval}) on {m['probe_rows']} probe rows.")
+        parts.append(f"Forgetting {number(m['forgetting'])} ({interval}) on {m['probe_rows']} probe rows: accuracy "
+                     f"{number(m['probe_base_accuracy'])} -> {number(m['probe_finetuned_accuracy'])}, reference loss "
+                     f"{number(m['probe_base_loss'])} -> {number(m['probe_finetuned_loss'])} (forgetting is the "
+                     "larger relative worsening of the two, 0 when neither worsened).")
     else:
         parts.append("Forgetting not checked (no probe file).")
     parts.append(_base_outputs(m))
@@ -248,7 +253,8 @@ def report_markdown(metrics: dict[str, Any], records: list[dict[str, Any]], conf
     and regressions, and the probe rows that changed."""
     passed, failed = decide_gate(metrics, config)
     titles = {side: SIDES[side] for side in ("finetuned", "fewshot", "base") if side in metrics["metrics"]}
-    parts = ["# Evaluation: base vs fine-tuned", verdict(passed, failed, config, "preference_pairs" in metrics),
+    parts = ["# Evaluation: base vs fine-tuned",
+             verdict(passed, failed, config, "preference_pairs" in metrics, fewshot_caveat(metrics, config)),
              overview(metrics), summary_table(metrics)]
     if (stages := preference_tuning(metrics)) is not None:
         parts += ["## Preference tuning", stages]
