@@ -16,7 +16,7 @@ from ftpipe.config import TrainingConfig
 from ftpipe.core.preferences import write_preferences
 from ftpipe.core.results import Result, read_result
 from ftpipe.core.training import checkpoints, preference
-from ftpipe.core.training.methods import PREFERENCE_OBJECTIVES
+from ftpipe.core.training.methods import PREFERENCE_OBJECTIVES, Method
 from ftpipe.core.training.outputs import likelihood_displacement
 from ftpipe.core.training.program import EXIT_REFUSED
 from ftpipe.core.training.reporting import REWARD_METRICS
@@ -195,6 +195,29 @@ def test_likelihood_displacement_needs_falling_chosen_logps_and_a_growing_margin
     assert not likelihood_displacement(history([-10.0, -12.0, -15.0], [1.0, 0.5, 0.2])), "the margin shrank"
     assert not likelihood_displacement(history([-10.0, -8.0, -11.0], [0.0, 0.1, 0.2])[:1]), "one point says nothing"
     assert not likelihood_displacement([{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.9}]), "an SFT history"
+
+
+@pytest.mark.slow
+def test_on_a_cpu_long_pairs_go_through_in_smaller_passes_and_a_step_keeps_its_pairs(workspace):
+    from ftpipe.core.training.program import build_trainer
+    from ftpipe.core.training.reporting import NewStepsOnly
+    from ftpipe.core.training.spec import TrainingSpec
+    from ftpipe_tests.training_program import Quiet
+
+    write_preferences(preference_rows(16, seed=6, long=True) + preference_rows(UNPAIRED, seed=7, paired=False),
+                      workspace / "long_preferences.parquet")
+
+    def passes(objective: str, train: str) -> tuple[int, int]:  # the long pairs' file kept whole, the other's cut
+        longest = 4096 if train == "long_preferences" else 64
+        spec = TrainingSpec.from_json(preference_spec(workspace, f"passes-{objective}-{train}", objective, train=train,
+                                                      max_length=longest))
+        trainer, _, _ = build_trainer(spec, spec.config(), Method(objective, "lora", "none"), Quiet(),
+                                      NewStepsOnly(Quiet(), False))
+        return trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps
+
+    assert passes("dpo", "train_preferences") == (4, 2), "short pairs: 4 pairs (8 answers of ~40 tokens) a pass"
+    assert passes("dpo", "long_preferences") == (1, 8), "long pairs: one a pass, the same 8 pairs a step"
+    assert passes("kto", "long_preferences") == (8, 1), "kto's KL term needs the whole batch in its pass"
 
 
 def test_rows_become_trl_rows_and_long_ones_are_dropped_or_kept_for_truncation_and_counted():

@@ -23,7 +23,9 @@ from ftpipe.config import TrainingConfig
 from ftpipe.core.evaluation.generation import ADAPTER_CONFIG, is_adapter
 from ftpipe.core.preferences import is_paired, read_preferences
 from ftpipe.core.training.methods import PREFERENCE_OBJECTIVES, Method
-from ftpipe.core.training.setup import TrainerSetup, chat_length, require_rows, within_max_length, world_size
+from ftpipe.core.training.setup import (
+    TrainerSetup, chat_length, micro_batching, require_rows, within_max_length, world_size,
+)
 from ftpipe.core.training.spec import TrainingSpec
 
 UNPAIRED_OBJECTIVES = ("kto",)  # train on single rows marked desirable or not; the others need pairs
@@ -127,6 +129,9 @@ def preference_trainer(setup: TrainerSetup, trainer_class, config_class, to_exam
     `to_examples` makes them; and its facts `rows_too_long`, `pairs_train` and `pairs_eval` (the rows it trains and
     evaluates on: pairs, or single rows for kto)."""
     train, evals, rows_too_long = build_datasets(setup, to_examples)
+    if setup.config.objective not in UNPAIRED_OBJECTIVES:  # kto's KL term pairs the rows of a whole batch
+        # on a CPU, passes sized as SFT's are, a pair's chosen and rejected answers going through together
+        setup.arguments.update(micro_batching(setup.config, [2 * example_length(setup.tokenizer, e) for e in train]))
     args = preference_config(config_class, setup.config, setup.arguments, **settings)
     trainer = trainer_class(model=setup.model, args=args, train_dataset=train, eval_dataset=evals,
                             processing_class=setup.tokenizer, peft_config=setup.peft_config, callbacks=setup.callbacks)
