@@ -134,7 +134,7 @@ def failure_reason(result) -> str:
 
 def verdict_line(report: dict) -> str:
     """The evaluation in one line: the base, few-shot and fine-tuned scores, the gain over the base and over few-shot
-    prompting with their intervals, forgetting and the gate."""
+    prompting with their intervals, forgetting and the gate (with what a pass does not say)."""
     fewshot = report.get("fewshot_score")
     return (f"{report['primary_metric']}: base {report['base_score']:.3f}"
             + (f", few-shot {fewshot:.3f}" if fewshot is not None else "")
@@ -144,8 +144,7 @@ def verdict_line(report: dict) -> str:
                if fewshot is not None else "")
             + f"); forgetting {report['forgetting']:.3f}; "
             f"gate {'PASSED' if report['passed'] else 'FAILED: ' + report['failed_conditions']}"
-            + (" (few-shot prompting scores higher: see the report)"
-               if report["passed"] and (report.get("delta_vs_fewshot_ci_high") or 0) < 0 else ""))
+            + (f"; but {report['gate_caveat']}" if report.get("gate_caveat", "none") != "none" else ""))
 
 
 def merged_line(task: str, merged: dict) -> str:

@@ -13,6 +13,8 @@ ABANDONED = "Dependencies for step "  # how Dagster begins its line for each ste
 
 
 class FailuresOnce(logging.Filter):
+    """Drops the lines of steps left unrun and cuts a failure's line to its first line."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         meta = getattr(record, "dagster_meta", None) or {}
         if str(meta.get("orig_message", "")).startswith(ABANDONED):

@@ -80,8 +80,9 @@ def test_the_verdict_line_shows_the_few_shot_baseline_beside_the_base() -> None:
     assert verdict_line(report) == (
         "accuracy: base 0.645, few-shot 0.839 -> fine-tuned 0.806 (delta +0.161, 95% CI [+0.050, +0.270]; over "
         "few-shot -0.033, CI low -0.120); forgetting 0.000; gate PASSED")
-    behind = {**report, "delta_vs_fewshot_ci_high": -0.01}
-    assert verdict_line(behind).endswith("gate PASSED (few-shot prompting scores higher: see the report)")
+    behind = {**report, "gate_caveat": "few-shot prompting of the base model scores higher (...)"}
+    assert verdict_line(behind).endswith("gate PASSED; but few-shot prompting of the base model scores higher (...)")
+    assert verdict_line({**report, "gate_caveat": "none"}).endswith("gate PASSED")
     without = {**report, "fewshot_score": None, "passed": False, "failed_conditions": "delta_ci_low ..."}
     assert verdict_line(without) == ("accuracy: base 0.645 -> fine-tuned 0.806 (delta +0.161, 95% CI [+0.050, "
                                      "+0.270]); forgetting 0.000; gate FAILED: delta_ci_low ...")

@@ -21,12 +21,13 @@ CONTRACT = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_c
             "teacher_latency_ms")
 
 
-def _metadata(report: dict, run_url: str, warm_started: bool) -> dict:
+def _metadata(report: dict, run_url: str, warm_started: bool, caveat: str | None) -> dict:
     return rounded_floats({
         **{key: report[key] for key in CONTRACT if key in report},
         "base_cached": report["base_cached"],
         "warm_started": warm_started,  # the SFT adapter continued the previous one (retrain.warm_start)
         "failed_conditions": "; ".join(report["failed_conditions"]) or "none",
+        "gate_caveat": caveat or "none",  # what a passed gate does not say (`fewshot_caveat`)
         "report": dg.MetadataValue.md(report["report_markdown"]),
         "report_path": dg.MetadataValue.path(report["report_path"]),
         "mlflow_run": dg.MetadataValue.url(run_url),
@@ -72,7 +73,8 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
         context.log.warning(f"{task}: {unheld_labels(report['labels_without_heldout_rows'])}")
     if (cut_off := cut_off_warning(report)) is not None:
         context.log.warning(f"{task}: {cut_off}")
-    if report["passed"] and (caveat := fewshot_caveat(report, cfg.evaluation)) is not None:
+    caveat = fewshot_caveat(report, cfg.evaluation) if report["passed"] else None
+    if caveat is not None:
         context.log.warning(f"{task}: the gate passed, but {caveat}")
     run_id = adapter.metadata["mlflow_run_id"]
     if not report["reused"] or report["report_rewritten"]:
@@ -80,7 +82,8 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
 
         mlflow.log_evaluation(run_id, report, cfg.evaluation.model_dump(include=GATE_FIELDS))
     return dg.MaterializeResult(
-        metadata=_metadata(report, mlflow.run_url(run_id), (sft or adapter).metadata.get("warm_started", False)),
+        metadata=_metadata(report, mlflow.run_url(run_id), (sft or adapter).metadata.get("warm_started", False),
+                           caveat),
         data_version=file_version(paths.path("eval_report", METRICS)),
     )
 

@@ -72,6 +72,7 @@ def test_fine_tuning_beats_the_base_and_few_shot_and_passes_the_gate_at_the_defa
     assert demo["metadata"]["lora_adapter"]["replay_rows"] > 0
     assert demo["metadata"]["lora_adapter"]["estimated_minutes"] > 0, "the training was sized before it started"
     assert report["passed"] is True and report["warm_started"] is False
+    assert (report["gate_caveat"] != "none") == (report["delta_vs_fewshot_ci_high"] < 0), "a pass says what it hides"
     assert demo["checks"]["eval_report_gate"].passed
     assert demo["checks"]["heldout_split_no_leakage"].passed
 
