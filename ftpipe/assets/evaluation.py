@@ -18,7 +18,7 @@ CONTRACT = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_c
             "preference_accuracy_sft", "preference_accuracy_final", "preference_delta_ci_low", "preference_delta_ci_high",
             "sft_score", "delta_vs_sft", "sft_forgetting", "teacher_score", "student_to_teacher_ratio",
             "student_to_teacher_ratio_ci_low", "student_to_teacher_ratio_ci_high", "student_latency_ms",
-            "teacher_latency_ms")
+            "teacher_latency_ms", "copy_score", "delta_vs_copy", "delta_vs_copy_ci_low", "delta_vs_copy_ci_high")
 
 
 def _metadata(report: dict, run_url: str, warm_started: bool, caveat: str | None) -> dict:
@@ -27,7 +27,7 @@ def _metadata(report: dict, run_url: str, warm_started: bool, caveat: str | None
         "base_cached": report["base_cached"],
         "warm_started": warm_started,  # the SFT adapter continued the previous one (retrain.warm_start)
         "failed_conditions": "; ".join(report["failed_conditions"]) or "none",
-        "gate_caveat": caveat or "none",  # what a passed gate does not say (`fewshot_caveat`)
+        "gate_caveat": caveat or "none",  # what a passed gate does not say (`gate_caveat`)
         "report": dg.MetadataValue.md(report["report_markdown"]),
         "report_path": dg.MetadataValue.path(report["report_path"]),
         "mlflow_run": dg.MetadataValue.url(run_url),
@@ -46,7 +46,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     held-out pairs; an evaluation of the same inputs is reused without generating anything."""
     from ftpipe.core.evaluation import run_evaluation
     from ftpipe.core.evaluation.answer_budget import cut_off_warning
-    from ftpipe.core.evaluation.gate import fewshot_caveat
+    from ftpipe.core.evaluation.gate import gate_caveat
     from ftpipe.core.evaluation.report import unheld_labels
     from ftpipe.core.teacher import teacher_outputs, teacher_version
 
@@ -73,7 +73,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
         context.log.warning(f"{task}: {unheld_labels(report['labels_without_heldout_rows'])}")
     if (cut_off := cut_off_warning(report)) is not None:
         context.log.warning(f"{task}: {cut_off}")
-    caveat = fewshot_caveat(report, cfg.evaluation) if report["passed"] else None
+    caveat = gate_caveat(report, cfg.evaluation) if report["passed"] else None
     if caveat is not None:
         context.log.warning(f"{task}: the gate passed, but {caveat}")
     run_id = adapter.metadata["mlflow_run_id"]

@@ -573,6 +573,63 @@ def test_fewshot_and_label_likelihood_baselines(workspace, tmp_path):
     likelihood = {side: result["metrics"][side]["label_likelihood_accuracy"]
                   for side in ("base", "fewshot", "finetuned")}
     assert likelihood["base"] >= 0.9 and likelihood["finetuned"] < 0.5 and 0 <= likelihood["fewshot"] <= 1
+    assert "copy_score" not in result and "copy_answer" not in predictions, "a label is no copy of the input"
+
+
+SYSTEM = "You are the support desk's note writer. " * 8  # a long shared system prompt, as real tasks have
+
+
+def summary_rows(count: int, *, start: int = 0) -> list[dict]:
+    """Tickets (one sentence that matters, then 1-6 sentences of filler: skewed lengths) and one-line summaries that
+    reword that first sentence."""
+    import hashlib
+
+    items = ["laptop", "phone charger", "desk lamp", "monitor", "keyboard", "headset", "printer"]
+    rows = []
+    for index in range(start, start + count):
+        item = items[index % len(items)]
+        ticket = (f"The {item} from order {1000 + index} arrived broken and the customer wants a refund. "
+                  + "They called twice and waited on hold for a long time. " * (1 + index % 6))
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ticket},
+                    {"role": "assistant", "content": f"Refund wanted: {item} of order {1000 + index} arrived broken."}]
+        rows.append({"id": hashlib.sha256(ticket.encode()).hexdigest()[:16], "messages": messages,
+                     "source": f"tickets.jsonl:{index + 1}"})
+    return rows
+
+
+def test_free_text_is_scored_beside_a_copy_of_the_input_and_a_pass_says_when_copying_scores_higher(
+        workspace, tmp_path):
+    import pandas as pd
+
+    from ftpipe.core.evaluation.gate import gate_caveat
+
+    eval_rows, train_rows = summary_rows(16), summary_rows(30, start=100)
+    write_chat_parquet(tmp_path / "eval.parquet", eval_rows)
+    write_chat_parquet(tmp_path / "train.parquet", train_rows)
+    config = EvaluationConfig(task_type="generation", max_new_tokens=12, batch_size=8, bootstrap_samples=500,
+                              fewshot_k=0, min_improvement=-1.0)  # a pass whatever the tiny model says
+    result = run_evaluation(
+        base_model_dir=workspace / "base", base_fingerprint="base", adapter_dir=workspace / "identity_adapter",
+        adapter_version="identity", eval_path=tmp_path / "eval.parquet", eval_version="tickets",
+        train_path=tmp_path / "train.parquet", probe_path=None, config=config, cache_dir=tmp_path / "cache",
+        out_dir=tmp_path / "out")
+    predictions = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    words = sorted(len(row["messages"][-1]["content"].split()) for row in train_rows)[len(train_rows) // 2]
+    assert words == 8
+    assert predictions["copy_answer"].tolist() == [" ".join(m.split()[:words]) for m in predictions["message"]]
+    assert result["copy_score"] == pytest.approx(predictions["copy_rouge_l"].mean()) and result["copy_score"] > 0.3
+    assert result["delta_vs_copy"] == pytest.approx(result["finetuned_score"] - result["copy_score"])
+    assert result["delta_vs_copy_ci_high"] < 0, "a tiny random model does not beat copying"
+    references = [len(row["messages"][-1]["content"].split()) for row in eval_rows]
+    assert result["answer_words"]["reference"] == pytest.approx(sum(references) / len(references))
+    assert result["answer_words"]["copy"] == 8
+    caveat = gate_caveat(result, config)
+    assert result["passed"] and caveat.startswith(
+        f"copying the opening of the user's message scores higher ({result['copy_score']:.3f} against ")
+    report = result["report_markdown"]
+    assert f"**But {caveat}.**" in report
+    assert "| metric | base | fine-tuned | copy of the input | fine-tuned − base |" in report
+    assert "| answer words | " in report and "Answers average 8 words in the references" in report, report
 
 
 def test_a_full_finetune_is_evaluated_as_a_whole_model(workspace, tiny_model_dir, tmp_path, monkeypatch):

@@ -131,16 +131,16 @@ def test_the_gate_can_require_beating_few_shot():
 
 
 def test_a_pass_says_when_few_shot_prompting_scores_higher_and_beating_it_is_not_required():
-    from ftpipe.core.evaluation.gate import fewshot_caveat
+    from ftpipe.core.evaluation.gate import gate_caveat
     from ftpipe.core.evaluation.report import verdict
 
     behind = measured(fewshot_score=0.85, delta_vs_fewshot_ci_high=-0.02)
-    caveat = fewshot_caveat(behind, EvaluationConfig())
+    caveat = gate_caveat(behind, EvaluationConfig())
     assert caveat == ("few-shot prompting of the base model scores higher (0.850 against 0.800, the gain over it has "
                       "a 95% CI high of -0.020); evaluation.require_beats_fewshot: true holds such a model back")
     assert verdict(True, [], EvaluationConfig(), caveat=caveat).endswith(f". **But {caveat}.**")
-    assert fewshot_caveat(measured(delta_vs_fewshot_ci_high=0.01), EvaluationConfig()) is None, "not shown to be worse"
-    assert fewshot_caveat(behind, EvaluationConfig(require_beats_fewshot=True)) is None, "the gate judges it then"
+    assert gate_caveat(measured(delta_vs_fewshot_ci_high=0.01), EvaluationConfig()) is None, "not shown to be worse"
+    assert gate_caveat(behind, EvaluationConfig(require_beats_fewshot=True)) is None, "the gate judges it then"
 
 
 def test_the_gate_requires_a_preference_gain_only_when_preference_pairs_were_evaluated():

@@ -49,15 +49,30 @@ def _preference_gain(metrics: dict[str, Any], config: EvaluationConfig) -> str |
             f"{metrics['preference_accuracy_final']:.3f})")
 
 
-def fewshot_caveat(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
-    """What a passed gate does not say: that few-shot prompting of the base model scores higher (the gain over it
-    has a 95% CI high below 0) while the gate does not require beating it; None otherwise."""
+def _fewshot_caveat(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
     high = metrics.get("delta_vs_fewshot_ci_high")
     if config.require_beats_fewshot or high is None or high >= 0:
         return None
     return (f"few-shot prompting of the base model scores higher ({metrics['fewshot_score']:.3f} against "
             f"{metrics['finetuned_score']:.3f}, the gain over it has a 95% CI high of {high:+.3f}); "
             "evaluation.require_beats_fewshot: true holds such a model back")
+
+
+def _copy_caveat(metrics: dict[str, Any]) -> str | None:
+    high = metrics.get("delta_vs_copy_ci_high")
+    if high is None or high >= 0:
+        return None
+    return (f"copying the opening of the user's message scores higher ({metrics['copy_score']:.3f} against "
+            f"{metrics['finetuned_score']:.3f}, the gain over it has a 95% CI high of {high:+.3f}): the metric "
+            "rewards words taken from the input")
+
+
+def gate_caveat(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
+    """What a passed gate does not say, None when nothing: that few-shot prompting of the base model scores higher
+    (the gain over it has a 95% CI high below 0) while the gate does not require beating it, or that a copy of the
+    input does (free text)."""
+    caveats = [found for found in (_fewshot_caveat(metrics, config), _copy_caveat(metrics)) if found]
+    return "; and ".join(caveats) or None
 
 
 def waiting_for_reviews(have: int, config: EvaluationConfig) -> str | None:

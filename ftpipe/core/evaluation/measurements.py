@@ -6,6 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation.copy_baseline import answer_words
 from ftpipe.core.evaluation.forgetting import measure_forgetting
 from ftpipe.core.evaluation.metrics import Scores, TaskMetrics
 from ftpipe.core.evaluation.outputs import Heldout, ModelOutputs
@@ -14,7 +15,7 @@ from ftpipe.core.evaluation.statistics import paired_bootstrap, ratio_bootstrap
 from ftpipe.core.records import user_message
 
 LABEL_LIKELIHOOD = "label_likelihood_accuracy"
-DELTA_SEED, FEWSHOT_SEED, FORGETTING_SEED, PREFERENCE_SEED, SFT_SEED, TEACHER_SEED = 0, 1, 2, 3, 4, 5
+DELTA_SEED, FEWSHOT_SEED, FORGETTING_SEED, PREFERENCE_SEED, SFT_SEED, TEACHER_SEED, COPY_SEED = 0, 1, 2, 3, 4, 5, 6
 
 
 def side_scores(task: TaskMetrics, outputs: ModelOutputs, references: list[str]) -> Scores:
@@ -72,11 +73,24 @@ def _versus_teacher(scores: dict[str, Scores], outputs: dict[str, ModelOutputs],
                for side, value in latency.items()}}
 
 
+def _versus_copy(scores: dict[str, Scores], outputs: dict[str, ModelOutputs], references: list[str], primary: str,
+                 config: EvaluationConfig) -> dict[str, Any]:
+    """Free text: the copy baseline's score, the fine-tuned model's gain over it (with its interval) and the mean
+    words of the references and of every side's answers; nothing for other task types."""
+    if "copy" not in outputs:
+        return {}
+    delta, low, high = paired_bootstrap(scores["copy"].rows[primary], scores["finetuned"].rows[primary],
+                                        config.bootstrap_samples, seed=COPY_SEED)
+    words = {"reference": answer_words(references), **{side: answer_words(o.answers) for side, o in outputs.items()}}
+    return {"copy_score": scores["copy"].summary[primary], "delta_vs_copy": delta, "delta_vs_copy_ci_low": low,
+            "delta_vs_copy_ci_high": high, "answer_words": words}
+
+
 def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetrics, config: EvaluationConfig,
             fewshot_examples: int) -> tuple[dict[str, Any], dict[str, Scores]]:
     """(measurements, scores by side): every model's metrics, the primary metric's gain over the base and over
-    few-shot with 95% paired-bootstrap intervals, prompt tokens per call, losses and forgetting; with an SFT model
-    before a preference stage, its measurements too, and with preference pairs each model's preference accuracy."""
+    few-shot (and for free text over a copy of the input) with 95% paired-bootstrap intervals, prompt tokens per call,
+    losses and forgetting; with an SFT model before a preference stage, its measurements too, and with preference pairs each model's preference accuracy."""
     references = [row["messages"][-1]["content"] for row in heldout.rows]
     scores = {side: side_scores(task, produced, references) for side, produced in outputs.items()}
     base, tuned, primary = outputs["base"], outputs["finetuned"], task.primary
@@ -96,6 +110,7 @@ def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetric
         **_versus_sft(heldout, scores, outputs, primary, config),
         **measure_preference(outputs, config.bootstrap_samples, seed=PREFERENCE_SEED),
         **_versus_teacher(scores, outputs, primary, config),
+        **_versus_copy(scores, outputs, references, primary, config),
     }
     return metrics, scores
 

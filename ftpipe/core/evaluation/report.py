@@ -7,11 +7,12 @@ from typing import Any
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.answer_budget import cut_off_warning
-from ftpipe.core.evaluation.gate import decide_gate, fewshot_caveat
+from ftpipe.core.evaluation.gate import decide_gate, gate_caveat
 from ftpipe.core.evaluation.metrics import task_metrics
 from ftpipe.core.text import markdown_table
 
-SIDES = {"base": "base", "fewshot": "few-shot", "sft": "SFT", "finetuned": "fine-tuned", "teacher": "teacher"}
+SIDES = {"base": "base", "fewshot": "few-shot", "sft": "SFT", "finetuned": "fine-tuned", "teacher": "teacher",
+         "copy": "copy of the input"}
 STAGES = {"base": "base", "sft": "SFT", "final": "final"}  # the models of a preference-tuning report
 SHOWCASE_ROWS = 10
 LENGTH_GROUPS = 4  # quarters of the held-out rows by message length
@@ -77,6 +78,13 @@ def overview(metrics: dict[str, Any]) -> str:
         parts.append(f"Teacher {number(m['teacher_score'])}: the fine-tuned student {reach}, in "
                      f"{number(m['student_latency_ms'])} ms per held-out row against the teacher's "
                      f"{number(m['teacher_latency_ms'])} ms.")
+    if m.get("copy_score") is not None:
+        words = m["answer_words"]
+        parts.append(f"A copy of the user's message cut to the train answers' median length ({words['copy']:.0f} words "
+                     f"on average): {number(m['copy_score'])}; fine-tuned vs copy {number(m['delta_vs_copy'], True)} "
+                     f"({_interval(m['delta_vs_copy_ci_low'], m['delta_vs_copy_ci_high'])}). Answers average "
+                     f"{words['reference']:.0f} words in the references, {words['finetuned']:.0f} from the fine-tuned "
+                     f"model and {words['base']:.0f} from the base.")
     if m["probe_rows"]:
         interval = _interval(m["forgetting_ci_low"], m["forgetting_ci_high"], signed=False)
         parts.append(f"Forgetting {number(m['forgetting'])} ({interval}) on {m['probe_rows']} probe rows: accuracy "
@@ -119,6 +127,7 @@ def summary_table(metrics: dict[str, Any]) -> str:
         "held-out perplexity": {"base": metrics["base_perplexity"], "sft": metrics.get("sft_perplexity"),
                                 "finetuned": metrics["finetuned_perplexity"]},
         "prompt tokens per call": tokens,
+        "answer words": {side: f"{words:.1f}" for side, words in metrics.get("answer_words", {}).items()},
         "seconds per held-out row": {"finetuned": _per_thousand(metrics.get("student_latency_ms")),
                                      "teacher": _per_thousand(metrics.get("teacher_latency_ms"))},
         "probe accuracy": {"base": metrics["probe_base_accuracy"], "sft": metrics.get("probe_sft_accuracy"),
@@ -254,7 +263,7 @@ def report_markdown(metrics: dict[str, Any], records: list[dict[str, Any]], conf
     passed, failed = decide_gate(metrics, config)
     titles = {side: SIDES[side] for side in ("finetuned", "fewshot", "base") if side in metrics["metrics"]}
     parts = ["# Evaluation: base vs fine-tuned",
-             verdict(passed, failed, config, "preference_pairs" in metrics, fewshot_caveat(metrics, config)),
+             verdict(passed, failed, config, "preference_pairs" in metrics, gate_caveat(metrics, config)),
              overview(metrics), summary_table(metrics)]
     if (stages := preference_tuning(metrics)) is not None:
         parts += ["## Preference tuning", stages]

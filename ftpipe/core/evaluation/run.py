@@ -11,6 +11,7 @@ from typing import Any
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.answer_budget import AnswerBudget
+from ftpipe.core.evaluation.copy_baseline import copy_outputs
 from ftpipe.core.evaluation.fewshot import choose_examples
 from ftpipe.core.evaluation.gate import GATE_FIELDS, decide_gate
 from ftpipe.core.evaluation.judge import judge_metrics
@@ -29,7 +30,7 @@ from ftpipe.core.storage import atomic_dir, file_sha256, write_text
 Teacher = Callable[[list[str], list[list[dict]]], ModelOutputs]  # (row ids, prompts) -> a teacher's outputs
 
 KIND = "eval_report"
-FORMAT = "5"  # bump when what an evaluation measures or writes changes
+FORMAT = "6"  # bump when what an evaluation measures or writes changes
 PROBE_ROWS = None  # all rows of the probe
 
 
@@ -121,6 +122,8 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
         config=config, cache_dir=cache_dir, trust_remote_code=trust_remote_code, log=log)
     if teacher is not None:
         outputs["teacher"] = teacher(heldout.ids, heldout.prompts)
+    if task.compares_to_copy and (copied := copy_outputs(heldout.rows, train_rows)) is not None:
+        outputs["copy"] = copied
     metrics, scores = measure(heldout, outputs, task, config, len(examples))
     records = prediction_records(heldout, outputs, scores, task)
     judged = judge_metrics(records, config.judge, config.bootstrap_samples, log)

@@ -97,6 +97,7 @@ class TaskMetrics:
     primary: str  # the metric the gate judges
     labelled: ClassVar[bool] = False  # answers carry a label from a fixed set
     checks_answers: bool = False  # a final answer is extracted from each answer and checked
+    compares_to_copy: bool = False  # free text: scored beside a copy of the input (`copy_baseline`)
 
     def __init__(self, config: EvaluationConfig):
         self.config = config

@@ -39,6 +39,7 @@ class Generation(TaskMetrics):
         self.checks_answers = bool(config.answer_pattern or config.answer_field)
         if self.checks_answers:
             self.primary = ANSWER_MATCH
+        self.compares_to_copy = not self.checks_answers
 
     def final_answer(self, text: str) -> str | None:
         if not self.checks_answers:
