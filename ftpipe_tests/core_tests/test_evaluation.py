@@ -156,6 +156,20 @@ def test_a_bare_label_answer_is_complete_once_it_can_no_longer_become_a_label_an
         assert classification.valid_outputs([kept], references) == classification.valid_outputs([answer], references)
 
 
+def test_progress_lines_give_the_time_left_at_the_pace_so_far(monkeypatch):
+    from types import SimpleNamespace
+
+    clock = iter([100.0, 130.0, 160.0])
+    monkeypatch.setattr(outputs, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    logged: list[str] = []
+    report = outputs._progress(logged.append, "probe rows")
+    for done in (0, 100, 300):
+        report(done, 300)
+    assert logged == ["answering 300 probe rows not answered before",
+                      "answered 100/300 probe rows not answered before, ETA 60 s",
+                      "answered 300/300 probe rows not answered before"]
+
+
 def test_rows_leave_only_a_dynamic_cache_of_attention_layers(noisy_model, monkeypatch):
     model, _ = noisy_model
     assert rows_can_leave(model)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.config import EvaluationConfig
+from ftpipe.core import readable
 from ftpipe.core.evaluation.fewshot import fewshot_prompt
 from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS
 from ftpipe.core.evaluation.generation import (
@@ -146,10 +147,17 @@ def _reference_scoring(tokenizer, conversations: list[list[dict]]) -> Scoring:
 
 
 def _progress(log: Log, rows: str) -> Progress:
-    """Progress lines of answering `rows` (e.g. "probe rows"): as it starts, then after each batch."""
+    """Progress lines of answering `rows` (e.g. "probe rows"): as it starts, then after each batch with the time
+    left at the pace so far (the longest prompts go first, so it errs long)."""
+    started = time.perf_counter()
+
     def report(done: int, total: int) -> None:
-        log(f"answering {total} {rows} not answered before" if done == 0 else
-            f"answered {done}/{total} {rows} not answered before")
+        if done == 0:
+            log(f"answering {total} {rows} not answered before")
+            return
+        left = (time.perf_counter() - started) / done * (total - done)
+        log(f"answered {done}/{total} {rows} not answered before"
+            + (f", ETA {readable.duration(left)}" if done < total else ""))
 
     return report
 
