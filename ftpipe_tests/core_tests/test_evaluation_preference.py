@@ -12,6 +12,7 @@ import pytest
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation import run_evaluation
+from ftpipe.core.evaluation.gate import gate_caveat
 from ftpipe.core.evaluation.generation import conversation_logprobs, load_model
 from ftpipe.core.evaluation.outputs import ModelOutputs
 from ftpipe.core.evaluation.preference import (
@@ -239,12 +240,15 @@ def test_without_preference_pairs_the_measurements_are_those_of_before(workspace
     assert kto["sft_score"] == plain["finetuned_score"] and kto["sft_loss"] == pytest.approx(plain["finetuned_loss"])
     assert kto["finetuned_loss"] == pytest.approx(kto["base_loss"])  # applied to the bare base, not the SFT model
     assert "preference accuracy" not in kto["report_markdown"].split("## Preference tuning")[1]
+    unchecked = "no held-out preference pair (a chosen and a rejected answer) checked what the preference stage changed"
+    assert unchecked in gate_caveat(kto, CONFIG), "a pass says the preference stage went unchecked"
 
     paired = evaluate(workspace, "competent", tmp_path / "paired", sft=None, preferences="pairs.parquet")
     assert set(json.loads((tmp_path / "paired" / "metrics.json").read_text())) == (
         KEYS_WITHOUT_PREFERENCES | PREFERENCE_KEYS)
     assert paired["preference_baseline"] == "base" and paired["preference_accuracy_sft"] is None
     assert "| metric | base | final |" in paired["report_markdown"]
+    assert not any(unchecked in (gate_caveat(found, CONFIG) or "") for found in (plain, paired)), "pairs or no stage"
 
 
 def test_a_new_final_model_is_evaluated_alone_beside_its_unchanged_sft_model(workspace, tmp_path):

@@ -67,11 +67,20 @@ def _copy_caveat(metrics: dict[str, Any]) -> str | None:
             "rewards words taken from the input")
 
 
+def _preference_caveat(metrics: dict[str, Any]) -> str | None:
+    if metrics.get("sft_score") is None or metrics.get("preference_pairs"):
+        return None  # no preference stage, or its pairs were checked
+    return ("no held-out preference pair (a chosen and a rejected answer) checked what the preference stage changed: "
+            "the gate judged the task metric and forgetting only")
+
+
 def gate_caveat(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
     """What a passed gate does not say, None when nothing: that few-shot prompting of the base model scores higher
-    (the gain over it has a 95% CI high below 0) while the gate does not require beating it, or that a copy of the
-    input does (free text)."""
-    caveats = [found for found in (_fewshot_caveat(metrics, config), _copy_caveat(metrics)) if found]
+    (the gain over it has a 95% CI high below 0) while the gate does not require beating it, that a copy of the
+    input does (free text), or that no held-out pair checked a preference stage (KTO's single answers, or too few
+    pairs for the held-out split)."""
+    caveats = [found for found in (_fewshot_caveat(metrics, config), _copy_caveat(metrics),
+                                   _preference_caveat(metrics)) if found]
     return "; and ".join(caveats) or None
 
 
