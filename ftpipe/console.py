@@ -2,14 +2,26 @@
 
 A failed step or run keeps the first line of its message (`Execution of step "raw_examples" failed.`) and leaves the
 error and its stack trace to the run's event log (the Dagster UI); `ftpipe run` ends with the reason in one line. The
-steps a failure left unrun get no line each.
+steps a failure left unrun get no line each. Progress bars of loading and saving models (Hugging Face) and of MLflow
+artifacts stay off (`quiet_progress_bars`): between log lines they are noise; set their variables to turn them on.
 """
 
 import logging
+import os
 
 import dagster as dg
 
 ABANDONED = "Dependencies for step "  # how Dagster begins its line for each step a failure left unrun
+
+
+PROGRESS_BAR_SWITCHES = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def quiet_progress_bars() -> None:
+    """Switch progress bars off in this process and those it starts, unless the environment sets them (read when
+    the libraries are imported, so before any model is loaded)."""
+    for name, value in PROGRESS_BAR_SWITCHES.items():
+        os.environ.setdefault(name, value)
 
 
 class FailuresOnce(logging.Filter):

@@ -11,6 +11,7 @@ from ftpipe.automation import (
 from ftpipe.resources import default_resources
 
 pool.install()  # how runs wait for the gpu pool (see ftpipe/pool.py): here, so every run worker and the CLI have it
+console.quiet_progress_bars()  # before any step imports transformers or MLflow
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([data, training, evaluation, serving, monitoring]),
