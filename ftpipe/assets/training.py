@@ -288,7 +288,7 @@ def _train(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: Tas
     unlimited = unlimited_warning(context.instance, GPU_POOL)
     if unlimited:
         context.log.warning(unlimited)
-    estimate = _size(context, spec, stage) if stage.objective == "sft" else None  # sizes SFT rows only
+    estimate = _size(context, spec, stage) if stage.objective == "sft" else _size_after_first_step(context, spec)
     spec_file = paths.spec_file(asset)
     write_text(spec_file, json.dumps(asdict(spec), indent=2))
     started = time.monotonic()
@@ -316,6 +316,14 @@ def _size(context: dg.AssetExecutionContext, spec, training: TrainingConfig):
     if warning:
         context.log.warning(warning)
     return found
+
+
+def _size_after_first_step(context: dg.AssetExecutionContext, spec) -> None:
+    """A preference stage's rows are not sized before it starts: its program estimates it from its first step and
+    warns when it would outlast the run's max runtime."""
+    from ftpipe.core.training.sizing import after_first_step
+
+    spec.sizing = after_first_step(_runtime_left(context))
 
 
 def _runtime_left(context: dg.AssetExecutionContext) -> float | None:

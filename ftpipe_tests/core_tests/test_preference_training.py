@@ -20,6 +20,7 @@ from ftpipe.core.training.methods import PREFERENCE_OBJECTIVES, Method
 from ftpipe.core.training.outputs import likelihood_displacement
 from ftpipe.core.training.program import EXIT_REFUSED
 from ftpipe.core.training.reporting import REWARD_METRICS
+from ftpipe.core.training.sizing import after_first_step
 from ftpipe.core.training.spec import TrainingSpec, training_fingerprint
 from ftpipe_tests.tiny_model import COLORS, toy_rows
 from ftpipe_tests.trained_models import full_finetune, lora_adapter
@@ -64,14 +65,14 @@ def workspace(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def preference_spec(root: Path, name: str, objective: str, *, start: str = "sft", train: str = "train_preferences",
-                    steps: int = STEPS, **training) -> Path:
+                    steps: int = STEPS, sizing: dict | None = None, **training) -> Path:
     """`root/<name>.json`: the preference stage `objective` (`steps` steps, `training` settings) from `root/<start>`
-    on the workspace's preference rows."""
+    on the workspace's preference rows, with the asset's `sizing` entry."""
     training = TrainingConfig.model_validate({
         **SMALL_TRAINING, **training, "stages": ["sft", objective],
         "preference": {"max_steps": steps, "learning_rate": 5e-3},
     }).for_stage(objective)
-    path = write_spec(root, name)
+    path = write_spec(root, name, sizing=sizing)
     spec = json.loads(path.read_text())
     spec.update(train_path=str(root / f"{train}.parquet"), eval_path=str(root / "eval_preferences.parquet"),
                 start_adapter=str(root / start), training=training.model_dump())
@@ -102,7 +103,7 @@ def logits(model_dir: Path, adapter: Path | None = None, *, merge_first: Path | 
 def trained(request, workspace) -> tuple[str, Path, str, Result]:
     """(objective, spec, stdout, result) of a preference training from the SFT adapter."""
     objective = request.param
-    spec = preference_spec(workspace, objective, objective)
+    spec = preference_spec(workspace, objective, objective, sizing=after_first_step(seconds_left=1.0))
     stdout = run_to_end(workspace, spec)
     return objective, spec, stdout, published(spec)
 
@@ -129,6 +130,10 @@ def test_each_objective_publishes_the_contract_metadata(trained):
     assert metadata["reward_curve"].startswith("![reward curve](data:image/png;base64,")
     assert result.produced["reward_curve"] == "reward_curve.png"
     assert re.search(rf"step {STEPS}/{STEPS}: loss [0-9.]+, reward margin -?[0-9.]+", stdout)
+    # not sized before it starts: its first step gives the estimate, beyond the run's 1 s under dagster/max_runtime
+    assert re.search(rf"sizing: step 1/{STEPS} took [0-9]+ s: ~[0-9]+ s for the other steps, evaluations apart", stdout)
+    assert re.search(r"sizing: the other steps need ~[0-9.]+ min but this run's dagster/max_runtime leaves 0.0 min",
+                     stdout), stdout
 
 
 @pytest.mark.slow

@@ -63,7 +63,7 @@ def build_trainer(spec: TrainingSpec, config: TrainingConfig, method: Method, re
     objective's module."""
     from transformers import PrinterCallback
 
-    progress = progress_callback(reporter, run)
+    progress = progress_callback(reporter, run, spec.sizing if process_rank() == 0 else None)
     setup = trainer_setup(spec, config, method, callbacks=[progress], info=reporter.info, warning=reporter.warning)
     trainer, facts = objective_module(method.objective).build_trainer(setup)
     trainer.remove_callback(PrinterCallback)  # the progress callback prints one concise line instead
@@ -138,7 +138,7 @@ def train(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: 
         uri = redact_uri(spec.mlflow.tracking_uri or tracking_uri())
         reporter.info(f"mlflow run {run.run_id} in experiment {spec.mlflow.experiment!r} at {uri}")
         trainer, progress, facts = build_trainer(spec, config, method, reporter, NewStepsOnly(run, bool(resume_run_id)))
-        calibration = calibrate(spec, trainer, reporter) if spec.sizing and lead else None
+        calibration = calibrate(spec, trainer, reporter) if spec.sizing and spec.sizing["plan"] and lead else None
         if resume_run_id is None:
             run.log_params(hyperparameters(spec, config, method, trainer, facts["replay_rows"]))
         if checkpoint:

@@ -121,12 +121,20 @@ def evaluations_left(step: int, max_steps: int, eval_steps: int) -> int:
     return max_steps // eval_steps - (step - 1) // eval_steps + (1 if max_steps % eval_steps else 0)
 
 
-def progress_callback(reporter: Reporter, run):
+def progress_callback(reporter: Reporter, run, sizing_entry: dict[str, Any] | None = None):
     """A TrainerCallback: one progress line per logging step, the last step and each evaluation, mirrored as MLflow
-    metrics."""
+    metrics. With `sizing_entry` of a training not sized before it starts (`sizing.after_first_step`), its first step
+    gives the estimate, and a warning when it outlasts the run's `dagster/max_runtime`."""
     from transformers import TrainerCallback
 
+    from ftpipe.core.training.sizing import over_runtime
+
+    unsized = sizing_entry is not None and sizing_entry["plan"] is None
+
     class Progress(TrainerCallback):
+        def __init__(self):
+            self.created = time.monotonic()  # about when the program started: the run's time left is counted from it
+
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = self.last_time = self.step_ended = time.monotonic()
             self.start_step = state.global_step
@@ -137,6 +145,8 @@ def progress_callback(reporter: Reporter, run):
 
         def on_step_end(self, args, state, control, **kwargs):
             self.step_ended = time.monotonic()
+            if unsized and state.global_step == self.start_step + 1:
+                self._first_step_sizing(state)
             if state.global_step >= state.max_steps:  # the last step is logged too, however short the run
                 control.should_log = True
             if control.should_evaluate and not control.should_log:  # else said after the step's line
@@ -157,6 +167,18 @@ def progress_callback(reporter: Reporter, run):
                               f"{reward_text(logs, 'eval_')}")
                 evals = ("eval_loss", *(f"eval_{name}" for name in REWARD_METRICS))
                 run.log_metrics({key: logs[key] for key in evals if key in logs}, step=state.global_step)
+
+        def _first_step_sizing(self, state):
+            """The time the other steps need at the first one's pace (it includes warming up, so it errs long)."""
+            step = self.step_ended - self.started
+            left = step * (state.max_steps - state.global_step)
+            reporter.info(f"sizing: step {state.global_step}/{state.max_steps} took {readable.duration(step)}: "
+                          f"~{readable.duration(left)} for the other steps, evaluations apart")
+            warning = over_runtime(left, (sizing_entry["seconds_left"] - (self.step_ended - self.created)
+                                          if sizing_entry["seconds_left"] is not None else None),
+                                   "the other steps need")
+            if warning:
+                reporter.warning(warning)
 
         def _evaluating(self, state):
             """Said as an evaluation starts: on long rows it takes minutes."""

@@ -210,13 +210,25 @@ def calibrated(spec: TrainingSpec, trainer) -> Estimate:
     return Estimate(Plan(**spec.sizing["plan"]), measure(spec, trainer))
 
 
-def runtime_warning(found: Estimate, seconds_left: float | None) -> str | None:
-    """The warning for an estimate that outlasts the seconds a run has left under `dagster/max_runtime`, else None."""
-    if found.seconds is None or seconds_left is None or found.seconds <= seconds_left:
+def after_first_step(seconds_left: float | None) -> dict[str, Any]:
+    """The spec's `sizing` entry of a training whose rows are not sized before it starts (a preference stage): the
+    program estimates it from its first step, against the seconds the run has left (None: no limit)."""
+    return {"plan": None, "seconds_left": seconds_left}
+
+
+def over_runtime(seconds: float | None, seconds_left: float | None, what: str = "the training needs") -> str | None:
+    """The warning for `seconds` of work that outlast the seconds a run has left under `dagster/max_runtime`, else
+    None."""
+    if seconds is None or seconds_left is None or seconds <= seconds_left:
         return None
-    return (f"sizing: the training needs ~{found.seconds / 60:.1f} min but this run's dagster/max_runtime leaves "
+    return (f"sizing: {what} ~{seconds / 60:.1f} min but this run's dagster/max_runtime leaves "
             f"{max(seconds_left, 0) / 60:.1f} min: it will be stopped first; lower training.max_steps or raise the "
             "limit")
+
+
+def runtime_warning(found: Estimate, seconds_left: float | None) -> str | None:
+    """The warning for an estimate that outlasts the seconds a run has left under `dagster/max_runtime`, else None."""
+    return over_runtime(found.seconds, seconds_left)
 
 
 def process_seconds() -> float:
