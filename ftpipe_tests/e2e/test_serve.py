@@ -153,8 +153,18 @@ def test_key_bad_requests_and_a_hot_swap_of_the_champion(stack, models, tmp_path
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 400 and "not valid JSON" in json.loads(refused.value.read())["error"]["message"]
-    with pytest.raises(openai.BadRequestError, match="stop: not supported by this server"):
-        ask(client, "alpha", prompt, stop=["."])  # refused, not ignored: it would change the answer
+    with pytest.raises(openai.BadRequestError, match="stop: at most 4 strings, none empty"):
+        ask(client, "alpha", prompt, stop=["a", "b", "c", "d", "e"])
+    whole = ask(client, "alpha", prompt)
+    stop = whole[len(whole) // 2:len(whole) // 2 + 2]  # two characters from the middle of the whole answer
+    cut = client.chat.completions.create(model="alpha", messages=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                         stop=["never in it", stop])
+    assert cut.choices[0].message.content == whole[:whole.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = list(client.chat.completions.create(model="alpha", messages=prompt, max_tokens=MAX_TOKENS,
+                                                   temperature=0, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole[:whole.index(stop)]
+    assert streamed[-1].choices[0].finish_reason == "stop" and stop not in "".join(
+        c.choices[0].delta.content or "" for c in streamed), "no part of the stop string is sent"
     with pytest.raises(openai.BadRequestError, match="response_format: not supported by this server"):
         ask(client, "alpha", prompt, response_format={"type": "json_object"})
     before = ask(client, "alpha", prompt)  # still serving after every refusal
@@ -175,7 +185,9 @@ def test_key_bad_requests_and_a_hot_swap_of_the_champion(stack, models, tmp_path
         assert time.monotonic() < deadline, "the candidate was not picked up"
         time.sleep(0.5)
     assert ask(client, "alpha@candidate", prompt) == before
-    assert [r["status"] for r in read_records("alpha")][:1] == [400]  # the over-long request is logged
+    logged = read_records("alpha")
+    assert [r["status"] for r in logged][:1] == [400]  # the over-long request is logged
+    assert [r["output"] for r in logged[2:4]] == [whole[:whole.index(stop)]] * 2, "the answers as sent"
 
 
 def post(server: Served, path: str, body: dict) -> tuple[int, dict]:

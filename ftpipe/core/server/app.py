@@ -25,6 +25,7 @@ from ftpipe.core.server.catalog import Catalog, Route, releases
 from ftpipe.core.server.engine import MAX_BATCH, Engine, Job
 from ftpipe.core.feedback import FEEDBACK_FILE, FeedbackError, add_feedback
 from ftpipe.core.server.request_log import SEGMENT_RECORDS, RequestLog, read_records
+from ftpipe.core.server.stop_strings import MAX_STOP_STRINGS, held_back, stop_position
 
 DEFAULT_MAX_TOKENS = 256
 REFRESH_SECONDS = 10.0
@@ -70,12 +71,20 @@ class ChatRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default_factory=list)  # read as a list (`_stop_strings`)
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     logprobs: bool | None = None
 
-    @field_validator("stop", "response_format", "tools", "logprobs")
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_STRINGS or not all(stops):
+            raise PydanticCustomError("stop", f"at most {MAX_STOP_STRINGS} strings, none empty")
+        return stops
+
+    @field_validator("response_format", "tools", "logprobs")
     @classmethod
     def _unsupported(cls, value: Any) -> Any:
         """Options that would change the answer are refused rather than ignored (their defaults pass)."""
@@ -208,35 +217,52 @@ class Completion:
     started: float = field(default_factory=time.perf_counter)
     tokens: list[int] = field(default_factory=list)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the engine ends the row at its next token
+    stopped: bool = False  # the answer reached one of the request's stop strings
 
     def submit(self) -> None:
         loop = asyncio.get_running_loop()
         put = lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item)  # noqa: E731
         self.server.engine.submit(Job(
             self.route.model, self.route.adapter, self.prompt, self.request.token_budget, self.request.temperature,
-            self.request.top_p, self.route.stops, self.route.pad_id, emit=put, fail=put))
+            self.request.top_p, self.route.stops, self.route.pad_id, emit=put, fail=put, cancelled=self.cancelled))
 
     async def pieces(self):
-        """The answer's text as it is decoded, piece by piece (a piece ends where the text is whole characters)."""
-        shown = ""
+        """The answer's text as it is decoded, piece by piece (a piece ends where the text is whole characters and
+        cannot be the start of a stop string); decoding ends at a stop string, which the answer leaves out."""
+        shown, stops = "", self.request.stop
         while (item := await self.queue.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
             self.tokens.append(item)
-            text = self.text
+            if stop_position(self.decoded, stops) is not None:
+                self.stopped = True
+                self.cancel()
+                break
+            text = self.decoded[:len(self.decoded) - held_back(self.decoded, stops)]
             if not text.endswith("\ufffd") and len(text) > len(shown):
                 yield text[len(shown):]
                 shown = text
         if len(self.text) > len(shown):
             yield self.text[len(shown):]
 
+    def cancel(self) -> None:
+        """Stop decoding this answer (its client is gone)."""
+        self.cancelled.set()
+
     @property
-    def text(self) -> str:
+    def decoded(self) -> str:
         return self.route.tokenizer.decode(self.tokens, skip_special_tokens=True)
 
     @property
+    def text(self) -> str:
+        """The answer: the decoded text up to the first stop string."""
+        decoded = self.decoded
+        return decoded[:stop_position(decoded, self.request.stop)] if self.stopped else decoded
+
+    @property
     def finish_reason(self) -> str:
-        return "length" if len(self.tokens) >= self.request.token_budget else "stop"
+        return "length" if len(self.tokens) >= self.request.token_budget and not self.stopped else "stop"
 
     @property
     def usage(self) -> dict[str, int]:
@@ -383,6 +409,7 @@ async def _stream(completion: Completion):
         yield f"data: {json.dumps(ApiError(500, f'generation failed: {error}', kind='server_error').body())}\n\n"
         return
     except (asyncio.CancelledError, GeneratorExit):
+        completion.cancel()
         completion.record(CLIENT_CLOSED, "the client closed the stream before the answer ended")
         raise
     yield completion.chunk({}, completion.finish_reason)

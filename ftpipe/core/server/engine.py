@@ -9,7 +9,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ftpipe.core.evaluation.generation import pad
@@ -32,6 +32,7 @@ class Job:
     pad_id: int
     emit: Callable[[int | None], None]
     fail: Callable[[BaseException], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)  # set: end the row at its next token
 
     @property
     def batch_key(self) -> tuple:
@@ -57,7 +58,7 @@ class _Rows:
             if self.done[row]:
                 continue
             job = self.jobs[row]
-            if token in job.stops:
+            if token in job.stops or job.cancelled.is_set():
                 self._finish(row)
                 continue
             job.emit(token)
