@@ -37,13 +37,17 @@ def test_a_torn_last_line_is_left_out_and_content_can_be_kept_as_hashes():
     assert "hi 2" not in segments("private")[0].read_text()
 
 
-def test_a_stream_the_client_closes_early_is_logged_as_closed_by_the_client() -> None:
+def test_a_stream_the_client_closes_early_is_logged_as_closed_by_the_client_and_its_decoding_ends() -> None:
     import asyncio
 
     from ftpipe.core.server import app
 
     class Answering:  # the part of a Completion the stream uses: chunks of an answer of three pieces
         recorded: list[tuple] = []
+        cancelled = False
+
+        def cancel(self):
+            Answering.cancelled = True
 
         def chunk(self, delta, finish_reason=None):
             return f"data: {delta}\n\n"
@@ -62,3 +66,4 @@ def test_a_stream_the_client_closes_early_is_logged_as_closed_by_the_client() ->
 
     asyncio.run(read_two_chunks_and_close())
     assert Answering.recorded == [(499, "the client closed the stream before the answer ended")]
+    assert Answering.cancelled, "its decoding ends too"
