@@ -235,11 +235,12 @@ class Completion:
             if isinstance(item, BaseException):
                 raise item
             self.tokens.append(item)
-            if stop_position(self.decoded, stops) is not None:
+            decoded = self.decoded
+            if stop_position(decoded, stops) is not None:
                 self.stopped = True
                 self.cancel()
                 break
-            text = self.decoded[:len(self.decoded) - held_back(self.decoded, stops)]
+            text = decoded[:len(decoded) - held_back(decoded, stops)]
             if not text.endswith("\ufffd") and len(text) > len(shown):
                 yield text[len(shown):]
                 shown = text
@@ -247,7 +248,7 @@ class Completion:
             yield self.text[len(shown):]
 
     def cancel(self) -> None:
-        """Stop decoding this answer (its client is gone)."""
+        """End this answer's decoding: it reached a stop string, or its client is gone."""
         self.cancelled.set()
 
     @property
