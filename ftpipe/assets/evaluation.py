@@ -21,13 +21,13 @@ CONTRACT = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_c
             "teacher_latency_ms", "copy_score", "delta_vs_copy", "delta_vs_copy_ci_low", "delta_vs_copy_ci_high")
 
 
-def _metadata(report: dict, run_url: str, warm_started: bool, caveat: str | None) -> dict:
+def _metadata(report: dict, run_url: str, warm_started: bool) -> dict:
     return rounded_floats({
         **{key: report[key] for key in CONTRACT if key in report},
         "base_cached": report["base_cached"],
         "warm_started": warm_started,  # the SFT adapter continued the previous one (retrain.warm_start)
         "failed_conditions": "; ".join(report["failed_conditions"]) or "none",
-        "gate_caveat": caveat or "none",  # what a passed gate does not say (`gate_caveat`)
+        "gate_caveat": report["gate_caveat"] or "none",  # what a passed gate does not say
         "report": dg.MetadataValue.md(report["report_markdown"]),
         "report_path": dg.MetadataValue.path(report["report_path"]),
         "mlflow_run": dg.MetadataValue.url(run_url),
@@ -46,7 +46,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     held-out pairs; an evaluation of the same inputs is reused without generating anything."""
     from ftpipe.core.evaluation import run_evaluation
     from ftpipe.core.evaluation.answer_budget import cut_off_warning
-    from ftpipe.core.evaluation.gate import gate_caveat
+    from ftpipe.core.evaluation.gate import GATE_FIELDS
     from ftpipe.core.evaluation.report import unheld_labels
     from ftpipe.core.teacher import teacher_outputs, teacher_version
 
@@ -73,17 +73,13 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
         context.log.warning(f"{task}: {unheld_labels(report['labels_without_heldout_rows'])}")
     if (cut_off := cut_off_warning(report)) is not None:
         context.log.warning(f"{task}: {cut_off}")
-    caveat = gate_caveat(report, cfg.evaluation) if report["passed"] else None
-    if caveat is not None:
-        context.log.warning(f"{task}: the gate passed, but {caveat}")
+    if report["gate_caveat"] is not None:
+        context.log.warning(f"{task}: the gate passed, but {report['gate_caveat']}")
     run_id = adapter.metadata["mlflow_run_id"]
     if not report["reused"] or report["report_rewritten"]:
-        from ftpipe.core.evaluation.gate import GATE_FIELDS
-
         mlflow.log_evaluation(run_id, report, cfg.evaluation.model_dump(include=GATE_FIELDS))
     return dg.MaterializeResult(
-        metadata=_metadata(report, mlflow.run_url(run_id), (sft or adapter).metadata.get("warm_started", False),
-                           caveat),
+        metadata=_metadata(report, mlflow.run_url(run_id), (sft or adapter).metadata.get("warm_started", False)),
         data_version=file_version(paths.path("eval_report", METRICS)),
     )
 

@@ -288,7 +288,12 @@ def _train(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: Tas
     unlimited = unlimited_warning(context.instance, GPU_POOL)
     if unlimited:
         context.log.warning(unlimited)
-    estimate = _size(context, spec, stage) if stage.objective == "sft" else _size_after_first_step(context, spec)
+    if stage.objective == "sft":
+        estimate = _size(context, spec, stage)
+    else:  # a preference stage's rows are not sized before it starts: its program estimates it from its first step
+        from ftpipe.core.training.sizing import after_first_step
+
+        estimate, spec.sizing = None, after_first_step(_runtime_left(context))
     spec_file = paths.spec_file(asset)
     write_text(spec_file, json.dumps(asdict(spec), indent=2))
     started = time.monotonic()
@@ -305,25 +310,17 @@ def _train(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: Tas
 def _size(context: dg.AssetExecutionContext, spec, training: TrainingConfig):
     """Log what the training will cost here (`sizing`) and warn when it would outlast the run's max runtime; with no
     earlier training's rate, a training on this machine calibrates and logs it itself (the spec's `sizing`)."""
-    from ftpipe.core.training.sizing import deferred, estimate, runtime_warning
+    from ftpipe.core.training.sizing import deferred, estimate, over_runtime
 
     found, left = estimate(spec), _runtime_left(context)
     if found.cost is None and training.launcher == "subprocess":
         spec.sizing = deferred(found, left)
         return found
     context.log.info(found.line())
-    warning = runtime_warning(found, left)
+    warning = over_runtime(found.seconds, left)
     if warning:
         context.log.warning(warning)
     return found
-
-
-def _size_after_first_step(context: dg.AssetExecutionContext, spec) -> None:
-    """A preference stage's rows are not sized before it starts: its program estimates it from its first step and
-    warns when it would outlast the run's max runtime."""
-    from ftpipe.core.training.sizing import after_first_step
-
-    spec.sizing = after_first_step(_runtime_left(context))
 
 
 def _runtime_left(context: dg.AssetExecutionContext) -> float | None:

@@ -5,7 +5,6 @@ tokenizer with its chat template, a model card, vLLM and Ollama files (`serving_
 from __future__ import annotations
 
 import functools
-
 import json
 import shutil
 from pathlib import Path

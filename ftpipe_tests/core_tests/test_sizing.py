@@ -114,8 +114,8 @@ def test_the_rate_is_the_latest_finished_training_of_the_same_base_model_from_st
 
 def test_an_estimate_past_the_time_the_run_has_left_warns() -> None:
     found = sizing.Estimate(sizing.Plan(steps=12, rows=96, tokens=9000), sizing.Cost(100.0, 30.0, 1.5))
-    assert sizing.runtime_warning(found, None) is None and sizing.runtime_warning(found, 121) is None
-    assert sizing.runtime_warning(found, 60) == (
+    assert sizing.over_runtime(found.seconds, None) is None and sizing.over_runtime(found.seconds, 121) is None
+    assert sizing.over_runtime(found.seconds, 60) == (
         "sizing: the training needs ~2.0 min but this run's dagster/max_runtime leaves 1.0 min: it will be stopped "
         "first; lower training.max_steps or raise the limit")
 

@@ -49,22 +49,24 @@ def _preference_gain(metrics: dict[str, Any], config: EvaluationConfig) -> str |
             f"{metrics['preference_accuracy_final']:.3f})")
 
 
-def _fewshot_caveat(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
-    high = metrics.get("delta_vs_fewshot_ci_high")
-    if config.require_beats_fewshot or high is None or high >= 0:
+def _baseline_higher(metrics: dict[str, Any], baseline: str, what: str) -> str | None:
+    """`what` scores higher than the fine-tuned model: the gain over `baseline` has a 95% CI high below 0."""
+    high = metrics.get(f"delta_vs_{baseline}_ci_high")
+    if high is None or high >= 0:
         return None
-    return (f"few-shot prompting of the base model scores higher ({metrics['fewshot_score']:.3f} against "
-            f"{metrics['finetuned_score']:.3f}, the gain over it has a 95% CI high of {high:+.3f}); "
-            "evaluation.require_beats_fewshot: true holds such a model back")
+    return (f"{what} scores higher ({metrics[f'{baseline}_score']:.3f} against {metrics['finetuned_score']:.3f}, the "
+            f"gain over it has a 95% CI high of {high:+.3f})")
+
+
+def _fewshot_caveat(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
+    found = None if config.require_beats_fewshot else _baseline_higher(metrics, "fewshot",
+                                                                       "few-shot prompting of the base model")
+    return found and f"{found}; evaluation.require_beats_fewshot: true holds such a model back"
 
 
 def _copy_caveat(metrics: dict[str, Any]) -> str | None:
-    high = metrics.get("delta_vs_copy_ci_high")
-    if high is None or high >= 0:
-        return None
-    return (f"copying the opening of the user's message scores higher ({metrics['copy_score']:.3f} against "
-            f"{metrics['finetuned_score']:.3f}, the gain over it has a 95% CI high of {high:+.3f}): the metric "
-            "rewards words taken from the input")
+    found = _baseline_higher(metrics, "copy", "copying the opening of the user's message")
+    return found and f"{found}: the metric rewards words taken from the input"
 
 
 def _preference_caveat(metrics: dict[str, Any]) -> str | None:

@@ -90,7 +90,8 @@ def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetric
             fewshot_examples: int) -> tuple[dict[str, Any], dict[str, Scores]]:
     """(measurements, scores by side): every model's metrics, the primary metric's gain over the base and over
     few-shot (and for free text over a copy of the input) with 95% paired-bootstrap intervals, prompt tokens per call,
-    losses and forgetting; with an SFT model before a preference stage, its measurements too, and with preference pairs each model's preference accuracy."""
+    losses and forgetting; with an SFT model before a preference stage, its measurements too, and with preference
+    pairs each model's preference accuracy."""
     references = [row["messages"][-1]["content"] for row in heldout.rows]
     scores = {side: side_scores(task, produced, references) for side, produced in outputs.items()}
     base, tuned, primary = outputs["base"], outputs["finetuned"], task.primary

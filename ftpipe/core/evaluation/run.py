@@ -13,7 +13,7 @@ from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.answer_budget import AnswerBudget
 from ftpipe.core.evaluation.copy_baseline import copy_outputs
 from ftpipe.core.evaluation.fewshot import choose_examples
-from ftpipe.core.evaluation.gate import GATE_FIELDS, decide_gate
+from ftpipe.core.evaluation.gate import GATE_FIELDS, decide_gate, gate_caveat
 from ftpipe.core.evaluation.judge import judge_metrics
 from ftpipe.core.evaluation.measurements import measure, prediction_records
 from ftpipe.core.evaluation.metrics import TaskMetrics, check_references, task_metrics
@@ -62,7 +62,7 @@ def read_evaluation(out_dir: Path | str, config: EvaluationConfig,
                     verdicts: Verdicts | None = None) -> dict[str, Any]:
     """A published evaluation with the gate decided for `config` and the human `verdicts` (`read_verdicts`; those on
     the evaluated model's answers count): metrics.json's measurements, `human_metrics`, `passed`,
-    `failed_conditions`, `report_markdown` and the paths of the report, predictions and metrics files."""
+    `failed_conditions`, `gate_caveat` (what a pass does not say), `report_markdown` and the paths of the report, predictions and metrics files."""
     import pyarrow.parquet as pq
 
     out_dir = Path(out_dir)
@@ -71,6 +71,7 @@ def read_evaluation(out_dir: Path | str, config: EvaluationConfig,
     metrics.update(human_metrics(records, verdicts, config.bootstrap_samples))
     passed, failed = decide_gate(metrics, config)
     return {**metrics, "passed": passed, "failed_conditions": failed,
+            "gate_caveat": gate_caveat(metrics, config) if passed else None,
             "report_markdown": report_markdown(metrics, records, config), "report_path": str(out_dir / REPORT),
             "predictions_path": str(out_dir / PREDICTIONS), "metrics_path": str(out_dir / METRICS)}
 

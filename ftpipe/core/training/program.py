@@ -119,7 +119,7 @@ def calibrate(spec: TrainingSpec, trainer, reporter: Reporter) -> dict[str, Any]
     reporter.info("sizing: timing a few passes of the first batch (no earlier training of this task here)")
     found = sizing.calibrated(spec, trainer)
     reporter.info(found.line())
-    warning = sizing.runtime_warning(found, spec.sizing["seconds_left"])
+    warning = sizing.over_runtime(found.seconds, spec.sizing["seconds_left"])
     if warning:
         reporter.warning(warning)
     return asdict(found.cost)

@@ -127,14 +127,11 @@ def progress_callback(reporter: Reporter, run, sizing_entry: dict[str, Any] | No
     gives the estimate, and a warning when it outlasts the run's `dagster/max_runtime`."""
     from transformers import TrainerCallback
 
-    from ftpipe.core.training.sizing import over_runtime
+    from ftpipe.core.training.sizing import over_runtime, process_seconds
 
     unsized = sizing_entry is not None and sizing_entry["plan"] is None
 
     class Progress(TrainerCallback):
-        def __init__(self):
-            self.created = time.monotonic()  # about when the program started: the run's time left is counted from it
-
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = self.last_time = self.step_ended = time.monotonic()
             self.start_step = state.global_step
@@ -174,8 +171,8 @@ def progress_callback(reporter: Reporter, run, sizing_entry: dict[str, Any] | No
             left = step * (state.max_steps - state.global_step)
             reporter.info(f"sizing: step {state.global_step}/{state.max_steps} took {readable.duration(step)}: "
                           f"~{readable.duration(left)} for the other steps, evaluations apart")
-            warning = over_runtime(left, (sizing_entry["seconds_left"] - (self.step_ended - self.created)
-                                          if sizing_entry["seconds_left"] is not None else None),
+            run_left = sizing_entry["seconds_left"]  # when the asset launched this program
+            warning = over_runtime(left, None if run_left is None else run_left - process_seconds(),
                                    "the other steps need")
             if warning:
                 reporter.warning(warning)

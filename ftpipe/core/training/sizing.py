@@ -226,11 +226,6 @@ def over_runtime(seconds: float | None, seconds_left: float | None, what: str = 
             "limit")
 
 
-def runtime_warning(found: Estimate, seconds_left: float | None) -> str | None:
-    """The warning for an estimate that outlasts the seconds a run has left under `dagster/max_runtime`, else None."""
-    return over_runtime(found.seconds, seconds_left)
-
-
 def process_seconds() -> float:
     """Seconds since this process started."""
     import psutil
