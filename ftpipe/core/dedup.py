@@ -129,7 +129,8 @@ class NearRows:
         self.rows = rows
         self.answers = answers  # equal ids: equal normalised answers
         self.settings = settings
-        self.similar = similarity.neighbours(len(rows), similarity.similar_pairs(prompts, settings))
+        self.similar = similarity.neighbours(len(rows), similarity.prompt_pairs(
+            prompts, lambda index: similarity.prompt_words(rows[index]["messages"]), settings))
         self._word_sets: dict[int, tuple[set[str], set[str]]] = {}
 
     @cached_property
@@ -161,8 +162,7 @@ class NearRows:
         """(the words of a row's answer, of its prompt but the system message)."""
         if index not in self._word_sets:
             messages = self.rows[index]["messages"]
-            self._word_sets[index] = (set(loose_words(messages[-1]["content"])), {
-                word for m in messages[:-1] if m["role"] != "system" for word in loose_words(m["content"])})
+            self._word_sets[index] = (set(loose_words(messages[-1]["content"])), set(similarity.prompt_words(messages)))
         return self._word_sets[index]
 
     def prompts_differ_in_a_number(self, a: int, b: int) -> bool:

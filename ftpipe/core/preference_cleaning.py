@@ -83,8 +83,10 @@ def _remove_near(rows: list[dict[str, Any]], keys: list[Key], removed: list[dict
                  settings: similarity.Settings) -> list[dict[str, Any]]:
     """A row whose prompt is near-identical to a kept earlier row's, with the same answers, goes, naming the most
     alike such row. Returns the rows that stay."""
-    prompts, _ = similarity.prompt_shingles([as_chat(row) for row in rows], settings.shingle_words)
-    similar = similarity.neighbours(len(rows), similarity.similar_pairs(prompts, settings))
+    chats = [as_chat(row) for row in rows]
+    prompts, _ = similarity.prompt_shingles(chats, settings.shingle_words)
+    similar = similarity.neighbours(len(rows), similarity.prompt_pairs(
+        prompts, lambda index: similarity.prompt_words(chats[index]["messages"]), settings))
     alive = [True] * len(rows)
     for index, neighbours in enumerate(similar):
         matches = [(score, other) for other, score in neighbours.items()

@@ -4,14 +4,18 @@ Text shared by (nearly) every row of a task, such as a long system prompt or a r
 would make every pair of short messages look alike; its shingles are found by how many rows hold them and left
 out. Candidate pairs come from MinHash signatures (computed by `rensa`) and LSH banding, and every candidate is
 verified on the exact Jaccard similarity of its shingle sets, so a reported pair is truly above the threshold.
-Cleaning, the held-out split and the leakage check all use this one definition.
+Text held by fewer rows, such as a greeting and a signature many emails share, can still make two different short
+questions alike: prompts alike only through such a wrapper, each with words of its own, are not alike
+(`prompt_pairs`). Cleaning, the held-out split and the leakage check all use this one definition.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 
 import numpy as np
 import pandas as pd
@@ -28,6 +32,9 @@ FALSE_POSITIVE_WEIGHT = 0.1  # candidates are verified, so a missed pair costs m
 SHARED_SHARE = 0.5  # a shingle held by more than this share of the rows is shared text...
 MIN_SHARED_ROWS = 8  # ...when at least this many rows hold it (a handful of near-duplicates is not shared text)
 MINHASH_SEED = 1
+WRAPPER_ROWS = MIN_SHARED_ROWS  # text held by at least this many rows may wrap different messages...
+OWN_WORDS = 2  # ...when each of two messages has at least this many words of its own
+MISSPELT = 0.75  # a word this alike letter for letter to the one in its place is the same word misspelt
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,15 @@ class Shingles:
     def jaccard(self, a: int, b: int) -> float:
         left, right = self.set_of(a), self.set_of(b)
         return len(left & right) / len(left | right)
+
+    def held_by_at_least(self, count: int, among: np.ndarray) -> set[int]:
+        """Those of the shingles `among` that at least `count` rows hold (a row holding one twice counts once)."""
+        found = pd.Series(self.hashes).isin(among).to_numpy()
+        owner = np.repeat(np.arange(len(self)), np.diff(self.offsets))[found]
+        codes, uniques = pd.factorize(self.hashes[found])
+        held = np.bincount(pd.unique(owner * max(len(uniques), 1) + codes) % max(len(uniques), 1),
+                           minlength=len(uniques))
+        return set(uniques[held >= count].tolist())
 
     def chunk(self, start: int, stop: int) -> Shingles:
         begin, end = self.offsets[start], self.offsets[stop]
@@ -350,6 +366,46 @@ def similar_pairs(rows: Shingles, settings: Settings = Settings()) -> list[tuple
         if score >= settings.threshold:
             found.append((a, b, score))
     return sorted(found)
+
+
+def prompt_pairs(prompts: Shingles, words: Callable[[int], list[str]],
+                 settings: Settings = Settings()) -> list[tuple[int, int, float]]:
+    """`similar_pairs` of prompts, less the pairs of different messages in one wrapper: each prompt has at least
+    OWN_WORDS words of its own (`_own_words`; `words(i)`: prompt i's words in order), and without the text that at
+    least WRAPPER_ROWS rows hold they are not alike (two questions between one greeting and signature)."""
+    pairs = similar_pairs(prompts, settings)
+    sets, least = prompts.set_of, OWN_WORDS + settings.shingle_words - 1  # the fewest shingles of such words
+    differing = [(a, b) for a, b, _ in pairs if len(sets(a) - sets(b)) >= least <= len(sets(b) - sets(a))
+                 and min(_own_words(words(a), words(b))) >= OWN_WORDS]
+    if not differing:
+        return pairs
+    common = prompts.held_by_at_least(WRAPPER_ROWS, prompts.subset(np.unique(differing)).hashes)
+    wrapped = {(a, b) for a, b in differing if not _alike(sets(a) - common, sets(b) - common, settings.threshold)}
+    return [pair for pair in pairs if pair[:2] not in wrapped]
+
+
+def _own_words(a: list[str], b: list[str]) -> tuple[int, int]:
+    """How many words each of two word sequences has where the other has others, a misspelt word aside."""
+    own_a = own_b = 0
+    for tag, a_start, a_end, b_start, b_end in SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        if a_end - a_start == b_end - b_start:
+            changed = sum(SequenceMatcher(None, x, y).ratio() < MISSPELT
+                          for x, y in zip(a[a_start:a_end], b[b_start:b_end]))
+            own_a, own_b = own_a + changed, own_b + changed
+        else:
+            own_a, own_b = own_a + a_end - a_start, own_b + b_end - b_start
+    return own_a, own_b
+
+
+def _alike(a: frozenset, b: frozenset, threshold: float) -> bool:
+    return len(a & b) >= threshold * len(a | b)
+
+
+def prompt_words(messages: list[dict[str, str]]) -> list[str]:
+    """The words of a row's prompt but its system message, in order."""
+    return [word for m in messages[:-1] if m["role"] != "system" for word in loose_words(m["content"])]
 
 
 def neighbours(count: int, pairs: list[tuple[int, int, float]]) -> list[dict[int, float]]:

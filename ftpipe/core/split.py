@@ -45,7 +45,7 @@ def hash_side(prompt: str, eval_fraction: float, seed: int) -> str:
 def _similar_prompts(rows: list[dict[str, Any]], settings: similarity.Settings,
                      shared: np.ndarray | None) -> list[tuple[int, int, float]]:
     prompts, _ = similarity.prompt_shingles(rows, settings.shingle_words, shared)
-    return similarity.similar_pairs(prompts, settings)
+    return similarity.prompt_pairs(prompts, lambda i: similarity.prompt_words(rows[i]["messages"]), settings)
 
 
 def _same_answers(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
