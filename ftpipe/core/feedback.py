@@ -4,21 +4,26 @@ provenance, and the data-change automation and retraining policy take it from th
 
 Corrections arrive through the server (`POST /v1/feedback`) or as JSON-lines files dropped in the task's
 `feedback/` folder (`{"request_id": ..., "output": ...}` per line; `messages` too when the task's log keeps no
-content); the production report applies dropped files and moves them to `feedback/applied/`."""
+content); the production report applies dropped files and moves them to `feedback/applied/`. A label none of the
+task's rows has yet may be a typo: its correction is refused unless it says `"new_label": true`."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
-from ftpipe.core.evaluation.metrics import answer_problem
+from ftpipe.core.evaluation.metrics import answer_problem, label_reader
+from ftpipe.core.layout import TaskLayout
 from ftpipe.core.records import BadRow, message_list, with_system_prompt
+from ftpipe.core.results import read_result
 from ftpipe.core.server.request_log import read_records
 from ftpipe.core.storage import exclusive, task_dir, write_text
 from ftpipe.core.tasks import split_system_prompt, task_config
+from ftpipe.core.text import loose
 
 FEEDBACK_FILE = "feedback.jsonl"
 APPLIED = "applied"
@@ -34,14 +39,17 @@ def feedback_dir(task: str) -> Path:
 
 
 def add_feedback(task: str, request_id: str, output: str, messages: list[dict[str, str]] | None = None,
-                 records: list[dict[str, Any]] | None = None) -> tuple[dict[str, Any], str]:
+                 records: list[dict[str, Any]] | None = None, new_label: bool = False) -> tuple[dict[str, Any], str]:
     """Append the logged request `request_id` answered with `output` to the task's raw data, with the system prompt
     most train rows carry when the conversation had none (the model answered with it); returns (the row, what
-    happened: ADDED, UNCHANGED or REPLACED). An `output` the task type cannot use as an answer is refused.
-    `messages` stand in for a request logged without content; `records` are the log's (read when not given)."""
+    happened: ADDED, UNCHANGED or REPLACED). An `output` the task type cannot use as an answer is refused, and so is
+    one with a label no row of the task has yet, unless `new_label`. `messages` stand in for a request logged without
+    content; `records` are the log's (read when not given)."""
     if not isinstance(output, str) or not output.strip():
         raise FeedbackError("output: the corrected answer must be a non-empty string")
     if problem := _answer_problem(task, output):
+        raise FeedbackError(f"output: {problem}")
+    if not new_label and (problem := _unknown_label(task, output)):
         raise FeedbackError(f"output: {problem}")
     found = next((r for r in (read_records(task) if records is None else records) if r["request_id"] == request_id),
                  None)
@@ -77,13 +85,37 @@ def _answer_problem(task: str, output: str) -> str | None:
     return check(output)
 
 
+def _unknown_label(task: str, output: str) -> str | None:
+    """What is wrong with `output`'s label when no row of the task has it yet, in cleaning's last count or among the
+    corrections since (None when one has, or the task has no labels or no cleaned rows to compare with)."""
+    try:
+        label_of = label_reader(task_config(task).evaluation)
+    except (OSError, ValueError):
+        return None
+    cleaned = read_result(TaskLayout(task).asset("deduplicated_examples"), "deduplicated_examples")
+    label = label_of(output) if label_of else None
+    if label is None or cleaned is None:
+        return None
+    corrected = [json.loads(line)["messages"][-1]["content"] for line in _lines(task_dir(task) / "raw" / FEEDBACK_FILE)]
+    known = {loose(name): name for name in [*cleaned.metadata["removed_by_label"], *map(label_of, corrected)] if name}
+    if loose(label) in known:
+        return None
+    close = get_close_matches(loose(label), list(known), n=1)
+    return (f"label {label!r} is new to task {task!r}" + (f" (did you mean {known[close[0]]!r}?)" if close else "")
+            + f"; its rows have {len(known)} labels; send \"new_label\": true to add it as a new one")
+
+
+def _lines(path: Path) -> list[str]:
+    """The non-blank lines of `path` (none when it does not exist)."""
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
+
+
 def _record(path: Path, row: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The correction's row in `path` and what happened: appended (ADDED); the row already there when the same
     correction came before (UNCHANGED); or in place of an earlier correction of the same request (REPLACED: the later
     one stands, rather than two answers that would contradict each other)."""
-    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-    earlier = [number for number, line in enumerate(lines)
-               if line.strip() and json.loads(line).get("feedback_for") == row["feedback_for"]]
+    lines = _lines(path)
+    earlier = [number for number, line in enumerate(lines) if json.loads(line).get("feedback_for") == row["feedback_for"]]
     if not earlier:
         _append(path, row)
         return row, ADDED
@@ -134,7 +166,8 @@ def _apply_line(task: str, line: str, records: list[dict[str, Any]]) -> str:
         raise FeedbackError(f"not valid JSON ({error})") from None
     if not isinstance(item, dict):
         raise FeedbackError('not a JSON object: {"request_id": "...", "output": "..."}')
-    return add_feedback(task, item.get("request_id"), item.get("output"), item.get("messages"), records)[1]
+    return add_feedback(task, item.get("request_id"), item.get("output"), item.get("messages"), records,
+                        new_label=item.get("new_label") is True)[1]
 
 
 def _free_name(folder: Path, name: str) -> Path:

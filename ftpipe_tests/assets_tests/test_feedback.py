@@ -11,7 +11,10 @@ import pytest
 
 from ftpipe.assets import data, training
 from ftpipe.automation import retrain_on_data_change_sensor
-from ftpipe.core.feedback import ADDED, FEEDBACK_FILE, REPLACED, UNCHANGED, FeedbackError, add_feedback, feedback_dir
+from ftpipe.core.dedup import build_deduplicated
+from ftpipe.core.evaluation.metrics import label_reader
+from ftpipe.core.feedback import (ADDED, FEEDBACK_FILE, REPLACED, UNCHANGED, FeedbackError, add_feedback,
+                                  apply_dropped_feedback, feedback_dir)
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.records import read_examples, write_examples
 from ftpipe.core.server.request_log import RequestLog
@@ -92,6 +95,32 @@ def test_a_correction_keeps_the_system_prompt_the_model_answered_with(tiny_task:
         add_feedback(tiny_task, first, '{"color": "red"}', messages="oops")
     with pytest.raises(FeedbackError, match=r"^messages: field 'messages\[0\].content' is empty or only whitespace"):
         add_feedback(tiny_task, first, '{"color": "red"}', messages=[{"role": "user", "content": " "}])
+
+
+def test_a_label_no_row_has_yet_is_refused_as_a_likely_typo_unless_the_correction_says_it_is_new(
+        tiny_task: str, tmp_path: Path) -> None:
+    config = task_dir(tiny_task) / "task.yaml"
+    config.write_text(config.read_text() + "evaluation: {task_type: classification}\n")
+    write_examples(toy_rows(30), tmp_path / "raw.parquet")
+    build_deduplicated(tmp_path / "raw.parquet", TaskLayout(tiny_task).asset("deduplicated_examples"),
+                       label_of=label_reader(task_config(tiny_task).evaluation))
+    ids = served(tiny_task)
+    with pytest.raises(FeedbackError, match=r"^output: label 'yelow' is new to task 'toy' \(did you mean 'yellow'\?\); "
+                                            r"its rows have 6 labels; send \"new_label\": true to add it as a new one$"):
+        add_feedback(tiny_task, ids[0], "yelow")
+    raw = task_dir(tiny_task) / "raw" / FEEDBACK_FILE
+    assert not raw.exists(), "nothing written"
+    assert add_feedback(tiny_task, ids[0], "Yellow")[1] == ADDED, "a known label, written another way"
+    assert add_feedback(tiny_task, ids[1], "gold", new_label=True)[1] == ADDED
+    assert add_feedback(tiny_task, ids[2], "gold")[1] == ADDED, "a label a correction brought is known from then on"
+    (feedback_dir(tiny_task) / "silver.jsonl").write_text(
+        json.dumps({"request_id": ids[3], "output": "silver"}) + "\n"
+        + json.dumps({"request_id": ids[4], "output": "silver", "new_label": True}) + "\n")
+    changed, refused = apply_dropped_feedback(tiny_task)
+    assert changed == 1 and refused == ["silver.jsonl:1: output: label 'silver' is new to task 'toy'; its rows have 7 "
+                                        "labels; send \"new_label\": true to add it as a new one"]
+    assert [json.loads(line)["messages"][-1]["content"] for line in raw.read_text().splitlines()] == [
+        "Yellow", "gold", "gold", "silver"]
 
 
 @pytest.mark.slow

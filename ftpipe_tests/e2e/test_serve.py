@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 
 from ftpipe.core import merging
+from ftpipe.core.dedup import build_deduplicated
 from ftpipe.core.evaluation.generation import generate, load_model
+from ftpipe.core.layout import TaskLayout
+from ftpipe.core.records import write_examples
 from ftpipe.core.server.request_log import read_records, segments
 from ftpipe_tests.served import KEY, Served, register
 from ftpipe_tests.tiny_model import toy_rows, write_chat_parquet
@@ -215,6 +218,15 @@ def test_a_correction_of_a_served_answer_becomes_a_raw_row_of_its_task(stack, ft
     assert status == 404 and "not in the request log of alpha, beta, gamma" in refused["error"]["message"]
     status, refused = post(server, "/v1/feedback", {"request_id": answer.id, "output": ""})
     assert status == 400 and refused["error"]["param"] == "output"
+
+    (ftpipe_env / "tasks" / "alpha" / "task.yaml").write_text("evaluation: {task_type: classification}\n")
+    write_examples(toy_rows(30), ftpipe_env / "cleaned.parquet")
+    build_deduplicated(ftpipe_env / "cleaned.parquet", TaskLayout("alpha").asset("deduplicated_examples"),
+                       label_of=str.strip)
+    status, refused = post(server, "/v1/feedback", {"request_id": answer.id, "output": "purpel"})
+    assert status == 400 and "(did you mean 'purple'?)" in refused["error"]["message"], refused
+    status, added = post(server, "/v1/feedback", {"request_id": answer.id, "output": "plum", "new_label": True})
+    assert status == 200 and added["outcome"] == "replaced" and added["row"][-1]["content"] == "plum"
 
 
 def test_64_clients_send_500_requests_over_two_adapters_without_an_error_or_a_lost_record(stack):

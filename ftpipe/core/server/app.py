@@ -104,13 +104,14 @@ class ChatRequest(BaseModel):
 
 class FeedbackRequest(BaseModel):
     """A correction: the served request's id and the answer it should have given (`model` narrows the search;
-    `messages` stand in for a request logged without content)."""
+    `messages` stand in for a request logged without content; `new_label` accepts a label no row of the task has)."""
 
     model_config = ConfigDict(extra="ignore")
     request_id: str
     output: str = Field(min_length=1)
     model: str | None = None
     messages: list[Message] | None = None
+    new_label: bool = False
 
 
 class AddressTaken(OSError):
@@ -361,7 +362,8 @@ def _add_feedback(server: Server, correction: FeedbackRequest) -> dict[str, Any]
         records = read_records(task)
         if any(r["request_id"] == correction.request_id for r in records):
             try:
-                row, outcome = add_feedback(task, correction.request_id, correction.output, messages, records)
+                row, outcome = add_feedback(task, correction.request_id, correction.output, messages, records,
+                                            correction.new_label)
             except FeedbackError as error:
                 raise ApiError(400, str(error), param=str(error).split(":")[0]) from None
             return {"object": "feedback", "task": task, "request_id": correction.request_id, "outcome": outcome,
