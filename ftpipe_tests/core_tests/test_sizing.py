@@ -120,6 +120,17 @@ def test_an_estimate_past_the_time_the_run_has_left_warns() -> None:
         "first; lower training.max_steps or raise the limit")
 
 
+def test_a_peak_past_the_memory_here_warns() -> None:
+    import psutil
+
+    free = psutil.virtual_memory().available / 2**30
+    assert sizing.over_memory(0.5) is None
+    warning = sizing.over_memory(free * 4)
+    assert warning.startswith("sizing: the training needs ~") and " at its peak but this machine has free " in warning
+    assert warning.endswith(": it may be killed for memory; lower training.max_length or training.batch_size, or set "
+                            "training.micro_batch_size: 1")
+
+
 def test_without_a_previous_training_the_program_calibrates_on_its_trainer_and_leaves_it_as_it_was(
         workspace: Path) -> None:
     import torch
@@ -186,6 +197,10 @@ def test_the_calibration_runs_the_first_batch_in_the_passes_the_training_runs_it
     completions = sum(len(ids) - common_prefix_length(prompt, ids) for prompt, (_, ids) in zip(prompts, rows))
     labelled = sum(int((inputs["labels"] != -100).sum()) for inputs, _ in passes)
     assert labelled == completions, "the loss on the completions only"
+    [(longest, tokens)] = sizing._longest_row(trainer)  # the warm-up's candidate for the peak memory
+    all_rows = sizing.task_rows(spec, spec.config(), tokenizer)
+    assert tokens == longest["input_ids"].numel() == max(len(ids) for _, ids in all_rows) > max(
+        len(ids) for _, ids in rows[:3]), "the longest train row, wherever it is"
 
 
 def test_the_calibration_times_enough_tokens_in_a_few_passes_however_long_the_batch() -> None:

@@ -115,13 +115,14 @@ def tracking(spec: TrainingSpec, resume_run_id: str | None):
 
 def calibrate(spec: TrainingSpec, trainer, reporter: Reporter) -> dict[str, Any]:
     """Log the sizing of a training with no earlier one to take its rate from, timed on `trainer` before its first
-    step (`sizing.calibrated`), and warn when it outlasts the run's limit; the measured cost."""
+    step (`sizing.calibrated`), and warn when it outlasts the run's limit or the memory here; the measured cost."""
     reporter.info("sizing: timing a few passes of the first batch (no earlier training of this task here)")
     found = sizing.calibrated(spec, trainer)
     reporter.info(found.line())
-    warning = sizing.over_runtime(found.seconds, spec.sizing["seconds_left"])
-    if warning:
-        reporter.warning(warning)
+    for warning in (sizing.over_runtime(found.seconds, spec.sizing["seconds_left"]),
+                    sizing.over_memory(found.cost.peak_memory_gib)):
+        if warning:
+            reporter.warning(warning)
     return asdict(found.cost)
 
 

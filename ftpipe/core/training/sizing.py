@@ -10,7 +10,8 @@ calibration in the training program itself (`deferred`, then `calibrated`): once
 few forward and backward passes of its first batch of train rows, as the training will run them, and the same
 passes forward only, as the evaluations every `eval_steps` run the eval rows, and logs the estimate before the first
 step (the optimizer's update is left out, so it runs a little low).
-Peak memory is measured the same way: the previous training's, or the program's own up to the calibration's end.
+Peak memory is measured the same way: the previous training's, or the program's own up to the calibration's end,
+whose warm-up pass is the largest the training will run (the first batch's largest, or the longest train row).
 """
 
 from __future__ import annotations
@@ -226,6 +227,23 @@ def over_runtime(seconds: float | None, seconds_left: float | None, what: str = 
             "limit")
 
 
+def over_memory(peak_gib: float) -> str | None:
+    """The warning for a peak beyond the memory the training has here (a GPU's whole memory; on a CPU what is
+    available now plus what this process holds), else None."""
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        have, where = torch.cuda.mem_get_info()[1] / 2**30, "this GPU has"
+    else:
+        have = (psutil.virtual_memory().available + psutil.Process().memory_info().rss) / 2**30
+        where = "this machine has free"
+    if peak_gib <= have:
+        return None
+    return (f"sizing: the training needs ~{_gib(peak_gib)} at its peak but {where} {_gib(have)}: it may be killed for "
+            "memory; lower training.max_length or training.batch_size, or set training.micro_batch_size: 1")
+
+
 def process_seconds() -> float:
     """Seconds since this process started."""
     import psutil
@@ -243,21 +261,23 @@ def peak_memory_gib() -> float:
 
 
 def measure(spec: TrainingSpec, trainer) -> Cost:
-    """Time forward and backward passes of the trainer's first batch (`_first_step`), after a warm-up pass of its
-    largest one (its peak memory), until `CALIBRATION_TOKENS` real tokens went through (`_timed`), on the training's
-    own model with the activation checkpointing the training will use; then the same passes forward only, as an
-    evaluation runs them. Its weights, gradients and random state stay as they were."""
+    """Time forward and backward passes of the trainer's first batch (`_first_step`), after a warm-up pass of the
+    largest pass the training will run (its peak memory: the first batch's largest, or the longest row's), until
+    `CALIBRATION_TOKENS` real tokens went through (`_timed`), on the training's own model with the activation
+    checkpointing the training will use; then the same passes forward only, as an evaluation runs them. Its weights,
+    gradients and random state stay as they were."""
     import torch
 
     overhead = process_seconds()
     passes = _first_step(spec, trainer)
     timed = _timed(passes)
+    largest = max(passes + _longest_row(trainer), key=lambda one: one[1])
     model = trainer.model
     if trainer.args.activation_checkpointing:  # set on a GPU; the Trainer turns it on only once `train()` starts
         model.activation_checkpointing_enable(trainer.args.activation_checkpointing_kwargs)
     model.train()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        _backward(model, [max(passes, key=lambda one: one[1])])
+        _backward(model, [largest])
         started = time.monotonic()
         _backward(model, timed)
         seconds = time.monotonic() - started
@@ -276,19 +296,31 @@ def measure(spec: TrainingSpec, trainer) -> Cost:
 
 def _first_step(spec: TrainingSpec, trainer) -> list[tuple[dict[str, Any], int]]:
     """The forward passes of one process's first optimizer step as `trainer` runs them: the first batch of its train
-    rows (as it tokenized, labelled and cut them) in micro-batches of its per-device size, through its own collator,
-    each cut into its passes (`passes.TokenBudgetPasses`); each with its real tokens."""
-    import torch
-
+    rows (as it tokenized, labelled and cut them) in micro-batches of its per-device size (`_passes`)."""
     config = spec.config()
     size = min(config.batch_size // (config.num_processes * config.nnodes), len(trainer.train_dataset))
     rows = [trainer.train_dataset[index] for index in range(size)]
     micro = trainer.args.per_device_train_batch_size
+    return [one for start in range(0, size, micro) for one in _passes(trainer, rows[start:start + micro])]
+
+
+def _longest_row(trainer) -> list[tuple[dict[str, Any], int]]:
+    """The passes of the train row with the most tokens, alone (one pass unless cut)."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(trainer.train_dataset.with_format("arrow")["input_ids"])
+    return _passes(trainer, [trainer.train_dataset[int(pc.index(lengths, pc.max(lengths)).as_py())]])
+
+
+def _passes(trainer, rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int]]:
+    """`rows` as `trainer` runs them together: through its own collator, cut into its passes
+    (`passes.TokenBudgetPasses`), on its device; each with its real tokens."""
+    import torch
+
     cut = getattr(trainer, "forward_passes", lambda inputs: [inputs])
     device = trainer.model.device
     return [({key: value.to(device) if torch.is_tensor(value) else value for key, value in part.items()},
-             passes.tokens(part))
-            for start in range(0, size, micro) for part in cut(trainer.data_collator(rows[start:start + micro]))]
+             passes.tokens(part)) for part in cut(trainer.data_collator(rows))]
 
 
 def _timed(passes: list[tuple[Any, int]]) -> list[tuple[Any, int]]:
