@@ -297,7 +297,7 @@ class EvaluationConfig(_Strict):
     )
     max_forgetting: float = Field(
         0.10, ge=0.0, description="gate: fails when the lower end of the 95% interval of forgetting (relative "
-                                  "worsening on the general-skills probe) is above this"
+                                  "worsening on the general-skills probe, or on any one of its skills) is above this"
     )
     require_human_review: int = Field(
         0, ge=0, description="gate (generation): wait for this many human verdicts in the task's reviews/ folder"

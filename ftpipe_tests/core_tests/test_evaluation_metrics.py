@@ -189,6 +189,25 @@ def test_extraction_metrics():
     assert found.rows["exact_match"] == [1.0, 0.0, 0.0]
     assert found.rows["field_accuracy"] == [1.0, 0.5, 0.0]
     assert found.summary["field_accuracy_by_field"] == {"age": pytest.approx(1 / 3), "name": pytest.approx(2 / 3)}
+    invented = scores("extraction", ['{"name": "Ann", "age": 3, "amount": 3}'], references[:1])
+    assert invented.rows["field_accuracy"] == [pytest.approx(2 / 3)], "a field the reference lacks is never right"
+    assert invented.summary["field_accuracy_by_field"]["amount"] == 0.0
+
+
+def test_the_extraction_report_shows_each_fields_accuracy_and_the_fields_answers_invent():
+    from ftpipe.config import EvaluationConfig
+    from ftpipe.core.evaluation.metrics import task_metrics
+
+    records = [{"reference": '{"order": "A-1", "issue": "refund"}', "base_answer": "no idea",
+                "finetuned_answer": '{"order": "A-1", "issue": "refund", "amount": 3}'},
+               {"reference": '{"order": "A-2", "issue": "late", "amount": 9.5}', "base_answer": '{"order": "A-2"}',
+                "finetuned_answer": '{"order": "A-2", "issue": "late", "amount": 9.5}'}]
+    [(title, table)] = task_metrics(EvaluationConfig(task_type="extraction")).report_sections(
+        records, {"finetuned": "fine-tuned", "base": "base"})
+    assert title == "Fields" and table.splitlines()[2:] == [
+        "| amount | 1 | 0.500 | 0.000 | 1 | 0 |",
+        "| issue | 2 | 1.000 | 0.000 | 0 | 0 |",
+        "| order | 2 | 1.000 | 0.500 | 0 | 0 |"]
 
 
 def test_generation_metrics():

@@ -83,6 +83,27 @@ def test_changed_probe_rows_are_listed_lost_first_with_the_users_message():
                           "base_answer": "yes", "finetuned_answer": "no", "change": "lost"}
 
 
+def test_a_skill_forgotten_behind_a_gain_in_another_fails_the_gate_by_name():
+    """The fine-tuned model learnt to follow instructions and lost a third of its facts: the whole probe's accuracy
+    even rose, so only the skill's own forgetting shows the loss."""
+    facts, base, tuned = planted_probe(64, base_right=43, tuned_right=29)
+    instruction, base_more, tuned_more = planted_probe(64, base_right=2, tuned_right=19)
+    for row in instruction:
+        row.update(id=row["id"].replace("p", "i"), skill="instruction")
+    for side, more in ((base, base_more), (tuned, tuned_more)):
+        for name in ("probe_logprobs", "probe_tokens", "probe_answers"):
+            getattr(side, name).extend(getattr(more, name))
+    found = measure_forgetting(facts + instruction, base, tuned, samples=2000, seed=0)
+    assert found["forgetting"] == 0.0 and found["forgetting_ci_low"] == 0.0
+    skills = found["probe_accuracy_by_skill"]
+    assert skills["facts"]["forgetting"] == pytest.approx(14 / 43) and skills["facts"]["forgetting_ci_low"] > 0.1
+    assert skills["instruction"]["forgetting"] == 0.0 == skills["instruction"]["forgetting_ci_high"]
+    passed, failed = decide_gate(measured(**found), EvaluationConfig(max_forgetting=0.1))
+    assert not passed and failed[0].startswith(
+        "forgetting of the probe's facts skill 0.326 (95% CI 0.") and failed[0].endswith(
+        "CI low > max_forgetting 0.100 (its accuracy 0.672 -> 0.453, over 64 rows; the whole probe's forgetting 0.000)")
+
+
 def test_no_probe_means_no_forgetting():
     found = measure_forgetting([], None, None, samples=200, seed=0)
     assert (found["forgetting"], found["forgetting_ci_low"], found["probe_rows"]) == (0.0, 0.0, 0)
@@ -95,7 +116,7 @@ def measured(**values) -> dict:
     metrics = {"primary_metric": "accuracy", "base_score": 0.2, "finetuned_score": 0.8, "delta_ci_low": 0.4,
                "forgetting": 0.3, "forgetting_ci_low": 0.05, "forgetting_ci_high": 0.5, "probe_base_accuracy": 0.9,
                "probe_finetuned_accuracy": 0.63, "probe_base_loss": 1.0, "probe_finetuned_loss": 1.1,
-               "fewshot_score": 0.7, "delta_vs_fewshot_ci_low": -0.05}
+               "fewshot_score": 0.7, "delta_vs_fewshot_ci_low": -0.05, "probe_accuracy_by_skill": {}}
     return {**metrics, **values}
 
 

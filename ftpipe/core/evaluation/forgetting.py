@@ -1,5 +1,6 @@
-"""Forgetting: how much worse the fine-tuned model does than the base on a general-skills probe, with a paired
-bootstrap interval, and which probe rows changed between the two."""
+"""Forgetting: how much worse the fine-tuned model does than the base on a general-skills probe, over the whole probe
+and for each of its skills (gains in one skill can hide losses in another), each with a paired bootstrap interval,
+and which probe rows changed between the two."""
 
 from __future__ import annotations
 
@@ -46,14 +47,27 @@ class _ProbeSide:
         return -self.logprobs[rows].sum(axis=1) / self.tokens[rows].sum(axis=1).clip(min=1)
 
 
-def by_skill(probe: list[dict], base_correct, tuned_correct) -> dict[str, dict[str, float]]:
-    """Probe rows and accuracy of both models for each skill."""
+def by_skill(probe: list[dict], before: _ProbeSide, after: _ProbeSide, samples: int,
+             seed: int) -> dict[str, dict[str, float]]:
+    """For each skill: its probe rows, both models' accuracy, and its forgetting with a 95% paired-bootstrap interval
+    over its own rows."""
+    import numpy as np
+
     skills = [row.get("skill", "") for row in probe]
     found = {}
-    for skill in sorted(set(skills)):
-        rows = [i for i, name in enumerate(skills) if name == skill]
-        found[skill] = {"rows": len(rows), "base": float(base_correct[rows].mean()),
-                        "finetuned": float(tuned_correct[rows].mean())}
+    for number, skill in enumerate(sorted(set(skills))):
+        rows = np.array([i for i, name in enumerate(skills) if name == skill])
+
+        def forgetting(drawn, rows=rows):
+            picked = rows[drawn]
+            return forgetting_score(before.accuracy(picked), after.accuracy(picked), before.loss(picked),
+                                    after.loss(picked))
+
+        low, high = bootstrap_interval(len(rows), forgetting, samples, seed + number)
+        found[skill] = {"rows": len(rows), "base": float(before.correct[rows].mean()),
+                        "finetuned": float(after.correct[rows].mean()),
+                        "forgetting": float(forgetting(np.arange(len(rows))[None, :])[0]),
+                        "forgetting_ci_low": low, "forgetting_ci_high": high}
     return found
 
 
@@ -72,7 +86,8 @@ def changed_rows(probe: list[dict], base: ModelOutputs, tuned: ModelOutputs, bas
 def measure_forgetting(probe: list[dict], base: ModelOutputs, tuned: ModelOutputs, samples: int,
                        seed: int) -> dict[str, Any]:
     """Probe accuracies and losses of both models, `forgetting` with its 95% paired-bootstrap interval
-    (`forgetting_ci_low`, `forgetting_ci_high`) and the changed rows; forgetting 0 without a probe."""
+    (`forgetting_ci_low`, `forgetting_ci_high`), the same by skill and the changed rows; forgetting 0 without a
+    probe."""
     if not probe:
         return {"probe_rows": 0, "probe_base_accuracy": None, "probe_finetuned_accuracy": None,
                 "probe_base_loss": None, "probe_finetuned_loss": None, "forgetting": 0.0,
@@ -94,6 +109,6 @@ def measure_forgetting(probe: list[dict], base: ModelOutputs, tuned: ModelOutput
         "probe_base_loss": float(before.loss(every_row)[0]),
         "probe_finetuned_loss": float(after.loss(every_row)[0]),
         "forgetting": float(forgetting(every_row)[0]), "forgetting_ci_low": low, "forgetting_ci_high": high,
-        "probe_accuracy_by_skill": by_skill(probe, before.correct, after.correct),
+        "probe_accuracy_by_skill": by_skill(probe, before, after, samples, seed),
         "probe_changes": changed_rows(probe, base, tuned, before.correct, after.correct),
     }

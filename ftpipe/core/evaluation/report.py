@@ -239,10 +239,11 @@ def preferences(metrics: dict[str, Any], config: EvaluationConfig) -> str | None
 
 
 def skill_table(skills: dict[str, dict[str, float]]) -> str:
-    """Probe accuracy of both models for each skill."""
-    rows = [[skill, s["rows"], number(s["base"]), number(s["finetuned"]), number(s["finetuned"] - s["base"], True)]
+    """Probe accuracy of both models and forgetting for each skill."""
+    rows = [[skill, s["rows"], number(s["base"]), number(s["finetuned"]), number(s["finetuned"] - s["base"], True),
+             f"{number(s['forgetting'])} ({number(s['forgetting_ci_low'])} … {number(s['forgetting_ci_high'])})"]
             for skill, s in skills.items()]
-    return markdown_table(["skill", "rows", "base", "fine-tuned", "change"], rows)
+    return markdown_table(["skill", "rows", "base", "fine-tuned", "change", "forgetting (95% CI)"], rows)
 
 
 def probe_changes(changes: list[dict[str, Any]]) -> str:

@@ -1,16 +1,30 @@
 """Extraction: the answer is a JSON object. Exact match of the whole object (primary), JSON validity, and the
-share of the reference's fields answered right (overall and by field)."""
+share of the fields answered right (overall and by field): the reference's fields, and any field the answer invents,
+which is never right."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from ftpipe.core.evaluation.metrics.base import (
     FIRST_JSON_OBJECT, AnswerEnd, Scores, TaskMetrics, first_json_object, mean,
 )
+from ftpipe.core.text import markdown_table
 
 
 def field_hits(wanted: dict, got: dict | None) -> dict[str, float]:
+    """Each field of the reference or the answer: 1.0 when the answer gives the reference's value, else 0.0."""
     got = got or {}
-    return {key: float(key in got and got[key] == value) for key, value in wanted.items()}
+    return {key: float(key in wanted and key in got and got[key] == wanted[key]) for key in {**wanted, **got}}
+
+
+def by_field(hits: list[dict[str, float]]) -> dict[str, list[float]]:
+    """The hits of each field, over the rows where the reference or the answer has it."""
+    found: dict[str, list[float]] = {}
+    for row in hits:
+        for key, hit in row.items():
+            found.setdefault(key, []).append(hit)
+    return dict(sorted(found.items()))
 
 
 class Extraction(TaskMetrics):
@@ -30,18 +44,27 @@ class Extraction(TaskMetrics):
         wanted = [first_json_object(r) or {} for r in references]
         got = [first_json_object(a) for a in answers]
         hits = [field_hits(w, g) for w, g in zip(wanted, got)]
-        by_field: dict[str, list[float]] = {}
-        for row in hits:
-            for key, hit in row.items():
-                by_field.setdefault(key, []).append(hit)
         return Scores(
             rows={
                 "exact_match": [float(g == w) for g, w in zip(got, wanted)],
                 "json_valid": [float(g is not None) for g in got],
                 "field_accuracy": [mean(list(row.values())) for row in hits],
             },
-            extra={"field_accuracy_by_field": {key: mean(values) for key, values in sorted(by_field.items())}},
+            extra={"field_accuracy_by_field": {key: mean(values) for key, values in by_field(hits).items()}},
         )
+
+    def report_sections(self, records: list[dict[str, Any]], sides: dict[str, str]) -> list[tuple[str, str]]:
+        """Each field's accuracy for every model, over the rows whose reference or answer has it, and how many of
+        its answers invent it."""
+        wanted = [first_json_object(r["reference"]) or {} for r in records]
+        hits = {side: by_field([field_hits(w, first_json_object(r[f"{side}_answer"])) for w, r in zip(wanted, records)])
+                for side in sides}
+        fields = sorted({key for found in hits.values() for key in found})
+        expected = {key: sum(key in w for w in wanted) for key in fields}
+        rows = [[key, expected[key], *(f"{mean(hits[side].get(key, [])):.3f}" for side in sides),
+                 *(len(hits[side].get(key, [])) - expected[key] for side in sides)] for key in fields]
+        header = ["field", "reference rows", *sides.values(), *(f"invented by {title}" for title in sides.values())]
+        return [("Fields", markdown_table(header, rows))] if fields else []
 
     def reference_problem(self, reference: str) -> str | None:
         return None if first_json_object(reference) is not None else "is not a JSON object"
