@@ -26,8 +26,7 @@ def heldout_split_no_leakage(context: dg.AssetCheckExecutionContext) -> dg.Asset
     return dg.AssetCheckResult(
         passed=not leaks,
         metadata={"leaked_eval_rows": len(leaks), "examples": dg.MetadataValue.json(leaks[:20])},
-        description=(f"{len(leaks)} eval row(s) duplicate a train prompt or give a train row's answer word for word;"
-                     " a new `split.seed` splits again" if leaks else "no leakage"),
+        description=split.leak_line(leaks),
     )
 
 

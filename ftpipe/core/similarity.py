@@ -385,18 +385,22 @@ def prompt_pairs(prompts: Shingles, words: Callable[[int], list[str]],
 
 
 def _own_words(a: list[str], b: list[str]) -> tuple[int, int]:
-    """How many words each of two word sequences has where the other has others, a misspelt word aside."""
+    """How many words each of two word sequences has where the other has others, misspelt words aside."""
     own_a = own_b = 0
     for tag, a_start, a_end, b_start, b_end in SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
         if tag == "equal":
             continue
         if a_end - a_start == b_end - b_start:
-            changed = sum(SequenceMatcher(None, x, y).ratio() < MISSPELT
-                          for x, y in zip(a[a_start:a_end], b[b_start:b_end]))
+            changed = sum(not _misspelt(x, y) for x, y in zip(a[a_start:a_end], b[b_start:b_end]))
             own_a, own_b = own_a + changed, own_b + changed
         else:
             own_a, own_b = own_a + a_end - a_start, own_b + b_end - b_start
     return own_a, own_b
+
+
+def _misspelt(word: str, other: str) -> bool:
+    """`other` is `word` misspelt: alike letter for letter, neither a number or an id (A-92776 is not A-92706)."""
+    return not any(c.isdigit() for c in word + other) and SequenceMatcher(None, word, other).ratio() >= MISSPELT
 
 
 def _alike(a: frozenset, b: frozenset, threshold: float) -> bool:

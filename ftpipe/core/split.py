@@ -100,12 +100,27 @@ def find_leaks(
     leaks: dict[int, dict[str, Any]] = {}
     for a, b in _same_answers(rows):
         if a < n_train <= b:
-            leaks[b - n_train] = {"eval_id": rows[b]["id"], "train_id": rows[a]["id"],
-                                  "same_answer": cell(rows[a]["messages"][-1]["content"], 80)}
+            leaks[b - n_train] = {**_leak(rows[b], rows[a]), "same_answer": cell(rows[a]["messages"][-1]["content"], 80)}
     for a, b, score in _similar_prompts(rows, settings, shared):
         if a < n_train <= b and score > leaks.get(b - n_train, {}).get("similarity", -1.0):
-            leaks[b - n_train] = {"eval_id": rows[b]["id"], "train_id": rows[a]["id"], "similarity": round(score, 3)}
+            leaks[b - n_train] = {**_leak(rows[b], rows[a]), "similarity": round(score, 3)}
     return [leaks[j] for j in sorted(leaks)]
+
+
+def _leak(evaluated: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+    return {"eval_id": evaluated["id"], "eval_source": evaluated["source"], "train_id": trained["id"],
+            "train_source": trained["source"]}
+
+
+def leak_line(leaks: list[dict[str, Any]]) -> str:
+    """The leakage check's verdict in one line, naming the first leak's rows by source."""
+    if not leaks:
+        return "no leakage"
+    first = leaks[0]
+    how = (f"near-identical (Jaccard {first['similarity']:.2f}) to" if "similarity" in first
+           else "gives the answer word for word of")
+    return (f"{len(leaks)} eval row(s) duplicate a train prompt or give a train row's answer word for word, e.g. eval "
+            f"row {first['eval_source']} {how} train row {first['train_source']}; a new `split.seed` splits again")
 
 
 def split_leaks(folder: Path, settings: similarity.Settings) -> list[dict[str, Any]]:

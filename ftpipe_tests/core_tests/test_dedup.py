@@ -182,6 +182,8 @@ def test_different_questions_in_one_greeting_and_signature_are_two_examples_and_
     wrapped = similarity.prompt_shingles(emails, 2)[0]
     assert len(similarity.similar_pairs(wrapped)) > 50, "questions in one wrapper look alike"
     assert similarity.prompt_pairs(wrapped, lambda i: similarity.prompt_words(emails[i]["messages"])) == []
+    assert similarity._own_words("where is my refnd".split(), "where is my refund".split()) == (0, 0), "a typo"
+    assert similarity._own_words("order a92776 usd".split(), "order a92706 usd".split()) == (1, 1), "another order"
     sides = split.assign_sides(emails, eval_fraction=0.3, seed=0)
     in_first_wrapper = {sides[r["id"]] for r in emails if r["source"].endswith(" 0")}
     assert in_first_wrapper == {"train", "eval"}, "questions in one wrapper are split as any others"

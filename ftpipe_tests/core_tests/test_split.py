@@ -68,8 +68,12 @@ def test_paraphrases_with_the_same_worked_solution_share_a_side_but_labels_and_s
 def test_find_leaks_finds_a_paraphrase_by_its_answer_and_names_the_answer() -> None:
     (train_row, eval_row), *others = paraphrases(3)
     leaks = split.find_leaks([train_row, *(first for first, _ in others)], [eval_row])
-    assert leaks == [{"eval_id": eval_row["id"], "train_id": train_row["id"],
-                      "same_answer": "Each friend gets 20 / 2 = 10 #### 10"}]
+    assert leaks == [{"eval_id": eval_row["id"], "eval_source": eval_row["source"], "train_id": train_row["id"],
+                      "train_source": train_row["source"], "same_answer": "Each friend gets 20 / 2 = 10 #### 10"}]
+    assert split.leak_line(leaks) == (
+        f"1 eval row(s) duplicate a train prompt or give a train row's answer word for word, e.g. eval row "
+        f"{eval_row['source']} gives the answer word for word of train row {train_row['source']}; a new `split.seed` "
+        "splits again")
     short = [row(p["messages"][0]["content"], "#### 10") for p in (train_row, eval_row)]
     assert split.find_leaks(short[:1], short[1:]) == [], "a short answer is no sign of the same question"
 
@@ -83,7 +87,10 @@ def test_find_leaks_detects_exact_and_near_prompts() -> None:
     leaks = split.find_leaks(train, [leaked_near, leaked_exact] + clean)
     assert {(l["eval_id"], l["train_id"]) for l in leaks} == {
         (leaked_near["id"], train[0]["id"]), (leaked_exact["id"], train[1]["id"])}
-    assert split.find_leaks(train, clean) == []
+    assert split.find_leaks(train, clean) == [] and split.leak_line([]) == "no leakage"
+    near = next(leak for leak in leaks if leak["eval_id"] == leaked_near["id"])
+    assert f"e.g. eval row {leaked_near['source']} near-identical (Jaccard {near['similarity']:.2f}) to train row " in (
+        split.leak_line([near]))
 
 
 def test_build_split_is_deterministic_and_records_sides(tmp_path: Path) -> None:
