@@ -501,6 +501,18 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what a YAML error is, in one line: ` at line 6, column 1: found unexpected end of stream (while
+    scanning a quoted scalar that starts at line 4, column 14)`."""
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return f": {_one_line(str(error))}"
+    at = error.problem_mark
+    context = error.context_mark
+    started = (f" ({error.context} that starts at line {context.line + 1}, column {context.column + 1})"
+               if error.context and context is not None else "")
+    return f" at line {at.line + 1}, column {at.column + 1}: {error.problem}{started}"
+
+
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
@@ -515,7 +527,7 @@ def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise TaskConfigError(f"{source}: not valid YAML: {_one_line(str(exc))}") from None
+        raise TaskConfigError(f"{source}: not valid YAML{_yaml_problem(exc)}") from None
     if not isinstance(values, dict):
         raise TaskConfigError(f"{source}: expected a mapping of keys to values, got {type(values).__name__}")
     return values

@@ -60,6 +60,10 @@ def test_each_problem_is_one_line_naming_the_file_and_the_field() -> None:
 def test_broken_yaml_and_non_mapping_are_refused() -> None:
     with pytest.raises(TaskConfigError, match="not valid YAML"):
         parse_task_config("a: [", "x/task.yaml")
+    with pytest.raises(TaskConfigError) as error:
+        parse_task_config('split:\n  seed: 3\nevaluation:\n  task_type: "extraction\n  max_new_tokens: 9\n', "x/task.yaml")
+    assert str(error.value) == ("x/task.yaml: not valid YAML at line 6, column 1: found unexpected end of stream (while "
+                                "scanning a quoted scalar that starts at line 4, column 14)")
     with pytest.raises(TaskConfigError, match="expected a mapping"):
         parse_task_config("- 1", "x/task.yaml")
 
