@@ -70,7 +70,7 @@ def deduplicated_examples_removal_share(context: dg.AssetCheckExecutionContext) 
         description=removal_warning(heavy, limit) if heavy else
         f"cleaning removed at most {limit:.0%} of the rows and of each label",
         metadata={"max_removed_share": limit, "over_the_limit": "; ".join(heavy.values()) or "none",
-                  "matched_examples": table(examples, list(dedup.MATCH_COLUMNS))},
+                  "matched_examples": table(examples, dedup.match_columns(summary))},
     )
 
 

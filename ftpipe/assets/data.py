@@ -108,7 +108,7 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
             "removed_by_label": table(
                 [{"label": label, **counts, "share": f"{counts['removed'] / counts['rows_in']:.0%}"}
                  for label, counts in summary["removed_by_label"].items()], ["label", "rows_in", "removed", "share"]),
-            "matched_examples": table(summary["matched_examples"], list(dedup.MATCH_COLUMNS)),
+            "matched_examples": table(summary["matched_examples"], dedup.match_columns(summary)),
             "removed_path": dg.MetadataValue.path(str(out / REMOVED)),
             "removed_preview": table(
                 [{**r, "message": records.user_message(chat["messages"]), "answer": chat["messages"][-1]["content"]}

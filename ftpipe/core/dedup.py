@@ -303,6 +303,11 @@ def matched_examples(rows: list[dict[str, Any]], removed: list[dict[str, Any]],
     return found
 
 
+def match_columns(summary: dict[str, Any]) -> list[str]:
+    """The columns of a build summary's `matched_examples` worth showing: no label column for a task without labels."""
+    return list(MATCH_COLUMNS if summary["removed_by_label"] else MATCH_COLUMNS[1:])
+
+
 def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.Settings = similarity.Settings(),
                        label_of: Callable[[str], str | None] | None = None) -> dict[str, Any]:
     """Deduplicate `examples_path` into `out_dir/examples.parquet`, and the preference rows beside it into

@@ -213,6 +213,9 @@ def test_build_deduplicated_reports_removals_by_label_with_matched_rows(tmp_path
     by_label = summary["removed_by_label"]
     assert sum(v["removed"] for v in by_label.values()) == len(summary["removed"])
     assert sum(v["rows_in"] for v in by_label.values()) == len(task.rows)
+    assert dedup.match_columns(summary)[0] == "label"
+    unlabelled = dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "plain")
+    assert "label" not in dedup.match_columns(unlabelled), "no empty label column for a task without labels"
     example = summary["matched_examples"][0]
     assert example["removed_message"] and example["matched_message"] and SYSTEM_PROMPT not in example["removed_message"]
     result = read_result(tmp_path / "out", "deduplicated_examples")
