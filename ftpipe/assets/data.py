@@ -66,10 +66,12 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     summary = records.build_raw_examples(task_dir(task), out, spec, extra)
     context.log.info(f"{task}: {summary['rows_valid']} valid and {summary['rows_quarantined']} quarantined "
                      f"rows from {len(summary['files'])} file(s)")
-    if summary["unusable_files"]:
-        context.log.warning(f"{task}: every row of {', '.join(summary['unusable_files'])} went to the quarantine: "
-                            "read its reasons (quarantine_path)")
     quarantine = summary.pop("quarantine")
+    if summary["unusable_files"]:
+        first = next(row for row in quarantine if row["source"] in summary["unusable_files"]
+                     or row["source"].rsplit(":", 1)[0] in summary["unusable_files"])
+        context.log.warning(f"{task}: every row of {', '.join(summary['unusable_files'])} went to the quarantine, "
+                            f"e.g. {first['source']}: {first['reason']}; every reason in {out / QUARANTINE}")
     return dg.MaterializeResult(
         metadata={
             **{k: summary[k] for k in ("rows_read", "rows_valid", "rows_quarantined", "preference_rows")},

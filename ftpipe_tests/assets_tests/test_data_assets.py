@@ -95,8 +95,13 @@ def test_answers_the_task_type_cannot_read_are_quarantined_and_a_changed_type_re
         assert entry["source"] == "a.jsonl:line 8"
         assert entry["reason"] == "the answer is not a JSON object (evaluation.task_type extraction)"
         (folder / "task.yaml").write_text("evaluation: {task_type: generation}\n")
-        raw = materialization(materialize(instance, "orders"), "raw_examples")
-    assert (raw["rows_valid"], raw["rows_quarantined"]) == (30, 0), "any answer is one of a generation task"
+        (folder / "raw" / "b.jsonl").write_text('{"prompt": "lost"}\n{"prompt": "gone"}\n')
+        result = materialize(instance, "orders")
+        raw = materialization(result, "raw_examples")
+        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    assert (raw["rows_valid"], raw["rows_quarantined"]) == (30, 2), "any answer is one of a generation task"
+    assert "orders: every row of b.jsonl went to the quarantine, e.g. b.jsonl:line 1: " in warnings[0]
+    assert warnings[0].endswith(f"; every reason in {raw['quarantine_path']}")
 
 
 def test_zero_valid_rows_fails_naming_the_folder(ftpipe_env: Path) -> None:
