@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ftpipe.core import similarity
-from ftpipe.core.records import read_examples, user_message, write_examples, write_jsonl
+from ftpipe.core.records import read_examples, source_order, user_message, write_examples, write_jsonl
 from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.layout import EXAMPLES, PREFERENCES, REMOVED
 from ftpipe.core.storage import atomic_dir, file_sha256
@@ -245,8 +245,8 @@ def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = simi
     """Remove exact-prompt contradictions, then exact duplicates, then near-prompt contradictions and
     near-duplicates.
 
-    Rows are processed in (id, source) order and the first row of each group is kept, so the
-    result does not depend on the order of the input.
+    Rows are processed in the order of the task's files (`records.source_order`) and the first row of each group is
+    kept: the row a user wrote first stays, and the result does not depend on the order of the input.
     """
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived strings; the collector alone costs a third of the time
@@ -260,7 +260,7 @@ def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = simi
 def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings) -> DedupResult:
     """Shared text is judged on every row (the most evidence); the near stage compares the rows the exact stages
     left, on what varies."""
-    ordered = sorted(rows, key=lambda r: (r["id"], r["source"]))
+    ordered = sorted(rows, key=source_order)
     messages = similarity.Messages.of([similarity.prompt_parts(row["messages"]) for row in ordered],
                                       settings.shingle_words)
     result = DedupResult(shared=messages.shared())

@@ -17,6 +17,7 @@ from ftpipe.core import similarity
 from ftpipe.core.dedup import removal
 from ftpipe.core.layout import PREFERENCES
 from ftpipe.core.preferences import as_chat, is_paired, read_preferences, write_preferences
+from ftpipe.core.records import source_order
 from ftpipe.core.text import canonical
 
 COUNTS = {"exact_duplicate": "exact_duplicates", "near_duplicate": "near_duplicates", "contradiction": "contradictions"}
@@ -102,9 +103,9 @@ def _remove_near(rows: list[dict[str, Any]], keys: list[Key], removed: list[dict
 def clean_preferences(rows: list[dict[str, Any]], settings: similarity.Settings = similarity.Settings(),
                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(kept, removed) preference rows: contradictions resolved, then exact and near-duplicates removed; removed
-    rows carry `reason`, `duplicate_of`, `duplicate_of_source` and `detail`. Rows are taken in (id, source) order,
-    so the result does not depend on the order of the input."""
-    ordered = sorted(rows, key=lambda r: (r["id"], r["source"]))
+    rows carry `reason`, `duplicate_of`, `duplicate_of_source` and `detail`. Rows are taken in the order of the
+    task's files (`records.source_order`), so the first written stays whatever the order of the input."""
+    ordered = sorted(rows, key=source_order)
     keys = [Key.of(row) for row in ordered]
     removed: list[dict[str, Any]] = []
     remaining = _remove_exact(ordered, keys, _resolve_contradictions(ordered, keys, removed), removed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -262,6 +263,14 @@ def _raw_text(row: Any) -> str:
 
 def _quarantine(result: ReadResult, source: str, reason: str, raw: Any = "") -> None:
     result.quarantine.append({"source": source, "reason": _printable(reason), "raw": _raw_text(raw)})
+
+
+def source_order(row: dict[str, Any]) -> tuple:
+    """Where a row comes in the task's files, to sort by: its file's name, then its line or row number as a number
+    (`a.csv:row 10` after `a.csv:row 9`), then its id."""
+    name, _, where = row["source"].rpartition(":")
+    number = re.search(r"\d+", where)
+    return (name, int(number.group()) if number else 0, where, row["id"]) if name else (row["source"], 0, "", row["id"])
 
 
 def read_file(path: Path, name: str, spec: FormatSpec, result: ReadResult) -> None:

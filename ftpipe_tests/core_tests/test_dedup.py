@@ -26,6 +26,17 @@ def test_exact_duplicates_after_normalisation_keep_one() -> None:
     assert removed["reason"] == "exact_duplicate"
 
 
+def test_the_row_written_first_stays_whatever_the_ids() -> None:
+    rng = random.Random(9)
+    original = row(sentence(rng, 30), "x", "tickets.csv:row 9")
+    words = original["messages"][0]["content"].split()
+    copies = [row(" ".join(words[:i] + ["typo"] + words[i + 1:]), "x", "tickets.csv:row 10") for i in range(30)]
+    copy = next(c for c in copies if c["id"] < original["id"])  # first by id, written after
+    result = dedup.deduplicate([copy, original] + [row(sentence(rng, 30), "y", f"more.csv:row {i}") for i in range(9)])
+    [removed] = result.removed
+    assert removed["source"] == "tickets.csv:row 10" and removed["duplicate_of_source"] == "tickets.csv:row 9"
+
+
 def test_near_duplicates_cluster_and_unrelated_rows_stay() -> None:
     rng = random.Random(0)
     base = sentence(rng)
