@@ -17,8 +17,9 @@ import random
 import resource
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from multiprocessing import get_context
+from unittest.mock import patch
 
 import numpy as np
 
@@ -171,15 +172,10 @@ def quality(task: IntentTask, settings: similarity.Settings) -> tuple[float, flo
     return len(found & planted) / max(1, len(found)), len(found & planted) / max(1, len(planted)), len(result.removed)
 
 
-@contextmanager
 def wrappers_not_judged():
     """Cleaning as before prompts alike only through a greeting and signature were told apart: every similar pair."""
-    judged = similarity.prompt_pairs
-    similarity.prompt_pairs = lambda prompts, words, settings: similarity.similar_pairs(prompts, settings)
-    try:
-        yield
-    finally:
-        similarity.prompt_pairs = judged
+    return patch.object(similarity, "prompt_pairs",
+                        lambda prompts, words, settings: similarity.similar_pairs(prompts, settings))
 
 
 def main() -> None:
