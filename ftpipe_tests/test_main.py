@@ -85,7 +85,7 @@ def test_the_verdict_line_shows_the_few_shot_baseline_beside_the_base() -> None:
     assert verdict_line({**report, "gate_caveat": "none"}).endswith("gate PASSED")
     without = {**report, "fewshot_score": None, "passed": False, "failed_conditions": "delta_ci_low ..."}
     assert verdict_line(without) == ("accuracy: base 0.645 -> fine-tuned 0.806 (delta +0.161, 95% CI [+0.050, "
-                                     "+0.270]); forgetting 0.000; gate FAILED: delta_ci_low ...")
+                                     "+0.270]); forgetting 0.000; gate FAILED"), "why: said once, at the end"
 
 
 def test_the_summary_says_whether_chat_answers_with_the_new_model() -> None:
@@ -126,6 +126,27 @@ def test_a_warning_check_is_said_to_warn_and_a_blocking_one_to_fail(capsys, monk
     printed = capsys.readouterr().out.splitlines()
     assert "check cleaning warns: cleaning said" in printed and "check gate failed: gate said" in printed
     assert [line.split()[0] for line in printed if line.startswith("  ")] == ["raw_examples"], "no empty lines"
+
+
+def test_the_blocking_check_that_failed_a_run_is_said_once_at_the_end(capsys, monkeypatch) -> None:
+    import types
+
+    import dagster as dg
+
+    from ftpipe import __main__ as cli
+
+    monkeypatch.setattr(cli, "_materializations", lambda result: {})
+    gate = dg.AssetCheckEvaluation(asset_key=dg.AssetKey("eval_report"), check_name="eval_report_gate", passed=False,
+                                   metadata={}, severity=dg.AssetCheckSeverity.ERROR,
+                                   description="delta_ci_low -0.020 <= min_improvement 0.000")
+    stopped = types.SimpleNamespace(is_step_failure=True, step_key="eval_report_eval_report_gate")
+    result = types.SimpleNamespace(success=False, run_id="r2", all_events=[stopped],
+                                   get_asset_check_evaluations=lambda: [gate])
+    cli.print_summary("toy", result)
+    printed = capsys.readouterr().out
+    assert printed.count("delta_ci_low -0.020") == 1, printed
+    assert printed.strip().splitlines()[-1] == (
+        "FAILED: check eval_report_gate failed: delta_ci_low -0.020 <= min_improvement 0.000")
 
 
 def test_the_summary_says_where_the_rows_set_aside_are() -> None:
