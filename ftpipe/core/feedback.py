@@ -44,9 +44,10 @@ def add_feedback(task: str, request_id: str, output: str, messages: list[dict[st
     most train rows carry when the conversation had none (the model answered with it); returns (the row, what
     happened: ADDED, UNCHANGED or REPLACED). An `output` the task type cannot use as an answer is refused, and so is
     one with a label no row of the task has yet, unless `new_label`. `messages` stand in for a request logged without
-    content; `records` are the log's (read when not given)."""
+    content; `records` are the log's (read when not given). The output is kept without surrounding whitespace."""
     if not isinstance(output, str) or not output.strip():
         raise FeedbackError("output: the corrected answer must be a non-empty string")
+    output = output.strip()  # "label " and "label" are one answer
     if problem := _answer_problem(task, output):
         raise FeedbackError(f"output: {problem}")
     if not new_label and (problem := _unknown_label(task, output)):

@@ -113,6 +113,7 @@ def test_a_label_no_row_has_yet_is_refused_as_a_likely_typo_unless_the_correctio
     assert add_feedback(tiny_task, ids[0], "Yellow")[1] == ADDED, "a known label, written another way"
     assert add_feedback(tiny_task, ids[1], "gold", new_label=True)[1] == ADDED
     assert add_feedback(tiny_task, ids[2], "gold")[1] == ADDED, "a label a correction brought is known from then on"
+    assert add_feedback(tiny_task, ids[2], "gold \n")[1] == UNCHANGED, "surrounding whitespace makes no new answer"
     (feedback_dir(tiny_task) / "silver.jsonl").write_text(
         json.dumps({"request_id": ids[3], "output": "silver"}) + "\n"
         + json.dumps({"request_id": ids[4], "output": "silver", "new_label": True}) + "\n")
