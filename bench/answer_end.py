@@ -24,6 +24,7 @@ from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.generation import answers_and_logprobs, encode, load_model
 from ftpipe.core.evaluation.metrics import task_metrics
 from ftpipe.core.evaluation.metrics.base import first_json_object
+from ftpipe.core.evaluation.metrics.classification import STOPPED
 from ftpipe.core.records import read_examples
 
 SHOTS = 3
@@ -72,7 +73,7 @@ def side_by_side(model, tokenizer, shape: str, prompts: list[list[dict]], refere
     seconds = {name: statistics.median(s for _, s in done) for name, done in runs.items()}
     tokens = {name: sum(len(encode(tokenizer, a)) for a in done[0][0]) for name, done in runs.items()}
     same = task.scores(stopped, references).summary == task.scores(whole, references).summary
-    prefixes = sum(full.startswith(cut) for cut, full in zip(stopped, whole))
+    prefixes = sum(full.startswith(cut.removesuffix(STOPPED)) for cut, full in zip(stopped, whole))
     print(f"{shape}: {len(prompts)} held-out prompts, {args.max_new_tokens} new tokens max, median of {args.repeats}")
     for name in runs:
         print(f"  stopping {name:<24} {seconds[name]:7.2f} s  {tokens[name]:6d} answer tokens")

@@ -67,7 +67,8 @@ def run_task(task: str, settings: str = "") -> int:
 
     tasks, refused = sync_tasks(show_refused=False)
     if task not in tasks:
-        print(refused.get(task) or _no_task_folder(task, tasks), file=sys.stderr)
+        print(f"ftpipe run of task {task!r}: FAILED before starting: {refused[task]}" if task in refused
+              else _no_task_folder(task, [*tasks, *refused]), file=sys.stderr)
         return 2
     try:
         overrides = settings_overrides(settings)
@@ -135,7 +136,7 @@ def failure_reason(result) -> str:
 
 def verdict_line(report: dict) -> str:
     """The evaluation in one line: the base, few-shot and fine-tuned scores, the gain over the base and over few-shot
-    prompting with their intervals, forgetting and the gate (with what a pass does not say; why it failed is the
+    prompting with their intervals, forgetting (and the skill that lost most) and the gate (with what a pass does not say; why it failed is the
     run's failure reason, said at the end)."""
     fewshot = report.get("fewshot_score")
     return (f"{report['primary_metric']}: base {report['base_score']:.3f}"
@@ -144,7 +145,9 @@ def verdict_line(report: dict) -> str:
             f"[{report['delta_ci_low']:+.3f}, {report['delta_ci_high']:+.3f}]"
             + (f"; over few-shot {report['delta_vs_fewshot']:+.3f}, CI low {report['delta_vs_fewshot_ci_low']:+.3f}"
                if fewshot is not None else "")
-            + f"); forgetting {report['forgetting']:.3f}; "
+            + f"); forgetting {report['forgetting']:.3f}"
+            + (f" (most: {report['most_forgotten_skill']})" if report.get("most_forgotten_skill", "none") != "none" else "")
+            + "; "
             f"gate {'PASSED' if report['passed'] else 'FAILED'}"
             + (f"; but {report['gate_caveat']}" if report.get("gate_caveat", "none") != "none" else ""))
 
@@ -226,9 +229,9 @@ def chat(task: str, message: str | None) -> int:
     from ftpipe.core.registry import champion_model_path
     from ftpipe.core.tasks import discover_tasks, label_answers, task_config, task_system_prompt
 
-    tasks = discover_tasks().tasks
-    if task not in tasks:
-        print(_no_task_folder(task, tasks), file=sys.stderr)
+    found = discover_tasks()
+    if task not in found.tasks:
+        print(found.refused.get(task) or _no_task_folder(task, [*found.tasks, *found.refused]), file=sys.stderr)
         return 2
     config = task_config(task)
     latest = TaskLayout(task).output("merged_model")
@@ -249,7 +252,7 @@ def chat(task: str, message: str | None) -> int:
 def _no_task_folder(task: str, tasks: list[str]) -> str:
     from ftpipe.core.storage import tasks_dir
 
-    return f"no task folder named {task!r} in {tasks_dir()}; tasks there: {', '.join(tasks) or 'none'}"
+    return f"no task folder named {task!r} in {tasks_dir()}; tasks there: {', '.join(sorted(tasks)) or 'none'}"
 
 
 def _why_no_model(task: str, config) -> str:

@@ -22,11 +22,14 @@ CONTRACT = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_c
 
 
 def _metadata(report: dict, run_url: str, warm_started: bool) -> dict:
+    from ftpipe.core.evaluation.forgetting import most_forgotten
+
     return rounded_floats({
         **{key: report[key] for key in CONTRACT if key in report},
         "base_cached": report["base_cached"],
         "warm_started": warm_started,  # the SFT adapter continued the previous one (retrain.warm_start)
         "failed_conditions": "; ".join(report["failed_conditions"]) or "none",
+        "most_forgotten_skill": most_forgotten(report["probe_accuracy_by_skill"]),  # a skill the whole probe hides
         "gate_caveat": report["gate_caveat"] or "none",  # what a passed gate does not say
         "report": dg.MetadataValue.md(report["report_markdown"]),
         "report_path": dg.MetadataValue.path(report["report_path"]),

@@ -172,8 +172,8 @@ def test_tasks_sync_cli_registers_partitions(ftpipe_env: Path, tmp_path: Path) -
     assert "alpha" in done.stdout and "'UPPER'" in done.stderr and done.returncode == 1, "a refused folder: status 1"
     named = subprocess.run([sys.executable, "-m", "ftpipe", "run", "UPPER"], capture_output=True, text=True, env=env)
     assert named.returncode == 2 and named.stderr.strip().splitlines()[-1] == (
-        "task folder 'UPPER': invalid name; use lowercase letters, digits, '_' or '-', starting with a letter or digit, "
-        "at most 64 characters"), "the folder is there: why it is refused, once"
+        "ftpipe run of task 'UPPER': FAILED before starting: task folder 'UPPER': invalid name; use lowercase letters, "
+        "digits, '_' or '-', starting with a letter or digit, at most 64 characters"), "why it is refused, once"
     (ftpipe_env / "tasks" / "UPPER").rmdir()
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert instance.get_dynamic_partitions(task_partitions.name) == ["alpha"]
@@ -181,6 +181,14 @@ def test_tasks_sync_cli_registers_partitions(ftpipe_env: Path, tmp_path: Path) -
         assert observed.asset_observation.tags["dagster/data_version"] == task_files_version("alpha")
     again = subprocess.run([sys.executable, "-m", "ftpipe", "tasks", "sync"], capture_output=True, text=True, env=env, check=True)
     assert "(0 new, 0 changed)" in again.stdout and "no task folder" not in again.stdout
+    config = ftpipe_env / "tasks" / "alpha" / "task.yaml"
+    valid = config.read_text()
+    config.write_text(valid + "training: {epoch: 2}\n")  # mid-edit: refused, not run for its change, not gone
+    edited = subprocess.run([sys.executable, "-m", "ftpipe", "tasks", "sync"], capture_output=True, text=True, env=env)
+    assert edited.returncode == 1 and "(0 new, 0 changed)" in edited.stdout and "no task folder" not in edited.stdout
+    assert edited.stderr.strip().splitlines()[-1] == (
+        f"refused: {config}: training.epoch: unknown key; did you mean epochs?"), edited.stderr
+    config.write_text(valid)
     shutil.rmtree(ftpipe_env / "tasks" / "alpha")
     gone = subprocess.run([sys.executable, "-m", "ftpipe", "tasks", "sync"], capture_output=True, text=True, env=env, check=True)
     assert "no task folder any more for: alpha (their partitions and history are kept)" in gone.stdout

@@ -85,6 +85,8 @@ def _decoding_rows(model) -> tuple[list[int], object]:
 
 
 def test_answers_complete_for_the_task_type_stop_early_and_are_the_full_answers_cut_there(noisy_model):
+    from ftpipe.core.evaluation.metrics.base import AnswerEnd
+
     model, tokenizer = noisy_model
     prompts = varied_prompts(20)
 
@@ -96,10 +98,11 @@ def test_answers_complete_for_the_task_type_stop_early_and_are_the_full_answers_
     decoding_rows, hook = _decoding_rows(model)
     try:
         cut = answers_and_logprobs(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=10_000,
-                                   answer_end=first_word_end).answers
+                                   answer_end=AnswerEnd("first word", first_word_end, "…")).answers
     finally:
         hook.remove()
-    assert cut == [answer[:first_word_end(answer)] for answer in full]
+    assert cut == [answer if first_word_end(answer) is None else answer[:first_word_end(answer)] + "…"
+                   for answer in full], "cut and marked"
     assert sum(first_word_end(answer) is not None for answer in full) >= len(prompts) // 2, "the rule applies"
     assert sum(decoding_rows) < 0.8 * len(prompts) * 11, "rows with a complete answer left the batch"
 
@@ -107,8 +110,8 @@ def test_answers_complete_for_the_task_type_stop_early_and_are_the_full_answers_
 def _cut_as_generation_would(answer: str, answer_end) -> str:
     """`answer` as generation keeps it under `answer_end`: cut where the rule first finds a prefix complete."""
     for length in range(len(answer) + 1):
-        if (found := answer_end(answer[:length])) is not None:
-            return answer[:length][:found]
+        if answer_end(answer[:length]) is not None:
+            return answer_end.cut(answer[:length])
     return answer
 
 
@@ -137,10 +140,10 @@ def test_a_json_answer_is_complete_where_its_first_object_closes_and_scores_as_t
     ("Billing", "Billing"),
     ("feature request.", "feature request."),
     ("Feature  REQUEST!\n", "Feature  REQUEST!\n"),  # spacing, case and punctuation aside, a label
-    ("Feature-Request", "Feature-R"),  # punctuation goes, so this is "featurerequest": no label
-    ("feature requests", "feature requests"),  # past the label at its last letter
-    ("billing\nThe customer was charged twice.", "billing\nT"),  # goes on past the label line
-    ("I'm sorry to hear that. Let me help.", "I"),  # no label starts so
+    ("Feature-Request", "Feature-R…"),  # punctuation goes, so this is "featurerequest": no label
+    ("feature requests", "feature requests…"),  # past the label at its last letter
+    ("billing\nThe customer was charged twice.", "billing\nT…"),  # goes on past the label line
+    ("I'm sorry to hear that. Let me help.", "I…"),  # no label starts so
     ("bill", "bill"),  # may still become one
 ])
 def test_a_bare_label_answer_is_complete_once_it_can_no_longer_become_a_label_and_scores_as_the_whole(
@@ -148,7 +151,7 @@ def test_a_bare_label_answer_is_complete_once_it_can_no_longer_become_a_label_an
     references = ["billing", "Feature request", "account"]
     classification = task_metrics(EvaluationConfig(task_type="classification"))
     answer_end = classification.answer_end(references + ["Billing"])
-    assert answer_end.key == ["past the labels", (("account",), ("billing",), ("feature", "request"))]
+    assert answer_end.key == ["past the labels", (("account",), ("billing",), ("feature", "request")), "…"]
     assert _cut_as_generation_would(answer, answer_end) == kept
     for reference in references:
         assert classification.scores([kept], [reference]).summary == classification.scores(
@@ -479,7 +482,7 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
 
 def test_answers_stop_past_the_labels_with_the_scores_of_whole_answers_and_keyed_apart_in_the_cache(
         workspace, tmp_path, passes, monkeypatch):
-    from ftpipe.core.evaluation.metrics.classification import Classification
+    from ftpipe.core.evaluation.metrics.classification import STOPPED, Classification
 
     past_the_labels = Classification.answer_end
     monkeypatch.setattr(Classification, "answer_end", lambda self, references: None)  # to the end of the turn
@@ -491,7 +494,7 @@ def test_answers_stop_past_the_labels_with_the_scores_of_whole_answers_and_keyed
     for name in ("base_score", "fewshot_score", "finetuned_score", "metrics", "passed"):
         assert stopped[name] == whole[name], name
     pairs = [(row[column], full[column]) for row, full in zip(predicted(stopped), predicted(whole)) for column in row]
-    assert all(full.startswith(cut) for cut, full in pairs)
+    assert all(full.startswith(cut.removesuffix(STOPPED)) for cut, full in pairs)
     assert sum(cut != full for cut, full in pairs) >= EVAL_ROWS // 2, "answers past the labels stop early"
 
 

@@ -11,7 +11,7 @@ import pytest
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation import select_rows
 from ftpipe.core.evaluation.metrics import TASK_TYPES, check_references, task_metrics
-from ftpipe.core.evaluation.metrics.classification import confusion_table, parse_label
+from ftpipe.core.evaluation.metrics.classification import confusion_table, macro_f1, parse_label
 from ftpipe.core.evaluation.metrics.final_answer import same_answer
 from ftpipe.core.evaluation.probe import CHECKS, probe_correct, read_probe
 from ftpipe.core.storage import REPO_ROOT
@@ -69,21 +69,41 @@ def test_many_labels_list_what_each_was_confused_with_instead_of_a_wide_table():
     predicted[2] = "no_such_intent"
     predicted[31] = "i think the customer wants to know where the parcel is"  # an answer in prose
     lines = confusion_table(expected, predicted).splitlines()
-    assert lines[0] == "| reference | rows | right | predicted instead |" and len(lines) == 2 + len(labels)
-    assert lines[2] == "| intent_00 | 3 | 2 | (unparseable) ×1 |"
-    assert lines[3] == "| intent_01 | 2 | 0 | intent_05 ×2 |"
-    assert lines[4] == "| intent_02 | 2 | 1 | no_such_intent ×1 |" and lines[5] == "| intent_03 | 2 | 2 |  |"
-    assert lines[6] == "| intent_04 | 2 | 1 | i think the customer wants to know wher… ×1 |", "what was answered"
+    assert lines[0] == "| reference | rows | right | precision | F1 | predicted instead |" and len(lines) == 2 + len(labels)
+    assert lines[2] == "| intent_00 | 3 | 2 | 1.00 | 0.80 | (unparseable) ×1 |"
+    assert lines[3] == "| intent_01 | 2 | 0 | – | 0.00 | intent_05 ×2 |", "never answered: no precision"
+    assert lines[4] == "| intent_02 | 2 | 1 | 1.00 | 0.67 | no_such_intent ×1 |"
+    assert lines[5] == "| intent_03 | 2 | 2 | 1.00 | 1.00 |  |"
+    assert lines[6] == "| intent_04 | 2 | 1 | 1.00 | 0.67 | i think the customer wants to know wher… ×1 |", "what was answered"
+    assert lines[7] == "| intent_05 | 2 | 2 | 0.50 | 0.67 |  |", "answered for intent_01 twice"
+    f1 = [float(line.split(" | ")[4]) for line in lines[2:]]
+    assert abs(sum(f1) / len(f1) - macro_f1(expected, predicted)) < 0.01, "the F1s macro-F1 averages"
 
 
 def test_the_confusion_table_shows_labels_as_the_references_write_them():
     task = task_metrics(EvaluationConfig(task_type="classification", label_field="intent"))
     references = ['{"intent": "card_arrival"}', '{"intent": "age_limit"}']
-    records = [{"reference": r, "finetuned_label": task.expected_label(r)} for r in references]
+    records = [{"reference": r, "finetuned_answer": r, "finetuned_label": task.expected_label(r)} for r in references]
     [(title, table)] = task.report_sections(records, {"finetuned": "fine-tuned"})
     assert title == "Confusion table (fine-tuned)"
     assert table.splitlines()[0] == "| reference / predicted | age_limit | card_arrival | (unparseable) |"
     assert table.splitlines()[3] == "| card_arrival | 0 | 1 | 0 |"
+
+
+def test_answers_that_are_no_eval_label_show_as_written_and_a_stopped_one_is_explained():
+    from ftpipe.core.evaluation.metrics.classification import STOPPED
+
+    task = task_metrics(EvaluationConfig(task_type="classification"))
+    labels = [f"intent_{n:02d}" for n in range(14)]
+    answers = [*labels[:12], "wrong_amount_atm", "Th" + STOPPED]  # a train-only label, a stopped answer
+    records = [{"reference": label, "finetuned_answer": answer, "finetuned_label": task.scores([answer], [label]).labels[0]}
+               for label, answer in zip(labels, answers)]
+    [(_, table)] = task.report_sections(records, {"finetuned": "fine-tuned"})
+    lines = table.splitlines()
+    assert lines[14].endswith("| wrong_amount_atm ×1 |") and lines[15].endswith("| Th… ×1 |")
+    assert lines[-3:] == ["macro-F1 averages the F1 of the 14 labels that have held-out rows.", "",
+                          "1 answer(s) ending in … stopped where they could no longer become a label (wrong whatever "
+                          "followed)."]
 
 
 def test_label_choices_put_each_label_where_the_reference_has_its_label():
@@ -274,3 +294,13 @@ def test_the_report_shows_each_models_score_by_message_length_when_lengths_vary(
         "| 1 | 21 | 1.000 | 0.429 | -0.571 |", "| 2–4 | 3 | 1.000 | 1.000 | +0.000 |"], "one length, one group"
     same = [{**record, "message": "one length"} for record in records]
     assert length_table(same, "accuracy") is None
+
+
+def test_labels_without_held_out_rows_are_named_up_to_a_dozen():
+    from ftpipe.core.evaluation.report import unheld_labels
+
+    labels = [f"intent_{n:02d}" for n in range(14)]
+    assert unheld_labels(labels[:9]).startswith(f"9 labels of the train rows ({', '.join(labels[:9])}) have no held-out")
+    assert unheld_labels(labels).startswith(f"14 labels of the train rows ({', '.join(labels[:12])} and 2 more)")
+    assert unheld_labels(["refund"]).startswith("1 label of the train rows (refund) has no held-out row: the scores "
+                                                "say nothing about it")

@@ -8,7 +8,7 @@ import pytest
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation import decide_gate, evaluation_key, waiting_for_reviews
 from ftpipe.core.evaluation.fewshot import choose_examples, fewshot_prompt
-from ftpipe.core.evaluation.forgetting import forgetting_score, measure_forgetting
+from ftpipe.core.evaluation.forgetting import forgetting_score, measure_forgetting, most_forgotten
 from ftpipe.core.evaluation.outputs import ModelOutputs
 from ftpipe.core.evaluation.statistics import paired_bootstrap, pairwise_summary
 from ftpipe_tests.rows import row
@@ -102,6 +102,9 @@ def test_a_skill_forgotten_behind_a_gain_in_another_fails_the_gate_by_name():
     assert not passed and failed[0].startswith(
         "forgetting of the probe's facts skill 0.326 (95% CI 0.") and failed[0].endswith(
         "CI low > max_forgetting 0.100 (its accuracy 0.672 -> 0.453, over 64 rows; the whole probe's forgetting 0.000)")
+    assert most_forgotten(skills).startswith("facts 0.326 (95% CI 0.") and most_forgotten(skills).endswith(", 64 rows)")
+    assert most_forgotten({"facts": skills["instruction"], "instruction": skills["instruction"]}) == "none", "no loss"
+    assert most_forgotten({"facts": skills["facts"]}) == "none", "one skill: the whole probe's figure says it"
 
 
 def test_no_probe_means_no_forgetting():

@@ -71,6 +71,18 @@ def by_skill(probe: list[dict], before: _ProbeSide, after: _ProbeSide, samples: 
     return found
 
 
+def most_forgotten(skills: dict[str, dict[str, float]]) -> str:
+    """The skill that lost the most (`by_skill`), with its forgetting and interval, in a few words; "none" when no
+    skill lost anything or the probe has one skill."""
+    if len(skills) < 2:
+        return "none"
+    name, worst = max(skills.items(), key=lambda item: (item[1]["forgetting"], item[0]))
+    if worst["forgetting"] <= 0:
+        return "none"
+    return (f"{name} {worst['forgetting']:.3f} (95% CI {worst['forgetting_ci_low']:.3f} … "
+            f"{worst['forgetting_ci_high']:.3f}, {worst['rows']} rows)")
+
+
 def changed_rows(probe: list[dict], base: ModelOutputs, tuned: ModelOutputs, base_correct, tuned_correct) -> list[dict]:
     """The probe rows that one model answers right and the other wrong: those lost first, then those gained."""
     changed = [

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftpipe.core.evaluation.metrics.base import AnswerEnd
 from ftpipe.core.modeling import load_model_and_tokenizer
 
 IGNORE = -100  # label of a token that is not scored
@@ -20,7 +21,6 @@ LOGITS_COST = 8  # KV cache tokens a continuation token counts as: its log-proba
 ROUND_TOKENS = 4  # decoding steps between dropping the rows whose answers ended
 
 Progress = Callable[[int, int], None]
-CompleteAt = Callable[[str], int | None]  # where an answer is complete (a `metrics.AnswerEnd`), None while not
 Scored = tuple[list[int], int]  # (token ids of prompt + answer, how many leading ids are prompt)
 
 
@@ -245,17 +245,16 @@ class Batch:
     answer_seconds: float
 
 
-def answer_text(tokenizer, ids: list[int], stops: list[int], answer_end: CompleteAt | None) -> str:
+def answer_text(tokenizer, ids: list[int], stops: list[int], answer_end: AnswerEnd | None) -> str:
     """The answer that generated token `ids` give: up to the first stop token, cut where `answer_end` finds it
     complete."""
     text = tokenizer.decode(_cut_at_stop(ids, stops), skip_special_tokens=True).strip()
-    end = answer_end(text) if answer_end else None
-    return text if end is None else text[:end]
+    return answer_end.cut(text) if answer_end else text
 
 
 def prompt_batches(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_tokens: int,
                    continuations: list[list[list[int]]] | None = None, output_logits: bool = False,
-                   answer_end: CompleteAt | None = None) -> Iterator[Batch]:
+                   answer_end: AnswerEnd | None = None) -> Iterator[Batch]:
     """Greedy answers to `prompts` (token ids) and the log-likelihood of `continuations` (token ids scored right
     after each prompt), with one pass over each prompt for both.
 
@@ -375,7 +374,7 @@ class Answered:
 
 
 def answers_and_logprobs(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_tokens: int,
-                         continuations: list[list[list[int]]] | None = None, answer_end: CompleteAt | None = None,
+                         continuations: list[list[list[int]]] | None = None, answer_end: AnswerEnd | None = None,
                          progress: Progress | None = None) -> Answered:
     """Greedy answers to chat `prompts` (each ending where `answer_end` finds it complete, if given) and the summed
     log-probability of each prompt's `continuations` (token ids right after its prompt), one pass over each prompt for

@@ -18,6 +18,7 @@ SHOWCASE_ROWS = 10
 LENGTH_GROUPS = 4  # quarters of the held-out rows by message length
 MIN_LENGTH_ROWS = 20  # fewer rows: no table by length (a handful of rows per group says nothing)
 PROBE_CHANGES_SHOWN = 30
+NAMED_LABELS = 12  # labels without held-out rows named in the warning
 
 
 def number(value: Any, signed: bool = False) -> str:
@@ -50,8 +51,9 @@ def verdict(passed: bool, failed: list[str], config: EvaluationConfig, preferenc
 
 
 def unheld_labels(labels: list[str]) -> str:
-    """What a score on held-out rows cannot say: labels of train rows only (three named, the rest counted)."""
-    named = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+    """What a score on held-out rows cannot say: labels of train rows only (NAMED_LABELS named, the rest counted)."""
+    named = ", ".join(labels[:NAMED_LABELS]) + (f" and {len(labels) - NAMED_LABELS} more"
+                                                if len(labels) > NAMED_LABELS else "")
     return (f"{len(labels)} label{'s' if len(labels) > 1 else ''} of the train rows ({named}) "
             f"{'have' if len(labels) > 1 else 'has'} no held-out row: the scores say nothing about "
             f"{'them' if len(labels) > 1 else 'it'} (a larger split.eval_fraction gives more labels a held-out row).")

@@ -43,14 +43,20 @@ def first_object_end(text: str) -> int | None:
 @dataclass(frozen=True)
 class AnswerEnd:
     """Where an answer being generated is complete as far as every score of its task type goes: `find(text so far)`
-    is that position, None while it is not; generation stops and the answer is cut there. `key` names the rule and
-    what it depends on (the per-row cache keeps answers by it)."""
+    is that position, None while it is not; generation stops and the answer is cut there, `mark` added to say so.
+    `key` names the rule and what it depends on (the per-row cache keeps answers by it)."""
 
     key: Any
     find: Callable[[str], int | None]
+    mark: str = ""
 
     def __call__(self, text: str) -> int | None:
         return self.find(text)
+
+    def cut(self, text: str) -> str:
+        """`text` as kept: up to where it is complete, with the mark, or whole while it is not."""
+        end = self.find(text)
+        return text if end is None else text[:end] + self.mark
 
 
 FIRST_JSON_OBJECT = AnswerEnd("first JSON object", first_object_end)

@@ -19,6 +19,7 @@ UNPARSEABLE = "(unparseable)"
 OTHER_LABEL = "(other)"
 WIDE_LABELS = 12  # more labels than this: the confusion table lists what each label was confused with instead
 OTHER_CHARS = 40
+STOPPED = "…"  # ends a bare-label answer cut where it could no longer become a label
 
 
 def raw_label(text: str, label_field: str | None = None) -> str | None:
@@ -92,18 +93,23 @@ def confusion_table(expected: list[str], predicted: list[str | None], written: d
 
 
 def _confusions(labels: list[str], expected: list[str], predicted: list[str | None], shown: dict[str, str]) -> str:
-    """One row per reference label: its rows, how many were right, and what was answered instead, most often first
-    (an answer that is no label as it was written, cut to OTHER_CHARS characters)."""
+    """One row per reference label: its rows, how many were right, its precision and F1 (the F1 macro-F1 averages),
+    and what was answered instead, most often first (an answer that is no label as it was written, cut to
+    OTHER_CHARS characters)."""
     counts = Counter(zip(expected, (UNPARSEABLE if p is None else p for p in predicted)))
+    answered = Counter(UNPARSEABLE if p is None else p for p in predicted)
 
     def answer(value: str) -> str:
         text = shown.get(value, value)
         return text if len(text) <= OTHER_CHARS else text[:OTHER_CHARS - 1] + "…"
 
-    return markdown_table(["reference", "rows", "right", "predicted instead"], [
-        [shown.get(label, label), sum(n for (e, _), n in counts.items() if e == label), counts[label, label],
-         ", ".join(f"{answer(p)} ×{n}" for (e, p), n in counts.most_common() if e == label and p != label)]
-        for label in labels])
+    def row(label: str) -> list[Any]:
+        rows, right = sum(n for (e, _), n in counts.items() if e == label), counts[label, label]
+        precision = f"{right / answered[label]:.2f}" if answered[label] else "–"  # never answered
+        return [shown.get(label, label), rows, right, precision, f"{2 * right / (rows + answered[label]):.2f}",
+                ", ".join(f"{answer(p)} ×{n}" for (e, p), n in counts.most_common() if e == label and p != label)]
+
+    return markdown_table(["reference", "rows", "right", "precision", "F1", "predicted instead"], list(map(row, labels)))
 
 
 class Classification(TaskMetrics):
@@ -117,11 +123,11 @@ class Classification(TaskMetrics):
     def answer_end(self, references: list[str]) -> AnswerEnd:
         """With a `label_field`, the first JSON object's closing brace (the label is read from that object only);
         a bare label is the whole answer: where it can no longer become one of the references' labels (a model that
-        goes on past the label line, or answers something else, is wrong whatever follows)."""
+        goes on past the label line, or answers something else, is wrong whatever follows), marked STOPPED."""
         if self.config.label_field:
             return FIRST_JSON_OBJECT
         labels = tuple(sorted({tuple(self.expected_label(r).split()) for r in references}))
-        return AnswerEnd(["past the labels", labels], partial(past_the_labels, labels=labels))
+        return AnswerEnd(["past the labels", labels, STOPPED], partial(past_the_labels, labels=labels), STOPPED)
 
     def valid_outputs(self, answers: list[str], references: list[str]) -> list[bool]:
         """A label of the training set."""
@@ -190,8 +196,17 @@ class Classification(TaskMetrics):
         return reference[: key.end()], reference[end:]
 
     def report_sections(self, records: list[dict[str, Any]], sides: dict[str, str]) -> list[tuple[str, str]]:
+        """A confusion table per model, labels and other answers as they were written, with the labels macro-F1
+        averages over (an answer cut where it could no longer become a label ends in STOPPED, said under the table)."""
         expected = [self.expected_label(r["reference"]) for r in records]
-        written = self.spellings([r["reference"] for r in records])
-        return [(f"Confusion table ({title})",
-                 confusion_table(expected, [r[f"{side}_label"] for r in records], written))
-                for side, title in sides.items() if records and f"{side}_label" in records[0]]
+        sides = {side: title for side, title in sides.items() if records and f"{side}_label" in records[0]}
+        answers = [r[f"{side}_answer"] for side in sides for r in records]
+        written = {**self.spellings(answers), **self.spellings([r["reference"] for r in records])}
+        averaged = f"\n\nmacro-F1 averages the F1 of the {len(set(expected))} labels that have held-out rows."
+        return [(f"Confusion table ({title})", confusion_table(expected, [r[f"{side}_label"] for r in records], written)
+                 + averaged + self._stopped_note([r[f"{side}_answer"] for r in records])) for side, title in sides.items()]
+
+    def _stopped_note(self, answers: list[str]) -> str:
+        stopped = 0 if self.config.label_field else sum(answer.endswith(STOPPED) for answer in answers)
+        return (f"\n\n{stopped} answer(s) ending in {STOPPED} stopped where they could no longer become a label "
+                "(wrong whatever followed)." if stopped else "")
