@@ -128,11 +128,12 @@ def _production_check(context: dg.AssetCheckExecutionContext, check: str, proble
 
 @dg.asset_check(asset="production_report", partitions_def=task_partitions)
 def production_health(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    """Fails (ERROR) when the served traffic's error rate or p95 latency is above the task's `monitoring` limits."""
+    """Fails (ERROR) when the served traffic's error rate or p95 latency is above the task's `monitoring` limits, or
+    the share of answers of the task's form below them."""
     from ftpipe.core.monitoring import health_problems
 
     return _production_check(context, "production_health", health_problems, dg.AssetCheckSeverity.ERROR,
-                             "error rate and p95 latency within the limits")
+                             "error rate, p95 latency and validity within the limits")
 
 
 @dg.asset_check(asset="production_report", partitions_def=task_partitions)

@@ -414,6 +414,11 @@ class MonitoringConfig(_Strict):
     max_error_rate: float = Field(0.05, ge=0, le=1, description="production_health fails above this share of requests "
                                                                 "the server failed (5xx; refusals, 4xx, are not errors)")
     max_latency_p95_ms: float = Field(10_000.0, gt=0, description="production_health fails above this p95 latency")
+    min_validity: float = Field(
+        0.8, ge=0, le=1, description="production_health fails when a smaller share of the answers has the task's form "
+                                     "(a training label; a JSON object with the training answers' fields), judged "
+                                     "over 20 answers at least"
+    )
     max_drift: float = Field(
         0.3, ge=0, le=1, description="production_drift warns above this drift score (the larger of the length and "
                                      "vocabulary shifts against the training prompts)"

@@ -97,13 +97,18 @@ def _unknown_label(task: str, output: str) -> str | None:
     label = label_of(output) if label_of else None
     if label is None or cleaned is None:
         return None
-    corrected = [json.loads(line)["messages"][-1]["content"] for line in _lines(task_dir(task) / "raw" / FEEDBACK_FILE)]
+    corrected = [row["messages"][-1]["content"] for row in corrections(task)]
     known = {loose(name): name for name in [*cleaned.metadata["removed_by_label"], *map(label_of, corrected)] if name}
     if loose(label) in known:
         return None
     close = get_close_matches(loose(label), list(known), n=1)
     return (f"label {label!r} is new to task {task!r}" + (f" (did you mean {known[close[0]]!r}?)" if close else "")
             + f"; its rows have {len(known)} labels; send \"new_label\": true to add it as a new one")
+
+
+def corrections(task: str) -> list[dict[str, Any]]:
+    """The task's correction rows (`raw/feedback.jsonl`), in the order they were written."""
+    return [json.loads(line) for line in _lines(task_dir(task) / "raw" / FEEDBACK_FILE)]
 
 
 def _lines(path: Path) -> list[str]:

@@ -17,7 +17,7 @@ import numpy as np
 from ftpipe.config import MonitoringConfig, TaskConfig
 from ftpipe.core import readable, similarity
 from ftpipe.core.evaluation.metrics import label_reader, task_metrics
-from ftpipe.core.feedback import apply_dropped_feedback, feedback_dir
+from ftpipe.core.feedback import apply_dropped_feedback, corrections, feedback_dir
 from ftpipe.core.plots import markdown_image, plot_panels
 from ftpipe.core.records import read_examples, user_message
 from ftpipe.core.server.request_log import read_records, segments
@@ -27,6 +27,9 @@ from ftpipe.core.text import loose_words, markdown_table
 REPORT, FIGURES, OVER_TIME = "report.md", "metrics.json", "over_time.png"
 TIME_BINS = 12
 NOVEL_EXAMPLES = 5
+MIN_JUDGED = 20  # answers the validity limit needs before it judges
+NOT_A_LABEL = "(not a training label)"
+REFUSED_SHOWN = 20
 
 
 def requests_version(task: str) -> str:
@@ -38,8 +41,8 @@ def requests_version(task: str) -> str:
     return hashlib.sha256(json.dumps(found).encode()).hexdigest()[:16]
 
 
-def _seconds(record: dict[str, Any]) -> float:
-    return datetime.fromisoformat(record["time"]).timestamp()
+def _seconds(record: dict[str, Any], field: str = "time") -> float:
+    return datetime.fromisoformat(record[field]).timestamp()
 
 
 def in_window(records: list[dict[str, Any]], hours: float, now: float) -> list[dict[str, Any]]:
@@ -105,9 +108,10 @@ def drift(prompts: list[str], known: list[str], heldout: list[str], threshold: f
 
 
 def label_shares(outputs: list[str], train_answers: list[str], label_of) -> list[dict[str, Any]]:
-    """Per label, its share of the training answers and of the production outputs."""
+    """Per label, its share of the training answers and of the production outputs (those with no training label
+    counted together as NOT_A_LABEL)."""
     train = Counter(label_of(a) or "(none)" for a in train_answers)
-    production = Counter(label_of(o) or "(none)" for o in outputs)
+    production = Counter(label if (label := label_of(o)) in train else NOT_A_LABEL for o in outputs)
     return [{"label": label, "training_share": train[label] / max(len(train_answers), 1),
              "production_share": production[label] / max(len(outputs), 1)}
             for label in sorted(set(train) | set(production), key=lambda name: (-train[name], name))]
@@ -148,13 +152,15 @@ def production_report(task: str, train_path: Path, config: TaskConfig, out_dir: 
     found = drift(*([user_message(r["messages"]) for r in rows] for rows in (answered, train, heldout)),
                   watch.neighbour_threshold)
     label_of = label_reader(config.evaluation)
-    figures = {**health(records), "validity": sum(valid) / len(valid) if valid else None,
-               **{k: v for k, v in found.items() if k != "novel"}, "window_hours": watch.window_hours}
+    corrected = [r for r in corrections(task) if now - watch.window_hours * 3600 <= _seconds(r, "corrected_at") <= now]
+    figures = {**health(records), "validity": sum(valid) / len(valid) if valid else None, "outputs_judged": len(valid),
+               **{k: v for k, v in found.items() if k != "novel"}, "window_hours": watch.window_hours,
+               "corrections": len(corrected)}
     labels = label_shares(outputs, answers, label_of) if label_of else []
     novel_prompts = [user_message(r["messages"]) for r, flag in zip(answered, found["novel"]) if flag]
     with atomic_dir(out_dir) as tmp:
         over_time(answered, found["novel"], tmp / OVER_TIME)
-        markdown = _markdown(task, figures, labels, novel_prompts, markdown_image(tmp / OVER_TIME, "over time"))
+        markdown = _markdown(task, figures, labels, novel_prompts, refused, markdown_image(tmp / OVER_TIME, "over time"))
         (tmp / REPORT).write_text(markdown, encoding="utf-8")
         (tmp / FIGURES).write_text(json.dumps({**figures, "labels": labels}, indent=1), encoding="utf-8")
     return {**figures, "labels": labels, "report_markdown": markdown, "feedback_rows": feedback_rows,
@@ -170,6 +176,10 @@ def health_problems(figures: dict[str, Any], watch: MonitoringConfig) -> list[st
     p95 = figures["latency_p95_ms"]
     if p95 is not None and p95 > watch.max_latency_p95_ms:
         problems.append(f"p95 latency {p95:.0f} ms above {watch.max_latency_p95_ms:.0f} ms")
+    validity, judged = figures["validity"], figures["outputs_judged"]
+    if validity is not None and judged >= MIN_JUDGED and validity < watch.min_validity:
+        problems.append(f"validity {validity:.1%} below {watch.min_validity:.1%} ({judged - round(validity * judged)} "
+                        f"of {judged} answers are not of the task's form)")
     return problems
 
 
@@ -193,7 +203,7 @@ def read_figures(out_dir: Path) -> dict[str, Any]:
 
 
 def _markdown(task: str, figures: dict[str, Any], labels: list[dict[str, Any]], novel_prompts: list[str],
-              image: str) -> str:
+              refused: list[str], image: str) -> str:
     shown = [[name, "n/a" if value is None else readable.rounded(value) if isinstance(value, float) else value]
              for name, value in figures.items()]
     parts = [f"# Production report: {task}\n", markdown_table(["figure", "value"], shown), "", image, ""]
@@ -204,4 +214,8 @@ def _markdown(task: str, figures: dict[str, Any], labels: list[dict[str, Any]], 
     if novel_prompts:
         parts += ["## Prompts with no near neighbour in the training data\n",
                   markdown_table(["prompt"], [[p] for p in novel_prompts[:NOVEL_EXAMPLES]]), ""]
+    if refused:
+        parts += [f"## Corrections refused ({len(refused)})\n", "Fix these lines and drop them again; the rest of "
+                  "their files became training rows.\n", markdown_table(["file:line: reason"],
+                                                                        [[line] for line in refused[:REFUSED_SHOWN]]), ""]
     return "\n".join(parts)

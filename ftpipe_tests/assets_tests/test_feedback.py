@@ -145,7 +145,9 @@ def test_dropped_corrections_become_training_rows_and_trigger_retraining(ftpipe_
         report = defs.resolve_job_def("monitoring_job").execute_in_process(instance=instance, partition_key=tiny_task)
         figures = materialization(report, "production_report")
         assert figures["feedback_rows"] == 6, "the repeated correction adds nothing and is not counted"
-        assert figures["feedback_refused"] == 4 and figures["requests"] == 6
+        assert figures["feedback_refused"] == 4 and figures["requests"] == 6 and figures["corrections"] == 6
+        written = figures["report"]
+        assert "## Corrections refused (4)" in written and "| monday.jsonl:10: not valid JSON" in written, written
         refused = [r.user_message for r in instance.all_logs(report.run_id) if "correction refused" in r.user_message]
         assert any("monday.jsonl:10: not valid JSON" in line for line in refused), refused
         assert any("monday.jsonl:9: not a JSON object" in line for line in refused), refused

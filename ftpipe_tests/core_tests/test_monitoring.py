@@ -49,6 +49,23 @@ def test_volume_errors_latency_validity_and_labels(train_path, tmp_path):
     assert (tmp_path / "report" / monitoring.OVER_TIME).stat().st_size > 1000
     assert monitoring.read_figures(tmp_path / "report")["requests"] == 50
     assert monitoring.health_problems(found, CONFIG.monitoring) == ["error rate 8.0% above 5.0%"]
+    assert shares[monitoring.NOT_A_LABEL] == {"label": monitoring.NOT_A_LABEL, "training_share": 0.0,
+                                              "production_share": 2 / 40}, "made-up answers are not listed one by one"
+    assert "I think it is about your card" not in found["report_markdown"]
+
+
+def test_answers_not_of_the_task_form_fail_health_once_there_are_enough_to_judge(train_path, tmp_path):
+    now = time.time()
+    answered = [record(m, label, at=now - i) for i, (m, label) in enumerate(new_customers(30))]
+    for row in answered[:9]:
+        row["output"] = "Sure! Let me look into that for you."
+    log(answered)
+    found = report(train_path, tmp_path, now=now)
+    assert (found["validity"], found["outputs_judged"]) == (pytest.approx(21 / 30), 30)
+    assert monitoring.health_problems(found, CONFIG.monitoring) == [
+        "validity 70.0% below 80.0% (9 of 30 answers are not of the task's form)"]
+    few = {**found, "outputs_judged": monitoring.MIN_JUDGED - 1}
+    assert monitoring.health_problems(few, CONFIG.monitoring) == [], "too few answers to judge"
 
 
 def test_prompts_from_another_task_drift_and_new_customers_do_not(train_path, tmp_path):
