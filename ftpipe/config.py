@@ -546,10 +546,30 @@ def parse_task_config(text: str, source: str, overrides: str = "") -> TaskConfig
     try:
         return TaskConfig.model_validate(_deep_merge(values, extra))
     except ValidationError as exc:
-        problems = _problems(exc)
+        problems = sorted(_problems(exc), key=_in_file_order(values))
     raise TaskConfigError("\n".join(
         f"{source}{' (run overrides)' if _set_by(extra, problem.split(': ', 1)[0]) else ''}: {problem}"
         for problem in problems))
+
+
+def _in_file_order(values: dict[str, Any]):
+    """A sort key putting problems (`<field path>: <problem>`) in the order their keys come in the file (a value
+    the file does not set, after them)."""
+    order: dict[str, int] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items() if isinstance(node, dict) else ():
+            order.setdefault(f"{prefix}{key}", len(order))
+            walk(value, f"{prefix}{key}.")
+
+    walk(values, "")
+
+    def position(problem: str) -> int:
+        path = problem.split(": ", 1)[0].split(".")
+        return next((order[".".join(path[:n])] for n in range(len(path), 0, -1) if ".".join(path[:n]) in order),
+                    len(order))
+
+    return position
 
 
 def _set_by(snippet: dict[str, Any], path: str) -> bool:

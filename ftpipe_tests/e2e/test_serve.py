@@ -189,8 +189,10 @@ def test_key_bad_requests_and_a_hot_swap_of_the_champion(stack, models, tmp_path
         time.sleep(0.5)
     assert ask(client, "alpha@candidate", prompt) == before
     logged = read_records("alpha")
-    assert [r["status"] for r in logged][:1] == [400]  # the over-long request is logged
-    assert [r["output"] for r in logged[2:4]] == [whole[:whole.index(stop)]] * 2, "the answers as sent"
+    assert [r["status"] for r in logged][:5] == [400, 400, 400, 400, 200], "refused requests are logged; not JSON: not"
+    assert "temperature" in logged[0]["error"] and "context length" in logged[1]["error"], logged[:2]
+    assert logged[2]["messages"][-1] == {"role": "assistant", "content": "yellow"}, "as sent"
+    assert [r["output"] for r in logged[5:7]] == [whole[:whole.index(stop)]] * 2, "the answers as sent"
 
 
 def post(server: Served, path: str, body: dict) -> tuple[int, dict]:

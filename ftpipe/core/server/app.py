@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API: `/v1/models`, `/v1/chat/completions` (streamed or not) and `/health`, with an
 optional bearer key, and `/v1/feedback` for corrections of served answers. Every chat request to a served model is
-appended to the request log of its task."""
+appended to the request log of its task, refused ones too."""
 
 from __future__ import annotations
 
@@ -289,13 +289,31 @@ class Completion:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def record(self, status: int, error: str | None = None) -> None:
-        release = self.route.release
-        self.server.log.append({
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
-            "task": release.task, "model": release.name, "version": release.version, "request_id": self.id,
-            "messages": [m.model_dump() for m in self.request.messages], "output": self.text,
-            "latency_ms": round((time.perf_counter() - self.started) * 1000, 1), **self.usage, "status": status,
-            "error": error})
+        log_request(self.server, self.route, self.id, [m.model_dump() for m in self.request.messages], self.text,
+                    round((time.perf_counter() - self.started) * 1000, 1), self.usage, status, error)
+
+
+def log_request(server: Server, route: Route, request_id: str, messages: Any, output: str, latency_ms: float,
+                usage: dict[str, int], status: int, error: str | None) -> None:
+    """Append one request to the log of the task `route` serves."""
+    release = route.release
+    server.log.append({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+        "task": release.task, "model": release.name, "version": release.version, "request_id": request_id,
+        "messages": messages, "output": output, "latency_ms": latency_ms, **usage, "status": status, "error": error})
+
+
+def _log_refused(server: Server, body: bytes, error: ApiError) -> None:
+    """Log a refused chat request under the task of the served model it names, with its messages as sent (a request
+    that names none, or is not JSON, belongs to no task's log)."""
+    try:
+        sent = json.loads(body)
+        route = server.catalog.routes.get(sent.get("model")) if isinstance(sent.get("model"), str) else None
+    except (ValueError, AttributeError):
+        return
+    if route is not None:
+        log_request(server, route, f"chatcmpl-{uuid.uuid4().hex}", sent.get("messages"), "", 0.0,
+                    {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, error.status, error.message)
 
 
 def create_app(server: Server):
@@ -332,7 +350,12 @@ def create_app(server: Server):
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        completion = _completion(server, await request.body())
+        body = await request.body()
+        try:
+            completion = _completion(server, body)
+        except ApiError as error:
+            _log_refused(server, body, error)
+            raise
         completion.submit()
         if completion.request.stream:
             return StreamingResponse(_stream(completion), media_type="text/event-stream")
@@ -393,13 +416,11 @@ def _completion(server: Server, body: bytes) -> Completion:
                        param="messages")
     prompt = encode(route.tokenizer, route.tokenizer.apply_chat_template(messages, tokenize=False,
                                                                          add_generation_prompt=True))
-    completion = Completion(server, route, request, prompt)
     if len(prompt) + request.token_budget > route.context_length:
-        message = (f"this request needs {len(prompt)} prompt tokens + {request.token_budget} completion tokens, "
-                   f"more than the model's context length of {route.context_length}")
-        completion.record(400, message)
-        raise ApiError(400, message, code="context_length_exceeded", param="messages")
-    return completion
+        raise ApiError(400, f"this request needs {len(prompt)} prompt tokens + {request.token_budget} completion "
+                            f"tokens, more than the model's context length of {route.context_length}",
+                       code="context_length_exceeded", param="messages")
+    return Completion(server, route, request, prompt)
 
 
 async def _stream(completion: Completion):
