@@ -117,7 +117,10 @@ def _remove_exact(rows: list[dict[str, Any]], keys: ExactKeys, alive: np.ndarray
     is_first[first] = True
     first_of = dict(zip(conversation[first].tolist(), alive[first].tolist()))
     for index, conv in zip(alive[~is_first].tolist(), conversation[~is_first].tolist()):
-        removed.append(removal(rows[index], "exact_duplicate", rows[first_of[conv]], "same conversation after normalisation"))
+        kept = rows[first_of[conv]]
+        removed.append(removal(rows[index], "exact_duplicate", kept, "the same conversation, character for character "
+                               "(so the same id)" if kept["id"] == rows[index]["id"] else
+                               "the same conversation after normalisation (Unicode forms, case, spacing)"))
     return alive[is_first]
 
 

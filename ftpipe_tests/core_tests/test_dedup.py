@@ -24,6 +24,11 @@ def test_exact_duplicates_after_normalisation_keep_one() -> None:
     removed = result.removed[0]
     assert removed["duplicate_of"] == result.kept[0]["id"]
     assert removed["reason"] == "exact_duplicate"
+    assert removed["detail"] == "the same conversation after normalisation (Unicode forms, case, spacing)"
+    again = dedup.deduplicate([row("Reset my password", "account", "a.csv:row 2"),
+                               row("Reset my password", "account", "a.csv:row 9")])
+    assert again.removed[0]["duplicate_of"] == again.removed[0]["id"] and again.removed[0]["detail"] == (
+        "the same conversation, character for character (so the same id)"), "why a row is a duplicate of its own id"
 
 
 def test_the_row_written_first_stays_whatever_the_ids() -> None:
