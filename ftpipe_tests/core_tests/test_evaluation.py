@@ -548,6 +548,8 @@ def test_published_files_result_and_report(workspace, tmp_path):
     assert "| base | few-shot | fine-tuned |" in report and f"| accuracy | {result['base_score']:.3f} |" in report
     assert "| held-out loss |" in report and "seconds per held-out row" not in report, "no teacher: no time row"
     assert "| colors | 6 | 1.000 |" in report  # probe accuracy by skill
+    assert result["fewshot_labels"] == [5, 6] and ("Its examples show 5 of the task's 6 labels: a weak baseline for "
+                                                   "the others") in report, "5 examples cannot show 6 labels"
     lost = report.split("### Rows that changed (base → fine-tuned)")[1]
     assert lost.count("| lost |") == len([c for c in result["probe_changes"] if c["change"] == "lost"]) > 0
 

@@ -73,6 +73,10 @@ def overview(metrics: dict[str, Any]) -> str:
             f"{number(m['fewshot_score'])}; fine-tuned vs few-shot {number(m['delta_vs_fewshot'], True)} "
             f"({_interval(m['delta_vs_fewshot_ci_low'], m['delta_vs_fewshot_ci_high'])}), at "
             f"{m['prompt_tokens']:.0f} instead of {m['fewshot_prompt_tokens']:.0f} prompt tokens per call.")
+        shown, labels = m.get("fewshot_labels") or (0, 0)
+        if shown < labels:
+            parts.append(f"Its examples show {shown} of the task's {labels} labels: a weak baseline for the others "
+                         "(`evaluation.fewshot_k` shows more, at a longer prompt).")
     if m.get("teacher_score") is not None:
         reach = (f"reaches {number(m['student_to_teacher_ratio'])} of it "
                  f"({_interval(m['student_to_teacher_ratio_ci_low'], m['student_to_teacher_ratio_ci_high'], False)})"

@@ -128,8 +128,16 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
     metrics, scores = measure(heldout, outputs, task, config, len(examples))
     records = prediction_records(heldout, outputs, scores, task)
     judged = judge_metrics(records, config.judge, config.bootstrap_samples, log)
-    found = {**metrics, **judged, **budget.metrics(), "base_cached": base_rows_run == 0, "base_rows_run": base_rows_run}
+    found = {**metrics, **judged, **budget.metrics(), "base_cached": base_rows_run == 0, "base_rows_run": base_rows_run,
+             "fewshot_labels": _labels_shown(examples, heldout, task)}
     return found, records
+
+
+def _labels_shown(examples: list[dict], heldout: Heldout, task: TaskMetrics) -> list[int] | None:
+    """[labels the few-shot examples show, labels of the task] (None: the task type has no labels)."""
+    if heldout.choices is None:
+        return None
+    return [len({task.group(row["messages"][-1]["content"]) for row in examples}), len(heldout.choices.names)]
 
 
 def _answer_budget(config: EvaluationConfig, rows: list[dict], base_model_dir: Path,
