@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import socket
 import sys
+from contextlib import contextmanager, suppress
 
 DEMO_TASK = "ticket_triage"
 def sync_tasks(show_refused: bool = True) -> tuple[list[str], dict[str, str]]:
@@ -54,7 +57,8 @@ def run_task(task: str, settings: str = "") -> int:
     `overrides`. A task.yaml (with settings) that does not validate is reported before any run starts, one line per
     problem. Runs whose worker
     died are ended first and their pool slots freed; while a step waits for the `gpu` pool, the log says which run
-    holds it and since when; Ctrl-C or SIGTERM stops the run (and its training) and frees its slot.
+    holds it and since when; Ctrl-C or SIGTERM stops the run (and its training), frees its slot and records the run
+    as canceled.
     """
     import dagster as dg
 
@@ -80,12 +84,37 @@ def run_task(task: str, settings: str = "") -> int:
     for line in release_dead_runs(instance):
         print(line)
     job = defs.resolve_job_def("finetune_job")
-    result = job.execute_in_process(
-        instance=instance, partition_key=task, raise_on_error=False, tags={HOST_TAG: socket.gethostname()},
-        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}, **overrides_config(job, overrides)},
-    )
+    with stop_signals_seen() as stopped:
+        result = job.execute_in_process(
+            instance=instance, partition_key=task, raise_on_error=False, tags={HOST_TAG: socket.gethostname()},
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}, **overrides_config(job, overrides)},
+        )
+    if not result.success and stopped():  # as Terminate in the UI ends a run: canceled, not failed
+        instance.report_run_canceled(instance.get_run_by_id(result.run_id), "stopped by Ctrl-C or SIGTERM")
     print_summary(task, result)
     return 0 if result.success else 1
+
+
+@contextmanager
+def stop_signals_seen():
+    """Yields a function telling, once the block is done, whether Ctrl-C or SIGTERM reached the process inside it,
+    whatever handled them there (a Dagster run turns them into a failure): the interpreter writes the number of every
+    signal it catches to the wakeup pipe."""
+    from ftpipe.core.launch import STOP_SIGNALS
+
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    seen: set[int] = set()
+    try:
+        yield lambda: any(number in seen for number in STOP_SIGNALS)
+    finally:
+        with suppress(BlockingIOError):
+            seen.update(os.read(read, 1024))
+        signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
 
 
 def overrides_config(job, overrides: str) -> dict:

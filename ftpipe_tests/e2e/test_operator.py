@@ -193,7 +193,7 @@ def test_the_cli_waits_for_the_pool_without_cpu_names_the_holder_and_stops_on_si
         assert cpu < 0.5, "waiting costs no measurable CPU"
         assert waiting.stop(signal.SIGTERM) < 10 and waiting.process.returncode == 1
         [stopped] = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": "queued"}))
-        assert stopped.status == dg.DagsterRunStatus.FAILURE
+        assert stopped.status == dg.DagsterRunStatus.CANCELED, "stopped by the operator, as Terminate does"
         assert {step.run_id for step in pool.get_concurrency_info("gpu").pending_steps} == {holder.run_id}
 
         training = Cli("queued", env, home, "training")
@@ -210,6 +210,7 @@ def test_the_cli_waits_for_the_pool_without_cpu_names_the_holder_and_stops_on_si
         print(f"Ctrl-C: the command exited after {exited:.1f}s")
         assert exited < 30 and training.process.returncode == 1 and not program.is_running()
         assert "FAILED: lora_adapter: training stopped" in training.logs.read_text()
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.CANCELED
         assert mlflow_status(mlflow_run_of("queued")) == "KILLED"
         assert not pool.get_concurrency_info("gpu").claimed_slots and not pool.get_concurrency_info("gpu").pending_steps
 
