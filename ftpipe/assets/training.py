@@ -284,7 +284,7 @@ def _train(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: Tas
     asset, paths = training_asset(stage.objective), TaskLayout(context.partition_key)
     starts_over = config.force_retrain and context.retry_number == 0 and context.run.parent_run_id is None
     spec = _spec(context, stage, inputs, mlflow, starts_over, cfg.trust_remote_code)
-    context.log.info(f"training {context.partition_key}: {describe_method(stage)}")
+    context.log.info(f"training {context.partition_key} as configured: {describe_method(stage)}")
     unlimited = unlimited_warning(context.instance, GPU_POOL)
     if unlimited:
         context.log.warning(unlimited)

@@ -72,6 +72,10 @@ def test_k8s_qlora_is_accepted_and_described_on_a_cpu_only_host(monkeypatch: pyt
     config = training("training: {method: qlora, launcher: k8s, k8s: {image: registry.example.com/ftpipe:1.0}}")
     assert describe_method(config) == "supervised fine-tuning (sft), LoRA adapter, 4-bit NF4 base (needs a CUDA GPU)"
     assert "4-bit base on a CUDA GPU, else 16/32-bit" in describe_method(training(""))
+    ran = resolve_method(training(""), cuda_available=False)  # what the program says it runs: "auto" resolved
+    assert ran.described() == "lora (sft): LoRA adapter, 16/32-bit base"
+    assert resolve_method(training(""), cuda_available=True).described() == (
+        "qlora (sft): LoRA adapter, 4-bit NF4 base (needs a CUDA GPU)")
 
 
 def test_every_objective_has_a_module_with_a_trainer_builder() -> None:

@@ -82,6 +82,10 @@ class Method:
         """The shorthand this method corresponds to: `lora`, `qlora` or `full`."""
         return LABELS[(self.adapter, self.quantization)]
 
+    def described(self) -> str:
+        """In words, e.g. `lora (sft): LoRA adapter, 16/32-bit base`."""
+        return f"{self.label} ({self.objective}): {ADAPTER_TEXT[self.adapter]}, {QUANTIZATION_TEXT[self.quantization]}"
+
     def facts(self) -> dict[str, Any]:
         return {**asdict(self), "method": self.label, "peft_adapter": self.peft_adapter}
 

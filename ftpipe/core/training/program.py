@@ -144,7 +144,7 @@ def train(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: 
             run.log_params(hyperparameters(spec, config, method, trainer, facts["replay_rows"]))
         if checkpoint:
             reporter.info(f"resuming from {checkpoint.name}")
-        reporter.info(f"training: method {method.label} ({method.objective}), "
+        reporter.info(f"training: method {method.described()} on {trainer.args.device}, "
                       f"{trainable_parameters(trainer.model):,} trainable parameters")
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         eval_loss = final_eval_loss(trainer)
