@@ -2,8 +2,9 @@
 
 import dagster as dg
 
-from ftpipe.assets.common import GPU_POOL, TaskRunConfig, load_config, upstream
+from ftpipe.assets.common import GPU_POOL, TaskRunConfig, effective_config, load_config, run_overrides, upstream
 from ftpipe.config import TaskConfig
+from ftpipe.core.evaluation.card import card_evaluation
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.readable import rounded
 from ftpipe.core.results import Result
@@ -12,12 +13,12 @@ from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking
 
 GROUP = "serving"
-CARD_METRICS = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_ci_low", "delta_ci_high", "forgetting")
 
 
-def _card(task: str, cfg: TaskConfig, base: Result, adapter: Result, evaluation: Result, report: dict) -> dict:
-    """The model card's facts: the task, what it was evaluated on and how well, and the base model, method and
-    settings the adapter was trained with."""
+def _card(task: str, cfg: TaskConfig, gate_overrides: str, base: Result, adapter: Result, evaluation: Result,
+          report: dict) -> dict:
+    """The model card's facts: the task, what it was evaluated on and how well (the gate decided with task.yaml and
+    `gate_overrides`), and the base model, method and settings the adapter was trained with."""
     return {
         "task": task,
         "description": cfg.description,
@@ -26,7 +27,7 @@ def _card(task: str, cfg: TaskConfig, base: Result, adapter: Result, evaluation:
         "method": adapter.produced["method"],
         "data_versions": {"split": adapter.inputs["split_version"], "base_model": base.reuse_key,
                           "eval": evaluation.inputs["eval_version"]},
-        "metrics": {key: rounded(report[key]) if isinstance(report[key], float) else report[key] for key in CARD_METRICS},
+        "evaluation": card_evaluation(report, effective_config(task, gate_overrides).evaluation, gate_overrides),
         "hyperparameters": adapter.produced["training"],
         "mlflow_run_id": adapter.metadata["mlflow_run_id"],
     }
@@ -64,10 +65,11 @@ def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflo
         context.log.info(f"{task}: {system_prompt_source(task, cfg)}")
         context.log.info(f"{task}: packaging {out.name}: merging an adapter into the base and checking parity on up "
                          f"to {PARITY_ROWS} held-out prompts (a full fine-tune is copied as it is)")
+        gate_overrides = run_overrides(context, "eval_report") or config.overrides  # those the gate was decided with
+        card = _card(task, cfg, gate_overrides, base, adapter, evaluation, report)
         facts = package_model(
             base_model_dir=base.produced["path"], finetuned_dir=paths.output(final), out_dir=out,
-            eval_path=paths.split_files[1], card=_card(task, cfg, base, adapter, evaluation, report), reuse_key=key,
-            trust_remote_code=cfg.trust_remote_code,
+            eval_path=paths.split_files[1], card=card, reuse_key=key, trust_remote_code=cfg.trust_remote_code,
         )
     paths.mark_latest_merged(out)
     registered = mlflow.register_model(task=task, model_path=out, run_id=adapter.metadata["mlflow_run_id"],

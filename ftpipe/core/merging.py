@@ -95,12 +95,12 @@ def check_parity(before: tuple[list[str], list], after: tuple[list[str], list], 
 
 
 def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as one level with dotted names (`lora.r`)."""
+    """Nested settings as one level with dotted names (`lora.r`), without those left unset (None)."""
     items: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, dict) and value:
             items.update(flat(value, f"{prefix}{key}."))
-        else:
+        elif value is not None:
             items[f"{prefix}{key}"] = value
     return items
 
@@ -116,10 +116,11 @@ def model_card(card: dict[str, Any], parity: dict[str, Any], serving: str, *, me
     """README.md: YAML front matter for model hubs, then what the model is (task description, base, how it was
     trained), how good (metrics, parity), the training's own settings and how to serve it.
 
-    Known keys of `card`: task, description, system_prompt, base_model, method (as trained), data_versions, metrics,
-    hyperparameters (the training config as recorded by the training); any other key is listed under Details.
+    Known keys of `card`: task, description, system_prompt, base_model, method (as trained), data_versions,
+    evaluation (Markdown), hyperparameters (the training config as recorded by the training); any other key is listed
+    under Details.
     """
-    known = {"task", "base_model", "description", "system_prompt", "method", "data_versions", "metrics",
+    known = {"task", "base_model", "description", "system_prompt", "method", "data_versions", "evaluation",
              "hyperparameters"}
     task, method, base = card.get("task", "model"), card.get("method", "lora"), card.get("base_model", "?")
     tags = ["ftpipe", task, method, "merged" if merged else "full-fine-tune"]
@@ -131,7 +132,7 @@ def model_card(card: dict[str, Any], parity: dict[str, Any], serving: str, *, me
     if card.get("system_prompt"):
         intro += f"System prompt (the default when a conversation has none):\n\n> {card['system_prompt']}\n\n"
     return (front + intro + _section("Data versions", card.get("data_versions", {}))
-            + _section("Evaluation", card.get("metrics", {})) + f"Parity: {parity['parity_check']}.\n\n"
+            + f"## Evaluation\n\n{card.get('evaluation', 'Not evaluated.')}\n\nParity: {parity['parity_check']}.\n\n"
             + _section("Hyperparameters (as trained)", flat(card.get("hyperparameters", {})))
             + _section("Details", {k: v for k, v in card.items() if k not in known}) + serving)
 

@@ -228,6 +228,8 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         card = merged["model_card"]
         assert not card.startswith("---") and card.startswith("# ftpipe-"), "the UI shows the card without front matter"
         assert "| learning_rate | 0.01 |" in card and "| quantization | none |" in card, "the card has what was trained"
+        assert "**Eval gate: PASSED** (min_improvement -2, max_forgetting 1)" in card, "the thresholds it passed"
+        assert "max_forgetting: 1.0" in card and "learning_rate: 0.5" not in card, "the gate's settings, as changed"
         assert "> Answer with one word." in card, "the system prompt the train rows carry is the served default"
         chat = chat_cli(tiny_task)
         assert chat.returncode == 0, chat.stderr[-2000:]

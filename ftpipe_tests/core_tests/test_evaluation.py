@@ -15,6 +15,8 @@ import pytest
 from ftpipe.config import EvaluationConfig, JudgeConfig
 from ftpipe.core.evaluation import evaluation_key, outputs, read_evaluation, run_evaluation, waiting_for_reviews
 from ftpipe.core.evaluation.answer_budget import AnswerBudget
+from ftpipe.core.evaluation.card import card_evaluation
+from ftpipe.core.evaluation.forgetting import most_forgotten
 from ftpipe.core.evaluation.generation import (
     answer_tokens, answers_and_logprobs, conversation_logprobs, encode, generate, greedy_batches, load_finetuned,
     load_merged, load_model, loss_of, prompt_ids, rows_can_leave, shared_prefix, token_chunks,
@@ -547,11 +549,30 @@ def test_published_files_result_and_report(workspace, tmp_path):
     assert report.split("## Largest improvements")[1].startswith("\n\n_none_")
     assert "| base | few-shot | fine-tuned |" in report and f"| accuracy | {result['base_score']:.3f} |" in report
     assert "| held-out loss |" in report and "seconds per held-out row" not in report, "no teacher: no time row"
+    assert "Held-out loss: the mean loss per token of the reference answers" in report, "why eval_loss differs"
     assert "| colors | 6 | 1.000 |" in report  # probe accuracy by skill
     assert result["fewshot_labels"] == [5, 6] and ("Its examples show 5 of the task's 6 labels: a weak baseline for "
                                                    "the others") in report, "5 examples cannot show 6 labels"
     lost = report.split("### Rows that changed (base → fine-tuned)")[1]
     assert lost.count("| lost |") == len([c for c in result["probe_changes"] if c["change"] == "lost"]) > 0
+
+
+def test_the_model_card_gives_the_verdict_with_its_thresholds_baselines_overrides_and_forgetting_by_skill(
+        workspace, tmp_path):
+    result = evaluate(workspace, "bad_adapter", tmp_path / "out")
+    colors = result["probe_accuracy_by_skill"]["colors"]
+    result["probe_accuracy_by_skill"]["arithmetic"] = {**colors, "base": 0.0, "finetuned": 0.0, "forgetting": 0.0,
+                                                      "forgetting_ci_low": 0.0, "forgetting_ci_high": 0.0}
+    card = card_evaluation(result, CLASSIFY, "evaluation:\n  max_forgetting: 0.2\ntraining: {max_steps: 3}\n")
+    assert card.startswith("**Eval gate: FAILED** (min_improvement 0, max_forgetting 0.1): delta_ci_low ")
+    assert f"base {result['base_score']:.3f}, fine-tuned {result['finetuned_score']:.3f}" in card
+    assert f"(few-shot): {result['fewshot_score']:.3f}" in card and "Forgetting " in card
+    assert f"Forgetting by probe skill (most forgotten: {most_forgotten(result['probe_accuracy_by_skill'])}):" in card
+    assert "| arithmetic | 6 | 0.000 | 0.000 |" in card and "| colors | 6 | 1.000 |" in card
+    assert "answers no row of arithmetic right: accuracy cannot drop there" in card
+    assert card.endswith(
+        "Evaluation settings changed from task.yaml for this run:\n\n```yaml\nevaluation:\n  max_forgetting: 0.2\n```")
+    assert "Base outputs" not in card, "where outputs came from is the report's business"
 
 
 def test_answers_get_room_for_the_longest_reference_and_a_shorter_limit_set_is_reported(workspace, tmp_path):
@@ -649,6 +670,7 @@ def test_free_text_is_scored_beside_a_copy_of_the_input_and_a_pass_says_when_cop
     assert f"**But {caveat}.**" in report
     assert "| metric | base | fine-tuned | copy of the input | fine-tuned − base |" in report
     assert "| answer words | " in report and "Answers average 8 words in the references" in report, report
+    assert "## Reading free-text scores\n\nROUGE-L and token F1 count the words" in report, "what the scores miss"
 
 
 def test_a_full_finetune_is_evaluated_as_a_whole_model(workspace, tiny_model_dir, tmp_path, monkeypatch):

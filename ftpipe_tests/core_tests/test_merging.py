@@ -17,8 +17,8 @@ from ftpipe_tests.trained_models import full_finetune, lora_adapter, noisy_base
 
 CARD = {
     "task": "toy", "base_model": "tiny-llama", "method": "lora", "description": "Names fruit colors.",
-    "data_versions": {"heldout_split": "abc123"}, "metrics": {"accuracy": 0.91, "delta": 0.2},
-    "hyperparameters": {"lora": {"r": 8, "alpha": 16}, "learning_rate": 0.02},
+    "data_versions": {"heldout_split": "abc123"}, "evaluation": "**Eval gate: PASSED** (min_improvement 0.1).",
+    "hyperparameters": {"lora": {"r": 8, "alpha": 16}, "learning_rate": 0.02, "warmup_steps": None},
 }
 
 
@@ -83,7 +83,9 @@ def test_merged_dir_is_servable_with_its_card(merged):
     assert [p.name for p in root.glob(".merged.*")] == [Path(os.readlink(out)).name]  # only the live version
     readme = (out / "README.md").read_text()
     assert readme.startswith('---\nbase_model: "tiny-llama"\n') and '"merged"]' in readme
-    for fact in ("abc123", "| accuracy | 0.91 |", "| lora.r | 8 |", "| learning_rate | 0.02 |", "Names fruit colors",
+    assert "## Evaluation\n\n**Eval gate: PASSED** (min_improvement 0.1).\n\nParity: " in readme
+    assert "warmup_steps" not in readme, "settings left unset are not listed"
+    for fact in ("abc123", "| lora.r | 8 |", "| learning_rate | 0.02 |", "Names fruit colors",
                  "fine-tuned with `lora`", "16 held-out prompts"):
         assert fact in readme, fact
     script = (out / "serve.sh").read_text()

@@ -106,6 +106,9 @@ def test_result_names_what_was_trained_and_its_inputs(trained):
     assert produced["training"]["learning_rate"] == 0.01
     assert re.fullmatch(r"[0-9a-f]{16}", produced["data_version"])
     assert (root / "main" / "adapter" / produced["loss_curve"]).is_file()
+    readme = (root / "main" / "adapter" / "README.md").read_text()
+    assert readme.startswith("# ftpipe-toy: lora (sft): LoRA adapter") and "on split toy-split for 12 steps" in readme
+    assert f"train loss {result.metadata['train_loss']:.3f}" in readme and "Model Card for" not in readme
 
 
 @pytest.mark.slow

@@ -18,6 +18,9 @@ SHOWCASE_ROWS = 10
 LENGTH_GROUPS = 4  # quarters of the held-out rows by message length
 MIN_LENGTH_ROWS = 20  # fewer rows: no table by length (a handful of rows per group says nothing)
 PROBE_CHANGES_SHOWN = 30
+LOSS_NOTE = ("Held-out loss: the mean loss per token of the reference answers, over the held-out rows evaluated. The "
+             "training's `eval_loss` (the adapter's metadata) differs: it averages batch by batch and leaves out (or "
+             "cuts) rows over `training.max_length`.")
 NAMED_LABELS = 12  # labels without held-out rows named in the warning
 
 
@@ -60,7 +63,16 @@ def unheld_labels(labels: list[str]) -> str:
 
 
 def overview(metrics: dict[str, Any]) -> str:
-    """The verdict's evidence in a few sentences."""
+    """The verdict's evidence in a few sentences, then where the base outputs came from and any cut-off answers."""
+    parts = [*evidence(metrics), _base_outputs(metrics)]
+    if (cut_off := cut_off_warning(metrics)) is not None:
+        parts.append(f"**{cut_off}.**")
+    return " ".join(parts)
+
+
+def evidence(metrics: dict[str, Any]) -> list[str]:
+    """The scores behind the verdict, one sentence each: the primary metric with its interval, the baselines
+    (few-shot, teacher, copy) and forgetting."""
     m = metrics
     parts = [f"Primary metric `{m['primary_metric']}` on {m['rows']} held-out rows: base {number(m['base_score'])}, "
              f"fine-tuned {number(m['finetuned_score'])}, delta {number(m['delta'], True)} "
@@ -99,10 +111,7 @@ def overview(metrics: dict[str, Any]) -> str:
                      "larger relative worsening of the two, 0 when neither worsened).")
     else:
         parts.append("Forgetting not checked (no probe file).")
-    parts.append(_base_outputs(m))
-    if (cut_off := cut_off_warning(m)) is not None:
-        parts.append(f"**{cut_off}.**")
-    return " ".join(parts)
+    return parts
 
 
 def _base_outputs(m: dict[str, Any]) -> str:
@@ -245,11 +254,17 @@ def preferences(metrics: dict[str, Any], config: EvaluationConfig) -> str | None
 
 
 def skill_table(skills: dict[str, dict[str, float]]) -> str:
-    """Probe accuracy of both models and forgetting for each skill."""
+    """Probe accuracy of both models and forgetting for each skill, and which skills can show it only by their loss
+    (the base model answers none of their rows right)."""
     rows = [[skill, s["rows"], number(s["base"]), number(s["finetuned"]), number(s["finetuned"] - s["base"], True),
              f"{number(s['forgetting'])} ({number(s['forgetting_ci_low'])} … {number(s['forgetting_ci_high'])})"]
             for skill, s in skills.items()]
-    return markdown_table(["skill", "rows", "base", "fine-tuned", "change", "forgetting (95% CI)"], rows)
+    table = markdown_table(["skill", "rows", "base", "fine-tuned", "change", "forgetting (95% CI)"], rows)
+    unanswered = [skill for skill, s in skills.items() if s["base"] == 0]
+    if not unanswered:
+        return table
+    return (f"{table}\n\nThe base model answers no row of {', '.join(unanswered)} right: accuracy cannot drop there, "
+            "so only the reference loss can show forgetting.")
 
 
 def probe_changes(changes: list[dict[str, Any]]) -> str:
@@ -271,7 +286,7 @@ def report_markdown(metrics: dict[str, Any], records: list[dict[str, Any]], conf
     titles = {side: SIDES[side] for side in ("finetuned", "fewshot", "base") if side in metrics["metrics"]}
     parts = ["# Evaluation: base vs fine-tuned",
              verdict(passed, failed, config, "preference_pairs" in metrics, gate_caveat(metrics, config)),
-             overview(metrics), summary_table(metrics)]
+             overview(metrics), summary_table(metrics), LOSS_NOTE]
     if (stages := preference_tuning(metrics)) is not None:
         parts += ["## Preference tuning", stages]
     for title, section in task_metrics(config).report_sections(records, titles):

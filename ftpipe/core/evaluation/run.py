@@ -13,6 +13,7 @@ from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.answer_budget import AnswerBudget
 from ftpipe.core.evaluation.copy_baseline import copy_outputs
 from ftpipe.core.evaluation.fewshot import choose_examples
+from ftpipe.core.evaluation.forgetting import most_forgotten
 from ftpipe.core.evaluation.gate import GATE_FIELDS, decide_gate, gate_caveat
 from ftpipe.core.evaluation.judge import judge_metrics
 from ftpipe.core.evaluation.measurements import measure, prediction_records
@@ -209,9 +210,10 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
     _publish(out_dir, metrics, records, config, Result(kind=KIND, reuse_key=key, inputs=inputs, produced=produced),
              verdicts)
     result = {**read_evaluation(out_dir, config, verdicts), "reused": False, "report_rewritten": False}
-    preference = (f", preference accuracy {result['preference_accuracy_final']:.4f}"
+    preference = (f", preference accuracy {result['preference_accuracy_final']:.3f}"
                   if "preference_pairs" in result else "")
+    most = most_forgotten(result["probe_accuracy_by_skill"])
     log(f"eval gate {'passed' if result['passed'] else 'failed'}: {result['primary_metric']} "
-        f"{result['base_score']:.4f} -> {result['finetuned_score']:.4f}, forgetting {result['forgetting']:.4f}"
-        f"{preference}")
+        f"{result['base_score']:.3f} -> {result['finetuned_score']:.3f}, forgetting {result['forgetting']:.3f}"
+        f"{'' if most == 'none' else f' (most: {most})'}{preference}")
     return result

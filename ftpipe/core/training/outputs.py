@@ -14,6 +14,7 @@ from typing import Any
 
 from ftpipe.config import TrainingConfig
 from ftpipe.core.plots import Points, markdown_image, plot_panels
+from ftpipe.core.readable import count
 from ftpipe.core.results import Result
 from ftpipe.core.storage import atomic_dir, sha256_of_files
 from ftpipe.core.training import preference
@@ -168,6 +169,16 @@ def result_inputs(spec: TrainingSpec) -> dict[str, Any]:
     return {key: value for key, value in inputs.items() if value is not None}
 
 
+def weights_readme(spec: TrainingSpec, method: Method, metadata: dict[str, Any]) -> str:
+    """README.md of the published weights, in place of the library's empty template: what they are, and where their
+    evaluation and the servable model's card are."""
+    return (f"# ftpipe-{spec.task}: {method.described()}\n\n"
+            f"Trained from `{Path(spec.base_model_dir).name}` on split {spec.split_version} for {metadata['steps']} "
+            f"steps: train loss {metadata['train_loss']:.3f}, {count(metadata['trainable_params'])} trainable "
+            "parameters.\n\nThe task's `eval_report` compares it with its base model; `merged_model` holds the servable "
+            "model with its model card (evaluation, gate and serving).\n")
+
+
 def publish(trainer, spec: TrainingSpec, config: TrainingConfig, method: Method, facts: dict[str, Any],
             calibration: dict[str, Any] | None = None) -> Result:
     """Write the weights (an adapter on the base model, or a whole model) + tokenizer, the curves and `result.json`
@@ -179,6 +190,8 @@ def publish(trainer, spec: TrainingSpec, config: TrainingConfig, method: Method,
         preference.publishable_adapter(tmp, spec, method)
         curves = write_curves(trainer, method, tmp)
         weights = sorted(tmp.glob("*.safetensors"))
+        metadata = result_metadata(trainer, spec, method, facts, tmp)
+        (tmp / "README.md").write_text(weights_readme(spec, method, metadata), encoding="utf-8")
         result = Result(
             kind=result_kind(method),
             reuse_key=spec.fingerprint,
@@ -191,7 +204,7 @@ def publish(trainer, spec: TrainingSpec, config: TrainingConfig, method: Method,
                 **({"calibration": calibration} if calibration else {}),
             },
             inputs=result_inputs(spec),
-            metadata=result_metadata(trainer, spec, method, facts, tmp),
+            metadata=metadata,
         )
         result.write(tmp)
     return result

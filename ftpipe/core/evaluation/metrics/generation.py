@@ -4,6 +4,7 @@ task names its final answer (`answer_pattern` or `answer_field`), exact match of
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.metrics.base import Scores, TaskMetrics
@@ -11,6 +12,12 @@ from ftpipe.core.evaluation.metrics.final_answer import extract_answer, same_ans
 from ftpipe.core.text import loose
 
 ANSWER_MATCH = "answer_exact_match"
+FREE_TEXT_NOTE = (
+    "ROUGE-L and token F1 count the words an answer shares with its reference: a right answer in other words scores "
+    "low, and one that copies words from the message scores high (the copy of the input shows how high). Exact match "
+    "of free text stays near 0 for any model. For a verdict on what the answers say, read the blind review page of "
+    "`human_review` (its verdicts count with `evaluation.require_human_review`) or set an LLM judge "
+    "(`evaluation.judge`).")
 
 
 def token_f1(answer: str, reference: str) -> float:
@@ -61,6 +68,10 @@ class Generation(TaskMetrics):
         finals = [self.final_answer(a) for a in answers]
         matches = [float(same_answer(f, self.final_answer(r) or "")) for f, r in zip(finals, references)]
         return Scores(rows={ANSWER_MATCH: matches, **rows}, final_answers=finals)
+
+    def report_sections(self, records: list[dict[str, Any]], sides: dict[str, str]) -> list[tuple[str, str]]:
+        """Free text: what word-overlap scores cannot say, and where a verdict on the answers comes from."""
+        return [] if self.checks_answers else [("Reading free-text scores", FREE_TEXT_NOTE)]
 
     def reference_problem(self, reference: str) -> str | None:
         if not self.checks_answers or self.final_answer(reference) is not None:
