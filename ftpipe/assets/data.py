@@ -98,7 +98,8 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
     paths = TaskLayout(task)
     out = paths.asset("deduplicated_examples")
     summary = dedup.build_deduplicated(paths.examples("raw_examples"), out, Settings.of(cfg.dedup),
-                                       label_of=label_reader(cfg.evaluation))
+                                       label_of=label_reader(cfg.evaluation),
+                                       free_text=cfg.evaluation.task_type == "generation")
     removed = summary.pop("removed")
     pairs = (f" and {summary['preference_rows_out']} of {summary['preference_rows_in']} preference rows"
              if summary["preference_rows_in"] else "")

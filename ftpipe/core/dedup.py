@@ -3,7 +3,8 @@
 Exact stages compare the canonical text (`text.canonical`) of whole prompts and conversations. The near stage
 compares what varies between rows (`similarity`): rows whose prompts are near-identical either agree on the
 answer (near-duplicates: the later row goes, naming a kept row it is itself similar to, so nothing chains) or
-disagree (a contradiction: the strict-majority answer stays, otherwise the whole group goes). Two rows whose answers
+disagree (a contradiction: the strict-majority answer stays, otherwise the whole group goes; in a free-text task,
+where two answers can both be right, the first row written stays instead). Two rows whose answers
 differ only in words their own prompts have and the other's has not (an order number, a date, the word that decides
 the label) are two examples of one rule: neither duplicates nor a contradiction, both stay. So are two rows whose
 near-identical prompts differ in a number (a price, a quantity: a template's problems) and whose answers differ.
@@ -76,22 +77,32 @@ def removal(row: dict[str, Any], reason: str, of: dict[str, Any], detail: str) -
     return {**row, "reason": reason, "duplicate_of": of["id"], "duplicate_of_source": of["source"], "detail": detail}
 
 
-def _contradiction(row: dict[str, Any], answer: str, group: list[tuple[dict[str, Any], str]], votes: Counter):
-    """The removal record for `row` if its answer loses in its prompt group, else None."""
+FIRST_WORDING = "a free-text task keeps the first row written"
+
+
+def _contradiction(row: dict[str, Any], answer: str, group: list[tuple[dict[str, Any], str]], votes: Counter,
+                   free_text: bool):
+    """The removal record for `row` if its answer loses in its prompt group (in file order), else None."""
     (winner, top), = votes.most_common(1)
-    if top * 2 > len(group):
+    majority = top * 2 > len(group)
+    if majority or free_text:
+        winner = winner if majority else group[0][1]
         if answer == winner:
             return None
         other = next(r for r, a in group if a == winner)
-        return removal(row, "contradiction", other, f"answer differs from the majority ({top} of {len(group)} rows)")
+        detail = (f"answer differs from the majority ({top} of {len(group)} rows)" if majority else
+                  f"{len(votes)} different answers to the same prompt, none with a strict majority: {FIRST_WORDING}")
+        return removal(row, "contradiction", other, detail)
     other = next(r for r, a in group if a != answer)
     detail = f"{len(votes)} different answers to the same prompt, none with a strict majority"
     return removal(row, "contradiction", other, detail)
 
 
-def _resolve_contradictions(rows: list[dict[str, Any]], keys: ExactKeys, removed: list[dict[str, Any]]) -> np.ndarray:
+def _resolve_contradictions(rows: list[dict[str, Any]], keys: ExactKeys, removed: list[dict[str, Any]],
+                            free_text: bool) -> np.ndarray:
     """Same prompt, different answers (as `loose` compares them: `#### 325.` and `#### 325` are one answer): keep the
-    strict-majority answer's rows, else drop the group. Returns the indices of the rows that stay."""
+    strict-majority answer's rows, else drop the group (`free_text`: keep its first row). Returns the indices of the
+    rows that stay."""
     alive = np.ones(len(rows), dtype=bool)
     grouped = np.flatnonzero(np.bincount(keys.prompt)[keys.prompt] > 1)  # rows whose prompt another row has too
     order = grouped[np.argsort(keys.prompt[grouped], kind="stable")]
@@ -101,7 +112,7 @@ def _resolve_contradictions(rows: list[dict[str, Any]], keys: ExactKeys, removed
         group = [(rows[i], loose(rows[i]["messages"][-1]["content"])) for i in members]
         votes = Counter(answer for _, answer in group)
         for index, (row, answer) in zip(members, group):
-            removal = _contradiction(row, answer, group, votes)
+            removal = _contradiction(row, answer, group, votes, free_text)
             if removal:
                 removed.append(removal)
                 alive[index] = False
@@ -187,9 +198,11 @@ class NearRows:
         return camps
 
 
-def _resolve_near_contradictions(near: NearRows, alive: list[bool], removed: list[dict[str, Any]]) -> None:
+def _resolve_near_contradictions(near: NearRows, alive: list[bool], removed: list[dict[str, Any]],
+                                  free_text: bool) -> None:
     """Near-identical prompts, different answers: around each row in turn, the rows whose prompts are directly
-    near-identical to its own vote; the strict-majority answer's rows stay, otherwise all of them go."""
+    near-identical to its own vote; the strict-majority answer's rows stay, otherwise all of them go (`free_text`:
+    the rows with the answer of the first row written stay)."""
     for center, similar in enumerate(near.similar):
         if not alive[center] or not similar:
             continue
@@ -198,13 +211,15 @@ def _resolve_near_contradictions(near: NearRows, alive: list[bool], removed: lis
             continue
         size = sum(map(len, camps))
         top = max(camps, key=len)
-        winner = top if len(top) * 2 > size else None
-        vote = (f"answer differs from the majority ({len(top)} of {size} rows)" if winner else
-                f"{len(camps)} different answers to near-identical prompts, none with a strict majority")
+        majority = len(top) * 2 > size
+        winner = top if majority else min(camps, key=min) if free_text else None
+        vote = (f"answer differs from the majority ({len(top)} of {size} rows)" if majority else
+                f"{len(camps)} different answers to near-identical prompts, none with a strict majority"
+                + (f": {FIRST_WORDING}" if free_text else ""))
         camp_of = {index: number for number, camp in enumerate(camps) for index in camp}
         for camp in camps:
             for index in [] if camp is winner else camp:
-                removed.append(_near_contradiction(near, index, center, camp_of, camps.index(top), vote))
+                removed.append(_near_contradiction(near, index, center, camp_of, camps.index(winner or top), vote))
                 alive[index] = False
 
 
@@ -236,17 +251,19 @@ def _remove_near_duplicates(near: NearRows, alive: list[bool], removed: list[dic
 
 
 def _remove_near(rows: list[dict[str, Any]], prompts: similarity.Shingles, answers: np.ndarray,
-                 removed: list[dict[str, Any]], settings: similarity.Settings) -> list[dict[str, Any]]:
+                 removed: list[dict[str, Any]], settings: similarity.Settings, free_text: bool) -> list[dict[str, Any]]:
     near = NearRows(rows, prompts, answers, settings)
     alive = [True] * len(rows)
-    _resolve_near_contradictions(near, alive, removed)
+    _resolve_near_contradictions(near, alive, removed, free_text)
     _remove_near_duplicates(near, alive, removed)
     return [row for row, keep in zip(rows, alive) if keep]
 
 
-def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = similarity.Settings()) -> DedupResult:
+def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = similarity.Settings(),
+                free_text: bool = False) -> DedupResult:
     """Remove exact-prompt contradictions, then exact duplicates, then near-prompt contradictions and
-    near-duplicates.
+    near-duplicates. In a `free_text` task (answers in the user's own words) two different answers to one prompt can
+    both be right: a group without a majority keeps its first row written instead of none.
 
     Rows are processed in the order of the task's files (`records.source_order`) and the first row of each group is
     kept: the row a user wrote first stays, and the result does not depend on the order of the input.
@@ -254,13 +271,13 @@ def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = simi
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived strings; the collector alone costs a third of the time
     try:
-        return _deduplicate(rows, settings)
+        return _deduplicate(rows, settings, free_text)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings) -> DedupResult:
+def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings, free_text: bool) -> DedupResult:
     """Shared text is judged on every row (the most evidence); the near stage compares the rows the exact stages
     left, on what varies."""
     ordered = sorted(rows, key=source_order)
@@ -268,10 +285,11 @@ def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings) -> D
                                       settings.shingle_words)
     result = DedupResult(shared=messages.shared())
     keys = ExactKeys.of(ordered, messages)
-    remaining = _remove_exact(ordered, keys, _resolve_contradictions(ordered, keys, result.removed), result.removed)
+    stay = _resolve_contradictions(ordered, keys, result.removed, free_text)
+    remaining = _remove_exact(ordered, keys, stay, result.removed)
     prompts = messages.rows(result.shared, remaining)
     result.kept = _remove_near([ordered[i] for i in remaining.tolist()], prompts, keys.answer[remaining],
-                               result.removed, settings)
+                               result.removed, settings, free_text)
     return result
 
 
@@ -312,7 +330,7 @@ def match_columns(summary: dict[str, Any]) -> list[str]:
 
 
 def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.Settings = similarity.Settings(),
-                       label_of: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+                       label_of: Callable[[str], str | None] | None = None, free_text: bool = False) -> dict[str, Any]:
     """Deduplicate `examples_path` into `out_dir/examples.parquet`, and the preference rows beside it into
     `out_dir/preferences.parquet`, every removed row of either kind into `out_dir/removed.jsonl` (with a result);
     return the counts (`rows_in`, `rows_out`: chat rows; the removals of both kinds), and the removals by label when
@@ -320,7 +338,7 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     from ftpipe.core.preference_cleaning import build_clean_preferences
 
     rows = read_examples(examples_path)
-    result = deduplicate(rows, settings)
+    result = deduplicate(rows, settings, free_text)
     summary = {
         "rows_in": len(rows),
         "rows_out": len(result.kept),
@@ -333,7 +351,8 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     }
     preferences = examples_path.parent / PREFERENCES
     inputs = {"raw_examples": file_sha256(examples_path)[:16],
-              "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None}
+              "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None,
+              **({"free_text": True} if free_text else {})}
     key = reuse_key(inputs, settings)
     with atomic_dir(out_dir) as tmp:
         cleaned = build_clean_preferences(preferences, tmp, settings)

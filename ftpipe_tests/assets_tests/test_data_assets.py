@@ -42,7 +42,8 @@ def test_data_assets_materialize_with_contract_metadata(ftpipe_env: Path) -> Non
         assert Path(raw["quarantine_path"]).exists()
         deduped = materialization(result, "deduplicated_examples")
         assert deduped["rows_in"] == deduped["rows_out"] + deduped["exact_duplicates"] + deduped["near_duplicates"] + deduped["contradictions"]
-        assert deduped["exact_duplicates"] == 1 and deduped["contradictions"] == 2  # a 1-vs-1 tie drops both
+        assert deduped["exact_duplicates"] == 1 and deduped["contradictions"] == 1, (
+            "a generation task (the default) keeps the first row of a 1-vs-1 tie")
         split = materialization(result, "heldout_split")
         assert split["train_rows"] + split["eval_rows"] == deduped["rows_out"]
         assert materialization(result, "review_sample")["rows"] == deduped["rows_out"]

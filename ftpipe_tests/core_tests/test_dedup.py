@@ -81,6 +81,24 @@ def test_contradiction_without_majority_drops_the_group() -> None:
     assert all("no" in r["detail"] or "none" in r["detail"] for r in result.removed)
 
 
+def test_a_free_text_task_keeps_the_first_of_two_wordings_of_one_answer() -> None:
+    """Two titles for one ticket can both be right: a generation task keeps the one written first, exact or near."""
+    rng = random.Random(11)
+    ticket = sentence(rng, 20)
+    rows = [row("Printer on floor 3 is jammed again", "Printer jam on floor 3", "t.csv:row 2"),
+            row("printer on floor 3 is JAMMED again", "Floor 3 printer jammed", "t.csv:row 7"),
+            row(ticket, "Login fails after password reset", "t.csv:row 3"),
+            row(ticket + " please", "Password reset breaks login", "t.csv:row 9")]
+    others = [row(sentence(rng, 20), f"title {i}", f"u.csv:row {i}") for i in range(5)]
+    labels = dedup.deduplicate(rows + others)
+    assert labels.count("contradiction") == 4 and len(labels.kept) == 5, "labels: no majority, the group goes"
+    titles = dedup.deduplicate(rows + others, free_text=True)
+    kept = {r["messages"][-1]["content"] for r in titles.kept}
+    assert {"Printer jam on floor 3", "Login fails after password reset"} <= kept and len(titles.kept) == 7
+    assert sorted(r["source"] for r in titles.removed) == ["t.csv:row 7", "t.csv:row 9"]
+    assert all(r["detail"].endswith("a free-text task keeps the first row written") for r in titles.removed)
+
+
 def test_counts_add_up_and_result_ignores_input_order() -> None:
     rng = random.Random(2)
     rows = [row(sentence(rng, 12), rng.choice("ab"), f"s{i}") for i in range(200)]
