@@ -132,12 +132,23 @@ def _csv_records(lines: list[str], first: int, header: list[str], delimiter: str
                        f"({end - begin} lines); only this line is quarantined, the later lines are read as rows")
             yield f"line {begin + 1}", lines[begin], problem
             return begin + 1
-        if len(fields) > len(header):
-            yield f"line {begin + 1}", raw, f"has {len(fields) - len(header)} more field(s) than the header"
-        elif len(fields) < len(header):
-            yield f"line {begin + 1}", raw, f"has fewer fields than the header ({len(fields)} of {len(header)})"
-        else:
+        if len(fields) == len(header):
             yield f"line {begin + 1}", dict(zip(header, fields)), None
+        else:
+            yield f"line {begin + 1}", raw, _field_count_problem(len(fields), len(header), begin, end,
+                                                                _unclosed_quote(raw, delimiter))
+
+
+def _field_count_problem(count: int, expected: int, begin: int, end: int, unclosed: bool) -> str:
+    """Why a record (lines[begin:end]) has `count` fields, not the header's `expected`, with the quote to blame."""
+    found = (f"has {count - expected} more field(s) than the header" if count > expected
+             else f"has fewer fields than the header ({count} of {expected})")
+    if unclosed:
+        return f"{found}: a quote on it is never closed"
+    if end - begin > 1:
+        return (f"{found}: a quote opened on line {begin + 1} closes only on line {end}, so lines {begin + 1}-{end} "
+                "were read as one row")
+    return found
 
 
 def _csv_rows(text: str) -> Rows:

@@ -99,6 +99,16 @@ def test_csv_rows_with_missing_or_extra_fields(ftpipe_env: Path) -> None:
     assert "fewer fields" in reasons[0] and "more field" in reasons[1]
 
 
+def test_a_csv_row_that_lost_fields_to_a_quote_says_where_the_quote_is(ftpipe_env: Path) -> None:
+    text = 'prompt,completion,note\nq1,a1,n1\nq2,"a2 opened,n2\nq3,a3,"n3\nq4,a4,n4\nq5,"a5,n5\n'
+    result = read(make_task(ftpipe_env, "t", {"a.csv": text}))
+    assert sorted(row["messages"][-1]["content"] for row in result.examples) == ["a1", "a4"]
+    assert [(q["source"], q["reason"]) for q in result.quarantine] == [
+        ("a.csv:line 3", "has fewer fields than the header (2 of 3): a quote opened on line 3 closes only on line 4, "
+                         "so lines 3-4 were read as one row"),
+        ("a.csv:line 6", "has fewer fields than the header (2 of 3): a quote on it is never closed")]
+
+
 def test_unreadable_file_is_one_quarantine_entry_and_other_files_are_read(ftpipe_env: Path, tmp_path: Path) -> None:
     files = {"broken.json": "[{", "x.parquet": b"not parquet"}
     result = read(make_task(ftpipe_env, "t", {**files, "ok.jsonl": [chat("a", "b")]}))
