@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -223,10 +224,21 @@ def print_summary(task: str, result) -> None:
     if "merged_model" in found:
         print(merged_line(task, found["merged_model"]))
     print(f"\nartifacts: {TaskLayout(task).root}")
-    print("Dagster UI: make ui         (http://127.0.0.1:3000)")
+    print(f"Dagster UI: {ui_command():<16}(http://127.0.0.1:3000)")
     print("MLflow UI:  make mlflow-ui  (http://127.0.0.1:5000)")
     if reason:
         print(f"\nFAILED: {reason}")
+
+
+def ui_command() -> str:
+    """How to open the Dagster UI on the instance this run was recorded in: `make ui` serves the project folder's
+    (the Makefile sets DAGSTER_HOME to it), so another DAGSTER_HOME gets a command of its own."""
+    from pathlib import Path
+
+    home = os.environ.get("DAGSTER_HOME", "")
+    if Path("Makefile").is_file() and home and Path(home).resolve() == Path.cwd().resolve():
+        return "make ui"
+    return f"DAGSTER_HOME={shlex.quote(home)} dagster dev -h 127.0.0.1 -p 3000"
 
 
 def set_aside_lines(found: dict[str, dict]) -> list[str]:

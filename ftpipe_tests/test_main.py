@@ -151,6 +151,17 @@ def test_the_blocking_check_that_failed_a_run_is_said_once_at_the_end(capsys, mo
         "FAILED: check eval_report_gate failed: delta_ci_low -0.020 <= min_improvement 0.000")
 
 
+def test_the_ui_hint_opens_the_instance_the_run_was_recorded_in(tmp_path, monkeypatch) -> None:
+    from ftpipe.__main__ import ui_command
+
+    (tmp_path / "Makefile").write_text("ui:\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    assert ui_command() == "make ui", "the Makefile's own instance"
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "my home"))
+    assert ui_command() == f"DAGSTER_HOME='{tmp_path / 'my home'}' dagster dev -h 127.0.0.1 -p 3000"
+
+
 def test_the_summary_says_where_the_rows_set_aside_are() -> None:
     from ftpipe.__main__ import set_aside_lines
 
