@@ -238,4 +238,8 @@ def test_the_speeds_and_time_left_count_evaluations_at_their_own_pace(monkeypatc
     state.global_step = 5
     progress.on_step_end(None, state, SimpleNamespace(should_log=False, should_evaluate=True))
     assert lines[-1] == "step 5/6: evaluating on the eval rows", "said on a step without a line of its own too"
+    for _ in range(4):  # 4 of 10 batches, 10 s each: a line every 30 s with the time left at that pace
+        clock[0] += 10
+        progress.on_prediction_step(None, state, None, eval_dataloader=range(10))
+    assert lines[-1] == "step 5/6: evaluated 3 of 10 batches, ~70 s left" and len(lines) == 7
     assert progress.session_tokens_per_second == 10, "the training's speed (its metadata): evaluations left out"

@@ -115,6 +115,9 @@ def reward_text(logs: dict[str, float], prefix: str = "") -> str:
     return "".join(f", {label} {logs[key]:.3f}" for label, key in shown.items() if key in logs)
 
 
+EVAL_PROGRESS_SECONDS = 30
+
+
 def evaluations_left(step: int, max_steps: int, eval_steps: int) -> int:
     """The evaluations a training whose step `step` just ended still runs (that step's included: it is logged before
     it is evaluated): every `eval_steps` steps and at the last of `max_steps`."""
@@ -153,6 +156,17 @@ def progress_callback(reporter: Reporter, run, sizing_entry: dict[str, Any] | No
             self.eval_seconds += time.monotonic() - self.step_ended
             self.evaluations += 1
 
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            """A line every EVAL_PROGRESS_SECONDS of an evaluation: on long rows it takes minutes."""
+            self.eval_batches += 1
+            now = time.monotonic()
+            if now - self.eval_said < EVAL_PROGRESS_SECONDS or eval_dataloader is None:
+                return
+            self.eval_said, total = now, len(eval_dataloader)
+            left = (now - self.step_ended) / self.eval_batches * (total - self.eval_batches)
+            reporter.info(f"step {state.global_step}/{state.max_steps}: evaluated {self.eval_batches} of {total} "
+                          f"batches, ~{readable.duration(left)} left")
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             if "loss" in logs:
@@ -179,6 +193,7 @@ def progress_callback(reporter: Reporter, run, sizing_entry: dict[str, Any] | No
 
         def _evaluating(self, state):
             """Said as an evaluation starts: on long rows it takes minutes."""
+            self.eval_batches, self.eval_said = 0, time.monotonic()
             reporter.info(f"step {state.global_step}/{state.max_steps}: evaluating on the eval rows")
 
         def _train_line(self, state, logs):
