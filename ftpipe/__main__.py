@@ -224,7 +224,7 @@ def print_summary(task: str, result) -> None:
     if "merged_model" in found:
         print(merged_line(task, found["merged_model"]))
     print(f"\nartifacts: {TaskLayout(task).root}")
-    print(f"Dagster UI: {ui_command():<16}(http://127.0.0.1:3000)")
+    print(f"Dagster UI: {ui_command():<15} (http://127.0.0.1:3000)")
     print("MLflow UI:  make mlflow-ui  (http://127.0.0.1:5000)")
     if reason:
         print(f"\nFAILED: {reason}")
