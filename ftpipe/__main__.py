@@ -231,14 +231,17 @@ def print_summary(task: str, result) -> None:
 
 
 def ui_command() -> str:
-    """How to open the Dagster UI on the instance this run was recorded in: `make ui` serves the project folder's
-    (the Makefile sets DAGSTER_HOME to it), so another DAGSTER_HOME gets a command of its own."""
+    """How to open the Dagster UI on the instance this run was recorded in: `make ui` in the project folder (the
+    Makefile sets DAGSTER_HOME to it); elsewhere the `dagster` beside this Python with this DAGSTER_HOME, started in
+    this folder (the instance's relative storage paths resolve there)."""
     from pathlib import Path
 
-    home = os.environ.get("DAGSTER_HOME", "")
-    if Path("Makefile").is_file() and home and Path(home).resolve() == Path.cwd().resolve():
+    here, home = Path.cwd(), os.environ.get("DAGSTER_HOME", "")
+    if (here / "Makefile").is_file() and home and Path(home).resolve() == here.resolve():
         return "make ui"
-    return f"DAGSTER_HOME={shlex.quote(home)} dagster dev -h 127.0.0.1 -p 3000"
+    dagster = Path(sys.executable).with_name("dagster")
+    return (f"cd {shlex.quote(str(here))} && DAGSTER_HOME={shlex.quote(home)} "
+            f"{shlex.quote(str(dagster))} dev -m ftpipe.definitions -h 127.0.0.1 -p 3000")
 
 
 def set_aside_lines(found: dict[str, dict]) -> list[str]:

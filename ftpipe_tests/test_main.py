@@ -159,7 +159,10 @@ def test_the_ui_hint_opens_the_instance_the_run_was_recorded_in(tmp_path, monkey
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     assert ui_command() == "make ui", "the Makefile's own instance"
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "my home"))
-    assert ui_command() == f"DAGSTER_HOME='{tmp_path / 'my home'}' dagster dev -h 127.0.0.1 -p 3000"
+    dagster = Path(sys.executable).with_name("dagster")
+    assert ui_command() == (f"cd {tmp_path} && DAGSTER_HOME='{tmp_path / 'my home'}' {dagster} dev "
+                            "-m ftpipe.definitions -h 127.0.0.1 -p 3000"), "started where the instance's paths resolve"
+    assert dagster.is_file(), "the dagster command of this environment"
 
 
 def test_the_summary_says_where_the_rows_set_aside_are() -> None:

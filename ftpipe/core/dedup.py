@@ -85,17 +85,14 @@ def _contradiction(row: dict[str, Any], answer: str, group: list[tuple[dict[str,
     """The removal record for `row` if its answer loses in its prompt group (in file order), else None."""
     (winner, top), = votes.most_common(1)
     majority = top * 2 > len(group)
-    if majority or free_text:
-        winner = winner if majority else group[0][1]
-        if answer == winner:
-            return None
-        other = next(r for r, a in group if a == winner)
-        detail = (f"answer differs from the majority ({top} of {len(group)} rows)" if majority else
-                  f"{len(votes)} different answers to the same prompt, none with a strict majority: {FIRST_WORDING}")
-        return removal(row, "contradiction", other, detail)
-    other = next(r for r, a in group if a != answer)
-    detail = f"{len(votes)} different answers to the same prompt, none with a strict majority"
-    return removal(row, "contradiction", other, detail)
+    tie = f"{len(votes)} different answers to the same prompt, none with a strict majority"
+    if not majority and not free_text:
+        return removal(row, "contradiction", next(r for r, a in group if a != answer), tie)
+    winner = winner if majority else group[0][1]
+    if answer == winner:
+        return None
+    detail = f"answer differs from the majority ({top} of {len(group)} rows)" if majority else f"{tie}: {FIRST_WORDING}"
+    return removal(row, "contradiction", next(r for r, a in group if a == winner), detail)
 
 
 def _resolve_contradictions(rows: list[dict[str, Any]], keys: ExactKeys, removed: list[dict[str, Any]],

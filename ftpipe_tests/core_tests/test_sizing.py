@@ -238,8 +238,13 @@ def test_the_speeds_and_time_left_count_evaluations_at_their_own_pace(monkeypatc
     state.global_step = 5
     progress.on_step_end(None, state, SimpleNamespace(should_log=False, should_evaluate=True))
     assert lines[-1] == "step 5/6: evaluating on the eval rows", "said on a step without a line of its own too"
-    for _ in range(4):  # 4 of 10 batches, 10 s each: a line every 30 s with the time left at that pace
+    for _ in range(4):  # 4 of 10 batches, 10 s each: a line 30 s after the first, at the pace since it
         clock[0] += 10
         progress.on_prediction_step(None, state, None, eval_dataloader=range(10))
-    assert lines[-1] == "step 5/6: evaluated 3 of 10 batches, ~70 s left" and len(lines) == 7
+    assert lines[-1] == "step 5/6: evaluated 4 of 10 batches, ~60 s left" and len(lines) == 7
+    progress.on_evaluate(None, state, None)
+    for seconds in (5, 20, 15):  # the final evaluation, which no step line announces, counts its own batches
+        clock[0] += seconds
+        progress.on_prediction_step(None, state, None, eval_dataloader=range(5))
+    assert lines[-1] == "step 5/6: evaluated 3 of 5 batches, ~35 s left" and len(lines) == 8
     assert progress.session_tokens_per_second == 10, "the training's speed (its metadata): evaluations left out"

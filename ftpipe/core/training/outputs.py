@@ -175,8 +175,8 @@ def weights_readme(spec: TrainingSpec, method: Method, metadata: dict[str, Any])
     return (f"# ftpipe-{spec.task}: {method.described()}\n\n"
             f"Trained from `{Path(spec.base_model_dir).name}` on split {spec.split_version} for {metadata['steps']} "
             f"steps: train loss {metadata['train_loss']:.3f}, {count(metadata['trainable_params'])} trainable "
-            "parameters.\n\nThe task's `eval_report` compares it with its base model; `merged_model` holds the servable "
-            "model with its model card (evaluation, gate and serving).\n")
+            "parameters.\n\nThe task's `eval_report` compares it with its base model; once its gate passes, "
+            "`merged_model` holds the servable model with its model card (evaluation, gate and serving).\n")
 
 
 def publish(trainer, spec: TrainingSpec, config: TrainingConfig, method: Method, facts: dict[str, Any],

@@ -142,6 +142,7 @@ def progress_callback(reporter: Reporter, run, sizing_entry: dict[str, Any] | No
             self.session_tokens_per_second = 0.0
             self.eval_seconds, self.evaluations, self.eval_seconds_at_last = 0.0, 0, 0.0
             self.eval_steps = args.eval_steps
+            self.eval_batches = 0  # of the evaluation under way
 
         def on_step_end(self, args, state, control, **kwargs):
             self.step_ended = time.monotonic()
@@ -155,15 +156,20 @@ def progress_callback(reporter: Reporter, run, sizing_entry: dict[str, Any] | No
         def on_evaluate(self, args, state, control, **kwargs):  # an evaluation runs right after a step ends
             self.eval_seconds += time.monotonic() - self.step_ended
             self.evaluations += 1
+            self.eval_batches = 0
 
         def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-            """A line every EVAL_PROGRESS_SECONDS of an evaluation: on long rows it takes minutes."""
-            self.eval_batches += 1
+            """A line every EVAL_PROGRESS_SECONDS of an evaluation (on long rows it takes minutes), with the time
+            left at the pace since its first batch (which warms up)."""
             now = time.monotonic()
-            if now - self.eval_said < EVAL_PROGRESS_SECONDS or eval_dataloader is None:
+            self.eval_batches += 1
+            if self.eval_batches == 1:
+                self.eval_began = self.eval_said = now
+                return
+            if eval_dataloader is None or now - self.eval_said < EVAL_PROGRESS_SECONDS:
                 return
             self.eval_said, total = now, len(eval_dataloader)
-            left = (now - self.step_ended) / self.eval_batches * (total - self.eval_batches)
+            left = (now - self.eval_began) / (self.eval_batches - 1) * (total - self.eval_batches)
             reporter.info(f"step {state.global_step}/{state.max_steps}: evaluated {self.eval_batches} of {total} "
                           f"batches, ~{readable.duration(left)} left")
 
@@ -193,7 +199,6 @@ def progress_callback(reporter: Reporter, run, sizing_entry: dict[str, Any] | No
 
         def _evaluating(self, state):
             """Said as an evaluation starts: on long rows it takes minutes."""
-            self.eval_batches, self.eval_said = 0, time.monotonic()
             reporter.info(f"step {state.global_step}/{state.max_steps}: evaluating on the eval rows")
 
         def _train_line(self, state, logs):
