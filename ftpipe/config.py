@@ -26,6 +26,12 @@ from ftpipe.core.training.methods import (
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 SECRET_NAME_RE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL", re.IGNORECASE)
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+# What other fine-tuning tools call a setting, for "did you mean" (close spellings are found without this table)
+OTHER_NAMES = {"lr": "learning_rate", "num_train_epochs": "epochs", "num_epochs": "epochs", "epoch": "epochs",
+               "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "gradient_accumulation",
+               "max_seq_length": "max_length", "max_seq_len": "max_length", "lr_scheduler_type": "scheduler",
+               "warmup": "warmup_ratio", "lora_r": "lora.r", "rank": "r", "lora_alpha": "lora.alpha",
+               "lora_dropout": "lora.dropout", "target_modules": "lora.target_modules"}
 
 
 class TaskConfigError(ValueError):
@@ -480,7 +486,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 def _unknown_key(loc: tuple) -> str:
     model = _model_at(loc[:-1])
     valid = list(model.model_fields) if model else []
-    close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    other = OTHER_NAMES.get(str(loc[-1]).lower(), "")
+    close = [other] if other.split(".")[0] in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1)
     if close:
         return f"unknown key; did you mean {close[0]}?"
     return f"unknown key; valid keys: {', '.join(valid)}" if valid else "unknown key"
@@ -498,6 +505,8 @@ def _problems(error: ValidationError) -> list[str]:
             message = _one_line(item["msg"].removeprefix("Value error, "))
         given = item.get("input")
         shown = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
+        if item["type"] == "list_type" and isinstance(given, str):
+            shown = f" (got {given!r}; a list is written [{', '.join(part.strip() for part in given.split(','))}])"
         found.setdefault(path, ([], shown))[0].append(message)
     return [f"{path}: {' or '.join(messages)}{shown}" for path, (messages, shown) in found.items()]
 

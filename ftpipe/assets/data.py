@@ -7,7 +7,7 @@ import dagster as dg
 
 from ftpipe.assets.common import TaskRunConfig, file_version, load_config, table
 from ftpipe.core import dedup, records, review_sample as review, split, teacher
-from ftpipe.core.evaluation.metrics import answer_problem, answer_rule, label_reader
+from ftpipe.core.evaluation.metrics import answer_problem, answer_rule, label_reader, shape_problems
 from ftpipe.core.similarity import Settings
 from ftpipe.core.preferences import as_chat
 from ftpipe.core.layout import QUARANTINE, REMOVED, REVIEW_CSV, TaskLayout
@@ -60,7 +60,7 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     paths = TaskLayout(task)
     out = paths.asset("raw_examples")
     spec = records.FormatSpec(data.format, dict(data.columns), data.system_prompt, answer_rule(cfg.evaluation),
-                              answer_problem(cfg.evaluation))
+                              answer_problem(cfg.evaluation), shape_problems(cfg.evaluation))
     teacher_rows = paths.path("teacher_examples", teacher.TEACHER_FILE)
     extra = ((teacher_rows, f"teacher {cfg.distill.teacher.model}"),) if cfg.distill else ()
     summary = records.build_raw_examples(task_dir(task), out, spec, extra)
@@ -130,11 +130,12 @@ def review_sample(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """100 random deduplicated examples (fixed seed) for a manual read before training."""
     paths = TaskLayout(context.partition_key)
     sample = review.build_review_sample(paths.examples("deduplicated_examples"), paths.asset("review_sample"))
-    path = paths.path("review_sample", REVIEW_CSV)
+    path, shared = paths.path("review_sample", REVIEW_CSV), paths.path("review_sample", review.SYSTEM_PROMPT_FILE)
     return dg.MaterializeResult(
         metadata={
             "rows": len(sample),
             "csv_path": dg.MetadataValue.path(str(path)),
+            **({"shared_system_prompt_path": dg.MetadataValue.path(str(shared))} if shared.is_file() else {}),
             "sample": table(sample, ["prompt", "answer", "source"]),
         },
         data_version=file_version(path),

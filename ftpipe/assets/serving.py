@@ -27,9 +27,32 @@ def _card(task: str, cfg: TaskConfig, gate_overrides: str, base: Result, adapter
         "method": adapter.produced["method"],
         "data_versions": {"split": adapter.inputs["split_version"], "base_model": base.reuse_key,
                           "eval": evaluation.inputs["eval_version"]},
+        "data": _data_counts(task),
         "evaluation": card_evaluation(report, effective_config(task, gate_overrides).evaluation, gate_overrides),
         "hyperparameters": adapter.produced["training"],
         "mlflow_run_id": adapter.metadata["mlflow_run_id"],
+    }
+
+
+TOO_LONG_DONE = {"drop": "left out", "truncate": "cut"}
+
+
+def _data_counts(task: str) -> dict[str, int]:
+    """The rows behind the model, from the raw files to the training: read, quarantined, removed by cleaning, held
+    out, trained on (with the replayed general rows) and left out or cut for their length."""
+    raw, cleaned, split, sft = (upstream(task, asset) for asset in
+                                ("raw_examples", "deduplicated_examples", "heldout_split", "lora_adapter"))
+    training = sft.produced["training"]
+    return {
+        "rows read": raw.metadata["rows_read"],
+        "rows quarantined": raw.metadata["rows_quarantined"],
+        **{f"{kind.replace('_', ' ')} removed": cleaned.metadata[kind]
+           for kind in ("exact_duplicates", "near_duplicates", "contradictions")},
+        "held-out rows": split.metadata["eval_rows"],
+        "train rows": split.metadata["train_rows"],
+        "replayed general rows": sft.metadata.get("replay_rows", 0),
+        f"rows over max_length {training['max_length']}, {TOO_LONG_DONE[training['too_long']]}":
+            sft.metadata.get("rows_too_long", 0),
     }
 
 

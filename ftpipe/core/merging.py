@@ -19,6 +19,7 @@ from ftpipe.core.records import read_examples
 from ftpipe.core.results import Result, reusable
 from ftpipe.core.storage import atomic_dir, exclusive
 from ftpipe.core.text import markdown_table
+from ftpipe.core.training.methods import PREFERENCE_OBJECTIVES
 from ftpipe.core.serving_files import (
     ADAPTER_COPY, default_system_prompt, ollama_modelfile, serve_script, serving_commands, serving_markdown,
 )
@@ -105,6 +106,16 @@ def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return items
 
 
+def as_trained(training: dict[str, Any]) -> dict[str, Any]:
+    """The training settings that shaped the weights: the preference stage's only when it ran, where the training ran
+    (launcher, processes, nodes) only when more than one process took part."""
+    single = training.get("num_processes", 1) * training.get("nnodes", 1) == 1
+    left_out = {"launcher", "num_processes", "nnodes", "rdzv_endpoint", "k8s"} if single else set()
+    if not set(training.get("stages", ())) & set(PREFERENCE_OBJECTIVES):
+        left_out.add("preference")
+    return {key: value for key, value in training.items() if key not in left_out}
+
+
 def _section(title: str, values: dict[str, Any]) -> str:
     if not values:
         return ""
@@ -112,28 +123,30 @@ def _section(title: str, values: dict[str, Any]) -> str:
     return f"## {title}\n\n{markdown_table(['name', 'value'], rows)}\n\n"
 
 
-def model_card(card: dict[str, Any], parity: dict[str, Any], serving: str, *, merged: bool) -> str:
+def model_card(card: dict[str, Any], parity: dict[str, Any], serving: str, *, merged: bool,
+               weights: str) -> str:
     """README.md: YAML front matter for model hubs, then what the model is (task description, base, how it was
-    trained), how good (metrics, parity), the training's own settings and how to serve it.
+    trained, the `weights`' dtype), how good (metrics, parity), the training's own settings and how to serve it.
 
-    Known keys of `card`: task, description, system_prompt, base_model, method (as trained), data_versions,
-    evaluation (Markdown), hyperparameters (the training config as recorded by the training); any other key is listed
-    under Details.
+    Known keys of `card`: task, description, system_prompt, base_model, method (as trained), data_versions, data
+    (row counts), evaluation (Markdown), hyperparameters (the training config as recorded by the training); any
+    other key is listed under Details.
     """
-    known = {"task", "base_model", "description", "system_prompt", "method", "data_versions", "evaluation",
+    known = {"task", "base_model", "description", "system_prompt", "method", "data_versions", "data", "evaluation",
              "hyperparameters"}
     task, method, base = card.get("task", "model"), card.get("method", "lora"), card.get("base_model", "?")
     tags = ["ftpipe", task, method, "merged" if merged else "full-fine-tune"]
     front = f"---\nbase_model: {json.dumps(str(base))}\nlibrary_name: transformers\ntags: {json.dumps(tags)}\n---\n\n"
-    how = ("and merged into 16/32-bit weights" if merged
+    how = (f"and merged into {weights} weights" if merged
            else "as a full fine-tune: every weight was trained, so there was nothing to merge")
     description = f"{card['description'].strip()}\n\n" if card.get("description") else ""
     intro = f"# ftpipe-{task}\n\n{description}Base model `{base}`, fine-tuned with `{method}` by ftpipe {how}.\n\n"
     if card.get("system_prompt"):
         intro += f"System prompt (the default when a conversation has none):\n\n> {card['system_prompt']}\n\n"
-    return (front + intro + _section("Data versions", card.get("data_versions", {}))
+    return (front + intro + _section("Data", card.get("data", {}))
+            + _section("Data versions", card.get("data_versions", {}))
             + f"## Evaluation\n\n{card.get('evaluation', 'Not evaluated.')}\n\nParity: {parity['parity_check']}.\n\n"
-            + _section("Hyperparameters (as trained)", flat(card.get("hyperparameters", {})))
+            + _section("Hyperparameters (as trained)", flat(as_trained(card.get("hyperparameters", {}))))
             + _section("Details", {k: v for k, v in card.items() if k not in known}) + serving)
 
 
@@ -165,7 +178,8 @@ def _publish(out_dir: Path, model, tokenizer, card: dict[str, Any], parity: dict
     commands = serving_commands(task, out_dir, lora)
     serving = serving_markdown(task, commands, system)
     files = {
-        MODEL_CARD: model_card(card, parity, serving, merged=lora is not None),
+        MODEL_CARD: model_card(card, parity, serving, merged=lora is not None,
+                               weights=str(model.dtype).removeprefix("torch.")),
         "SERVING.md": f"# Serving ftpipe-{task}\n\n" + serving,
         "serve.sh": serve_script(commands),
         "Modelfile": ollama_modelfile(out_dir, model, tokenizer, system),

@@ -45,13 +45,14 @@ class BadRow(ValueError):
 class FormatSpec:
     """How rows map to messages: `format` as in task.yaml, `columns` the user's column mapping, and why an answer
     cannot be used (`answer_problem`, the task type's check, which `answer_rule` names in the spec's repr, the
-    reuse key; None: any answer can)."""
+    reuse key; None: any answer can) or departs from the others' form (`shape_problems`, over all the answers)."""
 
     format: str = "auto"
     columns: dict[str, str] = field(default_factory=dict)
     system_prompt: str | None = None
     answer_rule: str = ""
     answer_problem: Callable[[str], str | None] | None = field(default=None, repr=False, compare=False)
+    shape_problems: Callable[[list[str]], list[str | None]] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -398,6 +399,8 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
     for path, name in extra:
         result.files.append(name)
         read_file(path, name, spec, result)
+    if spec.shape_problems is not None:
+        _quarantine_odd_shapes(result, spec.shape_problems)
     if not result.rows_valid:
         reasons = Counter(row["reason"] for row in result.quarantine).most_common(3)
         problems = "; ".join(f"{reason} ({count} row{'s' * (count > 1)})" for reason, count in reasons) or "no rows at all"
@@ -423,6 +426,15 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
         produced = {"examples": EXAMPLES, "preferences": PREFERENCES, "quarantine": QUARANTINE}
         Result("raw_examples", reuse_key(inputs), produced, inputs, summary).write(tmp)
     return {**summary, "quarantine": result.quarantine}
+
+
+def _quarantine_odd_shapes(result: ReadResult, shape_problems: Callable[[list[str]], list[str | None]]) -> None:
+    """Move the examples whose answers depart from the form of the others' to the quarantine."""
+    problems = shape_problems([row["messages"][-1]["content"] for row in result.examples])
+    for row, problem in zip(result.examples, problems):
+        if problem:
+            _quarantine(result, row["source"], problem, {"messages": row["messages"]})
+    result.examples = [row for row, problem in zip(result.examples, problems) if not problem]
 
 
 def _raw_version(raw_dir: Path) -> str:

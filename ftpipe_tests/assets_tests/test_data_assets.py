@@ -105,6 +105,25 @@ def test_answers_the_task_type_cannot_read_are_quarantined_and_a_changed_type_re
     assert warnings[0].endswith(f"; every reason in {raw['quarantine_path']}")
 
 
+def test_an_extraction_answer_missing_a_field_or_giving_it_another_type_is_quarantined_not_a_contradiction(
+        ftpipe_env: Path) -> None:
+    orders = [chat(f"Order A-{i} from {city} arrived broken, please call me.", json.dumps(
+        {"order_id": f"A-{i}", "city": city, "urgent": i % 2 == 0})) for i, city in enumerate(["Lyon", "Oslo"] * 20)]
+    typed_wrong = chat(orders[3]["messages"][0]["content"], '{"order_id": "A-3", "city": "Oslo", "urgent": "no"}')
+    missing = chat("Order B-1 from Rome is late.", '{"order_id": "B-1", "city": "Rome"}')
+    make_task(ftpipe_env, "orders", {"a.jsonl": [*orders, typed_wrong, missing]}, "evaluation: {task_type: extraction}\n")
+    with dg.instance_for_test() as instance:
+        result = materialize(instance, "orders")
+    raw, deduped = materialization(result, "raw_examples"), materialization(result, "deduplicated_examples")
+    quarantined = [json.loads(line) for line in Path(raw["quarantine_path"]).read_text().splitlines()]
+    assert [(row["source"], row["reason"]) for row in quarantined] == [
+        ("a.jsonl:line 41", "the answer gives 'urgent' as a string (\"no\"), where 40 of 41 answers give a boolean "
+                            "(evaluation.task_type extraction)"),
+        ("a.jsonl:line 42", "the answer lacks the field 'urgent', which 41 of 42 answers give (evaluation.task_type "
+                            "extraction)")]
+    assert (deduped["rows_out"], deduped["contradictions"]) == (40, 0), "the well-formed original stays"
+
+
 def test_zero_valid_rows_fails_naming_the_folder(ftpipe_env: Path) -> None:
     make_task(ftpipe_env, "empty", {"a.jsonl": [{"nothing": 1}]})
     with dg.instance_for_test() as instance, pytest.raises(Exception, match="no usable rows"):

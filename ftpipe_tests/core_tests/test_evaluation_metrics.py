@@ -214,6 +214,19 @@ def test_extraction_metrics():
     assert invented.summary["field_accuracy_by_field"]["amount"] == 0.0
 
 
+def test_an_extraction_answer_is_odd_only_against_the_shape_nearly_all_answers_share():
+    from ftpipe.core.evaluation.metrics.extraction import odd_shapes
+
+    usual = [{"order": f"A-{i}", "amount": i + 0.5 if i % 2 else i, "urgent": i % 3 == 0,
+              "note": None if i % 4 else "call back", **({"cc": "x"} if i % 5 == 0 else {})} for i in range(39)]
+    odd = [*usual, {"order": "A-99", "amount": 3, "urgent": "no", "note": None}, {"order": "A-98", "amount": 1}]
+    assert odd_shapes(usual) == [None] * 39, "ints and floats are numbers; null and a field a fifth give are not odd"
+    assert odd_shapes(odd)[:39] == [None] * 39
+    assert odd_shapes(odd)[39:] == ["gives 'urgent' as a string (\"no\"), where 39 of 40 answers give a boolean",
+                                    "lacks the field 'urgent', which 40 of 41 answers give"]
+    assert odd_shapes(odd[-12:]) == [None] * 12, "a dozen answers say too little about the usual shape"
+
+
 def test_the_extraction_report_shows_each_fields_accuracy_and_the_fields_answers_invent():
     from ftpipe.config import EvaluationConfig
     from ftpipe.core.evaluation.metrics import task_metrics

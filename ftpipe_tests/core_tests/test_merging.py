@@ -18,7 +18,9 @@ from ftpipe_tests.trained_models import full_finetune, lora_adapter, noisy_base
 CARD = {
     "task": "toy", "base_model": "tiny-llama", "method": "lora", "description": "Names fruit colors.",
     "data_versions": {"heldout_split": "abc123"}, "evaluation": "**Eval gate: PASSED** (min_improvement 0.1).",
-    "hyperparameters": {"lora": {"r": 8, "alpha": 16}, "learning_rate": 0.02, "warmup_steps": None},
+    "hyperparameters": {"stages": ["sft"], "lora": {"r": 8, "alpha": 16}, "learning_rate": 0.02, "warmup_steps": None,
+                        "preference": {"beta": 0.1}, "launcher": "subprocess", "num_processes": 1, "nnodes": 1},
+    "data": {"rows read": 40, "train rows": 30},
 }
 
 
@@ -85,6 +87,8 @@ def test_merged_dir_is_servable_with_its_card(merged):
     assert readme.startswith('---\nbase_model: "tiny-llama"\n') and '"merged"]' in readme
     assert "## Evaluation\n\n**Eval gate: PASSED** (min_improvement 0.1).\n\nParity: " in readme
     assert "warmup_steps" not in readme, "settings left unset are not listed"
+    assert "preference.beta" not in readme and "launcher" not in readme, "nor a stage that did not run, nor one process"
+    assert "merged into float32 weights" in readme and "| train rows | 30 |" in readme
     for fact in ("abc123", "| lora.r | 8 |", "| learning_rate | 0.02 |", "Names fruit colors",
                  "fine-tuned with `lora`", "16 held-out prompts"):
         assert fact in readme, fact

@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ftpipe.core import records, review_sample as review
+from ftpipe.core.layout import REVIEW_CSV
 from ftpipe.core.records import FormatSpec, RawDataError, build_raw_examples, read_raw_dir
 from ftpipe_tests.builders import chat, make_task
 
@@ -168,11 +169,23 @@ def test_system_prompt_is_added_where_missing() -> None:
 
 def test_review_sample_is_seeded_and_bounded() -> None:
     rows = [{"id": f"{i:04d}", "source": "s", **chat(f"q{i}", f"a{i}")} for i in range(250)]
-    first = review.review_sample(rows)
-    assert len(first) == 100
-    assert first == review.review_sample(list(reversed(rows)))
-    assert first != review.review_sample(rows, seed=1)
-    assert len(review.review_sample(rows[:7])) == 7
+    first, shared = review.review_sample(rows)
+    assert len(first) == 100 and shared is None
+    assert first == review.review_sample(list(reversed(rows)))[0]
+    assert first != review.review_sample(rows, seed=1)[0]
+    assert len(review.review_sample(rows[:7])[0]) == 7
+
+
+def test_the_review_sample_writes_the_shared_system_prompt_once(tmp_path: Path) -> None:
+    long_prompt = "You route support tickets. " * 40
+    rows = [{"id": f"{i:04d}", "source": f"a.jsonl:line {i}",
+             **chat(f"q{i}", f"a{i}", system=long_prompt if i % 10 else "Be brief.")} for i in range(50)]
+    records.write_examples(rows, tmp_path / "examples.parquet")
+    sample = review.build_review_sample(tmp_path / "examples.parquet", tmp_path / "out")
+    assert (tmp_path / "out" / review.SYSTEM_PROMPT_FILE).read_text() == long_prompt
+    assert [row["system"] for row in sample].count(review.SHARED) == 45
+    assert {row["system"] for row in sample} == {review.SHARED, "Be brief."}, "a row's own prompt is shown"
+    assert long_prompt not in (tmp_path / "out" / REVIEW_CSV).read_text()
 
 
 def test_a_mapped_column_missing_from_the_file_is_named_with_the_columns_it_has(tmp_path: Path) -> None:

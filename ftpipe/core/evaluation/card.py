@@ -1,5 +1,5 @@
 """The evaluation as a model card shows it: the gate's verdict with the thresholds it used, the scores against the
-baselines, forgetting by probe skill, and the settings the run changed."""
+baselines, every metric of every model, forgetting by probe skill, and the settings the run changed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import yaml
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.forgetting import most_forgotten
 from ftpipe.core.evaluation.gate import decide_gate, gate_caveat
-from ftpipe.core.evaluation.report import evidence, skill_table, verdict
+from ftpipe.core.evaluation.report import evidence, skill_table, summary_table, verdict
 
 
 def card_evaluation(metrics: dict[str, Any], config: EvaluationConfig, overrides: str = "") -> str:
@@ -18,7 +18,7 @@ def card_evaluation(metrics: dict[str, Any], config: EvaluationConfig, overrides
     `config`; the evaluation settings of `overrides` (task.yaml settings changed for the run, as YAML) are shown."""
     passed, failed = decide_gate(metrics, config)
     parts = [verdict(passed, failed, config, "preference_pairs" in metrics, gate_caveat(metrics, config)),
-             " ".join(evidence(metrics))]
+             " ".join(evidence(metrics)), summary_table(metrics)]
     skills = metrics["probe_accuracy_by_skill"]
     if len(skills) > 1:
         parts += [f"Forgetting by probe skill (most forgotten: {most_forgotten(skills)}):", skill_table(skills)]

@@ -18,12 +18,15 @@ def _gain(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
             f"({metrics['primary_metric']} {metrics['base_score']:.3f} -> {metrics['finetuned_score']:.3f})")
 
 
+FORGET_LESS = "to forget less: a lower training.learning_rate, fewer training.epochs or more training.replay"
+
+
 def _forgetting(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
     if metrics["forgetting_ci_low"] > config.max_forgetting:
         return (f"forgetting {metrics['forgetting']:.3f} (95% CI {metrics['forgetting_ci_low']:.3f} … "
                 f"{metrics['forgetting_ci_high']:.3f}): CI low > max_forgetting {config.max_forgetting:.3f} "
                 f"(probe accuracy {metrics['probe_base_accuracy']:.3f} -> {metrics['probe_finetuned_accuracy']:.3f}, "
-                f"probe loss {metrics['probe_base_loss']:.3f} -> {metrics['probe_finetuned_loss']:.3f})")
+                f"probe loss {metrics['probe_base_loss']:.3f} -> {metrics['probe_finetuned_loss']:.3f}); {FORGET_LESS}")
     skills = metrics["probe_accuracy_by_skill"]
     forgotten = [(name, s) for name, s in skills.items() if s["forgetting_ci_low"] > config.max_forgetting]
     if len(skills) < 2 or not forgotten:
@@ -32,7 +35,7 @@ def _forgetting(metrics: dict[str, Any], config: EvaluationConfig) -> str | None
     return (f"forgetting of the probe's {name} skill {worst['forgetting']:.3f} (95% CI {worst['forgetting_ci_low']:.3f} "
             f"… {worst['forgetting_ci_high']:.3f}): CI low > max_forgetting {config.max_forgetting:.3f} (its accuracy "
             f"{worst['base']:.3f} -> {worst['finetuned']:.3f}, over {worst['rows']} rows; the whole probe's forgetting "
-            f"{metrics['forgetting']:.3f})")
+            f"{metrics['forgetting']:.3f}); {FORGET_LESS}")
 
 
 def _fewshot(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:

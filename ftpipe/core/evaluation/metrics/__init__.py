@@ -14,7 +14,7 @@ from ftpipe.core.evaluation.metrics.generation import Generation
 TASK_TYPES: dict[str, type[TaskMetrics]] = {cls.name: cls for cls in (Classification, Extraction, Generation)}
 
 __all__ = ["TASK_TYPES", "AnswerEnd", "LabelChoices", "Scores", "TaskMetrics", "answer_problem", "answer_rule",
-           "check_references", "label_reader", "task_metrics"]
+           "check_references", "label_reader", "shape_problems", "task_metrics"]
 
 
 def task_metrics(config: EvaluationConfig) -> TaskMetrics:
@@ -38,6 +38,17 @@ def answer_problem(config: EvaluationConfig) -> Callable[[str], str | None]:
         return f"the answer {found} (evaluation.task_type {task.name})" if found else None
 
     return problem
+
+
+def shape_problems(config: EvaluationConfig) -> Callable[[list[str]], list[str | None]]:
+    """Per answer of a task's rows, why it departs from the form nearly all the others share, in one phrase naming the
+    type (None: it does not): such rows are quarantined, as `answer_problem`'s are."""
+    task = task_metrics(config)
+
+    def problems(answers: list[str]) -> list[str | None]:
+        return [found and f"the answer {found} (evaluation.task_type {task.name})" for found in task.shape_problems(answers)]
+
+    return problems
 
 
 def answer_rule(config: EvaluationConfig) -> str:

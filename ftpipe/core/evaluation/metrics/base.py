@@ -115,6 +115,10 @@ class TaskMetrics:
         """Why the metrics cannot read `reference` (None: they can)."""
         return None
 
+    def shape_problems(self, references: list[str]) -> list[str | None]:
+        """Per reference, how it departs from the form nearly all the others share (None: it does not)."""
+        return [None] * len(references)
+
     def group(self, reference: str) -> str:
         """The group of a row for picking varied few-shot examples (one group unless a type has labels)."""
         return ""

@@ -1,15 +1,21 @@
 """Extraction: the answer is a JSON object. Exact match of the whole object (primary), JSON validity, and the
 share of the fields answered right (overall and by field): the reference's fields, and any field the answer invents,
-which is never right."""
+which is never right. An answer missing a field nearly all the others give, or giving it another JSON type, is
+set aside as a reference."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Any
 
 from ftpipe.core.evaluation.metrics.base import (
     FIRST_JSON_OBJECT, AnswerEnd, Scores, TaskMetrics, first_json_object, mean,
 )
 from ftpipe.core.text import markdown_table
+
+SHAPE_SHARE = 0.95  # a field (or a field's JSON type) this share of the answers give is expected of every answer
+SHAPE_MIN_ANSWERS = 20  # fewer answers say too little about the usual shape
 
 
 def field_hits(wanted: dict, got: dict | None) -> dict[str, float]:
@@ -25,6 +31,46 @@ def by_field(hits: list[dict[str, float]]) -> dict[str, list[float]]:
         for key, hit in row.items():
             found.setdefault(key, []).append(hit)
     return dict(sorted(found.items()))
+
+
+def json_type(value: Any) -> str:
+    """The JSON type name of a parsed JSON value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array"}.get(type(value), "object")
+
+
+def odd_shapes(objects: list[dict]) -> list[str | None]:
+    """Per object, how it departs from the shape nearly all share (None: it does not): it lacks a field at least
+    SHAPE_SHARE of the objects give, or gives a field another JSON type than that share of its non-null values."""
+    total = len(objects)
+    given = Counter(key for found in objects for key in found)
+    expected = [key for key, count in given.items() if total >= SHAPE_MIN_ANSWERS and count >= SHAPE_SHARE * total]
+    usual = {}
+    for key in given:
+        kinds = Counter(json_type(found[key]) for found in objects if found.get(key) is not None)
+        values = sum(kinds.values())
+        kind, count = kinds.most_common(1)[0] if kinds else ("", 0)
+        if values >= SHAPE_MIN_ANSWERS and count >= SHAPE_SHARE * values:
+            usual[key] = (kind, count, values)
+
+    def problem(found: dict) -> str | None:
+        if missing := next((key for key in expected if key not in found), None):
+            return f"lacks the field {missing!r}, which {given[missing]} of {total} answers give"
+        odd = next((key for key, (kind, _, _) in usual.items()
+                    if found.get(key) is not None and json_type(found[key]) != kind), None)
+        if odd is None:
+            return None
+        kind, count, values = usual[odd]
+        shown = json.dumps(found[odd], ensure_ascii=False)
+        return (f"gives {odd!r} as a {json_type(found[odd])} ({shown if len(shown) <= 40 else shown[:39] + '…'}), "
+                f"where {count} of {values} answers give a {kind}")
+
+    return [problem(found) for found in objects]
 
 
 class Extraction(TaskMetrics):
@@ -68,3 +114,6 @@ class Extraction(TaskMetrics):
 
     def reference_problem(self, reference: str) -> str | None:
         return None if first_json_object(reference) is not None else "is not a JSON object"
+
+    def shape_problems(self, references: list[str]) -> list[str | None]:
+        return odd_shapes([first_json_object(reference) or {} for reference in references])
