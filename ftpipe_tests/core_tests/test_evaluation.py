@@ -600,6 +600,35 @@ def test_answers_get_room_for_the_longest_reference_and_a_shorter_limit_set_is_r
     assert "leave it unset to fit the references" in short["report_markdown"]
 
 
+def test_rows_longer_than_the_training_max_length_are_scored_apart(workspace, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from ftpipe.core.results import Result
+    from ftpipe.core.training.setup import chat_length
+
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "base")
+    rows = read_examples(workspace / "eval.parquet")[:EVAL_ROWS]
+    lengths = [chat_length(tokenizer, row["messages"]) for row in rows]
+    limit = sorted(lengths)[len(lengths) // 2]
+    over = sum(length > limit for length in lengths)
+    assert 0 < over < EVAL_ROWS, lengths
+    trained = tmp_path / "trained_adapter"
+    shutil.copytree(workspace / "bad_adapter", trained)
+    Result("lora_adapter", "key", {"training": {"max_length": limit, "too_long": "drop", "lora": {"r": 8}}}).write(trained)
+
+    result = evaluate(workspace, trained, tmp_path / "out")
+    assert result["trained_length"] == {"max_length": limit, "too_long": "drop", "rows_over": over}
+    report = result["report_markdown"]
+    assert (f"## Rows longer than the training's max_length\n\n{over} of {EVAL_ROWS} held-out rows are longer than "
+            f"training.max_length ({limit} tokens). Train rows that long were left out of the training") in report
+    table = report.split("## Rows longer than the training's max_length")[1].split("##")[0]
+    assert f"| over {limit} tokens | {over} |" in table and f"| the others | {EVAL_ROWS - over} |" in table
+    untrained = evaluate(workspace, "bad_adapter", tmp_path / "untrained")
+    assert untrained["trained_length"] is None and "Rows longer than" not in untrained["report_markdown"]
+
+
 def test_fewshot_and_label_likelihood_baselines(workspace, tmp_path):
     import pandas as pd
 

@@ -220,11 +220,32 @@ def length_table(records: list[dict[str, Any]], primary: str) -> str | None:
     rows = []
     for quarter in np.unique(quarters):
         group = np.flatnonzero(quarters == quarter)
-        mean = {side: float(np.mean([records[i][f"{side}_{primary}"] for i in group])) for side in sides}
         low, high = words[group].min(), words[group].max()
-        rows.append([f"{low}–{high}" if low < high else str(low), len(group), *(number(mean[s]) for s in sides),
-                     number(mean["finetuned"] - mean["base"], True)])
+        rows.append(_group_row(f"{low}–{high}" if low < high else str(low), [records[i] for i in group], sides, primary))
     return markdown_table(["message words", "rows", *(SIDES[s] for s in sides), "fine-tuned − base"], rows)
+
+
+def _group_row(title: str, group: list[dict[str, Any]], sides: list[str], primary: str) -> list:
+    """A table row: the group's title and size, each model's mean primary metric and the fine-tuned gain."""
+    mean = {side: sum(record[f"{side}_{primary}"] for record in group) / len(group) for side in sides}
+    return [title, len(group), *(number(mean[side]) for side in sides), number(mean["finetuned"] - mean["base"], True)]
+
+
+def trained_length_table(records: list[dict[str, Any]], metrics: dict[str, Any]) -> str | None:
+    """The held-out rows longer than the fine-tuned model's training.max_length and the others, scored apart (None:
+    no such row, or the model's training is not known)."""
+    trained, primary = metrics.get("trained_length"), metrics["primary_metric"]
+    if not trained or not trained["rows_over"]:
+        return None
+    sides = [side for side in SIDES if f"{side}_{primary}" in records[0]]
+    longer = [record for record in records if record["over_max_length"]]
+    within = [record for record in records if not record["over_max_length"]]
+    rows = [_group_row(title, group, sides, primary) for title, group in
+            ((f"over {trained['max_length']} tokens", longer), ("the others", within)) if group]
+    done = "left out of" if trained["too_long"] == "drop" else "cut to that length in"
+    return (f"{len(longer)} of {len(records)} held-out rows are longer than training.max_length ({trained['max_length']} "
+            f"tokens). Train rows that long were {done} the training, so the model never learned from whole inputs "
+            f"that long:\n\n" + markdown_table(["held-out rows", "rows", *(SIDES[s] for s in sides), "fine-tuned − base"], rows))
 
 
 def _preference(metrics: dict[str, Any], prefix: str, what: str) -> str:
@@ -295,6 +316,8 @@ def report_markdown(metrics: dict[str, Any], records: list[dict[str, Any]], conf
         parts += ["## Pairwise preference (fine-tuned vs base)", preferred]
     if (by_length := length_table(records, metrics["primary_metric"])) is not None:
         parts += [f"## {metrics['primary_metric']} by message length", by_length]
+    if (over := trained_length_table(records, metrics)) is not None:
+        parts += ["## Rows longer than the training's max_length", over]
     parts += ["## Largest improvements", showcase(records, True), "## Worst regressions", showcase(records, False)]
     if metrics["probe_rows"]:
         parts += ["## General-skills probe", skill_table(metrics["probe_accuracy_by_skill"]),

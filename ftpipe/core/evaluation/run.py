@@ -23,6 +23,7 @@ from ftpipe.core.evaluation.preference import read_pairs
 from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS, read_probe
 from ftpipe.core.evaluation.report import report_markdown
 from ftpipe.core.evaluation.review import Verdicts, human_metrics
+from ftpipe.core.evaluation.trained_length import mark_over_max_length, trained_length
 from ftpipe.core.layout import METRICS, PREDICTIONS, REPORT
 from ftpipe.core.records import read_examples
 from ftpipe.core.results import Result, reusable
@@ -31,7 +32,7 @@ from ftpipe.core.storage import atomic_dir, file_sha256, write_text
 Teacher = Callable[[list[str], list[list[dict]]], ModelOutputs]  # (row ids, prompts) -> a teacher's outputs
 
 KIND = "eval_report"
-FORMAT = "7"  # bump when what an evaluation measures or writes changes
+FORMAT = "8"  # bump when what an evaluation measures or writes changes
 PROBE_ROWS = None  # all rows of the probe
 
 
@@ -101,13 +102,16 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
              probe_hash: str | None, probe_rows: int | None, config: EvaluationConfig, cache_dir: Path,
              trust_remote_code: bool, log: Log, teacher: Teacher | None) -> tuple[dict[str, Any], list[dict]]:
     """(measurements, prediction records) of a new evaluation."""
+    from transformers import AutoTokenizer
+
     eval_rows = read_examples(eval_path)
     rows = select_rows(eval_rows, config.max_rows)
     if not rows:
         raise ValueError(f"{eval_path}: no held-out rows to evaluate")
     task = task_metrics(config)
     check_references(rows, task)
-    budget = _answer_budget(config, rows, base_model_dir, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir), trust_remote_code=trust_remote_code)
+    budget = AnswerBudget.of(config.max_new_tokens, [row["messages"][-1]["content"] for row in rows], tokenizer)
     config = config.model_copy(update={"max_new_tokens": budget.tokens})
     train_rows = read_examples(train_path) if train_path else []
     pairs = read_pairs(preference_eval_path, config.max_rows)
@@ -128,9 +132,11 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
         outputs["copy"] = copied
     metrics, scores = measure(heldout, outputs, task, config, len(examples))
     records = prediction_records(heldout, outputs, scores, task)
+    if trained := trained_length(tuned["finetuned"][0]):
+        trained["rows_over"] = mark_over_max_length(records, heldout.rows, tokenizer, trained["max_length"])
     judged = judge_metrics(records, config.judge, config.bootstrap_samples, log)
     found = {**metrics, **judged, **budget.metrics(), "base_cached": base_rows_run == 0, "base_rows_run": base_rows_run,
-             "fewshot_labels": _labels_shown(examples, heldout, task)}
+             "fewshot_labels": _labels_shown(examples, heldout, task), "trained_length": trained}
     return found, records
 
 
@@ -139,15 +145,6 @@ def _labels_shown(examples: list[dict], heldout: Heldout, task: TaskMetrics) -> 
     if heldout.choices is None:
         return None
     return [len({task.group(row["messages"][-1]["content"]) for row in examples}), len(heldout.choices.names)]
-
-
-def _answer_budget(config: EvaluationConfig, rows: list[dict], base_model_dir: Path,
-                   trust_remote_code: bool) -> AnswerBudget:
-    """The answers' token limit for these held-out rows, their references counted in the base model's tokens."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir), trust_remote_code=trust_remote_code)
-    return AnswerBudget.of(config.max_new_tokens, [row["messages"][-1]["content"] for row in rows], tokenizer)
 
 
 def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter_dir: Path | str,

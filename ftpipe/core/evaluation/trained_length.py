@@ -1,0 +1,26 @@
+"""Held-out rows longer than the fine-tuned model's training.max_length: the training left rows that long out (or cut
+them), so the report scores them apart from the others."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ftpipe.core.results import read_result
+from ftpipe.core.training.setup import chat_length
+
+
+def trained_length(model_dir: Path) -> dict[str, Any] | None:
+    """{max_length, too_long} of the training that made `model_dir` (None: not a training ftpipe published)."""
+    result = read_result(model_dir)
+    training = result.produced.get("training") if result else None
+    return {key: training[key] for key in ("max_length", "too_long")} if training else None
+
+
+def mark_over_max_length(records: list[dict[str, Any]], rows: list[dict], tokenizer, max_length: int) -> int:
+    """Set each record's `over_max_length` (its row's conversation, in the chat template, is longer than
+    `max_length` tokens); return how many are."""
+    over = {row["id"]: chat_length(tokenizer, row["messages"]) > max_length for row in rows}
+    for record in records:
+        record["over_max_length"] = over[record["id"]]
+    return sum(over.values())
