@@ -22,7 +22,7 @@ def review_sample(rows: list[dict[str, Any]], size: int = 100, seed: int = 0) ->
     prompt more than half of them share (None: none), which their `system` column names as SHARED."""
     ordered = sorted(rows, key=lambda r: r["id"])
     picked = random.Random(seed).sample(ordered, min(size, len(ordered)))
-    shared, _ = common_system_prompt([row["messages"] for row in picked]) if picked else (None, 0)
+    shared, _ = common_system_prompt([row["messages"] for row in picked])
     return [
         {
             "id": row["id"],
@@ -37,7 +37,7 @@ def review_sample(rows: list[dict[str, Any]], size: int = 100, seed: int = 0) ->
 
 def _system(messages: list[dict[str, str]], shared: str | None) -> str:
     system = next((m["content"] for m in messages if m["role"] == "system"), "")
-    return SHARED if system and system == shared else system
+    return SHARED if system == shared else system
 
 
 def build_review_sample(examples_path: Path, out_dir: Path) -> list[dict[str, Any]]:

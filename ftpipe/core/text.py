@@ -71,10 +71,14 @@ def loose(text: str) -> str:
     return " ".join(loose_words(text))
 
 
+def clipped(text: str, limit: int) -> str:
+    """`text`, or its first `limit` - 1 characters and "…" when it is longer than `limit`."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def cell(value: Any, limit: int = CELL_CHARS) -> str:
     """One Markdown table cell: on one line, at most `limit` characters, pipes escaped."""
-    flat = " ".join(str(value).split())
-    return (flat if len(flat) <= limit else flat[: limit - 1] + "…").replace("|", "\\|")
+    return clipped(" ".join(str(value).split()), limit).replace("|", "\\|")
 
 
 def markdown_table(header: list[str], rows: list[list[Any]], limit: int = CELL_CHARS) -> str:

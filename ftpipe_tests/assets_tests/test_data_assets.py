@@ -111,10 +111,15 @@ def test_an_extraction_answer_missing_a_field_or_giving_it_another_type_is_quara
         {"order_id": f"A-{i}", "city": city, "urgent": i % 2 == 0})) for i, city in enumerate(["Lyon", "Oslo"] * 20)]
     typed_wrong = chat(orders[3]["messages"][0]["content"], '{"order_id": "A-3", "city": "Oslo", "urgent": "no"}')
     missing = chat("Order B-1 from Rome is late.", '{"order_id": "B-1", "city": "Rome"}')
-    make_task(ftpipe_env, "orders", {"a.jsonl": [*orders, typed_wrong, missing]}, "evaluation: {task_type: extraction}\n")
+    system = "Extract the order as JSON with order_id, city and urgent (true when the customer asks to be called). " * 3
+    make_task(ftpipe_env, "orders", {"a.jsonl": [*orders, typed_wrong, missing]},
+              f"evaluation: {{task_type: extraction}}\ndata: {{system_prompt: {json.dumps(system)}}}\n")
     with dg.instance_for_test() as instance:
         result = materialize(instance, "orders")
     raw, deduped = materialization(result, "raw_examples"), materialization(result, "deduplicated_examples")
+    shared = Path(materialization(result, "review_sample")["shared_system_prompt_path"])
+    assert shared.read_text() == system and system not in shared.with_name("review_sample.csv").read_text(), \
+        "the long system prompt every row carries is written once"
     quarantined = [json.loads(line) for line in Path(raw["quarantine_path"]).read_text().splitlines()]
     assert [(row["source"], row["reason"]) for row in quarantined] == [
         ("a.jsonl:line 41", "the answer gives 'urgent' as a string (\"no\"), where 40 of 41 answers give a boolean "

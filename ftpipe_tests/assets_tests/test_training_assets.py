@@ -231,7 +231,8 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         assert "**Eval gate: PASSED** (min_improvement -2, max_forgetting 1)" in card, "the thresholds it passed"
         assert "max_forgetting: 1.0" in card and "learning_rate: 0.5" not in card, "the gate's settings, as changed"
         assert "> Answer with one word." in card, "the system prompt the train rows carry is the served default"
-        assert "| rows read |" in card and "| held-out loss |" in card, "the data behind it and every metric"
+        rows_read = materialization(passed, "raw_examples")["rows_read"]
+        assert f"| rows read | {rows_read} |" in card and "| held-out loss |" in card, "the data behind it, every metric"
         assert "preference.beta" not in card and "nnodes" not in card, "only settings that shaped these weights"
         chat = chat_cli(tiny_task)
         assert chat.returncode == 0, chat.stderr[-2000:]

@@ -82,6 +82,7 @@ def test_an_answer_the_task_type_cannot_read_is_quarantined(ftpipe_env: Path) ->
     assert result.quarantine[0]["source"] == "a.jsonl:line 2"
     assert result.quarantine[0]["reason"] == "the answer is not a JSON object (evaluation.task_type extraction)"
     assert "function" not in repr(spec) and "extraction" in repr(spec), "the reuse key names the rule, not an address"
+    assert "95% of 20+ answers" in spec.answer_rule, "and the rule of the answers' usual shape"
 
 
 def test_invalid_utf8_row_is_quarantined_and_others_survive(ftpipe_env: Path) -> None:

@@ -52,9 +52,10 @@ def shape_problems(config: EvaluationConfig) -> Callable[[list[str]], list[str |
 
 
 def answer_rule(config: EvaluationConfig) -> str:
-    """The settings `answer_problem` follows, as one string (for reuse keys)."""
+    """The settings `answer_problem` follows, and the rule of `shape_problems`, as one string (for reuse keys)."""
     settings = config.model_dump(include={"task_type", "label_field", "answer_pattern", "answer_field"})
-    return repr(sorted(settings.items()))
+    shape = task_metrics(config).shape_rule
+    return repr(sorted(settings.items())) + (f"; {shape}" if shape else "")
 
 
 def check_references(rows: list[dict], task: TaskMetrics) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from ftpipe.core.evaluation.metrics.base import (
     FIRST_JSON_OBJECT, AnswerEnd, LabelChoices, Scores, TaskMetrics, first_json_object,
 )
-from ftpipe.core.text import loose, loose_words, markdown_table
+from ftpipe.core.text import clipped, loose, loose_words, markdown_table
 
 UNPARSEABLE = "(unparseable)"
 OTHER_LABEL = "(other)"
@@ -101,7 +101,7 @@ def _confusions(labels: list[str], expected: list[str], predicted: list[str | No
 
     def answer(value: str) -> str:
         text = shown.get(value, value)
-        return text if len(text) <= OTHER_CHARS else text[:OTHER_CHARS - 1] + "…"
+        return clipped(text, OTHER_CHARS)
 
     def row(label: str) -> list[Any]:
         rows, right = sum(n for (e, _), n in counts.items() if e == label), counts[label, label]

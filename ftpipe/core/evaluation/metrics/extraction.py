@@ -12,10 +12,11 @@ from typing import Any
 from ftpipe.core.evaluation.metrics.base import (
     FIRST_JSON_OBJECT, AnswerEnd, Scores, TaskMetrics, first_json_object, mean,
 )
-from ftpipe.core.text import markdown_table
+from ftpipe.core.text import clipped, markdown_table
 
 SHAPE_SHARE = 0.95  # a field (or a field's JSON type) this share of the answers give is expected of every answer
 SHAPE_MIN_ANSWERS = 20  # fewer answers say too little about the usual shape
+SHOWN_VALUE_CHARS = 40  # of an odd value, in its quarantine reason
 
 
 def field_hits(wanted: dict, got: dict | None) -> dict[str, float]:
@@ -66,9 +67,8 @@ def odd_shapes(objects: list[dict]) -> list[str | None]:
         if odd is None:
             return None
         kind, count, values = usual[odd]
-        shown = json.dumps(found[odd], ensure_ascii=False)
-        return (f"gives {odd!r} as a {json_type(found[odd])} ({shown if len(shown) <= 40 else shown[:39] + '…'}), "
-                f"where {count} of {values} answers give a {kind}")
+        shown = clipped(json.dumps(found[odd], ensure_ascii=False), SHOWN_VALUE_CHARS)
+        return f"gives {odd!r} as a {json_type(found[odd])} ({shown}), where {count} of {values} answers give a {kind}"
 
     return [problem(found) for found in objects]
 
@@ -76,6 +76,7 @@ def odd_shapes(objects: list[dict]) -> list[str | None]:
 class Extraction(TaskMetrics):
     name = "extraction"
     primary = "exact_match"
+    shape_rule = f"fields and types of {SHAPE_SHARE:.0%} of {SHAPE_MIN_ANSWERS}+ answers"
 
     def answer_end(self, references: list[str]) -> AnswerEnd:
         """The first JSON object's closing brace: every metric reads that object only."""
