@@ -249,3 +249,8 @@ def load_model_and_tokenizer(path: Path | str, *, load_in_4bit: bool = False, tr
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def chat_length(tokenizer, messages: list[dict[str, str]]) -> int:
+    """Tokens of a conversation in the model's chat template."""
+    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])

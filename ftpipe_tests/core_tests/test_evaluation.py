@@ -606,7 +606,7 @@ def test_rows_longer_than_the_training_max_length_are_scored_apart(workspace, tm
     from transformers import AutoTokenizer
 
     from ftpipe.core.results import Result
-    from ftpipe.core.training.setup import chat_length
+    from ftpipe.core.modeling import chat_length
 
     tokenizer = AutoTokenizer.from_pretrained(workspace / "base")
     rows = read_examples(workspace / "eval.parquet")[:EVAL_ROWS]

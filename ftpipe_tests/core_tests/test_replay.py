@@ -19,7 +19,8 @@ from ftpipe.core.text import canonical
 from ftpipe.core.training import replay
 from ftpipe.core.training.methods import Method
 from ftpipe.core.training.program import prepare
-from ftpipe.core.training.setup import chat_length, trainer_setup
+from ftpipe.core.modeling import chat_length
+from ftpipe.core.training.setup import trainer_setup
 from ftpipe.core.training.sft import build_datasets
 from ftpipe.core.training.spec import TrainingSpec
 from ftpipe_tests.training_program import SMALL_TRAINING, mlflow_client, output_result, run_to_end, toy_workspace

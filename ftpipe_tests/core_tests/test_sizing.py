@@ -13,7 +13,7 @@ from ftpipe.core.layout import TaskLayout
 from ftpipe.core.results import Result
 from ftpipe.core.storage import REPO_ROOT
 from ftpipe.core.training import sizing
-from ftpipe.core.training.setup import chat_length
+from ftpipe.core.modeling import chat_length
 from ftpipe.core.training.sft import read_chat_rows
 from ftpipe.core.training.spec import TrainingSpec
 from ftpipe_tests.training_program import LONG_ROWS, SMALL_TRAINING, Quiet, toy_workspace

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.core.results import read_result
-from ftpipe.core.training.setup import chat_length
+from ftpipe.core.modeling import chat_length
 
 
 def trained_length(model_dir: Path) -> dict[str, Any] | None:

@@ -9,10 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ftpipe.core.modeling import load_model_and_tokenizer, resolve_base_model
+from ftpipe.core.modeling import chat_length, load_model_and_tokenizer, resolve_base_model
 from ftpipe.core.layout import models_dir
 from ftpipe.core.training.methods import TrainingRefused
-from ftpipe.core.training.setup import TrainerSetup, chat_length, micro_batching, within_max_length
+from ftpipe.core.training.setup import TrainerSetup, micro_batching, within_max_length
 from ftpipe.core.training.sft import read_chat_rows
 
 BETA = 0.5  # the generalised JSD's interpolation: 0.5 is the symmetric Jensen-Shannon divergence

@@ -21,10 +21,11 @@ from typing import Any
 
 from ftpipe.config import TrainingConfig
 from ftpipe.core.evaluation.generation import ADAPTER_CONFIG, is_adapter
+from ftpipe.core.modeling import chat_length
 from ftpipe.core.preferences import is_paired, read_preferences
 from ftpipe.core.training.methods import PREFERENCE_OBJECTIVES, Method
 from ftpipe.core.training.setup import (
-    TrainerSetup, chat_length, micro_batching, require_rows, within_max_length, world_size,
+    TrainerSetup, micro_batching, require_rows, within_max_length, world_size,
 )
 from ftpipe.core.training.spec import TrainingSpec
 

@@ -17,8 +17,9 @@ import random
 from pathlib import Path
 
 from ftpipe.config import EvaluationConfig, TrainingConfig
+from ftpipe.core.modeling import chat_length
 from ftpipe.core.storage import file_sha256, write_text
-from ftpipe.core.training.setup import TrainerSetup, chat_length
+from ftpipe.core.training.setup import TrainerSetup
 from ftpipe.core.training.spec import TrainingSpec
 
 CACHE_FORMAT = "1"  # bump when the cached content or the decoding changes

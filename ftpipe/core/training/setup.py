@@ -53,11 +53,6 @@ class TrainerSetup:
         return rows
 
 
-def chat_length(tokenizer, messages: list[dict[str, str]]) -> int:
-    """Tokens of a conversation in the model's chat template."""
-    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
-
-
 def within_max_length(items: list, length_of, max_length: int, too_long: str) -> tuple[list, int]:
     """The items, those over `max_length` tokens (`length_of(item)`) dropped (too_long=drop) or kept for TRL to
     truncate; and how many were over."""

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.config import TrainingConfig
+from ftpipe.core.modeling import chat_length
 from ftpipe.core.training.passes import with_passes
 from ftpipe.core.training.setup import (
     CPU_PASS_TOKENS,
     TrainerSetup,
-    chat_length,
     micro_batching,
     require_rows,
     within_max_length,
