@@ -179,7 +179,8 @@ def run_plain_trl(job_path: str) -> None:
     device_map = {"": torch.cuda.current_device()} if on_gpu else None
 
     def sft_model():
-        base = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype, device_map=device_map)
+        base = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype, device_map=device_map,
+                                                    use_kernels=False)  # as ftpipe: no kernels from the Hub
         return PeftModel.from_pretrained(base, job["sft_dir"]).merge_and_unload()
 
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
@@ -274,13 +275,13 @@ def run(root: Path, args: argparse.Namespace, model: str) -> None:
     report(compare(root, paths, training, args.repeats), args, model)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct instead of the tiny test model")
     parser.add_argument("--model", help="a local model folder (safetensors + tokenizer)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1, help="runs per side (median)")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def main() -> None:

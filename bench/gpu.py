@@ -3,6 +3,7 @@
     python bench/gpu.py                      # the default base model's tokenizer, resolved as the pipeline does
     python bench/gpu.py --tokenizer DIR      # any model folder's tokenizer
     python bench/gpu.py --parts methods      # one part: methods, train, dpo
+    python bench/gpu.py --repeats 2          # the train comparison's median of 2 runs per side
 
 Without a model hub, the models are random weights in real shapes with a real tokenizer: SmolLM2-135M's shape for
 the method checks, SmolLM2-1.7B's for the figures. Speed and memory do not depend on the weights' values.
@@ -159,14 +160,14 @@ def check_methods(root: Path, tokenizer_dir: Path) -> list[dict]:
 
 
 def compare_training(root: Path, model: Path, quantization: str, steps: int, repeats: int = 1) -> None:
-    args = argparse.Namespace(model=str(model), long=True, steps=steps, repeats=repeats, quantization=quantization,
-                              hidden=None, layers=None)
+    args = train.parse_args(["--model", str(model), "--long", "--steps", str(steps), "--repeats", str(repeats),
+                             "--quantization", quantization])
     paths = train.prepare(root, args)
     train.print_same_settings(train.compare_same_settings(root, paths, args), args)
 
 
 def compare_dpo(root: Path, model: Path, steps: int) -> None:
-    dpo.run(root, argparse.Namespace(model=str(model), real=False, steps=steps, repeats=1), "random SmolLM2-1.7B")
+    dpo.run(root, dpo.parse_args(["--model", str(model), "--steps", str(steps)]), "random SmolLM2-1.7B")
 
 
 def parse_args() -> argparse.Namespace:
@@ -174,6 +175,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokenizer", type=Path, help="a model folder whose tokenizer the random models take")
     parser.add_argument("--parts", nargs="+", default=["methods", "train", "dpo"], choices=["methods", "train", "dpo"])
     parser.add_argument("--steps", type=int, default=20, help="steps of the train and dpo comparisons")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per side of the train comparison (median)")
     return parser.parse_args()
 
 
@@ -194,7 +196,7 @@ def main() -> None:
             model = random_model(root / "model-1.7b", "SmolLM2-1.7B", tokenizer_dir)
             for quantization in ("none", "4bit") if "train" in args.parts else ():
                 print(f"\n2. training, {'QLoRA' if quantization == '4bit' else 'LoRA'}:", flush=True)
-                compare_training(root / f"train-{quantization}", model, quantization, args.steps)
+                compare_training(root / f"train-{quantization}", model, quantization, args.steps, args.repeats)
             if "dpo" in args.parts:
                 print("\n3. DPO:", flush=True)
                 compare_dpo(root / "dpo", model, args.steps)

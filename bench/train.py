@@ -284,7 +284,8 @@ def run_plain_trl(job_path: str, result_path: Path) -> None:
     dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
     device_map = {"": torch.cuda.current_device()} if on_gpu else None
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype, device_map=device_map,
-                                                 quantization_config=hand_written_quantization(job["training"]))
+                                                 quantization_config=hand_written_quantization(job["training"]),
+                                                 use_kernels=False)  # as ftpipe: no kernels from the Hub
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     train, evals = plain_datasets(job)
@@ -436,7 +437,7 @@ def print_defaults(ftpipe_run: dict, trl_run: dict, args: argparse.Namespace) ->
               f"{run['trainable_params']:>11,}   {settings}")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a local model dir (safetensors + tokenizer); default: a random Llama")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the random Llama")
@@ -447,7 +448,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skewed", action="store_true", help="short rows with every 12th row long (300-450 tokens)")
     parser.add_argument("--quantization", choices=["none", "4bit"], default="none",
                         help="4bit: QLoRA on NF4 weights (CUDA only)")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def main() -> None:

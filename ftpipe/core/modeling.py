@@ -233,6 +233,7 @@ def load_model_and_tokenizer(path: Path | str, *, load_in_4bit: bool = False, tr
         "dtype": _compute_dtype(),
         "use_safetensors": True,
         "trust_remote_code": trust_remote_code,
+        "use_kernels": False,  # transformers would fetch CUDA kernels from the Hub: ftpipe runs offline, reproducibly
     }
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}

@@ -117,3 +117,4 @@ def test_load_model_and_tokenizer_cpu_fp32(tiny_model_dir):
     model, tokenizer = modeling.load_model_and_tokenizer(tiny_model_dir)
     assert model.dtype == torch.float32 and model.device.type == "cpu"
     assert tokenizer.pad_token is not None
+    assert not model.use_kernels, "no kernels fetched from the Hub (a GPU without one would fail to load)"

@@ -318,3 +318,20 @@ def test_a_killed_dpo_training_resumes_in_the_same_mlflow_run(workspace):
     assert client.get_run(first_run_id).info.status == "FINISHED"
     for name in ("train_loss", "rewards/margins", "logps/chosen"):
         assert [m.step for m in client.get_metric_history(first_run_id, name)] == list(range(1, 25)), name
+
+
+def test_a_full_fine_tunes_reference_is_a_frozen_copy_of_the_start_model(tiny_model_dir):
+    """Not a second load by TRL, which would leave out ftpipe's loading settings (no kernels from the Hub)."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    from ftpipe.core.modeling import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(tiny_model_dir)
+    reference = preference.frozen_reference(SimpleNamespace(model=model, peft_config=None))["ref_model"]
+    assert reference is not model and not reference.use_kernels and not reference.training
+    assert not any(p.requires_grad for p in reference.parameters())
+    assert all((a == b).all() for a, b in zip(reference.parameters(), model.parameters(), strict=True))
+    adapter = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert preference.frozen_reference(SimpleNamespace(model=adapter, peft_config=None)) == {}, "TRL disables it"

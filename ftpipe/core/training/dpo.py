@@ -16,4 +16,4 @@ def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
     """A DPOTrainer on the split's preference pairs, and its facts (see `preference_trainer`)."""
     from trl import DPOConfig, DPOTrainer
 
-    return preference_trainer(setup, DPOTrainer, DPOConfig, paired_examples)
+    return preference_trainer(setup, DPOTrainer, DPOConfig, paired_examples, reference=True)

@@ -21,4 +21,4 @@ def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
         examples = unpaired_examples(rows)
         return random.Random(setup.config.seed).sample(examples, len(examples))
 
-    return preference_trainer(setup, KTOTrainer, KTOConfig, shuffled_rows)
+    return preference_trainer(setup, KTOTrainer, KTOConfig, shuffled_rows, reference=True)

@@ -12,6 +12,7 @@ adapter they publish.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -124,18 +125,30 @@ def preference_config(config_class, config: TrainingConfig, arguments: dict[str,
     return config_class(**arguments, beta=config.preference.beta, max_length=config.max_length, **settings)
 
 
+def frozen_reference(setup: TrainerSetup) -> dict[str, Any]:
+    """The trainer's `ref_model` for a full fine-tune: a copy of the start model. TRL would load it again from the
+    start's folder itself, without ftpipe's loading settings. With an adapter TRL disables the adapter instead."""
+    from peft import PeftModel
+
+    if setup.peft_config is not None or isinstance(setup.model, PeftModel):
+        return {}
+    return {"ref_model": copy.deepcopy(setup.model).eval().requires_grad_(False)}
+
+
 def preference_trainer(setup: TrainerSetup, trainer_class, config_class, to_examples: ToExamples,
-                       **settings) -> tuple[Any, dict[str, Any]]:
+                       reference: bool = False, **settings) -> tuple[Any, dict[str, Any]]:
     """A TRL preference trainer (`trainer_class`, configured as `preference_config` says) on the split's rows as
-    `to_examples` makes them; and its facts `rows_too_long`, `pairs_train` and `pairs_eval` (the rows it trains and
-    evaluates on: pairs, or single rows for kto)."""
+    `to_examples` makes them, with a reference model when `reference` (see `frozen_reference`); and its facts
+    `rows_too_long`, `pairs_train` and `pairs_eval` (the rows it trains and evaluates on: pairs, or single rows for
+    kto)."""
     train, evals, rows_too_long = build_datasets(setup, to_examples)
     if setup.config.objective not in UNPAIRED_OBJECTIVES:  # kto's KL term pairs the rows of a whole batch
         # on a CPU, passes sized as SFT's are, a pair's chosen and rejected answers going through together
         setup.arguments.update(micro_batching(setup.config, [2 * example_length(setup.tokenizer, e) for e in train]))
     args = preference_config(config_class, setup.config, setup.arguments, **settings)
     trainer = trainer_class(model=setup.model, args=args, train_dataset=train, eval_dataset=evals,
-                            processing_class=setup.tokenizer, peft_config=setup.peft_config, callbacks=setup.callbacks)
+                            processing_class=setup.tokenizer, peft_config=setup.peft_config, callbacks=setup.callbacks,
+                            **(frozen_reference(setup) if reference else {}))
     return trainer, {"rows_too_long": rows_too_long, "pairs_train": len(trainer.train_dataset),
                      "pairs_eval": len(trainer.eval_dataset)}
 
