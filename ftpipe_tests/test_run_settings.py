@@ -56,8 +56,8 @@ def test_a_bad_setting_fails_before_any_run_in_one_line_naming_the_key(ftpipe_en
 
 
 def test_settings_reach_every_assets_run_config_and_dagster_notices_stay_quiet(
-        ftpipe_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    make_task(ftpipe_env, "empty", {"a.jsonl": [{"nothing": 1}]})
+        ftpipe_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> None:
+    make_task(ftpipe_env, "empty", {"a.jsonl": [{"nothing": 1}]}, f"base_model: {tiny_model_dir}\n")
     output, status, home = ftpipe_run(tmp_path, "empty", "--set", "split.seed=3,training.max_steps=10")
     assert status == 1 and output.strip().splitlines()[-1].startswith("FAILED: raw_examples: "), output[-2000:]
     assert "PreviewWarning" not in output and "BetaWarning" not in output, output[:3000]

@@ -145,6 +145,8 @@ def test_lora_adapter_trains_through_pipes_is_tracked_reused_and_retrained_on_de
         assert materialization(forced, "lora_adapter")["reused"] is False
         assert materialization(forced, "lora_adapter")["mlflow_run_id"] != adapter["mlflow_run_id"]
         assert "(lora_adapter): force_retrain is set" in logged(instance, forced)
+        previous = MlflowClient(f"sqlite:///{mlflow_db()}").get_run(adapter["mlflow_run_id"])
+        assert previous.info.status == "FINISHED" and previous.data.tags["dagster_run_id"] == result.run_id, "as it was"
         changed = run(instance, tiny_task, run_config=overrides("lora_adapter", "training: {learning_rate: 0.02}"))
         assert "(lora_adapter): the training settings changed since the current adapter" in logged(instance, changed)
 

@@ -1,19 +1,35 @@
 """The real demo: SmolLM2-135M-Instruct fine-tuned on the ticket_triage task through the whole graph, once.
 
-This is what `make run` does; the assertions are what a user checks afterwards.
+This is what `make run` does, with a fifth of the general-skills probe and replay prompts and the training's one
+evaluation at its end (the test's time: the probe alone is two models' answers to 308 prompts); the assertions are
+what a user checks afterwards.
 """
 
 import json
+import shutil
+from pathlib import Path
 
 import dagster as dg
 import pytest
 
+from ftpipe.__main__ import overrides_config
 from ftpipe.core.storage import REPO_ROOT
 from ftpipe.partitions import task_partitions
 
 TASK = "ticket_triage"
-# the real model on one CPU thread: training, then few-shot, label ranking and a 308-row probe for two models
+GENERAL_ROWS = 60  # of each general file: the probe's five skills interleave, so 12 prompts of each
+# the real model on one CPU thread: training, then few-shot, label ranking and the probe for two models
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3000)]
+
+
+def demo_data(folder: Path) -> Path:
+    """The demo's task folder and the first GENERAL_ROWS lines of each general file."""
+    shutil.copytree(REPO_ROOT / "data" / "tasks" / TASK, folder / "tasks" / TASK)
+    (folder / "general").mkdir()
+    for source in (REPO_ROOT / "data" / "general").glob("*.jsonl"):
+        lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+        (folder / "general" / source.name).write_text("".join(lines[:GENERAL_ROWS]), encoding="utf-8")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +42,15 @@ def demo(tmp_path_factory):
     gguf = fetch_default_gguf(downloads_dir())  # the download `make run` uses, before FTPIPE_HOME moves
     patch = pytest.MonkeyPatch()
     patch.setenv("FTPIPE_HOME", str(tmp_path_factory.mktemp("demo_home")))
-    patch.setenv("FTPIPE_DATA_DIR", str(REPO_ROOT / "data"))
+    patch.setenv("FTPIPE_DATA_DIR", str(demo_data(tmp_path_factory.mktemp("data"))))
     patch.delenv("MLFLOW_TRACKING_URI", raising=False)
     downloads_dir().mkdir()
     (downloads_dir() / gguf.name).symlink_to(gguf)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(task_partitions.name, [TASK])
-        result = defs.resolve_job_def("finetune_job").execute_in_process(instance=instance, partition_key=TASK)
+        job = defs.resolve_job_def("finetune_job")
+        result = job.execute_in_process(instance=instance, partition_key=TASK,
+                                        run_config=overrides_config(job, "training: {eval_steps: 36}"))
         metadata = {
             e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
             for e in result.get_asset_materialization_events()
