@@ -76,16 +76,22 @@ def test_dpo_after_sft_is_tracked_evaluated_and_merged(ftpipe_env: Path, tiny_mo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["orpo", "kto"])
-def test_orpo_and_kto_train_from_the_sft_adapter(ftpipe_env: Path, tiny_model_dir: Path, objective: str) -> None:
-    task = preference_task(ftpipe_env, tiny_model_dir, objective)
-    with dg.instance_for_test() as instance:
-        result = finetune(instance, task, ["raw_examples", "deduplicated_examples", "heldout_split", "base_model",
-                                           "lora_adapter", "preference_adapter"])
+def test_orpo_then_kto_train_from_the_sft_adapter(ftpipe_env: Path, tiny_model_dir: Path) -> None:
+    """As a user switching the stage's objective: the second stage starts from the same SFT adapter."""
+    task = preference_task(ftpipe_env, tiny_model_dir, "orpo")
+
+    def trained(result, objective: str) -> None:
         assert result.success, [e.message for e in result.all_events if e.is_failure]
         stage = materialization(result, "preference_adapter")
         assert stage["objective"] == objective and isinstance(stage["train_loss"], float)
         assert Path(stage["adapter_path"]).parent == TaskLayout(task).path("preference_adapter")
+
+    with dg.instance_for_test() as instance:
+        trained(finetune(instance, task, ["raw_examples", "deduplicated_examples", "heldout_split", "base_model",
+                                          "lora_adapter", "preference_adapter"]), "orpo")
+        task_yaml = ftpipe_env / "tasks" / task / "task.yaml"
+        task_yaml.write_text(task_yaml.read_text().replace("stages: [sft, orpo]", "stages: [sft, kto]"))
+        trained(finetune(instance, task, ["preference_adapter"]), "kto")
 
 
 @pytest.mark.slow
