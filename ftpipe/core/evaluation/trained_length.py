@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ftpipe.core.results import read_result
 from ftpipe.core.modeling import chat_length
+from ftpipe.core.results import read_result
 
 
 def trained_length(model_dir: Path) -> dict[str, Any] | None:
