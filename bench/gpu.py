@@ -4,6 +4,8 @@
     python bench/gpu.py --tokenizer DIR      # any model folder's tokenizer
     python bench/gpu.py --parts methods      # one part: methods, train, dpo
     python bench/gpu.py --repeats 2          # the train comparison's median of 2 runs per side
+    python bench/gpu.py --parts methods --objectives dpo kto --methods full   # some of the method checks
+    python bench/gpu.py --parts train --quantizations 4bit                   # QLoRA only
 
 Without a model hub, the models are random weights in real shapes with a real tokenizer: SmolLM2-135M's shape for
 the method checks, SmolLM2-1.7B's for the figures. Speed and memory do not depend on the weights' values.
@@ -136,9 +138,9 @@ def cell(value) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def check_methods(root: Path, tokenizer_dir: Path) -> list[dict]:
+def check_methods(root: Path, tokenizer_dir: Path, objectives=OBJECTIVES, methods=METHODS) -> list[dict]:
     paths = method_workspace(root, random_model(root / "model", "SmolLM2-135M", tokenizer_dir))
-    runs = [(objective, method) for objective in OBJECTIVES for method in METHODS]
+    runs = [(objective, method) for objective in objectives for method in methods]
     with ThreadPoolExecutor(PARALLEL) as pool:
         results = list(pool.map(lambda run: run_method(root, paths, *run), runs))
     print(f"\n1. every objective with every method, {METHOD_STEPS} steps on a random SmolLM2-135M "
@@ -174,6 +176,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", type=Path, help="a model folder whose tokenizer the random models take")
     parser.add_argument("--parts", nargs="+", default=["methods", "train", "dpo"], choices=["methods", "train", "dpo"])
+    parser.add_argument("--objectives", nargs="+", default=OBJECTIVES, choices=OBJECTIVES, help="of the methods part")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="of the methods part")
+    parser.add_argument("--quantizations", nargs="+", default=["none", "4bit"], choices=["none", "4bit"],
+                        help="of the train part, in this order (none: LoRA, 4bit: QLoRA)")
     parser.add_argument("--steps", type=int, default=20, help="steps of the train and dpo comparisons")
     parser.add_argument("--repeats", type=int, default=1, help="runs per side of the train comparison (median)")
     return parser.parse_args()
@@ -191,10 +197,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ftpipe-bench-gpu-") as tmp:
         root = Path(tmp)
         if "methods" in args.parts:
-            check_methods(root / "methods", tokenizer_dir)
+            check_methods(root / "methods", tokenizer_dir, args.objectives, args.methods)
         if {"train", "dpo"} & set(args.parts):
             model = random_model(root / "model-1.7b", "SmolLM2-1.7B", tokenizer_dir)
-            for quantization in ("none", "4bit") if "train" in args.parts else ():
+            for quantization in args.quantizations if "train" in args.parts else ():
                 print(f"\n2. training, {'QLoRA' if quantization == '4bit' else 'LoRA'}:", flush=True)
                 compare_training(root / f"train-{quantization}", model, quantization, args.steps, args.repeats)
             if "dpo" in args.parts:

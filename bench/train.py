@@ -339,7 +339,9 @@ def run_child(root: Path, kind: str, name: str, job: dict) -> dict:
         program = read_result(Path(job["output_dir"]), "lora_adapter").metadata
         result.update({key: program[key] for key in ("eval_loss", "trainable_params")})
         result["own_tokens_per_second"] = program["tokens_per_second"]
-    return {**result, "tokens_per_second": result["tokens"] / result["seconds"]}
+    result["tokens_per_second"] = result["tokens"] / result["seconds"]
+    print(f"  {name}: {result['tokens_per_second']:.0f} tokens/s, peak {result['peak_memory_mb']:.0f} MB", flush=True)
+    return result
 
 
 def ftpipe_job(root: Path, name: str, paths: dict, training: dict) -> dict:
