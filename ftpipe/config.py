@@ -87,7 +87,8 @@ class LoraConfig(_Strict):
     alpha: int = Field(32, ge=1, description="scaling: updates are multiplied by alpha / r")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter's input")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="module names to adapt, e.g. [q_proj, v_proj], or all-linear"
+        "all-linear", description="module names to adapt, e.g. [q_proj, v_proj], or all-linear; a name that matches no "
+                                  "layer of the model is warned about, and the training refused when none match"
     )
 
 

@@ -16,7 +16,9 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
-from ftpipe.core.evaluation.metrics import answer_problem, label_reader
+import pyarrow.parquet as pq
+
+from ftpipe.core.evaluation.metrics import answer_problem, label_reader, shape_problems, task_metrics
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.records import BadRow, message_list, with_system_prompt
 from ftpipe.core.results import read_result
@@ -43,12 +45,13 @@ def add_feedback(task: str, request_id: str, output: str, messages: list[dict[st
     """Append the logged request `request_id` answered with `output` to the task's raw data, with the system prompt
     most train rows carry when the conversation had none (the model answered with it); returns (the row, what
     happened: ADDED, UNCHANGED or REPLACED). An `output` the task type cannot use as an answer is refused, and so is
-    one with a label no row of the task has yet, unless `new_label`. `messages` stand in for a request logged without
+    one in another form than the task's cleaned answers share (cleaning would quarantine it), and one with a label no
+    row of the task has yet, unless `new_label`. `messages` stand in for a request logged without
     content; `records` are the log's (read when not given). The output is kept without surrounding whitespace."""
     if not isinstance(output, str) or not output.strip():
         raise FeedbackError("output: the corrected answer must be a non-empty string")
     output = output.strip()  # "label " and "label" are one answer
-    if problem := _answer_problem(task, output):
+    if problem := _answer_problem(task, output) or _odd_shape(task, output):
         raise FeedbackError(f"output: {problem}")
     if not new_label and (problem := _unknown_label(task, output)):
         raise FeedbackError(f"output: {problem}")
@@ -84,6 +87,22 @@ def _answer_problem(task: str, output: str) -> str | None:
     except (OSError, ValueError):
         return None
     return check(output)
+
+
+def _odd_shape(task: str, output: str) -> str | None:
+    """How `output` departs from the form the answers of the task's cleaned rows share (extraction: their fields and
+    the fields' JSON types), as cleaning says it of a raw row; None when it does not, or when the task type checks no
+    form or there are no cleaned rows yet."""
+    try:
+        evaluation = task_config(task).evaluation
+    except (OSError, ValueError):
+        return None
+    cleaned = TaskLayout(task).examples("deduplicated_examples")
+    if not task_metrics(evaluation).shape_rule or not cleaned.is_file():
+        return None
+    conversations = pq.read_table(cleaned, columns=["messages"])["messages"].to_pylist()
+    answers = [messages[-1]["content"] for messages in conversations]
+    return shape_problems(evaluation)([*answers, output])[-1]
 
 
 def _unknown_label(task: str, output: str) -> str | None:

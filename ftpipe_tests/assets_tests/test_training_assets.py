@@ -252,6 +252,8 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         broken = overrides("lora_adapter", "training: {lora: {target_modules: [no_such_layer]}}")
         failed = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=broken, raise_on_error=False)
         assert not failed.success
+        assert not [e for e in failed.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY], (
+            "target modules that match no layer are refused, not retried")
         assert (tree_digest(champion), tree_digest(adapter)) == before, "a failed training leaves every file as it was"
         assert registry.champion_model_path(tiny_task) == champion
 

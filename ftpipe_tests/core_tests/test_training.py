@@ -445,3 +445,28 @@ def test_a_resumed_run_logs_only_steps_it_does_not_have_yet():
     filtered.log_metrics({"eval_loss": 1.0}, step=8)
     assert run.logged == [(5, ["grad_norm"]), (6, ["grad_norm", "train_loss"]), (8, ["eval_loss"])]
     assert NewStepsOnly(Run(), resumed=False).logged_through == {}
+
+
+def test_lora_target_modules_that_match_no_layer_are_refused_and_a_partial_miss_is_named(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ftpipe.config import TrainingConfig
+    from ftpipe.core.launch import Refused
+    from ftpipe.core.training.setup import checked_lora_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    warnings = []
+
+    def config(targets):
+        return TrainingConfig.model_validate({"lora": {"target_modules": targets}})
+
+    layers = "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
+    with pytest.raises(Refused, match=re.escape(f"training.lora.target_modules: no_such_layer matches no layer of the "
+                                                f"model (its linear layers: {layers})")):
+        checked_lora_config(config(["no_such_layer"]), model, warnings.append)
+    assert checked_lora_config(config(["q_proj", "vproj"]), model, warnings.append).target_modules == {"q_proj", "vproj"}
+    assert warnings == [f"training.lora.target_modules: vproj matches no layer of the model (its linear layers: "
+                        f"{layers}); the adapter trains the others only"]
+    checked_lora_config(config("all-linear"), model, warnings.append)
+    checked_lora_config(config(["self_attn.q_proj"]), model, warnings.append)
+    assert len(warnings) == 1

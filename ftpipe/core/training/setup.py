@@ -137,6 +137,27 @@ def micro_batching(config: TrainingConfig, lengths: list[int]) -> dict[str, int]
             "gradient_accumulation_steps": config.gradient_accumulation * per_process // micro}
 
 
+def checked_lora_config(config: TrainingConfig, model, warning):
+    """`lora_config(config)` for `model`; Refused when `lora.target_modules` names no layer of it (PEFT would stop the
+    same way on every retry), and a warning names the modules that match no layer when others do (PEFT leaves them
+    out)."""
+    import torch
+
+    targets = config.lora.target_modules
+    names = [name for name, _ in model.named_modules()]
+    missing = [] if targets == "all-linear" else [
+        target for target in targets if not any(name == target or name.endswith(f".{target}") for name in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        found = (f"training.lora.target_modules: {', '.join(missing)} matches no layer of the model (its linear "
+                 f"layers: {', '.join(linear)})")
+        if len(missing) == len(targets):
+            raise Refused(found)
+        warning(f"{found}; the adapter trains the others only")
+    return lora_config(config)
+
+
 def lora_config(config: TrainingConfig):
     from peft import LoraConfig
 
@@ -200,7 +221,8 @@ def trainer_setup(spec: TrainingSpec, config: TrainingConfig, method: Method, ca
         method=method,
         model=model,
         tokenizer=tokenizer,
-        peft_config=lora_config(config) if method.peft_adapter and not isinstance(model, PeftModel) else None,
+        peft_config=(checked_lora_config(config, model, warning) if method.peft_adapter
+                     and not isinstance(model, PeftModel) else None),
         arguments=trainer_arguments(config, Path(spec.checkpoint_dir)),
         callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience), *callbacks],
         info=info,
