@@ -231,7 +231,9 @@ def run_child(root: Path, name: str, job: dict) -> dict:
     result = json.loads(result_path.read_text())
     if kind == "ftpipe":
         result["own_tokens_per_second"] = read_result(Path(job["output_dir"])).metadata["tokens_per_second"]
-    return {**result, "tokens_per_second": result["tokens"] / result["seconds"]}
+    result["tokens_per_second"] = result["tokens"] / result["seconds"]
+    print(f"  {name}: {result['tokens_per_second']:.0f} tokens/s, peak {result['peak_memory_gib']:.2f} GiB", flush=True)
+    return result
 
 
 def compare(root: Path, paths: dict, training: dict, repeats: int) -> dict[str, list[dict]]:

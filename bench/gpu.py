@@ -3,7 +3,7 @@
     python bench/gpu.py                      # the default base model's tokenizer, resolved as the pipeline does
     python bench/gpu.py --tokenizer DIR      # any model folder's tokenizer
     python bench/gpu.py --parts methods      # one part: methods, train, dpo
-    python bench/gpu.py --repeats 2          # the train comparison's median of 2 runs per side
+    python bench/gpu.py --repeats 2          # the train and dpo comparisons' median of 2 runs per side
     python bench/gpu.py --parts methods --objectives dpo kto --methods full   # some of the method checks
     python bench/gpu.py --parts train --quantizations 4bit                   # QLoRA only
 
@@ -168,8 +168,9 @@ def compare_training(root: Path, model: Path, quantization: str, steps: int, rep
     train.print_same_settings(train.compare_same_settings(root, paths, args), args)
 
 
-def compare_dpo(root: Path, model: Path, steps: int) -> None:
-    dpo.run(root, dpo.parse_args(["--model", str(model), "--steps", str(steps)]), "random SmolLM2-1.7B")
+def compare_dpo(root: Path, model: Path, steps: int, repeats: int = 1) -> None:
+    dpo.run(root, dpo.parse_args(["--model", str(model), "--steps", str(steps), "--repeats", str(repeats)]),
+            "random SmolLM2-1.7B")
 
 
 def parse_args() -> argparse.Namespace:
@@ -181,7 +182,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quantizations", nargs="+", default=["none", "4bit"], choices=["none", "4bit"],
                         help="of the train part, in this order (none: LoRA, 4bit: QLoRA)")
     parser.add_argument("--steps", type=int, default=20, help="steps of the train and dpo comparisons")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per side of the train comparison (median)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per side of the train and dpo comparisons (median)")
     return parser.parse_args()
 
 
@@ -205,7 +206,7 @@ def main() -> None:
                 compare_training(root / f"train-{quantization}", model, quantization, args.steps, args.repeats)
             if "dpo" in args.parts:
                 print("\n3. DPO:", flush=True)
-                compare_dpo(root / "dpo", model, args.steps)
+                compare_dpo(root / "dpo", model, args.steps, args.repeats)
     print(f"\n(bench wall time {time.monotonic() - started:.0f}s)")
 
 
