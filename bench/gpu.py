@@ -182,7 +182,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quantizations", nargs="+", default=["none", "4bit"], choices=["none", "4bit"],
                         help="of the train part, in this order (none: LoRA, 4bit: QLoRA)")
     parser.add_argument("--steps", type=int, default=20, help="steps of the train and dpo comparisons")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per side of the train and dpo comparisons (median)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per side of the train and dpo comparisons (median)")
     return parser.parse_args()
 
 
