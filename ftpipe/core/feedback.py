@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from difflib import get_close_matches
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from ftpipe.core.evaluation.metrics import answer_problem, label_reader, shape_problems, task_metrics
+from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation.metrics import answer_problem, label_reader, shape_check, task_metrics
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.records import BadRow, message_list, with_system_prompt
 from ftpipe.core.results import read_result
@@ -100,9 +103,16 @@ def _odd_shape(task: str, output: str) -> str | None:
     cleaned = TaskLayout(task).examples("deduplicated_examples")
     if not task_metrics(evaluation).shape_rule or not cleaned.is_file():
         return None
+    return _cleaned_shape(cleaned, cleaned.stat().st_mtime_ns, evaluation.model_dump_json())(output)
+
+
+@lru_cache(maxsize=8)
+def _cleaned_shape(cleaned: Path, version: int, evaluation: str) -> Callable[[str], str | None]:
+    """`shape_check` of the answers in `cleaned` at `version` (its mtime) under the `evaluation` settings (JSON):
+    read and built once for a dropped file's corrections and the server's, until cleaning writes the file again."""
     conversations = pq.read_table(cleaned, columns=["messages"])["messages"].to_pylist()
-    answers = [messages[-1]["content"] for messages in conversations]
-    return shape_problems(evaluation)([*answers, output])[-1]
+    return shape_check(EvaluationConfig.model_validate_json(evaluation),
+                       [messages[-1]["content"] for messages in conversations])
 
 
 def _unknown_label(task: str, output: str) -> str | None:

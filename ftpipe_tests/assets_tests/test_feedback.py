@@ -124,27 +124,34 @@ def test_a_label_no_row_has_yet_is_refused_as_a_likely_typo_unless_the_correctio
         "Yellow", "gold", "gold", "silver"]
 
 
+def cleaned_orders(task: str, folder: Path, counted: bool) -> None:
+    """24 cleaned rows of task `task` whose answers give an item, and a count when `counted`."""
+    orders = [(fruit, count) for fruit in sorted(COLORS) for count in range(2, 6)][:24]
+    write_examples([{"messages": [
+        {"role": "user", "content": f"Order {number * 7919} asks for {count} boxes of {fruit}"},
+        {"role": "assistant", "content": json.dumps({"item": fruit, **({"count": count} if counted else {})})}],
+        "id": str(number), "source": f"orders.jsonl:{number + 1}"} for number, (fruit, count) in enumerate(orders)],
+        folder / "raw.parquet")
+    assert build_deduplicated(folder / "raw.parquet", TaskLayout(task).asset("deduplicated_examples"))["rows_out"] == 24
+
+
 def test_an_extraction_correction_in_another_form_than_the_tasks_answers_is_refused(tiny_task: str,
                                                                                      tmp_path: Path) -> None:
     config = task_dir(tiny_task) / "task.yaml"
     config.write_text(config.read_text() + "evaluation: {task_type: extraction}\n")
-    orders = [(fruit, count) for fruit in sorted(COLORS) for count in range(2, 6)][:24]
-    write_examples([{"messages": [
-        {"role": "user", "content": f"Order {number * 7919} asks for {count} boxes of {fruit}"},
-        {"role": "assistant", "content": json.dumps({"item": fruit, "count": count})}],
-        "id": str(number), "source": f"orders.jsonl:{number + 1}"} for number, (fruit, count) in enumerate(orders)], tmp_path / "raw.parquet")
-    assert build_deduplicated(tmp_path / "raw.parquet", TaskLayout(tiny_task).asset("deduplicated_examples"))[
-        "rows_out"] == 24
+    cleaned_orders(tiny_task, tmp_path, counted=True)
     ids = served(tiny_task)
-    with pytest.raises(FeedbackError, match=r"^output: the answer lacks the field 'count', which 24 of 25 answers give "
+    with pytest.raises(FeedbackError, match=r"^output: the answer lacks the field 'count', which 24 of 24 answers give "
                                             r"\(evaluation.task_type extraction\)$"):
         add_feedback(tiny_task, ids[0], '{"item": "kiwi"}')
-    with pytest.raises(FeedbackError, match=r'^output: the answer gives \'count\' as a string \("two"\), where 24 of 25 '
-                                            r"answers give a number \(evaluation.task_type extraction\)$"):
+    with pytest.raises(FeedbackError, match=r'^output: the answer gives \'count\' as a string \("two"\), where 24 '
+                                            r"of 24 answers give a number \(evaluation.task_type extraction\)$"):
         add_feedback(tiny_task, ids[1], '{"item": "kiwi", "count": "two"}')
     assert not (task_dir(tiny_task) / "raw" / FEEDBACK_FILE).exists(), "nothing written"
     assert add_feedback(tiny_task, ids[2], '{"item": "kiwi", "count": 2, "note": "gift"}')[1] == ADDED, (
         "a field more is the task's form still")
+    cleaned_orders(tiny_task, tmp_path, counted=False)
+    assert add_feedback(tiny_task, ids[0], '{"item": "kiwi"}')[1] == ADDED, "checked against the rows cleaned last"
 
 
 @pytest.mark.slow

@@ -215,7 +215,10 @@ def test_extraction_metrics():
 
 
 def test_an_extraction_answer_is_odd_only_against_the_shape_nearly_all_answers_share():
-    from ftpipe.core.evaluation.metrics.extraction import odd_shapes
+    from ftpipe.core.evaluation.metrics.extraction import shape_of
+
+    def odd_shapes(objects: list[dict]) -> list[str | None]:
+        return list(map(shape_of(objects), objects))
 
     usual = [{"order": f"A-{i}", "amount": i + 0.5 if i % 2 else i, "urgent": i % 3 == 0,
               "note": None if i % 4 else "call back", **({"cc": "x"} if i % 5 == 0 else {})} for i in range(39)]

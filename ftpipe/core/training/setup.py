@@ -150,8 +150,8 @@ def checked_lora_config(config: TrainingConfig, model, warning):
     if missing:
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                          if isinstance(module, torch.nn.Linear)})
-        found = (f"training.lora.target_modules: {', '.join(missing)} matches no layer of the model (its linear "
-                 f"layers: {', '.join(linear)})")
+        found = (f"training.lora.target_modules: {', '.join(missing)} {'matches' if len(missing) == 1 else 'match'} "
+                 f"no layer of the model (its linear layers: {', '.join(linear)})")
         if len(missing) == len(targets):
             raise Refused(found)
         warning(f"{found}; the adapter trains the others only")

@@ -14,7 +14,7 @@ from ftpipe.core.evaluation.metrics.generation import Generation
 TASK_TYPES: dict[str, type[TaskMetrics]] = {cls.name: cls for cls in (Classification, Extraction, Generation)}
 
 __all__ = ["TASK_TYPES", "AnswerEnd", "LabelChoices", "Scores", "TaskMetrics", "answer_problem", "answer_rule",
-           "check_references", "label_reader", "shape_problems", "task_metrics"]
+           "check_references", "label_reader", "shape_check", "shape_problems", "task_metrics"]
 
 
 def task_metrics(config: EvaluationConfig) -> TaskMetrics:
@@ -40,13 +40,23 @@ def answer_problem(config: EvaluationConfig) -> Callable[[str], str | None]:
     return problem
 
 
-def shape_problems(config: EvaluationConfig) -> Callable[[list[str]], list[str | None]]:
-    """Per answer of a task's rows, why it departs from the form nearly all the others share, in one phrase naming the
-    type (None: it does not): such rows are quarantined, as `answer_problem`'s are."""
+def shape_check(config: EvaluationConfig, answers: list[str]) -> Callable[[str], str | None]:
+    """Why an answer departs from the form nearly all of a task's `answers` share, in one phrase naming the type
+    (None: it does not): such rows are quarantined, as `answer_problem`'s are, and such corrections refused."""
     task = task_metrics(config)
+    check = task.shape_check(answers)
 
+    def problem(answer: str) -> str | None:
+        found = check(answer)
+        return f"the answer {found} (evaluation.task_type {task.name})" if found else None
+
+    return problem
+
+
+def shape_problems(config: EvaluationConfig) -> Callable[[list[str]], list[str | None]]:
+    """Per answer of a task's rows, `shape_check` against all of them."""
     def problems(answers: list[str]) -> list[str | None]:
-        return [found and f"the answer {found} (evaluation.task_type {task.name})" for found in task.shape_problems(answers)]
+        return list(map(shape_check(config, answers), answers))
 
     return problems
 

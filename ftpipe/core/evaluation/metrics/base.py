@@ -104,7 +104,7 @@ class TaskMetrics:
     labelled: ClassVar[bool] = False  # answers carry a label from a fixed set
     checks_answers: bool = False  # a final answer is extracted from each answer and checked
     compares_to_copy: bool = False  # free text: scored beside a copy of the input (`copy_baseline`)
-    shape_rule: ClassVar[str] = ""  # what `shape_problems` checks, for reuse keys ("": nothing)
+    shape_rule: ClassVar[str] = ""  # what `shape_check` checks, for reuse keys ("": nothing)
 
     def __init__(self, config: EvaluationConfig):
         self.config = config
@@ -116,9 +116,9 @@ class TaskMetrics:
         """Why the metrics cannot read `reference` (None: they can)."""
         return None
 
-    def shape_problems(self, references: list[str]) -> list[str | None]:
-        """Per reference, how it departs from the form nearly all the others share (None: it does not)."""
-        return [None] * len(references)
+    def shape_check(self, references: list[str]) -> Callable[[str], str | None]:
+        """How an answer departs from the form nearly all `references` share (None: it does not)."""
+        return lambda answer: None
 
     def group(self, reference: str) -> str:
         """The group of a row for picking varied few-shot examples (one group unless a type has labels)."""

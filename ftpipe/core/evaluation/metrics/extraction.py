@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from ftpipe.core.evaluation.metrics.base import (
@@ -45,9 +46,9 @@ def json_type(value: Any) -> str:
     return {str: "string", list: "array"}.get(type(value), "object")
 
 
-def odd_shapes(objects: list[dict]) -> list[str | None]:
-    """Per object, how it departs from the shape nearly all share (None: it does not): it lacks a field at least
-    SHAPE_SHARE of the objects give, or gives a field another JSON type than that share of its non-null values."""
+def shape_of(objects: list[dict]) -> Callable[[dict], str | None]:
+    """How an object departs from the shape nearly all `objects` share (None: it does not): it lacks a field at least
+    SHAPE_SHARE of them give, or gives a field another JSON type than that share of its non-null values."""
     total = len(objects)
     given = Counter(key for found in objects for key in found)
     expected = [key for key, count in given.items() if total >= SHAPE_MIN_ANSWERS and count >= SHAPE_SHARE * total]
@@ -70,7 +71,7 @@ def odd_shapes(objects: list[dict]) -> list[str | None]:
         shown = clipped(json.dumps(found[odd], ensure_ascii=False), SHOWN_VALUE_CHARS)
         return f"gives {odd!r} as a {json_type(found[odd])} ({shown}), where {count} of {values} answers give a {kind}"
 
-    return [problem(found) for found in objects]
+    return problem
 
 
 class Extraction(TaskMetrics):
@@ -116,5 +117,6 @@ class Extraction(TaskMetrics):
     def reference_problem(self, reference: str) -> str | None:
         return None if first_json_object(reference) is not None else "is not a JSON object"
 
-    def shape_problems(self, references: list[str]) -> list[str | None]:
-        return odd_shapes([first_json_object(reference) or {} for reference in references])
+    def shape_check(self, references: list[str]) -> Callable[[str], str | None]:
+        problem = shape_of([first_json_object(reference) or {} for reference in references])
+        return lambda answer: problem(first_json_object(answer) or {})
