@@ -15,11 +15,12 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 # pip would compile the installed modules to bytecode one file after another (two thirds of the install's time on 2
-# cores); compileall does it on every core. As under pip, a file that does not compile (torch's test helpers, in a
-# newer Python's syntax) stays source only.
+# cores); compileall does it on every core, ftpipe's own modules too (where PYTHONDONTWRITEBYTECODE is set, each
+# process would compile them again). As under pip, a file that does not compile (torch's test helpers, in a newer
+# Python's syntax) stays source only.
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
-	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
+	$(PY) -m compileall -q -j 0 $(VENV)/lib ftpipe >/dev/null || true
 	touch $@
 
 install: $(VENV)/.installed

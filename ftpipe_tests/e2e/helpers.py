@@ -211,7 +211,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(condition, timeout: float, what: str, stack: Stack, every: float = 2.0):
+def wait_for(condition, timeout: float, what: str, stack: Stack, every: float = 0.5):
     """`condition()`'s first true value, polled every `every` seconds for up to `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -45,19 +45,33 @@ def materialize(instance, *assets) -> dg.ExecuteInProcessResult:
     return dg.materialize(list(assets), instance=instance, partition_key="student", raise_on_error=False)
 
 
-@pytest.fixture
-def teacher(tmp_path, tiny_model_dir, monkeypatch):
-    """The tiny model with a LoRA adapter, registered as task `teacher` and served with an API key."""
-    base = noisy_base(tiny_model_dir, tmp_path / "base")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    register(uri, "teacher", packaged_lora(base, tmp_path), 0.5)
-    monkeypatch.setenv(KEY_VARIABLE, KEY)
-    server = Served(tmp_path, {**os.environ, "MLFLOW_TRACKING_URI": uri, "FTPIPE_API_KEY": KEY})
-    yield server
-    server.stop()
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tiny_model_dir):
+    """The tiny model with a LoRA adapter, registered as task `teacher` and served with an API key, for the module;
+    the server keeps its request log in its own artifact home."""
+    root = tmp_path_factory.mktemp("teacher")
+    base = noisy_base(tiny_model_dir, root / "base")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    register(uri, "teacher", packaged_lora(base, root), 0.5)
+    (root / "data" / "tasks").mkdir(parents=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "FTPIPE_API_KEY": KEY, "FTPIPE_HOME": str(root / "home"),
+           "FTPIPE_DATA_DIR": str(root / "data"), "FTPIPE_MODEL_DIRS": str(tmp_path_factory.getbasetemp())}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KEY_VARIABLE, KEY)
+        server = Served(root, env)
+        yield server
+        server.stop()
 
 
-def test_served_teacher_answers_30_prompts_within_budgets_and_never_twice(teacher, ftpipe_env, tmp_path):
+def teacher_requests(teacher: Served) -> int:
+    """The requests the teacher has logged so far."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FTPIPE_HOME", teacher.env["FTPIPE_HOME"])
+        return len(read_records("teacher"))
+
+
+def test_served_teacher_answers_30_prompts_within_budgets_and_never_twice(teacher, ftpipe_env):
+    before = teacher_requests(teacher)
     settings = (f"teacher: {{base_url: '{teacher.url}/v1', model: teacher, api_key_env: {KEY_VARIABLE}}}, "
                 "max_tokens: 8, concurrency: 4, accept: {regex: '.+'}")
     student_task(ftpipe_env, 30, settings + ", budget: {max_requests: 10}")
@@ -79,14 +93,16 @@ def test_served_teacher_answers_30_prompts_within_budgets_and_never_twice(teache
         rows = read_examples(TaskLayout("student").examples("raw_examples"))
         assert all(row["source"].startswith("teacher teacher:") for row in rows)
         assert rows[0]["messages"][0]["content"].startswith("Question ")
-        stores = [Path(instance.root_directory), home_dir(), ftpipe_env]  # Dagster's events, artifacts and MLflow, tasks
+        # Dagster's events, artifacts and MLflow, tasks, the teacher's request log
+        stores = [Path(instance.root_directory), home_dir(), ftpipe_env, Path(teacher.env["FTPIPE_HOME"])]
         for folder in stores:
             leaked = [p for p in folder.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
             assert leaked == [], leaked
-    assert len(read_records("teacher")) == 30  # the teacher was paid once per prompt
+    assert teacher_requests(teacher) - before == 30  # the teacher was paid once per prompt
 
 
 def test_the_whole_graph_distils_the_served_teacher_into_a_student(teacher, ftpipe_env, tiny_model_dir):
+    before = teacher_requests(teacher)
     distill = (f"teacher: {{base_url: '{teacher.url}/v1', model: teacher, api_key_env: {KEY_VARIABLE}}}, "
                "max_tokens: 6, accept: {regex: '.+'}")
     student_task(ftpipe_env, 40, distill)
@@ -104,7 +120,7 @@ def test_the_whole_graph_distils_the_served_teacher_into_a_student(teacher, ftpi
     assert report["student_to_teacher_ratio"] == pytest.approx(report["finetuned_score"], abs=1e-3)
     assert report["student_to_teacher_ratio_ci_low"] <= report["student_to_teacher_ratio"]
     assert report["teacher_latency_ms"] > 0 and report["student_latency_ms"] > 0
-    assert len(read_records("teacher")) == 40  # evaluating the teacher asked it nothing new
+    assert teacher_requests(teacher) - before == 40  # evaluating the teacher asked it nothing new
     records = read_examples(TaskLayout("student").split_files[1])
     assert records and all(row["source"].startswith("teacher teacher:") for row in records)
 
