@@ -67,8 +67,6 @@ class Served:
         self.log.close()
 
 
-
-
 def packaged_lora(base: Path, root: Path, name: str = "lora", seed: int = 0) -> Path:
     """A random LoRA adapter on `base`, packaged for serving in `root/<name>` (merged, with the adapter's copy)."""
     from ftpipe.core import merging
