@@ -60,6 +60,16 @@ class DataConfig(_Strict):
     )
     system_prompt: str | None = Field(None, description="system message added to rows that have none")
 
+    @model_validator(mode="after")
+    def _columns_readable(self) -> DataConfig:
+        if self.format == "columns" and not self.columns:
+            raise ValueError("format columns needs its columns mapped, e.g. columns: {prompt: ticket_text, "
+                             "completion: triage}")
+        if "prompt" in self.columns and not {"completion", "chosen", "rejected"} & self.columns.keys():
+            raise ValueError("columns maps prompt but no answer column: map completion too (or chosen and rejected "
+                             "for preference pairs)")
+        return self
+
 
 class DedupConfig(_Strict):
     """Exact and near-duplicate removal. Rows are compared on what varies between them: text shared by most rows
@@ -538,9 +548,28 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (first at line {seen[key]}): keep one",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        values = yaml.safe_load(text) or {}
+        values = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise TaskConfigError(f"{source}: not valid YAML{_yaml_problem(exc)}") from None
     if not isinstance(values, dict):

@@ -63,7 +63,10 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
                               answer_problem(cfg.evaluation), shape_problems(cfg.evaluation))
     teacher_rows = paths.path("teacher_examples", teacher.TEACHER_FILE)
     extra = ((teacher_rows, f"teacher {cfg.distill.teacher.model}"),) if cfg.distill else ()
-    summary = records.build_raw_examples(task_dir(task), out, spec, extra)
+    try:
+        summary = records.build_raw_examples(task_dir(task), out, spec, extra)
+    except records.RawDataError as error:  # the data's problem, said in one line: no stack trace, no retry
+        raise dg.Failure(description=f"{task}: {error}", allow_retries=False) from None
     context.log.info(f"{task}: {summary['rows_valid']} valid and {summary['rows_quarantined']} quarantined "
                      f"rows from {len(summary['files'])} file(s)")
     quarantine = summary.pop("quarantine")

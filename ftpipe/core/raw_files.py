@@ -83,12 +83,20 @@ def _jsonl_rows(text: str) -> Rows:
         yield f"line {number}", row, problem
 
 
+def _json_lines_in_json(text: str) -> bool:
+    """Whether a `.json` file that is not one JSON value is JSON Lines: its first two lines each start an object on
+    a line of its own (a pretty-printed array or object starts with a bare `[` or `{` line)."""
+    first, second = ([line.strip() for line in text.lstrip("\ufeff").split("\n") if line.strip()] + ["", ""])[:2]
+    return first.startswith("{") and first != "{" and second.startswith("{")
+
+
 def _json_rows(text: str) -> Rows:
-    """Rows of a JSON array, of an object holding one array, or of JSON Lines in a `.json` file."""
+    """Rows of a JSON array, of an object holding one array, or of JSON Lines in a `.json` file (whose broken lines
+    are quarantined one by one, the first one too)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        if exc.msg != "Extra data":
+        if exc.msg != "Extra data" and not _json_lines_in_json(text):
             raise RawDataError(f"file is {_json_problem(exc, text)}") from None
         yield from _jsonl_rows(text)
         return

@@ -131,8 +131,8 @@ def test_an_extraction_answer_missing_a_field_or_giving_it_another_type_is_quara
 
 def test_zero_valid_rows_fails_naming_the_folder(ftpipe_env: Path) -> None:
     make_task(ftpipe_env, "empty", {"a.jsonl": [{"nothing": 1}]})
-    with dg.instance_for_test() as instance, pytest.raises(Exception, match="no usable rows"):
-        materialize(instance, "empty")
+    with dg.instance_for_test() as instance, pytest.raises(dg.Failure, match="^empty: .*no usable rows"):
+        materialize(instance, "empty")  # a Failure: the UI shows its one line, not a stack trace
 
 
 def test_leakage_check_blocks_when_an_earlier_split_pinned_near_duplicates_apart(ftpipe_env: Path) -> None:

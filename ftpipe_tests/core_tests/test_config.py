@@ -75,6 +75,31 @@ def test_broken_yaml_and_non_mapping_are_refused() -> None:
         parse_task_config("- 1", "x/task.yaml")
 
 
+def test_a_key_given_twice_is_refused_not_overwritten() -> None:
+    with pytest.raises(TaskConfigError) as error:
+        parse_task_config("split:\n  seed: 1\n  eval_fraction: 0.2\n  seed: 2\n", "x/task.yaml")
+    assert str(error.value) == ("x/task.yaml: not valid YAML at line 4, column 3: the key 'seed' is given twice (first "
+                                "at line 2): keep one")
+    with pytest.raises(TaskConfigError, match="run overrides.*'training' is given twice"):
+        parse_task_config("", "x/task.yaml", overrides="training: {max_steps: 3}\ntraining: {max_steps: 4}")
+    merged = parse_task_config("split:\n  <<: {seed: 3, eval_fraction: 0.2}\n  seed: 4\n", "x/task.yaml")
+    assert (merged.split.seed, merged.split.eval_fraction) == (4, 0.2), "a key over a merged one is no repeat"
+
+
+@pytest.mark.parametrize(("data", "problem"), [
+    ("{format: columns}", "data: format columns needs its columns mapped, e.g. columns: {prompt: ticket_text, "
+                          "completion: triage}"),
+    ("{columns: {prompt: ticket_text}}", "data: columns maps prompt but no answer column: map completion too (or "
+                                         "chosen and rejected for preference pairs)"),
+])
+def test_data_columns_that_cannot_read_a_row_are_refused(data: str, problem: str) -> None:
+    with pytest.raises(TaskConfigError) as error:
+        parse_task_config(f"data: {data}", "t/task.yaml")
+    assert str(error.value) == f"t/task.yaml: {problem}"
+    for readable in ("{prompt: q, completion: a}", "{prompt: q, chosen: a, rejected: b}", "{chosen: a, rejected: b}"):
+        assert parse_task_config(f"data: {{columns: {readable}}}", "t/task.yaml").data.columns
+
+
 def test_run_overrides_merge_deeply_and_are_validated() -> None:
     base = "split: {seed: 1, eval_fraction: 0.2}\ntraining: {lora: {r: 8}}"
     config = parse_task_config(base, "t.yaml", overrides="split: {seed: 7}\ntraining: {lora: {alpha: 4}}")
