@@ -109,12 +109,29 @@ def _json_rows(text: str) -> Rows:
         yield f"row {index}", row, None
 
 
-def _unclosed_quote(record: str, delimiter: str) -> bool:
+def _strict_error(record: str, delimiter: str) -> str:
+    """What a strict CSV reader says is wrong with `record` ('' when nothing is)."""
+    if '"' not in record:
+        return ""
     try:
         list(csv.reader(io.StringIO(record, newline=""), delimiter=delimiter, strict=True))
     except csv.Error as exc:
-        return "unexpected end of data" in str(exc)
-    return False
+        return str(exc)
+    return ""
+
+
+def _unclosed_quote(record: str, delimiter: str) -> bool:
+    return "unexpected end of data" in _strict_error(record, delimiter)
+
+
+def _stray_quote(record: str, delimiter: str) -> str | None:
+    """The problem of a record whose quoted field goes on after its closing quote (`"late,"{...}"`), which a
+    lenient reader would glue into a garbled field; else None."""
+    error = _strict_error(record, delimiter)
+    if "expected after" not in error:
+        return None
+    return (f"not valid CSV ({error}): a quoted field ends at its closing quote; a quote inside a field is written "
+            'twice ("")')
 
 
 def _csv_records(lines: list[str], first: int, header: list[str], delimiter: str) -> Generator[Any, None, int]:
@@ -140,7 +157,9 @@ def _csv_records(lines: list[str], first: int, header: list[str], delimiter: str
                        f"({end - begin} lines); only this line is quarantined, the later lines are read as rows")
             yield f"line {begin + 1}", lines[begin], problem
             return begin + 1
-        if len(fields) == len(header):
+        if end - begin == 1 and (stray := _stray_quote(raw, delimiter)):  # across lines: a quote closed late
+            yield f"line {begin + 1}", raw, stray
+        elif len(fields) == len(header):
             yield f"line {begin + 1}", dict(zip(header, fields)), None
         else:
             yield f"line {begin + 1}", raw, _field_count_problem(len(fields), len(header), begin, end,

@@ -162,6 +162,8 @@ _CRLF = (b"\xef\xbb\xbf" + lines(*good_rows("crlf")).replace("\n", "\r\n\r\n").e
          + b"\xef\xbb\xbf" + json.dumps(chat("crlf question 2", "crlf answer 2")).encode())
 _SEPARATORS = [("line\u2028separator", "next\x85line"), ("para\u2029graph", "ok")]
 _EMPTY = {"empty.jsonl": b"", "blank.json": " \n\n", "header.csv": "prompt,completion\n", "none.json": "[]"}
+_STRAY_QUOTES = ('"Order 55 is late,"{""category"": ""billing"", ""priority"": ""low""}"',  # two fields, garbled
+                 '"Order 56 is late,"{""category"": ""billing""}"')  # one field
 _DEEP = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "completion": "x"}'
 
 CASES = [
@@ -241,6 +243,9 @@ CASES = [
     Case("csv_unclosed_quote", files({"a.csv": csv_text("csv quote", 'bad,"never closed', "csv quote later,still read")}),
          pairs("csv quote") + [("csv quote later", "still read")],
          [("a.csv:line 3", "unclosed quote starting on line 3 swallows the rest of the file")]),
+    Case("csv_stray_quote", files({"a.csv": csv_text("csv stray", *_STRAY_QUOTES)}), pairs("csv stray"),
+         [(f"a.csv:line {line}", "not valid CSV (',' expected after '\"'): a quoted field ends at its closing quote")
+          for line in (3, 4)]),
     Case("csv_other_delimiters", _csv_delimiters,
          [(f"{name}, with comma", "fine, thanks") for name in ("pipe.csv", "semicolon.csv", "tab.csv")], []),
     Case("csv_nul_and_empty_fields", files({"a.csv": csv_text("csv nul", "a\x00b,x", "question,")}), pairs("csv nul"),
