@@ -569,7 +569,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        values = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
+        values = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise TaskConfigError(f"{source}: not valid YAML{_yaml_problem(exc)}") from None
     if not isinstance(values, dict):

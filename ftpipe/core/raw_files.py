@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import re
 from collections.abc import Generator, Iterator
@@ -86,7 +87,8 @@ def _jsonl_rows(text: str) -> Rows:
 def _json_lines_in_json(text: str) -> bool:
     """Whether a `.json` file that is not one JSON value is JSON Lines: its first two lines each start an object on
     a line of its own (a pretty-printed array or object starts with a bare `[` or `{` line)."""
-    first, second = ([line.strip() for line in text.lstrip("\ufeff").split("\n") if line.strip()] + ["", ""])[:2]
+    filled = (stripped for line in io.StringIO(text.lstrip("\ufeff")) if (stripped := line.strip()))
+    first, second = [*itertools.islice(filled, 2), "", ""][:2]
     return first.startswith("{") and first != "{" and second.startswith("{")
 
 
