@@ -65,11 +65,16 @@ def to_preference(row: Any, spec: FormatSpec, source: str) -> dict[str, Any] | N
 
 def _naming(row: dict[str, Any], spec: FormatSpec) -> tuple[bool, dict[str, str]] | None:
     """(paired, the column of each field) when `row` is a preference row: by its own keys, else by the mapping.
-    An unmapped `label` never makes a row of mapped columns unpaired (`label` may be an SFT row's answer column)."""
+    An unmapped `label` never makes a row of mapped columns unpaired (`label` may be an SFT row's answer column).
+    A row of a file that holds both kinds, whose `chosen` and `rejected` are empty (null, or an empty CSV cell), is
+    unpaired when it has a `label`."""
     for columns in (OWN_COLUMNS, {**OWN_COLUMNS, **spec.columns}):
-        if columns["chosen"] in row or columns["rejected"] in row:
+        pair = [columns[side] for side in ("chosen", "rejected") if columns[side] in row]
+        unpaired = columns["label"] in row and columns["prompt"] in row and (
+            columns is OWN_COLUMNS or "label" in spec.columns)
+        if pair and not (unpaired and all(row[name] in (None, "") for name in pair)):
             return True, columns
-        if columns["label"] in row and columns["prompt"] in row and (columns is OWN_COLUMNS or "label" in spec.columns):
+        if unpaired:
             return False, columns
     return None
 

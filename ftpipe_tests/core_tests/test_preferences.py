@@ -65,6 +65,25 @@ def test_mapped_columns_make_unpaired_rows(ftpipe_env: Path) -> None:
     assert [(row["completion"], row["label"]) for row in result.preferences] == [("c", True), ("d", False)]
 
 
+def test_a_file_of_pairs_and_unpaired_rows_with_every_column_reads_both(ftpipe_env: Path, tmp_path: Path) -> None:
+    """Pairs and unpaired rows in one table (a pandas export, ftpipe's own preferences file): each row leaves the
+    other kind's columns null, or empty in a CSV."""
+    rows = [{"prompt": "delete my account", "chosen": "account", "rejected": "billing", "completion": None,
+             "label": None},
+            {"prompt": "add dark mode", "chosen": None, "rejected": None, "completion": "feature", "label": True}]
+    csv = "prompt,chosen,rejected,completion,label\nrefund me,billing,account,,\nit crashes,,,bug,false\n"
+    folder = make_task(ftpipe_env, "t", {"a.jsonl": rows, "b.csv": csv})
+    result = read(folder)
+    assert result.quarantine == [] and len(result.preferences) == 4
+    write_preferences(result.preferences, tmp_path / "own.parquet")
+    (folder / "raw" / "own.parquet").write_bytes((tmp_path / "own.parquet").read_bytes())
+    again = read(folder)
+    assert again.quarantine == [] and len(again.preferences) == 8, "ftpipe's own preferences file reads back"
+    unpaired = [row["label"] for row in again.preferences if row["chosen"] is None]
+    assert sorted(unpaired) == [False, False, True, True], "each file's unpaired row, read twice"
+    assert all(row["rejected"] and row["label"] is None for row in again.preferences if row["chosen"])
+
+
 def test_a_mapped_sft_answer_column_named_label_stays_an_sft_row(ftpipe_env: Path) -> None:
     folder = make_task(ftpipe_env, "t", {"intents.csv": "text,label\nmy card is lost,lost_card\n",
                                          "pairs.jsonl": [{"prompt": "q", "chosen": "a", "rejected": "b"}]})
