@@ -518,6 +518,8 @@ def _problems(error: ValidationError) -> list[str]:
         shown = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
         if item["type"] == "list_type" and isinstance(given, str):
             shown = f" (got {given!r}; a list is written [{', '.join(part.strip() for part in given.split(','))}])"
+        if item["type"] == "string_type" and isinstance(given, dict):
+            shown = f" (got the mapping {given!r}: a text holding ': ' is written in quotes)"
         found.setdefault(path, ([], shown))[0].append(message)
     return [f"{path}: {' or '.join(messages)}{shown}" for path, (messages, shown) in found.items()]
 
@@ -612,7 +614,8 @@ def _in_file_order(values: dict[str, Any]):
 
 
 def _set_by(snippet: dict[str, Any], path: str) -> bool:
-    """Whether the dotted field `path` is a value `snippet` sets (not a section it only enters)."""
+    """Whether the dotted field `path` is a value `snippet` sets, or a section whose settings it changes (a problem
+    of the whole section, such as `training: stages must be ...`, comes from those)."""
     node: Any = snippet
     for key in path.split("."):
         if not isinstance(node, dict):
@@ -620,7 +623,7 @@ def _set_by(snippet: dict[str, Any], path: str) -> bool:
         if key not in node:
             return False
         node = node[key]
-    return not isinstance(node, dict)
+    return True
 
 
 def load_task_config(path: Path, overrides: str = "") -> TaskConfig:

@@ -11,14 +11,27 @@ import yaml
 from ftpipe.config import TaskConfigError
 
 SETTING_KEY_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-SETTING_SEPARATOR_RE = re.compile(r"[,\s]+(?=[A-Za-z_][\w.]*=)")  # a comma or space before the next `key=`
+# a comma or space before the next `key=`, or a quoted text (kept whole: a quoted value may hold `, key=`)
+SETTING_SEPARATOR_RE = re.compile(r"""("[^"]*"|'[^']*')|[,\s]+(?=[A-Za-z_][\w.]*=)""")
+
+
+def _pairs(settings: str) -> list[str]:
+    """The `key=value` texts of `settings`, split at a comma or space before a `key=` outside quotes (a quoted text
+    is matched whole, so no separator is found inside it)."""
+    pairs, start = [], 0
+    for match in SETTING_SEPARATOR_RE.finditer(settings):
+        if match.group(1) is None:
+            pairs.append(settings[start:match.start()])
+            start = match.end()
+    return [pair for pair in [*pairs, settings[start:]] if pair]
 
 
 def settings_overrides(settings: str) -> str:
-    """`key.path=value` pairs (separated by spaces or commas; each value read as YAML) as an overrides snippet for
-    `parse_task_config`; TaskConfigError naming the first pair that is not `key=value`."""
+    """`key.path=value` pairs (separated by spaces or commas; each value read as YAML, so a quoted value may hold
+    commas, spaces and `=`) as an overrides snippet for `parse_task_config`; TaskConfigError naming the first pair
+    that is not `key=value`, or that sets a key an earlier pair set."""
     values: dict[str, Any] = {}
-    for pair in SETTING_SEPARATOR_RE.split(settings.strip()) if settings.strip() else []:
+    for pair in _pairs(settings.strip()):
         key, equals, value = pair.partition("=")
         if not equals or not SETTING_KEY_RE.fullmatch(key):
             raise TaskConfigError(f"--set {pair!r}: expected key=value, e.g. training.max_steps=10")
@@ -28,6 +41,8 @@ def settings_overrides(settings: str) -> str:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise TaskConfigError(f"--set {pair!r}: {part} is set to a value already")
+        if leaf in node:
+            raise TaskConfigError(f"--set {pair!r}: {key} is set already by an earlier setting: keep one")
         try:
             node[leaf] = yaml.safe_load(value)
         except yaml.YAMLError:

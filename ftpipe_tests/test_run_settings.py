@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from ftpipe.config import TaskConfigError
+from ftpipe.config import TaskConfigError, parse_task_config
 from ftpipe.overrides import settings_overrides
 from ftpipe.core.storage import REPO_ROOT
 from ftpipe_tests.builders import chat, make_task
@@ -43,6 +43,24 @@ def test_settings_become_an_overrides_snippet() -> None:
     assert settings_overrides("  ") == ""
     with pytest.raises(TaskConfigError, match=r"^--set 'max_steps': expected key=value"):
         settings_overrides("max_steps")
+    quoted = settings_overrides('data.system_prompt="Classify it, label=billing if about money" split.seed=2')
+    assert yaml.safe_load(quoted) == {"data": {"system_prompt": "Classify it, label=billing if about money"},
+                                      "split": {"seed": 2}}, "a quoted value is one setting, whatever it holds"
+    for twice in ("training.max_steps=10 training.max_steps=20", "training.max_steps=3, training={}"):
+        with pytest.raises(TaskConfigError, match=r"is set already by an earlier setting: keep one$"):
+            settings_overrides(twice)
+
+
+@pytest.mark.parametrize(("setting", "problem"), [
+    ("training.stages=[dpo]", "training: stages must be [sft | distill] or [sft | distill, dpo | orpo | kto], got "
+                              "['dpo']"),
+    ("data.system_prompt=Note: be brief", "data.system_prompt: Input should be a valid string (got the mapping "
+                                          "{'Note': 'be brief'}: a text holding ': ' is written in quotes)"),
+])
+def test_a_setting_that_breaks_a_section_is_named_as_the_runs(setting: str, problem: str) -> None:
+    with pytest.raises(TaskConfigError) as error:
+        parse_task_config("training: {max_steps: 3}\n", "t/task.yaml", settings_overrides(setting))
+    assert str(error.value) == f"t/task.yaml (run overrides): {problem}"
 
 
 def test_a_bad_setting_fails_before_any_run_in_one_line_naming_the_key(ftpipe_env: Path, tmp_path: Path,
