@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ftpipe.core.records import (
-    MESSAGE_TYPE, BadRow, FormatSpec, check_size, example_id, message_list, optional_text, text_field, type_name,
-    with_system_prompt,
+    MESSAGE_TYPE, BadRow, FormatSpec, check_mapped_columns, check_size, example_id, message_list, optional_text,
+    text_field, type_name, with_system_prompt,
 )
 from ftpipe.core.text import canonical
 
@@ -55,6 +55,9 @@ def to_preference(row: Any, spec: FormatSpec, source: str) -> dict[str, Any] | N
     if naming is None:
         return None
     paired, columns = naming
+    if columns is not OWN_COLUMNS:  # named by the mapping: every mapped column its kind reads is in the file
+        read = ("prompt", "system", *(("chosen", "rejected") if paired else ("completion", "label")))
+        check_mapped_columns(row, {field: spec.columns[field] for field in read if field in spec.columns})
     system = optional_text(row.get(columns["system"]), columns["system"]) if "system" in columns else None
     prompt = with_system_prompt(_prompt(row.get(columns["prompt"]), columns["prompt"], system), spec.system_prompt)
     answers = _paired_answers(row, columns) if paired else _unpaired_answer(row, columns)
@@ -119,9 +122,12 @@ def _unpaired_answer(row: dict[str, Any], columns: dict[str, str]) -> dict[str, 
 
 
 def _label(value: Any, name: str) -> bool:
-    """A label as a boolean: true or false, or their JSON and CSV spellings 1, 0, "true", "false", "1", "0"."""
+    """A label as a boolean: true or false, or their JSON and CSV spellings 1, 0, "true", "false", "1", "0" (and 1.0
+    and 0.0, as pandas writes an integer column with gaps)."""
     if isinstance(value, bool):
         return value
+    if isinstance(value, float) and value in (0.0, 1.0):
+        return value == 1.0
     spelling = str(value).strip().lower() if isinstance(value, (int, str)) else None
     if spelling not in LABELS:
         shown = "null" if value is None else f"{type_name(value)} {value!r:.60}"

@@ -167,15 +167,24 @@ def _keys(row: dict[str, Any]) -> str:
 
 
 def _missing_columns(row: dict[str, Any], columns: dict[str, str]) -> str:
-    """The mapped columns the row lacks, as `'utterance' (data.columns.prompt)`, or ''."""
-    return " and ".join(f"{column!r} (data.columns.{field})" for field, column in sorted(columns.items())
-                        if column not in row)
+    """The mapped columns the row lacks, as `mapped column 'utterance' (data.columns.prompt) is not in the file`,
+    or ''."""
+    missing = [f"{column!r} (data.columns.{field})" for field, column in sorted(columns.items()) if column not in row]
+    if not missing:
+        return ""
+    several = len(missing) > 1
+    return f"mapped column{'s' * several} {' and '.join(missing)} {'are' if several else 'is'} not in the file"
+
+
+def check_mapped_columns(row: dict[str, Any], columns: dict[str, str]) -> None:
+    """BadRow when the row lacks a column of `columns` (those data.columns maps that the row's format reads)."""
+    missing = _missing_columns(row, columns)
+    if missing:
+        raise BadRow(f"{missing}; its columns are: {_keys(row)}")
 
 
 def _mapped(row: dict[str, Any], columns: dict[str, str]) -> list[dict[str, str]]:
-    missing = _missing_columns(row, columns)
-    if missing:
-        raise BadRow(f"mapped column {missing} is not in the file; its columns are: {_keys(row)}")
+    check_mapped_columns(row, columns)
     system_column = columns.get("system")
     return _pair(
         text_field(row.get(columns["prompt"]), columns["prompt"]),
@@ -197,7 +206,7 @@ def detect_format(row: dict[str, Any], spec: FormatSpec) -> str:
     mapped = {"prompt", "completion"} <= spec.columns.keys()
     if mapped and spec.columns["prompt"] in row:
         return "columns"
-    missing = f"the mapped column {_missing_columns(row, spec.columns)} is not in the file, and " if mapped else ""
+    missing = f"the {_missing_columns(row, spec.columns)}, and " if mapped else ""
     raise BadRow(
         f"unrecognised row format: {missing}expected 'messages', 'instruction'+'output', 'prompt'+'completion', "
         f"'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label' or the columns mapped in task.yaml; "

@@ -58,11 +58,16 @@ def test_every_preference_format_becomes_the_canonical_row(ftpipe_env: Path) -> 
 
 def test_mapped_columns_make_unpaired_rows(ftpipe_env: Path) -> None:
     folder = make_task(ftpipe_env, "t", {})
-    table = pa.table({"ticket": ["q", "r"], "reply": ["c", "d"], "ok": ["1", "0"]})
+    table = pa.table({"ticket": ["q", "r", "s"], "reply": ["c", "d", "e"], "ok": [1.0, 0.0, None]})  # pandas' ints
     pq.write_table(table, folder / "raw" / "k.parquet")
     result = read(folder, FormatSpec(columns={"prompt": "ticket", "completion": "reply", "label": "ok"}))
-    assert result.examples == [] and result.quarantine == []
+    assert result.examples == [] and [q["reason"] for q in result.quarantine] == [
+        "field 'ok' must be a boolean (true or false), got null"]
     assert [(row["completion"], row["label"]) for row in result.preferences] == [("c", True), ("d", False)]
+    spellings = pa.table({"ticket": ["t", "u"], "reply": ["f", "g"], "ok": ["1", "false"]})
+    pq.write_table(spellings, folder / "raw" / "k.parquet")
+    spelled = read(folder, FormatSpec(columns={"prompt": "ticket", "completion": "reply", "label": "ok"}))
+    assert [row["label"] for row in spelled.preferences] == [True, False], "a CSV's or a text column's spellings"
 
 
 def test_a_file_of_pairs_and_unpaired_rows_with_every_column_reads_both(ftpipe_env: Path, tmp_path: Path) -> None:
@@ -82,6 +87,17 @@ def test_a_file_of_pairs_and_unpaired_rows_with_every_column_reads_both(ftpipe_e
     unpaired = [row["label"] for row in again.preferences if row["chosen"] is None]
     assert sorted(unpaired) == [False, False, True, True], "each file's unpaired row, read twice"
     assert all(row["rejected"] and row["label"] is None for row in again.preferences if row["chosen"])
+
+
+def test_a_mapped_preference_column_missing_from_a_file_is_named_as_the_mapping(ftpipe_env: Path) -> None:
+    folder = make_task(ftpipe_env, "t", {"prefs.csv": "ticket,good\nclose my account,account\n",
+                                         "own.jsonl": [{"prompt": "q", "chosen": "a", "rejected": "b"}]})
+    result = read(folder, FormatSpec(columns={"prompt": "ticket", "completion": "reply", "chosen": "good",
+                                              "rejected": "bad"}))
+    assert [row["prompt"][-1]["content"] for row in result.preferences] == ["q"], "own keys need no mapping"
+    assert [(q["source"], q["reason"]) for q in result.quarantine] == [
+        ("prefs.csv:line 2", "mapped column 'bad' (data.columns.rejected) is not in the file; its columns are: good, "
+                             "ticket")]
 
 
 def test_a_mapped_sft_answer_column_named_label_stays_an_sft_row(ftpipe_env: Path) -> None:
