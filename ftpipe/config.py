@@ -62,9 +62,10 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _columns_readable(self) -> DataConfig:
-        if self.format == "columns" and not self.columns:
-            raise ValueError("format columns needs its columns mapped, e.g. columns: {prompt: ticket_text, "
-                             "completion: triage}")
+        if self.format == "columns" and not ({"prompt", "completion"} <= self.columns.keys()
+                                             or {"chosen", "rejected"} <= self.columns.keys()):
+            raise ValueError("format columns reads the columns mapped in columns: map prompt and completion, e.g. "
+                             "{prompt: ticket_text, completion: triage} (or chosen and rejected for preference pairs)")
         if "prompt" in self.columns and not {"completion", "chosen", "rejected"} & self.columns.keys():
             raise ValueError("columns maps prompt but no answer column: map completion too (or chosen and rejected "
                              "for preference pairs)")

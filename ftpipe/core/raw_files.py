@@ -122,20 +122,6 @@ def _strict_error(record: str, delimiter: str) -> str:
     return ""
 
 
-def _unclosed_quote(record: str, delimiter: str) -> bool:
-    return "unexpected end of data" in _strict_error(record, delimiter)
-
-
-def _stray_quote(record: str, delimiter: str) -> str | None:
-    """The problem of a record whose quoted field goes on after its closing quote (`"late,"{...}"`), which a
-    lenient reader would glue into a garbled field; else None."""
-    error = _strict_error(record, delimiter)
-    if "expected after" not in error:
-        return None
-    return (f"not valid CSV ({error}): a quoted field ends at its closing quote; a quote inside a field is written "
-            'twice ("")')
-
-
 def _csv_records(lines: list[str], first: int, header: list[str], delimiter: str) -> Generator[Any, None, int]:
     """Rows of lines[first:]. An unclosed quote that swallows the rest of the file quarantines only its
     own line; returns the index of the line to go on from (len(lines) when done)."""
@@ -154,18 +140,20 @@ def _csv_records(lines: list[str], first: int, header: list[str], delimiter: str
             continue
         end = first + reader.line_num
         raw = "".join(lines[begin:end])
-        if end == len(lines) and end - begin > 1 and _unclosed_quote(raw, delimiter):
+        strict = _strict_error(raw, delimiter)  # once per record, for each of the quote problems below
+        if end == len(lines) and end - begin > 1 and "unexpected end of data" in strict:
             problem = (f"an unclosed quote starting on line {begin + 1} swallows the rest of the file "
                        f"({end - begin} lines); only this line is quarantined, the later lines are read as rows")
             yield f"line {begin + 1}", lines[begin], problem
             return begin + 1
-        if end - begin == 1 and (stray := _stray_quote(raw, delimiter)):  # across lines: a quote closed late
-            yield f"line {begin + 1}", raw, stray
+        if end - begin == 1 and "expected after" in strict:  # a quoted field going on after its closing quote
+            yield f"line {begin + 1}", raw, (f"not valid CSV ({strict}): a quoted field ends at its closing quote; a "
+                                             'quote inside a field is written twice ("")')
         elif len(fields) == len(header):
             yield f"line {begin + 1}", dict(zip(header, fields)), None
         else:
             yield f"line {begin + 1}", raw, _field_count_problem(len(fields), len(header), begin, end,
-                                                                _unclosed_quote(raw, delimiter))
+                                                                "unexpected end of data" in strict)
 
 
 def _field_count_problem(count: int, expected: int, begin: int, end: int, unclosed: bool) -> str:

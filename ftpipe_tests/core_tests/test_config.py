@@ -87,8 +87,10 @@ def test_a_key_given_twice_is_refused_not_overwritten() -> None:
 
 
 @pytest.mark.parametrize(("data", "problem"), [
-    ("{format: columns}", "data: format columns needs its columns mapped, e.g. columns: {prompt: ticket_text, "
-                          "completion: triage}"),
+    *((f"{{format: columns{mapping}}}", "data: format columns reads the columns mapped in columns: map prompt and "
+                                        "completion, e.g. {prompt: ticket_text, completion: triage} (or chosen and "
+                                        "rejected for preference pairs)")
+      for mapping in ("", ", columns: {system: sys}", ", columns: {completion: a, chosen: b}")),
     ("{columns: {prompt: ticket_text}}", "data: columns maps prompt but no answer column: map completion too (or "
                                          "chosen and rejected for preference pairs)"),
 ])

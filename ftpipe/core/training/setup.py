@@ -144,11 +144,11 @@ def checked_lora_config(config: TrainingConfig, model, warning):
     import torch
 
     targets = config.lora.target_modules
-    names = [name for name, _ in model.named_modules()]
+    modules = dict(model.named_modules())
     missing = [] if targets == "all-linear" else [
-        target for target in targets if not any(name == target or name.endswith(f".{target}") for name in names)]
+        target for target in targets if not any(name == target or name.endswith(f".{target}") for name in modules)]
     if missing:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules.items()
                          if isinstance(module, torch.nn.Linear)})
         found = (f"training.lora.target_modules: {', '.join(missing)} {'matches' if len(missing) == 1 else 'match'} "
                  f"no layer of the model (its linear layers: {', '.join(linear)})")
