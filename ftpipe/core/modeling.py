@@ -13,7 +13,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -160,14 +160,29 @@ def _fingerprint(digest: str) -> str:
     return hashlib.sha256(f"ftpipe-model-v{CACHE_VERSION}|{digest}".encode()).hexdigest()[:16]
 
 
+@contextmanager
+def _each_gguf_parsed_once() -> Iterator[None]:
+    """transformers parses a GGUF file three times (config, weights, tokenizer: about 5 s each for a 49k-token
+    vocabulary) and rebuilds gguf's tensor-name map for every module; while a model is converted, each is built once."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader, gguf.get_tensor_name_map = cache(reader), cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def _load_source(source: dict[str, Any], trust_remote_code: bool, token: str | None):
     """Load (model, tokenizer) from a resolved source on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source["kind"] == "gguf":
         location, name = str(source["location"].parent), source["location"].name
-        model = AutoModelForCausalLM.from_pretrained(location, gguf_file=name)
-        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=name)
+        with _each_gguf_parsed_once():
+            model = AutoModelForCausalLM.from_pretrained(location, gguf_file=name)
+            tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=name)
         model.hf_quantizer = None  # de-quantised already: save plain safetensors, and mark the
         del model.config.quantization_config  # checkpoint as an ordinary trainable model
         return model, tokenizer
