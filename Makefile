@@ -60,6 +60,7 @@ bench: install
 	$(PY) bench/eval.py
 	$(PY) bench/train.py
 	$(PY) bench/load.py
+	$(PY) bench/convert.py
 	$(PY) bench/executors.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/replay.py
