@@ -5,10 +5,10 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftpipe.core.training.methods import (
     Adapter,
@@ -254,6 +254,15 @@ class TrainingConfig(_Strict):
 
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _a_variable_name(name: str | None) -> str | None:
+    if name is not None and not ENV_NAME_RE.match(name):
+        raise ValueError("the name of an environment variable (e.g. OPENAI_API_KEY), never the key itself")
+    return name
+
+
+EnvVariableName = Annotated[str | None, AfterValidator(_a_variable_name)]
 TASK_TYPE_SETTINGS = {"constrain_to_labels": "classification", "answer_pattern": "generation",
                       "answer_field": "generation", "require_human_review": "generation"}
 
@@ -263,17 +272,10 @@ class JudgeConfig(_Strict):
 
     base_url: str = Field(description="required: the endpoint's base URL", examples=["http://127.0.0.1:8000/v1"])
     model: str = Field(description="required: the judge model's name", examples=["gpt-4o-mini"])
-    api_key_env: str | None = Field(
+    api_key_env: EnvVariableName = Field(
         "OPENAI_API_KEY", description="environment variable holding the API key (never the key); null: none needed"
     )
     max_pairs: int = Field(50, ge=1, description="held-out rows judged, each in both orders (two requests)")
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _a_variable_name(cls, name: str | None) -> str | None:
-        if name is not None and not ENV_NAME_RE.match(name):
-            raise ValueError("the name of an environment variable (e.g. OPENAI_API_KEY), never the key itself")
-        return name
 
 
 class EvaluationConfig(_Strict):
@@ -376,7 +378,7 @@ class TeacherConfig(_Strict):
 
     base_url: str = Field(description="the API's base URL", examples=["https://api.openai.com/v1"])
     model: str = Field(description="the teacher model's name at that endpoint", examples=["gpt-4o-mini"])
-    api_key_env: str | None = Field(
+    api_key_env: EnvVariableName = Field(
         None, description="the name of the environment variable holding the API key (never the key itself)"
     )
 
@@ -394,6 +396,28 @@ class AcceptConfig(_Strict):
     labels: list[str] | None = Field(None, description="the answer is one of these labels")
     json_schema: dict[str, Any] | None = Field(None, description="the answer is JSON valid against this schema")
     regex: str | None = Field(None, description="the whole answer matches this regular expression")
+
+    @field_validator("json_schema")
+    @classmethod
+    def _a_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        import jsonschema
+
+        if schema is not None:
+            try:
+                jsonschema.validators.validator_for(schema).check_schema(schema)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"not a JSON schema: {exc.message} (at {exc.json_path})") from None
+        return schema
+
+    @field_validator("regex")
+    @classmethod
+    def _a_regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return pattern
 
     @model_validator(mode="after")
     def _one_rule(self) -> AcceptConfig:
@@ -516,7 +540,9 @@ def _problems(error: ValidationError) -> list[str]:
         else:
             message = _one_line(item["msg"].removeprefix("Value error, "))
         given = item.get("input")
-        shown = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
+        hidden = (item["type"] in ("missing", "extra_forbidden") or isinstance(given, dict)
+                  or loc[-1:] == ("api_key_env",))  # an API key given where its variable's name goes is not shown
+        shown = "" if hidden else f" (got {given!r})"
         if item["type"] == "list_type" and isinstance(given, str):
             shown = f" (got {given!r}; a list is written [{', '.join(part.strip() for part in given.split(','))}])"
         if item["type"] == "string_type" and isinstance(given, dict):
@@ -589,9 +615,16 @@ def parse_task_config(text: str, source: str, overrides: str = "") -> TaskConfig
         return TaskConfig.model_validate(_deep_merge(values, extra))
     except ValidationError as exc:
         problems = sorted(_problems(exc), key=_in_file_order(values))
-    raise TaskConfigError("\n".join(
-        f"{source}{' (run overrides)' if _set_by(extra, problem.split(': ', 1)[0]) else ''}: {problem}"
-        for problem in problems))
+    raise TaskConfigError("\n".join(f"{named_source(source, extra, problem.split(': ', 1)[0])}: {problem}"
+                                    for problem in problems))
+
+
+def named_source(source: str, extra: dict[str, Any] | str, field: str) -> str:
+    """`source`, marked `(run overrides)` when the run overrides `extra` (parsed, or their text) set the dotted
+    `field`."""
+    if isinstance(extra, str):
+        extra = _parse_yaml(extra, f"{source} (run overrides)") if extra.strip() else {}
+    return f"{source} (run overrides)" if _set_by(extra, field) else source
 
 
 def _in_file_order(values: dict[str, Any]):

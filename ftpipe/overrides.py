@@ -13,6 +13,8 @@ from ftpipe.config import TaskConfigError
 SETTING_KEY_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 # a comma or space before the next `key=`, or a quoted text (kept whole: a quoted value may hold `, key=`)
 SETTING_SEPARATOR_RE = re.compile(r"""("[^"]*"|'[^']*')|[,\s]+(?=[A-Za-z_][\w.]*=)""")
+# a quoted text, or a `#` that starts a YAML comment (first, or after a space)
+COMMENT_RE = re.compile(r"""("[^"]*"|'[^']*')|(?:^|(?<=\s))#""")
 
 
 def _pairs(settings: str) -> list[str]:
@@ -43,6 +45,9 @@ def settings_overrides(settings: str) -> str:
                 raise TaskConfigError(f"--set {pair!r}: {part} is set to a value already")
         if leaf in node:
             raise TaskConfigError(f"--set {pair!r}: {key} is set already by an earlier setting: keep one")
+        if any(match.group(1) is None for match in COMMENT_RE.finditer(value)):
+            raise TaskConfigError(f"--set {pair!r}: YAML reads a '#' at the start or after a space as a comment, which "
+                                  f"would cut the value there: quote it ({key}=\"...\")")
         try:
             node[leaf] = yaml.safe_load(value)
         except yaml.YAMLError:

@@ -49,6 +49,12 @@ def test_settings_become_an_overrides_snippet() -> None:
     for twice in ("training.max_steps=10 training.max_steps=20", "training.max_steps=3, training={}"):
         with pytest.raises(TaskConfigError, match=r"is set already by an earlier setting: keep one$"):
             settings_overrides(twice)
+    for commented in ("evaluation.answer_pattern=#### (\\S+)", "data.system_prompt=Reply #1 first"):
+        with pytest.raises(TaskConfigError, match=r"as a comment, which would cut the value there: quote it"):
+            settings_overrides(commented)
+    quoted = settings_overrides("evaluation.answer_pattern='#### (\\S+)' data.system_prompt=Ticket#1")
+    assert yaml.safe_load(quoted) == {"evaluation": {"answer_pattern": "#### (\\S+)"},
+                                      "data": {"system_prompt": "Ticket#1"}}, "a quoted '#' or one inside a word stays"
 
 
 @pytest.mark.parametrize(("setting", "problem"), [

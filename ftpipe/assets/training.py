@@ -88,6 +88,8 @@ def _spec(context: dg.AssetExecutionContext, cfg: TrainingConfig, inputs: Traini
     from ftpipe.core.training.spec import TrainingSpec
 
     task, paths, asset = context.partition_key, TaskLayout(context.partition_key), training_asset(cfg.objective)
+    if cfg.teacher_model:  # where the program finds it (a local path is relative to the task folder)
+        cfg = cfg.model_copy(update={"teacher_model": base_model_source(cfg.teacher_model, task_dir(task))})
     stage = "" if cfg.objective == "sft" else f"-{cfg.objective}"
     start, train_path, warm_start = inputs.start, inputs.train_path, None
     if inputs.warm:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ftpipe.config import (
     DEFAULT_BASE_MODEL, EvaluationConfig, RetrainConfig, TaskConfig, TaskConfigError, TrainingConfig, check_task_name,
-    load_task_config,
+    load_task_config, named_source,
 )
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.training.methods import SUPERVISED_OBJECTIVES
@@ -54,10 +54,15 @@ def folder_config(folder: Path, overrides: str = "") -> TaskConfig:
     """The validated configuration in task folder `folder` (see `task_config`)."""
     path = folder / "task.yaml"
     config = load_task_config(path, overrides)
-    try:
-        base_model_source(config.base_model, folder)
-    except ValueError as error:
-        raise TaskConfigError(f"{path}: invalid task configuration\n  base_model: {error} (got {config.base_model!r})") from None
+    problems = []
+    for field, spec in (("base_model", config.base_model), ("training.teacher_model", config.training.teacher_model)):
+        try:
+            if spec is not None:
+                base_model_source(spec, folder)
+        except ValueError as error:
+            problems.append(f"{named_source(str(path), overrides, field)}: {field}: {error} (got {spec!r})")
+    if problems:
+        raise TaskConfigError("\n".join(problems))
     return config
 
 
@@ -68,8 +73,9 @@ def model_roots() -> list[Path]:
 
 
 def base_model_source(spec: str, folder: Path) -> str:
-    """What to resolve for `base_model`: the default alias, a hub id, or a local path (relative to the task folder)
-    that exists inside one of `model_roots()`. Raises ValueError saying what was expected."""
+    """What to resolve for a model setting (`base_model`, `training.teacher_model`): the default alias, a hub id, or a
+    local path (relative to the task folder) that exists inside one of `model_roots()`. Raises ValueError saying what
+    was expected."""
     if spec == DEFAULT_BASE_MODEL:
         return spec
     path = folder / Path(spec).expanduser()
@@ -80,7 +86,7 @@ def base_model_source(spec: str, folder: Path) -> str:
                          "or model folder (relative to the task folder)")
     resolved = path.resolve()
     if not any(root.resolve() in (resolved, *resolved.parents) for root in model_roots()):
-        raise ValueError(f"{resolved} is outside the data dir and $FTPIPE_HOME; "
+        raise ValueError(f"{path} is outside the data dir and $FTPIPE_HOME; "
                          "list its folder in FTPIPE_MODEL_DIRS to allow local models there")
     return str(resolved)
 

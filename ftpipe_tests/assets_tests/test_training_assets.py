@@ -95,6 +95,18 @@ def test_k8s_qlora_is_accepted_on_a_cpu_only_host(tiny_task: str) -> None:
     assert json.loads(spec_file.read_text())["training"]["quantization"] == "4bit"
 
 
+def test_a_teacher_model_given_relative_to_the_task_folder_reaches_the_training_program_resolved(
+        tiny_task: str, tiny_model_dir: Path) -> None:
+    teacher = os.path.relpath(tiny_model_dir, task_dir(tiny_task))
+    distill = K8S.replace("launcher: k8s,", f"launcher: k8s, stages: [distill], teacher_model: '{teacher}',")
+    with dg.instance_for_test() as instance:
+        build_upstream(instance, tiny_task)
+        run(instance, tiny_task, run_config=overrides("lora_adapter", distill), training_pods=PodsRecorded())
+    [(_, spec)] = PODS
+    spec_file = Path(spec["containers"][0]["command"][-1])
+    assert json.loads(spec_file.read_text())["training"]["teacher_model"] == str(tiny_model_dir.resolve())
+
+
 def test_qlora_without_cuda_is_refused_where_it_would_train(tiny_task: str) -> None:
     with dg.instance_for_test() as instance:
         build_upstream(instance, tiny_task)

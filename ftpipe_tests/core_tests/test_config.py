@@ -125,8 +125,9 @@ def test_invalid_task_names_are_refused_with_the_folder(name: str) -> None:
         check_task_name(name)
 
 
+@pytest.mark.parametrize("field", ["base_model", "training.teacher_model"])
 @pytest.mark.parametrize(
-    ("base_model", "expected"),
+    ("model", "expected"),
     [
         ("llama-7b", "a hub id like 'org/name', or an existing .gguf file or model folder"),
         ("./models/missing.gguf", "an existing .gguf file or model folder"),
@@ -135,19 +136,23 @@ def test_invalid_task_names_are_refused_with_the_folder(name: str) -> None:
         ("linked-model", "outside the data dir and $FTPIPE_HOME"),
     ],
 )
-def test_unknown_or_escaping_base_models_fail_before_any_work(
-    ftpipe_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_model: str, expected: str
+def test_unknown_or_escaping_models_fail_before_any_work_in_one_line(
+    ftpipe_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, field: str, model: str, expected: str
 ) -> None:
     monkeypatch.delenv("FTPIPE_MODEL_DIRS")
     outside = tmp_path / "outside-model"
     outside.mkdir()
-    folder = make_task(ftpipe_env, "t", {"a.jsonl": [chat("q", "a")]}, f"base_model: {base_model}\n")
+    setting = {"base_model": f"base_model: {model}", "training.teacher_model": f"training: {{teacher_model: {model}}}"}
+    folder = make_task(ftpipe_env, "t", {"a.jsonl": [chat("q", "a")]}, setting[field] + "\n")
     (folder / "linked-model").symlink_to(outside)
     with pytest.raises(TaskConfigError) as error:
         task_config("t")
     message = str(error.value)
-    assert str(folder / "task.yaml") in message and "base_model: " in message
-    assert expected in message and f"(got {base_model!r})" in message
+    assert message.startswith(f"{folder / 'task.yaml'}: {field}: ") and "\n" not in message
+    assert expected in message and f"(got {model!r})" in message
+    with pytest.raises(TaskConfigError) as overridden:
+        task_config("t", setting[field].replace(model, "./nope.gguf"))
+    assert str(overridden.value).startswith(f"{folder / 'task.yaml'} (run overrides): {field}: ")
 
 
 def test_local_base_models_resolve_from_the_task_folder_or_allowed_dirs(

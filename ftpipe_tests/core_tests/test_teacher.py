@@ -23,6 +23,20 @@ def test_answers_are_accepted_by_label_schema_or_regex():
         parse_task_config("distill: {teacher: {base_url: x, model: m}, accept: {labels: [a], regex: a}}", "task.yaml")
 
 
+@pytest.mark.parametrize(("setting", "problem"), [
+    ("teacher: {base_url: x, model: m, api_key_env: sk-abc123}",
+     "distill.teacher.api_key_env: the name of an environment variable (e.g. OPENAI_API_KEY), never the key itself"),
+    ("teacher: {base_url: x, model: m}, accept: {regex: '[unclosed'}",
+     "distill.accept.regex: not a regular expression: unterminated character set at position 0 (got '[unclosed')"),
+    ("teacher: {base_url: x, model: m}, accept: {json_schema: {type: objekt}}",
+     "distill.accept.json_schema: not a JSON schema: 'objekt' is not valid under any of the given schemas (at $.type)"),
+])
+def test_distill_settings_that_cannot_work_are_refused_before_the_teacher_is_asked(setting: str, problem: str):
+    with pytest.raises(TaskConfigError) as error:
+        parse_task_config(f"distill: {{{setting}}}", "t/task.yaml")
+    assert str(error.value) == f"t/task.yaml: {problem}", "one line, naming the field, without the key's value"
+
+
 def test_a_prompts_row_without_its_column_is_named(ftpipe_env):
     folder = task_dir("student") / "prompts"
     folder.mkdir(parents=True)
