@@ -18,6 +18,7 @@ from ftpipe.assets.common import GPU_POOL, TaskRunConfig, load_config, rounded_f
 from ftpipe.core import readable
 from ftpipe.config import TaskConfig, TrainingConfig
 from ftpipe.core.layout import TaskLayout, models_dir, replay_cache_dir
+from ftpipe.core.preferences import missing_preference_rows
 from ftpipe.core.results import Result, read_result, reusable
 from ftpipe.core.storage import atomic_dir, task_dir, write_text
 from ftpipe.core.training.methods import describe_method
@@ -219,8 +220,12 @@ def lora_adapter(
     4-bit needs CUDA) is decided by the training program where it runs.
     """
     cfg = load_config(context, config)
-    stage = cfg.training.for_stage(cfg.training.stages[0])
-    return _stage(context, config, cfg, stage, mlflow, pipes_subprocess_client, training_pods)
+    stages, preference = cfg.training.stages, cfg.training.preference_objective
+    for path in TaskLayout(context.partition_key).preference_split_files if preference else ():
+        if problem := missing_preference_rows(preference, path):  # said before the first stage trains, not after
+            raise dg.Failure(description=f"training.stages {stages} cannot run: {problem}", allow_retries=False)
+    return _stage(context, config, cfg, cfg.training.for_stage(stages[0]), mlflow, pipes_subprocess_client,
+                  training_pods)
 
 
 @dg.asset(deps=["lora_adapter", "heldout_split", "base_model"],

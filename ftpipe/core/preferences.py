@@ -34,6 +34,19 @@ def is_paired(row: dict[str, Any]) -> bool:
     return row["chosen"] is not None
 
 
+def missing_preference_rows(objective: str, path: Path) -> str | None:
+    """Why the preference `objective` has nothing to train on in the preference rows of `path`; None when it has."""
+    from ftpipe.core.training.methods import UNPAIRED_OBJECTIVES
+
+    rows = read_preferences(path)
+    if objective in UNPAIRED_OBJECTIVES and not rows:
+        return f"{objective} trains on preference rows, and {path} has none"
+    if objective not in UNPAIRED_OBJECTIVES and not any(map(is_paired, rows)):
+        return (f"{objective} trains on paired preference rows (prompt, chosen, rejected), and {path} has none; add "
+                "pairs, or use kto for rows with a completion and a label")
+    return None
+
+
 def write_preferences(rows: list[dict[str, Any]], path: Path) -> None:
     """Write canonical preference rows as Parquet (deterministic bytes for the same rows; none is an empty file)."""
     pq.write_table(pa.Table.from_pylist(rows, schema=PREFERENCE_SCHEMA), path)

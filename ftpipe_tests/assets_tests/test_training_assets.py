@@ -107,6 +107,16 @@ def test_a_teacher_model_given_relative_to_the_task_folder_reaches_the_training_
     assert json.loads(spec_file.read_text())["training"]["teacher_model"] == str(tiny_model_dir.resolve())
 
 
+def test_a_preference_stage_without_pairs_is_refused_before_the_sft_training(tiny_task: str) -> None:
+    with dg.instance_for_test() as instance:
+        build_upstream(instance, tiny_task)
+        result = run(instance, tiny_task, run_config=overrides("lora_adapter", "training: {stages: [sft, dpo]}"))
+    [failure] = result.get_step_failure_events()
+    description = failure.step_failure_data.user_failure_data.description
+    assert description.startswith("training.stages ['sft', 'dpo'] cannot run: dpo trains on paired preference rows")
+    assert not TaskLayout(tiny_task).path("checkpoints").exists(), "nothing was trained"
+
+
 def test_qlora_without_cuda_is_refused_where_it_would_train(tiny_task: str) -> None:
     with dg.instance_for_test() as instance:
         build_upstream(instance, tiny_task)

@@ -35,6 +35,7 @@ OBJECTIVES = {
 }
 PREFERENCE_OBJECTIVES = ("dpo", "orpo", "kto")  # trained on preference rows, after the supervised stage
 SUPERVISED_OBJECTIVES = ("sft", "distill")  # trained on chat rows: the first stage
+UNPAIRED_OBJECTIVES = ("kto",)  # train on single rows marked desirable or not; the others need pairs
 
 Objective = Literal[tuple(OBJECTIVES)]
 Adapter = Literal["lora", "none"]

@@ -23,14 +23,13 @@ from typing import Any
 from ftpipe.config import TrainingConfig
 from ftpipe.core.evaluation.generation import ADAPTER_CONFIG, is_adapter
 from ftpipe.core.modeling import chat_length
-from ftpipe.core.preferences import is_paired, read_preferences
-from ftpipe.core.training.methods import PREFERENCE_OBJECTIVES, Method
+from ftpipe.core.preferences import is_paired, missing_preference_rows, read_preferences
+from ftpipe.core.training.methods import PREFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, Method
 from ftpipe.core.training.setup import (
     TrainerSetup, micro_batching, require_rows, within_max_length, world_size,
 )
 from ftpipe.core.training.spec import TrainingSpec
 
-UNPAIRED_OBJECTIVES = ("kto",)  # train on single rows marked desirable or not; the others need pairs
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REFERENCE_ADAPTER = "ref"  # the frozen copy of a continued adapter that TRL's DPO and KTO trainers add and save
 
@@ -50,12 +49,8 @@ def check(spec: TrainingSpec, config: TrainingConfig) -> None:
         raise ValueError(f"start_adapter {start} is {kind} but training.adapter is {config.adapter}: the preference "
                          "stage trains with the adapter setting of the SFT stage")
     for path in (spec.train_path, spec.eval_path):
-        rows = read_preferences(Path(path))
-        if objective in UNPAIRED_OBJECTIVES and not rows:
-            raise ValueError(f"{objective} trains on preference rows, and {path} has none")
-        if objective not in UNPAIRED_OBJECTIVES and not any(map(is_paired, rows)):
-            raise ValueError(f"{objective} trains on paired preference rows (prompt, chosen, rejected), and {path} has "
-                             "none; add pairs, or use kto for rows with a completion and a label")
+        if problem := missing_preference_rows(objective, Path(path)):
+            raise ValueError(problem)
     if objective in UNPAIRED_OBJECTIVES and config.batch_size // world_size() < 2:
         raise ValueError(f"{objective} needs training.batch_size of at least 2 per process: its KL term pairs the rows "
                          f"of a batch, and {config.batch_size} over {world_size()} processes leaves fewer")
