@@ -46,6 +46,28 @@ class TaskConfigError(ValueError):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_are_defaults(cls, values: Any) -> Any:
+        """A section with every setting commented out (`training:` alone reads as null) means its defaults."""
+        if not isinstance(values, dict):
+            return values
+        return {key: value for key, value in values.items() if value is not None or key not in cls._sections()}
+
+    @classmethod
+    def _sections(cls) -> set[str]:
+        return {name for name, field in cls.model_fields.items()
+                if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)}
+
+
+def _some_steps(count: int) -> int:
+    if count == 0:
+        raise ValueError("0 steps trains nothing: a number of steps, or -1 for all epochs")
+    return count
+
+
+StepCount = Annotated[int, Field(ge=-1), AfterValidator(_some_steps)]
+
 
 class DataConfig(_Strict):
     """How the files under `raw/` are read."""
@@ -144,7 +166,7 @@ class PreferenceConfig(_Strict):
     beta: float = Field(0.1, gt=0.0, description="how far the model may move from the reference (orpo: the odds-ratio weight)")
     learning_rate: float = Field(5e-5, gt=0.0, lt=1.0, description="peak learning rate of the preference stage")
     epochs: float = Field(1.0, gt=0.0, description="passes over the preference pairs")
-    max_steps: int = Field(-1, ge=-1, description="stop after this many optimizer steps; -1: run all epochs")
+    max_steps: StepCount = Field(-1, description="stop after this many optimizer steps; -1: run all epochs")
 
 
 class TrainingConfig(_Strict):
@@ -172,7 +194,7 @@ class TrainingConfig(_Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter, when adapter is lora")
     learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="peak learning rate")
     epochs: float = Field(1.0, gt=0.0, description="passes over the training rows")
-    max_steps: int = Field(-1, ge=-1, description="stop after this many optimizer steps; -1: run all epochs")
+    max_steps: StepCount = Field(-1, description="stop after this many optimizer steps; -1: run all epochs")
     batch_size: int = Field(8, ge=1, description="the global batch, split evenly over torchrun processes")
     gradient_accumulation: int = Field(1, ge=1, description="batches per optimizer step")
     micro_batch_size: int | None = Field(None, ge=1, description=(
@@ -368,8 +390,12 @@ class RetrainConfig(_Strict):
     def _cron(cls, value: str | None) -> str | None:
         from croniter import croniter
 
-        if value is not None and (len(value.split()) != 5 or not croniter.is_valid(value)):
-            raise ValueError("a cron expression with 5 fields, e.g. '0 3 * * 1', or null")
+        if value is not None and len(value.split()) != 5:
+            raise ValueError("a cron expression with 5 fields (minute hour day month weekday), e.g. '0 3 * * 1', "
+                             "or null")
+        if value is not None and not croniter.is_valid(value):
+            raise ValueError("not a valid cron expression: a field is out of its range (minute 0-59, hour 0-23, day "
+                             "1-31, month 1-12, weekday 0-6) or not a number, list, range or step")
         return value
 
 

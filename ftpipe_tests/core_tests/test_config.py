@@ -42,7 +42,10 @@ def test_defaults_when_task_yaml_is_empty(tmp_path: Path) -> None:
         ("training: {lora: {target_modules: 'q_proj,v_proj'}}", "training.lora.target_modules",
          "(got 'q_proj,v_proj'; a list is written [q_proj, v_proj])"),
         ("training: {lora: {target_modules: 5}}", "training.lora.target_modules", "a valid list or Input should be"),
-        ("retrain: {schedule: 'weekly'}", "retrain.schedule", "cron expression"),
+        ("retrain: {schedule: 'weekly'}", "retrain.schedule", "a cron expression with 5 fields"),
+        ("retrain: {schedule: '61 3 * * *'}", "retrain.schedule", "a field is out of its range (minute 0-59"),
+        ("training: {max_steps: 0}", "training.max_steps", "0 steps trains nothing"),
+        ("training: {preference: {max_steps: 0}}", "training.preference.max_steps", "or -1 for all epochs"),
         ("training: {replay: 0.8}", "training.replay", "less than or equal to 0.5"),
     ],
 )
@@ -53,6 +56,11 @@ def test_mistakes_name_file_field_and_expectation(tmp_path: Path, text: str, fie
         load_task_config(path)
     assert str(error.value) == f"{path}: {field}: {str(error.value).split(': ', 2)[2]}", "one line: file, field, problem"
     assert expected in str(error.value)
+
+
+def test_a_section_with_every_setting_commented_out_means_its_defaults() -> None:
+    config = parse_task_config("training:\n  # max_steps: 3\nsplit:\n", "t/task.yaml")
+    assert config.training == parse_task_config("", "t/task.yaml").training and config.split.eval_fraction > 0
 
 
 def test_each_problem_is_one_line_naming_the_file_and_the_field() -> None:
