@@ -545,11 +545,22 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+def _settings_named(key: str, model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """The dotted paths of the task.yaml settings named `key`, in every section, the shortest first."""
+    found = []
+    for name, field in (model or TaskConfig).model_fields.items():
+        found += [f"{prefix}{name}"] if name == key else []
+        inner = nested_model(field.annotation)
+        found += _settings_named(key, inner, f"{prefix}{name}.") if inner else []
+    return sorted(found, key=lambda path: path.count("."))
+
+
 def _unknown_key(loc: tuple) -> str:
     model = _model_at(loc[:-1])
     valid = list(model.model_fields) if model else []
     other = OTHER_NAMES.get(str(loc[-1]).lower(), "")
-    close = [other] if other.split(".")[0] in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    close = ([other] if other.split(".")[0] in valid else _settings_named(str(loc[-1]))
+             or difflib.get_close_matches(str(loc[-1]), valid, n=1))
     if close:
         return f"unknown key; did you mean {close[0]}?"
     return f"unknown key; valid keys: {', '.join(valid)}" if valid else "unknown key"
