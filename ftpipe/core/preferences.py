@@ -20,6 +20,7 @@ from ftpipe.core.records import (
     text_field, type_name, with_system_prompt,
 )
 from ftpipe.core.text import canonical
+from ftpipe.core.training.methods import UNPAIRED_OBJECTIVES
 
 OWN_COLUMNS = {name: name for name in ("prompt", "chosen", "rejected", "completion", "label")}
 LABELS = {"true": True, "1": True, "false": False, "0": False}  # JSON and CSV spellings of a label
@@ -36,8 +37,6 @@ def is_paired(row: dict[str, Any]) -> bool:
 
 def missing_preference_rows(objective: str, path: Path) -> str | None:
     """Why the preference `objective` has nothing to train on in the preference rows of `path`; None when it has."""
-    from ftpipe.core.training.methods import UNPAIRED_OBJECTIVES
-
     rows = read_preferences(path)
     if objective in UNPAIRED_OBJECTIVES and not rows:
         return f"{objective} trains on preference rows, and {path} has none"
