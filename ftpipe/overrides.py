@@ -11,10 +11,9 @@ import yaml
 from ftpipe.config import TaskConfigError
 
 SETTING_KEY_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-# a comma or space before the next `key=`, or a quoted text (kept whole: a quoted value may hold `, key=`)
-SETTING_SEPARATOR_RE = re.compile(r"""("[^"]*"|'[^']*')|[,\s]+(?=[A-Za-z_][\w.]*=)""")
-# a quoted text, or a `#` that starts a YAML comment (first, or after a space)
-COMMENT_RE = re.compile(r"""("[^"]*"|'[^']*')|(?:^|(?<=\s))#""")
+QUOTED = r"""("[^"]*"|'[^']*')"""  # a quoted text, matched whole so that nothing inside it is found
+SETTING_SEPARATOR_RE = re.compile(QUOTED + r"|[,\s]+(?=[A-Za-z_][\w.]*=)")  # a comma or space before the next `key=`
+COMMENT_RE = re.compile(QUOTED + r"|(?:^|(?<=\s))#")  # a `#` that starts a YAML comment (first, or after a space)
 
 
 def _pairs(settings: str) -> list[str]:

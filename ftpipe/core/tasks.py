@@ -54,11 +54,13 @@ def folder_config(folder: Path, overrides: str = "") -> TaskConfig:
     """The validated configuration in task folder `folder` (see `task_config`)."""
     path = folder / "task.yaml"
     config = load_task_config(path, overrides)
+    models = {"base_model": config.base_model, "training.teacher_model": config.training.teacher_model}
     problems = []
-    for field, spec in (("base_model", config.base_model), ("training.teacher_model", config.training.teacher_model)):
+    for field, spec in models.items():
+        if spec is None:
+            continue
         try:
-            if spec is not None:
-                base_model_source(spec, folder)
+            base_model_source(spec, folder)
         except ValueError as error:
             problems.append(f"{named_source(str(path), overrides, field)}: {field}: {error} (got {spec!r})")
     if problems:
