@@ -6,6 +6,7 @@ import difflib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -67,6 +68,22 @@ def _some_steps(count: int) -> int:
 
 
 StepCount = Annotated[int, Field(ge=-1), AfterValidator(_some_steps)]
+
+
+def _a_reachable_gain(threshold: float) -> float:
+    if threshold >= 1:
+        raise ValueError("a share, not a percentage: the metric lies between 0 and 1 (0.05 is 5 points), so the "
+                         "gate could never pass")
+    return threshold
+
+
+def _a_web_address(url: str | None) -> str | None:
+    if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
+        raise ValueError("an http:// or https:// address")
+    return url
+
+
+GainThreshold = Annotated[float, AfterValidator(_a_reachable_gain)]
 
 
 class DataConfig(_Strict):
@@ -330,16 +347,19 @@ class EvaluationConfig(_Strict):
     fewshot_k: int = Field(
         5, ge=0, description="train examples in the few-shot baseline's prompt; 0: no few-shot baseline"
     )
-    min_improvement: float = Field(0.0, description="gate: lower end of the 95% interval of the gain must be above this")
-    min_preference_gain: float = Field(0.0, description=(
+    min_improvement: GainThreshold = Field(
+        0.0, description="gate: lower end of the 95% interval of the gain must be above this (a share: 0.05 is 5 "
+                         "points)")
+    min_preference_gain: GainThreshold = Field(0.0, description=(
         "gate, with a preference stage: lower end of the 95% interval of the preference-accuracy gain over the SFT "
-        "model must be above this"))
+        "model must be above this (a share: 0.05 is 5 points)"))
     require_beats_fewshot: bool = Field(
         False, description="gate: the gain over the few-shot baseline must be above min_improvement too"
     )
     max_forgetting: float = Field(
         0.10, ge=0.0, description="gate: fails when the lower end of the 95% interval of forgetting (relative "
-                                  "worsening on the general-skills probe, or on any one of its skills) is above this"
+                                  "worsening on the general-skills probe, or on any one of its skills) is above this "
+                                  "(a share: 0.10 is 10 %)"
     )
     require_human_review: int = Field(
         0, ge=0, description="gate (generation): wait for this many human verdicts in the task's reviews/ folder"
@@ -498,7 +518,8 @@ class MonitoringConfig(_Strict):
     neighbour_threshold: float = Field(
         0.5, gt=0, le=1, description="word Jaccard similarity that makes a training prompt a near neighbour"
     )
-    alert_webhook: str | None = Field(None, description="URL that gets a JSON POST when a production check fails")
+    alert_webhook: Annotated[str | None, AfterValidator(_a_web_address)] = Field(
+        None, description="URL that gets a JSON POST when a production check fails")
 
 
 class TaskConfig(_Strict):

@@ -50,6 +50,9 @@ def test_defaults_when_task_yaml_is_empty(tmp_path: Path) -> None:
         ("training: {max_steps: 0}", "training.max_steps", "0 steps trains nothing"),
         ("training: {preference: {max_steps: 0}}", "training.preference.max_steps", "or -1 for all epochs"),
         ("training: {replay: 0.8}", "training.replay", "less than or equal to 0.5"),
+        ("evaluation: {min_improvement: 5}", "evaluation.min_improvement", "a share, not a percentage"),
+        ("evaluation: {min_preference_gain: 1}", "evaluation.min_preference_gain", "the gate could never pass (got 1)"),
+        ("monitoring: {alert_webhook: hooks.example.com/x}", "monitoring.alert_webhook", "an http:// or https://"),
     ],
 )
 def test_mistakes_name_file_field_and_expectation(tmp_path: Path, text: str, field: str, expected: str) -> None:
@@ -59,6 +62,15 @@ def test_mistakes_name_file_field_and_expectation(tmp_path: Path, text: str, fie
         load_task_config(path)
     assert str(error.value) == f"{path}: {field}: {str(error.value).split(': ', 2)[2]}", "one line: file, field, problem"
     assert expected in str(error.value)
+
+
+def test_lenient_gate_thresholds_and_web_addresses_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "task.yaml"
+    path.write_text("evaluation: {min_improvement: -2.0, max_forgetting: 1.0}\n"
+                    "monitoring: {alert_webhook: 'https://hooks.example.com/ftpipe'}\n")
+    config = load_task_config(path)
+    assert (config.evaluation.min_improvement, config.evaluation.max_forgetting) == (-2.0, 1.0)
+    assert config.monitoring.alert_webhook == "https://hooks.example.com/ftpipe"
 
 
 def test_a_section_with_every_setting_commented_out_means_its_defaults() -> None:
