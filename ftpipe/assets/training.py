@@ -138,7 +138,7 @@ def _launch(context: dg.AssetExecutionContext, training: TrainingConfig, spec_pa
             joining = " ".join(training_command(training, str(spec_path), fingerprint, python="python"))
             context.log.info(f"waiting for {training.nnodes - 1} more node(s); on each, with the same FTPIPE_HOME, "
                              f"run: {joining}")
-        _run_here(context, subprocesses, training_command(training, str(spec_path), fingerprint), env)
+        _run_here(context, subprocesses, training_command(training, str(spec_path), fingerprint), env, spec_path)
         return
     try:
         spec = pod_spec(training.k8s, training_command(training, str(spec_path), fingerprint, python="python"))
@@ -150,20 +150,23 @@ def _launch(context: dg.AssetExecutionContext, training: TrainingConfig, spec_pa
 
 
 def _run_here(context: dg.AssetExecutionContext, subprocesses: dg.PipesSubprocessClient, command: list[str],
-              env: dict[str, str]) -> None:
+              env: dict[str, str], spec_path: Path) -> None:
     """Run the training program on this machine through Pipes; it stops by itself when this process is gone.
 
     A stop (Terminate, `dagster run terminate`, Ctrl-C or SIGTERM) or a refused spec fails the step for good, so the
     run ends CANCELED or FAILED; any other failure (a crash, an OOM kill) is left to the RetryPolicy, which resumes.
     """
-    from ftpipe.core.launch import LAUNCHER_PID_ENV
+    from ftpipe.core.launch import LAUNCHER_PID_ENV, REFUSAL_NOTE_ENV, refusal_note
 
+    note = refusal_note(spec_path)
+    note.unlink(missing_ok=True)
     try:
-        subprocesses.run(command=command, context=context, env={**env, LAUNCHER_PID_ENV: str(os.getpid())})
+        subprocesses.run(command=command, context=context,
+                         env={**env, LAUNCHER_PID_ENV: str(os.getpid()), REFUSAL_NOTE_ENV: str(note)})
     except (dg.DagsterExecutionInterruptedError, subprocess.TimeoutExpired) as stop:
         raise dg.Failure(description="training stopped: the run was interrupted", allow_retries=False) from stop
     except DagsterPipesExecutionError as error:
-        reason = _not_retryable(context, _exit_status(error))
+        reason = _not_retryable(context, _exit_status(error), note)
         if reason:
             raise dg.Failure(description=reason, allow_retries=False) from error
         raise
@@ -175,13 +178,17 @@ def _exit_status(error: DagsterPipesExecutionError) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def _not_retryable(context: dg.AssetExecutionContext, exit_status: int | None) -> str | None:
-    """Why a training that failed with `exit_status` must not be retried (a refused spec, a stop request); None when
-    a retry may help (a crash)."""
+def _not_retryable(context: dg.AssetExecutionContext, exit_status: int | None, note: Path) -> str | None:
+    """Why a training that failed with `exit_status` must not be retried (a refused spec, in the program's words from
+    its `note`; a stop request); None when a retry may help (a crash)."""
     from ftpipe.core.launch import EXIT_REFUSED, stop_signal
 
     if exit_status == EXIT_REFUSED:
-        return "the training program refused its spec (see its error above)"
+        if not note.is_file():
+            return "the training program refused its spec (see its error above)"
+        reason = note.read_text(encoding="utf-8")
+        note.unlink()
+        return reason
     stopped = stop_signal(exit_status) if exit_status is not None else None
     if stopped:
         return f"training stopped by {stopped}"

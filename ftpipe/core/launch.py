@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from ftpipe.config import K8sConfig, TrainingConfig
@@ -16,11 +17,18 @@ TRAINING_PROGRAM = ["-m", "ftpipe.core.training"]
 CONTAINER_NAME = "training"
 EXIT_REFUSED = 2  # the program refused its spec before training: retrying cannot help
 LAUNCHER_PID_ENV = "FTPIPE_LAUNCHER_PID"  # the process that started the training; the training stops when it is gone
+REFUSAL_NOTE_ENV = "FTPIPE_REFUSAL_NOTE"  # the file the program writes why it refused its spec to, not the log
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Refused(ValueError):
     """A spec the training program cannot train on, found once it read its data: it exits `EXIT_REFUSED` too."""
+
+
+def refusal_note(spec_path: Path | str) -> Path:
+    """Where a training program started on this machine leaves why it refused `spec_path` (`REFUSAL_NOTE_ENV`),
+    for the launching step's failure to say."""
+    return Path(spec_path).with_suffix(".refused")
 
 
 class PodSpecError(ValueError):

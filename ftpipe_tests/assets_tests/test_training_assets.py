@@ -117,14 +117,19 @@ def test_a_preference_stage_without_pairs_is_refused_before_the_sft_training(tin
     assert not TaskLayout(tiny_task).path("checkpoints").exists(), "nothing was trained"
 
 
-def test_qlora_without_cuda_is_refused_where_it_would_train(tiny_task: str) -> None:
+def test_qlora_without_cuda_is_refused_where_it_would_train_in_the_step_failure_once(tiny_task: str, capfd) -> None:
     with dg.instance_for_test() as instance:
         build_upstream(instance, tiny_task)
         result = run(instance, tiny_task, run_config=overrides("lora_adapter", "training: {method: qlora}"))
         assert not result.success
-        assert "needs a CUDA GPU" in logged(instance, result)
+        [failure] = result.get_step_failure_events()
+        refusal = "training refused: quantization 4bit (method qlora) needs a CUDA GPU"
+        assert failure.step_failure_data.user_failure_data.description.startswith(refusal), "the program's own words"
+        assert refusal not in logged(instance, result), "said once, in the failure, not in a log line too"
+        assert not [line for line in capfd.readouterr().err.splitlines() if line.startswith(refusal)], "nor on stderr"
         assert not instance.all_logs(result.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY), "refused for good"
     assert not TaskLayout(tiny_task).path("checkpoints").exists(), "nothing was trained"
+    assert not list(TaskLayout(tiny_task).path("lora_adapter").glob("*.refused")), "the note is gone once said"
 
 
 @pytest.mark.slow

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             spec, config, method = prepare(Path(args[0]))
         except (OSError, TypeError, ValueError) as error:
-            reporter.error(f"training refused: {' '.join(str(error).split())}")
+            reporter.refused(f"training refused: {' '.join(str(error).split())}")
             return EXIT_REFUSED
         leave_out_bitsandbytes(method)
         try:
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             reporter.info(f"training stopped: {interrupted}")
             return 128 + interrupted.signum
         except Refused as refused:
-            reporter.error(f"training refused: {refused}")
+            reporter.refused(f"training refused: {refused}")
             return EXIT_REFUSED
         if result is not None:
             reporter.materialization(pipes_metadata(result.metadata), result.produced["data_version"])

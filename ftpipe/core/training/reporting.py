@@ -9,9 +9,11 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from ftpipe.core import readable
+from ftpipe.core.launch import REFUSAL_NOTE_ENV
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                   "logps/rejected")  # logged by TRL's preference trainers (kto: no accuracies), and with eval_ in front
@@ -43,11 +45,19 @@ class Reporter:
         if self.echo:
             print(message, flush=True)
 
-    def error(self, message: str) -> None:
-        """One line on stderr (always) and in the Dagster log."""
-        if self.pipes is not None:
+    def refused(self, message: str) -> None:
+        """Why the spec was refused, in one line said once: in the launcher's note file when it gave one (its step
+        failure states it), else in the Dagster log under Dagster, else on stderr."""
+        if note := os.environ.get(REFUSAL_NOTE_ENV):
+            try:
+                Path(note).write_text(message, encoding="utf-8")
+                return
+            except OSError:
+                pass
+        if self.pipes is not None and not self.echo:
             self.pipes.log.error(message)
-        print(message, file=sys.stderr, flush=True)
+        else:
+            print(message, file=sys.stderr, flush=True)
 
     def materialization(self, metadata: dict[str, Any], data_version: str) -> None:
         if self.pipes is not None:
