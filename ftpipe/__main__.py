@@ -28,7 +28,8 @@ def sync_tasks(show_refused: bool = True) -> tuple[list[str], dict[str, str]]:
     for event in changes.observations(of_new=True):
         instance.report_runless_asset_event(event)
     for reason in changes.refused.values() if show_refused else []:
-        print(f"refused: {reason}", file=sys.stderr)
+        for problem in reason.splitlines():  # each of a folder's problems on its own line
+            print(f"refused: {problem}", file=sys.stderr)
     tasks = instance.get_dynamic_partitions(task_partitions.name)
     print(f"tasks: {', '.join(tasks) or 'none'} ({len(changes.new)} new, {len(changes.changed) - len(changes.new)} changed)")
     if changes.gone:

@@ -208,11 +208,14 @@ def test_tasks_sync_cli_registers_partitions(ftpipe_env: Path, tmp_path: Path) -
     assert "(0 new, 0 changed)" in again.stdout and "no task folder" not in again.stdout
     config = ftpipe_env / "tasks" / "alpha" / "task.yaml"
     valid = config.read_text()
-    config.write_text(valid + "training: {epoch: 2}\n")  # mid-edit: refused, not run for its change, not gone
+    config.write_text(valid + "training: {epoch: 2}\nsplit: {seed: x}\n")  # mid-edit: refused, not run, not gone
     edited = subprocess.run([sys.executable, "-m", "ftpipe", "tasks", "sync"], capture_output=True, text=True, env=env)
     assert edited.returncode == 1 and "(0 new, 0 changed)" in edited.stdout and "no task folder" not in edited.stdout
-    assert edited.stderr.strip().splitlines()[-1] == (
-        f"refused: {config}: training.epoch: unknown key; did you mean epochs?"), edited.stderr
+    assert edited.stderr.strip().splitlines()[-2:] == [
+        f"refused: {config}: training.epoch: unknown key; did you mean epochs?",
+        f"refused: {config}: split.seed: Input should be a valid integer, unable to parse string as an integer "
+        "(got 'x')",
+    ], "each problem on a line of its own"
     config.write_text(valid)
     shutil.rmtree(ftpipe_env / "tasks" / "alpha")
     gone = subprocess.run([sys.executable, "-m", "ftpipe", "tasks", "sync"], capture_output=True, text=True, env=env, check=True)
