@@ -42,13 +42,24 @@ def settings_overrides(settings: str) -> str:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise TaskConfigError(f"--set {pair!r}: {part} is set to a value already")
-        if leaf in node:
-            raise TaskConfigError(f"--set {pair!r}: {key} is set already by an earlier setting: keep one")
         if any(match.group(1) is None for match in COMMENT_RE.finditer(value)):
             raise TaskConfigError(f"--set {pair!r}: YAML reads a '#' at the start or after a space as a comment, which "
                                   f"would cut the value there: quote it ({key}=\"...\")")
         try:
-            node[leaf] = yaml.safe_load(value)
+            loaded = yaml.safe_load(value)
         except yaml.YAMLError:
             raise TaskConfigError(f"--set {pair!r}: the value is not valid YAML") from None
+        _put(node, leaf, loaded, pair, key)
     return yaml.safe_dump(values, sort_keys=False) if values else ""
+
+
+def _put(node: dict[str, Any], leaf: str, value: Any, pair: str, key: str) -> None:
+    """Set `node[leaf]`; a mapping merges into one an earlier pair set, in either order; TaskConfigError for a key set
+    twice."""
+    if leaf not in node:
+        node[leaf] = value
+    elif isinstance(node[leaf], dict) and isinstance(value, dict):
+        for inner, inner_value in value.items():
+            _put(node[leaf], inner, inner_value, pair, f"{key}.{inner}")
+    else:
+        raise TaskConfigError(f"--set {pair!r}: {key} is set already by an earlier setting: keep one")

@@ -46,9 +46,13 @@ def test_settings_become_an_overrides_snippet() -> None:
     quoted = settings_overrides('data.system_prompt="Classify it, label=billing if about money" split.seed=2')
     assert yaml.safe_load(quoted) == {"data": {"system_prompt": "Classify it, label=billing if about money"},
                                       "split": {"seed": 2}}, "a quoted value is one setting, whatever it holds"
-    for twice in ("training.max_steps=10 training.max_steps=20", "training.max_steps=3, training={}"):
+    for twice in ("training.max_steps=10 training.max_steps=20", "training.max_steps=3, training={max_steps: 4}",
+                  "training.lora.r=8 training.lora={r: 4}", "training.lora={r: 4} training.lora.r=8"):
         with pytest.raises(TaskConfigError, match=r"is set already by an earlier setting: keep one$"):
             settings_overrides(twice)
+    for either_order in ("training.lora.r=8 training.lora={alpha: 16}", "training.lora={alpha: 16} training.lora.r=8"):
+        assert yaml.safe_load(settings_overrides(either_order)) == {"training": {"lora": {"r": 8, "alpha": 16}}}, (
+            "a mapping and a dotted key merge, in either order")
     for commented in ("evaluation.answer_pattern=#### (\\S+)", "data.system_prompt=Reply #1 first"):
         with pytest.raises(TaskConfigError, match=r"as a comment, which would cut the value there: quote it"):
             settings_overrides(commented)
