@@ -267,6 +267,9 @@ class TrainingConfig(_Strict):
         check_stages(self.stages)
         if self.stages[0] == "distill" and not self.teacher_model:
             raise ValueError("stages starting with distill need teacher_model (the model to distil from)")
+        if self.teacher_model and "distill" not in (self.stages[0], self.objective):  # (a distill stage's settings)
+            raise ValueError(f"teacher_model is used by a distill stage only, and stages is {self.stages}: start "
+                             "stages with distill, or leave teacher_model out")
         return self
 
     @property
@@ -302,8 +305,8 @@ def _a_variable_name(name: str | None) -> str | None:
 
 
 EnvVariableName = Annotated[str | None, AfterValidator(_a_variable_name)]
-TASK_TYPE_SETTINGS = {"constrain_to_labels": "classification", "answer_pattern": "generation",
-                      "answer_field": "generation", "require_human_review": "generation"}
+TASK_TYPE_SETTINGS = {"label_field": "classification", "constrain_to_labels": "classification",
+                      "answer_pattern": "generation", "answer_field": "generation", "require_human_review": "generation"}
 
 
 class JudgeConfig(_Strict):

@@ -50,6 +50,9 @@ def test_defaults_when_task_yaml_is_empty(tmp_path: Path) -> None:
         ("training: {max_steps: 0}", "training.max_steps", "0 steps trains nothing"),
         ("training: {preference: {max_steps: 0}}", "training.preference.max_steps", "or -1 for all epochs"),
         ("training: {replay: 0.8}", "training.replay", "less than or equal to 0.5"),
+        ("evaluation: {label_field: answer}", "evaluation", "label_field applies to task_type classification only"),
+        ("training: {teacher_model: x}", "training", "teacher_model is used by a distill stage only, and stages is "
+                                                     "['sft']: start stages with distill, or leave teacher_model out"),
         ("evaluation: {min_improvement: 5}", "evaluation.min_improvement", "a share, not a percentage"),
         ("evaluation: {min_preference_gain: 1}", "evaluation.min_preference_gain", "the gate could never pass (got 1)"),
         ("monitoring: {alert_webhook: hooks.example.com/x}", "monitoring.alert_webhook", "an http:// or https://"),
@@ -165,7 +168,8 @@ def test_unknown_or_escaping_models_fail_before_any_work_in_one_line(
     monkeypatch.delenv("FTPIPE_MODEL_DIRS")
     outside = tmp_path / "outside-model"
     outside.mkdir()
-    setting = {"base_model": f"base_model: {model}", "training.teacher_model": f"training: {{teacher_model: {model}}}"}
+    setting = {"base_model": f"base_model: {model}",
+               "training.teacher_model": f"training: {{stages: [distill], teacher_model: {model}}}"}
     folder = make_task(ftpipe_env, "t", {"a.jsonl": [chat("q", "a")]}, setting[field] + "\n")
     (folder / "linked-model").symlink_to(outside)
     with pytest.raises(TaskConfigError) as error:
