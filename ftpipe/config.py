@@ -545,6 +545,16 @@ class TaskConfig(_Strict):
     serving: ServingConfig = Field(default_factory=ServingConfig, description="the request log of `ftpipe serve`")
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig, description="production monitoring")
 
+    @field_validator("training")
+    @classmethod
+    def _objective_from_stages(cls, training: TrainingConfig) -> TrainingConfig:
+        """A task's trainings run the objectives of `stages`; an `objective` written in task.yaml would not."""
+        if "objective" in training.model_fields_set and training.objective not in training.stages:
+            raise ValueError(f"objective {training.objective} would not train: the trainings run the objectives of "
+                             f"stages ({training.stages}); put {training.objective} in stages (e.g. [sft, dpo] or "
+                             "[distill]) and leave objective out")
+        return training
+
 
 # ---------------------------------------------------------------- errors
 

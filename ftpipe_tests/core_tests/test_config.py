@@ -53,6 +53,8 @@ def test_defaults_when_task_yaml_is_empty(tmp_path: Path) -> None:
         ("evaluation: {label_field: answer}", "evaluation", "label_field applies to task_type classification only"),
         ("training: {teacher_model: x}", "training", "teacher_model is used by a distill stage only, and stages is "
                                                      "['sft']: start stages with distill, or leave teacher_model out"),
+        ("training: {objective: dpo}", "training", "objective dpo would not train: the trainings run the objectives "
+                                                   "of stages (['sft']); put dpo in stages"),
         ("evaluation: {min_improvement: 5}", "evaluation.min_improvement", "a share, not a percentage"),
         ("evaluation: {min_preference_gain: 1}", "evaluation.min_preference_gain", "the gate could never pass (got 1)"),
         ("monitoring: {alert_webhook: hooks.example.com/x}", "monitoring.alert_webhook", "an http:// or https://"),
