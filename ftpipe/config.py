@@ -78,7 +78,8 @@ def _a_reachable_gain(threshold: float) -> float:
 
 
 def _a_web_address(url: str | None) -> str | None:
-    if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
+    parts = urlsplit(url or "")
+    if url is not None and (parts.scheme not in ("http", "https") or not parts.netloc):
         raise ValueError("an http:// or https:// address")
     return url
 
@@ -267,7 +268,7 @@ class TrainingConfig(_Strict):
         check_stages(self.stages)
         if self.stages[0] == "distill" and not self.teacher_model:
             raise ValueError("stages starting with distill need teacher_model (the model to distil from)")
-        if self.teacher_model and "distill" not in (self.stages[0], self.objective):  # (a distill stage's settings)
+        if self.teacher_model and "distill" not in (self.stages[0], self.objective):  # objective: one stage's settings
             raise ValueError(f"teacher_model is used by a distill stage only, and stages is {self.stages}: start "
                              "stages with distill, or leave teacher_model out")
         return self
