@@ -87,6 +87,22 @@ def _a_web_address(url: str | None) -> str | None:
 GainThreshold = Annotated[float, AfterValidator(_a_reachable_gain)]
 
 
+def _compiled(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+
+
+def _a_regular_expression(pattern: str | None) -> str | None:
+    if pattern is not None:
+        _compiled(pattern)
+    return pattern
+
+
+RegexPattern = Annotated[str | None, AfterValidator(_a_regular_expression)]
+
+
 class DataConfig(_Strict):
     """How the files under `raw/` are read."""
 
@@ -378,10 +394,7 @@ class EvaluationConfig(_Strict):
     def _one_group(cls, pattern: str | None) -> str | None:
         if pattern is None:
             return None
-        try:
-            groups = re.compile(pattern).groups
-        except re.error as exc:
-            raise ValueError(f"not a regular expression: {exc}") from None
+        groups = _compiled(pattern).groups
         if groups != 1:
             raise ValueError(f"needs exactly one capture group (...) around the answer, has {groups}")
         return pattern
@@ -445,7 +458,7 @@ class AcceptConfig(_Strict):
 
     labels: list[str] | None = Field(None, description="the answer is one of these labels")
     json_schema: dict[str, Any] | None = Field(None, description="the answer is JSON valid against this schema")
-    regex: str | None = Field(None, description="the whole answer matches this regular expression")
+    regex: RegexPattern = Field(None, description="the whole answer matches this regular expression")
 
     @field_validator("json_schema")
     @classmethod
@@ -458,16 +471,6 @@ class AcceptConfig(_Strict):
             except jsonschema.SchemaError as exc:
                 raise ValueError(f"not a JSON schema: {exc.message} (at {exc.json_path})") from None
         return schema
-
-    @field_validator("regex")
-    @classmethod
-    def _a_regex(cls, pattern: str | None) -> str | None:
-        if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"not a regular expression: {exc}") from None
-        return pattern
 
     @model_validator(mode="after")
     def _one_rule(self) -> AcceptConfig:

@@ -181,14 +181,10 @@ def _exit_status(error: DagsterPipesExecutionError) -> int | None:
 def _not_retryable(context: dg.AssetExecutionContext, exit_status: int | None, note: Path) -> str | None:
     """Why a training that failed with `exit_status` must not be retried (a refused spec, in the program's words from
     its `note`; a stop request); None when a retry may help (a crash)."""
-    from ftpipe.core.launch import EXIT_REFUSED, stop_signal
+    from ftpipe.core.launch import EXIT_REFUSED, stop_signal, taken_refusal
 
     if exit_status == EXIT_REFUSED:
-        if not note.is_file():
-            return "the training program refused its spec (see its error above)"
-        reason = note.read_text(encoding="utf-8")
-        note.unlink()
-        return reason
+        return taken_refusal(note) or "the training program refused its spec (see its error above)"
     stopped = stop_signal(exit_status) if exit_status is not None else None
     if stopped:
         return f"training stopped by {stopped}"

@@ -31,6 +31,15 @@ def refusal_note(spec_path: Path | str) -> Path:
     return Path(spec_path).with_suffix(".refused")
 
 
+def taken_refusal(note: Path) -> str | None:
+    """The refusal a training program left in `note`, which is removed once read; None when it left none."""
+    if not note.is_file():
+        return None
+    reason = note.read_text(encoding="utf-8")
+    note.unlink()
+    return reason
+
+
 class PodSpecError(ValueError):
     """A pod spec the Kubernetes API would refuse, found before any pod is created."""
 
