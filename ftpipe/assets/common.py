@@ -37,7 +37,7 @@ def effective_config(task: str, overrides: str = "") -> TaskConfig:
         raise dg.Failure(description=str(error), allow_retries=False) from None
 
 
-def run_overrides(context: dg.AssetCheckExecutionContext, asset: str) -> str:
+def run_overrides(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, asset: str) -> str:
     """The launchpad overrides this run gave `asset` (none when the asset is not part of the run)."""
     ops = context.run.run_config.get("ops", {})
     return ops.get(dg.AssetKey(asset).to_python_identifier(), {}).get("config", {}).get("overrides", "")

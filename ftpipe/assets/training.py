@@ -14,9 +14,18 @@ import dagster as dg
 from dagster._core.errors import DagsterPipesExecutionError
 from dagster._core.storage.tags import MAX_RUNTIME_SECONDS_TAG
 
-from ftpipe.assets.common import GPU_POOL, TaskRunConfig, load_config, rounded_floats, upstream
+from ftpipe.assets.common import (
+    GPU_POOL,
+    TaskRunConfig,
+    effective_config,
+    load_config,
+    rounded_floats,
+    run_overrides,
+    upstream,
+)
 from ftpipe.core import readable
 from ftpipe.config import TaskConfig, TrainingConfig
+from ftpipe.core.evaluation.judge import missing_key
 from ftpipe.core.layout import TaskLayout, models_dir, replay_cache_dir
 from ftpipe.core.preferences import missing_preference_rows
 from ftpipe.core.results import Result, read_result, reusable
@@ -227,6 +236,9 @@ def lora_adapter(
     for path in TaskLayout(context.partition_key).preference_split_files if preference else ():
         if problem := missing_preference_rows(preference, path):  # said before the first stage trains, not after
             raise dg.Failure(description=f"training.stages {stages} cannot run: {problem}", allow_retries=False)
+    if problem := _judge_unusable(context):
+        raise dg.Failure(description=f"{problem}, so eval_report would fail after this training: set it (or "
+                                     "api_key_env: null for a judge that needs no key)", allow_retries=False)
     return _stage(context, config, cfg, cfg.training.for_stage(stages[0]), mlflow, pipes_subprocess_client,
                   training_pods)
 
@@ -255,6 +267,14 @@ def preference_adapter(
             data_version=dg.DataVersion(sft.produced["data_version"]))
     return _stage(context, config, cfg, cfg.training.for_stage(objective), mlflow, pipes_subprocess_client,
                   training_pods)
+
+
+def _judge_unusable(context: dg.AssetExecutionContext) -> str | None:
+    """Why the LLM judge of this run's eval_report cannot be asked (its key's variable not set here), found before
+    the training it would follow; None when it can, or when the run does not evaluate."""
+    if dg.AssetKey("eval_report") not in context.job_def.asset_layer.selected_asset_keys:
+        return None
+    return missing_key(effective_config(context.partition_key, run_overrides(context, "eval_report")).evaluation.judge)
 
 
 def _stage(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: TaskConfig, stage: TrainingConfig,

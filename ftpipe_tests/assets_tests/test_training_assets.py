@@ -117,6 +117,29 @@ def test_a_preference_stage_without_pairs_is_refused_before_the_sft_training(tin
     assert not TaskLayout(tiny_task).path("checkpoints").exists(), "nothing was trained"
 
 
+def test_a_judge_without_its_key_is_refused_before_the_training_it_would_follow(tiny_task: str, monkeypatch) -> None:
+    """The key is read by eval_report, after the training: a run that evaluates says so before training; a run of
+    the training alone does not need the key."""
+    from ftpipe.assets import evaluation
+
+    monkeypatch.delenv("FTPIPE_TEST_JUDGE_KEY", raising=False)
+    judge = "evaluation: {judge: {base_url: 'http://127.0.0.1:9/v1', model: j, api_key_env: FTPIPE_TEST_JUDGE_KEY}}"
+    settings = {"ops": {"lora_adapter": {"config": {"overrides": K8S}},
+                        "eval_report": {"config": {"overrides": judge}}}}
+    with dg.instance_for_test() as instance:
+        build_upstream(instance, tiny_task)
+        both = run(instance, tiny_task, [training.lora_adapter, evaluation.eval_report], run_config=settings,
+                   training_pods=PodsRecorded())
+        assert not PODS, "nothing was launched"
+        alone = run(instance, tiny_task, run_config={"ops": {"lora_adapter": settings["ops"]["lora_adapter"]}},
+                    training_pods=PodsRecorded())
+    [refused] = both.get_step_failure_events()
+    assert refused.step_key == "lora_adapter" and refused.step_failure_data.user_failure_data.description == (
+        "evaluation.judge.api_key_env: environment variable FTPIPE_TEST_JUDGE_KEY is not set, so eval_report would "
+        "fail after this training: set it (or api_key_env: null for a judge that needs no key)")
+    assert "pod recorded" in alone.get_step_failure_events()[0].step_failure_data.user_failure_data.description
+
+
 def test_qlora_without_cuda_is_refused_where_it_would_train_in_the_step_failure_once(tiny_task: str, capfd) -> None:
     with dg.instance_for_test() as instance:
         build_upstream(instance, tiny_task)

@@ -44,15 +44,20 @@ def combine(new_as_b: str | None, new_as_a: str | None) -> str:
     return {("B", "A"): "win", ("A", "B"): "loss"}.get((new_as_b, new_as_a), "tie")
 
 
+def missing_key(judge: JudgeConfig | None) -> str | None:
+    """Why `judge` cannot be asked from this process (the variable naming its key is not set); None when it can."""
+    if judge is not None and judge.api_key_env and not os.environ.get(judge.api_key_env):
+        return f"evaluation.judge.api_key_env: environment variable {judge.api_key_env} is not set"
+    return None
+
+
 def judge_client(judge: JudgeConfig):
     """An `openai.OpenAI` client on the judge's endpoint, with the key from the environment variable it names."""
     from openai import OpenAI
 
-    api_key = "none"  # keyless local servers still need a value
-    if judge.api_key_env:
-        api_key = os.environ.get(judge.api_key_env, "")
-        if not api_key:
-            raise ValueError(f"evaluation.judge.api_key_env: environment variable {judge.api_key_env} is not set")
+    if problem := missing_key(judge):
+        raise ValueError(problem)
+    api_key = os.environ[judge.api_key_env] if judge.api_key_env else "none"  # keyless local servers need a value
     return OpenAI(base_url=judge.base_url, api_key=api_key, timeout=TIMEOUT_S)
 
 
