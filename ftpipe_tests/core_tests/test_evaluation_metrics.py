@@ -59,6 +59,14 @@ def test_confusion_table_counts_reference_by_prediction():
     assert lines[0] == "| reference / predicted | a | b | (other) | (unparseable) |"
     assert lines[2] == "| a | 1 | 0 | 0 | 1 |"
     assert lines[3] == "| b | 1 | 1 | 1 | 0 |"
+    assert lines[-1] == "(other) holds answers that are no held-out label, most often first: zzz ×1"
+
+
+def test_the_answers_other_counts_are_listed_as_written_most_often_first():
+    made_up = ["system"] * 3 + ["triage"] * 2 + [f"made_up_{n}" for n in range(6)]
+    table = confusion_table(["a"] * len(made_up), made_up, {"system": "System"})
+    assert table.splitlines()[-1] == ("(other) holds answers that are no held-out label, most often first: System ×3, "
+                                      "triage ×2, made_up_0 ×1, made_up_1 ×1, made_up_2 ×1 and 3 other answers")
 
 
 def test_many_labels_list_what_each_was_confused_with_instead_of_a_wide_table():

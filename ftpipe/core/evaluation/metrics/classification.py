@@ -19,6 +19,7 @@ UNPARSEABLE = "(unparseable)"
 OTHER_LABEL = "(other)"
 WIDE_LABELS = 12  # more labels than this: the confusion table lists what each label was confused with instead
 OTHER_CHARS = 40
+OTHER_SHOWN = 5  # of the answers that are no label, under a confusion table
 STOPPED = "…"  # ends a bare-label answer cut where it could no longer become a label
 
 
@@ -79,8 +80,9 @@ def macro_f1(expected: list[str], predicted: list[str | None]) -> float:
 
 def confusion_table(expected: list[str], predicted: list[str | None], written: dict[str, str] | None = None) -> str:
     """Markdown counts, reference label × predicted label; labels never seen as a reference go to `(other)`. Labels
-    are shown as `written` spells them (`Classification.spellings`), else by their normalised name. With more than
-    WIDE_LABELS labels, a row per reference label instead (`_confusions`), so the table stays readable."""
+    are shown as `written` spells them (`Classification.spellings`), else by their normalised name, and the answers
+    `(other)` counts are listed under the table. With more than WIDE_LABELS labels, a row per reference label instead
+    (`_confusions`), so the table stays readable."""
     labels = sorted(set(expected))
     shown = written or {}
     if len(labels) > WIDE_LABELS:
@@ -89,7 +91,23 @@ def confusion_table(expected: list[str], predicted: list[str | None], written: d
     counts = Counter(zip(expected, column))
     columns = labels + [c for c in (OTHER_LABEL, UNPARSEABLE) if c in column or c == UNPARSEABLE]
     rows = [[shown.get(label, label), *(counts[label, c] for c in columns)] for label in labels]
-    return markdown_table(["reference / predicted", *(shown.get(c, c) for c in columns)], rows)
+    table = markdown_table(["reference / predicted", *(shown.get(c, c) for c in columns)], rows)
+    others = Counter(p for p in predicted if p is not None and p not in labels)
+    return table + (f"\n\n{OTHER_LABEL} holds answers that are no held-out label, most often first: "
+                    f"{_listed(others, shown)}" if others else "")
+
+
+def _listed(answers: Counter, shown: dict[str, str]) -> str:
+    """`answer ×count, …` for the OTHER_SHOWN most frequent answers (as written, cut to OTHER_CHARS), and how many
+    more there were."""
+    common = answers.most_common(OTHER_SHOWN)
+    more = len(answers) - len(common)
+    return ", ".join(f"{_as_written(a, shown)} ×{n}" for a, n in common) + (
+        f" and {more} other answers" if more else "")
+
+
+def _as_written(answer: str, shown: dict[str, str]) -> str:
+    return clipped(shown.get(answer, answer), OTHER_CHARS)
 
 
 def _confusions(labels: list[str], expected: list[str], predicted: list[str | None], shown: dict[str, str]) -> str:
@@ -99,15 +117,12 @@ def _confusions(labels: list[str], expected: list[str], predicted: list[str | No
     counts = Counter(zip(expected, (UNPARSEABLE if p is None else p for p in predicted)))
     answered = Counter(UNPARSEABLE if p is None else p for p in predicted)
 
-    def answer(value: str) -> str:
-        text = shown.get(value, value)
-        return clipped(text, OTHER_CHARS)
-
     def row(label: str) -> list[Any]:
         rows, right = sum(n for (e, _), n in counts.items() if e == label), counts[label, label]
         precision = f"{right / answered[label]:.2f}" if answered[label] else "–"  # never answered
         return [shown.get(label, label), rows, right, precision, f"{2 * right / (rows + answered[label]):.2f}",
-                ", ".join(f"{answer(p)} ×{n}" for (e, p), n in counts.most_common() if e == label and p != label)]
+                ", ".join(f"{_as_written(p, shown)} ×{n}"
+                          for (e, p), n in counts.most_common() if e == label and p != label)]
 
     return markdown_table(["reference", "rows", "right", "precision", "F1", "predicted instead"], list(map(row, labels)))
 
