@@ -25,7 +25,7 @@ from ftpipe.core.evaluation.metrics import answer_problem, label_reader, shape_c
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.records import BadRow, message_list, with_system_prompt
 from ftpipe.core.results import read_result
-from ftpipe.core.server.request_log import read_records
+from ftpipe.core.server.request_log import CLIENT_CLOSED, read_records
 from ftpipe.core.storage import exclusive, task_dir, write_text
 from ftpipe.core.tasks import split_system_prompt, task_config
 from ftpipe.core.text import loose
@@ -61,7 +61,10 @@ def add_feedback(task: str, request_id: str, output: str, messages: list[dict[st
     found = next((r for r in (read_records(task) if records is None else records) if r["request_id"] == request_id),
                  None)
     if found is None:
-        raise FeedbackError(f"request_id: {request_id!r} is not in task {task!r}'s request log")
+        raise FeedbackError(f"request_id: {request_id!r} is not in the request log of task {task!r}")
+    if 400 <= found.get("status", 200) < CLIENT_CLOSED:
+        raise FeedbackError(f"request_id: {request_id!r} was refused ({found['status']}: {found.get('error')}), so "
+                            "no answer was served to correct")
     conversation = _checked(messages) if messages is not None else found["messages"]
     if not isinstance(conversation, list):
         raise FeedbackError(f"messages: task {task!r} logs no content, so the correction must bring the messages")
@@ -201,6 +204,8 @@ def _apply_line(task: str, line: str, records: list[dict[str, Any]]) -> str:
         raise FeedbackError(f"not valid JSON ({error})") from None
     if not isinstance(item, dict):
         raise FeedbackError('not a JSON object: {"request_id": "...", "output": "..."}')
+    if not isinstance(item.get("request_id"), str):
+        raise FeedbackError("request_id: missing: the id of the served answer it corrects (the response's `id`)")
     return add_feedback(task, item.get("request_id"), item.get("output"), item.get("messages"), records,
                         new_label=item.get("new_label") is True)[1]
 

@@ -97,6 +97,23 @@ def test_a_correction_keeps_the_system_prompt_the_model_answered_with(tiny_task:
         add_feedback(tiny_task, first, '{"color": "red"}', messages=[{"role": "user", "content": " "}])
 
 
+def test_only_a_request_that_was_answered_can_be_corrected(tiny_task: str) -> None:
+    log = RequestLog()
+    for request_id, status, error in (("chatcmpl-refused", 400, "messages: 10034 prompt tokens + 256 exceed 8192"),
+                                      ("chatcmpl-closed", 499, "the client closed the stream before the answer ended")):
+        log.append({"time": "2026-12-01T10:00:00.000Z", "task": tiny_task, "model": tiny_task, "version": 1,
+                    "request_id": request_id, "messages": [{"role": "user", "content": "What color is a kiwi?"}],
+                    "output": "", "latency_ms": 5.0, "status": status, "error": error})
+    log.close()
+    with pytest.raises(FeedbackError, match=r"^request_id: 'chatcmpl-refused' was refused \(400: messages: 10034 "
+                                            r"prompt tokens \+ 256 exceed 8192\), so no answer was served to correct$"):
+        add_feedback(tiny_task, "chatcmpl-refused", "green")
+    assert add_feedback(tiny_task, "chatcmpl-closed", "green")[1] == ADDED, "a closed stream was a valid request"
+    (feedback_dir(tiny_task) / "notes.jsonl").write_text(json.dumps({"output": "green"}) + "\n")
+    assert apply_dropped_feedback(tiny_task) == (0, [
+        "notes.jsonl:1: request_id: missing: the id of the served answer it corrects (the response's `id`)"])
+
+
 def test_a_label_no_row_has_yet_is_refused_as_a_likely_typo_unless_the_correction_says_it_is_new(
         tiny_task: str, tmp_path: Path) -> None:
     config = task_dir(tiny_task) / "task.yaml"

@@ -155,7 +155,8 @@ def test_key_bad_requests_and_a_hot_swap_of_the_champion(stack, models, tmp_path
                                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
-    assert refused.value.code == 400 and "not valid JSON" in json.loads(refused.value.read())["error"]["message"]
+    assert refused.value.code == 400 and json.loads(refused.value.read())["error"]["message"] == (
+        "the request body is not valid JSON: key must be a string at line 1 column 2")
     with pytest.raises(openai.BadRequestError, match="stop: at most 4 strings, none empty"):
         ask(client, "alpha", prompt, stop=["a", "b", "c", "d", "e"])
     whole = ask(client, "alpha", prompt)
@@ -170,6 +171,12 @@ def test_key_bad_requests_and_a_hot_swap_of_the_champion(stack, models, tmp_path
         c.choices[0].delta.content or "" for c in streamed), "no part of the stop string is sent"
     with pytest.raises(openai.BadRequestError, match="response_format: not supported by this server"):
         ask(client, "alpha", prompt, response_format={"type": "json_object"})
+    for option, value in (("presence_penalty", 1.5), ("frequency_penalty", -0.5), ("logit_bias", {"42": 5})):
+        with pytest.raises(openai.BadRequestError, match=f"{option}: not supported by this server"):
+            ask(client, "alpha", prompt, **{option: value})
+    assert ask(client, "alpha", prompt, seed=7, presence_penalty=0, logit_bias={}) == whole, "defaults, and greedy"
+    with pytest.raises(openai.BadRequestError, match="seed: sampled answers cannot be seeded by this server"):
+        client.chat.completions.create(model="alpha", messages=prompt, temperature=0.7, seed=7)
     before = ask(client, "alpha", prompt)  # still serving after every refusal
     parts = [{"role": "developer", "content": [{"type": "text", "text": "Answer briefly."}]},
              {"role": "user", "content": [{"type": "text", "text": prompt[0]["content"]}]}]

@@ -17,19 +17,18 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from ftpipe.core.evaluation.generation import encode
 from ftpipe.core.server.catalog import Catalog, Route, releases
 from ftpipe.core.server.engine import MAX_BATCH, Engine, Job
 from ftpipe.core.feedback import FEEDBACK_FILE, FeedbackError, add_feedback
-from ftpipe.core.server.request_log import SEGMENT_RECORDS, RequestLog, read_records
+from ftpipe.core.server.request_log import CLIENT_CLOSED, SEGMENT_RECORDS, RequestLog, read_records
 from ftpipe.core.server.stop_strings import MAX_STOP_STRINGS, held_back, stop_position
 
 DEFAULT_MAX_TOKENS = 256
 REFRESH_SECONDS = 10.0
-CLIENT_CLOSED = 499  # the status logged for a stream the client closed early (a client-side status, as in nginx)
 
 
 class Message(BaseModel):
@@ -75,6 +74,10 @@ class ChatRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     logprobs: bool | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
 
     @field_validator("stop")
     @classmethod
@@ -84,13 +87,22 @@ class ChatRequest(BaseModel):
             raise PydanticCustomError("stop", f"at most {MAX_STOP_STRINGS} strings, none empty")
         return stops
 
-    @field_validator("response_format", "tools", "logprobs")
+    @field_validator("response_format", "tools", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias")
     @classmethod
     def _unsupported(cls, value: Any) -> Any:
         """Options that would change the answer are refused rather than ignored (their defaults pass)."""
-        if value in (None, False, [], {"type": "text"}):
+        if value in (None, False, 0, [], {}, {"type": "text"}):
             return value
         raise PydanticCustomError("unsupported", "not supported by this server; leave it out")
+
+    @field_validator("seed")
+    @classmethod
+    def _seeded_only_when_greedy(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """A seed changes nothing in greedy decoding (temperature 0); a sampled answer cannot be seeded here."""
+        if value is not None and info.data.get("temperature", 0.0) > 0:
+            raise PydanticCustomError("unsupported", "sampled answers cannot be seeded by this server; leave it out, "
+                                                     "or use temperature 0 (the same answer every time)")
+        return value
 
     @property
     def streams_usage(self) -> bool:
@@ -297,8 +309,9 @@ def log_request(server: Server, route: Route, request_id: str, messages: Any, ou
                 usage: dict[str, int], status: int, error: str | None) -> None:
     """Append one request to the log of the task `route` serves."""
     release = route.release
+    now = time.time()
     server.log.append({
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
         "task": release.task, "model": release.name, "version": release.version, "request_id": request_id,
         "messages": messages, "output": output, "latency_ms": latency_ms, **usage, "status": status, "error": error})
 
@@ -400,9 +413,10 @@ def _parsed(model: type[BaseModel], body: bytes):
     try:
         return model.model_validate_json(body)
     except ValidationError as error:
+        first = error.errors()[0]
+        if first["type"] == "json_invalid":
+            raise ApiError(400, f"the request body is not valid JSON: {first['ctx']['error']}") from None
         message, param = _validation_message(error)
-        if error.errors()[0]["type"] == "json_invalid":
-            raise ApiError(400, f"the request body is not valid JSON: {message}") from None
         raise ApiError(400, message, param=param) from None
 
 

@@ -26,6 +26,7 @@ OPEN_SUFFIX = ".open"
 SEGMENT_SUFFIX = ".jsonl"
 SEGMENT_RECORDS = 1000
 SEGMENT_SECONDS = 60.0
+CLIENT_CLOSED = 499  # the status logged for a stream the client closed early (a client-side status, as in nginx)
 
 
 def requests_dir(task: str) -> Path:
