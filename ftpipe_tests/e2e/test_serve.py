@@ -189,6 +189,8 @@ def test_key_bad_requests_and_a_hot_swap_of_the_champion(stack, models, tmp_path
         assert time.monotonic() < deadline, "the new champion was not picked up"
         time.sleep(0.5)
     assert ask(client, "alpha", prompt) == ask(client, "beta", prompt) != before
+    told = (server.home / "serve.log").read_text()
+    assert "serving alpha v1, " in told and "now serving alpha v2, " in told, "the swap is said in the server's output"
     shutil.copytree(models / "model-adapter-a", tmp_path / "alpha-3")
     register(uri, "alpha", tmp_path / "alpha-3", 0.1)  # worse: only the candidate alias moves
     while "alpha@candidate" not in server.healthy()["models"]:

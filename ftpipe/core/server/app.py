@@ -185,10 +185,17 @@ class Server:
     def _watch(self) -> None:
         while not self._stop.wait(self.refresh_seconds):
             self.log.rotate()
+            before = self.served
             try:
                 self.refresh()
             except Exception as error:  # noqa: BLE001 - the server keeps serving what it has
                 print(f"ftpipe serve: registry refresh failed: {error}", flush=True)
+            if self.served != before:
+                print(f"ftpipe serve: now serving {self.serving()}", flush=True)
+
+    def serving(self) -> str:
+        """The served models and their registry versions, in one line."""
+        return ", ".join(f"{name} v{version}" for name, version in self.served.items()) or "no models yet"
 
     def route(self, name: str) -> Route:
         route = self.catalog.routes.get(name)
@@ -470,7 +477,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, tracking_uri: str | None = 
     server = Server(tracking_uri, os.environ.get("FTPIPE_API_KEY") or None, RequestLog(segment_records=segment_records),
                     refresh_seconds=refresh_seconds, engine=Engine(max_batch))
     server.start()
-    print(f"ftpipe serve: http://{host}:{port}/v1 serving {', '.join(server.served) or 'no models yet'}", flush=True)
+    print(f"ftpipe serve: http://{host}:{port}/v1 serving {server.serving()}", flush=True)
     uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning")).run(sockets=[listening])
 
 
