@@ -87,10 +87,12 @@ def length_shift(prompts: list[str], known: list[str]) -> float:
 
 
 def vocabulary_shift(prompts: list[str], known: list[str]) -> float:
-    """The share of the prompts' words that no known prompt uses."""
+    """The mean over the prompts of the share of a prompt's words that no known prompt uses: each request counts
+    once, so one very long prompt does not decide it."""
     vocabulary = {word for text in known for word in loose_words(text)}
-    words = [word for text in prompts for word in loose_words(text)]
-    return sum(word not in vocabulary for word in words) / len(words) if words else 0.0
+    shares = [sum(word not in vocabulary for word in words) / len(words)
+              for words in map(loose_words, prompts) if words]
+    return sum(shares) / len(shares) if shares else 0.0
 
 
 def drift(prompts: list[str], known: list[str], heldout: list[str], threshold: float) -> dict[str, Any]:

@@ -109,3 +109,14 @@ def test_novel_prompts_are_judged_against_the_novelty_of_the_held_out_prompts(tr
     assert monitoring.drift_problems(beyond_it, CONFIG.monitoring) == [
         "70% of prompts have no near neighbour in the training data, against 30% of the held-out prompts "
         "(limit 25% more)"]
+
+
+def test_one_very_long_prompt_does_not_decide_the_vocabulary_shift():
+    from ftpipe.core.monitoring import vocabulary_shift
+
+    known = ["where is my parcel", "my card was charged twice"]
+    usual = ["where is my card", "my parcel was charged twice"] * 5
+    assert vocabulary_shift(usual, known) == 0.0
+    essay = " ".join(f"word{n}" for n in range(5000))  # 5,000 words no training prompt uses
+    assert vocabulary_shift([*usual, essay], known) == 1 / 11, "one request of eleven"
+
