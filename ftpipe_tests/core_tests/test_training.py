@@ -196,7 +196,7 @@ def test_a_split_with_no_row_within_max_length_is_refused_in_one_line_not_retrie
     assert process.returncode == EXIT_REFUSED, stdout + stderr
     assert "Traceback" not in stderr and stderr.splitlines()[-1] == (
         "training refused: no training rows left: every row is longer than max_length=16 tokens; raise "
-        "training.max_length or use too_long: truncate")
+        "training.max_length (too_long: truncate would cut off the answers, which end each row)")
     assert not (workspace / "too-short" / "adapter").exists()
     experiment = mlflow_client(workspace).get_experiment_by_name("toy-too-short").experiment_id
     runs = mlflow_client(workspace).search_runs([experiment], run_view_type=ViewType.ALL)

@@ -69,7 +69,8 @@ def require_rows(train: list, evals: list, config: TrainingConfig, kind: str = "
     """Refuse a training that has no train or no eval rows left once the rows over max_length are dropped."""
     if not train or not evals:
         raise Refused(f"no {'training' if not train else 'eval'} {kind}rows left: every row is longer than "
-                      f"max_length={config.max_length} tokens; raise training.max_length or use too_long: truncate")
+                      f"max_length={config.max_length} tokens; raise training.max_length (too_long: truncate would "
+                      "cut off the answers, which end each row)")
 
 
 def objective_module(objective: str) -> ModuleType:
