@@ -126,18 +126,15 @@ def test_a_judge_without_its_key_is_refused_before_the_training_it_would_follow(
     judge = "evaluation: {judge: {base_url: 'http://127.0.0.1:9/v1', model: j, api_key_env: FTPIPE_TEST_JUDGE_KEY}}"
     settings = {"ops": {"lora_adapter": {"config": {"overrides": K8S}},
                         "eval_report": {"config": {"overrides": judge}}}}
-    with dg.instance_for_test() as instance:
-        build_upstream(instance, tiny_task)
-        both = run(instance, tiny_task, [training.lora_adapter, evaluation.eval_report], run_config=settings,
-                   training_pods=PodsRecorded())
-        assert not PODS, "nothing was launched"
-        alone = run(instance, tiny_task, run_config={"ops": {"lora_adapter": settings["ops"]["lora_adapter"]}},
-                    training_pods=PodsRecorded())
+    with dg.instance_for_test() as instance:  # no upstream built: the judge is checked before the split is read
+        both = run(instance, tiny_task, [training.lora_adapter, evaluation.eval_report], run_config=settings)
+        alone = run(instance, tiny_task, run_config={"ops": {"lora_adapter": settings["ops"]["lora_adapter"]}})
     [refused] = both.get_step_failure_events()
     assert refused.step_key == "lora_adapter" and refused.step_failure_data.user_failure_data.description == (
         "evaluation.judge.api_key_env: environment variable FTPIPE_TEST_JUDGE_KEY is not set, so eval_report would "
         "fail after this training: set it (or api_key_env: null for a judge that needs no key)")
-    assert "pod recorded" in alone.get_step_failure_events()[0].step_failure_data.user_failure_data.description
+    assert "held-out split" in alone.get_step_failure_events()[0].step_failure_data.user_failure_data.description, (
+        "the training alone went past the judge, to its missing split")
 
 
 def test_qlora_without_cuda_is_refused_where_it_would_train_in_the_step_failure_once(tiny_task: str, capfd) -> None:
