@@ -6,8 +6,8 @@ The data assets refresh by themselves (declarative automation) whenever an upstr
 import dagster as dg
 
 from ftpipe.assets.common import TaskRunConfig, file_version, load_config, table
-from ftpipe.core import dedup, records, review_sample as review, split, teacher
-from ftpipe.core.evaluation.metrics import answer_problem, answer_rule, label_reader, shape_problems
+from ftpipe.core import dedup, label_spellings, records, review_sample as review, split, teacher
+from ftpipe.core.evaluation.metrics import answer_problem, answer_rule, label_reader, shape_problems, task_metrics
 from ftpipe.core.similarity import Settings
 from ftpipe.core.preferences import as_chat
 from ftpipe.core.layout import QUARANTINE, REMOVED, REVIEW_CSV, TaskLayout
@@ -100,13 +100,17 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
     cfg = load_config(context, config)
     paths = TaskLayout(task)
     out = paths.asset("deduplicated_examples")
+    metrics = task_metrics(cfg.evaluation)
     summary = dedup.build_deduplicated(paths.examples("raw_examples"), out, Settings.of(cfg.dedup),
                                        label_of=label_reader(cfg.evaluation),
-                                       free_text=cfg.evaluation.task_type == "generation")
+                                       free_text=cfg.evaluation.task_type == "generation",
+                                       labels=metrics if metrics.labelled else None)
     removed = summary.pop("removed")
     pairs = (f" and {summary['preference_rows_out']} of {summary['preference_rows_in']} preference rows"
              if summary["preference_rows_in"] else "")
     context.log.info(f"{task}: kept {summary['rows_out']} of {summary['rows_in']} chat rows{pairs}")
+    if summary["label_spellings"]:
+        context.log.info(f"{task}: {label_spellings.said(summary['label_spellings'])}")
     return dg.MaterializeResult(
         metadata={
             **{key: summary[key] for key in (*dedup.COUNTS, "preference_rows_in", "preference_rows_out")},
@@ -115,6 +119,8 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
                 [{"label": label, **counts, "share": f"{counts['removed'] / counts['rows_in']:.0%}"}
                  for label, counts in summary["removed_by_label"].items()], ["label", "rows_in", "removed", "share"]),
             "matched_examples": table(summary["matched_examples"], dedup.match_columns(summary)),
+            "labels_respelled": sum(r["rows"] for r in summary["label_spellings"]),
+            "label_spellings": table(label_spellings.shown(summary["label_spellings"]), label_spellings.COLUMNS),
             "removed_path": dg.MetadataValue.path(str(out / REMOVED)),
             "removed_preview": table(
                 [{**r, "message": records.user_message(chat["messages"]), "answer": chat["messages"][-1]["content"]}

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,9 @@ from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.layout import EXAMPLES, PREFERENCES, REMOVED
 from ftpipe.core.storage import atomic_dir, file_sha256
 from ftpipe.core.text import canonical, canonical_codes, loose, loose_words
+
+if TYPE_CHECKING:
+    from ftpipe.core.evaluation.metrics.classification import Classification
 
 SHARED_TEXT_KEY = "ftpipe.shared_shingles"  # parquet metadata: the shared shingles the near stage left out
 MATCH_EXAMPLES = 3  # of each label (and in all, without labels)
@@ -327,15 +330,19 @@ def match_columns(summary: dict[str, Any]) -> list[str]:
 
 
 def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.Settings = similarity.Settings(),
-                       label_of: Callable[[str], str | None] | None = None, free_text: bool = False) -> dict[str, Any]:
+                       label_of: Callable[[str], str | None] | None = None, free_text: bool = False,
+                       labels: Classification | None = None) -> dict[str, Any]:
     """Deduplicate `examples_path` into `out_dir/examples.parquet`, and the preference rows beside it into
     `out_dir/preferences.parquet`, every removed row of either kind into `out_dir/removed.jsonl` (with a result);
-    return the counts (`rows_in`, `rows_out`: chat rows; the removals of both kinds), and the removals by label when
-    `label_of` reads a row's label from its answer."""
+    return the counts (`rows_in`, `rows_out`: chat rows; the removals of both kinds), the removals by label when
+    `label_of` reads a row's label from its answer, and with `labels` the kept rows' labels written one way each
+    (`label_spellings`)."""
+    from ftpipe.core.label_spellings import one_spelling_per_label
     from ftpipe.core.preference_cleaning import build_clean_preferences
 
     rows = read_examples(examples_path)
     result = deduplicate(rows, settings, free_text)
+    kept, respelled = one_spelling_per_label(result.kept, labels) if labels else (result.kept, [])
     summary = {
         "rows_in": len(rows),
         "rows_out": len(result.kept),
@@ -345,17 +352,19 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         "shared_text_shingles": len(result.shared),
         "removed_by_label": removed_by_label(rows, result.removed, label_of) if label_of else {},
         "matched_examples": matched_examples(rows, result.removed, label_of),
+        "label_spellings": respelled,
     }
     preferences = examples_path.parent / PREFERENCES
     inputs = {"raw_examples": file_sha256(examples_path)[:16],
               "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None,
-              **({"free_text": True} if free_text else {})}
+              **({"free_text": True} if free_text else {}),
+              **({"labels": {"label_field": labels.config.label_field}} if labels else {})}
     key = reuse_key(inputs, settings)
     with atomic_dir(out_dir) as tmp:
         cleaned = build_clean_preferences(preferences, tmp, settings)
         removed = result.removed + cleaned.pop("removed")
         summary.update({name: summary[name] + cleaned.pop(name) for name in COUNTS[2:]}, **cleaned)
-        write_examples(result.kept, tmp / EXAMPLES,
+        write_examples(kept, tmp / EXAMPLES,
                        metadata={SHARED_TEXT_KEY: similarity.encode_shared(result.shared)})
         write_jsonl(removed, tmp / REMOVED)
         Result("deduplicated_examples", key, {"examples": EXAMPLES, "preferences": PREFERENCES, "removed": REMOVED},

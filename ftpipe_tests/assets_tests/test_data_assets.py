@@ -129,6 +129,25 @@ def test_an_extraction_answer_missing_a_field_or_giving_it_another_type_is_quara
     assert (deduped["rows_out"], deduped["contradictions"]) == (40, 0), "the well-formed original stays"
 
 
+def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_env: Path) -> None:
+    from ftpipe.core.records import read_examples
+
+    spellings = ["Billing", "billing", "Billing", "BILLING ", "Shipping"]
+    rows = [chat(f"ticket {i}: question {i * 13} about invoice {i}", json.dumps({"category": spellings[i % 5]}))
+            for i in range(60)]
+    make_task(ftpipe_env, "desk", {"a.jsonl": rows}, "evaluation: {task_type: classification, label_field: category}\n")
+    with dg.instance_for_test() as instance:
+        result = materialize(instance, "desk")
+        infos = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 20]
+    deduped = materialization(result, "deduplicated_examples")
+    assert deduped["labels_respelled"] == 24 and '| "Billing" | "BILLING " | 12 |' in deduped["label_spellings"]
+    assert 'desk: 24 rows\' labels respelled as most rows of the label write it: "billing" as "Billing" ×12, ' \
+           '"BILLING " as "Billing" ×12' in infos
+    written = {json.loads(r["messages"][-1]["content"])["category"]
+               for path in TaskLayout("desk").split_files for r in read_examples(path)}
+    assert written == {"Billing", "Shipping"}
+
+
 def test_zero_valid_rows_fails_naming_the_folder(ftpipe_env: Path) -> None:
     make_task(ftpipe_env, "empty", {"a.jsonl": [{"nothing": 1}]})
     with dg.instance_for_test() as instance, pytest.raises(dg.Failure, match="^empty: .*no usable rows"):

@@ -192,6 +192,11 @@ class Classification(TaskMetrics):
         before, after = most_common([self._around_label(reference) for reference in references])
         return [before + self._written(label) + after for label in self.spellings(references).values()]
 
+    def respelled(self, reference: str, spelling: str) -> str:
+        """`reference` with its label written as `spelling`, the rest of the answer as it was."""
+        before, after = self._around_label(reference)
+        return before + self._written(spelling) + after
+
     def _written(self, label: str) -> str:
         return json.dumps(label, ensure_ascii=False) if self.config.label_field else label
 

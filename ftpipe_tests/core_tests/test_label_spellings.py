@@ -1,0 +1,39 @@
+"""One spelling per label in the cleaned rows of a classification task."""
+
+import json
+
+from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation.metrics import task_metrics
+from ftpipe.core.label_spellings import one_spelling_per_label, said
+from ftpipe_tests.rows import row
+
+
+def ticket(number: int, category: str, priority: str = "low") -> dict:
+    answer = json.dumps({"category": category, "priority": priority})
+    return row(f"ticket {number}: something about my account", answer)
+
+
+def test_labels_written_differently_take_the_spelling_most_rows_use_and_keep_the_rest_of_the_answer() -> None:
+    labels = task_metrics(EvaluationConfig(task_type="classification", label_field="category"))
+    rows = [ticket(1, "Billing"), ticket(2, "Billing"), ticket(3, "billing ", "high"), ticket(4, "BILLING."),
+            ticket(5, "Billing"), ticket(6, "shipping"), ticket(7, "Shipping"), ticket(8, "Shipping Delay"),
+            row("ticket 9: no JSON here", "billing")]
+    out, respelled = one_spelling_per_label(rows, labels)
+    assert [r["messages"][-1]["content"] for r in out[2:4]] == [
+        '{"category": "Billing", "priority": "high"}', '{"category": "Billing", "priority": "low"}']
+    assert out[5]["messages"][-1]["content"] == '{"category": "Shipping", "priority": "low"}', "a tie: the smallest"
+    assert [r["messages"] for r in out[6:]] == [r["messages"] for r in rows[6:]], "other labels and no label stay"
+    assert [r["id"] for r in out] == [r["id"] for r in rows] and rows[2]["messages"][-1]["content"].endswith('"high"}')
+    assert respelled == [{"label": "Billing", "respelled": "billing ", "rows": 1},
+                         {"label": "Billing", "respelled": "BILLING.", "rows": 1},
+                         {"label": "Shipping", "respelled": "shipping", "rows": 1}]
+    assert said(respelled) == ('3 rows\' labels respelled as most rows of the label write it: "billing " as "Billing" '
+                               '×1, "BILLING." as "Billing" ×1, "shipping" as "Shipping" ×1')
+
+
+def test_a_bare_label_is_respelled_whole() -> None:
+    labels = task_metrics(EvaluationConfig(task_type="classification"))
+    rows = [row(f"message {i}", answer) for i, answer in enumerate(["Refund", "Refund", "refund\n", "Card lost"])]
+    out, respelled = one_spelling_per_label(rows, labels)
+    assert [r["messages"][-1]["content"] for r in out] == ["Refund", "Refund", "Refund", "Card lost"]
+    assert respelled == [{"label": "Refund", "respelled": "refund", "rows": 1}]
