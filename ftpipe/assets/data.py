@@ -7,7 +7,10 @@ import dagster as dg
 
 from ftpipe.assets.common import TaskRunConfig, file_version, load_config, table
 from ftpipe.core import dedup, label_spellings, records, review_sample as review, split, teacher
-from ftpipe.core.evaluation.metrics import answer_problem, answer_rule, label_reader, shape_problems, task_metrics
+from ftpipe.core.evaluation.metrics import (
+    answer_problem, answer_rule, label_reader, labels_without_heldout_rows, shape_problems, task_metrics,
+)
+from ftpipe.core.evaluation.report import unheld_labels
 from ftpipe.core.similarity import Settings
 from ftpipe.core.preferences import as_chat
 from ftpipe.core.layout import QUARANTINE, REMOVED, REVIEW_CSV, TaskLayout
@@ -165,10 +168,14 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
     )
     context.log.info(f"{task}: {summary['train_rows']} train / {summary['eval_rows']} eval rows")
     train, evaluation = paths.split_files
+    unheld = labels_without_heldout_rows(cfg.evaluation, *(records.answers(path) for path in (train, evaluation)))
+    if unheld:
+        context.log.warning(f"{task}: {unheld_labels(unheld)}")
     return dg.MaterializeResult(
         metadata={
             **summary,
             "eval_fraction": cfg.split.eval_fraction,
+            "labels_without_heldout_rows": len(unheld),
             "train_path": dg.MetadataValue.path(str(train)),
             "eval_path": dg.MetadataValue.path(str(evaluation)),
         },

@@ -379,6 +379,11 @@ def read_examples(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 
 
+def answers(path: Path) -> list[str]:
+    """The last message of each row of an examples file: its answer."""
+    return [row["messages"][-1]["content"] for row in read_examples(path)]
+
+
 def examples_metadata(path: Path) -> dict[str, str]:
     """The file metadata written with `write_examples`."""
     return {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}

@@ -148,6 +148,22 @@ def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_en
     assert written == {"Billing", "Shipping"}
 
 
+def test_the_split_warns_of_labels_only_train_rows_have(ftpipe_env: Path) -> None:
+    from ftpipe.core.records import answers
+
+    labels = ["refund", "card"] * 30 + [f"rare {i}" for i in range(6)]
+    rows = [chat(f"message {i}: about payment {i * 17} from branch {i}", label) for i, label in enumerate(labels)]
+    make_task(ftpipe_env, "bank", {"a.jsonl": rows}, "evaluation: {task_type: classification}\n")
+    with dg.instance_for_test() as instance:
+        result = materialize(instance, "bank")
+        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    train, evaluation = (set(answers(path)) for path in TaskLayout("bank").split_files)
+    unheld = sorted(train - evaluation)
+    assert unheld and {"refund", "card"} <= evaluation, "some rare label has train rows only"
+    assert materialization(result, "heldout_split")["labels_without_heldout_rows"] == len(unheld)
+    assert f"bank: {len(unheld)} label{'s' * (len(unheld) > 1)} of the train rows ({', '.join(unheld)})" in warnings[0]
+
+
 def test_zero_valid_rows_fails_naming_the_folder(ftpipe_env: Path) -> None:
     make_task(ftpipe_env, "empty", {"a.jsonl": [{"nothing": 1}]})
     with dg.instance_for_test() as instance, pytest.raises(dg.Failure, match="^empty: .*no usable rows"):
