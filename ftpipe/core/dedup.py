@@ -336,13 +336,15 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     `out_dir/preferences.parquet`, every removed row of either kind into `out_dir/removed.jsonl` (with a result);
     return the counts (`rows_in`, `rows_out`: chat rows; the removals of both kinds), the removals by label when
     `label_of` reads a row's label from its answer, and with `labels` the kept rows' labels written one way each
-    (`label_spellings`)."""
-    from ftpipe.core.label_spellings import one_spelling_per_label
+    (`label_spellings`; the removals then by the labels so written)."""
+    from ftpipe.core.label_spellings import Spellings
     from ftpipe.core.preference_cleaning import build_clean_preferences
 
     rows = read_examples(examples_path)
     result = deduplicate(rows, settings, free_text)
-    kept, respelled = one_spelling_per_label(result.kept, labels) if labels else (result.kept, [])
+    spellings = Spellings.of(rows, labels) if labels else None
+    label_of = spellings.label if spellings else label_of
+    kept, respelled = spellings.respell(result.kept) if spellings else (result.kept, [])
     summary = {
         "rows_in": len(rows),
         "rows_out": len(result.kept),

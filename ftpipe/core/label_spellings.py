@@ -1,12 +1,14 @@
 """One spelling per label: labels that differ only in what the evaluation ignores (case, spacing, punctuation:
-`Billing`, `billing `, `billing.`) are one label there, so cleaned rows are rewritten to the spelling most rows of the
-label use, and the model learns to write each label one way. The rest of each answer, and each row's id (that of its
-raw row), stay as they were."""
+`Billing`, `billing `, `billing.`) are one label there, so cleaned rows are rewritten to the spelling most of the
+label's rows use, and the model learns to write each label one way. The rest of each answer, and each row's id (that
+of its raw row), stay as they were."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ftpipe.core.evaluation.metrics.classification import Classification, most_common, raw_label
@@ -16,26 +18,43 @@ COLUMNS = ["label", "respelled", "rows"]
 SHOWN = 5  # spellings named in the log line
 
 
-def one_spelling_per_label(rows: list[dict[str, Any]],
-                           labels: Classification) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """`rows` with each label written as most of its rows write it (the smallest of equally common spellings), and
-    one entry per spelling replaced: the spelling kept (`label`), the one replaced (`respelled`), how many `rows`."""
-    field = labels.config.label_field
-    written = [raw_label(row["messages"][-1]["content"], field) or "" for row in rows]
-    spellings: dict[str, list[str]] = {}
-    for label in filter(loose, written):
-        spellings.setdefault(loose(label), []).append(label)
-    kept = {name: most_common(found) for name, found in spellings.items() if len(set(found)) > 1}
-    replaced: Counter[tuple[str, str]] = Counter()
-    out = []
-    for row, label in zip(rows, written):
-        keep = kept.get(loose(label), label)
-        answer = labels.respelled(row["messages"][-1]["content"], keep) if keep != label else None
-        if answer is not None and raw_label(answer, field) == keep:
-            row = {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": answer}]}
-            replaced[keep, label] += 1
-        out.append(row)
-    return out, [{"label": keep, "respelled": label, "rows": n} for (keep, label), n in replaced.most_common()]
+@dataclass(frozen=True)
+class Spellings:
+    """The spelling each label is trained in: for a label written more than one way (`chosen`, by its `loose`
+    form), the one most rows write (the smallest of equally common ones); any other, as written."""
+
+    labels: Classification
+    chosen: dict[str, str]
+
+    @classmethod
+    def of(cls, rows: list[dict[str, Any]], labels: Classification) -> Spellings:
+        found: dict[str, list[str]] = {}
+        for label in map(partial(raw_label, label_field=labels.config.label_field), _answers(rows)):
+            if label and loose(label):
+                found.setdefault(loose(label), []).append(label)
+        return cls(labels, {name: most_common(written) for name, written in found.items() if len(set(written)) > 1})
+
+    def label(self, answer: str) -> str | None:
+        """The label of `answer` as it is trained."""
+        return self._trained(raw_label(answer, self.labels.config.label_field))
+
+    def respell(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """`rows` with each label in its spelling, and one entry per spelling replaced: the spelling kept (`label`),
+        the one replaced (`respelled`), how many `rows`, most rows first."""
+        replaced: Counter[tuple[str, str]] = Counter()
+        out = []
+        for row, answer in zip(rows, _answers(rows)):
+            written = raw_label(answer, self.labels.config.label_field)
+            keep = self._trained(written)
+            respelled = self.labels.respelled(answer, keep) if keep != written else None
+            if respelled is not None and raw_label(respelled, self.labels.config.label_field) == keep:
+                row = {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": respelled}]}
+                replaced[keep, written] += 1
+            out.append(row)
+        return out, [{"label": keep, "respelled": written, "rows": n} for (keep, written), n in replaced.most_common()]
+
+    def _trained(self, written: str | None) -> str | None:
+        return self.chosen.get(loose(written), written) if written else written
 
 
 def shown(respelled: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -53,6 +72,10 @@ def said(respelled: list[dict[str, Any]]) -> str:
     more = f" and {len(respelled) - SHOWN} other spellings" if len(respelled) > SHOWN else ""
     rows = sum(r["rows"] for r in respelled)
     return f"{rows} rows' labels respelled as most rows of the label write it: {', '.join(named)}{more}"
+
+
+def _answers(rows: list[dict[str, Any]]) -> list[str]:
+    return [row["messages"][-1]["content"] for row in rows]
 
 
 def _quoted(text: str) -> str:

@@ -141,6 +141,7 @@ def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_en
         infos = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 20]
     deduped = materialization(result, "deduplicated_examples")
     assert deduped["labels_respelled"] == 24 and '| "Billing" | "BILLING " | 12 |' in deduped["label_spellings"]
+    assert deduped["removed_by_label"].splitlines()[2:] == ["| Billing | 48 | 0 | 0% |", "| Shipping | 12 | 0 | 0% |"]
     assert 'desk: 24 rows\' labels respelled as most rows of the label write it: "billing" as "Billing" ×12, ' \
            '"BILLING " as "Billing" ×12' in infos
     written = {json.loads(r["messages"][-1]["content"])["category"]

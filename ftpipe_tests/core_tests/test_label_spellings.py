@@ -4,7 +4,7 @@ import json
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.metrics import task_metrics
-from ftpipe.core.label_spellings import one_spelling_per_label, said
+from ftpipe.core.label_spellings import Spellings, said
 from ftpipe_tests.rows import row
 
 
@@ -18,7 +18,9 @@ def test_labels_written_differently_take_the_spelling_most_rows_use_and_keep_the
     rows = [ticket(1, "Billing"), ticket(2, "Billing"), ticket(3, "billing ", "high"), ticket(4, "BILLING."),
             ticket(5, "Billing"), ticket(6, "shipping"), ticket(7, "Shipping"), ticket(8, "Shipping Delay"),
             row("ticket 9: no JSON here", "billing")]
-    out, respelled = one_spelling_per_label(rows, labels)
+    spellings = Spellings.of(rows, labels)
+    out, respelled = spellings.respell(rows)
+    assert spellings.label('{"category": "billing."}') == "Billing" and spellings.label("no JSON") is None
     assert [r["messages"][-1]["content"] for r in out[2:4]] == [
         '{"category": "Billing", "priority": "high"}', '{"category": "Billing", "priority": "low"}']
     assert out[5]["messages"][-1]["content"] == '{"category": "Shipping", "priority": "low"}', "a tie: the smallest"
@@ -34,6 +36,6 @@ def test_labels_written_differently_take_the_spelling_most_rows_use_and_keep_the
 def test_a_bare_label_is_respelled_whole() -> None:
     labels = task_metrics(EvaluationConfig(task_type="classification"))
     rows = [row(f"message {i}", answer) for i, answer in enumerate(["Refund", "Refund", "refund\n", "Card lost"])]
-    out, respelled = one_spelling_per_label(rows, labels)
+    out, respelled = Spellings.of(rows, labels).respell(rows)
     assert [r["messages"][-1]["content"] for r in out] == ["Refund", "Refund", "Refund", "Card lost"]
     assert respelled == [{"label": "Refund", "respelled": "refund", "rows": 1}]
