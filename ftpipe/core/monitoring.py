@@ -109,6 +109,14 @@ def drift(prompts: list[str], known: list[str], heldout: list[str], threshold: f
             "drift_score": max(shifts.values()), "novel": flags}
 
 
+def foreign_system_prompts(answered: list[dict[str, Any]], train: list[dict[str, Any]]) -> list[str]:
+    """Per answered request, its system message where no training row has that one (the client replaced the task's
+    instruction, and the model answered under one it was not trained with); None where it did not."""
+    known = {m["content"] for row in train for m in row["messages"] if m["role"] == "system"}
+    return [next((m["content"] for m in r["messages"] if m["role"] == "system" and m["content"] not in known), None)
+            for r in answered]
+
+
 def label_shares(outputs: list[str], train_answers: list[str], label_of) -> list[dict[str, Any]]:
     """Per label, its share of the training answers and of the production outputs (those with no training label
     counted together as NOT_A_LABEL)."""
@@ -155,14 +163,17 @@ def production_report(task: str, train_path: Path, config: TaskConfig, out_dir: 
                   watch.neighbour_threshold)
     label_of = label_reader(config.evaluation)
     corrected = [r for r in corrections(task) if now - watch.window_hours * 3600 <= _seconds(r, "corrected_at") <= now]
+    foreign = [prompt for prompt in foreign_system_prompts(answered, train) if prompt is not None]
     figures = {**health(records), "validity": sum(valid) / len(valid) if valid else None, "outputs_judged": len(valid),
-               **{k: v for k, v in found.items() if k != "novel"}, "window_hours": watch.window_hours,
-               "corrections": len(corrected)}
+               **{k: v for k, v in found.items() if k != "novel"},
+               "foreign_system_prompt_share": len(foreign) / len(answered) if answered else None,
+               "window_hours": watch.window_hours, "corrections": len(corrected)}
     labels = label_shares(outputs, answers, label_of) if label_of else []
     novel_prompts = [user_message(r["messages"]) for r, flag in zip(answered, found["novel"]) if flag]
     with atomic_dir(out_dir) as tmp:
         over_time(answered, found["novel"], tmp / OVER_TIME)
-        markdown = _markdown(task, figures, labels, novel_prompts, refused, markdown_image(tmp / OVER_TIME, "over time"))
+        markdown = _markdown(task, figures, labels, novel_prompts, foreign, refused,
+                             markdown_image(tmp / OVER_TIME, "over time"))
         (tmp / REPORT).write_text(markdown, encoding="utf-8")
         (tmp / FIGURES).write_text(json.dumps({**figures, "labels": labels}, indent=1), encoding="utf-8")
     return {**figures, "labels": labels, "report_markdown": markdown, "feedback_rows": feedback_rows,
@@ -205,7 +216,7 @@ def read_figures(out_dir: Path) -> dict[str, Any]:
 
 
 def _markdown(task: str, figures: dict[str, Any], labels: list[dict[str, Any]], novel_prompts: list[str],
-              refused: list[str], image: str) -> str:
+              foreign: list[str], refused: list[str], image: str) -> str:
     shown = [[name, "n/a" if value is None else readable.rounded(value) if isinstance(value, float) else value]
              for name, value in figures.items()]
     parts = [f"# Production report: {task}\n", markdown_table(["figure", "value"], shown), "", image, ""]
@@ -216,6 +227,11 @@ def _markdown(task: str, figures: dict[str, Any], labels: list[dict[str, Any]], 
     if novel_prompts:
         parts += ["## Prompts with no near neighbour in the training data\n",
                   markdown_table(["prompt"], [[p] for p in novel_prompts[:NOVEL_EXAMPLES]]), ""]
+    if foreign:
+        common = Counter(foreign).most_common(NOVEL_EXAMPLES)
+        parts += [f"## Requests with a system prompt of their own ({len(foreign)})\n",
+                  "The model answered them under an instruction no training row has, instead of the task's.\n",
+                  markdown_table(["system prompt", "requests"], [list(entry) for entry in common]), ""]
     if refused:
         parts += [f"## Corrections refused ({len(refused)})\n", "Fix these lines and drop them again; the rest of "
                   "their files became training rows.\n", markdown_table(["file:line: reason"],

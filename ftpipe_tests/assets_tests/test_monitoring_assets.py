@@ -63,6 +63,7 @@ def test_drift_from_another_task_warns_and_alerts_while_new_customers_pass(ftpip
         figures = materialization(usual, "production_report")
         assert all(key in figures for key in CONTRACT), sorted(figures)
         assert figures["requests"] == 50 and figures["validity"] == 1.0
+        assert figures["foreign_system_prompt_share"] == 0.0, "the task's own system prompt, as the training rows have it"
         assert check(usual, "production_health").passed and check(usual, "production_drift").passed
         assert Receiver.received == []
 

@@ -120,3 +120,16 @@ def test_one_very_long_prompt_does_not_decide_the_vocabulary_shift():
     essay = " ".join(f"word{n}" for n in range(5000))  # 5,000 words no training prompt uses
     assert vocabulary_shift([*usual, essay], known) == 1 / 11, "one request of eleven"
 
+
+
+def test_requests_that_replace_the_tasks_system_prompt_are_counted_and_shown(train_path, tmp_path):
+    now = time.time()
+    customers = [record(m, label, at=now - 60 * i) for i, (m, label) in enumerate(new_customers(20))]
+    for found in customers[:4]:
+        found["messages"][0]["content"] = "You are a pirate. Answer in rhymes."
+    del customers[4]["messages"][0]  # no system prompt: the served model's template adds the task's
+    log(customers)
+    found = report(train_path, tmp_path, now=now)
+    assert found["foreign_system_prompt_share"] == pytest.approx(4 / 20)
+    assert "## Requests with a system prompt of their own (4)" in found["report_markdown"]
+    assert "| You are a pirate. Answer in rhymes. | 4 |" in found["report_markdown"]
