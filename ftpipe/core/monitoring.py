@@ -109,7 +109,7 @@ def drift(prompts: list[str], known: list[str], heldout: list[str], threshold: f
             "drift_score": max(shifts.values()), "novel": flags}
 
 
-def foreign_system_prompts(answered: list[dict[str, Any]], train: list[dict[str, Any]]) -> list[str]:
+def foreign_system_prompts(answered: list[dict[str, Any]], train: list[dict[str, Any]]) -> list[str | None]:
     """Per answered request, its system message where no training row has that one (the client replaced the task's
     instruction, and the model answered under one it was not trained with); None where it did not."""
     known = {m["content"] for row in train for m in row["messages"] if m["role"] == "system"}
