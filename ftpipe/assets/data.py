@@ -8,7 +8,7 @@ import dagster as dg
 from ftpipe.assets.common import TaskRunConfig, file_version, load_config, table
 from ftpipe.core import dedup, label_spellings, records, review_sample as review, split, teacher
 from ftpipe.core.evaluation.metrics import (
-    answer_problem, answer_rule, label_reader, labels_without_heldout_rows, shape_problems, task_metrics,
+    answer_problem, answer_rule, labels_without_heldout_rows, shape_problems, task_metrics,
 )
 from ftpipe.core.evaluation.report import unheld_labels
 from ftpipe.core.similarity import Settings
@@ -103,11 +103,9 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
     cfg = load_config(context, config)
     paths = TaskLayout(task)
     out = paths.asset("deduplicated_examples")
-    metrics = task_metrics(cfg.evaluation)
     summary = dedup.build_deduplicated(paths.examples("raw_examples"), out, Settings.of(cfg.dedup),
-                                       label_of=label_reader(cfg.evaluation),
                                        free_text=cfg.evaluation.task_type == "generation",
-                                       labels=metrics if metrics.labelled else None)
+                                       labels=task_metrics(cfg.evaluation))
     removed = summary.pop("removed")
     pairs = (f" and {summary['preference_rows_out']} of {summary['preference_rows_in']} preference rows"
              if summary["preference_rows_in"] else "")

@@ -33,7 +33,7 @@ from ftpipe.core.storage import atomic_dir, file_sha256
 from ftpipe.core.text import canonical, canonical_codes, loose, loose_words
 
 if TYPE_CHECKING:
-    from ftpipe.core.evaluation.metrics.classification import Classification
+    from ftpipe.core.evaluation.metrics.base import TaskMetrics
 
 SHARED_TEXT_KEY = "ftpipe.shared_shingles"  # parquet metadata: the shared shingles the near stage left out
 MATCH_EXAMPLES = 3  # of each label (and in all, without labels)
@@ -330,20 +330,19 @@ def match_columns(summary: dict[str, Any]) -> list[str]:
 
 
 def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.Settings = similarity.Settings(),
-                       label_of: Callable[[str], str | None] | None = None, free_text: bool = False,
-                       labels: Classification | None = None) -> dict[str, Any]:
+                       free_text: bool = False, labels: TaskMetrics | None = None) -> dict[str, Any]:
     """Deduplicate `examples_path` into `out_dir/examples.parquet`, and the preference rows beside it into
     `out_dir/preferences.parquet`, every removed row of either kind into `out_dir/removed.jsonl` (with a result);
-    return the counts (`rows_in`, `rows_out`: chat rows; the removals of both kinds), the removals by label when
-    `label_of` reads a row's label from its answer, and with `labels` the kept rows' labels written one way each
-    (`label_spellings`; the removals then by the labels so written)."""
+    return the counts (`rows_in`, `rows_out`: chat rows; the removals of both kinds). For a task type with labels
+    (`labels`), the kept rows' labels are written one way each (`label_spellings`) and the removals are counted by
+    label, so written."""
     from ftpipe.core.label_spellings import Spellings
     from ftpipe.core.preference_cleaning import build_clean_preferences
 
     rows = read_examples(examples_path)
     result = deduplicate(rows, settings, free_text)
-    spellings = Spellings.of(rows, labels) if labels else None
-    label_of = spellings.label if spellings else label_of
+    spellings = Spellings.of(rows, labels) if labels and labels.labelled else None
+    label_of = spellings.label if spellings else None
     kept, respelled = spellings.respell(result.kept) if spellings else (result.kept, [])
     summary = {
         "rows_in": len(rows),
@@ -360,7 +359,7 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     inputs = {"raw_examples": file_sha256(examples_path)[:16],
               "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None,
               **({"free_text": True} if free_text else {}),
-              **({"labels": {"label_field": labels.config.label_field}} if labels else {})}
+              **({"labels": {"label_field": labels.config.label_field}} if spellings else {})}
     key = reuse_key(inputs, settings)
     with atomic_dir(out_dir) as tmp:
         cleaned = build_clean_preferences(preferences, tmp, settings)

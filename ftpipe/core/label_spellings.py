@@ -65,9 +65,7 @@ def shown(respelled: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def said(respelled: list[dict[str, Any]]) -> str:
     """`12 rows' labels respelled as most rows of the label write it: "billing " as "Billing" ×9, ...` (the commonest
-    first, SHOWN of them); empty when none was."""
-    if not respelled:
-        return ""
+    first, SHOWN of them)."""
     named = [f"{r['respelled']} as {r['label']} ×{r['rows']}" for r in shown(respelled[:SHOWN])]
     more = f" and {len(respelled) - SHOWN} other spellings" if len(respelled) > SHOWN else ""
     rows = sum(r["rows"] for r in respelled)

@@ -12,7 +12,7 @@ import pytest
 from ftpipe.assets import data, training
 from ftpipe.automation import retrain_on_data_change_sensor
 from ftpipe.core.dedup import build_deduplicated
-from ftpipe.core.evaluation.metrics import label_reader
+from ftpipe.core.evaluation.metrics import task_metrics
 from ftpipe.core.feedback import (ADDED, FEEDBACK_FILE, REPLACED, UNCHANGED, FeedbackError, add_feedback,
                                   apply_dropped_feedback, feedback_dir)
 from ftpipe.core.layout import TaskLayout
@@ -120,7 +120,7 @@ def test_a_label_no_row_has_yet_is_refused_as_a_likely_typo_unless_the_correctio
     config.write_text(config.read_text() + "evaluation: {task_type: classification}\n")
     write_examples(toy_rows(30), tmp_path / "raw.parquet")
     build_deduplicated(tmp_path / "raw.parquet", TaskLayout(tiny_task).asset("deduplicated_examples"),
-                       label_of=label_reader(task_config(tiny_task).evaluation))
+                       labels=task_metrics(task_config(tiny_task).evaluation))
     ids = served(tiny_task)
     with pytest.raises(FeedbackError, match=r"^output: label 'yelow' is new to task 'toy' \(did you mean 'yellow'\?\); "
                                             r"its rows have 6 labels; send \"new_label\": true to add it as a new one$"):

@@ -2,7 +2,9 @@ import random
 
 import numpy as np
 
+from ftpipe.config import EvaluationConfig
 from ftpipe.core import dedup, similarity, split
+from ftpipe.core.evaluation.metrics import task_metrics
 from ftpipe.core.records import examples_metadata, write_examples
 from ftpipe.core.results import read_result
 from ftpipe.core.text import canonical, loose
@@ -243,7 +245,8 @@ def test_near_duplicates_do_not_chain() -> None:
 def test_build_deduplicated_reports_removals_by_label_with_matched_rows(tmp_path) -> None:
     task = intent_task()
     write_examples(task.rows, tmp_path / "raw.parquet")
-    summary = dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "out", label_of=str.strip)
+    labels = task_metrics(EvaluationConfig(task_type="classification"))
+    summary = dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "out", labels=labels)
     by_label = summary["removed_by_label"]
     assert sum(v["removed"] for v in by_label.values()) == len(summary["removed"])
     assert sum(v["rows_in"] for v in by_label.values()) == len(task.rows)

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from ftpipe.config import EvaluationConfig
 from ftpipe.core import merging
 from ftpipe.core.dedup import build_deduplicated
+from ftpipe.core.evaluation.metrics import task_metrics
 from ftpipe.core.evaluation.generation import generate, load_model
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.records import write_examples
@@ -233,7 +235,7 @@ def test_a_correction_of_a_served_answer_becomes_a_raw_row_of_its_task(stack, ft
     (ftpipe_env / "tasks" / "alpha" / "task.yaml").write_text("evaluation: {task_type: classification}\n")
     write_examples(toy_rows(30), ftpipe_env / "cleaned.parquet")
     build_deduplicated(ftpipe_env / "cleaned.parquet", TaskLayout("alpha").asset("deduplicated_examples"),
-                       label_of=str.strip)
+                       labels=task_metrics(EvaluationConfig(task_type="classification")))
     status, refused = post(server, "/v1/feedback", {"request_id": answer.id, "output": "purpel"})
     assert status == 400 and "(did you mean 'purple'?)" in refused["error"]["message"], refused
     status, added = post(server, "/v1/feedback", {"request_id": answer.id, "output": "plum", "new_label": True})
