@@ -110,8 +110,9 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
     pairs = (f" and {summary['preference_rows_out']} of {summary['preference_rows_in']} preference rows"
              if summary["preference_rows_in"] else "")
     context.log.info(f"{task}: kept {summary['rows_out']} of {summary['rows_in']} chat rows{pairs}")
-    if summary["label_spellings"]:
-        context.log.info(f"{task}: {label_spellings.said(summary['label_spellings'])}")
+    respelled = summary["label_spellings"], summary["preference_answers_respelled"]
+    if any(respelled):
+        context.log.info(f"{task}: {label_spellings.said(*respelled)}")
     return dg.MaterializeResult(
         metadata={
             **{key: summary[key] for key in (*dedup.COUNTS, "preference_rows_in", "preference_rows_out")},
@@ -122,6 +123,7 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
             "matched_examples": table(summary["matched_examples"], dedup.match_columns(summary)),
             "labels_respelled": sum(r["rows"] for r in summary["label_spellings"]),
             "label_spellings": table(label_spellings.shown(summary["label_spellings"]), label_spellings.COLUMNS),
+            "preference_answers_respelled": summary["preference_answers_respelled"],
             "removed_path": dg.MetadataValue.path(str(out / REMOVED)),
             "removed_preview": table(
                 [{**r, "message": records.user_message(chat["messages"]), "answer": chat["messages"][-1]["content"]}

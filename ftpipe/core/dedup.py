@@ -334,14 +334,16 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     """Deduplicate `examples_path` into `out_dir/examples.parquet`, and the preference rows beside it into
     `out_dir/preferences.parquet`, every removed row of either kind into `out_dir/removed.jsonl` (with a result);
     return the counts (`rows_in`, `rows_out`: chat rows; the removals of both kinds). For a task type with labels
-    (`labels`), the kept rows' labels are written one way each (`label_spellings`) and the removals are counted by
-    label, so written."""
-    from ftpipe.core.label_spellings import Spellings
+    (`labels`), the labels of the kept rows and preference rows are written one way each (`label_spellings`) and the
+    removals are counted by label, so written."""
+    from ftpipe.core.label_spellings import Spellings, answers
     from ftpipe.core.preference_cleaning import build_clean_preferences
+    from ftpipe.core.preferences import read_preferences
 
-    rows = read_examples(examples_path)
+    rows, preferences = read_examples(examples_path), examples_path.parent / PREFERENCES
+    pairs = read_preferences(preferences)
     result = deduplicate(rows, settings, free_text)
-    spellings = Spellings.of(rows, labels) if labels and labels.labelled else None
+    spellings = Spellings.of(answers(rows, pairs), labels) if labels and labels.labelled else None
     label_of = spellings.label if spellings else None
     kept, respelled = spellings.respell(result.kept) if spellings else (result.kept, [])
     summary = {
@@ -355,14 +357,13 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         "matched_examples": matched_examples(rows, result.removed, label_of),
         "label_spellings": respelled,
     }
-    preferences = examples_path.parent / PREFERENCES
     inputs = {"raw_examples": file_sha256(examples_path)[:16],
               "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None,
               **({"free_text": True} if free_text else {}),
               **({"labels": {"label_field": labels.config.label_field}} if spellings else {})}
     key = reuse_key(inputs, settings)
     with atomic_dir(out_dir) as tmp:
-        cleaned = build_clean_preferences(preferences, tmp, settings)
+        cleaned = build_clean_preferences(pairs, tmp, settings, spellings)
         removed = result.removed + cleaned.pop("removed")
         summary.update({name: summary[name] + cleaned.pop(name) for name in COUNTS[2:]}, **cleaned)
         write_examples(kept, tmp / EXAMPLES,

@@ -1,7 +1,7 @@
 """One spelling per label: labels that differ only in what the evaluation ignores (case, spacing, punctuation:
-`Billing`, `billing `, `billing.`) are one label there, so cleaned rows are rewritten to the spelling most of the
-label's rows use, and the model learns to write each label one way. The rest of each answer, and each row's id (that
-of its raw row), stay as they were."""
+`Billing`, `billing `, `billing.`) are one label there, so cleaned rows, and the answers of preference rows, are
+rewritten to the spelling most of the label's answers use, and the model learns to write each label one way. The rest
+of each answer, and each row's id (that of its raw row), stay as they were."""
 
 from __future__ import annotations
 
@@ -9,27 +9,29 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Iterable
 
 from ftpipe.core.evaluation.metrics.classification import Classification, most_common, raw_label
-from ftpipe.core.text import loose
+from ftpipe.core.preferences import is_paired
+from ftpipe.core.text import canonical, loose
 
 COLUMNS = ["label", "respelled", "rows"]
 SHOWN = 5  # spellings named in the log line
+PREFERENCE_ANSWERS = ("chosen", "rejected", "completion")  # a preference row's answer fields (None: not its kind)
 
 
 @dataclass(frozen=True)
 class Spellings:
     """The spelling each label is trained in: for a label written more than one way (`chosen`, by its `loose`
-    form), the one most rows write (the smallest of equally common ones); any other, as written."""
+    form), the one most answers write (the smallest of equally common ones); any other, as written."""
 
     labels: Classification
     chosen: dict[str, str]
 
     @classmethod
-    def of(cls, rows: list[dict[str, Any]], labels: Classification) -> Spellings:
+    def of(cls, answers: Iterable[str], labels: Classification) -> Spellings:
         found: dict[str, list[str]] = {}
-        for label in map(partial(raw_label, label_field=labels.config.label_field), _answers(rows)):
+        for label in map(partial(raw_label, label_field=labels.config.label_field), answers):
             if label and loose(label):
                 found.setdefault(loose(label), []).append(label)
         return cls(labels, {name: most_common(written) for name, written in found.items() if len(set(written)) > 1})
@@ -39,19 +41,40 @@ class Spellings:
         return self._trained(raw_label(answer, self.labels.config.label_field))
 
     def respell(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """`rows` with each label in its spelling, and one entry per spelling replaced: the spelling kept (`label`),
-        the one replaced (`respelled`), how many `rows`, most rows first."""
+        """Chat `rows` with each label in its spelling, and one entry per spelling replaced: the spelling kept
+        (`label`), the one replaced (`respelled`), how many `rows`, most rows first."""
         replaced: Counter[tuple[str, str]] = Counter()
         out = []
-        for row, answer in zip(rows, _answers(rows)):
-            written = raw_label(answer, self.labels.config.label_field)
-            keep = self._trained(written)
-            respelled = self.labels.respelled(answer, keep) if keep != written else None
-            if respelled is not None and raw_label(respelled, self.labels.config.label_field) == keep:
-                row = {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": respelled}]}
-                replaced[keep, written] += 1
+        for row in rows:
+            found = self._respelled(row["messages"][-1]["content"])
+            if found:
+                row = {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": found[0]}]}
+                replaced[found[1:]] += 1
             out.append(row)
         return out, [{"label": keep, "respelled": written, "rows": n} for (keep, written), n in replaced.most_common()]
+
+    def respell_preferences(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+        """Preference `rows` with each answer's label in its spelling, and how many answers were rewritten. A pair
+        whose two answers would then be the same answer stays as written: the spelling is what it prefers."""
+        out, count = [], 0
+        for row in rows:
+            answers = {field: found[0] for field in PREFERENCE_ANSWERS
+                       if row[field] is not None and (found := self._respelled(row[field]))}
+            respelled = {**row, **answers}
+            if not (is_paired(row) and canonical(respelled["chosen"]) == canonical(respelled["rejected"])):
+                row, count = respelled, count + len(answers)
+            out.append(row)
+        return out, count
+
+    def _respelled(self, answer: str) -> tuple[str, str, str] | None:
+        """(`answer` with its label in its spelling, that spelling, the one replaced); None when it stays, or when
+        the rewritten answer would not read back as that label."""
+        written = raw_label(answer, self.labels.config.label_field)
+        keep = self._trained(written)
+        if keep == written:
+            return None
+        respelled = self.labels.respelled(answer, keep)
+        return (respelled, keep, written) if raw_label(respelled, self.labels.config.label_field) == keep else None
 
     def _trained(self, written: str | None) -> str | None:
         return self.chosen.get(loose(written), written) if written else written
@@ -63,17 +86,20 @@ def shown(respelled: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for entry in respelled]
 
 
-def said(respelled: list[dict[str, Any]]) -> str:
-    """`12 rows' labels respelled as most rows of the label write it: "billing " as "Billing" ×9, ...` (the commonest
-    first, SHOWN of them)."""
+def said(respelled: list[dict[str, Any]], preference_answers: int = 0) -> str:
+    """`12 rows' and 4 preference answers' labels respelled as most answers of the label write it: "billing " as
+    "Billing" ×9, ...` (the chat rows' spellings, the commonest first, SHOWN of them)."""
+    counts = ((sum(r["rows"] for r in respelled), "rows'"), (preference_answers, "preference answers'"))
     named = [f"{r['respelled']} as {r['label']} ×{r['rows']}" for r in shown(respelled[:SHOWN])]
     more = f" and {len(respelled) - SHOWN} other spellings" if len(respelled) > SHOWN else ""
-    rows = sum(r["rows"] for r in respelled)
-    return f"{rows} rows' labels respelled as most rows of the label write it: {', '.join(named)}{more}"
+    return (f"{' and '.join(f'{count} {what}' for count, what in counts if count)} labels respelled as most answers "
+            f"of the label write it{': ' if named else ''}{', '.join(named)}{more}")
 
 
-def _answers(rows: list[dict[str, Any]]) -> list[str]:
-    return [row["messages"][-1]["content"] for row in rows]
+def answers(rows: list[dict[str, Any]], preferences: Iterable[dict[str, Any]] = ()) -> list[str]:
+    """The answers of chat `rows` and of preference rows (`preferences`): what the spellings are counted over."""
+    return [*(row["messages"][-1]["content"] for row in rows),
+            *(row[field] for row in preferences for field in PREFERENCE_ANSWERS if row[field] is not None)]
 
 
 def _quoted(text: str) -> str:

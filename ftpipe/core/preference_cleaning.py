@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ftpipe.core import similarity
 from ftpipe.core.dedup import removal
 from ftpipe.core.layout import PREFERENCES
-from ftpipe.core.preferences import as_chat, is_paired, read_preferences, write_preferences
+from ftpipe.core.preferences import as_chat, is_paired, write_preferences
 from ftpipe.core.records import source_order
 from ftpipe.core.text import canonical
+
+if TYPE_CHECKING:
+    from ftpipe.core.label_spellings import Spellings
 
 COUNTS = {"exact_duplicate": "exact_duplicates", "near_duplicate": "near_duplicates", "contradiction": "contradictions"}
 ANSWERS = {True: "chosen and rejected", False: "completion and label"}  # by whether the row is paired
@@ -113,13 +116,15 @@ def clean_preferences(rows: list[dict[str, Any]], settings: similarity.Settings 
     return kept, removed
 
 
-def build_clean_preferences(raw_path: Path, out_dir: Path,
-                            settings: similarity.Settings = similarity.Settings()) -> dict[str, Any]:
-    """Clean the preference rows of `raw_path` (none when it does not exist) into `out_dir/preferences.parquet`;
-    return `preference_rows_in`, `preference_rows_out`, the counts by reason under `dedup`'s names, and `removed`."""
-    rows = read_preferences(raw_path)
+def build_clean_preferences(rows: list[dict[str, Any]], out_dir: Path, settings: similarity.Settings = similarity.Settings(),
+                            spellings: Spellings | None = None) -> dict[str, Any]:
+    """Clean preference `rows` into `out_dir/preferences.parquet`, the kept rows' labels in their `spellings`;
+    return `preference_rows_in`, `preference_rows_out`, the counts by reason under `dedup`'s names,
+    `preference_answers_respelled` and `removed`."""
     kept, removed = clean_preferences(rows, settings)
+    kept, respelled = spellings.respell_preferences(kept) if spellings else (kept, 0)
     write_preferences(kept, out_dir / PREFERENCES)
     reasons = Counter(row["reason"] for row in removed)
     return {"preference_rows_in": len(rows), "preference_rows_out": len(kept),
-            **{name: reasons[reason] for reason, name in COUNTS.items()}, "removed": removed}
+            **{name: reasons[reason] for reason, name in COUNTS.items()}, "preference_answers_respelled": respelled,
+            "removed": removed}

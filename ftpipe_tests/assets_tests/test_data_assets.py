@@ -130,23 +130,30 @@ def test_an_extraction_answer_missing_a_field_or_giving_it_another_type_is_quara
 
 
 def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_env: Path) -> None:
+    from ftpipe.core.preferences import read_preferences
     from ftpipe.core.records import read_examples
 
     spellings = ["Billing", "billing", "Billing", "BILLING ", "Shipping"]
     rows = [chat(f"ticket {i}: question {i * 13} about invoice {i}", json.dumps({"category": spellings[i % 5]}))
             for i in range(60)]
-    make_task(ftpipe_env, "desk", {"a.jsonl": rows}, "evaluation: {task_type: classification, label_field: category}\n")
+    pairs = [{"prompt": f"parcel {i}: tracking number {i * 31} shows nothing", "chosen": '{"category": "shipping "}',
+              "rejected": '{"category": "billing"}'} for i in range(4)]
+    make_task(ftpipe_env, "desk", {"a.jsonl": rows, "p.jsonl": pairs},
+              "evaluation: {task_type: classification, label_field: category}\n")
     with dg.instance_for_test() as instance:
         result = materialize(instance, "desk")
         infos = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 20]
     deduped = materialization(result, "deduplicated_examples")
     assert deduped["labels_respelled"] == 24 and '| "Billing" | "BILLING " | 12 |' in deduped["label_spellings"]
+    assert deduped["preference_answers_respelled"] == 8
     assert deduped["removed_by_label"].splitlines()[2:] == ["| Billing | 48 | 0 | 0% |", "| Shipping | 12 | 0 | 0% |"]
-    assert 'desk: 24 rows\' labels respelled as most rows of the label write it: "billing" as "Billing" ×12, ' \
-           '"BILLING " as "Billing" ×12' in infos
+    assert 'desk: 24 rows\' and 8 preference answers\' labels respelled as most answers of the label write it: ' \
+           '"billing" as "Billing" ×12, "BILLING " as "Billing" ×12' in infos
     written = {json.loads(r["messages"][-1]["content"])["category"]
                for path in TaskLayout("desk").split_files for r in read_examples(path)}
-    assert written == {"Billing", "Shipping"}
+    cleaned_pairs = read_preferences(TaskLayout("desk").preferences("deduplicated_examples"))
+    preferred = {(r["chosen"], r["rejected"]) for r in cleaned_pairs}
+    assert written == {"Billing", "Shipping"} and preferred == {('{"category": "Shipping"}', '{"category": "Billing"}')}
 
 
 def test_the_split_warns_of_labels_only_train_rows_have(ftpipe_env: Path) -> None:

@@ -4,7 +4,8 @@ import json
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.metrics import task_metrics
-from ftpipe.core.label_spellings import Spellings, said
+from ftpipe.core.label_spellings import Spellings, answers, said
+from ftpipe.core.preferences import FormatSpec, to_preference
 from ftpipe_tests.rows import row
 
 
@@ -18,7 +19,7 @@ def test_labels_written_differently_take_the_spelling_most_rows_use_and_keep_the
     rows = [ticket(1, "Billing"), ticket(2, "Billing"), ticket(3, "billing ", "high"), ticket(4, "BILLING."),
             ticket(5, "Billing"), ticket(6, "shipping"), ticket(7, "Shipping"), ticket(8, "Shipping Delay"),
             row("ticket 9: no JSON here", "billing")]
-    spellings = Spellings.of(rows, labels)
+    spellings = Spellings.of(answers(rows), labels)
     out, respelled = spellings.respell(rows)
     assert spellings.label('{"category": "billing."}') == "Billing" and spellings.label("no JSON") is None
     assert [r["messages"][-1]["content"] for r in out[2:4]] == [
@@ -29,13 +30,35 @@ def test_labels_written_differently_take_the_spelling_most_rows_use_and_keep_the
     assert respelled == [{"label": "Billing", "respelled": "billing ", "rows": 1},
                          {"label": "Billing", "respelled": "BILLING.", "rows": 1},
                          {"label": "Shipping", "respelled": "shipping", "rows": 1}]
-    assert said(respelled) == ('3 rows\' labels respelled as most rows of the label write it: "billing " as "Billing" '
-                               '×1, "BILLING." as "Billing" ×1, "shipping" as "Shipping" ×1')
+    assert said(respelled) == ('3 rows\' labels respelled as most answers of the label write it: "billing " as '
+                               '"Billing" ×1, "BILLING." as "Billing" ×1, "shipping" as "Shipping" ×1')
 
 
 def test_a_bare_label_is_respelled_whole() -> None:
     labels = task_metrics(EvaluationConfig(task_type="classification"))
     rows = [row(f"message {i}", answer) for i, answer in enumerate(["Refund", "Refund", "refund\n", "Card lost"])]
-    out, respelled = Spellings.of(rows, labels).respell(rows)
+    out, respelled = Spellings.of(answers(rows), labels).respell(rows)
     assert [r["messages"][-1]["content"] for r in out] == ["Refund", "Refund", "Refund", "Card lost"]
     assert respelled == [{"label": "Refund", "respelled": "refund", "rows": 1}]
+
+
+def test_preference_answers_count_toward_the_spelling_and_are_respelled_unless_a_pair_would_become_one_answer() -> None:
+    labels = task_metrics(EvaluationConfig(task_type="classification", label_field="category"))
+    category = lambda label: json.dumps({"category": label})  # noqa: E731
+    rows = [ticket(1, "Billing"), ticket(2, "Billing"), ticket(3, "Billing"), ticket(4, "refund")]
+    pairs = [to_preference({"prompt": f"order {i}", "chosen": category("Refund"), "rejected": category("billing ")},
+                           FormatSpec(), f"p.jsonl:line {i}") for i in range(2)]
+    pairs += [to_preference({"prompt": "order 3", "chosen": category("Refund"), "rejected": category("refund.")},
+                            FormatSpec(), "p.jsonl:line 3"),
+              to_preference({"prompt": "order 4", "completion": category("BILLING"), "label": False},
+                            FormatSpec(), "k.jsonl:line 1")]
+    spellings = Spellings.of(answers(rows, pairs), labels)
+    chats, respelled = spellings.respell(rows)
+    out, count = spellings.respell_preferences(pairs)
+    assert respelled == [{"label": "Refund", "respelled": "refund", "rows": 1}], "the pairs' Refund outnumbers"
+    assert [(r["chosen"], r["rejected"], r["completion"]) for r in out] == [
+        (category("Refund"), category("Billing"), None), (category("Refund"), category("Billing"), None),
+        (category("Refund"), category("refund."), None), (None, None, category("Billing"))]
+    assert count == 3 and [r["id"] for r in out] == [r["id"] for r in pairs]
+    assert said(respelled, count) == ('1 rows\' and 3 preference answers\' labels respelled as most answers of the '
+                                      'label write it: "refund" as "Refund" ×1')

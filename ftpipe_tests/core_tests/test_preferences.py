@@ -230,16 +230,14 @@ def test_cleaning_does_not_depend_on_the_order_of_the_rows() -> None:
 def test_build_clean_preferences_writes_the_kept_rows_and_counts_by_reason(tmp_path: Path) -> None:
     rows = [pair("q", "a", "b"), pair("Q", "a", "b", "g:line 2"), pair("q", "b", "a", "h:line 3"),
             single("r", "c", True)]
-    write_preferences(rows, tmp_path / "raw.parquet")
-    (tmp_path / "out").mkdir()
-    summary = preference_cleaning.build_clean_preferences(tmp_path / "raw.parquet", tmp_path / "out")
+    summary = preference_cleaning.build_clean_preferences(rows, tmp_path)
     removed = summary.pop("removed")
     assert summary == {"preference_rows_in": 4, "preference_rows_out": 2, "exact_duplicates": 1,
-                       "near_duplicates": 0, "contradictions": 1}
+                       "near_duplicates": 0, "contradictions": 1, "preference_answers_respelled": 0}
     assert len(removed) == 2 and all(row["reason"] in ("exact_duplicate", "contradiction") for row in removed)
-    assert len(read_preferences(tmp_path / "out" / "preferences.parquet")) == 2
-    empty = preference_cleaning.build_clean_preferences(tmp_path / "missing.parquet", tmp_path / "out")
-    assert empty["preference_rows_in"] == 0 and read_preferences(tmp_path / "out" / "preferences.parquet") == []
+    assert len(read_preferences(tmp_path / "preferences.parquet")) == 2
+    empty = preference_cleaning.build_clean_preferences([], tmp_path)
+    assert empty["preference_rows_in"] == 0 and read_preferences(tmp_path / "preferences.parquet") == []
 
 
 def test_preference_prompts_without_the_system_prompt_serving_uses_are_named(tiny_task: str) -> None:
