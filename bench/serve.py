@@ -1,6 +1,8 @@
 """Serving throughput: two tasks' adapters on one base decoded in mixed batches, against the same server decoding one
 request at a time, and against a separate merged model per task; at 1/8/32/64 concurrent clients, through the real
 server process and the official `openai` client. Prints requests/s and p95 latency, and the ratios at 32 clients.
+Then the wait behind a long answer: a short request's latency while another request streams a long answer, against
+the same request alone.
 
     python bench/serve.py                                    # the tiny random model: runs anywhere in a few minutes
     python bench/serve.py --model .ftpipe/models/<fingerprint>  # a resolved base model, e.g. the demo's SmolLM2-135M
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,7 +64,44 @@ def measure(server: Served, clients: int, requests: int, max_tokens: int) -> tup
     return requests / elapsed, latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] * 1000
 
 
-def run_setup(name: str, models: dict, kind: str, options: tuple[str, ...], root: Path, args) -> dict[int, tuple]:
+def short_request_seconds(client, max_tokens: int) -> float:
+    started = time.perf_counter()
+    client.chat.completions.create(model=TASKS[1], max_tokens=max_tokens, temperature=0,
+                                   messages=[{"role": "user", "content": "Question 0: what color is it?"}])
+    return time.perf_counter() - started
+
+
+def wait_behind_a_long_answer(server: Served, args, tries: int = 3) -> None:
+    """Print the median seconds of a short request alone and while another request streams a long answer (sent once
+    that answer's first token has come), and their ratio."""
+    client = server.client()
+    alone = statistics.median(short_request_seconds(client, args.max_tokens) for _ in range(tries))
+    behind, long_tokens = [], []
+    for _ in range(tries):
+        first_token = threading.Event()
+
+        def long_answer() -> None:
+            stream = client.chat.completions.create(
+                model=TASKS[0], max_tokens=args.long_tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": "Tell me everything about the colors of fruit."}])
+            for chunk in stream:
+                first_token.set()
+                if chunk.usage:
+                    long_tokens.append(chunk.usage.completion_tokens)
+
+        worker = threading.Thread(target=long_answer)
+        worker.start()
+        first_token.wait()
+        behind.append(short_request_seconds(client, args.max_tokens))
+        worker.join()
+    print(f"  a short request ({args.max_tokens} tokens) alone {alone:.2f} s, behind a long answer "
+          f"({statistics.median(long_tokens):.0f} tokens) {statistics.median(behind):.2f} s: "
+          f"{statistics.median(behind) / alone:.2f}x its time alone", flush=True)
+
+
+def run_setup(name: str, models: dict, kind: str, options: tuple[str, ...], root: Path, args,
+              waits: bool = False) -> dict[int, tuple]:
     home = root / name
     home.mkdir()
     uri = f"sqlite:///{home / 'mlflow.db'}"
@@ -74,6 +115,8 @@ def run_setup(name: str, models: dict, kind: str, options: tuple[str, ...], root
             results[clients] = measure(server, clients, max(args.requests, clients * 2), args.max_tokens)
             print(f"  {name:<26} {clients:>3} clients: {results[clients][0]:7.2f} requests/s, "
                   f"p95 {results[clients][1]:8.0f} ms", flush=True)
+        if waits:
+            wait_behind_a_long_answer(server, args)
         return results
     finally:
         server.stop()
@@ -84,6 +127,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a base model dir (safetensors + tokenizer); default: tiny model")
     parser.add_argument("--requests", type=int, default=96, help="requests per measurement (at least 2 per client)")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--long-tokens", type=int, default=256, help="the long answer's token budget")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -96,7 +140,7 @@ def main() -> None:
             "one request at a time": ("lora", ("--max-batch", "1")),
             "merged model per task": ("merged", ()),
         }
-        results = {name: run_setup(name, models, kind, options, root, args)
+        results = {name: run_setup(name, models, kind, options, root, args, waits=name == "batched adapters")
                    for name, (kind, options) in setups.items()}
     batched = results["batched adapters"][32][0]
     print(f"  at 32 clients: batched adapters / one at a time {batched / results['one request at a time'][32][0]:.1f}x"
