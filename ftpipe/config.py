@@ -559,6 +559,24 @@ class TaskConfig(_Strict):
                              "[distill]) and leave objective out")
         return training
 
+    def idle_settings(self) -> list[str]:
+        """The settings given a value of their own that the rest of the config leaves without effect, each as
+        `training.lora (training.adapter is none: every weight is trained)`."""
+        training, retrain = self.training, self.retrain
+        rules = [
+            (training.adapter == "none" and training.lora != LoraConfig(), "training.lora",
+             "training.adapter is none: every weight is trained"),
+            (training.preference_objective is None and training.preference != PreferenceConfig(),
+             "training.preference", f"training.stages {training.stages} has no preference stage"),
+            ("distill" not in training.stages and training.distill_on_policy is not None,
+             "training.distill_on_policy", f"training.stages {training.stages} has no distill stage"),
+            (training.launcher != "k8s" and training.k8s is not None, "training.k8s",
+             f"training.launcher is {training.launcher}"),
+            (not retrain.warm_start and retrain.warm_start_max_growth != RetrainConfig().warm_start_max_growth,
+             "retrain.warm_start_max_growth", "retrain.warm_start is false"),
+        ]
+        return [f"{name} ({why})" for idle, name, why in rules if idle]
+
 
 # ---------------------------------------------------------------- errors
 

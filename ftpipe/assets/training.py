@@ -232,6 +232,8 @@ def lora_adapter(
     4-bit needs CUDA) is decided by the training program where it runs.
     """
     cfg = load_config(context, config)
+    if idle := cfg.idle_settings():
+        context.log.warning(f"{context.partition_key}: settings without effect: {'; '.join(idle)}")
     stages, preference = cfg.training.stages, cfg.training.preference_objective
     for path in TaskLayout(context.partition_key).preference_split_files if preference else ():
         if problem := missing_preference_rows(preference, path):  # said before the first stage trains, not after

@@ -308,11 +308,14 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
 @pytest.mark.slow
 def test_a_full_fine_tune_is_evaluated_gated_and_registered(ftpipe_env: Path, tiny_task: str) -> None:
     task_yaml = ftpipe_env / "tasks" / tiny_task / "task.yaml"
-    task_yaml.write_text(task_yaml.read_text().replace("method: lora", "method: full") + LENIENT_GATE)
+    task_yaml.write_text(task_yaml.read_text().replace("method: lora", "method: full, lora: {r: 4}") + LENIENT_GATE)
     job = defs.resolve_job_def("finetune_job")
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(task_partitions.name, [tiny_task])
         first = job.execute_in_process(instance=instance, partition_key=tiny_task)
+        warnings = [log.user_message for log in instance.all_logs(first.run_id) if log.level == 30]
+        assert f"{tiny_task}: settings without effect: training.lora (training.adapter is none: every weight is " \
+               "trained)" in warnings
         adapter, merged = materialization(first, "lora_adapter"), materialization(first, "merged_model")
         assert adapter["method"] == "full" and check(first, "eval_report_gate").passed
         assert merged["registered_model"] == f"ftpipe-{tiny_task}" and merged["registered_version"] == 1

@@ -221,6 +221,22 @@ def test_replay_is_in_the_recipe_only_when_it_mixes_rows_in() -> None:
     assert some.recipe() == {**none.recipe(), "replay": 0.25}
 
 
+def test_settings_the_rest_of_the_config_leaves_without_effect_are_named() -> None:
+    idle = parse_task_config("training: {method: full, lora: {r: 4}, preference: {beta: 0.2}, distill_on_policy: 0.5, "
+                             "k8s: {image: ftpipe}}\nretrain: {warm_start_max_growth: 0.2}\n", "t.yaml")
+    assert idle.idle_settings() == [
+        "training.lora (training.adapter is none: every weight is trained)",
+        "training.preference (training.stages ['sft'] has no preference stage)",
+        "training.distill_on_policy (training.stages ['sft'] has no distill stage)",
+        "training.k8s (training.launcher is subprocess)",
+        "retrain.warm_start_max_growth (retrain.warm_start is false)",
+    ]
+    acting = parse_task_config("training: {method: lora, lora: {r: 4}, stages: [sft, dpo], preference: {beta: 0.2}, "
+                               "launcher: k8s, k8s: {image: ftpipe}}\nretrain: {warm_start: true, "
+                               "warm_start_max_growth: 0.2}\n", "t.yaml")
+    assert acting.idle_settings() == [] and load_task_config(DEMO_TASK).idle_settings() == []
+
+
 def all_models(model: type[BaseModel] = TaskConfig) -> set[type[BaseModel]]:
     nested = {config_module.nested_model(field.annotation) for field in model.model_fields.values()} - {None}
     return {model}.union(*(all_models(child) for child in nested))
