@@ -171,6 +171,24 @@ def test_an_extraction_correction_in_another_form_than_the_tasks_answers_is_refu
     assert add_feedback(tiny_task, ids[0], '{"item": "kiwi"}')[1] == ADDED, "checked against the rows cleaned last"
 
 
+def test_a_classification_correction_with_a_misspelt_field_is_refused_not_only_one_with_a_new_label(
+        tiny_task: str, tmp_path: Path) -> None:
+    config = task_dir(tiny_task) / "task.yaml"
+    config.write_text(config.read_text() + "evaluation: {task_type: classification, label_field: color}\n")
+    rows = [{"messages": [{"role": "user", "content": f"Ticket {number * 7919}: what color is the {fruit}?"},
+                          {"role": "assistant", "content": json.dumps({"color": color, "urgent": number % 2 == 0})}],
+             "id": str(number), "source": f"t.jsonl:{number + 1}"}
+            for number, (fruit, color) in enumerate(list(COLORS.items()) * 4)]
+    write_examples(rows, tmp_path / "raw.parquet")
+    build_deduplicated(tmp_path / "raw.parquet", TaskLayout(tiny_task).asset("deduplicated_examples"),
+                       labels=task_metrics(task_config(tiny_task).evaluation))
+    ids = served(tiny_task)
+    with pytest.raises(FeedbackError, match=r"^output: the answer lacks the field 'urgent', which 24 of 24 answers "
+                                            r"give \(evaluation.task_type classification\)$"):
+        add_feedback(tiny_task, ids[0], '{"color": "red", "urgnet": true}')
+    assert add_feedback(tiny_task, ids[0], '{"color": "red", "urgent": true}')[1] == ADDED
+
+
 @pytest.mark.slow
 def test_dropped_corrections_become_training_rows_and_trigger_retraining(ftpipe_env: Path, tiny_task: str) -> None:
     folder = ftpipe_env / "tasks" / tiny_task

@@ -3,6 +3,7 @@ log-likelihood ranking, and the confusion table; and the general-skills probe's 
 
 from __future__ import annotations
 
+import json
 import re
 import typing
 
@@ -236,6 +237,18 @@ def test_an_extraction_answer_is_odd_only_against_the_shape_nearly_all_answers_s
     assert odd_shapes(odd)[39:] == ["gives 'urgent' as a string (\"no\"), where 39 of 40 answers give a boolean",
                                     "lacks the field 'urgent', which 40 of 41 answers give"]
     assert odd_shapes(odd[-12:]) == [None] * 12, "a dozen answers say too little about the usual shape"
+
+
+def test_a_classification_answer_in_json_is_held_to_the_shape_nearly_all_answers_share_and_a_bare_label_is_not():
+    from ftpipe.core.evaluation.metrics import shape_problems
+
+    answers = [json.dumps({"category": label, "priority": "low"}) for label in ["billing", "shipping"] * 15]
+    found = shape_problems(EvaluationConfig(task_type="classification", label_field="category"))(
+        [*answers, '{"category": "billing", "priorty": "low"}'])
+    assert found == [None] * 30 + ["the answer lacks the field 'priority', which 30 of 31 answers give "
+                                   "(evaluation.task_type classification)"]
+    bare = shape_problems(EvaluationConfig(task_type="classification"))([*["billing"] * 30, '{"odd": 1}'])
+    assert bare == [None] * 31
 
 
 def test_the_extraction_report_shows_each_fields_accuracy_and_the_fields_answers_invent():

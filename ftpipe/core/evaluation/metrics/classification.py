@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from ftpipe.core.evaluation.metrics.base import (
     FIRST_JSON_OBJECT, AnswerEnd, LabelChoices, Scores, TaskMetrics, first_json_object,
 )
+from ftpipe.core.evaluation.metrics.extraction import OBJECT_SHAPE_RULE, object_shape_check
 from ftpipe.core.text import clipped, loose, loose_words, markdown_table
 
 UNPARSEABLE = "(unparseable)"
@@ -131,6 +133,15 @@ class Classification(TaskMetrics):
     name = "classification"
     primary = "accuracy"
     labelled = True
+
+    @property
+    def shape_rule(self) -> str:  # type: ignore[override]
+        """Answers that are JSON objects (a `label_field`) keep the fields and types nearly all share, as extraction's
+        do: a misspelt or missing field is caught as well as the label."""
+        return OBJECT_SHAPE_RULE if self.config.label_field else ""
+
+    def shape_check(self, references: list[str]) -> Callable[[str], str | None]:
+        return object_shape_check(references) if self.config.label_field else super().shape_check(references)
 
     def expected_label(self, reference: str) -> str:
         return parse_label(reference, self.config.label_field) or loose(reference)

@@ -74,10 +74,19 @@ def shape_of(objects: list[dict]) -> Callable[[dict], str | None]:
     return problem
 
 
+OBJECT_SHAPE_RULE = f"fields and types of {SHAPE_SHARE:.0%} of {SHAPE_MIN_ANSWERS}+ answers"
+
+
+def object_shape_check(references: list[str]) -> Callable[[str], str | None]:
+    """How an answer's JSON object departs from the shape nearly all `references`' objects share (`shape_of`)."""
+    problem = shape_of([first_json_object(reference) or {} for reference in references])
+    return lambda answer: problem(first_json_object(answer) or {})
+
+
 class Extraction(TaskMetrics):
     name = "extraction"
     primary = "exact_match"
-    shape_rule = f"fields and types of {SHAPE_SHARE:.0%} of {SHAPE_MIN_ANSWERS}+ answers"
+    shape_rule = OBJECT_SHAPE_RULE
 
     def answer_end(self, references: list[str]) -> AnswerEnd:
         """The first JSON object's closing brace: every metric reads that object only."""
@@ -118,5 +127,4 @@ class Extraction(TaskMetrics):
         return None if first_json_object(reference) is not None else "is not a JSON object"
 
     def shape_check(self, references: list[str]) -> Callable[[str], str | None]:
-        problem = shape_of([first_json_object(reference) or {} for reference in references])
-        return lambda answer: problem(first_json_object(answer) or {})
+        return object_shape_check(references)
