@@ -3,9 +3,10 @@
 side by side on the same prompts; what answers constrained to a label set cost, batched and one prompt at a time; an
 evaluation's work on each prompt (answer it, rank the labels, score a reference) with one pass over the prompt against
 a pass for each; and prompts that share a long start (a system prompt of --shared-words words, as few-shot examples are), answered and
-label-ranked with that start run once (`shared_prefix`) against running it in every row; and the general-skills probe
+label-ranked with that start run once (`shared_prefix`) against running it in every row; the general-skills probe
 answered in decoding rounds whose ended rows leave the batch, with the output head given its last positions
-contiguous, against one `generate` call per batch on the sliced positions.
+contiguous, against one `generate` call per batch on the sliced positions; and labels written in JSON ranked with the
+start all their answers share run once per prompt (`common_start`), against running every answer whole.
 
     python bench/eval.py                                   # tiny random model, runs anywhere in about a minute
     python bench/eval.py --model .ftpipe/models/<fingerprint> --rows 32
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import sys
 import tempfile
@@ -130,6 +132,42 @@ def bench_shared_prefix(model_dir: Path, rows: int, batch_tokens: int, max_new_t
               + ("" if same == rows else "  <-- MISMATCH"))
 
 
+@contextlib.contextmanager
+def every_label_runs_its_whole_answer():
+    """The baseline: no start shared by a prompt's continuations, each runs whole."""
+    real = generation.common_start
+    generation.common_start = lambda options: []
+    try:
+        yield
+    finally:
+        generation.common_start = real
+
+
+def bench_common_start(model_dir: Path, rows: int, label_count: int, repeats: int) -> None:
+    """`label_count` labels written in JSON (`{"category": "label_07", "priority": "high"}`) ranked after each prompt,
+    the start every answer shares run once per prompt against every answer run whole, alternately `repeats` times."""
+    model, tokenizer = load_model(model_dir)
+    prompts = varied_prompts(rows)
+    options = [generation.encode(tokenizer, json.dumps({"category": f"label_{i:02d}", "priority": "high"}))
+               for i in range(label_count)]
+    times: dict[str, list[float]] = {"once": [], "whole": []}
+    for _ in range(repeats):
+        found, seconds = timed(lambda: label_likelihood.prompts_logprobs(model, tokenizer, prompts, [options] * rows))
+        times["once"].append(seconds)
+        with every_label_runs_its_whole_answer():
+            whole, seconds = timed(lambda: label_likelihood.prompts_logprobs(model, tokenizer, prompts,
+                                                                            [options] * rows))
+        times["whole"].append(seconds)
+    once, each = statistics.median(times["once"]), statistics.median(times["whole"])
+    same = sum(row.index(max(row)) == other.index(max(other)) for row, other in zip(found, whole))
+    diff = max(abs(a - b) for row, other in zip(found, whole) for a, b in zip(row, other))
+    start = len(generation.common_start(options))
+    print(f"{label_count} JSON labels ranked after {rows} prompts (a start of {start} of their "
+          f"{statistics.mean(map(len, options)):.0f} tokens shared): start run once {once:7.2f} s, every answer whole "
+          f"{each:7.2f} s: {each / once:.2f}x, the same top label {same}/{rows}, largest log-probability "
+          f"difference {diff:.2g}")
+
+
 def bench_one_pass(model_dir: Path, rows: int, batch_tokens: int, max_new_tokens: int, label_count: int) -> None:
     """What an evaluation does with each held-out prompt (answer it, rank the labels after it, score its reference
     answer) with one pass over the prompt, against one pass for each."""
@@ -214,7 +252,7 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=12, help="label set size for constrained answers")
     parser.add_argument("--shared-words", type=int, default=80, help="words of the system prompt every row shares")
     parser.add_argument("--adapter", type=Path, help="a LoRA adapter on --model for the decoding benchmark")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each way of decoding the probe")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each way of decoding the probe or ranking")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or noisy_base(build_tiny_model(Path(tmp) / "tiny"), Path(tmp) / "noisy")
@@ -223,6 +261,7 @@ def main() -> None:
         bench_shared_prefix(model_dir, args.rows, args.batch_tokens, args.max_new_tokens, args.labels,
                             args.shared_words)
         bench_decoding(model_dir, args.adapter, args.batch_tokens, args.repeats)
+        bench_common_start(model_dir, args.rows, args.labels, args.repeats)
 
 
 if __name__ == "__main__":

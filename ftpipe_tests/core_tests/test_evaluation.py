@@ -332,6 +332,8 @@ def test_many_labels_after_short_or_long_prompts_are_ranked_in_batches_within_th
     assert max(rows for rows, _ in padded[False]) * width <= generation.SCORING_TOKENS, (width, padded[False])
     # and at most 1,024 continuation tokens a batch: 200 MB of float log-probabilities over a 49k vocabulary
     assert max(tokens for _, tokens in padded[False]) <= 1024, padded[False]
+    assert sum(tokens for _, tokens in padded[False]) < len(prompts) * sum(map(len, options)), \
+        "the start every label shares runs once per prompt"
     alone = label_likelihood.prompts_logprobs(model, tokenizer, prompts[:1], [options])
     assert found[0] == pytest.approx(alone[0], rel=1e-4)
 

@@ -321,9 +321,51 @@ def _rows_of(cache, index):
 
 def continuation_logprobs(model, cache, attention, first, continuations: list[list[list[int]]]) -> list[list[float]]:
     """For each prompt of a batch (its KV `cache`, `attention` mask and the log-probabilities `first` of the token
-    after it), the summed log-probability of each of its continuations. The continuations run in batches of about
-    SCORING_TOKENS of memory, each on a copy of its prompt's cache and counting LOGITS_COST per token (its
-    log-probabilities over the whole vocabulary), so many labels after long prompts stay within the budget."""
+    after it), the summed log-probability of each of its continuations. The tokens all of a prompt's continuations
+    start with (`common_start`: `{"category": "` before every label) run once for it, on a copy of `cache`; the rest
+    of each continuation runs as `_each_continuation` says."""
+    starts = [common_start(options) for options in continuations]
+    if not any(starts):
+        return _each_continuation(model, cache, attention, first, continuations)
+    cache, attention, first, scored = _run_starts(model, cache, attention, first, starts)
+    rests = [[option[len(start):] for option in options] for options, start in zip(continuations, starts)]
+    return [[score + value for value in values]
+            for score, values in zip(scored, _each_continuation(model, cache, attention, first, rests))]
+
+
+def common_start(options: list[list[int]]) -> list[int]:
+    """The tokens every one of two or more `options` starts with, leaving each at least its last token."""
+    if len(options) < 2:
+        return []
+    shortest = min(map(len, options)) - 1
+    return next((options[0][:i] for i in range(shortest) if any(o[i] != options[0][i] for o in options)),
+                options[0][:max(shortest, 0)])
+
+
+def _run_starts(model, cache, attention, first, starts: list[list[int]]):
+    """(a copy of `cache` with each prompt's start run after it, the attention mask that covers it, the
+    log-probabilities of the token after each start, each start's summed log-probability)."""
+    import torch
+
+    ids, start_mask = pad([start or [0] for start in starts], 0, left=False)
+    start_mask[[row for row, start in enumerate(starts) if not start]] = 0
+    positions = attention.sum(dim=1).view(-1, 1) + torch.arange(ids.shape[1])
+    attention = torch.cat([attention, start_mask], dim=1)
+    with torch.inference_mode():
+        out = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
+                    position_ids=positions.to(model.device),
+                    cache=_rows_of(cache, torch.arange(len(starts), device=model.device)))
+    steps = torch.cat([first.unsqueeze(1), out.logits.float().log_softmax(-1).to(first.device)], dim=1)
+    scored = [float(steps[row, torch.arange(len(start)), torch.tensor(start, dtype=torch.long)].sum()) if start
+              else 0.0 for row, start in enumerate(starts)]
+    after = steps[torch.arange(len(starts)), torch.tensor([len(start) for start in starts])]
+    return out.cache, attention, after, scored
+
+
+def _each_continuation(model, cache, attention, first, continuations: list[list[list[int]]]) -> list[list[float]]:
+    """`continuation_logprobs` one continuation at a time: they run in batches of about SCORING_TOKENS of memory,
+    each on a copy of its prompt's cache and counting LOGITS_COST per token (its log-probabilities over the whole
+    vocabulary), so many labels after long prompts stay within the budget."""
     import torch
 
     lengths = attention.sum(dim=1)
