@@ -114,13 +114,18 @@ def test_only_a_request_that_was_answered_can_be_corrected(tiny_task: str) -> No
         "notes.jsonl:1: request_id: missing: the id of the served answer it corrects (the response's `id`)"])
 
 
+def cleaned_classification(task: str, folder: Path, rows: list[dict], evaluation: str) -> None:
+    """Task `task` made a classification task (`evaluation`, YAML) with `rows` as its cleaned rows."""
+    config = task_dir(task) / "task.yaml"
+    config.write_text(config.read_text() + f"evaluation: {evaluation}\n")
+    write_examples(rows, folder / "raw.parquet")
+    build_deduplicated(folder / "raw.parquet", TaskLayout(task).asset("deduplicated_examples"),
+                       labels=task_metrics(task_config(task).evaluation))
+
+
 def test_a_label_no_row_has_yet_is_refused_as_a_likely_typo_unless_the_correction_says_it_is_new(
         tiny_task: str, tmp_path: Path) -> None:
-    config = task_dir(tiny_task) / "task.yaml"
-    config.write_text(config.read_text() + "evaluation: {task_type: classification}\n")
-    write_examples(toy_rows(30), tmp_path / "raw.parquet")
-    build_deduplicated(tmp_path / "raw.parquet", TaskLayout(tiny_task).asset("deduplicated_examples"),
-                       labels=task_metrics(task_config(tiny_task).evaluation))
+    cleaned_classification(tiny_task, tmp_path, toy_rows(30), "{task_type: classification}")
     ids = served(tiny_task)
     with pytest.raises(FeedbackError, match=r"^output: label 'yelow' is new to task 'toy' \(did you mean 'yellow'\?\); "
                                             r"its rows have 6 labels; send \"new_label\": true to add it as a new one$"):
@@ -173,15 +178,11 @@ def test_an_extraction_correction_in_another_form_than_the_tasks_answers_is_refu
 
 def test_a_classification_correction_with_a_misspelt_field_is_refused_not_only_one_with_a_new_label(
         tiny_task: str, tmp_path: Path) -> None:
-    config = task_dir(tiny_task) / "task.yaml"
-    config.write_text(config.read_text() + "evaluation: {task_type: classification, label_field: color}\n")
     rows = [{"messages": [{"role": "user", "content": f"Ticket {number * 7919}: what color is the {fruit}?"},
                           {"role": "assistant", "content": json.dumps({"color": color, "urgent": number % 2 == 0})}],
              "id": str(number), "source": f"t.jsonl:{number + 1}"}
             for number, (fruit, color) in enumerate(list(COLORS.items()) * 4)]
-    write_examples(rows, tmp_path / "raw.parquet")
-    build_deduplicated(tmp_path / "raw.parquet", TaskLayout(tiny_task).asset("deduplicated_examples"),
-                       labels=task_metrics(task_config(tiny_task).evaluation))
+    cleaned_classification(tiny_task, tmp_path, rows, "{task_type: classification, label_field: color}")
     ids = served(tiny_task)
     with pytest.raises(FeedbackError, match=r"^output: the answer lacks the field 'urgent', which 24 of 24 answers "
                                             r"give \(evaluation.task_type classification\)$"):
