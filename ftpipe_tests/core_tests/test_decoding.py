@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from ftpipe.core.evaluation.generation import generate, load_model, pad_id_of, prompt_ids, stop_token_ids
+from ftpipe.core.server import decoding
 from ftpipe.core.server.engine import Engine, Job
 from ftpipe_tests.tiny_model import toy_rows
 from ftpipe_tests.trained_models import noisy_base
@@ -100,3 +101,15 @@ def test_sampling_follows_temperature_and_a_nucleus_of_one_token_is_greedy(serve
 
     assert answers(temperature=1.0, top_p=1e-6) == greedy
     assert answers(temperature=2.0) != greedy
+
+
+def test_a_model_whose_cache_cannot_drop_rows_ends_its_batch_before_new_rows_join(served, monkeypatch) -> None:
+    model, tokenizer, prompts, _ = served
+    monkeypatch.setattr(decoding, "rows_can_leave", lambda model: False)  # as for a model with recurrent layers
+    long = submit(served, prompts[5], Answer(), 40, stops=False)
+    assert long.started.wait(WAIT)
+    ended_before = submit(served, prompts[6], Answer(on_token=lambda answer: answer.cancelled.set()), 12)
+    kept = [submit(served, prompt, Answer(), 12) for prompt in prompts[:3]]
+    assert len(ended_before.wait().tokens) == 1 and long.ended.is_set(), "the new row waited for the running batch"
+    assert [tokenizer.decode(answer.wait().tokens, skip_special_tokens=True).strip() for answer in kept] == generate(
+        model, tokenizer, prompts[:3], max_new_tokens=12, batch_tokens=1)
