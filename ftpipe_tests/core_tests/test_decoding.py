@@ -113,3 +113,20 @@ def test_a_model_whose_cache_cannot_drop_rows_ends_its_batch_before_new_rows_joi
     assert len(ended_before.wait().tokens) == 1 and long.ended.is_set(), "the new row waited for the running batch"
     assert [tokenizer.decode(answer.wait().tokens, skip_special_tokens=True).strip() for answer in kept] == generate(
         model, tokenizer, prompts[:3], max_new_tokens=12, batch_tokens=1)
+
+
+def test_a_request_waits_only_for_its_own_batch_when_that_one_is_full(served) -> None:
+    model, tokenizer, prompts, _ = served
+    engine = Engine(max_batch=1)
+    try:
+        one = (model, tokenizer, prompts, engine)
+        long = submit(one, prompts[1], Answer(), 300, stops=False)
+        assert long.started.wait(WAIT)
+        queued = submit(one, prompts[2], Answer(), 3)  # the greedy batch is full: this one waits
+        sampled = submit(one, prompts[3], Answer(), 3, temperature=1.0, top_p=1e-6).wait()  # a batch of its own
+        assert not long.ended.is_set(), "the sampled request did not wait behind the full greedy batch"
+        assert tokenizer.decode(sampled.tokens, skip_special_tokens=True).strip() == generate(
+            model, tokenizer, prompts[3:4], max_new_tokens=3, batch_tokens=1)[0]
+        assert queued.wait() and long.ended.is_set()
+    finally:
+        engine.stop()

@@ -92,16 +92,21 @@ class Engine:
                     del running[key]
 
     def _joining(self, waiting: deque, running: dict[tuple, Decoding]) -> dict[tuple, list[Job]]:
-        """The waiting jobs that join a running batch now, by batch: in order, up to the first call or stop (which
-        waits for them) or the first job whose batch is full."""
+        """The waiting jobs that join a running batch now, by batch: those before the first call or stop (which waits
+        for them), in order, as many of each batch's as it has room for (the others wait, and only for their own
+        batch)."""
         joining: dict[tuple, list[Job]] = {}
-        while waiting and isinstance(job := waiting[0], Job):
+        full, left = set(), []
+        while waiting and isinstance(waiting[0], Job):
+            job = waiting.popleft()
             if job.batch_key not in running:
                 running[job.batch_key] = Decoding(job.model, job.temperature, job.top_p, self.max_batch)
-            decoding = running[job.batch_key]
-            if decoding.room() <= len(joining.get(job.batch_key, ())):
-                break
-            joining.setdefault(job.batch_key, []).append(waiting.popleft())
+            if job.batch_key in full or running[job.batch_key].room() <= len(joining.get(job.batch_key, ())):
+                full.add(job.batch_key)
+                left.append(job)
+            else:
+                joining.setdefault(job.batch_key, []).append(job)
+        waiting.extendleft(reversed(left))
         return joining
 
 
