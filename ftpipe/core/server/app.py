@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
@@ -29,6 +30,8 @@ from ftpipe.core.server.stop_strings import MAX_STOP_STRINGS, held_back, stop_po
 
 DEFAULT_MAX_TOKENS = 256
 REFRESH_SECONDS = 10.0
+DISCONNECT_POLL_SECONDS = 0.25  # how often a request that is not streamed checks that its client is still there
+GONE = "the client closed the connection before the answer ended"
 
 
 class Message(BaseModel):
@@ -336,6 +339,23 @@ def _log_refused(server: Server, body: bytes, error: ApiError) -> None:
                     {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, error.status, error.message)
 
 
+class KeyCheck:
+    """Refuse `/v1/` requests without the server's API key (401). A plain ASGI middleware: it leaves the request's
+    messages to the app, so a handler can tell that its client has gone (`Request.is_disconnected`)."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and not self.server.authorized(
+                Headers(scope=scope).get("authorization")):
+            error = ApiError(401, "missing or wrong API key: send it as `Authorization: Bearer <key>`",
+                             kind="authentication_error", code="invalid_api_key")
+            await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(server: Server):
     """The FastAPI application serving `server` (stopped, its log segments finished, when the app shuts down)."""
 
@@ -350,13 +370,7 @@ def create_app(server: Server):
     async def refused(request: Request, error: ApiError):
         return JSONResponse(error.body(), status_code=error.status)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and not server.authorized(request.headers.get("authorization")):
-            error = ApiError(401, "missing or wrong API key: send it as `Authorization: Bearer <key>`",
-                             kind="authentication_error", code="invalid_api_key")
-            return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
+    app.add_middleware(KeyCheck, server=server)
 
     @app.get("/health")
     async def health():
@@ -379,12 +393,22 @@ def create_app(server: Server):
         completion.submit()
         if completion.request.stream:
             return StreamingResponse(_stream(completion), media_type="text/event-stream")
+        watcher = asyncio.create_task(_cancel_when_gone(request, completion))
         try:
             async for _ in completion.pieces():
                 pass
         except Exception as error:
             completion.record(500, str(error))
             raise ApiError(500, f"generation failed: {error}", kind="server_error") from error
+        except asyncio.CancelledError:  # the client is gone, and the server ended this handler
+            completion.cancel()
+            completion.record(CLIENT_CLOSED, GONE)
+            raise
+        finally:
+            watcher.cancel()
+        if watcher.done() and not watcher.cancelled():
+            completion.record(CLIENT_CLOSED, GONE)
+            return JSONResponse({}, status_code=CLIENT_CLOSED)
         completion.record(200)
         return completion.response()
 
@@ -442,6 +466,13 @@ def _completion(server: Server, body: bytes) -> Completion:
                             f"tokens, more than the model's context length of {route.context_length}",
                        code="context_length_exceeded", param="messages")
     return Completion(server, route, request, prompt)
+
+
+async def _cancel_when_gone(request: Request, completion: Completion) -> None:
+    """End `completion`'s decoding once its client has closed the connection (a request that is not streamed)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+    completion.cancel()
 
 
 async def _stream(completion: Completion):
