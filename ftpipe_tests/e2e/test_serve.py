@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from openai import APITimeoutError, OpenAI
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core import merging
@@ -118,6 +119,22 @@ def test_every_task_answers_as_its_own_model_alone_and_in_concurrent_mixed_batch
     hidden = records["beta"][0]
     assert set(hidden["messages"]) == {"sha256", "chars"} and set(hidden["output"]) == {"sha256", "chars"}
     assert all(p.name.endswith(".jsonl") for task in own for p in segments(task))  # finished at shutdown
+
+
+def test_a_request_whose_client_leaves_stops_decoding_and_is_logged_as_closed(stack):
+    server, _ = stack
+    budget = 480  # far more tokens than decoding makes before the server sees the client gone
+    quick = OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=0.1)
+    with pytest.raises(APITimeoutError):
+        quick.chat.completions.create(model="alpha", max_tokens=budget, temperature=0, stop=["never said"],
+                                      messages=[{"role": "user", "content": "Tell me all the colors you know."}])
+    deadline = time.monotonic() + 30
+    while not (records := read_records("alpha")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [(r["status"], r["error"]) for r in records] == [
+        (499, "the client closed the connection before the answer ended")]
+    assert records[0]["completion_tokens"] < budget
+    assert ask(server.client(), "alpha", [{"role": "user", "content": "And now?"}]), "the server goes on"
 
 
 def test_a_second_server_is_refused_the_port_even_before_the_first_serves():

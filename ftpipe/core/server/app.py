@@ -30,7 +30,7 @@ from ftpipe.core.server.stop_strings import MAX_STOP_STRINGS, held_back, stop_po
 
 DEFAULT_MAX_TOKENS = 256
 REFRESH_SECONDS = 10.0
-DISCONNECT_POLL_SECONDS = 0.25  # how often a request that is not streamed checks that its client is still there
+DISCONNECT_POLL_SECONDS = 0.1  # how often a request that is not streamed checks that its client is still there
 GONE = "the client closed the connection before the answer ended"
 
 
