@@ -116,7 +116,8 @@ def clean_preferences(rows: list[dict[str, Any]], settings: similarity.Settings 
     return kept, removed
 
 
-def build_clean_preferences(rows: list[dict[str, Any]], out_dir: Path, settings: similarity.Settings = similarity.Settings(),
+def build_clean_preferences(rows: list[dict[str, Any]], out_dir: Path,
+                            settings: similarity.Settings = similarity.Settings(),
                             spellings: Spellings | None = None) -> dict[str, Any]:
     """Clean preference `rows` into `out_dir/preferences.parquet`, the kept rows' labels in their `spellings`;
     return `preference_rows_in`, `preference_rows_out`, the counts by reason under `dedup`'s names,
