@@ -360,7 +360,8 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     inputs = {"raw_examples": file_sha256(examples_path)[:16],
               "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None,
               **({"free_text": True} if free_text else {}),
-              **({"labels": {"label_field": labels.config.label_field}} if spellings else {})}
+              **({"labels": {"label_field": labels.config.label_field, "respelled": "chat and preference answers"}}
+                 if spellings else {})}
     key = reuse_key(inputs, settings)
     with atomic_dir(out_dir) as tmp:
         cleaned = build_clean_preferences(pairs, tmp, settings, spellings)

@@ -355,10 +355,10 @@ def _run_starts(model, cache, attention, first, starts: list[list[int]]):
         out = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
                     position_ids=positions.to(model.device),
                     cache=_rows_of(cache, torch.arange(len(starts), device=model.device)))
-    steps = torch.cat([first.unsqueeze(1), out.logits.float().log_softmax(-1).to(first.device)], dim=1)
-    scored = [float(steps[row, torch.arange(len(start)), torch.tensor(start, dtype=torch.long)].sum()) if start
+    later = out.logits.float().log_softmax(-1).to(first.device)  # row, position: the next token's log-probabilities
+    scored = [float(first[row, start[0]] + later[row, torch.arange(len(start) - 1), start[1:]].sum()) if start
               else 0.0 for row, start in enumerate(starts)]
-    after = steps[torch.arange(len(starts)), torch.tensor([len(start) for start in starts])]
+    after = torch.stack([later[row, len(start) - 1] if start else first[row] for row, start in enumerate(starts)])
     return out.cache, attention, after, scored
 
 
