@@ -2,7 +2,8 @@
 request at a time, and against a separate merged model per task; at 1/8/32/64 concurrent clients, through the real
 server process and the official `openai` client. Prints requests/s and p95 latency, and the ratios at 32 clients.
 Then the wait behind a long answer: a short request's latency while another request streams a long answer, against
-the same request alone.
+the same request alone. Last, requests that all start with a long system prompt: the server keeping that start's KV
+cache, against the same server reading every prompt whole (`--prompt-starts 0`).
 
     python bench/serve.py                                    # the tiny random model: runs anywhere in a few minutes
     python bench/serve.py --model .ftpipe/models/<fingerprint>  # a resolved base model, e.g. the demo's SmolLM2-135M
@@ -31,6 +32,7 @@ from ftpipe_tests.trained_models import noisy_base  # noqa: E402
 TASKS = ("apples", "plums")
 CLIENTS = (1, 8, 32, 64)
 CARD = {"task": "bench", "description": "serving benchmark", "method": "lora"}
+RULES = 24  # the long system prompt's sentences: about 400 SmolLM2 tokens (6 for the tiny model's 512-token context)
 
 
 def packaged_models(base: Path, root: Path) -> dict[str, dict[str, Path]]:
@@ -45,15 +47,25 @@ def packaged_models(base: Path, root: Path) -> dict[str, dict[str, Path]]:
     return found
 
 
-def measure(server: Served, clients: int, requests: int, max_tokens: int) -> tuple[float, float]:
+def system_prompt(rules: int) -> str:
+    return " ".join(f"Rule {i}: name the color of the fruit in one word, in lower case." for i in range(rules))
+
+
+def question(i: int, rules: int = 0) -> list[dict]:
+    """The i-th question, after a system prompt of `rules` sentences (none: 0)."""
+    asked = [{"role": "user", "content": f"Question {i}: what color is it?"}]
+    return [{"role": "system", "content": system_prompt(rules)}, *asked] if rules else asked
+
+
+def measure(server: Served, clients: int, requests: int, max_tokens: int, rules: int = 0) -> tuple[float, float]:
     """(requests per second, p95 latency in ms) of `requests` chat completions from `clients` threads, the tasks
-    taking turns."""
+    taking turns (`question`s)."""
     client = server.client()
 
     def one(i: int) -> float:
         started = time.perf_counter()
         client.chat.completions.create(model=TASKS[i % len(TASKS)], max_tokens=max_tokens, temperature=0,
-                                       messages=[{"role": "user", "content": f"Question {i}: what color is it?"}])
+                                       messages=question(i, rules))
         return time.perf_counter() - started
 
     one(0)  # warm-up
@@ -64,10 +76,9 @@ def measure(server: Served, clients: int, requests: int, max_tokens: int) -> tup
     return requests / elapsed, latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] * 1000
 
 
-def short_request_seconds(client, max_tokens: int) -> float:
+def short_request_seconds(client, max_tokens: int, i: int = 0, rules: int = 0) -> float:
     started = time.perf_counter()
-    client.chat.completions.create(model=TASKS[1], max_tokens=max_tokens, temperature=0,
-                                   messages=[{"role": "user", "content": "Question 0: what color is it?"}])
+    client.chat.completions.create(model=TASKS[1], max_tokens=max_tokens, temperature=0, messages=question(i, rules))
     return time.perf_counter() - started
 
 
@@ -100,15 +111,19 @@ def wait_behind_a_long_answer(server: Served, args, tries: int = 3) -> None:
           f"{statistics.median(behind) / alone:.2f}x its time alone", flush=True)
 
 
-def run_setup(name: str, models: dict, kind: str, options: tuple[str, ...], root: Path, args,
-              waits: bool = False) -> dict[int, tuple]:
+def started_server(name: str, models: dict, kind: str, options: tuple[str, ...], root: Path) -> Served:
     home = root / name
     home.mkdir()
     uri = f"sqlite:///{home / 'mlflow.db'}"
     for task in TASKS:
         register(uri, task, models[task][kind], 0.5)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "FTPIPE_HOME": str(home), "FTPIPE_API_KEY": KEY}
-    server = Served(home, env, *options)
+    return Served(home, env, *options)
+
+
+def run_setup(name: str, models: dict, kind: str, options: tuple[str, ...], root: Path, args,
+              waits: bool = False) -> dict[int, tuple]:
+    server = started_server(name, models, kind, options, root)
     try:
         results = {}
         for clients in CLIENTS:
@@ -122,13 +137,36 @@ def run_setup(name: str, models: dict, kind: str, options: tuple[str, ...], root
         server.stop()
 
 
+def long_system_prompt(name: str, models: dict, options: tuple[str, ...], root: Path, args,
+                       tries: int = 3) -> tuple[float, float]:
+    """(median seconds of one request alone, requests/s at 32 clients) when every request starts with the same system
+    prompt (each alone request a new question, after two that prime the server)."""
+    server = started_server(name, models, "lora", options, root)
+    try:
+        client = server.client()
+        for i in (-2, -1):  # the second reads the shared start
+            short_request_seconds(client, args.max_tokens, i, args.rules)
+        alone = statistics.median(short_request_seconds(client, args.max_tokens, i, args.rules)
+                                  for i in range(tries))
+        rate, p95 = measure(server, 32, max(args.requests, 64), args.max_tokens, args.rules)
+        print(f"  {name:<26} a request alone {alone:.2f} s; 32 clients: {rate:7.2f} requests/s, p95 {p95:8.0f} ms",
+              flush=True)
+        return alone, rate
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a base model dir (safetensors + tokenizer); default: tiny model")
     parser.add_argument("--requests", type=int, default=96, help="requests per measurement (at least 2 per client)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--long-tokens", type=int, default=256, help="the long answer's token budget")
+    parser.add_argument("--rules", type=int, help=f"sentences of the long system prompt (default {RULES}; 6 for the "
+                                                  "tiny model)")
+    parser.add_argument("--system-prompt-only", action="store_true", help="only the long system prompt's measurement")
     args = parser.parse_args()
+    args.rules = args.rules or (RULES if args.model else 6)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = args.model or noisy_base(build_tiny_model(root / "tiny"), root / "base")
@@ -141,10 +179,17 @@ def main() -> None:
             "merged model per task": ("merged", ()),
         }
         results = {name: run_setup(name, models, kind, options, root, args, waits=name == "batched adapters")
-                   for name, (kind, options) in setups.items()}
-    batched = results["batched adapters"][32][0]
-    print(f"  at 32 clients: batched adapters / one at a time {batched / results['one request at a time'][32][0]:.1f}x"
-          f" (target >= 4x); / merged model per task {batched / results['merged model per task'][32][0]:.2f}x")
+                   for name, (kind, options) in setups.items() if not args.system_prompt_only}
+        print(f"requests that start with one system prompt of {len(system_prompt(args.rules).split())} words:")
+        kept = long_system_prompt("its start kept", models, (), root, args)
+        whole = long_system_prompt("every prompt read whole", models, ("--prompt-starts", "0"), root, args)
+    if results:
+        batched = results["batched adapters"][32][0]
+        print(f"  at 32 clients: batched adapters / one at a time "
+              f"{batched / results['one request at a time'][32][0]:.1f}x (target >= 4x); / merged model per task "
+              f"{batched / results['merged model per task'][32][0]:.2f}x")
+    print(f"  a long system prompt: a request alone {whole[0] / kept[0]:.2f}x faster with its start kept, "
+          f"{kept[1] / whole[1]:.2f}x the requests/s at 32 clients")
 
 
 if __name__ == "__main__":

@@ -362,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                             "(default %(default)s)")
     serve.add_argument("--max-batch", type=int, default=64,
                        help="the most requests decoded together (default %(default)s)")
+    serve.add_argument("--prompt-starts", type=int, default=8,
+                       help="prompt starts whose KV cache is kept, so a task's long system prompt is read once, not "
+                            "with every request (default %(default)s; 0 reads every prompt whole)")
     serve.add_argument("--segment-records", type=int, default=1000,
                        help="requests per finished segment of the request log, which also closes every minute "
                             "(default %(default)s)")
@@ -378,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             run_server(args.host, args.port, refresh_seconds=args.refresh_seconds, max_batch=args.max_batch,
-                       segment_records=args.segment_records)
+                       segment_records=args.segment_records, prompt_starts=args.prompt_starts)
         except AddressTaken as error:
             print(f"ftpipe serve: {error}", file=sys.stderr)
             return 1

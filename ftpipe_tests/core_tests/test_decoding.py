@@ -1,16 +1,20 @@
 """The server's continuous batching (`Engine` and `decoding`) on a tiny model: the same greedy answers as the
 evaluation's decoding whatever the rows decoded beside them, a short answer that does not wait for a long one, a
-cancelled row that ends at its next token, and a call that waits for the rows before it."""
+cancelled row that ends at its next token, a call (a hot swap) that runs between two steps while a long answer goes on
+with the adapter it began with, and a long shared system prompt read once."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from ftpipe.core.evaluation.generation import generate, load_model, pad_id_of, prompt_ids, stop_token_ids
-from ftpipe.core.server import decoding
+from ftpipe.core.server import decoding, prefixes
+from ftpipe.core.server.catalog import Catalog, Release
 from ftpipe.core.server.engine import Engine, Job
+from ftpipe_tests.served import packaged_lora
 from ftpipe_tests.tiny_model import toy_rows
 from ftpipe_tests.trained_models import noisy_base
 
@@ -72,7 +76,7 @@ def test_rows_joining_a_running_batch_answer_as_each_prompt_decoded_alone(served
     assert texts == alone
 
 
-def test_a_short_answer_ends_while_a_long_one_decodes_and_a_call_waits_for_both(served) -> None:
+def test_a_short_answer_ends_while_a_long_one_decodes(served) -> None:
     model, tokenizer, prompts, engine = served
     long = submit(served, prompts[1], Answer(), 300, stops=False)
     assert long.started.wait(WAIT)
@@ -80,8 +84,7 @@ def test_a_short_answer_ends_while_a_long_one_decodes_and_a_call_waits_for_both(
     assert not long.ended.is_set() and len(long.tokens) < 300, "the short answer did not wait for the long one"
     assert tokenizer.decode(short.tokens, skip_special_tokens=True).strip() == generate(
         model, tokenizer, prompts[2:3], max_new_tokens=3, batch_tokens=1)[0]
-    assert engine.call(lambda: long.ended.is_set()).result(WAIT), "a call (an adapter swap) waits for the rows"
-    assert len(long.tokens) == 300
+    assert len(long.wait().tokens) == 300
 
 
 def test_a_cancelled_row_ends_at_its_next_token_and_the_others_go_on(served) -> None:
@@ -128,5 +131,83 @@ def test_a_request_waits_only_for_its_own_batch_when_that_one_is_full(served) ->
         assert tokenizer.decode(sampled.tokens, skip_special_tokens=True).strip() == generate(
             model, tokenizer, prompts[3:4], max_new_tokens=3, batch_tokens=1)[0]
         assert queued.wait() and long.ended.is_set()
+    finally:
+        engine.stop()
+
+
+def with_system_prompt(prompts: list[list[dict]], topic: str = "color") -> list[list[dict]]:
+    """The prompts with one long shared system prompt (120 words, about `topic`), as a task's requests come."""
+    system = {"role": "system", "content": " ".join(f"{topic} rule {i}: answer with the {topic}." for i in range(20))}
+    return [[system, *[message for message in prompt if message["role"] != "system"]] for prompt in prompts]
+
+
+def test_a_long_shared_system_prompt_is_read_once_and_the_answers_do_not_change(served) -> None:
+    model, tokenizer, prompts, engine = served
+    prompts = with_system_prompt(prompts)
+    assert len(prompt_ids(tokenizer, prompts[0])) > 2 * prefixes.MIN_TOKENS
+    alone = [generate(model, tokenizer, [prompt], max_new_tokens=12, batch_tokens=1)[0] for prompt in prompts]
+    read, reused = engine.prefixes.read, engine.prefixes.reused
+    first = [submit(served, prompt, Answer(), 12).wait() for prompt in prompts[:2]]  # the second shares the start
+    rest = [submit(served, prompt, Answer(), 12) for prompt in prompts[2:]]  # joining together, of unequal lengths
+    texts = [tokenizer.decode(answer.wait().tokens, skip_special_tokens=True).strip() for answer in first + rest]
+    assert texts == alone
+    assert (engine.prefixes.read - read, engine.prefixes.reused - reused) == (1, len(prompts) - 2)
+    assert engine.call(lambda: len(engine.prefixes.starts)).result(WAIT) == 0, "a call may swap adapters: starts go"
+
+
+def test_starts_are_kept_per_adapter_in_whole_blocks_and_the_least_recently_used_is_dropped(served) -> None:
+    model, tokenizer, prompts, _ = served
+
+    def jobs(topic: str, adapter: str | None = None) -> list[Job]:
+        return [Job(model, adapter, prompt_ids(tokenizer, prompt), 4, 0.0, 1.0, frozenset(), 0, print, print)
+                for prompt in with_system_prompt(prompts[:3], topic)]
+
+    kept = prefixes.Prefixes(decoding.read_start, capacity=2)
+    first, second, third = jobs("color")
+    assert kept.find(first) is None, "nothing to share with yet"
+    start = kept.find(second)
+    shared = next(i for i, (a, b) in enumerate(zip(first.prompt, second.prompt)) if a != b)
+    assert len(start.ids) % prefixes.BLOCK_TOKENS == 0 and shared - prefixes.BLOCK_TOKENS < len(start.ids) <= shared
+    assert start.ids == second.prompt[:len(start.ids)] == first.prompt[:len(start.ids)]
+    assert kept.find(jobs("color", adapter="other")[0]) is None, "another adapter's cache differs"
+    assert kept.find(third) is start and (kept.read, kept.reused) == (1, 1)
+    other = jobs("shape")
+    assert kept.find(other[0]) is None and kept.find(other[1]) is not None  # a second system prompt: a second start
+    assert kept.find(third) is start  # used last: the shape start goes when a third start comes
+    size = jobs("size")
+    kept.find(size[0])
+    found = kept.find(size[1])
+    assert list(kept.starts.values()) == [start, found]
+    assert all(prefixes.Prefixes(decoding.read_start, capacity=0).find(job) is None for job in jobs("color"))
+
+
+def test_a_hot_swap_runs_while_a_long_answer_ends_with_the_adapter_it_began_with(tmp_path, served) -> None:
+    model, tokenizer, prompts, _ = served
+    base = tmp_path / "base"
+    model.save_pretrained(base), tokenizer.save_pretrained(base)
+    first, second = (Release("alpha", "champion", seed, packaged_lora(base, tmp_path, f"v{seed}", seed), base)
+                     for seed in (1, 2))
+    catalog, engine = Catalog(), Engine(max_batch=4)
+
+    def sync(release: Release) -> dict[str, int]:
+        return engine.call(lambda: catalog.sync([release], engine.busy())).result(WAIT)
+
+    def answer(max_new_tokens: int, on_token=None) -> Answer:
+        route = catalog.routes["alpha"]
+        engine.submit(Job(route.model, route.adapter, prompt_ids(tokenizer, prompts[0]), max_new_tokens, 0.0, 1.0,
+                          frozenset(), route.pad_id, emit=(asked := Answer(on_token)).emit, fail=asked.fail))
+        return asked
+
+    try:
+        sync(first)
+        alone = answer(120).wait().tokens
+        slow = answer(120, on_token=lambda _: time.sleep(0.02))  # 2.4 s or more
+        assert slow.started.wait(WAIT) and sync(second) == {"alpha": 2}
+        assert not slow.ended.is_set(), "the swap did not wait for the answer decoding"
+        assert catalog.lingering and "alpha-v1" in catalog.routes["alpha"].model.peft_config
+        assert answer(12).wait().tokens != alone[:12], "a new request gets the new adapter at once"
+        assert slow.wait().tokens == alone, "the answer begun before the swap ended with its own adapter"
+        sync(second)
+        assert not catalog.lingering and "alpha-v1" not in catalog.routes["alpha"].model.peft_config
     finally:
         engine.stop()

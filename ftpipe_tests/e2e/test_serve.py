@@ -31,6 +31,7 @@ from ftpipe_tests.trained_models import full_finetune, lora_adapter, noisy_base
 
 pytestmark = pytest.mark.e2e
 MAX_TOKENS = 12
+FRUITS = ("plum", "lime", "kiwi", "plum")
 CARD = {"task": "toy", "description": "toy", "method": "lora"}
 
 
@@ -139,6 +140,20 @@ def test_a_request_whose_client_leaves_stops_decoding_and_is_logged_as_closed(st
                                                       temperature=1, top_p=0)
     assert nucleus.choices[0].message.content == ask(server.client(), "alpha", prompt), (
         "the server goes on; top_p 0, which OpenAI's API takes, keeps the most likely token only")
+
+
+def test_a_long_system_prompt_is_read_once_and_the_usage_says_its_tokens_were_cached(stack):
+    server, _ = stack
+    client = server.client()
+    system = {"role": "system", "content": " ".join(f"Rule {i}: answer with the color." for i in range(20))}
+    responses = [client.chat.completions.create(
+        model="alpha", max_tokens=MAX_TOKENS, temperature=0,
+        messages=[system, {"role": "user", "content": f"What color is the {fruit}?"}]) for fruit in FRUITS]
+    cached = [response.usage.prompt_tokens_details.cached_tokens for response in responses]
+    assert cached[:2] == [0, 0], "nothing to share with yet, then the shared start read with the second request"
+    assert cached[2] == cached[3] >= 64 and cached[2] % 16 == 0 and cached[2] < responses[2].usage.prompt_tokens
+    assert responses[3].choices[0].message.content == responses[0].choices[0].message.content, "the same question"
+    assert [r["prompt_tokens"] for r in read_records("alpha")] == [r.usage.prompt_tokens for r in responses]
 
 
 def test_a_second_server_is_refused_the_port_even_before_the_first_serves():

@@ -141,7 +141,7 @@ def pad_id_of(tokenizer, fallback: int = 0) -> int:
 # ---------------------------------------------------------------- greedy decoding
 
 
-def _shared_length(sequences: list[list[int]]) -> int:
+def shared_length(sequences: list[list[int]]) -> int:
     """How many leading tokens all `sequences` have in common."""
     return next((i for i, column in enumerate(zip(*sequences)) if len(set(column)) > 1), min(map(len, sequences)))
 
@@ -165,7 +165,7 @@ def shared_prefix(model, prompts: list[list[int]]) -> SharedPrefix | None:
     prompt's own pass must give); None when there are none."""
     import torch
 
-    length = min(_shared_length(prompts), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
+    length = min(shared_length(prompts), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
     if length < 1:
         return None
     ids = prompts[0][:length]

@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError
 from ftpipe.core.evaluation.generation import encode
 from ftpipe.core.server.catalog import Catalog, Route, releases
 from ftpipe.core.server.engine import MAX_BATCH, Engine, Job
+from ftpipe.core.server.prefixes import STARTS_KEPT
 from ftpipe.core.feedback import FEEDBACK_FILE, FeedbackError, add_feedback
 from ftpipe.core.server.request_log import CLIENT_CLOSED, SEGMENT_RECORDS, RequestLog, read_records
 from ftpipe.core.server.stop_strings import MAX_STOP_STRINGS, held_back, stop_position
@@ -168,11 +169,12 @@ class Server:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def refresh(self) -> dict[str, int]:
-        """Serve the registry's current champions and candidates (loading on the engine thread)."""
+        """Serve the registry's current champions and candidates (loading on the engine thread, between two steps;
+        an adapter that rows still decode with is unloaded at a later refresh)."""
         wanted = releases(self.tracking_uri)
         self.log.without_content = {r.task for r in wanted if not _logs_content(r.task)}
-        if wanted != self._wanted:
-            self.served = self.engine.call(lambda: self.catalog.sync(wanted)).result()
+        if wanted != self._wanted or self.catalog.lingering:
+            self.served = self.engine.call(lambda: self.catalog.sync(wanted, self.engine.busy())).result()
             self._wanted = wanted
         return self.served
 
@@ -242,13 +244,15 @@ class Completion:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)  # the engine ends the row at its next token
     stopped: bool = False  # the answer reached one of the request's stop strings
+    job: Job | None = None  # the engine's side of it, once submitted
 
     def submit(self) -> None:
         loop = asyncio.get_running_loop()
         put = lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item)  # noqa: E731
-        self.server.engine.submit(Job(
-            self.route.model, self.route.adapter, self.prompt, self.request.token_budget, self.request.temperature,
-            self.request.top_p, self.route.stops, self.route.pad_id, emit=put, fail=put, cancelled=self.cancelled))
+        self.job = Job(self.route.model, self.route.adapter, self.prompt, self.request.token_budget,
+                       self.request.temperature, self.request.top_p, self.route.stops, self.route.pad_id, emit=put,
+                       fail=put, cancelled=self.cancelled)
+        self.server.engine.submit(self.job)
 
     async def pieces(self):
         """The answer's text as it is decoded, piece by piece (a piece ends where the text is whole characters and
@@ -289,9 +293,14 @@ class Completion:
         return "length" if len(self.tokens) >= self.request.token_budget and not self.stopped else "stop"
 
     @property
-    def usage(self) -> dict[str, int]:
+    def counts(self) -> dict[str, int]:
         return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
                 "total_tokens": len(self.prompt) + len(self.tokens)}
+
+    @property
+    def usage(self) -> dict[str, Any]:
+        """The token counts, and as OpenAI's usage says, how many of the prompt's were cached (a kept start)."""
+        return {**self.counts, "prompt_tokens_details": {"cached_tokens": self.job.cached_tokens if self.job else 0}}
 
     def response(self) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.request.model,
@@ -312,7 +321,7 @@ class Completion:
 
     def record(self, status: int, error: str | None = None) -> None:
         log_request(self.server, self.route, self.id, [m.model_dump() for m in self.request.messages], self.text,
-                    round((time.perf_counter() - self.started) * 1000, 1), self.usage, status, error)
+                    round((time.perf_counter() - self.started) * 1000, 1), self.counts, status, error)
 
 
 def log_request(server: Server, route: Route, request_id: str, messages: Any, output: str, latency_ms: float,
@@ -497,7 +506,7 @@ async def _stream(completion: Completion):
 
 def serve(host: str = "127.0.0.1", port: int = 8000, tracking_uri: str | None = None,
           refresh_seconds: float = REFRESH_SECONDS, max_batch: int = MAX_BATCH,
-          segment_records: int = SEGMENT_RECORDS) -> None:
+          segment_records: int = SEGMENT_RECORDS, prompt_starts: int = STARTS_KEPT) -> None:
     """Run the server until interrupted (the API key from `FTPIPE_API_KEY`, when set). Raises AddressTaken, before
     loading a model, when the address cannot be listened on (another server on the port)."""
     import os
@@ -506,7 +515,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, tracking_uri: str | None = 
 
     listening = bound_socket(host, port)
     server = Server(tracking_uri, os.environ.get("FTPIPE_API_KEY") or None, RequestLog(segment_records=segment_records),
-                    refresh_seconds=refresh_seconds, engine=Engine(max_batch))
+                    refresh_seconds=refresh_seconds, engine=Engine(max_batch, prompt_starts))
     server.start()
     print(f"ftpipe serve: http://{host}:{port}/v1 serving {server.serving()}", flush=True)
     uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning")).run(sockets=[listening])

@@ -87,13 +87,15 @@ class Catalog:
         self.routes: dict[str, Route] = {}
         self._bases: dict[Path, Any] = {}  # base folder -> PeftModel holding every adapter on it
         self._whole: dict[Path, tuple[Any, Any]] = {}  # model folder -> (model, tokenizer)
+        self.lingering = False  # an adapter no name routes to is still loaded: rows were decoding with it
 
-    def sync(self, wanted: list[Release]) -> dict[str, int]:
-        """Serve exactly `wanted`: load what is new, route each name, unload what nothing routes to. Returns the
+    def sync(self, wanted: list[Release], busy: set[tuple[int, str | None]] = frozenset()) -> dict[str, int]:
+        """Serve exactly `wanted`: load what is new, route each name, unload what nothing routes to, but the adapters
+        of `busy` (model id, adapter) rows still decode with (`lingering`: a later sync unloads them). Returns the
         served names and versions."""
         routes = {release.name: self._route(release) for release in wanted}
         self.routes = routes
-        self._unload_unused()
+        self._unload_unused(busy)
         return {name: route.release.version for name, route in routes.items()}
 
     def _route(self, release: Release) -> Route:
@@ -128,15 +130,18 @@ class Catalog:
             model.eval()
         return model
 
-    def _unload_unused(self) -> None:
-        used = {(id(route.model), route.adapter) for route in self.routes.values()}
+    def _unload_unused(self, busy: set[tuple[int, str | None]]) -> None:
+        """Drop the models no name routes to (rows still decoding hold theirs until they end) and delete the adapters
+        no name routes to from the models kept, but those of `busy` rows."""
+        routed = {(id(route.model), route.adapter) for route in self.routes.values()}
         for folder, model in list(self._bases.items()):
-            names = [name for name in model.peft_config if (id(model), name) in used]
-            if not names:
+            if not any((id(model), name) in routed for name in model.peft_config):
                 del self._bases[folder]
                 continue
-            for name in [n for n in model.peft_config if n not in names]:
+            for name in [n for n in model.peft_config if (id(model), n) not in routed | busy]:
                 model.delete_adapter(name)
         for folder, (model, _) in list(self._whole.items()):
-            if (id(model), None) not in used:
+            if (id(model), None) not in routed:
                 del self._whole[folder]
+        self.lingering = any((id(model), name) not in routed for model in self._bases.values()
+                             for name in model.peft_config)

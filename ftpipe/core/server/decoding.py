@@ -1,12 +1,13 @@
 """Continuous batching: the rows of one model and sampling setting decode together, one token a step. A request that
 arrives joins the running batch at the next step (its prompt read on its own, its KV cache then set beside the
 others', all left-padded to one length), and a row that is done leaves at once, so a short answer never waits for a
-long one. A model whose cache cannot drop rows (`rows_can_leave`) keeps its rows until the last is done, and new
-rows wait for that."""
+long one. A prompt that begins with a kept start (`prefixes`: a task's long system prompt) reads only the rest. A model
+whose cache cannot drop rows (`rows_can_leave`) keeps its rows until the last is done, and new rows wait for that."""
 
 from __future__ import annotations
 
-from ftpipe.core.evaluation.generation import pad, rows_can_leave
+from ftpipe.core.evaluation.generation import SharedPrefix, prompt_batch, rows_can_leave
+from ftpipe.core.server.prefixes import Prefixes
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -14,9 +15,10 @@ BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 class Decoding:
     """A running batch: its jobs (`Job`), their KV cache, attention mask, next token positions and last tokens."""
 
-    def __init__(self, model, temperature: float, top_p: float, max_rows: int):
+    def __init__(self, model, temperature: float, top_p: float, max_rows: int, prefixes: Prefixes | None = None):
         self.model, self.max_rows = model, max_rows
         self.elastic = rows_can_leave(model)
+        self.prefixes = prefixes if self.elastic else None
         self.choose = _sampler(temperature, top_p)
         self.jobs: list = []
         self.counts: list[int] = []
@@ -28,15 +30,28 @@ class Decoding:
         return self.max_rows - len(self.jobs) if self.elastic or not self.jobs else 0
 
     def admit(self, jobs: list) -> None:
-        """Read the prompts of `jobs` and take their first tokens; they decode with the others from the next step."""
+        """Read the prompts of `jobs` and take their first tokens; they decode with the others from the next step.
+        Prompts that begin with the same kept start are read together after a copy of its cache."""
+        groups: dict[int, tuple[SharedPrefix | None, list]] = {}
+        for job in jobs:
+            start = self.prefixes.find(job) if self.prefixes else None
+            groups.setdefault(id(start), (start, []))[1].append(job)
+        for start, group in groups.values():
+            self._admit(group, start)
+
+    def _admit(self, jobs: list, start: SharedPrefix | None) -> None:
         from transformers import DynamicCache
 
-        ids, mask = pad([job.prompt for job in jobs], jobs[0].pad_id, left=True)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache() if self.elastic else DynamicCache(config=self.model.config)
+        ids, mask = prompt_batch([job.prompt for job in jobs], jobs[0].pad_id, start)
+        positions, skip = (mask.cumsum(-1) - 1).clamp(min=0), len(start.ids) if start else 0
+        if start:
+            cache = start.cache_for(len(jobs))
+        else:
+            cache = DynamicCache() if self.elastic else DynamicCache(config=self.model.config)
         device = self.model.device
-        out = self._forward(jobs, input_ids=ids.to(device), attention_mask=mask.to(device),
-                            position_ids=positions.to(device), cache=cache, logits_to_keep=1)
+        out = forward(self.model, [job.adapter for job in jobs], input_ids=ids[:, skip:].to(device),
+                      attention_mask=mask.to(device), position_ids=positions[:, skip:].to(device), cache=cache,
+                      logits_to_keep=1)
         tokens, lengths = self.choose(out.logits[:, -1]), mask.sum(-1).to(device)
         if self.jobs:
             self._join(out.cache, mask.to(device), lengths, tokens)
@@ -53,8 +68,8 @@ class Decoding:
         import torch
 
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.jobs), 1))], dim=1)
-        out = self._forward(self.jobs, input_ids=self.tokens[:, None], attention_mask=self.mask,
-                            position_ids=self.positions[:, None], cache=self.cache)
+        out = forward(self.model, [job.adapter for job in self.jobs], input_ids=self.tokens[:, None],
+                      attention_mask=self.mask, position_ids=self.positions[:, None], cache=self.cache)
         self.cache, self.positions, self.tokens = out.cache, self.positions + 1, self.choose(out.logits[:, -1])
         self._hand_out(range(len(self.jobs)), self.tokens.tolist())
         self._leave()
@@ -65,14 +80,6 @@ class Decoding:
             if not done:
                 job.fail(error)
         self.jobs = []
-
-    def _forward(self, jobs: list, **inputs):
-        import torch
-
-        if hasattr(self.model, "peft_config"):
-            inputs["adapter_names"] = [job.adapter or BASE_ADAPTER for job in jobs]
-        with torch.inference_mode():
-            return self.model(use_cache=True, **inputs)
 
     def _hand_out(self, rows, tokens: list[int]) -> None:
         """Each row's new token to its job, unless it ends the row (a stop token, the job cancelled or its budget
@@ -129,6 +136,25 @@ class Decoding:
             self.mask = self.mask[:, unused:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+
+
+def forward(model, adapters: list[str | None], **inputs):
+    """One pass of `model` that keeps its KV cache, each row with its LoRA adapter (None: the base model)."""
+    import torch
+
+    if hasattr(model, "peft_config"):
+        inputs["adapter_names"] = [adapter or BASE_ADAPTER for adapter in adapters]
+    with torch.inference_mode():
+        return model(use_cache=True, **inputs)
+
+
+def read_start(model, adapter: str | None, ids: list[int]):
+    """The KV cache of a prompt start `ids` (`Prefixes`' reader)."""
+    import torch
+    from transformers import DynamicCache
+
+    return forward(model, [adapter], input_ids=torch.tensor([ids], device=model.device), cache=DynamicCache(),
+                   logits_to_keep=1).cache
 
 
 def _sampler(temperature: float, top_p: float):

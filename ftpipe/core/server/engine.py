@@ -1,8 +1,8 @@
 """The server's decoding worker. One thread owns the models: requests queue up and join the running batch of their
 model and sampling setting at its next step (`decoding`: continuous batching, each row with its own LoRA adapter,
 as PEFT runs a batch with a different adapter per row), and each request gets its tokens as they are decoded.
-Loading and swapping adapters run on the same thread once the batches queued before them are done, so a swap never
-races a batch."""
+Loading and swapping adapters run on the same thread between two steps, once the requests queued before them have
+joined their batches, so a swap never races a step and no request waits for the answers already decoding."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from ftpipe.core.server.decoding import Decoding
+from ftpipe.core.server.decoding import Decoding, read_start
+from ftpipe.core.server.prefixes import STARTS_KEPT, Prefixes
 
 MAX_BATCH = 64
 
@@ -34,6 +35,7 @@ class Job:
     emit: Callable[[int | None], None]
     fail: Callable[[BaseException], None]
     cancelled: threading.Event = field(default_factory=threading.Event)  # set: end the row at its next token
+    cached_tokens: int = 0  # the prompt's first tokens taken from a kept start (`Prefixes.find`), not read again
 
     @property
     def batch_key(self) -> tuple:
@@ -44,8 +46,10 @@ class Job:
 class Engine:
     """The worker thread and its queue."""
 
-    def __init__(self, max_batch: int = MAX_BATCH):
+    def __init__(self, max_batch: int = MAX_BATCH, prompt_starts: int = STARTS_KEPT):
         self.max_batch = max_batch
+        self.prefixes = Prefixes(read_start, prompt_starts)  # emptied by every call: it may swap models and adapters
+        self._running: dict[tuple, Decoding] = {}
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="ftpipe-engine", daemon=True)
         self._thread.start()
@@ -54,11 +58,15 @@ class Engine:
         self._queue.put(job)
 
     def call(self, fn: Callable[[], Any]) -> Future:
-        """Run `fn` on the worker thread once the jobs submitted before it are done; its result (or error) comes back
-        in the future."""
+        """Run `fn` on the worker thread between two steps, once the jobs submitted before it have joined their batches
+        (`busy` says which adapters they decode with); its result (or error) comes back in the future."""
         future: Future = Future()
         self._queue.put((fn, future))
         return future
+
+    def busy(self) -> set[tuple[int, str | None]]:
+        """(model id, adapter) of every row decoding now; for a call, which runs on the worker thread."""
+        return {(id(job.model), job.adapter) for decoding in self._running.values() for job in decoding.jobs}
 
     def stop(self) -> None:
         """End the worker once the jobs submitted before are done."""
@@ -67,14 +75,15 @@ class Engine:
 
     def _run(self) -> None:
         waiting: deque = deque()
-        running: dict[tuple, Decoding] = {}
+        running = self._running
         while True:
             waiting.extend(_drained(self._queue, block=not waiting and not running))
             joining = self._joining(waiting, running)
-            if not running and not joining and waiting:  # a call or the stop, with nothing decoding before it
-                item = waiting.popleft()
+            if not joining and waiting and (isinstance(waiting[0], tuple) or waiting[0] is None and not running):
+                item = waiting.popleft()  # a call, or the stop once no row decodes
                 if item is None:
                     return
+                self.prefixes.clear()
                 _call(*item)
             for key, jobs in joining.items():
                 try:
@@ -100,7 +109,8 @@ class Engine:
         while waiting and isinstance(waiting[0], Job):
             job = waiting.popleft()
             if job.batch_key not in running:
-                running[job.batch_key] = Decoding(job.model, job.temperature, job.top_p, self.max_batch)
+                running[job.batch_key] = Decoding(job.model, job.temperature, job.top_p, self.max_batch,
+                                                  self.prefixes)
             if job.batch_key in full or running[job.batch_key].room() <= len(joining.get(job.batch_key, ())):
                 full.add(job.batch_key)
                 left.append(job)
