@@ -59,6 +59,7 @@ bench: install
 	$(PY) bench/dedup.py
 	$(PY) bench/eval.py
 	$(PY) bench/train.py
+	$(PY) bench/eval_loss.py
 	$(PY) bench/load.py
 	$(PY) bench/convert.py
 	$(PY) bench/executors.py

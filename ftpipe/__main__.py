@@ -326,6 +326,16 @@ def _prompts():
             yield text
 
 
+def at_least(lowest: int):
+    """An argparse type: a whole number of `lowest` or more."""
+    def number(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < lowest:
+            raise argparse.ArgumentTypeError(f"{text!r}: a whole number of {lowest} or more")
+        return int(text)
+
+    return number
+
+
 def _command(commands, name: str, summary: str, description: str) -> argparse.ArgumentParser:
     return commands.add_parser(name, help=summary, description=f"{summary}. {description}")
 
@@ -360,12 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--refresh-seconds", type=float, default=10.0,
                        help="seconds between reads of the registry, so a moved champion is served without a restart "
                             "(default %(default)s)")
-    serve.add_argument("--max-batch", type=int, default=64,
+    serve.add_argument("--max-batch", type=at_least(1), default=64,
                        help="the most requests decoded together (default %(default)s)")
-    serve.add_argument("--prompt-starts", type=int, default=8,
+    serve.add_argument("--prompt-starts", type=at_least(0), default=8,
                        help="prompt starts whose KV cache is kept, so a task's long system prompt is read once, not "
                             "with every request (default %(default)s; 0 reads every prompt whole)")
-    serve.add_argument("--segment-records", type=int, default=1000,
+    serve.add_argument("--segment-records", type=at_least(1), default=1000,
                        help="requests per finished segment of the request log, which also closes every minute "
                             "(default %(default)s)")
     tasks = _command(commands, "tasks", "manage task partitions",

@@ -40,6 +40,18 @@ def test_every_command_says_what_it_does_and_its_defaults_in_its_help(capsys) ->
     assert "(default ticket_triage)" in helps["run"] and "(default 8000)" in helps["serve"]
 
 
+@pytest.mark.parametrize("option, value, lowest", [("--prompt-starts", "-1", 0), ("--max-batch", "0", 1),
+                                                   ("--segment-records", "ten", 1)])
+def test_a_serve_count_out_of_range_is_refused_in_one_line_before_serving(capsys, option, value, lowest) -> None:
+    from ftpipe.__main__ import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["serve", option, value])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"ftpipe serve: error: argument {option}: {value!r}: a whole number of {lowest} or more")
+
+
 def test_a_config_error_is_told_once_in_one_line_before_any_run(ftpipe_env: Path, tmp_path: Path) -> None:
     make_task(ftpipe_env, "typo", {"a.jsonl": [chat("hi", "hello")]}, "training:\n  max_step: 3\n")
     output, status = ftpipe_run("typo", tmp_path)

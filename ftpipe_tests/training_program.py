@@ -76,6 +76,24 @@ def write_spec(root: Path, name: str, *, force_retrain: bool = False, tracking_u
     return path
 
 
+def evaluating_trainer(root: Path, name: str, eval_rows: list[dict], said=None, **training):
+    """The trainer the program builds for a training of the workspace `root` evaluated on `eval_rows`, ready for
+    `evaluate()` outside a training run (without the progress reports of one); `said` gets its progress lines."""
+    from ftpipe.core.training.methods import Method
+    from ftpipe.core.training.program import build_trainer
+    from ftpipe.core.training.spec import TrainingSpec
+
+    eval_path = write_chat_parquet(root / f"{name}-eval.parquet", eval_rows)
+    path = write_spec(root, name, **training)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "eval_path": str(eval_path)}))
+    spec = TrainingSpec.from_json(path)
+    progress = Quiet()
+    progress.info = said or progress.info
+    trainer, _, _ = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), progress, Quiet())
+    trainer.remove_callback(next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "Progress"))
+    return trainer
+
+
 def output_result(spec: Path) -> Result:
     """The result the training of `spec` published."""
     return read_result(Path(json.loads(spec.read_text())["output_dir"]), "lora_adapter")

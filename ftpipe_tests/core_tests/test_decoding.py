@@ -181,7 +181,10 @@ def test_starts_are_kept_per_adapter_in_whole_blocks_and_the_least_recently_used
     assert all(prefixes.Prefixes(decoding.read_start, capacity=0).find(job) is None for job in jobs("color"))
 
 
-def test_a_hot_swap_runs_while_a_long_answer_ends_with_the_adapter_it_began_with(tmp_path, served) -> None:
+@pytest.fixture
+def swapping(tmp_path, served):
+    """Releases 1 and 2 of task `alpha` (two random adapters on the served model), a catalog, an engine serving
+    release 1, and `answer(max_new_tokens, route, on_token)` asking the first prompt of the route (alpha's now)."""
     model, tokenizer, prompts, _ = served
     base = tmp_path / "base"
     model.save_pretrained(base), tokenizer.save_pretrained(base)
@@ -189,25 +192,46 @@ def test_a_hot_swap_runs_while_a_long_answer_ends_with_the_adapter_it_began_with
                      for seed in (1, 2))
     catalog, engine = Catalog(), Engine(max_batch=4)
 
-    def sync(release: Release) -> dict[str, int]:
-        return engine.call(lambda: catalog.sync([release], engine.busy())).result(WAIT)
+    def sync(release: Release):
+        return engine.call(lambda: catalog.sync([release], engine.busy()))
 
-    def answer(max_new_tokens: int, on_token=None) -> Answer:
-        route = catalog.routes["alpha"]
+    def answer(max_new_tokens: int, route=None, on_token=None) -> Answer:
+        route = route or catalog.routes["alpha"]
         engine.submit(Job(route.model, route.adapter, prompt_ids(tokenizer, prompts[0]), max_new_tokens, 0.0, 1.0,
                           frozenset(), route.pad_id, emit=(asked := Answer(on_token)).emit, fail=asked.fail))
         return asked
 
-    try:
-        sync(first)
-        alone = answer(120).wait().tokens
-        slow = answer(120, on_token=lambda _: time.sleep(0.02))  # 2.4 s or more
-        assert slow.started.wait(WAIT) and sync(second) == {"alpha": 2}
-        assert not slow.ended.is_set(), "the swap did not wait for the answer decoding"
-        assert catalog.lingering and "alpha-v1" in catalog.routes["alpha"].model.peft_config
-        assert answer(12).wait().tokens != alone[:12], "a new request gets the new adapter at once"
-        assert slow.wait().tokens == alone, "the answer begun before the swap ended with its own adapter"
-        sync(second)
-        assert not catalog.lingering and "alpha-v1" not in catalog.routes["alpha"].model.peft_config
-    finally:
-        engine.stop()
+    sync(first).result(WAIT)
+    yield catalog, engine, sync, answer, second
+    engine.stop()
+
+
+def loaded(catalog: Catalog) -> set[str]:
+    return set(catalog.routes["alpha"].model.peft_config)
+
+
+def test_a_hot_swap_runs_while_a_long_answer_ends_with_the_adapter_it_began_with(swapping) -> None:
+    catalog, engine, sync, answer, second = swapping
+    alone = answer(120).wait().tokens
+    slow = answer(120, on_token=lambda _: time.sleep(0.02))  # 2.4 s or more
+    assert slow.started.wait(WAIT) and sync(second).result(WAIT) == {"alpha": 2}
+    assert not slow.ended.is_set(), "the swap did not wait for the answer decoding"
+    assert catalog.lingering and loaded(catalog) == {"alpha-v1", "alpha-v2"}
+    assert answer(12).wait().tokens != alone[:12], "a new request gets the new adapter at once"
+    assert slow.wait().tokens == alone, "the answer begun before the swap ended with its own adapter"
+    sync(second).result(WAIT)
+    assert not catalog.lingering and loaded(catalog) == {"alpha-v2"}
+
+
+def test_requests_routed_to_the_old_adapter_just_before_a_swap_are_answered_with_it(swapping) -> None:
+    catalog, engine, sync, answer, second = swapping
+    old_route, alone = catalog.routes["alpha"], answer(12).wait().tokens
+    for _ in range(2):  # the swap, then the refresh that would unload the old adapter
+        held = threading.Event()
+        engine.call(held.wait)  # the engine busy, as while an adapter loads
+        swap = sync(second)
+        late = answer(12, route=old_route)  # its handler read the route before the swap: it waits behind it
+        held.set()
+        assert swap.result(WAIT) == {"alpha": 2} and late.wait().tokens == alone
+    sync(second).result(WAIT)
+    assert loaded(catalog) == {"alpha-v2"}

@@ -170,11 +170,12 @@ class Server:
 
     def refresh(self) -> dict[str, int]:
         """Serve the registry's current champions and candidates (loading on the engine thread, between two steps;
-        an adapter that rows still decode with is unloaded at a later refresh)."""
+        an adapter no longer served is unloaded at a later refresh, once no request uses it)."""
         wanted = releases(self.tracking_uri)
         self.log.without_content = {r.task for r in wanted if not _logs_content(r.task)}
         if wanted != self._wanted or self.catalog.lingering:
-            self.served = self.engine.call(lambda: self.catalog.sync(wanted, self.engine.busy())).result()
+            self.served = self.engine.call(lambda: self.catalog.sync(wanted, self.engine.busy()),
+                                           forget_starts=wanted != self._wanted).result()
             self._wanted = wanted
         return self.served
 

@@ -87,12 +87,14 @@ class Catalog:
         self.routes: dict[str, Route] = {}
         self._bases: dict[Path, Any] = {}  # base folder -> PeftModel holding every adapter on it
         self._whole: dict[Path, tuple[Any, Any]] = {}  # model folder -> (model, tokenizer)
-        self.lingering = False  # an adapter no name routes to is still loaded: rows were decoding with it
+        self._retired: set[tuple[int, str]] = set()  # adapters no name routes to, still loaded
+        self.lingering = False  # some are: a later sync unloads them
 
     def sync(self, wanted: list[Release], busy: set[tuple[int, str | None]] = frozenset()) -> dict[str, int]:
-        """Serve exactly `wanted`: load what is new, route each name, unload what nothing routes to, but the adapters
-        of `busy` (model id, adapter) rows still decode with (`lingering`: a later sync unloads them). Returns the
-        served names and versions."""
+        """Serve exactly `wanted`: load what is new, route each name, unload what nothing routes to. An adapter on a
+        model still served is unloaded by a later sync than the one that stopped routing to it, once no job of `busy`
+        (model id, adapter) decodes or waits with it: a request routed just before a swap is answered with it.
+        Returns the served names and versions."""
         routes = {release.name: self._route(release) for release in wanted}
         self.routes = routes
         self._unload_unused(busy)
@@ -131,17 +133,17 @@ class Catalog:
         return model
 
     def _unload_unused(self, busy: set[tuple[int, str | None]]) -> None:
-        """Drop the models no name routes to (rows still decoding hold theirs until they end) and delete the adapters
-        no name routes to from the models kept, but those of `busy` rows."""
+        """Drop the models no name routes to (jobs still using one hold it until they end); retire the adapters no
+        name routes to on the models kept, and delete those retired before that no job of `busy` uses."""
         routed = {(id(route.model), route.adapter) for route in self.routes.values()}
         for folder, model in list(self._bases.items()):
             if not any((id(model), name) in routed for name in model.peft_config):
                 del self._bases[folder]
                 continue
-            for name in [n for n in model.peft_config if (id(model), n) not in routed | busy]:
+            for name in [n for n in model.peft_config if (id(model), n) in self._retired - routed - busy]:
                 model.delete_adapter(name)
         for folder, (model, _) in list(self._whole.items()):
             if (id(model), None) not in routed:
                 del self._whole[folder]
-        self.lingering = any((id(model), name) not in routed for model in self._bases.values()
-                             for name in model.peft_config)
+        self._retired = {(id(model), name) for model in self._bases.values() for name in model.peft_config} - routed
+        self.lingering = bool(self._retired)

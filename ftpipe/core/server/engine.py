@@ -50,6 +50,7 @@ class Engine:
         self.max_batch = max_batch
         self.prefixes = Prefixes(read_start, prompt_starts)  # emptied by every call: it may swap models and adapters
         self._running: dict[tuple, Decoding] = {}
+        self._waiting: deque = deque()  # jobs, calls and the stop taken from the queue, not yet run
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="ftpipe-engine", daemon=True)
         self._thread.start()
@@ -57,16 +58,18 @@ class Engine:
     def submit(self, job: Job) -> None:
         self._queue.put(job)
 
-    def call(self, fn: Callable[[], Any]) -> Future:
+    def call(self, fn: Callable[[], Any], forget_starts: bool = True) -> Future:
         """Run `fn` on the worker thread between two steps, once the jobs submitted before it have joined their batches
-        (`busy` says which adapters they decode with); its result (or error) comes back in the future."""
+        (`busy` says which adapters jobs use); its result (or error) comes back in the future. `forget_starts`: `fn`
+        may load models or adapters, so the kept prompt starts go."""
         future: Future = Future()
-        self._queue.put((fn, future))
+        self._queue.put((fn, future, forget_starts))
         return future
 
     def busy(self) -> set[tuple[int, str | None]]:
-        """(model id, adapter) of every row decoding now; for a call, which runs on the worker thread."""
-        return {(id(job.model), job.adapter) for decoding in self._running.values() for job in decoding.jobs}
+        """(model id, adapter) of every job decoding or waiting to; for a call, which runs on the worker thread."""
+        jobs = [job for decoding in self._running.values() for job in decoding.jobs]
+        return {(id(job.model), job.adapter) for job in [*jobs, *self._waiting] if isinstance(job, Job)}
 
     def stop(self) -> None:
         """End the worker once the jobs submitted before are done."""
@@ -74,8 +77,7 @@ class Engine:
         self._thread.join()
 
     def _run(self) -> None:
-        waiting: deque = deque()
-        running = self._running
+        waiting, running = self._waiting, self._running
         while True:
             waiting.extend(_drained(self._queue, block=not waiting and not running))
             joining = self._joining(waiting, running)
@@ -83,8 +85,10 @@ class Engine:
                 item = waiting.popleft()  # a call, or the stop once no row decodes
                 if item is None:
                     return
-                self.prefixes.clear()
-                _call(*item)
+                fn, future, forget_starts = item
+                if forget_starts:
+                    self.prefixes.clear()
+                _call(fn, future)
             for key, jobs in joining.items():
                 try:
                     running[key].admit(jobs)

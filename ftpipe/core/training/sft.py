@@ -8,6 +8,7 @@ from typing import Any
 from ftpipe.config import TrainingConfig
 from ftpipe.core.modeling import chat_length
 from ftpipe.core.training.passes import with_passes
+from ftpipe.core.training.shared_start import SharedStartEvaluation, evaluated_lengths
 from ftpipe.core.training.setup import (
     CPU_PASS_TOKENS,
     TrainerSetup,
@@ -150,7 +151,7 @@ def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
     else:
         setup.info(f"forward passes of {rows} rows, "
                    f"{'each row attending only to itself, no padding' if flat else 'padded to their longest row'}")
-    trainer = with_passes(SFTTrainer, budget)(
+    trainer = with_passes(type("SFTTrainer", (SharedStartEvaluation, SFTTrainer), {}), budget)(
         model=setup.model,
         args=sft_config(setup.config, setup.arguments, flat),
         train_dataset=train,
@@ -159,4 +160,7 @@ def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
         peft_config=setup.peft_config,
         callbacks=setup.callbacks,
     )
+    read = evaluated_lengths(trainer.eval_dataset["input_ids"])
+    if len(read) > len(trainer.eval_dataset):
+        setup.info(f"evaluations: the {read[0]}-token start every eval row shares read once, each row's rest after it")
     return trainer, {"rows_too_long": rows_too_long}

@@ -30,6 +30,7 @@ from ftpipe.core import readable
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.results import RESULT_FILE, read_result
 from ftpipe.core.training import passes
+from ftpipe.core.training.shared_start import evaluated_lengths
 from ftpipe.core.training.spec import TrainingSpec
 
 CALIBRATION_TOKENS = 1024  # real tokens the calibration times (in two passes at least), after a warm-up pass
@@ -159,12 +160,12 @@ def replay_lengths(spec: TrainingSpec, config: TrainingConfig, tokenizer, train_
 
 def row_lengths(spec: TrainingSpec, config: TrainingConfig) -> tuple[list[int], list[int]]:
     """Token lengths of every row the training of `spec` goes through in one pass (task rows, then replay rows), and
-    of the eval rows it keeps."""
+    what an evaluation reads of the eval rows it keeps (`evaluated_lengths`)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir, trust_remote_code=spec.trust_remote_code)
     kept = [len(ids) for _, ids in task_rows(spec, config, tokenizer)]
-    evals = [len(ids) for _, ids in task_rows(spec, config, tokenizer, spec.eval_path)]
+    evals = evaluated_lengths([ids for _, ids in task_rows(spec, config, tokenizer, spec.eval_path)])
     return kept + replay_lengths(spec, config, tokenizer, len(kept)), evals
 
 
