@@ -76,16 +76,20 @@ def write_spec(root: Path, name: str, *, force_retrain: bool = False, tracking_u
     return path
 
 
-def evaluating_trainer(root: Path, name: str, eval_rows: list[dict], said=None, **training):
-    """The trainer the program builds for a training of the workspace `root` evaluated on `eval_rows`, ready for
-    `evaluate()` outside a training run (without the progress reports of one); `said` gets its progress lines."""
+def evaluating_trainer(root: Path, name: str, eval_rows: list[dict], train_rows: list[dict] | None = None,
+                       said=None, **training):
+    """The trainer the program builds for a training of the workspace `root` (on `train_rows` instead of its own)
+    evaluated on `eval_rows`, ready for `evaluate()` outside a training run (without the progress reports of one);
+    `said` gets its progress lines."""
     from ftpipe.core.training.methods import Method
     from ftpipe.core.training.program import build_trainer
     from ftpipe.core.training.spec import TrainingSpec
 
-    eval_path = write_chat_parquet(root / f"{name}-eval.parquet", eval_rows)
+    paths = {"eval_path": str(write_chat_parquet(root / f"{name}-eval.parquet", eval_rows))}
+    if train_rows:
+        paths["train_path"] = str(write_chat_parquet(root / f"{name}-train.parquet", train_rows))
     path = write_spec(root, name, **training)
-    path.write_text(json.dumps({**json.loads(path.read_text()), "eval_path": str(eval_path)}))
+    path.write_text(json.dumps({**json.loads(path.read_text()), **paths}))
     spec = TrainingSpec.from_json(path)
     progress = Quiet()
     progress.info = said or progress.info

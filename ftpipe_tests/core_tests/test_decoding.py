@@ -235,3 +235,25 @@ def test_requests_routed_to_the_old_adapter_just_before_a_swap_are_answered_with
         assert swap.result(WAIT) == {"alpha": 2} and late.wait().tokens == alone
     sync(second).result(WAIT)
     assert loaded(catalog) == {"alpha-v2"}
+
+
+def test_a_conversations_next_turn_reads_its_earlier_turns_after_the_kept_system_prompt(served) -> None:
+    import torch
+
+    model, tokenizer, prompts, _ = served
+    system = with_system_prompt(prompts[:1])[0][0]
+    question = {"role": "user", "content": " ".join(f"Is the fruit number {i} red or green?" for i in range(12))}
+    turns = [[system, question], [system, question, {"role": "assistant", "content": "red"},
+                                  {"role": "user", "content": "And the plum?"}]]
+    turns.append([*turns[1], {"role": "assistant", "content": "purple"}, {"role": "user", "content": "And a lime?"}])
+    other, *conversation = (Job(model, None, prompt_ids(tokenizer, prompt), 4, 0.0, 1.0, frozenset(), 0, print, print)
+                            for prompt in [with_system_prompt(prompts[1:2])[0], *turns])
+    kept = prefixes.Prefixes(decoding.read_start)
+    assert kept.find(other) is None
+    system_start = kept.find(conversation[0])
+    earlier_turns = kept.find(conversation[1])  # read after a copy of the system prompt's
+    assert conversation[1].cached_tokens == len(system_start.ids) < len(earlier_turns.ids) - prefixes.MIN_TOKENS
+    assert kept.find(conversation[2]) is earlier_turns and conversation[2].cached_tokens == len(earlier_turns.ids)
+    whole = decoding.read_start(model, None, earlier_turns.ids)
+    assert all(torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+               for a, b in zip(earlier_turns.cache.layers, whole.layers))

@@ -27,17 +27,18 @@ def workspace(tmp_path_factory, tiny_model_dir):
 def trainer_on_long_system_prompts(workspace, name: str):
     import torch
 
-    said = []
-    trainer = evaluating_trainer(workspace, name, with_system_prompt(toy_rows(10, seed=9)), max_length=400,
-                                 said=said.append)
-    assert any(line.startswith("evaluations: the ") and "-token start every eval row shares read once" in line
+    said = []  # the train rows too carry the long system prompt: a pass holds one whole row, but 8 rows' rests
+    trainer = evaluating_trainer(workspace, name, with_system_prompt(toy_rows(10, seed=9)),
+                                 with_system_prompt(toy_rows(40, seed=1)), said=said.append, max_length=400)
+    assert trainer.args.per_device_eval_batch_size == 8
+    assert any(line.startswith("evaluations: the ") and line.endswith("start every eval row shares read once, each "
+                                                                       "row's rest after it (8 rows a pass)")
                for line in said), said
     torch.manual_seed(0)
     with torch.no_grad():  # an adapter that changes the scores a little
         for parameter in trainer.model.parameters():
             if parameter.requires_grad:
                 parameter.normal_(0, 0.01)
-    trainer.args.per_device_eval_batch_size = 4  # three batches: the start still runs once
     return trainer
 
 
@@ -66,7 +67,7 @@ def test_a_long_shared_system_prompt_runs_once_an_evaluation_for_trls_loss_accur
     assert {key: shared[key] for key in METRICS} == pytest.approx({key: whole[key] for key in METRICS}, rel=1e-4)
     assert 0 < shared["eval_mean_token_accuracy"] < 1 and shared["eval_loss"] > 0.1
     [start] = [tokens for rows, tokens in shared_passes if tokens >= minimum]
-    assert shared_passes[0] == (1, start) and len(shared_passes) == 4, "the start once, then each batch's rests"
+    assert shared_passes[0] == (1, start) and len(shared_passes) == 3, "the start once, then 8 rows' rests and 2"
     read = sum(rows * tokens for rows, tokens in shared_passes)
     assert read < sum(rows * tokens for rows, tokens in whole_passes) / 4
 

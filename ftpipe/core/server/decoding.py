@@ -148,12 +148,16 @@ def forward(model, adapters: list[str | None], **inputs):
         return model(use_cache=True, **inputs)
 
 
-def read_start(model, adapter: str | None, ids: list[int]):
-    """The KV cache of a prompt start `ids` (`Prefixes`' reader)."""
+def read_start(model, adapter: str | None, ids: list[int], below: SharedPrefix | None = None):
+    """The KV cache of a prompt start `ids`, reading only what follows the kept start `below` (`Prefixes`' reader)."""
+    import copy
+
     import torch
     from transformers import DynamicCache
 
-    return forward(model, [adapter], input_ids=torch.tensor([ids], device=model.device), cache=DynamicCache(),
+    done = len(below.ids) if below else 0
+    cache = copy.deepcopy(below.cache) if below else DynamicCache()
+    return forward(model, [adapter], input_ids=torch.tensor([ids[done:]], device=model.device), cache=cache,
                    logits_to_keep=1).cache
 
 

@@ -1,6 +1,7 @@
-"""Prompt starts read once: a task's requests mostly begin with the same long system prompt. When a prompt shares a
-long enough start with a recent prompt of the same model and adapter, that start's KV cache is computed once and
-kept; every later prompt that begins with it reads only the rest (`Decoding.admit` continues from a copy)."""
+"""Prompt starts read once: a task's requests mostly begin with the same long system prompt, and a conversation's
+next turn with its earlier ones. When a prompt shares a long enough start with a recent prompt of the same model and
+adapter, that start's KV cache is computed once and kept; every later prompt that begins with it reads only the rest
+(`Decoding.admit` continues from a copy)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ RECENT_PROMPTS = 8  # per model and adapter: the prompts a new one is compared w
 
 
 class Prefixes:
-    """At most `capacity` kept starts, by model and adapter (none: 0); `forward(model, adapter, ids)` reads a start
-    into a fresh KV cache."""
+    """At most `capacity` kept starts, by model and adapter (none: 0); `forward(model, adapter, ids, below)` reads a
+    start into a KV cache of its own, after a copy of the kept start `below` (None: from the first token)."""
 
     def __init__(self, forward, capacity: int = STARTS_KEPT):
         self.forward, self.capacity = forward, capacity
@@ -32,29 +33,30 @@ class Prefixes:
         self.unkept.clear()
 
     def find(self, job) -> SharedPrefix | None:
-        """The kept start `job`'s prompt begins with (shorter than the prompt: its last token's logits are the
-        prompt's own pass; its length becomes the job's `cached_tokens`), else a new one read when the prompt shares
-        one with a recent prompt; None without."""
+        """The start for `job`'s prompt (shorter than it: its last token's logits are the prompt's own pass): the
+        longest kept one it begins with, or a longer one read after that (a conversation's earlier turns) when the
+        prompt shares one with a recent prompt; None without. The tokens not read again become `cached_tokens`."""
         owner, prompt = (id(job.model), job.adapter), job.prompt
         if not self.capacity or owner[0] in self.unkept:
             return None
-        key = next((key for key in reversed(self.starts)
-                    if key[:2] == owner and len(key[2]) < len(prompt) and tuple(prompt[:len(key[2])]) == key[2]), None)
+        kept = max((key for key in self.starts if key[:2] == owner and len(key[2]) < len(prompt)
+                    and tuple(prompt[:len(key[2])]) == key[2]), key=lambda key: len(key[2]), default=None)
+        below = self.starts[kept] if kept else None
         recent = self.recent.setdefault(owner, deque(maxlen=RECENT_PROMPTS))
-        shared = max((shared_length([prompt[:-1], other]) for other in recent), default=0) if key is None else 0
+        shared = max((shared_length([prompt[:-1], other]) for other in recent), default=0)
         recent.append(prompt)
-        if key is None:
-            return self._read(owner, job, shared // BLOCK_TOKENS * BLOCK_TOKENS)
+        job.cached_tokens = len(below.ids) if below else 0
+        length = shared // BLOCK_TOKENS * BLOCK_TOKENS
+        longer = self._read(owner, job, length, below) if length >= job.cached_tokens + MIN_TOKENS else None
+        if longer is not None or below is None:
+            return longer
         self.reused += 1
-        self.starts.move_to_end(key)
-        job.cached_tokens = len(key[2])
-        return self.starts[key]
+        self.starts.move_to_end(kept)
+        return below
 
-    def _read(self, owner: tuple, job, length: int) -> SharedPrefix | None:
-        if length < MIN_TOKENS:
-            return None
+    def _read(self, owner: tuple, job, length: int, below: SharedPrefix | None) -> SharedPrefix | None:
         ids = job.prompt[:length]
-        cache = self.forward(job.model, job.adapter, ids)
+        cache = self.forward(job.model, job.adapter, ids, below)
         if any(cache.is_linear) or any(cache.is_sliding):  # such a layer's cache cannot be continued after padding
             self.unkept.add(owner[0])
             return None

@@ -160,7 +160,18 @@ def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
         peft_config=setup.peft_config,
         callbacks=setup.callbacks,
     )
-    read = evaluated_lengths(trainer.eval_dataset["input_ids"])
-    if len(read) > len(trainer.eval_dataset):
-        setup.info(f"evaluations: the {read[0]}-token start every eval row shares read once, each row's rest after it")
+    shared_start_evaluations(setup, trainer)
     return trainer, {"rows_too_long": rows_too_long}
+
+
+def shared_start_evaluations(setup: TrainerSetup, trainer) -> None:
+    """When the eval rows share a long start (`evaluated_lengths`), say so; and where the evaluations' batches were
+    sized from whole rows (`micro_batching`), size them from the rows' rests, as the start is read once."""
+    read = evaluated_lengths(trainer.eval_dataset["input_ids"])
+    if len(read) == len(trainer.eval_dataset):
+        return
+    sized = micro_batching(setup.config, read[1:]).get("per_device_eval_batch_size")
+    if sized:
+        trainer.args.per_device_eval_batch_size = sized
+    setup.info(f"evaluations: the {read[0]}-token start every eval row shares read once, each row's rest after it "
+               f"({trainer.args.per_device_eval_batch_size} rows a pass)")
