@@ -20,7 +20,7 @@ from ftpipe.core.storage import REPO_ROOT
 from ftpipe.core.training import shared_start
 
 sys.path.insert(0, str(REPO_ROOT))  # the test helpers build the workspace and the trainer
-from ftpipe_tests.tiny_model import build_tiny_model, toy_rows  # noqa: E402
+from ftpipe_tests.tiny_model import build_tiny_model, long_system_prompt, toy_rows, with_system  # noqa: E402
 from ftpipe_tests.training_program import evaluating_trainer, toy_workspace  # noqa: E402
 
 RULES = 24  # sentences of the system prompt: about 450 SmolLM2 tokens (8 for the tiny model's 512-token context)
@@ -28,9 +28,8 @@ SHARED_TOKENS = shared_start.MIN_SHARED_TOKENS
 
 
 def rows_with_system_prompt(count: int, rules: int) -> list[dict]:
-    system = " ".join(f"Rule {i}: name the color of the fruit in one word, in lower case." for i in range(rules))
-    return [{**row, "messages": [{"role": "system", "content": system}, *row["messages"][1:]]}
-            for row in toy_rows(count, seed=9)]
+    system = long_system_prompt(rules)
+    return [{**row, "messages": with_system(row["messages"], system)} for row in toy_rows(count, seed=9)]
 
 
 def timed(trainer, whole_rows: bool) -> tuple[float, float]:

@@ -26,7 +26,7 @@ from ftpipe.core.storage import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))  # the test helpers build the models and run the server
 from ftpipe_tests.served import KEY, Served, packaged_lora, register  # noqa: E402
-from ftpipe_tests.tiny_model import build_tiny_model  # noqa: E402
+from ftpipe_tests.tiny_model import build_tiny_model, long_system_prompt, with_system  # noqa: E402
 from ftpipe_tests.trained_models import noisy_base  # noqa: E402
 
 TASKS = ("apples", "plums")
@@ -47,14 +47,10 @@ def packaged_models(base: Path, root: Path) -> dict[str, dict[str, Path]]:
     return found
 
 
-def system_prompt(rules: int) -> str:
-    return " ".join(f"Rule {i}: name the color of the fruit in one word, in lower case." for i in range(rules))
-
-
 def question(i: int, rules: int = 0) -> list[dict]:
     """The i-th question, after a system prompt of `rules` sentences (none: 0)."""
     asked = [{"role": "user", "content": f"Question {i}: what color is it?"}]
-    return [{"role": "system", "content": system_prompt(rules)}, *asked] if rules else asked
+    return with_system(asked, long_system_prompt(rules)) if rules else asked
 
 
 def measure(server: Served, clients: int, requests: int, max_tokens: int, rules: int = 0) -> tuple[float, float]:
@@ -137,8 +133,8 @@ def run_setup(name: str, models: dict, kind: str, options: tuple[str, ...], root
         server.stop()
 
 
-def long_system_prompt(name: str, models: dict, options: tuple[str, ...], root: Path, args,
-                       tries: int = 3) -> tuple[float, float]:
+def measure_long_system_prompt(name: str, models: dict, options: tuple[str, ...], root: Path, args,
+                               tries: int = 3) -> tuple[float, float]:
     """(median seconds of one request alone, requests/s at 32 clients) when every request starts with the same system
     prompt (each alone request a new question, after two that prime the server)."""
     server = started_server(name, models, "lora", options, root)
@@ -180,9 +176,10 @@ def main() -> None:
         }
         results = {name: run_setup(name, models, kind, options, root, args, waits=name == "batched adapters")
                    for name, (kind, options) in setups.items() if not args.system_prompt_only}
-        print(f"requests that start with one system prompt of {len(system_prompt(args.rules).split())} words:")
-        kept = long_system_prompt("its start kept", models, (), root, args)
-        whole = long_system_prompt("every prompt read whole", models, ("--prompt-starts", "0"), root, args)
+        words = len(long_system_prompt(args.rules).split())
+        print(f"requests that start with one system prompt of {words} words:")
+        kept = measure_long_system_prompt("its start kept", models, (), root, args)
+        whole = measure_long_system_prompt("every prompt read whole", models, ("--prompt-starts", "0"), root, args)
     if results:
         batched = results["batched adapters"][32][0]
         print(f"  at 32 clients: batched adapters / one at a time "

@@ -83,6 +83,17 @@ def toy_rows(count: int, *, seed: int = 0, source: str = "toy.jsonl") -> list[di
     return rows
 
 
+def long_system_prompt(sentences: int, topic: str = "color") -> str:
+    """A task's long instructions, as real tasks have: `sentences` rules about naming the fruit's `topic` (about 37
+    tokens each for the tiny tokenizer, 18 for SmolLM2's)."""
+    return " ".join(f"Rule {i}: name the {topic} of the fruit in one word, in lower case." for i in range(sentences))
+
+
+def with_system(messages: list[dict], system: str) -> list[dict]:
+    """`messages` with `system` as their only system message, first."""
+    return [{"role": "system", "content": system}, *[m for m in messages if m["role"] != "system"]]
+
+
 def write_chat_parquet(path: Path, rows: list[dict]) -> Path:
     import pandas as pd
 

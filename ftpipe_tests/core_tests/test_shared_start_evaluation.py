@@ -6,16 +6,15 @@ from __future__ import annotations
 import pytest
 
 from ftpipe.core.training import sft, shared_start
-from ftpipe_tests.tiny_model import toy_rows
+from ftpipe_tests.tiny_model import long_system_prompt, toy_rows, with_system
 from ftpipe_tests.trained_models import competent_base
 from ftpipe_tests.training_program import evaluating_trainer, toy_workspace
 
-SYSTEM = " ".join(f"Rule {i}: name the color of the fruit in one word." for i in range(12))
 METRICS = ("eval_loss", "eval_mean_token_accuracy", "eval_entropy")
 
 
 def with_system_prompt(rows: list[dict]) -> list[dict]:
-    return [{**row, "messages": [{"role": "system", "content": SYSTEM}, *row["messages"][1:]]} for row in rows]
+    return [{**row, "messages": with_system(row["messages"], long_system_prompt(8))} for row in rows]
 
 
 @pytest.fixture(scope="module")

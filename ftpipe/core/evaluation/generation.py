@@ -146,6 +146,12 @@ def shared_length(sequences: list[list[int]]) -> int:
     return next((i for i, column in enumerate(zip(*sequences)) if len(set(column)) > 1), min(map(len, sequences)))
 
 
+def shared_start_length(sequences: list[list[int]]) -> int:
+    """How many leading tokens two or more `sequences` share, but the last of each (whose logits their own pass must
+    give); 0 for one sequence."""
+    return min(shared_length(sequences), min(map(len, sequences)) - 1) if len(sequences) > 1 else 0
+
+
 @dataclass(frozen=True)
 class SharedPrefix:
     """The token ids many prompts start with, and the model's KV cache after them (never changed: copied per use)."""
@@ -161,19 +167,25 @@ class SharedPrefix:
 
 
 def shared_prefix(model, prompts: list[list[int]]) -> SharedPrefix | None:
-    """The KV cache of the tokens all `prompts` (two or more) start with, but the last of each (whose logits the
-    prompt's own pass must give); None when there are none."""
+    """The KV cache of the tokens all `prompts` start with (`shared_start_length`); None when there are none."""
+    length = shared_start_length(prompts)
+    return read_prefix(model, prompts[0][:length]) if length else None
+
+
+def read_prefix(model, ids: list[int], below: SharedPrefix | None = None, **inputs) -> SharedPrefix | None:
+    """`ids` and the model's KV cache after them, reading only what follows the prefix `below` (a copy of its cache)
+    when given; `inputs` go to the model's pass. None when the model's cache cannot be continued after padding (a
+    recurrent or sliding-window layer)."""
     import torch
 
-    length = min(shared_length(prompts), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
-    if length < 1:
-        return None
-    ids = prompts[0][:length]
+    if below:
+        inputs["cache"] = copy.deepcopy(below.cache)
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True, logits_to_keep=1)
-    if any(out.cache.is_linear) or any(out.cache.is_sliding):
-        return None  # a recurrent or sliding-window layer's cache cannot be continued after padding
-    return SharedPrefix(ids, out.cache)
+        cache = model(input_ids=torch.tensor([ids[len(below.ids) if below else 0:]], device=model.device),
+                      use_cache=True, logits_to_keep=1, **inputs).cache
+    if any(cache.is_linear) or any(cache.is_sliding):
+        return None
+    return SharedPrefix(ids, cache)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

@@ -6,7 +6,7 @@ whose cache cannot drop rows (`rows_can_leave`) keeps its rows until the last is
 
 from __future__ import annotations
 
-from ftpipe.core.evaluation.generation import SharedPrefix, prompt_batch, rows_can_leave
+from ftpipe.core.evaluation.generation import SharedPrefix, prompt_batch, read_prefix, rows_can_leave
 from ftpipe.core.server.prefixes import Prefixes
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -142,23 +142,18 @@ def forward(model, adapters: list[str | None], **inputs):
     """One pass of `model` that keeps its KV cache, each row with its LoRA adapter (None: the base model)."""
     import torch
 
-    if hasattr(model, "peft_config"):
-        inputs["adapter_names"] = [adapter or BASE_ADAPTER for adapter in adapters]
     with torch.inference_mode():
-        return model(use_cache=True, **inputs)
+        return model(use_cache=True, **inputs, **adapter_names(model, adapters))
 
 
-def read_start(model, adapter: str | None, ids: list[int], below: SharedPrefix | None = None):
-    """The KV cache of a prompt start `ids`, reading only what follows the kept start `below` (`Prefixes`' reader)."""
-    import copy
+def adapter_names(model, adapters: list[str | None]) -> dict[str, list[str]]:
+    """The pass inputs that give each row its LoRA adapter (none for a model without adapters)."""
+    return {"adapter_names": [adapter or BASE_ADAPTER for adapter in adapters]} if hasattr(model, "peft_config") else {}
 
-    import torch
-    from transformers import DynamicCache
 
-    done = len(below.ids) if below else 0
-    cache = copy.deepcopy(below.cache) if below else DynamicCache()
-    return forward(model, [adapter], input_ids=torch.tensor([ids[done:]], device=model.device), cache=cache,
-                   logits_to_keep=1).cache
+def read_start(model, adapter: str | None, ids: list[int], below: SharedPrefix | None = None) -> SharedPrefix | None:
+    """A prompt start `ids` read with `adapter`, after the kept start `below` (`Prefixes`' reader: `read_prefix`)."""
+    return read_prefix(model, ids, below, **adapter_names(model, [adapter]))
 
 
 def _sampler(temperature: float, top_p: float):

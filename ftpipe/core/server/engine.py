@@ -48,7 +48,7 @@ class Engine:
 
     def __init__(self, max_batch: int = MAX_BATCH, prompt_starts: int = STARTS_KEPT):
         self.max_batch = max_batch
-        self.prefixes = Prefixes(read_start, prompt_starts)  # emptied by every call: it may swap models and adapters
+        self.prefixes = Prefixes(read_start, prompt_starts)  # emptied by calls that may load models or adapters
         self._running: dict[tuple, Decoding] = {}
         self._waiting: deque = deque()  # jobs, calls and the stop taken from the queue, not yet run
         self._queue: queue.Queue = queue.Queue()

@@ -16,15 +16,14 @@ RECENT_PROMPTS = 8  # per model and adapter: the prompts a new one is compared w
 
 
 class Prefixes:
-    """At most `capacity` kept starts, by model and adapter (none: 0); `forward(model, adapter, ids, below)` reads a
-    start into a KV cache of its own, after a copy of the kept start `below` (None: from the first token)."""
+    """At most `capacity` kept starts, by model and adapter (none: 0); `read(model, adapter, ids, below)` reads a
+    start after the kept start `below` (None: from the first token), None when the model's cache cannot be kept."""
 
-    def __init__(self, forward, capacity: int = STARTS_KEPT):
-        self.forward, self.capacity = forward, capacity
+    def __init__(self, read, capacity: int = STARTS_KEPT):
+        self.read, self.capacity = read, capacity
         self.starts: OrderedDict[tuple, SharedPrefix] = OrderedDict()
         self.recent: dict[tuple, deque] = {}
         self.unkept: set[int] = set()  # models whose starts cannot be kept
-        self.read = self.reused = 0  # starts read, and prompts that began with a kept start
 
     def clear(self) -> None:
         """Forget every start (models or adapters may have changed)."""
@@ -46,22 +45,18 @@ class Prefixes:
         shared = max((shared_length([prompt[:-1], other]) for other in recent), default=0)
         recent.append(prompt)
         job.cached_tokens = len(below.ids) if below else 0
+        if kept:
+            self.starts.move_to_end(kept)
         length = shared // BLOCK_TOKENS * BLOCK_TOKENS
         longer = self._read(owner, job, length, below) if length >= job.cached_tokens + MIN_TOKENS else None
-        if longer is not None or below is None:
-            return longer
-        self.reused += 1
-        self.starts.move_to_end(kept)
-        return below
+        return longer if longer is not None else below
 
     def _read(self, owner: tuple, job, length: int, below: SharedPrefix | None) -> SharedPrefix | None:
-        ids = job.prompt[:length]
-        cache = self.forward(job.model, job.adapter, ids, below)
-        if any(cache.is_linear) or any(cache.is_sliding):  # such a layer's cache cannot be continued after padding
+        start = self.read(job.model, job.adapter, job.prompt[:length], below)
+        if start is None:
             self.unkept.add(owner[0])
             return None
-        self.read += 1
-        self.starts[(*owner, tuple(ids))] = start = SharedPrefix(ids, cache)
+        self.starts[(*owner, tuple(start.ids))] = start
         while len(self.starts) > self.capacity:
             self.starts.popitem(last=False)
         return start

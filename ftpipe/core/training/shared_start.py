@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ftpipe.core.evaluation.generation import pad, shared_length
+from ftpipe.core.evaluation.generation import IGNORE, SharedPrefix, pad, read_prefix, shared_start_length
 
-IGNORE = -100
 MIN_SHARED_TOKENS = 64  # a shorter shared start runs with each row
 LOGIT_BUDGET = 2**24  # logits (float32) of a group of rows: 64 MB
 
@@ -45,43 +44,40 @@ def start_length(rows: list[tuple[list[int], list[int]]]) -> int:
     """How many leading tokens of every row can run once: shared by all rows, and none of them (but the first) a
     target, so no row's loss needs their logits."""
     unlabelled = min(next((i for i, label in enumerate(labels) if label != IGNORE), len(labels)) for _, labels in rows)
-    return min(shared_length([ids for ids, _ in rows]), unlabelled - 1) if len(rows) > 1 else 0
+    return min(shared_start_length([ids for ids, _ in rows]), unlabelled - 1)
 
 
 def evaluated_lengths(rows: list[list[int]]) -> list[int]:
     """The tokens an evaluation reads of eval rows with these token ids: a long start they all share once, then each
     row's rest (every row whole without one)."""
-    start = min(shared_length(rows), min(map(len, rows)) - 1) if len(rows) > 1 else 0
+    start = shared_start_length(rows)
     if start < MIN_SHARED_TOKENS:
         return [len(ids) for ids in rows]
     return [start] + [len(ids) - start for ids in rows]
 
 
-def scores_after_start(model, rows: list[tuple[list[int], list[int]]], cache, start: int, pad_id: int) -> Scores:
-    """The `Scores` of `rows` whose first `start` tokens are in `cache` (one row's KV cache, never changed), in groups
-    of rows whose logits fit LOGIT_BUDGET."""
-    import copy
-
-    longest = max(len(ids) for ids, _ in rows) - start
+def scores_after_start(model, rows: list[tuple[list[int], list[int]]], prefix: SharedPrefix, pad_id: int) -> Scores:
+    """The `Scores` of `rows` that all begin with the `prefix` read before, in groups of rows whose logits fit
+    LOGIT_BUDGET."""
+    longest = max(len(ids) for ids, _ in rows) - len(prefix.ids)
     size = max(1, LOGIT_BUDGET // (longest * model.config.get_text_config().vocab_size))
     total = Scores()
     for first in range(0, len(rows), size):
-        group = rows[first:first + size]
-        total = total + _group_scores(model, group, copy.deepcopy(cache), start, pad_id)
+        total = total + _group_scores(model, rows[first:first + size], prefix, pad_id)
     return total
 
 
-def _group_scores(model, rows: list[tuple[list[int], list[int]]], cache, start: int, pad_id: int) -> Scores:
+def _group_scores(model, rows: list[tuple[list[int], list[int]]], prefix: SharedPrefix, pad_id: int) -> Scores:
     import torch
 
+    start = len(prefix.ids)
     ids, mask = pad([row[start:] for row, _ in rows], pad_id, left=False)
     labels, _ = pad([row_labels[start:] for _, row_labels in rows], IGNORE, left=False)
     device = model.device
     attention = torch.cat([torch.ones(len(rows), start, dtype=torch.long), mask], dim=1).to(device)
     positions = (torch.arange(ids.shape[1]) + start).expand(len(rows), -1).to(device)
-    cache.batch_repeat_interleave(len(rows))
-    logits = model(input_ids=ids.to(device), attention_mask=attention, position_ids=positions, cache=cache,
-                   use_cache=True).logits[:, :-1].float()
+    logits = model(input_ids=ids.to(device), attention_mask=attention, position_ids=positions,
+                   cache=prefix.cache_for(len(rows)), use_cache=True).logits[:, :-1].float()
     targets = labels[:, 1:].to(device)
     scored = targets != IGNORE
     log_probs = logits.log_softmax(-1)
@@ -95,7 +91,7 @@ class SharedStartEvaluation:
     """An SFT trainer whose loss-only evaluation steps run a long prompt start all rows of a batch share once per
     evaluation (`scores_after_start`); other batches go through TRL's own step. Mix it in before the trainer class."""
 
-    _start: tuple | None = None  # (start ids, its KV cache) in the evaluation running
+    _start: tuple | None = None  # (start ids, its `SharedPrefix` or None: not kept) in the evaluation running
 
     def evaluate(self, *args, **kwargs):
         self._start = None  # the weights may have changed since the last evaluation (or the best ones been loaded)
@@ -112,7 +108,7 @@ class SharedStartEvaluation:
         import torch
 
         with torch.no_grad():
-            scores = scores_after_start(model, rows, self._start[1], start, self.processing_class.pad_token_id or 0)
+            scores = scores_after_start(model, rows, self._start[1], self.processing_class.pad_token_id or 0)
         self._record(scores)
         return (scores.nll / scores.tokens.clamp(min=1)).detach(), None, None
 
@@ -123,16 +119,9 @@ class SharedStartEvaluation:
         return len(earlier) if earlier and len(earlier) <= start and rows[0][0][:len(earlier)] == earlier else start
 
     def _start_cache(self, model, ids: list[int]):
-        """The KV cache of `ids`, run once an evaluation (None: the model's cache cannot be continued)."""
-        import torch
-        from transformers import DynamicCache
-
+        """The `SharedPrefix` of `ids`, read once an evaluation (None: the model's cache cannot be continued)."""
         if self._start is None or self._start[0] != ids:
-            with torch.no_grad():
-                cache = model(input_ids=torch.tensor([ids], device=model.device), cache=DynamicCache(),
-                              use_cache=True, logits_to_keep=1).cache
-            usable = not (any(cache.is_linear) or any(cache.is_sliding))
-            self._start = (ids, cache if usable else None)
+            self._start = (ids, read_prefix(model, ids))
         return self._start[1]
 
     def _record(self, scores: Scores) -> None:
