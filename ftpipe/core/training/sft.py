@@ -7,6 +7,7 @@ from typing import Any
 
 from ftpipe.config import TrainingConfig
 from ftpipe.core.modeling import chat_length
+from ftpipe.core.training.eval_loss import TokenWeightedEvalLoss
 from ftpipe.core.training.passes import with_passes
 from ftpipe.core.training.shared_start import SharedStartEvaluation, evaluated_lengths
 from ftpipe.core.training.setup import (
@@ -151,7 +152,8 @@ def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
     else:
         setup.info(f"forward passes of {rows} rows, "
                    f"{'each row attending only to itself, no padding' if flat else 'padded to their longest row'}")
-    trainer = with_passes(type("SFTTrainer", (SharedStartEvaluation, SFTTrainer), {}), budget)(
+    trainer_class = type("SFTTrainer", (TokenWeightedEvalLoss, SharedStartEvaluation, SFTTrainer), {})
+    trainer = with_passes(trainer_class, budget)(
         model=setup.model,
         args=sft_config(setup.config, setup.arguments, flat),
         train_dataset=train,
