@@ -1,12 +1,13 @@
-"""The training's eval loss is the mean over every scored token of the eval rows, whatever the eval batch size."""
+"""The training's eval loss is the mean over every scored token of the eval rows, whatever the eval batch size, and
+also when the rows share a long system prompt read once an evaluation."""
 
 from __future__ import annotations
 
 import pytest
 
-from ftpipe.core.training import sft
+from ftpipe.core.training import sft, shared_start
 from ftpipe.core.training.eval_loss import scored_tokens
-from ftpipe_tests.tiny_model import toy_rows
+from ftpipe_tests.tiny_model import long_system_prompt, toy_rows, with_system
 from ftpipe_tests.trained_models import competent_base
 from ftpipe_tests.training_program import evaluating_trainer, toy_workspace
 
@@ -19,12 +20,13 @@ def workspace(tmp_path_factory, tiny_model_dir):
     return toy_workspace(made, competent_base(tiny_model_dir, made / "competent"))
 
 
-def skewed_rows() -> list[dict]:
-    """One-word answers, and every fourth a long one: rows that score very different numbers of tokens."""
+def skewed_rows(system: str | None) -> list[dict]:
+    """One-word answers, and every fourth a long one: rows that score very different numbers of tokens (after the
+    `system` prompt, if given)."""
     rows = toy_rows(12, seed=4)
     for row in rows[::4]:
         row["messages"][-1]["content"] = LONG_ANSWER
-    return rows
+    return [{**row, "messages": with_system(row["messages"], system)} for row in rows] if system else rows
 
 
 def direct_loss(trainer) -> tuple[float, list[float]]:
@@ -43,14 +45,19 @@ def direct_loss(trainer) -> tuple[float, list[float]]:
     return sum(sums) / sum(counts), [total / count for total, count in zip(sums, counts)]
 
 
+@pytest.mark.parametrize("system", [None, long_system_prompt(3)])  # a long one is read once an evaluation
 @pytest.mark.parametrize("flat", [True, False])  # padding-free batches, as on a CPU; padded ones, as on a GPU
-def test_the_eval_loss_weighs_every_scored_token_alike_at_any_eval_batch_size(workspace, monkeypatch, flat) -> None:
+def test_the_eval_loss_weighs_every_scored_token_alike_at_any_eval_batch_size(workspace, monkeypatch, flat,
+                                                                              system) -> None:
     if not flat:
         monkeypatch.setattr(sft, "padding_free", lambda *args: False)
-    trainer = evaluating_trainer(workspace, f"skewed-{flat}", skewed_rows(), max_length=400)
+    starts_read, read = [], shared_start.read_prefix
+    monkeypatch.setattr(shared_start, "read_prefix", lambda model, ids: starts_read.append(ids) or read(model, ids))
+    trainer = evaluating_trainer(workspace, f"skewed-{flat}-{bool(system)}", skewed_rows(system), max_length=400)
     expected, per_row = direct_loss(trainer)
     row_mean = sum(per_row) / len(per_row)
     assert abs(row_mean - expected) > 0.05 * expected, "rows scoring few tokens would weigh more"
     for rows in (1, 3, 12):
         trainer.args.per_device_eval_batch_size = rows
         assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5), rows
+    assert len(starts_read) == (2 if system else 0), "the start read once in each evaluation of several rows a pass"
