@@ -1,10 +1,11 @@
 """The training's eval loss is the mean over every scored token of the eval rows, whatever the eval batch size, and
-also when the rows share a long system prompt read once an evaluation."""
+also when the rows share a long system prompt read once an evaluation: the eval report's held-out loss."""
 
 from __future__ import annotations
 
 import pytest
 
+from ftpipe.core.evaluation.generation import conversation_logprobs, loss_of
 from ftpipe.core.training import sft, shared_start
 from ftpipe.core.training.eval_loss import scored_tokens
 from ftpipe_tests.tiny_model import long_system_prompt, toy_rows, with_system
@@ -53,11 +54,15 @@ def test_the_eval_loss_weighs_every_scored_token_alike_at_any_eval_batch_size(wo
         monkeypatch.setattr(sft, "padding_free", lambda *args: False)
     starts_read, read = [], shared_start.read_prefix
     monkeypatch.setattr(shared_start, "read_prefix", lambda model, ids: starts_read.append(ids) or read(model, ids))
-    trainer = evaluating_trainer(workspace, f"skewed-{flat}-{bool(system)}", skewed_rows(system), max_length=400)
+    rows = skewed_rows(system)
+    trainer = evaluating_trainer(workspace, f"skewed-{flat}-{bool(system)}", rows, max_length=400)
     expected, per_row = direct_loss(trainer)
     row_mean = sum(per_row) / len(per_row)
     assert abs(row_mean - expected) > 0.05 * expected, "rows scoring few tokens would weigh more"
-    for rows in (1, 3, 12):
-        trainer.args.per_device_eval_batch_size = rows
-        assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5), rows
+    for batch in (1, 3, 12):
+        trainer.args.per_device_eval_batch_size = batch
+        assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5), batch
     assert len(starts_read) == (2 if system else 0), "the start read once in each evaluation of several rows a pass"
+    reported, _ = loss_of(conversation_logprobs(trainer.model.eval(), trainer.processing_class,
+                                                [row["messages"] for row in rows], 4))
+    assert reported == pytest.approx(expected, rel=1e-4), "the eval report's held-out loss is the same mean"

@@ -18,9 +18,9 @@ SHOWCASE_ROWS = 10
 LENGTH_GROUPS = 4  # quarters of the held-out rows by message length
 MIN_LENGTH_ROWS = 20  # fewer rows: no table by length (a handful of rows per group says nothing)
 PROBE_CHANGES_SHOWN = 30
-LOSS_NOTE = ("Held-out loss: the mean loss per token of the reference answers, over the held-out rows evaluated. The "
-             "training's `eval_loss` (the adapter's metadata) differs: it averages batch by batch and leaves out (or "
-             "cuts) rows over `training.max_length`.")
+LOSS_NOTE = ("Held-out loss: the mean loss per token of the reference answers (with their end-of-turn tokens), over "
+             "the held-out rows evaluated. The training's `eval_loss` (the adapter's metadata) is the same mean for "
+             "the checkpoint it kept, but leaves out (or cuts) rows over `training.max_length`.")
 NAMED_LABELS = 12  # labels without held-out rows named in the warning
 
 
