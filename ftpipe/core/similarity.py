@@ -6,12 +6,16 @@ out. Candidate pairs come from MinHash signatures (computed by `rensa`) and LSH 
 verified on the exact Jaccard similarity of its shingle sets, so a reported pair is truly above the threshold.
 Text held by fewer rows, such as a greeting and a signature many emails share, can still make two different short
 questions alike: prompts alike only through such a wrapper, each with words of its own, are not alike
-(`prompt_pairs`). Cleaning, the held-out split and the leakage check all use this one definition.
+(`prompt_pairs`). Cleaning, the held-out split and the leakage check all use this one definition. In a short
+message one misspelt word changes too many of its few shingles to pass; the split and the leakage check also pair
+such copies (`misspelt_copies`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +39,7 @@ MINHASH_SEED = 1
 WRAPPER_ROWS = MIN_SHARED_ROWS  # text held by at least this many rows may wrap different messages...
 OWN_WORDS = 2  # ...when each of two messages has at least this many words of its own
 MISSPELT = 0.75  # a word this alike letter for letter to the one in its place is the same word misspelt
+MISSPELT_WORDS = 64  # `blind_spot` at most: comparing word by word costs the square of a prompt's length
 
 
 @dataclass(frozen=True)
@@ -324,6 +329,13 @@ def _signature_array(rows: Shingles, indices: np.ndarray, num_perm: int) -> np.n
     return np.concatenate(chunks)
 
 
+def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, starts, sizes): the indices sorted by key (stably) and the runs of equal keys in that order."""
+    order = np.argsort(keys, kind="stable")
+    starts = np.flatnonzero(np.concatenate(([True], keys[order][1:] != keys[order][:-1])))
+    return order, starts, np.diff(np.concatenate((starts, [len(keys)])))
+
+
 def _group_pairs(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Pairs within runs of `order`: every pair for runs up to FULL_PAIRS_GROUP rows, else each row with the first."""
     pairs = [np.stack((order[starts[sizes == 2]], order[starts[sizes == 2] + 1]), axis=1)]
@@ -343,11 +355,7 @@ def _band_pairs(signatures: np.ndarray, bands: int) -> np.ndarray:
     found = [np.zeros((0, 2), dtype=np.int64)]
     for band in range(bands):
         block = signatures[:, band * width : (band + 1) * width].astype(np.uint64)
-        keys = (block * _BAND_WEIGHTS[:width]).sum(axis=1, dtype=np.uint64)
-        order = np.lexsort((np.arange(len(keys)), keys))
-        starts = np.flatnonzero(np.concatenate(([True], keys[order][1:] != keys[order][:-1])))
-        sizes = np.diff(np.concatenate((starts, [len(keys)])))
-        found.append(_group_pairs(order, starts, sizes))
+        found.append(_group_pairs(*_runs((block * _BAND_WEIGHTS[:width]).sum(axis=1, dtype=np.uint64))))
     return np.unique(np.sort(np.concatenate(found), axis=1), axis=0)
 
 
@@ -401,6 +409,52 @@ def _own_words(a: list[str], b: list[str]) -> tuple[int, int]:
 def _misspelt(word: str, other: str) -> bool:
     """`other` is `word` misspelt: alike letter for letter, neither a number or an id (A-92776 is not A-92706)."""
     return not any(c.isdigit() for c in word + other) and SequenceMatcher(None, word, other).ratio() >= MISSPELT
+
+
+def blind_spot(settings: Settings) -> int:
+    """The fewest words a prompt needs for a copy with one word misspelt mid-sentence (which changes
+    `shingle_words` of its shingles) to be `threshold` alike by Jaccard similarity; at most MISSPELT_WORDS."""
+    k, threshold = settings.shingle_words, settings.threshold
+    if threshold >= 1:
+        return MISSPELT_WORDS
+    return min(math.ceil(round((2 * k - 1 + threshold) / (1 - threshold), 6)), MISSPELT_WORDS)
+
+
+def _one_deleted(word: str) -> set[str]:
+    return {word} | {word[:i] + word[i + 1:] for i in range(len(word))}
+
+
+def misspelt_copies(words: list[list[str]], settings: Settings = Settings()) -> list[tuple[int, int, int]]:
+    """(i, j, position), i < j, for the prompts (`words`: each one's words in order) of fewer than `blind_spot` words
+    that are one another but for the word at `position`, misspelt (`_misspelt`): copies the shingles miss. Prompts
+    are grouped by all their words but one (a hash per word left out), and within a group the words left out that
+    share a spelling with a letter dropped (one edit apart) are compared."""
+    keys, owners, shorter = [], [], blind_spot(settings)
+    for index, row in enumerate(words):
+        if len(row) < shorter:
+            for position in range(len(row)):
+                keys.append(hash((position, *row[:position], *row[position + 1:])))
+                owners.append((index, position))
+    order, starts, sizes = _runs(np.array(keys, dtype=np.int64))
+    found = set()
+    for start, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):
+        found |= _misspelt_in_group(words, [owners[i] for i in order[start:start + size]])
+    return sorted(found)
+
+
+def _misspelt_in_group(words: list[list[str]], members: list[tuple[int, int]]) -> set[tuple[int, int, int]]:
+    """The pairs of `misspelt_copies` among prompts (index, position of the word left out) of one group."""
+    by_spelling: dict[str, set[tuple[int, int]]] = {}
+    for index, position in members:
+        for spelling in _one_deleted(words[index][position]):
+            by_spelling.setdefault(spelling, set()).add((index, position))
+    found = set()
+    for alike in by_spelling.values():
+        for (a, at), (b, _) in itertools.combinations(sorted(alike), 2):
+            differing = [i for i, (x, y) in enumerate(zip(words[a], words[b])) if x != y]
+            if len(words[a]) == len(words[b]) and differing == [at] and _misspelt(words[a][at], words[b][at]):
+                found.add((a, b, at))
+    return found
 
 
 def _alike(a: frozenset, b: frozenset, threshold: float) -> bool:

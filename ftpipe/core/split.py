@@ -1,10 +1,10 @@
 """Held-out split by a stable hash of the normalised prompt, with near-duplicate prompts and paraphrases kept together.
 
 A row's side depends only on its prompt (and the seed), never on which other rows exist, except that
-near-duplicate prompts, and rows giving the same distinctive answer, share the side of their group; sides recorded
-by an earlier split are kept, so adding rows never moves an existing row between train and eval. Near-duplicate
-prompts are those cleaning compares (`similarity`, leaving out the same shared text), and the leakage check uses the
-same tests.
+near-duplicate prompts (short ones with one word misspelt too), and rows giving the same distinctive answer, share
+the side of their group; sides recorded by an earlier split are kept, so adding rows never moves an existing row
+between train and eval. Near-duplicate prompts are those cleaning compares (`similarity`, leaving out the same shared
+text), and the leakage check uses the same tests.
 Preference rows are split with the chat examples, by their prompts: near-identical prompts of either kind share a
 side, so all the rows of one prompt are on one side.
 """
@@ -48,6 +48,13 @@ def _similar_prompts(rows: list[dict[str, Any]], settings: similarity.Settings,
     return similarity.prompt_pairs(prompts, lambda i: similarity.prompt_words(rows[i]["messages"]), settings)
 
 
+def _misspelt_copies(rows: list[dict[str, Any]], settings: similarity.Settings) -> list[tuple[int, int, str]]:
+    """(i, j, "'word j' for 'word i'"), i < j, for the short prompts that are one another with one word misspelt."""
+    words = [similarity.prompt_words(row["messages"]) for row in rows]
+    return [(a, b, f"'{words[b][at]}' for '{words[a][at]}'")
+            for a, b, at in similarity.misspelt_copies(words, settings)]
+
+
 def _same_answers(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
     """(i, j), i < j, linking the rows that give the same distinctive answer (see ANSWER_MIN_WORDS)."""
     by_answer: dict[str, list[int]] = {}
@@ -69,14 +76,15 @@ def assign_sides(
 ) -> dict[str, str]:
     """Map each row id to "train" or "eval".
 
-    Rows with near-duplicate prompts or the same distinctive answer form groups (connected, so no pair of them is
-    split); a group takes the
+    Rows with near-duplicate prompts (or short ones with one word misspelt) or the same distinctive answer form groups
+    (connected, so no pair of them is split); a group takes the
     side recorded for any of its rows in `previous` (an earlier split with the same fraction and seed), else
     the hash side of its smallest prompt. `shared`: the shared shingles cleaning left out (found anew if None).
     """
     previous = previous or {}
     prompts = [prompt_key(row["messages"]) for row in rows]
-    links = _similar_prompts(rows, settings, shared) + [(i, j, 1.0) for i, j in _same_answers(rows)]
+    links = (_similar_prompts(rows, settings, shared) + _misspelt_copies(rows, settings)
+             + [(i, j, 1.0) for i, j in _same_answers(rows)])
     roots = similarity.components(len(rows), links)
     members: dict[int, list[int]] = {}
     for index, root in enumerate(roots):
@@ -94,8 +102,9 @@ def find_leaks(
     train: list[dict[str, Any]], evaluation: list[dict[str, Any]], *,
     settings: similarity.Settings = similarity.Settings(), shared: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """Eval rows whose prompt is a near (or exact) duplicate of a train prompt, each with its closest train row, and
-    eval rows giving a train row's distinctive answer (a paraphrase), each with that row and the answer."""
+    """Eval rows whose prompt is a near (or exact) duplicate of a train prompt, each with its closest train row, eval
+    rows giving a train row's distinctive answer (a paraphrase), each with that row and the answer, and short eval
+    prompts that are a train prompt with one word misspelt, each with that row and the word."""
     n_train, rows = len(train), train + evaluation
     leaks: dict[int, dict[str, Any]] = {}
     for a, b in _same_answers(rows):
@@ -104,6 +113,9 @@ def find_leaks(
     for a, b, score in _similar_prompts(rows, settings, shared):
         if a < n_train <= b and score > leaks.get(b - n_train, {}).get("similarity", -1.0):
             leaks[b - n_train] = {**_leak(rows[b], rows[a]), "similarity": round(score, 3)}
+    for a, b, misspelt in _misspelt_copies(rows, settings):
+        if a < n_train <= b and b - n_train not in leaks:
+            leaks[b - n_train] = {**_leak(rows[b], rows[a]), "misspelt": misspelt}
     return [leaks[j] for j in sorted(leaks)]
 
 
@@ -117,10 +129,12 @@ def leak_line(leaks: list[dict[str, Any]]) -> str:
     if not leaks:
         return "no leakage"
     first = leaks[0]
-    how = (f"near-identical (Jaccard {first['similarity']:.2f}) to" if "similarity" in first
-           else "gives the answer word for word of")
-    return (f"{len(leaks)} eval row(s) duplicate a train prompt or give a train row's answer word for word, e.g. eval "
-            f"row {first['eval_source']} {how} train row {first['train_source']}; a new `split.seed` splits again")
+    evaluated, trained = f"eval row {first['eval_source']}", f"train row {first['train_source']}"
+    example = (f"{evaluated} near-identical (Jaccard {first['similarity']:.2f}) to {trained}" if "similarity" in first
+               else f"{evaluated} is {trained} with one word misspelt ({first['misspelt']})" if "misspelt" in first
+               else f"{evaluated} gives the answer word for word of {trained}")
+    return (f"{len(leaks)} eval row(s) duplicate a train prompt or give a train row's answer word for word, e.g. "
+            f"{example}; a new `split.seed` splits again")
 
 
 def split_leaks(folder: Path, settings: similarity.Settings) -> list[dict[str, Any]]:
