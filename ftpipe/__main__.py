@@ -340,6 +340,20 @@ def _command(commands, name: str, summary: str, description: str) -> argparse.Ar
     return commands.add_parser(name, help=summary, description=f"{summary}. {description}")
 
 
+def dagster_home(command: str) -> bool:
+    """Whether the Dagster instance has a home: DAGSTER_HOME, else this folder when it holds a dagster.yaml (the
+    repository, where `make` sets it so), which becomes DAGSTER_HOME; without either, says so in one line."""
+    if os.environ.get("DAGSTER_HOME"):
+        return True
+    if os.path.isfile("dagster.yaml"):
+        os.environ["DAGSTER_HOME"] = os.getcwd()
+        return True
+    print(f"ftpipe {command}: DAGSTER_HOME is not set and this folder has no dagster.yaml: run it in the repository "
+          "(as `make run` does) or set DAGSTER_HOME to a folder holding a copy of the repository's dagster.yaml",
+          file=sys.stderr)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ftpipe", description="Fine-tune, evaluate, merge and serve the tasks in FTPIPE_DATA_DIR/tasks/ (one "
@@ -396,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ftpipe serve: {error}", file=sys.stderr)
             return 1
         return 0
+    if args.command in ("run", "tasks") and not dagster_home(args.command):
+        return 2
     if args.command == "tasks":
         return 1 if sync_tasks()[1] else 0
     if args.command == "chat":

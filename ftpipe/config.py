@@ -236,7 +236,9 @@ class TrainingConfig(_Strict):
         "and hold less memory; null: on a CPU, passes of whole rows up to 512 tokens (a longer row alone), else the "
         "whole batch"))
     max_length: int = Field(512, ge=16, description="tokens; longer rows are dropped or truncated (too_long)")
-    too_long: Literal["drop", "truncate"] = Field("drop", description="what happens to rows over max_length")
+    too_long: Literal["drop", "truncate"] = Field(
+        "drop", description="what happens to rows over max_length; a training that would drop more than half of its "
+                            "train rows is refused, naming the max_length that keeps them")
     replay: float = Field(0.0, ge=0.0, le=0.5, description=(
         "against forgetting: general rows added to the train rows as a share of them (0.2: 20 per 100), the base "
         "model's own answers to general prompts that are not probe questions; 0: none"))

@@ -64,6 +64,23 @@ def test_a_config_error_is_told_once_in_one_line_before_any_run(ftpipe_env: Path
         f"no task folder named 'tyop' in {ftpipe_env / 'tasks'}; tasks there: typo")
 
 
+def test_without_dagster_home_a_run_uses_the_folder_with_dagster_yaml_or_says_so_in_one_line(
+        ftpipe_env: Path, tmp_path: Path) -> None:
+    make_task(ftpipe_env, "typo", {"a.jsonl": [chat("hi", "hello")]}, "training:\n  max_step: 3\n")
+    env = {key: value for key, value in os.environ.items() if key != "DAGSTER_HOME"}
+    elsewhere, repository = tmp_path / "elsewhere", tmp_path / "repository"
+    elsewhere.mkdir(), repository.mkdir()
+    shutil.copy(REPO_ROOT / "dagster.yaml", repository / "dagster.yaml")
+    runs = {folder: subprocess.run([sys.executable, "-m", "ftpipe", "run", "typo"], capture_output=True, text=True,
+                                   env=env, cwd=folder, timeout=600) for folder in (elsewhere, repository)}
+    assert runs[elsewhere].returncode == 2 and runs[elsewhere].stdout == "" and runs[elsewhere].stderr == (
+        "ftpipe run: DAGSTER_HOME is not set and this folder has no dagster.yaml: run it in the repository (as `make "
+        "run` does) or set DAGSTER_HOME to a folder holding a copy of the repository's dagster.yaml\n")
+    assert runs[repository].returncode == 2 and "training.max_step" in runs[repository].stderr.splitlines()[-1]
+    assert "DagsterHomeNotSetError" not in runs[repository].stdout + runs[repository].stderr
+    assert (repository / ".dagster" / "storage").is_dir(), "the folder's dagster.yaml keeps the instance there"
+
+
 def test_a_failed_run_says_its_reason_once_at_the_end(ftpipe_env: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     make_task(ftpipe_env, "empty", {"a.jsonl": [{"nothing": 1}]}, f"base_model: {tiny_model_dir}\n")
     output, status = ftpipe_run("empty", tmp_path)

@@ -235,9 +235,11 @@ def test_rows_become_trl_rows_and_long_ones_are_dropped_or_kept_for_truncation_a
     assert [row["label"] for row in single] == [True, False] * 4 + [rows[4]["label"], rows[5]["label"]]
     assert single[1]["completion"] == [{"role": "assistant", "content": rows[0]["rejected"]}]
     tokenizer = build_tokenizer()
-    assert preference.fit_examples(pairs, tokenizer, 64, "drop") == (pairs[:3], 1)
-    assert preference.fit_examples(pairs, tokenizer, 64, "truncate") == (pairs, 1)
-    assert preference.fit_examples(single, tokenizer, 64, "drop") == (single[:6] + single[8:], 2)
+    (kept, over), (truncated, over_too) = (preference.fit_examples(pairs, tokenizer, 64, way) for way in ("drop",
+                                                                                                         "truncate"))
+    assert kept == pairs[:3] and truncated == pairs and len(over) == 1 and over == over_too and over[0] > 64
+    kept, over = preference.fit_examples(single, tokenizer, 64, "drop")
+    assert kept == single[:6] + single[8:] and len(over) == 2 and min(over) > 64
 
 
 def test_the_start_adapters_weights_are_part_of_the_fingerprint_and_sft_fingerprints_stay(workspace, tmp_path):

@@ -11,15 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.core.launch import LAUNCHER_PID_ENV
+from ftpipe.core.launch import LAUNCHER_PID_ENV, Refused
+from ftpipe.core.modeling import chat_length
 from ftpipe.core.training import checkpoints, outputs
 from ftpipe.core.training.methods import Method
 from ftpipe.core.training.program import EXIT_REFUSED, build_trainer
 from ftpipe.core.training.reporting import NewStepsOnly
+from ftpipe.core.training.sft import read_chat_rows
 from ftpipe.core.training.spec import TrainingSpec, training_fingerprint
+from ftpipe_tests.tiny_model import long_system_prompt, toy_rows, with_system
 from ftpipe_tests.training_program import (
     LONG_ROWS,
     Quiet,
+    evaluating_trainer,
     kill_after_logging_past_a_checkpoint,
     mlflow_client,
     output_result,
@@ -194,13 +198,32 @@ def test_a_split_with_no_row_within_max_length_is_refused_in_one_line_not_retrie
     stdout, _ = process.communicate(timeout=120)
     stderr = (workspace / "too-short.stderr").read_text().strip()
     assert process.returncode == EXIT_REFUSED, stdout + stderr
-    assert "Traceback" not in stderr and stderr.splitlines()[-1] == (
-        "training refused: no training rows left: every row is longer than max_length=16 tokens; raise "
-        "training.max_length (too_long: truncate would cut off the answers, which end each row)")
+    rows = 40 + LONG_ROWS
+    assert "Traceback" not in stderr and re.fullmatch(
+        f"training refused: {rows} of {rows} train rows \\(100%\\) are longer than training.max_length=16 tokens "
+        r"\(those rows: median \d+, longest \d+\), so the training would learn from 0 rows; raise training.max_length "
+        r"to \d+ to keep them all \(too_long: truncate would cut off the answers, which end each row\)",
+        stderr.splitlines()[-1]), stderr
     assert not (workspace / "too-short" / "adapter").exists()
     experiment = mlflow_client(workspace).get_experiment_by_name("toy-too-short").experiment_id
     runs = mlflow_client(workspace).search_runs([experiment], run_view_type=ViewType.ALL)
     assert [run.info.lifecycle_stage for run in runs] == ["deleted"], "the run of a refused spec is not left FAILED"
+
+
+def test_a_training_that_would_drop_most_train_rows_is_refused_with_the_max_length_that_keeps_them(workspace):
+    system = long_system_prompt(3)  # most rows carry a long system prompt, as a real task's rows all do
+    long = [{**row, "messages": with_system(row["messages"], system)} for row in toy_rows(30, seed=5)]
+    with pytest.raises(Refused) as refused:
+        evaluating_trainer(workspace, "mostly-long", toy_rows(4, seed=7), long + toy_rows(10, seed=6), max_length=64)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(workspace / "base"))
+    lengths = sorted(chat_length(tokenizer, row["messages"]) for row in long)
+    assert str(refused.value) == (
+        f"30 of 40 train rows (75%) are longer than training.max_length=64 tokens (those rows: median {lengths[15]}, "
+        f"longest {lengths[-1]}), so the training would learn from 10 rows; raise training.max_length to "
+        f"{-(-lengths[-1] // 64) * 64} to keep them all (too_long: truncate would cut off the answers, which end each "
+        "row)")
 
 
 def test_loss_is_masked_on_prompt_tokens(workspace):
@@ -211,6 +234,10 @@ def test_loss_is_masked_on_prompt_tokens(workspace):
     [left_out] = reporter.warnings
     assert left_out.startswith(f"rows longer than training.max_length=64 tokens: {LONG_ROWS} of "
                                f"{len(trainer.train_dataset) + LONG_ROWS} train rows (") and "eval rows" not in left_out
+    rows = read_chat_rows(workspace / "train.parquet")
+    longest = max(chat_length(trainer.processing_class, messages) for messages in rows)
+    assert left_out.endswith(f"Raise training.max_length to {-(-longest // 64) * 64} to keep them (a pass's memory "
+                             "grows with it)") and "truncate" not in left_out, "truncating would cut off the answers"
     tokenizer = trainer.processing_class
     example = trainer.train_dataset[0]
     labels, input_ids = example["labels"], example["input_ids"]

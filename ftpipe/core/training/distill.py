@@ -12,7 +12,7 @@ from typing import Any
 from ftpipe.core.modeling import chat_length, load_model_and_tokenizer, resolve_base_model
 from ftpipe.core.layout import models_dir
 from ftpipe.core.training.methods import TrainingRefused
-from ftpipe.core.training.setup import TrainerSetup, micro_batching, within_max_length
+from ftpipe.core.training.setup import TrainerSetup, micro_batching, require_rows, within_max_length
 from ftpipe.core.training.sft import read_chat_rows
 
 BETA = 0.5  # the generalised JSD's interpolation: 0.5 is the symmetric Jensen-Shannon divergence
@@ -45,19 +45,18 @@ def build_datasets(setup: TrainerSetup):
 
     config = setup.config
 
-    def fitted(path: str) -> tuple[list, int]:
+    def fitted(path: str) -> tuple[list, list[int]]:
         return within_max_length(read_chat_rows(Path(path)), lambda m: chat_length(setup.tokenizer, m),
                                  config.max_length, config.too_long)
 
     (train, train_over), (evals, eval_over) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
     setup.arguments.update(micro_batching(config, [min(chat_length(setup.tokenizer, m), config.max_length)
                                                    for m in train]))
-    if not train or not evals:
-        raise ValueError(f"no {'training' if not train else 'eval'} rows within max_length={config.max_length}")
+    require_rows(train, evals, train_over, config)
     extra = setup.extra_train_rows(len(train))
     setup.info(f"data: {len(train)} train rows + {len(extra)} general (replay) / {len(evals)} eval rows")
     as_rows = lambda conversations: Dataset.from_list([{"messages": m} for m in conversations])  # noqa: E731
-    return as_rows(train + extra), as_rows(evals), train_over + eval_over
+    return as_rows(train + extra), as_rows(evals), len(train_over) + len(eval_over)
 
 
 def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:

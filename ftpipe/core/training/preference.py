@@ -90,8 +90,8 @@ def example_length(tokenizer, example: dict[str, Any]) -> int:
     return max(chat_length(tokenizer, example["prompt"] + answer) for answer in answers)
 
 
-def fit_examples(examples: list[dict], tokenizer, max_length: int, too_long: str) -> tuple[list[dict], int]:
-    """The examples, over-long ones dropped (too_long=drop) or kept for TRL to truncate; and their count."""
+def fit_examples(examples: list[dict], tokenizer, max_length: int, too_long: str) -> tuple[list[dict], list[int]]:
+    """The examples, over-long ones dropped (too_long=drop) or kept for TRL to truncate; and their lengths."""
     return within_max_length(examples, lambda example: example_length(tokenizer, example), max_length, too_long)
 
 
@@ -102,13 +102,13 @@ def build_datasets(setup: TrainerSetup, to_examples: ToExamples):
 
     config = setup.config
 
-    def fitted(path: str) -> tuple[list[dict], int]:
+    def fitted(path: str) -> tuple[list[dict], list[int]]:
         examples = to_examples(read_preferences(Path(path)))
         return fit_examples(examples, setup.tokenizer, config.max_length, config.too_long)
 
     (train, train_over), (evals, eval_over) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
-    require_rows(train, evals, config, "preference ")
-    rows_too_long = train_over + eval_over
+    require_rows(train, evals, train_over, config, "preference ")
+    rows_too_long = len(train_over) + len(eval_over)
     action = "dropped" if config.too_long == "drop" else "truncated"
     setup.info(f"data: {len(train)} train / {len(evals)} eval preference rows for {config.objective}; "
                f"{rows_too_long} over {config.max_length} tokens {action}")

@@ -20,6 +20,7 @@ from ftpipe.core.training.spec import TrainingSpec
 
 
 CPU_PASS_TOKENS = 512  # tokens of one forward pass on a CPU (see micro_batching)
+MOST_LEFT_OUT = 0.5  # a training that would drop more than this share of its train rows as too long is refused
 
 
 def world_size() -> int:
@@ -53,24 +54,40 @@ class TrainerSetup:
         return rows
 
 
-def within_max_length(items: list, length_of, max_length: int, too_long: str) -> tuple[list, int]:
+def within_max_length(items: list, length_of, max_length: int, too_long: str) -> tuple[list, list[int]]:
     """The items, those over `max_length` tokens (`length_of(item)`) dropped (too_long=drop) or kept for TRL to
-    truncate; and how many were over."""
-    kept, over = [], 0
+    truncate; and the lengths of those over."""
+    kept, over = [], []
     for item in items:
-        is_long = length_of(item) > max_length
-        over += is_long
-        if not (is_long and too_long == "drop"):
+        length = length_of(item)
+        if length > max_length:
+            over.append(length)
+        if length <= max_length or too_long != "drop":
             kept.append(item)
     return kept, over
 
 
-def require_rows(train: list, evals: list, config: TrainingConfig, kind: str = "") -> None:
-    """Refuse a training that has no train or no eval rows left once the rows over max_length are dropped."""
-    if not train or not evals:
-        raise Refused(f"no {'training' if not train else 'eval'} {kind}rows left: every row is longer than "
-                      f"max_length={config.max_length} tokens; raise training.max_length (too_long: truncate would "
-                      "cut off the answers, which end each row)")
+def fitting_max_length(lengths: list[int]) -> int:
+    """A `max_length` every one of `lengths` fits: the longest, rounded up to a multiple of 64."""
+    return -(-max(lengths) // 64) * 64
+
+
+def require_rows(train: list, evals: list, train_over: list[int], config: TrainingConfig, kind: str = "") -> None:
+    """Refuse a training left with no eval rows, or with at most MOST_LEFT_OUT of its train rows, once the rows over
+    max_length (`train_over`: the train rows' lengths) are dropped: it would learn from too few rows to be the task's.
+    """
+    left_out = train_over if config.too_long == "drop" else []
+    if len(left_out) > MOST_LEFT_OUT * (len(train) + len(left_out)):
+        total = len(train) + len(left_out)
+        lengths = sorted(left_out)
+        raise Refused(f"{len(left_out)} of {total} train {kind}rows ({len(left_out) / total:.0%}) are longer than "
+                      f"training.max_length={config.max_length} tokens (those rows: median {lengths[len(lengths) // 2]}"
+                      f", longest {lengths[-1]}), so the training would learn from {len(train)} rows; raise "
+                      f"training.max_length to {fitting_max_length(left_out)} to keep them all (too_long: truncate "
+                      "would cut off the answers, which end each row)")
+    if not evals:
+        raise Refused(f"no eval {kind}rows left: every row is longer than max_length={config.max_length} tokens; "
+                      "raise training.max_length")
 
 
 def objective_module(objective: str) -> ModuleType:

@@ -13,6 +13,7 @@ from ftpipe.core.training.shared_start import SharedStartEvaluation, evaluated_l
 from ftpipe.core.training.setup import (
     CPU_PASS_TOKENS,
     TrainerSetup,
+    fitting_max_length,
     micro_batching,
     require_rows,
     within_max_length,
@@ -34,9 +35,9 @@ def to_prompt_completion(messages: list[dict[str, str]]) -> dict[str, list[dict[
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
-def fit_rows(conversations, tokenizer, max_length: int, too_long: str) -> tuple[list[dict], int, list[int]]:
-    """Prompt/completion rows, over-long ones dropped (too_long=drop) or kept for TRL to truncate; their count; and
-    the kept rows' lengths in tokens (at most max_length)."""
+def fit_rows(conversations, tokenizer, max_length: int, too_long: str) -> tuple[list[dict], list[int], list[int]]:
+    """Prompt/completion rows, over-long ones dropped (too_long=drop) or kept for TRL to truncate; the over-long
+    ones' lengths in tokens; and the kept rows' lengths (at most max_length)."""
     lengths = {}
 
     def length(messages) -> int:
@@ -48,15 +49,18 @@ def fit_rows(conversations, tokenizer, max_length: int, too_long: str) -> tuple[
             [min(lengths[id(messages)], max_length) for messages in kept])
 
 
-def left_out_warning(train_over: int, train_rows: int, eval_over: int, eval_rows: int, max_length: int) -> str:
-    """The line about task rows `too_long: drop` left out of a training, naming only the sides that had such rows."""
-    parts = [f"{train_over} of {train_rows} train rows ({train_over / max(train_rows, 1):.0%}) left out of training: "
-             "the model does not learn from them"] if train_over else []
+def left_out_warning(train_over: list[int], train_rows: int, eval_over: list[int], eval_rows: int,
+                     max_length: int) -> str:
+    """The line about task rows `too_long: drop` left out of a training (their lengths `train_over`, `eval_over`),
+    naming only the sides that had such rows, and the max_length that keeps them."""
+    parts = [f"{len(train_over)} of {train_rows} train rows ({len(train_over) / max(train_rows, 1):.0%}) left out of "
+             "training: the model does not learn from them"] if train_over else []
     if eval_over:
-        parts.append(f"{eval_over} of {eval_rows} eval rows left out of the training's eval loss (eval_report still "
-                     "scores them, on inputs longer than any the model trained on)")
+        parts.append(f"{len(eval_over)} of {eval_rows} eval rows left out of the training's eval loss (eval_report "
+                     "still scores them, on inputs longer than any the model trained on)")
     return (f"rows longer than training.max_length={max_length} tokens: {'; '.join(parts)}. Raise "
-            "training.max_length (a pass's memory grows with it) or set training.too_long: truncate")
+            f"training.max_length to {fitting_max_length(train_over + eval_over)} to keep them (a pass's memory "
+            "grows with it)")
 
 
 def build_datasets(setup: TrainerSetup):
@@ -66,19 +70,19 @@ def build_datasets(setup: TrainerSetup):
 
     config = setup.config
 
-    def fitted(path: str) -> tuple[list[dict], int, list[int]]:
+    def fitted(path: str) -> tuple[list[dict], list[int], list[int]]:
         return fit_rows(read_chat_rows(Path(path)), setup.tokenizer, config.max_length, config.too_long)
 
     (train, train_over, lengths), (evals, eval_over, _) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
-    require_rows(train, evals, config)
+    require_rows(train, evals, train_over, config)
     extra = [to_prompt_completion(messages) for messages in setup.extra_train_rows(len(train))]
-    rows_too_long = train_over + eval_over
+    rows_too_long = len(train_over) + len(eval_over)
     action = "dropped" if config.too_long == "drop" else "truncated"
     setup.info(f"data: {len(train)} train rows + {len(extra)} general (replay) / {len(evals)} eval rows; "
                f"{rows_too_long} over {config.max_length} tokens {action}")
     if rows_too_long and config.too_long == "drop":
-        setup.warning(left_out_warning(train_over, len(train) + train_over, eval_over, len(evals) + eval_over,
-                                       config.max_length))
+        setup.warning(left_out_warning(train_over, len(train) + len(train_over), eval_over,
+                                       len(evals) + len(eval_over), config.max_length))
     return Dataset.from_list(train + extra), Dataset.from_list(evals), rows_too_long, lengths
 
 
