@@ -4,12 +4,14 @@ A check judges an asset with the configuration that asset ran with: task.yaml pl
 run gave the asset (task.yaml alone when the check runs without it).
 """
 
+from pathlib import Path
+
 import dagster as dg
 
 from ftpipe.assets.common import effective_config, rounded_floats, run_overrides, table, upstream
 from ftpipe.core import dedup, split
 from ftpipe.core.similarity import Settings
-from ftpipe.core.layout import PREDICTIONS, TaskLayout
+from ftpipe.core.layout import PREDICTIONS, REMOVED, TaskLayout
 from ftpipe.core.tasks import reviews_dir
 from ftpipe.partitions import task_partitions
 
@@ -67,20 +69,22 @@ def deduplicated_examples_removal_share(context: dg.AssetCheckExecutionContext) 
     return dg.AssetCheckResult(
         passed=not heavy,
         severity=dg.AssetCheckSeverity.WARN,
-        description=removal_warning(heavy, limit) if heavy else
+        description=removal_warning(heavy, limit, TaskLayout(task).asset("deduplicated_examples") / REMOVED)
+        if heavy else
         f"cleaning removed at most {limit:.0%} of the rows and of each label",
         metadata={"max_removed_share": limit, "over_the_limit": "; ".join(heavy.values()) or "none",
                   "matched_examples": table(examples, dedup.match_columns(summary))},
     )
 
 
-def removal_warning(heavy: dict[str | None, str], limit: float) -> str:
-    """One line: all rows' share and the first `SHOWN_LABELS` labels over `limit`; the metadata lists every label."""
+def removal_warning(heavy: dict[str | None, str], limit: float, removed: Path) -> str:
+    """One line: all rows' share and the labels over `limit`, the first `SHOWN_LABELS` of more than one more (the
+    check's `over_the_limit` lists every one), and where every removed row is (`removed`)."""
     labels = [text for label, text in heavy.items() if label is not None]
-    more = len(labels) - SHOWN_LABELS
-    shown = ([heavy[None]] if None in heavy else []) + labels[:SHOWN_LABELS]
-    return ("; ".join(shown) + (f" and {more} more labels (over_the_limit)" if more > 0 else "")
-            + f" (more than {limit:.0%}): read the matched examples before training")
+    more = len(labels) - SHOWN_LABELS if len(labels) > SHOWN_LABELS + 1 else 0
+    shown = ([heavy[None]] if None in heavy else []) + labels[:len(labels) - more]
+    return ("; ".join(shown) + (f" and {more} more labels (the check's over_the_limit names them)" if more else "")
+            + f" (more than {limit:.0%}): read the matched examples before training (every removed row: {removed})")
 
 
 @dg.asset_check(asset="human_review", blocking=True, partitions_def=task_partitions)

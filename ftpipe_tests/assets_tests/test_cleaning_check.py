@@ -61,15 +61,22 @@ def test_check_warns_when_one_label_loses_too_many_rows(ftpipe_env: Path) -> Non
     deduped, check = clean(ftpipe_env, task.rows + copies)
     assert not check.passed
     assert "label 'request_refund'" in check.description and "read the matched examples" in check.description
+    removed = Path(check.description.rsplit("(every removed row: ", 1)[1].removesuffix(")"))
+    assert len(removed.read_text().splitlines()) >= len(copies), "the path holds the removed rows"
     assert "!!" in check.metadata["matched_examples"].value
 
 
 def test_the_warning_names_a_few_labels_in_one_line_and_counts_the_rest() -> None:
     heavy = {None: "all rows: 44% removed (185 of 425)",
              **{f"l{i}": f"label 'l{i}': 50% removed (4 of 8)" for i in range(27)}}
-    assert removal_warning(heavy, 0.2) == (
+    removed = Path("tasks/t/deduplicated_examples/removed.jsonl")
+    assert removal_warning(heavy, 0.2, removed) == (
         "all rows: 44% removed (185 of 425); label 'l0': 50% removed (4 of 8); label 'l1': 50% removed (4 of 8); "
-        "label 'l2': 50% removed (4 of 8) and 24 more labels (over_the_limit) (more than 20%): read the matched "
-        "examples before training")
-    assert removal_warning({"x": "label 'x': 30% removed (3 of 10)"}, 0.25) == (
-        "label 'x': 30% removed (3 of 10) (more than 25%): read the matched examples before training")
+        "label 'l2': 50% removed (4 of 8) and 24 more labels (the check's over_the_limit names them) (more than 20%): "
+        f"read the matched examples before training (every removed row: {removed})")
+    assert removal_warning({"x": "label 'x': 30% removed (3 of 10)"}, 0.25, removed) == (
+        f"label 'x': 30% removed (3 of 10) (more than 25%): read the matched examples before training (every removed "
+        f"row: {removed})")
+    four = {label: f"label {label!r}: 50% removed (4 of 8)" for label in "abcd"}
+    assert "label 'd'" in removal_warning(four, 0.2, removed) and "more labels" not in removal_warning(
+        four, 0.2, removed), "one more label is named, not counted"
