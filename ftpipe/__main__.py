@@ -91,9 +91,10 @@ def run_task(task: str, settings: str = "") -> int:
             instance=instance, partition_key=task, raise_on_error=False, tags={HOST_TAG: socket.gethostname()},
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}, **overrides_config(job, overrides)},
         )
-    if not result.success and stopped():  # as Terminate in the UI ends a run: canceled, not failed
+    was_stopped = not result.success and stopped()
+    if was_stopped:  # as Terminate in the UI ends a run: canceled, not failed
         instance.report_run_canceled(instance.get_run_by_id(result.run_id), "stopped by Ctrl-C or SIGTERM")
-    print_summary(task, result)
+    print_summary(task, result, was_stopped)
     return 0 if result.success else 1
 
 
@@ -136,16 +137,19 @@ def _materializations(result) -> dict[str, dict]:
 
 
 INTERRUPTIONS = ("DagsterExecutionInterruptedError", "KeyboardInterrupt")  # a step stopped by Ctrl-C or SIGTERM
+STOPPED = "stopped by Ctrl-C or SIGTERM (the same command carries on: the finished steps are reused)"
 
 
-def failure_reason(result) -> str:
+def failure_reason(result, stopped: bool = False) -> str:
     """The first failed step and its error (a blocking check's verdict, a Failure's description, else the innermost
-    exception), on one line."""
+    exception), on one line; the step a stop signal ended, when the run was `stopped`."""
     import dagster as dg
 
     failure = next((event for event in result.all_events if event.is_step_failure), None)
     if failure is None:
-        return "the run failed outside its steps (see the log above)"
+        return STOPPED if stopped else "the run failed outside its steps (see the log above)"
+    if stopped:
+        return f"{failure.step_key}: {STOPPED}"
     blocked = next((check for check in result.get_asset_check_evaluations() if not check.passed
                     and check.severity == dg.AssetCheckSeverity.ERROR and failure.step_key.endswith(check.check_name)),
                    None)
@@ -161,7 +165,7 @@ def failure_reason(result) -> str:
         kind, _, text = error.message.partition(": ")
         message = f"{kind.rpartition('.')[2]}: {text}"
         if error.cls_name in INTERRUPTIONS:
-            message = "stopped by Ctrl-C or SIGTERM (the same command carries on: the finished steps are reused)"
+            message = STOPPED
     return f"{failure.step_key}: {' '.join(message.split())}"
 
 
@@ -193,13 +197,15 @@ def merged_line(task: str, merged: dict) -> str:
             "split), so chat and serve answer with the champion")
 
 
-def print_summary(task: str, result) -> None:
-    """Counts of every asset, the evaluation verdict, and where to look next; a failed run ends with its reason."""
+def print_summary(task: str, result, stopped: bool = False) -> None:
+    """Counts of every asset, the evaluation verdict, and where to look next; a failed run (or one `stopped` by a
+    signal) ends with its reason."""
     import dagster as dg
 
     from ftpipe.core.layout import TaskLayout
 
-    print(f"\nftpipe run of task {task!r}: {'succeeded' if result.success else 'FAILED'} (run {result.run_id})")
+    outcome = "succeeded" if result.success else "STOPPED" if stopped else "FAILED"
+    print(f"\nftpipe run of task {task!r}: {outcome} (run {result.run_id})")
     found = _materializations(result)
     for asset, metadata in found.items():
         shown = {k: v for k, v in metadata.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -216,7 +222,7 @@ def print_summary(task: str, result) -> None:
               f"{report['preference_accuracy_sft']:.3f} -> {found['preference_adapter']['objective']} "
               f"{report['preference_accuracy_final']:.3f} (gain over SFT, 95% CI low "
               f"{report['preference_delta_ci_low']:+.3f})")
-    reason = None if result.success else failure_reason(result)
+    reason = None if result.success else failure_reason(result, stopped)
     for check in result.get_asset_check_evaluations():
         verdict = "warns" if check.severity == dg.AssetCheckSeverity.WARN else "failed"
         line = f"check {check.check_name} {verdict}: {check.description}"
@@ -228,7 +234,7 @@ def print_summary(task: str, result) -> None:
     print(f"Dagster UI: {ui_command():<15} (http://127.0.0.1:3000)")
     print("MLflow UI:  make mlflow-ui  (http://127.0.0.1:5000)")
     if reason:
-        print(f"\nFAILED: {reason}")
+        print(f"\n{outcome}: {reason}")
 
 
 def ui_command() -> str:

@@ -246,3 +246,10 @@ def test_a_step_stopped_by_ctrl_c_ends_with_one_plain_line() -> None:
     result = SimpleNamespace(all_events=[stopped], get_asset_check_evaluations=lambda: [])
     assert failure_reason(result) == ("eval_report: stopped by Ctrl-C or SIGTERM (the same command carries on: the "
                                       "finished steps are reused)")
+    training = SimpleNamespace(is_step_failure=True, step_key="lora_adapter", step_failure_data=SimpleNamespace(
+        user_failure_data=SimpleNamespace(description="training stopped: the run was interrupted"), error=None))
+    result = SimpleNamespace(all_events=[training], get_asset_check_evaluations=lambda: [])
+    assert failure_reason(result) == "lora_adapter: training stopped: the run was interrupted"
+    assert failure_reason(result, stopped=True) == (
+        "lora_adapter: stopped by Ctrl-C or SIGTERM (the same command carries on: the finished steps are reused)"), \
+        "a step that turned the signal into its own failure was stopped all the same"
