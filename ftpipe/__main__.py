@@ -170,11 +170,13 @@ def failure_reason(result, stopped: bool = False) -> str:
 
 
 def verdict_line(report: dict) -> str:
-    """The evaluation in one line: the base, few-shot and fine-tuned scores, the gain over the base and over few-shot
-    prompting with their intervals, forgetting (and the skill that lost most) and the gate (with what a pass does not say; why it failed is the
-    run's failure reason, said at the end)."""
-    fewshot = report.get("fewshot_score")
-    return (f"{report['primary_metric']}: base {report['base_score']:.3f}"
+    """The evaluation in one line: the most common label's (classification), base, few-shot and fine-tuned scores,
+    the gain over the base and over few-shot prompting with their intervals, forgetting (and the skill that lost
+    most) and the gate (with what a pass does not say; why it failed is the run's failure reason, said at the end)."""
+    fewshot, majority = report.get("fewshot_score"), report.get("majority_score")
+    return (f"{report['primary_metric']}: "
+            + (f"most common label {majority:.3f}, " if majority is not None else "")
+            + f"base {report['base_score']:.3f}"
             + (f", few-shot {fewshot:.3f}" if fewshot is not None else "")
             + f" -> fine-tuned {report['finetuned_score']:.3f} (delta {report['delta']:+.3f}, 95% CI "
             f"[{report['delta_ci_low']:+.3f}, {report['delta_ci_high']:+.3f}]"

@@ -117,6 +117,8 @@ def test_the_verdict_line_shows_the_few_shot_baseline_beside_the_base() -> None:
     without = {**report, "fewshot_score": None, "passed": False, "failed_conditions": "delta_ci_low ..."}
     assert verdict_line(without) == ("accuracy: base 0.645 -> fine-tuned 0.806 (delta +0.161, 95% CI [+0.050, "
                                      "+0.270]); forgetting 0.000; gate FAILED"), "why: said once, at the end"
+    assert verdict_line({**without, "majority_score": 0.29}).startswith(
+        "accuracy: most common label 0.290, base 0.645 -> fine-tuned 0.806"), "what no model at all scores"
 
 
 def test_the_summary_says_whether_chat_answers_with_the_new_model() -> None:

@@ -18,7 +18,8 @@ CONTRACT = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_c
             "preference_accuracy_sft", "preference_accuracy_final", "preference_delta_ci_low", "preference_delta_ci_high",
             "sft_score", "delta_vs_sft", "sft_forgetting", "teacher_score", "student_to_teacher_ratio",
             "student_to_teacher_ratio_ci_low", "student_to_teacher_ratio_ci_high", "student_latency_ms",
-            "teacher_latency_ms", "copy_score", "delta_vs_copy", "delta_vs_copy_ci_low", "delta_vs_copy_ci_high")
+            "teacher_latency_ms", "copy_score", "delta_vs_copy", "delta_vs_copy_ci_low", "delta_vs_copy_ci_high",
+            "majority_score", "delta_vs_majority", "delta_vs_majority_ci_low", "delta_vs_majority_ci_high")
 
 
 def _metadata(report: dict, run_url: str, warm_started: bool) -> dict:

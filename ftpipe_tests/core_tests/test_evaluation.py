@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -533,6 +534,15 @@ def test_published_files_result_and_report(workspace, tmp_path):
             "delta_vs_fewshot"} <= set(predictions.columns)
     assert predictions["message"].str.startswith("What color is the").all()
     assert predictions["delta"].mean() == pytest.approx(result["delta"])
+    train = [row["messages"][-1]["content"] for row in read_examples(workspace / "train.parquet")]
+    top = Counter(train).most_common(1)[0][0]  # the toy task's labels are its whole answers
+    assert predictions["majority_answer"].eq(top).all() and result["majority_answer"] == top
+    assert result["majority_score"] == pytest.approx(predictions["reference"].eq(top).mean())
+    assert result["majority_score"] > 0, "the toy task's held-out rows hold its most common label"
+    assert result["delta_vs_majority"] == pytest.approx(result["finetuned_score"] - result["majority_score"])
+    assert (f"The train rows' most common label as every answer (`{top}`): {result['majority_score']:.3f}; fine-tuned "
+            f"vs that {result['delta_vs_majority']:+.3f} (95% paired-bootstrap CI ") in result["report_markdown"]
+    assert "| fine-tuned | most common label | fine-tuned − base |" in result["report_markdown"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["delta_ci_low"] == result["delta_ci_low"] and metrics["base_score"] == result["base_score"]
     assert not {"passed", "failed_conditions", "report_markdown"} & set(metrics)  # the gate is decided on reading

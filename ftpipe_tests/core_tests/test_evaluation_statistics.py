@@ -169,6 +169,16 @@ def test_a_pass_says_when_few_shot_prompting_scores_higher_and_beating_it_is_not
     assert gate_caveat(behind, EvaluationConfig(require_beats_fewshot=True)) is None, "the gate judges it then"
 
 
+def test_a_pass_says_when_answering_the_most_common_label_every_time_scores_higher():
+    from ftpipe.core.evaluation.gate import gate_caveat
+
+    skewed = measured(majority_score=0.9, delta_vs_majority_ci_high=-0.03)  # a label of 9 rows in 10
+    assert gate_caveat(skewed, EvaluationConfig()) == (
+        "answering every row with the train rows' most common label scores higher (0.900 against 0.800, the gain "
+        "over it has a 95% CI high of -0.030): the model tells the labels apart worse than no model")
+    assert gate_caveat(measured(majority_score=0.9, delta_vs_majority_ci_high=0.02), EvaluationConfig()) is None
+
+
 def test_the_gate_requires_a_preference_gain_only_when_preference_pairs_were_evaluated():
     pairs = {"preference_pairs": 50, "preference_baseline": "sft", "preference_accuracy_sft": 0.7,
              "preference_accuracy_final": 0.66, "preference_delta_ci_low": -0.1}

@@ -80,6 +80,11 @@ def _copy_caveat(metrics: dict[str, Any]) -> str | None:
     return found and f"{found}: the metric rewards words taken from the input"
 
 
+def _majority_caveat(metrics: dict[str, Any]) -> str | None:
+    found = _baseline_higher(metrics, "majority", "answering every row with the train rows' most common label")
+    return found and f"{found}: the model tells the labels apart worse than no model"
+
+
 def _preference_caveat(metrics: dict[str, Any]) -> str | None:
     if metrics.get("sft_score") is None or metrics.get("preference_pairs"):
         return None  # no preference stage, or its pairs were checked
@@ -90,9 +95,9 @@ def _preference_caveat(metrics: dict[str, Any]) -> str | None:
 def gate_caveat(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
     """What a passed gate does not say, None when nothing: that few-shot prompting of the base model scores higher
     (the gain over it has a 95% CI high below 0) while the gate does not require beating it, that a copy of the
-    input does (free text), or that no held-out pair checked a preference stage (KTO's single answers, or too few
+    input does (free text) or the most common label as every answer (classification), or that no held-out pair checked a preference stage (KTO's single answers, or too few
     pairs for the held-out split)."""
-    caveats = [found for found in (_fewshot_caveat(metrics, config), _copy_caveat(metrics),
+    caveats = [found for found in (_fewshot_caveat(metrics, config), _copy_caveat(metrics), _majority_caveat(metrics),
                                    _preference_caveat(metrics)) if found]
     return "; and ".join(caveats) or None
 

@@ -16,6 +16,7 @@ from ftpipe.core.records import user_message
 
 LABEL_LIKELIHOOD = "label_likelihood_accuracy"
 DELTA_SEED, FEWSHOT_SEED, FORGETTING_SEED, PREFERENCE_SEED, SFT_SEED, TEACHER_SEED, COPY_SEED = 0, 1, 2, 3, 4, 5, 6
+MAJORITY_SEED = 7
 
 
 def side_scores(task: TaskMetrics, outputs: ModelOutputs, references: list[str]) -> Scores:
@@ -73,17 +74,35 @@ def _versus_teacher(scores: dict[str, Scores], outputs: dict[str, ModelOutputs],
                for side, value in latency.items()}}
 
 
+def _versus_baseline(side: str, scores: dict[str, Scores], primary: str, config: EvaluationConfig,
+                     seed: int) -> dict[str, Any]:
+    """A baseline's score (`side`: copy, majority) and the fine-tuned model's gain over it with its 95% paired-bootstrap
+    interval; nothing without that side."""
+    if side not in scores:
+        return {}
+    delta, low, high = paired_bootstrap(scores[side].rows[primary], scores["finetuned"].rows[primary],
+                                        config.bootstrap_samples, seed=seed)
+    return {f"{side}_score": scores[side].summary[primary], f"delta_vs_{side}": delta,
+            f"delta_vs_{side}_ci_low": low, f"delta_vs_{side}_ci_high": high}
+
+
 def _versus_copy(scores: dict[str, Scores], outputs: dict[str, ModelOutputs], references: list[str], primary: str,
                  config: EvaluationConfig) -> dict[str, Any]:
-    """Free text: the copy baseline's score, the fine-tuned model's gain over it (with its interval) and the mean
-    words of the references and of every side's answers; nothing for other task types."""
+    """Free text: the copy baseline's `_versus_baseline` and the mean words of the references and of every side's
+    answers; nothing for other task types."""
     if "copy" not in outputs:
         return {}
-    delta, low, high = paired_bootstrap(scores["copy"].rows[primary], scores["finetuned"].rows[primary],
-                                        config.bootstrap_samples, seed=COPY_SEED)
     words = {"reference": answer_words(references), **{side: answer_words(o.answers) for side, o in outputs.items()}}
-    return {"copy_score": scores["copy"].summary[primary], "delta_vs_copy": delta, "delta_vs_copy_ci_low": low,
-            "delta_vs_copy_ci_high": high, "answer_words": words}
+    return {**_versus_baseline("copy", scores, primary, config, COPY_SEED), "answer_words": words}
+
+
+def _versus_majority(scores: dict[str, Scores], outputs: dict[str, ModelOutputs], primary: str,
+                     config: EvaluationConfig) -> dict[str, Any]:
+    """Classification: the majority baseline's `_versus_baseline` and the answer it gives every row."""
+    if "majority" not in outputs:
+        return {}
+    return {**_versus_baseline("majority", scores, primary, config, MAJORITY_SEED),
+            "majority_answer": outputs["majority"].answers[0]}
 
 
 def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetrics, config: EvaluationConfig,
@@ -112,6 +131,7 @@ def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetric
         **measure_preference(outputs, config.bootstrap_samples, seed=PREFERENCE_SEED),
         **_versus_teacher(scores, outputs, primary, config),
         **_versus_copy(scores, outputs, references, primary, config),
+        **_versus_majority(scores, outputs, primary, config),
     }
     return metrics, scores
 

@@ -9,10 +9,10 @@ from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.answer_budget import cut_off_warning
 from ftpipe.core.evaluation.gate import decide_gate, gate_caveat
 from ftpipe.core.evaluation.metrics import task_metrics
-from ftpipe.core.text import markdown_table
+from ftpipe.core.text import cell, markdown_table
 
 SIDES = {"base": "base", "fewshot": "few-shot", "sft": "SFT", "finetuned": "fine-tuned", "teacher": "teacher",
-         "copy": "copy of the input"}
+         "copy": "copy of the input", "majority": "most common label"}
 STAGES = {"base": "base", "sft": "SFT", "final": "final"}  # the models of a preference-tuning report
 SHOWCASE_ROWS = 10
 LENGTH_GROUPS = 4  # quarters of the held-out rows by message length
@@ -72,7 +72,7 @@ def overview(metrics: dict[str, Any]) -> str:
 
 def evidence(metrics: dict[str, Any]) -> list[str]:
     """The scores behind the verdict, one sentence each: the primary metric with its interval, the baselines
-    (few-shot, teacher, copy) and forgetting."""
+    (few-shot, teacher, copy, most common label) and forgetting."""
     m = metrics
     parts = [f"Primary metric `{m['primary_metric']}` on {m['rows']} held-out rows: base {number(m['base_score'])}, "
              f"fine-tuned {number(m['finetuned_score'])}, delta {number(m['delta'], True)} "
@@ -103,6 +103,10 @@ def evidence(metrics: dict[str, Any]) -> list[str]:
                      f"({_interval(m['delta_vs_copy_ci_low'], m['delta_vs_copy_ci_high'])}). Answers average "
                      f"{words['reference']:.0f} words in the references, {words['finetuned']:.0f} from the fine-tuned "
                      f"model and {words['base']:.0f} from the base.")
+    if m.get("majority_score") is not None:
+        parts.append(f"The train rows' most common label as every answer (`{cell(m['majority_answer'], 60)}`): "
+                     f"{number(m['majority_score'])}; fine-tuned vs that {number(m['delta_vs_majority'], True)} "
+                     f"({_interval(m['delta_vs_majority_ci_low'], m['delta_vs_majority_ci_high'])}).")
     if m["probe_rows"]:
         interval = _interval(m["forgetting_ci_low"], m["forgetting_ci_high"], signed=False)
         parts.append(f"Forgetting {number(m['forgetting'])} ({interval}) on {m['probe_rows']} probe rows: accuracy "

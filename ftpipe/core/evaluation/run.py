@@ -12,6 +12,7 @@ from typing import Any
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.answer_budget import AnswerBudget
 from ftpipe.core.evaluation.copy_baseline import copy_outputs
+from ftpipe.core.evaluation.majority_baseline import majority_outputs
 from ftpipe.core.evaluation.fewshot import choose_examples
 from ftpipe.core.evaluation.forgetting import most_forgotten
 from ftpipe.core.evaluation.gate import GATE_FIELDS, decide_gate, gate_caveat
@@ -130,6 +131,8 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
         outputs["teacher"] = teacher(heldout.ids, heldout.prompts)
     if task.compares_to_copy and (copied := copy_outputs(heldout.rows, train_rows)) is not None:
         outputs["copy"] = copied
+    if task.compares_to_majority and (majority := majority_outputs(heldout.rows, train_rows, task)) is not None:
+        outputs["majority"] = majority
     metrics, scores = measure(heldout, outputs, task, config, len(examples))
     records = prediction_records(heldout, outputs, scores, task)
     if trained := trained_length(tuned["finetuned"][0]):

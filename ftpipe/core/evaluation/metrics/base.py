@@ -104,6 +104,7 @@ class TaskMetrics:
     labelled: ClassVar[bool] = False  # answers carry a label from a fixed set
     checks_answers: bool = False  # a final answer is extracted from each answer and checked
     compares_to_copy: bool = False  # free text: scored beside a copy of the input (`copy_baseline`)
+    compares_to_majority: ClassVar[bool] = False  # labels: scored beside the most common one (`majority_baseline`)
     shape_rule: ClassVar[str] = ""  # what `shape_check` checks, for reuse keys ("": nothing)
 
     def __init__(self, config: EvaluationConfig):

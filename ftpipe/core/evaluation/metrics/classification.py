@@ -133,6 +133,7 @@ class Classification(TaskMetrics):
     name = "classification"
     primary = "accuracy"
     labelled = True
+    compares_to_majority = True
 
     @property
     def shape_rule(self) -> str:  # type: ignore[override]
