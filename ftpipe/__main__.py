@@ -178,7 +178,8 @@ def verdict_line(report: dict) -> str:
             + (f"most common label {majority:.3f}, " if majority is not None else "")
             + f"base {report['base_score']:.3f}"
             + (f", few-shot {fewshot:.3f}" if fewshot is not None else "")
-            + f" -> fine-tuned {report['finetuned_score']:.3f} (delta {report['delta']:+.3f}, 95% CI "
+            + f" -> fine-tuned{' (warm-started)' if report.get('warm_started') else ''} "
+            f"{report['finetuned_score']:.3f} (delta {report['delta']:+.3f}, 95% CI "
             f"[{report['delta_ci_low']:+.3f}, {report['delta_ci_high']:+.3f}]"
             + (f"; over few-shot {report['delta_vs_fewshot']:+.3f}, CI low {report['delta_vs_fewshot_ci_low']:+.3f}"
                if fewshot is not None else "")

@@ -119,6 +119,7 @@ def test_the_verdict_line_shows_the_few_shot_baseline_beside_the_base() -> None:
                                      "+0.270]); forgetting 0.000; gate FAILED"), "why: said once, at the end"
     assert verdict_line({**without, "majority_score": 0.29}).startswith(
         "accuracy: most common label 0.290, base 0.645 -> fine-tuned 0.806"), "what no model at all scores"
+    assert "-> fine-tuned (warm-started) 0.806 (delta" in verdict_line({**report, "warm_started": True})
 
 
 def test_the_summary_says_whether_chat_answers_with_the_new_model() -> None:

@@ -539,6 +539,7 @@ def test_published_files_result_and_report(workspace, tmp_path):
     assert predictions["majority_answer"].eq(top).all() and result["majority_answer"] == top
     assert result["majority_score"] == pytest.approx(predictions["reference"].eq(top).mean())
     assert result["majority_score"] > 0, "the toy task's held-out rows hold its most common label"
+    assert result["warm_start"] is None and "continued the previous adapter" not in result["report_markdown"]
     assert result["delta_vs_majority"] == pytest.approx(result["finetuned_score"] - result["majority_score"])
     assert (f"The train rows' most common label as every answer (`{top}`): {result['majority_score']:.3f}; fine-tuned "
             f"vs that {result['delta_vs_majority']:+.3f} (95% paired-bootstrap CI ") in result["report_markdown"]
@@ -612,7 +613,7 @@ def test_answers_get_room_for_the_longest_reference_and_a_shorter_limit_set_is_r
     assert "leave it unset to fit the references" in short["report_markdown"]
 
 
-def test_rows_longer_than_the_training_max_length_are_scored_apart(workspace, tmp_path):
+def test_rows_longer_than_the_training_max_length_are_scored_apart_and_a_warm_start_is_said(workspace, tmp_path):
     import shutil
 
     from transformers import AutoTokenizer
@@ -628,11 +629,15 @@ def test_rows_longer_than_the_training_max_length_are_scored_apart(workspace, tm
     assert 0 < over < EVAL_ROWS, lengths
     trained = tmp_path / "trained_adapter"
     shutil.copytree(workspace / "bad_adapter", trained)
-    Result("lora_adapter", "key", {"training": {"max_length": limit, "too_long": "drop", "lora": {"r": 8}}}).write(trained)
+    warm = {"from": "abc123", "new_rows": 3, "replayed_rows": 9}
+    Result("lora_adapter", "key", {"training": {"max_length": limit, "too_long": "drop", "lora": {"r": 8}}},
+           inputs={"warm_start": warm}).write(trained)
 
     result = evaluate(workspace, trained, tmp_path / "out")
     assert result["trained_length"] == {"max_length": limit, "too_long": "drop", "rows_over": over}
     report = result["report_markdown"]
+    assert result["warm_start"] == warm and ("The fine-tuned model continued the previous adapter "
+                                             "(`retrain.warm_start`) on 3 new and 9 replayed train rows") in report
     assert (f"## Rows longer than the training's max_length\n\n{over} of {EVAL_ROWS} held-out rows are longer than "
             f"training.max_length ({limit} tokens). Train rows that long were left out of the training") in report
     table = report.split("## Rows longer than the training's max_length")[1].split("##")[0]

@@ -25,9 +25,10 @@ from ftpipe_tests.trained_models import competent_base, lora_adapter, write_prob
 EVAL_ROWS, PAIRS = 24, 30
 CONFIG = EvaluationConfig(task_type="generation", max_new_tokens=6, batch_size=8, bootstrap_samples=500)
 KEYS_WITHOUT_PREFERENCES = {  # metrics.json before preference tuning existed (with keys added since: the labels
-    # without held-out rows, how many rows the base model ran, the answers' token limit against the references, and
-    # the labels the few-shot examples show)
-    "answer_token_limit", "fewshot_labels", "trained_length", "references_over_limit", "longest_reference_tokens",
+    # without held-out rows, how many rows the base model ran, the answers' token limit against the references, the
+    # labels the few-shot examples show and the training's warm start)
+    "answer_token_limit", "fewshot_labels", "trained_length", "warm_start", "references_over_limit",
+    "longest_reference_tokens",
     "base_cached", "base_rows_run", "base_loss", "base_perplexity", "base_score", "delta", "delta_ci_high", "delta_ci_low",
     "delta_vs_fewshot", "delta_vs_fewshot_ci_high", "delta_vs_fewshot_ci_low", "fewshot_examples",
     "fewshot_prompt_tokens", "fewshot_score", "finetuned_loss", "finetuned_perplexity", "finetuned_score",

@@ -63,8 +63,9 @@ def unheld_labels(labels: list[str]) -> str:
 
 
 def overview(metrics: dict[str, Any]) -> str:
-    """The verdict's evidence in a few sentences, then where the base outputs came from and any cut-off answers."""
-    parts = [*evidence(metrics), _base_outputs(metrics)]
+    """The verdict's evidence in a few sentences, whether the fine-tuned model was warm-started, then where the base
+    outputs came from and any cut-off answers."""
+    parts = [*evidence(metrics), *_warm_start(metrics), _base_outputs(metrics)]
     if (cut_off := cut_off_warning(metrics)) is not None:
         parts.append(f"**{cut_off}.**")
     return " ".join(parts)
@@ -116,6 +117,16 @@ def evidence(metrics: dict[str, Any]) -> list[str]:
     else:
         parts.append("Forgetting not checked (no probe file).")
     return parts
+
+
+def _warm_start(m: dict[str, Any]) -> list[str]:
+    """The sentence saying the fine-tuned model continued the previous adapter (none when it trained from the base)."""
+    warm = m.get("warm_start")
+    if not warm:
+        return []
+    return [f"The fine-tuned model continued the previous adapter (`retrain.warm_start`) on {warm['new_rows']} new and "
+            f"{warm['replayed_rows']} replayed train rows instead of training from the base; the README's warm start "
+            "section says when that is safe."]
 
 
 def _base_outputs(m: dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
-"""Held-out rows longer than the fine-tuned model's training.max_length: the training left rows that long out (or cut
-them), so the report scores them apart from the others."""
+"""What the evaluation reads of the training that made a model: its training.max_length (it left rows that long out,
+or cut them, so the report scores held-out rows that long apart from the others) and its warm start, if any."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ def trained_length(model_dir: Path) -> dict[str, Any] | None:
     result = read_result(model_dir)
     training = result.produced.get("training") if result else None
     return {key: training[key] for key in ("max_length", "too_long")} if training else None
+
+
+def warm_start(model_dir: Path) -> dict[str, Any] | None:
+    """{from, new_rows, replayed_rows} of the warm start (`retrain.warm_start`) of the training that made `model_dir`:
+    it continued that training's adapter; None when it trained from the base (or is not an ftpipe training)."""
+    result = read_result(model_dir)
+    return result.inputs.get("warm_start") if result else None
 
 
 def mark_over_max_length(records: list[dict[str, Any]], rows: list[dict], tokenizer, max_length: int) -> int:
