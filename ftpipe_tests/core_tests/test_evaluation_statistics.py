@@ -102,7 +102,8 @@ def test_a_skill_forgotten_behind_a_gain_in_another_fails_the_gate_by_name():
     assert not passed and failed[0].startswith(
         "forgetting of the probe's facts skill 0.326 (95% CI 0.") and failed[0].endswith(
         "CI low > max_forgetting 0.100 (its accuracy 0.672 -> 0.453, over 64 rows; the whole probe's forgetting 0.000); "
-        "to forget less: a lower training.learning_rate, fewer training.epochs or more training.replay")
+        "to forget less: a lower training.learning_rate, fewer training.epochs (or training.max_steps) or more "
+        "training.replay")
     assert most_forgotten(skills).startswith("facts 0.326 (95% CI 0.") and most_forgotten(skills).endswith(", 64 rows)")
     assert most_forgotten({"facts": skills["instruction"], "instruction": skills["instruction"]}) == "none", "no loss"
     assert most_forgotten({"facts": skills["facts"]}) == "none", "one skill: the whole probe's figure says it"
@@ -131,7 +132,7 @@ def test_forgetting_fails_the_gate_only_when_its_interval_is_above_the_threshold
     assert not passed and failed == [
         "forgetting 0.300 (95% CI 0.150 … 0.500): CI low > max_forgetting 0.100 "
         "(probe accuracy 0.900 -> 0.630, probe loss 1.000 -> 1.100); to forget less: a lower training.learning_rate, "
-        "fewer training.epochs or more training.replay"]
+        "fewer training.epochs (or training.max_steps) or more training.replay"]
 
 
 def test_the_gate_follows_the_thresholds_it_is_given():

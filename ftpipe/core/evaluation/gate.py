@@ -18,7 +18,8 @@ def _gain(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
             f"({metrics['primary_metric']} {metrics['base_score']:.3f} -> {metrics['finetuned_score']:.3f})")
 
 
-FORGET_LESS = "to forget less: a lower training.learning_rate, fewer training.epochs or more training.replay"
+FORGET_LESS = ("to forget less: a lower training.learning_rate, fewer training.epochs (or training.max_steps) or more "
+               "training.replay")
 
 
 def _forgetting(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
