@@ -7,7 +7,9 @@ Generated instruction rows with planted exact and near duplicates; prints rows/s
 ratio, peak memory and precision/recall of near-duplicate detection against the planted truth, on
 the rows as they are and with a long system prompt shared by every row. Then precision and recall on a
 short-message intent task (a shared system prompt, 12 labels, planted near-duplicates and contradictions), and on
-support emails wrapped in long greetings and signatures, beside cleaning that does not tell such wrappers apart.
+support emails wrapped in long greetings and signatures, beside cleaning that does not tell such wrappers apart. Last,
+the held-out split of short messages with copies that have one word misspelt: how many copies share their original's
+side, and the split's time with and without pairing such copies, side by side.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from unittest.mock import patch
 
 import numpy as np
 
-from ftpipe.core import dedup, similarity
+from ftpipe.core import dedup, similarity, split
 from ftpipe.core.storage import REPO_ROOT
 from ftpipe.core.text import canonical
 
 sys.path.insert(0, str(REPO_ROOT))  # the tests' generator writes the intent task
 from ftpipe_tests.emails import wrapped_emails  # noqa: E402
-from ftpipe_tests.intents import SYSTEM_PROMPT, IntentTask, intent_task  # noqa: E402
+from ftpipe_tests.intents import SYSTEM_PROMPT, IntentTask, intent_task, misspelt_copies  # noqa: E402
 
 VOCAB = [f"{a}{b}" for a in ("pro", "con", "re", "de", "in", "ex", "sub", "trans") for b in (
     "duct", "cess", "tain", "form", "port", "ject", "vert", "mit", "sist", "tend", "pose", "spect",
@@ -178,6 +180,30 @@ def wrappers_not_judged():
                         lambda prompts, words, settings: similarity.similar_pairs(prompts, settings))
 
 
+def misspelt_not_paired():
+    """The split as before copies of short prompts with one word misspelt were paired."""
+    return patch.object(split, "_misspelt_copies", lambda rows, settings: [])
+
+
+def split_with_misspelt_copies(count: int, settings: similarity.Settings) -> None:
+    """Prints how many one-typo copies of short messages share their original's side, and the split's time for
+    `count` short messages (4 to 18 words) with and without pairing such copies."""
+    rng = random.Random(3)
+    task = intent_task(600, near=0, contradictions=0)
+    copies = misspelt_copies(task.rows)
+    short = [_row(f"s{i}", " ".join(rng.choice(VOCAB) for _ in range(rng.randint(4, 18))), "a") for i in range(count)]
+    print(f" held-out split of {len(task.rows)} short intent messages and a copy of each with one word misspelt, and "
+          f"of {count} generated short messages:")
+    for label, context in (("ftpipe", nullcontext), ("ftpipe, misspelt copies not paired", misspelt_not_paired)):
+        with context():
+            sides = split.assign_sides(task.rows + copies, eval_fraction=0.2, seed=0, settings=settings)
+            started = time.perf_counter()
+            split.assign_sides(short, eval_fraction=0.2, seed=0, settings=settings)
+            seconds = time.perf_counter() - started
+        together = sum(sides[row["id"]] == sides[copy["id"]] for row, copy in zip(task.rows, copies))
+        print(f"  {label:<36} {together:>3} of {len(copies)} copies beside their original  {seconds:6.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -210,6 +236,7 @@ def main() -> None:
         with context():
             precision, recall, removed = quality(emails, settings)
         print(f"  {label:<32} {removed:>3} rows removed  precision {precision:.3f} recall {recall:.3f}")
+    split_with_misspelt_copies(args.rows, settings)
 
 
 if __name__ == "__main__":

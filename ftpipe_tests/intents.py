@@ -79,6 +79,21 @@ def _paraphrase(message: str, rng: random.Random) -> str:
     return rng.choice([text.upper() + "?", text.capitalize() + "?", "  " + text + "!!", text.lower() + "."])
 
 
+def misspelt(message: str) -> str:
+    """`message` with a letter dropped from the middle of its longest word, as a hurried customer types it."""
+    words = message.split()
+    at = max(range(len(words)), key=lambda i: len(words[i]))
+    words[at] = words[at][:len(words[at]) // 2] + words[at][len(words[at]) // 2 + 1:]
+    return " ".join(words)
+
+
+def misspelt_copies(rows: list[dict]) -> list[dict]:
+    """A copy of each of `rows` (system prompt, user message, label) with its message `misspelt`, ids `typo-<n>`."""
+    return [{**row, "id": f"typo-{i}", "source": f"more.csv:row {i + 2}",
+             "messages": [*row["messages"][:-2], {"role": "user", "content": misspelt(row["messages"][-2]["content"])},
+                          row["messages"][-1]]} for i, row in enumerate(rows)]
+
+
 def _distinct(rows: list[dict], threshold: float) -> list[dict]:
     """The rows minus any whose message happens to be near-identical to an earlier one's, so the planted truth is
     all there is (checked pair by pair, without LSH)."""

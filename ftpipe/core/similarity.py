@@ -13,6 +13,7 @@ such copies (`misspelt_copies`).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -424,35 +425,51 @@ def _one_deleted(word: str) -> set[str]:
     return {word} | {word[:i] + word[i + 1:] for i in range(len(word))}
 
 
-def misspelt_copies(words: list[list[str]], settings: Settings = Settings()) -> list[tuple[int, int, int]]:
-    """(i, j, position), i < j, for the prompts (`words`: each one's words in order) of fewer than `blind_spot` words
-    that are one another but for the word at `position`, misspelt (`_misspelt`): copies the shingles miss. Prompts
-    are grouped by all their words but one (a hash per word left out), and within a group the words left out that
-    share a spelling with a letter dropped (one edit apart) are compared."""
-    keys, owners, shorter = [], [], blind_spot(settings)
-    for index, row in enumerate(words):
-        if len(row) < shorter:
-            for position in range(len(row)):
-                keys.append(hash((position, *row[:position], *row[position + 1:])))
-                owners.append((index, position))
-    order, starts, sizes = _runs(np.array(keys, dtype=np.int64))
+def misspelt_copies(texts: list[str], settings: Settings = Settings()) -> list[tuple[int, int, int]]:
+    """(i, j, position), i < j, for the prompts (`texts`: `prompt_text`) of fewer than `blind_spot` words that are
+    one another but for the word at `position` of their `loose_words`, misspelt (`_misspelt`): copies the shingles
+    miss. Prompts are grouped by all their words but one (`_without_one_word`), and within a group the words left
+    out that share a spelling with a letter dropped (one edit apart) are compared."""
+    keys, rows, positions = _without_one_word(*_word_hashes(texts), blind_spot(settings))
+    order, starts, sizes = _runs(keys)
+    words = functools.cache(lambda index: loose_words(texts[index]))
     found = set()
     for start, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):
-        found |= _misspelt_in_group(words, [owners[i] for i in order[start:start + size]])
+        members = order[start:start + size]
+        found |= _misspelt_in_group(words, list(zip(rows[members].tolist(), positions[members].tolist())))
     return sorted(found)
 
 
-def _misspelt_in_group(words: list[list[str]], members: list[tuple[int, int]]) -> set[tuple[int, int, int]]:
-    """The pairs of `misspelt_copies` among prompts (index, position of the word left out) of one group."""
+def _without_one_word(hashes: np.ndarray, lengths: np.ndarray, shorter: int) -> tuple[np.ndarray, ...]:
+    """(key, text, position) for each word (`hashes`, flat; `lengths`: each text's word count) of the texts of fewer
+    than `shorter` words; the key hashes the text's length, the position and every other word in its place, so equal
+    keys are (but for a hash collision) texts alike but for the word there. Each word's hash is weighted by its
+    position, so a text's key is its sum less that word's share."""
+    kept = np.flatnonzero((lengths > 0) & (lengths < shorter))
+    sizes = lengths[kept]
+    if not len(kept):
+        return np.zeros(0, dtype=np.uint64), kept, kept
+    starts = _offsets(sizes)[:-1]
+    positions = np.arange(int(sizes.sum())) - np.repeat(starts, sizes)
+    with np.errstate(over="ignore"):
+        placed = hashes[_ranges(_offsets(lengths)[kept], sizes)] * _BAND_WEIGHTS[positions]
+        salt = _BAND_WEIGHTS[-1 - positions] + _BAND_WEIGHTS[MISSPELT_WORDS + np.repeat(sizes, sizes)]
+        keys = np.repeat(np.add.reduceat(placed, starts), sizes) - placed + salt
+    return keys, np.repeat(kept, sizes), positions
+
+
+def _misspelt_in_group(words: Callable[[int], list[str]], members: list[tuple[int, int]]) -> set[tuple[int, int, int]]:
+    """The pairs of `misspelt_copies` among texts (index, position of the word left out; `words(index)`) of a group."""
     by_spelling: dict[str, set[tuple[int, int]]] = {}
     for index, position in members:
-        for spelling in _one_deleted(words[index][position]):
+        for spelling in _one_deleted(words(index)[position]):
             by_spelling.setdefault(spelling, set()).add((index, position))
     found = set()
     for alike in by_spelling.values():
         for (a, at), (b, _) in itertools.combinations(sorted(alike), 2):
-            differing = [i for i, (x, y) in enumerate(zip(words[a], words[b])) if x != y]
-            if len(words[a]) == len(words[b]) and differing == [at] and _misspelt(words[a][at], words[b][at]):
+            one, other = words(a), words(b)
+            differing = [i for i, (x, y) in enumerate(zip(one, other)) if x != y]
+            if len(one) == len(other) and differing == [at] and _misspelt(one[at], other[at]):
                 found.add((a, b, at))
     return found
 
@@ -461,9 +478,14 @@ def _alike(a: frozenset, b: frozenset, threshold: float) -> bool:
     return len(a & b) >= threshold * len(a | b)
 
 
+def prompt_text(messages: list[dict[str, str]]) -> str:
+    """A row's prompt but its system message, as one text."""
+    return "\n".join(m["content"] for m in messages[:-1] if m["role"] != "system")
+
+
 def prompt_words(messages: list[dict[str, str]]) -> list[str]:
     """The words of a row's prompt but its system message, in order."""
-    return [word for m in messages[:-1] if m["role"] != "system" for word in loose_words(m["content"])]
+    return loose_words(prompt_text(messages))
 
 
 def neighbours(count: int, pairs: list[tuple[int, int, float]]) -> list[dict[int, float]]:

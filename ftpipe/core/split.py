@@ -50,9 +50,9 @@ def _similar_prompts(rows: list[dict[str, Any]], settings: similarity.Settings,
 
 def _misspelt_copies(rows: list[dict[str, Any]], settings: similarity.Settings) -> list[tuple[int, int, str]]:
     """(i, j, "'word j' for 'word i'"), i < j, for the short prompts that are one another with one word misspelt."""
-    words = [similarity.prompt_words(row["messages"]) for row in rows]
-    return [(a, b, f"'{words[b][at]}' for '{words[a][at]}'")
-            for a, b, at in similarity.misspelt_copies(words, settings)]
+    texts = [similarity.prompt_text(row["messages"]) for row in rows]
+    return [(a, b, f"'{loose_words(texts[b])[at]}' for '{loose_words(texts[a])[at]}'")
+            for a, b, at in similarity.misspelt_copies(texts, settings)]
 
 
 def _same_answers(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:

@@ -6,7 +6,7 @@ from ftpipe.core import dedup, similarity, split
 from ftpipe.core.preferences import read_preferences, to_preference, write_preferences
 from ftpipe.core.records import FormatSpec, examples_metadata, read_examples, write_examples
 from ftpipe.core.results import read_result
-from ftpipe_tests.intents import SYSTEM_PROMPT, intent_task
+from ftpipe_tests.intents import SYSTEM_PROMPT, intent_task, misspelt, misspelt_copies
 from ftpipe_tests.rows import row, sentence
 
 
@@ -226,26 +226,16 @@ def test_a_system_prompt_shared_by_preference_rows_does_not_group_them(tmp_path:
     assert split.split_leaks(tmp_path / "split", similarity.Settings()) == []
 
 
-def misspelt(message: str) -> str:
-    """`message` with a letter dropped from the middle of its longest word, as a hurried customer types it."""
-    words = message.split()
-    at = max(range(len(words)), key=lambda i: len(words[i]))
-    words[at] = words[at][:len(words[at]) // 2] + words[at][len(words[at]) // 2 + 1:]
-    return " ".join(words)
-
-
 def test_short_copies_with_one_word_misspelt_share_a_side_and_one_across_the_split_is_a_leak() -> None:
     task = intent_task(600, near=0, contradictions=0)  # distinct short messages after one long system prompt
     originals = task.rows[:80]
-    copies = [{**row, "id": f"typo-{i}", "source": f"more.csv:row {i + 2}",
-               "messages": [row["messages"][0], {"role": "user", "content": misspelt(row["messages"][1]["content"])},
-                            row["messages"][2]]} for i, row in enumerate(originals)]
+    copies = misspelt_copies(originals)
     together = task.rows + copies
     assert similarity.blind_spot(similarity.Settings()) == 19, "the README's number"
     caught = split._similar_prompts(together, similarity.Settings(), None)
     assert len(caught) < len(copies) / 10, "a short message's one typo leaves too few word bigrams for Jaccard"
-    words = [similarity.prompt_words(row["messages"]) for row in task.rows]
-    assert similarity.misspelt_copies(words) == [], "the task's distinct messages (other cards, places, days) differ"
+    texts = [similarity.prompt_text(row["messages"]) for row in task.rows]
+    assert similarity.misspelt_copies(texts) == [], "the task's distinct messages (other cards, places, days) differ"
 
     sides = split.assign_sides(together, eval_fraction=0.3, seed=0)
     assert all(sides[row["id"]] == sides[f"typo-{i}"] for i, row in enumerate(originals))
@@ -259,5 +249,5 @@ def test_short_copies_with_one_word_misspelt_share_a_side_and_one_across_the_spl
                       "train_source": original["source"], "misspelt": f"'{typed}' for '{meant}'"}]
     assert (f"e.g. eval row more.csv:row 2 is train row {original['source']} with one word misspelt ('{typed}' for "
             f"'{meant}'); a new `split.seed` splits again") in split.leak_line(leaks)
-    ids = [["order", "A-92776", "is", "late"], ["order", "A-92706", "is", "late"]]
-    assert similarity.misspelt_copies(ids) == [], "another id is another order, not a typo"
+    assert similarity.misspelt_copies(["order A-92776 is late", "order A-92706 is late"]) == [], "another order"
+    assert similarity.misspelt_copies(["Where's my REFUND?", "where is my refnd", "where's my refnd"]) == [(0, 2, 2)]
