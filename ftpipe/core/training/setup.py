@@ -73,9 +73,9 @@ def fitting_max_length(lengths: list[int]) -> int:
 
 
 def require_rows(train: list, evals: list, train_over: list[int], config: TrainingConfig, kind: str = "") -> None:
-    """Refuse a training left with no eval rows, or with at most MOST_LEFT_OUT of its train rows, once the rows over
-    max_length (`train_over`: the train rows' lengths) are dropped: it would learn from too few rows to be the task's.
-    """
+    """Refuse a training left with at most MOST_LEFT_OUT of its train rows, or no eval rows, once the rows over
+    max_length (`train_over`: those train rows' lengths) are dropped: it would learn from too few rows to be the
+    task's."""
     left_out = train_over if config.too_long == "drop" else []
     if len(left_out) > MOST_LEFT_OUT * (len(train) + len(left_out)):
         total = len(train) + len(left_out)
@@ -85,9 +85,9 @@ def require_rows(train: list, evals: list, train_over: list[int], config: Traini
                       f", longest {lengths[-1]}), so the training would learn from {len(train)} rows; raise "
                       f"training.max_length to {fitting_max_length(left_out)} to keep them all (too_long: truncate "
                       "would cut off the answers, which end each row)")
-    if not evals:
-        raise Refused(f"no eval {kind}rows left: every row is longer than max_length={config.max_length} tokens; "
-                      "raise training.max_length")
+    if not train or not evals:
+        raise Refused(f"no {'training' if not train else 'eval'} {kind}rows left: every row is longer than "
+                      f"max_length={config.max_length} tokens; raise training.max_length")
 
 
 def objective_module(objective: str) -> ModuleType:
