@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ftpipe.core.modeling import chat_length, load_model_and_tokenizer, resolve_base_model
+from ftpipe.core.modeling import load_model_and_tokenizer, resolve_base_model
 from ftpipe.core.layout import models_dir
 from ftpipe.core.training.methods import TrainingRefused
-from ftpipe.core.training.setup import TrainerSetup, micro_batching, require_rows, within_max_length
-from ftpipe.core.training.sft import read_chat_rows
+from ftpipe.core.training.setup import TrainerSetup, micro_batching, require_rows
+from ftpipe.core.training.sft import fit_rows, read_chat_rows
 
 BETA = 0.5  # the generalised JSD's interpolation: 0.5 is the symmetric Jensen-Shannon divergence
 GPU_ON_POLICY = 0.5
@@ -45,14 +45,13 @@ def build_datasets(setup: TrainerSetup):
 
     config = setup.config
 
-    def fitted(path: str) -> tuple[list, list[int]]:
-        return within_max_length(read_chat_rows(Path(path)), lambda m: chat_length(setup.tokenizer, m),
-                                 config.max_length, config.too_long)
+    def fitted(path: str) -> tuple[list, list[int], list[int]]:
+        return fit_rows(read_chat_rows(Path(path)), setup.tokenizer, config.max_length, config.too_long,
+                        as_row=lambda messages: messages)
 
-    (train, train_over), (evals, eval_over) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
-    setup.arguments.update(micro_batching(config, [min(chat_length(setup.tokenizer, m), config.max_length)
-                                                   for m in train]))
+    (train, train_over, lengths), (evals, eval_over, _) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
     require_rows(train, evals, train_over, config)
+    setup.arguments.update(micro_batching(config, lengths))
     extra = setup.extra_train_rows(len(train))
     setup.info(f"data: {len(train)} train rows + {len(extra)} general (replay) / {len(evals)} eval rows")
     as_rows = lambda conversations: Dataset.from_list([{"messages": m} for m in conversations])  # noqa: E731

@@ -35,9 +35,11 @@ def to_prompt_completion(messages: list[dict[str, str]]) -> dict[str, list[dict[
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
-def fit_rows(conversations, tokenizer, max_length: int, too_long: str) -> tuple[list[dict], list[int], list[int]]:
-    """Prompt/completion rows, over-long ones dropped (too_long=drop) or kept for TRL to truncate; the over-long
-    ones' lengths in tokens; and the kept rows' lengths (at most max_length)."""
+def fit_rows(conversations, tokenizer, max_length: int, too_long: str,
+             as_row=to_prompt_completion) -> tuple[list, list[int], list[int]]:
+    """The rows (`as_row` of each conversation: prompt/completion by default), over-long ones dropped (too_long=drop)
+    or kept for TRL to truncate; the over-long ones' lengths in tokens; and the kept rows' lengths (at most
+    max_length)."""
     lengths = {}
 
     def length(messages) -> int:
@@ -45,7 +47,7 @@ def fit_rows(conversations, tokenizer, max_length: int, too_long: str) -> tuple[
         return lengths[id(messages)]
 
     kept, over = within_max_length(conversations, length, max_length, too_long)
-    return ([to_prompt_completion(messages) for messages in kept], over,
+    return ([as_row(messages) for messages in kept], over,
             [min(lengths[id(messages)], max_length) for messages in kept])
 
 
