@@ -57,16 +57,22 @@ def test_classification_accuracy_macro_f1_and_unparseable_counts_wrong():
 def test_confusion_table_counts_reference_by_prediction():
     table = confusion_table(["a", "a", "b", "b", "b"], ["a", None, "b", "zzz", "a"])
     lines = table.splitlines()
-    assert lines[0] == "| reference / predicted | a | b | (other) | (unparseable) |"
+    assert lines[0] == "| reference / predicted | a | b | (not a label) | (unparseable) |"
     assert lines[2] == "| a | 1 | 0 | 0 | 1 |"
     assert lines[3] == "| b | 1 | 1 | 1 | 0 |"
-    assert lines[-1] == "(other) holds answers that are no held-out label, most often first: zzz ×1"
+    assert lines[-1] == "(not a label) holds answers that are no held-out label, most often first: zzz ×1"
+
+
+def test_a_label_named_other_keeps_its_own_column():
+    lines = confusion_table(["other", "b"], ["other", "zzz"]).splitlines()
+    assert lines[0] == "| reference / predicted | b | other | (not a label) | (unparseable) |"
+    assert lines[2:4] == ["| b | 0 | 0 | 1 | 0 |", "| other | 0 | 1 | 0 | 0 |"]
 
 
 def test_the_answers_other_counts_are_listed_as_written_most_often_first():
     made_up = ["system"] * 3 + ["triage"] * 2 + [f"made_up_{n}" for n in range(6)]
     table = confusion_table(["a"] * len(made_up), made_up, {"system": "System"})
-    assert table.splitlines()[-1] == ("(other) holds answers that are no held-out label, most often first: System ×3, "
+    assert table.splitlines()[-1] == ("(not a label) holds answers that are no held-out label, most often first: System ×3, "
                                       "triage ×2, made_up_0 ×1, made_up_1 ×1, made_up_2 ×1 and 3 other answers")
 
 

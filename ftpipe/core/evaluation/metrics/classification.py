@@ -18,7 +18,7 @@ from ftpipe.core.evaluation.metrics.extraction import OBJECT_SHAPE_RULE, object_
 from ftpipe.core.text import clipped, loose, loose_words, markdown_table
 
 UNPARSEABLE = "(unparseable)"
-OTHER_LABEL = "(other)"
+OTHER_LABEL = "(not a label)"  # in parentheses: no normalised label has them
 WIDE_LABELS = 12  # more labels than this: the confusion table lists what each label was confused with instead
 OTHER_CHARS = 40
 OTHER_SHOWN = 5  # of the answers that are no label, under a confusion table
@@ -81,10 +81,10 @@ def macro_f1(expected: list[str], predicted: list[str | None]) -> float:
 
 
 def confusion_table(expected: list[str], predicted: list[str | None], written: dict[str, str] | None = None) -> str:
-    """Markdown counts, reference label × predicted label; labels never seen as a reference go to `(other)`. Labels
-    are shown as `written` spells them (`Classification.spellings`), else by their normalised name, and the answers
-    `(other)` counts are listed under the table. With more than WIDE_LABELS labels, a row per reference label instead
-    (`_confusions`), so the table stays readable."""
+    """Markdown counts, reference label × predicted label; answers that are no reference label go to
+    `(not a label)`, and are listed under the table. Labels are shown as `written` spells them
+    (`Classification.spellings`), else by their normalised name. With more than WIDE_LABELS labels, a row per reference
+    label instead (`_confusions`), so the table stays readable."""
     labels = sorted(set(expected))
     shown = written or {}
     if len(labels) > WIDE_LABELS:
