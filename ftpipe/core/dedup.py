@@ -9,12 +9,14 @@ differ only in words their own prompts have and the other's has not (an order nu
 the label) are two examples of one rule: neither duplicates nor a contradiction, both stay. So are two rows whose
 near-identical prompts differ in a number (a price, a quantity: a template's problems) and whose answers differ.
 Exact-prompt answers are compared as `loose` text, so `#### 325.` and `#### 325` are one answer (and the near stage
-finds the second row a near-duplicate of the first).
+finds the second row a near-duplicate of the first). An answer that is a JSON object is compared by its value, so two
+that differ only in key order or spacing are one answer; the rows keep their answers as written.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,8 +132,8 @@ def _remove_exact(rows: list[dict[str, Any]], keys: ExactKeys, alive: np.ndarray
     for index, conv in zip(alive[~is_first].tolist(), conversation[~is_first].tolist()):
         kept = rows[first_of[conv]]
         removed.append(removal(rows[index], "exact_duplicate", kept, "the same conversation, character for character "
-                               "(so the same id)" if kept["id"] == rows[index]["id"] else
-                               "the same conversation after normalisation (Unicode forms, case, spacing)"))
+                               "(so the same id)" if kept["id"] == rows[index]["id"] else "the same conversation after "
+                               "normalisation (Unicode forms, case, spacing, JSON key order)"))
     return alive[is_first]
 
 
@@ -280,7 +282,8 @@ def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = simi
 def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings, free_text: bool) -> DedupResult:
     """Shared text is judged on every row (the most evidence); the near stage compares the rows the exact stages
     left, on what varies."""
-    ordered = sorted(rows, key=source_order)
+    as_written = {}
+    ordered = [_comparable(row, as_written) for row in sorted(rows, key=source_order)]
     messages = similarity.Messages.of([similarity.prompt_parts(row["messages"]) for row in ordered],
                                       settings.shingle_words)
     result = DedupResult(shared=messages.shared())
@@ -290,7 +293,27 @@ def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings, free
     prompts = messages.rows(result.shared, remaining)
     result.kept = _remove_near([ordered[i] for i in remaining.tolist()], prompts, keys.answer[remaining],
                                result.removed, settings, free_text)
+    if as_written:
+        result.kept, result.removed = ([{**row, "messages": as_written.get(row["id"], row["messages"])}
+                                        for row in found] for found in (result.kept, result.removed))
     return result
+
+
+def _comparable(row: dict[str, Any], as_written: dict[str, list[dict]]) -> dict[str, Any]:
+    """`row` with an answer that is a JSON object written as its value sorted by key (so key order and spacing do not
+    make two answers differ), its messages as written kept in `as_written` by row id; any other row as it is."""
+    answer = row["messages"][-1]["content"]
+    if not answer.lstrip().startswith("{"):
+        return row
+    try:
+        value = json.loads(answer)
+    except ValueError:
+        return row
+    if not isinstance(value, dict):
+        return row
+    as_written[row["id"]] = row["messages"]
+    compared = json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": compared}]}
 
 
 def _label(row: dict[str, Any], label_of: Callable[[str], str | None] | None) -> str:
@@ -357,7 +380,7 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         "matched_examples": matched_examples(rows, result.removed, label_of),
         "label_spellings": respelled,
     }
-    inputs = {"raw_examples": file_sha256(examples_path)[:16],
+    inputs = {"raw_examples": file_sha256(examples_path)[:16], "json_answers": "compared by value",
               "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None,
               **({"free_text": True} if free_text else {}),
               **({"labels": {"label_field": labels.config.label_field, "respelled": "chat and preference answers"}}

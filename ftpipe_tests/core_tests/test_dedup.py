@@ -26,11 +26,31 @@ def test_exact_duplicates_after_normalisation_keep_one() -> None:
     removed = result.removed[0]
     assert removed["duplicate_of"] == result.kept[0]["id"]
     assert removed["reason"] == "exact_duplicate"
-    assert removed["detail"] == "the same conversation after normalisation (Unicode forms, case, spacing)"
+    assert removed["detail"] == ("the same conversation after normalisation (Unicode forms, case, spacing, "
+                                 "JSON key order)")
     again = dedup.deduplicate([row("Reset my password", "account", "a.csv:row 2"),
                                row("Reset my password", "account", "a.csv:row 9")])
     assert again.removed[0]["duplicate_of"] == again.removed[0]["id"] and again.removed[0]["detail"] == (
         "the same conversation, character for character (so the same id)"), "why a row is a duplicate of its own id"
+
+
+def test_json_answers_differing_in_key_order_or_spacing_are_one_answer() -> None:
+    rng = random.Random(3)
+    orders = [(f"A{n}", issue) for n, issue in enumerate(["refund", "late", "broken", "double_charge"] * 3)]
+    spaced = [row(f"order {o} {sentence(rng, 12)}", f'{{"order_id": "{o}", "issue": "{i}"}}', f"chat.jsonl:line {n}")
+              for n, (o, i) in enumerate(orders)]
+    compact = [row(r["messages"][0]["content"], f'{{"issue":"{i}","order_id":"{o}"}}', f"export.csv:row {n}")
+               for n, (r, (o, i)) in enumerate(zip(spaced, orders))]
+    typo = row(spaced[0]["messages"][0]["content"].replace("order", "ordr"), '{ "issue" : "refund" , "order_id":"A0"}')
+    other = row(spaced[1]["messages"][0]["content"], '{"order_id": "A1", "issue": "refund"}', "export.csv:row 99")
+    result = dedup.deduplicate([*spaced, *compact, typo, other])
+    counts = [result.count(reason) for reason in ("exact_duplicate", "near_duplicate", "contradiction")]
+    assert counts == [12, 1, 1]
+    assert [r["messages"] for r in result.kept] == [r["messages"] for r in spaced], "the first written stay, as written"
+    written = {r["source"]: r["messages"][-1]["content"] for r in result.removed}
+    assert written[other["source"]] == other["messages"][-1]["content"], "another value is another answer"
+    assert written["export.csv:row 5"] == '{"issue":"late","order_id":"A5"}', "removed rows keep their answers"
+    assert written[typo["source"]] == typo["messages"][-1]["content"]
 
 
 def test_the_row_written_first_stays_whatever_the_ids() -> None:
