@@ -169,6 +169,9 @@ def test_an_extraction_correction_in_another_form_than_the_tasks_answers_is_refu
     with pytest.raises(FeedbackError, match=r'^output: the answer gives \'count\' as a string \("two"\), where 24 '
                                             r"of 24 answers give a number \(evaluation.task_type extraction\)$"):
         add_feedback(tiny_task, ids[1], '{"item": "kiwi", "count": "two"}')
+    with pytest.raises(FeedbackError, match=r"^output: the answer has text around its JSON object \('```json' before "
+                                            r"it and '```' after it\), where 24 of 24 answers are the object alone"):
+        add_feedback(tiny_task, ids[1], '```json\n{"item": "kiwi", "count": 2}\n```')
     assert not (task_dir(tiny_task) / "raw" / FEEDBACK_FILE).exists(), "nothing written"
     assert add_feedback(tiny_task, ids[2], '{"item": "kiwi", "count": 2, "note": "gift"}')[1] == ADDED, (
         "a field more is the task's form still")
@@ -185,7 +188,8 @@ def test_a_classification_correction_with_a_misspelt_field_is_refused_not_only_o
     cleaned_classification(tiny_task, tmp_path, rows, "{task_type: classification, label_field: color}")
     ids = served(tiny_task)
     with pytest.raises(FeedbackError, match=r"^output: the answer lacks the field 'urgent', which 24 of 24 answers "
-                                            r"give \(evaluation.task_type classification\)$"):
+                                            r"give \(it gives 'urgnet': misspelt\?\) \(evaluation.task_type "
+                                            r"classification\)$"):
         add_feedback(tiny_task, ids[0], '{"color": "red", "urgnet": true}')
     assert add_feedback(tiny_task, ids[0], '{"color": "red", "urgent": true}')[1] == ADDED
 

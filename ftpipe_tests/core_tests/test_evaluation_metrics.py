@@ -245,14 +245,32 @@ def test_an_extraction_answer_is_odd_only_against_the_shape_nearly_all_answers_s
     assert odd_shapes(odd[-12:]) == [None] * 12, "a dozen answers say too little about the usual shape"
 
 
+def test_an_answer_with_text_around_its_object_is_odd_where_nearly_all_are_the_object_alone():
+    from ftpipe.core.evaluation.metrics import answer_problem, shape_problems
+
+    config = EvaluationConfig(task_type="extraction")
+    answers = [json.dumps({"order": f"A{n}", "issue": "late"}) for n in range(40)]
+    fenced = '```json\n{"order": "A9", "issue": "late"}\n```'
+    found = shape_problems(config)([*answers, fenced, f"Here it is: {answers[0]}"])
+    assert found == [None] * 40 + [
+        "the answer has text around its JSON object ('```json' before it and '```' after it), where 40 of 42 answers "
+        "are the object alone (evaluation.task_type extraction)",
+        "the answer has text around its JSON object ('Here it is:' before it), where 40 of 42 answers are the object "
+        "alone (evaluation.task_type extraction)"]
+    assert shape_problems(config)([fenced] * 30 + answers[:2]) == [None] * 32, "a task whose answers are fenced"
+    assert answer_problem(config)('{"order": "A1", "issue": "la') == (
+        "the answer is not a JSON object (cut off?) (evaluation.task_type extraction)")
+    assert answer_problem(config)("late") == "the answer is not a JSON object (evaluation.task_type extraction)"
+
+
 def test_a_classification_answer_in_json_is_held_to_the_shape_nearly_all_answers_share_and_a_bare_label_is_not():
     from ftpipe.core.evaluation.metrics import shape_problems
 
     answers = [json.dumps({"category": label, "priority": "low"}) for label in ["billing", "shipping"] * 15]
     found = shape_problems(EvaluationConfig(task_type="classification", label_field="category"))(
         [*answers, '{"category": "billing", "priorty": "low"}'])
-    assert found == [None] * 30 + ["the answer lacks the field 'priority', which 30 of 31 answers give "
-                                   "(evaluation.task_type classification)"]
+    assert found == [None] * 30 + ["the answer lacks the field 'priority', which 30 of 31 answers give (it gives "
+                                   "'priorty': misspelt?) (evaluation.task_type classification)"]
     bare = shape_problems(EvaluationConfig(task_type="classification"))([*["billing"] * 30, '{"odd": 1}'])
     assert bare == [None] * 31
 

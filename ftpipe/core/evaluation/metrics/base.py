@@ -17,17 +17,23 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def first_json_object(text: str) -> dict | None:
-    """The first `{...}` in `text` that parses as a JSON object (text around it is ignored)."""
+def json_object_span(text: str) -> tuple[dict, int, int] | None:
+    """The first `{...}` in `text` that parses as a JSON object, with where it starts and ends."""
     decoder = json.JSONDecoder()
     for match in re.finditer(r"\{", text):
         try:
-            value, _ = decoder.raw_decode(text, match.start())
+            value, end = decoder.raw_decode(text, match.start())
         except json.JSONDecodeError:
             continue
         if isinstance(value, dict):
-            return value
+            return value, match.start(), end
     return None
+
+
+def first_json_object(text: str) -> dict | None:
+    """The first `{...}` in `text` that parses as a JSON object (text around it is ignored)."""
+    found = json_object_span(text)
+    return found[0] if found else None
 
 
 def first_object_end(text: str) -> int | None:

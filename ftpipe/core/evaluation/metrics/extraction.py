@@ -1,23 +1,25 @@
 """Extraction: the answer is a JSON object. Exact match of the whole object (primary), JSON validity, and the
 share of the fields answered right (overall and by field): the reference's fields, and any field the answer invents,
-which is never right. An answer missing a field nearly all the others give, or giving it another JSON type, is
-set aside as a reference."""
+which is never right. An answer missing a field nearly all the others give, giving it another JSON type, or writing
+text around its object where nearly all the others are the object alone, is set aside as a reference."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 from collections.abc import Callable
+from difflib import get_close_matches
 from typing import Any
 
 from ftpipe.core.evaluation.metrics.base import (
-    FIRST_JSON_OBJECT, AnswerEnd, Scores, TaskMetrics, first_json_object, mean,
+    FIRST_JSON_OBJECT, AnswerEnd, Scores, TaskMetrics, first_json_object, json_object_span, mean,
 )
 from ftpipe.core.text import clipped, markdown_table
 
 SHAPE_SHARE = 0.95  # a field (or a field's JSON type) this share of the answers give is expected of every answer
 SHAPE_MIN_ANSWERS = 20  # fewer answers say too little about the usual shape
 SHOWN_VALUE_CHARS = 40  # of an odd value, in its quarantine reason
+SHOWN_AROUND_CHARS = 20  # of the text around an answer's object, in its quarantine reason
 
 
 def field_hits(wanted: dict, got: dict | None) -> dict[str, float]:
@@ -62,7 +64,9 @@ def shape_of(objects: list[dict]) -> Callable[[dict], str | None]:
 
     def problem(found: dict) -> str | None:
         if missing := next((key for key in expected if key not in found), None):
-            return f"lacks the field {missing!r}, which {given[missing]} of {total} answers give"
+            instead = get_close_matches(missing, [key for key in found if key not in expected], n=1)
+            return (f"lacks the field {missing!r}, which {given[missing]} of {total} answers give"
+                    + (f" (it gives {instead[0]!r}: misspelt?)" if instead else ""))
         odd = next((key for key, (kind, _, _) in usual.items()
                     if found.get(key) is not None and json_type(found[key]) != kind), None)
         if odd is None:
@@ -74,13 +78,37 @@ def shape_of(objects: list[dict]) -> Callable[[dict], str | None]:
     return problem
 
 
-OBJECT_SHAPE_RULE = f"fields and types of {SHAPE_SHARE:.0%} of {SHAPE_MIN_ANSWERS}+ answers"
+OBJECT_SHAPE_RULE = f"fields and types of {SHAPE_SHARE:.0%} of {SHAPE_MIN_ANSWERS}+ answers, the object alone"
+
+
+def text_around(answer: str, span: tuple[dict, int, int] | None) -> str | None:
+    """What `answer` writes around its JSON object (`span`: `json_object_span(answer)`), as "'```json' before it";
+    None when it is the object alone, whitespace aside, or holds no object."""
+    if span is None:
+        return None
+    _, start, end = span
+    parts = [f"{clipped(text, SHOWN_AROUND_CHARS)!r} {where}"
+             for text, where in ((answer[:start].strip(), "before it"), (answer[end:].strip(), "after it")) if text]
+    return " and ".join(parts) or None
 
 
 def object_shape_check(references: list[str]) -> Callable[[str], str | None]:
-    """How an answer's JSON object departs from the shape nearly all `references`' objects share (`shape_of`)."""
-    problem = shape_of([first_json_object(reference) or {} for reference in references])
-    return lambda answer: problem(first_json_object(answer) or {})
+    """How an answer's JSON object departs from the shape nearly all `references`' objects share (`shape_of`), or
+    the answer from their form: text around the object where nearly all are the object alone (a model trained on a
+    few fenced answers learns to fence some)."""
+    spans = [json_object_span(reference) for reference in references]
+    problem = shape_of([span[0] if span else {} for span in spans])
+    alone = sum(text_around(reference, span) is None for reference, span in zip(references, spans))
+    usually_alone = len(references) >= SHAPE_MIN_ANSWERS and alone >= SHAPE_SHARE * len(references)
+
+    def check(answer: str) -> str | None:
+        span = json_object_span(answer)
+        if usually_alone and (around := text_around(answer, span)):
+            return f"has text around its JSON object ({around}), where {alone} of {len(references)} answers are the " \
+                   "object alone"
+        return problem(span[0] if span else {})
+
+    return check
 
 
 class Extraction(TaskMetrics):
@@ -124,7 +152,11 @@ class Extraction(TaskMetrics):
         return [("Fields", markdown_table(header, rows))] if fields else []
 
     def reference_problem(self, reference: str) -> str | None:
-        return None if first_json_object(reference) is not None else "is not a JSON object"
+        if first_json_object(reference) is not None:
+            return None
+        text = reference.strip()
+        cut_off = text.startswith("{") and text.count("{") > text.count("}")
+        return "is not a JSON object" + (" (cut off?)" if cut_off else "")
 
     def shape_check(self, references: list[str]) -> Callable[[str], str | None]:
         return object_shape_check(references)
