@@ -235,7 +235,7 @@ def print_summary(task: str, result, stopped: bool = False) -> None:
         print(merged_line(task, found["merged_model"]))
     print(f"\nartifacts: {TaskLayout(task).root}")
     print(f"Dagster UI: {ui_command():<15} (http://127.0.0.1:3000)")
-    print("MLflow UI:  make mlflow-ui  (http://127.0.0.1:5000)")
+    print(f"MLflow UI:  {mlflow_ui_command()}")
     if reason:
         print(f"\n{outcome}: {reason}")
 
@@ -252,6 +252,23 @@ def ui_command() -> str:
     dagster = Path(sys.executable).with_name("dagster")
     return (f"cd {shlex.quote(str(here))} && DAGSTER_HOME={shlex.quote(home)} "
             f"{shlex.quote(str(dagster))} dev -m ftpipe.definitions -h 127.0.0.1 -p 3000")
+
+
+def mlflow_ui_command() -> str:
+    """How to open the MLflow UI on the store this run was tracked in: `make mlflow-ui` in the project folder with
+    its own store; a tracking server's address; else the `mlflow` beside this Python on that store."""
+    from pathlib import Path
+
+    from ftpipe.core.tracking import tracking_uri
+
+    uri, here, address = tracking_uri(), Path.cwd(), "  (http://127.0.0.1:5000)"
+    if uri.startswith(("http://", "https://")):
+        return uri
+    if (here / "Makefile").is_file() and uri == f"sqlite:///{here / '.ftpipe' / 'mlflow.db'}":
+        return "make mlflow-ui" + address
+    store = '"$MLFLOW_TRACKING_URI"' if os.environ.get("MLFLOW_TRACKING_URI") else shlex.quote(uri)  # no password shown
+    mlflow = shlex.quote(str(Path(sys.executable).with_name("mlflow")))
+    return f"{mlflow} ui --host 127.0.0.1 --port 5000 --backend-store-uri {store}" + address
 
 
 def set_aside_lines(found: dict[str, dict]) -> list[str]:

@@ -197,6 +197,25 @@ def test_the_ui_hint_opens_the_instance_the_run_was_recorded_in(tmp_path, monkey
     assert dagster.is_file(), "the dagster command of this environment"
 
 
+def test_the_mlflow_hint_opens_the_store_the_run_was_tracked_in(tmp_path, monkeypatch) -> None:
+    from ftpipe.__main__ import mlflow_ui_command
+
+    (tmp_path / "Makefile").write_text("mlflow-ui:\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("FTPIPE_HOME", str(tmp_path / ".ftpipe"))
+    assert mlflow_ui_command() == "make mlflow-ui  (http://127.0.0.1:5000)", "the Makefile's own store"
+    monkeypatch.setenv("FTPIPE_HOME", str(tmp_path / "my home"))
+    mlflow = Path(sys.executable).with_name("mlflow")
+    assert mlflow_ui_command() == (f"{mlflow} ui --host 127.0.0.1 --port 5000 --backend-store-uri "
+                                   f"'sqlite:///{tmp_path / 'my home' / 'mlflow.db'}'  (http://127.0.0.1:5000)")
+    assert mlflow.is_file(), "the mlflow command of this environment"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://ml:secret@db/mlflow")
+    assert mlflow_ui_command().endswith('--backend-store-uri "$MLFLOW_TRACKING_URI"  (http://127.0.0.1:5000)')
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5005")
+    assert mlflow_ui_command() == "http://127.0.0.1:5005", "a tracking server is its own UI"
+
+
 def test_the_summary_says_where_the_rows_set_aside_are() -> None:
     from ftpipe.__main__ import set_aside_lines
 
