@@ -173,6 +173,8 @@ def verdict_line(report: dict) -> str:
     """The evaluation in one line: the most common label's (classification), base, few-shot and fine-tuned scores,
     the gain over the base and over few-shot prompting with their intervals, forgetting (and the skill that lost
     most) and the gate (with what a pass does not say; why it failed is the run's failure reason, said at the end)."""
+    from ftpipe.core.evaluation.forgetting import forgetting_words
+
     fewshot, majority = report.get("fewshot_score"), report.get("majority_score")
     return (f"{report['primary_metric']}: "
             + (f"most common label {majority:.3f}, " if majority is not None else "")
@@ -183,9 +185,7 @@ def verdict_line(report: dict) -> str:
             f"[{report['delta_ci_low']:+.3f}, {report['delta_ci_high']:+.3f}]"
             + (f"; over few-shot {report['delta_vs_fewshot']:+.3f}, CI low {report['delta_vs_fewshot_ci_low']:+.3f}"
                if fewshot is not None else "")
-            + f"); forgetting {report['forgetting']:.3f}"
-            + (f" (most: {report['most_forgotten_skill']})" if report.get("most_forgotten_skill", "none") != "none" else "")
-            + "; "
+            + f"); {forgetting_words(report['forgetting'], report.get('most_forgotten_skill', 'none'))}; "
             f"gate {'PASSED' if report['passed'] else 'FAILED'}"
             + (f"; but {report['gate_caveat']}" if report.get("gate_caveat", "none") != "none" else ""))
 

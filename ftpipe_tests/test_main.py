@@ -113,7 +113,8 @@ def test_the_verdict_line_shows_the_few_shot_baseline_beside_the_base() -> None:
     assert verdict_line(behind).endswith("gate PASSED; but few-shot prompting of the base model scores higher (...)")
     assert verdict_line({**report, "gate_caveat": "none"}).endswith("gate PASSED")
     hidden = {**report, "most_forgotten_skill": "facts 0.326 (95% CI 0.180 … 0.470, 64 rows)"}
-    assert "; forgetting 0.000 (most: facts 0.326 (95% CI 0.180 … 0.470, 64 rows)); gate PASSED" in verdict_line(hidden)
+    assert ("; forgetting 0.000 over the whole probe, the most in one skill: facts 0.326 (95% CI 0.180 … 0.470, "
+            "64 rows); gate PASSED") in verdict_line(hidden)
     without = {**report, "fewshot_score": None, "passed": False, "failed_conditions": "delta_ci_low ..."}
     assert verdict_line(without) == ("accuracy: base 0.645 -> fine-tuned 0.806 (delta +0.161, 95% CI [+0.050, "
                                      "+0.270]); forgetting 0.000; gate FAILED"), "why: said once, at the end"

@@ -83,6 +83,13 @@ def most_forgotten(skills: dict[str, dict[str, float]]) -> str:
             f"{worst['forgetting_ci_high']:.3f}, {worst['rows']} rows)")
 
 
+def forgetting_words(forgetting: float, most: str) -> str:
+    """Forgetting in a few words, with the skill that lost the most (`most_forgotten`), which the whole probe's
+    figure can hide."""
+    return f"forgetting {forgetting:.3f}" + ("" if most == "none" else
+                                            f" over the whole probe, the most in one skill: {most}")
+
+
 def changed_rows(probe: list[dict], base: ModelOutputs, tuned: ModelOutputs, base_correct, tuned_correct) -> list[dict]:
     """The probe rows that one model answers right and the other wrong: those lost first, then those gained."""
     changed = [

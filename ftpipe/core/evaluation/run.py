@@ -14,7 +14,7 @@ from ftpipe.core.evaluation.answer_budget import AnswerBudget
 from ftpipe.core.evaluation.copy_baseline import copy_outputs
 from ftpipe.core.evaluation.majority_baseline import majority_outputs
 from ftpipe.core.evaluation.fewshot import choose_examples
-from ftpipe.core.evaluation.forgetting import most_forgotten
+from ftpipe.core.evaluation.forgetting import forgetting_words, most_forgotten
 from ftpipe.core.evaluation.gate import GATE_FIELDS, decide_gate, gate_caveat
 from ftpipe.core.evaluation.judge import judge_metrics
 from ftpipe.core.evaluation.measurements import measure, prediction_records
@@ -213,8 +213,7 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
     result = {**read_evaluation(out_dir, config, verdicts), "reused": False, "report_rewritten": False}
     preference = (f", preference accuracy {result['preference_accuracy_final']:.3f}"
                   if "preference_pairs" in result else "")
-    most = most_forgotten(result["probe_accuracy_by_skill"])
+    forgetting = forgetting_words(result["forgetting"], most_forgotten(result["probe_accuracy_by_skill"]))
     log(f"eval gate {'passed' if result['passed'] else 'failed'}: {result['primary_metric']} "
-        f"{result['base_score']:.3f} -> {result['finetuned_score']:.3f}, forgetting {result['forgetting']:.3f}"
-        f"{'' if most == 'none' else f' (most: {most})'}{preference}")
+        f"{result['base_score']:.3f} -> {result['finetuned_score']:.3f}, {forgetting}{preference}")
     return result
