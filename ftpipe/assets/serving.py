@@ -51,7 +51,7 @@ def _data_counts(task: str) -> dict[str, int]:
         "held-out rows": split.metadata["eval_rows"],
         "train rows": split.metadata["train_rows"],
         "replayed general rows": sft.metadata.get("replay_rows", 0),
-        f"rows over max_length {training['max_length']}, {TOO_LONG_DONE[training['too_long']]}":
+        f"train and eval rows over max_length {training['max_length']}, {TOO_LONG_DONE[training['too_long']]}":
             sft.metadata.get("rows_too_long", 0),
     }
 

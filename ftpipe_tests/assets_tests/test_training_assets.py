@@ -282,6 +282,8 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         assert "> Answer with one word." in card, "the system prompt the train rows carry is the served default"
         rows_read = materialization(passed, "raw_examples")["rows_read"]
         assert f"| rows read | {rows_read} |" in card and "| held-out loss |" in card, "the data behind it, every metric"
+        too_long = materialization(passed, "lora_adapter")["rows_too_long"]
+        assert f"| train and eval rows over max_length 64, left out | {too_long} |" in card, "the tiny task's 64"
         assert "preference.beta" not in card and "nnodes" not in card, "only settings that shaped these weights"
         chat = chat_cli(tiny_task)
         assert chat.returncode == 0, chat.stderr[-2000:]
