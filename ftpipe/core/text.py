@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import unicodedata
+from collections import Counter
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -74,6 +76,15 @@ def loose(text: str) -> str:
 def clipped(text: str, limit: int) -> str:
     """`text`, or its first `limit` - 1 characters and "…" when it is longer than `limit`."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def counted(counts: Counter, shown: int, chars: int, noun: str, name: Callable[[str], str] = str) -> str:
+    """`thing ×count, …` for the `shown` most frequent of `counts` (each `name`d, cut to `chars`), most first, and
+    how many more there were ("and 3 other `noun`")."""
+    common = counts.most_common(shown)
+    more = len(counts) - len(common)
+    return ", ".join(f"{clipped(name(key), chars)} ×{n}" for key, n in common) + (
+        f" and {more} other {noun}" if more else "")
 
 
 def cell(value: Any, limit: int = CELL_CHARS) -> str:

@@ -289,6 +289,12 @@ def test_the_extraction_report_shows_each_fields_accuracy_and_the_fields_answers
         "| amount | 1 | 0.500 | 0.000 | 1 | 0 |",
         "| issue | 2 | 1.000 | 0.000 | 0 | 0 |",
         "| order | 2 | 1.000 | 0.500 | 0 | 0 |"]
+    made_up = [{**records[0], "finetuned_answer": '{"order": "A-1", "wanted": "refund", "wanted_id": 1}'},
+               {**records[1], "finetuned_answer": '{"order": "A-2", "wanted": "cancel"}'}]
+    [(_, table)] = task_metrics(EvaluationConfig(task_type="extraction")).report_sections(
+        made_up, {"finetuned": "fine-tuned", "base": "base"})
+    assert [line.split(" |")[0] for line in table.splitlines()[2:5]] == ["| amount", "| issue", "| order"]
+    assert table.splitlines()[-1] == "Fields no reference has, in the answers of fine-tuned: wanted ×2, wanted_id ×1"
 
 
 def test_generation_metrics():

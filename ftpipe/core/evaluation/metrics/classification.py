@@ -15,7 +15,7 @@ from ftpipe.core.evaluation.metrics.base import (
     FIRST_JSON_OBJECT, AnswerEnd, LabelChoices, Scores, TaskMetrics, first_json_object,
 )
 from ftpipe.core.evaluation.metrics.extraction import OBJECT_SHAPE_RULE, object_shape_check
-from ftpipe.core.text import clipped, loose, loose_words, markdown_table
+from ftpipe.core.text import clipped, counted, loose, loose_words, markdown_table
 
 UNPARSEABLE = "(unparseable)"
 OTHER_LABEL = "(not a label)"  # in parentheses: no normalised label has them
@@ -95,17 +95,9 @@ def confusion_table(expected: list[str], predicted: list[str | None], written: d
     rows = [[shown.get(label, label), *(counts[label, c] for c in columns)] for label in labels]
     table = markdown_table(["reference / predicted", *(shown.get(c, c) for c in columns)], rows)
     others = Counter(p for p in predicted if p is not None and p not in labels)
-    return table + (f"\n\n{OTHER_LABEL} holds answers that are no held-out label, most often first: "
-                    f"{_listed(others, shown)}" if others else "")
-
-
-def _listed(answers: Counter, shown: dict[str, str]) -> str:
-    """`answer ×count, …` for the OTHER_SHOWN most frequent answers (as written, cut to OTHER_CHARS), and how many
-    more there were."""
-    common = answers.most_common(OTHER_SHOWN)
-    more = len(answers) - len(common)
-    return ", ".join(f"{_as_written(a, shown)} ×{n}" for a, n in common) + (
-        f" and {more} other answers" if more else "")
+    listed = counted(others, OTHER_SHOWN, OTHER_CHARS, "answers", lambda answer: shown.get(answer, answer))
+    return table + (f"\n\n{OTHER_LABEL} holds answers that are no held-out label, most often first: {listed}"
+                    if others else "")
 
 
 def _as_written(answer: str, shown: dict[str, str]) -> str:

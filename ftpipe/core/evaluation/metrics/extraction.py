@@ -14,12 +14,13 @@ from typing import Any
 from ftpipe.core.evaluation.metrics.base import (
     FIRST_JSON_OBJECT, AnswerEnd, Scores, TaskMetrics, first_json_object, json_object_span, mean,
 )
-from ftpipe.core.text import clipped, markdown_table
+from ftpipe.core.text import clipped, counted, markdown_table
 
 SHAPE_SHARE = 0.95  # a field (or a field's JSON type) this share of the answers give is expected of every answer
 SHAPE_MIN_ANSWERS = 20  # fewer answers say too little about the usual shape
 SHOWN_VALUE_CHARS = 40  # of an odd value, in its quarantine reason
 SHOWN_AROUND_CHARS = 20  # of the text around an answer's object, in its quarantine reason
+SHOWN_FIELDS = 5  # of the fields a model's answers invent that no reference has, under the report's table
 
 
 def field_hits(wanted: dict, got: dict | None) -> dict[str, float]:
@@ -139,17 +140,21 @@ class Extraction(TaskMetrics):
         )
 
     def report_sections(self, records: list[dict[str, Any]], sides: dict[str, str]) -> list[tuple[str, str]]:
-        """Each field's accuracy for every model, over the rows whose reference or answer has it, and how many of
-        its answers invent it."""
+        """Each reference field's accuracy for every model, over the rows whose reference or answer has it, and how
+        many of its answers invent it; under the table, the fields no reference has that each model's answers give."""
         wanted = [first_json_object(r["reference"]) or {} for r in records]
         hits = {side: by_field([field_hits(w, first_json_object(r[f"{side}_answer"])) for w, r in zip(wanted, records)])
                 for side in sides}
-        fields = sorted({key for found in hits.values() for key in found})
-        expected = {key: sum(key in w for w in wanted) for key in fields}
+        expected = Counter(key for found in wanted for key in found)
         rows = [[key, expected[key], *(f"{mean(hits[side].get(key, [])):.3f}" for side in sides),
-                 *(len(hits[side].get(key, [])) - expected[key] for side in sides)] for key in fields]
+                 *(len(hits[side].get(key, [])) - expected[key] for side in sides)] for key in sorted(expected)]
         header = ["field", "reference rows", *sides.values(), *(f"invented by {title}" for title in sides.values())]
-        return [("Fields", markdown_table(header, rows))] if fields else []
+        made_up = {title: Counter({key: len(found) for key, found in hits[side].items() if key not in expected})
+                   for side, title in sides.items()}
+        lines = [f"{title}: {counted(fields, SHOWN_FIELDS, SHOWN_VALUE_CHARS, 'fields')}"
+                 for title, fields in made_up.items() if fields]
+        under = "\n\nFields no reference has, in the answers of " + "; ".join(lines) if lines else ""
+        return [("Fields", markdown_table(header, rows) + under)] if rows else []
 
     def reference_problem(self, reference: str) -> str | None:
         if first_json_object(reference) is not None:
