@@ -5,7 +5,8 @@ provenance, and the data-change automation and retraining policy take it from th
 Corrections arrive through the server (`POST /v1/feedback`) or as JSON-lines files dropped in the task's
 `feedback/` folder (`{"request_id": ..., "output": ...}` per line; `messages` too when the task's log keeps no
 content); the production report applies dropped files and moves them to `feedback/applied/`. A label none of the
-task's rows has yet may be a typo: its correction is refused unless it says `"new_label": true`."""
+task's rows has yet may be a typo, and so may an extraction category none has (an `issue`, not an order id): its
+correction is refused unless it says `"new_label": true`."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import pyarrow.parquet as pq
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.metrics import answer_problem, label_reader, shape_check, task_metrics
+from ftpipe.core.evaluation.metrics.base import first_json_object
+from ftpipe.core.evaluation.metrics.extraction import category_values, new_category
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.records import BadRow, message_list, with_system_prompt
 from ftpipe.core.results import read_result
@@ -48,15 +51,16 @@ def add_feedback(task: str, request_id: str, output: str, messages: list[dict[st
     """Append the logged request `request_id` answered with `output` to the task's raw data, with the system prompt
     most train rows carry when the conversation had none (the model answered with it); returns (the row, what
     happened: ADDED, UNCHANGED or REPLACED). An `output` the task type cannot use as an answer is refused, and so is
-    one in another form than the task's cleaned answers share (cleaning would quarantine it), and one with a label no
-    row of the task has yet, unless `new_label`. `messages` stand in for a request logged without
-    content; `records` are the log's (read when not given). The output is kept without surrounding whitespace."""
+    one in another form than the task's cleaned answers share (cleaning would quarantine it), and one with a label (or
+    extraction category) no row of the task has yet, unless `new_label`. `messages` stand in for a request logged
+    without content; `records` are the log's (read when not given). The output is kept without surrounding
+    whitespace."""
     if not isinstance(output, str) or not output.strip():
         raise FeedbackError("output: the corrected answer must be a non-empty string")
     output = output.strip()  # "label " and "label" are one answer
     if problem := _answer_problem(task, output) or _odd_shape(task, output):
         raise FeedbackError(f"output: {problem}")
-    if not new_label and (problem := _unknown_label(task, output)):
+    if not new_label and (problem := _unknown_label(task, output) or _new_category(task, output)):
         raise FeedbackError(f"output: {problem}")
     found = next((r for r in (read_records(task) if records is None else records) if r["request_id"] == request_id),
                  None)
@@ -112,10 +116,41 @@ def _odd_shape(task: str, output: str) -> str | None:
 @lru_cache(maxsize=8)
 def _cleaned_shape(cleaned: Path, version: int, evaluation: str) -> Callable[[str], str | None]:
     """`shape_check` of the answers in `cleaned` at `version` (its mtime) under the `evaluation` settings (JSON):
-    read and built once for a dropped file's corrections and the server's, until cleaning writes the file again."""
+    built once for a dropped file's corrections and the server's, until cleaning writes the file again."""
+    return shape_check(EvaluationConfig.model_validate_json(evaluation), _cleaned_answers(cleaned, version))
+
+
+@lru_cache(maxsize=8)
+def _cleaned_categories(cleaned: Path, version: int) -> dict[str, set[str]]:
+    return category_values(_cleaned_answers(cleaned, version))
+
+
+@lru_cache(maxsize=2)
+def _cleaned_answers(cleaned: Path, version: int) -> list[str]:
+    """The answers of the rows in `cleaned` at `version` (its mtime)."""
     conversations = pq.read_table(cleaned, columns=["messages"])["messages"].to_pylist()
-    return shape_check(EvaluationConfig.model_validate_json(evaluation),
-                       [messages[-1]["content"] for messages in conversations])
+    return [messages[-1]["content"] for messages in conversations]
+
+
+def _new_category(task: str, output: str) -> str | None:
+    """What is wrong with an extraction answer's value of a field that holds categories (`category_values`) when no
+    cleaned row nor earlier correction gives it: likely a typo (None when one does, or there is nothing to compare)."""
+    try:
+        evaluation = task_config(task).evaluation
+    except (OSError, ValueError):
+        return None
+    cleaned = TaskLayout(task).examples("deduplicated_examples")
+    if evaluation.task_type != "extraction" or not cleaned.is_file():
+        return None
+    known = _cleaned_categories(cleaned, cleaned.stat().st_mtime_ns)
+    corrected = [row["messages"][-1]["content"] for row in corrections(task)]
+    found = new_category({key: values | {(first_json_object(answer) or {}).get(key) for answer in corrected}
+                          for key, values in known.items()}, output)
+    if found is None:
+        return None
+    key, value, close = found
+    return (f"{key} {value!r} is new to task {task!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; its rows give {len(known[key])} values of {key}; send \"new_label\": true to add it as a new one")
 
 
 def _unknown_label(task: str, output: str) -> str | None:

@@ -146,15 +146,41 @@ def test_a_label_no_row_has_yet_is_refused_as_a_likely_typo_unless_the_correctio
         "Yellow", "gold", "gold", "silver"]
 
 
+def cleaned_rows(task: str, folder: Path, conversations: list[tuple[str, dict]]) -> None:
+    """The cleaned rows of task `task`: a message and its JSON answer each."""
+    write_examples([{"messages": [{"role": "user", "content": message},
+                                  {"role": "assistant", "content": json.dumps(answer)}],
+                     "id": str(number), "source": f"orders.jsonl:{number + 1}"}
+                    for number, (message, answer) in enumerate(conversations)], folder / "raw.parquet")
+    rows_out = build_deduplicated(folder / "raw.parquet", TaskLayout(task).asset("deduplicated_examples"))["rows_out"]
+    assert rows_out == len(conversations)
+
+
 def cleaned_orders(task: str, folder: Path, counted: bool) -> None:
     """24 cleaned rows of task `task` whose answers give an item, and a count when `counted`."""
     orders = [(fruit, count) for fruit in sorted(COLORS) for count in range(2, 6)][:24]
-    write_examples([{"messages": [
-        {"role": "user", "content": f"Order {number * 7919} asks for {count} boxes of {fruit}"},
-        {"role": "assistant", "content": json.dumps({"item": fruit, **({"count": count} if counted else {})})}],
-        "id": str(number), "source": f"orders.jsonl:{number + 1}"} for number, (fruit, count) in enumerate(orders)],
-        folder / "raw.parquet")
-    assert build_deduplicated(folder / "raw.parquet", TaskLayout(task).asset("deduplicated_examples"))["rows_out"] == 24
+    cleaned_rows(task, folder, [(f"Order {number * 7919} asks for {count} boxes of {fruit}",
+                                 {"item": fruit, **({"count": count} if counted else {})})
+                                for number, (fruit, count) in enumerate(orders)])
+
+
+def test_an_extraction_correction_with_a_category_no_row_gives_is_refused_as_a_likely_typo(tiny_task: str,
+                                                                                           tmp_path: Path) -> None:
+    config = task_dir(tiny_task) / "task.yaml"
+    config.write_text(config.read_text() + "evaluation: {task_type: extraction}\n")
+    issues = ["late", "broken", "double_charge", "refund"] * 10
+    cleaned_rows(tiny_task, tmp_path, [(f"Order A{number * 7919} is {issue.replace('_', ' ')}, day {number}",
+                                        {"order": f"A{number * 7919}", "issue": issue})
+                                       for number, issue in enumerate(issues)])
+    ids = served(tiny_task)
+    with pytest.raises(FeedbackError, match=r"^output: issue 'dubble_charge' is new to task 'toy' \(did you mean "
+                                            r"'double_charge'\?\); its rows give 4 values of issue; send "
+                                            r"\"new_label\": true to add it as a new one$"):
+        add_feedback(tiny_task, ids[0], '{"order": "A9", "issue": "dubble_charge"}')
+    assert add_feedback(tiny_task, ids[0], '{"order": "A9", "issue": "double_charge"}')[1] == ADDED, (
+        "an order id no row gives is no category")
+    assert add_feedback(tiny_task, ids[1], '{"order": "A8", "issue": "lost"}', new_label=True)[1] == ADDED
+    assert add_feedback(tiny_task, ids[2], '{"order": "A7", "issue": "lost"}')[1] == ADDED, "known from a correction"
 
 
 def test_an_extraction_correction_in_another_form_than_the_tasks_answers_is_refused(tiny_task: str,

@@ -120,7 +120,8 @@ class ChatRequest(BaseModel):
 
 class FeedbackRequest(BaseModel):
     """A correction: the served request's id and the answer it should have given (`model` narrows the search;
-    `messages` stand in for a request logged without content; `new_label` accepts a label no row of the task has)."""
+    `messages` stand in for a request logged without content; `new_label` accepts a label, or an extraction
+    category, no row of the task has)."""
 
     model_config = ConfigDict(extra="ignore")
     request_id: str

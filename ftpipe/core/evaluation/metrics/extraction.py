@@ -20,6 +20,7 @@ SHAPE_SHARE = 0.95  # a field (or a field's JSON type) this share of the answers
 SHAPE_MIN_ANSWERS = 20  # fewer answers say too little about the usual shape
 SHOWN_VALUE_CHARS = 40  # of an odd value, in its quarantine reason
 SHOWN_AROUND_CHARS = 20  # of the text around an answer's object, in its quarantine reason
+CATEGORY_REPEATS = 5  # a string field whose values come back this often on average holds categories
 SHOWN_FIELDS = 5  # of the fields a model's answers invent that no reference has, under the report's table
 
 
@@ -110,6 +111,28 @@ def object_shape_check(references: list[str]) -> Callable[[str], str | None]:
         return problem(span[0] if span else {})
 
     return check
+
+
+def category_values(references: list[str]) -> dict[str, set[str]]:
+    """The string fields of `references`' objects that hold categories: given by SHAPE_MIN_ANSWERS answers or more,
+    each value CATEGORY_REPEATS times on average (an `issue`, not an order id); field -> its values."""
+    given: dict[str, list[str]] = {}
+    for reference in references:
+        for key, value in (first_json_object(reference) or {}).items():
+            if isinstance(value, str):
+                given.setdefault(key, []).append(value)
+    return {key: set(values) for key, values in given.items()
+            if len(values) >= SHAPE_MIN_ANSWERS and len(values) >= CATEGORY_REPEATS * len(set(values))}
+
+
+def new_category(categories: dict[str, set[str]], answer: str) -> tuple[str, str, list[str]] | None:
+    """(field, value, the closest known value or none) of the first category field whose value in `answer` none of
+    `categories` has, else None."""
+    found = first_json_object(answer) or {}
+    for key, values in categories.items():
+        if isinstance(value := found.get(key), str) and value not in values:
+            return key, value, get_close_matches(value, sorted(values), n=1)
+    return None
 
 
 class Extraction(TaskMetrics):
