@@ -299,20 +299,26 @@ def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings, free
     return result
 
 
-def _comparable(row: dict[str, Any], as_written: dict[str, list[dict]]) -> dict[str, Any]:
-    """`row` with an answer that is a JSON object written as its value sorted by key (so key order and spacing do not
-    make two answers differ), its messages as written kept in `as_written` by row id; any other row as it is."""
-    answer = row["messages"][-1]["content"]
+def comparable_answer(answer: str) -> str:
+    """An answer that is a JSON object written as its value sorted by key, so key order and spacing do not make two
+    answers differ; any other answer as it is."""
     if not answer.lstrip().startswith("{"):
-        return row
+        return answer
     try:
         value = json.loads(answer)
     except ValueError:
-        return row
-    if not isinstance(value, dict):
+        return answer
+    return json.dumps(value, sort_keys=True, ensure_ascii=False) if isinstance(value, dict) else answer
+
+
+def _comparable(row: dict[str, Any], as_written: dict[str, list[dict]]) -> dict[str, Any]:
+    """`row` with its `comparable_answer`, its messages as written kept in `as_written` by row id when that changed
+    its answer."""
+    answer = row["messages"][-1]["content"]
+    compared = comparable_answer(answer)
+    if compared == answer:
         return row
     as_written[row["id"]] = row["messages"]
-    compared = json.dumps(value, sort_keys=True, ensure_ascii=False)
     return {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": compared}]}
 
 

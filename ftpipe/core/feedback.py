@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from ftpipe.config import EvaluationConfig
+from ftpipe.core.dedup import comparable_answer
 from ftpipe.core.evaluation.metrics import answer_problem, label_reader, shape_check, task_metrics
 from ftpipe.core.evaluation.metrics.base import first_json_object
 from ftpipe.core.evaluation.metrics.extraction import category_values, new_category
@@ -185,19 +186,25 @@ def _lines(path: Path) -> list[str]:
 
 def _record(path: Path, row: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The correction's row in `path` and what happened: appended (ADDED); the row already there when the same
-    correction came before (UNCHANGED); or in place of an earlier correction of the same request (REPLACED: the later
-    one stands, rather than two answers that would contradict each other)."""
+    correction came before, a JSON answer in any key order or spacing (UNCHANGED); or in place of an earlier
+    correction of the same request (REPLACED: the later one stands, rather than two answers that would contradict
+    each other)."""
     lines = _lines(path)
     earlier = [number for number, line in enumerate(lines) if json.loads(line).get("feedback_for") == row["feedback_for"]]
     if not earlier:
         _append(path, row)
         return row, ADDED
     before = json.loads(lines[earlier[-1]])
-    if before["messages"] == row["messages"]:
+    if [*map(_compared, before["messages"])] == [*map(_compared, row["messages"])]:
         return before, UNCHANGED
     kept = [line for number, line in enumerate(lines) if number not in earlier]
     write_text(path, "".join(f"{line}\n" for line in [*kept, json.dumps(row, ensure_ascii=False)]))
     return row, REPLACED
+
+
+def _compared(message: dict[str, str]) -> dict[str, str]:
+    """A message as cleaning compares answers: a JSON object by its value (`dedup.comparable_answer`)."""
+    return {**message, "content": comparable_answer(message["content"])}
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:

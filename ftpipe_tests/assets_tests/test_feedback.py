@@ -179,6 +179,8 @@ def test_an_extraction_correction_with_a_category_no_row_gives_is_refused_as_a_l
         add_feedback(tiny_task, ids[0], '{"order": "A9", "issue": "dubble_charge"}')
     assert add_feedback(tiny_task, ids[0], '{"order": "A9", "issue": "double_charge"}')[1] == ADDED, (
         "an order id no row gives is no category")
+    assert add_feedback(tiny_task, ids[0], '{"issue":"double_charge","order":"A9"}')[1] == UNCHANGED, (
+        "the same answer in another key order")
     assert add_feedback(tiny_task, ids[1], '{"order": "A8", "issue": "lost"}', new_label=True)[1] == ADDED
     assert add_feedback(tiny_task, ids[2], '{"order": "A7", "issue": "lost"}')[1] == ADDED, "known from a correction"
 
