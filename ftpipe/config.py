@@ -361,7 +361,8 @@ class EvaluationConfig(_Strict):
     max_new_tokens: int | None = Field(None, ge=1, le=4096, description=(
         "longest generated answer in tokens; null: 48, or the longest held-out reference answer and a quarter more "
         "(16 tokens at least) when that is longer, so no answer is cut off before it could be right"))
-    max_rows: int | None = Field(None, ge=1, description="evaluate at most this many held-out rows")
+    max_rows: int | None = Field(None, ge=1, description=(
+        "evaluate at most this many held-out rows (and held-out preference pairs)"))
     batch_size: int = Field(16, ge=1, description="rows scored at once (reference answers, preference pairs)")
     batch_tokens: int = Field(8192, ge=1, description=(
         "tokens generated at once: a batch holds as many rows as fit, each counted as the batch's longest prompt plus "

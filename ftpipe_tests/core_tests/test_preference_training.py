@@ -190,16 +190,20 @@ def test_combined_adapter_equals_the_sft_model_merged_then_the_preference_adapte
     assert (logits(base, sft) - step_by_step).abs().max() > 1e-3, "the preference adapter changes the SFT model"
 
 
-def test_likelihood_displacement_needs_falling_chosen_logps_and_a_growing_margin():
-    def history(chosen: list[float], margins: list[float]) -> list[dict]:
-        return [{"step": 2 * i + 2, "loss": 0.6, "logps/chosen": c, "rewards/margins": m}
-                for i, (c, m) in enumerate(zip(chosen, margins))] + [{"step": 8, "eval_loss": 0.5}]
+def test_likelihood_displacement_needs_chosen_answers_below_the_reference_and_a_positive_margin():
+    def history(chosen: list[float], margins: list[float], logps: list[float]) -> list[dict]:
+        return [{"step": 2 * i + 2, "loss": 0.6, "rewards/chosen": c, "rewards/margins": m, "logps/chosen": p}
+                for i, (c, m, p) in enumerate(zip(chosen, margins, logps))]
 
-    assert likelihood_displacement(history([-10.0, -12.0, -15.0], [0.0, 0.5, 1.0]))
-    assert not likelihood_displacement(history([-10.0, -9.0, -8.0], [0.0, 0.5, 1.0])), "chosen answers gained"
-    assert not likelihood_displacement(history([-10.0, -12.0, -15.0], [1.0, 0.5, 0.2])), "the margin shrank"
-    assert not likelihood_displacement(history([-10.0, -8.0, -11.0], [0.0, 0.1, 0.2])[:1]), "one point says nothing"
-    assert not likelihood_displacement([{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.9}]), "an SFT history"
+    displaced = history([0.0, -0.02, -0.05], [0.0, 0.1, 0.3], [-170.0, -172.0, -175.0])
+    assert likelihood_displacement({}, displaced), "no evaluation: the last logged step"
+    other_batches = history([0.004, 0.02, 0.043], [0.0, 0.1, 0.3], [-172.3, -165.0, -178.0])
+    assert not likelihood_displacement({}, other_batches), "batch log-probabilities of other rows say nothing"
+    assert not likelihood_displacement({}, history([-0.1, -0.2], [0.0, -0.1], [-10.0, -11.0])), "no margin"
+    kept = {"eval_rewards/chosen": 0.01, "eval_rewards/margins": 0.2}
+    assert not likelihood_displacement(kept, displaced), "the kept model's evaluation decides"
+    assert likelihood_displacement({"eval_rewards/chosen": -0.01, "eval_rewards/margins": 0.2}, other_batches)
+    assert not likelihood_displacement({}, [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.9}]), "an SFT history"
 
 
 @pytest.mark.slow

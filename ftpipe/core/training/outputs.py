@@ -60,13 +60,25 @@ def detect_overfitting(log_history: list[dict], window: int = OVERFIT_WINDOW) ->
     return eval_rising and bool(train_then) and bool(train_now) and train_now[-1] < train_then[-1]
 
 
-def likelihood_displacement(log_history: list[dict]) -> bool:
-    """True when the chosen answers' log-probabilities fell from the first to the last logged training step while the
-    reward margin grew: the preference is learnt by pushing both answers down (the common DPO failure)."""
-    chosen, margins = points(log_history, "logps/chosen"), points(log_history, "rewards/margins")
-    if len(chosen) < 2 or len(margins) < 2:
+DISPLACEMENT_WARNING = ("likelihood displacement: the chosen answers became less likely than before the preference "
+                        "stage while the margin grew (rewards/chosen below 0): the preference was learnt by pushing "
+                        "both answers down; try a lower training.preference.learning_rate or fewer "
+                        "training.preference.max_steps")
+
+
+def likelihood_displacement(final_evaluation: dict, log_history: list[dict]) -> bool:
+    """True when the kept model's chosen answers are less likely than under the reference model (`rewards/chosen` below
+    0, on the same rows, unlike two steps' batch means) while its reward margin is positive: the preference is learnt
+    by pushing both answers down (the common DPO failure). Read from the final evaluation, else from the last logged
+    training step."""
+    logged = [entry for entry in log_history if "rewards/chosen" in entry and "rewards/margins" in entry]
+    if "eval_rewards/chosen" in final_evaluation and "eval_rewards/margins" in final_evaluation:
+        chosen, margin = final_evaluation["eval_rewards/chosen"], final_evaluation["eval_rewards/margins"]
+    elif logged:
+        chosen, margin = logged[-1]["rewards/chosen"], logged[-1]["rewards/margins"]
+    else:
         return False
-    return chosen[-1][1] < chosen[0][1] and margins[-1][1] > margins[0][1]
+    return chosen < 0 < margin
 
 
 def plot_loss_curve(log_history: list[dict], target: Path) -> Path:
@@ -106,7 +118,7 @@ def reward_metadata(trainer, reward_curve: Path) -> dict[str, Any]:
     return {
         "reward_accuracy": final.get("eval_rewards/accuracies", float("nan")),
         "reward_margin": final.get("eval_rewards/margins", float("nan")),
-        "likelihood_displacement": likelihood_displacement(trainer.state.log_history),
+        "likelihood_displacement": likelihood_displacement(final, trainer.state.log_history),
         "reward_curve": markdown_image(reward_curve, "reward curve"),
     }
 

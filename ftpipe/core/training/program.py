@@ -31,7 +31,7 @@ from ftpipe.core.storage import process_alive
 from ftpipe.core.tracking import RunInterrupted, RunLogger, redact_uri, tracked_run, tracking_uri
 from ftpipe.core.training import checkpoints, preference, replay, sizing
 from ftpipe.core.training.methods import Method, leave_out_bitsandbytes, resolve_method
-from ftpipe.core.training.outputs import pipes_metadata, publish, trainable_parameters
+from ftpipe.core.training.outputs import DISPLACEMENT_WARNING, pipes_metadata, publish, trainable_parameters
 from ftpipe.core.training.reporting import (
     NewStepsOnly,
     Reporter,
@@ -162,6 +162,8 @@ def train(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: 
         run.log_artifact(Path(spec.output_dir), "adapter")
     train_loss = result.metadata["train_loss"]
     reporter.info(f"done: train_loss {train_loss:.4f}, eval_loss {eval_loss:.4f} -> {spec.output_dir}")
+    if result.metadata.get("likelihood_displacement"):
+        reporter.warning(DISPLACEMENT_WARNING)
     return result
 
 
