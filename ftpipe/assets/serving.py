@@ -18,7 +18,9 @@ GROUP = "serving"
 def _card(task: str, cfg: TaskConfig, gate_overrides: str, base: Result, adapter: Result, evaluation: Result,
           report: dict) -> dict:
     """The model card's facts: the task, what it was evaluated on and how well (the gate decided with task.yaml and
-    `gate_overrides`), and the base model, method and settings the adapter was trained with."""
+    `gate_overrides`), and the base model, method and settings the adapter was trained with: the SFT training's,
+    which hold a preference stage's own (its stage alone trains with those in place of the SFT rate and steps)."""
+    sft = upstream(task, "lora_adapter")
     return {
         "task": task,
         "description": cfg.description,
@@ -29,8 +31,9 @@ def _card(task: str, cfg: TaskConfig, gate_overrides: str, base: Result, adapter
                           "eval": evaluation.inputs["eval_version"]},
         "data": _data_counts(task),
         "evaluation": card_evaluation(report, effective_config(task, gate_overrides).evaluation, gate_overrides),
-        "hyperparameters": adapter.produced["training"],
+        "hyperparameters": sft.produced["training"],
         "mlflow_run_id": adapter.metadata["mlflow_run_id"],
+        **({"sft_mlflow_run_id": sft.metadata["mlflow_run_id"]} if sft.reuse_key != adapter.reuse_key else {}),
     }
 
 

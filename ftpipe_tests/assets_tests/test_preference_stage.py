@@ -69,7 +69,11 @@ def test_dpo_after_sft_is_tracked_evaluated_and_merged(ftpipe_env: Path, tiny_mo
         for key in ("preference_accuracy_base", "preference_accuracy_sft", "preference_accuracy_final",
                     "preference_delta_ci_low", "sft_score", "finetuned_score"):
             assert isinstance(report[key], float), key
-        assert materialization(result, "merged_model")["registered_version"] == 1
+        merged = materialization(result, "merged_model")
+        assert merged["registered_version"] == 1
+        card = merged["model_card"]
+        assert "| max_steps | 6 |" in card and "| preference.max_steps | 4 |" in card, "each stage's own settings"
+        assert f"| sft_mlflow_run_id | {sft['mlflow_run_id']} |" in card
 
         again = finetune(instance, task)
         assert materialization(again, "preference_adapter")["reused"] is True, "an unchanged stage is not retrained"
