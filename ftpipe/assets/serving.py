@@ -29,7 +29,7 @@ def _card(task: str, cfg: TaskConfig, gate_overrides: str, base: Result, adapter
         "method": adapter.produced["method"],
         "data_versions": {"split": adapter.inputs["split_version"], "base_model": base.reuse_key,
                           "eval": evaluation.inputs["eval_version"]},
-        "data": _data_counts(task),
+        "data": _data_counts(task, sft),
         "evaluation": card_evaluation(report, effective_config(task, gate_overrides).evaluation, gate_overrides),
         "hyperparameters": sft.produced["training"],
         "mlflow_run_id": adapter.metadata["mlflow_run_id"],
@@ -40,11 +40,11 @@ def _card(task: str, cfg: TaskConfig, gate_overrides: str, base: Result, adapter
 TOO_LONG_DONE = {"drop": "left out", "truncate": "cut"}
 
 
-def _data_counts(task: str) -> dict[str, int]:
-    """The rows behind the model, from the raw files to the training: read, quarantined, removed by cleaning, held
-    out, trained on (with the replayed general rows) and left out or cut for their length."""
-    raw, cleaned, split, sft = (upstream(task, asset) for asset in
-                                ("raw_examples", "deduplicated_examples", "heldout_split", "lora_adapter"))
+def _data_counts(task: str, sft: Result) -> dict[str, int]:
+    """The rows behind the model, from the raw files to the (`sft`) training: read, quarantined, removed by cleaning,
+    held out, trained on (with the replayed general rows) and left out or cut for their length."""
+    raw, cleaned, split = (upstream(task, asset)
+                           for asset in ("raw_examples", "deduplicated_examples", "heldout_split"))
     training = sft.produced["training"]
     return {
         "rows read": raw.metadata["rows_read"],

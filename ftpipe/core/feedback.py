@@ -144,9 +144,9 @@ def _new_category(task: str, output: str) -> str | None:
     if evaluation.task_type != "extraction" or not cleaned.is_file():
         return None
     known = _cleaned_categories(cleaned, cleaned.stat().st_mtime_ns)
-    corrected = [row["messages"][-1]["content"] for row in corrections(task)]
-    found = new_category({key: values | {(first_json_object(answer) or {}).get(key) for answer in corrected}
-                          for key, values in known.items()}, output)
+    corrected = [first_json_object(row["messages"][-1]["content"]) or {} for row in corrections(task)]
+    found = new_category({key: values | {answer.get(key) for answer in corrected} for key, values in known.items()},
+                         output)
     if found is None:
         return None
     key, value, close = found

@@ -106,8 +106,8 @@ def object_shape_check(references: list[str]) -> Callable[[str], str | None]:
     def check(answer: str) -> str | None:
         span = json_object_span(answer)
         if usually_alone and (around := text_around(answer, span)):
-            return f"has text around its JSON object ({around}), where {alone} of {len(references)} answers are the " \
-                   "object alone"
+            return (f"has text around its JSON object ({around}), where {alone} of {len(references)} answers are the "
+                    "object alone")
         return problem(span[0] if span else {})
 
     return check
