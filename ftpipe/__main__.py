@@ -223,8 +223,10 @@ def print_summary(task: str, result, stopped: bool = False) -> None:
     if report and report.get("preference_accuracy_final") is not None:
         print(f"preference accuracy: base {report['preference_accuracy_base']:.3f}, SFT "
               f"{report['preference_accuracy_sft']:.3f} -> {found['preference_adapter']['objective']} "
-              f"{report['preference_accuracy_final']:.3f} (gain over SFT, 95% CI low "
-              f"{report['preference_delta_ci_low']:+.3f})")
+              f"{report['preference_accuracy_final']:.3f}; margin over the rejected answer widened on "
+              f"{report['preference_margin_widened']} and narrowed on {report['preference_margin_narrowed']} of "
+              f"{report['preference_pairs']} pairs (margin gain {report['preference_margin_gain']:+.3f}, 95% CI low "
+              f"{report['preference_margin_gain_ci_low']:+.3f})")
     reason = None if result.success else failure_reason(result, stopped)
     for check in result.get_asset_check_evaluations():
         verdict = "warns" if check.severity == dg.AssetCheckSeverity.WARN else "failed"

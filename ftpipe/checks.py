@@ -49,8 +49,8 @@ def eval_report_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckRes
         metadata=rounded_floats({
             "delta_ci_low": report["delta_ci_low"], "min_improvement": evaluation.min_improvement,
             "forgetting": report["forgetting"], "max_forgetting": evaluation.max_forgetting,
-            **({"preference_delta_ci_low": report["preference_delta_ci_low"],
-                "min_preference_gain": evaluation.min_preference_gain} if "preference_delta_ci_low" in report else {}),
+            **({"preference_margin_gain_ci_low": report["preference_margin_gain_ci_low"],
+                "min_preference_gain": evaluation.min_preference_gain} if "preference_pairs" in report else {}),
             "failed_conditions": "; ".join(failed) or "none",
         }),
     )

@@ -374,8 +374,9 @@ class EvaluationConfig(_Strict):
         0.0, description="gate: lower end of the 95% interval of the gain must be above this (a share: 0.05 is 5 "
                          "points)")
     min_preference_gain: GainThreshold = Field(0.0, description=(
-        "gate, with a preference stage: lower end of the 95% interval of the preference-accuracy gain over the SFT "
-        "model must be above this (a share: 0.05 is 5 points)"))
+        "gate, with a preference stage: lower end of the 95% interval of the margin gain over the SFT model (the "
+        "share of held-out pairs whose chosen answer the final model favours more, less the share it favours less) "
+        "must be above this (0.05 is 5 points)"))
     require_beats_fewshot: bool = Field(
         False, description="gate: the gain over the few-shot baseline must be above min_improvement too"
     )

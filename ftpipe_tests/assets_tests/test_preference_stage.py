@@ -67,7 +67,7 @@ def test_dpo_after_sft_is_tracked_evaluated_and_merged(ftpipe_env: Path, tiny_mo
 
         report = materialization(result, "eval_report")
         for key in ("preference_accuracy_base", "preference_accuracy_sft", "preference_accuracy_final",
-                    "preference_delta_ci_low", "sft_score", "finetuned_score"):
+                    "preference_delta_ci_low", "preference_margin_gain_ci_low", "sft_score", "finetuned_score"):
             assert isinstance(report[key], float), key
         merged = materialization(result, "merged_model")
         assert merged["registered_version"] == 1
@@ -105,5 +105,6 @@ def test_the_gate_fails_when_the_stage_learned_to_prefer_worse_answers(ftpipe_en
     with dg.instance_for_test() as instance:
         result = finetune(instance, task)
         gate = check(result, "eval_report_gate")
-        assert not gate.passed and "preference_delta_ci_low" in gate.description, gate.description
+        assert not gate.passed and "preference_margin_gain_ci_low" in gate.description, gate.description
+        assert gate.metadata["preference_margin_gain_ci_low"].value < 0, "it learned to favour the rejected answers"
         assert "merged_model" not in {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}

@@ -1,6 +1,6 @@
 """Evaluation after preference tuning, on tiny models: preference accuracy (mean token log-probabilities of the
-chosen and rejected answers), the final model's gain with its interval, the SFT model reported beside it, and the
-gate's preference condition failing on a final model that lost what the SFT model preferred."""
+chosen and rejected answers), the final model's margin gain with its interval, the SFT model reported beside it, and
+the gate's preference condition failing on a final model that lost what the SFT model preferred."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ftpipe.core.evaluation.gate import gate_caveat
 from ftpipe.core.evaluation.generation import conversation_logprobs, load_model
 from ftpipe.core.evaluation.outputs import ModelOutputs
 from ftpipe.core.evaluation.preference import (
-    chosen_preferred, mean_pair_logprobs, measure_preference, pair_conversations,
+    chosen_preferred, margin_words, mean_pair_logprobs, measure_preference, pair_conversations,
 )
 from ftpipe.core.preferences import write_preferences
 from ftpipe_tests.tiny_model import COLORS, toy_rows, write_chat_parquet
@@ -41,7 +41,8 @@ SFT_KEYS = {"sft_score", "delta_vs_sft", "delta_vs_sft_ci_low", "delta_vs_sft_ci
             "probe_sft_loss"}
 PREFERENCE_KEYS = {"preference_pairs", "preference_accuracy_base", "preference_accuracy_sft",
                    "preference_accuracy_final", "preference_baseline", "preference_delta", "preference_delta_ci_low",
-                   "preference_delta_ci_high"}
+                   "preference_delta_ci_high", "preference_margin_widened", "preference_margin_narrowed",
+                   "preference_margin_gain", "preference_margin_gain_ci_low", "preference_margin_gain_ci_high"}
 
 
 def color_pairs(count: int, seed: int) -> list[dict]:
@@ -153,24 +154,48 @@ def test_a_model_that_learned_the_answers_prefers_the_chosen_ones(workspace):
     assert sum(preference_correct(model, tokenizer, swapped(pairs), batch_size=8)) <= 0.1 * PAIRS
 
 
-def planted(**correct: list[float] | None) -> dict[str, ModelOutputs]:
-    """Each side's outputs with only its per-pair preference outcomes."""
-    return {side: ModelOutputs(ids=[], answers=[], prompt_tokens=0.0, preference_correct=values)
-            for side, values in correct.items()}
+def planted(**answers: list[tuple[float, int, float, int]] | None) -> dict[str, ModelOutputs]:
+    """Each side's outputs with only its pairs' (chosen sum, tokens, rejected sum, tokens) log-probabilities."""
+    return {side: ModelOutputs(ids=[], answers=[], prompt_tokens=0.0, preference_logprobs=values and [
+        both for c, c_tokens, r, r_tokens in values for both in ((c, c_tokens), (r, r_tokens))])
+        for side, values in answers.items()}
+
+
+def outcomes(correct: list[float]) -> list[tuple[float, int, float, int]]:
+    """Pairs whose chosen answer leads by 1 nat where `correct` says 1.0, and trails by 1 where it says 0.0."""
+    return [(-1.0 if value else -2.0, 1, -1.0 if not value else -2.0, 1) for value in correct]
 
 
 def test_the_gain_is_measured_against_the_sft_model_else_the_base():
     base, sft, final = [0.0] * 40 + [1.0] * 60, [0.0] * 20 + [1.0] * 80, [0.0] * 5 + [1.0] * 95
+    base, sft, final = outcomes(base), outcomes(sft), outcomes(final)
     found = measure_preference(planted(base=base, sft=sft, finetuned=final), samples=1000, seed=0)
     assert (found["preference_pairs"], found["preference_baseline"]) == (100, "sft")
     assert (found["preference_accuracy_base"], found["preference_accuracy_sft"],
             found["preference_accuracy_final"]) == (0.6, 0.8, 0.95)
     assert found["preference_delta"] == pytest.approx(0.15)
     assert 0 < found["preference_delta_ci_low"] < 0.15 < found["preference_delta_ci_high"]
+    assert (found["preference_margin_widened"], found["preference_margin_narrowed"]) == (15, 0)
+    assert found["preference_margin_gain"] == pytest.approx(0.15)
     without_sft = measure_preference(planted(base=base, finetuned=final), samples=1000, seed=0)
     assert without_sft["preference_baseline"] == "base" and without_sft["preference_accuracy_sft"] is None
     assert without_sft["preference_delta"] == pytest.approx(0.35)
     assert measure_preference(planted(base=None, finetuned=None), samples=100, seed=0) == {}  # no pairs scored
+
+
+def test_the_gate_reads_margins_which_move_where_verbose_rejected_answers_hold_the_accuracy_still():
+    # 20 pairs: a 10-token chosen answer, a 40-token repetitive rejected one likelier per token under every model
+    sft = [(-10.0, 10, -20.0, 40)] * 20
+    final = [(-8.0, 10, -24.0, 40)] * 17 + [(-12.0, 10, -20.0, 40)] * 3  # margin 10 -> 16 on 17, 10 -> 8 on 3
+    found = measure_preference(planted(base=sft, sft=sft, finetuned=final), samples=1000, seed=0)
+    assert found["preference_accuracy_sft"] == found["preference_accuracy_final"] == 0.0
+    assert found["preference_delta"] == found["preference_delta_ci_low"] == found["preference_delta_ci_high"] == 0.0
+    assert (found["preference_margin_widened"], found["preference_margin_narrowed"]) == (17, 3)
+    assert found["preference_margin_gain"] == pytest.approx(0.7) and found["preference_margin_gain_ci_low"] > 0.3
+
+    nudged = [(c + 1e-5, ct, r, rt) for c, ct, r, rt in sft]  # the same model, scored in other batches
+    unchanged = measure_preference(planted(base=sft, sft=sft, finetuned=nudged), samples=1000, seed=0)
+    assert unchanged["preference_margin_gain_ci_low"] == unchanged["preference_margin_gain_ci_high"] == 0.0
 
 
 # ---------------------------------------------------------------- whole runs
@@ -184,9 +209,11 @@ def test_a_final_model_that_lost_the_sft_models_preferences_fails_the_gate(works
     assert lost["preference_accuracy_sft"] >= 0.9
     assert lost["preference_accuracy_final"] == lost["preference_accuracy_base"] < 0.7  # identity: the base itself
     assert lost["preference_delta_ci_high"] < 0 and lost["passed"] is False
-    assert (f"preference_delta_ci_low {lost['preference_delta_ci_low']:.3f} <= min_preference_gain 0.000 (preference "
-            f"accuracy sft {lost['preference_accuracy_sft']:.3f} -> final {lost['preference_accuracy_final']:.3f})"
-            in lost["failed_conditions"])
+    assert lost["preference_margin_narrowed"] >= 0.9 * PAIRS and lost["preference_margin_gain_ci_high"] < -0.8
+    assert (f"preference_margin_gain_ci_low {lost['preference_margin_gain_ci_low']:.3f} <= min_preference_gain 0.000 "
+            f"(final vs sft: the chosen answer's margin over the rejected one widened on "
+            f"{lost['preference_margin_widened']} and narrowed on {lost['preference_margin_narrowed']} of {PAIRS} "
+            "pairs)" in lost["failed_conditions"])
     assert lost["sft_score"] >= 0.9 and lost["finetuned_score"] == lost["base_score"] < 0.1
     assert lost["delta_vs_sft_ci_high"] < 0 and lost["metrics"]["sft"]["exact_match"] >= 0.9
     assert lost["probe_sft_accuracy"] > lost["probe_finetuned_accuracy"] and lost["sft_forgetting"] == 0.0
@@ -220,13 +247,14 @@ def test_a_final_model_that_gained_preferences_passes_and_the_base_scores_come_f
     assert gained["preference_accuracy_sft"] == gained["preference_accuracy_base"]
     assert gained["preference_accuracy_final"] == first["preference_accuracy_sft"]
     assert gained["preference_delta_ci_low"] > 0 and gained["delta_ci_low"] > 0
+    assert gained["preference_margin_widened"] >= 0.9 * PAIRS and gained["preference_margin_gain_ci_low"] > 0.8
     assert gained["passed"] is True and gained["failed_conditions"] == []
-    strict = CONFIG.model_copy(update={"min_preference_gain": 0.99})
+    strict = CONFIG.model_copy(update={"min_preference_gain": 1.0})
     again = evaluate(workspace, "competent", tmp_path / "gained", sft="identity", preferences="pairs.parquet",
                      config=strict, cache=cache)
     assert again["reused"] and again["failed_conditions"] == [
-        f"preference_delta_ci_low {gained['preference_delta_ci_low']:.3f} <= min_preference_gain 0.990 (preference "
-        f"accuracy sft {gained['preference_accuracy_sft']:.3f} -> final {gained['preference_accuracy_final']:.3f})"]
+        f"preference_margin_gain_ci_low {gained['preference_margin_gain_ci_low']:.3f} <= min_preference_gain 1.000 "
+        f"({margin_words(gained)})"]
 
 
 def test_without_preference_pairs_the_measurements_are_those_of_before(workspace, tmp_path):

@@ -181,16 +181,18 @@ def test_a_pass_says_when_answering_the_most_common_label_every_time_scores_high
 
 
 def test_the_gate_requires_a_preference_gain_only_when_preference_pairs_were_evaluated():
-    pairs = {"preference_pairs": 50, "preference_baseline": "sft", "preference_accuracy_sft": 0.7,
-             "preference_accuracy_final": 0.66, "preference_delta_ci_low": -0.1}
+    pairs = {"preference_pairs": 20, "preference_baseline": "sft", "preference_margin_widened": 0,
+             "preference_margin_narrowed": 0, "preference_margin_gain_ci_low": 0.0, "preference_delta_ci_low": 0.1}
     assert decide_gate(measured(), EvaluationConfig(min_preference_gain=0.5)) == (True, [])  # no pairs: as before
-    passed, failed = decide_gate(measured(**pairs), EvaluationConfig())
+    passed, failed = decide_gate(measured(**pairs), EvaluationConfig())  # an unchanged model, whatever its accuracy
     assert not passed and failed == [
-        "preference_delta_ci_low -0.100 <= min_preference_gain 0.000 (preference accuracy sft 0.700 -> final 0.660)"]
+        "preference_margin_gain_ci_low 0.000 <= min_preference_gain 0.000 (final vs sft: the chosen answer's margin "
+        "over the rejected one widened on 0 and narrowed on 0 of 20 pairs)"]
     assert decide_gate(measured(**pairs), EvaluationConfig(min_preference_gain=-0.2)) == (True, [])
-    versus_base = {**pairs, "preference_baseline": "base", "preference_accuracy_base": 0.5}
-    assert "(preference accuracy base 0.500 -> final 0.660)" in decide_gate(measured(**versus_base),
-                                                                             EvaluationConfig())[1][0]
+    versus_base = {**pairs, "preference_baseline": "base", "preference_margin_widened": 7,
+                   "preference_margin_narrowed": 9, "preference_margin_gain_ci_low": -0.4}
+    assert "(final vs base: the chosen answer's margin over the rejected one widened on 7 and narrowed on 9 of 20 " \
+           "pairs)" in decide_gate(measured(**versus_base), EvaluationConfig())[1][0]
 
 
 def test_the_review_gate_waits_for_human_verdicts_apart_from_the_metric_gate():

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation.preference import margin_words
 
 GATE_FIELDS = frozenset({"min_improvement", "min_preference_gain", "max_forgetting", "require_beats_fewshot",
                          "require_human_review"})
@@ -52,13 +53,11 @@ def _fewshot(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
 
 
 def _preference_gain(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
-    low = metrics.get("preference_delta_ci_low")  # None: no preference pairs were evaluated
+    low = metrics.get("preference_margin_gain_ci_low")  # None: no preference pairs were evaluated
     if low is None or low > config.min_preference_gain:
         return None
-    baseline = metrics["preference_baseline"]
-    return (f"preference_delta_ci_low {low:.3f} <= min_preference_gain {config.min_preference_gain:.3f} "
-            f"(preference accuracy {baseline} {metrics[f'preference_accuracy_{baseline}']:.3f} -> final "
-            f"{metrics['preference_accuracy_final']:.3f})")
+    return (f"preference_margin_gain_ci_low {low:.3f} <= min_preference_gain {config.min_preference_gain:.3f} "
+            f"({margin_words(metrics)})")
 
 
 def _baseline_higher(metrics: dict[str, Any], baseline: str, what: str) -> str | None:
@@ -118,8 +117,9 @@ def decide_gate(metrics: dict[str, Any], config: EvaluationConfig) -> tuple[bool
     - forgetting fails only on evidence: when its 95% CI low is above `max_forgetting` (a few probe rows
       changing by chance cannot fail the gate);
     - with `require_beats_fewshot`, the gain over the few-shot baseline has a CI low above `min_improvement`;
-    - with held-out preference pairs, the final model's preference-accuracy gain over the SFT model (over the base
-      without one) has a CI low above `min_preference_gain`.
+    - with held-out preference pairs, the final model's margin gain over the SFT model (over the base without one:
+      the share of pairs whose chosen answer it favours more, less the share it favours less) has a CI low above
+      `min_preference_gain`.
 
     Human verdicts arrive after the evaluation, so `waiting_for_reviews` is a gate of its own (on `human_review`).
     """

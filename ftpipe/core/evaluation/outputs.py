@@ -31,6 +31,7 @@ from ftpipe.core.evaluation.row_cache import RowCache
 from ftpipe.core.storage import write_text
 
 CACHE_FORMAT = "5"  # bump when the cached content or the decoding code changes
+OUTPUTS_FORMAT = "2"  # bump when the fields of ModelOutputs (cached whole for the base model) change
 
 Log = Callable[[str], None]
 TUNED = {"sft": "SFT", "finetuned": "fine-tuned"}  # the trained models, in the order they are evaluated
@@ -49,7 +50,7 @@ class ModelOutputs:
     probe_answers: list[str] = field(default_factory=list)
     probe_logprobs: list[float] = field(default_factory=list)
     probe_tokens: list[int] = field(default_factory=list)
-    preference_correct: list[float] | None = None  # per held-out preference pair: the chosen answer is preferred
+    preference_logprobs: list[tuple[float, int]] | None = None  # (sum, tokens): each pair's chosen, then rejected
     seconds_per_row: float | None = None  # answering the held-out rows, per row (batched for a local model)
     rows_run: int = 0  # held-out rows run when these outputs were made (the others' came from the per-row cache)
 
@@ -250,9 +251,9 @@ def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout,
         _add_probe(model, tokenizer, heldout.probe, config.batch_tokens, outputs, rows, logprobs,
                    lambda text: log(f"{name}: {text}"))
         if heldout.pairs:
-            outputs.preference_correct = chosen_preferred(logprobs(pair_conversations(heldout.pairs)))
-            log(f"{name}: prefers the chosen answer in {sum(outputs.preference_correct):.0f}/{len(heldout.pairs)} "
-                "held-out preference pairs")
+            outputs.preference_logprobs = logprobs(pair_conversations(heldout.pairs))
+            log(f"{name}: prefers the chosen answer in {sum(chosen_preferred(outputs.preference_logprobs)):.0f}/"
+                f"{len(heldout.pairs)} held-out preference pairs")
     return outputs
 
 
@@ -304,7 +305,7 @@ def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[s
     its base in place). A full fine-tune is loaded whole after the base model is released.
     """
     base = functools.cache(lambda: load_model(base_model_dir, trust_remote_code))
-    key = cache_key(**base_key, device=inference_device())
+    key = cache_key(**base_key, device=inference_device(), outputs=OUTPUTS_FORMAT)
     base_weights = cache_key(base=base_key["base"], device=inference_device())
     base_rows = RowCache(cache_dir / f"rows-{base_weights}.jsonl")
     outputs: dict[str, ModelOutputs] = {}

@@ -1,13 +1,18 @@
-"""Preference accuracy on held-out preference pairs: the share of pairs where a model gives the chosen answer a
-higher log-probability per token than the rejected one, for the base, SFT and final models, and the final model's
-gain with a paired bootstrap interval."""
+"""Preference tuning measured on held-out preference pairs, for the base, SFT and final models:
+
+- preference accuracy, the share of pairs where a model finds the chosen answer likelier per token than the rejected
+  one: an absolute reading, which verbose rejected answers can hold at the same value for every model;
+- the margin gain, which the gate reads: per pair, whether the final model widened or narrowed the chosen answer's
+  lead over the rejected one (summed log-probabilities, what a DPO stage trains) against the model it was tuned from
+  (the SFT model, else the base), as the share widened minus the share narrowed, with a bootstrap interval.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftpipe.core.evaluation.statistics import paired_bootstrap
+from ftpipe.core.evaluation.statistics import mean_bootstrap, paired_bootstrap
 from ftpipe.core.preferences import is_paired, read_preferences
 
 if TYPE_CHECKING:
@@ -15,6 +20,7 @@ if TYPE_CHECKING:
 
 ANSWERS = ("chosen", "rejected")
 MODELS = {"base": "base", "sft": "sft", "finetuned": "final"}  # output side -> name in the metrics
+MARGIN_TOLERANCE = 1e-3  # nats: a pair's margin moving less than this is numerical noise, not a change
 
 
 def read_pairs(path: Path | None, max_rows: int | None) -> list[dict]:
@@ -39,17 +45,45 @@ def chosen_preferred(sums: list[tuple[float, int]]) -> list[float]:
     return [float(chosen > rejected) for chosen, rejected in mean_pair_logprobs(sums)]
 
 
+def margins(sums: list[tuple[float, int]]) -> list[float]:
+    """Per pair, the chosen answer's summed log-probability minus the rejected one's."""
+    totals = [logprob for logprob, _ in sums]
+    return [chosen - rejected for chosen, rejected in zip(totals[::2], totals[1::2])]
+
+
+def margin_changes(before: list[tuple[float, int]], after: list[tuple[float, int]]) -> list[float]:
+    """Per pair, 1.0 where `after` widened the chosen answer's margin over `before` (by more than MARGIN_TOLERANCE),
+    -1.0 where it narrowed it, else 0.0."""
+    return [float(new - old > MARGIN_TOLERANCE) - float(old - new > MARGIN_TOLERANCE)
+            for old, new in zip(margins(before), margins(after))]
+
+
+def margin_words(metrics: dict[str, Any]) -> str:
+    """How the final model moved the pairs' margins against its baseline, in a few words."""
+    return (f"final vs {metrics['preference_baseline']}: the chosen answer's margin over the rejected one widened on "
+            f"{metrics['preference_margin_widened']} and narrowed on {metrics['preference_margin_narrowed']} of "
+            f"{metrics['preference_pairs']} pairs")
+
+
 def measure_preference(outputs: dict[str, ModelOutputs], samples: int, seed: int) -> dict[str, Any]:
-    """`preference_pairs`, `preference_accuracy_base`, `_sft` (None without an SFT model) and `_final`, and the final
-    model's gain over `preference_baseline` (the SFT model, else the base) as `preference_delta` with its 95%
-    paired-bootstrap interval; nothing when no pairs were scored."""
-    correct = {MODELS[side]: produced.preference_correct for side, produced in outputs.items()
-               if side in MODELS and produced.preference_correct is not None}
-    if not correct.get("final"):
+    """`preference_pairs`, `preference_accuracy_base`, `_sft` (None without an SFT model) and `_final`, the final
+    model's accuracy change over `preference_baseline` (the SFT model, else the base) as `preference_delta` with its
+    95% paired-bootstrap interval, and its margin changes against that model: `preference_margin_widened`,
+    `_narrowed` and `preference_margin_gain` (the share widened minus the share narrowed) with its 95% bootstrap
+    interval; nothing when no pairs were scored."""
+    sums = {MODELS[side]: produced.preference_logprobs for side, produced in outputs.items()
+            if side in MODELS and produced.preference_logprobs}
+    if not sums.get("final"):
         return {}
-    baseline = "sft" if "sft" in correct else "base"
-    delta, low, high = paired_bootstrap(correct[baseline], correct["final"], samples, seed)
-    accuracy = {f"preference_accuracy_{name}": sum(values) / len(values) if (values := correct.get(name)) else None
+    baseline = "sft" if "sft" in sums else "base"
+    correct = {name: chosen_preferred(values) for name, values in sums.items()}
+    accuracy = {f"preference_accuracy_{name}": sum(correct[name]) / len(correct[name]) if name in correct else None
                 for name in MODELS.values()}
-    return {"preference_pairs": len(correct["final"]), **accuracy, "preference_baseline": baseline,
-            "preference_delta": delta, "preference_delta_ci_low": low, "preference_delta_ci_high": high}
+    delta, delta_low, delta_high = paired_bootstrap(correct[baseline], correct["final"], samples, seed)
+    changes = margin_changes(sums[baseline], sums["final"])
+    gain, low, high = mean_bootstrap(changes, samples, seed)
+    return {"preference_pairs": len(changes), **accuracy, "preference_baseline": baseline,
+            "preference_delta": delta, "preference_delta_ci_low": delta_low, "preference_delta_ci_high": delta_high,
+            "preference_margin_widened": changes.count(1.0), "preference_margin_narrowed": changes.count(-1.0),
+            "preference_margin_gain": gain, "preference_margin_gain_ci_low": low,
+            "preference_margin_gain_ci_high": high}

@@ -190,10 +190,16 @@ def preference_tuning(metrics: dict[str, Any]) -> str | None:
                         *(number(m[f"preference_accuracy_{side}"]) for side in sides)])
     parts = [markdown_table(["metric", *(STAGES[side] for side in sides)], rows)]
     if pairs:
+        baseline = STAGES[m["preference_baseline"]]
         parts.append(f"Preference accuracy: the share of held-out pairs whose chosen answer the model finds likelier "
-                     f"per token than the rejected one. Final vs {STAGES[m['preference_baseline']]} "
-                     f"{number(m['preference_delta'], True)} "
+                     f"per token than the rejected one. Final vs {baseline} {number(m['preference_delta'], True)} "
                      f"({_interval(m['preference_delta_ci_low'], m['preference_delta_ci_high'])}).")
+        parts.append(f"Margin gain, which the gate reads: against the {baseline} model, the final model widened the "
+                     f"chosen answer's lead over the rejected one (summed log-probability, what a DPO stage trains) on "
+                     f"{m['preference_margin_widened']} of {pairs} pairs and narrowed it on "
+                     f"{m['preference_margin_narrowed']}: {number(m['preference_margin_gain'], True)} "
+                     f"({_interval(m['preference_margin_gain_ci_low'], m['preference_margin_gain_ci_high'])}). "
+                     "Verbose rejected answers can hold the accuracy still while the margins move.")
     if "sft_score" in m:
         parts.append(f"The preference stage changed `{m['primary_metric']}` by {number(m['delta_vs_sft'], True)} "
                      f"({_interval(m['delta_vs_sft_ci_low'], m['delta_vs_sft_ci_high'])}) and forgetting from "

@@ -31,9 +31,16 @@ def paired_bootstrap(base_scores, tuned_scores, samples: int, seed: int) -> tupl
     """(mean(tuned - base), 2.5th and 97.5th percentile of that mean over `samples` paired resamples of rows)."""
     import numpy as np
 
-    diffs = np.asarray(tuned_scores, dtype=float) - np.asarray(base_scores, dtype=float)
-    low, high = bootstrap_interval(diffs.size, lambda rows: diffs[rows].mean(axis=1), samples, seed)
-    return float(diffs.mean()), low, high
+    return mean_bootstrap(np.asarray(tuned_scores, dtype=float) - np.asarray(base_scores, dtype=float), samples, seed)
+
+
+def mean_bootstrap(values, samples: int, seed: int) -> tuple[float, float, float]:
+    """(mean(values), 2.5th and 97.5th percentile of the mean over `samples` resamples of the values)."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    low, high = bootstrap_interval(values.size, lambda rows: values[rows].mean(axis=1), samples, seed)
+    return float(values.mean()), low, high
 
 
 def ratio_bootstrap(reference_scores, scores, samples: int, seed: int) -> tuple[float, float, float]:
