@@ -9,6 +9,7 @@ Canonical preference row (what `raw_examples` writes to `preferences.parquet`, b
 
 from __future__ import annotations
 
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def to_preference(row: Any, spec: FormatSpec, source: str) -> dict[str, Any] | N
         read = ("prompt", "system", *(("chosen", "rejected") if paired else ("completion", "label")))
         check_mapped_columns(row, {field: spec.columns[field] for field in read if field in spec.columns})
     system = optional_text(row.get(columns["system"]), columns["system"]) if "system" in columns else None
-    prompt = with_system_prompt(_prompt(row.get(columns["prompt"]), columns["prompt"], system), spec.system_prompt)
+    prompt = with_system_prompt(_prompt(_value(row, columns, "prompt"), columns["prompt"], system), spec.system_prompt)
     answers = _paired_answers(row, columns) if paired else _unpaired_answer(row, columns)
     check_size([*(m["content"] for m in prompt), *(a for a in answers.values() if isinstance(a, str))])
     fields = {"prompt": prompt, "chosen": None, "rejected": None, "completion": None, "label": None, **answers}
@@ -82,8 +83,10 @@ def _naming(row: dict[str, Any], spec: FormatSpec) -> tuple[bool, dict[str, str]
     """(paired, the column of each field) when `row` is a preference row: by its own keys, else by the mapping.
     An unmapped `label` never makes a row of mapped columns unpaired (`label` may be an SFT row's answer column).
     A row of a file that holds both kinds, whose `chosen` and `rejected` are empty (null, or an empty CSV cell), is
-    unpaired when it has a `label`."""
-    for columns in (OWN_COLUMNS, {**OWN_COLUMNS, **spec.columns}):
+    unpaired when it has a `label`. A row with a mapped column in place of a field's own name (`rejected: rejcted`)
+    is read by the mapping."""
+    renamed = any(column in row and field not in row for field, column in spec.columns.items() if field in OWN_COLUMNS)
+    for columns in (OWN_COLUMNS, {**OWN_COLUMNS, **spec.columns})[renamed:]:
         pair = [columns[side] for side in ("chosen", "rejected") if columns[side] in row]
         unpaired = columns["label"] in row and columns["prompt"] in row and (
             columns is OWN_COLUMNS or "label" in spec.columns)
@@ -119,9 +122,19 @@ def _answer(value: Any, name: str) -> str:
     return message["content"]
 
 
+def _value(row: dict[str, Any], columns: dict[str, str], field: str) -> Any:
+    """The row's value of `field` (in its column); BadRow naming a close spelling when the row lacks the column."""
+    name = columns[field]
+    others = [str(key) for key in row if key not in columns.values()]
+    if name not in row and (close := get_close_matches(name, others, n=1)):
+        raise BadRow(f"field '{name}' is missing, and the row has '{close[0]}': misspelt? (data.columns: "
+                     f"{{{field}: {close[0]}}} reads it)")
+    return row.get(name)
+
+
 def _paired_answers(row: dict[str, Any], columns: dict[str, str]) -> dict[str, str]:
-    chosen = _answer(row.get(columns["chosen"]), columns["chosen"])
-    rejected = _answer(row.get(columns["rejected"]), columns["rejected"])
+    chosen = _answer(_value(row, columns, "chosen"), columns["chosen"])
+    rejected = _answer(_value(row, columns, "rejected"), columns["rejected"])
     if canonical(chosen) == canonical(rejected):
         names = f"'{columns['chosen']}' and '{columns['rejected']}'"
         raise BadRow(f"fields {names} are the same answer after normalisation")
@@ -129,8 +142,8 @@ def _paired_answers(row: dict[str, Any], columns: dict[str, str]) -> dict[str, s
 
 
 def _unpaired_answer(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
-    return {"completion": _answer(row.get(columns["completion"]), columns["completion"]),
-            "label": _label(row.get(columns["label"]), columns["label"])}
+    return {"completion": _answer(_value(row, columns, "completion"), columns["completion"]),
+            "label": _label(_value(row, columns, "label"), columns["label"])}
 
 
 def _label(value: Any, name: str) -> bool:

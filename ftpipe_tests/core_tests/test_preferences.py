@@ -100,6 +100,14 @@ def test_a_mapped_preference_column_missing_from_a_file_is_named_as_the_mapping(
                              "ticket")]
 
 
+def test_the_mapping_a_misspelt_column_hint_names_reads_the_file(ftpipe_env: Path) -> None:
+    folder = make_task(ftpipe_env, "t", {"export.jsonl": [{"prompt": "q1", "chosen": "a", "rejcted": "b"},
+                                                          {"prompt": "q2", "chosen": "c", "rejected": "d"}]})
+    result = read(folder, FormatSpec(columns={"rejected": "rejcted"}))
+    assert [(row["prompt"][-1]["content"], row["rejected"]) for row in result.preferences] == [("q1", "b"), ("q2", "d")]
+    assert result.quarantine == []
+
+
 def test_a_mapped_sft_answer_column_named_label_stays_an_sft_row(ftpipe_env: Path) -> None:
     folder = make_task(ftpipe_env, "t", {"intents.csv": "text,label\nmy card is lost,lost_card\n",
                                          "pairs.jsonl": [{"prompt": "q", "chosen": "a", "rejected": "b"}]})
@@ -111,6 +119,8 @@ def test_a_mapped_sft_answer_column_named_label_stays_an_sft_row(ftpipe_env: Pat
 @pytest.mark.parametrize(("row", "reason"), [
     ({"prompt": "q", "chosen": "a", "rejected": "  "}, "field 'rejected' is empty"),
     ({"prompt": "q", "chosen": "a"}, "field 'rejected' is missing"),
+    ({"prompt": "q", "chosen": "a", "rejcted": "b"},
+     "field 'rejected' is missing, and the row has 'rejcted': misspelt? (data.columns: {rejected: rejcted} reads it)"),
     ({"chosen": "a", "rejected": "b"}, "field 'prompt' is missing"),
     ({"prompt": "q", "chosen": "Same  answer", "rejected": "same answer"},
      "fields 'chosen' and 'rejected' are the same answer after normalisation"),
