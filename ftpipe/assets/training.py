@@ -33,7 +33,7 @@ from ftpipe.core.storage import atomic_dir, task_dir, write_text
 from ftpipe.core.training.methods import describe_method
 from ftpipe.core.training.warm_start import describe, record_train_ids, write_warm_rows
 from ftpipe.core.tasks import (
-    TrainingInputs, base_model_source, general_replay_prompts, preference_prompts_without_system, training_asset,
+    TrainingInputs, base_model_source, general_replay_prompts, training_asset,
     training_inputs, why_training_runs,
 )
 from ftpipe.partitions import task_partitions
@@ -289,8 +289,6 @@ def _stage(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: Tas
         raise dg.Failure(description=str(missing)) from None
     if stage.objective == "sft":  # the next training's warm start needs to know which rows this one learnt
         record_train_ids(paths.warm_start_cache, inputs.split_version, inputs.train_path)
-    elif (mismatch := preference_prompts_without_system(context.partition_key, cfg)) is not None:
-        context.log.warning(f"{context.partition_key}: {mismatch}")
     version = paths.adapter(inputs.fingerprint, asset)
     reused = None if config.force_retrain else reusable(version, asset, inputs.fingerprint)
     if reused:

@@ -24,7 +24,9 @@ from ftpipe.core.layout import (
     EVAL as EVAL_FILE, EVAL_PREFERENCES, PREFERENCES, SPLIT_RECORD, TRAIN as TRAIN_FILE, TRAIN_PREFERENCES,
 )
 from ftpipe.core.preferences import as_chat, read_preferences, write_preferences
-from ftpipe.core.records import examples_metadata, read_examples, write_examples
+from ftpipe.core.records import (
+    common_system_prompt, examples_metadata, read_examples, with_system_prompt, write_examples,
+)
 from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.storage import atomic_dir, file_sha256
 from ftpipe.core.text import cell, loose_words
@@ -173,6 +175,17 @@ def _previous_sides(path: Path, eval_fraction: float, seed: int) -> dict[str, st
     return recorded["sides"] if same else {}
 
 
+def with_default_system_prompt(preferences: list[dict[str, Any]],
+                               train: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """(the preference rows, those whose prompt starts without a system message given the one more than half the chat
+    train rows start with: the task's default, which serving adds too; how many got it)."""
+    default = common_system_prompt([row["messages"] for row in train])[0] if train else None
+    bare = [row["prompt"][0]["role"] != "system" for row in preferences]
+    if default is None or not any(bare):
+        return preferences, 0
+    return [{**row, "prompt": with_system_prompt(row["prompt"], default)} for row in preferences], sum(bare)
+
+
 def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, seed: int,
                 settings: similarity.Settings = similarity.Settings()) -> dict[str, Any]:
     """Write `train.parquet`, `eval.parquet`, `train_preferences.parquet`, `eval_preferences.parquet` (the rows of
@@ -193,11 +206,13 @@ def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, see
     sides = assign_sides(rows + prompts, eval_fraction=eval_fraction, seed=seed, previous=previous, settings=settings,
                          shared=_with_preference_text(shared, prompts, settings))
     train, evaluation = ([row for row in rows if sides[row["id"]] == side] for side in (TRAIN, EVAL))
+    pairs, given = with_default_system_prompt(pairs, train)
     train_pairs, eval_pairs = ([row for row in pairs if sides[row["id"]] == side] for side in (TRAIN, EVAL))
     summary = {"train_rows": len(train), "eval_rows": len(evaluation),
-               "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
+               "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "pairs_given_system_prompt": given}
     inputs = {"deduplicated_examples": file_sha256(examples_path)[:16], "eval_fraction": eval_fraction, "seed": seed,
-              "deduplicated_preferences": file_sha256(preferences_path)[:16] if preferences_path.is_file() else None}
+              "deduplicated_preferences": file_sha256(preferences_path)[:16] if preferences_path.is_file() else None,
+              "preference_system_prompt": "the chat train rows' default where a prompt has none"}
     record = {"eval_fraction": eval_fraction, "seed": seed,
               "sides": {row["id"]: sides[row["id"]] for row in rows + pairs}}
     produced = {"train": TRAIN_FILE, "eval": EVAL_FILE, "train_preferences": TRAIN_PREFERENCES,

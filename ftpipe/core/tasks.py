@@ -263,24 +263,6 @@ def system_prompt_source(task: str, config: TaskConfig) -> str:
     return f"the default system prompt is the one {holding} of {rows} train rows start with{others}"
 
 
-def preference_prompts_without_system(task: str, config: TaskConfig) -> str | None:
-    """Why the preference stage sees other prompts than serving does, when it does: the task's default system prompt
-    comes from its chat rows (no `data.system_prompt`), and preference prompts of the split start without one."""
-    from ftpipe.core.preferences import read_preferences
-
-    prompt = None if config.data.system_prompt else split_system_prompt(task)[0]
-    train = TaskLayout(task).preference_split_files[0]
-    if prompt is None or not train.is_file():
-        return None
-    prompts = [row["prompt"] for row in read_preferences(train)]
-    bare = sum(not messages or messages[0]["role"] != "system" for messages in prompts)
-    if not bare:
-        return None
-    return (f"{bare} of {len(prompts)} train preference prompts start without a system message, while the chat rows "
-            f"and serving start with one ({prompt[:60]!r}{'...' if len(prompt) > 60 else ''}): the preference stage "
-            "trains and is scored without it. Set data.system_prompt to give every row the same one")
-
-
 def label_answers(task: str, evaluation: EvaluationConfig) -> list[str] | None:
     """The complete answers a task's evaluation constrains answers to (from its split's references), or None when
     it does not constrain them."""

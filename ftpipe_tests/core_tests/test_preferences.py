@@ -248,21 +248,3 @@ def test_build_clean_preferences_writes_the_kept_rows_and_counts_by_reason(tmp_p
     assert len(read_preferences(tmp_path / "preferences.parquet")) == 2
     empty = preference_cleaning.build_clean_preferences([], tmp_path)
     assert empty["preference_rows_in"] == 0 and read_preferences(tmp_path / "preferences.parquet") == []
-
-
-def test_preference_prompts_without_the_system_prompt_serving_uses_are_named(tiny_task: str) -> None:
-    from ftpipe.core.layout import TaskLayout
-    from ftpipe.core.tasks import preference_prompts_without_system, task_config
-    from ftpipe_tests.tiny_model import toy_rows
-
-    layout = TaskLayout(tiny_task)
-    layout.split_files[0].parent.mkdir(parents=True)
-    records.write_examples(toy_rows(20), layout.split_files[0])  # every chat row starts with one system message
-    write_preferences([pair(f"What color is fruit {i}?", "red", "blue") for i in range(3)],
-                      layout.preference_split_files[0])
-    told = preference_prompts_without_system(tiny_task, task_config(tiny_task))
-    assert told.startswith("3 of 3 train preference prompts start without a system message, while the chat rows "
-                           "and serving start with one") and told.endswith("Set data.system_prompt to give every row "
-                                                                           "the same one")
-    assert preference_prompts_without_system(tiny_task, task_config(tiny_task, "data: {system_prompt: Be brief.}")) \
-        is None, "data.system_prompt: every row gets the same one"
