@@ -12,6 +12,7 @@ import pytest
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation import run_evaluation
+from ftpipe.core.evaluation.card import card_evaluation
 from ftpipe.core.evaluation.gate import gate_caveat
 from ftpipe.core.evaluation.generation import conversation_logprobs, load_model
 from ftpipe.core.evaluation.outputs import ModelOutputs
@@ -230,6 +231,9 @@ def test_a_final_model_that_lost_the_sft_models_preferences_fails_the_gate(works
     scores = (lost["base_score"], lost["sft_score"], lost["finetuned_score"])
     assert "| rouge_l | {:.3f} | {:.3f} | {:.3f} |".format(*scores) in section
     assert "| metric | base | few-shot | SFT | fine-tuned | fine-tuned − base |" in report
+    card = card_evaluation(lost, CONFIG)
+    assert f"Preference tuning:\n\n{section.split(chr(10) + '## ')[0].strip()}" in card, "the card shows the stage"
+    assert f"narrowed it on {lost['preference_margin_narrowed']}:" in card
 
     lenient = CONFIG.model_copy(update={"min_preference_gain": -2.0, "min_improvement": -2.0})
     reread = evaluate(workspace, "identity", tmp_path / "lost", sft="competent", preferences="pairs.parquet",
