@@ -167,9 +167,9 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
         eval_fraction=cfg.split.eval_fraction, seed=cfg.split.seed, settings=Settings.of(cfg.dedup),
     )
     context.log.info(f"{task}: {summary['train_rows']} train / {summary['eval_rows']} eval rows")
-    if summary["pairs_given_system_prompt"]:
-        context.log.info(f"{task}: {summary['pairs_given_system_prompt']} preference prompts started without a system "
-                         "message and got the one the chat rows and serving start with")
+    if given := summary["preference_rows_given_system_prompt"]:
+        context.log.info(f"{task}: {given} preference prompts started without a system message and got the one the "
+                         "chat rows and serving start with")
     train, evaluation = paths.split_files
     unheld = labels_without_heldout_rows(cfg.evaluation, *(records.answers(path) for path in (train, evaluation)))
     if unheld:

@@ -209,7 +209,8 @@ def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, see
     pairs, given = with_default_system_prompt(pairs, train)
     train_pairs, eval_pairs = ([row for row in pairs if sides[row["id"]] == side] for side in (TRAIN, EVAL))
     summary = {"train_rows": len(train), "eval_rows": len(evaluation),
-               "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "pairs_given_system_prompt": given}
+               "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+               "preference_rows_given_system_prompt": given}
     inputs = {"deduplicated_examples": file_sha256(examples_path)[:16], "eval_fraction": eval_fraction, "seed": seed,
               "deduplicated_preferences": file_sha256(preferences_path)[:16] if preferences_path.is_file() else None,
               "preference_system_prompt": "the chat train rows' default where a prompt has none"}

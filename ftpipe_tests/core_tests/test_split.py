@@ -233,14 +233,14 @@ def test_preference_prompts_without_a_system_message_get_the_one_the_chat_rows_a
     own = [to_preference({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
                           "chosen": "Hi.", "rejected": "Hello there, how are you today?"}, FormatSpec(), "p:line 41")]
     summary = build(tmp_path / "in", chat, bare + own, tmp_path / "split", eval_fraction=0.2)
-    assert summary["pairs_given_system_prompt"] == 40
+    assert summary["preference_rows_given_system_prompt"] == 40
     written = [row for name in ("train_preferences.parquet", "eval_preferences.parquet")
                for row in read_preferences(tmp_path / "split" / name)]
     systems = {row["id"]: row["prompt"][0]["content"] for row in written if row["prompt"][0]["role"] == "system"}
     assert systems == {**{row["id"]: SYSTEM_PROMPT for row in bare}, own[0]["id"]: "Be brief."}, "its own one is kept"
     assert split.split_leaks(tmp_path / "split", similarity.Settings()) == [], "the shared prompt is no likeness"
     alone = build(tmp_path / "alone", [], bare, tmp_path / "split_alone")
-    assert alone["pairs_given_system_prompt"] == 0, "without chat rows there is no default to give"
+    assert alone["preference_rows_given_system_prompt"] == 0, "without chat rows there is no default to give"
 
 
 def test_short_copies_with_one_word_misspelt_share_a_side_and_one_across_the_split_is_a_leak() -> None:
