@@ -174,6 +174,8 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
     unheld = labels_without_heldout_rows(cfg.evaluation, *(records.answers(path) for path in (train, evaluation)))
     if unheld:
         context.log.warning(f"{task}: {unheld_labels(unheld)}")
+    if cfg.evaluation.task_type == "generation" and (stock := split.stock_answer(records.read_examples(train))):
+        context.log.warning(f"{task}: {stock}")
     return dg.MaterializeResult(
         metadata={
             **summary,

@@ -145,9 +145,22 @@ class NearRows:
         self.rows = rows
         self.answers = answers  # equal ids: equal normalised answers
         self.settings = settings
-        self.similar = similarity.neighbours(len(rows), similarity.prompt_pairs(
-            prompts, lambda index: similarity.prompt_words(rows[index]["messages"]), settings))
+        pairs = similarity.prompt_pairs(prompts, lambda index: similarity.prompt_words(rows[index]["messages"]),
+                                        settings)
+        self.similar = similarity.neighbours(len(rows), [pair for pair in pairs if self.turn_for_turn(*pair[:2])])
         self._word_sets: dict[int, tuple[set[str], set[str]]] = {}
+
+    def turn_for_turn(self, a: int, b: int) -> bool:
+        """Conversations of several user turns are near-identical only turn for turn: as many messages, and last user
+        messages (what the answer answers) near-identical in their words too; shared earlier turns are not enough."""
+        first, second = self.rows[a]["messages"], self.rows[b]["messages"]
+        if sum(m["role"] == "user" for m in first) == sum(m["role"] == "user" for m in second) == 1:
+            return True
+        if len(first) != len(second):
+            return False
+        words = [set(loose_words(next(m for m in reversed(messages) if m["role"] == "user")["content"]))
+                 for messages in (first, second)]
+        return len(words[0] & words[1]) >= self.settings.threshold * max(len(words[0] | words[1]), 1)
 
     @cached_property
     def _answer_shingles(self) -> tuple[dict[int, int], similarity.Shingles]:
@@ -387,6 +400,7 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         "label_spellings": respelled,
     }
     inputs = {"raw_examples": file_sha256(examples_path)[:16], "json_answers": "compared by value",
+              "multi_turn": "near-identical turn for turn",
               "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None,
               **({"free_text": True} if free_text else {}),
               **({"labels": {"label_field": labels.config.label_field, "respelled": "chat and preference answers"}}

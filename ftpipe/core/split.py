@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from ftpipe.core.records import (
 )
 from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.storage import atomic_dir, file_sha256
-from ftpipe.core.text import cell, loose_words
+from ftpipe.core.text import canonical, cell, loose_words
 
 TRAIN, EVAL = "train", "eval"
 # The same answer word for word (as `loose` reads it), of at least this many words and given by at most this many
@@ -37,6 +38,7 @@ TRAIN, EVAL = "train", "eval"
 # answer is a label or a stock reply many questions share.
 ANSWER_MIN_WORDS = 6
 ANSWER_MAX_ROWS = 5
+STOCK_ANSWER_SHARE, STOCK_ANSWER_ROWS = 0.2, 5  # one final answer of this share of the train rows, this many at least
 
 
 def hash_side(prompt: str, eval_fraction: float, seed: int) -> str:
@@ -173,6 +175,19 @@ def _previous_sides(path: Path, eval_fraction: float, seed: int) -> dict[str, st
     recorded = json.loads(path.read_text(encoding="utf-8"))
     same = recorded.get("eval_fraction") == eval_fraction and recorded.get("seed") == seed
     return recorded["sides"] if same else {}
+
+
+def stock_answer(train: list[dict[str, Any]]) -> str | None:
+    """Said when one final answer ends STOCK_ANSWER_SHARE of the train rows or more (at least STOCK_ANSWER_ROWS): in a
+    generation task a closing "You are welcome." would be most of what is learnt; else None."""
+    answers = Counter(canonical(row["messages"][-1]["content"]) for row in train)
+    answer, count = answers.most_common(1)[0] if answers else ("", 0)
+    if count < max(STOCK_ANSWER_ROWS, STOCK_ANSWER_SHARE * len(train)):
+        return None
+    written = next(text for row in train if canonical(text := row["messages"][-1]["content"]) == answer)
+    return (f"{count} of {len(train)} train rows ({count / len(train):.0%}) end with the same answer "
+            f"({written[:60]!r}{'...' if len(written) > 60 else ''}): only a row's final assistant message is learnt, "
+            "so this answer is much of what the model learns; give each turn worth learning a row of its own")
 
 
 def with_default_system_prompt(preferences: list[dict[str, Any]],

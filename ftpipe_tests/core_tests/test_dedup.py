@@ -5,7 +5,7 @@ import numpy as np
 from ftpipe.config import EvaluationConfig
 from ftpipe.core import dedup, similarity, split
 from ftpipe.core.evaluation.metrics import task_metrics
-from ftpipe.core.records import examples_metadata, write_examples
+from ftpipe.core.records import example_id, examples_metadata, write_examples
 from ftpipe.core.results import read_result
 from ftpipe.core.text import canonical, loose
 from ftpipe_tests.emails import QUESTIONS, wrapped_emails
@@ -299,3 +299,28 @@ def test_rows_leave_out_shared_text_unless_it_is_all_a_row_has_and_can_be_picked
     assert kept.row(12).tolist() == whole.row(12).tolist(), "a row of shared text only keeps all its shingles"
     picked = messages.rows(shared, np.array([12, 3, 3]))
     assert [picked.row(i).tolist() for i in range(3)] == [kept.row(i).tolist() for i in (12, 3, 3)]
+
+
+def conversation(turns: list[str], source: str, system: str = SYSTEM_PROMPT) -> dict:
+    """A multi-turn row: user and assistant turns alternating, after the shared system prompt."""
+    roles = ["user", "assistant"] * len(turns)
+    messages = [{"role": "system", "content": system}] + [{"role": role, "content": text}
+                                                           for role, text in zip(roles, turns)]
+    return {"id": example_id(messages), "messages": messages, "source": source}
+
+
+def test_multi_turn_conversations_are_near_identical_only_turn_for_turn() -> None:
+    rng = random.Random(8)
+    opening = [sentence(rng, 25), sentence(rng, 30), sentence(rng, 8), sentence(rng, 30)]  # two shared exchanges
+    thanked = conversation(opening + ["thanks!", "You are welcome."], "chats:line 1")
+    agreed = conversation(opening + ["ok will do", "Sounds good, I am here if you need anything."], "chats:line 2")
+    longer = conversation(opening + [sentence(rng, 6), sentence(rng, 12), "thanks!", "Glad I could help."],
+                          "chats:line 3")
+    shouted = conversation([turn.upper() for turn in opening] + ["THANKS!!", "You are welcome."], "chats:line 4")
+    retyped = conversation(opening[:2] + [opening[2] + " please", opening[3], "thanks!", "You are welcome."],
+                           "chats:line 5")
+    others = [conversation([sentence(rng, 20), sentence(rng, 20)], f"more:line {i}") for i in range(6)]
+    result = dedup.deduplicate([thanked, agreed, longer, shouted, retyped, *others])
+    assert {row["source"] for row in result.removed} == {"chats:line 4", "chats:line 5"}, [
+        (row["source"], row["reason"], row["detail"]) for row in result.removed]
+    assert {row["reason"] for row in result.removed} == {"near_duplicate"}

@@ -268,3 +268,15 @@ def test_short_copies_with_one_word_misspelt_share_a_side_and_one_across_the_spl
             f"'{meant}'); a new `split.seed` splits again") in split.leak_line(leaks)
     assert similarity.misspelt_copies(["order A-92776 is late", "order A-92706 is late"]) == [], "another order"
     assert similarity.misspelt_copies(["Where's my REFUND?", "where is my refnd", "where's my refnd"]) == [(0, 2, 2)]
+
+
+def test_one_answer_ending_a_fifth_of_the_train_rows_is_named() -> None:
+    rng = random.Random(2)
+    varied = [row(sentence(rng, 10), sentence(rng, 10), f"a:line {i}") for i in range(30)]
+    closing = [row(sentence(rng, 10), "You are  welcome!" if i % 2 else "you are welcome!", f"b:line {i}")
+               for i in range(8)]
+    assert split.stock_answer(varied + closing) == (
+        "8 of 38 train rows (21%) end with the same answer ('you are welcome!'): only a row's final assistant message "
+        "is learnt, so this answer is much of what the model learns; give each turn worth learning a row of its own")
+    assert split.stock_answer(varied + closing[:7]) is None, "under a fifth"
+    assert split.stock_answer(varied[:8] + closing[:4]) is None, "too few rows to say"
