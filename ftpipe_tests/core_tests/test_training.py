@@ -202,7 +202,8 @@ def test_a_split_with_no_row_within_max_length_is_refused_in_one_line_not_retrie
     assert "Traceback" not in stderr and re.fullmatch(
         f"training refused: {rows} of {rows} train rows \\(100%\\) are longer than training.max_length=16 tokens "
         r"\(those rows: median \d+, longest \d+\), so the training would learn from 0 rows; raise training.max_length "
-        r"to \d+ to keep them all \(too_long: truncate would cut off the answers, which end each row\)",
+        r"to \d+ to keep them all, or \d+ to keep \d+ of \d+ \(too_long: truncate would cut off the answers, which end "
+        r"each row\)",
         stderr.splitlines()[-1]), stderr
     assert not (workspace / "too-short" / "adapter").exists()
     experiment = mlflow_client(workspace).get_experiment_by_name("toy-too-short").experiment_id
@@ -236,8 +237,9 @@ def test_loss_is_masked_on_prompt_tokens(workspace):
                                f"{len(trainer.train_dataset) + LONG_ROWS} train rows (") and "eval rows" not in left_out
     rows = read_chat_rows(workspace / "train.parquet")
     longest = max(chat_length(trainer.processing_class, messages) for messages in rows)
-    assert left_out.endswith(f"Raise training.max_length to {-(-longest // 64) * 64} to keep them (a pass's memory "
-                             "grows with it)") and "truncate" not in left_out, "truncating would cut off the answers"
+    assert left_out.endswith(f"Raise training.max_length to {-(-longest // 64) * 64} to keep them all (a pass's "
+                             "memory grows with it)")
+    assert "truncate" not in left_out, "truncating would cut off the answers"
     tokenizer = trainer.processing_class
     example = trainer.train_dataset[0]
     labels, input_ids = example["labels"], example["input_ids"]
@@ -497,3 +499,12 @@ def test_lora_target_modules_that_match_no_layer_are_refused_and_a_partial_miss_
     checked_lora_config(config("all-linear"), model, warnings.append)
     checked_lora_config(config(["self_attn.q_proj"]), model, warnings.append)
     assert len(warnings) == 1
+
+
+def test_a_few_very_long_rows_do_not_set_the_only_max_length_offered():
+    from ftpipe.core.training.setup import max_length_advice
+
+    ordinary = [530 + 9 * i for i in range(50)]  # chats just over 512 tokens after a long system prompt
+    pasted = [4000, 5200, 6100, 7500, 7510]  # and a few with a pasted log
+    assert max_length_advice(ordinary + pasted) == "7552 to keep them all, or 1024 to keep 50 of 55"
+    assert max_length_advice(ordinary) == "1024 to keep them all", "no second choice when it saves little"

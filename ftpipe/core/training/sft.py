@@ -13,7 +13,7 @@ from ftpipe.core.training.shared_start import SharedStartEvaluation, evaluated_l
 from ftpipe.core.training.setup import (
     CPU_PASS_TOKENS,
     TrainerSetup,
-    fitting_max_length,
+    max_length_advice,
     micro_batching,
     require_rows,
     within_max_length,
@@ -61,7 +61,7 @@ def left_out_warning(train_over: list[int], train_rows: int, eval_over: list[int
         parts.append(f"{len(eval_over)} of {eval_rows} eval rows left out of the training's eval loss (eval_report "
                      "still scores them, on inputs longer than any the model trained on)")
     return (f"rows longer than training.max_length={max_length} tokens: {'; '.join(parts)}. Raise "
-            f"training.max_length to {fitting_max_length(train_over + eval_over)} to keep them (a pass's memory "
+            f"training.max_length to {max_length_advice(train_over + eval_over)} (a pass's memory "
             "grows with it)")
 
 
