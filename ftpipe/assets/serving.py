@@ -89,8 +89,8 @@ def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflo
     reused = facts is not None
     if not reused:
         context.log.info(f"{task}: {system_prompt_source(task, cfg)}")
-        context.log.info(f"{task}: packaging {out.name}: merging an adapter into the base and checking parity on up "
-                         f"to {PARITY_ROWS} held-out prompts (a full fine-tune is copied as it is)")
+        context.log.info(f"{task}: packaging {out.name}: merging an adapter into the base and checking parity on the "
+                         f"{PARITY_ROWS} shortest held-out prompts (a full fine-tune is copied as it is)")
         gate_overrides = run_overrides(context, "eval_report") or config.overrides  # those the gate was decided with
         card = _card(task, cfg, gate_overrides, base, adapter, evaluation, report)
         facts = package_model(

@@ -279,3 +279,12 @@ def test_a_registered_version_is_an_mlflow_transformers_model_of_the_merged_weig
     assert pipeline.tokenizer.chat_template == AutoTokenizer.from_pretrained(root / "merged").chat_template
     reply = mlflow.pyfunc.load_model("models:/ftpipe-toy@champion").predict(registry.CHAT_EXAMPLE)
     assert reply[0]["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_parity_is_checked_on_the_shortest_held_out_prompts(tmp_path):
+    rows = toy_rows(20, seed=2)
+    pasted = [{**row, "messages": [{"role": "user", "content": f"{row['messages'][-2]['content']} {'log line ' * 300}"},
+                                   row["messages"][-1]]} for row in toy_rows(5, seed=9)]
+    write_chat_parquet(tmp_path / "eval.parquet", pasted + rows)
+    chosen = merging.parity_prompts(tmp_path / "eval.parquet", 16)
+    assert len(chosen) == 16 and not any("log line" in m["content"] for prompt in chosen for m in prompt)
