@@ -430,7 +430,8 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
         "files": result.files,
         "unusable_files": result.unusable_files,
         "ignored_files": result.ignored_files,
-        "quarantine_reasons": dict(Counter(row["reason"] for row in result.quarantine).most_common()),
+        "quarantine_reasons": dict(Counter(re.sub(r"\[\d+\]", "[n]", row["reason"])  # one reason at any message
+                                           for row in result.quarantine).most_common()),
     }
     inputs = {"raw_files": _raw_version(task_folder / "raw"), "format": repr(spec)}
     with atomic_dir(out_dir) as tmp:

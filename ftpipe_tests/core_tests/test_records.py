@@ -222,3 +222,14 @@ def test_preference_rows_beside_mapped_chat_columns_are_read_by_their_keys(ftpip
     (preference,) = pq.read_table(tmp_path / "out" / "preferences.parquet").to_pylist()
     assert preference["prompt"] == [{"role": "system", "content": "Triage."}, {"role": "user", "content": "refund me"}]
     assert preference["source"] == "pairs.jsonl:line 1"
+
+
+def test_one_fault_at_different_messages_is_one_quarantine_reason(ftpipe_env: Path, tmp_path: Path) -> None:
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]
+    folder = make_task(ftpipe_env, "t", {"chats.jsonl": [
+        {"messages": [{"role": "bot", "content": "Hello."}, *turns]},
+        {"messages": [*turns, *turns[:1], {"role": "bot", "content": "Hello again."}]},
+        {"messages": turns}]})
+    summary = build_raw_examples(folder, tmp_path / "out", FormatSpec())
+    assert summary["quarantine_reasons"] == {
+        "messages[n].role is 'bot'; expected one of system, user, assistant": 2}

@@ -46,6 +46,9 @@ class Message(BaseModel):
     @field_validator("role", mode="before")
     @classmethod
     def _developer_is_system(cls, role: Any) -> Any:
+        if role not in ("system", "developer", "user", "assistant"):
+            raise PydanticCustomError("role", "role must be 'system', 'developer' (read as the system's), 'user' or "
+                                      "'assistant', got {role}", {"role": repr(role)[:40]})
         return "system" if role == "developer" else role
 
     @field_validator("content", mode="before")
