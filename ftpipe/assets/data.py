@@ -166,7 +166,10 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
         paths.examples("deduplicated_examples"), paths.asset("heldout_split"),
         eval_fraction=cfg.split.eval_fraction, seed=cfg.split.seed, settings=Settings.of(cfg.dedup),
     )
-    context.log.info(f"{task}: {summary['train_rows']} train / {summary['eval_rows']} eval rows")
+    new = summary["new_train_rows"] + summary["new_eval_rows"]
+    context.log.info(f"{task}: {summary['train_rows']} train / {summary['eval_rows']} eval rows"
+                     + (f"; {new} new since the last split ({summary['new_train_rows']} train, "
+                        f"{summary['new_eval_rows']} eval), the others on their sides" if new else ""))
     if given := summary["preference_rows_given_system_prompt"]:
         context.log.info(f"{task}: {given} preference prompts started without a system message and got the one the "
                          "chat rows and serving start with")

@@ -223,9 +223,11 @@ def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, see
     train, evaluation = ([row for row in rows if sides[row["id"]] == side] for side in (TRAIN, EVAL))
     pairs, given = with_default_system_prompt(pairs, train)
     train_pairs, eval_pairs = ([row for row in pairs if sides[row["id"]] == side] for side in (TRAIN, EVAL))
+    new = [sides[row["id"]] for row in rows + pairs if row["id"] not in previous] if previous else []
     summary = {"train_rows": len(train), "eval_rows": len(evaluation),
                "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-               "preference_rows_given_system_prompt": given}
+               "preference_rows_given_system_prompt": given,
+               "new_train_rows": new.count(TRAIN), "new_eval_rows": new.count(EVAL)}
     inputs = {"deduplicated_examples": file_sha256(examples_path)[:16], "eval_fraction": eval_fraction, "seed": seed,
               "deduplicated_preferences": file_sha256(preferences_path)[:16] if preferences_path.is_file() else None,
               "preference_system_prompt": "the chat train rows' default where a prompt has none"}

@@ -171,7 +171,9 @@ def test_all_rows_of_one_prompt_are_on_one_side_and_adding_rows_never_moves_them
     before = json.loads((tmp_path / "split" / "split.json").read_text())["sides"]
     assert all(before[row["id"]] == side[row["id"]] for row in pairs)
     more = [pair(sentence(rng, 12), source=f"q:line {i}") for i in range(60)]
-    build(tmp_path / "two", rows(40) + rows(30, seed=8), pairs + more, tmp_path / "split")
+    grown = build(tmp_path / "two", rows(40) + rows(30, seed=8), pairs + more, tmp_path / "split")
+    assert grown["new_train_rows"] + grown["new_eval_rows"] == 30 + 60 and grown["new_eval_rows"] > 0
+    assert summary["new_train_rows"] == summary["new_eval_rows"] == 0, "a first split has nothing to call new"
     after = json.loads((tmp_path / "split" / "split.json").read_text())["sides"]
     assert all(after[key] == value for key, value in before.items())
     assert read_result(tmp_path / "split").produced["eval_preferences"] == "eval_preferences.parquet"
