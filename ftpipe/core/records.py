@@ -394,6 +394,15 @@ def user_message(messages: list[dict[str, str]]) -> str:
     return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
 
 
+def conversation_text(messages: list[dict[str, str]]) -> str:
+    """The turns before the answer as a person reads them, system messages aside: the user message alone in a
+    single-turn row, else one `user: …` / `assistant: …` line per turn."""
+    turns = [m for m in messages[:-1] if m["role"] != "system"]
+    if sum(m["role"] == "user" for m in turns) <= 1:
+        return user_message(messages)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in turns)
+
+
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
     with path.open("w", encoding="utf-8", errors="backslashreplace") as handle:
         for row in rows:

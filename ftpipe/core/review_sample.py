@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.core.layout import REVIEW_CSV
-from ftpipe.core.records import common_system_prompt, read_examples
+from ftpipe.core.records import common_system_prompt, conversation_text, read_examples
 from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.storage import atomic_dir, file_sha256
 
@@ -27,7 +27,7 @@ def review_sample(rows: list[dict[str, Any]], size: int = 100, seed: int = 0) ->
         {
             "id": row["id"],
             "system": _system(row["messages"], shared),
-            "prompt": "\n".join(m["content"] for m in row["messages"][:-1] if m["role"] == "user"),
+            "prompt": conversation_text(row["messages"]),
             "answer": row["messages"][-1]["content"],
             "source": row["source"],
         }

@@ -233,3 +233,13 @@ def test_one_fault_at_different_messages_is_one_quarantine_reason(ftpipe_env: Pa
     summary = build_raw_examples(folder, tmp_path / "out", FormatSpec())
     assert summary["quarantine_reasons"] == {
         "messages[n].role is 'bot'; expected one of system, user, assistant": 2}
+
+
+def test_the_review_sample_shows_a_multi_turn_rows_earlier_turns_and_a_single_turn_rows_message_alone() -> None:
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "My router is red."},
+             {"role": "assistant", "content": "Restart it, please."}, {"role": "user", "content": "ok will do"},
+             {"role": "assistant", "content": "Sounds good."}]
+    rows = [{"id": "1", "source": "s", "messages": turns}, {"id": "2", "source": "s", **chat("q", "a", "Be brief.")}]
+    sample, _ = review.review_sample(rows)
+    assert [row["prompt"] for row in sample] == [
+        "user: My router is red.\nassistant: Restart it, please.\nuser: ok will do", "q"]
