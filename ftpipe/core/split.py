@@ -177,15 +177,16 @@ def _previous_sides(path: Path, eval_fraction: float, seed: int) -> dict[str, st
     return recorded["sides"] if same else {}
 
 
-def stock_answer(train: list[dict[str, Any]]) -> str | None:
-    """Said when one final answer ends STOCK_ANSWER_SHARE of the train rows or more (at least STOCK_ANSWER_ROWS): in a
-    generation task a closing "You are welcome." would be most of what is learnt; else None."""
-    answers = Counter(canonical(row["messages"][-1]["content"]) for row in train)
-    answer, count = answers.most_common(1)[0] if answers else ("", 0)
-    if count < max(STOCK_ANSWER_ROWS, STOCK_ANSWER_SHARE * len(train)):
+def stock_answer(answers: list[str]) -> str | None:
+    """Said when one of the train rows' `answers` ends STOCK_ANSWER_SHARE of them or more (at least
+    STOCK_ANSWER_ROWS): in a generation task a closing "You are welcome." would be most of what is learnt; else
+    None."""
+    counts = Counter(map(canonical, answers))
+    answer, count = counts.most_common(1)[0] if counts else ("", 0)
+    if count < max(STOCK_ANSWER_ROWS, STOCK_ANSWER_SHARE * len(answers)):
         return None
-    written = next(text for row in train if canonical(text := row["messages"][-1]["content"]) == answer)
-    return (f"{count} of {len(train)} train rows ({count / len(train):.0%}) end with the same answer "
+    written = next(text for text in answers if canonical(text) == answer)
+    return (f"{count} of {len(answers)} train rows ({count / len(answers):.0%}) end with the same answer "
             f"({written[:60]!r}{'...' if len(written) > 60 else ''}): only a row's final assistant message is learnt, "
             "so this answer is much of what the model learns; give each turn worth learning a row of its own")
 

@@ -9,6 +9,7 @@ import dagster as dg
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ftpipe.__main__ import preference_line
 from ftpipe.core.layout import TaskLayout, mlflow_db
 from ftpipe.definitions import defs
 from ftpipe.partitions import task_partitions
@@ -69,6 +70,8 @@ def test_dpo_after_sft_is_tracked_evaluated_and_merged(ftpipe_env: Path, tiny_mo
         for key in ("preference_accuracy_base", "preference_accuracy_sft", "preference_accuracy_final",
                     "preference_delta_ci_low", "preference_margin_gain_ci_low", "sft_score", "finetuned_score"):
             assert isinstance(report[key], float), key
+        summary = preference_line(report, "dpo")  # as the run's summary says it
+        assert f"of {report['preference_pairs']} pairs (margin gain" in summary, summary
         merged = materialization(result, "merged_model")
         assert merged["registered_version"] == 1
         card = merged["model_card"]

@@ -277,8 +277,11 @@ def test_one_answer_ending_a_fifth_of_the_train_rows_is_named() -> None:
     varied = [row(sentence(rng, 10), sentence(rng, 10), f"a:line {i}") for i in range(30)]
     closing = [row(sentence(rng, 10), "You are  welcome!" if i % 2 else "you are welcome!", f"b:line {i}")
                for i in range(8)]
-    assert split.stock_answer(varied + closing) == (
+    def answers(rows: list[dict]) -> list[str]:
+        return [row["messages"][-1]["content"] for row in rows]
+
+    assert split.stock_answer(answers(varied + closing)) == (
         "8 of 38 train rows (21%) end with the same answer ('you are welcome!'): only a row's final assistant message "
         "is learnt, so this answer is much of what the model learns; give each turn worth learning a row of its own")
-    assert split.stock_answer(varied + closing[:7]) is None, "under a fifth"
-    assert split.stock_answer(varied[:8] + closing[:4]) is None, "too few rows to say"
+    assert split.stock_answer(answers(varied + closing[:7])) is None, "under a fifth"
+    assert split.stock_answer(answers(varied[:8] + closing[:4])) is None, "too few rows to say"
