@@ -178,3 +178,23 @@ def test_a_reviewer_picks_on_the_page_and_its_download_is_read_back(tmp_path):
     assert [row["answer_a"] for row in downloaded] == [row["answer_a"] for row in read_csv(sample / "review.csv")]
     found = read_verdicts(tmp_path / "reviews", sample / "review_key.json").summary()
     assert (found["human_verdicts"], found["human_wins"], found["human_ties"], found["human_losses"]) == (4, 2, 1, 1)
+
+
+def test_a_multi_turn_row_is_reviewed_and_reported_with_its_earlier_turns(tmp_path):
+    from ftpipe.config import EvaluationConfig
+    from ftpipe.core.evaluation.measurements import prediction_records, side_scores
+    from ftpipe.core.evaluation.metrics import task_metrics
+    from ftpipe.core.evaluation.outputs import Heldout, ModelOutputs
+
+    chat = [{"role": "system", "content": "You are the support desk."},
+            {"role": "user", "content": "My order is late."}, {"role": "assistant", "content": "Which order number?"}, {"role": "user", "content": "It is 4411."},
+            {"role": "assistant", "content": "It ships today."}]
+    task = task_metrics(EvaluationConfig(task_type="generation"))
+    heldout = Heldout.of([{"id": "c1", "messages": chat}], [], task)
+    outputs = {side: ModelOutputs(ids=["c1"], answers=[answer], prompt_tokens=40.0)
+               for side, answer in (("base", "Sorry."), ("finetuned", "It ships today."))}
+    scores = {side: side_scores(task, produced, ["It ships today."]) for side, produced in outputs.items()}
+    record = prediction_records(heldout, outputs, scores, task)[0]
+    assert record["message"] == "user: My order is late.\nassistant: Which order number?\nuser: It is 4411."
+    write_review_sample([record], tmp_path, rows=1)
+    assert read_csv(tmp_path / "review.csv")[0]["prompt"] == record["message"]

@@ -12,7 +12,7 @@ from ftpipe.core.evaluation.metrics import Scores, TaskMetrics
 from ftpipe.core.evaluation.outputs import Heldout, ModelOutputs
 from ftpipe.core.evaluation.preference import measure_preference
 from ftpipe.core.evaluation.statistics import paired_bootstrap, ratio_bootstrap
-from ftpipe.core.records import user_message
+from ftpipe.core.records import conversation_text
 
 LABEL_LIKELIHOOD = "label_likelihood_accuracy"
 DELTA_SEED, FEWSHOT_SEED, FORGETTING_SEED, PREFERENCE_SEED, SFT_SEED, TEACHER_SEED, COPY_SEED = 0, 1, 2, 3, 4, 5, 6
@@ -138,12 +138,13 @@ def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetric
 
 def prediction_records(heldout: Heldout, outputs: dict[str, ModelOutputs], scores: dict[str, Scores],
                        task: TaskMetrics) -> list[dict[str, Any]]:
-    """One record per held-out row: the user's message, the whole prompt, the reference, each model's answer,
-    per-row scores, label and final answer, and the primary metric's delta against the base (and few-shot)."""
+    """One record per held-out row: the user's message (with the turns before it, in a multi-turn row), the whole
+    prompt, the reference, each model's answer, per-row scores, label and final answer, and the primary metric's
+    delta against the base (and few-shot)."""
     records, primary = [], task.primary
     for i, row in enumerate(heldout.rows):
         reference = row["messages"][-1]["content"]
-        record = {"id": row["id"], "message": user_message(row["messages"]),
+        record = {"id": row["id"], "message": conversation_text(row["messages"]),
                   "prompt": "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"][:-1]),
                   "reference": reference}
         if task.checks_answers:

@@ -50,8 +50,8 @@ def write_review_sample(records: list[dict], out_dir: Path | str, *, rows: int =
     """A blind A/B sample of `rows` records (prediction records: id, message, prompt, reference and the answer
     columns `<baseline>_answer` and `<candidate>_answer`), the sides shuffled per row, written into `out_dir`:
 
-    - review.csv: sample, id, prompt (the user's message), reference, answer_a, answer_b, and an empty verdict
-      (A, B or tie) and reviewer to fill in;
+    - review.csv: sample, id, prompt (the user's message, after the earlier turns of a multi-turn row), reference,
+      answer_a, answer_b, and an empty verdict (A, B or tie) and reviewer to fill in;
     - review.html: the same rows on a page that works offline in any browser and downloads the filled CSV;
     - review_key.json: which side is the new model on each row (keep it from the reviewer).
 
