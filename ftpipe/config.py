@@ -27,6 +27,7 @@ from ftpipe.core.training.methods import (
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 SECRET_NAME_RE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL", re.IGNORECASE)
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+TOO_LONG_DONE = {"drop": "left out", "truncate": "cut", "trim_turns": "left out"}  # the rows still over max_length
 # What other fine-tuning tools call a setting, for "did you mean" (close spellings are found without this table)
 OTHER_NAMES = {"lr": "learning_rate", "num_train_epochs": "epochs", "num_epochs": "epochs", "epoch": "epochs",
                "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "gradient_accumulation",
@@ -236,9 +237,12 @@ class TrainingConfig(_Strict):
         "and hold less memory; null: on a CPU, passes of whole rows up to 512 tokens (a longer row alone), else the "
         "whole batch"))
     max_length: int = Field(512, ge=16, description="tokens; longer rows are dropped or truncated (too_long)")
-    too_long: Literal["drop", "truncate"] = Field(
-        "drop", description="what happens to rows over max_length; a training that would drop more than half of its "
-                            "train rows is refused, naming the max_length that keeps them")
+    too_long: Literal["drop", "truncate", "trim_turns"] = Field(
+        "drop", description="what happens to rows over max_length: drop them, truncate them (cutting off their "
+                            "answers), or trim_turns: drop a multi-turn row's earliest exchanges (its system message "
+                            "kept) until it fits, and the row when its last exchange alone does not; a training that "
+                            "would drop more than half of its train rows is refused, naming the max_length that keeps "
+                            "them")
     replay: float = Field(0.0, ge=0.0, le=0.5, description=(
         "against forgetting: general rows added to the train rows as a share of them (0.2: 20 per 100), the base "
         "model's own answers to general prompts that are not probe questions; 0: none"))

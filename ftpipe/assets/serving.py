@@ -3,7 +3,7 @@
 import dagster as dg
 
 from ftpipe.assets.common import GPU_POOL, TaskRunConfig, effective_config, load_config, run_overrides, upstream
-from ftpipe.config import TaskConfig
+from ftpipe.config import TOO_LONG_DONE, TaskConfig
 from ftpipe.core.evaluation.card import card_evaluation
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.readable import rounded
@@ -35,9 +35,6 @@ def _card(task: str, cfg: TaskConfig, gate_overrides: str, base: Result, adapter
         "mlflow_run_id": adapter.metadata["mlflow_run_id"],
         **({"sft_mlflow_run_id": sft.metadata["mlflow_run_id"]} if sft.reuse_key != adapter.reuse_key else {}),
     }
-
-
-TOO_LONG_DONE = {"drop": "left out", "truncate": "cut"}
 
 
 def _data_counts(task: str, sft: Result) -> dict[str, int]:

@@ -508,3 +508,28 @@ def test_a_few_very_long_rows_do_not_set_the_only_max_length_offered():
     pasted = [4000, 5200, 6100, 7500, 7510]  # and a few with a pasted log
     assert max_length_advice(ordinary + pasted) == "7552 to keep them all, or 1024 to keep 50 of 55"
     assert max_length_advice(ordinary) == "1024 to keep them all", "no second choice when it saves little"
+
+
+def test_a_chat_over_max_length_loses_its_earliest_turns_with_trim_turns_and_drop_says_so(workspace):
+    from transformers import AutoTokenizer
+
+    from ftpipe.core.training.sft import fit_rows, left_out_warning
+
+    tokenizer = AutoTokenizer.from_pretrained(str(workspace / "base"))
+    system = {"role": "system", "content": "You answer questions about fruit in a few words."}
+    turns = [message for number in range(6) for message in (
+        {"role": "user", "content": f"What color is fruit number {number} when it is ripe and ready to eat?"},
+        {"role": "assistant", "content": f"Fruit {number} is red when ripe."})]
+    chat, short = [system, *turns], [system, *turns[-2:]]
+    pasted = [system, {"role": "user", "content": "ripe " * 300}, {"role": "assistant", "content": "Yellow."}]
+    max_length = chat_length(tokenizer, [system, *turns[-4:]])  # the last two exchanges fit, not three
+    trimmed = fit_rows([chat, short, pasted], tokenizer, max_length, "trim_turns", as_row=lambda messages: messages)
+    assert trimmed.rows == [[system, *turns[-4:]], short] and trimmed.trimmed == 1
+    assert trimmed.lengths == [max_length, chat_length(tokenizer, short)] and len(trimmed.over) == 1
+    dropped = fit_rows([chat, short, pasted], tokenizer, max_length, "drop", as_row=lambda messages: messages)
+    assert dropped.rows == [short] and dropped.trimmed == 0 and dropped.trimmable == 1 and len(dropped.over) == 2
+    assert left_out_warning(dropped.over, 3, [], 0, max_length, dropped.trimmable).endswith(
+        "(a pass's memory grows with it); too_long: trim_turns would keep 1 of them (multi-turn rows) without their "
+        "earliest turns")
+    kept = fit_rows([chat, short, pasted], tokenizer, max_length, "truncate", as_row=lambda messages: messages)
+    assert kept.rows == [chat, short, pasted] and kept.trimmable == 0 and len(kept.over) == 2

@@ -21,6 +21,8 @@ PROBE_CHANGES_SHOWN = 30
 LOSS_NOTE = ("Held-out loss: the mean loss per token of the reference answers (with their end-of-turn tokens), over "
              "the held-out rows evaluated. The training's `eval_loss` (the adapter's metadata) is the same mean for "
              "the checkpoint it kept, but leaves out (or cuts) rows over `training.max_length`.")
+LONG_TRAIN_ROWS = {"drop": "left out of the training", "truncate": "cut to that length in the training",
+                   "trim_turns": "left out of the training or, multi-turn ones, shortened by their earliest turns"}
 NAMED_LABELS = 12  # labels without held-out rows named in the warning
 
 
@@ -263,9 +265,9 @@ def trained_length_table(records: list[dict[str, Any]], metrics: dict[str, Any])
     within = [record for record in records if not record["over_max_length"]]
     rows = [_group_row(title, group, sides, primary) for title, group in
             ((f"over {trained['max_length']} tokens", longer), ("the others", within)) if group]
-    done = "left out of" if trained["too_long"] == "drop" else "cut to that length in"
+    done = LONG_TRAIN_ROWS[trained["too_long"]]
     return (f"{len(longer)} of {len(records)} held-out rows are longer than training.max_length ({trained['max_length']} "
-            f"tokens). Train rows that long were {done} the training, so the model never learned from whole inputs "
+            f"tokens). Train rows that long were {done}, so the model never learned from whole inputs "
             f"that long:\n\n" + markdown_table(["held-out rows", "rows", *(SIDES[s] for s in sides), "fine-tuned − base"], rows))
 
 

@@ -40,22 +40,19 @@ def load_teacher(setup: TrainerSetup):
 
 def build_datasets(setup: TrainerSetup):
     """(train, eval) datasets of whole conversations, the train rows with the setup's replay rows, and the count of
-    rows over max_length (dropped or truncated as configured)."""
+    rows over max_length (fitted as configured: `fit_rows`)."""
     from datasets import Dataset
 
     config = setup.config
-
-    def fitted(path: str) -> tuple[list, list[int], list[int]]:
-        return fit_rows(read_chat_rows(Path(path)), setup.tokenizer, config.max_length, config.too_long,
-                        as_row=lambda messages: messages)
-
-    (train, train_over, lengths), (evals, eval_over, _) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
-    require_rows(train, evals, train_over, config)
-    setup.arguments.update(micro_batching(config, lengths))
-    extra = setup.extra_train_rows(len(train))
-    setup.info(f"data: {len(train)} train rows + {len(extra)} general (replay) / {len(evals)} eval rows")
+    train, evals = (fit_rows(read_chat_rows(Path(path)), setup.tokenizer, config.max_length, config.too_long,
+                             as_row=lambda messages: messages)
+                    for path in (setup.spec.train_path, setup.spec.eval_path))
+    require_rows(train.rows, evals.rows, train.over, config, trimmable=train.trimmable)
+    setup.arguments.update(micro_batching(config, train.lengths))
+    extra = setup.extra_train_rows(len(train.rows))
+    setup.info(f"data: {len(train.rows)} train rows + {len(extra)} general (replay) / {len(evals.rows)} eval rows")
     as_rows = lambda conversations: Dataset.from_list([{"messages": m} for m in conversations])  # noqa: E731
-    return as_rows(train + extra), as_rows(evals), len(train_over) + len(eval_over)
+    return as_rows(train.rows + extra), as_rows(evals.rows), len(train.over) + len(evals.over)
 
 
 def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:

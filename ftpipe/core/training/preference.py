@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ftpipe.config import TrainingConfig
+from ftpipe.config import TOO_LONG_DONE, TrainingConfig
 from ftpipe.core.evaluation.generation import ADAPTER_CONFIG, is_adapter
 from ftpipe.core.modeling import chat_length
 from ftpipe.core.preferences import is_paired, missing_preference_rows, read_preferences
@@ -109,9 +109,8 @@ def build_datasets(setup: TrainerSetup, to_examples: ToExamples):
     (train, train_over), (evals, eval_over) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
     require_rows(train, evals, train_over, config, "preference ")
     rows_too_long = len(train_over) + len(eval_over)
-    action = "dropped" if config.too_long == "drop" else "truncated"
     setup.info(f"data: {len(train)} train / {len(evals)} eval preference rows for {config.objective}; "
-               f"{rows_too_long} over {config.max_length} tokens {action}")
+               f"{rows_too_long} over {config.max_length} tokens {TOO_LONG_DONE[config.too_long]}")
     return Dataset.from_list(train), Dataset.from_list(evals), rows_too_long
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ftpipe.config import TrainingConfig
+from ftpipe.config import TOO_LONG_DONE, TrainingConfig
 from ftpipe.core.evaluation.generation import is_adapter
 from ftpipe.core.launch import Refused
 from ftpipe.core.modeling import load_model_and_tokenizer  # at import: it quiets what loading a model prints
@@ -55,16 +55,34 @@ class TrainerSetup:
 
 
 def within_max_length(items: list, length_of, max_length: int, too_long: str) -> tuple[list, list[int]]:
-    """The items, those over `max_length` tokens (`length_of(item)`) dropped (too_long=drop) or kept for TRL to
-    truncate; and the lengths of those over."""
+    """The items, those over `max_length` tokens (`length_of(item)`) dropped (too_long drop or trim_turns) or kept for
+    TRL to truncate; and the lengths of those over."""
     kept, over = [], []
     for item in items:
         length = length_of(item)
         if length > max_length:
             over.append(length)
-        if length <= max_length or too_long != "drop":
+        if length <= max_length or too_long == "truncate":
             kept.append(item)
     return kept, over
+
+
+def without_earliest_turns(messages: list[dict[str, str]], length_of, max_length: int) -> tuple[list, int] | None:
+    """A multi-turn chat row without as few of its earliest exchanges as it takes to fit `max_length` tokens
+    (`length_of(messages)`), its system message kept: (messages, length); None when its last user turn with what
+    follows does not fit either, or it has one user turn."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    for start in [i for i, message in enumerate(rest) if message["role"] == "user"][1:]:
+        if (length := length_of(system + rest[start:])) <= max_length:
+            return system + rest[start:], length
+    return None
+
+
+def trim_turns_hint(trimmable: int) -> str:
+    """Where `too_long: trim_turns` would keep some of the rows left out: how many."""
+    return (f"; too_long: trim_turns would keep {trimmable} of them (multi-turn rows) without their earliest turns"
+            if trimmable else "")
 
 
 def fitting_max_length(lengths: list[int]) -> int:
@@ -81,11 +99,12 @@ def max_length_advice(over: list[int]) -> str:
     return f"{every} to keep them all" + (f", or {most} to keep {kept} of {len(over)}" if most * 2 <= every else "")
 
 
-def require_rows(train: list, evals: list, train_over: list[int], config: TrainingConfig, kind: str = "") -> None:
+def require_rows(train: list, evals: list, train_over: list[int], config: TrainingConfig, kind: str = "",
+                 trimmable: int = 0) -> None:
     """Refuse a training left with at most MOST_LEFT_OUT of its train rows, or no eval rows, once the rows over
-    max_length (`train_over`: those train rows' lengths) are dropped: it would learn from too few rows to be the
-    task's."""
-    left_out = train_over if config.too_long == "drop" else []
+    max_length (`train_over`: those train rows' lengths; `trimmable` of them multi-turn rows that trim_turns would
+    keep) are dropped: it would learn from too few rows to be the task's."""
+    left_out = train_over if config.too_long != "truncate" else []
     if len(left_out) > MOST_LEFT_OUT * (len(train) + len(left_out)):
         total = len(train) + len(left_out)
         lengths = sorted(left_out)
@@ -93,7 +112,7 @@ def require_rows(train: list, evals: list, train_over: list[int], config: Traini
                       f"training.max_length={config.max_length} tokens (those rows: median {lengths[len(lengths) // 2]}"
                       f", longest {lengths[-1]}), so the training would learn from {len(train)} rows; raise "
                       f"training.max_length to {max_length_advice(left_out)} (too_long: truncate "
-                      "would cut off the answers, which end each row)")
+                      f"would cut off the answers, which end each row){trim_turns_hint(trimmable)}")
     if not train or not evals:
         raise Refused(f"no {'training' if not train else 'eval'} {kind}rows left: every row is longer than "
                       f"max_length={config.max_length} tokens; raise training.max_length")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftpipe.config import TrainingConfig
+from ftpipe.config import TOO_LONG_DONE, TrainingConfig
 from ftpipe.core.modeling import chat_length
 from ftpipe.core.training.eval_loss import TokenWeightedEvalLoss
 from ftpipe.core.training.passes import with_passes
@@ -16,7 +17,8 @@ from ftpipe.core.training.setup import (
     max_length_advice,
     micro_batching,
     require_rows,
-    within_max_length,
+    trim_turns_hint,
+    without_earliest_turns,
 )
 
 
@@ -35,26 +37,43 @@ def to_prompt_completion(messages: list[dict[str, str]]) -> dict[str, list[dict[
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
-def fit_rows(conversations, tokenizer, max_length: int, too_long: str,
-             as_row=to_prompt_completion) -> tuple[list, list[int], list[int]]:
-    """The rows (`as_row` of each conversation: prompt/completion by default), over-long ones dropped (too_long=drop)
-    or kept for TRL to truncate; the over-long ones' lengths in tokens; and the kept rows' lengths (at most
-    max_length)."""
-    lengths = {}
+@dataclass
+class FittedRows:
+    """The chat rows a training keeps of those given, as `fit_rows` fitted them to max_length."""
 
-    def length(messages) -> int:
-        lengths[id(messages)] = chat_length(tokenizer, messages)
-        return lengths[id(messages)]
+    rows: list = field(default_factory=list)  # `as_row` of each kept conversation
+    over: list[int] = field(default_factory=list)  # lengths in tokens of the rows still over max_length
+    lengths: list[int] = field(default_factory=list)  # the kept rows' lengths (at most max_length)
+    trimmed: int = 0  # multi-turn rows kept without their earliest turns (too_long: trim_turns)
+    trimmable: int = 0  # rows dropped (too_long: drop) that trim_turns would keep
 
-    kept, over = within_max_length(conversations, length, max_length, too_long)
-    return ([as_row(messages) for messages in kept], over,
-            [min(lengths[id(messages)], max_length) for messages in kept])
+
+def fit_rows(conversations, tokenizer, max_length: int, too_long: str, as_row=to_prompt_completion) -> FittedRows:
+    """The rows (`as_row` of each conversation: prompt/completion by default), over-long ones dropped (too_long:
+    drop), kept for TRL to truncate (truncate), or as multi-turn rows without their earliest turns where that fits,
+    else dropped (trim_turns: `without_earliest_turns`)."""
+    fitted = FittedRows()
+    for messages in conversations:
+        length = chat_length(tokenizer, messages)
+        if length > max_length and too_long != "truncate":
+            shorter = without_earliest_turns(messages, lambda turns: chat_length(tokenizer, turns), max_length)
+            if shorter and too_long == "trim_turns":
+                (messages, length), fitted.trimmed = shorter, fitted.trimmed + 1
+            fitted.trimmable += shorter is not None and too_long == "drop"
+        if length > max_length:
+            fitted.over.append(length)
+            if too_long != "truncate":
+                continue
+        fitted.rows.append(as_row(messages))
+        fitted.lengths.append(min(length, max_length))
+    return fitted
 
 
 def left_out_warning(train_over: list[int], train_rows: int, eval_over: list[int], eval_rows: int,
-                     max_length: int) -> str:
+                     max_length: int, trimmable: int = 0) -> str:
     """The line about task rows `too_long: drop` left out of a training (their lengths `train_over`, `eval_over`),
-    naming only the sides that had such rows, and the max_length that keeps them."""
+    naming only the sides that had such rows, and the max_length that keeps them (and how many of them, multi-turn
+    rows, trim_turns would keep)."""
     parts = [f"{len(train_over)} of {train_rows} train rows ({len(train_over) / max(train_rows, 1):.0%}) left out of "
              "training: the model does not learn from them"] if train_over else []
     if eval_over:
@@ -62,7 +81,7 @@ def left_out_warning(train_over: list[int], train_rows: int, eval_over: list[int
                      "still scores them, on inputs longer than any the model trained on)")
     return (f"rows longer than training.max_length={max_length} tokens: {'; '.join(parts)}. Raise "
             f"training.max_length to {max_length_advice(train_over + eval_over)} (a pass's memory "
-            "grows with it)")
+            f"grows with it){trim_turns_hint(trimmable)}")
 
 
 def build_datasets(setup: TrainerSetup):
@@ -72,20 +91,20 @@ def build_datasets(setup: TrainerSetup):
 
     config = setup.config
 
-    def fitted(path: str) -> tuple[list[dict], list[int], list[int]]:
-        return fit_rows(read_chat_rows(Path(path)), setup.tokenizer, config.max_length, config.too_long)
-
-    (train, train_over, lengths), (evals, eval_over, _) = fitted(setup.spec.train_path), fitted(setup.spec.eval_path)
-    require_rows(train, evals, train_over, config)
-    extra = [to_prompt_completion(messages) for messages in setup.extra_train_rows(len(train))]
-    rows_too_long = len(train_over) + len(eval_over)
-    action = "dropped" if config.too_long == "drop" else "truncated"
-    setup.info(f"data: {len(train)} train rows + {len(extra)} general (replay) / {len(evals)} eval rows; "
-               f"{rows_too_long} over {config.max_length} tokens {action}")
-    if rows_too_long and config.too_long == "drop":
-        setup.warning(left_out_warning(train_over, len(train) + len(train_over), eval_over,
-                                       len(evals) + len(eval_over), config.max_length))
-    return Dataset.from_list(train + extra), Dataset.from_list(evals), rows_too_long, lengths
+    train, evals = (fit_rows(read_chat_rows(Path(path)), setup.tokenizer, config.max_length, config.too_long)
+                    for path in (setup.spec.train_path, setup.spec.eval_path))
+    require_rows(train.rows, evals.rows, train.over, config, trimmable=train.trimmable)
+    extra = [to_prompt_completion(messages) for messages in setup.extra_train_rows(len(train.rows))]
+    rows_too_long = len(train.over) + len(evals.over)
+    setup.info(f"data: {len(train.rows)} train rows + {len(extra)} general (replay) / {len(evals.rows)} eval rows; "
+               f"{rows_too_long} over {config.max_length} tokens {TOO_LONG_DONE[config.too_long]}"
+               + (f"; {train.trimmed + evals.trimmed} multi-turn rows kept without their earliest turns"
+                  if config.too_long == "trim_turns" else ""))
+    if rows_too_long and config.too_long != "truncate":
+        setup.warning(left_out_warning(train.over, len(train.rows) + len(train.over), evals.over,
+                                       len(evals.rows) + len(evals.over), config.max_length,
+                                       train.trimmable + evals.trimmable))
+    return Dataset.from_list(train.rows + extra), Dataset.from_list(evals.rows), rows_too_long, train.lengths
 
 
 def pass_settings(setup: TrainerSetup, lengths: list[int], rows_too_long: int) -> tuple[bool, int | None]:

@@ -129,14 +129,13 @@ def plan(lengths: list[int], config: TrainingConfig, eval_lengths: list[int] = (
 
 def task_rows(spec: TrainingSpec, config: TrainingConfig, tokenizer,
               path: str | None = None) -> list[tuple[list[dict[str, str]], list[int]]]:
-    """(messages, token ids) of the train rows (those of `path`) the program keeps (`too_long: drop`) or truncates,
+    """(messages, token ids) of the train rows (those of `path`) as the program fits them to max_length (`fit_rows`),
     in file order."""
-    from ftpipe.core.training.sft import read_chat_rows
+    from ftpipe.core.training.sft import fit_rows, read_chat_rows
 
-    encoded = [(messages, _encode(tokenizer, messages)) for messages in read_chat_rows(Path(path or spec.train_path))]
-    kept = [(messages, ids) for messages, ids in encoded
-            if config.too_long == "truncate" or len(ids) <= config.max_length]
-    return [(messages, ids[: config.max_length]) for messages, ids in kept]
+    kept = fit_rows(read_chat_rows(Path(path or spec.train_path)), tokenizer, config.max_length, config.too_long,
+                    as_row=lambda messages: messages).rows
+    return [(messages, _encode(tokenizer, messages)[: config.max_length]) for messages in kept]
 
 
 def _encode(tokenizer, messages: list[dict[str, str]], **options) -> list[int]:
