@@ -125,7 +125,7 @@ def padding_free(config: TrainingConfig, arguments: dict[str, Any], rows_too_lon
     """Whether the rows of a forward pass go through it as one sequence, no padding computed: on a CPU, several rows
     a pass, no packing, no row left over max_length (dropped, or none of the `rows_too_long`: TRL truncates no row
     then), and a `model` that keeps the rows apart by their positions."""
-    rows_fit = config.too_long == "drop" or rows_too_long == 0
+    rows_fit = config.too_long != "truncate" or rows_too_long == 0
     return (arguments["use_cpu"] and arguments["per_device_train_batch_size"] > 1 and not config.packing and rows_fit
             and packed_rows_stay_apart(model))
 
