@@ -243,6 +243,9 @@ class TrainingConfig(_Strict):
                             "kept) until it fits, and the row when its last exchange alone does not; a training that "
                             "would drop more than half of its train rows is refused, naming the max_length that keeps "
                             "them")
+    every_turn: bool = Field(False, description=(
+        "sft: learn every assistant message of a multi-turn row, each after the conversation before it (one train row "
+        "per turn), not only the final one; the eval rows and the evaluation keep the final one"))
     replay: float = Field(0.0, ge=0.0, le=0.5, description=(
         "against forgetting: general rows added to the train rows as a share of them (0.2: 20 per 100), the base "
         "model's own answers to general prompts that are not probe questions; 0: none"))
@@ -293,6 +296,9 @@ class TrainingConfig(_Strict):
         if self.teacher_model and "distill" not in (self.stages[0], self.objective):  # objective: one stage's settings
             raise ValueError(f"teacher_model is used by a distill stage only, and stages is {self.stages}: start "
                              "stages with distill, or leave teacher_model out")
+        if self.every_turn and self.stages[0] != "sft":
+            raise ValueError(f"every_turn applies to an sft stage only, and stages is {self.stages}: start stages "
+                             "with sft, or leave every_turn out")
         return self
 
     @property
@@ -313,6 +319,7 @@ class TrainingConfig(_Strict):
         without effect for this method. Equal recipes (with equal data and base model) give equal weights."""
         launch = {"launcher", "num_processes", "nnodes", "rdzv_endpoint", "k8s", "micro_batch_size"}
         off = set() if self.replay else {"replay"}  # no replay: the recipe (and fingerprint) of a training without it
+        off |= set() if self.every_turn and self.objective == "sft" else {"every_turn"}
         off |= {"stages"} | (set() if self.objective in PREFERENCE_OBJECTIVES else {"preference"})  # per stage
         off |= set() if self.objective == "distill" else {"teacher_model", "distill_on_policy"}
         return self.model_dump(exclude=launch | off | settings_without_effect(self.adapter))

@@ -178,7 +178,8 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
     unheld = labels_without_heldout_rows(cfg.evaluation, train_answers, eval_answers)
     if unheld:
         context.log.warning(f"{task}: {unheld_labels(unheld)}")
-    if cfg.evaluation.task_type == "generation" and (stock := split.stock_answer(train_answers)):
+    learns_final_turns = cfg.evaluation.task_type == "generation" and not cfg.training.every_turn
+    if learns_final_turns and (stock := split.stock_answer(train_answers)):
         context.log.warning(f"{task}: {stock}")
     return dg.MaterializeResult(
         metadata={

@@ -188,7 +188,8 @@ def stock_answer(answers: list[str]) -> str | None:
     written = next(text for text in answers if canonical(text) == answer)
     return (f"{count} of {len(answers)} train rows ({count / len(answers):.0%}) end with the same answer "
             f"({written[:60]!r}{'...' if len(written) > 60 else ''}): only a row's final assistant message is learnt, "
-            "so this answer is much of what the model learns; give each turn worth learning a row of its own")
+            "so this answer is much of what the model learns; learn every assistant turn of multi-turn rows "
+            "(training.every_turn: true), or give each turn worth learning a row of its own")
 
 
 def with_default_system_prompt(preferences: list[dict[str, Any]],

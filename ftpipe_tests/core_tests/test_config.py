@@ -53,6 +53,9 @@ def test_defaults_when_task_yaml_is_empty(tmp_path: Path) -> None:
         ("evaluation: {label_field: answer}", "evaluation", "label_field applies to task_type classification only"),
         ("training: {teacher_model: x}", "training", "teacher_model is used by a distill stage only, and stages is "
                                                      "['sft']: start stages with distill, or leave teacher_model out"),
+        ("training: {every_turn: true, stages: [distill], teacher_model: x}", "training",
+         "every_turn applies to an sft stage only, and stages is ['distill']: start stages with sft, or leave "
+         "every_turn out"),
         ("training: {objective: dpo}", "training", "objective dpo would not train: the trainings run the objectives "
                                                    "of stages (['sft']); put dpo in stages"),
         ("evaluation: {min_improvement: 5}", "evaluation.min_improvement", "a share, not a percentage"),
@@ -219,6 +222,13 @@ def test_replay_is_in_the_recipe_only_when_it_mixes_rows_in() -> None:
     some = parse_task_config("training: {replay: 0.25}", "t.yaml").training
     assert none.replay == 0.0 and zero.recipe() == none.recipe() and "replay" not in none.recipe()
     assert some.recipe() == {**none.recipe(), "replay": 0.25}
+
+
+def test_every_turn_is_in_the_recipe_of_its_sft_stage_only_when_on() -> None:
+    off, on = (parse_task_config(text, "t.yaml").training for text in ("", "training: {every_turn: true, stages: "
+                                                                            "[sft, dpo]}"))
+    assert "every_turn" not in off.recipe() and on.for_stage("sft").recipe()["every_turn"] is True
+    assert "every_turn" not in on.for_stage("dpo").recipe()
 
 
 def test_settings_the_rest_of_the_config_leaves_without_effect_are_named() -> None:

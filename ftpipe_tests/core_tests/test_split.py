@@ -282,6 +282,7 @@ def test_one_answer_ending_a_fifth_of_the_train_rows_is_named() -> None:
 
     assert split.stock_answer(answers(varied + closing)) == (
         "8 of 38 train rows (21%) end with the same answer ('you are welcome!'): only a row's final assistant message "
-        "is learnt, so this answer is much of what the model learns; give each turn worth learning a row of its own")
+        "is learnt, so this answer is much of what the model learns; learn every assistant turn of multi-turn rows "
+        "(training.every_turn: true), or give each turn worth learning a row of its own")
     assert split.stock_answer(answers(varied + closing[:7])) is None, "under a fifth"
     assert split.stock_answer(answers(varied[:8] + closing[:4])) is None, "too few rows to say"

@@ -533,3 +533,27 @@ def test_a_chat_over_max_length_loses_its_earliest_turns_with_trim_turns_and_dro
         "earliest turns")
     kept = fit_rows([chat, short, pasted], tokenizer, max_length, "truncate", as_row=lambda messages: messages)
     assert kept.rows == [chat, short, pasted] and kept.trimmable == 0 and len(kept.over) == 2
+
+
+def test_every_turn_learns_each_assistant_message_after_the_conversation_before_it(workspace):
+    from ftpipe.core.training import sizing
+    from ftpipe.core.training.spec import TrainingSpec
+
+    def chat(number: int, exchanges: int) -> dict:
+        turns = [message for turn in range(exchanges) for message in (
+            {"role": "user", "content": f"Chat {number}, question {turn}: what color is the apple?"},
+            {"role": "assistant", "content": f"Red, answer {turn}."})]
+        return {"id": f"c{number:02d}", "messages": [{"role": "system", "content": "Name colors."}, *turns]}
+
+    rows = [chat(number, 1 + number % 3) for number in range(12)]  # 1, 2 or 3 assistant turns each
+    said = []
+    trainer = evaluating_trainer(workspace, "every-turn", toy_rows(4, seed=7), rows, said=said.append, every_turn=True,
+                                 max_length=256)
+    turns = sum(1 + number % 3 for number in range(12))
+    assert len(trainer.train_dataset) == turns and len(trainer.eval_dataset) == 4
+    assert any(line.startswith(f"data: {turns} train rows (every assistant turn a row) + 0 general") for line in said)
+    spec = TrainingSpec.from_json(workspace / "every-turn.json")
+    learnt = [messages for messages, _ in sizing.task_rows(spec, spec.config(), trainer.processing_class)]
+    assert learnt[:3] == [rows[0]["messages"], rows[1]["messages"][:3], rows[1]["messages"]]
+    trainer = evaluating_trainer(workspace, "final-turn", toy_rows(4, seed=7), rows, max_length=256)
+    assert len(trainer.train_dataset) == 12

@@ -30,6 +30,16 @@ def read_chat_rows(path: Path) -> list[list[dict[str, str]]]:
     return [[{"role": m["role"], "content": m["content"]} for m in messages] for messages in frame["messages"]]
 
 
+def train_conversations(path: Path, config: TrainingConfig) -> list[list[dict[str, str]]]:
+    """The conversations an SFT training learns from the chat rows of `path`: each row, or with `every_turn` each of
+    its assistant messages after the conversation before it."""
+    rows = read_chat_rows(path)
+    if not config.every_turn:
+        return rows
+    return [messages[:end + 1] for messages in rows
+            for end in range(1, len(messages)) if messages[end]["role"] == "assistant"]
+
+
 def to_prompt_completion(messages: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
     """Conversational prompt/completion: TRL then puts the loss on the final assistant turn only."""
     if messages[-1]["role"] != "assistant":
@@ -90,13 +100,13 @@ def build_datasets(setup: TrainerSetup):
     from datasets import Dataset
 
     config = setup.config
-
-    train, evals = (fit_rows(read_chat_rows(Path(path)), setup.tokenizer, config.max_length, config.too_long)
-                    for path in (setup.spec.train_path, setup.spec.eval_path))
+    conversations = train_conversations(Path(setup.spec.train_path), config), read_chat_rows(Path(setup.spec.eval_path))
+    train, evals = (fit_rows(rows, setup.tokenizer, config.max_length, config.too_long) for rows in conversations)
     require_rows(train.rows, evals.rows, train.over, config, trimmable=train.trimmable)
     extra = [to_prompt_completion(messages) for messages in setup.extra_train_rows(len(train.rows))]
     rows_too_long = len(train.over) + len(evals.over)
-    setup.info(f"data: {len(train.rows)} train rows + {len(extra)} general (replay) / {len(evals.rows)} eval rows; "
+    setup.info(f"data: {len(train.rows)} train rows{' (every assistant turn a row)' if config.every_turn else ''} + "
+               f"{len(extra)} general (replay) / {len(evals.rows)} eval rows; "
                f"{rows_too_long} over {config.max_length} tokens {TOO_LONG_DONE[config.too_long]}"
                + (f"; {train.trimmed + evals.trimmed} multi-turn rows kept without their earliest turns"
                   if config.too_long == "trim_turns" else ""))

@@ -128,13 +128,14 @@ def plan(lengths: list[int], config: TrainingConfig, eval_lengths: list[int] = (
 
 
 def task_rows(spec: TrainingSpec, config: TrainingConfig, tokenizer,
-              path: str | None = None) -> list[tuple[list[dict[str, str]], list[int]]]:
-    """(messages, token ids) of the train rows (those of `path`) as the program fits them to max_length (`fit_rows`),
-    in file order."""
-    from ftpipe.core.training.sft import fit_rows, read_chat_rows
+              evals: bool = False) -> list[tuple[list[dict[str, str]], list[int]]]:
+    """(messages, token ids) of the train rows (`evals`: the eval rows) as the program fits them to max_length
+    (`train_conversations`, `fit_rows`), in file order."""
+    from ftpipe.core.training.sft import fit_rows, read_chat_rows, train_conversations
 
-    kept = fit_rows(read_chat_rows(Path(path or spec.train_path)), tokenizer, config.max_length, config.too_long,
-                    as_row=lambda messages: messages).rows
+    conversations = (read_chat_rows(Path(spec.eval_path)) if evals
+                     else train_conversations(Path(spec.train_path), config))
+    kept = fit_rows(conversations, tokenizer, config.max_length, config.too_long, as_row=lambda messages: messages).rows
     return [(messages, _encode(tokenizer, messages)[: config.max_length]) for messages in kept]
 
 
@@ -164,7 +165,7 @@ def row_lengths(spec: TrainingSpec, config: TrainingConfig) -> tuple[list[int], 
 
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir, trust_remote_code=spec.trust_remote_code)
     kept = [len(ids) for _, ids in task_rows(spec, config, tokenizer)]
-    evals = evaluated_lengths([ids for _, ids in task_rows(spec, config, tokenizer, spec.eval_path)])
+    evals = evaluated_lengths([ids for _, ids in task_rows(spec, config, tokenizer, evals=True)])
     return kept + replay_lengths(spec, config, tokenizer, len(kept)), evals
 
 
