@@ -220,8 +220,8 @@ def resolve_base_model(
     source = _source_of(spec, models_dir, token)
     fingerprint = _fingerprint(source["digest"])
     cache = models_dir / fingerprint
-    if _is_complete(cache):
-        return json.loads((cache / INFO_FILE).read_text())
+    if _is_complete(cache):  # its own place, not the one written in it (the folder may be a copy from elsewhere)
+        return {**json.loads((cache / INFO_FILE).read_text()), "path": str(cache)}
     with _no_progress_bars():
         model, tokenizer = _load_source(source, trust_remote_code, token)
     has_chat_template = bool(tokenizer.chat_template)

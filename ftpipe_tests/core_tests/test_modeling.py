@@ -130,7 +130,8 @@ def test_the_default_models_resolved_folder_copied_to_an_offline_machine_is_used
     models = tmp_path / "models"
     known = models / modeling._fingerprint(f"gguf:{modeling.DEFAULT_GGUF_SHA256}")
     shutil.copytree(resolved["path"], known)  # the folder another machine resolved the alias into
-    assert resolve_base_model(modeling.DEFAULT_MODEL_ALIAS, models) == resolved
+    shutil.rmtree(tmp_path / "elsewhere")  # which is not on this machine
+    assert resolve_base_model(modeling.DEFAULT_MODEL_ALIAS, models) == {**resolved, "path": str(known)}
     assert not downloads_dir().exists() or not any(downloads_dir().iterdir()), "nothing fetched"
 
 
