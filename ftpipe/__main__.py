@@ -195,9 +195,10 @@ def merged_line(task: str, merged: dict) -> str:
     where = (f"merged model: {merged['model_path']} (registered as {merged['registered_model']} version "
              f"{merged['registered_version']})")
     if merged["champion"]:
-        return f"{where}; try it: python -m ftpipe chat {task} \"Hello\""
-    return (f"{where}: the candidate, not the champion (it does not beat the champion's score on the same eval "
-            "split), so chat and serve answer with the champion")
+        return (f"{where}, the champion ({merged['champion_comparison']}); try it: python -m ftpipe chat {task} "
+                '"Hello"')
+    return (f"{where}: the candidate, not the champion ({merged['champion_comparison']}), so chat and serve answer "
+            "with the champion")
 
 
 def preference_line(report: dict, objective: str) -> str:

@@ -41,13 +41,13 @@ class MlflowTracking(dg.ConfigurableResource):
 
         log_evaluation(run_id, report, self.uri(), gate)
 
-    def register_model(self, *, task: str, model_path: Path, run_id: str, eval_score: float,
-                       eval_version: str) -> dict[str, Any]:
-        """Register a servable model of `task` (once per folder); `champion` follows the best on the same eval split."""
+    def register_model(self, *, task: str, model_path: Path, run_id: str, eval_score: float, eval_version: str,
+                       scores: dict[str, float]) -> dict[str, Any]:
+        """Register a servable model of `task` (once per folder); `champion` follows the best (`registry.beats`)."""
         from ftpipe.core.registry import register_model
 
         return register_model(task=task, model_path=model_path, run_id=run_id, eval_score=eval_score,
-                              eval_version=eval_version, tracking_uri=self.uri())
+                              eval_version=eval_version, scores=scores, tracking_uri=self.uri())
 
     def registered_folders(self, task: str) -> set[str]:
         """The folder names of the task's `champion` and `candidate` models: what pruning must keep."""

@@ -137,12 +137,14 @@ def test_the_verdict_line_shows_the_few_shot_baseline_beside_the_base() -> None:
 def test_the_summary_says_whether_chat_answers_with_the_new_model() -> None:
     from ftpipe.__main__ import merged_line
 
-    merged = {"model_path": "m/v2", "registered_model": "ftpipe-orders", "registered_version": 2, "champion": True}
-    assert merged_line("orders", merged) == ('merged model: m/v2 (registered as ftpipe-orders version 2); try it: '
-                                             'python -m ftpipe chat orders "Hello"')
-    assert merged_line("orders", {**merged, "champion": False}).endswith(
-        "version 2): the candidate, not the champion (it does not beat the champion's score on the same eval split), "
-        "so chat and serve answer with the champion")
+    merged = {"model_path": "m/v2", "registered_model": "ftpipe-orders", "registered_version": 2, "champion": True,
+              "champion_comparison": "0.256 against the champion's 0.081 on the 37 eval rows both were scored on"}
+    assert merged_line("orders", merged) == (
+        "merged model: m/v2 (registered as ftpipe-orders version 2), the champion (0.256 against the champion's 0.081 "
+        'on the 37 eval rows both were scored on); try it: python -m ftpipe chat orders "Hello"')
+    worse = "0.100 against the champion's 0.200 on the same eval split"
+    assert merged_line("orders", {**merged, "champion": False, "champion_comparison": worse}).endswith(
+        f"version 2): the candidate, not the champion ({worse}), so chat and serve answer with the champion")
 
 
 def test_a_warning_check_is_said_to_warn_and_a_blocking_one_to_fail(capsys, monkeypatch) -> None:

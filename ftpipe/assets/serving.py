@@ -71,7 +71,7 @@ def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflo
     Each fine-tuned model gets its own folder, `merged_model/<base>-<adapter>/`, so a new one never touches the
     champion's files; `merged_model/latest` links to the newest. A model packaged before is reused, not packaged again.
     """
-    from ftpipe.core.evaluation import read_evaluation
+    from ftpipe.core.evaluation import finetuned_row_scores, read_evaluation
     from ftpipe.core.merging import PARITY_ROWS, card_body, package_model, packaged
 
     task = context.partition_key
@@ -95,8 +95,9 @@ def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflo
             eval_path=paths.split_files[1], card=card, reuse_key=key, trust_remote_code=cfg.trust_remote_code,
         )
     paths.mark_latest_merged(out)
-    registered = mlflow.register_model(task=task, model_path=out, run_id=adapter.metadata["mlflow_run_id"],
-                                       eval_score=report["finetuned_score"], eval_version=evaluation.inputs["eval_version"])
+    registered = mlflow.register_model(
+        task=task, model_path=out, run_id=adapter.metadata["mlflow_run_id"], eval_score=report["finetuned_score"],
+        eval_version=evaluation.inputs["eval_version"], scores=finetuned_row_scores(report))
     removed = paths.prune_merged(keep=mlflow.registered_folders(task))
     mlflow.mark_removed_versions(task)
     context.log.info(f"model {out} ({'reused' if reused else 'written'}); removed older models: {removed or 'none'}")
@@ -107,6 +108,7 @@ def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflo
             "registered_model": registered["registered_model"],
             "registered_version": registered["registered_version"],
             "champion": registered["champion"],
+            "champion_comparison": registered["compared"],
             "reused": reused,
             "model_card": dg.MetadataValue.md(card_body(out)),
         },

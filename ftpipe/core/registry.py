@@ -3,14 +3,17 @@ the model folder; the `candidate` alias follows the newest version and `champion
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from ftpipe.core.layout import MODEL_CARD
+from ftpipe.core.storage import write_text
 from ftpipe.core.tracking import mlflow_client
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 SCORE_TAG, EVAL_VERSION_TAG, FILES_TAG = "eval_score", "eval_version", "files"
+EVAL_SCORES = "eval_scores.json"  # in a registered model's folder: {row id: score} on the eval split it was judged on
 PATH_TAG = "model_path"  # a registered version's model folder (its source is the MLflow model logged from it)
 CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}
 MLFLOW_MODEL_REQUIREMENTS = ("torch", "transformers")
@@ -77,20 +80,38 @@ def _version_by_alias(client, name: str, alias: str):
         return None
 
 
-def beats(version, eval_score: float, eval_version: str) -> bool:
-    """True when `version` is None, or was scored on the same eval split with a lower score."""
+def row_scores(version) -> dict[str, float]:
+    """A registered version's per-row scores on the eval split it was judged on ({} for a version registered without
+    them)."""
+    path = Path(model_folder(version)) / EVAL_SCORES
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def beats(version, eval_score: float, eval_version: str, scores: dict[str, float]) -> tuple[bool, str]:
+    """Whether a new version scored `eval_score` on the eval split `eval_version` (`scores`: its score on each row,
+    by row id) beats the champion `version`, and why, in words: on the same split, by its score; on another, by the
+    mean scores of the rows both were scored on (a grown split keeps its rows); with none in common, it does not."""
     if version is None:
-        return True
-    same_split = version.tags.get(EVAL_VERSION_TAG) == eval_version
-    return same_split and eval_score > float(version.tags.get(SCORE_TAG, "-inf"))
+        return True, "no champion before"
+    if version.tags.get(EVAL_VERSION_TAG) == eval_version:
+        theirs = float(version.tags.get(SCORE_TAG, "-inf"))
+        return eval_score > theirs, f"{eval_score:.3f} against the champion's {theirs:.3f} on the same eval split"
+    theirs = row_scores(version)
+    shared = sorted(set(scores) & set(theirs))
+    if not shared:
+        return False, ("the champion was scored on another eval split, with no row in common: not comparable; make it "
+                       f"the champion with MlflowClient().set_registered_model_alias({version.name!r}, "
+                       f"{CHAMPION!r}, <version>)")
+    ours, old = (sum(found[row] for row in shared) / len(shared) for found in (scores, theirs))
+    return ours > old, f"{ours:.3f} against the champion's {old:.3f} on the {len(shared)} eval rows both were scored on"
 
 
 def register_model(*, task: str, model_path: Path | str, run_id: str, eval_score: float, eval_version: str,
-                   tracking_uri: str | None = None) -> dict[str, Any]:
-    """Register the merged dir as a new version of `ftpipe-<task>` (once per dir): an MLflow `transformers` model
-    logged from it to the training run, its folder in the `model_path` tag. Alias it `candidate`, and `champion`
-    when there is no champion yet or it beats the champion's score on the same eval split version (a champion
-    scored on another split is not comparable and stays)."""
+                   scores: dict[str, float], tracking_uri: str | None = None) -> dict[str, Any]:
+    """Register the merged dir as a new version of `ftpipe-<task>` (once per dir): its per-row eval `scores` written
+    in it (EVAL_SCORES), an MLflow `transformers` model logged from it to the training run, its folder in the
+    `model_path` tag. Alias it `candidate`, and `champion` when there is no champion yet or it beats the champion
+    (`beats`); `compared` says why or why not."""
     from mlflow.exceptions import MlflowException
 
     client = mlflow_client(tracking_uri)
@@ -104,19 +125,22 @@ def register_model(*, task: str, model_path: Path | str, run_id: str, eval_score
     previous = _version_by_alias(client, name, CHAMPION)
     version = next((v for v in client.search_model_versions(f"name = '{name}'") if model_folder(v) == folder), None)
     if version is None:
+        write_text(Path(folder) / EVAL_SCORES, json.dumps(scores))
         logged = log_chat_model(client, run_id, folder)
         tags = {SCORE_TAG: repr(float(eval_score)), EVAL_VERSION_TAG: eval_version, PATH_TAG: folder}
         version = client.create_model_version(name, source=logged.artifact_location, run_id=run_id, tags=tags,
                                               model_id=logged.model_id)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     is_champion = previous is not None and previous.version == version.version
-    promote = not is_champion and beats(previous, eval_score, eval_version)
+    promote, compared = (False, "already the champion") if is_champion else beats(previous, eval_score, eval_version,
+                                                                                 scores)
     if promote:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return {
         "registered_model": name,
         "registered_version": int(version.version),
         "champion": is_champion or promote,
+        "compared": compared,
         "previous_champion_version": int(previous.version) if previous else None,
     }
 

@@ -15,7 +15,10 @@
 from ftpipe.core.evaluation.gate import GATE_FIELDS, decide_gate, waiting_for_reviews
 from ftpipe.core.evaluation.label_likelihood import constrained_answers
 from ftpipe.core.evaluation.review import Verdicts, read_verdicts, write_review_sample
-from ftpipe.core.evaluation.run import evaluation_key, read_evaluation, run_evaluation, select_rows
+from ftpipe.core.evaluation.run import (
+    evaluation_key, finetuned_row_scores, read_evaluation, run_evaluation, select_rows,
+)
 
-__all__ = ["GATE_FIELDS", "Verdicts", "constrained_answers", "decide_gate", "evaluation_key", "read_evaluation",
-           "read_verdicts", "run_evaluation", "select_rows", "waiting_for_reviews", "write_review_sample"]
+__all__ = ["GATE_FIELDS", "Verdicts", "constrained_answers", "decide_gate", "evaluation_key", "finetuned_row_scores",
+           "read_evaluation", "read_verdicts", "run_evaluation", "select_rows", "waiting_for_reviews",
+           "write_review_sample"]

@@ -79,6 +79,15 @@ def read_evaluation(out_dir: Path | str, config: EvaluationConfig,
             "predictions_path": str(out_dir / PREDICTIONS), "metrics_path": str(out_dir / METRICS)}
 
 
+def finetuned_row_scores(evaluation: dict[str, Any]) -> dict[str, float]:
+    """The fine-tuned model's primary metric on each held-out row of a `read_evaluation` dict, by row id."""
+    import pyarrow.parquet as pq
+
+    column = f"finetuned_{evaluation['primary_metric']}"
+    found = pq.read_table(evaluation["predictions_path"], columns=["id", column]).to_pydict()
+    return {row: float(score) for row, score in zip(found["id"], found[column])}
+
+
 def _examples(train_rows: list[dict], exclude_ids: set[str], task: TaskMetrics, config: EvaluationConfig) -> list[dict]:
     """The few-shot examples (none without train rows or with fewshot_k 0)."""
     return choose_examples(train_rows, config.fewshot_k, exclude_ids,
