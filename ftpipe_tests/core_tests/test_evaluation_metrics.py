@@ -297,6 +297,24 @@ def test_the_extraction_report_shows_each_fields_accuracy_and_the_fields_answers
     assert table.splitlines()[-1] == "Fields no reference has, in the answers of fine-tuned: wanted ×2, wanted_id ×1"
 
 
+def test_the_extraction_report_shows_the_fields_often_null_on_the_rows_that_give_a_value():
+    from ftpipe.config import EvaluationConfig
+    from ftpipe.core.evaluation.metrics import task_metrics
+
+    def row(order: int, city: str | None, answered: str | None) -> dict:
+        return {"reference": json.dumps({"order": f"A-{order}", "city": city}),
+                "base_answer": json.dumps({"order": f"A-{order}", "city": city}),
+                "finetuned_answer": json.dumps({"order": f"A-{order}", "city": answered})}
+
+    records = [row(1, None, None), row(2, None, None), row(3, None, None), row(4, "Lyon", None), row(5, "Metz", "Metz")]
+    fields, given = task_metrics(EvaluationConfig(task_type="extraction")).report_sections(
+        records, {"base": "base", "finetuned": "fine-tuned"})
+    assert fields[1].splitlines()[2] == "| city | 5 | 1.000 | 0.800 | 0 | 0 |", "nulls answered null count as right"
+    assert given == ("Fields on the rows that give a value",
+                     "| field | null in the reference (answering null scores this) | rows with a value | base | "
+                     "fine-tuned |\n|---|---|---|---|---|\n| city | 0.600 | 2 | 1.000 | 0.500 |")
+
+
 def test_generation_metrics():
     references = ["The apple is red.", "The lime is green", "Grüße aus Köln"]
     answers = ["the apple is red", "a lime is very green", "Grüße aus Bonn"]

@@ -135,6 +135,22 @@ def new_category(categories: dict[str, set[str]], answer: str) -> tuple[str, str
     return None
 
 
+def _values_given(wanted: list[dict], got: dict[str, list[dict | None]], sides: dict[str, str],
+                  expected: Counter) -> list[tuple[str, str]]:
+    """The report section of the fields some references leave null: each model's accuracy on the rows whose reference
+    gives a value, beside the null share (what answering null every time scores on the field)."""
+    nulls = Counter(key for found in wanted for key, value in found.items() if value is None)
+    if not nulls:
+        return []
+    valued = {side: by_field([{key: hit for key, hit in field_hits(w, g).items() if w.get(key) is not None}
+                              for w, g in zip(wanted, got[side])]) for side in sides}
+    rows = [[key, f"{nulls[key] / expected[key]:.3f}", expected[key] - nulls[key],
+             *(f"{mean(valued[side][key]):.3f}" if key in valued[side] else "n/a" for side in sides)]
+            for key in sorted(nulls)]
+    header = ["field", "null in the reference (answering null scores this)", "rows with a value", *sides.values()]
+    return [("Fields on the rows that give a value", markdown_table(header, rows))]
+
+
 class Extraction(TaskMetrics):
     name = "extraction"
     primary = "exact_match"
@@ -164,10 +180,12 @@ class Extraction(TaskMetrics):
 
     def report_sections(self, records: list[dict[str, Any]], sides: dict[str, str]) -> list[tuple[str, str]]:
         """Each reference field's accuracy for every model, over the rows whose reference or answer has it, and how
-        many of its answers invent it; under the table, the fields no reference has that each model's answers give."""
+        many of its answers invent it; under the table, the fields no reference has that each model's answers give.
+        Then, for the fields some references leave null, each model's accuracy on the rows that give a value (a model
+        answering null every time scores the null share on the first table)."""
         wanted = [first_json_object(r["reference"]) or {} for r in records]
-        hits = {side: by_field([field_hits(w, first_json_object(r[f"{side}_answer"])) for w, r in zip(wanted, records)])
-                for side in sides}
+        got = {side: [first_json_object(r[f"{side}_answer"]) for r in records] for side in sides}
+        hits = {side: by_field([field_hits(w, g) for w, g in zip(wanted, got[side])]) for side in sides}
         expected = Counter(key for found in wanted for key in found)
         rows = [[key, expected[key], *(f"{mean(hits[side].get(key, [])):.3f}" for side in sides),
                  *(len(hits[side].get(key, [])) - expected[key] for side in sides)] for key in sorted(expected)]
@@ -177,7 +195,8 @@ class Extraction(TaskMetrics):
         lines = [f"{title}: {counted(fields, SHOWN_FIELDS, SHOWN_VALUE_CHARS, 'fields')}"
                  for title, fields in made_up.items() if fields]
         under = "\n\nFields no reference has, in the answers of " + "; ".join(lines) if lines else ""
-        return [("Fields", markdown_table(header, rows) + under)] if rows else []
+        sections = [("Fields", markdown_table(header, rows) + under)] if rows else []
+        return sections + _values_given(wanted, got, sides, expected)
 
     def reference_problem(self, reference: str) -> str | None:
         if first_json_object(reference) is not None:
