@@ -99,6 +99,6 @@ def _ids_file(folder: Path, split_version: str) -> Path:
 def describe(entry: dict[str, Any]) -> str:
     """One line for the logs about a spec's `warm_start` entry."""
     return (f"warm start from training {entry['from']}: {entry['new_rows']} new rows and {entry['replayed_rows']} "
-            f"replayed ones ({entry['added_since_scratch']} rows added since the training from step 0 on "
-            f"{entry['scratch_rows']} rows)")
+            f"earlier ones of the task trained again ({entry['added_since_scratch']} rows added since the training "
+            f"from step 0 on {entry['scratch_rows']} rows)")
 
