@@ -336,7 +336,8 @@ def _a_variable_name(name: str | None) -> str | None:
 
 EnvVariableName = Annotated[str | None, AfterValidator(_a_variable_name)]
 TASK_TYPE_SETTINGS = {"label_field": "classification", "constrain_to_labels": "classification",
-                      "answer_pattern": "generation", "answer_field": "generation", "require_human_review": "generation"}
+                      "extraction_metric": "extraction", "answer_pattern": "generation", "answer_field": "generation",
+                      "require_human_review": "generation"}
 
 
 class JudgeConfig(_Strict):
@@ -362,6 +363,9 @@ class EvaluationConfig(_Strict):
     constrain_to_labels: bool = Field(
         False, description="classification: every answer is the likeliest of the task's labels, never a made-up one"
     )
+    extraction_metric: Literal["exact_match", "field_accuracy"] | None = Field(None, description=(
+        "extraction: the metric the deltas and the gate judge: exact_match of the whole object, or field_accuracy "
+        "(the share of its fields right: finer on few rows or many fields); null: exact_match"))
     answer_pattern: str | None = Field(
         None, description="generation: regex whose one group is the final answer, e.g. '#### (\\S+)'; "
                           "exact match on it becomes the primary metric"

@@ -51,6 +51,8 @@ def test_defaults_when_task_yaml_is_empty(tmp_path: Path) -> None:
         ("training: {preference: {max_steps: 0}}", "training.preference.max_steps", "or -1 for all epochs"),
         ("training: {replay: 0.8}", "training.replay", "less than or equal to 0.5"),
         ("evaluation: {label_field: answer}", "evaluation", "label_field applies to task_type classification only"),
+        ("evaluation: {extraction_metric: field_accuracy}", "evaluation",
+         "extraction_metric applies to task_type extraction only"),
         ("training: {teacher_model: x}", "training", "teacher_model is used by a distill stage only, and stages is "
                                                      "['sft']: start stages with distill, or leave teacher_model out"),
         ("training: {every_turn: true, stages: [distill], teacher_model: x}", "training",

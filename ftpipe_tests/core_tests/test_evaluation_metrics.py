@@ -297,6 +297,14 @@ def test_the_extraction_report_shows_each_fields_accuracy_and_the_fields_answers
     assert table.splitlines()[-1] == "Fields no reference has, in the answers of fine-tuned: wanted ×2, wanted_id ×1"
 
 
+def test_extraction_can_judge_by_field_accuracy():
+    exact = task_metrics(EvaluationConfig(task_type="extraction"))
+    fields = task_metrics(EvaluationConfig(task_type="extraction", extraction_metric="field_accuracy"))
+    assert (exact.primary, fields.primary) == ("exact_match", "field_accuracy")
+    rows = fields.scores(['{"order": "A-1", "city": "Lyon"}'], ['{"order": "A-1", "city": "Metz"}']).rows
+    assert rows[fields.primary] == [0.5] and rows[exact.primary] == [0.0]
+
+
 def test_the_extraction_report_shows_the_fields_often_null_on_the_rows_that_give_a_value():
     from ftpipe.config import EvaluationConfig
     from ftpipe.core.evaluation.metrics import task_metrics

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from difflib import get_close_matches
 from typing import Any
 
+from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.metrics.base import (
     FIRST_JSON_OBJECT, AnswerEnd, Scores, TaskMetrics, first_json_object, json_object_span, mean,
 )
@@ -155,6 +156,10 @@ class Extraction(TaskMetrics):
     name = "extraction"
     primary = "exact_match"
     shape_rule = OBJECT_SHAPE_RULE
+
+    def __init__(self, config: EvaluationConfig):
+        super().__init__(config)
+        self.primary = config.extraction_metric or self.primary
 
     def answer_end(self, references: list[str]) -> AnswerEnd:
         """The first JSON object's closing brace: every metric reads that object only."""
