@@ -132,7 +132,7 @@ def register_model(*, task: str, model_path: Path | str, run_id: str, eval_score
                                               model_id=logged.model_id)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     is_champion = previous is not None and previous.version == version.version
-    promote, compared = (False, "already the champion") if is_champion else beats(previous, eval_score, eval_version,
+    promote, compared = (False, "as before") if is_champion else beats(previous, eval_score, eval_version,
                                                                                  scores)
     if promote:
         client.set_registered_model_alias(name, CHAMPION, version.version)

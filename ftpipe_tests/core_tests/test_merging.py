@@ -270,8 +270,9 @@ def test_a_registered_version_is_an_mlflow_transformers_model_of_the_merged_weig
         return registry.register_model(task="toy", model_path=root / "merged", run_id=run_id, eval_score=0.5,
                                       eval_version="split-1", scores={"r1": 0.5}, tracking_uri=uri)
 
-    registered = register()
-    assert register()["registered_version"] == registered["registered_version"] == 1, "once per folder"
+    registered, again = register(), register()
+    assert again["registered_version"] == registered["registered_version"] == 1, "once per folder"
+    assert again["champion"] and again["compared"] == "as before"
     version = client.get_model_version("ftpipe-toy", "1")
     assert version.tags["model_path"] == str(root / "merged") and version.run_id == run_id
     [output] = client.get_run(run_id).outputs.model_outputs  # the logged model is an output of the training run
