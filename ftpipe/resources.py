@@ -42,7 +42,7 @@ class MlflowTracking(dg.ConfigurableResource):
         log_evaluation(run_id, report, self.uri(), gate)
 
     def register_model(self, *, task: str, model_path: Path, run_id: str, eval_score: float, eval_version: str,
-                       scores: dict[str, float]) -> dict[str, Any]:
+                       scores: dict[str, Any]) -> dict[str, Any]:
         """Register a servable model of `task` (once per folder); `champion` follows the best (`registry.beats`)."""
         from ftpipe.core.registry import register_model
 

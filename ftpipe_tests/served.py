@@ -28,7 +28,7 @@ def register(uri: str, task: str, folder: Path, score: float) -> None:
                      else client.create_experiment(task, artifact_location=artifacts.as_uri()))
     run_id = client.create_run(experiment_id).info.run_id
     registry.register_model(task=task, model_path=folder, run_id=run_id, eval_score=score, eval_version="split",
-                            scores={"row": score}, tracking_uri=uri)
+                            scores={"metric": "accuracy", "rows": {"row": score}}, tracking_uri=uri)
 
 
 class Served:

@@ -158,8 +158,7 @@ class NearRows:
             return True
         if len(first) != len(second):
             return False
-        words = [set(loose_words(next(m for m in reversed(messages) if m["role"] == "user")["content"]))
-                 for messages in (first, second)]
+        words = [set(loose_words(user_message(messages))) for messages in (first, second)]
         return len(words[0] & words[1]) >= self.settings.threshold * max(len(words[0] | words[1]), 1)
 
     @cached_property

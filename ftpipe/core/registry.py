@@ -13,7 +13,7 @@ from ftpipe.core.tracking import mlflow_client
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 SCORE_TAG, EVAL_VERSION_TAG, FILES_TAG = "eval_score", "eval_version", "files"
-EVAL_SCORES = "eval_scores.json"  # in a registered model's folder: {row id: score} on the eval split it was judged on
+EVAL_SCORES = "eval_scores.json"  # in a registered model's folder: its score on each row of its eval split
 PATH_TAG = "model_path"  # a registered version's model folder (its source is the MLflow model logged from it)
 CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}
 MLFLOW_MODEL_REQUIREMENTS = ("torch", "transformers")
@@ -80,38 +80,40 @@ def _version_by_alias(client, name: str, alias: str):
         return None
 
 
-def row_scores(version) -> dict[str, float]:
-    """A registered version's per-row scores on the eval split it was judged on ({} for a version registered without
-    them)."""
+def row_scores(version) -> dict[str, Any]:
+    """A registered version's scores on the eval split it was judged on, {metric, rows: {row id: score}} ({} for a
+    version registered without them)."""
     path = Path(model_folder(version)) / EVAL_SCORES
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def beats(version, eval_score: float, eval_version: str, scores: dict[str, float]) -> tuple[bool, str]:
-    """Whether a new version scored `eval_score` on the eval split `eval_version` (`scores`: its score on each row,
-    by row id) beats the champion `version`, and why, in words: on the same split, by its score; on another, by the
-    mean scores of the rows both were scored on (a grown split keeps its rows); with none in common, it does not."""
+def beats(version, eval_score: float, eval_version: str, scores: dict[str, Any]) -> tuple[bool, str]:
+    """Whether a new version judged by `scores` ({metric, rows: {row id: score}}; `eval_score` on the eval split
+    `eval_version`) beats the champion `version`, and why, in words: by the mean scores of the rows both were scored
+    on with the same metric (a grown split keeps its rows); for a champion registered without its row scores, by its
+    score on the same split. Otherwise they are not comparable and the champion stays."""
     if version is None:
         return True, "no champion before"
-    if version.tags.get(EVAL_VERSION_TAG) == eval_version:
-        theirs = float(version.tags.get(SCORE_TAG, "-inf"))
-        return eval_score > theirs, f"{eval_score:.3f} against the champion's {theirs:.3f} on the same eval split"
     theirs = row_scores(version)
-    shared = sorted(set(scores) & set(theirs))
-    if not shared:
-        return False, ("the champion was scored on another eval split, with no row in common: not comparable; make it "
-                       f"the champion with MlflowClient().set_registered_model_alias({version.name!r}, "
-                       f"{CHAMPION!r}, <version>)")
-    ours, old = (sum(found[row] for row in shared) / len(shared) for found in (scores, theirs))
+    if not theirs and version.tags.get(EVAL_VERSION_TAG) == eval_version:
+        old = float(version.tags.get(SCORE_TAG, "-inf"))
+        return eval_score > old, f"{eval_score:.3f} against the champion's {old:.3f} on the same eval split"
+    shared = sorted(set(scores["rows"]) & set(theirs.get("rows", {})))
+    if theirs.get("metric") != scores["metric"] or not shared:
+        why = (f"the champion was judged by {theirs['metric']}, this model by {scores['metric']}" if shared else
+               "the champion was scored on another eval split, with no row in common")
+        return False, (f"{why}: not comparable; make it the champion with MlflowClient().set_registered_model_alias("
+                       f"{version.name!r}, {CHAMPION!r}, <version>)")
+    ours, old = (sum(found["rows"][row] for row in shared) / len(shared) for found in (scores, theirs))
     return ours > old, f"{ours:.3f} against the champion's {old:.3f} on the {len(shared)} eval rows both were scored on"
 
 
 def register_model(*, task: str, model_path: Path | str, run_id: str, eval_score: float, eval_version: str,
-                   scores: dict[str, float], tracking_uri: str | None = None) -> dict[str, Any]:
-    """Register the merged dir as a new version of `ftpipe-<task>` (once per dir): its per-row eval `scores` written
-    in it (EVAL_SCORES), an MLflow `transformers` model logged from it to the training run, its folder in the
-    `model_path` tag. Alias it `candidate`, and `champion` when there is no champion yet or it beats the champion
-    (`beats`); `compared` says why or why not."""
+                   scores: dict[str, Any], tracking_uri: str | None = None) -> dict[str, Any]:
+    """Register the merged dir as a new version of `ftpipe-<task>` (once per dir): its eval `scores` ({metric,
+    rows: {row id: score}}) written in it (EVAL_SCORES), an MLflow `transformers` model logged from it to the training
+    run, its folder in the `model_path` tag. Alias it `candidate`, and `champion` when there is no champion yet or it
+    beats the champion (`beats`); `compared` says why or why not."""
     from mlflow.exceptions import MlflowException
 
     client = mlflow_client(tracking_uri)
@@ -132,8 +134,10 @@ def register_model(*, task: str, model_path: Path | str, run_id: str, eval_score
                                               model_id=logged.model_id)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     is_champion = previous is not None and previous.version == version.version
-    promote, compared = (False, "as before") if is_champion else beats(previous, eval_score, eval_version,
-                                                                                 scores)
+    if is_champion:
+        promote, compared = False, "as before"
+    else:
+        promote, compared = beats(previous, eval_score, eval_version, scores)
     if promote:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return {

@@ -210,25 +210,26 @@ def test_registry_moves_champion_only_to_a_better_version_on_the_same_split(tmp_
     experiment = client.create_experiment("toy", artifact_location=(tmp_path / "artifacts").as_uri())
     assert registry.champion_model_path("toy", tracking_uri=uri) is None
 
-    def register(version: int, score: float, split: str = "split-1", scores: dict | None = None) -> dict:
+    def register(version: int, score: float, split: str = "split-1", rows: dict | None = None,
+                 metric: str = "exact_match") -> dict:
         shutil.copytree(merged[0] / "merged", tmp_path / f"model-{version}")
         run_id = client.create_run(experiment).info.run_id
         return registry.register_model(task="toy", model_path=tmp_path / f"model-{version}", run_id=run_id,
                                       eval_score=score, eval_version=split, tracking_uri=uri,
-                                      scores=scores or {"r1": score, "r2": score})
+                                      scores={"metric": metric, "rows": rows or {"r1": score, "r2": score}})
 
     first = register(1, 0.70)
     assert first == {"registered_model": "ftpipe-toy", "registered_version": 1, "champion": True,
                      "compared": "no champion before", "previous_champion_version": None}
     second = register(2, 0.60)
     assert second == {**first, "registered_version": 2, "champion": False, "previous_champion_version": 1,
-                      "compared": "0.600 against the champion's 0.700 on the same eval split"}
+                      "compared": "0.600 against the champion's 0.700 on the 2 eval rows both were scored on"}
     assert int(client.get_model_version_by_alias("ftpipe-toy", "candidate").version) == 2
     assert int(client.get_model_version_by_alias("ftpipe-toy", "champion").version) == 1
     assert registry.aliased_model_names("toy", tracking_uri=uri) == {"model-1", "model-2"}
     third = register(3, 0.80)
     assert third["champion"] is True and third["previous_champion_version"] == 1
-    unrelated = register(4, 0.99, split="split-2", scores={"x1": 0.99})
+    unrelated = register(4, 0.99, split="split-2", rows={"x1": 0.99})
     assert unrelated["champion"] is False and unrelated["compared"].startswith(
         "the champion was scored on another eval split, with no row in common: not comparable; make it the champion "
         "with MlflowClient().set_registered_model_alias('ftpipe-toy', 'champion', <version>)")
@@ -237,9 +238,16 @@ def test_registry_moves_champion_only_to_a_better_version_on_the_same_split(tmp_
                                                "model_path": str(tmp_path / "model-3")}
     assert registry.champion_model_path("toy", tracking_uri=uri) == (tmp_path / "model-3").resolve()
     assert registry.aliased_model_names("toy", tracking_uri=uri) == {"model-3", "model-4"}
-    grown = register(5, 0.70, split="split-3", scores={"r1": 1.0, "r2": 0.8, "new": 0.3})  # r1, r2 kept their side
+    grown = register(5, 0.70, split="split-3", rows={"r1": 1.0, "r2": 0.8, "new": 0.3})  # r1, r2 kept their side
     assert grown["champion"] is True and grown["compared"] == (
         "0.900 against the champion's 0.800 on the 2 eval rows both were scored on")
+    by_fields = register(6, 0.95, split="split-3", rows={"r1": 1.0, "r2": 1.0, "new": 0.85}, metric="field_accuracy")
+    assert by_fields["champion"] is False and by_fields["compared"].startswith(
+        "the champion was judged by exact_match, this model by field_accuracy: not comparable; make it the champion")
+    (tmp_path / "model-5" / registry.EVAL_SCORES).unlink()  # a champion registered before row scores were kept
+    later = register(7, 0.75, split="split-3")
+    assert later["champion"] is True
+    assert later["compared"] == "0.750 against the champion's 0.700 on the same eval split"
 
     shutil.rmtree(tmp_path / "model-1")  # what pruning does to a model that is neither champion nor candidate
     assert registry.mark_removed_versions("toy", tracking_uri=uri) == [1]
@@ -268,7 +276,8 @@ def test_a_registered_version_is_an_mlflow_transformers_model_of_the_merged_weig
 
     def register() -> dict:
         return registry.register_model(task="toy", model_path=root / "merged", run_id=run_id, eval_score=0.5,
-                                      eval_version="split-1", scores={"r1": 0.5}, tracking_uri=uri)
+                                      eval_version="split-1", scores={"metric": "accuracy", "rows": {"r1": 0.5}},
+                                      tracking_uri=uri)
 
     registered, again = register(), register()
     assert again["registered_version"] == registered["registered_version"] == 1, "once per folder"

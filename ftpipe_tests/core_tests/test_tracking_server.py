@@ -125,7 +125,8 @@ def test_a_model_registered_through_a_tracking_server_loads_back(tmp_path: Path,
     client = tracking.mlflow_client(mlflow_server)
     run_id = client.create_run(tracking.ensure_experiment(client, "ftpipe-toy")).info.run_id
     registered = MlflowTracking(tracking_uri=mlflow_server).register_model(
-        task="toy", model_path=folder, run_id=run_id, eval_score=0.5, eval_version="split-1", scores={"r1": 0.5})
+        task="toy", model_path=folder, run_id=run_id, eval_score=0.5, eval_version="split-1",
+        scores={"metric": "accuracy", "rows": {"r1": 0.5}})
     assert registered["champion"] and registered["registered_version"] == 1
     assert client.get_model_version("ftpipe-toy", "1").source.startswith("mlflow-artifacts:")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)

@@ -557,3 +557,9 @@ def test_every_turn_learns_each_assistant_message_after_the_conversation_before_
     assert learnt[:3] == [rows[0]["messages"], rows[1]["messages"][:3], rows[1]["messages"]]
     trainer = evaluating_trainer(workspace, "final-turn", toy_rows(4, seed=7), rows, max_length=256)
     assert len(trainer.train_dataset) == 12
+    two_exchanges = max(chat_length(trainer.processing_class, row["messages"]) for row in rows[1::3])
+    said.clear()
+    trainer = evaluating_trainer(workspace, "trimmed", toy_rows(4, seed=7), rows, said=said.append,
+                                 too_long="trim_turns", max_length=two_exchanges)
+    assert len(trainer.train_dataset) == 12, "the chats of three exchanges lose their first"
+    assert any(line.endswith("; 4 multi-turn rows kept without their earliest turns") for line in said), said

@@ -79,13 +79,14 @@ def read_evaluation(out_dir: Path | str, config: EvaluationConfig,
             "predictions_path": str(out_dir / PREDICTIONS), "metrics_path": str(out_dir / METRICS)}
 
 
-def finetuned_row_scores(evaluation: dict[str, Any]) -> dict[str, float]:
-    """The fine-tuned model's primary metric on each held-out row of a `read_evaluation` dict, by row id."""
+def finetuned_row_scores(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The fine-tuned model's primary metric on each held-out row of a `read_evaluation` dict: {metric, rows: {row id:
+    score}}."""
     import pyarrow.parquet as pq
 
-    column = f"finetuned_{evaluation['primary_metric']}"
-    found = pq.read_table(evaluation["predictions_path"], columns=["id", column]).to_pydict()
-    return {row: float(score) for row, score in zip(found["id"], found[column])}
+    metric = evaluation["primary_metric"]
+    found = pq.read_table(evaluation["predictions_path"], columns=["id", f"finetuned_{metric}"]).to_pydict()
+    return {"metric": metric, "rows": dict(zip(found["id"], map(float, found[f"finetuned_{metric}"])))}
 
 
 def _examples(train_rows: list[dict], exclude_ids: set[str], task: TaskMetrics, config: EvaluationConfig) -> list[dict]:

@@ -127,16 +127,21 @@ def plan(lengths: list[int], config: TrainingConfig, eval_lengths: list[int] = (
                 eval_tokens=math.ceil(steps / config.eval_steps) * sum(eval_lengths))
 
 
-def task_rows(spec: TrainingSpec, config: TrainingConfig, tokenizer,
-              evals: bool = False) -> list[tuple[list[dict[str, str]], list[int]]]:
-    """(messages, token ids) of the train rows (`evals`: the eval rows) as the program fits them to max_length
-    (`train_conversations`, `fit_rows`), in file order."""
+def fitted_rows(spec: TrainingSpec, config: TrainingConfig, tokenizer, evals: bool = False):
+    """The train rows (`evals`: the eval rows) as the program fits them to max_length (`train_conversations`,
+    `fit_rows`), in file order."""
     from ftpipe.core.training.sft import fit_rows, read_chat_rows, train_conversations
 
     conversations = (read_chat_rows(Path(spec.eval_path)) if evals
                      else train_conversations(Path(spec.train_path), config))
-    kept = fit_rows(conversations, tokenizer, config.max_length, config.too_long, as_row=lambda messages: messages).rows
-    return [(messages, _encode(tokenizer, messages)[: config.max_length]) for messages in kept]
+    return fit_rows(conversations, tokenizer, config.max_length, config.too_long, as_row=lambda messages: messages)
+
+
+def task_rows(spec: TrainingSpec, config: TrainingConfig, tokenizer,
+              evals: bool = False) -> list[tuple[list[dict[str, str]], list[int]]]:
+    """(messages, token ids) of `fitted_rows`."""
+    return [(messages, _encode(tokenizer, messages)[: config.max_length])
+            for messages in fitted_rows(spec, config, tokenizer, evals).rows]
 
 
 def _encode(tokenizer, messages: list[dict[str, str]], **options) -> list[int]:
@@ -164,7 +169,7 @@ def row_lengths(spec: TrainingSpec, config: TrainingConfig) -> tuple[list[int], 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir, trust_remote_code=spec.trust_remote_code)
-    kept = [len(ids) for _, ids in task_rows(spec, config, tokenizer)]
+    kept = fitted_rows(spec, config, tokenizer).lengths  # counted once: their ids are not needed
     evals = evaluated_lengths([ids for _, ids in task_rows(spec, config, tokenizer, evals=True)])
     return kept + replay_lengths(spec, config, tokenizer, len(kept)), evals
 
