@@ -285,6 +285,7 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         too_long = materialization(passed, "lora_adapter")["rows_too_long"]
         assert f"| train and eval rows over max_length 64, left out | {too_long} |" in card, "the tiny task's 64"
         assert "preference.beta" not in card and "nnodes" not in card, "only settings that shaped these weights"
+        assert "Reading free-text scores:\n\nROUGE-L and token F1" in card, "the task type's own section"
         chat = chat_cli(tiny_task)
         assert chat.returncode == 0, chat.stderr[-2000:]
         assert f"model: {merged['model_path']}" in chat.stderr, "the chat CLI answers with the champion model"

@@ -583,6 +583,8 @@ def test_the_model_card_gives_the_verdict_with_its_thresholds_baselines_override
     assert f"Forgetting by probe skill (most forgotten: {most_forgotten(result['probe_accuracy_by_skill'])}):" in card
     assert "| arithmetic | 6 | 0.000 | 0.000 |" in card and "| colors | 6 | 1.000 |" in card
     assert "answers no row of arithmetic right: accuracy cannot drop there" in card
+    confusion = result["report_markdown"].split("## Confusion table (fine-tuned)\n\n")[1].split("\n\n## ")[0]
+    assert f"Confusion table (fine-tuned):\n\n{confusion}" in card and "Confusion table (few-shot)" not in card
     assert card.endswith(
         "Evaluation settings changed from task.yaml for this run:\n\n```yaml\nevaluation:\n  max_forgetting: 0.2\n```")
     assert "Base outputs" not in card, "where outputs came from is the report's business"

@@ -322,18 +322,25 @@ def probe_changes(changes: list[dict[str, Any]]) -> str:
     return table + (f"\n\n{hidden} more in metrics.json (`probe_changes`)." if hidden > 0 else "")
 
 
+def task_sections(metrics: dict[str, Any], records: list[dict[str, Any]], config: EvaluationConfig,
+                  sides: tuple[str, ...] = ("finetuned", "fewshot", "base")) -> list[tuple[str, str]]:
+    """The task type's own sections (title, markdown), such as a classification's confusion tables, for the models of
+    `sides` that `metrics` evaluated."""
+    titles = {side: SIDES[side] for side in sides if side in metrics["metrics"]}
+    return task_metrics(config).report_sections(records, titles)
+
+
 def report_markdown(metrics: dict[str, Any], records: list[dict[str, Any]], config: EvaluationConfig) -> str:
     """The whole report: gate verdict, overview, metrics table, the models before and after a preference stage, the
     task type's sections, the judge's and the human verdicts, the scores by message length, the largest improvements
     and regressions, and the probe rows that changed."""
     passed, failed = decide_gate(metrics, config)
-    titles = {side: SIDES[side] for side in ("finetuned", "fewshot", "base") if side in metrics["metrics"]}
     parts = ["# Evaluation: base vs fine-tuned",
              verdict(passed, failed, config, "preference_pairs" in metrics, gate_caveat(metrics, config)),
              overview(metrics), summary_table(metrics), LOSS_NOTE]
     if (stages := preference_tuning(metrics)) is not None:
         parts += ["## Preference tuning", stages]
-    for title, section in task_metrics(config).report_sections(records, titles):
+    for title, section in task_sections(metrics, records, config):
         parts += [f"## {title}", section]
     if (preferred := preferences(metrics, config)) is not None:
         parts += ["## Pairwise preference (fine-tuned vs base)", preferred]
