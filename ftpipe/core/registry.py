@@ -14,6 +14,7 @@ from ftpipe.core.tracking import mlflow_client
 CANDIDATE, CHAMPION = "candidate", "champion"
 SCORE_TAG, EVAL_VERSION_TAG, FILES_TAG = "eval_score", "eval_version", "files"
 EVAL_SCORES = "eval_scores.json"  # in a registered model's folder: its score on each row of its eval split
+COMPARISON_SAMPLES = 2000  # bootstrap resamples of the champion comparison's gain
 PATH_TAG = "model_path"  # a registered version's model folder (its source is the MLflow model logged from it)
 CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}
 MLFLOW_MODEL_REQUIREMENTS = ("torch", "transformers")
@@ -90,8 +91,11 @@ def row_scores(version) -> dict[str, Any]:
 def beats(version, eval_score: float, eval_version: str, scores: dict[str, Any]) -> tuple[bool, str]:
     """Whether a new version judged by `scores` ({metric, rows: {row id: score}}; `eval_score` on the eval split
     `eval_version`) beats the champion `version`, and why, in words: by the mean scores of the rows both were scored
-    on with the same metric (a grown split keeps its rows); for a champion registered without its row scores, by its
-    score on the same split. Otherwise they are not comparable and the champion stays."""
+    on with the same metric (a grown split keeps its rows), with the paired interval of the gain; for a champion
+    registered without its row scores, by its score on the same split. Otherwise they are not comparable and the
+    champion stays."""
+    from ftpipe.core.evaluation.statistics import paired_bootstrap
+
     if version is None:
         return True, "no champion before"
     theirs = row_scores(version)
@@ -104,8 +108,12 @@ def beats(version, eval_score: float, eval_version: str, scores: dict[str, Any])
                "the champion was scored on another eval split, with no row in common")
         return False, (f"{why}: not comparable; make it the champion with MlflowClient().set_registered_model_alias("
                        f"{version.name!r}, {CHAMPION!r}, <version>)")
-    ours, old = (sum(found["rows"][row] for row in shared) / len(shared) for found in (scores, theirs))
-    return ours > old, f"{ours:.3f} against the champion's {old:.3f} on the {len(shared)} eval rows both were scored on"
+    ours, old = ([found["rows"][row] for row in shared] for found in (scores, theirs))
+    gain, low, high = paired_bootstrap(old, ours, COMPARISON_SAMPLES, seed=0)
+    noise = ": it may be noise" if low <= 0 <= high else ""
+    return sum(ours) > sum(old), (f"{sum(ours) / len(shared):.3f} against the champion's {sum(old) / len(shared):.3f} "
+                                  f"on the {len(shared)} eval rows both were scored on (gain {gain:+.3f}, 95% CI "
+                                  f"{low:+.3f} … {high:+.3f}{noise})")
 
 
 def register_model(*, task: str, model_path: Path | str, run_id: str, eval_score: float, eval_version: str,
