@@ -2,6 +2,7 @@
 blocking check `eval_report_gate`."""
 
 from functools import partial
+from pathlib import Path
 
 import dagster as dg
 
@@ -25,6 +26,7 @@ CONTRACT = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_c
 
 
 def _metadata(report: dict, run_url: str, warm_started: bool) -> dict:
+    from ftpipe.core.evaluation.chart import inline_chart
     from ftpipe.core.evaluation.forgetting import most_forgotten
 
     return rounded_floats({
@@ -34,7 +36,7 @@ def _metadata(report: dict, run_url: str, warm_started: bool) -> dict:
         "failed_conditions": "; ".join(report["failed_conditions"]) or "none",
         "most_forgotten_skill": most_forgotten(report["probe_accuracy_by_skill"]),  # a skill the whole probe hides
         "gate_caveat": report["gate_caveat"] or "none",  # what a passed gate does not say
-        "report": dg.MetadataValue.md(report["report_markdown"]),
+        "report": dg.MetadataValue.md(inline_chart(report["report_markdown"], Path(report["report_path"]).parent)),
         "report_path": dg.MetadataValue.path(report["report_path"]),
         "mlflow_run": dg.MetadataValue.url(run_url),
         "reused": report["reused"],

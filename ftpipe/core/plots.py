@@ -1,4 +1,5 @@
-"""Charts shown in the Dagster UI: lines in panels side by side saved as a PNG, and a PNG as a Markdown image."""
+"""Charts shown in the Dagster UI: lines or intervals in panels side by side saved as a PNG, and a PNG as a Markdown
+image."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import base64
 from pathlib import Path
 
 Points = list[tuple[float, float]]
+Interval = tuple[str, float, float, float]  # (label, value, low end, high end)
 
 
 def plot_panels(panels: dict[str, dict[str, Points]], target: Path, xlabel: str = "step") -> Path:
@@ -27,6 +29,34 @@ def plot_panels(panels: dict[str, dict[str, Points]], target: Path, xlabel: str 
         else:
             axes.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=axes.transAxes, color="grey")
         axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(target)
+    plt.close(figure)
+    return target
+
+
+def plot_intervals(panels: dict[str, list[Interval]], target: Path) -> Path:
+    """Panels side by side, one per title ({x label: intervals}): each interval a point with its range, labelled on
+    the left, the first on top, beside a line at 0; saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tallest = max(len(intervals) for intervals in panels.values())
+    figure, all_axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 1 + 0.45 * tallest), dpi=100,
+                                    squeeze=False)
+    for axes, (xlabel, intervals) in zip(all_axes[0], panels.items()):
+        labels, values, lows, highs = zip(*intervals)
+        rows = range(len(intervals))
+        axes.errorbar(values, rows, xerr=[[v - low for v, low in zip(values, lows)],
+                                          [high - v for v, high in zip(values, highs)]],
+                      fmt="o", capsize=4)
+        axes.axvline(0, color="grey", linewidth=1, linestyle="--")
+        axes.set_yticks(list(rows), labels)
+        axes.set_ylim(len(intervals) - 0.5, -0.5)
+        axes.set_xlabel(xlabel)
+        axes.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     figure.savefig(target)
     plt.close(figure)

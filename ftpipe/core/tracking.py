@@ -264,9 +264,11 @@ def log_evaluation(run_id: str, result: dict[str, Any], uri: str | None = None,
     """Log an evaluation (`run_evaluation`'s result) to the training run it judged: its numbers as `eval_<name>` tags
     (each model's metrics as `eval_<model>_<metric>`; single results, so the run's metric charts are the training
     curves), the gate as the `eval_passed` tag with the thresholds it was decided with (`gate`: `eval_gate_<name>`)
-    and the conditions that failed, the report and the predictions table as artifacts under `evaluation/`."""
+    and the conditions that failed, the report, its chart and the predictions table as artifacts under `evaluation/`."""
     import pandas as pd
     from mlflow.entities import RunTag
+
+    from ftpipe.core.evaluation.chart import CHART
 
     client = mlflow_client(uri)
     numbers = {f"eval_{key}": value for key, value in result.items()
@@ -279,6 +281,7 @@ def log_evaluation(run_id: str, result: dict[str, Any], uri: str | None = None,
         tags["eval_failed_conditions"] = "; ".join(result.get("failed_conditions", [])) or "none"
     client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
     client.log_text(run_id, result["report_markdown"], "evaluation/report.md")
+    client.log_artifact(run_id, str(Path(result["report_path"]).parent / CHART), "evaluation")
     client.log_table(run_id, data=pd.read_parquet(result["predictions_path"]),
                      artifact_file="evaluation/predictions.json")
 

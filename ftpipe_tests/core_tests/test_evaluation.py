@@ -17,6 +17,7 @@ from ftpipe.config import EvaluationConfig, JudgeConfig
 from ftpipe.core.evaluation import evaluation_key, outputs, read_evaluation, run_evaluation, waiting_for_reviews
 from ftpipe.core.evaluation.answer_budget import AnswerBudget
 from ftpipe.core.evaluation.card import card_evaluation
+from ftpipe.core.evaluation.chart import CHART, forgetting, gains, inline_chart
 from ftpipe.core.evaluation.forgetting import most_forgotten
 from ftpipe.core.evaluation.generation import (
     answer_tokens, answers_and_logprobs, conversation_logprobs, encode, generate, greedy_batches, load_finetuned,
@@ -555,6 +556,14 @@ def test_published_files_result_and_report(workspace, tmp_path):
 
     report = (out / "report.md").read_text()
     assert report == result["report_markdown"] and "Eval gate: FAILED" in report
+    assert (out / CHART).read_bytes().startswith(b"\x89PNG") and f"]({CHART})" in report, "the chart beside the report"
+    assert [(label, value) for label, value, *_ in gains(result)] == [
+        ("over the base model", result["delta"]), ("over few-shot", result["delta_vs_fewshot"]),
+        ("over the most common label", result["delta_vs_majority"])]
+    skills = result["probe_accuracy_by_skill"]
+    expected = ["whole probe", *skills] if len(skills) > 1 else ["whole probe"]
+    assert [label for label, *_ in forgetting(result)] == expected
+    assert "data:image/png;base64," in inline_chart(report, out) and "data:image" not in report, "embedded for the UI"
     assert "## Confusion table (fine-tuned)" in report and "## Confusion table (few-shot)" in report
     regressions = report.split("## Worst regressions")[1].split("## General-skills probe")[0]
     assert regressions.count("\n| ") - 1 == min(10, int((predictions["delta"] < 0).sum()))

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from ftpipe.core import tracking
+from ftpipe.core.evaluation.chart import CHART
 
 
 @pytest.fixture()
@@ -167,7 +168,9 @@ def test_log_evaluation_adds_metrics_tag_report_and_table_to_the_training_run(st
     pd.DataFrame({"id": ["a", "b"], "delta": [0.0, -1.0]}).to_parquet(predictions)
     result = {"primary_metric": "accuracy", "delta": -0.5, "rows": 2, "passed": False, "fewshot_score": None,
               "metrics": {"base": {"macro_f1": 0.75, "field_accuracy_by_field": {"x": 1.0}}, "finetuned": {"macro_f1": 0.25}},
-              "report_markdown": "# Evaluation", "predictions_path": str(predictions)}
+              "report_markdown": "# Evaluation", "predictions_path": str(predictions),
+              "report_path": str(tmp_path / "report.md")}
+    (tmp_path / CHART).write_bytes(b"\x89PNG\r\n")  # what the evaluation writes beside its report
     result["metrics"]["finetuned"]["accuracy"] = 0.26326375007629393
     result["failed_conditions"] = ["delta_ci_low -0.600 <= min_improvement -0.050"]
     tracking.log_evaluation(run_id, result, store, gate={"min_improvement": -0.05, "max_forgetting": 0.1})
@@ -178,4 +181,4 @@ def test_log_evaluation_adds_metrics_tag_report_and_table_to_the_training_run(st
         "eval_finetuned_macro_f1": "0.25", "eval_finetuned_accuracy": "0.2633", "eval_gate_min_improvement": "-0.05",
         "eval_gate_max_forgetting": "0.1", "eval_failed_conditions": "delta_ci_low -0.600 <= min_improvement -0.050"}
     logged = {item.path for item in client.list_artifacts(run_id, "evaluation")}
-    assert logged == {"evaluation/report.md", "evaluation/predictions.json"}
+    assert logged == {"evaluation/report.md", f"evaluation/{CHART}", "evaluation/predictions.json"}

@@ -8,8 +8,8 @@
 - `statistics`, `forgetting`, `gate`: bootstrap intervals, forgetting on the general-skills probe, the gate;
 - `preference`: preference accuracy on held-out preference pairs (base, SFT and final model);
 - `review`, `review_page`, `judge`: the blind human review and its verdicts, and the LLM judge;
-- `outputs`, `measurements`, `report`, `card`, `run`: each model's outputs (base cached), metrics.json, report.md,
-  the model card's evaluation section, and the entry points below.
+- `outputs`, `measurements`, `report`, `chart`, `card`, `run`: each model's outputs (base cached), metrics.json,
+  report.md and its chart of gains and forgetting, the model card's evaluation section, and the entry points below.
 """
 
 from ftpipe.core.evaluation.gate import GATE_FIELDS, decide_gate, waiting_for_reviews

@@ -7,6 +7,7 @@ from typing import Any
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.answer_budget import cut_off_warning
+from ftpipe.core.evaluation.chart import CHART_LINK
 from ftpipe.core.evaluation.gate import decide_gate, gate_caveat
 from ftpipe.core.evaluation.metrics import task_metrics
 from ftpipe.core.text import cell, markdown_table
@@ -331,13 +332,13 @@ def task_sections(metrics: dict[str, Any], records: list[dict[str, Any]], config
 
 
 def report_markdown(metrics: dict[str, Any], records: list[dict[str, Any]], config: EvaluationConfig) -> str:
-    """The whole report: gate verdict, overview, metrics table, the models before and after a preference stage, the
-    task type's sections, the judge's and the human verdicts, the scores by message length, the largest improvements
-    and regressions, and the probe rows that changed."""
+    """The whole report: gate verdict, overview, metrics table, the chart of gains and forgetting (`chart.CHART`), the
+    models before and after a preference stage, the task type's sections, the judge's and the human verdicts, the
+    scores by message length, the largest improvements and regressions, and the probe rows that changed."""
     passed, failed = decide_gate(metrics, config)
     parts = ["# Evaluation: base vs fine-tuned",
              verdict(passed, failed, config, "preference_pairs" in metrics, gate_caveat(metrics, config)),
-             overview(metrics), summary_table(metrics), LOSS_NOTE]
+             overview(metrics), summary_table(metrics), LOSS_NOTE, CHART_LINK]
     if (stages := preference_tuning(metrics)) is not None:
         parts += ["## Preference tuning", stages]
     for title, section in task_sections(metrics, records, config):

@@ -17,6 +17,7 @@ from ftpipe.core.evaluation.fewshot import choose_examples
 from ftpipe.core.evaluation.forgetting import forgetting_words, most_forgotten
 from ftpipe.core.evaluation.gate import GATE_FIELDS, decide_gate, gate_caveat
 from ftpipe.core.evaluation.judge import judge_metrics
+from ftpipe.core.evaluation.chart import write_chart
 from ftpipe.core.evaluation.measurements import measure, prediction_records
 from ftpipe.core.evaluation.metrics import TaskMetrics, check_references, task_metrics
 from ftpipe.core.evaluation.outputs import Heldout, Log, ModelOutputs, all_outputs
@@ -33,7 +34,7 @@ from ftpipe.core.storage import atomic_dir, file_sha256, write_text
 Teacher = Callable[[list[str], list[list[dict]]], ModelOutputs]  # (row ids, prompts) -> a teacher's outputs
 
 KIND = "eval_report"
-FORMAT = "10"  # bump when what an evaluation measures or writes changes
+FORMAT = "11"  # bump when what an evaluation measures or writes changes
 PROBE_ROWS = None  # all rows of the probe
 
 
@@ -103,6 +104,7 @@ def _publish(out_dir: Path, metrics: dict[str, Any], records: list[dict], config
     reviewed = {**metrics, **human_metrics(records, verdicts, config.bootstrap_samples)}
     with atomic_dir(out_dir) as tmp:
         (tmp / REPORT).write_text(report_markdown(reviewed, records, config), encoding="utf-8")
+        write_chart(metrics, tmp)
         pq.write_table(pa.Table.from_pylist(records), tmp / PREDICTIONS)
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         result.write(tmp)
