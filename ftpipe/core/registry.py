@@ -110,10 +110,10 @@ def beats(version, eval_score: float, eval_version: str, scores: dict[str, Any])
                        f"{version.name!r}, {CHAMPION!r}, <version>)")
     ours, old = ([found["rows"][row] for row in shared] for found in (scores, theirs))
     gain, low, high = paired_bootstrap(old, ours, COMPARISON_SAMPLES, seed=0)
-    noise = ": it may be noise" if low <= 0 <= high else ""
+    noise = ", which may be noise" if low <= 0 <= high else ""
     return sum(ours) > sum(old), (f"{sum(ours) / len(shared):.3f} against the champion's {sum(old) / len(shared):.3f} "
-                                  f"on the {len(shared)} eval rows both were scored on (gain {gain:+.3f}, 95% CI "
-                                  f"{low:+.3f} … {high:+.3f}{noise})")
+                                  f"on the {len(shared)} eval rows both were scored on: gain {gain:+.3f}, 95% CI "
+                                  f"{low:+.3f} … {high:+.3f}{noise}")
 
 
 def register_model(*, task: str, model_path: Path | str, run_id: str, eval_score: float, eval_version: str,

@@ -223,8 +223,8 @@ def test_registry_moves_champion_only_to_a_better_version_on_the_same_split(tmp_
                      "compared": "no champion before", "previous_champion_version": None}
     second = register(2, 0.60)
     assert second == {**first, "registered_version": 2, "champion": False, "previous_champion_version": 1,
-                      "compared": "0.600 against the champion's 0.700 on the 2 eval rows both were scored on (gain "
-                                  "-0.100, 95% CI -0.100 … -0.100)"}
+                      "compared": "0.600 against the champion's 0.700 on the 2 eval rows both were scored on: gain "
+                                  "-0.100, 95% CI -0.100 … -0.100"}
     assert int(client.get_model_version_by_alias("ftpipe-toy", "candidate").version) == 2
     assert int(client.get_model_version_by_alias("ftpipe-toy", "champion").version) == 1
     assert registry.aliased_model_names("toy", tracking_uri=uri) == {"model-1", "model-2"}
@@ -241,8 +241,8 @@ def test_registry_moves_champion_only_to_a_better_version_on_the_same_split(tmp_
     assert registry.aliased_model_names("toy", tracking_uri=uri) == {"model-3", "model-4"}
     grown = register(5, 0.70, split="split-3", rows={"r1": 1.0, "r2": 0.8, "new": 0.3})  # r1, r2 kept their side
     assert grown["champion"] is True and grown["compared"] == (
-        "0.900 against the champion's 0.800 on the 2 eval rows both were scored on (gain +0.100, 95% CI +0.000 … "
-        "+0.200: it may be noise)"), "one row better, the other the same: the interval says it may be chance"
+        "0.900 against the champion's 0.800 on the 2 eval rows both were scored on: gain +0.100, 95% CI +0.000 … "
+        "+0.200, which may be noise"), "one row better, the other the same: the interval says it may be chance"
     by_fields = register(6, 0.95, split="split-3", rows={"r1": 1.0, "r2": 1.0, "new": 0.85}, metric="field_accuracy")
     assert by_fields["champion"] is False and by_fields["compared"].startswith(
         "the champion was judged by exact_match, this model by field_accuracy: not comparable; make it the champion")
