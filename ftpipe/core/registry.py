@@ -104,8 +104,9 @@ def beats(version, eval_score: float, eval_version: str, scores: dict[str, Any])
         return eval_score > old, f"{eval_score:.3f} against the champion's {old:.3f} on the same eval split"
     shared = sorted(set(scores["rows"]) & set(theirs.get("rows", {})))
     if theirs.get("metric") != scores["metric"] or not shared:
-        why = (f"the champion was judged by {theirs['metric']}, this model by {scores['metric']}" if shared else
-               "the champion was scored on another eval split, with no row in common")
+        why = ("the champion was registered without its score on each eval row, and on another eval split"
+               if not theirs else f"the champion was judged by {theirs['metric']}, this model by {scores['metric']}"
+               if shared else "the champion was scored on another eval split, with no row in common")
         return False, (f"{why}: not comparable; make it the champion with MlflowClient().set_registered_model_alias("
                        f"{version.name!r}, {CHAMPION!r}, <version>)")
     ours, old = ([found["rows"][row] for row in shared] for found in (scores, theirs))

@@ -250,6 +250,9 @@ def test_registry_moves_champion_only_to_a_better_version_on_the_same_split(tmp_
     later = register(7, 0.75, split="split-3")
     assert later["champion"] is True
     assert later["compared"] == "0.750 against the champion's 0.700 on the same eval split"
+    (tmp_path / "model-7" / registry.EVAL_SCORES).unlink()
+    assert register(8, 0.99, split="split-4")["compared"].startswith(
+        "the champion was registered without its score on each eval row, and on another eval split: not comparable")
 
     shutil.rmtree(tmp_path / "model-1")  # what pruning does to a model that is neither champion nor candidate
     assert registry.mark_removed_versions("toy", tracking_uri=uri) == [1]
