@@ -44,7 +44,7 @@ def plot_intervals(panels: dict[str, list[Interval]], target: Path) -> Path:
     import matplotlib.pyplot as plt
 
     tallest = max(len(intervals) for intervals in panels.values())
-    figure, all_axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 1 + 0.45 * tallest), dpi=100,
+    figure, all_axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 1 + 0.45 * tallest), dpi=100,
                                     squeeze=False)
     for axes, (xlabel, intervals) in zip(all_axes[0], panels.items()):
         labels, values, lows, highs = zip(*intervals)
