@@ -1,10 +1,13 @@
 """Serving group: merged_model, built only when the eval gate passed, and registered in MLflow."""
 
+from pathlib import Path
+
 import dagster as dg
 
 from ftpipe.assets.common import GPU_POOL, TaskRunConfig, effective_config, load_config, run_overrides, upstream
 from ftpipe.config import TOO_LONG_DONE, TaskConfig
 from ftpipe.core.evaluation.card import card_evaluation
+from ftpipe.core.evaluation.chart import CHART, inline_chart
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.readable import rounded
 from ftpipe.core.results import Result
@@ -31,6 +34,7 @@ def _card(task: str, cfg: TaskConfig, gate_overrides: str, base: Result, adapter
                           "eval": evaluation.inputs["eval_version"]},
         "data": _data_counts(task, sft),
         "evaluation": card_evaluation(report, effective_config(task, gate_overrides).evaluation, gate_overrides),
+        "evaluation_chart": str(Path(report["report_path"]).parent / CHART),
         "hyperparameters": sft.produced["training"],
         "mlflow_run_id": adapter.metadata["mlflow_run_id"],
         **({"sft_mlflow_run_id": sft.metadata["mlflow_run_id"]} if sft.reuse_key != adapter.reuse_key else {}),
@@ -110,7 +114,7 @@ def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflo
             "champion": registered["champion"],
             "champion_comparison": registered["compared"],
             "reused": reused,
-            "model_card": dg.MetadataValue.md(card_body(out)),
+            "model_card": dg.MetadataValue.md(inline_chart(card_body(out), out)),
         },
         data_version=dg.DataVersion(out.name),
     )

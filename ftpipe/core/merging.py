@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ftpipe.core.evaluation.chart import CHART
 from ftpipe.core.evaluation.generation import (
     ADAPTER_CONFIG, generate, greedy_batches, is_adapter, load_finetuned, load_model, stop_token_ids,
 )
@@ -131,11 +132,11 @@ def model_card(card: dict[str, Any], parity: dict[str, Any], serving: str, *, me
     trained, the `weights`' dtype), how good (metrics, parity), the training's own settings and how to serve it.
 
     Known keys of `card`: task, description, system_prompt, base_model, method (as trained), data_versions, data
-    (row counts), evaluation (Markdown), hyperparameters (the training config as recorded by the training); any
-    other key is listed under Details.
+    (row counts), evaluation (Markdown), evaluation_chart (the PNG it links, copied beside the card), hyperparameters
+    (the training config as recorded by the training); any other key is listed under Details.
     """
     known = {"task", "base_model", "description", "system_prompt", "method", "data_versions", "data", "evaluation",
-             "hyperparameters"}
+             "evaluation_chart", "hyperparameters"}
     task, method, base = card.get("task", "model"), card.get("method", "lora"), card.get("base_model", "?")
     tags = ["ftpipe", task, method, "merged" if merged else "full-fine-tune"]
     front = f"---\nbase_model: {json.dumps(str(base))}\nlibrary_name: transformers\ntags: {json.dumps(tags)}\n---\n\n"
@@ -189,6 +190,8 @@ def _publish(out_dir: Path, model, tokenizer, card: dict[str, Any], parity: dict
     default_system_prompt(tokenizer, system)
     with atomic_dir(out_dir) as tmp:
         write_model_dir(tmp, model, tokenizer, files)
+        if card.get("evaluation_chart"):
+            shutil.copy2(card["evaluation_chart"], tmp / CHART)
         if lora:
             (tmp / ADAPTER_COPY).mkdir()
             for name in ADAPTER_FILES:

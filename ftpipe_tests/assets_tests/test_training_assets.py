@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from ftpipe.assets import data, training
 from ftpipe.core import registry
-from ftpipe.core.layout import REPORT, TaskLayout, mlflow_db
+from ftpipe.core.evaluation.chart import CHART
+from ftpipe.core.layout import MODEL_CARD, REPORT, TaskLayout, mlflow_db
 from ftpipe.core.results import read_result
 from ftpipe.core.storage import sha256_of_files, task_dir
 from ftpipe.definitions import defs
@@ -286,6 +287,9 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         assert f"| train and eval rows over max_length 64, left out | {too_long} |" in card, "the tiny task's 64"
         assert "preference.beta" not in card and "nnodes" not in card, "only settings that shaped these weights"
         assert "Reading free-text scores:\n\nROUGE-L and token F1" in card, "the task type's own section"
+        folder = Path(merged["model_path"])
+        assert f"]({CHART})" in (folder / MODEL_CARD).read_text() and (folder / CHART).is_file(), "the chart beside it"
+        assert "](data:image/png;base64," in card, "the UI's copy of the card embeds the chart"
         chat = chat_cli(tiny_task)
         assert chat.returncode == 0, chat.stderr[-2000:]
         assert f"model: {merged['model_path']}" in chat.stderr, "the chat CLI answers with the champion model"

@@ -17,8 +17,9 @@ from ftpipe.config import EvaluationConfig, JudgeConfig
 from ftpipe.core.evaluation import evaluation_key, outputs, read_evaluation, run_evaluation, waiting_for_reviews
 from ftpipe.core.evaluation.answer_budget import AnswerBudget
 from ftpipe.core.evaluation.card import card_evaluation
-from ftpipe.core.evaluation.chart import CHART, forgetting, gains, inline_chart
+from ftpipe.core.evaluation.chart import CHART, CHART_LINK, forgetting, gains, inline_chart
 from ftpipe.core.evaluation.forgetting import most_forgotten
+from ftpipe.core.evaluation.report import summary_table
 from ftpipe.core.evaluation.generation import (
     answer_tokens, answers_and_logprobs, conversation_logprobs, encode, generate, greedy_batches, load_finetuned,
     load_merged, load_model, loss_of, prompt_ids, rows_can_leave, shared_prefix, token_chunks,
@@ -592,6 +593,7 @@ def test_the_model_card_gives_the_verdict_with_its_thresholds_baselines_override
     assert f"Forgetting by probe skill (most forgotten: {most_forgotten(result['probe_accuracy_by_skill'])}):" in card
     assert "| arithmetic | 6 | 0.000 | 0.000 |" in card and "| colors | 6 | 1.000 |" in card
     assert "answers no row of arithmetic right: accuracy cannot drop there" in card
+    assert f"{summary_table(result)}\n\n{CHART_LINK}" in card, "the chart after the scores"
     confusion = result["report_markdown"].split("## Confusion table (fine-tuned)\n\n")[1].split("\n\n## ")[0]
     assert f"Confusion table (fine-tuned):\n\n{confusion}" in card and "Confusion table (few-shot)" not in card
     assert card.endswith(

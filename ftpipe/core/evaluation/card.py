@@ -1,6 +1,7 @@
 """The evaluation as a model card shows it: the gate's verdict with the thresholds it used, the scores against the
-baselines, every metric of every model, what a preference stage changed, the task type's sections for the fine-tuned
-model, forgetting by probe skill, and the settings the run changed."""
+baselines, every metric of every model, the chart of gains and forgetting (its file copied beside the card), what a
+preference stage changed, the task type's sections for the fine-tuned model, forgetting by probe skill, and the
+settings the run changed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import yaml
 
 from ftpipe.config import EvaluationConfig
+from ftpipe.core.evaluation.chart import CHART_LINK
 from ftpipe.core.evaluation.forgetting import most_forgotten
 from ftpipe.core.evaluation.gate import decide_gate, gate_caveat
 from ftpipe.core.evaluation.report import (evidence, preference_tuning, skill_table, summary_table, task_sections,
@@ -22,7 +24,7 @@ def card_evaluation(metrics: dict[str, Any], config: EvaluationConfig, overrides
 
     passed, failed = decide_gate(metrics, config)
     parts = [verdict(passed, failed, config, "preference_pairs" in metrics, gate_caveat(metrics, config)),
-             " ".join(evidence(metrics)), summary_table(metrics)]
+             " ".join(evidence(metrics)), summary_table(metrics), CHART_LINK]
     if (stages := preference_tuning(metrics)) is not None:
         parts += ["Preference tuning:", stages]
     records = pq.read_table(metrics["predictions_path"]).to_pylist()
