@@ -27,14 +27,13 @@ from ftpipe.core.evaluation.metrics import answer_problem, label_reader, shape_c
 from ftpipe.core.evaluation.metrics.base import first_json_object
 from ftpipe.core.evaluation.metrics.extraction import category_values, new_category
 from ftpipe.core.layout import TaskLayout
-from ftpipe.core.records import BadRow, message_list, with_system_prompt
+from ftpipe.core.records import FEEDBACK_FILE, BadRow, message_list, with_system_prompt
 from ftpipe.core.results import read_result
 from ftpipe.core.server.request_log import CLIENT_CLOSED, read_records
 from ftpipe.core.storage import exclusive, task_dir, write_text
 from ftpipe.core.tasks import split_system_prompt, task_config
 from ftpipe.core.text import loose
 
-FEEDBACK_FILE = "feedback.jsonl"
 APPLIED = "applied"
 ADDED, UNCHANGED, REPLACED = "added", "unchanged", "replaced"
 

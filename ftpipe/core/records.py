@@ -16,7 +16,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,15 @@ class FormatSpec:
     answer_rule: str = ""
     answer_problem: Callable[[str], str | None] | None = field(default=None, repr=False, compare=False)
     shape_problems: Callable[[list[str]], list[str | None]] | None = field(default=None, repr=False, compare=False)
+
+
+FEEDBACK_FILE = "feedback.jsonl"  # in raw/: the corrections of served answers, which ftpipe writes as chat rows
+
+
+def own_rows(spec: FormatSpec) -> FormatSpec:
+    """`spec` for rows ftpipe writes itself (corrections, a teacher's answers): chat rows, whatever `data.format`
+    says the user's files hold."""
+    return replace(spec, format="auto")
 
 
 @dataclass
@@ -365,7 +374,7 @@ def read_raw_dir(raw_dir: Path, spec: FormatSpec) -> ReadResult:
             _quarantine(result, name, problem)
             continue
         result.files.append(name)
-        read_file(path, name, spec, result)
+        read_file(path, name, own_rows(spec) if name == FEEDBACK_FILE else spec, result)
     return result
 
 
@@ -411,7 +420,7 @@ def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
 
 def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
                        extra: tuple[tuple[Path, str], ...] = ()) -> dict[str, Any]:
-    """Read a task's raw/ (and the `extra` (file, source name) files, e.g. teacher rows) into
+    """Read a task's raw/ (and the `extra` (file, source name) files ftpipe wrote, e.g. teacher rows) into
     `out_dir/examples.parquet`, `out_dir/preferences.parquet` and `out_dir/quarantine.jsonl`; return the counts.
     A task with extra rows needs no raw/ folder."""
     from ftpipe.core.preferences import write_preferences  # preferences builds on this module's row checks
@@ -421,7 +430,7 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
     result = read_raw_dir(raw, spec) if raw.is_dir() or not extra else ReadResult()
     for path, name in extra:
         result.files.append(name)
-        read_file(path, name, spec, result)
+        read_file(path, name, own_rows(spec), result)
     if spec.shape_problems is not None:
         _quarantine_odd_shapes(result, spec.shape_problems)
     if not result.rows_valid:

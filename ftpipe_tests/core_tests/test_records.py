@@ -7,7 +7,7 @@ import pytest
 
 from ftpipe.core import records, review_sample as review
 from ftpipe.core.layout import REVIEW_CSV
-from ftpipe.core.records import FormatSpec, RawDataError, build_raw_examples, read_raw_dir
+from ftpipe.core.records import FEEDBACK_FILE, FormatSpec, RawDataError, build_raw_examples, read_raw_dir
 from ftpipe_tests.builders import chat, make_task
 
 
@@ -222,6 +222,21 @@ def test_preference_rows_beside_mapped_chat_columns_are_read_by_their_keys(ftpip
     (preference,) = pq.read_table(tmp_path / "out" / "preferences.parquet").to_pylist()
     assert preference["prompt"] == [{"role": "system", "content": "Triage."}, {"role": "user", "content": "refund me"}]
     assert preference["source"] == "pairs.jsonl:line 1"
+
+
+def test_corrections_and_teacher_rows_are_chat_rows_whatever_format_the_users_files_have(ftpipe_env: Path,
+                                                                                          tmp_path: Path) -> None:
+    correction = {**chat("printer broken again", "technical", "Triage."), "feedback_for": "chatcmpl-1"}
+    folder = make_task(ftpipe_env, "t", {"helpdesk.csv": "ticket_text,triage\nrefund me,billing\n",
+                                         FEEDBACK_FILE: [correction], "sub/feedback.jsonl": [correction]})
+    (tmp_path / "teacher.jsonl").write_text(json.dumps(chat("where is my parcel", "shipping")) + "\n")
+    spec = FormatSpec("columns", {"prompt": "ticket_text", "completion": "triage"}, system_prompt="Triage.")
+    summary = build_raw_examples(folder, tmp_path / "out", spec, ((tmp_path / "teacher.jsonl", "teacher t"),))
+    assert [q["source"] for q in summary["quarantine"]] == ["sub/feedback.jsonl:line 1"], "only ftpipe's own file"
+    answers = {row["source"]: row["messages"] for row in records.read_examples(tmp_path / "out" / "examples.parquet")}
+    assert answers[f"{FEEDBACK_FILE}:line 1"] == correction["messages"]
+    assert answers["teacher t:line 1"][0] == {"role": "system", "content": "Triage."}
+    assert [m[-1]["content"] for source, m in answers.items() if source.startswith("helpdesk.csv")] == ["billing"]
 
 
 def test_one_fault_at_different_messages_is_one_quarantine_reason(ftpipe_env: Path, tmp_path: Path) -> None:
