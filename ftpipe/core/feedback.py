@@ -165,7 +165,8 @@ def _unknown_label(task: str, output: str) -> str | None:
     if label is None or cleaned is None:
         return None
     corrected = [row["messages"][-1]["content"] for row in corrections(task)]
-    known = {loose(name): name for name in [*cleaned.metadata["removed_by_label"], *map(label_of, corrected)] if name}
+    known = {loose(name): name for name in [*map(label_of, corrected), *cleaned.metadata["removed_by_label"]]
+             if name}  # the cleaned rows' spelling of a label, before a correction's
     if loose(label) in known:
         return None
     close = get_close_matches(loose(label), list(known), n=1)

@@ -133,6 +133,8 @@ def test_a_label_no_row_has_yet_is_refused_as_a_likely_typo_unless_the_correctio
     raw = task_dir(tiny_task) / "raw" / FEEDBACK_FILE
     assert not raw.exists(), "nothing written"
     assert add_feedback(tiny_task, ids[0], "Yellow")[1] == ADDED, "a known label, written another way"
+    with pytest.raises(FeedbackError, match=r"\(did you mean 'yellow'\?\)"):  # as the rows write it, not "Yellow"
+        add_feedback(tiny_task, ids[1], "yelow")
     assert add_feedback(tiny_task, ids[1], "gold", new_label=True)[1] == ADDED
     assert add_feedback(tiny_task, ids[2], "gold")[1] == ADDED, "a label a correction brought is known from then on"
     assert add_feedback(tiny_task, ids[2], "gold \n")[1] == UNCHANGED, "surrounding whitespace makes no new answer"
