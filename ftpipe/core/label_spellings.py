@@ -68,13 +68,16 @@ class Spellings:
 
     def _respelled(self, answer: str) -> tuple[str, str, str] | None:
         """(`answer` with its label in its spelling, that spelling, the one replaced); None when it stays, or when
-        the rewritten answer would not read back as that label."""
-        written = raw_label(answer, self.labels.config.label_field)
+        the rewritten answer would not read back as that label. A bare label is the whole answer, so spaces around it
+        are replaced too."""
+        field = self.labels.config.label_field
+        written = raw_label(answer, field)
         keep = self._trained(written)
-        if keep == written:
+        replaced = written if field else answer
+        if not keep or keep == replaced:
             return None
         respelled = self.labels.respelled(answer, keep)
-        return (respelled, keep, written) if raw_label(respelled, self.labels.config.label_field) == keep else None
+        return (respelled, keep, replaced) if raw_label(respelled, field) == keep else None
 
     def _trained(self, written: str | None) -> str | None:
         return self.chosen.get(loose(written), written) if written else written

@@ -36,10 +36,11 @@ def test_labels_written_differently_take_the_spelling_most_rows_use_and_keep_the
 
 def test_a_bare_label_is_respelled_whole() -> None:
     labels = task_metrics(EvaluationConfig(task_type="classification"))
-    rows = [row(f"message {i}", answer) for i, answer in enumerate(["Refund", "Refund", "refund\n", "Card lost"])]
+    rows = [row(f"message {i}", answer) for i, answer in enumerate(["Refund", "Refund", "refund\n", " Card lost "])]
     out, respelled = Spellings.of(answers(rows), labels).respell(rows)
     assert [r["messages"][-1]["content"] for r in out] == ["Refund", "Refund", "Refund", "Card lost"]
-    assert respelled == [{"label": "Refund", "respelled": "refund", "rows": 1}]
+    assert respelled == [{"label": "Refund", "respelled": "refund\n", "rows": 1},
+                         {"label": "Card lost", "respelled": " Card lost ", "rows": 1}], "spaces around it count"
 
 
 def test_preference_answers_count_toward_the_spelling_and_are_respelled_unless_a_pair_would_become_one_answer() -> None:
