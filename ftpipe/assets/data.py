@@ -113,6 +113,8 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
     respelled = summary["label_spellings"], summary["preference_answers_respelled"]
     if any(respelled):
         context.log.info(f"{task}: {label_spellings.said(*respelled)}")
+    if misspelt := summary["likely_misspellings"]:
+        context.log.warning(f"{task}: {label_spellings.misspellings_said(misspelt)}")
     return dg.MaterializeResult(
         metadata={
             **{key: summary[key] for key in (*dedup.COUNTS, "preference_rows_in", "preference_rows_out")},
@@ -124,6 +126,9 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
             "labels_respelled": sum(r["rows"] for r in summary["label_spellings"]),
             "label_spellings": table(label_spellings.shown(summary["label_spellings"]), label_spellings.COLUMNS),
             "preference_answers_respelled": summary["preference_answers_respelled"],
+            "likely_misspelt_labels": len(summary["likely_misspellings"]),
+            "misspelt_labels": table(label_spellings.shown(summary["likely_misspellings"], ("label", "like")),
+                                     label_spellings.MISSPELLING_COLUMNS),
             "removed_path": dg.MetadataValue.path(str(out / REMOVED)),
             "removed_preview": table(
                 [{**r, "message": records.user_message(chat["messages"]), "answer": chat["messages"][-1]["content"]}

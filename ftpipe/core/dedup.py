@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 SHARED_TEXT_KEY = "ftpipe.shared_shingles"  # parquet metadata: the shared shingles the near stage left out
 MATCH_EXAMPLES = 3  # of each label (and in all, without labels)
+NO_LABEL = "(no label)"  # the label of a row whose answer gives none, in the counts by label
 MATCH_COLUMNS = ("label", "reason", "removed_message", "removed_answer", "matched_message", "matched_answer", "detail")
 COUNTS = ("rows_in", "rows_out", "exact_duplicates", "near_duplicates", "contradictions")
 
@@ -335,7 +336,7 @@ def _comparable(row: dict[str, Any], as_written: dict[str, list[dict]]) -> dict[
 
 
 def _label(row: dict[str, Any], label_of: Callable[[str], str | None] | None) -> str:
-    return (label_of(row["messages"][-1]["content"]) or "(no label)") if label_of else ""
+    return (label_of(row["messages"][-1]["content"]) or NO_LABEL) if label_of else ""
 
 
 def removed_by_label(rows: list[dict[str, Any]], removed: list[dict[str, Any]],
@@ -375,9 +376,9 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     """Deduplicate `examples_path` into `out_dir/examples.parquet`, and the preference rows beside it into
     `out_dir/preferences.parquet`, every removed row of either kind into `out_dir/removed.jsonl` (with a result);
     return the counts (`rows_in`, `rows_out`: chat rows; the removals of both kinds). For a task type with labels
-    (`labels`), the labels of the kept rows and preference rows are written one way each (`label_spellings`) and the
-    removals are counted by label, so written."""
-    from ftpipe.core.label_spellings import Spellings, answers
+    (`labels`), the labels of the kept rows and preference rows are written one way each (`label_spellings`), the
+    removals are counted by label, so written, and the kept labels that look like typos of commoner ones are named."""
+    from ftpipe.core.label_spellings import Spellings, answers, likely_misspellings
     from ftpipe.core.preference_cleaning import build_clean_preferences
     from ftpipe.core.preferences import read_preferences
 
@@ -398,6 +399,8 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         "matched_examples": matched_examples(rows, result.removed, label_of),
         "label_spellings": respelled,
     }
+    summary["likely_misspellings"] = likely_misspellings(
+        {label: counts["rows_in"] - counts["removed"] for label, counts in summary["removed_by_label"].items()})
     inputs = {"raw_examples": file_sha256(examples_path)[:16], "json_answers": "compared by value",
               "multi_turn": "near-identical turn for turn",
               "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None,

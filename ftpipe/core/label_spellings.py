@@ -1,22 +1,28 @@
 """One spelling per label: labels that differ only in what the evaluation ignores (case, spacing, punctuation:
 `Billing`, `billing `, `billing.`) are one label there, so cleaned rows, and the answers of preference rows, are
 rewritten to the spelling most of the label's answers use, and the model learns to write each label one way. The rest
-of each answer, and each row's id (that of its raw row), stay as they were."""
+of each answer, and each row's id (that of its raw row), stay as they were. A label that differs by a typo (`postive`)
+is another label to the evaluation too, so it is not rewritten: `likely_misspellings` names it for a person to fix."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 from dataclasses import dataclass
+from difflib import get_close_matches
 from functools import partial
 from typing import Any, Iterable
 
+from ftpipe.core.dedup import NO_LABEL
 from ftpipe.core.evaluation.metrics.classification import Classification, most_common, raw_label
 from ftpipe.core.preferences import is_paired
 from ftpipe.core.text import canonical, loose
 
 COLUMNS = ["label", "respelled", "rows"]
+MISSPELLING_COLUMNS = ["label", "rows", "like", "like_rows"]
 SHOWN = 5  # spellings named in the log line
+MISSPELLING_SIMILARITY = 0.8  # difflib's ratio of two labels' words above which the rarer may be a typo of the other
+MISSPELLING_RARITY = 5  # ...when the other has at least this many times its rows
 PREFERENCE_ANSWERS = ("chosen", "rejected", "completion")  # a preference row's answer fields (None: not its kind)
 
 
@@ -83,10 +89,10 @@ class Spellings:
         return self.chosen.get(loose(written), written) if written else written
 
 
-def shown(respelled: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`respelled` with both spellings quoted, so that a space or a case that tells them apart can be seen."""
-    return [{**entry, "label": _quoted(entry["label"]), "respelled": _quoted(entry["respelled"])}
-            for entry in respelled]
+def shown(entries: list[dict[str, Any]], fields: tuple[str, ...] = ("label", "respelled")) -> list[dict[str, Any]]:
+    """`entries` with the labels of their `fields` quoted, so that a space or a case that tells two apart can be
+    seen."""
+    return [{**entry, **{name: _quoted(entry[name]) for name in fields}} for entry in entries]
 
 
 def said(respelled: list[dict[str, Any]], preference_answers: int = 0) -> str:
@@ -97,6 +103,34 @@ def said(respelled: list[dict[str, Any]], preference_answers: int = 0) -> str:
     more = f" and {len(respelled) - SHOWN} other spellings" if len(respelled) > SHOWN else ""
     return (f"{' and '.join(f'{count} {what}' for count, what in counts if count)} labels respelled as most answers "
             f"of the label write it{': ' if named else ''}{', '.join(named)}{more}")
+
+
+def likely_misspellings(counts: dict[str, int]) -> list[dict[str, Any]]:
+    """The labels of `counts` (label -> rows) that look like a typo of a label with many more rows (`postive` ×2
+    beside `positive` ×300), each trained as a label of its own: the label, its rows, the label it is `like` and its
+    rows, the rarest first."""
+    found = []
+    for label, rows in sorted(counts.items(), key=lambda item: (item[1], item[0])):
+        if not rows or label == NO_LABEL:
+            continue
+        commoner = {loose(other): other for other, many in counts.items()
+                    if many >= MISSPELLING_RARITY * rows and other != NO_LABEL}
+        if close := get_close_matches(loose(label), list(commoner), n=1, cutoff=MISSPELLING_SIMILARITY):
+            like = commoner[close[0]]
+            found.append({"label": label, "rows": rows, "like": like, "like_rows": counts[like]})
+    return found
+
+
+def misspellings_said(found: list[dict[str, Any]]) -> str:
+    """`2 labels look like a typo of a commoner label: "postive" ×2 (like "positive" ×300), ...; each is trained and
+    scored as a label of its own: correct them in the raw files` (SHOWN of them named, the rest counted)."""
+    named = [f"{_quoted(one['label'])} ×{one['rows']} (like {_quoted(one['like'])} ×{one['like_rows']})"
+             for one in found[:SHOWN]]
+    more = f" and {len(found) - SHOWN} more (the misspelt_labels table)" if len(found) > SHOWN else ""
+    several = len(found) > 1
+    return (f"{len(found)} label{'s' * several} look{'s' * (not several)} like a typo of a commoner label: "
+            f"{', '.join(named)}{more}; {'each' if several else 'it'} is trained and scored as a label of its own: "
+            f"correct {'them' if several else 'it'} in the raw files")
 
 
 def answers(rows: list[dict[str, Any]], preferences: Iterable[dict[str, Any]] = ()) -> list[str]:

@@ -135,7 +135,7 @@ def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_en
 
     spellings = ["Billing", "billing", "Billing", "BILLING ", "Shipping"]
     rows = [chat(f"ticket {i}: question {i * 13} about invoice {i}", json.dumps({"category": spellings[i % 5]}))
-            for i in range(60)]
+            for i in range(60)] + [chat("my parcel never came, order 4417", '{"category": "Shiping"}')]
     pairs = [{"prompt": f"parcel {i}: tracking number {i * 31} shows nothing", "chosen": '{"category": "shipping "}',
               "rejected": '{"category": "billing"}'} for i in range(4)]
     make_task(ftpipe_env, "desk", {"a.jsonl": rows, "p.jsonl": pairs},
@@ -143,17 +143,22 @@ def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_en
     with dg.instance_for_test() as instance:
         result = materialize(instance, "desk")
         infos = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 20]
+        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
     deduped = materialization(result, "deduplicated_examples")
     assert deduped["labels_respelled"] == 24 and '| "Billing" | "BILLING " | 12 |' in deduped["label_spellings"]
     assert deduped["preference_answers_respelled"] == 8
-    assert deduped["removed_by_label"].splitlines()[2:] == ["| Billing | 48 | 0 | 0% |", "| Shipping | 12 | 0 | 0% |"]
+    assert deduped["removed_by_label"].splitlines()[2:] == [
+        "| Billing | 48 | 0 | 0% |", "| Shiping | 1 | 0 | 0% |", "| Shipping | 12 | 0 | 0% |"]
+    assert deduped["likely_misspelt_labels"] == 1 and '| "Shiping" | 1 | "Shipping" | 12 |' in deduped["misspelt_labels"]
+    assert 'desk: 1 label looks like a typo of a commoner label: "Shiping" ×1 (like "Shipping" ×12); it is trained ' \
+           'and scored as a label of its own: correct it in the raw files' in warnings, "a typo is not a spelling"
     assert 'desk: 24 rows\' and 8 preference answers\' labels respelled as most answers of the label write it: ' \
            '"billing" as "Billing" ×12, "BILLING " as "Billing" ×12' in infos
     written = {json.loads(r["messages"][-1]["content"])["category"]
                for path in TaskLayout("desk").split_files for r in read_examples(path)}
     cleaned_pairs = read_preferences(TaskLayout("desk").preferences("deduplicated_examples"))
     preferred = {(r["chosen"], r["rejected"]) for r in cleaned_pairs}
-    assert written == {"Billing", "Shipping"} and preferred == {('{"category": "Shipping"}', '{"category": "Billing"}')}
+    assert written == {"Billing", "Shipping", "Shiping"} and preferred == {('{"category": "Shipping"}', '{"category": "Billing"}')}
 
 
 def test_the_split_warns_of_labels_only_train_rows_have(ftpipe_env: Path) -> None:

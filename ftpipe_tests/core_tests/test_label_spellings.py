@@ -4,7 +4,8 @@ import json
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.metrics import task_metrics
-from ftpipe.core.label_spellings import Spellings, answers, said
+from ftpipe.core.dedup import NO_LABEL
+from ftpipe.core.label_spellings import Spellings, answers, likely_misspellings, misspellings_said, said
 from ftpipe.core.preferences import FormatSpec, to_preference
 from ftpipe_tests.rows import row
 
@@ -63,3 +64,15 @@ def test_preference_answers_count_toward_the_spelling_and_are_respelled_unless_a
     assert count == 3 and [r["id"] for r in out] == [r["id"] for r in pairs]
     assert said(respelled, count) == ('1 rows\' and 3 preference answers\' labels respelled as most answers of the '
                                       'label write it: "refund" as "Refund" ×1')
+
+
+def test_a_rare_label_a_typo_away_from_a_commoner_one_is_named_and_labels_of_like_size_are_not() -> None:
+    counts = {"positive": 300, "postive": 2, "neutral": 120, "neutrl": 1, "negative": 100, NO_LABEL: 5,
+              "refund": 10, "refunds": 9, "gone": 0}
+    found = likely_misspellings(counts)
+    assert found == [{"label": "neutrl", "rows": 1, "like": "neutral", "like_rows": 120},
+                     {"label": "postive", "rows": 2, "like": "positive", "like_rows": 300}], "refunds: as many rows"
+    assert misspellings_said(found) == (
+        '2 labels look like a typo of a commoner label: "neutrl" ×1 (like "neutral" ×120), "postive" ×2 (like '
+        '"positive" ×300); each is trained and scored as a label of its own: correct them in the raw files')
+    assert misspellings_said(found[1:]).startswith('1 label looks like a typo of a commoner label: "postive" ×2')
