@@ -55,7 +55,8 @@ def _data_counts(task: str, sft: Result) -> dict[str, int]:
         "held-out rows": split.metadata["eval_rows"],
         "train rows": split.metadata["train_rows"],
         "replayed general rows": sft.metadata.get("replay_rows", 0),
-        f"train and eval rows over max_length {training['max_length']}, {TOO_LONG_DONE[training['too_long']]}":
+        f"train and eval rows over max_length {training['max_length']}, {TOO_LONG_DONE[training['too_long']]} by the "
+        "training (the evaluation scores every held-out row)":
             sft.metadata.get("rows_too_long", 0),
     }
 

@@ -17,6 +17,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -178,11 +179,19 @@ def _keys(row: dict[str, Any]) -> str:
 def _missing_columns(row: dict[str, Any], columns: dict[str, str]) -> str:
     """The mapped columns the row lacks, as `mapped column 'utterance' (data.columns.prompt) is not in the file`,
     or ''."""
-    missing = [f"{column!r} (data.columns.{field})" for field, column in sorted(columns.items()) if column not in row]
+    missing = [f"{column!r} (data.columns.{field}){_close_column(column, row)}"
+               for field, column in sorted(columns.items()) if column not in row]
     if not missing:
         return ""
     several = len(missing) > 1
     return f"mapped column{'s' * several} {' and '.join(missing)} {'are' if several else 'is'} not in the file"
+
+
+def _close_column(column: str, row: dict[str, Any]) -> str:
+    """` (did you mean 'sentiment'?)` for the row's column written most like `column`, case aside; else ''."""
+    columns = {str(name).casefold(): str(name) for name in row}
+    close = get_close_matches(column.casefold(), list(columns), n=1)
+    return f" (did you mean {columns[close[0]]!r}?)" if close else ""
 
 
 def check_mapped_columns(row: dict[str, Any], columns: dict[str, str]) -> None:

@@ -284,7 +284,8 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         rows_read = materialization(passed, "raw_examples")["rows_read"]
         assert f"| rows read | {rows_read} |" in card and "| held-out loss |" in card, "the data behind it, every metric"
         too_long = materialization(passed, "lora_adapter")["rows_too_long"]
-        assert f"| train and eval rows over max_length 64, left out | {too_long} |" in card, "the tiny task's 64"
+        assert (f"| train and eval rows over max_length 64, left out by the training (the evaluation scores every "
+                f"held-out row) | {too_long} |") in card, "the tiny task's 64, and what the evaluation still reads"
         assert "preference.beta" not in card and "nnodes" not in card, "only settings that shaped these weights"
         assert "Reading free-text scores:\n\nROUGE-L and token F1" in card, "the task type's own section"
         folder = Path(merged["model_path"])
