@@ -72,6 +72,8 @@ def run_task(task: str, settings: str = "") -> int:
     from ftpipe.launcher import release_dead_runs
 
     tasks, refused = sync_tasks(show_refused=False)
+    if others := sorted(set(refused) - {task}):
+        print(f"task folders refused (python -m ftpipe tasks sync says why): {', '.join(others)}")
     if task not in tasks:
         print(f"ftpipe run of task {task!r}: FAILED before starting: {refused[task]}" if task in refused
               else _no_task_folder(task, [*tasks, *refused]), file=sys.stderr)
