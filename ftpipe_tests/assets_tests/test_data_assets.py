@@ -249,7 +249,7 @@ def test_tasks_sync_cli_registers_partitions(ftpipe_env: Path, tmp_path: Path) -
         "digits, '_' or '-', starting with a letter or digit, at most 64 characters"), "why it is refused, once"
     (ftpipe_env / "tasks" / "Other").mkdir()
     sibling = subprocess.run([sys.executable, "-m", "ftpipe", "run", "UPPER"], capture_output=True, text=True, env=env)
-    assert "task folders refused (python -m ftpipe tasks sync says why): Other\n" in sibling.stdout, "named, not the run's"
+    assert "task folders refused (python -m ftpipe tasks sync says why): Other\n" in sibling.stdout, "not UPPER again"
     (ftpipe_env / "tasks" / "Other").rmdir()
     (ftpipe_env / "tasks" / "UPPER").rmdir()
     with dg.DagsterInstance.from_config(str(home)) as instance:
