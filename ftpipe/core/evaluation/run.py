@@ -11,13 +11,13 @@ from typing import Any
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.answer_budget import AnswerBudget
+from ftpipe.core.evaluation.chart import write_chart
 from ftpipe.core.evaluation.copy_baseline import copy_outputs
 from ftpipe.core.evaluation.majority_baseline import majority_outputs
 from ftpipe.core.evaluation.fewshot import choose_examples
 from ftpipe.core.evaluation.forgetting import forgetting_words, most_forgotten
 from ftpipe.core.evaluation.gate import GATE_FIELDS, decide_gate, gate_caveat
 from ftpipe.core.evaluation.judge import judge_metrics
-from ftpipe.core.evaluation.chart import write_chart
 from ftpipe.core.evaluation.measurements import measure, prediction_records
 from ftpipe.core.evaluation.metrics import TaskMetrics, check_references, task_metrics
 from ftpipe.core.evaluation.outputs import Heldout, Log, ModelOutputs, all_outputs
