@@ -21,7 +21,7 @@ from ftpipe.core.text import canonical, loose
 COLUMNS = ["label", "respelled", "rows"]
 MISSPELLING_COLUMNS = ["label", "rows", "like", "like_rows"]
 SHOWN = 5  # spellings named in the log line
-MISSPELLING_SIMILARITY = 0.8  # difflib's ratio of two labels' words above which the rarer may be a typo of the other
+MISSPELLING_SIMILARITY = 0.85  # difflib's ratio of two labels' words from which the rarer may be a typo of the other
 MISSPELLING_RARITY = 5  # ...when the other has at least this many times its rows
 PREFERENCE_ANSWERS = ("chosen", "rejected", "completion")  # a preference row's answer fields (None: not its kind)
 

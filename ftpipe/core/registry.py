@@ -104,17 +104,24 @@ def beats(version, eval_score: float, eval_version: str, scores: dict[str, Any])
         return eval_score > old, f"{eval_score:.3f} against the champion's {old:.3f} on the same eval split"
     shared = sorted(set(scores["rows"]) & set(theirs.get("rows", {})))
     if theirs.get("metric") != scores["metric"] or not shared:
-        why = ("the champion was registered without its score on each eval row, and on another eval split"
-               if not theirs else f"the champion was judged by {theirs['metric']}, this model by {scores['metric']}"
-               if shared else "the champion was scored on another eval split, with no row in common")
-        return False, (f"{why}: not comparable; make it the champion with MlflowClient().set_registered_model_alias("
-                       f"{version.name!r}, {CHAMPION!r}, <version>)")
+        return False, (f"{_not_comparable(theirs, scores['metric'], bool(shared))}: not comparable; make it the "
+                       f"champion with MlflowClient().set_registered_model_alias({version.name!r}, {CHAMPION!r}, "
+                       "<version>)")
     ours, old = ([found["rows"][row] for row in shared] for found in (scores, theirs))
     gain, low, high = paired_bootstrap(old, ours, COMPARISON_SAMPLES, seed=0)
     noise = ", which may be noise" if low <= 0 <= high else ""
     return sum(ours) > sum(old), (f"{sum(ours) / len(shared):.3f} against the champion's {sum(old) / len(shared):.3f} "
                                   f"on the {len(shared)} eval rows both were scored on: gain {gain:+.3f}, 95% CI "
                                   f"{low:+.3f} … {high:+.3f}{noise}")
+
+
+def _not_comparable(theirs: dict[str, Any], metric: str, shared: bool) -> str:
+    """Why a champion's row scores (`theirs`) cannot judge a model scored by `metric` (`shared`: on some same rows)."""
+    if not theirs:
+        return "the champion was registered without its score on each eval row, and on another eval split"
+    if shared:
+        return f"the champion was judged by {theirs['metric']}, this model by {metric}"
+    return "the champion was scored on another eval split, with no row in common"
 
 
 def register_model(*, task: str, model_path: Path | str, run_id: str, eval_score: float, eval_version: str,

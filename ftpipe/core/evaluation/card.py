@@ -20,15 +20,12 @@ from ftpipe.core.evaluation.report import (evidence, preference_tuning, skill_ta
 def card_evaluation(metrics: dict[str, Any], config: EvaluationConfig, overrides: str = "") -> str:
     """Markdown for the model card from a published evaluation (`read_evaluation`), with the gate decided for
     `config`; the evaluation settings of `overrides` (task.yaml settings changed for the run, as YAML) are shown."""
-    import pyarrow.parquet as pq
-
     passed, failed = decide_gate(metrics, config)
     parts = [verdict(passed, failed, config, "preference_pairs" in metrics, gate_caveat(metrics, config)),
              " ".join(evidence(metrics)), summary_table(metrics), CHART_LINK]
     if (stages := preference_tuning(metrics)) is not None:
         parts += ["Preference tuning:", stages]
-    records = pq.read_table(metrics["predictions_path"]).to_pylist()
-    for title, section in task_sections(metrics, records, config, sides=("finetuned",)):
+    for title, section in task_sections(metrics, metrics["records"], config, sides=("finetuned",)):
         parts += [f"{title}:", section]
     skills = metrics["probe_accuracy_by_skill"]
     if len(skills) > 1:

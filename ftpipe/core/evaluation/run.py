@@ -66,7 +66,8 @@ def read_evaluation(out_dir: Path | str, config: EvaluationConfig,
                     verdicts: Verdicts | None = None) -> dict[str, Any]:
     """A published evaluation with the gate decided for `config` and the human `verdicts` (`read_verdicts`; those on
     the evaluated model's answers count): metrics.json's measurements, `human_metrics`, `passed`,
-    `failed_conditions`, `gate_caveat` (what a pass does not say), `report_markdown` and the paths of the report, predictions and metrics files."""
+    `failed_conditions`, `gate_caveat` (what a pass does not say), `report_markdown`, the prediction `records` and
+    the paths of the report, predictions and metrics files."""
     import pyarrow.parquet as pq
 
     out_dir = Path(out_dir)
@@ -76,18 +77,16 @@ def read_evaluation(out_dir: Path | str, config: EvaluationConfig,
     passed, failed = decide_gate(metrics, config)
     return {**metrics, "passed": passed, "failed_conditions": failed,
             "gate_caveat": gate_caveat(metrics, config) if passed else None,
-            "report_markdown": report_markdown(metrics, records, config), "report_path": str(out_dir / REPORT),
+            "report_markdown": report_markdown(metrics, records, config), "records": records,
+            "report_path": str(out_dir / REPORT),
             "predictions_path": str(out_dir / PREDICTIONS), "metrics_path": str(out_dir / METRICS)}
 
 
 def finetuned_row_scores(evaluation: dict[str, Any]) -> dict[str, Any]:
     """The fine-tuned model's primary metric on each held-out row of a `read_evaluation` dict: {metric, rows: {row id:
     score}}."""
-    import pyarrow.parquet as pq
-
     metric = evaluation["primary_metric"]
-    found = pq.read_table(evaluation["predictions_path"], columns=["id", f"finetuned_{metric}"]).to_pydict()
-    return {"metric": metric, "rows": dict(zip(found["id"], map(float, found[f"finetuned_{metric}"])))}
+    return {"metric": metric, "rows": {row["id"]: float(row[f"finetuned_{metric}"]) for row in evaluation["records"]}}
 
 
 def _examples(train_rows: list[dict], exclude_ids: set[str], task: TaskMetrics, config: EvaluationConfig) -> list[dict]:
