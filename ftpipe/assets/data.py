@@ -182,7 +182,8 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
     train_answers, eval_answers = (records.answers(path) for path in (train, evaluation))
     unheld = labels_without_heldout_rows(cfg.evaluation, train_answers, eval_answers)
     if unheld:
-        context.log.warning(f"{task}: {unheld_labels(unheld)}")
+        typos = dedup.likely_typos(paths.asset("deduplicated_examples"))
+        context.log.warning(f"{task}: {unheld_labels(unheld, typos)}")
     learns_final_turns = cfg.evaluation.task_type == "generation" and not cfg.training.every_turn
     if learns_final_turns and (stock := split.stock_answer(train_answers)):
         context.log.warning(f"{task}: {stock}")

@@ -52,6 +52,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     """Base (zero- and few-shot) vs fine-tuned model on the held-out split (task metric with a bootstrap interval)
     and a forgetting check, and with a preference stage the SFT model beside them and preference accuracy on the
     held-out pairs; an evaluation of the same inputs is reused without generating anything."""
+    from ftpipe.core.dedup import likely_typos
     from ftpipe.core.evaluation import run_evaluation
     from ftpipe.core.evaluation.answer_budget import cut_off_warning
     from ftpipe.core.evaluation.gate import GATE_FIELDS
@@ -78,7 +79,8 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
         teacher=teacher, teacher_version=teacher_version(distill) if distill else None,
     )
     if report.get("labels_without_heldout_rows"):
-        context.log.warning(f"{task}: {unheld_labels(report['labels_without_heldout_rows'])}")
+        typos = likely_typos(paths.asset("deduplicated_examples"))
+        context.log.warning(f"{task}: {unheld_labels(report['labels_without_heldout_rows'], typos)}")
     if (cut_off := cut_off_warning(report)) is not None:
         context.log.warning(f"{task}: {cut_off}")
     if report["gate_caveat"] is not None:

@@ -29,7 +29,7 @@ import pandas as pd
 
 from ftpipe.core import similarity
 from ftpipe.core.records import read_examples, source_order, user_message, write_examples, write_jsonl
-from ftpipe.core.results import Result, reuse_key
+from ftpipe.core.results import Result, read_result, reuse_key
 from ftpipe.core.layout import EXAMPLES, PREFERENCES, REMOVED
 from ftpipe.core.storage import atomic_dir, file_sha256
 from ftpipe.core.text import canonical, canonical_codes, loose, loose_words
@@ -418,6 +418,13 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         Result("deduplicated_examples", key, {"examples": EXAMPLES, "preferences": PREFERENCES, "removed": REMOVED},
                inputs, summary).write(tmp)
     return {**summary, "removed": removed}
+
+
+def likely_typos(out_dir: Path) -> dict[str, str]:
+    """The labels the cleaning in `out_dir` named as likely typos, each with the commoner label it looks like (none
+    when there is no cleaning there)."""
+    result = read_result(out_dir, "deduplicated_examples")
+    return {one["label"]: one["like"] for one in result.metadata.get("likely_misspellings", [])} if result else {}
 
 
 def heavy_removals(summary: dict[str, Any], limit: float) -> dict[str | None, str]:

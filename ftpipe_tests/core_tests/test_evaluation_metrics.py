@@ -397,3 +397,7 @@ def test_labels_without_held_out_rows_are_named_up_to_a_dozen():
     assert unheld_labels(labels).startswith(f"14 labels of the train rows ({', '.join(labels[:12])} and 2 more)")
     assert unheld_labels(["refund"]).startswith("1 label of the train rows (refund) has no held-out row: the scores "
                                                 "say nothing about it")
+    typos = {"refnd": "refund", "crad": "card", "other": "another"}
+    assert unheld_labels(["refnd", "crad", "rare"], typos).endswith(
+        "(a larger split.eval_fraction gives more labels a held-out row; 'refnd' looks like a typo of 'refund', 'crad' "
+        "looks like a typo of 'card': correct them in the raw files).")

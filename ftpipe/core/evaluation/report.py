@@ -56,13 +56,18 @@ def verdict(passed: bool, failed: list[str], config: EvaluationConfig, preferenc
     return f"**Eval gate: FAILED** ({thresholds}): " + "; ".join(failed)
 
 
-def unheld_labels(labels: list[str]) -> str:
-    """What a score on held-out rows cannot say: labels of train rows only (NAMED_LABELS named, the rest counted)."""
+def unheld_labels(labels: list[str], typos: dict[str, str] | None = None) -> str:
+    """What a score on held-out rows cannot say: labels of train rows only (NAMED_LABELS named, the rest counted).
+    `typos` (a label -> the commoner label it looks like a typo of, from cleaning) names those among them: a typo is
+    corrected in the raw files, not given held-out rows."""
     named = ", ".join(labels[:NAMED_LABELS]) + (f" and {len(labels) - NAMED_LABELS} more"
                                                 if len(labels) > NAMED_LABELS else "")
+    likely = [f"{label!r} looks like a typo of {typos[label]!r}" for label in labels if label in (typos or {})]
+    fix = f"; {', '.join(likely)}: correct {'them' if len(likely) > 1 else 'it'} in the raw files" if likely else ""
     return (f"{len(labels)} label{'s' if len(labels) > 1 else ''} of the train rows ({named}) "
             f"{'have' if len(labels) > 1 else 'has'} no held-out row: the scores say nothing about "
-            f"{'them' if len(labels) > 1 else 'it'} (a larger split.eval_fraction gives more labels a held-out row).")
+            f"{'them' if len(labels) > 1 else 'it'} (a larger split.eval_fraction gives more labels a held-out "
+            f"row{fix}).")
 
 
 def overview(metrics: dict[str, Any]) -> str:
