@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -71,9 +72,9 @@ def spec_of(workspace: Path, name: str, prompts: Path = PROMPTS, **training) -> 
     )
 
 
-def datasets(spec: TrainingSpec):
-    """(train rows, eval rows, replay rows handed out) as the sft objective builds them."""
-    setup = trainer_setup(spec, spec.config(), Method("sft", "lora", "none"), callbacks=[], info=lambda line: None)
+def datasets(spec: TrainingSpec, info=lambda line: None):
+    """(train rows, eval rows, replay rows handed out) as the sft objective builds them; `info` takes its lines."""
+    setup = trainer_setup(spec, spec.config(), Method("sft", "lora", "none"), callbacks=[], info=info)
     train, evals, _, _ = build_datasets(setup)
     return list(train), list(evals), setup.replay_rows
 
@@ -121,11 +122,15 @@ def test_the_mix_has_the_share_of_cached_answers_only_in_train(workspace, genera
 
 def test_answers_are_generated_once_and_reused(workspace, generations) -> None:
     spec = spec_of(workspace, "reuse", replay=0.25)
-    first, _, _ = datasets(spec)
+    lines = []
+    first, _, _ = datasets(spec, lines.append)
+    assert re.fullmatch(r"replay: 10 general rows, 10 distinct base-model answers \(answers generated in \d+ s\)",
+                        lines[-2]), "the generation is timed"
     [cache] = Path(spec.replay_cache_dir).glob("replay-*.json")
     calls, written = generations.calls, cache.stat().st_mtime_ns
-    again, _, _ = datasets(spec)
+    again, _, _ = datasets(spec, lines.append)
     assert calls > 0 and generations.calls == calls, "a re-run generates nothing"
+    assert lines[-2] == "replay: 10 general rows, 10 distinct base-model answers"
     assert cache.stat().st_mtime_ns == written and again == first, "the same seed picks the same rows"
     other, _, _ = datasets(spec_of(workspace, "reuse", replay=0.25, seed=7))
     assert other != first, "another seed picks others"

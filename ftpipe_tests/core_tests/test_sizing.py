@@ -107,6 +107,8 @@ def test_the_rate_is_the_latest_finished_training_of_the_same_base_model_from_st
     assert calibrated.seconds == 130.0 and calibrated.line() == (
         "sizing: 12 steps, ~9.0k tokens at 100 tokens/s (calibration), evaluations ~3.0k tokens at 300 tokens/s: "
         "~2.2 min in all, peak ~1.5 GiB")
+    kept_training("toy", "eeee0000eeee0000", "base-a", age_s=0, replay_answer_seconds=12.5)
+    assert sizing.previous_cost(kept, "base-a").overhead_seconds == 17.5, "its replay answers are cached now"
     assert found.metadata() == {"estimated_steps": 12, "estimated_tokens": 9000, "estimated_minutes": 2.0,
                                 "estimate_source": "previous run bbbb0000",
                                 "estimated_peak_memory": "1.5 GiB (previous run bbbb0000)"}

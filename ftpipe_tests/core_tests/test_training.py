@@ -231,7 +231,7 @@ def test_loss_is_masked_on_prompt_tokens(workspace):
     spec = TrainingSpec.from_json(write_spec(workspace, "masking"))
     reporter = Quiet()
     trainer, _, facts = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), reporter, Quiet())
-    assert facts == {"rows_too_long": LONG_ROWS, "replay_rows": 0}
+    assert facts == {"rows_too_long": LONG_ROWS, "replay_rows": 0, "replay_answer_seconds": 0.0}
     [left_out] = reporter.warnings
     assert left_out.startswith(f"rows longer than training.max_length=64 tokens: {LONG_ROWS} of "
                                f"{len(trainer.train_dataset) + LONG_ROWS} train rows (") and "eval rows" not in left_out

@@ -59,15 +59,16 @@ def prepare(spec_path: Path) -> tuple[TrainingSpec, TrainingConfig, Method]:
 
 
 def build_trainer(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: Reporter, run):
-    """(trainer, progress callback, facts: the objective's and `replay_rows`): the shared setup handed to the
-    objective's module."""
+    """(trainer, progress callback, facts: the objective's, `replay_rows` and `replay_answer_seconds`): the shared
+    setup handed to the objective's module."""
     from transformers import PrinterCallback
 
     progress = progress_callback(reporter, run, spec.sizing if process_rank() == 0 else None)
     setup = trainer_setup(spec, config, method, callbacks=[progress], info=reporter.info, warning=reporter.warning)
     trainer, facts = objective_module(method.objective).build_trainer(setup)
     trainer.remove_callback(PrinterCallback)  # the progress callback prints one concise line instead
-    return trainer, progress, {**facts, "replay_rows": setup.replay_rows}
+    return trainer, progress, {**facts, "replay_rows": setup.replay_rows,
+                               "replay_answer_seconds": round(setup.replay_seconds, 1)}
 
 
 def hyperparameters(spec: TrainingSpec, config: TrainingConfig, method: Method, trainer,

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import random
+import time
 from pathlib import Path
 
 from ftpipe.config import EvaluationConfig, TrainingConfig
@@ -60,8 +61,10 @@ def cached_answers(setup: TrainerSetup, prompts: list[dict], cache: Path) -> dic
     missing = [prompt for prompt in prompts if prompt["id"] not in answers]
     if missing:
         setup.info(f"replay: the base model answers general prompts ({len(missing)} new; cached in {cache.parent})")
+        started = time.monotonic()
         texts = generation.generate(setup.model, setup.tokenizer, [p["messages"] for p in missing],
                                     max_new_tokens=MAX_NEW_TOKENS, batch_tokens=BATCH_TOKENS)
+        setup.replay_seconds += time.monotonic() - started
         answers.update(zip((prompt["id"] for prompt in missing), texts))
         write_text(cache, json.dumps(answers, ensure_ascii=False, sort_keys=True, indent=0))
     return answers
@@ -94,5 +97,6 @@ def replay_rows(setup: TrainerSetup, train_rows: int) -> list[Conversation]:
     if not picked:
         setup.info(f"replay: none of the {len(prompts)} general prompts has a usable answer; training without replay")
         return []
-    setup.info(f"replay: {wanted} general rows, {min(len(picked), wanted)} distinct base-model answers")
+    generated = f" (answers generated in {setup.replay_seconds:.0f} s)" if setup.replay_seconds else ""
+    setup.info(f"replay: {wanted} general rows, {min(len(picked), wanted)} distinct base-model answers{generated}")
     return [picked[i % len(picked)] for i in range(wanted)]

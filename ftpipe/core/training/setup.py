@@ -42,6 +42,7 @@ class TrainerSetup:
     info: Any = print  # one progress line for people
     warning: Any = print  # one line about something people should act on
     replay_rows: int = 0  # general rows handed out by extra_train_rows
+    replay_seconds: float = 0.0  # spent generating replay answers not cached yet
 
     def extra_train_rows(self, train_rows: int) -> list[list[dict[str, str]]]:
         """Chat rows (ending with the assistant) for an objective to add to its `train_rows` task rows, never to its

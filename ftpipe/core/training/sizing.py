@@ -5,11 +5,11 @@ Steps and tokens follow the training program: the train rows that fit `max_lengt
 replay rows, `batch_size` rows a batch, `gradient_accumulation` batches a step, for `max_steps` or `epochs` (the
 Trainer's schedule). Tokens are counted as `tokens_per_second` counts them: the rows' tokens in the chat template,
 padding left out. Time is overhead + tokens / rate, taken from the most recent finished training of the task on the
-same base model (its `tokens_per_second`; its overhead: the rest of its program's time), or, without one, from a
-calibration in the training program itself (`deferred`, then `calibrated`): once its trainer is set up, it times a
-few forward and backward passes of its first batch of train rows, as the training will run them, and the same
-passes forward only, as the evaluations every `eval_steps` run the eval rows, and logs the estimate before the first
-step (the optimizer's update is left out, so it runs a little low).
+same base model (its `tokens_per_second`; its overhead: the rest of its program's time but the replay answers it
+generated, which are cached), or, without one, from a calibration in the training program itself (`deferred`, then
+`calibrated`): once its trainer is set up, it times a few forward and backward passes of its first batch of train
+rows, as the training will run them, and the same passes forward only, as the evaluations every `eval_steps` run the
+eval rows, and logs the estimate before the first step (the optimizer's update is left out, so it runs a little low).
 Peak memory is measured the same way: the previous training's, or the program's own up to the calibration's end,
 whose warm-up pass is the largest the training will run (the first batch's largest, or the longest train row).
 """
@@ -176,7 +176,8 @@ def row_lengths(spec: TrainingSpec, config: TrainingConfig) -> tuple[list[int], 
 
 def previous_cost(kept: Path, base_fingerprint: str) -> Cost | None:
     """The cost the most recent finished training in `kept` (a task's `lora_adapter/` folder) measured on this base
-    model, from step 0; None when there is none."""
+    model, from step 0; None when there is none. Its overhead leaves out the replay answers it generated: they are
+    cached for the next."""
     found = [((folder / RESULT_FILE).stat().st_mtime, result) for folder in sorted(kept.glob("*"))
              if not folder.name.startswith(".") and (result := read_result(folder, "lora_adapter"))
              and _measured(result, base_fingerprint)]
@@ -184,7 +185,7 @@ def previous_cost(kept: Path, base_fingerprint: str) -> Cost | None:
         return None
     result = max(found, key=lambda pair: pair[0])[1]
     facts = result.metadata
-    explained = facts["tokens_trained"] / facts["tokens_per_second"]
+    explained = facts["tokens_trained"] / facts["tokens_per_second"] + facts.get("replay_answer_seconds", 0.0)
     return Cost(tokens_per_second=facts["tokens_per_second"],
                 overhead_seconds=max(facts["program_seconds"] - explained, 0.0),
                 peak_memory_gib=facts["peak_memory_gib"], source=f"previous run {result.reuse_key[:8]}")
