@@ -90,6 +90,7 @@ def test_result_has_the_metadata_contract(trained):
     assert metadata["method"] == "lora" and metadata["adapter_path"] == str(root / "main" / "adapter")
     assert metadata["rows_too_long"] == LONG_ROWS and metadata["replay_rows"] == 0
     assert metadata["steps"] == 12 and metadata["resumed_from_step"] == 0
+    assert metadata["evaluations"] == 3 and metadata["eval_seconds"] >= 0, "at steps 4, 8 and 12: timed for the sizing"
     assert metadata["trainable_params"] > 0 and metadata["tokens_per_second"] > 0
     assert metadata["train_loss"] > 0 and metadata["eval_loss"] > 0
     assert metadata["loss_curve"].startswith("![loss curve](data:image/png;base64,")

@@ -87,7 +87,9 @@ def test_fine_tuning_beats_the_base_and_few_shot_and_passes_the_gate_at_the_defa
     assert report["fewshot_prompt_tokens"] > 300  # five tickets in every prompt: the cost fine-tuning saves
     assert report["forgetting_ci_low"] <= report["forgetting"] <= report["forgetting_ci_high"]
     assert report["forgetting_ci_low"] <= 0.10
-    assert demo["metadata"]["lora_adapter"]["replay_rows"] > 0
+    training = demo["metadata"]["lora_adapter"]
+    assert training["replay_rows"] > 0 and training["replay_answer_seconds"] > 0, "the replay answers, timed"
+    assert training["evaluations"] == 1 and training["eval_seconds"] > 0, "its one evaluation, timed"
     assert demo["metadata"]["lora_adapter"]["estimated_minutes"] > 0, "the training was sized before it started"
     assert report["passed"] is True and report["warm_started"] is False
     assert (report["gate_caveat"] != "none") == (report["delta_vs_fewshot_ci_high"] < 0), "a pass says what it hides"

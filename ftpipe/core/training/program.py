@@ -154,6 +154,8 @@ def train(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: 
         facts.update(
             eval_loss=eval_loss,
             tokens_per_second=round(progress.session_tokens_per_second, 1),
+            eval_seconds=round(progress.eval_seconds, 1),
+            evaluations=progress.evaluations,
             mlflow_run_id=run.run_id,
             resumed_from_step=checkpoints.checkpoint_step(checkpoint) if checkpoint else 0,
         )

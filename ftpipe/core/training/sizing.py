@@ -39,25 +39,28 @@ REPLAY_ANSWER_TOKENS = 43  # a replay answer, taken as half of the longest kept 
 
 @dataclass(frozen=True)
 class Plan:
-    """What a training will go through: optimizer steps, train rows (repeats counted) and their tokens, and the eval
-    rows' tokens of all its evaluations."""
+    """What a training will go through: optimizer steps, train rows (repeats counted) and their tokens, and its
+    evaluations and the eval rows' tokens of all of them."""
 
     steps: int
     rows: int
     tokens: int
     eval_tokens: int = 0
+    evaluations: int = 0
 
 
 @dataclass(frozen=True)
 class Cost:
-    """How fast this machine trains: tokens a second, the program's other seconds, its peak memory (GiB), and eval
-    tokens a second (None: the other seconds hold the evaluations, as a previous training's do)."""
+    """How fast this machine trains: tokens a second, the program's other seconds, its peak memory (GiB), and how
+    long its evaluations take: eval tokens a second (a calibration's) or seconds an evaluation (a previous
+    training's); neither: the other seconds hold the evaluations, as a training's published before it timed them."""
 
     tokens_per_second: float
     overhead_seconds: float
     peak_memory_gib: float
     source: str = "calibration"
     eval_tokens_per_second: float | None = None
+    seconds_per_evaluation: float | None = None
 
 
 @dataclass(frozen=True)
@@ -72,9 +75,11 @@ class Estimate:
     def seconds(self) -> float | None:
         if self.cost is None:
             return None
-        rate = self.cost.eval_tokens_per_second
-        evaluations = self.plan.eval_tokens / rate if rate else 0.0
-        return self.cost.overhead_seconds + self.plan.tokens / self.cost.tokens_per_second + evaluations
+        return self.cost.overhead_seconds + self.plan.tokens / self.cost.tokens_per_second + self._evaluation_seconds()
+
+    def _evaluation_seconds(self) -> float:
+        rate, each = self.cost.eval_tokens_per_second, self.cost.seconds_per_evaluation
+        return self.plan.eval_tokens / rate if rate else self.plan.evaluations * each if each is not None else 0.0
 
     def line(self) -> str:
         """`sizing: 36 steps, ~25.8k tokens at 177 tokens/s (calibration), evaluations ~12.3k tokens at 323 tokens/s:
@@ -82,9 +87,11 @@ class Estimate:
         text = f"sizing: {self.plan.steps} steps, ~{readable.count(self.plan.tokens)} tokens"
         if self.cost is None:
             return f"{text}; no time estimate: {self.no_cost}"
-        rate = self.cost.eval_tokens_per_second
+        rate, each = self.cost.eval_tokens_per_second, self.cost.seconds_per_evaluation
         evaluations = (f", evaluations ~{readable.count(self.plan.eval_tokens)} tokens at {rate:.0f} tokens/s"
-                       if rate and self.plan.eval_tokens else "")
+                       if rate and self.plan.eval_tokens else
+                       f", {self.plan.evaluations} evaluation{'s' * (self.plan.evaluations != 1)} at ~{each:.0f} s"
+                       if each is not None and self.plan.evaluations else "")
         return (f"{text} at {self.cost.tokens_per_second:.0f} tokens/s ({self.cost.source}){evaluations}: "
                 f"~{self.seconds / 60:.1f} min in all, peak ~{_gib(self.cost.peak_memory_gib)}")
 
@@ -123,8 +130,9 @@ def plan(lengths: list[int], config: TrainingConfig, eval_lengths: list[int] = (
     partial = min(len(lengths), rest * config.batch_size * config.gradient_accumulation)
     mean = sum(lengths) / max(len(lengths), 1)  # no rows at all: the program refuses the training
     tokens = passes * sum(lengths) + round(partial * mean)
+    evaluations = math.ceil(steps / config.eval_steps)
     return Plan(steps=steps, rows=passes * len(lengths) + partial, tokens=tokens,
-                eval_tokens=math.ceil(steps / config.eval_steps) * sum(eval_lengths))
+                eval_tokens=evaluations * sum(eval_lengths), evaluations=evaluations)
 
 
 def fitted_rows(spec: TrainingSpec, config: TrainingConfig, tokenizer, evals: bool = False):
@@ -176,8 +184,8 @@ def row_lengths(spec: TrainingSpec, config: TrainingConfig) -> tuple[list[int], 
 
 def previous_cost(kept: Path, base_fingerprint: str) -> Cost | None:
     """The cost the most recent finished training in `kept` (a task's `lora_adapter/` folder) measured on this base
-    model, from step 0; None when there is none. Its overhead leaves out the replay answers it generated: they are
-    cached for the next."""
+    model, from step 0; None when there is none. Its overhead leaves out the replay answers it generated (cached for
+    the next) and its evaluations, when it timed them (the next may run more or fewer)."""
     found = [((folder / RESULT_FILE).stat().st_mtime, result) for folder in sorted(kept.glob("*"))
              if not folder.name.startswith(".") and (result := read_result(folder, "lora_adapter"))
              and _measured(result, base_fingerprint)]
@@ -185,10 +193,13 @@ def previous_cost(kept: Path, base_fingerprint: str) -> Cost | None:
         return None
     result = max(found, key=lambda pair: pair[0])[1]
     facts = result.metadata
-    explained = facts["tokens_trained"] / facts["tokens_per_second"] + facts.get("replay_answer_seconds", 0.0)
+    timed = facts.get("evaluations", 0) > 0
+    explained = (facts["tokens_trained"] / facts["tokens_per_second"] + facts.get("replay_answer_seconds", 0.0)
+                 + (facts["eval_seconds"] if timed else 0.0))
     return Cost(tokens_per_second=facts["tokens_per_second"],
                 overhead_seconds=max(facts["program_seconds"] - explained, 0.0),
-                peak_memory_gib=facts["peak_memory_gib"], source=f"previous run {result.reuse_key[:8]}")
+                peak_memory_gib=facts["peak_memory_gib"], source=f"previous run {result.reuse_key[:8]}",
+                seconds_per_evaluation=facts["eval_seconds"] / facts["evaluations"] if timed else None)
 
 
 def _measured(result, base_fingerprint: str) -> bool:
