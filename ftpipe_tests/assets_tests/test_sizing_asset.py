@@ -41,6 +41,7 @@ def test_the_estimate_is_calibrated_then_taken_from_the_previous_training_and_ho
           f"previous run: {second['estimated_minutes']} min, actual/estimate {second['estimate_ratio']}")
     assert first["estimate_source"] == "calibration" and "sizing: 6 steps" in first_log
     assert first["estimated_steps"] == first["steps"] == 6
+    assert first["calibration_seconds"] > 0 and second["calibration_seconds"] == 0, "the next one does not calibrate"
     assert within(first["estimate_ratio"], CALIBRATION_FACTOR)
     assert "but this run's dagster/max_runtime leaves" in first_log  # from the training program, which calibrated
 

@@ -109,8 +109,9 @@ def test_the_rate_is_the_latest_finished_training_of_the_same_base_model_from_st
     assert calibrated.seconds == 130.0 and calibrated.line() == (
         "sizing: 12 steps, ~9.0k tokens at 100 tokens/s (calibration), evaluations ~3.0k tokens at 300 tokens/s: "
         "~2.2 min in all, peak ~1.5 GiB")
-    kept_training("toy", "eeee0000eeee0000", "base-a", age_s=0, replay_answer_seconds=12.5)
-    assert sizing.previous_cost(kept, "base-a").overhead_seconds == 17.5, "its replay answers are cached now"
+    kept_training("toy", "eeee0000eeee0000", "base-a", age_s=0, replay_answer_seconds=12.5, calibration_seconds=5.0)
+    cached = sizing.previous_cost(kept, "base-a")
+    assert cached.overhead_seconds == 12.5, "its replay answers are cached now, and the next one does not calibrate"
     # a warm start's 7 steps and one evaluation (10 of its 50 seconds), then a whole training's 3
     kept_training("toy", "ffff0000ffff0000", "base-a", age_s=0, eval_seconds=10.0, evaluations=1)
     timed = sizing.previous_cost(kept, "base-a")

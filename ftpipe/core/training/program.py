@@ -140,7 +140,9 @@ def train(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: 
         uri = redact_uri(spec.mlflow.tracking_uri or tracking_uri())
         reporter.info(f"mlflow run {run.run_id} in experiment {spec.mlflow.experiment!r} at {uri}")
         trainer, progress, facts = build_trainer(spec, config, method, reporter, NewStepsOnly(run, bool(resume_run_id)))
+        calibrating = time.monotonic()
         calibration = calibrate(spec, trainer, reporter) if spec.sizing and spec.sizing["plan"] and lead else None
+        facts["calibration_seconds"] = round(time.monotonic() - calibrating, 1)
         if resume_run_id is None:
             run.log_params(hyperparameters(spec, config, method, trainer, facts["replay_rows"]))
         if checkpoint:

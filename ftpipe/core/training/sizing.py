@@ -185,7 +185,8 @@ def row_lengths(spec: TrainingSpec, config: TrainingConfig) -> tuple[list[int], 
 def previous_cost(kept: Path, base_fingerprint: str) -> Cost | None:
     """The cost the most recent finished training in `kept` (a task's `lora_adapter/` folder) measured on this base
     model, from step 0; None when there is none. Its overhead leaves out the replay answers it generated (cached for
-    the next) and its evaluations, when it timed them (the next may run more or fewer)."""
+    the next), its calibration (the next has a previous training) and its evaluations, when it timed them (the next
+    may run more or fewer)."""
     found = [((folder / RESULT_FILE).stat().st_mtime, result) for folder in sorted(kept.glob("*"))
              if not folder.name.startswith(".") and (result := read_result(folder, "lora_adapter"))
              and _measured(result, base_fingerprint)]
@@ -194,8 +195,8 @@ def previous_cost(kept: Path, base_fingerprint: str) -> Cost | None:
     result = max(found, key=lambda pair: pair[0])[1]
     facts = result.metadata
     timed = facts.get("evaluations", 0) > 0
-    explained = (facts["tokens_trained"] / facts["tokens_per_second"] + facts.get("replay_answer_seconds", 0.0)
-                 + (facts["eval_seconds"] if timed else 0.0))
+    explained = (facts["tokens_trained"] / facts["tokens_per_second"] + (facts["eval_seconds"] if timed else 0.0)
+                 + facts.get("replay_answer_seconds", 0.0) + facts.get("calibration_seconds", 0.0))
     return Cost(tokens_per_second=facts["tokens_per_second"],
                 overhead_seconds=max(facts["program_seconds"] - explained, 0.0),
                 peak_memory_gib=facts["peak_memory_gib"], source=f"previous run {result.reuse_key[:8]}",
