@@ -5,11 +5,12 @@ Steps and tokens follow the training program: the train rows that fit `max_lengt
 replay rows, `batch_size` rows a batch, `gradient_accumulation` batches a step, for `max_steps` or `epochs` (the
 Trainer's schedule). Tokens are counted as `tokens_per_second` counts them: the rows' tokens in the chat template,
 padding left out. Time is overhead + tokens / rate, taken from the most recent finished training of the task on the
-same base model (its `tokens_per_second`; its overhead: the rest of its program's time but the replay answers it
-generated, which are cached), or, without one, from a calibration in the training program itself (`deferred`, then
-`calibrated`): once its trainer is set up, it times a few forward and backward passes of its first batch of train
-rows, as the training will run them, and the same passes forward only, as the evaluations every `eval_steps` run the
-eval rows, and logs the estimate before the first step (the optimizer's update is left out, so it runs a little low).
+same base model (its `tokens_per_second`, its seconds per evaluation, and as overhead the rest of its program's time
+but its calibration and the replay answers it generated, which are cached), or, without one, from a calibration in
+the training program itself (`deferred`, then `calibrated`): once its trainer is set up, it times a few forward and
+backward passes of its first batch of train rows, as the training will run them, and the same passes forward only,
+as the evaluations every `eval_steps` run the eval rows, and logs the estimate before the first step (the
+optimizer's update is left out, so it runs a little low).
 Peak memory is measured the same way: the previous training's, or the program's own up to the calibration's end,
 whose warm-up pass is the largest the training will run (the first batch's largest, or the longest train row).
 """
