@@ -23,14 +23,12 @@ LENGTHS = list(range(1, 11))  # ten rows of 1..10 tokens: 55 tokens a pass
 
 
 @pytest.mark.parametrize(("settings", "expected"), [
-    # 10 rows in batches of 4: 3 batches, 2 steps a pass (the second takes the last batch alone); one evaluation, at
-    # the last step (eval_steps 20)
-    ({"batch_size": 4, "gradient_accumulation": 2, "epochs": 2.5},
-     sizing.Plan(steps=5, rows=28, tokens=154, evaluations=1)),
+    # 10 rows in batches of 4: 3 batches, 2 steps a pass (the second takes the last batch alone)
+    ({"batch_size": 4, "gradient_accumulation": 2, "epochs": 2.5}, sizing.Plan(steps=5, rows=28, tokens=154)),
     # 3 steps a pass: 2 passes, then one step of 4 rows at the mean length
-    ({"batch_size": 4, "max_steps": 7}, sizing.Plan(steps=7, rows=24, tokens=132, evaluations=1)),
-    ({"batch_size": 16, "epochs": 3}, sizing.Plan(steps=3, rows=30, tokens=165, evaluations=1)),
-    ({"batch_size": 2, "epochs": 0.5, "eval_steps": 2}, sizing.Plan(steps=3, rows=6, tokens=33, evaluations=2)),
+    ({"batch_size": 4, "max_steps": 7}, sizing.Plan(steps=7, rows=24, tokens=132)),
+    ({"batch_size": 16, "epochs": 3}, sizing.Plan(steps=3, rows=30, tokens=165)),
+    ({"batch_size": 2, "epochs": 0.5}, sizing.Plan(steps=3, rows=6, tokens=33)),
 ])
 def test_the_plan_follows_the_trainers_schedule(settings: dict, expected: sizing.Plan) -> None:
     assert sizing.plan(LENGTHS, TrainingConfig(**settings)) == expected
@@ -38,7 +36,7 @@ def test_the_plan_follows_the_trainers_schedule(settings: dict, expected: sizing
 
 def test_the_plan_counts_an_evaluation_every_eval_steps_and_at_the_last_step() -> None:
     config = TrainingConfig(batch_size=4, max_steps=7, eval_steps=3)  # evaluations at steps 3, 6 and 7
-    assert sizing.plan(LENGTHS, config, [5, 6]).eval_tokens == 3 * 11 and sizing.plan(LENGTHS, config).evaluations == 3
+    assert sizing.plan(LENGTHS, config, [5, 6]).eval_tokens == 3 * 11
     found = sizing.Estimate(sizing.plan(LENGTHS, config, [5, 6]), sizing.Cost(10.0, 2.0, 1.0, eval_tokens_per_second=33))
     assert found.seconds == 2.0 + 132 / 10 + 1.0, "the evaluations' time is added at their own rate"
 
@@ -112,14 +110,16 @@ def test_the_rate_is_the_latest_finished_training_of_the_same_base_model_from_st
     kept_training("toy", "eeee0000eeee0000", "base-a", age_s=0, replay_answer_seconds=12.5, calibration_seconds=5.0)
     cached = sizing.previous_cost(kept, "base-a")
     assert cached.overhead_seconds == 12.5, "its replay answers are cached now, and the next one does not calibrate"
-    # a warm start's 7 steps and one evaluation (10 of its 50 seconds), then a whole training's 3
-    kept_training("toy", "ffff0000ffff0000", "base-a", age_s=0, eval_seconds=10.0, evaluations=1)
+    # a warm start's one evaluation of 2,000 eval tokens (10 of its 50 seconds), then a whole training's three of a
+    # grown eval split: priced by the tokens they read
+    kept_training("toy", "ffff0000ffff0000", "base-a", age_s=0, eval_seconds=10.0, evaluations=1,
+                  eval_tokens_per_evaluation=2000)
     timed = sizing.previous_cost(kept, "base-a")
-    assert (timed.overhead_seconds, timed.seconds_per_evaluation) == (20.0, 10.0)
-    whole = sizing.Estimate(sizing.Plan(steps=36, rows=288, tokens=9000, evaluations=3), timed)
-    assert whole.seconds == 20.0 + 90.0 + 30.0 and whole.line() == (
-        "sizing: 36 steps, ~9.0k tokens at 100 tokens/s (previous run ffff0000), 3 evaluations at ~10 s: ~2.3 min in "
-        "all, peak ~1.5 GiB")
+    assert (timed.overhead_seconds, timed.eval_tokens_per_second) == (20.0, 200.0)
+    whole = sizing.Estimate(sizing.Plan(steps=36, rows=288, tokens=9000, eval_tokens=3 * 2400), timed)
+    assert whole.seconds == 20.0 + 90.0 + 36.0 and whole.line() == (
+        "sizing: 36 steps, ~9.0k tokens at 100 tokens/s (previous run ffff0000), evaluations ~7.2k tokens at 200 "
+        "tokens/s: ~2.4 min in all, peak ~1.5 GiB")
     assert found.metadata() == {"estimated_steps": 12, "estimated_tokens": 9000, "estimated_minutes": 2.0,
                                 "estimate_source": "previous run bbbb0000",
                                 "estimated_peak_memory": "1.5 GiB (previous run bbbb0000)"}

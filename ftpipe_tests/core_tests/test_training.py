@@ -13,11 +13,12 @@ import pytest
 
 from ftpipe.core.launch import LAUNCHER_PID_ENV, Refused
 from ftpipe.core.modeling import chat_length
-from ftpipe.core.training import checkpoints, outputs
+from ftpipe.core.training import checkpoints, outputs, sizing
 from ftpipe.core.training.methods import Method
 from ftpipe.core.training.program import EXIT_REFUSED, build_trainer
 from ftpipe.core.training.reporting import NewStepsOnly
 from ftpipe.core.training.sft import read_chat_rows
+from ftpipe.core.training.shared_start import evaluated_lengths
 from ftpipe.core.training.spec import TrainingSpec, training_fingerprint
 from ftpipe_tests.tiny_model import long_system_prompt, toy_rows, with_system
 from ftpipe_tests.training_program import (
@@ -84,13 +85,19 @@ def test_the_same_seed_gives_the_same_adapter_weights_with_or_without_a_calibrat
 
 @pytest.mark.slow
 def test_result_has_the_metadata_contract(trained):
+    from transformers import AutoTokenizer
+
     root, stdout, result = trained
     metadata = result.metadata
     assert CONTRACT_KEYS <= metadata.keys()
     assert metadata["method"] == "lora" and metadata["adapter_path"] == str(root / "main" / "adapter")
     assert metadata["rows_too_long"] == LONG_ROWS and metadata["replay_rows"] == 0
     assert metadata["steps"] == 12 and metadata["resumed_from_step"] == 0
-    assert metadata["evaluations"] == 3 and metadata["eval_seconds"] >= 0, "at steps 4, 8 and 12: timed for the sizing"
+    assert metadata["evaluations"] == 3, "at steps 4, 8 and 12"
+    spec = TrainingSpec.from_json(root / "main.json")
+    sized = sizing.task_rows(spec, spec.config(), AutoTokenizer.from_pretrained(root / "base"), evals=True)
+    assert metadata["eval_tokens_per_evaluation"] == sum(evaluated_lengths([ids for _, ids in sized])), \
+        "as the sizing counts them"
     assert metadata["trainable_params"] > 0 and metadata["tokens_per_second"] > 0
     assert metadata["train_loss"] > 0 and metadata["eval_loss"] > 0
     assert metadata["loss_curve"].startswith("![loss curve](data:image/png;base64,")
@@ -232,7 +239,8 @@ def test_loss_is_masked_on_prompt_tokens(workspace):
     spec = TrainingSpec.from_json(write_spec(workspace, "masking"))
     reporter = Quiet()
     trainer, _, facts = build_trainer(spec, spec.config(), Method("sft", "lora", "none"), reporter, Quiet())
-    assert facts == {"rows_too_long": LONG_ROWS, "replay_rows": 0, "replay_answer_seconds": 0.0}
+    assert facts == {"rows_too_long": LONG_ROWS, "replay_rows": 0, "replay_answer_seconds": 0.0,
+                     "eval_tokens_per_evaluation": sum(len(row["input_ids"]) for row in trainer.eval_dataset)}
     [left_out] = reporter.warnings
     assert left_out.startswith(f"rows longer than training.max_length=64 tokens: {LONG_ROWS} of "
                                f"{len(trainer.train_dataset) + LONG_ROWS} train rows (") and "eval rows" not in left_out

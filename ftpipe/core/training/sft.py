@@ -173,7 +173,8 @@ def sft_config(config: TrainingConfig, arguments: dict[str, Any], flat: bool):
 
 
 def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
-    """An SFTTrainer on the task's chat rows, and the `rows_too_long` fact."""
+    """An SFTTrainer on the task's chat rows, and the facts `rows_too_long` and `eval_tokens_per_evaluation` (what an
+    evaluation reads of the eval rows: `evaluated_lengths`, as the sizing counts it)."""
     from trl import SFTTrainer
 
     train, evals, rows_too_long, lengths = build_datasets(setup)
@@ -197,14 +198,15 @@ def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
         peft_config=setup.peft_config,
         callbacks=setup.callbacks,
     )
-    shared_start_evaluations(setup, trainer)
-    return trainer, {"rows_too_long": rows_too_long}
-
-
-def shared_start_evaluations(setup: TrainerSetup, trainer) -> None:
-    """When the eval rows share a long start (`evaluated_lengths`), say so; and where the evaluations' batches were
-    sized from whole rows (`micro_batching`), size them from the rows' rests, as the start is read once."""
     read = evaluated_lengths(trainer.eval_dataset["input_ids"])
+    shared_start_evaluations(setup, trainer, read)
+    return trainer, {"rows_too_long": rows_too_long, "eval_tokens_per_evaluation": sum(read)}
+
+
+def shared_start_evaluations(setup: TrainerSetup, trainer, read: list[int]) -> None:
+    """When the eval rows share a long start (`read`: their `evaluated_lengths`), say so; and where the evaluations'
+    batches were sized from whole rows (`micro_batching`), size them from the rows' rests, as the start is read
+    once."""
     if len(read) == len(trainer.eval_dataset):
         return
     sized = micro_batching(setup.config, read[1:]).get("per_device_eval_batch_size")

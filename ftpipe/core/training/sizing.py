@@ -5,8 +5,9 @@ Steps and tokens follow the training program: the train rows that fit `max_lengt
 replay rows, `batch_size` rows a batch, `gradient_accumulation` batches a step, for `max_steps` or `epochs` (the
 Trainer's schedule). Tokens are counted as `tokens_per_second` counts them: the rows' tokens in the chat template,
 padding left out. Time is overhead + tokens / rate, taken from the most recent finished training of the task on the
-same base model (its `tokens_per_second`, its seconds per evaluation, and as overhead the rest of its program's time
-but its calibration and the replay answers it generated, which are cached), or, without one, from a calibration in
+same base model (its `tokens_per_second`, its evaluations' eval tokens a second, and as overhead the rest of its
+program's time but its calibration and the replay answers it generated, which are cached), or, without one, from a
+calibration in
 the training program itself (`deferred`, then `calibrated`): once its trainer is set up, it times a few forward and
 backward passes of its first batch of train rows, as the training will run them, and the same passes forward only,
 as the evaluations every `eval_steps` run the eval rows, and logs the estimate before the first step (the
@@ -40,28 +41,25 @@ REPLAY_ANSWER_TOKENS = 43  # a replay answer, taken as half of the longest kept 
 
 @dataclass(frozen=True)
 class Plan:
-    """What a training will go through: optimizer steps, train rows (repeats counted) and their tokens, and its
-    evaluations and the eval rows' tokens of all of them."""
+    """What a training will go through: optimizer steps, train rows (repeats counted) and their tokens, and the eval
+    rows' tokens of all its evaluations."""
 
     steps: int
     rows: int
     tokens: int
     eval_tokens: int = 0
-    evaluations: int = 0
 
 
 @dataclass(frozen=True)
 class Cost:
-    """How fast this machine trains: tokens a second, the program's other seconds, its peak memory (GiB), and how
-    long its evaluations take: eval tokens a second (a calibration's) or seconds an evaluation (a previous
-    training's); neither: the other seconds hold the evaluations, as a training's published before it timed them."""
+    """How fast this machine trains: tokens a second, the program's other seconds, its peak memory (GiB), and eval
+    tokens a second (None: the other seconds hold the evaluations, as a training's published before it timed them)."""
 
     tokens_per_second: float
     overhead_seconds: float
     peak_memory_gib: float
     source: str = "calibration"
     eval_tokens_per_second: float | None = None
-    seconds_per_evaluation: float | None = None
 
 
 @dataclass(frozen=True)
@@ -76,11 +74,9 @@ class Estimate:
     def seconds(self) -> float | None:
         if self.cost is None:
             return None
-        return self.cost.overhead_seconds + self.plan.tokens / self.cost.tokens_per_second + self._evaluation_seconds()
-
-    def _evaluation_seconds(self) -> float:
-        rate, each = self.cost.eval_tokens_per_second, self.cost.seconds_per_evaluation
-        return self.plan.eval_tokens / rate if rate else self.plan.evaluations * each if each is not None else 0.0
+        rate = self.cost.eval_tokens_per_second
+        evaluations = self.plan.eval_tokens / rate if rate else 0.0
+        return self.cost.overhead_seconds + self.plan.tokens / self.cost.tokens_per_second + evaluations
 
     def line(self) -> str:
         """`sizing: 36 steps, ~25.8k tokens at 177 tokens/s (calibration), evaluations ~12.3k tokens at 323 tokens/s:
@@ -88,11 +84,9 @@ class Estimate:
         text = f"sizing: {self.plan.steps} steps, ~{readable.count(self.plan.tokens)} tokens"
         if self.cost is None:
             return f"{text}; no time estimate: {self.no_cost}"
-        rate, each = self.cost.eval_tokens_per_second, self.cost.seconds_per_evaluation
+        rate = self.cost.eval_tokens_per_second
         evaluations = (f", evaluations ~{readable.count(self.plan.eval_tokens)} tokens at {rate:.0f} tokens/s"
-                       if rate and self.plan.eval_tokens else
-                       f", {self.plan.evaluations} evaluation{'s' * (self.plan.evaluations != 1)} at ~{each:.0f} s"
-                       if each is not None and self.plan.evaluations else "")
+                       if rate and self.plan.eval_tokens else "")
         return (f"{text} at {self.cost.tokens_per_second:.0f} tokens/s ({self.cost.source}){evaluations}: "
                 f"~{self.seconds / 60:.1f} min in all, peak ~{_gib(self.cost.peak_memory_gib)}")
 
@@ -131,9 +125,8 @@ def plan(lengths: list[int], config: TrainingConfig, eval_lengths: list[int] = (
     partial = min(len(lengths), rest * config.batch_size * config.gradient_accumulation)
     mean = sum(lengths) / max(len(lengths), 1)  # no rows at all: the program refuses the training
     tokens = passes * sum(lengths) + round(partial * mean)
-    evaluations = math.ceil(steps / config.eval_steps)
     return Plan(steps=steps, rows=passes * len(lengths) + partial, tokens=tokens,
-                eval_tokens=evaluations * sum(eval_lengths), evaluations=evaluations)
+                eval_tokens=math.ceil(steps / config.eval_steps) * sum(eval_lengths))
 
 
 def fitted_rows(spec: TrainingSpec, config: TrainingConfig, tokenizer, evals: bool = False):
@@ -186,8 +179,8 @@ def row_lengths(spec: TrainingSpec, config: TrainingConfig) -> tuple[list[int], 
 def previous_cost(kept: Path, base_fingerprint: str) -> Cost | None:
     """The cost the most recent finished training in `kept` (a task's `lora_adapter/` folder) measured on this base
     model, from step 0; None when there is none. Its overhead leaves out the replay answers it generated (cached for
-    the next), its calibration (the next has a previous training) and its evaluations, when it timed them (the next
-    may run more or fewer)."""
+    the next) and its calibration (the next has a previous training), and its evaluations, priced at the eval tokens a
+    second they read when it timed them (the next may run more of them, or on more rows)."""
     found = [((folder / RESULT_FILE).stat().st_mtime, result) for folder in sorted(kept.glob("*"))
              if not folder.name.startswith(".") and (result := read_result(folder, "lora_adapter"))
              and _measured(result, base_fingerprint)]
@@ -195,13 +188,14 @@ def previous_cost(kept: Path, base_fingerprint: str) -> Cost | None:
         return None
     result = max(found, key=lambda pair: pair[0])[1]
     facts = result.metadata
-    timed = facts.get("evaluations", 0) > 0
+    eval_tokens = facts.get("evaluations", 0) * facts.get("eval_tokens_per_evaluation", 0)
+    timed = eval_tokens > 0 and facts["eval_seconds"] > 0
     explained = (facts["tokens_trained"] / facts["tokens_per_second"] + (facts["eval_seconds"] if timed else 0.0)
                  + facts.get("replay_answer_seconds", 0.0) + facts.get("calibration_seconds", 0.0))
     return Cost(tokens_per_second=facts["tokens_per_second"],
                 overhead_seconds=max(facts["program_seconds"] - explained, 0.0),
                 peak_memory_gib=facts["peak_memory_gib"], source=f"previous run {result.reuse_key[:8]}",
-                seconds_per_evaluation=facts["eval_seconds"] / facts["evaluations"] if timed else None)
+                eval_tokens_per_second=eval_tokens / facts["eval_seconds"] if timed else None)
 
 
 def _measured(result, base_fingerprint: str) -> bool:
