@@ -68,6 +68,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     train, evaluation = paths.split_files
     distill = cfg.distill  # with a teacher, it answers the held-out rows too
     teacher = partial(teacher_outputs, task, distill, log=context.log.info) if distill else None
+    typos = likely_typos(paths.asset("deduplicated_examples"))
     report = run_evaluation(
         base_model_dir=base.produced["path"], base_fingerprint=base.reuse_key,
         adapter_dir=paths.output(final), adapter_version=adapter.produced["data_version"],
@@ -76,10 +77,9 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
         eval_path=evaluation, eval_version=file_version(evaluation).value, train_path=train,
         probe_path=general_probe(), config=cfg.evaluation, cache_dir=paths.eval_base_cache,
         out_dir=paths.output("eval_report"), trust_remote_code=cfg.trust_remote_code, log=context.log.info,
-        teacher=teacher, teacher_version=teacher_version(distill) if distill else None,
+        teacher=teacher, teacher_version=teacher_version(distill) if distill else None, label_typos=typos,
     )
     if report.get("labels_without_heldout_rows"):
-        typos = likely_typos(paths.asset("deduplicated_examples"))
         context.log.warning(f"{task}: {unheld_labels(report['labels_without_heldout_rows'], typos)}")
     if (cut_off := cut_off_warning(report)) is not None:
         context.log.warning(f"{task}: {cut_off}")

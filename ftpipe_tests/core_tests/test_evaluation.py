@@ -382,12 +382,13 @@ CLASSIFY = EvaluationConfig(task_type="classification", max_new_tokens=6, max_ro
 
 
 def evaluate(root: Path, adapter: Path | str, out: Path, *, config: EvaluationConfig = CLASSIFY,
-             base: Path | None = None, cache: Path | None = None, log=lambda line: None) -> dict:
+             base: Path | None = None, cache: Path | None = None, log=lambda line: None,
+             label_typos: dict[str, str] | None = None) -> dict:
     return run_evaluation(
         base_model_dir=base or root / "base", base_fingerprint=str(base or "base"), adapter_dir=root / adapter,
         adapter_version=str(adapter), eval_path=root / "eval.parquet", eval_version="v1",
         train_path=root / "train.parquet", probe_path=root / "probe.jsonl", config=config,
-        cache_dir=cache or out.parent / "cache", out_dir=out, log=log,
+        cache_dir=cache or out.parent / "cache", out_dir=out, log=log, label_typos=label_typos,
     )
 
 
@@ -456,13 +457,16 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
         workspace, tmp_path, passes):
     cache, first_rows = tmp_path / "cache", EVAL_ROWS - 8
 
-    first = evaluate(workspace, "bad_adapter", tmp_path / "first", cache=cache,
-                     config=CLASSIFY.model_copy(update={"max_rows": first_rows}))
     rows = read_examples(workspace / "eval.parquet")
     before, every = labels(select_rows(rows, first_rows)), labels(read_examples(workspace / "train.parquet") + rows)
     missing = [label for label in every if label not in before]
+    typos = {missing[0]: before[0], before[1]: before[0]}  # as cleaning would name them; before[1] is held out
+    first = evaluate(workspace, "bad_adapter", tmp_path / "first", cache=cache,
+                     config=CLASSIFY.model_copy(update={"max_rows": first_rows}), label_typos=typos)
     assert missing and first["labels_without_heldout_rows"] == missing, "the train rows have a label these have not"
     assert f"({', '.join(missing)}) {'have' if len(missing) > 1 else 'has'} no held-out row" in first["report_markdown"]
+    assert first["likely_typos"] == {missing[0]: before[0]}, "named where a typo has no held-out row, and only there"
+    assert f"{missing[0]!r} looks like a typo of {before[0]!r}: correct it in the raw files" in first["report_markdown"]
     passes.clear()
     logged: list[str] = []
     grown = evaluate(workspace, "bad_adapter", tmp_path / "grown", cache=cache, log=logged.append)

@@ -87,7 +87,7 @@ def evidence(metrics: dict[str, Any]) -> list[str]:
              f"fine-tuned {number(m['finetuned_score'])}, delta {number(m['delta'], True)} "
              f"({_interval(m['delta_ci_low'], m['delta_ci_high'])})."]
     if m.get("labels_without_heldout_rows"):
-        parts.append(unheld_labels(m["labels_without_heldout_rows"]))
+        parts.append(unheld_labels(m["labels_without_heldout_rows"], m.get("likely_typos")))
     if m["fewshot_score"] is not None:
         parts.append(
             f"Base model with {m['fewshot_examples']} train examples in the prompt (few-shot): "

@@ -169,7 +169,7 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
                    probe_rows: int | None = PROBE_ROWS, verdicts: Verdicts | None = None,
                    sft_adapter_dir: Path | str | None = None, sft_adapter_version: str | None = None,
                    preference_eval_path: Path | str | None = None, teacher: Teacher | None = None,
-                   teacher_version: str | None = None) -> dict[str, Any]:
+                   teacher_version: str | None = None, label_typos: dict[str, str] | None = None) -> dict[str, Any]:
     """Evaluate the base model zero-shot and few-shot, and the fine-tuned model (an adapter on the base, or a full
     fine-tune), on the held-out rows and the probe; publish `out_dir`; return `read_evaluation`'s dict plus
     `reused`.
@@ -186,6 +186,8 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
     With `evaluation.judge`, an LLM judge compares fine-tuned and base answers; `verdicts` are the human ones.
     `teacher(ids, prompts)` gives a distillation teacher's outputs on the held-out prompts (`teacher_version` names
     it): the report adds its score, how much of it the student reaches, and each one's time per row.
+    `label_typos` (a label -> the commoner label it looks like a typo of, from cleaning) names the likely typos among
+    the labels without a held-out row (`likely_typos` in the metrics).
 
     `out_dir` gets report.md, predictions.parquet (one row per held-out example), metrics.json (the measurements,
     not the gate) and result.json (the reuse key and the inputs' versions).
@@ -218,6 +220,8 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
         preference_eval_path=preference_eval_path, train_path=train_path, probe_path=probe_path,
         probe_hash=inputs["probe_hash"], probe_rows=probe_rows, config=config, cache_dir=Path(cache_dir),
         trust_remote_code=trust_remote_code, log=log, teacher=teacher)
+    metrics["likely_typos"] = {label: like for label, like in (label_typos or {}).items()
+                               if label in metrics["labels_without_heldout_rows"]}
     produced = {"report": REPORT, "predictions": PREDICTIONS, "metrics": METRICS}
     _publish(out_dir, metrics, records, config, Result(kind=KIND, reuse_key=key, inputs=inputs, produced=produced),
              verdicts)
