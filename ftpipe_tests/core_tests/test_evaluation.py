@@ -432,6 +432,8 @@ def test_bad_adapter_fails_the_gate_then_the_base_comes_from_the_cache(workspace
     assert not bad["base_cached"] and not bad["reused"]
     assert bad["rows"] == EVAL_ROWS and bad["primary_metric"] == "accuracy"
     assert bad["base_score"] >= 0.9 and bad["finetuned_score"] <= 0.2
+    assert bad["base_answers_in_form"] >= bad["base_score"] * EVAL_ROWS and "in the task's form" not in (
+        bad["report_markdown"]), "a base answering with labels is a baseline of the task itself"
     assert bad["delta"] < 0 and bad["delta_ci_low"] <= bad["delta"] <= bad["delta_ci_high"] < 0
     assert bad["passed"] is False
     assert any(c.startswith(f"delta_ci_low {bad['delta_ci_low']:.3f} <= min_improvement 0.000")
@@ -742,6 +744,13 @@ def test_a_full_finetune_is_evaluated_as_a_whole_model(workspace, tiny_model_dir
     result = evaluate(workspace, workspace / "base", tmp_path / "out", **full)
     assert result["base_score"] <= 0.2 and result["finetuned_score"] >= 0.9
     assert result["delta_ci_low"] > 0.5 and result["passed"] is True
+    in_form = sum(r["base_label"] in {r["reference"] for r in result["records"]} for r in result["records"])
+    assert result["base_answers_in_form"] == in_form < EVAL_ROWS / 2, "the random base answers other text"
+    ranked = {side: result["metrics"][side]["label_likelihood_accuracy"] for side in ("base", "finetuned")}
+    assert (f"The base model answered {in_form} of {EVAL_ROWS} held-out rows in the task's form, so the delta over it "
+            "counts learning the form as much as the task; the few-shot baseline (shown the form) and the top label "
+            f"by likelihood, which reads no answer (base {ranked['base']:.3f}, fine-tuned {ranked['finetuned']:.3f}) "
+            "say how much is the task.") in result["report_markdown"]
 
     def no_base_model(*args):
         raise AssertionError("the base model was loaded although its outputs are cached")

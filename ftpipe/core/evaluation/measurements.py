@@ -108,9 +108,9 @@ def _versus_majority(scores: dict[str, Scores], outputs: dict[str, ModelOutputs]
 def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetrics, config: EvaluationConfig,
             fewshot_examples: int) -> tuple[dict[str, Any], dict[str, Scores]]:
     """(measurements, scores by side): every model's metrics, the primary metric's gain over the base and over
-    few-shot (and for free text over a copy of the input) with 95% paired-bootstrap intervals, prompt tokens per call,
-    losses and forgetting; with an SFT model before a preference stage, its measurements too, and with preference
-    pairs each model's preference accuracy."""
+    few-shot (and for free text over a copy of the input) with 95% paired-bootstrap intervals, how many base answers
+    have the task's form (`base_answers_in_form`), prompt tokens per call, losses and forgetting; with an SFT model
+    before a preference stage, its measurements too, and with preference pairs each model's preference accuracy."""
     references = [row["messages"][-1]["content"] for row in heldout.rows]
     scores = {side: side_scores(task, produced, references) for side, produced in outputs.items()}
     base, tuned, primary = outputs["base"], outputs["finetuned"], task.primary
@@ -120,6 +120,7 @@ def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetric
         "primary_metric": primary, "rows": len(heldout.rows),
         "labels_without_heldout_rows": heldout.choices.without_heldout_rows() if heldout.choices else [],
         "base_score": scores["base"].summary[primary], "finetuned_score": scores["finetuned"].summary[primary],
+        "base_answers_in_form": sum(task.valid_outputs(base.answers, references)),
         "delta": delta, "delta_ci_low": low, "delta_ci_high": high,
         **_versus_fewshot(scores, outputs, primary, config), "fewshot_examples": fewshot_examples,
         "prompt_tokens": tuned.prompt_tokens,

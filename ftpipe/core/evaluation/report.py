@@ -9,6 +9,7 @@ from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.answer_budget import cut_off_warning
 from ftpipe.core.evaluation.chart import CHART_LINK
 from ftpipe.core.evaluation.gate import decide_gate, gate_caveat
+from ftpipe.core.evaluation.measurements import LABEL_LIKELIHOOD
 from ftpipe.core.evaluation.metrics import task_metrics
 from ftpipe.core.text import cell, markdown_table
 
@@ -25,6 +26,7 @@ LOSS_NOTE = ("Held-out loss: the mean loss per token of the reference answers (w
 LONG_TRAIN_ROWS = {"drop": "left out of the training", "truncate": "cut to that length in the training",
                    "trim_turns": "left out of the training or, multi-turn ones, shortened by their earliest turns"}
 NAMED_LABELS = 12  # labels without held-out rows named in the warning
+IN_FORM_SHARE = 0.5  # of base answers in the task's form, below which the delta over the base counts the form
 
 
 def number(value: Any, signed: bool = False) -> str:
@@ -70,6 +72,22 @@ def unheld_labels(labels: list[str], typos: dict[str, str] | None = None) -> str
             f"row{fix}).")
 
 
+def base_out_of_form(m: dict[str, Any]) -> str | None:
+    """Where the base model gave most held-out answers in another form than the task's (prose instead of a label),
+    that the delta over it counts learning the form as much as the task, and what says how much is the task; None
+    otherwise."""
+    in_form = m.get("base_answers_in_form")
+    if in_form is None or in_form >= IN_FORM_SHARE * m["rows"]:
+        return None
+    ranked = {side: m["metrics"][side].get(LABEL_LIKELIHOOD) for side in ("base", "finetuned")}
+    fairer = [*(["the few-shot baseline (shown the form)"] if m["fewshot_score"] is not None else []),
+              *([f"the top label by likelihood, which reads no answer (base {number(ranked['base'])}, fine-tuned "
+                 f"{number(ranked['finetuned'])})"] if ranked["base"] is not None else [])]
+    return (f"The base model answered {in_form} of {m['rows']} held-out rows in the task's form, so the delta over it "
+            "counts learning the form as much as the task" + (f"; {' and '.join(fairer)} say how much is the task"
+                                                               if fairer else "") + ".")
+
+
 def overview(metrics: dict[str, Any]) -> str:
     """The verdict's evidence in a few sentences, whether the fine-tuned model was warm-started, then where the base
     outputs came from and any cut-off answers."""
@@ -86,6 +104,8 @@ def evidence(metrics: dict[str, Any]) -> list[str]:
     parts = [f"Primary metric `{m['primary_metric']}` on {m['rows']} held-out rows: base {number(m['base_score'])}, "
              f"fine-tuned {number(m['finetuned_score'])}, delta {number(m['delta'], True)} "
              f"({_interval(m['delta_ci_low'], m['delta_ci_high'])})."]
+    if (form := base_out_of_form(m)) is not None:
+        parts.append(form)
     if m.get("labels_without_heldout_rows"):
         parts.append(unheld_labels(m["labels_without_heldout_rows"], m.get("likely_typos")))
     if m["fewshot_score"] is not None:
