@@ -35,7 +35,7 @@ from ftpipe.core.tasks import split_system_prompt, task_config
 from ftpipe.core.text import loose
 
 APPLIED = "applied"
-ADDED, UNCHANGED, REPLACED = "added", "unchanged", "replaced"
+ADDED, CONFIRMED, UNCHANGED, REPLACED = "added", "confirmed", "unchanged", "replaced"
 
 
 class FeedbackError(ValueError):
@@ -48,13 +48,13 @@ def feedback_dir(task: str) -> Path:
 
 def add_feedback(task: str, request_id: str, output: str, messages: list[dict[str, str]] | None = None,
                  records: list[dict[str, Any]] | None = None, new_label: bool = False) -> tuple[dict[str, Any], str]:
-    """Append the logged request `request_id` answered with `output` to the task's raw data, with the system prompt
-    most train rows carry when the conversation had none (the model answered with it); returns (the row, what
-    happened: ADDED, UNCHANGED or REPLACED). An `output` the task type cannot use as an answer is refused, and so is
-    one in another form than the task's cleaned answers share (cleaning would quarantine it), and one with a label (or
-    extraction category) no row of the task has yet, unless `new_label`. `messages` stand in for a request logged
-    without content; `records` are the log's (read when not given). The output is kept without surrounding
-    whitespace."""
+    """Append the logged request `request_id` answered with `output` to the task's raw data, with the system prompt most
+    train rows carry when the conversation had none (the model answered with it); returns (the row, what happened:
+    ADDED, CONFIRMED (added, giving the answer that was served), UNCHANGED or REPLACED). An `output` the task type
+    cannot use as an answer is refused, and so is one in another form than the task's cleaned answers share (cleaning
+    would quarantine it), and one with a label (or extraction category) no row of the task has yet, unless `new_label`.
+    `messages` stand in for a request logged without content; `records` are the log's (read when not given). The output
+    is kept without surrounding whitespace."""
     if not isinstance(output, str) or not output.strip():
         raise FeedbackError("output: the corrected answer must be a non-empty string")
     output = output.strip()  # "label " and "label" are one answer
@@ -77,7 +77,30 @@ def add_feedback(task: str, request_id: str, output: str, messages: list[dict[st
     row = {"messages": conversation, "feedback_for": request_id, "served_by": f"{found['model']} v{found['version']}",
            "served_output": found["output"], "corrected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with exclusive(feedback_dir(task)):  # the server's threads and the production report may add at once
-        return _record(task_dir(task) / "raw" / FEEDBACK_FILE, row)
+        row, outcome = _record(task_dir(task) / "raw" / FEEDBACK_FILE, row)
+    return row, CONFIRMED if outcome == ADDED and confirms(row, same_answer(task)) else outcome
+
+
+def same_answer(task: str) -> Callable[[str, str], bool]:
+    """Whether two answers are the same answer to the task: a JSON object by its value, a bare label (classification
+    without `label_field`) in any spelling, any other answer as written (surrounding whitespace aside)."""
+    try:
+        evaluation = task_config(task).evaluation
+        bare_labels = label_reader(evaluation) is not None and not evaluation.label_field
+    except (OSError, ValueError):
+        bare_labels = False
+
+    def same(one: str, other: str) -> bool:
+        return (comparable_answer(one.strip()) == comparable_answer(other.strip())
+                or bare_labels and loose(one) == loose(other))
+    return same
+
+
+def confirms(row: dict[str, Any], same: Callable[[str, str], bool]) -> bool:
+    """Whether a correction row gives the answer that was served (`same`: `same_answer`): a confirmation, which trains
+    as any row does but corrects nothing."""
+    served = row.get("served_output")
+    return isinstance(served, str) and same(served, row["messages"][-1]["content"])
 
 
 def _checked(messages: Any) -> list[dict[str, str]]:
@@ -239,7 +262,8 @@ def apply_dropped_feedback(task: str) -> tuple[int, list[str]]:
 
 
 def _apply_line(task: str, line: str, records: list[dict[str, Any]]) -> str:
-    """What one line of a dropped file did (ADDED, UNCHANGED, REPLACED); FeedbackError says why it could not."""
+    """What one line of a dropped file did (ADDED, CONFIRMED, UNCHANGED, REPLACED); FeedbackError says why it could
+    not."""
     try:
         item = json.loads(line)
     except json.JSONDecodeError as error:

@@ -17,7 +17,7 @@ import numpy as np
 from ftpipe.config import MonitoringConfig, TaskConfig
 from ftpipe.core import readable, similarity
 from ftpipe.core.evaluation.metrics import label_reader, task_metrics
-from ftpipe.core.feedback import apply_dropped_feedback, corrections, feedback_dir
+from ftpipe.core.feedback import apply_dropped_feedback, confirms, corrections, feedback_dir, same_answer
 from ftpipe.core.plots import markdown_image, plot_panels
 from ftpipe.core.records import read_examples, user_message
 from ftpipe.core.server.request_log import read_records, segments
@@ -167,7 +167,7 @@ def production_report(task: str, train_path: Path, config: TaskConfig, out_dir: 
     figures = {**health(records), "validity": sum(valid) / len(valid) if valid else None, "outputs_judged": len(valid),
                **{k: v for k, v in found.items() if k != "novel"},
                "foreign_system_prompt_share": len(foreign) / len(answered) if answered else None,
-               "window_hours": watch.window_hours, "corrections": len(corrected)}
+               "window_hours": watch.window_hours, **_corrections(task, corrected)}
     labels = label_shares(outputs, answers, label_of) if label_of else []
     novel_prompts = [user_message(r["messages"]) for r, flag in zip(answered, found["novel"]) if flag]
     with atomic_dir(out_dir) as tmp:
@@ -179,6 +179,13 @@ def production_report(task: str, train_path: Path, config: TaskConfig, out_dir: 
     return {**figures, "labels": labels, "report_markdown": markdown, "feedback_rows": feedback_rows,
             "feedback_refused": refused, "over_time": markdown_image(
         out_dir / OVER_TIME, "over time"), "report_path": str(out_dir / REPORT)}
+
+
+def _corrections(task: str, rows: list[dict[str, Any]]) -> dict[str, int]:
+    """The correction rows that changed the served answer (`corrections`) and those that gave it (`confirmations`)."""
+    same = same_answer(task)
+    confirmed = sum(confirms(row, same) for row in rows)
+    return {"corrections": len(rows) - confirmed, "confirmations": confirmed}
 
 
 def health_problems(figures: dict[str, Any], watch: MonitoringConfig) -> list[str]:

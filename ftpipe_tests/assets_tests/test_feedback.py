@@ -13,9 +13,10 @@ from ftpipe.assets import data, training
 from ftpipe.automation import retrain_on_data_change_sensor
 from ftpipe.core.dedup import build_deduplicated
 from ftpipe.core.evaluation.metrics import task_metrics
-from ftpipe.core.feedback import (ADDED, FEEDBACK_FILE, REPLACED, UNCHANGED, FeedbackError, add_feedback,
-                                  apply_dropped_feedback, feedback_dir)
+from ftpipe.core.feedback import (ADDED, CONFIRMED, FEEDBACK_FILE, REPLACED, UNCHANGED, FeedbackError, add_feedback,
+                                  apply_dropped_feedback, corrections, feedback_dir)
 from ftpipe.core.layout import TaskLayout
+from ftpipe.core.monitoring import production_report
 from ftpipe.core.records import read_examples, write_examples
 from ftpipe.core.server.request_log import RequestLog
 from ftpipe.definitions import defs
@@ -29,8 +30,9 @@ from ftpipe_tests.tiny_model import COLORS, toy_rows
 FRUITS = sorted(COLORS)[:6]
 
 
-def served(task: str) -> list[str]:
-    """Requests the server answered wrongly for `task`, logged as it logs them; their ids."""
+def served(task: str, output: str = "blue") -> list[str]:
+    """Requests the server answered with `output` for `task` (wrongly, by default), logged as it logs them; their
+    ids."""
     log = RequestLog()
     ids = []
     for number, fruit in enumerate(FRUITS):
@@ -38,7 +40,7 @@ def served(task: str) -> list[str]:
         log.append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "task": task, "model": task,
                     "version": 1, "request_id": ids[-1], "messages": [
                         {"role": "user", "content": f"Customer {number} asks: what color is the {fruit} I bought?"}],
-                    "output": "blue", "latency_ms": 50.0, "prompt_tokens": 12, "completion_tokens": 1,
+                    "output": output, "latency_ms": 50.0, "prompt_tokens": 12, "completion_tokens": 1,
                     "total_tokens": 13, "status": 200, "error": None})
     log.close()
     return ids
@@ -121,6 +123,29 @@ def cleaned_classification(task: str, folder: Path, rows: list[dict], evaluation
     write_examples(rows, folder / "raw.parquet")
     build_deduplicated(folder / "raw.parquet", TaskLayout(task).asset("deduplicated_examples"),
                        labels=task_metrics(task_config(task).evaluation))
+
+
+def test_a_correction_giving_the_served_answer_is_told_and_counted_apart_as_a_confirmation(
+        tiny_task: str, tmp_path: Path) -> None:
+    cleaned_classification(tiny_task, tmp_path, toy_rows(30), "{task_type: classification}")
+    ids = served(tiny_task, output="Yellow ")
+    assert add_feedback(tiny_task, ids[0], "yellow")[1] == CONFIRMED, "the served label, in another spelling"
+    assert add_feedback(tiny_task, ids[1], "green")[1] == ADDED
+    assert add_feedback(tiny_task, ids[0], "red")[1] == REPLACED, "a confirmation corrected later is a correction"
+    assert add_feedback(tiny_task, ids[2], "yellow!")[1] == CONFIRMED, "punctuation makes no other label"
+    assert len(corrections(tiny_task)) == 3, "a confirmation trains as any row does"
+    train = TaskLayout(tiny_task).split_files[0]
+    train.parent.mkdir(parents=True)
+    write_examples(toy_rows(30), train)
+    figures = production_report(tiny_task, train, task_config(tiny_task), tmp_path / "report")
+    assert (figures["corrections"], figures["confirmations"]) == (2, 1), figures
+    assert "| confirmations | 1 |" in figures["report_markdown"]
+
+
+def test_a_json_answer_is_confirmed_by_its_value_and_a_changed_field_corrects_it(tiny_task: str) -> None:
+    ids = served(tiny_task, output='{"color": "red", "urgent": true}')
+    assert add_feedback(tiny_task, ids[0], '{"urgent": true,  "color": "red"}')[1] == CONFIRMED, "any key order"
+    assert add_feedback(tiny_task, ids[1], '{"color": "Red", "urgent": true}')[1] == ADDED, "a value spelt otherwise"
 
 
 def test_a_label_no_row_has_yet_is_refused_as_a_likely_typo_unless_the_correction_says_it_is_new(

@@ -267,6 +267,11 @@ def test_a_correction_of_a_served_answer_becomes_a_raw_row_of_its_task(stack, ft
     assert status == 404 and "not in the request log of alpha, beta, gamma" in refused["error"]["message"]
     status, refused = post(server, "/v1/feedback", {"request_id": answer.id, "output": ""})
     assert status == 400 and refused["error"]["param"] == "output"
+    lemon = server.client().chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "What color is a lemon?"}], max_tokens=MAX_TOKENS)
+    served = lemon.choices[0].message.content
+    status, confirmed = post(server, "/v1/feedback", {"request_id": lemon.id, "output": served})
+    assert status == 200 and confirmed["outcome"] == "confirmed", "the answer that was served: a confirmation"
 
     (ftpipe_env / "tasks" / "alpha" / "task.yaml").write_text("evaluation: {task_type: classification}\n")
     write_examples(toy_rows(30), ftpipe_env / "cleaned.parquet")
