@@ -389,6 +389,19 @@ def test_the_report_shows_each_models_score_by_message_length_when_lengths_vary(
     assert length_table(same, "accuracy") is None
 
 
+def test_a_base_answering_out_of_the_tasks_form_is_said_with_what_measures_the_task():
+    from ftpipe.core.evaluation.report import base_out_of_form
+
+    extraction = {"rows": 40, "base_answers_in_form": 19, "fewshot_score": 0.4,
+                  "metrics": {"base": {}, "finetuned": {}}}  # no label ranking
+    said = "The base model answered 19 of 40 held-out rows in the task's form, so the delta over it counts learning"
+    assert base_out_of_form(extraction) == (f"{said} the form as much as the task; the few-shot baseline (shown the "
+                                            "form) says how much is the task.")
+    assert base_out_of_form({**extraction, "fewshot_score": None}) == f"{said} the form as much as the task."
+    assert base_out_of_form({**extraction, "base_answers_in_form": 20}) is None, "half in the form: a task baseline"
+    assert base_out_of_form({**extraction, "base_answers_in_form": None}) is None, "an evaluation from before"
+
+
 def test_labels_without_held_out_rows_are_named_up_to_a_dozen():
     from ftpipe.core.evaluation.report import unheld_labels
 

@@ -83,9 +83,9 @@ def base_out_of_form(m: dict[str, Any]) -> str | None:
     fairer = [*(["the few-shot baseline (shown the form)"] if m["fewshot_score"] is not None else []),
               *([f"the top label by likelihood, which reads no answer (base {number(ranked['base'])}, fine-tuned "
                  f"{number(ranked['finetuned'])})"] if ranked["base"] is not None else [])]
+    task = f"; {' and '.join(fairer)} say{'s' if len(fairer) == 1 else ''} how much is the task" if fairer else ""
     return (f"The base model answered {in_form} of {m['rows']} held-out rows in the task's form, so the delta over it "
-            "counts learning the form as much as the task" + (f"; {' and '.join(fairer)} say how much is the task"
-                                                               if fairer else "") + ".")
+            f"counts learning the form as much as the task{task}.")
 
 
 def overview(metrics: dict[str, Any]) -> str:
