@@ -78,17 +78,23 @@ def add_feedback(task: str, request_id: str, output: str, messages: list[dict[st
            "served_output": found["output"], "corrected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with exclusive(feedback_dir(task)):  # the server's threads and the production report may add at once
         row, outcome = _record(task_dir(task) / "raw" / FEEDBACK_FILE, row)
-    return row, CONFIRMED if outcome == ADDED and confirms(row, same_answer(task)) else outcome
+    return row, CONFIRMED if outcome == ADDED and confirms(row, same_answer(_evaluation(task))) else outcome
 
 
-def same_answer(task: str) -> Callable[[str, str], bool]:
-    """Whether two answers are the same answer to the task: a JSON object by its value, a bare label (classification
-    without `label_field`) in any spelling, any other answer as written (surrounding whitespace aside)."""
+def _evaluation(task: str) -> EvaluationConfig | None:
+    """The task's evaluation settings; None when task.yaml does not read (mid-edit: a correction is not lost for it,
+    and cleaning checks the row when it reads the raw files)."""
     try:
-        evaluation = task_config(task).evaluation
-        bare_labels = label_reader(evaluation) is not None and not evaluation.label_field
+        return task_config(task).evaluation
     except (OSError, ValueError):
-        bare_labels = False
+        return None
+
+
+def same_answer(evaluation: EvaluationConfig | None) -> Callable[[str, str], bool]:
+    """Whether two answers are the same answer to the task of these `evaluation` settings: a JSON object by its
+    value, a bare label (classification without `label_field`) in any spelling, any other answer as written
+    (surrounding whitespace aside; as written too without settings)."""
+    bare_labels = evaluation is not None and label_reader(evaluation) is not None and not evaluation.label_field
 
     def same(one: str, other: str) -> bool:
         return (comparable_answer(one.strip()) == comparable_answer(other.strip())
@@ -115,23 +121,17 @@ def _checked(messages: Any) -> list[dict[str, str]]:
 def _answer_problem(task: str, output: str) -> str | None:
     """Why the task type could not use `output` as an answer (extraction: not a JSON object); None when it could, or
     when task.yaml does not read (mid-edit: `raw_examples` quarantines such a row when it reads it)."""
-    try:
-        check = answer_problem(task_config(task).evaluation)
-    except (OSError, ValueError):
-        return None
-    return check(output)
+    evaluation = _evaluation(task)
+    return answer_problem(evaluation)(output) if evaluation else None
 
 
 def _odd_shape(task: str, output: str) -> str | None:
     """How `output` departs from the form the answers of the task's cleaned rows share (extraction: their fields and
     the fields' JSON types), as cleaning says it of a raw row; None when it does not, or when the task type checks no
     form or there are no cleaned rows yet."""
-    try:
-        evaluation = task_config(task).evaluation
-    except (OSError, ValueError):
-        return None
+    evaluation = _evaluation(task)
     cleaned = TaskLayout(task).examples("deduplicated_examples")
-    if not task_metrics(evaluation).shape_rule or not cleaned.is_file():
+    if evaluation is None or not task_metrics(evaluation).shape_rule or not cleaned.is_file():
         return None
     return _cleaned_shape(cleaned, cleaned.stat().st_mtime_ns, evaluation.model_dump_json())(output)
 
@@ -158,12 +158,9 @@ def _cleaned_answers(cleaned: Path, version: int) -> list[str]:
 def _new_category(task: str, output: str) -> str | None:
     """What is wrong with an extraction answer's value of a field that holds categories (`category_values`) when no
     cleaned row nor earlier correction gives it: likely a typo (None when one does, or there is nothing to compare)."""
-    try:
-        evaluation = task_config(task).evaluation
-    except (OSError, ValueError):
-        return None
+    evaluation = _evaluation(task)
     cleaned = TaskLayout(task).examples("deduplicated_examples")
-    if evaluation.task_type != "extraction" or not cleaned.is_file():
+    if evaluation is None or evaluation.task_type != "extraction" or not cleaned.is_file():
         return None
     known = _cleaned_categories(cleaned, cleaned.stat().st_mtime_ns)
     corrected = [first_json_object(row["messages"][-1]["content"]) or {} for row in corrections(task)]
@@ -179,10 +176,8 @@ def _new_category(task: str, output: str) -> str | None:
 def _unknown_label(task: str, output: str) -> str | None:
     """What is wrong with `output`'s label when no row of the task has it yet, in cleaning's last count or among the
     corrections since (None when one has, or the task has no labels or no cleaned rows to compare with)."""
-    try:
-        label_of = label_reader(task_config(task).evaluation)
-    except (OSError, ValueError):
-        return None
+    evaluation = _evaluation(task)
+    label_of = label_reader(evaluation) if evaluation else None
     cleaned = read_result(TaskLayout(task).asset("deduplicated_examples"), "deduplicated_examples")
     label = label_of(output) if label_of else None
     if label is None or cleaned is None:

@@ -167,7 +167,7 @@ def production_report(task: str, train_path: Path, config: TaskConfig, out_dir: 
     figures = {**health(records), "validity": sum(valid) / len(valid) if valid else None, "outputs_judged": len(valid),
                **{k: v for k, v in found.items() if k != "novel"},
                "foreign_system_prompt_share": len(foreign) / len(answered) if answered else None,
-               "window_hours": watch.window_hours, **_corrections(task, corrected)}
+               "window_hours": watch.window_hours, **_corrections(corrected, config)}
     labels = label_shares(outputs, answers, label_of) if label_of else []
     novel_prompts = [user_message(r["messages"]) for r, flag in zip(answered, found["novel"]) if flag]
     with atomic_dir(out_dir) as tmp:
@@ -181,9 +181,9 @@ def production_report(task: str, train_path: Path, config: TaskConfig, out_dir: 
         out_dir / OVER_TIME, "over time"), "report_path": str(out_dir / REPORT)}
 
 
-def _corrections(task: str, rows: list[dict[str, Any]]) -> dict[str, int]:
+def _corrections(rows: list[dict[str, Any]], config: TaskConfig) -> dict[str, int]:
     """The correction rows that changed the served answer (`corrections`) and those that gave it (`confirmations`)."""
-    same = same_answer(task)
+    same = same_answer(config.evaluation)
     confirmed = sum(confirms(row, same) for row in rows)
     return {"corrections": len(rows) - confirmed, "confirmations": confirmed}
 
