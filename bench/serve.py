@@ -3,7 +3,8 @@ request at a time, and against a separate merged model per task; at 1/8/32/64 co
 server process and the official `openai` client. Prints requests/s and p95 latency, and the ratios at 32 clients.
 Then the wait behind a long answer: a short request's latency while another request streams a long answer, against
 the same request alone. Last, requests that all start with a long system prompt: the server keeping that start's KV
-cache, against the same server reading every prompt whole (`--prompt-starts 0`).
+cache, against the same server reading every prompt whole (`--prompt-starts 0`). Then structured answers
+(`response_format` json_object): tokens/s at 32 clients against free answers on the same server.
 
     python bench/serve.py                                    # the tiny random model: runs anywhere in a few minutes
     python bench/serve.py --model .ftpipe/models/<fingerprint>  # a resolved base model, e.g. the demo's SmolLM2-135M
@@ -152,6 +153,35 @@ def measure_long_system_prompt(name: str, models: dict, options: tuple[str, ...]
         server.stop()
 
 
+def tokens_per_second(server: Served, clients: int, requests: int, max_tokens: int, **options) -> float:
+    """Completion tokens per second of `requests` chat completions from `clients` threads (`question`s)."""
+    client = server.client()
+
+    def one(i: int) -> int:
+        return client.chat.completions.create(model=TASKS[i % len(TASKS)], max_tokens=max_tokens, temperature=0,
+                                              messages=question(i), **options).usage.completion_tokens
+
+    one(0)  # warm-up
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        tokens = sum(pool.map(one, range(requests)))
+    return tokens / (time.perf_counter() - started)
+
+
+def measure_structured(models: dict, root: Path, args) -> None:
+    """Print decoding's tokens/s at 32 clients with every answer a JSON object, against free answers."""
+    server = started_server("structured", models, "lora", (), root)
+    try:
+        requests = max(args.requests, 64)
+        free = tokens_per_second(server, 32, requests, args.max_tokens)
+        structured = tokens_per_second(server, 32, requests, args.max_tokens,
+                                       response_format={"type": "json_object"})
+    finally:
+        server.stop()
+    print(f"structured answers (json_object) at 32 clients: {structured:.0f} tokens/s against {free:.0f} free: "
+          f"{structured / free:.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a base model dir (safetensors + tokenizer); default: tiny model")
@@ -161,6 +191,7 @@ def main() -> None:
     parser.add_argument("--rules", type=int, help=f"sentences of the long system prompt (default {RULES}; 6 for the "
                                                   "tiny model)")
     parser.add_argument("--system-prompt-only", action="store_true", help="only the long system prompt's measurement")
+    parser.add_argument("--structured-only", action="store_true", help="only the structured answers' measurement")
     args = parser.parse_args()
     args.rules = args.rules or (RULES if args.model else 6)
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,18 +206,23 @@ def main() -> None:
             "merged model per task": ("merged", ()),
         }
         results = {name: run_setup(name, models, kind, options, root, args, waits=name == "batched adapters")
-                   for name, (kind, options) in setups.items() if not args.system_prompt_only}
-        words = len(long_system_prompt(args.rules).split())
-        print(f"requests that start with one system prompt of {words} words:")
-        kept = measure_long_system_prompt("its start kept", models, (), root, args)
-        whole = measure_long_system_prompt("every prompt read whole", models, ("--prompt-starts", "0"), root, args)
+                   for name, (kind, options) in setups.items() if not (args.system_prompt_only or args.structured_only)}
+        if not args.structured_only:
+            words = len(long_system_prompt(args.rules).split())
+            print(f"requests that start with one system prompt of {words} words:")
+            kept = measure_long_system_prompt("its start kept", models, (), root, args)
+            whole = measure_long_system_prompt("every prompt read whole", models, ("--prompt-starts", "0"), root,
+                                               args)
+        if not args.system_prompt_only:
+            measure_structured(models, root, args)
     if results:
         batched = results["batched adapters"][32][0]
         print(f"  at 32 clients: batched adapters / one at a time "
               f"{batched / results['one request at a time'][32][0]:.1f}x (target >= 4x); / merged model per task "
               f"{batched / results['merged model per task'][32][0]:.2f}x")
-    print(f"  a long system prompt: a request alone {whole[0] / kept[0]:.2f}x faster with its start kept, "
-          f"{kept[1] / whole[1]:.2f}x the requests/s at 32 clients")
+    if not args.structured_only:
+        print(f"  a long system prompt: a request alone {whole[0] / kept[0]:.2f}x faster with its start kept, "
+              f"{kept[1] / whole[1]:.2f}x the requests/s at 32 clients")
 
 
 if __name__ == "__main__":

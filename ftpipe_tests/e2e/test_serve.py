@@ -13,9 +13,11 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from openai import APITimeoutError, OpenAI
+from pydantic import BaseModel
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core import merging
@@ -122,6 +124,39 @@ def test_every_task_answers_as_its_own_model_alone_and_in_concurrent_mixed_batch
     assert all(p.name.endswith(".jsonl") for task in own for p in segments(task))  # finished at shutdown
 
 
+class Fruit(BaseModel):
+    fruit: Literal["plum", "lime", "kiwi"]
+    ripe: bool
+
+
+def test_structured_answers_keep_their_schema_beside_free_answers_in_one_batch(stack, models):
+    server, _ = stack
+    client = server.client()
+    prompts = [row["messages"][:-1] for row in toy_rows(6, seed=5)]
+    free = expected(models / "model-adapter-a", prompts)
+
+    def structured(prompt):
+        return client.chat.completions.parse(model="alpha", messages=prompt, max_tokens=40, temperature=0,
+                                             response_format=Fruit).choices[0]
+
+    with ThreadPoolExecutor(12) as pool:
+        parsed = list(pool.map(structured, prompts))
+        alongside = list(pool.map(lambda p: ask(client, "alpha", p).strip(), prompts))
+    assert alongside == free, "a free answer decoded beside structured ones is unchanged"
+    assert all(c.finish_reason == "stop" and isinstance(c.message.parsed, Fruit) for c in parsed)
+    assert all(c.message.content != answer for c, answer in zip(parsed, free)), "the schema changed the answers"
+    for prompt in prompts:  # the tiny model's strings run on: a JSON object begun, or a whole one
+        choice = client.chat.completions.create(model="beta", messages=prompt, max_tokens=12, temperature=0,
+                                                response_format={"type": "json_object"}).choices[0]
+        assert choice.message.content.startswith("{"), choice
+        assert choice.finish_reason == "length" or isinstance(json.loads(choice.message.content), dict), choice
+    with client.chat.completions.stream(model="alpha", messages=prompts[0], max_tokens=40, temperature=0,
+                                        response_format=Fruit) as stream:
+        pieces = [event.delta for event in stream if event.type == "content.delta"]
+        final = stream.get_final_completion().choices[0]
+    assert "".join(pieces) == parsed[0].message.content and final.message.parsed == parsed[0].message.parsed
+
+
 def test_a_request_whose_client_leaves_stops_decoding_and_is_logged_as_closed(stack):
     server, _ = stack
     budget = 480  # far more tokens than decoding makes before the server sees the client gone
@@ -207,8 +242,11 @@ def test_key_bad_requests_and_a_hot_swap_of_the_champion(stack, models, tmp_path
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole[:whole.index(stop)]
     assert streamed[-1].choices[0].finish_reason == "stop" and stop not in "".join(
         c.choices[0].delta.content or "" for c in streamed), "no part of the stop string is sent"
-    with pytest.raises(openai.BadRequestError, match="response_format: not supported by this server"):
-        ask(client, "alpha", prompt, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="response_format: type 'xml': one of text, json_object, json_"):
+        ask(client, "alpha", prompt, response_format={"type": "xml"})
+    with pytest.raises(openai.BadRequestError, match="response_format: json_schema.schema: Invalid type: strin"):
+        ask(client, "alpha", prompt, response_format={"type": "json_schema", "json_schema": {
+            "name": "typo", "schema": {"type": "object", "properties": {"a": {"type": "strin"}}}}})
     for option, value in (("presence_penalty", 1.5), ("frequency_penalty", -0.5), ("logit_bias", {"42": 5})):
         with pytest.raises(openai.BadRequestError, match=f"{option}: not supported by this server"):
             ask(client, "alpha", prompt, **{option: value})

@@ -28,6 +28,7 @@ from ftpipe.core.server.prefixes import STARTS_KEPT
 from ftpipe.core.feedback import FEEDBACK_FILE, FeedbackError, add_feedback
 from ftpipe.core.server.request_log import CLIENT_CLOSED, SEGMENT_RECORDS, RequestLog, read_records
 from ftpipe.core.server.stop_strings import MAX_STOP_STRINGS, held_back, stop_position
+from ftpipe.core.server.structured import Constraint, grammar
 
 DEFAULT_MAX_TOKENS = 256
 REFRESH_SECONDS = 10.0
@@ -94,11 +95,11 @@ class ChatRequest(BaseModel):
             raise PydanticCustomError("stop", f"at most {MAX_STOP_STRINGS} strings, none empty")
         return stops
 
-    @field_validator("response_format", "tools", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias")
+    @field_validator("tools", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias")
     @classmethod
     def _unsupported(cls, value: Any) -> Any:
         """Options that would change the answer are refused rather than ignored (their defaults pass)."""
-        if value in (None, False, 0, [], {}, {"type": "text"}):
+        if value in (None, False, 0, [], {}):
             return value
         raise PydanticCustomError("unsupported", "not supported by this server; leave it out")
 
@@ -249,6 +250,7 @@ class Completion:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)  # the engine ends the row at its next token
     stopped: bool = False  # the answer reached one of the request's stop strings
+    constraint: Constraint | None = None  # the answer's grammar (`response_format`); None: free text
     job: Job | None = None  # the engine's side of it, once submitted
 
     def submit(self) -> None:
@@ -256,7 +258,7 @@ class Completion:
         put = lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item)  # noqa: E731
         self.job = Job(self.route.model, self.route.adapter, self.prompt, self.request.token_budget,
                        self.request.temperature, self.request.top_p, self.route.stops, self.route.pad_id, emit=put,
-                       fail=put, cancelled=self.cancelled)
+                       fail=put, cancelled=self.cancelled, constraint=self.constraint)
         self.server.engine.submit(self.job)
 
     async def pieces(self):
@@ -295,7 +297,8 @@ class Completion:
 
     @property
     def finish_reason(self) -> str:
-        return "length" if len(self.tokens) >= self.request.token_budget and not self.stopped else "stop"
+        complete = self.stopped or (self.constraint is not None and self.constraint.complete)
+        return "length" if len(self.tokens) >= self.request.token_budget and not complete else "stop"
 
     @property
     def counts(self) -> dict[str, int]:
@@ -399,8 +402,8 @@ def create_app(server: Server):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await request.body()
-        try:
-            completion = _completion(server, body)
+        try:  # in a thread: a first structured answer on a base takes seconds to prepare (`structured`)
+            completion = await asyncio.to_thread(_completion, server, body)
         except ApiError as error:
             _log_refused(server, body, error)
             raise
@@ -479,7 +482,16 @@ def _completion(server: Server, body: bytes) -> Completion:
         raise ApiError(400, f"this request needs {len(prompt)} prompt tokens + {request.token_budget} completion "
                             f"tokens, more than the model's context length of {route.context_length}",
                        code="context_length_exceeded", param="messages")
-    return Completion(server, route, request, prompt)
+    return Completion(server, route, request, prompt, constraint=_constraint(route, request.response_format))
+
+
+def _constraint(route: Route, response_format: dict[str, Any] | None) -> Constraint | None:
+    """The grammar `response_format` asks the answer to keep, or the ApiError that says what is wrong with it."""
+    try:
+        found = grammar(response_format)
+    except ValueError as error:
+        raise ApiError(400, f"response_format: {error}", param="response_format") from None
+    return Constraint(found, route.tokenizer, route.model.config.vocab_size, route.stops) if found else None
 
 
 async def _cancel_when_gone(request: Request, completion: Completion) -> None:

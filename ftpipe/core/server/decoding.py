@@ -2,12 +2,14 @@
 arrives joins the running batch at the next step (its prompt read on its own, its KV cache then set beside the
 others', all left-padded to one length), and a row that is done leaves at once, so a short answer never waits for a
 long one. A prompt that begins with a kept start (`prefixes`: a task's long system prompt) reads only the rest. A model
-whose cache cannot drop rows (`rows_can_leave`) keeps its rows until the last is done, and new rows wait for that."""
+whose cache cannot drop rows (`rows_can_leave`) keeps its rows until the last is done, and new rows wait for that.
+A row with a `response_format` picks its tokens within its answer's grammar (`structured`)."""
 
 from __future__ import annotations
 
 from ftpipe.core.evaluation.generation import SharedPrefix, prompt_batch, read_prefix, rows_can_leave
 from ftpipe.core.server.prefixes import Prefixes
+from ftpipe.core.server import structured
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -52,7 +54,8 @@ class Decoding:
         out = forward(self.model, [job.adapter for job in jobs], input_ids=ids[:, skip:].to(device),
                       attention_mask=mask.to(device), position_ids=positions[:, skip:].to(device), cache=cache,
                       logits_to_keep=1)
-        tokens, lengths = self.choose(out.logits[:, -1]), mask.sum(-1).to(device)
+        tokens = self._next(out.logits[:, -1], [job.constraint for job in jobs])
+        lengths = mask.sum(-1).to(device)
         if self.jobs:
             self._join(out.cache, mask.to(device), lengths, tokens)
         else:
@@ -70,7 +73,9 @@ class Decoding:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.jobs), 1))], dim=1)
         out = forward(self.model, [job.adapter for job in self.jobs], input_ids=self.tokens[:, None],
                       attention_mask=self.mask, position_ids=self.positions[:, None], cache=self.cache)
-        self.cache, self.positions, self.tokens = out.cache, self.positions + 1, self.choose(out.logits[:, -1])
+        constraints = [None if done else job.constraint for job, done in zip(self.jobs, self.done)]
+        self.cache, self.positions = out.cache, self.positions + 1
+        self.tokens = self._next(out.logits[:, -1], constraints)
         self._hand_out(range(len(self.jobs)), self.tokens.tolist())
         self._leave()
 
@@ -81,9 +86,13 @@ class Decoding:
                 job.fail(error)
         self.jobs = []
 
+    def _next(self, logits, constraints: list):
+        """Each row's next token, within its answer's grammar where it has one (a row that is done has none)."""
+        return self.choose(structured.mask(logits, constraints))
+
     def _hand_out(self, rows, tokens: list[int]) -> None:
-        """Each row's new token to its job, unless it ends the row (a stop token, the job cancelled or its budget
-        spent)."""
+        """Each row's new token to its job, unless it ends the row (a stop token, the job cancelled); the row ends
+        after it when its budget is spent or its structured answer complete."""
         for row, token in zip(rows, tokens):
             job = self.jobs[row]
             if self.done[row]:
@@ -93,7 +102,8 @@ class Decoding:
                 continue
             job.emit(token)
             self.counts[row] += 1
-            if self.counts[row] >= job.max_new_tokens:
+            complete = job.constraint is not None and job.constraint.accept(token)
+            if complete or self.counts[row] >= job.max_new_tokens:
                 self._finish(row)
 
     def _finish(self, row: int) -> None:

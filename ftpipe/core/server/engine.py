@@ -16,6 +16,7 @@ from typing import Any
 
 from ftpipe.core.server.decoding import Decoding, read_start
 from ftpipe.core.server.prefixes import STARTS_KEPT, Prefixes
+from ftpipe.core.server.structured import Constraint
 
 MAX_BATCH = 64
 
@@ -36,6 +37,7 @@ class Job:
     fail: Callable[[BaseException], None]
     cancelled: threading.Event = field(default_factory=threading.Event)  # set: end the row at its next token
     cached_tokens: int = 0  # the prompt's first tokens taken from a kept start (`Prefixes.find`), not read again
+    constraint: Constraint | None = None  # the answer's grammar (`response_format`); None: free text
 
     @property
     def batch_key(self) -> tuple:
