@@ -164,8 +164,9 @@ def _new_category(task: str, output: str) -> str | None:
         return None
     known = _cleaned_categories(cleaned, cleaned.stat().st_mtime_ns)
     corrected = [first_json_object(row["messages"][-1]["content"]) or {} for row in corrections(task)]
-    found = new_category({key: values | {answer.get(key) for answer in corrected} for key, values in known.items()},
-                         output)
+    given = {key: values | {answer[key] for answer in corrected if isinstance(answer.get(key), str)}
+             for key, values in known.items()}  # a correction's null or number is no category
+    found = new_category(given, output)
     if found is None:
         return None
     key, value, close = found

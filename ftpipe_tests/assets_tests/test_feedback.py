@@ -210,6 +210,9 @@ def test_an_extraction_correction_with_a_category_no_row_gives_is_refused_as_a_l
         "the same answer in another key order")
     assert add_feedback(tiny_task, ids[1], '{"order": "A8", "issue": "lost"}', new_label=True)[1] == ADDED
     assert add_feedback(tiny_task, ids[2], '{"order": "A7", "issue": "lost"}')[1] == ADDED, "known from a correction"
+    assert add_feedback(tiny_task, ids[3], '{"order": "A6", "issue": null}')[1] == ADDED
+    with pytest.raises(FeedbackError, match=r"^output: issue 'stolen' is new to task 'toy'; its rows give 4 values"):
+        add_feedback(tiny_task, ids[4], '{"order": "A5", "issue": "stolen"}')  # after a correction that gave none
 
 
 def test_an_extraction_correction_in_another_form_than_the_tasks_answers_is_refused(tiny_task: str,

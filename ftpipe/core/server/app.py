@@ -387,6 +387,11 @@ def create_app(server: Server):
     async def refused(request: Request, error: ApiError):
         return JSONResponse(error.body(), status_code=error.status)
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception):  # a bug: said as OpenAI's errors are, and in the log
+        failure = ApiError(500, f"{type(error).__name__}: {error}", kind="server_error")
+        return JSONResponse(failure.body(), status_code=failure.status)
+
     app.add_middleware(KeyCheck, server=server)
 
     @app.get("/health")
