@@ -10,7 +10,8 @@ the label) are two examples of one rule: neither duplicates nor a contradiction,
 near-identical prompts differ in a number (a price, a quantity: a template's problems) and whose answers differ.
 Exact-prompt answers are compared as `loose` text, so `#### 325.` and `#### 325` are one answer (and the near stage
 finds the second row a near-duplicate of the first). An answer that is a JSON object is compared by its value, so two
-that differ only in key order or spacing are one answer; the rows keep their answers as written.
+that differ only in key order or spacing are one answer and two that differ in one field's value are two (however
+alike their text); the rows keep their answers as written.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class NearRows:
                                         settings)
         self.similar = similarity.neighbours(len(rows), [pair for pair in pairs if self.turn_for_turn(*pair[:2])])
         self._word_sets: dict[int, tuple[set[str], set[str]]] = {}
+        self._objects: dict[int, bool] = {}
 
     def turn_for_turn(self, a: int, b: int) -> bool:
         """Conversations of several user turns are near-identical only turn for turn: as many messages, and last user
@@ -177,7 +179,15 @@ class NearRows:
         return shingles.jaccard(position[a], position[b])
 
     def same_answer(self, a: int, b: int) -> bool:
+        """Near-identical answers; JSON objects only when equal by value (one field changed is another answer)."""
+        if self._is_object(a) or self._is_object(b):
+            return self.answers[a] == self.answers[b]
         return self.answer_jaccard(a, b) >= self.settings.threshold
+
+    def _is_object(self, index: int) -> bool:
+        if index not in self._objects:
+            self._objects[index] = _json_object(self.rows[index]["messages"][-1]["content"]) is not None
+        return self._objects[index]
 
     def answers_follow_prompts(self, a: int, b: int) -> bool:
         """The answers differ, and only in words of their own prompt that the other prompt lacks."""
@@ -315,13 +325,19 @@ def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings, free
 def comparable_answer(answer: str) -> str:
     """An answer that is a JSON object written as its value sorted by key, so key order and spacing do not make two
     answers differ; any other answer as it is."""
+    value = _json_object(answer)
+    return answer if value is None else json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def _json_object(answer: str) -> dict | None:
+    """The JSON object `answer` is, else None."""
     if not answer.lstrip().startswith("{"):
-        return answer
+        return None
     try:
         value = json.loads(answer)
     except ValueError:
-        return answer
-    return json.dumps(value, sort_keys=True, ensure_ascii=False) if isinstance(value, dict) else answer
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _comparable(row: dict[str, Any], as_written: dict[str, list[dict]]) -> dict[str, Any]:

@@ -1,3 +1,4 @@
+import json
 import random
 
 import numpy as np
@@ -200,6 +201,19 @@ def test_rows_whose_answers_differ_where_their_prompts_do_are_two_examples() -> 
                    row(text + " about billing.", "billing", "b2")]
     result = dedup.deduplicate(mislabelled)
     assert [r["source"] for r in result.removed if r["reason"] == "contradiction"] == ["r"], "still a contradiction"
+
+
+def test_json_answers_that_differ_in_one_field_are_two_answers() -> None:
+    order = {"customer": "Maria Lopez", "item": "lemon tart", "quantity": 6, "date": "2026-06-02", "notes": None}
+    asked = "Can I get 6 lemon tarts for Tuesday the 2nd? Thanks, Maria Lopez"
+    rng = random.Random(8)
+    others = [row(sentence(rng, 20), "other", f"x{i}") for i in range(12)]
+    disagree = [row(asked, json.dumps(order), "a"), row(asked.lower() + "??", json.dumps({**order, "quantity": 16}), "b")]
+    assert dedup.deduplicate(disagree + others).count("contradiction") == 2, "6 or 16: no majority, both go"
+    again = [row(asked, json.dumps(order), "a"), row(asked.lower() + "??", json.dumps(dict(reversed(order.items()))),
+                                                     "b")]
+    [removed] = dedup.deduplicate(again + others).removed
+    assert removed["reason"] == "near_duplicate" and removed["detail"].endswith("answer Jaccard 1.00")
 
 
 def test_an_answer_written_two_ways_is_one_answer_and_a_templates_problems_are_not_contradictions() -> None:
