@@ -220,10 +220,29 @@ def test_extraction_metrics():
     references = ['{"name": "Ann", "age": 3}', '{"name": "Bob", "age": 4}', '{"name": "Cy", "age": 5}']
     answers = ['Result: {"name": "Ann", "age": 3}.', '{"name": "Bob", "age": 40}', "no json here"]
     found = scores("extraction", answers, references)
-    assert found.rows["json_valid"] == [1.0, 1.0, 0.0]
+    assert found.rows["json_valid"] == [0.0, 1.0, 0.0], "text around an object its reference has alone"
     assert found.rows["exact_match"] == [1.0, 0.0, 0.0]
     assert found.rows["field_accuracy"] == [1.0, 0.5, 0.0]
     assert found.summary["field_accuracy_by_field"] == {"age": pytest.approx(1 / 3), "name": pytest.approx(2 / 3)}
+    typed = scores("extraction", ['{"name": "Ann", "age": 3.0}', '{"name": "Bob", "age": true}',
+                                  'Here it is: {"name": "Cy", "age": 5}'], references)
+    assert typed.rows["exact_match"] == [1.0, 0.0, 1.0] and typed.rows["field_accuracy"] == [1.0, 0.5, 1.0], (
+        "3.0 is 3, true is not 1")
+    assert typed.rows["json_valid"] == [1.0, 1.0, 0.0], "json.loads would fail on the text before the object"
+    fenced = scores("extraction", ['{"name": "Ann", "age": 3}', '```json\n{"name": "Bob", "age": 4}\n```'],
+                    ['```json\n{"name": "Ann", "age": 3}\n```', '```json\n{"name": "Bob", "age": 4}\n```'])
+    assert fenced.rows["json_valid"] == [1.0, 1.0], "fenced as its reference is"
+    composed = scores("extraction", ['{"name": "Zoe\u0308", "tags": ["a", {"b": false}]}'],
+                      ['{"name": "Zo\u00eb", "tags": ["a", {"b": false}]}'])
+    assert composed.rows["exact_match"] == [1.0], "one letter written two ways in Unicode"
+    assert scores("extraction", ['{"tags": ["a", {"b": 0}]}'], ['{"tags": ["a", {"b": false}]}']).rows[
+        "exact_match"] == [0.0]
+    extraction = task_metrics(EvaluationConfig(task_type="extraction"))
+    assert extraction.valid_outputs(['{"age": 1, "name": "Di"}', 'Sure: {"name": "Di", "age": 1}', '{"name": "Di"}',
+                                     '{"name": "Di", "age": 1} Hope it helps!'], references) == [
+        True, False, False, False], "a served answer in the form of the references, as a client reads it whole"
+    assert extraction.valid_outputs(['```json\n{"name": "Di", "age": 1}\n```'], [f"```json\n{r}\n```" for r in
+                                                                                references]) == [True]
     invented = scores("extraction", ['{"name": "Ann", "age": 3, "amount": 3}'], references[:1])
     assert invented.rows["field_accuracy"] == [pytest.approx(2 / 3)], "a field the reference lacks is never right"
     assert invented.summary["field_accuracy_by_field"]["amount"] == 0.0

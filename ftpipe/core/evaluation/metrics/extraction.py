@@ -1,11 +1,13 @@
-"""Extraction: the answer is a JSON object. Exact match of the whole object (primary), JSON validity, and the
-share of the fields answered right (overall and by field): the reference's fields, and any field the answer invents,
-which is never right. An answer missing a field nearly all the others give, giving it another JSON type, or writing
+"""Extraction: the answer is a JSON object. Exact match of the whole object (primary), JSON validity (the answer
+begins with its object, where the reference does: the evaluation stops an answer at its object's end), and the share of the fields answered right (overall and by field): the
+reference's fields, and any field the answer invents, which is never right. Values are equal only as the same JSON
+type (`true` is not `1`). An answer missing a field nearly all the others give, giving it another JSON type, or writing
 text around its object where nearly all the others are the object alone, is set aside as a reference."""
 
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from difflib import get_close_matches
@@ -25,10 +27,39 @@ CATEGORY_REPEATS = 5  # a string field whose values come back this often on aver
 SHOWN_FIELDS = 5  # of the fields a model's answers invent that no reference has, under the report's table
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Equal JSON values of one JSON type (`true` is not `1`, as Python's `==` has it; `1` is `1.0`), strings equal
+    in their composed Unicode form (an "ë" written as "e" and a combining mark is the same "ë")."""
+    if json_type(a) != json_type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_value(a[key], b[key]) for key in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(same_value, a, b))
+    if isinstance(a, str):
+        return a == b or unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b)
+    return a == b
+
+
 def field_hits(wanted: dict, got: dict | None) -> dict[str, float]:
     """Each field of the reference or the answer: 1.0 when the answer gives the reference's value, else 0.0."""
     got = got or {}
-    return {key: float(key in wanted and key in got and got[key] == wanted[key]) for key in {**wanted, **got}}
+    return {key: float(key in wanted and key in got and same_value(got[key], wanted[key]))
+            for key in {**wanted, **got}}
+
+
+def object_alone(answer: str) -> bool:
+    """The answer is a JSON object and nothing else, whitespace aside: what `json.loads` reads as an object."""
+    span = json_object_span(answer)
+    return span is not None and text_around(answer, span) is None
+
+
+def object_first(answer: str) -> bool:
+    """The answer begins with its JSON object, whitespace aside: what a client reads as JSON when the answer stops at
+    the object's end, as it does in the evaluation (an answer is JSON valid when it does, or its reference does
+    not either)."""
+    span = json_object_span(answer)
+    return span is not None and not answer[:span[1]].strip()
 
 
 def by_field(hits: list[dict[str, float]]) -> dict[str, list[float]]:
@@ -166,9 +197,12 @@ class Extraction(TaskMetrics):
         return FIRST_JSON_OBJECT
 
     def valid_outputs(self, answers: list[str], references: list[str]) -> list[bool]:
-        """A JSON object with every field all the training answers have."""
+        """A JSON object with every field all the training answers have, and nothing around it where nearly all of
+        them are the object alone."""
         required = set.intersection(*(set(first_json_object(r) or {}) for r in references)) if references else set()
-        return [(found := first_json_object(answer)) is not None and required <= set(found) for answer in answers]
+        strict = sum(map(object_alone, references)) >= SHAPE_SHARE * len(references)
+        return [(found := first_json_object(answer)) is not None and required <= set(found)
+                and (object_alone(answer) or not strict) for answer in answers]
 
     def scores(self, answers: list[str], references: list[str]) -> Scores:
         wanted = [first_json_object(r) or {} for r in references]
@@ -176,8 +210,9 @@ class Extraction(TaskMetrics):
         hits = [field_hits(w, g) for w, g in zip(wanted, got)]
         return Scores(
             rows={
-                "exact_match": [float(g == w) for g, w in zip(got, wanted)],
-                "json_valid": [float(g is not None) for g in got],
+                "exact_match": [float(g is not None and same_value(g, w)) for g, w in zip(got, wanted)],
+                "json_valid": [float(g is not None and (object_first(a) or not object_first(r)))
+                               for a, g, r in zip(answers, got, references)],
                 "field_accuracy": [mean(list(row.values())) for row in hits],
             },
             extra={"field_accuracy_by_field": {key: mean(values) for key, values in by_field(hits).items()}},
