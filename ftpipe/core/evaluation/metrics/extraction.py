@@ -1,8 +1,9 @@
 """Extraction: the answer is a JSON object. Exact match of the whole object (primary), JSON validity (the answer
-begins with its object, where the reference does: the evaluation stops an answer at its object's end), and the share of the fields answered right (overall and by field): the
-reference's fields, and any field the answer invents, which is never right. Values are equal only as the same JSON
-type (`true` is not `1`). An answer missing a field nearly all the others give, giving it another JSON type, or writing
-text around its object where nearly all the others are the object alone, is set aside as a reference."""
+begins with its object, where the reference does: the evaluation stops an answer at its object's end), and the share
+of the fields answered right (overall and by field): the reference's fields, and any field the answer invents, which
+is never right. Values are equal only as the same JSON type (`true` is not `1`). An answer missing a field nearly all
+the others give, giving it another JSON type, or writing text around its object where nearly all the others are the
+object alone, is set aside as a reference."""
 
 from __future__ import annotations
 
