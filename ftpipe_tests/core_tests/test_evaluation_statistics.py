@@ -142,6 +142,20 @@ def test_the_gate_follows_the_thresholds_it_is_given():
     assert not passed and failed[0].startswith("delta_ci_low 0.100 <= min_improvement 0.200 (accuracy 0.200 -> 0.800)")
 
 
+def test_an_extraction_that_fails_on_whole_objects_but_gets_more_fields_right_is_told_the_finer_metric():
+    fields = {"base": {"exact_match": 0.0, "field_accuracy": 0.05}, "finetuned": {"exact_match": 0.024,
+                                                                                  "field_accuracy": 0.595}}
+    metrics = measured(primary_metric="exact_match", base_score=0.0, finetuned_score=0.024, delta_ci_low=-0.01,
+                       metrics=fields)
+    passed, failed = decide_gate(metrics, EvaluationConfig())
+    assert not passed and failed[0] == (
+        "delta_ci_low -0.010 <= min_improvement 0.000 (exact_match 0.000 -> 0.024); its field_accuracy rose 0.050 -> "
+        "0.595: evaluation.extraction_metric: field_accuracy judges the share of fields right instead, finer on few "
+        "rows or objects of many fields")
+    fields["finetuned"]["field_accuracy"] = 0.05
+    assert decide_gate(metrics, EvaluationConfig())[1][0].endswith("(exact_match 0.000 -> 0.024)"), "no gain to judge"
+
+
 def test_a_model_that_only_ties_the_base_does_not_pass_the_default_gate():
     tie = measured(base_score=0.0, finetuned_score=0.0, delta_ci_low=0.0)  # e.g. one held-out row, both wrong
     passed, failed = decide_gate(tie, EvaluationConfig())
