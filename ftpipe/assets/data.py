@@ -128,7 +128,7 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
             "preference_answers_respelled": summary["preference_answers_respelled"],
             "likely_misspelt_labels": len(summary["likely_misspellings"]),
             "misspelt_labels": table(label_spellings.shown(summary["likely_misspellings"], ("label", "like")),
-                                     label_spellings.MISSPELLING_COLUMNS),
+                                     label_spellings.misspelling_columns(summary["likely_misspellings"])),
             "removed_path": dg.MetadataValue.path(str(out / REMOVED)),
             "removed_preview": table(
                 [{**r, "message": records.user_message(chat["messages"]), "answer": chat["messages"][-1]["content"]}

@@ -393,8 +393,9 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     `out_dir/preferences.parquet`, every removed row of either kind into `out_dir/removed.jsonl` (with a result);
     return the counts (`rows_in`, `rows_out`: chat rows; the removals of both kinds). For a task type with labels
     (`labels`), the labels of the kept rows and preference rows are written one way each (`label_spellings`), the
-    removals are counted by label, so written, and the kept labels that look like typos of commoner ones are named."""
-    from ftpipe.core.label_spellings import Spellings, answers, likely_misspellings
+    removals are counted by label, so written, and the kept labels that look like typos of commoner ones are named
+    (for an extraction, the values of its fields that hold categories)."""
+    from ftpipe.core.label_spellings import Spellings, answers, likely_misspellings, likely_misspelt_values
     from ftpipe.core.preference_cleaning import build_clean_preferences
     from ftpipe.core.preferences import read_preferences
 
@@ -415,7 +416,8 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         "matched_examples": matched_examples(rows, result.removed, label_of),
         "label_spellings": respelled,
     }
-    summary["likely_misspellings"] = likely_misspellings(
+    categories = labels.categories([row["messages"][-1]["content"] for row in kept]) if labels else {}
+    summary["likely_misspellings"] = likely_misspelt_values(categories) if categories else likely_misspellings(
         {label: counts["rows_in"] - counts["removed"] for label, counts in summary["removed_by_label"].items()})
     inputs = {"raw_examples": file_sha256(examples_path)[:16], "json_answers": "compared by value",
               "multi_turn": "near-identical turn for turn",
@@ -440,7 +442,8 @@ def likely_typos(out_dir: Path) -> dict[str, str]:
     """The labels the cleaning in `out_dir` named as likely typos, each with the commoner label it looks like (none
     when there is no cleaning there)."""
     result = read_result(out_dir, "deduplicated_examples")
-    return {one["label"]: one["like"] for one in result.metadata.get("likely_misspellings", [])} if result else {}
+    found = result.metadata.get("likely_misspellings", []) if result else []
+    return {one["label"]: one["like"] for one in found if "field" not in one}
 
 
 def heavy_removals(summary: dict[str, Any], limit: float) -> dict[str | None, str]:

@@ -19,7 +19,7 @@ from ftpipe.core.preferences import is_paired
 from ftpipe.core.text import canonical, loose
 
 COLUMNS = ["label", "respelled", "rows"]
-MISSPELLING_COLUMNS = ["label", "rows", "like", "like_rows"]
+MISSPELLING_COLUMNS = ["label", "rows", "like", "like_rows"]  # and the field first, for values of a field
 SHOWN = 5  # spellings named in the log line
 MISSPELLING_SIMILARITY = 0.85  # difflib's ratio of two labels' words from which the rarer may be a typo of the other
 MISSPELLING_RARITY = 5  # ...when the other has at least this many times its rows
@@ -121,16 +121,28 @@ def likely_misspellings(counts: dict[str, int]) -> list[dict[str, Any]]:
     return found
 
 
+def likely_misspelt_values(categories: dict[str, Counter]) -> list[dict[str, Any]]:
+    """`likely_misspellings` among the values of each field that holds categories (an extraction's `item`:
+    `croisant` ×2 beside `croissant` ×60), each with its `field`."""
+    return [{"field": field, **found} for field, counts in categories.items() for found in likely_misspellings(counts)]
+
+
+def misspelling_columns(found: list[dict[str, Any]]) -> list[str]:
+    return ["field", *MISSPELLING_COLUMNS] if found and "field" in found[0] else MISSPELLING_COLUMNS
+
+
 def misspellings_said(found: list[dict[str, Any]]) -> str:
     """`2 labels look like a typo of a commoner label: "postive" ×2 (like "positive" ×300), ...; each is trained and
-    scored as a label of its own: correct them in the raw files` (SHOWN of them named, the rest counted)."""
-    named = [f"{_quoted(one['label'])} ×{one['rows']} (like {_quoted(one['like'])} ×{one['like_rows']})"
-             for one in found[:SHOWN]]
+    scored as a label of its own: correct them in the raw files` (SHOWN of them named, the rest counted); values of a
+    field (`likely_misspelt_values`) are named with it."""
+    noun = "value" if found and "field" in found[0] else "label"
+    named = [f"{one['field'] + ' ' if 'field' in one else ''}{_quoted(one['label'])} ×{one['rows']} "
+             f"(like {_quoted(one['like'])} ×{one['like_rows']})" for one in found[:SHOWN]]
     more = f" and {len(found) - SHOWN} more (the misspelt_labels table)" if len(found) > SHOWN else ""
     several = len(found) > 1
-    return (f"{len(found)} label{'s' * several} look{'s' * (not several)} like a typo of a commoner label: "
-            f"{', '.join(named)}{more}; {'each' if several else 'it'} is trained and scored as a label of its own: "
-            f"correct {'them' if several else 'it'} in the raw files")
+    return (f"{len(found)} {noun}{'s' * several} look{'s' * (not several)} like a typo of a commoner {noun}"
+            f"{' of its field' if noun == 'value' else ''}: {', '.join(named)}{more}; {'each' if several else 'it'} "
+            f"is trained and scored as a {noun} of its own: correct {'them' if several else 'it'} in the raw files")
 
 
 def answers(rows: list[dict[str, Any]], preferences: Iterable[dict[str, Any]] = ()) -> list[str]:

@@ -111,22 +111,27 @@ def test_an_extraction_answer_missing_a_field_or_giving_it_another_type_is_quara
         {"order_id": f"A-{i}", "city": city, "urgent": i % 2 == 0})) for i, city in enumerate(["Lyon", "Oslo"] * 20)]
     typed_wrong = chat(orders[3]["messages"][0]["content"], '{"order_id": "A-3", "city": "Oslo", "urgent": "no"}')
     missing = chat("Order B-1 from Rome is late.", '{"order_id": "B-1", "city": "Rome"}')
+    misspelt = chat("Order C-7 from Oslo never came.", '{"order_id": "C-7", "city": "Osloo", "urgent": false}')
     system = "Extract the order as JSON with order_id, city and urgent (true when the customer asks to be called). " * 3
-    make_task(ftpipe_env, "orders", {"a.jsonl": [*orders, typed_wrong, missing]},
+    make_task(ftpipe_env, "orders", {"a.jsonl": [*orders, typed_wrong, missing, misspelt]},
               f"evaluation: {{task_type: extraction}}\ndata: {{system_prompt: {json.dumps(system)}}}\n")
     with dg.instance_for_test() as instance:
         result = materialize(instance, "orders")
+        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
     raw, deduped = materialization(result, "raw_examples"), materialization(result, "deduplicated_examples")
     shared = Path(materialization(result, "review_sample")["shared_system_prompt_path"])
     assert shared.read_text() == system and system not in shared.with_name("review_sample.csv").read_text(), \
         "the long system prompt every row carries is written once"
     quarantined = [json.loads(line) for line in Path(raw["quarantine_path"]).read_text().splitlines()]
     assert [(row["source"], row["reason"]) for row in quarantined] == [
-        ("a.jsonl:line 41", "the answer gives 'urgent' as a string (\"no\"), where 40 of 41 answers give a boolean "
+        ("a.jsonl:line 41", "the answer gives 'urgent' as a string (\"no\"), where 41 of 42 answers give a boolean "
                             "(evaluation.task_type extraction)"),
-        ("a.jsonl:line 42", "the answer lacks the field 'urgent', which 41 of 42 answers give (evaluation.task_type "
+        ("a.jsonl:line 42", "the answer lacks the field 'urgent', which 42 of 43 answers give (evaluation.task_type "
                             "extraction)")]
-    assert (deduped["rows_out"], deduped["contradictions"]) == (40, 0), "the well-formed original stays"
+    assert (deduped["rows_out"], deduped["contradictions"]) == (41, 0), "the well-formed original stays"
+    assert 'orders: 1 value looks like a typo of a commoner value of its field: city "Osloo" ×1 (like "Oslo" ×20); ' \
+           "it is trained and scored as a value of its own: correct it in the raw files" in warnings
+    assert '| city | "Osloo" | 1 | "Oslo" | 20 |' in deduped["misspelt_labels"]
 
 
 def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_env: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -152,6 +153,11 @@ class TaskMetrics:
     def final_answer(self, text: str) -> str | None:
         """The final answer extracted from `text`, when the task checks final answers."""
         return None
+
+    def categories(self, references: list[str]) -> dict[str, Counter]:
+        """The fields of `references`' answers that hold categories, each with its values' counts (none: the type's
+        answers have no such fields)."""
+        return {}
 
     def report_sections(self, records: list[dict[str, Any]], sides: dict[str, str]) -> list[tuple[str, str]]:
         """Extra (title, Markdown) report sections built from the prediction records (`sides`: column prefix to

@@ -146,16 +146,21 @@ def object_shape_check(references: list[str]) -> Callable[[str], str | None]:
     return check
 
 
-def category_values(references: list[str]) -> dict[str, set[str]]:
+def category_counts(references: list[str]) -> dict[str, Counter]:
     """The string fields of `references`' objects that hold categories: given by SHAPE_MIN_ANSWERS answers or more,
-    each value CATEGORY_REPEATS times on average (an `issue`, not an order id); field -> its values."""
-    given: dict[str, list[str]] = {}
+    each value CATEGORY_REPEATS times on average (an `issue`, not an order id); field -> its values' counts."""
+    given: dict[str, Counter] = {}
     for reference in references:
         for key, value in (first_json_object(reference) or {}).items():
             if isinstance(value, str):
-                given.setdefault(key, []).append(value)
-    return {key: set(values) for key, values in given.items()
-            if len(values) >= SHAPE_MIN_ANSWERS and len(values) >= CATEGORY_REPEATS * len(set(values))}
+                given.setdefault(key, Counter())[value] += 1
+    return {key: values for key, values in given.items()
+            if values.total() >= SHAPE_MIN_ANSWERS and values.total() >= CATEGORY_REPEATS * len(values)}
+
+
+def category_values(references: list[str]) -> dict[str, set[str]]:
+    """`category_counts`' values, field -> its values."""
+    return {key: set(values) for key, values in category_counts(references).items()}
 
 
 def new_category(categories: dict[str, set[str]], answer: str) -> tuple[str, str, list[str]] | None:
@@ -248,3 +253,6 @@ class Extraction(TaskMetrics):
 
     def shape_check(self, references: list[str]) -> Callable[[str], str | None]:
         return object_shape_check(references)
+
+    def categories(self, references: list[str]) -> dict[str, Counter]:
+        return category_counts(references)
