@@ -340,6 +340,11 @@ def test_the_extraction_report_shows_the_fields_often_null_on_the_rows_that_give
     assert given == ("Fields on the rows that give a value",
                      "| field | null in the reference (answering null scores this) | rows with a value | base | "
                      "fine-tuned |\n|---|---|---|---|---|\n| city | 0.600 | 2 | 1.000 | 0.500 |")
+    records += [{**row(6 + i, None, None), "finetuned_answer": json.dumps({"order": f"A-{6 + i}", "city": "Lyon"})}
+                for i in range(2)]  # the fine-tuned model now fills in a city no reference gives
+    given = task_metrics(EvaluationConfig(task_type="extraction")).report_sections(
+        records, {"base": "base", "finetuned": "fine-tuned"})[1][1]
+    assert given.endswith("\n\nBelow what answering null every time scores: city (fine-tuned 0.571 against 0.714)")
 
 
 def test_generation_metrics():

@@ -173,20 +173,25 @@ def new_category(categories: dict[str, set[str]], answer: str) -> tuple[str, str
     return None
 
 
-def _values_given(wanted: list[dict], got: dict[str, list[dict | None]], sides: dict[str, str],
-                  expected: Counter) -> list[tuple[str, str]]:
+def _values_given(wanted: list[dict], got: dict[str, list[dict | None]], sides: dict[str, str], expected: Counter,
+                  hits: dict[str, dict[str, list[float]]]) -> list[tuple[str, str]]:
     """The report section of the fields some references leave null: each model's accuracy on the rows whose reference
-    gives a value, beside the null share (what answering null every time scores on the field)."""
+    gives a value, beside the null share (what answering null every time scores on the field); under it, the fields
+    where a model's accuracy (`hits`: the first table's) is below that share."""
     nulls = Counter(key for found in wanted for key, value in found.items() if value is None)
     if not nulls:
         return []
     valued = {side: by_field([{key: hit for key, hit in field_hits(w, g).items() if w.get(key) is not None}
                               for w, g in zip(wanted, got[side])]) for side in sides}
-    rows = [[key, f"{nulls[key] / expected[key]:.3f}", expected[key] - nulls[key],
+    share = {key: nulls[key] / expected[key] for key in nulls}
+    rows = [[key, f"{share[key]:.3f}", expected[key] - nulls[key],
              *(f"{mean(valued[side][key]):.3f}" if key in valued[side] else "n/a" for side in sides)]
             for key in sorted(nulls)]
     header = ["field", "null in the reference (answering null scores this)", "rows with a value", *sides.values()]
-    return [("Fields on the rows that give a value", markdown_table(header, rows))]
+    below = [f"{key} ({title} {mean(hits[side][key]):.3f} against {share[key]:.3f})" for key in sorted(nulls)
+             for side, title in sides.items() if hits[side].get(key) and mean(hits[side][key]) < share[key]]
+    under = f"\n\nBelow what answering null every time scores: {'; '.join(below)}" if below else ""
+    return [("Fields on the rows that give a value", markdown_table(header, rows) + under)]
 
 
 class Extraction(TaskMetrics):
@@ -242,7 +247,7 @@ class Extraction(TaskMetrics):
                  for title, fields in made_up.items() if fields]
         under = "\n\nFields no reference has, in the answers of " + "; ".join(lines) if lines else ""
         sections = [("Fields", markdown_table(header, rows) + under)] if rows else []
-        return sections + _values_given(wanted, got, sides, expected)
+        return sections + _values_given(wanted, got, sides, expected, hits)
 
     def reference_problem(self, reference: str) -> str | None:
         if first_json_object(reference) is not None:
