@@ -64,7 +64,7 @@ def deduplicated_examples_removal_share(context: dg.AssetCheckExecutionContext) 
     limit = effective_config(task, run_overrides(context, "deduplicated_examples")).dedup.max_removed_share
     summary = upstream(task, "deduplicated_examples").metadata
     heavy = dedup.heavy_removals(summary, limit)
-    flagged = set(heavy) - {None}
+    flagged = set(heavy) - {None, dedup.PREFERENCE_ROWS}
     examples = [row for row in summary["matched_examples"] if not flagged or row["label"] in flagged]
     return dg.AssetCheckResult(
         passed=not heavy,

@@ -438,6 +438,9 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     return {**summary, "removed": removed}
 
 
+PREFERENCE_ROWS = "\0preference rows"  # `heavy_removals`' key of the preference rows: no label is written so
+
+
 def likely_typos(out_dir: Path) -> dict[str, str]:
     """The labels the cleaning in `out_dir` named as likely typos, each with the commoner label it looks like (none
     when there is no cleaning there)."""
@@ -448,13 +451,17 @@ def likely_typos(out_dir: Path) -> dict[str, str]:
 
 def heavy_removals(summary: dict[str, Any], limit: float) -> dict[str | None, str]:
     """Where cleaning removed more than `limit` of the rows (of a build summary), said in one line each, keyed by
-    label (None: all rows)."""
-    parts = {None: {"rows_in": summary["rows_in"], "removed": summary["rows_in"] - summary["rows_out"]},
+    label (None: all chat rows; PREFERENCE_ROWS: the preference rows)."""
+    pairs = summary.get("preference_rows_in", 0)
+    preference = ({PREFERENCE_ROWS: {"rows_in": pairs, "removed": pairs - summary["preference_rows_out"]}}
+                  if pairs else {})
+    parts = {None: {"rows_in": summary["rows_in"], "removed": summary["rows_in"] - summary["rows_out"]}, **preference,
              **summary.get("removed_by_label", {})}
+    names = {None: "chat rows" if pairs else "all rows", PREFERENCE_ROWS: "preference rows"}
     found = {}
     for label, counts in parts.items():
         share = counts["removed"] / max(counts["rows_in"], 1)
         if share > limit:
-            name = "all rows" if label is None else f"label {label!r}"
-            found[label] = f"{name}: {share:.0%} removed ({counts['removed']} of {counts['rows_in']})"
+            found[label] = (f"{names.get(label, f'label {label!r}')}: {share:.0%} removed ({counts['removed']} of "
+                            f"{counts['rows_in']})")
     return found

@@ -300,6 +300,9 @@ def test_heavy_removals_name_the_rows_and_labels_over_the_limit() -> None:
     assert dedup.heavy_removals(summary, 0.2) == {None: "all rows: 26% removed (26 of 100)",
                                                   "refund": "label 'refund': 55% removed (11 of 20)"}
     assert dedup.heavy_removals(summary, 0.6) == {}
+    pairs = {"rows_in": 260, "rows_out": 260, "preference_rows_in": 180, "preference_rows_out": 58}
+    assert dedup.heavy_removals(pairs, 0.2) == {dedup.PREFERENCE_ROWS: "preference rows: 68% removed (122 of 180)"}
+    assert dedup.heavy_removals({**pairs, "rows_out": 182}, 0.2)[None] == "chat rows: 30% removed (78 of 260)"
 
 
 def test_rows_leave_out_shared_text_unless_it_is_all_a_row_has_and_can_be_picked() -> None:
