@@ -235,6 +235,17 @@ def test_a_training_that_would_drop_most_train_rows_is_refused_with_the_max_leng
         "row)")
 
 
+def test_a_split_without_rows_of_the_stages_kind_is_refused_as_such():
+    from ftpipe.config import TrainingConfig
+    from ftpipe.core.training.setup import require_rows
+
+    with pytest.raises(Refused, match=r"^no training rows: the task's held-out split has none \(its raw files give "
+                                      r"no chat rows that cleaning kept\)$"):
+        require_rows([], [], [], TrainingConfig())
+    with pytest.raises(Refused, match=r"^no training preference rows: the task's held-out split has none"):
+        require_rows([], [], [], TrainingConfig(), "preference ")
+
+
 def test_loss_is_masked_on_prompt_tokens(workspace):
     spec = TrainingSpec.from_json(write_spec(workspace, "masking"))
     reporter = Quiet()

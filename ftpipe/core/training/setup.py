@@ -114,6 +114,9 @@ def require_rows(train: list, evals: list, train_over: list[int], config: Traini
                       f", longest {lengths[-1]}), so the training would learn from {len(train)} rows; raise "
                       f"training.max_length to {max_length_advice(left_out)} (too_long: truncate "
                       f"would cut off the answers, which end each row){trim_turns_hint(trimmable)}")
+    if not train and not train_over:
+        raise Refused(f"no training {kind}rows: the task's held-out split has none (its raw files give no "
+                      f"{kind or 'chat '}rows that cleaning kept)")
     if not train or not evals:
         raise Refused(f"no {'training' if not train else 'eval'} {kind}rows left: every row is longer than "
                       f"max_length={config.max_length} tokens; raise training.max_length")
