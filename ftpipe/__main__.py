@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -171,6 +172,16 @@ def failure_reason(result, stopped: bool = False) -> str:
     return f"{failure.step_key}: {' '.join(message.split())}"
 
 
+def exact_figures(task: str, report: dict) -> dict:
+    """`report` (eval_report's metadata, rounded for reading) with its figures as metrics.json keeps them, so a line
+    that rounds them rounds once (0.10049844 is 0.100, where its metadata's 0.1005 would be 0.101)."""
+    from ftpipe.core.layout import METRICS, TaskLayout
+
+    path = TaskLayout(task).path("eval_report", METRICS)
+    exact = json.loads(path.read_text()) if path.is_file() else {}
+    return {**report, **{key: value for key, value in exact.items() if key in report and isinstance(value, float)}}
+
+
 def verdict_line(report: dict) -> str:
     """The evaluation in one line: the most common label's (classification), base, few-shot and fine-tuned scores,
     the gain over the base and over few-shot prompting with their intervals, forgetting (and the skill that lost
@@ -231,7 +242,7 @@ def print_summary(task: str, result, stopped: bool = False) -> None:
         print(f"  {asset:<22} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     for line in set_aside_lines(found):
         print(line)
-    report = found.get("eval_report")
+    report = found.get("eval_report") and exact_figures(task, found["eval_report"])
     if report:
         print(f"\n{verdict_line(report)}")
     if report and report.get("preference_accuracy_final") is not None:

@@ -134,6 +134,22 @@ def test_the_verdict_line_shows_the_few_shot_baseline_beside_the_base() -> None:
     assert "-> fine-tuned (warm-started) 0.806 (delta" in verdict_line({**report, "warm_started": True})
 
 
+def test_the_verdict_line_rounds_the_exact_scores_once(ftpipe_env) -> None:
+    import json
+
+    from ftpipe.__main__ import exact_figures, verdict_line
+    from ftpipe.core.layout import METRICS, TaskLayout
+
+    metadata = {"primary_metric": "accuracy", "base_score": 0.05, "finetuned_score": 0.1005, "delta": 0.05,
+                "delta_ci_low": 0.01, "delta_ci_high": 0.09, "forgetting": 0.0, "passed": True}
+    metrics = TaskLayout("orders").path("eval_report", METRICS)
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(json.dumps({**metadata, "finetuned_score": 0.10049844, "rows": 66}))
+    exact = exact_figures("orders", metadata)
+    assert exact["finetuned_score"] == 0.10049844 and "rows" not in exact, "only the figures the metadata shows"
+    assert "-> fine-tuned 0.100 (delta" in verdict_line(exact) and "-> fine-tuned 0.101" in verdict_line(metadata)
+
+
 def test_the_summary_says_whether_chat_answers_with_the_new_model() -> None:
     from ftpipe.__main__ import merged_line
 
