@@ -112,12 +112,13 @@ def final_evaluation(trainer) -> dict[str, float]:
 
 
 def reward_metadata(trainer, reward_curve: Path) -> dict[str, Any]:
-    """The preference stage's own metadata: final eval reward accuracy and margin (NaN where the trainer logs none,
-    e.g. no accuracy for kto's unpaired rows), the likelihood-displacement warning and the reward curve."""
+    """The preference stage's own metadata: final eval reward accuracy and margin (None where the trainer logs none,
+    e.g. no accuracy for kto's unpaired rows: NaN would not be JSON), the likelihood-displacement warning and the
+    reward curve."""
     final = final_evaluation(trainer)
     return {
-        "reward_accuracy": final.get("eval_rewards/accuracies", float("nan")),
-        "reward_margin": final.get("eval_rewards/margins", float("nan")),
+        "reward_accuracy": final.get("eval_rewards/accuracies"),
+        "reward_margin": final.get("eval_rewards/margins"),
         "likelihood_displacement": likelihood_displacement(final, trainer.state.log_history),
         "reward_curve": markdown_image(reward_curve, "reward curve"),
     }
