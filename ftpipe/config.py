@@ -73,8 +73,8 @@ StepCount = Annotated[int, Field(ge=-1), AfterValidator(_some_steps)]
 
 def _a_reachable_gain(threshold: float) -> float:
     if threshold >= 1:
-        raise ValueError("a share, not a percentage: the metric lies between 0 and 1 (0.05 is 5 points), so the "
-                         "gate could never pass")
+        raise ValueError("a share, not a percentage: the gain is at most 1 (0.05 is 5 points), so the gate could "
+                         "never pass")
     return threshold
 
 
@@ -138,7 +138,8 @@ class DedupConfig(_Strict):
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: exacter and slower)")
     shingle_words: int = Field(2, ge=1, le=10, description="words per shingle (2 suits short messages)")
     max_removed_share: float = Field(0.2, gt=0.0, le=1.0, description=(
-        "the cleaning check warns when more than this share of the rows, or of any one label's rows, is removed"))
+        "the cleaning check warns when more than this share of the chat rows, of the preference rows, or of any one "
+        "label's rows is removed"))
 
 
 class SplitConfig(_Strict):

@@ -61,6 +61,7 @@ def test_defaults_when_task_yaml_is_empty(tmp_path: Path) -> None:
         ("training: {objective: dpo}", "training", "objective dpo would not train: the trainings run the objectives "
                                                    "of stages (['sft']); put dpo in stages"),
         ("evaluation: {min_improvement: 5}", "evaluation.min_improvement", "a share, not a percentage"),
+        ("evaluation: {min_preference_gain: 2}", "evaluation.min_preference_gain", "the gain is at most 1"),
         ("evaluation: {min_preference_gain: 1}", "evaluation.min_preference_gain", "the gate could never pass (got 1)"),
         ("monitoring: {alert_webhook: hooks.example.com/x}", "monitoring.alert_webhook", "an http:// or https://"),
     ],
