@@ -573,10 +573,11 @@ class TaskConfig(_Strict):
     @classmethod
     def _objective_from_stages(cls, training: TrainingConfig) -> TrainingConfig:
         """A task's trainings run the objectives of `stages`; an `objective` written in task.yaml would not."""
-        if "objective" in training.model_fields_set and training.objective not in training.stages:
-            raise ValueError(f"objective {training.objective} would not train: the trainings run the objectives of "
-                             f"stages ({training.stages}); put {training.objective} in stages (e.g. [sft, dpo] or "
-                             "[distill]) and leave objective out")
+        objective = training.objective
+        if "objective" in training.model_fields_set and objective not in training.stages:
+            example = f"[{objective}]" if objective in ("sft", "distill") else f"[sft, {objective}]"
+            raise ValueError(f"objective {objective} would not train: the trainings run the objectives of stages "
+                             f"({training.stages}); put {objective} in stages (e.g. {example}) and leave objective out")
         return training
 
     def idle_settings(self) -> list[str]:

@@ -59,7 +59,8 @@ def test_defaults_when_task_yaml_is_empty(tmp_path: Path) -> None:
          "every_turn applies to an sft stage only, and stages is ['distill']: start stages with sft, or leave "
          "every_turn out"),
         ("training: {objective: dpo}", "training", "objective dpo would not train: the trainings run the objectives "
-                                                   "of stages (['sft']); put dpo in stages"),
+                                                   "of stages (['sft']); put dpo in stages (e.g. [sft, dpo]) and "
+                                                   "leave objective out"),
         ("evaluation: {min_improvement: 5}", "evaluation.min_improvement", "a share, not a percentage"),
         ("evaluation: {min_preference_gain: 2}", "evaluation.min_preference_gain", "the gain is at most 1"),
         ("evaluation: {min_preference_gain: 1}", "evaluation.min_preference_gain", "the gate could never pass (got 1)"),
