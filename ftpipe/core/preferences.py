@@ -62,12 +62,19 @@ def to_preference(row: Any, spec: FormatSpec, source: str) -> dict[str, Any] | N
 
     A preference row is recognised by its own keys (`chosen` or `rejected`; `prompt` and `label`), else by the
     columns mapped in data.columns (`chosen` or `rejected`; `label`). Configured formats other than auto and
-    columns read chat examples only.
+    columns read chat examples only. A row that also holds another kind's answer (`messages`, or a pair's
+    `completion`) is refused rather than read as one kind with the rest dropped.
     """
     naming = _naming(row, spec) if isinstance(row, dict) and spec.format in ("auto", "columns") else None
     if naming is None:
         return None
     paired, columns = naming
+    other = [name for name in ("messages", *([columns["completion"]] if paired else []))
+             if row.get(name) not in (None, "")]  # another kind's answer in the same row
+    if other:
+        kind = "a preference pair" if paired else "a single answer with its label"
+        raise BadRow(f"holds {kind} and {' and '.join(repr(name) for name in other)} too: one row is one example; "
+                     "write each as a row of its own")
     if columns is not OWN_COLUMNS:  # named by the mapping: every mapped column its kind reads is in the file
         read = ("prompt", "system", *(("chosen", "rejected") if paired else ("completion", "label")))
         check_mapped_columns(row, {field: spec.columns[field] for field in read if field in spec.columns})

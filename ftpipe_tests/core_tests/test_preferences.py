@@ -134,6 +134,11 @@ def test_a_mapped_sft_answer_column_named_label_stays_an_sft_row(ftpipe_env: Pat
      "field 'chosen' must be an assistant message, but it has role 'user'"),
     ({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}] * 2, "rejected": "b"},
      "field 'chosen' must hold one assistant message, got a list of 2"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "prompt": "q",
+      "chosen": "a", "rejected": "b"}, "holds a preference pair and 'messages' too: one row is one example; write each "
+                                       "as a row of its own"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "completion": "c", "label": True},
+     "holds a preference pair and 'completion' too"),
 ])
 def test_bad_preference_rows_are_quarantined_with_a_reason(ftpipe_env: Path, row: dict, reason: str) -> None:
     good = {"prompt": "fine", "chosen": "ok", "rejected": "not ok"}
