@@ -33,7 +33,7 @@ from ftpipe.core.records import read_examples, source_order, user_message, write
 from ftpipe.core.results import Result, read_result, reuse_key
 from ftpipe.core.layout import EXAMPLES, PREFERENCES, REMOVED
 from ftpipe.core.storage import atomic_dir, file_sha256
-from ftpipe.core.text import canonical, canonical_codes, loose, loose_words
+from ftpipe.core.text import canonical, canonical_codes, loose, loose_words, whole_json_object
 
 if TYPE_CHECKING:
     from ftpipe.core.evaluation.metrics.base import TaskMetrics
@@ -186,7 +186,7 @@ class NearRows:
 
     def _is_object(self, index: int) -> bool:
         if index not in self._objects:
-            self._objects[index] = _json_object(self.rows[index]["messages"][-1]["content"]) is not None
+            self._objects[index] = whole_json_object(self.rows[index]["messages"][-1]["content"]) is not None
         return self._objects[index]
 
     def answers_follow_prompts(self, a: int, b: int) -> bool:
@@ -325,19 +325,8 @@ def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings, free
 def comparable_answer(answer: str) -> str:
     """An answer that is a JSON object written as its value sorted by key, so key order and spacing do not make two
     answers differ; any other answer as it is."""
-    value = _json_object(answer)
+    value = whole_json_object(answer)
     return answer if value is None else json.dumps(value, sort_keys=True, ensure_ascii=False)
-
-
-def _json_object(answer: str) -> dict | None:
-    """The JSON object `answer` is, else None."""
-    if not answer.lstrip().startswith("{"):
-        return None
-    try:
-        value = json.loads(answer)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _comparable(row: dict[str, Any], as_written: dict[str, list[dict]]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import unicodedata
 from collections import Counter
@@ -96,3 +97,14 @@ def markdown_table(header: list[str], rows: list[list[Any]], limit: int = CELL_C
     """A Markdown table of `rows` under `header`, cells shortened to `limit` characters."""
     lines = ["| " + " | ".join(cell(h, limit) for h in header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(cell(v, limit) for v in row) + " |" for row in rows])
+
+
+def whole_json_object(text: str) -> dict | None:
+    """The JSON object `text` is, whitespace aside (what `json.loads` reads as an object), else None."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

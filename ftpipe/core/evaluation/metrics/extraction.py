@@ -18,7 +18,7 @@ from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.metrics.base import (
     FIRST_JSON_OBJECT, AnswerEnd, Scores, TaskMetrics, first_json_object, json_object_span, mean,
 )
-from ftpipe.core.text import clipped, counted, markdown_table
+from ftpipe.core.text import clipped, counted, markdown_table, whole_json_object
 
 SHAPE_SHARE = 0.95  # a field (or a field's JSON type) this share of the answers give is expected of every answer
 SHAPE_MIN_ANSWERS = 20  # fewer answers say too little about the usual shape
@@ -51,8 +51,7 @@ def field_hits(wanted: dict, got: dict | None) -> dict[str, float]:
 
 def object_alone(answer: str) -> bool:
     """The answer is a JSON object and nothing else, whitespace aside: what `json.loads` reads as an object."""
-    span = json_object_span(answer)
-    return span is not None and text_around(answer, span) is None
+    return whole_json_object(answer) is not None
 
 
 def object_first(answer: str) -> bool:
