@@ -11,8 +11,12 @@ from functools import cache
 from typing import Any
 
 import numpy as np
+import regex
 
 CELL_CHARS = 160
+# zero-width spaces and joiners, soft hyphens, byte order marks, variation selectors: invisible, and dropped by
+# Unicode's NFKC_Casefold, so a pasted "U+200B" does not make two texts differ
+_INVISIBLE = regex.compile(r"\p{Default_Ignorable_Code_Point}+")
 
 
 def _is_punctuation(code: int) -> bool:
@@ -29,8 +33,11 @@ def _punctuation() -> dict[int, None]:
 
 
 def _folded(text: str) -> str:
-    """Unicode NFKC and case-folded (ASCII text is already NFKC, and its casefold is lower(): the fast path)."""
-    return text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).casefold()
+    """Unicode NFKC_Casefold: NFKC, case-folded, invisible characters dropped (ASCII text is already NFKC and has
+    none, and its casefold is lower(): the fast path)."""
+    if text.isascii():
+        return text.lower()
+    return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text).casefold())
 
 
 def canonical(text: str) -> str:

@@ -17,6 +17,7 @@ from ftpipe_tests.rows import row, sentence
 def test_canonical_is_nfkc_casefold_whitespace_and_loose_drops_punctuation() -> None:
     assert canonical("  Ｈello\t WORLD \n ") == "hello world"
     assert canonical("Straße") == canonical("STRASSE")
+    assert canonical("Zero\u200bwidth\u00ad text\ufeff ❤\ufe0f") == "zerowidth text ❤", "invisible characters go"
     assert loose("Hello, WORLD!") == "hello world" and canonical("Hello, WORLD!") == "hello, world!"
 
 

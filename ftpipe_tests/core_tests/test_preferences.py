@@ -124,6 +124,8 @@ def test_a_mapped_sft_answer_column_named_label_stays_an_sft_row(ftpipe_env: Pat
     ({"chosen": "a", "rejected": "b"}, "field 'prompt' is missing"),
     ({"prompt": "q", "chosen": "Same  answer", "rejected": "same answer"},
      "fields 'chosen' and 'rejected' are the same answer after normalisation"),
+    ({"prompt": "q", "chosen": "It ships today.", "rejected": "It ships\u200b today.\ufeff"},
+     "fields 'chosen' and 'rejected' are the same answer after normalisation"),
     ({"prompt": "q", "completion": "a", "label": "yes"},
      "field 'label' must be a boolean (true or false), got str 'yes'"),
     ({"prompt": "q", "completion": "a", "label": 2}, "field 'label' must be a boolean"),
