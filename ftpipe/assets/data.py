@@ -144,18 +144,23 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
     partitions_def=task_partitions, group_name=GROUP, kinds={"csv"}, deps=[deduplicated_examples], automation_condition=REFRESH,
 )
 def review_sample(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    """100 random deduplicated examples (fixed seed) for a manual read before training."""
+    """100 random deduplicated examples, and 100 preference rows (fixed seed), for a manual read before training."""
     paths = TaskLayout(context.partition_key)
-    sample = review.build_review_sample(paths.examples("deduplicated_examples"), paths.asset("review_sample"))
+    chats, pairs = review.build_review_sample(paths.examples("deduplicated_examples"),
+                                              paths.preferences("deduplicated_examples"), paths.asset("review_sample"))
     path, shared = paths.path("review_sample", REVIEW_CSV), paths.path("review_sample", review.SYSTEM_PROMPT_FILE)
+    pairs_path = paths.path("review_sample", review.PREFERENCES_CSV)
     return dg.MaterializeResult(
         metadata={
-            "rows": len(sample),
+            "rows": len(chats),
             "csv_path": dg.MetadataValue.path(str(path)),
             **({"shared_system_prompt_path": dg.MetadataValue.path(str(shared))} if shared.is_file() else {}),
-            "sample": table(sample, ["prompt", "answer", "source"]),
+            "sample": table(chats, ["prompt", "answer", "source"]),
+            **({"preference_rows": len(pairs), "preferences_csv_path": dg.MetadataValue.path(str(pairs_path)),
+                "preference_sample": table(pairs, ["prompt", *review.answer_columns(pairs), "source"])}
+               if pairs else {}),
         },
-        data_version=file_version(path),
+        data_version=file_version(*[p for p in (path, pairs_path) if p.is_file()]),
     )
 
 

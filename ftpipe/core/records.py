@@ -413,12 +413,17 @@ def user_message(messages: list[dict[str, str]]) -> str:
 
 
 def conversation_text(messages: list[dict[str, str]]) -> str:
-    """The turns before the answer as a person reads them, system messages aside: the user message alone in a
-    single-turn row, else one `user: …` / `assistant: …` line per turn."""
-    turns = [m for m in messages[:-1] if m["role"] != "system"]
-    if sum(m["role"] == "user" for m in turns) <= 1:
-        return user_message(messages)
-    return "\n".join(f"{m['role']}: {m['content']}" for m in turns)
+    """The turns before the answer as a person reads them (see `prompt_text`)."""
+    return prompt_text(messages[:-1])
+
+
+def prompt_text(turns: list[dict[str, str]]) -> str:
+    """Turns as a person reads them, system messages aside: the user message alone where there is one, else one
+    `user: …` / `assistant: …` line per turn."""
+    shown = [m for m in turns if m["role"] != "system"]
+    if sum(m["role"] == "user" for m in shown) <= 1:
+        return user_message(turns)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in shown)
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:

@@ -152,6 +152,10 @@ def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_en
     deduped = materialization(result, "deduplicated_examples")
     assert deduped["labels_respelled"] == 24 and '| "Billing" | "BILLING " | 12 |' in deduped["label_spellings"]
     assert deduped["preference_answers_respelled"] == 8
+    review = materialization(result, "review_sample")
+    assert review["preference_rows"] == 4 and Path(review["preferences_csv_path"]).is_file()
+    assert review["preference_sample"].splitlines()[0] == "| prompt | chosen | rejected | source |"
+    assert '| {"category": "Shipping"} | {"category": "Billing"} |' in review["preference_sample"], "as trained"
     assert deduped["removed_by_label"].splitlines()[2:] == [
         "| Billing | 48 | 0 | 0% |", "| Shiping | 1 | 0 | 0% |", "| Shipping | 12 | 0 | 0% |"]
     assert deduped["likely_misspelt_labels"] == 1 and '| "Shiping" | 1 | "Shipping" | 12 |' in deduped["misspelt_labels"]

@@ -1,3 +1,4 @@
+import csv
 import json
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 from ftpipe.core import records, review_sample as review
 from ftpipe.core.layout import REVIEW_CSV
+from ftpipe.core.preferences import write_preferences
 from ftpipe.core.records import FEEDBACK_FILE, FormatSpec, RawDataError, build_raw_examples, read_raw_dir
 from ftpipe_tests.builders import chat, make_task
 
@@ -170,8 +172,8 @@ def test_system_prompt_is_added_where_missing() -> None:
 
 def test_review_sample_is_seeded_and_bounded() -> None:
     rows = [{"id": f"{i:04d}", "source": "s", **chat(f"q{i}", f"a{i}")} for i in range(250)]
-    first, shared = review.review_sample(rows)
-    assert len(first) == 100 and shared is None
+    first, pairs, shared = review.review_sample(rows)
+    assert len(first) == 100 and pairs == [] and shared is None
     assert first == review.review_sample(list(reversed(rows)))[0]
     assert first != review.review_sample(rows, seed=1)[0]
     assert len(review.review_sample(rows[:7])[0]) == 7
@@ -182,11 +184,38 @@ def test_the_review_sample_writes_the_shared_system_prompt_once(tmp_path: Path) 
     rows = [{"id": f"{i:04d}", "source": f"a.jsonl:line {i}",
              **chat(f"q{i}", f"a{i}", system=long_prompt if i % 10 else "Be brief.")} for i in range(50)]
     records.write_examples(rows, tmp_path / "examples.parquet")
-    sample = review.build_review_sample(tmp_path / "examples.parquet", tmp_path / "out")
+    sample, _ = review.build_review_sample(tmp_path / "examples.parquet", tmp_path / "none.parquet", tmp_path / "out")
     assert (tmp_path / "out" / review.SYSTEM_PROMPT_FILE).read_text() == long_prompt
     assert [row["system"] for row in sample].count(review.SHARED) == 45
     assert {row["system"] for row in sample} == {review.SHARED, "Be brief."}, "a row's own prompt is shown"
     assert long_prompt not in (tmp_path / "out" / REVIEW_CSV).read_text()
+    assert not (tmp_path / "out" / review.PREFERENCES_CSV).exists(), "no preference rows, no file for them"
+
+
+def test_the_review_sample_shows_preference_rows_beside_the_chat_rows(tmp_path: Path) -> None:
+    """A preference-only task gets a sample too, its long system prompt written once; paired and unpaired rows share
+    one file, each with its own answer columns filled."""
+    long_prompt = "You answer billing questions politely and in full sentences. " * 30
+    pairs = [{"id": f"{i:04d}", "prompt": [{"role": "system", "content": long_prompt},
+                                           {"role": "user", "content": f"refund {i}?"}],
+              "chosen": f"Yes, refund {i} is on its way." if i % 2 else None, "rejected": "No." if i % 2 else None,
+              "completion": None if i % 2 else f"Refund {i} done.", "label": None if i % 2 else i % 4 == 0,
+              "source": f"p.jsonl:line {i + 1}"} for i in range(150)]
+    write_preferences(pairs, tmp_path / "preferences.parquet")
+    records.write_examples([], tmp_path / "examples.parquet")
+    chats, sample = review.build_review_sample(tmp_path / "examples.parquet", tmp_path / "preferences.parquet",
+                                               tmp_path / "out")
+    assert chats == [] and len(sample) == 100
+    assert (tmp_path / "out" / review.SYSTEM_PROMPT_FILE).read_text() == long_prompt
+    written = list(csv.DictReader((tmp_path / "out" / review.PREFERENCES_CSV).open(encoding="utf-8")))
+    assert list(written[0]) == ["id", "system", "prompt", "chosen", "rejected", "completion", "label", "source"]
+    assert long_prompt not in str(written)
+    assert {row["system"] for row in written} == {review.SHARED} and written[0]["prompt"].startswith("refund ")
+    paired = [row for row in written if row["chosen"]]
+    assert 0 < len(paired) < 100 and all(row["completion"] == row["label"] == "" for row in paired)
+    assert {row["label"] for row in written if not row["chosen"]} == {"True", "False"}
+    only_pairs = [row for row in sample if row["chosen"]]
+    assert review.answer_columns(only_pairs) == ["chosen", "rejected"]
 
 
 def test_a_mapped_column_missing_from_the_file_is_named_with_the_columns_it_has(tmp_path: Path) -> None:
@@ -258,6 +287,6 @@ def test_the_review_sample_shows_a_multi_turn_rows_earlier_turns_and_a_single_tu
              {"role": "assistant", "content": "Restart it, please."}, {"role": "user", "content": "ok will do"},
              {"role": "assistant", "content": "Sounds good."}]
     rows = [{"id": "1", "source": "s", "messages": turns}, {"id": "2", "source": "s", **chat("q", "a", "Be brief.")}]
-    sample, _ = review.review_sample(rows)
+    sample, _, _ = review.review_sample(rows)
     assert [row["prompt"] for row in sample] == [
         "user: My router is red.\nassistant: Restart it, please.\nuser: ok will do", "q"]
