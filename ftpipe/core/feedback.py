@@ -247,7 +247,7 @@ def apply_dropped_feedback(task: str) -> tuple[int, list[str]]:
     records = read_records(task) if files else []
     changed = 0
     for path in files:
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             if line.strip():
                 try:
                     changed += _apply_line(task, line, records) != UNCHANGED

@@ -267,8 +267,9 @@ def test_dropped_corrections_become_training_rows_and_trigger_retraining(ftpipe_
         feedback_dir(tiny_task).mkdir()
         lines = [{"request_id": i, "output": COLORS[fruit]} for i, fruit in zip(ids, FRUITS)]
         lines += [lines[0], {"request_id": "chatcmpl-never-served", "output": "red"}, [ids[0], "red"]]
-        (feedback_dir(tiny_task) / "monday.jsonl").write_text(
-            "".join(json.dumps(line) + "\n" for line in lines) + '{"request_id": "chatcmpl-0", "output": red}\n')
+        (feedback_dir(tiny_task) / "monday.jsonl").write_text(  # saved by an editor that writes a byte order mark
+            "\ufeff" + "".join(json.dumps(line) + "\n" for line in lines)
+            + '{"request_id": "chatcmpl-0", "output": red}\n', encoding="utf-8")
         (feedback_dir(tiny_task) / "tuesday.json").write_text(json.dumps(lines[1]))
         report = defs.resolve_job_def("monitoring_job").execute_in_process(instance=instance, partition_key=tiny_task)
         figures = materialization(report, "production_report")

@@ -291,9 +291,10 @@ class Completion:
 
     @property
     def text(self) -> str:
-        """The answer: the decoded text up to the first stop string."""
+        """The answer: the decoded text up to the first stop string, without the bytes of a character the token
+        budget cut short (which decode to U+FFFD)."""
         decoded = self.decoded
-        return decoded[:stop_position(decoded, self.request.stop)] if self.stopped else decoded
+        return decoded[:stop_position(decoded, self.request.stop)] if self.stopped else decoded.rstrip("\ufffd")
 
     @property
     def finish_reason(self) -> str:
