@@ -17,6 +17,9 @@ CELL_CHARS = 160
 # zero-width spaces and joiners, soft hyphens, byte order marks, variation selectors: invisible, and dropped by
 # Unicode's NFKC_Casefold, so a pasted "U+200B" does not make two texts differ
 _INVISIBLE = regex.compile(r"\p{Default_Ignorable_Code_Point}+")
+# a character (with its combining marks) of a script written without spaces between words, which is a word of its
+# own: Chinese, Japanese, Thai... texts then share words as they share characters, not only as whole sentences
+_UNSPACED = regex.compile(r"(?=[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}])\X")
 
 
 def _is_punctuation(code: int) -> bool:
@@ -71,9 +74,12 @@ def _single_spaced(text: str) -> bool:
 
 
 def loose_words(text: str) -> list[str]:
-    """The words of `canonical(text)` with punctuation removed."""
+    """The words of `canonical(text)` with punctuation removed; in scripts written without spaces (Chinese,
+    Japanese, Thai...) each character is a word."""
     folded = _folded(text)
-    return folded.translate(_ASCII_PUNCTUATION if folded.isascii() else _punctuation()).split()
+    if folded.isascii():
+        return folded.translate(_ASCII_PUNCTUATION).split()
+    return _UNSPACED.sub(r" \g<0> ", folded).translate(_punctuation()).split()
 
 
 def loose(text: str) -> str:

@@ -342,3 +342,25 @@ def test_multi_turn_conversations_are_near_identical_only_turn_for_turn() -> Non
     assert {row["source"] for row in result.removed} == {"chats:line 4", "chats:line 5"}, [
         (row["source"], row["reason"], row["detail"]) for row in result.removed]
     assert {row["reason"] for row in result.removed} == {"near_duplicate"}
+
+
+def test_near_copies_in_chinese_and_japanese_are_found_by_their_characters() -> None:
+    """Scripts written without spaces: a whole sentence is one word to a whitespace split, so one changed word made a
+    near-copy as unlike its original as any other question."""
+    questions = {
+        "毎晩ルーターの接続が切れてしまいます。再起動しても直りません。": "ファームウェアを最新版に更新してください。",
+        "プリンターで両面印刷をするにはどうすればいいですか？": "印刷設定の「両面」を選んでください。",
+        "請問我的訂單什麼時候會送到？已經等了一個星期了。": "您的訂單預計三天內送達。",
+        "ノートパソコンの画面が真っ暗で何も表示されません。": "電源ボタンを十秒間押し続けてください。",
+        "我想更改收貨地址，應該怎麼做？": "請在訂單頁面點擊「修改地址」。",
+        "請求書の宛名を会社名に変更できますか？": "はい、マイページから変更できます。",
+        "保証期間はどのくらいですか？購入日は去年の四月です。": "保証期間はお買い上げから二年間です。",
+    }
+    rows = [row(q, a, f"a.jsonl:line {i + 1}") for i, (q, a) in enumerate(questions.items())]
+    rows.append(row("毎夜ルーターの接続が切れてしまいます。再起動しても直りません。", "ファームウェアを最新版に更新してください。",
+                    "a.jsonl:line 8"))
+    result = dedup.deduplicate(rows)
+    [removed] = result.removed
+    assert (removed["reason"], removed["source"], removed["duplicate_of_source"]) == (
+        "near_duplicate", "a.jsonl:line 8", "a.jsonl:line 1")
+    assert len(result.kept) == len(questions), "the other questions share particles, not sentences"

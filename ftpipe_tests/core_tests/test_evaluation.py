@@ -738,6 +738,20 @@ def test_free_text_is_scored_beside_a_copy_of_the_input_and_a_pass_says_when_cop
     assert "## Reading free-text scores\n\nROUGE-L and token F1 count the words" in report, "what the scores miss"
 
 
+def test_the_copy_of_a_japanese_message_is_as_long_as_a_typical_answer_in_characters() -> None:
+    """Counted by spaces, Japanese answers were a word or two long: too short for a copy baseline, which vanished."""
+    from ftpipe.core.evaluation.copy_baseline import answer_words, copy_outputs
+    from ftpipe_tests.rows import row
+
+    train = [row(f"質問{i}", answer) for i, answer in enumerate(
+        ["保証期間はお買い上げから二年間です。", "ファームウェアを最新版に更新してください。", "はい、マイページから変更できます。"])]
+    heldout = [row("NordLink R2の保証期間はどのくらいですか？購入日は去年の四月です。", "二年間です。")]
+    copied = copy_outputs(heldout, train)
+    assert answer_words([row["messages"][-1]["content"] for row in train]) == pytest.approx((17 + 20 + 15) / 3)
+    # the median answer's 17 words: 2 in Latin letters, then 15 characters (punctuation is no word)
+    assert copied is not None and copied.answers == ["NordLink R2の保証期間はどのくらいですか？購"]
+
+
 def test_a_full_finetune_is_evaluated_as_a_whole_model(workspace, tiny_model_dir, tmp_path, monkeypatch):
     assert not list((workspace / "base").glob("adapter*"))  # the competent base: every weight trained
     full = {"base": tiny_model_dir, "cache": tmp_path / "cache"}

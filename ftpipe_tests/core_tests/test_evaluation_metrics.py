@@ -357,6 +357,9 @@ def test_generation_metrics():
     assert rows["rouge_l"][1] == pytest.approx(2 / 3)
     assert rows["token_f1"][1] == pytest.approx(2 / 3)
     assert rows["rouge_l"][2] == pytest.approx(2 / 3)  # non-ASCII words are words too
+    japanese = scores("generation", ["保証期間は二年間です"], ["保証期間はお買い上げから二年間です。"]).rows
+    # written without spaces, each character is a word: the answer's 10 are in the reference's 17, in order
+    assert japanese["rouge_l"] == [pytest.approx(20 / 27)] and japanese["token_f1"] == [pytest.approx(20 / 27)]
 
 
 def test_check_references_refuses_unreadable_references_before_generation():

@@ -133,3 +133,11 @@ def test_requests_that_replace_the_tasks_system_prompt_are_counted_and_shown(tra
     assert found["foreign_system_prompt_share"] == pytest.approx(4 / 20)
     assert "## Requests with a system prompt of their own (4)" in found["report_markdown"]
     assert "| You are a pirate. Answer in rhymes. | 4 |" in found["report_markdown"]
+
+
+def test_a_japanese_prompt_has_its_near_neighbour_by_characters():
+    """Written without spaces, a sentence was one word: a served prompt with one word more than a training prompt had
+    no near neighbour, and every such request counted as drift."""
+    known = ["R2の保証期間はどのくらいですか？", "注文をキャンセルしたいです。", "Where is my parcel?"]
+    served = ["NordLink R2の保証期間はどのくらいですか？😊", "パスワードを忘れてしまいました。"]
+    assert monitoring.novel(served, known, CONFIG.monitoring.neighbour_threshold) == [False, True]

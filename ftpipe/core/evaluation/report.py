@@ -11,7 +11,7 @@ from ftpipe.core.evaluation.chart import CHART_LINK
 from ftpipe.core.evaluation.gate import decide_gate, gate_caveat
 from ftpipe.core.evaluation.measurements import LABEL_LIKELIHOOD
 from ftpipe.core.evaluation.metrics import task_metrics
-from ftpipe.core.text import cell, markdown_table
+from ftpipe.core.text import cell, loose_words, markdown_table
 
 SIDES = {"base": "base", "fewshot": "few-shot", "sft": "SFT", "finetuned": "fine-tuned", "teacher": "teacher",
          "copy": "copy of the input", "majority": "most common label"}
@@ -260,7 +260,7 @@ def length_table(records: list[dict[str, Any]], primary: str) -> str | None:
     whether long inputs fare worse. None for fewer than MIN_LENGTH_ROWS rows or messages of one length."""
     import numpy as np
 
-    words = np.array([len(record["message"].split()) for record in records])
+    words = np.array([len(loose_words(record["message"])) for record in records])
     if len(records) < MIN_LENGTH_ROWS or words.min() == words.max():
         return None
     sides = [side for side in SIDES if f"{side}_{primary}" in records[0]]
