@@ -145,7 +145,8 @@ def model_card(card: dict[str, Any], parity: dict[str, Any], serving: str, *, me
     description = f"{card['description'].strip()}\n\n" if card.get("description") else ""
     intro = f"# ftpipe-{task}\n\n{description}Base model `{base}`, fine-tuned with `{method}` by ftpipe {how}.\n\n"
     if card.get("system_prompt"):
-        intro += f"System prompt (the default when a conversation has none):\n\n> {card['system_prompt']}\n\n"
+        quoted = "\n".join(f"> {line}".rstrip() for line in card["system_prompt"].splitlines())
+        intro += f"System prompt (the default when a conversation has none):\n\n{quoted}\n\n"
     return (front + intro + _section("Data", card.get("data", {}))
             + _section("Data versions", card.get("data_versions", {}))
             + f"## Evaluation\n\n{card.get('evaluation', 'Not evaluated.')}\n\nParity: {parity['parity_check']}.\n\n"

@@ -120,6 +120,14 @@ def test_the_task_system_prompt_is_the_served_default(workspace):
     assert system in (out / "README.md").read_text()
 
 
+def test_a_system_prompt_of_several_paragraphs_is_quoted_whole_on_the_card():
+    system = "You are Nora, NordLink's support assistant.\n\nPolicies you must follow:\n1. Be brief.\n2. No refunds."
+    card = merging.model_card({"task": "support", "system_prompt": system}, merging.FULL_MODEL_PARITY, "",
+                              merged=False, weights="float32")
+    assert ("> You are Nora, NordLink's support assistant.\n>\n> Policies you must follow:\n> 1. Be brief.\n"
+            "> 2. No refunds.\n\n") in card
+
+
 def test_card_body_leaves_the_front_matter_to_the_file(merged):
     root, _ = merged
     body = merging.card_body(root / "merged")
