@@ -135,7 +135,9 @@ def _role(value: Any, name: str) -> str:
 
 
 def message_list(raw: Any, name: str) -> list[dict[str, str]]:
-    """The `{role, content}` messages of field `name`, each role and text checked."""
+    """The `{role, content}` messages of field `name`, each role and text checked; a list written as JSON text (a
+    CSV cell, a string column) is read as the list."""
+    raw = _json_list(raw, name)
     if raw is None:
         raise BadRow(f"field '{name}' is missing or null")
     if not isinstance(raw, list):
@@ -149,6 +151,17 @@ def message_list(raw: Any, name: str) -> list[dict[str, str]]:
         content = text_field(message.get("content"), f"{name}[{i}].content")
         messages.append({"role": _role(message.get("role"), f"{name}[{i}]"), "content": content})
     return messages
+
+
+def _json_list(raw: Any, name: str) -> Any:
+    """`raw`, or the value of the JSON text it is when that text begins with `[`."""
+    if not (isinstance(raw, str) and raw.lstrip().startswith("[")):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise BadRow(f"field '{name}' is text starting with '[' but not a JSON list: {error.msg} at character "
+                     f"{error.pos}") from None
 
 
 def _chat(raw: Any) -> list[dict[str, str]]:

@@ -36,6 +36,19 @@ def test_every_input_format_becomes_the_canonical_schema(ftpipe_env: Path) -> No
     assert all(len(row["id"]) == 16 for row in result.examples)
 
 
+def test_a_conversation_written_as_json_text_in_a_csv_cell_or_a_string_column_is_read(ftpipe_env: Path) -> None:
+    turns = [{"role": "user", "content": "Mein Router blinkt rot."}, {"role": "assistant", "content": "Neu starten."},
+             {"role": "user", "content": "Hat geklappt, danke!"}, {"role": "assistant", "content": "Gern!"}]
+    cell = json.dumps(turns, ensure_ascii=False).replace('"', '""')
+    folder = make_task(ftpipe_env, "t", {"export.csv": f'messages,agent\n"{cell}",anna\n"[{{""role"": ""user""",bob\n'})
+    pq.write_table(pa.table({"messages": [json.dumps(turns)]}), folder / "raw" / "export.parquet")
+    result = read(folder)
+    assert [row["messages"] for row in result.examples] == [turns, turns]
+    [broken] = result.quarantine
+    assert broken["source"] == "export.csv:line 3" and broken["reason"].startswith(
+        "field 'messages' is text starting with '[' but not a JSON list: ")
+
+
 def test_ids_are_stable_content_hashes() -> None:
     messages = chat("a", "b")["messages"]
     assert records.example_id(messages) == records.example_id([dict(m) for m in messages])
