@@ -232,8 +232,9 @@ def _markdown(task: str, figures: dict[str, Any], labels: list[dict[str, Any]], 
         parts += ["## Predicted labels against the training labels\n", markdown_table(
             ["label", "training", "production"], rows), ""]
     if novel_prompts:
+        common = Counter(novel_prompts).most_common(NOVEL_EXAMPLES)
         parts += ["## Prompts with no near neighbour in the training data\n",
-                  markdown_table(["prompt"], [[p] for p in novel_prompts[:NOVEL_EXAMPLES]]), ""]
+                  markdown_table(["prompt", "requests"], [list(entry) for entry in common]), ""]
     if foreign:
         common = Counter(foreign).most_common(NOVEL_EXAMPLES)
         parts += [f"## Requests with a system prompt of their own ({len(foreign)})\n",

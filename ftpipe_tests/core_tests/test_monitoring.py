@@ -75,13 +75,14 @@ def test_prompts_from_another_task_drift_and_new_customers_do_not(train_path, tm
     assert usual["novel_input_share"] < 0.2 and usual["drift_score"] < 0.3, usual
     assert monitoring.drift_problems(usual, CONFIG.monitoring) == []
 
-    fruit = [row["messages"][0]["content"] for row in toy_rows(60, seed=1)]
-    log([record(question, "card_arrival", at=now - i) for i, question in enumerate(fruit)])
+    fruit = [row["messages"][-2]["content"] for row in toy_rows(60, seed=1)]
+    log([record(question, "card_arrival", at=now - i) for i, question in enumerate(fruit + fruit[:1] * 2)])
     mixed = report(train_path, tmp_path, now=now + 1)
-    assert mixed["requests"] == 120 and mixed["novel_input_share"] > 0.45, mixed
+    assert mixed["requests"] == 122 and mixed["novel_input_share"] > 0.45, mixed
     problems = monitoring.drift_problems(mixed, CONFIG.monitoring)
     assert problems and problems[0].startswith("drift score"), problems
     assert "Prompts with no near neighbour" in mixed["report_markdown"]
+    assert f"| prompt | requests |\n|---|---|\n| {fruit[0]} | 3 |" in mixed["report_markdown"], "one row, counted"
 
 
 def test_a_log_without_content_is_counted_but_not_judged(train_path, tmp_path):
