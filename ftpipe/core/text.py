@@ -106,6 +106,13 @@ def cell(value: Any, limit: int = CELL_CHARS) -> str:
     return clipped(" ".join(str(value).split()), limit).replace("|", "\\|")
 
 
+def clipped_start(text: str, limit: int = CELL_CHARS) -> str:
+    """`text` on one line, or "…" and its last `limit` - 1 characters where it is longer: for text whose end matters
+    most, such as a conversation, whose last turn is the one answered."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else "…" + line[1 - limit:]
+
+
 def markdown_table(header: list[str], rows: list[list[Any]], limit: int = CELL_CHARS) -> str:
     """A Markdown table of `rows` under `header`, cells shortened to `limit` characters."""
     lines = ["| " + " | ".join(cell(h, limit) for h in header) + " |", "|" + "---|" * len(header)]

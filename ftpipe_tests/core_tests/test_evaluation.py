@@ -752,6 +752,20 @@ def test_the_copy_of_a_japanese_message_is_as_long_as_a_typical_answer_in_charac
     assert copied is not None and copied.answers == ["NordLink R2の保証期間はどのくらいですか？購"]
 
 
+def test_a_long_conversation_is_shown_in_the_reports_tables_to_its_last_turn() -> None:
+    """The turn a reference answers is the last: cut from the end, a long conversation hid it."""
+    from ftpipe.core.evaluation.report import showcase
+
+    earlier = " ".join(f"user: question {i} about my router assistant: answer {i}" for i in range(8))
+    conversation = {"id": "c", "message": f"{earlier} user: great, thank you", "user_turns": 9}
+    single = {"id": "s", "message": "Dear team, " + "my router blinks red again. " * 12, "user_turns": 1}
+    records = [{**record, "reference": "You're welcome!", "base_answer": "?", "finetuned_answer": "You're welcome!",
+                "delta": 1.0} for record in (conversation, single)]
+    table = showcase(records, improvements=True)
+    assert "| …" in table and "user: great, thank you | You're welcome! |" in table
+    assert "| Dear team, my router blinks red again." in table, "one long message keeps its start"
+
+
 def test_a_full_finetune_is_evaluated_as_a_whole_model(workspace, tiny_model_dir, tmp_path, monkeypatch):
     assert not list((workspace / "base").glob("adapter*"))  # the competent base: every weight trained
     full = {"base": tiny_model_dir, "cache": tmp_path / "cache"}

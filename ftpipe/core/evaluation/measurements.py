@@ -146,6 +146,7 @@ def prediction_records(heldout: Heldout, outputs: dict[str, ModelOutputs], score
     for i, row in enumerate(heldout.rows):
         reference = row["messages"][-1]["content"]
         record = {"id": row["id"], "message": conversation_text(row["messages"]),
+                  "user_turns": sum(m["role"] == "user" for m in row["messages"]),
                   "prompt": "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"][:-1]),
                   "reference": reference}
         if task.checks_answers:

@@ -11,7 +11,7 @@ from ftpipe.core.evaluation.chart import CHART_LINK
 from ftpipe.core.evaluation.gate import decide_gate, gate_caveat
 from ftpipe.core.evaluation.measurements import LABEL_LIKELIHOOD
 from ftpipe.core.evaluation.metrics import task_metrics
-from ftpipe.core.text import cell, loose_words, markdown_table
+from ftpipe.core.text import cell, clipped_start, loose_words, markdown_table
 
 SIDES = {"base": "base", "fewshot": "few-shot", "sft": "SFT", "finetuned": "fine-tuned", "teacher": "teacher",
          "copy": "copy of the input", "majority": "most common label"}
@@ -235,6 +235,12 @@ def preference_tuning(metrics: dict[str, Any]) -> str | None:
     return "\n\n".join(parts)
 
 
+def _message(record: dict[str, Any]) -> str:
+    """A held-out row's message for a table: a conversation of several user turns shown to its last (the one
+    answered) where it must be cut."""
+    return clipped_start(record["message"]) if record.get("user_turns", 1) > 1 else record["message"]
+
+
 def showcase(records: list[dict[str, Any]], improvements: bool) -> str:
     """The SHOWCASE_ROWS largest improvements (or worst regressions) of the primary metric, side by side; with
     final answers, the extracted final answers and the fine-tuned model's whole answer."""
@@ -246,10 +252,10 @@ def showcase(records: list[dict[str, Any]], improvements: bool) -> str:
     if "reference_final_answer" in picked[0]:
         header = ["user message", "reference final answer", *(f"{SIDES[s]} final answer" for s in sides),
                   "fine-tuned answer", "delta"]
-        rows = [[r["message"], r["reference_final_answer"], *(number(r[f"{side}_final_answer"]) for side in sides),
+        rows = [[_message(r), r["reference_final_answer"], *(number(r[f"{side}_final_answer"]) for side in sides),
                  r["finetuned_answer"], number(r["delta"], True)] for r in picked[:SHOWCASE_ROWS]]
         return markdown_table(header, rows)
-    rows = [[r["message"], r["reference"], *(r[f"{side}_answer"] for side in sides), number(r["delta"], True)]
+    rows = [[_message(r), r["reference"], *(r[f"{side}_answer"] for side in sides), number(r["delta"], True)]
             for r in picked[:SHOWCASE_ROWS]]
     return markdown_table(["user message", "reference", *(f"{SIDES[s]} answer" for s in sides), "delta"], rows)
 
