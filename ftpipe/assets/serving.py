@@ -41,6 +41,9 @@ def _card(task: str, cfg: TaskConfig, gate_overrides: str, base: Result, adapter
     }
 
 
+TURN_ROWS = "train rows' assistant turns (every_turn: each a training row)"
+
+
 def _data_counts(task: str, sft: Result) -> dict[str, int]:
     """The rows behind the model, from the raw files to the (`sft`) training: read, quarantined, removed by cleaning,
     held out, trained on (with the replayed general rows) and left out or cut for their length."""
@@ -55,8 +58,9 @@ def _data_counts(task: str, sft: Result) -> dict[str, int]:
         "held-out rows": split.metadata["eval_rows"],
         "train rows": split.metadata["train_rows"],
         "replayed general rows": sft.metadata.get("replay_rows", 0),
-        f"train and eval rows over max_length {training['max_length']}, {TOO_LONG_DONE[training['too_long']]} by the "
-        "training (the evaluation scores every held-out row)":
+        f"{TURN_ROWS if training.get('every_turn') else 'train'} and eval rows over max_length "
+        f"{training['max_length']}, {TOO_LONG_DONE[training['too_long']]} by the training (the evaluation scores every "
+        "held-out row)":
             sft.metadata.get("rows_too_long", 0),
     }
 
