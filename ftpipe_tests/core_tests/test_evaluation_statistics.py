@@ -10,7 +10,7 @@ from ftpipe.core.evaluation import decide_gate, evaluation_key, waiting_for_revi
 from ftpipe.core.evaluation.fewshot import choose_examples, fewshot_prompt
 from ftpipe.core.evaluation.forgetting import forgetting_score, measure_forgetting, most_forgotten
 from ftpipe.core.evaluation.outputs import ModelOutputs
-from ftpipe.core.evaluation.statistics import paired_bootstrap, pairwise_summary
+from ftpipe.core.evaluation.statistics import paired_bootstrap, pairwise_summary, ratio_bootstrap
 from ftpipe_tests.rows import row
 
 # ---------------------------------------------------------------- bootstrap
@@ -36,6 +36,13 @@ def test_bootstrap_excludes_zero_for_a_clear_gain_and_not_for_noise():
     noise = [1.0] * 50 + [0.0] * 50  # same mean, every row flipped
     _, low, high = paired_bootstrap(base, noise, samples=1000, seed=0)
     assert low < 0 < high
+
+
+def test_a_student_to_teacher_ratio_has_an_interval_though_some_resamples_miss_every_row_the_teacher_got_right():
+    teacher = [1.0] * 3 + [0.0] * 40  # right on 3 of 43 rows: some resamples hold none of them
+    student = [1.0, 0.0, 1.0] + [0.0] * 40
+    ratio, low, high = ratio_bootstrap(teacher, student, samples=2000, seed=0)
+    assert ratio == pytest.approx(2 / 3) and 0 <= low < ratio < high, (low, high)
 
 
 # ---------------------------------------------------------------- forgetting

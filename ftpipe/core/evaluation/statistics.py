@@ -11,7 +11,8 @@ CHUNK = 256  # resamples drawn at once (bounds memory on large evaluations)
 
 
 def bootstrap_interval(size: int, statistic: Callable, samples: int, seed: int) -> tuple[float, float]:
-    """2.5th and 97.5th percentiles of `statistic` over `samples` resamples of `size` rows drawn with replacement.
+    """2.5th and 97.5th percentiles of `statistic` over `samples` resamples of `size` rows drawn with replacement,
+    leaving out the resamples where it is undefined (NaN).
 
     `statistic` maps an index matrix (resamples × size) to one value per resample; resampling the same row indices
     in every column keeps the rows paired.
@@ -23,7 +24,7 @@ def bootstrap_interval(size: int, statistic: Callable, samples: int, seed: int) 
     rng = np.random.default_rng(seed)
     values = np.concatenate([statistic(rng.integers(0, size, size=(min(CHUNK, samples - start), size)))
                              for start in range(0, samples, CHUNK)])
-    low, high = np.percentile(values, [2.5, 97.5])
+    low, high = np.nanpercentile(values, [2.5, 97.5])
     return float(low), float(high)
 
 
@@ -45,7 +46,7 @@ def mean_bootstrap(values, samples: int, seed: int) -> tuple[float, float, float
 
 def ratio_bootstrap(reference_scores, scores, samples: int, seed: int) -> tuple[float, float, float]:
     """(mean(scores) / mean(reference_scores), the 2.5th and 97.5th percentile of that ratio over `samples` paired
-    resamples of rows); NaN where the reference's mean is 0."""
+    resamples of rows, those where the reference scores 0 left out); NaN where the reference's mean is 0."""
     import numpy as np
 
     reference, ours = np.asarray(reference_scores, dtype=float), np.asarray(scores, dtype=float)
