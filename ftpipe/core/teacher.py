@@ -186,9 +186,12 @@ def ask_teacher(pending: list[tuple[str, list[dict[str, str]]]], distill: Distil
                 except openai.AuthenticationError:
                     raise TeacherError(f"the teacher at {distill.teacher.base_url} refused the API key in "
                                        f"{distill.teacher.api_key_env or '(none given)'}") from None
+                except (openai.NotFoundError, openai.PermissionDeniedError) as error:  # so would every request
+                    raise TeacherError(f"the teacher at {distill.teacher.base_url} refused model "
+                                       f"'{distill.teacher.model}' ({error.status_code}): {_said(error)}") from None
                 except (openai.APIError, ValueError) as error:  # still failing after retries, or a malformed body
                     spent.failed += 1
-                    log(f"teacher request failed after {MAX_RETRIES} retries: {type(error).__name__}: {error}")
+                    log(f"teacher request failed{_after_retries(error)}: {type(error).__name__}: {error}")
                     continue
                 spent.tokens += answered["tokens"]
                 spent.answered += 1
@@ -197,6 +200,21 @@ def ask_teacher(pending: list[tuple[str, list[dict[str, str]]]], distill: Distil
                 last_report = time.monotonic()
                 _progress(spent, len(queue) + len(running), time.monotonic() - started, log)
     return spent, stopped
+
+
+def _said(error) -> str:
+    """What an API error's body says (`{"error": {"message": ...}}`), else the error itself."""
+    body = error.body.get("error", error.body) if isinstance(error.body, dict) else None
+    return str(body.get("message") or error) if isinstance(body, dict) else str(error)
+
+
+def _after_retries(error: Exception) -> str:
+    """" after N retries" for what the client retries (timeouts, 408, 409, 429, 5xx), else nothing."""
+    import openai
+
+    status = getattr(error, "status_code", None)
+    retried = isinstance(error, openai.APIConnectionError) or status in (408, 409, 429) or (status or 0) >= 500
+    return f" after {MAX_RETRIES} retries" if retried else ""
 
 
 def _progress(spent: Spending, left: int, seconds: float, log: Callable[[str], None]) -> None:

@@ -68,3 +68,19 @@ def test_an_unreachable_teacher_fails_naming_its_url_and_a_missing_key_names_its
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
     with pytest.raises(teacher.TeacherError, match="api_key_env names NO_SUCH_KEY, which is not set"):
         teacher.build_teacher_examples("student", keyed, ftpipe_env / "out")
+
+
+def test_a_teacher_that_does_not_serve_the_model_fails_the_step_at_once_naming_it(ftpipe_env):
+    from ftpipe.core import teacher
+    from ftpipe_tests.judge_endpoint import serving
+
+    folder = task_dir("student") / "prompts"
+    folder.mkdir(parents=True)
+    (folder / "a.jsonl").write_text("".join(f'{{"prompt": "question {i}"}}\n' for i in range(6)))
+    with serving(lambda user: "fine") as endpoint:
+        config = parse_task_config(f"distill: {{teacher: {{base_url: '{endpoint.base_url}', model: judge-l}}, "
+                                   "concurrency: 1}", "task.yaml")
+        with pytest.raises(teacher.TeacherError) as error:
+            teacher.build_teacher_examples("student", config, ftpipe_env / "out")
+    assert str(error.value) == f"the teacher at {endpoint.base_url} refused model 'judge-l' (404): model judge-l not found"
+    assert len(endpoint.requests) == 1, "one answer says it for every prompt"
