@@ -729,16 +729,16 @@ def parse_task_config(text: str, source: str, overrides: str = "") -> TaskConfig
         return TaskConfig.model_validate(_deep_merge(values, extra))
     except ValidationError as exc:
         problems = sorted(_problems(exc), key=_in_file_order(values))
-    raise TaskConfigError("\n".join(f"{named_source(source, extra, problem.split(': ', 1)[0])}: {problem}"
+    raise TaskConfigError("\n".join(f"{named_source(source, extra, problem.split(': ', 1)[0], values)}: {problem}"
                                     for problem in problems))
 
 
-def named_source(source: str, extra: dict[str, Any] | str, field: str) -> str:
+def named_source(source: str, extra: dict[str, Any] | str, field: str, file_values: dict | None = None) -> str:
     """`source`, marked `(run overrides)` when the run overrides `extra` (parsed, or their text) set the dotted
-    `field`."""
+    `field`, or brought the section it is missing from where the file's `file_values` have none."""
     if isinstance(extra, str):
         extra = _parse_yaml(extra, f"{source} (run overrides)") if extra.strip() else {}
-    return f"{source} (run overrides)" if _set_by(extra, field) else source
+    return f"{source} (run overrides)" if _set_by(extra, field, file_values) else source
 
 
 def _in_file_order(values: dict[str, Any]):
@@ -761,16 +761,19 @@ def _in_file_order(values: dict[str, Any]):
     return position
 
 
-def _set_by(snippet: dict[str, Any], path: str) -> bool:
+def _set_by(snippet: dict[str, Any], path: str, file_values: dict | None = None) -> bool:
     """Whether the dotted field `path` is a value `snippet` sets, or a section whose settings it changes (a problem
-    of the whole section, such as `training: stages must be ...`, comes from those)."""
-    node: Any = snippet
+    of the whole section, such as `training: stages must be ...`, comes from those), or lies in a section the snippet
+    brings and the `file_values` lack (a required field missing from `distill`, which only the snippet sets)."""
+    node, in_file = snippet, file_values
     for key in path.split("."):
         if not isinstance(node, dict):
             return True  # inside a list the snippet sets
         if key not in node:
             return False
-        node = node[key]
+        if file_values is not None and not (isinstance(in_file, dict) and key in in_file):
+            return True
+        node, in_file = node[key], in_file[key] if file_values is not None else None
     return True
 
 

@@ -147,6 +147,12 @@ def test_run_overrides_merge_deeply_and_are_validated() -> None:
     with pytest.raises(TaskConfigError) as typo:
         parse_task_config(base, "t.yaml", overrides="training: {max_step: 3}")
     assert str(typo.value) == "t.yaml (run overrides): training.max_step: unknown key; did you mean max_steps?"
+    with pytest.raises(TaskConfigError) as brought:  # the file has no distill section: the overrides brought it
+        parse_task_config(base, "t.yaml", overrides="distill: {budget: {max_requests: 5}}")
+    assert str(brought.value) == "t.yaml (run overrides): distill.teacher: Field required"
+    with pytest.raises(TaskConfigError) as incomplete:  # the file's own section lacks a field
+        parse_task_config("distill: {teacher: {model: m}}", "t.yaml", overrides="distill: {budget: {max_requests: 5}}")
+    assert str(incomplete.value) == "t.yaml: distill.teacher.base_url: Field required"
 
 
 @pytest.mark.parametrize("name", ["ok", "ticket_triage", "a-b_9", "9lives"])
