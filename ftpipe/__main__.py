@@ -294,9 +294,14 @@ def mlflow_ui_command() -> str:
 
 
 def set_aside_lines(found: dict[str, dict]) -> list[str]:
-    """Where the rows the data assets set aside are, each with its reason: quarantined and removed by cleaning."""
+    """Where the rows the data assets set aside are, each with its reason: quarantined and removed by cleaning; and
+    the prompts a teacher that stopped early left for the next materialization."""
     raw, cleaned = found.get("raw_examples", {}), found.get("deduplicated_examples", {})
+    teacher = found.get("teacher_examples", {})
     lines = []
+    if teacher.get("stopped", "no") != "no":
+        lines.append(f"  the teacher stopped early ({teacher['stopped']}): {teacher['unanswered']} prompts wait for the "
+                     "next materialization")
     if raw.get("rows_quarantined"):
         lines.append(f"  {raw['rows_quarantined']} rows quarantined, each with its reason: {raw['quarantine_path']}")
     removed = sum(cleaned.get(f"{kind}rows_in", 0) - cleaned.get(f"{kind}rows_out", 0) for kind in ("", "preference_"))

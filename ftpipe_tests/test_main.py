@@ -305,3 +305,14 @@ def test_a_step_stopped_by_ctrl_c_ends_with_one_plain_line() -> None:
     assert failure_reason(result, stopped=True) == (
         "lora_adapter: stopped by Ctrl-C or SIGTERM (the same command carries on: the finished steps are reused)"), \
         "a step that turned the signal into its own failure was stopped all the same"
+
+
+def test_the_summary_says_where_set_aside_rows_are_and_what_a_teacher_that_stopped_early_left() -> None:
+    from ftpipe.__main__ import set_aside_lines
+
+    found = {"teacher_examples": {"stopped": "budget of 12 requests spent", "unanswered": 18},
+             "raw_examples": {"rows_quarantined": 2, "quarantine_path": "q.jsonl"}}
+    assert set_aside_lines(found) == [
+        "  the teacher stopped early (budget of 12 requests spent): 18 prompts wait for the next materialization",
+        "  2 rows quarantined, each with its reason: q.jsonl"]
+    assert set_aside_lines({"teacher_examples": {"stopped": "no", "unanswered": 0}}) == []
