@@ -12,7 +12,8 @@ GROUP = "monitoring"
 CONTRACT = ("requests", "error_rate", "latency_p95_ms", "validity", "novel_input_share", "drift_score")
 SHARES = ("training_share", "production_share")
 DETAILS = ("refused_rate", "latency_p50_ms", "latency_p99_ms", "outputs_judged", "heldout_novel_share", "length_shift",
-           "vocabulary_shift", "foreign_system_prompt_share", "window_hours", "corrections", "confirmations")
+           "vocabulary_shift", "foreign_system_prompt_share", "window_hours", "ftpipe_requests_left_out", "corrections",
+           "confirmations")
 
 
 @dg.observable_source_asset(partitions_def=task_partitions, group_name=GROUP)

@@ -152,7 +152,8 @@ def production_report(task: str, train_path: Path, config: TaskConfig, out_dir: 
     watch: MonitoringConfig = config.monitoring
     feedback_rows, refused = apply_dropped_feedback(task)
     now = datetime.now(timezone.utc).timestamp() if now is None else now
-    records = in_window(read_records(task), watch.window_hours, now)
+    logged = in_window(read_records(task), watch.window_hours, now)
+    records = [r for r in logged if not r.get("purpose")]  # ftpipe's own requests (a teacher's) are no production
     train = read_examples(train_path)
     answers = [row["messages"][-1]["content"] for row in train]
     answered = _with_content(records)
@@ -167,7 +168,8 @@ def production_report(task: str, train_path: Path, config: TaskConfig, out_dir: 
     figures = {**health(records), "validity": sum(valid) / len(valid) if valid else None, "outputs_judged": len(valid),
                **{k: v for k, v in found.items() if k != "novel"},
                "foreign_system_prompt_share": len(foreign) / len(answered) if answered else None,
-               "window_hours": watch.window_hours, **_corrections(corrected, config)}
+               "window_hours": watch.window_hours, "ftpipe_requests_left_out": len(logged) - len(records),
+               **_corrections(corrected, config)}
     labels = label_shares(outputs, answers, label_of) if label_of else []
     novel_prompts = [user_message(r["messages"]) for r, flag in zip(answered, found["novel"]) if flag]
     with atomic_dir(out_dir) as tmp:

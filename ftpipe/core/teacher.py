@@ -29,6 +29,7 @@ from ftpipe.core.records import write_jsonl
 from ftpipe.core.layout import teacher_cache
 from ftpipe.core.storage import append_lines, atomic_dir, read_keyed_lines, task_dir
 from ftpipe.core.text import loose
+from ftpipe.core.server.request_log import PURPOSE_HEADER
 
 PROMPT_SUFFIXES = (".jsonl", ".csv")
 TEACHER_FILE, REJECTED_FILE = "teacher.jsonl", "rejected.jsonl"
@@ -137,7 +138,7 @@ def _client(distill: DistillConfig):
     if variable and not key:
         raise TeacherError(f"distill.teacher.api_key_env names {variable}, which is not set in the environment")
     return OpenAI(base_url=distill.teacher.base_url, api_key=key or "none", max_retries=MAX_RETRIES,
-                  timeout=distill.timeout_seconds)
+                  timeout=distill.timeout_seconds, default_headers={PURPOSE_HEADER: "distillation"})
 
 
 def _ask(client, messages: list[dict[str, str]], distill: DistillConfig) -> dict[str, Any]:

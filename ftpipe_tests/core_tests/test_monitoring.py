@@ -142,3 +142,15 @@ def test_a_japanese_prompt_has_its_near_neighbour_by_characters():
     known = ["R2の保証期間はどのくらいですか？", "注文をキャンセルしたいです。", "Where is my parcel?"]
     served = ["NordLink R2の保証期間はどのくらいですか？😊", "パスワードを忘れてしまいました。"]
     assert monitoring.novel(served, known, CONFIG.monitoring.neighbour_threshold) == [False, True]
+
+
+def test_requests_ftpipe_sent_itself_are_left_out_of_the_production_figures(train_path, tmp_path):
+    """A task served as another task's teacher answers its distillation prompts: no production traffic."""
+    now = time.time()
+    customers = [record(m, label, at=now - i) for i, (m, label) in enumerate(new_customers(20))]
+    teacher = [{**record(f"unlabelled prompt {i} for a student", "card_arrival", at=now - i), "purpose": "distillation"}
+               for i in range(30)]
+    log(customers + teacher)
+    figures = report(train_path, tmp_path, now=now)
+    assert figures["requests"] == 20 and figures["ftpipe_requests_left_out"] == 30
+    assert figures["novel_input_share"] < 0.2, "the student's prompts are no drift of this task"

@@ -64,10 +64,13 @@ def teacher(tmp_path_factory, tiny_model_dir):
 
 
 def teacher_requests(teacher: Served) -> int:
-    """The requests the teacher has logged so far."""
+    """The requests the teacher has logged so far, each marked as ftpipe's own (the teacher task's production report
+    leaves them out)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FTPIPE_HOME", teacher.env["FTPIPE_HOME"])
-        return len(read_records("teacher"))
+        records = read_records("teacher")
+    assert {record.get("purpose") for record in records} <= {"distillation"}, "no request looks like production"
+    return len(records)
 
 
 def test_served_teacher_answers_30_prompts_within_budgets_and_never_twice(teacher, ftpipe_env):

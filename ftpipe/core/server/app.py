@@ -26,7 +26,7 @@ from ftpipe.core.server.catalog import Catalog, Route, releases
 from ftpipe.core.server.engine import MAX_BATCH, Engine, Job
 from ftpipe.core.server.prefixes import STARTS_KEPT
 from ftpipe.core.feedback import FEEDBACK_FILE, FeedbackError, add_feedback
-from ftpipe.core.server.request_log import CLIENT_CLOSED, SEGMENT_RECORDS, RequestLog, read_records
+from ftpipe.core.server.request_log import CLIENT_CLOSED, PURPOSE_HEADER, SEGMENT_RECORDS, RequestLog, read_records
 from ftpipe.core.server.stop_strings import MAX_STOP_STRINGS, held_back, stop_position
 from ftpipe.core.server.structured import Constraint, grammar
 
@@ -251,6 +251,7 @@ class Completion:
     cancelled: threading.Event = field(default_factory=threading.Event)  # the engine ends the row at its next token
     stopped: bool = False  # the answer reached one of the request's stop strings
     constraint: Constraint | None = None  # the answer's grammar (`response_format`); None: free text
+    purpose: str | None = None  # why ftpipe itself sent it (PURPOSE_HEADER); None: a client's request
     job: Job | None = None  # the engine's side of it, once submitted
 
     def submit(self) -> None:
@@ -330,21 +331,22 @@ class Completion:
 
     def record(self, status: int, error: str | None = None) -> None:
         log_request(self.server, self.route, self.id, [m.model_dump() for m in self.request.messages], self.text,
-                    round((time.perf_counter() - self.started) * 1000, 1), self.counts, status, error)
+                    round((time.perf_counter() - self.started) * 1000, 1), self.counts, status, error, self.purpose)
 
 
 def log_request(server: Server, route: Route, request_id: str, messages: Any, output: str, latency_ms: float,
-                usage: dict[str, int], status: int, error: str | None) -> None:
-    """Append one request to the log of the task `route` serves."""
+                usage: dict[str, int], status: int, error: str | None, purpose: str | None = None) -> None:
+    """Append one request to the log of the task `route` serves (with the `purpose` ftpipe's own requests give)."""
     release = route.release
     now = time.time()
     server.log.append({
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
         "task": release.task, "model": release.name, "version": release.version, "request_id": request_id,
-        "messages": messages, "output": output, "latency_ms": latency_ms, **usage, "status": status, "error": error})
+        "messages": messages, "output": output, "latency_ms": latency_ms, **usage, "status": status, "error": error,
+        **({"purpose": purpose} if purpose else {})})
 
 
-def _log_refused(server: Server, body: bytes, error: ApiError) -> None:
+def _log_refused(server: Server, body: bytes, error: ApiError, purpose: str | None) -> None:
     """Log a refused chat request under the task of the served model it names, with its messages as sent (a request
     that names none, or is not JSON, belongs to no task's log)."""
     try:
@@ -354,7 +356,8 @@ def _log_refused(server: Server, body: bytes, error: ApiError) -> None:
         return
     if route is not None:
         log_request(server, route, f"chatcmpl-{uuid.uuid4().hex}", sent.get("messages"), "", 0.0,
-                    {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, error.status, error.message)
+                    {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, error.status, error.message,
+                    purpose)
 
 
 class KeyCheck:
@@ -407,11 +410,11 @@ def create_app(server: Server):
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await request.body()
+        body, purpose = await request.body(), request.headers.get(PURPOSE_HEADER)
         try:  # in a thread: a first structured answer on a base takes seconds to prepare (`structured`)
-            completion = await asyncio.to_thread(_completion, server, body)
+            completion = await asyncio.to_thread(_completion, server, body, purpose)
         except ApiError as error:
-            _log_refused(server, body, error)
+            _log_refused(server, body, error, purpose)
             raise
         completion.submit()
         if completion.request.stream:
@@ -474,7 +477,7 @@ def _parsed(model: type[BaseModel], body: bytes):
         raise ApiError(400, message, param=param) from None
 
 
-def _completion(server: Server, body: bytes) -> Completion:
+def _completion(server: Server, body: bytes, purpose: str | None = None) -> Completion:
     """The completion a request body asks for, or the ApiError that says why not."""
     request = _parsed(ChatRequest, body)
     route = server.route(request.model)
@@ -488,7 +491,8 @@ def _completion(server: Server, body: bytes) -> Completion:
         raise ApiError(400, f"this request needs {len(prompt)} prompt tokens + {request.token_budget} completion "
                             f"tokens, more than the model's context length of {route.context_length}",
                        code="context_length_exceeded", param="messages")
-    return Completion(server, route, request, prompt, constraint=_constraint(route, request.response_format))
+    return Completion(server, route, request, prompt, constraint=_constraint(route, request.response_format),
+                      purpose=purpose)
 
 
 def _constraint(route: Route, response_format: dict[str, Any] | None) -> Constraint | None:

@@ -22,6 +22,10 @@ from typing import IO, Any
 
 from ftpipe.core.layout import TaskLayout
 
+# the header by which ftpipe's own requests (a teacher answering prompts for distillation) say why they were sent:
+# the log keeps it as the record's `purpose`, and the production report leaves such requests out
+PURPOSE_HEADER = "X-Ftpipe-Purpose"
+
 OPEN_SUFFIX = ".open"
 SEGMENT_SUFFIX = ".jsonl"
 SEGMENT_RECORDS = 1000
