@@ -11,7 +11,7 @@ import time
 import pytest
 
 from ftpipe.core.evaluation.generation import (
-    decoded, generate, load_model, pad_id_of, prompt_ids, stop_token_ids,
+    decoded_answer, generate, load_model, pad_id_of, prompt_ids, stop_token_ids,
 )
 from ftpipe.core.server import decoding, prefixes
 from ftpipe.core.server.catalog import Catalog, Release
@@ -76,7 +76,7 @@ def test_rows_joining_a_running_batch_answer_as_each_prompt_decoded_alone(served
     first = submit(served, prompts[0], Answer(), 12)
     assert first.started.wait(WAIT)
     answers = [first, *(submit(served, prompt, Answer(), 12) for prompt in prompts[1:])]  # more than a batch holds
-    texts = [decoded(tokenizer, answer.wait().tokens).strip() for answer in answers]
+    texts = [decoded_answer(tokenizer, answer.wait().tokens).strip() for answer in answers]
     assert texts == alone
 
 
@@ -86,7 +86,7 @@ def test_a_short_answer_ends_while_a_long_one_decodes(served) -> None:
     assert long.started.wait(WAIT)
     short = submit(served, prompts[2], Answer(), 3).wait()
     assert not long.ended.is_set() and len(long.tokens) < 300, "the short answer did not wait for the long one"
-    assert decoded(tokenizer, short.tokens).strip() == generate(
+    assert decoded_answer(tokenizer, short.tokens).strip() == generate(
         model, tokenizer, prompts[2:3], max_new_tokens=3, batch_tokens=1)[0]
     assert len(long.wait().tokens) == 300
 
@@ -104,7 +104,7 @@ def test_sampling_follows_temperature_and_a_nucleus_of_one_token_is_greedy(serve
 
     def answers(**sampling) -> list[str]:
         asked = [submit(served, prompt, Answer(), 12, **sampling) for prompt in prompts]
-        return [decoded(tokenizer, answer.wait().tokens).strip() for answer in asked]
+        return [decoded_answer(tokenizer, answer.wait().tokens).strip() for answer in asked]
 
     assert answers(temperature=1.0, top_p=1e-6) == greedy
     assert answers(temperature=2.0) != greedy
@@ -118,7 +118,7 @@ def test_a_model_whose_cache_cannot_drop_rows_ends_its_batch_before_new_rows_joi
     ended_before = submit(served, prompts[6], Answer(on_token=lambda answer: answer.cancelled.set()), 12)
     kept = [submit(served, prompt, Answer(), 12) for prompt in prompts[:3]]
     assert len(ended_before.wait().tokens) == 1 and long.ended.is_set(), "the new row waited for the running batch"
-    assert [decoded(tokenizer, answer.wait().tokens).strip() for answer in kept] == generate(
+    assert [decoded_answer(tokenizer, answer.wait().tokens).strip() for answer in kept] == generate(
         model, tokenizer, prompts[:3], max_new_tokens=12, batch_tokens=1)
 
 
@@ -132,7 +132,7 @@ def test_a_request_waits_only_for_its_own_batch_when_that_one_is_full(served) ->
         queued = submit(one, prompts[2], Answer(), 3)  # the greedy batch is full: this one waits
         sampled = submit(one, prompts[3], Answer(), 3, temperature=1.0, top_p=1e-6).wait()  # a batch of its own
         assert not long.ended.is_set(), "the sampled request did not wait behind the full greedy batch"
-        assert decoded(tokenizer, sampled.tokens).strip() == generate(
+        assert decoded_answer(tokenizer, sampled.tokens).strip() == generate(
             model, tokenizer, prompts[3:4], max_new_tokens=3, batch_tokens=1)[0]
         assert queued.wait() and long.ended.is_set()
     finally:
@@ -162,7 +162,7 @@ def test_a_long_shared_system_prompt_is_read_once_and_the_answers_do_not_change(
     monkeypatch.setattr(engine.prefixes, "read", counting(engine.prefixes.read, read))
     first = [submit(served, prompt, Answer(), 12).wait() for prompt in prompts[:2]]  # the second shares the start
     rest = [submit(served, prompt, Answer(), 12) for prompt in prompts[2:]]  # joining together, of unequal lengths
-    texts = [decoded(tokenizer, answer.wait().tokens).strip() for answer in first + rest]
+    texts = [decoded_answer(tokenizer, answer.wait().tokens).strip() for answer in first + rest]
     assert texts == alone
     assert len(read) == 1 and [answer.job.cached_tokens for answer in first + rest] == [0, 0] + [read[0]] * 6
     assert engine.call(lambda: len(engine.prefixes.starts)).result(WAIT) == 0, "a call may swap adapters: starts go"

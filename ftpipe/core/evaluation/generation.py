@@ -257,16 +257,16 @@ class Batch:
     answer_seconds: float
 
 
-def decoded(tokenizer, ids: list[int]) -> str:
+def decoded_answer(tokenizer, ids: list[int]) -> str:
     """The text of answer token `ids`, without the bytes of a character the token budget cut short (which decode to
-    U+FFFD), as the server sends it."""
+    U+FFFD): the served answer, and the evaluated one."""
     return tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
 
 def answer_text(tokenizer, ids: list[int], stops: list[int], answer_end: AnswerEnd | None) -> str:
-    """The answer that generated token `ids` give (`decoded`): up to the first stop token, cut where `answer_end`
-    finds it complete."""
-    text = decoded(tokenizer, _cut_at_stop(ids, stops)).strip()
+    """The answer that generated token `ids` give (`decoded_answer`): up to the first stop token, cut where
+    `answer_end` finds it complete."""
+    text = decoded_answer(tokenizer, _cut_at_stop(ids, stops)).strip()
     return answer_end.cut(text) if answer_end else text
 
 

@@ -21,7 +21,7 @@ from starlette.datastructures import Headers
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from ftpipe.core.evaluation.generation import encode
+from ftpipe.core.evaluation.generation import decoded_answer, encode
 from ftpipe.core.server.catalog import Catalog, Route, releases
 from ftpipe.core.server.engine import MAX_BATCH, Engine, Job
 from ftpipe.core.server.prefixes import STARTS_KEPT
@@ -292,10 +292,12 @@ class Completion:
 
     @property
     def text(self) -> str:
-        """The answer: the decoded text up to the first stop string, without the bytes of a character the token
-        budget cut short (which decode to U+FFFD)."""
+        """The answer: the decoded text up to the first stop string, else `decoded_answer` (a character the token
+        budget cut short left out)."""
+        if not self.stopped:
+            return decoded_answer(self.route.tokenizer, self.tokens)
         decoded = self.decoded
-        return decoded[:stop_position(decoded, self.request.stop)] if self.stopped else decoded.rstrip("\ufffd")
+        return decoded[:stop_position(decoded, self.request.stop)]
 
     @property
     def finish_reason(self) -> str:
