@@ -243,7 +243,6 @@ def _markdown(task: str, figures: dict[str, Any], labels: list[dict[str, Any]], 
                   "The model answered them under an instruction no training row has, instead of the task's.\n",
                   markdown_table(["system prompt", "requests"], [list(entry) for entry in common]), ""]
     if refused:
-        parts += [f"## Corrections refused ({len(refused)})\n", "Fix these lines and drop them again (the other "
-                  "lines of their files were applied).\n", markdown_table(["file:line: reason"],
-                                                                        [[line] for line in refused[:REFUSED_SHOWN]]), ""]
+        parts += [f"## Corrections refused ({len(refused)})\n", "Fix these lines and drop them again.\n",
+                  markdown_table(["file:line: reason"], [[line] for line in refused[:REFUSED_SHOWN]]), ""]
     return "\n".join(parts)

@@ -277,6 +277,7 @@ def test_dropped_corrections_become_training_rows_and_trigger_retraining(ftpipe_
         assert figures["feedback_refused"] == 4 and figures["requests"] == 6 and figures["corrections"] == 6
         written = figures["report"]
         assert "## Corrections refused (4)" in written and "| monday.jsonl:10: not valid JSON" in written, written
+        assert "Fix these lines and drop them again.\n" in written and "applied" not in written, "true of any file"
         refused = [r.user_message for r in instance.all_logs(report.run_id) if "correction refused" in r.user_message]
         assert any("monday.jsonl:10: not valid JSON" in line for line in refused), refused
         assert any("monday.jsonl:9: not a JSON object" in line for line in refused), refused
