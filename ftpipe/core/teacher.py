@@ -204,9 +204,9 @@ def ask_teacher(pending: list[tuple[str, list[dict[str, str]]]], distill: Distil
 
 
 def _said(error) -> str:
-    """What an API error's body says (`{"error": {"message": ...}}`), else the error itself."""
-    body = error.body.get("error", error.body) if isinstance(error.body, dict) else None
-    return str(body.get("message") or error) if isinstance(body, dict) else str(error)
+    """The message of an API error's body (the client keeps the `error` object of `{"error": {"message": ...}}`),
+    else the error itself."""
+    return str(error.body.get("message") or error) if isinstance(error.body, dict) else str(error)
 
 
 def _after_retries(error: Exception) -> str:

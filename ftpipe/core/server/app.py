@@ -337,7 +337,7 @@ class Completion:
 
 
 def log_request(server: Server, route: Route, request_id: str, messages: Any, output: str, latency_ms: float,
-                usage: dict[str, int], status: int, error: str | None, purpose: str | None = None) -> None:
+                usage: dict[str, int], status: int, error: str | None, purpose: str | None) -> None:
     """Append one request to the log of the task `route` serves (with the `purpose` ftpipe's own requests give)."""
     release = route.release
     now = time.time()
@@ -479,7 +479,7 @@ def _parsed(model: type[BaseModel], body: bytes):
         raise ApiError(400, message, param=param) from None
 
 
-def _completion(server: Server, body: bytes, purpose: str | None = None) -> Completion:
+def _completion(server: Server, body: bytes, purpose: str | None) -> Completion:
     """The completion a request body asks for, or the ApiError that says why not."""
     request = _parsed(ChatRequest, body)
     route = server.route(request.model)
