@@ -12,6 +12,9 @@ import sys
 from contextlib import contextmanager, suppress
 
 DEMO_TASK = "ticket_triage"
+GATE_THRESHOLDS = ("min_improvement", "max_forgetting", "min_preference_gain")  # in the gate check's metadata
+
+
 def sync_tasks(show_refused: bool = True) -> tuple[list[str], dict[str, str]]:
     """Register a `task` partition for every valid task folder and record what its files are now; returns the tasks
     and the refused folders (name: why), printed when `show_refused`."""
@@ -182,10 +185,11 @@ def exact_figures(task: str, report: dict) -> dict:
     return {**report, **{key: value for key, value in exact.items() if key in report and isinstance(value, float)}}
 
 
-def verdict_line(report: dict) -> str:
+def verdict_line(report: dict, thresholds: str = "") -> str:
     """The evaluation in one line: the most common label's (classification), base, few-shot and fine-tuned scores,
     the gain over the base and over few-shot prompting with their intervals, forgetting (and the skill that lost
-    most) and the gate (with what a pass does not say; why it failed is the run's failure reason, said at the end)."""
+    most) and the gate (at its `thresholds` that are not the defaults; with what a pass does not say; why it failed
+    is the run's failure reason, said at the end)."""
     from ftpipe.core.evaluation.forgetting import forgetting_words
 
     fewshot, majority = report.get("fewshot_score"), report.get("majority_score")
@@ -199,8 +203,18 @@ def verdict_line(report: dict) -> str:
             + (f"; over few-shot {report['delta_vs_fewshot']:+.3f}, CI low {report['delta_vs_fewshot_ci_low']:+.3f}"
                if fewshot is not None else "")
             + f"); {forgetting_words(report['forgetting'], report.get('most_forgotten_skill', 'none'))}; "
-            f"gate {'PASSED' if report['passed'] else 'FAILED'}"
+            f"gate {'PASSED' if report['passed'] else 'FAILED'}" + (f" at {thresholds}" if thresholds else "")
             + (f"; but {report['gate_caveat']}" if report.get("gate_caveat", "none") != "none" else ""))
+
+
+def changed_thresholds(gate) -> str:
+    """The gate check's thresholds that differ from their defaults, e.g. `max_forgetting 0.9 (default 0.1)`."""
+    from ftpipe.config import EvaluationConfig
+
+    defaults = {name: EvaluationConfig.model_fields[name].default for name in GATE_THRESHOLDS}
+    used = {name: gate.metadata[name].value for name in GATE_THRESHOLDS if name in gate.metadata}
+    return ", ".join(f"{name} {value:g} (default {defaults[name]:g})" for name, value in used.items()
+                     if value != defaults[name])
 
 
 def merged_line(task: str, merged: dict) -> str:
@@ -243,12 +257,14 @@ def print_summary(task: str, result, stopped: bool = False) -> None:
     for line in set_aside_lines(found):
         print(line)
     report = found.get("eval_report") and exact_figures(task, found["eval_report"])
+    checks = {check.check_name: check for check in result.get_asset_check_evaluations()}
     if report:
-        print(f"\n{verdict_line(report)}")
+        gate = checks.get("eval_report_gate")
+        print(f"\n{verdict_line(report, changed_thresholds(gate) if gate else '')}")
     if report and report.get("preference_accuracy_final") is not None:
         print(preference_line(report, found["preference_adapter"]["objective"]))
     reason = None if result.success else failure_reason(result, stopped)
-    for check in result.get_asset_check_evaluations():
+    for check in checks.values():
         verdict = "warns" if check.severity == dg.AssetCheckSeverity.WARN else "failed"
         line = f"check {check.check_name} {verdict}: {check.description}"
         if not check.passed and line != reason:  # the run's reason is said once, at the end

@@ -132,6 +132,8 @@ def test_the_verdict_line_shows_the_few_shot_baseline_beside_the_base() -> None:
     assert verdict_line({**without, "majority_score": 0.29}).startswith(
         "accuracy: most common label 0.290, base 0.645 -> fine-tuned 0.806"), "what no model at all scores"
     assert "-> fine-tuned (warm-started) 0.806 (delta" in verdict_line({**report, "warm_started": True})
+    assert verdict_line(behind, "max_forgetting 0.9 (default 0.1)").endswith(
+        "gate PASSED at max_forgetting 0.9 (default 0.1); but few-shot prompting of the base model scores higher (...)")
 
 
 def test_the_verdict_line_rounds_the_exact_scores_once(ftpipe_env) -> None:
