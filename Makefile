@@ -67,6 +67,7 @@ bench: install
 	$(PY) bench/replay.py
 	$(PY) bench/replay.py --task intents
 	$(PY) bench/dpo.py
+	$(PY) bench/request_log.py
 
 demo-data: install
 	$(PY) data/generate_demo.py

@@ -29,7 +29,7 @@ from ftpipe.core.evaluation.metrics.extraction import category_values, new_categ
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.records import FEEDBACK_FILE, BadRow, message_list, with_system_prompt
 from ftpipe.core.results import read_result
-from ftpipe.core.server.request_log import CLIENT_CLOSED, read_records
+from ftpipe.core.server.request_log import CLIENT_CLOSED, find_record, read_records
 from ftpipe.core.storage import exclusive, task_dir, write_text
 from ftpipe.core.tasks import split_system_prompt, task_config
 from ftpipe.core.text import loose
@@ -47,14 +47,15 @@ def feedback_dir(task: str) -> Path:
 
 
 def add_feedback(task: str, request_id: str, output: str, messages: list[dict[str, str]] | None = None,
-                 records: list[dict[str, Any]] | None = None, new_label: bool = False) -> tuple[dict[str, Any], str]:
+                 logged: dict[str, dict[str, Any]] | None = None,
+                 new_label: bool = False) -> tuple[dict[str, Any], str]:
     """Append the logged request `request_id` answered with `output` to the task's raw data, with the system prompt most
     train rows carry when the conversation had none (the model answered with it); returns (the row, what happened:
     ADDED, CONFIRMED (added, giving the answer that was served), UNCHANGED or REPLACED). An `output` the task type
     cannot use as an answer is refused, and so is one in another form than the task's cleaned answers share (cleaning
     would quarantine it), and one with a label (or extraction category) no row of the task has yet, unless `new_label`.
-    `messages` stand in for a request logged without content; `records` are the log's (read when not given). The output
-    is kept without surrounding whitespace."""
+    `messages` stand in for a request logged without content; `logged` holds the log's records by request id (the
+    log is searched when not given). The output is kept without surrounding whitespace."""
     if not isinstance(output, str) or not output.strip():
         raise FeedbackError("output: the corrected answer must be a non-empty string")
     output = output.strip()  # "label " and "label" are one answer
@@ -62,8 +63,7 @@ def add_feedback(task: str, request_id: str, output: str, messages: list[dict[st
         raise FeedbackError(f"output: {problem}")
     if not new_label and (problem := _unknown_label(task, output) or _new_category(task, output)):
         raise FeedbackError(f"output: {problem}")
-    found = next((r for r in (read_records(task) if records is None else records) if r["request_id"] == request_id),
-                 None)
+    found = find_record(task, request_id) if logged is None else logged.get(request_id)
     if found is None:
         raise FeedbackError(f"request_id: {request_id!r} is not in the request log of task {task!r}")
     if 400 <= found.get("status", 200) < CLIENT_CLOSED:
@@ -244,20 +244,20 @@ def apply_dropped_feedback(task: str) -> tuple[int, list[str]]:
     files = [p for p in dropped if p.suffix == ".jsonl"]
     refused = [f"{p.name}: not a .jsonl file (one correction a line), left where it is"
                for p in dropped if p not in files and not p.name.startswith(".")]
-    records = read_records(task) if files else []
+    logged = {record["request_id"]: record for record in read_records(task)} if files else {}
     changed = 0
     for path in files:
         for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             if line.strip():
                 try:
-                    changed += _apply_line(task, line, records) != UNCHANGED
+                    changed += _apply_line(task, line, logged) != UNCHANGED
                 except FeedbackError as error:
                     refused.append(f"{path.name}:{number}: {error}")
         path.rename(_free_name(folder / APPLIED, path.name))
     return changed, refused
 
 
-def _apply_line(task: str, line: str, records: list[dict[str, Any]]) -> str:
+def _apply_line(task: str, line: str, logged: dict[str, dict[str, Any]]) -> str:
     """What one line of a dropped file did (ADDED, CONFIRMED, UNCHANGED, REPLACED); FeedbackError says why it could
     not."""
     try:
@@ -268,7 +268,7 @@ def _apply_line(task: str, line: str, records: list[dict[str, Any]]) -> str:
         raise FeedbackError('not a JSON object: {"request_id": "...", "output": "..."}')
     if not isinstance(item.get("request_id"), str):
         raise FeedbackError("request_id: missing: the id of the served answer it corrects (the response's `id`)")
-    return add_feedback(task, item.get("request_id"), item.get("output"), item.get("messages"), records,
+    return add_feedback(task, item.get("request_id"), item.get("output"), item.get("messages"), logged,
                         new_label=item.get("new_label") is True)[1]
 
 

@@ -152,7 +152,7 @@ def production_report(task: str, train_path: Path, config: TaskConfig, out_dir: 
     watch: MonitoringConfig = config.monitoring
     feedback_rows, refused = apply_dropped_feedback(task)
     now = datetime.now(timezone.utc).timestamp() if now is None else now
-    logged = in_window(read_records(task), watch.window_hours, now)
+    logged = in_window(read_records(task, since=now - watch.window_hours * 3600), watch.window_hours, now)
     records = [r for r in logged if not r.get("purpose")]  # ftpipe's own requests (a teacher's) are no production
     train = read_examples(train_path)
     answers = [row["messages"][-1]["content"] for row in train]

@@ -1,9 +1,11 @@
 """The serving request log: segments finished by count, by age and at close, never overwritten, a crashed writer's
-torn last line left out, and content kept as hashes for a task that asks for it."""
+torn last line left out, content kept as hashes for a task that asks for it, and a record found by its id without
+reading the whole log."""
 
+import os
 import time
 
-from ftpipe.core.server.request_log import RequestLog, read_records, redacted, segments
+from ftpipe.core.server.request_log import RequestLog, find_record, read_records, redacted, segments
 
 
 def entry(number: int, task: str = "bank") -> dict:
@@ -35,6 +37,21 @@ def test_a_torn_last_line_is_left_out_and_content_can_be_kept_as_hashes():
     [hidden] = read_records("private")
     assert hidden["output"] == redacted("answer 2") and hidden["messages"]["chars"] > 0
     assert "hi 2" not in segments("private")[0].read_text()
+
+
+def test_a_record_is_found_by_its_id_newest_first_and_segments_older_than_a_window_are_not_read():
+    log = RequestLog(segment_records=3)
+    for number in range(12):
+        log.append(entry(number))
+    log.append({**entry(12), "messages": [{"role": "user", "content": "about r4: it was wrong"}]})
+    log.close()
+    assert find_record("bank", "r1")["output"] == "answer 1", "not r10 or r11, whose ids hold its id"
+    assert find_record("bank", "r4")["output"] == "answer 4", "not the later request whose message names it"
+    assert find_record("bank", "r99") is None and find_record("other", "r1") is None
+    oldest = segments("bank")[0]
+    os.utime(oldest, (time.time() - 7200,) * 2)  # last written two hours ago
+    assert [r["request_id"] for r in read_records("bank", since=time.time() - 3600)] == [f"r{n}" for n in range(3, 13)]
+    assert len(read_records("bank")) == 13
 
 
 def test_a_stream_the_client_closes_early_is_logged_as_closed_by_the_client_and_its_decoding_ends() -> None:

@@ -26,7 +26,7 @@ from ftpipe.core.server.catalog import Catalog, Route, releases
 from ftpipe.core.server.engine import MAX_BATCH, Engine, Job
 from ftpipe.core.server.prefixes import STARTS_KEPT
 from ftpipe.core.feedback import FEEDBACK_FILE, FeedbackError, add_feedback
-from ftpipe.core.server.request_log import CLIENT_CLOSED, PURPOSE_HEADER, SEGMENT_RECORDS, RequestLog, read_records
+from ftpipe.core.server.request_log import CLIENT_CLOSED, PURPOSE_HEADER, SEGMENT_RECORDS, RequestLog, find_record
 from ftpipe.core.server.stop_strings import MAX_STOP_STRINGS, held_back, stop_position
 from ftpipe.core.server.structured import Constraint, grammar
 
@@ -454,11 +454,10 @@ def _add_feedback(server: Server, correction: FeedbackRequest) -> dict[str, Any]
              else sorted({route.release.task for route in server.catalog.routes.values()}))
     messages = [m.model_dump() for m in correction.messages] if correction.messages else None
     for task in tasks:
-        records = read_records(task)
-        if any(r["request_id"] == correction.request_id for r in records):
+        if found := find_record(task, correction.request_id):
             try:
-                row, outcome = add_feedback(task, correction.request_id, correction.output, messages, records,
-                                            correction.new_label)
+                row, outcome = add_feedback(task, correction.request_id, correction.output, messages,
+                                            {correction.request_id: found}, correction.new_label)
             except FeedbackError as error:
                 raise ApiError(400, str(error), param=str(error).split(":")[0]) from None
             return {"object": "feedback", "task": task, "request_id": correction.request_id, "outcome": outcome,

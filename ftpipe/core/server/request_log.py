@@ -112,14 +112,28 @@ def segments(task: str) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.endswith((SEGMENT_SUFFIX, SEGMENT_SUFFIX + OPEN_SUFFIX)))
 
 
-def read_records(task: str) -> list[dict[str, Any]]:
+def read_records(task: str, since: float | None = None) -> list[dict[str, Any]]:
     """Every whole record of the task's segments, oldest segment first (a torn last line of a crashed writer's
-    open segment is left out)."""
+    open segment is left out); with `since` (a Unix time), not those of segments last written before it."""
     records = []
     for path in segments(task):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        if since is None or path.stat().st_mtime >= since:
+            records.extend(filter(None, map(_record, path.read_text(encoding="utf-8").splitlines())))
     return records
+
+
+def find_record(task: str, request_id: str) -> dict[str, Any] | None:
+    """The record of `request_id`, searched from the newest segment back (a correction mostly follows its answer
+    soon), parsing only the lines that hold the id; None when the log has none."""
+    for path in reversed(segments(task)):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if request_id in line and (record := _record(line)) and record.get("request_id") == request_id:
+                return record
+    return None
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
