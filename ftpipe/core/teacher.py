@@ -3,7 +3,7 @@
 `raw_examples` reads beside `raw/`, with the teacher and model as their source.
 
 Never paid twice: every answer (accepted or not) is cached under `$FTPIPE_HOME/cache/teacher/<task>.jsonl`, keyed by
-the prompt, the teacher, the model and the decoding settings, so a materialization asks only for prompts without a
+the prompt, the teacher, the model (and its version, where the teacher lists one) and the decoding settings, so a materialization asks only for prompts without a
 cached answer. Failures lose nothing: the client retries timeouts, 429 and 5xx with backoff; a request that still
 fails, the budget running out, or the teacher going away stop the run cleanly with every answer so far cached, and
 the next run continues. The API key is read from the environment variable the task names and never written."""
@@ -65,10 +65,27 @@ def messages_of(prompt: str, system: str | None) -> list[dict[str, str]]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
-def answer_key(messages: list[dict[str, str]], distill: DistillConfig) -> str:
-    """What decides a teacher's answer: the conversation, the endpoint, the model and the decoding settings."""
+def answer_key(messages: list[dict[str, str]], distill: DistillConfig, version: str | None) -> str:
+    """What decides a teacher's answer: the conversation, the endpoint, the model, the model's `version` where the
+    teacher says it (`served_version`) and the decoding settings."""
     parts = [messages, distill.teacher.base_url, distill.teacher.model, distill.temperature, distill.max_tokens]
+    if version:  # only then: the keys of answers cached from a teacher that gives none stay as they were
+        parts.append(version)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def served_version(distill: DistillConfig) -> str | None:
+    """The version of the model the teacher's `/v1/models` lists, where it gives one (`python -m ftpipe serve` does:
+    a task's champion that moved is then asked again, not answered from the cache); None where it gives none or
+    cannot list its models (asking it for answers then says why, where it has to)."""
+    import openai
+
+    try:
+        listed = _client(distill).with_options(max_retries=1).models.list().data
+    except (openai.APIError, TeacherError):
+        return None
+    return next((str(m.version) for m in listed if m.id == distill.teacher.model and getattr(m, "version", None)),
+                None)
 
 
 def accepted(answer: str, accept: AcceptConfig) -> tuple[str, str | None]:
@@ -230,7 +247,8 @@ def teacher_outputs(task: str, distill: DistillConfig, ids: list[str], prompts: 
     cache (without a budget: an evaluation needs every row), as one side of the evaluation; a row the teacher could
     not answer counts as an empty answer."""
     unbounded = distill.model_copy(update={"budget": BudgetConfig()})
-    keys = [answer_key(messages, unbounded) for messages in prompts]
+    version = served_version(distill)
+    keys = [answer_key(messages, unbounded, version) for messages in prompts]
     cache = AnswerCache.of(task)
     pending = [(key, messages) for key, messages in zip(keys, prompts) if key not in cache.answers]
     if pending:
@@ -246,7 +264,7 @@ def teacher_outputs(task: str, distill: DistillConfig, ids: list[str], prompts: 
 
 def teacher_version(distill: DistillConfig) -> str:
     """What decides the teacher's answers, for the evaluation's reuse key."""
-    return answer_key([], distill)
+    return answer_key([], distill, served_version(distill))
 
 
 def build_teacher_examples(task: str, config: TaskConfig, out_dir: Path,
@@ -261,7 +279,8 @@ def build_teacher_examples(task: str, config: TaskConfig, out_dir: Path,
     if distill is not None:
         prompts = read_prompts(task, distill.prompt_column)[: distill.examples]
         asked = [(source, messages_of(text, config.data.system_prompt)) for source, text in prompts]
-        keyed = [(source, messages, answer_key(messages, distill)) for source, messages in asked]
+        version = served_version(distill)
+        keyed = [(source, messages, answer_key(messages, distill, version)) for source, messages in asked]
         cache = AnswerCache.of(task)
         pending = [(key, messages) for _, messages, key in keyed if key not in cache.answers]
         log(f"teacher {distill.teacher.model} at {distill.teacher.base_url}: {len(prompts)} prompts, "

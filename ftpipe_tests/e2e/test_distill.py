@@ -1,6 +1,6 @@
 """Teacher-written data as users get it: `python -m ftpipe serve` as the teacher of a task's 30 prompts through
 the `openai` client, answers cached and checked, a budget that stops a run and a next run that finishes, no second
-payment, the key never written; and a flaky teacher (429, 500, timeouts, malformed bodies) that loses nothing."""
+payment, the key never written, a new champion of the teacher asked anew; and a flaky teacher (429, 500, timeouts, malformed bodies) that loses nothing."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def teacher(tmp_path_factory, tiny_model_dir):
            "FTPIPE_DATA_DIR": str(root / "data"), "FTPIPE_MODEL_DIRS": str(tmp_path_factory.getbasetemp())}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(KEY_VARIABLE, KEY)
-        server = Served(root, env)
+        server = Served(root, env, refresh_seconds=2)
         yield server
         server.stop()
 
@@ -102,6 +102,17 @@ def test_served_teacher_answers_30_prompts_within_budgets_and_never_twice(teache
             leaked = [p for p in folder.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
             assert leaked == [], leaked
     assert teacher_requests(teacher) - before == 30  # the teacher was paid once per prompt
+
+    root = teacher.home  # a better version of the teacher task: its champion moves, and the server swaps it in
+    register(teacher.env["MLFLOW_TRACKING_URI"], "teacher", packaged_lora(root / "base", root, "lora-2", seed=1), 0.9)
+    deadline = time.monotonic() + 60
+    while teacher.healthy()["models"]["teacher"] != 2:
+        assert time.monotonic() < deadline, "the new champion was not served"
+        time.sleep(0.5)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(task_partitions.name, ["student"])
+        moved = materialization(materialize(instance, data.teacher_examples), "teacher_examples")
+    assert moved["teacher_requests"] == 30 and moved["cache_hits"] == 0, "the new version answers every prompt anew"
 
 
 def test_the_whole_graph_distils_the_served_teacher_into_a_student(teacher, ftpipe_env, tiny_model_dir):
