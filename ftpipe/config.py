@@ -107,7 +107,7 @@ RegexPattern = Annotated[str | None, AfterValidator(_a_regular_expression)]
 class DataConfig(_Strict):
     """How the files under `raw/` are read."""
 
-    format: Literal["auto", "messages", "alpaca", "prompt_completion", "columns"] = Field(
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "columns"] = Field(
         "auto", description="how rows are read; auto recognises each row's format from its keys"
     )
     columns: dict[Literal["system", "prompt", "completion", "chosen", "rejected", "label"], str] = Field(

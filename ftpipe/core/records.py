@@ -31,6 +31,8 @@ from ftpipe.core.storage import UnsafePathError, atomic_dir, contained, sha256_o
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
+SHAREGPT = "conversations"  # ShareGPT's field: turns of {from, value}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 RAW_TEXT_LIMIT = 4096
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 EXAMPLE_SCHEMA = pa.schema([("id", pa.string()), ("messages", MESSAGE_TYPE), ("source", pa.string())])
@@ -164,13 +166,30 @@ def _json_list(raw: Any, name: str) -> Any:
                      f"{error.pos}") from None
 
 
-def _chat(raw: Any) -> list[dict[str, str]]:
-    messages = message_list(raw, "messages")
+def _chat(raw: Any, name: str = "messages") -> list[dict[str, str]]:
+    messages = message_list(raw, name)
     if messages[-1]["role"] != "assistant":
         raise BadRow("the conversation does not end with an assistant message")
     if not any(m["role"] == "user" for m in messages):
         raise BadRow("the conversation has no user message")
     return messages
+
+
+def _sharegpt(raw: Any) -> list[dict[str, str]]:
+    """A ShareGPT conversation (`conversations`: turns of `{from, value}`, from human/gpt/system) as messages."""
+    raw = _json_list(raw, SHAREGPT)
+    if not isinstance(raw, list):
+        raise BadRow(f"field '{SHAREGPT}' must be a list of {{from, value}} turns, got {type_name(raw)}")
+    turns = []
+    for i, turn in enumerate(raw):
+        if not isinstance(turn, dict):
+            raise BadRow(f"{SHAREGPT}[{i}] must be an object with 'from' and 'value', got {type_name(turn)}")
+        speaker = turn.get("from")
+        role = SHAREGPT_ROLES.get(speaker.strip().lower() if isinstance(speaker, str) else None)
+        if role is None:
+            raise BadRow(f"{SHAREGPT}[{i}].from is {speaker!r:.60}; expected one of human, gpt, system")
+        turns.append({"role": role, "content": text_field(turn.get("value"), f"{SHAREGPT}[{i}].value")})
+    return _chat(turns, SHAREGPT)
 
 
 def _pair(prompt: str, completion: str, system: str | None = None) -> list[dict[str, str]]:
@@ -230,6 +249,8 @@ def detect_format(row: dict[str, Any], spec: FormatSpec) -> str:
         return spec.format
     if "messages" in row:
         return "messages"
+    if SHAREGPT in row:
+        return "sharegpt"
     if "instruction" in row and "output" in row:
         return "alpaca"
     if "prompt" in row and "completion" in row:
@@ -239,7 +260,8 @@ def detect_format(row: dict[str, Any], spec: FormatSpec) -> str:
         return "columns"
     missing = f"the {_missing_columns(row, spec.columns)}, and " if mapped else ""
     raise BadRow(
-        f"unrecognised row format: {missing}expected 'messages', 'instruction'+'output', 'prompt'+'completion', "
+        f"unrecognised row format: {missing}expected 'messages', 'conversations', 'instruction'+'output', "
+        "'prompt'+'completion', "
         f"'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label' or the columns mapped in task.yaml; "
         f"the row has keys: {_keys(row)}"
     )
@@ -252,6 +274,8 @@ def to_messages(row: Any, spec: FormatSpec) -> list[dict[str, str]]:
     fmt = detect_format(row, spec)
     if fmt == "messages":
         messages = _chat(row.get("messages"))
+    elif fmt == "sharegpt":
+        messages = _sharegpt(row.get(SHAREGPT))
     elif fmt == "alpaca":
         messages = _alpaca(row)
     elif fmt == "prompt_completion":

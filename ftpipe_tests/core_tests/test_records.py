@@ -49,6 +49,27 @@ def test_a_conversation_written_as_json_text_in_a_csv_cell_or_a_string_column_is
         "field 'messages' is text starting with '[' but not a JSON list: ")
 
 
+def test_sharegpt_conversations_are_read_as_chats_and_a_turn_of_another_speaker_is_named(ftpipe_env: Path) -> None:
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Where is my parcel?"},
+             {"from": "gpt", "value": "In Leeds."}, {"from": "Human", "value": "And now?"},
+             {"from": "gpt", "value": "Delivered."}]
+    lines = [{"id": "identity_0", "conversations": turns},
+             {"conversations": [{"from": "human", "value": "Hi"}, {"from": "function_call", "value": "{}"}]},
+             {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""}]},
+             {"conversations": [{"from": "human", "value": "Hi"}]}]
+    folder = make_task(ftpipe_env, "t", {"sharegpt.jsonl": "".join(json.dumps(line) + "\n" for line in lines)})
+    pq.write_table(pa.table({"conversations": [json.dumps(turns)]}), folder / "raw" / "export.parquet")
+    result = read(folder)
+    expected = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my parcel?"},
+                {"role": "assistant", "content": "In Leeds."}, {"role": "user", "content": "And now?"},
+                {"role": "assistant", "content": "Delivered."}]
+    assert [row["messages"] for row in result.examples] == [expected, expected]
+    assert [(q["source"], q["reason"]) for q in result.quarantine] == [
+        ("sharegpt.jsonl:line 2", "conversations[1].from is 'function_call'; expected one of human, gpt, system"),
+        ("sharegpt.jsonl:line 3", "field 'conversations[1].value' is empty or only whitespace"),
+        ("sharegpt.jsonl:line 4", "the conversation does not end with an assistant message")]
+
+
 def test_ids_are_stable_content_hashes() -> None:
     messages = chat("a", "b")["messages"]
     assert records.example_id(messages) == records.example_id([dict(m) for m in messages])
