@@ -183,7 +183,9 @@ def test_a_final_answer_pattern_makes_exact_match_on_final_answers_primary():
     assert found.rows["answer_exact_match"] == [1.0, 1.0, 0.0] and found.rows["exact_match"] == [0.0, 0.0, 0.0]
     assert found.final_answers == ["7", "2000.0", None]
     assert task.final_answer(references[1]) == "2,000"
+    assert task.valid_outputs(answers, references) == [True, True, False], "an answer without '#### N' is out of form"
     assert task_metrics(EvaluationConfig()).primary == "rouge_l"
+    assert task_metrics(EvaluationConfig()).valid_outputs([*answers, " "], references) == [True, True, True, False]
 
 
 def test_a_final_answer_field_reads_json_and_references_without_one_are_refused():

@@ -53,6 +53,12 @@ class Generation(TaskMetrics):
             return None
         return extract_answer(text, self.config.answer_pattern, self.config.answer_field)
 
+    def valid_outputs(self, answers: list[str], references: list[str]) -> list[bool]:
+        """Where the task names its final answer, whether an answer gives one; else whether it says anything."""
+        if not self.checks_answers:
+            return super().valid_outputs(answers, references)
+        return [self.final_answer(answer) is not None for answer in answers]
+
     def scores(self, answers: list[str], references: list[str]) -> Scores:
         from rouge_score import rouge_scorer
 
