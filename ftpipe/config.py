@@ -720,10 +720,30 @@ def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     return values
 
 
+# `key: #...` with no space after the '#': a value that YAML reads as a comment (`answer_pattern: #### (\S+)`)
+_VALUE_AS_COMMENT = re.compile(r"^(\s*)([^\s#:'\"-][^:#]*):[ \t]+(#\S.*?)\s*$")
+
+
+def _value_read_as_comment(text: str, source: str) -> None:
+    """TaskConfigError for a key whose unquoted value begins with '#', which YAML reads as a comment, leaving the key
+    empty; a section header followed by a comment, with its keys below it, is fine."""
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not (found := _VALUE_AS_COMMENT.match(line)):
+            continue
+        below = next((later for later in lines[number:] if later.strip() and not later.lstrip().startswith("#")), "")
+        if len(below) - len(below.lstrip()) > len(found.group(1)):
+            continue
+        key, value = found.group(2).strip(), found.group(3)
+        raise TaskConfigError(f"{source}: line {number}: {key}: the value {value} begins with '#', which YAML reads "
+                              f"as a comment, so {key} is empty: quote it: {key}: '{value}'")
+
+
 def parse_task_config(text: str, source: str, overrides: str = "") -> TaskConfig:
     """Validate task.yaml text, deep-merged with an optional YAML/JSON override snippet; a problem with a value the
     snippet sets (an unknown key, a wrong value) is named as the run overrides', not as the file's."""
     values = _parse_yaml(text, source)
+    _value_read_as_comment(text, source)
     extra = _parse_yaml(overrides, f"{source} (run overrides)") if overrides.strip() else {}
     try:
         return TaskConfig.model_validate(_deep_merge(values, extra))

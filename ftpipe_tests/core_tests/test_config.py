@@ -90,6 +90,18 @@ def test_a_section_with_every_setting_commented_out_means_its_defaults() -> None
     assert config.training == parse_task_config("", "t/task.yaml").training and config.split.eval_fraction > 0
 
 
+def test_an_unquoted_value_that_begins_with_a_hash_is_refused_instead_of_read_as_a_comment() -> None:
+    text = "evaluation:\n  task_type: generation\n  answer_pattern: #### (\\S+)\n"
+    with pytest.raises(TaskConfigError) as error:
+        parse_task_config(text, "t/task.yaml")
+    assert str(error.value) == ("t/task.yaml: line 3: answer_pattern: the value #### (\\S+) begins with '#', which YAML "
+                                "reads as a comment, so answer_pattern is empty: quote it: answer_pattern: '#### (\\S+)'")
+    quoted = parse_task_config(text.replace("#### (\\S+)", "'#### (\\S+)'"), "t/task.yaml")
+    assert quoted.evaluation.answer_pattern == "#### (\\S+)"
+    fine = "training:  #mine\n  max_steps: 3   # a comment\n  lora: #defaults but r\n    r: 8\ndedup:   # none\n"
+    assert parse_task_config(fine, "t/task.yaml").training.lora.r == 8, "section headers and comments after a space"
+
+
 def test_each_problem_is_one_line_naming_the_file_and_the_field() -> None:
     with pytest.raises(TaskConfigError) as error:
         parse_task_config("training: {max_step: 3, lora: {r: many}}\nsplit: {eval_fraction: 0.9}", "t/task.yaml")
