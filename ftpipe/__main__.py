@@ -319,11 +319,12 @@ def set_aside_lines(found: dict[str, dict]) -> list[str]:
         lines.append(f"  the teacher stopped early ({teacher['stopped']}): {teacher['unanswered']} prompts wait for the "
                      "next materialization")
     if raw.get("rows_quarantined"):
-        lines.append(f"  {raw['rows_quarantined']} rows quarantined, each with its reason: {raw['quarantine_path']}")
+        count = raw["rows_quarantined"]
+        lines.append(f"  {count} row{'s' * (count != 1)} quarantined, each with its reason: {raw['quarantine_path']}")
     removed = sum(cleaned.get(f"{kind}rows_in", 0) - cleaned.get(f"{kind}rows_out", 0) for kind in ("", "preference_"))
     if removed:
-        lines.append(f"  {removed} rows removed by cleaning (chat and preference rows), each with its reason: "
-                     f"{cleaned['removed_path']}")
+        lines.append(f"  {removed} row{'s' * (removed != 1)} removed by cleaning (chat and preference rows), each "
+                     f"with its reason: {cleaned['removed_path']}")
     return lines
 
 

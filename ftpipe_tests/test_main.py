@@ -258,6 +258,10 @@ def test_the_summary_says_where_the_rows_set_aside_are() -> None:
                                  "dedup/removed.jsonl"]
     found["deduplicated_examples"].update(preference_rows_in=247, preference_rows_out=239)
     assert set_aside_lines(found)[1].startswith("  18 rows removed by cleaning"), "preference rows count too"
+    one = {"raw_examples": {"rows_quarantined": 1, "quarantine_path": "q"}, "deduplicated_examples": {
+        "rows_in": 9, "rows_out": 8, "removed_path": "r"}}
+    assert [line.split(", each")[0] for line in set_aside_lines(one)] == [
+        "  1 row quarantined", "  1 row removed by cleaning (chat and preference rows)"]
     clean = {"raw_examples": {"rows_quarantined": 0}, "deduplicated_examples": {"rows_in": 9, "rows_out": 9}}
     assert set_aside_lines(clean) == [] and set_aside_lines({}) == [], "nothing set aside, nothing said"
 

@@ -212,5 +212,6 @@ def shared_start_evaluations(setup: TrainerSetup, trainer, read: list[int]) -> N
     sized = micro_batching(setup.config, read[1:]).get("per_device_eval_batch_size")
     if sized:
         trainer.args.per_device_eval_batch_size = sized
+    per_pass = trainer.args.per_device_eval_batch_size
     setup.info(f"evaluations: the {read[0]}-token start every eval row shares read once, each row's rest after it "
-               f"({trainer.args.per_device_eval_batch_size} rows a pass)")
+               f"({per_pass} row{'s' * (per_pass != 1)} a pass)")
