@@ -108,6 +108,9 @@ def beats(version, eval_score: float, eval_version: str, scores: dict[str, Any])
                        f"champion with MlflowClient().set_registered_model_alias({version.name!r}, {CHAMPION!r}, "
                        "<version>)")
     ours, old = ([found["rows"][row] for row in shared] for found in (scores, theirs))
+    if ours == old:
+        return False, (f"a tie: the champion's score, {sum(old) / len(shared):.3f}, on each of the {len(shared)} eval "
+                       "rows both were scored on")
     gain, low, high = paired_bootstrap(old, ours, COMPARISON_SAMPLES, seed=0)
     noise = ", which may be noise" if low <= 0 <= high else ""
     return sum(ours) > sum(old), (f"{sum(ours) / len(shared):.3f} against the champion's {sum(old) / len(shared):.3f} "

@@ -251,6 +251,9 @@ def test_registry_moves_champion_only_to_a_better_version_on_the_same_split(tmp_
     assert grown["champion"] is True and grown["compared"] == (
         "0.900 against the champion's 0.800 on the 2 eval rows both were scored on: gain +0.100, 95% CI +0.000 … "
         "+0.200, which may be noise"), "one row better, the other the same: the interval says it may be chance"
+    tie = register(50, 0.70, split="split-3", rows={"r1": 1.0, "r2": 0.8, "new": 0.3})
+    assert tie["champion"] is False and tie["compared"] == (
+        "a tie: the champion's score, 0.700, on each of the 3 eval rows both were scored on"), "not 'may be noise'"
     by_fields = register(6, 0.95, split="split-3", rows={"r1": 1.0, "r2": 1.0, "new": 0.85}, metric="field_accuracy")
     assert by_fields["champion"] is False and by_fields["compared"].startswith(
         "the champion was judged by exact_match, this model by field_accuracy: not comparable; make it the champion")
