@@ -3,8 +3,8 @@
     python data/generate_probe.py
 
 Five skills, interleaved so any prefix of the file mixes them, each row with the check that suits it:
-arithmetic (`number`: the first number of the answer), facts and reasoning (`contains`: the reference as
-whole words), instruction following (`exact`: the answer is the reference, punctuation and case aside) and
+arithmetic and any question answered with a number only (`number`: the first number of the answer, so "7 is larger
+than 25" is not 25), facts and reasoning (`contains`: the reference as whole words), instruction following (`exact`: the answer is the reference, punctuation and case aside) and
 formatting (`exact_case`: the answer is the reference, case included).
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 SEED = 7
 PROBE = Path(__file__).resolve().parent / "general" / "probe.jsonl"
 ROWS_PER_SKILL = 64
+NUMBER_ONLY = " Answer with the number only."  # such a row of any skill is checked by `number`, not as text
 
 CAPITALS = (("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Germany", "Berlin"), ("Spain", "Madrid"),
             ("the United Kingdom", "London"), ("Russia", "Moscow"), ("Egypt", "Cairo"), ("China", "Beijing"),
@@ -98,7 +99,7 @@ def arithmetic(rng: random.Random) -> list[tuple[str, str]]:
         while len(rows) < target:
             a, b = rng.randint(a_low, a_high), rng.randint(b_low, b_high)
             if compute(a, b) >= 10:
-                rows.setdefault(template.format(a=a, b=b) + " Answer with the number only.", str(compute(a, b)))
+                rows.setdefault(template.format(a=a, b=b) + NUMBER_ONLY, str(compute(a, b)))
     return list(rows.items())
 
 
@@ -106,7 +107,7 @@ def facts(rng: random.Random) -> list[tuple[str, str]]:
     rows = [(f"What is the capital of {country}? Answer with the city's name only.", city)
             for country, city in CAPITALS]
     rows += [(f"{q} Answer with one word.", a) for q, a in FACTS]
-    return rows + [(f"{q} Answer with the number only.", a) for q, a in NUMBER_FACTS]
+    return rows + [(q + NUMBER_ONLY, a) for q, a in NUMBER_FACTS]
 
 
 def instructions(rng: random.Random) -> list[tuple[str, str]]:
@@ -144,7 +145,7 @@ def reasoning(rng: random.Random) -> list[tuple[str, str]]:
              for i, month in enumerate(MONTHS)]
     for _ in range(14):
         a, b = rng.sample(range(2, 99), 2)
-        rows.append((f"Which number is larger, {a} or {b}? Answer with the number only.", str(max(a, b))))
+        rows.append((f"Which number is larger, {a} or {b}?{NUMBER_ONLY}", str(max(a, b))))
     for _ in range(12):
         tall, short = rng.sample(NAMES, 2)
         rows.append((f"{tall} is taller than {short}. Who is shorter? Answer with the name only.", short))
@@ -172,7 +173,8 @@ def probe_rows(rng: random.Random) -> list[dict]:
         rows = list(dict(make(rng)).items())
         rng.shuffle(rows)
         skills[name] = rows[:ROWS_PER_SKILL]
-    return [{"id": f"{skill}-{i + 1:02d}", "skill": skill, "check": SKILLS[skill][1],
+    return [{"id": f"{skill}-{i + 1:02d}", "skill": skill,
+             "check": "number" if question.endswith(NUMBER_ONLY) else SKILLS[skill][1],
              "messages": [{"role": "user", "content": question}], "reference": reference}
             for skill, i, (question, reference) in interleave(skills)]
 

@@ -399,6 +399,9 @@ def test_every_row_of_the_shipped_probe_has_a_known_check_its_reference_passes()
     assert len(rows) >= 300 and len({row["skill"] for row in rows}) >= 4
     for row in rows:
         assert row.get("check", "contains") in CHECKS and probe_correct(row["reference"], row), row["id"]
+    larger = next(row for row in rows if row["messages"][-1]["content"].startswith("Which number is larger, 7 or "))
+    assert not probe_correct("7 is larger than 25.", larger), "a number-only question wants its number, not a mention"
+    assert all(row["check"] == "number" for row in rows if row["messages"][-1]["content"].endswith("number only."))
 
 
 def test_the_report_shows_each_models_score_by_message_length_when_lengths_vary():
