@@ -67,6 +67,7 @@ def run_task(task: str, settings: str = "") -> int:
     as canceled.
     """
     import dagster as dg
+    from dagster._core.storage.tags import WILL_RETRY_TAG
 
     from ftpipe.config import TaskConfigError
     from ftpipe.overrides import settings_overrides
@@ -98,8 +99,9 @@ def run_task(task: str, settings: str = "") -> int:
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}, **overrides_config(job, overrides)},
         )
     was_stopped = not result.success and stopped()
-    if was_stopped:  # as Terminate in the UI ends a run: canceled, not failed
+    if was_stopped:  # as Terminate in the UI ends a run: canceled, not failed, and so not retried by the daemon
         instance.report_run_canceled(instance.get_run_by_id(result.run_id), "stopped by Ctrl-C or SIGTERM")
+        instance.add_run_tags(result.run_id, {WILL_RETRY_TAG: "false"})
     print_summary(task, result, was_stopped)
     return 0 if result.success else 1
 

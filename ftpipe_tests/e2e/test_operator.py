@@ -193,6 +193,7 @@ def test_the_cli_waits_for_the_pool_without_cpu_names_the_holder_and_stops_on_si
         assert waiting.stop(signal.SIGTERM) < 10 and waiting.process.returncode == 1
         [stopped] = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": "queued"}))
         assert stopped.status == dg.DagsterRunStatus.CANCELED, "stopped by the operator, as Terminate does"
+        assert stopped.tags["dagster/will_retry"] == "false", "so the daemon does not run it again"
         assert {step.run_id for step in pool.get_concurrency_info("gpu").pending_steps} == {holder.run_id}
 
         training = Cli("queued", env, home, "training")
