@@ -438,8 +438,9 @@ def main(argv: list[str] | None = None) -> int:
                    "summary says which and why), 2 nothing started (an unknown task or an invalid task.yaml).")
     run.add_argument("task", nargs="?", default=DEMO_TASK, help="the task folder's name (default %(default)s)")
     run.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                     help="change a task.yaml setting for this run, e.g. training.max_steps=10 (several: separated "
-                          "by spaces or commas, or more --set)")
+                     help="change a task.yaml setting for this run, e.g. training.max_steps=10 (several: in one "
+                          "quoted argument separated by spaces or commas, \"training.max_steps=10 split.seed=3\", "
+                          "or more --set)")
     talk = _command(commands, "chat", "talk to a task's fine-tuned model",
                     "Answers with the task's champion (else its latest merged model), with the task's system prompt; "
                     "answers constrained to the labels when the task's evaluation constrains them. Exit status 2 "
