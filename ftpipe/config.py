@@ -724,12 +724,20 @@ def _parse_yaml(text: str, source: str) -> dict[str, Any]:
 _VALUE_AS_COMMENT = re.compile(r"^(\s*)([^\s#:'\"-][^:#]*):[ \t]+(#\S.*?)\s*$")
 
 
-def _value_read_as_comment(text: str, source: str) -> None:
+def _empty_keys(node: Any) -> set[str]:
+    """The keys of `node` (a parsed YAML mapping, at any depth) whose value is empty (null)."""
+    if not isinstance(node, dict):
+        return set()
+    return {str(key) for key, value in node.items() if value is None}.union(*map(_empty_keys, node.values()))
+
+
+def _value_read_as_comment(text: str, values: dict[str, Any], source: str) -> None:
     """TaskConfigError for a key whose unquoted value begins with '#', which YAML reads as a comment, leaving the key
-    empty; a section header followed by a comment, with its keys below it, is fine."""
-    lines = text.splitlines()
+    empty (`values`: the text parsed); a section header followed by a comment, with its keys below it, is fine, and
+    so is such a line inside a text value."""
+    lines, empty = text.splitlines(), _empty_keys(values)
     for number, line in enumerate(lines, start=1):
-        if not (found := _VALUE_AS_COMMENT.match(line)):
+        if not (found := _VALUE_AS_COMMENT.match(line)) or found.group(2).strip() not in empty:
             continue
         below = next((later for later in lines[number:] if later.strip() and not later.lstrip().startswith("#")), "")
         if len(below) - len(below.lstrip()) > len(found.group(1)):
@@ -743,7 +751,7 @@ def parse_task_config(text: str, source: str, overrides: str = "") -> TaskConfig
     """Validate task.yaml text, deep-merged with an optional YAML/JSON override snippet; a problem with a value the
     snippet sets (an unknown key, a wrong value) is named as the run overrides', not as the file's."""
     values = _parse_yaml(text, source)
-    _value_read_as_comment(text, source)
+    _value_read_as_comment(text, values, source)
     extra = _parse_yaml(overrides, f"{source} (run overrides)") if overrides.strip() else {}
     try:
         return TaskConfig.model_validate(_deep_merge(values, extra))

@@ -100,6 +100,8 @@ def test_an_unquoted_value_that_begins_with_a_hash_is_refused_instead_of_read_as
     assert quoted.evaluation.answer_pattern == "#### (\\S+)"
     fine = "training:  #mine\n  max_steps: 3   # a comment\n  lora: #defaults but r\n    r: 8\ndedup:   # none\n"
     assert parse_task_config(fine, "t/task.yaml").training.lora.r == 8, "section headers and comments after a space"
+    prompt = "data:\n  system_prompt: |\n    Solve it.\n    End with: #### <number>\n"
+    assert parse_task_config(prompt, "t/task.yaml").data.system_prompt.endswith("End with: #### <number>\n")
 
 
 def test_each_problem_is_one_line_naming_the_file_and_the_field() -> None:
