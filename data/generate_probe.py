@@ -3,9 +3,10 @@
     python data/generate_probe.py
 
 Five skills, interleaved so any prefix of the file mixes them, each row with the check that suits it:
-arithmetic and any question answered with a number only (`number`: the first number of the answer, so "7 is larger
-than 25" is not 25), facts and reasoning (`contains`: the reference as whole words), instruction following (`exact`: the answer is the reference, punctuation and case aside) and
-formatting (`exact_case`: the answer is the reference, case included).
+arithmetic and any question answered with a number only (`number`: the first number of the answer, so "7 is
+larger than 25" is not 25), facts and reasoning (`contains`: the reference as whole words), instruction following
+(`exact`: the answer is the reference, punctuation and case aside) and formatting (`exact_case`: the answer is the
+reference, case included).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     from ftpipe.core.evaluation.answer_budget import cut_off_warning
     from ftpipe.core.evaluation.gate import GATE_FIELDS
     from ftpipe.core.evaluation.report import unheld_labels
-    from ftpipe.core.teacher import teacher_outputs, teacher_version
+    from ftpipe.core.teacher import served_version, teacher_outputs, teacher_version
 
     task = context.partition_key
     cfg = load_config(context, config)
@@ -67,7 +67,8 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     sft = upstream(task, "lora_adapter") if final != "lora_adapter" else None
     train, evaluation = paths.split_files
     distill = cfg.distill  # with a teacher, it answers the held-out rows too
-    teacher = partial(teacher_outputs, task, distill, log=context.log.info) if distill else None
+    version = served_version(distill) if distill else None  # asked once: the reuse key and the answers agree
+    teacher = partial(teacher_outputs, task, distill, version=version, log=context.log.info) if distill else None
     typos = likely_typos(paths.asset("deduplicated_examples"))
     report = run_evaluation(
         base_model_dir=base.produced["path"], base_fingerprint=base.reuse_key,
@@ -77,7 +78,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
         eval_path=evaluation, eval_version=file_version(evaluation).value, train_path=train,
         probe_path=general_probe(), config=cfg.evaluation, cache_dir=paths.eval_base_cache,
         out_dir=paths.output("eval_report"), trust_remote_code=cfg.trust_remote_code, log=context.log.info,
-        teacher=teacher, teacher_version=teacher_version(distill) if distill else None, label_typos=typos,
+        teacher=teacher, teacher_version=teacher_version(distill, version) if distill else None, label_typos=typos,
     )
     if report.get("labels_without_heldout_rows"):
         context.log.warning(f"{task}: {unheld_labels(report['labels_without_heldout_rows'], typos)}")

@@ -3,10 +3,11 @@
 `raw_examples` reads beside `raw/`, with the teacher and model as their source.
 
 Never paid twice: every answer (accepted or not) is cached under `$FTPIPE_HOME/cache/teacher/<task>.jsonl`, keyed by
-the prompt, the teacher, the model (and its version, where the teacher lists one) and the decoding settings, so a materialization asks only for prompts without a
-cached answer. Failures lose nothing: the client retries timeouts, 429 and 5xx with backoff; a request that still
-fails, the budget running out, or the teacher going away stop the run cleanly with every answer so far cached, and
-the next run continues. The API key is read from the environment variable the task names and never written."""
+the prompt, the teacher, the model (and its version, where the teacher lists one) and the decoding settings, so a
+materialization asks only for prompts without a cached answer. Failures lose nothing: the client retries timeouts,
+429 and 5xx with backoff; a request that still fails, the budget running out, or the teacher going away stop the run
+cleanly with every answer so far cached, and the next run continues. The API key is read from the environment
+variable the task names and never written."""
 
 from __future__ import annotations
 
@@ -242,12 +243,11 @@ def _progress(spent: Spending, left: int, seconds: float, log: Callable[[str], N
 
 
 def teacher_outputs(task: str, distill: DistillConfig, ids: list[str], prompts: list[list[dict[str, str]]],
-                    log: Callable[[str], None] = print) -> ModelOutputs:
+                    version: str | None, log: Callable[[str], None] = print) -> ModelOutputs:
     """The teacher's answers to held-out `prompts` (conversations up to the answer), asked through the task's answer
     cache (without a budget: an evaluation needs every row), as one side of the evaluation; a row the teacher could
     not answer counts as an empty answer."""
     unbounded = distill.model_copy(update={"budget": BudgetConfig()})
-    version = served_version(distill)
     keys = [answer_key(messages, unbounded, version) for messages in prompts]
     cache = AnswerCache.of(task)
     pending = [(key, messages) for key, messages in zip(keys, prompts) if key not in cache.answers]
@@ -262,9 +262,10 @@ def teacher_outputs(task: str, distill: DistillConfig, ids: list[str], prompts: 
                         seconds_per_row=sum(e.get("latency_ms", 0.0) for e in answered) / 1000 / max(len(answered), 1))
 
 
-def teacher_version(distill: DistillConfig) -> str:
-    """What decides the teacher's answers, for the evaluation's reuse key."""
-    return answer_key([], distill, served_version(distill))
+def teacher_version(distill: DistillConfig, version: str | None) -> str:
+    """What decides the teacher's answers (its model at `version`, as `served_version` gives it), for the
+    evaluation's reuse key."""
+    return answer_key([], distill, version)
 
 
 def build_teacher_examples(task: str, config: TaskConfig, out_dir: Path,

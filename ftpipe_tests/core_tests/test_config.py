@@ -94,8 +94,9 @@ def test_an_unquoted_value_that_begins_with_a_hash_is_refused_instead_of_read_as
     text = "evaluation:\n  task_type: generation\n  answer_pattern: #### (\\S+)\n"
     with pytest.raises(TaskConfigError) as error:
         parse_task_config(text, "t/task.yaml")
-    assert str(error.value) == ("t/task.yaml: line 3: answer_pattern: the value #### (\\S+) begins with '#', which YAML "
-                                "reads as a comment, so answer_pattern is empty: quote it: answer_pattern: '#### (\\S+)'")
+    assert str(error.value) == (
+        "t/task.yaml: line 3: answer_pattern: the value #### (\\S+) begins with '#', which YAML reads as a comment, "
+        "so answer_pattern is empty: quote it: answer_pattern: '#### (\\S+)'")
     quoted = parse_task_config(text.replace("#### (\\S+)", "'#### (\\S+)'"), "t/task.yaml")
     assert quoted.evaluation.answer_pattern == "#### (\\S+)"
     fine = "training:  #mine\n  max_steps: 3   # a comment\n  lora: #defaults but r\n    r: 8\ndedup:   # none\n"

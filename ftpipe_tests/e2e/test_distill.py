@@ -1,6 +1,7 @@
 """Teacher-written data as users get it: `python -m ftpipe serve` as the teacher of a task's 30 prompts through
 the `openai` client, answers cached and checked, a budget that stops a run and a next run that finishes, no second
-payment, the key never written, a new champion of the teacher asked anew; and a flaky teacher (429, 500, timeouts, malformed bodies) that loses nothing."""
+payment, the key never written, a new champion of the teacher asked anew; and a flaky teacher (429, 500, timeouts,
+malformed bodies) that loses nothing."""
 
 from __future__ import annotations
 
