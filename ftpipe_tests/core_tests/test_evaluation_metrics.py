@@ -200,6 +200,15 @@ def test_a_final_answer_field_reads_json_and_references_without_one_are_refused(
         check_references(rows, task_metrics(EvaluationConfig(answer_pattern=r"#### (\S+)")))
 
 
+def test_a_reference_that_misses_the_answer_pattern_only_by_its_spacing_is_refused_with_the_pattern_that_reads_it():
+    task = task_metrics(EvaluationConfig(answer_pattern=r"#### (\S+)"))
+    assert task.reference_problem("48 / 2 = 24\n####24") == (
+        "misses answer_pattern `#### (\\S+)` only by its spacing: answer_pattern `####\\s*(\\S+)` reads it")
+    assert task.reference_problem("48 / 2 = 24") == "has no final answer matching answer_pattern `#### (\\S+)`"
+    assert task_metrics(EvaluationConfig(answer_pattern=r"####(\d+)")).reference_problem("####x") == (
+        "has no final answer matching answer_pattern `####(\\d+)`"), "no space in the pattern: no hint"
+
+
 @pytest.mark.parametrize(("settings", "problem"), [
     ({"answer_pattern": "#### \\S+"}, "needs exactly one capture group"),
     ({"answer_pattern": "(a)(b)"}, "needs exactly one capture group"),

@@ -28,6 +28,11 @@ def extract_answer(text: str, pattern: str | None = None, field: str | None = No
     return value if isinstance(value, str) or value is None else json.dumps(value)
 
 
+def spaced_freely(pattern: str) -> str:
+    """`pattern` with each space made any whitespace or none (`#### (\\S+)` -> `####\\s*(\\S+)`)."""
+    return pattern.replace(" ", r"\s*")
+
+
 def as_number(answer: str) -> float | None:
     """The answer as a number when the whole of it is one (a trailing full stop and a currency sign aside), else
     None."""

@@ -3,12 +3,13 @@ task names its final answer (`answer_pattern` or `answer_field`), exact match of
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.metrics.base import Scores, TaskMetrics
-from ftpipe.core.evaluation.metrics.final_answer import extract_answer, same_answer
+from ftpipe.core.evaluation.metrics.final_answer import extract_answer, same_answer, spaced_freely
 from ftpipe.core.text import loose
 
 ANSWER_MATCH = "answer_exact_match"
@@ -83,5 +84,13 @@ class Generation(TaskMetrics):
         if not self.checks_answers or self.final_answer(reference) is not None:
             return None
         if self.config.answer_pattern:
-            return f"has no final answer matching answer_pattern `{self.config.answer_pattern}`"
+            return self._pattern_problem(reference)
         return f"has no JSON field {self.config.answer_field!r} (answer_field)"
+
+    def _pattern_problem(self, reference: str) -> str:
+        """Why answer_pattern finds no final answer in `reference`, naming the pattern that would where only the
+        spacing differs (`####24` for `#### (\\S+)`)."""
+        pattern, spaced = self.config.answer_pattern, spaced_freely(self.config.answer_pattern)
+        if spaced != pattern and re.search(spaced, reference):
+            return f"misses answer_pattern `{pattern}` only by its spacing: answer_pattern `{spaced}` reads it"
+        return f"has no final answer matching answer_pattern `{pattern}`"
