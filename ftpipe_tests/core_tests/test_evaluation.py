@@ -845,6 +845,8 @@ def test_final_answers_are_extracted_checked_and_shown(workspace, tmp_path, pass
     assert (predictions["base_final_answer"] == predictions["reference"]).mean() >= 0.9
     assert "| user message | reference final answer | base final answer | few-shot final answer | fine-tuned final " \
            "answer | fine-tuned answer | delta |" in result["report_markdown"]
+    assert "| lenient_answer_match | " in result["report_markdown"], "beside the strict match in the summary"
+    assert predictions["base_lenient_answer_match"].mean() >= predictions["base_answer_exact_match"].mean()
 
     passes.clear()
     refused = config.model_copy(update={"answer_pattern": r"#### (\S+)"})

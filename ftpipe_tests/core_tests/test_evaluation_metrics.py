@@ -184,6 +184,9 @@ def test_a_final_answer_pattern_makes_exact_match_on_final_answers_primary():
     assert found.final_answers == ["7", "2000.0", None]
     assert task.final_answer(references[1]) == "2,000"
     assert task.valid_outputs(answers, references) == [True, True, False], "an answer without '#### N' is out of form"
+    assert found.rows["lenient_answer_match"] == [1.0, 1.0, 1.0], "without a final answer, the last number counts"
+    lenient = task.scores(["It is 7, or\n#### 9", "2,000 or 2,001", "5 of them. No, 6"], references)
+    assert lenient.rows["lenient_answer_match"] == [0.0, 0.0, 0.0], "a final answer given is the answer"
     assert task_metrics(EvaluationConfig()).primary == "rouge_l"
     assert task_metrics(EvaluationConfig()).valid_outputs([*answers, " "], references) == [True, True, True, False]
 
@@ -441,6 +444,11 @@ def test_a_base_answering_out_of_the_tasks_form_is_said_with_what_measures_the_t
     assert base_out_of_form({**extraction, "fewshot_score": None}) == f"{said} the form as much as the task."
     assert base_out_of_form({**extraction, "base_answers_in_form": 20}) is None, "half in the form: a task baseline"
     assert base_out_of_form({**extraction, "base_answers_in_form": None}) is None, "an evaluation from before"
+    math = {**extraction, "fewshot_score": None, "metrics": {"base": {"lenient_answer_match": 0.25},
+                                                             "finetuned": {"lenient_answer_match": 0.4}}}
+    assert base_out_of_form(math) == (f"{said} the form as much as the task; the lenient answer match, which reads an "
+                                      "answer's last number where it gives no final one (base 0.250, fine-tuned "
+                                      "0.400) says how much is the task.")
 
 
 def test_labels_without_held_out_rows_are_named_up_to_a_dozen():

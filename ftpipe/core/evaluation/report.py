@@ -10,6 +10,7 @@ from ftpipe.core.evaluation.answer_budget import cut_off_warning
 from ftpipe.core.evaluation.chart import CHART_LINK
 from ftpipe.core.evaluation.gate import decide_gate, gate_caveat
 from ftpipe.core.evaluation.measurements import LABEL_LIKELIHOOD
+from ftpipe.core.evaluation.metrics.generation import LENIENT_MATCH
 from ftpipe.core.evaluation.metrics import task_metrics
 from ftpipe.core.text import cell, clipped_start, loose_words, markdown_table
 
@@ -72,6 +73,12 @@ def unheld_labels(labels: list[str], typos: dict[str, str] | None = None) -> str
             f"row{fix}).")
 
 
+FORM_FREE_MEASURES = {  # scores that read past the form of an answer
+    LABEL_LIKELIHOOD: "the top label by likelihood, which reads no answer",
+    LENIENT_MATCH: "the lenient answer match, which reads an answer's last number where it gives no final one",
+}
+
+
 def base_out_of_form(m: dict[str, Any]) -> str | None:
     """Where the base model gave most held-out answers in another form than the task's (prose instead of a label),
     that the delta over it counts learning the form as much as the task, and what says how much is the task; None
@@ -79,10 +86,10 @@ def base_out_of_form(m: dict[str, Any]) -> str | None:
     in_form = m.get("base_answers_in_form")
     if in_form is None or in_form >= IN_FORM_SHARE * m["rows"]:
         return None
-    ranked = {side: m["metrics"][side].get(LABEL_LIKELIHOOD) for side in ("base", "finetuned")}
     fairer = [*(["the few-shot baseline (shown the form)"] if m["fewshot_score"] is not None else []),
-              *([f"the top label by likelihood, which reads no answer (base {number(ranked['base'])}, fine-tuned "
-                 f"{number(ranked['finetuned'])})"] if ranked["base"] is not None else [])]
+              *(f"{said} (base {number(m['metrics']['base'][name])}, fine-tuned "
+                f"{number(m['metrics']['finetuned'][name])})" for name, said in FORM_FREE_MEASURES.items()
+                if m["metrics"]["base"].get(name) is not None)]
     task = f"; {' and '.join(fairer)} say{'s' if len(fairer) == 1 else ''} how much is the task" if fairer else ""
     return (f"The base model answered {in_form} of {m['rows']} held-out rows in the task's form, so the delta over it "
             f"counts learning the form as much as the task{task}.")

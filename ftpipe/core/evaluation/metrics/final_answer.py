@@ -28,6 +28,12 @@ def extract_answer(text: str, pattern: str | None = None, field: str | None = No
     return value if isinstance(value, str) or value is None else json.dumps(value)
 
 
+def last_number(text: str) -> str | None:
+    """The last number written in `text`, None when it has none."""
+    found = NUMBER.findall(text)
+    return found[-1] if found else None
+
+
 def spaced_freely(pattern: str) -> str:
     """`pattern` with each space made any whitespace or none (`#### (\\S+)` -> `####\\s*(\\S+)`)."""
     return pattern.replace(" ", r"\s*")

@@ -1,5 +1,6 @@
 """Generation: free text. ROUGE-L F1 (primary), SQuAD-style token F1 and exact match, on loose words; when the
-task names its final answer (`answer_pattern` or `answer_field`), exact match of the final answers is primary."""
+task names its final answer (`answer_pattern` or `answer_field`), exact match of the final answers is primary, and a
+lenient match beside it reads an answer's last number where it gives no final answer (the base model's, mostly)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from typing import Any
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.metrics.base import Scores, TaskMetrics
-from ftpipe.core.evaluation.metrics.final_answer import extract_answer, same_answer, spaced_freely
+from ftpipe.core.evaluation.metrics.final_answer import extract_answer, last_number, same_answer, spaced_freely
 from ftpipe.core.text import loose
 
 ANSWER_MATCH = "answer_exact_match"
+LENIENT_MATCH = "lenient_answer_match"  # the final answer, or an answer's last number where it gives none
 FREE_TEXT_NOTE = (
     "ROUGE-L and token F1 count the words an answer shares with its reference: a right answer in other words scores "
     "low, and one that copies words from the message scores high (the copy of the input shows how high). Exact match "
@@ -73,8 +75,11 @@ class Generation(TaskMetrics):
         if not self.checks_answers:
             return Scores(rows=rows)
         finals = [self.final_answer(a) for a in answers]
-        matches = [float(same_answer(f, self.final_answer(r) or "")) for f, r in zip(finals, references)]
-        return Scores(rows={ANSWER_MATCH: matches, **rows}, final_answers=finals)
+        wanted = [self.final_answer(r) or "" for r in references]
+        lenient = [last_number(a) if f is None else f for f, a in zip(finals, answers)]
+        return Scores(rows={ANSWER_MATCH: [float(same_answer(f, w)) for f, w in zip(finals, wanted)],
+                            LENIENT_MATCH: [float(same_answer(f, w)) for f, w in zip(lenient, wanted)], **rows},
+                      final_answers=finals)
 
     def report_sections(self, records: list[dict[str, Any]], sides: dict[str, str]) -> list[tuple[str, str]]:
         """Free text: what word-overlap scores cannot say, and where a verdict on the answers comes from."""
