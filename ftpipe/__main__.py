@@ -9,7 +9,9 @@ import shlex
 import signal
 import socket
 import sys
-from contextlib import contextmanager, suppress
+import threading
+import uuid
+from contextlib import contextmanager
 
 DEMO_TASK = "ticket_triage"
 GATE_THRESHOLDS = ("min_improvement", "max_forgetting", "min_preference_gain")  # in the gate check's metadata
@@ -92,40 +94,57 @@ def run_task(task: str, settings: str = "") -> int:
     instance = dg.DagsterInstance.get()
     for line in release_dead_runs(instance):
         print(line)
-    job = defs.resolve_job_def("finetune_job")
-    with stop_signals_seen() as stopped:
+    job, run_id = defs.resolve_job_def("finetune_job"), str(uuid.uuid4())
+    with canceled_on_stop(instance, run_id) as stopped:
         result = job.execute_in_process(
-            instance=instance, partition_key=task, raise_on_error=False, tags={HOST_TAG: socket.gethostname()},
+            instance=instance, partition_key=task, run_id=run_id, raise_on_error=False,
+            tags={HOST_TAG: socket.gethostname()},
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}, **overrides_config(job, overrides)},
         )
     was_stopped = not result.success and stopped()
-    if was_stopped:  # as Terminate in the UI ends a run: canceled, not failed, and so not retried by the daemon
-        instance.report_run_canceled(instance.get_run_by_id(result.run_id), "stopped by Ctrl-C or SIGTERM")
-        instance.add_run_tags(result.run_id, {WILL_RETRY_TAG: "false"})
+    if was_stopped and instance.get_run_by_id(run_id).status != dg.DagsterRunStatus.CANCELED:  # failed meanwhile
+        instance.report_run_canceled(instance.get_run_by_id(run_id), STOPPED_BY)
+        instance.add_run_tags(run_id, {WILL_RETRY_TAG: "false"})
     print_summary(task, result, was_stopped)
     return 0 if result.success else 1
 
 
 @contextmanager
-def stop_signals_seen():
-    """Yields a function telling, once the block is done, whether Ctrl-C or SIGTERM reached the process inside it,
-    whatever handled them there (a Dagster run turns them into a failure): the interpreter writes the number of every
-    signal it catches to the wakeup pipe."""
+def canceled_on_stop(instance, run_id: str):
+    """Within the block, Ctrl-C or SIGTERM marks run `run_id` canceling at once, as Terminate in the UI does, so
+    Dagster ends it canceled, not failed (and retried by the daemon). Yields a function telling, once the block is
+    done, whether one came. Dagster's own handlers catch the signals in a run, so a thread reads their numbers from
+    the interpreter's wakeup pipe."""
     from ftpipe.core.launch import STOP_SIGNALS
 
     read, write = os.pipe()
-    os.set_blocking(read, False)
     os.set_blocking(write, False)
     previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    seen: set[int] = set()
+    stopped = threading.Event()
+
+    def watch() -> None:
+        while caught := os.read(read, 64):  # empty once the block is done and the pipe closed
+            if not stopped.is_set() and set(caught) & set(STOP_SIGNALS):
+                stopped.set()
+                _mark_canceling(instance, run_id)
+
+    watcher = threading.Thread(target=watch, name="stop-signals", daemon=True)
+    watcher.start()
     try:
-        yield lambda: any(number in seen for number in STOP_SIGNALS)
+        yield stopped.is_set
     finally:
-        with suppress(BlockingIOError):
-            seen.update(os.read(read, 1024))
         signal.set_wakeup_fd(previous)
-        os.close(read)
         os.close(write)
+        watcher.join()
+        os.close(read)
+
+
+def _mark_canceling(instance, run_id: str) -> None:
+    import dagster as dg
+
+    run = instance.get_run_by_id(run_id)
+    if run is not None and run.status == dg.DagsterRunStatus.STARTED:
+        instance.report_run_canceling(run, message=STOPPED_BY)
 
 
 def overrides_config(job, overrides: str) -> dict:
@@ -145,7 +164,8 @@ def _materializations(result) -> dict[str, dict]:
 
 
 INTERRUPTIONS = ("DagsterExecutionInterruptedError", "KeyboardInterrupt")  # a step stopped by Ctrl-C or SIGTERM
-STOPPED = "stopped by Ctrl-C or SIGTERM (the same command carries on: the finished steps are reused)"
+STOPPED_BY = "stopped by Ctrl-C or SIGTERM"
+STOPPED = f"{STOPPED_BY} (the same command carries on: the finished steps are reused)"
 
 
 def failure_reason(result, stopped: bool = False) -> str:

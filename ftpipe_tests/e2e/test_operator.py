@@ -175,6 +175,14 @@ class Cli:
         return time.monotonic() - asked
 
 
+def never_failed(instance: dg.DagsterInstance, run_id: str, cli: Cli) -> bool:
+    """Whether run `run_id` of `cli` was canceled without a run failure in its events or in the command's output."""
+    kinds = {record.event_log_entry.dagster_event.event_type for record in instance.get_records_for_run(run_id).records
+             if record.event_log_entry.is_dagster_event}
+    return dg.DagsterEventType.RUN_CANCELED in kinds and dg.DagsterEventType.RUN_FAILURE not in kinds and (
+        "RUN_FAILURE" not in cli.logs.read_text())
+
+
 def test_the_cli_waits_for_the_pool_without_cpu_names_the_holder_and_stops_on_sigterm_and_ctrl_c(
         ftpipe_env: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     toy_task(ftpipe_env, "queued", tiny_model_dir, LENIENT_GATE, training=TRAINING)
@@ -193,7 +201,8 @@ def test_the_cli_waits_for_the_pool_without_cpu_names_the_holder_and_stops_on_si
         assert waiting.stop(signal.SIGTERM) < 10 and waiting.process.returncode == 1
         [stopped] = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": "queued"}))
         assert stopped.status == dg.DagsterRunStatus.CANCELED, "stopped by the operator, as Terminate does"
-        assert stopped.tags["dagster/will_retry"] == "false", "so the daemon does not run it again"
+        assert stopped.tags.get("dagster/will_retry") != "true", "so the daemon does not run it again"
+        assert never_failed(instance, stopped.run_id, waiting), "canceled at once: no failure recorded, none printed"
         assert {step.run_id for step in pool.get_concurrency_info("gpu").pending_steps} == {holder.run_id}
 
         training = Cli("queued", env, home, "training")
@@ -214,6 +223,7 @@ def test_the_cli_waits_for_the_pool_without_cpu_names_the_holder_and_stops_on_si
             "STOPPED: lora_adapter: stopped by Ctrl-C or SIGTERM (the same command carries on: the finished steps are "
             "reused)") and "FAILED" not in said, "stopped by the operator, not failed"
         assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.CANCELED
+        assert never_failed(instance, run.run_id, training)
         assert mlflow_status(mlflow_run_of("queued")) == "KILLED"
         assert not pool.get_concurrency_info("gpu").claimed_slots and not pool.get_concurrency_info("gpu").pending_steps
 
