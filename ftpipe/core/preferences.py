@@ -63,14 +63,16 @@ def to_preference(row: Any, spec: FormatSpec, source: str) -> dict[str, Any] | N
     A preference row is recognised by its own keys (`chosen` or `rejected`; `prompt` and `label`), else by the
     columns mapped in data.columns (`chosen` or `rejected`; `label`). Configured formats other than auto and
     columns read chat examples only. A row that also holds another kind's answer (`messages`, or a pair's
-    `completion`) is refused rather than read as one kind with the rest dropped.
+    `completion`) is refused rather than read as one kind with the rest dropped. A pair's `chosen` and `rejected` may
+    hold whole conversations, whose shared start is the prompt (`_conversation_pair`).
     """
     naming = _naming(row, spec) if isinstance(row, dict) and spec.format in ("auto", "columns") else None
     if naming is None:
         return None
     paired, columns = naming
+    copy = row.get(columns["chosen"]) if paired else None  # UltraFeedback's `messages`: the chosen conversation again
     other = [name for name in ("messages", *([columns["completion"]] if paired else []))
-             if row.get(name) not in (None, "")]  # another kind's answer in the same row
+             if row.get(name) not in (None, "", copy)]  # another kind's answer in the same row
     if other:
         kind = "a preference pair" if paired else "a single answer with its label"
         raise BadRow(f"holds {kind} and {' and '.join(repr(name) for name in other)} too: one row is one example; "
@@ -78,9 +80,13 @@ def to_preference(row: Any, spec: FormatSpec, source: str) -> dict[str, Any] | N
     if columns is not OWN_COLUMNS:  # named by the mapping: every mapped column its kind reads is in the file
         read = ("prompt", "system", *(("chosen", "rejected") if paired else ("completion", "label")))
         check_mapped_columns(row, {field: spec.columns[field] for field in read if field in spec.columns})
-    system = optional_text(row.get(columns["system"]), columns["system"]) if "system" in columns else None
-    prompt = with_system_prompt(_prompt(_value(row, columns, "prompt"), columns["prompt"], system), spec.system_prompt)
-    answers = _paired_answers(row, columns) if paired else _unpaired_answer(row, columns)
+    if paired and (conversations := _conversation_pair(row, columns)):
+        prompt, answers = conversations
+    else:
+        system = optional_text(row.get(columns["system"]), columns["system"]) if "system" in columns else None
+        prompt = _prompt(_value(row, columns, "prompt"), columns["prompt"], system)
+        answers = _paired_answers(row, columns) if paired else _unpaired_answer(row, columns)
+    prompt = with_system_prompt(prompt, spec.system_prompt)
     check_size([*(m["content"] for m in prompt), *(a for a in answers.values() if isinstance(a, str))])
     fields = {"prompt": prompt, "chosen": None, "rejected": None, "completion": None, "label": None, **answers}
     return {"id": example_id(list(fields.values())), **fields, "source": source}
@@ -139,9 +145,43 @@ def _value(row: dict[str, Any], columns: dict[str, str], field: str) -> Any:
     return row.get(name)
 
 
+def _conversation_pair(row: dict[str, Any], columns: dict[str, str]) -> tuple[list[dict], dict[str, str]] | None:
+    """(prompt, answers) when `chosen` and `rejected` hold whole conversations, each ending with its answer: the
+    prompt is the conversation before the answers, which both must share (TRL's implicit-prompt form; UltraFeedback's,
+    with `prompt` its last user message). None when they hold their answers alone."""
+    names = {side: columns[side] for side in ("chosen", "rejected")}
+    if not any(isinstance(row.get(name), list) and len(row[name]) > 1 for name in names.values()):
+        return None
+    conversations = {side: _conversation(_value(row, columns, side), name) for side, name in names.items()}
+    prompt = conversations["chosen"][:-1]
+    if conversations["rejected"][:-1] != prompt:
+        raise BadRow(f"fields '{names['chosen']}' and '{names['rejected']}' hold conversations that differ before "
+                     "their answers: a pair answers one prompt")
+    given = row.get(columns["prompt"])
+    stated = message_list(given, columns["prompt"]) if isinstance(given, list) else given
+    if stated not in (None, "", prompt, prompt[-1]["content"]):
+        raise BadRow(f"field '{columns['prompt']}' is neither the conversation in '{names['chosen']}' and "
+                     f"'{names['rejected']}' before their answers nor its last user message")
+    return prompt, _distinct(conversations["chosen"][-1]["content"], conversations["rejected"][-1]["content"], names)
+
+
+def _conversation(value: Any, name: str) -> list[dict[str, str]]:
+    """The messages of a whole conversation in field `name`, which ends with a user message and the answer."""
+    messages = message_list(value, name)
+    if len(messages) < 2 or [message["role"] for message in messages[-2:]] != ["user", "assistant"]:
+        raise BadRow(f"field '{name}' holds a conversation, which must end with a user message and the assistant's "
+                     "answer")
+    return messages
+
+
 def _paired_answers(row: dict[str, Any], columns: dict[str, str]) -> dict[str, str]:
     chosen = _answer(_value(row, columns, "chosen"), columns["chosen"])
     rejected = _answer(_value(row, columns, "rejected"), columns["rejected"])
+    return _distinct(chosen, rejected, columns)
+
+
+def _distinct(chosen: str, rejected: str, columns: dict[str, str]) -> dict[str, str]:
+    """The pair's answers; BadRow when they are one answer."""
     if canonical(chosen) == canonical(rejected):
         names = f"'{columns['chosen']}' and '{columns['rejected']}'"
         raise BadRow(f"fields {names} are the same answer after normalisation")

@@ -56,6 +56,31 @@ def test_every_preference_format_becomes_the_canonical_row(ftpipe_env: Path) -> 
     assert len({row["id"] for row in result.preferences}) == len(result.preferences) == 7
 
 
+def test_pairs_of_whole_conversations_read_their_shared_start_as_the_prompt(ftpipe_env: Path) -> None:
+    def turns(*texts: str) -> list[dict]:
+        return [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(texts)]
+
+    ultrafeedback = {"prompt": "Name a prime.", "prompt_id": "9f2", "chosen": turns("Name a prime.", "7"),
+                     "rejected": turns("Name a prime.", "8"), "messages": turns("Name a prime.", "7"),
+                     "score_chosen": 8.5, "score_rejected": 2.0}
+    folder = make_task(ftpipe_env, "t", {"implicit.jsonl": [  # TRL's implicit prompt, over several turns
+        {"chosen": turns("Hi", "Hello!", "Name a color."), "rejected": turns("Hi", "Hello!", "Name a colour.")},
+        {"chosen": turns("Hi", "Hello!", "Name a color.", "Red."),
+         "rejected": turns("Hi", "Hello!", "Name a color.", "Seven.")}]})
+    pq.write_table(pa.Table.from_pylist([ultrafeedback]), folder / "raw" / "ultrafeedback.parquet")
+    result = read(folder, FormatSpec(system_prompt=SYSTEM))
+    assert [entry["reason"] for entry in result.quarantine] == [
+        "field 'chosen' holds a conversation, which must end with a user message and the assistant's answer"]
+    rows = {row["source"]: row for row in result.preferences}
+    assert rows["ultrafeedback.parquet:row 1"]["prompt"] == [{"role": "system", "content": SYSTEM},
+                                                            *turns("Name a prime.")]
+    assert (rows["ultrafeedback.parquet:row 1"]["chosen"], rows["ultrafeedback.parquet:row 1"]["rejected"]) == ("7", "8")
+    assert rows["implicit.jsonl:line 2"]["prompt"][1:] == turns("Hi", "Hello!", "Name a color.")
+    assert (rows["implicit.jsonl:line 2"]["chosen"], rows["implicit.jsonl:line 2"]["rejected"]) == ("Red.", "Seven.")
+    plain = {"prompt": "Name a prime.", "chosen": "7", "rejected": "8"}
+    assert rows["ultrafeedback.parquet:row 1"]["id"] == to_preference(plain, FormatSpec(system_prompt=SYSTEM), "")["id"]
+
+
 def test_mapped_columns_make_unpaired_rows(ftpipe_env: Path) -> None:
     folder = make_task(ftpipe_env, "t", {})
     table = pa.table({"ticket": ["q", "r", "s"], "reply": ["c", "d", "e"], "ok": [1.0, 0.0, None]})  # pandas' ints
@@ -135,7 +160,14 @@ def test_a_mapped_sft_answer_column_named_label_stays_an_sft_row(ftpipe_env: Pat
     ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
      "field 'chosen' must be an assistant message, but it has role 'user'"),
     ({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}] * 2, "rejected": "b"},
-     "field 'chosen' must hold one assistant message, got a list of 2"),
+     "field 'chosen' holds a conversation, which must end with a user message and the assistant's answer"),
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "other q"}, {"role": "assistant", "content": "b"}]},
+     "fields 'chosen' and 'rejected' hold conversations that differ before their answers: a pair answers one prompt"),
+    ({"prompt": "not q", "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
+     "field 'prompt' is neither the conversation in 'chosen' and 'rejected' before their answers nor its last user "
+     "message"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "prompt": "q",
       "chosen": "a", "rejected": "b"}, "holds a preference pair and 'messages' too: one row is one example; write each "
                                        "as a row of its own"),
