@@ -72,13 +72,13 @@ def test_pairs_of_whole_conversations_read_their_shared_start_as_the_prompt(ftpi
     assert [entry["reason"] for entry in result.quarantine] == [
         "field 'chosen' holds a conversation, which must end with a user message and the assistant's answer"]
     rows = {row["source"]: row for row in result.preferences}
-    assert rows["ultrafeedback.parquet:row 1"]["prompt"] == [{"role": "system", "content": SYSTEM},
-                                                            *turns("Name a prime.")]
-    assert (rows["ultrafeedback.parquet:row 1"]["chosen"], rows["ultrafeedback.parquet:row 1"]["rejected"]) == ("7", "8")
+    ultra = rows["ultrafeedback.parquet:row 1"]
+    assert ultra["prompt"] == [{"role": "system", "content": SYSTEM}, *turns("Name a prime.")]
+    assert (ultra["chosen"], ultra["rejected"]) == ("7", "8")
     assert rows["implicit.jsonl:line 2"]["prompt"][1:] == turns("Hi", "Hello!", "Name a color.")
     assert (rows["implicit.jsonl:line 2"]["chosen"], rows["implicit.jsonl:line 2"]["rejected"]) == ("Red.", "Seven.")
     plain = {"prompt": "Name a prime.", "chosen": "7", "rejected": "8"}
-    assert rows["ultrafeedback.parquet:row 1"]["id"] == to_preference(plain, FormatSpec(system_prompt=SYSTEM), "")["id"]
+    assert ultra["id"] == to_preference(plain, FormatSpec(system_prompt=SYSTEM), "")["id"]
 
 
 def test_mapped_columns_make_unpaired_rows(ftpipe_env: Path) -> None:
