@@ -9,6 +9,7 @@ Canonical preference row (what `raw_examples` writes to `preferences.parquet`, b
 
 from __future__ import annotations
 
+import re
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from ftpipe.core.training.methods import UNPAIRED_OBJECTIVES
 
 OWN_COLUMNS = {name: name for name in ("prompt", "chosen", "rejected", "completion", "label")}
 LABELS = {"true": True, "1": True, "false": False, "0": False}  # JSON and CSV spellings of a label
+TRANSCRIPT_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ?")  # Anthropic HH-RLHF's "\n\nHuman: …\n\nAssistant: …"
+TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 PREFERENCE_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", MESSAGE_TYPE), ("chosen", pa.string()), ("rejected", pa.string()),
@@ -148,11 +151,13 @@ def _value(row: dict[str, Any], columns: dict[str, str], field: str) -> Any:
 def _conversation_pair(row: dict[str, Any], columns: dict[str, str]) -> tuple[list[dict], dict[str, str]] | None:
     """(prompt, answers) when `chosen` and `rejected` hold whole conversations, each ending with its answer: the
     prompt is the conversation before the answers, which both must share (TRL's implicit-prompt form; UltraFeedback's,
-    with `prompt` its last user message). None when they hold their answers alone."""
+    with `prompt` its last user message; HH-RLHF's transcripts). None when they hold their answers alone."""
     names = {side: columns[side] for side in ("chosen", "rejected")}
-    if not any(isinstance(row.get(name), list) and len(row[name]) > 1 for name in names.values()):
+    wholes = {side: _whole_conversation(row.get(name)) for side, name in names.items()}
+    if not any(wholes.values()):
         return None
-    conversations = {side: _conversation(_value(row, columns, side), name) for side, name in names.items()}
+    conversations = {side: _conversation(wholes[side] or _value(row, columns, side), name)
+                     for side, name in names.items()}
     prompt = conversations["chosen"][:-1]
     if conversations["rejected"][:-1] != prompt:
         raise BadRow(f"fields '{names['chosen']}' and '{names['rejected']}' hold conversations that differ before "
@@ -163,6 +168,17 @@ def _conversation_pair(row: dict[str, Any], columns: dict[str, str]) -> tuple[li
         raise BadRow(f"field '{columns['prompt']}' is neither the conversation in '{names['chosen']}' and "
                      f"'{names['rejected']}' before their answers nor its last user message")
     return prompt, _distinct(conversations["chosen"][-1]["content"], conversations["rejected"][-1]["content"], names)
+
+
+def _whole_conversation(value: Any) -> list | None:
+    """`value` as a list of messages when it holds a whole conversation: a list of several, or an HH-RLHF transcript
+    of a human turn and the assistant's answer at least; else None."""
+    if isinstance(value, list):
+        return value if len(value) > 1 else None
+    parts = TRANSCRIPT_TURN.split(value) if isinstance(value, str) else []
+    if len(parts) < 5 or parts[0].strip():
+        return None
+    return [{"role": TRANSCRIPT_ROLES[role], "content": text.strip()} for role, text in zip(parts[1::2], parts[2::2])]
 
 
 def _conversation(value: Any, name: str) -> list[dict[str, str]]:

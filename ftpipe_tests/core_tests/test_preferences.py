@@ -67,6 +67,9 @@ def test_pairs_of_whole_conversations_read_their_shared_start_as_the_prompt(ftpi
         {"chosen": turns("Hi", "Hello!", "Name a color."), "rejected": turns("Hi", "Hello!", "Name a colour.")},
         {"chosen": turns("Hi", "Hello!", "Name a color.", "Red."),
          "rejected": turns("Hi", "Hello!", "Name a color.", "Seven.")}]})
+    (folder / "raw" / "hh.jsonl").write_text(json.dumps({  # Anthropic HH-RLHF's transcripts
+        "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a color.\n\nAssistant: Red.",
+        "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a color.\n\nAssistant: Seven."}) + "\n")
     pq.write_table(pa.Table.from_pylist([ultrafeedback]), folder / "raw" / "ultrafeedback.parquet")
     result = read(folder, FormatSpec(system_prompt=SYSTEM))
     assert [entry["reason"] for entry in result.quarantine] == [
@@ -77,6 +80,8 @@ def test_pairs_of_whole_conversations_read_their_shared_start_as_the_prompt(ftpi
     assert (ultra["chosen"], ultra["rejected"]) == ("7", "8")
     assert rows["implicit.jsonl:line 2"]["prompt"][1:] == turns("Hi", "Hello!", "Name a color.")
     assert (rows["implicit.jsonl:line 2"]["chosen"], rows["implicit.jsonl:line 2"]["rejected"]) == ("Red.", "Seven.")
+    assert {key: rows["hh.jsonl:line 1"][key] for key in ("prompt", "chosen", "rejected")} == {
+        key: rows["implicit.jsonl:line 2"][key] for key in ("prompt", "chosen", "rejected")}
     plain = {"prompt": "Name a prime.", "chosen": "7", "rejected": "8"}
     assert ultra["id"] == to_preference(plain, FormatSpec(system_prompt=SYSTEM), "")["id"]
 
@@ -164,6 +169,8 @@ def test_a_mapped_sft_answer_column_named_label_stays_an_sft_row(ftpipe_env: Pat
     ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
       "rejected": [{"role": "user", "content": "other q"}, {"role": "assistant", "content": "b"}]},
      "fields 'chosen' and 'rejected' hold conversations that differ before their answers: a pair answers one prompt"),
+    ({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant:"},
+     "field 'rejected[1].content' is empty"),
     ({"prompt": "not q", "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
       "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
      "field 'prompt' is neither the conversation in 'chosen' and 'rejected' before their answers nor its last user "
