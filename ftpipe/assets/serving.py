@@ -46,10 +46,10 @@ TURN_ROWS = "train rows' assistant turns (every_turn: each a training row)"
 
 def _data_counts(task: str, sft: Result) -> dict[str, int]:
     """The rows behind the model, from the raw files to the (`sft`) training: read, quarantined, removed by cleaning,
-    held out, trained on (with the replayed general rows) and left out or cut for their length."""
+    held out, trained on (with the replayed general rows), left out or cut for their length, and shortened by their
+    earliest turns."""
     raw, cleaned, split = (upstream(task, asset)
                            for asset in ("raw_examples", "deduplicated_examples", "heldout_split"))
-    training = sft.produced["training"]
     return {
         "rows read": raw.metadata["rows_read"],
         "rows quarantined": raw.metadata["rows_quarantined"],
@@ -58,11 +58,19 @@ def _data_counts(task: str, sft: Result) -> dict[str, int]:
         "held-out rows": split.metadata["eval_rows"],
         "train rows": split.metadata["train_rows"],
         "replayed general rows": sft.metadata.get("replay_rows", 0),
-        f"{TURN_ROWS if training.get('every_turn') else 'train'} and eval rows over max_length "
-        f"{training['max_length']}, {TOO_LONG_DONE[training['too_long']]} by the training (the evaluation scores every "
-        "held-out row)":
-            sft.metadata.get("rows_too_long", 0),
+        **length_counts(sft.produced["training"], sft.metadata),
     }
+
+
+def length_counts(training: dict, metadata: dict) -> dict[str, int]:
+    """The rows a training (its `training` settings and `metadata`) left out or cut for their length, and those it
+    shortened by their earliest turns (too_long: trim_turns)."""
+    rows = TURN_ROWS if training.get("every_turn") else "train"
+    over = (f"{rows} and eval rows over max_length {training['max_length']}, {TOO_LONG_DONE[training['too_long']]} by "
+            "the training (the evaluation scores every held-out row)")
+    trimmed = {"multi-turn rows trained without their earliest turns": metadata["rows_trimmed"]} if (
+        "rows_trimmed" in metadata) else {}
+    return {over: metadata.get("rows_too_long", 0), **trimmed}
 
 
 @dg.asset(

@@ -153,6 +153,15 @@ def test_qlora_without_cuda_is_refused_where_it_would_train_in_the_step_failure_
     assert not list(TaskLayout(tiny_task).path("lora_adapter").glob("*.refused")), "the note is gone once said"
 
 
+def test_the_card_counts_rows_left_out_for_their_length_and_chats_shortened_by_their_earliest_turns() -> None:
+    from ftpipe.assets.serving import length_counts
+
+    trimmed = length_counts({"max_length": 512, "too_long": "trim_turns"}, {"rows_too_long": 2, "rows_trimmed": 5})
+    assert trimmed == {"train and eval rows over max_length 512, left out by the training (the evaluation scores "
+                       "every held-out row)": 2, "multi-turn rows trained without their earliest turns": 5}
+    assert list(length_counts({"max_length": 64, "too_long": "drop"}, {"rows_too_long": 0}).values()) == [0]
+
+
 @pytest.mark.slow
 def test_lora_adapter_trains_through_pipes_is_tracked_reused_and_retrained_on_demand(tiny_task: str) -> None:
     from peft import PeftModel

@@ -17,7 +17,8 @@ from ftpipe.core.training import checkpoints, outputs, sizing
 from ftpipe.core.training.methods import Method
 from ftpipe.core.training.program import EXIT_REFUSED, build_trainer
 from ftpipe.core.training.reporting import NewStepsOnly
-from ftpipe.core.training.sft import read_chat_rows
+from ftpipe.core.training.setup import trainer_setup
+from ftpipe.core.training.sft import build_datasets, read_chat_rows
 from ftpipe.core.training.shared_start import evaluated_lengths
 from ftpipe.core.training.spec import TrainingSpec, training_fingerprint
 from ftpipe_tests.tiny_model import long_system_prompt, toy_rows, with_system
@@ -583,3 +584,6 @@ def test_every_turn_learns_each_assistant_message_after_the_conversation_before_
                                  too_long="trim_turns", max_length=two_exchanges)
     assert len(trainer.train_dataset) == 12, "the chats of three exchanges lose their first"
     assert any(line.endswith("; 4 multi-turn rows kept without their earliest turns") for line in said), said
+    spec = TrainingSpec.from_json(workspace / "trimmed.json")
+    setup = trainer_setup(spec, spec.config(), Method("sft", "lora", "none"), callbacks=[], info=lambda line: None)
+    assert build_datasets(setup)[2] == {"rows_too_long": 0, "rows_trimmed": 4}, "facts for the metadata and the card"

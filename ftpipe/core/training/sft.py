@@ -95,8 +95,9 @@ def left_out_warning(train_over: list[int], train_rows: int, eval_over: list[int
 
 
 def build_datasets(setup: TrainerSetup):
-    """(train, eval) datasets, the train rows with the setup's extra (replay) rows mixed in, the count of task rows
-    over max_length and the task train rows' lengths in tokens."""
+    """(train, eval) datasets, the train rows with the setup's extra (replay) rows mixed in; the facts `rows_too_long`
+    (task rows over max_length) and, with too_long trim_turns, `rows_trimmed` (multi-turn rows kept without their
+    earliest turns); and the task train rows' lengths in tokens."""
     from datasets import Dataset
 
     config = setup.config
@@ -105,16 +106,18 @@ def build_datasets(setup: TrainerSetup):
     require_rows(train.rows, evals.rows, train.over, config, trimmable=train.trimmable)
     extra = [to_prompt_completion(messages) for messages in setup.extra_train_rows(len(train.rows))]
     rows_too_long = len(train.over) + len(evals.over)
+    facts = {"rows_too_long": rows_too_long,
+             **({"rows_trimmed": train.trimmed + evals.trimmed} if config.too_long == "trim_turns" else {})}
     setup.info(f"data: {len(train.rows)} train rows{' (every assistant turn a row)' if config.every_turn else ''} + "
                f"{len(extra)} general (replay) / {len(evals.rows)} eval rows; "
                f"{rows_too_long} over {config.max_length} tokens {TOO_LONG_DONE[config.too_long]}"
-               + (f"; {train.trimmed + evals.trimmed} multi-turn rows kept without their earliest turns"
-                  if config.too_long == "trim_turns" else ""))
+               + (f"; {facts['rows_trimmed']} multi-turn rows kept without their earliest turns"
+                  if "rows_trimmed" in facts else ""))
     if rows_too_long and config.too_long != "truncate":
         setup.warning(left_out_warning(train.over, len(train.rows) + len(train.over), evals.over,
                                        len(evals.rows) + len(evals.over), config.max_length,
                                        train.trimmable + evals.trimmable))
-    return Dataset.from_list(train.rows + extra), Dataset.from_list(evals.rows), rows_too_long, train.lengths
+    return Dataset.from_list(train.rows + extra), Dataset.from_list(evals.rows), facts, train.lengths
 
 
 def pass_settings(setup: TrainerSetup, lengths: list[int], rows_too_long: int) -> tuple[bool, int | None]:
@@ -173,12 +176,12 @@ def sft_config(config: TrainingConfig, arguments: dict[str, Any], flat: bool):
 
 
 def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
-    """An SFTTrainer on the task's chat rows, and the facts `rows_too_long` and `eval_tokens_per_evaluation` (what an
-    evaluation reads of the eval rows: `evaluated_lengths`, as the sizing counts it)."""
+    """An SFTTrainer on the task's chat rows, and the facts of `build_datasets` and `eval_tokens_per_evaluation` (what
+    an evaluation reads of the eval rows: `evaluated_lengths`, as the sizing counts it)."""
     from trl import SFTTrainer
 
-    train, evals, rows_too_long, lengths = build_datasets(setup)
-    flat, budget = pass_settings(setup, lengths, rows_too_long)
+    train, evals, facts, lengths = build_datasets(setup)
+    flat, budget = pass_settings(setup, lengths, facts["rows_too_long"])
     rows = setup.arguments["per_device_train_batch_size"]
     if budget:
         setup.info(f"forward passes of whole rows up to {budget} tokens (a longer row alone), "
@@ -200,7 +203,7 @@ def build_trainer(setup: TrainerSetup) -> tuple[Any, dict[str, Any]]:
     )
     read = evaluated_lengths(trainer.eval_dataset["input_ids"])
     shared_start_evaluations(setup, trainer, read)
-    return trainer, {"rows_too_long": rows_too_long, "eval_tokens_per_evaluation": sum(read)}
+    return trainer, {**facts, "eval_tokens_per_evaluation": sum(read)}
 
 
 def shared_start_evaluations(setup: TrainerSetup, trainer, read: list[int]) -> None:
