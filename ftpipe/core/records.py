@@ -198,10 +198,14 @@ def _pair(prompt: str, completion: str, system: str | None = None) -> list[dict[
 
 
 def _alpaca(row: dict[str, Any]) -> list[dict[str, str]]:
+    """Alpaca's `instruction`, optional `input` and `output`; or Dolly's names for the last two, `context` and
+    `response`."""
+    dolly = "response" in row and "output" not in row
+    extra_field, answer_field = ("context", "response") if dolly else ("input", "output")
     instruction = text_field(row.get("instruction"), "instruction")
-    extra = optional_text(row.get("input"), "input")
+    extra = optional_text(row.get(extra_field), extra_field)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    return _pair(prompt, text_field(row.get("output"), "output"))
+    return _pair(prompt, text_field(row.get(answer_field), answer_field))
 
 
 def _keys(row: dict[str, Any]) -> str:
@@ -251,7 +255,7 @@ def detect_format(row: dict[str, Any], spec: FormatSpec) -> str:
         return "messages"
     if SHAREGPT in row:
         return "sharegpt"
-    if "instruction" in row and "output" in row:
+    if "instruction" in row and ("output" in row or "response" in row):
         return "alpaca"
     if "prompt" in row and "completion" in row:
         return "prompt_completion"
@@ -260,7 +264,8 @@ def detect_format(row: dict[str, Any], spec: FormatSpec) -> str:
         return "columns"
     missing = f"the {_missing_columns(row, spec.columns)}, and " if mapped else ""
     raise BadRow(
-        f"unrecognised row format: {missing}expected 'messages', 'conversations', 'instruction'+'output', "
+        f"unrecognised row format: {missing}expected 'messages', 'conversations', 'instruction'+'output' (or "
+        "'response'), "
         "'prompt'+'completion', "
         f"'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label' or the columns mapped in task.yaml; "
         f"the row has keys: {_keys(row)}"

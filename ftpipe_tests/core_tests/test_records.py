@@ -20,7 +20,10 @@ def read(folder: Path, spec: FormatSpec = FormatSpec()) -> records.ReadResult:
 def test_every_input_format_becomes_the_canonical_schema(ftpipe_env: Path) -> None:
     folder = make_task(ftpipe_env, "t", {
         "a.jsonl": [chat("hi", "hello", system="be nice")],
-        "b.json": json.dumps([{"instruction": "Add", "input": "1 and 2", "output": "3"}]),
+        "b.json": json.dumps([{"instruction": "Add", "input": "1 and 2", "output": "3"},
+                              {"instruction": "Who wrote it?", "context": "Hamlet is a play by Shakespeare.",
+                               "response": "Shakespeare.", "category": "closed_qa"},  # Dolly's names
+                              {"instruction": "Name a fruit.", "context": "", "response": "A pear."}]),
         "c.csv": 'prompt,completion\n"multi\nline, with comma","ok ""quoted"""\n',
     })
     pq.write_table(pa.table({"question": ["why?"], "reply": ["because"], "agent": ["x"]}), folder / "raw" / "d.parquet")
@@ -30,6 +33,10 @@ def test_every_input_format_becomes_the_canonical_schema(ftpipe_env: Path) -> No
     by_source = {row["source"]: row["messages"] for row in result.examples}
     assert by_source["a.jsonl:line 1"][0] == {"role": "system", "content": "be nice"}
     assert by_source["b.json:row 1"][0] == {"role": "user", "content": "Add\n\n1 and 2"}
+    assert by_source["b.json:row 2"] == [
+        {"role": "user", "content": "Who wrote it?\n\nHamlet is a play by Shakespeare."},
+        {"role": "assistant", "content": "Shakespeare."}]
+    assert by_source["b.json:row 3"][0] == {"role": "user", "content": "Name a fruit."}
     assert by_source["c.csv:line 2"] == [
         {"role": "user", "content": "multi\nline, with comma"}, {"role": "assistant", "content": 'ok "quoted"'}]
     assert by_source["d.parquet:row 1"][-1] == {"role": "assistant", "content": "because"}
