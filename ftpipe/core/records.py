@@ -28,9 +28,11 @@ from ftpipe.core.raw_files import MAX_ROW_CHARS, SURROGATE, RawDataError, iter_f
 from ftpipe.core.layout import EXAMPLES, PREFERENCES, QUARANTINE
 from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.storage import UnsafePathError, atomic_dir, contained, sha256_of_files
+from ftpipe.core.text import text_parts
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system's instructions
 SHAREGPT = "conversations"  # ShareGPT's field: turns of {from, value}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 RAW_TEXT_LIMIT = 4096
@@ -131,6 +133,7 @@ def optional_text(value: Any, name: str) -> str | None:
 
 def _role(value: Any, name: str) -> str:
     role = value.strip().lower() if isinstance(value, str) else value
+    role = ROLE_ALIASES.get(role, role)
     if role not in ROLES:
         raise BadRow(f"{name}.role is {value!r:.60}; expected one of {', '.join(ROLES)}")
     return role
@@ -150,9 +153,21 @@ def message_list(raw: Any, name: str) -> list[dict[str, str]]:
     for i, message in enumerate(raw):
         if not isinstance(message, dict):
             raise BadRow(f"{name}[{i}] must be an object with 'role' and 'content', got {type_name(message)}")
-        content = text_field(message.get("content"), f"{name}[{i}].content")
+        content = text_field(_joined_parts(message.get("content"), f"{name}[{i}].content"), f"{name}[{i}].content")
         messages.append({"role": _role(message.get("role"), f"{name}[{i}]"), "content": content})
     return messages
+
+
+def _joined_parts(content: Any, name: str) -> Any:
+    """`content`, or the text of its parts when it is a list of OpenAI content parts; BadRow for a part not text."""
+    if not (isinstance(content, list) and content and all(isinstance(part, dict) and "type" in part
+                                                          for part in content)):
+        return content
+    if (text := text_parts(content)) is None:
+        kinds = sorted({str(part["type"]) for part in content if part["type"] != "text"})
+        raise BadRow(f"field '{name}' holds a part of type {' and '.join(kinds)}: only text parts are read (the "
+                     "models read text)")
+    return text
 
 
 def _json_list(raw: Any, name: str) -> Any:

@@ -82,6 +82,14 @@ def loose_words(text: str) -> list[str]:
     return _UNSPACED.sub(r" \g<0> ", folded).translate(_punctuation()).split()
 
 
+def text_parts(content: list) -> str | None:
+    """OpenAI's content parts (`[{"type": "text", "text": …}, …]`) as one text, joined by newlines; None when a part
+    is not text (an image, audio)."""
+    if not all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+        return None
+    return "\n".join(str(part.get("text", "")) for part in content)
+
+
 def loose(text: str) -> str:
     """`canonical` with punctuation removed: what makes two answers the same answer (metrics, labels)."""
     return " ".join(loose_words(text))

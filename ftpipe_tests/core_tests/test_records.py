@@ -43,6 +43,24 @@ def test_every_input_format_becomes_the_canonical_schema(ftpipe_env: Path) -> No
     assert all(len(row["id"]) == 16 for row in result.examples)
 
 
+def test_openai_content_parts_and_the_developer_role_read_as_the_server_reads_them(ftpipe_env: Path) -> None:
+    def parts(*texts: str) -> list[dict]:
+        return [{"type": "text", "text": text} for text in texts]
+
+    logged = {"messages": [{"role": "developer", "content": parts("Be brief.")},
+                           {"role": "user", "content": parts("My card is lost.", "Please help.")},
+                           {"role": "assistant", "content": "Blocked it."}]}
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
+                                                      *parts("What is this?")]},
+                          {"role": "assistant", "content": "A cat."}]}
+    result = read(make_task(ftpipe_env, "t", {"logged.jsonl": [logged, image]}))
+    assert [row["messages"] for row in result.examples] == [[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "My card is lost.\nPlease help."},
+        {"role": "assistant", "content": "Blocked it."}]]
+    assert [entry["reason"] for entry in result.quarantine] == [
+        "field 'messages[0].content' holds a part of type image_url: only text parts are read (the models read text)"]
+
+
 def test_a_conversation_written_as_json_text_in_a_csv_cell_or_a_string_column_is_read(ftpipe_env: Path) -> None:
     turns = [{"role": "user", "content": "Mein Router blinkt rot."}, {"role": "assistant", "content": "Neu starten."},
              {"role": "user", "content": "Hat geklappt, danke!"}, {"role": "assistant", "content": "Gern!"}]

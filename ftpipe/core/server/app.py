@@ -26,6 +26,8 @@ from ftpipe.core.server.catalog import Catalog, Route, releases
 from ftpipe.core.server.engine import MAX_BATCH, Engine, Job
 from ftpipe.core.server.prefixes import STARTS_KEPT
 from ftpipe.core.feedback import FEEDBACK_FILE, FeedbackError, add_feedback
+from ftpipe.core.records import ROLE_ALIASES
+from ftpipe.core.text import text_parts
 from ftpipe.core.server.request_log import CLIENT_CLOSED, PURPOSE_HEADER, SEGMENT_RECORDS, RequestLog, find_record
 from ftpipe.core.server.stop_strings import MAX_STOP_STRINGS, held_back, stop_position
 from ftpipe.core.server.structured import Constraint, grammar
@@ -50,16 +52,16 @@ class Message(BaseModel):
         if role not in ("system", "developer", "user", "assistant"):
             raise PydanticCustomError("role", "role must be 'system', 'developer' (read as the system's), 'user' or "
                                       "'assistant', got {role}", {"role": repr(role)[:40]})
-        return "system" if role == "developer" else role
+        return ROLE_ALIASES.get(role, role)
 
     @field_validator("content", mode="before")
     @classmethod
     def _joined_text_parts(cls, content: Any) -> Any:
         if not isinstance(content, list):
             return content
-        if not all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+        if (text := text_parts(content)) is None:
             raise PydanticCustomError("text_only", "only parts of type text: the models read text")
-        return "\n".join(str(part.get("text", "")) for part in content)
+        return text
 
 
 class StreamOptions(BaseModel):
