@@ -33,6 +33,9 @@ from ftpipe.core.text import text_parts
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system's instructions
+# Column names datasets commonly give a prompt and its answer, most telling first (for a data.columns hint)
+LIKELY_PROMPT_COLUMNS = ("question", "query", "input", "text", "sentence", "utterance", "message", "source", "request")
+LIKELY_ANSWER_COLUMNS = ("answer", "response", "output", "label", "target", "reply", "intent", "category", "summary")
 SHAREGPT = "conversations"  # ShareGPT's field: turns of {from, value}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 RAW_TEXT_LIMIT = 4096
@@ -283,8 +286,16 @@ def detect_format(row: dict[str, Any], spec: FormatSpec) -> str:
         "'response'), "
         "'prompt'+'completion', "
         f"'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label' or the columns mapped in task.yaml; "
-        f"the row has keys: {_keys(row)}"
+        f"the row has keys: {_keys(row)}{'' if mapped else _mapping_hint(row)}"
     )
+
+
+def _mapping_hint(row: dict[str, Any]) -> str:
+    """`; data.columns: {prompt: text, completion: label} reads it` where the row has columns commonly named so."""
+    names = {str(key).casefold(): str(key) for key in row}
+    prompt = next((names[name] for name in LIKELY_PROMPT_COLUMNS if name in names), None)
+    answer = next((names[name] for name in LIKELY_ANSWER_COLUMNS if name in names), None)
+    return f"; data.columns: {{prompt: {prompt}, completion: {answer}}} reads it" if prompt and answer else ""
 
 
 def to_messages(row: Any, spec: FormatSpec) -> list[dict[str, str]]:
