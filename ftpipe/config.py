@@ -116,6 +116,18 @@ class DataConfig(_Strict):
             "rejected (paired), or completion and label (unpaired, true = desirable)")
     )
     system_prompt: str | None = Field(None, description="system message added to rows that have none")
+    label_names: list[str] = Field(default_factory=list, description=(
+        "class names in the order of their ids, for answers written as class ids (0, 1, …), as Hugging Face datasets "
+        "store a ClassLabel column: each id is read as its name"))
+
+    @field_validator("label_names")
+    @classmethod
+    def _names_distinct(cls, names: list[str]) -> list[str]:
+        if blank := [i for i, name in enumerate(names) if not name.strip()]:
+            raise ValueError(f"label_names[{blank[0]}] is empty: each class id needs its name")
+        if repeated := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"label_names lists {repeated[0]!r} more than once: two ids would read as one label")
+        return names
 
     @model_validator(mode="after")
     def _columns_readable(self) -> DataConfig:

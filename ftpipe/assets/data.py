@@ -62,8 +62,9 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     data = cfg.data
     paths = TaskLayout(task)
     out = paths.asset("raw_examples")
-    spec = records.FormatSpec(data.format, dict(data.columns), data.system_prompt, answer_rule(cfg.evaluation),
-                              answer_problem(cfg.evaluation), shape_problems(cfg.evaluation))
+    spec = records.FormatSpec(data.format, dict(data.columns), data.system_prompt, tuple(data.label_names),
+                              answer_rule(cfg.evaluation), answer_problem(cfg.evaluation),
+                              shape_problems(cfg.evaluation))
     teacher_rows = paths.path("teacher_examples", teacher.TEACHER_FILE)
     extra = ((teacher_rows, f"teacher {cfg.distill.teacher.model}"),) if cfg.distill else ()
     try:

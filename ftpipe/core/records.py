@@ -51,13 +51,15 @@ class BadRow(ValueError):
 
 @dataclass(frozen=True)
 class FormatSpec:
-    """How rows map to messages: `format` as in task.yaml, `columns` the user's column mapping, and why an answer
+    """How rows map to messages: `format`, `columns` (the user's column mapping), `system_prompt` and `label_names` as
+    in task.yaml's data section, and why an answer
     cannot be used (`answer_problem`, the task type's check, which `answer_rule` names in the spec's repr, the
     reuse key; None: any answer can) or departs from the others' form (`shape_problems`, over all the answers)."""
 
     format: str = "auto"
     columns: dict[str, str] = field(default_factory=dict)
     system_prompt: str | None = None
+    label_names: tuple[str, ...] = ()
     answer_rule: str = ""
     answer_problem: Callable[[str], str | None] | None = field(default=None, repr=False, compare=False)
     shape_problems: Callable[[list[str]], list[str | None]] | None = field(default=None, repr=False, compare=False)
@@ -215,7 +217,7 @@ def _pair(prompt: str, completion: str, system: str | None = None) -> list[dict[
     return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
 
 
-def _alpaca(row: dict[str, Any]) -> list[dict[str, str]]:
+def _alpaca(row: dict[str, Any], label_names: tuple[str, ...]) -> list[dict[str, str]]:
     """Alpaca's `instruction`, optional `input` and `output`; or Dolly's names for the last two, `context` and
     `response`."""
     dolly = "response" in row and "output" not in row
@@ -223,7 +225,22 @@ def _alpaca(row: dict[str, Any]) -> list[dict[str, str]]:
     instruction = text_field(row.get("instruction"), "instruction")
     extra = optional_text(row.get(extra_field), extra_field)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    return _pair(prompt, text_field(row.get(answer_field), answer_field))
+    return _pair(prompt, answer_text(row.get(answer_field), answer_field, label_names))
+
+
+def answer_text(value: Any, name: str, label_names: tuple[str, ...]) -> str:
+    """An answer field's text; with data.label_names, a class id (a whole number, or its digits as text) is its
+    class name."""
+    whole_number = isinstance(value, int) and not isinstance(value, bool)
+    if label_names and (whole_number or isinstance(value, str) and value.strip().isdigit()):
+        if int(value) >= len(label_names):
+            raise BadRow(f"field '{name}' is class id {int(value)}, and data.label_names names ids 0 to "
+                         f"{len(label_names) - 1}")
+        return label_names[int(value)]
+    if whole_number:
+        raise BadRow(f"field '{name}' is the number {value}, not text: where it is a class id, data.label_names "
+                     f"lists the class names in id order (a Hugging Face dataset has them in features['{name}'].names)")
+    return text_field(value, name)
 
 
 def _keys(row: dict[str, Any]) -> str:
@@ -255,12 +272,12 @@ def check_mapped_columns(row: dict[str, Any], columns: dict[str, str]) -> None:
         raise BadRow(f"{missing}; its columns are: {_keys(row)}")
 
 
-def _mapped(row: dict[str, Any], columns: dict[str, str]) -> list[dict[str, str]]:
+def _mapped(row: dict[str, Any], columns: dict[str, str], label_names: tuple[str, ...]) -> list[dict[str, str]]:
     check_mapped_columns(row, columns)
     system_column = columns.get("system")
     return _pair(
         text_field(row.get(columns["prompt"]), columns["prompt"]),
-        text_field(row.get(columns["completion"]), columns["completion"]),
+        answer_text(row.get(columns["completion"]), columns["completion"], label_names),
         optional_text(row.get(system_column), system_column) if system_column else None,
     )
 
@@ -308,13 +325,14 @@ def to_messages(row: Any, spec: FormatSpec) -> list[dict[str, str]]:
     elif fmt == "sharegpt":
         messages = _sharegpt(row.get(SHAREGPT))
     elif fmt == "alpaca":
-        messages = _alpaca(row)
+        messages = _alpaca(row, spec.label_names)
     elif fmt == "prompt_completion":
-        messages = _pair(text_field(row.get("prompt"), "prompt"), text_field(row.get("completion"), "completion"))
+        messages = _pair(text_field(row.get("prompt"), "prompt"),
+                         answer_text(row.get("completion"), "completion", spec.label_names))
     else:
         if not {"prompt", "completion"} <= spec.columns.keys():
             raise BadRow("format 'columns' needs data.columns.prompt and data.columns.completion in task.yaml")
-        messages = _mapped(row, spec.columns)
+        messages = _mapped(row, spec.columns, spec.label_names)
     messages = with_system_prompt(messages, spec.system_prompt)
     check_size(m["content"] for m in messages)
     if spec.answer_problem is not None and (problem := spec.answer_problem(messages[-1]["content"])):

@@ -189,6 +189,20 @@ def test_the_split_warns_of_labels_only_train_rows_have(ftpipe_env: Path) -> Non
     assert f"bank: {len(unheld)} label{'s' * (len(unheld) > 1)} of the train rows ({', '.join(unheld)})" in warnings[0]
 
 
+def test_class_ids_are_trained_and_held_out_as_the_label_names_task_yaml_gives(ftpipe_env: Path) -> None:
+    from ftpipe.core.records import answers
+
+    names = ["activate_my_card", "age_limit", "card_arrival", "lost_card"]
+    rows = [{"text": f"customer {i} writes about topic {i % 4}, order {i * 31}", "label": i % 4} for i in range(80)]
+    task_yaml = ("evaluation: {task_type: classification}\n"
+                 f"data: {{columns: {{prompt: text, completion: label}}, label_names: [{', '.join(names)}]}}\n")
+    make_task(ftpipe_env, "bank", {"export.jsonl": rows}, task_yaml)
+    with dg.instance_for_test() as instance:
+        result = materialize(instance, "bank")
+    assert materialization(result, "raw_examples")["rows_quarantined"] == 0
+    assert set().union(*(answers(path) for path in TaskLayout("bank").split_files)) == set(names)
+
+
 def test_zero_valid_rows_fails_naming_the_folder(ftpipe_env: Path) -> None:
     make_task(ftpipe_env, "empty", {"a.jsonl": [{"nothing": 1}]})
     with dg.instance_for_test() as instance, pytest.raises(dg.Failure, match="^empty: .*no usable rows"):

@@ -143,6 +143,11 @@ def test_a_key_given_twice_is_refused_not_overwritten() -> None:
       for mapping in ("", ", columns: {system: sys}", ", columns: {completion: a, chosen: b}")),
     ("{columns: {prompt: ticket_text}}", "data: columns maps prompt but no answer column: map completion too (or "
                                          "chosen and rejected for preference pairs)"),
+    ("{label_names: [billing, ' ', refund]}",
+     "data.label_names: label_names[1] is empty: each class id needs its name (got ['billing', ' ', 'refund'])"),
+    ("{label_names: [billing, refund, billing]}",
+     "data.label_names: label_names lists 'billing' more than once: two ids would read as one label (got "
+     "['billing', 'refund', 'billing'])"),
 ])
 def test_data_columns_that_cannot_read_a_row_are_refused(data: str, problem: str) -> None:
     with pytest.raises(TaskConfigError) as error:

@@ -115,7 +115,7 @@ def test_bom_crlf_and_blank_lines(ftpipe_env: Path) -> None:
         (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "does not end with an assistant"),
         (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "expected one of system, user, assistant"),
         (json.dumps({"prompt": "x", "completion": ""}), "field 'completion' is empty"),
-        (json.dumps({"prompt": "x", "completion": 3}), "must be text, got int"),
+        (json.dumps({"prompt": "x", "completion": 3}), "field 'completion' is the number 3, not text"),
         (json.dumps({"instruction": "x", "output": ["a"]}), "field 'output' must be text"),
         (json.dumps({"text": "x"}), "unrecognised row format"),
         (json.dumps({"Text": "my card is lost", "label": "lost_card"}),
@@ -278,6 +278,26 @@ def test_the_review_sample_shows_preference_rows_beside_the_chat_rows(tmp_path: 
     assert {row["label"] for row in written if not row["chosen"]} == {"True", "False"}
     only_pairs = [row for row in sample if row["chosen"]]
     assert review.answer_columns(only_pairs) == ["chosen", "rejected"]
+
+
+def test_class_ids_read_as_the_names_data_label_names_gives_them(tmp_path: Path) -> None:
+    folder = tmp_path / "task"
+    (folder / "raw").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["I lost my card", "Is there an age limit?", "Where is my card?", "Hi"],
+                             "label": [0, 1, 2, 7]}), folder / "raw" / "train.parquet")  # as Hugging Face exports it
+    (folder / "raw" / "more.csv").write_text("text,label\nActivate my card please,0\n")
+    names = ("activate_my_card", "age_limit", "card_arrival")
+    result = read_raw_dir(folder / "raw", FormatSpec(columns={"prompt": "text", "completion": "label"},
+                                                     label_names=names))
+    assert [row["messages"][-1]["content"] for row in result.examples] == [
+        "activate_my_card", "activate_my_card", "age_limit", "card_arrival"]
+    assert [(entry["source"], entry["reason"]) for entry in result.quarantine] == [
+        ("train.parquet:row 4", "field 'label' is class id 7, and data.label_names names ids 0 to 2")]
+    unnamed = read_raw_dir(folder / "raw", FormatSpec(columns={"prompt": "text", "completion": "label"}))
+    assert unnamed.quarantine[0]["reason"] == (
+        "field 'label' is the number 0, not text: where it is a class id, data.label_names lists the class names in "
+        "id order (a Hugging Face dataset has them in features['label'].names)")
+    assert [row["messages"][-1]["content"] for row in unnamed.examples] == ["0"], "a CSV cell is text as written"
 
 
 def test_a_mapped_column_missing_from_the_file_is_named_with_the_columns_it_has(tmp_path: Path) -> None:
