@@ -52,9 +52,9 @@ class BadRow(ValueError):
 @dataclass(frozen=True)
 class FormatSpec:
     """How rows map to messages: `format`, `columns` (the user's column mapping), `system_prompt` and `label_names` as
-    in task.yaml's data section, and why an answer
-    cannot be used (`answer_problem`, the task type's check, which `answer_rule` names in the spec's repr, the
-    reuse key; None: any answer can) or departs from the others' form (`shape_problems`, over all the answers)."""
+    in task.yaml's data section, and why an answer cannot be used (`answer_problem`, the task type's check, which
+    `answer_rule` names in the spec's repr, the reuse key; None: any answer can) or departs from the others' form
+    (`shape_problems`, over all the answers)."""
 
     format: str = "auto"
     columns: dict[str, str] = field(default_factory=dict)
@@ -225,15 +225,15 @@ def _alpaca(row: dict[str, Any], label_names: tuple[str, ...]) -> list[dict[str,
     instruction = text_field(row.get("instruction"), "instruction")
     extra = optional_text(row.get(extra_field), extra_field)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    return _pair(prompt, answer_text(row.get(answer_field), answer_field, label_names))
+    return _pair(prompt, _answer_text(row.get(answer_field), answer_field, label_names))
 
 
-def answer_text(value: Any, name: str, label_names: tuple[str, ...]) -> str:
+def _answer_text(value: Any, name: str, label_names: tuple[str, ...]) -> str:
     """An answer field's text; with data.label_names, a class id (a whole number, or its digits as text) is its
     class name."""
     whole_number = isinstance(value, int) and not isinstance(value, bool)
     if label_names and (whole_number or isinstance(value, str) and value.strip().isdigit()):
-        if int(value) >= len(label_names):
+        if not 0 <= int(value) < len(label_names):
             raise BadRow(f"field '{name}' is class id {int(value)}, and data.label_names names ids 0 to "
                          f"{len(label_names) - 1}")
         return label_names[int(value)]
@@ -277,7 +277,7 @@ def _mapped(row: dict[str, Any], columns: dict[str, str], label_names: tuple[str
     system_column = columns.get("system")
     return _pair(
         text_field(row.get(columns["prompt"]), columns["prompt"]),
-        answer_text(row.get(columns["completion"]), columns["completion"], label_names),
+        _answer_text(row.get(columns["completion"]), columns["completion"], label_names),
         optional_text(row.get(system_column), system_column) if system_column else None,
     )
 
@@ -328,7 +328,7 @@ def to_messages(row: Any, spec: FormatSpec) -> list[dict[str, str]]:
         messages = _alpaca(row, spec.label_names)
     elif fmt == "prompt_completion":
         messages = _pair(text_field(row.get("prompt"), "prompt"),
-                         answer_text(row.get("completion"), "completion", spec.label_names))
+                         _answer_text(row.get("completion"), "completion", spec.label_names))
     else:
         if not {"prompt", "completion"} <= spec.columns.keys():
             raise BadRow("format 'columns' needs data.columns.prompt and data.columns.completion in task.yaml")

@@ -285,6 +285,7 @@ def test_class_ids_read_as_the_names_data_label_names_gives_them(tmp_path: Path)
     (folder / "raw").mkdir(parents=True)
     pq.write_table(pa.table({"text": ["I lost my card", "Is there an age limit?", "Where is my card?", "Hi"],
                              "label": [0, 1, 2, 7]}), folder / "raw" / "train.parquet")  # as Hugging Face exports it
+    (folder / "raw" / "unlabelled.jsonl").write_text('{"text": "Hello", "label": -1}\n')  # its id for "no label"
     (folder / "raw" / "more.csv").write_text("text,label\nActivate my card please,0\n")
     names = ("activate_my_card", "age_limit", "card_arrival")
     result = read_raw_dir(folder / "raw", FormatSpec(columns={"prompt": "text", "completion": "label"},
@@ -292,7 +293,8 @@ def test_class_ids_read_as_the_names_data_label_names_gives_them(tmp_path: Path)
     assert [row["messages"][-1]["content"] for row in result.examples] == [
         "activate_my_card", "activate_my_card", "age_limit", "card_arrival"]
     assert [(entry["source"], entry["reason"]) for entry in result.quarantine] == [
-        ("train.parquet:row 4", "field 'label' is class id 7, and data.label_names names ids 0 to 2")]
+        ("train.parquet:row 4", "field 'label' is class id 7, and data.label_names names ids 0 to 2"),
+        ("unlabelled.jsonl:line 1", "field 'label' is class id -1, and data.label_names names ids 0 to 2")]
     unnamed = read_raw_dir(folder / "raw", FormatSpec(columns={"prompt": "text", "completion": "label"}))
     assert unnamed.quarantine[0]["reason"] == (
         "field 'label' is the number 0, not text: where it is a class id, data.label_names lists the class names in "
