@@ -58,8 +58,9 @@ def create_gpu_pool(instance) -> None:
             raise
 
 
-def run_task(task: str, settings: str = "") -> int:
-    """Materialize every asset of one task partition in this process, recorded in the Dagster instance.
+def run_task(task: str, settings: str = "", data_only: bool = False) -> int:
+    """Materialize every asset of one task partition in this process, recorded in the Dagster instance; with
+    `data_only`, the data assets alone (`data_job`), to read what cleaning made of the rows before any training.
 
     `settings` (`key.path=value` pairs) change task.yaml for this run: every asset gets them as its launchpad
     `overrides`. A task.yaml (with settings) that does not validate is reported before any run starts, one line per
@@ -94,7 +95,7 @@ def run_task(task: str, settings: str = "") -> int:
     instance = dg.DagsterInstance.get()
     for line in release_dead_runs(instance):
         print(line)
-    job, run_id = defs.resolve_job_def("finetune_job"), str(uuid.uuid4())
+    job, run_id = defs.resolve_job_def("data_job" if data_only else "finetune_job"), str(uuid.uuid4())
     with canceled_on_stop(instance, run_id) as stopped:
         result = job.execute_in_process(
             instance=instance, partition_key=task, run_id=run_id, raise_on_error=False,
@@ -106,7 +107,15 @@ def run_task(task: str, settings: str = "") -> int:
         instance.report_run_canceled(instance.get_run_by_id(run_id), STOPPED_BY)
         instance.add_run_tags(run_id, {WILL_RETRY_TAG: "false"})
     print_summary(task, result, was_stopped)
+    if data_only and result.success:
+        print(f"\n{data_only_next(task, _materializations(result)['review_sample'])}")
     return 0 if result.success else 1
+
+
+def data_only_next(task: str, sample: dict) -> str:
+    """What to do after a run of the data assets alone: read the review sample, then train."""
+    return (f"data only: read the review sample ({sample['csv_path']}), then `python -m ftpipe run {task}` trains on "
+            "this data (its steps are reused)")
 
 
 @contextmanager
@@ -457,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                    "what is unchanged is reused. Ends with a summary. Exit status: 0 done, 1 a step failed (the "
                    "summary says which and why), 2 nothing started (an unknown task or an invalid task.yaml).")
     run.add_argument("task", nargs="?", default=DEMO_TASK, help="the task folder's name (default %(default)s)")
+    run.add_argument("--data-only", action="store_true",
+                     help="read, clean, deduplicate and split the data and stop there, before the base model and the "
+                          "training: the quarantine, the rows cleaning removed and the review sample to read first")
     run.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                      help="change a task.yaml setting for this run, e.g. training.max_steps=10 (several: in one "
                           "quoted argument separated by spaces or commas, \"training.max_steps=10 split.seed=3\", "
@@ -512,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fetch-model":
         fetch_model()
         return 0
-    return run_task(args.task, " ".join(args.settings))
+    return run_task(args.task, " ".join(args.settings), args.data_only)
 
 
 if __name__ == "__main__":

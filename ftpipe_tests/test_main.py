@@ -13,14 +13,14 @@ from ftpipe.core.storage import REPO_ROOT
 from ftpipe_tests.builders import chat, make_task
 
 
-def ftpipe_run(task: str, tmp_path: Path) -> tuple[str, int]:
-    """What `python -m ftpipe run TASK` prints (stdout and stderr, as a terminal shows them) with the project's
-    instance settings in a fresh Dagster home; and its exit status."""
+def ftpipe_run(task: str, tmp_path: Path, *options: str) -> tuple[str, int]:
+    """What `python -m ftpipe run TASK [OPTIONS]` prints (stdout and stderr, as a terminal shows them) with the
+    project's instance settings in a fresh Dagster home; and its exit status."""
     home = tmp_path / "dagster_home"
     home.mkdir(parents=True)
     shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home)}
-    done = subprocess.run([sys.executable, "-m", "ftpipe", "run", task], stdout=subprocess.PIPE,
+    done = subprocess.run([sys.executable, "-m", "ftpipe", "run", task, *options], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env, cwd=home, timeout=600)
     return done.stdout, done.returncode
 
@@ -89,6 +89,21 @@ def test_a_failed_run_says_its_reason_once_at_the_end(ftpipe_env: Path, tiny_mod
     assert last.startswith("FAILED: raw_examples: ") and "no usable rows" in last
     assert output.count("no usable rows") == 1 and "Stack Trace" not in output, output
     assert 'Execution of step "raw_examples" failed.' in output and "Not executing" not in output, output
+
+
+def test_data_only_reads_cleans_and_splits_then_says_what_to_read_before_training(
+        ftpipe_env: Path, tmp_path: Path) -> None:
+    from ftpipe.core.layout import TaskLayout
+
+    rows = [chat(f"message {i} about order {i * 7}", f"answer {i % 3}") for i in range(30)]
+    make_task(ftpipe_env, "shop", {"a.jsonl": [*rows, rows[0], {"nothing": 1}]}, "base_model: org/not-fetched\n")
+    output, status = ftpipe_run("shop", tmp_path, "--data-only")
+    assert status == 0, output
+    assert "1 row quarantined, each with its reason" in output and "1 row removed by cleaning" in output
+    sample = TaskLayout("shop").path("review_sample", "review_sample.csv")
+    assert output.rstrip().endswith(f"data only: read the review sample ({sample}), then `python -m ftpipe run shop` "
+                                    "trains on this data (its steps are reused)"), output
+    assert sample.is_file() and not TaskLayout("shop").output("base_model").exists(), "no model fetched, none trained"
 
 
 def test_the_servers_it_starts_listen_on_localhost_only() -> None:
