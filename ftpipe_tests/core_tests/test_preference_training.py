@@ -206,6 +206,20 @@ def test_likelihood_displacement_needs_chosen_answers_below_the_reference_and_a_
     assert not likelihood_displacement({}, [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.9}]), "an SFT history"
 
 
+
+def test_orpo_without_a_reference_model_is_never_said_to_displace_it(tmp_path):
+    from types import SimpleNamespace
+
+    from ftpipe.core.training.outputs import reward_metadata
+
+    curve = tmp_path / "rewards.png"
+    curve.write_bytes(b"png")
+    below_zero = [{"step": 4, "loss": 0.6, "rewards/chosen": -0.9, "rewards/margins": 0.3}]  # ORPO: beta * log p
+    trainer = SimpleNamespace(state=SimpleNamespace(log_history=below_zero, best_model_checkpoint=None))
+    assert reward_metadata(trainer, "dpo", curve)["likelihood_displacement"] is True
+    assert reward_metadata(trainer, "orpo", curve)["likelihood_displacement"] is False
+
+
 @pytest.mark.slow
 def test_on_a_cpu_long_pairs_go_through_in_smaller_passes_and_a_step_keeps_its_pairs(workspace):
     from ftpipe.core.training.program import build_trainer

@@ -36,6 +36,7 @@ OBJECTIVES = {
 PREFERENCE_OBJECTIVES = ("dpo", "orpo", "kto")  # trained on preference rows, after the supervised stage
 SUPERVISED_OBJECTIVES = ("sft", "distill")  # trained on chat rows: the first stage
 UNPAIRED_OBJECTIVES = ("kto",)  # train on single rows marked desirable or not; the others need pairs
+REFERENCE_FREE_OBJECTIVES = ("orpo",)  # no reference model: its rewards/chosen is a log-probability, below 0 always
 
 Objective = Literal[tuple(OBJECTIVES)]
 Adapter = Literal["lora", "none"]

@@ -19,7 +19,7 @@ from ftpipe.core.results import Result
 from ftpipe.core.storage import atomic_dir, sha256_of_files
 from ftpipe.core.training import preference
 from ftpipe.core.training.checkpoints import checkpoint_step
-from ftpipe.core.training.methods import PREFERENCE_OBJECTIVES, Method
+from ftpipe.core.training.methods import PREFERENCE_OBJECTIVES, REFERENCE_FREE_OBJECTIVES, Method
 from ftpipe.core.training.sizing import peak_memory_gib, process_seconds
 from ftpipe.core.training.spec import TrainingSpec
 
@@ -111,15 +111,16 @@ def final_evaluation(trainer) -> dict[str, float]:
     return next((entry for entry in reversed(evals) if entry["step"] == best_step), evals[-1] if evals else {})
 
 
-def reward_metadata(trainer, reward_curve: Path) -> dict[str, Any]:
+def reward_metadata(trainer, objective: str, reward_curve: Path) -> dict[str, Any]:
     """The preference stage's own metadata: final eval reward accuracy and margin (None where the trainer logs none,
-    e.g. no accuracy for kto's unpaired rows: NaN would not be JSON), the likelihood-displacement warning and the
-    reward curve."""
+    e.g. no accuracy for kto's unpaired rows: NaN would not be JSON), the likelihood-displacement warning (for
+    objectives with a reference model to be displaced from) and the reward curve."""
     final = final_evaluation(trainer)
     return {
         "reward_accuracy": final.get("eval_rewards/accuracies"),
         "reward_margin": final.get("eval_rewards/margins"),
-        "likelihood_displacement": likelihood_displacement(final, trainer.state.log_history),
+        "likelihood_displacement": objective not in REFERENCE_FREE_OBJECTIVES and likelihood_displacement(
+            final, trainer.state.log_history),
         "reward_curve": markdown_image(reward_curve, "reward curve"),
     }
 
@@ -129,7 +130,7 @@ def result_metadata(trainer, spec: TrainingSpec, method: Method, facts: dict[str
     objective's own; the curves are read from `folder`."""
     history = trainer.state.log_history
     train, _ = loss_points(history)
-    rewards = reward_metadata(trainer, folder / REWARD_CURVE_FILE) if is_preference(method) else {}
+    rewards = reward_metadata(trainer, method.objective, folder / REWARD_CURVE_FILE) if is_preference(method) else {}
     return {
         "method": method.label,
         "objective": method.objective,
