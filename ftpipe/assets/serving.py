@@ -12,6 +12,7 @@ from ftpipe.core.layout import TaskLayout
 from ftpipe.core.readable import rounded
 from ftpipe.core.results import Result
 from ftpipe.core.tasks import final_training, system_prompt_source, task_system_prompt
+from ftpipe.core.training.methods import PREFERENCE_OBJECTIVES
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import MlflowTracking
 
@@ -21,8 +22,7 @@ GROUP = "serving"
 def _card(task: str, cfg: TaskConfig, gate_overrides: str, base: Result, adapter: Result, evaluation: Result,
           report: dict) -> dict:
     """The model card's facts: the task, what it was evaluated on and how well (the gate decided with task.yaml and
-    `gate_overrides`), and the base model, method and settings the adapter was trained with: the SFT training's,
-    which hold a preference stage's own (its stage alone trains with those in place of the SFT rate and steps)."""
+    `gate_overrides`), and the base model, method and settings the adapter was trained with (`trained_settings`)."""
     sft = upstream(task, "lora_adapter")
     return {
         "task": task,
@@ -35,10 +35,20 @@ def _card(task: str, cfg: TaskConfig, gate_overrides: str, base: Result, adapter
         "data": _data_counts(task, sft),
         "evaluation": card_evaluation(report, effective_config(task, gate_overrides).evaluation, gate_overrides),
         "evaluation_chart": str(Path(report["report_path"]).parent / CHART),
-        "hyperparameters": sft.produced["training"],
+        "hyperparameters": trained_settings(sft, adapter),
         "mlflow_run_id": adapter.metadata["mlflow_run_id"],
         **({"sft_mlflow_run_id": sft.metadata["mlflow_run_id"]} if sft.reuse_key != adapter.reuse_key else {}),
     }
+
+
+def trained_settings(sft: Result, adapter: Result) -> dict:
+    """The settings the published weights were trained with: the SFT training's (a preference stage trains with its
+    own rate and steps in their place), with the stages and preference settings of the stage that trained last. A
+    reused SFT training recorded those as they were at its own time."""
+    training, final = sft.produced["training"], adapter.produced["training"]
+    if final["objective"] in PREFERENCE_OBJECTIVES:
+        return {**training, "stages": final["stages"], "preference": final["preference"]}
+    return {**training, "stages": [training["objective"]]}
 
 
 TURN_ROWS = "train rows' assistant turns (every_turn: each a training row)"

@@ -139,7 +139,9 @@ def model_card(card: dict[str, Any], parity: dict[str, Any], serving: str, *, me
     known = {"task", "base_model", "description", "system_prompt", "method", "data_versions", "data", "evaluation",
              "evaluation_chart", "hyperparameters"}
     task, method, base = card.get("task", "model"), card.get("method", "lora"), card.get("base_model", "?")
-    tags = ["ftpipe", task, method, "merged" if merged else "full-fine-tune"]
+    stages = card.get("hyperparameters", {}).get("stages", ())
+    preference = [stage for stage in stages if stage in PREFERENCE_OBJECTIVES]
+    tags = ["ftpipe", task, method, *preference, "merged" if merged else "full-fine-tune"]
     hub = hub_id(str(base))  # the hub checks base_model against its models: none for a model of your own
     front_matter = {"base_model": hub} if hub else {}
     front_matter.update({"library_name": "transformers", "tags": tags})

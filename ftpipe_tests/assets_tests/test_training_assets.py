@@ -153,6 +153,24 @@ def test_qlora_without_cuda_is_refused_where_it_would_train_in_the_step_failure_
     assert not list(TaskLayout(tiny_task).path("lora_adapter").glob("*.refused")), "the note is gone once said"
 
 
+def test_the_card_states_the_stages_and_preference_settings_that_trained_the_weights_after_a_reused_sft() -> None:
+    from ftpipe.assets.serving import trained_settings
+    from ftpipe.core.merging import FULL_MODEL_PARITY, model_card
+    from ftpipe.core.results import Result
+
+    def result(**training) -> Result:
+        return Result("training", "key", {"training": training}, {})
+
+    sft = result(objective="sft", learning_rate=2e-4, stages=["sft", "dpo"], preference={"beta": 0.1})  # trained then
+    orpo = result(objective="orpo", learning_rate=5e-6, stages=["sft", "orpo"], preference={"beta": 0.3})
+    assert trained_settings(sft, orpo) == {"objective": "sft", "learning_rate": 2e-4, "stages": ["sft", "orpo"],
+                                           "preference": {"beta": 0.3}}, "the SFT rate, the preference stage's own"
+    assert trained_settings(sft, sft)["stages"] == ["sft"], "no preference stage now: the SFT model is published"
+    card = model_card({"task": "t", "hyperparameters": trained_settings(sft, orpo)}, FULL_MODEL_PARITY, "",
+                      merged=True, weights="float32")
+    assert 'tags: ["ftpipe", "t", "lora", "orpo", "merged"]' in card and "| preference.beta | 0.3 |" in card
+
+
 def test_the_card_counts_rows_left_out_for_their_length_and_chats_shortened_by_their_earliest_turns() -> None:
     from ftpipe.assets.serving import length_counts
 
