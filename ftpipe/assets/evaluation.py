@@ -16,13 +16,14 @@ GROUP = "evaluation"
 CONTRACT = ("primary_metric", "base_score", "finetuned_score", "delta", "delta_ci_low", "delta_ci_high", "forgetting",
             "passed", "fewshot_score", "delta_vs_fewshot", "delta_vs_fewshot_ci_low", "delta_vs_fewshot_ci_high",
             "fewshot_prompt_tokens", "forgetting_ci_low", "forgetting_ci_high", "preference_accuracy_base",
-            "preference_accuracy_sft", "preference_accuracy_final", "preference_delta_ci_low", "preference_delta_ci_high",
-            "preference_pairs", "preference_baseline", "preference_margin_widened", "preference_margin_narrowed",
-            "preference_margin_gain", "preference_margin_gain_ci_low", "preference_margin_gain_ci_high",
-            "sft_score", "delta_vs_sft", "sft_forgetting", "teacher_score", "student_to_teacher_ratio",
-            "student_to_teacher_ratio_ci_low", "student_to_teacher_ratio_ci_high", "student_latency_ms",
-            "teacher_latency_ms", "copy_score", "delta_vs_copy", "delta_vs_copy_ci_low", "delta_vs_copy_ci_high",
-            "majority_score", "delta_vs_majority", "delta_vs_majority_ci_low", "delta_vs_majority_ci_high")
+            "preference_accuracy_sft", "preference_accuracy_final", "preference_delta_ci_low",
+            "preference_delta_ci_high", "preference_pairs", "preference_baseline", "preference_margin_widened",
+            "preference_margin_narrowed", "preference_margin_gain", "preference_margin_gain_ci_low",
+            "preference_margin_gain_ci_high", "preference_margin_change_median", "sft_score", "delta_vs_sft",
+            "sft_forgetting", "teacher_score", "student_to_teacher_ratio", "student_to_teacher_ratio_ci_low",
+            "student_to_teacher_ratio_ci_high", "student_latency_ms", "teacher_latency_ms", "copy_score",
+            "delta_vs_copy", "delta_vs_copy_ci_low", "delta_vs_copy_ci_high", "majority_score", "delta_vs_majority",
+            "delta_vs_majority_ci_low", "delta_vs_majority_ci_high")
 
 
 def _metadata(report: dict, run_url: str, warm_started: bool) -> dict:

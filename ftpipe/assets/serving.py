@@ -69,7 +69,19 @@ def _data_counts(task: str, sft: Result) -> dict[str, int]:
         "train rows": split.metadata["train_rows"],
         "replayed general rows": sft.metadata.get("replay_rows", 0),
         **length_counts(sft.produced["training"], sft.metadata),
+        **_preference_counts(raw, cleaned, split),
     }
+
+
+def _preference_counts(raw: Result, cleaned: Result, split: Result) -> dict[str, int]:
+    """Where the task has preference rows (counted in the rows read, quarantined and removed above): how many, after
+    cleaning, and the pairs of each side of the split."""
+    if not raw.metadata.get("preference_rows"):
+        return {}
+    return {"preference rows among the rows read": raw.metadata["preference_rows"],
+            "preference rows after cleaning": cleaned.metadata["preference_rows_out"],
+            "held-out preference pairs": split.metadata["eval_pairs"],
+            "train preference pairs": split.metadata["train_pairs"]}
 
 
 def length_counts(training: dict, metadata: dict) -> dict[str, int]:

@@ -77,6 +77,9 @@ def test_dpo_after_sft_is_tracked_evaluated_and_merged(ftpipe_env: Path, tiny_mo
         card = merged["model_card"]
         assert "| max_steps | 6 |" in card and "| preference.max_steps | 4 |" in card, "each stage's own settings"
         assert f"| sft_mlflow_run_id | {sft['mlflow_run_id']} |" in card
+        pairs = materialization(result, "heldout_split")
+        assert (f"| held-out preference pairs | {pairs['eval_pairs']} |\n| train preference pairs | "
+                f"{pairs['train_pairs']} |") in card, "the pairs behind the preference stage"
 
         again = finetune(instance, task)
         assert materialization(again, "preference_adapter")["reused"] is True, "an unchanged stage is not retrained"

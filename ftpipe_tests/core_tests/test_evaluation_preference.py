@@ -44,7 +44,8 @@ SFT_KEYS = {"sft_score", "delta_vs_sft", "delta_vs_sft_ci_low", "delta_vs_sft_ci
 PREFERENCE_KEYS = {"preference_pairs", "preference_accuracy_base", "preference_accuracy_sft",
                    "preference_accuracy_final", "preference_baseline", "preference_delta", "preference_delta_ci_low",
                    "preference_delta_ci_high", "preference_margin_widened", "preference_margin_narrowed",
-                   "preference_margin_gain", "preference_margin_gain_ci_low", "preference_margin_gain_ci_high"}
+                   "preference_margin_gain", "preference_margin_gain_ci_low", "preference_margin_gain_ci_high",
+                   "preference_margin_change_median"}
 
 
 def color_pairs(count: int, seed: int) -> list[dict]:
@@ -215,7 +216,10 @@ def test_a_final_model_that_lost_the_sft_models_preferences_fails_the_gate(works
     assert (f"preference_margin_gain_ci_low {lost['preference_margin_gain_ci_low']:.3f} <= min_preference_gain 0.000 "
             f"(final vs sft: the chosen answer's margin over the rejected one widened on "
             f"{lost['preference_margin_widened']} and narrowed on {lost['preference_margin_narrowed']} of {PAIRS} "
-            "pairs)" in lost["failed_conditions"])
+            f"pairs, by a median {lost['preference_margin_change_median']:+.3g} nats)" in lost["failed_conditions"])
+    assert lost["preference_margin_change_median"] < -1, "the SFT model's lead lost by whole nats"
+    assert f"a pair's margin moved by a median {lost['preference_margin_change_median']:+.3g} nats" in (
+        lost["report_markdown"])
     assert lost["sft_score"] >= 0.9 and lost["finetuned_score"] == lost["base_score"] < 0.1
     assert lost["delta_vs_sft_ci_high"] < 0 and lost["metrics"]["sft"]["exact_match"] >= 0.9
     assert lost["probe_sft_accuracy"] > lost["probe_finetuned_accuracy"] and lost["sft_forgetting"] == 0.0

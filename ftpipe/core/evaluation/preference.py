@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,10 +60,13 @@ def margin_changes(before: list[tuple[float, int]], after: list[tuple[float, int
 
 
 def margin_words(metrics: dict[str, Any]) -> str:
-    """How the final model moved the pairs' margins against its baseline, in a few words."""
+    """How the final model moved the pairs' margins against its baseline, in a few words: how many, and by how much
+    (a consistent nudge of every pair moves each of them, however little)."""
+    median = metrics.get("preference_margin_change_median")  # None: an evaluation from before it was measured
+    size = f", by a median {median:+.3g} nats" if median is not None else ""
     return (f"final vs {metrics['preference_baseline']}: the chosen answer's margin over the rejected one widened on "
             f"{metrics['preference_margin_widened']} and narrowed on {metrics['preference_margin_narrowed']} of "
-            f"{metrics['preference_pairs']} pairs")
+            f"{metrics['preference_pairs']} pairs{size}")
 
 
 def measure_preference(outputs: dict[str, ModelOutputs], samples: int, seed: int) -> dict[str, Any]:
@@ -70,7 +74,8 @@ def measure_preference(outputs: dict[str, ModelOutputs], samples: int, seed: int
     model's accuracy change over `preference_baseline` (the SFT model, else the base) as `preference_delta` with its
     95% paired-bootstrap interval, and its margin changes against that model: `preference_margin_widened`,
     `_narrowed` and `preference_margin_gain` (the share widened minus the share narrowed) with its 95% bootstrap
-    interval; nothing when no pairs were scored."""
+    interval, and the median change of a pair's margin in nats, `preference_margin_change_median`; nothing when no
+    pairs were scored."""
     sums = {MODELS[side]: produced.preference_logprobs for side, produced in outputs.items()
             if side in MODELS and produced.preference_logprobs}
     if not sums.get("final"):
@@ -82,8 +87,9 @@ def measure_preference(outputs: dict[str, ModelOutputs], samples: int, seed: int
     delta, delta_low, delta_high = paired_bootstrap(correct[baseline], correct["final"], samples, seed)
     changes = margin_changes(sums[baseline], sums["final"])
     gain, low, high = mean_bootstrap(changes, samples, seed)
+    shifts = [new - old for old, new in zip(margins(sums[baseline]), margins(sums["final"]))]
     return {"preference_pairs": len(changes), **accuracy, "preference_baseline": baseline,
             "preference_delta": delta, "preference_delta_ci_low": delta_low, "preference_delta_ci_high": delta_high,
             "preference_margin_widened": changes.count(1.0), "preference_margin_narrowed": changes.count(-1.0),
             "preference_margin_gain": gain, "preference_margin_gain_ci_low": low,
-            "preference_margin_gain_ci_high": high}
+            "preference_margin_gain_ci_high": high, "preference_margin_change_median": statistics.median(shifts)}

@@ -79,6 +79,16 @@ FORM_FREE_MEASURES = {  # scores that read past the form of an answer
 }
 
 
+def _margin_size(m: dict[str, Any]) -> str:
+    """How far the margins moved: the gain counts pairs, so a consistent nudge of a few hundredths of a nat counts
+    as fully as a large change."""
+    median = m.get("preference_margin_change_median")
+    if median is None:
+        return ""
+    return (f"; a pair's margin moved by a median {median:+.3g} nats (the gain counts the pairs moved, however "
+            "little)")
+
+
 def base_out_of_form(m: dict[str, Any]) -> str | None:
     """Where the base model gave most held-out answers in another form than the task's (prose instead of a label),
     that the delta over it counts learning the form as much as the task, and what says how much is the task; None
@@ -233,8 +243,9 @@ def preference_tuning(metrics: dict[str, Any]) -> str | None:
                      f"chosen answer's lead over the rejected one (summed log-probability, what a DPO stage trains) on "
                      f"{m['preference_margin_widened']} of {pairs} pairs and narrowed it on "
                      f"{m['preference_margin_narrowed']}: {number(m['preference_margin_gain'], True)} "
-                     f"({_interval(m['preference_margin_gain_ci_low'], m['preference_margin_gain_ci_high'])}). "
-                     "Verbose rejected answers can hold the accuracy still while the margins move.")
+                     f"({_interval(m['preference_margin_gain_ci_low'], m['preference_margin_gain_ci_high'])})"
+                     f"{_margin_size(m)}. Verbose rejected answers can hold the accuracy still while the margins "
+                     "move.")
     if "sft_score" in m:
         parts.append(f"The preference stage changed `{m['primary_metric']}` by {number(m['delta_vs_sft'], True)} "
                      f"({_interval(m['delta_vs_sft_ci_low'], m['delta_vs_sft_ci_high'])}) and forgetting from "
