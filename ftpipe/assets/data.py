@@ -178,7 +178,9 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
         eval_fraction=cfg.split.eval_fraction, seed=cfg.split.seed, settings=Settings.of(cfg.dedup),
     )
     new = summary["new_train_rows"] + summary["new_eval_rows"]
-    context.log.info(f"{task}: {summary['train_rows']} train / {summary['eval_rows']} eval rows"
+    preference = (f", {summary['train_pairs']} train / {summary['eval_pairs']} eval preference rows"
+                  if summary["train_pairs"] + summary["eval_pairs"] else "")
+    context.log.info(f"{task}: {summary['train_rows']} train / {summary['eval_rows']} eval rows{preference}"
                      + (f"; {new} new since the last split ({summary['new_train_rows']} train, "
                         f"{summary['new_eval_rows']} eval), the others on their sides" if new else ""))
     if given := summary["preference_rows_given_system_prompt"]:

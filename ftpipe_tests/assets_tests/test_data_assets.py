@@ -171,6 +171,9 @@ def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_en
     cleaned_pairs = read_preferences(TaskLayout("desk").preferences("deduplicated_examples"))
     preferred = {(r["chosen"], r["rejected"]) for r in cleaned_pairs}
     assert written == {"Billing", "Shipping", "Shiping"} and preferred == {('{"category": "Shipping"}', '{"category": "Billing"}')}
+    split = materialization(result, "heldout_split")
+    assert (f"desk: {split['train_rows']} train / {split['eval_rows']} eval rows, {split['train_pairs']} train / "
+            f"{split['eval_pairs']} eval preference rows") in infos, "the pairs' split beside the rows'"
 
 
 def test_the_split_warns_of_labels_only_train_rows_have(ftpipe_env: Path) -> None:

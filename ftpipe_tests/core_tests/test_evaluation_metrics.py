@@ -463,3 +463,11 @@ def test_labels_without_held_out_rows_are_named_up_to_a_dozen():
     assert unheld_labels(["refnd", "crad", "rare"], typos).endswith(
         "(a larger split.eval_fraction gives more labels a held-out row; 'refnd' looks like a typo of 'refund', 'crad' "
         "looks like a typo of 'card': correct them in the raw files).")
+
+
+def test_one_reference_over_the_answers_limit_is_said_in_the_singular():
+    from ftpipe.core.evaluation.answer_budget import cut_off_warning
+
+    found = {"references_over_limit": 1, "rows": 12, "answer_token_limit": 64, "longest_reference_tokens": 90}
+    assert cut_off_warning(found).startswith("1 of 12 reference answers is longer than the answers' limit of 64 tokens")
+    assert cut_off_warning({**found, "references_over_limit": 0}) is None

@@ -45,7 +45,7 @@ def cut_off_warning(metrics: dict[str, Any]) -> str | None:
     over = metrics.get("references_over_limit")
     if not over:
         return None
-    return (f"{over} of {metrics['rows']} reference answers are longer than the answers' limit of "
-            f"{metrics['answer_token_limit']} tokens (the longest is {metrics['longest_reference_tokens']}): every "
-            "model's answers are cut off there and score as wrong; raise evaluation.max_new_tokens, or leave it unset "
-            "to fit the references")
+    return (f"{over} of {metrics['rows']} reference answers {'is' if over == 1 else 'are'} longer than the answers' "
+            f"limit of {metrics['answer_token_limit']} tokens (the longest is {metrics['longest_reference_tokens']}): "
+            "every model's answers are cut off there and score as wrong; raise evaluation.max_new_tokens, or leave it "
+            "unset to fit the references")
