@@ -237,7 +237,8 @@ def lora_adapter(
     stages, preference = cfg.training.stages, cfg.training.preference_objective
     for path in TaskLayout(context.partition_key).preference_split_files if preference else ():
         if problem := missing_preference_rows(preference, path):  # said before the first stage trains, not after
-            raise dg.Failure(description=f"training.stages {stages} cannot run: {problem}", allow_retries=False)
+            raise dg.Failure(description=f"training.stages {stages} cannot run: {problem}"
+                                         f"{_quarantine_hint(context.partition_key)}", allow_retries=False)
     if problem := _judge_unusable(context):
         raise dg.Failure(description=f"{problem}, so eval_report would fail after this training: set it (or "
                                      "api_key_env: null for a judge that needs no key)", allow_retries=False)
@@ -269,6 +270,18 @@ def preference_adapter(
             data_version=dg.DataVersion(sft.produced["data_version"]))
     return _stage(context, config, cfg, cfg.training.for_stage(objective), mlflow, pipes_subprocess_client,
                   training_pods)
+
+
+def _quarantine_hint(task: str) -> str:
+    """`; N rows were quarantined, M for: <reason>` where raw_examples quarantined rows (the rows a check found
+    missing may be there, as a misspelt column mapping sends them); else ''."""
+    raw = read_result(TaskLayout(task).output("raw_examples"), "raw_examples")
+    reasons = raw.metadata.get("quarantine_reasons") if raw else None
+    if not reasons:
+        return ""
+    reason, count = max(reasons.items(), key=lambda item: item[1])
+    quarantined = raw.metadata["rows_quarantined"]
+    return f"; {quarantined} row{'s' * (quarantined != 1)} quarantined, {count} for: {reason}"
 
 
 def _judge_unusable(context: dg.AssetExecutionContext) -> str | None:

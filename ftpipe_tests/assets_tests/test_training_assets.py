@@ -118,6 +118,21 @@ def test_a_preference_stage_without_pairs_is_refused_before_the_sft_training(tin
     assert not TaskLayout(tiny_task).path("checkpoints").exists(), "nothing was trained"
 
 
+def test_a_preference_stage_whose_pairs_a_misspelt_mapping_quarantined_is_refused_naming_why(
+        tiny_task: str, ftpipe_env: Path) -> None:
+    pairs = [{"prompt": f"What color is fruit {i}?", "better": "Red.", "worse": f"Blue {i}."} for i in range(8)]
+    (ftpipe_env / "tasks" / tiny_task / "raw" / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    mapping = "data: {columns: {chosen: better, rejected: wrose}}\ntraining: {stages: [sft, dpo]}"
+    with dg.instance_for_test() as instance:
+        result = run(instance, tiny_task, [*UPSTREAM, training.lora_adapter], run_config={"ops": {
+            asset: {"config": {"overrides": mapping}} for asset in ("raw_examples", "lora_adapter")}})
+    [failure] = result.get_step_failure_events()
+    description = failure.step_failure_data.user_failure_data.description
+    assert description.endswith(
+        "; 8 rows quarantined, 8 for: mapped column 'wrose' (data.columns.rejected) (did you mean 'worse'?) is not in "
+        "the file; its columns are: better, prompt, worse"), description
+
+
 def test_a_judge_without_its_key_is_refused_before_the_training_it_would_follow(tiny_task: str, monkeypatch) -> None:
     """The key is read by eval_report, after the training: a run that evaluates says so before training; a run of
     the training alone does not need the key."""
