@@ -125,8 +125,9 @@ def merged_model(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflo
     reused = facts is not None
     if not reused:
         context.log.info(f"{task}: {system_prompt_source(task, cfg)}")
+        prompts = min(PARITY_ROWS, upstream(task, "heldout_split").metadata["eval_rows"])
         context.log.info(f"{task}: packaging {out.name}: merging an adapter into the base and checking parity on the "
-                         f"{PARITY_ROWS} shortest held-out prompts (a full fine-tune is copied as it is)")
+                         f"{prompts} shortest held-out prompts (a full fine-tune is copied as it is)")
         gate_overrides = run_overrides(context, "eval_report") or config.overrides  # those the gate was decided with
         card = _card(task, cfg, gate_overrides, base, adapter, evaluation, report)
         facts = package_model(

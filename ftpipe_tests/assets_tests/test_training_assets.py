@@ -318,6 +318,9 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
         passed = job.execute_in_process(instance=instance, partition_key=tiny_task, run_config=card_config)
         merged = materialization(passed, "merged_model")
         assert merged["registered_model"] == f"ftpipe-{tiny_task}" and merged["registered_version"] == 1
+        held_out = materialization(passed, "heldout_split")["eval_rows"]
+        assert held_out < 16 and f"checking parity on the {held_out} shortest held-out prompts" in logged(
+            instance, passed), "as many as there are"
         assert materialization(passed, "lora_adapter")["reused"] is True, "the unchanged adapter is not retrained"
         card = merged["model_card"]
         assert not card.startswith("---") and card.startswith("# ftpipe-"), "the UI shows the card without front matter"

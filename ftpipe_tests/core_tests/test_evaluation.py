@@ -735,6 +735,7 @@ def test_free_text_is_scored_beside_a_copy_of_the_input_and_a_pass_says_when_cop
     assert f"**But {caveat}.**" in report
     assert "| metric | base | fine-tuned | copy of the input | fine-tuned − base |" in report
     assert "| answer words | " in report and "Answers average 8 words in the references" in report, report
+    assert "cut to the train answers' median length (the copies average 8 words): " in report
     assert "## Reading free-text scores\n\nROUGE-L and token F1 count the words" in report, "what the scores miss"
 
 
