@@ -273,8 +273,8 @@ def preference_adapter(
 
 
 def _quarantine_hint(task: str) -> str:
-    """`; N rows were quarantined, M for: <reason>` where raw_examples quarantined rows (the rows a check found
-    missing may be there, as a misspelt column mapping sends them); else ''."""
+    """`; N rows quarantined, M for: <reason>` (the commonest) where raw_examples quarantined rows: the rows a check
+    found missing may be there, as a misspelt column mapping sends them; else ''."""
     raw = read_result(TaskLayout(task).output("raw_examples"), "raw_examples")
     reasons = raw.metadata.get("quarantine_reasons") if raw else None
     if not reasons:

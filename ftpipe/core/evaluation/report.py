@@ -145,7 +145,8 @@ def evidence(metrics: dict[str, Any]) -> list[str]:
     if m.get("copy_score") is not None:
         words = m["answer_words"]
         parts.append(f"A copy of the user's message cut to the train answers' median length (the copies average "
-                     f"{words['copy']:.0f} words): {number(m['copy_score'])}; fine-tuned vs copy {number(m['delta_vs_copy'], True)} "
+                     f"{words['copy']:.0f} words): {number(m['copy_score'])}; fine-tuned vs copy "
+                     f"{number(m['delta_vs_copy'], True)} "
                      f"({_interval(m['delta_vs_copy_ci_low'], m['delta_vs_copy_ci_high'])}). Answers average "
                      f"{words['reference']:.0f} words in the references, {words['finetuned']:.0f} from the fine-tuned "
                      f"model and {words['base']:.0f} from the base.")
