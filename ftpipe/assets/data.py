@@ -116,6 +116,11 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
         context.log.info(f"{task}: {label_spellings.said(*respelled)}")
     if misspelt := summary["likely_misspellings"]:
         context.log.warning(f"{task}: {label_spellings.misspellings_said(misspelt)}")
+    if punctuation := summary["pairs_differing_in_punctuation"]:
+        context.log.warning(f"{task}: {punctuation} preference pair{'s' * (punctuation > 1)} kept whose answers "
+                            "differ only in punctuation, case or spacing (the first: "
+                            f"{summary['first_pair_differing_in_punctuation']}): what such a pair teaches is that "
+                            "difference")
     return dg.MaterializeResult(
         metadata={
             **{key: summary[key] for key in (*dedup.COUNTS, "preference_rows_in", "preference_rows_out")},
@@ -127,6 +132,7 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
             "labels_respelled": sum(r["rows"] for r in summary["label_spellings"]),
             "label_spellings": table(label_spellings.shown(summary["label_spellings"]), label_spellings.COLUMNS),
             "preference_answers_respelled": summary["preference_answers_respelled"],
+            "pairs_differing_in_punctuation": summary["pairs_differing_in_punctuation"],
             "likely_misspelt_labels": len(summary["likely_misspellings"]),
             "misspelt_labels": table(label_spellings.shown(summary["likely_misspellings"], ("label", "like")),
                                      label_spellings.misspelling_columns(summary["likely_misspellings"])),

@@ -18,7 +18,7 @@ from ftpipe.core.dedup import removal
 from ftpipe.core.layout import PREFERENCES
 from ftpipe.core.preferences import as_chat, is_paired, write_preferences
 from ftpipe.core.records import source_order
-from ftpipe.core.text import canonical
+from ftpipe.core.text import canonical, loose
 
 if TYPE_CHECKING:
     from ftpipe.core.label_spellings import Spellings
@@ -121,11 +121,22 @@ def build_clean_preferences(rows: list[dict[str, Any]], out_dir: Path,
                             spellings: Spellings | None = None) -> dict[str, Any]:
     """Clean preference `rows` into `out_dir/preferences.parquet`, the kept rows' labels in their `spellings`;
     return `preference_rows_in`, `preference_rows_out`, the counts by reason under `dedup`'s names,
-    `preference_answers_respelled` and `removed`."""
+    `preference_answers_respelled`, the kept pairs whose answers differ only in punctuation
+    (`punctuation_only_pairs`) and `removed`."""
     kept, removed = clean_preferences(rows, settings)
     kept, respelled = spellings.respell_preferences(kept) if spellings else (kept, 0)
     write_preferences(kept, out_dir / PREFERENCES)
     reasons = Counter(row["reason"] for row in removed)
     return {"preference_rows_in": len(rows), "preference_rows_out": len(kept),
             **{name: reasons[reason] for reason, name in COUNTS.items()}, "preference_answers_respelled": respelled,
-            "removed": removed}
+            **punctuation_only_pairs(kept), "removed": removed}
+
+
+def punctuation_only_pairs(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many of `rows` are pairs whose answers differ only in punctuation, case and spacing (`Yes.` and `yes`),
+    and the source of the first: kept, as a JSON answer's brace can be the point of a pair, but what such a pair
+    teaches is that difference."""
+    found = [row["source"] for row in rows if is_paired(row) and loose(row["chosen"]) == loose(row["rejected"])]
+    return {"pairs_differing_in_punctuation": len(found),
+            "first_pair_differing_in_punctuation": found[0] if found else None}
+

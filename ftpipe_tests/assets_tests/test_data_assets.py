@@ -176,6 +176,21 @@ def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_en
             f"{split['eval_pairs']} eval preference rows") in infos, "the pairs' split beside the rows'"
 
 
+def test_pairs_whose_answers_differ_only_in_punctuation_are_kept_and_counted_with_a_warning(ftpipe_env: Path) -> None:
+    rows = [chat(f"order {i}: where is parcel {i * 17}?", f"It ships on day {i}.") for i in range(20)]
+    pairs = [{"prompt": "Is it free?", "chosen": "Yes.", "rejected": "yes"},
+             {"prompt": "Give the count as JSON", "chosen": '{"count": 1}', "rejected": '{"count": 1,}'},
+             {"prompt": "Can I return it?", "chosen": "Within 30 days.", "rejected": "No."}]
+    make_task(ftpipe_env, "shop", {"a.jsonl": rows, "p.jsonl": pairs})
+    with dg.instance_for_test() as instance:
+        result = materialize(instance, "shop")
+        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    cleaned = materialization(result, "deduplicated_examples")
+    assert cleaned["pairs_differing_in_punctuation"] == 2 and cleaned["preference_rows_out"] == 3, "kept"
+    assert ("shop: 2 preference pairs kept whose answers differ only in punctuation, case or spacing (the first: "
+            "p.jsonl:line 1): what such a pair teaches is that difference") in warnings
+
+
 def test_the_split_warns_of_labels_only_train_rows_have(ftpipe_env: Path) -> None:
     from ftpipe.core.records import answers
 
