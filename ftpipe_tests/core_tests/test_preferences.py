@@ -289,7 +289,8 @@ def test_build_clean_preferences_writes_the_kept_rows_and_counts_by_reason(tmp_p
     summary = preference_cleaning.build_clean_preferences(rows, tmp_path)
     removed = summary.pop("removed")
     assert summary == {"preference_rows_in": 4, "preference_rows_out": 2, "exact_duplicates": 1,
-                       "near_duplicates": 0, "contradictions": 1, "preference_answers_respelled": 0}
+                       "near_duplicates": 0, "contradictions": 1, "preference_answers_respelled": 0,
+                       "pairs_differing_in_punctuation": 0, "first_pair_differing_in_punctuation": None}
     assert len(removed) == 2 and all(row["reason"] in ("exact_duplicate", "contradiction") for row in removed)
     assert len(read_preferences(tmp_path / "preferences.parquet")) == 2
     empty = preference_cleaning.build_clean_preferences([], tmp_path)
