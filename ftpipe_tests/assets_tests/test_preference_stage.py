@@ -71,7 +71,8 @@ def test_dpo_after_sft_is_tracked_evaluated_and_merged(ftpipe_env: Path, tiny_mo
                     "preference_delta_ci_low", "preference_margin_gain_ci_low", "sft_score", "finetuned_score"):
             assert isinstance(report[key], float), key
         summary = preference_line(report, "dpo")  # as the run's summary says it
-        assert f"of {report['preference_pairs']} pairs (margin gain" in summary, summary
+        assert (f"of {report['preference_pairs']} pairs, by a median {report['preference_margin_change_median']:+.3g} "
+                "nats (margin gain") in summary, summary
         merged = materialization(result, "merged_model")
         assert merged["registered_version"] == 1
         card = merged["model_card"]
