@@ -343,6 +343,8 @@ def mlflow_ui_command() -> str:
 def set_aside_lines(found: dict[str, dict]) -> list[str]:
     """Where the rows the data assets set aside are, each with its reason: quarantined and removed by cleaning; and
     the prompts a teacher that stopped early left for the next materialization."""
+    from ftpipe.core.readable import plural
+
     raw, cleaned = found.get("raw_examples", {}), found.get("deduplicated_examples", {})
     teacher = found.get("teacher_examples", {})
     lines = []
@@ -351,10 +353,10 @@ def set_aside_lines(found: dict[str, dict]) -> list[str]:
                      "next materialization")
     if raw.get("rows_quarantined"):
         count = raw["rows_quarantined"]
-        lines.append(f"  {count} row{'s' * (count != 1)} quarantined, each with its reason: {raw['quarantine_path']}")
+        lines.append(f"  {plural(count, 'row')} quarantined, each with its reason: {raw['quarantine_path']}")
     removed = sum(cleaned.get(f"{kind}rows_in", 0) - cleaned.get(f"{kind}rows_out", 0) for kind in ("", "preference_"))
     if removed:
-        lines.append(f"  {removed} row{'s' * (removed != 1)} removed by cleaning (chat and preference rows), each "
+        lines.append(f"  {plural(removed, 'row')} removed by cleaning (chat and preference rows), each "
                      f"with its reason: {cleaned['removed_path']}")
     return lines
 

@@ -14,6 +14,7 @@ from ftpipe.core.evaluation.report import unheld_labels
 from ftpipe.core.similarity import Settings
 from ftpipe.core.preferences import as_chat
 from ftpipe.core.layout import QUARANTINE, REMOVED, REVIEW_CSV, TaskLayout
+from ftpipe.core.readable import plural
 from ftpipe.core.storage import task_dir
 from ftpipe.core.tasks import task_files_version
 from ftpipe.partitions import task_partitions
@@ -117,7 +118,7 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
     if misspelt := summary["likely_misspellings"]:
         context.log.warning(f"{task}: {label_spellings.misspellings_said(misspelt)}")
     if punctuation := summary["pairs_differing_in_punctuation"]:
-        context.log.warning(f"{task}: {punctuation} preference pair{'s' * (punctuation > 1)} kept whose answers "
+        context.log.warning(f"{task}: {plural(punctuation, 'preference pair')} kept whose answers "
                             "differ only in punctuation, case or spacing (the first: "
                             f"{summary['first_pair_differing_in_punctuation']}): what such a pair teaches is that "
                             "difference")

@@ -281,7 +281,7 @@ def _quarantine_hint(task: str) -> str:
         return ""
     reason, count = max(reasons.items(), key=lambda item: item[1])
     quarantined = raw.metadata["rows_quarantined"]
-    return f"; {quarantined} row{'s' * (quarantined != 1)} quarantined, {count} for: {reason}"
+    return f"; {readable.plural(quarantined, 'row')} quarantined, {count} for: {reason}"
 
 
 def _judge_unusable(context: dg.AssetExecutionContext) -> str | None:

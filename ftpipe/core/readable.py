@@ -15,6 +15,11 @@ def rounded(value: float) -> float:
     return float(f"{value:.{SIGNIFICANT}g}")
 
 
+def plural(number: int, noun: str) -> str:
+    """`number` with `noun`, in the plural unless it is one: '1 row', '3 rows'."""
+    return f"{number} {noun}{'s' * (number != 1)}"
+
+
 def count(value: int) -> str:
     """A count with a unit suffix: 134515008 -> '134.5M', 950 -> '950'."""
     for size, unit in COUNT_UNITS:

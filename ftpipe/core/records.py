@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from ftpipe.core.raw_files import MAX_ROW_CHARS, SURROGATE, RawDataError, iter_file_rows, too_long
 from ftpipe.core.layout import EXAMPLES, PREFERENCES, QUARANTINE
+from ftpipe.core.readable import plural
 from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.storage import UnsafePathError, atomic_dir, contained, sha256_of_files
 from ftpipe.core.text import text_parts
@@ -535,7 +536,7 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
         _quarantine_odd_shapes(result, spec.shape_problems)
     if not result.rows_valid:
         reasons = Counter(row["reason"] for row in result.quarantine).most_common(3)
-        problems = "; ".join(f"{reason} ({count} row{'s' * (count > 1)})" for reason, count in reasons) or "no rows at all"
+        problems = "; ".join(f"{reason} ({plural(count, 'row')})" for reason, count in reasons) or "no rows at all"
         ignored = (f"; files left out (not {', '.join(SUPPORTED_SUFFIXES)}): {', '.join(result.ignored_files)}"
                    if result.ignored_files else "")
         raise RawDataError(f"{task_folder / 'raw'}: no usable rows in {len(result.files)} file(s), "

@@ -8,6 +8,7 @@ from typing import Any
 
 from ftpipe.config import TOO_LONG_DONE, TrainingConfig
 from ftpipe.core.modeling import chat_length
+from ftpipe.core.readable import plural
 from ftpipe.core.training.eval_loss import TokenWeightedEvalLoss
 from ftpipe.core.training.passes import with_passes
 from ftpipe.core.training.shared_start import SharedStartEvaluation, evaluated_lengths
@@ -217,4 +218,4 @@ def shared_start_evaluations(setup: TrainerSetup, trainer, read: list[int]) -> N
         trainer.args.per_device_eval_batch_size = sized
     per_pass = trainer.args.per_device_eval_batch_size
     setup.info(f"evaluations: the {read[0]}-token start every eval row shares read once, each row's rest after it "
-               f"({per_pass} row{'s' * (per_pass != 1)} a pass)")
+               f"({plural(per_pass, 'row')} a pass)")
