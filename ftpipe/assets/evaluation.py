@@ -107,7 +107,7 @@ def review_verdicts(context: dg.OpExecutionContext) -> dg.DataVersionsByPartitio
     partitions_def=task_partitions, group_name=GROUP, kinds={"html", "csv"}, deps=["eval_report", "review_verdicts"],
     automation_condition=dg.AutomationCondition.eager(),
 )
-def human_review(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg.MaterializeResult:
+def human_review(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """A blind, randomised A/B sample of held-out rows (base vs fine-tuned answers) as a CSV and a self-contained HTML
     page for a reviewer, and the verdicts found so far in the task's `reviews/` folder with the win rate's interval."""
     import pyarrow.parquet as pq
@@ -115,11 +115,10 @@ def human_review(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     from ftpipe.core.evaluation.review import sample_verdicts, write_review_sample
 
     task = context.partition_key
-    cfg = load_config(context, config).evaluation
     paths = TaskLayout(task)
     predictions, out = paths.path("eval_report", PREDICTIONS), paths.asset("human_review")
     sample = write_review_sample(pq.read_table(predictions).to_pylist(), out)
-    verdicts = sample_verdicts(predictions, out, reviews_dir(task)).summary(cfg.bootstrap_samples)
+    verdicts = sample_verdicts(predictions, out, reviews_dir(task)).summary()
     context.log.info(f"{task}: review sample {sample['review_sample']} of {sample['review_rows']} rows; "
                      f"{verdicts['human_verdicts']} verdicts so far")
     return dg.MaterializeResult(

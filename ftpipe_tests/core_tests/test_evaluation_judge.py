@@ -53,21 +53,21 @@ def test_each_pair_is_judged_blind_in_both_orders():
 
 def test_a_judge_that_always_says_a_gives_ties_not_wins():
     with serving(lambda user: "A") as endpoint:
-        found = judge_metrics(records(), judge(endpoint), samples=500, log=lambda line: None)
+        found = judge_metrics(records(), judge(endpoint), log=lambda line: None)
     assert (found["judge_pairs"], found["judge_wins"], found["judge_losses"], found["judge_ties"]) == (12, 0, 0, 12)
-    assert found["judge_win_rate"] == 0.5 == found["judge_win_rate_ci_low"]
+    assert found["judge_win_rate_ci_low"] < found["judge_win_rate"] == 0.5 < found["judge_win_rate_ci_high"]
 
 
 def test_the_win_rate_and_max_pairs():
     rows = records()
     with serving(prefers_the_reference) as endpoint:
-        found = judge_metrics(rows, judge(endpoint), samples=1000, log=lambda line: None)
-        few = judge_metrics(records(), judge(endpoint, max_pairs=4), samples=500, log=lambda line: None)
+        found = judge_metrics(rows, judge(endpoint), log=lambda line: None)
+        few = judge_metrics(records(), judge(endpoint, max_pairs=4), log=lambda line: None)
     assert found["judge_win_rate"] == pytest.approx((6 + 0.5 * 4) / 12)
     assert found["judge_win_rate_ci_low"] < found["judge_win_rate"] < found["judge_win_rate_ci_high"]
     assert [r["judge_outcome"] for r in rows][:8] == ["win"] * 6 + ["loss"] * 2
     assert few["judge_pairs"] == 4
-    assert judge_metrics(records(), None, samples=500, log=print)["judge_win_rate"] is None  # no judge configured
+    assert judge_metrics(records(), None, log=print)["judge_win_rate"] is None  # no judge configured
 
 
 @pytest.mark.parametrize(("reply", "choice"), [

@@ -194,11 +194,23 @@ def test_the_gate_reads_margins_which_move_where_verbose_rejected_answers_hold_t
     assert found["preference_accuracy_sft"] == found["preference_accuracy_final"] == 0.0
     assert found["preference_delta"] == found["preference_delta_ci_low"] == found["preference_delta_ci_high"] == 0.0
     assert (found["preference_margin_widened"], found["preference_margin_narrowed"]) == (17, 3)
-    assert found["preference_margin_gain"] == pytest.approx(0.7) and found["preference_margin_gain_ci_low"] > 0.3
+    assert found["preference_margin_gain"] == pytest.approx(0.7) and found["preference_margin_gain_ci_low"] > 0.2
 
     nudged = [(c + 1e-5, ct, r, rt) for c, ct, r, rt in sft]  # the same model, scored in other batches
     unchanged = measure_preference(planted(base=sft, sft=sft, finetuned=nudged), samples=1000, seed=0)
-    assert unchanged["preference_margin_gain_ci_low"] == unchanged["preference_margin_gain_ci_high"] == 0.0
+    assert unchanged["preference_margin_gain"] == 0.0 and (unchanged["preference_margin_widened"],
+                                                           unchanged["preference_margin_narrowed"]) == (0, 0)
+    assert unchanged["preference_margin_gain_ci_low"] == pytest.approx(-unchanged["preference_margin_gain_ci_high"])
+    assert unchanged["preference_margin_gain_ci_low"] < 0, "no pair moved: the gate's default threshold is not met"
+
+
+def test_a_margin_gain_on_every_one_of_a_few_pairs_keeps_an_interval_that_a_bootstrap_would_shrink_to_a_point():
+    sft = [(-10.0, 10, -12.0, 10)] * 12
+    final = [(-9.99, 10, -12.5, 10)] * 12  # every pair's margin nudged wider, by 0.51 nats
+    found = measure_preference(planted(base=sft, sft=sft, finetuned=final), samples=1000, seed=0)
+    assert (found["preference_margin_widened"], found["preference_margin_gain"]) == (12, 1.0)
+    assert found["preference_margin_gain_ci_high"] == pytest.approx(1.0)
+    assert found["preference_margin_gain_ci_low"] == pytest.approx(0.515, abs=1e-3), "12 of 12: Wilson's 0.757 … 1"
 
 
 # ---------------------------------------------------------------- whole runs
@@ -212,7 +224,7 @@ def test_a_final_model_that_lost_the_sft_models_preferences_fails_the_gate(works
     assert lost["preference_accuracy_sft"] >= 0.9
     assert lost["preference_accuracy_final"] == lost["preference_accuracy_base"] < 0.7  # identity: the base itself
     assert lost["preference_delta_ci_high"] < 0 and lost["passed"] is False
-    assert lost["preference_margin_narrowed"] >= 0.9 * PAIRS and lost["preference_margin_gain_ci_high"] < -0.8
+    assert lost["preference_margin_narrowed"] >= 0.9 * PAIRS and lost["preference_margin_gain_ci_high"] < -0.7
     assert (f"preference_margin_gain_ci_low {lost['preference_margin_gain_ci_low']:.3f} <= min_preference_gain 0.000 "
             f"(final vs sft: the chosen answer's margin over the rejected one widened on "
             f"{lost['preference_margin_widened']} and narrowed on {lost['preference_margin_narrowed']} of {PAIRS} "
@@ -256,7 +268,7 @@ def test_a_final_model_that_gained_preferences_passes_and_the_base_scores_come_f
     assert gained["preference_accuracy_sft"] == gained["preference_accuracy_base"]
     assert gained["preference_accuracy_final"] == first["preference_accuracy_sft"]
     assert gained["preference_delta_ci_low"] > 0 and gained["delta_ci_low"] > 0
-    assert gained["preference_margin_widened"] >= 0.9 * PAIRS and gained["preference_margin_gain_ci_low"] > 0.8
+    assert gained["preference_margin_widened"] >= 0.9 * PAIRS and gained["preference_margin_gain_ci_low"] > 0.7
     assert gained["passed"] is True and gained["failed_conditions"] == []
     strict = CONFIG.model_copy(update={"min_preference_gain": 1.0})
     again = evaluate(workspace, "competent", tmp_path / "gained", sft="identity", preferences="pairs.parquet",

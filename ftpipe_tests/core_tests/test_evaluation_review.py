@@ -99,13 +99,13 @@ def test_only_verdicts_on_the_evaluated_models_answers_count_and_the_judge_is_co
     fill(sample, reviews / "ann.csv", lambda row, side: side)
     verdicts = read_verdicts(reviews, sample / "review_key.json")
     judged = [{**r, "judge_outcome": "win" if i % 2 else "tie"} for i, r in enumerate(records())]
-    metrics = human_metrics(judged, verdicts, samples=500)
+    metrics = human_metrics(judged, verdicts)
     assert metrics["human_verdicts"] == metrics["judge_human_pairs"] == 6
     reviewed = {v.row for v in verdicts.verdicts}
     assert metrics["judge_human_agreement"] == sum(int(row_id[1:]) % 2 for row_id in reviewed) / 6
     retrained = [{**r, "finetuned_answer": "New words"} if r["id"] in sorted(reviewed)[:4] else r for r in judged]
-    assert human_metrics(retrained, verdicts, samples=500)["human_verdicts"] == 2  # 4 answers changed since
-    nothing = human_metrics(records(), None, samples=500)
+    assert human_metrics(retrained, verdicts)["human_verdicts"] == 2  # 4 answers changed since
+    nothing = human_metrics(records(), None)
     assert nothing["human_verdicts"] == 0 and nothing["judge_human_agreement"] is None
 
 

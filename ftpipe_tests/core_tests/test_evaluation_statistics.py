@@ -224,14 +224,19 @@ def test_the_review_gate_waits_for_human_verdicts_apart_from_the_metric_gate():
     assert decide_gate(measured(), config) == (True, [])  # verdicts come later: the metric gate does not wait
 
 
-def test_win_rate_counts_a_tie_half_with_a_bootstrap_interval():
+def test_win_rate_counts_a_tie_half_with_a_score_interval_that_keeps_its_width_on_one_sided_verdicts():
     outcomes = ["win"] * 30 + ["tie"] * 10 + ["loss"] * 10
-    found = pairwise_summary("human", outcomes, samples=2000, seed=0)
+    found = pairwise_summary("human", outcomes)
     assert (found["human_wins"], found["human_ties"], found["human_losses"]) == (30, 10, 10)
     assert found["human_win_rate"] == pytest.approx(0.7)
     assert 0.5 < found["human_win_rate_ci_low"] < 0.7 < found["human_win_rate_ci_high"] < 0.85
-    assert pairwise_summary("judge", ["tie"] * 8, samples=500, seed=0)["judge_win_rate_ci_low"] == 0.5
-    empty = pairwise_summary("judge", [], samples=500, seed=0)
+    swept = pairwise_summary("human", ["win"] * 10)  # ten verdicts cannot make a win rate of 1 certain
+    assert swept["human_win_rate"] == 1.0 and swept["human_win_rate_ci_high"] == pytest.approx(1.0)
+    assert swept["human_win_rate_ci_low"] == pytest.approx(0.722, abs=1e-3)  # Wilson's 10 / (10 + 1.96²)
+    ties = pairwise_summary("judge", ["tie"] * 8)
+    assert ties["judge_win_rate_ci_low"] < 0.5 < ties["judge_win_rate_ci_high"]
+    assert ties["judge_win_rate_ci_low"] + ties["judge_win_rate_ci_high"] == pytest.approx(1.0)
+    empty = pairwise_summary("judge", [])
     assert empty["judge_wins"] == 0 and empty["judge_win_rate"] is None and empty["judge_win_rate_ci_low"] is None
 
 

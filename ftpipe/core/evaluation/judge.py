@@ -14,7 +14,6 @@ from ftpipe.core.evaluation.review import BASELINE, CANDIDATE, review_rows
 from ftpipe.core.evaluation.statistics import pairwise_summary
 
 SEED = 0  # the rows a human review sample with the default seed takes, so both can be compared
-BOOTSTRAP_SEED = 3
 WORKERS = 8  # requests in flight
 TIMEOUT_S = 120.0
 INSTRUCTIONS = (
@@ -91,14 +90,14 @@ def judge_outcomes(records: list[dict[str, Any]], judge: JudgeConfig,
     return outcomes, choices.count(None)
 
 
-def judge_metrics(records: list[dict[str, Any]], judge: JudgeConfig | None, samples: int,
+def judge_metrics(records: list[dict[str, Any]], judge: JudgeConfig | None,
                   log: Callable[[str], None]) -> dict[str, Any]:
     """`judge_pairs`, `judge_unclear_replies`, `judge_wins`, `judge_ties`, `judge_losses` and `judge_win_rate` (a
-    tie counting half) with its 95% bootstrap interval; no pairs (win rate None) without a judge. Each record gets
+    tie counting half) with its 95% score interval; no pairs (win rate None) without a judge. Each record gets
     its `judge_outcome` (None where not judged)."""
     outcomes, unclear = judge_outcomes(records, judge, log) if judge else ({}, 0)
     if judge:
         for record in records:
             record["judge_outcome"] = outcomes.get(record["id"])
     return {"judge_pairs": len(outcomes), "judge_unclear_replies": unclear,
-            **pairwise_summary("judge", list(outcomes.values()), samples, BOOTSTRAP_SEED)}
+            **pairwise_summary("judge", list(outcomes.values()))}

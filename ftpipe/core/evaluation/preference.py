@@ -4,7 +4,8 @@
   one: an absolute reading, which verbose rejected answers can hold at the same value for every model;
 - the margin gain, which the gate reads: per pair, whether the final model widened or narrowed the chosen answer's
   lead over the rejected one (summed log-probabilities, what a DPO stage trains) against the model it was tuned from
-  (the SFT model, else the base), as the share widened minus the share narrowed, with a bootstrap interval.
+  (the SFT model, else the base), as the share widened minus the share narrowed, with a score interval (a bootstrap's
+  shrinks to a point where every pair moved one way).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftpipe.core.evaluation.statistics import mean_bootstrap, paired_bootstrap
+from ftpipe.core.evaluation.statistics import mean_share_interval, paired_bootstrap
 from ftpipe.core.preferences import is_paired, read_preferences
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def measure_preference(outputs: dict[str, ModelOutputs], samples: int, seed: int
     """`preference_pairs`, `preference_accuracy_base`, `_sft` (None without an SFT model) and `_final`, the final
     model's accuracy change over `preference_baseline` (the SFT model, else the base) as `preference_delta` with its
     95% paired-bootstrap interval, and its margin changes against that model: `preference_margin_widened`,
-    `_narrowed` and `preference_margin_gain` (the share widened minus the share narrowed) with its 95% bootstrap
+    `_narrowed` and `preference_margin_gain` (the share widened minus the share narrowed) with its 95% score
     interval, and the median change of a pair's margin in nats, `preference_margin_change_median`; nothing when no
     pairs were scored."""
     sums = {MODELS[side]: produced.preference_logprobs for side, produced in outputs.items()
@@ -86,7 +87,7 @@ def measure_preference(outputs: dict[str, ModelOutputs], samples: int, seed: int
                 for name in MODELS.values()}
     delta, delta_low, delta_high = paired_bootstrap(correct[baseline], correct["final"], samples, seed)
     changes = margin_changes(sums[baseline], sums["final"])
-    gain, low, high = mean_bootstrap(changes, samples, seed)
+    gain, low, high = (2 * share - 1 for share in mean_share_interval([(change + 1) / 2 for change in changes]))
     shifts = [new - old for old, new in zip(margins(sums[baseline]), margins(sums["final"]))]
     return {"preference_pairs": len(changes), **accuracy, "preference_baseline": baseline,
             "preference_delta": delta, "preference_delta_ci_low": delta_low, "preference_delta_ci_high": delta_high,

@@ -39,8 +39,8 @@ def number(value: Any, signed: bool = False) -> str:
     return str(value)
 
 
-def _interval(low: float, high: float, signed: bool = True) -> str:
-    return f"95% paired-bootstrap CI {number(low, signed)} … {number(high, signed)}"
+def _interval(low: float, high: float, signed: bool = True, kind: str = "paired-bootstrap CI") -> str:
+    return f"95% {kind} {number(low, signed)} … {number(high, signed)}"
 
 
 def verdict(passed: bool, failed: list[str], config: EvaluationConfig, preference: bool = False,
@@ -240,11 +240,12 @@ def preference_tuning(metrics: dict[str, Any]) -> str | None:
         parts.append(f"Preference accuracy: the share of held-out pairs whose chosen answer the model finds likelier "
                      f"per token than the rejected one. Final vs {baseline} {number(m['preference_delta'], True)} "
                      f"({_interval(m['preference_delta_ci_low'], m['preference_delta_ci_high'])}).")
+        gain = _interval(m["preference_margin_gain_ci_low"], m["preference_margin_gain_ci_high"], kind="score interval")
         parts.append(f"Margin gain, which the gate reads: against the {baseline} model, the final model widened the "
                      f"chosen answer's lead over the rejected one (summed log-probability, what a DPO stage trains) on "
                      f"{m['preference_margin_widened']} of {pairs} pairs and narrowed it on "
                      f"{m['preference_margin_narrowed']}: {number(m['preference_margin_gain'], True)} "
-                     f"({_interval(m['preference_margin_gain_ci_low'], m['preference_margin_gain_ci_high'])})"
+                     f"({gain})"
                      f"{_margin_size(m)}. Verbose rejected answers can hold the accuracy still while the margins "
                      "move.")
     if "sft_score" in m:
@@ -326,8 +327,8 @@ def _preference(metrics: dict[str, Any], prefix: str, what: str) -> str:
     low, high = metrics[f"{prefix}_win_rate_ci_low"], metrics[f"{prefix}_win_rate_ci_high"]
     return (f"{what}: the fine-tuned model against the base {metrics[f'{prefix}_wins']} wins, "
             f"{metrics[f'{prefix}_ties']} ties, {metrics[f'{prefix}_losses']} losses; win rate "
-            f"{number(metrics[f'{prefix}_win_rate'])} (a tie counts half, 0.5 is no preference; 95% bootstrap CI "
-            f"{number(low)} … {number(high)}).")
+            f"{number(metrics[f'{prefix}_win_rate'])} (a tie counts half, 0.5 is no preference; "
+            f"{_interval(low, high, signed=False, kind='score interval')}).")
 
 
 def preferences(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:

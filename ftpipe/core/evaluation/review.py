@@ -25,7 +25,6 @@ REQUIRED = ("sample", "id", "verdict")
 VERDICTS = {"a": "A", "b": "B", "tie": "tie"}  # accepted (any case) -> as written
 BASELINE, CANDIDATE = "base", "finetuned"  # the records' answer columns compared by default
 REVIEW_ROWS = 50
-BOOTSTRAP_SEED = 4
 
 
 def review_rows(records: list[dict], count: int, seed: int) -> list[dict]:
@@ -106,11 +105,11 @@ class Verdicts:
         answers = {record["id"]: digest(record.get(f"{self.candidate}_answer", "")) for record in records}
         return replace(self, verdicts=[v for v in self.verdicts if answers.get(v.row) == v.answer])
 
-    def summary(self, samples: int = 2000) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         """`human_verdicts`, `human_wins`, `human_ties`, `human_losses`, `human_win_rate` (a tie counting half) and
-        its 95% bootstrap interval (`human_win_rate_ci_low`, `human_win_rate_ci_high`; None without verdicts)."""
+        its 95% score interval (`human_win_rate_ci_low`, `human_win_rate_ci_high`; None without verdicts)."""
         outcomes = [verdict.outcome for verdict in self.verdicts]
-        return {"human_verdicts": len(outcomes), **pairwise_summary("human", outcomes, samples, BOOTSTRAP_SEED)}
+        return {"human_verdicts": len(outcomes), **pairwise_summary("human", outcomes)}
 
 
 def _outcome(verdict: str, new_side: str) -> str:
@@ -172,7 +171,7 @@ def read_verdicts(reviews_dir: Path | str, key: Path | str) -> Verdicts:
                     verdicts=list(latest.values()), files=used)
 
 
-def human_metrics(records: list[dict], verdicts: Verdicts | None, samples: int) -> dict[str, Any]:
+def human_metrics(records: list[dict], verdicts: Verdicts | None) -> dict[str, Any]:
     """`Verdicts.summary` of the verdicts on the records' new model (all zero and None without any), and the LLM
     judge's agreement with them: `judge_human_agreement`, the share of `judge_human_pairs` human verdicts (on rows
     the judge compared against the same baseline) whose outcome the judge's equals; None without such rows."""
@@ -180,7 +179,7 @@ def human_metrics(records: list[dict], verdicts: Verdicts | None, samples: int) 
     judged = {r["id"]: r.get("judge_outcome") for r in records} if current.baseline == BASELINE else {}
     pairs = [(judged[v.row], v.outcome) for v in current.verdicts if judged.get(v.row)]
     agreement = sum(judge == human for judge, human in pairs) / len(pairs) if pairs else None
-    return {**current.summary(samples), "judge_human_agreement": agreement, "judge_human_pairs": len(pairs)}
+    return {**current.summary(), "judge_human_agreement": agreement, "judge_human_pairs": len(pairs)}
 
 
 def sample_verdicts(predictions: Path | str, sample_dir: Path | str, reviews_dir: Path | str) -> Verdicts:

@@ -73,7 +73,7 @@ def read_evaluation(out_dir: Path | str, config: EvaluationConfig,
     out_dir = Path(out_dir)
     metrics = json.loads((out_dir / METRICS).read_text(encoding="utf-8"))
     records = pq.read_table(out_dir / PREDICTIONS).to_pylist()
-    metrics.update(human_metrics(records, verdicts, config.bootstrap_samples))
+    metrics.update(human_metrics(records, verdicts))
     passed, failed = decide_gate(metrics, config)
     return {**metrics, "passed": passed, "failed_conditions": failed,
             "gate_caveat": gate_caveat(metrics, config) if passed else None,
@@ -100,7 +100,7 @@ def _publish(out_dir: Path, metrics: dict[str, Any], records: list[dict], config
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    reviewed = {**metrics, **human_metrics(records, verdicts, config.bootstrap_samples)}
+    reviewed = {**metrics, **human_metrics(records, verdicts)}
     with atomic_dir(out_dir) as tmp:
         (tmp / REPORT).write_text(report_markdown(reviewed, records, config), encoding="utf-8")
         write_chart(metrics, tmp)
@@ -148,7 +148,7 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
     records = prediction_records(heldout, outputs, scores, task)
     if trained := trained_length(tuned["finetuned"][0]):
         trained["rows_over"] = mark_over_max_length(records, heldout.rows, tokenizer, trained["max_length"])
-    judged = judge_metrics(records, config.judge, config.bootstrap_samples, log)
+    judged = judge_metrics(records, config.judge, log)
     found = {**metrics, **judged, **budget.metrics(), "base_cached": base_rows_run == 0, "base_rows_run": base_rows_run,
              "fewshot_labels": _labels_shown(examples, heldout, task), "trained_length": trained,
              "warm_start": warm_start(tuned.get("sft", tuned["finetuned"])[0])}  # the SFT training's, before a stage

@@ -1,13 +1,15 @@
-"""Paired bootstrap over rows: the interval of any statistic of the rows, of a mean difference and of a pairwise win
-rate; and a seeded order of rows."""
+"""Paired bootstrap over rows: the interval of any statistic of the rows and of a mean difference; the score interval
+of a share (a pairwise win rate); and a seeded order of rows."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from typing import Any
 
 CHUNK = 256  # resamples drawn at once (bounds memory on large evaluations)
+Z_95 = 1.959963984540054  # the standard normal's 97.5th percentile
 
 
 def bootstrap_interval(size: int, statistic: Callable, samples: int, seed: int) -> tuple[float, float]:
@@ -32,14 +34,7 @@ def paired_bootstrap(base_scores, tuned_scores, samples: int, seed: int) -> tupl
     """(mean(tuned - base), 2.5th and 97.5th percentile of that mean over `samples` paired resamples of rows)."""
     import numpy as np
 
-    return mean_bootstrap(np.asarray(tuned_scores, dtype=float) - np.asarray(base_scores, dtype=float), samples, seed)
-
-
-def mean_bootstrap(values, samples: int, seed: int) -> tuple[float, float, float]:
-    """(mean(values), 2.5th and 97.5th percentile of the mean over `samples` resamples of the values)."""
-    import numpy as np
-
-    values = np.asarray(values, dtype=float)
+    values = np.asarray(tuned_scores, dtype=float) - np.asarray(base_scores, dtype=float)
     low, high = bootstrap_interval(values.size, lambda rows: values[rows].mean(axis=1), samples, seed)
     return float(values.mean()), low, high
 
@@ -66,19 +61,29 @@ def seeded_rank(row_id: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
 
 
+def share_interval(successes: float, trials: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of the share `successes` / `trials`. Unlike a bootstrap's, it keeps its width
+    where every trial went one way (12 of 12 reads 0.757 … 1, not 1 … 1) and holds its coverage on a few trials."""
+    share, spread = successes / trials, Z_95 ** 2 / trials
+    centre = (share + spread / 2) / (1 + spread)
+    half = Z_95 / (1 + spread) * math.sqrt(share * (1 - share) / trials + spread / (4 * trials))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 OUTCOME_SCORES = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 
 
-def pairwise_summary(prefix: str, outcomes: list[str], samples: int, seed: int) -> dict[str, Any]:
-    """The new model's wins, ties and losses against a baseline (`win`/`tie`/`loss` per verdict) and its win rate,
-    a tie counting half (0.5: no preference), with a 95% bootstrap interval over the verdicts; None without any."""
-    import numpy as np
+def mean_share_interval(scores: list[float]) -> tuple[float, float, float]:
+    """The mean of scores from 0 to 1 (a tie or no change scoring 0.5) with the score interval of that share, a 0.5
+    counted as half a success and half a failure: where many score 0.5 it is a little wider than it need be."""
+    total = sum(scores)
+    return (total / len(scores), *share_interval(total, len(scores)))
 
+
+def pairwise_summary(prefix: str, outcomes: list[str]) -> dict[str, Any]:
+    """The new model's wins, ties and losses against a baseline (`win`/`tie`/`loss` per verdict) and its win rate, a
+    tie counting half (0.5: no preference), with its 95% score interval; None without any verdict."""
     counts = {f"{prefix}_{name}": outcomes.count(outcome)
               for name, outcome in (("wins", "win"), ("ties", "tie"), ("losses", "loss"))}
-    if not outcomes:
-        return {**counts, **dict.fromkeys(f"{prefix}_win_rate{end}" for end in ("", "_ci_low", "_ci_high"))}
-    scores = np.array([OUTCOME_SCORES[outcome] for outcome in outcomes])
-    low, high = bootstrap_interval(scores.size, lambda rows: scores[rows].mean(axis=1), samples, seed)
-    return {**counts, f"{prefix}_win_rate": float(scores.mean()), f"{prefix}_win_rate_ci_low": low,
-            f"{prefix}_win_rate_ci_high": high}
+    rate = mean_share_interval([OUTCOME_SCORES[outcome] for outcome in outcomes]) if outcomes else (None,) * 3
+    return {**counts, **dict(zip((f"{prefix}_win_rate{end}" for end in ("", "_ci_low", "_ci_high")), rate))}
