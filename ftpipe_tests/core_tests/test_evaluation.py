@@ -480,8 +480,8 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
     assert grown["base_rows_run"] == 8
     started = logged.index("base: answering 8 held-out rows not answered before")  # before the work, for long work
     assert "base: answered 8/8 held-out rows not answered before" in logged[started + 1:]
-    assert f"Base outputs generated for 8 of {EVAL_ROWS} held-out rows, the others from the cache." in (
-        grown["report_markdown"])
+    assert (f"This evaluation generated the base outputs for 8 of {EVAL_ROWS} held-out rows and took the others from "
+            "the cache.") in grown["report_markdown"]
     assert grown["labels_without_heldout_rows"] == [] and "no held-out row" not in grown["report_markdown"]
     cold = evaluate(workspace, "bad_adapter", tmp_path / "cold", cache=tmp_path / "cold-cache")
     assert predicted(grown) == predicted(cold) and len(predicted(cold)) == EVAL_ROWS
@@ -604,7 +604,7 @@ def test_the_model_card_gives_the_verdict_with_its_thresholds_baselines_override
     assert f"Confusion table (fine-tuned):\n\n{confusion}" in card and "Confusion table (few-shot)" not in card
     assert card.endswith(
         "Evaluation settings changed from task.yaml for this run:\n\n```yaml\nevaluation:\n  max_forgetting: 0.2\n```")
-    assert "Base outputs" not in card, "where outputs came from is the report's business"
+    assert "the base outputs" not in card, "where outputs came from is the report's business"
 
 
 def test_answers_get_room_for_the_longest_reference_and_a_shorter_limit_set_is_reported(workspace, tmp_path):

@@ -176,13 +176,15 @@ def _warm_start(m: dict[str, Any]) -> list[str]:
 
 
 def _base_outputs(m: dict[str, Any]) -> str:
-    """Where the base model's outputs came from: this evaluation, the cache, or both."""
+    """Where the evaluation took the base model's outputs from: it generated them, took them from the cache, or both
+    (said of the evaluation, so a report reused whole is still right)."""
     run, rows = m.get("base_rows_run"), m["rows"]  # evaluations made before the count say only cached or not
     if m["base_cached"]:
-        return "Base outputs from the cache."
+        return "This evaluation took the base outputs from the cache."
     if run is None or run == rows:
-        return "Base outputs generated."
-    return f"Base outputs generated for {run} of {rows} held-out rows, the others from the cache."
+        return "This evaluation generated the base outputs."
+    return (f"This evaluation generated the base outputs for {run} of {rows} held-out rows and took the others from "
+            "the cache.")
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
