@@ -27,7 +27,7 @@ from ftpipe.core import readable
 from ftpipe.config import TaskConfig, TrainingConfig
 from ftpipe.core.evaluation.judge import missing_key
 from ftpipe.core.layout import TaskLayout, models_dir, replay_cache_dir
-from ftpipe.core.preferences import missing_preference_rows
+from ftpipe.core.preferences import missing_split_rows
 from ftpipe.core.results import Result, read_result, reusable
 from ftpipe.core.storage import atomic_dir, task_dir, write_text
 from ftpipe.core.training.methods import describe_method
@@ -235,10 +235,10 @@ def lora_adapter(
     if idle := cfg.idle_settings():
         context.log.warning(f"{context.partition_key}: settings without effect: {'; '.join(idle)}")
     stages, preference = cfg.training.stages, cfg.training.preference_objective
-    for path in TaskLayout(context.partition_key).preference_split_files if preference else ():
-        if problem := missing_preference_rows(preference, path):  # said before the first stage trains, not after
-            raise dg.Failure(description=f"training.stages {stages} cannot run: {problem}"
-                                         f"{_quarantine_hint(context.partition_key)}", allow_retries=False)
+    split = TaskLayout(context.partition_key).preference_split_files
+    if preference and (problem := missing_split_rows(preference, *split, cfg.split.eval_fraction)):
+        raise dg.Failure(description=f"training.stages {stages} cannot run: {problem}"  # before the first stage trains
+                                     f"{_quarantine_hint(context.partition_key)}", allow_retries=False)
     if problem := _judge_unusable(context):
         raise dg.Failure(description=f"{problem}, so eval_report would fail after this training: set it (or "
                                      "api_key_env: null for a judge that needs no key)", allow_retries=False)

@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ftpipe.core.readable import plural
 from ftpipe.core.records import (
     MESSAGE_TYPE, BadRow, FormatSpec, check_mapped_columns, check_size, example_id, message_list, optional_text,
     text_field, type_name, with_system_prompt,
@@ -28,6 +29,7 @@ OWN_COLUMNS = {name: name for name in ("prompt", "chosen", "rejected", "completi
 LABELS = {"true": True, "1": True, "false": False, "0": False}  # JSON and CSV spellings of a label
 TRANSCRIPT_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ?")  # Anthropic HH-RLHF's "\n\nHuman: …\n\nAssistant: …"
 TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
+RATINGS = ("score_chosen", "score_rejected")  # UltraFeedback's ratings of a pair's two answers
 
 PREFERENCE_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", MESSAGE_TYPE), ("chosen", pa.string()), ("rejected", pa.string()),
@@ -48,6 +50,18 @@ def missing_preference_rows(objective: str, path: Path) -> str | None:
         return (f"{objective} trains on paired preference rows (prompt, chosen, rejected), and {path} has none; add "
                 "pairs, or use kto for rows with a completion and a label")
     return None
+
+
+def missing_split_rows(objective: str, train_path: Path, eval_path: Path, eval_fraction: float) -> str | None:
+    """Why the preference `objective` cannot train on the held-out split's preference files (`missing_preference_rows`
+    of the first without rows it trains on); where only the eval file lacks them, that the split held none out."""
+    if (problem := missing_preference_rows(objective, train_path)) or not missing_preference_rows(objective, eval_path):
+        return problem
+    kind = "preference row" if objective in UNPAIRED_OBJECTIVES else "pair"
+    count = sum(objective in UNPAIRED_OBJECTIVES or is_paired(row) for row in read_preferences(train_path))
+    return (f"{objective} is evaluated on held-out {kind}s, and the split held none out: all {plural(count, kind)} "
+            f"landed in train (split.eval_fraction {eval_fraction} holds out that share of rows by their content "
+            f"hash, so a few can all land in train); add {kind}s, raise split.eval_fraction or change split.seed")
 
 
 def write_preferences(rows: list[dict[str, Any]], path: Path) -> None:
@@ -80,6 +94,8 @@ def to_preference(row: Any, spec: FormatSpec, source: str) -> dict[str, Any] | N
         kind = "a preference pair" if paired else "a single answer with its label"
         raise BadRow(f"holds {kind} and {' and '.join(repr(name) for name in other)} too: one row is one example; "
                      "write each as a row of its own")
+    if paired:
+        _check_ratings(row)
     if columns is not OWN_COLUMNS:  # named by the mapping: every mapped column its kind reads is in the file
         read = ("prompt", "system", *(("chosen", "rejected") if paired else ("completion", "label")))
         check_mapped_columns(row, {field: spec.columns[field] for field in read if field in spec.columns})
@@ -111,6 +127,28 @@ def _naming(row: dict[str, Any], spec: FormatSpec) -> tuple[bool, dict[str, str]
         if unpaired:
             return False, columns
     return None
+
+
+def _check_ratings(row: dict[str, Any]) -> None:
+    """BadRow where a pair's own ratings (`RATINGS`, numbers or their text) tie, so the pair states no preference, or
+    rate the rejected answer higher; nothing where the row has no such ratings."""
+    chosen, rejected = (_rating(row.get(name)) for name in RATINGS)
+    if chosen is None or rejected is None:
+        return
+    if chosen == rejected:
+        raise BadRow("fields 'score_chosen' and 'score_rejected' are equal: a tie states no preference")
+    if chosen < rejected:
+        raise BadRow("field 'score_rejected' is above 'score_chosen': the pair prefers its rejected answer (swap them, "
+                     "or leave the pair out)")
+
+
+def _rating(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def _prompt(value: Any, name: str, system: str | None) -> list[dict[str, str]]:

@@ -8,7 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from ftpipe.core import preference_cleaning, records, similarity
-from ftpipe.core.preferences import as_chat, read_preferences, to_preference, write_preferences
+from ftpipe.core.preferences import (
+    as_chat, missing_preference_rows, missing_split_rows, read_preferences, to_preference, write_preferences,
+)
 from ftpipe.core.records import FormatSpec, RawDataError
 from ftpipe.core.results import read_result
 from ftpipe_tests.builders import chat, make_task
@@ -84,6 +86,42 @@ def test_pairs_of_whole_conversations_read_their_shared_start_as_the_prompt(ftpi
         key: rows["implicit.jsonl:line 2"][key] for key in ("prompt", "chosen", "rejected")}
     plain = {"prompt": "Name a prime.", "chosen": "7", "rejected": "8"}
     assert ultra["id"] == to_preference(plain, FormatSpec(system_prompt=SYSTEM), "")["id"]
+
+
+def test_a_pair_whose_own_ratings_tie_or_favour_the_rejected_answer_is_quarantined(ftpipe_env: Path) -> None:
+    """UltraFeedback rates both answers of a pair; where the ratings tie, the pair states no preference."""
+    rated = [{"prompt": f"q{n}", "chosen": "a", "rejected": "b", "score_chosen": chosen, "score_rejected": rejected}
+             for n, (chosen, rejected) in enumerate([(8.5, 2.0), (7.0, 7.0), (3.0, 6.5), (None, 4.0)])]
+    folder = make_task(ftpipe_env, "t", {"rated.csv": "prompt,chosen,rejected,score_chosen,score_rejected\n"
+                                                      "q4,a,b,5,5.0\nq5,a,b,9,1\n"})
+    pq.write_table(pa.Table.from_pylist(rated), folder / "raw" / "rated.parquet")
+    result = read(folder)
+    assert sorted(row["prompt"][-1]["content"] for row in result.preferences) == ["q0", "q3", "q5"]
+    assert [(entry["source"], entry["reason"]) for entry in result.quarantine] == [
+        ("rated.csv:line 2", "fields 'score_chosen' and 'score_rejected' are equal: a tie states no preference"),
+        ("rated.parquet:row 2", "fields 'score_chosen' and 'score_rejected' are equal: a tie states no preference"),
+        ("rated.parquet:row 3", "field 'score_rejected' is above 'score_chosen': the pair prefers its rejected "
+                                "answer (swap them, or leave the pair out)")]
+
+
+def test_a_split_that_held_no_pair_out_is_named_as_the_reason_a_paired_objective_cannot_run(tmp_path: Path) -> None:
+    pair = {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b", "completion": None,
+            "label": None, "source": "p.jsonl:line 1"}
+    single = {**pair, "chosen": None, "rejected": None, "completion": "c", "label": True}
+    train, held_out, nothing = tmp_path / "train.parquet", tmp_path / "eval.parquet", tmp_path / "empty.parquet"
+    write_preferences([{**pair, "id": str(n)} for n in range(3)] + [{**single, "id": "s"}], train)
+    write_preferences([], nothing)
+    assert missing_split_rows("dpo", train, nothing, 0.15) == (
+        "dpo is evaluated on held-out pairs, and the split held none out: all 3 pairs landed in train "
+        "(split.eval_fraction 0.15 holds out that share of rows by their content hash, so a few can all land in "
+        "train); add pairs, raise split.eval_fraction or change split.seed")
+    assert missing_split_rows("kto", train, nothing, 0.2).startswith(
+        "kto is evaluated on held-out preference rows, and the split held none out: all 4 preference rows landed")
+    write_preferences([{**single, "id": "t"}], held_out)
+    assert missing_split_rows("kto", train, held_out, 0.15) is None
+    assert missing_split_rows("dpo", train, held_out, 0.15).startswith("dpo is evaluated on held-out pairs")
+    assert missing_split_rows("dpo", nothing, held_out, 0.15) == missing_preference_rows("dpo", nothing), (
+        "a train file without pairs is the problem named first")
 
 
 def test_mapped_columns_make_unpaired_rows(ftpipe_env: Path) -> None:
