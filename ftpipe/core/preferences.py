@@ -191,7 +191,7 @@ def _conversation_pair(row: dict[str, Any], columns: dict[str, str]) -> tuple[li
     prompt is the conversation before the answers, which both must share (TRL's implicit-prompt form; UltraFeedback's,
     with `prompt` its last user message; HH-RLHF's transcripts). None when they hold their answers alone."""
     names = {side: columns[side] for side in ("chosen", "rejected")}
-    wholes = {side: _whole_conversation(row.get(name)) for side, name in names.items()}
+    wholes = {side: _whole_conversation(row.get(name), name) for side, name in names.items()}
     if not any(wholes.values()):
         return None
     conversations = {side: _conversation(wholes[side] or _value(row, columns, side), name)
@@ -208,15 +208,20 @@ def _conversation_pair(row: dict[str, Any], columns: dict[str, str]) -> tuple[li
     return prompt, _distinct(conversations["chosen"][-1]["content"], conversations["rejected"][-1]["content"], names)
 
 
-def _whole_conversation(value: Any) -> list | None:
-    """`value` as a list of messages when it holds a whole conversation: a list of several, or an HH-RLHF transcript
-    of a human turn and the assistant's answer at least; else None."""
+def _whole_conversation(value: Any, name: str) -> list | None:
+    """`value` (of field `name`) as a list of messages when it holds a whole conversation: a list of several, or an
+    HH-RLHF transcript of a human turn and the assistant's answer at least; else None. BadRow for a transcript's
+    empty turn, named by its number (a transcript has no list to index)."""
     if isinstance(value, list):
         return value if len(value) > 1 else None
     parts = TRANSCRIPT_TURN.split(value) if isinstance(value, str) else []
     if len(parts) < 5 or parts[0].strip():
         return None
-    return [{"role": TRANSCRIPT_ROLES[role], "content": text.strip()} for role, text in zip(parts[1::2], parts[2::2])]
+    turns = list(zip(parts[1::2], parts[2::2]))
+    if empty := [number for number, (_, text) in enumerate(turns, 1) if not text.strip()]:
+        role = turns[empty[0] - 1][0]
+        raise BadRow(f"field '{name}' holds a transcript whose turn {empty[0]} of {len(turns)} ({role}:) is empty")
+    return [{"role": TRANSCRIPT_ROLES[role], "content": text.strip()} for role, text in turns]
 
 
 def _conversation(value: Any, name: str) -> list[dict[str, str]]:

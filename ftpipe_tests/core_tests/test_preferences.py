@@ -208,7 +208,10 @@ def test_a_mapped_sft_answer_column_named_label_stays_an_sft_row(ftpipe_env: Pat
       "rejected": [{"role": "user", "content": "other q"}, {"role": "assistant", "content": "b"}]},
      "fields 'chosen' and 'rejected' hold conversations that differ before their answers: a pair answers one prompt"),
     ({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant:"},
-     "field 'rejected[1].content' is empty"),
+     "field 'rejected' holds a transcript whose turn 2 of 2 (Assistant:) is empty"),
+    ({"chosen": "\n\nHuman: \n\nAssistant: a\n\nHuman: q\n\nAssistant: b",
+      "rejected": "\n\nHuman: q\n\nAssistant: c"},
+     "field 'chosen' holds a transcript whose turn 1 of 4 (Human:) is empty"),
     ({"prompt": "not q", "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
       "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
      "field 'prompt' is neither the conversation in 'chosen' and 'rejected' before their answers nor its last user "
