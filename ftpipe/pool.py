@@ -74,9 +74,8 @@ def unlimited_warning(instance: dg.DagsterInstance, pool: str) -> str | None:
     if instance.event_log_storage.get_concurrency_info(pool).limit is not None:
         return None
     return (f"the Dagster instance (DAGSTER_HOME={os.environ.get('DAGSTER_HOME', 'unset')}) sets no limit on the "
-            f"{pool!r} pool, so trainings may run at once on one GPU or CPU, even two runs training one task's "
-            "adapter side by side: use the project's dagster.yaml there (its pool limit, run monitoring and run "
-            "launcher)")
+            f"{pool!r} pool, so trainings of several tasks may run at once on one GPU or CPU: use the project's "
+            "dagster.yaml there (its pool limit, run monitoring and run launcher)")
 
 
 def step_concurrency_blocked(step_context, concurrency_key: str, initial: bool = True) -> DagsterEvent:

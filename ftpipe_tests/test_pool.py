@@ -47,8 +47,8 @@ def test_the_holder_of_a_pool_is_named_with_its_task_step_and_since_when() -> No
 
 def test_an_instance_without_a_pool_limit_is_warned_about_and_one_with_the_projects_is_not() -> None:
     with dg.instance_for_test() as bare:
-        assert ("sets no limit on the 'gpu' pool, so trainings may run at once on one GPU or CPU, even two runs "
-                "training one task's adapter side by side") in unlimited_warning(bare, "gpu")
+        assert ("sets no limit on the 'gpu' pool, so trainings of several tasks may run at once on one GPU or CPU: "
+                "use the project's dagster.yaml there") in unlimited_warning(bare, "gpu")
     with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as configured:
         assert unlimited_warning(configured, "gpu") is None
 

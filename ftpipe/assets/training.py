@@ -29,7 +29,7 @@ from ftpipe.core.evaluation.judge import missing_key
 from ftpipe.core.layout import TaskLayout, models_dir, replay_cache_dir
 from ftpipe.core.preferences import missing_split_rows
 from ftpipe.core.results import Result, read_result, reusable
-from ftpipe.core.storage import atomic_dir, task_dir, write_text
+from ftpipe.core.storage import atomic_dir, exclusive, task_dir, write_text
 from ftpipe.core.training.methods import describe_method
 from ftpipe.core.training.warm_start import describe, record_train_ids, write_warm_rows
 from ftpipe.core.tasks import (
@@ -294,7 +294,18 @@ def _judge_unusable(context: dg.AssetExecutionContext) -> str | None:
 
 def _stage(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: TaskConfig, stage: TrainingConfig,
            mlflow: MlflowTracking, subprocesses: dg.PipesSubprocessClient, pods: TrainingPods) -> dg.MaterializeResult:
-    """Train one stage (or reuse its finished training), keep its output current and the folder bounded."""
+    """Train one stage (or reuse its finished training), keep its output current and the folder bounded. One run at
+    a time trains a task's stage: another waits, then reuses what it trained (two GPUs in the pool, or none)."""
+    asset = training_asset(stage.objective)
+    with exclusive(TaskLayout(context.partition_key).path(asset), waiting=lambda: context.log.info(
+            f"another run is training {context.partition_key} ({asset}): waiting for it to finish, to reuse its "
+            "training if this run's is the same")):
+        return _trained_or_reused(context, config, cfg, stage, mlflow, subprocesses, pods)
+
+
+def _trained_or_reused(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: TaskConfig,
+                       stage: TrainingConfig, mlflow: MlflowTracking, subprocesses: dg.PipesSubprocessClient,
+                       pods: TrainingPods) -> dg.MaterializeResult:
     asset, paths = training_asset(stage.objective), TaskLayout(context.partition_key)
     try:
         inputs = training_inputs(context.partition_key, stage, None if config.force_retrain else cfg.retrain)

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -198,13 +198,22 @@ def remove_leftovers_in(folder: Path) -> None:
 
 
 @contextmanager
-def exclusive(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (its `.lock` file) for the block; another process waits until it is free."""
+def exclusive(folder: Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (its `.lock` file) for the block; another process waits until it is free,
+    calling `waiting` first where given (to say so)."""
     import fcntl
 
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free = True
+        except BlockingIOError:
+            free = False
+        if not free:  # waited for outside the handler, so an interruption does not carry the BlockingIOError along
+            if waiting:
+                waiting()
+            fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
 

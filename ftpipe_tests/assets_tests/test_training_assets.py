@@ -6,6 +6,10 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -17,7 +21,7 @@ from ftpipe.core import registry
 from ftpipe.core.evaluation.chart import CHART
 from ftpipe.core.layout import MODEL_CARD, REPORT, TaskLayout, mlflow_db
 from ftpipe.core.results import read_result
-from ftpipe.core.storage import sha256_of_files, task_dir
+from ftpipe.core.storage import exclusive, sha256_of_files, task_dir
 from ftpipe.definitions import defs
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import TrainingPods, default_resources
@@ -47,6 +51,30 @@ def overrides(asset: str, yaml: str) -> dict:
 
 def logged(instance: dg.DagsterInstance, result) -> str:
     return "\n".join(e.message or "" for e in instance.all_logs(result.run_id))
+
+
+@contextmanager
+def held_by_another_run(folder: Path) -> Iterator[list[bool]]:
+    """Hold `folder`'s lock, as a run training there does, until a waiter queues behind it (seen in /proc/locks)
+    or 60 s pass; yields [whether a waiter came]."""
+    waited: list[bool] = []
+    holding = threading.Event()
+
+    def hold() -> None:
+        with exclusive(folder):
+            holding.set()
+            inode = (folder / ".lock").stat().st_ino
+            deadline = time.monotonic() + 60
+            while not waited and time.monotonic() < deadline:
+                if any("->" in line and f":{inode} " in line for line in Path("/proc/locks").read_text().splitlines()):
+                    waited.append(True)
+                time.sleep(0.2)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait()
+    yield waited
+    holder.join()
 
 
 class PodsRecorded(TrainingPods):
@@ -201,8 +229,14 @@ def test_lora_adapter_trains_through_pipes_is_tracked_reused_and_retrained_on_de
     from transformers import AutoModelForCausalLM
 
     with dg.instance_for_test() as instance:
-        result = run(instance, tiny_task, [*UPSTREAM, training.lora_adapter])
-        assert result.success
+        build_upstream(instance, tiny_task)
+        with held_by_another_run(TaskLayout(tiny_task).path("lora_adapter")) as waited:
+            result = run(instance, tiny_task, [*UPSTREAM, training.lora_adapter])
+        assert result.success and waited == [True]
+        lines = logged(instance, result).splitlines()
+        waiting = lines.index(f"another run is training {tiny_task} (lora_adapter): waiting for it to finish, to reuse "
+                              "its training if this run's is the same")
+        assert waiting < lines.index(f"training {tiny_task} (lora_adapter): the task has no adapter yet")
         base = materialization(result, "base_model")
         assert base["fingerprint"] and base["architecture"] == "LlamaForCausalLM" and base["trust_remote_code"] is False
         adapter = materialization(result, "lora_adapter")
