@@ -66,8 +66,8 @@ def run_task(task: str, settings: str = "", data_only: bool = False) -> int:
     `overrides`. A task.yaml (with settings) that does not validate is reported before any run starts, one line per
     problem. Runs whose worker
     died are ended first and their pool slots freed; while a step waits for the `gpu` pool, the log says which run
-    holds it and since when; Ctrl-C or SIGTERM stops the run (and its training), frees its slot and records the run
-    as canceled.
+    holds it and since when; Ctrl-C, SIGTERM or a closed terminal (SIGHUP) stops the run (and its training), frees
+    its slot and records the run as canceled.
     """
     import dagster as dg
     from dagster._core.storage.tags import WILL_RETRY_TAG
@@ -120,15 +120,16 @@ def data_only_next(task: str, sample: dict) -> str:
 
 @contextmanager
 def canceled_on_stop(instance, run_id: str):
-    """Within the block, Ctrl-C or SIGTERM marks run `run_id` canceling at once, as Terminate in the UI does, so
-    Dagster ends it canceled, not failed (and retried by the daemon). Yields a function telling, once the block is
-    done, whether one came. Dagster's own handlers catch the signals in a run, so a thread reads their numbers from
-    the interpreter's wakeup pipe."""
-    from ftpipe.core.launch import STOP_SIGNALS
+    """Within the block, Ctrl-C, SIGTERM or a closed terminal (SIGHUP, passed on as SIGTERM) marks run `run_id`
+    canceling at once, as Terminate in the UI does, so Dagster ends it canceled, not failed (and retried by the
+    daemon). Yields a function telling, once the block is done, whether one came. Dagster's own handlers catch the
+    signals in a run, so a thread reads their numbers from the interpreter's wakeup pipe."""
+    from ftpipe.core.launch import STOP_SIGNALS, heeded_stop_signals
 
     read, write = os.pipe()
     os.set_blocking(write, False)
     previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    hangup = signal.signal(signal.SIGHUP, _as_sigterm if signal.SIGHUP in heeded_stop_signals() else signal.SIG_IGN)
     stopped = threading.Event()
 
     def watch() -> None:
@@ -142,10 +143,15 @@ def canceled_on_stop(instance, run_id: str):
     try:
         yield stopped.is_set
     finally:
+        signal.signal(signal.SIGHUP, hangup)
         signal.set_wakeup_fd(previous)
         os.close(write)
         watcher.join()
         os.close(read)
+
+
+def _as_sigterm(*_) -> None:
+    signal.raise_signal(signal.SIGTERM)  # Dagster's handlers stop a run on SIGTERM, not on SIGHUP
 
 
 def _mark_canceling(instance, run_id: str) -> None:

@@ -18,7 +18,12 @@ CONTAINER_NAME = "training"
 EXIT_REFUSED = 2  # the program refused its spec before training: retrying cannot help
 LAUNCHER_PID_ENV = "FTPIPE_LAUNCHER_PID"  # the process that started the training; the training stops when it is gone
 REFUSAL_NOTE_ENV = "FTPIPE_REFUSAL_NOTE"  # the file the program writes why it refused its spec to, not the log
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, Terminate and a closed terminal alike
+
+
+def heeded_stop_signals() -> list[signal.Signals]:
+    """The `STOP_SIGNALS` this process acts on: all but a SIGHUP it was started to ignore (`nohup`)."""
+    return [sig for sig in STOP_SIGNALS if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN]
 
 
 class Refused(ValueError):
@@ -63,7 +68,7 @@ def training_command(training: TrainingConfig, spec_path: str, rdzv_id: str, pyt
 
 
 def stop_signal(exit_status: int) -> str | None:
-    """The name of the stop request (SIGINT, SIGTERM) that ended the training program with `exit_status` (128 + the
+    """The name of the stop request (`STOP_SIGNALS`) that ended the training program with `exit_status` (128 + the
     signal when it stopped itself, minus the signal when the signal killed it); None for any other end."""
     number = exit_status - 128 if exit_status > 128 else -exit_status
     return next((sig.name for sig in STOP_SIGNALS if sig == number), None)

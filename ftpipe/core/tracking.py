@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ftpipe.core.launch import heeded_stop_signals
 from ftpipe.core.readable import rounded
 from ftpipe.core.layout import mlartifacts_dir, mlflow_db
 from ftpipe.core.storage import process_alive
@@ -194,7 +195,7 @@ def _signals_raise_interrupted() -> Iterator[None]:
         raise RunInterrupted(signum)
 
     _stop["deferred"] = None
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, handler) for sig in heeded_stop_signals()}
     try:
         yield
     finally:

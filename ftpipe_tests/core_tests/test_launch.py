@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from ftpipe.config import parse_task_config
-from ftpipe.core.launch import PodSpecError, pod_spec, stop_signal, training_command
+from ftpipe.core.launch import PodSpecError, heeded_stop_signals, pod_spec, stop_signal, training_command
 from ftpipe_tests.training_program import output_result, program_env, toy_workspace, write_spec
 
 K8S = """
@@ -136,3 +137,13 @@ def test_a_qlora_pod_is_specified_without_any_gpu_here(monkeypatch: pytest.Monke
 def test_a_stop_request_is_told_from_a_crash_by_the_exit_status():
     assert [stop_signal(status) for status in (130, 143, -2, -15)] == ["SIGINT", "SIGTERM", "SIGINT", "SIGTERM"]
     assert [stop_signal(status) for status in (-9, 137, 1, 2, 0)] == [None] * 5, "killed or failed: a crash"
+    assert [stop_signal(status) for status in (129, -1)] == ["SIGHUP", "SIGHUP"], "a closed terminal"
+
+
+def test_a_hangup_stops_a_training_unless_the_command_was_started_to_ignore_it() -> None:
+    assert signal.SIGHUP in heeded_stop_signals()
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup` starts a command
+    try:
+        assert heeded_stop_signals() == [signal.SIGINT, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGHUP, previous)

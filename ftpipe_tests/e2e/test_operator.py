@@ -183,7 +183,7 @@ def never_failed(instance: dg.DagsterInstance, run_id: str, cli: Cli) -> bool:
         "RUN_FAILURE" not in cli.logs.read_text())
 
 
-def test_the_cli_waits_for_the_pool_without_cpu_names_the_holder_and_stops_on_sigterm_and_ctrl_c(
+def test_the_cli_waits_for_the_pool_without_cpu_names_the_holder_and_stops_on_sigterm_ctrl_c_and_a_hangup(
         ftpipe_env: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     toy_task(ftpipe_env, "queued", tiny_model_dir, LENIENT_GATE, training=TRAINING)
     home = dagster_home(tmp_path)
@@ -226,6 +226,15 @@ def test_the_cli_waits_for_the_pool_without_cpu_names_the_holder_and_stops_on_si
         assert never_failed(instance, run.run_id, training)
         assert mlflow_status(mlflow_run_of("queued")) == "KILLED"
         assert not pool.get_concurrency_info("gpu").claimed_slots and not pool.get_concurrency_info("gpu").pending_steps
+
+        hung_up = Cli("queued", env, home, "hung-up")  # the terminal closed, an SSH session dropped: SIGHUP to them all
+        program = training_past("queued", hung_up, step=complete_checkpoints("queued")[-1])
+        assert hung_up.stop(signal.SIGHUP) < 30 and hung_up.process.returncode == 1 and not program.is_running()
+        [last, *_] = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": "queued"}), limit=1)
+        assert last.status == dg.DagsterRunStatus.CANCELED and never_failed(instance, last.run_id, hung_up)
+        assert "STOPPED: lora_adapter: stopped by" in hung_up.logs.read_text()
+        assert mlflow_status(mlflow_run_of("queued")) == "KILLED", "the training stopped cleanly, not killed outright"
+        assert not pool.get_concurrency_info("gpu").claimed_slots
 
 
 def test_terminate_ends_a_wait_for_the_pool_at_once(stack: Stack) -> None:
