@@ -197,6 +197,12 @@ def remove_leftovers_in(folder: Path) -> None:
         remove_leftovers(folder / name)
 
 
+# A process's start time is read as the boot time plus its age, and the boot time moves when the wall clock is set
+# or slewed (seconds on a busy virtual machine): a live run worker must not read as started after it logged its pid.
+# A pid is reused only after the kernel went through all the others, far more than a minute's worth.
+START_TIME_SLACK_S = 60
+
+
 @contextmanager
 def exclusive(folder: Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold an exclusive lock on `folder` (its `.lock` file) for the block; another process waits until it is free,
@@ -219,13 +225,14 @@ def exclusive(folder: Path, waiting: Callable[[], None] | None = None) -> Iterat
 
 def process_alive(pid: int, started_by: float | None = None) -> bool:
     """Whether process `pid` runs (a zombie does not); with `started_by` (a Unix time), also whether it had started
-    by then, so a later process that reuses the pid of one that ended does not count."""
+    by then, give or take `START_TIME_SLACK_S`, so a later process that reuses the pid of one that ended does not
+    count."""
     import psutil
 
     try:
         process = psutil.Process(pid)
         running = process.status() != psutil.STATUS_ZOMBIE
-        return running and (started_by is None or process.create_time() <= started_by + 1)
+        return running and (started_by is None or process.create_time() <= started_by + START_TIME_SLACK_S)
     except psutil.NoSuchProcess:
         return False
 

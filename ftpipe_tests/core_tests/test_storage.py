@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -222,6 +223,10 @@ def test_a_process_is_alive_until_it_ends_and_a_later_one_with_its_pid_is_anothe
     child.wait()
     assert storage.process_alive(os.getpid()) and storage.process_alive(os.getpid(), started_by=time.time())
     assert not storage.process_alive(os.getpid(), started_by=0), "this process started after time 0"
+    started = psutil.Process().create_time()
+    assert storage.process_alive(os.getpid(), started_by=started - 5), (
+        "a clock set back seconds between the start and the logged time does not make a live process another")
+    assert not storage.process_alive(os.getpid(), started_by=started - 600), "a pid reused minutes later"
 
 
 def test_keyed_lines_appended_after_a_line_a_crash_cut_short_are_all_read_back(tmp_path: Path) -> None:
