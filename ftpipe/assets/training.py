@@ -387,7 +387,7 @@ def _runtime_left(context: dg.AssetExecutionContext) -> float | None:
 
 
 def _sizing_metadata(estimate, result: Result, seconds: float) -> dict:
-    """The estimate's entries and, for a training from step 0, `estimate_ratio`: its actual time over the estimate."""
+    """The estimate's entries and `estimate_ratio`: the training's actual time over the estimate."""
     from ftpipe.core.training.sizing import Cost, Estimate
 
     if estimate is None:
@@ -395,6 +395,6 @@ def _sizing_metadata(estimate, result: Result, seconds: float) -> dict:
     if estimate.cost is None and "calibration" in result.produced:
         estimate = Estimate(estimate.plan, Cost(**result.produced["calibration"]))
     found = estimate.metadata()
-    if estimate.seconds and not result.metadata.get("resumed_from_step"):
+    if estimate.seconds:
         found["estimate_ratio"] = readable.rounded(seconds / estimate.seconds)
     return found

@@ -3,7 +3,9 @@ and the rate of the most recent finished training of the task on the same base m
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,26 @@ def test_the_rate_is_the_latest_finished_training_of_the_same_base_model_from_st
     assert found.metadata() == {"estimated_steps": 12, "estimated_tokens": 9000, "estimated_minutes": 2.0,
                                 "estimate_source": "previous run bbbb0000",
                                 "estimated_peak_memory": "1.5 GiB (previous run bbbb0000)"}
+
+
+def test_a_training_that_will_resume_from_a_checkpoint_is_sized_for_the_steps_it_has_left(workspace: Path) -> None:
+    spec = spec_of(workspace, max_steps=8)
+    whole = sizing.estimate(spec).plan
+    checkpoint = Path(spec.checkpoint_dir) / "checkpoint-6"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"x")
+    (checkpoint / "optimizer.pt").write_bytes(b"x")
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 6, "max_steps": 8}))
+    left = sizing.estimate(spec).plan
+    assert (left.steps, left.done_steps) == (8, 6) and left.tokens == round(whole.tokens / 4)
+    assert left.eval_tokens == round(whole.eval_tokens / 4)
+    priced = sizing.Estimate(left, sizing.Cost(100.0, 30.0, 1.5))
+    assert priced.line().startswith(f"sizing: 2 steps of 8 left, resuming at step 6, ~{left.tokens} tokens at 100 ")
+    assert priced.metadata()["estimated_steps"] == 2
+    assert sizing.estimate(replace(spec, force_retrain=True)).plan == whole
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 6, "max_steps": 6}))
+    assert sizing.estimate(spec).plan == whole, "a final checkpoint: the training starts over"
+    assert checkpoint.is_dir(), "sizing changes nothing in the folder"
 
 
 def test_an_estimate_past_the_time_the_run_has_left_warns() -> None:

@@ -276,6 +276,9 @@ def test_terminate_stops_the_training_at_once_and_the_next_launch_resumes_it(sta
     assert wait_for_run(stack, resumed) == "SUCCESS"
     trained = adapter(stack, resumed)
     assert trained["mlflow_run_id"] == killed and trained["resumed_from_step"] == stopped_at
+    said = [e.message for e in stack.instance.all_logs(resumed)]
+    assert any(f"steps of 300 left, resuming at step {stopped_at}" in line for line in said), "sized for what is left"
+    assert trained["estimated_steps"] == 300 - stopped_at and trained["estimate_ratio"] > 0
     assert mlflow_status(killed) == "FINISHED"
     assert logged_steps(killed, "train_loss") == list(range(10, 301, 10)), "one point per step after the resume"
     assert logged_steps(killed, "eval_loss") == list(range(10, 301, 10))

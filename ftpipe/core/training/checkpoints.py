@@ -42,11 +42,21 @@ def is_final_checkpoint(path: Path) -> bool:
 
 def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest complete checkpoint; incomplete ones (a killed save) are deleted."""
-    candidates = sorted(checkpoint_dir.glob("checkpoint-[0-9]*"), key=checkpoint_step)
-    complete = [path for path in candidates if is_complete_checkpoint(path)]
-    for path in set(candidates) - set(complete):
+    for path in set(checkpoint_dir.glob("checkpoint-[0-9]*")) - set(complete := _complete(checkpoint_dir)):
         shutil.rmtree(path, ignore_errors=True)
     return complete[-1] if complete else None
+
+
+def resumable(checkpoint_dir: Path, force_retrain: bool) -> Path | None:
+    """The checkpoint a training in `checkpoint_dir` would resume from, found without changing the folder: the newest
+    complete one unless it is final; None when forced or when there is none."""
+    complete = _complete(checkpoint_dir)
+    return complete[-1] if complete and not force_retrain and not is_final_checkpoint(complete[-1]) else None
+
+
+def _complete(checkpoint_dir: Path) -> list[Path]:
+    return sorted((path for path in checkpoint_dir.glob("checkpoint-[0-9]*") if is_complete_checkpoint(path)),
+                  key=checkpoint_step)
 
 
 def resume_point(checkpoint_dir: Path, force_retrain: bool) -> tuple[Path | None, str | None]:
@@ -55,8 +65,9 @@ def resume_point(checkpoint_dir: Path, force_retrain: bool) -> tuple[Path | None
     if force_retrain:
         return None, None
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = latest_complete_checkpoint(checkpoint_dir)
-    if checkpoint is None or is_final_checkpoint(checkpoint):
+    latest_complete_checkpoint(checkpoint_dir)  # deletes the incomplete ones
+    checkpoint = resumable(checkpoint_dir, force_retrain)
+    if checkpoint is None:
         return None, None
     run_id_file = checkpoint_dir / RUN_ID_FILE
     run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None

@@ -32,6 +32,7 @@ from ftpipe.core import readable
 from ftpipe.core.layout import TaskLayout
 from ftpipe.core.results import RESULT_FILE, read_result
 from ftpipe.core.training import passes
+from ftpipe.core.training.checkpoints import checkpoint_step, resumable
 from ftpipe.core.training.shared_start import evaluated_lengths
 from ftpipe.core.training.spec import TrainingSpec
 
@@ -48,6 +49,13 @@ class Plan:
     rows: int
     tokens: int
     eval_tokens: int = 0
+    done_steps: int = 0  # steps a checkpoint already holds: the plan is what is left of the training
+
+    def resumed(self, done_steps: int) -> Plan:
+        """What is left of this plan after `done_steps` steps (a resumed training), its work shared evenly."""
+        left = max(self.steps - done_steps, 0) / self.steps if self.steps else 0.0
+        return Plan(steps=self.steps, rows=round(self.rows * left), tokens=round(self.tokens * left),
+                    eval_tokens=round(self.eval_tokens * left), done_steps=done_steps)
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,9 @@ class Estimate:
     def line(self) -> str:
         """`sizing: 36 steps, ~25.8k tokens at 177 tokens/s (calibration), evaluations ~12.3k tokens at 323 tokens/s:
         ~3.9 min in all, peak ~2.4 GiB` (the minutes count the program's start too)."""
-        text = f"sizing: {self.plan.steps} steps, ~{readable.count(self.plan.tokens)} tokens"
+        steps = self.plan.steps - self.plan.done_steps
+        left = f" of {self.plan.steps} left, resuming at step {self.plan.done_steps}" if self.plan.done_steps else ""
+        text = f"sizing: {steps} steps{left}, ~{readable.count(self.plan.tokens)} tokens"
         if self.cost is None:
             return f"{text}; no time estimate: {self.no_cost}"
         rate = self.cost.eval_tokens_per_second
@@ -92,7 +102,7 @@ class Estimate:
 
     def metadata(self) -> dict[str, Any]:
         """The `estimated_*` materialization entries."""
-        found = {"estimated_steps": self.plan.steps, "estimated_tokens": self.plan.tokens,
+        found = {"estimated_steps": self.plan.steps - self.plan.done_steps, "estimated_tokens": self.plan.tokens,
                  "estimate_source": self.cost.source if self.cost else f"none: {self.no_cost}"}
         if self.cost:
             found.update(estimated_minutes=readable.rounded(self.seconds / 60),
@@ -205,11 +215,14 @@ def _measured(result, base_fingerprint: str) -> bool:
 
 
 def estimate(spec: TrainingSpec) -> Estimate:
-    """The estimate for the training of `spec` at the previous training's rate; without one, no cost yet (`deferred`
-    hands the plan to the training program, which calibrates)."""
+    """The estimate for the training of `spec` (what is left of it, where it will resume from a checkpoint) at the
+    previous training's rate; without one, no cost yet (`deferred` hands the plan to the training program, which
+    calibrates)."""
     config = spec.config()
     lengths, eval_lengths = row_lengths(spec, config)
     found = plan(lengths, config, eval_lengths)
+    if (checkpoint := resumable(Path(spec.checkpoint_dir), spec.force_retrain)) is not None:
+        found = found.resumed(checkpoint_step(checkpoint))
     cost = previous_cost(TaskLayout(spec.task).path("lora_adapter"), spec.base_fingerprint)
     return Estimate(found, cost, "" if cost else "no earlier training of this task on this base model here")
 
