@@ -19,7 +19,7 @@ from ftpipe.core.evaluation.answer_budget import AnswerBudget
 from ftpipe.core.evaluation.card import card_evaluation
 from ftpipe.core.evaluation.chart import CHART, CHART_LINK, forgetting, gains, inline_chart
 from ftpipe.core.evaluation.forgetting import most_forgotten
-from ftpipe.core.evaluation.report import summary_table
+from ftpipe.core.evaluation.report import evidence, summary_table
 from ftpipe.core.evaluation.generation import (
     answer_tokens, answers_and_logprobs, conversation_logprobs, encode, generate, greedy_batches, load_finetuned,
     load_merged, load_model, loss_of, prompt_ids, rows_can_leave, shared_prefix, token_chunks,
@@ -480,6 +480,8 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
     assert grown["base_rows_run"] == 8
     started = logged.index("base: answering 8 held-out rows not answered before")  # before the work, for long work
     assert "base: answered 8/8 held-out rows not answered before" in logged[started + 1:]
+    assert grown["passed"] is False and logged[-1].startswith("eval gate failed: ") and logged[-1].endswith(
+        f"; failed: {'; '.join(grown['failed_conditions'])}"), "the log names what failed, as the check does"
     assert (f"This evaluation generated the base outputs for 8 of {EVAL_ROWS} held-out rows and took the others from "
             "the cache.") in grown["report_markdown"]
     assert grown["labels_without_heldout_rows"] == [] and "no held-out row" not in grown["report_markdown"]
@@ -589,6 +591,7 @@ def test_published_files_result_and_report(workspace, tmp_path):
 def test_the_model_card_gives_the_verdict_with_its_thresholds_baselines_overrides_and_forgetting_by_skill(
         workspace, tmp_path):
     result = evaluate(workspace, "bad_adapter", tmp_path / "out")
+    assert "By skill, the most forgotten" not in result["report_markdown"], "no skill lost anything"
     colors = result["probe_accuracy_by_skill"]["colors"]
     result["probe_accuracy_by_skill"]["arithmetic"] = {**colors, "base": 0.0, "finetuned": 0.0, "forgetting": 0.0,
                                                       "forgetting_ci_low": 0.0, "forgetting_ci_high": 0.0}
@@ -605,6 +608,11 @@ def test_the_model_card_gives_the_verdict_with_its_thresholds_baselines_override
     assert card.endswith(
         "Evaluation settings changed from task.yaml for this run:\n\n```yaml\nevaluation:\n  max_forgetting: 0.2\n```")
     assert "the base outputs" not in card, "where outputs came from is the report's business"
+    result["probe_accuracy_by_skill"]["colors"] = {**colors, "forgetting": 0.5, "forgetting_ci_low": 0.2,
+                                                   "forgetting_ci_high": 0.8}
+    [forgetting] = [part for part in evidence(result) if part.startswith("Forgetting ")]
+    assert forgetting.endswith(" By skill, the most forgotten is colors 0.500 (95% CI 0.200 … 0.800, 6 rows); the "
+                               "gate reads each skill too."), "what the whole probe's figure can hide"
 
 
 def test_answers_get_room_for_the_longest_reference_and_a_shorter_limit_set_is_reported(workspace, tmp_path):

@@ -8,6 +8,7 @@ from typing import Any
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.answer_budget import cut_off_warning
 from ftpipe.core.evaluation.chart import CHART_LINK
+from ftpipe.core.evaluation.forgetting import most_forgotten
 from ftpipe.core.evaluation.gate import decide_gate, gate_caveat
 from ftpipe.core.evaluation.measurements import LABEL_LIKELIHOOD
 from ftpipe.core.evaluation.metrics.generation import LENIENT_MATCH
@@ -159,10 +160,16 @@ def evidence(metrics: dict[str, Any]) -> list[str]:
         parts.append(f"Forgetting {number(m['forgetting'])} ({interval}) on {m['probe_rows']} probe rows: accuracy "
                      f"{number(m['probe_base_accuracy'])} -> {number(m['probe_finetuned_accuracy'])}, reference loss "
                      f"{number(m['probe_base_loss'])} -> {number(m['probe_finetuned_loss'])} (forgetting is the "
-                     "larger relative worsening of the two, 0 when neither worsened).")
+                     f"larger relative worsening of the two, 0 when neither worsened).{_skill_lost(m)}")
     else:
         parts.append("Forgetting not checked (no probe file).")
     return parts
+
+
+def _skill_lost(m: dict[str, Any]) -> str:
+    """The skill that lost the most, which the whole probe's figure can hide and the gate reads too ('' if none)."""
+    most = most_forgotten(m.get("probe_accuracy_by_skill", {}))
+    return "" if most == "none" else f" By skill, the most forgotten is {most}; the gate reads each skill too."
 
 
 def _warm_start(m: dict[str, Any]) -> list[str]:

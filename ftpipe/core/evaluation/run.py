@@ -229,6 +229,7 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
     preference = (f", preference accuracy {result['preference_accuracy_final']:.3f}"
                   if "preference_pairs" in result else "")
     forgetting = forgetting_words(result["forgetting"], most_forgotten(result["probe_accuracy_by_skill"]))
+    failed = f"; failed: {'; '.join(result['failed_conditions'])}" if result["failed_conditions"] else ""
     log(f"eval gate {'passed' if result['passed'] else 'failed'}: {result['primary_metric']} "
-        f"{result['base_score']:.3f} -> {result['finetuned_score']:.3f}, {forgetting}{preference}")
+        f"{result['base_score']:.3f} -> {result['finetuned_score']:.3f}, {forgetting}{preference}{failed}")
     return result
