@@ -35,7 +35,7 @@ STOPPED = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 finetune_job = dg.define_asset_job(
     "finetune_job", selection=dg.AssetSelection.all() - dg.AssetSelection.groups("monitoring"),
     tags={"dagster/max_runtime": str(TRAINING_MAX_RUNTIME_SECONDS)},
-    description="The whole graph for one task but monitoring: data, training, evaluation, merge. Backfill it over all tasks to retrain every task.",
+    description="The whole graph for one task, monitoring aside: data, training, evaluation, merge. Backfill it over all tasks to retrain every task.",
 )
 
 data_job = dg.define_asset_job(
