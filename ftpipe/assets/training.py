@@ -172,8 +172,8 @@ def _run_here(context: dg.AssetExecutionContext, subprocesses: dg.PipesSubproces
     try:
         subprocesses.run(command=command, context=context,
                          env={**env, LAUNCHER_PID_ENV: str(os.getpid()), REFUSAL_NOTE_ENV: str(note)})
-    except (dg.DagsterExecutionInterruptedError, subprocess.TimeoutExpired) as stop:
-        raise dg.Failure(description="training stopped: the run was interrupted", allow_retries=False) from stop
+    except (dg.DagsterExecutionInterruptedError, subprocess.TimeoutExpired):
+        raise dg.Failure(description="training stopped: the run was interrupted", allow_retries=False) from None
     except DagsterPipesExecutionError as error:
         reason = _not_retryable(context, _exit_status(error), note)
         if reason:

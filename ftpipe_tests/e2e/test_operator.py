@@ -265,6 +265,10 @@ def test_terminate_stops_the_training_at_once_and_the_next_launch_resumes_it(sta
     print(f"Terminate: training stopped after {stopped:.1f}s, run CANCELED after {time.monotonic() - asked:.1f}s")
     assert stopped < 15
     assert not events(stack.instance, run_id, dg.DagsterEventType.STEP_UP_FOR_RETRY), "a termination is not retried"
+    [failure] = events(stack.instance, run_id, dg.DagsterEventType.STEP_FAILURE)
+    said = failure.dagster_event.step_failure_data
+    assert said.user_failure_data.description == "training stopped: the run was interrupted"
+    assert said.error.cause is None, "one line for the operator, not the interruption's traceback beneath it"
     killed = mlflow_run_of("halted")
     assert mlflow_status(killed) == "KILLED"
     assert not claimed(stack, run_id)
