@@ -45,7 +45,7 @@ def test_the_estimate_is_calibrated_then_taken_from_the_previous_training_and_ho
     assert within(first["estimate_ratio"], CALIBRATION_FACTOR)
     assert "but this run's dagster/max_runtime leaves" in first_log  # from the training program, which calibrated
 
-    previous = f"previous run {first['training_fingerprint'][:8]}"
+    previous = f"previous training {first['training_fingerprint'][:8]}"
     assert second["estimate_source"] == previous and second["estimated_peak_memory"].endswith(f"({previous})")
     assert second["estimated_steps"] == second["steps"] > 6
     assert second["estimated_tokens"] == second["tokens_trained"]  # whole passes, no replay: exact

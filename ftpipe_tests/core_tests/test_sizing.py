@@ -99,11 +99,11 @@ def test_the_rate_is_the_latest_finished_training_of_the_same_base_model_from_st
     cost = sizing.previous_cost(kept, "base-a")
     # 2000 tokens at 100 tokens/s explain 20 of its 50 seconds
     assert cost == sizing.Cost(tokens_per_second=100.0, overhead_seconds=30.0, peak_memory_gib=1.5,
-                               source="previous run bbbb0000")
+                               source="previous training bbbb0000")
     found = sizing.Estimate(sizing.Plan(steps=12, rows=96, tokens=9000), cost)
     assert found.seconds == 120.0
-    assert found.line() == ("sizing: 12 steps, ~9.0k tokens at 100 tokens/s (previous run bbbb0000): ~2.0 min in all, "
-                            "peak ~1.5 GiB")
+    assert found.line() == ("sizing: 12 steps, ~9.0k tokens at 100 tokens/s (previous training bbbb0000): ~2.0 min in "
+                            "all, peak ~1.5 GiB")
     calibrated = sizing.Estimate(sizing.Plan(steps=12, rows=96, tokens=9000, eval_tokens=3000),
                                  sizing.Cost(100.0, 30.0, 1.5, eval_tokens_per_second=300.0))
     assert calibrated.seconds == 130.0 and calibrated.line() == (
@@ -120,11 +120,11 @@ def test_the_rate_is_the_latest_finished_training_of_the_same_base_model_from_st
     assert (timed.overhead_seconds, timed.eval_tokens_per_second) == (20.0, 200.0)
     whole = sizing.Estimate(sizing.Plan(steps=36, rows=288, tokens=9000, eval_tokens=3 * 2400), timed)
     assert whole.seconds == 20.0 + 90.0 + 36.0 and whole.line() == (
-        "sizing: 36 steps, ~9.0k tokens at 100 tokens/s (previous run ffff0000), evaluations ~7.2k tokens at 200 "
+        "sizing: 36 steps, ~9.0k tokens at 100 tokens/s (previous training ffff0000), evaluations ~7.2k tokens at 200 "
         "tokens/s: ~2.4 min in all, peak ~1.5 GiB")
     assert found.metadata() == {"estimated_steps": 12, "estimated_tokens": 9000, "estimated_minutes": 2.0,
-                                "estimate_source": "previous run bbbb0000",
-                                "estimated_peak_memory": "1.5 GiB (previous run bbbb0000)"}
+                                "estimate_source": "previous training bbbb0000",
+                                "estimated_peak_memory": "1.5 GiB (previous training bbbb0000)"}
 
 
 def test_a_training_that_will_resume_from_a_checkpoint_is_sized_for_the_steps_it_has_left(workspace: Path) -> None:

@@ -204,7 +204,7 @@ def previous_cost(kept: Path, base_fingerprint: str) -> Cost | None:
                  + facts.get("replay_answer_seconds", 0.0) + facts.get("calibration_seconds", 0.0))
     return Cost(tokens_per_second=facts["tokens_per_second"],
                 overhead_seconds=max(facts["program_seconds"] - explained, 0.0),
-                peak_memory_gib=facts["peak_memory_gib"], source=f"previous run {result.reuse_key[:8]}",
+                peak_memory_gib=facts["peak_memory_gib"], source=f"previous training {result.reuse_key[:8]}",
                 eval_tokens_per_second=eval_tokens / facts["eval_seconds"] if timed else None)
 
 
