@@ -141,6 +141,8 @@ def test_a_training_that_will_resume_from_a_checkpoint_is_sized_for_the_steps_it
     priced = sizing.Estimate(left, sizing.Cost(100.0, 30.0, 1.5))
     assert priced.line().startswith(f"sizing: 2 steps of 8 left, resuming at step 6, ~{left.tokens} tokens at 100 ")
     assert priced.metadata()["estimated_steps"] == 2
+    four = sizing.Estimate(sizing.Plan(steps=12, rows=96, tokens=21_000), sizing.Cost(100.0, 35.0, 1.5))
+    assert four.seconds == 245.0 and four.metadata()["estimated_minutes"] == 4.1, "an estimate: two digits, not 4.083"
     assert sizing.estimate(replace(spec, force_retrain=True)).plan == whole
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 6, "max_steps": 6}))
     assert sizing.estimate(spec).plan == whole, "a final checkpoint: the training starts over"

@@ -105,7 +105,7 @@ class Estimate:
         found = {"estimated_steps": self.plan.steps - self.plan.done_steps, "estimated_tokens": self.plan.tokens,
                  "estimate_source": self.cost.source if self.cost else f"none: {self.no_cost}"}
         if self.cost:
-            found.update(estimated_minutes=readable.rounded(self.seconds / 60),
+            found.update(estimated_minutes=float(f"{self.seconds / 60:.2g}"),  # an estimate: two digits
                          estimated_peak_memory=f"{_gib(self.cost.peak_memory_gib)} ({self.cost.source})")
         return found
 
