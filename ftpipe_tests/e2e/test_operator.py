@@ -147,7 +147,8 @@ class Cli:
     def __init__(self, task: str, env: dict, cwd: Path, name: str):
         self.logs = cwd / f"{name}.log"
         self.process = subprocess.Popen([sys.executable, "-m", "ftpipe", "run", task], env=env, cwd=cwd,
-                                        stdout=self.logs.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+                                        stdout=self.logs.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=hangup_by_default)
 
     def family(self) -> list[psutil.Process]:
         return [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
@@ -173,6 +174,11 @@ class Cli:
         os.killpg(self.process.pid, sig)
         self.process.wait(timeout=timeout)
         return time.monotonic() - asked
+
+
+def hangup_by_default() -> None:
+    """A terminal's shell starts commands with SIGHUP's default action, even where the suite runs under nohup."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def never_failed(instance: dg.DagsterInstance, run_id: str, cli: Cli) -> bool:
