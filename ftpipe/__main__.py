@@ -96,7 +96,7 @@ def run_task(task: str, settings: str = "", data_only: bool = False) -> int:
     for line in release_dead_runs(instance):
         print(line)
     job, run_id = defs.resolve_job_def("data_job" if data_only else "finetune_job"), str(uuid.uuid4())
-    with canceled_on_stop(instance, run_id) as stopped:
+    with ctrl_c_for_this_process_alone(), canceled_on_stop(instance, run_id) as stopped:
         result = job.execute_in_process(
             instance=instance, partition_key=task, run_id=run_id, raise_on_error=False,
             tags={HOST_TAG: socket.gethostname()},
@@ -148,6 +148,31 @@ def canceled_on_stop(instance, run_id: str):
         os.close(write)
         watcher.join()
         os.close(read)
+
+
+@contextmanager
+def ctrl_c_for_this_process_alone():
+    """Within the block, Ctrl-C stops this process (as SIGTERM, which Dagster's handlers treat as Ctrl-C) and no
+    process it starts that does not ask for it: the terminal sends SIGINT to the whole process group, and each of
+    Dagster's helpers mirroring a step's output to the terminal would print a KeyboardInterrupt traceback. Blocked
+    signals are inherited, so SIGINT is blocked here (enter the block before starting threads, which inherit it too)
+    and a thread waits for it; the training program unblocks it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    done = threading.Event()
+
+    def forward() -> None:
+        while signal.sigwait({signal.SIGINT}) and not done.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    forwarder = threading.Thread(target=forward, name="ctrl-c", daemon=True)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.pthread_kill(forwarder.ident, signal.SIGINT)
+        forwarder.join()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _as_sigterm(*_) -> None:

@@ -26,6 +26,13 @@ def heeded_stop_signals() -> list[signal.Signals]:
     return [sig for sig in STOP_SIGNALS if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN]
 
 
+def unblock_stop_signals() -> None:
+    """Take back the stop signals a parent process blocked: `python -m ftpipe run` keeps Ctrl-C from the processes it
+    starts (Dagster's log mirrors would print tracebacks), and those that must stop on it (a training, a download)
+    call this."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 class Refused(ValueError):
     """A spec the training program cannot train on, found once it read its data: it exits `EXIT_REFUSED` too."""
 

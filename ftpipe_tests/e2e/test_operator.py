@@ -228,6 +228,7 @@ def test_the_cli_waits_for_the_pool_without_cpu_names_the_holder_and_stops_on_si
         assert "ftpipe run of task 'queued': STOPPED" in said and said.rstrip().endswith(
             "STOPPED: lora_adapter: stopped by Ctrl-C or SIGTERM (the same command carries on: the finished steps are "
             "reused)") and "FAILED" not in said, "stopped by the operator, not failed"
+        assert "Traceback" not in said, "Ctrl-C is said once, in the last line: no helper process prints a traceback"
         assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.CANCELED
         assert never_failed(instance, run.run_id, training)
         assert mlflow_status(mlflow_run_of("queued")) == "KILLED"

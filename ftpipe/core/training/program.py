@@ -25,7 +25,7 @@ from typing import Any
 
 from ftpipe.config import TrainingConfig
 from ftpipe.core.readable import rounded
-from ftpipe.core.launch import EXIT_REFUSED, LAUNCHER_PID_ENV, Refused
+from ftpipe.core.launch import EXIT_REFUSED, LAUNCHER_PID_ENV, Refused, unblock_stop_signals
 from ftpipe.core.results import Result
 from ftpipe.core.storage import process_alive
 from ftpipe.core.tracking import RunInterrupted, RunLogger, redact_uri, tracked_run, tracking_uri
@@ -192,6 +192,7 @@ def stop_with_launcher() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    unblock_stop_signals()
     stop_with_launcher()
     if len(args) != 1:
         print("usage: python -m ftpipe.core.training SPEC.json", file=sys.stderr)
