@@ -7,6 +7,7 @@ import dagster as dg
 import pytest
 
 from ftpipe.assets import data, training
+from ftpipe.core import readable
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import default_resources
 from ftpipe_tests.builders import materialization
@@ -47,6 +48,8 @@ def test_the_estimate_is_calibrated_then_taken_from_the_previous_training_and_ho
 
     previous = f"previous training {first['training_fingerprint'][:8]}"
     assert second["estimate_source"] == previous and second["estimated_peak_memory"].endswith(f"({previous})")
+    assert second["estimated_peak_memory"].startswith(readable.size(first["peak_memory_mb"] * 2**20)), "as measured"
+    assert 50 < first["peak_memory_mb"] < 8192 and "peak_memory_gib" not in first, "once, in MB"
     assert second["estimated_steps"] == second["steps"] > 6
     assert second["estimated_tokens"] == second["tokens_trained"]  # whole passes, no replay: exact
     assert within(second["estimate_ratio"], RATE_FACTOR)

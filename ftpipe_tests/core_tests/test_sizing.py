@@ -81,7 +81,7 @@ def kept_training(task: str, fingerprint: str, base: str, age_s: float, **facts)
     """A finished training in the task's `lora_adapter/<fingerprint>/`, published `age_s` seconds ago."""
     folder = TaskLayout(task).adapter(fingerprint)
     folder.mkdir(parents=True)
-    measured = {"tokens_per_second": 100.0, "tokens_trained": 2000, "program_seconds": 50.0, "peak_memory_gib": 1.5}
+    measured = {"tokens_per_second": 100.0, "tokens_trained": 2000, "program_seconds": 50.0, "peak_memory_mb": 1536}
     written = Result(kind="lora_adapter", reuse_key=fingerprint, inputs={"base_fingerprint": base},
                      metadata={**measured, **facts}).write(folder)
     stamp = written.stat().st_mtime - age_s

@@ -160,9 +160,8 @@ def warm_start_metadata(spec: TrainingSpec) -> dict[str, Any]:
 def measured_costs(trainer) -> dict[str, Any]:
     """What the next training's sizing reads: tokens trained (counted as `tokens_per_second` counts them), this
     program's seconds so far and its peak memory (`sizing`)."""
-    peak = peak_memory_gib()
     return {"tokens_trained": trainer.state.num_input_tokens_seen, "program_seconds": round(process_seconds(), 1),
-            "peak_memory_gib": round(peak, 3), "peak_memory_mb": round(peak * 1024)}
+            "peak_memory_mb": round(peak_memory_gib() * 1024)}
 
 
 def write_curves(trainer, method: Method, folder: Path) -> dict[str, str]:

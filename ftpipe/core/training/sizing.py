@@ -204,14 +204,14 @@ def previous_cost(kept: Path, base_fingerprint: str) -> Cost | None:
                  + facts.get("replay_answer_seconds", 0.0) + facts.get("calibration_seconds", 0.0))
     return Cost(tokens_per_second=facts["tokens_per_second"],
                 overhead_seconds=max(facts["program_seconds"] - explained, 0.0),
-                peak_memory_gib=facts["peak_memory_gib"], source=f"previous training {result.reuse_key[:8]}",
+                peak_memory_gib=facts["peak_memory_mb"] / 1024, source=f"previous training {result.reuse_key[:8]}",
                 eval_tokens_per_second=eval_tokens / facts["eval_seconds"] if timed else None)
 
 
 def _measured(result, base_fingerprint: str) -> bool:
     facts = result.metadata
     return (result.inputs.get("base_fingerprint") == base_fingerprint and facts.get("tokens_per_second", 0) > 0
-            and "program_seconds" in facts and not facts.get("resumed_from_step"))
+            and {"program_seconds", "peak_memory_mb"} <= facts.keys() and not facts.get("resumed_from_step"))
 
 
 def estimate(spec: TrainingSpec) -> Estimate:
