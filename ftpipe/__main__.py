@@ -547,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         except AddressTaken as error:
             print(f"ftpipe serve: {error}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # raised once the server has shut down, its request log finished
+            print("ftpipe serve: stopped by Ctrl-C", flush=True)
+            return 128 + signal.SIGINT
         return 0
     if args.command in ("run", "tasks") and not dagster_home(args.command):
         return 2

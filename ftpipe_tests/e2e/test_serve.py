@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -110,7 +111,9 @@ def test_every_task_answers_as_its_own_model_alone_and_in_concurrent_mixed_batch
     assert 0 < usage.usage.completion_tokens <= MAX_TOKENS and usage.usage.total_tokens == (
         usage.usage.prompt_tokens + usage.usage.completion_tokens)
 
-    server.stop()
+    server.stop(signal.SIGINT)  # Ctrl-C
+    assert server.process.returncode == 130
+    assert (server.home / "serve.log").read_text().splitlines()[-1] == "ftpipe serve: stopped by Ctrl-C", "no traceback"
     records = {task: read_records(task) for task in own}
     assert len(records["alpha"]) == len(prompts) + 3 * len(prompts)
     assert records["beta"][-1]["completion_tokens"] == usage.usage.completion_tokens
