@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run_command(args)
-    except KeyboardInterrupt:  # the server raises it once it has shut down cleanly, its request log finished
+    except KeyboardInterrupt:  # at a chat's prompt, or from a server once it has shut down, its request log finished
         after_the_echoed_key = "\n" if sys.stdout.isatty() else ""
         print(f"{after_the_echoed_key}ftpipe {args.command}: stopped by Ctrl-C", flush=True)
         return 128 + signal.SIGINT
