@@ -42,8 +42,8 @@ test: install
 test-fast: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadscope -m "not slow and not e2e" ftpipe_tests
 
-# Without the notice that Dagster's dev command is superseded by `dg dev` (dagster-dg's project layout, which ftpipe does
-# not use).
+# Without the notice that Dagster's dev command is superseded by `dg dev` (dagster-dg's project layout, which
+# ftpipe does not use).
 ui: export PYTHONWARNINGS := ignore:Function `dev_command` is superseded
 ui: install
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000
