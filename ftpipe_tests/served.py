@@ -31,6 +31,12 @@ def register(uri: str, task: str, folder: Path, score: float) -> None:
                             scores={"metric": "accuracy", "rows": {"row": score}}, tracking_uri=uri)
 
 
+def interruptible() -> None:
+    """A terminal's shell starts commands with SIGINT's default action, even where the suite runs in the background
+    (a shell starts background commands with SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Served:
     """The server on a free port of 127.0.0.1 with `env` (its output in `home/serve.log`), started and healthy."""
 
@@ -39,7 +45,8 @@ class Served:
         self.log = (home / "serve.log").open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ftpipe", "serve", "--port", str(self.port), "--refresh-seconds",
-             str(refresh_seconds), *options], env=env, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+             str(refresh_seconds), *options], env=env, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            preexec_fn=interruptible)
         deadline = time.monotonic() + 180
         while not self.healthy():
             assert self.process.poll() is None and time.monotonic() < deadline, (home / "serve.log").read_text()
