@@ -186,7 +186,8 @@ def _whole_write() -> Iterator[None]:
 def _signals_raise_interrupted() -> Iterator[None]:
     def handler(signum, _frame):
         # One stop request is enough: a second one (Ctrl-C reaches the whole process group, and the run worker forwards
-        # it too) is ignored, so it cannot cut short the cleanup that ends the MLflow run KILLED.
+        # it too) is ignored until the process ends, so it cannot cut short the cleanup that ends the MLflow run KILLED,
+        # nor the interpreter's exit after it.
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         if _stop["writing"]:
@@ -200,7 +201,8 @@ def _signals_raise_interrupted() -> Iterator[None]:
         yield
     finally:
         for sig, old in previous.items():
-            signal.signal(sig, old)
+            if signal.getsignal(sig) is handler:  # no stop request came
+                signal.signal(sig, old)
 
 
 def _run_exists(client, run_id: str) -> bool:

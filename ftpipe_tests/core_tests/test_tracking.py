@@ -14,6 +14,17 @@ from ftpipe.core import tracking
 from ftpipe.core.evaluation.chart import CHART
 
 
+@pytest.fixture(autouse=True)
+def stop_handlers_restored():
+    """A stopped tracked run leaves further stop signals ignored for the rest of its process: not this test process."""
+    from ftpipe.core.launch import STOP_SIGNALS
+
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
 @pytest.fixture()
 def store(tmp_path, monkeypatch):
     monkeypatch.setenv("FTPIPE_HOME", str(tmp_path / "home"))
@@ -87,11 +98,13 @@ def test_tracked_run_ends_finished_failed_or_killed(store):
     with pytest.raises(RuntimeError), tracking.tracked_run("states", run_name="boom") as failing:
         raise RuntimeError("boom")
     assert client.get_run(failing.run_id).info.status == "FAILED"
+    assert signal.getsignal(signal.SIGTERM) == handler_before, "no stop came: the handlers are given back"
 
     with pytest.raises(tracking.RunInterrupted), tracking.tracked_run("states", run_name="term") as killed:
         os.kill(os.getpid(), signal.SIGTERM)
     assert client.get_run(killed.run_id).info.status == "KILLED"
-    assert signal.getsignal(signal.SIGTERM) == handler_before
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN, (
+        "a stop came: the run worker's forwarded Ctrl-C must not interrupt the program's exit")
 
 
 def test_a_second_stop_request_does_not_cut_the_first_ones_cleanup_short(store, monkeypatch):
