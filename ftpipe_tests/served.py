@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ftpipe.core import registry
 from ftpipe.core.storage import REPO_ROOT
-from ftpipe_tests.e2e.helpers import free_port
+from ftpipe_tests.e2e.helpers import as_a_terminal_starts_it, free_port
 
 KEY = "test-key-123"
 
@@ -31,12 +31,6 @@ def register(uri: str, task: str, folder: Path, score: float) -> None:
                             scores={"metric": "accuracy", "rows": {"row": score}}, tracking_uri=uri)
 
 
-def interruptible() -> None:
-    """A terminal's shell starts commands with SIGINT's default action, even where the suite runs in the background
-    (a shell starts background commands with SIGINT ignored)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 class Served:
     """The server on a free port of 127.0.0.1 with `env` (its output in `home/serve.log`), started and healthy."""
 
@@ -46,7 +40,7 @@ class Served:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ftpipe", "serve", "--port", str(self.port), "--refresh-seconds",
              str(refresh_seconds), *options], env=env, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-            preexec_fn=interruptible)
+            preexec_fn=as_a_terminal_starts_it)
         deadline = time.monotonic() + 180
         while not self.healthy():
             assert self.process.poll() is None and time.monotonic() < deadline, (home / "serve.log").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,13 @@ from ftpipe_tests.builders import LENIENT_GATE, toy_task
 
 TASKS = ["apples", "plums"]
 HEAVY_STEPS = ("lora_adapter", "eval_report", "merged_model")
+
+
+def as_a_terminal_starts_it() -> None:
+    """A terminal's shell starts commands with SIGINT's and SIGHUP's default actions, even where the suite itself runs
+    in the background (SIGINT ignored) or under nohup (SIGHUP ignored): a `preexec_fn` for commands a test stops so."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def run_checked(command: list, **kwargs) -> None:

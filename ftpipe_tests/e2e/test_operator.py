@@ -26,7 +26,8 @@ from ftpipe.core.tracking import mlflow_client
 from ftpipe.core.training.checkpoints import RUN_ID_FILE, checkpoint_step, is_complete_checkpoint
 from ftpipe.launcher import worker
 from ftpipe_tests.builders import LENIENT_GATE, pool_holding_job, toy_task
-from ftpipe_tests.e2e.helpers import Stack, dagster_home, launch, run_checked, wait_for, wait_for_run
+from ftpipe_tests.e2e.helpers import (Stack, as_a_terminal_starts_it, dagster_home, launch, run_checked, wait_for,
+                                     wait_for_run)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TRAINING = ("training: {method: lora, max_steps: 300, batch_size: 8, eval_steps: 10, logging_steps: 10, "
@@ -148,7 +149,7 @@ class Cli:
         self.logs = cwd / f"{name}.log"
         self.process = subprocess.Popen([sys.executable, "-m", "ftpipe", "run", task], env=env, cwd=cwd,
                                         stdout=self.logs.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=hangup_by_default)
+                                        preexec_fn=as_a_terminal_starts_it)
 
     def family(self) -> list[psutil.Process]:
         return [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
@@ -174,11 +175,6 @@ class Cli:
         os.killpg(self.process.pid, sig)
         self.process.wait(timeout=timeout)
         return time.monotonic() - asked
-
-
-def hangup_by_default() -> None:
-    """A terminal's shell starts commands with SIGHUP's default action, even where the suite runs under nohup."""
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def never_failed(instance: dg.DagsterInstance, run_id: str, cli: Cli) -> bool:
