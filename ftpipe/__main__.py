@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import json
 import os
@@ -58,16 +59,15 @@ def create_gpu_pool(instance) -> None:
             raise
 
 
-def run_task(task: str, settings: str = "", data_only: bool = False) -> int:
+def run_task(task: str, settings: str, data_only: bool, on_stop: list) -> int:
     """Materialize every asset of one task partition in this process, recorded in the Dagster instance; with
     `data_only`, the data assets alone (`data_job`), to read what cleaning made of the rows before any training.
 
     `settings` (`key.path=value` pairs) change task.yaml for this run: every asset gets them as its launchpad
     `overrides`. A task.yaml (with settings) that does not validate is reported before any run starts, one line per
-    problem. Runs whose worker
-    died are ended first and their pool slots freed; while a step waits for the `gpu` pool, the log says which run
-    holds it and since when; Ctrl-C, SIGTERM or a closed terminal (SIGHUP) stops the run (and its training), frees
-    its slot and records the run as canceled.
+    problem. Runs whose worker died are ended first and their pool slots freed; while a step waits for the `gpu`
+    pool, the log says which run holds it and since when; Ctrl-C, SIGTERM or a closed terminal (SIGHUP) stops the run
+    (and its training), frees its slot and records the run as canceled (`on_stop`: the hooks of `stops_relayed`).
     """
     import dagster as dg
     from dagster._core.storage.tags import WILL_RETRY_TAG
@@ -96,7 +96,7 @@ def run_task(task: str, settings: str = "", data_only: bool = False) -> int:
     for line in release_dead_runs(instance):
         print(line)
     job, run_id = defs.resolve_job_def("data_job" if data_only else "finetune_job"), str(uuid.uuid4())
-    with ctrl_c_for_this_process_alone(), canceled_on_stop(instance, run_id) as stopped:
+    with canceled_on_stop(instance, run_id, on_stop) as stopped:
         result = job.execute_in_process(
             instance=instance, partition_key=task, run_id=run_id, raise_on_error=False,
             tags={HOST_TAG: socket.gethostname()},
@@ -119,64 +119,76 @@ def data_only_next(task: str, sample: dict) -> str:
 
 
 @contextmanager
-def canceled_on_stop(instance, run_id: str):
-    """Within the block, Ctrl-C, SIGTERM or a closed terminal (SIGHUP, passed on as SIGTERM) marks run `run_id`
-    canceling at once, as Terminate in the UI does, so Dagster ends it canceled, not failed (and retried by the
-    daemon). Yields a function telling, once the block is done, whether one came. Dagster's own handlers catch the
-    signals in a run, so a thread reads their numbers from the interpreter's wakeup pipe."""
-    from ftpipe.core.launch import STOP_SIGNALS, heeded_stop_signals
+def stops_relayed():
+    """Within the block, Ctrl-C and a closed terminal (SIGHUP) reach this process alone, through one thread, which
+    calls the hooks in the list it yields (a run marks itself canceling), then raises Ctrl-C in the main thread
+    (Dagster's handlers stop a run on it; elsewhere it is a KeyboardInterrupt).
+
+    The terminal sends both to its whole process group, and each of Dagster's helpers mirroring a step's output would
+    print a traceback; so they are blocked, before anything starts a thread (numpy does at its import), and every
+    thread and process started here inherits them blocked (the training program and the model download unblock
+    them)."""
+    from ftpipe.core.launch import heeded_stop_signals
+
+    relayed = {signal.SIGINT} | ({signal.SIGHUP} & set(heeded_stop_signals()))
+    signal.pthread_sigmask(signal.SIG_BLOCK, relayed)
+    hooks, done = [], threading.Event()
+
+    def relay() -> None:
+        while signal.sigwait(relayed) and not done.is_set():
+            for hook in hooks:
+                hook()
+            _thread.interrupt_main()
+
+    relaying = threading.Thread(target=relay, name="stop-relay", daemon=True)
+    relaying.start()
+    try:
+        yield hooks
+    finally:
+        done.set()
+        signal.pthread_kill(relaying.ident, signal.SIGINT)
+        relaying.join()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, relayed)
+
+
+@contextmanager
+def canceled_on_stop(instance, run_id: str, on_stop: list):
+    """Within the block, Ctrl-C, SIGTERM or a closed terminal (SIGHUP) marks run `run_id` canceling, as Terminate in
+    the UI does, so Dagster ends it canceled, not failed (and retried by the daemon). Yields a function telling, once
+    the block is done, whether one came.
+
+    A stop relayed by `stops_relayed` (`on_stop` is its list of hooks) marks the run before any step sees it. A
+    SIGTERM from elsewhere reaches Dagster's handlers at once, as does a stop a thread of some library took; a thread
+    reading their numbers from the interpreter's wakeup pipe marks the run meanwhile."""
+    from ftpipe.core.launch import STOP_SIGNALS
 
     read, write = os.pipe()
     os.set_blocking(write, False)
     previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    hangup = signal.signal(signal.SIGHUP, _as_sigterm if signal.SIGHUP in heeded_stop_signals() else signal.SIG_IGN)
-    stopped = threading.Event()
+    stopped, once = threading.Event(), threading.Lock()
 
-    def watch() -> None:
-        while caught := os.read(read, 64):  # empty once the block is done and the pipe closed
-            if not stopped.is_set() and set(caught) & set(STOP_SIGNALS):
+    def cancel() -> None:
+        with once:
+            if not stopped.is_set():
                 stopped.set()
                 _mark_canceling(instance, run_id)
 
+    def watch() -> None:
+        while caught := os.read(read, 64):  # empty once the block is done and the pipe closed
+            if set(caught) & set(STOP_SIGNALS):
+                cancel()
+
     watcher = threading.Thread(target=watch, name="stop-signals", daemon=True)
     watcher.start()
+    on_stop.append(cancel)
     try:
         yield stopped.is_set
     finally:
-        signal.signal(signal.SIGHUP, hangup)
+        on_stop.remove(cancel)
         signal.set_wakeup_fd(previous)
         os.close(write)
         watcher.join()
         os.close(read)
-
-
-@contextmanager
-def ctrl_c_for_this_process_alone():
-    """Within the block, Ctrl-C stops this process (as SIGTERM, which Dagster's handlers treat as Ctrl-C) and no
-    process it starts that does not ask for it: the terminal sends SIGINT to the whole process group, and each of
-    Dagster's helpers mirroring a step's output to the terminal would print a KeyboardInterrupt traceback. Blocked
-    signals are inherited, so SIGINT is blocked here (enter the block before starting threads, which inherit it too)
-    and a thread waits for it; the training program unblocks it."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    done = threading.Event()
-
-    def forward() -> None:
-        while signal.sigwait({signal.SIGINT}) and not done.is_set():
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    forwarder = threading.Thread(target=forward, name="ctrl-c", daemon=True)
-    forwarder.start()
-    try:
-        yield
-    finally:
-        done.set()
-        signal.pthread_kill(forwarder.ident, signal.SIGINT)
-        forwarder.join()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
-def _as_sigterm(*_) -> None:
-    signal.raise_signal(signal.SIGTERM)  # Dagster's handlers stop a run on SIGTERM, not on SIGHUP
 
 
 def _mark_canceling(instance, run_id: str) -> None:
@@ -566,7 +578,8 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.command == "fetch-model":
         fetch_model()
         return 0
-    return run_task(args.task, " ".join(args.settings), args.data_only)
+    with stops_relayed() as on_stop:  # before the run's imports start threads
+        return run_task(args.task, " ".join(args.settings), args.data_only, on_stop)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The console logger of ftpipe's jobs: Dagster's coloured lines, with a failure said once.
 
-A failed step or run keeps the first line of its message (`Execution of step "raw_examples" failed.`) and leaves the
-error and its stack trace to the run's event log (the Dagster UI); `ftpipe run` ends with the reason in one line. The
+A failed step and a failed or stopped run keep the first line of their message (`Execution of step "raw_examples"
+failed.`) and leave the error and its stack trace to the run's event log (the Dagster UI); `ftpipe run` ends with the
+reason in one line. The
 steps a failure left unrun get no line each. Progress bars of loading and saving models (Hugging Face) and of MLflow
 artifacts stay off (`quiet_progress_bars`): between log lines they are noise; set their variables to turn them on.
 """
@@ -25,14 +26,15 @@ def quiet_progress_bars() -> None:
 
 
 class FailuresOnce(logging.Filter):
-    """Drops the lines of steps left unrun and cuts a failure's line to its first line."""
+    """Drops the lines of steps left unrun and cuts a failure's or a stop's line to its first line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         meta = getattr(record, "dagster_meta", None) or {}
         if str(meta.get("orig_message", "")).startswith(ABANDONED):
             return False
         event = meta.get("dagster_event")
-        if event is not None and (event.is_step_failure or event.is_run_failure):
+        if event is not None and (event.is_step_failure or event.is_run_failure
+                                  or event.event_type == dg.DagsterEventType.RUN_CANCELED):
             record.msg, record.args = record.getMessage().split("\n", 1)[0], ()
         return True
 

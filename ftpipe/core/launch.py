@@ -27,9 +27,9 @@ def heeded_stop_signals() -> list[signal.Signals]:
 
 
 def unblock_stop_signals() -> None:
-    """Take back the stop signals a parent process blocked: `python -m ftpipe run` keeps Ctrl-C from the processes it
-    starts (Dagster's log mirrors would print tracebacks), and those that must stop on it (a training, a download)
-    call this."""
+    """Take back the stop signals a parent process blocked: `python -m ftpipe run` keeps Ctrl-C and a closed
+    terminal's SIGHUP from the processes it starts (Dagster's log mirrors would print tracebacks), and those that
+    must stop on them (a training, a download) call this."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 

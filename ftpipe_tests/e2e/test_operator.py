@@ -1,7 +1,7 @@
 """What an operator does to a running pipeline, against the real UI stack (dagster-webserver and dagster-daemon on
 127.0.0.1) through the GraphQL calls the UI's buttons send, and against `python -m ftpipe run`: terminate a training,
 kill it, kill the whole stack and start it again, launch one partition twice, force a retraining, wait for the
-`gpu` pool and stop the wait. Each asserts the run's status, the MLflow run's status, the pool's slots, the processes
+`gpu` pool and stop the wait, stop an evaluation. Each asserts the run's status, the MLflow run's status, the pool's slots, the processes
 left and what the next run recovers.
 
 The stack polls every POLL seconds here (run monitoring, freeing slots, sensors) instead of dagster.yaml's 15/10/30 s.
@@ -25,9 +25,10 @@ from ftpipe.core.storage import process_alive
 from ftpipe.core.tracking import mlflow_client
 from ftpipe.core.training.checkpoints import RUN_ID_FILE, checkpoint_step, is_complete_checkpoint
 from ftpipe.launcher import worker
-from ftpipe_tests.builders import LENIENT_GATE, pool_holding_job, toy_task
+from ftpipe_tests.builders import TRAINING as SHORT_TRAINING, LENIENT_GATE, make_task, pool_holding_job, toy_task
 from ftpipe_tests.e2e.helpers import (Stack, as_a_terminal_starts_it, dagster_home, launch, run_checked, wait_for,
                                      wait_for_run)
+from ftpipe_tests.tiny_model import toy_rows
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TRAINING = ("training: {method: lora, max_steps: 300, batch_size: 8, eval_steps: 10, logging_steps: 10, "
@@ -238,6 +239,26 @@ def test_the_cli_waits_for_the_pool_without_cpu_names_the_holder_and_stops_on_si
         assert "STOPPED: lora_adapter: stopped by" in hung_up.logs.read_text()
         assert mlflow_status(mlflow_run_of("queued")) == "KILLED", "the training stopped cleanly, not killed outright"
         assert not pool.get_concurrency_info("gpu").claimed_slots
+
+
+def test_ctrl_c_in_the_evaluation_cancels_the_run_at_once_and_says_so_in_one_line(
+        ftpipe_env: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [{"messages": row["messages"]} for row in toy_rows(3000, seed=3)]  # 900 held-out rows: seconds of answers
+    make_task(ftpipe_env, "judged", {"rows.jsonl": rows},
+              f"base_model: {tiny_model_dir}\nsplit: {{eval_fraction: 0.3}}\n{SHORT_TRAINING}{LENIENT_GATE}")
+    home = dagster_home(tmp_path)
+    monkeypatch.chdir(home)
+    judged = Cli("judged", {**os.environ, "DAGSTER_HOME": str(home)}, home, "judged")
+    judged.wait_for_line("few-shot: answering")
+    assert judged.stop(signal.SIGINT) < 30 and judged.process.returncode == 1
+    said = judged.logs.read_text()
+    assert said.rstrip().endswith("STOPPED: eval_report: stopped by Ctrl-C or SIGTERM (the same command carries on: "
+                                  "the finished steps are reused)")
+    assert "Stack Trace" not in said and "Traceback" not in said, "said once, in the last line"
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        [run] = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": "judged"}))
+        assert run.status == dg.DagsterRunStatus.CANCELED
+        assert never_failed(instance, run.run_id, judged), "canceling before the step saw the stop: no failure"
 
 
 def test_terminate_ends_a_wait_for_the_pool_at_once(stack: Stack) -> None:
