@@ -495,6 +495,27 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
         assert grown[name] == pytest.approx(cold[name], rel=1e-5, abs=1e-6), name
 
 
+def test_a_stopped_evaluation_keeps_the_batches_it_finished_and_the_next_one_answers_only_the_rest(
+        workspace, tmp_path):
+    cache, batched = tmp_path / "cache", CLASSIFY.model_copy(update={"batch_tokens": 256})  # a few rows a batch
+
+    def ctrl_c_after_a_batch(line: str) -> None:
+        if line.startswith("base: answered ") and not line.startswith(f"base: answered {EVAL_ROWS}/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(workspace, "bad_adapter", tmp_path / "stopped", cache=cache, config=batched, log=ctrl_c_after_a_batch)
+    logged: list[str] = []
+    resumed = evaluate(workspace, "bad_adapter", tmp_path / "resumed", cache=cache, config=batched, log=logged.append)
+    [answering] = [line for line in logged if line.startswith("base: answering ") and "held-out" in line]
+    assert 0 < int(answering.split()[2]) < EVAL_ROWS, answering
+    cold = evaluate(workspace, "bad_adapter", tmp_path / "cold", cache=tmp_path / "cold-cache", config=batched)
+    assert predicted(resumed) == predicted(cold)
+    for name in ("base_score", "fewshot_score", "finetuned_score", "metrics"):
+        assert resumed[name] == cold[name], name
+    assert resumed["base_loss"] == pytest.approx(cold["base_loss"], rel=1e-5)
+
+
 def test_answers_stop_past_the_labels_with_the_scores_of_whole_answers_and_keyed_apart_in_the_cache(
         workspace, tmp_path, passes, monkeypatch):
     from ftpipe.core.evaluation.metrics.classification import STOPPED, Classification

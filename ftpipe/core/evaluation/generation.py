@@ -435,10 +435,11 @@ class Answered:
 
 def answers_and_logprobs(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_tokens: int,
                          continuations: list[list[list[int]]] | None = None, answer_end: AnswerEnd | None = None,
-                         progress: Progress | None = None) -> Answered:
+                         progress: Progress | None = None,
+                         each_batch: Callable[[Batch], None] | None = None) -> Answered:
     """Greedy answers to chat `prompts` (each ending where `answer_end` finds it complete, if given) and the summed
     log-probability of each prompt's `continuations` (token ids right after its prompt), one pass over each prompt for
-    both (`prompt_batches`); `progress(done, total)` per batch."""
+    both (`prompt_batches`); `each_batch(batch)`, then `progress(done, total)`, per batch."""
     answers: list[str] = [""] * len(prompts)
     logprobs: list[list[float]] = [[] for _ in prompts]
     done, seconds = 0, 0.0
@@ -448,6 +449,8 @@ def answers_and_logprobs(model, tokenizer, prompts: list[list[dict]], *, max_new
         for position, index in enumerate(batch.indices):
             answers[index], logprobs[index] = batch.answers[position], batch.logprobs[position]
         done, seconds = done + len(batch.indices), seconds + batch.answer_seconds
+        if each_batch:
+            each_batch(batch)
         if progress:
             progress(done, len(prompts))
     return Answered(answers, logprobs, seconds)

@@ -21,7 +21,7 @@ from ftpipe.core import readable
 from ftpipe.core.evaluation.fewshot import fewshot_prompt
 from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS
 from ftpipe.core.evaluation.generation import (
-    Progress, answer_tokens, answers_and_logprobs, conversation_logprobs, encode, inference_device, is_adapter,
+    Batch, Progress, answer_tokens, answers_and_logprobs, conversation_logprobs, encode, inference_device, is_adapter,
     load_merged, load_model, loss_of, mean_prompt_tokens, prompt_ids,
 )
 from ftpipe.core.evaluation.label_likelihood import likeliest, top_label_correct, whole_answers
@@ -189,29 +189,34 @@ def _at_once(model, tokenizer, rows: RowCache, prompts: list[list[dict]], answer
 def _one_pass(model, tokenizer, rows: RowCache, prompts: list[list[dict]], work: dict[int, list[Scoring]],
               answering: Answering, batch_tokens: int, progress) -> None:
     """Answer (`answering`) the prompts of indices `work` and score their scorings in `work`, storing what `rows`
-    lacks (each scoring value with its prompt's time)."""
+    lacks batch by batch (each value with its batch's time per prompt), so a stopped evaluation keeps what it did."""
     todo = sorted(work)
     if progress:
         progress(0, len(todo))
-    started = time.perf_counter()
-    done = answers_and_logprobs(
+    batch_started = time.perf_counter()
+
+    def store(batch: Batch) -> None:
+        nonlocal batch_started
+        done, now = [todo[index] for index in batch.indices], time.perf_counter()
+        seconds, batch_started = (now - batch_started) / len(done), now
+        if answering.max_new_tokens:
+            rows.add("answer", [prompts[i] for i in done], batch.answers, batch.answer_seconds / len(done),
+                     answering.settings)
+        scored: dict[str, tuple[Scoring, list, list]] = {}  # kind: (scoring, items, values)
+        for row, logprobs in zip(done, batch.logprobs):
+            found = iter(logprobs)
+            for scoring in work[row]:
+                _, items, values = scored.setdefault(scoring.kind, (scoring, [], []))
+                items += scoring.items[row]
+                values += scoring.value([next(found) for _ in scoring.continuations[row]], scoring.continuations[row])
+        for kind, (scoring, items, values) in scored.items():
+            rows.add(kind, items, values, seconds, scoring.settings)
+
+    answers_and_logprobs(
         model, tokenizer, [prompts[i] for i in todo], max_new_tokens=answering.max_new_tokens,
         batch_tokens=batch_tokens, answer_end=answering.answer_end,
         continuations=[[ids for scoring in work[i] for ids in scoring.continuations[i]] for i in todo],
-        progress=progress)
-    seconds = (time.perf_counter() - started) / len(todo)
-    if answering.max_new_tokens:
-        rows.add("answer", [prompts[i] for i in todo], done.answers, done.answer_seconds / len(todo),
-                 answering.settings)
-    scored: dict[str, tuple[Scoring, list, list]] = {}  # kind: (scoring, items, values)
-    for position, row in enumerate(todo):
-        found = iter(done.logprobs[position])
-        for scoring in work[row]:
-            _, items, values = scored.setdefault(scoring.kind, (scoring, [], []))
-            items += scoring.items[row]
-            values += scoring.value([next(found) for _ in scoring.continuations[row]], scoring.continuations[row])
-    for kind, (scoring, items, values) in scored.items():
-        rows.add(kind, items, values, seconds, scoring.settings)
+        progress=progress, each_batch=store)
 
 
 def model_outputs(model, tokenizer, prompts: list[list[dict]], heldout: Heldout, config: EvaluationConfig, log: Log,
