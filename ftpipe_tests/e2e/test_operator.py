@@ -243,9 +243,9 @@ def test_the_cli_waits_for_the_pool_without_cpu_names_the_holder_and_stops_on_si
 
 def test_ctrl_c_in_the_evaluation_cancels_the_run_at_once_and_says_so_in_one_line(
         ftpipe_env: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    rows = [{"messages": row["messages"]} for row in toy_rows(3000, seed=3)]  # 900 held-out rows: seconds of answers
+    rows = [{"messages": row["messages"]} for row in toy_rows(1000, seed=3)]  # 500 held-out rows: seconds of answers
     make_task(ftpipe_env, "judged", {"rows.jsonl": rows},
-              f"base_model: {tiny_model_dir}\nsplit: {{eval_fraction: 0.3}}\n{SHORT_TRAINING}{LENIENT_GATE}")
+              f"base_model: {tiny_model_dir}\nsplit: {{eval_fraction: 0.5}}\n{SHORT_TRAINING}{LENIENT_GATE}")
     home = dagster_home(tmp_path)
     monkeypatch.chdir(home)
     judged = Cli("judged", {**os.environ, "DAGSTER_HOME": str(home)}, home, "judged")
