@@ -2,9 +2,9 @@
 
 A failed step and a failed or stopped run keep the first line of their message (`Execution of step "raw_examples"
 failed.`) and leave the error and its stack trace to the run's event log (the Dagster UI); `ftpipe run` ends with the
-reason in one line. The
-steps a failure left unrun get no line each. Progress bars of loading and saving models (Hugging Face) and of MLflow
-artifacts stay off (`quiet_progress_bars`): between log lines they are noise; set their variables to turn them on.
+reason in one line. The steps a failure left unrun get no line each. Progress bars of loading and saving models
+(Hugging Face) and of MLflow artifacts stay off (`quiet_progress_bars`): between log lines they are noise; set their
+variables to turn them on.
 """
 
 import logging
