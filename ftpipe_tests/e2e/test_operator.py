@@ -1,8 +1,8 @@
 """What an operator does to a running pipeline, against the real UI stack (dagster-webserver and dagster-daemon on
 127.0.0.1) through the GraphQL calls the UI's buttons send, and against `python -m ftpipe run`: terminate a training,
 kill it, kill the whole stack and start it again, launch one partition twice, force a retraining, wait for the
-`gpu` pool and stop the wait, stop an evaluation. Each asserts the run's status, the MLflow run's status, the pool's slots, the processes
-left and what the next run recovers.
+`gpu` pool and stop the wait, stop an evaluation. Each asserts the run's status, the MLflow run's status, the pool's
+slots, the processes left and what the next run recovers.
 
 The stack polls every POLL seconds here (run monitoring, freeing slots, sensors) instead of dagster.yaml's 15/10/30 s.
 """
