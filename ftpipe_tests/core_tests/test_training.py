@@ -55,6 +55,7 @@ def trained(workspace):
     return workspace, stdout, output_result(spec)
 
 
+@pytest.mark.slow
 def test_a_training_without_4bit_weights_does_not_import_bitsandbytes(trained):
     root, _, _ = trained
     imported = {line.rsplit("|", 1)[-1].strip() for line in (root / "main.stderr").read_text().splitlines()
@@ -374,7 +375,6 @@ def test_a_model_that_attends_across_packed_rows_trains_on_padded_passes(tiny_mo
     assert model.training, "the check leaves the model as it was"
 
 
-@pytest.mark.slow
 def killed_training(workspace, name: str) -> tuple:
     """(spec, the MLflow run id) of a 24-step training killed after it logged past a checkpoint."""
     spec = write_spec(workspace, name, max_steps=24, logging_steps=1)
@@ -383,6 +383,7 @@ def killed_training(workspace, name: str) -> tuple:
     return spec, (checkpoint_dir / checkpoints.RUN_ID_FILE).read_text()
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_in_the_same_mlflow_run_with_one_point_per_step(workspace):
     spec, first_run_id = killed_training(workspace, "resume")
     assert not (workspace / "resume" / "adapter").exists()
