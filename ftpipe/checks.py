@@ -58,8 +58,8 @@ def eval_report_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckRes
 
 @dg.asset_check(asset="deduplicated_examples", blocking=False, partitions_def=task_partitions)
 def deduplicated_examples_removal_share(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    """Warns when cleaning removed more than `dedup.max_removed_share` of the rows, or of any one label's rows,
-    with removed rows next to the rows they were matched with."""
+    """Warns when cleaning removed more than `dedup.max_removed_share` of the rows, or of any one label's rows (beyond
+    chance: `dedup.heavy_removals`), with removed rows next to the rows they were matched with."""
     task = context.partition_key
     limit = effective_config(task, run_overrides(context, "deduplicated_examples")).dedup.max_removed_share
     summary = upstream(task, "deduplicated_examples").metadata
@@ -71,7 +71,7 @@ def deduplicated_examples_removal_share(context: dg.AssetCheckExecutionContext) 
         severity=dg.AssetCheckSeverity.WARN,
         description=removal_warning(heavy, limit, TaskLayout(task).asset("deduplicated_examples") / REMOVED)
         if heavy else
-        f"cleaning removed at most {limit:.0%} of the rows and of each label",
+        f"cleaning removed at most {limit:.0%} of the rows, and of each label at most that or no more than chance",
         metadata={"max_removed_share": limit, "over_the_limit": "; ".join(heavy.values()) or "none",
                   "matched_examples": table(examples, dedup.match_columns(summary))},
     )

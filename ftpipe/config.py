@@ -151,7 +151,7 @@ class DedupConfig(_Strict):
     shingle_words: int = Field(2, ge=1, le=10, description="words per shingle (2 suits short messages)")
     max_removed_share: float = Field(0.2, gt=0.0, le=1.0, description=(
         "the cleaning check warns when more than this share of the chat rows, of the preference rows, or of any one "
-        "label's rows is removed"))
+        "label's rows is removed (of a label's, only when more than chance would remove, or all of them)"))
 
 
 class SplitConfig(_Strict):

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ftpipe.core import similarity
+from ftpipe.core.evaluation.statistics import chance_of_at_least
 from ftpipe.core.records import read_examples, source_order, user_message, write_examples, write_jsonl
 from ftpipe.core.results import Result, read_result, reuse_key
 from ftpipe.core.layout import EXAMPLES, PREFERENCES, REMOVED
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 SHARED_TEXT_KEY = "ftpipe.shared_shingles"  # parquet metadata: the shared shingles the near stage left out
 MATCH_EXAMPLES = 3  # of each label (and in all, without labels)
+UNEVEN_REMOVAL = 0.01  # a label's removals are named when chance would take as many less often than this
 NO_LABEL = "(no label)"  # the label of a row whose answer gives none, in the counts by label
 MATCH_COLUMNS = ("label", "reason", "removed_message", "removed_answer", "matched_message", "matched_answer", "detail")
 COUNTS = ("rows_in", "rows_out", "exact_duplicates", "near_duplicates", "contradictions")
@@ -440,17 +442,20 @@ def likely_typos(out_dir: Path) -> dict[str, str]:
 
 def heavy_removals(summary: dict[str, Any], limit: float) -> dict[str | None, str]:
     """Where cleaning removed more than `limit` of the rows (of a build summary), said in one line each, keyed by
-    label (None: all chat rows; PREFERENCE_ROWS: the preference rows)."""
+    label (None: all chat rows; PREFERENCE_ROWS: the preference rows). A label counts when cleaning took all its rows,
+    or more of them than chance would: a chance under `UNEVEN_REMOVAL` at the share it took of all chat rows. In a
+    label of a few rows, one duplicate goes over any limit and says nothing."""
     pairs = summary.get("preference_rows_in", 0)
     preference = ({PREFERENCE_ROWS: {"rows_in": pairs, "removed": pairs - summary["preference_rows_out"]}}
                   if pairs else {})
-    parts = {None: {"rows_in": summary["rows_in"], "removed": summary["rows_in"] - summary["rows_out"]}, **preference,
-             **summary.get("removed_by_label", {})}
+    chat = {"rows_in": summary["rows_in"], "removed": summary["rows_in"] - summary["rows_out"]}
+    overall = chat["removed"] / max(chat["rows_in"], 1)
     names = {None: "chat rows" if pairs else "all rows", PREFERENCE_ROWS: "preference rows"}
     found = {}
-    for label, counts in parts.items():
-        share = counts["removed"] / max(counts["rows_in"], 1)
-        if share > limit:
-            found[label] = (f"{names.get(label, f'label {label!r}')}: {share:.0%} removed ({counts['removed']} of "
-                            f"{counts['rows_in']})")
+    for label, counts in {None: chat, **preference, **summary.get("removed_by_label", {})}.items():
+        removed, rows = counts["removed"], counts["rows_in"]
+        share = removed / max(rows, 1)
+        if share > limit and (label in names or share == 1
+                              or chance_of_at_least(removed, rows, overall) < UNEVEN_REMOVAL):
+            found[label] = f"{names.get(label, f'label {label!r}')}: {share:.0%} removed ({removed} of {rows})"
     return found

@@ -50,6 +50,8 @@ def test_cleaning_keeps_distinct_short_messages_and_reports_removals_by_label(ft
     assert deduped["shared_text_shingles"] > 20  # the system prompt from task.yaml, left out of the comparison
     assert "| activate_my_card |" in deduped["removed_by_label"]
     assert check.passed and check.severity == dg.AssetCheckSeverity.WARN and check.metadata["max_removed_share"].value == 0.4
+    assert check.description == ("cleaning removed at most 40% of the rows, and of each label at most that or no more "
+                                 "than chance")
 
 
 def test_check_warns_when_one_label_loses_too_many_rows(ftpipe_env: Path) -> None:
@@ -64,6 +66,17 @@ def test_check_warns_when_one_label_loses_too_many_rows(ftpipe_env: Path) -> Non
     removed = Path(check.description.rsplit("(every removed row: ", 1)[1].removesuffix(")"))
     assert len(removed.read_text().splitlines()) >= len(copies), "the path holds the removed rows"
     assert "!!" in check.metadata["matched_examples"].value
+
+
+def test_a_long_tail_of_small_labels_with_a_duplicate_each_is_no_warning(ftpipe_env: Path) -> None:
+    task = intent_task()
+    system = task.rows[0]["messages"][0]
+    tail = [[system, {"role": "user", "content": f"{text} {n}"}, {"role": "assistant", "content": f"rare_{n}"}]
+            for n in range(8) for text in ("how do I change the nickname on savings pot number", "nickname pot")]
+    copies = [[system, {"role": "user", "content": m[1]["content"] + "!!"}, m[2]] for m in tail[::2]]
+    deduped, check = clean(ftpipe_env, task.rows + [{"messages": m} for m in tail + copies])
+    assert "| rare_0 | 3 | 1 |" in deduped["removed_by_label"], "a third of each small label removed"
+    assert check.passed, check.description
 
 
 def test_the_warning_names_a_few_labels_in_one_line_and_counts_the_rest() -> None:

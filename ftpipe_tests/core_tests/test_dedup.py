@@ -306,6 +306,19 @@ def test_heavy_removals_name_the_rows_and_labels_over_the_limit() -> None:
     assert dedup.heavy_removals({**pairs, "rows_out": 182}, 0.2)[None] == "chat rows: 30% removed (78 of 260)"
 
 
+def test_a_duplicate_in_a_label_of_a_few_rows_is_no_warning_but_a_label_cleaned_away_is() -> None:
+    """Many labels with a long tail: small labels go over the limit by one duplicate, which says nothing."""
+    labels = {f"intent_{i}": {"rows_in": 200 // (i + 1), "removed": (200 // (i + 1)) // 10} for i in range(40)}
+    labels |= {"intent_3": {"rows_in": 3, "removed": 1}, "intent_7": {"rows_in": 2, "removed": 1},
+               "intent_9": {"rows_in": 9, "removed": 3}, "intent_11": {"rows_in": 2, "removed": 2},
+               "intent_12": {"rows_in": 10, "removed": 6}}
+    rows_in = sum(counts["rows_in"] for counts in labels.values())
+    removed = sum(counts["removed"] for counts in labels.values())
+    summary = {"rows_in": rows_in, "rows_out": rows_in - removed, "removed_by_label": labels}
+    assert dedup.heavy_removals(summary, 0.2) == {"intent_11": "label 'intent_11': 100% removed (2 of 2)",
+                                                  "intent_12": "label 'intent_12': 60% removed (6 of 10)"}
+
+
 def test_rows_leave_out_shared_text_unless_it_is_all_a_row_has_and_can_be_picked() -> None:
     system = ("system", "Classify the message into one of the labels below and answer with the label only")
     rows = [[system, ("user", f"message number {i} about topic {i * 7}")] for i in range(12)] + [[system]]

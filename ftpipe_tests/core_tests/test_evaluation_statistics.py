@@ -10,7 +10,7 @@ from ftpipe.core.evaluation import decide_gate, evaluation_key, waiting_for_revi
 from ftpipe.core.evaluation.fewshot import choose_examples, fewshot_prompt
 from ftpipe.core.evaluation.forgetting import forgetting_score, measure_forgetting, most_forgotten
 from ftpipe.core.evaluation.outputs import ModelOutputs
-from ftpipe.core.evaluation.statistics import paired_bootstrap, pairwise_summary, ratio_bootstrap
+from ftpipe.core.evaluation.statistics import chance_of_at_least, paired_bootstrap, pairwise_summary, ratio_bootstrap
 from ftpipe_tests.rows import row
 
 # ---------------------------------------------------------------- bootstrap
@@ -46,6 +46,13 @@ def test_a_student_to_teacher_ratio_has_an_interval_though_some_resamples_miss_e
 
 
 # ---------------------------------------------------------------- forgetting
+
+
+def test_the_chance_of_a_count_as_high_is_the_binomial_tail_even_for_many_trials():
+    assert chance_of_at_least(2, 3, 0.5) == pytest.approx(0.5) and chance_of_at_least(1, 2, 0.1) == pytest.approx(0.19)
+    assert chance_of_at_least(0, 5, 0.1) == 1.0 and chance_of_at_least(1, 5, 0.0) == 0.0
+    assert 0 < chance_of_at_least(22_000, 100_000, 0.2) < 1e-40, "no overflow or underflow to a wrong answer"
+    assert chance_of_at_least(19_800, 100_000, 0.2) > 0.9
 
 
 def test_forgetting_is_the_larger_relative_worsening_floored_at_zero():

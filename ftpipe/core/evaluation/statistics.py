@@ -1,5 +1,5 @@
 """Paired bootstrap over rows: the interval of any statistic of the rows and of a mean difference; the score interval
-of a share (a pairwise win rate); and a seeded order of rows."""
+of a share (a pairwise win rate); the chance of a count as high as one seen; and a seeded order of rows."""
 
 from __future__ import annotations
 
@@ -68,6 +68,15 @@ def share_interval(successes: float, trials: int) -> tuple[float, float]:
     centre = (share + spread / 2) / (1 + spread)
     half = Z_95 / (1 + spread) * math.sqrt(share * (1 - share) / trials + spread / (4 * trials))
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def chance_of_at_least(successes: int, trials: int, share: float) -> float:
+    """The chance of `successes` or more in `trials` where each succeeds with probability `share` (binomial tail)."""
+    if share <= 0 or share >= 1:
+        return float(successes <= 0 or share >= 1)
+    log_share, log_rest = math.log(share), math.log1p(-share)
+    return min(1.0, sum(math.exp(math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
+                                 + k * log_share + (trials - k) * log_rest) for k in range(successes, trials + 1)))
 
 
 OUTCOME_SCORES = {"win": 1.0, "tie": 0.5, "loss": 0.0}
