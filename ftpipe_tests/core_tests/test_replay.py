@@ -41,9 +41,12 @@ class Generations:
     def __init__(self):
         self.calls = 0
 
-    def __call__(self, model, tokenizer, prompts, *, max_new_tokens, batch_tokens, progress=None):
+    def __call__(self, model, tokenizer, prompts, *, max_new_tokens, batch_tokens, progress=None, each_batch=None):
         self.calls += 1
-        return [answer(prompt[0]["content"]) for prompt in prompts]
+        answers = [answer(prompt[0]["content"]) for prompt in prompts]
+        if each_batch:
+            each_batch(generation.Batch(list(range(len(prompts))), answers, [], [[] for _ in prompts], 0.0))
+        return answers
 
 
 def answer(prompt: str) -> str:
@@ -134,6 +137,43 @@ def test_answers_are_generated_once_and_reused(workspace, generations) -> None:
     assert cache.stat().st_mtime_ns == written and again == first, "the same seed picks the same rows"
     other, _, _ = datasets(spec_of(workspace, "reuse", replay=0.25, seed=7))
     assert other != first, "another seed picks others"
+
+
+def test_a_stop_keeps_the_answers_of_the_batches_done_and_the_next_training_generates_only_the_rest(
+        workspace, monkeypatch) -> None:
+    import torch
+
+    prompts = replay.read_prompts(PROMPTS)[:12]
+    monkeypatch.setattr(replay, "BATCH_TOKENS", 256)  # a few prompts a batch
+    spec = spec_of(workspace, "stopped")
+    setup = trainer_setup(spec, spec.config(), Method("sft", "lora", "none"), callbacks=[], info=lambda line: None)
+    with torch.no_grad():  # the random model answers line breaks only; without them its answers differ by prompt
+        setup.model.get_output_embeddings().weight[setup.tokenizer.convert_tokens_to_ids("Ċ")] = 0
+    cache, write = replay.cache_file(setup), replay.write_text
+
+    def write_then_stop(target: Path, text: str) -> None:
+        write(target, text)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(replay, "write_text", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        replay.cached_answers(setup, prompts, cache)
+    kept = json.loads(cache.read_text())
+    assert 0 < len(kept) < len(prompts), "the first batch, stored"
+    monkeypatch.setattr(replay, "write_text", write)
+    answer_all, asked = generation.answers_and_logprobs, []
+
+    def counted(model, tokenizer, rows, **options):
+        asked.append(len(rows))
+        return answer_all(model, tokenizer, rows, **options)
+
+    monkeypatch.setattr(generation, "answers_and_logprobs", counted)
+    answers = replay.cached_answers(setup, prompts, cache)
+    assert asked == [len(prompts) - len(kept)], "only the prompts left"
+    cold = generation.generate(setup.model, setup.tokenizer, [p["messages"] for p in prompts],
+                               max_new_tokens=replay.MAX_NEW_TOKENS, batch_tokens=replay.BATCH_TOKENS)
+    assert len(set(cold)) > 3, "answers that differ by prompt"
+    assert answers == json.loads(cache.read_text()) == dict(zip((p["id"] for p in prompts), cold))
 
 
 def test_too_few_usable_answers_are_repeated_to_the_share(workspace, generations, tmp_path) -> None:

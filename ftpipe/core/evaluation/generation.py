@@ -417,11 +417,11 @@ def greedy_batches(model, tokenizer, prompts: list[list[dict]], *, max_new_token
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_tokens: int,
-             progress: Progress | None = None) -> list[str]:
+             progress: Progress | None = None, each_batch: Callable[[Batch], None] | None = None) -> list[str]:
     """Greedy answers to chat `prompts` (in order), batched by `batch_tokens` with left padding (`greedy_batches`);
-    `progress(done, total)` per batch."""
+    `each_batch(batch)`, then `progress(done, total)`, per batch."""
     return answers_and_logprobs(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_tokens=batch_tokens,
-                                progress=progress).answers
+                                progress=progress, each_batch=each_batch).answers
 
 
 @dataclass(frozen=True)

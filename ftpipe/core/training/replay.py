@@ -4,8 +4,9 @@ fine-tuning keeps the model's general behaviour.
 The prompts (the spec's `replay_prompts`, `data/general/replay_prompts.jsonl`) share no question with the
 general-skills probe that measures forgetting. A training takes them in an order drawn by its seed and keeps
 those whose answer is complete and fits `max_length`. Answers are greedy, from the model the training loaded
-(before it is trained), generated only for the prompts taken, and cached in the spec's `replay_cache_dir` under a
-key of the base model, the prompts file and the decoding: no answer is generated twice.
+(before it is trained), generated only for the prompts taken, and cached batch by batch in the spec's
+`replay_cache_dir` under a key of the base model, the prompts file and the decoding: no answer is generated twice,
+even after a stop.
 """
 
 from __future__ import annotations
@@ -62,11 +63,14 @@ def cached_answers(setup: TrainerSetup, prompts: list[dict], cache: Path) -> dic
     if missing:
         setup.info(f"replay: the base model answers general prompts ({len(missing)} new; cached in {cache.parent})")
         started = time.monotonic()
-        texts = generation.generate(setup.model, setup.tokenizer, [p["messages"] for p in missing],
-                                    max_new_tokens=MAX_NEW_TOKENS, batch_tokens=BATCH_TOKENS)
+
+        def keep(batch: generation.Batch) -> None:  # after each batch: a stopped training loses none of them
+            answers.update((missing[index]["id"], text) for index, text in zip(batch.indices, batch.answers))
+            write_text(cache, json.dumps(answers, ensure_ascii=False, sort_keys=True, indent=0))
+
+        generation.generate(setup.model, setup.tokenizer, [p["messages"] for p in missing],
+                            max_new_tokens=MAX_NEW_TOKENS, batch_tokens=BATCH_TOKENS, each_batch=keep)
         setup.replay_seconds += time.monotonic() - started
-        answers.update(zip((prompt["id"] for prompt in missing), texts))
-        write_text(cache, json.dumps(answers, ensure_ascii=False, sort_keys=True, indent=0))
     return answers
 
 
