@@ -563,11 +563,13 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
 
 
 def _quarantine_odd_shapes(result: ReadResult, shape_problems: Callable[[list[str]], list[str | None]]) -> None:
-    """Move the examples whose answers depart from the form of the others' to the quarantine."""
-    problems = shape_problems([row["messages"][-1]["content"] for row in result.examples])
-    for row, problem in zip(result.examples, problems):
+    """Move the examples whose answers depart from the form of the others' to the quarantine, the answer first (before
+    a long system prompt the row's messages may start with)."""
+    answers = [row["messages"][-1]["content"] for row in result.examples]
+    problems = shape_problems(answers)
+    for row, answer, problem in zip(result.examples, answers, problems):
         if problem:
-            _quarantine(result, row["source"], problem, {"messages": row["messages"]})
+            _quarantine(result, row["source"], problem, {"answer": answer, "messages": row["messages"]})
     result.examples = [row for row, problem in zip(result.examples, problems) if not problem]
 
 

@@ -128,6 +128,11 @@ def test_an_extraction_answer_missing_a_field_or_giving_it_another_type_is_quara
                             "(evaluation.task_type extraction)"),
         ("a.jsonl:line 42", "the answer lacks the field 'urgent', which 42 of 43 answers give (evaluation.task_type "
                             "extraction)")]
+    assert [json.loads(row["raw"])["answer"] for row in quarantined] == [
+        typed_wrong["messages"][-1]["content"], missing["messages"][-1]["content"]], "the answer, with the row kept"
+    preview = raw["quarantine_preview"].splitlines()[2]
+    assert preview.startswith("| a.jsonl:line 41 |") and '\\"urgent\\": \\"no\\"' in preview, \
+        "the answer shown first, before the long system prompt"
     assert (deduped["rows_out"], deduped["contradictions"]) == (41, 0), "the well-formed original stays"
     assert 'orders: 1 value looks like a typo of a commoner value of its field: city "Osloo" ×1 (like "Oslo" ×20); ' \
            "it is trained and scored as a value of its own: correct it in the raw files" in warnings
