@@ -10,7 +10,7 @@ from ftpipe.core import dedup, label_spellings, records, review_sample as review
 from ftpipe.core.evaluation.metrics import (
     answer_problem, answer_rule, labels_without_heldout_rows, shape_problems, task_metrics,
 )
-from ftpipe.core.evaluation.report import unheld_labels
+from ftpipe.core.evaluation.report import unheld_labels, untaught_labels
 from ftpipe.core.similarity import Settings
 from ftpipe.core.preferences import as_chat
 from ftpipe.core.layout import QUARANTINE, REMOVED, REVIEW_CSV, TaskLayout
@@ -196,9 +196,11 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
     train, evaluation = paths.split_files
     train_answers, eval_answers = (records.answers(path) for path in (train, evaluation))
     unheld = labels_without_heldout_rows(cfg.evaluation, train_answers, eval_answers)
-    if unheld:
-        typos = dedup.likely_typos(paths.asset("deduplicated_examples"))
-        context.log.warning(f"{task}: {unheld_labels(unheld, typos)}")
+    untaught = labels_without_heldout_rows(cfg.evaluation, eval_answers, train_answers)  # held-out rows only
+    typos = dedup.likely_typos(paths.asset("deduplicated_examples")) if unheld or untaught else {}
+    for labels, line in ((unheld, unheld_labels), (untaught, untaught_labels)):
+        if labels:
+            context.log.warning(f"{task}: {line(labels, typos)}")
     learns_final_turns = cfg.evaluation.task_type == "generation" and not cfg.training.every_turn
     if learns_final_turns and (stock := split.stock_answer(train_answers)):
         context.log.warning(f"{task}: {stock}")
@@ -207,6 +209,7 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
             **summary,
             "eval_fraction": cfg.split.eval_fraction,
             "labels_without_heldout_rows": len(unheld),
+            "labels_without_train_rows": len(untaught),
             "train_path": dg.MetadataValue.path(str(train)),
             "eval_path": dg.MetadataValue.path(str(evaluation)),
         },

@@ -196,11 +196,14 @@ def test_pairs_whose_answers_differ_only_in_punctuation_are_kept_and_counted_wit
             "p.jsonl:line 1): what such a pair teaches is that difference") in warnings
 
 
-def test_the_split_warns_of_labels_only_train_rows_have(ftpipe_env: Path) -> None:
+def test_the_split_warns_of_labels_only_train_rows_have_and_of_labels_only_held_out_rows_have(
+        ftpipe_env: Path) -> None:
     from ftpipe.core.records import answers
 
-    labels = ["refund", "card"] * 30 + [f"rare {i}" for i in range(6)]
-    rows = [chat(f"message {i}: about payment {i * 17} from branch {i}", label) for i, label in enumerate(labels)]
+    topics = ["lost passport", "wedding gift", "tax form", "broken window", "new puppy", "solar panels", "jury duty",
+              "piano lessons", "roof repair", "school trip", "garden fence", "car insurance"]
+    rows = [chat(f"message {i}: about payment {i * 17} from branch {i}", ["refund", "card"][i % 2]) for i in range(60)]
+    rows += [chat(f"Can you help me with the {topic} this week?", f"rare {i}") for i, topic in enumerate(topics)]
     make_task(ftpipe_env, "bank", {"a.jsonl": rows}, "evaluation: {task_type: classification}\n")
     with dg.instance_for_test() as instance:
         result = materialize(instance, "bank")
@@ -210,6 +213,11 @@ def test_the_split_warns_of_labels_only_train_rows_have(ftpipe_env: Path) -> Non
     assert unheld and {"refund", "card"} <= evaluation, "some rare label has train rows only"
     assert materialization(result, "heldout_split")["labels_without_heldout_rows"] == len(unheld)
     assert f"bank: {len(unheld)} label{'s' * (len(unheld) > 1)} of the train rows ({', '.join(unheld)})" in warnings[0]
+    untaught = sorted(evaluation - train)
+    assert untaught and materialization(result, "heldout_split")["labels_without_train_rows"] == len(untaught)
+    assert untaught == ["rare 1"] and warnings[1] == (
+        "bank: 1 label of the held-out rows (rare 1) has no train row: fine-tuning never shows it to the model (more "
+        "rows of it in the raw files give it train rows).")
 
 
 def test_class_ids_are_trained_and_held_out_as_the_label_names_task_yaml_gives(ftpipe_env: Path) -> None:

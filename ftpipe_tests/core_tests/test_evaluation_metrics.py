@@ -451,8 +451,8 @@ def test_a_base_answering_out_of_the_tasks_form_is_said_with_what_measures_the_t
                                       "0.400) says how much is the task.")
 
 
-def test_labels_without_held_out_rows_are_named_up_to_a_dozen():
-    from ftpipe.core.evaluation.report import unheld_labels
+def test_labels_of_one_side_of_the_split_only_are_named_up_to_a_dozen():
+    from ftpipe.core.evaluation.report import unheld_labels, untaught_labels
 
     labels = [f"intent_{n:02d}" for n in range(14)]
     assert unheld_labels(labels[:9]).startswith(f"9 labels of the train rows ({', '.join(labels[:9])}) have no held-out")
@@ -463,6 +463,10 @@ def test_labels_without_held_out_rows_are_named_up_to_a_dozen():
     assert unheld_labels(["refnd", "crad", "rare"], typos).endswith(
         "(a larger split.eval_fraction gives more labels a held-out row; 'refnd' looks like a typo of 'refund', 'crad' "
         "looks like a typo of 'card': correct them in the raw files).")
+    assert untaught_labels(["refnd", "rare"], typos) == (
+        "2 labels of the held-out rows (refnd, rare) have no train row: fine-tuning never shows them to the model (more "
+        "rows of them in the raw files give them train rows; 'refnd' looks like a typo of 'refund': correct it in the "
+        "raw files).")
 
 
 def test_one_reference_over_the_answers_limit_is_said_in_the_singular():

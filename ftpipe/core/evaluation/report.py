@@ -61,17 +61,31 @@ def verdict(passed: bool, failed: list[str], config: EvaluationConfig, preferenc
 
 
 def unheld_labels(labels: list[str], typos: dict[str, str] | None = None) -> str:
-    """What a score on held-out rows cannot say: labels of train rows only (NAMED_LABELS named, the rest counted).
-    `typos` (a label -> the commoner label it looks like a typo of, from cleaning) names those among them: a typo is
-    corrected in the raw files, not given held-out rows."""
+    """What a score on held-out rows cannot say: labels of train rows only (`_one_side_labels`)."""
+    return _one_side_labels(labels, typos, "train rows", "held-out row", "the scores say nothing about {them}",
+                           "a larger split.eval_fraction gives more labels a held-out row")
+
+
+def untaught_labels(labels: list[str], typos: dict[str, str] | None = None) -> str:
+    """What no training teaches: labels of held-out rows only (`_one_side_labels`)."""
+    return _one_side_labels(labels, typos, "held-out rows", "train row",
+                           "fine-tuning never shows {them} to the model",
+                           "more rows of {them} in the raw files give {them} train rows")
+
+
+def _one_side_labels(labels: list[str], typos: dict[str, str] | None, side: str, other: str, meaning: str,
+                    remedy: str) -> str:
+    """One line on labels of one `side` of the split only (NAMED_LABELS named, the rest counted): what that means and
+    its `remedy`. `typos` (a label -> the commoner label it looks like a typo of, from cleaning) names those among
+    them: a typo is corrected in the raw files."""
+    many = len(labels) > 1
+    them = "them" if many else "it"
     named = ", ".join(labels[:NAMED_LABELS]) + (f" and {len(labels) - NAMED_LABELS} more"
                                                 if len(labels) > NAMED_LABELS else "")
     likely = [f"{label!r} looks like a typo of {typos[label]!r}" for label in labels if label in (typos or {})]
     fix = f"; {', '.join(likely)}: correct {'them' if len(likely) > 1 else 'it'} in the raw files" if likely else ""
-    return (f"{len(labels)} label{'s' if len(labels) > 1 else ''} of the train rows ({named}) "
-            f"{'have' if len(labels) > 1 else 'has'} no held-out row: the scores say nothing about "
-            f"{'them' if len(labels) > 1 else 'it'} (a larger split.eval_fraction gives more labels a held-out "
-            f"row{fix}).")
+    return (f"{len(labels)} label{'s' if many else ''} of the {side} ({named}) {'have' if many else 'has'} no {other}: "
+            f"{meaning.format(them=them)} ({remedy.format(them=them)}{fix}).")
 
 
 FORM_FREE_MEASURES = {  # scores that read past the form of an answer
