@@ -115,7 +115,7 @@ def run_task(task: str, settings: str, data_only: bool, on_stop: list) -> int:
 def data_only_next(task: str, sample: dict) -> str:
     """What to do after a run of the data assets alone: read the review sample, then train."""
     return (f"data only: read the review sample ({sample['csv_path']}), then `python -m ftpipe run {task}` trains on "
-            "this data (its steps are reused)")
+            "this data (its data steps run again: the same files give the same rows)")
 
 
 @contextmanager

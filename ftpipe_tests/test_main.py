@@ -101,8 +101,9 @@ def test_data_only_reads_cleans_and_splits_then_says_what_to_read_before_trainin
     assert status == 0, output
     assert "1 row quarantined, each with its reason" in output and "1 row removed by cleaning" in output
     sample = TaskLayout("shop").path("review_sample", "review_sample.csv")
-    assert output.rstrip().endswith(f"data only: read the review sample ({sample}), then `python -m ftpipe run shop` "
-                                    "trains on this data (its steps are reused)"), output
+    assert output.rstrip().endswith(
+        f"data only: read the review sample ({sample}), then `python -m ftpipe run shop` trains on this data (its data "
+        "steps run again: the same files give the same rows)"), output
     assert sample.is_file() and not TaskLayout("shop").output("base_model").exists(), "no model fetched, none trained"
 
 

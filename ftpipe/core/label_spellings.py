@@ -98,10 +98,13 @@ def shown(entries: list[dict[str, Any]], fields: tuple[str, ...] = ("label", "re
 def said(respelled: list[dict[str, Any]], preference_answers: int = 0) -> str:
     """`12 rows' and 4 preference answers' labels respelled as most answers of the label write it: "billing " as
     "Billing" ×9, ...` (the chat rows' spellings, the commonest first, SHOWN of them)."""
-    counts = ((sum(r["rows"] for r in respelled), "rows'"), (preference_answers, "preference answers'"))
+    rows = sum(r["rows"] for r in respelled)
+    counts = ((rows, "row's" if rows == 1 else "rows'"),
+              (preference_answers, "preference answer's" if preference_answers == 1 else "preference answers'"))
     named = [f"{r['respelled']} as {r['label']} ×{r['rows']}" for r in shown(respelled[:SHOWN])]
     more = f" and {len(respelled) - SHOWN} other spellings" if len(respelled) > SHOWN else ""
-    return (f"{' and '.join(f'{count} {what}' for count, what in counts if count)} labels respelled as most answers "
+    labels = "label" if rows + preference_answers == 1 else "labels"
+    return (f"{' and '.join(f'{count} {what}' for count, what in counts if count)} {labels} respelled as most answers "
             f"of the label write it{': ' if named else ''}{', '.join(named)}{more}")
 
 

@@ -62,8 +62,9 @@ def test_preference_answers_count_toward_the_spelling_and_are_respelled_unless_a
         (category("Refund"), category("Billing"), None), (category("Refund"), category("Billing"), None),
         (category("Refund"), category("refund."), None), (None, None, category("Billing"))]
     assert count == 3 and [r["id"] for r in out] == [r["id"] for r in pairs]
-    assert said(respelled, count) == ('1 rows\' and 3 preference answers\' labels respelled as most answers of the '
+    assert said(respelled, count) == ('1 row\'s and 3 preference answers\' labels respelled as most answers of the '
                                       'label write it: "refund" as "Refund" ×1')
+    assert said(respelled).startswith("1 row's label respelled as most answers"), "in the singular"
 
 
 def test_a_rare_label_a_typo_away_from_a_commoner_one_is_named_and_labels_of_like_size_are_not() -> None:
