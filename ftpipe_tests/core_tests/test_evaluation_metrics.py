@@ -197,7 +197,8 @@ def test_a_final_answer_field_reads_json_and_references_without_one_are_refused(
                         ['{"answer": "12"}', '{"answer": "yes"}'])
     assert found.rows["answer_exact_match"] == [1.0, 0.0] and found.final_answers == ["12", "no"]
     rows = [{"id": "r1", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "7"}]}]
-    with pytest.raises(ValueError, match="no JSON field 'answer'.*r1"):
+    with pytest.raises(ValueError, match=r"is not a JSON object, so it has no field 'answer' "
+                                         r"\(evaluation.answer_field; plain answers: leave it unset\).*r1"):
         check_references(rows, task)
     with pytest.raises(ValueError, match=re.escape("no final answer matching answer_pattern `#### (\\S+)`")):
         check_references(rows, task_metrics(EvaluationConfig(answer_pattern=r"#### (\S+)")))
@@ -380,8 +381,12 @@ def test_check_references_refuses_unreadable_references_before_generation():
     rows = [{"id": "r1", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "plain"}]}]
     with pytest.raises(ValueError, match="not a JSON object.*r1"):
         check_references(rows, task_metrics(EvaluationConfig(task_type="extraction")))
-    with pytest.raises(ValueError, match="no JSON field 'label'.*r1"):
+    with pytest.raises(ValueError, match="not a JSON object, so it has no field 'label'.*r1"):
         check_references(rows, task_metrics(EvaluationConfig(task_type="classification", label_field="label")))
+    misspelt = [{**rows[0], "messages": [rows[0]["messages"][0], {"role": "assistant", "content": '{"lable": "x"}'}]}]
+    with pytest.raises(ValueError, match=r"has no JSON field 'label' \(evaluation.label_field; it gives 'lable': "
+                                         r"misspelt\?\)"):
+        check_references(misspelt, task_metrics(EvaluationConfig(task_type="classification", label_field="label")))
     check_references(rows, task_metrics(EvaluationConfig(task_type="generation")))
 
 

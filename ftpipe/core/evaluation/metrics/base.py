@@ -9,6 +9,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from difflib import get_close_matches
 from typing import Any, ClassVar
 
 from ftpipe.config import EvaluationConfig
@@ -35,6 +36,18 @@ def first_json_object(text: str) -> dict | None:
     """The first `{...}` in `text` that parses as a JSON object (text around it is ignored)."""
     found = json_object_span(text)
     return found[0] if found else None
+
+
+def missing_field(answer: str, field: str, setting: str) -> str:
+    """Why `answer` gives no value in its JSON object's `field` (the task.yaml `setting` that names it), with the key
+    it gives instead where one looks like a misspelling, or that it holds no JSON object at all."""
+    found = first_json_object(answer)
+    if found is None:
+        return f"is not a JSON object, so it has no field {field!r} ({setting}; plain answers: leave it unset)"
+    if field in found:
+        return f"gives nothing usable in its JSON field {field!r} ({found[field]!r}; {setting})"
+    instead = get_close_matches(field, [key for key in found if key != field], n=1)
+    return f"has no JSON field {field!r} ({setting}" + (f"; it gives {instead[0]!r}: misspelt?)" if instead else ")")
 
 
 def first_object_end(text: str) -> int | None:

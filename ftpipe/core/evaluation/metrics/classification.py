@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from ftpipe.core.evaluation.metrics.base import (
-    FIRST_JSON_OBJECT, AnswerEnd, LabelChoices, Scores, TaskMetrics, first_json_object,
+    FIRST_JSON_OBJECT, AnswerEnd, LabelChoices, Scores, TaskMetrics, first_json_object, missing_field,
 )
 from ftpipe.core.evaluation.metrics.extraction import OBJECT_SHAPE_RULE, object_shape_check
 from ftpipe.core.text import clipped, counted, loose, loose_words, markdown_table
@@ -162,7 +162,7 @@ class Classification(TaskMetrics):
     def reference_problem(self, reference: str) -> str | None:
         field = self.config.label_field
         if field and parse_label(reference, field) is None:
-            return f"has no JSON field {field!r}"
+            return missing_field(reference, field, "evaluation.label_field")
         return None
 
     def group(self, reference: str) -> str:

@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Any
 
 from ftpipe.config import EvaluationConfig
-from ftpipe.core.evaluation.metrics.base import Scores, TaskMetrics
+from ftpipe.core.evaluation.metrics.base import Scores, TaskMetrics, missing_field
 from ftpipe.core.evaluation.metrics.final_answer import extract_answer, last_number, same_answer, spaced_freely
 from ftpipe.core.text import loose
 
@@ -90,7 +90,7 @@ class Generation(TaskMetrics):
             return None
         if self.config.answer_pattern:
             return self._pattern_problem(reference)
-        return f"has no JSON field {self.config.answer_field!r} (answer_field)"
+        return missing_field(reference, self.config.answer_field, "evaluation.answer_field")
 
     def _pattern_problem(self, reference: str) -> str:
         """Why answer_pattern finds no final answer in `reference`, naming the pattern that would where only the
