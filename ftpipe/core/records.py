@@ -251,7 +251,7 @@ def _keys(row: dict[str, Any]) -> str:
 def _missing_columns(row: dict[str, Any], columns: dict[str, str]) -> str:
     """The mapped columns the row lacks, as `mapped column 'utterance' (data.columns.prompt) is not in the file`,
     or ''."""
-    missing = [f"{column!r} (data.columns.{field}){_close_column(column, row)}"
+    missing = [f"{column!r} (data.columns.{field}{_close_column(column, row)})"
                for field, column in sorted(columns.items()) if column not in row]
     if not missing:
         return ""
@@ -260,10 +260,10 @@ def _missing_columns(row: dict[str, Any], columns: dict[str, str]) -> str:
 
 
 def _close_column(column: str, row: dict[str, Any]) -> str:
-    """` (did you mean 'sentiment'?)` for the row's column written most like `column`, case aside; else ''."""
+    """`; did you mean 'sentiment'?` for the row's column written most like `column`, case aside; else ''."""
     columns = {str(name).casefold(): str(name) for name in row}
     close = get_close_matches(column.casefold(), list(columns), n=1)
-    return f" (did you mean {columns[close[0]]!r}?)" if close else ""
+    return f"; did you mean {columns[close[0]]!r}?" if close else ""
 
 
 def check_mapped_columns(row: dict[str, Any], columns: dict[str, str]) -> None:

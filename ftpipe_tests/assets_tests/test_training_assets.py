@@ -157,7 +157,7 @@ def test_a_preference_stage_whose_pairs_a_misspelt_mapping_quarantined_is_refuse
     [failure] = result.get_step_failure_events()
     description = failure.step_failure_data.user_failure_data.description
     assert description.endswith(
-        "; 8 rows quarantined, 8 for: mapped column 'wrose' (data.columns.rejected) (did you mean 'worse'?) is not in "
+        "; 8 rows quarantined, 8 for: mapped column 'wrose' (data.columns.rejected; did you mean 'worse'?) is not in "
         "the file; its columns are: better, prompt, worse"), description
 
 

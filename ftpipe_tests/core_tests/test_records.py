@@ -314,8 +314,8 @@ def test_a_mapped_column_missing_from_the_file_is_named_with_the_columns_it_has(
     explicit = read_raw_dir(folder / "raw", FormatSpec("columns", {"prompt": "utterance", "completion": "label"}))
     assert "'label' (data.columns.completion) and 'utterance' (data.columns.prompt)" in explicit.quarantine[0]["reason"]
     cased = read_raw_dir(folder / "raw", FormatSpec("columns", {"prompt": "Text", "completion": "categroy"}))
-    assert ("'categroy' (data.columns.completion) (did you mean 'category'?) and 'Text' (data.columns.prompt) (did "
-            "you mean 'text'?)") in cased.quarantine[0]["reason"]
+    assert ("'categroy' (data.columns.completion; did you mean 'category'?) and 'Text' (data.columns.prompt; did you "
+            "mean 'text'?)") in cased.quarantine[0]["reason"]
     with pytest.raises(RawDataError) as failure:
         build_raw_examples(folder, tmp_path / "out", spec)
     message = str(failure.value)
