@@ -63,18 +63,17 @@ def verdict(passed: bool, failed: list[str], config: EvaluationConfig, preferenc
 def unheld_labels(labels: list[str], typos: dict[str, str] | None = None) -> str:
     """What a score on held-out rows cannot say: labels of train rows only (`_one_side_labels`)."""
     return _one_side_labels(labels, typos, "train rows", "held-out row", "the scores say nothing about {them}",
-                           "a larger split.eval_fraction gives more labels a held-out row")
+                            "a larger split.eval_fraction gives more labels a held-out row")
 
 
 def untaught_labels(labels: list[str], typos: dict[str, str] | None = None) -> str:
     """What no training teaches: labels of held-out rows only (`_one_side_labels`)."""
-    return _one_side_labels(labels, typos, "held-out rows", "train row",
-                           "fine-tuning never shows {them} to the model",
-                           "more rows of {them} in the raw files give {them} train rows")
+    return _one_side_labels(labels, typos, "held-out rows", "train row", "fine-tuning never shows {them} to the model",
+                            "more rows of {them} in the raw files give {them} train rows")
 
 
 def _one_side_labels(labels: list[str], typos: dict[str, str] | None, side: str, other: str, meaning: str,
-                    remedy: str) -> str:
+                     remedy: str) -> str:
     """One line on labels of one `side` of the split only (NAMED_LABELS named, the rest counted): what that means and
     its `remedy`. `typos` (a label -> the commoner label it looks like a typo of, from cleaning) names those among
     them: a typo is corrected in the raw files."""
