@@ -681,16 +681,24 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+YAML_HINTS = {  # the start of a YAML parser's problem -> what to check, in plain words
+    "expected <block end>": "this line is indented differently from the keys beside it",
+    "mapping values are not allowed here": "a value holding ': ' needs quotes, or a key is indented under a value",
+    "found character '\\t'": "indent with spaces, not tabs",
+}
+
+
 def _yaml_problem(error: yaml.YAMLError) -> str:
-    """Where and what a YAML error is, in one line: ` at line 6, column 1: found unexpected end of stream (while
-    scanning a quoted scalar that starts at line 4, column 14)`."""
+    """Where and what a YAML error is, in one line, with a plain hint for the common ones: ` at line 6, column 1:
+    found unexpected end of stream (while scanning a quoted scalar that starts at line 4, column 14)`."""
     if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
         return f": {_one_line(str(error))}"
     at = error.problem_mark
     context = error.context_mark
     started = (f" ({error.context} that starts at line {context.line + 1}, column {context.column + 1})"
                if error.context and context is not None else "")
-    return f" at line {at.line + 1}, column {at.column + 1}: {error.problem}{started}"
+    hint = next((f": {hint}" for start, hint in YAML_HINTS.items() if (error.problem or "").startswith(start)), "")
+    return f" at line {at.line + 1}, column {at.column + 1}: {error.problem}{started}{hint}"
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -125,6 +125,20 @@ def test_broken_yaml_and_non_mapping_are_refused() -> None:
         parse_task_config("- 1", "x/task.yaml")
 
 
+@pytest.mark.parametrize(("text", "hint"), [
+    ("data:\n  columns:\n    prompt: text\n   completion: x\n", "this line is indented differently from the keys "
+                                                                "beside it"),
+    ("data:\n  system_prompt: Reply with: a label\n", "a value holding ': ' needs quotes, or a key is indented under "
+                                                      "a value"),
+    ("data:\n\tformat: auto\n", "indent with spaces, not tabs"),
+])
+def test_the_commonest_yaml_mistakes_end_with_what_to_check(text: str, hint: str) -> None:
+    with pytest.raises(TaskConfigError) as error:
+        parse_task_config(text, "x/task.yaml")
+    said = str(error.value)
+    assert said.startswith("x/task.yaml: not valid YAML at line ") and said.endswith(f": {hint}")
+
+
 def test_a_key_given_twice_is_refused_not_overwritten() -> None:
     with pytest.raises(TaskConfigError) as error:
         parse_task_config("split:\n  seed: 1\n  eval_fraction: 0.2\n  seed: 2\n", "x/task.yaml")
