@@ -8,7 +8,7 @@ import dagster as dg
 from ftpipe.assets.common import TaskRunConfig, file_version, load_config, table
 from ftpipe.core import dedup, label_spellings, records, review_sample as review, split, teacher
 from ftpipe.core.evaluation.metrics import (
-    answer_problem, answer_rule, labels_without_heldout_rows, shape_problems, task_metrics,
+    answer_problem, answer_rule, labels_missing_from, shape_problems, task_metrics,
 )
 from ftpipe.core.evaluation.report import unheld_labels, untaught_labels
 from ftpipe.core.similarity import Settings
@@ -195,8 +195,8 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
                          "chat rows and serving start with")
     train, evaluation = paths.split_files
     train_answers, eval_answers = (records.answers(path) for path in (train, evaluation))
-    unheld = labels_without_heldout_rows(cfg.evaluation, train_answers, eval_answers)
-    untaught = labels_without_heldout_rows(cfg.evaluation, eval_answers, train_answers)  # held-out rows only
+    unheld = labels_missing_from(cfg.evaluation, train_answers, eval_answers)
+    untaught = labels_missing_from(cfg.evaluation, eval_answers, train_answers)
     typos = dedup.likely_typos(paths.asset("deduplicated_examples")) if unheld or untaught else {}
     for labels, line in ((unheld, unheld_labels), (untaught, untaught_labels)):
         if labels:

@@ -387,6 +387,9 @@ def test_check_references_refuses_unreadable_references_before_generation():
     with pytest.raises(ValueError, match=r"has no JSON field 'label' \(evaluation.label_field; it gives 'lable': "
                                          r"misspelt\?\)"):
         check_references(misspelt, task_metrics(EvaluationConfig(task_type="classification", label_field="label")))
+    empty = [{**rows[0], "messages": [rows[0]["messages"][0], {"role": "assistant", "content": '{"label": null}'}]}]
+    with pytest.raises(ValueError, match=r"gives nothing usable in its JSON field 'label' \(null; evaluation\."):
+        check_references(empty, task_metrics(EvaluationConfig(task_type="classification", label_field="label")))
     check_references(rows, task_metrics(EvaluationConfig(task_type="generation")))
 
 

@@ -14,7 +14,7 @@ from ftpipe.core.evaluation.metrics.generation import Generation
 TASK_TYPES: dict[str, type[TaskMetrics]] = {cls.name: cls for cls in (Classification, Extraction, Generation)}
 
 __all__ = ["TASK_TYPES", "AnswerEnd", "LabelChoices", "Scores", "TaskMetrics", "answer_problem", "answer_rule",
-           "check_references", "label_reader", "labels_without_heldout_rows", "shape_check", "shape_problems",
+           "check_references", "label_reader", "labels_missing_from", "shape_check", "shape_problems",
            "task_metrics"]
 
 
@@ -28,12 +28,12 @@ def label_reader(config: EvaluationConfig) -> Callable[[str], str | None] | None
     return partial(raw_label, label_field=config.label_field) if task_metrics(config).labelled else None
 
 
-def labels_without_heldout_rows(config: EvaluationConfig, train_answers: list[str],
-                                eval_answers: list[str]) -> list[str]:
-    """The labels (as written) of train answers that no eval answer has, for task types with labels (none for the
-    others): the held-out scores will say nothing about them."""
+def labels_missing_from(config: EvaluationConfig, answers: list[str], others: list[str]) -> list[str]:
+    """The labels (as written) of `answers` that no answer of `others` has, for task types with labels (none for the
+    others): of the train answers, labels the held-out scores say nothing about; of the held-out answers, labels no
+    training shows the model."""
     task = task_metrics(config)
-    return task.label_choices(eval_answers, train_answers).without_heldout_rows() if task.labelled else []
+    return task.label_choices(others, answers).without_heldout_rows() if task.labelled else []
 
 
 def answer_problem(config: EvaluationConfig) -> Callable[[str], str | None]:

@@ -45,9 +45,15 @@ def missing_field(answer: str, field: str, setting: str) -> str:
     if found is None:
         return f"is not a JSON object, so it has no field {field!r} ({setting}; plain answers: leave it unset)"
     if field in found:
-        return f"gives nothing usable in its JSON field {field!r} ({found[field]!r}; {setting})"
-    instead = get_close_matches(field, [key for key in found if key != field], n=1)
-    return f"has no JSON field {field!r} ({setting}" + (f"; it gives {instead[0]!r}: misspelt?)" if instead else ")")
+        return f"gives nothing usable in its JSON field {field!r} ({json.dumps(found[field])}; {setting})"
+    instead = misspelt_key(field, [key for key in found if key != field])
+    return f"has no JSON field {field!r} ({setting}{f'; {instead}' if instead else ''})"
+
+
+def misspelt_key(field: str, keys: list[str]) -> str:
+    """`it gives 'priorty': misspelt?` for the one of an object's other `keys` written most like `field`; else ''."""
+    close = get_close_matches(field, keys, n=1)
+    return f"it gives {close[0]!r}: misspelt?" if close else ""
 
 
 def first_object_end(text: str) -> int | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.metrics.base import (
-    FIRST_JSON_OBJECT, AnswerEnd, Scores, TaskMetrics, first_json_object, json_object_span, mean,
+    FIRST_JSON_OBJECT, AnswerEnd, Scores, TaskMetrics, first_json_object, json_object_span, mean, misspelt_key,
 )
 from ftpipe.core.text import clipped, counted, markdown_table, whole_json_object
 
@@ -98,9 +98,9 @@ def shape_of(objects: list[dict]) -> Callable[[dict], str | None]:
 
     def problem(found: dict) -> str | None:
         if missing := next((key for key in expected if key not in found), None):
-            instead = get_close_matches(missing, [key for key in found if key not in expected], n=1)
+            instead = misspelt_key(missing, [key for key in found if key not in expected])
             return (f"lacks the field {missing!r}, which {given[missing]} of {total} answers give"
-                    + (f" (it gives {instead[0]!r}: misspelt?)" if instead else ""))
+                    + (f" ({instead})" if instead else ""))
         odd = next((key for key, (kind, _, _) in usual.items()
                     if found.get(key) is not None and json_type(found[key]) != kind), None)
         if odd is None:
