@@ -21,7 +21,8 @@ SHOWN_LABELS = 3  # labels over the cleaning limit named in the check's one line
 @dg.asset_check(asset="heldout_split", blocking=True, partitions_def=task_partitions)
 def heldout_split_no_leakage(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     """No eval prompt, of a chat row or a preference row, is an exact or near duplicate of a train prompt of either
-    kind, and no eval row gives a train row's distinctive answer word for word (a paraphrase of its question)."""
+    kind, no eval row asks a train row's question in other wrapping, and no eval row gives a train row's distinctive
+    answer word for word (a paraphrase of its question)."""
     task = context.partition_key
     cleaning = effective_config(task, run_overrides(context, "heldout_split")).dedup
     leaks = split.split_leaks(TaskLayout(task).asset("heldout_split"), Settings.of(cleaning))

@@ -130,3 +130,25 @@ def intent_task(rows: int = 600, *, near: int = 24, contradictions: int = 6, see
             task.contradictions[copy["id"]] = original["id"]
         task.rows.append(copy)
     return task
+
+
+# Each label's customers ask one of its two core questions inside greetings, context and sign-offs that go with any.
+CORES = {f"intent_{i:02d}": [f"I need help with product {chr(97 + i)} number one today",
+                             f"where can I find the {chr(97 + i)} settings page"] for i in range(24)}
+OPENERS = ["Hi", "Hello there", "Good morning", "Hey", "Dear support", "So"]
+CONTEXT = ["I'm on the mobile app.", "I've been a customer for years.", "This is the second time I'm writing.",
+           "Nobody answered the phone.", "I'm travelling next week.", ""]
+CLOSERS = ["Thanks", "Regards, Tom", "Cheers", "Appreciate it", "thx", ""]
+
+
+def wrapped_messages(n: int = 600, seed: int = 0) -> list[tuple[str, str]]:
+    """(message, label): a core question in random wrapping, each message distinct, 24 labels of skewed sizes."""
+    rng = random.Random(seed)
+    labels = list(CORES)
+    found = []
+    for i in range(n):
+        label = rng.choices(labels, weights=range(len(labels), 0, -1))[0]
+        message = (f"{rng.choice(OPENERS)}, {rng.choice(CORES[label])}? {rng.choice(CONTEXT)} "
+                   f"{rng.choice(CLOSERS)}").strip()
+        found.append((f"{message} (ticket {i})", label))
+    return found

@@ -1,10 +1,10 @@
 """Held-out split by a stable hash of the normalised prompt, with near-duplicate prompts and paraphrases kept together.
 
 A row's side depends only on its prompt (and the seed), never on which other rows exist, except that
-near-duplicate prompts (short ones with one word misspelt too), and rows giving the same distinctive answer, share
-the side of their group; sides recorded by an earlier split are kept, so adding rows never moves an existing row
-between train and eval. Near-duplicate prompts are those cleaning compares (`similarity`, leaving out the same shared
-text), and the leakage check uses the same tests.
+near-duplicate prompts (short ones with one word misspelt too), rows giving the same distinctive answer, and rows
+asking one question in other wrapping (`wrapping`) share the side of their group; sides recorded by an earlier
+split are kept, so adding rows never moves an existing row between train and eval. Near-duplicate prompts are those
+cleaning compares (`similarity`, leaving out the same shared text), and the leakage check uses the same tests.
 Preference rows are split with the chat examples, by their prompts: near-identical prompts of either kind share a
 side, so all the rows of one prompt are on one side.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ftpipe.core import similarity
+from ftpipe.core import similarity, wrapping
 from ftpipe.core.dedup import SHARED_TEXT_KEY, prompt_key
 from ftpipe.core.layout import (
     EVAL as EVAL_FILE, EVAL_PREFERENCES, PREFERENCES, SPLIT_RECORD, TRAIN as TRAIN_FILE, TRAIN_PREFERENCES,
@@ -69,6 +69,12 @@ def _same_answers(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
     return [(group[0], other) for group in by_answer.values() if len(group) <= ANSWER_MAX_ROWS for other in group[1:]]
 
 
+def _wrapped_links(copies: dict[int, dict[str, list[int]]]) -> list[tuple[int, int, float]]:
+    """Links keeping each wrapped copy (`wrapping`) with the rows holding its question."""
+    groups = {id(group): group for held in copies.values() for group in held.values()}
+    return [(group[0], other, 1.0) for group in groups.values() for other in group[1:]]
+
+
 def assign_sides(
     rows: list[dict[str, Any]],
     *,
@@ -80,15 +86,15 @@ def assign_sides(
 ) -> dict[str, str]:
     """Map each row id to "train" or "eval".
 
-    Rows with near-duplicate prompts (or short ones with one word misspelt) or the same distinctive answer form groups
-    (connected, so no pair of them is split); a group takes the
-    side recorded for any of its rows in `previous` (an earlier split with the same fraction and seed), else
-    the hash side of its smallest prompt. `shared`: the shared shingles cleaning left out (found anew if None).
+    Rows with near-duplicate prompts (or short ones with one word misspelt), the same distinctive answer or one
+    question in other wrapping form groups (connected, so no pair of them is split); a group takes the side recorded
+    for any of its rows in `previous` (an earlier split with the same fraction and seed), else the hash side of its
+    smallest prompt. `shared`: the shared shingles cleaning left out (found anew if None).
     """
     previous = previous or {}
     prompts = [prompt_key(row["messages"]) for row in rows]
     links = (_similar_prompts(rows, settings, shared) + _misspelt_copies(rows, settings)
-             + [(i, j, 1.0) for i, j in _same_answers(rows)])
+             + [(i, j, 1.0) for i, j in _same_answers(rows)] + _wrapped_links(wrapping.wrapped_copies(rows)))
     roots = similarity.components(len(rows), links)
     members: dict[int, list[int]] = {}
     for index, root in enumerate(roots):
@@ -107,8 +113,9 @@ def find_leaks(
     settings: similarity.Settings = similarity.Settings(), shared: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Eval rows whose prompt is a near (or exact) duplicate of a train prompt, each with its closest train row, eval
-    rows giving a train row's distinctive answer (a paraphrase), each with that row and the answer, and short eval
-    prompts that are a train prompt with one word misspelt, each with that row and the word."""
+    rows giving a train row's distinctive answer (a paraphrase), each with that row and the answer, short eval
+    prompts that are a train prompt with one word misspelt, each with that row and the word, and eval rows asking a
+    train row's question in other wrapping, each with that row and the question's longest clause."""
     n_train, rows = len(train), train + evaluation
     leaks: dict[int, dict[str, Any]] = {}
     for a, b in _same_answers(rows):
@@ -120,6 +127,10 @@ def find_leaks(
     for a, b, misspelt in _misspelt_copies(rows, settings):
         if a < n_train <= b and b - n_train not in leaks:
             leaks[b - n_train] = {**_leak(rows[b], rows[a]), "misspelt": misspelt}
+    for copy, held in wrapping.wrapped_copies(rows).items():
+        trained = sorted((-len(clause), clause, group[0]) for clause, group in held.items() if group[0] < n_train)
+        if copy >= n_train and trained and copy - n_train not in leaks:
+            leaks[copy - n_train] = {**_leak(rows[copy], rows[trained[0][2]]), "same_question": trained[0][1]}
     return [leaks[j] for j in sorted(leaks)]
 
 
@@ -136,8 +147,10 @@ def leak_line(leaks: list[dict[str, Any]]) -> str:
     evaluated, trained = f"eval row {first['eval_source']}", f"train row {first['train_source']}"
     example = (f"{evaluated} near-identical (Jaccard {first['similarity']:.2f}) to {trained}" if "similarity" in first
                else f"{evaluated} is {trained} with one word misspelt ({first['misspelt']})" if "misspelt" in first
-               else f"{evaluated} gives the answer word for word of {trained}")
-    return (f"{len(leaks)} eval row(s) duplicate a train prompt or give a train row's answer word for word, e.g. "
+               else f"{evaluated} asks the question of {trained} in other wrapping ('{first['same_question']}')"
+               if "same_question" in first else f"{evaluated} gives the answer word for word of {trained}")
+    return (f"{len(leaks)} eval row(s) duplicate a train prompt, ask a train row's question in other wrapping or give "
+            f"a train row's answer word for word, e.g. "
             f"{example}; a new `split.seed` splits again")
 
 

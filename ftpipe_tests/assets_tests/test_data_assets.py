@@ -84,6 +84,34 @@ def test_the_leakage_check_judges_with_the_runs_overrides(ftpipe_env: Path) -> N
         "task.yaml alone would call this split leaky"
 
 
+def test_a_split_that_parts_one_question_in_other_wrapping_fails_the_check_until_a_new_seed_splits_again(
+        ftpipe_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ftpipe.core import split
+    from ftpipe.core.records import read_examples
+    from ftpipe_tests.intents import SYSTEM_PROMPT, wrapped_messages
+
+    rows = [chat(message, label) for message, label in wrapped_messages(300)]
+    make_task(ftpipe_env, "chats", {"a.jsonl": rows}, f"data: {{system_prompt: {json.dumps(SYSTEM_PROMPT)}}}\n")
+    with dg.instance_for_test() as instance:
+        with monkeypatch.context() as earlier:  # a split made before the rule
+            earlier.setattr(split, "_wrapped_links", lambda copies: [])
+            leaky = check(materialize(instance, "chats", raise_on_error=False), "heldout_split_no_leakage")
+        assert not leaky.passed and leaky.metadata["leaked_eval_rows"].value > 10
+        assert " asks the question of train row a.jsonl:line " in leaky.description
+        kept = check(materialize(instance, "chats", raise_on_error=False), "heldout_split_no_leakage")
+        assert kept.description == leaky.description, "the recorded sides are kept"
+        new_seed = {"ops": {"heldout_split": {"config": {"overrides": "split: {seed: 1}"}}}}
+        again = materialize(instance, "chats", new_seed)
+        assert check(again, "heldout_split_no_leakage").passed
+    folder = TaskLayout("chats").asset("heldout_split")
+    sides: dict[str, set[str]] = {}
+    for side in ("train", "eval"):
+        for row in read_examples(folder / f"{side}.parquet"):
+            core = row["messages"][1]["content"].split(", ", 1)[1].split("?")[0]
+            sides.setdefault(core, set()).add(side)
+    assert len(sides) > 40 and all(len(found) == 1 for found in sides.values()), "each question on one side"
+
+
 def test_answers_the_task_type_cannot_read_are_quarantined_and_a_changed_type_reads_the_files_again(
         ftpipe_env: Path) -> None:
     orders = [chat(f"order A-{i} arrived broken", json.dumps({"order_id": f"A-{i}"})) for i in range(30)]

@@ -71,9 +71,9 @@ def test_find_leaks_finds_a_paraphrase_by_its_answer_and_names_the_answer() -> N
     assert leaks == [{"eval_id": eval_row["id"], "eval_source": eval_row["source"], "train_id": train_row["id"],
                       "train_source": train_row["source"], "same_answer": "Each friend gets 20 / 2 = 10 #### 10"}]
     assert split.leak_line(leaks) == (
-        f"1 eval row(s) duplicate a train prompt or give a train row's answer word for word, e.g. eval row "
-        f"{eval_row['source']} gives the answer word for word of train row {train_row['source']}; a new `split.seed` "
-        "splits again")
+        f"1 eval row(s) duplicate a train prompt, ask a train row's question in other wrapping or give a train row's "
+        f"answer word for word, e.g. eval row {eval_row['source']} gives the answer word for word of train row "
+        f"{train_row['source']}; a new `split.seed` splits again")
     short = [row(p["messages"][0]["content"], "#### 10") for p in (train_row, eval_row)]
     assert split.find_leaks(short[:1], short[1:]) == [], "a short answer is no sign of the same question"
 

@@ -71,12 +71,19 @@ def share_interval(successes: float, trials: int) -> tuple[float, float]:
 
 
 def chance_of_at_least(successes: int, trials: int, share: float) -> float:
-    """The chance of `successes` or more in `trials` where each succeeds with probability `share` (binomial tail)."""
+    """The chance of `successes` or more in `trials` where each succeeds with probability `share` (binomial tail),
+    summed until the terms, falling past the mean, no longer change it."""
     if share <= 0 or share >= 1:
         return float(successes <= 0 or share >= 1)
     log_share, log_rest = math.log(share), math.log1p(-share)
-    return min(1.0, sum(math.exp(math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
-                                 + k * log_share + (trials - k) * log_rest) for k in range(successes, trials + 1)))
+    total = 0.0
+    for k in range(successes, trials + 1):
+        term = math.exp(math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
+                        + k * log_share + (trials - k) * log_rest)
+        total += term
+        if k > trials * share and term < total * 1e-17:
+            break
+    return min(1.0, total)
 
 
 OUTCOME_SCORES = {"win": 1.0, "tie": 0.5, "loss": 0.0}

@@ -1,0 +1,64 @@
+import random
+
+from ftpipe.core import split, wrapping
+from ftpipe_tests.intents import CORES, SYSTEM_PROMPT, wrapped_messages
+from ftpipe_tests.rows import row, sentence
+
+
+def wrapped_rows(n: int = 600) -> list[dict]:
+    """Short messages after a long shared system prompt: a core question in random wrapping."""
+    return [row(message, label, f"chats.jsonl:line {i + 1}", system=SYSTEM_PROMPT)
+            for i, (message, label) in enumerate(wrapped_messages(n))]
+
+
+def test_a_core_question_in_other_wrapping_is_a_copy_and_the_wrapping_is_not_the_question() -> None:
+    rows = wrapped_rows()
+    copies = wrapping.wrapped_copies(rows)
+    assert len(copies) > 0.9 * len(rows), "nearly every row repeats a core question some other row asks"
+    cores = {" ".join(core.lower().split()) for questions in CORES.values() for core in questions}
+    for index, held in copies.items():
+        assert set(held) <= cores, "greetings, context and sign-offs go with every label: they are wrapping"
+        label = rows[index]["messages"][-1]["content"]
+        assert all(rows[i]["messages"][-1]["content"] == label and index in group for group in held.values()
+                   for i in group)
+
+
+def test_a_question_of_its_own_beside_a_telling_phrase_is_no_copy_and_chance_is_no_sign() -> None:
+    telling = "It would make a real difference for our team."
+    requests = [row(f"Please add {feature}. {telling}", "feature_request", f"f:line {i}")
+                for i, feature in enumerate(["dark mode", "CSV export", "an API for invoices", "a Slack hook",
+                                             "two-factor login", "bulk edit", "custom fields", "audit logs"])]
+    rng = random.Random(0)
+    others = [row(sentence(rng, 12), "billing", f"g:line {i}") for i in range(40)]
+    assert wrapping.wrapped_copies(requests + others) == {}, "each request asks for its own feature"
+    alone = row(telling, "feature_request", "f:line 99")
+    copies = wrapping.wrapped_copies(requests + others + [alone])
+    assert list(copies) == [len(requests) + len(others)], "nothing but the telling phrase: what the others ask"
+    coin = [row(f"Is this a scam call from the bank? {i}", "yes" if i < 6 else "no", f"h:line {i}") for i in range(12)]
+    shared = [row("Got a text today, is it a scam", "no", f"h:line {i}") for i in (20, 21)]
+    assert wrapping.wrapped_copies(coin + shared) == {}, "two rows of a two-label task agreeing is no sign"
+
+
+def test_the_split_keeps_a_question_on_one_side_and_the_check_names_one_across() -> None:
+    rows = wrapped_rows()
+    sides = split.assign_sides(rows, eval_fraction=0.2, seed=0)
+    by_core: dict[str, set[str]] = {}
+    for r in rows:
+        core = r["messages"][1]["content"].split(", ", 1)[1].split("?")[0]
+        by_core.setdefault(core, set()).add(sides[r["id"]])
+    assert all(len(found) == 1 for found in by_core.values()), "each core question's rows on one side"
+    assert 0.05 < sum(side == split.EVAL for side in sides.values()) / len(rows) < 0.4
+
+    hashed = {r["id"]: split.hash_side(r["messages"][1]["content"], 0.2, 0) for r in rows}  # a split made before
+    train, evaluation = ([r for r in rows if hashed[r["id"]] == side] for side in (split.TRAIN, split.EVAL))
+    leaks = split.find_leaks(train, evaluation)
+    assert len(leaks) > 0.9 * len(evaluation)
+    first = leaks[0]
+    asked = next(r for r in evaluation if r["id"] == first["eval_id"])["messages"][1]["content"]
+    assert first["same_question"] in asked.lower()
+    assert split.leak_line(leaks).startswith(
+        f"{len(leaks)} eval row(s) duplicate a train prompt, ask a train row's question in other wrapping or give a "
+        f"train row's answer word for word, e.g. eval row {first['eval_source']} asks the question of train row "
+        f"{first['train_source']} in other wrapping ('{first['same_question']}'); a new `split.seed` splits again")
+    assert split.find_leaks([r for r in rows if sides[r["id"]] == split.TRAIN],
+                            [r for r in rows if sides[r["id"]] == split.EVAL]) == []
