@@ -32,7 +32,7 @@ from ftpipe.core.results import read_result
 from ftpipe.core.server.request_log import CLIENT_CLOSED, find_record, read_records
 from ftpipe.core.storage import exclusive, task_dir, write_text
 from ftpipe.core.tasks import split_system_prompt, task_config
-from ftpipe.core.text import loose
+from ftpipe.core.text import label_key
 
 APPLIED = "applied"
 ADDED, CONFIRMED, UNCHANGED, REPLACED = "added", "confirmed", "unchanged", "replaced"
@@ -98,7 +98,7 @@ def same_answer(evaluation: EvaluationConfig | None) -> Callable[[str, str], boo
 
     def same(one: str, other: str) -> bool:
         return (comparable_answer(one.strip()) == comparable_answer(other.strip())
-                or bare_labels and loose(one) == loose(other))
+                or bare_labels and label_key(one) == label_key(other))
     return same
 
 
@@ -184,11 +184,11 @@ def _unknown_label(task: str, output: str) -> str | None:
     if label is None or cleaned is None:
         return None
     corrected = [row["messages"][-1]["content"] for row in corrections(task)]
-    known = {loose(name): name for name in [*map(label_of, corrected), *cleaned.metadata["removed_by_label"]]
+    known = {label_key(name): name for name in [*map(label_of, corrected), *cleaned.metadata["removed_by_label"]]
              if name}  # the cleaned rows' spelling of a label, before a correction's
-    if loose(label) in known:
+    if label_key(label) in known:
         return None
-    close = get_close_matches(loose(label), list(known), n=1)
+    close = get_close_matches(label_key(label), list(known), n=1)
     return (f"label {label!r} is new to task {task!r}" + (f" (did you mean {known[close[0]]!r}?)" if close else "")
             + f"; its rows have {len(known)} labels; send \"new_label\": true to add it as a new one")
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 from ftpipe.core.dedup import NO_LABEL
 from ftpipe.core.evaluation.metrics.classification import Classification, most_common, raw_label
 from ftpipe.core.preferences import is_paired
-from ftpipe.core.text import canonical, loose
+from ftpipe.core.text import canonical, label_key
 
 COLUMNS = ["label", "respelled", "rows"]
 MISSPELLING_COLUMNS = ["label", "rows", "like", "like_rows"]  # and the field first, for values of a field
@@ -28,8 +28,8 @@ PREFERENCE_ANSWERS = ("chosen", "rejected", "completion")  # a preference row's 
 
 @dataclass(frozen=True)
 class Spellings:
-    """The spelling each label is trained in: for a label written more than one way (`chosen`, by its `loose`
-    form), the one most answers write (the smallest of equally common ones); any other, as written."""
+    """The spelling each label is trained in: for a label written more than one way (`chosen`, by its
+    `label_key`), the one most answers write (the smallest of equally common ones); any other, as written."""
 
     labels: Classification
     chosen: dict[str, str]
@@ -38,8 +38,8 @@ class Spellings:
     def of(cls, answers: Iterable[str], labels: Classification) -> Spellings:
         found: dict[str, list[str]] = {}
         for label in map(partial(raw_label, label_field=labels.config.label_field), answers):
-            if label and loose(label):
-                found.setdefault(loose(label), []).append(label)
+            if label and label_key(label):
+                found.setdefault(label_key(label), []).append(label)
         return cls(labels, {name: most_common(written) for name, written in found.items() if len(set(written)) > 1})
 
     def label(self, answer: str) -> str | None:
@@ -86,7 +86,7 @@ class Spellings:
         return (respelled, keep, replaced) if raw_label(respelled, field) == keep else None
 
     def _trained(self, written: str | None) -> str | None:
-        return self.chosen.get(loose(written), written) if written else written
+        return self.chosen.get(label_key(written), written) if written else written
 
 
 def shown(entries: list[dict[str, Any]], fields: tuple[str, ...] = ("label", "respelled")) -> list[dict[str, Any]]:
@@ -116,9 +116,9 @@ def likely_misspellings(counts: dict[str, int]) -> list[dict[str, Any]]:
     for label, rows in sorted(counts.items(), key=lambda item: (item[1], item[0])):
         if not rows or label == NO_LABEL:
             continue
-        commoner = {loose(other): other for other, many in counts.items()
+        commoner = {label_key(other): other for other, many in counts.items()
                     if many >= MISSPELLING_RARITY * rows and other != NO_LABEL}
-        if close := get_close_matches(loose(label), list(commoner), n=1, cutoff=MISSPELLING_SIMILARITY):
+        if close := get_close_matches(label_key(label), list(commoner), n=1, cutoff=MISSPELLING_SIMILARITY):
             like = commoner[close[0]]
             found.append({"label": label, "rows": rows, "like": like, "like_rows": counts[like]})
     return found

@@ -29,7 +29,7 @@ from ftpipe.core.raw_files import iter_file_rows
 from ftpipe.core.records import write_jsonl
 from ftpipe.core.layout import teacher_cache
 from ftpipe.core.storage import append_lines, atomic_dir, read_keyed_lines, task_dir
-from ftpipe.core.text import loose
+from ftpipe.core.text import label_key
 from ftpipe.core.server.request_log import PURPOSE_HEADER
 
 PROMPT_SUFFIXES = (".jsonl", ".csv")
@@ -94,7 +94,7 @@ def accepted(answer: str, accept: AcceptConfig) -> tuple[str, str | None]:
     if not answer.strip():
         return answer, "empty answer"
     if accept.labels is not None:
-        label = {loose(name): name for name in accept.labels}.get(loose(answer))
+        label = {label_key(name): name for name in accept.labels}.get(label_key(answer))
         return (label, None) if label is not None else (answer, f"not one of the labels {', '.join(accept.labels)}")
     if accept.regex is not None and not re.fullmatch(accept.regex, answer.strip(), flags=re.DOTALL):
         return answer, f"does not match the regex {accept.regex}"

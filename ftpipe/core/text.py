@@ -95,6 +95,11 @@ def loose(text: str) -> str:
     return " ".join(loose_words(text))
 
 
+def label_key(text: str) -> str:
+    """`loose` without spaces: what makes two labels one label (`Order Status`, `order_status`, `ORDER-STATUS`)."""
+    return "".join(loose_words(text))
+
+
 def clipped(text: str, limit: int) -> str:
     """`text`, or its first `limit` - 1 characters and "…" when it is longer than `limit`."""
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -37,6 +37,8 @@ def test_every_configurable_task_type_has_one_entry_whose_primary_metric_it_scor
     ("not json at all", "label", None),
     ('{"label": "billing"', "label", None),
     ("  Red. ", None, "red"),
+    ("Order Status", None, "orderstatus"),  # one label however it is spaced
+    ('{"label": "order_status"}', "label", "orderstatus"),
     ("...", None, None),
 ])
 def test_parse_label(text, field, label):

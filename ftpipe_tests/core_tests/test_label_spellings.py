@@ -44,6 +44,24 @@ def test_a_bare_label_is_respelled_whole() -> None:
                          {"label": "Card lost", "respelled": " Card lost ", "rows": 1}], "spaces around it count"
 
 
+def test_a_label_spaced_with_a_space_an_underscore_or_a_hyphen_is_one_label_wherever_labels_are_compared() -> None:
+    from ftpipe.config import AcceptConfig
+    from ftpipe.core.feedback import same_answer
+    from ftpipe.core.teacher import accepted
+
+    config = EvaluationConfig(task_type="classification")
+    labels = task_metrics(config)
+    written = ["order_status"] * 3 + ["Order Status", "ORDER-STATUS", "refund"]
+    rows = [row(f"message {i}", answer) for i, answer in enumerate(written)]
+    out, respelled = Spellings.of(answers(rows), labels).respell(rows)
+    assert [r["messages"][-1]["content"] for r in out] == ["order_status"] * 5 + ["refund"]
+    assert {entry["respelled"] for entry in respelled} == {"Order Status", "ORDER-STATUS"}
+    assert labels.scores(["Order status"], ["order_status"]).summary["accuracy"] == 1.0
+    assert labels.valid_outputs(["order status"], ["order_status", "refund"]) == [True]
+    assert same_answer(config)("Order Status", "order_status"), "feedback confirms the served label"
+    assert accepted("Order Status", AcceptConfig(labels=["order_status", "refund"])) == ("order_status", None)
+
+
 def test_preference_answers_count_toward_the_spelling_and_are_respelled_unless_a_pair_would_become_one_answer() -> None:
     labels = task_metrics(EvaluationConfig(task_type="classification", label_field="category"))
     category = lambda label: json.dumps({"category": label})  # noqa: E731

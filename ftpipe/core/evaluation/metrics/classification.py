@@ -15,7 +15,7 @@ from ftpipe.core.evaluation.metrics.base import (
     FIRST_JSON_OBJECT, AnswerEnd, LabelChoices, Scores, TaskMetrics, first_json_object, missing_field,
 )
 from ftpipe.core.evaluation.metrics.extraction import OBJECT_SHAPE_RULE, object_shape_check
-from ftpipe.core.text import clipped, counted, loose, loose_words, markdown_table
+from ftpipe.core.text import clipped, counted, label_key, markdown_table
 
 UNPARSEABLE = "(unparseable)"
 OTHER_LABEL = "(not a label)"  # in parentheses: no normalised label has them
@@ -36,23 +36,18 @@ def raw_label(text: str, label_field: str | None = None) -> str | None:
 
 
 def parse_label(text: str, label_field: str | None = None) -> str | None:
-    """The normalised label in `text` (see `raw_label`); None when absent or empty."""
+    """The label in `text` (see `raw_label`) as `label_key` reads it; None when absent or empty."""
     raw = raw_label(text, label_field)
-    return (loose(raw) or None) if raw is not None else None
+    return (label_key(raw) or None) if raw is not None else None
 
 
-def may_become_a_label(text: str, labels: tuple[tuple[str, ...], ...]) -> bool:
-    """Whether more text could still make `text` one of `labels` (each a label's `loose` words): its words so far
-    start one, the last taken as unfinished unless whitespace follows it."""
-    words = loose_words(text)
-    unfinished = words.pop() if words and not text[-1:].isspace() else ""
-    done = len(words)
-    return any(label[:done] == tuple(words) and (not unfinished or (len(label) > done
-                                                                   and label[done].startswith(unfinished)))
-               for label in labels)
+def may_become_a_label(text: str, labels: tuple[str, ...]) -> bool:
+    """Whether more text could still make `text` one of `labels` (each a `label_key`): its key so far starts one."""
+    key = label_key(text)
+    return any(label.startswith(key) for label in labels)
 
 
-def past_the_labels(text: str, labels: tuple[tuple[str, ...], ...]) -> int | None:
+def past_the_labels(text: str, labels: tuple[str, ...]) -> int | None:
     """Where `text` stops being the start of any of `labels`: from there on it is wrong whatever follows (None while
     it may still become one). Found by bisection: a text past the labels stays past them."""
     if may_become_a_label(text, labels):
@@ -137,7 +132,7 @@ class Classification(TaskMetrics):
         return object_shape_check(references) if self.config.label_field else super().shape_check(references)
 
     def expected_label(self, reference: str) -> str:
-        return parse_label(reference, self.config.label_field) or loose(reference)
+        return parse_label(reference, self.config.label_field) or label_key(reference)
 
     def answer_end(self, references: list[str]) -> AnswerEnd:
         """With a `label_field`, the first JSON object's closing brace (the label is read from that object only);
@@ -145,7 +140,7 @@ class Classification(TaskMetrics):
         goes on past the label line, or answers something else, is wrong whatever follows), marked STOPPED."""
         if self.config.label_field:
             return FIRST_JSON_OBJECT
-        labels = tuple(sorted({tuple(self.expected_label(r).split()) for r in references}))
+        labels = tuple(sorted({self.expected_label(r) for r in references}))
         return AnswerEnd(["past the labels", labels, STOPPED], partial(past_the_labels, labels=labels), STOPPED)
 
     def valid_outputs(self, answers: list[str], references: list[str]) -> list[bool]:
