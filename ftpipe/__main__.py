@@ -10,12 +10,15 @@ import shlex
 import signal
 import socket
 import sys
+import textwrap
 import threading
 import uuid
 from contextlib import contextmanager
 
 DEMO_TASK = "ticket_triage"
 GATE_THRESHOLDS = ("min_improvement", "max_forgetting", "min_preference_gain")  # in the gate check's metadata
+SUMMARY_WIDTH, SUMMARY_NAME_WIDTH = 120, 22  # the summary's lines, and the asset names' column
+NOT_SUMMARIZED = ("shared_text_shingles",)  # cleaning's diagnostic, in the asset's metadata
 
 
 def sync_tasks(show_refused: bool = True) -> tuple[list[str], dict[str, str]]:
@@ -324,10 +327,8 @@ def print_summary(task: str, result, stopped: bool = False) -> None:
     print(f"\nftpipe run of task {task!r}: {outcome} (run {result.run_id})")
     found = _materializations(result)
     for asset, metadata in found.items():
-        shown = {k: v for k, v in metadata.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if not any(shown.values()):  # no figures to show (a step with nothing to do, like a teacher without prompts)
-            continue
-        print(f"  {asset:<22} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+        if line := figures_line(asset, metadata):
+            print(line)
     for line in set_aside_lines(found):
         print(line)
     report = found.get("eval_report") and exact_figures(task, found["eval_report"])
@@ -350,6 +351,20 @@ def print_summary(task: str, result, stopped: bool = False) -> None:
     print(f"MLflow UI:  {mlflow_ui_command()}")
     if reason:
         print(f"\n{outcome}: {reason}")
+
+
+def figures_line(asset: str, metadata: dict) -> str:
+    """An asset's figures, wrapped under its name: the counts that are not 0 and every other number (a score of 0
+    is a finding, no duplicates are none); empty for a step with nothing to count, like a teacher without prompts."""
+    numbers = {k: v for k, v in metadata.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_SUMMARIZED}
+    shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items()
+             if v or isinstance(v, float)]
+    if not shown:
+        return ""
+    indent = " " * (SUMMARY_NAME_WIDTH + 3)
+    return textwrap.fill(", ".join(shown), SUMMARY_WIDTH, initial_indent=f"  {asset:<{SUMMARY_NAME_WIDTH}} ",
+                         subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
 
 
 def ui_command() -> str:

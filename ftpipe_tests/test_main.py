@@ -210,6 +210,20 @@ def test_a_warning_check_is_said_to_warn_and_a_blocking_one_to_fail(capsys, monk
     assert [line.split()[0] for line in printed if line.startswith("  ")] == ["raw_examples"], "no empty lines"
 
 
+def test_the_summary_leaves_out_counts_of_nothing_and_wraps_an_assets_figures_under_its_name() -> None:
+    from ftpipe.__main__ import SUMMARY_WIDTH, figures_line
+
+    cleaned = {"rows_in": 583, "rows_out": 473, "exact_duplicates": 54, "near_duplicates": 40, "contradictions": 30,
+               "preference_rows_in": 0, "preference_rows_out": 0, "shared_text_shingles": 7, "labels_respelled": 0,
+               "removed_share": 0.189, "removed_path": "/x/removed.jsonl", "labels_named": True}
+    lines = figures_line("deduplicated_examples", cleaned).splitlines()
+    assert lines == ["  deduplicated_examples  rows_in=583, rows_out=473, exact_duplicates=54, near_duplicates=40, "
+                     "contradictions=30,", " " * 25 + "removed_share=0.189"]
+    assert all(len(line) <= SUMMARY_WIDTH for line in lines)
+    assert figures_line("eval_report", {"accuracy_base": 0.0, "rows": 0}) == "  eval_report            accuracy_base=0"
+    assert figures_line("teacher_examples", {"prompts": 0, "teacher_requests": 0}) == ""
+
+
 def test_the_blocking_check_that_failed_a_run_is_said_once_at_the_end(capsys, monkeypatch) -> None:
     import types
 
