@@ -11,13 +11,15 @@ rows a clause
 - is otherwise the row's own content.
 A row is a wrapped copy when each of its clauses but the wrapping predicts its own answer and one of them is at least
 CORE_MIN_WORDS words long: it asks what the other rows holding those clauses ask. A row with a clause of its own (a
-new question beside a phrase that happens to predict its answer) is no copy.
+new question beside a phrase that happens to predict its answer) is no copy. Only messages of at most SHORT_WORDS words
+are read: in a longer one its own words outweigh any wrapping, so word bigrams tell.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from itertools import groupby
 from typing import Any
 
 from ftpipe.core.evaluation.statistics import chance_of_at_least
@@ -25,16 +27,22 @@ from ftpipe.core.similarity import WRAPPER_ROWS
 from ftpipe.core.text import canonical, loose_words
 
 CLAUSE_BREAK = re.compile(r"[.!?;:,\n…。！？；：，、]+")
-DIGIT = re.compile(r"\d")
+DIGIT = re.compile(r"\d+")
+BREAK = "\x00"  # stands for a clause break among the words: no text holds it, and no word is made of it
 CORE_SHARE = 0.8
 CORE_MIN_WORDS = 4
 CHANCE = 0.01  # less likely than this by chance is more than chance
+SHORT_WORDS = 120  # longer messages are not cut into clauses: their own words outweigh any wrapping
 
 
 def clauses(messages: list[dict[str, str]]) -> frozenset[str]:
-    """The clauses of a row's user messages (its answer aside), as loose words with digits masked."""
+    """The clauses of a row's user messages (its answer aside), as loose words with digits masked; none past
+    SHORT_WORDS words."""
     text = "\n".join(m["content"] for m in messages[:-1] if m["role"] == "user")
-    return frozenset(filter(None, (DIGIT.sub("0", " ".join(loose_words(part))) for part in CLAUSE_BREAK.split(text))))
+    if len(text.split()) > SHORT_WORDS:
+        return frozenset()
+    words = loose_words(CLAUSE_BREAK.sub(f" {BREAK} ", DIGIT.sub("0", text)))
+    return frozenset(" ".join(group) for is_break, group in groupby(words, BREAK.__eq__) if not is_break)
 
 
 def wrapped_copies(rows: list[dict[str, Any]]) -> dict[int, dict[str, list[int]]]:

@@ -62,3 +62,14 @@ def test_the_split_keeps_a_question_on_one_side_and_the_check_names_one_across()
         f"{first['train_source']} in other wrapping ('{first['same_question']}'); a new `split.seed` splits again")
     assert split.find_leaks([r for r in rows if sides[r["id"]] == split.TRAIN],
                             [r for r in rows if sides[r["id"]] == split.EVAL]) == []
+
+
+def test_clauses_break_at_punctuation_mask_numbers_and_leave_long_messages_to_word_bigrams() -> None:
+    def asked(text: str) -> frozenset[str]:
+        return wrapping.clauses([{"role": "system", "content": "Classify. Reply with the intent."},
+                                 {"role": "user", "content": text}, {"role": "assistant", "content": "x"}])
+
+    assert asked("Hi!! Is order #12345 on its way?\nRegards, Tom") == {"hi", "is order 0 on its way", "regards", "tom"}
+    assert asked("パスワードを忘れました。ありがとう") == {"パ ス ワ ー ド を 忘 れ ま し た", "あ り が と う"}
+    assert len(asked("where is my order " * 30)) == 1, "120 words"
+    assert asked("where is my order " * 31) == frozenset(), "longer: left to word bigrams"
