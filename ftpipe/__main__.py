@@ -111,14 +111,19 @@ def run_task(task: str, settings: str, data_only: bool, on_stop: list) -> int:
         instance.add_run_tags(run_id, {WILL_RETRY_TAG: "false"})
     print_summary(task, result, was_stopped)
     if data_only and result.success:
-        print(f"\n{data_only_next(task, _materializations(result)['review_sample'])}")
+        print(f"\n{data_only_next(task, _materializations(result)['review_sample'], settings)}")
     return 0 if result.success else 1
 
 
-def data_only_next(task: str, sample: dict) -> str:
-    """What to do after a run of the data assets alone: read the review sample, then train."""
-    return (f"data only: read the review sample ({sample['csv_path']}), then `python -m ftpipe run {task}` trains on "
-            "this data (its data steps run again: the same files give the same rows)")
+def data_only_next(task: str, sample: dict, settings: str = "") -> str:
+    """What to do after a run of the data assets alone: read the review sample, then train, with this run's
+    `settings` if it had any."""
+    if not settings.strip():
+        return (f"data only: read the review sample ({sample['csv_path']}), then `python -m ftpipe run {task}` trains "
+                "on this data (its data steps run again: the same files give the same rows)")
+    return (f"data only: read the review sample ({sample['csv_path']}), then `python -m ftpipe run {task} --set "
+            f"{shlex.quote(settings)}` trains on this data (its data steps run again: the same files and settings give "
+            "the same rows; settings written in task.yaml apply to every run)")
 
 
 @contextmanager

@@ -107,6 +107,16 @@ def test_data_only_reads_cleans_and_splits_then_says_what_to_read_before_trainin
     assert sample.is_file() and not TaskLayout("shop").output("base_model").exists(), "no model fetched, none trained"
 
 
+def test_after_data_only_with_settings_the_next_command_gives_them_again() -> None:
+    from ftpipe.__main__ import data_only_next
+
+    line = data_only_next("shop", {"csv_path": "/r/review_sample.csv"}, "split.seed=1 dedup.near_threshold=0.9")
+    assert line == (
+        "data only: read the review sample (/r/review_sample.csv), then `python -m ftpipe run shop --set 'split.seed=1 "
+        "dedup.near_threshold=0.9'` trains on this data (its data steps run again: the same files and settings give "
+        "the same rows; settings written in task.yaml apply to every run)")
+
+
 def test_the_servers_it_starts_listen_on_localhost_only() -> None:
     import re
 
