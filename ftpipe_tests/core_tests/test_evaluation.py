@@ -329,10 +329,15 @@ def test_many_labels_after_short_or_long_prompts_are_ranked_in_batches_within_th
         padded[left].append((len(sequences), sum(map(len, sequences))))
         return real(sequences, pad_id, left=left)
 
+    copied = []  # rows of KV cache copied for the continuations
+    real_rows_of = generation._rows_of
+    monkeypatch.setattr(generation, "_rows_of", lambda cache, index: copied.append(len(index)) or real_rows_of(
+        cache, index))
     monkeypatch.setattr(generation, "pad", recorded)
     found = label_likelihood.prompts_logprobs(model, tokenizer, prompts, [options] * len(prompts))
     assert max(rows for rows, _ in padded[True]) > 1, "prompts are batched"
-    # every continuation runs on a copy of its prompt's KV cache: about 8,192 cached tokens a batch at most
+    assert sum(copied) == 2 * len(prompts), "a prompt's cache is copied for the start all labels share, and once more"
+    # a prompt's labels run after a copy of its KV cache: about 8,192 cached tokens a batch at most
     assert max(rows for rows, _ in padded[False]) * width <= generation.SCORING_TOKENS, (width, padded[False])
     # and at most 1,024 continuation tokens a batch: 200 MB of float log-probabilities over a 49k vocabulary
     assert max(tokens for _, tokens in padded[False]) <= 1024, padded[False]

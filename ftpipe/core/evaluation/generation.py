@@ -279,7 +279,7 @@ def prompt_batches(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     Rows are batched longest first (little padding), as many as `batch_tokens` holds (each counted as its prompt
     plus `max_new_tokens`: `token_chunks`), left-padded; the tokens all prompts start with run once (`shared_prefix`),
     and each batch continues from a copy of their cache. A batch with continuations runs its prompts first, scores
-    every continuation on copies of that KV cache (`continuation_logprobs`), then decodes from the same cache;
+    every continuation after a copy of that KV cache (`continuation_logprobs`), then decodes from the same cache;
     without, decoding runs the prompts itself. Decoding drops the rows whose answers ended as it goes (`_decode`):
     at a stop token, or where `answer_end` (of the text so far) finds the answer complete, and cut there.
     `max_new_tokens` 0 only scores.
@@ -341,14 +341,14 @@ def continuation_logprobs(model, cache, attention, first, continuations: list[li
     """For each prompt of a batch (its KV `cache`, `attention` mask and the log-probabilities `first` of the token
     after it), the summed log-probability of each of its continuations. The tokens all of a prompt's continuations
     start with (`common_start`: `{"category": "` before every label) run once for it, on a copy of `cache`; the rest
-    of each continuation runs as `_each_continuation` says."""
+    of each continuation runs as `_after_prompts` says."""
     starts = [common_start(options) for options in continuations]
     if not any(starts):
-        return _each_continuation(model, cache, attention, first, continuations)
+        return _after_prompts(model, cache, attention, first, continuations)
     cache, attention, first, scored = _run_starts(model, cache, attention, first, starts)
     rests = [[option[len(start):] for option in options] for options, start in zip(continuations, starts)]
     return [[score + value for value in values]
-            for score, values in zip(scored, _each_continuation(model, cache, attention, first, rests))]
+            for score, values in zip(scored, _after_prompts(model, cache, attention, first, rests))]
 
 
 def common_start(options: list[list[int]]) -> list[int]:
@@ -380,33 +380,62 @@ def _run_starts(model, cache, attention, first, starts: list[list[int]]):
     return out.cache, attention, after, scored
 
 
-def _each_continuation(model, cache, attention, first, continuations: list[list[list[int]]]) -> list[list[float]]:
-    """`continuation_logprobs` one continuation at a time: they run in batches of about SCORING_TOKENS of memory,
-    each on a copy of its prompt's cache and counting LOGITS_COST per token (its log-probabilities over the whole
-    vocabulary), so many labels after long prompts stay within the budget."""
+def _after_prompts(model, cache, attention, first, continuations: list[list[list[int]]]) -> list[list[float]]:
+    """`continuation_logprobs` of every continuation of a prompt in one sequence after it (`_options_in_one_row`),
+    the prompts in batches of about SCORING_TOKENS of memory: their copied KV cache, and LOGITS_COST per continuation
+    token (its log-probabilities over the whole vocabulary), so many labels after long prompts stay within it."""
     import torch
 
-    lengths = attention.sum(dim=1)
-    pairs = [(row, option) for row, options in enumerate(continuations) for option in options]
-    cost = [attention.shape[1] + LOGITS_COST * len(option) for _, option in pairs]
-    values: list[float] = [0.0] * len(pairs)
-    for chunk in token_chunks(sorted(range(len(pairs)), key=lambda i: -cost[i]), cost, SCORING_TOKENS):
-        index = torch.tensor([pairs[i][0] for i in chunk], dtype=torch.long)
-        option_ids, option_mask = pad([pairs[i][1] for i in chunk], 0, left=False)
+    inputs = [[token for option in options for token in option[:-1]] for options in continuations]
+    cost = [attention.shape[1] + LOGITS_COST * len(row) for row in inputs]
+    values: list[list[float]] = [[] for _ in continuations]
+    for chunk in token_chunks(sorted(range(len(inputs)), key=lambda i: -cost[i]), cost, SCORING_TOKENS):
+        index = torch.tensor(chunk, dtype=torch.long)
         steps = first[index.to(first.device)].unsqueeze(1)
-        if option_ids.shape[1] > 1:
-            with torch.inference_mode():
-                later = model(input_ids=option_ids[:, :-1].to(model.device),
-                              attention_mask=torch.cat([attention[index], option_mask[:, :-1]], dim=1).to(model.device),
-                              position_ids=(lengths[index].view(-1, 1) + torch.arange(option_ids.shape[1] - 1)).to(
-                                  model.device),
-                              cache=_rows_of(cache, index.to(model.device))).logits.float().log_softmax(-1)
+        if any(inputs[i] for i in chunk):
+            later = _options_in_one_row(model, _rows_of(cache, index.to(model.device)), attention[index],
+                                        [continuations[i] for i in chunk])
             steps = torch.cat([steps, later.to(first.device)], dim=1)
-        picked = steps.gather(-1, option_ids.to(first.device).unsqueeze(-1)).squeeze(-1) * option_mask.to(first.device)
-        for i, value in zip(chunk, picked.sum(dim=1).tolist()):
-            values[i] = value
-    found = iter(values)
-    return [[next(found) for _ in options] for options in continuations]
+        for row, i in enumerate(chunk):
+            values[i] = _summed(steps[row], continuations[i])
+    return values
+
+
+def _options_in_one_row(model, cache, attention, continuations: list[list[list[int]]]):
+    """The next token's log-probabilities after each token but the last of every continuation of each prompt, all of
+    a prompt's continuations one after another in one sequence after its `cache`: a 4D mask lets each token see the
+    prompt and its own continuation's earlier tokens only, and positions start again after the prompt for each."""
+    import torch
+
+    rows = [[(start, token) for option in options for start, token in enumerate(option[:-1])]
+            for options in continuations]
+    ids, _ = pad([[token for _, token in row] or [0] for row in rows], 0, left=False)
+    offsets, _ = pad([[start for start, _ in row] or [0] for row in rows], 0, left=False)
+    own = torch.arange(ids.shape[1])
+    same_option = (own.view(1, -1, 1) - offsets.unsqueeze(2) == own.view(1, 1, -1) - offsets.unsqueeze(1)) & (
+        own.view(1, 1, -1) <= own.view(1, -1, 1))  # earlier (or this) token of the same option
+    seen = torch.cat([attention.bool().unsqueeze(1).expand(-1, ids.shape[1], -1), same_option], dim=2)
+    blocked = torch.zeros(seen.shape, dtype=model.dtype).masked_fill_(~seen, torch.finfo(model.dtype).min)
+    with torch.inference_mode():
+        logits = model(input_ids=ids.to(model.device), attention_mask=blocked.unsqueeze(1).to(model.device),
+                       position_ids=(attention.sum(dim=1).view(-1, 1) + offsets).to(model.device),
+                       cache=cache).logits
+    return logits.float().log_softmax(-1)
+
+
+def _summed(steps, options: list[list[int]]) -> list[float]:
+    """Each option's summed log-probability, from `steps`: the first token's distribution, then one after each token
+    but the last of every option in turn."""
+    import torch
+
+    positions, tokens, owners, at = [], [], [], 0
+    for number, option in enumerate(options):
+        positions += [0] + list(range(at + 1, at + len(option)))
+        tokens += option
+        owners += [number] * len(option)
+        at += len(option) - 1
+    picked = steps[torch.tensor(positions), torch.tensor(tokens)]
+    return torch.zeros(len(options)).index_add_(0, torch.tensor(owners), picked.float()).tolist()
 
 
 def greedy_batches(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_tokens: int,
