@@ -118,12 +118,12 @@ def run_task(task: str, settings: str, data_only: bool, on_stop: list) -> int:
 def data_only_next(task: str, sample: dict, settings: str = "") -> str:
     """What to do after a run of the data assets alone: read the review sample, then train, with this run's
     `settings` if it had any."""
-    if not settings.strip():
-        return (f"data only: read the review sample ({sample['csv_path']}), then `python -m ftpipe run {task}` trains "
-                "on this data (its data steps run again: the same files give the same rows)")
-    return (f"data only: read the review sample ({sample['csv_path']}), then `python -m ftpipe run {task} --set "
-            f"{shlex.quote(settings)}` trains on this data (its data steps run again: the same files and settings give "
-            "the same rows; settings written in task.yaml apply to every run)")
+    given = settings.strip()
+    command = f"python -m ftpipe run {task}" + (f" --set {shlex.quote(settings)}" if given else "")
+    same = ("the same files and settings give the same rows; settings written in task.yaml apply to every run" if given
+            else "the same files give the same rows")
+    return (f"data only: read the review sample ({sample['csv_path']}), then `{command}` trains on this data (its data "
+            f"steps run again: {same})")
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from collections import Counter
 from itertools import groupby
 from typing import Any
 
+from ftpipe.core.dedup import comparable_answer
 from ftpipe.core.evaluation.statistics import chance_of_at_least
 from ftpipe.core.similarity import WRAPPER_ROWS
 from ftpipe.core.text import canonical, loose_words
@@ -47,8 +48,9 @@ def clauses(messages: list[dict[str, str]]) -> frozenset[str]:
 
 def wrapped_copies(rows: list[dict[str, Any]]) -> dict[int, dict[str, list[int]]]:
     """For each wrapped copy among `rows` (see the module), its clauses that predict its answer, each with the rows
-    that hold it and give that answer (the copy among them)."""
-    answers = [canonical(row["messages"][-1]["content"]) for row in rows]
+    that hold it and give that answer (the copy among them); answers compare as cleaning compares them (a JSON object
+    by its value, case and spacing aside)."""
+    answers = [canonical(comparable_answer(row["messages"][-1]["content"])) for row in rows]
     held = [clauses(row["messages"]) for row in rows]
     holders: dict[str, list[int]] = {}
     for index, row_clauses in enumerate(held):

@@ -73,3 +73,14 @@ def test_clauses_break_at_punctuation_mask_numbers_and_leave_long_messages_to_wo
     assert asked("パスワードを忘れました。ありがとう") == {"パ ス ワ ー ド を 忘 れ ま し た", "あ り が と う"}
     assert len(asked("where is my order " * 30)) == 1, "120 words"
     assert asked("where is my order " * 31) == frozenset(), "longer: left to word bigrams"
+
+
+def test_json_answers_are_one_answer_whatever_their_key_order_as_cleaning_compares_them() -> None:
+    import json
+
+    rows = wrapped_rows()
+    as_json = [{**r, "messages": [*r["messages"][:-1], {"role": "assistant", "content": json.dumps(
+        dict(sorted({"intent": r["messages"][-1]["content"], "urgent": False}.items(), reverse=i % 2 == 0)))}]}
+        for i, r in enumerate(rows)]
+    assert len({r["messages"][-1]["content"][:9] for r in as_json}) == 2, "both key orders are written"
+    assert set(wrapping.wrapped_copies(as_json)) == set(wrapping.wrapped_copies(rows))
