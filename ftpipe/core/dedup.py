@@ -11,7 +11,8 @@ near-identical prompts differ in a number (a price, a quantity: a template's pro
 Exact-prompt answers are compared as `loose` text, so `#### 325.` and `#### 325` are one answer (and the near stage
 finds the second row a near-duplicate of the first). An answer that is a JSON object is compared by its value, so two
 that differ only in key order or spacing are one answer and two that differ in one field's value are two (however
-alike their text); the rows keep their answers as written.
+alike their text); so is a label written two ways that is one label (`Order Status`, `order_status`). The rows keep
+their answers as written.
 """
 
 from __future__ import annotations
@@ -287,10 +288,11 @@ def _remove_near(rows: list[dict[str, Any]], prompts: similarity.Shingles, answe
 
 
 def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = similarity.Settings(),
-                free_text: bool = False) -> DedupResult:
+                free_text: bool = False, spelt: Callable[[str], str] | None = None) -> DedupResult:
     """Remove exact-prompt contradictions, then exact duplicates, then near-prompt contradictions and
     near-duplicates. In a `free_text` task (answers in the user's own words) two different answers to one prompt can
-    both be right: a group without a majority keeps its first row written instead of none.
+    both be right: a group without a majority keeps its first row written instead of none. Answers are compared as
+    `spelt` writes them (a label in the one spelling it is trained in), the rows kept and removed as written.
 
     Rows are processed in the order of the task's files (`records.source_order`) and the first row of each group is
     kept: the row a user wrote first stays, and the result does not depend on the order of the input.
@@ -298,17 +300,18 @@ def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = simi
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived strings; the collector alone costs a third of the time
     try:
-        return _deduplicate(rows, settings, free_text)
+        return _deduplicate(rows, settings, free_text, spelt)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings, free_text: bool) -> DedupResult:
+def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings, free_text: bool,
+                 spelt: Callable[[str], str] | None) -> DedupResult:
     """Shared text is judged on every row (the most evidence); the near stage compares the rows the exact stages
     left, on what varies."""
     as_written = {}
-    ordered = [_comparable(row, as_written) for row in sorted(rows, key=source_order)]
+    ordered = [_comparable(row, as_written, spelt) for row in sorted(rows, key=source_order)]
     messages = similarity.Messages.of([similarity.prompt_parts(row["messages"]) for row in ordered],
                                       settings.shingle_words)
     result = DedupResult(shared=messages.shared())
@@ -331,11 +334,12 @@ def comparable_answer(answer: str) -> str:
     return answer if value is None else json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
-def _comparable(row: dict[str, Any], as_written: dict[str, list[dict]]) -> dict[str, Any]:
-    """`row` with its `comparable_answer`, its messages as written kept in `as_written` by row id when that changed
-    its answer."""
+def _comparable(row: dict[str, Any], as_written: dict[str, list[dict]],
+                spelt: Callable[[str], str] | None) -> dict[str, Any]:
+    """`row` with the `comparable_answer` of its answer as `spelt` writes it, its messages as written kept in
+    `as_written` by row id when that changed its answer."""
     answer = row["messages"][-1]["content"]
-    compared = comparable_answer(answer)
+    compared = comparable_answer(spelt(answer) if spelt else answer)
     if compared == answer:
         return row
     as_written[row["id"]] = row["messages"]
@@ -392,8 +396,8 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
 
     rows, preferences = read_examples(examples_path), examples_path.parent / PREFERENCES
     pairs = read_preferences(preferences)
-    result = deduplicate(rows, settings, free_text)
     spellings = Spellings.of(answers(rows, pairs), labels) if labels and labels.labelled else None
+    result = deduplicate(rows, settings, free_text, spellings.spelt if spellings else None)
     label_of = spellings.label if spellings else None
     kept, respelled = spellings.respell(result.kept) if spellings else (result.kept, [])
     summary = {
@@ -414,7 +418,8 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
               "multi_turn": "near-identical turn for turn",
               "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None,
               **({"free_text": True} if free_text else {}),
-              **({"labels": {"label_field": labels.config.label_field, "respelled": "chat and preference answers"}}
+              **({"labels": {"label_field": labels.config.label_field, "respelled": "chat and preference answers",
+                            "compared": "respelled"}}
                  if spellings else {})}
     key = reuse_key(inputs, settings)
     with atomic_dir(out_dir) as tmp:

@@ -46,6 +46,11 @@ class Spellings:
         """The label of `answer` as it is trained."""
         return self._trained(raw_label(answer, self.labels.config.label_field))
 
+    def spelt(self, answer: str) -> str:
+        """`answer` with its label in its spelling."""
+        found = self._respelled(answer)
+        return found[0] if found else answer
+
     def respell(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Chat `rows` with each label in its spelling, and one entry per spelling replaced: the spelling kept
         (`label`), the one replaced (`respelled`), how many `rows`, most rows first."""

@@ -6,7 +6,7 @@ import numpy as np
 from ftpipe.config import EvaluationConfig
 from ftpipe.core import dedup, similarity, split
 from ftpipe.core.evaluation.metrics import task_metrics
-from ftpipe.core.records import example_id, examples_metadata, write_examples
+from ftpipe.core.records import example_id, examples_metadata, read_examples, write_examples
 from ftpipe.core.results import read_result
 from ftpipe.core.text import canonical, loose
 from ftpipe_tests.emails import QUESTIONS, wrapped_emails
@@ -377,3 +377,20 @@ def test_near_copies_in_chinese_and_japanese_are_found_by_their_characters() -> 
     assert (removed["reason"], removed["source"], removed["duplicate_of_source"]) == (
         "near_duplicate", "a.jsonl:line 8", "a.jsonl:line 1")
     assert len(result.kept) == len(questions), "the other questions share particles, not sentences"
+
+
+def test_one_label_spelt_two_ways_is_one_answer_to_cleaning_not_a_contradiction(tmp_path) -> None:
+    rng = random.Random(5)
+    labels = ["order_status"] * 4 + ["refund"] * 4
+    own = [row(sentence(rng, 12), label, f"a.csv:row {i}") for i, label in enumerate(labels)]
+    twice = [("Where is my parcel?", "Order Status"), ("Where is my parcel?", "order_status"),
+             ("My card was charged twice", "refund"), ("My card was charged twice", "Refund")]
+    write_examples([*own, *(row(prompt, answer, f"b.csv:row {i}") for i, (prompt, answer) in enumerate(twice))],
+                   tmp_path / "raw.parquet")
+    labelled = task_metrics(EvaluationConfig(task_type="classification"))
+    summary = dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "out", labels=labelled)
+    assert (summary["contradictions"], summary["exact_duplicates"], summary["rows_out"]) == (0, 2, 10), summary
+    kept = {r["messages"][0]["content"]: r["messages"][-1]["content"]
+            for r in read_examples(tmp_path / "out" / "examples.parquet")}
+    assert kept["Where is my parcel?"] == "order_status" and kept["My card was charged twice"] == "refund"
+    assert {r["messages"][-1]["content"] for r in summary["removed"]} == {"order_status", "Refund"}, "as written"
