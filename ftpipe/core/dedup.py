@@ -126,9 +126,10 @@ def _resolve_contradictions(rows: list[dict[str, Any]], keys: ExactKeys, removed
     return np.flatnonzero(alive)
 
 
-def _remove_exact(rows: list[dict[str, Any]], keys: ExactKeys, alive: np.ndarray,
-                  removed: list[dict[str, Any]]) -> np.ndarray:
-    """The first of rows with the same conversation stays; returns the indices that stay."""
+def _remove_exact(rows: list[dict[str, Any]], keys: ExactKeys, alive: np.ndarray, removed: list[dict[str, Any]],
+                  normalised: str) -> np.ndarray:
+    """The first of rows with the same conversation stays (`normalised`: what may differ, for the removal's detail);
+    returns the indices that stay."""
     conversation = keys.conversation()[alive]
     _, first = np.unique(conversation, return_index=True)
     is_first = np.zeros(len(alive), dtype=bool)
@@ -138,7 +139,7 @@ def _remove_exact(rows: list[dict[str, Any]], keys: ExactKeys, alive: np.ndarray
         kept = rows[first_of[conv]]
         removed.append(removal(rows[index], "exact_duplicate", kept, "the same conversation, character for character "
                                "(so the same id)" if kept["id"] == rows[index]["id"] else "the same conversation after "
-                               "normalisation (Unicode forms, case, spacing, JSON key order)"))
+                               f"normalisation ({normalised})"))
     return alive[is_first]
 
 
@@ -317,7 +318,8 @@ def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings, free
     result = DedupResult(shared=messages.shared())
     keys = ExactKeys.of(ordered, messages)
     stay = _resolve_contradictions(ordered, keys, result.removed, free_text)
-    remaining = _remove_exact(ordered, keys, stay, result.removed)
+    normalised = "Unicode forms, case, spacing, JSON key order" + (", a label's spelling" if spelt else "")
+    remaining = _remove_exact(ordered, keys, stay, result.removed, normalised)
     prompts = messages.rows(result.shared, remaining)
     result.kept = _remove_near([ordered[i] for i in remaining.tolist()], prompts, keys.answer[remaining],
                                result.removed, settings, free_text)

@@ -394,3 +394,5 @@ def test_one_label_spelt_two_ways_is_one_answer_to_cleaning_not_a_contradiction(
             for r in read_examples(tmp_path / "out" / "examples.parquet")}
     assert kept["Where is my parcel?"] == "order_status" and kept["My card was charged twice"] == "refund"
     assert {r["messages"][-1]["content"] for r in summary["removed"]} == {"order_status", "Refund"}, "as written"
+    assert {r["detail"] for r in summary["removed"]} == {
+        "the same conversation after normalisation (Unicode forms, case, spacing, JSON key order, a label's spelling)"}
