@@ -396,3 +396,20 @@ def test_one_label_spelt_two_ways_is_one_answer_to_cleaning_not_a_contradiction(
     assert {r["messages"][-1]["content"] for r in summary["removed"]} == {"order_status", "Refund"}, "as written"
     assert {r["detail"] for r in summary["removed"]} == {
         "the same conversation after normalisation (Unicode forms, case, spacing, JSON key order, a label's spelling)"}
+
+
+def test_a_label_field_spelt_two_ways_counts_as_one_answer_in_a_contradiction_vote(tmp_path) -> None:
+    rng = random.Random(5)
+
+    def ticket(category: str, priority: str = "low") -> str:
+        return json.dumps({"category": category, "priority": priority})
+
+    own = [row(sentence(rng, 12), ticket(label), f"a.csv:row {i}")
+           for i, label in enumerate(["order_status"] * 4 + ["refund"] * 4)]
+    answers = [ticket("Order Status"), '{"priority":"low","category":"order_status"}', ticket("order-status", "high")]
+    write_examples([*own, *(row("Where is my parcel?", answer, f"b.csv:row {i}") for i, answer in enumerate(answers))],
+                   tmp_path / "raw.parquet")
+    labelled = task_metrics(EvaluationConfig(task_type="classification", label_field="category"))
+    summary = dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "out", labels=labelled)
+    assert [(r["reason"], r["messages"][-1]["content"]) for r in summary["removed"]] == [
+        ("contradiction", answers[2]), ("exact_duplicate", answers[1])], "two of three rows agree: a majority"
