@@ -139,16 +139,19 @@ OPENERS = ["Hi", "Hello there", "Good morning", "Hey", "Dear support", "So"]
 CONTEXT = ["I'm on the mobile app.", "I've been a customer for years.", "This is the second time I'm writing.",
            "Nobody answered the phone.", "I'm travelling next week.", ""]
 CLOSERS = ["Thanks", "Regards, Tom", "Cheers", "Appreciate it", "thx", ""]
+RUN_ON_CLOSERS = ["thanks", "thank you", "regards Tom", "cheers", "thx", "- sent from my phone", ""]  # no comma before
 
 
-def wrapped_messages(n: int = 600, seed: int = 0) -> list[tuple[str, str]]:
-    """(message, label): a core question in random wrapping, each message distinct, 24 labels of skewed sizes."""
+def wrapped_messages(n: int = 600, seed: int = 0, run_on: bool = False) -> list[tuple[str, str]]:
+    """(message, label): a core question in random wrapping, each message distinct, 24 labels of skewed sizes;
+    `run_on`: the greeting and sign-off written onto the question without punctuation, as chat messages often are."""
     rng = random.Random(seed)
     labels = list(CORES)
     found = []
     for i in range(n):
         label = rng.choices(labels, weights=range(len(labels), 0, -1))[0]
-        message = (f"{rng.choice(OPENERS)}, {rng.choice(CORES[label])}? {rng.choice(CONTEXT)} "
-                   f"{rng.choice(CLOSERS)}").strip()
+        core = rng.choice(CORES[label])
+        message = (f"{rng.choice(OPENERS).lower()} {core} {rng.choice(RUN_ON_CLOSERS)}" if run_on else
+                   f"{rng.choice(OPENERS)}, {core}? {rng.choice(CONTEXT)} {rng.choice(CLOSERS)}").strip()
         found.append((f"{message} (ticket {i})", label))
     return found

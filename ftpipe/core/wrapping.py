@@ -9,16 +9,21 @@ rows a clause
 - wraps when at least WRAPPER_ROWS rows hold it and none of their answers is more common among them than chance
   allows (a greeting, a sign-off, context any question may come with);
 - is otherwise the row's own content.
-A row is a wrapped copy when each of its clauses but the wrapping predicts its own answer and one of them is at least
-CORE_MIN_WORDS words long: it asks what the other rows holding those clauses ask. A row with a clause of its own (a
-new question beside a phrase that happens to predict its answer) is no copy. Only messages of at most SHORT_WORDS words
-are read: in a longer one its own words outweigh any wrapping, so word bigrams tell.
+Wrapping written onto a clause without punctuation ("where is my order thanks", "hi team how do I return it") is
+taken off its edges: up to EDGE_WORDS words at a clause's start or end that at least WRAPPER_ROWS rows hold there, their
+answers spread as chance spreads them. A clause then predicts an answer when one of its readings, with or without
+such edges, does.
+A row is a wrapped copy when each of its clauses but the wrapping predicts its own answer and a reading that does is at
+least CORE_MIN_WORDS words long: it asks what the other rows holding the shortest such readings ask. A row with a clause
+of its own (a new question beside a phrase that happens to predict its answer) is no copy. Only messages of at most
+SHORT_WORDS words are read: in a longer one its own words outweigh any wrapping, so word bigrams tell.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from functools import cache
 from itertools import groupby
 from typing import Any
 
@@ -27,11 +32,12 @@ from ftpipe.core.evaluation.statistics import chance_of_at_least
 from ftpipe.core.similarity import WRAPPER_ROWS
 from ftpipe.core.text import canonical, loose_words
 
-CLAUSE_BREAK = re.compile(r"[.!?;:,\n…。！？；：，、]+")
+CLAUSE_BREAK = re.compile(r"[.!?;:,\n…。！？；：，、–—]+|\s-+\s")
 DIGIT = re.compile(r"\d+")
 BREAK = "\x00"  # stands for a clause break among the words: no text holds it, and no word is made of it
 CORE_SHARE = 0.8
 CORE_MIN_WORDS = 4
+EDGE_WORDS = 4  # the longest greeting or sign-off taken off a clause's edge
 CHANCE = 0.01  # less likely than this by chance is more than chance
 SHORT_WORDS = 120  # longer messages are not cut into clauses: their own words outweigh any wrapping
 
@@ -47,38 +53,93 @@ def clauses(messages: list[dict[str, str]]) -> frozenset[str]:
 
 
 def wrapped_copies(rows: list[dict[str, Any]]) -> dict[int, dict[str, list[int]]]:
-    """For each wrapped copy among `rows` (see the module), its clauses that predict its answer, each with the rows
-    that hold it and give that answer (the copy among them); answers compare as cleaning compares them (a JSON object
-    by its value, case and spacing aside)."""
+    """For each wrapped copy among `rows` (see the module), the shortest readings of its clauses that predict its
+    answer, each with the rows that hold it and give that answer (the copy among them); answers compare as cleaning
+    compares them (a JSON object by its value, case and spacing aside)."""
     answers = [canonical(comparable_answer(row["messages"][-1]["content"])) for row in rows]
+    shares = {answer: count / len(answers) for answer, count in Counter(answers).items()}
     held = [clauses(row["messages"]) for row in rows]
+    edges = _edge_wrapping(held, answers, shares)
+    each = {clause: _readings(clause, edges) for clause in set().union(*held)}
     holders: dict[str, list[int]] = {}
     for index, row_clauses in enumerate(held):
-        for clause in row_clauses:
-            holders.setdefault(clause, []).append(index)
-    predicts, wraps = _clause_kinds(holders, answers)
-    agreeing = {clause: [i for i in holders[clause] if answers[i] == answer] for clause, answer in predicts.items()}
+        for reading in set().union(*(each[clause] for clause in row_clauses)):
+            holders.setdefault(reading, []).append(index)
+    predicts, wraps = _clause_kinds(holders, answers, shares)
+    agreeing = {way: [i for i in holders[way] if answers[i] == answer] for way, answer in predicts.items()}
+    core_of = cache(lambda clause, answer: _core(each[clause], predicts, answer))
     copies: dict[int, dict[str, list[int]]] = {}
     for index, row_clauses in enumerate(held):
-        own = row_clauses - wraps
-        if own and all(predicts.get(clause) == answers[index] for clause in own) and any(
-                len(clause.split()) >= CORE_MIN_WORDS for clause in own):
-            copies[index] = {clause: agreeing[clause] for clause in own}
+        found = {clause: core_of(clause, answers[index]) for clause in row_clauses}
+        if all(ways is not None or each[clause] & wraps for clause, ways in found.items()) and (
+                core := [way for ways in found.values() if ways for way in ways]):
+            copies[index] = {way: agreeing[way] for way in core}
     return copies
 
 
-def _clause_kinds(holders: dict[str, list[int]], answers: list[str]) -> tuple[dict[str, str], set[str]]:
+def _edge_wrapping(held: list[frozenset[str]], answers: list[str], shares: dict[str, float]) -> set[tuple[str, str]]:
+    """The ("start" or "end", words) that wrap at clause edges: at least WRAPPER_ROWS rows hold them there, with
+    answers spread as chance spreads them."""
+    at_edges: dict[tuple[str, str], set[int]] = {}
+    for index, row_clauses in enumerate(held):
+        for clause in row_clauses:
+            words = clause.split()
+            for n in range(1, min(EDGE_WORDS, len(words) - 1) + 1):
+                for edge in (("start", " ".join(words[:n])), ("end", " ".join(words[-n:]))):
+                    at_edges.setdefault(edge, set()).add(index)
+    return {edge for edge, rows in at_edges.items()
+            if len(rows) >= WRAPPER_ROWS and _as_chance(Counter(answers[i] for i in rows), len(rows), shares)}
+
+
+def _readings(clause: str, edges: set[tuple[str, str]]) -> frozenset[str]:
+    """`clause` and what is left of it with wrapping taken off its start, its end or both (never all of it)."""
+    words = clause.split()
+    starts = _stripped(words, lambda at, n: ("start", " ".join(words[at:at + n])) in edges)
+    ends = _stripped(words, lambda at, n: ("end", " ".join(words[len(words) - at - n:len(words) - at])) in edges)
+    return frozenset(" ".join(words[start:len(words) - end]) for start in starts for end in ends
+                     if start + end < len(words))
+
+
+def _stripped(words: list[str], wraps_at) -> set[int]:
+    """How many words can be taken off one edge of `words`, wrapping after wrapping (`wraps_at(taken, n)`: the n
+    words after the `taken` ones wrap), leaving one at least."""
+    found, todo = {0}, [0]
+    while todo:
+        taken = todo.pop()
+        for n in range(1, min(EDGE_WORDS, len(words) - taken - 1) + 1):
+            if taken + n not in found and wraps_at(taken, n):
+                found.add(taken + n)
+                todo.append(taken + n)
+    return found
+
+
+def _core(readings: frozenset[str], predicts: dict[str, str], answer: str) -> tuple[str, ...] | None:
+    """Of a clause's `readings` that predict `answer`, those of at least CORE_MIN_WORDS words that hold none of the
+    others (the question without what else was written around it); None when none predicts it (the row's own
+    content)."""
+    telling = [way for way in readings if predicts.get(way) == answer]
+    if not telling:
+        return None
+    long = [way for way in telling if len(way.split()) >= CORE_MIN_WORDS]
+    return tuple(way for way in long if not any(other != way and f" {other} " in f" {way} " for other in long))
+
+
+def _clause_kinds(holders: dict[str, list[int]], answers: list[str],
+                  shares: dict[str, float]) -> tuple[dict[str, str], set[str]]:
     """(each clause that predicts an answer, with that answer; the clauses that wrap)."""
-    shares = {answer: count / len(answers) for answer, count in Counter(answers).items()}
     predicts, wraps = {}, set()
     for clause, rows in holders.items():
         if len(rows) < 2:
             continue
-        counts = Counter(answers[i] for i in rows).most_common()
-        answer, count = counts[0]
+        counts = Counter(answers[i] for i in rows)
+        answer, count = counts.most_common(1)[0]
         if count >= CORE_SHARE * len(rows) and chance_of_at_least(count, len(rows), shares[answer]) < CHANCE:
             predicts[clause] = answer
-        elif len(rows) >= WRAPPER_ROWS and all(
-                chance_of_at_least(n, len(rows), shares[a]) >= CHANCE / len(shares) for a, n in counts):
+        elif len(rows) >= WRAPPER_ROWS and _as_chance(counts, len(rows), shares):
             wraps.add(clause)
     return predicts, wraps
+
+
+def _as_chance(counts: Counter, rows: int, shares: dict[str, float]) -> bool:
+    """No answer is more common among `rows` rows (`counts` of each answer) than chance allows."""
+    return all(chance_of_at_least(n, rows, shares[answer]) >= CHANCE / len(shares) for answer, n in counts.items())

@@ -5,10 +5,14 @@ from ftpipe_tests.intents import CORES, SYSTEM_PROMPT, wrapped_messages
 from ftpipe_tests.rows import row, sentence
 
 
-def wrapped_rows(n: int = 600) -> list[dict]:
+def wrapped_rows(n: int = 600, run_on: bool = False) -> list[dict]:
     """Short messages after a long shared system prompt: a core question in random wrapping."""
     return [row(message, label, f"chats.jsonl:line {i + 1}", system=SYSTEM_PROMPT)
-            for i, (message, label) in enumerate(wrapped_messages(n))]
+            for i, (message, label) in enumerate(wrapped_messages(n, run_on=run_on))]
+
+
+def core_of(message: str) -> str:
+    return next(core for questions in CORES.values() for core in questions if core in message)
 
 
 def test_a_core_question_in_other_wrapping_is_a_copy_and_the_wrapping_is_not_the_question() -> None:
@@ -17,10 +21,25 @@ def test_a_core_question_in_other_wrapping_is_a_copy_and_the_wrapping_is_not_the
     assert len(copies) > 0.9 * len(rows), "nearly every row repeats a core question some other row asks"
     cores = {" ".join(core.lower().split()) for questions in CORES.values() for core in questions}
     for index, held in copies.items():
-        assert set(held) <= cores, "greetings, context and sign-offs go with every label: they are wrapping"
+        assert all(any(clause in core for core in cores) for clause in held), (
+            "greetings, context and sign-offs go with every label: they are wrapping")
         label = rows[index]["messages"][-1]["content"]
         assert all(rows[i]["messages"][-1]["content"] == label and index in group for group in held.values()
                    for i in group)
+
+
+def test_greetings_and_sign_offs_written_on_without_punctuation_are_taken_off_the_questions_edges() -> None:
+    rows = wrapped_rows(run_on=True)
+    assert rows[0]["messages"][1]["content"] == "hi where can I find the o settings page regards Tom (ticket 0)"
+    copies = wrapping.wrapped_copies(rows)
+    assert len(copies) > 0.9 * len(rows)
+    for index, held in copies.items():
+        assert all(clause in core_of(rows[index]["messages"][1]["content"]).lower() for clause in held)
+    sides = split.assign_sides(rows, eval_fraction=0.2, seed=0)
+    by_core: dict[str, set[str]] = {}
+    for r in rows:
+        by_core.setdefault(core_of(r["messages"][1]["content"]), set()).add(sides[r["id"]])
+    assert all(len(found) == 1 for found in by_core.values()), "each core question's rows on one side"
 
 
 def test_a_question_of_its_own_beside_a_telling_phrase_is_no_copy_and_chance_is_no_sign() -> None:
