@@ -389,16 +389,18 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     """Deduplicate `examples_path` into `out_dir/examples.parquet`, and the preference rows beside it into
     `out_dir/preferences.parquet`, every removed row of either kind into `out_dir/removed.jsonl` (with a result);
     return the counts (`rows_in`, `rows_out`: chat rows; the removals of both kinds). For a task type with labels
-    (`labels`), the labels of the kept rows and preference rows are written one way each (`label_spellings`), the
-    removals are counted by label, so written, and the kept labels that look like typos of commoner ones are named
-    (for an extraction, the values of its fields that hold categories)."""
+    (`labels`), the labels of the kept rows and preference rows are written one way each (`label_spellings`: as the
+    last cleaning in `out_dir` wrote them, where rows still write them so), the removals are counted by label, so
+    written, and the kept labels that look like typos of commoner ones are named (for an extraction, the values of its
+    fields that hold categories)."""
     from ftpipe.core.label_spellings import Spellings, answers, likely_misspellings, likely_misspelt_values
     from ftpipe.core.preference_cleaning import build_clean_preferences
     from ftpipe.core.preferences import read_preferences
 
     rows, preferences = read_examples(examples_path), examples_path.parent / PREFERENCES
     pairs = read_preferences(preferences)
-    spellings = Spellings.of(answers(rows, pairs), labels) if labels and labels.labelled else None
+    spellings = (Spellings.of(answers(rows, pairs), labels, _last_answers(out_dir)) if labels and labels.labelled
+                 else None)
     result = deduplicate(rows, settings, free_text, spellings.spelt if spellings else None)
     label_of = spellings.label if spellings else None
     kept, respelled = spellings.respell(result.kept) if spellings else (result.kept, [])
@@ -434,6 +436,12 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         Result("deduplicated_examples", key, {"examples": EXAMPLES, "preferences": PREFERENCES, "removed": REMOVED},
                inputs, summary).write(tmp)
     return {**summary, "removed": removed}
+
+
+def _last_answers(out_dir: Path) -> list[str]:
+    """The answers of the rows the last cleaning in `out_dir` kept (none before the first)."""
+    path = out_dir / EXAMPLES
+    return [row["messages"][-1]["content"] for row in read_examples(path)] if path.is_file() else []
 
 
 PREFERENCE_ROWS = "\0preference rows"  # `heavy_removals`' key of the preference rows: no label is written so

@@ -21,6 +21,7 @@ from ftpipe.core.text import canonical, label_key
 COLUMNS = ["label", "respelled", "rows"]
 MISSPELLING_COLUMNS = ["label", "rows", "like", "like_rows"]  # and the field first, for values of a field
 SHOWN = 5  # spellings named in the log line
+SPELT = "each label is trained (as before, else as most of its answers write it)"
 MISSPELLING_SIMILARITY = 0.85  # difflib's ratio of two labels' words from which the rarer may be a typo of the other
 MISSPELLING_RARITY = 5  # ...when the other has at least this many times its rows
 PREFERENCE_ANSWERS = ("chosen", "rejected", "completion")  # a preference row's answer fields (None: not its kind)
@@ -29,18 +30,28 @@ PREFERENCE_ANSWERS = ("chosen", "rejected", "completion")  # a preference row's 
 @dataclass(frozen=True)
 class Spellings:
     """The spelling each label is trained in: for a label written more than one way (`chosen`, by its
-    `label_key`), the one most answers write (the smallest of equally common ones); any other, as written."""
+    `label_key`), the one it was trained in before while answers still write it so (rows added later never respell
+    the rows a model learned), else the one most answers write (the smallest of equally common ones); any other
+    label, as written."""
 
     labels: Classification
     chosen: dict[str, str]
 
     @classmethod
-    def of(cls, answers: Iterable[str], labels: Classification) -> Spellings:
+    def of(cls, answers: Iterable[str], labels: Classification, trained: Iterable[str] = ()) -> Spellings:
+        """The spellings of the labels of `answers`; `trained`: the answers of the rows the last cleaning kept."""
+        found, before = cls._by_key(answers, labels), cls._by_key(trained, labels)
+        return cls(labels, {name: next((label for label in before.get(name, []) if label in written),
+                                       most_common(written))
+                            for name, written in found.items() if len(set(written)) > 1})
+
+    @staticmethod
+    def _by_key(answers: Iterable[str], labels: Classification) -> dict[str, list[str]]:
         found: dict[str, list[str]] = {}
         for label in map(partial(raw_label, label_field=labels.config.label_field), answers):
             if label and label_key(label):
                 found.setdefault(label_key(label), []).append(label)
-        return cls(labels, {name: most_common(written) for name, written in found.items() if len(set(written)) > 1})
+        return found
 
     def label(self, answer: str) -> str | None:
         """The label of `answer` as it is trained."""
@@ -101,16 +112,16 @@ def shown(entries: list[dict[str, Any]], fields: tuple[str, ...] = ("label", "re
 
 
 def said(respelled: list[dict[str, Any]], preference_answers: int = 0) -> str:
-    """`12 rows' and 4 preference answers' labels respelled as most answers of the label write it: "billing " as
-    "Billing" ×9, ...` (the chat rows' spellings, the commonest first, SHOWN of them)."""
+    """`12 rows' and 4 preference answers' labels respelled as each label is trained (...): "billing " as "Billing"
+    ×9, ...` (the chat rows' spellings, the commonest first, SHOWN of them)."""
     rows = sum(r["rows"] for r in respelled)
     counts = ((rows, "row's" if rows == 1 else "rows'"),
               (preference_answers, "preference answer's" if preference_answers == 1 else "preference answers'"))
     named = [f"{r['respelled']} as {r['label']} ×{r['rows']}" for r in shown(respelled[:SHOWN])]
     more = f" and {len(respelled) - SHOWN} other spellings" if len(respelled) > SHOWN else ""
     labels = "label" if rows + preference_answers == 1 else "labels"
-    return (f"{' and '.join(f'{count} {what}' for count, what in counts if count)} {labels} respelled as most answers "
-            f"of the label write it{': ' if named else ''}{', '.join(named)}{more}")
+    return (f"{' and '.join(f'{count} {what}' for count, what in counts if count)} {labels} respelled as {SPELT}"
+            f"{': ' if named else ''}{', '.join(named)}{more}")
 
 
 def likely_misspellings(counts: dict[str, int]) -> list[dict[str, Any]]:

@@ -31,8 +31,9 @@ def test_labels_written_differently_take_the_spelling_most_rows_use_and_keep_the
     assert respelled == [{"label": "Billing", "respelled": "billing ", "rows": 1},
                          {"label": "Billing", "respelled": "BILLING.", "rows": 1},
                          {"label": "Shipping", "respelled": "shipping", "rows": 1}]
-    assert said(respelled) == ('3 rows\' labels respelled as most answers of the label write it: "billing " as '
-                               '"Billing" ×1, "BILLING." as "Billing" ×1, "shipping" as "Shipping" ×1')
+    assert said(respelled) == ('3 rows\' labels respelled as each label is trained (as before, else as most of its '
+                               'answers write it): "billing " as "Billing" ×1, "BILLING." as "Billing" ×1, '
+                               '"shipping" as "Shipping" ×1')
 
 
 def test_a_bare_label_is_respelled_whole() -> None:
@@ -80,9 +81,9 @@ def test_preference_answers_count_toward_the_spelling_and_are_respelled_unless_a
         (category("Refund"), category("Billing"), None), (category("Refund"), category("Billing"), None),
         (category("Refund"), category("refund."), None), (None, None, category("Billing"))]
     assert count == 3 and [r["id"] for r in out] == [r["id"] for r in pairs]
-    assert said(respelled, count) == ('1 row\'s and 3 preference answers\' labels respelled as most answers of the '
-                                      'label write it: "refund" as "Refund" ×1')
-    assert said(respelled).startswith("1 row's label respelled as most answers"), "in the singular"
+    assert said(respelled, count) == ('1 row\'s and 3 preference answers\' labels respelled as each label is trained '
+                                      '(as before, else as most of its answers write it): "refund" as "Refund" ×1')
+    assert said(respelled).startswith("1 row's label respelled as each"), "in the singular"
 
 
 def test_a_rare_label_a_typo_away_from_a_commoner_one_is_named_and_labels_of_like_size_are_not() -> None:
@@ -96,3 +97,24 @@ def test_a_rare_label_a_typo_away_from_a_commoner_one_is_named_and_labels_of_lik
         '2 labels look like a typo of a commoner label: "neutrl" ×1 (like "neutral" ×120), "postive" ×2 (like '
         '"positive" ×300); each is trained and scored as a label of its own: correct them in the raw files')
     assert misspellings_said(found[1:]).startswith('1 label looks like a typo of a commoner label: "postive" ×2')
+
+
+def test_rows_added_later_never_respell_a_label_the_last_cleaning_trained(tmp_path) -> None:
+    from ftpipe.core.dedup import build_deduplicated
+    from ftpipe.core.records import read_examples, write_examples
+
+    labels = task_metrics(EvaluationConfig(task_type="classification"))
+    written = ["cancel-order"] * 3 + ["Cancel Order"] * 2 + ["order_status"] * 4
+    rows = [row(f"message number {i} about my order", answer, f"a.jsonl:line {i}") for i, answer in enumerate(written)]
+    write_examples(rows, tmp_path / "raw.parquet")
+    build_deduplicated(tmp_path / "raw.parquet", tmp_path / "clean", labels=labels)
+    first = {r["messages"][-1]["content"] for r in read_examples(tmp_path / "clean" / "examples.parquet")}
+    assert first == {"cancel-order", "order_status"}, "the spelling most rows write"
+
+    more = [row(f"please drop order {i} today", "Cancel Order", f"b.jsonl:line {i}") for i in range(4)]
+    write_examples(rows + more, tmp_path / "raw.parquet")
+    again = build_deduplicated(tmp_path / "raw.parquet", tmp_path / "clean", labels=labels)
+    kept = [r["messages"][-1]["content"] for r in read_examples(tmp_path / "clean" / "examples.parquet")]
+    assert set(kept) == {"cancel-order", "order_status"} and kept.count("cancel-order") == 9, "as before, not 6 to 3"
+    assert again["label_spellings"] == [{"label": "cancel-order", "respelled": "Cancel Order", "rows": 6}]
+    assert Spellings.of(answers(rows + more), labels).label("cancel order") == "Cancel Order", "in a new home: most"
