@@ -35,8 +35,11 @@ SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system's instructions
 # Column names datasets commonly give a prompt and its answer, most telling first (for a data.columns hint)
-LIKELY_PROMPT_COLUMNS = ("question", "query", "input", "text", "sentence", "utterance", "message", "source", "request")
-LIKELY_ANSWER_COLUMNS = ("answer", "response", "output", "label", "target", "reply", "intent", "category", "summary")
+LIKELY_PROMPT_COLUMNS = ("question", "query", "input", "text", "sentence", "utterance", "message", "source", "request",
+                         "prompt")
+LIKELY_ANSWER_COLUMNS = ("answer", "response", "output", "label", "target", "reply", "intent", "category", "summary",
+                         "completion")
+CLOSE_COLUMN = 0.75  # difflib's ratio from which a column is named as a misspelling of a mapped one
 SHAREGPT = "conversations"  # ShareGPT's field: turns of {from, value}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 RAW_TEXT_LIMIT = 4096
@@ -262,7 +265,7 @@ def _missing_columns(row: dict[str, Any], columns: dict[str, str]) -> str:
 def _close_column(column: str, row: dict[str, Any]) -> str:
     """`; did you mean 'sentiment'?` for the row's column written most like `column`, case aside; else ''."""
     columns = {str(name).casefold(): str(name) for name in row}
-    close = get_close_matches(column.casefold(), list(columns), n=1)
+    close = get_close_matches(column.casefold(), list(columns), n=1, cutoff=CLOSE_COLUMN)
     return f"; did you mean {columns[close[0]]!r}?" if close else ""
 
 
@@ -304,16 +307,24 @@ def detect_format(row: dict[str, Any], spec: FormatSpec) -> str:
         "'response'), "
         "'prompt'+'completion', "
         f"'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label' or the columns mapped in task.yaml; "
-        f"the row has keys: {_keys(row)}{'' if mapped else _mapping_hint(row)}"
+        f"the row has keys: {_keys(row)}{_mapping_hint(row, spec.columns if mapped else {})}"
     )
 
 
-def _mapping_hint(row: dict[str, Any]) -> str:
-    """`; data.columns: {prompt: text, completion: label} reads it` where the row has columns commonly named so."""
+def _mapping_hint(row: dict[str, Any], columns: dict[str, str]) -> str:
+    """Where the row has columns commonly named for a prompt and an answer: `; data.columns: {prompt: text,
+    completion: label} reads it`, or where data.columns (`columns`) maps other names, `; rename 'text' to 'utterance'
+    in this file (...)`; else ''."""
     names = {str(key).casefold(): str(key) for key in row}
-    prompt = next((names[name] for name in LIKELY_PROMPT_COLUMNS if name in names), None)
-    answer = next((names[name] for name in LIKELY_ANSWER_COLUMNS if name in names), None)
-    return f"; data.columns: {{prompt: {prompt}, completion: {answer}}} reads it" if prompt and answer else ""
+    found = {"prompt": next((names[name] for name in LIKELY_PROMPT_COLUMNS if name in names), None),
+             "completion": next((names[name] for name in LIKELY_ANSWER_COLUMNS if name in names), None)}
+    if None in found.values():
+        return ""
+    if not columns:
+        return f"; data.columns: {{prompt: {found['prompt']}, completion: {found['completion']}}} reads it"
+    renames = [f"{found[field]!r} to {columns[field]!r}" for field in found if columns[field] not in row]
+    return (f"; rename {' and '.join(renames)} in this file (data.columns names the columns of every raw file of the "
+            "task)") if renames else ""
 
 
 def to_messages(row: Any, spec: FormatSpec) -> list[dict[str, str]]:

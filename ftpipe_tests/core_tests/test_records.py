@@ -121,6 +121,7 @@ def test_bom_crlf_and_blank_lines(ftpipe_env: Path) -> None:
         (json.dumps({"Text": "my card is lost", "label": "lost_card"}),
          "the row has keys: Text, label; data.columns: {prompt: Text, completion: label} reads it"),
         (json.dumps({"question": "q", "answer": "a", "text": "t"}), "{prompt: question, completion: answer} reads it"),
+        (json.dumps({"prompt": "q", "Completion": "a"}), "{prompt: prompt, completion: Completion} reads it"),
         (json.dumps(["a", "b"]), "expected an object"),
         (json.dumps({"prompt": "a\u0000b", "completion": "c"}), "NUL"),
     ],
@@ -310,7 +311,14 @@ def test_a_mapped_column_missing_from_the_file_is_named_with_the_columns_it_has(
     result = read_raw_dir(folder / "raw", spec)
     (entry,) = result.quarantine
     assert "mapped column 'utterance' (data.columns.prompt) is not in the file" in entry["reason"]
-    assert "category, text" in entry["reason"]
+    assert entry["reason"].endswith("the row has keys: category, text; rename 'text' to 'utterance' in this file "
+                                    "(data.columns names the columns of every raw file of the task)")
+    other = read_raw_dir(folder / "raw", FormatSpec(columns={"prompt": "customer_message", "completion": "intent"}))
+    assert ("'intent' (data.columns.completion) and 'customer_message' (data.columns.prompt) are not in the file"
+            in other.quarantine[0]["reason"]), "no guess from a column as unlike it as 'text'"
+    assert other.quarantine[0]["reason"].endswith("rename 'text' to 'customer_message' and 'category' to 'intent' in "
+                                                  "this file (data.columns names the columns of every raw file of the "
+                                                  "task)")
     explicit = read_raw_dir(folder / "raw", FormatSpec("columns", {"prompt": "utterance", "completion": "label"}))
     assert "'label' (data.columns.completion) and 'utterance' (data.columns.prompt)" in explicit.quarantine[0]["reason"]
     cased = read_raw_dir(folder / "raw", FormatSpec("columns", {"prompt": "Text", "completion": "categroy"}))
