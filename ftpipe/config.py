@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ftpipe.core.text import label_key
 from ftpipe.core.training.methods import (
     Adapter,
     PREFERENCE_OBJECTIVES,
@@ -118,15 +119,18 @@ class DataConfig(_Strict):
     system_prompt: str | None = Field(None, description="system message added to rows that have none")
     label_names: list[str] = Field(default_factory=list, description=(
         "class names in the order of their ids, for answers written as class ids (0, 1, …), as Hugging Face datasets "
-        "store a ClassLabel column: each id is read as its name"))
+        "store a ClassLabel column: each id is read as its name; also the spelling each of these labels is trained "
+        "in, however the raw files write it (`Order Status`, `order-status`: order_status)"))
 
     @field_validator("label_names")
     @classmethod
     def _names_distinct(cls, names: list[str]) -> list[str]:
         if blank := [i for i, name in enumerate(names) if not name.strip()]:
             raise ValueError(f"label_names[{blank[0]}] is empty: each class id needs its name")
-        if repeated := sorted({name for name in names if names.count(name) > 1}):
-            raise ValueError(f"label_names lists {repeated[0]!r} more than once: two ids would read as one label")
+        keys = [label_key(name) for name in names]
+        if repeated := sorted({name for name, key in zip(names, keys) if keys.count(key) > 1}):
+            raise ValueError(f"label_names lists {repeated[0]!r} more than once (case, spacing and punctuation aside): "
+                             "two ids would read as one label")
         return names
 
     @model_validator(mode="after")

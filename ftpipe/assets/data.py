@@ -107,7 +107,7 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
     out = paths.asset("deduplicated_examples")
     summary = dedup.build_deduplicated(paths.examples("raw_examples"), out, Settings.of(cfg.dedup),
                                        free_text=cfg.evaluation.task_type == "generation",
-                                       labels=task_metrics(cfg.evaluation))
+                                       labels=task_metrics(cfg.evaluation), label_names=tuple(cfg.data.label_names))
     removed = summary.pop("removed")
     pairs = (f" and {summary['preference_rows_out']} of {summary['preference_rows_in']} preference rows"
              if summary["preference_rows_in"] else "")

@@ -385,22 +385,23 @@ def match_columns(summary: dict[str, Any]) -> list[str]:
 
 
 def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.Settings = similarity.Settings(),
-                       free_text: bool = False, labels: TaskMetrics | None = None) -> dict[str, Any]:
+                       free_text: bool = False, labels: TaskMetrics | None = None,
+                       label_names: tuple[str, ...] = ()) -> dict[str, Any]:
     """Deduplicate `examples_path` into `out_dir/examples.parquet`, and the preference rows beside it into
     `out_dir/preferences.parquet`, every removed row of either kind into `out_dir/removed.jsonl` (with a result);
     return the counts (`rows_in`, `rows_out`: chat rows; the removals of both kinds). For a task type with labels
-    (`labels`), the labels of the kept rows and preference rows are written one way each (`label_spellings`: as the
-    last cleaning in `out_dir` wrote them, where rows still write them so), the removals are counted by label, so
-    written, and the kept labels that look like typos of commoner ones are named (for an extraction, the values of its
-    fields that hold categories)."""
+    (`labels`), the labels of the kept rows and preference rows are written one way each (`label_spellings`: as
+    `label_names` writes them, else as the last cleaning in `out_dir` did where rows still write them so), the
+    removals are counted by label, so written, and the kept labels that look like typos of commoner ones are named
+    (for an extraction, the values of its fields that hold categories)."""
     from ftpipe.core.label_spellings import Spellings, answers, likely_misspellings, likely_misspelt_values
     from ftpipe.core.preference_cleaning import build_clean_preferences
     from ftpipe.core.preferences import read_preferences
 
     rows, preferences = read_examples(examples_path), examples_path.parent / PREFERENCES
     pairs = read_preferences(preferences)
-    spellings = (Spellings.of(answers(rows, pairs), labels, _last_answers(out_dir)) if labels and labels.labelled
-                 else None)
+    spellings = (Spellings.of(answers(rows, pairs), labels, _last_answers(out_dir), label_names)
+                 if labels and labels.labelled else None)
     result = deduplicate(rows, settings, free_text, spellings.spelt if spellings else None)
     label_of = spellings.label if spellings else None
     kept, respelled = spellings.respell(result.kept) if spellings else (result.kept, [])
@@ -423,7 +424,7 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
               "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None,
               **({"free_text": True} if free_text else {}),
               **({"labels": {"label_field": labels.config.label_field, "respelled": "chat and preference answers",
-                            "compared": "respelled"}}
+                            "compared": "respelled", **({"named": list(label_names)} if label_names else {})}}
                  if spellings else {})}
     key = reuse_key(inputs, settings)
     with atomic_dir(out_dir) as tmp:

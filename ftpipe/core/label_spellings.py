@@ -29,21 +29,23 @@ PREFERENCE_ANSWERS = ("chosen", "rejected", "completion")  # a preference row's 
 
 @dataclass(frozen=True)
 class Spellings:
-    """The spelling each label is trained in: for a label written more than one way (`chosen`, by its
-    `label_key`), the one it was trained in before while answers still write it so (rows added later never respell
-    the rows a model learned), else the one most answers write (the smallest of equally common ones); any other
-    label, as written."""
+    """The spelling each label is trained in (`chosen`, by its `label_key`): the one `data.label_names` names;
+    for another label written more than one way, the one it was trained in before while answers still write it so
+    (rows added later never respell the rows a model learned), else the one most answers write (the smallest of
+    equally common ones); any other label, as written."""
 
     labels: Classification
     chosen: dict[str, str]
 
     @classmethod
-    def of(cls, answers: Iterable[str], labels: Classification, trained: Iterable[str] = ()) -> Spellings:
-        """The spellings of the labels of `answers`; `trained`: the answers of the rows the last cleaning kept."""
+    def of(cls, answers: Iterable[str], labels: Classification, trained: Iterable[str] = (),
+           named: Iterable[str] = ()) -> Spellings:
+        """The spellings of the labels of `answers`; `trained`: the answers of the rows the last cleaning kept;
+        `named`: the labels of `data.label_names`."""
         found, before = cls._by_key(answers, labels), cls._by_key(trained, labels)
-        return cls(labels, {name: next((label for label in before.get(name, []) if label in written),
-                                       most_common(written))
-                            for name, written in found.items() if len(set(written)) > 1})
+        chosen = {name: next((label for label in before.get(name, []) if label in written), most_common(written))
+                  for name, written in found.items() if len(set(written)) > 1}
+        return cls(labels, {**chosen, **{label_key(label): label for label in named}})
 
     @staticmethod
     def _by_key(answers: Iterable[str], labels: Classification) -> dict[str, list[str]]:

@@ -160,8 +160,11 @@ def test_a_key_given_twice_is_refused_not_overwritten() -> None:
     ("{label_names: [billing, ' ', refund]}",
      "data.label_names: label_names[1] is empty: each class id needs its name (got ['billing', ' ', 'refund'])"),
     ("{label_names: [billing, refund, billing]}",
-     "data.label_names: label_names lists 'billing' more than once: two ids would read as one label (got "
-     "['billing', 'refund', 'billing'])"),
+     "data.label_names: label_names lists 'billing' more than once (case, spacing and punctuation aside): two ids "
+     "would read as one label (got ['billing', 'refund', 'billing'])"),
+    ("{label_names: [order_status, refund, Order Status]}",
+     "data.label_names: label_names lists 'Order Status' more than once (case, spacing and punctuation aside): two ids "
+     "would read as one label (got ['order_status', 'refund', 'Order Status'])"),
 ])
 def test_data_columns_that_cannot_read_a_row_are_refused(data: str, problem: str) -> None:
     with pytest.raises(TaskConfigError) as error:

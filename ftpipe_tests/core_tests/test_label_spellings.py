@@ -118,3 +118,20 @@ def test_rows_added_later_never_respell_a_label_the_last_cleaning_trained(tmp_pa
     assert set(kept) == {"cancel-order", "order_status"} and kept.count("cancel-order") == 9, "as before, not 6 to 3"
     assert again["label_spellings"] == [{"label": "cancel-order", "respelled": "Cancel Order", "rows": 6}]
     assert Spellings.of(answers(rows + more), labels).label("cancel order") == "Cancel Order", "in a new home: most"
+
+
+def test_data_label_names_choose_the_spelling_each_label_is_trained_in(tmp_path) -> None:
+    from ftpipe.core.dedup import build_deduplicated
+    from ftpipe.core.records import read_examples, write_examples
+
+    labels = task_metrics(EvaluationConfig(task_type="classification"))
+    written = ["Cancel Order"] * 3 + ["cancel-order"] * 2 + ["Order Status"] * 4 + ["refund"]
+    rows = [row(f"message number {i} about my order", answer, f"a.jsonl:line {i}") for i, answer in enumerate(written)]
+    write_examples(rows, tmp_path / "raw.parquet")
+    summary = build_deduplicated(tmp_path / "raw.parquet", tmp_path / "clean", labels=labels,
+                                 label_names=("cancel_order", "order_status", "refund"))
+    kept = [r["messages"][-1]["content"] for r in read_examples(tmp_path / "clean" / "examples.parquet")]
+    assert kept == ["cancel_order"] * 5 + ["order_status"] * 4 + ["refund"], "one style, as named, even written once"
+    assert summary["label_spellings"] == [{"label": "order_status", "respelled": "Order Status", "rows": 4},
+                                          {"label": "cancel_order", "respelled": "Cancel Order", "rows": 3},
+                                          {"label": "cancel_order", "respelled": "cancel-order", "rows": 2}]
