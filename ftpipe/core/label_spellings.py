@@ -21,7 +21,7 @@ from ftpipe.core.text import canonical, label_key
 COLUMNS = ["label", "respelled", "rows"]
 MISSPELLING_COLUMNS = ["label", "rows", "like", "like_rows"]  # and the field first, for values of a field
 SHOWN = 5  # spellings named in the log line
-SPELT = "each label is trained (as before, else as most of its answers write it)"
+SPELT = "each label is trained (as data.label_names, the last cleaning or most of its answers write it)"
 MISSPELLING_SIMILARITY = 0.85  # difflib's ratio of two labels' words from which the rarer may be a typo of the other
 MISSPELLING_RARITY = 5  # ...when the other has at least this many times its rows
 PREFERENCE_ANSWERS = ("chosen", "rejected", "completion")  # a preference row's answer fields (None: not its kind)

@@ -197,8 +197,9 @@ def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_en
     assert "desk: 1 label of the train rows (Shiping) has no held-out row: the scores say nothing about it (a larger " \
            "split.eval_fraction gives more labels a held-out row; 'Shiping' looks like a typo of 'Shipping': correct " \
            "it in the raw files)." in warnings
-    assert 'desk: 24 rows\' and 8 preference answers\' labels respelled as each label is trained (as before, else as ' \
-           'most of its answers write it): "billing" as "Billing" ×12, "BILLING " as "Billing" ×12' in infos
+    assert 'desk: 24 rows\' and 8 preference answers\' labels respelled as each label is trained (as ' \
+           'data.label_names, the last cleaning or most of its answers write it): "billing" as "Billing" ×12, ' \
+           '"BILLING " as "Billing" ×12' in infos
     written = {json.loads(r["messages"][-1]["content"])["category"]
                for path in TaskLayout("desk").split_files for r in read_examples(path)}
     cleaned_pairs = read_preferences(TaskLayout("desk").preferences("deduplicated_examples"))

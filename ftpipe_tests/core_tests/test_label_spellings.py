@@ -31,9 +31,9 @@ def test_labels_written_differently_take_the_spelling_most_rows_use_and_keep_the
     assert respelled == [{"label": "Billing", "respelled": "billing ", "rows": 1},
                          {"label": "Billing", "respelled": "BILLING.", "rows": 1},
                          {"label": "Shipping", "respelled": "shipping", "rows": 1}]
-    assert said(respelled) == ('3 rows\' labels respelled as each label is trained (as before, else as most of its '
-                               'answers write it): "billing " as "Billing" ×1, "BILLING." as "Billing" ×1, '
-                               '"shipping" as "Shipping" ×1')
+    assert said(respelled) == ('3 rows\' labels respelled as each label is trained (as data.label_names, the last '
+                               'cleaning or most of its answers write it): "billing " as "Billing" ×1, "BILLING." as '
+                               '"Billing" ×1, "shipping" as "Shipping" ×1')
 
 
 def test_a_bare_label_is_respelled_whole() -> None:
@@ -82,7 +82,8 @@ def test_preference_answers_count_toward_the_spelling_and_are_respelled_unless_a
         (category("Refund"), category("refund."), None), (None, None, category("Billing"))]
     assert count == 3 and [r["id"] for r in out] == [r["id"] for r in pairs]
     assert said(respelled, count) == ('1 row\'s and 3 preference answers\' labels respelled as each label is trained '
-                                      '(as before, else as most of its answers write it): "refund" as "Refund" ×1')
+                                      '(as data.label_names, the last cleaning or most of its answers write it): '
+                                      '"refund" as "Refund" ×1')
     assert said(respelled).startswith("1 row's label respelled as each"), "in the singular"
 
 
