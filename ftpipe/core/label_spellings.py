@@ -49,6 +49,7 @@ class Spellings:
 
     @staticmethod
     def _by_key(answers: Iterable[str], labels: Classification) -> dict[str, list[str]]:
+        """The labels of `answers` as written, by their `label_key`."""
         found: dict[str, list[str]] = {}
         for label in map(partial(raw_label, label_field=labels.config.label_field), answers):
             if label and label_key(label):
