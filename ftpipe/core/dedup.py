@@ -35,7 +35,7 @@ from ftpipe.core.records import read_examples, source_order, user_message, write
 from ftpipe.core.results import Result, read_result, reuse_key
 from ftpipe.core.layout import EXAMPLES, PREFERENCES, REMOVED
 from ftpipe.core.storage import atomic_dir, file_sha256
-from ftpipe.core.text import canonical, canonical_codes, loose, loose_words, whole_json_object
+from ftpipe.core.text import answer_words, canonical, canonical_codes, loose, loose_words, whole_json_object
 
 if TYPE_CHECKING:
     from ftpipe.core.evaluation.metrics.base import TaskMetrics
@@ -205,7 +205,7 @@ class NearRows:
         """(the words of a row's answer, of its prompt but the system message)."""
         if index not in self._word_sets:
             messages = self.rows[index]["messages"]
-            self._word_sets[index] = (set(loose_words(messages[-1]["content"])), set(similarity.prompt_words(messages)))
+            self._word_sets[index] = (set(answer_words(messages[-1]["content"])), set(similarity.prompt_words(messages)))
         return self._word_sets[index]
 
     def prompts_differ_in_a_number(self, a: int, b: int) -> bool:

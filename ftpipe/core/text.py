@@ -27,6 +27,7 @@ def _is_punctuation(code: int) -> bool:
 
 
 _ASCII_PUNCTUATION = dict.fromkeys(filter(_is_punctuation, range(128)))
+_JOINED_WORDS = regex.compile(r"[_-]|(?<=\p{Ll})(?=\p{Lu})")  # snake_case, kebab-case, CamelCase
 
 
 @cache
@@ -93,6 +94,12 @@ def text_parts(content: list) -> str | None:
 def loose(text: str) -> str:
     """`canonical` with punctuation removed: what makes two answers the same answer (metrics, labels)."""
     return " ".join(loose_words(text))
+
+
+def answer_words(text: str) -> list[str]:
+    """`loose_words` with a label's joined words apart, as a prompt writes them: `cancel_order`, `cancel-order` and
+    `CancelOrder` are the words cancel and order."""
+    return loose_words(_JOINED_WORDS.sub(" ", text))
 
 
 def label_key(text: str) -> str:
