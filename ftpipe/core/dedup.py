@@ -205,7 +205,8 @@ class NearRows:
         """(the words of a row's answer, of its prompt but the system message)."""
         if index not in self._word_sets:
             messages = self.rows[index]["messages"]
-            self._word_sets[index] = (set(answer_words(messages[-1]["content"])), set(similarity.prompt_words(messages)))
+            self._word_sets[index] = (set(answer_words(messages[-1]["content"])),
+                                      set(similarity.prompt_words(messages)))
         return self._word_sets[index]
 
     def prompts_differ_in_a_number(self, a: int, b: int) -> bool:

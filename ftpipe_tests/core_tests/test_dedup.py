@@ -198,7 +198,8 @@ def test_rows_whose_answers_differ_where_their_prompts_do_are_two_examples() -> 
     text = sentence(rng, 20)
     decided = [row(text + " about billing", "billing", "b"), row(text + " about shipping", "shipping", "s")]
     assert len(dedup.deduplicate(decided).kept) == 2, "the prompts differ in the word that decides the label"
-    for cancel, renew in (("cancel_order", "renew_order"), ("cancel-order", "renew-order"), ("CancelOrder", "RenewOrder")):
+    for cancel, renew in (("cancel_order", "renew_order"), ("cancel-order", "renew-order"),
+                          ("CancelOrder", "RenewOrder")):
         joined = [row(f"{text} please {verb} my order", label, verb) for verb, label in (("cancel", cancel),
                                                                                          ("renew", renew))]
         kept = dedup.deduplicate(joined + others).kept
