@@ -30,7 +30,7 @@ from ftpipe.core.records import (
 )
 from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.storage import atomic_dir, file_sha256
-from ftpipe.core.text import canonical, cell, loose_words
+from ftpipe.core.text import canonical, cell, loose_words, unspaced
 
 TRAIN, EVAL = "train", "eval"
 # The same answer word for word (as `loose` reads it), of at least this many words and given by at most this many
@@ -130,7 +130,8 @@ def find_leaks(
     for copy, held in wrapping.wrapped_copies(rows).items():
         trained = sorted((-len(clause), clause, group[0]) for clause, group in held.items() if group[0] < n_train)
         if copy >= n_train and trained and copy - n_train not in leaks:
-            leaks[copy - n_train] = {**_leak(rows[copy], rows[trained[0][2]]), "same_question": trained[0][1]}
+            leaks[copy - n_train] = {**_leak(rows[copy], rows[trained[0][2]]),
+                                     "same_question": unspaced(trained[0][1])}
     return [leaks[j] for j in sorted(leaks)]
 
 

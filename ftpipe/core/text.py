@@ -19,7 +19,10 @@ CELL_CHARS = 160
 _INVISIBLE = regex.compile(r"\p{Default_Ignorable_Code_Point}+")
 # a character (with its combining marks) of a script written without spaces between words, which is a word of its
 # own: Chinese, Japanese, Thai... texts then share words as they share characters, not only as whole sentences
-_UNSPACED = regex.compile(r"(?=[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}])\X")
+_UNSPACED_SCRIPTS = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"
+_UNSPACED = regex.compile(rf"(?=[{_UNSPACED_SCRIPTS}])\X")
+_IN_UNSPACED_WORDS = rf"[{_UNSPACED_SCRIPTS}ー々]"  # and the marks they share with other scripts (the long vowel mark)
+_BETWEEN_UNSPACED = regex.compile(rf"(?<={_IN_UNSPACED_WORDS}\p{{M}}*) (?={_IN_UNSPACED_WORDS})")
 
 
 def _is_punctuation(code: int) -> bool:
@@ -94,6 +97,12 @@ def text_parts(content: list) -> str | None:
 def loose(text: str) -> str:
     """`canonical` with punctuation removed: what makes two answers the same answer (metrics, labels)."""
     return " ".join(loose_words(text))
+
+
+def unspaced(words: str) -> str:
+    """`words` (`loose_words` joined by spaces) as a script written without spaces writes them: パスワード, not
+    パ ス ワ ー ド."""
+    return _BETWEEN_UNSPACED.sub("", words)
 
 
 def answer_words(text: str) -> list[str]:

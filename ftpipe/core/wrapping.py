@@ -10,9 +10,9 @@ rows a clause
   allows (a greeting, a sign-off, context any question may come with);
 - is otherwise the row's own content.
 Wrapping written onto a clause without punctuation ("where is my order thanks", "hi team how do I return it") is
-taken off its edges: up to EDGE_WORDS words at a clause's start or end that at least WRAPPER_ROWS rows hold there, their
-answers spread as chance spreads them. A clause then predicts an answer when one of its readings, with or without
-such edges, does.
+taken off its edges: up to EDGE_WORDS words (or EDGE_CHARACTERS characters) at a clause's start or end that at least
+WRAPPER_ROWS rows hold there, their answers spread as chance spreads them. A clause then predicts an answer when one of
+its readings, with or without such edges, does.
 A row is a wrapped copy when each of its clauses but the wrapping predicts its own answer and a reading that does is at
 least CORE_MIN_WORDS words long: it asks what the other rows holding the shortest such readings ask. A row with a clause
 of its own (a new question beside a phrase that happens to predict its answer) is no copy. Only messages of at most
@@ -37,7 +37,8 @@ DIGIT = re.compile(r"\d+")
 BREAK = "\x00"  # stands for a clause break among the words: no text holds it, and no word is made of it
 CORE_SHARE = 0.8
 CORE_MIN_WORDS = 4
-EDGE_WORDS = 4  # the longest greeting or sign-off taken off a clause's edge
+EDGE_WORDS = 4  # the longest greeting or sign-off taken off a clause's edge...
+EDGE_CHARACTERS = 12  # ...or more words while they hold no more characters (a script written without spaces)
 CHANCE = 0.01  # less likely than this by chance is more than chance
 SHORT_WORDS = 120  # longer messages are not cut into clauses: their own words outweigh any wrapping
 
@@ -84,9 +85,10 @@ def _edge_wrapping(held: list[frozenset[str]], answers: list[str], shares: dict[
     for index, row_clauses in enumerate(held):
         for clause in row_clauses:
             words = clause.split()
-            for n in range(1, min(EDGE_WORDS, len(words) - 1) + 1):
-                for edge in (("start", " ".join(words[:n])), ("end", " ".join(words[-n:]))):
-                    at_edges.setdefault(edge, set()).add(index)
+            for n in range(1, min(_edge_limit(words), len(words) - 1) + 1):
+                at_edges.setdefault(("start", " ".join(words[:n])), set()).add(index)
+            for n in range(1, min(_edge_limit(words[::-1]), len(words) - 1) + 1):
+                at_edges.setdefault(("end", " ".join(words[-n:])), set()).add(index)
     return {edge for edge, rows in at_edges.items()
             if len(rows) >= WRAPPER_ROWS and _as_chance(Counter(answers[i] for i in rows), len(rows), shares)}
 
@@ -94,23 +96,35 @@ def _edge_wrapping(held: list[frozenset[str]], answers: list[str], shares: dict[
 def _readings(clause: str, edges: set[tuple[str, str]]) -> frozenset[str]:
     """`clause` and what is left of it with wrapping taken off its start, its end or both (never all of it)."""
     words = clause.split()
-    starts = _stripped(words, lambda at, n: ("start", " ".join(words[at:at + n])) in edges)
-    ends = _stripped(words, lambda at, n: ("end", " ".join(words[len(words) - at - n:len(words) - at])) in edges)
+    starts = _stripped(words, lambda edge: ("start", " ".join(edge)) in edges)
+    ends = _stripped(words[::-1], lambda edge: ("end", " ".join(reversed(edge))) in edges)
     return frozenset(" ".join(words[start:len(words) - end]) for start in starts for end in ends
                      if start + end < len(words))
 
 
-def _stripped(words: list[str], wraps_at) -> set[int]:
-    """How many words can be taken off one edge of `words`, wrapping after wrapping (`wraps_at(taken, n)`: the n
-    words after the `taken` ones wrap), leaving one at least."""
+def _stripped(words: list[str], wraps) -> set[int]:
+    """How many words can be taken off the start of `words`, wrapping after wrapping (`wraps(edge)`: those words
+    wrap), leaving one at least."""
     found, todo = {0}, [0]
     while todo:
         taken = todo.pop()
-        for n in range(1, min(EDGE_WORDS, len(words) - taken - 1) + 1):
-            if taken + n not in found and wraps_at(taken, n):
+        rest = words[taken:]
+        for n in range(1, min(_edge_limit(rest), len(rest) - 1) + 1):
+            if taken + n not in found and wraps(rest[:n]):
                 found.add(taken + n)
                 todo.append(taken + n)
     return found
+
+
+def _edge_limit(words: list[str]) -> int:
+    """The most words an edge at the start of `words` may hold: EDGE_WORDS, or more while they hold no more than
+    EDGE_CHARACTERS characters (a greeting in a script written without spaces, a character a word)."""
+    size = 0
+    for count, word in enumerate(words):
+        size += len(word)
+        if size > EDGE_CHARACTERS:
+            return max(EDGE_WORDS, count)
+    return max(EDGE_WORDS, len(words))
 
 
 def _core(readings: frozenset[str], predicts: dict[str, str], answer: str) -> tuple[str, ...] | None:

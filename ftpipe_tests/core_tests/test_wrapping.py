@@ -42,6 +42,31 @@ def test_greetings_and_sign_offs_written_on_without_punctuation_are_taken_off_th
     assert all(len(found) == 1 for found in by_core.values()), "each core question's rows on one side"
 
 
+def test_a_greeting_written_onto_a_question_without_spaces_or_punctuation_is_wrapping_too() -> None:
+    questions = {"reset_password": ["パスワードを忘れてしまいました", "パスワードリセットのメールが届きません"],
+                 "cancel_order": ["注文をキャンセルしたいです", "先ほどの注文をキャンセルできますか"],
+                 "refund_status": ["返金はいつになりますか", "まだ返金されていません"],
+                 "payment_failed": ["カードの支払いができません", "決済エラーが出ます"]}
+    openers = ["", "こんにちは", "お世話になっております", "すみません"]
+    closers = ["", "よろしくお願いします", "ありがとうございます"]
+    rng = random.Random(3)
+    rows = [row(f"{rng.choice(openers)}{question}{rng.choice(closers)}", label, f"ja.jsonl:line {i}")
+            for i, (label, question) in enumerate((label, rng.choice(asked)) for label, asked in
+                                                  rng.choices(list(questions.items()), k=160))]
+    sides = split.assign_sides(rows, eval_fraction=0.2, seed=0)
+    asked = {}
+    for r in rows:
+        question = next(q for qs in questions.values() for q in qs if q in r["messages"][0]["content"])
+        asked.setdefault(question, set()).add(sides[r["id"]])
+    assert all(len(found) == 1 for found in asked.values()), "each question's rows on one side"
+    hashed = [split.hash_side(r["messages"][0]["content"], 0.2, 0) for r in rows]  # a split made before
+    leaks = split.find_leaks([r for r, side in zip(rows, hashed) if side == split.TRAIN],
+                             [r for r, side in zip(rows, hashed) if side == split.EVAL])
+    named = [leak["same_question"] for leak in leaks if "same_question" in leak]
+    assert len(named) > 0.5 * len(leaks) and all(" " not in question for question in named), "named as written"
+    assert len(leaks) == hashed.count(split.EVAL) and "パスワードを忘れてしまいました" in named
+
+
 def test_a_question_of_its_own_beside_a_telling_phrase_is_no_copy_and_chance_is_no_sign() -> None:
     telling = "It would make a real difference for our team."
     requests = [row(f"Please add {feature}. {telling}", "feature_request", f"f:line {i}")
