@@ -190,6 +190,9 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
     context.log.info(f"{task}: {summary['train_rows']} train / {summary['eval_rows']} eval rows{preference}"
                      + (f"; {new} new since the last split ({summary['new_train_rows']} train, "
                         f"{summary['new_eval_rows']} eval), the others on their sides" if new else ""))
+    if summary["train_rows"] and not summary["eval_rows"]:
+        context.log.warning(f"{task}: no held-out row of {summary['train_rows']}: nothing can be evaluated, so no "
+                            "training starts; a larger split.eval_fraction holds some out")
     if given := summary["preference_rows_given_system_prompt"]:
         context.log.info(f"{task}: {given} preference prompts started without a system message and got the one the "
                          "chat rows and serving start with")

@@ -249,6 +249,22 @@ def test_the_split_warns_of_labels_only_train_rows_have_and_of_labels_only_held_
         "rows of it in the raw files give it train rows).")
 
 
+def test_a_split_that_holds_out_no_row_says_so_and_the_training_refuses_for_that_reason(ftpipe_env: Path) -> None:
+    from ftpipe.config import TrainingConfig
+    from ftpipe.core.training.setup import Refused, require_rows
+
+    rows = [chat(f"message {i}: about payment {i * 17} from branch {i}", ["refund", "card"][i % 2]) for i in range(4)]
+    make_task(ftpipe_env, "tiny", {"a.jsonl": rows}, "split: {eval_fraction: 0.05}\n")
+    with dg.instance_for_test() as instance:
+        result = materialize(instance, "tiny")
+        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    assert materialization(result, "heldout_split")["eval_rows"] == 0
+    assert ("tiny: no held-out row of 4: nothing can be evaluated, so no training starts; a larger "
+            "split.eval_fraction holds some out") in warnings
+    with pytest.raises(Refused, match=r"^no eval rows: the held-out split has none \(a larger split.eval_fraction"):
+        require_rows(rows, [], [], TrainingConfig())
+
+
 def test_class_ids_are_trained_and_held_out_as_the_label_names_task_yaml_gives(ftpipe_env: Path) -> None:
     from ftpipe.core.records import answers
 

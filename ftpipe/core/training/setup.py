@@ -117,9 +117,12 @@ def require_rows(train: list, evals: list, train_over: list[int], config: Traini
     if not train and not train_over:
         raise Refused(f"no training {kind}rows: the task's held-out split has none (its raw files give no "
                       f"{kind or 'chat '}rows that cleaning kept)")
-    if not train or not evals:
-        raise Refused(f"no {'training' if not train else 'eval'} {kind}rows left: every row is longer than "
-                      f"max_length={config.max_length} tokens; raise training.max_length")
+    if not train:
+        raise Refused(f"no training {kind}rows left: every row is longer than max_length={config.max_length} tokens; "
+                      "raise training.max_length")
+    if not evals:
+        raise Refused(f"no eval {kind}rows: the held-out split has none (a larger split.eval_fraction holds some out) "
+                      f"or every one is longer than training.max_length={config.max_length} tokens")
 
 
 def objective_module(objective: str) -> ModuleType:
