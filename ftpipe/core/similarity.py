@@ -394,7 +394,12 @@ def prompt_pairs(prompts: Shingles, words: Callable[[int], list[str]],
 
 
 def _own_words(a: list[str], b: list[str]) -> tuple[int, int]:
-    """How many words each of two word sequences has where the other has others, misspelt words aside."""
+    """How many words each of two word sequences has where the other has others, misspelt words aside. What both
+    start or end with is set aside first: matching the rest is quadratic in its length (a long quoted thread)."""
+    start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    end = next((i for i, (x, y) in enumerate(zip(reversed(a[start:]), reversed(b[start:]))) if x != y),
+               min(len(a), len(b)) - start)
+    a, b = a[start:len(a) - end], b[start:len(b) - end]
     own_a = own_b = 0
     for tag, a_start, a_end, b_start, b_end in SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
         if tag == "equal":
