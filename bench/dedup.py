@@ -177,7 +177,7 @@ def quality(task: IntentTask, settings: similarity.Settings) -> tuple[float, flo
 def wrappers_not_judged():
     """Cleaning as before prompts alike only through a greeting and signature were told apart: every similar pair."""
     return patch.object(similarity, "prompt_pairs",
-                        lambda prompts, words, settings: similarity.similar_pairs(prompts, settings))
+                        lambda prompts, words, settings, answers=None: similarity.similar_pairs(prompts, settings))
 
 
 def misspelt_not_paired():

@@ -152,7 +152,7 @@ class NearRows:
         self.answers = answers  # equal ids: equal normalised answers
         self.settings = settings
         pairs = similarity.prompt_pairs(prompts, lambda index: similarity.prompt_words(rows[index]["messages"]),
-                                        settings)
+                                        settings, answers)
         self.similar = similarity.neighbours(len(rows), [pair for pair in pairs if self.turn_for_turn(*pair[:2])])
         self._word_sets: dict[int, tuple[set[str], set[str]]] = {}
         self._objects: dict[int, bool] = {}

@@ -39,6 +39,7 @@ MIN_SHARED_ROWS = 8  # ...when at least this many rows hold it (a handful of nea
 MINHASH_SEED = 1
 WRAPPER_ROWS = MIN_SHARED_ROWS  # text held by at least this many rows may wrap different messages...
 OWN_WORDS = 2  # ...when each of two messages has at least this many words of its own
+ONE_ANSWER = 0.8  # ...and when no one answer is given by this share of its rows (else it is a question many ask)
 MISSPELT = 0.75  # a word this alike letter for letter to the one in its place is the same word misspelt
 MISSPELT_WORDS = 64  # `blind_spot` at most: comparing word by word costs the square of a prompt's length
 
@@ -82,14 +83,24 @@ class Shingles:
         left, right = self.set_of(a), self.set_of(b)
         return len(left & right) / len(left | right)
 
-    def held_by_at_least(self, count: int, among: np.ndarray) -> set[int]:
-        """Those of the shingles `among` that at least `count` rows hold (a row holding one twice counts once)."""
+    def held_by_at_least(self, count: int, among: np.ndarray, answers: np.ndarray | None = None) -> set[int]:
+        """Those of the shingles `among` that at least `count` rows hold (a row holding one twice counts once); with
+        `answers` (a code per row), only those whose rows give no answer in at least ONE_ANSWER of them: text that
+        goes with one answer is a question many rows ask, not wrapping."""
         found = pd.Series(self.hashes).isin(among).to_numpy()
         owner = np.repeat(np.arange(len(self)), np.diff(self.offsets))[found]
         codes, uniques = pd.factorize(self.hashes[found])
-        held = np.bincount(pd.unique(owner * max(len(uniques), 1) + codes) % max(len(uniques), 1),
-                           minlength=len(uniques))
-        return set(uniques[held >= count].tolist())
+        size = max(len(uniques), 1)
+        held_pairs = pd.unique(owner * size + codes)  # each (row, shingle) once
+        held = np.bincount(held_pairs % size, minlength=len(uniques))
+        wide = held >= count
+        if answers is not None:
+            kinds = int(answers.max(initial=0)) + 1
+            giving, rows = np.unique((held_pairs % size) * kinds + answers[held_pairs // size], return_counts=True)
+            most = np.zeros(len(uniques), dtype=np.int64)  # of each shingle's rows, those giving its commonest answer
+            np.maximum.at(most, giving // kinds, rows)
+            wide &= most < ONE_ANSWER * held
+        return set(uniques[wide].tolist())
 
     def chunk(self, start: int, stop: int) -> Shingles:
         begin, end = self.offsets[start], self.offsets[stop]
@@ -377,18 +388,19 @@ def similar_pairs(rows: Shingles, settings: Settings = Settings()) -> list[tuple
     return sorted(found)
 
 
-def prompt_pairs(prompts: Shingles, words: Callable[[int], list[str]],
-                 settings: Settings = Settings()) -> list[tuple[int, int, float]]:
+def prompt_pairs(prompts: Shingles, words: Callable[[int], list[str]], settings: Settings = Settings(),
+                 answers: np.ndarray | None = None) -> list[tuple[int, int, float]]:
     """`similar_pairs` of prompts, less the pairs of different messages in one wrapper: each prompt has at least
     OWN_WORDS words of its own (`_own_words`; `words(i)`: prompt i's words in order), and without the text that at
-    least WRAPPER_ROWS rows hold they are not alike (two questions between one greeting and signature)."""
+    least WRAPPER_ROWS rows hold (with `answers`, a code per row: with no one answer in most of them) they are not
+    alike (two questions between one greeting and signature, or above one quoted email)."""
     pairs = similar_pairs(prompts, settings)
     sets, least = prompts.set_of, OWN_WORDS + settings.shingle_words - 1  # the fewest shingles of such words
     differing = [(a, b) for a, b, _ in pairs if len(sets(a) - sets(b)) >= least <= len(sets(b) - sets(a))
                  and min(_own_words(words(a), words(b))) >= OWN_WORDS]
     if not differing:
         return pairs
-    common = prompts.held_by_at_least(WRAPPER_ROWS, prompts.subset(np.unique(differing)).hashes)
+    common = prompts.held_by_at_least(WRAPPER_ROWS, prompts.subset(np.unique(differing)).hashes, answers)
     wrapped = {(a, b) for a, b in differing if not _alike(sets(a) - common, sets(b) - common, settings.threshold)}
     return [pair for pair in pairs if pair[:2] not in wrapped]
 

@@ -419,3 +419,20 @@ def test_a_label_field_spelt_two_ways_counts_as_one_answer_in_a_contradiction_vo
     summary = dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "out", labels=labelled)
     assert [(r["reason"], r["messages"][-1]["content"]) for r in summary["removed"]] == [
         ("contradiction", answers[2]), ("exact_duplicate", answers[1])], "two of three rows agree: a majority"
+
+
+def test_questions_many_rows_ask_above_one_quoted_email_are_different_messages_not_contradictions() -> None:
+    rng = random.Random(4)
+    quotes = [sentence(rng, 60) for _ in range(3)]  # each quoted by a third of the rows: too few to be shared text
+    asked = {"cancel_order": ["please cancel this order before it ships", "stop the order, i no longer need it"],
+             "refund_status": ["the refund has still not reached my card", "when will i get my money back"],
+             "reset_password": ["the password reset email never came", "i cannot log in, the reset link is broken"],
+             "return_item": ["how do i send the boots back", "i need a return label for the jacket"]}
+    rows = [row(f"{rng.choice(questions)} {' '.join(rng.sample(['today', 'asap', 'please', 'again', 'now'], 3))}\n\n"
+                f"> On Monday, Support wrote:\n> {rng.choice(quotes)}", label, f"mail.jsonl:line {len(asked) * k + i}")
+            for k in range(24) for i, (label, questions) in enumerate(asked.items())]
+    result = dedup.deduplicate(rows)
+    assert result.count("contradiction") == 0, [r["detail"] for r in result.removed][:3]
+    assert {r["messages"][-1]["content"] for r in result.kept} == set(asked)
+    assert all(r["messages"][-1]["content"] == next(o for o in rows if o["id"] == r["duplicate_of"])["messages"][-1][
+        "content"] for r in result.removed), "a copy of one question in other filler words goes as a near-duplicate"
