@@ -337,6 +337,11 @@ def comparable_answer(answer: str) -> str:
     return answer if value is None else json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
+def answer_key(row: dict[str, Any]) -> str:
+    """A row's answer as cleaning compares answers: a JSON object by its value, case and spacing aside."""
+    return canonical(comparable_answer(row["messages"][-1]["content"]))
+
+
 def _comparable(row: dict[str, Any], as_written: dict[str, list[dict]],
                 spelt: Callable[[str], str] | None) -> dict[str, Any]:
     """`row` with the `comparable_answer` of its answer as `spelt` writes it, its messages as written kept in

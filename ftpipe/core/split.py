@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ftpipe.core import similarity, wrapping
-from ftpipe.core.dedup import SHARED_TEXT_KEY, comparable_answer, prompt_key
+from ftpipe.core.dedup import SHARED_TEXT_KEY, answer_key, prompt_key
 from ftpipe.core.layout import (
     EVAL as EVAL_FILE, EVAL_PREFERENCES, PREFERENCES, SPLIT_RECORD, TRAIN as TRAIN_FILE, TRAIN_PREFERENCES,
 )
@@ -50,7 +50,7 @@ def hash_side(prompt: str, eval_fraction: float, seed: int) -> str:
 def _similar_prompts(rows: list[dict[str, Any]], settings: similarity.Settings,
                      shared: np.ndarray | None) -> list[tuple[int, int, float]]:
     prompts, _ = similarity.prompt_shingles(rows, settings.shingle_words, shared)
-    answers = pd.factorize(pd.Series([canonical(comparable_answer(row["messages"][-1]["content"])) for row in rows]))[0]
+    answers = pd.factorize(pd.Series([answer_key(row) for row in rows]))[0]
     return similarity.prompt_pairs(prompts, lambda i: similarity.prompt_words(rows[i]["messages"]), settings, answers)
 
 

@@ -27,10 +27,10 @@ from functools import cache
 from itertools import groupby
 from typing import Any
 
-from ftpipe.core.dedup import comparable_answer
+from ftpipe.core.dedup import answer_key
 from ftpipe.core.evaluation.statistics import chance_of_at_least
 from ftpipe.core.similarity import WRAPPER_ROWS
-from ftpipe.core.text import canonical, loose_words
+from ftpipe.core.text import loose_words
 
 CLAUSE_BREAK = re.compile(r"[.!?;:,\n…。！？；：，、–—]+|\s-+\s")
 DIGIT = re.compile(r"\d+")
@@ -57,7 +57,7 @@ def wrapped_copies(rows: list[dict[str, Any]]) -> dict[int, dict[str, list[int]]
     """For each wrapped copy among `rows` (see the module), the shortest readings of its clauses that predict its
     answer, each with the rows that hold it and give that answer (the copy among them); answers compare as cleaning
     compares them (a JSON object by its value, case and spacing aside)."""
-    answers = [canonical(comparable_answer(row["messages"][-1]["content"])) for row in rows]
+    answers = [answer_key(row) for row in rows]
     shares = {answer: count / len(answers) for answer, count in Counter(answers).items()}
     held = [clauses(row["messages"]) for row in rows]
     edges = _edge_wrapping(held, answers, shares)
