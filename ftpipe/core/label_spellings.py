@@ -43,8 +43,11 @@ class Spellings:
         """The spellings of the labels of `answers`; `trained`: the answers of the rows the last cleaning kept;
         `named`: the labels of `data.label_names`."""
         found, before = cls._by_key(answers, labels), cls._by_key(trained, labels)
-        chosen = {name: next((label for label in before.get(name, []) if label in written), most_common(written))
-                  for name, written in found.items() if len(set(written)) > 1}
+        chosen = {}
+        for name, written in found.items():
+            if len(spellings := set(written)) > 1:
+                kept = spellings.intersection(before.get(name, ()))
+                chosen[name] = min(kept) if kept else most_common(written)
         return cls(labels, {**chosen, **{label_key(label): label for label in named}})
 
     @staticmethod

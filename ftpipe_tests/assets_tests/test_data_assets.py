@@ -270,6 +270,9 @@ def test_class_ids_are_trained_and_held_out_as_the_label_names_task_yaml_gives(f
 
     names = ["activate_my_card", "age_limit", "card_arrival", "lost_card"]
     rows = [{"text": f"customer {i} writes about topic {i % 4}, order {i * 31}", "label": i % 4} for i in range(80)]
+    # names in another spelling, on more rows than the ids: trained as label_names writes them
+    rows += [{"text": f"a shop {i} exported its ticket {i * 17} by name", "label": ["Lost Card", "card-arrival"][i % 2]}
+             for i in range(60)]
     task_yaml = ("evaluation: {task_type: classification}\n"
                  f"data: {{columns: {{prompt: text, completion: label}}, label_names: [{', '.join(names)}]}}\n")
     make_task(ftpipe_env, "bank", {"export.jsonl": rows}, task_yaml)
