@@ -159,7 +159,7 @@ class DedupConfig(_Strict):
 
 
 class SplitConfig(_Strict):
-    """The held-out split, assigned by content hash so new rows never move old ones."""
+    """The held-out split, stratified by answer in a stable hash order; new rows never move old ones."""
 
     eval_fraction: float = Field(0.15, ge=0.05, le=0.5, description="share of rows held out (0.05 to 0.5)")
     seed: int = Field(0, description="salt of the hash that assigns rows; change it for another split")

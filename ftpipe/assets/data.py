@@ -176,7 +176,7 @@ def review_sample(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     partitions_def=task_partitions, group_name=GROUP, kinds={"parquet"}, deps=[deduplicated_examples], automation_condition=REFRESH,
 )
 def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg.MaterializeResult:
-    """Train / eval rows by a stable hash of the prompt; near-duplicate prompts stay on one side."""
+    """Train / eval rows stratified by answer in a stable hash order; near-duplicate prompts stay on one side."""
     task = context.partition_key
     cfg = load_config(context, config)
     paths = TaskLayout(task)

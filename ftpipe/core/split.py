@@ -1,13 +1,14 @@
-"""Held-out split by a stable hash of the normalised prompt, with near-duplicate prompts and paraphrases kept together.
+"""Held-out split stratified by answer, with near-duplicate prompts and paraphrases kept together.
 
-A row's side depends only on its prompt (and the seed), never on which other rows exist, except that
-near-duplicate prompts (short ones with one word misspelt too), rows giving the same distinctive answer, and rows
-asking one question in other wrapping (`wrapping`) share the side of their group; sides recorded by an earlier
-split are kept, so adding rows never moves an existing row between train and eval. Near-duplicate prompts are those
-cleaning compares (`similarity`, leaving out the same shared text), and the leakage check uses the same tests.
-Preference rows are split with the chat examples, by their prompts: near-identical prompts of either kind share a
-side, so all the rows of one prompt are on one side.
-"""
+Near-duplicate prompts (short ones with one word misspelt too), rows giving the same distinctive answer, and rows
+asking one question in other wrapping (`wrapping`) form a group, which takes one side. Groups are taken in the order
+of a stable hash of their prompt (and the seed) and held out while their label's held-out rows stay within its share
+of the label (answers no other group gives, as a generation task's, count as one label); what is left of the eval
+share of all rows goes to the labels furthest below theirs, each keeping a train group while others can fill it.
+Sides recorded by an earlier split are kept, so adding rows never moves an existing row between train and eval.
+Near-duplicate prompts are those cleaning compares (`similarity`, leaving out the same shared text), and the leakage
+check uses the same tests. Preference rows are split with the chat examples, by their prompts: near-identical prompts
+of either kind share a side, so all the rows of one prompt are on one side."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import hashlib
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -42,9 +43,14 @@ ANSWER_MAX_ROWS = 5
 STOCK_ANSWER_SHARE, STOCK_ANSWER_ROWS = 0.2, 5  # one final answer of this share of the train rows, this many at least
 
 
-def hash_side(prompt: str, eval_fraction: float, seed: int) -> str:
+def hash_position(prompt: str, seed: int) -> float:
+    """A prompt's place in [0, 1), stable for the prompt and the seed."""
     digest = hashlib.sha256(f"{seed}\x1f{prompt}".encode("utf-8", "surrogatepass")).digest()
-    return EVAL if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else TRAIN
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def hash_side(prompt: str, eval_fraction: float, seed: int) -> str:
+    return EVAL if hash_position(prompt, seed) < eval_fraction else TRAIN
 
 
 def _similar_prompts(rows: list[dict[str, Any]], settings: similarity.Settings,
@@ -90,24 +96,91 @@ def assign_sides(
 
     Rows with near-duplicate prompts (or short ones with one word misspelt), the same distinctive answer or one
     question in other wrapping form groups (connected, so no pair of them is split); a group takes the side recorded
-    for any of its rows in `previous` (an earlier split with the same fraction and seed), else the hash side of its
-    smallest prompt. `shared`: the shared shingles cleaning left out (found anew if None).
+    for any of its rows in `previous` (an earlier split with the same fraction and seed), else a side stratified by
+    the answer most of its rows give (`_stratified_sides`), the groups taken in the hash order of their smallest
+    prompts. `shared`: the shared shingles cleaning left out (found anew if None).
     """
     previous = previous or {}
     prompts = [prompt_key(row["messages"]) for row in rows]
     links = (_similar_prompts(rows, settings, shared) + _misspelt_copies(rows, settings)
              + [(i, j, 1.0) for i, j in _same_answers(rows)] + _wrapped_links(wrapping.wrapped_copies(rows)))
-    roots = similarity.components(len(rows), links)
     members: dict[int, list[int]] = {}
-    for index, root in enumerate(roots):
+    for index, root in enumerate(similarity.components(len(rows), links)):
         members.setdefault(root, []).append(index)
-    sides: dict[str, str] = {}
-    for group in members.values():
-        pinned = sorted(previous[rows[i]["id"]] for i in group if rows[i]["id"] in previous)
-        side = pinned[0] if pinned else hash_side(min(prompts[i] for i in group), eval_fraction, seed)
-        for i in group:
-            sides[rows[i]["id"]] = previous.get(rows[i]["id"], side)
-    return sides
+    groups = list(members.values())
+    answers = [answer_key(row) for row in rows]
+    pinned = [min((previous[rows[i]["id"]] for i in group if rows[i]["id"] in previous), default=None)
+              for group in groups]
+    group_sides = _stratified_sides(
+        [len(group) for group in groups], _labels([[answers[i] for i in group] for group in groups]), pinned,
+        [hash_position(min(prompts[i] for i in group), seed) for group in groups], eval_fraction)
+    return {rows[i]["id"]: previous.get(rows[i]["id"], side) for group, side in zip(groups, group_sides) for i in group}
+
+
+def _labels(answers: list[list[str]]) -> list[str | None]:
+    """Each group's label: the answer most of its rows give (the smallest of a tie), or None, one label for all,
+    where no other group gives it (a generation task's answers)."""
+    given = []
+    for group in answers:
+        counts = Counter(group)
+        given.append(min(counts, key=lambda answer: (-counts[answer], answer)))
+    groups = Counter(given)
+    return [answer if groups[answer] > 1 else None for answer in given]
+
+
+def _stratified_sides(sizes: list[int], labels: list[str | None], pinned: list[str | None], positions: list[float],
+                      eval_fraction: float) -> list[str]:
+    """Each group's side: a `pinned` one keeps its side. The others, by `positions`, are held out while their label's
+    held-out rows stay within `eval_fraction` of its rows (labels of at least 1 / `eval_fraction` rows); then, while
+    that brings all held-out rows nearer `eval_fraction` of all rows, the groups left (`_fill_order`); the rest
+    train."""
+    sides = list(pinned)
+    by_label: dict[str | None, list[int]] = {}
+    for group in sorted(range(len(sizes)), key=positions.__getitem__):
+        by_label.setdefault(labels[group], []).append(group)
+    order: dict[int, tuple] = {}
+    for groups in by_label.values():
+        room = _room(groups, sizes, sides, eval_fraction)
+        if eval_fraction * sum(sizes[g] for g in groups) >= 1:
+            room = _hold_out(groups, sizes, sides, room, lambda size, left: size <= left)
+        order |= _fill_order(groups, sizes, sides, room, positions)
+    everyone = range(len(sizes))
+    _hold_out(sorted(order, key=order.__getitem__), sizes, sides, _room(everyone, sizes, sides, eval_fraction),
+              lambda size, left: size / 2 < left)
+    return [side or TRAIN for side in sides]
+
+
+def _fill_order(groups: list[int], sizes: list[int], sides: list[str | None], room: float,
+                positions: list[float]) -> dict[int, tuple]:
+    """The keys ordering one label's undecided `groups` (`room` rows short of its share) for the eval share of all
+    rows: first the first group bringing the label nearer its share, then one group of each label in turn, the labels
+    furthest below their share (of their rows) first, and last a label's only train group, which it keeps while other
+    labels can fill the share (a classification label's only row cannot be scored once it is not trained)."""
+    undecided = [g for g in groups if sides[g] is None]
+    spare = undecided if TRAIN in map(sides.__getitem__, groups) else undecided[:-1]
+    order = {group: (2, 0, 0.0, positions[group]) for group in undecided}
+    nearer = next((g for g in spare if sizes[g] / 2 < room), None)
+    if nearer is not None:
+        order[nearer], room = (0, 0, 0.0, positions[nearer]), room - sizes[nearer]
+    rows = sum(sizes[g] for g in groups)
+    for turn, group in enumerate(g for g in spare if g != nearer):
+        order[group] = (1, turn, -room / rows, positions[group])
+    return order
+
+
+def _room(groups: Iterable[int], sizes: list[int], sides: list[str | None], eval_fraction: float) -> float:
+    """How many rows the held-out rows of `groups` are short of `eval_fraction` of their rows."""
+    groups = list(groups)
+    return eval_fraction * sum(sizes[g] for g in groups) - sum(sizes[g] for g in groups if sides[g] == EVAL)
+
+
+def _hold_out(groups: list[int], sizes: list[int], sides: list[str | None], room: float,
+              fits: Callable[[int, float], bool]) -> float:
+    """Hold out each undecided group of `groups`, in order, whose size `fits` the `room` left; the room then left."""
+    for group in groups:
+        if sides[group] is None and fits(sizes[group], room):
+            sides[group], room = EVAL, room - sizes[group]
+    return room
 
 
 def find_leaks(

@@ -15,17 +15,41 @@ def rows(n: int, seed: int = 0) -> list[dict]:
     return [row(sentence(rng, 15), "a", f"s{i}") for i in range(n)]
 
 
-def test_eval_fraction_is_respected_roughly() -> None:
-    sides = split.assign_sides(rows(1000), eval_fraction=0.2, seed=0)
-    share = sum(side == split.EVAL for side in sides.values()) / len(sides)
-    assert 0.15 < share < 0.25
+def labelled(sizes: list[int], seed: int = 0) -> list[dict]:
+    """Rows of distinct prompts, `sizes[k]` of them answering `label{k}`."""
+    rng = random.Random(seed)
+    return [row(sentence(rng, 12), f"label{k}", f"s{k}.{i}") for k, size in enumerate(sizes) for i in range(size)]
 
 
-def test_adding_rows_never_moves_existing_rows() -> None:
-    old = rows(300)
+def held_out(sides: dict[str, str], group: list[dict]) -> int:
+    return sum(sides[r["id"]] == split.EVAL for r in group)
+
+
+def test_the_eval_share_is_the_configured_one_whatever_the_seed() -> None:
+    generated = rows(1000)  # answers no other row gives, as a generation task's
+    for seed in range(5):
+        assert held_out(split.assign_sides(generated, eval_fraction=0.2, seed=seed), generated) == 200
+
+
+def test_every_label_is_held_out_in_its_share_however_skewed_the_labels() -> None:
+    sizes = [max(2, 300 // (k + 1)) for k in range(40)]  # 300, 150, 100, ... down to 2 rows a label
+    data = labelled(sizes)
+    for seed in range(3):
+        sides = split.assign_sides(data, eval_fraction=0.15, seed=seed)
+        assert abs(held_out(sides, data) - 0.15 * len(data)) <= 1
+        for k, size in enumerate(sizes):
+            if 0.15 * size >= 1:
+                assert abs(held_out(sides, [r for r in data if r["messages"][-1]["content"] == f"label{k}"])
+                           - 0.15 * size) < 1, f"label{k} of {size} rows"
+
+
+def test_adding_rows_never_moves_existing_rows_and_new_ones_fill_their_labels_share() -> None:
+    old = labelled([100, 60, 30])
     before = split.assign_sides(old, eval_fraction=0.15, seed=0)
-    after = split.assign_sides(old + rows(100, seed=9), eval_fraction=0.15, seed=0)
+    grown = labelled([100, 60, 30, 40], seed=9)[190:]  # a new label of 40 rows
+    after = split.assign_sides(old + rows(100, seed=9) + grown, eval_fraction=0.15, seed=0, previous=before)
     assert all(after[key] == side for key, side in before.items())
+    assert held_out(after, grown) == 6
 
 
 def test_near_duplicate_prompts_share_a_side_and_pinned_sides_win() -> None:
