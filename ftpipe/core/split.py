@@ -101,20 +101,31 @@ def assign_sides(
     prompts. `shared`: the shared shingles cleaning left out (found anew if None).
     """
     previous = previous or {}
-    prompts = [prompt_key(row["messages"]) for row in rows]
-    links = (_similar_prompts(rows, settings, shared) + _misspelt_copies(rows, settings)
-             + [(i, j, 1.0) for i, j in _same_answers(rows)] + _wrapped_links(wrapping.wrapped_copies(rows)))
-    members: dict[int, list[int]] = {}
-    for index, root in enumerate(similarity.components(len(rows), links)):
-        members.setdefault(root, []).append(index)
-    groups = list(members.values())
+    groups = question_groups(rows, settings, shared)
     answers = [answer_key(row) for row in rows]
     pinned = [min((previous[rows[i]["id"]] for i in group if rows[i]["id"] in previous), default=None)
               for group in groups]
     group_sides = _stratified_sides(
         [len(group) for group in groups], _labels([[answers[i] for i in group] for group in groups]), pinned,
-        [hash_position(min(prompts[i] for i in group), seed) for group in groups], eval_fraction)
+        group_positions(rows, groups, seed), eval_fraction)
     return {rows[i]["id"]: previous.get(rows[i]["id"], side) for group, side in zip(groups, group_sides) for i in group}
+
+
+def question_groups(rows: list[dict[str, Any]], settings: similarity.Settings = similarity.Settings(),
+                    shared: np.ndarray | None = None) -> list[list[int]]:
+    """The indices of the rows that must share a side, group by group (see `assign_sides`)."""
+    links = (_similar_prompts(rows, settings, shared) + _misspelt_copies(rows, settings)
+             + [(i, j, 1.0) for i, j in _same_answers(rows)] + _wrapped_links(wrapping.wrapped_copies(rows)))
+    members: dict[int, list[int]] = {}
+    for index, root in enumerate(similarity.components(len(rows), links)):
+        members.setdefault(root, []).append(index)
+    return list(members.values())
+
+
+def group_positions(rows: list[dict[str, Any]], groups: list[list[int]], seed: int) -> list[float]:
+    """Each group's place in the split's order: the `hash_position` of its smallest prompt."""
+    prompts = [prompt_key(row["messages"]) for row in rows]
+    return [hash_position(min(prompts[i] for i in group), seed) for group in groups]
 
 
 def _labels(answers: list[list[str]]) -> list[str | None]:
