@@ -105,17 +105,39 @@ def _a_regular_expression(pattern: str | None) -> str | None:
 RegexPattern = Annotated[str | None, AfterValidator(_a_regular_expression)]
 
 
+Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "columns"]
+Columns = dict[Literal["system", "prompt", "completion", "chosen", "rejected", "label"], str]
+COLUMNS_HELP = ("your column names, e.g. {prompt: ticket_text, completion: triage}; preference rows map chosen and "
+                "rejected (paired), or completion and label (unpaired, true = desirable)")
+
+
+def _readable(fmt: str, columns: dict[str, str], where: str) -> None:
+    """ValueError where format `fmt` and `columns` (the settings at `where`) cannot read a row."""
+    mapped = columns.keys()
+    if fmt == "columns" and not ({"prompt", "completion"} <= mapped or {"chosen", "rejected"} <= mapped):
+        raise ValueError(f"format columns reads the columns mapped in {where}columns: map prompt and completion, e.g. "
+                         "{prompt: ticket_text, completion: triage} (or chosen and rejected for preference pairs)")
+    if "prompt" in columns and not {"completion", "chosen", "rejected"} & columns.keys():
+        raise ValueError(f"{where}columns maps prompt but no answer column: map completion too (or chosen and rejected "
+                         "for preference pairs)")
+
+
+class FileFormat(_Strict):
+    """How the raw files matching one `data.files` pattern are read, in place of the data section's settings."""
+
+    format: Format | None = Field(None, description="how their rows are read (null: as data.format)")
+    columns: Columns = Field(default_factory=dict, description=COLUMNS_HELP)
+
+
 class DataConfig(_Strict):
     """How the files under `raw/` are read."""
 
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "columns"] = Field(
-        "auto", description="how rows are read; auto recognises each row's format from its keys"
-    )
-    columns: dict[Literal["system", "prompt", "completion", "chosen", "rejected", "label"], str] = Field(
-        default_factory=dict, description=(
-            "your column names, e.g. {prompt: ticket_text, completion: triage}; preference rows map chosen and "
-            "rejected (paired), or completion and label (unpaired, true = desirable)")
-    )
+    format: Format = Field("auto", description="how rows are read; auto recognises each row's format from its keys")
+    columns: Columns = Field(default_factory=dict, description=COLUMNS_HELP)
+    files: dict[str, FileFormat] = Field(default_factory=dict, description=(
+        "files read otherwise, by a pattern of their path under raw/ (`legacy/*.csv`): their own format and columns, "
+        "e.g. {'export.csv': {columns: {prompt: text, completion: label}}}; a file's own path applies first, else the "
+        "first pattern it matches"))
     system_prompt: str | None = Field(None, description="system message added to rows that have none")
     label_names: list[str] = Field(default_factory=list, description=(
         "class names in the order of their ids, for answers written as class ids (0, 1, …), as Hugging Face datasets "
@@ -135,13 +157,9 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _columns_readable(self) -> DataConfig:
-        if self.format == "columns" and not ({"prompt", "completion"} <= self.columns.keys()
-                                             or {"chosen", "rejected"} <= self.columns.keys()):
-            raise ValueError("format columns reads the columns mapped in columns: map prompt and completion, e.g. "
-                             "{prompt: ticket_text, completion: triage} (or chosen and rejected for preference pairs)")
-        if "prompt" in self.columns and not {"completion", "chosen", "rejected"} & self.columns.keys():
-            raise ValueError("columns maps prompt but no answer column: map completion too (or chosen and rejected "
-                             "for preference pairs)")
+        _readable(self.format, self.columns, "")
+        for pattern, own in self.files.items():
+            _readable(own.format or self.format, own.columns, f"files[{pattern!r}].")
         return self
 
 

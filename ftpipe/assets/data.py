@@ -65,7 +65,8 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     out = paths.asset("raw_examples")
     spec = records.FormatSpec(data.format, dict(data.columns), data.system_prompt, tuple(data.label_names),
                               answer_rule(cfg.evaluation), answer_problem(cfg.evaluation),
-                              shape_problems(cfg.evaluation))
+                              shape_problems(cfg.evaluation),
+                              tuple((pattern, own.format, dict(own.columns)) for pattern, own in data.files.items()))
     teacher_rows = paths.path("teacher_examples", teacher.TEACHER_FILE)
     extra = ((teacher_rows, f"teacher {cfg.distill.teacher.model}"),) if cfg.distill else ()
     try:
@@ -75,6 +76,8 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     context.log.info(f"{task}: {summary['rows_valid']} valid and {summary['rows_quarantined']} quarantined "
                      f"rows from {len(summary['files'])} file(s)")
     quarantine = summary.pop("quarantine")
+    for line in summary["unused_entries"]:
+        context.log.warning(f"{task}: {line}")
     if summary["unusable_files"]:
         first = next(row for row in quarantine if row["source"] in summary["unusable_files"]
                      or row["source"].rsplit(":", 1)[0] in summary["unusable_files"])

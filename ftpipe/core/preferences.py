@@ -98,7 +98,8 @@ def to_preference(row: Any, spec: FormatSpec, source: str) -> dict[str, Any] | N
         _check_ratings(row)
     if columns is not OWN_COLUMNS:  # named by the mapping: every mapped column its kind reads is in the file
         read = ("prompt", "system", *(("chosen", "rejected") if paired else ("completion", "label")))
-        check_mapped_columns(row, {field: spec.columns[field] for field in read if field in spec.columns})
+        check_mapped_columns(row, {field: spec.columns[field] for field in read if field in spec.columns},
+                             spec.columns_setting)
     if paired and (conversations := _conversation_pair(row, columns)):
         prompt, answers = conversations
     else:

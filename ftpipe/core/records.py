@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from difflib import get_close_matches
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,41 @@ class FormatSpec:
     answer_rule: str = ""
     answer_problem: Callable[[str], str | None] | None = field(default=None, repr=False, compare=False)
     shape_problems: Callable[[list[str]], list[str | None]] | None = field(default=None, repr=False, compare=False)
+    files: tuple[tuple[str, str | None, dict[str, str]], ...] = ()  # data.files: (pattern, format, columns)
+    columns_setting: str = field(default="data.columns", repr=False, compare=False)  # where `columns` is set
+    file: str = field(default="", repr=False, compare=False)  # the file read with this spec (its path under raw/)
+
+    def for_file(self, name: str) -> FormatSpec:
+        """The spec of the raw file `name` (its path under raw/), as the entry of `files` that applies to it gives its
+        format (None: this one's) and columns."""
+        entry = self.entry_of(name)
+        if entry is None:
+            return replace(self, file=name)
+        fmt, columns = next((fmt, columns) for pattern, fmt, columns in self.files if pattern == entry)
+        return replace(self, format=fmt or self.format, columns=columns, files=(), file=name,
+                       columns_setting=f"data.files[{entry!r}].columns")
+
+    def entry_of(self, name: str) -> str | None:
+        """The pattern of `files` that applies to the raw file `name`: the name itself, else the first it matches."""
+        patterns = [pattern for pattern, _, _ in self.files]
+        return name if name in patterns else next((p for p in patterns if fnmatchcase(name, p)), None)
+
+    def unused_entries(self, names: list[str]) -> list[str]:
+        """Why each pattern of `files` applies to none of the raw files `names`, one line each."""
+        applied = {self.entry_of(name) for name in names}
+        lines = []
+        for pattern, _, _ in self.files:
+            matched = [name for name in names if fnmatchcase(name, pattern)]
+            if pattern in applied:
+                continue
+            if not matched:
+                lines.append(f"data.files names {pattern!r}, which no raw file matches (the files read: "
+                             f"{', '.join(names)})")
+            else:
+                lines.append(f"data.files {pattern!r} applies to no file: {matched[0]} is read by "
+                             f"{self.entry_of(matched[0])!r}, listed before it (the first pattern a file matches "
+                             "applies, after its own path)")
+        return lines
 
 
 FEEDBACK_FILE = "feedback.jsonl"  # in raw/: the corrections of served answers, which ftpipe writes as chat rows
@@ -85,6 +121,7 @@ class ReadResult:
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     ignored_files: list[str] = field(default_factory=list)
+    unused_entries: list[str] = field(default_factory=list)  # why a data.files pattern applies to no file
 
     @property
     def rows_valid(self) -> int:
@@ -251,10 +288,10 @@ def _keys(row: dict[str, Any]) -> str:
     return ", ".join(sorted(map(str, row))[:10]) or "none"
 
 
-def _missing_columns(row: dict[str, Any], columns: dict[str, str]) -> str:
-    """The mapped columns the row lacks, as `mapped column 'utterance' (data.columns.prompt) is not in the file`,
-    or ''."""
-    missing = [f"{column!r} (data.columns.{field}{_close_column(column, row)})"
+def _missing_columns(row: dict[str, Any], columns: dict[str, str], setting: str = "data.columns") -> str:
+    """The mapped columns the row lacks, as `mapped column 'utterance' (data.columns.prompt) is not in the file`
+    (`setting`: where `columns` is set), or ''."""
+    missing = [f"{column!r} ({setting}.{field}{_close_column(column, row)})"
                for field, column in sorted(columns.items()) if column not in row]
     if not missing:
         return ""
@@ -269,15 +306,16 @@ def _close_column(column: str, row: dict[str, Any]) -> str:
     return f"; did you mean {columns[close[0]]!r}?" if close else ""
 
 
-def check_mapped_columns(row: dict[str, Any], columns: dict[str, str]) -> None:
-    """BadRow when the row lacks a column of `columns` (those data.columns maps that the row's format reads)."""
-    missing = _missing_columns(row, columns)
+def check_mapped_columns(row: dict[str, Any], columns: dict[str, str], setting: str = "data.columns") -> None:
+    """BadRow when the row lacks a column of `columns` (those `setting` maps that the row's format reads)."""
+    missing = _missing_columns(row, columns, setting)
     if missing:
         raise BadRow(f"{missing}; its columns are: {_keys(row)}")
 
 
-def _mapped(row: dict[str, Any], columns: dict[str, str], label_names: tuple[str, ...]) -> list[dict[str, str]]:
-    check_mapped_columns(row, columns)
+def _mapped(row: dict[str, Any], spec: FormatSpec) -> list[dict[str, str]]:
+    columns, label_names = spec.columns, spec.label_names
+    check_mapped_columns(row, columns, spec.columns_setting)
     system_column = columns.get("system")
     return _pair(
         text_field(row.get(columns["prompt"]), columns["prompt"]),
@@ -301,30 +339,30 @@ def detect_format(row: dict[str, Any], spec: FormatSpec) -> str:
     mapped = {"prompt", "completion"} <= spec.columns.keys()
     if mapped and spec.columns["prompt"] in row:
         return "columns"
-    missing = f"the {_missing_columns(row, spec.columns)}, and " if mapped else ""
+    missing = f"the {_missing_columns(row, spec.columns, spec.columns_setting)}, and " if mapped else ""
     raise BadRow(
         f"unrecognised row format: {missing}expected 'messages', 'conversations', 'instruction'+'output' (or "
         "'response'), "
         "'prompt'+'completion', "
         f"'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label' or the columns mapped in task.yaml; "
-        f"the row has keys: {_keys(row)}{_mapping_hint(row, spec.columns if mapped else {})}"
+        f"the row has keys: {_keys(row)}{_mapping_hint(row, spec if mapped else replace(spec, columns={}))}"
     )
 
 
-def _mapping_hint(row: dict[str, Any], columns: dict[str, str]) -> str:
+def _mapping_hint(row: dict[str, Any], spec: FormatSpec) -> str:
     """Where the row has columns commonly named for a prompt and an answer: `; data.columns: {prompt: text,
-    completion: label} reads it`, or where data.columns (`columns`) maps other names, `; rename 'text' to 'utterance'
-    in this file (...)`; else ''."""
+    completion: label} reads it`, or where `spec` maps other names, `; data.files: {'old.csv': {columns: {prompt:
+    text, completion: label}}} reads this file`; else ''."""
     names = {str(key).casefold(): str(key) for key in row}
     found = {"prompt": next((names[name] for name in LIKELY_PROMPT_COLUMNS if name in names), None),
              "completion": next((names[name] for name in LIKELY_ANSWER_COLUMNS if name in names), None)}
-    if None in found.values():
+    mapping = f"{{prompt: {found['prompt']}, completion: {found['completion']}}}"
+    if None in found.values() or spec.columns and all(spec.columns[field] in row for field in found):
         return ""
-    if not columns:
-        return f"; data.columns: {{prompt: {found['prompt']}, completion: {found['completion']}}} reads it"
-    renames = [f"{found[field]!r} to {columns[field]!r}" for field in found if columns[field] not in row]
-    return (f"; rename {' and '.join(renames)} in this file (data.columns names the columns of every raw file of the "
-            "task)") if renames else ""
+    if not spec.columns:
+        return f"; data.columns: {mapping} reads it"
+    return (f"; data.files: {{{spec.file or '<this file>'!r}: {{columns: {mapping}}}}} reads this file (its columns "
+            f"differ from those {spec.columns_setting} maps)")
 
 
 def to_messages(row: Any, spec: FormatSpec) -> list[dict[str, str]]:
@@ -343,8 +381,9 @@ def to_messages(row: Any, spec: FormatSpec) -> list[dict[str, str]]:
                          _answer_text(row.get("completion"), "completion", spec.label_names))
     else:
         if not {"prompt", "completion"} <= spec.columns.keys():
-            raise BadRow("format 'columns' needs data.columns.prompt and data.columns.completion in task.yaml")
-        messages = _mapped(row, spec.columns, spec.label_names)
+            raise BadRow(f"format 'columns' needs {spec.columns_setting}.prompt and {spec.columns_setting}.completion "
+                         "in task.yaml")
+        messages = _mapped(row, spec)
     messages = with_system_prompt(messages, spec.system_prompt)
     check_size(m["content"] for m in messages)
     if spec.answer_problem is not None and (problem := spec.answer_problem(messages[-1]["content"])):
@@ -481,7 +520,8 @@ def read_raw_dir(raw_dir: Path, spec: FormatSpec) -> ReadResult:
             _quarantine(result, name, problem)
             continue
         result.files.append(name)
-        read_file(path, name, own_rows(spec) if name == FEEDBACK_FILE else spec, result)
+        read_file(path, name, own_rows(spec) if name == FEEDBACK_FILE else spec.for_file(name), result)
+    result.unused_entries = spec.unused_entries(result.files)
     return result
 
 
@@ -560,6 +600,7 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
         "files": result.files,
         "unusable_files": result.unusable_files,
         "ignored_files": result.ignored_files,
+        "unused_entries": result.unused_entries,
         "quarantine_reasons": dict(Counter(re.sub(r"\[\d+\]", "[n]", row["reason"])  # one reason at any message
                                            for row in result.quarantine).most_common()),
     }

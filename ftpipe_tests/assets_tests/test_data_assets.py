@@ -225,6 +225,22 @@ def test_pairs_whose_answers_differ_only_in_punctuation_are_kept_and_counted_wit
             "p.jsonl:line 1): what such a pair teaches is that difference") in warnings
 
 
+def test_sources_naming_their_columns_differently_are_read_by_data_files(ftpipe_env: Path) -> None:
+    current = "".join(f"ticket {i}: parcel {i * 7} is late,shipping\n" for i in range(30))
+    legacy = "".join(f"case {i}: refund {i * 11} not received,billing\n" for i in range(30))
+    yaml = ("data:\n  columns: {prompt: customer_message, completion: intent}\n"
+            "  files:\n    legacy/*.csv: {columns: {prompt: text, completion: label}}\n    archive/*.csv: {}\n")
+    make_task(ftpipe_env, "desk", {"tickets.csv": "customer_message,intent\n" + current,
+                                   "legacy/2023.csv": "text,label\n" + legacy}, yaml)
+    with dg.instance_for_test() as instance:
+        result = materialize(instance, "desk")
+        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    raw = materialization(result, "raw_examples")
+    assert (raw["rows_valid"], raw["rows_quarantined"]) == (60, 0)
+    assert "desk: data.files names 'archive/*.csv', which no raw file matches (the files read: legacy/2023.csv, " \
+           "tickets.csv)" in warnings
+
+
 def test_the_split_warns_of_labels_only_train_rows_have_and_of_labels_only_held_out_rows_have(
         ftpipe_env: Path) -> None:
     from ftpipe.core.records import answers

@@ -157,6 +157,12 @@ def test_a_key_given_twice_is_refused_not_overwritten() -> None:
       for mapping in ("", ", columns: {system: sys}", ", columns: {completion: a, chosen: b}")),
     ("{columns: {prompt: ticket_text}}", "data: columns maps prompt but no answer column: map completion too (or "
                                          "chosen and rejected for preference pairs)"),
+    ("{columns: {prompt: q, completion: a}, files: {'old/*.csv': {columns: {prompt: text}}}}",
+     "data: files['old/*.csv'].columns maps prompt but no answer column: map completion too (or chosen and rejected "
+     "for preference pairs)"),
+    ("{files: {'old/*.csv': {format: columns}}}",
+     "data: format columns reads the columns mapped in files['old/*.csv'].columns: map prompt and completion, e.g. "
+     "{prompt: ticket_text, completion: triage} (or chosen and rejected for preference pairs)"),
     ("{label_names: [billing, ' ', refund]}",
      "data.label_names: label_names[1] is empty: each class id needs its name (got ['billing', ' ', 'refund'])"),
     ("{label_names: [billing, refund, billing]}",

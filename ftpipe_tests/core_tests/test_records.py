@@ -311,14 +311,15 @@ def test_a_mapped_column_missing_from_the_file_is_named_with_the_columns_it_has(
     result = read_raw_dir(folder / "raw", spec)
     (entry,) = result.quarantine
     assert "mapped column 'utterance' (data.columns.prompt) is not in the file" in entry["reason"]
-    assert entry["reason"].endswith("the row has keys: category, text; rename 'text' to 'utterance' in this file "
-                                    "(data.columns names the columns of every raw file of the task)")
+    assert entry["reason"].endswith("the row has keys: category, text; data.files: {'intents.csv': {columns: "
+                                    "{prompt: text, completion: category}}} reads this file (its columns differ from "
+                                    "those data.columns maps)")
     other = read_raw_dir(folder / "raw", FormatSpec(columns={"prompt": "customer_message", "completion": "intent"}))
     assert ("'intent' (data.columns.completion) and 'customer_message' (data.columns.prompt) are not in the file"
             in other.quarantine[0]["reason"]), "no guess from a column as unlike it as 'text'"
-    assert other.quarantine[0]["reason"].endswith("rename 'text' to 'customer_message' and 'category' to 'intent' in "
-                                                  "this file (data.columns names the columns of every raw file of the "
-                                                  "task)")
+    assert other.quarantine[0]["reason"].endswith("data.files: {'intents.csv': {columns: {prompt: text, completion: "
+                                                  "category}}} reads this file (its columns differ from those "
+                                                  "data.columns maps)")
     explicit = read_raw_dir(folder / "raw", FormatSpec("columns", {"prompt": "utterance", "completion": "label"}))
     assert "'label' (data.columns.completion) and 'utterance' (data.columns.prompt)" in explicit.quarantine[0]["reason"]
     cased = read_raw_dir(folder / "raw", FormatSpec("columns", {"prompt": "Text", "completion": "categroy"}))
@@ -328,6 +329,32 @@ def test_a_mapped_column_missing_from_the_file_is_named_with_the_columns_it_has(
         build_raw_examples(folder, tmp_path / "out", spec)
     message = str(failure.value)
     assert "\n" not in message and "[(" not in message and "(1 row)" in message
+
+
+def test_files_with_their_own_columns_are_read_by_the_first_pattern_they_match(tmp_path: Path) -> None:
+    raw = tmp_path / "task" / "raw"
+    (raw / "legacy").mkdir(parents=True)
+    (raw / "tickets.csv").write_text("customer_message,intent\nWhere is my parcel,order_status\n")
+    (raw / "legacy" / "2023.csv").write_text("text,label\nI want my money back,refund\n")
+    (raw / "legacy" / "2024.csv").write_text("body,tag\nCancel my order please,cancel\n")
+    files = (("legacy/*.csv", "columns", {"prompt": "text", "completion": "label"}),
+             ("legacy/2024.csv", None, {"prompt": "body", "completion": "tag"}),  # its own path applies first
+             ("legacy/20*.csv", None, {}), ("archive/*.csv", None, {}))
+    spec = FormatSpec(columns={"prompt": "customer_message", "completion": "intent"}, files=files)
+    result = read_raw_dir(raw, spec)
+    assert not result.quarantine and result.unused_entries == [
+        "data.files 'legacy/20*.csv' applies to no file: legacy/2023.csv is read by 'legacy/*.csv', listed before it "
+        "(the first pattern a file matches applies, after its own path)",
+        "data.files names 'archive/*.csv', which no raw file matches (the files read: legacy/2023.csv, "
+        "legacy/2024.csv, tickets.csv)"]
+    assert sorted((r["messages"][0]["content"], r["messages"][1]["content"]) for r in result.examples) == [
+        ("Cancel my order please", "cancel"), ("I want my money back", "refund"),
+        ("Where is my parcel", "order_status")]
+    (raw / "legacy" / "2025.csv").write_text("txt,label\nCharge me once,billing\n")
+    (entry,) = read_raw_dir(raw, spec).quarantine
+    assert entry["source"] == "legacy/2025.csv:line 2" and entry["reason"].startswith(
+        "mapped column 'text' (data.files['legacy/*.csv'].columns.prompt; did you mean 'txt'?) is not in the file")
+    assert repr(spec) != repr(FormatSpec(columns=spec.columns)), "the reuse key holds the files' own columns"
 
 
 def test_preference_rows_beside_mapped_chat_columns_are_read_by_their_keys(ftpipe_env: Path, tmp_path: Path) -> None:
