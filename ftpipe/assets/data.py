@@ -186,6 +186,7 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
     summary = split.build_split(
         paths.examples("deduplicated_examples"), paths.asset("heldout_split"),
         eval_fraction=cfg.split.eval_fraction, seed=cfg.split.seed, settings=Settings.of(cfg.dedup),
+        labelled=task_metrics(cfg.evaluation).labelled,
     )
     new = summary["new_train_rows"] + summary["new_eval_rows"]
     preference = (f", {summary['train_pairs']} train / {summary['eval_pairs']} eval preference rows"

@@ -91,6 +91,7 @@ def assign_sides(
     previous: dict[str, str] | None = None,
     settings: similarity.Settings = similarity.Settings(),
     shared: np.ndarray | None = None,
+    labelled: bool = False,
 ) -> dict[str, str]:
     """Map each row id to "train" or "eval".
 
@@ -98,7 +99,8 @@ def assign_sides(
     question in other wrapping form groups (connected, so no pair of them is split); a group takes the side recorded
     for any of its rows in `previous` (an earlier split with the same fraction and seed), else a side stratified by
     the answer most of its rows give (`_stratified_sides`), the groups taken in the hash order of their smallest
-    prompts. `shared`: the shared shingles cleaning left out (found anew if None).
+    prompts. `shared`: the shared shingles cleaning left out (found anew if None). `labelled`: the answers are labels
+    of a classification, so an answer no other group gives is a label of its own (else they are one label).
     """
     previous = previous or {}
     groups = question_groups(rows, settings, shared)
@@ -106,7 +108,7 @@ def assign_sides(
     pinned = [min((previous[rows[i]["id"]] for i in group if rows[i]["id"] in previous), default=None)
               for group in groups]
     group_sides = _stratified_sides(
-        [len(group) for group in groups], _labels([[answers[i] for i in group] for group in groups]), pinned,
+        [len(group) for group in groups], _labels([[answers[i] for i in group] for group in groups], labelled), pinned,
         group_positions(rows, groups, seed), eval_fraction)
     return {rows[i]["id"]: previous.get(rows[i]["id"], side) for group, side in zip(groups, group_sides) for i in group}
 
@@ -128,15 +130,15 @@ def group_positions(rows: list[dict[str, Any]], groups: list[list[int]], seed: i
     return [hash_position(min(prompts[i] for i in group), seed) for group in groups]
 
 
-def _labels(answers: list[list[str]]) -> list[str | None]:
-    """Each group's label: the answer most of its rows give (the smallest of a tie), or None, one label for all,
-    where no other group gives it (a generation task's answers)."""
+def _labels(answers: list[list[str]], labelled: bool) -> list[str | None]:
+    """Each group's label: the answer most of its rows give (the smallest of a tie), or, unless the answers are
+    `labelled`, None, one label for all, where no other group gives it (a generation task's answers)."""
     given = []
     for group in answers:
         counts = Counter(group)
         given.append(min(counts, key=lambda answer: (-counts[answer], answer)))
     groups = Counter(given)
-    return [answer if groups[answer] > 1 else None for answer in given]
+    return [answer if labelled or groups[answer] > 1 else None for answer in given]
 
 
 def _stratified_sides(sizes: list[int], labels: list[str | None], pinned: list[str | None], positions: list[float],
@@ -304,12 +306,13 @@ def with_default_system_prompt(preferences: list[dict[str, Any]],
 
 
 def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, seed: int,
-                settings: similarity.Settings = similarity.Settings()) -> dict[str, Any]:
+                settings: similarity.Settings = similarity.Settings(), labelled: bool = False) -> dict[str, Any]:
     """Write `train.parquet`, `eval.parquet`, `train_preferences.parquet`, `eval_preferences.parquet` (the rows of
     `preferences.parquet` beside `examples_path`, none without it) and `split.json` (every id's side) into `out_dir`.
 
     The shared text cleaning left out (recorded in the examples file) is left out here too, and recorded again
     in both halves for the leakage check; preference prompts are compared leaving out their own shared text too.
+    `labelled`: the answers are a classification's labels (see `assign_sides`).
     """
     rows = sorted(read_examples(examples_path), key=lambda r: (r["id"], r["source"]))
     preferences_path = examples_path.parent / PREFERENCES
@@ -321,7 +324,7 @@ def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, see
     previous = _previous_sides(out_dir / SPLIT_RECORD, eval_fraction, seed)
     prompts = [as_chat(row) for row in pairs]
     sides = assign_sides(rows + prompts, eval_fraction=eval_fraction, seed=seed, previous=previous, settings=settings,
-                         shared=_with_preference_text(shared, prompts, settings))
+                         shared=_with_preference_text(shared, prompts, settings), labelled=labelled)
     train, evaluation = ([row for row in rows if sides[row["id"]] == side] for side in (TRAIN, EVAL))
     pairs, given = with_default_system_prompt(pairs, train)
     train_pairs, eval_pairs = ([row for row in pairs if sides[row["id"]] == side] for side in (TRAIN, EVAL))
@@ -331,6 +334,7 @@ def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, see
                "preference_rows_given_system_prompt": given,
                "new_train_rows": new.count(TRAIN), "new_eval_rows": new.count(EVAL)}
     inputs = {"deduplicated_examples": file_sha256(examples_path)[:16], "eval_fraction": eval_fraction, "seed": seed,
+              **({"labelled": True} if labelled else {}),
               "deduplicated_preferences": file_sha256(preferences_path)[:16] if preferences_path.is_file() else None,
               "preference_system_prompt": "the chat train rows' default where a prompt has none"}
     record = {"eval_fraction": eval_fraction, "seed": seed,

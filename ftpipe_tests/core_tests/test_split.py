@@ -43,6 +43,16 @@ def test_every_label_is_held_out_in_its_share_however_skewed_the_labels() -> Non
                            - 0.15 * size) < 1, f"label{k} of {size} rows"
 
 
+def test_a_classification_labels_only_row_trains_while_other_labels_fill_the_share() -> None:
+    data = labelled([40, 30, 20] + [1] * 10)  # ten labels of one row each
+    rare = data[90:]
+    for seed in range(3):
+        classified = split.assign_sides(data, eval_fraction=0.15, seed=seed, labelled=True)
+        assert held_out(classified, rare) == 0 and held_out(classified, data) == 15
+        generated = split.assign_sides(data, eval_fraction=0.15, seed=seed)  # answers no other row gives: one label
+        assert held_out(generated, rare) in (1, 2) and held_out(generated, data) == 15
+
+
 def test_adding_rows_never_moves_existing_rows_and_new_ones_fill_their_labels_share() -> None:
     old = labelled([100, 60, 30])
     before = split.assign_sides(old, eval_fraction=0.15, seed=0)
