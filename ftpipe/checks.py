@@ -4,18 +4,35 @@ A check judges an asset with the configuration that asset ran with: task.yaml pl
 run gave the asset (task.yaml alone when the check runs without it).
 """
 
+import json
 from pathlib import Path
 
 import dagster as dg
 
 from ftpipe.assets.common import effective_config, rounded_floats, run_overrides, table, upstream
-from ftpipe.core import dedup, split
+from ftpipe.core import dedup, records, split
 from ftpipe.core.similarity import Settings
-from ftpipe.core.layout import PREDICTIONS, REMOVED, TaskLayout
+from ftpipe.core.layout import PREDICTIONS, QUARANTINE, REMOVED, TaskLayout
 from ftpipe.core.tasks import reviews_dir
 from ftpipe.partitions import task_partitions
 
 SHOWN_LABELS = 3  # labels over the cleaning limit named in the check's one line
+
+
+@dg.asset_check(asset="raw_examples", blocking=True, partitions_def=task_partitions)
+def raw_examples_every_file_used(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    """Fails when every row of a raw file went to the quarantine (a file that cannot be read, or columns the mapping
+    does not name): training on the other files would leave that source out without a word."""
+    task = context.partition_key
+    summary = upstream(task, "raw_examples").metadata
+    unusable, path = summary["unusable_files"], TaskLayout(task).asset("raw_examples") / QUARANTINE
+    quarantine = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if unusable else []
+    return dg.AssetCheckResult(
+        passed=not unusable,
+        description=(records.unusable_files_line(unusable, quarantine, path) if unusable
+                     else f"every raw file gave rows ({len(summary['files'])} files)"),
+        metadata={"unusable_files": unusable},
+    )
 
 
 @dg.asset_check(asset="heldout_split", blocking=True, partitions_def=task_partitions)

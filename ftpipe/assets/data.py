@@ -78,11 +78,6 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     quarantine = summary.pop("quarantine")
     for line in summary["unused_entries"]:
         context.log.warning(f"{task}: {line}")
-    if summary["unusable_files"]:
-        first = next(row for row in quarantine if row["source"] in summary["unusable_files"]
-                     or row["source"].rsplit(":", 1)[0] in summary["unusable_files"])
-        context.log.warning(f"{task}: every row of {', '.join(summary['unusable_files'])} went to the quarantine, "
-                            f"e.g. {first['source']}: {first['reason']}; every reason in {out / QUARANTINE}")
     return dg.MaterializeResult(
         metadata={
             **{k: summary[k] for k in ("rows_read", "rows_valid", "rows_quarantined", "preference_rows")},

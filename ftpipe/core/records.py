@@ -614,6 +614,14 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
     return {**summary, "quarantine": result.quarantine}
 
 
+def unusable_files_line(unusable: list[str], quarantine: list[dict[str, Any]], path: Path) -> str:
+    """One line on the raw files of which every row went to the quarantine (`unusable`): the first one's reason, what
+    to do, and where every reason is (`path`, the quarantine file)."""
+    first = next(row for row in quarantine if row["source"] in unusable or row["source"].rsplit(":", 1)[0] in unusable)
+    return (f"every row of {', '.join(unusable)} went to the quarantine, e.g. {first['source']}: {first['reason']}; "
+            f"mend the file or its mapping (data.columns, data.files), or take it out of raw/ (every reason in {path})")
+
+
 def _quarantine_odd_shapes(result: ReadResult, shape_problems: Callable[[list[str]], list[str | None]]) -> None:
     """Move the examples whose answers depart from the form of the others' to the quarantine, the answer first (before
     a long system prompt the row's messages may start with)."""

@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 
 from ftpipe.assets import data
-from ftpipe.checks import heldout_split_no_leakage
+from ftpipe.checks import heldout_split_no_leakage, raw_examples_every_file_used
 from ftpipe.core.layout import SPLIT_RECORD, TaskLayout
 from ftpipe.core.records import example_id
 from ftpipe.core.tasks import task_files_version
@@ -125,12 +125,17 @@ def test_answers_the_task_type_cannot_read_are_quarantined_and_a_changed_type_re
         assert entry["reason"] == "the answer is not a JSON object (evaluation.task_type extraction)"
         (folder / "task.yaml").write_text("evaluation: {task_type: generation}\n")
         (folder / "raw" / "b.jsonl").write_text('{"prompt": "lost"}\n{"prompt": "gone"}\n')
-        result = materialize(instance, "orders")
-        raw = materialization(result, "raw_examples")
-        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+        result = dg.materialize(ASSETS + [raw_examples_every_file_used], instance=instance, partition_key="orders",
+                                raise_on_error=False)
+    raw = materialization(result, "raw_examples")
     assert (raw["rows_valid"], raw["rows_quarantined"]) == (30, 2), "any answer is one of a generation task"
-    assert "orders: every row of b.jsonl went to the quarantine, e.g. b.jsonl:line 1: " in warnings[0]
-    assert warnings[0].endswith(f"; every reason in {raw['quarantine_path']}")
+    (verdict,) = result.get_asset_check_evaluations()
+    assert not verdict.passed and verdict.description.startswith(
+        "every row of b.jsonl went to the quarantine, e.g. b.jsonl:line 1: ")
+    assert verdict.description.endswith("mend the file or its mapping (data.columns, data.files), or take it out of "
+                                        f"raw/ (every reason in {raw['quarantine_path']})")
+    assert not result.success and not [e for e in result.get_asset_materialization_events()
+                                       if e.asset_key.path == ["deduplicated_examples"]], "nothing trains without it"
 
 
 def test_an_extraction_answer_missing_a_field_or_giving_it_another_type_is_quarantined_not_a_contradiction(
