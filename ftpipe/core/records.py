@@ -339,28 +339,25 @@ def detect_format(row: dict[str, Any], spec: FormatSpec) -> str:
     mapped = {"prompt", "completion"} <= spec.columns.keys()
     if mapped and spec.columns["prompt"] in row:
         return "columns"
-    missing = f"the {_missing_columns(row, spec.columns, spec.columns_setting)}, and " if mapped else ""
-    raise BadRow(
-        f"unrecognised row format: {missing}expected 'messages', 'conversations', 'instruction'+'output' (or "
-        "'response'), "
-        "'prompt'+'completion', "
-        f"'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label' or the columns mapped in task.yaml; "
-        f"the row has keys: {_keys(row)}{_mapping_hint(row, spec if mapped else replace(spec, columns={}))}"
-    )
+    expected = (f"the {_missing_columns(row, spec.columns, spec.columns_setting)}" if mapped else
+                "expected 'messages', 'conversations', 'instruction'+'output' (or 'response'), 'prompt'+'completion', "
+                "'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label' or the columns mapped in task.yaml")
+    raise BadRow(f"unrecognised row format: {expected}; the row has keys: {_keys(row)}"
+                 f"{_mapping_hint(row, spec if mapped else replace(spec, columns={}))}")
 
 
 def _mapping_hint(row: dict[str, Any], spec: FormatSpec) -> str:
     """Where the row has columns commonly named for a prompt and an answer: `; data.columns: {prompt: text,
-    completion: label} reads it`, or where `spec` maps other names, `; data.files: {'old.csv': {columns: {prompt:
-    text, completion: label}}} reads this file`; else ''."""
+    completion: label} reads it`, or where `spec` maps other names, the same for the file's own `data.files` entry,
+    or a new one; else ''."""
     names = {str(key).casefold(): str(key) for key in row}
     found = {"prompt": next((names[name] for name in LIKELY_PROMPT_COLUMNS if name in names), None),
              "completion": next((names[name] for name in LIKELY_ANSWER_COLUMNS if name in names), None)}
     mapping = f"{{prompt: {found['prompt']}, completion: {found['completion']}}}"
     if None in found.values() or spec.columns and all(spec.columns[field] in row for field in found):
         return ""
-    if not spec.columns:
-        return f"; data.columns: {mapping} reads it"
+    if not spec.columns or spec.columns_setting != "data.columns":
+        return f"; {spec.columns_setting if spec.columns else 'data.columns'}: {mapping} reads it"
     return (f"; data.files: {{{spec.file or '<this file>'!r}: {{columns: {mapping}}}}} reads this file (its columns "
             f"differ from those {spec.columns_setting} maps)")
 

@@ -355,6 +355,13 @@ def test_files_with_their_own_columns_are_read_by_the_first_pattern_they_match(t
     assert entry["source"] == "legacy/2025.csv:line 2" and entry["reason"].startswith(
         "mapped column 'text' (data.files['legacy/*.csv'].columns.prompt; did you mean 'txt'?) is not in the file")
     assert repr(spec) != repr(FormatSpec(columns=spec.columns)), "the reuse key holds the files' own columns"
+    (raw / "legacy" / "2025.csv").write_text("question,label\nCharge me once,billing\n")
+    auto = FormatSpec(files=(("legacy/*.csv", None, {"prompt": "text", "completion": "label"}),))
+    (entry,) = [row for row in read_raw_dir(raw, auto).quarantine if row["source"].startswith("legacy/2025.csv")]
+    assert entry["reason"] == (
+        "unrecognised row format: the mapped column 'text' (data.files['legacy/*.csv'].columns.prompt) is not in the "
+        "file; the row has keys: label, question; data.files['legacy/*.csv'].columns: {prompt: question, completion: "
+        "label} reads it"), "no list of every format where the file's mapping names the missing column"
 
 
 def test_preference_rows_beside_mapped_chat_columns_are_read_by_their_keys(ftpipe_env: Path, tmp_path: Path) -> None:
