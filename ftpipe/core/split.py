@@ -92,6 +92,7 @@ def assign_sides(
     settings: similarity.Settings = similarity.Settings(),
     shared: np.ndarray | None = None,
     labelled: bool = False,
+    kinds: list[str] | None = None,
 ) -> dict[str, str]:
     """Map each row id to "train" or "eval".
 
@@ -101,10 +102,11 @@ def assign_sides(
     the answer most of its rows give (`_stratified_sides`), the groups taken in the hash order of their smallest
     prompts. `shared`: the shared shingles cleaning left out (found anew if None). `labelled`: the answers are labels
     of a classification, so an answer no other group gives is a label of its own (else they are one label).
+    `kinds`: each row's kind (chat rows, preference prompts), whose labels are held out apart, each in its share.
     """
     previous = previous or {}
     groups = question_groups(rows, settings, shared)
-    answers = [answer_key(row) for row in rows]
+    answers = [(kind, answer_key(row)) for kind, row in zip(kinds or [""] * len(rows), rows)]
     pinned = [min((previous[rows[i]["id"]] for i in group if rows[i]["id"] in previous), default=None)
               for group in groups]
     group_sides = _stratified_sides(
@@ -130,25 +132,26 @@ def group_positions(rows: list[dict[str, Any]], groups: list[list[int]], seed: i
     return [hash_position(min(prompts[i] for i in group), seed) for group in groups]
 
 
-def _labels(answers: list[list[str]], labelled: bool) -> list[str | None]:
-    """Each group's label: the answer most of its rows give (the smallest of a tie), or, unless the answers are
-    `labelled`, None, one label for all, where no other group gives it (a generation task's answers)."""
+def _labels(answers: list[list[tuple[str, str]]], labelled: bool) -> list[tuple[str, str | None]]:
+    """Each group's label: the (kind, answer) most of its rows give (the smallest of a tie), or, unless the answers
+    are `labelled`, (kind, None), one label for all of a kind, where no other group gives it (a generation task's
+    answers)."""
     given = []
     for group in answers:
         counts = Counter(group)
         given.append(min(counts, key=lambda answer: (-counts[answer], answer)))
     groups = Counter(given)
-    return [answer if labelled or groups[answer] > 1 else None for answer in given]
+    return [(kind, answer if labelled or groups[kind, answer] > 1 else None) for kind, answer in given]
 
 
-def _stratified_sides(sizes: list[int], labels: list[str | None], pinned: list[str | None], positions: list[float],
+def _stratified_sides(sizes: list[int], labels: list[tuple[str, str | None]], pinned: list[str | None], positions: list[float],
                       eval_fraction: float) -> list[str]:
     """Each group's side: a `pinned` one keeps its side. The others, by `positions`, are held out while their label's
     held-out rows stay within `eval_fraction` of its rows (labels of at least 1 / `eval_fraction` rows); then, while
     that brings all held-out rows nearer `eval_fraction` of all rows, the groups left (`_fill_order`); the rest
     train."""
     sides = list(pinned)
-    by_label: dict[str | None, list[int]] = {}
+    by_label: dict[tuple[str, str | None], list[int]] = {}
     for group in sorted(range(len(sizes)), key=positions.__getitem__):
         by_label.setdefault(labels[group], []).append(group)
     order: dict[int, tuple] = {}
@@ -324,7 +327,8 @@ def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, see
     previous = _previous_sides(out_dir / SPLIT_RECORD, eval_fraction, seed)
     prompts = [as_chat(row) for row in pairs]
     sides = assign_sides(rows + prompts, eval_fraction=eval_fraction, seed=seed, previous=previous, settings=settings,
-                         shared=_with_preference_text(shared, prompts, settings), labelled=labelled)
+                         shared=_with_preference_text(shared, prompts, settings), labelled=labelled,
+                         kinds=["chat"] * len(rows) + ["preference"] * len(prompts))
     train, evaluation = ([row for row in rows if sides[row["id"]] == side] for side in (TRAIN, EVAL))
     pairs, given = with_default_system_prompt(pairs, train)
     train_pairs, eval_pairs = ([row for row in pairs if sides[row["id"]] == side] for side in (TRAIN, EVAL))

@@ -188,6 +188,17 @@ def build(folder: Path, chat: list[dict], pairs: list[dict] | None, out: Path, e
     return split.build_split(folder / "examples.parquet", out, eval_fraction=eval_fraction, seed=0)
 
 
+def test_chat_rows_and_preference_pairs_giving_the_same_labels_are_each_held_out_in_their_share(
+        tmp_path: Path) -> None:
+    rng = random.Random(4)
+    colors = ["red", "green", "blue", "yellow"]
+    chat = [row(f"What color is thing {sentence(rng, 6)}?", colors[i % 4], f"c:line {i}") for i in range(60)]
+    pairs = [pair(f"Which color does {sentence(rng, 6)} have?", colors[i % 4], "grey", f"p:line {i}")
+             for i in range(60)]
+    summary = build(tmp_path / "dedup", chat, pairs, tmp_path / "split", eval_fraction=0.25)
+    assert (summary["eval_rows"], summary["eval_pairs"]) == (15, 15)
+
+
 def test_all_rows_of_one_prompt_are_on_one_side_and_adding_rows_never_moves_them(tmp_path: Path) -> None:
     rng = random.Random(5)
     prompts = [sentence(rng, 12) for _ in range(30)]
