@@ -13,6 +13,7 @@ Wrapping written onto a clause without punctuation ("where is my order thanks", 
 taken off its edges: up to EDGE_WORDS words (or EDGE_CHARACTERS characters) at a clause's start or end that at least
 WRAPPER_ROWS rows hold there, their answers spread as chance spreads them. A clause then predicts an answer when one of
 its readings, with or without such edges, does.
+A reading of a question typed with one word misspelt is that question's reading too.
 A row is a wrapped copy when each of its clauses but the wrapping predicts its own answer and a reading that does is at
 least CORE_MIN_WORDS words long: it asks what the other rows holding the shortest such readings ask. A row with a clause
 of its own (a new question beside a phrase that happens to predict its answer) is no copy. Only messages of at most
@@ -29,7 +30,7 @@ from typing import Any
 
 from ftpipe.core.dedup import answer_key
 from ftpipe.core.evaluation.statistics import chance_of_at_least
-from ftpipe.core.similarity import WRAPPER_ROWS
+from ftpipe.core.similarity import WRAPPER_ROWS, misspelt_copies
 from ftpipe.core.text import loose_words
 
 CLAUSE_BREAK = re.compile(r"[.!?;:,\n…。！？；：，、–—]+|\s-+\s")
@@ -66,6 +67,7 @@ def wrapped_copies(rows: list[dict[str, Any]]) -> dict[int, dict[str, list[int]]
     for index, row_clauses in enumerate(held):
         for reading in set().union(*(each[clause] for clause in row_clauses)):
             holders.setdefault(reading, []).append(index)
+    _join_misspelt(holders)
     predicts, wraps = _clause_kinds(holders, answers, shares)
     agreeing = {way: [i for i in holders[way] if answers[i] == answer] for way, answer in predicts.items()}
     core_of = cache(lambda clause, answer: _core(each[clause], predicts, answer))
@@ -125,6 +127,14 @@ def _edge_limit(words: list[str]) -> int:
         if size > EDGE_CHARACTERS:
             return max(EDGE_WORDS, count)
     return max(EDGE_WORDS, len(words))
+
+
+def _join_misspelt(holders: dict[str, list[int]]) -> None:
+    """Give readings of at least CORE_MIN_WORDS words that are one another with one word misspelt the rows of both:
+    a question typed with a slip is the same question."""
+    readings = [way for way in holders if len(way.split()) >= CORE_MIN_WORDS]
+    for a, b, _ in misspelt_copies(readings):
+        holders[readings[a]] = holders[readings[b]] = sorted({*holders[readings[a]], *holders[readings[b]]})
 
 
 def _core(readings: frozenset[str], predicts: dict[str, str], answer: str) -> tuple[str, ...] | None:

@@ -42,6 +42,24 @@ def test_greetings_and_sign_offs_written_on_without_punctuation_are_taken_off_th
     assert all(len(found) == 1 for found in by_core.values()), "each core question's rows on one side"
 
 
+def test_a_question_typed_with_a_slip_in_other_wrapping_is_a_copy_of_it() -> None:
+    questions = {"shipping": "my parcel never arrived at all", "billing": "the invoice total looks wrong to me",
+                 "login": "i cannot log into my account", "cancel": "please cancel my subscription right away"}
+    slipped = {"shipping": "my parcle never arrived at all", "billing": "the invoce total looks wrong to me",
+               "login": "i cannot log into my acount", "cancel": "please cancel my subscripton right away"}
+    rng = random.Random(5)
+    rows = [row(f"{rng.choice(['Hi', 'Hello', 'Hey there'])}, {questions[label]}. {rng.choice(['Thanks', 'Cheers'])}",
+                label, f"chats.jsonl:line {i}") for i, label in enumerate(rng.choices(list(questions), k=120))]
+    slips = [row(f"Hey there, {question}", label, f"more.csv:row {i}")  # no sign-off: no train row but for the slip
+             for i, (label, question) in enumerate(slipped.items())]
+    sides = split.assign_sides(rows + slips, eval_fraction=0.2, seed=0)
+    for slip in slips:
+        label = slip["messages"][1]["content"]
+        assert {sides[r["id"]] for r in rows if r["messages"][1]["content"] == label} == {sides[slip["id"]]}
+    leaks = split.find_leaks(rows, slips)
+    assert [leak["same_question"] for leak in leaks] == list(slipped.values())
+
+
 def test_a_greeting_written_onto_a_question_without_spaces_or_punctuation_is_wrapping_too() -> None:
     questions = {"reset_password": ["パスワードを忘れてしまいました", "パスワードリセットのメールが届きません"],
                  "cancel_order": ["注文をキャンセルしたいです", "先ほどの注文をキャンセルできますか"],
