@@ -60,6 +60,7 @@ serve: install
 
 bench: install
 	$(PY) bench/dedup.py
+	$(PY) bench/split.py
 	$(PY) bench/eval.py
 	$(PY) bench/train.py
 	$(PY) bench/eval_loss.py

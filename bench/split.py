@@ -13,12 +13,16 @@ distinct rows.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections import Counter
 
 from ftpipe.core import split
-from ftpipe_tests.intents import _row, intent_task, wrapped_messages
-from ftpipe_tests.rows import row, sentence
+from ftpipe.core.storage import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))  # the tests' generators write the datasets
+from ftpipe_tests.intents import intent_task, wrapped_messages  # noqa: E402
+from ftpipe_tests.rows import row, sentence  # noqa: E402
 
 FRACTION = 0.15
 
@@ -44,7 +48,7 @@ def summary(rows: list[dict], sides: dict[str, str]) -> str:
 
 def main() -> None:
     datasets = {"12 intent labels": intent_task(1200).rows,
-                "24 labels, 2 questions each": [_row(m, label, f"w:{i}") for i, (m, label) in
+                "24 labels, 2 questions each": [row(m, label, f"w:{i}") for i, (m, label) in
                                                 enumerate(wrapped_messages(900))],
                 "40 labels of 2 to 300 rows": skewed([max(2, 300 // (k + 1)) for k in range(40)])}
     for name, rows in datasets.items():
