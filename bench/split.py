@@ -54,7 +54,8 @@ def main() -> None:
     for name, rows in datasets.items():
         print(f"{name} ({len(rows)} rows):")
         for seed in range(3):
-            print(f"  seed {seed}  stratified: {summary(rows, split.assign_sides(rows, eval_fraction=FRACTION, seed=seed))}")
+            stratified = split.assign_sides(rows, eval_fraction=FRACTION, seed=seed)
+            print(f"  seed {seed}  stratified: {summary(rows, stratified)}")
             print(f"          hash sides: {summary(rows, hash_sides(rows, seed))}")
     rows = skewed([200] * 100)
     for name, assign in (("stratified", lambda: split.assign_sides(rows, eval_fraction=FRACTION, seed=0)),

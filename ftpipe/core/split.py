@@ -144,8 +144,8 @@ def _labels(answers: list[list[tuple[str, str]]], labelled: bool) -> list[tuple[
     return [(kind, answer if labelled or groups[kind, answer] > 1 else None) for kind, answer in given]
 
 
-def _stratified_sides(sizes: list[int], labels: list[tuple[str, str | None]], pinned: list[str | None], positions: list[float],
-                      eval_fraction: float) -> list[str]:
+def _stratified_sides(sizes: list[int], labels: list[tuple[str, str | None]], pinned: list[str | None],
+                      positions: list[float], eval_fraction: float) -> list[str]:
     """Each group's side: a `pinned` one keeps its side. The others, by `positions`, are held out while their label's
     held-out rows stay within `eval_fraction` of its rows (labels of at least 1 / `eval_fraction` rows); then, while
     that brings all held-out rows nearer `eval_fraction` of all rows, the groups left (`_fill_order`); the rest
