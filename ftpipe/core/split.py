@@ -49,10 +49,6 @@ def hash_position(prompt: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def hash_side(prompt: str, eval_fraction: float, seed: int) -> str:
-    return EVAL if hash_position(prompt, seed) < eval_fraction else TRAIN
-
-
 def _similar_prompts(rows: list[dict[str, Any]], settings: similarity.Settings,
                      shared: np.ndarray | None) -> list[tuple[int, int, float]]:
     prompts, _ = similarity.prompt_shingles(rows, settings.shingle_words, shared)

@@ -77,7 +77,8 @@ def test_a_greeting_written_onto_a_question_without_spaces_or_punctuation_is_wra
         question = next(q for qs in questions.values() for q in qs if q in r["messages"][0]["content"])
         asked.setdefault(question, set()).add(sides[r["id"]])
     assert all(len(found) == 1 for found in asked.values()), "each question's rows on one side"
-    hashed = [split.hash_side(r["messages"][0]["content"], 0.2, 0) for r in rows]  # a split made before
+    hashed = [split.EVAL if split.hash_position(r["messages"][0]["content"], 0) < 0.2 else split.TRAIN
+              for r in rows]  # a split made before
     leaks = split.find_leaks([r for r, side in zip(rows, hashed) if side == split.TRAIN],
                              [r for r, side in zip(rows, hashed) if side == split.EVAL])
     named = [leak["same_question"] for leak in leaks if "same_question" in leak]
@@ -111,7 +112,8 @@ def test_the_split_keeps_a_question_on_one_side_and_the_check_names_one_across()
     assert all(len(found) == 1 for found in by_core.values()), "each core question's rows on one side"
     assert 0.05 < sum(side == split.EVAL for side in sides.values()) / len(rows) < 0.4
 
-    hashed = {r["id"]: split.hash_side(r["messages"][1]["content"], 0.2, 0) for r in rows}  # a split made before
+    hashed = {r["id"]: split.EVAL if split.hash_position(r["messages"][1]["content"], 0) < 0.2 else split.TRAIN
+              for r in rows}  # a split made before
     train, evaluation = ([r for r in rows if hashed[r["id"]] == side] for side in (split.TRAIN, split.EVAL))
     leaks = split.find_leaks(train, evaluation)
     assert len(leaks) > 0.9 * len(evaluation)
