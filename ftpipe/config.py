@@ -117,7 +117,7 @@ def _readable(fmt: str, columns: dict[str, str], where: str) -> None:
     if fmt == "columns" and not ({"prompt", "completion"} <= mapped or {"chosen", "rejected"} <= mapped):
         raise ValueError(f"format columns reads the columns mapped in {where}columns: map prompt and completion, e.g. "
                          "{prompt: ticket_text, completion: triage} (or chosen and rejected for preference pairs)")
-    if "prompt" in columns and not {"completion", "chosen", "rejected"} & columns.keys():
+    if "prompt" in mapped and not {"completion", "chosen", "rejected"} & mapped:
         raise ValueError(f"{where}columns maps prompt but no answer column: map completion too (or chosen and rejected "
                          "for preference pairs)")
 

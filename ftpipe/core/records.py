@@ -91,10 +91,8 @@ class FormatSpec:
         """Why each pattern of `files` applies to none of the raw files `names`, one line each."""
         applied = {self.entry_of(name) for name in names}
         lines = []
-        for pattern, _, _ in self.files:
+        for pattern in (pattern for pattern, _, _ in self.files if pattern not in applied):
             matched = [name for name in names if fnmatchcase(name, pattern)]
-            if pattern in applied:
-                continue
             if not matched:
                 lines.append(f"data.files names {pattern!r}, which no raw file matches (the files read: "
                              f"{', '.join(names)})")
