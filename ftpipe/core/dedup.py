@@ -290,30 +290,34 @@ def _remove_near(rows: list[dict[str, Any]], prompts: similarity.Shingles, answe
 
 
 def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = similarity.Settings(),
-                free_text: bool = False, spelt: Callable[[str], str] | None = None) -> DedupResult:
+                free_text: bool = False, spelt: Callable[[str], str] | None = None,
+                kept_before: frozenset[str] = frozenset()) -> DedupResult:
     """Remove exact-prompt contradictions, then exact duplicates, then near-prompt contradictions and
     near-duplicates. In a `free_text` task (answers in the user's own words) two different answers to one prompt can
     both be right: a group without a majority keeps its first row written instead of none. Answers are compared as
     `spelt` writes them (a label in the one spelling it is trained in), the rows kept and removed as written.
 
-    Rows are processed in the order of the task's files (`records.source_order`) and the first row of each group is
-    kept: the row a user wrote first stays, and the result does not depend on the order of the input.
+    Rows are processed in the order of the task's files (`records.source_order`), the rows of `kept_before` (ids the
+    last cleaning kept) first, and the first row of each group is kept: a row kept before stays (a new file's copy of
+    it never takes its place, nor its side of the split), else the row a user wrote first, and the result does not
+    depend on the order of the input.
     """
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived strings; the collector alone costs a third of the time
     try:
-        return _deduplicate(rows, settings, free_text, spelt)
+        return _deduplicate(rows, settings, free_text, spelt, kept_before)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
 def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings, free_text: bool,
-                 spelt: Callable[[str], str] | None) -> DedupResult:
+                 spelt: Callable[[str], str] | None, kept_before: frozenset[str]) -> DedupResult:
     """Shared text is judged on every row (the most evidence); the near stage compares the rows the exact stages
     left, on what varies."""
     as_written = {}
-    ordered = [_comparable(row, as_written, spelt) for row in sorted(rows, key=source_order)]
+    ordered = [_comparable(row, as_written, spelt)
+               for row in sorted(rows, key=lambda row: (row["id"] not in kept_before, source_order(row)))]
     messages = similarity.Messages.of([similarity.prompt_parts(row["messages"]) for row in ordered],
                                       settings.shingle_words)
     result = DedupResult(shared=messages.shared())
@@ -406,9 +410,11 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
 
     rows, preferences = read_examples(examples_path), examples_path.parent / PREFERENCES
     pairs = read_preferences(preferences)
-    spellings = (Spellings.of(answers(rows, pairs), labels, _last_answers(out_dir), label_names)
-                 if labels and labels.labelled else None)
-    result = deduplicate(rows, settings, free_text, spellings.spelt if spellings else None)
+    last = _last_kept(out_dir)
+    spellings = (Spellings.of(answers(rows, pairs), labels, [row["messages"][-1]["content"] for row in last],
+                              label_names) if labels and labels.labelled else None)
+    result = deduplicate(rows, settings, free_text, spellings.spelt if spellings else None,
+                         frozenset(row["id"] for row in last))
     label_of = spellings.label if spellings else None
     kept, respelled = spellings.respell(result.kept) if spellings else (result.kept, [])
     summary = {
@@ -445,10 +451,10 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     return {**summary, "removed": removed}
 
 
-def _last_answers(out_dir: Path) -> list[str]:
-    """The answers of the rows the last cleaning in `out_dir` kept (none before the first)."""
+def _last_kept(out_dir: Path) -> list[dict[str, Any]]:
+    """The rows the last cleaning in `out_dir` kept (none before the first)."""
     path = out_dir / EXAMPLES
-    return [row["messages"][-1]["content"] for row in read_examples(path)] if path.is_file() else []
+    return read_examples(path) if path.is_file() else []
 
 
 PREFERENCE_ROWS = "\0preference rows"  # `heavy_removals`' key of the preference rows: no label is written so

@@ -283,6 +283,20 @@ def test_near_duplicates_do_not_chain() -> None:
     assert all(of in kept and prompts.jaccard(gone, of) >= 0.8 for gone, of in removed.items())
 
 
+def test_a_row_kept_before_stays_when_a_new_file_written_first_brings_its_copy(tmp_path) -> None:
+    rng = random.Random(8)
+    replies = [row(sentence(rng, 30), sentence(rng, 20), f"legacy.csv:line {i + 2}") for i in range(20)]
+    write_examples(replies, tmp_path / "raw.parquet")
+    dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "out")
+    prompt = replies[3]["messages"][0]["content"].split()
+    copy = row(" ".join(prompt[:-1] + ["typo"]), replies[3]["messages"][1]["content"], "followups.jsonl:line 1")
+    write_examples(replies + [copy], tmp_path / "raw.parquet")  # followups.jsonl comes first by name
+    summary = dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "out")
+    assert [r["id"] for r in summary["removed"]] == [copy["id"]]
+    assert replies[3]["id"] in {r["id"] for r in read_examples(tmp_path / "out" / "examples.parquet")}
+    assert dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "new")["removed"][0]["id"] == replies[3]["id"]
+
+
 def test_build_deduplicated_reports_removals_by_label_with_matched_rows(tmp_path) -> None:
     task = intent_task()
     write_examples(task.rows, tmp_path / "raw.parquet")
