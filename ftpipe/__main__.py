@@ -515,8 +515,8 @@ def dagster_home(command: str) -> bool:
         os.environ["DAGSTER_HOME"] = os.getcwd()
         return True
     print(f"ftpipe {command}: DAGSTER_HOME is not set and this folder has no dagster.yaml: run it in the repository "
-          "(as `make run` does) or set DAGSTER_HOME to a folder holding a copy of the repository's dagster.yaml",
-          file=sys.stderr)
+          "(as `make run` does) or set DAGSTER_HOME to a folder holding a copy of the repository's dagster.yaml and "
+          "run it there (the instance's .dagster/ folders are relative to the folder it runs in)", file=sys.stderr)
     return False
 
 

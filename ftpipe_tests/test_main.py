@@ -75,7 +75,8 @@ def test_without_dagster_home_a_run_uses_the_folder_with_dagster_yaml_or_says_so
                                    env=env, cwd=folder, timeout=600) for folder in (elsewhere, repository)}
     assert runs[elsewhere].returncode == 2 and runs[elsewhere].stdout == "" and runs[elsewhere].stderr == (
         "ftpipe run: DAGSTER_HOME is not set and this folder has no dagster.yaml: run it in the repository (as `make "
-        "run` does) or set DAGSTER_HOME to a folder holding a copy of the repository's dagster.yaml\n")
+        "run` does) or set DAGSTER_HOME to a folder holding a copy of the repository's dagster.yaml and run it there "
+        "(the instance's .dagster/ folders are relative to the folder it runs in)\n")
     assert runs[repository].returncode == 2 and "training.max_step" in runs[repository].stderr.splitlines()[-1]
     assert "DagsterHomeNotSetError" not in runs[repository].stdout + runs[repository].stderr
     assert (repository / ".dagster" / "storage").is_dir(), "the folder's dagster.yaml keeps the instance there"
