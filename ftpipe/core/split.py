@@ -129,13 +129,14 @@ def group_positions(rows: list[dict[str, Any]], groups: list[list[int]], seed: i
 
 
 def _labels(answers: list[list[tuple[str, str]]], labelled: bool) -> list[tuple[str, str | None]]:
-    """Each group's label: the (kind, answer) most of its rows give (the smallest of a tie), or, unless the answers
-    are `labelled`, (kind, None), one label for all of a kind, where no other group gives it (a generation task's
-    answers)."""
+    """Each group's label: the kinds of its rows (`answers`: each row's kind and answer) and the answer most of them
+    give (the smallest of a tie), or, unless the answers are `labelled`, None for an answer no other group of those
+    kinds gives: one label for all such (a generation task's answers)."""
     given = []
     for group in answers:
-        counts = Counter(group)
-        given.append(min(counts, key=lambda answer: (-counts[answer], answer)))
+        counts = Counter(answer for _, answer in group)
+        kinds = "+".join(sorted({kind for kind, _ in group}))
+        given.append((kinds, min(counts, key=lambda answer: (-counts[answer], answer))))
     groups = Counter(given)
     return [(kind, answer if labelled or groups[kind, answer] > 1 else None) for kind, answer in given]
 

@@ -3,7 +3,7 @@ import random
 from pathlib import Path
 
 from ftpipe.core import dedup, similarity, split
-from ftpipe.core.preferences import read_preferences, to_preference, write_preferences
+from ftpipe.core.preferences import as_chat, read_preferences, to_preference, write_preferences
 from ftpipe.core.records import FormatSpec, examples_metadata, read_examples, write_examples
 from ftpipe.core.results import read_result
 from ftpipe_tests.intents import SYSTEM_PROMPT, intent_task, misspelt, misspelt_copies
@@ -197,6 +197,19 @@ def test_chat_rows_and_preference_pairs_giving_the_same_labels_are_each_held_out
              for i in range(60)]
     summary = build(tmp_path / "dedup", chat, pairs, tmp_path / "split", eval_fraction=0.25)
     assert (summary["eval_rows"], summary["eval_pairs"]) == (15, 15)
+
+
+def test_emails_with_a_preference_pair_are_held_out_in_their_share_too() -> None:
+    rng = random.Random(6)
+    emails = [sentence(rng, 20) for _ in range(240)]
+    chat = [row(email, sentence(rng, 15), f"c:line {i}") for i, email in enumerate(emails[:200])]
+    prompts = [as_chat(pair(email, sentence(rng, 15), sentence(rng, 15), f"p:line {i}"))
+               for i, email in enumerate(emails[160:])]
+    for seed in range(4):
+        sides = split.assign_sides(chat + prompts, eval_fraction=0.25, seed=seed,
+                                   kinds=["chat"] * len(chat) + ["preference"] * len(prompts))
+        assert held_out(sides, chat[160:]) == 10, "a quarter of the emails that have both"
+        assert held_out(sides, chat[:160]) == 40 and held_out(sides, prompts[40:]) == 10
 
 
 def test_all_rows_of_one_prompt_are_on_one_side_and_adding_rows_never_moves_them(tmp_path: Path) -> None:
