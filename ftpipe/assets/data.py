@@ -204,7 +204,7 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
         if labels:
             context.log.warning(f"{task}: {line(labels, typos)}")
     learns_final_turns = cfg.evaluation.task_type == "generation" and not cfg.training.every_turn
-    if learns_final_turns and (stock := split.stock_answer(train_answers)):
+    if learns_final_turns and (stock := split.stock_answer(records.read_examples(train))):
         context.log.warning(f"{task}: {stock}")
     return dg.MaterializeResult(
         metadata={

@@ -279,19 +279,23 @@ def _previous_sides(path: Path, eval_fraction: float, seed: int) -> dict[str, st
     return recorded["sides"] if same else {}
 
 
-def stock_answer(answers: list[str]) -> str | None:
-    """Said when one of the train rows' `answers` ends STOCK_ANSWER_SHARE of them or more (at least
-    STOCK_ANSWER_ROWS): in a generation task a closing "You are welcome." would be most of what is learnt; else
-    None."""
+def stock_answer(rows: list[dict[str, Any]]) -> str | None:
+    """Said when one answer ends STOCK_ANSWER_SHARE of the train `rows` or more (at least STOCK_ANSWER_ROWS): in a
+    generation task a closing "You are welcome." would be most of what is learnt; else None."""
+    answers = [row["messages"][-1]["content"] for row in rows]
     counts = Counter(map(canonical, answers))
     answer, count = counts.most_common(1)[0] if counts else ("", 0)
     if count < max(STOCK_ANSWER_ROWS, STOCK_ANSWER_SHARE * len(answers)):
         return None
-    written = next(text for text in answers if canonical(text) == answer)
+    ending = [row for row, text in zip(rows, answers) if canonical(text) == answer]
+    written = ending[0]["messages"][-1]["content"]
+    multi_turn = any(sum(m["role"] == "assistant" for m in row["messages"]) > 1 for row in ending)
+    advice = ("only a row's final assistant message is learnt, so this answer is much of what the model learns; learn "
+              "every assistant turn of multi-turn rows (training.every_turn: true), or give each turn worth learning a "
+              "row of its own" if multi_turn else "the model learns to give it to much of what it is asked; keep as "
+              "many of these rows as there are questions it is the right reply to, or leave them out")
     return (f"{count} of {len(answers)} train rows ({count / len(answers):.0%}) end with the same answer "
-            f"({written[:60]!r}{'...' if len(written) > 60 else ''}): only a row's final assistant message is learnt, "
-            "so this answer is much of what the model learns; learn every assistant turn of multi-turn rows "
-            "(training.every_turn: true), or give each turn worth learning a row of its own")
+            f"({written[:60]!r}{'...' if len(written) > 60 else ''}): {advice}")
 
 
 def with_default_system_prompt(preferences: list[dict[str, Any]],

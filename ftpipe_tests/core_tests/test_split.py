@@ -330,17 +330,20 @@ def test_short_copies_with_one_word_misspelt_share_a_side_and_one_across_the_spl
     assert similarity.misspelt_copies(["Where's my REFUND?", "where is my refnd", "where's my refnd"]) == [(0, 2, 2)]
 
 
-def test_one_answer_ending_a_fifth_of_the_train_rows_is_named() -> None:
+def test_one_answer_ending_a_fifth_of_the_train_rows_is_named_with_the_advice_that_fits_the_rows() -> None:
     rng = random.Random(2)
     varied = [row(sentence(rng, 10), sentence(rng, 10), f"a:line {i}") for i in range(30)]
     closing = [row(sentence(rng, 10), "You are  welcome!" if i % 2 else "you are welcome!", f"b:line {i}")
                for i in range(8)]
-    def answers(rows: list[dict]) -> list[str]:
-        return [row["messages"][-1]["content"] for row in rows]
-
-    assert split.stock_answer(answers(varied + closing)) == (
-        "8 of 38 train rows (21%) end with the same answer ('you are welcome!'): only a row's final assistant message "
-        "is learnt, so this answer is much of what the model learns; learn every assistant turn of multi-turn rows "
-        "(training.every_turn: true), or give each turn worth learning a row of its own")
-    assert split.stock_answer(answers(varied + closing[:7])) is None, "under a fifth"
-    assert split.stock_answer(answers(varied[:8] + closing[:4])) is None, "too few rows to say"
+    assert split.stock_answer(varied + closing) == (
+        "8 of 38 train rows (21%) end with the same answer ('you are welcome!'): the model learns to give it to much "
+        "of what it is asked; keep as many of these rows as there are questions it is the right reply to, or leave "
+        "them out")
+    thanked = [{**r, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "How can I help?"},
+                                  *r["messages"]]} for r in closing]
+    assert split.stock_answer(varied + thanked).endswith(
+        "only a row's final assistant message is learnt, so this answer is much of what the model learns; learn every "
+        "assistant turn of multi-turn rows (training.every_turn: true), or give each turn worth learning a row of its "
+        "own"), "a sign-off ending conversations"
+    assert split.stock_answer(varied + closing[:7]) is None, "under a fifth"
+    assert split.stock_answer(varied[:8] + closing[:4]) is None, "too few rows to say"
