@@ -339,8 +339,8 @@ def test_one_answer_ending_a_fifth_of_the_train_rows_is_named_with_the_advice_th
         "8 of 38 train rows (21%) end with the same answer ('you are welcome!'): the model learns to give it to much "
         "of what it is asked; keep as many of these rows as there are questions it is the right reply to, or leave "
         "them out")
-    thanked = [{**r, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "How can I help?"},
-                                  *r["messages"]]} for r in closing]
+    opening = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "How can I help?"}]
+    thanked = [{**r, "messages": [*opening, *r["messages"]]} for r in closing]
     assert split.stock_answer(varied + thanked).endswith(
         "only a row's final assistant message is learnt, so this answer is much of what the model learns; learn every "
         "assistant turn of multi-turn rows (training.every_turn: true), or give each turn worth learning a row of its "
