@@ -196,7 +196,8 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
         context.log.info(f"{task}: {given} preference prompts started without a system message and got the one the "
                          "chat rows and serving start with")
     train, evaluation = paths.split_files
-    train_answers, eval_answers = (records.answers(path) for path in (train, evaluation))
+    train_rows = records.read_examples(train)  # read once: the stock-answer check reads the rows
+    train_answers, eval_answers = [row["messages"][-1]["content"] for row in train_rows], records.answers(evaluation)
     unheld = labels_missing_from(cfg.evaluation, train_answers, eval_answers)
     untaught = labels_missing_from(cfg.evaluation, eval_answers, train_answers)
     typos = dedup.likely_typos(paths.asset("deduplicated_examples")) if unheld or untaught else {}
@@ -204,7 +205,7 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
         if labels:
             context.log.warning(f"{task}: {line(labels, typos)}")
     learns_final_turns = cfg.evaluation.task_type == "generation" and not cfg.training.every_turn
-    if learns_final_turns and (stock := split.stock_answer(records.read_examples(train))):
+    if learns_final_turns and (stock := split.stock_answer(train_rows)):
         context.log.warning(f"{task}: {stock}")
     return dg.MaterializeResult(
         metadata={
