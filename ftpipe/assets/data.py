@@ -3,12 +3,14 @@
 The data assets refresh by themselves (declarative automation) whenever an upstream data version changes.
 """
 
+from collections import Counter
+
 import dagster as dg
 
 from ftpipe.assets.common import TaskRunConfig, file_version, load_config, table
 from ftpipe.core import dedup, label_spellings, records, review_sample as review, split, teacher
 from ftpipe.core.evaluation.metrics import (
-    answer_problem, answer_rule, labels_missing_from, shape_problems, task_metrics,
+    answer_problem, answer_rule, label_reader, labels_missing_from, shape_problems, task_metrics,
 )
 from ftpipe.core.evaluation.report import unheld_labels, untaught_labels
 from ftpipe.core.similarity import Settings
@@ -201,9 +203,11 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
     unheld = labels_missing_from(cfg.evaluation, train_answers, eval_answers)
     untaught = labels_missing_from(cfg.evaluation, eval_answers, train_answers)
     typos = dedup.likely_typos(paths.asset("deduplicated_examples")) if unheld or untaught else {}
-    for labels, line in ((unheld, unheld_labels), (untaught, untaught_labels)):
-        if labels:
-            context.log.warning(f"{task}: {line(labels, typos)}")
+    if unheld:
+        train_rows = Counter(map(label_reader(cfg.evaluation), train_answers))
+        context.log.warning(f"{task}: {unheld_labels(unheld, typos, train_rows, cfg.split.eval_fraction)}")
+    if untaught:
+        context.log.warning(f"{task}: {untaught_labels(untaught, typos)}")
     learns_final_turns = cfg.evaluation.task_type == "generation" and not cfg.training.every_turn
     if learns_final_turns and (stock := split.stock_answer(train_rows)):
         context.log.warning(f"{task}: {stock}")

@@ -7,6 +7,7 @@ is another label to the evaluation too, so it is not rewritten: `likely_misspell
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from difflib import get_close_matches
@@ -24,6 +25,7 @@ SHOWN = 5  # spellings named in the log line
 SPELT = "each label is trained (as data.label_names, the last cleaning or most of its answers write it)"
 MISSPELLING_SIMILARITY = 0.85  # difflib's ratio of two labels' words from which the rarer may be a typo of the other
 MISSPELLING_RARITY = 5  # ...when the other has at least this many times its rows
+_DIGITS = re.compile(r"\d+")
 PREFERENCE_ANSWERS = ("chosen", "rejected", "completion")  # a preference row's answer fields (None: not its kind)
 
 
@@ -139,11 +141,17 @@ def likely_misspellings(counts: dict[str, int]) -> list[dict[str, Any]]:
         if not rows or label == NO_LABEL:
             continue
         commoner = {label_key(other): other for other, many in counts.items()
-                    if many >= MISSPELLING_RARITY * rows and other != NO_LABEL}
+                    if many >= MISSPELLING_RARITY * rows and other != NO_LABEL and not _numbered_alike(label, other)}
         if close := get_close_matches(label_key(label), list(commoner), n=1, cutoff=MISSPELLING_SIMILARITY):
             like = commoner[close[0]]
             found.append({"label": label, "rows": rows, "like": like, "like_rows": counts[like]})
     return found
+
+
+def _numbered_alike(label: str, other: str) -> bool:
+    """Labels apart only in their digits (`intent_18` and `intent_14`, `E11` and `E10`): numbered classes, not a
+    typo of one another."""
+    return label != other and _DIGITS.sub("", label) == _DIGITS.sub("", other)
 
 
 def likely_misspelt_values(categories: dict[str, Counter]) -> list[dict[str, Any]]:

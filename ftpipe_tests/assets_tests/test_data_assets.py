@@ -2,6 +2,7 @@
 
 import ast
 import json
+from collections import Counter
 import os
 import random
 import shutil
@@ -199,7 +200,7 @@ def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_en
     assert deduped["likely_misspelt_labels"] == 1 and '| "Shiping" | 1 | "Shipping" | 12 |' in deduped["misspelt_labels"]
     assert 'desk: 1 label looks like a typo of a commoner label: "Shiping" ×1 (like "Shipping" ×12); it is trained ' \
            'and scored as a label of its own: correct it in the raw files' in warnings, "a typo is not a spelling"
-    assert "desk: 1 label of the train rows (Shiping) has no held-out row: the scores say nothing about it (a larger " \
+    assert "desk: 1 label of the train rows (Shiping ×1) has no held-out row: the scores say nothing about it (a larger " \
            "split.eval_fraction gives more labels a held-out row; 'Shiping' looks like a typo of 'Shipping': correct " \
            "it in the raw files)." in warnings
     assert 'desk: 24 rows\' and 8 preference answers\' labels respelled as each label is trained (as ' \
@@ -263,8 +264,31 @@ def test_a_classification_trains_a_labels_only_row_and_warns_such_labels_have_no
     assert unheld == sorted(f"rare {i}" for i in range(12)), "a label's only row trains"
     assert {"refund", "card"} <= evaluation
     assert materialization(result, "heldout_split")["labels_without_heldout_rows"] == 12
-    assert warnings[0].startswith("bank: 12 labels of the train rows (rare 0, rare 1, rare 10, ")
+    assert warnings[0].startswith("bank: 12 labels of the train rows (rare 0 ×1, rare 1 ×1, rare 10 ×1, ")
+    assert warnings[0].endswith("(a larger split.eval_fraction gives more labels a held-out row).")
     assert materialization(result, "heldout_split")["labels_without_train_rows"] == 0 and len(warnings) == 1
+
+
+def test_labels_without_held_out_rows_are_named_with_their_rows_and_those_of_a_few_questions_said_so(
+        ftpipe_env: Path) -> None:
+    from ftpipe.core.records import answers
+    from ftpipe_tests.intents import wrapped_messages
+
+    rows = [chat(message, label) for message, label in wrapped_messages(300)]  # 2 questions a label, many wordings
+    make_task(ftpipe_env, "intents", {"a.jsonl": rows}, "evaluation: {task_type: classification}\n")
+    with dg.instance_for_test() as instance:
+        result = materialize(instance, "intents")
+        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    train, evaluation = (Counter(answers(path)) for path in TaskLayout("intents").split_files)
+    unheld = sorted((label for label in train if label not in evaluation), key=lambda label: (-train[label], label))
+    few_questions = [label for label in unheld if train[label] >= 7]  # a share of 0.15 is a row or more
+    assert len(few_questions) > 3 and len(unheld) > len(few_questions)
+    line = next(warning for warning in warnings if "have no held-out row" in warning)
+    assert line.startswith(f"intents: {len(unheld)} labels of the train rows ({unheld[0]} ×{train[unheld[0]]}, "
+                           f"{unheld[1]} ×{train[unheld[1]]}, ")
+    named = ", ".join(few_questions[:12]) + (f" and {len(few_questions) - 12} more" if len(few_questions) > 12 else "")
+    assert (f"; the rows of {named} ask a few questions in other words, and a question's rows stay on one side: rows "
+            "asking other questions give them held-out rows" in line)
 
 
 def test_a_split_that_holds_out_no_row_says_so_and_the_training_refuses_for_that_reason(ftpipe_env: Path) -> None:

@@ -90,7 +90,8 @@ def test_preference_answers_count_toward_the_spelling_and_are_respelled_unless_a
 def test_a_rare_label_a_typo_away_from_a_commoner_one_is_named_and_labels_of_like_size_are_not() -> None:
     counts = {"positive": 300, "postive": 2, "neutral": 120, "neutrl": 1, "negative": 100, NO_LABEL: 5,
               "refund": 10, "refunds": 9, "gone": 0, "why_verify_identity": 200, "verify_my_identity": 10,
-              "get_physical_card": 150, "order_physical_card": 12}  # banking intents alike in words, not typos
+              "get_physical_card": 150, "order_physical_card": 12,  # banking intents alike in words, not typos
+              "intent_14": 40, "intent_18": 2, "E11": 50, "E1": 3}  # numbered classes: apart in digits, not typos
     found = likely_misspellings(counts)
     assert found == [{"label": "neutrl", "rows": 1, "like": "neutral", "like_rows": 120},
                      {"label": "postive", "rows": 2, "like": "positive", "like_rows": 300}], "refunds: as many rows"

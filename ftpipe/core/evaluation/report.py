@@ -60,10 +60,21 @@ def verdict(passed: bool, failed: list[str], config: EvaluationConfig, preferenc
     return f"**Eval gate: FAILED** ({thresholds}): " + "; ".join(failed)
 
 
-def unheld_labels(labels: list[str], typos: dict[str, str] | None = None) -> str:
-    """What a score on held-out rows cannot say: labels of train rows only (`_one_side_labels`)."""
+def unheld_labels(labels: list[str], typos: dict[str, str] | None = None, train_rows: dict[str, int] | None = None,
+                  eval_fraction: float | None = None) -> str:
+    """What a score on held-out rows cannot say: labels of train rows only (`_one_side_labels`). With `train_rows`
+    (a label -> its train rows) each is named with its rows, the largest first; with `eval_fraction` too, those whose
+    share is a row or more are said to ask too few questions (a question's rows stay on one side)."""
+    remedy = "a larger split.eval_fraction gives more labels a held-out row"
+    if train_rows:
+        labels = sorted(labels, key=lambda label: (-train_rows.get(label, 0), label))
+        few_questions = [label for label in labels if train_rows.get(label, 0) * (eval_fraction or 0) >= 1]
+        if few_questions:
+            them = "them" if len(few_questions) > 1 else "it"
+            remedy += (f"; the rows of {_named(few_questions)} ask a few questions in other words, and a question's "
+                       f"rows stay on one side: rows asking other questions give {them} held-out rows")
     return _one_side_labels(labels, typos, "train rows", "held-out row", "the scores say nothing about {them}",
-                            "a larger split.eval_fraction gives more labels a held-out row")
+                            remedy, train_rows)
 
 
 def untaught_labels(labels: list[str], typos: dict[str, str] | None = None) -> str:
@@ -72,19 +83,24 @@ def untaught_labels(labels: list[str], typos: dict[str, str] | None = None) -> s
                             "more rows of {them} in the raw files give {them} train rows")
 
 
+def _named(labels: list[str], rows: dict[str, int] | None = None) -> str:
+    """The first NAMED_LABELS of `labels` (each with its `rows`, if given), the rest counted."""
+    shown = [f"{label} ×{rows.get(label, 0)}" if rows else label for label in labels[:NAMED_LABELS]]
+    return ", ".join(shown) + (f" and {len(labels) - NAMED_LABELS} more" if len(labels) > NAMED_LABELS else "")
+
+
 def _one_side_labels(labels: list[str], typos: dict[str, str] | None, side: str, other: str, meaning: str,
-                     remedy: str) -> str:
-    """One line on labels of one `side` of the split only (NAMED_LABELS named, the rest counted): what that means and
-    its `remedy`. `typos` (a label -> the commoner label it looks like a typo of, from cleaning) names those among
+                     remedy: str, rows: dict[str, int] | None = None) -> str:
+    """One line on labels of one `side` of the split only (`_named`, with their `rows` if given): what that means
+    and its `remedy`. `typos` (a label -> the commoner label it looks like a typo of, from cleaning) names those among
     them: a typo is corrected in the raw files."""
     many = len(labels) > 1
     them = "them" if many else "it"
-    named = ", ".join(labels[:NAMED_LABELS]) + (f" and {len(labels) - NAMED_LABELS} more"
-                                                if len(labels) > NAMED_LABELS else "")
     likely = [f"{label!r} looks like a typo of {typos[label]!r}" for label in labels if label in (typos or {})]
     fix = f"; {', '.join(likely)}: correct {'them' if len(likely) > 1 else 'it'} in the raw files" if likely else ""
-    return (f"{len(labels)} label{'s' if many else ''} of the {side} ({named}) {'have' if many else 'has'} no {other}: "
-            f"{meaning.format(them=them)} ({remedy.format(them=them)}{fix}).")
+    return (f"{len(labels)} label{'s' if many else ''} of the {side} ({_named(labels, rows)}) "
+            f"{'have' if many else 'has'} no {other}: {meaning.format(them=them)} ({remedy.replace('{them}', them)}"
+            f"{fix}).")
 
 
 FORM_FREE_MEASURES = {  # scores that read past the form of an answer
