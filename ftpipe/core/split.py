@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ftpipe.core import similarity, wrapping
-from ftpipe.core.dedup import SHARED_TEXT_KEY, answer_key, prompt_key
+from ftpipe.core.dedup import SHARED_TEXT_KEY, answer_key, comparable_answer, prompt_key
 from ftpipe.core.layout import (
     EVAL as EVAL_FILE, EVAL_PREFERENCES, PREFERENCES, SPLIT_RECORD, TRAIN as TRAIN_FILE, TRAIN_PREFERENCES,
 )
@@ -64,10 +64,11 @@ def _misspelt_copies(rows: list[dict[str, Any]], settings: similarity.Settings) 
 
 
 def _same_answers(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
-    """(i, j), i < j, linking the rows that give the same distinctive answer (see ANSWER_MIN_WORDS)."""
+    """(i, j), i < j, linking the rows that give the same distinctive answer (see ANSWER_MIN_WORDS; a JSON object by
+    its value, so the words of a compact one are not run together)."""
     by_answer: dict[str, list[int]] = {}
     for index, row in enumerate(rows):
-        words = loose_words(row["messages"][-1]["content"])
+        words = loose_words(comparable_answer(row["messages"][-1]["content"]))
         if len(words) >= ANSWER_MIN_WORDS:
             by_answer.setdefault(" ".join(words), []).append(index)
     return [(group[0], other) for group in by_answer.values() if len(group) <= ANSWER_MAX_ROWS for other in group[1:]]

@@ -112,6 +112,23 @@ def test_find_leaks_finds_a_paraphrase_by_its_answer_and_names_the_answer() -> N
     assert split.find_leaks(short[:1], short[1:]) == [], "a short answer is no sign of the same question"
 
 
+def test_an_order_sent_twice_with_the_same_compact_json_answer_shares_a_side_and_is_a_leak_across() -> None:
+    cities = ["Malmö", "Köln", "Zürich", "Kraków", "São Paulo"]
+    sent_twice = []
+    for i in range(40):
+        answer = json.dumps({"order_id": f"A-{10200 + i}", "product": "cutting board", "quantity": 1 + i % 4,
+                             "city": cities[i % 5], "gift": False}, separators=(",", ":"), ensure_ascii=False)
+        order = f"Order A-{10200 + i}: {1 + i % 4} x cutting boards, ship to {cities[i % 5]}."
+        sent_twice.append((row(f"{order}\n\nSent from my iPhone", answer),
+                           row(f"{order}\n\nSorry for the double message. Cheers", answer)))
+    sides = split.assign_sides([r for pair in sent_twice for r in pair] + rows(200), eval_fraction=0.3, seed=0)
+    assert all(sides[first["id"]] == sides[second["id"]] for first, second in sent_twice)
+    (train_row, eval_row), *others = sent_twice
+    leaks = split.find_leaks([train_row, *(first for first, _ in others)], [eval_row])
+    assert [(leak["train_id"], leak["same_answer"]) for leak in leaks] == [
+        (train_row["id"], train_row["messages"][-1]["content"][:79] + "…")]
+
+
 def test_find_leaks_detects_exact_and_near_prompts() -> None:
     train = rows(40)
     words = train[0]["messages"][0]["content"].split()
