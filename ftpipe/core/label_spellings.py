@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from difflib import get_close_matches
@@ -136,16 +137,25 @@ def likely_misspellings(counts: dict[str, int]) -> list[dict[str, Any]]:
     """The labels of `counts` (label -> rows) that look like a typo of a label with many more rows (`postive` ×2
     beside `positive` ×300), each trained as a label of its own: the label, its rows, the label it is `like` and its
     rows, the rarest first."""
-    found = []
-    for label, rows in sorted(counts.items(), key=lambda item: (item[1], item[0])):
+    found, by_rows = [], sorted(counts.items(), key=lambda item: (item[1], item[0]))
+    for label, rows in by_rows:
         if not rows or label == NO_LABEL:
             continue
-        commoner = {label_key(other): other for other, many in counts.items()
-                    if many >= MISSPELLING_RARITY * rows and other != NO_LABEL and not _numbered_alike(label, other)}
-        if close := get_close_matches(label_key(label), list(commoner), n=1, cutoff=MISSPELLING_SIMILARITY):
+        commoner = {}
+        for other, many in by_rows:  # the commonest label of a key last
+            if many >= MISSPELLING_RARITY * rows and other != NO_LABEL and not _numbered_alike(label, other):
+                commoner[_unaccented(label_key(other))] = other
+        if close := get_close_matches(_unaccented(label_key(label)), list(commoner), n=1,
+                                      cutoff=MISSPELLING_SIMILARITY):
             like = commoner[close[0]]
             found.append({"label": label, "rows": rows, "like": like, "like_rows": counts[like]})
     return found
+
+
+def _unaccented(key: str) -> str:
+    """`key` without its diacritics (`koln` for `köln`): a label written without them matches the one written with
+    them, where difflib's ratio of short names one accent apart (`Koln`, `Zurich`) falls below MISSPELLING_SIMILARITY."""
+    return "".join(char for char in unicodedata.normalize("NFKD", key) if not unicodedata.combining(char))
 
 
 def _numbered_alike(label: str, other: str) -> bool:

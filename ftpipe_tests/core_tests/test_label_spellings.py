@@ -91,14 +91,17 @@ def test_a_rare_label_a_typo_away_from_a_commoner_one_is_named_and_labels_of_lik
     counts = {"positive": 300, "postive": 2, "neutral": 120, "neutrl": 1, "negative": 100, NO_LABEL: 5,
               "refund": 10, "refunds": 9, "gone": 0, "why_verify_identity": 200, "verify_my_identity": 10,
               "get_physical_card": 150, "order_physical_card": 12,  # banking intents alike in words, not typos
-              "intent_14": 40, "intent_18": 2, "E11": 50, "E1": 3}  # numbered classes: apart in digits, not typos
+              "intent_14": 40, "intent_18": 2, "E11": 50, "E1": 3,  # numbered classes: apart in digits, not typos
+              "Köln": 70, "Koln": 8, "Zürich": 67, "Zurich": 5}  # written without the accent
     found = likely_misspellings(counts)
     assert found == [{"label": "neutrl", "rows": 1, "like": "neutral", "like_rows": 120},
-                     {"label": "postive", "rows": 2, "like": "positive", "like_rows": 300}], "refunds: as many rows"
-    assert misspellings_said(found) == (
+                     {"label": "postive", "rows": 2, "like": "positive", "like_rows": 300},
+                     {"label": "Zurich", "rows": 5, "like": "Zürich", "like_rows": 67},
+                     {"label": "Koln", "rows": 8, "like": "Köln", "like_rows": 70}], "refunds: as many rows"
+    assert misspellings_said(found[:2]) == (
         '2 labels look like a typo of a commoner label: "neutrl" ×1 (like "neutral" ×120), "postive" ×2 (like '
         '"positive" ×300); each is trained and scored as a label of its own: correct them in the raw files')
-    assert misspellings_said(found[1:]).startswith('1 label looks like a typo of a commoner label: "postive" ×2')
+    assert misspellings_said(found[1:2]).startswith('1 label looks like a typo of a commoner label: "postive" ×2')
 
 
 def test_rows_added_later_never_respell_a_label_the_last_cleaning_trained(tmp_path) -> None:
