@@ -320,7 +320,7 @@ def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings, free
                for row in sorted(rows, key=lambda row: (row["id"] not in kept_before, source_order(row)))]
     messages = similarity.Messages.of([similarity.prompt_parts(row["messages"]) for row in ordered],
                                       settings.shingle_words)
-    result = DedupResult(shared=messages.shared())
+    result = DedupResult(shared=messages.shared(similarity.source_files(ordered)))
     keys = ExactKeys.of(ordered, messages)
     stay = _resolve_contradictions(ordered, keys, result.removed, free_text)
     normalised = "Unicode forms, case, spacing, JSON key order" + (", a label's spelling" if spelt else "")

@@ -36,6 +36,7 @@ CHUNK_ROWS = 20_000
 FALSE_POSITIVE_WEIGHT = 0.1  # candidates are verified, so a missed pair costs more than an extra one
 SHARED_SHARE = 0.5  # a shingle held by more than this share of the rows is shared text...
 MIN_SHARED_ROWS = 8  # ...when at least this many rows hold it (a handful of near-duplicates is not shared text)
+FILE_SHARED_ROWS = 50  # a file of this many rows or more has shared text of its own (a file's template)
 MINHASH_SEED = 1
 WRAPPER_ROWS = MIN_SHARED_ROWS  # text held by at least this many rows may wrap different messages...
 OWN_WORDS = 2  # ...when each of two messages has at least this many words of its own
@@ -238,20 +239,48 @@ class Messages:
         rank[np.argsort(first)] = np.arange(len(first))
         return rank[inverse]
 
-    def shared(self, share: float = SHARED_SHARE, min_rows: int = MIN_SHARED_ROWS) -> np.ndarray:
-        """The sorted shingles held by more than `share` of the rows and by at least `min_rows` rows (every row,
-        when there are fewer): shared text. A row holding a shingle in two of its messages counts twice."""
-        count = len(self.per_row)
-        floor = max(share * count, min(min_rows, count) - 1)
-        sizes = np.diff(self.shingles.offsets)
-        codes, uniques = pd.factorize(self.shingles.hashes)
-        frequent = np.bincount(codes, weights=np.repeat(self.held_by, sizes), minlength=len(uniques)) > floor
-        held = frequent[codes]  # each distinct message counts a frequent shingle once, for every row holding it
-        message_of = np.repeat(np.arange(len(self.held_by)), sizes)[held]
-        pairs, first = np.unique(message_of * len(uniques) + codes[held], return_index=True)
-        rows_holding = np.bincount(pairs % max(len(uniques), 1), weights=self.held_by[message_of[first]],
-                                   minlength=len(uniques))
-        return np.sort(uniques[rows_holding > floor].astype(np.uint64))
+    def shared(self, files: list[str] | None = None) -> np.ndarray:
+        """The sorted shingles held by more than SHARED_SHARE of the rows and by at least MIN_SHARED_ROWS rows
+        (every row, when there are fewer): shared text, such as a system prompt. With `files` (each row's source
+        file), also those so held within the rows of one file of FILE_SHARED_ROWS rows or more: a template one file
+        writes in every row (an Alpaca file's one instruction), so its rows compare with other files' on what varies.
+        A row holding a shingle in two of its messages counts twice."""
+        found = _shared(self.shingles, self.held_by, len(self.per_row))
+        for members in _file_rows(files or []):
+            messages, held_by = np.unique(self.codes[_ranges(self.row_starts[members], self.per_row[members])],
+                                          return_counts=True)
+            found = np.union1d(found, _shared(self.shingles.subset(messages), held_by, len(members)))
+        return found
+
+
+def _shared(messages: Shingles, held_by: np.ndarray, count: int) -> np.ndarray:
+    """The sorted shingles of the distinct `messages`, held by `held_by` of `count` rows each, that more than
+    SHARED_SHARE of the rows and at least MIN_SHARED_ROWS rows hold (every row, when there are fewer)."""
+    floor = max(SHARED_SHARE * count, min(MIN_SHARED_ROWS, count) - 1)
+    sizes = np.diff(messages.offsets)
+    codes, uniques = pd.factorize(messages.hashes)
+    frequent = np.bincount(codes, weights=np.repeat(held_by, sizes), minlength=len(uniques)) > floor
+    held = frequent[codes]  # each distinct message counts a frequent shingle once, for every row holding it
+    message_of = np.repeat(np.arange(len(held_by)), sizes)[held]
+    pairs, first = np.unique(message_of * len(uniques) + codes[held], return_index=True)
+    rows_holding = np.bincount(pairs % max(len(uniques), 1), weights=held_by[message_of[first]],
+                               minlength=len(uniques))
+    return np.sort(uniques[rows_holding > floor].astype(np.uint64))
+
+
+def source_files(rows: list[dict]) -> list[str]:
+    """Each row's source file (its `source` without the line or row: `a.csv` of `a.csv:line 4`)."""
+    return [str(row.get("source", "")).rpartition(":")[0] for row in rows]
+
+
+def _file_rows(files: list[str]) -> list[np.ndarray]:
+    """The row indices of each file of at least FILE_SHARED_ROWS rows, when the rows come from several files."""
+    codes, names = pd.factorize(pd.Series(files, dtype=object))
+    if len(names) < 2:
+        return []
+    order = np.argsort(codes, kind="stable")
+    groups = np.split(order, np.cumsum(np.bincount(codes, minlength=len(names)))[:-1])
+    return [group for group in groups if len(group) >= FILE_SHARED_ROWS]
 
 
 def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
@@ -547,7 +576,7 @@ def prompt_shingles(rows: list[dict], k: int, shared: np.ndarray | None = None) 
     `shared` given: leave out exactly those (so a later stage compares as an earlier one did); else find them.
     """
     messages = Messages.of([prompt_parts(row["messages"]) for row in rows], k)
-    shared = messages.shared() if shared is None else shared
+    shared = messages.shared(source_files(rows)) if shared is None else shared
     return messages.rows(shared), shared
 
 

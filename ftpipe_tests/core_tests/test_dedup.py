@@ -352,6 +352,32 @@ def test_rows_leave_out_shared_text_unless_it_is_all_a_row_has_and_can_be_picked
     assert [picked.row(i).tolist() for i in range(3)] == [kept.row(i).tolist() for i in (12, 3, 3)]
 
 
+def test_a_message_in_a_file_that_writes_an_instruction_before_every_row_is_compared_on_the_message() -> None:
+    instruction = ("Extract the order details from the customer message as JSON with the fields order_id, product, "
+                   "quantity and city.")
+    cities, products = ["Oslo", "Köln", "Porto", "Madrid"], ["duvet", "lamp", "mirror", "desk", "rug", "chair"]
+
+    def order(i: int) -> tuple[str, str]:
+        city, product = cities[i % 4], products[i % 6]
+        message = f"Order A-{10000 + i}: {1 + i % 5} x {product}s, ship to {city}. Danke, Lukas"
+        return message, json.dumps({"order_id": f"A-{10000 + i}", "product": product, "quantity": 1 + i % 5,
+                                    "city": city})
+
+    chats = [row(*order(i), f"chat.jsonl:line {i + 1}") for i in range(180)]  # 3 rows in 4: not text most rows share
+    alpaca = [row(f"{instruction}\n\n{order(i)[0]}", order(i)[1], f"alpaca.json:row {i - 179}")
+              for i in range(180, 240)]
+    message, answer = order(7)
+    alpaca.append(row(f"{instruction}\n\n{message}", answer.replace('"quantity": 3', '"quantity": 4'),
+                      "alpaca.json:row 61"))  # chat line 8's message, another quantity
+    alpaca.append(row(f"{instruction}\n\n{order(9)[0]}", order(9)[1], "alpaca.json:row 62"))  # chat line 10's
+    result = dedup.deduplicate(chats + alpaca)
+    assert sorted(r["source"] for r in result.removed if r["reason"] == "contradiction") == [
+        "alpaca.json:row 61", "chat.jsonl:line 8"]
+    assert [(r["source"], r["reason"], r["duplicate_of_source"]) for r in result.removed
+            if r["reason"] != "contradiction"] == [("chat.jsonl:line 10", "near_duplicate", "alpaca.json:row 62")]
+    assert len(result.kept) == 240 - 1, "the other orders, alike but for their numbers, product and city, all stay"
+
+
 def conversation(turns: list[str], source: str, system: str = SYSTEM_PROMPT) -> dict:
     """A multi-turn row: user and assistant turns alternating, after the shared system prompt."""
     roles = ["user", "assistant"] * len(turns)
