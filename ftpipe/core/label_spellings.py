@@ -154,7 +154,7 @@ def likely_misspellings(counts: dict[str, int]) -> list[dict[str, Any]]:
 
 def _unaccented(key: str) -> str:
     """`key` without its diacritics (`koln` for `köln`): a label written without them matches the one written with
-    them, where difflib's ratio of short names one accent apart (`Koln`, `Zurich`) falls below MISSPELLING_SIMILARITY."""
+    them, where difflib's ratio of short names one accent apart (`Koln`, `Zurich`) is under MISSPELLING_SIMILARITY."""
     return "".join(char for char in unicodedata.normalize("NFKD", key) if not unicodedata.combining(char))
 
 
