@@ -297,6 +297,11 @@ def test_an_answer_with_text_around_its_object_is_odd_where_nearly_all_are_the_o
     assert answer_problem(config)('{"order": "A1", "issue": "la') == (
         "the answer is not a JSON object (cut off?) (evaluation.task_type extraction)")
     assert answer_problem(config)("late") == "the answer is not a JSON object (evaluation.task_type extraction)"
+    assert answer_problem(config)('{"order": "A1", "gift": false,}') == (
+        "the answer is not valid JSON: Expecting property name enclosed in double quotes at character 31 "
+        "('ift\": false,}') (evaluation.task_type extraction)")
+    assert answer_problem(config)("Sure: {'order': 'A1'}").startswith(
+        "the answer is not valid JSON: Expecting property name enclosed in double quotes at character 8 (")
 
 
 def test_a_classification_answer_in_json_is_held_to_the_shape_nearly_all_answers_share_and_a_bare_label_is_not():

@@ -112,6 +112,20 @@ def shape_of(objects: list[dict]) -> Callable[[dict], str | None]:
     return problem
 
 
+def json_error(text: str) -> str | None:
+    """Why the text from the first `{` to the last `}` of `text` is no JSON object, as the parser says it, with the
+    text where it stopped (None: there is no such text, or it is one)."""
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end < start:
+        return None
+    try:
+        json.loads(text[start:end + 1])
+    except json.JSONDecodeError as error:
+        at = start + error.pos
+        return f"{error.msg} at character {at + 1} ({clipped(text[max(at - 12, 0):], 24)!r})"
+    return None
+
+
 OBJECT_SHAPE_RULE = f"fields and types of {SHAPE_SHARE:.0%} of {SHAPE_MIN_ANSWERS}+ answers, the object alone"
 
 
@@ -252,8 +266,10 @@ class Extraction(TaskMetrics):
         if first_json_object(reference) is not None:
             return None
         text = reference.strip()
-        cut_off = text.startswith("{") and text.count("{") > text.count("}")
-        return "is not a JSON object" + (" (cut off?)" if cut_off else "")
+        if text.startswith("{") and text.count("{") > text.count("}"):
+            return "is not a JSON object (cut off?)"
+        error = json_error(text)
+        return f"is not valid JSON: {error}" if error else "is not a JSON object"
 
     def shape_check(self, references: list[str]) -> Callable[[str], str | None]:
         return object_shape_check(references)
