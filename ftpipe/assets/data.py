@@ -78,8 +78,9 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     context.log.info(f"{task}: {summary['rows_valid']} valid and {summary['rows_quarantined']} quarantined "
                      f"rows from {len(summary['files'])} file(s)")
     quarantine = summary.pop("quarantine")
-    for line in summary["unused_entries"]:
-        context.log.warning(f"{task}: {line}")
+    for line in [*summary["unused_entries"], summary["system_prompt_mix"]]:
+        if line:
+            context.log.warning(f"{task}: {line}")
     return dg.MaterializeResult(
         metadata={
             **{k: summary[k] for k in ("rows_read", "rows_valid", "rows_quarantined", "preference_rows")},

@@ -30,7 +30,7 @@ from ftpipe.core.layout import EXAMPLES, PREFERENCES, QUARANTINE
 from ftpipe.core.readable import plural
 from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.storage import UnsafePathError, atomic_dir, contained, sha256_of_files
-from ftpipe.core.text import text_parts
+from ftpipe.core.text import cell, text_parts
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
@@ -400,6 +400,21 @@ def common_system_prompt(conversations: list[list[dict[str, str]]]) -> tuple[str
     return (prompt, count) if count * 2 > len(conversations) else (None, 0)
 
 
+def system_prompt_mix(rows: list[dict[str, Any]]) -> str | None:
+    """One line on rows of which some start with a system message and others with none, naming the files of those
+    without (None: all or none start with one)."""
+    system = Counter(row["messages"][0]["content"] for row in rows if row["messages"][0]["role"] == "system")
+    without = Counter(row["source"].rpartition(":")[0] for row in rows if row["messages"][0]["role"] != "system")
+    if not system or not without:
+        return None
+    prompt, holding = system.most_common(1)[0]
+    others = sum(system.values()) - holding
+    files = ", ".join(name for name, _ in without.most_common(3)) + (" and others" if len(without) > 3 else "")
+    return (f"{sum(without.values())} of {len(rows)} rows start without a system message ({files}), {holding} with "
+            f"{cell(prompt, 40)!r}" + (f" and {others} with another" if others else "") + ": the model learns to "
+            "answer with and without an instruction; data.system_prompt gives the rows without one that instruction")
+
+
 def check_size(texts: Iterable[str]) -> None:
     """Raise BadRow when the texts of one row hold more than MAX_ROW_CHARS characters together."""
     size = sum(map(len, texts))
@@ -596,6 +611,7 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
         "unusable_files": result.unusable_files,
         "ignored_files": result.ignored_files,
         "unused_entries": result.unused_entries,
+        "system_prompt_mix": system_prompt_mix(result.examples),
         "quarantine_reasons": dict(Counter(re.sub(r"\[\d+\]", "[n]", row["reason"])  # one reason at any message
                                            for row in result.quarantine).most_common()),
     }

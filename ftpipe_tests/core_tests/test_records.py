@@ -233,6 +233,23 @@ def test_system_prompt_is_added_where_missing() -> None:
     assert records.to_messages(chat("a", "b", system="own"), spec)[0]["content"] == "own"
 
 
+def test_rows_of_which_only_some_start_with_a_system_message_are_said_so_naming_the_files_without(
+        tmp_path: Path) -> None:
+    system = "You are OrderBot. Reply with one JSON object with the order's id, product and city, nothing else."
+    raw = tmp_path / "orders" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "chat.jsonl").write_text("".join(json.dumps(chat(f"order A-{i}", f"A-{i}", system=system)) + "\n"
+                                            for i in range(6)))
+    (raw / "legacy.csv").write_text("prompt,completion\n" + "".join(f"order B-{i},B-{i}\n" for i in range(4)))
+    summary = build_raw_examples(tmp_path / "orders", tmp_path / "out", FormatSpec())
+    assert summary["system_prompt_mix"] == (
+        "4 of 10 rows start without a system message (legacy.csv), 6 with 'You are OrderBot. Reply with one JSON "
+        "o…': the model learns to answer with and without an instruction; data.system_prompt gives the rows "
+        "without one that instruction")
+    given = build_raw_examples(tmp_path / "orders", tmp_path / "out", FormatSpec(system_prompt=system))
+    assert given["system_prompt_mix"] is None
+
+
 def test_review_sample_is_seeded_and_bounded() -> None:
     rows = [{"id": f"{i:04d}", "source": "s", **chat(f"q{i}", f"a{i}")} for i in range(250)]
     first, pairs, shared = review.review_sample(rows)
