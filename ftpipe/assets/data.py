@@ -12,6 +12,7 @@ from ftpipe.core import dedup, label_spellings, records, review_sample as review
 from ftpipe.core.evaluation.metrics import (
     answer_problem, answer_rule, label_reader, labels_missing_from, shape_problems, task_metrics,
 )
+from ftpipe.core.evaluation.metrics.extraction import type_slips_said
 from ftpipe.core.evaluation.report import unheld_labels, untaught_labels
 from ftpipe.core.similarity import Settings
 from ftpipe.core.preferences import as_chat
@@ -118,6 +119,8 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
         context.log.info(f"{task}: {label_spellings.said(*respelled)}")
     if misspelt := summary["likely_misspellings"]:
         context.log.warning(f"{task}: {label_spellings.misspellings_said(misspelt)}")
+    if slips := summary["type_slips"]:
+        context.log.warning(f"{task}: {type_slips_said(slips)}")
     if punctuation := summary["pairs_differing_in_punctuation"]:
         context.log.warning(f"{task}: {plural(punctuation, 'preference pair')} kept whose answers "
                             "differ only in punctuation, case or spacing (the first: "
@@ -136,6 +139,7 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
             "preference_answers_respelled": summary["preference_answers_respelled"],
             "pairs_differing_in_punctuation": summary["pairs_differing_in_punctuation"],
             "likely_misspelt_labels": len(summary["likely_misspellings"]),
+            "values_of_another_type": sum(slip["answers"] for slip in summary["type_slips"]),
             "misspelt_labels": table(label_spellings.shown(summary["likely_misspellings"], ("label", "like")),
                                      label_spellings.misspelling_columns(summary["likely_misspellings"])),
             "removed_path": dg.MetadataValue.path(str(out / REMOVED)),

@@ -428,7 +428,11 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         "matched_examples": matched_examples(rows, result.removed, label_of),
         "label_spellings": respelled,
     }
-    categories = labels.categories([row["messages"][-1]["content"] for row in kept]) if labels else {}
+    kept_answers = [row["messages"][-1]["content"] for row in kept]
+    categories = labels.categories(kept_answers) if labels else {}
+    summary["type_slips"] = [{**slip, "first": f"{kept[slip['first'][0]]['source']}: "
+                                               f"{json.dumps(slip['first'][1], ensure_ascii=False)}"}
+                             for slip in (labels.type_slips(kept_answers) if labels else [])]
     summary["likely_misspellings"] = likely_misspelt_values(categories) if categories else likely_misspellings(
         {label: counts["rows_in"] - counts["removed"] for label, counts in summary["removed_by_label"].items()})
     inputs = {"raw_examples": file_sha256(examples_path)[:16], "json_answers": "compared by value",

@@ -113,6 +113,21 @@ def test_a_split_that_parts_one_question_in_other_wrapping_fails_the_check_until
     assert len(sides) > 40 and all(len(found) == 1 for found in sides.values()), "each question on one side"
 
 
+def test_a_field_whose_values_are_mostly_of_one_json_type_names_the_answers_of_another(ftpipe_env: Path) -> None:
+    orders = [chat(f"order A-{i}: {1 + i % 4} lamps to Oslo", json.dumps({"order_id": f"A-{i}", "quantity": 1 + i % 4}))
+              for i in range(30)]
+    for i in (3, 11, 12, 20):
+        orders[i]["messages"][-1]["content"] = json.dumps({"order_id": f"A-{i}", "quantity": str(1 + i % 4)})
+    make_task(ftpipe_env, "orders", {"a.jsonl": orders}, "evaluation: {task_type: extraction}\n")
+    with dg.instance_for_test() as instance:
+        result = materialize(instance, "orders")
+        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    assert materialization(result, "deduplicated_examples")["values_of_another_type"] == 4
+    assert ("orders: 1 field of the answers has values of another JSON type than most: 'quantity' is a string in 4 "
+            "answers (the first a.jsonl:line 4: \"4\") and a number in 26; a value scores only as its own type, so the "
+            "model learns to answer both ways: write them one way in the raw files") in warnings
+
+
 def test_answers_the_task_type_cannot_read_are_quarantined_and_a_changed_type_reads_the_files_again(
         ftpipe_env: Path) -> None:
     orders = [chat(f"order A-{i} arrived broken", json.dumps({"order_id": f"A-{i}"})) for i in range(30)]

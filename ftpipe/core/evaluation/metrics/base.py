@@ -178,6 +178,11 @@ class TaskMetrics:
         answers have no such fields)."""
         return {}
 
+    def type_slips(self, references: list[str]) -> list[dict[str, Any]]:
+        """The fields of `references`' answers whose values have one JSON type but for a few (none: the type's
+        answers have no fields)."""
+        return []
+
     def report_sections(self, records: list[dict[str, Any]], sides: dict[str, str]) -> list[tuple[str, str]]:
         """Extra (title, Markdown) report sections built from the prediction records (`sides`: column prefix to
         the model's name in titles)."""

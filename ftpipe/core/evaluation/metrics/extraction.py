@@ -18,6 +18,7 @@ from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.metrics.base import (
     FIRST_JSON_OBJECT, AnswerEnd, Scores, TaskMetrics, first_json_object, json_object_span, mean, misspelt_key,
 )
+from ftpipe.core.readable import plural
 from ftpipe.core.text import clipped, counted, markdown_table, whole_json_object
 
 SHAPE_SHARE = 0.95  # a field (or a field's JSON type) this share of the answers give is expected of every answer
@@ -25,6 +26,7 @@ SHAPE_MIN_ANSWERS = 20  # fewer answers say too little about the usual shape
 SHOWN_VALUE_CHARS = 40  # of an odd value, in its quarantine reason
 SHOWN_AROUND_CHARS = 20  # of the text around an answer's object, in its quarantine reason
 CATEGORY_REPEATS = 5  # a string field whose values come back this often on average holds categories
+TYPE_SLIP_SHARE = 0.8  # a field's values this share of which have one JSON type: the others' type is a slip
 SHOWN_FIELDS = 5  # of the fields a model's answers invent that no reference has, under the report's table
 
 
@@ -171,6 +173,36 @@ def category_counts(references: list[str]) -> dict[str, Counter]:
             if values.total() >= SHAPE_MIN_ANSWERS and values.total() >= CATEGORY_REPEATS * len(values)}
 
 
+def type_slips(references: list[str]) -> list[dict[str, Any]]:
+    """The fields of `references`' objects whose values have one JSON type in TYPE_SLIP_SHARE of them or more and
+    another in the rest (the rest beyond SHAPE_SHARE is quarantined as it is read): the field, the other `kind`, its
+    `answers`, the index and value of the `first` of them, and the `usual` type and its answers."""
+    kinds: dict[str, Counter] = {}
+    first: dict[tuple[str, str], tuple[int, Any]] = {}
+    for index, reference in enumerate(references):
+        for key, value in (first_json_object(reference) or {}).items():
+            if value is not None:
+                kinds.setdefault(key, Counter())[json_type(value)] += 1
+                first.setdefault((key, json_type(value)), (index, value))
+    slips = []
+    for key, counts in kinds.items():
+        (usual, many), *others = counts.most_common()
+        if counts.total() >= SHAPE_MIN_ANSWERS and many >= TYPE_SLIP_SHARE * counts.total():
+            slips += [{"field": key, "kind": kind, "answers": count, "first": first[key, kind], "usual": usual,
+                       "usual_answers": many} for kind, count in others]
+    return slips
+
+
+def type_slips_said(slips: list[dict[str, Any]]) -> str:
+    """One line on `type_slips` (each `first` given as its row's source)."""
+    named = [f"{slip['field']!r} is a {slip['kind']} in {slip['answers']} answers (the first {slip['first']}) and a "
+             f"{slip['usual']} in {slip['usual_answers']}" for slip in slips[:SHOWN_FIELDS]]
+    more = f" and {len(slips) - SHOWN_FIELDS} more" if len(slips) > SHOWN_FIELDS else ""
+    return (f"{plural(len(slips), 'field')} of the answers {'has' if len(slips) == 1 else 'have'} values of another "
+            f"JSON type than most: {'; '.join(named)}{more}; a value scores only as its own type, so the model learns "
+            "to answer both ways: write them one way in the raw files")
+
+
 def category_values(references: list[str]) -> dict[str, set[str]]:
     """`category_counts`' values, field -> its values."""
     return {key: set(values) for key, values in category_counts(references).items()}
@@ -276,3 +308,6 @@ class Extraction(TaskMetrics):
 
     def categories(self, references: list[str]) -> dict[str, Counter]:
         return category_counts(references)
+
+    def type_slips(self, references: list[str]) -> list[dict[str, Any]]:
+        return type_slips(references)
