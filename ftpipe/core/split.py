@@ -40,6 +40,7 @@ TRAIN, EVAL = "train", "eval"
 # answer is a label or a stock reply many questions share.
 ANSWER_MIN_WORDS = 6
 ANSWER_MAX_ROWS = 5
+FILL_CEILING = 1.25  # times its share, the most a label's held-out rows grow to make up the eval share of all rows
 STOCK_ANSWER_SHARE, STOCK_ANSWER_ROWS = 0.2, 5  # one final answer of this share of the train rows, this many at least
 
 
@@ -146,8 +147,8 @@ def _stratified_sides(sizes: list[int], labels: list[tuple[str, str | None]], pi
                       positions: list[float], eval_fraction: float) -> list[str]:
     """Each group's side: a `pinned` one keeps its side. The others, by `positions`, are held out while their label's
     held-out rows stay within `eval_fraction` of its rows (labels of at least 1 / `eval_fraction` rows); then, while
-    that brings all held-out rows nearer `eval_fraction` of all rows, the groups left (`_fill_order`); the rest
-    train."""
+    that brings all held-out rows nearer `eval_fraction` of all rows, the groups left (`_fill_order`, `_fill`); the
+    rest train."""
     sides = list(pinned)
     by_label: dict[tuple[str, str | None], list[int]] = {}
     for group in sorted(range(len(sizes)), key=positions.__getitem__):
@@ -158,10 +159,24 @@ def _stratified_sides(sizes: list[int], labels: list[tuple[str, str | None]], pi
         if eval_fraction * sum(sizes[g] for g in groups) >= 1:
             room = _hold_out(groups, sizes, sides, room, lambda size, left: size <= left)
         order |= _fill_order(groups, sizes, sides, room, positions)
-    everyone = range(len(sizes))
-    _hold_out(sorted(order, key=order.__getitem__), sizes, sides, _room(everyone, sizes, sides, eval_fraction),
-              lambda size, left: size / 2 < left)
+    _fill(sorted(order, key=order.__getitem__), sizes, labels, sides, eval_fraction)
     return [side or TRAIN for side in sides]
+
+
+def _fill(order: list[int], sizes: list[int], labels: list[tuple[str, str | None]], sides: list[str | None],
+          eval_fraction: float) -> None:
+    """Hold out the groups of `order`, in order, while each brings all held-out rows nearer `eval_fraction` of all
+    rows and leaves its label as many rows to learn from as it holds out (a row held out at least): a small label's
+    one question is not held out whole to make up the others' share (a label of 4 rows trained on 1)."""
+    rows, held = Counter(), Counter()
+    for group, label in enumerate(labels):
+        rows[label] += sizes[group]
+        held[label] += sizes[group] if sides[group] == EVAL else 0
+    left = eval_fraction * sum(sizes) - sum(held.values())
+    for group in order:
+        label = labels[group]
+        if sizes[group] / 2 < left and held[label] + sizes[group] <= max(1.0, rows[label] / 2):
+            sides[group], left, held[label] = EVAL, left - sizes[group], held[label] + sizes[group]
 
 
 def _fill_order(groups: list[int], sizes: list[int], sides: list[str | None], room: float,

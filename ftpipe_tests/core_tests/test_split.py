@@ -112,6 +112,18 @@ def test_find_leaks_finds_a_paraphrase_by_its_answer_and_names_the_answer() -> N
     assert split.find_leaks(short[:1], short[1:]) == [], "a short answer is no sign of the same question"
 
 
+def test_a_small_labels_one_question_is_not_held_out_whole_to_make_up_the_share_of_all_rows() -> None:
+    big, small = ("chat", "balance"), ("chat", "verify_my_identity")
+    sizes = [4] * 10 + [3, 1]  # the big label's questions are asked 4 times each; the small one's 3 times, and once
+    labels = [big] * 10 + [small] * 2
+    positions = [0.5 + n / 100 for n in range(10)] + [0.1, 0.9]
+    sides = split._stratified_sides(sizes, labels, [None] * 12, positions, eval_fraction=0.15)
+    held = {label: sum(size for size, side, of in zip(sizes, sides, labels) if of == label and side == split.EVAL)
+            for label in (big, small)}
+    assert held[small] <= 2, "it keeps as many rows to learn from as it holds out"
+    assert held == {big: 8, small: 0} and 8 / 44 - 0.15 < 4 / 44, "the share of all rows within half a group"
+
+
 def test_an_order_sent_twice_with_the_same_compact_json_answer_shares_a_side_and_is_a_leak_across() -> None:
     cities = ["Malmö", "Köln", "Zürich", "Kraków", "São Paulo"]
     sent_twice = []
