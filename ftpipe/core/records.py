@@ -271,6 +271,9 @@ def _answer_text(value: Any, name: str, label_names: tuple[str, ...]) -> str:
     """An answer field's text; with data.label_names, a class id (a whole number, or its digits as text) is its
     class name."""
     whole_number = isinstance(value, int) and not isinstance(value, bool)
+    if label_names and (value == -1 and whole_number or isinstance(value, str) and value.strip() == "-1"):
+        raise BadRow(f"field '{name}' is class id -1, which Hugging Face datasets give a row without a label (a test "
+                     "split's): it has no answer to learn")
     if label_names and (whole_number or isinstance(value, str) and value.strip().isdigit()):
         if not 0 <= int(value) < len(label_names):
             raise BadRow(f"field '{name}' is class id {int(value)}, and data.label_names names ids 0 to "

@@ -304,20 +304,23 @@ def test_class_ids_read_as_the_names_data_label_names_gives_them(tmp_path: Path)
     pq.write_table(pa.table({"text": ["I lost my card", "Is there an age limit?", "Where is my card?", "Hi"],
                              "label": [0, 1, 2, 7]}), folder / "raw" / "train.parquet")  # as Hugging Face exports it
     (folder / "raw" / "unlabelled.jsonl").write_text('{"text": "Hello", "label": -1}\n')  # its id for "no label"
-    (folder / "raw" / "more.csv").write_text("text,label\nActivate my card please,0\n")
+    (folder / "raw" / "more.csv").write_text("text,label\nActivate my card please,0\nWhat is this?,-1\n")
     names = ("activate_my_card", "age_limit", "card_arrival")
     result = read_raw_dir(folder / "raw", FormatSpec(columns={"prompt": "text", "completion": "label"},
                                                      label_names=names))
     assert [row["messages"][-1]["content"] for row in result.examples] == [
         "activate_my_card", "activate_my_card", "age_limit", "card_arrival"]
     assert [(entry["source"], entry["reason"]) for entry in result.quarantine] == [
+        ("more.csv:line 3", "field 'label' is class id -1, which Hugging Face datasets give a row without a label (a "
+                            "test split's): it has no answer to learn"),
         ("train.parquet:row 4", "field 'label' is class id 7, and data.label_names names ids 0 to 2"),
-        ("unlabelled.jsonl:line 1", "field 'label' is class id -1, and data.label_names names ids 0 to 2")]
+        ("unlabelled.jsonl:line 1", "field 'label' is class id -1, which Hugging Face datasets give a row without a "
+                                    "label (a test split's): it has no answer to learn")]
     unnamed = read_raw_dir(folder / "raw", FormatSpec(columns={"prompt": "text", "completion": "label"}))
     assert unnamed.quarantine[0]["reason"] == (
         "field 'label' is the number 0, not text: where it is a class id, data.label_names lists the class names in "
         "id order (a Hugging Face dataset has them in features['label'].names)")
-    assert [row["messages"][-1]["content"] for row in unnamed.examples] == ["0"], "a CSV cell is text as written"
+    assert [row["messages"][-1]["content"] for row in unnamed.examples] == ["0", "-1"], "a CSV cell is its text"
 
 
 def test_a_mapped_column_missing_from_the_file_is_named_with_the_columns_it_has(tmp_path: Path) -> None:
