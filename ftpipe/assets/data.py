@@ -121,6 +121,8 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
         context.log.warning(f"{task}: {label_spellings.misspellings_said(misspelt)}")
     if slips := summary["type_slips"]:
         context.log.warning(f"{task}: {type_slips_said(slips)}")
+    if unnamed := summary["labels_not_named"]:
+        context.log.warning(f"{task}: {label_spellings.unnamed_said(unnamed)}")
     if punctuation := summary["pairs_differing_in_punctuation"]:
         context.log.warning(f"{task}: {plural(punctuation, 'preference pair')} kept whose answers "
                             "differ only in punctuation, case or spacing (the first: "
@@ -140,6 +142,7 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
             "pairs_differing_in_punctuation": summary["pairs_differing_in_punctuation"],
             "likely_misspelt_labels": len(summary["likely_misspellings"]),
             "values_of_another_type": sum(slip["answers"] for slip in summary["type_slips"]),
+            "labels_not_in_label_names": len(summary["labels_not_named"]),
             "misspelt_labels": table(label_spellings.shown(summary["likely_misspellings"], ("label", "like")),
                                      label_spellings.misspelling_columns(summary["likely_misspellings"])),
             "removed_path": dg.MetadataValue.path(str(out / REMOVED)),

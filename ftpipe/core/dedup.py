@@ -404,7 +404,9 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     `label_names` writes them, else as the last cleaning in `out_dir` did where rows still write them so), the
     removals are counted by label, so written, and the kept labels that look like typos of commoner ones are named
     (for an extraction, the values of its fields that hold categories)."""
-    from ftpipe.core.label_spellings import Spellings, answers, likely_misspellings, likely_misspelt_values
+    from ftpipe.core.label_spellings import (
+        Spellings, answers, likely_misspellings, likely_misspelt_values, unnamed_labels,
+    )
     from ftpipe.core.preference_cleaning import build_clean_preferences
     from ftpipe.core.preferences import read_preferences
 
@@ -433,8 +435,10 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     summary["type_slips"] = [{**slip, "first": f"{kept[slip['first'][0]]['source']}: "
                                                f"{json.dumps(slip['first'][1], ensure_ascii=False)}"}
                              for slip in (labels.type_slips(kept_answers) if labels else [])]
-    summary["likely_misspellings"] = likely_misspelt_values(categories) if categories else likely_misspellings(
-        {label: counts["rows_in"] - counts["removed"] for label, counts in summary["removed_by_label"].items()})
+    kept_labels = {label: counts["rows_in"] - counts["removed"] for label, counts in summary["removed_by_label"].items()}
+    summary["likely_misspellings"] = (likely_misspelt_values(categories) if categories
+                                      else likely_misspellings(kept_labels))
+    summary["labels_not_named"] = unnamed_labels(kept_labels, label_names, summary["likely_misspellings"])
     inputs = {"raw_examples": file_sha256(examples_path)[:16], "json_answers": "compared by value",
               "multi_turn": "near-identical turn for turn",
               "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None,

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 from ftpipe.core.dedup import NO_LABEL
 from ftpipe.core.evaluation.metrics.classification import Classification, most_common, raw_label
 from ftpipe.core.preferences import is_paired
+from ftpipe.core.readable import plural
 from ftpipe.core.text import canonical, label_key
 
 COLUMNS = ["label", "respelled", "rows"]
@@ -192,6 +193,26 @@ def answers(rows: list[dict[str, Any]], preferences: Iterable[dict[str, Any]] = 
     """The answers of chat `rows` and of preference rows (`preferences`): what the spellings are counted over."""
     return [*(row["messages"][-1]["content"] for row in rows),
             *(row[field] for row in preferences for field in PREFERENCE_ANSWERS if row[field] is not None)]
+
+
+def unnamed_labels(counts: dict[str, int], named: Iterable[str], misspelt: list[dict[str, Any]]) -> dict[str, int]:
+    """The labels of `counts` (label -> rows) that `named` (data.label_names, the task's classes) does not name, the
+    commonest first; none without `named`, and not those already named as likely typos (`misspelt`)."""
+    keys, typos = {label_key(name) for name in named}, {found["label"] for found in misspelt}
+    if not keys:
+        return {}
+    return {label: rows for label, rows in sorted(counts.items(), key=lambda item: -item[1])
+            if rows and label != NO_LABEL and label not in typos and label_key(label) not in keys}
+
+
+def unnamed_said(unnamed: dict[str, int]) -> str:
+    """One line on `unnamed_labels`."""
+    named = ", ".join(f"{_quoted(label)} ×{rows}" for label, rows in list(unnamed.items())[:SHOWN])
+    more = f" and {len(unnamed) - SHOWN} more" if len(unnamed) > SHOWN else ""
+    several = len(unnamed) > 1
+    return (f"{plural(len(unnamed), 'label')} of the rows {'are' if several else 'is'} not in data.label_names: "
+            f"{named}{more}; {'each' if several else 'it'} is trained and scored as a class of its own: add "
+            f"{'them' if several else 'it'} there, or correct the rows in the raw files")
 
 
 def _quoted(text: str) -> str:

@@ -335,8 +335,21 @@ def test_class_ids_are_trained_and_held_out_as_the_label_names_task_yaml_gives(f
     make_task(ftpipe_env, "bank", {"export.jsonl": rows}, task_yaml)
     with dg.instance_for_test() as instance:
         result = materialize(instance, "bank")
+        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
     assert materialization(result, "raw_examples")["rows_quarantined"] == 0
     assert set().union(*(answers(path) for path in TaskLayout("bank").split_files)) == set(names)
+    assert materialization(result, "deduplicated_examples")["labels_not_in_label_names"] == 0
+    assert not [warning for warning in warnings if "label_names" in warning]
+
+    more = [{"text": f"can I get a mortgage for flat {i} on street {i * 7}", "label": "mortgage_enquiry"}
+            for i in range(3)] + [{"text": "queue three please, ticket 9001", "label": "other"}]
+    (ftpipe_env / "tasks" / "bank" / "raw" / "later.jsonl").write_text("".join(json.dumps(r) + "\n" for r in more))
+    with dg.instance_for_test() as instance:
+        result = materialize(instance, "bank")
+        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    assert materialization(result, "deduplicated_examples")["labels_not_in_label_names"] == 2
+    assert ('bank: 2 labels of the rows are not in data.label_names: "mortgage_enquiry" ×3, "other" ×1; each is trained '
+            "and scored as a class of its own: add them there, or correct the rows in the raw files") in warnings
 
 
 def test_zero_valid_rows_fails_naming_the_folder(ftpipe_env: Path) -> None:
