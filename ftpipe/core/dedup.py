@@ -435,7 +435,8 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     summary["type_slips"] = [{**slip, "first": f"{kept[slip['first'][0]]['source']}: "
                                                f"{json.dumps(slip['first'][1], ensure_ascii=False)}"}
                              for slip in (labels.type_slips(kept_answers) if labels else [])]
-    kept_labels = {label: counts["rows_in"] - counts["removed"] for label, counts in summary["removed_by_label"].items()}
+    kept_labels = {label: counts["rows_in"] - counts["removed"]
+                   for label, counts in summary["removed_by_label"].items()}
     summary["likely_misspellings"] = (likely_misspelt_values(categories) if categories
                                       else likely_misspellings(kept_labels))
     summary["labels_not_named"] = unnamed_labels(kept_labels, label_names, summary["likely_misspellings"])
