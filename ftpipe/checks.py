@@ -96,13 +96,16 @@ def deduplicated_examples_removal_share(context: dg.AssetCheckExecutionContext) 
 
 
 def removal_warning(heavy: dict[str | None, str], limit: float, removed: Path) -> str:
-    """One line: all rows' share and the labels over `limit`, the first `SHOWN_LABELS` of more than one more (the
-    check's `over_the_limit` lists every one), and where every removed row is (`removed`)."""
+    """One line: all rows' share and the labels over `limit` (and over chance: `dedup.heavy_removals`), the first
+    `SHOWN_LABELS` of more than one more (the check's `over_the_limit` lists every one), and where every removed row
+    is (`removed`)."""
     labels = [text for label, text in heavy.items() if label is not None]
     more = len(labels) - SHOWN_LABELS if len(labels) > SHOWN_LABELS + 1 else 0
     shown = ([heavy[None]] if None in heavy else []) + labels[:len(labels) - more]
+    beyond = ", and of a label more than chance would take at the share of all rows" if labels else ""
     return ("; ".join(shown) + (f" and {more} more labels (the check's over_the_limit names them)" if more else "")
-            + f" (more than {limit:.0%}): read the matched examples before training (every removed row: {removed})")
+            + f" (more than {limit:.0%}{beyond}): read the matched examples before training (every removed row: "
+            f"{removed})")
 
 
 @dg.asset_check(asset="human_review", blocking=True, partitions_def=task_partitions)

@@ -85,10 +85,14 @@ def test_the_warning_names_a_few_labels_in_one_line_and_counts_the_rest() -> Non
     removed = Path("tasks/t/deduplicated_examples/removed.jsonl")
     assert removal_warning(heavy, 0.2, removed) == (
         "all rows: 44% removed (185 of 425); label 'l0': 50% removed (4 of 8); label 'l1': 50% removed (4 of 8); "
-        "label 'l2': 50% removed (4 of 8) and 24 more labels (the check's over_the_limit names them) (more than 20%): "
-        f"read the matched examples before training (every removed row: {removed})")
+        "label 'l2': 50% removed (4 of 8) and 24 more labels (the check's over_the_limit names them) (more than 20%, "
+        "and of a label more than chance would take at the share of all rows): read the matched examples before "
+        f"training (every removed row: {removed})")
     assert removal_warning({"x": "label 'x': 30% removed (3 of 10)"}, 0.25, removed) == (
-        f"label 'x': 30% removed (3 of 10) (more than 25%): read the matched examples before training (every removed "
+        "label 'x': 30% removed (3 of 10) (more than 25%, and of a label more than chance would take at the share of "
+        f"all rows): read the matched examples before training (every removed row: {removed})")
+    assert removal_warning({None: "all rows: 44% removed (185 of 425)"}, 0.2, removed) == (
+        f"all rows: 44% removed (185 of 425) (more than 20%): read the matched examples before training (every removed "
         f"row: {removed})")
     four = {label: f"label {label!r}: 50% removed (4 of 8)" for label in "abcd"}
     assert "label 'd'" in removal_warning(four, 0.2, removed) and "more labels" not in removal_warning(
