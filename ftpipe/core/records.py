@@ -629,11 +629,15 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
 
 
 def unusable_files_line(unusable: list[str], quarantine: list[dict[str, Any]], path: Path) -> str:
-    """One line on the raw files of which every row went to the quarantine (`unusable`): the first one's reason, what
-    to do, and where every reason is (`path`, the quarantine file)."""
-    first = next(row for row in quarantine if row["source"] in unusable or row["source"].rsplit(":", 1)[0] in unusable)
-    return (f"every row of {', '.join(unusable)} went to the quarantine, e.g. {first['source']}: {first['reason']}; "
-            f"mend the file or its mapping (data.columns, data.files), or take it out of raw/ (every reason in {path})")
+    """One line on the raw files of which every row went to the quarantine (`unusable`): each one's first reason (a
+    mapping's hint among them, so every file's is said at once), what to do, and where every reason is (`path`, the
+    quarantine file)."""
+    firsts = [next(row for row in quarantine if name in (row["source"], row["source"].rsplit(":", 1)[0]))
+              for name in unusable]
+    reasons = "; ".join(f"{row['source']}: {row['reason']}" for row in firsts)
+    return (f"every row of {', '.join(unusable)} went to the quarantine, e.g. {reasons}; mend the "
+            f"{'files or their mappings' if len(unusable) > 1 else 'file or its mapping'} (data.columns, data.files), "
+            f"or take {'them' if len(unusable) > 1 else 'it'} out of raw/ (every reason in {path})")
 
 
 def _quarantine_odd_shapes(result: ReadResult, shape_problems: Callable[[list[str]], list[str | None]]) -> None:

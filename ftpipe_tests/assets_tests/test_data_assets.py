@@ -141,15 +141,17 @@ def test_answers_the_task_type_cannot_read_are_quarantined_and_a_changed_type_re
         assert entry["reason"] == "the answer is not a JSON object (evaluation.task_type extraction)"
         (folder / "task.yaml").write_text("evaluation: {task_type: generation}\n")
         (folder / "raw" / "b.jsonl").write_text('{"prompt": "lost"}\n{"prompt": "gone"}\n')
+        (folder / "raw" / "c.csv").write_text("message_text,extracted\nlost,{}\n")
         result = dg.materialize(ASSETS + [raw_examples_every_file_used], instance=instance, partition_key="orders",
                                 raise_on_error=False)
     raw = materialization(result, "raw_examples")
-    assert (raw["rows_valid"], raw["rows_quarantined"]) == (30, 2), "any answer is one of a generation task"
+    assert (raw["rows_valid"], raw["rows_quarantined"]) == (30, 3), "any answer is one of a generation task"
     (verdict,) = result.get_asset_check_evaluations()
     assert not verdict.passed and verdict.description.startswith(
-        "every row of b.jsonl went to the quarantine, e.g. b.jsonl:line 1: ")
-    assert verdict.description.endswith("mend the file or its mapping (data.columns, data.files), or take it out of "
-                                        f"raw/ (every reason in {raw['quarantine_path']})")
+        "every row of b.jsonl, c.csv went to the quarantine, e.g. b.jsonl:line 1: ")
+    assert "; c.csv:line 2: " in verdict.description, "each file's reason, so each file's mapping hint, at once"
+    assert verdict.description.endswith("mend the files or their mappings (data.columns, data.files), or take them out "
+                                        f"of raw/ (every reason in {raw['quarantine_path']})")
     assert not result.success and not [e for e in result.get_asset_materialization_events()
                                        if e.asset_key.path == ["deduplicated_examples"]], "nothing trains without it"
 
