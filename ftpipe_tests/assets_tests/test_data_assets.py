@@ -32,6 +32,13 @@ def materialize(instance: dg.DagsterInstance, task: str, run_config: dict | None
     )
 
 
+def materialized_with_warnings(task: str) -> tuple[dg.ExecuteInProcessResult, list[str]]:
+    """The task's data assets materialized in a test instance, and the warnings their run logged."""
+    with dg.instance_for_test() as instance:
+        result = materialize(instance, task)
+        return result, [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+
+
 def test_data_assets_materialize_with_contract_metadata(ftpipe_env: Path) -> None:
     dirty = ROWS + [ROWS[0], chat("ticket 1: my order number 7 never arrived at street 1", "billing"), {"oops": 1}]
     make_task(ftpipe_env, "shop", {"a.jsonl": dirty}, "split: {eval_fraction: 0.2}\n")
@@ -119,9 +126,7 @@ def test_a_field_whose_values_are_mostly_of_one_json_type_names_the_answers_of_a
     for i in (3, 11, 12, 20):
         orders[i]["messages"][-1]["content"] = json.dumps({"order_id": f"A-{i}", "quantity": str(1 + i % 4)})
     make_task(ftpipe_env, "orders", {"a.jsonl": orders}, "evaluation: {task_type: extraction}\n")
-    with dg.instance_for_test() as instance:
-        result = materialize(instance, "orders")
-        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    result, warnings = materialized_with_warnings("orders")
     assert materialization(result, "deduplicated_examples")["values_of_another_type"] == 4
     assert ("orders: 1 field of the answers has values of another JSON type than most: 'quantity' is a string in 4 "
             "answers (the first a.jsonl:line 4: \"4\") and a number in 26; a value scores only as its own type, so the "
@@ -166,9 +171,7 @@ def test_an_extraction_answer_missing_a_field_or_giving_it_another_type_is_quara
     system = "Extract the order as JSON with order_id, city and urgent (true when the customer asks to be called). " * 3
     make_task(ftpipe_env, "orders", {"a.jsonl": [*orders, typed_wrong, missing, misspelt]},
               f"evaluation: {{task_type: extraction}}\ndata: {{system_prompt: {json.dumps(system)}}}\n")
-    with dg.instance_for_test() as instance:
-        result = materialize(instance, "orders")
-        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    result, warnings = materialized_with_warnings("orders")
     raw, deduped = materialization(result, "raw_examples"), materialization(result, "deduplicated_examples")
     shared = Path(materialization(result, "review_sample")["shared_system_prompt_path"])
     assert shared.read_text() == system and system not in shared.with_name("review_sample.csv").read_text(), \
@@ -239,9 +242,7 @@ def test_pairs_whose_answers_differ_only_in_punctuation_are_kept_and_counted_wit
              {"prompt": "Give the count as JSON", "chosen": '{"count": 1}', "rejected": '{"count": 1,}'},
              {"prompt": "Can I return it?", "chosen": "Within 30 days.", "rejected": "No."}]
     make_task(ftpipe_env, "shop", {"a.jsonl": rows, "p.jsonl": pairs})
-    with dg.instance_for_test() as instance:
-        result = materialize(instance, "shop")
-        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    result, warnings = materialized_with_warnings("shop")
     cleaned = materialization(result, "deduplicated_examples")
     assert cleaned["pairs_differing_in_punctuation"] == 2 and cleaned["preference_rows_out"] == 3, "kept"
     assert ("shop: 2 preference pairs kept whose answers differ only in punctuation, case or spacing (the first: "
@@ -255,9 +256,7 @@ def test_sources_naming_their_columns_differently_are_read_by_data_files(ftpipe_
             "  files:\n    legacy/*.csv: {columns: {prompt: text, completion: label}}\n    archive/*.csv: {}\n")
     make_task(ftpipe_env, "desk", {"tickets.csv": "customer_message,intent\n" + current,
                                    "legacy/2023.csv": "text,label\n" + legacy}, yaml)
-    with dg.instance_for_test() as instance:
-        result = materialize(instance, "desk")
-        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    result, warnings = materialized_with_warnings("desk")
     raw = materialization(result, "raw_examples")
     assert (raw["rows_valid"], raw["rows_quarantined"]) == (60, 0)
     assert "desk: data.files names 'archive/*.csv', which no raw file matches (the files read: legacy/2023.csv, " \
@@ -273,9 +272,7 @@ def test_a_classification_trains_a_labels_only_row_and_warns_such_labels_have_no
     rows = [chat(f"message {i}: about payment {i * 17} from branch {i}", ["refund", "card"][i % 2]) for i in range(60)]
     rows += [chat(f"Can you help me with the {topic} this week?", f"rare {i}") for i, topic in enumerate(topics)]
     make_task(ftpipe_env, "bank", {"a.jsonl": rows}, "evaluation: {task_type: classification}\n")
-    with dg.instance_for_test() as instance:
-        result = materialize(instance, "bank")
-        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    result, warnings = materialized_with_warnings("bank")
     train, evaluation = (set(answers(path)) for path in TaskLayout("bank").split_files)
     unheld = sorted(train - evaluation)
     assert unheld == sorted(f"rare {i}" for i in range(12)), "a label's only row trains"
@@ -293,9 +290,7 @@ def test_labels_without_held_out_rows_are_named_with_their_rows_and_those_of_a_f
 
     rows = [chat(message, label) for message, label in wrapped_messages(300)]  # 2 questions a label, many wordings
     make_task(ftpipe_env, "intents", {"a.jsonl": rows}, "evaluation: {task_type: classification}\n")
-    with dg.instance_for_test() as instance:
-        result = materialize(instance, "intents")
-        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    result, warnings = materialized_with_warnings("intents")
     train, evaluation = (Counter(answers(path)) for path in TaskLayout("intents").split_files)
     unheld = sorted((label for label in train if label not in evaluation), key=lambda label: (-train[label], label))
     few_questions = [label for label in unheld if train[label] >= 7]  # a share of 0.15 is a row or more
@@ -314,9 +309,7 @@ def test_a_split_that_holds_out_no_row_says_so_and_the_training_refuses_for_that
 
     rows = [chat(f"message {i}: about payment {i * 17} from branch {i}", ["refund", "card"][i % 2]) for i in range(4)]
     make_task(ftpipe_env, "tiny", {"a.jsonl": rows}, "split: {eval_fraction: 0.05}\n")
-    with dg.instance_for_test() as instance:
-        result = materialize(instance, "tiny")
-        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    result, warnings = materialized_with_warnings("tiny")
     assert materialization(result, "heldout_split")["eval_rows"] == 0
     assert ("tiny: no held-out row of 4: nothing can be evaluated, so no training starts; a larger "
             "split.eval_fraction holds some out") in warnings
@@ -335,9 +328,7 @@ def test_class_ids_are_trained_and_held_out_as_the_label_names_task_yaml_gives(f
     task_yaml = ("evaluation: {task_type: classification}\n"
                  f"data: {{columns: {{prompt: text, completion: label}}, label_names: [{', '.join(names)}]}}\n")
     make_task(ftpipe_env, "bank", {"export.jsonl": rows}, task_yaml)
-    with dg.instance_for_test() as instance:
-        result = materialize(instance, "bank")
-        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    result, warnings = materialized_with_warnings("bank")
     assert materialization(result, "raw_examples")["rows_quarantined"] == 0
     assert set().union(*(answers(path) for path in TaskLayout("bank").split_files)) == set(names)
     assert materialization(result, "deduplicated_examples")["labels_not_in_label_names"] == 0
@@ -346,9 +337,7 @@ def test_class_ids_are_trained_and_held_out_as_the_label_names_task_yaml_gives(f
     more = [{"text": f"can I get a mortgage for flat {i} on street {i * 7}", "label": "mortgage_enquiry"}
             for i in range(3)] + [{"text": "queue three please, ticket 9001", "label": "other"}]
     (ftpipe_env / "tasks" / "bank" / "raw" / "later.jsonl").write_text("".join(json.dumps(r) + "\n" for r in more))
-    with dg.instance_for_test() as instance:
-        result = materialize(instance, "bank")
-        warnings = [log.user_message for log in instance.all_logs(result.run_id) if log.level == 30]
+    result, warnings = materialized_with_warnings("bank")
     assert materialization(result, "deduplicated_examples")["labels_not_in_label_names"] == 2
     assert ('bank: 2 labels of the rows are not in data.label_names: "mortgage_enquiry" ×3, "other" ×1; each is '
             "trained and scored as a class of its own: add them there, or correct the rows in the raw files") in warnings
