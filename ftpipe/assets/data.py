@@ -212,8 +212,8 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
     untaught = labels_missing_from(cfg.evaluation, eval_answers, train_answers)
     typos = dedup.likely_typos(paths.asset("deduplicated_examples")) if unheld or untaught else {}
     if unheld:
-        train_rows = Counter(map(label_reader(cfg.evaluation), train_answers))
-        context.log.warning(f"{task}: {unheld_labels(unheld, typos, train_rows, cfg.split.eval_fraction)}")
+        label_rows = Counter(map(label_reader(cfg.evaluation), train_answers))
+        context.log.warning(f"{task}: {unheld_labels(unheld, typos, label_rows, cfg.split.eval_fraction)}")
     if untaught:
         context.log.warning(f"{task}: {untaught_labels(untaught, typos)}")
     learns_final_turns = cfg.evaluation.task_type == "generation" and not cfg.training.every_turn

@@ -154,9 +154,16 @@ def likely_misspellings(counts: dict[str, int]) -> list[dict[str, Any]]:
 
 
 def _unaccented(key: str) -> str:
-    """`key` without its diacritics (`koln` for `köln`): a label written without them matches the one written with
-    them, where difflib's ratio of short names one accent apart (`Koln`, `Zurich`) is under MISSPELLING_SIMILARITY."""
-    return "".join(char for char in unicodedata.normalize("NFKD", key) if not unicodedata.combining(char))
+    """`key` with the accents of its Latin letters left out (`koln` for `köln`): a label written without them matches
+    the one written with them, where difflib's ratio of short names one accent apart (`Koln`, `Zurich`) is under
+    MISSPELLING_SIMILARITY. Other scripts' marks stay: a Japanese dakuten makes another word (`かき`, `かぎ`)."""
+    kept, base = [], ""
+    for char in unicodedata.normalize("NFKD", key):
+        if not unicodedata.combining(char):
+            base = char
+        if not (unicodedata.combining(char) and base.isascii()):
+            kept.append(char)
+    return unicodedata.normalize("NFC", "".join(kept))
 
 
 def _numbered_alike(label: str, other: str) -> bool:

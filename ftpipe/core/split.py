@@ -40,7 +40,6 @@ TRAIN, EVAL = "train", "eval"
 # answer is a label or a stock reply many questions share.
 ANSWER_MIN_WORDS = 6
 ANSWER_MAX_ROWS = 5
-FILL_CEILING = 1.25  # times its share, the most a label's held-out rows grow to make up the eval share of all rows
 STOCK_ANSWER_SHARE, STOCK_ANSWER_ROWS = 0.2, 5  # one final answer of this share of the train rows, this many at least
 
 

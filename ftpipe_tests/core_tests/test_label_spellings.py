@@ -92,7 +92,8 @@ def test_a_rare_label_a_typo_away_from_a_commoner_one_is_named_and_labels_of_lik
               "refund": 10, "refunds": 9, "gone": 0, "why_verify_identity": 200, "verify_my_identity": 10,
               "get_physical_card": 150, "order_physical_card": 12,  # banking intents alike in words, not typos
               "intent_14": 40, "intent_18": 2, "E11": 50, "E1": 3,  # numbered classes: apart in digits, not typos
-              "Köln": 70, "Koln": 8, "Zürich": 67, "Zurich": 5}  # written without the accent
+              "Köln": 70, "Koln": 8, "Zürich": 67, "Zurich": 5,  # written without the accent
+              "かぎ": 50, "かき": 3}  # a dakuten makes another word
     found = likely_misspellings(counts)
     assert found == [{"label": "neutrl", "rows": 1, "like": "neutral", "like_rows": 120},
                      {"label": "postive", "rows": 2, "like": "positive", "like_rows": 300},
