@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from ftpipe.core import similarity
+from ftpipe.core.evaluation.metrics.base import first_json_object
 from ftpipe.core.evaluation.statistics import chance_of_at_least
 from ftpipe.core.records import read_examples, source_order, user_message, write_examples, write_jsonl
 from ftpipe.core.results import Result, read_result, reuse_key
@@ -437,8 +438,8 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
                              for slip in (labels.type_slips(kept_answers) if labels else [])]
     kept_labels = {label: counts["rows_in"] - counts["removed"]
                    for label, counts in summary["removed_by_label"].items()}
-    summary["likely_misspellings"] = (likely_misspelt_values(categories) if categories
-                                      else likely_misspellings(kept_labels))
+    summary["likely_misspellings"] = _with_first_rows(
+        likely_misspelt_values(categories) if categories else likely_misspellings(kept_labels), kept, label_of)
     summary["labels_not_named"] = unnamed_labels(kept_labels, label_names, summary["likely_misspellings"])
     inputs = {"raw_examples": file_sha256(examples_path)[:16], "json_answers": "compared by value",
               "multi_turn": "near-identical turn for turn",
@@ -458,6 +459,19 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         Result("deduplicated_examples", key, {"examples": EXAMPLES, "preferences": PREFERENCES, "removed": REMOVED},
                inputs, summary).write(tmp)
     return {**summary, "removed": removed}
+
+
+def _with_first_rows(found: list[dict[str, Any]], kept: list[dict[str, Any]],
+                     label_of: Callable[[str], str | None] | None) -> list[dict[str, Any]]:
+    """Each likely typo of `found` (a label, or a value of a `field`) with the source of the `first` kept row that
+    writes it, so it can be found in the raw files."""
+    def writes(row: dict[str, Any], one: dict[str, Any]) -> bool:
+        answer = row["messages"][-1]["content"]
+        if "field" in one:
+            return (first_json_object(answer) or {}).get(one["field"]) == one["label"]
+        return label_of is not None and label_of(answer) == one["label"]
+
+    return [{**one, "first": next((row["source"] for row in kept if writes(row, one)), None)} for one in found]
 
 
 def _last_kept(out_dir: Path) -> list[dict[str, Any]]:

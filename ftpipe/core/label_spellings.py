@@ -22,7 +22,7 @@ from ftpipe.core.readable import plural
 from ftpipe.core.text import canonical, label_key
 
 COLUMNS = ["label", "respelled", "rows"]
-MISSPELLING_COLUMNS = ["label", "rows", "like", "like_rows"]  # and the field first, for values of a field
+MISSPELLING_COLUMNS = ["label", "rows", "like", "like_rows", "first"]  # and the field first, for values of a field
 SHOWN = 5  # spellings named in the log line
 SPELT = "each label is trained (as data.label_names, the last cleaning or most of its answers write it)"
 MISSPELLING_SIMILARITY = 0.85  # difflib's ratio of two labels' words from which the rarer may be a typo of the other
@@ -188,7 +188,8 @@ def misspellings_said(found: list[dict[str, Any]]) -> str:
     field (`likely_misspelt_values`) are named with it."""
     noun = "value" if found and "field" in found[0] else "label"
     named = [f"{one['field'] + ' ' if 'field' in one else ''}{_quoted(one['label'])} ×{one['rows']} "
-             f"(like {_quoted(one['like'])} ×{one['like_rows']})" for one in found[:SHOWN]]
+             f"(like {_quoted(one['like'])} ×{one['like_rows']}{'; first ' + one['first'] if one.get('first') else ''})"
+             for one in found[:SHOWN]]
     more = f" and {len(found) - SHOWN} more (the misspelt_labels table)" if len(found) > SHOWN else ""
     several = len(found) > 1
     return (f"{len(found)} {noun}{'s' * several} look{'s' * (not several)} like a typo of a commoner {noun}"

@@ -188,9 +188,10 @@ def test_an_extraction_answer_missing_a_field_or_giving_it_another_type_is_quara
     assert preview.startswith("| a.jsonl:line 41 |") and '\\"urgent\\": \\"no\\"' in preview, \
         "the answer shown first, before the long system prompt"
     assert (deduped["rows_out"], deduped["contradictions"]) == (41, 0), "the well-formed original stays"
-    assert 'orders: 1 value looks like a typo of a commoner value of its field: city "Osloo" ×1 (like "Oslo" ×20); ' \
-           "it is trained and scored as a value of its own: correct it in the raw files" in warnings
-    assert '| city | "Osloo" | 1 | "Oslo" | 20 |' in deduped["misspelt_labels"]
+    assert 'orders: 1 value looks like a typo of a commoner value of its field: city "Osloo" ×1 (like "Oslo" ×20; ' \
+           "first a.jsonl:line 43); it is trained and scored as a value of its own: correct it in the raw files" \
+           in warnings, "the row to correct named"
+    assert '| city | "Osloo" | 1 | "Oslo" | 20 | a.jsonl:line 43 |' in deduped["misspelt_labels"]
 
 
 def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_env: Path) -> None:
@@ -217,9 +218,11 @@ def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_en
     assert '| {"category": "Shipping"} | {"category": "Billing"} |' in review["preference_sample"], "as trained"
     assert deduped["removed_by_label"].splitlines()[2:] == [
         "| Billing | 48 | 0 | 0% |", "| Shiping | 1 | 0 | 0% |", "| Shipping | 12 | 0 | 0% |"]
-    assert deduped["likely_misspelt_labels"] == 1 and '| "Shiping" | 1 | "Shipping" | 12 |' in deduped["misspelt_labels"]
-    assert 'desk: 1 label looks like a typo of a commoner label: "Shiping" ×1 (like "Shipping" ×12); it is trained ' \
-           'and scored as a label of its own: correct it in the raw files' in warnings, "a typo is not a spelling"
+    assert deduped["likely_misspelt_labels"] == 1
+    assert '| "Shiping" | 1 | "Shipping" | 12 | a.jsonl:line 61 |' in deduped["misspelt_labels"]
+    assert 'desk: 1 label looks like a typo of a commoner label: "Shiping" ×1 (like "Shipping" ×12; first a.jsonl:line ' \
+           '61); it is trained and scored as a label of its own: correct it in the raw files' in warnings, \
+           "a typo is not a spelling"
     assert "desk: 1 label of the train rows (Shiping ×1) has no held-out row: the scores say nothing about it (a " \
            "larger split.eval_fraction gives more labels a held-out row; 'Shiping' looks like a typo of 'Shipping': " \
            "correct it in the raw files)." in warnings
