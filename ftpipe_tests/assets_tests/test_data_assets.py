@@ -220,8 +220,8 @@ def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_en
         "| Billing | 48 | 0 | 0% |", "| Shiping | 1 | 0 | 0% |", "| Shipping | 12 | 0 | 0% |"]
     assert deduped["likely_misspelt_labels"] == 1
     assert '| "Shiping" | 1 | "Shipping" | 12 | a.jsonl:line 61 |' in deduped["misspelt_labels"]
-    typo = ('desk: 1 label looks like a typo of a commoner label: "Shiping" ×1 (like "Shipping" ×12; first a.jsonl:line '
-            '61); it is trained and scored as a label of its own: correct it in the raw files')
+    typo = ('desk: 1 label looks like a typo of a commoner label: "Shiping" ×1 (like "Shipping" ×12; first '
+            'a.jsonl:line 61); it is trained and scored as a label of its own: correct it in the raw files')
     assert typo in warnings, "a typo is not a spelling"
     assert "desk: 1 label of the train rows (Shiping ×1) has no held-out row: the scores say nothing about it (a " \
            "larger split.eval_fraction gives more labels a held-out row; 'Shiping' looks like a typo of 'Shipping': " \
