@@ -343,7 +343,8 @@ def test_class_ids_are_trained_and_held_out_as_the_label_names_task_yaml_gives(f
     result, warnings = materialized_with_warnings("bank")
     assert materialization(result, "deduplicated_examples")["labels_not_in_label_names"] == 2
     assert ('bank: 2 labels of the rows are not in data.label_names: "mortgage_enquiry" ×3, "other" ×1; each is '
-            "trained and scored as a class of its own: add them there, or correct the rows in the raw files") in warnings
+            "trained and scored as a class of its own: add them there, or correct the rows in the raw files") \
+        in warnings
 
 
 def test_zero_valid_rows_fails_naming_the_folder(ftpipe_env: Path) -> None:
