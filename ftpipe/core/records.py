@@ -128,7 +128,7 @@ class ReadResult:
     @property
     def unusable_files(self) -> list[str]:
         """The files read of which every row went to the quarantine."""
-        used = {row["source"].rsplit(":", 1)[0] for row in (*self.examples, *self.preferences)}
+        used = {source_file(row["source"]) for row in (*self.examples, *self.preferences)}
         return [name for name in self.files if name not in used]
 
     @property
@@ -407,7 +407,7 @@ def system_prompt_mix(rows: list[dict[str, Any]]) -> str | None:
     """One line on rows of which some start with a system message and others with none, naming the files of those
     without (None: all or none start with one)."""
     system = Counter(row["messages"][0]["content"] for row in rows if row["messages"][0]["role"] == "system")
-    without = Counter(row["source"].rpartition(":")[0] for row in rows if row["messages"][0]["role"] != "system")
+    without = Counter(source_file(row["source"]) for row in rows if row["messages"][0]["role"] != "system")
     if not system or not without:
         return None
     prompt, holding = system.most_common(1)[0]
@@ -441,6 +441,11 @@ def _raw_text(row: Any) -> str:
 
 def _quarantine(result: ReadResult, source: str, reason: str, raw: Any = "") -> None:
     result.quarantine.append({"source": source, "reason": _printable(reason), "raw": _raw_text(raw)})
+
+
+def source_file(source: str) -> str:
+    """The file a row's `source` names: `a.csv` of `a.csv:line 4` (a source without a line or row is its file)."""
+    return source.rsplit(":", 1)[0]
 
 
 def source_order(row: dict[str, Any]) -> tuple:
@@ -632,7 +637,7 @@ def unusable_files_line(unusable: list[str], quarantine: list[dict[str, Any]], p
     """One line on the raw files of which every row went to the quarantine (`unusable`): each one's first reason (a
     mapping's hint among them, so every file's is said at once), what to do, and where every reason is (`path`, the
     quarantine file)."""
-    firsts = [next(row for row in quarantine if name in (row["source"], row["source"].rsplit(":", 1)[0]))
+    firsts = [next(row for row in quarantine if source_file(row["source"]) == name)
               for name in unusable]
     reasons = "; ".join(f"{row['source']}: {row['reason']}" for row in firsts)
     return (f"every row of {', '.join(unusable)} went to the quarantine, e.g. {reasons}; mend the "

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ftpipe.config import DedupConfig
+from ftpipe.core.records import source_file
 from ftpipe.core.text import loose_words
 
 _PAD_HASH = pd.util.hash_array(np.array(["\x00"], dtype=object))[0]  # the word short texts are padded with
@@ -269,8 +270,8 @@ def _shared(messages: Shingles, held_by: np.ndarray, count: int) -> np.ndarray:
 
 
 def source_files(rows: list[dict]) -> list[str]:
-    """Each row's source file (its `source` without the line or row: `a.csv` of `a.csv:line 4`)."""
-    return [str(row.get("source", "")).rpartition(":")[0] for row in rows]
+    """Each row's source file (`records.source_file`)."""
+    return [source_file(str(row.get("source", ""))) for row in rows]
 
 
 def _file_rows(files: list[str]) -> list[np.ndarray]:
