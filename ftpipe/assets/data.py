@@ -3,14 +3,13 @@
 The data assets refresh by themselves (declarative automation) whenever an upstream data version changes.
 """
 
-from collections import Counter
 
 import dagster as dg
 
 from ftpipe.assets.common import TaskRunConfig, file_version, load_config, table
 from ftpipe.core import dedup, label_spellings, records, review_sample as review, split, teacher
 from ftpipe.core.evaluation.metrics import (
-    answer_problem, answer_rule, label_reader, labels_missing_from, shape_problems, task_metrics,
+    answer_problem, answer_rule, labels_missing_from, shape_problems, task_metrics,
 )
 from ftpipe.core.evaluation.metrics.extraction import type_slips_said
 from ftpipe.core.evaluation.report import unheld_labels, untaught_labels
@@ -212,10 +211,9 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
     untaught = labels_missing_from(cfg.evaluation, eval_answers, train_answers)
     typos = dedup.likely_typos(paths.asset("deduplicated_examples")) if unheld or untaught else {}
     if unheld:
-        label_rows = Counter(map(label_reader(cfg.evaluation), train_answers))
-        context.log.warning(f"{task}: {unheld_labels(unheld, typos, label_rows, cfg.split.eval_fraction)}")
+        context.log.warning(f"{task}: {unheld_labels(list(unheld), typos, unheld, cfg.split.eval_fraction)}")
     if untaught:
-        context.log.warning(f"{task}: {untaught_labels(untaught, typos)}")
+        context.log.warning(f"{task}: {untaught_labels(list(untaught), typos, untaught)}")
     learns_final_turns = cfg.evaluation.task_type == "generation" and not cfg.training.every_turn
     if learns_final_turns and (stock := split.stock_answer(train_rows)):
         context.log.warning(f"{task}: {stock}")

@@ -57,7 +57,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
     from ftpipe.core.evaluation import run_evaluation
     from ftpipe.core.evaluation.answer_budget import cut_off_warning
     from ftpipe.core.evaluation.gate import GATE_FIELDS
-    from ftpipe.core.evaluation.report import unheld_labels
+    from ftpipe.core.evaluation.report import unheld_labels_of
     from ftpipe.core.teacher import served_version, teacher_outputs, teacher_version
 
     task = context.partition_key
@@ -82,7 +82,7 @@ def eval_report(context: dg.AssetExecutionContext, config: TaskRunConfig, mlflow
         teacher=teacher, teacher_version=teacher_version(distill, version) if distill else None, label_typos=typos,
     )
     if report.get("labels_without_heldout_rows"):
-        context.log.warning(f"{task}: {unheld_labels(report['labels_without_heldout_rows'], typos)}")
+        context.log.warning(f"{task}: {unheld_labels_of(report)}")
     if (cut_off := cut_off_warning(report)) is not None:
         context.log.warning(f"{task}: {cut_off}")
     if report["gate_caveat"] is not None:

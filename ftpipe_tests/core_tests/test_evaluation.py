@@ -465,14 +465,18 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
         workspace, tmp_path, passes):
     cache, first_rows = tmp_path / "cache", EVAL_ROWS - 8
 
-    rows = read_examples(workspace / "eval.parquet")
-    before, every = labels(select_rows(rows, first_rows)), labels(read_examples(workspace / "train.parquet") + rows)
-    missing = [label for label in every if label not in before]
+    rows, train = read_examples(workspace / "eval.parquet"), read_examples(workspace / "train.parquet")
+    before, every = labels(select_rows(rows, first_rows)), labels(train + rows)
+    trained = Counter(row["messages"][-1]["content"].strip() for row in train)
+    missing = sorted((label for label in every if label not in before), key=lambda label: -trained[label])
     typos = {missing[0]: before[0], before[1]: before[0]}  # as cleaning would name them; before[1] is held out
     first = evaluate(workspace, "bad_adapter", tmp_path / "first", cache=cache,
                      config=CLASSIFY.model_copy(update={"max_rows": first_rows}), label_typos=typos)
     assert missing and first["labels_without_heldout_rows"] == missing, "the train rows have a label these have not"
-    assert f"({', '.join(missing)}) {'have' if len(missing) > 1 else 'has'} no held-out row" in first["report_markdown"]
+    assert first["train_rows_of_unheld_labels"] == {label: trained[label] for label in missing}
+    assert first["train_rows"] == len(train)
+    named = ", ".join(f"{label} ×{trained[label]}" for label in missing)  # each with its train rows, the most first
+    assert f"({named}) {'have' if len(missing) > 1 else 'has'} no held-out row" in first["report_markdown"]
     assert first["likely_typos"] == {missing[0]: before[0]}, "named where a typo has no held-out row, and only there"
     assert f"{missing[0]!r} looks like a typo of {before[0]!r}: correct it in the raw files" in first["report_markdown"]
     passes.clear()

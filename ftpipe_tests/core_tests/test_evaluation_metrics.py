@@ -142,7 +142,8 @@ def test_label_choices_rank_the_labels_of_train_rows_too_and_name_those_without_
     choices = task.label_choices(['{"intent": "top_up"}'], train)
     assert choices.names == ["cardarrival", "topup"] and choices.expected == ["topup"]
     assert choices.candidates == [['{"intent": "card_arrival"', '{"intent": "top_up"']]
-    assert choices.without_heldout_rows() == ["card_arrival"]  # as written; an unreadable train answer adds none
+    # as written, with its train rows of every spelling; an unreadable train answer adds none
+    assert choices.without_heldout_rows() == {"card_arrival": 3}
 
 
 def test_label_answers_are_complete_answers_written_as_the_references_write_them():
@@ -467,7 +468,7 @@ def test_a_base_answering_out_of_the_tasks_form_is_said_with_what_measures_the_t
 
 
 def test_labels_of_one_side_of_the_split_only_are_named_up_to_a_dozen():
-    from ftpipe.core.evaluation.report import unheld_labels, untaught_labels
+    from ftpipe.core.evaluation.report import unheld_labels, unheld_labels_of, untaught_labels
 
     labels = [f"intent_{n:02d}" for n in range(14)]
     assert unheld_labels(labels[:9]).startswith(f"9 labels of the train rows ({', '.join(labels[:9])}) have no held-out")
@@ -482,6 +483,14 @@ def test_labels_of_one_side_of_the_split_only_are_named_up_to_a_dozen():
         "3 labels of the train rows (refund ×10, card ×6, rare ×1) have no held-out row: the scores say nothing about "
         "them (a larger split.eval_fraction gives more labels a held-out row; the rows of refund ask a few questions "
         "in other words, and a question's rows stay on one side: rows asking other questions give it held-out rows).")
+    evaluated = {"rows": 15, "train_rows": 85, "labels_without_heldout_rows": ["refund", "card", "rare"],
+                 "train_rows_of_unheld_labels": {"refund": 10, "card": 6, "rare": 1}, "likely_typos": {}}
+    assert unheld_labels_of(evaluated) == unheld_labels(["rare", "refund", "card"], None,
+                                                        {"refund": 10, "rare": 1, "card": 6}, 0.15)
+    before = {"rows": 15, "labels_without_heldout_rows": ["refund", "card"]}  # an evaluation from before the counts
+    assert unheld_labels_of(before).startswith("2 labels of the train rows (refund, card) have no held-out row")
+    assert untaught_labels(["rare", "refnd"], None, {"rare": 2, "refnd": 1}).startswith(
+        "2 labels of the held-out rows (rare ×2, refnd ×1) have no train row")
     assert untaught_labels(["refnd", "rare"], typos) == (
         "2 labels of the held-out rows (refnd, rare) have no train row: fine-tuning never shows them to the model (more "
         "rows of them in the raw files give them train rows; 'refnd' looks like a typo of 'refund': correct it in the "

@@ -116,9 +116,10 @@ def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetric
     base, tuned, primary = outputs["base"], outputs["finetuned"], task.primary
     delta, low, high = paired_bootstrap(scores["base"].rows[primary], scores["finetuned"].rows[primary],
                                         config.bootstrap_samples, seed=DELTA_SEED)
+    unheld = heldout.choices.without_heldout_rows() if heldout.choices else {}
     metrics = {
-        "primary_metric": primary, "rows": len(heldout.rows),
-        "labels_without_heldout_rows": heldout.choices.without_heldout_rows() if heldout.choices else [],
+        "primary_metric": primary, "rows": len(heldout.rows), "train_rows": heldout.train_rows,
+        "labels_without_heldout_rows": list(unheld), "train_rows_of_unheld_labels": unheld,
         "base_score": scores["base"].summary[primary], "finetuned_score": scores["finetuned"].summary[primary],
         "base_answers_in_form": sum(task.valid_outputs(base.answers, references)),
         "delta": delta, "delta_ci_low": low, "delta_ci_high": high,

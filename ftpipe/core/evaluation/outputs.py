@@ -73,8 +73,8 @@ class Answering:
 @dataclass(frozen=True)
 class Heldout:
     """The held-out rows under evaluation, their prompts, the label set to rank (if any), the complete answers
-answers are constrained to (if they are), the probe, the held-out preference pairs, and where the task type finds
-an answer complete (if anywhere before the end of the turn)."""
+answers are constrained to (if they are), the probe, the held-out preference pairs, where the task type finds
+an answer complete (if anywhere before the end of the turn), and how many rows the model trained on."""
 
     rows: list[dict]
     probe: list[dict]
@@ -82,6 +82,7 @@ an answer complete (if anywhere before the end of the turn)."""
     labels: list[str] | None = None
     pairs: list[dict] = field(default_factory=list)
     answer_end: AnswerEnd | None = None
+    train_rows: int = 0
 
     @classmethod
     def of(cls, rows: list[dict], probe: list[dict], task: TaskMetrics, train_rows: list[dict] = (),
@@ -91,7 +92,8 @@ an answer complete (if anywhere before the end of the turn)."""
         references, train_references = ([row["messages"][-1]["content"] for row in part] for part in (rows, train_rows))
         labels = task.label_answers(train_references + references) if constrained else None
         return cls(rows=rows, probe=probe, choices=task.label_choices(references, train_references),
-                   labels=labels, pairs=pairs or [], answer_end=task.answer_end(train_references + references))
+                   labels=labels, pairs=pairs or [], answer_end=task.answer_end(train_references + references),
+                   train_rows=len(train_rows))
 
     @property
     def ids(self) -> list[str]:

@@ -77,10 +77,17 @@ def unheld_labels(labels: list[str], typos: dict[str, str] | None = None, train_
                             remedy, train_rows)
 
 
-def untaught_labels(labels: list[str], typos: dict[str, str] | None = None) -> str:
-    """What no training teaches: labels of held-out rows only (`_one_side_labels`)."""
+def unheld_labels_of(metrics: dict[str, Any]) -> str:
+    """`unheld_labels` of an evaluation's metrics: with their train rows and the held-out share, where recorded."""
+    train, rows = metrics.get("train_rows"), metrics["rows"]
+    return unheld_labels(metrics["labels_without_heldout_rows"], metrics.get("likely_typos"),
+                         metrics.get("train_rows_of_unheld_labels"), rows / (rows + train) if train else None)
+
+
+def untaught_labels(labels: list[str], typos: dict[str, str] | None = None, rows: dict[str, int] | None = None) -> str:
+    """What no training teaches: labels of held-out rows only (`_one_side_labels`), each with its `rows` if given."""
     return _one_side_labels(labels, typos, "held-out rows", "train row", "fine-tuning never shows {them} to the model",
-                            "more rows of {them} in the raw files give {them} train rows")
+                            "more rows of {them} in the raw files give {them} train rows", rows)
 
 
 def _named(labels: list[str], rows: dict[str, int] | None = None) -> str:
@@ -154,7 +161,7 @@ def evidence(metrics: dict[str, Any]) -> list[str]:
     if (form := base_out_of_form(m)) is not None:
         parts.append(form)
     if m.get("labels_without_heldout_rows"):
-        parts.append(unheld_labels(m["labels_without_heldout_rows"], m.get("likely_typos")))
+        parts.append(unheld_labels_of(m))
     if m["fewshot_score"] is not None:
         parts.append(
             f"Base model with {m['fewshot_examples']} train examples in the prompt (few-shot): "

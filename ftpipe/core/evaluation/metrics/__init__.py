@@ -28,12 +28,12 @@ def label_reader(config: EvaluationConfig) -> Callable[[str], str | None] | None
     return partial(raw_label, label_field=config.label_field) if task_metrics(config).labelled else None
 
 
-def labels_missing_from(config: EvaluationConfig, answers: list[str], others: list[str]) -> list[str]:
-    """The labels (as written) of `answers` that no answer of `others` has, for task types with labels (none for the
-    others): of the train answers, labels the held-out scores say nothing about; of the held-out answers, labels no
-    training shows the model."""
+def labels_missing_from(config: EvaluationConfig, answers: list[str], others: list[str]) -> dict[str, int]:
+    """The labels (as written) of `answers` that no answer of `others` has, each with its rows of `answers`, the
+    largest first, for task types with labels (none for the others): of the train answers, labels the held-out scores
+    say nothing about; of the held-out answers, labels no training shows the model."""
     task = task_metrics(config)
-    return task.label_choices(others, answers).without_heldout_rows() if task.labelled else []
+    return task.label_choices(others, answers).without_heldout_rows() if task.labelled else {}
 
 
 def answer_problem(config: EvaluationConfig) -> Callable[[str], str | None]:

@@ -108,18 +108,22 @@ class Scores:
 @dataclass(frozen=True)
 class LabelChoices:
     """The label set of a classification, for ranking labels by log-likelihood: `names` (normalised labels of the
-    held-out and train rows) and as `written`, each held-out row's expected name, and each row's candidate answers
-    (one per name, in the row's answer format)."""
+    held-out and train rows) and as `written`, each held-out row's expected name, each row's candidate answers
+    (one per name, in the row's answer format), and each name's train rows."""
 
     names: list[str]
     written: list[str]
     expected: list[str]
     candidates: list[list[str]]
+    train_rows: dict[str, int] = field(default_factory=dict)
 
-    def without_heldout_rows(self) -> list[str]:
-        """The labels (as written) that only train rows have: the held-out scores say nothing about them."""
+    def without_heldout_rows(self) -> dict[str, int]:
+        """The labels (as written) that only train rows have, each with its train rows, the largest first: the
+        held-out scores say nothing about them."""
         held = set(self.expected)
-        return [written for name, written in zip(self.names, self.written) if name not in held]
+        unheld = {written: self.train_rows.get(name, 0) for name, written in zip(self.names, self.written)
+                  if name not in held}
+        return dict(sorted(unheld.items(), key=lambda item: -item[1]))
 
 
 class TaskMetrics:

@@ -180,7 +180,8 @@ class Classification(TaskMetrics):
         written = [self._written(label) for label in spelling.values()]
         candidates = [[before + label for label in written] for before, _ in map(self._around_label, references)]
         return LabelChoices(names=list(spelling), written=list(spelling.values()),
-                            expected=[self.expected_label(r) for r in references], candidates=candidates)
+                            expected=[self.expected_label(r) for r in references], candidates=candidates,
+                            train_rows=Counter(map(self.expected_label, readable)))
 
     def label_answers(self, references: list[str]) -> list[str]:
         """One complete answer per label of the references (sorted by name): the label as the references most
