@@ -14,7 +14,7 @@ from ftpipe.core.evaluation.metrics import (
 from ftpipe.core.evaluation.metrics.extraction import type_slips_said
 from ftpipe.core.evaluation.report import unheld_labels, untaught_labels
 from ftpipe.core.similarity import Settings
-from ftpipe.core.preferences import as_chat
+from ftpipe.core.preferences import as_chat, unpaired_left_out
 from ftpipe.core.layout import QUARANTINE, REMOVED, REVIEW_CSV, TaskLayout
 from ftpipe.core.readable import plural
 from ftpipe.core.storage import task_dir
@@ -192,15 +192,16 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
         eval_fraction=cfg.split.eval_fraction, seed=cfg.split.seed, settings=Settings.of(cfg.dedup),
         labelled=task_metrics(cfg.evaluation).labelled,
     )
-    new = summary["new_train_rows"] + summary["new_eval_rows"]
     preference = (f", {summary['train_pairs']} train / {summary['eval_pairs']} eval preference rows"
                   if summary["train_pairs"] + summary["eval_pairs"] else "")
     context.log.info(f"{task}: {summary['train_rows']} train / {summary['eval_rows']} eval rows{preference}"
-                     + (f"; {new} new since the last split ({summary['new_train_rows']} train, "
-                        f"{summary['new_eval_rows']} eval), the others on their sides" if new else ""))
+                     f"{split.changes_said(summary)}")
     if summary["train_rows"] and not summary["eval_rows"]:
         context.log.warning(f"{task}: no held-out row of {summary['train_rows']}: nothing can be evaluated, so no "
                             "training starts; a larger split.eval_fraction holds some out")
+    if unpaired := unpaired_left_out(cfg.training.preference_objective, summary["unpaired_train_rows"],
+                                     summary["unpaired_eval_rows"]):
+        context.log.warning(f"{task}: {unpaired}")
     if given := summary["preference_rows_given_system_prompt"]:
         context.log.info(f"{task}: {given} preference prompts started without a system message and got the one the "
                          "chat rows and serving start with")

@@ -32,7 +32,9 @@ import pandas as pd
 from ftpipe.core import similarity
 from ftpipe.core.evaluation.metrics.base import first_json_object
 from ftpipe.core.evaluation.statistics import chance_of_at_least
-from ftpipe.core.records import read_examples, source_order, user_message, write_examples, write_jsonl
+from ftpipe.core.records import (
+    common_system_prompt, read_examples, source_order, user_message, write_examples, write_jsonl,
+)
 from ftpipe.core.results import Result, read_result, reuse_key
 from ftpipe.core.layout import EXAMPLES, PREFERENCES, REMOVED
 from ftpipe.core.storage import atomic_dir, file_sha256
@@ -444,13 +446,15 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     inputs = {"raw_examples": file_sha256(examples_path)[:16], "json_answers": "compared by value",
               "multi_turn": "near-identical turn for turn",
               "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None,
+              "preference_prompts": "compared with the chat rows' system prompt where they have none",
               **({"free_text": True} if free_text else {}),
               **({"labels": {"label_field": labels.config.label_field, "respelled": "chat and preference answers",
                             "compared": "respelled", **({"named": list(label_names)} if label_names else {})}}
                  if spellings else {})}
     key = reuse_key(inputs, settings)
     with atomic_dir(out_dir) as tmp:
-        cleaned = build_clean_preferences(pairs, tmp, settings, spellings)
+        system_prompt = common_system_prompt([row["messages"] for row in kept])[0]  # the one the split gives them
+        cleaned = build_clean_preferences(pairs, tmp, settings, spellings, system_prompt)
         removed = result.removed + cleaned.pop("removed")
         summary.update({name: summary[name] + cleaned.pop(name) for name in COUNTS[2:]}, **cleaned)
         write_examples(kept, tmp / EXAMPLES,

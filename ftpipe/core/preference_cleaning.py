@@ -1,10 +1,11 @@
 """Cleaning of preference rows, with the reasons, records and counts of the chat examples' cleaning (`dedup`).
 
-Rows are compared on their normalised text (`text.canonical`). For one prompt, a pair and its reverse (A over B and
-B over A), or one completion labelled both desirable and undesirable, contradict each other: the strict-majority
-direction's rows stay, otherwise the whole group goes. Of identical rows the first stays (exact duplicates). A row
-whose prompt is near-identical (`similarity`, on what varies between the prompts) to a kept earlier row's, with the
-same answers, goes too, naming that row (near-duplicates; nothing chains).
+Rows are compared on their normalised text (`text.canonical`), a prompt without a system message as it is trained:
+with the chat rows' system prompt (`split.with_default_system_prompt`). For one prompt, a pair and its reverse (A
+over B and B over A), or one completion labelled both desirable and undesirable, contradict each other: the
+strict-majority direction's rows stay, otherwise the whole group goes. Of identical rows the first stays (exact
+duplicates). A row whose prompt is near-identical (`similarity`, on what varies between the prompts) to a kept
+earlier row's, with the same answers, goes too, naming that row (near-duplicates; nothing chains).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ftpipe.core import similarity
 from ftpipe.core.dedup import removal
 from ftpipe.core.layout import PREFERENCES
 from ftpipe.core.preferences import as_chat, is_paired, write_preferences
-from ftpipe.core.records import source_order
+from ftpipe.core.records import source_order, with_system_prompt
 from ftpipe.core.text import canonical, loose
 
 if TYPE_CHECKING:
@@ -37,8 +38,9 @@ class Key(NamedTuple):
     direction: bool  # paired: whether the chosen answer sorts first; unpaired: the label
 
     @classmethod
-    def of(cls, row: dict[str, Any]) -> Key:
-        prompt = tuple((m["role"], canonical(m["content"])) for m in row["prompt"])
+    def of(cls, row: dict[str, Any], system_prompt: str | None = None) -> Key:
+        """The key of `row`, its prompt given `system_prompt` when it starts without a system message."""
+        prompt = tuple((m["role"], canonical(m["content"])) for m in with_system_prompt(row["prompt"], system_prompt))
         if not is_paired(row):
             return cls(prompt, (canonical(row["completion"]),), row["label"])
         chosen, rejected = canonical(row["chosen"]), canonical(row["rejected"])
@@ -104,12 +106,13 @@ def _remove_near(rows: list[dict[str, Any]], keys: list[Key], removed: list[dict
 
 
 def clean_preferences(rows: list[dict[str, Any]], settings: similarity.Settings = similarity.Settings(),
-                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                      system_prompt: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(kept, removed) preference rows: contradictions resolved, then exact and near-duplicates removed; removed
     rows carry `reason`, `duplicate_of`, `duplicate_of_source` and `detail`. Rows are taken in the order of the
-    task's files (`records.source_order`), so the first written stays whatever the order of the input."""
+    task's files (`records.source_order`), so the first written stays whatever the order of the input. A prompt
+    without a system message compares as if it started with `system_prompt` (the chat rows' own)."""
     ordered = sorted(rows, key=source_order)
-    keys = [Key.of(row) for row in ordered]
+    keys = [Key.of(row, system_prompt) for row in ordered]
     removed: list[dict[str, Any]] = []
     remaining = _remove_exact(ordered, keys, _resolve_contradictions(ordered, keys, removed), removed)
     kept = _remove_near([ordered[i] for i in remaining], [keys[i] for i in remaining], removed, settings)
@@ -118,12 +121,12 @@ def clean_preferences(rows: list[dict[str, Any]], settings: similarity.Settings 
 
 def build_clean_preferences(rows: list[dict[str, Any]], out_dir: Path,
                             settings: similarity.Settings = similarity.Settings(),
-                            spellings: Spellings | None = None) -> dict[str, Any]:
-    """Clean preference `rows` into `out_dir/preferences.parquet`, the kept rows' labels in their `spellings`;
-    return `preference_rows_in`, `preference_rows_out`, the counts by reason under `dedup`'s names,
-    `preference_answers_respelled`, the kept pairs whose answers differ only in punctuation
+                            spellings: Spellings | None = None, system_prompt: str | None = None) -> dict[str, Any]:
+    """Clean preference `rows` (`clean_preferences`) into `out_dir/preferences.parquet`, the kept rows' labels in
+    their `spellings`; return `preference_rows_in`, `preference_rows_out`, the counts by reason under `dedup`'s
+    names, `preference_answers_respelled`, the kept pairs whose answers differ only in punctuation
     (`punctuation_only_pairs`) and `removed`."""
-    kept, removed = clean_preferences(rows, settings)
+    kept, removed = clean_preferences(rows, settings, system_prompt)
     kept, respelled = spellings.respell_preferences(kept) if spellings else (kept, 0)
     write_preferences(kept, out_dir / PREFERENCES)
     reasons = Counter(row["reason"] for row in removed)

@@ -64,6 +64,17 @@ def missing_split_rows(objective: str, train_path: Path, eval_path: Path, eval_f
             f"hash, so a few can all land in train); add {kind}s, raise split.eval_fraction or change split.seed")
 
 
+def unpaired_left_out(objective: str | None, train: int, held_out: int) -> str | None:
+    """One line on the unpaired preference rows (`train` and `held_out` of them) a paired `objective` trains and is
+    evaluated without; None where there are none, or the objective reads them."""
+    if objective is None or objective in UNPAIRED_OBJECTIVES or not train + held_out:
+        return None
+    rows = train + held_out
+    return (f"{plural(rows, 'preference row')} ({held_out} held out) {'is' if rows == 1 else 'are'} unpaired (a "
+            f"completion and a label): {objective} trains and is evaluated on pairs (chosen and rejected) only, so it "
+            "leaves them out; kto trains on both kinds")
+
+
 def write_preferences(rows: list[dict[str, Any]], path: Path) -> None:
     """Write canonical preference rows as Parquet (deterministic bytes for the same rows; none is an empty file)."""
     pq.write_table(pa.Table.from_pylist(rows, schema=PREFERENCE_SCHEMA), path)
@@ -85,6 +96,8 @@ def to_preference(row: Any, spec: FormatSpec, source: str) -> dict[str, Any] | N
     """
     naming = _naming(row, spec) if isinstance(row, dict) and spec.format in ("auto", "columns") else None
     if naming is None:
+        if isinstance(row, dict) and spec.format in ("auto", "columns"):
+            _check_label_spelling(row, spec)
         return None
     paired, columns = naming
     copy = row.get(columns["chosen"]) if paired else None  # UltraFeedback's `messages`: the chosen conversation again
@@ -128,6 +141,19 @@ def _naming(row: dict[str, Any], spec: FormatSpec) -> tuple[bool, dict[str, str]
         if unpaired:
             return False, columns
     return None
+
+
+def _check_label_spelling(row: dict[str, Any], spec: FormatSpec) -> None:
+    """BadRow where a row of a prompt and a completion has, in place of `label`, a column spelt like it that holds
+    true or false: an unpaired preference row whose label column is misspelt, not an SFT example to learn."""
+    columns = {**OWN_COLUMNS, **spec.columns}
+    if columns["completion"] not in row or columns["label"] in row:
+        return
+    for key in get_close_matches(columns["label"], [str(key) for key in row if key not in columns.values()], n=3):
+        value = row[key]
+        if isinstance(value, bool) or str(value).strip().lower() in ("true", "false"):
+            raise BadRow(f"field '{columns['label']}' is missing, and the row has '{key}' ({value!r:.10}): misspelt? "
+                         f"(data.columns: {{label: {key}}} reads it as an unpaired preference row)")
 
 
 def _check_ratings(row: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from ftpipe.core.dedup import SHARED_TEXT_KEY, answer_key, comparable_answer, pr
 from ftpipe.core.layout import (
     EVAL as EVAL_FILE, EVAL_PREFERENCES, PREFERENCES, SPLIT_RECORD, TRAIN as TRAIN_FILE, TRAIN_PREFERENCES,
 )
-from ftpipe.core.preferences import as_chat, read_preferences, write_preferences
+from ftpipe.core.preferences import as_chat, is_paired, read_preferences, write_preferences
 from ftpipe.core.records import (
     common_system_prompt, examples_metadata, read_examples, with_system_prompt, write_examples,
 )
@@ -294,6 +294,18 @@ def _previous_sides(path: Path, eval_fraction: float, seed: int) -> dict[str, st
     return recorded["sides"] if same else {}
 
 
+def changes_said(summary: dict[str, Any]) -> str:
+    """What changed since the last split (`build_split`'s summary), as a clause after its sizes ("" when nothing)."""
+    said = ""
+    if new := summary["new_train_rows"] + summary["new_eval_rows"]:
+        said += (f"; {new} new since the last split ({summary['new_train_rows']} train, {summary['new_eval_rows']} "
+                 "eval), the others on their sides")
+    if gone := summary["gone_train_rows"] + summary["gone_eval_rows"]:
+        said += (f"; {gone} of the last split's rows left it ({summary['gone_train_rows']} train, "
+                 f"{summary['gone_eval_rows']} eval): cleaning removed them, or the raw files no longer hold them")
+    return said
+
+
 def stock_answer(rows: list[dict[str, Any]]) -> str | None:
     """Said when one answer ends STOCK_ANSWER_SHARE of the train `rows` or more (at least STOCK_ANSWER_ROWS): in a
     generation task a closing "You are welcome." would be most of what is learnt; else None."""
@@ -349,10 +361,14 @@ def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, see
     pairs, given = with_default_system_prompt(pairs, train)
     train_pairs, eval_pairs = ([row for row in pairs if sides[row["id"]] == side] for side in (TRAIN, EVAL))
     new = [sides[row["id"]] for row in rows + pairs if row["id"] not in previous] if previous else []
+    gone = [side for row_id, side in previous.items() if row_id not in sides]
     summary = {"train_rows": len(train), "eval_rows": len(evaluation),
                "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+               "unpaired_train_rows": sum(not is_paired(row) for row in train_pairs),
+               "unpaired_eval_rows": sum(not is_paired(row) for row in eval_pairs),
                "preference_rows_given_system_prompt": given,
-               "new_train_rows": new.count(TRAIN), "new_eval_rows": new.count(EVAL)}
+               "new_train_rows": new.count(TRAIN), "new_eval_rows": new.count(EVAL),
+               "gone_train_rows": gone.count(TRAIN), "gone_eval_rows": gone.count(EVAL)}
     inputs = {"deduplicated_examples": file_sha256(examples_path)[:16], "eval_fraction": eval_fraction, "seed": seed,
               **({"labelled": True} if labelled else {}),
               "deduplicated_preferences": file_sha256(preferences_path)[:16] if preferences_path.is_file() else None,

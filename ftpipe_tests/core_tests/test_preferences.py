@@ -104,6 +104,17 @@ def test_a_pair_whose_own_ratings_tie_or_favour_the_rejected_answer_is_quarantin
                                 "answer (swap them, or leave the pair out)")]
 
 
+def test_unpaired_rows_a_paired_objective_leaves_out_are_said() -> None:
+    from ftpipe.core.preferences import unpaired_left_out
+
+    assert unpaired_left_out("dpo", 36, 16) == (
+        "52 preference rows (16 held out) are unpaired (a completion and a label): dpo trains and is evaluated on "
+        "pairs (chosen and rejected) only, so it leaves them out; kto trains on both kinds")
+    assert unpaired_left_out("orpo", 1, 0).startswith("1 preference row (0 held out) is unpaired")
+    assert unpaired_left_out("kto", 36, 16) is None and unpaired_left_out("dpo", 0, 0) is None
+    assert unpaired_left_out(None, 36, 16) is None, "no preference stage: nothing is left out by one"
+
+
 def test_a_split_that_held_no_pair_out_is_named_as_the_reason_a_paired_objective_cannot_run(tmp_path: Path) -> None:
     pair = {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b", "completion": None,
             "label": None, "source": "p.jsonl:line 1"}
@@ -184,6 +195,18 @@ def test_a_mapped_sft_answer_column_named_label_stays_an_sft_row(ftpipe_env: Pat
     assert [row["prompt"][-1]["content"] for row in result.preferences] == ["q"]
 
 
+def test_a_thumbs_down_file_with_its_label_column_misspelt_is_quarantined_not_trained_on(ftpipe_env: Path) -> None:
+    files = {"feedback.csv": "prompt,completion,lable\nreset my password,Send me your password.,false\n",
+             "tags.csv": "prompt,completion,labels\nwhere is my parcel,It ships today.,shipping\n"}
+    result = read(make_task(ftpipe_env, "t", files))
+    assert [row["messages"][-1]["content"] for row in result.examples] == ["It ships today."], "a tag column: SFT"
+    assert [(q["source"], q["reason"]) for q in result.quarantine] == [
+        ("feedback.csv:line 2", "field 'label' is missing, and the row has 'lable' ('false'): misspelt? "
+                                "(data.columns: {label: lable} reads it as an unpaired preference row)")]
+    fixed = read(ftpipe_env / "tasks" / "t", FormatSpec(columns={"label": "lable"}))
+    assert [(row["completion"], row["label"]) for row in fixed.preferences] == [("Send me your password.", False)]
+
+
 @pytest.mark.parametrize(("row", "reason"), [
     ({"prompt": "q", "chosen": "a", "rejected": "  "}, "field 'rejected' is empty"),
     ({"prompt": "q", "chosen": "a"}, "field 'rejected' is missing"),
@@ -254,6 +277,22 @@ def test_identical_pairs_after_normalisation_keep_one() -> None:
     assert gone["reason"] == "exact_duplicate"
     assert {gone["id"], gone["duplicate_of"]} == {first["id"], copy["id"]}
     assert gone["duplicate_of_source"] in {first["source"], copy["source"]} and "after normalisation" in gone["detail"]
+
+
+def test_a_pair_without_the_system_prompt_is_a_copy_of_the_same_pair_with_it() -> None:
+    bare = pair("Reset my password", "Done.", "No.", "export.jsonl:line 11")
+    with_system = to_preference({"prompt": [{"role": "system", "content": SYSTEM},
+                                            {"role": "user", "content": "Reset my password"}],
+                                 "chosen": "Done.", "rejected": "No."}, FormatSpec(), "conv.jsonl:line 31")
+    reverse = to_preference({**{key: with_system[key] for key in ("prompt",)}, "chosen": "No.", "rejected": "Done."},
+                            FormatSpec(), "conv.jsonl:line 32")
+    kept, removed = preference_cleaning.clean_preferences([bare, with_system], system_prompt=SYSTEM)
+    assert kept == [with_system] and [row["reason"] for row in removed] == ["exact_duplicate"], \
+        "trained with the chat rows' system prompt, the bare pair is the same pair"
+    kept, removed = preference_cleaning.clean_preferences([bare, with_system, reverse], system_prompt=SYSTEM)
+    assert kept == [with_system] and sorted(row["reason"] for row in removed) == ["contradiction", "exact_duplicate"]
+    kept, _ = preference_cleaning.clean_preferences([bare, with_system], system_prompt="Another instruction.")
+    assert len(kept) == 2, "another system prompt: two prompts"
 
 
 def prompt_jaccard(a: dict, b: dict) -> float:

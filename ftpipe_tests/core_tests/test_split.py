@@ -252,6 +252,8 @@ def test_all_rows_of_one_prompt_are_on_one_side_and_adding_rows_never_moves_them
     train, evaluation = (read_preferences(tmp_path / "split" / name)
                          for name in ("train_preferences.parquet", "eval_preferences.parquet"))
     assert len(evaluation) == summary["eval_pairs"] and len(train) == summary["train_pairs"]
+    assert summary["unpaired_eval_rows"] == sum(row["chosen"] is None for row in evaluation) > 0
+    assert summary["unpaired_train_rows"] + summary["unpaired_eval_rows"] == len(prompts), "one unpaired row a prompt"
     side = {row["id"]: "train" for row in train} | {row["id"]: "eval" for row in evaluation}
     for prompt in prompts:
         assert len({side[row["id"]] for row in pairs if row["prompt"][-1]["content"] == prompt}) == 1
@@ -264,6 +266,15 @@ def test_all_rows_of_one_prompt_are_on_one_side_and_adding_rows_never_moves_them
     after = json.loads((tmp_path / "split" / "split.json").read_text())["sides"]
     assert all(after[key] == value for key, value in before.items())
     assert read_result(tmp_path / "split").produced["eval_preferences"] == "eval_preferences.parquet"
+    assert split.changes_said(grown) == (f"; 90 new since the last split ({grown['new_train_rows']} train, "
+                                         f"{grown['new_eval_rows']} eval), the others on their sides")
+    left = pairs[:9] + rows(40)[:4]  # cleaning removed them this time
+    shrunk = build(tmp_path / "three", rows(40)[4:] + rows(30, seed=8), pairs[9:] + more, tmp_path / "split")
+    gone = [after[row["id"]] for row in left]
+    assert (shrunk["gone_train_rows"], shrunk["gone_eval_rows"]) == (gone.count("train"), gone.count("eval"))
+    assert split.changes_said(shrunk) == (f"; 13 of the last split's rows left it ({gone.count('train')} train, "
+                                          f"{gone.count('eval')} eval): cleaning removed them, or the raw files no "
+                                          "longer hold them")
 
 
 def test_a_preference_prompt_near_a_chat_prompt_takes_its_side(tmp_path: Path) -> None:
