@@ -15,6 +15,7 @@ from ftpipe.core.evaluation.metrics.extraction import type_slips_said
 from ftpipe.core.evaluation.report import unheld_labels, untaught_labels
 from ftpipe.core.similarity import Settings
 from ftpipe.core.preferences import as_chat, unpaired_left_out
+from ftpipe.core.preference_cleaning import taught_answers_rejected_said
 from ftpipe.core.layout import QUARANTINE, REMOVED, REVIEW_CSV, TaskLayout
 from ftpipe.core.readable import plural
 from ftpipe.core.storage import task_dir
@@ -127,6 +128,8 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
                             "differ only in punctuation, case or spacing (the first: "
                             f"{summary['first_pair_differing_in_punctuation']}): what such a pair teaches is that "
                             "difference")
+    if summary["pairs_rejecting_taught_answers"]:
+        context.log.warning(f"{task}: {taught_answers_rejected_said(summary)}")
     return dg.MaterializeResult(
         metadata={
             **{key: summary[key] for key in (*dedup.COUNTS, "preference_rows_in", "preference_rows_out")},
@@ -139,6 +142,7 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
             "label_spellings": table(label_spellings.shown(summary["label_spellings"]), label_spellings.COLUMNS),
             "preference_answers_respelled": summary["preference_answers_respelled"],
             "pairs_differing_in_punctuation": summary["pairs_differing_in_punctuation"],
+            "pairs_rejecting_taught_answers": summary["pairs_rejecting_taught_answers"],
             "likely_misspelt_labels": len(summary["likely_misspellings"]),
             "values_of_another_type": sum(slip["answers"] for slip in summary["type_slips"]),
             "labels_not_in_label_names": len(summary["labels_not_named"]),

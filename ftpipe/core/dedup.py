@@ -454,7 +454,7 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     key = reuse_key(inputs, settings)
     with atomic_dir(out_dir) as tmp:
         system_prompt = common_system_prompt([row["messages"] for row in kept])[0]  # the one the split gives them
-        cleaned = build_clean_preferences(pairs, tmp, settings, spellings, system_prompt)
+        cleaned = build_clean_preferences(pairs, tmp, settings, spellings, system_prompt, kept)
         removed = result.removed + cleaned.pop("removed")
         summary.update({name: summary[name] + cleaned.pop(name) for name in COUNTS[2:]}, **cleaned)
         write_examples(kept, tmp / EXAMPLES,

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ftpipe.core import similarity
-from ftpipe.core.dedup import removal
+from ftpipe.core.dedup import answer_key, comparable_answer, removal
 from ftpipe.core.layout import PREFERENCES
 from ftpipe.core.preferences import as_chat, is_paired, write_preferences
+from ftpipe.core.readable import plural
 from ftpipe.core.records import source_order, with_system_prompt
 from ftpipe.core.text import canonical, loose
 
@@ -40,11 +41,16 @@ class Key(NamedTuple):
     @classmethod
     def of(cls, row: dict[str, Any], system_prompt: str | None = None) -> Key:
         """The key of `row`, its prompt given `system_prompt` when it starts without a system message."""
-        prompt = tuple((m["role"], canonical(m["content"])) for m in with_system_prompt(row["prompt"], system_prompt))
+        prompt = prompt_key(row["prompt"], system_prompt)
         if not is_paired(row):
             return cls(prompt, (canonical(row["completion"]),), row["label"])
         chosen, rejected = canonical(row["chosen"]), canonical(row["rejected"])
         return cls(prompt, (min(chosen, rejected), max(chosen, rejected)), chosen < rejected)
+
+
+def prompt_key(messages: list[dict[str, str]], system_prompt: str | None) -> tuple[tuple[str, str], ...]:
+    """A prompt's messages, normalised, given `system_prompt` when they start without a system message."""
+    return tuple((m["role"], canonical(m["content"])) for m in with_system_prompt(messages, system_prompt))
 
 
 def _resolve_contradictions(rows: list[dict[str, Any]], keys: list[Key], removed: list[dict[str, Any]]) -> list[int]:
@@ -121,18 +127,19 @@ def clean_preferences(rows: list[dict[str, Any]], settings: similarity.Settings 
 
 def build_clean_preferences(rows: list[dict[str, Any]], out_dir: Path,
                             settings: similarity.Settings = similarity.Settings(),
-                            spellings: Spellings | None = None, system_prompt: str | None = None) -> dict[str, Any]:
+                            spellings: Spellings | None = None, system_prompt: str | None = None,
+                            chats: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """Clean preference `rows` (`clean_preferences`) into `out_dir/preferences.parquet`, the kept rows' labels in
     their `spellings`; return `preference_rows_in`, `preference_rows_out`, the counts by reason under `dedup`'s
     names, `preference_answers_respelled`, the kept pairs whose answers differ only in punctuation
-    (`punctuation_only_pairs`) and `removed`."""
+    (`punctuation_only_pairs`) or reject what the kept `chats` teach (`rejected_taught_answers`), and `removed`."""
     kept, removed = clean_preferences(rows, settings, system_prompt)
     kept, respelled = spellings.respell_preferences(kept) if spellings else (kept, 0)
     write_preferences(kept, out_dir / PREFERENCES)
     reasons = Counter(row["reason"] for row in removed)
     return {"preference_rows_in": len(rows), "preference_rows_out": len(kept),
             **{name: reasons[reason] for reason, name in COUNTS.items()}, "preference_answers_respelled": respelled,
-            **punctuation_only_pairs(kept), "removed": removed}
+            **punctuation_only_pairs(kept), **rejected_taught_answers(kept, chats, system_prompt), "removed": removed}
 
 
 def punctuation_only_pairs(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -143,3 +150,26 @@ def punctuation_only_pairs(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"pairs_differing_in_punctuation": len(found),
             "first_pair_differing_in_punctuation": found[0] if found else None}
 
+
+
+def rejected_taught_answers(pairs: list[dict[str, Any]], chats: list[dict[str, Any]],
+                            system_prompt: str | None = None) -> dict[str, Any]:
+    """How many `pairs` reject the answer a chat row gives the same prompt, and the first with that chat row: the
+    supervised stage teaches the answer and the preference stage then trains away from it. Answers compare as
+    cleaning compares them (`dedup.answer_key`), prompts without a system message as given `system_prompt`."""
+    taught: dict[tuple, str] = {}
+    for chat in chats:
+        key = prompt_key(chat["messages"][:-1], system_prompt), answer_key(chat)
+        taught.setdefault(key, chat["source"])
+    found = [f"{row['source']}, against {chat}" for row in pairs if is_paired(row) and (chat := taught.get(
+        (prompt_key(row["prompt"], system_prompt), canonical(comparable_answer(row["rejected"])))))]
+    return {"pairs_rejecting_taught_answers": len(found),
+            "first_pair_rejecting_taught_answer": found[0] if found else None}
+
+
+def taught_answers_rejected_said(summary: dict[str, Any]) -> str:
+    """The warning on pairs that reject a chat row's answer (`rejected_taught_answers` in `summary`)."""
+    count = summary["pairs_rejecting_taught_answers"]
+    return (f"{plural(count, 'preference pair')} {'rejects' if count == 1 else 'reject'} the answer a chat row gives "
+            f"the same prompt (the first: {summary['first_pair_rejecting_taught_answer']}): the supervised stage "
+            "teaches that answer and the preference stage trains away from it; mend the pair or the chat row")

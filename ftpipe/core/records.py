@@ -348,14 +348,17 @@ def detect_format(row: dict[str, Any], spec: FormatSpec) -> str:
 
 
 def _mapping_hint(row: dict[str, Any], spec: FormatSpec) -> str:
-    """Where the row has columns commonly named for a prompt and an answer: `; data.columns: {prompt: text,
-    completion: label} reads it`, or where `spec` maps other names, the same for the file's own `data.files` entry,
-    or a new one; else ''."""
+    """Where the row has columns commonly named for a prompt and an answer, or a preference pair's in another case:
+    `; data.columns: {prompt: text, completion: label} reads it`, or where `spec` maps other names, the same for the
+    file's own `data.files` entry, or a new one; else ''."""
     names = {str(key).casefold(): str(key) for key in row}
-    found = {"prompt": next((names[name] for name in LIKELY_PROMPT_COLUMNS if name in names), None),
-             "completion": next((names[name] for name in LIKELY_ANSWER_COLUMNS if name in names), None)}
-    mapping = f"{{prompt: {found['prompt']}, completion: {found['completion']}}}"
-    if None in found.values() or spec.columns and all(spec.columns[field] in row for field in found):
+    prompt = next((names[name] for name in LIKELY_PROMPT_COLUMNS if name in names), None)
+    found = {"prompt": prompt, "chosen": names.get("chosen"), "rejected": names.get("rejected")}
+    if None in found.values():
+        found = {"prompt": prompt, "completion": next((names[name] for name in LIKELY_ANSWER_COLUMNS if name in names),
+                                                       None)}
+    mapping = "{" + ", ".join(f"{field}: {column}" for field, column in found.items()) + "}"
+    if None in found.values() or spec.columns and all(spec.columns.get(field) in row for field in found):
         return ""
     if not spec.columns or spec.columns_setting != "data.columns":
         return f"; {spec.columns_setting if spec.columns else 'data.columns'}: {mapping} reads it"

@@ -252,6 +252,24 @@ def test_pairs_whose_answers_differ_only_in_punctuation_are_kept_and_counted_wit
             "p.jsonl:line 1): what such a pair teaches is that difference") in warnings
 
 
+def test_pairs_rejecting_the_answer_a_chat_row_teaches_for_their_prompt_are_counted_with_a_warning(
+        ftpipe_env: Path) -> None:
+    system = "You answer the shop's customers in one sentence."
+    rows = [chat(f"order {i}: where is parcel {i * 17}?", f"It ships on day {i}.", system) for i in range(20)]
+    pairs = [{"prompt": "order 3: where is parcel 51?", "chosen": "Parcel 51 ships on day 3.",  # given the system's
+              "rejected": "it  ships on day 3."},  # the chat row's answer as cleaning compares answers
+             {"prompt": "order 4: where is parcel 68?", "chosen": "It ships on day 4.", "rejected": "No idea."},
+             {"prompt": "order 6: where is parcel 102?", "chosen": "It ships on day 6.",
+              "rejected": "It ships on day 6"},  # another answer by its punctuation: the other warning's
+             {"prompt": "order 5: where is my parcel?", "chosen": "Which parcel?", "rejected": "It ships on day 5."}]
+    make_task(ftpipe_env, "shop", {"a.jsonl": rows, "p.jsonl": pairs})
+    result, warnings = materialized_with_warnings("shop")
+    assert materialization(result, "deduplicated_examples")["pairs_rejecting_taught_answers"] == 1
+    assert ("shop: 1 preference pair rejects the answer a chat row gives the same prompt (the first: p.jsonl:line 1, "
+            "against a.jsonl:line 4): the supervised stage teaches that answer and the preference stage trains away "
+            "from it; mend the pair or the chat row") in warnings
+
+
 def test_sources_naming_their_columns_differently_are_read_by_data_files(ftpipe_env: Path) -> None:
     current = "".join(f"ticket {i}: parcel {i * 7} is late,shipping\n" for i in range(30))
     legacy = "".join(f"case {i}: refund {i * 11} not received,billing\n" for i in range(30))

@@ -187,6 +187,14 @@ def test_the_mapping_a_misspelt_column_hint_names_reads_the_file(ftpipe_env: Pat
     assert result.quarantine == []
 
 
+def test_the_mapping_the_hint_names_for_capitalised_pair_columns_reads_them(ftpipe_env: Path) -> None:
+    folder = make_task(ftpipe_env, "t", {"export.csv": "Prompt,Chosen,Rejected\nis it free?,Yes.,No idea.\n"})
+    (entry,) = read(folder).quarantine
+    assert entry["reason"].endswith("; data.columns: {prompt: Prompt, chosen: Chosen, rejected: Rejected} reads it")
+    result = read(folder, FormatSpec(columns={"prompt": "Prompt", "chosen": "Chosen", "rejected": "Rejected"}))
+    assert [(row["chosen"], row["rejected"]) for row in result.preferences] == [("Yes.", "No idea.")]
+
+
 def test_a_mapped_sft_answer_column_named_label_stays_an_sft_row(ftpipe_env: Path) -> None:
     folder = make_task(ftpipe_env, "t", {"intents.csv": "text,label\nmy card is lost,lost_card\n",
                                          "pairs.jsonl": [{"prompt": "q", "chosen": "a", "rejected": "b"}]})
@@ -370,7 +378,8 @@ def test_build_clean_preferences_writes_the_kept_rows_and_counts_by_reason(tmp_p
     removed = summary.pop("removed")
     assert summary == {"preference_rows_in": 4, "preference_rows_out": 2, "exact_duplicates": 1,
                        "near_duplicates": 0, "contradictions": 1, "preference_answers_respelled": 0,
-                       "pairs_differing_in_punctuation": 0, "first_pair_differing_in_punctuation": None}
+                       "pairs_differing_in_punctuation": 0, "first_pair_differing_in_punctuation": None,
+                       "pairs_rejecting_taught_answers": 0, "first_pair_rejecting_taught_answer": None}
     assert len(removed) == 2 and all(row["reason"] in ("exact_duplicate", "contradiction") for row in removed)
     assert len(read_preferences(tmp_path / "preferences.parquet")) == 2
     empty = preference_cleaning.build_clean_preferences([], tmp_path)

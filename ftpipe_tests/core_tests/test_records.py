@@ -122,6 +122,8 @@ def test_bom_crlf_and_blank_lines(ftpipe_env: Path) -> None:
          "the row has keys: Text, label; data.columns: {prompt: Text, completion: label} reads it"),
         (json.dumps({"question": "q", "answer": "a", "text": "t"}), "{prompt: question, completion: answer} reads it"),
         (json.dumps({"prompt": "q", "Completion": "a"}), "{prompt: prompt, completion: Completion} reads it"),
+        (json.dumps({"Prompt": "q", "Chosen": "a", "Rejected": "b"}),
+         "data.columns: {prompt: Prompt, chosen: Chosen, rejected: Rejected} reads it"),
         (json.dumps(["a", "b"]), "expected an object"),
         (json.dumps({"prompt": "a\u0000b", "completion": "c"}), "NUL"),
     ],
