@@ -11,8 +11,8 @@ rows a clause
 - is otherwise the row's own content.
 Wrapping written onto a clause without punctuation ("where is my order thanks", "hi team how do I return it") is
 taken off its edges: up to EDGE_WORDS words (or EDGE_CHARACTERS characters) at a clause's start or end that at least
-WRAPPER_ROWS rows hold there, their answers spread as chance spreads them. A clause then predicts an answer when one of
-its readings, with or without such edges, does.
+WRAPPER_ROWS rows hold there or as a clause of their own ("Please help."), their answers spread as chance spreads
+them. A clause then predicts an answer when one of its readings, with or without such edges, does.
 A reading of a question typed with one word misspelt is that question's reading too.
 A row is a wrapped copy when each of its clauses but the wrapping predicts its own answer and a reading that does is at
 least CORE_MIN_WORDS words long: it asks what the other rows holding the shortest such readings ask. A row with a clause
@@ -81,15 +81,16 @@ def wrapped_copies(rows: list[dict[str, Any]]) -> dict[int, dict[str, list[int]]
 
 
 def _edge_wrapping(held: list[frozenset[str]], answers: list[str], shares: dict[str, float]) -> set[tuple[str, str]]:
-    """The ("start" or "end", words) that wrap at clause edges: at least WRAPPER_ROWS rows hold them there, with
-    answers spread as chance spreads them."""
+    """The ("start" or "end", words) that wrap at clause edges: at least WRAPPER_ROWS rows hold them there, or as a
+    clause of its own ("Please help." wraps "is my money protected please help"), with answers spread as chance
+    spreads them."""
     at_edges: dict[tuple[str, str], set[int]] = {}
     for index, row_clauses in enumerate(held):
         for clause in row_clauses:
             words = clause.split()
-            for n in range(1, min(_edge_limit(words), len(words) - 1) + 1):
+            for n in range(1, min(_edge_limit(words), len(words)) + 1):
                 at_edges.setdefault(("start", " ".join(words[:n])), set()).add(index)
-            for n in range(1, min(_edge_limit(words[::-1]), len(words) - 1) + 1):
+            for n in range(1, min(_edge_limit(words[::-1]), len(words)) + 1):
                 at_edges.setdefault(("end", " ".join(words[-n:])), set()).add(index)
     return {edge for edge, rows in at_edges.items()
             if len(rows) >= WRAPPER_ROWS and _as_chance(Counter(answers[i] for i in rows), len(rows), shares)}

@@ -60,6 +60,22 @@ def test_a_question_typed_with_a_slip_in_other_wrapping_is_a_copy_of_it() -> Non
     assert [leak["same_question"] for leak in leaks] == list(slipped.values())
 
 
+def test_a_sign_off_most_rows_write_as_a_sentence_of_its_own_is_wrapping_where_one_runs_it_on() -> None:
+    questions = {"deposit": "is my money protected", "card": "how long does a new card take",
+                 "fees": "why was I charged a fee", "limits": "what is the most I can withdraw"}
+    rng = random.Random(7)
+    rows = [row(f"{rng.choice(['Hi', 'Hello'])}, {questions[label]}? {rng.choice(['Please help.', 'Thanks!'])}",
+                label, f"chats.jsonl:line {i}") for i, label in enumerate(rng.choices(list(questions), k=120))]
+    run_on = [row(f"Hello, {question} Please help.", label, f"more.csv:row {i}")  # only these run it on
+              for i, (label, question) in enumerate(questions.items())]
+    copies = wrapping.wrapped_copies(rows + run_on)
+    assert [list(copies[len(rows) + i]) for i in range(len(run_on))] == [[q.lower()] for q in questions.values()]
+    sides = split.assign_sides(rows + run_on, eval_fraction=0.2, seed=0)
+    for r in run_on:
+        question = r["messages"][0]["content"].removeprefix("Hello, ").removesuffix(" Please help.")
+        assert {sides[o["id"]] for o in rows if question in o["messages"][0]["content"]} == {sides[r["id"]]}
+
+
 def test_a_greeting_written_onto_a_question_without_spaces_or_punctuation_is_wrapping_too() -> None:
     questions = {"reset_password": ["パスワードを忘れてしまいました", "パスワードリセットのメールが届きません"],
                  "cancel_order": ["注文をキャンセルしたいです", "先ほどの注文をキャンセルできますか"],
