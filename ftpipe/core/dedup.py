@@ -7,7 +7,8 @@ disagree (a contradiction: the strict-majority answer stays, otherwise the whole
 where two answers can both be right, the first row written stays instead). Two rows whose answers
 differ only in words their own prompts have and the other's has not (an order number, a date, the word that decides
 the label) are two examples of one rule: neither duplicates nor a contradiction, both stay. So are two rows whose
-near-identical prompts differ in a number (a price, a quantity: a template's problems) and whose answers differ.
+near-identical prompts differ in a number (a price, a quantity: a template's problems, numbers read with their signs
+and decimals) and whose answers differ, however alike their words where the answers differ in a number too.
 Exact-prompt answers are compared as `loose` text, so `#### 325.` and `#### 325` are one answer (and the near stage
 finds the second row a near-duplicate of the first). An answer that is a JSON object is compared by its value, so two
 that differ only in key order or spacing are one answer and two that differ in one field's value are two (however
@@ -31,6 +32,7 @@ import pandas as pd
 
 from ftpipe.core import similarity
 from ftpipe.core.evaluation.metrics.base import first_json_object
+from ftpipe.core.evaluation.metrics.final_answer import NUMBER, to_number
 from ftpipe.core.evaluation.statistics import chance_of_at_least
 from ftpipe.core.records import (
     common_system_prompt, read_examples, source_order, user_message, write_examples, write_jsonl,
@@ -159,6 +161,7 @@ class NearRows:
         self.similar = similarity.neighbours(len(rows), [pair for pair in pairs if self.turn_for_turn(*pair[:2])])
         self._word_sets: dict[int, tuple[set[str], set[str]]] = {}
         self._objects: dict[int, bool] = {}
+        self._number_sets: dict[int, tuple[frozenset[float], frozenset[float]]] = {}
 
     def turn_for_turn(self, a: int, b: int) -> bool:
         """Conversations of several user turns are near-identical only turn for turn: as many messages, and last user
@@ -212,10 +215,22 @@ class NearRows:
                                       set(similarity.prompt_words(messages)))
         return self._word_sets[index]
 
+    def _numbers(self, index: int) -> tuple[frozenset[float], frozenset[float]]:
+        """(the numbers of a row's answer, of its prompt but the system message), read with their signs, decimals and
+        thousands separators: -3 is not 3, 18.0 is 18."""
+        if index not in self._number_sets:
+            messages = self.rows[index]["messages"]
+            self._number_sets[index] = tuple(frozenset(map(to_number, NUMBER.findall(text))) for text in (
+                messages[-1]["content"], similarity.prompt_text(messages)))
+        return self._number_sets[index]
+
     def prompts_differ_in_a_number(self, a: int, b: int) -> bool:
         """The prompts differ in a number: a price, an amount or a quantity can decide the answer."""
-        (_, prompt_a), (_, prompt_b) = self._words(a), self._words(b)
-        return any(character.isdigit() for word in prompt_a ^ prompt_b for character in word)
+        return self._numbers(a)[1] != self._numbers(b)[1]
+
+    def numbers_follow_prompts(self, a: int, b: int) -> bool:
+        """The prompts differ in a number and so do the answers: a template's problems, each with its own result."""
+        return self.prompts_differ_in_a_number(a, b) and self._numbers(a)[0] != self._numbers(b)[0]
 
     def consistent(self, a: int, b: int) -> bool:
         """The answers agree, differ only where the prompts do, or may differ because the prompts differ in a
@@ -270,12 +285,13 @@ def _near_contradiction(near: NearRows, index: int, center: int, camp_of: dict[i
 
 def _remove_near_duplicates(near: NearRows, alive: list[bool], removed: list[dict[str, Any]]) -> None:
     """A row whose prompt and answer are both near-identical to a kept earlier row's goes, naming that row, unless
-    the answers differ where the prompts do."""
+    the answers differ where the prompts do, or in a number where the prompts differ in one."""
     for index, similar in enumerate(near.similar):
         if not alive[index]:
             continue
         matches = [(score, other) for other, score in similar.items() if other < index and alive[other]
-                   and near.same_answer(other, index) and not near.answers_follow_prompts(other, index)]
+                   and near.same_answer(other, index) and not near.answers_follow_prompts(other, index)
+                   and not near.numbers_follow_prompts(other, index)]
         if matches:
             score, other = max(matches, key=lambda match: (match[0], -match[1]))  # most alike, then first
             detail = f"prompt Jaccard {score:.2f}, answer Jaccard {near.answer_jaccard(other, index):.2f}"

@@ -246,6 +246,19 @@ def test_an_answer_written_two_ways_is_one_answer_and_a_templates_problems_are_n
     assert dedup.deduplicate(miscounted + others).count("contradiction") == 2, "another final answer disagrees"
 
 
+def test_a_templates_problems_apart_in_a_sign_or_with_alike_solutions_are_two_problems() -> None:
+    rng = random.Random(7)
+    others = [row(sentence(rng, 20), "other", f"x{i}") for i in range(12)]
+    problem = "At 6 am the temperature was {} degrees, and by noon it had dropped {} degrees. What was it at noon?"
+    solution = "It started at {0} degrees and fell {1}, so {0} - {1} = {2}.\n#### {2}"
+    signs = [row(problem.format(start, 14), solution.format(start, 14, start - 14), f"s{start}") for start in (-1, 1)]
+    assert dedup.deduplicate(signs + others).removed == [], "-1 is not 1: two problems, not a contradiction"
+    drops = [row(problem.format(-2, drop), solution.format(-2, drop, -2 - drop), f"d{drop}") for drop in (12, 4)]
+    assert dedup.deduplicate(drops + others).removed == [], "alike solutions with their own results: no near-duplicate"
+    fraction = [row(problem.format(start, 2), solution.format(start, 2, 0), f"f{start}") for start in ("1/2", "12")]
+    assert dedup.deduplicate(fraction + others).removed == [], "1/2 is not 12"
+
+
 def test_different_questions_in_one_greeting_and_signature_are_two_examples_and_a_copy_is_still_a_copy() -> None:
     """Support emails: two in three rows wrap their question in one of two long greetings and signatures. That text
     is held by too few rows to be shared text, yet it makes any two questions in one wrapper alike."""
