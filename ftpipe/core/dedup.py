@@ -23,7 +23,7 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ import pandas as pd
 
 from ftpipe.core import similarity
 from ftpipe.core.evaluation.metrics.base import first_json_object
-from ftpipe.core.evaluation.metrics.final_answer import NUMBER, to_number
+from ftpipe.core.evaluation.metrics.final_answer import NUMBER, comparable_final_answer, to_number
 from ftpipe.core.evaluation.statistics import chance_of_at_least
 from ftpipe.core.records import (
     common_system_prompt, read_examples, source_order, user_message, write_examples, write_jsonl,
@@ -93,6 +93,8 @@ def removal(row: dict[str, Any], reason: str, of: dict[str, Any], detail: str) -
 
 
 FIRST_WORDING = "a free-text task keeps the first row written"
+LABEL_SPELLINGS = "a label's spelling"  # what answers compared as their labels leave aside
+FINAL_ANSWERS = "a worked solution's steps: its final answer compared"  # ...and as their final answers
 
 
 def _contradiction(row: dict[str, Any], answer: str, group: list[tuple[dict[str, Any], str]], votes: Counter,
@@ -152,8 +154,9 @@ class NearRows:
     """The rows of the near stage: which prompts are near-identical (on what varies) and how alike their answers are."""
 
     def __init__(self, rows: list[dict[str, Any]], prompts: similarity.Shingles, answers: np.ndarray,
-                 settings: similarity.Settings):
+                 settings: similarity.Settings, as_written: dict[str, list[dict]] | None = None):
         self.rows = rows
+        self.as_written = as_written or {}  # the messages of rows whose answers are compared otherwise written
         self.answers = answers  # equal ids: equal normalised answers
         self.settings = settings
         pairs = similarity.prompt_pairs(prompts, lambda index: similarity.prompt_words(rows[index]["messages"]),
@@ -216,10 +219,10 @@ class NearRows:
         return self._word_sets[index]
 
     def _numbers(self, index: int) -> tuple[frozenset[float], frozenset[float]]:
-        """(the numbers of a row's answer, of its prompt but the system message), read with their signs, decimals and
-        thousands separators: -3 is not 3, 18.0 is 18."""
+        """(the numbers of a row's answer as written, of its prompt but the system message), read with their signs,
+        decimals and thousands separators: -3 is not 3, 18.0 is 18."""
         if index not in self._number_sets:
-            messages = self.rows[index]["messages"]
+            messages = self.as_written.get(self.rows[index]["id"], self.rows[index]["messages"])
             self._number_sets[index] = tuple(frozenset(map(to_number, NUMBER.findall(text))) for text in (
                 messages[-1]["content"], similarity.prompt_text(messages)))
         return self._number_sets[index]
@@ -300,8 +303,9 @@ def _remove_near_duplicates(near: NearRows, alive: list[bool], removed: list[dic
 
 
 def _remove_near(rows: list[dict[str, Any]], prompts: similarity.Shingles, answers: np.ndarray,
-                 removed: list[dict[str, Any]], settings: similarity.Settings, free_text: bool) -> list[dict[str, Any]]:
-    near = NearRows(rows, prompts, answers, settings)
+                 removed: list[dict[str, Any]], settings: similarity.Settings, free_text: bool,
+                 as_written: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    near = NearRows(rows, prompts, answers, settings, as_written)
     alive = [True] * len(rows)
     _resolve_near_contradictions(near, alive, removed, free_text)
     _remove_near_duplicates(near, alive, removed)
@@ -310,11 +314,12 @@ def _remove_near(rows: list[dict[str, Any]], prompts: similarity.Shingles, answe
 
 def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = similarity.Settings(),
                 free_text: bool = False, spelt: Callable[[str], str] | None = None,
-                kept_before: frozenset[str] = frozenset()) -> DedupResult:
+                kept_before: frozenset[str] = frozenset(), spelt_aside: str = LABEL_SPELLINGS) -> DedupResult:
     """Remove exact-prompt contradictions, then exact duplicates, then near-prompt contradictions and
     near-duplicates. In a `free_text` task (answers in the user's own words) two different answers to one prompt can
     both be right: a group without a majority keeps its first row written instead of none. Answers are compared as
-    `spelt` writes them (a label in the one spelling it is trained in), the rows kept and removed as written.
+    `spelt` writes them (a label in the one spelling it is trained in, a worked solution as its final answer: what
+    `spelt_aside` says it leaves aside), the rows kept and removed as written.
 
     Rows are processed in the order of the task's files (`records.source_order`), the rows of `kept_before` (ids the
     last cleaning kept) first, and the first row of each group is kept: a row kept before stays (a new file's copy of
@@ -324,14 +329,14 @@ def deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings = simi
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived strings; the collector alone costs a third of the time
     try:
-        return _deduplicate(rows, settings, free_text, spelt, kept_before)
+        return _deduplicate(rows, settings, free_text, spelt, kept_before, spelt_aside)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
 def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings, free_text: bool,
-                 spelt: Callable[[str], str] | None, kept_before: frozenset[str]) -> DedupResult:
+                 spelt: Callable[[str], str] | None, kept_before: frozenset[str], spelt_aside: str) -> DedupResult:
     """Shared text is judged on every row (the most evidence); the near stage compares the rows the exact stages
     left, on what varies."""
     as_written = {}
@@ -342,11 +347,11 @@ def _deduplicate(rows: list[dict[str, Any]], settings: similarity.Settings, free
     result = DedupResult(shared=messages.shared(similarity.source_files(ordered)))
     keys = ExactKeys.of(ordered, messages)
     stay = _resolve_contradictions(ordered, keys, result.removed, free_text)
-    normalised = "Unicode forms, case, spacing, JSON key order" + (", a label's spelling" if spelt else "")
+    normalised = "Unicode forms, case, spacing, JSON key order" + (f", {spelt_aside}" if spelt else "")
     remaining = _remove_exact(ordered, keys, stay, result.removed, normalised)
     prompts = messages.rows(result.shared, remaining)
     result.kept = _remove_near([ordered[i] for i in remaining.tolist()], prompts, keys.answer[remaining],
-                               result.removed, settings, free_text)
+                               result.removed, settings, free_text, as_written)
     if as_written:
         result.kept, result.removed = ([{**row, "messages": as_written.get(row["id"], row["messages"])}
                                         for row in found] for found in (result.kept, result.removed))
@@ -375,6 +380,13 @@ def _comparable(row: dict[str, Any], as_written: dict[str, list[dict]],
         return row
     as_written[row["id"]] = row["messages"]
     return {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": compared}]}
+
+
+def _final_answer(task: TaskMetrics, answer: str) -> str:
+    """An answer as cleaning compares it in a task that checks final answers: its final answer (the whole answer
+    where it has none)."""
+    final = task.final_answer(answer)
+    return answer if final is None else comparable_final_answer(final)
 
 
 def _label(row: dict[str, Any], label_of: Callable[[str], str | None] | None) -> str:
@@ -434,8 +446,10 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     last = _last_kept(out_dir)
     spellings = (Spellings.of(answers(rows, pairs), labels, [row["messages"][-1]["content"] for row in last],
                               label_names) if labels and labels.labelled else None)
-    result = deduplicate(rows, settings, free_text, spellings.spelt if spellings else None,
-                         frozenset(row["id"] for row in last))
+    finals = labels is not None and labels.checks_answers
+    compared = spellings.spelt if spellings else partial(_final_answer, labels) if finals else None
+    result = deduplicate(rows, settings, free_text and not finals, compared, frozenset(row["id"] for row in last),
+                         FINAL_ANSWERS if finals else LABEL_SPELLINGS)
     label_of = spellings.label if spellings else None
     kept, respelled = spellings.respell(result.kept) if spellings else (result.kept, [])
     summary = {
@@ -463,7 +477,7 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
               "multi_turn": "near-identical turn for turn",
               "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None,
               "preference_prompts": "compared with the chat rows' system prompt where they have none",
-              **({"free_text": True} if free_text else {}),
+              **({"free_text": True} if free_text else {}), **({"compared": FINAL_ANSWERS} if finals else {}),
               **({"labels": {"label_field": labels.config.label_field, "respelled": "chat and preference answers",
                             "compared": "respelled", **({"named": list(label_names)} if label_names else {})}}
                  if spellings else {})}

@@ -259,6 +259,31 @@ def test_a_templates_problems_apart_in_a_sign_or_with_alike_solutions_are_two_pr
     assert dedup.deduplicate(fraction + others).removed == [], "1/2 is not 12"
 
 
+def test_worked_solutions_are_compared_by_their_final_answers_where_the_task_checks_them(tmp_path) -> None:
+    rng = random.Random(7)
+    others = [row(sentence(rng, 20), f"{sentence(rng, 6)}\n#### {i}", f"x{i}") for i in range(12)]
+    pay = "Ines earns $25 an hour and works 41 hours a week. How much does Ines earn in 6 weeks?"
+    reworded = [row(pay, "25 * 41 = 1025 a week, and 1025 * 6 = 6150.\n#### 6150", "a:line 1"),
+                row(pay, "In 6 weeks she works 246 hours, and 246 * 25 = 6,150.\n#### $6,150", "b:line 1")]
+    change = "Wes buys 9 notebooks that cost $15 each and pays with $155. How much change does Wes get?"
+    miscounted = [row(change, "9 * 15 = 135, so 155 - 135 = 30.\n#### 30", "a:line 2"),  # first written, wrong
+                  row(change, "9 * 15 = 135 and 155 - 135 = 20.\n#### 20", "b:line 2")]
+    area = "A garden is {} m by {} m. What is its area?"
+    template = [row(area.format(*sides), f"{sides[0]} * {sides[1]} = 60.\n#### 60", f"c:line {i}")
+                for i, sides in enumerate(((20, 3), (30, 2)))]  # two problems with one result
+    write_examples(others + reworded + miscounted + template, tmp_path / "raw.parquet")
+    checked = task_metrics(EvaluationConfig(task_type="generation", answer_pattern=r"#### \$?(\S+)"))
+    summary = dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "out", free_text=True, labels=checked)
+    removed = {r["source"]: r for r in summary["removed"]}
+    assert set(removed) == {"b:line 1", "a:line 2", "b:line 2"}, "the template's two problems stay"
+    assert removed["b:line 1"]["reason"] == "exact_duplicate" and "its final answer compared" in (
+        removed["b:line 1"]["detail"]), "another wording of one solution: 6,150 is 6150"
+    assert {removed[source]["reason"] for source in ("a:line 2", "b:line 2")} == {"contradiction"}, (
+        "two final answers to one problem: no first row written is kept, as one of them is wrong")
+    free = dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "free", free_text=True)
+    assert {r["source"] for r in free["removed"]} == {"b:line 1", "b:line 2"}, "free text keeps the first written"
+
+
 def test_different_questions_in_one_greeting_and_signature_are_two_examples_and_a_copy_is_still_a_copy() -> None:
     """Support emails: two in three rows wrap their question in one of two long greetings and signatures. That text
     is held by too few rows to be shared text, yet it makes any two questions in one wrapper alike."""

@@ -46,6 +46,13 @@ def as_number(answer: str) -> float | None:
     return to_number(text) if NUMBER.fullmatch(text) else None
 
 
+def comparable_final_answer(answer: str) -> str:
+    """A final answer as `same_answer` compares it: a number by its value (`1,000`, `1000.0` and `$1000` are one),
+    else its loose text."""
+    number = as_number(answer)
+    return f"{number:g}" if number is not None else loose(answer)
+
+
 def same_answer(answer: str | None, reference: str) -> bool:
     """Whether two final answers agree: as numbers when both are numbers (`1,000` == `1000` == `1000.0`), else as
     loose text (case, punctuation and spacing aside)."""
