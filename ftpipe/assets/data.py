@@ -12,6 +12,7 @@ from ftpipe.core.evaluation.metrics import (
     answer_problem, answer_rule, labels_missing_from, shape_problems, task_metrics,
 )
 from ftpipe.core.evaluation.metrics.extraction import type_slips_said
+from ftpipe.core.evaluation.metrics.final_answer import uncomputed_said
 from ftpipe.core.evaluation.report import unheld_labels, untaught_labels
 from ftpipe.core.similarity import Settings
 from ftpipe.core.preferences import as_chat, unpaired_left_out
@@ -119,6 +120,8 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
         context.log.info(f"{task}: {label_spellings.said(*respelled)}")
     if misspelt := summary["likely_misspellings"]:
         context.log.warning(f"{task}: {label_spellings.misspellings_said(misspelt)}")
+    if uncomputed := summary["uncomputed_final_answers"]:
+        context.log.warning(f"{task}: {uncomputed_said(uncomputed, summary['first_uncomputed_final_answer'])}")
     if slips := summary["type_slips"]:
         context.log.warning(f"{task}: {type_slips_said(slips)}")
     if unnamed := summary["labels_not_named"]:
@@ -145,6 +148,7 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
             "pairs_rejecting_taught_answers": summary["pairs_rejecting_taught_answers"],
             "likely_misspelt_labels": len(summary["likely_misspellings"]),
             "values_of_another_type": sum(slip["answers"] for slip in summary["type_slips"]),
+            "final_answers_not_in_their_working": summary["uncomputed_final_answers"],
             "labels_not_in_label_names": len(summary["labels_not_named"]),
             "misspelt_labels": table(label_spellings.shown(summary["likely_misspellings"], ("label", "like")),
                                      label_spellings.misspelling_columns(summary["likely_misspellings"])),

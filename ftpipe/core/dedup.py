@@ -468,6 +468,10 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
     summary["type_slips"] = [{**slip, "first": f"{kept[slip['first'][0]]['source']}: "
                                                f"{json.dumps(slip['first'][1], ensure_ascii=False)}"}
                              for slip in (labels.type_slips(kept_answers) if labels else [])]
+    uncomputed = labels.uncomputed_final_answers(kept_answers) if labels else []
+    summary["uncomputed_final_answers"] = len(uncomputed)
+    summary["first_uncomputed_final_answer"] = (f"{kept[uncomputed[0][0]]['source']}: {uncomputed[0][1]!r} after "
+                                                f"{uncomputed[0][2]!r}" if uncomputed else None)
     kept_labels = {label: counts["rows_in"] - counts["removed"]
                    for label, counts in summary["removed_by_label"].items()}
     summary["likely_misspellings"] = _with_first_rows(

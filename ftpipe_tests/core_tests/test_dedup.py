@@ -261,7 +261,7 @@ def test_a_templates_problems_apart_in_a_sign_or_with_alike_solutions_are_two_pr
 
 def test_worked_solutions_are_compared_by_their_final_answers_where_the_task_checks_them(tmp_path) -> None:
     rng = random.Random(7)
-    others = [row(sentence(rng, 20), f"{sentence(rng, 6)}\n#### {i}", f"x{i}") for i in range(12)]
+    others = [row(sentence(rng, 20), f"#### {i}", f"x{i}") for i in range(12)]
     pay = "Ines earns $25 an hour and works 41 hours a week. How much does Ines earn in 6 weeks?"
     reworded = [row(pay, "25 * 41 = 1025 a week, and 1025 * 6 = 6150.\n#### 6150", "a:line 1"),
                 row(pay, "In 6 weeks she works 246 hours, and 246 * 25 = 6,150.\n#### $6,150", "b:line 1")]
@@ -271,7 +271,8 @@ def test_worked_solutions_are_compared_by_their_final_answers_where_the_task_che
     area = "A garden is {} m by {} m. What is its area?"
     template = [row(area.format(*sides), f"{sides[0]} * {sides[1]} = 60.\n#### 60", f"c:line {i}")
                 for i, sides in enumerate(((20, 3), (30, 2)))]  # two problems with one result
-    write_examples(others + reworded + miscounted + template, tmp_path / "raw.parquet")
+    slip = [row("Mia reads 12 pages a day for 5 days. How many pages?", "12 * 5 = 60 pages.\n#### 65", "d:line 1")]
+    write_examples(others + reworded + miscounted + template + slip, tmp_path / "raw.parquet")
     checked = task_metrics(EvaluationConfig(task_type="generation", answer_pattern=r"#### \$?(\S+)"))
     summary = dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "out", free_text=True, labels=checked)
     removed = {r["source"]: r for r in summary["removed"]}
@@ -280,6 +281,8 @@ def test_worked_solutions_are_compared_by_their_final_answers_where_the_task_che
         removed["b:line 1"]["detail"]), "another wording of one solution: 6,150 is 6150"
     assert {removed[source]["reason"] for source in ("a:line 2", "b:line 2")} == {"contradiction"}, (
         "two final answers to one problem: no first row written is kept, as one of them is wrong")
+    assert (summary["uncomputed_final_answers"], summary["first_uncomputed_final_answer"]) == (
+        1, "d:line 1: '65' after '60'"), "a final answer its working never writes"
     free = dedup.build_deduplicated(tmp_path / "raw.parquet", tmp_path / "free", free_text=True)
     assert {r["source"] for r in free["removed"]} == {"b:line 1", "b:line 2"}, "free text keeps the first written"
 

@@ -207,6 +207,22 @@ def test_a_final_answer_field_reads_json_and_references_without_one_are_refused(
         check_references(rows, task_metrics(EvaluationConfig(answer_pattern=r"#### (\S+)")))
 
 
+def test_a_final_answer_the_working_never_writes_is_found_and_said():
+    from ftpipe.core.evaluation.metrics.final_answer import uncomputed_final_answer, uncomputed_said
+
+    pattern = r"#### \$?(\S+)"
+    assert uncomputed_final_answer("25 * 41 = 1025, and 1025 * 6 = 6150.\n#### 6160", pattern) == ("6160", "6150")
+    for fine in ("25 * 41 = 1,025 and 1025 * 6 = 6,150.\n#### $6150", "It falls from -1 to -15.\n#### -15",
+                 "#### 42", "She has three apples.\n#### 3", "No final answer here: 12", "3 / 4 is left.\n#### 3/4"):
+        assert uncomputed_final_answer(fine, pattern) is None, fine
+    task = task_metrics(EvaluationConfig(answer_pattern=pattern))
+    assert task.uncomputed_final_answers(["1 + 1 = 2\n#### 2", "2 + 2 = 4\n#### 5"]) == [(1, "5", "4")]
+    assert task_metrics(EvaluationConfig(answer_field="answer")).uncomputed_final_answers(['{"answer": 5}']) == []
+    assert uncomputed_said(1, "a.jsonl:line 3: '5' after '4'") == (
+        "1 worked solution ends with a final answer its working never writes (the first: a.jsonl:line 3: '5' after "
+        "'4'): the model learns to end its reasoning with another number; check it against its steps")
+
+
 def test_a_reference_that_misses_the_answer_pattern_only_by_its_spacing_is_refused_with_the_pattern_that_reads_it():
     task = task_metrics(EvaluationConfig(answer_pattern=r"#### (\S+)"))
     assert task.reference_problem("48 / 2 = 24\n####24") == (

@@ -187,6 +187,11 @@ class TaskMetrics:
         answers have no fields)."""
         return []
 
+    def uncomputed_final_answers(self, references: list[str]) -> list[tuple[int, str, str]]:
+        """(index, final answer, the last number before it) of the `references` whose final answer their working
+        never writes (none: the type checks no final answer by a pattern)."""
+        return []
+
     def report_sections(self, records: list[dict[str, Any]], sides: dict[str, str]) -> list[tuple[str, str]]:
         """Extra (title, Markdown) report sections built from the prediction records (`sides`: column prefix to
         the model's name in titles)."""

@@ -46,6 +46,18 @@ def as_number(answer: str) -> float | None:
     return to_number(text) if NUMBER.fullmatch(text) else None
 
 
+def uncomputed_final_answer(answer: str, pattern: str) -> tuple[str, str] | None:
+    """(the final answer, the last number before it) where `answer`'s final answer (group 1 of `pattern`'s first match)
+    is a number its working writes nowhere, though the working writes numbers (`... = 6150. #### 6160`); None
+    otherwise."""
+    found = re.search(pattern, answer)
+    value = as_number(found.group(1)) if found and found.group(1) is not None else None
+    written = NUMBER.findall(answer[:found.start()]) if value is not None else []
+    if not written or value in map(to_number, written):
+        return None
+    return found.group(1), written[-1]
+
+
 def comparable_final_answer(answer: str) -> str:
     """A final answer as `same_answer` compares it: a number by its value (`1,000`, `1000.0` and `$1000` are one),
     else its loose text."""
@@ -62,3 +74,12 @@ def same_answer(answer: str | None, reference: str) -> bool:
     if got is not None and want is not None:
         return got == want
     return loose(answer) == loose(reference)
+
+
+def uncomputed_said(count: int, first: str) -> str:
+    """The warning on worked solutions whose final answer their working never writes (`first`: the first, as
+    `source: final answer after last number`)."""
+    many = count > 1
+    return (f"{count} worked solution{'s end' if many else ' ends'} with a final answer {'their' if many else 'its'} "
+            f"working never writes (the first: {first}): the model learns to end its reasoning with another number; "
+            f"check {'them' if many else 'it'} against {'their' if many else 'its'} steps")

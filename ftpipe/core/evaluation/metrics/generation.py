@@ -10,7 +10,9 @@ from typing import Any
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.metrics.base import Scores, TaskMetrics, missing_field
-from ftpipe.core.evaluation.metrics.final_answer import extract_answer, last_number, same_answer, spaced_freely
+from ftpipe.core.evaluation.metrics.final_answer import (
+    extract_answer, last_number, same_answer, spaced_freely, uncomputed_final_answer,
+)
 from ftpipe.core.text import loose
 
 ANSWER_MATCH = "answer_exact_match"
@@ -55,6 +57,12 @@ class Generation(TaskMetrics):
         if not self.checks_answers:
             return None
         return extract_answer(text, self.config.answer_pattern, self.config.answer_field)
+
+    def uncomputed_final_answers(self, references: list[str]) -> list[tuple[int, str, str]]:
+        if not self.config.answer_pattern:
+            return []
+        return [(index, *found) for index, reference in enumerate(references)
+                if (found := uncomputed_final_answer(reference, self.config.answer_pattern))]
 
     def valid_outputs(self, answers: list[str], references: list[str]) -> list[bool]:
         """Where the task names its final answer, whether an answer gives one; else whether it says anything."""
