@@ -40,6 +40,9 @@ TRAIN, EVAL = "train", "eval"
 # answer is a label or a stock reply many questions share.
 ANSWER_MIN_WORDS = 6
 ANSWER_MAX_ROWS = 5
+NO_LEAKS = ("no leakage: no eval row duplicates a train prompt (or is one with a word misspelt), asks a train row's "
+            "question in other wrapping or gives a train row's answer word for word; paraphrases in other words and "
+            "with other answers are not looked for")  # the check's pass says what it looked for
 STOCK_ANSWER_SHARE, STOCK_ANSWER_ROWS = 0.2, 5  # one final answer of this share of the train rows, this many at least
 
 
@@ -246,7 +249,7 @@ def _leak(evaluated: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
 def leak_line(leaks: list[dict[str, Any]]) -> str:
     """The leakage check's verdict in one line, naming the first leak's rows by source."""
     if not leaks:
-        return "no leakage"
+        return NO_LEAKS
     first = leaks[0]
     evaluated, trained = f"eval row {first['eval_source']}", f"train row {first['train_source']}"
     example = (f"{evaluated} near-identical (Jaccard {first['similarity']:.2f}) to {trained}" if "similarity" in first
