@@ -167,12 +167,13 @@ class NearRows:
         self._number_sets: dict[int, tuple[frozenset[float], frozenset[float]]] = {}
 
     def turn_for_turn(self, a: int, b: int) -> bool:
-        """Conversations of several user turns are near-identical only turn for turn: as many messages, and last user
-        messages (what the answer answers) near-identical in their words too; shared earlier turns are not enough."""
+        """Conversations of several user turns are near-identical only turn for turn: as many messages (system
+        messages aside), and last user messages (what the answer answers) near-identical in their words too; shared
+        earlier turns are not enough."""
         first, second = self.rows[a]["messages"], self.rows[b]["messages"]
         if sum(m["role"] == "user" for m in first) == sum(m["role"] == "user" for m in second) == 1:
             return True
-        if len(first) != len(second):
+        if sum(m["role"] != "system" for m in first) != sum(m["role"] != "system" for m in second):
             return False
         words = [set(loose_words(user_message(messages))) for messages in (first, second)]
         return len(words[0] & words[1]) >= self.settings.threshold * max(len(words[0] | words[1]), 1)

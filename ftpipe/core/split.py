@@ -40,9 +40,10 @@ TRAIN, EVAL = "train", "eval"
 # answer is a label or a stock reply many questions share.
 ANSWER_MIN_WORDS = 6
 ANSWER_MAX_ROWS = 5
+# The leakage check's pass, saying what it looked for.
 NO_LEAKS = ("no leakage: no eval row duplicates a train prompt (or is one with a word misspelt), asks a train row's "
-            "question in other wrapping or gives a train row's answer word for word; paraphrases in other words and "
-            "with other answers are not looked for")  # the check's pass says what it looked for
+            "question in other wrapping, gives a train row's answer word for word or is held whole by a train "
+            "conversation; paraphrases in other words and with other answers are not looked for")
 STOCK_ANSWER_SHARE, STOCK_ANSWER_ROWS = 0.2, 5  # one final answer of this share of the train rows, this many at least
 
 
@@ -77,6 +78,25 @@ def _same_answers(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
     return [(group[0], other) for group in by_answer.values() if len(group) <= ANSWER_MAX_ROWS for other in group[1:]]
 
 
+def _held_conversations(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(i, j) where row i's whole conversation (its turns but system messages, normalised) is a run of turns of the
+    longer row j: a conversation and its continuation, or a question and answer another conversation holds; only where
+    at most ANSWER_MAX_ROWS rows hold it (a greeting exchange many conversations open with is no such copy)."""
+    turns = [tuple((m["role"], canonical(m["content"])) for m in row["messages"] if m["role"] != "system")
+             for row in rows]
+    holders: dict[tuple, list[int]] = {}  # each exchange (a turn and the next) -> the rows holding it
+    for index, held in enumerate(turns):
+        for exchange in set(zip(held, held[1:])):
+            holders.setdefault(exchange, []).append(index)
+    links = []
+    for index, own in enumerate(turns):
+        longer = [other for other in holders.get(own[:2], []) if len(turns[other]) > len(own) > 1
+                  and any(turns[other][at:at + len(own)] == own for at in range(len(turns[other]) - len(own) + 1))]
+        if len(longer) <= ANSWER_MAX_ROWS:
+            links += [(index, other) for other in longer]
+    return links
+
+
 def _wrapped_links(copies: dict[int, dict[str, list[int]]]) -> list[tuple[int, int, float]]:
     """Links keeping each wrapped copy (`wrapping`) with the rows holding its question."""
     groups = {id(group): group for held in copies.values() for group in held.values()}
@@ -96,12 +116,13 @@ def assign_sides(
 ) -> dict[str, str]:
     """Map each row id to "train" or "eval".
 
-    Rows with near-duplicate prompts (or short ones with one word misspelt), the same distinctive answer or one
-    question in other wrapping form groups (connected, so no pair of them is split); a group takes the side recorded
-    for any of its rows in `previous` (an earlier split with the same fraction and seed), else a side stratified by
-    the answer most of its rows give (`_stratified_sides`), the groups taken in the hash order of their smallest
-    prompts. `shared`: the shared shingles cleaning left out (found anew if None). `labelled`: the answers are labels
-    of a classification, so an answer no other group gives is a label of its own (else they are one label).
+    Rows with near-duplicate prompts (or short ones with one word misspelt), the same distinctive answer, one
+    question in other wrapping or one conversation held whole by the other form groups (connected, so no pair of
+    them is split); a group takes the side recorded for any of its rows in `previous` (an earlier split with the
+    same fraction and seed), else a side stratified by the answer most of its rows give (`_stratified_sides`), the
+    groups taken in the hash order of their smallest prompts. `shared`: the shared shingles cleaning left out (found
+    anew if None). `labelled`: the answers are labels of a classification, so an answer no other group gives is a
+    label of its own (else they are one label).
     `kinds`: each row's kind (chat rows, preference prompts), whose labels are held out apart, each in its share.
     """
     previous = previous or {}
@@ -119,7 +140,8 @@ def question_groups(rows: list[dict[str, Any]], settings: similarity.Settings = 
                     shared: np.ndarray | None = None) -> list[list[int]]:
     """The indices of the rows that must share a side, group by group (see `assign_sides`)."""
     links = (_similar_prompts(rows, settings, shared) + _misspelt_copies(rows, settings)
-             + [(i, j, 1.0) for i, j in _same_answers(rows)] + _wrapped_links(wrapping.wrapped_copies(rows)))
+             + [(i, j, 1.0) for i, j in _same_answers(rows) + _held_conversations(rows)]
+             + _wrapped_links(wrapping.wrapped_copies(rows)))
     members: dict[int, list[int]] = {}
     for index, root in enumerate(similarity.components(len(rows), links)):
         members.setdefault(root, []).append(index)
@@ -221,7 +243,8 @@ def find_leaks(
     """Eval rows whose prompt is a near (or exact) duplicate of a train prompt, each with its closest train row, eval
     rows giving a train row's distinctive answer (a paraphrase), each with that row and the answer, short eval
     prompts that are a train prompt with one word misspelt, each with that row and the word, and eval rows asking a
-    train row's question in other wrapping, each with that row and the question's longest clause."""
+    train row's question in other wrapping, each with that row and the question's longest clause, and eval rows whose
+    whole conversation a train row holds, answer and all (a conversation and its continuation)."""
     n_train, rows = len(train), train + evaluation
     leaks: dict[int, dict[str, Any]] = {}
     for a, b in _same_answers(rows):
@@ -230,6 +253,9 @@ def find_leaks(
     for a, b, score in _similar_prompts(rows, settings, shared):
         if a < n_train <= b and score > leaks.get(b - n_train, {}).get("similarity", -1.0):
             leaks[b - n_train] = {**_leak(rows[b], rows[a]), "similarity": round(score, 3)}
+    for short, long in _held_conversations(rows):
+        if long < n_train <= short and short - n_train not in leaks:
+            leaks[short - n_train] = {**_leak(rows[short], rows[long]), "held_by_train_row": True}
     for a, b, misspelt in _misspelt_copies(rows, settings):
         if a < n_train <= b and b - n_train not in leaks:
             leaks[b - n_train] = {**_leak(rows[b], rows[a]), "misspelt": misspelt}
@@ -255,9 +281,10 @@ def leak_line(leaks: list[dict[str, Any]]) -> str:
     example = (f"{evaluated} near-identical (Jaccard {first['similarity']:.2f}) to {trained}" if "similarity" in first
                else f"{evaluated} is {trained} with one word misspelt ({first['misspelt']})" if "misspelt" in first
                else f"{evaluated} asks the question of {trained} in other wrapping ('{first['same_question']}')"
-               if "same_question" in first else f"{evaluated} gives the answer word for word of {trained}")
-    return (f"{len(leaks)} eval row(s) duplicate a train prompt, ask a train row's question in other wrapping or give "
-            f"a train row's answer word for word, e.g. "
+               if "same_question" in first else f"{evaluated} is held whole, answer and all, by {trained}"
+               if "held_by_train_row" in first else f"{evaluated} gives the answer word for word of {trained}")
+    return (f"{len(leaks)} eval row(s) duplicate a train prompt, ask a train row's question in other wrapping, give "
+            f"a train row's answer word for word or are held whole by a train conversation, e.g. "
             f"{example}; a new `split.seed` splits again")
 
 

@@ -437,9 +437,11 @@ def test_multi_turn_conversations_are_near_identical_only_turn_for_turn() -> Non
     shouted = conversation([turn.upper() for turn in opening] + ["THANKS!!", "You are welcome."], "chats:line 4")
     retyped = conversation(opening[:2] + [opening[2] + " please", opening[3], "thanks!", "You are welcome."],
                            "chats:line 5")
+    exported = {"id": example_id(thanked["messages"][1:]), "messages": thanked["messages"][1:],
+                "source": "sharegpt:row 1"}  # the same chat exported without its system message
     others = [conversation([sentence(rng, 20), sentence(rng, 20)], f"more:line {i}") for i in range(6)]
-    result = dedup.deduplicate([thanked, agreed, longer, shouted, retyped, *others])
-    assert {row["source"] for row in result.removed} == {"chats:line 4", "chats:line 5"}, [
+    result = dedup.deduplicate([thanked, agreed, longer, shouted, retyped, exported, *others])
+    assert {row["source"] for row in result.removed} == {"chats:line 4", "chats:line 5", "sharegpt:row 1"}, [
         (row["source"], row["reason"], row["detail"]) for row in result.removed]
     assert {row["reason"] for row in result.removed} == {"near_duplicate"}
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from ftpipe.core import dedup, similarity, split
 from ftpipe.core.preferences import as_chat, read_preferences, to_preference, write_preferences
-from ftpipe.core.records import FormatSpec, examples_metadata, read_examples, write_examples
+from ftpipe.core.records import FormatSpec, example_id, examples_metadata, read_examples, write_examples
 from ftpipe.core.results import read_result
 from ftpipe_tests.intents import SYSTEM_PROMPT, intent_task, misspelt, misspelt_copies
 from ftpipe_tests.rows import row, sentence
@@ -105,8 +105,9 @@ def test_find_leaks_finds_a_paraphrase_by_its_answer_and_names_the_answer() -> N
     assert leaks == [{"eval_id": eval_row["id"], "eval_source": eval_row["source"], "train_id": train_row["id"],
                       "train_source": train_row["source"], "same_answer": "Each friend gets 20 / 2 = 10 #### 10"}]
     assert split.leak_line(leaks) == (
-        f"1 eval row(s) duplicate a train prompt, ask a train row's question in other wrapping or give a train row's "
-        f"answer word for word, e.g. eval row {eval_row['source']} gives the answer word for word of train row "
+        f"1 eval row(s) duplicate a train prompt, ask a train row's question in other wrapping, give a train row's "
+        f"answer word for word or are held whole by a train conversation, e.g. "
+        f"eval row {eval_row['source']} gives the answer word for word of train row "
         f"{train_row['source']}; a new `split.seed` splits again")
     short = [row(p["messages"][0]["content"], "#### 10") for p in (train_row, eval_row)]
     assert split.find_leaks(short[:1], short[1:]) == [], "a short answer is no sign of the same question"
@@ -276,6 +277,34 @@ def test_all_rows_of_one_prompt_are_on_one_side_and_adding_rows_never_moves_them
     assert split.changes_said(shrunk) == (f"; 13 of the last split's rows left it ({gone.count('train')} train, "
                                           f"{gone.count('eval')} eval): cleaning removed them, or the raw files no "
                                           "longer hold them")
+
+
+def conversation(turns: list[str], source: str) -> dict:
+    """A row of alternating user and assistant `turns`, after a system message."""
+    messages = [{"role": "system", "content": "You are the shop's support assistant."}] + [
+        {"role": "user" if at % 2 == 0 else "assistant", "content": text} for at, text in enumerate(turns)]
+    return {"id": example_id(messages), "messages": messages, "source": source}
+
+
+def test_a_conversation_another_row_holds_whole_shares_its_side_and_is_a_leak_across_the_split() -> None:
+    rng = random.Random(11)
+    greeting = ["Hi there", "Hello! How can I help you today?"]
+    chats = [conversation(greeting + [sentence(rng, 8), sentence(rng, 12)], f"c:line {i}") for i in range(60)]
+    continued = [conversation([m["content"] for m in chat["messages"][1:]] + ["And the other one?", sentence(rng, 9)],
+                              f"d:line {i}") for i, chat in enumerate(chats[:20])]
+    faq = [conversation([m["content"] for m in chat["messages"][3:5]], f"faq.csv:line {i}")
+           for i, chat in enumerate(chats[20:30])]  # a question and answer a conversation holds after its greeting
+    opener = conversation(greeting, "faq.csv:line 99")  # held by every conversation: no copy of any of them
+    rows = chats + continued + faq + [opener]
+    sides = split.assign_sides(rows, eval_fraction=0.3, seed=0)
+    for short, long in zip(chats[:20] + faq, continued + chats[20:30]):
+        assert sides[short["id"]] == sides[long["id"]]
+    assert sum(sides[row["id"]] == "eval" for row in chats) > 5, "the greeting every chat opens with links none"
+    leaks = split.find_leaks([continued[0], chats[21]], [chats[0], faq[1]])
+    assert [(leak["eval_source"], leak["train_source"]) for leak in leaks] == [("c:line 0", "d:line 0"),
+                                                                            ("faq.csv:line 1", "c:line 21")]
+    assert "c:line 0 is held whole, answer and all, by train row d:line 0" in split.leak_line(leaks)
+    assert split.find_leaks([chats[0]], [continued[0]]) == [], "a train conversation continued in eval: a new answer"
 
 
 def test_a_preference_prompt_near_a_chat_prompt_takes_its_side(tmp_path: Path) -> None:

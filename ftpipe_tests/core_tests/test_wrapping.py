@@ -137,8 +137,9 @@ def test_the_split_keeps_a_question_on_one_side_and_the_check_names_one_across()
     asked = next(r for r in evaluation if r["id"] == first["eval_id"])["messages"][1]["content"]
     assert first["same_question"] in asked.lower()
     assert split.leak_line(leaks).startswith(
-        f"{len(leaks)} eval row(s) duplicate a train prompt, ask a train row's question in other wrapping or give a "
-        f"train row's answer word for word, e.g. eval row {first['eval_source']} asks the question of train row "
+        f"{len(leaks)} eval row(s) duplicate a train prompt, ask a train row's question in other wrapping, give a "
+        f"train row's answer word for word or are held whole by a train conversation, e.g. "
+        f"eval row {first['eval_source']} asks the question of train row "
         f"{first['train_source']} in other wrapping ('{first['same_question']}'); a new `split.seed` splits again")
     assert split.find_leaks([r for r in rows if sides[r["id"]] == split.TRAIN],
                             [r for r in rows if sides[r["id"]] == split.EVAL]) == []
