@@ -223,8 +223,8 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
         context.log.warning(f"{task}: {unheld_labels(list(unheld), typos, unheld, cfg.split.eval_fraction)}")
     if untaught:
         context.log.warning(f"{task}: {untaught_labels(list(untaught), typos, untaught)}")
-    learns_final_turns = cfg.evaluation.task_type == "generation" and not cfg.training.every_turn
-    if learns_final_turns and (stock := split.stock_answer(train_rows)):
+    generation = cfg.evaluation.task_type == "generation"
+    if generation and (stock := split.stock_answer(train_rows, cfg.training.every_turn)):
         context.log.warning(f"{task}: {stock}")
     return dg.MaterializeResult(
         metadata={

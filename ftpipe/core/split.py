@@ -336,23 +336,31 @@ def changes_said(summary: dict[str, Any]) -> str:
     return said
 
 
-def stock_answer(rows: list[dict[str, Any]]) -> str | None:
-    """Said when one answer ends STOCK_ANSWER_SHARE of the train `rows` or more (at least STOCK_ANSWER_ROWS): in a
-    generation task a closing "You are welcome." would be most of what is learnt; else None."""
-    answers = [row["messages"][-1]["content"] for row in rows]
+def stock_answer(rows: list[dict[str, Any]], every_turn: bool = False) -> str | None:
+    """Said when one answer ends STOCK_ANSWER_SHARE of the train `rows` or more (at least STOCK_ANSWER_ROWS), or with
+    `every_turn` (every assistant turn learnt) is that share of their assistant turns: in a generation task a closing
+    "You are welcome." or a greeting would be most of what is learnt; else None."""
+    answers = [m["content"] for row in rows for m in (row["messages"] if every_turn else row["messages"][-1:])
+               if m["role"] == "assistant"]
     counts = Counter(map(canonical, answers))
     answer, count = counts.most_common(1)[0] if counts else ("", 0)
     if count < max(STOCK_ANSWER_ROWS, STOCK_ANSWER_SHARE * len(answers)):
         return None
-    ending = [row for row, text in zip(rows, answers) if canonical(text) == answer]
-    written = ending[0]["messages"][-1]["content"]
+    written = next(text for text in answers if canonical(text) == answer)
+    quoted = f"({written[:60]!r}{'...' if len(written) > 60 else ''})"
+    if every_turn:
+        return (f"{count} of the {len(answers)} assistant turns the train rows teach ({count / len(answers):.0%}) are "
+                f"the same answer {quoted}: with training.every_turn every assistant turn is learnt, so this answer "
+                "is much of what the model learns; take such turns out of the rows, or learn final turns only "
+                "(training.every_turn: false) where those vary more")
+    ending = [row for row in rows if canonical(row["messages"][-1]["content"]) == answer]
     multi_turn = any(sum(m["role"] == "assistant" for m in row["messages"]) > 1 for row in ending)
     advice = ("only a row's final assistant message is learnt, so this answer is much of what the model learns; learn "
               "every assistant turn of multi-turn rows (training.every_turn: true), or give each turn worth learning a "
               "row of its own" if multi_turn else "the model learns to give it to much of what it is asked; keep as "
               "many of these rows as there are questions it is the right reply to, or leave them out")
-    return (f"{count} of {len(answers)} train rows ({count / len(answers):.0%}) end with the same answer "
-            f"({written[:60]!r}{'...' if len(written) > 60 else ''}): {advice}")
+    return (f"{count} of {len(answers)} train rows ({count / len(answers):.0%}) end with the same answer {quoted}: "
+            f"{advice}")
 
 
 def with_default_system_prompt(preferences: list[dict[str, Any]],

@@ -415,5 +415,10 @@ def test_one_answer_ending_a_fifth_of_the_train_rows_is_named_with_the_advice_th
         "only a row's final assistant message is learnt, so this answer is much of what the model learns; learn every "
         "assistant turn of multi-turn rows (training.every_turn: true), or give each turn worth learning a row of its "
         "own"), "a sign-off ending conversations"
+    assert split.stock_answer(varied[:20] + thanked, every_turn=True) == (
+        "8 of the 36 assistant turns the train rows teach (22%) are the same answer ('How can I help?'): with "
+        "training.every_turn every assistant turn is learnt, so this answer is much of what the model learns; take "
+        "such turns out of the rows, or learn final turns only (training.every_turn: false) where those vary more"), \
+        "learning every turn, a greeting opening conversations"
     assert split.stock_answer(varied + closing[:7]) is None, "under a fifth"
     assert split.stock_answer(varied[:8] + closing[:4]) is None, "too few rows to say"
