@@ -197,9 +197,21 @@ def message_list(raw: Any, name: str) -> list[dict[str, str]]:
     for i, message in enumerate(raw):
         if not isinstance(message, dict):
             raise BadRow(f"{name}[{i}] must be an object with 'role' and 'content', got {type_name(message)}")
+        _check_not_tool_turn(message, f"{name}[{i}]")
         content = text_field(_joined_parts(message.get("content"), f"{name}[{i}].content"), f"{name}[{i}].content")
         messages.append({"role": _role(message.get("role"), f"{name}[{i}]"), "content": content})
     return messages
+
+
+def _check_not_tool_turn(message: dict[str, Any], name: str) -> None:
+    """BadRow for a tool call or a tool's result (OpenAI's `tool_calls`, `function_call`, role tool or function):
+    the trainings learn text turns only, so such a conversation is refused whole, saying so."""
+    role = message.get("role")
+    calls = [key for key in ("tool_calls", "function_call") if message.get(key)]
+    if calls or (isinstance(role, str) and role.strip().lower() in ("tool", "function")):
+        kind = f"a tool call ({calls[0]})" if calls else f"a tool's result (role {role.strip().lower()})"
+        raise BadRow(f"{name} is {kind}: tool use is not trained on, only text turns of the user and the assistant; "
+                     "leave the tool turns out of the conversation to keep it")
 
 
 def _joined_parts(content: Any, name: str) -> Any:

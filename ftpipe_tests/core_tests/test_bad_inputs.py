@@ -187,7 +187,7 @@ CASES = [
                (msgs(("user", "q"), ("assistant", "a"), ("user", "again")), "does not end with an assistant")),
     jsonl_case("no_user_message", (msgs(("system", "s"), ("assistant", "a")), "no user message")),
     jsonl_case("unknown_roles", (msgs(("bot", "q"), ("assistant", "a")), "'bot'; expected one of system, user, assistant"),
-               (msgs(("user", "q"), ("tool", "a")), "messages[1].role is 'tool'"),
+               (msgs(("user", "q"), ("tool", "a")), "messages[1] is a tool's result (role tool)"),
                ({"messages": [{"content": "q"}, {"role": "assistant", "content": "a"}]}, "role is None")),
     jsonl_case("sharegpt_rows", (msgs(("human", "q"), ("gpt", "a")), "role is 'human'"),
                ({"conversations": [{"from": "human", "value": "q"}]}, "does not end with an assistant"),

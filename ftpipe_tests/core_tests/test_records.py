@@ -124,6 +124,13 @@ def test_bom_crlf_and_blank_lines(ftpipe_env: Path) -> None:
         (json.dumps({"prompt": "q", "Completion": "a"}), "{prompt: prompt, completion: Completion} reads it"),
         (json.dumps({"Prompt": "q", "Chosen": "a", "Rejected": "b"}),
          "data.columns: {prompt: Prompt, chosen: Chosen, rejected: Rejected} reads it"),
+        (json.dumps({"messages": [{"role": "user", "content": "order 5?"}, {"role": "assistant", "content": None,
+                      "tool_calls": [{"id": "c1", "type": "function"}]}, {"role": "tool", "content": "shipped"},
+                     {"role": "assistant", "content": "It shipped."}]}),
+         "messages[1] is a tool call (tool_calls): tool use is not trained on, only text turns of the user and the "
+         "assistant; leave the tool turns out of the conversation to keep it"),
+        (json.dumps({"messages": [{"role": "user", "content": "order 5?"}, {"role": "tool", "content": "shipped"},
+                     {"role": "assistant", "content": "It shipped."}]}), "messages[1] is a tool's result (role tool)"),
         (json.dumps(["a", "b"]), "expected an object"),
         (json.dumps({"prompt": "a\u0000b", "completion": "c"}), "NUL"),
     ],
