@@ -418,6 +418,22 @@ def common_system_prompt(conversations: list[list[dict[str, str]]]) -> tuple[str
     return (prompt, count) if count * 2 > len(conversations) else (None, 0)
 
 
+def odd_turn_orders(rows: list[dict[str, Any]]) -> str | None:
+    """One line on rows whose turns do not alternate (two turns of one role in a row, or a system message after the
+    first turn), naming the first; None when every row's turns alternate. Kept: a chat template renders them as they
+    are, but an export often writes one message as two, or a note as a turn."""
+    odd = [(row["source"], at, message["role"]) for row in rows for at, message in enumerate(row["messages"])
+           if at and (message["role"] == "system" or message["role"] == row["messages"][at - 1]["role"])]
+    if not odd:
+        return None
+    rows_odd = len({source for source, _, _ in odd})
+    source, at, role = odd[0]
+    first = (f"a system message after the first turn at messages[{at}]" if role == "system"
+             else f"messages[{at - 1}] and [{at}] both {role}")
+    return (f"{rows_odd} of {len(rows)} rows have turns that do not alternate (the first: {source}, {first}): each is "
+            "trained as written; merge a message written as two, and put a note for the model in the system prompt")
+
+
 def system_prompt_mix(rows: list[dict[str, Any]]) -> str | None:
     """One line on rows of which some start with a system message and others with none, naming the files of those
     without (None: all or none start with one)."""
@@ -589,10 +605,10 @@ def conversation_text(messages: list[dict[str, str]]) -> str:
 
 
 def prompt_text(turns: list[dict[str, str]]) -> str:
-    """Turns as a person reads them, system messages aside: the user message alone where there is one, else one
-    `user: …` / `assistant: …` line per turn."""
-    shown = [m for m in turns if m["role"] != "system"]
-    if sum(m["role"] == "user" for m in shown) <= 1:
+    """Turns as a person reads them, the leading system message aside: the user message alone where it is the only
+    turn, else one `user: …` / `assistant: …` line per turn (and `system: …` for a note between turns)."""
+    shown = turns[1:] if turns and turns[0]["role"] == "system" else turns
+    if sum(m["role"] == "user" for m in shown) <= 1 and all(m["role"] != "system" for m in shown):
         return user_message(turns)
     return "\n".join(f"{m['role']}: {m['content']}" for m in shown)
 
@@ -635,6 +651,7 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
         "ignored_files": result.ignored_files,
         "unused_entries": result.unused_entries,
         "system_prompt_mix": system_prompt_mix(result.examples),
+        "odd_turn_orders": odd_turn_orders(result.examples),
         "quarantine_reasons": dict(Counter(re.sub(r"\[\d+\]", "[n]", row["reason"])  # one reason at any message
                                            for row in result.quarantine).most_common()),
     }

@@ -259,6 +259,30 @@ def test_rows_of_which_only_some_start_with_a_system_message_are_said_so_naming_
     assert given["system_prompt_mix"] is None
 
 
+def test_rows_whose_turns_do_not_alternate_are_kept_and_said_so_naming_the_first(tmp_path: Path) -> None:
+    def turns(*pairs: tuple[str, str]) -> str:
+        return json.dumps({"messages": [{"role": role, "content": text} for role, text in pairs]}) + "\n"
+
+    raw = tmp_path / "chats" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "a.jsonl").write_text(turns(("user", "hi"), ("assistant", "Hello!"), ("user", "order 5?"),
+                                       ("assistant", "Checking."), ("assistant", "It shipped."))
+                                 + turns(("user", "refund?"), ("system", "VIP customer."), ("assistant", "Sure."))
+                                 + turns(("user", "hi"), ("assistant", "Hello!")))
+    summary = build_raw_examples(tmp_path / "chats", tmp_path / "out", FormatSpec())
+    assert summary["rows_valid"] == 3 and summary["odd_turn_orders"] == (
+        "2 of 3 rows have turns that do not alternate (the first: a.jsonl:line 1, messages[3] and [4] both "
+        "assistant): each is trained as written; merge a message written as two, and put a note for the model in the "
+        "system prompt")
+    noted = [{"role": "user", "content": "refund?"}, {"role": "system", "content": "VIP customer."}]
+    assert records.prompt_text(noted) == "user: refund?\nsystem: VIP customer.", "a reviewer sees the note"
+    (raw / "a.jsonl").write_text(turns(("user", "refund?"), ("system", "VIP customer."), ("assistant", "Sure.")))
+    assert "the first: a.jsonl:line 1, a system message after the first turn at messages[1]" in build_raw_examples(
+        tmp_path / "chats", tmp_path / "one", FormatSpec())["odd_turn_orders"]
+    (raw / "a.jsonl").write_text(turns(("system", "Be brief."), ("user", "hi"), ("assistant", "Hello!")))
+    assert build_raw_examples(tmp_path / "chats", tmp_path / "two", FormatSpec())["odd_turn_orders"] is None
+
+
 def test_review_sample_is_seeded_and_bounded() -> None:
     rows = [{"id": f"{i:04d}", "source": "s", **chat(f"q{i}", f"a{i}")} for i in range(250)]
     first, pairs, shared = review.review_sample(rows)
