@@ -40,6 +40,7 @@ TRAIN, EVAL = "train", "eval"
 # answer is a label or a stock reply many questions share.
 ANSWER_MIN_WORDS = 6
 ANSWER_MAX_ROWS = 5
+HELD_CANDIDATES = 100  # a conversation whose every exchange more rows hold is not looked for inside longer ones
 # The leakage check's pass, saying what it looked for.
 NO_LEAKS = ("no leakage: no eval row duplicates a train prompt (or is one with a word misspelt), asks a train row's "
             "question in other wrapping, gives a train row's answer word for word or is held whole by a train "
@@ -90,7 +91,10 @@ def _held_conversations(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
             holders.setdefault(exchange, []).append(index)
     links = []
     for index, own in enumerate(turns):
-        longer = [other for other in holders.get(own[:2], []) if len(turns[other]) > len(own) > 1
+        anchor = min((holders[exchange] for exchange in zip(own, own[1:])), key=len, default=[])
+        if len(anchor) > HELD_CANDIDATES:  # only exchanges many rows hold: too common to tell a copy
+            continue
+        longer = [other for other in anchor if len(turns[other]) > len(own)
                   and any(turns[other][at:at + len(own)] == own for at in range(len(turns[other]) - len(own) + 1))]
         if len(longer) <= ANSWER_MAX_ROWS:
             links += [(index, other) for other in longer]
