@@ -220,9 +220,9 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
     untaught = labels_missing_from(cfg.evaluation, eval_answers, train_answers)
     typos = dedup.likely_typos(paths.asset("deduplicated_examples")) if unheld or untaught else {}
     if unheld:
-        context.log.warning(f"{task}: {unheld_labels(list(unheld), typos, unheld, cfg.split.eval_fraction)}")
+        context.log.warning(f"{task}: {unheld_labels(unheld, typos, cfg.split.eval_fraction)}")
     if untaught:
-        context.log.warning(f"{task}: {untaught_labels(list(untaught), typos, untaught)}")
+        context.log.warning(f"{task}: {untaught_labels(untaught, typos)}")
     generation = cfg.evaluation.task_type == "generation"
     if generation and (stock := split.stock_answer(train_rows, cfg.training.every_turn)):
         context.log.warning(f"{task}: {stock}")

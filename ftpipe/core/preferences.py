@@ -152,8 +152,8 @@ def _check_label_spelling(row: dict[str, Any], spec: FormatSpec) -> None:
     for key in get_close_matches(columns["label"], [str(key) for key in row if key not in columns.values()], n=3):
         value = row[key]
         if isinstance(value, bool) or str(value).strip().lower() in ("true", "false"):
-            raise BadRow(f"field '{columns['label']}' is missing, and the row has '{key}' ({value!r:.10}): misspelt? "
-                         f"(data.columns: {{label: {key}}} reads it as an unpaired preference row)")
+            raise _misspelt_field(columns["label"], "label", key, f" ({value!r:.10})",
+                                  " as an unpaired preference row")
 
 
 def _check_ratings(row: dict[str, Any]) -> None:
@@ -208,9 +208,15 @@ def _value(row: dict[str, Any], columns: dict[str, str], field: str) -> Any:
     name = columns[field]
     others = [str(key) for key in row if key not in columns.values()]
     if name not in row and (close := get_close_matches(name, others, n=1)):
-        raise BadRow(f"field '{name}' is missing, and the row has '{close[0]}': misspelt? (data.columns: "
-                     f"{{{field}: {close[0]}}} reads it)")
+        raise _misspelt_field(name, field, close[0])
     return row.get(name)
+
+
+def _misspelt_field(name: str, field: str, column: str, shown: str = "", reading: str = "") -> BadRow:
+    """The reason of a row that lacks column `name` (of `field`) but has `column`, spelt like it (its value `shown`):
+    the mapping that reads it (as `reading`)."""
+    return BadRow(f"field '{name}' is missing, and the row has '{column}'{shown}: misspelt? (data.columns: "
+                  f"{{{field}: {column}}} reads it{reading})")
 
 
 def _conversation_pair(row: dict[str, Any], columns: dict[str, str]) -> tuple[list[dict], dict[str, str]] | None:

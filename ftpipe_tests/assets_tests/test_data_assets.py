@@ -270,6 +270,37 @@ def test_pairs_rejecting_the_answer_a_chat_row_teaches_for_their_prompt_are_coun
             "from it; mend the pair or the chat row") in warnings
 
 
+def test_a_support_export_of_chats_pairs_and_thumbs_is_read_and_what_a_stage_leaves_out_is_said(
+        ftpipe_env: Path) -> None:
+    system = "You are the shop's support assistant. Answer in one short, friendly sentence."
+    chats = [chat(f"order {i}: where is parcel {i * 17}?", f"Parcel {i * 17} ships on day {i}.", system)
+             for i in range(40)]
+    chats[0]["messages"].append({"role": "assistant", "content": "Anything else?"})  # one turn written as two
+    pairs = [{"prompt": f"can I return item {i * 13}?", "chosen": f"Yes, item {i * 13} within 30 days.",
+              "rejected": "No."} for i in range(20)]
+    thumbs = "prompt,completion,label\n" + "".join(f"is item {i} in stock?,Yes.,{i % 2 == 0}\n" for i in range(6))
+    folder = make_task(ftpipe_env, "desk", {"chats.jsonl": chats, "pairs.jsonl": pairs, "thumbs.csv": thumbs},
+                       "training: {stages: [sft, dpo]}\n")
+    with dg.instance_for_test() as instance:
+        first = materialize(instance, "desk")
+        warnings = [log.user_message for log in instance.all_logs(first.run_id) if log.level == 30]
+        split = materialization(first, "heldout_split")
+        unpaired = split["unpaired_train_rows"] + split["unpaired_eval_rows"]
+        assert unpaired == 6 and (f"desk: 6 preference rows ({split['unpaired_eval_rows']} held out) are unpaired "
+                                  "(a completion and a label): dpo trains and is evaluated on pairs (chosen and "
+                                  "rejected) only, so it leaves them out; kto trains on both kinds") in warnings
+        assert ("desk: 1 of 40 rows have turns that do not alternate (the first: chats.jsonl:line 1, messages[2] and "
+                "[3] both assistant)") in " ".join(warnings)
+        (folder / "raw" / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs[5:]))
+        again = materialize(instance, "desk")
+        infos = [log.user_message for log in instance.all_logs(again.run_id) if log.level == 20]
+        gone = materialization(again, "heldout_split")
+        assert gone["gone_train_rows"] + gone["gone_eval_rows"] == 5
+        assert any(line.endswith(f"; 5 of the last split's rows left it ({gone['gone_train_rows']} train, "
+                                 f"{gone['gone_eval_rows']} eval): cleaning removed them, or the raw files no longer "
+                                 "hold them") for line in infos), "the split's line says which rows left"
+
+
 def test_sources_naming_their_columns_differently_are_read_by_data_files(ftpipe_env: Path) -> None:
     current = "".join(f"ticket {i}: parcel {i * 7} is late,shipping\n" for i in range(30))
     legacy = "".join(f"case {i}: refund {i * 11} not received,billing\n" for i in range(30))

@@ -495,17 +495,16 @@ def test_labels_of_one_side_of_the_split_only_are_named_up_to_a_dozen():
     assert unheld_labels(["refnd", "crad", "rare"], typos).endswith(
         "(a larger split.eval_fraction gives more labels a held-out row; 'refnd' looks like a typo of 'refund', 'crad' "
         "looks like a typo of 'card': correct them in the raw files).")
-    assert unheld_labels(["rare", "refund", "card"], None, {"refund": 10, "rare": 1, "card": 6}, 0.15) == (
+    assert unheld_labels({"rare": 1, "refund": 10, "card": 6}, None, 0.15) == (
         "3 labels of the train rows (refund ×10, card ×6, rare ×1) have no held-out row: the scores say nothing about "
         "them (a larger split.eval_fraction gives more labels a held-out row; the rows of refund ask a few questions "
         "in other words, and a question's rows stay on one side: rows asking other questions give it held-out rows).")
     evaluated = {"rows": 15, "train_rows": 85, "labels_without_heldout_rows": ["refund", "card", "rare"],
                  "train_rows_of_unheld_labels": {"refund": 10, "card": 6, "rare": 1}, "likely_typos": {}}
-    assert unheld_labels_of(evaluated) == unheld_labels(["rare", "refund", "card"], None,
-                                                        {"refund": 10, "rare": 1, "card": 6}, 0.15)
+    assert unheld_labels_of(evaluated) == unheld_labels({"refund": 10, "rare": 1, "card": 6}, None, 0.15)
     before = {"rows": 15, "labels_without_heldout_rows": ["refund", "card"]}  # an evaluation from before the counts
     assert unheld_labels_of(before).startswith("2 labels of the train rows (refund, card) have no held-out row")
-    assert untaught_labels(["rare", "refnd"], None, {"rare": 2, "refnd": 1}).startswith(
+    assert untaught_labels({"rare": 2, "refnd": 1}).startswith(
         "2 labels of the held-out rows (rare ×2, refnd ×1) have no train row")
     assert untaught_labels(["refnd", "rare"], typos) == (
         "2 labels of the held-out rows (refnd, rare) have no train row: fine-tuning never shows them to the model (more "

@@ -60,52 +60,53 @@ def verdict(passed: bool, failed: list[str], config: EvaluationConfig, preferenc
     return f"**Eval gate: FAILED** ({thresholds}): " + "; ".join(failed)
 
 
-def unheld_labels(labels: list[str], typos: dict[str, str] | None = None, train_rows: dict[str, int] | None = None,
+def unheld_labels(labels: list[str] | dict[str, int], typos: dict[str, str] | None = None,
                   eval_fraction: float | None = None) -> str:
-    """What a score on held-out rows cannot say: labels of train rows only (`_one_side_labels`). With `train_rows`
-    (a label -> its train rows) each is named with its rows, the largest first; with `eval_fraction` too, those whose
+    """What a score on held-out rows cannot say: labels of train rows only (`_one_side_labels`). Given as a dict (a
+    label -> its train rows), each is named with its rows, the largest first; with `eval_fraction` too, those whose
     share is a row or more are said to ask too few questions (a question's rows stay on one side)."""
     remedy = "a larger split.eval_fraction gives more labels a held-out row"
-    if train_rows:
-        labels = sorted(labels, key=lambda label: (-train_rows.get(label, 0), label))
-        few_questions = [label for label in labels if train_rows.get(label, 0) * (eval_fraction or 0) >= 1]
+    if isinstance(labels, dict):
+        labels = dict(sorted(labels.items(), key=lambda item: (-item[1], item[0])))
+        few_questions = [label for label, rows in labels.items() if rows * (eval_fraction or 0) >= 1]
         if few_questions:
             them = "them" if len(few_questions) > 1 else "it"
             remedy += (f"; the rows of {_named(few_questions)} ask a few questions in other words, and a question's "
                        f"rows stay on one side: rows asking other questions give {them} held-out rows")
     return _one_side_labels(labels, typos, "train rows", "held-out row", "the scores say nothing about {them}",
-                            remedy, train_rows)
+                            remedy)
 
 
 def unheld_labels_of(metrics: dict[str, Any]) -> str:
     """`unheld_labels` of an evaluation's metrics: with their train rows and the held-out share, where recorded."""
     train, rows = metrics.get("train_rows"), metrics["rows"]
-    return unheld_labels(metrics["labels_without_heldout_rows"], metrics.get("likely_typos"),
-                         metrics.get("train_rows_of_unheld_labels"), rows / (rows + train) if train else None)
+    return unheld_labels(metrics.get("train_rows_of_unheld_labels") or metrics["labels_without_heldout_rows"],
+                         metrics.get("likely_typos"), rows / (rows + train) if train else None)
 
 
-def untaught_labels(labels: list[str], typos: dict[str, str] | None = None, rows: dict[str, int] | None = None) -> str:
-    """What no training teaches: labels of held-out rows only (`_one_side_labels`), each with its `rows` if given."""
+def untaught_labels(labels: list[str] | dict[str, int], typos: dict[str, str] | None = None) -> str:
+    """What no training teaches: labels of held-out rows only (`_one_side_labels`; a dict gives each one's rows)."""
     return _one_side_labels(labels, typos, "held-out rows", "train row", "fine-tuning never shows {them} to the model",
-                            "more rows of {them} in the raw files give {them} train rows", rows)
+                            "more rows of {them} in the raw files give {them} train rows")
 
 
-def _named(labels: list[str], rows: dict[str, int] | None = None) -> str:
-    """The first NAMED_LABELS of `labels` (each with its `rows`, if given), the rest counted."""
-    shown = [f"{label} ×{rows.get(label, 0)}" if rows else label for label in labels[:NAMED_LABELS]]
+def _named(labels: list[str] | dict[str, int]) -> str:
+    """The first NAMED_LABELS of `labels` (each with its rows, given as a dict), the rest counted."""
+    shown = [f"{label} ×{labels[label]}" if isinstance(labels, dict) else label
+             for label in list(labels)[:NAMED_LABELS]]
     return ", ".join(shown) + (f" and {len(labels) - NAMED_LABELS} more" if len(labels) > NAMED_LABELS else "")
 
 
-def _one_side_labels(labels: list[str], typos: dict[str, str] | None, side: str, other: str, meaning: str,
-                     remedy: str, rows: dict[str, int] | None = None) -> str:
-    """One line on labels of one `side` of the split only (`_named`, with their `rows` if given): what that means
+def _one_side_labels(labels: list[str] | dict[str, int], typos: dict[str, str] | None, side: str, other: str,
+                     meaning: str, remedy: str) -> str:
+    """One line on labels of one `side` of the split only (`_named`, with their rows given as a dict): what that means
     and its `remedy`. `typos` (a label -> the commoner label it looks like a typo of, from cleaning) names those among
     them: a typo is corrected in the raw files."""
     many = len(labels) > 1
     them = "them" if many else "it"
     likely = [f"{label!r} looks like a typo of {typos[label]!r}" for label in labels if label in (typos or {})]
     fix = f"; {', '.join(likely)}: correct {'them' if len(likely) > 1 else 'it'} in the raw files" if likely else ""
-    return (f"{len(labels)} label{'s' if many else ''} of the {side} ({_named(labels, rows)}) "
+    return (f"{len(labels)} label{'s' if many else ''} of the {side} ({_named(labels)}) "
             f"{'have' if many else 'has'} no {other}: {meaning.format(them=them)} ({remedy.replace('{them}', them)}"
             f"{fix}).")
 
