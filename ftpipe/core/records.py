@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from difflib import get_close_matches
 from fnmatch import fnmatchcase
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ class FormatSpec:
     files: tuple[tuple[str, str | None, dict[str, str]], ...] = ()  # data.files: (pattern, format, columns)
     columns_setting: str = field(default="data.columns", repr=False, compare=False)  # where `columns` is set
     file: str = field(default="", repr=False, compare=False)  # the file read with this spec (its path under raw/)
+    numbers_are_names: bool = field(default=False, repr=False, compare=False)  # the file's answers 1-5 are labels
 
     def for_file(self, name: str) -> FormatSpec:
         """The spec of the raw file `name` (its path under raw/), as the entry of `files` that applies to it gives its
@@ -268,32 +270,78 @@ def _pair(prompt: str, completion: str, system: str | None = None) -> list[dict[
     return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
 
 
-def _alpaca(row: dict[str, Any], label_names: tuple[str, ...]) -> list[dict[str, str]]:
+def _alpaca(row: dict[str, Any], spec: FormatSpec) -> list[dict[str, str]]:
     """Alpaca's `instruction`, optional `input` and `output`; or Dolly's names for the last two, `context` and
     `response`."""
-    dolly = "response" in row and "output" not in row
-    extra_field, answer_field = ("context", "response") if dolly else ("input", "output")
+    answer_field = _answer_field(row, "alpaca", spec)
+    extra_field = "context" if answer_field == "response" else "input"
     instruction = text_field(row.get("instruction"), "instruction")
     extra = optional_text(row.get(extra_field), extra_field)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    return _pair(prompt, _answer_text(row.get(answer_field), answer_field, label_names))
+    return _pair(prompt, _answer_text(row.get(answer_field), answer_field, spec))
 
 
-def _answer_text(value: Any, name: str, label_names: tuple[str, ...]) -> str:
+def _answer_field(row: dict[str, Any], fmt: str, spec: FormatSpec) -> str | None:
+    """The field holding the answer of a row of format `fmt` (None: the answer is a message's text)."""
+    if fmt == "alpaca":
+        return "response" if "response" in row and "output" not in row else "output"
+    return {"prompt_completion": "completion", "columns": spec.columns.get("completion")}.get(fmt)
+
+
+def _whole_number(value: Any) -> int | None:
+    """A whole number, or its digits as text (a CSV cell's), as an int; else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return int(value) if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value) else None
+
+
+@lru_cache(maxsize=8)
+def _number_names(label_names: tuple[str, ...]) -> dict[int, str]:
+    """data.label_names that are numbers themselves (star ratings: 1 to 5), by their number; {} if any is not."""
+    numbers = {name: _whole_number(name) for name in label_names}
+    return {} if None in numbers.values() else {number: name for name, number in numbers.items()}
+
+
+def _answer_value(row: Any, spec: FormatSpec) -> Any:
+    """The value of a raw row's answer field (None: it has none, or its format is not recognised)."""
+    try:
+        field_name = _answer_field(row, detect_format(row, spec), spec) if isinstance(row, dict) else None
+    except BadRow:
+        return None
+    return row.get(field_name) if field_name else None
+
+
+def _numbers_name_labels(rows: list[tuple[str, Any, str | None]], spec: FormatSpec) -> bool:
+    """Whether a file's whole-number answers are labels rather than class ids: data.label_names are numbers, and
+    every such answer of the file's `rows` is one of them (a rating of 5 is the label 5, not class id 5)."""
+    names = _number_names(spec.label_names)
+    answers = {_whole_number(_answer_value(row, spec)) for _, row, problem in rows if problem is None}
+    answers -= {None} if -1 in names else {None, -1}  # -1: Hugging Face's "no label", unless a label is -1
+    return bool(names) and bool(answers) and answers <= names.keys()
+
+
+NUMBERS_READ_AS_IDS = (" (data.label_names are numbers, but the file's answers write a number that is none of them, so "
+                       "its numbers are read as class ids)")
+
+
+def _answer_text(value: Any, name: str, spec: FormatSpec) -> str:
     """An answer field's text; with data.label_names, a class id (a whole number, or its digits as text) is its
-    class name."""
-    whole_number = isinstance(value, int) and not isinstance(value, bool)
-    if label_names and (value == -1 and whole_number or isinstance(value, str) and value.strip() == "-1"):
+    class name, and where they are numbers that the file's answers write, such a number is that label."""
+    label_names, number = spec.label_names, _whole_number(value)
+    if spec.numbers_are_names and number in _number_names(label_names):
+        return _number_names(label_names)[number]
+    if label_names and number == -1:
         raise BadRow(f"field '{name}' is class id -1, which Hugging Face datasets give a row without a label (a test "
                      "split's): it has no answer to learn")
-    if label_names and (whole_number or isinstance(value, str) and value.strip().isdigit()):
-        if not 0 <= int(value) < len(label_names):
-            raise BadRow(f"field '{name}' is class id {int(value)}, and data.label_names names ids 0 to "
-                         f"{len(label_names) - 1}")
-        return label_names[int(value)]
-    if whole_number:
+    if label_names and number is not None:
+        if not 0 <= number < len(label_names):
+            raise BadRow(f"field '{name}' is class id {number}, and data.label_names names ids 0 to "
+                         f"{len(label_names) - 1}{NUMBERS_READ_AS_IDS if _number_names(label_names) else ''}")
+        return label_names[number]
+    if isinstance(value, int) and not isinstance(value, bool):
         raise BadRow(f"field '{name}' is the number {value}, not text: where it is a class id, data.label_names "
-                     f"lists the class names in id order (a Hugging Face dataset has them in features['{name}'].names)")
+                     "lists the class names in id order (a Hugging Face dataset has them in "
+                     f"features['{name}'].names); where the numbers are the labels (star ratings), it lists them")
     return text_field(value, name)
 
 
@@ -327,12 +375,12 @@ def check_mapped_columns(row: dict[str, Any], columns: dict[str, str], setting: 
 
 
 def _mapped(row: dict[str, Any], spec: FormatSpec) -> list[dict[str, str]]:
-    columns, label_names = spec.columns, spec.label_names
+    columns = spec.columns
     check_mapped_columns(row, columns, spec.columns_setting)
     system_column = columns.get("system")
     return _pair(
         text_field(row.get(columns["prompt"]), columns["prompt"]),
-        _answer_text(row.get(columns["completion"]), columns["completion"], label_names),
+        _answer_text(row.get(columns["completion"]), columns["completion"], spec),
         optional_text(row.get(system_column), system_column) if system_column else None,
     )
 
@@ -388,10 +436,10 @@ def to_messages(row: Any, spec: FormatSpec) -> list[dict[str, str]]:
     elif fmt == "sharegpt":
         messages = _sharegpt(row.get(SHAREGPT))
     elif fmt == "alpaca":
-        messages = _alpaca(row, spec.label_names)
+        messages = _alpaca(row, spec)
     elif fmt == "prompt_completion":
         messages = _pair(text_field(row.get("prompt"), "prompt"),
-                         _answer_text(row.get("completion"), "completion", spec.label_names))
+                         _answer_text(row.get("completion"), "completion", spec))
     else:
         if not {"prompt", "completion"} <= spec.columns.keys():
             raise BadRow(f"format 'columns' needs {spec.columns_setting}.prompt and {spec.columns_setting}.completion "
@@ -494,7 +542,11 @@ def read_file(path: Path, name: str, spec: FormatSpec, result: ReadResult) -> No
 
     before = result.rows_read
     try:
-        for location, row, problem in iter_file_rows(path):
+        rows = iter_file_rows(path)
+        if _number_names(spec.label_names):
+            rows = list(rows)
+            spec = replace(spec, numbers_are_names=_numbers_name_labels(rows, spec))
+        for location, row, problem in rows:
             source = f"{name}:{location}"
             try:
                 if problem:

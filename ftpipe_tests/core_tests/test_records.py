@@ -1,5 +1,6 @@
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -352,8 +353,37 @@ def test_class_ids_read_as_the_names_data_label_names_gives_them(tmp_path: Path)
     unnamed = read_raw_dir(folder / "raw", FormatSpec(columns={"prompt": "text", "completion": "label"}))
     assert unnamed.quarantine[0]["reason"] == (
         "field 'label' is the number 0, not text: where it is a class id, data.label_names lists the class names in "
-        "id order (a Hugging Face dataset has them in features['label'].names)")
+        "id order (a Hugging Face dataset has them in features['label'].names); where the numbers are the labels "
+        "(star ratings), it lists them")
     assert [row["messages"][-1]["content"] for row in unnamed.examples] == ["0", "-1"], "a CSV cell is its text"
+
+
+def test_labels_that_are_numbers_are_read_as_those_numbers_where_a_file_writes_them_else_as_class_ids(
+        tmp_path: Path) -> None:
+    raw = tmp_path / "task" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "reviews.csv").write_text("text,stars\nAwful.,1\nGreat!,5\nFine.,3\nNo rating,-1\n")
+    (raw / "shop.jsonl").write_text('{"text": "Meh", "stars": 2}\n{"text": "Loved it", "stars": 5}\n')
+    (raw / "typo.csv").write_text("text,stars\nOK,4\nBroken,0\nSuperb,5\n")  # a 0: no rating 1-5, so ids
+    stars = FormatSpec(columns={"prompt": "text", "completion": "stars"}, label_names=("1", "2", "3", "4", "5"))
+    read = read_raw_dir(raw, stars)
+    assert {row["source"]: row["messages"][-1]["content"] for row in read.examples} == {
+        "reviews.csv:line 2": "1", "reviews.csv:line 3": "5", "reviews.csv:line 4": "3",
+        "shop.jsonl:line 1": "2", "shop.jsonl:line 2": "5", "typo.csv:line 2": "5", "typo.csv:line 3": "1"}
+    assert {entry["source"]: entry["reason"] for entry in read.quarantine} == {
+        "reviews.csv:line 5": "field 'stars' is class id -1, which Hugging Face datasets give a row without a label "
+                              "(a test split's): it has no answer to learn",
+        "typo.csv:line 4": "field 'stars' is class id 5, and data.label_names names ids 0 to 4 (data.label_names are "
+                           "numbers, but the file's answers write a number that is none of them, so its numbers are "
+                           "read as class ids)"}
+    polarity = tmp_path / "polarity"  # as Hugging Face's yelp_polarity: ids 0 and 1 of the classes '1' and '2'
+    polarity.mkdir()
+    pq.write_table(pa.table({"stars": [0, 1], "text": ["bad", "good"]}), polarity / "train.parquet")
+    sentiment = tmp_path / "sentiment"
+    sentiment.mkdir()
+    (sentiment / "rows.jsonl").write_text('{"text": "No", "stars": -1}\n{"text": "Yes", "stars": 1}\n')
+    assert [[row["messages"][-1]["content"] for row in read_raw_dir(folder, replace(stars, label_names=names)).examples]
+            for folder, names in ((polarity, ("1", "2")), (sentiment, ("-1", "0", "1")))] == [["1", "2"], ["-1", "1"]]
 
 
 def test_a_mapped_column_missing_from_the_file_is_named_with_the_columns_it_has(tmp_path: Path) -> None:
