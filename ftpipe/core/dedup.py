@@ -8,7 +8,8 @@ where two answers can both be right, the first row written stays instead). Two r
 differ only in words their own prompts have and the other's has not (an order number, a date, the word that decides
 the label) are two examples of one rule: neither duplicates nor a contradiction, both stay. So are two rows whose
 near-identical prompts differ in a number (a price, a quantity: a template's problems, numbers read with their signs
-and decimals) and whose answers differ, however alike their words where the answers differ in a number too.
+and decimals) or an operator (`12 + 7`, `12 * 7`; `a // b`, `a / b`) and whose answers differ, however alike their
+words where the answers differ in a number or an operator too.
 Exact-prompt answers are compared as `loose` text, so `#### 325.` and `#### 325` are one answer (and the near stage
 finds the second row a near-duplicate of the first). An answer that is a JSON object is compared by its value, so two
 that differ only in key order or spacing are one answer and two that differ in one field's value are two (however
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -150,6 +152,19 @@ def _remove_exact(rows: list[dict[str, Any]], keys: ExactKeys, alive: np.ndarray
     return alive[is_first]
 
 
+Terms = tuple[frozenset[float], str]
+OPERATOR = re.compile(r"!=|[-+*/%^=<>&|~()\[\]{}]")
+FORMULA = re.compile(r"[+*/^=<>&|~]")  # a sign that makes a text's dashes, brackets and % operators
+
+
+def terms(text: str) -> Terms:
+    """A text's numbers, read with their signs, decimals and thousands separators (-3 is not 3, 18.0 is 18), and, where
+    it may hold a formula or code (a sign such as + or =), its operators and brackets in order (`(12 + 7) * 3`:
+    `(+)*`); a dash or a bracket of a sentence is punctuation."""
+    operators = "".join(OPERATOR.findall(text)) if FORMULA.search(text) else ""
+    return frozenset(map(to_number, NUMBER.findall(text))), operators
+
+
 class NearRows:
     """The rows of the near stage: which prompts are near-identical (on what varies) and how alike their answers are."""
 
@@ -164,7 +179,7 @@ class NearRows:
         self.similar = similarity.neighbours(len(rows), [pair for pair in pairs if self.turn_for_turn(*pair[:2])])
         self._word_sets: dict[int, tuple[set[str], set[str]]] = {}
         self._objects: dict[int, bool] = {}
-        self._number_sets: dict[int, tuple[frozenset[float], frozenset[float]]] = {}
+        self._term_sets: dict[int, tuple[Terms, Terms]] = {}
 
     def turn_for_turn(self, a: int, b: int) -> bool:
         """Conversations of several user turns are near-identical only turn for turn: as many messages (system
@@ -219,27 +234,26 @@ class NearRows:
                                       set(similarity.prompt_words(messages)))
         return self._word_sets[index]
 
-    def _numbers(self, index: int) -> tuple[frozenset[float], frozenset[float]]:
-        """(the numbers of a row's answer as written, of its prompt but the system message), read with their signs,
-        decimals and thousands separators: -3 is not 3, 18.0 is 18."""
-        if index not in self._number_sets:
+    def _terms(self, index: int) -> tuple[Terms, Terms]:
+        """(the `terms` of a row's answer as written, of its prompt but the system message)."""
+        if index not in self._term_sets:
             messages = self.as_written.get(self.rows[index]["id"], self.rows[index]["messages"])
-            self._number_sets[index] = tuple(frozenset(map(to_number, NUMBER.findall(text))) for text in (
-                messages[-1]["content"], similarity.prompt_text(messages)))
-        return self._number_sets[index]
+            self._term_sets[index] = terms(messages[-1]["content"]), terms(similarity.prompt_text(messages))
+        return self._term_sets[index]
 
-    def prompts_differ_in_a_number(self, a: int, b: int) -> bool:
-        """The prompts differ in a number: a price, an amount or a quantity can decide the answer."""
-        return self._numbers(a)[1] != self._numbers(b)[1]
+    def prompts_differ_in_a_term(self, a: int, b: int) -> bool:
+        """The prompts differ in a number or an operator: a price, a quantity or `12 * 7` for `12 + 7` can decide the
+        answer."""
+        return self._terms(a)[1] != self._terms(b)[1]
 
-    def numbers_follow_prompts(self, a: int, b: int) -> bool:
-        """The prompts differ in a number and so do the answers: a template's problems, each with its own result."""
-        return self.prompts_differ_in_a_number(a, b) and self._numbers(a)[0] != self._numbers(b)[0]
+    def terms_follow_prompts(self, a: int, b: int) -> bool:
+        """The prompts differ in a term and so do the answers: a template's problems, each with its own result."""
+        return self.prompts_differ_in_a_term(a, b) and self._terms(a)[0] != self._terms(b)[0]
 
     def consistent(self, a: int, b: int) -> bool:
         """The answers agree, differ only where the prompts do, or may differ because the prompts differ in a
-        number."""
-        return self.same_answer(a, b) or self.answers_follow_prompts(a, b) or self.prompts_differ_in_a_number(a, b)
+        term."""
+        return self.same_answer(a, b) or self.answers_follow_prompts(a, b) or self.prompts_differ_in_a_term(a, b)
 
     def answer_camps(self, group: list[int]) -> list[list[int]]:
         """`group` split by answer: each row joins the first camp whose first answer is consistent with its own."""
@@ -289,13 +303,13 @@ def _near_contradiction(near: NearRows, index: int, center: int, camp_of: dict[i
 
 def _remove_near_duplicates(near: NearRows, alive: list[bool], removed: list[dict[str, Any]]) -> None:
     """A row whose prompt and answer are both near-identical to a kept earlier row's goes, naming that row, unless
-    the answers differ where the prompts do, or in a number where the prompts differ in one."""
+    the answers differ where the prompts do, or in a number or an operator where the prompts differ in one."""
     for index, similar in enumerate(near.similar):
         if not alive[index]:
             continue
         matches = [(score, other) for other, score in similar.items() if other < index and alive[other]
                    and near.same_answer(other, index) and not near.answers_follow_prompts(other, index)
-                   and not near.numbers_follow_prompts(other, index)]
+                   and not near.terms_follow_prompts(other, index)]
         if matches:
             score, other = max(matches, key=lambda match: (match[0], -match[1]))  # most alike, then first
             detail = f"prompt Jaccard {score:.2f}, answer Jaccard {near.answer_jaccard(other, index):.2f}"

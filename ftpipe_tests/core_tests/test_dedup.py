@@ -259,6 +259,26 @@ def test_a_templates_problems_apart_in_a_sign_or_with_alike_solutions_are_two_pr
     assert dedup.deduplicate(fraction + others).removed == [], "1/2 is not 12"
 
 
+def test_prompts_apart_in_an_operator_are_two_problems_and_prose_punctuation_still_makes_a_copy() -> None:
+    rng = random.Random(7)
+    others = [row(sentence(rng, 20), f"answer {i}", f"x{i}") for i in range(12)]
+    drills = [row(f"What is 12 {sign} 7? Reply with the number only.", str(result), f"d{index}")
+              for index, (sign, result) in enumerate((("+", 19), ("*", 84), ("-", 5)))]
+    brackets = [row("Evaluate (12 + 7) * 3 and reply with the number only.", "57", "b1"),
+                row("Evaluate 12 + 7 * 3 and reply with the number only.", "33", "b2")]
+    code = [row(f"Write a Python function that returns x {op} 2 for a given number x.",
+                f"def f(x):\n    return x {op} 2", f"c{len(op)}") for op in ("*", "**")]
+    python = [row(f"In Python, what does the expression a {op} b compute for two integers?", meaning, f"p{len(op)}")
+              for op, meaning in (("/", "True division."), ("//", "Floor division."))]
+    assert dedup.deduplicate(drills + brackets + code + python + others).removed == [], "each is its own problem"
+    copies = [row("Hi - my card was declined at the shop today, why?", "declined_card_payment", "q1"),
+              row("Hi, my card was declined at the shop today (why?)", "declined_card_payment", "q2"),
+              row("What is 12 + 7 ? Reply with the number only.", "19", "q3")]
+    removed = dedup.deduplicate(drills + copies + others).removed
+    assert sorted((r["source"], r["reason"]) for r in removed) == [
+        ("q2", "near_duplicate"), ("q3", "near_duplicate")], "prose dashes and brackets, spacing: copies"
+
+
 def test_worked_solutions_are_compared_by_their_final_answers_where_the_task_checks_them(tmp_path) -> None:
     rng = random.Random(7)
     others = [row(sentence(rng, 20), f"#### {i}", f"x{i}") for i in range(12)]
