@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gc
 import json
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import pandas as pd
 
 from ftpipe.core import similarity
 from ftpipe.core.evaluation.metrics.base import first_json_object
-from ftpipe.core.evaluation.metrics.final_answer import NUMBER, comparable_final_answer, to_number
+from ftpipe.core.evaluation.metrics.final_answer import comparable_final_answer
 from ftpipe.core.evaluation.statistics import chance_of_at_least
 from ftpipe.core.records import (
     common_system_prompt, read_examples, source_order, user_message, write_examples, write_jsonl,
@@ -42,7 +41,8 @@ from ftpipe.core.records import (
 from ftpipe.core.results import Result, read_result, reuse_key
 from ftpipe.core.layout import EXAMPLES, PREFERENCES, REMOVED
 from ftpipe.core.storage import atomic_dir, file_sha256
-from ftpipe.core.text import answer_words, canonical, canonical_codes, loose, loose_words, whole_json_object
+from ftpipe.core.terms import CODE, Terms, code_terms, terms
+from ftpipe.core.text import word_parts, canonical, canonical_codes, loose, loose_words, whole_json_object
 
 if TYPE_CHECKING:
     from ftpipe.core.evaluation.metrics.base import TaskMetrics
@@ -63,7 +63,8 @@ def prompt_key(messages: list[dict[str, str]]) -> str:
 
 @dataclass(frozen=True)
 class ExactKeys:
-    """Per row, an id of its normalised prompt and of its normalised answer: equal ids, equal texts."""
+    """Per row, an id of its normalised prompt and of its normalised answer (`_written_codes`): equal ids, equal
+    texts."""
 
     prompt: np.ndarray
     answer: np.ndarray
@@ -72,12 +73,24 @@ class ExactKeys:
     def of(cls, rows: list[dict[str, Any]], prompts: similarity.Messages) -> ExactKeys:
         """The keys of `rows`, whose prompt messages are `prompts` (each distinct message normalised once)."""
         roles = pd.factorize(np.array([role for role, _ in prompts.distinct], dtype=object))[0]
-        texts = canonical_codes([text for _, text in prompts.distinct])
+        texts = _written_codes([text for _, text in prompts.distinct])
         message_ids = texts * (int(roles.max(initial=0)) + 1) + roles
-        return cls(prompts.row_ids(message_ids), canonical_codes([row["messages"][-1]["content"] for row in rows]))
+        return cls(prompts.row_ids(message_ids), _written_codes([row["messages"][-1]["content"] for row in rows]))
 
     def conversation(self) -> np.ndarray:
         return self.prompt * (int(self.answer.max(initial=0)) + 1) + self.answer
+
+
+def _written_codes(texts: list[str]) -> np.ndarray:
+    """`canonical_codes`, texts apart in their `code_terms` as written (`= 'Smith'`, `= 'smith'`) apart too (Arrow
+    finds the texts that may have any in bulk)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    coded = pc.match_substring_regex(pa.array(texts, type=pa.large_string()), CODE).to_numpy(zero_copy_only=False)
+    written = pd.factorize(pd.Series([code_terms(text) if code else "" for text, code in zip(texts, coded)],
+                                     dtype=object))[0]
+    return canonical_codes(texts) * (int(written.max(initial=0)) + 1) + written
 
 
 @dataclass
@@ -116,16 +129,17 @@ def _contradiction(row: dict[str, Any], answer: str, group: list[tuple[dict[str,
 
 def _resolve_contradictions(rows: list[dict[str, Any]], keys: ExactKeys, removed: list[dict[str, Any]],
                             free_text: bool) -> np.ndarray:
-    """Same prompt, different answers (as `loose` compares them: `#### 325.` and `#### 325` are one answer): keep the
-    strict-majority answer's rows, else drop the group (`free_text`: keep its first row). Returns the indices of the
-    rows that stay."""
+    """Same prompt, different answers (as `loose` and `terms` compare them: `#### 325.` and `#### 325` are one answer,
+    `= 3` and `!= 3` two): keep the strict-majority answer's rows, else drop the group (`free_text`: keep its first
+    row). Returns the indices of the rows that stay."""
     alive = np.ones(len(rows), dtype=bool)
     grouped = np.flatnonzero(np.bincount(keys.prompt)[keys.prompt] > 1)  # rows whose prompt another row has too
     order = grouped[np.argsort(keys.prompt[grouped], kind="stable")]
     for members in np.split(order, np.flatnonzero(np.diff(keys.prompt[order])) + 1):
         if len(set(keys.answer[members].tolist())) < 2:
             continue
-        group = [(rows[i], loose(rows[i]["messages"][-1]["content"])) for i in members]
+        group = [(rows[i], (loose(answer), terms(answer))) for i in members
+                 for answer in [rows[i]["messages"][-1]["content"]]]
         votes = Counter(answer for _, answer in group)
         for index, (row, answer) in zip(members, group):
             removal = _contradiction(row, answer, group, votes, free_text)
@@ -152,19 +166,6 @@ def _remove_exact(rows: list[dict[str, Any]], keys: ExactKeys, alive: np.ndarray
     return alive[is_first]
 
 
-Terms = tuple[frozenset[float], str]
-OPERATOR = re.compile(r"!=|[-+*/%^=<>&|~()\[\]{}]")
-FORMULA = re.compile(r"[+*/^=<>&|~]")  # a sign that makes a text's dashes, brackets and % operators
-
-
-def terms(text: str) -> Terms:
-    """A text's numbers, read with their signs, decimals and thousands separators (-3 is not 3, 18.0 is 18), and, where
-    it may hold a formula or code (a sign such as + or =), its operators and brackets in order (`(12 + 7) * 3`:
-    `(+)*`); a dash or a bracket of a sentence is punctuation."""
-    operators = "".join(OPERATOR.findall(text)) if FORMULA.search(text) else ""
-    return frozenset(map(to_number, NUMBER.findall(text))), operators
-
-
 class NearRows:
     """The rows of the near stage: which prompts are near-identical (on what varies) and how alike their answers are."""
 
@@ -180,6 +181,7 @@ class NearRows:
         self._word_sets: dict[int, tuple[set[str], set[str]]] = {}
         self._objects: dict[int, bool] = {}
         self._term_sets: dict[int, tuple[Terms, Terms]] = {}
+        self._compared_terms: dict[int, Terms] = {}
 
     def turn_for_turn(self, a: int, b: int) -> bool:
         """Conversations of several user turns are near-identical only turn for turn: as many messages (system
@@ -208,10 +210,19 @@ class NearRows:
         return shingles.jaccard(position[a], position[b])
 
     def same_answer(self, a: int, b: int) -> bool:
-        """Near-identical answers; JSON objects only when equal by value (one field changed is another answer)."""
-        if self._is_object(a) or self._is_object(b):
-            return self.answers[a] == self.answers[b]
+        """Near-identical answers with the same terms (`= 3057` is not `!= 3057`); JSON objects only when equal by
+        value (one field changed is another answer)."""
+        if self.answers[a] == self.answers[b]:
+            return True
+        if self._is_object(a) or self._is_object(b) or self._answer_terms(a) != self._answer_terms(b):
+            return False
         return self.answer_jaccard(a, b) >= self.settings.threshold
+
+    def _answer_terms(self, index: int) -> Terms:
+        """The `terms` of a row's answer as compared."""
+        if index not in self._compared_terms:
+            self._compared_terms[index] = terms(self.rows[index]["messages"][-1]["content"])
+        return self._compared_terms[index]
 
     def _is_object(self, index: int) -> bool:
         if index not in self._objects:
@@ -230,8 +241,8 @@ class NearRows:
         """(the words of a row's answer, of its prompt but the system message)."""
         if index not in self._word_sets:
             messages = self.rows[index]["messages"]
-            self._word_sets[index] = (set(answer_words(messages[-1]["content"])),
-                                      set(similarity.prompt_words(messages)))
+            self._word_sets[index] = (set(word_parts(messages[-1]["content"])),
+                                      set(word_parts(similarity.prompt_text(messages))))
         return self._word_sets[index]
 
     def _terms(self, index: int) -> tuple[Terms, Terms]:
@@ -250,6 +261,10 @@ class NearRows:
         """The prompts differ in a term and so do the answers: a template's problems, each with its own result."""
         return self.prompts_differ_in_a_term(a, b) and self._terms(a)[0] != self._terms(b)[0]
 
+    def same_problem(self, a: int, b: int) -> bool:
+        """Near-identical prompts asking one thing: not apart in a term, nor answered apart where they differ."""
+        return not self.prompts_differ_in_a_term(a, b) and not self.answers_follow_prompts(a, b)
+
     def consistent(self, a: int, b: int) -> bool:
         """The answers agree, differ only where the prompts do, or may differ because the prompts differ in a
         term."""
@@ -267,12 +282,12 @@ class NearRows:
 def _resolve_near_contradictions(near: NearRows, alive: list[bool], removed: list[dict[str, Any]],
                                   free_text: bool) -> None:
     """Near-identical prompts, different answers: around each row in turn, the rows whose prompts are directly
-    near-identical to its own vote; the strict-majority answer's rows stay, otherwise all of them go (`free_text`:
-    the rows with the answer of the first row written stay)."""
+    near-identical to its own and ask the same (`NearRows.same_problem`) vote; the strict-majority answer's rows stay,
+    otherwise all of them go (`free_text`: the rows with the answer of the first row written stay)."""
     for center, similar in enumerate(near.similar):
         if not alive[center] or not similar:
             continue
-        camps = near.answer_camps([center, *sorted(i for i in similar if alive[i])])
+        camps = near.answer_camps([center, *sorted(i for i in similar if alive[i] and near.same_problem(center, i))])
         if len(camps) < 2:
             continue
         size = sum(map(len, camps))

@@ -30,7 +30,7 @@ def _is_punctuation(code: int) -> bool:
 
 
 _ASCII_PUNCTUATION = dict.fromkeys(filter(_is_punctuation, range(128)))
-_JOINED_WORDS = regex.compile(r"[_-]|(?<=\p{Ll})(?=\p{Lu})")  # snake_case, kebab-case, CamelCase
+_JOINED_WORDS = regex.compile(r"[\p{P}\p{S}]|(?<=\p{Ll})(?=\p{Lu})")  # snake_case, CamelCase, r['price']
 
 
 @cache
@@ -105,9 +105,9 @@ def unspaced(words: str) -> str:
     return _BETWEEN_UNSPACED.sub("", words)
 
 
-def answer_words(text: str) -> list[str]:
-    """`loose_words` with a label's joined words apart, as a prompt writes them: `cancel_order`, `cancel-order` and
-    `CancelOrder` are the words cancel and order."""
+def word_parts(text: str) -> list[str]:
+    """`loose_words` with words joined by punctuation, a symbol or case apart, as prose writes them: `cancel_order`,
+    `cancel-order` and `CancelOrder` are the words cancel and order, `r['price']` is r and price."""
     return loose_words(_JOINED_WORDS.sub(" ", text))
 
 

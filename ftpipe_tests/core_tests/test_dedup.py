@@ -279,6 +279,32 @@ def test_prompts_apart_in_an_operator_are_two_problems_and_prose_punctuation_sti
         ("q2", "near_duplicate"), ("q3", "near_duplicate")], "prose dashes and brackets, spacing: copies"
 
 
+def test_sql_and_code_answers_apart_in_an_operator_a_literal_or_a_block_are_other_answers() -> None:
+    rng = random.Random(7)
+    others = [row(sentence(rng, 20), f"SELECT {i};", f"x{i}") for i in range(12)]
+    count = "Count the orders in the shop database that were placed by the customer with the id {}?"
+    template = [row(count.format(n), f"SELECT COUNT(*) FROM orders WHERE customer_id = {n};", f"t:line {n}")
+                for n in range(3060, 3070)]  # other problems beside the one in question: no votes in it
+    negated = [row(count.format(3057), "SELECT COUNT(*) FROM orders WHERE customer_id != 3057;", "a:line 1"),
+               row(count.format(3057)[:-1], "select count(*) from orders where customer_id = 3057", "b:line 1"),
+               row(count.format(3057)[:-1], "SELECT COUNT(*) FROM orders WHERE customer_id = 3057;", "c:line 1")]
+    name = "Find the emails of the customers whose last name is Smith, as written."
+    literal = [row(name, f"SELECT email FROM customers WHERE last_name = '{spelt}';", f"{file}:line 2")
+               for file, spelt in (("a", "smith"), ("b", "Smith"), ("c", "Smith"))]
+    loop = "for item in items:\n{}process(item)\n{}save(items)"
+    blocks = [row("Process each item, then save the items once.", loop.format(*indents), f"{file}:line 3")
+              for file, indents in (("a", ("    ", "    ")), ("b", ("    ", "")), ("c", ("  ", "")))]
+    removed = dedup.deduplicate(others + template + negated + literal + blocks, free_text=True).removed
+    assert sorted((r["source"], r["reason"]) for r in removed) == [
+        ("a:line 1", "contradiction"), ("a:line 2", "contradiction"), ("a:line 3", "contradiction"),
+        ("c:line 1", "near_duplicate"), ("c:line 2", "exact_duplicate"), ("c:line 3", "exact_duplicate")], (
+        "the majority's answer stays: `=` is not `!=`, 'Smith' not 'smith', a line in a loop not after it (however "
+        "wide the indent); the template's other customers are other problems, not votes")
+    keys = [row(f"Write Python that sorts the rows by their '{key}' field.", f"sorted(rows, key=lambda r: r['{key}'])",
+                f"k:line {i}") for i, key in enumerate(("price", "quantity", "name"))]
+    assert dedup.deduplicate(others + keys).removed == [], "apart where the prompts are: `r['price']` holds price"
+
+
 def test_worked_solutions_are_compared_by_their_final_answers_where_the_task_checks_them(tmp_path) -> None:
     rng = random.Random(7)
     others = [row(sentence(rng, 20), f"#### {i}", f"x{i}") for i in range(12)]
