@@ -2,7 +2,8 @@
 `Billing`, `billing `, `billing.`) are one label there, so cleaned rows, and the answers of preference rows, are
 rewritten to the spelling most of the label's answers use, and the model learns to write each label one way. The rest
 of each answer, and each row's id (that of its raw row), stay as they were. A label that differs by a typo (`postive`)
-is another label to the evaluation too, so it is not rewritten: `likely_misspellings` names it for a person to fix."""
+is another label to the evaluation too, so it is not rewritten: `likely_misspellings` names it for a person to fix;
+but where `data.label_names` declares the classes, a label it lacks that is a typo of one it names is that one."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from ftpipe.core.text import canonical, label_key
 COLUMNS = ["label", "respelled", "rows"]
 MISSPELLING_COLUMNS = ["label", "rows", "like", "like_rows", "first"]  # and the field first, for values of a field
 SHOWN = 5  # spellings named in the log line
-SPELT = "each label is trained (as data.label_names, the last cleaning or most of its answers write it)"
+SPELT = ("each label is trained (as data.label_names writes it, a typo of it too, else as the last cleaning or most "
+         "of its answers write it)")
 MISSPELLING_SIMILARITY = 0.85  # difflib's ratio of two labels' words from which the rarer may be a typo of the other
 MISSPELLING_RARITY = 5  # ...when the other has at least this many times its rows
 _DIGITS = re.compile(r"\d+")
@@ -52,7 +54,7 @@ class Spellings:
             if len(spellings := set(written)) > 1:
                 kept = spellings.intersection(before.get(name, ()))
                 chosen[name] = min(kept) if kept else most_common(written)
-        return cls(labels, {**chosen, **{label_key(label): label for label in named}})
+        return cls(labels, {**chosen, **_typos_of_named(found, named), **{label_key(label): label for label in named}})
 
     @staticmethod
     def _by_key(answers: Iterable[str], labels: Classification) -> dict[str, list[str]]:
@@ -113,6 +115,19 @@ class Spellings:
 
     def _trained(self, written: str | None) -> str | None:
         return self.chosen.get(label_key(written), written) if written else written
+
+
+def _typos_of_named(found: dict[str, list[str]], named: Iterable[str]) -> dict[str, str]:
+    """The labels of `found` (by `label_key`) that data.label_names does not name but that look like a typo of one it
+    does (`card_arival` of `card_arrival`; not `faq_13` of `faq_12`), by key, each with the label it names."""
+    names = {_unaccented(label_key(name)): name for name in named}
+    typos = {}
+    for key, written in found.items():
+        close = get_close_matches(_unaccented(key), list(names), n=1, cutoff=MISSPELLING_SIMILARITY)
+        like = names[close[0]] if close else None
+        if like and key != label_key(like) and not _numbered_alike(written[0], like):
+            typos[key] = like
+    return typos
 
 
 def shown(entries: list[dict[str, Any]], fields: tuple[str, ...] = ("label", "respelled")) -> list[dict[str, Any]]:

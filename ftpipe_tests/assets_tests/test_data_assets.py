@@ -227,7 +227,8 @@ def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_en
            "larger split.eval_fraction gives more labels a held-out row; 'Shiping' looks like a typo of 'Shipping': " \
            "correct it in the raw files)." in warnings
     assert 'desk: 24 rows\' and 8 preference answers\' labels respelled as each label is trained (as ' \
-           'data.label_names, the last cleaning or most of its answers write it): "billing" as "Billing" ×12, ' \
+           'data.label_names writes it, a typo of it too, else as the last cleaning or most of its answers write ' \
+           'it): "billing" as "Billing" ×12, ' \
            '"BILLING " as "Billing" ×12' in infos
     written = {json.loads(r["messages"][-1]["content"])["category"]
                for path in TaskLayout("desk").split_files for r in read_examples(path)}

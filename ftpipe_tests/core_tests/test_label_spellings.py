@@ -31,9 +31,25 @@ def test_labels_written_differently_take_the_spelling_most_rows_use_and_keep_the
     assert respelled == [{"label": "Billing", "respelled": "billing ", "rows": 1},
                          {"label": "Billing", "respelled": "BILLING.", "rows": 1},
                          {"label": "Shipping", "respelled": "shipping", "rows": 1}]
-    assert said(respelled) == ('3 rows\' labels respelled as each label is trained (as data.label_names, the last '
-                               'cleaning or most of its answers write it): "billing " as "Billing" ×1, "BILLING." as '
-                               '"Billing" ×1, "shipping" as "Shipping" ×1')
+    assert said(respelled) == ('3 rows\' labels respelled as each label is trained (as data.label_names writes it, a '
+                               'typo of it too, else as the last cleaning or most of its answers write it): "billing " '
+                               'as "Billing" ×1, "BILLING." as "Billing" ×1, "shipping" as "Shipping" ×1')
+
+
+def test_a_label_data_label_names_lacks_a_typo_away_from_one_it_names_is_that_label() -> None:
+    labels = task_metrics(EvaluationConfig(task_type="classification"))
+    named = ["card_arrival", "faq_12", "refund", "Köln"]
+    rows = [row(f"message {i}", label) for i, label in enumerate(
+        ["card_arrival", "card_arival", "Card Arival", "faq_12", "faq_13", "refunds please", "koln"])]
+    out, respelled = Spellings.of(answers(rows), labels, named=named).respell(rows)
+    assert [r["messages"][-1]["content"] for r in out] == [
+        "card_arrival", "card_arrival", "card_arrival", "faq_12", "faq_13", "refunds please", "Köln"], (
+        "typos of a named label are that label; a numbered class and another answer are not")
+    assert said(respelled).endswith('"card_arival" as "card_arrival" ×1, "Card Arival" as "card_arrival" ×1, "koln" '
+                                    'as "Köln" ×1')
+    unnamed = Spellings.of(answers(rows), labels).respell(rows)[0]
+    assert [r["messages"][-1]["content"] for r in unnamed].count("card_arrival") == 1, (
+        "without data.label_names a typo is a label of its own (named for a person to fix)")
 
 
 def test_a_bare_label_is_respelled_whole() -> None:
@@ -82,8 +98,8 @@ def test_preference_answers_count_toward_the_spelling_and_are_respelled_unless_a
         (category("Refund"), category("refund."), None), (None, None, category("Billing"))]
     assert count == 3 and [r["id"] for r in out] == [r["id"] for r in pairs]
     assert said(respelled, count) == ('1 row\'s and 3 preference answers\' labels respelled as each label is trained '
-                                      '(as data.label_names, the last cleaning or most of its answers write it): '
-                                      '"refund" as "Refund" ×1')
+                                      '(as data.label_names writes it, a typo of it too, else as the last cleaning or '
+                                      'most of its answers write it): "refund" as "Refund" ×1')
     assert said(respelled).startswith("1 row's label respelled as each"), "in the singular"
 
 
