@@ -80,7 +80,8 @@ def raw_examples(context: dg.AssetExecutionContext, config: TaskRunConfig) -> dg
     context.log.info(f"{task}: {summary['rows_valid']} valid and {summary['rows_quarantined']} quarantined "
                      f"rows from {len(summary['files'])} file(s)")
     quarantine = summary.pop("quarantine")
-    for line in [*summary["unused_entries"], summary["system_prompt_mix"], summary["odd_turn_orders"]]:
+    for line in [*summary["unused_entries"], summary["system_prompt_mix"], summary["odd_turn_orders"],
+                 summary["unlisted_labels"]]:
         if line:
             context.log.warning(f"{task}: {line}")
     return dg.MaterializeResult(

@@ -31,7 +31,7 @@ from ftpipe.core.layout import EXAMPLES, PREFERENCES, QUARANTINE
 from ftpipe.core.readable import plural
 from ftpipe.core.results import Result, reuse_key
 from ftpipe.core.storage import UnsafePathError, atomic_dir, contained, sha256_of_files
-from ftpipe.core.text import cell, text_parts
+from ftpipe.core.text import cell, loose, text_parts
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
@@ -497,6 +497,26 @@ def system_prompt_mix(rows: list[dict[str, Any]]) -> str | None:
             "answer with and without an instruction; data.system_prompt gives the rows without one that instruction")
 
 
+LISTED_LABELS = 3  # a system prompt that names this many labels of data.label_names lists the task's labels
+
+
+def unlisted_labels(rows: list[dict[str, Any]], label_names: tuple[str, ...]) -> str | None:
+    """One line on the rows' system prompt where it lists labels of data.label_names but not all (cut off, or written
+    before labels were added), naming those it lacks (None: it names all, or too few to be a list)."""
+    system = Counter(row["messages"][0]["content"] for row in rows if row["messages"][0]["role"] == "system")
+    if not system or not label_names:
+        return None
+    prompt, holding = system.most_common(1)[0]
+    written = f" {loose(prompt)} "
+    lacking = [name for name in label_names if f" {loose(name)} " not in written]
+    if not lacking or len(label_names) - len(lacking) < LISTED_LABELS:
+        return None
+    more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+    return (f"the system prompt of {plural(holding, 'row')} names {len(label_names) - len(lacking)} of the "
+            f"{len(label_names)} labels of data.label_names, not {', '.join(lacking[:5])}{more} (it ends "
+            f"{prompt[-30:]!r}): the model is told of some labels only; list them all in data.system_prompt")
+
+
 def check_size(texts: Iterable[str]) -> None:
     """Raise BadRow when the texts of one row hold more than MAX_ROW_CHARS characters together."""
     size = sum(map(len, texts))
@@ -704,6 +724,7 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
         "unused_entries": result.unused_entries,
         "system_prompt_mix": system_prompt_mix(result.examples),
         "odd_turn_orders": odd_turn_orders(result.examples),
+        "unlisted_labels": unlisted_labels(result.examples, spec.label_names),
         "quarantine_reasons": dict(Counter(re.sub(r"\[\d+\]", "[n]", row["reason"])  # one reason at any message
                                            for row in result.quarantine).most_common()),
     }

@@ -284,6 +284,23 @@ def test_rows_whose_turns_do_not_alternate_are_kept_and_said_so_naming_the_first
     assert build_raw_examples(tmp_path / "chats", tmp_path / "two", FormatSpec())["odd_turn_orders"] is None
 
 
+def test_a_system_prompt_that_lists_some_of_the_label_names_is_said_to_lack_the_others(tmp_path: Path) -> None:
+    raw = tmp_path / "task" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "a.csv").write_text("text,intent\nWhere is my card?,card_arrival\nI lost my card,lost_or_stolen_card\n")
+    names = ("activate_my_card", "card_arrival", "change_pin", "exchange_rate", "lost_or_stolen_card", "top_up")
+    listing = "Reply with one intent: activate_my_card, card_arrival, change_pin, exchange_ra"  # cut off
+    spec = FormatSpec(columns={"prompt": "text", "completion": "intent"}, label_names=names, system_prompt=listing)
+    assert build_raw_examples(tmp_path / "task", tmp_path / "cut", spec)["unlisted_labels"] == (
+        "the system prompt of 2 rows names 3 of the 6 labels of data.label_names, not exchange_rate, "
+        "lost_or_stolen_card, top_up (it ends 'rival, change_pin, exchange_ra'): the model is told of some labels "
+        "only; list them all in data.system_prompt")
+    whole = replace(spec, system_prompt=f"Reply with one intent: {', '.join(names)}.")
+    untold = replace(spec, system_prompt="Reply with the customer's intent; a card_arrival question is common.")
+    assert [build_raw_examples(tmp_path / "task", tmp_path / name, given)["unlisted_labels"]
+            for name, given in (("whole", whole), ("untold", untold))] == [None, None], "all of them, or no list"
+
+
 def test_review_sample_is_seeded_and_bounded() -> None:
     rows = [{"id": f"{i:04d}", "source": "s", **chat(f"q{i}", f"a{i}")} for i in range(250)]
     first, pairs, shared = review.review_sample(rows)
