@@ -693,6 +693,7 @@ def test_rows_longer_than_the_training_max_length_are_scored_apart_and_a_warm_st
 
     result = evaluate(workspace, trained, tmp_path / "out")
     assert result["trained_length"] == {"max_length": limit, "too_long": "drop", "rows_over": over}
+    assert result["trained_replay"] == 0.0, "no replay written: none (the gate's advice puts replay first)"
     report = result["report_markdown"]
     assert result["warm_start"] == warm and ("The fine-tuned model continued the previous adapter "
                                              "(`retrain.warm_start`) on 3 new and 9 replayed train rows") in report
@@ -702,6 +703,7 @@ def test_rows_longer_than_the_training_max_length_are_scored_apart_and_a_warm_st
     assert f"| over {limit} tokens | {over} |" in table and f"| the others | {EVAL_ROWS - over} |" in table
     untrained = evaluate(workspace, "bad_adapter", tmp_path / "untrained")
     assert untrained["trained_length"] is None and "Rows longer than" not in untrained["report_markdown"]
+    assert untrained["trained_replay"] is None
 
 
 def test_fewshot_and_label_likelihood_baselines(workspace, tmp_path):

@@ -118,6 +118,10 @@ def test_a_skill_forgotten_behind_a_gain_in_another_fails_the_gate_by_name():
         "CI low > max_forgetting 0.100 (its accuracy 0.672 -> 0.453, over 64 rows; the whole probe's forgetting 0.000); "
         "to forget less: a lower training.learning_rate, fewer training.epochs (or training.max_steps) or more "
         "training.replay")
+    unreplayed = decide_gate({**measured(**found), "trained_replay": 0.0}, EvaluationConfig(max_forgetting=0.1))[1]
+    assert unreplayed[0].endswith("to forget less: training.replay (none in this training; 0.2 mixes the base model's "
+                                  "own answers to general prompts into a fifth of the train rows), a lower "
+                                  "training.learning_rate or fewer training.epochs (or training.max_steps)")
     assert most_forgotten(skills).startswith("facts 0.326 (95% CI 0.") and most_forgotten(skills).endswith(", 64 rows)")
     assert most_forgotten({"facts": skills["instruction"], "instruction": skills["instruction"]}) == "none", "no loss"
     assert most_forgotten({"facts": skills["facts"]}) == "none", "one skill: the whole probe's figure says it"

@@ -35,7 +35,7 @@ def forgetting(metrics: dict[str, Any]) -> list[Interval]:
 def write_chart(metrics: dict[str, Any], folder: Path) -> Path:
     """The chart of `metrics` (an evaluation's measurements) as CHART in `folder`."""
     panels = {f"{metrics['primary_metric']} gain of the fine-tuned model (95% CI)": gains(metrics),
-              "forgetting: probe accuracy lost (95% CI)": forgetting(metrics)}
+              "forgetting: the probe's relative worsening (95% CI)": forgetting(metrics)}
     return plot_intervals({title: found for title, found in panels.items() if found}, folder / CHART)
 
 

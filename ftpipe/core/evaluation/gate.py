@@ -32,6 +32,14 @@ def _finer_metric(metrics: dict[str, Any]) -> str:
 
 FORGET_LESS = ("to forget less: a lower training.learning_rate, fewer training.epochs (or training.max_steps) or more "
                "training.replay")
+REPLAY_FIRST = ("to forget less: training.replay (none in this training; 0.2 mixes the base model's own answers to "
+                "general prompts into a fifth of the train rows), a lower training.learning_rate or fewer "
+                "training.epochs (or training.max_steps)")
+
+
+def _forget_less(metrics: dict[str, Any]) -> str:
+    """What to change to forget less: replay first where the training mixed in none."""
+    return REPLAY_FIRST if metrics.get("trained_replay") == 0 else FORGET_LESS
 
 
 def _forgetting(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
@@ -39,7 +47,8 @@ def _forgetting(metrics: dict[str, Any], config: EvaluationConfig) -> str | None
         return (f"forgetting {metrics['forgetting']:.3f} (95% CI {metrics['forgetting_ci_low']:.3f} … "
                 f"{metrics['forgetting_ci_high']:.3f}): CI low > max_forgetting {config.max_forgetting:.3f} "
                 f"(probe accuracy {metrics['probe_base_accuracy']:.3f} -> {metrics['probe_finetuned_accuracy']:.3f}, "
-                f"probe loss {metrics['probe_base_loss']:.3f} -> {metrics['probe_finetuned_loss']:.3f}); {FORGET_LESS}")
+                f"probe loss {metrics['probe_base_loss']:.3f} -> {metrics['probe_finetuned_loss']:.3f}); "
+                f"{_forget_less(metrics)}")
     skills = metrics["probe_accuracy_by_skill"]
     forgotten = [(name, s) for name, s in skills.items() if s["forgetting_ci_low"] > config.max_forgetting]
     if len(skills) < 2 or not forgotten:
@@ -48,7 +57,7 @@ def _forgetting(metrics: dict[str, Any], config: EvaluationConfig) -> str | None
     return (f"forgetting of the probe's {name} skill {worst['forgetting']:.3f} (95% CI {worst['forgetting_ci_low']:.3f} "
             f"… {worst['forgetting_ci_high']:.3f}): CI low > max_forgetting {config.max_forgetting:.3f} (its accuracy "
             f"{worst['base']:.3f} -> {worst['finetuned']:.3f}, over {worst['rows']} rows; the whole probe's forgetting "
-            f"{metrics['forgetting']:.3f}); {FORGET_LESS}")
+            f"{metrics['forgetting']:.3f}); {_forget_less(metrics)}")
 
 
 def _fewshot(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:

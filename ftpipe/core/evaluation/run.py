@@ -25,7 +25,9 @@ from ftpipe.core.evaluation.preference import read_pairs
 from ftpipe.core.evaluation.probe import PROBE_MAX_NEW_TOKENS, read_probe
 from ftpipe.core.evaluation.report import report_markdown
 from ftpipe.core.evaluation.review import Verdicts, human_metrics
-from ftpipe.core.evaluation.trained_length import mark_over_max_length, trained_length, warm_start
+from ftpipe.core.evaluation.trained_length import (
+    mark_over_max_length, trained_length, trained_replay, warm_start,
+)
 from ftpipe.core.layout import METRICS, PREDICTIONS, REPORT
 from ftpipe.core.records import read_examples
 from ftpipe.core.results import Result, reusable
@@ -151,7 +153,8 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
     judged = judge_metrics(records, config.judge, log)
     found = {**metrics, **judged, **budget.metrics(), "base_cached": base_rows_run == 0, "base_rows_run": base_rows_run,
              "fewshot_labels": _labels_shown(examples, heldout, task), "trained_length": trained,
-             "warm_start": warm_start(tuned.get("sft", tuned["finetuned"])[0])}  # the SFT training's, before a stage
+             "warm_start": warm_start(sft_dir := tuned.get("sft", tuned["finetuned"])[0]),  # before a stage
+             "trained_replay": trained_replay(sft_dir)}
     return found, records
 
 

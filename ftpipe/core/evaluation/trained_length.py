@@ -1,5 +1,6 @@
 """What the evaluation reads of the training that made a model: its training.max_length (it left rows that long out,
-or cut them, so the report scores held-out rows that long apart from the others) and its warm start, if any."""
+or cut them, so the report scores held-out rows that long apart from the others), its replay (the advice to forget
+less) and its warm start, if any."""
 
 from __future__ import annotations
 
@@ -10,11 +11,22 @@ from ftpipe.core.modeling import chat_length
 from ftpipe.core.results import read_result
 
 
+def _training(model_dir: Path) -> dict[str, Any] | None:
+    """The training settings of the training that made `model_dir` (None: not a training ftpipe published)."""
+    result = read_result(model_dir)
+    return result.produced.get("training") if result else None
+
+
 def trained_length(model_dir: Path) -> dict[str, Any] | None:
     """{max_length, too_long} of the training that made `model_dir` (None: not a training ftpipe published)."""
-    result = read_result(model_dir)
-    training = result.produced.get("training") if result else None
+    training = _training(model_dir)
     return {key: training[key] for key in ("max_length", "too_long")} if training else None
+
+
+def trained_replay(model_dir: Path) -> float | None:
+    """The training.replay of the training that made `model_dir` (None: not a training ftpipe published)."""
+    training = _training(model_dir)
+    return training.get("replay", 0.0) if training else None
 
 
 def warm_start(model_dir: Path) -> dict[str, Any] | None:
