@@ -113,7 +113,19 @@ def _confusions(labels: list[str], expected: list[str], predicted: list[str | No
                 ", ".join(f"{_as_written(p, shown)} ×{n}"
                           for (e, p), n in counts.most_common() if e == label and p != label)]
 
-    return markdown_table(["reference", "rows", "right", "precision", "F1", "predicted instead"], list(map(row, labels)))
+    columns = ["reference", "rows", "right", "precision", "F1", "predicted instead"]
+    table = markdown_table(columns, list(map(row, labels)))
+    return f"{table}\n\n{_answer_spread(labels, answered, counts, shown)}"
+
+
+def _answer_spread(labels: list[str], answered: Counter, counts: Counter, shown: dict[str, str]) -> str:
+    """One line on how many of the held-out labels a model answers at all and how often its commonest answer, which
+    tells a model that answers one label for most rows (a collapse) from one that spreads its mistakes."""
+    (top, times), total = answered.most_common(1)[0], sum(answered.values())
+    right = f", right in {counts[top, top]} of them" if top in labels else ""
+    return (f"{sum(answered[label] > 0 for label in labels)} of the {len(labels)} held-out labels are answered at all; "
+            f"the commonest answer, {_as_written(top, shown)}, is {times} of the {total} answers ({times / total:.0%})"
+            f"{right}.")
 
 
 class Classification(TaskMetrics):
