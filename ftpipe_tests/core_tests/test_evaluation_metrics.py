@@ -93,6 +93,8 @@ def test_many_labels_list_what_each_was_confused_with_instead_of_a_wide_table():
     collapsed = confusion_table(expected, ["intent_07"] * 50 + labels[:5]).splitlines()[-1]
     assert collapsed == ("6 of the 27 held-out labels are answered at all; the commonest answer, intent_07, is 50 of "
                          "the 55 answers (91%), right in 2 of them."), "one label for most rows"
+    assert confusion_table(labels + ["intent_00"], labels + ["intent_00"]).endswith(
+        "right in 2 of them. 26 labels have one held-out row: one answer decides their precision and F1.")
     assert lines[2] == "| intent_00 | 3 | 2 | 1.00 | 0.80 | (unparseable) ×1 |"
     assert lines[3] == "| intent_01 | 2 | 0 | – | 0.00 | intent_05 ×2 |", "never answered: no precision"
     assert lines[4] == "| intent_02 | 2 | 1 | 1.00 | 0.67 | no_such_intent ×1 |"

@@ -15,6 +15,7 @@ from ftpipe.core.evaluation.metrics.base import (
     FIRST_JSON_OBJECT, AnswerEnd, LabelChoices, Scores, TaskMetrics, first_json_object, missing_field,
 )
 from ftpipe.core.evaluation.metrics.extraction import OBJECT_SHAPE_RULE, object_shape_check
+from ftpipe.core.readable import plural
 from ftpipe.core.text import clipped, counted, label_key, markdown_table
 
 UNPARSEABLE = "(unparseable)"
@@ -115,7 +116,7 @@ def _confusions(labels: list[str], expected: list[str], predicted: list[str | No
 
     columns = ["reference", "rows", "right", "precision", "F1", "predicted instead"]
     table = markdown_table(columns, list(map(row, labels)))
-    return f"{table}\n\n{_answer_spread(labels, answered, counts, shown)}"
+    return f"{table}\n\n{_answer_spread(labels, answered, counts, shown)}{_single_rows(expected)}"
 
 
 def _answer_spread(labels: list[str], answered: Counter, counts: Counter, shown: dict[str, str]) -> str:
@@ -126,6 +127,15 @@ def _answer_spread(labels: list[str], answered: Counter, counts: Counter, shown:
     return (f"{sum(answered[label] > 0 for label in labels)} of the {len(labels)} held-out labels are answered at all; "
             f"the commonest answer, {_as_written(top, shown)}, is {times} of the {total} answers ({times / total:.0%})"
             f"{right}.")
+
+
+def _single_rows(expected: list[str]) -> str:
+    """A sentence on the labels with one held-out row, whose figures one answer decides ("" when none has one)."""
+    single = sum(rows == 1 for rows in Counter(expected).values())
+    if not single:
+        return ""
+    has, its = ("has", "its") if single == 1 else ("have", "their")
+    return f" {plural(single, 'label')} {has} one held-out row: one answer decides {its} precision and F1."
 
 
 class Classification(TaskMetrics):
