@@ -102,8 +102,8 @@ def test_the_rate_is_the_latest_finished_training_of_the_same_base_model_from_st
                                source="previous training bbbb0000")
     found = sizing.Estimate(sizing.Plan(steps=12, rows=96, tokens=9000), cost)
     assert found.seconds == 120.0
-    assert found.line() == ("sizing: 12 steps, ~9.0k tokens at 100 tokens/s (previous training bbbb0000): ~2.0 min in "
-                            "all, peak ~1.5 GiB")
+    assert found.line() == ("sizing: 12 steps, ~9.0k tokens at 100 tokens/s (previous training bbbb0000): ~2 min in "
+                            "all, peak ~1.5 GiB"), "as estimated_minutes gives it"
     calibrated = sizing.Estimate(sizing.Plan(steps=12, rows=96, tokens=9000, eval_tokens=3000),
                                  sizing.Cost(100.0, 30.0, 1.5, eval_tokens_per_second=300.0))
     assert calibrated.seconds == 130.0 and calibrated.line() == (

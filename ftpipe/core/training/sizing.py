@@ -98,14 +98,19 @@ class Estimate:
         evaluations = (f", evaluations ~{readable.count(self.plan.eval_tokens)} tokens at {rate:.0f} tokens/s"
                        if rate and self.plan.eval_tokens else "")
         return (f"{text} at {self.cost.tokens_per_second:.0f} tokens/s ({self.cost.source}){evaluations}: "
-                f"~{self.seconds / 60:.1f} min in all, peak ~{_gib(self.cost.peak_memory_gib)}")
+                f"~{self.minutes:g} min in all, peak ~{_gib(self.cost.peak_memory_gib)}")
+
+    @property
+    def minutes(self) -> float:
+        """The estimated minutes, to two digits: an estimate."""
+        return float(f"{self.seconds / 60:.2g}")
 
     def metadata(self) -> dict[str, Any]:
         """The `estimated_*` materialization entries."""
         found = {"estimated_steps": self.plan.steps - self.plan.done_steps, "estimated_tokens": self.plan.tokens,
                  "estimate_source": self.cost.source if self.cost else f"none: {self.no_cost}"}
         if self.cost:
-            found.update(estimated_minutes=float(f"{self.seconds / 60:.2g}"),  # an estimate: two digits
+            found.update(estimated_minutes=self.minutes,
                          estimated_peak_memory=f"{_gib(self.cost.peak_memory_gib)} ({self.cost.source})")
         return found
 
