@@ -821,6 +821,9 @@ def test_a_full_finetune_is_evaluated_as_a_whole_model(workspace, tiny_model_dir
             "counts learning the form as much as the task; the few-shot baseline (shown the form) and the top label "
             f"by likelihood, which reads no answer (base {ranked['base']:.3f}, fine-tuned {ranked['finetuned']:.3f}) "
             "say how much is the task.") in result["report_markdown"]
+    over = "over few-shot (the base answered too few rows in the task's form)"
+    assert f"## Largest improvements {over}" in result["report_markdown"]
+    assert f"## Worst regressions {over}" in result["report_markdown"], "not the rows the base answered in prose"
 
     def no_base_model(*args):
         raise AssertionError("the base model was loaded although its outputs are cached")

@@ -307,11 +307,12 @@ def _message(record: dict[str, Any]) -> str:
     return clipped_start(record["message"]) if record.get("user_turns", 1) > 1 else record["message"]
 
 
-def showcase(records: list[dict[str, Any]], improvements: bool) -> str:
-    """The SHOWCASE_ROWS largest improvements (or worst regressions) of the primary metric, side by side; with
-    final answers, the extracted final answers and the fine-tuned model's whole answer."""
+def showcase(records: list[dict[str, Any]], improvements: bool, delta: str = "delta") -> str:
+    """The SHOWCASE_ROWS largest improvements (or worst regressions) of the primary metric over the base (`delta`;
+    `delta_vs_fewshot`: over few-shot), side by side; with final answers, the extracted final answers and the
+    fine-tuned model's whole answer."""
     sign = 1 if improvements else -1
-    picked = sorted((r for r in records if sign * r["delta"] > 0), key=lambda r: (-sign * r["delta"], r["id"]))
+    picked = sorted((r for r in records if sign * r[delta] > 0), key=lambda r: (-sign * r[delta], r["id"]))
     if not picked:
         return "_none_"
     sides = [side for side in SIDES if f"{side}_answer" in picked[0]]
@@ -319,11 +320,21 @@ def showcase(records: list[dict[str, Any]], improvements: bool) -> str:
         header = ["user message", "reference final answer", *(f"{SIDES[s]} final answer" for s in sides),
                   "fine-tuned answer", "delta"]
         rows = [[_message(r), r["reference_final_answer"], *(number(r[f"{side}_final_answer"]) for side in sides),
-                 r["finetuned_answer"], number(r["delta"], True)] for r in picked[:SHOWCASE_ROWS]]
+                 r["finetuned_answer"], number(r[delta], True)] for r in picked[:SHOWCASE_ROWS]]
         return markdown_table(header, rows)
-    rows = [[_message(r), r["reference"], *(r[f"{side}_answer"] for side in sides), number(r["delta"], True)]
+    rows = [[_message(r), r["reference"], *(r[f"{side}_answer"] for side in sides), number(r[delta], True)]
             for r in picked[:SHOWCASE_ROWS]]
     return markdown_table(["user message", "reference", *(f"{SIDES[s]} answer" for s in sides), "delta"], rows)
+
+
+def showcases(metrics: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    """The largest improvements and worst regressions, titled; over few-shot where the base answered too few rows in
+    the task's form for its row-by-row changes to say anything but that."""
+    delta, over = "delta", ""
+    if base_out_of_form(metrics) and records and "delta_vs_fewshot" in records[0]:
+        delta, over = "delta_vs_fewshot", " over few-shot (the base answered too few rows in the task's form)"
+    return [f"## Largest improvements{over}", showcase(records, True, delta),
+            f"## Worst regressions{over}", showcase(records, False, delta)]
 
 
 def length_table(records: list[dict[str, Any]], primary: str) -> str | None:
@@ -446,7 +457,7 @@ def report_markdown(metrics: dict[str, Any], records: list[dict[str, Any]], conf
         parts += [f"## {metrics['primary_metric']} by message length", by_length]
     if (over := trained_length_table(records, metrics)) is not None:
         parts += ["## Rows longer than the training's max_length", over]
-    parts += ["## Largest improvements", showcase(records, True), "## Worst regressions", showcase(records, False)]
+    parts += showcases(metrics, records)
     if metrics["probe_rows"]:
         parts += ["## General-skills probe", skill_table(metrics["probe_accuracy_by_skill"]),
                   "### Rows that changed (base → fine-tuned)", probe_changes(metrics["probe_changes"])]
