@@ -508,12 +508,13 @@ def build_deduplicated(examples_path: Path, out_dir: Path, settings: similarity.
         likely_misspelt_values(categories) if categories else likely_misspellings(kept_labels), kept, label_of)
     summary["labels_not_named"] = unnamed_labels(kept_labels, label_names, summary["likely_misspellings"])
     inputs = {"raw_examples": file_sha256(examples_path)[:16], "json_answers": "compared by value",
-              "multi_turn": "near-identical turn for turn",
+              "multi_turn": "near-identical turn for turn", "terms": "numbers, operators, string literals, blocks",
               "raw_preferences": file_sha256(preferences)[:16] if preferences.is_file() else None,
               "preference_prompts": "compared with the chat rows' system prompt where they have none",
               **({"free_text": True} if free_text else {}), **({"compared": FINAL_ANSWERS} if finals else {}),
               **({"labels": {"label_field": labels.config.label_field, "respelled": "chat and preference answers",
-                            "compared": "respelled", **({"named": list(label_names)} if label_names else {})}}
+                            "compared": "respelled",
+                            **({"named": list(label_names), "typos": "respelled as named"} if label_names else {})}}
                  if spellings else {})}
     key = reuse_key(inputs, settings)
     with atomic_dir(out_dir) as tmp:

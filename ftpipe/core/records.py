@@ -728,7 +728,9 @@ def build_raw_examples(task_folder: Path, out_dir: Path, spec: FormatSpec,
         "quarantine_reasons": dict(Counter(re.sub(r"\[\d+\]", "[n]", row["reason"])  # one reason at any message
                                            for row in result.quarantine).most_common()),
     }
-    inputs = {"raw_files": _raw_version(task_folder / "raw"), "format": repr(spec)}
+    inputs = {"raw_files": _raw_version(task_folder / "raw"), "format": repr(spec),
+              **({"number_labels": "a file's numbers that are all labels read as labels"}
+                 if _number_names(spec.label_names) else {})}
     with atomic_dir(out_dir) as tmp:
         write_examples(result.examples, tmp / EXAMPLES)
         write_preferences(result.preferences, tmp / PREFERENCES)
