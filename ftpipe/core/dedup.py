@@ -11,10 +11,12 @@ near-identical prompts differ in a number (a price, a quantity: a template's pro
 and decimals) or an operator (`12 + 7`, `12 * 7`; `a // b`, `a / b`) and whose answers differ, however alike their
 words where the answers differ in a number or an operator too.
 Exact-prompt answers are compared as `loose` text, so `#### 325.` and `#### 325` are one answer (and the near stage
-finds the second row a near-duplicate of the first). An answer that is a JSON object is compared by its value, so two
-that differ only in key order or spacing are one answer and two that differ in one field's value are two (however
-alike their text); so is a label written two ways that is one label (`Order Status`, `order_status`). The rows keep
-their answers as written.
+finds the second row a near-duplicate of the first). Answers alike in their words are still two where their `terms`
+differ: a number, or in code an operator (`= 3057`, `!= 3057`), a string literal or a block's indentation. Only the
+rows asking the same thing vote in a contradiction, not a template's other problems beside it. An answer that is a
+JSON object is compared by its value, so two that differ only in key order or spacing are one answer and two that
+differ in one field's value are two (however alike their text); so is a label written two ways that is one label
+(`Order Status`, `order_status`). The rows keep their answers as written.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from ftpipe.core.results import Result, read_result, reuse_key
 from ftpipe.core.layout import EXAMPLES, PREFERENCES, REMOVED
 from ftpipe.core.storage import atomic_dir, file_sha256
 from ftpipe.core.terms import CODE, Terms, code_terms, terms
-from ftpipe.core.text import word_parts, canonical, canonical_codes, loose, loose_words, whole_json_object
+from ftpipe.core.text import canonical, canonical_codes, loose, loose_words, whole_json_object, word_parts
 
 if TYPE_CHECKING:
     from ftpipe.core.evaluation.metrics.base import TaskMetrics
