@@ -501,12 +501,12 @@ LISTED_LABELS = 3  # a system prompt that names this many labels of data.label_n
 
 
 def unlisted_labels(rows: list[dict[str, Any]], label_names: tuple[str, ...]) -> str | None:
-    """One line on the rows' system prompt where it lists labels of data.label_names but not all (cut off, or written
-    before labels were added), naming those it lacks (None: it names all, or too few to be a list)."""
-    system = Counter(row["messages"][0]["content"] for row in rows if row["messages"][0]["role"] == "system")
-    if not system or not label_names:
+    """One line on the rows' system prompt (`common_system_prompt`) where it lists labels of data.label_names but not
+    all (cut off, or written before labels were added), naming those it lacks (None: it names all, or too few to be a
+    list)."""
+    prompt, holding = common_system_prompt([row["messages"] for row in rows])
+    if prompt is None or not label_names:
         return None
-    prompt, holding = system.most_common(1)[0]
     written = f" {loose(prompt)} "
     lacking = [name for name in label_names if f" {loose(name)} " not in written]
     if not lacking or len(label_names) - len(lacking) < LISTED_LABELS:
