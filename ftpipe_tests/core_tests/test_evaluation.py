@@ -584,8 +584,14 @@ def test_published_files_result_and_report(workspace, tmp_path):
     assert result["delta_vs_majority"] == pytest.approx(result["finetuned_score"] - result["majority_score"])
     assert (f"The train rows' most common label as every answer (`{top}`): {result['majority_score']:.3f}; fine-tuned "
             f"vs that {result['delta_vs_majority']:+.3f} (95% paired-bootstrap CI ") in result["report_markdown"]
-    assert "| fine-tuned | most common label | fine-tuned − base |" in result["report_markdown"]
+    assert "| fine-tuned | most common label | fine-tuned − base (95% CI) |" in result["report_markdown"]
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["delta_intervals"]["accuracy"] == [result["delta_ci_low"], result["delta_ci_high"]]
+    low, high = metrics["delta_intervals"]["macro_f1"]
+    change = result["metrics"]["finetuned"]["macro_f1"] - result["metrics"]["base"]["macro_f1"]
+    assert low <= change <= high and low < high
+    macro_f1_row = next(line for line in result["report_markdown"].splitlines() if line.startswith("| macro_f1 |"))
+    assert macro_f1_row.endswith(f" | {change:+.3f} ({low:+.3f} … {high:+.3f}) |"), "macro-F1's change with its CI"
     assert metrics["delta_ci_low"] == result["delta_ci_low"] and metrics["base_score"] == result["base_score"]
     assert not {"passed", "failed_conditions", "report_markdown"} & set(metrics)  # the gate is decided on reading
 
@@ -774,7 +780,7 @@ def test_free_text_is_scored_beside_a_copy_of_the_input_and_a_pass_says_when_cop
         f"copying the opening of the user's message scores higher ({result['copy_score']:.3f} against ")
     report = result["report_markdown"]
     assert f"**But {caveat}.**" in report
-    assert "| metric | base | fine-tuned | copy of the input | fine-tuned − base |" in report
+    assert "| metric | base | fine-tuned | copy of the input | fine-tuned − base (95% CI) |" in report
     assert "| answer words | " in report and "Answers average 8 words in the references" in report, report
     assert "cut to the train answers' median length (the copies average 8 words): " in report
     assert "## Reading free-text scores\n\nROUGE-L and token F1 count the words" in report, "what the scores miss"

@@ -7,14 +7,17 @@ import json
 import re
 import typing
 
+import numpy as np
 import pytest
 
 from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation import select_rows
 from ftpipe.core.evaluation.metrics import TASK_TYPES, check_references, task_metrics
-from ftpipe.core.evaluation.metrics.classification import confusion_table, macro_f1, parse_label
+from ftpipe.core.evaluation.metrics.classification import confusion_table, parse_label, resampled_macro_f1
 from ftpipe.core.evaluation.metrics.final_answer import same_answer
+from ftpipe.core.evaluation.measurements import DELTA_SEED, delta_intervals
 from ftpipe.core.evaluation.probe import CHECKS, probe_correct, read_probe
+from ftpipe.core.evaluation.statistics import paired_bootstrap
 from ftpipe.core.storage import REPO_ROOT
 
 
@@ -54,6 +57,24 @@ def test_classification_accuracy_macro_f1_and_unparseable_counts_wrong():
     # a: tp 1, fp 1, fn 1 -> 0.5; b: tp 1, fp 0, fn 1 -> 2/3
     assert found.summary["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)
     assert found.labels == ["a", None, "b", "a"]
+
+
+def test_macro_f1_counts_each_row_as_often_as_a_resample_draws_it_and_its_change_gets_an_interval():
+    metric = resampled_macro_f1(["a", "a", "b", "b", "c"], ["a", "b", "b", None, "a"])
+    # rows 0, 0, 3, 4, 4: a tp 2, fp 2 -> 2/3; b (its row answered None) and c (answered a) 0
+    # every row once: a tp 1, fp 1, fn 1 -> 1/2; b alike; c 0
+    assert metric(np.array([[0, 0, 3, 4, 4], [0, 1, 2, 3, 4]])) == pytest.approx([2 / 9, 1 / 3])
+
+    labels = [f"intent_{n:02d}" for n in range(12)]
+    references = labels * 5
+    base = scores("classification", [labels[0]] * len(references), references)
+    tuned = scores("classification", references[:-6] + [labels[1]] * 6, references)
+    intervals = delta_intervals(base, tuned, samples=500)
+    low, high = intervals["macro_f1"]
+    assert 0 < low < tuned.summary["macro_f1"] - base.summary["macro_f1"] < high < 1, "above 0: it learned the labels"
+    assert intervals["accuracy"] == list(paired_bootstrap(base.rows["accuracy"], tuned.rows["accuracy"], 500,
+                                                          seed=DELTA_SEED)[1:]), "drawn as the primary metric's"
+    assert delta_intervals(base, base, samples=500)["macro_f1"] == [0, 0]
 
 
 def test_confusion_table_counts_reference_by_prediction():
@@ -102,7 +123,8 @@ def test_many_labels_list_what_each_was_confused_with_instead_of_a_wide_table():
     assert lines[6] == "| intent_04 | 2 | 1 | 1.00 | 0.67 | i think the customer wants to know wher… ×1 |", "what was answered"
     assert lines[7] == "| intent_05 | 2 | 2 | 0.50 | 0.67 |  |", "answered for intent_01 twice"
     f1 = [float(line.split(" | ")[4]) for line in lines[2:-2]]
-    assert abs(sum(f1) / len(f1) - macro_f1(expected, predicted)) < 0.01, "the F1s macro-F1 averages"
+    whole = resampled_macro_f1(expected, predicted)(np.arange(len(expected))[None])[0]
+    assert abs(sum(f1) / len(f1) - whole) < 0.01, "the F1s macro-F1 averages"
 
 
 def test_the_confusion_table_shows_labels_as_the_references_write_them():

@@ -28,10 +28,10 @@ CONFIG = EvaluationConfig(task_type="generation", max_new_tokens=6, batch_size=8
 KEYS_WITHOUT_PREFERENCES = {  # metrics.json before preference tuning existed (with keys added since: the labels
     # without held-out rows, how many rows the base model ran, the answers' token limit against the references, the
     # labels the few-shot examples show, the training's warm start, the likely typos among the unheld labels, the
-    # base answers in the task's form, the train rows, of all labels and of those without held-out rows, and the
-    # training's replay)
+    # base answers in the task's form, the train rows, of all labels and of those without held-out rows, the
+    # training's replay and each metric's change with its interval)
     "answer_token_limit", "likely_typos", "base_answers_in_form", "fewshot_labels", "trained_length", "warm_start",
-    "trained_replay",
+    "trained_replay", "delta_intervals",
     "references_over_limit", "longest_reference_tokens", "train_rows", "train_rows_of_unheld_labels",
     "base_cached", "base_rows_run", "base_loss", "base_perplexity", "base_score", "delta", "delta_ci_high", "delta_ci_low",
     "delta_vs_fewshot", "delta_vs_fewshot_ci_high", "delta_vs_fewshot_ci_low", "fewshot_examples",
@@ -249,7 +249,7 @@ def test_a_final_model_that_lost_the_sft_models_preferences_fails_the_gate(works
             f"{lost['preference_accuracy_sft']:.3f} | {lost['preference_accuracy_final']:.3f} |") in section
     scores = (lost["base_score"], lost["sft_score"], lost["finetuned_score"])
     assert "| rouge_l | {:.3f} | {:.3f} | {:.3f} |".format(*scores) in section
-    assert "| metric | base | few-shot | SFT | fine-tuned | fine-tuned − base |" in report
+    assert "| metric | base | few-shot | SFT | fine-tuned | fine-tuned − base (95% CI) |" in report
     card = card_evaluation(lost, CONFIG)
     assert f"Preference tuning:\n\n{section.split(chr(10) + '## ')[0].strip()}" in card, "the card shows the stage"
     assert f"narrowed it on {lost['preference_margin_narrowed']}:" in card

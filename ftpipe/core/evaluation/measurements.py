@@ -11,7 +11,7 @@ from ftpipe.core.evaluation.forgetting import measure_forgetting
 from ftpipe.core.evaluation.metrics import Scores, TaskMetrics
 from ftpipe.core.evaluation.outputs import Heldout, ModelOutputs
 from ftpipe.core.evaluation.preference import measure_preference
-from ftpipe.core.evaluation.statistics import paired_bootstrap, ratio_bootstrap
+from ftpipe.core.evaluation.statistics import bootstrap_interval, paired_bootstrap, ratio_bootstrap
 from ftpipe.core.records import conversation_text
 
 LABEL_LIKELIHOOD = "label_likelihood_accuracy"
@@ -25,6 +25,18 @@ def side_scores(task: TaskMetrics, outputs: ModelOutputs, references: list[str])
     if outputs.label_correct is None:
         return scores
     return replace(scores, rows={**scores.rows, LABEL_LIKELIHOOD: outputs.label_correct})
+
+
+def delta_intervals(base: Scores, tuned: Scores, samples: int) -> dict[str, list[float]]:
+    """The 95% paired-bootstrap interval of the fine-tuned model's change over the base in each metric, per-row and
+    resampled ({metric: [low, high]}); the primary metric's is `delta_ci_low` … `delta_ci_high`, drawn alike."""
+    found = {name: list(paired_bootstrap(base.rows[name], tuned.rows[name], samples, seed=DELTA_SEED)[1:])
+             for name in tuned.rows}
+    size = len(next(iter(tuned.rows.values())))
+    for name, metric in tuned.resampled.items():
+        found[name] = list(bootstrap_interval(size, lambda rows: metric(rows) - base.resampled[name](rows), samples,
+                                              seed=DELTA_SEED))
+    return found
 
 
 def _versus_fewshot(scores: dict[str, Scores], outputs: dict[str, ModelOutputs], primary: str,
@@ -123,6 +135,7 @@ def measure(heldout: Heldout, outputs: dict[str, ModelOutputs], task: TaskMetric
         "base_score": scores["base"].summary[primary], "finetuned_score": scores["finetuned"].summary[primary],
         "base_answers_in_form": sum(task.valid_outputs(base.answers, references)),
         "delta": delta, "delta_ci_low": low, "delta_ci_high": high,
+        "delta_intervals": delta_intervals(scores["base"], scores["finetuned"], config.bootstrap_samples),
         **_versus_fewshot(scores, outputs, primary, config), "fewshot_examples": fewshot_examples,
         "prompt_tokens": tuned.prompt_tokens,
         **measure_forgetting(heldout.probe, base, tuned, config.bootstrap_samples, seed=FORGETTING_SEED),

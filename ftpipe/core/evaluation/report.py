@@ -232,13 +232,15 @@ def _base_outputs(m: dict[str, Any]) -> str:
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
-    """Every metric of every model side by side, with the fine-tuned model's change over the base; a fact no model
-    has (the time per row without a teacher, the probe without general prompts) is left out."""
+    """Every metric of every model side by side, with the fine-tuned model's change over the base and its 95%
+    interval; a fact no model has (the time per row without a teacher, the probe without general prompts) is left
+    out."""
     scores = metrics["metrics"]
     sides = [side for side in SIDES if side in scores]
     names = [name for name, value in scores["base"].items() if isinstance(value, float)]
+    intervals = metrics.get("delta_intervals", {})  # none in evaluations made before them
     rows = [[name, *(number(scores[side].get(name)) for side in sides),
-             number(scores["finetuned"][name] - scores["base"][name], True)] for name in names]
+             _change(scores["finetuned"][name] - scores["base"][name], intervals.get(name))] for name in names]
     tokens = {side: round(metrics[key]) for side, key in
               (("base", "prompt_tokens"), ("fewshot", "fewshot_prompt_tokens"), ("sft", "prompt_tokens"),
                ("finetuned", "prompt_tokens"))
@@ -259,7 +261,13 @@ def summary_table(metrics: dict[str, Any]) -> str:
     }
     rows += [[label, *(number(values.get(side)) for side in sides), ""] for label, values in facts.items()
              if any(value is not None for value in values.values())]  # no row of n/a: nothing measured
-    return markdown_table(["metric", *(SIDES[side] for side in sides), "fine-tuned − base"], rows)
+    change = "fine-tuned − base (95% CI)" if intervals else "fine-tuned − base"
+    return markdown_table(["metric", *(SIDES[side] for side in sides), change], rows)
+
+
+def _change(delta: float, interval: list[float] | None) -> str:
+    """A change with its interval when it has one: `+0.120 (+0.050 … +0.190)`."""
+    return number(delta, True) + (f" ({number(interval[0], True)} … {number(interval[1], True)})" if interval else "")
 
 
 def _per_thousand(milliseconds: float | None) -> float | None:

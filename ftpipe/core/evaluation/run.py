@@ -36,7 +36,7 @@ from ftpipe.core.storage import atomic_dir, file_sha256, write_text
 Teacher = Callable[[list[str], list[list[dict]]], ModelOutputs]  # (row ids, prompts) -> a teacher's outputs
 
 KIND = "eval_report"
-FORMAT = "11"  # bump when what an evaluation measures or writes changes
+FORMAT = "12"  # bump when what an evaluation measures or writes changes
 PROBE_ROWS = None  # all rows of the probe
 
 

@@ -88,21 +88,32 @@ class AnswerEnd:
 FIRST_JSON_OBJECT = AnswerEnd("first JSON object", first_object_end)
 
 
+Resampled = Callable[[Any], Any]  # an index matrix (resamples × rows, numpy) -> the metric of each resample
+
+
 @dataclass(frozen=True)
 class Scores:
-    """`rows`: per-row score lists by metric name; `extra`: summary-only values; `labels`: each row's parsed
-    label (None when unreadable), for task types that have labels; `final_answers`: each row's extracted final
-    answer, when the task checks final answers."""
+    """`rows`: per-row score lists by metric name; `resampled`: metrics of the whole set of rows that are no mean of
+    per-row scores (macro-F1), each a `Resampled`; `extra`: summary-only values; `labels`: each row's parsed label
+    (None when unreadable), for task types that have labels; `final_answers`: each row's extracted final answer, when
+    the task checks final answers."""
 
     rows: dict[str, list[float]]
+    resampled: dict[str, Resampled] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     labels: list[str | None] | None = None
     final_answers: list[str | None] | None = None
 
     @property
     def summary(self) -> dict[str, Any]:
-        """Every metric's value: the mean of each per-row metric, then the summary-only values."""
-        return {**{name: mean(values) for name, values in self.rows.items()}, **self.extra}
+        """Every metric's value: the mean of each per-row metric, each resampled metric on all rows once, then the
+        summary-only values."""
+        import numpy as np
+
+        size = len(next(iter(self.rows.values())))
+        whole = np.arange(size)[None]
+        return {**{name: mean(values) for name, values in self.rows.items()},
+                **{name: float(metric(whole)[0]) for name, metric in self.resampled.items()}, **self.extra}
 
 
 @dataclass(frozen=True)

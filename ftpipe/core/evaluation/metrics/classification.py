@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from ftpipe.core.evaluation.metrics.base import (
-    FIRST_JSON_OBJECT, AnswerEnd, LabelChoices, Scores, TaskMetrics, first_json_object, missing_field,
+    FIRST_JSON_OBJECT, AnswerEnd, LabelChoices, Resampled, Scores, TaskMetrics, first_json_object, missing_field,
 )
 from ftpipe.core.evaluation.metrics.extraction import OBJECT_SHAPE_RULE, object_shape_check
 from ftpipe.core.readable import plural
@@ -65,15 +65,25 @@ def most_common(values: list) -> Any:
     return min(Counter(values).items(), key=lambda item: (-item[1], item[0]))[0]
 
 
-def macro_f1(expected: list[str], predicted: list[str | None]) -> float:
-    """Mean F1 over the labels seen in `expected` (a None prediction is wrong for every label)."""
-    scores = []
-    for label in sorted(set(expected)):
-        tp = sum(e == label and p == label for e, p in zip(expected, predicted))
-        fp = sum(e != label and p == label for e, p in zip(expected, predicted))
-        fn = sum(e == label and p != label for e, p in zip(expected, predicted))
-        scores.append(2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores) if scores else 0.0
+def resampled_macro_f1(expected: list[str], predicted: list[str | None]) -> Resampled:
+    """Macro-F1, the mean F1 over the labels seen in `expected` (a None prediction is wrong for every label), of
+    resamples of the rows: an index matrix (resamples × rows), each row counted as often as it is drawn."""
+    import numpy as np
+
+    index = {label: i for i, label in enumerate(sorted(set(expected)))}
+    truth = np.eye(len(index))[[index[label] for label in expected]]  # rows × labels
+    said = np.array([[index.get(label, -1) == i for i in range(len(index))] for label in predicted], dtype=float)
+    right = truth * said
+
+    def metric(resamples):
+        times = len(resamples)
+        drawn = np.bincount((resamples + len(expected) * np.arange(times)[:, None]).ravel(),
+                            minlength=times * len(expected)).reshape(times, len(expected))
+        held, answered = drawn @ truth, drawn @ said
+        f1 = np.divide(2 * (drawn @ right), held + answered, out=np.zeros_like(held), where=held > 0)
+        return f1.sum(axis=1) / (held > 0).sum(axis=1)
+
+    return metric
 
 
 def confusion_table(expected: list[str], predicted: list[str | None], written: dict[str, str] | None = None) -> str:
@@ -174,7 +184,7 @@ class Classification(TaskMetrics):
         expected = [self.expected_label(r) for r in references]
         predicted = [parse_label(a, self.config.label_field) for a in answers]
         return Scores(rows={"accuracy": [float(p == e) for e, p in zip(expected, predicted)]},
-                      extra={"macro_f1": macro_f1(expected, predicted)}, labels=predicted)
+                      resampled={"macro_f1": resampled_macro_f1(expected, predicted)}, labels=predicted)
 
     def reference_problem(self, reference: str) -> str | None:
         field = self.config.label_field
