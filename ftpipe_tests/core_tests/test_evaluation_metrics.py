@@ -137,6 +137,18 @@ def test_the_confusion_table_shows_labels_as_the_references_write_them():
     assert table.splitlines()[3] == "| card_arrival | 0 | 1 | 0 |"
 
 
+def test_each_answers_label_is_kept_as_the_references_write_it_or_else_as_the_answer_does():
+    task = task_metrics(EvaluationConfig(task_type="classification"))
+    references = ["card_arrival", "lost_or_stolen_card", "card_arrival", "lost_or_stolen_card"]
+    answers = ["Card Arrival", "card_arival", "se…", ""]
+    labels = task.scores(answers, references).labels
+    assert labels == ["card_arrival", "card_arival", "se…", None], "not the key `cardarrival` nor a cut `se`"
+    records = [{"reference": r, "finetuned_answer": a, "finetuned_label": label}
+               for r, a, label in zip(references, answers, labels)]
+    [(_, table)] = task.report_sections(records, {"finetuned": "fine-tuned"})
+    assert "| card_arrival | 1 | 0 | 1 | 0 |" in table.splitlines(), "read back as the label it is"
+
+
 def test_answers_that_are_no_eval_label_show_as_written_and_a_stopped_one_is_explained():
     from ftpipe.core.evaluation.metrics.classification import STOPPED
 

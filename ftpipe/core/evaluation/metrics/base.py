@@ -94,9 +94,9 @@ Resampled = Callable[[Any], Any]  # an index matrix (resamples × rows, numpy) -
 @dataclass(frozen=True)
 class Scores:
     """`rows`: per-row score lists by metric name; `resampled`: metrics of the whole set of rows that are no mean of
-    per-row scores (macro-F1), each a `Resampled`; `extra`: summary-only values; `labels`: each row's parsed label
-    (None when unreadable), for task types that have labels; `final_answers`: each row's extracted final answer, when
-    the task checks final answers."""
+    per-row scores (macro-F1), each a `Resampled`; `extra`: summary-only values; `labels`: each row's label as the
+    references write it (None when unreadable), for task types that have labels; `final_answers`: each row's
+    extracted final answer, when the task checks final answers."""
 
     rows: dict[str, list[float]]
     resampled: dict[str, Resampled] = field(default_factory=dict)

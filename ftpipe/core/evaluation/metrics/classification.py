@@ -60,6 +60,10 @@ def past_the_labels(text: str, labels: tuple[str, ...]) -> int | None:
     return cannot
 
 
+def _key(label: str | None) -> str | None:
+    return None if label is None else label_key(label)
+
+
 def most_common(values: list) -> Any:
     """The most frequent value (the smallest of equally frequent ones)."""
     return min(Counter(values).items(), key=lambda item: (-item[1], item[0]))[0]
@@ -181,10 +185,15 @@ class Classification(TaskMetrics):
         return [parse_label(answer, self.config.label_field) in labels for answer in answers]
 
     def scores(self, answers: list[str], references: list[str]) -> Scores:
+        """Accuracy and macro-F1 of the labels read from `answers`, each label as the references write it (an answer
+        that is no label of theirs as it was written; None when unreadable)."""
         expected = [self.expected_label(r) for r in references]
         predicted = [parse_label(a, self.config.label_field) for a in answers]
+        written = self.spellings(references)
         return Scores(rows={"accuracy": [float(p == e) for e, p in zip(expected, predicted)]},
-                      resampled={"macro_f1": resampled_macro_f1(expected, predicted)}, labels=predicted)
+                      resampled={"macro_f1": resampled_macro_f1(expected, predicted)},
+                      labels=[None if p is None else written.get(p) or raw_label(a, self.config.label_field)
+                              for a, p in zip(answers, predicted)])
 
     def reference_problem(self, reference: str) -> str | None:
         field = self.config.label_field
@@ -255,7 +264,8 @@ class Classification(TaskMetrics):
         answers = [r[f"{side}_answer"] for side in sides for r in records]
         written = {**self.spellings(answers), **self.spellings([r["reference"] for r in records])}
         averaged = f"\n\nmacro-F1 averages the F1 of the {len(set(expected))} labels that have held-out rows."
-        return [(f"Confusion table ({title})", confusion_table(expected, [r[f"{side}_label"] for r in records], written)
+        return [(f"Confusion table ({title})", confusion_table(expected, [_key(r[f"{side}_label"]) for r in records],
+                                                                written)
                  + averaged + self._stopped_note([r[f"{side}_answer"] for r in records])) for side, title in sides.items()]
 
     def _stopped_note(self, answers: list[str]) -> str:
