@@ -240,6 +240,19 @@ def test_a_label_written_several_ways_is_trained_as_most_rows_write_it(ftpipe_en
             f"{split['eval_pairs']} eval preference rows") in infos, "the pairs' split beside the rows'"
 
 
+def test_a_system_prompt_naming_some_of_the_label_names_is_a_warning_in_the_run_log(ftpipe_env: Path) -> None:
+    names = ["billing", "refund", "shipping", "warranty", "returns"]
+    rows = [chat(f"ticket {i}: question {i * 13} about order {i}", names[i % 5]) for i in range(40)]
+    make_task(ftpipe_env, "desk", {"a.jsonl": rows},
+              f"data: {{label_names: {names}, system_prompt: 'Answer one of: billing, refund, shipping, warr'}}\n"
+              "evaluation: {task_type: classification}\n")
+    result, warnings = materialized_with_warnings("desk")
+    assert result.success
+    assert ("desk: the system prompt of 40 rows names 3 of the 5 labels of data.label_names, not warranty, returns "
+            "(it ends 'illing, refund, shipping, warr'): the model is told of some labels only; list them all in "
+            "data.system_prompt") in warnings
+
+
 def test_pairs_whose_answers_differ_only_in_punctuation_are_kept_and_counted_with_a_warning(ftpipe_env: Path) -> None:
     rows = [chat(f"order {i}: where is parcel {i * 17}?", f"It ships on day {i}.") for i in range(20)]
     pairs = [{"prompt": "Is it free?", "chosen": "Yes.", "rejected": "yes"},
