@@ -5,8 +5,9 @@ evaluation's work on each prompt (answer it, rank the labels, score a reference)
 a pass for each; and prompts that share a long start (a system prompt of --shared-words words, as few-shot examples are), answered and
 label-ranked with that start run once (`shared_prefix`) against running it in every row; the general-skills probe
 answered in decoding rounds whose ended rows leave the batch, with the output head given its last positions
-contiguous, against one `generate` call per batch on the sliced positions; and labels written in JSON ranked with the
-start all their answers share run once per prompt (`common_start`), against running every answer whole.
+contiguous, against one `generate` call per batch on the sliced positions; and labels that start alike (intent names,
+labels written in JSON) ranked with each shared start run once per prompt (`option_tree`), against each label run
+on its own.
 
     python bench/eval.py                                   # tiny random model, runs anywhere in about a minute
     python bench/eval.py --model .ftpipe/models/<fingerprint> --rows 32
@@ -132,40 +133,60 @@ def bench_shared_prefix(model_dir: Path, rows: int, batch_tokens: int, max_new_t
               + ("" if same == rows else "  <-- MISMATCH"))
 
 
+AREAS = ("card", "card_payment", "transfer", "top_up", "exchange", "cash_withdrawal", "pending", "declined")
+MATTERS = ("arrival", "fee_charged", "not_recognised", "failed", "limits", "reverted", "wrong_amount", "support")
+
+
 @contextlib.contextmanager
-def every_label_runs_its_whole_answer():
-    """The baseline: no start shared by a prompt's continuations, each runs whole."""
-    real = generation.common_start
-    generation.common_start = lambda options: []
+def every_label_on_its_own_branch():
+    """The baseline: each continuation runs all its tokens, whatever starts it shares with another."""
+    real = generation.option_tree
+
+    def unshared(options: list[list[int]]) -> generation.OptionTree:
+        nodes, paths = [], []
+        for option in options:
+            paths.append(list(range(len(nodes), len(nodes) + len(option) - 1)))
+            nodes += [(depth, token, len(nodes) + depth - 1 if depth else -1) for depth, token in
+                      enumerate(option[:-1])]
+        return generation.OptionTree(nodes, paths)
+
+    generation.option_tree = unshared
     try:
         yield
     finally:
-        generation.common_start = real
+        generation.option_tree = real
 
 
-def bench_common_start(model_dir: Path, rows: int, label_count: int, repeats: int) -> None:
-    """`label_count` labels written in JSON (`{"category": "label_07", "priority": "high"}`) ranked after each prompt,
-    the start every answer shares run once per prompt against every answer run whole, alternately `repeats` times."""
+def bench_option_tree(model_dir: Path, rows: int, label_count: int, repeats: int) -> None:
+    """`label_count` labels ranked after each prompt, each start labels share run once (`option_tree`) against each
+    label on its own branch, alternately `repeats` times: intent names that share starts (`card_payment_limits`,
+    `card_payment_fee_charged`, ...), and labels written in JSON (`{"category": "label_07", "priority": "high"}`)."""
     model, tokenizer = load_model(model_dir)
-    prompts = varied_prompts(rows)
-    options = [generation.encode(tokenizer, json.dumps({"category": f"label_{i:02d}", "priority": "high"}))
+    names = [f"{area}_{matter}" for matter in MATTERS for area in AREAS][:label_count]
+    rank(model, tokenizer, rows, "intent names", label_likelihood.whole_answers(model, tokenizer, names), repeats)
+    written = [generation.encode(tokenizer, json.dumps({"category": f"label_{i:02d}", "priority": "high"}))
                for i in range(label_count)]
-    times: dict[str, list[float]] = {"once": [], "whole": []}
+    rank(model, tokenizer, rows, "labels written in JSON", written, repeats)
+
+
+def rank(model, tokenizer, rows: int, what: str, labels: list[list[int]], repeats: int) -> None:
+    """`labels` (token ids) ranked after `rows` prompts, as a tree and on branches of their own, with the ratio."""
+    prompts = varied_prompts(rows)
+    options = [labels] * rows
+    times: dict[str, list[float]] = {"tree": [], "branches": []}
     for _ in range(repeats):
-        found, seconds = timed(lambda: label_likelihood.prompts_logprobs(model, tokenizer, prompts, [options] * rows))
-        times["once"].append(seconds)
-        with every_label_runs_its_whole_answer():
-            whole, seconds = timed(lambda: label_likelihood.prompts_logprobs(model, tokenizer, prompts,
-                                                                            [options] * rows))
-        times["whole"].append(seconds)
-    once, each = statistics.median(times["once"]), statistics.median(times["whole"])
-    same = sum(row.index(max(row)) == other.index(max(other)) for row, other in zip(found, whole))
-    diff = max(abs(a - b) for row, other in zip(found, whole) for a, b in zip(row, other))
-    start = len(generation.common_start(options))
-    print(f"{label_count} JSON labels ranked after {rows} prompts (a start of {start} of their "
-          f"{statistics.mean(map(len, options)):.0f} tokens shared): start run once {once:7.2f} s, every answer whole "
-          f"{each:7.2f} s: {each / once:.2f}x, the same top label {same}/{rows}, largest log-probability "
-          f"difference {diff:.2g}")
+        found, seconds = timed(lambda: label_likelihood.prompts_logprobs(model, tokenizer, prompts, options))
+        times["tree"].append(seconds)
+        with every_label_on_its_own_branch():
+            each, seconds = timed(lambda: label_likelihood.prompts_logprobs(model, tokenizer, prompts, options))
+        times["branches"].append(seconds)
+    tree, branches = statistics.median(times["tree"]), statistics.median(times["branches"])
+    same = sum(row.index(max(row)) == other.index(max(other)) for row, other in zip(found, each))
+    diff = max(abs(a - b) for row, other in zip(found, each) for a, b in zip(row, other))
+    print(f"{len(labels)} {what} ranked after {rows} prompts ({len(generation.option_tree(labels).nodes)} "
+          f"tokens run of their {sum(len(option) - 1 for option in labels)}): shared starts run once "
+          f"{tree:7.2f} s, each label on its own branch {branches:7.2f} s: {branches / tree:.2f}x, the same top label "
+          f"{same}/{rows}, largest log-probability difference {diff:.2g}")
 
 
 def bench_one_pass(model_dir: Path, rows: int, batch_tokens: int, max_new_tokens: int, label_count: int) -> None:
@@ -261,7 +282,7 @@ def main() -> None:
         bench_shared_prefix(model_dir, args.rows, args.batch_tokens, args.max_new_tokens, args.labels,
                             args.shared_words)
         bench_decoding(model_dir, args.adapter, args.batch_tokens, args.repeats)
-        bench_common_start(model_dir, args.rows, args.labels, args.repeats)
+        bench_option_tree(model_dir, args.rows, args.labels, args.repeats)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from ftpipe.core.evaluation.forgetting import most_forgotten
 from ftpipe.core.evaluation.report import evidence, summary_table
 from ftpipe.core.evaluation.generation import (
     answer_tokens, answers_and_logprobs, conversation_logprobs, encode, generate, greedy_batches, load_finetuned,
-    load_merged, load_model, loss_of, prompt_ids, rows_can_leave, shared_prefix, token_chunks,
+    load_merged, load_model, loss_of, option_tree, prompt_ids, rows_can_leave, shared_prefix, token_chunks,
 )
 from ftpipe.core.evaluation.label_likelihood import constrained_answers, end_of_turn_ids
 from ftpipe.core.evaluation.metrics import task_metrics
@@ -274,6 +274,7 @@ CONTINUATIONS = [
     ["red", "reddish", "blue"],  # nothing shared
     ["red", "red green"],  # one is the start of another
     ["x"],
+    ["card_arrival", "card_linking", "faq_08", "faq_12", "card_arrival"],  # starts two or more share, a repeat
 ]
 
 
@@ -298,6 +299,8 @@ def test_one_pass_over_each_prompt_answers_as_generation_does_and_scores_as_each
     continuations = [[encode(tokenizer, text) for text in texts] for texts in CONTINUATIONS]
     expected = [[whole_sequence_logprob(model, ids, option) for option in options]
                 for ids, options in zip(encoded, continuations)]
+    banking = continuations[-1]
+    assert len(option_tree(banking).nodes) < sum(len(option) - 1 for option in banking), "each shared start runs once"
     done = answers_and_logprobs(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=400,
                                 continuations=continuations)
     assert done.answers == generate(model, tokenizer, prompts, max_new_tokens=12, batch_tokens=1)
@@ -336,12 +339,12 @@ def test_many_labels_after_short_or_long_prompts_are_ranked_in_batches_within_th
     monkeypatch.setattr(generation, "pad", recorded)
     found = label_likelihood.prompts_logprobs(model, tokenizer, prompts, [options] * len(prompts))
     assert max(rows for rows, _ in padded[True]) > 1, "prompts are batched"
-    assert sum(copied) == 2 * len(prompts), "a prompt's cache is copied for the start all labels share, and once more"
+    assert sum(copied) == len(prompts), "a prompt's cache is copied once for its labels"
     # a prompt's labels run after a copy of its KV cache: about 8,192 cached tokens a batch at most
     assert max(rows for rows, _ in padded[False]) * width <= generation.SCORING_TOKENS, (width, padded[False])
     # and at most 1,024 continuation tokens a batch: 200 MB of float log-probabilities over a 49k vocabulary
     assert max(tokens for _, tokens in padded[False]) <= 1024, padded[False]
-    assert sum(tokens for _, tokens in padded[False]) < len(prompts) * sum(map(len, options)), \
+    assert sum(tokens for _, tokens in padded[False]) < len(prompts) * sum(len(option) - 1 for option in options), \
         "the start every label shares runs once per prompt"
     alone = label_likelihood.prompts_logprobs(model, tokenizer, prompts[:1], [options])
     assert found[0] == pytest.approx(alone[0], rel=1e-4)

@@ -339,102 +339,94 @@ def _rows_of(cache, index):
 
 def continuation_logprobs(model, cache, attention, first, continuations: list[list[list[int]]]) -> list[list[float]]:
     """For each prompt of a batch (its KV `cache`, `attention` mask and the log-probabilities `first` of the token
-    after it), the summed log-probability of each of its continuations. The tokens all of a prompt's continuations
-    start with (`common_start`: `{"category": "` before every label) run once for it, on a copy of `cache`; the rest
-    of each continuation runs as `_after_prompts` says."""
-    starts = [common_start(options) for options in continuations]
-    if not any(starts):
-        return _after_prompts(model, cache, attention, first, continuations)
-    cache, attention, first, scored = _run_starts(model, cache, attention, first, starts)
-    rests = [[option[len(start):] for option in options] for options, start in zip(continuations, starts)]
-    return [[score + value for value in values]
-            for score, values in zip(scored, _after_prompts(model, cache, attention, first, rests))]
-
-
-def common_start(options: list[list[int]]) -> list[int]:
-    """The tokens every one of two or more `options` starts with, leaving each at least its last token."""
-    if len(options) < 2:
-        return []
-    shortest = min(map(len, options)) - 1
-    return next((options[0][:i] for i in range(shortest) if any(o[i] != options[0][i] for o in options)),
-                options[0][:max(shortest, 0)])
-
-
-def _run_starts(model, cache, attention, first, starts: list[list[int]]):
-    """(a copy of `cache` with each prompt's start run after it, the attention mask that covers it, the
-    log-probabilities of the token after each start, each start's summed log-probability)."""
+    after it), the summed log-probability of each of its continuations: its `option_tree` in one sequence after a
+    copy of its cache (`_options_in_one_row`), so a start several continuations share (`{"category": "` before every
+    label, `card_` before some) runs once. The prompts go in batches of about SCORING_TOKENS of memory: their copied
+    KV cache, and LOGITS_COST per token run (its log-probabilities over the whole vocabulary), so many labels after
+    long prompts stay within it."""
     import torch
 
-    ids, start_mask = pad([start or [0] for start in starts], 0, left=False)
-    start_mask[[row for row, start in enumerate(starts) if not start]] = 0
-    positions = attention.sum(dim=1).view(-1, 1) + torch.arange(ids.shape[1])
-    attention = torch.cat([attention, start_mask], dim=1)
-    with torch.inference_mode():
-        out = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
-                    position_ids=positions.to(model.device),
-                    cache=_rows_of(cache, torch.arange(len(starts), device=model.device)))
-    later = out.logits.float().log_softmax(-1).to(first.device)  # row, position: the next token's log-probabilities
-    scored = [float(first[row, start[0]] + later[row, torch.arange(len(start) - 1), start[1:]].sum()) if start
-              else 0.0 for row, start in enumerate(starts)]
-    after = torch.stack([later[row, len(start) - 1] if start else first[row] for row, start in enumerate(starts)])
-    return out.cache, attention, after, scored
-
-
-def _after_prompts(model, cache, attention, first, continuations: list[list[list[int]]]) -> list[list[float]]:
-    """`continuation_logprobs` of every continuation of a prompt in one sequence after it (`_options_in_one_row`),
-    the prompts in batches of about SCORING_TOKENS of memory: their copied KV cache, and LOGITS_COST per continuation
-    token (its log-probabilities over the whole vocabulary), so many labels after long prompts stay within it."""
-    import torch
-
-    inputs = [[token for option in options for token in option[:-1]] for options in continuations]
-    cost = [attention.shape[1] + LOGITS_COST * len(row) for row in inputs]
+    trees = [option_tree(options) for options in continuations]
+    cost = [attention.shape[1] + LOGITS_COST * len(tree.nodes) for tree in trees]
     values: list[list[float]] = [[] for _ in continuations]
-    for chunk in token_chunks(sorted(range(len(inputs)), key=lambda i: -cost[i]), cost, SCORING_TOKENS):
+    for chunk in token_chunks(sorted(range(len(trees)), key=lambda i: -cost[i]), cost, SCORING_TOKENS):
         index = torch.tensor(chunk, dtype=torch.long)
         steps = first[index.to(first.device)].unsqueeze(1)
-        if any(inputs[i] for i in chunk):
+        if any(trees[i].nodes for i in chunk):
             later = _options_in_one_row(model, _rows_of(cache, index.to(model.device)), attention[index],
-                                        [continuations[i] for i in chunk])
+                                        [trees[i] for i in chunk])
             steps = torch.cat([steps, later.to(first.device)], dim=1)
         for row, i in enumerate(chunk):
-            values[i] = _summed(steps[row], continuations[i])
+            values[i] = _summed(steps[row], continuations[i], trees[i])
     return values
 
 
-def _options_in_one_row(model, cache, attention, continuations: list[list[list[int]]]):
-    """The next token's log-probabilities after each token but the last of every continuation of each prompt, all of
-    a prompt's continuations one after another in one sequence after its `cache`: a 4D mask lets each token see the
-    prompt and its own continuation's earlier tokens only, and positions start again after the prompt for each."""
+@dataclass(frozen=True)
+class OptionTree:
+    """A prompt's continuations as a tree of the tokens they run (each but its last): `nodes` (depth, token, parent
+    node or -1), parents first, each start the options share once (`card_` before `card_arrival` and `card_linking`);
+    `paths`, the nodes each option runs through in order."""
+
+    nodes: list[tuple[int, int, int]]
+    paths: list[list[int]]
+
+
+def option_tree(options: list[list[int]]) -> OptionTree:
+    """The `OptionTree` of `options`."""
+    nodes: list[tuple[int, int, int]] = []
+    found: dict[tuple[int, ...], int] = {}
+    paths = []
+    for option in options:
+        path: list[int] = []
+        for depth, token in enumerate(option[:-1]):
+            key = tuple(option[:depth + 1])
+            if key not in found:
+                found[key] = len(nodes)
+                nodes.append((depth, token, path[-1] if path else -1))
+            path.append(found[key])
+        paths.append(path)
+    return OptionTree(nodes, paths)
+
+
+def _sees(tree: OptionTree, size: int):
+    """Which nodes each node of `tree` sees (itself and its ancestors), a size × size matrix (padding sees nothing)."""
+    import numpy as np
+
+    seen = np.zeros((size, size), dtype=bool)
+    for number, (_, _, parent) in enumerate(tree.nodes):
+        if parent >= 0:
+            seen[number] = seen[parent]
+        seen[number, number] = True
+    return seen
+
+
+def _options_in_one_row(model, cache, attention, trees: list[OptionTree]):
+    """The next token's log-probabilities after each node of each prompt's `OptionTree`, all of a prompt's nodes in
+    one sequence after its `cache`: a 4D mask lets each node see the prompt and its own ancestors only, and its
+    position is its depth after the prompt."""
+    import numpy as np
     import torch
 
-    rows = [[(start, token) for option in options for start, token in enumerate(option[:-1])]
-            for options in continuations]
-    ids, _ = pad([[token for _, token in row] or [0] for row in rows], 0, left=False)
-    offsets, _ = pad([[start for start, _ in row] or [0] for row in rows], 0, left=False)
-    own = torch.arange(ids.shape[1])
-    same_option = (own.view(1, -1, 1) - offsets.unsqueeze(2) == own.view(1, 1, -1) - offsets.unsqueeze(1)) & (
-        own.view(1, 1, -1) <= own.view(1, -1, 1))  # earlier (or this) token of the same option
-    seen = torch.cat([attention.bool().unsqueeze(1).expand(-1, ids.shape[1], -1), same_option], dim=2)
+    ids, _ = pad([[token for _, token, _ in tree.nodes] or [0] for tree in trees], 0, left=False)
+    depths, _ = pad([[depth for depth, _, _ in tree.nodes] or [0] for tree in trees], 0, left=False)
+    own = torch.from_numpy(np.stack([_sees(tree, ids.shape[1]) for tree in trees]))
+    seen = torch.cat([attention.bool().unsqueeze(1).expand(-1, ids.shape[1], -1), own], dim=2)
     blocked = torch.zeros(seen.shape, dtype=model.dtype).masked_fill_(~seen, torch.finfo(model.dtype).min)
     with torch.inference_mode():
         logits = model(input_ids=ids.to(model.device), attention_mask=blocked.unsqueeze(1).to(model.device),
-                       position_ids=(attention.sum(dim=1).view(-1, 1) + offsets).to(model.device),
+                       position_ids=(attention.sum(dim=1).view(-1, 1) + depths).to(model.device),
                        cache=cache).logits
     return logits.float().log_softmax(-1)
 
 
-def _summed(steps, options: list[list[int]]) -> list[float]:
-    """Each option's summed log-probability, from `steps`: the first token's distribution, then one after each token
-    but the last of every option in turn."""
+def _summed(steps, options: list[list[int]], tree: OptionTree) -> list[float]:
+    """Each option's summed log-probability, from `steps`: the first token's distribution, then one after each node
+    of `tree`."""
     import torch
 
-    positions, tokens, owners, at = [], [], [], 0
-    for number, option in enumerate(options):
-        positions += [0] + list(range(at + 1, at + len(option)))
-        tokens += option
-        owners += [number] * len(option)
-        at += len(option) - 1
-    picked = steps[torch.tensor(positions), torch.tensor(tokens)]
+    positions = [at for path in tree.paths for at in (0, *(node + 1 for node in path))]
+    owners = [number for number, option in enumerate(options) for _ in option]
+    picked = steps[torch.tensor(positions), torch.tensor([token for option in options for token in option])]
     return torch.zeros(len(options)).index_add_(0, torch.tensor(owners), picked.float()).tolist()
 
 
