@@ -493,6 +493,10 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
     assert grown["base_rows_run"] == 8
     started = logged.index("base: answering 8 held-out rows not answered before")  # before the work, for long work
     assert "base: answered 8/8 held-out rows not answered before" in logged[started + 1:]
+    paced = [line for line in logged if " to come, about " in line]
+    assert len(paced) == 2 and re.fullmatch(r"base: answered in \d+ s; few-shot and fine-tuned to come, about \d+ s "
+                                            r"at the pace so far \(less for answers in the cache\)", paced[0])
+    assert paced[1].startswith("few-shot: answered in ") and "; fine-tuned to come, about " in paced[1]
     assert grown["passed"] is False and logged[-1].startswith("eval gate failed: ") and logged[-1].endswith(
         f"; failed: {'; '.join(grown['failed_conditions'])}"), "the log names what failed, as the check does"
     assert (f"This evaluation generated the base outputs for 8 of {EVAL_ROWS} held-out rows and took the others from "

@@ -299,6 +299,30 @@ def cached_outputs(path: Path, ids: list[str], compute: Callable[[], ModelOutput
     return outputs, False
 
 
+class Pace:
+    """The time each model took to answer so far, and a log line, as each is done, of how long the models still to
+    come (`names`, in order) take at that pace: the whole evaluation's time left, where each model's progress lines
+    give only its own."""
+
+    def __init__(self, names: list[str], log: Log):
+        self.names, self.log, self.took = names, log, []
+
+    def timed(self, name: str, compute: Callable[[], ModelOutputs]) -> Callable[[], ModelOutputs]:
+        """`compute` (model `name` answering), followed by the line on the models to come."""
+        def run() -> ModelOutputs:
+            started = time.perf_counter()
+            found = compute()
+            self.took.append(time.perf_counter() - started)
+            rest = self.names[self.names.index(name) + 1:]
+            if rest:
+                left = sum(self.took) / len(self.took) * len(rest)
+                self.log(f"{name}: answered in {readable.duration(self.took[-1])}; {' and '.join(rest)} to come, about "
+                         f"{readable.duration(left)} at the pace so far (less for answers in the cache)")
+            return found
+
+        return run
+
+
 def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[str, tuple[Path, str]],
                 heldout: Heldout, examples: list[dict], config: EvaluationConfig, cache_dir: Path,
                 trust_remote_code: bool, log: Log) -> tuple[dict[str, ModelOutputs], int]:
@@ -316,15 +340,18 @@ def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[s
     base_weights = cache_key(base=base_key["base"], device=inference_device())
     base_rows = RowCache(cache_dir / f"rows-{base_weights}.jsonl")
     outputs: dict[str, ModelOutputs] = {}
+    pace = Pace(["base", *(["few-shot"] if examples else []), *(TUNED[side] for side in TUNED if side in tuned)], log)
     outputs["base"], base_from_file = cached_outputs(
         cache_dir / f"base-{key}.json", heldout.ids,
-        lambda: model_outputs(*base(), heldout.prompts, heldout, config, log, "base", base_rows), log)
+        pace.timed("base", lambda: model_outputs(*base(), heldout.prompts, heldout, config, log, "base", base_rows)),
+        log)
     if examples:
         prompts = [fewshot_prompt(p, examples) for p in heldout.prompts]
         fewshot_key = cache_key(base=key, examples=[e["id"] for e in examples])
         outputs["fewshot"], _ = cached_outputs(
             cache_dir / f"fewshot-{fewshot_key}.json", heldout.ids,
-            lambda: model_outputs(*base(), prompts, heldout, config, log, "few-shot", base_rows, full=False), log)
+            pace.timed("few-shot", lambda: model_outputs(*base(), prompts, heldout, config, log, "few-shot", base_rows,
+                                                         full=False)), log)
     applied: list[Path] = []  # the adapters applied to the loaded base model so far
 
     def tuned_outputs(side: str, folder: Path, version: str) -> ModelOutputs:
@@ -338,5 +365,6 @@ def all_outputs(*, base_model_dir: Path, base_key: dict[str, Any], tuned: dict[s
     for side in (side for side in TUNED if side in tuned):
         folder, version = tuned[side]
         outputs[side], _ = cached_outputs(cache_dir / f"tuned-{cache_key(base=key, weights=version)}.json",
-                                          heldout.ids, lambda: tuned_outputs(side, folder, version), log)
+                                          heldout.ids,
+                                          pace.timed(TUNED[side], lambda: tuned_outputs(side, folder, version)), log)
     return outputs, 0 if base_from_file else outputs["base"].rows_run
