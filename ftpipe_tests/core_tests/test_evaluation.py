@@ -480,6 +480,12 @@ def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as
     assert first["train_rows"] == len(train)
     named = ", ".join(f"{label} ×{trained[label]}" for label in missing)  # each with its train rows, the most first
     assert f"({named}) {'have' if len(missing) > 1 else 'has'} no held-out row" in first["report_markdown"]
+    past = [label for label in missing if label in labels(select_rows(rows, None)[first_rows:])]
+    assert past and first["labels_past_max_rows"] == past, "held out, but past evaluation.max_rows"
+    one = len(past) == 1
+    assert (f"{', '.join(past)} {'has' if one else 'have'} held-out rows past evaluation.max_rows: a larger max_rows "
+            f"scores {'it' if one else 'them'}") in first["report_markdown"]
+    assert f"{'has' if len(missing) == 1 else 'have'} no held-out row evaluated" in first["report_markdown"]
     assert first["likely_typos"] == {missing[0]: before[0]}, "named where a typo has no held-out row, and only there"
     assert f"{missing[0]!r} looks like a typo of {before[0]!r}: correct it in the raw files" in first["report_markdown"]
     passes.clear()

@@ -31,7 +31,7 @@ KEYS_WITHOUT_PREFERENCES = {  # metrics.json before preference tuning existed (w
     # base answers in the task's form, the train rows, of all labels and of those without held-out rows, the
     # training's replay and each metric's change with its interval)
     "answer_token_limit", "likely_typos", "base_answers_in_form", "fewshot_labels", "trained_length", "warm_start",
-    "trained_replay", "delta_intervals",
+    "trained_replay", "delta_intervals", "labels_past_max_rows",
     "references_over_limit", "longest_reference_tokens", "train_rows", "train_rows_of_unheld_labels",
     "base_cached", "base_rows_run", "base_loss", "base_perplexity", "base_score", "delta", "delta_ci_high", "delta_ci_low",
     "delta_vs_fewshot", "delta_vs_fewshot_ci_high", "delta_vs_fewshot_ci_low", "fewshot_examples",

@@ -61,27 +61,42 @@ def verdict(passed: bool, failed: list[str], config: EvaluationConfig, preferenc
 
 
 def unheld_labels(labels: list[str] | dict[str, int], typos: dict[str, str] | None = None,
-                  eval_fraction: float | None = None) -> str:
+                  eval_fraction: float | None = None, past_max_rows: list[str] = ()) -> str:
     """What a score on held-out rows cannot say: labels of train rows only (`_one_side_labels`). Given as a dict (a
     label -> its train rows), each is named with its rows, the largest first; with `eval_fraction` too, those whose
-    share is a row or more are said to ask too few questions (a question's rows stay on one side)."""
-    remedy = "a larger split.eval_fraction gives more labels a held-out row"
+    share is a row or more are said to ask too few questions (a question's rows stay on one side). Those of
+    `past_max_rows` have held-out rows that `evaluation.max_rows` left out: a larger one scores them."""
     if isinstance(labels, dict):
         labels = dict(sorted(labels.items(), key=lambda item: (-item[1], item[0])))
-        few_questions = [label for label, rows in labels.items() if rows * (eval_fraction or 0) >= 1]
-        if few_questions:
-            them = "them" if len(few_questions) > 1 else "it"
-            remedy += (f"; the rows of {_named(few_questions)} ask a few questions in other words, and a question's "
-                       f"rows stay on one side: rows asking other questions give {them} held-out rows")
-    return _one_side_labels(labels, typos, "train rows", "held-out row", "the scores say nothing about {them}",
-                            remedy)
+    past = [label for label in labels if label in past_max_rows]
+    remedies = [f"{_named(past)} {'have' if len(past) > 1 else 'has'} held-out rows past evaluation.max_rows: a "
+                f"larger max_rows scores {'them' if len(past) > 1 else 'it'}"] if past else []
+    if len(past) < len(labels):
+        remedies.insert(0, "a larger split.eval_fraction gives more labels a held-out row" + _few_questions(
+            {label: rows for label, rows in labels.items() if label not in past} if isinstance(labels, dict) else {},
+            eval_fraction))
+    return _one_side_labels(labels, typos, "train rows", "held-out row evaluated" if past else "held-out row",
+                            "the scores say nothing about {them}", "; ".join(remedies))
+
+
+def _few_questions(labels: dict[str, int], eval_fraction: float | None) -> str:
+    """The remedy's words on the labels (with their train rows) whose share of held-out rows is a row or more: their
+    rows ask a few questions in other words ("" when none is)."""
+    few_questions = [label for label, rows in labels.items() if rows * (eval_fraction or 0) >= 1]
+    if not few_questions:
+        return ""
+    them = "them" if len(few_questions) > 1 else "it"
+    return (f"; the rows of {_named(few_questions)} ask a few questions in other words, and a question's rows stay on "
+            f"one side: rows asking other questions give {them} held-out rows")
 
 
 def unheld_labels_of(metrics: dict[str, Any]) -> str:
-    """`unheld_labels` of an evaluation's metrics: with their train rows and the held-out share, where recorded."""
+    """`unheld_labels` of an evaluation's metrics: with their train rows, the held-out share and those past
+    `evaluation.max_rows`, where recorded."""
     train, rows = metrics.get("train_rows"), metrics["rows"]
     return unheld_labels(metrics.get("train_rows_of_unheld_labels") or metrics["labels_without_heldout_rows"],
-                         metrics.get("likely_typos"), rows / (rows + train) if train else None)
+                         metrics.get("likely_typos"), rows / (rows + train) if train else None,
+                         metrics.get("labels_past_max_rows", []))
 
 
 def untaught_labels(labels: list[str] | dict[str, int], typos: dict[str, str] | None = None) -> str:

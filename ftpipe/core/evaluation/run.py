@@ -32,6 +32,7 @@ from ftpipe.core.layout import METRICS, PREDICTIONS, REPORT
 from ftpipe.core.records import read_examples
 from ftpipe.core.results import Result, reusable
 from ftpipe.core.storage import atomic_dir, file_sha256, write_text
+from ftpipe.core.text import label_key
 
 Teacher = Callable[[list[str], list[list[dict]]], ModelOutputs]  # (row ids, prompts) -> a teacher's outputs
 
@@ -154,8 +155,18 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
     found = {**metrics, **judged, **budget.metrics(), "base_cached": base_rows_run == 0, "base_rows_run": base_rows_run,
              "fewshot_labels": _labels_shown(examples, heldout, task), "trained_length": trained,
              "warm_start": warm_start(sft_dir := tuned.get("sft", tuned["finetuned"])[0]),  # before a stage
-             "trained_replay": trained_replay(sft_dir)}
+             "trained_replay": trained_replay(sft_dir),
+             "labels_past_max_rows": _past_max_rows(metrics["labels_without_heldout_rows"], eval_rows, rows, task)}
     return found, records
+
+
+def _past_max_rows(unheld: list[str], eval_rows: list[dict], rows: list[dict], task: TaskMetrics) -> list[str]:
+    """The labels of `unheld` (as written) that held-out rows `evaluation.max_rows` left out have."""
+    if not unheld:
+        return []
+    evaluated = {row["id"] for row in rows}
+    left_out = {task.group(row["messages"][-1]["content"]) for row in eval_rows if row["id"] not in evaluated}
+    return [label for label in unheld if label_key(label) in left_out]
 
 
 def _labels_shown(examples: list[dict], heldout: Heldout, task: TaskMetrics) -> list[int] | None:
