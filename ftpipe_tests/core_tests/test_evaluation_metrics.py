@@ -114,6 +114,10 @@ def test_many_labels_list_what_each_was_confused_with_instead_of_a_wide_table():
     collapsed = confusion_table(expected, ["intent_07"] * 50 + labels[:5]).splitlines()[-1]
     assert collapsed == ("6 of the 27 held-out labels are answered at all; the commonest answer, intent_07, is 50 of "
                          "the 55 answers (91%), right in 2 of them."), "one label for most rows"
+    prose = confusion_table(expected, ["i"] * 40 + labels[:5] * 3, {"i": "I…"}).splitlines()[-1]
+    assert prose == ("5 of the 27 held-out labels are answered at all; the commonest answer, intent_00, is 3 of the "
+                     "55 answers (5%), right in 0 of them."), "not `I…`: forty texts in prose, cut where they began"
+    assert confusion_table(expected, [None] * len(expected)).endswith("0 of the 27 held-out labels are answered at all.")
     assert confusion_table(labels + ["intent_00"], labels + ["intent_00"]).endswith(
         "right in 2 of them. 26 labels have one held-out row: one answer decides their precision and F1.")
     assert lines[2] == "| intent_00 | 3 | 2 | 1.00 | 0.80 | (unparseable) ×1 |"

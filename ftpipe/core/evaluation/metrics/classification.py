@@ -134,13 +134,18 @@ def _confusions(labels: list[str], expected: list[str], predicted: list[str | No
 
 
 def _answer_spread(labels: list[str], answered: Counter, counts: Counter, shown: dict[str, str]) -> str:
-    """One line on how many of the held-out labels a model answers at all and how often its commonest answer, which
-    tells a model that answers one label for most rows (a collapse) from one that spreads its mistakes."""
-    (top, times), total = answered.most_common(1)[0], sum(answered.values())
+    """One line on how many of the held-out labels a model answers at all and how often its commonest whole answer
+    (not one STOPPED, whose many different texts share a start), which tells a model that answers one label for most
+    rows (a collapse) from one that spreads its mistakes."""
+    spread = f"{sum(answered[label] > 0 for label in labels)} of the {len(labels)} held-out labels are answered at all"
+    whole = Counter({answer: times for answer, times in answered.items()
+                     if answer != UNPARSEABLE and not shown.get(answer, answer).endswith(STOPPED)})
+    if not whole:
+        return f"{spread}."
+    (top, times), total = whole.most_common(1)[0], sum(answered.values())
     right = f", right in {counts[top, top]} of them" if top in labels else ""
-    return (f"{sum(answered[label] > 0 for label in labels)} of the {len(labels)} held-out labels are answered at all; "
-            f"the commonest answer, {_as_written(top, shown)}, is {times} of the {total} answers ({times / total:.0%})"
-            f"{right}.")
+    return (f"{spread}; the commonest answer, {_as_written(top, shown)}, is {times} of the {total} answers "
+            f"({times / total:.0%}){right}.")
 
 
 def _single_rows(expected: list[str]) -> str:
