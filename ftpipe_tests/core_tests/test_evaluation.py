@@ -627,6 +627,7 @@ def test_published_files_result_and_report(workspace, tmp_path):
     regressions = report.split("## Worst regressions")[1].split("## General-skills probe")[0]
     assert regressions.count("\n| ") - 1 == min(10, int((predictions["delta"] < 0).sum()))
     assert "| What color is the" in regressions and "Answer with one word" not in regressions
+    assert "| fine-tuned answer | fine-tuned − base |" in regressions, "no column of the one most common label"
     assert report.split("## Largest improvements")[1].startswith("\n\n_none_")
     assert "| base | few-shot | fine-tuned |" in report and f"| accuracy | {result['base_score']:.3f} |" in report
     assert "| held-out loss |" in report and "seconds per held-out row" not in report, "no teacher: no time row"
@@ -843,6 +844,8 @@ def test_a_full_finetune_is_evaluated_as_a_whole_model(workspace, tiny_model_dir
     over = "over few-shot (the base answered too few rows in the task's form)"
     assert f"## Largest improvements {over}" in result["report_markdown"]
     assert f"## Worst regressions {over}" in result["report_markdown"], "not the rows the base answered in prose"
+    improvements = result["report_markdown"].split(f"## Largest improvements {over}")[1]
+    assert "| fine-tuned answer | fine-tuned − few-shot |" in improvements, "the change named by what it is over"
 
     def no_base_model(*args):
         raise AssertionError("the base model was loaded although its outputs are cached")
@@ -908,7 +911,7 @@ def test_final_answers_are_extracted_checked_and_shown(workspace, tmp_path, pass
     assert (predictions["reference_final_answer"] == predictions["reference"]).all()
     assert (predictions["base_final_answer"] == predictions["reference"]).mean() >= 0.9
     assert "| user message | reference final answer | base final answer | few-shot final answer | fine-tuned final " \
-           "answer | fine-tuned answer | delta |" in result["report_markdown"]
+           "answer | fine-tuned answer | fine-tuned − base |" in result["report_markdown"]
     assert "| lenient_answer_match | " in result["report_markdown"], "beside the strict match in the summary"
     assert predictions["base_lenient_answer_match"].mean() >= predictions["base_answer_exact_match"].mean()
 

@@ -332,22 +332,24 @@ def _message(record: dict[str, Any]) -> str:
 
 def showcase(records: list[dict[str, Any]], improvements: bool, delta: str = "delta") -> str:
     """The SHOWCASE_ROWS largest improvements (or worst regressions) of the primary metric over the base (`delta`;
-    `delta_vs_fewshot`: over few-shot), side by side; with final answers, the extracted final answers and the
-    fine-tuned model's whole answer."""
+    `delta_vs_fewshot`: over few-shot), side by side, the change titled by what it is over; with final answers, the
+    extracted final answers and the fine-tuned model's whole answer. The most common label, the same on every row,
+    is left out."""
     sign = 1 if improvements else -1
     picked = sorted((r for r in records if sign * r[delta] > 0), key=lambda r: (-sign * r[delta], r["id"]))
     if not picked:
         return "_none_"
-    sides = [side for side in SIDES if f"{side}_answer" in picked[0]]
+    sides = [side for side in SIDES if f"{side}_answer" in picked[0] and side != "majority"]
+    change = "fine-tuned − few-shot" if delta == "delta_vs_fewshot" else "fine-tuned − base"
     if "reference_final_answer" in picked[0]:
         header = ["user message", "reference final answer", *(f"{SIDES[s]} final answer" for s in sides),
-                  "fine-tuned answer", "delta"]
+                  "fine-tuned answer", change]
         rows = [[_message(r), r["reference_final_answer"], *(number(r[f"{side}_final_answer"]) for side in sides),
                  r["finetuned_answer"], number(r[delta], True)] for r in picked[:SHOWCASE_ROWS]]
         return markdown_table(header, rows)
     rows = [[_message(r), r["reference"], *(r[f"{side}_answer"] for side in sides), number(r[delta], True)]
             for r in picked[:SHOWCASE_ROWS]]
-    return markdown_table(["user message", "reference", *(f"{SIDES[s]} answer" for s in sides), "delta"], rows)
+    return markdown_table(["user message", "reference", *(f"{SIDES[s]} answer" for s in sides), change], rows)
 
 
 def showcases(metrics: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
