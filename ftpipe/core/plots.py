@@ -4,10 +4,12 @@ image."""
 from __future__ import annotations
 
 import base64
+import textwrap
 from pathlib import Path
 
 Points = list[tuple[float, float]]
 Interval = tuple[str, float, float, float]  # (label, value, low end, high end)
+LABEL_CHARS = 40  # an interval panel's x label wraps here: a longer line ran past the image's edge
 
 
 def plot_panels(panels: dict[str, dict[str, Points]], target: Path, xlabel: str = "step") -> Path:
@@ -36,8 +38,8 @@ def plot_panels(panels: dict[str, dict[str, Points]], target: Path, xlabel: str 
 
 
 def plot_intervals(panels: dict[str, list[Interval]], target: Path) -> Path:
-    """Panels side by side, one per title ({x label: intervals}): each interval a point with its range, labelled on
-    the left, the first on top, beside a line at 0; saved as a PNG."""
+    """Panels side by side, one per title ({x label: intervals}, the label wrapped at LABEL_CHARS): each interval a
+    point with its range, labelled on the left, the first on top, beside a line at 0; saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,7 +57,7 @@ def plot_intervals(panels: dict[str, list[Interval]], target: Path) -> Path:
         axes.axvline(0, color="grey", linewidth=1, linestyle="--")
         axes.set_yticks(list(rows), labels)
         axes.set_ylim(len(intervals) - 0.5, -0.5)
-        axes.set_xlabel(xlabel)
+        axes.set_xlabel(textwrap.fill(xlabel, LABEL_CHARS))
         axes.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     figure.savefig(target)

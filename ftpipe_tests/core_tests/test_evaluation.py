@@ -17,7 +17,7 @@ from ftpipe.config import EvaluationConfig, JudgeConfig
 from ftpipe.core.evaluation import evaluation_key, outputs, read_evaluation, run_evaluation, waiting_for_reviews
 from ftpipe.core.evaluation.answer_budget import AnswerBudget
 from ftpipe.core.evaluation.card import card_evaluation
-from ftpipe.core.evaluation.chart import CHART, CHART_LINK, forgetting, gains, inline_chart
+from ftpipe.core.evaluation.chart import CHART, CHART_LINK, forgetting, gains, inline_chart, write_chart
 from ftpipe.core.evaluation.forgetting import most_forgotten
 from ftpipe.core.evaluation.report import evidence, summary_table
 from ftpipe.core.evaluation.generation import (
@@ -812,6 +812,20 @@ def test_the_copy_of_a_japanese_message_is_as_long_as_a_typical_answer_in_charac
     assert answer_words([row["messages"][-1]["content"] for row in train]) == pytest.approx((17 + 20 + 15) / 3)
     # the median answer's 17 words: 2 in Latin letters, then 15 characters (punctuation is no word)
     assert copied is not None and copied.answers == ["NordLink R2の保証期間はどのくらいですか？購"]
+
+
+def test_the_chart_keeps_its_labels_inside_the_image(tmp_path) -> None:
+    from PIL import Image
+
+    skill = {"forgetting": 0.58, "forgetting_ci_low": 0.4, "forgetting_ci_high": 0.74}
+    gains = {f"delta{over}{end}": value for over in ("", "_vs_fewshot", "_vs_majority")
+             for end, value in (("", 0.07), ("_ci_low", -0.1), ("_ci_high", 0.12))}
+    metrics = {"primary_metric": "accuracy", **gains, "probe_rows": 308, "forgetting": 0.0, "forgetting_ci_low": 0.0,
+               "forgetting_ci_high": 0.09, "probe_accuracy_by_skill": {
+                   "facts": skill, **{name: dict.fromkeys(skill, 0.0) for name in ("arithmetic", "formatting")}}}
+    image = Image.open(write_chart(metrics, tmp_path)).convert("L")
+    edges = [image.getpixel((x, y)) for x in (0, image.width - 1) for y in range(image.height)]
+    assert min(edges) == 255, "no text runs off the left or right edge"
 
 
 def test_a_long_conversation_is_shown_in_the_reports_tables_to_its_last_turn() -> None:
