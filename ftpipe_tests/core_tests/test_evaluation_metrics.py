@@ -167,6 +167,10 @@ def test_answers_that_are_no_eval_label_show_as_written_and_a_stopped_one_is_exp
     assert lines[-3:] == ["macro-F1 averages the F1 of the 14 labels that have held-out rows.", "",
                           "1 answer(s) ending in … stopped where they could no longer become a label (wrong whatever "
                           "followed)."]
+    few = [{**record, "fewshot_answer": "th" + STOPPED, "fewshot_label": "th" + STOPPED} for record in records]
+    tables = dict(task.report_sections(few, {"fewshot": "few-shot", "finetuned": "fine-tuned"}))
+    assert tables["Confusion table (few-shot)"].splitlines()[15].endswith("| th… ×1 |"), "as that model wrote it"
+    assert tables["Confusion table (fine-tuned)"].splitlines()[15].endswith("| Th… ×1 |")
 
 
 def test_label_choices_put_each_label_where_the_reference_has_its_label():

@@ -262,16 +262,21 @@ class Classification(TaskMetrics):
         return reference[: key.end()], reference[end:]
 
     def report_sections(self, records: list[dict[str, Any]], sides: dict[str, str]) -> list[tuple[str, str]]:
-        """A confusion table per model, labels and other answers as they were written, with the labels macro-F1
-        averages over (an answer cut where it could no longer become a label ends in STOPPED, said under the table)."""
+        """A confusion table per model, labels as the references write them and other answers as that model wrote
+        them, with the labels macro-F1 averages over (an answer cut where it could no longer become a label ends in
+        STOPPED, said under the table)."""
         expected = [self.expected_label(r["reference"]) for r in records]
-        sides = {side: title for side, title in sides.items() if records and f"{side}_label" in records[0]}
-        answers = [r[f"{side}_answer"] for side in sides for r in records]
-        written = {**self.spellings(answers), **self.spellings([r["reference"] for r in records])}
+        references = self.spellings([r["reference"] for r in records])
         averaged = f"\n\nmacro-F1 averages the F1 of the {len(set(expected))} labels that have held-out rows."
-        return [(f"Confusion table ({title})", confusion_table(expected, [_key(r[f"{side}_label"]) for r in records],
-                                                                written)
-                 + averaged + self._stopped_note([r[f"{side}_answer"] for r in records])) for side, title in sides.items()]
+        tables = []
+        for side, title in sides.items():
+            if not records or f"{side}_label" not in records[0]:
+                continue
+            answers = [r[f"{side}_answer"] for r in records]
+            table = confusion_table(expected, [_key(r[f"{side}_label"]) for r in records],
+                                    {**self.spellings(answers), **references})
+            tables.append((f"Confusion table ({title})", table + averaged + self._stopped_note(answers)))
+        return tables
 
     def _stopped_note(self, answers: list[str]) -> str:
         stopped = 0 if self.config.label_field else sum(answer.endswith(STOPPED) for answer in answers)
