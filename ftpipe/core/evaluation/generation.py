@@ -374,16 +374,16 @@ class OptionTree:
 def option_tree(options: list[list[int]]) -> OptionTree:
     """The `OptionTree` of `options`."""
     nodes: list[tuple[int, int, int]] = []
-    found: dict[tuple[int, ...], int] = {}
+    found: dict[tuple[int, int], int] = {}  # (parent, token) -> node: a long reference costs its length, not its square
     paths = []
     for option in options:
         path: list[int] = []
         for depth, token in enumerate(option[:-1]):
-            key = tuple(option[:depth + 1])
-            if key not in found:
-                found[key] = len(nodes)
-                nodes.append((depth, token, path[-1] if path else -1))
-            path.append(found[key])
+            parent = path[-1] if path else -1
+            if (parent, token) not in found:
+                found[parent, token] = len(nodes)
+                nodes.append((depth, token, parent))
+            path.append(found[parent, token])
         paths.append(path)
     return OptionTree(nodes, paths)
 

@@ -75,9 +75,9 @@ def resampled_macro_f1(expected: list[str], predicted: list[str | None]) -> Resa
     import numpy as np
 
     index = {label: i for i, label in enumerate(sorted(set(expected)))}
-    truth = np.eye(len(index))[[index[label] for label in expected]]  # rows × labels
-    said = np.array([[index.get(label, -1) == i for i in range(len(index))] for label in predicted], dtype=float)
-    right = truth * said
+    one_hot = np.eye(len(index) + 1)[:, :len(index)]  # its last row: an answer that is no held-out label
+    truth, said = (one_hot[[index.get(label, len(index)) for label in labels]] for labels in (expected, predicted))
+    right = truth * said  # rows × labels
 
     def metric(resamples):
         times = len(resamples)
