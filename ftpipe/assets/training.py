@@ -362,8 +362,9 @@ def _train(context: dg.AssetExecutionContext, config: AdapterRunConfig, cfg: Tas
 
 
 def _size(context: dg.AssetExecutionContext, spec, training: TrainingConfig):
-    """Log what the training will cost here (`sizing`) and warn when it would outlast the run's max runtime; with no
-    earlier training's rate, a training on this machine calibrates and logs it itself (the spec's `sizing`)."""
+    """Log what the training will cost here (`sizing`), warn when it would outlast the run's max runtime, and hand the
+    earlier training's eval rate to the program (its time left); with no earlier training's rate, a training on this
+    machine calibrates and logs it itself (the spec's `sizing`)."""
     from ftpipe.core.training.sizing import deferred, estimate, over_runtime
 
     found, left = estimate(spec), _runtime_left(context)
@@ -371,6 +372,7 @@ def _size(context: dg.AssetExecutionContext, spec, training: TrainingConfig):
         spec.sizing = deferred(found, left)
         return found
     context.log.info(found.line())
+    spec.eval_tokens_per_second = found.cost.eval_tokens_per_second if found.cost else None
     warning = over_runtime(found.seconds, left)
     if warning:
         context.log.warning(warning)

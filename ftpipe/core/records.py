@@ -500,10 +500,11 @@ def system_prompt_mix(rows: list[dict[str, Any]]) -> str | None:
 LISTED_LABELS = 3  # a system prompt that names this many labels of data.label_names lists the task's labels
 
 
-def unlisted_labels(rows: list[dict[str, Any]], label_names: tuple[str, ...]) -> str | None:
-    """One line on the rows' system prompt (`common_system_prompt`) where it lists labels of data.label_names but not
-    all (cut off, or written before labels were added), naming those it lacks (None: it names all, or too few to be a
-    list)."""
+def unlisted_labels(rows: list[dict[str, Any]], label_names: tuple[str, ...] | list[str],
+                    labels_of: str = "data.label_names") -> str | None:
+    """One line on the rows' system prompt (`common_system_prompt`) where it lists labels of `label_names` (those of
+    `labels_of`) but not all (cut off, or written before labels were added), naming those it lacks (None: it names
+    all, or too few to be a list)."""
     prompt, holding = common_system_prompt([row["messages"] for row in rows])
     if prompt is None or not label_names:
         return None
@@ -513,7 +514,7 @@ def unlisted_labels(rows: list[dict[str, Any]], label_names: tuple[str, ...]) ->
         return None
     more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
     return (f"the system prompt of {plural(holding, 'row')} names {len(label_names) - len(lacking)} of the "
-            f"{len(label_names)} labels of data.label_names, not {', '.join(lacking[:5])}{more} (it ends "
+            f"{len(label_names)} labels of {labels_of}, not {', '.join(lacking[:5])}{more} (it ends "
             f"{prompt[-30:]!r}): the model is told of some labels only; list them all in data.system_prompt")
 
 

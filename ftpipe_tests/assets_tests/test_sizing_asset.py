@@ -3,11 +3,14 @@ or the previous training's rate, and a warning when the run's max runtime is too
 
 from __future__ import annotations
 
+import json
+
 import dagster as dg
 import pytest
 
 from ftpipe.assets import data, training
 from ftpipe.core import readable
+from ftpipe.core.layout import TaskLayout
 from ftpipe.partitions import task_partitions
 from ftpipe.resources import default_resources
 from ftpipe_tests.builders import materialization
@@ -54,3 +57,6 @@ def test_the_estimate_is_calibrated_then_taken_from_the_previous_training_and_ho
     assert second["estimated_tokens"] == second["tokens_trained"]  # whole passes, no replay: exact
     assert within(second["estimate_ratio"], RATE_FACTOR)
     assert "but this run's dagster/max_runtime leaves" in second_log
+    handed = json.loads(TaskLayout(tiny_task).spec_file().read_text())["eval_tokens_per_second"]
+    assert handed == first["eval_tokens_per_evaluation"] * first["evaluations"] / first["eval_seconds"], (
+        "the first training's eval rate prices the second's evaluations until one is timed")

@@ -464,6 +464,23 @@ def test_bad_adapter_fails_the_gate_then_the_base_comes_from_the_cache(workspace
     assert same["forgetting"] == pytest.approx(0, abs=1e-6) and same["probe_changes"] == []
 
 
+def test_a_system_prompt_that_names_some_labels_only_is_said_in_the_report(workspace, tmp_path):
+    root = tmp_path / "cut"
+    root.mkdir()
+    for name in ("base", "bad_adapter", "train.parquet", "probe.jsonl"):
+        (root / name).symlink_to(workspace / name)
+    listing = "Answer with one color: red, yellow, purple, gree"  # cut off mid-list
+    write_chat_parquet(root / "eval.parquet", [{**row, "messages": [{"role": "system", "content": listing},
+                                                                     *row["messages"][1:]]}
+                                               for row in read_examples(workspace / "eval.parquet")])
+    found = evaluate(root, "bad_adapter", tmp_path / "out")
+    said = re.fullmatch(r"the system prompt of 24 rows names 3 of the 6 labels of the held-out and train answers, "
+                        r"not (.+) \(it ends '.+ purple, gree'\): the model is told of some labels only; list them all "
+                        r"in data.system_prompt", found["unlisted_labels"])
+    assert said and set(said.group(1).split(", ")) == {"green", "violet", "brown"}
+    assert "The system prompt of 24 rows names 3 of the 6 labels" in found["report_markdown"]
+
+
 def test_a_grown_eval_split_runs_the_models_on_its_new_rows_only_and_measures_as_a_cold_run(
         workspace, tmp_path, passes):
     cache, first_rows = tmp_path / "cache", EVAL_ROWS - 8

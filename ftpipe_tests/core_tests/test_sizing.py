@@ -285,3 +285,31 @@ def test_the_speeds_and_time_left_count_evaluations_at_their_own_pace(monkeypatc
         progress.on_prediction_step(None, state, None, eval_dataloader=range(5))
     assert lines[-1] == "step 5/6: evaluated 3 of 5 batches, ~35 s left" and len(lines) == 8
     assert progress.session_tokens_per_second == 10, "the training's speed (its metadata): evaluations left out"
+
+
+def test_the_time_left_prices_the_evaluations_until_one_is_timed(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from ftpipe.core.training import reporting
+
+    clock = [0.0]
+    monkeypatch.setattr(reporting.time, "monotonic", lambda: clock[0])
+    lines = []
+    progress = reporting.progress_callback(SimpleNamespace(info=lines.append),
+                                           SimpleNamespace(log_metrics=lambda metrics, step: None))
+    progress.price_evaluations(300, 20.0)  # 15 s an evaluation, as the calibration or the previous training read
+    state = SimpleNamespace(global_step=0, max_steps=6, num_input_tokens_seen=0)
+    progress.on_train_begin(SimpleNamespace(eval_steps=3), state, None)
+    for step in range(1, 5):  # 10 s a step, an evaluation of 30 s after step 3
+        clock[0] += 10
+        state.global_step, state.num_input_tokens_seen = step, 100 * step
+        control = SimpleNamespace(should_log=True, should_evaluate=False)
+        progress.on_step_end(None, state, control)
+        progress.on_log(None, state, control, logs={"loss": 1.0})
+        if step == 3:
+            clock[0] += 30
+            progress.on_evaluate(None, state, control)
+    assert lines[0].endswith("ETA 80 s"), "5 steps and 2 evaluations priced: 50 s + 2 x 15 s"
+    assert lines[3].endswith("ETA 50 s"), "2 steps and the last evaluation, as timed: 20 s + 30 s"
+    progress.price_evaluations(300, None)
+    assert progress.evaluation_priced == 0.0, "no rate known: left out, as before"

@@ -168,8 +168,9 @@ def overview(metrics: dict[str, Any]) -> str:
 
 
 def evidence(metrics: dict[str, Any]) -> list[str]:
-    """The scores behind the verdict, one sentence each: the primary metric with its interval, the baselines
-    (few-shot, teacher, copy, most common label) and forgetting."""
+    """The scores behind the verdict, one sentence each: the primary metric with its interval, what it says nothing
+    about (labels without held-out rows, a system prompt that names some labels only), the baselines (few-shot,
+    teacher, copy, most common label) and forgetting."""
     m = metrics
     parts = [f"Primary metric `{m['primary_metric']}` on {m['rows']} held-out rows: base {number(m['base_score'])}, "
              f"fine-tuned {number(m['finetuned_score'])}, delta {number(m['delta'], True)} "
@@ -178,6 +179,8 @@ def evidence(metrics: dict[str, Any]) -> list[str]:
         parts.append(form)
     if m.get("labels_without_heldout_rows"):
         parts.append(unheld_labels_of(m))
+    if unlisted := m.get("unlisted_labels"):
+        parts.append(f"{unlisted[0].upper()}{unlisted[1:]}.")
     if m["fewshot_score"] is not None:
         parts.append(
             f"Base model with {m['fewshot_examples']} train examples in the prompt (few-shot): "

@@ -29,7 +29,7 @@ from ftpipe.core.evaluation.trained_length import (
     mark_over_max_length, trained_length, trained_replay, warm_start,
 )
 from ftpipe.core.layout import METRICS, PREDICTIONS, REPORT
-from ftpipe.core.records import read_examples
+from ftpipe.core.records import read_examples, unlisted_labels
 from ftpipe.core.results import Result, reusable
 from ftpipe.core.storage import atomic_dir, file_sha256, write_text
 from ftpipe.core.text import label_key
@@ -156,7 +156,9 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
              "fewshot_labels": _labels_shown(examples, heldout, task), "trained_length": trained,
              "warm_start": warm_start(sft_dir := tuned.get("sft", tuned["finetuned"])[0]),  # before a stage
              "trained_replay": trained_replay(sft_dir),
-             "labels_past_max_rows": _past_max_rows(metrics["labels_without_heldout_rows"], eval_rows, rows, task)}
+             "labels_past_max_rows": _past_max_rows(metrics["labels_without_heldout_rows"], eval_rows, rows, task),
+             "unlisted_labels": (unlisted_labels(rows, heldout.choices.written, "the held-out and train answers")
+                                 if heldout.choices else None)}
     return found, records
 
 

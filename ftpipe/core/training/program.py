@@ -143,6 +143,8 @@ def train(spec: TrainingSpec, config: TrainingConfig, method: Method, reporter: 
         calibrating = time.monotonic()
         calibration = calibrate(spec, trainer, reporter) if spec.sizing and spec.sizing["plan"] and lead else None
         facts["calibration_seconds"] = round(time.monotonic() - calibrating, 1)
+        eval_rate = calibration["eval_tokens_per_second"] if calibration else spec.eval_tokens_per_second
+        progress.price_evaluations(facts.get("eval_tokens_per_evaluation", 0), eval_rate)
         if resume_run_id is None:
             run.log_params(hyperparameters(spec, config, method, trainer, facts["replay_rows"]))
         if checkpoint:

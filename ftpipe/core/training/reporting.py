@@ -145,6 +145,13 @@ def progress_callback(reporter: Reporter, run, sizing_entry: dict[str, Any] | No
     unsized = sizing_entry is not None and sizing_entry["plan"] is None
 
     class Progress(TrainerCallback):
+        evaluation_priced = 0.0  # seconds an evaluation takes before one is timed (`price_evaluations`)
+
+        def price_evaluations(self, eval_tokens: int, tokens_per_second: float | None) -> None:
+            """Count each evaluation in the time left, until one is timed, as `eval_tokens` at this rate (the
+            calibration's or the previous training's; None: unknown, left out)."""
+            self.evaluation_priced = eval_tokens / tokens_per_second if tokens_per_second else 0.0
+
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = self.last_time = self.step_ended = time.monotonic()
             self.start_step = state.global_step
@@ -213,7 +220,7 @@ def progress_callback(reporter: Reporter, run, sizing_entry: dict[str, Any] | No
 
         def _train_line(self, state, logs):
             """The step's loss, the training speed since the last line and the time left, evaluations apart: their
-            time is left out of the speed and counted in the time left at their own pace."""
+            time is left out of the speed and counted in the time left at their own pace (as priced until then)."""
             now, tokens = time.monotonic(), state.num_input_tokens_seen
             evaluating = self.eval_seconds - self.eval_seconds_at_last
             speed = (tokens - self.last_tokens) / max(now - self.last_time - evaluating, 1e-9)
@@ -222,7 +229,7 @@ def progress_callback(reporter: Reporter, run, sizing_entry: dict[str, Any] | No
                 now - self.started - self.eval_seconds, 1e-9)
             done = state.global_step - self.start_step
             per_step = (now - self.started - self.eval_seconds) / max(done, 1)
-            per_evaluation = self.eval_seconds / self.evaluations if self.evaluations else 0.0
+            per_evaluation = self.eval_seconds / self.evaluations if self.evaluations else self.evaluation_priced
             eta = (per_step * (state.max_steps - state.global_step)
                    + per_evaluation * evaluations_left(state.global_step, state.max_steps, self.eval_steps))
             reporter.info(

@@ -65,6 +65,7 @@ class TrainingSpec:
     warm_start: dict[str, Any] | None = None  # warm_start.WarmStart.spec_entry: start_adapter is trained further
     recipe_version: str | None = None  # a hash of the recipe (TrainingInputs.recipe_version), for later warm starts
     sizing: dict[str, Any] | None = None  # sizing.deferred: the plan the program calibrates and logs before training
+    eval_tokens_per_second: float | None = None  # the previous training's: its evaluations' time, until one is timed
 
     def __post_init__(self):
         if not isinstance(self.mlflow, MlflowSpec):
