@@ -430,6 +430,10 @@ class EvaluationConfig(_Strict):
     require_beats_fewshot: bool = Field(
         False, description="gate: the gain over the few-shot baseline must be above min_improvement too"
     )
+    require_beats_majority: bool = Field(
+        False, description="gate (classification): the gain over answering every row with the train rows' most "
+                           "common label must be above min_improvement too"
+    )
     max_forgetting: float = Field(
         0.10, ge=0.0, description="gate: fails when the lower end of the 95% interval of forgetting (relative "
                                   "worsening on the general-skills probe, or on any one of its skills) is above this "

@@ -624,6 +624,9 @@ def test_published_files_result_and_report(workspace, tmp_path):
     assert macro_f1_row.endswith(f" | {change:+.3f} ({low:+.3f} … {high:+.3f}) |"), "macro-F1's change with its CI"
     assert metrics["delta_ci_low"] == result["delta_ci_low"] and metrics["base_score"] == result["base_score"]
     assert not {"passed", "failed_conditions", "report_markdown"} & set(metrics)  # the gate is decided on reading
+    strict = read_evaluation(out, CLASSIFY.model_copy(update={"require_beats_majority": True}))
+    assert f"delta_vs_majority_ci_low {result['delta_vs_majority_ci_low']:.3f} <= min_improvement 0.000" in " ".join(
+        strict["failed_conditions"]) and "must beat the most common label" in strict["report_markdown"]
 
     stored = read_result(out, "eval_report")
     assert stored.reuse_key == evaluation_key(

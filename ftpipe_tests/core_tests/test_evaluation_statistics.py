@@ -189,6 +189,26 @@ def test_the_gate_can_require_beating_few_shot():
     assert "no few-shot baseline" in decide_gate(measured(fewshot_score=None), strict)[1][0]
 
 
+def test_the_gate_can_require_beating_the_most_common_label():
+    from ftpipe.core.evaluation.gate import gate_caveat
+    from ftpipe.core.evaluation.report import verdict
+
+    strict = EvaluationConfig(require_beats_majority=True)
+    below = measured(majority_score=0.82, delta_vs_majority_ci_low=-0.08, delta_vs_majority_ci_high=0.04)
+    assert decide_gate(below, EvaluationConfig()) == (True, []), "not shown to be worse: no caveat, a pass"
+    assert gate_caveat(below, EvaluationConfig()) is None
+    assert decide_gate(below, strict) == (False, [
+        "delta_vs_majority_ci_low -0.080 <= min_improvement 0.000 (accuracy most common label 0.820 -> fine-tuned "
+        "0.800)"])
+    assert decide_gate(measured(majority_score=0.5, delta_vs_majority_ci_low=0.1), strict) == (True, [])
+    assert decide_gate(measured(), strict)[1] == [
+        "require_beats_majority, but no most-common-label baseline was measured (not a classification, or no labelled "
+        "train rows)"]
+    assert "must beat the most common label" in verdict(False, [], strict)
+    worse = {**below, "delta_vs_majority_ci_high": -0.01}
+    assert gate_caveat(worse, strict) is None, "the gate judges it then"
+
+
 def test_a_pass_says_when_few_shot_prompting_scores_higher_and_beating_it_is_not_required():
     from ftpipe.core.evaluation.gate import gate_caveat
     from ftpipe.core.evaluation.report import verdict
@@ -208,7 +228,8 @@ def test_a_pass_says_when_answering_the_most_common_label_every_time_scores_high
     skewed = measured(majority_score=0.9, delta_vs_majority_ci_high=-0.03)  # a label of 9 rows in 10
     assert gate_caveat(skewed, EvaluationConfig()) == (
         "answering every row with the train rows' most common label scores higher (0.900 against 0.800, the gain "
-        "over it has a 95% CI high of -0.030): the model tells the labels apart worse than no model")
+        "over it has a 95% CI high of -0.030): the model tells the labels apart worse than no model; "
+        "evaluation.require_beats_majority: true holds such a model back")
     assert gate_caveat(measured(majority_score=0.9, delta_vs_majority_ci_high=0.02), EvaluationConfig()) is None
 
 

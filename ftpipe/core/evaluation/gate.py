@@ -9,7 +9,12 @@ from ftpipe.config import EvaluationConfig
 from ftpipe.core.evaluation.preference import margin_words
 
 GATE_FIELDS = frozenset({"min_improvement", "min_preference_gain", "max_forgetting", "require_beats_fewshot",
-                         "require_human_review"})
+                         "require_beats_majority", "require_human_review"})
+BASELINES = {  # a baseline the gate may require beating (`require_beats_<name>`): its name, and why it may be missing
+    "fewshot": ("few-shot", "no few-shot baseline was measured (no train rows or fewshot_k 0)"),
+    "majority": ("most common label", "no most-common-label baseline was measured (not a classification, or no "
+                                      "labelled train rows)"),
+}
 
 
 def _gain(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
@@ -60,16 +65,21 @@ def _forgetting(metrics: dict[str, Any], config: EvaluationConfig) -> str | None
             f"{metrics['forgetting']:.3f}); {_forget_less(metrics)}")
 
 
-def _fewshot(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
-    if not config.require_beats_fewshot:
-        return None
-    if metrics["fewshot_score"] is None:
-        return "require_beats_fewshot, but no few-shot baseline was measured (no train rows or fewshot_k 0)"
-    if metrics["delta_vs_fewshot_ci_low"] > config.min_improvement:
-        return None
-    return (f"delta_vs_fewshot_ci_low {metrics['delta_vs_fewshot_ci_low']:.3f} <= min_improvement "
-            f"{config.min_improvement:.3f} ({metrics['primary_metric']} few-shot {metrics['fewshot_score']:.3f} "
-            f"-> fine-tuned {metrics['finetuned_score']:.3f})")
+def _beats(baseline: str):
+    """The check of `require_beats_<baseline>`: the gain over that baseline has a CI low above `min_improvement`."""
+    def check(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
+        if not getattr(config, f"require_beats_{baseline}"):
+            return None
+        name, missing = BASELINES[baseline]
+        if metrics.get(f"{baseline}_score") is None:
+            return f"require_beats_{baseline}, but {missing}"
+        low = metrics[f"delta_vs_{baseline}_ci_low"]
+        if low > config.min_improvement:
+            return None
+        return (f"delta_vs_{baseline}_ci_low {low:.3f} <= min_improvement {config.min_improvement:.3f} "
+                f"({metrics['primary_metric']} {name} {metrics[f'{baseline}_score']:.3f} -> fine-tuned "
+                f"{metrics['finetuned_score']:.3f})")
+    return check
 
 
 def _preference_gain(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
@@ -100,9 +110,11 @@ def _copy_caveat(metrics: dict[str, Any]) -> str | None:
     return found and f"{found}: the metric rewards words taken from the input"
 
 
-def _majority_caveat(metrics: dict[str, Any]) -> str | None:
-    found = _baseline_higher(metrics, "majority", "answering every row with the train rows' most common label")
-    return found and f"{found}: the model tells the labels apart worse than no model"
+def _majority_caveat(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
+    found = None if config.require_beats_majority else _baseline_higher(
+        metrics, "majority", "answering every row with the train rows' most common label")
+    return found and (f"{found}: the model tells the labels apart worse than no model; "
+                      "evaluation.require_beats_majority: true holds such a model back")
 
 
 def _preference_caveat(metrics: dict[str, Any]) -> str | None:
@@ -115,10 +127,11 @@ def _preference_caveat(metrics: dict[str, Any]) -> str | None:
 def gate_caveat(metrics: dict[str, Any], config: EvaluationConfig) -> str | None:
     """What a passed gate does not say, None when nothing: that few-shot prompting of the base model scores higher
     (the gain over it has a 95% CI high below 0) while the gate does not require beating it, that a copy of the
-    input does (free text) or the most common label as every answer (classification), or that no held-out pair
+    input does (free text), or the most common label as every answer (classification) unless required, or that no
+    held-out pair
     checked a preference stage (KTO's single answers, or too few pairs for the held-out split)."""
-    caveats = [found for found in (_fewshot_caveat(metrics, config), _copy_caveat(metrics), _majority_caveat(metrics),
-                                   _preference_caveat(metrics)) if found]
+    caveats = [found for found in (_fewshot_caveat(metrics, config), _copy_caveat(metrics),
+                                   _majority_caveat(metrics, config), _preference_caveat(metrics)) if found]
     return "; and ".join(caveats) or None
 
 
@@ -136,13 +149,14 @@ def decide_gate(metrics: dict[str, Any], config: EvaluationConfig) -> tuple[bool
       a gain; a model that only ties the base is not promoted);
     - forgetting fails only on evidence: when its 95% CI low is above `max_forgetting` (a few probe rows
       changing by chance cannot fail the gate);
-    - with `require_beats_fewshot`, the gain over the few-shot baseline has a CI low above `min_improvement`;
+    - with `require_beats_fewshot` (`require_beats_majority`), the gain over the few-shot baseline (the train rows'
+      most common label as every answer) has a CI low above `min_improvement`;
     - with held-out preference pairs, the final model's margin gain over the SFT model (over the base without one:
       the share of pairs whose chosen answer it favours more, less the share it favours less) has a CI low above
       `min_preference_gain`.
 
     Human verdicts arrive after the evaluation, so `waiting_for_reviews` is a gate of its own (on `human_review`).
     """
-    checks = (_gain, _forgetting, _fewshot, _preference_gain)
+    checks = (_gain, _forgetting, *map(_beats, BASELINES), _preference_gain)
     failures = [failure for check in checks if (failure := check(metrics, config))]
     return not failures, failures

@@ -53,6 +53,8 @@ def verdict(passed: bool, failed: list[str], config: EvaluationConfig, preferenc
         thresholds += f", min_preference_gain {config.min_preference_gain:g}"
     if config.require_beats_fewshot:
         thresholds += ", must beat few-shot"
+    if config.require_beats_majority:
+        thresholds += ", must beat the most common label"
     if config.require_human_review:
         thresholds += f", {config.require_human_review} human verdicts"
     if passed:
