@@ -128,8 +128,7 @@ def gate_caveat(metrics: dict[str, Any], config: EvaluationConfig) -> str | None
     """What a passed gate does not say, None when nothing: that few-shot prompting of the base model scores higher
     (the gain over it has a 95% CI high below 0) while the gate does not require beating it, that a copy of the
     input does (free text), or the most common label as every answer (classification) unless required, or that no
-    held-out pair
-    checked a preference stage (KTO's single answers, or too few pairs for the held-out split)."""
+    held-out pair checked a preference stage (KTO's single answers, or too few pairs for the held-out split)."""
     caveats = [found for found in (_fewshot_caveat(metrics, config), _copy_caveat(metrics),
                                    _majority_caveat(metrics, config), _preference_caveat(metrics)) if found]
     return "; and ".join(caveats) or None
