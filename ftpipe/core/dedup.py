@@ -9,7 +9,8 @@ differ only in words their own prompts have and the other's has not (an order nu
 the label) are two examples of one rule: neither duplicates nor a contradiction, both stay. So are two rows whose
 near-identical prompts differ in a number (a price, a quantity: a template's problems, numbers read with their signs
 and decimals) or an operator (`12 + 7`, `12 * 7`; `a // b`, `a / b`) and whose answers differ, however alike their
-words where the answers differ in a number or an operator too.
+words where the answers differ in a number or an operator too; and two rows whose prompts hold their words in another
+order (from Boston to Denver, from Denver to Boston) and whose answers differ at all.
 Exact-prompt answers are compared as `loose` text, so `#### 325.` and `#### 325` are one answer (and the near stage
 finds the second row a near-duplicate of the first). Answers alike in their words are still two where their `terms`
 differ: a number, or in code an operator (`= 3057`, `!= 3057`), a string literal or a block's indentation. Only the
@@ -181,6 +182,7 @@ class NearRows:
                                         settings, answers)
         self.similar = similarity.neighbours(len(rows), [pair for pair in pairs if self.turn_for_turn(*pair[:2])])
         self._word_sets: dict[int, tuple[set[str], set[str]]] = {}
+        self._prompt_words: dict[int, list[str]] = {}
         self._objects: dict[int, bool] = {}
         self._term_sets: dict[int, tuple[Terms, Terms]] = {}
         self._compared_terms: dict[int, Terms] = {}
@@ -242,10 +244,22 @@ class NearRows:
     def _words(self, index: int) -> tuple[set[str], set[str]]:
         """(the words of a row's answer, of its prompt but the system message)."""
         if index not in self._word_sets:
-            messages = self.rows[index]["messages"]
-            self._word_sets[index] = (set(word_parts(messages[-1]["content"])),
-                                      set(word_parts(similarity.prompt_text(messages))))
+            self._word_sets[index] = (set(word_parts(self.rows[index]["messages"][-1]["content"])),
+                                      set(self._prompt_order(index)))
         return self._word_sets[index]
+
+    def _prompt_order(self, index: int) -> list[str]:
+        """The words of a row's prompt but the system message, in order."""
+        if index not in self._prompt_words:
+            self._prompt_words[index] = word_parts(similarity.prompt_text(self.rows[index]["messages"]))
+        return self._prompt_words[index]
+
+    def prompts_reordered(self, a: int, b: int) -> bool:
+        """The prompts hold the words they share in another order (`from largest to smallest`, `from smallest to
+        largest`; `a minus b`, `b minus a`): the order can decide the answer."""
+        shared = set(self._prompt_order(a)) & set(self._prompt_order(b))
+        first, second = ([word for word in self._prompt_order(index) if word in shared] for index in (a, b))
+        return first != second and sorted(first) == sorted(second)
 
     def _terms(self, index: int) -> tuple[Terms, Terms]:
         """(the `terms` of a row's answer as written, of its prompt but the system message)."""
@@ -263,14 +277,24 @@ class NearRows:
         """The prompts differ in a term and so do the answers: a template's problems, each with its own result."""
         return self.prompts_differ_in_a_term(a, b) and self._terms(a)[0] != self._terms(b)[0]
 
+    def prompts_apart(self, a: int, b: int) -> bool:
+        """The prompts differ in a term or in the order of their words: either can decide the answer."""
+        return self.prompts_differ_in_a_term(a, b) or self.prompts_reordered(a, b)
+
     def same_problem(self, a: int, b: int) -> bool:
-        """Near-identical prompts asking one thing: not apart in a term, nor answered apart where they differ."""
-        return not self.prompts_differ_in_a_term(a, b) and not self.answers_follow_prompts(a, b)
+        """Near-identical prompts asking one thing: not apart (`prompts_apart`), nor answered apart where they
+        differ."""
+        return not self.prompts_apart(a, b) and not self.answers_follow_prompts(a, b)
 
     def consistent(self, a: int, b: int) -> bool:
-        """The answers agree, differ only where the prompts do, or may differ because the prompts differ in a
-        term."""
-        return self.same_answer(a, b) or self.answers_follow_prompts(a, b) or self.prompts_differ_in_a_term(a, b)
+        """The answers agree, differ only where the prompts do, or may differ because the prompts are apart."""
+        return self.same_answer(a, b) or self.answers_follow_prompts(a, b) or self.prompts_apart(a, b)
+
+    def repeats(self, a: int, b: int) -> bool:
+        """Row `b` repeats row `a`: near-identical answers, which differ neither where the prompts do, nor in a term
+        where the prompts differ in one, nor at all where the prompts hold their words in another order."""
+        return (self.same_answer(a, b) and not self.answers_follow_prompts(a, b) and not self.terms_follow_prompts(a, b)
+                and (self.answers[a] == self.answers[b] or not self.prompts_reordered(a, b)))
 
     def answer_camps(self, group: list[int]) -> list[list[int]]:
         """`group` split by answer: each row joins the first camp whose first answer is consistent with its own."""
@@ -320,13 +344,12 @@ def _near_contradiction(near: NearRows, index: int, center: int, camp_of: dict[i
 
 def _remove_near_duplicates(near: NearRows, alive: list[bool], removed: list[dict[str, Any]]) -> None:
     """A row whose prompt and answer are both near-identical to a kept earlier row's goes, naming that row, unless
-    the answers differ where the prompts do, or in a number or an operator where the prompts differ in one."""
+    the answers differ where the prompts do (`NearRows.repeats`)."""
     for index, similar in enumerate(near.similar):
         if not alive[index]:
             continue
         matches = [(score, other) for other, score in similar.items() if other < index and alive[other]
-                   and near.same_answer(other, index) and not near.answers_follow_prompts(other, index)
-                   and not near.terms_follow_prompts(other, index)]
+                   and near.repeats(other, index)]
         if matches:
             score, other = max(matches, key=lambda match: (match[0], -match[1]))  # most alike, then first
             detail = f"prompt Jaccard {score:.2f}, answer Jaccard {near.answer_jaccard(other, index):.2f}"

@@ -303,6 +303,23 @@ def test_sql_and_code_answers_apart_in_an_operator_a_literal_or_a_block_are_othe
     keys = [row(f"Write Python that sorts the rows by their '{key}' field.", f"sorted(rows, key=lambda r: r['{key}'])",
                 f"k:line {i}") for i, key in enumerate(("price", "quantity", "name"))]
     assert dedup.deduplicate(others + keys).removed == [], "apart where the prompts are: `r['price']` holds price"
+    ask = ("For the flights database: list every nonstop flight from {} to {} leaving on Monday morning before ten "
+           "with seats left in economy class, for a customer who wants the options before booking a trip next week "
+           "within the travel budget the company approved for the quarter")
+    sql = "SELECT flight_id FROM flights WHERE origin = '{}' AND destination = '{}' AND day = 'monday';"
+    trips = [row(ask.format(*cities), sql.format(*(city[:3].upper() for city in cities)), f"t:line {i}")
+             for i, cities in enumerate((("Boston", "Denver"), ("Denver", "Boston")))]
+    reply = ("The nonstop Monday morning flights from {} to {} with economy seats left are the 7:05 and the 9:40; "
+             "both fit the travel budget the company approved for the quarter, and I can hold a seat on either")
+    replies = [row(ask.format(*cities), reply.format(*cities), f"r:line {i}")
+               for i, cities in enumerate((("Boston", "Denver"), ("Denver", "Boston")))]
+    assert [dedup.deduplicate(others + rows, free_text=True).removed for rows in (trips, replies)] == [[], []], (
+        "two problems each: the prompts' words in another order (Boston to Denver) decide the answer too")
+    copied = [row("Sort the rows by price from largest to smallest.", "rows.sort(key=lambda r: r['price'])", "o:1"),
+              row("Sort the rows by price, from largest to smallest!", "rows.sort(key=lambda r: r['price'])", "o:2"),
+              row("Sort the rows by price from largest to smallest.", "rows.sort(key=lambda r: -r['price'])", "o:3")]
+    assert sorted((r["source"], r["reason"]) for r in dedup.deduplicate(others + copied, free_text=True).removed) == [
+        ("o:2", "near_duplicate"), ("o:3", "contradiction")], "in the same order: a copy, and a contradiction"
 
 
 def test_worked_solutions_are_compared_by_their_final_answers_where_the_task_checks_them(tmp_path) -> None:
