@@ -37,9 +37,13 @@ def plot_panels(panels: dict[str, dict[str, Points]], target: Path, xlabel: str 
     return target
 
 
-def plot_intervals(panels: dict[str, list[Interval]], target: Path) -> Path:
+Bar = tuple[float, str]  # (x, label): a threshold the intervals of a panel are judged against
+
+
+def plot_intervals(panels: dict[str, list[Interval]], target: Path, bars: dict[str, Bar] | None = None) -> Path:
     """Panels side by side, one per title ({x label: intervals}, the label wrapped at LABEL_CHARS): each interval a
-    point with its range, labelled on the left, the first on top, beside a line at 0; saved as a PNG."""
+    point with its range, labelled on the left, the first on top, beside a line at 0 and a panel's bar ({x label:
+    bar}: a dotted line, named in a legend; named only, where it lies far off the intervals); saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,10 +63,23 @@ def plot_intervals(panels: dict[str, list[Interval]], target: Path) -> Path:
         axes.set_ylim(len(intervals) - 0.5, -0.5)
         axes.set_xlabel(textwrap.fill(xlabel, LABEL_CHARS))
         axes.grid(axis="x", alpha=0.3)
+        if bars and xlabel in bars:
+            _bar(axes, *bars[xlabel])
     figure.tight_layout()
-    figure.savefig(target)
+    figure.savefig(target, format="png")
     plt.close(figure)
     return target
+
+
+def _bar(axes, x: float, label: str) -> None:
+    """A dotted line at `x` named `label` in a legend above the panel (off the intervals); where it lies more than
+    the panel's width off, the legend names it alone."""
+    low, high = axes.get_xlim()
+    if low - (high - low) <= x <= high + (high - low):
+        axes.axvline(x, color="tab:red", linewidth=1.5, linestyle=":", label=label)
+    else:
+        axes.plot([], [], " ", label=f"{label} (off the chart)")
+    axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False, fontsize="small")  # above the panel
 
 
 def markdown_image(png: Path, title: str) -> str:

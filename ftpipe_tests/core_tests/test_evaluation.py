@@ -587,6 +587,7 @@ def test_changing_gate_thresholds_flips_the_gate_without_generating(workspace, t
     assert (out / "metrics.json").stat().st_mtime_ns == written
     assert passed["failed_conditions"] == [] and passed["passed"] is True
     assert "Eval gate: PASSED** (min_improvement -2, max_forgetting 10000)" in passed["report_markdown"]
+    assert (out / CHART).read_bytes() == write_chart(passed, tmp_path, lenient).read_bytes(), "its bars redrawn"
     assert passed["delta_ci_low"] == failed["delta_ci_low"]
 
     evaluate(workspace, "bad_adapter", out, config=CLASSIFY.model_copy(update={"max_new_tokens": 5}))
@@ -843,9 +844,29 @@ def test_the_chart_keeps_its_labels_inside_the_image(tmp_path) -> None:
     metrics = {"primary_metric": "accuracy", **gains, "probe_rows": 308, "forgetting": 0.0, "forgetting_ci_low": 0.0,
                "forgetting_ci_high": 0.09, "probe_accuracy_by_skill": {
                    "facts": skill, **{name: dict.fromkeys(skill, 0.0) for name in ("arithmetic", "formatting")}}}
-    image = Image.open(write_chart(metrics, tmp_path)).convert("L")
+    image = Image.open(write_chart(metrics, tmp_path, EvaluationConfig())).convert("L")
     edges = [image.getpixel((x, y)) for x in (0, image.width - 1) for y in range(image.height)]
     assert min(edges) == 255, "no text runs off the left or right edge"
+
+
+def test_the_chart_draws_the_gates_bars_where_they_fall_among_the_intervals(tmp_path) -> None:
+    from PIL import Image
+
+    intervals = {f"delta{end}": value for end, value in (("", 0.07), ("_ci_low", -0.1), ("_ci_high", 0.12))}
+    metrics = {"primary_metric": "accuracy", **intervals, "probe_rows": 308, "forgetting": 0.02,
+               "forgetting_ci_low": 0.0, "forgetting_ci_high": 0.09, "probe_accuracy_by_skill": {}}
+
+    def red_columns(config: EvaluationConfig) -> tuple[int, int]:
+        """Columns holding a red pixel, in the gains panel (left) and the forgetting panel (right)."""
+        image = Image.open(write_chart(metrics, tmp_path, config)).convert("RGB")
+        red = {x for x in range(image.width) for y in range(0, image.height, 2)
+               if (pixel := image.getpixel((x, y)))[0] > 170 and max(pixel[1:]) < 110}
+        return sum(x < image.width // 2 for x in red), sum(x >= image.width // 2 for x in red)
+
+    left, right = red_columns(EvaluationConfig())
+    assert left == 0 and right > 0, "max_forgetting 0.1 among the forgetting intervals; min_improvement 0: the 0 line"
+    left, right = red_columns(EvaluationConfig(min_improvement=0.05, max_forgetting=1e4))
+    assert left > 0 and right == 0, "min_improvement drawn; a max_forgetting far off is only named"
 
 
 def test_a_long_conversation_is_shown_in_the_reports_tables_to_its_last_turn() -> None:

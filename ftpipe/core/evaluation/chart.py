@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ftpipe.core.plots import Interval, markdown_image, plot_intervals
+from ftpipe.config import EvaluationConfig
+from ftpipe.core.plots import Bar, Interval, markdown_image, plot_intervals
+from ftpipe.core.storage import atomic_file
 
 CHART = "scores.png"
 CHART_TITLE = "The fine-tuned model's gains and forgetting, with their 95% intervals"
@@ -32,11 +34,18 @@ def forgetting(metrics: dict[str, Any]) -> list[Interval]:
     return [whole, *(by_skill if len(skills) > 1 else [])]
 
 
-def write_chart(metrics: dict[str, Any], folder: Path) -> Path:
-    """The chart of `metrics` (an evaluation's measurements) as CHART in `folder`."""
-    panels = {f"{metrics['primary_metric']} gain of the fine-tuned model (95% CI)": gains(metrics),
-              "forgetting: the probe's relative worsening (95% CI)": forgetting(metrics)}
-    return plot_intervals({title: found for title, found in panels.items() if found}, folder / CHART)
+def write_chart(metrics: dict[str, Any], folder: Path, config: EvaluationConfig) -> Path:
+    """The chart of `metrics` (an evaluation's measurements) as CHART in `folder`, with the gate's bars of `config`:
+    `max_forgetting`, and `min_improvement` where it is not 0 (a line at 0 is drawn anyway)."""
+    gain, forgot = (f"{metrics['primary_metric']} gain of the fine-tuned model (95% CI)",
+                    "forgetting: the probe's relative worsening (95% CI)")
+    panels = {gain: gains(metrics), forgot: forgetting(metrics)}
+    bars: dict[str, Bar] = {forgot: (config.max_forgetting, f"gate: max_forgetting {config.max_forgetting:g}")}
+    if config.min_improvement:
+        bars[gain] = (config.min_improvement, f"gate: min_improvement {config.min_improvement:g} (over the base model)")
+    with atomic_file(folder / CHART) as tmp:
+        plot_intervals({title: found for title, found in panels.items() if found}, tmp, bars)
+    return folder / CHART
 
 
 def inline_chart(markdown: str, folder: Path) -> str:

@@ -106,7 +106,7 @@ def _publish(out_dir: Path, metrics: dict[str, Any], records: list[dict], config
     reviewed = {**metrics, **human_metrics(records, verdicts)}
     with atomic_dir(out_dir) as tmp:
         (tmp / REPORT).write_text(report_markdown(reviewed, records, config), encoding="utf-8")
-        write_chart(metrics, tmp)
+        write_chart(metrics, tmp, config)
         pq.write_table(pa.Table.from_pylist(records), tmp / PREDICTIONS)
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         result.write(tmp)
@@ -225,6 +225,7 @@ def run_evaluation(*, base_model_dir: Path | str, base_fingerprint: str, adapter
         rewritten = (out_dir / REPORT).read_text(encoding="utf-8") != found["report_markdown"]
         if rewritten:  # the gate decided for this run's thresholds (or verdicts) differs from the stored report's
             write_text(out_dir / REPORT, found["report_markdown"])
+            write_chart(found, out_dir, config)  # its bars too
         log(f"evaluation inputs unchanged (key {key}): reusing {out_dir}"
             + (f"; the report rewritten: eval gate {'passed' if found['passed'] else 'failed'}" if rewritten else ""))
         return {**found, "reused": True, "report_rewritten": rewritten}
