@@ -248,20 +248,24 @@ def test_the_calibration_times_enough_tokens_in_a_few_passes_however_long_the_ba
     assert sum(tokens for _, tokens in sizing._timed(short)) >= sizing.CALIBRATION_TOKENS
 
 
-def test_the_speeds_and_time_left_count_evaluations_at_their_own_pace(monkeypatch) -> None:
+def four_steps(monkeypatch, eval_rate: float | None = None):
+    """(a progress callback, its lines, the trainer state, the clock) after steps 1 to 4 of 6, each 10 s and 100
+    tokens, every step logged and an evaluation of 30 s after step 3 (eval_steps 3); evaluations priced before one is
+    timed at 300 eval tokens at `eval_rate`."""
     from types import SimpleNamespace
 
     from ftpipe.core.training import reporting
 
-    assert [reporting.evaluations_left(step, 7, 3) for step in (1, 3, 4, 6, 7)] == [3, 3, 2, 2, 1]
     clock = [0.0]
     monkeypatch.setattr(reporting.time, "monotonic", lambda: clock[0])
     lines = []
-    progress = reporting.progress_callback(SimpleNamespace(info=lines.append), SimpleNamespace(log_metrics=lambda metrics, step: None))
+    progress = reporting.progress_callback(SimpleNamespace(info=lines.append),
+                                           SimpleNamespace(log_metrics=lambda metrics, step: None))
+    progress.price_evaluations(300, eval_rate)
     state = SimpleNamespace(global_step=0, max_steps=6, num_input_tokens_seen=0)
     progress.on_train_begin(SimpleNamespace(eval_steps=3), state, None)
-    for step in range(1, 5):  # 10 s and 100 tokens a step, an evaluation of 30 s after step 3
-        control = SimpleNamespace(should_log=True, should_evaluate=step == 3)  # every step logged
+    for step in range(1, 5):
+        control = SimpleNamespace(should_log=True, should_evaluate=step == 3)
         clock[0] += 10
         state.global_step, state.num_input_tokens_seen = step, 100 * step
         progress.on_step_end(None, state, control)
@@ -269,6 +273,16 @@ def test_the_speeds_and_time_left_count_evaluations_at_their_own_pace(monkeypatc
         if step == 3:
             clock[0] += 30
             progress.on_evaluate(None, state, control)
+    return progress, lines, state, clock
+
+
+def test_the_speeds_and_time_left_count_evaluations_at_their_own_pace(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from ftpipe.core.training import reporting
+
+    assert [reporting.evaluations_left(step, 7, 3) for step in (1, 3, 4, 6, 7)] == [3, 3, 2, 2, 1]
+    progress, lines, state, clock = four_steps(monkeypatch)
     assert lines[1].endswith("10 tokens/s, ETA 40 s"), "4 steps left, no evaluation timed yet"
     assert lines[2:4] == [lines[2], "step 3/6: evaluating on the eval rows"], "said as the evaluation starts"
     assert lines[4].endswith("10 tokens/s, ETA 50 s"), "2 steps and the last evaluation: 20 s + 30 s"
@@ -288,28 +302,7 @@ def test_the_speeds_and_time_left_count_evaluations_at_their_own_pace(monkeypatc
 
 
 def test_the_time_left_prices_the_evaluations_until_one_is_timed(monkeypatch) -> None:
-    from types import SimpleNamespace
-
-    from ftpipe.core.training import reporting
-
-    clock = [0.0]
-    monkeypatch.setattr(reporting.time, "monotonic", lambda: clock[0])
-    lines = []
-    progress = reporting.progress_callback(SimpleNamespace(info=lines.append),
-                                           SimpleNamespace(log_metrics=lambda metrics, step: None))
-    progress.price_evaluations(300, 20.0)  # 15 s an evaluation, as the calibration or the previous training read
-    state = SimpleNamespace(global_step=0, max_steps=6, num_input_tokens_seen=0)
-    progress.on_train_begin(SimpleNamespace(eval_steps=3), state, None)
-    for step in range(1, 5):  # 10 s a step, an evaluation of 30 s after step 3
-        clock[0] += 10
-        state.global_step, state.num_input_tokens_seen = step, 100 * step
-        control = SimpleNamespace(should_log=True, should_evaluate=False)
-        progress.on_step_end(None, state, control)
-        progress.on_log(None, state, control, logs={"loss": 1.0})
-        if step == 3:
-            clock[0] += 30
-            progress.on_evaluate(None, state, control)
-    assert lines[0].endswith("ETA 80 s"), "5 steps and 2 evaluations priced: 50 s + 2 x 15 s"
-    assert lines[3].endswith("ETA 50 s"), "2 steps and the last evaluation, as timed: 20 s + 30 s"
-    progress.price_evaluations(300, None)
-    assert progress.evaluation_priced == 0.0, "no rate known: left out, as before"
+    lines = four_steps(monkeypatch, eval_rate=20.0)[1]  # 15 s an evaluation
+    assert lines[0].endswith("ETA 80 s"), "5 steps and 2 evaluations as priced: 50 s + 2 x 15 s"
+    assert lines[4].endswith("ETA 50 s"), "2 steps and the last evaluation, as timed: 20 s + 30 s"
+    assert four_steps(monkeypatch)[1][0].endswith("ETA 50 s"), "no rate known: evaluations left out until timed"
