@@ -56,6 +56,7 @@ def eval_report_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckRes
     after a preference stage, the preference-accuracy gain's interval clears `min_preference_gain`; decided from the
     stored measurements, so changing a threshold never re-runs the evaluation."""
     from ftpipe.core.evaluation import read_evaluation
+    from ftpipe.core.evaluation.forgetting import most_forgotten
 
     task = context.partition_key
     evaluation = effective_config(task, run_overrides(context, "eval_report")).evaluation
@@ -67,6 +68,7 @@ def eval_report_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckRes
         metadata=rounded_floats({
             "delta_ci_low": report["delta_ci_low"], "min_improvement": evaluation.min_improvement,
             "forgetting": report["forgetting"], "max_forgetting": evaluation.max_forgetting,
+            "most_forgotten_skill": most_forgotten(report["probe_accuracy_by_skill"]),  # the gate reads each skill
             **({"preference_margin_gain_ci_low": report["preference_margin_gain_ci_low"],
                 "min_preference_gain": evaluation.min_preference_gain} if "preference_pairs" in report else {}),
             "failed_conditions": "; ".join(failed) or "none",

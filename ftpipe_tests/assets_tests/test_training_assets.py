@@ -330,6 +330,8 @@ def test_gate_blocks_the_merge_reruns_reuse_and_a_failed_training_spares_the_cha
 
         assert verdict_in_mlflow() == "false"
         assert not gate.passed and "delta_ci_low" in gate.description and "min_improvement 0.5" in gate.description
+        assert gate.metadata["most_forgotten_skill"].value == materialization(blocked, "eval_report")[
+            "most_forgotten_skill"], "the skill the gate reads beside the whole probe's forgetting"
         assert "merged_model" not in {e.asset_key.to_user_string() for e in blocked.get_asset_materialization_events()}
         shown = materialization(blocked, "eval_report")["report"]
         assert "](data:image/png;base64," in shown and f"]({CHART})" not in shown, "the UI's report embeds its chart"

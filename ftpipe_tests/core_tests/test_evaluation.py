@@ -752,6 +752,11 @@ def test_fewshot_and_label_likelihood_baselines(workspace, tmp_path):
 
     result = evaluate(workspace, "bad_adapter", tmp_path / "out")
     assert result["fewshot_examples"] == 5 and 0 <= result["fewshot_score"] <= 1
+    train = {row["id"]: row["source"] for row in read_examples(workspace / "train.parquet")}
+    shown = result["fewshot_rows"]
+    assert len(shown) == 5 and all(train[row["id"]] == row["source"] for row in shown), "the train rows it showed"
+    assert f"its examples are the train rows of {', '.join(row['source'] for row in shown)}." in result[
+        "report_markdown"]
     assert result["delta_vs_fewshot"] == pytest.approx(result["finetuned_score"] - result["fewshot_score"])
     assert result["delta_vs_fewshot_ci_low"] <= result["delta_vs_fewshot"] <= result["delta_vs_fewshot_ci_high"]
     assert result["fewshot_prompt_tokens"] > 3 * result["prompt_tokens"] > 0  # five extra exchanges per call

@@ -436,6 +436,29 @@ def test_the_extraction_report_shows_the_fields_often_null_on_the_rows_that_give
     assert given.endswith("\n\nBelow what answering null every time scores: city (fine-tuned 0.571 against 0.714)")
 
 
+def test_the_extraction_report_shows_a_field_answered_with_one_value_everywhere():
+    from ftpipe.config import EvaluationConfig
+    from ftpipe.core.evaluation.metrics import task_metrics
+
+    issues = ["late_delivery", "damaged_item", "wrong_item", "refund"]
+    records = [{"reference": json.dumps({"order": f"A-{i}", "issue": issues[i % 4], "refund": i % 2 == 0,
+                                         "name": None if i % 3 else f"N{i}"}),
+                "finetuned_answer": json.dumps({"order": f"A-{i}", "issue": "cancelled" if i < 2 else issues[i % 4],
+                                                "refund": False, "name": None}),
+                "base_answer": "I can help with that order."} for i in range(24)]
+    sections = dict(task_metrics(EvaluationConfig(task_type="extraction")).report_sections(
+        records, {"finetuned": "fine-tuned", "base": "base"}))
+    assert sections["Fields of a few values"].splitlines()[2:] == [
+        "| issue | 4 | 0.250 (`\"late_delivery\"`) | `\"wrong_item\"` in 6 of 24, 2 with a value no reference gives "
+        "| n/a |",
+        "| refund | 2 | 0.500 (`true`) | `false` in 24 of 24 | n/a |",
+        "",
+        "No better than answering the commonest value every time: refund (fine-tuned 0.500 against 0.500 for `true`): "
+        "the model does not tell this field's values apart"], "the order ids and names are no few values"
+    assert "Below what answering null" not in sections["Fields on the rows that give a value"], (
+        "the base model never gives the field: not said to be below (the fine-tuned model answers null: level)")
+
+
 def test_generation_metrics():
     references = ["The apple is red.", "The lime is green", "Grüße aus Köln"]
     answers = ["the apple is red", "a lime is very green", "Grüße aus Bonn"]

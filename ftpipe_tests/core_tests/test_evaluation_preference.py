@@ -29,9 +29,10 @@ KEYS_WITHOUT_PREFERENCES = {  # metrics.json before preference tuning existed (w
     # without held-out rows, how many rows the base model ran, the answers' token limit against the references, the
     # labels the few-shot examples show, the training's warm start, the likely typos among the unheld labels, the
     # base answers in the task's form, the train rows, of all labels and of those without held-out rows, the
-    # training's replay, each metric's change with its interval and a system prompt naming some labels only)
+    # training's replay, each metric's change with its interval, a system prompt naming some labels only and the
+    # few-shot examples' rows)
     "answer_token_limit", "likely_typos", "base_answers_in_form", "fewshot_labels", "trained_length", "warm_start",
-    "trained_replay", "delta_intervals", "labels_past_max_rows", "unlisted_labels",
+    "trained_replay", "delta_intervals", "labels_past_max_rows", "unlisted_labels", "fewshot_rows",
     "references_over_limit", "longest_reference_tokens", "train_rows", "train_rows_of_unheld_labels",
     "base_cached", "base_rows_run", "base_loss", "base_perplexity", "base_score", "delta", "delta_ci_high", "delta_ci_low",
     "delta_vs_fewshot", "delta_vs_fewshot_ci_high", "delta_vs_fewshot_ci_low", "fewshot_examples",

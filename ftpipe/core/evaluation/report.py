@@ -23,8 +23,10 @@ LENGTH_GROUPS = 4  # quarters of the held-out rows by message length
 MIN_LENGTH_ROWS = 20  # fewer rows: no table by length (a handful of rows per group says nothing)
 PROBE_CHANGES_SHOWN = 30
 LOSS_NOTE = ("Held-out loss: the mean loss per token of the reference answers (with their end-of-turn tokens), over "
-             "the held-out rows evaluated. The training's `eval_loss` (the adapter's metadata) is the same mean for "
-             "the checkpoint it kept, but leaves out (or cuts) rows over `training.max_length`.")
+             "the held-out rows evaluated: tokens an answer copies from the message or repeats from every answer "
+             "(a JSON object's keys) weigh on it as much as the few that decide a row, so a low loss can go with many "
+             "wrong answers. The training's `eval_loss` (the adapter's metadata) is the same mean for the checkpoint "
+             "it kept, but leaves out (or cuts) rows over `training.max_length`.")
 LONG_TRAIN_ROWS = {"drop": "left out of the training", "truncate": "cut to that length in the training",
                    "trim_turns": "left out of the training or, multi-turn ones, shortened by their earliest turns"}
 NAMED_LABELS = 12  # labels without held-out rows named in the warning
@@ -188,7 +190,9 @@ def evidence(metrics: dict[str, Any]) -> list[str]:
             f"Base model with {m['fewshot_examples']} train examples in the prompt (few-shot): "
             f"{number(m['fewshot_score'])}; fine-tuned vs few-shot {number(m['delta_vs_fewshot'], True)} "
             f"({_interval(m['delta_vs_fewshot_ci_low'], m['delta_vs_fewshot_ci_high'])}), at "
-            f"{m['prompt_tokens']:.0f} instead of {m['fewshot_prompt_tokens']:.0f} prompt tokens per call.")
+            f"{m['prompt_tokens']:.0f} instead of {m['fewshot_prompt_tokens']:.0f} prompt tokens per call"
+            + (f"; its examples are the train rows of {', '.join(row['source'] for row in m['fewshot_rows'])}."
+               if m.get("fewshot_rows") else "."))
         shown, labels = m.get("fewshot_labels") or (0, 0)
         if shown < labels:
             parts.append(f"Its examples show {shown} of the task's {labels} labels: a weak baseline for the others "

@@ -154,6 +154,7 @@ def _measure(*, base_model_dir: Path, base_fingerprint: str, tuned: dict[str, tu
     judged = judge_metrics(records, config.judge, log)
     found = {**metrics, **judged, **budget.metrics(), "base_cached": base_rows_run == 0, "base_rows_run": base_rows_run,
              "fewshot_labels": _labels_shown(examples, heldout, task), "trained_length": trained,
+             "fewshot_rows": [{"id": row["id"], "source": row["source"]} for row in examples],
              "warm_start": warm_start(sft_dir := tuned.get("sft", tuned["finetuned"])[0]),  # before a stage
              "trained_replay": trained_replay(sft_dir),
              "labels_past_max_rows": _past_max_rows(metrics["labels_without_heldout_rows"], eval_rows, rows, task),

@@ -222,7 +222,7 @@ def _values_given(wanted: list[dict], got: dict[str, list[dict | None]], sides: 
                   hits: dict[str, dict[str, list[float]]]) -> list[tuple[str, str]]:
     """The report section of the fields some references leave null: each model's accuracy on the rows whose reference
     gives a value, beside the null share (what answering null every time scores on the field); under it, the fields
-    where a model's accuracy (`hits`: the first table's) is below that share."""
+    where the accuracy of a model that gives the field at all (`hits`: the first table's) is below that share."""
     nulls = Counter(key for found in wanted for key, value in found.items() if value is None)
     if not nulls:
         return []
@@ -234,9 +234,67 @@ def _values_given(wanted: list[dict], got: dict[str, list[dict | None]], sides: 
             for key in sorted(nulls)]
     header = ["field", "null in the reference (answering null scores this)", "rows with a value", *sides.values()]
     below = [f"{key} ({title} {mean(hits[side][key]):.3f} against {share[key]:.3f})" for key in sorted(nulls)
-             for side, title in sides.items() if hits[side].get(key) and mean(hits[side][key]) < share[key]]
+             for side, title in sides.items()
+             if _answered(got[side], key) and mean(hits[side][key]) < share[key]]  # a model that gives the field
     under = f"\n\nBelow what answering null every time scores: {'; '.join(below)}" if below else ""
     return [("Fields on the rows that give a value", markdown_table(header, rows) + under)]
+
+
+def few_valued(wanted: list[dict]) -> dict[str, Counter]:
+    """The fields of the reference objects `wanted` that hold a boolean or one of a few strings (each CATEGORY_REPEATS
+    times on average), given in SHAPE_MIN_ANSWERS of them or more: field -> its values' counts, as JSON text."""
+    values: dict[str, list[Any]] = {}
+    for found in wanted:
+        for key, value in found.items():
+            values.setdefault(key, []).append(value)
+    few = {}
+    for key, given in values.items():
+        kinds = {type(value) for value in given if value is not None}
+        counts = Counter(json.dumps(value, ensure_ascii=False) for value in given)
+        if len(given) >= SHAPE_MIN_ANSWERS and (kinds == {bool} or kinds == {str} and len(
+                given) >= CATEGORY_REPEATS * len(counts)):
+            few[key] = counts
+    return few
+
+
+def _answered(got: list[dict | None], key: str) -> Counter:
+    """The values the answers `got` give field `key`, as JSON text."""
+    return Counter(json.dumps(found[key], ensure_ascii=False) for found in got if found is not None and key in found)
+
+
+def _few_values(wanted: list[dict], got: dict[str, list[dict | None]], sides: dict[str, str],
+                hits: dict[str, dict[str, list[float]]]) -> list[tuple[str, str]]:
+    """The report section of the fields of a few values (`few_valued`): what the references' commonest value
+    answered every time scores (the most any constant answer scores), and each model's commonest answer with its
+    share of its answers and the answers no reference gives (a model answering one value everywhere tells nothing
+    apart); under it, the fields where a model that answers the field scores no more than that constant."""
+    few = few_valued(wanted)
+    if not few:
+        return []
+    constant = {key: (value, count / counts.total()) for key, counts in few.items()
+                for value, count in [counts.most_common(1)[0]]}
+    answered = {side: {key: _answered(got[side], key) for key in few} for side in sides}
+    rows = [[key, len(few[key]), f"{constant[key][1]:.3f} (`{constant[key][0]}`)",
+             *(_commonest(answered[side][key], few[key]) for side in sides)] for key in sorted(few)]
+    header = ["field", "values", "the commonest every time scores", *(f"{title} answers most" for title in
+                                                                        sides.values())]
+    level = [f"{key} ({title} {mean(hits[side][key]):.3f} against {constant[key][1]:.3f} for `{constant[key][0]}`)"
+             for key in sorted(few) for side, title in sides.items()
+             if answered[side][key] and mean(hits[side][key]) <= constant[key][1]]
+    under = (f"\n\nNo better than answering the commonest value every time: {'; '.join(level)}: the model does not "
+             "tell this field's values apart") if level else ""
+    return [("Fields of a few values", markdown_table(header, rows) + under)]
+
+
+def _commonest(answers: Counter, known: Counter) -> str:
+    """`value` in N of the M answers that give the field, and how many give a value no reference (`known`) gives;
+    n/a where none gives the field."""
+    if not answers:
+        return "n/a"
+    value, count = answers.most_common(1)[0]
+    unknown = sum(found for answer, found in answers.items() if answer not in known)
+    others = f", {unknown} with a value no reference gives" if unknown else ""
+    return f"`{value}` in {count} of {answers.total()}{others}"
 
 
 class Extraction(TaskMetrics):
@@ -278,7 +336,8 @@ class Extraction(TaskMetrics):
         """Each reference field's accuracy for every model, over the rows whose reference or answer has it, and how
         many of its answers invent it; under the table, the fields no reference has that each model's answers give.
         Then, for the fields some references leave null, each model's accuracy on the rows that give a value (a model
-        answering null every time scores the null share on the first table)."""
+        answering null every time scores the null share on the first table); and the fields of a few values, beside
+        what their commonest value scores as every answer (`_few_values`)."""
         wanted = [first_json_object(r["reference"]) or {} for r in records]
         got = {side: [first_json_object(r[f"{side}_answer"]) for r in records] for side in sides}
         hits = {side: by_field([field_hits(w, g) for w, g in zip(wanted, got[side])]) for side in sides}
@@ -292,7 +351,7 @@ class Extraction(TaskMetrics):
                  for title, fields in made_up.items() if fields]
         under = "\n\nFields no reference has, in the answers of " + "; ".join(lines) if lines else ""
         sections = [("Fields", markdown_table(header, rows) + under)] if rows else []
-        return sections + _values_given(wanted, got, sides, expected, hits)
+        return sections + _values_given(wanted, got, sides, expected, hits) + _few_values(wanted, got, sides, hits)
 
     def reference_problem(self, reference: str) -> str | None:
         if first_json_object(reference) is not None:
