@@ -196,10 +196,11 @@ def heldout_split(context: dg.AssetExecutionContext, config: TaskRunConfig) -> d
     task = context.partition_key
     cfg = load_config(context, config)
     paths = TaskLayout(task)
+    scoring = task_metrics(cfg.evaluation)
     summary = split.build_split(
         paths.examples("deduplicated_examples"), paths.asset("heldout_split"),
         eval_fraction=cfg.split.eval_fraction, seed=cfg.split.seed, settings=Settings.of(cfg.dedup),
-        labelled=task_metrics(cfg.evaluation).labelled,
+        labelled=scoring.labelled, categories=scoring.categories,
     )
     preference = (f", {summary['train_pairs']} train / {summary['eval_pairs']} eval preference rows"
                   if summary["train_pairs"] + summary["eval_pairs"] else "")

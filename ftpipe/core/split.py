@@ -3,8 +3,10 @@
 Near-duplicate prompts (short ones with one word misspelt too), rows giving the same distinctive answer, and rows
 asking one question in other wrapping (`wrapping`) form a group, which takes one side. Groups are taken in the order
 of a stable hash of their prompt (and the seed) and held out while their label's held-out rows stay within its share
-of the label (answers no other group gives, as a generation task's, count as one label); what is left of the eval
-share of all rows goes to the labels furthest below theirs, each keeping a train group while others can fill it.
+of the label (answers no other group gives, as a generation task's, count as one label; an extraction's label is the
+values of its answer's fields of categories, such as an `issue`, as every answer is an object of its own); what is
+left of the eval share of all rows goes to the labels furthest below theirs, each keeping a train group while others
+can fill it.
 Sides recorded by an earlier split are kept, so adding rows never moves an existing row between train and eval.
 Near-duplicate prompts are those cleaning compares (`similarity`, leaving out the same shared text), and the leakage
 check uses the same tests. Preference rows are split with the chat examples, by their prompts: near-identical prompts
@@ -23,6 +25,7 @@ import pandas as pd
 
 from ftpipe.core import similarity, wrapping
 from ftpipe.core.dedup import SHARED_TEXT_KEY, answer_key, comparable_answer, prompt_key
+from ftpipe.core.evaluation.metrics.base import first_json_object
 from ftpipe.core.layout import (
     EVAL as EVAL_FILE, EVAL_PREFERENCES, PREFERENCES, SPLIT_RECORD, TRAIN as TRAIN_FILE, TRAIN_PREFERENCES,
 )
@@ -117,6 +120,7 @@ def assign_sides(
     shared: np.ndarray | None = None,
     labelled: bool = False,
     kinds: list[str] | None = None,
+    strata: list[str] = (),
 ) -> dict[str, str]:
     """Map each row id to "train" or "eval".
 
@@ -128,10 +132,12 @@ def assign_sides(
     anew if None). `labelled`: the answers are labels of a classification, so an answer no other group gives is a
     label of its own (else they are one label).
     `kinds`: each row's kind (chat rows, preference prompts), whose labels are held out apart, each in its share.
+    `strata`: fields of the answers' JSON objects that hold categories, whose values stand for the answer (every
+    extraction is an answer of its own, so its whole answer would stratify nothing).
     """
     previous = previous or {}
     groups = question_groups(rows, settings, shared)
-    answers = [(kind, answer_key(row)) for kind, row in zip(kinds or [""] * len(rows), rows)]
+    answers = [(kind, _stratum(row, strata)) for kind, row in zip(kinds or [""] * len(rows), rows)]
     pinned = [min((previous[rows[i]["id"]] for i in group if rows[i]["id"] in previous), default=None)
               for group in groups]
     group_sides = _stratified_sides(
@@ -150,6 +156,14 @@ def question_groups(rows: list[dict[str, Any]], settings: similarity.Settings = 
     for index, root in enumerate(similarity.components(len(rows), links)):
         members.setdefault(root, []).append(index)
     return list(members.values())
+
+
+def _stratum(row: dict[str, Any], strata: list[str]) -> str:
+    """What a row is stratified by: its answer as cleaning compares it, or the values of its answer's `strata`."""
+    if not strata:
+        return answer_key(row)
+    found = first_json_object(row["messages"][-1]["content"]) or {}
+    return json.dumps([found.get(field) for field in strata], ensure_ascii=False)
 
 
 def group_positions(rows: list[dict[str, Any]], groups: list[list[int]], seed: int) -> list[float]:
@@ -379,15 +393,18 @@ def with_default_system_prompt(preferences: list[dict[str, Any]],
 
 
 def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, seed: int,
-                settings: similarity.Settings = similarity.Settings(), labelled: bool = False) -> dict[str, Any]:
+                settings: similarity.Settings = similarity.Settings(), labelled: bool = False,
+                categories: Callable[[list[str]], dict[str, Counter]] | None = None) -> dict[str, Any]:
     """Write `train.parquet`, `eval.parquet`, `train_preferences.parquet`, `eval_preferences.parquet` (the rows of
     `preferences.parquet` beside `examples_path`, none without it) and `split.json` (every id's side) into `out_dir`.
 
     The shared text cleaning left out (recorded in the examples file) is left out here too, and recorded again
     in both halves for the leakage check; preference prompts are compared leaving out their own shared text too.
-    `labelled`: the answers are a classification's labels (see `assign_sides`).
+    `labelled`: the answers are a classification's labels (see `assign_sides`). `categories`: the task type's fields
+    of categories in the answers (`TaskMetrics.categories`), which stratify the split in place of the whole answers.
     """
     rows = sorted(read_examples(examples_path), key=lambda r: (r["id"], r["source"]))
+    strata = sorted(categories([row["messages"][-1]["content"] for row in rows])) if categories else []
     preferences_path = examples_path.parent / PREFERENCES
     pairs = sorted(read_preferences(preferences_path), key=lambda r: (r["id"], r["source"]))
     shared = _shared_text(examples_path)
@@ -398,7 +415,7 @@ def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, see
     prompts = [as_chat(row) for row in pairs]
     sides = assign_sides(rows + prompts, eval_fraction=eval_fraction, seed=seed, previous=previous, settings=settings,
                          shared=_with_preference_text(shared, prompts, settings), labelled=labelled,
-                         kinds=["chat"] * len(rows) + ["preference"] * len(prompts))
+                         kinds=["chat"] * len(rows) + ["preference"] * len(prompts), strata=strata)
     train, evaluation = ([row for row in rows if sides[row["id"]] == side] for side in (TRAIN, EVAL))
     pairs, given = with_default_system_prompt(pairs, train)
     train_pairs, eval_pairs = ([row for row in pairs if sides[row["id"]] == side] for side in (TRAIN, EVAL))
@@ -412,7 +429,7 @@ def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, see
                "new_train_rows": new.count(TRAIN), "new_eval_rows": new.count(EVAL),
                "gone_train_rows": gone.count(TRAIN), "gone_eval_rows": gone.count(EVAL)}
     inputs = {"deduplicated_examples": file_sha256(examples_path)[:16], "eval_fraction": eval_fraction, "seed": seed,
-              **({"labelled": True} if labelled else {}),
+              **({"labelled": True} if labelled else {}), **({"strata": strata} if strata else {}),
               "deduplicated_preferences": file_sha256(preferences_path)[:16] if preferences_path.is_file() else None,
               "preference_system_prompt": "the chat train rows' default where a prompt has none"}
     record = {"eval_fraction": eval_fraction, "seed": seed,

@@ -43,6 +43,27 @@ def test_every_label_is_held_out_in_its_share_however_skewed_the_labels() -> Non
                            - 0.15 * size) < 1, f"label{k} of {size} rows"
 
 
+def test_an_extractions_rows_are_held_out_in_the_share_of_each_value_of_its_fields_of_categories(tmp_path) -> None:
+    from ftpipe.config import EvaluationConfig
+    from ftpipe.core.evaluation.metrics import task_metrics
+
+    rng = random.Random(3)
+    issues = {"late_delivery": 90, "damaged_item": 60, "missing_item": 40, "cancellation": 45, "refund": 30}
+    data = [row(sentence(rng, 12), json.dumps({"order": f"NW-{rng.randrange(10 ** 6):06d}", "issue": issue,
+                                               "refund": rng.random() < 0.5}), f"a.jsonl:line {i}")
+            for issue, size in issues.items() for i in range(size)]  # every answer an object of its own
+    write_examples(data, tmp_path / "examples.parquet")
+    summary = split.build_split(tmp_path / "examples.parquet", tmp_path / "split", eval_fraction=0.2, seed=0,
+                                categories=task_metrics(EvaluationConfig(task_type="extraction")).categories)
+    held = read_examples(tmp_path / "split" / "eval.parquet")
+    assert summary["eval_rows"] == 53 and read_result(tmp_path / "split", "heldout_split").inputs["strata"] == ["issue"]
+    assert [sum(json.loads(r["messages"][-1]["content"])["issue"] == issue for r in held) for issue in issues] == [
+        18, 12, 8, 9, 6], "a fifth of each issue's rows"
+    whole = split.assign_sides(data, eval_fraction=0.2, seed=0)
+    assert sorted(held_out(whole, [r for r in data if f'"{issue}"' in r["messages"][-1]["content"]]) / size
+                  for issue, size in issues.items()) != [0.2] * 5, "by whole answers: one label, shares by chance"
+
+
 def test_a_classification_labels_only_row_trains_while_other_labels_fill_the_share() -> None:
     data = labelled([40, 30, 20] + [1] * 10)  # ten labels of one row each
     rare = data[90:]
