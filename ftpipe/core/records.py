@@ -122,6 +122,7 @@ class ReadResult:
     files: list[str] = field(default_factory=list)
     ignored_files: list[str] = field(default_factory=list)
     unused_entries: list[str] = field(default_factory=list)  # why a data.files pattern applies to no file
+    paths: dict[str, Path] = field(default_factory=dict)  # each file read, by its name in the rows' sources
 
     @property
     def rows_valid(self) -> int:
@@ -562,6 +563,7 @@ def read_file(path: Path, name: str, spec: FormatSpec, result: ReadResult) -> No
     from ftpipe.core.preferences import to_preference  # preferences builds on this module's row checks
 
     before = result.rows_read
+    result.paths[name] = path
     try:
         rows = iter_file_rows(path)
         if _number_names(spec.label_names):
@@ -754,14 +756,24 @@ def unusable_files_line(unusable: list[str], quarantine: list[dict[str, Any]], p
 
 
 def _quarantine_odd_shapes(result: ReadResult, shape_problems: Callable[[list[str]], list[str | None]]) -> None:
-    """Move the examples whose answers depart from the form of the others' to the quarantine, the answer first (before
-    a long system prompt the row's messages may start with)."""
+    """Move the examples whose answers depart from the form of the others' to the quarantine: the answer first (before
+    a long system prompt the row may start with), then the row as its file holds it."""
     answers = [row["messages"][-1]["content"] for row in result.examples]
     problems = shape_problems(answers)
-    for row, answer, problem in zip(result.examples, answers, problems):
-        if problem:
-            _quarantine(result, row["source"], problem, {"answer": answer, "messages": row["messages"]})
+    odd = [(row, answer, problem) for row, answer, problem in zip(result.examples, answers, problems) if problem]
+    raw = _raw_rows(result.paths, {row["source"] for row, _, _ in odd})
+    for row, answer, problem in odd:
+        _quarantine(result, row["source"], problem, {"answer": answer, "row": raw.get(row["source"])})
     result.examples = [row for row, problem in zip(result.examples, problems) if not problem]
+
+
+def _raw_rows(paths: dict[str, Path], sources: set[str]) -> dict[str, Any]:
+    """The rows of `sources` (`file:location`) as their files hold them, read again (a few rows: their files only)."""
+    found = {}
+    for name in {source_file(source) for source in sources}:
+        found |= {f"{name}:{location}": row for location, row, _ in iter_file_rows(paths[name])
+                  if f"{name}:{location}" in sources}
+    return found
 
 
 def _raw_version(raw_dir: Path) -> str:

@@ -182,8 +182,9 @@ def test_an_extraction_answer_missing_a_field_or_giving_it_another_type_is_quara
                             "(evaluation.task_type extraction)"),
         ("a.jsonl:line 42", "the answer lacks the field 'urgent', which 42 of 43 answers give (evaluation.task_type "
                             "extraction)")]
-    assert [json.loads(row["raw"])["answer"] for row in quarantined] == [
-        typed_wrong["messages"][-1]["content"], missing["messages"][-1]["content"]], "the answer, with the row kept"
+    assert [json.loads(row["raw"]) for row in quarantined] == [
+        {"answer": typed_wrong["messages"][-1]["content"], "row": typed_wrong},
+        {"answer": missing["messages"][-1]["content"], "row": missing}], "the answer, then the row as its file holds it"
     preview = raw["quarantine_preview"].splitlines()[2]
     assert preview.startswith("| a.jsonl:line 41 |") and '\\"urgent\\": \\"no\\"' in preview, \
         "the answer shown first, before the long system prompt"

@@ -516,3 +516,24 @@ def test_the_review_sample_shows_a_multi_turn_rows_earlier_turns_and_a_single_tu
     sample, _, _ = review.review_sample(rows)
     assert [row["prompt"] for row in sample] == [
         "user: My router is red.\nassistant: Restart it, please.\nuser: ok will do", "q"]
+
+
+def test_an_answer_of_another_form_than_the_others_is_quarantined_with_its_row_as_the_file_holds_it(
+        tmp_path: Path) -> None:
+    from ftpipe.config import EvaluationConfig
+    from ftpipe.core.evaluation.metrics import shape_problems
+
+    raw = tmp_path / "task" / "raw"
+    raw.mkdir(parents=True)
+    rows = [{"ticket_id": f"T-{i}", "body": f"Order A-{i} arrived broken, refund please.",
+             "extracted": json.dumps({"order_id": f"A-{i}", "refund": i != 7 and i % 2 == 0})} for i in range(30)]
+    rows[7]["extracted"] = '{"order_id": "A-7", "refund": "no"}'
+    with (raw / "export.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    spec = FormatSpec(columns={"prompt": "body", "completion": "extracted"}, system_prompt="Extract the order.",
+                      shape_problems=shape_problems(EvaluationConfig(task_type="extraction")))
+    [quarantined] = build_raw_examples(tmp_path / "task", tmp_path / "out", spec)["quarantine"]
+    assert quarantined["source"] == "export.csv:line 9" and json.loads(quarantined["raw"]) == {
+        "answer": rows[7]["extracted"], "row": rows[7]}, "the answer, then the CSV row with its columns, no system"
