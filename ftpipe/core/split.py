@@ -4,9 +4,9 @@ Near-duplicate prompts (short ones with one word misspelt too), rows giving the 
 asking one question in other wrapping (`wrapping`) form a group, which takes one side. Groups are taken in the order
 of a stable hash of their prompt (and the seed) and held out while their label's held-out rows stay within its share
 of the label (answers no other group gives, as a generation task's, count as one label; an extraction's label is the
-values of its answer's fields of categories, such as an `issue`, as every answer is an object of its own); what is
-left of the eval share of all rows goes to the labels furthest below theirs, each keeping a train group while others
-can fill it.
+value of its answer's field of categories with the fewest values, such as an `issue`, as every answer is an object of
+its own); what is left of the eval share of all rows goes to the labels furthest below theirs, each keeping a train
+group while others can fill it.
 Sides recorded by an earlier split are kept, so adding rows never moves an existing row between train and eval.
 Near-duplicate prompts are those cleaning compares (`similarity`, leaving out the same shared text), and the leakage
 check uses the same tests. Preference rows are split with the chat examples, by their prompts: near-identical prompts
@@ -401,10 +401,12 @@ def build_split(examples_path: Path, out_dir: Path, *, eval_fraction: float, see
     The shared text cleaning left out (recorded in the examples file) is left out here too, and recorded again
     in both halves for the leakage check; preference prompts are compared leaving out their own shared text too.
     `labelled`: the answers are a classification's labels (see `assign_sides`). `categories`: the task type's fields
-    of categories in the answers (`TaskMetrics.categories`), which stratify the split in place of the whole answers.
+    of categories in the answers (`TaskMetrics.categories`): the one of the fewest values stratifies the split in
+    place of the whole answers (several would cut it into strata too small to hold out in their share).
     """
     rows = sorted(read_examples(examples_path), key=lambda r: (r["id"], r["source"]))
-    strata = sorted(categories([row["messages"][-1]["content"] for row in rows])) if categories else []
+    fields = categories([row["messages"][-1]["content"] for row in rows]) if categories else {}
+    strata = [min(fields, key=lambda field: (len(fields[field]), field))] if fields else []  # the coarsest
     preferences_path = examples_path.parent / PREFERENCES
     pairs = sorted(read_preferences(preferences_path), key=lambda r: (r["id"], r["source"]))
     shared = _shared_text(examples_path)
