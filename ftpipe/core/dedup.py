@@ -6,11 +6,12 @@ answer (near-duplicates: the later row goes, naming a kept row it is itself simi
 disagree (a contradiction: the strict-majority answer stays, otherwise the whole group goes; in a free-text task,
 where two answers can both be right, the first row written stays instead). Two rows whose answers
 differ only in words their own prompts have and the other's has not (an order number, a date, the word that decides
-the label) are two examples of one rule: neither duplicates nor a contradiction, both stay. So are two rows whose
-near-identical prompts differ in a number (a price, a quantity: a template's problems, numbers read with their signs
-and decimals) or an operator (`12 + 7`, `12 * 7`; `a // b`, `a / b`) and whose answers differ, however alike their
-words where the answers differ in a number or an operator too; and two rows whose prompts hold their words in another
-order (from Boston to Denver, from Denver to Boston) and whose answers differ at all.
+the label; or a form of it, `cancelled` for cancel; a name a reply greets aside), or whose answers each take up the
+words setting their prompts apart, are two examples of one rule: neither duplicates nor a contradiction, both stay.
+So are two rows whose near-identical prompts differ in a number (a price, a quantity: a template's problems, numbers
+read with their signs and decimals) or an operator (`12 + 7`, `12 * 7`; `a // b`, `a / b`) and whose answers differ,
+however alike their words where the answers differ in a number or an operator too; and two rows whose prompts hold
+their words in another order (from Boston to Denver, from Denver to Boston) and whose answers differ at all.
 Exact-prompt answers are compared as `loose` text, so `#### 325.` and `#### 325` are one answer (and the near stage
 finds the second row a near-duplicate of the first). Answers alike in their words are still two where their `terms`
 differ: a number, or in code an operator (`= 3057`, `!= 3057`), a string literal or a block's indentation. Only the
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import regex
 
 from ftpipe.core import similarity
 from ftpipe.core.evaluation.metrics.base import first_json_object
@@ -110,6 +112,8 @@ def removal(row: dict[str, Any], reason: str, of: dict[str, Any], detail: str) -
     return {**row, "reason": reason, "duplicate_of": of["id"], "duplicate_of_source": of["source"], "detail": detail}
 
 
+NAME = regex.compile(r"(?<=\p{L}[^\S\n]*[,;]?[^\S\n]+)\p{Lu}\p{Ll}+")  # capitalised after a word: no sentence start
+FORM_STEM = 4  # a word starting with a word of this many letters or more may be a form of it (`renewed`, `renew`)
 FIRST_WORDING = "a free-text task keeps the first row written"
 LABEL_SPELLINGS = "a label's spelling"  # what answers compared as their labels leave aside
 FINAL_ANSWERS = "a worked solution's steps: its final answer compared"  # ...and as their final answers
@@ -183,6 +187,7 @@ class NearRows:
         self.similar = similarity.neighbours(len(rows), [pair for pair in pairs if self.turn_for_turn(*pair[:2])])
         self._word_sets: dict[int, tuple[set[str], set[str]]] = {}
         self._prompt_words: dict[int, list[str]] = {}
+        self._answer_names: dict[int, set[str]] = {}
         self._objects: dict[int, bool] = {}
         self._term_sets: dict[int, tuple[Terms, Terms]] = {}
         self._compared_terms: dict[int, Terms] = {}
@@ -234,12 +239,34 @@ class NearRows:
         return self._objects[index]
 
     def answers_follow_prompts(self, a: int, b: int) -> bool:
-        """The answers differ, and only in words of their own prompt that the other prompt lacks."""
+        """The answers differ, and only in words of their own prompt that the other prompt lacks (or a form of such a
+        word: `cancelled` for `cancel`), the names a reply greets aside (`Hi Hugo,`)."""
         if self.answers[a] == self.answers[b]:
             return False
         (answer_a, prompt_a), (answer_b, prompt_b) = self._words(a), self._words(b)
-        return bool(answer_a ^ answer_b) and answer_a - answer_b <= prompt_a - prompt_b and (
-            answer_b - answer_a <= prompt_b - prompt_a)
+        own_a, own_b = answer_a - answer_b - self._names(a), answer_b - answer_a - self._names(b)
+        return bool(own_a or own_b) and _forms_of(own_a, prompt_a - prompt_b) and _forms_of(own_b, prompt_b - prompt_a)
+
+    def answers_take_up_differences(self, a: int, b: int) -> bool:
+        """Each prompt has words the other lacks, and its own answer holds each of them or a form of it: the answers
+        take up what sets the prompts apart (`please cancel my subscription`: `I have cancelled…`; `please renew my
+        subscription`: `I have renewed…`), however else they differ."""
+        (answer_a, prompt_a), (answer_b, prompt_b) = self._words(a), self._words(b)
+        own_a, own_b = prompt_a - prompt_b, prompt_b - prompt_a
+        return bool(own_a) and bool(own_b) and _held(own_a, answer_a) and _held(own_b, answer_b)
+
+    def answered_apart(self, a: int, b: int) -> bool:
+        """The answers differ as the prompts do (`answers_follow_prompts`, `answers_take_up_differences`)."""
+        return self.answers_follow_prompts(a, b) or (self.answers[a] != self.answers[b]
+                                                      and self.answers_take_up_differences(a, b))
+
+    def _names(self, index: int) -> set[str]:
+        """The words a row's answer writes as names within a sentence that its prompt lacks: a customer a reply greets
+        or signs to (`Hi Hugo,`), whom another row's reply to the same question names otherwise."""
+        if index not in self._answer_names:
+            answer = self.rows[index]["messages"][-1]["content"]
+            self._answer_names[index] = {name.lower() for name in NAME.findall(answer)} - self._words(index)[1]
+        return self._answer_names[index]
 
     def _words(self, index: int) -> tuple[set[str], set[str]]:
         """(the words of a row's answer, of its prompt but the system message)."""
@@ -284,16 +311,16 @@ class NearRows:
     def same_problem(self, a: int, b: int) -> bool:
         """Near-identical prompts asking one thing: not apart (`prompts_apart`), nor answered apart where they
         differ."""
-        return not self.prompts_apart(a, b) and not self.answers_follow_prompts(a, b)
+        return not self.prompts_apart(a, b) and not self.answered_apart(a, b)
 
     def consistent(self, a: int, b: int) -> bool:
         """The answers agree, differ only where the prompts do, or may differ because the prompts are apart."""
-        return self.same_answer(a, b) or self.answers_follow_prompts(a, b) or self.prompts_apart(a, b)
+        return self.same_answer(a, b) or self.answered_apart(a, b) or self.prompts_apart(a, b)
 
     def repeats(self, a: int, b: int) -> bool:
         """Row `b` repeats row `a`: near-identical answers, which differ neither where the prompts do, nor in a term
         where the prompts differ in one, nor at all where the prompts hold their words in another order."""
-        return (self.same_answer(a, b) and not self.answers_follow_prompts(a, b) and not self.terms_follow_prompts(a, b)
+        return (self.same_answer(a, b) and not self.answered_apart(a, b) and not self.terms_follow_prompts(a, b)
                 and (self.answers[a] == self.answers[b] or not self.prompts_reordered(a, b)))
 
     def answer_camps(self, group: list[int]) -> list[list[int]]:
@@ -303,6 +330,19 @@ class NearRows:
             camp = next((c for c in camps if self.consistent(c[0], index)), None)
             camps.append([index]) if camp is None else camp.append(index)
         return camps
+
+
+def _forms_of(words: set[str], given: set[str]) -> bool:
+    """Every word of `words` is one of `given` or a form of one (`cancelled` of `cancel`: it starts with a word of
+    FORM_STEM letters or more)."""
+    return all(word in given or any(len(stem) >= FORM_STEM and word.startswith(stem) for stem in given)
+               for word in words)
+
+
+def _held(words: set[str], given: set[str]) -> bool:
+    """Every word of `words` is one of `given` or has a form among them (`cancel`: `cancelled`)."""
+    return all(word in given or len(word) >= FORM_STEM and any(found.startswith(word) for found in given)
+               for word in words)
 
 
 def _resolve_near_contradictions(near: NearRows, alive: list[bool], removed: list[dict[str, Any]],

@@ -315,6 +315,20 @@ def test_sql_and_code_answers_apart_in_an_operator_a_literal_or_a_block_are_othe
                for i, cities in enumerate((("Boston", "Denver"), ("Denver", "Boston")))]
     assert [dedup.deduplicate(others + rows, free_text=True).removed for rows in (trips, replies)] == [[], []], (
         "two problems each: the prompts' words in another order (Boston to Denver) decide the answer too")
+    account = ("Hello, I have a Lumen Care subscription on my account with the email address jo.meyer@example.com and "
+               "I would like you to please {} my subscription today.")
+    decided = [row(account.format("cancel"), "Hi Jo, I have cancelled your Lumen Care subscription. It stays active "
+                   "until the end of the current period and will not renew. Best, Nova", "d:line 1"),
+               row(account.format("renew"), "Hi Jo, I have renewed your Lumen Care subscription for another year. The "
+                   "invoice will be sent to your email address. Best, Nova", "d:line 2")]
+    flicker = ("Hi there, my {} flickers when dimmed below 20 percent since the last update, I already restarted it "
+               "twice and reinstalled the app. What should I do now?")
+    greeted = [row(flicker.format(product), f"Hi {name}, please reset the {product}: hold its button for ten seconds "
+                   "and add it again in the Lumen app. Best, Nova", f"g:line {i}")
+               for i, (product, name) in enumerate((("Halo ceiling light", "Kemal"), ("Pixel night light", "Greta")))]
+    assert [dedup.deduplicate(others + rows, free_text=True).removed for rows in (decided, greeted)] == [[], []], (
+        "answers that take up the word setting the prompts apart (cancelled, renewed), and replies apart in their "
+        "product and the customer they greet: two problems each")
     copied = [row("Sort the rows by price from largest to smallest.", "rows.sort(key=lambda r: r['price'])", "o:1"),
               row("Sort the rows by price, from largest to smallest!", "rows.sort(key=lambda r: r['price'])", "o:2"),
               row("Sort the rows by price from largest to smallest.", "rows.sort(key=lambda r: -r['price'])", "o:3")]
