@@ -16,7 +16,7 @@ from ftpipe.core.evaluation.metrics.final_answer import uncomputed_said
 from ftpipe.core.evaluation.report import unheld_labels, untaught_labels
 from ftpipe.core.similarity import Settings
 from ftpipe.core.preferences import as_chat, unpaired_left_out
-from ftpipe.core.preference_cleaning import taught_answers_rejected_said
+from ftpipe.core.preference_cleaning import cut_off_chosen_said, taught_answers_rejected_said
 from ftpipe.core.layout import QUARANTINE, REMOVED, REVIEW_CSV, TaskLayout
 from ftpipe.core.readable import plural
 from ftpipe.core.storage import task_dir
@@ -134,6 +134,8 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
                             "difference")
     if summary["pairs_rejecting_taught_answers"]:
         context.log.warning(f"{task}: {taught_answers_rejected_said(summary)}")
+    if summary["cut_off_chosen_answers"]:
+        context.log.warning(f"{task}: {cut_off_chosen_said(summary)}")
     return dg.MaterializeResult(
         metadata={
             **{key: summary[key] for key in (*dedup.COUNTS, "preference_rows_in", "preference_rows_out")},
@@ -147,6 +149,7 @@ def deduplicated_examples(context: dg.AssetExecutionContext, config: TaskRunConf
             "preference_answers_respelled": summary["preference_answers_respelled"],
             "pairs_differing_in_punctuation": summary["pairs_differing_in_punctuation"],
             "pairs_rejecting_taught_answers": summary["pairs_rejecting_taught_answers"],
+            "cut_off_chosen_answers": summary["cut_off_chosen_answers"],
             "likely_misspelt_labels": len(summary["likely_misspellings"]),
             "values_of_another_type": sum(slip["answers"] for slip in summary["type_slips"]),
             "final_answers_not_in_their_working": summary["uncomputed_final_answers"],

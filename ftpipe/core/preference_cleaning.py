@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from ftpipe.core.label_spellings import Spellings
 
 COUNTS = {"exact_duplicate": "exact_duplicates", "near_duplicate": "near_duplicates", "contradiction": "contradictions"}
+WHOLE_SHARE = 0.8  # chosen answers this share of which end whole: one that ends otherwise was likely cut off...
+WHOLE_MIN_PAIRS = 10  # ...among at least this many pairs
+SIGN_OFF_SHARE = 0.05  # a last word this share of the chosen answers end on, two at least, ends them whole (a sign-off)
 ANSWERS = {True: "chosen and rejected", False: "completion and label"}  # by whether the row is paired
 OPPOSED = {True: "the reverse pair appears for the same prompt",
            False: "the same prompt and completion also carry the opposite label"}
@@ -132,14 +135,16 @@ def build_clean_preferences(rows: list[dict[str, Any]], out_dir: Path,
     """Clean preference `rows` (`clean_preferences`) into `out_dir/preferences.parquet`, the kept rows' labels in
     their `spellings`; return `preference_rows_in`, `preference_rows_out`, the counts by reason under `dedup`'s
     names, `preference_answers_respelled`, the kept pairs whose answers differ only in punctuation
-    (`punctuation_only_pairs`) or reject what the kept `chats` teach (`rejected_taught_answers`), and `removed`."""
+    (`punctuation_only_pairs`), reject what the kept `chats` teach (`rejected_taught_answers`) or prefer an answer cut
+    off (`cut_off_chosen`), and `removed`."""
     kept, removed = clean_preferences(rows, settings, system_prompt)
     kept, respelled = spellings.respell_preferences(kept) if spellings else (kept, 0)
     write_preferences(kept, out_dir / PREFERENCES)
     reasons = Counter(row["reason"] for row in removed)
     return {"preference_rows_in": len(rows), "preference_rows_out": len(kept),
             **{name: reasons[reason] for reason, name in COUNTS.items()}, "preference_answers_respelled": respelled,
-            **punctuation_only_pairs(kept), **rejected_taught_answers(kept, chats, system_prompt), "removed": removed}
+            **punctuation_only_pairs(kept), **rejected_taught_answers(kept, chats, system_prompt),
+            **cut_off_chosen(kept), "removed": removed}
 
 
 def punctuation_only_pairs(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -150,6 +155,30 @@ def punctuation_only_pairs(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"pairs_differing_in_punctuation": len(found),
             "first_pair_differing_in_punctuation": found[0] if found else None}
 
+
+
+def cut_off_chosen(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many of the pairs of `rows` have a chosen answer that ends inside a sentence, where WHOLE_SHARE of their
+    chosen answers or more end whole (on punctuation, a name that signs it, or a last word SIGN_OFF_SHARE of them end
+    on), and the first with its end: cut off, so a preference stage teaches the model to prefer an answer stopped
+    mid-sentence."""
+    chosen = [(row["source"], row["chosen"].rstrip()) for row in rows if is_paired(row)]
+    last = [(text.split() or [""])[-1] for _, text in chosen]
+    sign_offs = {word for word, count in Counter(last).items() if count >= max(2, SIGN_OFF_SHARE * len(chosen))}
+    open_ = [text[-1:].isalnum() and not word[:1].isupper() and word not in sign_offs
+             for (_, text), word in zip(chosen, last)]  # a capitalised last word: a name signing the answer
+    found = [f"{source}, ending {' '.join(text.split()[-5:])!r}" for (source, text), cut in zip(chosen, open_) if cut]
+    if len(chosen) < WHOLE_MIN_PAIRS or len(found) > (1 - WHOLE_SHARE) * len(chosen):
+        found = []
+    return {"cut_off_chosen_answers": len(found), "first_cut_off_chosen_answer": found[0] if found else None}
+
+
+def cut_off_chosen_said(summary: dict[str, Any]) -> str:
+    """The warning on pairs whose chosen answer looks cut off (`cut_off_chosen` in `summary`)."""
+    count = summary["cut_off_chosen_answers"]
+    return (f"{plural(count, 'preference pair')} {'has' if count == 1 else 'have'} a chosen answer that ends "
+            f"mid-sentence where the others end whole (the first: {summary['first_cut_off_chosen_answer']}): a "
+            "preference stage teaches the model to prefer the cut-off text; complete the answer or drop the pair")
 
 
 def rejected_taught_answers(pairs: list[dict[str, Any]], chats: list[dict[str, Any]],

@@ -371,6 +371,21 @@ def test_cleaning_does_not_depend_on_the_order_of_the_rows() -> None:
     assert forward == backward and len(forward[1]) == 7
 
 
+def test_a_chosen_answer_cut_off_mid_sentence_is_counted_where_the_others_end_whole() -> None:
+    rng = random.Random(5)
+    signed = [pair(sentence(rng, 10), f"Hi Ana, {sentence(rng, 8)}. Best, Nova", "No idea.", f"p.jsonl:line {i}")
+              for i in range(20)]
+    ended = [pair(sentence(rng, 10), f"{sentence(rng, 8)}.", "No idea.", f"q.jsonl:line {i}") for i in range(6)]
+    cut = [pair("My light keeps dropping off", "Hi Ana, reinstall the app. If it s", "No idea.", "c.jsonl:line 2"),
+           pair("How do I pair the hub", "Hi Ana, open the app and then add it ag", "No idea.", "c.jsonl:line 5")]
+    assert preference_cleaning.cut_off_chosen(signed + ended + cut) == {
+        "cut_off_chosen_answers": 2, "first_cut_off_chosen_answer": "c.jsonl:line 2, ending 'the app. If it s'"}
+    assert preference_cleaning.cut_off_chosen(signed[:7] + cut)["cut_off_chosen_answers"] == 0, "too few pairs"
+    unsigned = [pair(sentence(rng, 10), sentence(rng, 8), "No idea.", f"u.jsonl:line {i}") for i in range(26)]
+    assert preference_cleaning.cut_off_chosen(unsigned + cut)["cut_off_chosen_answers"] == 0, (
+        "answers that mostly end without punctuation say nothing of a cut")
+
+
 def test_build_clean_preferences_writes_the_kept_rows_and_counts_by_reason(tmp_path: Path) -> None:
     rows = [pair("q", "a", "b"), pair("Q", "a", "b", "g:line 2"), pair("q", "b", "a", "h:line 3"),
             single("r", "c", True)]
@@ -379,7 +394,8 @@ def test_build_clean_preferences_writes_the_kept_rows_and_counts_by_reason(tmp_p
     assert summary == {"preference_rows_in": 4, "preference_rows_out": 2, "exact_duplicates": 1,
                        "near_duplicates": 0, "contradictions": 1, "preference_answers_respelled": 0,
                        "pairs_differing_in_punctuation": 0, "first_pair_differing_in_punctuation": None,
-                       "pairs_rejecting_taught_answers": 0, "first_pair_rejecting_taught_answer": None}
+                       "pairs_rejecting_taught_answers": 0, "first_pair_rejecting_taught_answer": None,
+                       "cut_off_chosen_answers": 0, "first_cut_off_chosen_answer": None}
     assert len(removed) == 2 and all(row["reason"] in ("exact_duplicate", "contradiction") for row in removed)
     assert len(read_preferences(tmp_path / "preferences.parquet")) == 2
     empty = preference_cleaning.build_clean_preferences([], tmp_path)
