@@ -267,21 +267,7 @@ def test_pairs_whose_answers_differ_only_in_punctuation_are_kept_and_counted_wit
             "p.jsonl:line 1): what such a pair teaches is that difference") in warnings
 
 
-def test_pairs_whose_chosen_answer_is_cut_off_are_counted_with_a_warning(ftpipe_env: Path) -> None:
-    rows = [chat(f"order {i}: where is parcel {i * 17}?", f"It ships on day {i}.") for i in range(20)]
-    pairs = [{"prompt": f"Can I return item {i * 7}?", "chosen": f"Yes, within {i + 10} days of delivery.",
-              "rejected": "No."} for i in range(12)]
-    pairs.append({"prompt": "How do I pair the hub?", "chosen": "Open the app, tap Devices and then add it ag",
-                  "rejected": "No idea."})
-    make_task(ftpipe_env, "shop", {"a.jsonl": rows, "p.jsonl": pairs})
-    result, warnings = materialized_with_warnings("shop")
-    assert materialization(result, "deduplicated_examples")["cut_off_chosen_answers"] == 1
-    assert ("shop: 1 preference pair has a chosen answer that ends mid-sentence where the others end whole (the "
-            "first: p.jsonl:line 13, ending 'and then add it ag'): a preference stage teaches the model to prefer "
-            "the cut-off text; complete the answer or drop the pair") in warnings
-
-
-def test_pairs_rejecting_the_answer_a_chat_row_teaches_for_their_prompt_are_counted_with_a_warning(
+def test_pairs_rejecting_the_answer_a_chat_row_teaches_or_choosing_a_cut_off_answer_are_counted_with_warnings(
         ftpipe_env: Path) -> None:
     system = "You answer the shop's customers in one sentence."
     rows = [chat(f"order {i}: where is parcel {i * 17}?", f"It ships on day {i}.", system) for i in range(20)]
@@ -291,9 +277,17 @@ def test_pairs_rejecting_the_answer_a_chat_row_teaches_for_their_prompt_are_coun
              {"prompt": "order 6: where is parcel 102?", "chosen": "It ships on day 6.",
               "rejected": "It ships on day 6"},  # another answer by its punctuation: the other warning's
              {"prompt": "order 5: where is my parcel?", "chosen": "Which parcel?", "rejected": "It ships on day 5."}]
+    pairs += [{"prompt": f"Can I return item {i * 7}?", "chosen": f"Yes, within {i + 10} days of delivery.",
+               "rejected": "No."} for i in range(8)]
+    pairs.append({"prompt": "How do I pair the hub?", "chosen": "Open the app, tap Devices and then add it ag",
+                  "rejected": "No idea."})
     make_task(ftpipe_env, "shop", {"a.jsonl": rows, "p.jsonl": pairs})
     result, warnings = materialized_with_warnings("shop")
-    assert materialization(result, "deduplicated_examples")["pairs_rejecting_taught_answers"] == 1
+    cleaned = materialization(result, "deduplicated_examples")
+    assert (cleaned["pairs_rejecting_taught_answers"], cleaned["cut_off_chosen_answers"]) == (1, 1)
+    assert ("shop: 1 preference pair has a chosen answer that ends mid-sentence where the others end whole (the "
+            "first: p.jsonl:line 13, ending 'and then add it ag'): a preference stage teaches the model to prefer "
+            "the cut-off text; complete the answer or drop the pair") in warnings
     assert ("shop: 1 preference pair rejects the answer a chat row gives the same prompt (the first: p.jsonl:line 1, "
             "against a.jsonl:line 4): the supervised stage teaches that answer and the preference stage trains away "
             "from it; mend the pair or the chat row") in warnings
